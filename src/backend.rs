@@ -1,0 +1,162 @@
+//! The seam between the sampler (written once, in `sampler.rs`) and a device (CPU reference in
+//! `cpu/`, CUDA in `cuda/`). The sampler owns the loop, the FORA schedule and the diffusion
+//! coefficients; a backend owns memory and arithmetic.
+//!
+//! Layouts, shared by every backend:
+//! - images / latents: `[N, C, H, W]` f32, row-major;
+//! - model output: `[N, out_ch, H, W]`, eps in channels `0..C`, the variance interpolation
+//!   value in `C..2C` when `learn_sigma`;
+//! - the sampler state holds the B *conditional* rows only. With CFG the model runs on the
+//!   2B rows `[x; x]` with labels `[y; null]`, exactly as the official `forward_with_cfg`
+//!   duplicates the first half of its batch; the unconditional half of the official state is
+//!   discarded each step, so carrying it would change nothing.
+
+use crate::config::DitConfig;
+use anyhow::Result;
+
+/// How classifier-free guidance combines the conditional and unconditional predictions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GuidanceMode {
+    /// Official DiT: guide only `model_out[:, :3]`; every other channel (eps channel 3 of a
+    /// 4-channel latent, and the variance channels) keeps the conditional row's value.
+    #[default]
+    Official3,
+    /// Guide all `C` eps channels; variance channels keep the conditional row's value.
+    AllEps,
+}
+
+/// Classifier-free guidance settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Guidance {
+    pub scale: f32,
+    pub mode: GuidanceMode,
+}
+
+/// Whether a step runs the transformer blocks or reuses the FORA cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepMode {
+    /// Run every block in full and store each block's attention output (after proj) and MLP
+    /// output (after fc2) in the cache.
+    Compute,
+    /// Recompute embeddings, modulations and the final layer; take every block's attention and
+    /// MLP output from the cache.
+    Reuse,
+}
+
+/// Where the sampler's Gaussian noise comes from.
+#[derive(Clone, Debug)]
+pub enum NoiseSource {
+    /// The project's counter-based generator (Philox4x32-10 + Box-Muller, `rng.rs`), computed
+    /// identically on every backend. x_T uses stream 0; the noise of loop step k uses stream k+1.
+    Seed(u64),
+    /// Given numbers: `x_t` is `[B, C, H, W]`, `noise` is `[S, B, C, H, W]` (noise[k] is the
+    /// noise of the k-th loop step, k = 0 being i = S-1).
+    File { x_t: Vec<f32>, noise: Vec<f32> },
+}
+
+/// The per-step diffusion update, with every coefficient already evaluated on the host for the
+/// step's respaced index i (see `diffusion.rs`). All backends apply it element-wise as:
+///
+/// DDPM (learned range variance, clip_denoised = false, as the official p_sample):
+/// ```text
+/// x0   = sqrt_recip_abar * x - sqrt_recipm1_abar * eps
+/// mean = post_coef1 * x0 + post_coef2 * x
+/// log_var = frac * max_log + (1 - frac) * min_log,  frac = (v + 1) / 2
+///           (without learn_sigma: log_var = fixed_log_var)
+/// x'   = mean + (add_noise ? exp(0.5 * log_var) * z : 0)
+/// ```
+/// DDIM:
+/// ```text
+/// x0   = sqrt_recip_abar * x - sqrt_recipm1_abar * eps
+/// eps' = (sqrt_recip_abar * x - x0) / sqrt_recipm1_abar
+/// x'   = x0 * sqrt(abar_prev) + sqrt(1 - abar_prev - sigma^2) * eps' + (add_noise ? sigma * z : 0)
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StepUpdate {
+    Ddpm {
+        sqrt_recip_abar: f64,
+        sqrt_recipm1_abar: f64,
+        post_coef1: f64,
+        post_coef2: f64,
+        /// log(beta_t) (the upper end of the learned range).
+        max_log: f64,
+        /// posterior log variance, clipped at step 0 (the lower end).
+        min_log: f64,
+        add_noise: bool,
+    },
+    Ddim {
+        sqrt_recip_abar: f64,
+        sqrt_recipm1_abar: f64,
+        abar_prev: f64,
+        sigma: f64,
+        add_noise: bool,
+    },
+}
+
+/// One step of the loop as the sampler hands it to a backend.
+#[derive(Clone, Copy, Debug)]
+pub struct StepSpec {
+    /// Position in the loop, 0 for the first step (i = S-1).
+    pub k: usize,
+    /// Respaced index i (S-1 down to 0).
+    pub i: usize,
+    /// The ORIGINAL timestep (0..999) the model is conditioned on.
+    pub t: i64,
+    pub mode: StepMode,
+    pub update: StepUpdate,
+}
+
+/// What a sampling run needs to allocate: fixed for the life of a workspace.
+#[derive(Clone, Debug)]
+pub struct SamplePlan {
+    /// Class ids of the B images (each < num_classes).
+    pub classes: Vec<usize>,
+    pub guidance: Option<Guidance>,
+    /// Number of loop steps S.
+    pub steps: usize,
+    pub noise: NoiseSource,
+}
+
+impl SamplePlan {
+    /// Images B.
+    pub fn images(&self) -> usize {
+        self.classes.len()
+    }
+    /// Model rows per forward: 2B with guidance, B without.
+    pub fn model_rows(&self) -> usize {
+        self.classes.len() * if self.guidance.is_some() { 2 } else { 1 }
+    }
+}
+
+/// A device the sampler can run on.
+pub trait Backend {
+    /// Everything one sampling run needs (activations, modulations, FORA caches, the latents),
+    /// allocated once by [`Backend::workspace`]; steps allocate nothing.
+    type Workspace;
+
+    /// A short name for logs ("cpu", "cuda:0 NVIDIA H200").
+    fn name(&self) -> String;
+    fn config(&self) -> &DitConfig;
+
+    /// Allocates a workspace for `plan` and loads x_T into it.
+    fn workspace(&self, plan: &SamplePlan) -> Result<Self::Workspace>;
+
+    /// Runs one step: the model (compute or reuse), guidance, the diffusion update with the
+    /// step's noise. The first step of a run must be a `Compute` step (an empty cache cannot be
+    /// reused); backends return an error otherwise.
+    fn step(&self, ws: &mut Self::Workspace, step: &StepSpec) -> Result<()>;
+
+    /// Copies the current latents `[B, C, H, W]` (conditional rows) to the host.
+    fn latents(&self, ws: &mut Self::Workspace) -> Result<Vec<f32>>;
+
+    /// One plain forward: `x` `[N, C, H, W]`, original timesteps `t` `[N]`, labels `y` `[N]`
+    /// (num_classes = null). Returns `[N, out_ch, H, W]`. With `guidance`, runs the official
+    /// `forward_with_cfg` instead (N even; the first half are the conditional rows).
+    fn forward(
+        &self,
+        x: &[f32],
+        t: &[i64],
+        y: &[usize],
+        guidance: Option<Guidance>,
+    ) -> Result<Vec<f32>>;
+}

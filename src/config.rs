@@ -1,0 +1,316 @@
+//! The DiT family: depth, width, heads and patch size of every official model, plus custom
+//! configurations for tests. Heads cannot be inferred from checkpoint shapes, so they come from
+//! an architecture name (`DiT-XL/2`), a key list (`depth=2,hidden=64,heads=4,patch=2`) or the
+//! checkpoint's safetensors metadata.
+
+use anyhow::{bail, ensure, Context, Result};
+use std::collections::HashMap;
+
+/// One DiT architecture at one resolution.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DitConfig {
+    /// Number of transformer blocks.
+    pub depth: usize,
+    /// Hidden size D.
+    pub hidden: usize,
+    /// Attention heads; `hidden % heads == 0`.
+    pub heads: usize,
+    /// Patch size p.
+    pub patch: usize,
+    /// Input channels C (4 for SD-VAE latents).
+    pub in_channels: usize,
+    /// Spatial size of the (latent) input, H = W.
+    pub input_size: usize,
+    /// Number of classes; the label table has `num_classes + 1` rows (the last is the null class).
+    pub num_classes: usize,
+    /// When true the model predicts eps and a variance interpolation (out channels = 2C).
+    pub learn_sigma: bool,
+    /// MLP hidden size = `mlp_ratio * hidden` (4 in every official model).
+    pub mlp_ratio: usize,
+}
+
+/// Depth, hidden, heads of the official model sizes.
+const SIZES: [(&str, usize, usize, usize); 4] = [
+    ("S", 12, 384, 6),
+    ("B", 12, 768, 12),
+    ("L", 24, 1024, 16),
+    ("XL", 28, 1152, 16),
+];
+
+/// The architecture part of a config (what `--arch` names): everything but the data shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Arch {
+    pub depth: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub patch: usize,
+}
+
+impl Arch {
+    /// Parses `DiT-XL/2` (official names, S/B/L/XL x 2/4/8) or `depth=2,hidden=64,heads=4,patch=2`.
+    pub fn parse(name: &str) -> Result<Arch> {
+        let name = name.trim();
+        if let Some(rest) = name.strip_prefix("DiT-") {
+            let (size, patch) = rest.split_once('/').with_context(|| {
+                format!("architecture {name:?}: expected DiT-<S|B|L|XL>/<2|4|8>")
+            })?;
+            let patch: usize = patch.parse().with_context(|| {
+                format!("architecture {name:?}: patch {patch:?} is not a number")
+            })?;
+            ensure!(
+                [2, 4, 8].contains(&patch),
+                "architecture {name:?}: official patch sizes are 2, 4 and 8"
+            );
+            let &(_, depth, hidden, heads) =
+                SIZES.iter().find(|s| s.0 == size).with_context(|| {
+                    format!("architecture {name:?}: unknown size {size:?} (S, B, L, XL)")
+                })?;
+            return Ok(Arch {
+                depth,
+                hidden,
+                heads,
+                patch,
+            });
+        }
+        let mut kv = HashMap::new();
+        for part in name.split(',') {
+            let (k, v) = part.split_once('=').with_context(|| {
+                format!("architecture {name:?}: expected DiT-XL/2 style name or depth=..,hidden=..,heads=..,patch=..")
+            })?;
+            let v: usize = v
+                .trim()
+                .parse()
+                .with_context(|| format!("architecture {name:?}: {k}={v:?} is not a number"))?;
+            kv.insert(k.trim().to_string(), v);
+        }
+        let get = |k: &str| {
+            kv.get(k)
+                .copied()
+                .with_context(|| format!("architecture {name:?}: missing {k}=.."))
+        };
+        let arch = Arch {
+            depth: get("depth")?,
+            hidden: get("hidden")?,
+            heads: get("heads")?,
+            patch: get("patch")?,
+        };
+        ensure!(
+            arch.depth > 0 && arch.hidden > 0 && arch.heads > 0 && arch.patch > 0,
+            "architecture {name:?}: every field must be positive"
+        );
+        ensure!(
+            arch.hidden % arch.heads == 0,
+            "architecture {name:?}: hidden {} is not divisible by heads {}",
+            arch.hidden,
+            arch.heads
+        );
+        Ok(arch)
+    }
+
+    /// The official name (`DiT-XL/2`) when this is an official architecture.
+    pub fn official_name(&self) -> Option<String> {
+        SIZES.iter().find_map(|&(s, d, h, n)| {
+            (d == self.depth
+                && h == self.hidden
+                && n == self.heads
+                && [2, 4, 8].contains(&self.patch))
+            .then(|| format!("DiT-{s}/{}", self.patch))
+        })
+    }
+}
+
+impl DitConfig {
+    /// An official architecture at the official data shape: 4 latent channels, 1000 classes,
+    /// learn_sigma, `input_size` 32 (256 px) or 64 (512 px).
+    pub fn official(name: &str, input_size: usize) -> Result<DitConfig> {
+        let arch = Arch::parse(name)?;
+        DitConfig::from_arch(&arch, 4, input_size, 1000, true)
+    }
+
+    /// Builds and validates a config from an architecture and a data shape.
+    pub fn from_arch(
+        arch: &Arch,
+        in_channels: usize,
+        input_size: usize,
+        num_classes: usize,
+        learn_sigma: bool,
+    ) -> Result<DitConfig> {
+        let c = DitConfig {
+            depth: arch.depth,
+            hidden: arch.hidden,
+            heads: arch.heads,
+            patch: arch.patch,
+            in_channels,
+            input_size,
+            num_classes,
+            learn_sigma,
+            mlp_ratio: 4,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.depth > 0 && self.hidden > 0 && self.heads > 0,
+            "config: depth, hidden and heads must be positive"
+        );
+        ensure!(
+            self.hidden % self.heads == 0,
+            "config: hidden {} not divisible by heads {}",
+            self.hidden,
+            self.heads
+        );
+        ensure!(
+            self.patch > 0 && self.in_channels > 0,
+            "config: patch and in_channels must be positive"
+        );
+        ensure!(self.num_classes > 0, "config: num_classes must be positive");
+        if self.input_size == 0 || self.input_size % self.patch != 0 {
+            bail!(
+                "config: input size {} is not a positive multiple of the patch {}",
+                self.input_size,
+                self.patch
+            );
+        }
+        Ok(())
+    }
+
+    pub fn arch(&self) -> Arch {
+        Arch {
+            depth: self.depth,
+            hidden: self.hidden,
+            heads: self.heads,
+            patch: self.patch,
+        }
+    }
+
+    /// Official name when official (`DiT-XL/2`), else the key list.
+    pub fn arch_name(&self) -> String {
+        self.arch().official_name().unwrap_or_else(|| {
+            format!(
+                "depth={},hidden={},heads={},patch={}",
+                self.depth, self.hidden, self.heads, self.patch
+            )
+        })
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+    pub fn out_channels(&self) -> usize {
+        if self.learn_sigma {
+            2 * self.in_channels
+        } else {
+            self.in_channels
+        }
+    }
+    /// Patches per side.
+    pub fn grid(&self) -> usize {
+        self.input_size / self.patch
+    }
+    /// Tokens T = grid^2.
+    pub fn tokens(&self) -> usize {
+        self.grid() * self.grid()
+    }
+    pub fn mlp_hidden(&self) -> usize {
+        self.mlp_ratio * self.hidden
+    }
+    /// Elements of one input image, C*H*W.
+    pub fn image_len(&self) -> usize {
+        self.in_channels * self.input_size * self.input_size
+    }
+    /// Elements of one model output, out_ch*H*W.
+    pub fn out_len(&self) -> usize {
+        self.out_channels() * self.input_size * self.input_size
+    }
+    /// Width of the final linear: p*p*out_ch.
+    pub fn patch_out(&self) -> usize {
+        self.patch * self.patch * self.out_channels()
+    }
+    /// The null (unconditional) class id.
+    pub fn null_class(&self) -> usize {
+        self.num_classes
+    }
+    /// Multiply-accumulates of one forward of one row (the figure behind TFLOP/s: 2 x MACs).
+    pub fn macs_per_row(&self) -> u64 {
+        let (t, d, m) = (
+            self.tokens() as u64,
+            self.hidden as u64,
+            self.mlp_hidden() as u64,
+        );
+        let per_block = t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * m;
+        let embed = t * (self.in_channels * self.patch * self.patch) as u64 * d;
+        let fin = t * d * self.patch_out() as u64;
+        self.depth as u64 * per_block + embed + fin
+    }
+
+    /// safetensors metadata that records this config (written with every checkpoint we save).
+    pub fn to_metadata(&self) -> HashMap<String, String> {
+        let mut m = HashMap::new();
+        m.insert("fora.arch".into(), self.arch_name());
+        for (k, v) in [
+            ("depth", self.depth),
+            ("hidden", self.hidden),
+            ("heads", self.heads),
+            ("patch", self.patch),
+            ("in_channels", self.in_channels),
+            ("input_size", self.input_size),
+            ("num_classes", self.num_classes),
+            ("mlp_ratio", self.mlp_ratio),
+        ] {
+            m.insert(format!("fora.{k}"), v.to_string());
+        }
+        m.insert("fora.learn_sigma".into(), self.learn_sigma.to_string());
+        m
+    }
+
+    /// The heads recorded in checkpoint metadata, if any (`fora.heads`).
+    pub fn heads_from_metadata(meta: &HashMap<String, String>) -> Result<Option<usize>> {
+        match meta.get("fora.heads") {
+            None => Ok(None),
+            Some(v) => Ok(Some(v.parse().with_context(|| {
+                format!("checkpoint metadata fora.heads={v:?} is not a number")
+            })?)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn official_names() {
+        let xl = DitConfig::official("DiT-XL/2", 32).unwrap();
+        assert_eq!(
+            (xl.depth, xl.hidden, xl.heads, xl.head_dim()),
+            (28, 1152, 16, 72)
+        );
+        assert_eq!(xl.tokens(), 256);
+        assert_eq!(xl.out_channels(), 8);
+        // 118.6 GMAC per image row, as the DiT paper's 118.6 GFLOPs (it counts MACs).
+        let g = xl.macs_per_row() as f64 / 1e9;
+        assert!((g - 118.6).abs() < 0.6, "DiT-XL/2 GMAC {g}");
+        assert_eq!(Arch::parse("DiT-S/8").unwrap().heads, 6);
+        assert_eq!(xl.arch_name(), "DiT-XL/2");
+    }
+
+    #[test]
+    fn bad_arch_names() {
+        for bad in [
+            "DiT-M/2",
+            "DiT-XL/3",
+            "DiT-XL",
+            "depth=2,hidden=10,heads=4,patch=2",
+            "foo",
+        ] {
+            assert!(Arch::parse(bad).is_err(), "{bad} should fail");
+        }
+        let a = Arch::parse("depth=2,hidden=64,heads=4,patch=2").unwrap();
+        assert!(
+            DitConfig::from_arch(&a, 4, 9, 10, true).is_err(),
+            "9 not divisible by 2"
+        );
+    }
+}

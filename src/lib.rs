@@ -1,0 +1,7 @@
+//! fora: Diffusion Transformers (DiT) with FORA step caching. A CPU reference backend that
+//! computes exactly what the official PyTorch code computes, and a CUDA backend of fused
+//! kernels, both driven by one sampler (`sampler.rs`) through the [`backend::Backend`] trait.
+
+pub mod backend;
+pub mod cache;
+pub mod config;
