@@ -62,7 +62,8 @@ pub enum NoiseSource {
 /// x0   = sqrt_recip_abar * x - sqrt_recipm1_abar * eps
 /// mean = post_coef1 * x0 + post_coef2 * x
 /// log_var = frac * max_log + (1 - frac) * min_log,  frac = (v + 1) / 2
-///           (without learn_sigma: log_var = fixed_log_var)
+///           (without learn_sigma there is no v: log_var = max_log, where the sampler puts
+///            the official FIXED_LARGE log variance)
 /// x'   = mean + (add_noise ? exp(0.5 * log_var) * z : 0)
 /// ```
 /// DDIM:
