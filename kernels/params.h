@@ -34,6 +34,21 @@ typedef struct GemmParams {
     int epilogue;      /* enum fora_gemm_epilogue */
 } GemmParams;
 
+/* The epilogue alone, over an f32 product acc[M, ld_acc] = A @ W^T (no bias) computed by another
+ * GEMM (the cuBLASLt reference path): out = epilogue(acc + bias), same fields and meaning as in
+ * GemmParams. Kernel gemm_epilogue_f32. */
+typedef struct GemmEpilogueParams {
+    fora_ptr acc;      /* f32 [M, ld_acc] */
+    fora_ptr bias;     /* f32 [N] or 0 */
+    fora_ptr out;
+    fora_ptr cache;
+    fora_ptr gate;
+    int m, n;
+    int ld_acc, ldo, ldc, ldg;
+    int rows_per_gate;
+    int epilogue;      /* enum fora_gemm_epilogue */
+} GemmEpilogueParams;
+
 /* Flash attention over a fused qkv buffer as the qkv Linear writes it:
  * qkv bf16 [B, T, 3, H, d] (row stride 3*H*d); out bf16 [B, T, H, d]. */
 typedef struct AttentionParams {

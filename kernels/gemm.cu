@@ -1,0 +1,272 @@
+// Tensor-core GEMM with the fused DiT epilogues, and the stand-alone epilogue that the cuBLASLt
+// reference path runs after its own GEMM.
+//
+//   out[M, N] = epilogue(A[M, K] @ W[N, K]^T + bias[N])
+//
+// A (activations) and W (PyTorch Linear weight [out, in]) are bf16, row-major and K-contiguous,
+// so both operands are "K-major" and feed mma.sync m16n8k16 (row.col) through plain ldmatrix.
+// Accumulation is f32. Requirements checked by the launcher (src/cuda/gemm.rs): K % 8 == 0,
+// lda/ldw % 8 == 0 and 16-byte aligned A/W (every 8-element chunk is one 16-byte cp.async),
+// out/cache 8-byte aligned, bias/gate 4-byte aligned. M and N are arbitrary.
+//
+// Pipeline: STAGES-deep cp.async ring of BMx32 (A) and BNx32 (W) tiles in dynamic shared memory,
+// one __syncthreads per k-tile. Rows of a tile are 64 bytes (4 chunks of 16 bytes); the chunk
+// index is XOR-swizzled with (row / 2) % 4 so the 8 rows that one ldmatrix phase reads land in
+// 8 distinct 16-byte bank groups (no bank conflicts, no padding).
+//
+// The epilogue runs straight from the accumulator registers: each thread owns pairs of adjacent
+// columns (c0, c1) / (c2, c3) of the m16n8 fragments, so bf16 pairs and f32 pairs are stored with
+// one 4- or 8-byte access when the leading dimension is even.
+
+#include "common.cuh"
+
+namespace {
+
+constexpr int kGemmBk = 32;  // k per pipeline stage
+
+// Offset, in bf16 elements, of 16-byte chunk `chunk` (0..3) of `row` in a [rows][32] smem tile.
+FORA_DEVICE int tile_offset(int row, int chunk) {
+    return row * kGemmBk + ((chunk ^ ((row >> 1) & 3)) << 3);
+}
+
+// Everything the epilogue needs, shared by the fused GEMM and the stand-alone epilogue kernel.
+struct Epilogue {
+    const float* bias;      // [N] or null
+    void* out;              // bf16 or f32 [M, ldo]; the f32 residual for GATE_RESIDUAL
+    __nv_bfloat16* cache;   // bf16 [M, ldc] or null
+    const float* gate;      // f32, row m uses gate[(m / rows_per_gate) * ldg + n]
+    int m, n, ldo, ldc, ldg, rows_per_gate, kind;
+};
+
+// Applies the epilogue to (row, col) and, when col + 1 < n, (row, col + 1). `col` is even, and
+// out/cache are 8-byte aligned, so an even leading dimension makes the pair access aligned.
+FORA_DEVICE void epilogue_pair(const Epilogue& e, int row, int col, float v0, float v1) {
+    const bool has1 = col + 1 < e.n;
+    if (e.bias != nullptr) {
+        v0 += e.bias[col];
+        if (has1) v1 += e.bias[col + 1];
+    }
+    const long long o = static_cast<long long>(row) * e.ldo + col;
+    const bool out_pair = has1 && (e.ldo & 1) == 0;
+    if (e.kind == FORA_EPI_BIAS_BF16 || e.kind == FORA_EPI_BIAS_GELU_BF16) {
+        if (e.kind == FORA_EPI_BIAS_GELU_BF16) {
+            v0 = gelu_tanh(v0);
+            v1 = gelu_tanh(v1);
+        }
+        __nv_bfloat16* out = static_cast<__nv_bfloat16*>(e.out) + o;
+        if (out_pair) {
+            *reinterpret_cast<__nv_bfloat162*>(out) = __floats2bfloat162_rn(v0, v1);
+        } else {
+            out[0] = f32_to_bf16(v0);
+            if (has1) out[1] = f32_to_bf16(v1);
+        }
+    } else if (e.kind == FORA_EPI_BIAS_F32) {
+        float* out = static_cast<float*>(e.out) + o;
+        if (out_pair) {
+            *reinterpret_cast<float2*>(out) = make_float2(v0, v1);
+        } else {
+            out[0] = v0;
+            if (has1) out[1] = v1;
+        }
+    } else {  // FORA_EPI_BIAS_GATE_RESIDUAL
+        if (e.cache != nullptr) {
+            __nv_bfloat16* c = e.cache + static_cast<long long>(row) * e.ldc + col;
+            if (has1 && (e.ldc & 1) == 0) {
+                *reinterpret_cast<__nv_bfloat162*>(c) = __floats2bfloat162_rn(v0, v1);
+            } else {
+                c[0] = f32_to_bf16(v0);
+                if (has1) c[1] = f32_to_bf16(v1);
+            }
+        }
+        const float* g = e.gate + static_cast<long long>(row / e.rows_per_gate) * e.ldg + col;
+        float* res = static_cast<float*>(e.out) + o;
+        if (out_pair) {
+            float2 r = *reinterpret_cast<float2*>(res);
+            r.x += g[0] * v0;
+            r.y += g[1] * v1;
+            *reinterpret_cast<float2*>(res) = r;
+        } else {
+            res[0] += g[0] * v0;
+            if (has1) res[1] += g[1] * v1;
+        }
+    }
+}
+
+// One CTA computes a BM x BN tile of out with WARPS_M x WARPS_N warps, each a
+// (BM / WARPS_M) x (BN / WARPS_N) sub-tile of m16n8 mma fragments.
+template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
+FORA_DEVICE void gemm_tile(const GemmParams& p) {
+    constexpr int kThreads = WARPS_M * WARPS_N * 32;
+    constexpr int kWarpM = BM / WARPS_M;
+    constexpr int kWarpN = BN / WARPS_N;
+    constexpr int kMi = kWarpM / 16;  // m16 fragments per warp
+    constexpr int kNi = kWarpN / 8;   // n8 fragments per warp
+    constexpr int kChunksA = BM * kGemmBk / 8;
+    constexpr int kChunksB = BN * kGemmBk / 8;
+    static_assert(kWarpM % 16 == 0 && kWarpN % 16 == 0, "warp tile must be whole m16 x n16 blocks");
+    static_assert(kChunksA % kThreads == 0 && kChunksB % kThreads == 0, "tile loads must split evenly");
+    static_assert(STAGES >= 2, "the pipeline needs at least two stages");
+
+    extern __shared__ uint4 gemm_smem[];
+    __nv_bfloat16* smem_a = reinterpret_cast<__nv_bfloat16*>(gemm_smem);  // [STAGES][BM * 32]
+    __nv_bfloat16* smem_b = smem_a + STAGES * BM * kGemmBk;                  // [STAGES][BN * 32]
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int warp_m = warp / WARPS_N;
+    const int warp_n = warp % WARPS_N;
+    const int m0 = blockIdx.y * BM;
+    const int n0 = blockIdx.x * BN;
+    const __nv_bfloat16* a = reinterpret_cast<const __nv_bfloat16*>(p.a);
+    const __nv_bfloat16* w = reinterpret_cast<const __nv_bfloat16*>(p.w);
+    const int k_tiles = (p.k + kGemmBk - 1) / kGemmBk;
+
+    // Rows past M or N and chunks past K are zero-filled (src size 0), with the base pointer as a
+    // harmless in-bounds source address; K % 8 == 0 makes every chunk wholly in or out.
+    auto load_stage = [&](int slot, int k_tile) {
+        const int k0 = k_tile * kGemmBk;
+        __nv_bfloat16* dst_a = smem_a + slot * BM * kGemmBk;
+        __nv_bfloat16* dst_b = smem_b + slot * BN * kGemmBk;
+#pragma unroll
+        for (int i = 0; i < kChunksA / kThreads; ++i) {
+            const int c = tid + i * kThreads;
+            const int row = c >> 2;
+            const int chunk = c & 3;
+            const int gm = m0 + row;
+            const int gk = k0 + chunk * 8;
+            const bool in = gm < p.m && gk < p.k;
+            const __nv_bfloat16* src = in ? a + static_cast<long long>(gm) * p.lda + gk : a;
+            cp_async_16(dst_a + tile_offset(row, chunk), src, in ? 16 : 0);
+        }
+#pragma unroll
+        for (int i = 0; i < kChunksB / kThreads; ++i) {
+            const int c = tid + i * kThreads;
+            const int row = c >> 2;
+            const int chunk = c & 3;
+            const int gn = n0 + row;
+            const int gk = k0 + chunk * 8;
+            const bool in = gn < p.n && gk < p.k;
+            const __nv_bfloat16* src = in ? w + static_cast<long long>(gn) * p.ldw + gk : w;
+            cp_async_16(dst_b + tile_offset(row, chunk), src, in ? 16 : 0);
+        }
+    };
+
+    float acc[kMi][kNi][4];
+#pragma unroll
+    for (int i = 0; i < kMi; ++i)
+#pragma unroll
+        for (int j = 0; j < kNi; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+
+    // Prologue: STAGES - 1 tiles in flight. Every iteration commits exactly one group (maybe
+    // empty), so "group g holds k-tile g" and wait_group<STAGES - 2> below means tile kt landed.
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < k_tiles) load_stage(s, s);
+        cp_async_commit();
+    }
+
+    // ldmatrix row/chunk of this lane. A (x4): matrices (rows 0-7 | 8-15) x (k 0-7 | 8-15) in
+    // the a0..a3 order of the mma. W (x4): (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7),
+    // (n 8-15, k 8-15) = b0, b1 of two n8 fragments.
+    const int a_row = warp_m * kWarpM + (lane & 15);
+    const int a_chunk = lane >> 4;
+    const int b_row = warp_n * kWarpN + (lane & 7) + ((lane >> 4) << 3);
+    const int b_chunk = (lane >> 3) & 1;
+
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        // Tile kt is visible to all threads, and every thread is done with the slot of tile
+        // kt - 1, which the prefetch below overwrites.
+        __syncthreads();
+        const int next = kt + STAGES - 1;
+        if (next < k_tiles) load_stage(next % STAGES, next);
+        cp_async_commit();
+
+        const int slot = kt % STAGES;
+        const __nv_bfloat16* tile_a = smem_a + slot * BM * kGemmBk;
+        const __nv_bfloat16* tile_b = smem_b + slot * BN * kGemmBk;
+#pragma unroll
+        for (int kk = 0; kk < kGemmBk / 16; ++kk) {
+            uint32_t frag_a[kMi][4];
+            uint32_t frag_b[kNi][2];
+#pragma unroll
+            for (int i = 0; i < kMi; ++i) {
+                ldmatrix_x4(frag_a[i][0], frag_a[i][1], frag_a[i][2], frag_a[i][3],
+                            tile_a + tile_offset(a_row + i * 16, kk * 2 + a_chunk));
+            }
+#pragma unroll
+            for (int j = 0; j < kNi / 2; ++j) {
+                ldmatrix_x4(frag_b[2 * j][0], frag_b[2 * j][1], frag_b[2 * j + 1][0], frag_b[2 * j + 1][1],
+                            tile_b + tile_offset(b_row + j * 16, kk * 2 + b_chunk));
+            }
+#pragma unroll
+            for (int i = 0; i < kMi; ++i)
+#pragma unroll
+                for (int j = 0; j < kNi; ++j) mma_bf16_16816(acc[i][j], frag_a[i], frag_b[j]);
+        }
+    }
+    // Only empty groups can still be pending; drain them so no cp.async outlives the CTA.
+    cp_async_wait<0>();
+
+    const Epilogue e{reinterpret_cast<const float*>(p.bias),
+                     reinterpret_cast<void*>(p.out),
+                     reinterpret_cast<__nv_bfloat16*>(p.cache),
+                     reinterpret_cast<const float*>(p.gate),
+                     p.m, p.n, p.ldo, p.ldc, p.ldg, p.rows_per_gate, p.epilogue};
+    // Fragment (i, j): c0, c1 at (row g, cols 2t, 2t+1), c2, c3 at row g + 8; g = lane / 4, t = lane % 4.
+    const int row_base = m0 + warp_m * kWarpM + (lane >> 2);
+    const int col_base = n0 + warp_n * kWarpN + 2 * (lane & 3);
+#pragma unroll
+    for (int i = 0; i < kMi; ++i) {
+        const int row = row_base + i * 16;
+#pragma unroll
+        for (int j = 0; j < kNi; ++j) {
+            const int col = col_base + j * 8;
+            if (col >= p.n) continue;
+            if (row < p.m) epilogue_pair(e, row, col, acc[i][j][0], acc[i][j][1]);
+            if (row + 8 < p.m) epilogue_pair(e, row + 8, col, acc[i][j][2], acc[i][j][3]);
+        }
+    }
+}
+
+}  // namespace
+
+// Tile variants (the launcher picks by how many CTAs each gives for M x N), dynamic smem =
+// STAGES * (BM + BN) * 32 * 2 bytes: 64 KiB, 48 KiB and 40 KiB.
+extern "C" __global__ void __launch_bounds__(256, 2) gemm_bf16_128x128(const GemmParams p) {
+    gemm_tile<128, 128, 2, 4, 4>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 4) gemm_bf16_64x128(const GemmParams p) {
+    gemm_tile<64, 128, 2, 2, 4>(p);
+}
+
+// Small M (adaLN tables, t-MLP, batch-2 rows): 32-row tiles keep the W stream wide.
+extern "C" __global__ void __launch_bounds__(128, 4) gemm_bf16_32x128(const GemmParams p) {
+    gemm_tile<32, 128, 1, 4, 4>(p);
+}
+
+// The epilogue over an f32 product acc = A @ W^T computed elsewhere (cuBLASLt); each thread
+// handles column pairs of one row, grid-stride over M x ceil(N / 2).
+extern "C" __global__ void __launch_bounds__(256) gemm_epilogue_f32(const GemmEpilogueParams p) {
+    const Epilogue e{reinterpret_cast<const float*>(p.bias),
+                     reinterpret_cast<void*>(p.out),
+                     reinterpret_cast<__nv_bfloat16*>(p.cache),
+                     reinterpret_cast<const float*>(p.gate),
+                     p.m, p.n, p.ldo, p.ldc, p.ldg, p.rows_per_gate, p.epilogue};
+    const float* acc = reinterpret_cast<const float*>(p.acc);
+    const long long pairs_per_row = (p.n + 1) / 2;
+    const long long total = static_cast<long long>(p.m) * pairs_per_row;
+    const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const int row = static_cast<int>(i / pairs_per_row);
+        const int col = static_cast<int>(i % pairs_per_row) * 2;
+        const float* src = acc + static_cast<long long>(row) * p.ld_acc + col;
+        const float v0 = src[0];
+        const float v1 = col + 1 < p.n ? src[1] : 0.0f;
+        epilogue_pair(e, row, col, v0, v1);
+    }
+}
