@@ -5,3 +5,5 @@
 pub mod backend;
 pub mod cache;
 pub mod config;
+pub mod diffusion;
+pub mod rng;
