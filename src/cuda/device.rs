@@ -1,0 +1,299 @@
+//! The CUDA device: a context, the one non-default stream all work goes on, and the embedded
+//! kernel modules. No global state: every launcher takes a `&Gpu`.
+//!
+//! Event tracking (cudarc's per-slice read/write events) is disabled: one stream does all the
+//! work, so the events would only cost time, and they must not appear inside CUDA-graph
+//! captures. That makes [`dptr`] a plain address read.
+
+use super::kernels;
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    DriverError, ValidAsZeroBits,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A CUDA device ready to run this crate's kernels.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Vec<(&'static str, Arc<CudaModule>)>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    cc: (i32, i32),
+    sm_count: usize,
+    name: String,
+    allocations: AtomicUsize,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("name", &self.name)
+            .field("compute_capability", &self.cc)
+            .field("sm_count", &self.sm_count)
+            .finish()
+    }
+}
+
+/// Number of CUDA devices, 0 when there is no driver library (never panics).
+pub fn device_count() -> Result<usize> {
+    // SAFETY: only tries to dlopen libcuda; no CUDA call is made when it is absent.
+    if !unsafe { sys::is_culib_present() } {
+        return Ok(0);
+    }
+    match CudaContext::device_count() {
+        Ok(n) => Ok(n.max(0) as usize),
+        // A driver without a usable device (e.g. in a container without GPUs).
+        Err(DriverError(sys::CUresult::CUDA_ERROR_NO_DEVICE)) => Ok(0),
+        Err(e) => Err(e).context("CUDA driver: cannot count devices (cuInit failed)"),
+    }
+}
+
+impl Gpu {
+    /// Opens device `ordinal`: checks the driver, the device, compute capability >= 8.0 and that
+    /// this binary carries kernels, loads every module and creates a non-default stream.
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        ensure_kernels()?;
+        // SAFETY: see device_count.
+        ensure!(
+            unsafe { sys::is_culib_present() },
+            "no CUDA driver: libcuda.so could not be loaded (is an NVIDIA driver installed?)"
+        );
+        let count = device_count()?;
+        ensure!(count > 0, "no CUDA device: the driver reports 0 devices");
+        ensure!(
+            ordinal < count,
+            "no CUDA device {ordinal}: the driver reports {count} device(s)"
+        );
+        let ctx = CudaContext::new(ordinal)
+            .with_context(|| format!("cannot create a CUDA context on device {ordinal}"))?;
+        check_capability(&ctx)?;
+        // SAFETY: every slice this crate creates lives on `stream` (one stream), so no
+        // cross-stream synchronization is needed; see the module comment.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().context("cannot create a CUDA stream")?;
+        Gpu::build(ctx, stream)
+    }
+
+    /// Uses a caller's context and stream (an engine embedding this crate). All work of this
+    /// `Gpu` goes on `stream`; the caller orders it with its own streams.
+    ///
+    /// This disables cudarc's event tracking on the caller's context for slices created from
+    /// now on (the same as [`Gpu::new`]): such slices used on several streams need the caller's
+    /// own synchronization.
+    pub fn with_stream(stream: Arc<CudaStream>) -> Result<Gpu> {
+        ensure_kernels()?;
+        let ctx = stream.context().clone();
+        check_capability(&ctx)?;
+        // SAFETY: see Gpu::new; documented above for the caller.
+        unsafe { ctx.disable_event_tracking() };
+        Gpu::build(ctx, stream)
+    }
+
+    fn build(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Gpu> {
+        let cc = ctx.compute_capability()?;
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .context("cannot query the multiprocessor count")? as usize;
+        let name = ctx.name().unwrap_or_else(|_| "unknown CUDA device".into());
+        let mut modules = Vec::with_capacity(kernels::MODULES.len());
+        for (module, bytes) in kernels::MODULES {
+            let loaded = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(bytes.to_vec()))
+                .with_context(|| {
+                    format!(
+                        "cannot load kernel module {module:?} on {name} (sm_{}{}); it carries {:?}",
+                        cc.0,
+                        cc.1,
+                        kernels::ARCHS
+                    )
+                })?;
+            modules.push((*module, loaded));
+        }
+        Ok(Gpu {
+            ctx,
+            stream,
+            modules,
+            functions: Mutex::new(HashMap::new()),
+            cc,
+            sm_count,
+            name,
+            allocations: AtomicUsize::new(0),
+        })
+    }
+
+    /// The stream all of this device's work goes on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// A kernel by its `extern "C"` name, from whichever embedded module defines it.
+    pub fn function(&self, name: &str) -> Result<CudaFunction> {
+        let mut cache = self
+            .functions
+            .lock()
+            .map_err(|_| anyhow::anyhow!("kernel cache poisoned by a panic on another thread"))?;
+        if let Some(f) = cache.get(name) {
+            return Ok(f.clone());
+        }
+        for (_, module) in &self.modules {
+            if let Ok(f) = module.load_function(name) {
+                cache.insert(name.to_string(), f.clone());
+                return Ok(f);
+            }
+        }
+        let names: Vec<&str> = self.modules.iter().map(|m| m.0).collect();
+        bail!("kernel {name:?} is in none of the embedded modules {names:?}")
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+
+    /// The device's name ("NVIDIA H100 80GB HBM3").
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .mem_get_info()
+            .context("cannot query free device memory")
+    }
+
+    /// Fails with "out of device memory for <what>" when fewer than `bytes` are free.
+    pub fn ensure_free(&self, bytes: usize, what: &str) -> Result<()> {
+        let (free, total) = self.mem_info()?;
+        ensure!(
+            bytes <= free,
+            "out of device memory for {what}: needs {:.1} MiB, {:.1} MiB free of {:.1} MiB on {}",
+            mib(bytes),
+            mib(free),
+            mib(total),
+            self.name
+        );
+        Ok(())
+    }
+
+    /// Allocates `len` zeroed elements on the stream, counting the allocation (see
+    /// [`Gpu::allocations`]) and turning CUDA_ERROR_OUT_OF_MEMORY into a clear error.
+    pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        len: usize,
+        what: &str,
+    ) -> Result<CudaSlice<T>> {
+        let bytes = len.saturating_mul(std::mem::size_of::<T>());
+        match self.stream.alloc_zeros::<T>(len) {
+            Ok(s) => {
+                self.allocations.fetch_add(1, Ordering::Relaxed);
+                Ok(s)
+            }
+            Err(DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)) => {
+                let free = self.mem_info().map(|m| m.0).unwrap_or(0);
+                bail!(
+                    "out of device memory for {what}: {:.1} MiB requested, {:.1} MiB free on {}",
+                    mib(bytes),
+                    mib(free),
+                    self.name
+                )
+            }
+            Err(e) => {
+                Err(e).with_context(|| format!("cannot allocate {:.1} MiB for {what}", mib(bytes)))
+            }
+        }
+    }
+
+    /// Uploads a host slice into a new device buffer (counted like [`Gpu::alloc_zeros`]).
+    pub fn upload<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        host: &[T],
+        what: &str,
+    ) -> Result<CudaSlice<T>> {
+        let mut dev = self.alloc_zeros::<T>(host.len(), what)?;
+        self.stream
+            .memcpy_htod(host, &mut dev)
+            .with_context(|| format!("cannot copy {what} to the device"))?;
+        Ok(dev)
+    }
+
+    /// Copies a device buffer to the host (waits for the stream).
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
+        let mut host = vec![T::default(); dev.len()];
+        self.stream
+            .memcpy_dtoh(dev, &mut host)
+            .context("cannot copy a device buffer to the host")?;
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    /// How many buffers [`Gpu::alloc_zeros`]/[`Gpu::upload`] have allocated so far: the
+    /// zero-allocation proof compares it before and after sampling.
+    pub fn allocations(&self) -> usize {
+        self.allocations.load(Ordering::Relaxed)
+    }
+
+    /// Waits for all work on the stream; reports an asynchronous kernel fault as an error.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .context("CUDA stream failed (a kernel faulted or the device was lost)")
+    }
+}
+
+fn ensure_kernels() -> Result<()> {
+    ensure!(
+        kernels::available(),
+        "this binary was built without CUDA kernels ({}); rebuild with nvcc available \
+         (NVCC=/path/to/nvcc, CUDA_HOME, or the nvidia-cuda-nvcc wheels)",
+        if kernels::MISSING_REASON.is_empty() {
+            "nvcc not found at build time"
+        } else {
+            kernels::MISSING_REASON
+        }
+    );
+    Ok(())
+}
+
+fn check_capability(ctx: &Arc<CudaContext>) -> Result<()> {
+    let (major, minor) = ctx
+        .compute_capability()
+        .context("cannot query the compute capability")?;
+    ensure!(
+        major >= 8,
+        "CUDA device {} ({}) has compute capability {major}.{minor}; fora needs 8.0 or newer (Ampere, Hopper)",
+        ctx.ordinal(),
+        ctx.name().unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// The raw device address of a slice, for a kernel parameter struct.
+pub fn dptr<T>(s: &CudaSlice<T>) -> u64 {
+    let (p, _no_event) = s.device_ptr(s.stream());
+    p
+}
+
+/// The raw device address of element `offset` of a slice (a sub-buffer for a kernel).
+pub fn dptr_at<T>(s: &CudaSlice<T>, offset: usize) -> u64 {
+    dptr(s) + (offset * std::mem::size_of::<T>()) as u64
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Compiles every kernels/*.cu for sm_80 and sm_90a with `ptxas -v` and fails when any kernel
+# spills registers or uses a local-memory stack frame. CI calls it; build.rs only warns.
+# nvcc: $NVCC, else PATH, else $CUDA_HOME/bin, /usr/local/cuda/bin, the pip wheel location.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nvcc="${NVCC:-}"
+if [ -z "$nvcc" ]; then
+    if command -v nvcc >/dev/null; then nvcc=$(command -v nvcc)
+    elif [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then nvcc="$CUDA_HOME/bin/nvcc"
+    elif [ -x /usr/local/cuda/bin/nvcc ]; then nvcc=/usr/local/cuda/bin/nvcc
+    else
+        site=$(python3 -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))" 2>/dev/null || true)
+        if [ -n "$site" ] && [ -x "$site/nvidia/cu13/bin/nvcc" ]; then nvcc="$site/nvidia/cu13/bin/nvcc"; fi
+    fi
+fi
+if [ -z "$nvcc" ]; then echo "check_ptxas: nvcc not found (set NVCC)" >&2; exit 2; fi
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+status=0
+for cu in kernels/*.cu; do
+    for arch in sm_80 sm_90a; do
+        log="$tmp/$(basename "$cu" .cu).$arch.log"
+        if ! "$nvcc" -cubin -arch="$arch" -O3 -std=c++17 -I kernels -Xptxas -v "$cu" -o "$tmp/out.cubin" >"$log" 2>&1; then
+            echo "FAIL $cu ($arch): does not compile"; cat "$log"; status=1; continue
+        fi
+        # "N bytes stack frame, N bytes spill stores, N bytes spill loads" per function.
+        bad=$(awk '/Function properties for/ {f=$NF} /bytes stack frame/ {
+                 if ($1 != 0 || $5 != 0 || $9 != 0) print f ": " $0 }' "$log")
+        kernels=$(grep -c "Compiling entry function" "$log" || true)
+        if [ -n "$bad" ]; then
+            echo "FAIL $cu ($arch):"; echo "$bad"; status=1
+        else
+            regs=$(grep -o "Used [0-9]* registers" "$log" | awk '{print $2}' | sort -n | tail -1)
+            echo "ok   $cu ($arch): $kernels kernels, no spills, no stack, max ${regs:-0} registers"
+        fi
+    done
+done
+exit $status
