@@ -5,5 +5,6 @@
 pub mod backend;
 pub mod cache;
 pub mod config;
+pub mod cuda;
 pub mod diffusion;
 pub mod rng;
