@@ -291,7 +291,7 @@ pub fn apply_update(
     let image = channels * hw;
     let out_ch = if learn_sigma { 2 * channels } else { channels };
     assert!(
-        image > 0 && x.len() % image == 0,
+        image > 0 && x.len().is_multiple_of(image),
         "apply_update: x has {} elements, not a multiple of C*H*W = {image}",
         x.len()
     );
