@@ -8,3 +8,4 @@ pub mod config;
 pub mod cuda;
 pub mod diffusion;
 pub mod rng;
+pub mod sampler;
