@@ -9,3 +9,4 @@ pub mod cuda;
 pub mod diffusion;
 pub mod rng;
 pub mod sampler;
+pub mod weights;

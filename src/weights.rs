@@ -1,0 +1,713 @@
+//! DiT weights in the official key layout: loading (safetensors, f32/f16/bf16 converted to
+//! f32, every tensor validated before use), deterministic random weights for tests and
+//! benchmarks, and saving (f32, the config in the metadata, written atomically).
+//!
+//! Layouts are PyTorch's: a Linear weight is `[out, in]` row-major, the patch embedding is a
+//! convolution weight `[D, C, p, p]`, `pos_embed` is `[1, T, D]` (stored here as `[T, D]`).
+
+use crate::config::{Arch, DitConfig};
+use anyhow::{bail, ensure, Context, Result};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+/// Width of the sinusoidal timestep features fed to the t-MLP (fixed in DiT).
+pub const FREQ_DIM: usize = 256;
+
+/// One transformer block; every matrix is `[out, in]` row-major (PyTorch Linear).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockWeights {
+    /// `attn.qkv.weight` `[3D, D]` (rows: q of all heads, then k, then v).
+    pub qkv_w: Vec<f32>,
+    /// `attn.qkv.bias` `[3D]`.
+    pub qkv_b: Vec<f32>,
+    /// `attn.proj.weight` `[D, D]`.
+    pub proj_w: Vec<f32>,
+    /// `attn.proj.bias` `[D]`.
+    pub proj_b: Vec<f32>,
+    /// `mlp.fc1.weight` `[M, D]`.
+    pub fc1_w: Vec<f32>,
+    /// `mlp.fc1.bias` `[M]`.
+    pub fc1_b: Vec<f32>,
+    /// `mlp.fc2.weight` `[D, M]`.
+    pub fc2_w: Vec<f32>,
+    /// `mlp.fc2.bias` `[D]`.
+    pub fc2_b: Vec<f32>,
+    /// `adaLN_modulation.1.weight` `[6D, D]` (rows: shift_msa, scale_msa, gate_msa, shift_mlp,
+    /// scale_mlp, gate_mlp).
+    pub ada_w: Vec<f32>,
+    /// `adaLN_modulation.1.bias` `[6D]`.
+    pub ada_b: Vec<f32>,
+}
+
+/// All weights of a DiT, host f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DitWeights {
+    /// `x_embedder.proj.weight` `[D, C, p, p]`.
+    pub x_embed_w: Vec<f32>,
+    /// `x_embedder.proj.bias` `[D]`.
+    pub x_embed_b: Vec<f32>,
+    /// `pos_embed` `[1, T, D]`, stored as `[T, D]`.
+    pub pos_embed: Vec<f32>,
+    /// `t_embedder.mlp.0.weight` `[D, 256]`.
+    pub t_mlp0_w: Vec<f32>,
+    /// `t_embedder.mlp.0.bias` `[D]`.
+    pub t_mlp0_b: Vec<f32>,
+    /// `t_embedder.mlp.2.weight` `[D, D]`.
+    pub t_mlp2_w: Vec<f32>,
+    /// `t_embedder.mlp.2.bias` `[D]`.
+    pub t_mlp2_b: Vec<f32>,
+    /// `y_embedder.embedding_table.weight` `[num_classes + 1, D]` (last row: null class).
+    pub y_table: Vec<f32>,
+    pub blocks: Vec<BlockWeights>,
+    /// `final_layer.adaLN_modulation.1.weight` `[2D, D]` (rows: shift, scale).
+    pub final_ada_w: Vec<f32>,
+    /// `final_layer.adaLN_modulation.1.bias` `[2D]`.
+    pub final_ada_b: Vec<f32>,
+    /// `final_layer.linear.weight` `[p*p*out_ch, D]`.
+    pub final_w: Vec<f32>,
+    /// `final_layer.linear.bias` `[p*p*out_ch]`.
+    pub final_b: Vec<f32>,
+}
+
+/// The official key names and shapes of every tensor of `cfg`, in a fixed order.
+pub fn expected_tensors(cfg: &DitConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, c, p, m) = (cfg.hidden, cfg.in_channels, cfg.patch, cfg.mlp_hidden());
+    let mut v: Vec<(String, Vec<usize>)> = vec![
+        ("x_embedder.proj.weight".into(), vec![d, c, p, p]),
+        ("x_embedder.proj.bias".into(), vec![d]),
+        ("pos_embed".into(), vec![1, cfg.tokens(), d]),
+        ("t_embedder.mlp.0.weight".into(), vec![d, FREQ_DIM]),
+        ("t_embedder.mlp.0.bias".into(), vec![d]),
+        ("t_embedder.mlp.2.weight".into(), vec![d, d]),
+        ("t_embedder.mlp.2.bias".into(), vec![d]),
+        (
+            "y_embedder.embedding_table.weight".into(),
+            vec![cfg.num_classes + 1, d],
+        ),
+    ];
+    for i in 0..cfg.depth {
+        for (suffix, shape) in [
+            ("attn.qkv.weight", vec![3 * d, d]),
+            ("attn.qkv.bias", vec![3 * d]),
+            ("attn.proj.weight", vec![d, d]),
+            ("attn.proj.bias", vec![d]),
+            ("mlp.fc1.weight", vec![m, d]),
+            ("mlp.fc1.bias", vec![m]),
+            ("mlp.fc2.weight", vec![d, m]),
+            ("mlp.fc2.bias", vec![d]),
+            ("adaLN_modulation.1.weight", vec![6 * d, d]),
+            ("adaLN_modulation.1.bias", vec![6 * d]),
+        ] {
+            v.push((format!("blocks.{i}.{suffix}"), shape));
+        }
+    }
+    v.push((
+        "final_layer.adaLN_modulation.1.weight".into(),
+        vec![2 * d, d],
+    ));
+    v.push(("final_layer.adaLN_modulation.1.bias".into(), vec![2 * d]));
+    v.push(("final_layer.linear.weight".into(), vec![cfg.patch_out(), d]));
+    v.push(("final_layer.linear.bias".into(), vec![cfg.patch_out()]));
+    v
+}
+
+impl BlockWeights {
+    fn slots(&self) -> [&Vec<f32>; 10] {
+        [
+            &self.qkv_w,
+            &self.qkv_b,
+            &self.proj_w,
+            &self.proj_b,
+            &self.fc1_w,
+            &self.fc1_b,
+            &self.fc2_w,
+            &self.fc2_b,
+            &self.ada_w,
+            &self.ada_b,
+        ]
+    }
+    fn slots_mut(&mut self) -> [&mut Vec<f32>; 10] {
+        [
+            &mut self.qkv_w,
+            &mut self.qkv_b,
+            &mut self.proj_w,
+            &mut self.proj_b,
+            &mut self.fc1_w,
+            &mut self.fc1_b,
+            &mut self.fc2_w,
+            &mut self.fc2_b,
+            &mut self.ada_w,
+            &mut self.ada_b,
+        ]
+    }
+    fn empty() -> BlockWeights {
+        BlockWeights {
+            qkv_w: Vec::new(),
+            qkv_b: Vec::new(),
+            proj_w: Vec::new(),
+            proj_b: Vec::new(),
+            fc1_w: Vec::new(),
+            fc1_b: Vec::new(),
+            fc2_w: Vec::new(),
+            fc2_b: Vec::new(),
+            ada_w: Vec::new(),
+            ada_b: Vec::new(),
+        }
+    }
+}
+
+impl DitWeights {
+    /// Every tensor in the order of [`expected_tensors`].
+    fn slots(&self) -> Vec<&Vec<f32>> {
+        let mut v = vec![
+            &self.x_embed_w,
+            &self.x_embed_b,
+            &self.pos_embed,
+            &self.t_mlp0_w,
+            &self.t_mlp0_b,
+            &self.t_mlp2_w,
+            &self.t_mlp2_b,
+            &self.y_table,
+        ];
+        for b in &self.blocks {
+            v.extend(b.slots());
+        }
+        v.extend([
+            &self.final_ada_w,
+            &self.final_ada_b,
+            &self.final_w,
+            &self.final_b,
+        ]);
+        v
+    }
+
+    /// Every tensor in the order of [`expected_tensors`], mutably.
+    fn slots_mut(&mut self) -> Vec<&mut Vec<f32>> {
+        let mut v = vec![
+            &mut self.x_embed_w,
+            &mut self.x_embed_b,
+            &mut self.pos_embed,
+            &mut self.t_mlp0_w,
+            &mut self.t_mlp0_b,
+            &mut self.t_mlp2_w,
+            &mut self.t_mlp2_b,
+            &mut self.y_table,
+        ];
+        for b in &mut self.blocks {
+            v.extend(b.slots_mut());
+        }
+        v.extend([
+            &mut self.final_ada_w,
+            &mut self.final_ada_b,
+            &mut self.final_w,
+            &mut self.final_b,
+        ]);
+        v
+    }
+
+    fn empty(depth: usize) -> DitWeights {
+        DitWeights {
+            x_embed_w: Vec::new(),
+            x_embed_b: Vec::new(),
+            pos_embed: Vec::new(),
+            t_mlp0_w: Vec::new(),
+            t_mlp0_b: Vec::new(),
+            t_mlp2_w: Vec::new(),
+            t_mlp2_b: Vec::new(),
+            y_table: Vec::new(),
+            blocks: (0..depth).map(|_| BlockWeights::empty()).collect(),
+            final_ada_w: Vec::new(),
+            final_ada_b: Vec::new(),
+            final_w: Vec::new(),
+            final_b: Vec::new(),
+        }
+    }
+
+    /// Every tensor with its official key and shape.
+    pub fn named(&self, cfg: &DitConfig) -> Result<Vec<(String, Vec<usize>, &[f32])>> {
+        self.check(cfg)?;
+        Ok(expected_tensors(cfg)
+            .into_iter()
+            .zip(self.slots())
+            .map(|((k, s), v)| (k, s, v.as_slice()))
+            .collect())
+    }
+
+    /// Checks that every tensor has the size `cfg` asks for and holds finite values.
+    pub fn check(&self, cfg: &DitConfig) -> Result<()> {
+        cfg.validate()?;
+        ensure!(
+            self.blocks.len() == cfg.depth,
+            "weights have {} blocks but the config has depth {}",
+            self.blocks.len(),
+            cfg.depth
+        );
+        for ((key, shape), v) in expected_tensors(cfg).iter().zip(self.slots()) {
+            let want: usize = shape.iter().product();
+            ensure!(
+                v.len() == want,
+                "weight {key}: expected {want} values (shape {shape:?}), got {}",
+                v.len()
+            );
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                bail!("weight {key}: non-finite value {} at index {i}", v[i]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Deterministic random weights with realistic scales: every matrix ~ U(-a, a) with
+    /// std 1/sqrt(fan_in), small nonzero biases, the official 2-D sin-cos `pos_embed`, and —
+    /// unlike the official initialisation, which zeroes them — NONZERO adaLN and final-layer
+    /// weights, so that gates, shifts and scales all influence the output (a test on zeroed
+    /// modulations would be blind to them).
+    pub fn random(cfg: &DitConfig, seed: u64) -> DitWeights {
+        let mut rng = SplitMix64::new(seed);
+        let (d, m) = (cfg.hidden, cfg.mlp_hidden());
+        let patch_in = cfg.in_channels * cfg.patch * cfg.patch;
+        let mat = |rows: usize, fan_in: usize, rng: &mut SplitMix64| {
+            let a = (3.0 / fan_in as f64).sqrt();
+            (0..rows * fan_in)
+                .map(|_| rng.uniform(a))
+                .collect::<Vec<f32>>()
+        };
+        let bias = |n: usize, rng: &mut SplitMix64| (0..n).map(|_| rng.uniform(0.05)).collect();
+        let x_embed_w = mat(d, patch_in, &mut rng);
+        let x_embed_b = bias(d, &mut rng);
+        let pos_embed = if d % 4 == 0 {
+            sincos_pos_embed(d, cfg.grid())
+        } else {
+            (0..cfg.tokens() * d).map(|_| rng.uniform(1.0)).collect()
+        };
+        let t_mlp0_w = mat(d, FREQ_DIM, &mut rng);
+        let t_mlp0_b = bias(d, &mut rng);
+        let t_mlp2_w = mat(d, d, &mut rng);
+        let t_mlp2_b = bias(d, &mut rng);
+        // Labels as strong as timesteps, so that guidance and the null class matter.
+        let y_table = (0..(cfg.num_classes + 1) * d)
+            .map(|_| rng.uniform(1.0))
+            .collect();
+        let blocks = (0..cfg.depth)
+            .map(|_| BlockWeights {
+                qkv_w: mat(3 * d, d, &mut rng),
+                qkv_b: bias(3 * d, &mut rng),
+                proj_w: mat(d, d, &mut rng),
+                proj_b: bias(d, &mut rng),
+                fc1_w: mat(m, d, &mut rng),
+                fc1_b: bias(m, &mut rng),
+                fc2_w: mat(d, m, &mut rng),
+                fc2_b: bias(d, &mut rng),
+                ada_w: mat(6 * d, d, &mut rng),
+                ada_b: bias(6 * d, &mut rng),
+            })
+            .collect();
+        let final_ada_w = mat(2 * d, d, &mut rng);
+        let final_ada_b = bias(2 * d, &mut rng);
+        let final_w = mat(cfg.patch_out(), d, &mut rng);
+        let final_b = bias(cfg.patch_out(), &mut rng);
+        DitWeights {
+            x_embed_w,
+            x_embed_b,
+            pos_embed,
+            t_mlp0_w,
+            t_mlp0_b,
+            t_mlp2_w,
+            t_mlp2_b,
+            y_table,
+            blocks,
+            final_ada_w,
+            final_ada_b,
+            final_w,
+            final_b,
+        }
+    }
+
+    /// Writes the weights in the official key layout, f32, with `cfg` in the safetensors
+    /// metadata (see [`DitConfig::to_metadata`]). The file appears whole or not at all: it is
+    /// written to a temporary file beside `path`, then renamed.
+    pub fn save(&self, path: impl AsRef<Path>, cfg: &DitConfig) -> Result<()> {
+        let path = path.as_ref();
+        let named = self.named(cfg)?;
+        let views: Vec<(String, F32Tensor)> = named
+            .into_iter()
+            .map(|(k, shape, data)| (k, F32Tensor { shape, data }))
+            .collect();
+        let tmp = tmp_path(path);
+        let result = safetensors::serialize_to_file(views, Some(cfg.to_metadata()), &tmp)
+            .with_context(|| format!("writing checkpoint {}", tmp.display()))
+            .and_then(|()| {
+                std::fs::rename(&tmp, path).with_context(|| {
+                    format!("renaming {} to {}", tmp.display(), path.display())
+                })
+            });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Loads a checkpoint in the official key layout (f32, f16 or bf16 tensors) and infers its
+    /// config from the tensor shapes; heads come from `arch` or the metadata `fora.heads`.
+    /// Everything is validated before use; every failure names the key and the expectation.
+    pub fn load(path: impl AsRef<Path>, arch: Option<&Arch>) -> Result<(DitConfig, DitWeights)> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+        Self::from_bytes(&bytes, arch)
+            .with_context(|| format!("checkpoint {}", path.display()))
+    }
+
+    /// [`DitWeights::load`] from the bytes of a safetensors file.
+    pub fn from_bytes(bytes: &[u8], arch: Option<&Arch>) -> Result<(DitConfig, DitWeights)> {
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| anyhow::anyhow!("not a valid safetensors file: {e}"))?;
+        let (_, header) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| anyhow::anyhow!("not a valid safetensors file: {e}"))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let cfg = infer_config(&st, &meta, arch)?;
+
+        let expected = expected_tensors(&cfg);
+        let present: BTreeSet<String> = st.names().into_iter().map(String::from).collect();
+        let wanted: BTreeSet<String> = expected.iter().map(|(k, _)| k.clone()).collect();
+        let missing: Vec<&String> = wanted.difference(&present).collect();
+        let unexpected: Vec<&String> = present.difference(&wanted).collect();
+        ensure!(
+            missing.is_empty(),
+            "missing keys for {} ({}): {}",
+            cfg.arch_name(),
+            missing.len(),
+            list(&missing)
+        );
+        ensure!(
+            unexpected.is_empty(),
+            "unexpected keys ({}): {}",
+            unexpected.len(),
+            list(&unexpected)
+        );
+
+        let mut w = DitWeights::empty(cfg.depth);
+        for ((key, shape), slot) in expected.iter().zip(w.slots_mut()) {
+            let view = st
+                .tensor(key)
+                .map_err(|e| anyhow::anyhow!("tensor {key}: {e}"))?;
+            ensure!(
+                view.shape() == shape.as_slice(),
+                "tensor {key}: expected shape {shape:?} for {}, got {:?}",
+                cfg.arch_name(),
+                view.shape()
+            );
+            *slot = to_f32(key, &view)?;
+            if let Some(i) = slot.iter().position(|x| !x.is_finite()) {
+                bail!(
+                    "tensor {key}: non-finite value {} at flat index {i}",
+                    slot[i]
+                );
+            }
+        }
+        Ok((cfg, w))
+    }
+}
+
+/// At most 20 names, then a count.
+fn list(keys: &[&String]) -> String {
+    let mut s = keys
+        .iter()
+        .take(20)
+        .map(|k| k.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if keys.len() > 20 {
+        s.push_str(&format!(", ... and {} more", keys.len() - 20));
+    }
+    s
+}
+
+fn tmp_path(path: &Path) -> std::path::PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "checkpoint".into());
+    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
+}
+
+/// Converts one tensor to f32; f32, f16 and bf16 only.
+fn to_f32(key: &str, view: &TensorView) -> Result<Vec<f32>> {
+    let data = view.data();
+    Ok(match view.dtype() {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => bail!("tensor {key}: unsupported dtype {other} (expected F32, F16 or BF16)"),
+    })
+}
+
+/// Shape of `key`, or an error naming the key when it is absent.
+fn shape_of(st: &SafeTensors, key: &str) -> Result<Vec<usize>> {
+    st.tensor(key)
+        .map(|v| v.shape().to_vec())
+        .map_err(|_| anyhow::anyhow!("missing key {key} (needed to infer the architecture)"))
+}
+
+/// Infers the config from the shapes, the metadata and `arch`, and checks they agree.
+fn infer_config(
+    st: &SafeTensors,
+    meta: &HashMap<String, String>,
+    arch: Option<&Arch>,
+) -> Result<DitConfig> {
+    const XE: &str = "x_embedder.proj.weight";
+    const PE: &str = "pos_embed";
+    const YT: &str = "y_embedder.embedding_table.weight";
+    const FL: &str = "final_layer.linear.weight";
+    const FC1: &str = "blocks.0.mlp.fc1.weight";
+
+    let xe = shape_of(st, XE)?;
+    ensure!(
+        xe.len() == 4 && xe[2] == xe[3] && xe.iter().all(|&s| s > 0),
+        "tensor {XE}: expected shape [hidden, in_channels, patch, patch], got {xe:?}"
+    );
+    let (hidden, in_channels, patch) = (xe[0], xe[1], xe[2]);
+
+    let pe = shape_of(st, PE)?;
+    ensure!(
+        pe.len() == 3 && pe[0] == 1 && pe[2] == hidden,
+        "tensor {PE}: expected shape [1, tokens, {hidden}], got {pe:?}"
+    );
+    let tokens = pe[1];
+    let grid = (tokens as f64).sqrt().round() as usize;
+    ensure!(
+        grid > 0 && grid * grid == tokens,
+        "tensor {PE}: {tokens} tokens is not a square grid of patches"
+    );
+    let input_size = grid * patch;
+
+    let yt = shape_of(st, YT)?;
+    ensure!(
+        yt.len() == 2 && yt[0] >= 2 && yt[1] == hidden,
+        "tensor {YT}: expected shape [num_classes + 1, {hidden}] with at least one class, got {yt:?}"
+    );
+    let num_classes = yt[0] - 1;
+
+    let fl = shape_of(st, FL)?;
+    let pp = patch * patch;
+    let learn_sigma = match fl.as_slice() {
+        [o, d] if *d == hidden && *o == pp * 2 * in_channels => true,
+        [o, d] if *d == hidden && *o == pp * in_channels => false,
+        _ => bail!(
+            "tensor {FL}: expected shape [{} (learn_sigma) or {}, {hidden}], got {fl:?}",
+            pp * 2 * in_channels,
+            pp * in_channels
+        ),
+    };
+
+    // Depth: the block indices present; a gap shows up later as missing keys.
+    let mut depth = 0;
+    for name in st.names() {
+        if let Some(rest) = name.strip_prefix("blocks.") {
+            if let Some(i) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok()) {
+                depth = depth.max(i + 1);
+            }
+        }
+    }
+    ensure!(depth > 0, "no transformer blocks in the checkpoint (no blocks.0.* keys)");
+
+    // MLP width from block 0 when it is a multiple of hidden; otherwise keep the official 4
+    // and let the shape check name the tensor.
+    let mlp_ratio = match st.tensor(FC1).map(|v| v.shape().to_vec()) {
+        Ok(s) if s.len() == 2 && s[1] == hidden && s[0] > 0 && s[0] % hidden == 0 => {
+            s[0] / hidden
+        }
+        _ => 4,
+    };
+
+    let meta_heads = DitConfig::heads_from_metadata(meta)?;
+    let shapes = format!(
+        "depth {depth}, hidden {hidden}, patch {patch} (from {XE} {xe:?} and the block keys)"
+    );
+    if let Some(a) = arch {
+        let name = a.official_name().unwrap_or_else(|| "the given".into());
+        for (what, want, got) in [
+            ("depth", a.depth, depth),
+            ("hidden", a.hidden, hidden),
+            ("patch", a.patch, patch),
+        ] {
+            ensure!(
+                want == got,
+                "--arch {name} has {what} {want} but the checkpoint has {shapes}"
+            );
+        }
+        if let Some(h) = meta_heads {
+            ensure!(
+                h == a.heads,
+                "--arch {name} has {} heads but the checkpoint metadata says fora.heads={h}",
+                a.heads
+            );
+        }
+    }
+    // Metadata written by this project records the whole config: it must match the shapes.
+    for (key, got) in [
+        ("fora.depth", depth),
+        ("fora.hidden", hidden),
+        ("fora.patch", patch),
+        ("fora.in_channels", in_channels),
+        ("fora.input_size", input_size),
+        ("fora.num_classes", num_classes),
+        ("fora.mlp_ratio", mlp_ratio),
+    ] {
+        if let Some(v) = meta.get(key) {
+            let want: usize = v
+                .parse()
+                .with_context(|| format!("checkpoint metadata {key}={v:?} is not a number"))?;
+            ensure!(
+                want == got,
+                "checkpoint metadata {key}={want} disagrees with the tensor shapes ({key} = {got})"
+            );
+        }
+    }
+    if let Some(v) = meta.get("fora.learn_sigma") {
+        ensure!(
+            v == &learn_sigma.to_string(),
+            "checkpoint metadata fora.learn_sigma={v} disagrees with {FL} {fl:?} (learn_sigma = {learn_sigma})"
+        );
+    }
+    let heads = match (arch, meta_heads) {
+        (Some(a), _) => a.heads,
+        (None, Some(h)) => h,
+        (None, None) => bail!(
+            "the number of attention heads cannot be inferred from the tensor shapes ({shapes}) \
+             and the checkpoint metadata has no fora.heads: pass --arch (e.g. DiT-XL/2, or \
+             depth={depth},hidden={hidden},heads=H,patch={patch})"
+        ),
+    };
+    ensure!(
+        heads > 0 && hidden % heads == 0,
+        "{heads} heads do not divide hidden {hidden}"
+    );
+    let mut cfg = DitConfig::from_arch(
+        &Arch {
+            depth,
+            hidden,
+            heads,
+            patch,
+        },
+        in_channels,
+        input_size,
+        num_classes,
+        learn_sigma,
+    )?;
+    cfg.mlp_ratio = mlp_ratio;
+    Ok(cfg)
+}
+
+/// The official fixed 2-D sin-cos position embedding `[T, D]` (D divisible by 4): for the
+/// token at row i, column j, the first D/2 features encode j and the last D/2 encode i, each as
+/// `[sin(pos * w), cos(pos * w)]` with `w_k = 10000^(-k / (D/4))`.
+pub fn sincos_pos_embed(hidden: usize, grid: usize) -> Vec<f32> {
+    let quarter = hidden / 4;
+    let mut out = vec![0f32; grid * grid * hidden];
+    for i in 0..grid {
+        for j in 0..grid {
+            let row = &mut out[(i * grid + j) * hidden..][..hidden];
+            for (half, pos) in [(0, j), (1, i)] {
+                let dst = &mut row[half * 2 * quarter..][..2 * quarter];
+                for k in 0..quarter {
+                    let omega = 1.0 / 10000f64.powf(k as f64 / quarter as f64);
+                    let a = pos as f64 * omega;
+                    dst[k] = a.sin() as f32;
+                    dst[quarter + k] = a.cos() as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A small deterministic generator for random weights (not the sampler's noise generator).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn new(seed: u64) -> Self {
+        SplitMix64(seed ^ 0x6a09_e667_f3bc_c909)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-a, a).
+    fn uniform(&mut self, a: f64) -> f32 {
+        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        ((2.0 * u - 1.0) * a) as f32
+    }
+}
+
+/// An f32 tensor to serialize, converted to bytes one tensor at a time while writing.
+struct F32Tensor<'a> {
+    shape: Vec<usize>,
+    data: &'a [f32],
+}
+
+impl safetensors::View for F32Tensor<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+    fn data_len(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_counts() {
+        let cfg = DitConfig::official("DiT-XL/2", 32).unwrap();
+        let w = DitWeights::empty(cfg.depth);
+        assert_eq!(expected_tensors(&cfg).len(), w.slots().len());
+        let params: usize = expected_tensors(&cfg)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        // DiT-XL/2 has 675M parameters (plus the 295k pos_embed buffer).
+        assert!((675_000_000..676_500_000).contains(&params), "{params}");
+    }
+
+    #[test]
+    fn pos_embed_matches_formula() {
+        let pe = sincos_pos_embed(8, 3);
+        // token (i=1, j=2): first half encodes j=2, second half i=1; quarter = 2, omega = [1, 0.01].
+        let row = &pe[5 * 8..6 * 8];
+        let want = [
+            2f64.sin(),
+            0.02f64.sin(),
+            2f64.cos(),
+            0.02f64.cos(),
+            1f64.sin(),
+            0.01f64.sin(),
+            1f64.cos(),
+            0.01f64.cos(),
+        ];
+        for (a, b) in row.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{row:?}");
+        }
+    }
+}
