@@ -1,0 +1,296 @@
+// Flash attention over DiT's fused qkv buffer (FlashAttention-2 style forward, no mask).
+//
+// qkv bf16 [B, T, 3, H, d] exactly as the qkv Linear writes it; out bf16 [B, T, H, d].
+// out[b, t, h] = softmax(q k^T * scale) v for every (batch, head).
+//
+// One block = BLOCK_M = 16 * WARPS query rows of one (batch, head); each warp owns 16 rows
+// and walks over all keys in tiles of BLOCK_N = 64 with an online softmax (fp32 running max,
+// sum and output accumulators, exp2 with log2(e) folded into the scale). Both products run on
+// bf16 tensor cores (mma.sync m16n8k16): S = Q K^T with ldmatrix fragments of Q (kept in
+// registers) and K, O += P V with P re-packed from the S accumulators and V fragments from
+// ldmatrix.trans. K/V tiles are double-buffered with cp.async so the next tile loads while
+// the current one is computed.
+//
+// head_dim 72 (DiT-XL/2) is 4.5 x 16: the QK^T reduction dimension is padded to 80 with zeros
+// in shared memory only (global memory is read at exactly d columns); P V's n-dim 72 = 9 x 8
+// tiles needs no padding. Out-of-range keys (T not a multiple of 64) are zero-filled by
+// cp.async and masked to -inf before the softmax; out-of-range query rows are computed on
+// zeros and never stored.
+//
+// Alignment: every row and head offset is a multiple of 8 bf16 (d in {64, 72, 128}: the row
+// stride 3*H*d and head offset h*d are multiples of 8), so 16-byte cp.async and vector stores
+// are aligned when the qkv and out base pointers are 16-byte aligned (the launcher checks).
+
+#include "common.cuh"
+
+namespace {
+
+// 2^x on the SFU; ex2.approx(-inf) = +0, which is what masked keys need.
+FORA_DEVICE float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+template <int D, int WARPS>
+struct AttentionShape {
+    static constexpr int THREADS = 32 * WARPS;
+    static constexpr int BLOCK_M = 16 * WARPS;
+    static constexpr int BLOCK_N = 64;
+    // QK^T reduction dim rounded up to the mma k of 16 (72 -> 80).
+    static constexpr int DK = (D + 15) / 16 * 16;
+    // Shared row stride in bf16: +8 (16 bytes) makes the 8 row addresses of every ldmatrix
+    // fall in distinct bank groups (stride 36/44/68 words for DK 64/80/128).
+    static constexpr int STRIDE = DK + 8;
+    static constexpr int CHUNKS = D / 8;  // 16-byte chunks per row in global memory
+    static constexpr int Q_ELEMS = BLOCK_M * STRIDE;
+    static constexpr int KV_ELEMS = BLOCK_N * STRIDE;
+    // Q tile, two K tiles, two V tiles.
+    static constexpr int SMEM_BYTES = (Q_ELEMS + 4 * KV_ELEMS) * 2;
+    static_assert(D % 8 == 0, "head_dim must be a multiple of 8");
+    static_assert(DK - D == 0 || DK - D == 8, "padding is one 16-byte chunk at most");
+};
+
+// Copies `rows` rows of D bf16 starting at token row0 into shared memory (stride STRIDE);
+// rows at or past `tokens` are zero-filled (src-size 0 reads nothing; the address is clamped
+// to row 0 so it stays valid anyway).
+template <int D, int WARPS>
+FORA_DEVICE void load_rows_async(__nv_bfloat16* dst, const __nv_bfloat16* src, int rows, int row0,
+                                 int tokens, size_t row_stride) {
+    using S = AttentionShape<D, WARPS>;
+    for (int c = threadIdx.x; c < rows * S::CHUNKS; c += S::THREADS) {
+        const int r = c / S::CHUNKS;
+        const int ch = c - r * S::CHUNKS;
+        const int t = row0 + r;
+        const bool in_range = t < tokens;
+        const __nv_bfloat16* g = src + static_cast<size_t>(in_range ? t : 0) * row_stride + ch * 8;
+        cp_async_16(dst + r * S::STRIDE + ch * 8, g, in_range ? 16 : 0);
+    }
+}
+
+template <int D, int WARPS>
+FORA_DEVICE void attention_block(const AttentionParams& p, unsigned char* smem_raw) {
+    using S = AttentionShape<D, WARPS>;
+    constexpr int BM = S::BLOCK_M;
+    constexpr int BN = S::BLOCK_N;
+    constexpr int STRIDE = S::STRIDE;
+    constexpr int N_TILES_O = D / 8;  // 8-wide output column tiles (9 for d = 72)
+
+    __nv_bfloat16* s_q = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+    __nv_bfloat16* s_k = s_q + S::Q_ELEMS;        // 2 buffers
+    __nv_bfloat16* s_v = s_k + 2 * S::KV_ELEMS;   // 2 buffers
+
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int tokens = p.tokens;
+    const int heads = p.heads;
+    const int q0 = blockIdx.x * BM;
+    const int head = blockIdx.y;
+    const int batch = blockIdx.z;
+
+    const size_t row_stride = 3 * static_cast<size_t>(heads) * D;
+    const __nv_bfloat16* q_base = reinterpret_cast<const __nv_bfloat16*>(p.qkv) +
+                                  static_cast<size_t>(batch) * tokens * row_stride +
+                                  static_cast<size_t>(head) * D;
+    const __nv_bfloat16* k_base = q_base + static_cast<size_t>(heads) * D;
+    const __nv_bfloat16* v_base = q_base + 2 * static_cast<size_t>(heads) * D;
+
+    const int n_tiles = (tokens + BN - 1) / BN;
+
+    // Q tile and the first K/V tile in one cp.async group.
+    load_rows_async<D, WARPS>(s_q, q_base, BM, q0, tokens, row_stride);
+    load_rows_async<D, WARPS>(s_k, k_base, BN, 0, tokens, row_stride);
+    load_rows_async<D, WARPS>(s_v, v_base, BN, 0, tokens, row_stride);
+    cp_async_commit();
+
+    // Zero the K-dim padding columns [D, DK) of Q and both K buffers once: cp.async never
+    // writes them, and uninitialised shared memory could hold NaN bit patterns (0 * NaN = NaN).
+    if constexpr (S::DK > D) {
+        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+        for (int r = threadIdx.x; r < BM + 2 * BN; r += S::THREADS) {
+            __nv_bfloat16* row = r < BM ? s_q + r * STRIDE : s_k + (r - BM) * STRIDE;
+            *reinterpret_cast<uint4*>(row + D) = zero;
+        }
+    }
+
+    uint32_t q_frag[S::DK / 16][4];
+    float o_acc[N_TILES_O][4];
+#pragma unroll
+    for (int i = 0; i < N_TILES_O; ++i) {
+        o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.0f;
+    }
+    // Rows g = lane / 4 and g + 8 of this warp's 16: running max (log2 domain) and this
+    // thread's partial row sum (reduced over the quad once at the end).
+    float row_max[2] = {-INFINITY, -INFINITY};
+    float row_sum[2] = {0.0f, 0.0f};
+    const float scale_log2 = p.scale * 1.4426950408889634f;
+    const int quad_col = 2 * (lane & 3);
+
+    for (int j = 0; j < n_tiles; ++j) {
+        cp_async_wait<0>();
+        // Tile j is visible to all warps, and every warp has finished tile j - 1, so its
+        // buffer may be refilled with tile j + 1 while tile j is computed.
+        __syncthreads();
+        if (j + 1 < n_tiles) {
+            const int nb = (j + 1) & 1;
+            load_rows_async<D, WARPS>(s_k + nb * S::KV_ELEMS, k_base, BN, (j + 1) * BN, tokens, row_stride);
+            load_rows_async<D, WARPS>(s_v + nb * S::KV_ELEMS, v_base, BN, (j + 1) * BN, tokens, row_stride);
+            cp_async_commit();
+        }
+        if (j == 0) {
+#pragma unroll
+            for (int kk = 0; kk < S::DK / 16; ++kk) {
+                ldmatrix_x4(q_frag[kk][0], q_frag[kk][1], q_frag[kk][2], q_frag[kk][3],
+                            s_q + (warp * 16 + (lane & 15)) * STRIDE + kk * 16 + (lane >> 4) * 8);
+            }
+        }
+
+        const __nv_bfloat16* kt = s_k + (j & 1) * S::KV_ELEMS;
+        const __nv_bfloat16* vt = s_v + (j & 1) * S::KV_ELEMS;
+
+        // S = Q K^T: 16 rows x 64 keys per warp, 8 n-tiles of 8 keys.
+        float s_acc[BN / 8][4];
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) s_acc[i][0] = s_acc[i][1] = s_acc[i][2] = s_acc[i][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < S::DK / 16; ++kk) {
+#pragma unroll
+            for (int nn = 0; nn < BN / 16; ++nn) {
+                // Matrices: (keys 0-7, k 0-7), (keys 0-7, k 8-15), (keys 8-15, k 0-7),
+                // (keys 8-15, k 8-15): the b0/b1 pairs of two 8-key n-tiles.
+                uint32_t b[4];
+                ldmatrix_x4(b[0], b[1], b[2], b[3],
+                            kt + (nn * 16 + ((lane >> 4) & 1) * 8 + (lane & 7)) * STRIDE + kk * 16 +
+                                ((lane >> 3) & 1) * 8);
+                mma_bf16_16816(s_acc[2 * nn], q_frag[kk], b);
+                mma_bf16_16816(s_acc[2 * nn + 1], q_frag[kk], b + 2);
+            }
+        }
+
+        // Keys past the end of the sequence (only in the last tile) get -inf.
+        if ((j + 1) * BN > tokens) {
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                const int key = j * BN + nt * 8 + quad_col;
+                if (key >= tokens) s_acc[nt][0] = s_acc[nt][2] = -INFINITY;
+                if (key + 1 >= tokens) s_acc[nt][1] = s_acc[nt][3] = -INFINITY;
+            }
+        }
+
+        // Online softmax. Every tile holds at least one valid key, so the new max is finite.
+        float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) {
+            tile_max[0] = fmaxf(tile_max[0], fmaxf(s_acc[nt][0], s_acc[nt][1]));
+            tile_max[1] = fmaxf(tile_max[1], fmaxf(s_acc[nt][2], s_acc[nt][3]));
+        }
+        float alpha[2];
+        float neg_max[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            // The 4 threads of a quad hold one row.
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+            const float new_max = fmaxf(row_max[r], tile_max[r] * scale_log2);
+            alpha[r] = fast_exp2(row_max[r] - new_max);  // 0 on the first tile (-inf - finite)
+            row_max[r] = new_max;
+            neg_max[r] = -new_max;
+        }
+        float tile_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) {
+            s_acc[nt][0] = fast_exp2(fmaf(s_acc[nt][0], scale_log2, neg_max[0]));
+            s_acc[nt][1] = fast_exp2(fmaf(s_acc[nt][1], scale_log2, neg_max[0]));
+            s_acc[nt][2] = fast_exp2(fmaf(s_acc[nt][2], scale_log2, neg_max[1]));
+            s_acc[nt][3] = fast_exp2(fmaf(s_acc[nt][3], scale_log2, neg_max[1]));
+            tile_sum[0] += s_acc[nt][0] + s_acc[nt][1];
+            tile_sum[1] += s_acc[nt][2] + s_acc[nt][3];
+        }
+        row_sum[0] = row_sum[0] * alpha[0] + tile_sum[0];
+        row_sum[1] = row_sum[1] * alpha[1] + tile_sum[1];
+#pragma unroll
+        for (int i = 0; i < N_TILES_O; ++i) {
+            o_acc[i][0] *= alpha[0];
+            o_acc[i][1] *= alpha[0];
+            o_acc[i][2] *= alpha[1];
+            o_acc[i][3] *= alpha[1];
+        }
+
+        // O += P V, 16 keys per mma step. P's A fragment comes straight from two S n-tiles.
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            uint32_t a[4];
+            a[0] = pack_bf16x2(s_acc[2 * kk][0], s_acc[2 * kk][1]);
+            a[1] = pack_bf16x2(s_acc[2 * kk][2], s_acc[2 * kk][3]);
+            a[2] = pack_bf16x2(s_acc[2 * kk + 1][0], s_acc[2 * kk + 1][1]);
+            a[3] = pack_bf16x2(s_acc[2 * kk + 1][2], s_acc[2 * kk + 1][3]);
+            const __nv_bfloat16* v_rows = vt + (kk * 16 + (lane & 15)) * STRIDE;
+#pragma unroll
+            for (int dn = 0; dn < D / 16; ++dn) {
+                // Transposed matrices: (keys 0-7, dims 0-7), (keys 8-15, dims 0-7),
+                // (keys 0-7, dims 8-15), (keys 8-15, dims 8-15).
+                uint32_t b[4];
+                ldmatrix_x4_trans(b[0], b[1], b[2], b[3], v_rows + dn * 16 + (lane >> 4) * 8);
+                mma_bf16_16816(o_acc[2 * dn], a, b);
+                mma_bf16_16816(o_acc[2 * dn + 1], a, b + 2);
+            }
+            if constexpr (D % 16 == 8) {
+                // The odd last 8 columns (64..71 for d = 72); lanes 0-15 supply the addresses.
+                uint32_t b[2];
+                ldmatrix_x2_trans(b[0], b[1], v_rows + (D - 8));
+                mma_bf16_16816(o_acc[N_TILES_O - 1], a, b);
+            }
+        }
+    }
+
+    // Finish the row sums over the quad and normalise.
+    float inv_sum[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = row_sum[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        inv_sum[r] = 1.0f / l;
+    }
+
+    // Stage this warp's 16 output rows in its own Q rows (only this warp ever read them, and
+    // its Q fragments are in registers), then write whole 16-byte chunks to global memory.
+    __syncwarp();
+    __nv_bfloat16* s_o = s_q + warp * 16 * STRIDE;
+    const int g = lane >> 2;
+#pragma unroll
+    for (int i = 0; i < N_TILES_O; ++i) {
+        *reinterpret_cast<uint32_t*>(s_o + g * STRIDE + i * 8 + quad_col) =
+            pack_bf16x2(o_acc[i][0] * inv_sum[0], o_acc[i][1] * inv_sum[0]);
+        *reinterpret_cast<uint32_t*>(s_o + (g + 8) * STRIDE + i * 8 + quad_col) =
+            pack_bf16x2(o_acc[i][2] * inv_sum[1], o_acc[i][3] * inv_sum[1]);
+    }
+    __syncwarp();
+    __nv_bfloat16* out = reinterpret_cast<__nv_bfloat16*>(p.out);
+    for (int c = lane; c < 16 * S::CHUNKS; c += 32) {
+        const int r = c / S::CHUNKS;
+        const int ch = c - r * S::CHUNKS;
+        const int t = q0 + warp * 16 + r;
+        if (t < tokens) {
+            const size_t o_off = ((static_cast<size_t>(batch) * tokens + t) * heads + head) * D + ch * 8;
+            *reinterpret_cast<uint4*>(out + o_off) = *reinterpret_cast<const uint4*>(s_o + r * STRIDE + ch * 8);
+        }
+    }
+}
+
+}  // namespace
+
+// Dynamic shared memory per variant (bytes), mirrored by src/cuda/attention.rs:
+// d64: (64*72 + 4*64*72)*2 = 46080, d72: (64*88 + 4*64*88)*2 = 56320,
+// d128: (64*136 + 4*64*136)*2 = 87040.
+#define FORA_ATTENTION_KERNEL(D)                                                           \
+    extern "C" __global__ void __launch_bounds__(AttentionShape<D, 4>::THREADS)            \
+        attention_d##D(const AttentionParams p) {                                          \
+        extern __shared__ __align__(128) unsigned char attention_smem[];                   \
+        static_assert(AttentionShape<D, 4>::SMEM_BYTES <= 227 * 1024, "smem too large");   \
+        attention_block<D, 4>(p, attention_smem);                                          \
+    }
+
+FORA_ATTENTION_KERNEL(64)
+FORA_ATTENTION_KERNEL(72)
+FORA_ATTENTION_KERNEL(128)

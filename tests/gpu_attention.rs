@@ -1,0 +1,316 @@
+//! Flash attention (kernels/attention.cu) against a plain f32 CPU twin on the same bf16-rounded
+//! q, k, v, read from the fused qkv layout [B, T, 3, H, d] the qkv Linear writes.
+//!
+//! Without a CUDA device the GPU tests print `SKIP <name>: no CUDA device` and pass; with
+//! `FORA_REQUIRE_GPU=1` they fail instead. The parameter-validation tests need no device.
+
+use anyhow::{ensure, Result};
+use fora::cuda::attention::{attention, attention_plan, ATTENTION_BLOCK_M};
+use fora::cuda::params::AttentionParams;
+use fora::cuda::testing::{
+    check_close, from_bf16, poison_bf16, round_bf16, test_gpu, to_bf16, TestRng,
+};
+use fora::cuda::{dptr, Gpu};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Rows of poisoned guard elements after the output: a store past the last token shows up.
+const GUARD_ROWS: usize = 64;
+
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    batch: usize,
+    heads: usize,
+    tokens: usize,
+    head_dim: usize,
+}
+
+/// The CPU twin: out[b, t, h, :] = softmax(q k^T / sqrt(d)) v in f32, straight from the fused
+/// qkv buffer. Parallel over (batch, head) so the 1024-token case stays quick.
+fn attention_reference(qkv: &[f32], s: Shape) -> Vec<f32> {
+    let (b_n, h_n, t_n, d) = (s.batch, s.heads, s.tokens, s.head_dim);
+    let row = 3 * h_n * d;
+    let scale = 1.0 / (d as f32).sqrt();
+    let per_head: Vec<Vec<f32>> = (0..b_n * h_n)
+        .into_par_iter()
+        .map(|bh| {
+            let (b, h) = (bh / h_n, bh % h_n);
+            let at = |t: usize, which: usize| (b * t_n + t) * row + which * h_n * d + h * d;
+            let mut out = vec![0.0f32; t_n * d];
+            let mut scores = vec![0.0f32; t_n];
+            for tq in 0..t_n {
+                let q = &qkv[at(tq, 0)..at(tq, 0) + d];
+                let mut max = f32::NEG_INFINITY;
+                for (tk, sc) in scores.iter_mut().enumerate() {
+                    let k = &qkv[at(tk, 1)..at(tk, 1) + d];
+                    *sc = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    max = max.max(*sc);
+                }
+                let mut sum = 0.0f32;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                let o = &mut out[tq * d..(tq + 1) * d];
+                for (tk, &p) in scores.iter().enumerate() {
+                    let v = &qkv[at(tk, 2)..at(tk, 2) + d];
+                    for (oi, vi) in o.iter_mut().zip(v) {
+                        *oi += p * vi;
+                    }
+                }
+                for oi in o.iter_mut() {
+                    *oi /= sum;
+                }
+            }
+            out
+        })
+        .collect();
+    // [B, H, T, d] -> [B, T, H, d]
+    let mut out = vec![0.0f32; b_n * t_n * h_n * d];
+    for (bh, head_out) in per_head.iter().enumerate() {
+        let (b, h) = (bh / h_n, bh % h_n);
+        for t in 0..t_n {
+            let dst = ((b * t_n + t) * h_n + h) * d;
+            out[dst..dst + d].copy_from_slice(&head_out[t * d..(t + 1) * d]);
+        }
+    }
+    out
+}
+
+fn params(s: Shape, qkv: u64, out: u64) -> AttentionParams {
+    AttentionParams {
+        qkv,
+        out,
+        batch: s.batch as i32,
+        tokens: s.tokens as i32,
+        heads: s.heads as i32,
+        head_dim: s.head_dim as i32,
+        scale: 1.0 / (s.head_dim as f32).sqrt(),
+    }
+}
+
+/// Random qkv (q and k with standard deviation `qk_std`, v standard normal), the kernel on the
+/// GPU, the CPU twin on the same bf16 values; rel-L2 <= 1e-2, no NaN, guard rows untouched,
+/// and a second launch gives identical bits.
+fn run_case(gpu: &Gpu, name: &str, s: Shape, qk_std: f32, seed: u64) -> Result<()> {
+    let mut rng = TestRng::new(seed);
+    let (b_n, h_n, t_n, d) = (s.batch, s.heads, s.tokens, s.head_dim);
+    let mut qkv = Vec::with_capacity(b_n * t_n * 3 * h_n * d);
+    for _ in 0..b_n * t_n {
+        qkv.extend(rng.normal_vec(2 * h_n * d, qk_std)); // q, k
+        qkv.extend(rng.normal_vec(h_n * d, 1.0)); // v
+    }
+    let qkv = round_bf16(&qkv);
+    let reference = attention_reference(&qkv, s);
+
+    let out_len = b_n * t_n * h_n * d;
+    let qkv_dev = gpu.upload(&to_bf16(&qkv), "attention test qkv")?;
+    let mut out_dev =
+        gpu.alloc_zeros::<bf16>(out_len + GUARD_ROWS * h_n * d, "attention test out")?;
+    poison_bf16(gpu, &mut out_dev)?;
+    let p = params(s, dptr(&qkv_dev), dptr(&out_dev));
+    attention(gpu, &p)?;
+    let first = gpu.download(&out_dev)?;
+
+    let (out, guard) = first.split_at(out_len);
+    if let Some(i) = guard.iter().position(|v| !v.is_nan()) {
+        anyhow::bail!(
+            "{name}: the kernel wrote past the output (guard element {i} is {})",
+            guard[i]
+        );
+    }
+    check_close(name, &from_bf16(out), &reference, 1e-2)?;
+
+    // Deterministic: the same launch again gives the same bits.
+    poison_bf16(gpu, &mut out_dev)?;
+    attention(gpu, &p)?;
+    let second = gpu.download(&out_dev)?;
+    let same = first
+        .iter()
+        .zip(&second)
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    ensure!(
+        same,
+        "{name}: two launches on the same input gave different bits"
+    );
+    Ok(())
+}
+
+fn gpu_case(test: &str, s: Shape, qk_std: f32, seed: u64) {
+    let Some(gpu) = test_gpu(test) else { return };
+    let name = format!(
+        "attention B={} H={} T={} d={} (q,k std {qk_std})",
+        s.batch, s.heads, s.tokens, s.head_dim
+    );
+    if let Err(e) = run_case(&gpu, &name, s, qk_std, seed) {
+        panic!("{test}: {e:#}");
+    }
+}
+
+fn shape(batch: usize, heads: usize, tokens: usize, head_dim: usize) -> Shape {
+    Shape {
+        batch,
+        heads,
+        tokens,
+        head_dim,
+    }
+}
+
+#[test]
+fn gpu_attention_xl2_256px() {
+    gpu_case("gpu_attention_xl2_256px", shape(2, 16, 256, 72), 1.0, 1);
+}
+
+#[test]
+fn gpu_attention_xl2_512px() {
+    gpu_case("gpu_attention_xl2_512px", shape(4, 16, 1024, 72), 1.0, 2);
+}
+
+#[test]
+fn gpu_attention_s2_256px() {
+    gpu_case("gpu_attention_s2_256px", shape(2, 6, 256, 64), 1.0, 3);
+}
+
+#[test]
+fn gpu_attention_d128_t77() {
+    gpu_case("gpu_attention_d128_t77", shape(3, 2, 77, 128), 1.0, 4);
+}
+
+#[test]
+fn gpu_attention_single_token() {
+    gpu_case("gpu_attention_single_token", shape(1, 1, 1, 72), 1.0, 5);
+}
+
+#[test]
+fn gpu_attention_d64_t130() {
+    gpu_case("gpu_attention_d64_t130", shape(2, 3, 130, 64), 1.0, 6);
+}
+
+/// One valid key in the last tile (65 = 64 + 1) and a query tile with one valid row.
+#[test]
+fn gpu_attention_d72_t65() {
+    gpu_case("gpu_attention_d72_t65", shape(2, 4, 65, 72), 1.0, 7);
+}
+
+/// Peaked softmax (logits with standard deviation ~9): the online max must rescale correctly
+/// when a later key tile holds a much larger score than the earlier ones.
+#[test]
+fn gpu_attention_peaked_softmax() {
+    gpu_case("gpu_attention_peaked_softmax", shape(2, 4, 300, 72), 3.0, 8);
+    gpu_case(
+        "gpu_attention_peaked_softmax",
+        shape(1, 2, 200, 128),
+        3.0,
+        9,
+    );
+}
+
+/// d = 80 is not an instantiated head_dim: a clear error on the device path too.
+#[test]
+fn gpu_attention_rejects_head_dim_80() {
+    let Some(gpu) = test_gpu("gpu_attention_rejects_head_dim_80") else {
+        return;
+    };
+    let s = shape(1, 2, 16, 80);
+    let qkv = gpu
+        .alloc_zeros::<bf16>(s.batch * s.tokens * 3 * s.heads * s.head_dim, "qkv")
+        .expect("alloc qkv");
+    let out = gpu
+        .alloc_zeros::<bf16>(s.batch * s.tokens * s.heads * s.head_dim, "out")
+        .expect("alloc out");
+    let err = attention(&gpu, &params(s, dptr(&qkv), dptr(&out)))
+        .expect_err("head_dim 80 must be rejected");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("head_dim 80"), "unclear error: {msg}");
+}
+
+// ---- parameter validation (no device needed) ----------------------------------------------
+
+fn valid() -> AttentionParams {
+    params(shape(2, 16, 256, 72), 0x1000, 0x2000)
+}
+
+#[test]
+fn attention_plan_rejects_head_dim_80() {
+    let mut p = valid();
+    p.head_dim = 80;
+    p.scale = 1.0 / 80f32.sqrt();
+    let msg = format!("{:#}", attention_plan(&p).expect_err("d = 80 must fail"));
+    assert!(
+        msg.contains("head_dim 80") && msg.contains("72"),
+        "unclear error: {msg}"
+    );
+}
+
+#[test]
+fn attention_plan_grid_and_kernels() {
+    let plan = attention_plan(&valid()).expect("valid params");
+    assert_eq!(plan.kernel, "attention_d72");
+    assert_eq!(plan.grid, (256 / ATTENTION_BLOCK_M, 16, 2));
+    // Q + 2 K + 2 V tiles of 64 rows x (80 + 8) bf16.
+    assert_eq!(plan.shared_mem_bytes, 5 * 64 * 88 * 2);
+
+    let mut p = valid();
+    p.head_dim = 64;
+    p.tokens = 77;
+    let plan = attention_plan(&p).expect("valid params");
+    assert_eq!(plan.kernel, "attention_d64");
+    assert_eq!(plan.grid.0, 2);
+    assert_eq!(plan.shared_mem_bytes, 5 * 64 * 72 * 2);
+
+    p.head_dim = 128;
+    p.tokens = 1;
+    let plan = attention_plan(&p).expect("valid params");
+    assert_eq!(plan.kernel, "attention_d128");
+    assert_eq!(plan.grid.0, 1);
+    assert_eq!(plan.shared_mem_bytes, 5 * 64 * 136 * 2);
+}
+
+/// A change that makes valid parameters invalid.
+type ParamEdit = fn(&mut AttentionParams);
+
+#[test]
+fn attention_plan_rejects_bad_params() {
+    let cases: [(&str, ParamEdit); 11] = [
+        ("batch must be > 0", |p| p.batch = 0),
+        ("tokens must be > 0", |p| p.tokens = 0),
+        ("heads must be > 0", |p| p.heads = -1),
+        ("exceeds the grid", |p| p.batch = 70000),
+        ("scale must be finite", |p| p.scale = -0.1),
+        ("scale must be finite", |p| p.scale = f32::NAN),
+        ("qkv pointer is null", |p| p.qkv = 0),
+        ("out pointer is null", |p| p.out = 0),
+        ("not 16-byte aligned", |p| p.qkv = 0x1008),
+        ("not 16-byte aligned", |p| p.out = 0x2002),
+        ("not supported", |p| p.head_dim = 0),
+    ];
+    for (want, edit) in cases {
+        let mut p = valid();
+        edit(&mut p);
+        match attention_plan(&p) {
+            Ok(_) => panic!("expected an error containing {want:?} for {p:?}"),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                assert!(msg.contains(want), "expected {want:?}, got: {msg}");
+            }
+        }
+    }
+}
+
+/// The CPU twin itself on a case small enough to check by hand: one query, two keys.
+#[test]
+fn attention_reference_hand_case() {
+    // B=1, H=1, T=2, d=64: q0 = k0 = e0 * 8, k1 = 0, so scores (t=0) = [64/8, 0] = [8, 0].
+    let s = shape(1, 1, 2, 64);
+    let d = 64;
+    let mut qkv = vec![0.0f32; 2 * 3 * d];
+    qkv[0] = 8.0; // q of token 0
+    qkv[d] = 8.0; // k of token 0
+    qkv[2 * d] = 1.0; // v of token 0 = e0
+    qkv[3 * d + 2 * d + 1] = 1.0; // v of token 1 = e1
+    let out = attention_reference(&qkv, s);
+    let p0 = 1.0 / (1.0 + (-8.0f32).exp());
+    assert!((out[0] - p0).abs() < 1e-6 && (out[1] - (1.0 - p0)).abs() < 1e-6);
+    // token 1: q = 0, both scores 0 -> uniform.
+    assert!((out[d] - 0.5).abs() < 1e-6 && (out[d + 1] - 0.5).abs() < 1e-6);
+}
