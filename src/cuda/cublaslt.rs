@@ -1,0 +1,395 @@
+//! cuBLASLt, the reference and fallback GEMM: `d[M, N] = A[M, K] @ W[N, K]^T` (+ bias, GELU) in
+//! the crate's row-major convention, bf16 operands, f32 accumulation, bf16 or f32 output.
+//!
+//! cuBLAS is column-major, so the row-major product is computed as its transpose:
+//! `d^T (N x M, ld ldd) = W (op T of the K x N column-major view of W) @ A^T (the K x M view of A)`,
+//! which makes cuBLAS's per-row bias vector our per-column bias[N].
+//!
+//! cudarc's safe `Matmul` wants the bias in the output type and keeps its workspace private, so
+//! this goes through `cudarc::cublaslt::result` with its own descriptors and workspace.
+
+use super::device::Gpu;
+use anyhow::{ensure, Context, Result};
+use cudarc::cublaslt::result::{self as lt, CublasError};
+use cudarc::cublaslt::sys;
+use cudarc::driver::{CudaSlice, CudaStream};
+use std::ffi::c_void;
+use std::mem::size_of;
+use std::sync::Arc;
+
+/// Output element type of a cuBLASLt matmul.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LtOutput {
+    Bf16,
+    F32,
+}
+
+/// What cuBLASLt applies after the product. Bias pointers are f32 [N] device addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LtEpilogue {
+    None,
+    Gelu,
+    Bias(u64),
+    GeluBias(u64),
+}
+
+/// One matmul, row-major: `d[m, n] = epilogue(sum_k a[m, k] * w[n, k])`. Pointers are device
+/// addresses; leading dimensions are in elements.
+#[derive(Clone, Copy, Debug)]
+pub struct LtMatmul {
+    pub a: u64,
+    pub w: u64,
+    pub d: u64,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub lda: usize,
+    pub ldw: usize,
+    pub ldd: usize,
+    pub output: LtOutput,
+    pub epilogue: LtEpilogue,
+}
+
+/// Whether cuBLASLt ran the matmul or has no algorithm for that combination (the caller then
+/// takes another path; every other failure is an error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LtRun {
+    Done,
+    Unsupported,
+}
+
+/// A cuBLASLt handle with its workspace, bound to the `Gpu`'s stream.
+pub struct CublasLt {
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    workspace_bytes: usize,
+    stream: Arc<CudaStream>,
+}
+
+// SAFETY: cuBLASLt handles may be used from any host thread (the library is thread safe); all
+// work goes on the one stream this struct holds.
+unsafe impl Send for CublasLt {}
+unsafe impl Sync for CublasLt {}
+
+impl std::fmt::Debug for CublasLt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CublasLt")
+            .field("workspace_bytes", &self.workspace_bytes)
+            .finish()
+    }
+}
+
+impl CublasLt {
+    /// Loads libcublasLt (a clear error when it is missing), creates a handle and allocates the
+    /// workspace NVIDIA recommends: 32 MiB on Hopper, 4 MiB before.
+    pub fn new(gpu: &Gpu) -> Result<CublasLt> {
+        // SAFETY: only tries to dlopen the library.
+        ensure!(
+            unsafe { sys::is_culib_present() },
+            "cuBLASLt is not available: libcublasLt.so could not be loaded (install the CUDA \
+             toolkit's cuBLAS or the nvidia-cublas wheel, or use FORA_GEMM=custom)"
+        );
+        gpu.context()
+            .bind_to_thread()
+            .context("cannot bind the CUDA context for cuBLASLt")?;
+        let handle = lt::create_handle().map_err(|e| lt_error(e, "cublasLtCreate"))?;
+        let workspace_bytes = if gpu.compute_capability().0 >= 9 {
+            32 << 20
+        } else {
+            4 << 20
+        };
+        let workspace = match gpu.alloc_zeros::<u8>(workspace_bytes, "the cuBLASLt workspace") {
+            Ok(w) => w,
+            Err(e) => {
+                // SAFETY: the handle was created above and is not used again.
+                let _ = unsafe { lt::destroy_handle(handle) };
+                return Err(e);
+            }
+        };
+        Ok(CublasLt {
+            handle,
+            workspace,
+            workspace_bytes,
+            stream: gpu.stream().clone(),
+        })
+    }
+
+    /// Runs `mm` on the stream, or reports [`LtRun::Unsupported`] when cuBLASLt has no algorithm
+    /// for it. The caller has validated shapes and pointers (see `gemm::validate`).
+    pub fn matmul(&self, mm: &LtMatmul) -> Result<LtRun> {
+        ensure!(
+            mm.m > 0 && mm.n > 0 && mm.k > 0,
+            "cuBLASLt matmul: empty shape m={} n={} k={}",
+            mm.m,
+            mm.n,
+            mm.k
+        );
+        ensure!(
+            mm.lda >= mm.k && mm.ldw >= mm.k && mm.ldd >= mm.n,
+            "cuBLASLt matmul: leading dimensions lda={} ldw={} ldd={} too small for m={} n={} k={}",
+            mm.lda,
+            mm.ldw,
+            mm.ldd,
+            mm.m,
+            mm.n,
+            mm.k
+        );
+        ensure!(
+            mm.a != 0 && mm.w != 0 && mm.d != 0,
+            "cuBLASLt matmul: null pointer (a={:#x} w={:#x} d={:#x})",
+            mm.a,
+            mm.w,
+            mm.d
+        );
+        self.stream
+            .context()
+            .bind_to_thread()
+            .context("cannot bind the CUDA context for cuBLASLt")?;
+        let bf16 = sys::cudaDataType_t::CUDA_R_16BF;
+        let f32 = sys::cudaDataType_t::CUDA_R_32F;
+        let d_type = match mm.output {
+            LtOutput::Bf16 => bf16,
+            LtOutput::F32 => f32,
+        };
+        // Column-major views (see the module comment): cuBLAS A = W as K x N, op T; cuBLAS B =
+        // A as K x M, op N; D = N x M.
+        let layout_w = Layout::new(bf16, mm.k, mm.n, mm.ldw)?;
+        let layout_a = Layout::new(bf16, mm.k, mm.m, mm.lda)?;
+        let layout_d = Layout::new(d_type, mm.n, mm.m, mm.ldd)?;
+        let desc = Desc::new()?;
+        desc.set(
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+            &1i32, // CUBLAS_OP_T
+        )?;
+        desc.set(
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+            &0i32, // CUBLAS_OP_N
+        )?;
+        let (epilogue, bias) = match mm.epilogue {
+            LtEpilogue::None => (sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT, None),
+            LtEpilogue::Gelu => (sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU, None),
+            LtEpilogue::Bias(b) => (sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS, Some(b)),
+            LtEpilogue::GeluBias(b) => (
+                sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
+                Some(b),
+            ),
+        };
+        desc.set(
+            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+            &epilogue,
+        )?;
+        if let Some(bias) = bias {
+            ensure!(bias != 0, "cuBLASLt matmul: null bias pointer");
+            desc.set(
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                &bias,
+            )?;
+            // Our biases are f32 whatever the output type (the default is the output type).
+            desc.set(
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                &f32,
+            )?;
+        }
+        let pref = Pref::new()?;
+        pref.set(
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &self.workspace_bytes,
+        )?;
+        // The heuristic assumes 256-byte aligned pointers unless told otherwise; sub-buffers of
+        // an arena may be less aligned.
+        for (attr, ptr) in [
+            (
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                mm.w,
+            ),
+            (
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                mm.a,
+            ),
+            (
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                mm.d,
+            ),
+            (
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                mm.d,
+            ),
+        ] {
+            pref.set(attr, &alignment(ptr))?;
+        }
+        // SAFETY: every descriptor is alive for the duration of the call.
+        let heuristic = unsafe {
+            lt::get_matmul_algo_heuristic(
+                self.handle,
+                desc.0,
+                layout_w.0,
+                layout_a.0,
+                layout_d.0,
+                layout_d.0,
+                pref.0,
+            )
+        };
+        let heuristic = match heuristic {
+            Ok(h) => h,
+            Err(CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
+                return Ok(LtRun::Unsupported)
+            }
+            Err(e) => return Err(lt_error(e, "cublasLtMatmulAlgoGetHeuristic")),
+        };
+        ensure!(
+            heuristic.workspaceSize <= self.workspace_bytes,
+            "cuBLASLt picked an algorithm needing {} bytes of workspace, more than the {} allotted",
+            heuristic.workspaceSize,
+            self.workspace_bytes
+        );
+        let alpha = 1.0f32;
+        let beta = 0.0f32;
+        let workspace = super::device::dptr(&self.workspace);
+        // SAFETY: pointers were validated by the caller for these shapes; beta = 0 so C (= D)
+        // is not read; the algorithm came from the heuristic for exactly these descriptors.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                desc.0,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                mm.w as *const c_void,
+                layout_w.0,
+                mm.a as *const c_void,
+                layout_a.0,
+                mm.d as *const c_void,
+                layout_d.0,
+                mm.d as *mut c_void,
+                layout_d.0,
+                &heuristic.algo,
+                workspace as *mut c_void,
+                self.workspace_bytes,
+                self.stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| lt_error(e, "cublasLtMatmul"))?;
+        Ok(LtRun::Done)
+    }
+}
+
+impl Drop for CublasLt {
+    fn drop(&mut self) {
+        // The handle owns no device work of its own; a failure here cannot be acted on.
+        // SAFETY: created in `new`, destroyed once.
+        let _ = unsafe { lt::destroy_handle(self.handle) };
+    }
+}
+
+/// Largest power of two (<= 256) dividing a device address.
+fn alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        256
+    } else {
+        1u32 << ptr.trailing_zeros().min(8)
+    }
+}
+
+fn lt_error(e: CublasError, call: &str) -> anyhow::Error {
+    anyhow::anyhow!("{call} failed: {:?}", e.0)
+}
+
+/// Owned cuBLASLt matrix layout.
+struct Layout(sys::cublasLtMatrixLayout_t);
+
+impl Layout {
+    fn new(ty: sys::cudaDataType, rows: usize, cols: usize, ld: usize) -> Result<Layout> {
+        let h = lt::create_matrix_layout(ty, rows as u64, cols as u64, ld as i64)
+            .map_err(|e| lt_error(e, "cublasLtMatrixLayoutCreate"))?;
+        Ok(Layout(h))
+    }
+}
+
+impl Drop for Layout {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once.
+        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
+    }
+}
+
+/// Owned matmul descriptor (f32 compute and scale).
+struct Desc(sys::cublasLtMatmulDesc_t);
+
+impl Desc {
+    fn new() -> Result<Desc> {
+        let h = lt::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType_t::CUDA_R_32F,
+        )
+        .map_err(|e| lt_error(e, "cublasLtMatmulDescCreate"))?;
+        Ok(Desc(h))
+    }
+
+    fn set<T>(&self, attr: sys::cublasLtMatmulDescAttributes_t, value: &T) -> Result<()> {
+        // SAFETY: `value` is a live T of exactly the size passed.
+        unsafe {
+            lt::set_matmul_desc_attribute(
+                self.0,
+                attr,
+                value as *const T as *const c_void,
+                size_of::<T>(),
+            )
+        }
+        .map_err(|e| lt_error(e, &format!("cublasLtMatmulDescSetAttribute({attr:?})")))
+    }
+}
+
+impl Drop for Desc {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once.
+        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
+    }
+}
+
+/// Owned heuristic preference.
+struct Pref(sys::cublasLtMatmulPreference_t);
+
+impl Pref {
+    fn new() -> Result<Pref> {
+        let h =
+            lt::create_matmul_pref().map_err(|e| lt_error(e, "cublasLtMatmulPreferenceCreate"))?;
+        Ok(Pref(h))
+    }
+
+    fn set<T>(&self, attr: sys::cublasLtMatmulPreferenceAttributes_t, value: &T) -> Result<()> {
+        // SAFETY: `value` is a live T of exactly the size passed.
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                self.0,
+                attr,
+                value as *const T as *const c_void,
+                size_of::<T>(),
+            )
+        }
+        .map_err(|e| {
+            lt_error(
+                e,
+                &format!("cublasLtMatmulPreferenceSetAttribute({attr:?})"),
+            )
+        })
+    }
+}
+
+impl Drop for Pref {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once.
+        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::alignment;
+
+    #[test]
+    fn alignment_of_addresses() {
+        assert_eq!(alignment(0x1000), 256);
+        assert_eq!(alignment(0x1010), 16);
+        assert_eq!(alignment(0x1004), 4);
+        assert_eq!(alignment(0), 256);
+    }
+}
