@@ -240,7 +240,7 @@ fn caching_and_sampler_kind_change_the_result() {
 fn bad_requests_are_clear_errors() {
     let backend = MockBackend::new(true);
     let sampler = Sampler::new(&backend, SamplerOptions::ddpm(5)).unwrap();
-    let err = |r: Result<fora::sampler::Samples>| format!("{:#}", r.err().expect("should fail"));
+    let err = |r: Result<fora::sampler::Samples>| format!("{:#}", r.expect_err("should fail"));
 
     let e = err(sampler.sample(&[10], NoiseSource::Seed(0), &mut NoCache));
     assert!(e.contains("class 10") && e.contains("10 classes"), "{e}");
@@ -311,8 +311,7 @@ fn backend_errors_name_the_step() {
         "{:#}",
         sampler
             .sample(&[1], NoiseSource::Seed(0), &mut NoCache)
-            .err()
-            .expect("the third step fails")
+            .expect_err("the third step fails")
     );
     assert!(
         e.contains("step 2") && e.contains("t = 333") && e.contains("device on fire"),
