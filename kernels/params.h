@@ -58,6 +58,129 @@ typedef struct AttentionParams {
     float scale;       /* 1 / sqrt(head_dim) */
 } AttentionParams;
 
+/* ---- small kernels (conditioning.cu, embed.cu, norm.cu, fora.cu, sampler.cu) ------------- */
+
+/* Sinusoidal timestep embedding of the ORIGINAL timesteps (official DiT, max period 10000):
+ * out[r] = cat[cos(t_r * f), sin(t_r * f)], f_j = exp(-ln(10000) * j / half), j < half.
+ * Kernel timestep_embedding. */
+typedef struct TimestepEmbedParams {
+    fora_ptr t;        /* f32 [rows] */
+    fora_ptr out;      /* bf16 [rows, ldo], columns 0 .. 2*half */
+    int rows;
+    int half;          /* 128 in DiT */
+    int ldo;
+} TimestepEmbedParams;
+
+/* out bf16 [rows, ldo] = silu(in f32 [rows, ld_in]), the t-MLP's inner activation.
+ * Kernel silu_f32_bf16. */
+typedef struct SiluParams {
+    fora_ptr input;    /* f32 [rows, ld_in] */
+    fora_ptr out;      /* bf16 [rows, ldo] */
+    int rows, cols, ld_in, ldo;
+} SiluParams;
+
+/* c = t_emb[r] + table[labels[r]] (f32); out bf16 [rows, ldo] = silu(c), the input of every
+ * adaLN Linear. Labels are validated on the host; the kernel clamps into [0, num_labels).
+ * Kernel label_silu. */
+typedef struct LabelSiluParams {
+    fora_ptr t_emb;    /* f32 [rows, ld_t] (the t-MLP output) */
+    fora_ptr labels;   /* int32 [rows] */
+    fora_ptr table;    /* f32 [num_labels, dim] (num_classes + 1 rows; the last is the null class) */
+    fora_ptr out;      /* bf16 [rows, ldo] */
+    int rows, dim, ld_t, ldo, num_labels;
+} LabelSiluParams;
+
+/* Patch embedding (the conv with kernel = stride = p as a dot product over C*p*p) + bias +
+ * pos_embed -> the f32 residual stream. Model row r reads image r % images, so the CFG batch
+ * [x; x] is never materialized. Kernel patch_embed. */
+typedef struct PatchEmbedParams {
+    fora_ptr latents;  /* f32 [images, C, H, W] */
+    fora_ptr weight;   /* f32 [dim, C*p*p] (the conv weight [dim, C, p, p], contiguous) */
+    fora_ptr bias;     /* f32 [dim] */
+    fora_ptr pos;      /* f32 [T, dim], T = (H/p) * (W/p) */
+    fora_ptr out;      /* f32 [rows * T, dim] */
+    int images, rows, channels, height, width, patch, dim;
+} PatchEmbedParams;
+
+/* LayerNorm (eps, no affine, f32 statistics) + modulate: out = LN(x) * (1 + scale) + shift,
+ * shift/scale of model row r = mod[r * ld_mod + shift_col + d], mod[r * ld_mod + scale_col + d];
+ * the `tokens` consecutive token rows of a model row share them. Kernel layernorm_modulate. */
+typedef struct LayerNormModulateParams {
+    fora_ptr x;        /* f32 [rows * tokens, dim] */
+    fora_ptr mod;      /* f32 [rows, ld_mod] (the adaLN modulation table) */
+    fora_ptr out;      /* bf16 [rows * tokens, dim] */
+    int rows, tokens, dim;
+    int ld_mod, shift_col, scale_col;
+    float eps;         /* 1e-6 in DiT */
+} LayerNormModulateParams;
+
+/* FORA reuse step: for l in 0..layers, in order, in f32:
+ *   x += gate_msa_l * A_l;  x += gate_mlp_l * M_l
+ * A_l = cache + (2l) * slab, M_l = cache + (2l + 1) * slab (bf16 [rows * tokens, dim] each);
+ * gate_msa_l of model row r = mod[r * ld_mod + l * layer_cols + gate_msa_col + d] (likewise mlp).
+ * Kernel fora_reuse. */
+typedef struct ForaReuseParams {
+    fora_ptr x;        /* f32 [rows * tokens, dim], updated in place */
+    fora_ptr cache;    /* bf16 [layers][2][slab] */
+    fora_ptr mod;      /* f32 [rows, ld_mod] */
+    long long slab;    /* elements between consecutive cache slabs, >= rows * tokens * dim */
+    int rows, tokens, dim, layers;
+    int ld_mod;
+    int layer_cols;    /* 6 * dim */
+    int gate_msa_col;  /* 2 * dim */
+    int gate_mlp_col;  /* 5 * dim */
+} ForaReuseParams;
+
+enum fora_sampler_kind { FORA_SAMPLER_DDPM = 0, FORA_SAMPLER_DDIM = 1 };
+
+/* One sampler update over the latents, reading the final Linear's output in token layout:
+ * model value (row n, channel ch, y, x) = model_out[(n * T + (y/p) * (W/p) + x/p) * p*p*out_channels
+ *                                                  + ((y%p) * p + x%p) * out_channels + ch]
+ * (unpatchify, einsum nhwpqc->nchpwq). With rows == 2 * images, image b's conditional row is b and
+ * its unconditional row b + images; model-output channels [0, guided_channels) are combined as
+ * uncond + cfg_scale * (cond - uncond), the others keep the conditional value. Then the DDPM or
+ * DDIM update of src/backend.rs (StepUpdate) in f32, noise z from the `noise` buffer or, when it
+ * is 0, Philox normal(seed, noise_stream, flat index in [images, C, H, W]) (src/rng.rs).
+ * Kernel sampler_step. */
+typedef struct SamplerStepParams {
+    fora_ptr model_out; /* f32 [rows * T, p*p*out_channels] */
+    fora_ptr x;         /* f32 [images, C, H, W], updated in place */
+    fora_ptr noise;     /* f32 [images, C, H, W] or 0 (Philox) */
+    unsigned long long seed;
+    unsigned long long noise_stream;
+    int images, rows, channels, out_channels, height, width, patch;
+    int guided_channels; /* 0 without guidance; 3 official, C all-eps */
+    float cfg_scale;
+    int kind;            /* enum fora_sampler_kind */
+    int add_noise;
+    int learn_sigma;     /* v (channel C + c) sets the log variance; else log_var = max_log */
+    /* StepUpdate's f64 coefficients cast to f32, as diffusion::apply_update does */
+    float sqrt_recip_abar, sqrt_recipm1_abar;
+    float post_coef1, post_coef2, max_log, min_log; /* DDPM */
+    float sqrt_abar_prev, dir_coef, sigma;          /* DDIM: sqrtf(abar_prev), sqrtf(1 - abar_prev - sigma^2) */
+} SamplerStepParams;
+
+/* Unpatchify the final Linear's output into images (the plain forward): out [rows, out_channels,
+ * H, W] f32. With guided_channels > 0 it is forward_with_cfg: rows = 2 * half, channels
+ * [0, guided_channels) of rows n and n + half both become uncond + cfg_scale * (cond - uncond) of
+ * rows (n, n + half), n < half. Kernel unpatchify. */
+typedef struct UnpatchifyParams {
+    fora_ptr model_out; /* f32 [rows * T, p*p*out_channels] */
+    fora_ptr out;       /* f32 [rows, out_channels, H, W] */
+    int rows, out_channels, height, width, patch;
+    int guided_channels;
+    float cfg_scale;
+} UnpatchifyParams;
+
+/* out[i] = normal(seed, stream, i), i < n (src/rng.rs: Philox4x32-10 + Box-Muller); x_T is
+ * stream 0. Kernel normal_fill. */
+typedef struct NormalFillParams {
+    fora_ptr out;       /* f32 [n] */
+    unsigned long long seed;
+    unsigned long long stream;
+    long long n;
+} NormalFillParams;
+
 #ifdef __cplusplus
 }
 #endif

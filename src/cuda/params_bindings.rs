@@ -172,8 +172,489 @@ const _: () = {
         "Offset of field: AttentionParams::scale",
     ][::std::mem::offset_of!(AttentionParams, scale) - 32usize];
 };
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct TimestepEmbedParams {
+    pub t: fora_ptr,
+    pub out: fora_ptr,
+    pub rows: ::std::os::raw::c_int,
+    pub half: ::std::os::raw::c_int,
+    pub ldo: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of TimestepEmbedParams",
+    ][::std::mem::size_of::<TimestepEmbedParams>() - 32usize];
+    [
+        "Alignment of TimestepEmbedParams",
+    ][::std::mem::align_of::<TimestepEmbedParams>() - 8usize];
+    [
+        "Offset of field: TimestepEmbedParams::t",
+    ][::std::mem::offset_of!(TimestepEmbedParams, t) - 0usize];
+    [
+        "Offset of field: TimestepEmbedParams::out",
+    ][::std::mem::offset_of!(TimestepEmbedParams, out) - 8usize];
+    [
+        "Offset of field: TimestepEmbedParams::rows",
+    ][::std::mem::offset_of!(TimestepEmbedParams, rows) - 16usize];
+    [
+        "Offset of field: TimestepEmbedParams::half",
+    ][::std::mem::offset_of!(TimestepEmbedParams, half) - 20usize];
+    [
+        "Offset of field: TimestepEmbedParams::ldo",
+    ][::std::mem::offset_of!(TimestepEmbedParams, ldo) - 24usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct SiluParams {
+    pub input: fora_ptr,
+    pub out: fora_ptr,
+    pub rows: ::std::os::raw::c_int,
+    pub cols: ::std::os::raw::c_int,
+    pub ld_in: ::std::os::raw::c_int,
+    pub ldo: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of SiluParams"][::std::mem::size_of::<SiluParams>() - 32usize];
+    ["Alignment of SiluParams"][::std::mem::align_of::<SiluParams>() - 8usize];
+    [
+        "Offset of field: SiluParams::input",
+    ][::std::mem::offset_of!(SiluParams, input) - 0usize];
+    [
+        "Offset of field: SiluParams::out",
+    ][::std::mem::offset_of!(SiluParams, out) - 8usize];
+    [
+        "Offset of field: SiluParams::rows",
+    ][::std::mem::offset_of!(SiluParams, rows) - 16usize];
+    [
+        "Offset of field: SiluParams::cols",
+    ][::std::mem::offset_of!(SiluParams, cols) - 20usize];
+    [
+        "Offset of field: SiluParams::ld_in",
+    ][::std::mem::offset_of!(SiluParams, ld_in) - 24usize];
+    [
+        "Offset of field: SiluParams::ldo",
+    ][::std::mem::offset_of!(SiluParams, ldo) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LabelSiluParams {
+    pub t_emb: fora_ptr,
+    pub labels: fora_ptr,
+    pub table: fora_ptr,
+    pub out: fora_ptr,
+    pub rows: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+    pub ld_t: ::std::os::raw::c_int,
+    pub ldo: ::std::os::raw::c_int,
+    pub num_labels: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LabelSiluParams"][::std::mem::size_of::<LabelSiluParams>() - 56usize];
+    ["Alignment of LabelSiluParams"][::std::mem::align_of::<LabelSiluParams>() - 8usize];
+    [
+        "Offset of field: LabelSiluParams::t_emb",
+    ][::std::mem::offset_of!(LabelSiluParams, t_emb) - 0usize];
+    [
+        "Offset of field: LabelSiluParams::labels",
+    ][::std::mem::offset_of!(LabelSiluParams, labels) - 8usize];
+    [
+        "Offset of field: LabelSiluParams::table",
+    ][::std::mem::offset_of!(LabelSiluParams, table) - 16usize];
+    [
+        "Offset of field: LabelSiluParams::out",
+    ][::std::mem::offset_of!(LabelSiluParams, out) - 24usize];
+    [
+        "Offset of field: LabelSiluParams::rows",
+    ][::std::mem::offset_of!(LabelSiluParams, rows) - 32usize];
+    [
+        "Offset of field: LabelSiluParams::dim",
+    ][::std::mem::offset_of!(LabelSiluParams, dim) - 36usize];
+    [
+        "Offset of field: LabelSiluParams::ld_t",
+    ][::std::mem::offset_of!(LabelSiluParams, ld_t) - 40usize];
+    [
+        "Offset of field: LabelSiluParams::ldo",
+    ][::std::mem::offset_of!(LabelSiluParams, ldo) - 44usize];
+    [
+        "Offset of field: LabelSiluParams::num_labels",
+    ][::std::mem::offset_of!(LabelSiluParams, num_labels) - 48usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct PatchEmbedParams {
+    pub latents: fora_ptr,
+    pub weight: fora_ptr,
+    pub bias: fora_ptr,
+    pub pos: fora_ptr,
+    pub out: fora_ptr,
+    pub images: ::std::os::raw::c_int,
+    pub rows: ::std::os::raw::c_int,
+    pub channels: ::std::os::raw::c_int,
+    pub height: ::std::os::raw::c_int,
+    pub width: ::std::os::raw::c_int,
+    pub patch: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of PatchEmbedParams"][::std::mem::size_of::<PatchEmbedParams>() - 72usize];
+    [
+        "Alignment of PatchEmbedParams",
+    ][::std::mem::align_of::<PatchEmbedParams>() - 8usize];
+    [
+        "Offset of field: PatchEmbedParams::latents",
+    ][::std::mem::offset_of!(PatchEmbedParams, latents) - 0usize];
+    [
+        "Offset of field: PatchEmbedParams::weight",
+    ][::std::mem::offset_of!(PatchEmbedParams, weight) - 8usize];
+    [
+        "Offset of field: PatchEmbedParams::bias",
+    ][::std::mem::offset_of!(PatchEmbedParams, bias) - 16usize];
+    [
+        "Offset of field: PatchEmbedParams::pos",
+    ][::std::mem::offset_of!(PatchEmbedParams, pos) - 24usize];
+    [
+        "Offset of field: PatchEmbedParams::out",
+    ][::std::mem::offset_of!(PatchEmbedParams, out) - 32usize];
+    [
+        "Offset of field: PatchEmbedParams::images",
+    ][::std::mem::offset_of!(PatchEmbedParams, images) - 40usize];
+    [
+        "Offset of field: PatchEmbedParams::rows",
+    ][::std::mem::offset_of!(PatchEmbedParams, rows) - 44usize];
+    [
+        "Offset of field: PatchEmbedParams::channels",
+    ][::std::mem::offset_of!(PatchEmbedParams, channels) - 48usize];
+    [
+        "Offset of field: PatchEmbedParams::height",
+    ][::std::mem::offset_of!(PatchEmbedParams, height) - 52usize];
+    [
+        "Offset of field: PatchEmbedParams::width",
+    ][::std::mem::offset_of!(PatchEmbedParams, width) - 56usize];
+    [
+        "Offset of field: PatchEmbedParams::patch",
+    ][::std::mem::offset_of!(PatchEmbedParams, patch) - 60usize];
+    [
+        "Offset of field: PatchEmbedParams::dim",
+    ][::std::mem::offset_of!(PatchEmbedParams, dim) - 64usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LayerNormModulateParams {
+    pub x: fora_ptr,
+    pub mod_: fora_ptr,
+    pub out: fora_ptr,
+    pub rows: ::std::os::raw::c_int,
+    pub tokens: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+    pub ld_mod: ::std::os::raw::c_int,
+    pub shift_col: ::std::os::raw::c_int,
+    pub scale_col: ::std::os::raw::c_int,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LayerNormModulateParams",
+    ][::std::mem::size_of::<LayerNormModulateParams>() - 56usize];
+    [
+        "Alignment of LayerNormModulateParams",
+    ][::std::mem::align_of::<LayerNormModulateParams>() - 8usize];
+    [
+        "Offset of field: LayerNormModulateParams::x",
+    ][::std::mem::offset_of!(LayerNormModulateParams, x) - 0usize];
+    [
+        "Offset of field: LayerNormModulateParams::mod_",
+    ][::std::mem::offset_of!(LayerNormModulateParams, mod_) - 8usize];
+    [
+        "Offset of field: LayerNormModulateParams::out",
+    ][::std::mem::offset_of!(LayerNormModulateParams, out) - 16usize];
+    [
+        "Offset of field: LayerNormModulateParams::rows",
+    ][::std::mem::offset_of!(LayerNormModulateParams, rows) - 24usize];
+    [
+        "Offset of field: LayerNormModulateParams::tokens",
+    ][::std::mem::offset_of!(LayerNormModulateParams, tokens) - 28usize];
+    [
+        "Offset of field: LayerNormModulateParams::dim",
+    ][::std::mem::offset_of!(LayerNormModulateParams, dim) - 32usize];
+    [
+        "Offset of field: LayerNormModulateParams::ld_mod",
+    ][::std::mem::offset_of!(LayerNormModulateParams, ld_mod) - 36usize];
+    [
+        "Offset of field: LayerNormModulateParams::shift_col",
+    ][::std::mem::offset_of!(LayerNormModulateParams, shift_col) - 40usize];
+    [
+        "Offset of field: LayerNormModulateParams::scale_col",
+    ][::std::mem::offset_of!(LayerNormModulateParams, scale_col) - 44usize];
+    [
+        "Offset of field: LayerNormModulateParams::eps",
+    ][::std::mem::offset_of!(LayerNormModulateParams, eps) - 48usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ForaReuseParams {
+    pub x: fora_ptr,
+    pub cache: fora_ptr,
+    pub mod_: fora_ptr,
+    pub slab: ::std::os::raw::c_longlong,
+    pub rows: ::std::os::raw::c_int,
+    pub tokens: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+    pub layers: ::std::os::raw::c_int,
+    pub ld_mod: ::std::os::raw::c_int,
+    pub layer_cols: ::std::os::raw::c_int,
+    pub gate_msa_col: ::std::os::raw::c_int,
+    pub gate_mlp_col: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ForaReuseParams"][::std::mem::size_of::<ForaReuseParams>() - 64usize];
+    ["Alignment of ForaReuseParams"][::std::mem::align_of::<ForaReuseParams>() - 8usize];
+    [
+        "Offset of field: ForaReuseParams::x",
+    ][::std::mem::offset_of!(ForaReuseParams, x) - 0usize];
+    [
+        "Offset of field: ForaReuseParams::cache",
+    ][::std::mem::offset_of!(ForaReuseParams, cache) - 8usize];
+    [
+        "Offset of field: ForaReuseParams::mod_",
+    ][::std::mem::offset_of!(ForaReuseParams, mod_) - 16usize];
+    [
+        "Offset of field: ForaReuseParams::slab",
+    ][::std::mem::offset_of!(ForaReuseParams, slab) - 24usize];
+    [
+        "Offset of field: ForaReuseParams::rows",
+    ][::std::mem::offset_of!(ForaReuseParams, rows) - 32usize];
+    [
+        "Offset of field: ForaReuseParams::tokens",
+    ][::std::mem::offset_of!(ForaReuseParams, tokens) - 36usize];
+    [
+        "Offset of field: ForaReuseParams::dim",
+    ][::std::mem::offset_of!(ForaReuseParams, dim) - 40usize];
+    [
+        "Offset of field: ForaReuseParams::layers",
+    ][::std::mem::offset_of!(ForaReuseParams, layers) - 44usize];
+    [
+        "Offset of field: ForaReuseParams::ld_mod",
+    ][::std::mem::offset_of!(ForaReuseParams, ld_mod) - 48usize];
+    [
+        "Offset of field: ForaReuseParams::layer_cols",
+    ][::std::mem::offset_of!(ForaReuseParams, layer_cols) - 52usize];
+    [
+        "Offset of field: ForaReuseParams::gate_msa_col",
+    ][::std::mem::offset_of!(ForaReuseParams, gate_msa_col) - 56usize];
+    [
+        "Offset of field: ForaReuseParams::gate_mlp_col",
+    ][::std::mem::offset_of!(ForaReuseParams, gate_mlp_col) - 60usize];
+};
+pub const FORA_SAMPLER_DDPM: fora_sampler_kind = 0;
+pub const FORA_SAMPLER_DDIM: fora_sampler_kind = 1;
+pub type fora_sampler_kind = ::std::os::raw::c_uint;
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct SamplerStepParams {
+    pub model_out: fora_ptr,
+    pub x: fora_ptr,
+    pub noise: fora_ptr,
+    pub seed: ::std::os::raw::c_ulonglong,
+    pub noise_stream: ::std::os::raw::c_ulonglong,
+    pub images: ::std::os::raw::c_int,
+    pub rows: ::std::os::raw::c_int,
+    pub channels: ::std::os::raw::c_int,
+    pub out_channels: ::std::os::raw::c_int,
+    pub height: ::std::os::raw::c_int,
+    pub width: ::std::os::raw::c_int,
+    pub patch: ::std::os::raw::c_int,
+    pub guided_channels: ::std::os::raw::c_int,
+    pub cfg_scale: f32,
+    pub kind: ::std::os::raw::c_int,
+    pub add_noise: ::std::os::raw::c_int,
+    pub learn_sigma: ::std::os::raw::c_int,
+    pub sqrt_recip_abar: f32,
+    pub sqrt_recipm1_abar: f32,
+    pub post_coef1: f32,
+    pub post_coef2: f32,
+    pub max_log: f32,
+    pub min_log: f32,
+    pub sqrt_abar_prev: f32,
+    pub dir_coef: f32,
+    pub sigma: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of SamplerStepParams"][::std::mem::size_of::<SamplerStepParams>() - 128usize];
+    [
+        "Alignment of SamplerStepParams",
+    ][::std::mem::align_of::<SamplerStepParams>() - 8usize];
+    [
+        "Offset of field: SamplerStepParams::model_out",
+    ][::std::mem::offset_of!(SamplerStepParams, model_out) - 0usize];
+    [
+        "Offset of field: SamplerStepParams::x",
+    ][::std::mem::offset_of!(SamplerStepParams, x) - 8usize];
+    [
+        "Offset of field: SamplerStepParams::noise",
+    ][::std::mem::offset_of!(SamplerStepParams, noise) - 16usize];
+    [
+        "Offset of field: SamplerStepParams::seed",
+    ][::std::mem::offset_of!(SamplerStepParams, seed) - 24usize];
+    [
+        "Offset of field: SamplerStepParams::noise_stream",
+    ][::std::mem::offset_of!(SamplerStepParams, noise_stream) - 32usize];
+    [
+        "Offset of field: SamplerStepParams::images",
+    ][::std::mem::offset_of!(SamplerStepParams, images) - 40usize];
+    [
+        "Offset of field: SamplerStepParams::rows",
+    ][::std::mem::offset_of!(SamplerStepParams, rows) - 44usize];
+    [
+        "Offset of field: SamplerStepParams::channels",
+    ][::std::mem::offset_of!(SamplerStepParams, channels) - 48usize];
+    [
+        "Offset of field: SamplerStepParams::out_channels",
+    ][::std::mem::offset_of!(SamplerStepParams, out_channels) - 52usize];
+    [
+        "Offset of field: SamplerStepParams::height",
+    ][::std::mem::offset_of!(SamplerStepParams, height) - 56usize];
+    [
+        "Offset of field: SamplerStepParams::width",
+    ][::std::mem::offset_of!(SamplerStepParams, width) - 60usize];
+    [
+        "Offset of field: SamplerStepParams::patch",
+    ][::std::mem::offset_of!(SamplerStepParams, patch) - 64usize];
+    [
+        "Offset of field: SamplerStepParams::guided_channels",
+    ][::std::mem::offset_of!(SamplerStepParams, guided_channels) - 68usize];
+    [
+        "Offset of field: SamplerStepParams::cfg_scale",
+    ][::std::mem::offset_of!(SamplerStepParams, cfg_scale) - 72usize];
+    [
+        "Offset of field: SamplerStepParams::kind",
+    ][::std::mem::offset_of!(SamplerStepParams, kind) - 76usize];
+    [
+        "Offset of field: SamplerStepParams::add_noise",
+    ][::std::mem::offset_of!(SamplerStepParams, add_noise) - 80usize];
+    [
+        "Offset of field: SamplerStepParams::learn_sigma",
+    ][::std::mem::offset_of!(SamplerStepParams, learn_sigma) - 84usize];
+    [
+        "Offset of field: SamplerStepParams::sqrt_recip_abar",
+    ][::std::mem::offset_of!(SamplerStepParams, sqrt_recip_abar) - 88usize];
+    [
+        "Offset of field: SamplerStepParams::sqrt_recipm1_abar",
+    ][::std::mem::offset_of!(SamplerStepParams, sqrt_recipm1_abar) - 92usize];
+    [
+        "Offset of field: SamplerStepParams::post_coef1",
+    ][::std::mem::offset_of!(SamplerStepParams, post_coef1) - 96usize];
+    [
+        "Offset of field: SamplerStepParams::post_coef2",
+    ][::std::mem::offset_of!(SamplerStepParams, post_coef2) - 100usize];
+    [
+        "Offset of field: SamplerStepParams::max_log",
+    ][::std::mem::offset_of!(SamplerStepParams, max_log) - 104usize];
+    [
+        "Offset of field: SamplerStepParams::min_log",
+    ][::std::mem::offset_of!(SamplerStepParams, min_log) - 108usize];
+    [
+        "Offset of field: SamplerStepParams::sqrt_abar_prev",
+    ][::std::mem::offset_of!(SamplerStepParams, sqrt_abar_prev) - 112usize];
+    [
+        "Offset of field: SamplerStepParams::dir_coef",
+    ][::std::mem::offset_of!(SamplerStepParams, dir_coef) - 116usize];
+    [
+        "Offset of field: SamplerStepParams::sigma",
+    ][::std::mem::offset_of!(SamplerStepParams, sigma) - 120usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct UnpatchifyParams {
+    pub model_out: fora_ptr,
+    pub out: fora_ptr,
+    pub rows: ::std::os::raw::c_int,
+    pub out_channels: ::std::os::raw::c_int,
+    pub height: ::std::os::raw::c_int,
+    pub width: ::std::os::raw::c_int,
+    pub patch: ::std::os::raw::c_int,
+    pub guided_channels: ::std::os::raw::c_int,
+    pub cfg_scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of UnpatchifyParams"][::std::mem::size_of::<UnpatchifyParams>() - 48usize];
+    [
+        "Alignment of UnpatchifyParams",
+    ][::std::mem::align_of::<UnpatchifyParams>() - 8usize];
+    [
+        "Offset of field: UnpatchifyParams::model_out",
+    ][::std::mem::offset_of!(UnpatchifyParams, model_out) - 0usize];
+    [
+        "Offset of field: UnpatchifyParams::out",
+    ][::std::mem::offset_of!(UnpatchifyParams, out) - 8usize];
+    [
+        "Offset of field: UnpatchifyParams::rows",
+    ][::std::mem::offset_of!(UnpatchifyParams, rows) - 16usize];
+    [
+        "Offset of field: UnpatchifyParams::out_channels",
+    ][::std::mem::offset_of!(UnpatchifyParams, out_channels) - 20usize];
+    [
+        "Offset of field: UnpatchifyParams::height",
+    ][::std::mem::offset_of!(UnpatchifyParams, height) - 24usize];
+    [
+        "Offset of field: UnpatchifyParams::width",
+    ][::std::mem::offset_of!(UnpatchifyParams, width) - 28usize];
+    [
+        "Offset of field: UnpatchifyParams::patch",
+    ][::std::mem::offset_of!(UnpatchifyParams, patch) - 32usize];
+    [
+        "Offset of field: UnpatchifyParams::guided_channels",
+    ][::std::mem::offset_of!(UnpatchifyParams, guided_channels) - 36usize];
+    [
+        "Offset of field: UnpatchifyParams::cfg_scale",
+    ][::std::mem::offset_of!(UnpatchifyParams, cfg_scale) - 40usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct NormalFillParams {
+    pub out: fora_ptr,
+    pub seed: ::std::os::raw::c_ulonglong,
+    pub stream: ::std::os::raw::c_ulonglong,
+    pub n: ::std::os::raw::c_longlong,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NormalFillParams"][::std::mem::size_of::<NormalFillParams>() - 32usize];
+    [
+        "Alignment of NormalFillParams",
+    ][::std::mem::align_of::<NormalFillParams>() - 8usize];
+    [
+        "Offset of field: NormalFillParams::out",
+    ][::std::mem::offset_of!(NormalFillParams, out) - 0usize];
+    [
+        "Offset of field: NormalFillParams::seed",
+    ][::std::mem::offset_of!(NormalFillParams, seed) - 8usize];
+    [
+        "Offset of field: NormalFillParams::stream",
+    ][::std::mem::offset_of!(NormalFillParams, stream) - 16usize];
+    [
+        "Offset of field: NormalFillParams::n",
+    ][::std::mem::offset_of!(NormalFillParams, n) - 24usize];
+};
 
 // Plain C structs of integers and device addresses: valid kernel arguments by value.
 unsafe impl cudarc::driver::DeviceRepr for GemmParams {}
 unsafe impl cudarc::driver::DeviceRepr for GemmEpilogueParams {}
 unsafe impl cudarc::driver::DeviceRepr for AttentionParams {}
+unsafe impl cudarc::driver::DeviceRepr for TimestepEmbedParams {}
+unsafe impl cudarc::driver::DeviceRepr for SiluParams {}
+unsafe impl cudarc::driver::DeviceRepr for LabelSiluParams {}
+unsafe impl cudarc::driver::DeviceRepr for PatchEmbedParams {}
+unsafe impl cudarc::driver::DeviceRepr for LayerNormModulateParams {}
+unsafe impl cudarc::driver::DeviceRepr for ForaReuseParams {}
+unsafe impl cudarc::driver::DeviceRepr for SamplerStepParams {}
+unsafe impl cudarc::driver::DeviceRepr for UnpatchifyParams {}
+unsafe impl cudarc::driver::DeviceRepr for NormalFillParams {}

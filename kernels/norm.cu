@@ -1,0 +1,90 @@
+// LayerNorm (no affine, f32 statistics) + adaLN modulate: the f32 residual stream -> the bf16
+// input of the next GEMM. One warp per token row; two-pass statistics (mean, then the mean of
+// squared deviations) so large offsets in x cost no precision. The row is re-read from L1/L2
+// for each pass instead of held in registers, so any dim works without spills.
+#include "common.cuh"
+
+namespace {
+
+constexpr int kWarps = 8;  // token rows per block
+
+struct Row {
+    const float* x;
+    const float* shift;
+    const float* scale;
+    __nv_bfloat16* out;
+};
+
+FORA_DEVICE Row row_of(const LayerNormModulateParams& p, long long token) {
+    const long long model_row = token / p.tokens;
+    const float* mod = reinterpret_cast<const float*>(p.mod) + model_row * p.ld_mod;
+    Row r;
+    r.x = reinterpret_cast<const float*>(p.x) + token * p.dim;
+    r.shift = mod + p.shift_col;
+    r.scale = mod + p.scale_col;
+    r.out = reinterpret_cast<__nv_bfloat16*>(p.out) + token * p.dim;
+    return r;
+}
+
+FORA_DEVICE float modulate(float x, float mean, float rstd, float shift, float scale) {
+    return (x - mean) * rstd * (1.0f + scale) + shift;
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kWarps * 32)
+layernorm_modulate(const LayerNormModulateParams p) {
+    const int lane = threadIdx.x & 31;
+    const long long token = (long long)blockIdx.x * kWarps + (threadIdx.x >> 5);
+    if (token >= (long long)p.rows * p.tokens) return;
+    const Row r = row_of(p, token);
+    // float4 path when every row start and column offset is 16-byte aligned (DiT: always).
+    const bool vec = (p.dim % 4 == 0) && (p.ld_mod % 4 == 0) && (p.shift_col % 4 == 0) &&
+                     (p.scale_col % 4 == 0);
+    const float inv_dim = 1.0f / (float)p.dim;
+
+    float sum = 0.0f;
+    if (vec) {
+        for (int d = lane * 4; d < p.dim; d += 128) {
+            const float4 v = *reinterpret_cast<const float4*>(r.x + d);
+            sum += (v.x + v.y) + (v.z + v.w);
+        }
+    } else {
+        for (int d = lane; d < p.dim; d += 32) sum += r.x[d];
+    }
+    const float mean = warp_sum(sum) * inv_dim;
+
+    float sq = 0.0f;
+    if (vec) {
+        for (int d = lane * 4; d < p.dim; d += 128) {
+            const float4 v = *reinterpret_cast<const float4*>(r.x + d);
+            const float a = v.x - mean, b = v.y - mean, c = v.z - mean, e = v.w - mean;
+            sq += (a * a + b * b) + (c * c + e * e);
+        }
+    } else {
+        for (int d = lane; d < p.dim; d += 32) {
+            const float a = r.x[d] - mean;
+            sq += a * a;
+        }
+    }
+    const float var = warp_sum(sq) * inv_dim;
+    const float rstd = 1.0f / sqrtf(var + p.eps);  // IEEE sqrt and divide, not rsqrtf
+
+    if (vec) {
+        for (int d = lane * 4; d < p.dim; d += 128) {
+            const float4 v = *reinterpret_cast<const float4*>(r.x + d);
+            const float4 sh = *reinterpret_cast<const float4*>(r.shift + d);
+            const float4 sc = *reinterpret_cast<const float4*>(r.scale + d);
+            uint2 packed;
+            packed.x = pack_bf16x2(modulate(v.x, mean, rstd, sh.x, sc.x),
+                                   modulate(v.y, mean, rstd, sh.y, sc.y));
+            packed.y = pack_bf16x2(modulate(v.z, mean, rstd, sh.z, sc.z),
+                                   modulate(v.w, mean, rstd, sh.w, sc.w));
+            *reinterpret_cast<uint2*>(r.out + d) = packed;
+        }
+    } else {
+        for (int d = lane; d < p.dim; d += 32) {
+            r.out[d] = f32_to_bf16(modulate(r.x[d], mean, rstd, r.shift[d], r.scale[d]));
+        }
+    }
+}
