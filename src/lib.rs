@@ -7,6 +7,7 @@ pub mod cache;
 pub mod config;
 pub mod cuda;
 pub mod diffusion;
+pub mod io;
 pub mod rng;
 pub mod sampler;
 pub mod weights;

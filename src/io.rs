@@ -1,0 +1,326 @@
+//! Host tensor files: reading named f32 / int64 tensors from safetensors with shape and dtype
+//! checks that name the file and the tensor, and writing files atomically (a temporary file in
+//! the same directory, flushed, then renamed over the target), so an output is whole or absent.
+
+use anyhow::{bail, ensure, Context, Result};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A safetensors file read into memory.
+pub struct TensorFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+/// A named tensor: shape and row-major values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor<T> {
+    pub shape: Vec<usize>,
+    pub data: Vec<T>,
+}
+
+impl TensorFile {
+    /// Reads `path` and checks that it parses as safetensors.
+    pub fn open(path: impl AsRef<Path>) -> Result<TensorFile> {
+        let path = path.as_ref().to_path_buf();
+        let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        SafeTensors::deserialize(&bytes).map_err(|e| {
+            anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display())
+        })?;
+        Ok(TensorFile { path, bytes })
+    }
+
+    fn view(&self, name: &str) -> Result<TensorView<'_>> {
+        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| {
+            anyhow::anyhow!("{}: not a valid safetensors file: {e}", self.path.display())
+        })?;
+        let names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        st.tensor(name).map_err(|_| {
+            let mut names = names;
+            names.sort();
+            anyhow::anyhow!(
+                "{}: no tensor {name:?} (the file holds {})",
+                self.path.display(),
+                if names.is_empty() {
+                    "no tensors".to_string()
+                } else {
+                    names.join(", ")
+                }
+            )
+        })
+    }
+
+    /// Names of the tensors in the file, sorted.
+    pub fn names(&self) -> Result<Vec<String>> {
+        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| {
+            anyhow::anyhow!("{}: not a valid safetensors file: {e}", self.path.display())
+        })?;
+        let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Tensor `name` as f32; its dtype must be F32 and its rank `rank`. Values must be finite.
+    pub fn f32(&self, name: &str, rank: usize) -> Result<HostTensor<f32>> {
+        let view = self.view(name)?;
+        self.check(name, &view, Dtype::F32, rank)?;
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if let Some(j) = data.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "{}: tensor {name:?} value #{j} is not finite ({})",
+                self.path.display(),
+                data[j]
+            );
+        }
+        Ok(HostTensor {
+            shape: view.shape().to_vec(),
+            data,
+        })
+    }
+
+    /// Tensor `name` as i64; its dtype must be I64 and its rank `rank`.
+    pub fn i64(&self, name: &str, rank: usize) -> Result<HostTensor<i64>> {
+        let view = self.view(name)?;
+        self.check(name, &view, Dtype::I64, rank)?;
+        let data = view
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+            .collect();
+        Ok(HostTensor {
+            shape: view.shape().to_vec(),
+            data,
+        })
+    }
+
+    fn check(&self, name: &str, view: &TensorView<'_>, dtype: Dtype, rank: usize) -> Result<()> {
+        ensure!(
+            view.dtype() == dtype,
+            "{}: tensor {name:?} has dtype {:?}, expected {dtype:?}",
+            self.path.display(),
+            view.dtype()
+        );
+        ensure!(
+            view.shape().len() == rank,
+            "{}: tensor {name:?} has shape {:?}, expected {rank} dimensions",
+            self.path.display(),
+            view.shape()
+        );
+        Ok(())
+    }
+}
+
+/// One f32 tensor to write.
+struct F32View<'a> {
+    shape: &'a [usize],
+    data: &'a [f32],
+}
+
+impl safetensors::View for F32View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+    fn data_len(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+/// One i64 tensor to write.
+struct I64View<'a> {
+    shape: &'a [usize],
+    data: &'a [i64],
+}
+
+impl safetensors::View for I64View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::I64
+    }
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+    fn data_len(&self) -> usize {
+        self.data.len() * 8
+    }
+}
+
+/// A tensor to write: f32 or i64 values with a shape.
+pub enum OutTensor<'a> {
+    F32(&'a [usize], &'a [f32]),
+    I64(&'a [usize], &'a [i64]),
+}
+
+/// Serializes named tensors (with optional string metadata) to safetensors bytes.
+pub fn safetensors_bytes(
+    tensors: &[(&str, OutTensor<'_>)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    enum Either<'a> {
+        F(F32View<'a>),
+        I(I64View<'a>),
+    }
+    impl safetensors::View for Either<'_> {
+        fn dtype(&self) -> Dtype {
+            match self {
+                Either::F(v) => v.dtype(),
+                Either::I(v) => v.dtype(),
+            }
+        }
+        fn shape(&self) -> &[usize] {
+            match self {
+                Either::F(v) => v.shape(),
+                Either::I(v) => v.shape(),
+            }
+        }
+        fn data(&self) -> Cow<'_, [u8]> {
+            match self {
+                Either::F(v) => v.data(),
+                Either::I(v) => v.data(),
+            }
+        }
+        fn data_len(&self) -> usize {
+            match self {
+                Either::F(v) => v.data_len(),
+                Either::I(v) => v.data_len(),
+            }
+        }
+    }
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let (shape, len) = match t {
+            OutTensor::F32(s, d) => (*s, d.len()),
+            OutTensor::I64(s, d) => (*s, d.len()),
+        };
+        ensure!(
+            shape.iter().product::<usize>() == len,
+            "tensor {name:?}: shape {shape:?} does not hold {len} values"
+        );
+        let view = match t {
+            OutTensor::F32(shape, data) => Either::F(F32View { shape, data }),
+            OutTensor::I64(shape, data) => Either::I(I64View { shape, data }),
+        };
+        views.push((name.to_string(), view));
+    }
+    safetensors::serialize(views, metadata).context("cannot serialize safetensors")
+}
+
+/// Writes named tensors to `path` atomically (see [`write_atomic`]).
+pub fn write_tensors(
+    path: impl AsRef<Path>,
+    tensors: &[(&str, OutTensor<'_>)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let bytes = safetensors_bytes(tensors, metadata)?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` whole or not at all: into a temporary file beside it (same
+/// directory, so the rename stays on one file system), flushed to disk, then renamed over
+/// `path`. On any failure the temporary file is removed and `path` is untouched.
+pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    let path = path.as_ref();
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("output path {} names no file", path.display()))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    ensure!(
+        dir.is_dir(),
+        "cannot write {}: directory {} does not exist",
+        path.display(),
+        dir.display()
+    );
+    ensure!(
+        !path.is_dir(),
+        "cannot write {}: it is a directory",
+        path.display()
+    );
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| -> Result<()> {
+        let mut f =
+            fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("cannot flush {}", tmp.display()))?;
+        fs::rename(&tmp, path)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_errors() {
+        let dir = std::env::temp_dir().join(format!("fora-io-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.safetensors");
+        let x = [1.5f32, -2.0, 3.25, 0.125, 7.0, -0.5];
+        let t = [0i64, 999];
+        write_tensors(
+            &path,
+            &[
+                ("x", OutTensor::F32(&[2, 3], &x)),
+                ("t", OutTensor::I64(&[2], &t)),
+            ],
+            None,
+        )
+        .unwrap();
+        let f = TensorFile::open(&path).unwrap();
+        assert_eq!(f.names().unwrap(), ["t", "x"]);
+        let got = f.f32("x", 2).unwrap();
+        assert_eq!(
+            (got.shape.as_slice(), got.data.as_slice()),
+            (&[2, 3][..], &x[..])
+        );
+        assert_eq!(f.i64("t", 1).unwrap().data, t);
+        let e = format!("{:#}", f.f32("t", 1).unwrap_err());
+        assert!(e.contains("dtype I64, expected F32"), "{e}");
+        let e = format!("{:#}", f.f32("x", 4).unwrap_err());
+        assert!(e.contains("expected 4 dimensions"), "{e}");
+        let e = format!("{:#}", f.f32("y", 1).unwrap_err());
+        assert!(e.contains("no tensor \"y\"") && e.contains("t, x"), "{e}");
+        // No temporary file is left beside the output.
+        let leftovers: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().contains(".tmp."))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        // Bad shapes and missing directories are errors that write nothing.
+        assert!(write_tensors(dir.join("bad"), &[("x", OutTensor::F32(&[4], &x))], None).is_err());
+        assert!(!dir.join("bad").exists());
+        assert!(write_atomic(dir.join("missing/out"), b"abc").is_err());
+        fs::write(dir.join("junk"), b"not safetensors").unwrap();
+        assert!(TensorFile::open(dir.join("junk")).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
