@@ -1,0 +1,657 @@
+//! The GEMM (kernels/gemm.cu and the cuBLASLt path) against a plain CPU twin on the same
+//! bf16-rounded inputs, every epilogue, every implementation (custom with each tile variant and
+//! with the automatic pick; cuBLASLt fused; cuBLASLt + stand-alone epilogue kernel), and the
+//! implementations against each other.
+//!
+//! Every output buffer has padding columns (ldo > N in most cases) and two guard rows after row
+//! M, poisoned with NaN (or, for the residual, holding its random initial values): the region
+//! [M, N] must be finite and within rel-L2 1e-2 of the CPU, everything else untouched. A and W
+//! have NaN padding past K, so a read beyond K poisons the result.
+//!
+//! Without a CUDA device the GPU tests print `SKIP <name>: no CUDA device` and pass; with
+//! `FORA_REQUIRE_GPU=1` they fail instead. `gemm_rejects_bad_params` needs no device.
+
+use anyhow::{ensure, Result};
+use cudarc::driver::CudaSlice;
+use fora::cuda::gemm::{validate, Epilogue, Gemm, GemmImpl, Tile};
+use fora::cuda::params::GemmParams;
+use fora::cuda::testing::{
+    check_close, from_bf16, poison_bf16, poison_f32, rel_l2, round_bf16, test_gpu, to_bf16, TestRng,
+};
+use fora::cuda::{dptr, Gpu};
+use half::bf16;
+use rayon::prelude::*;
+
+const TOL: f64 = 1e-2;
+/// Rows after row M in every output buffer that must stay untouched.
+const GUARD_ROWS: usize = 2;
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    name: &'static str,
+    m: usize,
+    n: usize,
+    k: usize,
+    epi: Epilogue,
+    bias: bool,
+    /// GATE_RESIDUAL only: also store the FORA cache.
+    cache: bool,
+    /// GATE_RESIDUAL only: rows sharing one gate row (tokens per image).
+    rows_per_gate: usize,
+    /// Extra columns of out/cache/gate (may be odd: odd leading dimensions take the scalar
+    /// store path); A and W get it rounded up to a multiple of 8.
+    pad: usize,
+}
+
+impl Case {
+    fn lda(&self) -> usize {
+        self.k + self.pad.div_ceil(8) * 8
+    }
+    fn ldo(&self) -> usize {
+        self.n + self.pad
+    }
+    fn gate_rows(&self) -> usize {
+        self.m.div_ceil(self.rows_per_gate)
+    }
+    fn out_len(&self) -> usize {
+        (self.m + GUARD_ROWS) * self.ldo()
+    }
+    fn residual(&self) -> bool {
+        self.epi == Epilogue::BiasGateResidual
+    }
+}
+
+/// Host inputs (already bf16-rounded where the device holds bf16) and the CPU twin's results.
+struct Host {
+    a: Vec<f32>,
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    gate: Vec<f32>,
+    /// Initial residual, [(m + GUARD_ROWS), ldo] (residual epilogue only).
+    residual0: Vec<f32>,
+    /// v = A W^T + bias, [m, n].
+    v: Vec<f32>,
+    /// The epilogue's value in the [m, n] region: v, gelu(v), or gate * v (the residual delta).
+    expect: Vec<f32>,
+}
+
+fn gelu_tanh(x: f64) -> f64 {
+    0.5 * x * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh())
+}
+
+fn host_case(c: &Case, seed: u64) -> Host {
+    let mut rng = TestRng::new(seed);
+    let (m, n, k, lda) = (c.m, c.n, c.k, c.lda());
+    // Entries ~U(-1, 1) and W scaled by 1/sqrt(K) keep outputs O(1); padding is NaN.
+    let w_scale = 1.0 / (k as f32).sqrt();
+    let mut a = vec![f32::NAN; m * lda];
+    for row in a.chunks_mut(lda) {
+        for x in &mut row[..k] {
+            *x = rng.uniform(-1.0, 1.0);
+        }
+    }
+    let mut w = vec![f32::NAN; n * lda];
+    for row in w.chunks_mut(lda) {
+        for x in &mut row[..k] {
+            *x = rng.uniform(-1.0, 1.0) * w_scale;
+        }
+    }
+    let a = round_bf16(&a);
+    let w = round_bf16(&w);
+    let bias = if c.bias {
+        rng.uniform_vec(n, -0.5, 0.5)
+    } else {
+        vec![0.0; n]
+    };
+    let ldg = c.ldo();
+    let gate = if c.residual() {
+        rng.uniform_vec(c.gate_rows() * ldg, -1.5, 1.5)
+    } else {
+        Vec::new()
+    };
+    let residual0 = if c.residual() {
+        rng.uniform_vec(c.out_len(), -1.0, 1.0)
+    } else {
+        Vec::new()
+    };
+    let mut v = vec![0.0f32; m * n];
+    v.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        let ar = &a[i * lda..i * lda + k];
+        for (j, out) in row.iter_mut().enumerate() {
+            let wr = &w[j * lda..j * lda + k];
+            let dot: f64 = ar.iter().zip(wr).map(|(&x, &y)| x as f64 * y as f64).sum();
+            *out = (dot + bias[j] as f64) as f32;
+        }
+    });
+    let expect = match c.epi {
+        Epilogue::BiasBf16 | Epilogue::BiasF32 => v.clone(),
+        Epilogue::BiasGeluBf16 => v.iter().map(|&x| gelu_tanh(x as f64) as f32).collect(),
+        Epilogue::BiasGateResidual => (0..m * n)
+            .map(|idx| {
+                let (i, j) = (idx / n, idx % n);
+                gate[(i / c.rows_per_gate) * ldg + j] * v[idx]
+            })
+            .collect(),
+    };
+    Host {
+        a,
+        w,
+        bias,
+        gate,
+        residual0,
+        v,
+        expect,
+    }
+}
+
+/// Device buffers of one case.
+struct Dev {
+    a: CudaSlice<bf16>,
+    w: CudaSlice<bf16>,
+    bias: Option<CudaSlice<f32>>,
+    gate: Option<CudaSlice<f32>>,
+    out_bf16: Option<CudaSlice<bf16>>,
+    out_f32: Option<CudaSlice<f32>>,
+    cache: Option<CudaSlice<bf16>>,
+}
+
+impl Dev {
+    fn new(gpu: &Gpu, c: &Case, h: &Host) -> Result<Dev> {
+        let out_len = c.out_len();
+        let out_f32 = c.epi.out_is_f32();
+        Ok(Dev {
+            a: gpu.upload(&to_bf16(&h.a), "A")?,
+            w: gpu.upload(&to_bf16(&h.w), "W")?,
+            bias: if c.bias {
+                Some(gpu.upload(&h.bias, "bias")?)
+            } else {
+                None
+            },
+            gate: if c.residual() {
+                Some(gpu.upload(&h.gate, "gate")?)
+            } else {
+                None
+            },
+            out_bf16: if out_f32 {
+                None
+            } else {
+                Some(gpu.alloc_zeros(out_len, "out")?)
+            },
+            out_f32: if out_f32 {
+                Some(gpu.alloc_zeros(out_len, "out")?)
+            } else {
+                None
+            },
+            cache: if c.residual() && c.cache {
+                Some(gpu.alloc_zeros(out_len, "cache")?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn params(&self, c: &Case) -> GemmParams {
+        GemmParams {
+            a: dptr(&self.a),
+            w: dptr(&self.w),
+            bias: self.bias.as_ref().map_or(0, dptr),
+            out: self
+                .out_f32
+                .as_ref()
+                .map(dptr)
+                .or(self.out_bf16.as_ref().map(dptr))
+                .unwrap_or(0),
+            cache: self.cache.as_ref().map_or(0, dptr),
+            gate: self.gate.as_ref().map_or(0, dptr),
+            m: c.m as i32,
+            n: c.n as i32,
+            k: c.k as i32,
+            lda: c.lda() as i32,
+            ldw: c.lda() as i32,
+            ldo: c.ldo() as i32,
+            ldc: c.ldo() as i32,
+            ldg: c.ldo() as i32,
+            rows_per_gate: c.rows_per_gate as i32,
+            epilogue: c.epi.raw(),
+        }
+    }
+
+    /// Poisons the outputs (the residual gets its initial values back).
+    fn reset(&mut self, gpu: &Gpu, c: &Case, h: &Host) -> Result<()> {
+        if let Some(o) = self.out_bf16.as_mut() {
+            poison_bf16(gpu, o)?;
+        }
+        if let Some(o) = self.out_f32.as_mut() {
+            if c.residual() {
+                gpu.stream().memcpy_htod(&h.residual0, o)?;
+            } else {
+                poison_f32(gpu, o)?;
+            }
+        }
+        if let Some(cache) = self.cache.as_mut() {
+            poison_bf16(gpu, cache)?;
+        }
+        Ok(())
+    }
+
+    fn download(&self, gpu: &Gpu) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let out = match (&self.out_f32, &self.out_bf16) {
+            (Some(o), _) => gpu.download(o)?,
+            (None, Some(o)) => from_bf16(&gpu.download(o)?),
+            (None, None) => unreachable!("every case has an output"),
+        };
+        let cache = match &self.cache {
+            Some(cb) => Some(from_bf16(&gpu.download(cb)?)),
+            None => None,
+        };
+        Ok((out, cache))
+    }
+}
+
+/// The [m, n] region of a [rows, ld] buffer, and a check that the rest is untouched: NaN where
+/// it was poisoned, else bit-equal to `initial`.
+fn region_and_guard(
+    what: &str,
+    buf: &[f32],
+    c: &Case,
+    initial: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    let ld = c.ldo();
+    let mut region = Vec::with_capacity(c.m * c.n);
+    for (idx, &x) in buf.iter().enumerate() {
+        let (i, j) = (idx / ld, idx % ld);
+        if i < c.m && j < c.n {
+            region.push(x);
+            continue;
+        }
+        let untouched = match initial {
+            None => x.is_nan(),
+            Some(init) => x.to_bits() == init[idx].to_bits(),
+        };
+        ensure!(
+            untouched,
+            "{what}: element ({i}, {j}) outside the [{}, {}] output was written ({x})",
+            c.m,
+            c.n
+        );
+    }
+    Ok(region)
+}
+
+/// One way of running the GEMM.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Variant {
+    Custom(Tile),
+    CustomAuto,
+    CublasLt,
+    CublasLtUnfused,
+}
+
+const VARIANTS: [Variant; 6] = [
+    Variant::Custom(Tile::M128),
+    Variant::Custom(Tile::M64),
+    Variant::Custom(Tile::M32),
+    Variant::CustomAuto,
+    Variant::CublasLt,
+    Variant::CublasLtUnfused,
+];
+
+struct Engines {
+    custom: Gemm,
+    lt: Gemm,
+}
+
+impl Engines {
+    fn new(gpu: &Gpu, max_mn: usize) -> Result<Engines> {
+        Ok(Engines {
+            custom: Gemm::new(gpu, GemmImpl::Custom, 0)?,
+            lt: Gemm::new(gpu, GemmImpl::CublasLt, max_mn)?,
+        })
+    }
+
+    fn run(&self, gpu: &Gpu, v: Variant, p: &GemmParams) -> Result<()> {
+        match v {
+            Variant::Custom(t) => self.custom.run_custom(gpu, p, Some(t)),
+            Variant::CustomAuto => self.custom.run(gpu, p),
+            Variant::CublasLt => self.lt.run(gpu, p),
+            Variant::CublasLtUnfused => self.lt.run_cublaslt_unfused(gpu, p),
+        }
+    }
+}
+
+/// Runs one case through every variant; returns the failures (empty = pass).
+fn run_case(gpu: &Gpu, eng: &Engines, c: &Case, seed: u64) -> Vec<String> {
+    match run_case_inner(gpu, eng, c, seed) {
+        Ok(failures) => failures,
+        Err(e) => vec![format!("{}: setup failed: {e:#}", c.name)],
+    }
+}
+
+fn run_case_inner(gpu: &Gpu, eng: &Engines, c: &Case, seed: u64) -> Result<Vec<String>> {
+    let h = host_case(c, seed);
+    let mut dev = Dev::new(gpu, c, &h)?;
+    let p = dev.params(c);
+    let mut failures = Vec::new();
+    // (variant, epilogue region, cache region) of the variants that passed, for cross-checks.
+    let mut results: Vec<(Variant, Vec<f32>, Option<Vec<f32>>)> = Vec::new();
+    for v in VARIANTS {
+        let what = format!(
+            "{} {:?} M={} N={} K={} {:?}",
+            c.name, c.epi, c.m, c.n, c.k, v
+        );
+        let outcome = (|| -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+            dev.reset(gpu, c, &h)?;
+            eng.run(gpu, v, &p)?;
+            gpu.synchronize()?;
+            let (out, cache) = dev.download(gpu)?;
+            let initial = c.residual().then_some(h.residual0.as_slice());
+            let mut region = region_and_guard(&format!("{what} out"), &out, c, initial)?;
+            if c.residual() {
+                // Check what the epilogue added: the residual itself is dominated by its initial
+                // values and would hide errors in gate * v.
+                let ld = c.ldo();
+                for (idx, r) in region.iter_mut().enumerate() {
+                    let (i, j) = (idx / c.n, idx % c.n);
+                    *r -= h.residual0[i * ld + j];
+                }
+            }
+            check_close(&format!("{what} out"), &region, &h.expect, TOL)?;
+            let cache_region = match cache {
+                Some(cb) => {
+                    let reg = region_and_guard(&format!("{what} cache"), &cb, c, None)?;
+                    check_close(&format!("{what} cache"), &reg, &h.v, TOL)?;
+                    Some(reg)
+                }
+                None => None,
+            };
+            Ok((region, cache_region))
+        })();
+        match outcome {
+            Ok((region, cache)) => results.push((v, region, cache)),
+            Err(e) => failures.push(format!("{e:#}")),
+        }
+    }
+    // Custom vs cuBLASLt on the same inputs.
+    let custom = results.iter().find(|r| matches!(r.0, Variant::CustomAuto));
+    let lt = results.iter().find(|r| r.0 == Variant::CublasLt);
+    if let (Some(cu), Some(lt)) = (custom, lt) {
+        let err = rel_l2(&cu.1, &lt.1);
+        println!(
+            "{} {:?}: custom vs cuBLASLt rel_l2 = {err:.3e}",
+            c.name, c.epi
+        );
+        if err.is_nan() || err > TOL {
+            failures.push(format!(
+                "{} {:?}: custom vs cuBLASLt rel_l2 {err:.3e} exceeds {TOL:.0e}",
+                c.name, c.epi
+            ));
+        }
+        if let (Some(cc), Some(lc)) = (&cu.2, &lt.2) {
+            let err = rel_l2(cc, lc);
+            if err.is_nan() || err > TOL {
+                failures.push(format!(
+                    "{} {:?}: cache custom vs cuBLASLt rel_l2 {err:.3e} exceeds {TOL:.0e}",
+                    c.name, c.epi
+                ));
+            }
+        }
+    }
+    Ok(failures)
+}
+
+fn run_cases(test: &str, cases: &[Case]) {
+    let Some(gpu) = test_gpu(test) else {
+        return;
+    };
+    let max_mn = cases.iter().map(|c| c.m * c.n).max().unwrap_or(1);
+    let eng = Engines::new(&gpu, max_mn).expect("GEMM engines");
+    let mut failures = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        failures.extend(run_case(&gpu, &eng, c, 0x6e11_0000 + i as u64));
+    }
+    for f in &failures {
+        println!("FAIL {f}");
+    }
+    assert!(
+        failures.is_empty(),
+        "{test}: {} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+fn case(name: &'static str, m: usize, n: usize, k: usize, epi: Epilogue) -> Case {
+    Case {
+        name,
+        m,
+        n,
+        k,
+        epi,
+        bias: true,
+        cache: epi == Epilogue::BiasGateResidual,
+        rows_per_gate: 256,
+        pad: 8,
+    }
+}
+
+/// A DiT model's linear layers at `rows` tokens x `d` width, and its adaLN table at `batch` rows.
+fn dit_cases(tag: &'static str, d: usize, depth: usize, rows: usize, batch: usize) -> Vec<Case> {
+    let tokens = rows / batch;
+    let mut v = vec![
+        case(tag, rows, 3 * d, d, Epilogue::BiasBf16), // qkv
+        case(tag, rows, d, d, Epilogue::BiasGateResidual), // proj -> cache + gate + residual
+        case(tag, rows, 4 * d, d, Epilogue::BiasGeluBf16), // fc1 + GELU
+        case(tag, rows, d, 4 * d, Epilogue::BiasGateResidual), // fc2
+        case(tag, rows, 32, d, Epilogue::BiasF32),     // final linear (p*p*out_ch = 32)
+        case(tag, batch, d, 256, Epilogue::BiasBf16),  // t-MLP first linear
+        case(tag, batch, depth * 6 * d + 2 * d, d, Epilogue::BiasF32), // all adaLN tables
+    ];
+    for c in &mut v {
+        c.rows_per_gate = tokens;
+    }
+    // fc2 without the cache (reuse-free path of a computing step that does not cache).
+    v[3].cache = false;
+    v
+}
+
+#[test]
+fn gemm_dit_xl2_shapes() {
+    run_cases(
+        "gemm_dit_xl2_shapes",
+        &dit_cases("DiT-XL/2", 1152, 28, 512, 2),
+    );
+}
+
+#[test]
+fn gemm_dit_s2_shapes() {
+    run_cases("gemm_dit_s2_shapes", &dit_cases("DiT-S/2", 384, 12, 512, 2));
+}
+
+#[test]
+fn gemm_tiny_m() {
+    let mut cases = Vec::new();
+    for m in [1, 2, 7] {
+        for epi in Epilogue::ALL {
+            let mut c = case("tiny M", m, 1152, 1152, epi);
+            c.rows_per_gate = 1;
+            c.pad = 3;
+            cases.push(c);
+        }
+    }
+    run_cases("gemm_tiny_m", &cases);
+}
+
+#[test]
+fn gemm_odd_shapes() {
+    let mut cases = Vec::new();
+    for epi in Epilogue::ALL {
+        for (m, n, k, pad, rows_per_gate) in [
+            (77, 40, 24, 0, 7),
+            (300, 1000, 136, 5, 77),
+            (129, 130, 264, 1, 128),
+            (1000, 77, 8, 0, 300),
+            (33, 8, 1160, 2, 1),
+            (65, 129, 40, 7, 64),
+        ] {
+            let mut c = case("odd", m, n, k, epi);
+            c.pad = pad;
+            c.rows_per_gate = rows_per_gate;
+            cases.push(c);
+        }
+    }
+    // No bias, and the residual epilogue without a cache.
+    for epi in Epilogue::ALL {
+        let mut c = case("odd, no bias", 130, 72, 64, epi);
+        c.bias = false;
+        c.cache = false;
+        c.rows_per_gate = 13;
+        cases.push(c);
+    }
+    run_cases("gemm_odd_shapes", &cases);
+}
+
+/// Parameters that would make the kernel read or write out of bounds are clear errors.
+#[test]
+fn gemm_rejects_bad_params() {
+    let good = GemmParams {
+        a: 0x1000,
+        w: 0x2000,
+        bias: 0x3000,
+        out: 0x4000,
+        cache: 0x5000,
+        gate: 0x6000,
+        m: 64,
+        n: 96,
+        k: 128,
+        lda: 128,
+        ldw: 136,
+        ldo: 97,
+        ldc: 96,
+        ldg: 100,
+        rows_per_gate: 16,
+        epilogue: Epilogue::BiasGateResidual.raw(),
+    };
+    validate(&good).expect("the reference parameters are valid");
+    let bad: Vec<(&str, GemmParams, &str)> = vec![
+        (
+            "K % 8",
+            GemmParams {
+                k: 100,
+                lda: 104,
+                ldw: 104,
+                ..good
+            },
+            "multiple of 8",
+        ),
+        ("zero M", GemmParams { m: 0, ..good }, "positive"),
+        ("zero N", GemmParams { n: 0, ..good }, "positive"),
+        ("negative K", GemmParams { k: -8, ..good }, "positive"),
+        ("lda < K", GemmParams { lda: 120, ..good }, "lda"),
+        ("lda % 8", GemmParams { lda: 130, ..good }, "lda"),
+        ("ldw % 8", GemmParams { ldw: 129, ..good }, "ldw"),
+        ("ldo < N", GemmParams { ldo: 95, ..good }, "ldo"),
+        ("ldc < N", GemmParams { ldc: 90, ..good }, "ldc"),
+        ("ldg < N", GemmParams { ldg: 10, ..good }, "ldg"),
+        ("null A", GemmParams { a: 0, ..good }, "null pointer a"),
+        ("null W", GemmParams { w: 0, ..good }, "null pointer w"),
+        (
+            "null out",
+            GemmParams { out: 0, ..good },
+            "null pointer out",
+        ),
+        ("null gate", GemmParams { gate: 0, ..good }, "gate"),
+        ("misaligned A", GemmParams { a: 0x1008, ..good }, "aligned"),
+        ("misaligned W", GemmParams { w: 0x2002, ..good }, "aligned"),
+        (
+            "misaligned out",
+            GemmParams {
+                out: 0x4004,
+                ..good
+            },
+            "aligned",
+        ),
+        (
+            "misaligned bias",
+            GemmParams {
+                bias: 0x3002,
+                ..good
+            },
+            "aligned",
+        ),
+        (
+            "rows_per_gate 0",
+            GemmParams {
+                rows_per_gate: 0,
+                ..good
+            },
+            "rows_per_gate",
+        ),
+        (
+            "epilogue 7",
+            GemmParams {
+                epilogue: 7,
+                ..good
+            },
+            "unknown epilogue",
+        ),
+        (
+            "cache without residual",
+            GemmParams {
+                epilogue: Epilogue::BiasBf16.raw(),
+                ..good
+            },
+            "cache",
+        ),
+        (
+            "M too large",
+            GemmParams {
+                m: 65535 * 32 + 1,
+                ..good
+            },
+            "too large",
+        ),
+    ];
+    for (what, p, needle) in &bad {
+        let err = match validate(p) {
+            Ok(_) => panic!("{what}: accepted"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains(needle),
+            "{what}: error {err:?} does not mention {needle:?}"
+        );
+    }
+
+    // The launchers refuse them too, before touching the device; and the cuBLASLt scratch
+    // bound is enforced.
+    let Some(gpu) = test_gpu("gemm_rejects_bad_params") else {
+        return;
+    };
+    let eng = Engines::new(&gpu, 64 * 64).expect("GEMM engines");
+    for (what, p, needle) in &bad {
+        for v in VARIANTS {
+            let err = match eng.run(&gpu, v, p) {
+                Ok(()) => panic!("{what}: {v:?} launched"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(
+                err.contains(needle),
+                "{what} {v:?}: error {err:?} does not mention {needle:?}"
+            );
+        }
+    }
+    let c = case("scratch", 65, 64, 64, Epilogue::BiasGateResidual);
+    let h = host_case(&c, 7);
+    let dev = Dev::new(&gpu, &c, &h).expect("buffers");
+    let err = eng
+        .lt
+        .run_cublaslt_unfused(&gpu, &dev.params(&c))
+        .expect_err("M*N beyond the scratch must be refused");
+    assert!(format!("{err:#}").contains("scratch"), "{err:#}");
+    let err = eng
+        .custom
+        .run_cublaslt(&gpu, &dev.params(&c))
+        .expect_err("a custom Gemm has no cuBLASLt");
+    assert!(format!("{err:#}").contains("custom"), "{err:#}");
+    gpu.synchronize().expect("nothing was launched");
+}
