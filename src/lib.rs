@@ -11,3 +11,4 @@ pub mod io;
 pub mod rng;
 pub mod sampler;
 pub mod weights;
+pub mod cpu;

@@ -71,6 +71,9 @@ pub struct DitWeights {
     pub final_b: Vec<f32>,
 }
 
+/// A tensor's official key, its shape and its values.
+pub type NamedTensor<'a> = (String, Vec<usize>, &'a [f32]);
+
 /// The official key names and shapes of every tensor of `cfg`, in a fixed order.
 pub fn expected_tensors(cfg: &DitConfig) -> Vec<(String, Vec<usize>)> {
     let (d, c, p, m) = (cfg.hidden, cfg.in_channels, cfg.patch, cfg.mlp_hidden());
@@ -226,7 +229,7 @@ impl DitWeights {
     }
 
     /// Every tensor with its official key and shape.
-    pub fn named(&self, cfg: &DitConfig) -> Result<Vec<(String, Vec<usize>, &[f32])>> {
+    pub fn named(&self, cfg: &DitConfig) -> Result<Vec<NamedTensor<'_>>> {
         self.check(cfg)?;
         Ok(expected_tensors(cfg)
             .into_iter()
@@ -338,9 +341,8 @@ impl DitWeights {
         let result = safetensors::serialize_to_file(views, Some(cfg.to_metadata()), &tmp)
             .with_context(|| format!("writing checkpoint {}", tmp.display()))
             .and_then(|()| {
-                std::fs::rename(&tmp, path).with_context(|| {
-                    format!("renaming {} to {}", tmp.display(), path.display())
-                })
+                std::fs::rename(&tmp, path)
+                    .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
             });
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -355,8 +357,7 @@ impl DitWeights {
         let path = path.as_ref();
         let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-        Self::from_bytes(&bytes, arch)
-            .with_context(|| format!("checkpoint {}", path.display()))
+        Self::from_bytes(&bytes, arch).with_context(|| format!("checkpoint {}", path.display()))
     }
 
     /// [`DitWeights::load`] from the bytes of a safetensors file.
@@ -519,14 +520,15 @@ fn infer_config(
             }
         }
     }
-    ensure!(depth > 0, "no transformer blocks in the checkpoint (no blocks.0.* keys)");
+    ensure!(
+        depth > 0,
+        "no transformer blocks in the checkpoint (no blocks.0.* keys)"
+    );
 
     // MLP width from block 0 when it is a multiple of hidden; otherwise keep the official 4
     // and let the shape check name the tensor.
     let mlp_ratio = match st.tensor(FC1).map(|v| v.shape().to_vec()) {
-        Ok(s) if s.len() == 2 && s[1] == hidden && s[0] > 0 && s[0] % hidden == 0 => {
-            s[0] / hidden
-        }
+        Ok(s) if s.len() == 2 && s[1] == hidden && s[0] > 0 && s[0] % hidden == 0 => s[0] / hidden,
         _ => 4,
     };
 

@@ -1,0 +1,316 @@
+//! The CPU reference backend: f32, the official DiT maths step by step (see `model.rs`), the
+//! block GEMMs through the `gemm` crate and attention per (batch, head) on rayon.
+//!
+//! A workspace holds everything a sampling run touches (activations, modulations, the FORA
+//! cache of the model rows, the latents, the noise buffer), so steps allocate nothing of their
+//! own. Reuse steps are allocation-free and single-threaded; computing steps call `gemm`,
+//! which allocates a few small bookkeeping vectors per product.
+
+pub mod model;
+pub mod ops;
+
+use crate::backend::{
+    Backend, Guidance, GuidanceMode, NoiseSource, SamplePlan, StepMode, StepSpec, StepUpdate,
+};
+use crate::config::DitConfig;
+use crate::weights::DitWeights;
+use anyhow::{bail, ensure, Result};
+use model::{Activations, FeatureCache};
+
+/// The reference backend: a validated config and its weights.
+pub struct CpuBackend {
+    cfg: DitConfig,
+    weights: DitWeights,
+}
+
+/// Noise of a run, as the workspace keeps it.
+enum WorkspaceNoise {
+    Seed(u64),
+    /// `[S, B, C, H, W]`.
+    File(Vec<f32>),
+}
+
+/// Everything one sampling run needs, allocated by [`CpuBackend::workspace`].
+pub struct CpuWorkspace {
+    images: usize,
+    guidance: Option<Guidance>,
+    steps: usize,
+    /// Labels of the model rows: `[y; null]` with guidance, `y` without.
+    labels: Vec<usize>,
+    /// The step's timestep for every model row.
+    t_rows: Vec<i64>,
+    /// The sampler state, the B conditional rows `[B, C, H, W]`.
+    latents: Vec<f32>,
+    /// Model input `[rows, C, H, W]` (`[x; x]` with guidance).
+    model_in: Vec<f32>,
+    /// Guided model output of the conditional rows `[B, out_ch, H, W]`.
+    guided: Vec<f32>,
+    /// This step's noise `[B, C, H, W]`.
+    noise: Vec<f32>,
+    noise_source: WorkspaceNoise,
+    acts: Activations,
+    cache: FeatureCache,
+}
+
+impl CpuWorkspace {
+    /// The FORA cache of the model rows (for tests and inspection).
+    pub fn cache(&self) -> &FeatureCache {
+        &self.cache
+    }
+    /// The activations of the last step (its model output is `activations().out`).
+    pub fn activations(&self) -> &Activations {
+        &self.acts
+    }
+}
+
+/// Eps channels that guidance combines: the official code guides `model_out[:, :3]` whatever
+/// the channel count; the alternative guides the C eps channels.
+pub fn guided_channels(cfg: &DitConfig, mode: GuidanceMode) -> usize {
+    match mode {
+        GuidanceMode::Official3 => 3.min(cfg.out_channels()),
+        GuidanceMode::AllEps => cfg.in_channels,
+    }
+}
+
+impl CpuBackend {
+    /// Checks that `weights` fit `cfg` (sizes, finite values).
+    pub fn new(cfg: DitConfig, weights: DitWeights) -> Result<CpuBackend> {
+        weights.check(&cfg)?;
+        Ok(CpuBackend { cfg, weights })
+    }
+
+    pub fn weights(&self) -> &DitWeights {
+        &self.weights
+    }
+
+    /// A plain forward into caller-owned buffers: `Compute` fills `cache` when given, `Reuse`
+    /// reads it (see [`model::forward`]). The output is `acts.out`.
+    pub fn forward_into(
+        &self,
+        acts: &mut Activations,
+        cache: Option<&mut FeatureCache>,
+        mode: StepMode,
+        x: &[f32],
+        t: &[i64],
+        y: &[usize],
+    ) -> Result<()> {
+        model::forward(&self.cfg, &self.weights, acts, cache, mode, x, t, y)
+    }
+}
+
+impl Backend for CpuBackend {
+    type Workspace = CpuWorkspace;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn config(&self) -> &DitConfig {
+        &self.cfg
+    }
+
+    fn workspace(&self, plan: &SamplePlan) -> Result<CpuWorkspace> {
+        let cfg = &self.cfg;
+        let b = plan.images();
+        ensure!(b > 0, "a sampling run needs at least one class");
+        if let Some(&bad) = plan.classes.iter().find(|&&c| c >= cfg.num_classes) {
+            bail!(
+                "class {bad} out of range: the model has classes 0..{}",
+                cfg.num_classes - 1
+            );
+        }
+        ensure!(plan.steps > 0, "a sampling run needs at least one step");
+        if let Some(g) = plan.guidance {
+            ensure!(g.scale.is_finite(), "cfg scale {} is not finite", g.scale);
+        }
+        let img = cfg.image_len();
+        let mut latents = vec![0f32; b * img];
+        let noise_source = match &plan.noise {
+            NoiseSource::Seed(s) => {
+                crate::rng::fill_normal(*s, 0, &mut latents);
+                WorkspaceNoise::Seed(*s)
+            }
+            NoiseSource::File { x_t, noise } => {
+                ensure!(
+                    x_t.len() == b * img,
+                    "noise file x_T has {} values, expected [{b}, {}, {}, {}] = {}",
+                    x_t.len(),
+                    cfg.in_channels,
+                    cfg.input_size,
+                    cfg.input_size,
+                    b * img
+                );
+                ensure!(
+                    noise.len() == plan.steps * b * img,
+                    "noise file noise has {} values, expected [{}, {b}, {}, {}, {}] = {}",
+                    noise.len(),
+                    plan.steps,
+                    cfg.in_channels,
+                    cfg.input_size,
+                    cfg.input_size,
+                    plan.steps * b * img
+                );
+                ensure!(
+                    x_t.iter().chain(noise).all(|v| v.is_finite()),
+                    "noise file holds non-finite values"
+                );
+                latents.copy_from_slice(x_t);
+                WorkspaceNoise::File(noise.clone())
+            }
+        };
+        let rows = plan.model_rows();
+        let mut labels = plan.classes.clone();
+        if plan.guidance.is_some() {
+            labels.extend(std::iter::repeat_n(cfg.null_class(), b));
+        }
+        Ok(CpuWorkspace {
+            images: b,
+            guidance: plan.guidance,
+            steps: plan.steps,
+            labels,
+            t_rows: vec![0; rows],
+            latents,
+            model_in: vec![0.0; rows * img],
+            guided: vec![0.0; b * cfg.out_len()],
+            noise: vec![0.0; b * img],
+            noise_source,
+            acts: Activations::new(cfg, rows)?,
+            cache: FeatureCache::new(cfg, rows),
+        })
+    }
+
+    fn step(&self, ws: &mut CpuWorkspace, step: &StepSpec) -> Result<()> {
+        let cfg = &self.cfg;
+        ensure!(
+            step.k < ws.steps,
+            "step {} is past the {} steps this workspace was planned for",
+            step.k,
+            ws.steps
+        );
+        if step.mode == StepMode::Reuse {
+            ensure!(
+                ws.cache.valid,
+                "step {}: a reuse step needs a computing step before it (the first step must compute)",
+                step.k
+            );
+        }
+        let img = cfg.image_len();
+        for half in ws.model_in.chunks_exact_mut(ws.images * img) {
+            half.copy_from_slice(&ws.latents);
+        }
+        ws.t_rows.iter_mut().for_each(|t| *t = step.t);
+        model::forward(
+            cfg,
+            &self.weights,
+            &mut ws.acts,
+            Some(&mut ws.cache),
+            step.mode,
+            &ws.model_in,
+            &ws.t_rows,
+            &ws.labels,
+        )?;
+        let model_out: &[f32] = match ws.guidance {
+            Some(g) => {
+                ops::guide(
+                    &ws.acts.out,
+                    2 * ws.images,
+                    cfg.out_channels(),
+                    cfg.input_size * cfg.input_size,
+                    guided_channels(cfg, g.mode),
+                    g.scale,
+                    &mut ws.guided,
+                );
+                &ws.guided
+            }
+            None => &ws.acts.out,
+        };
+        let add_noise = match step.update {
+            StepUpdate::Ddpm { add_noise, .. } | StepUpdate::Ddim { add_noise, .. } => add_noise,
+        };
+        if add_noise {
+            match &ws.noise_source {
+                WorkspaceNoise::Seed(s) => {
+                    crate::rng::fill_normal(*s, step.k as u64 + 1, &mut ws.noise)
+                }
+                WorkspaceNoise::File(all) => {
+                    let len = ws.noise.len();
+                    ws.noise
+                        .copy_from_slice(&all[step.k * len..(step.k + 1) * len]);
+                }
+            }
+        }
+        crate::diffusion::apply_update(
+            &step.update,
+            cfg.learn_sigma,
+            cfg.in_channels,
+            cfg.input_size * cfg.input_size,
+            &mut ws.latents,
+            model_out,
+            &ws.noise,
+        );
+        Ok(())
+    }
+
+    fn latents(&self, ws: &mut CpuWorkspace) -> Result<Vec<f32>> {
+        Ok(ws.latents.clone())
+    }
+
+    fn forward(
+        &self,
+        x: &[f32],
+        t: &[i64],
+        y: &[usize],
+        guidance: Option<Guidance>,
+    ) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let n = t.len();
+        ensure!(n > 0, "a forward needs at least one row");
+        model::check_inputs(cfg, n, x, t, y)?;
+        let mut acts = Activations::new(cfg, n)?;
+        let Some(g) = guidance else {
+            model::forward(
+                cfg,
+                &self.weights,
+                &mut acts,
+                None,
+                StepMode::Compute,
+                x,
+                t,
+                y,
+            )?;
+            return Ok(acts.out);
+        };
+        // The official forward_with_cfg: the model runs on [half; half] with the given t, y;
+        // the guided channels of both halves become the guided eps of the conditional rows,
+        // every other channel keeps its own row's value.
+        ensure!(
+            n.is_multiple_of(2),
+            "forward with guidance needs an even number of rows (conditional half first), got {n}"
+        );
+        ensure!(g.scale.is_finite(), "cfg scale {} is not finite", g.scale);
+        let half = &x[..n / 2 * cfg.image_len()];
+        let combined = [half, half].concat();
+        model::forward(
+            cfg,
+            &self.weights,
+            &mut acts,
+            None,
+            StepMode::Compute,
+            &combined,
+            t,
+            y,
+        )?;
+        let (out_ch, hw) = (cfg.out_channels(), cfg.input_size * cfg.input_size);
+        let mut guided = vec![0f32; n / 2 * cfg.out_len()];
+        let channels = guided_channels(cfg, g.mode);
+        ops::guide(&acts.out, n, out_ch, hw, channels, g.scale, &mut guided);
+        let mut out = acts.out;
+        let img = cfg.out_len();
+        for half_out in out.chunks_exact_mut(n / 2 * img) {
+            for (o, gr) in half_out.chunks_exact_mut(img).zip(guided.chunks_exact(img)) {
+                o[..channels * hw].copy_from_slice(&gr[..channels * hw]);
+            }
+        }
+        Ok(out)
+    }
+}
