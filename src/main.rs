@@ -1,1 +1,511 @@
-fn main() {}
+//! The `fora` command line: `fora forward`, `fora sample`, `fora info`.
+//!
+//! Every bad input ends in a clear message on stderr and a non-zero exit; outputs are written
+//! whole or not at all (temporary file + rename, see `fora::io`).
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fora::backend::{Backend, Guidance, GuidanceMode, NoiseSource};
+use fora::cache::policy_for_interval;
+use fora::config::{Arch, DitConfig};
+use fora::cpu::CpuBackend;
+use fora::diffusion::SamplerKind;
+use fora::io::{write_tensors, OutTensor, TensorFile};
+use fora::sampler::{Sampler, SamplerOptions, Samples, StepEvent};
+use fora::weights::DitWeights;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fora",
+    version,
+    about = "DiT (Diffusion Transformer) inference with FORA step caching"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// One model forward on given tensors (x, t, y); writes `out` (and `out_cfg` with --cfg-scale).
+    Forward(ForwardArgs),
+    /// Samples latents for the given classes; writes `samples` [B, C, H, W] f32.
+    Sample(SampleArgs),
+    /// The build (kernels compiled or not, for which GPU architectures) and the GPUs seen.
+    Info,
+}
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Device {
+    /// CUDA when a usable GPU and the CUDA backend exist, else the CPU.
+    Auto,
+    /// The f32 CPU reference.
+    Cpu,
+    /// The CUDA backend.
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum CfgMode {
+    /// Guide eps channels 0..2 only, as the official DiT code.
+    Official,
+    /// Guide all eps channels.
+    All,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum SamplerChoice {
+    Ddpm,
+    Ddim,
+}
+
+#[derive(Args, Clone, Debug)]
+struct ModelArgs {
+    /// Checkpoint (safetensors, official DiT key layout; f32, f16 or bf16).
+    #[arg(long, value_name = "CKPT")]
+    model: Option<PathBuf>,
+    /// Architecture (`DiT-XL/2`, or `depth=..,hidden=..,heads=..,patch=..`) when the checkpoint's
+    /// metadata does not record it.
+    #[arg(long)]
+    arch: Option<String>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
+#[derive(Args, Debug)]
+struct ForwardArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// safetensors with `x` [N, C, H, W] f32, `t` [N] int64 (0..999), `y` [N] int64
+    /// (num_classes = the null class).
+    #[arg(long, value_name = "IN")]
+    input: PathBuf,
+    /// Output safetensors: `out` [N, out_ch, H, W] f32 (+ `out_cfg` with --cfg-scale).
+    #[arg(long, value_name = "OUT")]
+    out: PathBuf,
+    /// Also run forward_with_cfg at this scale (N even; the first half are the conditional rows).
+    #[arg(long)]
+    cfg_scale: Option<f32>,
+    /// Which channels guidance combines.
+    #[arg(long, value_enum, default_value_t = CfgMode::Official, requires = "cfg_scale")]
+    cfg_mode: CfgMode,
+}
+
+#[derive(Args, Debug)]
+struct SampleArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Class id of an image to sample (repeat for a batch).
+    #[arg(long = "class", value_name = "ID", required = true)]
+    classes: Vec<usize>,
+    /// Sampling steps (respacing of the 1000-step process at the official fractional stride).
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    steps: u64,
+    /// Explicit official respacing string instead of --steps (`250`, `ddim50`, `10,20,30`).
+    #[arg(long, conflicts_with = "steps")]
+    respacing: Option<String>,
+    /// Reverse process.
+    #[arg(long, value_enum, default_value_t = SamplerChoice::Ddpm)]
+    sampler: SamplerChoice,
+    /// DDIM eta (0 = deterministic); DDIM only.
+    #[arg(long)]
+    eta: Option<f64>,
+    /// Classifier-free guidance scale; absent or 1.0 means no guidance (batch B), otherwise the
+    /// model runs on 2B rows.
+    #[arg(long)]
+    cfg_scale: Option<f32>,
+    /// Which channels guidance combines.
+    #[arg(long, value_enum, default_value_t = CfgMode::Official, requires = "cfg_scale")]
+    cfg_mode: CfgMode,
+    /// FORA static cache interval N: compute when i == S-1 or i % N == 0 (1 = no caching).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    cache_interval: u64,
+    /// Seed of the project's Philox noise (x_T: stream 0, step k: stream k+1).
+    #[arg(long, conflicts_with = "noise_file")]
+    seed: Option<u64>,
+    /// safetensors with `x_T` [B, C, H, W] f32 and `noise` [S, B, C, H, W] f32.
+    #[arg(long, value_name = "NOISE")]
+    noise_file: Option<PathBuf>,
+    /// Output safetensors: `samples` [B, C, H, W] f32.
+    #[arg(long, value_name = "OUT")]
+    out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Forward(args) => forward(args),
+        Command::Sample(args) => sample(args),
+        Command::Info => info(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Work that runs on any backend; [`run_on`] picks the backend (monomorphised per backend, so
+/// the sampler loop stays static).
+trait Job {
+    fn run<B: Backend>(self, backend: &B) -> Result<()>;
+}
+
+/// Loads the model and runs `job` on the chosen device.
+fn run_on<J: Job>(model: &ModelArgs, job: J) -> Result<()> {
+    let (cfg, weights) = load_model(model)?;
+    match model.device {
+        // The CUDA backend plugs in here: Auto picks it when a device is usable.
+        Device::Auto | Device::Cpu => job.run(&CpuBackend::new(cfg, weights)?),
+        Device::Cuda => bail!(
+            "--device cuda: the CUDA backend is not built yet in this version of fora; use --device cpu"
+        ),
+    }
+}
+
+fn load_model(model: &ModelArgs) -> Result<(DitConfig, DitWeights)> {
+    let arch = model.arch.as_deref().map(Arch::parse).transpose()?;
+    let Some(path) = &model.model else {
+        bail!(
+            "no --model given: fora has no embedded default model yet; pass --model CKPT.safetensors \
+             (`cargo run --release --example sample` writes a random-weight DiT-S/2 you can use)"
+        );
+    };
+    DitWeights::load(path, arch.as_ref())
+}
+
+/// Fails before any long computation when the output could not be written.
+fn check_output_path(out: &Path) -> Result<()> {
+    ensure!(
+        out.file_name().is_some() && !out.is_dir(),
+        "--out {}: not a file path",
+        out.display()
+    );
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        ensure!(
+            dir.is_dir(),
+            "--out {}: directory {} does not exist",
+            out.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn guidance(scale: Option<f32>, mode: CfgMode) -> Result<Option<Guidance>> {
+    let Some(scale) = scale else { return Ok(None) };
+    ensure!(
+        scale.is_finite(),
+        "--cfg-scale must be a finite number, got {scale}"
+    );
+    let mode = match mode {
+        CfgMode::Official => GuidanceMode::Official3,
+        CfgMode::All => GuidanceMode::AllEps,
+    };
+    Ok(Some(Guidance { scale, mode }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// fora forward
+
+struct ForwardJob {
+    input: PathBuf,
+    out: PathBuf,
+    guidance: Option<Guidance>,
+}
+
+fn forward(args: ForwardArgs) -> Result<()> {
+    check_output_path(&args.out)?;
+    let job = ForwardJob {
+        input: args.input,
+        out: args.out,
+        guidance: guidance(args.cfg_scale, args.cfg_mode)?,
+    };
+    run_on(&args.model, job)
+}
+
+impl Job for ForwardJob {
+    fn run<B: Backend>(self, backend: &B) -> Result<()> {
+        let cfg = backend.config();
+        let file = TensorFile::open(&self.input).context("--input")?;
+        let x = file.f32("x", 4)?;
+        let t = file.i64("t", 1)?;
+        let y = file.i64("y", 1)?;
+        let n = x.shape[0];
+        let (c, s) = (cfg.in_channels, cfg.input_size);
+        ensure!(
+            x.shape[1..] == [c, s, s],
+            "{}: x has shape {:?}, the model expects [N, {c}, {s}, {s}]",
+            self.input.display(),
+            x.shape
+        );
+        ensure!(n > 0, "{}: x holds no rows (N = 0)", self.input.display());
+        ensure!(
+            t.shape == [n] && y.shape == [n],
+            "{}: t {:?} and y {:?} must both be [N] = [{n}] to match x",
+            self.input.display(),
+            t.shape,
+            y.shape
+        );
+        if let Some((j, &v)) = t
+            .data
+            .iter()
+            .enumerate()
+            .find(|(_, &v)| !(0..1000).contains(&v))
+        {
+            bail!(
+                "{}: t[{j}] = {v} is outside the timesteps 0..999",
+                self.input.display()
+            );
+        }
+        let null = cfg.null_class() as i64;
+        if let Some((j, &v)) = y
+            .data
+            .iter()
+            .enumerate()
+            .find(|(_, &v)| !(0..=null).contains(&v))
+        {
+            bail!(
+                "{}: y[{j}] = {v} is outside the labels 0..={null} ({null} = the null class)",
+                self.input.display()
+            );
+        }
+        let labels: Vec<usize> = y.data.iter().map(|&v| v as usize).collect();
+        if self.guidance.is_some() {
+            ensure!(
+                n % 2 == 0,
+                "--cfg-scale: forward_with_cfg needs an even N (conditional rows, then unconditional), got N = {n}"
+            );
+        }
+        let out = backend.forward(&x.data, &t.data, &labels, None)?;
+        let out_shape = [n, cfg.out_channels(), s, s];
+        let out_cfg = match self.guidance {
+            Some(g) => Some(backend.forward(&x.data, &t.data, &labels, Some(g))?),
+            None => None,
+        };
+        let mut tensors = vec![("out", OutTensor::F32(&out_shape, &out))];
+        if let Some(o) = &out_cfg {
+            tensors.push(("out_cfg", OutTensor::F32(&out_shape, o)));
+        }
+        let mut meta = cfg.to_metadata();
+        if let Some(g) = self.guidance {
+            meta.insert("fora.cfg_scale".into(), g.scale.to_string());
+            meta.insert("fora.cfg_mode".into(), format!("{:?}", g.mode));
+        }
+        write_tensors(&self.out, &tensors, Some(meta))?;
+        eprintln!(
+            "fora: forward of {n} rows on {} -> {}",
+            backend.name(),
+            self.out.display()
+        );
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fora sample
+
+struct SampleJob {
+    args: SampleArgs,
+    options: SamplerOptions,
+}
+
+fn sample(args: SampleArgs) -> Result<()> {
+    check_output_path(&args.out)?;
+    let kind = match (args.sampler, args.eta) {
+        (SamplerChoice::Ddpm, None) => SamplerKind::Ddpm,
+        (SamplerChoice::Ddpm, Some(_)) => bail!("--eta applies to --sampler ddim only"),
+        (SamplerChoice::Ddim, eta) => {
+            let eta = eta.unwrap_or(0.0);
+            ensure!(
+                eta.is_finite() && eta >= 0.0,
+                "--eta must be a finite number >= 0, got {eta}"
+            );
+            SamplerKind::Ddim { eta }
+        }
+    };
+    // Scale 1.0 is the unguided model exactly; run it on B rows, not 2B.
+    let scale = args.cfg_scale.filter(|&s| s != 1.0);
+    let options = SamplerOptions {
+        respacing: args
+            .respacing
+            .clone()
+            .unwrap_or_else(|| args.steps.to_string()),
+        kind,
+        guidance: guidance(scale, args.cfg_mode)?,
+    };
+    let model = args.model.clone();
+    let job = SampleJob { args, options };
+    run_on(&model, job)
+}
+
+/// Reads a noise file for `images` images of `cfg` over `steps` steps.
+fn read_noise_file(
+    path: &Path,
+    cfg: &DitConfig,
+    images: usize,
+    steps: usize,
+) -> Result<NoiseSource> {
+    let file = TensorFile::open(path).context("--noise-file")?;
+    let x_t = file.f32("x_T", 4)?;
+    let noise = file.f32("noise", 5)?;
+    let (c, s) = (cfg.in_channels, cfg.input_size);
+    ensure!(
+        x_t.shape == [images, c, s, s],
+        "{}: x_T has shape {:?}, expected [B={images}, C={c}, H={s}, W={s}] for {images} class(es)",
+        path.display(),
+        x_t.shape
+    );
+    ensure!(
+        noise.shape == [steps, images, c, s, s],
+        "{}: noise has shape {:?}, expected [S={steps}, B={images}, C={c}, H={s}, W={s}]",
+        path.display(),
+        noise.shape
+    );
+    Ok(NoiseSource::File {
+        x_t: x_t.data,
+        noise: noise.data,
+    })
+}
+
+impl Job for SampleJob {
+    fn run<B: Backend>(self, backend: &B) -> Result<()> {
+        let args = &self.args;
+        let sampler = Sampler::new(backend, self.options.clone())?;
+        let steps = sampler.steps();
+        let noise = match &args.noise_file {
+            Some(path) => read_noise_file(path, backend.config(), args.classes.len(), steps)?,
+            None => NoiseSource::Seed(args.seed.unwrap_or(0)),
+        };
+        let mut policy = policy_for_interval(args.cache_interval as usize)?;
+        let bar = if args.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(steps as u64)
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} steps  {msg}  (eta {eta})",
+            )
+            .context("progress bar template")?,
+        );
+        let (mut computed, mut reused) = (0usize, 0usize);
+        let samples: Samples = sampler.sample_with_progress(
+            &args.classes,
+            noise,
+            policy.as_mut(),
+            &mut |e: &StepEvent| {
+                match e.mode {
+                    fora::backend::StepMode::Compute => computed += 1,
+                    fora::backend::StepMode::Reuse => reused += 1,
+                }
+                bar.set_message(format!("{computed} computed, {reused} reused"));
+                bar.inc(1);
+            },
+        )?;
+        bar.finish_and_clear();
+        let cfg = backend.config();
+        let mut meta: HashMap<String, String> = cfg.to_metadata();
+        meta.insert("fora.respacing".into(), self.options.respacing.clone());
+        meta.insert("fora.sampler".into(), format!("{:?}", self.options.kind));
+        meta.insert("fora.cache".into(), samples.stats.policy.clone());
+        meta.insert(
+            "fora.classes".into(),
+            args.classes
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        if let Some(g) = self.options.guidance {
+            meta.insert("fora.cfg_scale".into(), g.scale.to_string());
+            meta.insert("fora.cfg_mode".into(), format!("{:?}", g.mode));
+        }
+        match &args.noise_file {
+            Some(p) => meta.insert("fora.noise_file".into(), p.display().to_string()),
+            None => meta.insert("fora.seed".into(), args.seed.unwrap_or(0).to_string()),
+        };
+        write_tensors(
+            &args.out,
+            &[("samples", OutTensor::F32(&samples.shape, &samples.latents))],
+            Some(meta),
+        )?;
+        let st = &samples.stats;
+        eprintln!(
+            "fora: {} image(s), {} steps ({} computed, {} reused, {}) on {} in {:.2} s -> {}",
+            samples.shape[0],
+            st.steps,
+            st.computed,
+            st.reused,
+            st.policy,
+            st.backend,
+            st.wall.as_secs_f64(),
+            args.out.display()
+        );
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fora info
+
+fn info() -> Result<()> {
+    println!("fora {}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "cpu backend: f32 reference, {} threads",
+        rayon::current_num_threads()
+    );
+    if fora::cuda::kernels::available() {
+        let modules: Vec<&str> = fora::cuda::kernels::MODULES.iter().map(|m| m.0).collect();
+        println!(
+            "cuda kernels: compiled by {} for {} ({} modules: {})",
+            fora::cuda::kernels::NVCC_VERSION,
+            fora::cuda::kernels::ARCHS.join(", "),
+            modules.len(),
+            modules.join(", ")
+        );
+    } else {
+        println!(
+            "cuda kernels: not compiled into this binary ({})",
+            fora::cuda::kernels::MISSING_REASON
+        );
+    }
+    println!("cuda backend: not built yet (sampling runs on the cpu backend)");
+    match gpus_seen() {
+        Ok(gpus) if gpus.is_empty() => println!("gpus: none seen"),
+        Ok(gpus) => {
+            for g in gpus {
+                println!("gpu: {g}");
+            }
+        }
+        Err(e) => println!("gpus: cannot query the CUDA driver: {e:#}"),
+    }
+    Ok(())
+}
+
+/// The GPUs the CUDA driver reports, as "index: name (sm_XY)". Never panics without a driver.
+fn gpus_seen() -> Result<Vec<String>> {
+    let count = fora::cuda::device::device_count()?;
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let ctx = cudarc::driver::CudaContext::new(i)
+            .with_context(|| format!("cannot open device {i}"))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown".into());
+        let (major, minor) = ctx
+            .compute_capability()
+            .with_context(|| format!("device {i}: compute capability"))?;
+        out.push(format!("{i}: {name} (sm_{major}{minor})"));
+    }
+    Ok(out)
+}
