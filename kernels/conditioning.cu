@@ -35,16 +35,16 @@ extern "C" __global__ void silu_f32_bf16(const SiluParams p) {
     }
 }
 
-// blockIdx.y = row, threads over dim.
+// blockIdx.x = row (rows of all steps may exceed grid y's 65535), blockIdx.y x threads over dim.
 extern "C" __global__ void label_silu(const LabelSiluParams p) {
-    const int r = blockIdx.y;
+    const int r = blockIdx.x;
     if (r >= p.rows) return;
     int y = reinterpret_cast<const int*>(p.labels)[r];
     y = min(max(y, 0), p.num_labels - 1);  // defensive: the host has validated the labels
     const float* t_emb = reinterpret_cast<const float*>(p.t_emb) + (size_t)r * p.ld_t;
     const float* emb = reinterpret_cast<const float*>(p.table) + (size_t)y * p.dim;
     __nv_bfloat16* out = reinterpret_cast<__nv_bfloat16*>(p.out) + (size_t)r * p.ldo;
-    for (int d = blockIdx.x * blockDim.x + threadIdx.x; d < p.dim; d += gridDim.x * blockDim.x) {
+    for (int d = blockIdx.y * blockDim.x + threadIdx.x; d < p.dim; d += gridDim.y * blockDim.x) {
         out[d] = f32_to_bf16(silu(__fadd_rn(t_emb[d], emb[d])));
     }
 }

@@ -21,7 +21,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) fora_reuse(const ForaReus
     const long long total = (long long)p.rows * p.tokens * p.dim;
     float* x = reinterpret_cast<float*>(p.x);
     const __nv_bfloat16* cache = reinterpret_cast<const __nv_bfloat16*>(p.cache);
-    const float* mod = reinterpret_cast<const float*>(p.mod);
+    const float* mod = reinterpret_cast<const float*>(p.modulation);
     const long long per_row = (long long)p.tokens * p.dim;  // elements of one model row
     // Vector path when the 8 elements of a thread share a token row and every address is
     // 16-byte aligned (DiT: dim is a multiple of 64, the table's columns of 4).

@@ -17,7 +17,7 @@ struct Row {
 
 FORA_DEVICE Row row_of(const LayerNormModulateParams& p, long long token) {
     const long long model_row = token / p.tokens;
-    const float* mod = reinterpret_cast<const float*>(p.mod) + model_row * p.ld_mod;
+    const float* mod = reinterpret_cast<const float*>(p.modulation) + model_row * p.ld_mod;
     Row r;
     r.x = reinterpret_cast<const float*>(p.x) + token * p.dim;
     r.shift = mod + p.shift_col;

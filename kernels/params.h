@@ -103,11 +103,11 @@ typedef struct PatchEmbedParams {
 } PatchEmbedParams;
 
 /* LayerNorm (eps, no affine, f32 statistics) + modulate: out = LN(x) * (1 + scale) + shift,
- * shift/scale of model row r = mod[r * ld_mod + shift_col + d], mod[r * ld_mod + scale_col + d];
+ * shift/scale of model row r = modulation[r * ld_mod + shift_col + d], ..[.. + scale_col + d];
  * the `tokens` consecutive token rows of a model row share them. Kernel layernorm_modulate. */
 typedef struct LayerNormModulateParams {
     fora_ptr x;        /* f32 [rows * tokens, dim] */
-    fora_ptr mod;      /* f32 [rows, ld_mod] (the adaLN modulation table) */
+    fora_ptr modulation; /* f32 [rows, ld_mod] (the adaLN modulation table) */
     fora_ptr out;      /* bf16 [rows * tokens, dim] */
     int rows, tokens, dim;
     int ld_mod, shift_col, scale_col;
@@ -117,12 +117,12 @@ typedef struct LayerNormModulateParams {
 /* FORA reuse step: for l in 0..layers, in order, in f32:
  *   x += gate_msa_l * A_l;  x += gate_mlp_l * M_l
  * A_l = cache + (2l) * slab, M_l = cache + (2l + 1) * slab (bf16 [rows * tokens, dim] each);
- * gate_msa_l of model row r = mod[r * ld_mod + l * layer_cols + gate_msa_col + d] (likewise mlp).
+ * gate_msa_l of model row r = modulation[r * ld_mod + l * layer_cols + gate_msa_col + d] (likewise mlp).
  * Kernel fora_reuse. */
 typedef struct ForaReuseParams {
     fora_ptr x;        /* f32 [rows * tokens, dim], updated in place */
     fora_ptr cache;    /* bf16 [layers][2][slab] */
-    fora_ptr mod;      /* f32 [rows, ld_mod] */
+    fora_ptr modulation; /* f32 [rows, ld_mod] */
     long long slab;    /* elements between consecutive cache slabs, >= rows * tokens * dim */
     int rows, tokens, dim, layers;
     int ld_mod;

@@ -9,7 +9,7 @@ use super::kernels;
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{
     sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    DriverError, ValidAsZeroBits,
+    DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -248,6 +248,31 @@ impl Gpu {
         self.allocations.load(Ordering::Relaxed)
     }
 
+    /// Launches kernel `name` on the stream with one parameter struct by value.
+    ///
+    /// # Safety
+    /// `params` must describe memory the kernel may read and write for this grid (the
+    /// launchers validate sizes, pointers and alignment before calling this).
+    pub unsafe fn launch<P: DeviceRepr>(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_mem_bytes: u32,
+        params: &P,
+    ) -> Result<()> {
+        let f = self.function(name)?;
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: block,
+            shared_mem_bytes,
+        };
+        // SAFETY: forwarded to the caller (see above).
+        unsafe { self.stream.launch_builder(&f).arg(params).launch(cfg) }
+            .map(|_| ())
+            .with_context(|| format!("launching kernel {name} (grid {grid:?}, block {block:?})"))
+    }
+
     /// Waits for all work on the stream; reports an asynchronous kernel fault as an error.
     pub fn synchronize(&self) -> Result<()> {
         self.stream
@@ -296,4 +321,30 @@ pub fn dptr<T>(s: &CudaSlice<T>) -> u64 {
 /// The raw device address of element `offset` of a slice (a sub-buffer for a kernel).
 pub fn dptr_at<T>(s: &CudaSlice<T>, offset: usize) -> u64 {
     dptr(s) + (offset * std::mem::size_of::<T>()) as u64
+}
+
+/// Launcher validation: `ptr` is a non-null device address aligned to `align` bytes.
+pub fn check_ptr(kernel: &str, field: &str, ptr: u64, align: u64) -> Result<()> {
+    ensure!(ptr != 0, "{kernel}: {field} pointer is null");
+    ensure!(
+        ptr.is_multiple_of(align),
+        "{kernel}: {field} pointer {ptr:#x} is not {align}-byte aligned"
+    );
+    Ok(())
+}
+
+/// Launcher validation: a dimension is positive.
+pub fn check_positive(kernel: &str, field: &str, v: i64) -> Result<()> {
+    ensure!(v > 0, "{kernel}: {field} must be > 0, got {v}");
+    Ok(())
+}
+
+/// Blocks of `per_block` items covering `items`, as a grid x dimension (at most 2^31 - 1).
+pub fn grid_x(kernel: &str, items: i64, per_block: i64) -> Result<u32> {
+    let blocks = (items.max(0) + per_block - 1) / per_block;
+    ensure!(
+        blocks <= i32::MAX as i64,
+        "{kernel}: {items} items need {blocks} blocks, more than a grid holds (split the launch)"
+    );
+    Ok(blocks.max(1) as u32)
 }

@@ -2,11 +2,16 @@
 //! a device layer over cudarc ([`device::Gpu`]), one launcher per kernel, and test helpers.
 
 pub mod attention;
+pub mod conditioning;
 pub mod cublaslt;
 pub mod device;
+pub mod embed;
+pub mod fora;
 pub mod gemm;
 pub mod kernels;
+pub mod norm;
 pub mod params;
+pub mod sampler;
 pub mod testing;
 
 pub use device::{dptr, Gpu};

@@ -346,7 +346,7 @@ const _: () = {
 #[derive(Debug, Default, Copy, Clone)]
 pub struct LayerNormModulateParams {
     pub x: fora_ptr,
-    pub mod_: fora_ptr,
+    pub modulation: fora_ptr,
     pub out: fora_ptr,
     pub rows: ::std::os::raw::c_int,
     pub tokens: ::std::os::raw::c_int,
@@ -368,8 +368,8 @@ const _: () = {
         "Offset of field: LayerNormModulateParams::x",
     ][::std::mem::offset_of!(LayerNormModulateParams, x) - 0usize];
     [
-        "Offset of field: LayerNormModulateParams::mod_",
-    ][::std::mem::offset_of!(LayerNormModulateParams, mod_) - 8usize];
+        "Offset of field: LayerNormModulateParams::modulation",
+    ][::std::mem::offset_of!(LayerNormModulateParams, modulation) - 8usize];
     [
         "Offset of field: LayerNormModulateParams::out",
     ][::std::mem::offset_of!(LayerNormModulateParams, out) - 16usize];
@@ -400,7 +400,7 @@ const _: () = {
 pub struct ForaReuseParams {
     pub x: fora_ptr,
     pub cache: fora_ptr,
-    pub mod_: fora_ptr,
+    pub modulation: fora_ptr,
     pub slab: ::std::os::raw::c_longlong,
     pub rows: ::std::os::raw::c_int,
     pub tokens: ::std::os::raw::c_int,
@@ -422,8 +422,8 @@ const _: () = {
         "Offset of field: ForaReuseParams::cache",
     ][::std::mem::offset_of!(ForaReuseParams, cache) - 8usize];
     [
-        "Offset of field: ForaReuseParams::mod_",
-    ][::std::mem::offset_of!(ForaReuseParams, mod_) - 16usize];
+        "Offset of field: ForaReuseParams::modulation",
+    ][::std::mem::offset_of!(ForaReuseParams, modulation) - 16usize];
     [
         "Offset of field: ForaReuseParams::slab",
     ][::std::mem::offset_of!(ForaReuseParams, slab) - 24usize];

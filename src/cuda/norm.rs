@@ -1,0 +1,53 @@
+//! Launcher of `kernels/norm.cu`: LayerNorm (no affine, eps, f32 statistics) + adaLN modulate,
+//! the f32 residual stream -> the bf16 input of the next GEMM. One warp per token row.
+
+use super::device::{check_positive, check_ptr, grid_x, Gpu};
+use super::params::LayerNormModulateParams;
+use anyhow::{ensure, Result};
+
+/// Token rows per block (kWarps in norm.cu).
+const WARPS: u32 = 8;
+
+/// Validates `p` and returns the grid of [`layernorm_modulate`].
+pub fn layernorm_modulate_plan(p: &LayerNormModulateParams) -> Result<(u32, u32, u32)> {
+    const K: &str = "layernorm_modulate";
+    check_positive(K, "rows", p.rows.into())?;
+    check_positive(K, "tokens", p.tokens.into())?;
+    check_positive(K, "dim", p.dim.into())?;
+    ensure!(
+        p.shift_col >= 0 && p.scale_col >= 0,
+        "{K}: shift_col {} and scale_col {} must be >= 0",
+        p.shift_col,
+        p.scale_col
+    );
+    ensure!(
+        p.shift_col as i64 + p.dim as i64 <= p.ld_mod as i64
+            && p.scale_col as i64 + p.dim as i64 <= p.ld_mod as i64,
+        "{K}: shift/scale columns {}/{} + dim {} exceed the modulation row length ld_mod {}",
+        p.shift_col,
+        p.scale_col,
+        p.dim,
+        p.ld_mod
+    );
+    ensure!(
+        p.eps.is_finite() && p.eps > 0.0,
+        "{K}: eps must be finite and > 0, got {}",
+        p.eps
+    );
+    // The kernel takes its float4 path exactly when these dims allow it; then the base
+    // pointers must be 16-byte (x, mod) and 8-byte (out) aligned.
+    let vec = p.dim % 4 == 0 && p.ld_mod % 4 == 0 && p.shift_col % 4 == 0 && p.scale_col % 4 == 0;
+    let (a_in, a_out) = if vec { (16, 8) } else { (4, 2) };
+    check_ptr(K, "x", p.x, a_in)?;
+    check_ptr(K, "mod", p.modulation, a_in)?;
+    check_ptr(K, "out", p.out, a_out)?;
+    let tokens = p.rows as i64 * p.tokens as i64;
+    Ok((grid_x(K, tokens, WARPS as i64)?, 1, 1))
+}
+
+/// `out = bf16(LN(x) * (1 + scale) + shift)` per token row.
+pub fn layernorm_modulate(gpu: &Gpu, p: &LayerNormModulateParams) -> Result<()> {
+    let grid = layernorm_modulate_plan(p)?;
+    // SAFETY: validated above.
+    unsafe { gpu.launch("layernorm_modulate", grid, (WARPS * 32, 1, 1), 0, p) }
+}

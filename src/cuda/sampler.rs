@@ -1,0 +1,224 @@
+//! Launchers of `kernels/sampler.cu`: the whole per-step sampler update in one kernel
+//! (unpatchify by index, CFG combine, DDPM or DDIM, device-side Philox noise or a noise buffer),
+//! the plain unpatchify of `forward` / `forward_with_cfg`, and x_T from Philox stream 0.
+//!
+//! The update is `crate::diffusion::apply_update` on the device: [`set_update`] casts the
+//! step's f64 coefficients to f32 exactly as it does, and the kernel repeats its f32
+//! operations in order without FMA contraction. The noise is `crate::rng::normal(seed, stream,
+//! flat index)` (Philox4x32-10 + Box-Muller), the same numbers as the CPU's to within an ulp or
+//! two of log/cos/sin (see kernels/philox.cuh).
+
+use super::device::{check_positive, check_ptr, grid_x, Gpu};
+use super::params::{
+    NormalFillParams, SamplerStepParams, UnpatchifyParams, FORA_SAMPLER_DDIM, FORA_SAMPLER_DDPM,
+};
+use crate::backend::{Guidance, GuidanceMode, StepUpdate};
+use anyhow::{ensure, Result};
+
+const THREADS: u32 = 256;
+
+/// Model-output channels `[0, g)` that classifier-free guidance combines: the official mode
+/// guides `model_out[:, :3]` (whatever those channels are when out_channels < 3), the all-eps
+/// mode the C eps channels. 0 without guidance.
+pub fn guided_channels(guidance: Option<Guidance>, channels: usize, out_channels: usize) -> i32 {
+    match guidance {
+        None => 0,
+        Some(g) => match g.mode {
+            GuidanceMode::Official3 => 3.min(out_channels) as i32,
+            GuidanceMode::AllEps => channels as i32,
+        },
+    }
+}
+
+/// Writes the update kind, the noise flag and the coefficients of `update` into `p`, cast to
+/// f32 as `diffusion::apply_update` casts them (DDIM's square roots taken in f32 likewise).
+pub fn set_update(p: &mut SamplerStepParams, update: &StepUpdate) {
+    match *update {
+        StepUpdate::Ddpm {
+            sqrt_recip_abar,
+            sqrt_recipm1_abar,
+            post_coef1,
+            post_coef2,
+            max_log,
+            min_log,
+            add_noise,
+        } => {
+            p.kind = FORA_SAMPLER_DDPM as i32;
+            p.add_noise = add_noise as i32;
+            p.sqrt_recip_abar = sqrt_recip_abar as f32;
+            p.sqrt_recipm1_abar = sqrt_recipm1_abar as f32;
+            p.post_coef1 = post_coef1 as f32;
+            p.post_coef2 = post_coef2 as f32;
+            p.max_log = max_log as f32;
+            p.min_log = min_log as f32;
+        }
+        StepUpdate::Ddim {
+            sqrt_recip_abar,
+            sqrt_recipm1_abar,
+            abar_prev,
+            sigma,
+            add_noise,
+        } => {
+            p.kind = FORA_SAMPLER_DDIM as i32;
+            p.add_noise = add_noise as i32;
+            p.sqrt_recip_abar = sqrt_recip_abar as f32;
+            p.sqrt_recipm1_abar = sqrt_recipm1_abar as f32;
+            let (abp, sigma) = (abar_prev as f32, sigma as f32);
+            p.sqrt_abar_prev = abp.sqrt();
+            p.dir_coef = (1.0 - abp - sigma * sigma).sqrt();
+            p.sigma = sigma;
+        }
+    }
+}
+
+/// Validates `p` and returns the grid of [`sampler_step`].
+pub fn sampler_step_plan(p: &SamplerStepParams) -> Result<(u32, u32, u32)> {
+    const K: &str = "sampler_step";
+    for (f, v) in [
+        ("images", p.images),
+        ("rows", p.rows),
+        ("channels", p.channels),
+        ("height", p.height),
+        ("width", p.width),
+        ("patch", p.patch),
+    ] {
+        check_positive(K, f, v.into())?;
+    }
+    ensure!(
+        p.height % p.patch == 0 && p.width % p.patch == 0,
+        "{K}: latent {}x{} is not divisible by the patch size {}",
+        p.height,
+        p.width,
+        p.patch
+    );
+    ensure!(
+        p.rows == p.images || p.rows as i64 == 2 * p.images as i64,
+        "{K}: rows {} must be images {} (no guidance) or 2*images (guidance)",
+        p.rows,
+        p.images
+    );
+    let expect_out = if p.learn_sigma != 0 {
+        2 * p.channels
+    } else {
+        p.channels
+    };
+    ensure!(
+        p.out_channels == expect_out,
+        "{K}: out_channels {} but channels {} with learn_sigma={} means {expect_out}",
+        p.out_channels,
+        p.channels,
+        p.learn_sigma != 0
+    );
+    ensure!(
+        (0..=p.out_channels).contains(&p.guided_channels),
+        "{K}: guided_channels {} is outside 0..={}",
+        p.guided_channels,
+        p.out_channels
+    );
+    ensure!(
+        p.guided_channels == 0 || p.rows != p.images,
+        "{K}: guided_channels {} needs the CFG rows (rows = 2*images)",
+        p.guided_channels
+    );
+    ensure!(p.cfg_scale.is_finite(), "{K}: cfg_scale is not finite");
+    ensure!(
+        p.kind == FORA_SAMPLER_DDPM as i32 || p.kind == FORA_SAMPLER_DDIM as i32,
+        "{K}: kind {} is neither DDPM (0) nor DDIM (1)",
+        p.kind
+    );
+    let coefs = [
+        p.sqrt_recip_abar,
+        p.sqrt_recipm1_abar,
+        p.post_coef1,
+        p.post_coef2,
+        p.max_log,
+        p.min_log,
+        p.sqrt_abar_prev,
+        p.dir_coef,
+        p.sigma,
+    ];
+    ensure!(
+        coefs.iter().all(|c| c.is_finite()),
+        "{K}: a step coefficient is not finite: {coefs:?}"
+    );
+    if p.kind == FORA_SAMPLER_DDIM as i32 {
+        ensure!(
+            p.sqrt_recipm1_abar != 0.0,
+            "{K}: DDIM divides by sqrt_recipm1_abar, which is 0"
+        );
+    }
+    check_ptr(K, "model_out", p.model_out, 4)?;
+    check_ptr(K, "x", p.x, 4)?;
+    if p.noise != 0 {
+        check_ptr(K, "noise", p.noise, 4)?;
+    }
+    let total = p.images as i64 * p.channels as i64 * p.height as i64 * p.width as i64;
+    Ok((grid_x(K, total, THREADS as i64 * 4)?, 1, 1))
+}
+
+/// One sampler update of the latents `x` in place (see the module docs).
+pub fn sampler_step(gpu: &Gpu, p: &SamplerStepParams) -> Result<()> {
+    let grid = sampler_step_plan(p)?;
+    // SAFETY: validated above.
+    unsafe { gpu.launch("sampler_step", grid, (THREADS, 1, 1), 0, p) }
+}
+
+/// Validates `p` and returns the grid of [`unpatchify`].
+pub fn unpatchify_plan(p: &UnpatchifyParams) -> Result<(u32, u32, u32)> {
+    const K: &str = "unpatchify";
+    for (f, v) in [
+        ("rows", p.rows),
+        ("out_channels", p.out_channels),
+        ("height", p.height),
+        ("width", p.width),
+        ("patch", p.patch),
+    ] {
+        check_positive(K, f, v.into())?;
+    }
+    ensure!(
+        p.height % p.patch == 0 && p.width % p.patch == 0,
+        "{K}: latent {}x{} is not divisible by the patch size {}",
+        p.height,
+        p.width,
+        p.patch
+    );
+    ensure!(
+        (0..=p.out_channels).contains(&p.guided_channels),
+        "{K}: guided_channels {} is outside 0..={}",
+        p.guided_channels,
+        p.out_channels
+    );
+    ensure!(
+        p.guided_channels == 0 || p.rows % 2 == 0,
+        "{K}: forward_with_cfg needs an even number of rows, got {}",
+        p.rows
+    );
+    ensure!(p.cfg_scale.is_finite(), "{K}: cfg_scale is not finite");
+    check_ptr(K, "model_out", p.model_out, 4)?;
+    check_ptr(K, "out", p.out, 4)?;
+    let total = p.rows as i64 * p.out_channels as i64 * p.height as i64 * p.width as i64;
+    Ok((grid_x(K, total, THREADS as i64)?, 1, 1))
+}
+
+/// The final Linear's token-layout output -> images `[rows, out_channels, H, W]`, guided as
+/// `forward_with_cfg` when `guided_channels > 0`.
+pub fn unpatchify(gpu: &Gpu, p: &UnpatchifyParams) -> Result<()> {
+    let grid = unpatchify_plan(p)?;
+    // SAFETY: validated above.
+    unsafe { gpu.launch("unpatchify", grid, (THREADS, 1, 1), 0, p) }
+}
+
+/// Validates `p` and returns the grid of [`normal_fill`].
+pub fn normal_fill_plan(p: &NormalFillParams) -> Result<(u32, u32, u32)> {
+    const K: &str = "normal_fill";
+    check_positive(K, "n", p.n)?;
+    check_ptr(K, "out", p.out, 4)?;
+    Ok((grid_x(K, p.n, THREADS as i64 * 4)?, 1, 1))
+}
+
+/// `out[i] = crate::rng::normal(seed, stream, i)` for `i < n` (x_T: stream 0).
+pub fn normal_fill(gpu: &Gpu, p: &NormalFillParams) -> Result<()> {
+    let grid = normal_fill_plan(p)?;
+    // SAFETY: validated above.
+    unsafe { gpu.launch("normal_fill", grid, (THREADS, 1, 1), 0, p) }
+}
