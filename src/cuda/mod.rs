@@ -2,6 +2,7 @@
 //! a device layer over cudarc ([`device::Gpu`]), one launcher per kernel, and test helpers.
 
 pub mod attention;
+pub mod backend;
 pub mod conditioning;
 pub mod cublaslt;
 pub mod device;
@@ -9,9 +10,11 @@ pub mod embed;
 pub mod fora;
 pub mod gemm;
 pub mod kernels;
+pub mod model;
 pub mod norm;
 pub mod params;
 pub mod sampler;
 pub mod testing;
 
 pub use device::{dptr, Gpu};
+pub use backend::{CudaBackend, CudaWorkspace};

@@ -1,0 +1,525 @@
+//! The DiT forward on the GPU, assembled from the launchers: weights uploaded once (bf16 GEMM
+//! operands, f32 biases and tables), activations and the FORA cache allocated once per row
+//! count, and the forward as a fixed sequence of launches on the device's stream.
+//!
+//! Per forward (R model rows, T tokens, L blocks):
+//! conditioning (timestep features -> t-MLP -> + label -> SiLU) -> ONE adaLN GEMM for all L
+//! blocks and the final layer -> patch embed into the f32 residual stream -> L blocks (compute)
+//! or one FORA reuse launch -> final LayerNorm/modulate -> final Linear (f32, token layout).
+//! The caller then unpatchifies (plain forward) or runs the sampler update (sampling).
+
+use super::device::dptr_at;
+use super::gemm::{Epilogue, Gemm};
+use super::params::{
+    AttentionParams, ForaReuseParams, GemmParams, LabelSiluParams, LayerNormModulateParams,
+    PatchEmbedParams, SiluParams, TimestepEmbedParams,
+};
+use super::{dptr, Gpu};
+use crate::backend::StepMode;
+use crate::config::DitConfig;
+use crate::weights::{DitWeights, FREQ_DIM};
+use anyhow::{ensure, Result};
+use cudarc::driver::CudaSlice;
+use half::bf16;
+
+/// One transformer block's GEMM weights on the device.
+struct BlockWeights {
+    qkv_w: CudaSlice<bf16>,
+    qkv_b: CudaSlice<f32>,
+    proj_w: CudaSlice<bf16>,
+    proj_b: CudaSlice<f32>,
+    fc1_w: CudaSlice<bf16>,
+    fc1_b: CudaSlice<f32>,
+    fc2_w: CudaSlice<bf16>,
+    fc2_b: CudaSlice<f32>,
+}
+
+/// A DiT's weights on the device.
+pub struct GpuModel {
+    cfg: DitConfig,
+    x_embed_w: CudaSlice<f32>,
+    x_embed_b: CudaSlice<f32>,
+    pos_embed: CudaSlice<f32>,
+    t_mlp0_w: CudaSlice<bf16>,
+    t_mlp0_b: CudaSlice<f32>,
+    t_mlp2_w: CudaSlice<bf16>,
+    t_mlp2_b: CudaSlice<f32>,
+    y_table: CudaSlice<f32>,
+    /// Every block's adaLN Linear and the final layer's, stacked: [L*6D + 2D, D], so that one
+    /// GEMM produces the whole modulation table of a step.
+    ada_w: CudaSlice<bf16>,
+    ada_b: CudaSlice<f32>,
+    blocks: Vec<BlockWeights>,
+    final_w: CudaSlice<bf16>,
+    final_b: CudaSlice<f32>,
+}
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+impl GpuModel {
+    /// Uploads validated weights (checked against `cfg` first).
+    pub fn upload(gpu: &Gpu, cfg: &DitConfig, w: &DitWeights) -> Result<GpuModel> {
+        w.check(cfg)?;
+        let bytes = weight_bytes(cfg);
+        gpu.ensure_free(bytes, &format!("the {} weights", cfg.arch_name()))?;
+        let f32s = |v: &[f32], what: &str| gpu.upload(v, what);
+        let bf16s = |v: &[f32], what: &str| gpu.upload(&to_bf16(v), what);
+        let mut ada_w = Vec::with_capacity(ada_cols(cfg) * cfg.hidden);
+        let mut ada_b = Vec::with_capacity(ada_cols(cfg));
+        for b in &w.blocks {
+            ada_w.extend_from_slice(&b.ada_w);
+            ada_b.extend_from_slice(&b.ada_b);
+        }
+        ada_w.extend_from_slice(&w.final_ada_w);
+        ada_b.extend_from_slice(&w.final_ada_b);
+        let mut blocks = Vec::with_capacity(cfg.depth);
+        for (l, b) in w.blocks.iter().enumerate() {
+            blocks.push(BlockWeights {
+                qkv_w: bf16s(&b.qkv_w, &format!("blocks.{l}.attn.qkv.weight"))?,
+                qkv_b: f32s(&b.qkv_b, &format!("blocks.{l}.attn.qkv.bias"))?,
+                proj_w: bf16s(&b.proj_w, &format!("blocks.{l}.attn.proj.weight"))?,
+                proj_b: f32s(&b.proj_b, &format!("blocks.{l}.attn.proj.bias"))?,
+                fc1_w: bf16s(&b.fc1_w, &format!("blocks.{l}.mlp.fc1.weight"))?,
+                fc1_b: f32s(&b.fc1_b, &format!("blocks.{l}.mlp.fc1.bias"))?,
+                fc2_w: bf16s(&b.fc2_w, &format!("blocks.{l}.mlp.fc2.weight"))?,
+                fc2_b: f32s(&b.fc2_b, &format!("blocks.{l}.mlp.fc2.bias"))?,
+            });
+        }
+        Ok(GpuModel {
+            cfg: cfg.clone(),
+            x_embed_w: f32s(&w.x_embed_w, "x_embedder.proj.weight")?,
+            x_embed_b: f32s(&w.x_embed_b, "x_embedder.proj.bias")?,
+            pos_embed: f32s(&w.pos_embed, "pos_embed")?,
+            t_mlp0_w: bf16s(&w.t_mlp0_w, "t_embedder.mlp.0.weight")?,
+            t_mlp0_b: f32s(&w.t_mlp0_b, "t_embedder.mlp.0.bias")?,
+            t_mlp2_w: bf16s(&w.t_mlp2_w, "t_embedder.mlp.2.weight")?,
+            t_mlp2_b: f32s(&w.t_mlp2_b, "t_embedder.mlp.2.bias")?,
+            y_table: f32s(&w.y_table, "y_embedder.embedding_table.weight")?,
+            ada_w: gpu.upload(&to_bf16(&ada_w), "the stacked adaLN weights")?,
+            ada_b: f32s(&ada_b, "the stacked adaLN biases")?,
+            blocks,
+            final_w: bf16s(&w.final_w, "final_layer.linear.weight")?,
+            final_b: f32s(&w.final_b, "final_layer.linear.bias")?,
+        })
+    }
+
+    pub fn config(&self) -> &DitConfig {
+        &self.cfg
+    }
+}
+
+/// Columns of the modulation table: 6D per block, then the final layer's shift and scale.
+pub fn ada_cols(cfg: &DitConfig) -> usize {
+    cfg.depth * 6 * cfg.hidden + 2 * cfg.hidden
+}
+
+/// Device bytes of the uploaded weights (bf16 GEMM weights, f32 the rest).
+pub fn weight_bytes(cfg: &DitConfig) -> usize {
+    let (d, l) = (cfg.hidden, cfg.depth);
+    let gemm_w = FREQ_DIM * d
+        + d * d
+        + ada_cols(cfg) * d
+        + l * (3 * d * d + d * d + 2 * d * cfg.mlp_hidden())
+        + cfg.patch_out() * d;
+    let f32s = d * cfg.in_channels * cfg.patch * cfg.patch
+        + cfg.tokens() * d
+        + (cfg.num_classes + 1) * d
+        + ada_cols(cfg)
+        + l * (3 * d + d + cfg.mlp_hidden() + d)
+        + 4 * d
+        + cfg.patch_out();
+    2 * gemm_w + 4 * f32s
+}
+
+/// Activations of one forward of `rows` model rows, and the FORA cache of those rows.
+pub struct Activations {
+    pub rows: usize,
+    /// Original timestep of each row, f32 [rows] (written by the host before a forward).
+    pub t: CudaSlice<f32>,
+    /// Label of each row, i32 [rows].
+    pub labels: CudaSlice<i32>,
+    t_freq: CudaSlice<bf16>,
+    t_hidden_f32: CudaSlice<f32>,
+    t_hidden: CudaSlice<bf16>,
+    t_emb: CudaSlice<f32>,
+    silu_c: CudaSlice<bf16>,
+    /// f32 [rows, ada_cols]: every block's six chunks, then the final shift and scale.
+    pub modulation: CudaSlice<f32>,
+    /// The residual stream, f32 [rows*T, D].
+    pub x: CudaSlice<f32>,
+    xn: CudaSlice<bf16>,
+    qkv: CudaSlice<bf16>,
+    attn: CudaSlice<bf16>,
+    hidden: CudaSlice<bf16>,
+    /// The final Linear's output in token layout, f32 [rows*T, p*p*out_ch].
+    pub final_out: CudaSlice<f32>,
+    /// FORA cache, bf16 [L][2][rows*T*D]: attention output (after proj), MLP output (after fc2).
+    cache: Option<CudaSlice<bf16>>,
+    /// True once a computing forward has filled the cache.
+    pub cache_valid: bool,
+}
+
+/// Device bytes of [`Activations`] for `rows` rows (with or without the cache).
+pub fn activation_bytes(cfg: &DitConfig, rows: usize, with_cache: bool) -> usize {
+    let (d, t) = (cfg.hidden, cfg.tokens());
+    let rt = rows * t;
+    let small = rows * (2 + FREQ_DIM * 2 + d * (4 + 2 + 4 + 2) + ada_cols(cfg) * 4);
+    let big = rt * d * 4
+        + rt * d * 2
+        + rt * 3 * d * 2
+        + rt * d * 2
+        + rt * cfg.mlp_hidden() * 2
+        + rt * cfg.patch_out() * 4;
+    let cache = if with_cache {
+        cfg.depth * 2 * rt * d * 2
+    } else {
+        0
+    };
+    small + big + cache
+}
+
+impl Activations {
+    pub fn new(gpu: &Gpu, cfg: &DitConfig, rows: usize, with_cache: bool) -> Result<Activations> {
+        ensure!(rows > 0, "a forward needs at least one row");
+        let bytes = activation_bytes(cfg, rows, with_cache);
+        gpu.ensure_free(bytes, &format!("{rows} model rows of {}", cfg.arch_name()))?;
+        let (d, t) = (cfg.hidden, cfg.tokens());
+        let rt = rows * t;
+        Ok(Activations {
+            rows,
+            t: gpu.alloc_zeros(rows, "timesteps")?,
+            labels: gpu.alloc_zeros(rows, "labels")?,
+            t_freq: gpu.alloc_zeros(rows * FREQ_DIM, "timestep features")?,
+            t_hidden_f32: gpu.alloc_zeros(rows * d, "t-MLP hidden (f32)")?,
+            t_hidden: gpu.alloc_zeros(rows * d, "t-MLP hidden")?,
+            t_emb: gpu.alloc_zeros(rows * d, "timestep embedding")?,
+            silu_c: gpu.alloc_zeros(rows * d, "SiLU(c)")?,
+            modulation: gpu.alloc_zeros(rows * ada_cols(cfg), "the modulation table")?,
+            x: gpu.alloc_zeros(rt * d, "the residual stream")?,
+            xn: gpu.alloc_zeros(rt * d, "normalized activations")?,
+            qkv: gpu.alloc_zeros(rt * 3 * d, "qkv")?,
+            attn: gpu.alloc_zeros(rt * d, "attention output")?,
+            hidden: gpu.alloc_zeros(rt * cfg.mlp_hidden(), "MLP hidden")?,
+            final_out: gpu.alloc_zeros(rt * cfg.patch_out(), "final layer output")?,
+            cache: if with_cache {
+                Some(gpu.alloc_zeros(cfg.depth * 2 * rt * d, "the FORA cache")?)
+            } else {
+                None
+            },
+            cache_valid: false,
+        })
+    }
+}
+
+/// The largest M*N of the forward's GEMMs for `rows` rows (sizes the cuBLASLt scratch).
+pub fn max_gemm_mn(cfg: &DitConfig, rows: usize) -> usize {
+    let rt = rows * cfg.tokens();
+    [
+        rt * cfg.mlp_hidden(),
+        rt * 3 * cfg.hidden,
+        rt * cfg.patch_out(),
+        rows * ada_cols(cfg),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0)
+}
+
+fn gemm_params(
+    a: u64,
+    w: u64,
+    bias: u64,
+    out: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    epi: Epilogue,
+) -> GemmParams {
+    GemmParams {
+        a,
+        w,
+        bias,
+        out,
+        cache: 0,
+        gate: 0,
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        lda: k as i32,
+        ldw: k as i32,
+        ldo: n as i32,
+        ldc: n as i32,
+        ldg: 0,
+        rows_per_gate: 1,
+        epilogue: epi.raw(),
+    }
+}
+
+impl GpuModel {
+    /// One forward of `acts.rows` rows on the device's stream, up to the final Linear (its
+    /// output in `acts.final_out`). `latents` holds `images` images [images, C, H, W]; model row
+    /// r reads image r % images. `acts.t` and `acts.labels` must already hold the rows' values.
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        gemm: &Gemm,
+        acts: &mut Activations,
+        mode: StepMode,
+        latents: &CudaSlice<f32>,
+        images: usize,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (rows, d, t) = (acts.rows, cfg.hidden, cfg.tokens());
+        let rt = rows * t;
+        let cols = ada_cols(cfg);
+        ensure!(
+            images > 0 && rows % images == 0 && latents.len() >= images * cfg.image_len(),
+            "forward: {rows} rows cannot read {images} images from {} latent values",
+            latents.len()
+        );
+        if mode == StepMode::Reuse {
+            ensure!(
+                acts.cache.is_some(),
+                "a reuse step needs activations allocated with a FORA cache"
+            );
+            ensure!(
+                acts.cache_valid,
+                "a reuse step needs a FORA cache filled by an earlier computing step"
+            );
+        }
+
+        // Conditioning: c = t_mlp(timestep features) + label embedding; SiLU(c) feeds every adaLN.
+        super::conditioning::timestep_embedding(
+            gpu,
+            &TimestepEmbedParams {
+                t: dptr(&acts.t),
+                out: dptr(&acts.t_freq),
+                rows: rows as i32,
+                half: (FREQ_DIM / 2) as i32,
+                ldo: FREQ_DIM as i32,
+            },
+        )?;
+        gemm.run(
+            gpu,
+            &gemm_params(
+                dptr(&acts.t_freq),
+                dptr(&self.t_mlp0_w),
+                dptr(&self.t_mlp0_b),
+                dptr(&acts.t_hidden_f32),
+                rows,
+                d,
+                FREQ_DIM,
+                Epilogue::BiasF32,
+            ),
+        )?;
+        super::conditioning::silu_f32_bf16(
+            gpu,
+            &SiluParams {
+                input: dptr(&acts.t_hidden_f32),
+                out: dptr(&acts.t_hidden),
+                rows: rows as i32,
+                cols: d as i32,
+                ld_in: d as i32,
+                ldo: d as i32,
+            },
+        )?;
+        gemm.run(
+            gpu,
+            &gemm_params(
+                dptr(&acts.t_hidden),
+                dptr(&self.t_mlp2_w),
+                dptr(&self.t_mlp2_b),
+                dptr(&acts.t_emb),
+                rows,
+                d,
+                d,
+                Epilogue::BiasF32,
+            ),
+        )?;
+        super::conditioning::label_silu(
+            gpu,
+            &LabelSiluParams {
+                t_emb: dptr(&acts.t_emb),
+                labels: dptr(&acts.labels),
+                table: dptr(&self.y_table),
+                out: dptr(&acts.silu_c),
+                rows: rows as i32,
+                dim: d as i32,
+                ld_t: d as i32,
+                ldo: d as i32,
+                num_labels: (cfg.num_classes + 1) as i32,
+            },
+        )?;
+        // Every block's modulations and the final layer's in one GEMM.
+        gemm.run(
+            gpu,
+            &gemm_params(
+                dptr(&acts.silu_c),
+                dptr(&self.ada_w),
+                dptr(&self.ada_b),
+                dptr(&acts.modulation),
+                rows,
+                cols,
+                d,
+                Epilogue::BiasF32,
+            ),
+        )?;
+
+        super::embed::patch_embed(
+            gpu,
+            &PatchEmbedParams {
+                latents: dptr(latents),
+                weight: dptr(&self.x_embed_w),
+                bias: dptr(&self.x_embed_b),
+                pos: dptr(&self.pos_embed),
+                out: dptr(&acts.x),
+                images: images as i32,
+                rows: rows as i32,
+                channels: cfg.in_channels as i32,
+                height: cfg.input_size as i32,
+                width: cfg.input_size as i32,
+                patch: cfg.patch as i32,
+                dim: d as i32,
+            },
+        )?;
+
+        let slab = rt * d;
+        let ln = |acts: &Activations, shift_col: usize, scale_col: usize| LayerNormModulateParams {
+            x: dptr(&acts.x),
+            modulation: dptr(&acts.modulation),
+            out: dptr(&acts.xn),
+            rows: rows as i32,
+            tokens: t as i32,
+            dim: d as i32,
+            ld_mod: cols as i32,
+            shift_col: shift_col as i32,
+            scale_col: scale_col as i32,
+            eps: 1e-6,
+        };
+        match mode {
+            StepMode::Compute => {
+                for (l, b) in self.blocks.iter().enumerate() {
+                    let base = l * 6 * d; // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+                    let (cache_a, cache_m) = match &acts.cache {
+                        Some(c) => (dptr_at(c, (2 * l) * slab), dptr_at(c, (2 * l + 1) * slab)),
+                        None => (0, 0),
+                    };
+                    super::norm::layernorm_modulate(gpu, &ln(acts, base, base + d))?;
+                    gemm.run(
+                        gpu,
+                        &gemm_params(
+                            dptr(&acts.xn),
+                            dptr(&b.qkv_w),
+                            dptr(&b.qkv_b),
+                            dptr(&acts.qkv),
+                            rt,
+                            3 * d,
+                            d,
+                            Epilogue::BiasBf16,
+                        ),
+                    )?;
+                    super::attention::attention(
+                        gpu,
+                        &AttentionParams {
+                            qkv: dptr(&acts.qkv),
+                            out: dptr(&acts.attn),
+                            batch: rows as i32,
+                            tokens: t as i32,
+                            heads: cfg.heads as i32,
+                            head_dim: cfg.head_dim() as i32,
+                            scale: 1.0 / (cfg.head_dim() as f32).sqrt(),
+                        },
+                    )?;
+                    let mut proj = gemm_params(
+                        dptr(&acts.attn),
+                        dptr(&b.proj_w),
+                        dptr(&b.proj_b),
+                        dptr(&acts.x),
+                        rt,
+                        d,
+                        d,
+                        Epilogue::BiasGateResidual,
+                    );
+                    proj.cache = cache_a;
+                    proj.gate = dptr_at(&acts.modulation, base + 2 * d);
+                    proj.ldg = cols as i32;
+                    proj.rows_per_gate = t as i32;
+                    gemm.run(gpu, &proj)?;
+
+                    super::norm::layernorm_modulate(gpu, &ln(acts, base + 3 * d, base + 4 * d))?;
+                    gemm.run(
+                        gpu,
+                        &gemm_params(
+                            dptr(&acts.xn),
+                            dptr(&b.fc1_w),
+                            dptr(&b.fc1_b),
+                            dptr(&acts.hidden),
+                            rt,
+                            cfg.mlp_hidden(),
+                            d,
+                            Epilogue::BiasGeluBf16,
+                        ),
+                    )?;
+                    let mut fc2 = gemm_params(
+                        dptr(&acts.hidden),
+                        dptr(&b.fc2_w),
+                        dptr(&b.fc2_b),
+                        dptr(&acts.x),
+                        rt,
+                        d,
+                        cfg.mlp_hidden(),
+                        Epilogue::BiasGateResidual,
+                    );
+                    fc2.cache = cache_m;
+                    fc2.gate = dptr_at(&acts.modulation, base + 5 * d);
+                    fc2.ldg = cols as i32;
+                    fc2.rows_per_gate = t as i32;
+                    gemm.run(gpu, &fc2)?;
+                }
+                if acts.cache.is_some() {
+                    acts.cache_valid = true;
+                }
+            }
+            StepMode::Reuse => {
+                let cache = acts.cache.as_ref().map(dptr).unwrap_or(0);
+                super::fora::fora_reuse(
+                    gpu,
+                    &ForaReuseParams {
+                        x: dptr(&acts.x),
+                        cache,
+                        modulation: dptr(&acts.modulation),
+                        slab: slab as i64,
+                        rows: rows as i32,
+                        tokens: t as i32,
+                        dim: d as i32,
+                        layers: cfg.depth as i32,
+                        ld_mod: cols as i32,
+                        layer_cols: (6 * d) as i32,
+                        gate_msa_col: (2 * d) as i32,
+                        gate_mlp_col: (5 * d) as i32,
+                    },
+                )?;
+            }
+        }
+
+        // Final layer: LN + modulate(shift, scale) + Linear, in token layout.
+        let fin = cfg.depth * 6 * d;
+        super::norm::layernorm_modulate(gpu, &ln(acts, fin, fin + d))?;
+        gemm.run(
+            gpu,
+            &gemm_params(
+                dptr(&acts.xn),
+                dptr(&self.final_w),
+                dptr(&self.final_b),
+                dptr(&acts.final_out),
+                rt,
+                cfg.patch_out(),
+                d,
+                Epilogue::BiasF32,
+            ),
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,335 @@
+//! The whole CUDA backend against the CPU reference: forwards (plain and with CFG) at DiT-S/2
+//! and DiT-XL/2 shapes, sampling with and without FORA, determinism, and the zero-allocation
+//! proof of a sampling run. Every test prints SKIP without a device.
+
+use fora::backend::{Backend, Guidance, GuidanceMode, NoiseSource, StepMode, StepSpec};
+use fora::cache::{CachePolicy, NoCache, StaticInterval, StepContext};
+use fora::config::{Arch, DitConfig};
+use fora::cpu::CpuBackend;
+use fora::cuda::testing::{check_close, test_gpu};
+use fora::cuda::CudaBackend;
+use fora::diffusion::{Diffusion, SamplerKind};
+use fora::rng::fill_normal;
+use fora::sampler::{Sampler, SamplerOptions};
+use fora::weights::DitWeights;
+
+/// Random inputs of `n` rows: x ~ N(0,1), t spread over 0..999, labels incl. the null class.
+fn inputs(cfg: &DitConfig, n: usize, seed: u64) -> (Vec<f32>, Vec<i64>, Vec<usize>) {
+    let mut x = vec![0f32; n * cfg.image_len()];
+    fill_normal(seed, 7, &mut x);
+    let t = (0..n)
+        .map(|r| ((r * 397 + 11 + seed as usize * 31) % 1000) as i64)
+        .collect();
+    let y = (0..n)
+        .map(|r| {
+            if r % 3 == 2 {
+                cfg.num_classes
+            } else {
+                (r * 7 + seed as usize) % cfg.num_classes
+            }
+        })
+        .collect();
+    (x, t, y)
+}
+
+fn backends(name: &str, cfg: &DitConfig, seed: u64) -> Option<(CpuBackend, CudaBackend)> {
+    let gpu = test_gpu(name)?;
+    let w = DitWeights::random(cfg, seed);
+    let cuda = CudaBackend::new(gpu, cfg, &w).expect("upload the weights");
+    let cpu = CpuBackend::new(cfg.clone(), w).expect("CPU backend");
+    Some((cpu, cuda))
+}
+
+fn forward_case(name: &str, cfg: &DitConfig, n: usize) {
+    let Some((cpu, cuda)) = backends(name, cfg, 3) else {
+        return;
+    };
+    let (x, t, y) = inputs(cfg, n, 5);
+    let want = cpu.forward(&x, &t, &y, None).unwrap();
+    let got = cuda.forward(&x, &t, &y, None).unwrap();
+    check_close(&format!("{name} forward"), &got, &want, 2e-2).unwrap();
+    // forward_with_cfg: the first half conditional, the second the null class.
+    let mut yc = y.clone();
+    for v in &mut yc[n / 2..] {
+        *v = cfg.num_classes;
+    }
+    for mode in [GuidanceMode::Official3, GuidanceMode::AllEps] {
+        let g = Some(Guidance { scale: 4.0, mode });
+        let want = cpu.forward(&x, &t, &yc, g).unwrap();
+        let got = cuda.forward(&x, &t, &yc, g).unwrap();
+        check_close(
+            &format!("{name} forward_with_cfg {mode:?}"),
+            &got,
+            &want,
+            2e-2,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn gpu_forward_dit_s2_256() {
+    forward_case(
+        "gpu_forward_dit_s2_256",
+        &DitConfig::official("DiT-S/2", 32).unwrap(),
+        4,
+    );
+}
+
+#[test]
+fn gpu_forward_dit_xl2_256() {
+    forward_case(
+        "gpu_forward_dit_xl2_256",
+        &DitConfig::official("DiT-XL/2", 32).unwrap(),
+        2,
+    );
+}
+
+#[test]
+fn gpu_forward_dit_xl2_512() {
+    forward_case(
+        "gpu_forward_dit_xl2_512",
+        &DitConfig::official("DiT-XL/2", 64).unwrap(),
+        2,
+    );
+}
+
+#[test]
+fn gpu_forward_odd_shapes() {
+    // head_dim 72 like XL, an odd token count (7 x 7 patches), 3 channels, 11 classes.
+    let arch = Arch::parse("depth=3,hidden=144,heads=2,patch=2").unwrap();
+    let cfg = DitConfig::from_arch(&arch, 3, 14, 11, true).unwrap();
+    forward_case("gpu_forward_odd_shapes", &cfg, 6);
+}
+
+/// A small model with XL's head size, cheap enough for 50 CPU steps.
+fn small_cfg() -> DitConfig {
+    let arch = Arch::parse("depth=4,hidden=144,heads=2,patch=2").unwrap();
+    DitConfig::from_arch(&arch, 4, 16, 10, true).unwrap()
+}
+
+#[test]
+fn gpu_sampling_matches_cpu() {
+    let cfg = small_cfg();
+    let Some((cpu, cuda)) = backends("gpu_sampling_matches_cpu", &cfg, 11) else {
+        return;
+    };
+    for (interval, guidance) in [
+        (1, None),
+        (3, None),
+        (
+            3,
+            Some(Guidance {
+                scale: 4.0,
+                mode: GuidanceMode::Official3,
+            }),
+        ),
+    ] {
+        let options = SamplerOptions::ddpm(50).with_guidance(guidance);
+        let mut p1: Box<dyn CachePolicy> = if interval == 1 {
+            Box::new(NoCache)
+        } else {
+            Box::new(StaticInterval::new(interval).unwrap())
+        };
+        let mut p2: Box<dyn CachePolicy> = if interval == 1 {
+            Box::new(NoCache)
+        } else {
+            Box::new(StaticInterval::new(interval).unwrap())
+        };
+        let classes = [1, 7, 3];
+        let want = Sampler::new(&cpu, options.clone())
+            .unwrap()
+            .sample(&classes, NoiseSource::Seed(42), p1.as_mut())
+            .unwrap();
+        let got = Sampler::new(&cuda, options)
+            .unwrap()
+            .sample(&classes, NoiseSource::Seed(42), p2.as_mut())
+            .unwrap();
+        assert_eq!(got.stats.computed, want.stats.computed);
+        check_close(
+            &format!("50 DDPM steps, N={interval}, guidance {guidance:?}"),
+            &got.latents,
+            &want.latents,
+            5e-2,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn gpu_ddim_matches_cpu() {
+    let cfg = small_cfg();
+    let Some((cpu, cuda)) = backends("gpu_ddim_matches_cpu", &cfg, 12) else {
+        return;
+    };
+    let options = SamplerOptions::ddim(25, 0.0);
+    let want = Sampler::new(&cpu, options.clone())
+        .unwrap()
+        .sample(
+            &[2, 5],
+            NoiseSource::Seed(9),
+            &mut StaticInterval::new(2).unwrap(),
+        )
+        .unwrap();
+    let got = Sampler::new(&cuda, options)
+        .unwrap()
+        .sample(
+            &[2, 5],
+            NoiseSource::Seed(9),
+            &mut StaticInterval::new(2).unwrap(),
+        )
+        .unwrap();
+    check_close("25 DDIM steps, N=2", &got.latents, &want.latents, 5e-2).unwrap();
+}
+
+#[test]
+fn gpu_noise_file_matches_cpu() {
+    let cfg = small_cfg();
+    let Some((cpu, cuda)) = backends("gpu_noise_file_matches_cpu", &cfg, 13) else {
+        return;
+    };
+    let steps = 10;
+    let img = 2 * cfg.image_len();
+    let mut x_t = vec![0f32; img];
+    let mut noise = vec![0f32; steps * img];
+    fill_normal(77, 1, &mut x_t);
+    fill_normal(77, 2, &mut noise);
+    let source = NoiseSource::File { x_t, noise };
+    let options = SamplerOptions::ddpm(steps);
+    let want = Sampler::new(&cpu, options.clone())
+        .unwrap()
+        .sample(&[0, 9], source.clone(), &mut NoCache)
+        .unwrap();
+    let got = Sampler::new(&cuda, options)
+        .unwrap()
+        .sample(&[0, 9], source, &mut NoCache)
+        .unwrap();
+    check_close(
+        "noise file, 10 DDPM steps",
+        &got.latents,
+        &want.latents,
+        5e-2,
+    )
+    .unwrap();
+}
+
+#[test]
+fn gpu_same_seed_same_bits() {
+    let cfg = small_cfg();
+    let Some(gpu) = test_gpu("gpu_same_seed_same_bits") else {
+        return;
+    };
+    let cuda = CudaBackend::new(gpu, &cfg, &DitWeights::random(&cfg, 4)).unwrap();
+    let options = SamplerOptions::ddpm(20).with_guidance(Some(Guidance {
+        scale: 1.5,
+        mode: GuidanceMode::Official3,
+    }));
+    let sampler = Sampler::new(&cuda, options).unwrap();
+    let a = sampler
+        .sample(
+            &[3, 4],
+            NoiseSource::Seed(5),
+            &mut StaticInterval::new(3).unwrap(),
+        )
+        .unwrap();
+    let b = sampler
+        .sample(
+            &[3, 4],
+            NoiseSource::Seed(5),
+            &mut StaticInterval::new(3).unwrap(),
+        )
+        .unwrap();
+    let c = sampler
+        .sample(
+            &[3, 4],
+            NoiseSource::Seed(6),
+            &mut StaticInterval::new(3).unwrap(),
+        )
+        .unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(&a.latents),
+        bits(&b.latents),
+        "same seed must give the same bits"
+    );
+    assert_ne!(
+        bits(&a.latents),
+        bits(&c.latents),
+        "another seed must differ"
+    );
+    assert!(a.latents.iter().all(|v| v.is_finite()));
+}
+
+/// A whole FORA run after the workspace exists: no device allocation, free memory unchanged.
+#[test]
+fn gpu_sampling_allocates_nothing() {
+    let cfg = small_cfg();
+    let Some(gpu) = test_gpu("gpu_sampling_allocates_nothing") else {
+        return;
+    };
+    let cuda = CudaBackend::new(gpu, &cfg, &DitWeights::random(&cfg, 8)).unwrap();
+    let steps = 30;
+    let options = SamplerOptions::ddpm(steps).with_guidance(Some(Guidance {
+        scale: 4.0,
+        mode: GuidanceMode::Official3,
+    }));
+    let sampler = Sampler::new(&cuda, options).unwrap();
+    let plan = sampler.plan(&[1, 2, 3, 4], NoiseSource::Seed(1)).unwrap();
+    let mut ws = cuda.workspace(&plan).unwrap();
+    cuda.gpu().synchronize().unwrap();
+    let allocs = cuda.gpu().allocations();
+    let free = cuda.gpu().mem_info().unwrap().0;
+    let diffusion = Diffusion::new(&steps.to_string(), cfg.learn_sigma).unwrap();
+    let mut policy = StaticInterval::new(3).unwrap();
+    let mut reused = 0;
+    for k in 0..steps {
+        let i = steps - 1 - k;
+        let t = diffusion.original_timestep(i).unwrap();
+        let mode = policy.mode(&StepContext { k, i, steps, t });
+        reused += (mode == StepMode::Reuse) as usize;
+        let spec = StepSpec {
+            k,
+            i,
+            t,
+            mode,
+            update: diffusion.step_update(i, SamplerKind::Ddpm).unwrap(),
+        };
+        cuda.step(&mut ws, &spec).unwrap();
+    }
+    cuda.gpu().synchronize().unwrap();
+    assert!(reused > 0);
+    assert_eq!(
+        cuda.gpu().allocations(),
+        allocs,
+        "a sampling run allocated device buffers"
+    );
+    assert_eq!(
+        cuda.gpu().mem_info().unwrap().0,
+        free,
+        "free device memory changed during sampling"
+    );
+    let out = cuda.latents(&mut ws).unwrap();
+    assert!(out.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn gpu_reuse_first_step_is_an_error() {
+    let cfg = small_cfg();
+    let Some(gpu) = test_gpu("gpu_reuse_first_step_is_an_error") else {
+        return;
+    };
+    let cuda = CudaBackend::new(gpu, &cfg, &DitWeights::random(&cfg, 8)).unwrap();
+    let sampler = Sampler::new(&cuda, SamplerOptions::ddpm(10)).unwrap();
+    let plan = sampler.plan(&[1], NoiseSource::Seed(1)).unwrap();
+    let mut ws = cuda.workspace(&plan).unwrap();
+    let diffusion = Diffusion::new("10", true).unwrap();
+    let spec = StepSpec {
+        k: 0,
+        i: 9,
+        t: diffusion.original_timestep(9).unwrap(),
+        mode: StepMode::Reuse,
+        update: diffusion.step_update(9, SamplerKind::Ddpm).unwrap(),
+    };
+    let err = cuda.step(&mut ws, &spec).unwrap_err();
+    assert!(format!("{err:#}").contains("first step"), "{err:#}");
+}
