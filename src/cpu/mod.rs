@@ -265,6 +265,12 @@ impl Backend for CpuBackend {
         let cfg = &self.cfg;
         let n = t.len();
         ensure!(n > 0, "a forward needs at least one row");
+        ensure!(
+            t.len() == y.len(),
+            "got {} timesteps and {} labels: one of each per row",
+            t.len(),
+            y.len()
+        );
         model::check_inputs(cfg, n, x, t, y)?;
         let mut acts = Activations::new(cfg, n)?;
         let Some(g) = guidance else {

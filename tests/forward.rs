@@ -1,0 +1,399 @@
+//! Forward invariants of the CPU reference on small configurations (odd sizes included).
+
+use fora::backend::{Backend, Guidance, GuidanceMode, StepMode};
+use fora::config::{Arch, DitConfig};
+use fora::cpu::model::{Activations, FeatureCache};
+use fora::cpu::{ops, CpuBackend};
+use fora::weights::DitWeights;
+
+/// Uniform-ish pseudo-random values in [-1, 1), never all zero.
+fn randn(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// depth 2, hidden 48, heads 3 (head_dim 16), input 6, patch 2: a 3x3 grid of 9 tokens.
+fn odd_config() -> DitConfig {
+    let arch = Arch::parse("depth=2,hidden=48,heads=3,patch=2").unwrap();
+    DitConfig::from_arch(&arch, 4, 6, 10, true).unwrap()
+}
+
+/// 3 channels, no learned sigma, patch 4 on 8x8, 5 heads of 8.
+fn other_config() -> DitConfig {
+    let arch = Arch::parse("depth=3,hidden=40,heads=5,patch=4").unwrap();
+    DitConfig::from_arch(&arch, 3, 8, 7, false).unwrap()
+}
+
+fn backend(cfg: &DitConfig, seed: u64) -> CpuBackend {
+    CpuBackend::new(cfg.clone(), DitWeights::random(cfg, seed)).unwrap()
+}
+
+fn inputs(cfg: &DitConfig, n: usize, seed: u64) -> (Vec<f32>, Vec<i64>, Vec<usize>) {
+    let x = randn(n * cfg.image_len(), seed);
+    let t = (0..n)
+        .map(|i| (137 * i as i64 + 11 * seed as i64) % 1000)
+        .collect();
+    let y = (0..n)
+        .map(|i| (i * 3 + seed as usize) % cfg.num_classes)
+        .collect();
+    (x, t, y)
+}
+
+#[test]
+fn output_shape_finite_and_deterministic() {
+    for cfg in [odd_config(), other_config()] {
+        let be = backend(&cfg, 1);
+        let (x, t, y) = inputs(&cfg, 3, 5);
+        let out = be.forward(&x, &t, &y, None).unwrap();
+        assert_eq!(out.len(), 3 * cfg.out_len());
+        assert!(out.iter().all(|v| v.is_finite()));
+        let rms = (out.iter().map(|v| (v * v) as f64).sum::<f64>() / out.len() as f64).sqrt();
+        assert!(
+            rms > 1e-2 && rms < 1e2,
+            "output rms {rms} is not of a realistic size"
+        );
+        let again = be.forward(&x, &t, &y, None).unwrap();
+        assert_eq!(out, again, "two forwards differ");
+        // Rows are independent: a row's output does not depend on its batch mates.
+        let img = cfg.image_len();
+        let one = be
+            .forward(&x[img..2 * img], &t[1..2], &y[1..2], None)
+            .unwrap();
+        let o = cfg.out_len();
+        assert!(rel_l2(&one, &out[o..2 * o]) < 1e-6);
+    }
+}
+
+#[test]
+fn every_input_matters() {
+    let cfg = odd_config();
+    let be = backend(&cfg, 2);
+    let (x, t, y) = inputs(&cfg, 2, 9);
+    let base = be.forward(&x, &t, &y, None).unwrap();
+    let mut x2 = x.clone();
+    x2[5] += 0.5;
+    let t2: Vec<i64> = t.iter().map(|v| v + 1).collect();
+    let y2: Vec<usize> = y.iter().map(|v| (v + 1) % cfg.num_classes).collect();
+    for (name, out) in [
+        ("x", be.forward(&x2, &t, &y, None).unwrap()),
+        ("t", be.forward(&x, &t2, &y, None).unwrap()),
+        ("y", be.forward(&x, &t, &y2, None).unwrap()),
+    ] {
+        assert!(
+            rel_l2(&out, &base) > 1e-4,
+            "changing {name} does not change the output"
+        );
+    }
+}
+
+#[test]
+fn compute_then_reuse_with_same_inputs_equals_compute() {
+    for cfg in [odd_config(), other_config()] {
+        let be = backend(&cfg, 3);
+        let (x, t, y) = inputs(&cfg, 2, 4);
+        let mut acts = Activations::new(&cfg, 2).unwrap();
+        let mut cache = FeatureCache::new(&cfg, 2);
+        be.forward_into(&mut acts, Some(&mut cache), StepMode::Compute, &x, &t, &y)
+            .unwrap();
+        let computed = acts.out.clone();
+        assert_eq!(computed, be.forward(&x, &t, &y, None).unwrap());
+        acts.out.iter_mut().for_each(|v| *v = f32::NAN);
+        be.forward_into(&mut acts, Some(&mut cache), StepMode::Reuse, &x, &t, &y)
+            .unwrap();
+        // The same operations in the same order: identical bits.
+        assert_eq!(acts.out, computed);
+    }
+}
+
+#[test]
+fn reuse_with_new_timestep_uses_current_gates_and_cached_outputs() {
+    let cfg = odd_config();
+    let be = backend(&cfg, 4);
+    let w = be.weights();
+    let (x, t1, y) = inputs(&cfg, 2, 6);
+    let t2: Vec<i64> = t1.iter().map(|v| (v + 250) % 1000).collect();
+    let mut x2 = x.clone();
+    x2.iter_mut().for_each(|v| *v *= 0.9);
+    let mut acts = Activations::new(&cfg, 2).unwrap();
+    let mut cache = FeatureCache::new(&cfg, 2);
+    be.forward_into(&mut acts, Some(&mut cache), StepMode::Compute, &x, &t1, &y)
+        .unwrap();
+    let cached_attn = cache.attn.clone();
+    be.forward_into(&mut acts, Some(&mut cache), StepMode::Reuse, &x2, &t2, &y)
+        .unwrap();
+    let reused = acts.out.clone();
+    assert_eq!(
+        cache.attn, cached_attn,
+        "a reuse step must not write the cache"
+    );
+    let full = be.forward(&x2, &t2, &y, None).unwrap();
+    assert!(
+        rel_l2(&reused, &full) > 1e-4,
+        "reuse equals a full step: cache unused?"
+    );
+
+    // Hand-built expectation, written out from the definitions: embeddings of (x2, t2, y),
+    // then per layer x += gate_msa(t2) * A_l(t1); x += gate_mlp(t2) * M_l(t1), then the final
+    // layer with t2's shift/scale.
+    let (n, d, tk) = (2, cfg.hidden, cfg.tokens());
+    let feat = cfg.in_channels * cfg.patch * cfg.patch;
+    let mut patches = vec![0f32; n * tk * feat];
+    ops::patchify(
+        &mut patches,
+        &x2,
+        n,
+        cfg.in_channels,
+        cfg.input_size,
+        cfg.patch,
+    );
+    let mut h = vec![0f32; n * tk * d];
+    for r in 0..n * tk {
+        for j in 0..d {
+            let mut s = w.x_embed_b[j] as f64 + w.pos_embed[(r % tk) * d + j] as f64;
+            for k in 0..feat {
+                s += patches[r * feat + k] as f64 * w.x_embed_w[j * feat + k] as f64;
+            }
+            h[r * d + j] = s as f32;
+        }
+    }
+    let silu = |v: f64| v / (1.0 + (-v).exp());
+    let lin = |inp: &[f64], wm: &[f32], b: &[f32], out: usize| -> Vec<f64> {
+        (0..out)
+            .map(|j| {
+                b[j] as f64
+                    + inp
+                        .iter()
+                        .zip(&wm[j * inp.len()..(j + 1) * inp.len()])
+                        .map(|(a, b)| a * *b as f64)
+                        .sum::<f64>()
+            })
+            .collect()
+    };
+    let mut feats = vec![0f32; n * 256];
+    ops::timestep_features(&t2, &mut feats);
+    let mut expected = vec![0f32; n * cfg.out_len()];
+    let mut hs: Vec<f64> = h.iter().map(|&v| v as f64).collect();
+    for r in 0..n {
+        let f: Vec<f64> = feats[r * 256..(r + 1) * 256]
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let t_h: Vec<f64> = lin(&f, &w.t_mlp0_w, &w.t_mlp0_b, d)
+            .into_iter()
+            .map(silu)
+            .collect();
+        let temb = lin(&t_h, &w.t_mlp2_w, &w.t_mlp2_b, d);
+        let c: Vec<f64> = (0..d)
+            .map(|j| temb[j] + w.y_table[y[r] * d + j] as f64)
+            .collect();
+        let sc: Vec<f64> = c.iter().map(|&v| silu(v)).collect();
+        let len = n * tk * d;
+        for (l, b) in w.blocks.iter().enumerate() {
+            let m = lin(&sc, &b.ada_w, &b.ada_b, 6 * d);
+            for tok in 0..tk {
+                for j in 0..d {
+                    let idx = (r * tk + tok) * d + j;
+                    hs[idx] += m[2 * d + j] * cache.attn[l * len + idx] as f64;
+                    hs[idx] += m[5 * d + j] * cache.mlp[l * len + idx] as f64;
+                }
+            }
+        }
+        let fm = lin(&sc, &w.final_ada_w, &w.final_ada_b, 2 * d);
+        let p = cfg.patch;
+        let oc = cfg.out_channels();
+        for tok in 0..tk {
+            let row = &hs[(r * tk + tok) * d..(r * tk + tok + 1) * d];
+            let mean = row.iter().sum::<f64>() / d as f64;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
+            let normed: Vec<f64> = (0..d)
+                .map(|j| (row[j] - mean) / (var + 1e-6).sqrt() * (1.0 + fm[d + j]) + fm[j])
+                .collect();
+            let o = lin(&normed, &w.final_w, &w.final_b, cfg.patch_out());
+            let (gy, gx) = (tok / cfg.grid(), tok % cfg.grid());
+            for i in 0..p {
+                for jj in 0..p {
+                    for ch in 0..oc {
+                        let (yy, xx) = (gy * p + i, gx * p + jj);
+                        expected[((r * oc + ch) * cfg.input_size + yy) * cfg.input_size + xx] =
+                            o[(i * p + jj) * oc + ch] as f32;
+                    }
+                }
+            }
+        }
+    }
+    let err = rel_l2(&reused, &expected);
+    assert!(
+        err < 1e-5,
+        "reuse step vs hand-built expectation: rel-L2 {err}"
+    );
+}
+
+#[test]
+fn reuse_needs_a_filled_cache() {
+    let cfg = odd_config();
+    let be = backend(&cfg, 5);
+    let (x, t, y) = inputs(&cfg, 2, 1);
+    let mut acts = Activations::new(&cfg, 2).unwrap();
+    let mut cache = FeatureCache::new(&cfg, 2);
+    let err = be
+        .forward_into(&mut acts, Some(&mut cache), StepMode::Reuse, &x, &t, &y)
+        .unwrap_err();
+    assert!(err.to_string().contains("computing step"), "{err}");
+    let err = be
+        .forward_into(&mut acts, None, StepMode::Reuse, &x, &t, &y)
+        .unwrap_err();
+    assert!(err.to_string().contains("cache"), "{err}");
+    let mut small = FeatureCache::new(&cfg, 1);
+    let err = be
+        .forward_into(&mut acts, Some(&mut small), StepMode::Compute, &x, &t, &y)
+        .unwrap_err();
+    assert!(err.to_string().contains("rows"), "{err}");
+}
+
+#[test]
+fn cfg_scale_one_equals_conditional_forward() {
+    for cfg in [odd_config(), other_config()] {
+        let be = backend(&cfg, 6);
+        let (x, t, mut y) = inputs(&cfg, 4, 2);
+        y[2] = cfg.null_class();
+        y[3] = cfg.null_class();
+        let plain = be.forward(&x, &t, &y, None).unwrap();
+        // forward_with_cfg only reads the first half of x: poison the second.
+        let mut xp = x.clone();
+        let img = cfg.image_len();
+        xp[2 * img..].iter_mut().for_each(|v| *v = f32::NAN);
+        // Plain forward of [half; half]: the reference for both halves.
+        let mut xx = x[..2 * img].to_vec();
+        xx.extend_from_slice(&x[..2 * img]);
+        let dup = be.forward(&xx, &t, &y, None).unwrap();
+        for mode in [GuidanceMode::Official3, GuidanceMode::AllEps] {
+            let g = Guidance { scale: 1.0, mode };
+            let out = be.forward(&xp, &t, &y, Some(g)).unwrap();
+            let o = cfg.out_len();
+            let hw = cfg.input_size * cfg.input_size;
+            let k = fora::cpu::guided_channels(&cfg, mode);
+            for r in 0..4 {
+                for ch in 0..cfg.out_channels() {
+                    // Guided channels of both halves: uncond + 1 * (cond - uncond) = cond
+                    // (to rounding); the others: the row's own value.
+                    let src = if ch < k { r % 2 } else { r };
+                    let a = &out[r * o + ch * hw..r * o + (ch + 1) * hw];
+                    let b = &dup[src * o + ch * hw..src * o + (ch + 1) * hw];
+                    let e = rel_l2(a, b);
+                    assert!(e < 1e-6, "{mode:?} row {r} channel {ch}: rel-L2 {e}");
+                }
+            }
+        }
+        assert!(plain.iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn official3_and_all_eps_differ_only_in_channel_3() {
+    let cfg = odd_config();
+    assert_eq!(cfg.in_channels, 4);
+    let be = backend(&cfg, 7);
+    let (x, t, mut y) = inputs(&cfg, 4, 3);
+    y[2] = cfg.null_class();
+    y[3] = cfg.null_class();
+    let off = be
+        .forward(
+            &x,
+            &t,
+            &y,
+            Some(Guidance {
+                scale: 4.0,
+                mode: GuidanceMode::Official3,
+            }),
+        )
+        .unwrap();
+    let all = be
+        .forward(
+            &x,
+            &t,
+            &y,
+            Some(Guidance {
+                scale: 4.0,
+                mode: GuidanceMode::AllEps,
+            }),
+        )
+        .unwrap();
+    let (o, hw) = (cfg.out_len(), cfg.input_size * cfg.input_size);
+    for r in 0..4 {
+        for ch in 0..cfg.out_channels() {
+            let a = &off[r * o + ch * hw..r * o + (ch + 1) * hw];
+            let b = &all[r * o + ch * hw..r * o + (ch + 1) * hw];
+            if ch == 3 {
+                assert!(rel_l2(a, b) > 1e-3, "row {r}: channel 3 should differ");
+            } else {
+                assert_eq!(a, b, "row {r} channel {ch} should be identical");
+            }
+        }
+    }
+    // Guidance at scale 4 really changes the guided channels.
+    let plain = be.forward(&x, &t, &y, None).unwrap();
+    assert!(rel_l2(&off[..hw], &plain[..hw]) > 1e-3);
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let cfg = odd_config();
+    let be = backend(&cfg, 8);
+    let (x, t, mut y) = inputs(&cfg, 2, 1);
+    y[1] = cfg.num_classes + 1;
+    let err = be.forward(&x, &t, &y, None).unwrap_err().to_string();
+    assert!(err.contains("label 11 out of range"), "{err}");
+    y[1] = cfg.num_classes; // the null class is a valid label
+    be.forward(&x, &t, &y, None).unwrap();
+    let err = be.forward(&x[1..], &t, &y, None).unwrap_err().to_string();
+    assert!(err.contains("input x has"), "{err}");
+    let err = be.forward(&x, &t[..1], &y, None).unwrap_err().to_string();
+    assert!(err.contains("timesteps"), "{err}");
+    let (x3, t3, y3) = inputs(&cfg, 3, 1);
+    let g = Guidance {
+        scale: 2.0,
+        mode: GuidanceMode::Official3,
+    };
+    let err = be.forward(&x3, &t3, &y3, Some(g)).unwrap_err().to_string();
+    assert!(err.contains("even number of rows"), "{err}");
+    let bad = DitWeights::random(&other_config(), 1);
+    assert!(CpuBackend::new(cfg.clone(), bad).is_err());
+}
+
+/// DiT-XL/2 at 256 px, batch 2: `cargo test --release --test forward -- --ignored --nocapture`.
+#[test]
+#[ignore = "DiT-XL/2: 2.7 GB of weights and seconds of compute"]
+fn xl2_forward_timing() {
+    let cfg = DitConfig::official("DiT-XL/2", 32).unwrap();
+    let be = backend(&cfg, 9);
+    let (x, t, y) = inputs(&cfg, 2, 3);
+    let start = std::time::Instant::now();
+    let out = be.forward(&x, &t, &y, None).unwrap();
+    let first = start.elapsed();
+    let start = std::time::Instant::now();
+    let out2 = be.forward(&x, &t, &y, None).unwrap();
+    let second = start.elapsed();
+    assert!(out.iter().all(|v| v.is_finite()));
+    assert_eq!(out, out2);
+    let rms = (out.iter().map(|v| (v * v) as f64).sum::<f64>() / out.len() as f64).sqrt();
+    println!(
+        "DiT-XL/2 batch 2 forward on {} threads: {:.2} s, then {:.2} s (output rms {rms:.3})",
+        rayon::current_num_threads(),
+        first.as_secs_f64(),
+        second.as_secs_f64()
+    );
+}
