@@ -1,10 +1,13 @@
-//! Flash attention (kernels/attention.cu) against a plain f32 CPU twin on the same bf16-rounded
-//! q, k, v, read from the fused qkv layout [B, T, 3, H, d] the qkv Linear writes.
+//! Flash attention (kernels/attention.cu) against the CPU reference's attention
+//! (`fora::cpu::ops::attention`, the oracle of the whole forward) on the same bf16-rounded q, k, v,
+//! read from the fused qkv layout [B, T, 3, H, d] the qkv Linear writes. An independent plain-loop
+//! twin cross-checks that oracle on every GPU case and, without a device, on small shapes.
 //!
 //! Without a CUDA device the GPU tests print `SKIP <name>: no CUDA device` and pass; with
 //! `FORA_REQUIRE_GPU=1` they fail instead. The parameter-validation tests need no device.
 
 use anyhow::{ensure, Result};
+use fora::cpu::ops;
 use fora::cuda::attention::{attention, attention_plan, ATTENTION_BLOCK_M};
 use fora::cuda::params::AttentionParams;
 use fora::cuda::testing::{
@@ -77,6 +80,37 @@ fn attention_reference(qkv: &[f32], s: Shape) -> Vec<f32> {
     out
 }
 
+/// The project's CPU reference attention on the same layout.
+fn attention_oracle(qkv: &[f32], s: Shape) -> Vec<f32> {
+    let mut out = vec![0.0f32; s.batch * s.tokens * s.heads * s.head_dim];
+    // One [T, T] score matrix per parallel task, at most one per (batch, head).
+    let tasks = (s.batch * s.heads).min(rayon::current_num_threads().max(1));
+    let mut scores = vec![0.0f32; tasks * s.tokens * s.tokens];
+    ops::attention(
+        &mut out,
+        qkv,
+        &mut scores,
+        s.batch,
+        s.tokens,
+        s.heads,
+        s.head_dim,
+    );
+    out
+}
+
+/// The plain loop and the oracle agree to f32 rounding.
+fn check_oracle(name: &str, qkv: &[f32], s: Shape) -> Result<Vec<f32>> {
+    let oracle = attention_oracle(qkv, s);
+    let plain = attention_reference(qkv, s);
+    check_close(
+        &format!("{name}: CPU oracle vs plain loop"),
+        &oracle,
+        &plain,
+        1e-5,
+    )?;
+    Ok(oracle)
+}
+
 fn params(s: Shape, qkv: u64, out: u64) -> AttentionParams {
     AttentionParams {
         qkv,
@@ -101,7 +135,7 @@ fn run_case(gpu: &Gpu, name: &str, s: Shape, qk_std: f32, seed: u64) -> Result<(
         qkv.extend(rng.normal_vec(h_n * d, 1.0)); // v
     }
     let qkv = round_bf16(&qkv);
-    let reference = attention_reference(&qkv, s);
+    let reference = check_oracle(name, &qkv, s)?;
 
     let out_len = b_n * t_n * h_n * d;
     let qkv_dev = gpu.upload(&to_bf16(&qkv), "attention test qkv")?;
@@ -293,6 +327,23 @@ fn attention_plan_rejects_bad_params() {
                 let msg = format!("{e:#}");
                 assert!(msg.contains(want), "expected {want:?}, got: {msg}");
             }
+        }
+    }
+}
+
+/// Without a device: the plain-loop twin and the CPU oracle agree on odd shapes.
+#[test]
+fn attention_plain_loop_matches_cpu_oracle() {
+    let mut rng = TestRng::new(10);
+    for s in [
+        shape(2, 3, 77, 72),
+        shape(1, 2, 1, 64),
+        shape(1, 1, 130, 128),
+    ] {
+        let n = s.batch * s.tokens * 3 * s.heads * s.head_dim;
+        let qkv = round_bf16(&rng.normal_vec(n, 1.0));
+        if let Err(e) = check_oracle(&format!("{s:?}"), &qkv, s) {
+            panic!("{e:#}");
         }
     }
 }
