@@ -115,6 +115,10 @@ pub struct SamplePlan {
     pub guidance: Option<Guidance>,
     /// Number of loop steps S.
     pub steps: usize,
+    /// The original timestep of each loop step, `timesteps[k]` for k = 0..S (known before
+    /// sampling starts, so a backend can keep them on the device and launch steps without a
+    /// host-to-device copy).
+    pub timesteps: Vec<i64>,
     pub noise: NoiseSource,
 }
 

@@ -218,6 +218,9 @@ impl<'a, B: Backend> Sampler<'a, B> {
             classes: classes.to_vec(),
             guidance: self.options.guidance,
             steps: self.steps(),
+            timesteps: (0..self.steps())
+                .map(|k| self.diffusion.timestep_map[self.steps() - 1 - k] as i64)
+                .collect(),
             noise,
         })
     }

@@ -1,7 +1,10 @@
 //! [`CudaBackend`]: the [`Backend`] the sampler drives on an NVIDIA GPU. A workspace holds every
 //! device buffer of one sampling run (activations, the modulation table, the FORA cache, the
-//! latents, the noise file), allocated once; a step only launches kernels and copies the step's
-//! timestep (one f32 per row) to the device.
+//! latents, the noise file, every step's timesteps), allocated once, and two CUDA graphs: the
+//! computing forward and the reuse forward, captured once. A step is then one device-to-device
+//! copy of its timesteps, one graph launch and the sampler-update kernel: no allocation, no
+//! host synchronization. `FORA_CUDA_GRAPHS=0` launches kernel by kernel instead (for profilers
+//! that filter by NVTX range, and for debugging).
 
 use super::device::dptr_at;
 use super::gemm::{Gemm, GemmImpl};
@@ -13,7 +16,7 @@ use crate::backend::{Backend, Guidance, NoiseSource, SamplePlan, StepMode, StepS
 use crate::config::DitConfig;
 use crate::weights::DitWeights;
 use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{sys, CudaGraph, CudaSlice};
 
 /// A DiT on one GPU.
 pub struct CudaBackend {
@@ -34,8 +37,19 @@ pub struct CudaWorkspace {
     images: usize,
     steps: usize,
     guidance: Option<Guidance>,
-    /// Host staging for the per-row timestep, sized once.
-    t_host: Vec<f32>,
+    /// Timestep of every (loop step, model row), f32 [S, rows]: a step copies its row into
+    /// `acts.t` on the device.
+    t_table: CudaSlice<f32>,
+    timesteps: Vec<i64>,
+    /// Captured forwards, `[compute, reuse]` (None: graphs disabled).
+    graphs: Option<[CudaGraph; 2]>,
+    /// True once a computing step has filled the FORA cache.
+    cache_valid: bool,
+}
+
+/// Whether steps replay CUDA graphs (`FORA_CUDA_GRAPHS=0` turns them off).
+pub fn graphs_enabled() -> bool {
+    std::env::var("FORA_CUDA_GRAPHS").map_or(true, |v| v.trim() != "0")
 }
 
 impl CudaWorkspace {
@@ -73,6 +87,32 @@ impl CudaBackend {
 
     pub fn gemm_impl(&self) -> GemmImpl {
         self.gemm_impl
+    }
+
+    /// Records one forward of the workspace's buffers as a CUDA graph (nothing runs).
+    fn capture(
+        &self,
+        gemm: &Gemm,
+        acts: &Activations,
+        mode: StepMode,
+        latents: &CudaSlice<f32>,
+        images: usize,
+    ) -> Result<CudaGraph> {
+        let stream = self.gpu.stream();
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .context("cannot start capturing a CUDA graph")?;
+        let recorded = self
+            .model
+            .forward(&self.gpu, gemm, acts, mode, latents, images);
+        // End the capture whatever happened, so that the stream stays usable.
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        recorded.with_context(|| format!("while capturing the {mode:?} forward"))?;
+        let graph = graph
+            .with_context(|| format!("cannot instantiate the {mode:?} forward graph"))?
+            .with_context(|| format!("the {mode:?} forward graph is empty"))?;
+        graph.upload().context("cannot upload a CUDA graph")?;
+        Ok(graph)
     }
 
     fn sampler_params(&self, ws: &CudaWorkspace, step: &StepSpec) -> Result<SamplerStepParams> {
@@ -202,6 +242,29 @@ impl Backend for CudaBackend {
         gpu.stream()
             .memcpy_htod(&labels, &mut acts.labels)
             .context("cannot copy labels to the device")?;
+        ensure!(
+            plan.timesteps.len() == plan.steps,
+            "the plan has {} timesteps for {} steps",
+            plan.timesteps.len(),
+            plan.steps
+        );
+        if let Some(bad) = plan.timesteps.iter().find(|t| !(0..1000).contains(*t)) {
+            bail!("timestep {bad} outside 0..999");
+        }
+        let t_rows: Vec<f32> = plan
+            .timesteps
+            .iter()
+            .flat_map(|&t| std::iter::repeat_n(t as f32, rows))
+            .collect();
+        let t_table = gpu.upload(&t_rows, "the timestep table")?;
+        let graphs = if graphs_enabled() {
+            let compute = self.capture(&gemm, &acts, StepMode::Compute, &latents, b)?;
+            let reuse = self.capture(&gemm, &acts, StepMode::Reuse, &latents, b)?;
+            Some([compute, reuse])
+        } else {
+            None
+        };
+        gpu.synchronize()?;
         Ok(CudaWorkspace {
             acts,
             gemm,
@@ -211,35 +274,52 @@ impl Backend for CudaBackend {
             images: b,
             steps: plan.steps,
             guidance: plan.guidance,
-            t_host: vec![0.0; rows],
+            t_table,
+            timesteps: plan.timesteps.clone(),
+            graphs,
+            cache_valid: false,
         })
     }
 
     fn step(&self, ws: &mut CudaWorkspace, step: &StepSpec) -> Result<()> {
-        if step.mode == StepMode::Reuse && !ws.acts.cache_valid {
+        if step.mode == StepMode::Reuse && !ws.cache_valid {
             bail!(
                 "step {}: the first step of a run must compute (the FORA cache is empty)",
                 step.k
             );
         }
         ensure!(
-            (0..1000).contains(&step.t),
-            "timestep {} outside 0..999",
-            step.t
+            ws.timesteps.get(step.k) == Some(&step.t),
+            "step {} has timestep {}, the plan said {:?}",
+            step.k,
+            step.t,
+            ws.timesteps.get(step.k)
         );
-        ws.t_host.fill(step.t as f32);
-        self.gpu
-            .stream()
-            .memcpy_htod(&ws.t_host, &mut ws.acts.t)
-            .context("cannot copy the timestep to the device")?;
-        self.model.forward(
-            &self.gpu,
-            &ws.gemm,
-            &mut ws.acts,
-            step.mode,
-            &ws.latents,
-            ws.images,
-        )?;
+        let rows = ws.acts.rows;
+        let stream = self.gpu.stream();
+        let src = ws.t_table.slice(step.k * rows..(step.k + 1) * rows);
+        stream
+            .memcpy_dtod(&src, &mut ws.acts.t)
+            .context("cannot select the step's timesteps")?;
+        match &ws.graphs {
+            Some(graphs) => {
+                let graph = &graphs[(step.mode == StepMode::Reuse) as usize];
+                graph
+                    .launch()
+                    .context("cannot launch the captured forward")?;
+            }
+            None => self.model.forward(
+                &self.gpu,
+                &ws.gemm,
+                &ws.acts,
+                step.mode,
+                &ws.latents,
+                ws.images,
+            )?,
+        }
+        if step.mode == StepMode::Compute {
+            ws.cache_valid = true;
+        }
         let p = self.sampler_params(ws, step)?;
         super::sampler::sampler_step(&self.gpu, &p)
     }

@@ -157,8 +157,6 @@ pub struct Activations {
     pub final_out: CudaSlice<f32>,
     /// FORA cache, bf16 [L][2][rows*T*D]: attention output (after proj), MLP output (after fc2).
     cache: Option<CudaSlice<bf16>>,
-    /// True once a computing forward has filled the cache.
-    pub cache_valid: bool,
 }
 
 /// Device bytes of [`Activations`] for `rows` rows (with or without the cache).
@@ -208,7 +206,6 @@ impl Activations {
             } else {
                 None
             },
-            cache_valid: false,
         })
     }
 }
@@ -265,7 +262,7 @@ impl GpuModel {
         &self,
         gpu: &Gpu,
         gemm: &Gemm,
-        acts: &mut Activations,
+        acts: &Activations,
         mode: StepMode,
         latents: &CudaSlice<f32>,
         images: usize,
@@ -279,16 +276,12 @@ impl GpuModel {
             "forward: {rows} rows cannot read {images} images from {} latent values",
             latents.len()
         );
-        if mode == StepMode::Reuse {
-            ensure!(
-                acts.cache.is_some(),
-                "a reuse step needs activations allocated with a FORA cache"
-            );
-            ensure!(
-                acts.cache_valid,
-                "a reuse step needs a FORA cache filled by an earlier computing step"
-            );
-        }
+        // Whether the cache holds a computed step is the caller's to track: a CUDA graph of the
+        // reuse step is recorded before any step has run.
+        ensure!(
+            mode == StepMode::Compute || acts.cache.is_some(),
+            "a reuse step needs activations allocated with a FORA cache"
+        );
 
         // Conditioning: c = t_mlp(timestep features) + label embedding; SiLU(c) feeds every adaLN.
         super::conditioning::timestep_embedding(
@@ -477,9 +470,6 @@ impl GpuModel {
                     fc2.ldg = cols as i32;
                     fc2.rows_per_gate = t as i32;
                     gemm.run(gpu, &fc2)?;
-                }
-                if acts.cache.is_some() {
-                    acts.cache_valid = true;
                 }
             }
             StepMode::Reuse => {
