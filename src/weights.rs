@@ -537,7 +537,12 @@ fn infer_config(
         "depth {depth}, hidden {hidden}, patch {patch} (from {XE} {xe:?} and the block keys)"
     );
     if let Some(a) = arch {
-        let name = a.official_name().unwrap_or_else(|| "the given".into());
+        let name = a.official_name().unwrap_or_else(|| {
+            format!(
+                "depth={},hidden={},heads={},patch={}",
+                a.depth, a.hidden, a.heads, a.patch
+            )
+        });
         for (what, want, got) in [
             ("depth", a.depth, depth),
             ("hidden", a.hidden, hidden),

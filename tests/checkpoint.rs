@@ -1,0 +1,386 @@
+//! Checkpoint loading: every validation error names the problem; save/load round trips.
+
+use fora::config::{Arch, DitConfig};
+use fora::weights::DitWeights;
+use safetensors::tensor::{Dtype, TensorView};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+/// A scratch directory unique to one test, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("fora-ckpt-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn small() -> DitConfig {
+    let arch = Arch::parse("depth=2,hidden=48,heads=3,patch=2").unwrap();
+    DitConfig::from_arch(&arch, 4, 6, 10, true).unwrap()
+}
+
+/// A checkpoint as raw tensors that a test can break: key -> (dtype, shape, bytes).
+type Raw = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+
+fn raw(cfg: &DitConfig, seed: u64) -> Raw {
+    let w = DitWeights::random(cfg, seed);
+    w.named(cfg)
+        .unwrap()
+        .into_iter()
+        .map(|(k, shape, data)| {
+            let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (k, (Dtype::F32, shape, bytes))
+        })
+        .collect()
+}
+
+fn write(path: &PathBuf, raw: &Raw, meta: Option<HashMap<String, String>>) {
+    let views: Vec<(String, TensorView)> = raw
+        .iter()
+        .map(|(k, (dt, shape, b))| (k.clone(), TensorView::new(*dt, shape.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, meta).unwrap()).unwrap();
+}
+
+/// Loads and expects an error whose message contains every one of `needles`.
+fn expect_err(path: &PathBuf, arch: Option<&str>, needles: &[&str]) -> String {
+    let arch = arch.map(|a| Arch::parse(a).unwrap());
+    let err = match DitWeights::load(path, arch.as_ref()) {
+        Ok(_) => panic!(
+            "loading {} should fail (expected {needles:?})",
+            path.display()
+        ),
+        Err(e) => format!("{e:#}"),
+    };
+    for n in needles {
+        assert!(err.contains(n), "error {err:?} should mention {n:?}");
+    }
+    err
+}
+
+const ARCH: &str = "depth=2,hidden=48,heads=3,patch=2";
+
+#[test]
+fn round_trip_save_load() {
+    let dir = TempDir::new("roundtrip");
+    for cfg in [
+        small(),
+        DitConfig::from_arch(
+            &Arch::parse("depth=3,hidden=40,heads=5,patch=4").unwrap(),
+            3,
+            8,
+            7,
+            false,
+        )
+        .unwrap(),
+    ] {
+        let w = DitWeights::random(&cfg, 11);
+        let path = dir.path("w.safetensors");
+        w.save(&path, &cfg).unwrap();
+        // The metadata carries the heads: no --arch needed.
+        let (cfg2, w2) = DitWeights::load(&path, None).unwrap();
+        assert_eq!(cfg2, cfg);
+        assert_eq!(w2, w);
+        // And an agreeing --arch is accepted.
+        let (cfg3, _) = DitWeights::load(&path, Some(&cfg.arch())).unwrap();
+        assert_eq!(cfg3, cfg);
+    }
+    // No temporary file is left behind.
+    let left: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+}
+
+#[test]
+fn random_weights_are_deterministic_and_nonzero() {
+    let cfg = small();
+    assert_eq!(DitWeights::random(&cfg, 3), DitWeights::random(&cfg, 3));
+    assert_ne!(DitWeights::random(&cfg, 3), DitWeights::random(&cfg, 4));
+    let w = DitWeights::random(&cfg, 3);
+    for (k, _, v) in w.named(&cfg).unwrap() {
+        assert!(v.iter().any(|x| *x != 0.0), "{k} is all zeros");
+    }
+}
+
+#[test]
+fn half_precision_tensors_load_as_f32() {
+    let dir = TempDir::new("half");
+    let cfg = small();
+    let w = DitWeights::random(&cfg, 5);
+    for dt in [Dtype::F16, Dtype::BF16] {
+        let r: Raw = w
+            .named(&cfg)
+            .unwrap()
+            .into_iter()
+            .map(|(k, shape, data)| {
+                let bytes = data
+                    .iter()
+                    .flat_map(|v| match dt {
+                        Dtype::F16 => half::f16::from_f32(*v).to_le_bytes(),
+                        _ => half::bf16::from_f32(*v).to_le_bytes(),
+                    })
+                    .collect();
+                (k, (dt, shape, bytes))
+            })
+            .collect();
+        let path = dir.path("h.safetensors");
+        write(&path, &r, None);
+        let (cfg2, w2) = DitWeights::load(&path, Some(&Arch::parse(ARCH).unwrap())).unwrap();
+        assert_eq!(cfg2, cfg);
+        let tol = if dt == Dtype::F16 { 1e-3 } else { 8e-3 };
+        for ((k, _, a), (_, _, b)) in w
+            .named(&cfg)
+            .unwrap()
+            .into_iter()
+            .zip(w2.named(&cfg).unwrap())
+        {
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= tol * x.abs().max(1e-2),
+                    "{dt:?} {k}: {x} vs {y}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn unreadable_garbage_and_truncated_files() {
+    let dir = TempDir::new("garbage");
+    expect_err(
+        &dir.path("nope.safetensors"),
+        Some(ARCH),
+        &["cannot read checkpoint", "nope.safetensors"],
+    );
+
+    let garbage = dir.path("garbage.safetensors");
+    std::fs::write(
+        &garbage,
+        b"this is not a safetensors file at all, just text",
+    )
+    .unwrap();
+    expect_err(&garbage, Some(ARCH), &["not a valid safetensors file"]);
+
+    let empty = dir.path("empty.safetensors");
+    std::fs::write(&empty, b"").unwrap();
+    expect_err(&empty, Some(ARCH), &["not a valid safetensors file"]);
+
+    let good = dir.path("good.safetensors");
+    write(&good, &raw(&small(), 1), None);
+    let bytes = std::fs::read(&good).unwrap();
+    for cut in [bytes.len() - 1, bytes.len() / 2, 12] {
+        let t = dir.path("truncated.safetensors");
+        std::fs::write(&t, &bytes[..cut]).unwrap();
+        expect_err(
+            &t,
+            Some(ARCH),
+            &["not a valid safetensors file", "truncated.safetensors"],
+        );
+    }
+}
+
+#[test]
+fn missing_and_unexpected_keys_are_named() {
+    let dir = TempDir::new("keys");
+    let p = dir.path("k.safetensors");
+    let mut r = raw(&small(), 1);
+    r.remove("blocks.1.mlp.fc2.bias");
+    r.remove("final_layer.adaLN_modulation.1.bias");
+    write(&p, &r, None);
+    expect_err(
+        &p,
+        Some(ARCH),
+        &[
+            "missing keys",
+            "blocks.1.mlp.fc2.bias",
+            "final_layer.adaLN_modulation.1.bias",
+        ],
+    );
+
+    let mut r = raw(&small(), 1);
+    r.insert(
+        "blocks.0.attn.q_norm.weight".into(),
+        (Dtype::F32, vec![1], vec![0, 0, 128, 63]),
+    );
+    r.insert(
+        "ema_decay".into(),
+        (Dtype::F32, vec![1], vec![0, 0, 128, 63]),
+    );
+    write(&p, &r, None);
+    expect_err(
+        &p,
+        Some(ARCH),
+        &[
+            "unexpected keys",
+            "blocks.0.attn.q_norm.weight",
+            "ema_decay",
+        ],
+    );
+
+    // A gap in the block indices: every key of the missing block is named.
+    let cfg3 = DitConfig::from_arch(
+        &Arch::parse("depth=3,hidden=48,heads=3,patch=2").unwrap(),
+        4,
+        6,
+        10,
+        true,
+    )
+    .unwrap();
+    let mut r = raw(&cfg3, 1);
+    r.retain(|k, _| !k.starts_with("blocks.1."));
+    write(&p, &r, None);
+    expect_err(
+        &p,
+        Some("depth=3,hidden=48,heads=3,patch=2"),
+        &[
+            "missing keys",
+            "blocks.1.attn.qkv.weight",
+            "blocks.1.adaLN_modulation.1.bias",
+        ],
+    );
+
+    // A key the architecture is inferred from.
+    let mut r = raw(&small(), 1);
+    r.remove("pos_embed");
+    write(&p, &r, None);
+    expect_err(&p, Some(ARCH), &["missing key pos_embed"]);
+}
+
+#[test]
+fn wrong_shapes_are_named() {
+    let dir = TempDir::new("shapes");
+    let p = dir.path("s.safetensors");
+    let mut r = raw(&small(), 1);
+    let e = r.get_mut("blocks.1.attn.proj.weight").unwrap();
+    e.1 = vec![48, 47];
+    e.2.truncate(48 * 47 * 4);
+    write(&p, &r, None);
+    expect_err(
+        &p,
+        Some(ARCH),
+        &["blocks.1.attn.proj.weight", "[48, 48]", "[48, 47]"],
+    );
+
+    let mut r = raw(&small(), 1);
+    let e = r.get_mut("final_layer.linear.weight").unwrap();
+    e.1 = vec![24, 48];
+    e.2.truncate(24 * 48 * 4);
+    write(&p, &r, None);
+    expect_err(&p, Some(ARCH), &["final_layer.linear.weight", "[24, 48]"]);
+
+    let mut r = raw(&small(), 1);
+    let e = r.get_mut("pos_embed").unwrap();
+    e.1 = vec![1, 8, 48];
+    e.2.truncate(8 * 48 * 4);
+    write(&p, &r, None);
+    expect_err(&p, Some(ARCH), &["pos_embed", "not a square grid"]);
+
+    // The architecture disagrees with the shapes.
+    write(&p, &raw(&small(), 1), None);
+    expect_err(&p, Some("DiT-S/2"), &["DiT-S/2", "depth 12", "depth 2"]);
+    expect_err(
+        &p,
+        Some("depth=2,hidden=64,heads=4,patch=2"),
+        &["hidden 64", "hidden 48"],
+    );
+}
+
+#[test]
+fn unsupported_dtype_and_nonfinite_values_are_named() {
+    let dir = TempDir::new("dtype");
+    let p = dir.path("d.safetensors");
+    let mut r = raw(&small(), 1);
+    let e = r.get_mut("blocks.0.mlp.fc1.bias").unwrap();
+    e.0 = Dtype::I64;
+    e.2 = (0..192i64).flat_map(|v| v.to_le_bytes()).collect();
+    write(&p, &r, None);
+    expect_err(
+        &p,
+        Some(ARCH),
+        &["blocks.0.mlp.fc1.bias", "unsupported dtype I64"],
+    );
+
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut r = raw(&small(), 1);
+        let e = r.get_mut("blocks.1.adaLN_modulation.1.weight").unwrap();
+        e.2[40..44].copy_from_slice(&bad.to_le_bytes());
+        write(&p, &r, None);
+        expect_err(
+            &p,
+            Some(ARCH),
+            &[
+                "blocks.1.adaLN_modulation.1.weight",
+                "non-finite",
+                "index 10",
+            ],
+        );
+    }
+}
+
+#[test]
+fn heads_come_from_arch_or_metadata() {
+    let dir = TempDir::new("heads");
+    let p = dir.path("h.safetensors");
+    let cfg = small();
+    write(&p, &raw(&cfg, 1), None);
+    expect_err(&p, None, &["heads cannot be inferred", "--arch"]);
+    let (c, _) = DitWeights::load(&p, Some(&Arch::parse(ARCH).unwrap())).unwrap();
+    assert_eq!(c, cfg);
+
+    // Metadata alone is enough.
+    let mut meta = HashMap::new();
+    meta.insert("fora.heads".to_string(), "3".to_string());
+    write(&p, &raw(&cfg, 1), Some(meta.clone()));
+    let (c, _) = DitWeights::load(&p, None).unwrap();
+    assert_eq!(c, cfg);
+
+    // --arch and metadata disagree on heads.
+    expect_err(
+        &p,
+        Some("depth=2,hidden=48,heads=6,patch=2"),
+        &["6 heads", "fora.heads=3"],
+    );
+
+    // Metadata that disagrees with the shapes.
+    meta.insert("fora.depth".into(), "3".into());
+    write(&p, &raw(&cfg, 1), Some(meta.clone()));
+    expect_err(&p, None, &["fora.depth=3", "2"]);
+    meta.remove("fora.depth");
+    meta.insert("fora.heads".into(), "5".into());
+    write(&p, &raw(&cfg, 1), Some(meta.clone()));
+    expect_err(&p, None, &["5 heads do not divide hidden 48"]);
+    meta.insert("fora.heads".into(), "three".into());
+    write(&p, &raw(&cfg, 1), Some(meta));
+    expect_err(&p, None, &["fora.heads", "not a number"]);
+}
+
+#[test]
+fn weights_check_rejects_mismatched_sizes() {
+    let cfg = small();
+    let mut w = DitWeights::random(&cfg, 1);
+    w.blocks[1].fc1_b.pop();
+    let err = w.check(&cfg).unwrap_err().to_string();
+    assert!(err.contains("blocks.1.mlp.fc1.bias"), "{err}");
+    let mut w = DitWeights::random(&cfg, 1);
+    w.final_b[0] = f32::NAN;
+    let err = w.check(&cfg).unwrap_err().to_string();
+    assert!(
+        err.contains("final_layer.linear.bias") && err.contains("non-finite"),
+        "{err}"
+    );
+}
