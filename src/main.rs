@@ -90,7 +90,7 @@ struct ForwardArgs {
     #[arg(long, value_name = "OUT")]
     out: PathBuf,
     /// Also run forward_with_cfg at this scale (N even; the first half are the conditional rows).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     cfg_scale: Option<f32>,
     /// Which channels guidance combines.
     #[arg(long, value_enum, default_value_t = CfgMode::Official, requires = "cfg_scale")]
@@ -114,11 +114,11 @@ struct SampleArgs {
     #[arg(long, value_enum, default_value_t = SamplerChoice::Ddpm)]
     sampler: SamplerChoice,
     /// DDIM eta (0 = deterministic); DDIM only.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     eta: Option<f64>,
     /// Classifier-free guidance scale; absent or 1.0 means no guidance (batch B), otherwise the
     /// model runs on 2B rows.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     cfg_scale: Option<f32>,
     /// Which channels guidance combines.
     #[arg(long, value_enum, default_value_t = CfgMode::Official, requires = "cfg_scale")]

@@ -1,0 +1,578 @@
+//! The `fora` binary on tiny random checkpoints: success cases checked against the library, and
+//! every bad input ending in a clear message, a non-zero exit and no output file.
+
+use fora::backend::{Backend, Guidance, GuidanceMode, NoiseSource};
+use fora::cache::{NoCache, StaticInterval};
+use fora::config::{Arch, DitConfig};
+use fora::cpu::CpuBackend;
+use fora::io::{write_tensors, OutTensor, TensorFile};
+use fora::rng::fill_normal;
+use fora::sampler::{Sampler, SamplerOptions};
+use fora::weights::DitWeights;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A fresh scratch directory with a tiny checkpoint (`model.safetensors`, architecture in its
+/// metadata).
+struct Scratch {
+    dir: PathBuf,
+    config: DitConfig,
+    weights: DitWeights,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("fora-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let arch = Arch::parse("depth=2,hidden=32,heads=2,patch=2").unwrap();
+        let config = DitConfig::from_arch(&arch, 4, 8, 10, true).unwrap();
+        let weights = DitWeights::random(&config, 17);
+        weights
+            .save(dir.join("model.safetensors"), &config)
+            .unwrap();
+        Scratch {
+            dir,
+            config,
+            weights,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn model(&self) -> String {
+        self.path("model.safetensors").display().to_string()
+    }
+
+    fn backend(&self) -> CpuBackend {
+        CpuBackend::new(self.config.clone(), self.weights.clone()).unwrap()
+    }
+
+    /// Files in the directory whose name marks a temporary output.
+    fn leftovers(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp"))
+            .collect()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn fora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fora"))
+        .args(args)
+        .output()
+        .expect("cannot start the fora binary")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_ok(o: &Output) {
+    assert!(o.status.success(), "fora failed: {}", stderr(o));
+}
+
+/// The run failed with a message containing every `needle`, without panicking, and wrote no
+/// `out`.
+fn assert_fails(o: &Output, needles: &[&str], out: &Path) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "fora panicked instead of reporting an error: {err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
+    }
+    assert!(!out.exists(), "{} exists after a failed run", out.display());
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Random finite values (never zeros) from the project's generator.
+fn randn(seed: u64, n: usize) -> Vec<f32> {
+    let mut v = vec![0.0; n];
+    fill_normal(seed, 0, &mut v);
+    v
+}
+
+/// Writes a forward input file with the given tensors.
+fn write_input(path: &Path, x: (&[usize], &[f32]), t: &[i64], y: &[i64]) {
+    let (ts, ys) = ([t.len()], [y.len()]);
+    write_tensors(
+        path,
+        &[
+            ("x", OutTensor::F32(x.0, x.1)),
+            ("t", OutTensor::I64(&ts, t)),
+            ("y", OutTensor::I64(&ys, y)),
+        ],
+        None,
+    )
+    .unwrap();
+}
+
+#[test]
+fn forward_matches_the_library() {
+    let s = Scratch::new("forward");
+    let n = 4;
+    let shape = [n, 4, 8, 8];
+    let x = randn(1, n * s.config.image_len());
+    let (t, y) = ([999i64, 0, 500, 999], [3i64, 7, 10, 10]);
+    let input = s.path("in.safetensors");
+    write_input(&input, (&shape, &x), &t, &y);
+    let out = s.path("out.safetensors");
+    let o = fora(&[
+        "forward",
+        "--model",
+        &s.model(),
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--cfg-scale",
+        "4.0",
+        "--device",
+        "cpu",
+    ]);
+    assert_ok(&o);
+    let file = TensorFile::open(&out).unwrap();
+    let got = file.f32("out", 4).unwrap();
+    let got_cfg = file.f32("out_cfg", 4).unwrap();
+    assert_eq!(got.shape, [n, 8, 8, 8]);
+    assert_eq!(got_cfg.shape, [n, 8, 8, 8]);
+    let labels: Vec<usize> = y.iter().map(|&v| v as usize).collect();
+    let backend = s.backend();
+    let want = backend.forward(&x, &t, &labels, None).unwrap();
+    let g = Guidance {
+        scale: 4.0,
+        mode: GuidanceMode::Official3,
+    };
+    let want_cfg = backend.forward(&x, &t, &labels, Some(g)).unwrap();
+    assert_eq!(bits(&got.data), bits(&want));
+    assert_eq!(bits(&got_cfg.data), bits(&want_cfg));
+    assert_ne!(bits(&want), bits(&want_cfg));
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+}
+
+#[test]
+fn sample_matches_the_library_and_noise_files() {
+    let s = Scratch::new("sample");
+    let backend = s.backend();
+    let classes = [3usize, 9];
+    let steps = 12;
+    let out_seed = s.path("seed.safetensors");
+    let common = [
+        "sample",
+        "--model",
+        &s.model(),
+        "--class",
+        "3",
+        "--class",
+        "9",
+        "--steps",
+        "12",
+        "--cfg-scale",
+        "4",
+        "--cache-interval",
+        "3",
+        "--quiet",
+    ];
+    let mut args = common.to_vec();
+    args.extend(["--seed", "5", "--out", out_seed.to_str().unwrap()]);
+    let o = fora(&args);
+    assert_ok(&o);
+    assert!(stderr(&o).contains("computed"), "{}", stderr(&o));
+    let got = TensorFile::open(&out_seed)
+        .unwrap()
+        .f32("samples", 4)
+        .unwrap();
+    assert_eq!(got.shape, [2, 4, 8, 8]);
+
+    let options = SamplerOptions::ddpm(steps).with_guidance(Some(Guidance {
+        scale: 4.0,
+        mode: GuidanceMode::Official3,
+    }));
+    let sampler = Sampler::new(&backend, options).unwrap();
+    let mut policy = StaticInterval::new(3).unwrap();
+    let want = sampler
+        .sample(&classes, NoiseSource::Seed(5), &mut policy)
+        .unwrap();
+    assert_eq!(want.stats.computed, 5, "i = 11, 9, 6, 3, 0");
+    assert_eq!(bits(&got.data), bits(&want.latents));
+
+    // A noise file holding the seed's numbers gives the same bits.
+    let n = classes.len() * s.config.image_len();
+    let mut x_t = vec![0.0; n];
+    fill_normal(5, 0, &mut x_t);
+    let mut noise = vec![0.0; steps * n];
+    for (k, slab) in noise.chunks_mut(n).enumerate() {
+        fill_normal(5, k as u64 + 1, slab);
+    }
+    let noise_path = s.path("noise.safetensors");
+    write_tensors(
+        &noise_path,
+        &[
+            ("x_T", OutTensor::F32(&[2, 4, 8, 8], &x_t)),
+            ("noise", OutTensor::F32(&[steps, 2, 4, 8, 8], &noise)),
+        ],
+        None,
+    )
+    .unwrap();
+    let out_file = s.path("file.safetensors");
+    let mut args = common.to_vec();
+    args.extend([
+        "--noise-file",
+        noise_path.to_str().unwrap(),
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert_ok(&fora(&args));
+    let from_file = TensorFile::open(&out_file)
+        .unwrap()
+        .f32("samples", 4)
+        .unwrap();
+    assert_eq!(bits(&from_file.data), bits(&want.latents));
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+}
+
+#[test]
+fn cfg_scale_one_is_no_guidance() {
+    let s = Scratch::new("cfg1");
+    let model = s.model();
+    let run = |extra: &[&str], name: &str| {
+        let out = s.path(name);
+        let mut args = vec![
+            "sample",
+            "--model",
+            &model,
+            "--class",
+            "1",
+            "--steps",
+            "6",
+            "--sampler",
+            "ddim",
+            "--quiet",
+            "--out",
+        ];
+        let out_str = out.to_str().unwrap().to_string();
+        args.push(&out_str);
+        args.extend(extra);
+        assert_ok(&fora(&args));
+        TensorFile::open(&out)
+            .unwrap()
+            .f32("samples", 4)
+            .unwrap()
+            .data
+    };
+    let plain = run(&[], "a.safetensors");
+    let one = run(&["--cfg-scale", "1.0"], "b.safetensors");
+    assert_eq!(bits(&plain), bits(&one));
+    let backend = s.backend();
+    let sampler = Sampler::new(&backend, SamplerOptions::ddim(6, 0.0)).unwrap();
+    let want = sampler
+        .sample(&[1], NoiseSource::Seed(0), &mut NoCache)
+        .unwrap();
+    assert_eq!(bits(&plain), bits(&want.latents));
+}
+
+#[test]
+fn info_runs() {
+    let o = fora(&["info"]);
+    assert_ok(&o);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("cuda kernels:") && text.contains("gpu"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_forward_inputs() {
+    let s = Scratch::new("badfwd");
+    let out = s.path("out.safetensors");
+    let out_s = out.to_str().unwrap().to_string();
+    let model = s.model();
+    let n = 2;
+    let x = randn(2, n * s.config.image_len());
+    let shape = [n, 4, 8, 8];
+    let run = |input: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "forward",
+            "--model",
+            &model,
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            &out_s,
+        ];
+        args.extend(extra);
+        fora(&args)
+    };
+    let case = |name: &str, x: (&[usize], &[f32]), t: &[i64], y: &[i64]| {
+        let p = s.path(name);
+        write_input(&p, x, t, y);
+        p
+    };
+
+    let good = case("good.safetensors", (&shape, &x), &[1, 2], &[3, 4]);
+    // Model problems.
+    let o = fora(&[
+        "forward",
+        "--model",
+        "/nonexistent/m.safetensors",
+        "--input",
+        good.to_str().unwrap(),
+        "--out",
+        &out_s,
+    ]);
+    assert_fails(
+        &o,
+        &["cannot read checkpoint", "/nonexistent/m.safetensors"],
+        &out,
+    );
+    std::fs::write(s.path("junk.safetensors"), b"this is not a checkpoint").unwrap();
+    let junk = s.path("junk.safetensors").display().to_string();
+    let o = fora(&[
+        "forward",
+        "--model",
+        &junk,
+        "--input",
+        good.to_str().unwrap(),
+        "--out",
+        &out_s,
+    ]);
+    assert_fails(&o, &["safetensors"], &out);
+    let o = fora(&[
+        "forward",
+        "--input",
+        good.to_str().unwrap(),
+        "--out",
+        &out_s,
+    ]);
+    assert_fails(&o, &["--model"], &out);
+    let o = run(&good, &["--arch", "DiT-Q/2"]);
+    assert_fails(&o, &["DiT-Q/2"], &out);
+
+    // Input file problems.
+    let o = run(&s.path("missing.safetensors"), &[]);
+    assert_fails(&o, &["cannot read", "missing.safetensors"], &out);
+    let o = run(Path::new(&junk), &[]);
+    assert_fails(&o, &["not a valid safetensors"], &out);
+    let p = case(
+        "odd_c.safetensors",
+        (&[n, 3, 8, 8], &x[..n * 3 * 64]),
+        &[1, 2],
+        &[3, 4],
+    );
+    assert_fails(
+        &run(&p, &[]),
+        &["x has shape [2, 3, 8, 8]", "[N, 4, 8, 8]"],
+        &out,
+    );
+    let p = case("rank.safetensors", (&[n, 256], &x), &[1, 2], &[3, 4]);
+    assert_fails(&run(&p, &[]), &["\"x\"", "expected 4 dimensions"], &out);
+    let p = case("tlen.safetensors", (&shape, &x), &[1, 2, 3], &[3, 4]);
+    assert_fails(&run(&p, &[]), &["t [3]", "[N] = [2]"], &out);
+    let p = case("trange.safetensors", (&shape, &x), &[1, 1000], &[3, 4]);
+    assert_fails(&run(&p, &[]), &["t[1] = 1000", "0..999"], &out);
+    let p = case("tneg.safetensors", (&shape, &x), &[-1, 5], &[3, 4]);
+    assert_fails(&run(&p, &[]), &["t[0] = -1"], &out);
+    let p = case("yrange.safetensors", (&shape, &x), &[1, 2], &[3, 11]);
+    assert_fails(&run(&p, &[]), &["y[1] = 11", "null class"], &out);
+    let mut nan_x = x.clone();
+    nan_x[5] = f32::NAN;
+    let p = case("nan.safetensors", (&shape, &nan_x), &[1, 2], &[3, 4]);
+    assert_fails(&run(&p, &[]), &["not finite"], &out);
+    let odd = case("odd.safetensors", (&[1, 4, 8, 8], &x[..256]), &[1], &[3]);
+    assert_fails(&run(&odd, &["--cfg-scale", "2"]), &["even N"], &out);
+    assert_fails(&run(&good, &["--cfg-scale", "nan"]), &["finite"], &out);
+    // Wrong dtypes: t as f32, x as int64, a missing y.
+    let p = s.path("tdtype.safetensors");
+    write_tensors(
+        &p,
+        &[
+            ("x", OutTensor::F32(&shape, &x)),
+            ("t", OutTensor::F32(&[2], &[1.0, 2.0])),
+            ("y", OutTensor::I64(&[2], &[3, 4])),
+        ],
+        None,
+    )
+    .unwrap();
+    assert_fails(&run(&p, &[]), &["\"t\"", "dtype F32, expected I64"], &out);
+    let p = s.path("xdtype.safetensors");
+    let xi: Vec<i64> = (0..(n * 256) as i64).collect();
+    write_tensors(
+        &p,
+        &[
+            ("x", OutTensor::I64(&shape, &xi)),
+            ("t", OutTensor::I64(&[2], &[1, 2])),
+            ("y", OutTensor::I64(&[2], &[3, 4])),
+        ],
+        None,
+    )
+    .unwrap();
+    assert_fails(&run(&p, &[]), &["\"x\"", "dtype I64, expected F32"], &out);
+    let p = s.path("noy.safetensors");
+    write_tensors(
+        &p,
+        &[
+            ("x", OutTensor::F32(&shape, &x)),
+            ("t", OutTensor::I64(&[2], &[1, 2])),
+        ],
+        None,
+    )
+    .unwrap();
+    assert_fails(&run(&p, &[]), &["no tensor \"y\""], &out);
+    // Output problems.
+    let o = fora(&[
+        "forward",
+        "--model",
+        &model,
+        "--input",
+        good.to_str().unwrap(),
+        "--out",
+        "/nonexistent-dir/out.safetensors",
+    ]);
+    assert_fails(
+        &o,
+        &["/nonexistent-dir", "does not exist"],
+        Path::new("/nonexistent-dir/out.safetensors"),
+    );
+    // The good input works, so each failure above is the one named.
+    assert_ok(&run(&good, &[]));
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+}
+
+#[test]
+fn bad_sample_inputs() {
+    let s = Scratch::new("badsample");
+    let out = s.path("out.safetensors");
+    let out_s = out.to_str().unwrap().to_string();
+    let model = s.model();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["sample", "--model", &model, "--quiet", "--out", &out_s];
+        args.extend(extra);
+        fora(&args)
+    };
+    assert_fails(
+        &run(&["--class", "1", "--steps", "0"]),
+        &["--steps", "1..=1000"],
+        &out,
+    );
+    assert_fails(
+        &run(&["--class", "1", "--steps", "1001"]),
+        &["--steps"],
+        &out,
+    );
+    assert_fails(
+        &run(&["--class", "1", "--cache-interval", "0"]),
+        &["--cache-interval"],
+        &out,
+    );
+    assert_fails(
+        &run(&["--class", "10", "--steps", "2"]),
+        &["class 10", "10 classes"],
+        &out,
+    );
+    assert_fails(&run(&["--class", "-1"]), &["--class"], &out);
+    assert_fails(&run(&["--steps", "2"]), &["--class"], &out);
+    assert_fails(
+        &run(&["--class", "1", "--eta", "0.5"]),
+        &["--eta", "ddim"],
+        &out,
+    );
+    assert_fails(
+        &run(&["--class", "1", "--sampler", "ddim", "--eta", "-1"]),
+        &["--eta"],
+        &out,
+    );
+    assert_fails(
+        &run(&["--class", "1", "--respacing", "abc"]),
+        &["respacing", "abc"],
+        &out,
+    );
+    assert_fails(
+        &run(&["--class", "1", "--device", "cuda"]),
+        &["CUDA backend"],
+        &out,
+    );
+    assert_fails(
+        &run(&["--class", "1", "--cfg-scale", "inf"]),
+        &["--cfg-scale"],
+        &out,
+    );
+    assert_fails(
+        &run(&["--class", "1", "--cfg-mode", "all"]),
+        &["--cfg-scale"],
+        &out,
+    );
+    let o = fora(&["sample", "--class", "1", "--out", &out_s]);
+    assert_fails(&o, &["no --model"], &out);
+
+    // Noise files: missing, wrong shapes, a seed beside a file.
+    let n = s.config.image_len();
+    let noise_case = |name: &str, xs: &[usize], ns: &[usize]| {
+        let p = s.path(name);
+        let x_t = randn(3, xs.iter().product());
+        let noise = randn(4, ns.iter().product());
+        write_tensors(
+            &p,
+            &[
+                ("x_T", OutTensor::F32(xs, &x_t)),
+                ("noise", OutTensor::F32(ns, &noise)),
+            ],
+            None,
+        )
+        .unwrap();
+        p.display().to_string()
+    };
+    let base = [
+        "--class",
+        "1",
+        "--class",
+        "2",
+        "--steps",
+        "3",
+        "--noise-file",
+    ];
+    let with = |file: &str| {
+        let mut a = base.to_vec();
+        a.push(file);
+        run(&a)
+    };
+    assert_fails(
+        &with("/nonexistent/noise.safetensors"),
+        &["--noise-file", "cannot read"],
+        &out,
+    );
+    let f = noise_case("n1.safetensors", &[1, 4, 8, 8], &[3, 1, 4, 8, 8]);
+    assert_fails(&with(&f), &["x_T has shape [1, 4, 8, 8]", "B=2"], &out);
+    let f = noise_case("n2.safetensors", &[2, 4, 8, 8], &[4, 2, 4, 8, 8]);
+    assert_fails(&with(&f), &["noise has shape [4, 2, 4, 8, 8]", "S=3"], &out);
+    let f = noise_case("n3.safetensors", &[2, 4, 8, 8], &[3, 2, 4, 4, 16]);
+    assert_fails(&with(&f), &["noise has shape"], &out);
+    let f = noise_case("n4.safetensors", &[2, 4, 8, 8], &[3 * 2 * n]);
+    assert_fails(&with(&f), &["\"noise\"", "expected 5 dimensions"], &out);
+    let good = noise_case("good.safetensors", &[2, 4, 8, 8], &[3, 2, 4, 8, 8]);
+    let mut a = base.to_vec();
+    a.extend([good.as_str(), "--seed", "3"]);
+    assert_fails(&run(&a), &["--seed"], &out);
+    // The good noise file works.
+    assert_ok(&with(&good));
+    assert!(out.exists());
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+}
