@@ -3,7 +3,8 @@
 #include "common.cuh"
 
 // One block per row, one thread per frequency j: writes cos at column j and sin at half + j.
-// Accurate expf (not the fast intrinsic); arguments t * f reach 999 rad.
+// The f32 steps round as PyTorch's (and src/cpu/ops.rs timestep_features); exp, cos and sin are
+// evaluated in double and rounded once. Arguments t * f reach 999 rad.
 extern "C" __global__ void timestep_embedding(const TimestepEmbedParams p) {
     const int r = blockIdx.x;
     if (r >= p.rows) return;
@@ -12,7 +13,8 @@ extern "C" __global__ void timestep_embedding(const TimestepEmbedParams p) {
     // -ln(10000) rounded to f32 times j, over half, as torch's f32 arange arithmetic.
     const float neg_log_max_period = -9.21034037197618f;
     for (int j = threadIdx.x; j < p.half; j += blockDim.x) {
-        const float freq = expf(__fdiv_rn(__fmul_rn(neg_log_max_period, (float)j), (float)p.half));
+        const float e = __fdiv_rn(__fmul_rn(neg_log_max_period, (float)j), (float)p.half);
+        const float freq = (float)exp((double)e);  // rounded once, as PyTorch's f32 exp
         const float arg = __fmul_rn(t, freq);
         // cos/sin of the f32 argument via sincospi in double: its range reduction is exact and
         // needs no local-memory stack (cosf/sinf's Payne-Hanek path does); error ~1e-13.
