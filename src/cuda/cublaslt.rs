@@ -15,6 +15,7 @@ use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream};
 use std::ffi::c_void;
 use std::mem::size_of;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Output element type of a cuBLASLt matmul.
@@ -64,6 +65,9 @@ pub struct CublasLt {
     workspace: CudaSlice<u8>,
     workspace_bytes: usize,
     stream: Arc<CudaStream>,
+    /// Set once cuBLASLt has refused an f32 bias with a bf16 output (cuBLASLt 13 on an H200
+    /// answers CUBLAS_STATUS_INVALID_VALUE): later calls skip the doomed heuristic query.
+    bf16_out_f32_bias_refused: AtomicBool,
 }
 
 // SAFETY: cuBLASLt handles may be used from any host thread (the library is thread safe); all
@@ -111,6 +115,7 @@ impl CublasLt {
             workspace,
             workspace_bytes,
             stream: gpu.stream().clone(),
+            bf16_out_f32_bias_refused: AtomicBool::new(false),
         })
     }
 
@@ -165,6 +170,11 @@ impl CublasLt {
             sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
             &0i32, // CUBLAS_OP_N
         )?;
+        let bf16_out_f32_bias = mm.output == LtOutput::Bf16
+            && matches!(mm.epilogue, LtEpilogue::Bias(_) | LtEpilogue::GeluBias(_));
+        if bf16_out_f32_bias && self.bf16_out_f32_bias_refused.load(Ordering::Relaxed) {
+            return Ok(LtRun::Unsupported);
+        }
         let (epilogue, bias) = match mm.epilogue {
             LtEpilogue::None => (sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT, None),
             LtEpilogue::Gelu => (sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU, None),
@@ -233,6 +243,15 @@ impl CublasLt {
             Ok(h) => h,
             Err(CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
                 return Ok(LtRun::Unsupported)
+            }
+            // An f32 bias with a bf16 output is an attribute combination cuBLASLt may reject
+            // outright rather than find no algorithm for; remember it.
+            Err(CublasError(sys::cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE))
+                if bf16_out_f32_bias =>
+            {
+                self.bf16_out_f32_bias_refused
+                    .store(true, Ordering::Relaxed);
+                return Ok(LtRun::Unsupported);
             }
             Err(e) => return Err(lt_error(e, "cublasLtMatmulAlgoGetHeuristic")),
         };

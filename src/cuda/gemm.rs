@@ -353,15 +353,13 @@ impl Gemm {
     pub fn run_cublaslt(&self, gpu: &Gpu, p: &GemmParams) -> Result<()> {
         let epi = validate(p)?;
         let lt = self.lt()?;
-        let (output, bias_ok) = match epi {
+        let output = match epi {
             Epilogue::BiasGateResidual => return self.run_cublaslt_unfused(gpu, p),
-            Epilogue::BiasF32 => (LtOutput::F32, true),
-            // cuBLASLt may want a 16-byte aligned bias vector.
-            Epilogue::BiasBf16 | Epilogue::BiasGeluBf16 => {
-                (LtOutput::Bf16, p.bias.is_multiple_of(16))
-            }
+            Epilogue::BiasF32 => LtOutput::F32,
+            Epilogue::BiasBf16 | Epilogue::BiasGeluBf16 => LtOutput::Bf16,
         };
-        if !bias_ok {
+        // cuBLASLt may want a 16-byte aligned bias vector; ours need only be 4-byte aligned.
+        if !p.bias.is_multiple_of(16) {
             return self.run_cublaslt_unfused(gpu, p);
         }
         let gelu = epi == Epilogue::BiasGeluBf16;
