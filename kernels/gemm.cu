@@ -9,10 +9,13 @@
 // lda/ldw % 8 == 0 and 16-byte aligned A/W (every 8-element chunk is one 16-byte cp.async),
 // out/cache 8-byte aligned, bias/gate 4-byte aligned. M and N are arbitrary.
 //
-// Pipeline: STAGES-deep cp.async ring of BMx32 (A) and BNx32 (W) tiles in dynamic shared memory,
-// one __syncthreads per k-tile. Rows of a tile are 64 bytes (4 chunks of 16 bytes); the chunk
-// index is XOR-swizzled with (row / 2) % 4 so the 8 rows that one ldmatrix phase reads land in
-// 8 distinct 16-byte bank groups (no bank conflicts, no padding).
+// Pipeline: STAGES-deep cp.async ring of BMxBK (A) and BNxBK (W) tiles in dynamic shared memory,
+// one __syncthreads per k-tile; 16-byte chunks XOR-swizzled within a row (see tile_offset) so
+// ldmatrix is free of bank conflicts without padding.
+//
+// Split-K (few CTAs, long K): gridDim.z slices each sum a contiguous share of the k-tiles into an
+// f32 workspace (epilogue FORA_EPI_PARTIAL_F32); gemm_epilogue_f32 adds the slices in a fixed
+// order and applies the epilogue, so results are deterministic (no atomics).
 //
 // The epilogue runs straight from the accumulator registers: each thread owns pairs of adjacent
 // columns (c0, c1) / (c2, c3) of the m16n8 fragments, so bf16 pairs and f32 pairs are stored with
@@ -22,11 +25,18 @@
 
 namespace {
 
-constexpr int kGemmBk = 32;  // k per pipeline stage
-
-// Offset, in bf16 elements, of 16-byte chunk `chunk` (0..3) of `row` in a [rows][32] smem tile.
+// Offset, in bf16 elements, of 16-byte chunk `chunk` (0 .. BK/8 - 1) of `row` in a [rows][BK]
+// smem tile. BK = 32: 64-byte rows, row pairs share a 128-byte bank line, so the chunk is XOR-ed
+// with (row / 2) % 4. BK = 64: 128-byte rows, XOR with row % 8. Either way the 8 consecutive rows
+// one ldmatrix phase reads (same logical chunk) hit 8 distinct 16-byte bank groups.
+template <int BK>
 FORA_DEVICE int tile_offset(int row, int chunk) {
-    return row * kGemmBk + ((chunk ^ ((row >> 1) & 3)) << 3);
+    static_assert(BK == 32 || BK == 64, "tile rows are 32 or 64 bf16");
+    if constexpr (BK == 32) {
+        return row * BK + ((chunk ^ ((row >> 1) & 3)) << 3);
+    } else {
+        return row * BK + ((chunk ^ (row & 7)) << 3);
+    }
 }
 
 // Everything the epilogue needs, shared by the fused GEMM and the stand-alone epilogue kernel.
@@ -94,22 +104,23 @@ FORA_DEVICE void epilogue_pair(const Epilogue& e, int row, int col, float v0, fl
 
 // One CTA computes a BM x BN tile of out with WARPS_M x WARPS_N warps, each a
 // (BM / WARPS_M) x (BN / WARPS_N) sub-tile of m16n8 mma fragments.
-template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
+template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES>
 FORA_DEVICE void gemm_tile(const GemmParams& p) {
     constexpr int kThreads = WARPS_M * WARPS_N * 32;
     constexpr int kWarpM = BM / WARPS_M;
     constexpr int kWarpN = BN / WARPS_N;
     constexpr int kMi = kWarpM / 16;  // m16 fragments per warp
     constexpr int kNi = kWarpN / 8;   // n8 fragments per warp
-    constexpr int kChunksA = BM * kGemmBk / 8;
-    constexpr int kChunksB = BN * kGemmBk / 8;
+    constexpr int kRowChunks = BK / 8;  // 16-byte chunks per tile row
+    constexpr int kChunksA = BM * kRowChunks;
+    constexpr int kChunksB = BN * kRowChunks;
     static_assert(kWarpM % 16 == 0 && kWarpN % 16 == 0, "warp tile must be whole m16 x n16 blocks");
     static_assert(kChunksA % kThreads == 0 && kChunksB % kThreads == 0, "tile loads must split evenly");
     static_assert(STAGES >= 2, "the pipeline needs at least two stages");
 
     extern __shared__ uint4 gemm_smem[];
-    __nv_bfloat16* smem_a = reinterpret_cast<__nv_bfloat16*>(gemm_smem);  // [STAGES][BM * 32]
-    __nv_bfloat16* smem_b = smem_a + STAGES * BM * kGemmBk;                  // [STAGES][BN * 32]
+    __nv_bfloat16* smem_a = reinterpret_cast<__nv_bfloat16*>(gemm_smem);  // [STAGES][BM * BK]
+    __nv_bfloat16* smem_b = smem_a + STAGES * BM * BK;                       // [STAGES][BN * BK]
 
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -120,35 +131,40 @@ FORA_DEVICE void gemm_tile(const GemmParams& p) {
     const int n0 = blockIdx.x * BN;
     const __nv_bfloat16* a = reinterpret_cast<const __nv_bfloat16*>(p.a);
     const __nv_bfloat16* w = reinterpret_cast<const __nv_bfloat16*>(p.w);
-    const int k_tiles = (p.k + kGemmBk - 1) / kGemmBk;
+    // This slice's k-tiles [kt_begin, kt_end); the whole range when gridDim.z == 1. A slice
+    // past the end gets none and writes a zero partial.
+    const int k_tiles_all = (p.k + BK - 1) / BK;
+    const int k_per_slice = (k_tiles_all + gridDim.z - 1) / gridDim.z;
+    const int kt_begin = min(k_tiles_all, static_cast<int>(blockIdx.z) * k_per_slice);
+    const int k_tiles = min(k_tiles_all - kt_begin, k_per_slice);
 
     // Rows past M or N and chunks past K are zero-filled (src size 0), with the base pointer as a
     // harmless in-bounds source address; K % 8 == 0 makes every chunk wholly in or out.
     auto load_stage = [&](int slot, int k_tile) {
-        const int k0 = k_tile * kGemmBk;
-        __nv_bfloat16* dst_a = smem_a + slot * BM * kGemmBk;
-        __nv_bfloat16* dst_b = smem_b + slot * BN * kGemmBk;
+        const int k0 = (kt_begin + k_tile) * BK;
+        __nv_bfloat16* dst_a = smem_a + slot * BM * BK;
+        __nv_bfloat16* dst_b = smem_b + slot * BN * BK;
 #pragma unroll
         for (int i = 0; i < kChunksA / kThreads; ++i) {
             const int c = tid + i * kThreads;
-            const int row = c >> 2;
-            const int chunk = c & 3;
+            const int row = c / kRowChunks;
+            const int chunk = c % kRowChunks;
             const int gm = m0 + row;
             const int gk = k0 + chunk * 8;
             const bool in = gm < p.m && gk < p.k;
             const __nv_bfloat16* src = in ? a + static_cast<long long>(gm) * p.lda + gk : a;
-            cp_async_16(dst_a + tile_offset(row, chunk), src, in ? 16 : 0);
+            cp_async_16(dst_a + tile_offset<BK>(row, chunk), src, in ? 16 : 0);
         }
 #pragma unroll
         for (int i = 0; i < kChunksB / kThreads; ++i) {
             const int c = tid + i * kThreads;
-            const int row = c >> 2;
-            const int chunk = c & 3;
+            const int row = c / kRowChunks;
+            const int chunk = c % kRowChunks;
             const int gn = n0 + row;
             const int gk = k0 + chunk * 8;
             const bool in = gn < p.n && gk < p.k;
             const __nv_bfloat16* src = in ? w + static_cast<long long>(gn) * p.ldw + gk : w;
-            cp_async_16(dst_b + tile_offset(row, chunk), src, in ? 16 : 0);
+            cp_async_16(dst_b + tile_offset<BK>(row, chunk), src, in ? 16 : 0);
         }
     };
 
@@ -186,21 +202,21 @@ FORA_DEVICE void gemm_tile(const GemmParams& p) {
         cp_async_commit();
 
         const int slot = kt % STAGES;
-        const __nv_bfloat16* tile_a = smem_a + slot * BM * kGemmBk;
-        const __nv_bfloat16* tile_b = smem_b + slot * BN * kGemmBk;
+        const __nv_bfloat16* tile_a = smem_a + slot * BM * BK;
+        const __nv_bfloat16* tile_b = smem_b + slot * BN * BK;
 #pragma unroll
-        for (int kk = 0; kk < kGemmBk / 16; ++kk) {
+        for (int kk = 0; kk < BK / 16; ++kk) {
             uint32_t frag_a[kMi][4];
             uint32_t frag_b[kNi][2];
 #pragma unroll
             for (int i = 0; i < kMi; ++i) {
                 ldmatrix_x4(frag_a[i][0], frag_a[i][1], frag_a[i][2], frag_a[i][3],
-                            tile_a + tile_offset(a_row + i * 16, kk * 2 + a_chunk));
+                            tile_a + tile_offset<BK>(a_row + i * 16, kk * 2 + a_chunk));
             }
 #pragma unroll
             for (int j = 0; j < kNi / 2; ++j) {
                 ldmatrix_x4(frag_b[2 * j][0], frag_b[2 * j][1], frag_b[2 * j + 1][0], frag_b[2 * j + 1][1],
-                            tile_b + tile_offset(b_row + j * 16, kk * 2 + b_chunk));
+                            tile_b + tile_offset<BK>(b_row + j * 16, kk * 2 + b_chunk));
             }
 #pragma unroll
             for (int i = 0; i < kMi; ++i)
@@ -211,11 +227,17 @@ FORA_DEVICE void gemm_tile(const GemmParams& p) {
     // Only empty groups can still be pending; drain them so no cp.async outlives the CTA.
     cp_async_wait<0>();
 
-    const Epilogue e{reinterpret_cast<const float*>(p.bias),
-                     reinterpret_cast<void*>(p.out),
+    // A split-K slice stores its raw partial sums (f32, no bias) into slice z of the workspace.
+    const bool partial = p.epilogue == FORA_EPI_PARTIAL_F32;
+    void* out = partial ? static_cast<void*>(reinterpret_cast<float*>(p.out) +
+                                             static_cast<long long>(blockIdx.z) * p.m * p.ldo)
+                        : reinterpret_cast<void*>(p.out);
+    const Epilogue e{partial ? nullptr : reinterpret_cast<const float*>(p.bias),
+                     out,
                      reinterpret_cast<__nv_bfloat16*>(p.cache),
                      reinterpret_cast<const float*>(p.gate),
-                     p.m, p.n, p.ldo, p.ldc, p.ldg, p.rows_per_gate, p.epilogue};
+                     p.m, p.n, p.ldo, p.ldc, p.ldg, p.rows_per_gate,
+                     partial ? static_cast<int>(FORA_EPI_BIAS_F32) : p.epilogue};
     // Fragment (i, j): c0, c1 at (row g, cols 2t, 2t+1), c2, c3 at row g + 8; g = lane / 4, t = lane % 4.
     const int row_base = m0 + warp_m * kWarpM + (lane >> 2);
     const int col_base = n0 + warp_n * kWarpN + 2 * (lane & 3);
@@ -235,22 +257,29 @@ FORA_DEVICE void gemm_tile(const GemmParams& p) {
 }  // namespace
 
 // Tile variants (the launcher picks by how many CTAs each gives for M x N), dynamic smem =
-// STAGES * (BM + BN) * 32 * 2 bytes: 64 KiB, 48 KiB and 40 KiB.
+// STAGES * (BM + BN) * BK * 2 bytes: 144 KiB (fits sm_80's 163 KiB opt-in), 64, 48 and 40 KiB.
+// Large M: 64 x 64 warp tiles (32 mma per 8 ldmatrix.x4) and 64-deep k-steps; BN = 128 divides
+// every DiT width (1152, 3456, 4608, the adaLN table).
+extern "C" __global__ void __launch_bounds__(256, 1) gemm_bf16_256x128(const GemmParams p) {
+    gemm_tile<256, 128, 64, 4, 2, 3>(p);
+}
+
 extern "C" __global__ void __launch_bounds__(256, 2) gemm_bf16_128x128(const GemmParams p) {
-    gemm_tile<128, 128, 2, 4, 4>(p);
+    gemm_tile<128, 128, 32, 2, 4, 4>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 4) gemm_bf16_64x128(const GemmParams p) {
-    gemm_tile<64, 128, 2, 2, 4>(p);
+    gemm_tile<64, 128, 32, 2, 2, 4>(p);
 }
 
 // Small M (adaLN tables, t-MLP, batch-2 rows): 32-row tiles keep the W stream wide.
 extern "C" __global__ void __launch_bounds__(128, 4) gemm_bf16_32x128(const GemmParams p) {
-    gemm_tile<32, 128, 1, 4, 4>(p);
+    gemm_tile<32, 128, 32, 1, 4, 4>(p);
 }
 
-// The epilogue over an f32 product acc = A @ W^T computed elsewhere (cuBLASLt); each thread
-// handles column pairs of one row, grid-stride over M x ceil(N / 2).
+// The epilogue over an f32 product acc = A @ W^T computed elsewhere (cuBLASLt, or the split-K
+// slices, summed here in slice order); each thread handles column pairs of one row, grid-stride
+// over M x ceil(N / 2).
 extern "C" __global__ void __launch_bounds__(256) gemm_epilogue_f32(const GemmEpilogueParams p) {
     const Epilogue e{reinterpret_cast<const float*>(p.bias),
                      reinterpret_cast<void*>(p.out),
@@ -264,9 +293,15 @@ extern "C" __global__ void __launch_bounds__(256) gemm_epilogue_f32(const GemmEp
     for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
         const int row = static_cast<int>(i / pairs_per_row);
         const int col = static_cast<int>(i % pairs_per_row) * 2;
+        const long long slice = static_cast<long long>(p.m) * p.ld_acc;
         const float* src = acc + static_cast<long long>(row) * p.ld_acc + col;
-        const float v0 = src[0];
-        const float v1 = col + 1 < p.n ? src[1] : 0.0f;
+        const bool has1 = col + 1 < p.n;
+        float v0 = 0.0f;
+        float v1 = 0.0f;
+        for (int s = 0; s < p.splits; ++s) {
+            v0 += src[s * slice];
+            if (has1) v1 += src[s * slice + 1];
+        }
         epilogue_pair(e, row, col, v0, v1);
     }
 }

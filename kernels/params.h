@@ -18,7 +18,11 @@ enum fora_gemm_epilogue {
     FORA_EPI_BIAS_GELU_BF16 = 1, /* out bf16 = gelu_tanh(acc + bias) */
     FORA_EPI_BIAS_F32 = 2,       /* out f32 = acc + bias */
     /* v = acc + bias; if cache: cache bf16[m, n] = v; residual f32[m, n] += gate[m / rows_per_gate, n] * v */
-    FORA_EPI_BIAS_GATE_RESIDUAL = 3
+    FORA_EPI_BIAS_GATE_RESIDUAL = 3,
+    /* Internal to split-K (never valid from a caller): slice z = blockIdx.z of gridDim.z sums
+     * its share of the k-tiles into out f32 [z][M, ldo] (no bias); gemm_epilogue_f32 then adds
+     * the slices in order and applies the real epilogue. */
+    FORA_EPI_PARTIAL_F32 = 4
 };
 
 typedef struct GemmParams {
@@ -35,8 +39,9 @@ typedef struct GemmParams {
 } GemmParams;
 
 /* The epilogue alone, over an f32 product acc[M, ld_acc] = A @ W^T (no bias) computed by another
- * GEMM (the cuBLASLt reference path): out = epilogue(acc + bias), same fields and meaning as in
- * GemmParams. Kernel gemm_epilogue_f32. */
+ * GEMM (the cuBLASLt reference path, or the split-K slices of the custom one):
+ * out = epilogue(sum of the slices + bias), same fields and meaning as in GemmParams.
+ * Kernel gemm_epilogue_f32. */
 typedef struct GemmEpilogueParams {
     fora_ptr acc;      /* f32 [M, ld_acc] */
     fora_ptr bias;     /* f32 [N] or 0 */
@@ -47,6 +52,7 @@ typedef struct GemmEpilogueParams {
     int ld_acc, ldo, ldc, ldg;
     int rows_per_gate;
     int epilogue;      /* enum fora_gemm_epilogue */
+    int splits;        /* acc holds `splits` slices of [M, ld_acc], summed in order (>= 1) */
 } GemmEpilogueParams;
 
 /* Flash attention over a fused qkv buffer as the qkv Linear writes it:

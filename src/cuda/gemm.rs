@@ -17,7 +17,7 @@ use super::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
 use super::device::{dptr, Gpu};
 use super::params::{
     GemmEpilogueParams, GemmParams, FORA_EPI_BIAS_BF16, FORA_EPI_BIAS_F32,
-    FORA_EPI_BIAS_GATE_RESIDUAL, FORA_EPI_BIAS_GELU_BF16,
+    FORA_EPI_BIAS_GATE_RESIDUAL, FORA_EPI_BIAS_GELU_BF16, FORA_EPI_PARTIAL_F32,
 };
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys::CUfunction_attribute_enum;
@@ -108,43 +108,95 @@ impl Epilogue {
 }
 
 /// Tile variant of the custom kernel (`gemm_bf16_<BM>x128`); [`Gemm::run`] picks one, tests and
-/// benchmarks may force one with [`Gemm::run_custom`].
+/// benchmarks may force one with [`Gemm::run_custom_split`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tile {
+    M256,
     M128,
     M64,
     M32,
 }
 
-impl Tile {
-    pub const ALL: [Tile; 3] = [Tile::M128, Tile::M64, Tile::M32];
+/// Kernel name, BM, BN, BK, threads, pipeline stages and CTAs an SM holds (`__launch_bounds__`)
+/// of a tile variant; must match the instantiations in gemm.cu.
+struct TileSpec {
+    name: &'static str,
+    bm: u32,
+    bn: u32,
+    bk: u32,
+    threads: u32,
+    stages: u32,
+    ctas_per_sm: usize,
+}
 
-    /// (kernel name, BM, BN, threads, stages) — must match the instantiations in gemm.cu.
-    fn spec(self) -> (&'static str, u32, u32, u32, u32) {
-        match self {
-            Tile::M128 => ("gemm_bf16_128x128", 128, 128, 256, 4),
-            Tile::M64 => ("gemm_bf16_64x128", 64, 128, 128, 4),
-            Tile::M32 => ("gemm_bf16_32x128", 32, 128, 128, 4),
+impl Tile {
+    pub const ALL: [Tile; 4] = [Tile::M256, Tile::M128, Tile::M64, Tile::M32];
+
+    fn spec(self) -> TileSpec {
+        let (name, bm, bk, threads, stages, ctas_per_sm) = match self {
+            Tile::M256 => ("gemm_bf16_256x128", 256, 64, 256, 3, 1),
+            Tile::M128 => ("gemm_bf16_128x128", 128, 32, 256, 4, 2),
+            Tile::M64 => ("gemm_bf16_64x128", 64, 32, 128, 4, 4),
+            Tile::M32 => ("gemm_bf16_32x128", 32, 32, 128, 4, 4),
+        };
+        TileSpec {
+            name,
+            bm,
+            bn: 128,
+            bk,
+            threads,
+            stages,
+            ctas_per_sm,
         }
     }
 
     fn smem_bytes(self) -> u32 {
-        let (_, bm, bn, _, stages) = self.spec();
-        stages * (bm + bn) * 32 * 2
+        let t = self.spec();
+        t.stages * (t.bm + t.bn) * t.bk * 2
+    }
+
+    fn ctas(self, m: usize, n: usize) -> usize {
+        let t = self.spec();
+        m.div_ceil(t.bm as usize) * n.div_ceil(t.bn as usize)
     }
 
     /// Largest tile whose grid still fills the machine; small M always gets 32-row tiles.
     pub fn pick(m: usize, n: usize, sm_count: usize) -> Tile {
-        let ctas = |bm: usize| m.div_ceil(bm) * n.div_ceil(128);
         if m <= 32 {
             Tile::M32
-        } else if ctas(128) >= sm_count {
+        } else if Tile::M256.ctas(m, n) >= 2 * sm_count {
+            Tile::M256
+        } else if Tile::M128.ctas(m, n) >= sm_count {
             Tile::M128
-        } else if ctas(64) >= sm_count || m <= 64 {
+        } else if Tile::M64.ctas(m, n) >= sm_count || m <= 64 {
             Tile::M64
         } else {
             Tile::M32
         }
+    }
+
+    /// Split-K slices for a grid too small to fill the SMs: enough to give every SM its resident
+    /// CTAs, at least 4 k-tiles per slice, at most 8 slices, within `workspace` f32 elements.
+    pub fn pick_splits(
+        self,
+        m: usize,
+        n: usize,
+        k: usize,
+        sm_count: usize,
+        workspace: usize,
+    ) -> u32 {
+        let t = self.spec();
+        let ctas = self.ctas(m, n);
+        let target = sm_count * t.ctas_per_sm;
+        if ctas >= target {
+            return 1;
+        }
+        let k_tiles = k.div_ceil(t.bk as usize);
+        let mut splits = target.div_ceil(ctas).min(k_tiles / 4).min(8);
+        while splits > 1 && splits * m * n > workspace {
+            splits -= 1;
+        }
+        splits.max(1) as u32
     }
 }
 
@@ -238,6 +290,10 @@ pub fn validate(p: &GemmParams) -> Result<Epilogue> {
     Ok(epi)
 }
 
+/// f32 elements of the custom path's split-K workspace (32 MiB): slices x M x N of the small-M
+/// GEMMs that need splitting (e.g. 4 x 512 x 1152).
+pub const SPLITK_WORKSPACE: usize = 8 << 20;
+
 /// A GEMM engine for one device: the loaded kernels, and for cuBLASLt its handle and scratch.
 pub struct Gemm {
     imp: GemmImpl,
@@ -246,6 +302,8 @@ pub struct Gemm {
     lt: Option<CublasLt>,
     /// f32 [scratch_len] for cuBLASLt products that still need the epilogue kernel.
     scratch: Option<CudaSlice<f32>>,
+    /// f32 split-K partial sums of the custom path ([`SPLITK_WORKSPACE`] elements).
+    splitk: Option<CudaSlice<f32>>,
     sm_count: usize,
 }
 
@@ -267,7 +325,7 @@ impl Gemm {
             .context("cannot bind the CUDA context")?;
         let mut tiles = Vec::with_capacity(Tile::ALL.len());
         for tile in Tile::ALL {
-            let (name, ..) = tile.spec();
+            let name = tile.spec().name;
             let f = gpu.function(name)?;
             // Above 48 KiB dynamic shared memory must be opted into per kernel.
             f.set_attribute(
@@ -283,13 +341,16 @@ impl Gemm {
             tiles.push((tile, f));
         }
         let epilogue_fn = gpu.function("gemm_epilogue_f32")?;
-        let (lt, scratch) = match imp {
-            GemmImpl::Custom => (None, None),
+        let (lt, scratch, splitk) = match imp {
+            GemmImpl::Custom => {
+                let ws = gpu.alloc_zeros::<f32>(SPLITK_WORKSPACE, "the GEMM split-K workspace")?;
+                (None, None, Some(ws))
+            }
             GemmImpl::CublasLt => {
                 ensure!(max_mn > 0, "GEMM: the cuBLASLt scratch needs max_mn > 0");
                 let lt = CublasLt::new(gpu)?;
                 let scratch = gpu.alloc_zeros::<f32>(max_mn, "the cuBLASLt GEMM scratch")?;
-                (Some(lt), Some(scratch))
+                (Some(lt), Some(scratch), None)
             }
         };
         Ok(Gemm {
@@ -298,6 +359,7 @@ impl Gemm {
             epilogue_fn,
             lt,
             scratch,
+            splitk,
             sm_count: gpu.sm_count(),
         })
     }
@@ -319,33 +381,115 @@ impl Gemm {
         }
     }
 
-    /// The custom kernel, with the tile variant forced (`Some`) or picked by shape (`None`).
+    /// The custom kernel, with the tile variant forced (`Some`) or picked by shape (`None`),
+    /// split-K picked by shape.
     pub fn run_custom(&self, gpu: &Gpu, p: &GemmParams, tile: Option<Tile>) -> Result<()> {
+        self.run_custom_split(gpu, p, tile, None)
+    }
+
+    /// The tile variant and split-K slice count the custom path uses for a shape.
+    pub fn plan(&self, m: usize, n: usize, k: usize) -> (Tile, u32) {
+        let tile = Tile::pick(m, n, self.sm_count);
+        let workspace = self.splitk.as_ref().map_or(0, |w| w.len());
+        (tile, tile.pick_splits(m, n, k, self.sm_count, workspace))
+    }
+
+    /// The custom kernel with the tile variant and the number of split-K slices forced
+    /// (`Some`) or picked by shape (`None`). More than one slice writes f32 partial sums to the
+    /// workspace, and the epilogue kernel adds them in order and applies the epilogue.
+    pub fn run_custom_split(
+        &self,
+        gpu: &Gpu,
+        p: &GemmParams,
+        tile: Option<Tile>,
+        splits: Option<u32>,
+    ) -> Result<()> {
         validate(p)?;
-        let tile = tile.unwrap_or_else(|| Tile::pick(p.m as usize, p.n as usize, self.sm_count));
-        let (name, bm, bn, threads, _) = tile.spec();
+        let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+        let tile = tile.unwrap_or_else(|| Tile::pick(m, n, self.sm_count));
+        let splits = match splits {
+            Some(s) => s,
+            None => {
+                let workspace = self.splitk.as_ref().map_or(0, |w| w.len());
+                tile.pick_splits(m, n, k, self.sm_count, workspace)
+            }
+        };
+        ensure!(
+            (1..=64).contains(&splits),
+            "GEMM: split-K slices must be 1..=64, got {splits}"
+        );
+        let t = tile.spec();
         let f = self
             .tiles
             .iter()
-            .find(|(t, _)| *t == tile)
+            .find(|(x, _)| *x == tile)
             .map(|(_, f)| f)
-            .with_context(|| format!("GEMM kernel {name} not loaded"))?;
-        let grid_y = (p.m as u32).div_ceil(bm);
+            .with_context(|| format!("GEMM kernel {} not loaded", t.name))?;
+        let grid_y = (p.m as u32).div_ceil(t.bm);
         ensure!(
             grid_y <= 65535,
-            "GEMM: M={} needs {grid_y} row tiles of {bm}, more than 65535",
-            p.m
+            "GEMM: M={} needs {grid_y} row tiles of {}, more than 65535",
+            p.m,
+            t.bm
         );
         let cfg = LaunchConfig {
-            grid_dim: ((p.n as u32).div_ceil(bn), grid_y, 1),
-            block_dim: (threads, 1, 1),
+            grid_dim: ((p.n as u32).div_ceil(t.bn), grid_y, splits),
+            block_dim: (t.threads, 1, 1),
             shared_mem_bytes: tile.smem_bytes(),
         };
-        // SAFETY: `validate` checked the shapes, strides, alignment and non-null pointers the
-        // kernel relies on; the buffers' extents are the caller's contract (GemmParams docs).
-        unsafe { gpu.stream().launch_builder(f).arg(p).launch(cfg) }
-            .with_context(|| format!("launching {name} (M={} N={} K={})", p.m, p.n, p.k))?;
-        Ok(())
+        if splits == 1 {
+            // SAFETY: `validate` checked the shapes, strides, alignment and non-null pointers
+            // the kernel relies on; the buffers' extents are the caller's contract.
+            unsafe { gpu.stream().launch_builder(f).arg(p).launch(cfg) }
+                .with_context(|| format!("launching {} (M={} N={} K={})", t.name, p.m, p.n, p.k))?;
+            return Ok(());
+        }
+        let ws = self
+            .splitk
+            .as_ref()
+            .context("GEMM: no split-K workspace (this Gemm was built for cuBLASLt)")?;
+        ensure!(
+            splits as usize * m * n <= ws.len(),
+            "GEMM: {splits} split-K slices of M*N = {m}*{n} exceed the workspace of {} elements",
+            ws.len()
+        );
+        let partial = GemmParams {
+            bias: 0,
+            out: dptr(ws),
+            cache: 0,
+            gate: 0,
+            ldo: p.n,
+            ldc: 0,
+            ldg: 0,
+            rows_per_gate: 1,
+            epilogue: FORA_EPI_PARTIAL_F32 as i32,
+            ..*p
+        };
+        // SAFETY: as above for A and W; the partial sums go to the workspace, whose size was
+        // checked against splits x M x N.
+        unsafe { gpu.stream().launch_builder(f).arg(&partial).launch(cfg) }.with_context(|| {
+            format!(
+                "launching {} split-K x{splits} (M={} N={} K={})",
+                t.name, p.m, p.n, p.k
+            )
+        })?;
+        let ep = GemmEpilogueParams {
+            acc: dptr(ws),
+            bias: p.bias,
+            out: p.out,
+            cache: p.cache,
+            gate: p.gate,
+            m: p.m,
+            n: p.n,
+            ld_acc: p.n,
+            ldo: p.ldo,
+            ldc: p.ldc,
+            ldg: p.ldg,
+            rows_per_gate: p.rows_per_gate,
+            epilogue: p.epilogue,
+            splits: splits as i32,
+        };
+        launch_epilogue(gpu, &self.epilogue_fn, &ep, self.sm_count)
     }
 
     /// cuBLASLt with its fused bias / GELU-bias epilogue where it has one (else the unfused
@@ -440,6 +584,7 @@ impl Gemm {
             ldg: p.ldg,
             rows_per_gate: p.rows_per_gate,
             epilogue: p.epilogue,
+            splits: 1,
         };
         launch_epilogue(gpu, &self.epilogue_fn, &ep, self.sm_count)
     }
@@ -473,6 +618,11 @@ pub fn launch_epilogue(
         "GEMM epilogue: ld_acc={} is smaller than N={}",
         p.ld_acc,
         p.n
+    );
+    ensure!(
+        p.splits >= 1,
+        "GEMM epilogue: splits={} must be >= 1",
+        p.splits
     );
     ensure!(
         p.acc != 0 && p.acc.is_multiple_of(4),
@@ -510,7 +660,8 @@ mod tests {
     #[test]
     fn tile_pick() {
         assert_eq!(Tile::pick(2, 195_840, 132), Tile::M32);
-        assert_eq!(Tile::pick(65_536, 3456, 132), Tile::M128);
+        assert_eq!(Tile::pick(65_536, 3456, 132), Tile::M256);
+        assert_eq!(Tile::pick(2048, 1152, 132), Tile::M128);
         assert_eq!(Tile::pick(512, 3456, 132), Tile::M64);
         assert_eq!(Tile::pick(512, 32, 132), Tile::M32);
         assert_eq!(Tile::pick(48, 32, 132), Tile::M64);
@@ -518,8 +669,30 @@ mod tests {
 
     #[test]
     fn smem_matches_kernels() {
+        assert_eq!(Tile::M256.smem_bytes(), 144 * 1024);
         assert_eq!(Tile::M128.smem_bytes(), 64 * 1024);
         assert_eq!(Tile::M64.smem_bytes(), 48 * 1024);
         assert_eq!(Tile::M32.smem_bytes(), 40 * 1024);
+    }
+
+    #[test]
+    fn split_pick() {
+        // fc2 of one CFG image pair: 144 CTAs of 32 x 128, K = 4608 -> 4 slices.
+        assert_eq!(
+            Tile::M32.pick_splits(512, 1152, 4608, 132, SPLITK_WORKSPACE),
+            4
+        );
+        // A full machine is never split.
+        assert_eq!(
+            Tile::M128.pick_splits(16_384, 1152, 1152, 132, SPLITK_WORKSPACE),
+            1
+        );
+        // Short K is not split below 4 k-tiles a slice.
+        assert_eq!(Tile::M32.pick_splits(64, 32, 96, 132, SPLITK_WORKSPACE), 1);
+        // The workspace bounds the slices.
+        assert_eq!(
+            Tile::M32.pick_splits(512, 1152, 4608, 132, 2 * 512 * 1152),
+            2
+        );
     }
 }

@@ -6,6 +6,7 @@ pub const FORA_EPI_BIAS_BF16: fora_gemm_epilogue = 0;
 pub const FORA_EPI_BIAS_GELU_BF16: fora_gemm_epilogue = 1;
 pub const FORA_EPI_BIAS_F32: fora_gemm_epilogue = 2;
 pub const FORA_EPI_BIAS_GATE_RESIDUAL: fora_gemm_epilogue = 3;
+pub const FORA_EPI_PARTIAL_F32: fora_gemm_epilogue = 4;
 pub type fora_gemm_epilogue = ::std::os::raw::c_uint;
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
@@ -86,12 +87,13 @@ pub struct GemmEpilogueParams {
     pub ldg: ::std::os::raw::c_int,
     pub rows_per_gate: ::std::os::raw::c_int,
     pub epilogue: ::std::os::raw::c_int,
+    pub splits: ::std::os::raw::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     [
         "Size of GemmEpilogueParams",
-    ][::std::mem::size_of::<GemmEpilogueParams>() - 72usize];
+    ][::std::mem::size_of::<GemmEpilogueParams>() - 80usize];
     [
         "Alignment of GemmEpilogueParams",
     ][::std::mem::align_of::<GemmEpilogueParams>() - 8usize];
@@ -134,6 +136,9 @@ const _: () = {
     [
         "Offset of field: GemmEpilogueParams::epilogue",
     ][::std::mem::offset_of!(GemmEpilogueParams, epilogue) - 68usize];
+    [
+        "Offset of field: GemmEpilogueParams::splits",
+    ][::std::mem::offset_of!(GemmEpilogueParams, splits) - 72usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
