@@ -341,3 +341,83 @@ fn progress_events_follow_the_loop() {
         assert_eq!(mode, want, "k={k}");
     }
 }
+
+/// Where the committed fixtures are: `FORA_ROOT` or the working directory (the package root
+/// under `cargo test`), never a compiled-in path.
+fn fixture(name: &str) -> std::path::PathBuf {
+    let root = std::env::var("FORA_ROOT").unwrap_or_else(|_| ".".into());
+    std::path::Path::new(&root)
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// The "Done when" check of the foundation issue, kept as a fixture: the OFFICIAL DiT code
+/// (models.py + diffusion/, run by tools/oracle_sample.py --make-fixture with the FORA static
+/// schedule wrapped around its blocks) sampled a tiny random DiT for 50 steps from a noise
+/// file; the CPU backend through the sampler must agree to rel-L2 <= 1e-4.
+#[test]
+fn fifty_steps_match_the_official_code() {
+    use fora::cpu::CpuBackend;
+    use fora::io::TensorFile;
+    use fora::weights::DitWeights;
+
+    let (config, weights) = DitWeights::load(fixture("sample_model.safetensors"), None).unwrap();
+    let backend = CpuBackend::new(config, weights).unwrap();
+    let noise_file = TensorFile::open(fixture("sample_noise.safetensors")).unwrap();
+    let noise = NoiseSource::File {
+        x_t: noise_file.f32("x_T", 4).unwrap().data,
+        noise: noise_file.f32("noise", 5).unwrap().data,
+    };
+    let expected = TensorFile::open(fixture("sample_expected.safetensors")).unwrap();
+    let guidance = |scale, mode| Some(Guidance { scale, mode });
+    let cases = [
+        (
+            "ddpm_cfg4_fora3",
+            SamplerOptions::ddpm(50).with_guidance(guidance(4.0, GuidanceMode::Official3)),
+            3,
+            18,
+        ),
+        ("ddpm_plain", SamplerOptions::ddpm(50), 1, 50),
+        (
+            "ddim_eta05_cfg2_all_fora2",
+            SamplerOptions::ddim(50, 0.5).with_guidance(guidance(2.0, GuidanceMode::AllEps)),
+            2,
+            26,
+        ),
+    ];
+    let mut results = Vec::new();
+    for (name, options, interval, computed) in cases {
+        let want = expected.f32(name, 4).unwrap();
+        let sampler = Sampler::new(&backend, options).unwrap();
+        let mut policy = fora::cache::policy_for_interval(interval).unwrap();
+        let got = sampler
+            .sample(&[3, 9], noise.clone(), policy.as_mut())
+            .unwrap();
+        assert_eq!(got.shape.to_vec(), want.shape, "{name}");
+        assert_eq!(got.stats.computed, computed, "{name}");
+        let err = rel_l2(&got.latents, &want.data);
+        eprintln!("{name}: rel-L2 vs official {err:.3e}");
+        assert!(err <= 1e-4, "{name}: rel-L2 {err:e} vs the official code");
+        results.push(got.latents);
+    }
+    // The check can fail: caching visibly changes the result.
+    let uncached = Sampler::new(
+        &backend,
+        SamplerOptions::ddpm(50).with_guidance(guidance(4.0, GuidanceMode::Official3)),
+    )
+    .unwrap()
+    .sample(&[3, 9], noise, &mut NoCache)
+    .unwrap();
+    let gap = rel_l2(&uncached.latents, &results[0]);
+    assert!(gap > 1e-3, "FORA N=3 vs no cache differ by only {gap:e}");
+}
