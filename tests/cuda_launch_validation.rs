@@ -1,0 +1,291 @@
+//! CPU-only checks of the small kernels' launchers: every launch name exists in the embedded
+//! kernels, valid parameters plan the expected grid, and bad ones are refused with a clear error
+//! before anything reaches a device. Runs everywhere (no GPU needed).
+
+use fora::cuda::conditioning::{label_silu_plan, silu_plan, timestep_embedding_plan};
+use fora::cuda::embed::patch_embed_plan;
+use fora::cuda::fora::fora_reuse_plan;
+use fora::cuda::kernels;
+use fora::cuda::norm::layernorm_modulate_plan;
+use fora::cuda::params::*;
+use fora::cuda::sampler::{normal_fill_plan, sampler_step_plan, set_update, unpatchify_plan};
+use fora::diffusion::{Diffusion, SamplerKind};
+
+/// A plausible, 256-byte aligned device address.
+const P: u64 = 0x7f00_0000_0000;
+
+fn err<T: std::fmt::Debug>(r: anyhow::Result<T>) -> String {
+    format!(
+        "{:#}",
+        r.expect_err("expected the launcher to refuse these parameters")
+    )
+}
+
+#[test]
+fn every_small_kernel_is_embedded() {
+    if !kernels::available() {
+        println!(
+            "SKIP every_small_kernel_is_embedded: built without kernels ({})",
+            kernels::MISSING_REASON
+        );
+        return;
+    }
+    assert!(kernels::ARCHS.contains(&"sm_80") && kernels::ARCHS.contains(&"sm_90a"));
+    // Fatbins keep the entry names as plain strings: a typo in a launcher's name fails here.
+    for name in [
+        "timestep_embedding",
+        "silu_f32_bf16",
+        "label_silu",
+        "patch_embed",
+        "layernorm_modulate",
+        "fora_reuse",
+        "sampler_step",
+        "unpatchify",
+        "normal_fill",
+    ] {
+        let found = kernels::MODULES
+            .iter()
+            .any(|(_, bytes)| bytes.windows(name.len()).any(|w| w == name.as_bytes()));
+        assert!(found, "kernel {name} is in no embedded module");
+    }
+}
+
+#[test]
+fn timestep_and_label_plans() {
+    let p = TimestepEmbedParams {
+        t: P,
+        out: P,
+        rows: 300,
+        half: 128,
+        ldo: 256,
+    };
+    assert_eq!(timestep_embedding_plan(&p).unwrap(), ((300, 1, 1), 128));
+    assert!(err(timestep_embedding_plan(&TimestepEmbedParams {
+        ldo: 200,
+        ..p
+    }))
+    .contains("ldo"));
+    assert!(
+        err(timestep_embedding_plan(&TimestepEmbedParams { t: 0, ..p }))
+            .contains("t pointer is null")
+    );
+    assert!(err(timestep_embedding_plan(&TimestepEmbedParams {
+        rows: 0,
+        ..p
+    }))
+    .contains("rows"));
+
+    let s = SiluParams {
+        input: P,
+        out: P,
+        rows: 2,
+        cols: 1152,
+        ld_in: 1152,
+        ldo: 1152,
+    };
+    assert_eq!(silu_plan(&s).unwrap(), (9, 1, 1));
+    assert!(err(silu_plan(&SiluParams { ld_in: 1000, ..s })).contains("ld_in"));
+    assert!(err(silu_plan(&SiluParams { out: P + 1, ..s })).contains("aligned"));
+
+    let l = LabelSiluParams {
+        t_emb: P,
+        labels: P,
+        table: P,
+        out: P,
+        rows: 100_000,
+        dim: 1152,
+        ld_t: 1152,
+        ldo: 1152,
+        num_labels: 1001,
+    };
+    // Rows of every step on grid x: more than grid y's 65535 is fine.
+    assert_eq!(label_silu_plan(&l).unwrap(), (100_000, 5, 1));
+    assert!(err(label_silu_plan(&LabelSiluParams { num_labels: 0, ..l })).contains("num_labels"));
+    assert!(err(label_silu_plan(&LabelSiluParams { labels: 0, ..l })).contains("labels pointer"));
+}
+
+#[test]
+fn patch_embed_plan_checks_shapes() {
+    let p = PatchEmbedParams {
+        latents: P,
+        weight: P,
+        bias: P,
+        pos: P,
+        out: P,
+        images: 2,
+        rows: 4,
+        channels: 4,
+        height: 32,
+        width: 32,
+        patch: 2,
+        dim: 1152,
+    };
+    assert_eq!(patch_embed_plan(&p).unwrap(), (4 * 256, 1, 1));
+    assert!(err(patch_embed_plan(&PatchEmbedParams { height: 31, ..p })).contains("divisible"));
+    assert!(err(patch_embed_plan(&PatchEmbedParams {
+        channels: 17,
+        patch: 8,
+        height: 32,
+        ..p
+    }))
+    .contains("C*p*p"));
+    assert!(err(patch_embed_plan(&PatchEmbedParams { pos: 0, ..p })).contains("pos pointer"));
+}
+
+#[test]
+fn layernorm_plan_checks_columns_and_alignment() {
+    let d = 1152;
+    let p = LayerNormModulateParams {
+        x: P,
+        modulation: P,
+        out: P,
+        rows: 4,
+        tokens: 256,
+        dim: d,
+        ld_mod: 28 * 6 * d + 2 * d,
+        shift_col: 28 * 6 * d,
+        scale_col: 28 * 6 * d + d,
+        eps: 1e-6,
+    };
+    assert_eq!(layernorm_modulate_plan(&p).unwrap(), (128, 1, 1));
+    assert!(err(layernorm_modulate_plan(&LayerNormModulateParams {
+        scale_col: 28 * 6 * d + d + 1,
+        ..p
+    }))
+    .contains("exceed"));
+    assert!(err(layernorm_modulate_plan(&LayerNormModulateParams {
+        eps: 0.0,
+        ..p
+    }))
+    .contains("eps"));
+    // float4 path: x must be 16-byte aligned; the scalar path (odd dim) needs only 4.
+    assert!(err(layernorm_modulate_plan(&LayerNormModulateParams {
+        x: P + 4,
+        ..p
+    }))
+    .contains("16-byte"));
+    let odd = LayerNormModulateParams {
+        x: P + 4,
+        dim: 100,
+        ld_mod: 303,
+        shift_col: 3,
+        scale_col: 201,
+        ..p
+    };
+    assert!(layernorm_modulate_plan(&odd).is_ok());
+}
+
+#[test]
+fn fora_reuse_plan_checks_cache_and_gates() {
+    let d = 1152;
+    let n = 4 * 256 * d as i64;
+    let p = ForaReuseParams {
+        x: P,
+        cache: P,
+        modulation: P,
+        slab: n,
+        rows: 4,
+        tokens: 256,
+        dim: d,
+        layers: 28,
+        ld_mod: 28 * 6 * d + 2 * d,
+        layer_cols: 6 * d,
+        gate_msa_col: 2 * d,
+        gate_mlp_col: 5 * d,
+    };
+    // 8 elements per thread, 256 threads per block.
+    assert_eq!(fora_reuse_plan(&p).unwrap(), ((n / 2048) as u32, 1, 1));
+    assert!(err(fora_reuse_plan(&ForaReuseParams { slab: n - 1, ..p })).contains("slab"));
+    assert!(err(fora_reuse_plan(&ForaReuseParams { layers: 29, ..p })).contains("ld_mod"));
+    assert!(
+        err(fora_reuse_plan(&ForaReuseParams { cache: 0, ..p })).contains("cache pointer is null")
+    );
+    assert!(err(fora_reuse_plan(&ForaReuseParams { cache: P + 8, ..p })).contains("16-byte"));
+}
+
+#[test]
+fn sampler_plans_check_rows_channels_and_coefficients() {
+    let diffusion = Diffusion::new("250", true).unwrap();
+    let mut p = SamplerStepParams {
+        model_out: P,
+        x: P,
+        noise: 0,
+        seed: 1,
+        noise_stream: 1,
+        images: 2,
+        rows: 4,
+        channels: 4,
+        out_channels: 8,
+        height: 32,
+        width: 32,
+        patch: 2,
+        guided_channels: 3,
+        cfg_scale: 4.0,
+        learn_sigma: 1,
+        ..Default::default()
+    };
+    set_update(
+        &mut p,
+        &diffusion.step_update(249, SamplerKind::Ddpm).unwrap(),
+    );
+    assert_eq!(p.kind, FORA_SAMPLER_DDPM as i32);
+    assert_eq!(p.add_noise, 1);
+    // 8192 latents, 4 per thread, 256 threads per block.
+    assert_eq!(sampler_step_plan(&p).unwrap(), (8, 1, 1));
+    assert!(err(sampler_step_plan(&SamplerStepParams { rows: 3, ..p })).contains("rows"));
+    assert!(err(sampler_step_plan(&SamplerStepParams {
+        out_channels: 4,
+        ..p
+    }))
+    .contains("out_channels"));
+    assert!(err(sampler_step_plan(&SamplerStepParams { rows: 2, ..p })).contains("CFG rows"));
+    assert!(err(sampler_step_plan(&SamplerStepParams { kind: 7, ..p })).contains("kind"));
+    assert!(err(sampler_step_plan(&SamplerStepParams {
+        post_coef1: f32::NAN,
+        ..p
+    }))
+    .contains("not finite"));
+    assert!(
+        err(sampler_step_plan(&SamplerStepParams { noise: P + 2, ..p })).contains("noise pointer")
+    );
+    let ddim = Diffusion::new("ddim50", true).unwrap();
+    set_update(
+        &mut p,
+        &ddim.step_update(0, SamplerKind::Ddim { eta: 0.0 }).unwrap(),
+    );
+    assert_eq!((p.kind, p.add_noise), (FORA_SAMPLER_DDIM as i32, 0));
+    assert!(sampler_step_plan(&p).is_ok());
+
+    let u = UnpatchifyParams {
+        model_out: P,
+        out: P,
+        rows: 5,
+        out_channels: 8,
+        height: 32,
+        width: 32,
+        patch: 2,
+        guided_channels: 0,
+        cfg_scale: 1.0,
+    };
+    assert!(unpatchify_plan(&u).is_ok());
+    assert!(err(unpatchify_plan(&UnpatchifyParams {
+        guided_channels: 3,
+        ..u
+    }))
+    .contains("even"));
+    assert!(err(unpatchify_plan(&UnpatchifyParams {
+        guided_channels: 9,
+        rows: 4,
+        ..u
+    }))
+    .contains("guided_channels"));
+
+    let f = NormalFillParams {
+        out: P,
+        seed: 1,
+        stream: 0,
+        n: 1001,
+    };
+    assert_eq!(normal_fill_plan(&f).unwrap(), (1, 1, 1));
+    assert!(err(normal_fill_plan(&NormalFillParams { n: 0, ..f })).contains("n must be"));
+}
