@@ -396,4 +396,18 @@ fn xl2_forward_timing() {
         first.as_secs_f64(),
         second.as_secs_f64()
     );
+    // A FORA reuse step of the same rows (single-threaded by design: it must not allocate).
+    let mut acts = Activations::new(&cfg, 2).unwrap();
+    let mut cache = FeatureCache::new(&cfg, 2);
+    be.forward_into(&mut acts, Some(&mut cache), StepMode::Compute, &x, &t, &y)
+        .unwrap();
+    assert_eq!(acts.out, out);
+    let start = std::time::Instant::now();
+    be.forward_into(&mut acts, Some(&mut cache), StepMode::Reuse, &x, &t, &y)
+        .unwrap();
+    println!(
+        "DiT-XL/2 batch 2 reuse step: {:.3} s",
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(acts.out, out);
 }
