@@ -289,3 +289,23 @@ fn sampler_plans_check_rows_channels_and_coefficients() {
     assert_eq!(normal_fill_plan(&f).unwrap(), (1, 1, 1));
     assert!(err(normal_fill_plan(&NormalFillParams { n: 0, ..f })).contains("n must be"));
 }
+
+#[test]
+fn gpu_new_without_a_device_is_a_clear_error() {
+    if fora::cuda::device::device_count().unwrap_or(0) > 0 {
+        println!("SKIP gpu_new_without_a_device_is_a_clear_error: a CUDA device exists");
+        return;
+    }
+    // Must be an error naming the problem, never a panic (cudarc panics without libcuda).
+    let e = format!(
+        "{:#}",
+        fora::cuda::Gpu::new(0).expect_err("no device, yet Gpu::new succeeded")
+    );
+    assert!(
+        e.contains("no CUDA driver")
+            || e.contains("no CUDA device")
+            || e.contains("without CUDA kernels"),
+        "unclear error: {e}"
+    );
+    println!("Gpu::new without a device: {e}");
+}
