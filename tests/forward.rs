@@ -411,3 +411,157 @@ fn xl2_forward_timing() {
     );
     assert_eq!(acts.out, out);
 }
+
+fn ddpm_update(add_noise: bool) -> fora::backend::StepUpdate {
+    fora::backend::StepUpdate::Ddpm {
+        sqrt_recip_abar: 1.02,
+        sqrt_recipm1_abar: 0.2,
+        post_coef1: 0.4,
+        post_coef2: 0.6,
+        max_log: -4.0,
+        min_log: -5.0,
+        add_noise,
+    }
+}
+
+fn plan(
+    cfg: &DitConfig,
+    noise: fora::backend::NoiseSource,
+    steps: usize,
+) -> fora::backend::SamplePlan {
+    fora::backend::SamplePlan {
+        classes: vec![1, cfg.num_classes - 1],
+        guidance: Some(Guidance {
+            scale: 3.0,
+            mode: GuidanceMode::Official3,
+        }),
+        steps,
+        timesteps: (0..steps as i64).map(|k| 999 - 100 * k).collect(),
+        noise,
+    }
+}
+
+/// Runs `steps` steps computing at k % 3 == 0 and returns the latents.
+fn run_steps(be: &CpuBackend, p: &fora::backend::SamplePlan) -> Vec<f32> {
+    use fora::backend::StepSpec;
+    let mut ws = be.workspace(p).unwrap();
+    for k in 0..p.steps {
+        let mode = if k % 3 == 0 {
+            StepMode::Compute
+        } else {
+            StepMode::Reuse
+        };
+        let spec = StepSpec {
+            k,
+            i: p.steps - 1 - k,
+            t: p.timesteps[k],
+            mode,
+            update: ddpm_update(k + 1 < p.steps),
+        };
+        be.step(&mut ws, &spec).unwrap();
+    }
+    be.latents(&mut ws).unwrap()
+}
+
+#[test]
+fn sampling_steps_are_deterministic_and_use_their_noise() {
+    use fora::backend::{NoiseSource, StepSpec};
+    let cfg = odd_config();
+    let be = backend(&cfg, 10);
+    let a = run_steps(&be, &plan(&cfg, NoiseSource::Seed(7), 6));
+    let b = run_steps(&be, &plan(&cfg, NoiseSource::Seed(7), 6));
+    assert_eq!(a, b, "same seed, different latents");
+    assert!(a.iter().all(|v| v.is_finite()));
+    let c = run_steps(&be, &plan(&cfg, NoiseSource::Seed(8), 6));
+    assert!(rel_l2(&c, &a) > 1e-3, "the seed does not matter");
+
+    // A noise file drives x_T and every step's noise.
+    let img = 2 * cfg.image_len();
+    let file = |scale: f32| NoiseSource::File {
+        x_t: randn(img, 21),
+        noise: randn(6 * img, 22).iter().map(|v| v * scale).collect(),
+    };
+    let f1 = run_steps(&be, &plan(&cfg, file(1.0), 6));
+    let f2 = run_steps(&be, &plan(&cfg, file(0.5), 6));
+    assert!(rel_l2(&f1, &f2) > 1e-3, "the file's noise is not used");
+
+    // The first step must compute; steps past the plan and bad noise files are errors.
+    let p = plan(&cfg, NoiseSource::Seed(1), 2);
+    let mut ws = be.workspace(&p).unwrap();
+    let mut spec = StepSpec {
+        k: 0,
+        i: 1,
+        t: 999,
+        mode: StepMode::Reuse,
+        update: ddpm_update(true),
+    };
+    let err = be.step(&mut ws, &spec).unwrap_err().to_string();
+    assert!(err.contains("first step must compute"), "{err}");
+    spec.mode = StepMode::Compute;
+    be.step(&mut ws, &spec).unwrap();
+    spec.k = 2;
+    let err = be.step(&mut ws, &spec).unwrap_err().to_string();
+    assert!(err.contains("past the 2 steps"), "{err}");
+    let short = NoiseSource::File {
+        x_t: randn(img, 1),
+        noise: randn(img, 2),
+    };
+    let err = be
+        .workspace(&plan(&cfg, short, 2))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("noise file noise has"), "{err}");
+    let mut bad_class = plan(&cfg, NoiseSource::Seed(1), 2);
+    bad_class.classes[0] = cfg.num_classes;
+    let err = be.workspace(&bad_class).err().unwrap().to_string();
+    assert!(err.contains("class 10 out of range"), "{err}");
+}
+
+#[test]
+fn a_guided_step_is_forward_with_cfg_then_the_update() {
+    use fora::backend::{NoiseSource, StepSpec};
+    for mode in [GuidanceMode::Official3, GuidanceMode::AllEps] {
+        let cfg = odd_config();
+        let be = backend(&cfg, 12);
+        let img = 2 * cfg.image_len();
+        let (x_t, noise) = (randn(img, 31), randn(2 * img, 32));
+        let mut p = plan(
+            &cfg,
+            NoiseSource::File {
+                x_t: x_t.clone(),
+                noise: noise.clone(),
+            },
+            2,
+        );
+        p.guidance = Some(Guidance { scale: 3.0, mode });
+        let mut ws = be.workspace(&p).unwrap();
+        let spec = StepSpec {
+            k: 1,
+            i: 0,
+            t: 420,
+            mode: StepMode::Compute,
+            update: ddpm_update(true),
+        };
+        be.step(&mut ws, &spec).unwrap();
+        let got = be.latents(&mut ws).unwrap();
+
+        // By hand: official forward_with_cfg on [x; x] with labels [y; null], the conditional
+        // rows, then the update with noise[k = 1].
+        let xx = [x_t.clone(), x_t.clone()].concat();
+        let y = [p.classes.clone(), vec![cfg.null_class(); 2]].concat();
+        let out = be.forward(&xx, &[420; 4], &y, p.guidance).unwrap();
+        let mut want = x_t.clone();
+        fora::diffusion::apply_update(
+            &spec.update,
+            cfg.learn_sigma,
+            cfg.in_channels,
+            cfg.input_size * cfg.input_size,
+            &mut want,
+            &out[..2 * cfg.out_len()],
+            &noise[img..],
+        );
+        assert_eq!(got, want, "{mode:?}");
+        assert!(rel_l2(&got, &x_t) > 1e-3);
+    }
+}
