@@ -9,6 +9,7 @@ use fora::backend::{Backend, Guidance, GuidanceMode, NoiseSource};
 use fora::cache::policy_for_interval;
 use fora::config::{Arch, DitConfig};
 use fora::cpu::CpuBackend;
+use fora::cuda::{CudaBackend, Gpu};
 use fora::diffusion::SamplerKind;
 use fora::io::{write_tensors, OutTensor, TensorFile};
 use fora::sampler::{Sampler, SamplerOptions, Samples, StepEvent};
@@ -42,11 +43,12 @@ enum Command {
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Device {
-    /// CUDA when a usable GPU and the CUDA backend exist, else the CPU.
+    /// CUDA device 0 when it is usable (driver, compute capability >= 8.0, kernels in this
+    /// binary), else the CPU.
     Auto,
     /// The f32 CPU reference.
     Cpu,
-    /// The CUDA backend.
+    /// The CUDA backend on device 0 (an error when it is not usable).
     Cuda,
 }
 
@@ -162,15 +164,23 @@ trait Job {
     fn run<B: Backend>(self, backend: &B) -> Result<()>;
 }
 
-/// Loads the model and runs `job` on the chosen device.
+/// Loads the model and runs `job` on the chosen device: `cuda` fails with the reason when no
+/// usable GPU is there; `auto` takes the GPU when it can and otherwise says it runs on the CPU.
 fn run_on<J: Job>(model: &ModelArgs, job: J) -> Result<()> {
     let (cfg, weights) = load_model(model)?;
     match model.device {
-        // The CUDA backend plugs in here: Auto picks it when a device is usable.
-        Device::Auto | Device::Cpu => job.run(&CpuBackend::new(cfg, weights)?),
-        Device::Cuda => bail!(
-            "--device cuda: the CUDA backend is not built yet in this version of fora; use --device cpu"
-        ),
+        Device::Cpu => job.run(&CpuBackend::new(cfg, weights)?),
+        Device::Cuda => {
+            let gpu = Gpu::new(0).context("--device cuda")?;
+            job.run(&CudaBackend::new(gpu, &cfg, &weights)?)
+        }
+        Device::Auto => match Gpu::new(0) {
+            Ok(gpu) => job.run(&CudaBackend::new(gpu, &cfg, &weights)?),
+            Err(e) => {
+                eprintln!("fora: no usable CUDA device ({e:#}); running on the CPU");
+                job.run(&CpuBackend::new(cfg, weights)?)
+            }
+        },
     }
 }
 
@@ -481,7 +491,16 @@ fn info() -> Result<()> {
             fora::cuda::kernels::MISSING_REASON
         );
     }
-    println!("cuda backend: not built yet (sampling runs on the cpu backend)");
+    match Gpu::new(0) {
+        Ok(gpu) => println!(
+            "cuda backend: usable on device 0, {} (sm_{}{}, {} SMs)",
+            gpu.name(),
+            gpu.compute_capability().0,
+            gpu.compute_capability().1,
+            gpu.sm_count()
+        ),
+        Err(e) => println!("cuda backend: not usable here ({e:#}); --device auto runs on the CPU"),
+    }
     match gpus_seen() {
         Ok(gpus) if gpus.is_empty() => println!("gpus: none seen"),
         Ok(gpus) => {
