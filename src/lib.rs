@@ -5,10 +5,10 @@
 pub mod backend;
 pub mod cache;
 pub mod config;
+pub mod cpu;
 pub mod cuda;
 pub mod diffusion;
 pub mod io;
 pub mod rng;
 pub mod sampler;
 pub mod weights;
-pub mod cpu;
