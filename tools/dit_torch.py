@@ -163,7 +163,14 @@ class DiTBlock(nn.Module):
         m = self.mlp(modulate(norm(x), shift_mlp, scale_mlp))
         x = x + gate_mlp.unsqueeze(1) * m
         if cache == "compute":
-            self.cached_attn, self.cached_mlp = a, m
+            # Copy into the same buffers every time once they exist, so that a captured CUDA
+            # graph of the reuse step keeps reading the latest cache.
+            if self.cached_attn is not None and self.cached_attn.shape == a.shape \
+                    and self.cached_attn.dtype == a.dtype and self.cached_attn.device == a.device:
+                self.cached_attn.copy_(a)
+                self.cached_mlp.copy_(m)
+            else:
+                self.cached_attn, self.cached_mlp = a.clone(), m.clone()
         return x
 
 
