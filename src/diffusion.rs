@@ -101,7 +101,10 @@ pub enum SamplerKind {
     /// official FIXED_LARGE variance otherwise.
     Ddpm,
     /// DDIM (`ddim_sample`) with the given eta (0 = deterministic).
-    Ddim { eta: f64 },
+    Ddim {
+        /// 0 gives the deterministic DDIM; 1 the DDPM-like stochastic limit.
+        eta: f64,
+    },
 }
 
 /// A respaced diffusion process (the official `SpacedDiffusion`) with every coefficient the
@@ -112,15 +115,22 @@ pub struct Diffusion {
     pub timestep_map: Vec<usize>,
     /// Respaced betas: `1 - abar_orig[t_i] / abar_orig[t_{i-1}]`.
     pub betas: Vec<f64>,
+    /// abar_i = prod_{j <= i} (1 - beta_j) of the respaced betas.
     pub alphas_cumprod: Vec<f64>,
+    /// abar_{i-1}, 1 at i = 0.
     pub alphas_cumprod_prev: Vec<f64>,
+    /// sqrt(1 / abar_i).
     pub sqrt_recip_alphas_cumprod: Vec<f64>,
+    /// sqrt(1 / abar_i - 1).
     pub sqrt_recipm1_alphas_cumprod: Vec<f64>,
+    /// beta_i (1 - abar_{i-1}) / (1 - abar_i), the variance of q(x_{i-1} | x_i, x_0).
     pub posterior_variance: Vec<f64>,
     /// `log(posterior_variance)` with entry 0 replaced by entry 1 (the posterior variance is 0
     /// at the start of the chain).
     pub posterior_log_variance_clipped: Vec<f64>,
+    /// Weight of x_0 in the posterior mean: beta_i sqrt(abar_{i-1}) / (1 - abar_i).
     pub posterior_mean_coef1: Vec<f64>,
+    /// Weight of x_i in the posterior mean: (1 - abar_{i-1}) sqrt(1 - beta_i) / (1 - abar_i).
     pub posterior_mean_coef2: Vec<f64>,
     /// Whether the model predicts the variance interpolation (LEARNED_RANGE) or not
     /// (FIXED_LARGE).

@@ -19,7 +19,9 @@ pub struct TensorFile {
 /// A named tensor: shape and row-major values.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostTensor<T> {
+    /// Dimensions, outermost first.
     pub shape: Vec<usize>,
+    /// Row-major values.
     pub data: Vec<T>,
 }
 
@@ -162,7 +164,9 @@ impl safetensors::View for I64View<'_> {
 
 /// A tensor to write: f32 or i64 values with a shape.
 pub enum OutTensor<'a> {
+    /// Shape and f32 values.
     F32(&'a [usize], &'a [f32]),
+    /// Shape and i64 values.
     I64(&'a [usize], &'a [i64]),
 }
 

@@ -88,6 +88,7 @@ pub struct StepEvent {
     pub steps: usize,
     /// The original timestep the model saw.
     pub t: i64,
+    /// Whether the step ran the blocks or reused the cache.
     pub mode: StepMode,
     /// Time since the loop started (workspace setup excluded).
     pub elapsed: Duration,
@@ -121,6 +122,7 @@ pub struct Samples {
     pub latents: Vec<f32>,
     /// `[B, C, H, W]`.
     pub shape: [usize; 4],
+    /// Steps computed and reused, timings.
     pub stats: SampleStats,
 }
 
