@@ -1,0 +1,1882 @@
+//! The benchmark harness (`fora bench`, `cargo bench --bench dit`): DiT + FORA on one NVIDIA GPU,
+//! measured with CUDA events on the device's stream.
+//!
+//! Sections (each can be selected with `--sections`):
+//! - **ceilings**: what the card can do, measured in the same run: a large bf16 cuBLASLt GEMM
+//!   (TFLOP/s) and a device-to-device copy (GB/s, read + write bytes).
+//! - **kernels**: every GEMM of a DiT block at the model's shapes (qkv, proj, fc1, fc2, the
+//!   stacked adaLN GEMM, the final Linear), the custom kernel with its fused epilogue against
+//!   cuBLASLt (its fused bias/GELU where it has one) and cuBLASLt + the stand-alone epilogue
+//!   kernel; flash attention (TFLOP/s); the FORA reuse kernel and LayerNorm+modulate (GB/s).
+//!   Inputs rotate through copies that together exceed the L2 cache (4x L2, >= 256 MiB).
+//! - **steps**: one sampler step as the sampler runs it ([`Backend::step`] on the backend's
+//!   workspace: the captured compute or reuse graph, the sampler update), per batch of model
+//!   rows (rows include the CFG half), with effective TFLOP/s `2 * macs_per_row * rows / time`
+//!   and the launches of one step, counted by capturing a step of a graph-less workspace and
+//!   counting the graph's nodes.
+//! - **e2e**: whole sampling runs (250-step DDPM, one image with CFG) for FORA N = 1..5: wall
+//!   time of the loop and the realized speedup over N = 1 next to the theoretical one.
+//!
+//! Every timing is the median of `--runs` (default 20) back-to-back runs after `--warmup` runs:
+//! the host enqueues run i+1 while the GPU executes run i, as the sampler does, so a time is
+//! the GPU's unless the host cannot keep up (then it is the host's, which is what a user sees).
+//! A measurement that fails is recorded as an error (shown as "—") and the others go on; the
+//! JSON (`--json`, default `target/bench.json`) is rewritten after every section so a crash
+//! loses little. Nothing printed was not measured.
+
+use crate::backend::{
+    Backend, Guidance, GuidanceMode, NoiseSource, SamplePlan, StepMode, StepSpec,
+};
+use crate::cache::policy_for_interval;
+use crate::config::{Arch, DitConfig};
+use crate::cuda::attention::{attention, attention_flops};
+use crate::cuda::backend::graphs_enabled;
+use crate::cuda::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
+use crate::cuda::fora::fora_reuse;
+use crate::cuda::gemm::{Epilogue, Gemm, GemmImpl};
+use crate::cuda::model::ada_cols;
+use crate::cuda::norm::layernorm_modulate;
+use crate::cuda::params::{AttentionParams, ForaReuseParams, GemmParams, LayerNormModulateParams};
+use crate::cuda::{dptr, CudaBackend, Gpu};
+use crate::diffusion::SamplerKind;
+use crate::sampler::{Sampler, SamplerOptions};
+use crate::weights::DitWeights;
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::sys;
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use half::bf16;
+use serde_json::{json, Value};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where the JSON report goes by default (relative to the working directory).
+pub const DEFAULT_JSON: &str = "target/bench.json";
+/// Identifies the JSON layout for `tools/bench_report.py`.
+pub const SCHEMA: &str = "fora-bench/1";
+/// Rotated input bytes of a kernel measured alone: at least this, and at least 4x the L2.
+const MIN_ROTATE_BYTES: usize = 256 << 20;
+/// At most this many copies of a kernel's buffers.
+const MAX_COPIES: usize = 64;
+/// Random values are uploaded in chunks of this many elements (an odd count, so a repeated
+/// chunk does not line up with matrix rows).
+const FILL_CHUNK: usize = (1 << 22) - 3;
+
+/// Which GEMM implementation the step and end-to-end sections run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GemmChoice {
+    /// The custom kernels with fused epilogues.
+    Custom,
+    /// cuBLASLt (fused bias/GELU where it has them) + the epilogue kernel.
+    Cublaslt,
+    /// Both, one after the other (end to end runs the custom one only).
+    Both,
+}
+
+/// A part of the benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    Ceilings,
+    Kernels,
+    Steps,
+    E2e,
+}
+
+/// Arguments of `fora bench` and of the `dit` bench binary.
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+pub struct BenchArgs {
+    /// Checkpoint to benchmark (safetensors, official DiT key layout). Default: random weights
+    /// of --arch (DiT-XL/2) at --input-size, so no checkpoint is needed.
+    #[arg(long, value_name = "CKPT")]
+    pub model: Option<PathBuf>,
+    /// Architecture: of the random model (default DiT-XL/2), or of --model when its metadata
+    /// does not record it.
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Latent size of the random model: 32 (256 px, default) or 64 (512 px).
+    #[arg(long, conflicts_with = "model")]
+    pub input_size: Option<usize>,
+    /// Seed of the random weights and of the sampling noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// A smaller set: rows 2 and 64, kernels at rows 2, N = 1 and 3 once, a 4096^3 ceiling.
+    #[arg(long)]
+    pub quick: bool,
+    /// Sections to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub sections: Option<Vec<Section>>,
+    /// Model rows per step, CFG half included (even: rows/2 images with CFG; odd: no CFG).
+    /// Default 2,16,64,256.
+    #[arg(long, value_delimiter = ',')]
+    pub batches: Option<Vec<usize>>,
+    /// Model rows of the per-kernel shapes (M = rows x tokens). Default 2,256.
+    #[arg(long, value_delimiter = ',')]
+    pub kernel_batches: Option<Vec<usize>>,
+    /// FORA intervals N of the end-to-end runs (1 = no caching). Default 1,2,3,4,5.
+    #[arg(long, value_delimiter = ',')]
+    pub intervals: Option<Vec<usize>>,
+    /// DDPM steps of the end-to-end runs.
+    #[arg(long, default_value_t = 250)]
+    pub steps: usize,
+    /// End-to-end runs per interval (median). Default 3 (1 with --quick).
+    #[arg(long)]
+    pub e2e_reps: Option<usize>,
+    /// Timed runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    pub runs: usize,
+    /// Untimed runs before each measurement.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// GEMM implementation of the step and end-to-end sections. Default both (custom with
+    /// --quick).
+    #[arg(long, value_enum)]
+    pub gemm: Option<GemmChoice>,
+    /// Side of the square bf16 GEMM that measures the card's ceiling. Default 8192 (4096 with
+    /// --quick).
+    #[arg(long)]
+    pub ceiling_size: Option<usize>,
+    /// MiB of the device-to-device copy that measures the memory ceiling. Default 1024.
+    #[arg(long)]
+    pub copy_mib: Option<usize>,
+    /// Classifier-free guidance scale of the CFG batches.
+    #[arg(long, default_value_t = 4.0, allow_negative_numbers = true)]
+    pub cfg_scale: f32,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    /// JSON report path.
+    #[arg(long, default_value = DEFAULT_JSON)]
+    pub json: PathBuf,
+    /// Bracket every timed loop with cuProfilerStart/Stop (for `nsys --capture-range=cudaProfilerApi`
+    /// or `ncu --profile-from-start off`).
+    #[arg(long)]
+    pub profiler_api: bool,
+    /// Write the benchmark's random weights (official key layout, f32, config in the metadata)
+    /// to this safetensors file and exit: the PyTorch reference can load them. Needs no GPU.
+    #[arg(long, value_name = "PATH")]
+    pub save_weights: Option<PathBuf>,
+}
+
+/// [`BenchArgs`] with every default resolved and every value checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchPlan {
+    pub quick: bool,
+    pub sections: Vec<Section>,
+    pub batches: Vec<usize>,
+    pub kernel_batches: Vec<usize>,
+    pub intervals: Vec<usize>,
+    pub steps: usize,
+    pub e2e_reps: usize,
+    pub runs: usize,
+    pub warmup: usize,
+    pub gemms: Vec<GemmImpl>,
+    pub ceiling_size: usize,
+    pub copy_bytes: usize,
+    pub cfg_scale: f32,
+}
+
+impl BenchArgs {
+    /// Resolves defaults (full or `--quick` set) and validates every value.
+    pub fn plan(&self) -> Result<BenchPlan> {
+        let q = self.quick;
+        let list = |given: &Option<Vec<usize>>, full: &[usize], quick: &[usize], what: &str| {
+            let v = given
+                .clone()
+                .unwrap_or_else(|| if q { quick } else { full }.to_vec());
+            ensure!(!v.is_empty(), "--{what}: give at least one value");
+            if let Some(bad) = v.iter().find(|&&x| x == 0) {
+                bail!("--{what}: {bad} is not a positive number");
+            }
+            Ok(v)
+        };
+        let batches = list(&self.batches, &[2, 16, 64, 256], &[2, 64], "batches")?;
+        let kernel_batches = list(&self.kernel_batches, &[2, 256], &[2], "kernel-batches")?;
+        let intervals = list(&self.intervals, &[1, 2, 3, 4, 5], &[1, 3], "intervals")?;
+        ensure!(
+            (1..=1000).contains(&self.steps),
+            "--steps {}: the diffusion process has 1 to 1000 steps",
+            self.steps
+        );
+        ensure!(self.runs > 0, "--runs must be at least 1");
+        let e2e_reps = self.e2e_reps.unwrap_or(if q { 1 } else { 3 });
+        ensure!(e2e_reps > 0, "--e2e-reps must be at least 1");
+        let ceiling_size = self.ceiling_size.unwrap_or(if q { 4096 } else { 8192 });
+        ensure!(
+            ceiling_size >= 256 && ceiling_size.is_multiple_of(8),
+            "--ceiling-size {ceiling_size}: use a multiple of 8, at least 256"
+        );
+        let copy_mib = self.copy_mib.unwrap_or(1024);
+        ensure!(
+            (1..=65536).contains(&copy_mib),
+            "--copy-mib {copy_mib}: use 1 to 65536"
+        );
+        ensure!(
+            self.cfg_scale.is_finite(),
+            "--cfg-scale {} is not a finite number",
+            self.cfg_scale
+        );
+        if let Some(s) = self.input_size {
+            ensure!(s > 0, "--input-size must be positive");
+        }
+        let gemm = self.gemm.unwrap_or(if q {
+            GemmChoice::Custom
+        } else {
+            GemmChoice::Both
+        });
+        let gemms = match gemm {
+            GemmChoice::Custom => vec![GemmImpl::Custom],
+            GemmChoice::Cublaslt => vec![GemmImpl::CublasLt],
+            GemmChoice::Both => vec![GemmImpl::Custom, GemmImpl::CublasLt],
+        };
+        let mut sections = self.sections.clone().unwrap_or_else(|| {
+            vec![
+                Section::Ceilings,
+                Section::Kernels,
+                Section::Steps,
+                Section::E2e,
+            ]
+        });
+        ensure!(
+            !sections.is_empty(),
+            "--sections: give at least one section"
+        );
+        sections.dedup();
+        Ok(BenchPlan {
+            quick: q,
+            sections,
+            batches,
+            kernel_batches,
+            intervals,
+            steps: self.steps,
+            e2e_reps,
+            runs: self.runs,
+            warmup: self.warmup,
+            gemms,
+            ceiling_size,
+            copy_bytes: copy_mib << 20,
+            cfg_scale: self.cfg_scale,
+        })
+    }
+}
+
+/// Parses the command line of the `dit` bench binary: `cargo bench` runs it as
+/// `dit [ARGS..] --bench`, the device runner as `dit --bench $BENCH_ARGS`. Returns the
+/// arguments and whether `--bench` was given (without it, cargo is running the binary as a
+/// test and nothing should be measured).
+pub fn args_from_bench_argv<I, T>(argv: I) -> std::result::Result<(BenchArgs, bool), clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    use clap::Parser;
+    #[derive(clap::Parser, Debug)]
+    #[command(
+        name = "dit-bench",
+        about = "DiT + FORA benchmark (the same as `fora bench`)"
+    )]
+    struct BenchCli {
+        /// Set by `cargo bench`; without it nothing is measured.
+        #[arg(long)]
+        bench: bool,
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+    let cli = BenchCli::try_parse_from(argv)?;
+    Ok((cli.args, cli.bench))
+}
+
+/// Timing statistics of one measurement, in milliseconds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stats {
+    pub runs: usize,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+}
+
+impl Stats {
+    /// Statistics of measured times (an even count takes the mean of the two middle values).
+    pub fn from_samples(samples_ms: &[f64]) -> Result<Stats> {
+        ensure!(!samples_ms.is_empty(), "no timing samples");
+        if let Some(bad) = samples_ms.iter().find(|v| !v.is_finite() || **v < 0.0) {
+            bail!("timing sample {bad} ms is not a finite non-negative time");
+        }
+        let mut s = samples_ms.to_vec();
+        s.sort_by(f64::total_cmp);
+        let n = s.len();
+        let median = if n % 2 == 1 {
+            s[n / 2]
+        } else {
+            0.5 * (s[n / 2 - 1] + s[n / 2])
+        };
+        Ok(Stats {
+            runs: n,
+            median_ms: median,
+            min_ms: s[0],
+            max_ms: s[n - 1],
+            mean_ms: s.iter().sum::<f64>() / n as f64,
+        })
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "median_ms": self.median_ms,
+            "min_ms": self.min_ms,
+            "max_ms": self.max_ms,
+            "mean_ms": self.mean_ms,
+            "runs": self.runs,
+        })
+    }
+}
+
+/// TFLOP/s of `flops` floating-point operations in `ms` milliseconds.
+pub fn tflops(flops: f64, ms: f64) -> f64 {
+    flops / (ms * 1e-3) / 1e12
+}
+
+/// GB/s (10^9 bytes) of `bytes` moved in `ms` milliseconds.
+pub fn gbps(bytes: f64, ms: f64) -> f64 {
+    bytes / (ms * 1e-3) / 1e9
+}
+
+/// Copies of a kernel's buffers (`set_bytes` each) so that together they hold at least
+/// `rotate_bytes`: consecutive runs then read inputs that are not in L2.
+pub fn rotation_copies(set_bytes: usize, rotate_bytes: usize) -> usize {
+    if set_bytes == 0 {
+        return 1;
+    }
+    rotate_bytes.div_ceil(set_bytes).clamp(1, MAX_COPIES)
+}
+
+/// The images and guidance of a batch of `rows` model rows: even rows are rows/2 images with
+/// CFG (the batch `[cond; uncond]`), odd rows are that many images without guidance.
+pub fn rows_request(
+    rows: usize,
+    num_classes: usize,
+    cfg_scale: f32,
+) -> (Vec<usize>, Option<Guidance>) {
+    let (images, guidance) = if rows.is_multiple_of(2) {
+        (
+            rows / 2,
+            Some(Guidance {
+                scale: cfg_scale,
+                mode: GuidanceMode::Official3,
+            }),
+        )
+    } else {
+        (rows, None)
+    };
+    let classes = (0..images).map(|b| b % num_classes.max(1)).collect();
+    (classes, guidance)
+}
+
+/// `YYYY-MM-DD` (UTC) of a Unix time.
+pub fn utc_date(unix_secs: u64) -> String {
+    // Days to civil date (Howard Hinnant's algorithm), proleptic Gregorian.
+    let z = (unix_secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    utc_date(secs)
+}
+
+/// The card.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub sm_count: usize,
+    pub l2_bytes: usize,
+    pub memory_bytes: usize,
+}
+
+/// The model benchmarked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelInfo {
+    pub arch: String,
+    pub input_size: usize,
+    pub tokens: usize,
+    pub hidden: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub macs_per_row: u64,
+    /// "random (seed 0)" or the checkpoint path.
+    pub weights: String,
+}
+
+impl ModelInfo {
+    pub fn new(cfg: &DitConfig, weights: String) -> ModelInfo {
+        ModelInfo {
+            arch: cfg.arch_name(),
+            input_size: cfg.input_size,
+            tokens: cfg.tokens(),
+            hidden: cfg.hidden,
+            depth: cfg.depth,
+            heads: cfg.heads,
+            macs_per_row: cfg.macs_per_row(),
+            weights,
+        }
+    }
+}
+
+/// A measured ceiling of the card.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ceiling {
+    /// "bf16 GEMM 8192^3 (cuBLASLt)", "device copy 1024 MiB".
+    pub what: String,
+    pub stats: Stats,
+    /// TFLOP/s (GEMM) or GB/s (copy) at the median time.
+    pub rate: f64,
+}
+
+/// Whether a step ran the blocks or reused the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepKind {
+    Full,
+    Reuse,
+}
+
+impl StepKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StepKind::Full => "full",
+            StepKind::Reuse => "reuse",
+        }
+    }
+}
+
+/// Graph nodes one step enqueues, by type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LaunchCount {
+    pub kernels: usize,
+    pub memcpys: usize,
+    pub memsets: usize,
+    pub other: usize,
+}
+
+/// One per-step measurement.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepRow {
+    /// "custom" or "cublaslt".
+    pub gemm: String,
+    pub rows: usize,
+    pub kind: StepKind,
+    pub stats: Option<Stats>,
+    /// What one step enqueues when it is launched kernel by kernel (the captured graphs hold
+    /// the same kernels).
+    pub launches: Option<LaunchCount>,
+}
+
+/// One end-to-end configuration (median over the reps).
+#[derive(Clone, Debug, PartialEq)]
+pub struct E2eRow {
+    pub gemm: String,
+    pub interval: usize,
+    pub steps: usize,
+    pub rows: usize,
+    pub computed: usize,
+    pub reused: usize,
+    pub reps: usize,
+    /// The denoising loop and the copy of the latents to the host.
+    pub loop_ms: f64,
+    /// Workspace build (allocation, x_T, graph capture).
+    pub setup_ms: f64,
+    /// Everything `Sampler::sample` did.
+    pub wall_ms: f64,
+    /// Whether every final latent value was finite (random weights may not keep them so; the
+    /// times do not depend on it).
+    pub finite: bool,
+}
+
+/// What a kernel row's rate is measured against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bound {
+    /// TFLOP/s, against the GEMM ceiling.
+    Compute,
+    /// GB/s, against the copy ceiling.
+    Memory,
+}
+
+/// One per-kernel measurement.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelRow {
+    /// "qkv", "proj", "fc1", "fc2", "adaLN", "final", "attention", "fora_reuse", "layernorm".
+    pub name: String,
+    /// "custom", "cublaslt", "cublaslt+epilogue" (GEMMs); "custom" otherwise.
+    pub imp: String,
+    /// Model rows of the shape.
+    pub rows: usize,
+    /// "M=512 N=3456 K=1152", "B=2 H=16 T=256 d=72", "1.2 GB".
+    pub shape: String,
+    pub bound: Bound,
+    /// FLOPs (Compute) or bytes (Memory) of one launch.
+    pub work: f64,
+    pub stats: Option<Stats>,
+}
+
+impl KernelRow {
+    /// TFLOP/s or GB/s at the median.
+    pub fn rate(&self) -> Option<f64> {
+        let ms = self.stats.as_ref()?.median_ms;
+        Some(match self.bound {
+            Bound::Compute => tflops(self.work, ms),
+            Bound::Memory => gbps(self.work, ms),
+        })
+    }
+}
+
+/// A measurement that failed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchError {
+    pub section: String,
+    pub what: String,
+    pub error: String,
+}
+
+/// Everything one benchmark run measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    pub date: String,
+    pub device: Option<DeviceInfo>,
+    pub model: ModelInfo,
+    pub warmup: usize,
+    pub runs: usize,
+    pub quick: bool,
+    pub cuda_graphs: bool,
+    pub cfg_scale: f32,
+    pub gemm_ceiling: Option<Ceiling>,
+    pub copy_ceiling: Option<Ceiling>,
+    pub steps: Vec<StepRow>,
+    pub e2e: Vec<E2eRow>,
+    pub kernels: Vec<KernelRow>,
+    pub errors: Vec<BenchError>,
+}
+
+/// `v` with `decimals` decimals, or "—" when not measured.
+pub fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("{x:.decimals$}"),
+        _ => "—".to_string(),
+    }
+}
+
+fn num(v: Option<f64>) -> Value {
+    match v {
+        Some(x) if x.is_finite() => json!(x),
+        _ => Value::Null,
+    }
+}
+
+impl Report {
+    pub fn new(model: ModelInfo, plan: &BenchPlan) -> Report {
+        Report {
+            date: today(),
+            device: None,
+            model,
+            warmup: plan.warmup,
+            runs: plan.runs,
+            quick: plan.quick,
+            cuda_graphs: graphs_enabled(),
+            cfg_scale: plan.cfg_scale,
+            gemm_ceiling: None,
+            copy_ceiling: None,
+            steps: Vec::new(),
+            e2e: Vec::new(),
+            kernels: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Records a failed measurement (printed to stderr at once, listed in the report).
+    pub fn error(&mut self, section: &str, what: &str, e: &anyhow::Error) {
+        eprintln!("bench: {section}: {what} FAILED: {e:#}");
+        self.errors.push(BenchError {
+            section: section.into(),
+            what: what.into(),
+            error: format!("{e:#}"),
+        });
+    }
+
+    /// Effective TFLOP/s of a full step: 2 x MACs of every row / time.
+    pub fn step_tflops(&self, row: &StepRow) -> Option<f64> {
+        if row.kind != StepKind::Full {
+            return None;
+        }
+        let ms = row.stats.as_ref()?.median_ms;
+        Some(tflops(
+            2.0 * self.model.macs_per_row as f64 * row.rows as f64,
+            ms,
+        ))
+    }
+
+    /// Percent of the measured ceiling of `bound`.
+    pub fn pct_of_ceiling(&self, rate: Option<f64>, bound: Bound) -> Option<f64> {
+        let ceiling = match bound {
+            Bound::Compute => self.gemm_ceiling.as_ref(),
+            Bound::Memory => self.copy_ceiling.as_ref(),
+        }?;
+        Some(100.0 * rate? / ceiling.rate)
+    }
+
+    /// The best cuBLASLt time of the same GEMM (fused or + epilogue kernel) over this custom
+    /// row's time: > 1 means the custom kernel is faster.
+    pub fn vs_cublaslt(&self, row: &KernelRow) -> Option<f64> {
+        if row.imp != "custom" || row.bound != Bound::Compute || row.name == "attention" {
+            return None;
+        }
+        let ours = row.stats.as_ref()?.median_ms;
+        let best = self
+            .kernels
+            .iter()
+            .filter(|k| k.name == row.name && k.rows == row.rows && k.imp.starts_with("cublaslt"))
+            .filter_map(|k| k.stats.as_ref().map(|s| s.median_ms))
+            .min_by(f64::total_cmp)?;
+        Some(best / ours)
+    }
+
+    fn e2e_speedup(&self, row: &E2eRow) -> Option<f64> {
+        let base = self
+            .e2e
+            .iter()
+            .find(|r| r.gemm == row.gemm && r.interval == 1 && r.steps == row.steps)?;
+        Some(base.loop_ms / row.loop_ms)
+    }
+
+    /// The report as JSON (layout [`SCHEMA`], read by `tools/bench_report.py`); unmeasured
+    /// values are null.
+    pub fn to_json(&self) -> Value {
+        let device = self.device.as_ref().map(|d| {
+            json!({
+                "name": d.name,
+                "compute_capability": format!("{}.{}", d.compute_capability.0, d.compute_capability.1),
+                "sm_count": d.sm_count,
+                "l2_bytes": d.l2_bytes,
+                "memory_bytes": d.memory_bytes,
+            })
+        });
+        let ceiling = |c: &Option<Ceiling>, unit: &str| match c {
+            Some(c) => {
+                let mut v = c.stats.json();
+                v["what"] = json!(c.what);
+                v[unit] = json!(c.rate);
+                v
+            }
+            None => Value::Null,
+        };
+        let steps: Vec<Value> = self
+            .steps
+            .iter()
+            .map(|r| {
+                let t = self.step_tflops(r);
+                let mut v = json!({
+                    "gemm": r.gemm,
+                    "rows": r.rows,
+                    "kind": r.kind.name(),
+                    "tflops": num(t),
+                    "pct_gemm_ceiling": num(self.pct_of_ceiling(t, Bound::Compute)),
+                    "kernels": r.launches.map(|l| l.kernels),
+                    "memcpys": r.launches.map(|l| l.memcpys),
+                    "memsets": r.launches.map(|l| l.memsets),
+                    "other_nodes": r.launches.map(|l| l.other),
+                });
+                merge_stats(&mut v, r.stats.as_ref());
+                v
+            })
+            .collect();
+        let e2e: Vec<Value> = self
+            .e2e
+            .iter()
+            .map(|r| {
+                json!({
+                    "gemm": r.gemm,
+                    "interval": r.interval,
+                    "steps": r.steps,
+                    "rows": r.rows,
+                    "computed": r.computed,
+                    "reused": r.reused,
+                    "reps": r.reps,
+                    "loop_ms": r.loop_ms,
+                    "setup_ms": r.setup_ms,
+                    "wall_ms": r.wall_ms,
+                    "finite": r.finite,
+                    "speedup": num(self.e2e_speedup(r)),
+                    "theoretical_speedup": r.steps as f64 / r.computed.max(1) as f64,
+                })
+            })
+            .collect();
+        let kernels: Vec<Value> = self
+            .kernels
+            .iter()
+            .map(|k| {
+                let rate = k.rate();
+                let (tf, gb) = match k.bound {
+                    Bound::Compute => (rate, None),
+                    Bound::Memory => (None, rate),
+                };
+                let mut v = json!({
+                    "name": k.name,
+                    "impl": k.imp,
+                    "rows": k.rows,
+                    "shape": k.shape,
+                    "bound": match k.bound { Bound::Compute => "compute", Bound::Memory => "memory" },
+                    "flops": if k.bound == Bound::Compute { json!(k.work) } else { Value::Null },
+                    "bytes": if k.bound == Bound::Memory { json!(k.work) } else { Value::Null },
+                    "tflops": num(tf),
+                    "gbps": num(gb),
+                    "pct_ceiling": num(self.pct_of_ceiling(rate, k.bound)),
+                    "vs_cublaslt": num(self.vs_cublaslt(k)),
+                });
+                merge_stats(&mut v, k.stats.as_ref());
+                v
+            })
+            .collect();
+        json!({
+            "schema": SCHEMA,
+            "tool": "fora bench",
+            "version": env!("CARGO_PKG_VERSION"),
+            "date": self.date,
+            "device": device,
+            "model": {
+                "arch": self.model.arch,
+                "input_size": self.model.input_size,
+                "tokens": self.model.tokens,
+                "hidden": self.model.hidden,
+                "depth": self.model.depth,
+                "heads": self.model.heads,
+                "macs_per_row": self.model.macs_per_row,
+                "weights": self.model.weights,
+            },
+            "settings": {
+                "warmup": self.warmup,
+                "runs": self.runs,
+                "quick": self.quick,
+                "cuda_graphs": self.cuda_graphs,
+                "cfg_scale": self.cfg_scale,
+                "timing": "CUDA events, back-to-back runs, median",
+            },
+            "ceilings": {
+                "gemm": ceiling(&self.gemm_ceiling, "tflops"),
+                "copy": ceiling(&self.copy_ceiling, "gbps"),
+            },
+            "steps": steps,
+            "e2e": e2e,
+            "kernels": kernels,
+            "errors": self.errors.iter().map(|e| json!({
+                "section": e.section, "what": e.what, "error": e.error,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// The report as Markdown tables.
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let device = match &self.device {
+            Some(d) => format!(
+                "{} (sm_{}{}, {} SMs, L2 {} MiB, {:.0} GiB)",
+                d.name,
+                d.compute_capability.0,
+                d.compute_capability.1,
+                d.sm_count,
+                d.l2_bytes >> 20,
+                d.memory_bytes as f64 / (1u64 << 30) as f64
+            ),
+            None => "— (no device)".to_string(),
+        };
+        let m = &self.model;
+        s += &format!(
+            "# fora bench: {} at {} px ({} tokens), weights {}\n\n",
+            m.arch,
+            m.input_size * 8,
+            m.tokens,
+            m.weights
+        );
+        s +=
+            &format!(
+            "{device}, {}. Median of {} runs after {} warm-up runs (CUDA events). CUDA graphs {}. \
+             FLOPs = 2 x {:.1} GMAC per model row.\n\n",
+            self.date,
+            self.runs,
+            self.warmup,
+            if self.cuda_graphs { "on" } else { "off (FORA_CUDA_GRAPHS=0)" },
+            m.macs_per_row as f64 / 1e9
+        );
+
+        s += "## Ceilings (measured in this run)\n\n| what | time (ms) | rate |\n|---|---|---|\n";
+        for (c, unit) in [
+            (&self.gemm_ceiling, "TFLOP/s"),
+            (&self.copy_ceiling, "GB/s"),
+        ] {
+            match c {
+                Some(c) => {
+                    s += &format!(
+                        "| {} | {:.3} | {:.0} {unit} |\n",
+                        c.what, c.stats.median_ms, c.rate
+                    )
+                }
+                None => s += &format!("| {unit} ceiling | — | — |\n"),
+            }
+        }
+
+        if !self.steps.is_empty() {
+            s += "\n## Per step (model + CFG + sampler update, as `Backend::step` runs it)\n\n";
+            s += "| GEMM | rows | full (ms) | TFLOP/s | % GEMM ceiling | reuse (ms) | reuse / full | \
+                  kernels full | kernels reuse |\n|---|---|---|---|---|---|---|---|---|\n";
+            let mut keys: Vec<(String, usize)> = Vec::new();
+            for r in &self.steps {
+                if !keys.contains(&(r.gemm.clone(), r.rows)) {
+                    keys.push((r.gemm.clone(), r.rows));
+                }
+            }
+            for (gemm, rows) in keys {
+                let find = |kind| {
+                    self.steps
+                        .iter()
+                        .find(|r| r.gemm == gemm && r.rows == rows && r.kind == kind)
+                };
+                let full = find(StepKind::Full);
+                let reuse = find(StepKind::Reuse);
+                let ms =
+                    |r: Option<&StepRow>| r.and_then(|r| r.stats.as_ref().map(|s| s.median_ms));
+                let t = full.and_then(|r| self.step_tflops(r));
+                let ratio = match (ms(reuse), ms(full)) {
+                    (Some(a), Some(b)) => Some(a / b),
+                    _ => None,
+                };
+                let launches = |r: Option<&StepRow>| {
+                    r.and_then(|r| r.launches)
+                        .map_or("—".to_string(), |l| l.kernels.to_string())
+                };
+                s += &format!(
+                    "| {gemm} | {rows} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    fmt_opt(ms(full), 3),
+                    fmt_opt(t, 1),
+                    fmt_opt(self.pct_of_ceiling(t, Bound::Compute), 1),
+                    fmt_opt(ms(reuse), 4),
+                    fmt_opt(ratio, 3),
+                    launches(full),
+                    launches(reuse)
+                );
+            }
+            s +=
+                "\nKernels per step: kernel launches of one step run kernel by kernel (a captured \
+                  step replays them from one graph launch, plus the timestep copy and the sampler \
+                  update).\n";
+        }
+
+        if !self.e2e.is_empty() {
+            s += "\n## End to end (DDPM, one image with CFG = 2 rows)\n\n";
+            s += "| GEMM | N | steps | computing | loop (ms) | setup (ms) | speedup vs N=1 | \
+                  theoretical | latents finite |\n|---|---|---|---|---|---|---|---|---|\n";
+            for r in &self.e2e {
+                s += &format!(
+                    "| {} | {} | {} | {} | {:.1} | {:.1} | {} | {:.2} | {} |\n",
+                    r.gemm,
+                    r.interval,
+                    r.steps,
+                    r.computed,
+                    r.loop_ms,
+                    r.setup_ms,
+                    fmt_opt(self.e2e_speedup(r), 2),
+                    r.steps as f64 / r.computed.max(1) as f64,
+                    if r.finite { "yes" } else { "NO" }
+                );
+            }
+        }
+
+        if !self.kernels.is_empty() {
+            s += "\n## Kernels (inputs rotated through buffers larger than L2)\n\n";
+            s += "| kernel | rows | shape | impl | time (us) | rate | % ceiling | custom vs best cuBLASLt |\n\
+                  |---|---|---|---|---|---|---|---|\n";
+            for k in &self.kernels {
+                let rate = k.rate();
+                let unit = match k.bound {
+                    Bound::Compute => "TFLOP/s",
+                    Bound::Memory => "GB/s",
+                };
+                s += &format!(
+                    "| {} | {} | {} | {} | {} | {} {unit} | {} | {} |\n",
+                    k.name,
+                    k.rows,
+                    k.shape,
+                    k.imp,
+                    fmt_opt(k.stats.as_ref().map(|s| s.median_ms * 1e3), 1),
+                    fmt_opt(rate, if k.bound == Bound::Compute { 1 } else { 0 }),
+                    fmt_opt(self.pct_of_ceiling(rate, k.bound), 1),
+                    fmt_opt(self.vs_cublaslt(k), 2)
+                );
+            }
+        }
+
+        if !self.errors.is_empty() {
+            s += "\n## Failed measurements\n\n";
+            for e in &self.errors {
+                s += &format!("- {} / {}: {}\n", e.section, e.what, e.error);
+            }
+        }
+        s
+    }
+
+    /// Writes the JSON report (creating the directory).
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create directory {}", dir.display()))?;
+        }
+        let text =
+            serde_json::to_string_pretty(&self.to_json()).context("cannot serialize the report")?;
+        crate::io::write_atomic(path, text.as_bytes())
+    }
+}
+
+fn merge_stats(v: &mut Value, stats: Option<&Stats>) {
+    let fields = ["median_ms", "min_ms", "max_ms", "mean_ms", "runs"];
+    match stats {
+        Some(s) => {
+            let sj = s.json();
+            for f in fields {
+                v[f] = sj[f].clone();
+            }
+        }
+        None => {
+            for f in fields {
+                v[f] = Value::Null;
+            }
+        }
+    }
+}
+
+/// The model to benchmark: a checkpoint, or random weights of `--arch` (default DiT-XL/2).
+pub fn bench_model(args: &BenchArgs) -> Result<(DitConfig, DitWeights, String)> {
+    match &args.model {
+        Some(path) => {
+            let arch = args.arch.as_deref().map(Arch::parse).transpose()?;
+            let (cfg, w) = DitWeights::load(path, arch.as_ref())?;
+            Ok((cfg, w, path.display().to_string()))
+        }
+        None => {
+            let arch = args.arch.as_deref().unwrap_or("DiT-XL/2");
+            let cfg = DitConfig::official(arch, args.input_size.unwrap_or(32))
+                .with_context(|| format!("benchmark model {arch}"))?;
+            eprintln!(
+                "bench: generating random {} weights (seed {})",
+                cfg.arch_name(),
+                args.seed
+            );
+            let w = DitWeights::random(&cfg, args.seed);
+            Ok((cfg, w, format!("random (seed {})", args.seed)))
+        }
+    }
+}
+
+/// Runs the benchmark: Markdown to stdout, JSON to `--json`. Errors when there is no usable
+/// GPU, and (after writing both reports) when any measurement failed.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let plan = args.plan()?;
+    let (cfg, weights, source) = bench_model(args)?;
+    if let Some(path) = &args.save_weights {
+        weights
+            .save(path, &cfg)
+            .with_context(|| format!("cannot save the benchmark weights to {}", path.display()))?;
+        println!(
+            "wrote {} weights ({source}) to {}",
+            cfg.arch_name(),
+            path.display()
+        );
+        return Ok(());
+    }
+    let gpu = Gpu::new(args.gpu).context("the benchmark needs a CUDA device")?;
+    let mut report = Report::new(ModelInfo::new(&cfg, source), &plan);
+    report.device = Some(device_info(&gpu)?);
+    let started = Instant::now();
+    let json_path = args.json.clone();
+    let save = |report: &Report| {
+        if let Err(e) = report.write_json(&json_path) {
+            eprintln!("bench: cannot write {}: {e:#}", json_path.display());
+        }
+    };
+    let timer = Timer {
+        warmup: plan.warmup,
+        runs: plan.runs,
+        profiler_api: args.profiler_api,
+    };
+    if plan.sections.contains(&Section::Ceilings) {
+        eprintln!("bench: ceilings");
+        bench_ceilings(&gpu, &plan, &timer, &mut report);
+        save(&report);
+    }
+    if plan.sections.contains(&Section::Kernels) {
+        for &rows in &plan.kernel_batches {
+            eprintln!("bench: kernels at {rows} rows");
+            bench_kernels(&gpu, &cfg, rows, &timer, &mut report);
+            save(&report);
+        }
+    }
+    drop(gpu);
+    let want_steps = plan.sections.contains(&Section::Steps);
+    let want_e2e = plan.sections.contains(&Section::E2e);
+    if want_steps || want_e2e {
+        for (i, &imp) in plan.gemms.iter().enumerate() {
+            let name = gemm_name(imp);
+            let backend = match Gpu::new(args.gpu)
+                .and_then(|g| CudaBackend::with_gemm(g, &cfg, &weights, imp))
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    report.error("steps", &format!("{name} backend"), &e);
+                    continue;
+                }
+            };
+            if want_steps {
+                for &rows in &plan.batches {
+                    eprintln!("bench: steps, {name} GEMM, {rows} rows");
+                    bench_steps(&backend, &plan, &timer, rows, args.seed, &mut report);
+                    save(&report);
+                }
+            }
+            // End to end on the first implementation only (it is the slow section).
+            if want_e2e && i == 0 {
+                eprintln!("bench: end to end, {name} GEMM");
+                bench_e2e(&backend, &plan, args.seed, &mut report);
+                save(&report);
+            }
+        }
+    }
+    println!("{}", report.markdown());
+    report.write_json(&args.json)?;
+    eprintln!(
+        "bench: done in {:.1} s; JSON in {}",
+        started.elapsed().as_secs_f64(),
+        args.json.display()
+    );
+    ensure!(
+        report.errors.is_empty(),
+        "{} measurement(s) failed (listed above and in {})",
+        report.errors.len(),
+        args.json.display()
+    );
+    Ok(())
+}
+
+fn gemm_name(imp: GemmImpl) -> &'static str {
+    match imp {
+        GemmImpl::Custom => "custom",
+        GemmImpl::CublasLt => "cublaslt",
+    }
+}
+
+fn device_info(gpu: &Gpu) -> Result<DeviceInfo> {
+    let l2 = gpu
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .context("cannot query the L2 cache size")?;
+    Ok(DeviceInfo {
+        name: gpu.name().to_string(),
+        compute_capability: gpu.compute_capability(),
+        sm_count: gpu.sm_count(),
+        l2_bytes: l2.max(0) as usize,
+        memory_bytes: gpu.mem_info()?.1,
+    })
+}
+
+/// Rotated bytes for a kernel measured alone on `gpu`.
+fn rotate_bytes(gpu: &Gpu) -> usize {
+    let l2 = gpu
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .map_or(0, |v| v.max(0) as usize);
+    (4 * l2).max(MIN_ROTATE_BYTES)
+}
+
+/// CUDA-event timing of back-to-back runs.
+struct Timer {
+    warmup: usize,
+    runs: usize,
+    profiler_api: bool,
+}
+
+impl Timer {
+    /// Runs `launch(i)` for i in 0..warmup untimed, then i in warmup..warmup+runs with an event
+    /// between consecutive runs; the host does not wait between runs.
+    fn time(&self, gpu: &Gpu, mut launch: impl FnMut(usize) -> Result<()>) -> Result<Stats> {
+        for i in 0..self.warmup {
+            launch(i)?;
+        }
+        gpu.synchronize().context("warm-up runs failed")?;
+        let ctx = gpu.context();
+        let stream = gpu.stream();
+        let events = (0..=self.runs)
+            .map(|_| {
+                ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .context("cannot create a CUDA event")
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if self.profiler_api {
+            profiler(true)?;
+        }
+        events[0].record(stream).context("cannot record an event")?;
+        for (i, event) in events[1..].iter().enumerate() {
+            launch(self.warmup + i)?;
+            event.record(stream).context("cannot record an event")?;
+        }
+        gpu.synchronize().context("timed runs failed")?;
+        if self.profiler_api {
+            profiler(false)?;
+        }
+        let samples = events
+            .windows(2)
+            .map(|w| {
+                Ok(w[0]
+                    .elapsed_ms(&w[1])
+                    .context("cannot read an event time")? as f64)
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        Stats::from_samples(&samples)
+    }
+}
+
+fn profiler(start: bool) -> Result<()> {
+    // SAFETY: plain driver calls without arguments; the context is current (bound by the
+    // event calls before).
+    let r = unsafe {
+        if start {
+            sys::cuProfilerStart()
+        } else {
+            sys::cuProfilerStop()
+        }
+    };
+    r.result()
+        .with_context(|| format!("cuProfiler{} failed", if start { "Start" } else { "Stop" }))
+}
+
+/// A device buffer of `len` values uniform in [-scale, scale) (a chunk of random values
+/// repeated: benchmark data, never zeros).
+fn random_buffer<T: DeviceRepr + ValidAsZeroBits + Copy>(
+    gpu: &Gpu,
+    len: usize,
+    scale: f32,
+    seed: u64,
+    convert: impl Fn(f32) -> T,
+    what: &str,
+) -> Result<CudaSlice<T>> {
+    let mut dev = gpu.alloc_zeros::<T>(len, what)?;
+    let mut state = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(0x2545_F491_4F6C_DD1D);
+    let chunk: Vec<T> = (0..FILL_CHUNK.min(len))
+        .map(|_| {
+            // xorshift64*: fast, and plenty for benchmark data.
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
+            convert((r as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
+        })
+        .collect();
+    let mut start = 0;
+    while start < len {
+        let end = (start + chunk.len()).min(len);
+        let mut view = dev.slice_mut(start..end);
+        gpu.stream()
+            .memcpy_htod(&chunk[..end - start], &mut view)
+            .with_context(|| format!("cannot fill {what}"))?;
+        start = end;
+    }
+    Ok(dev)
+}
+
+fn random_bf16(
+    gpu: &Gpu,
+    len: usize,
+    scale: f32,
+    seed: u64,
+    what: &str,
+) -> Result<CudaSlice<bf16>> {
+    random_buffer(gpu, len, scale, seed, bf16::from_f32, what)
+}
+
+fn random_f32(gpu: &Gpu, len: usize, scale: f32, seed: u64, what: &str) -> Result<CudaSlice<f32>> {
+    random_buffer(gpu, len, scale, seed, |v| v, what)
+}
+
+fn bench_ceilings(gpu: &Gpu, plan: &BenchPlan, timer: &Timer, report: &mut Report) {
+    match ceiling_gemm(gpu, plan.ceiling_size, timer) {
+        Ok(c) => report.gemm_ceiling = Some(c),
+        Err(e) => report.error("ceilings", "bf16 GEMM", &e),
+    }
+    match ceiling_copy(gpu, plan.copy_bytes, timer) {
+        Ok(c) => report.copy_ceiling = Some(c),
+        Err(e) => report.error("ceilings", "device copy", &e),
+    }
+}
+
+fn ceiling_gemm(gpu: &Gpu, size: usize, timer: &Timer) -> Result<Ceiling> {
+    let lt = CublasLt::new(gpu)?;
+    let a = random_bf16(gpu, size * size, 1.0, 11, "ceiling GEMM A")?;
+    let w = random_bf16(gpu, size * size, 1.0, 12, "ceiling GEMM W")?;
+    let d = gpu.alloc_zeros::<bf16>(size * size, "ceiling GEMM D")?;
+    let mm = LtMatmul {
+        a: dptr(&a),
+        w: dptr(&w),
+        d: dptr(&d),
+        m: size,
+        n: size,
+        k: size,
+        lda: size,
+        ldw: size,
+        ldd: size,
+        output: LtOutput::Bf16,
+        epilogue: LtEpilogue::None,
+    };
+    let stats = timer.time(gpu, |_| match lt.matmul(&mm)? {
+        LtRun::Done => Ok(()),
+        LtRun::Unsupported => bail!("cuBLASLt has no algorithm for a bf16 {size}^3 GEMM"),
+    })?;
+    let flops = 2.0 * (size as f64).powi(3);
+    Ok(Ceiling {
+        what: format!("bf16 GEMM {size}^3 (cuBLASLt, f32 accumulate)"),
+        rate: tflops(flops, stats.median_ms),
+        stats,
+    })
+}
+
+fn ceiling_copy(gpu: &Gpu, bytes: usize, timer: &Timer) -> Result<Ceiling> {
+    let src = random_buffer(gpu, bytes, 1.0, 13, |v| v.to_bits() as u8, "copy source")?;
+    let mut dst = gpu.alloc_zeros::<u8>(bytes, "copy destination")?;
+    let stream = gpu.stream().clone();
+    let stats = timer.time(gpu, |_| {
+        stream
+            .memcpy_dtod(&src, &mut dst)
+            .context("device-to-device copy failed")
+    })?;
+    Ok(Ceiling {
+        what: format!("device copy {} MiB (read + write bytes)", bytes >> 20),
+        rate: gbps(2.0 * bytes as f64, stats.median_ms),
+        stats,
+    })
+}
+
+/// One GEMM of the model at `rows` model rows.
+struct GemmShape {
+    name: &'static str,
+    m: usize,
+    n: usize,
+    k: usize,
+    epi: Epilogue,
+}
+
+fn gemm_shapes(cfg: &DitConfig, rows: usize) -> Vec<GemmShape> {
+    let (d, t, mh) = (cfg.hidden, cfg.tokens(), cfg.mlp_hidden());
+    let rt = rows * t;
+    vec![
+        GemmShape {
+            name: "qkv",
+            m: rt,
+            n: 3 * d,
+            k: d,
+            epi: Epilogue::BiasBf16,
+        },
+        GemmShape {
+            name: "proj",
+            m: rt,
+            n: d,
+            k: d,
+            epi: Epilogue::BiasGateResidual,
+        },
+        GemmShape {
+            name: "fc1",
+            m: rt,
+            n: mh,
+            k: d,
+            epi: Epilogue::BiasGeluBf16,
+        },
+        GemmShape {
+            name: "fc2",
+            m: rt,
+            n: d,
+            k: mh,
+            epi: Epilogue::BiasGateResidual,
+        },
+        GemmShape {
+            name: "adaLN",
+            m: rows,
+            n: ada_cols(cfg),
+            k: d,
+            epi: Epilogue::BiasF32,
+        },
+        GemmShape {
+            name: "final",
+            m: rt,
+            n: cfg.patch_out(),
+            k: d,
+            epi: Epilogue::BiasF32,
+        },
+    ]
+}
+
+/// The buffers of one GEMM launch.
+struct GemmBuffers {
+    a: CudaSlice<bf16>,
+    w: CudaSlice<bf16>,
+    bias: CudaSlice<f32>,
+    out_bf16: Option<CudaSlice<bf16>>,
+    out_f32: Option<CudaSlice<f32>>,
+    cache: Option<CudaSlice<bf16>>,
+    gate: Option<CudaSlice<f32>>,
+}
+
+fn gemm_set_bytes(s: &GemmShape, rows: usize) -> usize {
+    let out = s.m * s.n * if s.epi.out_is_f32() { 4 } else { 2 };
+    let gated = s.epi == Epilogue::BiasGateResidual;
+    2 * s.m * s.k
+        + 2 * s.n * s.k
+        + 4 * s.n
+        + out
+        + if gated {
+            2 * s.m * s.n + 4 * rows * s.n
+        } else {
+            0
+        }
+}
+
+fn gemm_buffers(gpu: &Gpu, s: &GemmShape, rows: usize, seed: u64) -> Result<GemmBuffers> {
+    let gated = s.epi == Epilogue::BiasGateResidual;
+    let w_scale = 1.0 / (s.k as f32).sqrt();
+    Ok(GemmBuffers {
+        a: random_bf16(gpu, s.m * s.k, 1.0, seed, "GEMM A")?,
+        w: random_bf16(gpu, s.n * s.k, w_scale, seed + 1, "GEMM W")?,
+        bias: random_f32(gpu, s.n, 0.1, seed + 2, "GEMM bias")?,
+        out_bf16: if s.epi.out_is_f32() {
+            None
+        } else {
+            Some(gpu.alloc_zeros(s.m * s.n, "GEMM out")?)
+        },
+        // The residual stream the gated epilogue adds into: random, like a real one.
+        out_f32: if s.epi.out_is_f32() {
+            Some(random_f32(gpu, s.m * s.n, 1.0, seed + 3, "GEMM out")?)
+        } else {
+            None
+        },
+        cache: if gated {
+            Some(gpu.alloc_zeros(s.m * s.n, "GEMM FORA cache")?)
+        } else {
+            None
+        },
+        // Small gates keep the residual finite over every run.
+        gate: if gated {
+            Some(random_f32(gpu, rows * s.n, 1e-3, seed + 4, "GEMM gate")?)
+        } else {
+            None
+        },
+    })
+}
+
+fn gemm_params(s: &GemmShape, b: &GemmBuffers, tokens: usize) -> GemmParams {
+    let gated = s.epi == Epilogue::BiasGateResidual;
+    GemmParams {
+        a: dptr(&b.a),
+        w: dptr(&b.w),
+        bias: dptr(&b.bias),
+        out: match (&b.out_bf16, &b.out_f32) {
+            (Some(o), _) => dptr(o),
+            (None, Some(o)) => dptr(o),
+            (None, None) => 0,
+        },
+        cache: b.cache.as_ref().map_or(0, dptr),
+        gate: b.gate.as_ref().map_or(0, dptr),
+        m: s.m as i32,
+        n: s.n as i32,
+        k: s.k as i32,
+        lda: s.k as i32,
+        ldw: s.k as i32,
+        ldo: s.n as i32,
+        ldc: s.n as i32,
+        ldg: if gated { s.n as i32 } else { 0 },
+        rows_per_gate: if gated { tokens as i32 } else { 1 },
+        epilogue: s.epi.raw(),
+    }
+}
+
+fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report: &mut Report) {
+    let rotate = rotate_bytes(gpu);
+    let shapes = gemm_shapes(cfg, rows);
+    let max_mn = shapes.iter().map(|s| s.m * s.n).max().unwrap_or(1);
+    let custom = Gemm::new(gpu, GemmImpl::Custom, 0);
+    let lt = Gemm::new(gpu, GemmImpl::CublasLt, max_mn);
+    if let Err(e) = &custom {
+        report.error("kernels", "custom GEMM setup", e);
+    }
+    if let Err(e) = &lt {
+        report.error("kernels", "cuBLASLt GEMM setup", e);
+    }
+    for s in &shapes {
+        let shape = format!("M={} N={} K={}", s.m, s.n, s.k);
+        let flops = 2.0 * s.m as f64 * s.n as f64 * s.k as f64;
+        let copies = rotation_copies(gemm_set_bytes(s, rows), rotate);
+        let sets = match (0..copies)
+            .map(|c| gemm_buffers(gpu, s, rows, 100 + 10 * c as u64))
+            .collect::<Result<Vec<_>>>()
+        {
+            Ok(v) => v,
+            Err(e) => {
+                report.error("kernels", &format!("{} {shape} buffers", s.name), &e);
+                continue;
+            }
+        };
+        let params: Vec<GemmParams> = sets
+            .iter()
+            .map(|b| gemm_params(s, b, cfg.tokens()))
+            .collect();
+        type Runner<'g> = Box<dyn Fn(&GemmParams) -> Result<()> + 'g>;
+        let mut variants: Vec<(&str, Runner)> = Vec::new();
+        if let Ok(g) = &custom {
+            variants.push(("custom", Box::new(move |p| g.run(gpu, p))));
+        }
+        if let Ok(g) = &lt {
+            variants.push(("cublaslt", Box::new(move |p| g.run(gpu, p))));
+            variants.push((
+                "cublaslt+epilogue",
+                Box::new(move |p| g.run_cublaslt_unfused(gpu, p)),
+            ));
+        }
+        for (imp, runner) in variants {
+            let stats = timer.time(gpu, |i| runner(&params[i % params.len()]));
+            let stats = match stats {
+                Ok(st) => Some(st),
+                Err(e) => {
+                    report.error("kernels", &format!("{} {shape} {imp}", s.name), &e);
+                    None
+                }
+            };
+            report.kernels.push(KernelRow {
+                name: s.name.to_string(),
+                imp: imp.to_string(),
+                rows,
+                shape: shape.clone(),
+                bound: Bound::Compute,
+                work: flops,
+                stats,
+            });
+        }
+    }
+    let attention_row = bench_attention(gpu, cfg, rows, timer, rotate);
+    push_kernel(report, "attention", rows, attention_row);
+    let reuse_row = bench_fora_reuse(gpu, cfg, rows, timer, rotate);
+    push_kernel(report, "fora_reuse", rows, reuse_row);
+    let ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate);
+    push_kernel(report, "layernorm", rows, ln_row);
+}
+
+fn push_kernel(report: &mut Report, name: &str, rows: usize, r: Result<KernelRow>) {
+    match r {
+        Ok(row) => report.kernels.push(row),
+        Err(e) => report.error("kernels", &format!("{name} at {rows} rows"), &e),
+    }
+}
+
+fn bench_attention(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    rotate: usize,
+) -> Result<KernelRow> {
+    let (t, h, hd) = (cfg.tokens(), cfg.heads, cfg.head_dim());
+    let qkv_len = rows * t * 3 * cfg.hidden;
+    let copies = rotation_copies(2 * qkv_len, rotate);
+    let inputs = (0..copies)
+        .map(|c| random_bf16(gpu, qkv_len, 1.0, 200 + c as u64, "attention qkv"))
+        .collect::<Result<Vec<_>>>()?;
+    let out = gpu.alloc_zeros::<bf16>(rows * t * cfg.hidden, "attention out")?;
+    let params = |i: usize| AttentionParams {
+        qkv: dptr(&inputs[i % copies]),
+        out: dptr(&out),
+        batch: rows as i32,
+        tokens: t as i32,
+        heads: h as i32,
+        head_dim: hd as i32,
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    let stats = timer.time(gpu, |i| attention(gpu, &params(i)))?;
+    Ok(KernelRow {
+        name: "attention".into(),
+        imp: "custom".into(),
+        rows,
+        shape: format!("B={rows} H={h} T={t} d={hd}"),
+        bound: Bound::Compute,
+        work: attention_flops(rows, h, t, hd),
+        stats: Some(stats),
+    })
+}
+
+fn bench_fora_reuse(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    rotate: usize,
+) -> Result<KernelRow> {
+    let (d, t, l) = (cfg.hidden, cfg.tokens(), cfg.depth);
+    let slab = rows * t * d;
+    let cols = ada_cols(cfg);
+    // Minimum traffic: the cache once, x read and written once, two gate vectors per layer.
+    let bytes = 2 * l * slab * 2 + 2 * slab * 4 + rows * l * 2 * d * 4;
+    let set = 2 * l * slab * 2 + slab * 4 + rows * cols * 4;
+    let copies = rotation_copies(set, rotate);
+    let mut sets = Vec::with_capacity(copies);
+    for c in 0..copies {
+        let seed = 300 + 10 * c as u64;
+        sets.push((
+            random_f32(gpu, slab, 1.0, seed, "reuse x")?,
+            random_bf16(gpu, 2 * l * slab, 1.0, seed + 1, "reuse cache")?,
+            random_f32(gpu, rows * cols, 1e-3, seed + 2, "reuse modulation")?,
+        ));
+    }
+    let params = |i: usize| {
+        let (x, cache, m) = &sets[i % copies];
+        ForaReuseParams {
+            x: dptr(x),
+            cache: dptr(cache),
+            modulation: dptr(m),
+            slab: slab as i64,
+            rows: rows as i32,
+            tokens: t as i32,
+            dim: d as i32,
+            layers: l as i32,
+            ld_mod: cols as i32,
+            layer_cols: (6 * d) as i32,
+            gate_msa_col: (2 * d) as i32,
+            gate_mlp_col: (5 * d) as i32,
+        }
+    };
+    let stats = timer.time(gpu, |i| fora_reuse(gpu, &params(i)))?;
+    Ok(KernelRow {
+        name: "fora_reuse".into(),
+        imp: "custom".into(),
+        rows,
+        shape: format!(
+            "{l} layers x 2 x {rows}x{t}x{d}, {:.1} MB",
+            bytes as f64 / 1e6
+        ),
+        bound: Bound::Memory,
+        work: bytes as f64,
+        stats: Some(stats),
+    })
+}
+
+fn bench_layernorm(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    rotate: usize,
+) -> Result<KernelRow> {
+    let (d, t) = (cfg.hidden, cfg.tokens());
+    let slab = rows * t * d;
+    let cols = ada_cols(cfg);
+    // x read (f32), out written (bf16), one shift and one scale vector per row.
+    let bytes = slab * 4 + slab * 2 + rows * 2 * d * 4;
+    let set = slab * 4 + slab * 2 + rows * cols * 4;
+    let copies = rotation_copies(set, rotate);
+    let mut sets = Vec::with_capacity(copies);
+    for c in 0..copies {
+        let seed = 400 + 10 * c as u64;
+        sets.push((
+            random_f32(gpu, slab, 1.0, seed, "layernorm x")?,
+            random_f32(gpu, rows * cols, 0.1, seed + 1, "layernorm modulation")?,
+            gpu.alloc_zeros::<bf16>(slab, "layernorm out")?,
+        ));
+    }
+    let params = |i: usize| {
+        let (x, m, out) = &sets[i % copies];
+        LayerNormModulateParams {
+            x: dptr(x),
+            modulation: dptr(m),
+            out: dptr(out),
+            rows: rows as i32,
+            tokens: t as i32,
+            dim: d as i32,
+            ld_mod: cols as i32,
+            shift_col: 0,
+            scale_col: d as i32,
+            eps: 1e-6,
+        }
+    };
+    let stats = timer.time(gpu, |i| layernorm_modulate(gpu, &params(i)))?;
+    Ok(KernelRow {
+        name: "layernorm".into(),
+        imp: "custom".into(),
+        rows,
+        shape: format!("{rows}x{t}x{d}, {:.1} MB", bytes as f64 / 1e6),
+        bound: Bound::Memory,
+        work: bytes as f64,
+        stats: Some(stats),
+    })
+}
+
+/// The step records of a sampler's plan: step k with the sampler's own update for i = S-1-k.
+fn step_specs(sampler: &Sampler<'_, CudaBackend>, plan: &SamplePlan) -> Result<Vec<StepSpec>> {
+    let s = plan.steps;
+    (0..s)
+        .map(|k| {
+            let i = s - 1 - k;
+            Ok(StepSpec {
+                k,
+                i,
+                t: plan.timesteps[k],
+                mode: StepMode::Compute,
+                update: sampler.diffusion().step_update(i, SamplerKind::Ddpm)?,
+            })
+        })
+        .collect()
+}
+
+fn bench_steps(
+    backend: &CudaBackend,
+    plan: &BenchPlan,
+    timer: &Timer,
+    rows: usize,
+    seed: u64,
+    report: &mut Report,
+) {
+    let gemm = gemm_name(backend.gemm_impl()).to_string();
+    let cfg = backend.config();
+    let (classes, guidance) = rows_request(rows, cfg.num_classes, plan.cfg_scale);
+    let what = format!("{gemm} GEMM, {rows} rows");
+    let prepared = Sampler::new(
+        backend,
+        SamplerOptions::ddpm(plan.steps).with_guidance(guidance),
+    )
+    .and_then(|sampler| {
+        let splan = sampler.plan(&classes, NoiseSource::Seed(seed))?;
+        let specs = step_specs(&sampler, &splan)?;
+        Ok((splan, specs))
+    });
+    let (splan, specs) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            report.error("steps", &what, &e);
+            return;
+        }
+    };
+    let spec = |i: usize, mode: StepMode| StepSpec {
+        mode,
+        ..specs[i % specs.len()]
+    };
+    let launches = match count_launches(
+        backend,
+        &splan,
+        &spec(0, StepMode::Compute),
+        &spec(1, StepMode::Reuse),
+    ) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            report.error("steps", &format!("{what}: launch count"), &e);
+            None
+        }
+    };
+    let mut times = [None, None];
+    match backend.workspace(&splan) {
+        Ok(mut ws) => {
+            for (slot, (mode, kind)) in [
+                (StepMode::Compute, StepKind::Full),
+                (StepMode::Reuse, StepKind::Reuse),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                match timer.time(backend.gpu(), |i| backend.step(&mut ws, &spec(i, mode))) {
+                    Ok(st) => times[slot] = Some(st),
+                    Err(e) => report.error("steps", &format!("{what}: {} step", kind.name()), &e),
+                }
+            }
+        }
+        Err(e) => report.error("steps", &format!("{what}: workspace"), &e),
+    }
+    let [full, reuse] = times;
+    report.steps.push(StepRow {
+        gemm: gemm.clone(),
+        rows,
+        kind: StepKind::Full,
+        stats: full,
+        launches: launches.map(|c| c.0),
+    });
+    report.steps.push(StepRow {
+        gemm,
+        rows,
+        kind: StepKind::Reuse,
+        stats: reuse,
+        launches: launches.map(|c| c.1),
+    });
+}
+
+/// Sets an environment variable until dropped (then restores the old value).
+struct EnvGuard {
+    key: &'static str,
+    old: Option<OsString>,
+}
+
+impl EnvGuard {
+    fn set(key: &'static str, value: &str) -> EnvGuard {
+        let old = std::env::var_os(key);
+        std::env::set_var(key, value);
+        EnvGuard { key, old }
+    }
+}
+
+impl Drop for EnvGuard {
+    fn drop(&mut self) {
+        match &self.old {
+            Some(v) => std::env::set_var(self.key, v),
+            None => std::env::remove_var(self.key),
+        }
+    }
+}
+
+/// What one compute step and one reuse step enqueue: a workspace built without CUDA graphs
+/// (`FORA_CUDA_GRAPHS=0` while it is built; the bench is single-threaded) runs a step kernel by
+/// kernel; capturing that step in a graph (nothing executes) and counting the graph's nodes
+/// counts every kernel, cuBLASLt's included.
+fn count_launches(
+    backend: &CudaBackend,
+    plan: &SamplePlan,
+    compute: &StepSpec,
+    reuse: &StepSpec,
+) -> Result<(LaunchCount, LaunchCount)> {
+    let mut ws = {
+        let _graphs_off = EnvGuard::set("FORA_CUDA_GRAPHS", "0");
+        backend.workspace(plan)?
+    };
+    let gpu = backend.gpu();
+    let c = capture_count(gpu, || backend.step(&mut ws, compute))
+        .context("counting the launches of a compute step")?;
+    let r = capture_count(gpu, || backend.step(&mut ws, reuse))
+        .context("counting the launches of a reuse step")?;
+    Ok((c, r))
+}
+
+fn capture_count(gpu: &Gpu, enqueue: impl FnOnce() -> Result<()>) -> Result<LaunchCount> {
+    let stream = gpu.stream();
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .context("cannot start a stream capture")?;
+    let enqueued = enqueue();
+    // End the capture whatever happened, so the stream stays usable.
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    enqueued?;
+    let graph = graph
+        .context("cannot end the stream capture")?
+        .context("the captured step is empty")?;
+    let mut n = 0usize;
+    // SAFETY: the graph is alive (owned by `graph`) for both calls; the second call writes at
+    // most `n` nodes into a buffer of `n`.
+    unsafe { sys::cuGraphGetNodes(graph.cu_graph(), std::ptr::null_mut(), &mut n) }
+        .result()
+        .context("cuGraphGetNodes")?;
+    let mut nodes: Vec<sys::CUgraphNode> = vec![std::ptr::null_mut(); n];
+    unsafe { sys::cuGraphGetNodes(graph.cu_graph(), nodes.as_mut_ptr(), &mut n) }
+        .result()
+        .context("cuGraphGetNodes")?;
+    let mut count = LaunchCount::default();
+    for &node in &nodes[..n.min(nodes.len())] {
+        let mut ty = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+        // SAFETY: `node` belongs to the live graph.
+        unsafe { sys::cuGraphNodeGetType(node, &mut ty) }
+            .result()
+            .context("cuGraphNodeGetType")?;
+        match ty {
+            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => count.kernels += 1,
+            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY => count.memcpys += 1,
+            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMSET => count.memsets += 1,
+            _ => count.other += 1,
+        }
+    }
+    Ok(count)
+}
+
+fn bench_e2e(backend: &CudaBackend, plan: &BenchPlan, seed: u64, report: &mut Report) {
+    let gemm = gemm_name(backend.gemm_impl()).to_string();
+    let cfg = backend.config();
+    let (classes, guidance) = rows_request(2, cfg.num_classes, plan.cfg_scale);
+    let sampler = match Sampler::new(
+        backend,
+        SamplerOptions::ddpm(plan.steps).with_guidance(guidance),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            report.error("e2e", "sampler", &e);
+            return;
+        }
+    };
+    let run = |interval: usize| -> Result<crate::sampler::Samples> {
+        let mut policy = policy_for_interval(interval)?;
+        sampler.sample(&classes, NoiseSource::Seed(seed), policy.as_mut())
+    };
+    // One untimed run: first-use costs (module loading, cuBLASLt heuristics) stay out.
+    if let Err(e) = run(plan.intervals[0]) {
+        report.error("e2e", "warm-up run", &e);
+        return;
+    }
+    for &n in &plan.intervals {
+        let mut loops = Vec::with_capacity(plan.e2e_reps);
+        let mut setups = Vec::with_capacity(plan.e2e_reps);
+        let mut walls = Vec::with_capacity(plan.e2e_reps);
+        let mut last = None;
+        let mut failed = false;
+        for _ in 0..plan.e2e_reps {
+            match run(n) {
+                Ok(out) => {
+                    loops.push(out.stats.sampling.as_secs_f64() * 1e3);
+                    setups.push(out.stats.setup.as_secs_f64() * 1e3);
+                    walls.push(out.stats.wall.as_secs_f64() * 1e3);
+                    last = Some(out);
+                }
+                Err(e) => {
+                    report.error("e2e", &format!("N={n}"), &e);
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        let (Some(out), false) = (last, failed) else {
+            continue;
+        };
+        let median = |v: &[f64]| Stats::from_samples(v).map(|s| s.median_ms);
+        let (Ok(loop_ms), Ok(setup_ms), Ok(wall_ms)) =
+            (median(&loops), median(&setups), median(&walls))
+        else {
+            report.error(
+                "e2e",
+                &format!("N={n}"),
+                &anyhow::anyhow!("invalid wall times"),
+            );
+            continue;
+        };
+        report.e2e.push(E2eRow {
+            gemm: gemm.clone(),
+            interval: n,
+            steps: out.stats.steps,
+            rows: 2,
+            computed: out.stats.computed,
+            reused: out.stats.reused,
+            reps: loops.len(),
+            loop_ms,
+            setup_ms,
+            wall_ms,
+            finite: out.latents.iter().all(|v| v.is_finite()),
+        });
+    }
+}
