@@ -1,5 +1,5 @@
-//! GEMM benchmark at DiT-XL/2 shapes: the custom kernel (automatic tile pick and each tile
-//! variant) against cuBLASLt (fused bias/GELU where it has them) and cuBLASLt + the stand-alone
+//! GEMM benchmark at DiT-XL/2 shapes: the custom kernel (automatic tile and split-K pick, no
+//! split, and each tile variant) against cuBLASLt (fused bias/GELU where it has them) and cuBLASLt + the stand-alone
 //! epilogue kernel. CUDA events around each launch, 3 warm-up launches, median of 20.
 //!
 //! `cargo bench --bench gemm` (prints a Markdown table; SKIP without a CUDA device).
@@ -29,6 +29,7 @@ struct Shape {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Variant {
     CustomAuto,
+    CustomNoSplit,
     Custom(Tile),
     CublasLt,
     CublasLtUnfused,
@@ -134,7 +135,9 @@ fn run() -> Result<()> {
     let lt = Gemm::new(&gpu, GemmImpl::CublasLt, max_mn)?;
     let variants = [
         Variant::CustomAuto,
+        Variant::CustomNoSplit,
         Variant::Custom(Tile::M128),
+        Variant::Custom(Tile::M128K64),
         Variant::Custom(Tile::M64),
         Variant::Custom(Tile::M32),
         Variant::CublasLt,
@@ -186,6 +189,7 @@ fn run() -> Result<()> {
         for v in variants {
             let launch = || match v {
                 Variant::CustomAuto => custom.run(&gpu, &p),
+                Variant::CustomNoSplit => custom.run_custom_split(&gpu, &p, None, Some(1)),
                 Variant::Custom(t) => custom.run_custom(&gpu, &p, Some(t)),
                 Variant::CublasLt => lt.run(&gpu, &p),
                 Variant::CublasLtUnfused => lt.run_cublaslt_unfused(&gpu, &p),
@@ -201,9 +205,14 @@ fn run() -> Result<()> {
         for (v, us) in timings {
             let name = match v {
                 Variant::CustomAuto => {
-                    format!("custom auto ({:?})", Tile::pick(s.m, s.n, gpu.sm_count()))
+                    let (t, splits) = custom.plan(s.m, s.n, s.k);
+                    format!("custom auto ({t:?}, split-K {splits})")
                 }
-                Variant::Custom(t) => format!("custom {t:?}"),
+                Variant::CustomNoSplit => format!(
+                    "custom auto tile, no split ({:?})",
+                    Tile::pick(s.m, s.n, gpu.sm_count(), gpu.compute_capability().0)
+                ),
+                Variant::Custom(t) => format!("custom {t:?}, auto split"),
                 Variant::CublasLt => "cuBLASLt".to_string(),
                 Variant::CublasLtUnfused => "cuBLASLt + epilogue kernel".to_string(),
             };

@@ -257,15 +257,16 @@ FORA_DEVICE void gemm_tile(const GemmParams& p) {
 }  // namespace
 
 // Tile variants (the launcher picks by how many CTAs each gives for M x N), dynamic smem =
-// STAGES * (BM + BN) * BK * 2 bytes: 144 KiB (fits sm_80's 163 KiB opt-in), 64, 48 and 40 KiB.
-// Large M: 64 x 64 warp tiles (32 mma per 8 ldmatrix.x4) and 64-deep k-steps; BN = 128 divides
-// every DiT width (1152, 3456, 4608, the adaLN table).
-extern "C" __global__ void __launch_bounds__(256, 1) gemm_bf16_256x128(const GemmParams p) {
-    gemm_tile<256, 128, 64, 4, 2, 3>(p);
-}
-
+// STAGES * (BM + BN) * BK * 2 bytes: 64, 96, 48 and 40 KiB. (A 256x128x64 variant with 64x64 warp
+// tiles, one CTA of 8 warps per SM, measured 0.6x of these on an H200 and was dropped.)
 extern "C" __global__ void __launch_bounds__(256, 2) gemm_bf16_128x128(const GemmParams p) {
     gemm_tile<128, 128, 32, 2, 4, 4>(p);
+}
+
+// Same warp layout with 64-deep k-steps (half the barriers per FLOP), 3 stages = 96 KiB: two
+// CTAs per SM on Hopper (228 KiB), one on sm_80 (164 KiB).
+extern "C" __global__ void __launch_bounds__(256, 2) gemm_bf16_128x128_k64(const GemmParams p) {
+    gemm_tile<128, 128, 64, 2, 4, 3>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 4) gemm_bf16_64x128(const GemmParams p) {

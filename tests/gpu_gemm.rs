@@ -1,7 +1,7 @@
 //! The GEMM (kernels/gemm.cu and the cuBLASLt path) against a plain CPU twin on the same
-//! bf16-rounded inputs, every epilogue, every implementation (custom with each tile variant and
-//! with the automatic pick; cuBLASLt fused; cuBLASLt + stand-alone epilogue kernel), and the
-//! implementations against each other.
+//! bf16-rounded inputs, every epilogue, every implementation (custom with each tile variant,
+//! with forced split-K, and with the automatic pick; cuBLASLt fused; cuBLASLt + stand-alone
+//! epilogue kernel), and the implementations against each other.
 //!
 //! Every output buffer has padding columns (ldo > N in most cases) and two guard rows after row
 //! M, poisoned with NaN (or, for the residual, holding its random initial values): the region
@@ -281,16 +281,25 @@ fn region_and_guard(
 /// One way of running the GEMM.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Variant {
+    /// One tile variant, split-K picked by shape.
     Custom(Tile),
+    /// One tile variant with this many split-K slices.
+    CustomSplit(Tile, u32),
     CustomAuto,
     CublasLt,
     CublasLtUnfused,
 }
 
-const VARIANTS: [Variant; 6] = [
+const VARIANTS: [Variant; 11] = [
     Variant::Custom(Tile::M128),
+    Variant::Custom(Tile::M128K64),
+    Variant::CustomSplit(Tile::M128K64, 2),
     Variant::Custom(Tile::M64),
     Variant::Custom(Tile::M32),
+    // Forced split-K, including slices left without k-tiles when K is short.
+    Variant::CustomSplit(Tile::M32, 3),
+    Variant::CustomSplit(Tile::M64, 2),
+    Variant::CustomSplit(Tile::M128, 3),
     Variant::CustomAuto,
     Variant::CublasLt,
     Variant::CublasLtUnfused,
@@ -312,6 +321,7 @@ impl Engines {
     fn run(&self, gpu: &Gpu, v: Variant, p: &GemmParams) -> Result<()> {
         match v {
             Variant::Custom(t) => self.custom.run_custom(gpu, p, Some(t)),
+            Variant::CustomSplit(t, s) => self.custom.run_custom_split(gpu, p, Some(t), Some(s)),
             Variant::CustomAuto => self.custom.run(gpu, p),
             Variant::CublasLt => self.lt.run(gpu, p),
             Variant::CublasLtUnfused => self.lt.run_cublaslt_unfused(gpu, p),
