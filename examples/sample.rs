@@ -26,9 +26,15 @@ fn main() -> Result<()> {
             .with_context(|| format!("steps {s:?} is not a number"))?,
         None => 50,
     };
-    let checkpoint = args
-        .next()
-        .unwrap_or_else(|| "target/dit-s2-random.safetensors".into());
+    // Beside the build outputs when run from the repository, else in the temp directory.
+    let checkpoint = args.next().unwrap_or_else(|| {
+        let dir = if std::path::Path::new("target").is_dir() {
+            std::path::PathBuf::from("target")
+        } else {
+            std::env::temp_dir()
+        };
+        dir.join("dit-s2-random.safetensors").display().to_string()
+    });
 
     // A model: here random weights; `DitWeights::load(path, arch)` reads a real checkpoint.
     let config = DitConfig::official("DiT-S/2", 32)?;
