@@ -58,7 +58,7 @@ impl StaticInterval {
 
 impl CachePolicy for StaticInterval {
     fn mode(&mut self, ctx: &StepContext) -> StepMode {
-        if ctx.i + 1 == ctx.steps || ctx.i % self.interval == 0 {
+        if ctx.i + 1 == ctx.steps || ctx.i.is_multiple_of(self.interval) {
             StepMode::Compute
         } else {
             StepMode::Reuse

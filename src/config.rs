@@ -99,7 +99,7 @@ impl Arch {
             "architecture {name:?}: every field must be positive"
         );
         ensure!(
-            arch.hidden % arch.heads == 0,
+            arch.hidden.is_multiple_of(arch.heads),
             "architecture {name:?}: hidden {} is not divisible by heads {}",
             arch.hidden,
             arch.heads
@@ -156,7 +156,7 @@ impl DitConfig {
             "config: depth, hidden and heads must be positive"
         );
         ensure!(
-            self.hidden % self.heads == 0,
+            self.hidden.is_multiple_of(self.heads),
             "config: hidden {} not divisible by heads {}",
             self.hidden,
             self.heads
@@ -166,7 +166,7 @@ impl DitConfig {
             "config: patch and in_channels must be positive"
         );
         ensure!(self.num_classes > 0, "config: num_classes must be positive");
-        if self.input_size == 0 || self.input_size % self.patch != 0 {
+        if self.input_size == 0 || !self.input_size.is_multiple_of(self.patch) {
             bail!(
                 "config: input size {} is not a positive multiple of the patch {}",
                 self.input_size,

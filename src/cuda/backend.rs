@@ -342,7 +342,7 @@ impl Backend for CudaBackend {
         let images = match guidance {
             Some(_) => {
                 ensure!(
-                    n % 2 == 0,
+                    n.is_multiple_of(2),
                     "forward_with_cfg needs an even number of rows, got {n}"
                 );
                 n / 2
@@ -361,7 +361,7 @@ impl Backend for CudaBackend {
             .memcpy_htod(&y32, &mut acts.labels)
             .context("cannot copy y to the device")?;
         self.model
-            .forward(gpu, &gemm, &mut acts, StepMode::Compute, &latents, images)?;
+            .forward(gpu, &gemm, &acts, StepMode::Compute, &latents, images)?;
         let out = gpu.alloc_zeros::<f32>(n * cfg.out_len(), "the forward output")?;
         let guided = guided_channels(guidance, cfg.in_channels, cfg.out_channels());
         let scale = guidance.map_or(1.0, |g| g.scale);

@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    modules: Vec<(&'static str, Arc<CudaModule>)>,
+    /// (module name, loaded module, the kernels it defines).
+    modules: Vec<(&'static str, Arc<CudaModule>, &'static [&'static str])>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     cc: (i32, i32),
     sm_count: usize,
@@ -100,7 +101,7 @@ impl Gpu {
             .context("cannot query the multiprocessor count")? as usize;
         let name = ctx.name().unwrap_or_else(|_| "unknown CUDA device".into());
         let mut modules = Vec::with_capacity(kernels::MODULES.len());
-        for (module, bytes) in kernels::MODULES {
+        for (module, bytes, names) in kernels::MODULES {
             let loaded = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_binary(bytes.to_vec()))
                 .with_context(|| {
@@ -111,7 +112,7 @@ impl Gpu {
                         kernels::ARCHS
                     )
                 })?;
-            modules.push((*module, loaded));
+            modules.push((*module, loaded, *names));
         }
         Ok(Gpu {
             ctx,
@@ -143,14 +144,17 @@ impl Gpu {
         if let Some(f) = cache.get(name) {
             return Ok(f.clone());
         }
-        for (_, module) in &self.modules {
-            if let Ok(f) = module.load_function(name) {
-                cache.insert(name.to_string(), f.clone());
-                return Ok(f);
-            }
-        }
-        let names: Vec<&str> = self.modules.iter().map(|m| m.0).collect();
-        bail!("kernel {name:?} is in none of the embedded modules {names:?}")
+        // Only the module that defines the kernel is asked (see kernels::MODULES).
+        let Some((module_name, module, _)) = self.modules.iter().find(|m| m.2.contains(&name))
+        else {
+            let names: Vec<&str> = self.modules.iter().map(|m| m.0).collect();
+            bail!("kernel {name:?} is in none of the embedded modules {names:?}")
+        };
+        let f = module
+            .load_function(name)
+            .with_context(|| format!("cannot load kernel {name:?} from module {module_name:?}"))?;
+        cache.insert(name.to_string(), f.clone());
+        Ok(f)
     }
 
     pub fn compute_capability(&self) -> (i32, i32) {

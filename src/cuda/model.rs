@@ -224,6 +224,8 @@ pub fn max_gemm_mn(cfg: &DitConfig, rows: usize) -> usize {
     .unwrap_or(0)
 }
 
+/// A plain GEMM's params: dense row-major operands, no cache or gate.
+#[allow(clippy::too_many_arguments)] // the eight numbers of one GEMM, named at every call
 fn gemm_params(
     a: u64,
     w: u64,
