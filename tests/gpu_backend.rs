@@ -333,3 +333,47 @@ fn gpu_reuse_first_step_is_an_error() {
     let err = cuda.step(&mut ws, &spec).unwrap_err();
     assert!(format!("{err:#}").contains("first step"), "{err:#}");
 }
+
+/// A batch that cannot fit is a clear error before anything is allocated, not a crash.
+#[test]
+fn gpu_too_large_batch_is_a_clear_error() {
+    let cfg = small_cfg();
+    let Some(gpu) = test_gpu("gpu_too_large_batch_is_a_clear_error") else {
+        return;
+    };
+    let cuda = CudaBackend::new(gpu, &cfg, &DitWeights::random(&cfg, 8)).unwrap();
+    let sampler = Sampler::new(&cuda, SamplerOptions::ddpm(10)).unwrap();
+    // 2^21 images x 64 tokens x 28 cached slabs... far beyond any card's memory.
+    let classes = vec![1usize; 1 << 21];
+    let err = match sampler.sample(&classes, NoiseSource::Seed(1), &mut NoCache) {
+        Ok(_) => panic!("a 2M-image batch cannot fit"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("out of device memory"), "{err}");
+    // The device is still usable afterwards.
+    let ok = sampler
+        .sample(&[1], NoiseSource::Seed(1), &mut NoCache)
+        .unwrap();
+    assert!(ok.latents.iter().all(|v| v.is_finite()));
+}
+
+/// An engine that owns its context and stream hands them in; results match Gpu::new's.
+#[test]
+fn gpu_caller_stream() {
+    let cfg = small_cfg();
+    let Some(gpu) = test_gpu("gpu_caller_stream") else {
+        return;
+    };
+    let w = DitWeights::random(&cfg, 21);
+    let ctx = cudarc::driver::CudaContext::new(0).unwrap();
+    let stream = ctx.new_stream().unwrap();
+    let theirs = CudaBackend::new(fora::cuda::Gpu::with_stream(stream).unwrap(), &cfg, &w).unwrap();
+    let ours = CudaBackend::new(gpu, &cfg, &w).unwrap();
+    let (x, t, y) = inputs(&cfg, 3, 2);
+    let a = ours.forward(&x, &t, &y, None).unwrap();
+    let b = theirs.forward(&x, &t, &y, None).unwrap();
+    assert_eq!(
+        a, b,
+        "the same forward on the caller's stream must give the same numbers"
+    );
+}
