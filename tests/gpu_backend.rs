@@ -377,3 +377,69 @@ fn gpu_caller_stream() {
         "the same forward on the caller's stream must give the same numbers"
     );
 }
+
+/// Graphs on/off, modulation tables precomputed or per step, custom or cuBLASLt GEMMs: the same
+/// sampling run, each against the CPU and against each other.
+#[test]
+fn gpu_execution_paths_agree() {
+    use fora::cuda::gemm::GemmImpl;
+    use fora::cuda::CudaOptions;
+    let cfg = small_cfg();
+    let Some((cpu, mut cuda)) = backends("gpu_execution_paths_agree", &cfg, 17) else {
+        return;
+    };
+    let options = SamplerOptions::ddpm(20).with_guidance(Some(Guidance {
+        scale: 3.0,
+        mode: GuidanceMode::Official3,
+    }));
+    let classes = [4, 8];
+    let want = Sampler::new(&cpu, options.clone())
+        .unwrap()
+        .sample(
+            &classes,
+            NoiseSource::Seed(3),
+            &mut StaticInterval::new(3).unwrap(),
+        )
+        .unwrap();
+    let mut first: Option<Vec<f32>> = None;
+    for (gemm, graphs, precompute) in [
+        (GemmImpl::Custom, true, true),
+        (GemmImpl::Custom, false, false),
+        (GemmImpl::Custom, true, false),
+        (GemmImpl::Custom, false, true),
+        (GemmImpl::CublasLt, true, true),
+    ] {
+        let base = cuda.options();
+        cuda.set_options(CudaOptions {
+            gemm,
+            graphs,
+            precompute_modulation: precompute,
+            ..base
+        });
+        let sampler = Sampler::new(&cuda, options.clone()).unwrap();
+        let plan = sampler.plan(&classes, NoiseSource::Seed(3)).unwrap();
+        let ws = cuda.workspace(&plan).unwrap();
+        assert_eq!(ws.uses_graphs(), graphs);
+        assert_eq!(
+            ws.modulation_precomputed(),
+            precompute,
+            "a small table must be precomputed when asked"
+        );
+        drop(ws);
+        let got = sampler
+            .sample(
+                &classes,
+                NoiseSource::Seed(3),
+                &mut StaticInterval::new(3).unwrap(),
+            )
+            .unwrap();
+        let what = format!("{gemm:?} graphs={graphs} precomputed={precompute}");
+        check_close(&format!("{what} vs CPU"), &got.latents, &want.latents, 5e-2).unwrap();
+        match &first {
+            None => first = Some(got.latents),
+            Some(f) => {
+                check_close(&format!("{what} vs the first path"), &got.latents, f, 1e-2).unwrap();
+            }
+        }
+    }
+}

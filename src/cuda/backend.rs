@@ -8,7 +8,7 @@
 
 use super::device::dptr_at;
 use super::gemm::{Gemm, GemmImpl};
-use super::model::{max_gemm_mn, Activations, GpuModel};
+use super::model::{ada_cols, max_gemm_mn, Activations, CondBuffers, GpuModel};
 use super::params::{NormalFillParams, SamplerStepParams, UnpatchifyParams};
 use super::sampler::guided_channels;
 use super::{dptr, Gpu};
@@ -22,7 +22,49 @@ use cudarc::driver::{sys, CudaGraph, CudaSlice};
 pub struct CudaBackend {
     gpu: Gpu,
     model: GpuModel,
-    gemm_impl: GemmImpl,
+    options: CudaOptions,
+}
+
+/// How the CUDA backend runs a sampling loop. Every choice computes the same numbers; they
+/// trade memory and launch overhead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaOptions {
+    /// Custom fused GEMMs or the cuBLASLt reference path (`FORA_GEMM=custom|cublaslt`).
+    pub gemm: GemmImpl,
+    /// Replay the computing and the reuse forward as CUDA graphs (`FORA_CUDA_GRAPHS=0`: off).
+    pub graphs: bool,
+    /// Compute the modulation tables of every step when the workspace is built (one batched
+    /// GEMM instead of reading all adaLN weights every step), when they fit in
+    /// [`CudaOptions::max_modulation_table_bytes`] (`FORA_PRECOMPUTE_MODULATION=0`: off).
+    pub precompute_modulation: bool,
+    /// Upper bound for the precomputed tables; a quarter of the free memory bounds it too.
+    pub max_modulation_table_bytes: usize,
+}
+
+impl CudaOptions {
+    /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS` and `FORA_PRECOMPUTE_MODULATION`.
+    pub fn from_env() -> Result<CudaOptions> {
+        let on = |var: &str| std::env::var(var).map_or(true, |v| v.trim() != "0");
+        Ok(CudaOptions {
+            gemm: GemmImpl::from_env()?,
+            graphs: graphs_enabled(),
+            precompute_modulation: on("FORA_PRECOMPUTE_MODULATION"),
+            max_modulation_table_bytes: 8 << 30,
+        })
+    }
+}
+
+/// Whether steps replay CUDA graphs by default (`FORA_CUDA_GRAPHS=0` turns them off).
+pub fn graphs_enabled() -> bool {
+    std::env::var("FORA_CUDA_GRAPHS").map_or(true, |v| v.trim() != "0")
+}
+
+/// Rows of conditioning computed per batched GEMM when precomputing modulation tables.
+const MODULATION_CHUNK_ROWS: usize = 4096;
+
+/// Steps whose modulation tables one batched GEMM computes.
+fn modulation_chunk_steps(rows: usize, steps: usize) -> usize {
+    (MODULATION_CHUNK_ROWS / rows.max(1)).clamp(1, steps.max(1))
 }
 
 /// Device state of one sampling run.
@@ -41,15 +83,13 @@ pub struct CudaWorkspace {
     /// `acts.t` on the device.
     t_table: CudaSlice<f32>,
     timesteps: Vec<i64>,
+    /// Every step's modulation table, f32 [S, rows, ada_cols], when precomputed: a step copies
+    /// its table into `acts.modulation` and the forward skips the conditioning path.
+    mod_table: Option<CudaSlice<f32>>,
     /// Captured forwards, `[compute, reuse]` (None: graphs disabled).
     graphs: Option<[CudaGraph; 2]>,
     /// True once a computing step has filled the FORA cache.
     cache_valid: bool,
-}
-
-/// Whether steps replay CUDA graphs (`FORA_CUDA_GRAPHS=0` turns them off).
-pub fn graphs_enabled() -> bool {
-    std::env::var("FORA_CUDA_GRAPHS").map_or(true, |v| v.trim() != "0")
 }
 
 impl CudaWorkspace {
@@ -57,28 +97,61 @@ impl CudaWorkspace {
     pub fn rows(&self) -> usize {
         self.acts.rows
     }
+
+    /// Whether every step's modulation table was computed up front.
+    pub fn modulation_precomputed(&self) -> bool {
+        self.mod_table.is_some()
+    }
+
+    /// Whether steps replay CUDA graphs.
+    pub fn uses_graphs(&self) -> bool {
+        self.graphs.is_some()
+    }
 }
 
 impl CudaBackend {
-    /// Uploads `weights` to `gpu`. The GEMM implementation comes from `FORA_GEMM`
-    /// (custom by default, `cublaslt` for the reference path).
+    /// Uploads `weights` to `gpu`, with [`CudaOptions::from_env`].
     pub fn new(gpu: Gpu, cfg: &DitConfig, weights: &DitWeights) -> Result<CudaBackend> {
-        let gemm_impl = GemmImpl::from_env()?;
-        CudaBackend::with_gemm(gpu, cfg, weights, gemm_impl)
+        CudaBackend::with_options(gpu, cfg, weights, CudaOptions::from_env()?)
     }
 
-    pub fn with_gemm(
+    /// Uploads `weights` to `gpu` with explicit options.
+    pub fn with_options(
         gpu: Gpu,
         cfg: &DitConfig,
         weights: &DitWeights,
-        gemm_impl: GemmImpl,
+        options: CudaOptions,
     ) -> Result<CudaBackend> {
         let model = GpuModel::upload(&gpu, cfg, weights)?;
         Ok(CudaBackend {
             gpu,
             model,
-            gemm_impl,
+            options,
         })
+    }
+
+    /// [`CudaBackend::new`] with the GEMM implementation chosen by the caller.
+    pub fn with_gemm(
+        gpu: Gpu,
+        cfg: &DitConfig,
+        weights: &DitWeights,
+        gemm: GemmImpl,
+    ) -> Result<CudaBackend> {
+        let options = CudaOptions {
+            gemm,
+            ..CudaOptions::from_env()?
+        };
+        CudaBackend::with_options(gpu, cfg, weights, options)
+    }
+
+    /// The options later workspaces are built with.
+    pub fn options(&self) -> CudaOptions {
+        self.options
+    }
+
+    /// Changes the options of later workspaces (the weights stay).
+    pub fn set_options(&mut self, options: CudaOptions) {
+        self.options = options;
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -86,7 +159,53 @@ impl CudaBackend {
     }
 
     pub fn gemm_impl(&self) -> GemmImpl {
-        self.gemm_impl
+        self.options.gemm
+    }
+
+    /// Every step's modulation table, computed in chunks of batched GEMMs, or None when the
+    /// tables would not fit the options' bound.
+    fn precompute_modulation(
+        &self,
+        gemm: &Gemm,
+        plan: &SamplePlan,
+        rows: usize,
+        labels: &[i32],
+        t_table: &CudaSlice<f32>,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        let cfg = self.model.config();
+        let gpu = &self.gpu;
+        let cols = ada_cols(cfg);
+        let bytes = plan.steps * rows * cols * 4;
+        let free = gpu.mem_info()?.0;
+        if !self.options.precompute_modulation
+            || bytes > self.options.max_modulation_table_bytes
+            || bytes > free / 4
+        {
+            return Ok(None);
+        }
+        let chunk_steps = modulation_chunk_steps(rows, plan.steps);
+        let chunk_rows = chunk_steps * rows;
+        let table = gpu.alloc_zeros::<f32>(plan.steps * rows * cols, "the modulation tables")?;
+        let cond = CondBuffers::new(gpu, cfg, chunk_rows)?;
+        let chunk_labels: Vec<i32> = (0..chunk_steps)
+            .flat_map(|_| labels.iter().copied())
+            .collect();
+        let chunk_labels = gpu.upload(&chunk_labels, "the labels of a step chunk")?;
+        for k0 in (0..plan.steps).step_by(chunk_steps) {
+            let n = (plan.steps - k0).min(chunk_steps) * rows;
+            self.model.modulation(
+                gpu,
+                gemm,
+                &cond,
+                n,
+                dptr_at(t_table, k0 * rows),
+                dptr(&chunk_labels),
+                dptr_at(&table, k0 * rows * cols),
+            )?;
+        }
+        // The chunk buffers are freed when this returns; wait so that they are not in use.
+        gpu.synchronize()?;
+        Ok(Some(table))
     }
 
     /// Records one forward of the workspace's buffers as a CUDA graph (nothing runs).
@@ -97,14 +216,21 @@ impl CudaBackend {
         mode: StepMode,
         latents: &CudaSlice<f32>,
         images: usize,
+        with_modulation: bool,
     ) -> Result<CudaGraph> {
         let stream = self.gpu.stream();
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .context("cannot start capturing a CUDA graph")?;
-        let recorded = self
-            .model
-            .forward(&self.gpu, gemm, acts, mode, latents, images);
+        let recorded = self.model.forward(
+            &self.gpu,
+            gemm,
+            acts,
+            mode,
+            latents,
+            images,
+            with_modulation,
+        );
         // End the capture whatever happened, so that the stream stays usable.
         let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
         recorded.with_context(|| format!("while capturing the {mode:?} forward"))?;
@@ -203,7 +329,12 @@ impl Backend for CudaBackend {
         let rows = plan.model_rows();
         let img = b * cfg.image_len();
         let acts = Activations::new(gpu, cfg, rows, true)?;
-        let gemm = Gemm::new(gpu, self.gemm_impl, max_gemm_mn(cfg, rows))?;
+        let chunk_rows = modulation_chunk_steps(rows, plan.steps) * rows;
+        let gemm = Gemm::new(
+            gpu,
+            self.options.gemm,
+            max_gemm_mn(cfg, rows).max(chunk_rows * ada_cols(cfg)),
+        )?;
         let mut latents = gpu.alloc_zeros::<f32>(img, "the latents")?;
         let (noise, seed) = match &plan.noise {
             NoiseSource::Seed(seed) => {
@@ -257,10 +388,11 @@ impl Backend for CudaBackend {
             .flat_map(|&t| std::iter::repeat_n(t as f32, rows))
             .collect();
         let t_table = gpu.upload(&t_rows, "the timestep table")?;
-        let graphs = if graphs_enabled() {
-            let compute = self.capture(&gemm, &acts, StepMode::Compute, &latents, b)?;
-            let reuse = self.capture(&gemm, &acts, StepMode::Reuse, &latents, b)?;
-            Some([compute, reuse])
+        let mod_table = self.precompute_modulation(&gemm, plan, rows, &labels, &t_table)?;
+        let with_modulation = mod_table.is_none();
+        let graphs = if self.options.graphs {
+            let capture = |mode| self.capture(&gemm, &acts, mode, &latents, b, with_modulation);
+            Some([capture(StepMode::Compute)?, capture(StepMode::Reuse)?])
         } else {
             None
         };
@@ -276,6 +408,7 @@ impl Backend for CudaBackend {
             guidance: plan.guidance,
             t_table,
             timesteps: plan.timesteps.clone(),
+            mod_table,
             graphs,
             cache_valid: false,
         })
@@ -301,6 +434,13 @@ impl Backend for CudaBackend {
         stream
             .memcpy_dtod(&src, &mut ws.acts.t)
             .context("cannot select the step's timesteps")?;
+        if let Some(table) = &ws.mod_table {
+            let len = ws.acts.modulation.len();
+            let src = table.slice(step.k * len..(step.k + 1) * len);
+            stream
+                .memcpy_dtod(&src, &mut ws.acts.modulation)
+                .context("cannot select the step's modulation table")?;
+        }
         match &ws.graphs {
             Some(graphs) => {
                 let graph = &graphs[(step.mode == StepMode::Reuse) as usize];
@@ -315,6 +455,7 @@ impl Backend for CudaBackend {
                 step.mode,
                 &ws.latents,
                 ws.images,
+                ws.mod_table.is_none(),
             )?,
         }
         if step.mode == StepMode::Compute {
@@ -350,7 +491,7 @@ impl Backend for CudaBackend {
             None => n,
         };
         let mut acts = Activations::new(gpu, cfg, n, false)?;
-        let gemm = Gemm::new(gpu, self.gemm_impl, max_gemm_mn(cfg, n))?;
+        let gemm = Gemm::new(gpu, self.options.gemm, max_gemm_mn(cfg, n))?;
         let latents = gpu.upload(&x[..images * cfg.image_len()], "the forward input x")?;
         let t32: Vec<f32> = t.iter().map(|&v| v as f32).collect();
         let y32: Vec<i32> = y.iter().map(|&v| v as i32).collect();
@@ -361,7 +502,7 @@ impl Backend for CudaBackend {
             .memcpy_htod(&y32, &mut acts.labels)
             .context("cannot copy y to the device")?;
         self.model
-            .forward(gpu, &gemm, &acts, StepMode::Compute, &latents, images)?;
+            .forward(gpu, &gemm, &acts, StepMode::Compute, &latents, images, true)?;
         let out = gpu.alloc_zeros::<f32>(n * cfg.out_len(), "the forward output")?;
         let guided = guided_channels(guidance, cfg.in_channels, cfg.out_channels());
         let scale = guidance.map_or(1.0, |g| g.scale);

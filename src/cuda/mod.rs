@@ -16,5 +16,5 @@ pub mod params;
 pub mod sampler;
 pub mod testing;
 
-pub use backend::{CudaBackend, CudaWorkspace};
+pub use backend::{CudaBackend, CudaOptions, CudaWorkspace};
 pub use device::{dptr, Gpu};

@@ -133,6 +133,37 @@ pub fn weight_bytes(cfg: &DitConfig) -> usize {
     2 * gemm_w + 4 * f32s
 }
 
+/// Buffers of the conditioning path (timestep features -> t-MLP -> + label embedding -> SiLU)
+/// for up to `rows` rows.
+pub struct CondBuffers {
+    pub rows: usize,
+    t_freq: CudaSlice<bf16>,
+    t_hidden_f32: CudaSlice<f32>,
+    t_hidden: CudaSlice<bf16>,
+    t_emb: CudaSlice<f32>,
+    silu_c: CudaSlice<bf16>,
+}
+
+/// Device bytes of [`CondBuffers`] for `rows` rows.
+pub fn cond_bytes(cfg: &DitConfig, rows: usize) -> usize {
+    rows * (FREQ_DIM * 2 + cfg.hidden * (4 + 2 + 4 + 2))
+}
+
+impl CondBuffers {
+    pub fn new(gpu: &Gpu, cfg: &DitConfig, rows: usize) -> Result<CondBuffers> {
+        ensure!(rows > 0, "conditioning needs at least one row");
+        let d = cfg.hidden;
+        Ok(CondBuffers {
+            rows,
+            t_freq: gpu.alloc_zeros(rows * FREQ_DIM, "timestep features")?,
+            t_hidden_f32: gpu.alloc_zeros(rows * d, "t-MLP hidden (f32)")?,
+            t_hidden: gpu.alloc_zeros(rows * d, "t-MLP hidden")?,
+            t_emb: gpu.alloc_zeros(rows * d, "timestep embedding")?,
+            silu_c: gpu.alloc_zeros(rows * d, "SiLU(c)")?,
+        })
+    }
+}
+
 /// Activations of one forward of `rows` model rows, and the FORA cache of those rows.
 pub struct Activations {
     pub rows: usize,
@@ -140,11 +171,7 @@ pub struct Activations {
     pub t: CudaSlice<f32>,
     /// Label of each row, i32 [rows].
     pub labels: CudaSlice<i32>,
-    t_freq: CudaSlice<bf16>,
-    t_hidden_f32: CudaSlice<f32>,
-    t_hidden: CudaSlice<bf16>,
-    t_emb: CudaSlice<f32>,
-    silu_c: CudaSlice<bf16>,
+    cond: CondBuffers,
     /// f32 [rows, ada_cols]: every block's six chunks, then the final shift and scale.
     pub modulation: CudaSlice<f32>,
     /// The residual stream, f32 [rows*T, D].
@@ -163,7 +190,7 @@ pub struct Activations {
 pub fn activation_bytes(cfg: &DitConfig, rows: usize, with_cache: bool) -> usize {
     let (d, t) = (cfg.hidden, cfg.tokens());
     let rt = rows * t;
-    let small = rows * (2 + FREQ_DIM * 2 + d * (4 + 2 + 4 + 2) + ada_cols(cfg) * 4);
+    let small = rows * (2 * 4 + ada_cols(cfg) * 4) + cond_bytes(cfg, rows);
     let big = rt * d * 4
         + rt * d * 2
         + rt * 3 * d * 2
@@ -189,11 +216,7 @@ impl Activations {
             rows,
             t: gpu.alloc_zeros(rows, "timesteps")?,
             labels: gpu.alloc_zeros(rows, "labels")?,
-            t_freq: gpu.alloc_zeros(rows * FREQ_DIM, "timestep features")?,
-            t_hidden_f32: gpu.alloc_zeros(rows * d, "t-MLP hidden (f32)")?,
-            t_hidden: gpu.alloc_zeros(rows * d, "t-MLP hidden")?,
-            t_emb: gpu.alloc_zeros(rows * d, "timestep embedding")?,
-            silu_c: gpu.alloc_zeros(rows * d, "SiLU(c)")?,
+            cond: CondBuffers::new(gpu, cfg, rows)?,
             modulation: gpu.alloc_zeros(rows * ada_cols(cfg), "the modulation table")?,
             x: gpu.alloc_zeros(rt * d, "the residual stream")?,
             xn: gpu.alloc_zeros(rt * d, "normalized activations")?,
@@ -257,9 +280,113 @@ fn gemm_params(
 }
 
 impl GpuModel {
+    /// The modulation table of `rows` rows: every block's six adaLN chunks and the final
+    /// layer's shift and scale, f32 [rows, ada_cols] at `out`, from the rows' original
+    /// timesteps (f32 [rows] at `t`) and labels (i32 [rows] at `labels`).
+    #[allow(clippy::too_many_arguments)] // device addresses of the inputs and the output
+    pub fn modulation(
+        &self,
+        gpu: &Gpu,
+        gemm: &Gemm,
+        cond: &CondBuffers,
+        rows: usize,
+        t: u64,
+        labels: u64,
+        out: u64,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (d, cols) = (cfg.hidden, ada_cols(cfg));
+        ensure!(
+            rows > 0 && rows <= cond.rows,
+            "conditioning of {rows} rows with buffers for {}",
+            cond.rows
+        );
+        // Conditioning: c = t_mlp(timestep features) + label embedding; SiLU(c) feeds every adaLN.
+        super::conditioning::timestep_embedding(
+            gpu,
+            &TimestepEmbedParams {
+                t,
+                out: dptr(&cond.t_freq),
+                rows: rows as i32,
+                half: (FREQ_DIM / 2) as i32,
+                ldo: FREQ_DIM as i32,
+            },
+        )?;
+        gemm.run(
+            gpu,
+            &gemm_params(
+                dptr(&cond.t_freq),
+                dptr(&self.t_mlp0_w),
+                dptr(&self.t_mlp0_b),
+                dptr(&cond.t_hidden_f32),
+                rows,
+                d,
+                FREQ_DIM,
+                Epilogue::BiasF32,
+            ),
+        )?;
+        super::conditioning::silu_f32_bf16(
+            gpu,
+            &SiluParams {
+                input: dptr(&cond.t_hidden_f32),
+                out: dptr(&cond.t_hidden),
+                rows: rows as i32,
+                cols: d as i32,
+                ld_in: d as i32,
+                ldo: d as i32,
+            },
+        )?;
+        gemm.run(
+            gpu,
+            &gemm_params(
+                dptr(&cond.t_hidden),
+                dptr(&self.t_mlp2_w),
+                dptr(&self.t_mlp2_b),
+                dptr(&cond.t_emb),
+                rows,
+                d,
+                d,
+                Epilogue::BiasF32,
+            ),
+        )?;
+        super::conditioning::label_silu(
+            gpu,
+            &LabelSiluParams {
+                t_emb: dptr(&cond.t_emb),
+                labels,
+                table: dptr(&self.y_table),
+                out: dptr(&cond.silu_c),
+                rows: rows as i32,
+                dim: d as i32,
+                ld_t: d as i32,
+                ldo: d as i32,
+                num_labels: (cfg.num_classes + 1) as i32,
+            },
+        )?;
+        // Every block's modulations and the final layer's in one GEMM.
+        gemm.run(
+            gpu,
+            &gemm_params(
+                dptr(&cond.silu_c),
+                dptr(&self.ada_w),
+                dptr(&self.ada_b),
+                out,
+                rows,
+                cols,
+                d,
+                Epilogue::BiasF32,
+            ),
+        )?;
+
+        Ok(())
+    }
+
     /// One forward of `acts.rows` rows on the device's stream, up to the final Linear (its
     /// output in `acts.final_out`). `latents` holds `images` images [images, C, H, W]; model row
-    /// r reads image r % images. `acts.t` and `acts.labels` must already hold the rows' values.
+    /// r reads image r % images. With `with_modulation` the forward first computes the
+    /// modulation table from `acts.t` and `acts.labels`; without, `acts.modulation` must already
+    /// hold this step's table (a sampler that precomputed every step's tables copies it in).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         gpu: &Gpu,
@@ -268,6 +395,7 @@ impl GpuModel {
         mode: StepMode,
         latents: &CudaSlice<f32>,
         images: usize,
+        with_modulation: bool,
     ) -> Result<()> {
         let cfg = &self.cfg;
         let (rows, d, t) = (acts.rows, cfg.hidden, cfg.tokens());
@@ -285,82 +413,17 @@ impl GpuModel {
             "a reuse step needs activations allocated with a FORA cache"
         );
 
-        // Conditioning: c = t_mlp(timestep features) + label embedding; SiLU(c) feeds every adaLN.
-        super::conditioning::timestep_embedding(
-            gpu,
-            &TimestepEmbedParams {
-                t: dptr(&acts.t),
-                out: dptr(&acts.t_freq),
-                rows: rows as i32,
-                half: (FREQ_DIM / 2) as i32,
-                ldo: FREQ_DIM as i32,
-            },
-        )?;
-        gemm.run(
-            gpu,
-            &gemm_params(
-                dptr(&acts.t_freq),
-                dptr(&self.t_mlp0_w),
-                dptr(&self.t_mlp0_b),
-                dptr(&acts.t_hidden_f32),
+        if with_modulation {
+            self.modulation(
+                gpu,
+                gemm,
+                &acts.cond,
                 rows,
-                d,
-                FREQ_DIM,
-                Epilogue::BiasF32,
-            ),
-        )?;
-        super::conditioning::silu_f32_bf16(
-            gpu,
-            &SiluParams {
-                input: dptr(&acts.t_hidden_f32),
-                out: dptr(&acts.t_hidden),
-                rows: rows as i32,
-                cols: d as i32,
-                ld_in: d as i32,
-                ldo: d as i32,
-            },
-        )?;
-        gemm.run(
-            gpu,
-            &gemm_params(
-                dptr(&acts.t_hidden),
-                dptr(&self.t_mlp2_w),
-                dptr(&self.t_mlp2_b),
-                dptr(&acts.t_emb),
-                rows,
-                d,
-                d,
-                Epilogue::BiasF32,
-            ),
-        )?;
-        super::conditioning::label_silu(
-            gpu,
-            &LabelSiluParams {
-                t_emb: dptr(&acts.t_emb),
-                labels: dptr(&acts.labels),
-                table: dptr(&self.y_table),
-                out: dptr(&acts.silu_c),
-                rows: rows as i32,
-                dim: d as i32,
-                ld_t: d as i32,
-                ldo: d as i32,
-                num_labels: (cfg.num_classes + 1) as i32,
-            },
-        )?;
-        // Every block's modulations and the final layer's in one GEMM.
-        gemm.run(
-            gpu,
-            &gemm_params(
-                dptr(&acts.silu_c),
-                dptr(&self.ada_w),
-                dptr(&self.ada_b),
+                dptr(&acts.t),
+                dptr(&acts.labels),
                 dptr(&acts.modulation),
-                rows,
-                cols,
-                d,
-                Epilogue::BiasF32,
-            ),
-        )?;
+            )?;
+        }
 
         super::embed::patch_embed(
             gpu,
