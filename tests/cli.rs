@@ -66,8 +66,14 @@ impl Drop for Scratch {
     }
 }
 
+/// The binary under test: `FORA_BIN` when set (packed test binaries run on another machine,
+/// where cargo's build path does not exist), else the one cargo built.
+fn fora_bin() -> String {
+    std::env::var("FORA_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_fora").to_string())
+}
+
 fn fora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fora"))
+    Command::new(fora_bin())
         .args(args)
         .output()
         .expect("cannot start the fora binary")
