@@ -908,13 +908,19 @@ impl Report {
                     Bound::Memory => "GB/s",
                 };
                 s += &format!(
-                    "| {} | {} | {} | {} | {} | {} {unit} | {} | {} |\n",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
                     k.name,
                     k.rows,
                     k.shape,
                     k.imp,
                     fmt_opt(k.stats.as_ref().map(|s| s.median_ms * 1e3), 1),
-                    fmt_opt(rate, if k.bound == Bound::Compute { 1 } else { 0 }),
+                    match rate {
+                        Some(_) => format!(
+                            "{} {unit}",
+                            fmt_opt(rate, if k.bound == Bound::Compute { 1 } else { 0 })
+                        ),
+                        None => "—".to_string(),
+                    },
                     fmt_opt(self.pct_of_ceiling(rate, k.bound), 1),
                     fmt_opt(self.vs_cublaslt(k), 2)
                 );

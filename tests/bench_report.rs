@@ -1,0 +1,755 @@
+//! CPU tests of the benchmark harness (`fora::bench`): argument parsing and defaults, timing
+//! statistics, the Markdown and JSON reports (unmeasured values are "—" / null, ratios come
+//! out right), the weights export, and the Python side: `tools/bench_report.py` reads the JSON
+//! the Rust report writes, and `tools/bench_torch.py` times the same diffusion process
+//! (timesteps and DDPM coefficients) as the Rust sampler.
+
+use fora::backend::StepUpdate;
+use fora::bench::{
+    args_from_bench_argv, fmt_opt, gbps, rotation_copies, rows_request, tflops, utc_date,
+    BenchError, Bound, Ceiling, DeviceInfo, E2eRow, GemmChoice, KernelRow, LaunchCount, ModelInfo,
+    Report, Section, Stats, StepKind, StepRow,
+};
+use fora::config::DitConfig;
+use fora::cuda::gemm::GemmImpl;
+use fora::diffusion::{Diffusion, SamplerKind};
+use fora::weights::DitWeights;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::Command;
+
+fn parse(args: &[&str]) -> (fora::bench::BenchArgs, bool) {
+    let mut argv = vec!["dit"];
+    argv.extend_from_slice(args);
+    args_from_bench_argv(argv).unwrap_or_else(|e| panic!("{args:?} should parse: {e}"))
+}
+
+fn plan_err(args: &[&str]) -> String {
+    let (a, _) = parse(args);
+    match a.plan() {
+        Ok(p) => panic!("{args:?} should be rejected, got {p:?}"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn default_and_quick_plans() {
+    let (a, bench) = parse(&["--bench"]);
+    assert!(bench);
+    let p = a.plan().unwrap();
+    assert_eq!(p.batches, vec![2, 16, 64, 256]);
+    assert_eq!(p.kernel_batches, vec![2, 256]);
+    assert_eq!(p.intervals, vec![1, 2, 3, 4, 5]);
+    assert_eq!((p.steps, p.e2e_reps, p.runs, p.warmup), (250, 3, 20, 3));
+    assert_eq!(p.gemms, vec![GemmImpl::Custom, GemmImpl::CublasLt]);
+    assert_eq!(p.ceiling_size, 8192);
+    assert_eq!(p.copy_bytes, 1 << 30);
+    assert_eq!(
+        p.sections,
+        vec![
+            Section::Ceilings,
+            Section::Kernels,
+            Section::Steps,
+            Section::E2e
+        ]
+    );
+    assert_eq!(a.json, PathBuf::from("target/bench.json"));
+    assert!(a.model.is_none() && a.save_weights.is_none());
+
+    let (q, _) = parse(&["--quick", "--bench"]);
+    let p = q.plan().unwrap();
+    assert!(p.quick);
+    assert_eq!(p.batches, vec![2, 64]);
+    assert_eq!(p.kernel_batches, vec![2]);
+    assert_eq!(p.intervals, vec![1, 3]);
+    assert_eq!(p.e2e_reps, 1);
+    assert_eq!(p.gemms, vec![GemmImpl::Custom]);
+    assert_eq!(p.ceiling_size, 4096);
+}
+
+#[test]
+fn explicit_values_override_the_defaults() {
+    let (a, bench) = parse(&[
+        "--quick",
+        "--batches",
+        "2,3,128",
+        "--kernel-batches",
+        "64",
+        "--intervals",
+        "1,6",
+        "--steps",
+        "50",
+        "--e2e-reps",
+        "2",
+        "--runs",
+        "31",
+        "--warmup",
+        "0",
+        "--gemm",
+        "cublaslt",
+        "--sections",
+        "steps,e2e",
+        "--ceiling-size",
+        "1024",
+        "--copy-mib",
+        "64",
+        "--json",
+        "out/b.json",
+        "--cfg-scale",
+        "-1.5",
+        "--gpu",
+        "1",
+        "--profiler-api",
+    ]);
+    assert!(!bench, "no --bench flag was given");
+    let p = a.plan().unwrap();
+    assert_eq!(p.batches, vec![2, 3, 128]);
+    assert_eq!(p.kernel_batches, vec![64]);
+    assert_eq!(p.intervals, vec![1, 6]);
+    assert_eq!((p.steps, p.e2e_reps, p.runs, p.warmup), (50, 2, 31, 0));
+    assert_eq!(p.gemms, vec![GemmImpl::CublasLt]);
+    assert_eq!(p.sections, vec![Section::Steps, Section::E2e]);
+    assert_eq!((p.ceiling_size, p.copy_bytes), (1024, 64 << 20));
+    assert_eq!(p.cfg_scale, -1.5);
+    assert_eq!((a.gpu, a.profiler_api), (1, true));
+    assert_eq!(a.gemm, Some(GemmChoice::Cublaslt));
+    assert_eq!(a.json, PathBuf::from("out/b.json"));
+}
+
+#[test]
+fn bench_flag_anywhere() {
+    // cargo bench appends --bench; the device runner puts it first.
+    assert!(parse(&["--quick", "--bench"]).1);
+    assert!(parse(&["--bench", "--quick", "--json", "x.json"]).1);
+    assert!(!parse(&[]).1);
+}
+
+#[test]
+fn bad_arguments_are_clear_errors() {
+    for (args, needle) in [
+        (&["--batches", "2,0"][..], "--batches"),
+        (&["--kernel-batches", "0"][..], "--kernel-batches"),
+        (&["--intervals", "0"][..], "--intervals"),
+        (&["--steps", "0"][..], "--steps"),
+        (&["--steps", "1001"][..], "--steps"),
+        (&["--runs", "0"][..], "--runs"),
+        (&["--e2e-reps", "0"][..], "--e2e-reps"),
+        (&["--ceiling-size", "100"][..], "--ceiling-size"),
+        (&["--ceiling-size", "1001"][..], "--ceiling-size"),
+        (&["--copy-mib", "0"][..], "--copy-mib"),
+        (&["--cfg-scale", "NaN"][..], "--cfg-scale"),
+        (&["--input-size", "0"][..], "--input-size"),
+    ] {
+        let e = plan_err(args);
+        assert!(
+            e.contains(needle),
+            "{args:?}: error {e:?} should name {needle}"
+        );
+    }
+    for args in [
+        &["dit", "--sections", "everything"][..],
+        &["dit", "--gemm", "cutlass"][..],
+        &["dit", "--batches", "two"][..],
+        &["dit", "--model", "m.safetensors", "--input-size", "32"][..],
+        &["dit", "--frobnicate"][..],
+    ] {
+        assert!(
+            args_from_bench_argv(args.iter().copied()).is_err(),
+            "{args:?} should be refused by the parser"
+        );
+    }
+}
+
+#[test]
+fn stats_of_samples() {
+    let s = Stats::from_samples(&[3.0, 1.0, 2.0]).unwrap();
+    assert_eq!(
+        (s.runs, s.median_ms, s.min_ms, s.max_ms, s.mean_ms),
+        (3, 2.0, 1.0, 3.0, 2.0)
+    );
+    let s = Stats::from_samples(&[4.0, 1.0, 2.0, 10.0]).unwrap();
+    assert_eq!(s.median_ms, 3.0, "even count: mean of the middle two");
+    assert_eq!(s.mean_ms, 4.25);
+    assert!(Stats::from_samples(&[]).is_err());
+    assert!(Stats::from_samples(&[1.0, f64::NAN]).is_err());
+    assert!(Stats::from_samples(&[1.0, -0.5]).is_err());
+    assert!(Stats::from_samples(&[f64::INFINITY]).is_err());
+}
+
+#[test]
+fn rates_copies_rows_and_dates() {
+    // 2 x 118.6 GMAC x 256 rows in 100 ms is 607 TFLOP/s.
+    let t = tflops(2.0 * 118.6e9 * 256.0, 100.0);
+    assert!((t - 607.232).abs() < 1e-9, "{t}");
+    assert!((gbps(4.2e9, 1.0) - 4200.0).abs() < 1e-9);
+
+    assert_eq!(rotation_copies(100 << 20, 256 << 20), 3);
+    assert_eq!(rotation_copies(1 << 30, 256 << 20), 1);
+    assert_eq!(rotation_copies(1 << 20, 256 << 20), 64, "capped");
+    assert_eq!(rotation_copies(0, 256 << 20), 1);
+
+    let (classes, g) = rows_request(2, 1000, 4.0);
+    assert_eq!(classes, vec![0]);
+    assert_eq!(g.map(|g| g.scale), Some(4.0));
+    let (classes, g) = rows_request(3, 1000, 4.0);
+    assert_eq!(classes, vec![0, 1, 2]);
+    assert!(g.is_none(), "odd rows: no CFG");
+    let (classes, _) = rows_request(256, 10, 4.0);
+    assert_eq!(classes.len(), 128);
+    assert!(
+        classes.iter().all(|&c| c < 10),
+        "classes wrap around num_classes"
+    );
+
+    for (secs, date) in [
+        (43_200, "1970-01-01"),
+        (951_825_600, "2000-02-29"),
+        (946_641_600, "1999-12-31"),
+        (1_709_208_000, "2024-02-29"),
+        (1_795_694_400, "2026-11-26"),
+        (4_107_585_600, "2100-03-01"),
+    ] {
+        assert_eq!(utc_date(secs), date, "{secs}");
+    }
+    assert_eq!(fmt_opt(None, 2), "—");
+    assert_eq!(fmt_opt(Some(f64::NAN), 2), "—");
+    assert_eq!(fmt_opt(Some(1.23456), 2), "1.23");
+}
+
+fn stats(ms: f64) -> Option<Stats> {
+    Some(Stats::from_samples(&[ms]).unwrap())
+}
+
+fn kernel(
+    name: &str,
+    imp: &str,
+    rows: usize,
+    bound: Bound,
+    work: f64,
+    ms: Option<f64>,
+) -> KernelRow {
+    KernelRow {
+        name: name.into(),
+        imp: imp.into(),
+        rows,
+        shape: format!("shape of {name}"),
+        bound,
+        work,
+        stats: ms.and_then(stats),
+    }
+}
+
+/// A report with measured and unmeasured values (fake numbers).
+fn fake_report() -> Report {
+    let cfg = DitConfig::official("DiT-XL/2", 32).unwrap();
+    let launches = |k| {
+        Some(LaunchCount {
+            kernels: k,
+            memcpys: 1,
+            memsets: 0,
+            other: 0,
+        })
+    };
+    let step = |rows, kind, ms: Option<f64>, k| StepRow {
+        gemm: "custom".into(),
+        rows,
+        kind,
+        stats: ms.and_then(stats),
+        launches: launches(k),
+    };
+    let e2e = |n, computed, loop_ms| E2eRow {
+        gemm: "custom".into(),
+        interval: n,
+        steps: 250,
+        rows: 2,
+        computed,
+        reused: 250 - computed,
+        reps: 3,
+        loop_ms,
+        setup_ms: 20.0,
+        wall_ms: loop_ms + 20.0,
+        finite: true,
+    };
+    Report {
+        date: "2026-11-26".into(),
+        device: Some(DeviceInfo {
+            name: "NVIDIA H100 80GB HBM3".into(),
+            compute_capability: (9, 0),
+            sm_count: 132,
+            l2_bytes: 50 << 20,
+            memory_bytes: 80 << 30,
+        }),
+        model: ModelInfo::new(&cfg, "random (seed 0)".into()),
+        warmup: 3,
+        runs: 20,
+        quick: false,
+        cuda_graphs: true,
+        cfg_scale: 4.0,
+        gemm_ceiling: Some(Ceiling {
+            what: "bf16 GEMM 8192^3".into(),
+            stats: Stats::from_samples(&[1.5]).unwrap(),
+            rate: 700.0,
+        }),
+        copy_ceiling: Some(Ceiling {
+            what: "device copy 1024 MiB".into(),
+            stats: Stats::from_samples(&[0.7]).unwrap(),
+            rate: 3000.0,
+        }),
+        steps: vec![
+            step(2, StepKind::Full, Some(1.2), 207),
+            step(2, StepKind::Reuse, Some(0.06), 12),
+            step(256, StepKind::Full, Some(120.0), 207),
+            step(256, StepKind::Reuse, None, 12),
+        ],
+        e2e: vec![e2e(1, 250, 300.0), e2e(3, 84, 110.0)],
+        kernels: vec![
+            kernel("qkv", "custom", 2, Bound::Compute, 8.0e9, Some(0.020)),
+            kernel("qkv", "cublaslt", 2, Bound::Compute, 8.0e9, Some(0.025)),
+            kernel(
+                "qkv",
+                "cublaslt+epilogue",
+                2,
+                Bound::Compute,
+                8.0e9,
+                Some(0.030),
+            ),
+            kernel("fc1", "custom", 2, Bound::Compute, 1.0e10, None),
+            kernel("fc1", "cublaslt", 2, Bound::Compute, 1.0e10, Some(0.030)),
+            kernel(
+                "attention",
+                "custom",
+                256,
+                Bound::Compute,
+                4.0 * 256.0 * 16.0 * 256.0 * 256.0 * 72.0,
+                Some(0.5),
+            ),
+            kernel(
+                "fora_reuse",
+                "custom",
+                2,
+                Bound::Memory,
+                70.0e6,
+                Some(0.028),
+            ),
+        ],
+        errors: vec![BenchError {
+            section: "steps".into(),
+            what: "custom GEMM, 256 rows: reuse step".into(),
+            error: "fake failure".into(),
+        }],
+    }
+}
+
+#[test]
+fn report_markdown_and_json() {
+    let r = fake_report();
+    let macs = r.model.macs_per_row as f64;
+    let md = r.markdown();
+    println!("{md}");
+    let j = r.to_json();
+
+    assert_eq!(j["schema"], "fora-bench/1");
+    assert_eq!(j["model"]["arch"], "DiT-XL/2");
+    assert_eq!(j["device"]["compute_capability"], "9.0");
+    assert_eq!(j["ceilings"]["gemm"]["tflops"], 700.0);
+
+    // Full step at 256 rows: TFLOP/s from the model's MACs; % of the GEMM ceiling.
+    let t256 = 2.0 * macs * 256.0 / 0.120 / 1e12;
+    let s = &j["steps"][2];
+    assert_eq!(
+        (s["rows"].as_u64(), s["kind"].as_str()),
+        (Some(256), Some("full"))
+    );
+    assert!((s["tflops"].as_f64().unwrap() - t256).abs() < 1e-9);
+    assert!((s["pct_gemm_ceiling"].as_f64().unwrap() - 100.0 * t256 / 700.0).abs() < 1e-9);
+    assert_eq!(s["kernels"], 207);
+    assert!(
+        md.contains(&format!("| custom | 256 | 120.000 | {t256:.1} |")),
+        "{md}"
+    );
+    // Reuse steps have no TFLOP/s; the failed one is null / "—".
+    let reuse256 = &j["steps"][3];
+    assert!(reuse256["median_ms"].is_null() && reuse256["tflops"].is_null());
+    assert!(j["steps"][1]["tflops"].is_null());
+    assert!(
+        md.contains("| 0.0600 | 0.050 |"),
+        "reuse/full at 2 rows: {md}"
+    );
+    assert!(
+        md.contains(&format!(
+            "| {:.1} | — | — | 207 | 12 |",
+            100.0 * t256 / 700.0
+        )),
+        "{md}"
+    );
+
+    // End to end: speedup over N=1 and the theoretical limit.
+    let e3 = &j["e2e"][1];
+    assert!((e3["speedup"].as_f64().unwrap() - 300.0 / 110.0).abs() < 1e-12);
+    assert!((e3["theoretical_speedup"].as_f64().unwrap() - 250.0 / 84.0).abs() < 1e-12);
+    assert!(
+        md.contains("| custom | 3 | 250 | 84 | 110.0 | 20.0 | 2.73 | 2.98 | yes |"),
+        "{md}"
+    );
+
+    // Kernels: custom vs the best cuBLASLt path; unmeasured rows are null and "—".
+    let k = &j["kernels"];
+    assert!((k[0]["vs_cublaslt"].as_f64().unwrap() - 1.25).abs() < 1e-12);
+    assert!(
+        k[1]["vs_cublaslt"].is_null(),
+        "only custom rows carry the ratio"
+    );
+    assert!(
+        k[3]["median_ms"].is_null() && k[3]["tflops"].is_null() && k[3]["vs_cublaslt"].is_null()
+    );
+    assert!((k[0]["tflops"].as_f64().unwrap() - 400.0).abs() < 1e-9);
+    assert!((k[0]["pct_ceiling"].as_f64().unwrap() - 400.0 / 7.0).abs() < 1e-9);
+    assert!(k[5]["vs_cublaslt"].is_null(), "attention is not a GEMM");
+    assert!((k[6]["gbps"].as_f64().unwrap() - 2500.0).abs() < 1e-9);
+    assert!(k[6]["tflops"].is_null());
+    assert!((k[6]["pct_ceiling"].as_f64().unwrap() - 250.0 / 3.0).abs() < 1e-9);
+    assert!(
+        md.contains("| qkv | 2 | shape of qkv | custom | 20.0 | 400.0 TFLOP/s | 57.1 | 1.25 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| fc1 | 2 | shape of fc1 | custom | — | — | — | — |"),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "| fora_reuse | 2 | shape of fora_reuse | custom | 28.0 | 2500 GB/s | 83.3 | — |"
+        ),
+        "{md}"
+    );
+
+    assert_eq!(j["errors"][0]["error"], "fake failure");
+    assert!(md.contains("fake failure"));
+    // Every number in the JSON is finite (serde_json would write null for NaN anyway).
+    assert!(!serde_json::to_string(&j).unwrap().contains("NaN"));
+}
+
+#[test]
+fn report_without_measurements() {
+    let mut r = fake_report();
+    r.device = None;
+    r.gemm_ceiling = None;
+    r.copy_ceiling = None;
+    r.steps.clear();
+    r.e2e.clear();
+    r.errors.clear();
+    let j = r.to_json();
+    assert!(j["device"].is_null());
+    assert!(j["ceilings"]["gemm"].is_null() && j["ceilings"]["copy"].is_null());
+    assert!(
+        j["kernels"][0]["pct_ceiling"].is_null(),
+        "no ceiling, no percentage"
+    );
+    let md = r.markdown();
+    assert!(md.contains("| TFLOP/s ceiling | — | — |"), "{md}");
+    assert!(!md.contains("## Per step"), "no empty sections");
+}
+
+fn tmp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fora_bench_{name}_{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(std::env::var("FORA_ROOT").unwrap_or_else(|_| ".".into()))
+}
+
+fn python_has(module: &str) -> bool {
+    Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn fake_torch_json(macs: u64) -> Value {
+    let step = |mode: &str, kind: &str, rows: usize, ms: f64| {
+        json!({"mode": mode, "kind": kind, "rows": rows, "compile_s": null,
+               "median_ms": ms, "min_ms": ms, "max_ms": ms, "mean_ms": ms, "runs": 20})
+    };
+    json!({
+        "schema": "fora-bench-torch/1",
+        "tool": "tools/bench_torch.py",
+        "date": "2026-11-26",
+        "torch": "2.11.0",
+        "cuda": "13.0",
+        "device": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
+        "model": {"arch": "DiT-XL/2", "input_size": 32, "tokens": 256, "hidden": 1152,
+                  "depth": 28, "heads": 16, "macs_per_row": macs,
+                  "weights": "random (python, seed 0)", "dtype": "bfloat16"},
+        "settings": {"warmup": 3, "runs": 20, "cfg_scale": 4.0, "budget_s": 150.0},
+        "steps": [
+            step("eager", "full", 2, 13.0), step("eager", "reuse", 2, 2.99),
+            step("graph", "full", 2, 3.52), step("graph", "reuse", 2, 0.88),
+            step("compile", "full", 2, 10.7),
+            step("eager", "full", 256, 203.0), step("eager", "reuse", 256, 40.8),
+        ],
+        "sdpa": [{"batch": 256, "heads": 16, "tokens": 256, "head_dim": 72,
+                  "flops": 1.0, "tflops": 244.0, "median_ms": 1.0, "min_ms": 1.0,
+                  "max_ms": 1.0, "mean_ms": 1.0, "runs": 20}],
+        "e2e": [
+            {"mode": "eager", "interval": 1, "steps": 250, "rows": 2, "computed": 250,
+             "reused": 0, "wall_ms": 3250.0, "finite": true},
+            {"mode": "eager", "interval": 3, "steps": 250, "rows": 2, "computed": 84,
+             "reused": 166, "wall_ms": 1560.0, "finite": true},
+        ],
+        "skipped": [{"what": "compile full rows 64", "why": "time budget"}],
+        "errors": [],
+        "elapsed_s": 140.0,
+    })
+}
+
+#[test]
+fn python_report_reads_the_rust_json() {
+    if !python_has("json") {
+        println!("SKIP python_report_reads_the_rust_json: no python3");
+        return;
+    }
+    let dir = tmp_dir("report");
+    let report = fake_report();
+    let ours = dir.join("sub").join("bench.json");
+    report.write_json(&ours).unwrap();
+    let torch = dir.join("bench_torch.json");
+    std::fs::write(
+        &torch,
+        serde_json::to_string_pretty(&fake_torch_json(report.model.macs_per_row)).unwrap(),
+    )
+    .unwrap();
+    let md_path = dir.join("report.md");
+    let png = dir.join("latency.png");
+    let out = Command::new("python3")
+        .arg(root().join("tools/bench_report.py"))
+        .arg("--ours")
+        .arg(&ours)
+        .arg("--torch")
+        .arg(&torch)
+        .arg("--md")
+        .arg(&md_path)
+        .arg("--plot")
+        .arg(&png)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "bench_report.py failed:\n{stdout}\n{stderr}"
+    );
+    let md = std::fs::read_to_string(&md_path).unwrap();
+    println!("{md}");
+    assert_eq!(md.trim(), stdout.trim());
+    // Targets: measured ones with their status, unmeasured ones "—".
+    assert!(
+        md.contains("| full step, rows 2 (one image + CFG) | <= 1.0 ms | 1.200 ms | MISSED |"),
+        "{md}"
+    );
+    assert!(
+        md.contains(&format!(
+            "| full step, rows 2: vs PyTorch CUDA graph | >= 3.5x | {:.2}x | MISSED |",
+            3.52 / 1.2
+        )),
+        "{md}"
+    );
+    assert!(
+        md.contains("| full step, rows 256: vs PyTorch eager | >= 2.0x | 1.69x | MISSED |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| full step, rows 256: vs torch.compile | >= 1.3x | — | — |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| reuse step, rows 256 | <= 2.5 ms | — | — |"),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "| FORA N=3 realized speedup over N=1 | >= 2.85x | 2.73x (limit 2.98x) | MISSED |"
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "| 250-step DDPM, FORA N=3, one image: end to end | <= 100 ms | 110.0 ms | MISSED |"
+        ),
+        "{md}"
+    );
+    // Attention at 256 rows: SDPA 1.0 ms vs ours 0.5 ms.
+    assert!(
+        md.contains(": vs PyTorch SDPA | >= 1.5x | 2.00x | met |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("(worst case) | >= 1.0x | 1.25x (qkv, rows 2) | met |"),
+        "{md}"
+    );
+    // Per-step ratios: PyTorch time / ours.
+    assert!(
+        md.contains(&format!(
+            "| {:.2}x | {:.2}x | {:.2}x |",
+            13.0 / 1.2,
+            3.52 / 1.2,
+            10.7 / 1.2
+        )),
+        "{md}"
+    );
+    // End to end: PyTorch's realized speedup and ours vs eager at N=3.
+    assert!(
+        md.contains(&format!(
+            "| 3 | 84 of 250 | 110.0 | 2.73x | 2.98x | 1560.0 | {:.2}x | — | — | {:.2}x | — |",
+            3250.0 / 1560.0,
+            1560.0 / 110.0
+        )),
+        "{md}"
+    );
+    assert!(
+        md.contains("PyTorch skipped: compile full rows 64 (time budget)"),
+        "{md}"
+    );
+    assert!(
+        md.contains("ours FAILED: steps / custom GEMM, 256 rows: reuse step: fake failure"),
+        "{md}"
+    );
+    if python_has("matplotlib") {
+        let bytes = std::fs::read(&png).expect("the plot was written");
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    } else {
+        println!("matplotlib missing: plot not checked");
+        assert!(stderr.contains("matplotlib is not installed"), "{stderr}");
+    }
+
+    // Only one side measured: still a report, the other side's cells are "—".
+    let out = Command::new("python3")
+        .arg(root().join("tools/bench_report.py"))
+        .arg("--ours")
+        .arg(&ours)
+        .arg("--torch")
+        .arg(dir.join("missing.json"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let md = String::from_utf8_lossy(&out.stdout);
+    assert!(md.contains("- PyTorch: not measured"), "{md}");
+    assert!(
+        md.contains("| full step, rows 2: vs PyTorch CUDA graph | >= 3.5x | — | — |"),
+        "{md}"
+    );
+    if std::env::var_os("FORA_KEEP_BENCH_TMP").is_none() {
+        std::fs::remove_dir_all(&dir).ok();
+    } else {
+        println!("kept {}", dir.display());
+    }
+}
+
+#[test]
+fn torch_reference_times_the_same_diffusion_process() {
+    if !python_has("torch") {
+        println!("SKIP torch_reference_times_the_same_diffusion_process: no python3 with torch");
+        return;
+    }
+    for steps in [250usize, 50, 7] {
+        let code = format!(
+            "import json, sys; sys.path.insert(0, 'tools'); import bench_torch; \
+             print(json.dumps(bench_torch.ddpm_table({steps}, True)))"
+        );
+        let out = Command::new("python3")
+            .current_dir(root())
+            .args(["-c", &code])
+            .output()
+            .expect("run python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let table: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let table = table.as_array().unwrap();
+        assert_eq!(table.len(), steps);
+        let diffusion = Diffusion::new(&steps.to_string(), true).unwrap();
+        for (k, row) in table.iter().enumerate() {
+            let i = steps - 1 - k;
+            assert_eq!(
+                row[0].as_u64().unwrap() as usize,
+                diffusion.timestep_map[i],
+                "steps {steps}, k {k}: timestep"
+            );
+            let StepUpdate::Ddpm {
+                sqrt_recip_abar,
+                sqrt_recipm1_abar,
+                post_coef1,
+                post_coef2,
+                max_log,
+                min_log,
+                add_noise,
+            } = diffusion.step_update(i, SamplerKind::Ddpm).unwrap()
+            else {
+                panic!("DDPM update expected");
+            };
+            let want = [
+                sqrt_recip_abar,
+                sqrt_recipm1_abar,
+                post_coef1,
+                post_coef2,
+                max_log,
+                min_log,
+                if add_noise { 1.0 } else { 0.0 },
+            ];
+            for (j, w) in want.iter().enumerate() {
+                let got = row[1][j].as_f64().unwrap();
+                assert!(
+                    (got - w).abs() <= 1e-9 * w.abs().max(1.0),
+                    "steps {steps}, k {k}, coefficient {j}: python {got}, rust {w}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn save_weights_needs_no_gpu() {
+    let dir = tmp_dir("weights");
+    let path = dir.join("tiny.safetensors");
+    let (args, _) = parse(&[
+        "--arch",
+        "depth=2,hidden=64,heads=4,patch=2",
+        "--input-size",
+        "8",
+        "--seed",
+        "5",
+        "--save-weights",
+        path.to_str().unwrap(),
+    ]);
+    fora::bench::run(&args).unwrap();
+    let (cfg, w) = DitWeights::load(&path, None).unwrap();
+    assert_eq!(
+        (cfg.depth, cfg.hidden, cfg.heads, cfg.patch, cfg.input_size),
+        (2, 64, 4, 2, 8)
+    );
+    let want = DitWeights::random(&cfg, 5);
+    assert_eq!(
+        w.blocks[1].fc2_w, want.blocks[1].fc2_w,
+        "the seed's weights were saved"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bench_without_a_device_is_a_clear_error() {
+    if fora::cuda::device::device_count().unwrap_or(0) > 0 {
+        println!("SKIP bench_without_a_device_is_a_clear_error: a CUDA device is present");
+        return;
+    }
+    let (args, _) = parse(&[
+        "--arch",
+        "depth=1,hidden=32,heads=2,patch=2",
+        "--input-size",
+        "4",
+    ]);
+    let e = format!("{:#}", fora::bench::run(&args).unwrap_err());
+    assert!(e.contains("CUDA"), "{e}");
+}

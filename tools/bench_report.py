@@ -1,0 +1,438 @@
+#!/usr/bin/env python3
+"""Merges the JSON of `fora bench` (ours) and of tools/bench_torch.py (PyTorch, same card, same
+device call) into Markdown tables with every ratio issue 5's target table asks for, and a PNG
+plot of step latency vs batch size, ours against PyTorch.
+
+    python3 tools/bench_report.py --ours target/bench.json --torch target/bench_torch.json \\
+        --md target/bench_report.md --plot target/bench_latency.png
+
+Only measured numbers are printed: anything missing (not run, skipped, failed) is "—". Needs
+only the standard library; the plot needs matplotlib and is skipped with a note without it.
+A ratio "ours vs X" is X's time over ours (> 1: ours is faster).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+DASH = "—"
+
+# Issue 5's targets (DiT-XL/2, 256x256, bf16).
+TARGETS = {
+    "full_tflops_256": 600.0,
+    "full_vs_eager_256": 2.0,
+    "full_vs_compile_256": 1.3,
+    "full_ms_2": 1.0,
+    "full_vs_graph_2": 3.5,
+    "reuse_ms_2": 0.05,
+    "reuse_ms_256": 2.5,
+    "e2e_ms_n3": 100.0,
+    "speedup_n3": 2.85,
+    "attention_vs_sdpa": 1.5,
+    "gemm_vs_cublaslt": 1.0,
+}
+
+
+def load(path, schema):
+    if not path:
+        return None
+    if not os.path.exists(path):
+        print(f"bench_report: {path} does not exist; its columns are {DASH}", file=sys.stderr)
+        return None
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("schema") != schema:
+        raise SystemExit(f"bench_report: {path} has schema {data.get('schema')!r}, expected {schema!r}")
+    return data
+
+
+def fmt(v, digits=2, suffix=""):
+    if v is None:
+        return DASH
+    return f"{v:.{digits}f}{suffix}"
+
+
+def ratio(a, b):
+    """a / b when both are measured and b > 0."""
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+class Report:
+    def __init__(self, ours, torch):
+        self.ours = ours
+        self.torch = torch
+        self.macs = None
+        for d in (ours, torch):
+            if d and d.get("model") and d["model"].get("macs_per_row"):
+                self.macs = self.macs or d["model"]["macs_per_row"]
+        # Our step rows of one GEMM implementation: custom when measured, else the first.
+        self.gemm = None
+        if ours and ours.get("steps"):
+            gemms = [r["gemm"] for r in ours["steps"]]
+            self.gemm = "custom" if "custom" in gemms else gemms[0]
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def our_step(self, rows, kind):
+        if not self.ours:
+            return None
+        for r in self.ours.get("steps", []):
+            if r["gemm"] == self.gemm and r["rows"] == rows and r["kind"] == kind:
+                return r.get("median_ms")
+        return None
+
+    def torch_step(self, mode, rows, kind):
+        if not self.torch:
+            return None
+        for r in self.torch.get("steps", []):
+            if r["mode"] == mode and r["rows"] == rows and r["kind"] == kind:
+                return r.get("median_ms")
+        return None
+
+    def tflops(self, rows, ms):
+        if ms is None or not self.macs:
+            return None
+        return 2.0 * self.macs * rows / (ms * 1e-3) / 1e12
+
+    def rows(self):
+        found = set()
+        if self.ours:
+            found |= {r["rows"] for r in self.ours.get("steps", [])}
+        if self.torch:
+            found |= {r["rows"] for r in self.torch.get("steps", [])}
+        return sorted(found)
+
+    def our_e2e(self, n):
+        if not self.ours:
+            return None
+        gemm = self.gemm or "custom"
+        for r in self.ours.get("e2e", []):
+            if r["interval"] == n and r["gemm"] == gemm:
+                return r
+        for r in self.ours.get("e2e", []):
+            if r["interval"] == n:
+                return r
+        return None
+
+    def torch_e2e(self, mode, n):
+        if not self.torch:
+            return None
+        for r in self.torch.get("e2e", []):
+            if r["mode"] == mode and r["interval"] == n:
+                return r
+        return None
+
+    def our_attention(self):
+        """Our attention rows keyed by (batch, heads, tokens, head_dim)."""
+        out = {}
+        if not self.ours:
+            return out
+        m = self.ours["model"]
+        for k in self.ours.get("kernels", []):
+            if k["name"] == "attention" and k.get("median_ms") is not None:
+                key = (k["rows"], m["heads"], m["tokens"], m["hidden"] // m["heads"])
+                out[key] = k
+        return out
+
+    def sdpa(self):
+        out = {}
+        if self.torch:
+            for r in self.torch.get("sdpa", []):
+                out[(r["batch"], r["heads"], r["tokens"], r["head_dim"])] = r
+        return out
+
+    # -- tables -------------------------------------------------------------------------------
+
+    def header(self):
+        lines = []
+        for name, d in (("ours", self.ours), ("PyTorch", self.torch)):
+            if not d:
+                lines.append(f"- {name}: not measured")
+                continue
+            dev = (d.get("device") or {}).get("name", DASH)
+            m = d.get("model") or {}
+            extra = f", torch {d['torch']}" if name == "PyTorch" else ""
+            lines.append(f"- {name}: {dev}, {d.get('date', DASH)}, {m.get('arch', DASH)} "
+                         f"({m.get('weights', DASH)}){extra}, median of "
+                         f"{d['settings'].get('runs', DASH)} runs")
+        if self.ours and self.torch:
+            a = (self.ours.get("device") or {}).get("name")
+            b = (self.torch.get("device") or {}).get("name")
+            if a and b and a != b:
+                lines.append(f"- WARNING: different cards ({a} vs {b}): ratios are not comparable")
+        if self.macs:
+            lines.append(f"- FLOPs = 2 x {self.macs / 1e9:.1f} GMAC per model row; rows include "
+                         "the CFG half; a step = model + CFG + DDPM update on both sides")
+        if self.gemm:
+            lines.append(f"- our steps: GEMM implementation `{self.gemm}`")
+        return "\n".join(lines)
+
+    def targets(self):
+        rows = []
+
+        def add(what, goal, value, text, ok):
+            status = DASH if ok is None else ("met" if ok else "MISSED")
+            rows.append(f"| {what} | {goal} | {text if value is not None else DASH} | {status} |")
+
+        full256 = self.our_step(256, "full")
+        t = self.tflops(256, full256)
+        add("full step, rows 256: effective TFLOP/s", ">= 600", t, fmt(t, 0),
+            None if t is None else t >= TARGETS["full_tflops_256"])
+        r = ratio(self.torch_step("eager", 256, "full"), full256)
+        add("full step, rows 256: vs PyTorch eager", ">= 2.0x", r, fmt(r, 2, "x"),
+            None if r is None else r >= TARGETS["full_vs_eager_256"])
+        r = ratio(self.torch_step("compile", 256, "full"), full256)
+        add("full step, rows 256: vs torch.compile", ">= 1.3x", r, fmt(r, 2, "x"),
+            None if r is None else r >= TARGETS["full_vs_compile_256"])
+        full2 = self.our_step(2, "full")
+        add("full step, rows 2 (one image + CFG)", "<= 1.0 ms", full2, fmt(full2, 3, " ms"),
+            None if full2 is None else full2 <= TARGETS["full_ms_2"])
+        r = ratio(self.torch_step("graph", 2, "full"), full2)
+        add("full step, rows 2: vs PyTorch CUDA graph", ">= 3.5x", r, fmt(r, 2, "x"),
+            None if r is None else r >= TARGETS["full_vs_graph_2"])
+        for rows_, goal in ((2, "reuse_ms_2"), (256, "reuse_ms_256")):
+            v = self.our_step(rows_, "reuse")
+            add(f"reuse step, rows {rows_}", f"<= {TARGETS[goal]} ms", v, fmt(v, 4, " ms"),
+                None if v is None else v <= TARGETS[goal])
+        e3 = self.our_e2e(3)
+        v = e3["loop_ms"] if e3 else None
+        add(f"{e3['steps'] if e3 else 250}-step DDPM, FORA N=3, one image: end to end",
+            "<= 100 ms", v, fmt(v, 1, " ms"), None if v is None else v <= TARGETS["e2e_ms_n3"])
+        e1 = self.our_e2e(1)
+        s = ratio(e1["loop_ms"], e3["loop_ms"]) if (e1 and e3) else None
+        theo = (e3["steps"] / e3["computed"]) if e3 else None
+        add("FORA N=3 realized speedup over N=1", ">= 2.85x", s,
+            f"{fmt(s, 2, 'x')} (limit {fmt(theo, 2, 'x')})",
+            None if s is None else s >= TARGETS["speedup_n3"])
+        key = None
+        if self.ours:
+            m = self.ours["model"]
+            key = (256, m["heads"], m["tokens"], m["hidden"] // m["heads"])
+        ours_att = self.our_attention().get(key) if key else None
+        sd = self.sdpa().get(key) if key else None
+        r = ratio(sd["median_ms"] if sd else None, ours_att["median_ms"] if ours_att else None)
+        label = f"attention {key}" if key else "attention (256, 16, 256, 72)"
+        add(f"{label}: vs PyTorch SDPA", ">= 1.5x", r, fmt(r, 2, "x"),
+            None if r is None else r >= TARGETS["attention_vs_sdpa"])
+        worst = None
+        if self.ours:
+            for k in self.ours.get("kernels", []):
+                if k["impl"] == "custom" and k.get("vs_cublaslt") is not None:
+                    if worst is None or k["vs_cublaslt"] < worst["vs_cublaslt"]:
+                        worst = k
+        add("each GEMM with its fused epilogue vs best cuBLASLt (worst case)", ">= 1.0x",
+            worst["vs_cublaslt"] if worst else None,
+            f"{fmt(worst['vs_cublaslt'], 2, 'x')} ({worst['name']}, rows {worst['rows']})"
+            if worst else DASH,
+            None if worst is None else worst["vs_cublaslt"] >= TARGETS["gemm_vs_cublaslt"])
+        return ("| target | goal | measured | status |\n|---|---|---|---|\n" + "\n".join(rows))
+
+    def steps_table(self):
+        modes = ("eager", "graph", "compile")
+        out = []
+        for kind in ("full", "reuse"):
+            head = (f"| rows | ours {kind} (ms) | TFLOP/s | eager | graph | compile | "
+                    "ours vs eager | vs graph | vs compile |")
+            if kind == "reuse":
+                head = (f"| rows | ours {kind} (ms) | reuse / full | eager | graph | compile | "
+                        "ours vs eager | vs graph | vs compile |")
+            out += [head, "|---|---|---|---|---|---|---|---|---|"]
+            for rows in self.rows():
+                ours = self.our_step(rows, kind)
+                theirs = [self.torch_step(m, rows, kind) for m in modes]
+                if kind == "full":
+                    third = fmt(self.tflops(rows, ours), 1)
+                else:
+                    third = fmt(ratio(ours, self.our_step(rows, "full")), 3)
+
+                def cell(ms):
+                    if ms is None:
+                        return DASH
+                    if kind == "full":
+                        return f"{ms:.3f} ({fmt(self.tflops(rows, ms), 0)} TF/s)"
+                    return f"{ms:.3f}"
+
+                out.append(f"| {rows} | {fmt(ours, 3 if kind == 'full' else 4)} | {third} | "
+                           + " | ".join(cell(t) for t in theirs) + " | "
+                           + " | ".join(fmt(ratio(t, ours), 2, "x") for t in theirs) + " |")
+            out.append("")
+        return "\n".join(out).rstrip()
+
+    def e2e_table(self):
+        ns = set()
+        if self.ours:
+            ns |= {r["interval"] for r in self.ours.get("e2e", [])}
+        if self.torch:
+            ns |= {r["interval"] for r in self.torch.get("e2e", [])}
+        if not ns:
+            return None
+        base_ours = self.our_e2e(1)
+        base = {m: self.torch_e2e(m, 1) for m in ("eager", "graph")}
+        out = ["| N | computing steps | ours (ms) | ours speedup | limit | eager (ms) | eager speedup "
+               "| graph (ms) | graph speedup | ours vs eager | ours vs graph |",
+               "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for n in sorted(ns):
+            o = self.our_e2e(n)
+            te, tg = self.torch_e2e("eager", n), self.torch_e2e("graph", n)
+            any_row = o or te or tg
+            computed = any_row["computed"]
+            steps = any_row["steps"]
+            om = o["loop_ms"] if o else None
+            em = te["wall_ms"] if te else None
+            gm = tg["wall_ms"] if tg else None
+            out.append(
+                f"| {n} | {computed} of {steps} | {fmt(om, 1)} | "
+                f"{fmt(ratio(base_ours['loop_ms'] if base_ours else None, om), 2, 'x')} | "
+                f"{steps / computed:.2f}x | {fmt(em, 1)} | "
+                f"{fmt(ratio(base['eager']['wall_ms'] if base['eager'] else None, em), 2, 'x')} | "
+                f"{fmt(gm, 1)} | "
+                f"{fmt(ratio(base['graph']['wall_ms'] if base['graph'] else None, gm), 2, 'x')} | "
+                f"{fmt(ratio(em, om), 2, 'x')} | {fmt(ratio(gm, om), 2, 'x')} |")
+        return "\n".join(out)
+
+    def attention_table(self):
+        ours, sd = self.our_attention(), self.sdpa()
+        keys = sorted(set(ours) | set(sd))
+        if not keys:
+            return None
+        out = ["| B | H | T | d | ours (us) | ours TFLOP/s | SDPA (us) | SDPA TFLOP/s | ours vs SDPA |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        for key in keys:
+            o, s = ours.get(key), sd.get(key)
+            om = o["median_ms"] if o else None
+            sm = s["median_ms"] if s else None
+            out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | "
+                       f"{fmt(om * 1e3 if om else None, 1)} | {fmt(o['tflops'] if o else None, 1)} | "
+                       f"{fmt(sm * 1e3 if sm else None, 1)} | {fmt(s['tflops'] if s else None, 1)} | "
+                       f"{fmt(ratio(sm, om), 2, 'x')} |")
+        return "\n".join(out)
+
+    def kernels_table(self):
+        if not self.ours or not self.ours.get("kernels"):
+            return None
+        c = self.ours.get("ceilings") or {}
+        gemm, copy = c.get("gemm"), c.get("copy")
+        out = [f"Ceilings measured in the same run: {gemm['what'] if gemm else 'GEMM'} "
+               f"{fmt(gemm['tflops'] if gemm else None, 0)} TFLOP/s; "
+               f"{copy['what'] if copy else 'copy'} {fmt(copy['gbps'] if copy else None, 0)} GB/s.",
+               "",
+               "| kernel | rows | shape | impl | time (us) | rate | % ceiling | custom vs best cuBLASLt |",
+               "|---|---|---|---|---|---|---|---|"]
+        for k in self.ours["kernels"]:
+            ms = k.get("median_ms")
+            if k["bound"] == "compute":
+                rate = fmt(k["tflops"], 1, " TFLOP/s")
+            else:
+                rate = fmt(k["gbps"], 0, " GB/s")
+            out.append(f"| {k['name']} | {k['rows']} | {k['shape']} | {k['impl']} | "
+                       f"{fmt(ms * 1e3 if ms is not None else None, 1)} | {rate} | "
+                       f"{fmt(k.get('pct_ceiling'), 1, '%')} | {fmt(k.get('vs_cublaslt'), 2, 'x')} |")
+        return "\n".join(out)
+
+    def notes(self):
+        lines = []
+        for name, d in (("ours", self.ours), ("PyTorch", self.torch)):
+            if not d:
+                continue
+            for e in d.get("errors", []):
+                what = e.get("what", DASH)
+                where = f"{e['section']} / " if "section" in e else ""
+                lines.append(f"- {name} FAILED: {where}{what}: {e['error']}")
+            for s in d.get("skipped", []):
+                lines.append(f"- {name} skipped: {s['what']} ({s['why']})")
+        return "\n".join(lines) if lines else None
+
+    def markdown(self):
+        parts = ["# DiT + FORA: fora vs PyTorch", "", self.header(), "",
+                 "## Targets (issue 5)", "", self.targets(), "",
+                 "## Per step (ms; ratios = PyTorch time / ours)", "", self.steps_table()]
+        for title, table in (("## End to end (one image with CFG, DDPM)", self.e2e_table()),
+                             ("## Attention: ours vs PyTorch SDPA", self.attention_table()),
+                             ("## Our kernels", self.kernels_table()),
+                             ("## Failed or skipped", self.notes())):
+            if table:
+                parts += ["", title, "", table]
+        return "\n".join(parts) + "\n"
+
+    def series(self):
+        """Latency series for the plot: label -> [(rows, ms)]."""
+        out = {}
+        for kind in ("full", "reuse"):
+            pts = [(r, self.our_step(r, kind)) for r in self.rows()]
+            out[f"fora {kind}"] = [(r, v) for r, v in pts if v is not None]
+            for mode in ("eager", "graph", "compile"):
+                pts = [(r, self.torch_step(mode, r, kind)) for r in self.rows()]
+                out[f"PyTorch {mode} {kind}"] = [(r, v) for r, v in pts if v is not None]
+        return {k: v for k, v in out.items() if v}
+
+    def plot(self, path):
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print(f"bench_report: matplotlib is not installed; no plot written to {path}",
+                  file=sys.stderr)
+            return False
+        series = self.series()
+        if not series:
+            print("bench_report: no step latencies to plot", file=sys.stderr)
+            return False
+        fig, ax = plt.subplots(figsize=(7.5, 5))
+        styles = {"fora": dict(color="tab:red", linewidth=2.5), "eager": dict(color="tab:blue"),
+                  "graph": dict(color="tab:green"), "compile": dict(color="tab:purple")}
+        for label, pts in series.items():
+            key = "fora" if label.startswith("fora") else label.split()[1]
+            ls = "-" if label.endswith("full") else "--"
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, ls, marker="o", label=label, **styles[key])
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r for pts in series.values() for r, _ in pts})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_yscale("log")
+        ax.set_xlabel("model rows per step (CFG half included)")
+        ax.set_ylabel("step latency (ms)")
+        d = self.ours or self.torch
+        dev = (d.get("device") or {}).get("name", "")
+        arch = (d.get("model") or {}).get("arch", "")
+        ax.set_title(f"{arch} step latency, {dev} ({d.get('date', '')})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return True
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ours", default="target/bench.json", help="JSON of fora bench")
+    p.add_argument("--torch", default="target/bench_torch.json", help="JSON of bench_torch.py")
+    p.add_argument("--md", default=None, help="also write the Markdown here")
+    p.add_argument("--plot", default=None, help="PNG of step latency vs rows (needs matplotlib)")
+    a = p.parse_args(argv)
+    ours = load(a.ours, "fora-bench/1")
+    torch = load(a.torch, "fora-bench-torch/1")
+    if ours is None and torch is None:
+        print("bench_report: neither JSON exists: nothing to report", file=sys.stderr)
+        return 2
+    r = Report(ours, torch)
+    text = r.markdown()
+    print(text)
+    if a.md:
+        os.makedirs(os.path.dirname(a.md) or ".", exist_ok=True)
+        with open(a.md, "w") as f:
+            f.write(text)
+    if a.plot and r.plot(a.plot):
+        print(f"bench_report: plot in {a.plot}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
