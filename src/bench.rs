@@ -30,7 +30,7 @@ use crate::backend::{
 use crate::cache::policy_for_interval;
 use crate::config::{Arch, DitConfig};
 use crate::cuda::attention::{attention, attention_flops};
-use crate::cuda::backend::graphs_enabled;
+use crate::cuda::backend::CudaOptions;
 use crate::cuda::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
 use crate::cuda::fora::fora_reuse;
 use crate::cuda::gemm::{Epilogue, Gemm, GemmImpl};
@@ -479,6 +479,10 @@ pub struct StepRow {
     /// What one step enqueues when it is launched kernel by kernel (the captured graphs hold
     /// the same kernels).
     pub launches: Option<LaunchCount>,
+    /// Whether the timed workspace replayed CUDA graphs (None: no workspace).
+    pub graphs: Option<bool>,
+    /// Whether the timed workspace computed every step's modulation table up front.
+    pub precomputed_modulation: Option<bool>,
 }
 
 /// One end-to-end configuration (median over the reps).
@@ -556,7 +560,10 @@ pub struct Report {
     pub warmup: usize,
     pub runs: usize,
     pub quick: bool,
+    /// The backend options' defaults in this run (`FORA_CUDA_GRAPHS`,
+    /// `FORA_PRECOMPUTE_MODULATION`); each step row says what its workspace did.
     pub cuda_graphs: bool,
+    pub precompute_modulation: bool,
     pub cfg_scale: f32,
     pub gemm_ceiling: Option<Ceiling>,
     pub copy_ceiling: Option<Ceiling>,
@@ -582,7 +589,7 @@ fn num(v: Option<f64>) -> Value {
 }
 
 impl Report {
-    pub fn new(model: ModelInfo, plan: &BenchPlan) -> Report {
+    pub fn new(model: ModelInfo, plan: &BenchPlan, options: &CudaOptions) -> Report {
         Report {
             date: today(),
             device: None,
@@ -590,7 +597,8 @@ impl Report {
             warmup: plan.warmup,
             runs: plan.runs,
             quick: plan.quick,
-            cuda_graphs: graphs_enabled(),
+            cuda_graphs: options.graphs,
+            precompute_modulation: options.precompute_modulation,
             cfg_scale: plan.cfg_scale,
             gemm_ceiling: None,
             copy_ceiling: None,
@@ -692,6 +700,8 @@ impl Report {
                     "memcpys": r.launches.map(|l| l.memcpys),
                     "memsets": r.launches.map(|l| l.memsets),
                     "other_nodes": r.launches.map(|l| l.other),
+                    "graphs": r.graphs,
+                    "precomputed_modulation": r.precomputed_modulation,
                 });
                 merge_stats(&mut v, r.stats.as_ref());
                 v
@@ -765,6 +775,7 @@ impl Report {
                 "runs": self.runs,
                 "quick": self.quick,
                 "cuda_graphs": self.cuda_graphs,
+                "precompute_modulation": self.precompute_modulation,
                 "cfg_scale": self.cfg_scale,
                 "timing": "CUDA events, back-to-back runs, median",
             },
@@ -806,12 +817,17 @@ impl Report {
         );
         s +=
             &format!(
-            "{device}, {}. Median of {} runs after {} warm-up runs (CUDA events). CUDA graphs {}. \
-             FLOPs = 2 x {:.1} GMAC per model row.\n\n",
+            "{device}, {}. Median of {} runs after {} warm-up runs (CUDA events). CUDA graphs {}; \
+             modulation tables precomputed {}. FLOPs = 2 x {:.1} GMAC per model row.\n\n",
             self.date,
             self.runs,
             self.warmup,
             if self.cuda_graphs { "on" } else { "off (FORA_CUDA_GRAPHS=0)" },
+            if self.precompute_modulation {
+                "when they fit"
+            } else {
+                "never (FORA_PRECOMPUTE_MODULATION=0)"
+            },
             m.macs_per_row as f64 / 1e9
         );
 
@@ -1005,7 +1021,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         return Ok(());
     }
     let gpu = Gpu::new(args.gpu).context("the benchmark needs a CUDA device")?;
-    let mut report = Report::new(ModelInfo::new(&cfg, source), &plan);
+    let options = CudaOptions::from_env()?;
+    let mut report = Report::new(ModelInfo::new(&cfg, source), &plan, &options);
     report.device = Some(device_info(&gpu)?);
     let started = Instant::now();
     let json_path = args.json.clone();
@@ -1037,8 +1054,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if want_steps || want_e2e {
         for (i, &imp) in plan.gemms.iter().enumerate() {
             let name = gemm_name(imp);
-            let backend = match Gpu::new(args.gpu)
-                .and_then(|g| CudaBackend::with_gemm(g, &cfg, &weights, imp))
+            let options = CudaOptions {
+                gemm: imp,
+                ..options
+            };
+            let mut backend = match Gpu::new(args.gpu)
+                .and_then(|g| CudaBackend::with_options(g, &cfg, &weights, options))
             {
                 Ok(b) => b,
                 Err(e) => {
@@ -1049,7 +1070,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             if want_steps {
                 for &rows in &plan.batches {
                     eprintln!("bench: steps, {name} GEMM, {rows} rows");
-                    bench_steps(&backend, &plan, &timer, rows, args.seed, &mut report);
+                    bench_steps(&mut backend, &plan, &timer, rows, args.seed, &mut report);
                     save(&report);
                 }
             }
@@ -1651,7 +1672,7 @@ fn step_specs(sampler: &Sampler<'_, CudaBackend>, plan: &SamplePlan) -> Result<V
 }
 
 fn bench_steps(
-    backend: &CudaBackend,
+    backend: &mut CudaBackend,
     plan: &BenchPlan,
     timer: &Timer,
     rows: usize,
@@ -1663,7 +1684,7 @@ fn bench_steps(
     let (classes, guidance) = rows_request(rows, cfg.num_classes, plan.cfg_scale);
     let what = format!("{gemm} GEMM, {rows} rows");
     let prepared = Sampler::new(
-        backend,
+        &*backend,
         SamplerOptions::ddpm(plan.steps).with_guidance(guidance),
     )
     .and_then(|sampler| {
@@ -1695,8 +1716,10 @@ fn bench_steps(
         }
     };
     let mut times = [None, None];
+    let mut flags = (None, None);
     match backend.workspace(&splan) {
         Ok(mut ws) => {
+            flags = (Some(ws.uses_graphs()), Some(ws.modulation_precomputed()));
             for (slot, (mode, kind)) in [
                 (StepMode::Compute, StepKind::Full),
                 (StepMode::Reuse, StepKind::Reuse),
@@ -1713,59 +1736,40 @@ fn bench_steps(
         Err(e) => report.error("steps", &format!("{what}: workspace"), &e),
     }
     let [full, reuse] = times;
-    report.steps.push(StepRow {
-        gemm: gemm.clone(),
-        rows,
-        kind: StepKind::Full,
-        stats: full,
-        launches: launches.map(|c| c.0),
-    });
-    report.steps.push(StepRow {
-        gemm,
-        rows,
-        kind: StepKind::Reuse,
-        stats: reuse,
-        launches: launches.map(|c| c.1),
-    });
-}
-
-/// Sets an environment variable until dropped (then restores the old value).
-struct EnvGuard {
-    key: &'static str,
-    old: Option<OsString>,
-}
-
-impl EnvGuard {
-    fn set(key: &'static str, value: &str) -> EnvGuard {
-        let old = std::env::var_os(key);
-        std::env::set_var(key, value);
-        EnvGuard { key, old }
-    }
-}
-
-impl Drop for EnvGuard {
-    fn drop(&mut self) {
-        match &self.old {
-            Some(v) => std::env::set_var(self.key, v),
-            None => std::env::remove_var(self.key),
-        }
+    for (kind, stats, count) in [
+        (StepKind::Full, full, launches.map(|c| c.0)),
+        (StepKind::Reuse, reuse, launches.map(|c| c.1)),
+    ] {
+        report.steps.push(StepRow {
+            gemm: gemm.clone(),
+            rows,
+            kind,
+            stats,
+            launches: count,
+            graphs: flags.0,
+            precomputed_modulation: flags.1,
+        });
     }
 }
 
 /// What one compute step and one reuse step enqueue: a workspace built without CUDA graphs
-/// (`FORA_CUDA_GRAPHS=0` while it is built; the bench is single-threaded) runs a step kernel by
-/// kernel; capturing that step in a graph (nothing executes) and counting the graph's nodes
-/// counts every kernel, cuBLASLt's included.
+/// runs a step kernel by kernel; capturing that step in a graph (nothing executes) and
+/// counting the graph's nodes counts every kernel, cuBLASLt's included. The captured graphs of
+/// a normal workspace hold the same kernels.
 fn count_launches(
-    backend: &CudaBackend,
+    backend: &mut CudaBackend,
     plan: &SamplePlan,
     compute: &StepSpec,
     reuse: &StepSpec,
 ) -> Result<(LaunchCount, LaunchCount)> {
-    let mut ws = {
-        let _graphs_off = EnvGuard::set("FORA_CUDA_GRAPHS", "0");
-        backend.workspace(plan)?
-    };
+    let options = backend.options();
+    backend.set_options(CudaOptions {
+        graphs: false,
+        ..options
+    });
+    let ws = backend.workspace(plan);
+    backend.set_options(options);
+    let mut ws = ws?;
     let gpu = backend.gpu();
     let c = capture_count(gpu, || backend.step(&mut ws, compute))
         .context("counting the launches of a compute step")?;

@@ -256,6 +256,8 @@ fn fake_report() -> Report {
         kind,
         stats: ms.and_then(stats),
         launches: launches(k),
+        graphs: Some(true),
+        precomputed_modulation: Some(rows == 2),
     };
     let e2e = |n, computed, loop_ms| E2eRow {
         gemm: "custom".into(),
@@ -284,6 +286,7 @@ fn fake_report() -> Report {
         runs: 20,
         quick: false,
         cuda_graphs: true,
+        precompute_modulation: true,
         cfg_scale: 4.0,
         gemm_ceiling: Some(Ceiling {
             what: "bf16 GEMM 8192^3".into(),
@@ -363,6 +366,11 @@ fn report_markdown_and_json() {
     assert!((s["tflops"].as_f64().unwrap() - t256).abs() < 1e-9);
     assert!((s["pct_gemm_ceiling"].as_f64().unwrap() - 100.0 * t256 / 700.0).abs() < 1e-9);
     assert_eq!(s["kernels"], 207);
+    assert_eq!(
+        (s["graphs"].as_bool(), s["precomputed_modulation"].as_bool()),
+        (Some(true), Some(false))
+    );
+    assert_eq!(j["settings"]["precompute_modulation"], true);
     assert!(
         md.contains(&format!("| custom | 256 | 120.000 | {t256:.1} |")),
         "{md}"
