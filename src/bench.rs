@@ -319,6 +319,17 @@ impl Stats {
         })
     }
 
+    /// Every time multiplied by `f` (per-launch times from per-replay times).
+    pub fn scaled(&self, f: f64) -> Stats {
+        Stats {
+            runs: self.runs,
+            median_ms: self.median_ms * f,
+            min_ms: self.min_ms * f,
+            max_ms: self.max_ms * f,
+            mean_ms: self.mean_ms * f,
+        }
+    }
+
     fn json(&self) -> Value {
         json!({
             "median_ms": self.median_ms,
@@ -347,6 +358,18 @@ pub fn rotation_copies(set_bytes: usize, rotate_bytes: usize) -> usize {
         return 1;
     }
     rotate_bytes.div_ceil(set_bytes).clamp(1, MAX_COPIES)
+}
+
+/// Launches per CUDA graph when a kernel is timed alone: enough for a replay of about 0.2 ms
+/// (so a graph launch's host cost is hidden), at least one per rotated buffer copy, at most 64.
+/// `single_ms` is one launch's time, measured roughly.
+pub fn launches_per_graph(single_ms: f64, copies: usize) -> usize {
+    let by_time = if single_ms.is_finite() && single_ms > 0.0 {
+        (0.2 / single_ms).ceil().min(64.0) as usize
+    } else {
+        64
+    };
+    by_time.max(copies).clamp(1, MAX_COPIES)
 }
 
 /// The images and guidance of a batch of `rows` model rows: even rows are rows/2 images with
@@ -529,7 +552,9 @@ pub struct KernelRow {
     pub bound: Bound,
     /// FLOPs (Compute) or bytes (Memory) of one launch.
     pub work: f64,
+    /// Per-launch times: each sample is one graph replay of this many launches, divided.
     pub stats: Option<Stats>,
+    pub launches_per_replay: usize,
 }
 
 impl KernelRow {
@@ -749,6 +774,7 @@ impl Report {
                     "gbps": num(gb),
                     "pct_ceiling": num(self.pct_of_ceiling(rate, k.bound)),
                     "vs_cublaslt": num(self.vs_cublaslt(k)),
+                    "launches_per_replay": k.launches_per_replay,
                 });
                 merge_stats(&mut v, k.stats.as_ref());
                 v
@@ -914,7 +940,8 @@ impl Report {
         }
 
         if !self.kernels.is_empty() {
-            s += "\n## Kernels (inputs rotated through buffers larger than L2)\n\n";
+            s += "\n## Kernels (inputs rotated through buffers larger than L2; per-launch time from \
+                  CUDA-graph replays, host launch cost excluded)\n\n";
             s += "| kernel | rows | shape | impl | time (us) | rate | % ceiling | custom vs best cuBLASLt |\n\
                   |---|---|---|---|---|---|---|---|\n";
             for k in &self.kernels {
@@ -1008,8 +1035,8 @@ pub fn bench_model(args: &BenchArgs) -> Result<(DitConfig, DitWeights, String)> 
 /// GPU, and (after writing both reports) when any measurement failed.
 pub fn run(args: &BenchArgs) -> Result<()> {
     let plan = args.plan()?;
-    let (cfg, weights, source) = bench_model(args)?;
     if let Some(path) = &args.save_weights {
+        let (cfg, weights, source) = bench_model(args)?;
         weights
             .save(path, &cfg)
             .with_context(|| format!("cannot save the benchmark weights to {}", path.display()))?;
@@ -1022,6 +1049,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let gpu = Gpu::new(args.gpu).context("the benchmark needs a CUDA device")?;
     let options = CudaOptions::from_env()?;
+    let (cfg, weights, source) = bench_model(args)?;
     let mut report = Report::new(ModelInfo::new(&cfg, source), &plan, &options);
     report.device = Some(device_info(&gpu)?);
     let started = Instant::now();
@@ -1175,6 +1203,60 @@ impl Timer {
     }
 }
 
+impl Timer {
+    /// Per-launch time of a kernel measured alone: after eager warm-up runs, `launch(i)` is
+    /// captured n times (i = 0..n, cycling through `copies` rotated buffer sets) into one CUDA
+    /// graph, the graph is timed as [`Timer::time`] times a step, and each sample is divided by
+    /// n. Host costs per launch (cuBLASLt's per-call heuristic query included) stay out of the
+    /// numbers, as they do in a captured sampler step. Returns the stats and n.
+    fn time_alone(
+        &self,
+        gpu: &Gpu,
+        copies: usize,
+        mut launch: impl FnMut(usize) -> Result<()>,
+    ) -> Result<(Stats, usize)> {
+        for i in 0..self.warmup.max(1) {
+            launch(i)?;
+        }
+        gpu.synchronize().context("warm-up launches failed")?;
+        let ctx = gpu.context();
+        let stream = gpu.stream();
+        let event = || {
+            ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .context("cannot create a CUDA event")
+        };
+        let (start, end) = (event()?, event()?);
+        start.record(stream).context("cannot record an event")?;
+        launch(0)?;
+        end.record(stream).context("cannot record an event")?;
+        let single_ms = start
+            .elapsed_ms(&end)
+            .context("cannot read an event time")? as f64;
+        let n = launches_per_graph(single_ms, copies);
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .context("cannot start a stream capture")?;
+        let mut captured = Ok(());
+        for i in 0..n {
+            captured = launch(i);
+            if captured.is_err() {
+                break;
+            }
+        }
+        // End the capture whatever happened, so the stream stays usable.
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        captured.context("while capturing the launches")?;
+        let graph = graph
+            .context("cannot instantiate the captured launches")?
+            .context("the captured graph is empty")?;
+        graph.upload().context("cannot upload a CUDA graph")?;
+        let stats = self.time(gpu, |_| {
+            graph.launch().context("cannot launch a CUDA graph")
+        })?;
+        Ok((stats.scaled(1.0 / n as f64), n))
+    }
+}
+
 fn profiler(start: bool) -> Result<()> {
     // SAFETY: plain driver calls without arguments; the context is current (bound by the
     // event calls before).
@@ -1268,7 +1350,7 @@ fn ceiling_gemm(gpu: &Gpu, size: usize, timer: &Timer) -> Result<Ceiling> {
         output: LtOutput::Bf16,
         epilogue: LtEpilogue::None,
     };
-    let stats = timer.time(gpu, |_| match lt.matmul(&mm)? {
+    let (stats, _) = timer.time_alone(gpu, 1, |_| match lt.matmul(&mm)? {
         LtRun::Done => Ok(()),
         LtRun::Unsupported => bail!("cuBLASLt has no algorithm for a bf16 {size}^3 GEMM"),
     })?;
@@ -1284,7 +1366,7 @@ fn ceiling_copy(gpu: &Gpu, bytes: usize, timer: &Timer) -> Result<Ceiling> {
     let src = random_buffer(gpu, bytes, 1.0, 13, |v| v.to_bits() as u8, "copy source")?;
     let mut dst = gpu.alloc_zeros::<u8>(bytes, "copy destination")?;
     let stream = gpu.stream().clone();
-    let stats = timer.time(gpu, |_| {
+    let (stats, _) = timer.time_alone(gpu, 1, |_| {
         stream
             .memcpy_dtod(&src, &mut dst)
             .context("device-to-device copy failed")
@@ -1480,12 +1562,12 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
             ));
         }
         for (imp, runner) in variants {
-            let stats = timer.time(gpu, |i| runner(&params[i % params.len()]));
-            let stats = match stats {
-                Ok(st) => Some(st),
+            let timed = timer.time_alone(gpu, params.len(), |i| runner(&params[i % params.len()]));
+            let (stats, per_replay) = match timed {
+                Ok((st, n)) => (Some(st), n),
                 Err(e) => {
                     report.error("kernels", &format!("{} {shape} {imp}", s.name), &e);
-                    None
+                    (None, 0)
                 }
             };
             report.kernels.push(KernelRow {
@@ -1496,6 +1578,7 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
                 bound: Bound::Compute,
                 work: flops,
                 stats,
+                launches_per_replay: per_replay,
             });
         }
     }
@@ -1537,7 +1620,7 @@ fn bench_attention(
         head_dim: hd as i32,
         scale: 1.0 / (hd as f32).sqrt(),
     };
-    let stats = timer.time(gpu, |i| attention(gpu, &params(i)))?;
+    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| attention(gpu, &params(i)))?;
     Ok(KernelRow {
         name: "attention".into(),
         imp: "custom".into(),
@@ -1546,6 +1629,7 @@ fn bench_attention(
         bound: Bound::Compute,
         work: attention_flops(rows, h, t, hd),
         stats: Some(stats),
+        launches_per_replay: per_replay,
     })
 }
 
@@ -1589,7 +1673,7 @@ fn bench_fora_reuse(
             gate_mlp_col: (5 * d) as i32,
         }
     };
-    let stats = timer.time(gpu, |i| fora_reuse(gpu, &params(i)))?;
+    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| fora_reuse(gpu, &params(i)))?;
     Ok(KernelRow {
         name: "fora_reuse".into(),
         imp: "custom".into(),
@@ -1601,6 +1685,7 @@ fn bench_fora_reuse(
         bound: Bound::Memory,
         work: bytes as f64,
         stats: Some(stats),
+        launches_per_replay: per_replay,
     })
 }
 
@@ -1642,7 +1727,8 @@ fn bench_layernorm(
             eps: 1e-6,
         }
     };
-    let stats = timer.time(gpu, |i| layernorm_modulate(gpu, &params(i)))?;
+    let (stats, per_replay) =
+        timer.time_alone(gpu, copies, |i| layernorm_modulate(gpu, &params(i)))?;
     Ok(KernelRow {
         name: "layernorm".into(),
         imp: "custom".into(),
@@ -1651,6 +1737,7 @@ fn bench_layernorm(
         bound: Bound::Memory,
         work: bytes as f64,
         stats: Some(stats),
+        launches_per_replay: per_replay,
     })
 }
 

@@ -6,9 +6,9 @@
 
 use fora::backend::StepUpdate;
 use fora::bench::{
-    args_from_bench_argv, fmt_opt, gbps, rotation_copies, rows_request, tflops, utc_date,
-    BenchError, Bound, Ceiling, DeviceInfo, E2eRow, GemmChoice, KernelRow, LaunchCount, ModelInfo,
-    Report, Section, Stats, StepKind, StepRow,
+    args_from_bench_argv, fmt_opt, gbps, launches_per_graph, rotation_copies, rows_request, tflops,
+    utc_date, BenchError, Bound, Ceiling, DeviceInfo, E2eRow, GemmChoice, KernelRow, LaunchCount,
+    ModelInfo, Report, Section, Stats, StepKind, StepRow,
 };
 use fora::config::DitConfig;
 use fora::cuda::gemm::GemmImpl;
@@ -188,6 +188,19 @@ fn rates_copies_rows_and_dates() {
     assert_eq!(rotation_copies(1 << 20, 256 << 20), 64, "capped");
     assert_eq!(rotation_copies(0, 256 << 20), 1);
 
+    assert_eq!(launches_per_graph(1.5, 1), 1, "a long launch alone");
+    assert_eq!(launches_per_graph(5.0, 2), 2, "one per rotated copy");
+    assert_eq!(launches_per_graph(0.01, 1), 20, "about 0.2 ms per replay");
+    assert_eq!(launches_per_graph(0.01, 30), 30);
+    assert_eq!(launches_per_graph(0.001, 1), 64, "capped");
+    assert_eq!(launches_per_graph(0.0, 3), 64);
+    assert_eq!(launches_per_graph(f64::NAN, 1), 64);
+    let s = Stats::from_samples(&[2.0, 4.0, 6.0]).unwrap().scaled(0.5);
+    assert_eq!(
+        (s.median_ms, s.min_ms, s.max_ms, s.mean_ms, s.runs),
+        (2.0, 1.0, 3.0, 2.0, 3)
+    );
+
     let (classes, g) = rows_request(2, 1000, 4.0);
     assert_eq!(classes, vec![0]);
     assert_eq!(g.map(|g| g.scale), Some(4.0));
@@ -236,6 +249,7 @@ fn kernel(
         bound,
         work,
         stats: ms.and_then(stats),
+        launches_per_replay: 10,
     }
 }
 
