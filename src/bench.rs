@@ -50,7 +50,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Where the JSON report goes by default (relative to the working directory).
+/// Where the JSON report goes by default (relative to the working directory), unless
+/// `FORA_BENCH_JSON` names another path (e.g. `$OUT/bench.json` on a device runner).
 pub const DEFAULT_JSON: &str = "target/bench.json";
 /// Identifies the JSON layout for `tools/bench_report.py`.
 pub const SCHEMA: &str = "fora-bench/1";
@@ -144,9 +145,10 @@ pub struct BenchArgs {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
-    /// JSON report path.
-    #[arg(long, default_value = DEFAULT_JSON)]
-    pub json: PathBuf,
+    /// JSON report path (default: $FORA_BENCH_JSON, else target/bench.json). The Markdown
+    /// report is also written beside it (same name, .md).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
     /// Bracket every timed loop with cuProfilerStart/Stop (for `nsys --capture-range=cudaProfilerApi`
     /// or `ncu --profile-from-start off`).
     #[arg(long)]
@@ -173,6 +175,8 @@ pub struct BenchPlan {
     pub ceiling_size: usize,
     pub copy_bytes: usize,
     pub cfg_scale: f32,
+    /// The JSON report; the Markdown goes beside it with extension .md.
+    pub json: PathBuf,
 }
 
 impl BenchArgs {
@@ -255,6 +259,11 @@ impl BenchArgs {
             ceiling_size,
             copy_bytes: copy_mib << 20,
             cfg_scale: self.cfg_scale,
+            json: self.json.clone().unwrap_or_else(|| {
+                std::env::var_os("FORA_BENCH_JSON")
+                    .filter(|v| !v.is_empty())
+                    .map_or_else(|| PathBuf::from(DEFAULT_JSON), PathBuf::from)
+            }),
         })
     }
 }
@@ -873,6 +882,37 @@ impl Report {
             }
         }
 
+        if !self.kernels.is_empty() {
+            s += "\n## Kernels (inputs rotated through buffers larger than L2; per-launch time from \
+                  CUDA-graph replays, host launch cost excluded)\n\n";
+            s += "| kernel | rows | shape | impl | time (us) | rate | % ceiling | custom vs best cuBLASLt |\n\
+                  |---|---|---|---|---|---|---|---|\n";
+            for k in &self.kernels {
+                let rate = k.rate();
+                let unit = match k.bound {
+                    Bound::Compute => "TFLOP/s",
+                    Bound::Memory => "GB/s",
+                };
+                s += &format!(
+                    "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    k.name,
+                    k.rows,
+                    k.shape,
+                    k.imp,
+                    fmt_opt(k.stats.as_ref().map(|s| s.median_ms * 1e3), 1),
+                    match rate {
+                        Some(_) => format!(
+                            "{} {unit}",
+                            fmt_opt(rate, if k.bound == Bound::Compute { 1 } else { 0 })
+                        ),
+                        None => "—".to_string(),
+                    },
+                    fmt_opt(self.pct_of_ceiling(rate, k.bound), 1),
+                    fmt_opt(self.vs_cublaslt(k), 2)
+                );
+            }
+        }
+
         if !self.steps.is_empty() {
             s += "\n## Per step (model + CFG + sampler update, as `Backend::step` runs it)\n\n";
             s += "| GEMM | rows | full (ms) | TFLOP/s | % GEMM ceiling | reuse (ms) | reuse / full | \
@@ -935,37 +975,6 @@ impl Report {
                     fmt_opt(self.e2e_speedup(r), 2),
                     r.steps as f64 / r.computed.max(1) as f64,
                     if r.finite { "yes" } else { "NO" }
-                );
-            }
-        }
-
-        if !self.kernels.is_empty() {
-            s += "\n## Kernels (inputs rotated through buffers larger than L2; per-launch time from \
-                  CUDA-graph replays, host launch cost excluded)\n\n";
-            s += "| kernel | rows | shape | impl | time (us) | rate | % ceiling | custom vs best cuBLASLt |\n\
-                  |---|---|---|---|---|---|---|---|\n";
-            for k in &self.kernels {
-                let rate = k.rate();
-                let unit = match k.bound {
-                    Bound::Compute => "TFLOP/s",
-                    Bound::Memory => "GB/s",
-                };
-                s += &format!(
-                    "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
-                    k.name,
-                    k.rows,
-                    k.shape,
-                    k.imp,
-                    fmt_opt(k.stats.as_ref().map(|s| s.median_ms * 1e3), 1),
-                    match rate {
-                        Some(_) => format!(
-                            "{} {unit}",
-                            fmt_opt(rate, if k.bound == Bound::Compute { 1 } else { 0 })
-                        ),
-                        None => "—".to_string(),
-                    },
-                    fmt_opt(self.pct_of_ceiling(rate, k.bound), 1),
-                    fmt_opt(self.vs_cublaslt(k), 2)
                 );
             }
         }
@@ -1053,7 +1062,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut report = Report::new(ModelInfo::new(&cfg, source), &plan, &options);
     report.device = Some(device_info(&gpu)?);
     let started = Instant::now();
-    let json_path = args.json.clone();
+    let json_path = plan.json.clone();
     let save = |report: &Report| {
         if let Err(e) = report.write_json(&json_path) {
             eprintln!("bench: cannot write {}: {e:#}", json_path.display());
@@ -1110,18 +1119,22 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
         }
     }
-    println!("{}", report.markdown());
-    report.write_json(&args.json)?;
+    let markdown = report.markdown();
+    println!("{markdown}");
+    report.write_json(&plan.json)?;
+    let md_path = plan.json.with_extension("md");
+    crate::io::write_atomic(&md_path, markdown.as_bytes())?;
     eprintln!(
-        "bench: done in {:.1} s; JSON in {}",
+        "bench: done in {:.1} s; JSON in {}, Markdown in {}",
         started.elapsed().as_secs_f64(),
-        args.json.display()
+        plan.json.display(),
+        md_path.display()
     );
     ensure!(
         report.errors.is_empty(),
         "{} measurement(s) failed (listed above and in {})",
         report.errors.len(),
-        args.json.display()
+        plan.json.display()
     );
     Ok(())
 }

@@ -53,7 +53,10 @@ fn default_and_quick_plans() {
             Section::E2e
         ]
     );
-    assert_eq!(a.json, PathBuf::from("target/bench.json"));
+    assert!(a.json.is_none());
+    if std::env::var_os("FORA_BENCH_JSON").is_none() {
+        assert_eq!(p.json, PathBuf::from("target/bench.json"));
+    }
     assert!(a.model.is_none() && a.save_weights.is_none());
 
     let (q, _) = parse(&["--quick", "--bench"]);
@@ -113,7 +116,11 @@ fn explicit_values_override_the_defaults() {
     assert_eq!(p.cfg_scale, -1.5);
     assert_eq!((a.gpu, a.profiler_api), (1, true));
     assert_eq!(a.gemm, Some(GemmChoice::Cublaslt));
-    assert_eq!(a.json, PathBuf::from("out/b.json"));
+    assert_eq!(
+        p.json,
+        PathBuf::from("out/b.json"),
+        "--json wins over FORA_BENCH_JSON"
+    );
 }
 
 #[test]
@@ -674,6 +681,40 @@ fn torch_reference_times_the_same_diffusion_process() {
         println!("SKIP torch_reference_times_the_same_diffusion_process: no python3 with torch");
         return;
     }
+    // The Python side sizes its CUDA graphs of SDPA launches as the Rust harness does.
+    let cases = [
+        (1.5, 1usize),
+        (5.0, 2),
+        (0.01, 1),
+        (0.01, 30),
+        (0.001, 1),
+        (0.0, 3),
+        (0.07, 2),
+    ];
+    let code = format!(
+        "import sys; sys.path.insert(0, 'tools'); import bench_torch; \
+         print(' '.join(str(bench_torch.launches_per_graph(t, c)) for t, c in {cases:?}))"
+    );
+    let out = Command::new("python3")
+        .current_dir(root())
+        .args(["-c", &code])
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let python: Vec<usize> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let rust: Vec<usize> = cases
+        .iter()
+        .map(|&(t, c)| launches_per_graph(t, c))
+        .collect();
+    assert_eq!(python, rust);
+
     for steps in [250usize, 50, 7] {
         let code = format!(
             "import json, sys; sys.path.insert(0, 'tools'); import bench_torch; \

@@ -16,7 +16,8 @@ harness (CUDA events between back-to-back runs, warm-up runs first, median of --
   conditional rows with fresh Gaussian noise. The step's timestep and coefficients are copied
   on the device from a per-step table (outside the graph), as the Rust backend does.
 - PyTorch SDPA (F.scaled_dot_product_attention) at (B, heads, tokens, head_dim), inputs rotated
-  through copies larger than L2.
+  through copies larger than L2, per-launch time from CUDA-graph replays (as the Rust harness
+  times its kernels).
 - end to end: a 250-step DDPM loop for one image with CFG (2 rows), FORA N = 1 and 3, eager and
   CUDA-graph modes, wall time including the copy of the final latents to the host.
 
@@ -302,6 +303,40 @@ def time_runs(fn, warmup, runs, cuda):
     return summarize(samples)
 
 
+def launches_per_graph(single_ms, copies):
+    """As fora::bench::launches_per_graph: about 0.2 ms per replay, >= copies, <= 64."""
+    by_time = math.ceil(0.2 / single_ms) if single_ms > 0 and math.isfinite(single_ms) else 64
+    return max(1, min(64, max(min(by_time, 64), copies)))
+
+
+def time_alone(fn, copies, warmup, runs, cuda):
+    """Per-launch time of fn(i) measured alone, as the Rust harness does it: n launches
+    captured in one CUDA graph (host launch costs excluded), replays timed back to back, each
+    sample divided by n. Returns (stats, n). On the CPU: plain timing, n = 1."""
+    if not cuda:
+        return time_runs(fn, warmup, runs, cuda), 1
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(max(warmup, 1)):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn(0)
+    end.record()
+    end.synchronize()
+    n = launches_per_graph(start.elapsed_time(end), copies)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n):
+            fn(i)
+    stats = time_runs(lambda i: graph.replay(), warmup, runs, cuda)
+    del graph
+    return {k: (v / n if k != "runs" else v) for k, v in stats.items()}, n
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -526,10 +561,11 @@ class Bench:
                     q, k, v = qkv[i % copies]
                     F.scaled_dot_product_attention(q, k, v)
 
-                stats = time_runs(run, a.warmup, a.runs, self.cuda)
+                stats, n = time_alone(run, copies, a.warmup, a.runs, self.cuda)
                 flops = 4.0 * b * h * t * t * d
                 row = {"batch": b, "heads": h, "tokens": t, "head_dim": d, "flops": flops,
-                       "tflops": flops / (stats["median_ms"] * 1e-3) / 1e12}
+                       "tflops": flops / (stats["median_ms"] * 1e-3) / 1e12,
+                       "launches_per_replay": n}
                 row.update(stats)
                 self.out["sdpa"].append(row)
                 del qkv
