@@ -163,6 +163,12 @@ class Report:
             b = (self.torch.get("device") or {}).get("name")
             if a and b and a != b:
                 lines.append(f"- WARNING: different cards ({a} vs {b}): ratios are not comparable")
+        if self.ours and self.torch:
+            a = (self.ours.get("model") or {}).get("macs_per_row")
+            b = (self.torch.get("model") or {}).get("macs_per_row")
+            if a and b and a != b:
+                lines.append(f"- WARNING: different models ({a} vs {b} MACs per row): ratios are "
+                             "not comparable")
         if self.macs:
             lines.append(f"- FLOPs = 2 x {self.macs / 1e9:.1f} GMAC per model row; rows include "
                          "the CFG half; a step = model + CFG + DDPM update on both sides")

@@ -667,7 +667,10 @@ class Bench:
                         clear_cache(self.model)
                         self.save()
         self.save()
-        print(markdown(self.out))
+        text = markdown(self.out)
+        print(text)
+        with open(os.path.splitext(a.json)[0] + ".md", "w") as f:
+            f.write(text + "\n")
         print(f"bench_torch: done in {self.out['elapsed_s']:.1f} s; JSON in {a.json}",
               file=sys.stderr)
         return 1 if self.out["errors"] else 0
