@@ -8,7 +8,9 @@
 //!   stacked adaLN GEMM, the final Linear), the custom kernel with its fused epilogue against
 //!   cuBLASLt (its fused bias/GELU where it has one) and cuBLASLt + the stand-alone epilogue
 //!   kernel; flash attention (TFLOP/s); the FORA reuse kernel and LayerNorm+modulate (GB/s).
-//!   Inputs rotate through copies that together exceed the L2 cache (4x L2, >= 256 MiB).
+//!   Inputs rotate through copies that together exceed the L2 cache (4x L2, >= 256 MiB), and
+//!   each time is per launch, from CUDA-graph replays of several launches, so the host's launch
+//!   cost (and cuBLASLt's per-call heuristic query) does not count, as in a captured step.
 //! - **steps**: one sampler step as the sampler runs it ([`Backend::step`] on the backend's
 //!   workspace: the captured compute or reuse graph, the sampler update), per batch of model
 //!   rows (rows include the CFG half), with effective TFLOP/s `2 * macs_per_row * rows / time`
@@ -17,12 +19,15 @@
 //! - **e2e**: whole sampling runs (250-step DDPM, one image with CFG) for FORA N = 1..5: wall
 //!   time of the loop and the realized speedup over N = 1 next to the theoretical one.
 //!
-//! Every timing is the median of `--runs` (default 20) back-to-back runs after `--warmup` runs:
+//! Every timing is the median of `--runs` (default 20) back-to-back runs after `--warmup` runs
+//! (for kernels, runs are graph replays):
 //! the host enqueues run i+1 while the GPU executes run i, as the sampler does, so a time is
 //! the GPU's unless the host cannot keep up (then it is the host's, which is what a user sees).
 //! A measurement that fails is recorded as an error (shown as "—") and the others go on; the
-//! JSON (`--json`, default `target/bench.json`) is rewritten after every section so a crash
-//! loses little. Nothing printed was not measured.
+//! JSON (`--json`, else `$FORA_BENCH_JSON`, else `target/bench.json`) is rewritten after every
+//! section so a crash loses little, and the Markdown is written beside it at the end. Nothing
+//! printed was not measured. `tools/bench_torch.py` times PyTorch the same way and
+//! `tools/bench_report.py` merges both JSONs into the comparison tables and a plot.
 
 use crate::backend::{
     Backend, Guidance, GuidanceMode, NoiseSource, SamplePlan, StepMode, StepSpec,
