@@ -921,7 +921,8 @@ impl Report {
         if !self.steps.is_empty() {
             s += "\n## Per step (model + CFG + sampler update, as `Backend::step` runs it)\n\n";
             s += "| GEMM | rows | full (ms) | TFLOP/s | % GEMM ceiling | reuse (ms) | reuse / full | \
-                  kernels full | kernels reuse |\n|---|---|---|---|---|---|---|---|---|\n";
+                  kernels full | kernels reuse | graphs | tables precomputed |\n\
+                  |---|---|---|---|---|---|---|---|---|---|---|\n";
             let mut keys: Vec<(String, usize)> = Vec::new();
             for r in &self.steps {
                 if !keys.contains(&(r.gemm.clone(), r.rows)) {
@@ -947,21 +948,29 @@ impl Report {
                     r.and_then(|r| r.launches)
                         .map_or("—".to_string(), |l| l.kernels.to_string())
                 };
+                let yes_no = |v: Option<bool>| match v {
+                    Some(true) => "yes",
+                    Some(false) => "no",
+                    None => "—",
+                };
                 s += &format!(
-                    "| {gemm} | {rows} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    "| {gemm} | {rows} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                     fmt_opt(ms(full), 3),
                     fmt_opt(t, 1),
                     fmt_opt(self.pct_of_ceiling(t, Bound::Compute), 1),
                     fmt_opt(ms(reuse), 4),
                     fmt_opt(ratio, 3),
                     launches(full),
-                    launches(reuse)
+                    launches(reuse),
+                    yes_no(full.and_then(|r| r.graphs)),
+                    yes_no(full.and_then(|r| r.precomputed_modulation))
                 );
             }
             s +=
                 "\nKernels per step: kernel launches of one step run kernel by kernel (a captured \
                   step replays them from one graph launch, plus the timestep copy and the sampler \
-                  update).\n";
+                  update). Tables precomputed: every step's adaLN modulation table computed when \
+                  the workspace was built (when they fit), so a step only copies its table.\n";
         }
 
         if !self.e2e.is_empty() {

@@ -406,7 +406,7 @@ fn report_markdown_and_json() {
     );
     assert!(
         md.contains(&format!(
-            "| {:.1} | — | — | 207 | 12 |",
+            "| {:.1} | — | — | 207 | 12 | yes | no |",
             100.0 * t256 / 700.0
         )),
         "{md}"
