@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod diffusion;
 pub mod io;
+pub mod profile;
 pub mod rng;
 pub mod sampler;
 pub mod weights;

@@ -38,6 +38,9 @@ enum Command {
     Sample(SampleArgs),
     /// The build (kernels compiled or not, for which GPU architectures) and the GPUs seen.
     Info,
+    /// Benchmarks on the GPU: kernels vs cuBLASLt and the card's ceilings, computing and reuse
+    /// steps per batch, end-to-end FORA runs (random-weight DiT-XL/2 unless --model).
+    Bench(fora::bench::BenchArgs),
 }
 
 /// Where the model runs.
@@ -148,6 +151,7 @@ fn main() -> ExitCode {
         Command::Forward(args) => forward(args),
         Command::Sample(args) => sample(args),
         Command::Info => info(),
+        Command::Bench(args) => fora::bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -246,14 +246,17 @@ impl<'a, B: Backend> Sampler<'a, B> {
         policy: &mut dyn CachePolicy,
         on_step: &mut dyn FnMut(&StepEvent),
     ) -> Result<Samples> {
+        let _sample = crate::nvtx_range!("sample");
         let start = Instant::now();
         let plan = self.plan(classes, noise)?;
+        let workspace_range = crate::nvtx_range!("workspace");
         let mut ws = self.backend.workspace(&plan).with_context(|| {
             format!(
                 "{}: cannot build the sampling workspace",
                 self.backend.name()
             )
         })?;
+        drop(workspace_range);
         let setup = start.elapsed();
         let loop_start = Instant::now();
         let steps = self.steps();
@@ -264,6 +267,13 @@ impl<'a, B: Backend> Sampler<'a, B> {
             let ctx = StepContext { k, i, steps, t };
             let asked = policy.mode(&ctx);
             let mode = if k == 0 { StepMode::Compute } else { asked };
+            let _step = crate::nvtx_range!(
+                "step {k} {}",
+                match mode {
+                    StepMode::Compute => "compute",
+                    StepMode::Reuse => "reuse",
+                }
+            );
             let spec = StepSpec {
                 k,
                 i,

@@ -461,6 +461,7 @@ impl Backend for CudaBackend {
         if step.mode == StepMode::Compute {
             ws.cache_valid = true;
         }
+        let _update = crate::nvtx_range!("sampler_step");
         let p = self.sampler_params(ws, step)?;
         super::sampler::sampler_step(&self.gpu, &p)
     }

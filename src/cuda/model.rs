@@ -414,6 +414,7 @@ impl GpuModel {
         );
 
         if with_modulation {
+            let _cond = crate::nvtx_range!("conditioning");
             self.modulation(
                 gpu,
                 gemm,
@@ -425,23 +426,26 @@ impl GpuModel {
             )?;
         }
 
-        super::embed::patch_embed(
-            gpu,
-            &PatchEmbedParams {
-                latents: dptr(latents),
-                weight: dptr(&self.x_embed_w),
-                bias: dptr(&self.x_embed_b),
-                pos: dptr(&self.pos_embed),
-                out: dptr(&acts.x),
-                images: images as i32,
-                rows: rows as i32,
-                channels: cfg.in_channels as i32,
-                height: cfg.input_size as i32,
-                width: cfg.input_size as i32,
-                patch: cfg.patch as i32,
-                dim: d as i32,
-            },
-        )?;
+        {
+            let _embed = crate::nvtx_range!("patch_embed");
+            super::embed::patch_embed(
+                gpu,
+                &PatchEmbedParams {
+                    latents: dptr(latents),
+                    weight: dptr(&self.x_embed_w),
+                    bias: dptr(&self.x_embed_b),
+                    pos: dptr(&self.pos_embed),
+                    out: dptr(&acts.x),
+                    images: images as i32,
+                    rows: rows as i32,
+                    channels: cfg.in_channels as i32,
+                    height: cfg.input_size as i32,
+                    width: cfg.input_size as i32,
+                    patch: cfg.patch as i32,
+                    dim: d as i32,
+                },
+            )?;
+        }
 
         let slab = rt * d;
         let ln = |acts: &Activations, shift_col: usize, scale_col: usize| LayerNormModulateParams {
@@ -459,37 +463,47 @@ impl GpuModel {
         match mode {
             StepMode::Compute => {
                 for (l, b) in self.blocks.iter().enumerate() {
+                    let _block = crate::nvtx_range!("block {l}");
                     let base = l * 6 * d; // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
                     let (cache_a, cache_m) = match &acts.cache {
                         Some(c) => (dptr_at(c, (2 * l) * slab), dptr_at(c, (2 * l + 1) * slab)),
                         None => (0, 0),
                     };
-                    super::norm::layernorm_modulate(gpu, &ln(acts, base, base + d))?;
-                    gemm.run(
-                        gpu,
-                        &gemm_params(
-                            dptr(&acts.xn),
-                            dptr(&b.qkv_w),
-                            dptr(&b.qkv_b),
-                            dptr(&acts.qkv),
-                            rt,
-                            3 * d,
-                            d,
-                            Epilogue::BiasBf16,
-                        ),
-                    )?;
-                    super::attention::attention(
-                        gpu,
-                        &AttentionParams {
-                            qkv: dptr(&acts.qkv),
-                            out: dptr(&acts.attn),
-                            batch: rows as i32,
-                            tokens: t as i32,
-                            heads: cfg.heads as i32,
-                            head_dim: cfg.head_dim() as i32,
-                            scale: 1.0 / (cfg.head_dim() as f32).sqrt(),
-                        },
-                    )?;
+                    {
+                        let _op = crate::nvtx_range!("ln_msa");
+                        super::norm::layernorm_modulate(gpu, &ln(acts, base, base + d))?;
+                    }
+                    {
+                        let _op = crate::nvtx_range!("qkv");
+                        gemm.run(
+                            gpu,
+                            &gemm_params(
+                                dptr(&acts.xn),
+                                dptr(&b.qkv_w),
+                                dptr(&b.qkv_b),
+                                dptr(&acts.qkv),
+                                rt,
+                                3 * d,
+                                d,
+                                Epilogue::BiasBf16,
+                            ),
+                        )?;
+                    }
+                    {
+                        let _op = crate::nvtx_range!("attention");
+                        super::attention::attention(
+                            gpu,
+                            &AttentionParams {
+                                qkv: dptr(&acts.qkv),
+                                out: dptr(&acts.attn),
+                                batch: rows as i32,
+                                tokens: t as i32,
+                                heads: cfg.heads as i32,
+                                head_dim: cfg.head_dim() as i32,
+                                scale: 1.0 / (cfg.head_dim() as f32).sqrt(),
+                            },
+                        )?;
+                    }
                     let mut proj = gemm_params(
                         dptr(&acts.attn),
                         dptr(&b.proj_w),
@@ -504,22 +518,34 @@ impl GpuModel {
                     proj.gate = dptr_at(&acts.modulation, base + 2 * d);
                     proj.ldg = cols as i32;
                     proj.rows_per_gate = t as i32;
-                    gemm.run(gpu, &proj)?;
+                    {
+                        let _op = crate::nvtx_range!("proj");
+                        gemm.run(gpu, &proj)?;
+                    }
 
-                    super::norm::layernorm_modulate(gpu, &ln(acts, base + 3 * d, base + 4 * d))?;
-                    gemm.run(
-                        gpu,
-                        &gemm_params(
-                            dptr(&acts.xn),
-                            dptr(&b.fc1_w),
-                            dptr(&b.fc1_b),
-                            dptr(&acts.hidden),
-                            rt,
-                            cfg.mlp_hidden(),
-                            d,
-                            Epilogue::BiasGeluBf16,
-                        ),
-                    )?;
+                    {
+                        let _op = crate::nvtx_range!("ln_mlp");
+                        super::norm::layernorm_modulate(
+                            gpu,
+                            &ln(acts, base + 3 * d, base + 4 * d),
+                        )?;
+                    }
+                    {
+                        let _op = crate::nvtx_range!("fc1");
+                        gemm.run(
+                            gpu,
+                            &gemm_params(
+                                dptr(&acts.xn),
+                                dptr(&b.fc1_w),
+                                dptr(&b.fc1_b),
+                                dptr(&acts.hidden),
+                                rt,
+                                cfg.mlp_hidden(),
+                                d,
+                                Epilogue::BiasGeluBf16,
+                            ),
+                        )?;
+                    }
                     let mut fc2 = gemm_params(
                         dptr(&acts.hidden),
                         dptr(&b.fc2_w),
@@ -534,34 +560,43 @@ impl GpuModel {
                     fc2.gate = dptr_at(&acts.modulation, base + 5 * d);
                     fc2.ldg = cols as i32;
                     fc2.rows_per_gate = t as i32;
-                    gemm.run(gpu, &fc2)?;
+                    {
+                        let _op = crate::nvtx_range!("fc2");
+                        gemm.run(gpu, &fc2)?;
+                    }
                 }
             }
             StepMode::Reuse => {
                 let cache = acts.cache.as_ref().map(dptr).unwrap_or(0);
-                super::fora::fora_reuse(
-                    gpu,
-                    &ForaReuseParams {
-                        x: dptr(&acts.x),
-                        cache,
-                        modulation: dptr(&acts.modulation),
-                        slab: slab as i64,
-                        rows: rows as i32,
-                        tokens: t as i32,
-                        dim: d as i32,
-                        layers: cfg.depth as i32,
-                        ld_mod: cols as i32,
-                        layer_cols: (6 * d) as i32,
-                        gate_msa_col: (2 * d) as i32,
-                        gate_mlp_col: (5 * d) as i32,
-                    },
-                )?;
+                {
+                    let _reuse = crate::nvtx_range!("fora_reuse");
+                    super::fora::fora_reuse(
+                        gpu,
+                        &ForaReuseParams {
+                            x: dptr(&acts.x),
+                            cache,
+                            modulation: dptr(&acts.modulation),
+                            slab: slab as i64,
+                            rows: rows as i32,
+                            tokens: t as i32,
+                            dim: d as i32,
+                            layers: cfg.depth as i32,
+                            ld_mod: cols as i32,
+                            layer_cols: (6 * d) as i32,
+                            gate_msa_col: (2 * d) as i32,
+                            gate_mlp_col: (5 * d) as i32,
+                        },
+                    )?;
+                }
             }
         }
 
         // Final layer: LN + modulate(shift, scale) + Linear, in token layout.
         let fin = cfg.depth * 6 * d;
-        super::norm::layernorm_modulate(gpu, &ln(acts, fin, fin + d))?;
+        {
+            let _final = crate::nvtx_range!("final_layer");
+            super::norm::layernorm_modulate(gpu, &ln(acts, fin, fin + d))?;
+        }
         gemm.run(
             gpu,
             &gemm_params(
