@@ -178,10 +178,10 @@ fn run_on<J: Job>(model: &ModelArgs, job: J) -> Result<()> {
             let gpu = Gpu::new(0).context("--device cuda")?;
             job.run(&CudaBackend::new(gpu, &cfg, &weights)?)
         }
-        Device::Auto => match Gpu::new(0) {
-            Ok(gpu) => job.run(&CudaBackend::new(gpu, &cfg, &weights)?),
+        Device::Auto => match Gpu::new(0).and_then(|gpu| CudaBackend::new(gpu, &cfg, &weights)) {
+            Ok(cuda) => job.run(&cuda),
             Err(e) => {
-                eprintln!("fora: no usable CUDA device ({e:#}); running on the CPU");
+                eprintln!("fora: the CUDA backend is not usable here ({e:#}); running on the CPU");
                 job.run(&CpuBackend::new(cfg, weights)?)
             }
         },

@@ -443,3 +443,15 @@ fn gpu_execution_paths_agree() {
         }
     }
 }
+
+/// Models without an attention kernel for their head size are refused up front, with the reason
+/// (the CLI's `--device auto` then runs them on the CPU).
+#[test]
+fn unsupported_head_dim_is_refused_clearly() {
+    let arch = Arch::parse("depth=1,hidden=32,heads=2,patch=2").unwrap();
+    let cfg = DitConfig::from_arch(&arch, 4, 8, 10, true).unwrap();
+    let err = fora::cuda::backend::supports(&cfg).unwrap_err().to_string();
+    assert!(err.contains("head_dim 16"), "{err}");
+    assert!(fora::cuda::backend::supports(&small_cfg()).is_ok());
+    assert!(fora::cuda::backend::supports(&DitConfig::official("DiT-XL/2", 32).unwrap()).is_ok());
+}

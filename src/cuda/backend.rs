@@ -54,6 +54,22 @@ impl CudaOptions {
     }
 }
 
+/// Whether the CUDA backend can run `cfg`: its attention kernels exist for head_dim 64, 72
+/// and 128 (every official DiT); other models run on the CPU backend.
+pub fn supports(cfg: &DitConfig) -> Result<()> {
+    let hd = cfg.head_dim() as i32;
+    ensure!(
+        super::attention::ATTENTION_HEAD_DIMS.contains(&hd),
+        "the CUDA backend has attention kernels for head_dim {:?}; {} has head_dim {hd} \
+         ({} / {} heads)",
+        super::attention::ATTENTION_HEAD_DIMS,
+        cfg.arch_name(),
+        cfg.hidden,
+        cfg.heads
+    );
+    Ok(())
+}
+
 /// Whether steps replay CUDA graphs by default (`FORA_CUDA_GRAPHS=0` turns them off).
 pub fn graphs_enabled() -> bool {
     std::env::var("FORA_CUDA_GRAPHS").map_or(true, |v| v.trim() != "0")
@@ -122,6 +138,7 @@ impl CudaBackend {
         weights: &DitWeights,
         options: CudaOptions,
     ) -> Result<CudaBackend> {
+        supports(cfg)?;
         let model = GpuModel::upload(&gpu, cfg, weights)?;
         Ok(CudaBackend {
             gpu,
