@@ -133,7 +133,7 @@ pub struct BenchArgs {
     /// Untimed runs before each measurement.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
-    /// GEMM implementation of the step and end-to-end sections. Default both (custom with
+    /// GEMM implementation of the step and end-to-end sections. Default both (cuBLASLt with
     /// --quick).
     #[arg(long, value_enum)]
     pub gemm: Option<GemmChoice>,
@@ -228,14 +228,15 @@ impl BenchArgs {
             ensure!(s > 0, "--input-size must be positive");
         }
         let gemm = self.gemm.unwrap_or(if q {
-            GemmChoice::Custom
+            GemmChoice::Cublaslt
         } else {
             GemmChoice::Both
         });
         let gemms = match gemm {
             GemmChoice::Custom => vec![GemmImpl::Custom],
             GemmChoice::Cublaslt => vec![GemmImpl::CublasLt],
-            GemmChoice::Both => vec![GemmImpl::Custom, GemmImpl::CublasLt],
+            // The default implementation first: the end-to-end section runs on the first only.
+            GemmChoice::Both => vec![GemmImpl::CublasLt, GemmImpl::Custom],
         };
         let mut sections = self.sections.clone().unwrap_or_else(|| {
             vec![
@@ -1125,7 +1126,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     save(&report);
                 }
             }
-            // End to end on the first implementation only (it is the slow section).
+            // End to end on the first implementation (the default, cuBLASLt) only: it is the slow
+            // section.
             if want_e2e && i == 0 {
                 eprintln!("bench: end to end, {name} GEMM");
                 bench_e2e(&backend, &plan, args.seed, &mut report);

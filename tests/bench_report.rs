@@ -41,7 +41,7 @@ fn default_and_quick_plans() {
     assert_eq!(p.kernel_batches, vec![2, 256]);
     assert_eq!(p.intervals, vec![1, 2, 3, 4, 5]);
     assert_eq!((p.steps, p.e2e_reps, p.runs, p.warmup), (250, 3, 20, 3));
-    assert_eq!(p.gemms, vec![GemmImpl::Custom, GemmImpl::CublasLt]);
+    assert_eq!(p.gemms, vec![GemmImpl::CublasLt, GemmImpl::Custom]);
     assert_eq!(p.ceiling_size, 8192);
     assert_eq!(p.copy_bytes, 1 << 30);
     assert_eq!(
@@ -66,7 +66,7 @@ fn default_and_quick_plans() {
     assert_eq!(p.kernel_batches, vec![2]);
     assert_eq!(p.intervals, vec![1, 3]);
     assert_eq!(p.e2e_reps, 1);
-    assert_eq!(p.gemms, vec![GemmImpl::Custom]);
+    assert_eq!(p.gemms, vec![GemmImpl::CublasLt]);
     assert_eq!(p.ceiling_size, 4096);
 }
 

@@ -61,18 +61,21 @@ def ratio(a, b):
 
 
 class Report:
-    def __init__(self, ours, torch):
+    def __init__(self, ours, torch, gemm=None):
         self.ours = ours
         self.torch = torch
         self.macs = None
         for d in (ours, torch):
             if d and d.get("model") and d["model"].get("macs_per_row"):
                 self.macs = self.macs or d["model"]["macs_per_row"]
-        # Our step rows of one GEMM implementation: custom when measured, else the first.
+        # Our step rows of one GEMM implementation: the one asked for, else custom when
+        # measured, else the first.
         self.gemm = None
         if ours and ours.get("steps"):
             gemms = [r["gemm"] for r in ours["steps"]]
-            self.gemm = "custom" if "custom" in gemms else gemms[0]
+            if gemm is not None and gemm not in gemms:
+                raise SystemExit(f"bench_report: no step rows with GEMM {gemm!r} (have {sorted(set(gemms))})")
+            self.gemm = gemm or ("custom" if "custom" in gemms else gemms[0])
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -355,7 +358,11 @@ class Report:
         parts = ["# DiT + FORA: fora vs PyTorch", "", self.header(), "",
                  "## Targets (issue 5)", "", self.targets(), "",
                  "## Per step (ms; ratios = PyTorch time / ours)", "", self.steps_table()]
-        for title, table in (("## End to end (one image with CFG, DDPM)", self.e2e_table()),
+        e2e_gemms = sorted({r["gemm"] for r in (self.ours or {}).get("e2e", [])})
+        e2e_title = "## End to end (one image with CFG, DDPM)"
+        if e2e_gemms:
+            e2e_title += f" — our runs with GEMM `{', '.join(e2e_gemms)}`"
+        for title, table in ((e2e_title, self.e2e_table()),
                              ("## Attention: ours vs PyTorch SDPA", self.attention_table()),
                              ("## Our kernels", self.kernels_table()),
                              ("## Failed or skipped", self.notes())):
@@ -422,13 +429,15 @@ def main(argv=None):
     p.add_argument("--torch", default="target/bench_torch.json", help="JSON of bench_torch.py")
     p.add_argument("--md", default=None, help="also write the Markdown here")
     p.add_argument("--plot", default=None, help="PNG of step latency vs rows (needs matplotlib)")
+    p.add_argument("--gemm", default=None, choices=["custom", "cublaslt"],
+                   help="our GEMM implementation to report (default custom when measured)")
     a = p.parse_args(argv)
     ours = load(a.ours, "fora-bench/1")
     torch = load(a.torch, "fora-bench-torch/1")
     if ours is None and torch is None:
         print("bench_report: neither JSON exists: nothing to report", file=sys.stderr)
         return 2
-    r = Report(ours, torch)
+    r = Report(ours, torch, a.gemm)
     text = r.markdown()
     print(text)
     if a.md:
