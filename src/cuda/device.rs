@@ -316,6 +316,24 @@ fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
+/// Every named dimension of a kernel's params is positive (one error naming the first that is
+/// not).
+pub fn check_dims(kernel: &str, dims: &[(&str, i32)]) -> Result<()> {
+    for &(field, v) in dims {
+        check_positive(kernel, field, v.into())?;
+    }
+    Ok(())
+}
+
+/// The latent's sides are whole numbers of patches.
+pub fn check_patch_grid(kernel: &str, height: i32, width: i32, patch: i32) -> Result<()> {
+    ensure!(
+        height % patch == 0 && width % patch == 0,
+        "{kernel}: latent {height}x{width} is not divisible by the patch size {patch}"
+    );
+    Ok(())
+}
+
 /// The raw device address of a slice, for a kernel parameter struct.
 pub fn dptr<T>(s: &CudaSlice<T>) -> u64 {
     let (p, _no_event) = s.device_ptr(s.stream());

@@ -2,7 +2,7 @@
 //! residual stream `[rows * T, D]`, model row r reading image r % images (the CFG rows [x; x]
 //! share their image without a copy).
 
-use super::device::{check_positive, check_ptr, grid_x, Gpu};
+use super::device::{check_dims, check_patch_grid, check_ptr, grid_x, Gpu};
 use super::params::PatchEmbedParams;
 use anyhow::{ensure, Result};
 
@@ -13,24 +13,19 @@ pub const MAX_PATCH_ELEMENTS: i32 = 1024;
 /// Validates `p` and returns the grid of [`patch_embed`] (one block per output token row).
 pub fn patch_embed_plan(p: &PatchEmbedParams) -> Result<(u32, u32, u32)> {
     const K: &str = "patch_embed";
-    for (f, v) in [
-        ("images", p.images),
-        ("rows", p.rows),
-        ("channels", p.channels),
-        ("height", p.height),
-        ("width", p.width),
-        ("patch", p.patch),
-        ("dim", p.dim),
-    ] {
-        check_positive(K, f, v.into())?;
-    }
-    ensure!(
-        p.height % p.patch == 0 && p.width % p.patch == 0,
-        "{K}: latent {}x{} is not divisible by the patch size {}",
-        p.height,
-        p.width,
-        p.patch
-    );
+    check_dims(
+        K,
+        &[
+            ("images", p.images),
+            ("rows", p.rows),
+            ("channels", p.channels),
+            ("height", p.height),
+            ("width", p.width),
+            ("patch", p.patch),
+            ("dim", p.dim),
+        ],
+    )?;
+    check_patch_grid(K, p.height, p.width, p.patch)?;
     let k = p.channels as i64 * p.patch as i64 * p.patch as i64;
     ensure!(
         k <= MAX_PATCH_ELEMENTS as i64,

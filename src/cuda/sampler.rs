@@ -8,7 +8,7 @@
 //! flat index)` (Philox4x32-10 + Box-Muller), the same numbers as the CPU's to within an ulp or
 //! two of log/cos/sin (see kernels/philox.cuh).
 
-use super::device::{check_positive, check_ptr, grid_x, Gpu};
+use super::device::{check_dims, check_patch_grid, check_positive, check_ptr, grid_x, Gpu};
 use super::params::{
     NormalFillParams, SamplerStepParams, UnpatchifyParams, FORA_SAMPLER_DDIM, FORA_SAMPLER_DDPM,
 };
@@ -74,23 +74,18 @@ pub fn set_update(p: &mut SamplerStepParams, update: &StepUpdate) {
 /// Validates `p` and returns the grid of [`sampler_step`].
 pub fn sampler_step_plan(p: &SamplerStepParams) -> Result<(u32, u32, u32)> {
     const K: &str = "sampler_step";
-    for (f, v) in [
-        ("images", p.images),
-        ("rows", p.rows),
-        ("channels", p.channels),
-        ("height", p.height),
-        ("width", p.width),
-        ("patch", p.patch),
-    ] {
-        check_positive(K, f, v.into())?;
-    }
-    ensure!(
-        p.height % p.patch == 0 && p.width % p.patch == 0,
-        "{K}: latent {}x{} is not divisible by the patch size {}",
-        p.height,
-        p.width,
-        p.patch
-    );
+    check_dims(
+        K,
+        &[
+            ("images", p.images),
+            ("rows", p.rows),
+            ("channels", p.channels),
+            ("height", p.height),
+            ("width", p.width),
+            ("patch", p.patch),
+        ],
+    )?;
+    check_patch_grid(K, p.height, p.width, p.patch)?;
     ensure!(
         p.rows == p.images || p.rows as i64 == 2 * p.images as i64,
         "{K}: rows {} must be images {} (no guidance) or 2*images (guidance)",
@@ -166,22 +161,17 @@ pub fn sampler_step(gpu: &Gpu, p: &SamplerStepParams) -> Result<()> {
 /// Validates `p` and returns the grid of [`unpatchify`].
 pub fn unpatchify_plan(p: &UnpatchifyParams) -> Result<(u32, u32, u32)> {
     const K: &str = "unpatchify";
-    for (f, v) in [
-        ("rows", p.rows),
-        ("out_channels", p.out_channels),
-        ("height", p.height),
-        ("width", p.width),
-        ("patch", p.patch),
-    ] {
-        check_positive(K, f, v.into())?;
-    }
-    ensure!(
-        p.height % p.patch == 0 && p.width % p.patch == 0,
-        "{K}: latent {}x{} is not divisible by the patch size {}",
-        p.height,
-        p.width,
-        p.patch
-    );
+    check_dims(
+        K,
+        &[
+            ("rows", p.rows),
+            ("out_channels", p.out_channels),
+            ("height", p.height),
+            ("width", p.width),
+            ("patch", p.patch),
+        ],
+    )?;
+    check_patch_grid(K, p.height, p.width, p.patch)?;
     ensure!(
         (0..=p.out_channels).contains(&p.guided_channels),
         "{K}: guided_channels {} is outside 0..={}",
