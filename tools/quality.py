@@ -191,6 +191,16 @@ def comparison_picture(rows, scale, gap=2, gap_value=128):
 
 # ---------------------------------------------------------------------------------------------
 
+def strict_json(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: strict_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [strict_json(x) for x in v]
+    return v
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -272,8 +282,8 @@ def main(argv=None):
 
     base_time = results[0].get("sampling_seconds")
     lines = [
-        f"| FORA interval N | computing steps | accuracy (requested class) | PSNR vs no cache, "
-        f"mean (min) dB | sampling time | speed-up |",
+        "| FORA interval N | computing steps | accuracy (requested class) | PSNR vs no cache, "
+        "mean (min) dB | sampling time | speed-up |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -318,7 +328,8 @@ def main(argv=None):
     }
     json_path = os.path.join(args.out_dir, "quality.json")
     with open(json_path + ".tmp", "w") as f:
-        json.dump(report, f, indent=2, allow_nan=True)
+        # Strict JSON: an infinite PSNR (all images identical) is written as null.
+        json.dump(strict_json(report), f, indent=2, allow_nan=False)
     os.replace(json_path + ".tmp", json_path)
     print()
     print(f"wrote {json_path} and {pic_path} (top: no cache, bottom: FORA N={pic_n})")

@@ -16,12 +16,18 @@ model trains in minutes instead of days: a larger learning rate with a linear wa
 decay, gradient clipping, and an EMA decay that warms up (a 0.9999 EMA would still be mostly the
 initialisation after a few thousand steps).
 
-    python3 tools/train_tiny.py --device cuda --steps 12000 --out models/tiny.safetensors
+    python3 tools/train_tiny.py --device cuda --out models/tiny.safetensors
     python3 tools/train_tiny.py --device cpu --steps 20 --threads 1 --out /tmp/t.safetensors
 
-Everything random (init, batches, timesteps, label drops, noise) is drawn from seeded CPU
-generators, so a run is reproducible on one device; CPU runs are bitwise reproducible, CUDA
-runs up to the non-determinism of some GPU kernels (bf16 autocast, atomics).
+Everything random is seeded (init on the CPU; batches, timesteps, label drops and noise on the
+training device), so a run is reproducible on one kind of device: CPU runs are bitwise
+reproducible, CUDA runs up to the non-determinism of some GPU kernels. CPU and CUDA runs of one
+seed draw different batches.
+
+At the end (by default on CUDA) the script samples `--eval-per-class` images of every class
+with the EMA weights (250-step DDPM, learned variance, classifier-free guidance at scale 4, the
+official recipe, in PyTorch) and prints the accuracy of tools/quality.py's classifier on them,
+so one run says whether the model is good enough before fora is involved.
 """
 
 import argparse
@@ -110,14 +116,31 @@ def official_init(model, generator):
     nn.init.zeros_(model.final_layer.linear.bias)
 
 
-class Schedule:
-    """The 1000-step linear-beta process (1e-4 .. 0.02), float64 tables as the official code,
-    gathered per timestep as float32 [N, 1, 1, 1] on `device`."""
+def linear_betas():
+    return np.linspace(1e-4, 0.02, NUM_TIMESTEPS, dtype=np.float64)
 
-    def __init__(self, device):
+
+def respaced_betas(steps):
+    """The official respacing of the 1000-step process to `steps` steps at the fractional stride
+    (`space_timesteps(1000, "250")`): (betas of the respaced process, original timesteps)."""
+    stride = (NUM_TIMESTEPS - 1) / (steps - 1) if steps > 1 else 1
+    use = sorted({round(i * stride) for i in range(steps)})
+    abar = np.cumprod(1.0 - linear_betas())
+    betas, last = [], 1.0
+    for i in use:
+        betas.append(1.0 - abar[i] / last)
+        last = abar[i]
+    return np.array(betas), use
+
+
+class Schedule:
+    """A Gaussian diffusion process (default: the 1000-step linear-beta one, 1e-4 .. 0.02),
+    float64 tables as the official code, gathered per step index as float32 [N, 1, 1, 1]."""
+
+    def __init__(self, device, betas=None):
         import torch
 
-        betas = np.linspace(1e-4, 0.02, NUM_TIMESTEPS, dtype=np.float64)
+        betas = linear_betas() if betas is None else betas
         alphas = 1.0 - betas
         abar = np.cumprod(alphas)
         abar_prev = np.append(1.0, abar[:-1])
@@ -137,6 +160,39 @@ class Schedule:
 
     def __call__(self, name, t):
         return self.t[name][t][:, None, None, None]
+
+
+def sample_ddpm(model, labels, steps, cfg_scale, generator, device):
+    """The official DDPM sampler with learned-range variance and classifier-free guidance
+    (`forward_with_cfg`, scale != 1) over the respaced process; returns x_0 [N, C, H, W]."""
+    import torch
+
+    betas, timesteps = respaced_betas(steps)
+    sched = Schedule(device, betas)
+    n = len(labels)
+    c, size = model.in_channels, int(round(math.sqrt(model.pos_embed.shape[1]))) * model.patch
+    y = torch.as_tensor(labels, device=device)
+    guided = cfg_scale != 1.0
+    if guided:
+        y = torch.cat([y, torch.full_like(y, model.num_classes)])
+    x = torch.randn((n, c, size, size), generator=generator, device=device)
+    for i in reversed(range(len(timesteps))):
+        xin = torch.cat([x, x]) if guided else x
+        t_orig = torch.full((len(xin),), timesteps[i], device=device, dtype=torch.int64)
+        out = (model.forward_with_cfg(xin, t_orig, y, cfg_scale) if guided
+               else model(xin, t_orig, y))[:n]
+        eps, v = out[:, :c], out[:, c:]
+        idx = torch.full((n,), i, device=device, dtype=torch.int64)
+        frac = (v + 1.0) / 2.0
+        logvar = frac * sched("log_beta", idx) + (1.0 - frac) * sched("post_logvar", idx)
+        x0 = sched("sqrt_recip_abar", idx) * x - sched("sqrt_recipm1_abar", idx) * eps
+        mean = sched("coef1", idx) * x0 + sched("coef2", idx) * x
+        if i > 0:
+            noise = torch.randn(x.shape, generator=generator, device=device)
+            x = mean + torch.exp(0.5 * logvar) * noise
+        else:
+            x = mean
+    return x
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -200,7 +256,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="where to train (default cuda)")
-    p.add_argument("--steps", type=int, default=12000, help="optimizer steps (default 12000)")
+    p.add_argument("--steps", type=int, default=10000, help="optimizer steps (default 10000)")
     p.add_argument("--batch", type=int, default=256, help="images per step (default 256)")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
     p.add_argument("--warmup", type=int, default=500, help="linear warm-up steps (default 500)")
@@ -219,7 +275,17 @@ def parse_args(argv=None):
                    help="dtype of the saved tensors (default f32)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--log-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=500)
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop training after this many minutes and save the EMA weights "
+                        "reached (recorded in the metadata); for runs with a hard time budget")
+    p.add_argument("--eval-per-class", type=int, default=None,
+                   help="images per class sampled at the end to measure accuracy "
+                        "(default 20 on cuda, 0 = none on cpu)")
+    p.add_argument("--eval-steps", type=int, default=250,
+                   help="DDPM steps of that evaluation (default 250)")
+    p.add_argument("--eval-cfg-scale", type=float, default=4.0,
+                   help="guidance scale of that evaluation (default 4.0)")
     p.add_argument("--out", default="models/tiny.safetensors", help="output safetensors")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "depth", "hidden", "heads", "patch", "log_every"):
@@ -237,6 +303,14 @@ def parse_args(argv=None):
         p.error("--ema-decay must be in [0, 1)")
     if args.lr <= 0 or args.warmup < 0:
         p.error("--lr must be positive and --warmup >= 0")
+    if args.eval_per_class is None:
+        args.eval_per_class = 20 if args.device == "cuda" else 0
+    if args.eval_per_class < 0 or args.eval_steps <= 0 or args.eval_steps > NUM_TIMESTEPS:
+        p.error(f"--eval-per-class must be >= 0 and --eval-steps in 1..{NUM_TIMESTEPS}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        p.error("--max-minutes must be positive")
+    if not math.isfinite(args.eval_cfg_scale):
+        p.error("--eval-cfg-scale must be finite")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         p.error(f"--out {args.out}: directory {out_dir} does not exist")
@@ -286,7 +360,9 @@ def main(argv=None):
 
     x_all, y_all = digits_dataset(channels=args.channels)
     init_gen = torch.Generator().manual_seed(args.seed)
-    data_gen = torch.Generator().manual_seed(args.seed + 1)
+    # Batches, timesteps, label drops and noise come from a generator on the training device,
+    # so a CUDA step never waits on a host-to-device copy.
+    data_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
 
     model = DiT(args.depth, args.hidden, args.heads, args.patch, in_channels=args.channels,
                 input_size=IMAGE_SIZE, num_classes=NUM_CLASSES, learn_sigma=True)
@@ -314,14 +390,17 @@ def main(argv=None):
     start = time.time()
     run_loss = run_mse = run_vb = 0.0
     run_n = 0
+    steps_done = 0
     for step in range(args.steps):
-        # Every random draw comes from the CPU generator: the same stream on every device.
-        idx = torch.randint(len(x_all), (args.batch,), generator=data_gen)
-        t = torch.randint(NUM_TIMESTEPS, (args.batch,), generator=data_gen)
-        drop = torch.rand(args.batch, generator=data_gen) < args.class_dropout
+        if args.max_minutes is not None and time.time() - start > args.max_minutes * 60:
+            print(f"train_tiny: --max-minutes {args.max_minutes} reached after {step} of "
+                  f"{args.steps} steps; saving the EMA weights reached so far", flush=True)
+            break
+        idx = torch.randint(len(x_all), (args.batch,), generator=data_gen, device=device)
+        t = torch.randint(NUM_TIMESTEPS, (args.batch,), generator=data_gen, device=device)
+        drop = torch.rand(args.batch, generator=data_gen, device=device) < args.class_dropout
         noise = torch.randn((args.batch, args.channels, IMAGE_SIZE, IMAGE_SIZE),
-                            generator=data_gen)
-        idx, t, drop, noise = (v.to(device, non_blocking=True) for v in (idx, t, drop, noise))
+                            generator=data_gen, device=device)
         x0 = x_dev[idx]
         y = torch.where(drop, torch.full_like(y_dev[idx], NUM_CLASSES), y_dev[idx])
         x_t = sched("sqrt_abar", t) * x0 + sched("sqrt_1m_abar", t) * noise
@@ -355,6 +434,7 @@ def main(argv=None):
                   f"({el / (step + 1) * 1000:.1f} ms/step)", flush=True)
             run_loss = run_mse = run_vb = 0.0
             run_n = 0
+        steps_done = step + 1
 
     elapsed = time.time() - start
     for name, v in ema.state_dict().items():
@@ -364,7 +444,8 @@ def main(argv=None):
         "fora.trained_by": "tools/train_tiny.py",
         "fora.train.data": f"sklearn digits 8x8 -> {IMAGE_SIZE}x{IMAGE_SIZE} bilinear, "
                            f"{args.channels} channel(s), [-1, 1]",
-        "fora.train.steps": str(args.steps),
+        "fora.train.steps": str(steps_done),
+        "fora.train.planned_steps": str(args.steps),
         "fora.train.batch": str(args.batch),
         "fora.train.lr": str(args.lr),
         "fora.train.seed": str(args.seed),
@@ -374,8 +455,33 @@ def main(argv=None):
     }
     save_checkpoint(ema, args.out, args.save_dtype, meta)
     size = os.path.getsize(args.out)
-    print(f"train_tiny: {args.steps} steps in {elapsed:.1f} s; wrote {args.out} "
+    print(f"train_tiny: {steps_done} steps in {elapsed:.1f} s; wrote {args.out} "
           f"({size / 1e6:.2f} MB, EMA weights, {args.save_dtype})", flush=True)
+    if args.eval_per_class > 0:
+        evaluate(ema, args, device)
+
+
+def evaluate(model, args, device):
+    """Samples `--eval-per-class` images of every class with `model` and prints the accuracy
+    of tools/quality.py's digit classifier on them."""
+    import torch
+    from quality import DigitClassifier
+
+    start = time.time()
+    clf = DigitClassifier()
+    labels = [c for c in range(NUM_CLASSES) for _ in range(args.eval_per_class)]
+    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    with torch.no_grad():
+        model = model.float().eval()
+        samples = sample_ddpm(model, labels, args.eval_steps, args.eval_cfg_scale, gen, device)
+    pred = clf.predict(samples.cpu().numpy())
+    truth = np.array(labels)
+    per_class = " ".join(f"{c}:{(pred[truth == c] == c).mean() * 100:.0f}%"
+                         for c in range(NUM_CLASSES))
+    print(f"eval: {len(labels)} samples ({args.eval_steps}-step DDPM, cfg {args.eval_cfg_scale}) "
+          f"in {time.time() - start:.1f} s: classifier accuracy "
+          f"{(pred == truth).mean() * 100:.1f}% (classifier test accuracy "
+          f"{clf.test_accuracy * 100:.1f}%); per class {per_class}", flush=True)
 
 
 if __name__ == "__main__":
