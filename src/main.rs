@@ -71,7 +71,8 @@ enum SamplerChoice {
 
 #[derive(Args, Clone, Debug)]
 struct ModelArgs {
-    /// Checkpoint (safetensors, official DiT key layout; f32, f16 or bf16).
+    /// Checkpoint (safetensors, official DiT key layout; f32, f16 or bf16). Default: the
+    /// embedded tiny digits model (models/tiny.safetensors).
     #[arg(long, value_name = "CKPT")]
     model: Option<PathBuf>,
     /// Architecture (`DiT-XL/2`, or `depth=..,hidden=..,heads=..,patch=..`) when the checkpoint's
@@ -137,7 +138,8 @@ struct SampleArgs {
     /// safetensors with `x_T` [B, C, H, W] f32 and `noise` [S, B, C, H, W] f32.
     #[arg(long, value_name = "NOISE")]
     noise_file: Option<PathBuf>,
-    /// Output safetensors: `samples` [B, C, H, W] f32.
+    /// Output: `.safetensors` with `samples` [B, C, H, W] f32, or `.png` (a grid of the B
+    /// images; pixel-space models with 1 or 3 channels).
     #[arg(long, value_name = "OUT")]
     out: PathBuf,
     /// No progress bar.
@@ -191,12 +193,24 @@ fn run_on<J: Job>(model: &ModelArgs, job: J) -> Result<()> {
 fn load_model(model: &ModelArgs) -> Result<(DitConfig, DitWeights)> {
     let arch = model.arch.as_deref().map(Arch::parse).transpose()?;
     let Some(path) = &model.model else {
-        bail!(
-            "no --model given: fora has no embedded default model yet; pass --model CKPT.safetensors \
-             (`cargo run --release --example sample` writes a random-weight DiT-S/2 you can use)"
+        ensure!(
+            arch.is_none(),
+            "--arch describes a --model checkpoint; without --model the embedded model is used"
         );
+        eprintln!(
+            "fora: no --model: using the {}",
+            fora::embedded::DEFAULT_MODEL_DESCRIPTION
+        );
+        return fora::embedded::default_model();
     };
     DitWeights::load(path, arch.as_ref())
+}
+
+/// Whether `out` names a PNG file (any case of `.png`).
+fn is_png(out: &Path) -> bool {
+    out.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"))
 }
 
 /// Fails before any long computation when the output could not be written.
@@ -349,8 +363,13 @@ fn sample(args: SampleArgs) -> Result<()> {
             SamplerKind::Ddim { eta }
         }
     };
+    // The embedded model is measured with guidance 4 (tools/quality.py): its default.
+    let cfg_scale = match (&args.model.model, args.cfg_scale) {
+        (None, None) => Some(fora::embedded::DEFAULT_CFG_SCALE),
+        (_, s) => s,
+    };
     // Scale 1.0 is the unguided model exactly; run it on B rows, not 2B.
-    let scale = args.cfg_scale.filter(|&s| s != 1.0);
+    let scale = cfg_scale.filter(|&s| s != 1.0);
     let options = SamplerOptions {
         respacing: args
             .respacing
@@ -396,6 +415,13 @@ fn read_noise_file(
 impl Job for SampleJob {
     fn run<B: Backend>(self, backend: &B) -> Result<()> {
         let args = &self.args;
+        let c = backend.config().in_channels;
+        ensure!(
+            !is_png(&args.out) || c == 1 || c == 3,
+            "--out {}: PNG output needs a pixel-space model with 1 or 3 channels; this one has {c} \
+             latent channels (write .safetensors latents instead)",
+            args.out.display()
+        );
         let sampler = Sampler::new(backend, self.options.clone())?;
         let steps = sampler.steps();
         let noise = match &args.noise_file {
@@ -450,11 +476,16 @@ impl Job for SampleJob {
             Some(p) => meta.insert("fora.noise_file".into(), p.display().to_string()),
             None => meta.insert("fora.seed".into(), args.seed.unwrap_or(0).to_string()),
         };
-        write_tensors(
-            &args.out,
-            &[("samples", OutTensor::F32(&samples.shape, &samples.latents))],
-            Some(meta),
-        )?;
+        if is_png(&args.out) {
+            let columns = fora::png_out::default_columns(samples.shape[0]);
+            fora::png_out::write_png_grid(&args.out, &samples.latents, samples.shape, columns)?;
+        } else {
+            write_tensors(
+                &args.out,
+                &[("samples", OutTensor::F32(&samples.shape, &samples.latents))],
+                Some(meta),
+            )?;
+        }
         let st = &samples.stats;
         eprintln!(
             "fora: {} image(s), {} steps ({} computed, {} reused, {}) on {} in {:.2} s -> {}",
@@ -479,6 +510,15 @@ fn info() -> Result<()> {
     println!(
         "cpu backend: f32 reference, {} threads",
         rayon::current_num_threads()
+    );
+    let meta = fora::embedded::default_model_metadata()?;
+    let field = |k: &str| meta.get(k).map_or("?", String::as_str);
+    println!(
+        "default model: {} ({}, trained {} steps on {})",
+        fora::embedded::DEFAULT_MODEL_DESCRIPTION,
+        field("fora.arch"),
+        field("fora.train.steps"),
+        field("fora.train.device"),
     );
     if fora::cuda::kernels::available() {
         let modules: Vec<&str> = fora::cuda::kernels::MODULES.iter().map(|m| m.0).collect();

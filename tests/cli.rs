@@ -537,8 +537,23 @@ fn bad_sample_inputs() {
         &["--cfg-scale"],
         &out,
     );
-    let o = fora(&["sample", "--class", "1", "--out", &out_s]);
-    assert_fails(&o, &["no --model"], &out);
+    // Without --model the embedded model runs; --arch then has nothing to describe, and a class
+    // beyond its 10 is refused.
+    let o = fora(&[
+        "sample", "--class", "1", "--arch", "DiT-S/2", "--out", &out_s,
+    ]);
+    assert_fails(&o, &["--arch", "embedded"], &out);
+    let o = fora(&[
+        "sample", "--class", "10", "--steps", "2", "--quiet", "--out", &out_s,
+    ]);
+    assert_fails(&o, &["class 10"], &out);
+    // PNG output needs 1 or 3 channels: this checkpoint has 4.
+    let png = s.path("x.png");
+    let png_s = png.to_str().unwrap();
+    let o = fora(&[
+        "sample", "--model", &model, "--quiet", "--class", "1", "--out", png_s,
+    ]);
+    assert_fails(&o, &["PNG", "4 latent channels"], &png);
 
     // Noise files: missing, wrong shapes, a seed beside a file.
     let n = s.config.image_len();
@@ -694,4 +709,37 @@ fn cuda_device_through_the_cli() {
     println!("cli sample: cuda vs cpu rel-L2 {err:.3e}");
     assert!(err <= 5e-2, "sample: cuda vs cpu rel-L2 {err:e}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The main job of the README: the embedded model, no --model, a PNG grid out.
+#[test]
+fn embedded_model_writes_a_png() {
+    let s = Scratch::new("embedded");
+    let png = s.path("three.png");
+    let o = fora(&[
+        "sample",
+        "--class",
+        "3",
+        "--class",
+        "7",
+        "--steps",
+        "5",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert_ok(&o);
+    assert!(stderr(&o).contains("embedded"), "{}", stderr(&o));
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    let info = reader.info();
+    // Two 32x32 tiles side by side with a 2-pixel gap.
+    assert_eq!((info.width, info.height), (2 * 32 + 2, 32));
+    assert!(
+        s.leftovers().iter().all(|p| p == &png),
+        "{:?}",
+        s.leftovers()
+    );
 }
