@@ -181,6 +181,16 @@ impl CudaBackend {
 
     /// Every step's modulation table, computed in chunks of batched GEMMs, or None when the
     /// tables would not fit the options' bound.
+    /// Whether every step's modulation table of `rows` rows is to be precomputed: asked for,
+    /// and within the options' bound and a quarter of the free device memory.
+    fn modulation_tables_fit(&self, plan: &SamplePlan, rows: usize) -> Result<bool> {
+        let bytes = plan.steps * rows * ada_cols(self.model.config()) * 4;
+        Ok(self.options.precompute_modulation
+            && bytes <= self.options.max_modulation_table_bytes
+            && bytes <= self.gpu.mem_info()?.0 / 4)
+    }
+
+    /// Every step's modulation table, computed in chunks of batched GEMMs.
     fn precompute_modulation(
         &self,
         gemm: &Gemm,
@@ -188,18 +198,10 @@ impl CudaBackend {
         rows: usize,
         labels: &[i32],
         t_table: &CudaSlice<f32>,
-    ) -> Result<Option<CudaSlice<f32>>> {
+    ) -> Result<CudaSlice<f32>> {
         let cfg = self.model.config();
         let gpu = &self.gpu;
         let cols = ada_cols(cfg);
-        let bytes = plan.steps * rows * cols * 4;
-        let free = gpu.mem_info()?.0;
-        if !self.options.precompute_modulation
-            || bytes > self.options.max_modulation_table_bytes
-            || bytes > free / 4
-        {
-            return Ok(None);
-        }
         let chunk_steps = modulation_chunk_steps(rows, plan.steps);
         let chunk_rows = chunk_steps * rows;
         let table = gpu.alloc_zeros::<f32>(plan.steps * rows * cols, "the modulation tables")?;
@@ -222,7 +224,7 @@ impl CudaBackend {
         }
         // The chunk buffers are freed when this returns; wait so that they are not in use.
         gpu.synchronize()?;
-        Ok(Some(table))
+        Ok(table)
     }
 
     /// Records one forward of the workspace's buffers as a CUDA graph (nothing runs).
@@ -346,12 +348,14 @@ impl Backend for CudaBackend {
         let rows = plan.model_rows();
         let img = b * cfg.image_len();
         let acts = Activations::new(gpu, cfg, rows, true)?;
-        let chunk_rows = modulation_chunk_steps(rows, plan.steps) * rows;
-        let gemm = Gemm::new(
-            gpu,
-            self.options.gemm,
-            max_gemm_mn(cfg, rows).max(chunk_rows * ada_cols(cfg)),
-        )?;
+        let precompute = self.modulation_tables_fit(plan, rows)?;
+        // The batched conditioning GEMMs of the precomputation are the largest when they run.
+        let chunk_mn = if precompute {
+            modulation_chunk_steps(rows, plan.steps) * rows * ada_cols(cfg)
+        } else {
+            0
+        };
+        let gemm = Gemm::new(gpu, self.options.gemm, max_gemm_mn(cfg, rows).max(chunk_mn))?;
         let mut latents = gpu.alloc_zeros::<f32>(img, "the latents")?;
         let (noise, seed) = match &plan.noise {
             NoiseSource::Seed(seed) => {
@@ -405,7 +409,11 @@ impl Backend for CudaBackend {
             .flat_map(|&t| std::iter::repeat_n(t as f32, rows))
             .collect();
         let t_table = gpu.upload(&t_rows, "the timestep table")?;
-        let mod_table = self.precompute_modulation(&gemm, plan, rows, &labels, &t_table)?;
+        let mod_table = if precompute {
+            Some(self.precompute_modulation(&gemm, plan, rows, &labels, &t_table)?)
+        } else {
+            None
+        };
         let with_modulation = mod_table.is_none();
         let graphs = if self.options.graphs {
             let capture = |mode| self.capture(&gemm, &acts, mode, &latents, b, with_modulation);
