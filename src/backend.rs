@@ -49,7 +49,7 @@ pub enum NoiseSource {
     /// The project's counter-based generator (Philox4x32-10 + Box-Muller, `rng.rs`), computed
     /// identically on every backend. x_T uses stream 0; the noise of loop step k uses stream k+1.
     Seed(u64),
-    /// Given numbers: `x_t` is `[B, C, H, W]`, `noise` is `[S, B, C, H, W]` (noise[k] is the
+    /// Given numbers: `x_t` is `[B, C, H, W]`, `noise` is `[S, B, C, H, W]` (`noise[k]` is the
     /// noise of the k-th loop step, k = 0 being i = S-1).
     File { x_t: Vec<f32>, noise: Vec<f32> },
 }

@@ -51,7 +51,7 @@ impl Write for Name {
 pub struct NvtxRange(());
 
 impl NvtxRange {
-    /// Pushes a range named by `name` (use `format_args!`, or the [`nvtx_range!`] macro).
+    /// Pushes a range named by `name` (use `format_args!`, or the [`crate::nvtx_range!`] macro).
     pub fn push(name: core::fmt::Arguments<'_>) -> NvtxRange {
         let mut n = Name {
             buf: [0; NAME_CAP + 1],

@@ -3,7 +3,7 @@
 //!
 //! cuBLAS is column-major, so the row-major product is computed as its transpose:
 //! `d^T (N x M, ld ldd) = W (op T of the K x N column-major view of W) @ A^T (the K x M view of A)`,
-//! which makes cuBLAS's per-row bias vector our per-column bias[N].
+//! which makes cuBLAS's per-row bias vector our per-column `bias[N]`.
 //!
 //! cudarc's safe `Matmul` wants the bias in the output type and keeps its workspace private, so
 //! this goes through `cudarc::cublaslt::result` with its own descriptors and workspace.
@@ -25,7 +25,7 @@ pub enum LtOutput {
     F32,
 }
 
-/// What cuBLASLt applies after the product. Bias pointers are f32 [N] device addresses.
+/// What cuBLASLt applies after the product. Bias pointers are f32 `[N]` device addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LtEpilogue {
     None,

@@ -181,7 +181,7 @@ impl Gpu {
             .context("cannot query free device memory")
     }
 
-    /// Fails with "out of device memory for <what>" when fewer than `bytes` are free.
+    /// Fails with `out of device memory for <what>` when fewer than `bytes` are free.
     pub fn ensure_free(&self, bytes: usize, what: &str) -> Result<()> {
         let (free, total) = self.mem_info()?;
         ensure!(

@@ -167,9 +167,9 @@ impl CondBuffers {
 /// Activations of one forward of `rows` model rows, and the FORA cache of those rows.
 pub struct Activations {
     pub rows: usize,
-    /// Original timestep of each row, f32 [rows] (written by the host before a forward).
+    /// Original timestep of each row, f32 `[rows]` (written by the host before a forward).
     pub t: CudaSlice<f32>,
-    /// Label of each row, i32 [rows].
+    /// Label of each row, i32 `[rows]`.
     pub labels: CudaSlice<i32>,
     cond: CondBuffers,
     /// f32 [rows, ada_cols]: every block's six chunks, then the final shift and scale.
@@ -282,7 +282,7 @@ fn gemm_params(
 impl GpuModel {
     /// The modulation table of `rows` rows: every block's six adaLN chunks and the final
     /// layer's shift and scale, f32 [rows, ada_cols] at `out`, from the rows' original
-    /// timesteps (f32 [rows] at `t`) and labels (i32 [rows] at `labels`).
+    /// timesteps (f32 `[rows]` at `t`) and labels (i32 `[rows]` at `labels`).
     #[allow(clippy::too_many_arguments)] // device addresses of the inputs and the output
     pub fn modulation(
         &self,
