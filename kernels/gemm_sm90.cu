@@ -1,0 +1,311 @@
+// Hopper (sm_90a) GEMM on warpgroup tensor-core instructions (wgmma.mma_async), the opt-in
+// `GemmImpl::Wgmma` of src/cuda/gemm.rs, with the same contract and fused epilogues as gemm.cu:
+//
+//   out[M, N] = epilogue(A[M, K] @ W[N, K]^T + bias[N])
+//
+// A and W are bf16, row-major, K-contiguous ("K-major"), which is the operand order wgmma reads
+// from shared memory without transposes. Requirements (checked by the launcher): K % 8 == 0,
+// lda/ldw % 8 == 0, A/W 16-byte aligned; M and N arbitrary.
+//
+// Design: a CTA of WG consumer warpgroups (128 threads each) computes a (64 * WG) x BN tile, each
+// warpgroup a 64 x BN slab with one wgmma m64nBNk16 per 16-deep k-step, accumulators in
+// registers. Every thread also loads: 16-byte cp.async chunks into a STAGES-deep ring of
+// BM x 64 (A) and BN x 64 (W) tiles. (No TMA and no producer warp: this could not be run while
+// it was written, and the cp.async ring is the simplest pipeline to get right blind.)
+//
+// Shared-memory layout = the wgmma "128-byte swizzle, K-major" canonical layout: a 64-deep tile
+// row is 128 bytes, 8 rows form a 1024-byte atom, and 16-byte chunk c of row r sits at chunk
+// c ^ (r % 8). The hardware applies that XOR to address bits [4:6] from bits [7:9], so every
+// tile starts on a 1024-byte boundary (the launcher adds 1 KiB of dynamic smem for the
+// alignment). Descriptor: start address >> 4, leading byte offset 16 (unused for swizzled
+// K-major), stride byte offset 1024 (between 8-row atoms), swizzle mode 1 (128 B). The k-step
+// kk (16 elements = 32 bytes) of a row starts 32 * kk bytes further: add 2 * kk to the encoded
+// start address; the swizzle is applied to the final address, so this stays correct.
+//
+// Pipeline (LOOKAHEAD = STAGES - 2 tiles in flight): iteration kt waits for its own copies of
+// tile kt, fences them into the async proxy (wgmma reads shared memory through it, cp.async
+// writes through the generic proxy), and meets the other threads at a barrier. Then it issues
+// the copies of tile kt + LOOKAHEAD into the slot of tile kt - 2, issues tile kt's wgmmas,
+// commits them, and waits until at most one wgmma group is pending. So when any thread passes
+// the barrier of iteration kt, every warpgroup has finished the wgmmas of tile kt - 2 (it
+// waited at the end of kt - 1), and overwriting that slot is safe, while tile kt - 1's
+// wgmmas may still run.
+//
+// Split-K (gridDim.z > 1) and the epilogues are those of gemm.cu (gemm_epilogue.cuh). The
+// accumulator fragment of wgmma m64nN is the mma.sync m16n8 one repeated: warp w of the
+// warpgroup owns rows 16w .. 16w + 15; registers 4j .. 4j + 3 are (row g, cols 8j + 2t, +1)
+// and (row g + 8, same cols), g = lane / 4, t = lane % 4.
+//
+// Other architectures (sm_80 SASS, compute_80 PTX) get a stub that traps: the launcher refuses
+// this implementation on a device whose compute capability is not 9.x.
+
+#include "common.cuh"
+#include "gemm_epilogue.cuh"
+
+namespace {
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+constexpr int kWgmmaBK = 64;  // k-depth of a tile: one 128-byte swizzle row of bf16
+
+// Offset in bf16 elements of 16-byte chunk `chunk` (0..7) of `row` in a [rows][64] tile in the
+// 128-byte-swizzled layout (the same permutation as gemm.cu's tile_offset<64>).
+FORA_DEVICE int swizzle128_offset(int row, int chunk) {
+    return row * kWgmmaBK + ((chunk ^ (row & 7)) << 3);
+}
+
+// wgmma shared-memory matrix descriptor of a K-major, 128-byte-swizzled operand starting at the
+// shared address `addr` (1024-byte aligned, or a 32-byte k-step into such an atom).
+FORA_DEVICE uint64_t wgmma_desc_sw128(uint32_t addr) {
+    return static_cast<uint64_t>((addr & 0x3FFFF) >> 4)  // start address
+           | (static_cast<uint64_t>(16 >> 4) << 16)       // leading dimension byte offset
+           | (static_cast<uint64_t>(1024 >> 4) << 32)     // stride dimension byte offset
+           | (static_cast<uint64_t>(1) << 62);            // 128-byte swizzle
+}
+
+FORA_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+FORA_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+FORA_DEVICE void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Orders this thread's generic-proxy shared-memory writes (cp.async) before later async-proxy
+// reads (wgmma).
+FORA_DEVICE void fence_proxy_async_shared() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Keeps the compiler from moving accumulator reads or writes across a wgmma fence / wait: the
+// asynchronous wgmma writes them behind its back.
+template <int R>
+FORA_DEVICE void pin_accumulators(float (&d)[R]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// D[64 x 128] (f32, 64 registers a thread) += A[64 x 16] * B[16 x 128], both operands
+// K-major in shared memory (descriptors), no transposes, scale-d = 1 (accumulate).
+FORA_DEVICE void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+    asm volatile(
+        "{\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, 1, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b)
+        : "memory");
+}
+
+// D[64 x 256] (f32, 128 registers a thread) += A[64 x 16] * B[16 x 256], both operands
+// K-major in shared memory (descriptors), no transposes, scale-d = 1 (accumulate).
+FORA_DEVICE void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
+    asm volatile(
+        "{\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, 1, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(desc_a), "l"(desc_b)
+        : "memory");
+}
+
+template <int BN>
+FORA_DEVICE void wgmma_m64k16(float (&d)[BN / 2], uint64_t desc_a, uint64_t desc_b) {
+    static_assert(BN == 128 || BN == 256, "wgmma tiles are 128 or 256 wide");
+    if constexpr (BN == 128) {
+        wgmma_m64n128k16(d, desc_a, desc_b);
+    } else {
+        wgmma_m64n256k16(d, desc_a, desc_b);
+    }
+}
+
+// One CTA: a (64 * WG) x BN tile of out (see the file comment).
+template <int WG, int BN, int STAGES>
+FORA_DEVICE void gemm_wgmma_tile(const GemmParams& p) {
+    constexpr int BM = 64 * WG;
+    constexpr int kThreads = 128 * WG;
+    constexpr int kAcc = BN / 2;                 // f32 accumulators a thread
+    constexpr int kRowChunks = kWgmmaBK / 8;     // 16-byte chunks per tile row
+    constexpr int kStageA = BM * kWgmmaBK;       // bf16 elements of one A tile
+    constexpr int kStageB = BN * kWgmmaBK;
+    constexpr int kLookahead = STAGES - 2;
+    static_assert(STAGES >= 3, "a slot is refilled two k-tiles after its wgmmas were issued");
+    static_assert((BM * kRowChunks) % kThreads == 0 && (BN * kRowChunks) % kThreads == 0,
+                  "tile loads must split evenly");
+    static_assert((kStageA * 2) % 1024 == 0 && (kStageB * 2) % 1024 == 0,
+                  "every tile must start on a 1024-byte swizzle atom");
+
+    extern __shared__ uint4 gemm_wgmma_smem[];
+    // Round the dynamic smem base up to 1024 bytes (the launcher asked for 1 KiB extra).
+    const uint32_t raw = smem_addr(gemm_wgmma_smem);
+    const uint32_t align_pad = ((raw + 1023u) & ~1023u) - raw;
+    __nv_bfloat16* smem_a =
+        reinterpret_cast<__nv_bfloat16*>(reinterpret_cast<char*>(gemm_wgmma_smem) + align_pad);
+    __nv_bfloat16* smem_b = smem_a + STAGES * kStageA;  // [STAGES][BN * 64]
+    const uint32_t smem_a_addr = raw + align_pad;
+    const uint32_t smem_b_addr = smem_a_addr + STAGES * kStageA * 2;
+
+    const int tid = threadIdx.x;
+    const int warpgroup = tid >> 7;
+    const int m0 = blockIdx.y * BM;
+    const int n0 = blockIdx.x * BN;
+    const __nv_bfloat16* a = reinterpret_cast<const __nv_bfloat16*>(p.a);
+    const __nv_bfloat16* w = reinterpret_cast<const __nv_bfloat16*>(p.w);
+    // This slice's k-tiles [kt_begin, kt_begin + k_tiles); a slice past the end gets none and
+    // writes a zero partial.
+    const int k_tiles_all = (p.k + kWgmmaBK - 1) / kWgmmaBK;
+    const int k_per_slice = (k_tiles_all + gridDim.z - 1) / gridDim.z;
+    const int kt_begin = min(k_tiles_all, static_cast<int>(blockIdx.z) * k_per_slice);
+    const int k_tiles = min(k_tiles_all - kt_begin, k_per_slice);
+
+    // Rows past M or N and chunks past K are zero-filled (src size 0) from the base pointer;
+    // K % 8 == 0 makes every chunk wholly in or out.
+    auto load_stage = [&](int slot, int k_tile) {
+        const int k0 = (kt_begin + k_tile) * kWgmmaBK;
+        __nv_bfloat16* dst_a = smem_a + slot * kStageA;
+        __nv_bfloat16* dst_b = smem_b + slot * kStageB;
+#pragma unroll
+        for (int i = 0; i < BM * kRowChunks / kThreads; ++i) {
+            const int c = tid + i * kThreads;
+            const int row = c / kRowChunks;
+            const int chunk = c % kRowChunks;
+            const int gm = m0 + row;
+            const int gk = k0 + chunk * 8;
+            const bool in = gm < p.m && gk < p.k;
+            const __nv_bfloat16* src = in ? a + static_cast<long long>(gm) * p.lda + gk : a;
+            cp_async_16(dst_a + swizzle128_offset(row, chunk), src, in ? 16 : 0);
+        }
+#pragma unroll
+        for (int i = 0; i < BN * kRowChunks / kThreads; ++i) {
+            const int c = tid + i * kThreads;
+            const int row = c / kRowChunks;
+            const int chunk = c % kRowChunks;
+            const int gn = n0 + row;
+            const int gk = k0 + chunk * 8;
+            const bool in = gn < p.n && gk < p.k;
+            const __nv_bfloat16* src = in ? w + static_cast<long long>(gn) * p.ldw + gk : w;
+            cp_async_16(dst_b + swizzle128_offset(row, chunk), src, in ? 16 : 0);
+        }
+    };
+
+    float acc[kAcc];
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
+
+    // Prologue: LOOKAHEAD tiles in flight. Every iteration commits exactly one cp.async group
+    // (maybe empty), so group g holds k-tile g and, at iteration kt, LOOKAHEAD + kt groups are
+    // committed: waiting until LOOKAHEAD - 1 are pending means tile kt landed.
+#pragma unroll
+    for (int s = 0; s < kLookahead; ++s) {
+        if (s < k_tiles) load_stage(s, s);
+        cp_async_commit();
+    }
+
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        cp_async_wait<kLookahead - 1>();
+        fence_proxy_async_shared();
+        __syncthreads();
+        const int next = kt + kLookahead;
+        if (next < k_tiles) load_stage(next % STAGES, next);
+        cp_async_commit();
+
+        const int slot = kt % STAGES;
+        // This warpgroup's 64 rows of A; all BN rows of W. Each k-step is 32 bytes further.
+        const uint64_t desc_a =
+            wgmma_desc_sw128(smem_a_addr + (slot * kStageA + warpgroup * 64 * kWgmmaBK) * 2);
+        const uint64_t desc_b = wgmma_desc_sw128(smem_b_addr + slot * kStageB * 2);
+        pin_accumulators(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kWgmmaBK / 16; ++kk) {
+            wgmma_m64k16<BN>(acc, desc_a + 2 * kk, desc_b + 2 * kk);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        pin_accumulators(acc);
+    }
+    wgmma_wait<0>();
+    pin_accumulators(acc);
+    // Only empty groups can still be pending; drain them so no cp.async outlives the CTA.
+    cp_async_wait<0>();
+
+    const Epilogue e = gemm_epilogue_of(p, blockIdx.z);
+    const int lane = tid & 31;
+    const int warp_in_group = (tid >> 5) & 3;
+    const int row = m0 + warpgroup * 64 + warp_in_group * 16 + (lane >> 2);
+    const int col_base = n0 + 2 * (lane & 3);
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+        const int col = col_base + j * 8;
+        if (col >= p.n) continue;
+        if (row < p.m) epilogue_pair(e, row, col, acc[4 * j], acc[4 * j + 1]);
+        if (row + 8 < p.m) epilogue_pair(e, row + 8, col, acc[4 * j + 2], acc[4 * j + 3]);
+    }
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+}  // namespace
+
+// Tile variants; dynamic smem = STAGES * (BM + BN) * 64 * 2 + 1024 bytes (src/cuda/gemm.rs,
+// WgmmaTile, must match): 193, 129 and 97 KiB.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FORA_WGMMA_BODY(...) gemm_wgmma_tile<__VA_ARGS__>(p)
+#else
+// Not sm_90a: wgmma does not exist; the launcher never launches this.
+#define FORA_WGMMA_BODY(...) \
+    do {                     \
+        (void)p;             \
+        __trap();            \
+    } while (0)
+#endif
+
+// Large M: two warpgroups, each 64 x 256 (128 accumulators a thread), one CTA per SM.
+extern "C" __global__ void __launch_bounds__(256, 1) gemm_wgmma_128x256(const GemmParams p) {
+    FORA_WGMMA_BODY(2, 256, 4);
+}
+
+// Large M with N not a multiple of 256 (1152 = 9 x 128), or too few 128 x 256 tiles.
+extern "C" __global__ void __launch_bounds__(256, 1) gemm_wgmma_128x128(const GemmParams p) {
+    FORA_WGMMA_BODY(2, 128, 4);
+}
+
+// Small M (one image pair of 256 tokens = 512 rows): one warpgroup, two CTAs per SM.
+extern "C" __global__ void __launch_bounds__(128, 2) gemm_wgmma_64x128(const GemmParams p) {
+    FORA_WGMMA_BODY(1, 128, 4);
+}
