@@ -1,11 +1,13 @@
 //! Flash-attention benchmark (`cargo bench --bench attention`): DiT shapes, CUDA events around
 //! each launch, 5 warm-up launches, the median of 30 timed ones, inputs rotated over copies
 //! that together exceed the L2 cache so every launch reads qkv from device memory.
-//! Prints a Markdown table; without a CUDA device prints `SKIP` and exits 0.
+//! Both implementations (`AttentionImpl`: v1, the default, and the opt-in v2) on every shape,
+//! with v2's speedup over v1. Prints a Markdown table; without a CUDA device prints `SKIP` and
+//! exits 0.
 
 use anyhow::{Context, Result};
 use cudarc::driver::sys::CUevent_flags;
-use fora::cuda::attention::{attention, attention_flops};
+use fora::cuda::attention::{attention_flops, attention_with, AttentionImpl};
 use fora::cuda::params::AttentionParams;
 use fora::cuda::testing::{test_gpu, to_bf16, TestRng};
 use fora::cuda::{dptr, Gpu};
@@ -28,7 +30,12 @@ const SHAPES: &[(usize, usize, usize, usize, &str)] = &[
     (16, 8, 1024, 128, "d 128, batch 16"),
 ];
 
-fn bench_shape(gpu: &Gpu, rng: &mut TestRng, shape: (usize, usize, usize, usize)) -> Result<f64> {
+fn bench_shape(
+    gpu: &Gpu,
+    rng: &mut TestRng,
+    shape: (usize, usize, usize, usize),
+    imp: AttentionImpl,
+) -> Result<f64> {
     let (batch, heads, tokens, head_dim) = shape;
     let qkv_len = batch * tokens * 3 * heads * head_dim;
     let out_len = batch * tokens * heads * head_dim;
@@ -50,7 +57,7 @@ fn bench_shape(gpu: &Gpu, rng: &mut TestRng, shape: (usize, usize, usize, usize)
         scale: 1.0 / (head_dim as f32).sqrt(),
     };
     for i in 0..WARMUP {
-        attention(gpu, &params(i))?;
+        attention_with(gpu, &params(i), imp)?;
     }
     gpu.synchronize()?;
     let ctx = gpu.context();
@@ -63,7 +70,7 @@ fn bench_shape(gpu: &Gpu, rng: &mut TestRng, shape: (usize, usize, usize, usize)
             .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .context("cannot create a CUDA event")?;
         start.record(gpu.stream())?;
-        attention(gpu, &params(WARMUP + i))?;
+        attention_with(gpu, &params(WARMUP + i), imp)?;
         end.record(gpu.stream())?;
         times_ms.push(start.elapsed_ms(&end)? as f64);
     }
@@ -82,17 +89,28 @@ fn main() -> Result<()> {
         gpu.compute_capability().0,
         gpu.compute_capability().1
     );
-    println!("| shape | B | H | T | d | time (us) | TFLOP/s |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| shape | B | H | T | d | impl | time (us) | TFLOP/s | vs v1 |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut rng = TestRng::new(42);
     for &(batch, heads, tokens, head_dim, what) in SHAPES {
-        let ms = bench_shape(&gpu, &mut rng, (batch, heads, tokens, head_dim))
-            .with_context(|| format!("attention bench {what}"))?;
-        let tflops = attention_flops(batch, heads, tokens, head_dim) / (ms * 1e-3) / 1e12;
-        println!(
-            "| {what} | {batch} | {heads} | {tokens} | {head_dim} | {:.1} | {tflops:.1} |",
-            ms * 1e3
-        );
+        let mut v1_ms = None;
+        for imp in AttentionImpl::ALL {
+            let ms = bench_shape(&gpu, &mut rng, (batch, heads, tokens, head_dim), imp)
+                .with_context(|| format!("attention bench {what} ({})", imp.name()))?;
+            let tflops = attention_flops(batch, heads, tokens, head_dim) / (ms * 1e-3) / 1e12;
+            let vs_v1 = match v1_ms {
+                Some(base) => format!("{:.2}x", base / ms),
+                None => "—".to_string(),
+            };
+            if imp == AttentionImpl::V1 {
+                v1_ms = Some(ms);
+            }
+            println!(
+                "| {what} | {batch} | {heads} | {tokens} | {head_dim} | {} | {:.1} | {tflops:.1} | {vs_v1} |",
+                imp.name(),
+                ms * 1e3
+            );
+        }
     }
     Ok(())
 }

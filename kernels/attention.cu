@@ -294,3 +294,348 @@ FORA_DEVICE void attention_block(const AttentionParams& p, unsigned char* smem_r
 FORA_ATTENTION_KERNEL(64)
 FORA_ATTENTION_KERNEL(72)
 FORA_ATTENTION_KERNEL(128)
+
+// ---- v2: 128 query rows per block, 32 per warp (opt-in, FORA_ATTENTION=v2) ---------------
+//
+// Same maths, layouts and numerics as v1 (bf16 mma.sync m16n8k16, fp32 online softmax in the
+// log2 domain, d = 72 padded to 80 in shared memory only). What changes:
+//
+// * Each of the 4 warps owns 32 query rows (two m16 tiles), so every K fragment (QK^T) and V
+//   fragment (PV) read from shared memory with ldmatrix feeds two mma instead of one: half the
+//   shared-memory traffic per mma, and two independent accumulator chains per B fragment.
+// * 128 query rows per block: each K/V tile copied into shared memory serves twice as many
+//   queries, halving the L2 -> shared traffic of K and V.
+// * K and V of a tile are separate cp.async groups: QK^T of tile j waits only for K_j, and V_j
+//   keeps loading during QK^T and the softmax; K_{j+1} is issued as soon as every warp has
+//   finished QK^T of tile j - 1, V_{j+1} as soon as every warp has finished PV of tile j - 1.
+// * Q fragments stay in registers for the whole key loop when DK <= 80 (40 registers); for
+//   d = 128 they are re-read from shared memory per 16-wide k step to stay within 255
+//   registers without spilling.
+namespace {
+
+template <int D>
+struct AttentionV2Shape {
+    static constexpr int WARPS = 4;
+    static constexpr int THREADS = 32 * WARPS;
+    static constexpr int M_TILES = 2;  // m16 tiles per warp
+    static constexpr int WARP_M = 16 * M_TILES;
+    static constexpr int BLOCK_M = WARP_M * WARPS;
+    static constexpr int BLOCK_N = 64;
+    static constexpr int DK = (D + 15) / 16 * 16;
+    static constexpr int STRIDE = DK + 8;  // bank-conflict-free ldmatrix rows, as in v1
+    static constexpr int CHUNKS = D / 8;
+    static constexpr int Q_ELEMS = BLOCK_M * STRIDE;
+    static constexpr int KV_ELEMS = BLOCK_N * STRIDE;
+    // Q tile, two K tiles, two V tiles.
+    static constexpr int SMEM_BYTES = (Q_ELEMS + 4 * KV_ELEMS) * 2;
+    static constexpr bool Q_IN_REGS = DK <= 80;
+    static_assert(D % 8 == 0, "head_dim must be a multiple of 8");
+    static_assert(DK - D == 0 || DK - D == 8, "padding is one 16-byte chunk at most");
+};
+
+// `rows` rows of D bf16 from token row0 into shared memory (stride STRIDE), zero-filling rows
+// at or past `tokens` (src-size 0; the source address is clamped to row 0 to stay valid).
+template <int D>
+FORA_DEVICE void load_rows_async_v2(__nv_bfloat16* dst, const __nv_bfloat16* src, int rows, int row0,
+                                    int tokens, size_t row_stride) {
+    using S = AttentionV2Shape<D>;
+    for (int c = threadIdx.x; c < rows * S::CHUNKS; c += S::THREADS) {
+        const int r = c / S::CHUNKS;
+        const int ch = c - r * S::CHUNKS;
+        const int t = row0 + r;
+        const bool in_range = t < tokens;
+        const __nv_bfloat16* g = src + static_cast<size_t>(in_range ? t : 0) * row_stride + ch * 8;
+        cp_async_16(dst + r * S::STRIDE + ch * 8, g, in_range ? 16 : 0);
+    }
+}
+
+template <int D>
+FORA_DEVICE void attention_block_v2(const AttentionParams& p, unsigned char* smem_raw) {
+    using S = AttentionV2Shape<D>;
+    constexpr int BM = S::BLOCK_M;
+    constexpr int BN = S::BLOCK_N;
+    constexpr int STRIDE = S::STRIDE;
+    constexpr int MT = S::M_TILES;
+    constexpr int KSTEPS = S::DK / 16;
+    constexpr int N_TILES_O = D / 8;
+
+    __nv_bfloat16* s_q = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+    __nv_bfloat16* s_k = s_q + S::Q_ELEMS;       // 2 buffers
+    __nv_bfloat16* s_v = s_k + 2 * S::KV_ELEMS;  // 2 buffers
+
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int tokens = p.tokens;
+    const int heads = p.heads;
+    const int q0 = blockIdx.x * BM;
+    const int head = blockIdx.y;
+    const int batch = blockIdx.z;
+
+    const size_t row_stride = 3 * static_cast<size_t>(heads) * D;
+    const __nv_bfloat16* q_base = reinterpret_cast<const __nv_bfloat16*>(p.qkv) +
+                                  static_cast<size_t>(batch) * tokens * row_stride +
+                                  static_cast<size_t>(head) * D;
+    const __nv_bfloat16* k_base = q_base + static_cast<size_t>(heads) * D;
+    const __nv_bfloat16* v_base = q_base + 2 * static_cast<size_t>(heads) * D;
+
+    const int n_tiles = (tokens + BN - 1) / BN;
+
+    // Group 0: Q and K_0. Group 1: V_0.
+    load_rows_async_v2<D>(s_q, q_base, BM, q0, tokens, row_stride);
+    load_rows_async_v2<D>(s_k, k_base, BN, 0, tokens, row_stride);
+    cp_async_commit();
+    load_rows_async_v2<D>(s_v, v_base, BN, 0, tokens, row_stride);
+    cp_async_commit();
+
+    // Zero the k padding columns [D, DK) of Q and both K buffers (cp.async never writes them;
+    // stale shared memory could hold NaN patterns). Made visible by the first __syncthreads.
+    if constexpr (S::DK > D) {
+        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+        for (int r = threadIdx.x; r < BM + 2 * BN; r += S::THREADS) {
+            __nv_bfloat16* row = r < BM ? s_q + r * STRIDE : s_k + (r - BM) * STRIDE;
+            *reinterpret_cast<uint4*>(row + D) = zero;
+        }
+    }
+
+    // This warp's Q rows start here; m tile mt covers rows [16 mt, 16 mt + 16).
+    const __nv_bfloat16* s_q_warp = s_q + warp * S::WARP_M * STRIDE;
+    uint32_t q_frag[S::Q_IN_REGS ? MT : 1][S::Q_IN_REGS ? KSTEPS : 1][4];
+    float o_acc[MT][N_TILES_O][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int i = 0; i < N_TILES_O; ++i) {
+            o_acc[mt][i][0] = o_acc[mt][i][1] = o_acc[mt][i][2] = o_acc[mt][i][3] = 0.0f;
+        }
+    }
+    // Per m tile, rows g = lane / 4 and g + 8: running max (log2 domain) and this thread's
+    // partial row sum (reduced over the quad once at the end).
+    float row_max[MT][2];
+    float row_sum[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        row_max[mt][0] = row_max[mt][1] = -INFINITY;
+        row_sum[mt][0] = row_sum[mt][1] = 0.0f;
+    }
+    const float scale_log2 = p.scale * 1.4426950408889634f;
+    const int quad_col = 2 * (lane & 3);
+
+    for (int j = 0; j < n_tiles; ++j) {
+        const int buf = j & 1;
+        // Outstanding groups here: K_j, V_j (newest). Wait for K_j; the barrier makes every
+        // thread's part of it visible and shows every warp has finished QK^T of tile j - 1,
+        // whose K buffer is refilled next.
+        cp_async_wait<1>();
+        __syncthreads();
+        if (j + 1 < n_tiles) {
+            load_rows_async_v2<D>(s_k + (buf ^ 1) * S::KV_ELEMS, k_base, BN, (j + 1) * BN, tokens,
+                                  row_stride);
+        }
+        cp_async_commit();  // possibly empty: keeps the group count uniform
+        if constexpr (S::Q_IN_REGS) {
+            if (j == 0) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                    for (int kk = 0; kk < KSTEPS; ++kk) {
+                        ldmatrix_x4(q_frag[mt][kk][0], q_frag[mt][kk][1], q_frag[mt][kk][2], q_frag[mt][kk][3],
+                                    s_q_warp + (mt * 16 + (lane & 15)) * STRIDE + kk * 16 + (lane >> 4) * 8);
+                    }
+                }
+            }
+        }
+
+        const __nv_bfloat16* kt = s_k + buf * S::KV_ELEMS;
+        const __nv_bfloat16* vt = s_v + buf * S::KV_ELEMS;
+
+        // S = Q K^T: 32 rows x 64 keys per warp.
+        float s_acc[MT][BN / 8][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) {
+                s_acc[mt][i][0] = s_acc[mt][i][1] = s_acc[mt][i][2] = s_acc[mt][i][3] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            uint32_t qa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if constexpr (S::Q_IN_REGS) {
+                    qa[mt][0] = q_frag[mt][kk][0];
+                    qa[mt][1] = q_frag[mt][kk][1];
+                    qa[mt][2] = q_frag[mt][kk][2];
+                    qa[mt][3] = q_frag[mt][kk][3];
+                } else {
+                    ldmatrix_x4(qa[mt][0], qa[mt][1], qa[mt][2], qa[mt][3],
+                                s_q_warp + (mt * 16 + (lane & 15)) * STRIDE + kk * 16 + (lane >> 4) * 8);
+                }
+            }
+#pragma unroll
+            for (int nn = 0; nn < BN / 16; ++nn) {
+                // (keys 0-7, k 0-7), (keys 0-7, k 8-15), (keys 8-15, k 0-7), (keys 8-15, k 8-15):
+                // the b0/b1 pairs of two 8-key n-tiles, shared by both m tiles.
+                uint32_t b[4];
+                ldmatrix_x4(b[0], b[1], b[2], b[3],
+                            kt + (nn * 16 + ((lane >> 4) & 1) * 8 + (lane & 7)) * STRIDE + kk * 16 +
+                                ((lane >> 3) & 1) * 8);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16_16816(s_acc[mt][2 * nn], qa[mt], b);
+                    mma_bf16_16816(s_acc[mt][2 * nn + 1], qa[mt], b + 2);
+                }
+            }
+        }
+
+        // Keys past the end of the sequence (only in the last tile) get -inf.
+        if ((j + 1) * BN > tokens) {
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                const int key = j * BN + nt * 8 + quad_col;
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    if (key >= tokens) s_acc[mt][nt][0] = s_acc[mt][nt][2] = -INFINITY;
+                    if (key + 1 >= tokens) s_acc[mt][nt][1] = s_acc[mt][nt][3] = -INFINITY;
+                }
+            }
+        }
+
+        // Online softmax per row. Every tile holds at least one valid key: the new max is finite.
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                tile_max[0] = fmaxf(tile_max[0], fmaxf(s_acc[mt][nt][0], s_acc[mt][nt][1]));
+                tile_max[1] = fmaxf(tile_max[1], fmaxf(s_acc[mt][nt][2], s_acc[mt][nt][3]));
+            }
+            float alpha[2];
+            float neg_max[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+                tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+                const float new_max = fmaxf(row_max[mt][r], tile_max[r] * scale_log2);
+                alpha[r] = fast_exp2(row_max[mt][r] - new_max);  // 0 on the first tile
+                row_max[mt][r] = new_max;
+                neg_max[r] = -new_max;
+            }
+            float tile_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                s_acc[mt][nt][0] = fast_exp2(fmaf(s_acc[mt][nt][0], scale_log2, neg_max[0]));
+                s_acc[mt][nt][1] = fast_exp2(fmaf(s_acc[mt][nt][1], scale_log2, neg_max[0]));
+                s_acc[mt][nt][2] = fast_exp2(fmaf(s_acc[mt][nt][2], scale_log2, neg_max[1]));
+                s_acc[mt][nt][3] = fast_exp2(fmaf(s_acc[mt][nt][3], scale_log2, neg_max[1]));
+                tile_sum[0] += s_acc[mt][nt][0] + s_acc[mt][nt][1];
+                tile_sum[1] += s_acc[mt][nt][2] + s_acc[mt][nt][3];
+            }
+            row_sum[mt][0] = row_sum[mt][0] * alpha[0] + tile_sum[0];
+            row_sum[mt][1] = row_sum[mt][1] * alpha[1] + tile_sum[1];
+#pragma unroll
+            for (int i = 0; i < N_TILES_O; ++i) {
+                o_acc[mt][i][0] *= alpha[0];
+                o_acc[mt][i][1] *= alpha[0];
+                o_acc[mt][i][2] *= alpha[1];
+                o_acc[mt][i][3] *= alpha[1];
+            }
+        }
+
+        // Outstanding: V_j, K_{j+1} (newest). Wait for V_j; the barrier makes it visible and
+        // shows every warp has finished PV of tile j - 1, whose V buffer is refilled next.
+        cp_async_wait<1>();
+        __syncthreads();
+        if (j + 1 < n_tiles) {
+            load_rows_async_v2<D>(s_v + (buf ^ 1) * S::KV_ELEMS, v_base, BN, (j + 1) * BN, tokens,
+                                  row_stride);
+        }
+        cp_async_commit();
+
+        // O += P V, 16 keys per mma step; P's A fragments come straight from the S accumulators.
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                a[mt][0] = pack_bf16x2(s_acc[mt][2 * kk][0], s_acc[mt][2 * kk][1]);
+                a[mt][1] = pack_bf16x2(s_acc[mt][2 * kk][2], s_acc[mt][2 * kk][3]);
+                a[mt][2] = pack_bf16x2(s_acc[mt][2 * kk + 1][0], s_acc[mt][2 * kk + 1][1]);
+                a[mt][3] = pack_bf16x2(s_acc[mt][2 * kk + 1][2], s_acc[mt][2 * kk + 1][3]);
+            }
+            const __nv_bfloat16* v_rows = vt + (kk * 16 + (lane & 15)) * STRIDE;
+#pragma unroll
+            for (int dn = 0; dn < D / 16; ++dn) {
+                // Transposed: (keys 0-7, dims 0-7), (keys 8-15, dims 0-7), (keys 0-7, dims 8-15),
+                // (keys 8-15, dims 8-15).
+                uint32_t b[4];
+                ldmatrix_x4_trans(b[0], b[1], b[2], b[3], v_rows + dn * 16 + (lane >> 4) * 8);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16_16816(o_acc[mt][2 * dn], a[mt], b);
+                    mma_bf16_16816(o_acc[mt][2 * dn + 1], a[mt], b + 2);
+                }
+            }
+            if constexpr (D % 16 == 8) {
+                // The odd last 8 columns (64..71 for d = 72); lanes 0-15 supply the addresses.
+                uint32_t b[2];
+                ldmatrix_x2_trans(b[0], b[1], v_rows + (D - 8));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) mma_bf16_16816(o_acc[mt][N_TILES_O - 1], a[mt], b);
+            }
+        }
+    }
+
+    // Stage this warp's 32 output rows in its own Q rows (only this warp ever reads them; the
+    // __syncwarp orders its last Q ldmatrix before the overwrite), then store 16-byte chunks.
+    __syncwarp();
+    __nv_bfloat16* s_o = s_q + warp * S::WARP_M * STRIDE;
+    const int g = lane >> 2;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        float inv_sum[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = row_sum[mt][r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            inv_sum[r] = 1.0f / l;
+        }
+        __nv_bfloat16* rows = s_o + mt * 16 * STRIDE;
+#pragma unroll
+        for (int i = 0; i < N_TILES_O; ++i) {
+            *reinterpret_cast<uint32_t*>(rows + g * STRIDE + i * 8 + quad_col) =
+                pack_bf16x2(o_acc[mt][i][0] * inv_sum[0], o_acc[mt][i][1] * inv_sum[0]);
+            *reinterpret_cast<uint32_t*>(rows + (g + 8) * STRIDE + i * 8 + quad_col) =
+                pack_bf16x2(o_acc[mt][i][2] * inv_sum[1], o_acc[mt][i][3] * inv_sum[1]);
+        }
+    }
+    __syncwarp();
+    __nv_bfloat16* out = reinterpret_cast<__nv_bfloat16*>(p.out);
+    for (int c = lane; c < S::WARP_M * S::CHUNKS; c += 32) {
+        const int r = c / S::CHUNKS;
+        const int ch = c - r * S::CHUNKS;
+        const int t = q0 + warp * S::WARP_M + r;
+        if (t < tokens) {
+            const size_t o_off = ((static_cast<size_t>(batch) * tokens + t) * heads + head) * D + ch * 8;
+            *reinterpret_cast<uint4*>(out + o_off) = *reinterpret_cast<const uint4*>(s_o + r * STRIDE + ch * 8);
+        }
+    }
+}
+
+}  // namespace
+
+// Dynamic shared memory per v2 variant (bytes), mirrored by src/cuda/attention.rs:
+// (128 + 4 * 64) rows x (DK + 8) bf16: d64 55296, d72 67584, d128 104448.
+// Two blocks per SM: the register budget (<= 255 per thread at 128 threads) allows it.
+#define FORA_ATTENTION_V2_KERNEL(D)                                                             \
+    extern "C" __global__ void __launch_bounds__(AttentionV2Shape<D>::THREADS, 2)               \
+        attention_v2_d##D(const AttentionParams p) {                                            \
+        extern __shared__ __align__(128) unsigned char attention_smem[];                        \
+        static_assert(2 * AttentionV2Shape<D>::SMEM_BYTES <= 227 * 1024, "smem too large");     \
+        attention_block_v2<D>(p, attention_smem);                                               \
+    }
+
+FORA_ATTENTION_V2_KERNEL(64)
+FORA_ATTENTION_V2_KERNEL(72)
+FORA_ATTENTION_V2_KERNEL(128)

@@ -3,12 +3,18 @@
 //! read from the fused qkv layout [B, T, 3, H, d] the qkv Linear writes. An independent plain-loop
 //! twin cross-checks that oracle on every GPU case and, without a device, on small shapes.
 //!
+//! Both implementations (v1, the default, and the opt-in v2; `AttentionImpl`) run on every GPU
+//! shape with the same checks.
+//!
 //! Without a CUDA device the GPU tests print `SKIP <name>: no CUDA device` and pass; with
 //! `FORA_REQUIRE_GPU=1` they fail instead. The parameter-validation tests need no device.
 
 use anyhow::{ensure, Result};
 use fora::cpu::ops;
-use fora::cuda::attention::{attention, attention_plan, ATTENTION_BLOCK_M};
+use fora::cuda::attention::{
+    attention, attention_plan, attention_plan_for, attention_with, AttentionImpl,
+    ATTENTION_BLOCK_M, ATTENTION_V2_BLOCK_M,
+};
 use fora::cuda::params::AttentionParams;
 use fora::cuda::testing::{
     check_close, from_bf16, poison_bf16, round_bf16, test_gpu, to_bf16, TestRng,
@@ -126,7 +132,14 @@ fn params(s: Shape, qkv: u64, out: u64) -> AttentionParams {
 /// Random qkv (q and k with standard deviation `qk_std`, v standard normal), the kernel on the
 /// GPU, the CPU twin on the same bf16 values; rel-L2 <= 1e-2, no NaN, guard rows untouched,
 /// and a second launch gives identical bits.
-fn run_case(gpu: &Gpu, name: &str, s: Shape, qk_std: f32, seed: u64) -> Result<()> {
+fn run_case(
+    gpu: &Gpu,
+    name: &str,
+    s: Shape,
+    qk_std: f32,
+    seed: u64,
+    imp: AttentionImpl,
+) -> Result<()> {
     let mut rng = TestRng::new(seed);
     let (b_n, h_n, t_n, d) = (s.batch, s.heads, s.tokens, s.head_dim);
     let mut qkv = Vec::with_capacity(b_n * t_n * 3 * h_n * d);
@@ -143,7 +156,7 @@ fn run_case(gpu: &Gpu, name: &str, s: Shape, qk_std: f32, seed: u64) -> Result<(
         gpu.alloc_zeros::<bf16>(out_len + GUARD_ROWS * h_n * d, "attention test out")?;
     poison_bf16(gpu, &mut out_dev)?;
     let p = params(s, dptr(&qkv_dev), dptr(&out_dev));
-    attention(gpu, &p)?;
+    attention_with(gpu, &p, imp)?;
     let first = gpu.download(&out_dev)?;
 
     let (out, guard) = first.split_at(out_len);
@@ -157,7 +170,7 @@ fn run_case(gpu: &Gpu, name: &str, s: Shape, qk_std: f32, seed: u64) -> Result<(
 
     // Deterministic: the same launch again gives the same bits.
     poison_bf16(gpu, &mut out_dev)?;
-    attention(gpu, &p)?;
+    attention_with(gpu, &p, imp)?;
     let second = gpu.download(&out_dev)?;
     let same = first
         .iter()
@@ -170,13 +183,27 @@ fn run_case(gpu: &Gpu, name: &str, s: Shape, qk_std: f32, seed: u64) -> Result<(
     Ok(())
 }
 
+/// The v1 (default) kernels on one shape.
 fn gpu_case(test: &str, s: Shape, qk_std: f32, seed: u64) {
+    gpu_case_impl(test, s, qk_std, seed, AttentionImpl::V1);
+}
+
+/// The v2 kernels on one shape.
+fn gpu_case_v2(test: &str, s: Shape, qk_std: f32, seed: u64) {
+    gpu_case_impl(test, s, qk_std, seed, AttentionImpl::V2);
+}
+
+fn gpu_case_impl(test: &str, s: Shape, qk_std: f32, seed: u64, imp: AttentionImpl) {
     let Some(gpu) = test_gpu(test) else { return };
     let name = format!(
-        "attention B={} H={} T={} d={} (q,k std {qk_std})",
-        s.batch, s.heads, s.tokens, s.head_dim
+        "attention {} B={} H={} T={} d={} (q,k std {qk_std})",
+        imp.name(),
+        s.batch,
+        s.heads,
+        s.tokens,
+        s.head_dim
     );
-    if let Err(e) = run_case(&gpu, &name, s, qk_std, seed) {
+    if let Err(e) = run_case(&gpu, &name, s, qk_std, seed, imp) {
         panic!("{test}: {e:#}");
     }
 }
@@ -237,6 +264,135 @@ fn gpu_attention_peaked_softmax() {
         3.0,
         9,
     );
+}
+
+// ---- v2: every v1 shape again, plus its own block edges (128 query rows per block) ---------
+
+#[test]
+fn gpu_attention_v2_xl2_256px() {
+    gpu_case_v2("gpu_attention_v2_xl2_256px", shape(2, 16, 256, 72), 1.0, 1);
+}
+
+#[test]
+fn gpu_attention_v2_xl2_512px() {
+    gpu_case_v2("gpu_attention_v2_xl2_512px", shape(4, 16, 1024, 72), 1.0, 2);
+}
+
+#[test]
+fn gpu_attention_v2_s2_256px() {
+    gpu_case_v2("gpu_attention_v2_s2_256px", shape(2, 6, 256, 64), 1.0, 3);
+}
+
+#[test]
+fn gpu_attention_v2_d128_t77() {
+    gpu_case_v2("gpu_attention_v2_d128_t77", shape(3, 2, 77, 128), 1.0, 4);
+}
+
+#[test]
+fn gpu_attention_v2_single_token() {
+    gpu_case_v2("gpu_attention_v2_single_token", shape(1, 1, 1, 72), 1.0, 5);
+}
+
+#[test]
+fn gpu_attention_v2_d64_t130() {
+    gpu_case_v2("gpu_attention_v2_d64_t130", shape(2, 3, 130, 64), 1.0, 6);
+}
+
+#[test]
+fn gpu_attention_v2_d72_t65() {
+    gpu_case_v2("gpu_attention_v2_d72_t65", shape(2, 4, 65, 72), 1.0, 7);
+}
+
+#[test]
+fn gpu_attention_v2_peaked_softmax() {
+    gpu_case_v2(
+        "gpu_attention_v2_peaked_softmax",
+        shape(2, 4, 300, 72),
+        3.0,
+        8,
+    );
+    gpu_case_v2(
+        "gpu_attention_v2_peaked_softmax",
+        shape(1, 2, 200, 128),
+        3.0,
+        9,
+    );
+}
+
+/// T = 129: the second query block holds one valid row, the last key tile one valid key; and
+/// T = 128 exactly one query block.
+#[test]
+fn gpu_attention_v2_block_edges() {
+    gpu_case_v2(
+        "gpu_attention_v2_block_edges",
+        shape(3, 2, 129, 72),
+        1.0,
+        11,
+    );
+    gpu_case_v2(
+        "gpu_attention_v2_block_edges",
+        shape(2, 3, 128, 64),
+        1.0,
+        12,
+    );
+    gpu_case_v2(
+        "gpu_attention_v2_block_edges",
+        shape(1, 2, 191, 128),
+        1.0,
+        13,
+    );
+}
+
+/// Many blocks in flight at the benchmark's DiT-XL/2 shape (two blocks per SM, several waves).
+#[test]
+fn gpu_attention_v2_many_blocks() {
+    gpu_case_v2(
+        "gpu_attention_v2_many_blocks",
+        shape(48, 16, 256, 72),
+        1.0,
+        14,
+    );
+}
+
+/// `attention` launches exactly what `AttentionImpl::selected()` (FORA_ATTENTION) names.
+#[test]
+fn gpu_attention_dispatch_follows_selection() {
+    let Some(gpu) = test_gpu("gpu_attention_dispatch_follows_selection") else {
+        return;
+    };
+    let run = || -> Result<()> {
+        let imp = AttentionImpl::selected()?;
+        let s = shape(2, 3, 100, 72);
+        let mut rng = TestRng::new(15);
+        let qkv = to_bf16(&rng.normal_vec(s.batch * s.tokens * 3 * s.heads * s.head_dim, 1.0));
+        let qkv_dev = gpu.upload(&qkv, "attention dispatch qkv")?;
+        let out_len = s.batch * s.tokens * s.heads * s.head_dim;
+        let mut out_dev = gpu.alloc_zeros::<bf16>(out_len, "attention dispatch out")?;
+        let p = params(s, dptr(&qkv_dev), dptr(&out_dev));
+        poison_bf16(&gpu, &mut out_dev)?;
+        attention(&gpu, &p)?;
+        let via_env = gpu.download(&out_dev)?;
+        poison_bf16(&gpu, &mut out_dev)?;
+        attention_with(&gpu, &p, imp)?;
+        let explicit = gpu.download(&out_dev)?;
+        ensure!(
+            via_env.iter().all(|v| !v.is_nan()),
+            "attention ({}) left NaN in the output",
+            imp.name()
+        );
+        ensure!(
+            via_env
+                .iter()
+                .zip(&explicit)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "attention() and attention_with({}) gave different bits",
+            imp.name()
+        );
+        Ok(())
+    };
+    if let Err(e) = run() {
+        panic!("gpu_attention_dispatch_follows_selection: {e:#}");
+    }
 }
 
 /// d = 80 is not an instantiated head_dim: a clear error on the device path too.
@@ -300,6 +456,55 @@ fn attention_plan_grid_and_kernels() {
     assert_eq!(plan.shared_mem_bytes, 5 * 64 * 136 * 2);
 }
 
+#[test]
+fn attention_v2_plan_grid_and_kernels() {
+    let v2 = AttentionImpl::V2;
+    let plan = attention_plan_for(&valid(), v2).expect("valid params");
+    assert_eq!(plan.kernel, "attention_v2_d72");
+    assert_eq!(ATTENTION_V2_BLOCK_M, 128);
+    assert_eq!(plan.grid, (2, 16, 2));
+    assert_eq!(plan.block, (128, 1, 1));
+    // Q tile of 128 rows + 2 K + 2 V tiles of 64 rows, x (80 + 8) bf16.
+    assert_eq!(plan.shared_mem_bytes, (128 + 4 * 64) * 88 * 2);
+
+    let mut p = valid();
+    p.head_dim = 64;
+    p.tokens = 129;
+    let plan = attention_plan_for(&p, v2).expect("valid params");
+    assert_eq!(plan.kernel, "attention_v2_d64");
+    assert_eq!(plan.grid.0, 2);
+    assert_eq!(plan.shared_mem_bytes, (128 + 4 * 64) * 72 * 2);
+
+    p.head_dim = 128;
+    p.tokens = 128;
+    let plan = attention_plan_for(&p, v2).expect("valid params");
+    assert_eq!(plan.kernel, "attention_v2_d128");
+    assert_eq!(plan.grid.0, 1);
+    assert_eq!(plan.shared_mem_bytes, (128 + 4 * 64) * 136 * 2);
+    // Two blocks per SM must fit in an H100's 227 KiB of shared memory.
+    assert!(2 * plan.shared_mem_bytes <= 227 * 1024);
+
+    // The default plan is v1's.
+    assert_eq!(
+        attention_plan(&valid()).expect("valid"),
+        attention_plan_for(&valid(), AttentionImpl::V1).expect("valid")
+    );
+}
+
+#[test]
+fn attention_impl_parses_names() {
+    assert_eq!("v1".parse::<AttentionImpl>().unwrap(), AttentionImpl::V1);
+    assert_eq!(" V2 ".parse::<AttentionImpl>().unwrap(), AttentionImpl::V2);
+    let msg = format!("{:#}", "v3".parse::<AttentionImpl>().expect_err("v3"));
+    assert!(
+        msg.contains("\"v3\"") && msg.contains("v1") && msg.contains("v2"),
+        "unclear error: {msg}"
+    );
+    for imp in AttentionImpl::ALL {
+        assert_eq!(imp.name().parse::<AttentionImpl>().unwrap(), imp);
+    }
+}
+
 /// A change that makes valid parameters invalid.
 type ParamEdit = fn(&mut AttentionParams);
 
@@ -318,14 +523,23 @@ fn attention_plan_rejects_bad_params() {
         ("not 16-byte aligned", |p| p.out = 0x2002),
         ("not supported", |p| p.head_dim = 0),
     ];
-    for (want, edit) in cases {
-        let mut p = valid();
-        edit(&mut p);
-        match attention_plan(&p) {
-            Ok(_) => panic!("expected an error containing {want:?} for {p:?}"),
-            Err(e) => {
-                let msg = format!("{e:#}");
-                assert!(msg.contains(want), "expected {want:?}, got: {msg}");
+    for imp in AttentionImpl::ALL {
+        for (want, edit) in cases {
+            let mut p = valid();
+            edit(&mut p);
+            match attention_plan_for(&p, imp) {
+                Ok(_) => panic!(
+                    "{}: expected an error containing {want:?} for {p:?}",
+                    imp.name()
+                ),
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    assert!(
+                        msg.contains(want),
+                        "{}: expected {want:?}, got: {msg}",
+                        imp.name()
+                    );
+                }
             }
         }
     }

@@ -4,17 +4,90 @@
 //! `h` at `h*d`, `H*d + h*d`, `2*H*d + h*d`). Output: bf16 `[B, T, H, d]` (= `[B*T, D]`, the
 //! proj Linear's input). `out = softmax(q k^T * scale) v` per (batch, head), no mask.
 //!
-//! One kernel instantiation per supported head_dim (64, 72, 128); the grid is
-//! `(ceil(T / 64), heads, batch)` blocks of 4 warps, each warp owning 16 query rows.
+//! Two implementations, chosen at run time by [`AttentionImpl`] (`FORA_ATTENTION=v1|v2`, read
+//! once per process; unset means v1), each with one kernel instantiation per supported head_dim
+//! (64, 72, 128):
+//! - v1 (default, `attention_d*`): grid `(ceil(T / 64), heads, batch)` blocks of 4 warps, each
+//!   warp owning 16 query rows.
+//! - v2 (opt-in, `attention_v2_d*`): grid `(ceil(T / 128), heads, batch)` blocks of 4 warps,
+//!   each warp owning 32 query rows (every K/V fragment feeds two mma), K and V loaded as
+//!   separate cp.async groups.
 
 use super::device::Gpu;
 use super::params::AttentionParams;
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+use std::str::FromStr;
+use std::sync::OnceLock;
 
-/// Query rows per block (16 per warp, 4 warps).
+/// Which flash-attention kernel family [`attention`] launches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// 64 query rows per block, 16 per warp. Measured correct on an H200 (2026-11-26).
+    V1,
+    /// 128 query rows per block, 32 per warp. Opt-in until measured on a device.
+    V2,
+}
+
+impl FromStr for AttentionImpl {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<AttentionImpl> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "v1" | "1" => Ok(AttentionImpl::V1),
+            "v2" | "2" => Ok(AttentionImpl::V2),
+            other => bail!("unknown attention implementation {other:?}: expected \"v1\" or \"v2\""),
+        }
+    }
+}
+
+impl AttentionImpl {
+    pub const ALL: [AttentionImpl; 2] = [AttentionImpl::V1, AttentionImpl::V2];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionImpl::V1 => "v1",
+            AttentionImpl::V2 => "v2",
+        }
+    }
+
+    /// Query rows per block.
+    pub fn block_m(self) -> u32 {
+        match self {
+            AttentionImpl::V1 => ATTENTION_BLOCK_M,
+            AttentionImpl::V2 => ATTENTION_V2_BLOCK_M,
+        }
+    }
+
+    /// `FORA_ATTENTION=v1|v2`, parsed now; unset or empty means [`AttentionImpl::V1`].
+    pub fn from_env() -> Result<AttentionImpl> {
+        match std::env::var("FORA_ATTENTION") {
+            Ok(v) if !v.trim().is_empty() => {
+                v.parse().context("environment variable FORA_ATTENTION")
+            }
+            Ok(_) | Err(std::env::VarError::NotPresent) => Ok(AttentionImpl::V1),
+            Err(std::env::VarError::NotUnicode(v)) => {
+                bail!("environment variable FORA_ATTENTION is not UTF-8: {v:?}")
+            }
+        }
+    }
+
+    /// [`AttentionImpl::from_env`] read once per process (the first call decides), so every
+    /// launch, including those captured in CUDA graphs, uses the same kernels.
+    pub fn selected() -> Result<AttentionImpl> {
+        static SELECTED: OnceLock<std::result::Result<AttentionImpl, String>> = OnceLock::new();
+        SELECTED
+            .get_or_init(|| AttentionImpl::from_env().map_err(|e| format!("{e:#}")))
+            .clone()
+            .map_err(anyhow::Error::msg)
+    }
+}
+
+/// v1: query rows per block (16 per warp, 4 warps).
 pub const ATTENTION_BLOCK_M: u32 = 64;
+/// v2: query rows per block (32 per warp, 4 warps).
+pub const ATTENTION_V2_BLOCK_M: u32 = 128;
 /// Keys per K/V tile.
 pub const ATTENTION_BLOCK_N: u32 = 64;
 const THREADS: u32 = 128;
@@ -31,8 +104,9 @@ pub struct AttentionLaunch {
     pub kernel: &'static str,
     pub grid: (u32, u32, u32),
     pub block: (u32, u32, u32),
-    /// Dynamic shared memory in bytes: a Q tile and two K and two V tiles of 64 rows, each row
-    /// the head_dim rounded up to 16 (the mma k) plus 8 bf16 of bank-conflict padding.
+    /// Dynamic shared memory in bytes: a Q tile (`block_m` rows) and two K and two V tiles of
+    /// 64 rows, each row the head_dim rounded up to 16 (the mma k) plus 8 bf16 of bank-conflict
+    /// padding.
     pub shared_mem_bytes: u32,
 }
 
@@ -46,20 +120,29 @@ impl AttentionLaunch {
     }
 }
 
-/// Shared memory of the kernel for `head_dim` (mirrors `AttentionShape` in attention.cu).
-fn smem_bytes(head_dim: u32) -> u32 {
+/// Shared memory of a kernel for `head_dim` (mirrors `AttentionShape` / `AttentionV2Shape` in
+/// attention.cu).
+fn smem_bytes(imp: AttentionImpl, head_dim: u32) -> u32 {
     let stride = head_dim.div_ceil(16) * 16 + 8;
-    (ATTENTION_BLOCK_M + 4 * ATTENTION_BLOCK_N) * stride * 2
+    (imp.block_m() + 4 * ATTENTION_BLOCK_N) * stride * 2
 }
 
-/// Validates `p` and says which kernel [`attention`] launches, with which grid. Pure: needs no
+/// Validates `p` and says which v1 (default) kernel runs, with which grid. Pure: needs no
 /// device, so callers (and tests) can check parameters up front.
 pub fn attention_plan(p: &AttentionParams) -> Result<AttentionLaunch> {
-    let kernel = match p.head_dim {
-        64 => "attention_d64",
-        72 => "attention_d72",
-        128 => "attention_d128",
-        d => bail!(
+    attention_plan_for(p, AttentionImpl::V1)
+}
+
+/// Validates `p` and says which kernel of implementation `imp` runs, with which grid. Pure.
+pub fn attention_plan_for(p: &AttentionParams, imp: AttentionImpl) -> Result<AttentionLaunch> {
+    let kernel = match (imp, p.head_dim) {
+        (AttentionImpl::V1, 64) => "attention_d64",
+        (AttentionImpl::V1, 72) => "attention_d72",
+        (AttentionImpl::V1, 128) => "attention_d128",
+        (AttentionImpl::V2, 64) => "attention_v2_d64",
+        (AttentionImpl::V2, 72) => "attention_v2_d72",
+        (AttentionImpl::V2, 128) => "attention_v2_d128",
+        (_, d) => bail!(
             "attention: head_dim {d} is not supported; the kernel is built for head_dim {:?}",
             ATTENTION_HEAD_DIMS
         ),
@@ -112,12 +195,12 @@ pub fn attention_plan(p: &AttentionParams) -> Result<AttentionLaunch> {
     Ok(AttentionLaunch {
         kernel,
         grid: (
-            tokens.div_ceil(ATTENTION_BLOCK_M),
+            tokens.div_ceil(imp.block_m()),
             p.heads as u32,
             p.batch as u32,
         ),
         block: (THREADS, 1, 1),
-        shared_mem_bytes: smem_bytes(p.head_dim as u32),
+        shared_mem_bytes: smem_bytes(imp, p.head_dim as u32),
     })
 }
 
@@ -126,11 +209,17 @@ pub fn attention_flops(batch: usize, heads: usize, tokens: usize, head_dim: usiz
     4.0 * batch as f64 * heads as f64 * tokens as f64 * tokens as f64 * head_dim as f64
 }
 
-/// Launches flash attention on `gpu`'s stream: reads `p.qkv`, writes every element of `p.out`.
-/// `out` must not overlap `qkv` (blocks read the K/V rows of other blocks' queries).
+/// Launches flash attention with the implementation [`AttentionImpl::selected`] names
+/// (`FORA_ATTENTION`, default v1) on `gpu`'s stream: reads `p.qkv`, writes every element of
+/// `p.out`. `out` must not overlap `qkv` (blocks read the K/V rows of other blocks' queries).
 /// Allocates nothing, so it can be captured in a CUDA graph.
 pub fn attention(gpu: &Gpu, p: &AttentionParams) -> Result<()> {
-    let plan = attention_plan(p)?;
+    attention_with(gpu, p, AttentionImpl::selected()?)
+}
+
+/// [`attention`] with an explicit implementation (tests and benchmarks run both).
+pub fn attention_with(gpu: &Gpu, p: &AttentionParams, imp: AttentionImpl) -> Result<()> {
+    let plan = attention_plan_for(p, imp)?;
     let f = gpu.function(plan.kernel)?;
     if plan.shared_mem_bytes > DEFAULT_SMEM_LIMIT {
         // Opt in to more than 48 KiB of dynamic shared memory. A function attribute, not a
