@@ -1,6 +1,8 @@
 //! GEMM benchmark at DiT-XL/2 shapes: the custom kernel (automatic tile and split-K pick, no
 //! split, and each tile variant) against cuBLASLt (fused bias/GELU where it has them) and cuBLASLt + the stand-alone
-//! epilogue kernel. CUDA events around each launch, 3 warm-up launches, median of 20.
+//! epilogue kernel; on a Hopper GPU also the wgmma kernels of kernels/gemm_sm90.cu (automatic
+//! tile and split-K pick, no split, each tile variant). CUDA events around each launch, 3
+//! warm-up launches, median of 20.
 //!
 //! `cargo bench --bench gemm` (prints a Markdown table; SKIP without a CUDA device).
 //! `FORA_BENCH_ROWS=512,16384` restricts the token-row counts (default 512, 16384, 65536).
@@ -9,7 +11,7 @@ use anyhow::{Context, Result};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use fora::cuda::device::device_count;
-use fora::cuda::gemm::{Epilogue, Gemm, GemmImpl, Tile};
+use fora::cuda::gemm::{Epilogue, Gemm, GemmImpl, Tile, WgmmaTile};
 use fora::cuda::params::GemmParams;
 use fora::cuda::{dptr, Gpu};
 use half::bf16;
@@ -33,6 +35,9 @@ enum Variant {
     Custom(Tile),
     CublasLt,
     CublasLtUnfused,
+    WgmmaAuto,
+    WgmmaNoSplit,
+    Wgmma(WgmmaTile),
 }
 
 fn main() {
@@ -133,7 +138,7 @@ fn run() -> Result<()> {
 
     let custom = Gemm::new(&gpu, GemmImpl::Custom, 0)?;
     let lt = Gemm::new(&gpu, GemmImpl::CublasLt, max_mn)?;
-    let variants = [
+    let mut variants = vec![
         Variant::CustomAuto,
         Variant::CustomNoSplit,
         Variant::Custom(Tile::M128),
@@ -143,6 +148,15 @@ fn run() -> Result<()> {
         Variant::CublasLt,
         Variant::CublasLtUnfused,
     ];
+    // The wgmma kernels exist only for sm_90a.
+    let wgmma = if gpu.compute_capability().0 == 9 {
+        variants.extend([Variant::WgmmaAuto, Variant::WgmmaNoSplit]);
+        variants.extend(WgmmaTile::ALL.map(Variant::Wgmma));
+        Some(Gemm::new(&gpu, GemmImpl::Wgmma, 0)?)
+    } else {
+        None
+    };
+    let wgmma_gemm = || wgmma.as_ref().context("the wgmma GEMM is not loaded");
 
     println!(
         "GEMM on {} (sm_{}{}, {} SMs): median of {REPS} after {WARMUP} warm-up launches\n",
@@ -186,13 +200,16 @@ fn run() -> Result<()> {
         };
         let flops = 2.0 * s.m as f64 * s.n as f64 * s.k as f64;
         let mut timings = Vec::new();
-        for v in variants {
+        for &v in &variants {
             let launch = || match v {
                 Variant::CustomAuto => custom.run(&gpu, &p),
                 Variant::CustomNoSplit => custom.run_custom_split(&gpu, &p, None, Some(1)),
                 Variant::Custom(t) => custom.run_custom(&gpu, &p, Some(t)),
                 Variant::CublasLt => lt.run(&gpu, &p),
                 Variant::CublasLtUnfused => lt.run_cublaslt_unfused(&gpu, &p),
+                Variant::WgmmaAuto => wgmma_gemm()?.run(&gpu, &p),
+                Variant::WgmmaNoSplit => wgmma_gemm()?.run_wgmma(&gpu, &p, None, Some(1)),
+                Variant::Wgmma(t) => wgmma_gemm()?.run_wgmma(&gpu, &p, Some(t), None),
             };
             let us =
                 median_us(&gpu, launch).with_context(|| format!("{} M={} {v:?}", s.name, s.m))?;
@@ -215,6 +232,15 @@ fn run() -> Result<()> {
                 Variant::Custom(t) => format!("custom {t:?}, auto split"),
                 Variant::CublasLt => "cuBLASLt".to_string(),
                 Variant::CublasLtUnfused => "cuBLASLt + epilogue kernel".to_string(),
+                Variant::WgmmaAuto => {
+                    let (t, splits) = wgmma_gemm()?.plan_wgmma(s.m, s.n, s.k);
+                    format!("wgmma auto ({t:?}, split-K {splits})")
+                }
+                Variant::WgmmaNoSplit => format!(
+                    "wgmma auto tile, no split ({:?})",
+                    WgmmaTile::pick(s.m, s.n, gpu.sm_count())
+                ),
+                Variant::Wgmma(t) => format!("wgmma {t:?}, auto split"),
             };
             println!(
                 "| {} | {} | {} | {} | {name} | {us:.1} | {:.1} | {:.2}x |",

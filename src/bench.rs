@@ -1159,6 +1159,7 @@ fn gemm_name(imp: GemmImpl) -> &'static str {
     match imp {
         GemmImpl::Custom => "custom",
         GemmImpl::CublasLt => "cublaslt",
+        GemmImpl::Wgmma => "wgmma",
     }
 }
 

@@ -1,7 +1,9 @@
 //! The GEMM (kernels/gemm.cu and the cuBLASLt path) against a plain CPU twin on the same
 //! bf16-rounded inputs, every epilogue, every implementation (custom with each tile variant,
 //! with forced split-K, and with the automatic pick; cuBLASLt fused; cuBLASLt + stand-alone
-//! epilogue kernel), and the implementations against each other.
+//! epilogue kernel), and the implementations against each other. The `gemm_wgmma_*` tests do the
+//! same for the Hopper kernels of kernels/gemm_sm90.cu (each tile, forced split-K, automatic
+//! pick) on a compute capability 9.x device, and print `SKIP <name>: not a Hopper GPU` on others.
 //!
 //! Every output buffer has padding columns (ldo > N in most cases) and two guard rows after row
 //! M, poisoned with NaN (or, for the residual, holding its random initial values): the region
@@ -11,9 +13,9 @@
 //! Without a CUDA device the GPU tests print `SKIP <name>: no CUDA device` and pass; with
 //! `FORA_REQUIRE_GPU=1` they fail instead. `gemm_rejects_bad_params` needs no device.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use cudarc::driver::CudaSlice;
-use fora::cuda::gemm::{validate, Epilogue, Gemm, GemmImpl, Tile};
+use fora::cuda::gemm::{validate, Epilogue, Gemm, GemmImpl, Tile, WgmmaTile};
 use fora::cuda::params::GemmParams;
 use fora::cuda::testing::{
     check_close, from_bf16, poison_bf16, poison_f32, rel_l2, round_bf16, test_gpu, to_bf16, TestRng,
@@ -288,6 +290,11 @@ enum Variant {
     CustomAuto,
     CublasLt,
     CublasLtUnfused,
+    /// One Hopper tile variant, split-K picked by shape.
+    Wgmma(WgmmaTile),
+    /// One Hopper tile variant with this many split-K slices.
+    WgmmaSplit(WgmmaTile, u32),
+    WgmmaAuto,
 }
 
 const VARIANTS: [Variant; 11] = [
@@ -305,9 +312,25 @@ const VARIANTS: [Variant; 11] = [
     Variant::CublasLtUnfused,
 ];
 
+/// The Hopper kernels: every tile (each M x N edge case reaches every tile), forced split-K
+/// (including slices left without k-tiles when K is short), the automatic pick, and cuBLASLt as
+/// the cross-check.
+const WGMMA_VARIANTS: [Variant; 8] = [
+    Variant::Wgmma(WgmmaTile::M128N256),
+    Variant::Wgmma(WgmmaTile::M128N128),
+    Variant::Wgmma(WgmmaTile::M64N128),
+    Variant::WgmmaSplit(WgmmaTile::M64N128, 3),
+    Variant::WgmmaSplit(WgmmaTile::M128N256, 2),
+    Variant::WgmmaSplit(WgmmaTile::M128N128, 5),
+    Variant::WgmmaAuto,
+    Variant::CublasLt,
+];
+
 struct Engines {
     custom: Gemm,
     lt: Gemm,
+    /// Built only on a Hopper device (the wgmma tests).
+    wgmma: Option<Gemm>,
 }
 
 impl Engines {
@@ -315,7 +338,21 @@ impl Engines {
         Ok(Engines {
             custom: Gemm::new(gpu, GemmImpl::Custom, 0)?,
             lt: Gemm::new(gpu, GemmImpl::CublasLt, max_mn)?,
+            wgmma: None,
         })
+    }
+
+    fn with_wgmma(gpu: &Gpu, max_mn: usize) -> Result<Engines> {
+        Ok(Engines {
+            wgmma: Some(Gemm::new(gpu, GemmImpl::Wgmma, 0)?),
+            ..Engines::new(gpu, max_mn)?
+        })
+    }
+
+    fn wgmma(&self) -> Result<&Gemm> {
+        self.wgmma
+            .as_ref()
+            .context("test bug: a wgmma variant on engines built without the wgmma GEMM")
     }
 
     fn run(&self, gpu: &Gpu, v: Variant, p: &GemmParams) -> Result<()> {
@@ -325,26 +362,35 @@ impl Engines {
             Variant::CustomAuto => self.custom.run(gpu, p),
             Variant::CublasLt => self.lt.run(gpu, p),
             Variant::CublasLtUnfused => self.lt.run_cublaslt_unfused(gpu, p),
+            Variant::Wgmma(t) => self.wgmma()?.run_wgmma(gpu, p, Some(t), None),
+            Variant::WgmmaSplit(t, s) => self.wgmma()?.run_wgmma(gpu, p, Some(t), Some(s)),
+            Variant::WgmmaAuto => self.wgmma()?.run(gpu, p),
         }
     }
 }
 
 /// Runs one case through every variant; returns the failures (empty = pass).
-fn run_case(gpu: &Gpu, eng: &Engines, c: &Case, seed: u64) -> Vec<String> {
-    match run_case_inner(gpu, eng, c, seed) {
+fn run_case(gpu: &Gpu, eng: &Engines, variants: &[Variant], c: &Case, seed: u64) -> Vec<String> {
+    match run_case_inner(gpu, eng, variants, c, seed) {
         Ok(failures) => failures,
         Err(e) => vec![format!("{}: setup failed: {e:#}", c.name)],
     }
 }
 
-fn run_case_inner(gpu: &Gpu, eng: &Engines, c: &Case, seed: u64) -> Result<Vec<String>> {
+fn run_case_inner(
+    gpu: &Gpu,
+    eng: &Engines,
+    variants: &[Variant],
+    c: &Case,
+    seed: u64,
+) -> Result<Vec<String>> {
     let h = host_case(c, seed);
     let mut dev = Dev::new(gpu, c, &h)?;
     let p = dev.params(c);
     let mut failures = Vec::new();
     // (variant, epilogue region, cache region) of the variants that passed, for cross-checks.
     let mut results: Vec<(Variant, Vec<f32>, Option<Vec<f32>>)> = Vec::new();
-    for v in VARIANTS {
+    for &v in variants {
         let what = format!(
             "{} {:?} M={} N={} K={} {:?}",
             c.name, c.epi, c.m, c.n, c.k, v
@@ -381,27 +427,29 @@ fn run_case_inner(gpu: &Gpu, eng: &Engines, c: &Case, seed: u64) -> Result<Vec<S
             Err(e) => failures.push(format!("{e:#}")),
         }
     }
-    // Custom vs cuBLASLt on the same inputs.
-    let custom = results.iter().find(|r| matches!(r.0, Variant::CustomAuto));
+    // The automatic pick (custom or wgmma) vs cuBLASLt on the same inputs.
+    let custom = results
+        .iter()
+        .find(|r| matches!(r.0, Variant::CustomAuto | Variant::WgmmaAuto));
     let lt = results.iter().find(|r| r.0 == Variant::CublasLt);
     if let (Some(cu), Some(lt)) = (custom, lt) {
         let err = rel_l2(&cu.1, &lt.1);
         println!(
-            "{} {:?}: custom vs cuBLASLt rel_l2 = {err:.3e}",
-            c.name, c.epi
+            "{} {:?}: {:?} vs cuBLASLt rel_l2 = {err:.3e}",
+            c.name, c.epi, cu.0
         );
         if err.is_nan() || err > TOL {
             failures.push(format!(
-                "{} {:?}: custom vs cuBLASLt rel_l2 {err:.3e} exceeds {TOL:.0e}",
-                c.name, c.epi
+                "{} {:?}: {:?} vs cuBLASLt rel_l2 {err:.3e} exceeds {TOL:.0e}",
+                c.name, c.epi, cu.0
             ));
         }
         if let (Some(cc), Some(lc)) = (&cu.2, &lt.2) {
             let err = rel_l2(cc, lc);
             if err.is_nan() || err > TOL {
                 failures.push(format!(
-                    "{} {:?}: cache custom vs cuBLASLt rel_l2 {err:.3e} exceeds {TOL:.0e}",
-                    c.name, c.epi
+                    "{} {:?}: cache {:?} vs cuBLASLt rel_l2 {err:.3e} exceeds {TOL:.0e}",
+                    c.name, c.epi, cu.0
                 ));
             }
         }
@@ -415,9 +463,34 @@ fn run_cases(test: &str, cases: &[Case]) {
     };
     let max_mn = cases.iter().map(|c| c.m * c.n).max().unwrap_or(1);
     let eng = Engines::new(&gpu, max_mn).expect("GEMM engines");
+    check_cases(test, &gpu, &eng, &VARIANTS, cases);
+}
+
+/// The device of a wgmma test: None (after printing SKIP) without a device, or when it is not a
+/// Hopper GPU (the wgmma kernels exist only for sm_90a).
+fn hopper_gpu(test: &str) -> Option<Gpu> {
+    let gpu = test_gpu(test)?;
+    let (major, minor) = gpu.compute_capability();
+    if major != 9 {
+        println!("SKIP {test}: not a Hopper GPU (compute capability {major}.{minor})");
+        return None;
+    }
+    Some(gpu)
+}
+
+fn run_wgmma_cases(test: &str, cases: &[Case]) {
+    let Some(gpu) = hopper_gpu(test) else {
+        return;
+    };
+    let max_mn = cases.iter().map(|c| c.m * c.n).max().unwrap_or(1);
+    let eng = Engines::with_wgmma(&gpu, max_mn).expect("GEMM engines");
+    check_cases(test, &gpu, &eng, &WGMMA_VARIANTS, cases);
+}
+
+fn check_cases(test: &str, gpu: &Gpu, eng: &Engines, variants: &[Variant], cases: &[Case]) {
     let mut failures = Vec::new();
     for (i, c) in cases.iter().enumerate() {
-        failures.extend(run_case(&gpu, &eng, c, 0x6e11_0000 + i as u64));
+        failures.extend(run_case(gpu, eng, variants, c, 0x6e11_0000 + i as u64));
     }
     for f in &failures {
         println!("FAIL {f}");
@@ -479,6 +552,10 @@ fn gemm_dit_s2_shapes() {
 
 #[test]
 fn gemm_tiny_m() {
+    run_cases("gemm_tiny_m", &tiny_m_cases());
+}
+
+fn tiny_m_cases() -> Vec<Case> {
     let mut cases = Vec::new();
     for m in [1, 2, 7] {
         for epi in Epilogue::ALL {
@@ -488,11 +565,15 @@ fn gemm_tiny_m() {
             cases.push(c);
         }
     }
-    run_cases("gemm_tiny_m", &cases);
+    cases
 }
 
 #[test]
 fn gemm_odd_shapes() {
+    run_cases("gemm_odd_shapes", &odd_cases());
+}
+
+fn odd_cases() -> Vec<Case> {
     let mut cases = Vec::new();
     for epi in Epilogue::ALL {
         for (m, n, k, pad, rows_per_gate) in [
@@ -517,13 +598,147 @@ fn gemm_odd_shapes() {
         c.rows_per_gate = 13;
         cases.push(c);
     }
-    run_cases("gemm_odd_shapes", &cases);
+    cases
+}
+
+#[test]
+fn gemm_wgmma_dit_xl2_shapes() {
+    run_wgmma_cases(
+        "gemm_wgmma_dit_xl2_shapes",
+        &dit_cases("DiT-XL/2", 1152, 28, 512, 2),
+    );
+}
+
+/// Eight images of 256 tokens: the automatic pick takes the 128-row tiles (128 x 256 for the
+/// qkv and fc1 widths) with full grids.
+#[test]
+fn gemm_wgmma_dit_xl2_shapes_2048_rows() {
+    run_wgmma_cases(
+        "gemm_wgmma_dit_xl2_shapes_2048_rows",
+        &dit_cases("DiT-XL/2 x8", 1152, 28, 2048, 8),
+    );
+}
+
+#[test]
+fn gemm_wgmma_dit_s2_shapes() {
+    run_wgmma_cases(
+        "gemm_wgmma_dit_s2_shapes",
+        &dit_cases("DiT-S/2", 384, 12, 512, 2),
+    );
+}
+
+#[test]
+fn gemm_wgmma_tiny_m() {
+    run_wgmma_cases("gemm_wgmma_tiny_m", &tiny_m_cases());
+}
+
+#[test]
+fn gemm_wgmma_odd_shapes() {
+    run_wgmma_cases("gemm_wgmma_odd_shapes", &odd_cases());
+}
+
+/// The wgmma implementation is refused with a clear error off Hopper, and on Hopper its
+/// launchers refuse bad parameters before touching the device, and a non-wgmma `Gemm` refuses
+/// the wgmma entry point.
+#[test]
+fn gemm_wgmma_refusals() {
+    let Some(gpu) = test_gpu("gemm_wgmma_refusals") else {
+        return;
+    };
+    let (major, minor) = gpu.compute_capability();
+    if major != 9 {
+        let err = Gemm::new(&gpu, GemmImpl::Wgmma, 0).expect_err("wgmma off Hopper");
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("Hopper") && err.contains(&format!("{major}.{minor}")),
+            "{err}"
+        );
+        return;
+    }
+    let eng = Engines::with_wgmma(&gpu, 64 * 64).expect("GEMM engines");
+    for (what, p, needle) in &bad_params() {
+        for v in WGMMA_VARIANTS {
+            let err = match eng.run(&gpu, v, p) {
+                Ok(()) => panic!("{what}: {v:?} launched"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(
+                err.contains(needle),
+                "{what} {v:?}: error {err:?} does not mention {needle:?}"
+            );
+        }
+    }
+    let c = case("refusal", 64, 64, 64, Epilogue::BiasBf16);
+    let h = host_case(&c, 11);
+    let dev = Dev::new(&gpu, &c, &h).expect("buffers");
+    let p = dev.params(&c);
+    let err = eng
+        .custom
+        .run_wgmma(&gpu, &p, None, None)
+        .expect_err("a custom Gemm has no wgmma kernels");
+    assert!(format!("{err:#}").contains("wgmma"), "{err:#}");
+    let err = eng
+        .wgmma()
+        .expect("built")
+        .run_wgmma(&gpu, &p, Some(WgmmaTile::M64N128), Some(65))
+        .expect_err("65 slices");
+    assert!(format!("{err:#}").contains("split-K"), "{err:#}");
+    gpu.synchronize().expect("nothing was launched");
 }
 
 /// Parameters that would make the kernel read or write out of bounds are clear errors.
 #[test]
 fn gemm_rejects_bad_params() {
-    let good = GemmParams {
+    validate(&good_params()).expect("the reference parameters are valid");
+    let bad = bad_params();
+    for (what, p, needle) in &bad {
+        let err = match validate(p) {
+            Ok(_) => panic!("{what}: accepted"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains(needle),
+            "{what}: error {err:?} does not mention {needle:?}"
+        );
+    }
+
+    // The launchers refuse them too, before touching the device; and the cuBLASLt scratch
+    // bound is enforced.
+    let Some(gpu) = test_gpu("gemm_rejects_bad_params") else {
+        return;
+    };
+    let eng = Engines::new(&gpu, 64 * 64).expect("GEMM engines");
+    for (what, p, needle) in &bad {
+        for v in VARIANTS {
+            let err = match eng.run(&gpu, v, p) {
+                Ok(()) => panic!("{what}: {v:?} launched"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(
+                err.contains(needle),
+                "{what} {v:?}: error {err:?} does not mention {needle:?}"
+            );
+        }
+    }
+    let c = case("scratch", 65, 64, 64, Epilogue::BiasGateResidual);
+    let h = host_case(&c, 7);
+    let dev = Dev::new(&gpu, &c, &h).expect("buffers");
+    let err = eng
+        .lt
+        .run_cublaslt_unfused(&gpu, &dev.params(&c))
+        .expect_err("M*N beyond the scratch must be refused");
+    assert!(format!("{err:#}").contains("scratch"), "{err:#}");
+    let err = eng
+        .custom
+        .run_cublaslt(&gpu, &dev.params(&c))
+        .expect_err("a custom Gemm has no cuBLASLt");
+    assert!(format!("{err:#}").contains("custom"), "{err:#}");
+    gpu.synchronize().expect("nothing was launched");
+}
+
+/// Valid parameters (fake device addresses) that [`bad_params`] breaks one field at a time.
+fn good_params() -> GemmParams {
+    GemmParams {
         a: 0x1000,
         w: 0x2000,
         bias: 0x3000,
@@ -540,9 +755,14 @@ fn gemm_rejects_bad_params() {
         ldg: 100,
         rows_per_gate: 16,
         epilogue: Epilogue::BiasGateResidual.raw(),
-    };
-    validate(&good).expect("the reference parameters are valid");
-    let bad: Vec<(&str, GemmParams, &str)> = vec![
+    }
+}
+
+/// Parameters that would make a kernel read or write out of bounds, with a word the error must
+/// contain.
+fn bad_params() -> Vec<(&'static str, GemmParams, &'static str)> {
+    let good = good_params();
+    vec![
         (
             "K % 8",
             GemmParams {
@@ -620,48 +840,5 @@ fn gemm_rejects_bad_params() {
             },
             "too large",
         ),
-    ];
-    for (what, p, needle) in &bad {
-        let err = match validate(p) {
-            Ok(_) => panic!("{what}: accepted"),
-            Err(e) => format!("{e:#}"),
-        };
-        assert!(
-            err.contains(needle),
-            "{what}: error {err:?} does not mention {needle:?}"
-        );
-    }
-
-    // The launchers refuse them too, before touching the device; and the cuBLASLt scratch
-    // bound is enforced.
-    let Some(gpu) = test_gpu("gemm_rejects_bad_params") else {
-        return;
-    };
-    let eng = Engines::new(&gpu, 64 * 64).expect("GEMM engines");
-    for (what, p, needle) in &bad {
-        for v in VARIANTS {
-            let err = match eng.run(&gpu, v, p) {
-                Ok(()) => panic!("{what}: {v:?} launched"),
-                Err(e) => format!("{e:#}"),
-            };
-            assert!(
-                err.contains(needle),
-                "{what} {v:?}: error {err:?} does not mention {needle:?}"
-            );
-        }
-    }
-    let c = case("scratch", 65, 64, 64, Epilogue::BiasGateResidual);
-    let h = host_case(&c, 7);
-    let dev = Dev::new(&gpu, &c, &h).expect("buffers");
-    let err = eng
-        .lt
-        .run_cublaslt_unfused(&gpu, &dev.params(&c))
-        .expect_err("M*N beyond the scratch must be refused");
-    assert!(format!("{err:#}").contains("scratch"), "{err:#}");
-    let err = eng
-        .custom
-        .run_cublaslt(&gpu, &dev.params(&c))
-        .expect_err("a custom Gemm has no cuBLASLt");
-    assert!(format!("{err:#}").contains("custom"), "{err:#}");
-    gpu.synchronize().expect("nothing was launched");
+    ]
 }

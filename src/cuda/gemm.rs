@@ -1,6 +1,8 @@
 //! The GEMM launcher: `out[M, N] = epilogue(A[M, K] @ W[N, K]^T + bias[N])` with bf16 operands and
-//! f32 accumulation, by the hand-written tensor-core kernels of `kernels/gemm.cu` or by cuBLASLt
-//! (the reference and fallback), chosen at run time ([`GemmImpl`], env `FORA_GEMM`).
+//! f32 accumulation, by the hand-written tensor-core kernels of `kernels/gemm.cu` (mma.sync, any
+//! sm_80+ device), the Hopper wgmma kernels of `kernels/gemm_sm90.cu` (compute capability 9.x
+//! only, opt-in), or cuBLASLt (the default, the reference and fallback), chosen at run time
+//! ([`GemmImpl`], env `FORA_GEMM`).
 //!
 //! Epilogues ([`Epilogue`], `GemmParams::epilogue`): bias -> bf16; bias + tanh-GELU -> bf16;
 //! bias -> f32; and bias + FORA cache store + gate + residual add:
@@ -32,6 +34,9 @@ pub enum GemmImpl {
     /// cuBLASLt (its bias / GELU-bias epilogues where it has them) plus the stand-alone
     /// epilogue kernel for the rest.
     CublasLt,
+    /// The Hopper kernels of `kernels/gemm_sm90.cu` (wgmma, epilogue fused); refused by
+    /// [`Gemm::new`] on a device whose compute capability is not 9.x.
+    Wgmma,
 }
 
 impl FromStr for GemmImpl {
@@ -41,15 +46,16 @@ impl FromStr for GemmImpl {
         match s.trim().to_ascii_lowercase().as_str() {
             "custom" => Ok(GemmImpl::Custom),
             "cublaslt" | "cublas" => Ok(GemmImpl::CublasLt),
-            other => {
-                bail!("unknown GEMM implementation {other:?}: expected \"custom\" or \"cublaslt\"")
-            }
+            "wgmma" => Ok(GemmImpl::Wgmma),
+            other => bail!(
+                "unknown GEMM implementation {other:?}: expected \"custom\", \"cublaslt\" or \"wgmma\""
+            ),
         }
     }
 }
 
 impl GemmImpl {
-    /// `FORA_GEMM=custom|cublaslt`; unset or empty means [`GemmImpl::CublasLt`]: on an H200
+    /// `FORA_GEMM=custom|cublaslt|wgmma`; unset or empty means [`GemmImpl::CublasLt`]: on an H200
     /// (2026-11-26, docs/bench_h200_2026-11-26.md) cuBLASLt plus the epilogue kernel beat the
     /// custom mma.sync kernels at every DiT-XL/2 shape (custom 0.32x-0.81x; a full step 1.8x
     /// faster at 2 rows, 1.33x at 256). The custom kernels stay tested and selectable; they
@@ -211,6 +217,105 @@ impl Tile {
     }
 }
 
+/// Tile variant of the Hopper kernel (`gemm_wgmma_<BM>x<BN>`, kernels/gemm_sm90.cu); [`Gemm::run`]
+/// picks one, tests and benchmarks may force one with [`Gemm::run_wgmma`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WgmmaTile {
+    /// 128 x 256: two warpgroups of 64 x 256, one CTA per SM.
+    M128N256,
+    /// 128 x 128: two warpgroups of 64 x 128, one CTA per SM.
+    M128N128,
+    /// 64 x 128: one warpgroup, two CTAs per SM (small M).
+    M64N128,
+}
+
+impl WgmmaTile {
+    pub const ALL: [WgmmaTile; 3] = [WgmmaTile::M128N256, WgmmaTile::M128N128, WgmmaTile::M64N128];
+
+    /// k-depth of one pipeline stage (one 128-byte swizzle row of bf16).
+    pub const BK: u32 = 64;
+
+    /// Kernel name, BM, BN, threads, stages and CTAs an SM holds; must match the instantiations
+    /// in gemm_sm90.cu (`FORA_WGMMA_BODY(warpgroups, BN, STAGES)`, `__launch_bounds__`).
+    fn spec(self) -> TileSpec {
+        let (name, bm, bn, stages, ctas_per_sm) = match self {
+            WgmmaTile::M128N256 => ("gemm_wgmma_128x256", 128, 256, 4, 1),
+            WgmmaTile::M128N128 => ("gemm_wgmma_128x128", 128, 128, 4, 1),
+            WgmmaTile::M64N128 => ("gemm_wgmma_64x128", 64, 128, 4, 2),
+        };
+        TileSpec {
+            name,
+            bm,
+            bn,
+            bk: Self::BK,
+            // One 128-thread warpgroup per 64 rows.
+            threads: bm * 2,
+            stages,
+            ctas_per_sm,
+        }
+    }
+
+    /// The kernel's `extern "C"` name.
+    pub fn kernel_name(self) -> &'static str {
+        self.spec().name
+    }
+
+    /// Dynamic shared memory: the stage ring plus 1 KiB, which the kernel spends on rounding
+    /// its base up to the 1024-byte alignment of the 128-byte swizzle atoms.
+    pub fn smem_bytes(self) -> u32 {
+        let t = self.spec();
+        t.stages * (t.bm + t.bn) * t.bk * 2 + 1024
+    }
+
+    fn ctas(self, m: usize, n: usize) -> usize {
+        let t = self.spec();
+        m.div_ceil(t.bm as usize) * n.div_ceil(t.bn as usize)
+    }
+
+    /// M <= 64 always gets 64-row tiles (a 128-row tile would multiply mostly zero rows).
+    /// Otherwise the widest tile whose grid fills the machine: 128 x 256 when N wastes at most
+    /// 1/16 of its columns (1152 = 4.5 x 256 would waste 10%: 128 x 128 instead), then
+    /// 128 x 128, else 64 x 128 ([`WgmmaTile::pick_splits`] adds split-K). Not yet tuned on a
+    /// device.
+    pub fn pick(m: usize, n: usize, sm_count: usize) -> WgmmaTile {
+        let n256 = n.div_ceil(256) * 256;
+        if m <= 64 {
+            WgmmaTile::M64N128
+        } else if WgmmaTile::M128N256.ctas(m, n) >= sm_count && (n256 - n) * 16 <= n256 {
+            WgmmaTile::M128N256
+        } else if WgmmaTile::M128N128.ctas(m, n) >= sm_count {
+            WgmmaTile::M128N128
+        } else {
+            WgmmaTile::M64N128
+        }
+    }
+
+    /// Split-K slices for a grid too small to fill the SMs, by the custom path's rule at this
+    /// k-depth: at least 16 k-tiles (1024 of K) a slice, at most 8 slices, within `workspace`
+    /// f32 elements.
+    pub fn pick_splits(
+        self,
+        m: usize,
+        n: usize,
+        k: usize,
+        sm_count: usize,
+        workspace: usize,
+    ) -> u32 {
+        let t = self.spec();
+        let ctas = self.ctas(m, n);
+        let target = sm_count * t.ctas_per_sm;
+        if ctas >= target {
+            return 1;
+        }
+        let k_tiles = k.div_ceil(t.bk as usize);
+        let mut splits = target.div_ceil(ctas).min(k_tiles / 16).min(8);
+        while splits > 1 && splits * m * n > workspace {
+            splits -= 1;
+        }
+        splits.max(1) as u32
+    }
+}
+
 /// Checks a GEMM's parameters: every violation is an error naming the field.
 pub fn validate(p: &GemmParams) -> Result<Epilogue> {
     let epi = Epilogue::from_raw(p.epilogue)?;
@@ -309,6 +414,8 @@ pub const SPLITK_WORKSPACE: usize = 8 << 20;
 pub struct Gemm {
     imp: GemmImpl,
     tiles: Vec<(Tile, CudaFunction)>,
+    /// The Hopper kernels; loaded for [`GemmImpl::Wgmma`] only.
+    wgmma_tiles: Vec<(WgmmaTile, CudaFunction)>,
     epilogue_fn: CudaFunction,
     lt: Option<CublasLt>,
     /// f32 [scratch_len] for cuBLASLt products that still need the epilogue kernel.
@@ -353,8 +460,32 @@ impl Gemm {
             tiles.push((tile, f));
         }
         let epilogue_fn = gpu.function("gemm_epilogue_f32")?;
+        let mut wgmma_tiles = Vec::new();
+        if imp == GemmImpl::Wgmma {
+            let (major, minor) = gpu.compute_capability();
+            ensure!(
+                major == 9,
+                "GEMM: the wgmma implementation needs a Hopper GPU (compute capability 9.x), this \
+                 device is {major}.{minor}; use FORA_GEMM=custom or cublaslt"
+            );
+            for tile in WgmmaTile::ALL {
+                let name = tile.kernel_name();
+                let f = gpu.function(name)?;
+                f.set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    tile.smem_bytes() as i32,
+                )
+                .with_context(|| {
+                    format!(
+                        "cannot give kernel {name} {} bytes of shared memory",
+                        tile.smem_bytes()
+                    )
+                })?;
+                wgmma_tiles.push((tile, f));
+            }
+        }
         let (lt, scratch, splitk) = match imp {
-            GemmImpl::Custom => {
+            GemmImpl::Custom | GemmImpl::Wgmma => {
                 let ws = gpu.alloc_zeros::<f32>(SPLITK_WORKSPACE, "the GEMM split-K workspace")?;
                 (None, None, Some(ws))
             }
@@ -368,6 +499,7 @@ impl Gemm {
         Ok(Gemm {
             imp,
             tiles,
+            wgmma_tiles,
             epilogue_fn,
             lt,
             scratch,
@@ -391,6 +523,7 @@ impl Gemm {
         match self.imp {
             GemmImpl::Custom => self.run_custom(gpu, p, None),
             GemmImpl::CublasLt => self.run_cublaslt(gpu, p),
+            GemmImpl::Wgmma => self.run_wgmma(gpu, p, None, None),
         }
     }
 
@@ -431,13 +564,74 @@ impl Gemm {
             (1..=64).contains(&splits),
             "GEMM: split-K slices must be 1..=64, got {splits}"
         );
-        let t = tile.spec();
         let f = self
             .tiles
             .iter()
             .find(|(x, _)| *x == tile)
             .map(|(_, f)| f)
-            .with_context(|| format!("GEMM kernel {} not loaded", t.name))?;
+            .with_context(|| format!("GEMM kernel {} not loaded", tile.spec().name))?;
+        self.launch_tiled(gpu, p, f, &tile.spec(), tile.smem_bytes(), splits)
+    }
+
+    /// The tile variant and split-K slice count the wgmma path uses for a shape.
+    pub fn plan_wgmma(&self, m: usize, n: usize, k: usize) -> (WgmmaTile, u32) {
+        let tile = WgmmaTile::pick(m, n, self.sm_count);
+        let workspace = self.splitk.as_ref().map_or(0, |w| w.len());
+        (tile, tile.pick_splits(m, n, k, self.sm_count, workspace))
+    }
+
+    /// The Hopper wgmma kernel with the tile variant and the number of split-K slices forced
+    /// (`Some`) or picked by shape (`None`). Errors unless this `Gemm` was built for
+    /// [`GemmImpl::Wgmma`] (which checked the device is a 9.x).
+    pub fn run_wgmma(
+        &self,
+        gpu: &Gpu,
+        p: &GemmParams,
+        tile: Option<WgmmaTile>,
+        splits: Option<u32>,
+    ) -> Result<()> {
+        validate(p)?;
+        ensure!(
+            self.imp == GemmImpl::Wgmma,
+            "GEMM: this Gemm was built for {:?}, not the wgmma implementation (its kernels are \
+             loaded only on a Hopper device by Gemm::new with GemmImpl::Wgmma)",
+            self.imp
+        );
+        let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+        let tile = tile.unwrap_or_else(|| WgmmaTile::pick(m, n, self.sm_count));
+        let splits = match splits {
+            Some(s) => s,
+            None => {
+                let workspace = self.splitk.as_ref().map_or(0, |w| w.len());
+                tile.pick_splits(m, n, k, self.sm_count, workspace)
+            }
+        };
+        ensure!(
+            (1..=64).contains(&splits),
+            "GEMM: split-K slices must be 1..=64, got {splits}"
+        );
+        let f = self
+            .wgmma_tiles
+            .iter()
+            .find(|(x, _)| *x == tile)
+            .map(|(_, f)| f)
+            .with_context(|| format!("GEMM kernel {} not loaded", tile.kernel_name()))?;
+        self.launch_tiled(gpu, p, f, &tile.spec(), tile.smem_bytes(), splits)
+    }
+
+    /// Launches a tiled GEMM kernel (grid: N tiles x M tiles x slices) on validated params;
+    /// more than one slice writes f32 partial sums to the split-K workspace, and the epilogue
+    /// kernel adds them in order and applies the epilogue.
+    fn launch_tiled(
+        &self,
+        gpu: &Gpu,
+        p: &GemmParams,
+        f: &CudaFunction,
+        t: &TileSpec,
+        smem_bytes: u32,
+        splits: u32,
+    ) -> Result<()> {
+        let (m, n) = (p.m as usize, p.n as usize);
         let grid_y = (p.m as u32).div_ceil(t.bm);
         ensure!(
             grid_y <= 65535,
@@ -448,7 +642,7 @@ impl Gemm {
         let cfg = LaunchConfig {
             grid_dim: ((p.n as u32).div_ceil(t.bn), grid_y, splits),
             block_dim: (t.threads, 1, 1),
-            shared_mem_bytes: tile.smem_bytes(),
+            shared_mem_bytes: smem_bytes,
         };
         if splits == 1 {
             // SAFETY: `validate` checked the shapes, strides, alignment and non-null pointers
@@ -666,6 +860,7 @@ mod tests {
     fn impl_parses() {
         assert_eq!("custom".parse::<GemmImpl>().unwrap(), GemmImpl::Custom);
         assert_eq!("cuBLASLt".parse::<GemmImpl>().unwrap(), GemmImpl::CublasLt);
+        assert_eq!(" WGMMA ".parse::<GemmImpl>().unwrap(), GemmImpl::Wgmma);
         let e = "cutlass".parse::<GemmImpl>().unwrap_err().to_string();
         assert!(e.contains("cutlass"), "{e}");
     }
@@ -687,6 +882,76 @@ mod tests {
         assert_eq!(Tile::M128K64.smem_bytes(), 96 * 1024);
         assert_eq!(Tile::M64.smem_bytes(), 48 * 1024);
         assert_eq!(Tile::M32.smem_bytes(), 40 * 1024);
+    }
+
+    #[test]
+    fn wgmma_tile_pick() {
+        // DiT-XL/2 at 256 images of 256 tokens (M = 65536): qkv (3456 = 13.5 x 256, 3.6%
+        // waste) and fc1 (4608) take 256-wide tiles.
+        assert_eq!(WgmmaTile::pick(65_536, 3456, 132), WgmmaTile::M128N256);
+        assert_eq!(WgmmaTile::pick(65_536, 4608, 132), WgmmaTile::M128N256);
+        // proj / fc2 (N = 1152 = 4.5 x 256) wastes 10% at 256 wide.
+        assert_eq!(WgmmaTile::pick(65_536, 1152, 132), WgmmaTile::M128N128);
+        // One image pair (M = 512): 128-row tiles do not fill 132 SMs.
+        assert_eq!(WgmmaTile::pick(512, 3456, 132), WgmmaTile::M64N128);
+        assert_eq!(WgmmaTile::pick(512, 1152, 132), WgmmaTile::M64N128);
+        // The adaLN tables of two rows: 765 CTAs of 128 x 256 would fill the machine, but with
+        // 2 of 128 rows used.
+        assert_eq!(WgmmaTile::pick(2, 195_840, 132), WgmmaTile::M64N128);
+        assert_eq!(WgmmaTile::pick(64, 195_840, 132), WgmmaTile::M64N128);
+        assert_eq!(WgmmaTile::pick(512, 195_840, 132), WgmmaTile::M128N256);
+        // 2048 x 4608 = 16 x 18 tiles of 128 x 256.
+        assert_eq!(WgmmaTile::pick(2048, 4608, 132), WgmmaTile::M128N256);
+        assert_eq!(WgmmaTile::pick(2048, 1152, 132), WgmmaTile::M128N128);
+    }
+
+    #[test]
+    fn wgmma_smem_matches_kernels() {
+        // STAGES * (BM + BN) * 64 * 2 + 1 KiB alignment slack, per gemm_sm90.cu.
+        assert_eq!(WgmmaTile::M128N256.smem_bytes(), 4 * 384 * 128 + 1024);
+        assert_eq!(WgmmaTile::M128N128.smem_bytes(), 4 * 256 * 128 + 1024);
+        assert_eq!(WgmmaTile::M64N128.smem_bytes(), 4 * 192 * 128 + 1024);
+        // Hopper: at most 227 KiB a CTA, 228 KiB an SM (1 KiB reserved per CTA).
+        for t in WgmmaTile::ALL {
+            let spec = t.spec();
+            assert!(t.smem_bytes() <= 227 * 1024, "{t:?}");
+            assert!(
+                spec.ctas_per_sm * (t.smem_bytes() as usize + 1024) <= 228 * 1024,
+                "{t:?} does not fit {} CTAs an SM",
+                spec.ctas_per_sm
+            );
+            assert_eq!(spec.threads, spec.bm * 2, "one warpgroup per 64 rows");
+            assert!(t.kernel_name().starts_with("gemm_wgmma_"));
+        }
+    }
+
+    #[test]
+    fn wgmma_split_pick() {
+        // fc2 of one CFG image pair: 72 CTAs of 64 x 128 against 264 resident, K = 4608 is 72
+        // k-tiles of 64 -> 4 slices of 18.
+        assert_eq!(
+            WgmmaTile::M64N128.pick_splits(512, 1152, 4608, 132, SPLITK_WORKSPACE),
+            4
+        );
+        // proj of the same: K = 1152 is 18 k-tiles, too short to split.
+        assert_eq!(
+            WgmmaTile::M64N128.pick_splits(512, 1152, 1152, 132, SPLITK_WORKSPACE),
+            1
+        );
+        // qkv: 216 CTAs, still under 264 resident, but K is too short.
+        assert_eq!(
+            WgmmaTile::M64N128.pick_splits(512, 3456, 1152, 132, SPLITK_WORKSPACE),
+            1
+        );
+        assert_eq!(
+            WgmmaTile::M128N256.pick_splits(65_536, 4608, 1152, 132, SPLITK_WORKSPACE),
+            1
+        );
+        // The workspace bounds the slices.
+        assert_eq!(
+            WgmmaTile::M64N128.pick_splits(512, 1152, 4608, 132, 2 * 512 * 1152),
+            2
+        );
     }
 
     #[test]
