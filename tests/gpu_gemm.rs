@@ -314,14 +314,24 @@ const VARIANTS: [Variant; 11] = [
 
 /// The Hopper kernels: every tile (each M x N edge case reaches every tile), forced split-K
 /// (including slices left without k-tiles when K is short), the automatic pick, and cuBLASLt as
-/// the cross-check.
+/// the cross-check. Forced slices x M x N must fit the split-K workspace
+/// (`SPLITK_WORKSPACE`, 8 Mi f32): 3 x 512 x 4608 does.
 const WGMMA_VARIANTS: [Variant; 8] = [
     Variant::Wgmma(WgmmaTile::M128N256),
     Variant::Wgmma(WgmmaTile::M128N128),
     Variant::Wgmma(WgmmaTile::M64N128),
     Variant::WgmmaSplit(WgmmaTile::M64N128, 3),
     Variant::WgmmaSplit(WgmmaTile::M128N256, 2),
-    Variant::WgmmaSplit(WgmmaTile::M128N128, 5),
+    Variant::WgmmaSplit(WgmmaTile::M128N128, 3),
+    Variant::WgmmaAuto,
+    Variant::CublasLt,
+];
+
+/// [`WGMMA_VARIANTS`] without forced split-K, for M x N too large for the workspace.
+const WGMMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 5] = [
+    Variant::Wgmma(WgmmaTile::M128N256),
+    Variant::Wgmma(WgmmaTile::M128N128),
+    Variant::Wgmma(WgmmaTile::M64N128),
     Variant::WgmmaAuto,
     Variant::CublasLt,
 ];
@@ -478,13 +488,13 @@ fn hopper_gpu(test: &str) -> Option<Gpu> {
     Some(gpu)
 }
 
-fn run_wgmma_cases(test: &str, cases: &[Case]) {
+fn run_wgmma_cases(test: &str, cases: &[Case], variants: &[Variant]) {
     let Some(gpu) = hopper_gpu(test) else {
         return;
     };
     let max_mn = cases.iter().map(|c| c.m * c.n).max().unwrap_or(1);
     let eng = Engines::with_wgmma(&gpu, max_mn).expect("GEMM engines");
-    check_cases(test, &gpu, &eng, &WGMMA_VARIANTS, cases);
+    check_cases(test, &gpu, &eng, variants, cases);
 }
 
 fn check_cases(test: &str, gpu: &Gpu, eng: &Engines, variants: &[Variant], cases: &[Case]) {
@@ -606,6 +616,7 @@ fn gemm_wgmma_dit_xl2_shapes() {
     run_wgmma_cases(
         "gemm_wgmma_dit_xl2_shapes",
         &dit_cases("DiT-XL/2", 1152, 28, 512, 2),
+        &WGMMA_VARIANTS,
     );
 }
 
@@ -616,6 +627,7 @@ fn gemm_wgmma_dit_xl2_shapes_2048_rows() {
     run_wgmma_cases(
         "gemm_wgmma_dit_xl2_shapes_2048_rows",
         &dit_cases("DiT-XL/2 x8", 1152, 28, 2048, 8),
+        &WGMMA_VARIANTS_NO_FORCED_SPLIT,
     );
 }
 
@@ -624,17 +636,18 @@ fn gemm_wgmma_dit_s2_shapes() {
     run_wgmma_cases(
         "gemm_wgmma_dit_s2_shapes",
         &dit_cases("DiT-S/2", 384, 12, 512, 2),
+        &WGMMA_VARIANTS,
     );
 }
 
 #[test]
 fn gemm_wgmma_tiny_m() {
-    run_wgmma_cases("gemm_wgmma_tiny_m", &tiny_m_cases());
+    run_wgmma_cases("gemm_wgmma_tiny_m", &tiny_m_cases(), &WGMMA_VARIANTS);
 }
 
 #[test]
 fn gemm_wgmma_odd_shapes() {
-    run_wgmma_cases("gemm_wgmma_odd_shapes", &odd_cases());
+    run_wgmma_cases("gemm_wgmma_odd_shapes", &odd_cases(), &WGMMA_VARIANTS);
 }
 
 /// The wgmma implementation is refused with a clear error off Hopper, and on Hopper its
