@@ -77,6 +77,8 @@ pub enum GemmChoice {
     Cublaslt,
     /// Both, one after the other (end to end runs the custom one only).
     Both,
+    /// The Hopper wgmma kernels (compute capability 9.x only; opt-in, not the default).
+    Wgmma,
 }
 
 /// A part of the benchmark.
@@ -235,6 +237,7 @@ impl BenchArgs {
         let gemms = match gemm {
             GemmChoice::Custom => vec![GemmImpl::Custom],
             GemmChoice::Cublaslt => vec![GemmImpl::CublasLt],
+            GemmChoice::Wgmma => vec![GemmImpl::Wgmma],
             // The default implementation first: the end-to-end section runs on the first only.
             GemmChoice::Both => vec![GemmImpl::CublasLt, GemmImpl::Custom],
         };
