@@ -34,7 +34,7 @@ phase_tests() {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     for t in $TESTS; do
       echo "=== test $t"
-      bounded 100 .devpack/test/$t --test-threads=1 --nocapture 2>&1 \
+      bounded 150 .devpack/test/$t --test-threads=1 --nocapture 2>&1 \
         | grep -E "^test |rel_l2|rel-L2|SKIP|panicked|FAILED|failures|test result|^rc=" \
         | grep -v "^test .* \.\.\. ok$" | tail -n 80
     done
@@ -81,7 +81,7 @@ phase_sanitize() {
       echo "=== memcheck gpu_attention (512 px case skipped)"
       bounded 20 compute-sanitizer --tool memcheck --error-exitcode 9 .devpack/test/gpu_attention --test-threads=1 --skip xl2_512px 2>&1 | tail -n 4
       echo "=== memcheck gpu_gemm"
-      bounded 30 compute-sanitizer --tool memcheck --error-exitcode 9 .devpack/test/gpu_gemm --test-threads=1 2>&1 | tail -n 4
+      bounded 60 compute-sanitizer --tool memcheck --error-exitcode 9 .devpack/test/gpu_gemm --test-threads=1 2>&1 | tail -n 4
       echo "=== memcheck gpu_backend (small-model tests)"
       bounded 40 compute-sanitizer --tool memcheck --error-exitcode 9 .devpack/test/gpu_backend --test-threads=1 \
         gpu_execution_paths gpu_sampling_allocates gpu_noise_file gpu_caller 2>&1 | tail -n 4

@@ -29,7 +29,8 @@ pub struct CudaBackend {
 /// trade memory and launch overhead.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CudaOptions {
-    /// Custom fused GEMMs or the cuBLASLt reference path (`FORA_GEMM=custom|cublaslt`).
+    /// cuBLASLt (default), our mma.sync GEMMs, or the opt-in Hopper wgmma GEMMs
+    /// (`FORA_GEMM=cublaslt|custom|wgmma`).
     pub gemm: GemmImpl,
     /// Replay the computing and the reuse forward as CUDA graphs (`FORA_CUDA_GRAPHS=0`: off).
     pub graphs: bool,
