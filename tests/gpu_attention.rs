@@ -503,6 +503,35 @@ fn attention_impl_parses_names() {
     for imp in AttentionImpl::ALL {
         assert_eq!(imp.name().parse::<AttentionImpl>().unwrap(), imp);
     }
+    assert_eq!(
+        "auto".parse::<AttentionImpl>().unwrap(),
+        AttentionImpl::Auto
+    );
+}
+
+#[test]
+fn attention_auto_resolves_by_grid_size() {
+    let auto = AttentionImpl::Auto;
+    // One image + CFG at DiT-XL/2 256 px: 2 x 16 x 2 = 64 v2 blocks on 132 SMs -> v1.
+    let small = params(shape(2, 16, 256, 72), 0x1000, 0x2000);
+    assert_eq!(auto.resolve(&small, 132), AttentionImpl::V1);
+    // Batch 256: 8192 v2 blocks -> v2.
+    let large = params(shape(256, 16, 256, 72), 0x1000, 0x2000);
+    assert_eq!(auto.resolve(&large, 132), AttentionImpl::V2);
+    // The boundary: exactly two v2 blocks per SM.
+    let edge = params(shape(66, 2, 256, 72), 0x1000, 0x2000); // 2 * 2 * 66 = 264 blocks
+    assert_eq!(auto.resolve(&edge, 132), AttentionImpl::V2);
+    assert_eq!(auto.resolve(&edge, 133), AttentionImpl::V1);
+    // Concrete implementations resolve to themselves; Auto itself has no plan.
+    for imp in AttentionImpl::ALL {
+        assert_eq!(imp.resolve(&small, 132), imp);
+        assert_eq!(imp.resolve(&large, 132), imp);
+    }
+    let msg = format!(
+        "{:#}",
+        attention_plan_for(&large, auto).expect_err("Auto has no plan")
+    );
+    assert!(msg.contains("resolve"), "unclear error: {msg}");
 }
 
 /// A change that makes valid parameters invalid.

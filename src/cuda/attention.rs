@@ -4,14 +4,14 @@
 //! `h` at `h*d`, `H*d + h*d`, `2*H*d + h*d`). Output: bf16 `[B, T, H, d]` (= `[B*T, D]`, the
 //! proj Linear's input). `out = softmax(q k^T * scale) v` per (batch, head), no mask.
 //!
-//! Two implementations, chosen at run time by [`AttentionImpl`] (`FORA_ATTENTION=v1|v2`, read
-//! once per process; unset means v1), each with one kernel instantiation per supported head_dim
-//! (64, 72, 128):
+//! Two kernel families, chosen at run time by [`AttentionImpl`] (`FORA_ATTENTION=v1|v2|auto`,
+//! read once per process; unset means v1), each instantiated for head_dim 64, 72 and 128:
 //! - v1 (default, `attention_d*`): grid `(ceil(T / 64), heads, batch)` blocks of 4 warps, each
 //!   warp owning 16 query rows.
 //! - v2 (opt-in, `attention_v2_d*`): grid `(ceil(T / 128), heads, batch)` blocks of 4 warps,
 //!   each warp owning 32 query rows (every K/V fragment feeds two mma), K and V loaded as
 //!   separate cp.async groups.
+//! - auto: v2 when its grid fills every SM twice, else v1 ([`AttentionImpl::resolve`]).
 
 use super::device::Gpu;
 use super::params::AttentionParams;
@@ -28,6 +28,11 @@ pub enum AttentionImpl {
     V1,
     /// 128 query rows per block, 32 per warp. Opt-in until measured on a device.
     V2,
+    /// v2 when its grid fills every SM twice (two v2 blocks fit on an SM), else v1, whose
+    /// 64-row blocks spread small problems (one image + CFG: 64 v2 blocks) over twice as many
+    /// SMs. A heuristic until both are measured; resolved per launch by
+    /// [`AttentionImpl::resolve`].
+    Auto,
 }
 
 impl FromStr for AttentionImpl {
@@ -37,30 +42,45 @@ impl FromStr for AttentionImpl {
         match s.trim().to_ascii_lowercase().as_str() {
             "v1" | "1" => Ok(AttentionImpl::V1),
             "v2" | "2" => Ok(AttentionImpl::V2),
-            other => bail!("unknown attention implementation {other:?}: expected \"v1\" or \"v2\""),
+            "auto" => Ok(AttentionImpl::Auto),
+            other => bail!(
+                "unknown attention implementation {other:?}: expected \"v1\", \"v2\" or \"auto\""
+            ),
         }
     }
 }
 
 impl AttentionImpl {
+    /// The kernel families (every implementation but [`AttentionImpl::Auto`]).
     pub const ALL: [AttentionImpl; 2] = [AttentionImpl::V1, AttentionImpl::V2];
 
     pub fn name(self) -> &'static str {
         match self {
             AttentionImpl::V1 => "v1",
             AttentionImpl::V2 => "v2",
+            AttentionImpl::Auto => "auto",
         }
     }
 
-    /// Query rows per block.
-    pub fn block_m(self) -> u32 {
+    /// The kernel family that runs `p` on a device with `sm_count` SMs: `self` unless it is
+    /// [`AttentionImpl::Auto`].
+    pub fn resolve(self, p: &AttentionParams, sm_count: usize) -> AttentionImpl {
         match self {
-            AttentionImpl::V1 => ATTENTION_BLOCK_M,
-            AttentionImpl::V2 => ATTENTION_V2_BLOCK_M,
+            AttentionImpl::Auto => {
+                let v2_blocks = (p.tokens.max(0) as u64).div_ceil(ATTENTION_V2_BLOCK_M as u64)
+                    * p.heads.max(0) as u64
+                    * p.batch.max(0) as u64;
+                if v2_blocks >= 2 * sm_count as u64 {
+                    AttentionImpl::V2
+                } else {
+                    AttentionImpl::V1
+                }
+            }
+            concrete => concrete,
         }
     }
 
-    /// `FORA_ATTENTION=v1|v2`, parsed now; unset or empty means [`AttentionImpl::V1`].
+    /// `FORA_ATTENTION=v1|v2|auto`, parsed now; unset or empty means [`AttentionImpl::V1`].
     pub fn from_env() -> Result<AttentionImpl> {
         match std::env::var("FORA_ATTENTION") {
             Ok(v) if !v.trim().is_empty() => {
@@ -120,11 +140,11 @@ impl AttentionLaunch {
     }
 }
 
-/// Shared memory of a kernel for `head_dim` (mirrors `AttentionShape` / `AttentionV2Shape` in
-/// attention.cu).
-fn smem_bytes(imp: AttentionImpl, head_dim: u32) -> u32 {
+/// Shared memory of a kernel with `block_m` query rows for `head_dim` (mirrors
+/// `AttentionShape` / `AttentionV2Shape` in attention.cu).
+fn smem_bytes(block_m: u32, head_dim: u32) -> u32 {
     let stride = head_dim.div_ceil(16) * 16 + 8;
-    (imp.block_m() + 4 * ATTENTION_BLOCK_N) * stride * 2
+    (block_m + 4 * ATTENTION_BLOCK_N) * stride * 2
 }
 
 /// Validates `p` and says which v1 (default) kernel runs, with which grid. Pure: needs no
@@ -133,8 +153,16 @@ pub fn attention_plan(p: &AttentionParams) -> Result<AttentionLaunch> {
     attention_plan_for(p, AttentionImpl::V1)
 }
 
-/// Validates `p` and says which kernel of implementation `imp` runs, with which grid. Pure.
+/// Validates `p` and says which kernel of implementation `imp` runs, with which grid. Pure;
+/// `imp` must be a kernel family ([`AttentionImpl::resolve`] turns `Auto` into one).
 pub fn attention_plan_for(p: &AttentionParams, imp: AttentionImpl) -> Result<AttentionLaunch> {
+    let block_m = match imp {
+        AttentionImpl::V1 => ATTENTION_BLOCK_M,
+        AttentionImpl::V2 => ATTENTION_V2_BLOCK_M,
+        AttentionImpl::Auto => {
+            bail!("attention: AttentionImpl::Auto has no plan of its own; resolve it for a device first")
+        }
+    };
     let kernel = match (imp, p.head_dim) {
         (AttentionImpl::V1, 64) => "attention_d64",
         (AttentionImpl::V1, 72) => "attention_d72",
@@ -194,13 +222,9 @@ pub fn attention_plan_for(p: &AttentionParams, imp: AttentionImpl) -> Result<Att
     let tokens = p.tokens as u32;
     Ok(AttentionLaunch {
         kernel,
-        grid: (
-            tokens.div_ceil(imp.block_m()),
-            p.heads as u32,
-            p.batch as u32,
-        ),
+        grid: (tokens.div_ceil(block_m), p.heads as u32, p.batch as u32),
         block: (THREADS, 1, 1),
-        shared_mem_bytes: smem_bytes(imp, p.head_dim as u32),
+        shared_mem_bytes: smem_bytes(block_m, p.head_dim as u32),
     })
 }
 
@@ -219,7 +243,7 @@ pub fn attention(gpu: &Gpu, p: &AttentionParams) -> Result<()> {
 
 /// [`attention`] with an explicit implementation (tests and benchmarks run both).
 pub fn attention_with(gpu: &Gpu, p: &AttentionParams, imp: AttentionImpl) -> Result<()> {
-    let plan = attention_plan_for(p, imp)?;
+    let plan = attention_plan_for(p, imp.resolve(p, gpu.sm_count()))?;
     let f = gpu.function(plan.kernel)?;
     if plan.shared_mem_bytes > DEFAULT_SMEM_LIMIT {
         // Opt in to more than 48 KiB of dynamic shared memory. A function attribute, not a
