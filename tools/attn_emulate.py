@@ -6,7 +6,7 @@ Every index expression of the kernel is transcribed; ldmatrix (.trans) and mma.s
 use the PTX ISA fragment layouts. Shared memory starts as NaN, and cp.async groups are
 modelled: a copy poisons its destination with NaN when issued and lands only when a
 cp.async.wait_group retires its group, so reading a buffer before its data is guaranteed (or
-while it is being refilled), or reading unwritten padding, shows up as NaN in the output.
+while it is being refilled), or reading unwritten columns, shows up as NaN in the output.
 __syncthreads is a phase boundary between the per-warp loops.
 
 Keep it in step with the kernel when the kernel changes. Usage:
@@ -62,6 +62,21 @@ def mma(c, a, b):
         c[l, 0] += D[g, 2*q]; c[l, 1] += D[g, 2*q+1]
         c[l, 2] += D[g+8, 2*q]; c[l, 3] += D[g+8, 2*q+1]
 
+def mma_k8(c, a, b):
+    # m16n8k8: a = 2 regs (rows g, g+8; k 2q, 2q+1), b = 1 reg (k 2q, 2q+1; n g); c as mma
+    A = np.full((16, 8), np.nan, np.float64)
+    B = np.full((8, 8), np.nan, np.float64)
+    for l in range(32):
+        g, q = l >> 2, l & 3
+        A[g, 2*q:2*q+2] = a[0][l]
+        A[g+8, 2*q:2*q+2] = a[1][l]
+        B[2*q:2*q+2, g] = b[l]
+    D = A @ B
+    for l in range(32):
+        g, q = l >> 2, l & 3
+        c[l, 0] += D[g, 2*q]; c[l, 1] += D[g, 2*q+1]
+        c[l, 2] += D[g+8, 2*q]; c[l, 3] += D[g+8, 2*q+1]
+
 def pack(lo, hi):
     return np.stack([bf16(lo), bf16(hi)], axis=1)
 
@@ -78,7 +93,8 @@ def run_v2(qkv, out, B, T, H, D, scale):
     CHUNKS = D // 8
     Q_ELEMS, KV_ELEMS = BM * STRIDE, BN * STRIDE
     THREADS = 32 * WARPS
-    KSTEPS = DK // 16
+    KSTEPS = D // 16
+    HAS_K8 = D % 16 == 8
     Q_IN_REGS = DK <= 80
     row_stride = 3 * H * D
     n_tiles = (T + BN - 1) // BN
@@ -123,10 +139,6 @@ def run_v2(qkv, out, B, T, H, D, scale):
                 commit()
                 load_rows(s_v, v_base, BN, 0)
                 commit()
-                if DK > D:
-                    for r in range(BM + 2 * BN):
-                        row = s_q + r * STRIDE if r < BM else s_k + (r - BM) * STRIDE
-                        smem[row + D: row + D + 8] = 0.0
                 W = [dict(o=np.zeros((MT, NTO, 32, 4), np.float32),
                           m=np.full((MT, 2, 32), -np.inf, np.float32),
                           l=np.zeros((MT, 2, 32), np.float32), qf=None, s=None) for _ in range(WARPS)]
@@ -143,8 +155,11 @@ def run_v2(qkv, out, B, T, H, D, scale):
                         st = W[warp]
                         s_q_warp = s_q + warp * WARP_M * STRIDE
                         qaddr = lambda mt, kk: s_q_warp + (mt * 16 + (LANE & 15)) * STRIDE + kk * 16 + (LANE >> 4) * 8
+                        taddr = lambda mt: s_q_warp + (mt * 16 + (LANE & 15)) * STRIDE + (D - 8)
                         if Q_IN_REGS and j == 0:
                             st['qf'] = [[ldm(smem, qaddr(mt, kk), 4, False) for kk in range(KSTEPS)] for mt in range(MT)]
+                            if HAS_K8:
+                                st['qt'] = [ldm(smem, taddr(mt), 2, False) for mt in range(MT)]
                         s = np.zeros((MT, BN // 8, 32, 4), np.float32)
                         for kk in range(KSTEPS):
                             qa = [st['qf'][mt][kk] if Q_IN_REGS else ldm(smem, qaddr(mt, kk), 4, False) for mt in range(MT)]
@@ -153,6 +168,13 @@ def run_v2(qkv, out, B, T, H, D, scale):
                                 for mt in range(MT):
                                     mma(s[mt][2 * nn], qa[mt], b[0:2])
                                     mma(s[mt][2 * nn + 1], qa[mt], b[2:4])
+                        if HAS_K8:
+                            qt = [st['qt'][mt] if Q_IN_REGS else ldm(smem, taddr(mt), 2, False) for mt in range(MT)]
+                            for n4 in range(BN // 32):
+                                b = ldm(smem, kt + (n4 * 32 + LANE) * STRIDE + (D - 8), 4, False)
+                                for i in range(4):
+                                    for mt in range(MT):
+                                        mma_k8(s[mt][4 * n4 + i], qt[mt], b[i])
                         if (j + 1) * BN > T:
                             for nt in range(BN // 8):
                                 key = j * BN + nt * 8 + quad_col
