@@ -12,7 +12,7 @@
 //!   discarded each step, so carrying it would change nothing.
 
 use crate::config::DitConfig;
-use anyhow::Result;
+use anyhow::{bail, ensure, Result};
 
 /// How classifier-free guidance combines the conditional and unconditional predictions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -130,6 +130,33 @@ impl SamplePlan {
     /// Model rows per forward: 2B with guidance, B without.
     pub fn model_rows(&self) -> usize {
         self.classes.len() * if self.guidance.is_some() { 2 } else { 1 }
+    }
+
+    /// The checks every backend makes before allocating a workspace for `cfg`: at least one
+    /// class, each in range, at least one step, a finite guidance scale, one original timestep
+    /// in 0..999 per step.
+    pub fn validate(&self, cfg: &DitConfig) -> Result<()> {
+        ensure!(self.images() > 0, "a sampling run needs at least one class");
+        if let Some(&bad) = self.classes.iter().find(|&&c| c >= cfg.num_classes) {
+            bail!(
+                "class {bad} out of range: the model has classes 0..{}",
+                cfg.num_classes - 1
+            );
+        }
+        ensure!(self.steps > 0, "a sampling run needs at least one step");
+        if let Some(g) = self.guidance {
+            ensure!(g.scale.is_finite(), "cfg scale {} is not finite", g.scale);
+        }
+        ensure!(
+            self.timesteps.len() == self.steps,
+            "the plan has {} timesteps for {} steps",
+            self.timesteps.len(),
+            self.steps
+        );
+        if let Some(bad) = self.timesteps.iter().find(|t| !(0..1000).contains(*t)) {
+            bail!("timestep {bad} outside 0..999");
+        }
+        Ok(())
     }
 }
 

@@ -14,7 +14,7 @@ use crate::backend::{
 };
 use crate::config::DitConfig;
 use crate::weights::DitWeights;
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use model::{Activations, FeatureCache};
 
 /// The reference backend: a validated config and its weights.
@@ -112,17 +112,7 @@ impl Backend for CpuBackend {
     fn workspace(&self, plan: &SamplePlan) -> Result<CpuWorkspace> {
         let cfg = &self.cfg;
         let b = plan.images();
-        ensure!(b > 0, "a sampling run needs at least one class");
-        if let Some(&bad) = plan.classes.iter().find(|&&c| c >= cfg.num_classes) {
-            bail!(
-                "class {bad} out of range: the model has classes 0..{}",
-                cfg.num_classes - 1
-            );
-        }
-        ensure!(plan.steps > 0, "a sampling run needs at least one step");
-        if let Some(g) = plan.guidance {
-            ensure!(g.scale.is_finite(), "cfg scale {} is not finite", g.scale);
-        }
+        plan.validate(cfg)?;
         let img = cfg.image_len();
         let mut latents = vec![0f32; b * img];
         let noise_source = match &plan.noise {

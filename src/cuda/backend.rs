@@ -335,17 +335,7 @@ impl Backend for CudaBackend {
         let cfg = self.model.config();
         let gpu = &self.gpu;
         let b = plan.images();
-        ensure!(b > 0, "a sampling run needs at least one class");
-        if let Some(&bad) = plan.classes.iter().find(|&&c| c >= cfg.num_classes) {
-            bail!(
-                "class {bad} out of range: the model has classes 0..{}",
-                cfg.num_classes - 1
-            );
-        }
-        ensure!(plan.steps > 0, "a sampling run needs at least one step");
-        if let Some(g) = plan.guidance {
-            ensure!(g.scale.is_finite(), "cfg scale {} is not finite", g.scale);
-        }
+        plan.validate(cfg)?;
         let rows = plan.model_rows();
         let img = b * cfg.image_len();
         let acts = Activations::new(gpu, cfg, rows, true)?;
@@ -395,15 +385,6 @@ impl Backend for CudaBackend {
         gpu.stream()
             .memcpy_htod(&labels, &mut acts.labels)
             .context("cannot copy labels to the device")?;
-        ensure!(
-            plan.timesteps.len() == plan.steps,
-            "the plan has {} timesteps for {} steps",
-            plan.timesteps.len(),
-            plan.steps
-        );
-        if let Some(bad) = plan.timesteps.iter().find(|t| !(0..1000).contains(*t)) {
-            bail!("timestep {bad} outside 0..999");
-        }
         let t_rows: Vec<f32> = plan
             .timesteps
             .iter()
