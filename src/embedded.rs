@@ -5,8 +5,11 @@
 //!
 //! The file is `models/tiny.safetensors`; its safetensors metadata records the architecture
 //! (`fora.*`, read by [`DitWeights::from_bytes`]) and how it was trained (`fora.train.*`).
-//! NOTE: the weights committed first came from a short CPU run of tools/train_tiny.py (see
-//! `fora.train.steps` in the metadata); they are to be replaced by the GPU-trained ones.
+//! NOTE: the committed weights are NOT the real model yet: a 55-minute run on 2 CPU cores
+//! (`train_tiny.py --device cpu --threads 2 --steps 1300 --batch 128 --lr 1e-3 --warmup 100
+//! --ema-decay 0.995 --max-minutes 55`, stopped at 1054 steps; `fora.train.*` in the metadata)
+//! draws digit-like blobs that the project's classifier recognises at chance level (10%). They
+//! are to be replaced by the GPU-trained weights (`PHASES=tiny tools/device_suite.sh`).
 
 use crate::config::DitConfig;
 use crate::weights::DitWeights;
