@@ -338,7 +338,7 @@ impl Backend for CudaBackend {
         plan.validate(cfg)?;
         let rows = plan.model_rows();
         let img = b * cfg.image_len();
-        let acts = Activations::new(gpu, cfg, rows, true)?;
+        let mut acts = Activations::new(gpu, cfg, rows, true)?;
         let precompute = self.modulation_tables_fit(plan, rows)?;
         // The batched conditioning GEMMs of the precomputation are the largest when they run.
         let chunk_mn = if precompute {
@@ -380,7 +380,6 @@ impl Backend for CudaBackend {
                 (Some(gpu.upload(noise, "the noise file")?), 0)
             }
         };
-        let mut acts = acts;
         let labels = row_labels(cfg, &plan.classes, plan.guidance.is_some());
         gpu.stream()
             .memcpy_htod(&labels, &mut acts.labels)
