@@ -203,18 +203,37 @@ impl Tile {
         workspace: usize,
     ) -> u32 {
         let t = self.spec();
-        let ctas = self.ctas(m, n);
-        let target = sm_count * t.ctas_per_sm;
-        if ctas >= target {
-            return 1;
-        }
         let k_tiles = k.div_ceil(t.bk as usize);
-        let mut splits = target.div_ceil(ctas).min(k_tiles / 32).min(8);
-        while splits > 1 && splits * m * n > workspace {
-            splits -= 1;
-        }
-        splits.max(1) as u32
+        split_k_slices(
+            self.ctas(m, n),
+            sm_count * t.ctas_per_sm,
+            k_tiles,
+            32,
+            m * n,
+            workspace,
+        )
     }
+}
+
+/// The split-K rule both GEMM families share: slices only when `ctas` CTAs fall short of the
+/// `target` resident on the machine, enough to reach it, at least `min_tiles` k-tiles a slice, at
+/// most 8 slices, and `slices * mn` f32 partials within `workspace`.
+fn split_k_slices(
+    ctas: usize,
+    target: usize,
+    k_tiles: usize,
+    min_tiles: usize,
+    mn: usize,
+    workspace: usize,
+) -> u32 {
+    if ctas >= target {
+        return 1;
+    }
+    let mut splits = target.div_ceil(ctas).min(k_tiles / min_tiles).min(8);
+    while splits > 1 && splits * mn > workspace {
+        splits -= 1;
+    }
+    splits.max(1) as u32
 }
 
 /// Tile variant of the Hopper kernel (`gemm_wgmma_<BM>x<BN>`, kernels/gemm_sm90.cu); [`Gemm::run`]
@@ -302,17 +321,15 @@ impl WgmmaTile {
         workspace: usize,
     ) -> u32 {
         let t = self.spec();
-        let ctas = self.ctas(m, n);
-        let target = sm_count * t.ctas_per_sm;
-        if ctas >= target {
-            return 1;
-        }
         let k_tiles = k.div_ceil(t.bk as usize);
-        let mut splits = target.div_ceil(ctas).min(k_tiles / 16).min(8);
-        while splits > 1 && splits * m * n > workspace {
-            splits -= 1;
-        }
-        splits.max(1) as u32
+        split_k_slices(
+            self.ctas(m, n),
+            sm_count * t.ctas_per_sm,
+            k_tiles,
+            16,
+            m * n,
+            workspace,
+        )
     }
 }
 
