@@ -561,7 +561,7 @@ pub enum Bound {
 pub struct KernelRow {
     /// "qkv", "proj", "fc1", "fc2", "adaLN", "final", "attention", "fora_reuse", "layernorm".
     pub name: String,
-    /// "custom", "cublaslt", "cublaslt+epilogue" (GEMMs); "custom" otherwise.
+    /// "custom", "cublaslt", "cublaslt+epilogue", "cublaslt-tuned" (GEMMs); "custom" otherwise.
     pub imp: String,
     /// Model rows of the shape.
     pub rows: usize,
@@ -1558,6 +1558,11 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
     let max_mn = shapes.iter().map(|s| s.m * s.n).max().unwrap_or(1);
     let custom = Gemm::new(gpu, GemmImpl::Custom, 0);
     let lt = Gemm::new(gpu, GemmImpl::CublasLt, max_mn);
+    // The same with autotuned algorithms (the first, eager warm-up run of a shape tunes it).
+    let lt_tuned = Gemm::new(gpu, GemmImpl::CublasLt, max_mn);
+    if let Ok(g) = &lt_tuned {
+        g.set_lt_autotune(true);
+    }
     if let Err(e) = &custom {
         report.error("kernels", "custom GEMM setup", e);
     }
@@ -1593,6 +1598,9 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
                 "cublaslt+epilogue",
                 Box::new(move |p| g.run_cublaslt_unfused(gpu, p)),
             ));
+        }
+        if let Ok(g) = &lt_tuned {
+            variants.push(("cublaslt-tuned", Box::new(move |p| g.run(gpu, p))));
         }
         for (imp, runner) in variants {
             let timed = timer.time_alone(gpu, params.len(), |i| runner(&params[i % params.len()]));
@@ -1847,7 +1855,13 @@ fn bench_steps(
             .into_iter()
             .enumerate()
             {
-                match timer.time(backend.gpu(), |i| backend.step(&mut ws, &spec(i, mode))) {
+                // A range per step so that a profile (tools/ncu_summary.py) can group kernels
+                // by rows and step kind.
+                let timed = timer.time(backend.gpu(), |i| {
+                    let _step = crate::nvtx_range!("rows {rows} step {i} {}", kind.name());
+                    backend.step(&mut ws, &spec(i, mode))
+                });
+                match timed {
                     Ok(st) => times[slot] = Some(st),
                     Err(e) => report.error("steps", &format!("{what}: {} step", kind.name()), &e),
                 }

@@ -816,3 +816,85 @@ fn bench_without_a_device_is_a_clear_error() {
     let e = format!("{:#}", fora::bench::run(&args).unwrap_err());
     assert!(e.contains("CUDA"), "{e}");
 }
+
+#[test]
+fn ncu_summary_sums_kernel_time_per_step_kind_and_op() {
+    if !python_has("csv") {
+        println!("SKIP ncu_summary_sums_kernel_time_per_step_kind_and_op: no python3");
+        return;
+    }
+    let dir = tmp_dir("ncu_summary");
+    let header = "\"ID\",\"Process ID\",\"Process Name\",\"Host Name\",\
+        \"thread Domain:Push/Pop_Range:PL_Type:PL_Value:CLevel:NBHandle\",\"Kernel Name\",\
+        \"Context\",\"Stream\",\"Section Name\",\"Metric Name\",\"Metric Unit\",\"Metric Value\"";
+    let row = |id: usize, nvtx: &str, kernel: &str, ns: &str| {
+        format!(
+            "\"{id}\",\"1\",\"fora\",\"h\",\"<default domain>:{nvtx}:none:none:0:0\",\
+             \"{kernel}\",\"1\",\"7\",\"Command line profiler metrics\",\
+             \"gpu__time_duration.sum\",\"nsecond\",\"{ns}\""
+        )
+    };
+    let csv = [
+        "==PROF== Connected to process 1 (fora)".to_string(),
+        "fora bench output that is not CSV".to_string(),
+        header.to_string(),
+        row(0, "rows 2 step 0 full:block 0:qkv", "nvjet_a", "1,000"),
+        row(
+            1,
+            "rows 2 step 0 full:block 0:attention",
+            "attention_d72",
+            "3000",
+        ),
+        row(2, "rows 2 step 1 full:block 0:qkv", "nvjet_a", "2000"),
+        row(
+            3,
+            "rows 2 step 1 full:final_layer",
+            "layernorm_modulate",
+            "500",
+        ),
+        row(4, "rows 2 step 0 reuse:fora_reuse", "fora_reuse", "700"),
+        row(5, "rows 2 step 0 reuse:sampler_step", "sampler_step", "100"),
+    ]
+    .join("\n");
+    let path = dir.join("profile.csv");
+    std::fs::write(&path, csv).unwrap();
+    let out = Command::new("python3")
+        .arg(root().join("tools/ncu_summary.py"))
+        .arg(&path)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ncu_summary.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{stdout}");
+    // Two full steps: (1 + 3 + 2 + 0.5) us / 2 = 3.25 us per step; qkv 1.5 us per step.
+    assert!(stdout.contains("### rows 2, full (2 step(s) profiled; kernel time per step 0.003 ms)"));
+    assert!(
+        stdout.contains("| qkv | 1.5 | 46.2% | 1.0 | `nvjet_a` 1.5 |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| attention | 1.5 | 46.2% | 0.5 |"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("| final_layer | 0.2 |") || stdout.contains("| final_layer | 0.3 |"));
+    assert!(stdout.contains("### rows 2, reuse (1 step(s) profiled"));
+    assert!(
+        stdout.contains("| fora_reuse | 0.7 | 87.5% | 1.0 |"),
+        "{stdout}"
+    );
+
+    // Not an ncu CSV: a clear error, non-zero exit.
+    let bad = dir.join("bad.csv");
+    std::fs::write(&bad, "no csv here\n").unwrap();
+    let out = Command::new("python3")
+        .arg(root().join("tools/ncu_summary.py"))
+        .arg(&bad)
+        .output()
+        .expect("run python3");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no ncu CSV header"));
+}

@@ -8,7 +8,9 @@
 #   device: run, carry [".devpack"], command "bash tools/device_suite.sh"
 #
 # PHASES picks phases in order (default "tests bench torch sanitize"; add "tiny" for the
-# embedded model: tools/train_tiny.py on the GPU, then tools/quality.py through the fora binary).
+# embedded model: tools/train_tiny.py on the GPU, then tools/quality.py through the fora binary;
+# "profile" for ncu kernel times per op of a computing and a reuse step, summarised by
+# tools/ncu_summary.py; PROFILE_ROWS picks the rows, default 2,256).
 # SANITIZE_FULL=1 runs memcheck over every GPU test binary and racecheck over every kernel test
 # (minutes; give it its own call). FORA_BENCH_ARGS / TORCH_BENCH_ARGS / TINY_MINUTES override
 # the defaults below.
@@ -101,6 +103,16 @@ phase_tiny() {
       --device cuda --out-dir "$OUT/quality" > "$OUT/quality.log" 2>&1
     tail -n 20 "$OUT/quality.log"
   fi
+}
+
+phase_profile() {
+  echo "=== ncu: kernel time per op of computing and reuse steps (rows ${PROFILE_ROWS:-2,256})"
+  # Op by op (no graphs) so that every launch sits in its NVTX op range; one timed run each.
+  FORA_CUDA_GRAPHS=0 bounded 150 ncu --nvtx --metrics gpu__time_duration.sum --csv --print-units base \
+    .devpack/bin/fora bench --sections steps --batches "${PROFILE_ROWS:-2,256}" --runs 2 --warmup 1 \
+    --gemm cublaslt --json "$OUT/profile_bench.json" > "$OUT/profile.csv" 2> "$OUT/profile.err"
+  python3 tools/ncu_summary.py "$OUT/profile.csv" > "$OUT/profile.md" 2>> "$OUT/profile.err"
+  head -n 60 "$OUT/profile.md"; tail -n 3 "$OUT/profile.err"
 }
 
 for phase in $PHASES; do

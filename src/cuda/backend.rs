@@ -40,17 +40,32 @@ pub struct CudaOptions {
     pub precompute_modulation: bool,
     /// Upper bound for the precomputed tables; a quarter of the free memory bounds it too.
     pub max_modulation_table_bytes: usize,
+    /// With cuBLASLt: time the heuristic's first candidates for every GEMM shape when a
+    /// workspace is built and keep the fastest, instead of its first choice
+    /// (`FORA_LT_AUTOTUNE=1`: on). Off by default: the choice depends on timing, so the bits of
+    /// a run reproduce across processes only without it.
+    pub lt_autotune: bool,
 }
 
 impl CudaOptions {
-    /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS` and `FORA_PRECOMPUTE_MODULATION`.
+    /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`
+    /// and `FORA_LT_AUTOTUNE`.
     pub fn from_env() -> Result<CudaOptions> {
         let on = |var: &str| std::env::var(var).map_or(true, |v| v.trim() != "0");
+        let lt_autotune = match std::env::var("FORA_LT_AUTOTUNE") {
+            Err(_) => false,
+            Ok(v) => match v.trim() {
+                "" | "0" => false,
+                "1" => true,
+                other => bail!("FORA_LT_AUTOTUNE must be 0 or 1, got {other:?}"),
+            },
+        };
         Ok(CudaOptions {
             gemm: GemmImpl::from_env()?,
             graphs: graphs_enabled(),
             precompute_modulation: on("FORA_PRECOMPUTE_MODULATION"),
             max_modulation_table_bytes: 8 << 30,
+            lt_autotune,
         })
     }
 }
@@ -347,6 +362,7 @@ impl Backend for CudaBackend {
             0
         };
         let gemm = Gemm::new(gpu, self.options.gemm, max_gemm_mn(cfg, rows).max(chunk_mn))?;
+        gemm.set_lt_autotune(self.options.lt_autotune);
         let mut latents = gpu.alloc_zeros::<f32>(img, "the latents")?;
         let (noise, seed) = match &plan.noise {
             NoiseSource::Seed(seed) => {
@@ -396,6 +412,16 @@ impl Backend for CudaBackend {
             None
         };
         let with_modulation = mod_table.is_none();
+        if self.options.graphs && gemm.lt_autotune() {
+            // A capture cannot time anything: run both forwards once uncaptured so that every
+            // GEMM shape is tuned before it is recorded. Harmless: the first step computes and
+            // overwrites the activations and caches these write.
+            for mode in [StepMode::Compute, StepMode::Reuse] {
+                self.model
+                    .forward(gpu, &gemm, &acts, mode, &latents, b, with_modulation)
+                    .context("while tuning the cuBLASLt GEMMs")?;
+            }
+        }
         let graphs = if self.options.graphs {
             let capture = |mode| self.capture(&gemm, &acts, mode, &latents, b, with_modulation);
             Some([capture(StepMode::Compute)?, capture(StepMode::Reuse)?])
@@ -499,6 +525,7 @@ impl Backend for CudaBackend {
         };
         let mut acts = Activations::new(gpu, cfg, n, false)?;
         let gemm = Gemm::new(gpu, self.options.gemm, max_gemm_mn(cfg, n))?;
+        gemm.set_lt_autotune(self.options.lt_autotune);
         let latents = gpu.upload(&x[..images * cfg.image_len()], "the forward input x")?;
         let t32: Vec<f32> = t.iter().map(|&v| v as f32).collect();
         let y32: Vec<i32> = y.iter().map(|&v| v as i32).collect();

@@ -7,19 +7,33 @@
 //!
 //! cudarc's safe `Matmul` wants the bias in the output type and keeps its workspace private, so
 //! this goes through `cudarc::cublaslt::result` with its own descriptors and workspace.
+//!
+//! The algorithm of each distinct matmul (shapes, leading dimensions, output, epilogue, pointer
+//! alignments) is chosen once and remembered: by default cuBLASLt's heuristic first choice; with
+//! autotuning ([`CublasLt::set_autotune`]) the fastest of the heuristic's first
+//! [`AUTOTUNE_CANDIDATES`] timed with CUDA events on the real operands, the way cuDNN's
+//! benchmark mode does. Autotuned choices may differ between processes (timing noise), so bits
+//! reproduce across runs only without it; within one `CublasLt` a shape always gets one choice.
 
 use super::device::Gpu;
 use anyhow::{ensure, Context, Result};
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys;
+use cudarc::driver::sys as driver_sys;
 use cudarc::driver::{CudaSlice, CudaStream};
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::mem::size_of;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// Heuristic candidates timed per matmul when autotuning.
+pub const AUTOTUNE_CANDIDATES: usize = 8;
+/// Timed runs per candidate (after one untimed run).
+const AUTOTUNE_RUNS: usize = 5;
 
 /// Output element type of a cuBLASLt matmul.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LtOutput {
     Bf16,
     F32,
@@ -59,6 +73,29 @@ pub enum LtRun {
     Unsupported,
 }
 
+/// Everything the algorithm choice depends on: the heuristic sees shapes, types, the epilogue
+/// and pointer alignments, never the addresses themselves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct AlgoKey {
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: usize,
+    ldw: usize,
+    ldd: usize,
+    output: LtOutput,
+    /// 0 none, 1 GELU, 2 bias, 3 GELU + bias.
+    epilogue: u8,
+    /// Alignments of w, a, d in bytes.
+    align: [u32; 3],
+}
+
+/// An algorithm chosen for an [`AlgoKey`] (one whose workspace fits ours).
+#[derive(Clone, Copy, Debug)]
+struct Chosen {
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
 /// A cuBLASLt handle with its workspace, bound to the `Gpu`'s stream.
 pub struct CublasLt {
     handle: sys::cublasLtHandle_t,
@@ -68,6 +105,10 @@ pub struct CublasLt {
     /// Set once cuBLASLt has refused an f32 bias with a bf16 output (cuBLASLt 13 on an H200
     /// answers CUBLAS_STATUS_INVALID_VALUE): later calls skip the doomed heuristic query.
     bf16_out_f32_bias_refused: AtomicBool,
+    /// Time the heuristic's candidates instead of taking its first choice.
+    autotune: AtomicBool,
+    /// The algorithm of every matmul seen so far.
+    chosen: Mutex<HashMap<AlgoKey, Chosen>>,
 }
 
 // SAFETY: cuBLASLt handles may be used from any host thread (the library is thread safe); all
@@ -79,6 +120,7 @@ impl std::fmt::Debug for CublasLt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CublasLt")
             .field("workspace_bytes", &self.workspace_bytes)
+            .field("autotune", &self.autotune.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -116,7 +158,26 @@ impl CublasLt {
             workspace_bytes,
             stream: gpu.stream().clone(),
             bf16_out_f32_bias_refused: AtomicBool::new(false),
+            autotune: AtomicBool::new(false),
+            chosen: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Turns autotuning on or off for matmuls not seen yet (see the module comment). A matmul
+    /// first seen while the stream is capturing a graph cannot be timed: it gets the heuristic's
+    /// choice for that capture and is tuned on its first uncaptured run.
+    pub fn set_autotune(&self, on: bool) {
+        self.autotune.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether autotuning is on.
+    pub fn autotune(&self) -> bool {
+        self.autotune.load(Ordering::Relaxed)
+    }
+
+    /// Distinct matmuls whose algorithm has been chosen.
+    pub fn chosen_count(&self) -> usize {
+        self.chosen.lock().map_or(0, |m| m.len())
     }
 
     /// Runs `mm` on the stream, or reports [`LtRun::Unsupported`] when cuBLASLt has no algorithm
@@ -227,68 +288,207 @@ impl CublasLt {
         ] {
             pref.set(attr, &alignment(ptr))?;
         }
-        // SAFETY: every descriptor is alive for the duration of the call.
-        let heuristic = unsafe {
-            lt::get_matmul_algo_heuristic(
+        let key = AlgoKey {
+            m: mm.m,
+            n: mm.n,
+            k: mm.k,
+            lda: mm.lda,
+            ldw: mm.ldw,
+            ldd: mm.ldd,
+            output: mm.output,
+            epilogue: match mm.epilogue {
+                LtEpilogue::None => 0,
+                LtEpilogue::Gelu => 1,
+                LtEpilogue::Bias(_) => 2,
+                LtEpilogue::GeluBias(_) => 3,
+            },
+            align: [alignment(mm.w), alignment(mm.a), alignment(mm.d)],
+        };
+        let op = Op {
+            desc: &desc,
+            layout_w: &layout_w,
+            layout_a: &layout_a,
+            layout_d: &layout_d,
+            mm,
+        };
+        let known = self
+            .chosen
+            .lock()
+            .map_err(|_| anyhow::anyhow!("cuBLASLt: the algorithm cache lock is poisoned"))?
+            .get(&key)
+            .copied();
+        let chosen = match known {
+            Some(c) => c,
+            None => {
+                let capturing = self
+                    .stream
+                    .capture_status()
+                    .context("cannot query the stream's capture status")?
+                    != driver_sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+                let tune = self.autotune() && !capturing;
+                let want = if tune { AUTOTUNE_CANDIDATES } else { 1 };
+                let candidates = match self.heuristics(&op, &pref, want) {
+                    Ok(c) if c.is_empty() => return Ok(LtRun::Unsupported),
+                    Ok(c) => c,
+                    Err(CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
+                        return Ok(LtRun::Unsupported)
+                    }
+                    // An f32 bias with a bf16 output is an attribute combination cuBLASLt may
+                    // reject outright rather than find no algorithm for; remember it.
+                    Err(CublasError(sys::cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE))
+                        if bf16_out_f32_bias =>
+                    {
+                        self.bf16_out_f32_bias_refused
+                            .store(true, Ordering::Relaxed);
+                        return Ok(LtRun::Unsupported);
+                    }
+                    Err(e) => return Err(lt_error(e, "cublasLtMatmulAlgoGetHeuristic")),
+                };
+                let chosen = if tune && candidates.len() > 1 {
+                    self.fastest(&op, &candidates)?
+                } else {
+                    candidates[0]
+                };
+                // Under capture with autotuning on, leave the shape to be tuned later.
+                if !(self.autotune() && capturing) {
+                    self.chosen
+                        .lock()
+                        .map_err(|_| {
+                            anyhow::anyhow!("cuBLASLt: the algorithm cache lock is poisoned")
+                        })?
+                        .insert(key, chosen);
+                }
+                chosen
+            }
+        };
+        self.launch(&op, &chosen)
+            .map_err(|e| lt_error(e, "cublasLtMatmul"))?;
+        Ok(LtRun::Done)
+    }
+
+    /// Up to `want` algorithms the heuristic proposes for `op`, best first, each fitting the
+    /// workspace.
+    fn heuristics(
+        &self,
+        op: &Op,
+        pref: &Pref,
+        want: usize,
+    ) -> std::result::Result<Vec<Chosen>, CublasError> {
+        let mut results = vec![
+            sys::cublasLtMatmulHeuristicResult_t {
+                algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+                workspaceSize: 0,
+                state: sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS,
+                wavesCount: 0.0,
+                reserved: [0; 4],
+            };
+            want
+        ];
+        let mut returned = 0i32;
+        // SAFETY: every descriptor is alive for the call; `results` holds `want` entries.
+        unsafe {
+            sys::cublasLtMatmulAlgoGetHeuristic(
                 self.handle,
-                desc.0,
-                layout_w.0,
-                layout_a.0,
-                layout_d.0,
-                layout_d.0,
+                op.desc.0,
+                op.layout_w.0,
+                op.layout_a.0,
+                op.layout_d.0,
+                op.layout_d.0,
                 pref.0,
+                want as i32,
+                results.as_mut_ptr(),
+                &mut returned,
             )
+        }
+        .result()?;
+        results.truncate(returned.max(0) as usize);
+        Ok(results
+            .into_iter()
+            .filter(|r| {
+                r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                    && r.workspaceSize <= self.workspace_bytes
+            })
+            .map(|r| Chosen { algo: r.algo })
+            .collect())
+    }
+
+    /// The candidate with the shortest mean time over [`AUTOTUNE_RUNS`] runs on `op`'s own
+    /// operands (after one untimed run). Candidates that fail to run are skipped.
+    fn fastest(&self, op: &Op, candidates: &[Chosen]) -> Result<Chosen> {
+        let ctx = self.stream.context();
+        let event = || {
+            ctx.new_event(Some(driver_sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .context("cannot create a CUDA event for cuBLASLt autotuning")
         };
-        let heuristic = match heuristic {
-            Ok(h) => h,
-            Err(CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
-                return Ok(LtRun::Unsupported)
+        let (start, end) = (event()?, event()?);
+        let mut best: Option<(f32, Chosen)> = None;
+        let mut first_error = None;
+        for c in candidates {
+            if let Err(e) = self.launch(op, c) {
+                first_error.get_or_insert(e);
+                continue;
             }
-            // An f32 bias with a bf16 output is an attribute combination cuBLASLt may reject
-            // outright rather than find no algorithm for; remember it.
-            Err(CublasError(sys::cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE))
-                if bf16_out_f32_bias =>
-            {
-                self.bf16_out_f32_bias_refused
-                    .store(true, Ordering::Relaxed);
-                return Ok(LtRun::Unsupported);
+            start
+                .record(&self.stream)
+                .context("cannot record an event")?;
+            for _ in 0..AUTOTUNE_RUNS {
+                self.launch(op, c)
+                    .map_err(|e| lt_error(e, "cublasLtMatmul (autotuning)"))?;
             }
-            Err(e) => return Err(lt_error(e, "cublasLtMatmulAlgoGetHeuristic")),
-        };
-        ensure!(
-            heuristic.workspaceSize <= self.workspace_bytes,
-            "cuBLASLt picked an algorithm needing {} bytes of workspace, more than the {} allotted",
-            heuristic.workspaceSize,
-            self.workspace_bytes
-        );
+            end.record(&self.stream).context("cannot record an event")?;
+            let ms = start
+                .elapsed_ms(&end)
+                .context("cannot read an autotuning time")?;
+            if best.is_none_or(|(b, _)| ms < b) {
+                best = Some((ms, *c));
+            }
+        }
+        match (best, first_error) {
+            (Some((_, c)), _) => Ok(c),
+            (None, Some(e)) => Err(lt_error(e, "cublasLtMatmul (every autotuning candidate)")),
+            (None, None) => anyhow::bail!("cuBLASLt autotuning: no candidate algorithm"),
+        }
+    }
+
+    /// Enqueues `op` with algorithm `c` on the stream.
+    fn launch(&self, op: &Op, c: &Chosen) -> std::result::Result<(), CublasError> {
         let alpha = 1.0f32;
         let beta = 0.0f32;
+        let mm = op.mm;
         let workspace = super::device::dptr(&self.workspace);
         // SAFETY: pointers were validated by the caller for these shapes; beta = 0 so C (= D)
-        // is not read; the algorithm came from the heuristic for exactly these descriptors.
+        // is not read; the algorithm came from the heuristic for exactly these descriptors (an
+        // equal `AlgoKey`) and its workspace fits ours.
         unsafe {
             lt::matmul(
                 self.handle,
-                desc.0,
+                op.desc.0,
                 &alpha as *const f32 as *const c_void,
                 &beta as *const f32 as *const c_void,
                 mm.w as *const c_void,
-                layout_w.0,
+                op.layout_w.0,
                 mm.a as *const c_void,
-                layout_a.0,
+                op.layout_a.0,
                 mm.d as *const c_void,
-                layout_d.0,
+                op.layout_d.0,
                 mm.d as *mut c_void,
-                layout_d.0,
-                &heuristic.algo,
+                op.layout_d.0,
+                &c.algo,
                 workspace as *mut c_void,
                 self.workspace_bytes,
                 self.stream.cu_stream() as sys::cudaStream_t,
             )
         }
-        .map_err(|e| lt_error(e, "cublasLtMatmul"))?;
-        Ok(LtRun::Done)
     }
+}
+
+/// One matmul's descriptors, borrowed for the heuristic query and the launches.
+struct Op<'a> {
+    desc: &'a Desc,
+    layout_w: &'a Layout,
+    layout_a: &'a Layout,
+    layout_d: &'a Layout,
+    mm: &'a LtMatmul,
 }
 
 impl Drop for CublasLt {

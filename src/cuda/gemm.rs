@@ -813,6 +813,19 @@ impl Gemm {
         launch_epilogue(gpu, &self.epilogue_fn, &ep, self.sm_count)
     }
 
+    /// Turns cuBLASLt autotuning on or off (see [`CublasLt::set_autotune`]); the custom
+    /// implementations have nothing to tune.
+    pub fn set_lt_autotune(&self, on: bool) {
+        if let Some(lt) = &self.lt {
+            lt.set_autotune(on);
+        }
+    }
+
+    /// Whether this Gemm autotunes cuBLASLt algorithms.
+    pub fn lt_autotune(&self) -> bool {
+        self.lt.as_ref().is_some_and(|lt| lt.autotune())
+    }
+
     fn lt(&self) -> Result<&CublasLt> {
         self.lt
             .as_ref()

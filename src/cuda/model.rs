@@ -593,10 +593,8 @@ impl GpuModel {
 
         // Final layer: LN + modulate(shift, scale) + Linear, in token layout.
         let fin = cfg.depth * 6 * d;
-        {
-            let _final = crate::nvtx_range!("final_layer");
-            super::norm::layernorm_modulate(gpu, &ln(acts, fin, fin + d))?;
-        }
+        let _final = crate::nvtx_range!("final_layer");
+        super::norm::layernorm_modulate(gpu, &ln(acts, fin, fin + d))?;
         gemm.run(
             gpu,
             &gemm_params(
