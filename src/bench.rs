@@ -75,7 +75,7 @@ pub enum GemmChoice {
     Custom,
     /// cuBLASLt (fused bias/GELU where it has them) + the epilogue kernel.
     Cublaslt,
-    /// Both, one after the other (end to end runs the custom one only).
+    /// Both, cuBLASLt first (end to end runs the first only).
     Both,
     /// The Hopper wgmma kernels (compute capability 9.x only; opt-in, not the default).
     Wgmma,
@@ -604,9 +604,11 @@ pub struct Report {
     pub runs: usize,
     pub quick: bool,
     /// The backend options' defaults in this run (`FORA_CUDA_GRAPHS`,
-    /// `FORA_PRECOMPUTE_MODULATION`); each step row says what its workspace did.
+    /// `FORA_PRECOMPUTE_MODULATION`, `FORA_LT_AUTOTUNE`); each step row says what its workspace
+    /// did.
     pub cuda_graphs: bool,
     pub precompute_modulation: bool,
+    pub lt_autotune: bool,
     pub cfg_scale: f32,
     pub gemm_ceiling: Option<Ceiling>,
     pub copy_ceiling: Option<Ceiling>,
@@ -642,6 +644,7 @@ impl Report {
             quick: plan.quick,
             cuda_graphs: options.graphs,
             precompute_modulation: options.precompute_modulation,
+            lt_autotune: options.lt_autotune,
             cfg_scale: plan.cfg_scale,
             gemm_ceiling: None,
             copy_ceiling: None,
@@ -820,6 +823,7 @@ impl Report {
                 "quick": self.quick,
                 "cuda_graphs": self.cuda_graphs,
                 "precompute_modulation": self.precompute_modulation,
+                "lt_autotune": self.lt_autotune,
                 "cfg_scale": self.cfg_scale,
                 "timing": "CUDA events, back-to-back runs, median",
             },
@@ -862,7 +866,8 @@ impl Report {
         s +=
             &format!(
             "{device}, {}. Median of {} runs after {} warm-up runs (CUDA events). CUDA graphs {}; \
-             modulation tables precomputed {}. FLOPs = 2 x {:.1} GMAC per model row.\n\n",
+             modulation tables precomputed {}; cuBLASLt algorithms {}. FLOPs = 2 x {:.1} GMAC \
+             per model row.\n\n",
             self.date,
             self.runs,
             self.warmup,
@@ -871,6 +876,11 @@ impl Report {
                 "when they fit"
             } else {
                 "never (FORA_PRECOMPUTE_MODULATION=0)"
+            },
+            if self.lt_autotune {
+                "autotuned (FORA_LT_AUTOTUNE=1)"
+            } else {
+                "the heuristic's first choice"
             },
             m.macs_per_row as f64 / 1e9
         );

@@ -308,6 +308,7 @@ fn fake_report() -> Report {
         quick: false,
         cuda_graphs: true,
         precompute_modulation: true,
+        lt_autotune: false,
         cfg_scale: 4.0,
         gemm_ceiling: Some(Ceiling {
             what: "bf16 GEMM 8192^3".into(),

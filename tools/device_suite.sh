@@ -10,7 +10,9 @@
 # PHASES picks phases in order (default "tests bench torch sanitize"; add "tiny" for the
 # embedded model: tools/train_tiny.py on the GPU, then tools/quality.py through the fora binary;
 # "profile" for ncu kernel times per op of a computing and a reuse step, summarised by
-# tools/ncu_summary.py; PROFILE_ROWS picks the rows, default 2,256).
+# tools/ncu_summary.py; PROFILE_ROWS picks the rows, default 2,256; "variants" for the step
+# times of the opt-in paths side by side: default, FORA_LT_AUTOTUNE=1, FORA_ATTENTION=v2,
+# FORA_GEMM=wgmma, each `fora bench --sections steps`).
 # SANITIZE_FULL=1 runs memcheck over every GPU test binary and racecheck over every kernel test
 # (minutes; give it its own call). FORA_BENCH_ARGS / TORCH_BENCH_ARGS / TINY_MINUTES override
 # the defaults below.
@@ -113,6 +115,22 @@ phase_profile() {
     --gemm cublaslt --json "$OUT/profile_bench.json" > "$OUT/profile.csv" 2> "$OUT/profile.err"
   python3 tools/ncu_summary.py "$OUT/profile.csv" > "$OUT/profile.md" 2>> "$OUT/profile.err"
   head -n 60 "$OUT/profile.md"; tail -n 3 "$OUT/profile.err"
+}
+
+phase_variants() {
+  echo "=== step times of the opt-in paths (rows ${VARIANT_ROWS:-2,256})"
+  local name
+  for v in "default:cublaslt:" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
+           "attention_v2:cublaslt:FORA_ATTENTION=v2" "wgmma:wgmma:"; do
+    name=${v%%:*}; rest=${v#*:}; gemm=${rest%%:*}; envs=${rest#*:}
+    echo "--- $name (--gemm $gemm ${envs})"
+    (
+      [ -n "$envs" ] && export "${envs?}"
+      bounded 60 .devpack/bin/fora bench --sections steps --batches "${VARIANT_ROWS:-2,256}" \
+        --gemm "$gemm" --runs 10 --warmup 2 --json "$OUT/variant_$name.json" > "$OUT/variant_$name.log" 2>&1
+    )
+    grep -E "^\| (2|256) \|" "$OUT/variant_$name.log" | head -n 4; tail -n 1 "$OUT/variant_$name.log"
+  done
 }
 
 for phase in $PHASES; do
