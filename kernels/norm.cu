@@ -1,12 +1,16 @@
 // LayerNorm (no affine, f32 statistics) + adaLN modulate: the f32 residual stream -> the bf16
 // input of the next GEMM. One warp per token row; two-pass statistics (mean, then the mean of
-// squared deviations) so large offsets in x cost no precision. The row is re-read from L1/L2
-// for each pass instead of held in registers, so any dim works without spills.
+// squared deviations) so large offsets in x cost no precision.
+// Rows of up to 128 * kMaxChunks elements (every DiT: 384 .. 1152) are loaded into registers
+// with all loads in flight at once, so a row costs one memory round trip instead of one per
+// 128 elements per pass (the small-batch case is latency-bound). Longer float4 rows re-read the
+// row from L1/L2 for each pass; the sums are taken in the same order on both paths.
 #include "common.cuh"
 
 namespace {
 
-constexpr int kWarps = 8;  // token rows per block
+constexpr int kWarps = 4;      // token rows per block: more blocks for the few rows of batch 2
+constexpr int kMaxChunks = 12;  // float4 chunks per lane held in registers: dim <= 1536
 
 struct Row {
     const float* x;
@@ -42,6 +46,49 @@ layernorm_modulate(const LayerNormModulateParams p) {
     const bool vec = (p.dim % 4 == 0) && (p.ld_mod % 4 == 0) && (p.shift_col % 4 == 0) &&
                      (p.scale_col % 4 == 0);
     const float inv_dim = 1.0f / (float)p.dim;
+
+    if (vec && p.dim <= 128 * kMaxChunks) {
+        // Chunk c of this lane holds columns lane * 4 + 128 c .. + 3 (zeros past the row end).
+        float4 v[kMaxChunks];
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c) {
+            const int d = lane * 4 + c * 128;
+            v[c] = d < p.dim ? *reinterpret_cast<const float4*>(r.x + d)
+                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+        float sum = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c) {
+            if (lane * 4 + c * 128 < p.dim) sum += (v[c].x + v[c].y) + (v[c].z + v[c].w);
+        }
+        const float mean = warp_sum(sum) * inv_dim;
+        float sq = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c) {
+            if (lane * 4 + c * 128 < p.dim) {
+                const float a = v[c].x - mean, b = v[c].y - mean, e = v[c].z - mean,
+                            f = v[c].w - mean;
+                sq += (a * a + b * b) + (e * e + f * f);
+            }
+        }
+        const float var = warp_sum(sq) * inv_dim;
+        const float rstd = 1.0f / sqrtf(var + p.eps);  // IEEE sqrt and divide, not rsqrtf
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c) {
+            const int d = lane * 4 + c * 128;
+            if (d < p.dim) {
+                const float4 sh = *reinterpret_cast<const float4*>(r.shift + d);
+                const float4 sc = *reinterpret_cast<const float4*>(r.scale + d);
+                uint2 packed;
+                packed.x = pack_bf16x2(modulate(v[c].x, mean, rstd, sh.x, sc.x),
+                                       modulate(v[c].y, mean, rstd, sh.y, sc.y));
+                packed.y = pack_bf16x2(modulate(v[c].z, mean, rstd, sh.z, sc.z),
+                                       modulate(v[c].w, mean, rstd, sh.w, sc.w));
+                *reinterpret_cast<uint2*>(r.out + d) = packed;
+            }
+        }
+        return;
+    }
 
     float sum = 0.0f;
     if (vec) {

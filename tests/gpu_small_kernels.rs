@@ -489,6 +489,26 @@ fn gpu_layernorm_modulate() -> Result<()> {
         scale_col: 11 * 6 * d + 4 * d,
     };
     run_layernorm(&gpu, &s, 43)?;
+    // The embedded digits model: dim 64, lanes 16..31 hold no columns (register path).
+    let tiny = NormCase {
+        rows: 2,
+        tokens: 256,
+        dim: 64,
+        ld_mod: 4 * 6 * 64 + 2 * 64,
+        shift_col: 6 * 64,
+        scale_col: 6 * 64 + 64,
+    };
+    run_layernorm(&gpu, &tiny, 45)?;
+    // dim 2048, beyond the register path's 1536: the looped float4 path.
+    let wide = NormCase {
+        rows: 3,
+        tokens: 19,
+        dim: 2048,
+        ld_mod: 3 * 2048,
+        shift_col: 2048,
+        scale_col: 4096,
+    };
+    run_layernorm(&gpu, &wide, 46)?;
     // Odd: dim 100, T = 77, unaligned columns (the scalar path).
     let odd = NormCase {
         rows: 3,

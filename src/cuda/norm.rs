@@ -6,7 +6,7 @@ use super::params::LayerNormModulateParams;
 use anyhow::{ensure, Result};
 
 /// Token rows per block (kWarps in norm.cu).
-const WARPS: u32 = 8;
+const WARPS: u32 = 4;
 
 /// Validates `p` and returns the grid of [`layernorm_modulate`].
 pub fn layernorm_modulate_plan(p: &LayerNormModulateParams) -> Result<(u32, u32, u32)> {
