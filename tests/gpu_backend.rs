@@ -402,18 +402,22 @@ fn gpu_execution_paths_agree() {
         )
         .unwrap();
     let mut first: Option<Vec<f32>> = None;
-    for (gemm, graphs, precompute) in [
-        (GemmImpl::Custom, true, true),
-        (GemmImpl::Custom, false, false),
-        (GemmImpl::Custom, true, false),
-        (GemmImpl::Custom, false, true),
-        (GemmImpl::CublasLt, true, true),
+    for (gemm, graphs, precompute, lt_autotune) in [
+        (GemmImpl::Custom, true, true, false),
+        (GemmImpl::Custom, false, false, false),
+        (GemmImpl::Custom, true, false, false),
+        (GemmImpl::Custom, false, true, false),
+        (GemmImpl::CublasLt, true, true, false),
+        // Autotuned cuBLASLt: tuned by an uncaptured forward before the graphs are recorded.
+        (GemmImpl::CublasLt, true, false, true),
+        (GemmImpl::CublasLt, false, true, true),
     ] {
         let base = cuda.options();
         cuda.set_options(CudaOptions {
             gemm,
             graphs,
             precompute_modulation: precompute,
+            lt_autotune,
             ..base
         });
         let sampler = Sampler::new(&cuda, options.clone()).unwrap();
@@ -433,7 +437,8 @@ fn gpu_execution_paths_agree() {
                 &mut StaticInterval::new(3).unwrap(),
             )
             .unwrap();
-        let what = format!("{gemm:?} graphs={graphs} precomputed={precompute}");
+        let what =
+            format!("{gemm:?} graphs={graphs} precomputed={precompute} lt_autotune={lt_autotune}");
         check_close(&format!("{what} vs CPU"), &got.latents, &want.latents, 5e-2).unwrap();
         match &first {
             None => first = Some(got.latents),

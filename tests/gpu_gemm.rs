@@ -290,6 +290,8 @@ enum Variant {
     CustomAuto,
     CublasLt,
     CublasLtUnfused,
+    /// cuBLASLt with autotuned algorithms (the first run of a shape times the candidates).
+    CublasLtTuned,
     /// One Hopper tile variant, split-K picked by shape.
     Wgmma(WgmmaTile),
     /// One Hopper tile variant with this many split-K slices.
@@ -297,7 +299,7 @@ enum Variant {
     WgmmaAuto,
 }
 
-const VARIANTS: [Variant; 11] = [
+const VARIANTS: [Variant; 12] = [
     Variant::Custom(Tile::M128),
     Variant::Custom(Tile::M128K64),
     Variant::CustomSplit(Tile::M128K64, 2),
@@ -310,6 +312,7 @@ const VARIANTS: [Variant; 11] = [
     Variant::CustomAuto,
     Variant::CublasLt,
     Variant::CublasLtUnfused,
+    Variant::CublasLtTuned,
 ];
 
 /// The Hopper kernels: every tile (each M x N edge case reaches every tile), forced split-K
@@ -339,6 +342,7 @@ const WGMMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 5] = [
 struct Engines {
     custom: Gemm,
     lt: Gemm,
+    lt_tuned: Gemm,
     /// Built only on a Hopper device (the wgmma tests).
     wgmma: Option<Gemm>,
 }
@@ -348,6 +352,11 @@ impl Engines {
         Ok(Engines {
             custom: Gemm::new(gpu, GemmImpl::Custom, 0)?,
             lt: Gemm::new(gpu, GemmImpl::CublasLt, max_mn)?,
+            lt_tuned: {
+                let g = Gemm::new(gpu, GemmImpl::CublasLt, max_mn)?;
+                g.set_lt_autotune(true);
+                g
+            },
             wgmma: None,
         })
     }
@@ -372,6 +381,7 @@ impl Engines {
             Variant::CustomAuto => self.custom.run(gpu, p),
             Variant::CublasLt => self.lt.run(gpu, p),
             Variant::CublasLtUnfused => self.lt.run_cublaslt_unfused(gpu, p),
+            Variant::CublasLtTuned => self.lt_tuned.run(gpu, p),
             Variant::Wgmma(t) => self.wgmma()?.run_wgmma(gpu, p, Some(t), None),
             Variant::WgmmaSplit(t, s) => self.wgmma()?.run_wgmma(gpu, p, Some(t), Some(s)),
             Variant::WgmmaAuto => self.wgmma()?.run(gpu, p),
