@@ -5,11 +5,11 @@
 //!
 //! The file is `models/tiny.safetensors`; its safetensors metadata records the architecture
 //! (`fora.*`, read by [`DitWeights::from_bytes`]) and how it was trained (`fora.train.*`).
-//! NOTE: the committed weights are NOT the real model yet: a 55-minute run on 2 CPU cores
-//! (`train_tiny.py --device cpu --threads 2 --steps 1300 --batch 128 --lr 1e-3 --warmup 100
-//! --ema-decay 0.995 --max-minutes 55`, stopped at 1054 steps; `fora.train.*` in the metadata)
-//! draws digit-like blobs that the project's classifier recognises at chance level (10%). They
-//! are to be replaced by the GPU-trained weights (`PHASES=tiny tools/device_suite.sh`).
+//! The weights come from `python3 tools/train_tiny.py --device cpu --threads 2` (its defaults:
+//! DiT depth 4, hidden 64, one head of 64, 10000 steps of 64 images, Min-SNR-weighted hybrid
+//! loss, EMA 0.999; 55 minutes on 2 CPU cores). `tools/quality.py` measures them through this
+//! binary: the project's digit classifier recognises the requested class in 95.3% of 300
+//! uncached samples (250 DDPM steps, guidance 4; the README has the table and a picture).
 
 use crate::config::DitConfig;
 use crate::weights::DitWeights;

@@ -12,11 +12,17 @@ process, the hybrid loss (MSE on eps + the variational bound for the learned-ran
 with the mean frozen inside the VB term, loss type MSE so the VB term is not rescaled),
 labels dropped to the null class 10% of the time, AdamW without weight decay, an EMA of the
 weights (the EMA is what gets saved). Departures from the official ImageNet recipe, because this
-model trains in minutes instead of days: a larger learning rate with a linear warm-up and a cosine
-decay, gradient clipping, and an EMA decay that warms up (a 0.9999 EMA would still be mostly the
-initialisation after a few thousand steps).
+model trains in under an hour on 2 CPU cores instead of days: a larger learning rate with a
+linear warm-up and a cosine decay, gradient clipping, an EMA decay that warms up (a 0.9999 EMA
+would still be mostly the initialisation after a few thousand steps), and Min-SNR weighting
+(gamma 5) of the eps term, which its authors report to speed up convergence several times;
+with it this small model draws recognisable digits within the hour.
 
-    python3 tools/train_tiny.py --device cuda --out models/tiny.safetensors
+The defaults are the recipe of the committed models/tiny.safetensors (DiT depth 4, hidden 64,
+one head of 64, 10000 steps of 64 images): 55 minutes on 2 CPU cores, and it reproduces it:
+
+    python3 tools/train_tiny.py --device cpu --threads 2 --out models/tiny.safetensors
+    python3 tools/train_tiny.py --device cuda --out /tmp/tiny.safetensors      # minutes on a GPU
     python3 tools/train_tiny.py --device cpu --steps 20 --threads 1 --out /tmp/t.safetensors
 
 Everything random is seeded (init on the CPU; batches, timesteps, label drops and noise on the
@@ -221,15 +227,24 @@ def discretized_gaussian_nll(x, mean, log_scale):
     return -logp
 
 
-def hybrid_loss(model_out, x0, x_t, t, noise, sched):
+def hybrid_loss(model_out, x0, x_t, t, noise, sched, min_snr_gamma=0.0):
     """The official learn_sigma training loss (LossType.MSE): per-row mean of
     (eps - eps_pred)^2 plus the VB term in bits of the learned-range variance, computed with
-    the eps prediction detached so that the VB term trains only the variance."""
+    the eps prediction detached so that the VB term trains only the variance.
+
+    With `min_snr_gamma` > 0 the eps term of each row is weighted by min(SNR(t), gamma) / SNR(t)
+    (Min-SNR weighting, Hang et al. 2023, arXiv 2303.09556): nearly-clean timesteps, whose
+    imperceptible detail otherwise dominates the gradient, count less, and the model learns the
+    shapes several times sooner. Returns (loss, unweighted eps MSE, VB)."""
     import torch
 
     c = x0.shape[1]
     eps, v = model_out[:, :c], model_out[:, c:]
     mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
+    weighted = mse
+    if min_snr_gamma > 0:
+        snr = (sched("sqrt_abar", t) / sched("sqrt_1m_abar", t)).flatten() ** 2
+        weighted = mse * torch.clamp(snr, max=min_snr_gamma) / snr
 
     eps_frozen = eps.detach()
     frac = (v + 1.0) / 2.0
@@ -241,7 +256,7 @@ def hybrid_loss(model_out, x0, x_t, t, noise, sched):
     kl = normal_kl(true_mean, true_logvar, model_mean, model_logvar).mean(dim=(1, 2, 3))
     nll = discretized_gaussian_nll(x0, model_mean, 0.5 * model_logvar).mean(dim=(1, 2, 3))
     vb = torch.where(t == 0, nll, kl) / math.log(2.0)
-    return (mse + vb).mean(), mse.mean(), vb.mean()
+    return (weighted + vb).mean(), mse.mean(), vb.mean()
 
 
 def learning_rate(step, steps, peak, warmup):
@@ -257,18 +272,21 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="where to train (default cuda)")
     p.add_argument("--steps", type=int, default=10000, help="optimizer steps (default 10000)")
-    p.add_argument("--batch", type=int, default=256, help="images per step (default 256)")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
-    p.add_argument("--warmup", type=int, default=500, help="linear warm-up steps (default 500)")
+    p.add_argument("--batch", type=int, default=64, help="images per step (default 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (default 200)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay (default 0.999)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--heads", type=int, default=2,
-                   help="attention heads (default 2: head_dim 64, a size the CUDA kernels support)")
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--heads", type=int, default=1,
+                   help="attention heads (default 1: head_dim 64, a size the CUDA kernels support)")
     p.add_argument("--patch", type=int, default=2)
     p.add_argument("--channels", type=int, choices=[1, 3], default=3,
                    help="image channels (default 3: gray repeated, see above)")
+    p.add_argument("--min-snr-gamma", type=float, default=5.0,
+                   help="Min-SNR weighting of the eps loss (default 5; 0 = the official "
+                        "unweighted loss)")
     p.add_argument("--class-dropout", type=float, default=0.1,
                    help="probability of training a row on the null class (default 0.1)")
     p.add_argument("--save-dtype", choices=["f32", "f16"], default="f32",
@@ -279,6 +297,9 @@ def parse_args(argv=None):
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop training after this many minutes and save the EMA weights "
                         "reached (recorded in the metadata); for runs with a hard time budget")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also write the EMA weights reached to --out every this many steps "
+                        "(0 = only at the end), so a long run can be inspected while it trains")
     p.add_argument("--eval-per-class", type=int, default=None,
                    help="images per class sampled at the end to measure accuracy "
                         "(default 20 on cuda, 0 = none on cpu)")
@@ -307,6 +328,10 @@ def parse_args(argv=None):
         args.eval_per_class = 20 if args.device == "cuda" else 0
     if args.eval_per_class < 0 or args.eval_steps <= 0 or args.eval_steps > NUM_TIMESTEPS:
         p.error(f"--eval-per-class must be >= 0 and --eval-steps in 1..{NUM_TIMESTEPS}")
+    if not args.min_snr_gamma >= 0:
+        p.error("--min-snr-gamma must be >= 0")
+    if args.save_every < 0:
+        p.error("--save-every must be >= 0")
     if args.max_minutes is not None and not args.max_minutes > 0:
         p.error("--max-minutes must be positive")
     if not math.isfinite(args.eval_cfg_scale):
@@ -335,6 +360,26 @@ def save_checkpoint(model, path, dtype, extra_meta):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def train_metadata(args, steps_done, elapsed):
+    """The `fora.train.*` metadata that records how a checkpoint was made."""
+    return {
+        "fora.trained_by": "tools/train_tiny.py",
+        "fora.train.data": f"sklearn digits 8x8 -> {IMAGE_SIZE}x{IMAGE_SIZE} bilinear, "
+                           f"{args.channels} channel(s), [-1, 1]",
+        "fora.train.steps": str(steps_done),
+        "fora.train.planned_steps": str(args.steps),
+        "fora.train.batch": str(args.batch),
+        "fora.train.lr": str(args.lr),
+        "fora.train.seed": str(args.seed),
+        "fora.train.device": args.device,
+        "fora.train.seconds": f"{elapsed:.0f}",
+        "fora.train.weights": f"EMA decay {args.ema_decay}",
+        "fora.train.recipe": f"depth {args.depth}, hidden {args.hidden}, heads {args.heads}, "
+                             f"warmup {args.warmup}, min-SNR gamma {args.min_snr_gamma}, "
+                             f"class dropout {args.class_dropout}, threads {args.threads}",
+    }
 
 
 def main(argv=None):
@@ -411,7 +456,7 @@ def main(argv=None):
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16,
                             enabled=args.device == "cuda"):
             out = model(x_t, t, y)
-        loss, mse, vb = hybrid_loss(out.float(), x0, x_t, t, noise, sched)
+        loss, mse, vb = hybrid_loss(out.float(), x0, x_t, t, noise, sched, args.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -435,24 +480,15 @@ def main(argv=None):
             run_loss = run_mse = run_vb = 0.0
             run_n = 0
         steps_done = step + 1
+        if args.save_every and steps_done % args.save_every == 0 and steps_done < args.steps:
+            save_checkpoint(ema, args.out, args.save_dtype,
+                            train_metadata(args, steps_done, time.time() - start))
 
     elapsed = time.time() - start
     for name, v in ema.state_dict().items():
         if not torch.isfinite(v).all():
             sys.exit(f"error: EMA weight {name} holds non-finite values")
-    meta = {
-        "fora.trained_by": "tools/train_tiny.py",
-        "fora.train.data": f"sklearn digits 8x8 -> {IMAGE_SIZE}x{IMAGE_SIZE} bilinear, "
-                           f"{args.channels} channel(s), [-1, 1]",
-        "fora.train.steps": str(steps_done),
-        "fora.train.planned_steps": str(args.steps),
-        "fora.train.batch": str(args.batch),
-        "fora.train.lr": str(args.lr),
-        "fora.train.seed": str(args.seed),
-        "fora.train.device": args.device,
-        "fora.train.seconds": f"{elapsed:.0f}",
-        "fora.train.weights": f"EMA decay {args.ema_decay}",
-    }
+    meta = train_metadata(args, steps_done, elapsed)
     save_checkpoint(ema, args.out, args.save_dtype, meta)
     size = os.path.getsize(args.out)
     print(f"train_tiny: {steps_done} steps in {elapsed:.1f} s; wrote {args.out} "
