@@ -147,7 +147,8 @@ fn layernorm_plan_checks_columns_and_alignment() {
         scale_col: 28 * 6 * d + d,
         eps: 1e-6,
     };
-    assert_eq!(layernorm_modulate_plan(&p).unwrap(), (128, 1, 1));
+    // One warp per token row, 4 rows per block: 1024 rows -> 256 blocks.
+    assert_eq!(layernorm_modulate_plan(&p).unwrap(), (256, 1, 1));
     assert!(err(layernorm_modulate_plan(&LayerNormModulateParams {
         scale_col: 28 * 6 * d + d + 1,
         ..p
