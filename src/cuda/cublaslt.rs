@@ -311,12 +311,7 @@ impl CublasLt {
             layout_d: &layout_d,
             mm,
         };
-        let known = self
-            .chosen
-            .lock()
-            .map_err(|_| anyhow::anyhow!("cuBLASLt: the algorithm cache lock is poisoned"))?
-            .get(&key)
-            .copied();
+        let known = self.chosen()?.get(&key).copied();
         let chosen = match known {
             Some(c) => c,
             None => {
@@ -351,12 +346,7 @@ impl CublasLt {
                 };
                 // Under capture with autotuning on, leave the shape to be tuned later.
                 if !(self.autotune() && capturing) {
-                    self.chosen
-                        .lock()
-                        .map_err(|_| {
-                            anyhow::anyhow!("cuBLASLt: the algorithm cache lock is poisoned")
-                        })?
-                        .insert(key, chosen);
+                    self.chosen()?.insert(key, chosen);
                 }
                 chosen
             }
@@ -364,6 +354,13 @@ impl CublasLt {
         self.launch(&op, &chosen)
             .map_err(|e| lt_error(e, "cublasLtMatmul"))?;
         Ok(LtRun::Done)
+    }
+
+    /// The algorithm cache, locked.
+    fn chosen(&self) -> Result<std::sync::MutexGuard<'_, HashMap<AlgoKey, Chosen>>> {
+        self.chosen
+            .lock()
+            .map_err(|_| anyhow::anyhow!("cuBLASLt: the algorithm cache lock is poisoned"))
     }
 
     /// Up to `want` algorithms the heuristic proposes for `op`, best first, each fitting the
