@@ -44,6 +44,20 @@ FORA_DEVICE float warp_max(float v) {
     return v;
 }
 
+// ---- patches ------------------------------------------------------------------------------
+
+// Value k = (c, i, j) of patch t (row-major over the (H/p) x (W/p) grid) of `image` in the
+// latents f32 [images, C, H, W]: the input of the patch-embedding conv (kernel = stride = p).
+FORA_DEVICE float latent_patch_value(const float* latents, int image, int channels, int height,
+                                     int width, int patch, int t, int k) {
+    const int gw = width / patch;
+    const int ty = t / gw, tx = t % gw;
+    const int pp = patch * patch;
+    const int c = k / pp, i = (k % pp) / patch, j = k % patch;
+    return latents[(((size_t)image * channels + c) * height + ty * patch + i) * width +
+                   tx * patch + j];
+}
+
 // ---- shared-memory addresses, ldmatrix, cp.async ------------------------------------------
 
 FORA_DEVICE uint32_t smem_addr(const void* p) {

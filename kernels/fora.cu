@@ -79,3 +79,164 @@ extern "C" __global__ void __launch_bounds__(kThreads) fora_reuse(const ForaReus
         x[i] = acc;
     }
 }
+
+// ---- the fused reuse forward ------------------------------------------------------------------
+// fora_reuse_final: patch embedding, every block's cached residuals and the final LayerNorm +
+// modulate of a token row in one pass. A token row's dim channels are split into chunks of 8,
+// one per thread: a "group" of G threads per token row (G = dim/8 rounded up to a power of two
+// below a warp, to whole warps above), kReuseBlock / G rows per block. x never leaves registers:
+// the launch reads the latents, the cache once and writes the bf16 input of the final Linear;
+// the patch_embed, fora_reuse and layernorm_modulate launches and their f32 x traffic are gone.
+// x before the LayerNorm is the three-kernel path's bit for bit (same operations, same order).
+
+namespace {
+
+constexpr int kReuseBlock = 256;      // threads per block (at most)
+constexpr int kReuseMaxPatch = 64;    // C*p*p limit (DiT: 16)
+constexpr int kReuseMaxRows = 32;     // token rows per block limit (shared patch buffer)
+
+FORA_DEVICE int reuse_group_threads(int dim) {
+    const int chunks = dim / kVec;
+    if (chunks >= 32) return (chunks + 31) / 32 * 32;
+    int g = 1;
+    while (g < chunks) g <<= 1;
+    return g;
+}
+
+// The sum of v over this thread's group, the same value in every thread of it, in one fixed
+// order. Every thread of the block must call it (it synchronizes when a group spans warps).
+FORA_DEVICE float group_sum(float v, int group, float* warp_sums) {
+    if (group <= 32) {
+        for (int o = group / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        return v;
+    }
+    v = warp_sum(v);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
+    __syncthreads();
+    const int warps = group / 32;
+    const int first = (threadIdx.x / group) * warps;
+    float s = 0.0f;
+    for (int w = 0; w < warps; ++w) s += warp_sums[first + w];
+    __syncthreads();  // the next sum reuses warp_sums
+    return s;
+}
+
+FORA_DEVICE void load8(float* v, const float* src) {
+    const float4 a = *reinterpret_cast<const float4*>(src);
+    const float4 b = *reinterpret_cast<const float4*>(src + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+FORA_DEVICE float sum8(const float* v) {
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kReuseBlock)
+fora_reuse_final(const ForaReuseFinalParams p) {
+    // [rows_per_block][C*p*p] patches, then one float per warp for group_sum.
+    __shared__ float patches[kReuseMaxRows * kReuseMaxPatch];
+    __shared__ float warp_sums[kReuseBlock / 32];
+    const int group = reuse_group_threads(p.dim);
+    const int per_block = blockDim.x / group;
+    const int tokens = (p.height / p.patch) * (p.width / p.patch);
+    const long long total = (long long)p.rows * tokens;
+    const long long first = (long long)blockIdx.x * per_block;
+    const int k_total = p.channels * p.patch * p.patch;
+
+    for (int idx = threadIdx.x; idx < per_block * k_total; idx += blockDim.x) {
+        const long long token = first + idx / k_total;
+        patches[idx] = token < total ? latent_patch_value(
+                                           reinterpret_cast<const float*>(p.latents),
+                                           (int)(token / tokens) % p.images, p.channels,
+                                           p.height, p.width, p.patch, (int)(token % tokens),
+                                           idx % k_total)
+                                     : 0.0f;
+    }
+    __syncthreads();
+
+    const int j = threadIdx.x / group;
+    const int d0 = (threadIdx.x % group) * kVec;
+    const long long token = first + j;
+    const bool active = token < total && d0 < p.dim;
+    const long long model_row = active ? token / tokens : 0;
+    const float* mod = reinterpret_cast<const float*>(p.modulation) + model_row * p.ld_mod + d0;
+    float acc[kVec];
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) acc[v] = 0.0f;
+
+    if (active) {
+        // Patch embedding: fmaf over k in order, then (+ bias) + pos, as patch_embed.
+        const float* w_t = reinterpret_cast<const float*>(p.embed_weight_t) + d0;
+        const float* patch = patches + j * k_total;
+        for (int k = 0; k < k_total; ++k) {
+            float w[kVec];
+            load8(w, w_t + (size_t)k * p.dim);
+            const float pk = patch[k];
+#pragma unroll
+            for (int v = 0; v < kVec; ++v) acc[v] = fmaf(w[v], pk, acc[v]);
+        }
+        float bias[kVec], pos[kVec];
+        load8(bias, reinterpret_cast<const float*>(p.embed_bias) + d0);
+        load8(pos, reinterpret_cast<const float*>(p.pos) + (size_t)(token % tokens) * p.dim + d0);
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) acc[v] = (acc[v] + bias[v]) + pos[v];
+
+        // Every block's cached residuals with this step's gates, as fora_reuse.
+        const __nv_bfloat16* cache =
+            reinterpret_cast<const __nv_bfloat16*>(p.cache) + token * p.dim + d0;
+#pragma unroll 2
+        for (int l = 0; l < p.layers; ++l) {
+#pragma unroll
+            for (int which = 0; which < 2; ++which) {
+                float g[kVec];
+                load8(g, mod + (long long)l * p.layer_cols +
+                             (which == 0 ? p.gate_msa_col : p.gate_mlp_col));
+                const uint4 raw =
+                    *reinterpret_cast<const uint4*>(cache + (2LL * l + which) * p.slab);
+                const __nv_bfloat162* c = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+                for (int h = 0; h < kVec / 2; ++h) {
+                    const float2 cf = __bfloat1622float2(c[h]);
+                    acc[2 * h] = gated_add(acc[2 * h], g[2 * h], cf.x);
+                    acc[2 * h + 1] = gated_add(acc[2 * h + 1], g[2 * h + 1], cf.y);
+                }
+            }
+        }
+        if (p.x) {
+            float* x = reinterpret_cast<float*>(p.x) + token * p.dim + d0;
+            *reinterpret_cast<float4*>(x) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+            *reinterpret_cast<float4*>(x + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
+        }
+    }
+
+    // The final LayerNorm (two-pass statistics over the group) + modulate.
+    const float inv_dim = 1.0f / (float)p.dim;
+    const float mean = group_sum(active ? sum8(acc) : 0.0f, group, warp_sums) * inv_dim;
+    float dev[kVec];
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+        const float a = acc[v] - mean;
+        dev[v] = a * a;
+    }
+    const float var = group_sum(active ? sum8(dev) : 0.0f, group, warp_sums) * inv_dim;
+    const float rstd = 1.0f / sqrtf(var + p.eps);  // IEEE sqrt and divide, not rsqrtf
+    if (active) {
+        float shift[kVec], scale[kVec];
+        load8(shift, mod + p.shift_col);
+        load8(scale, mod + p.scale_col);
+        uint4 packed;
+        packed.x = pack_bf16x2((acc[0] - mean) * rstd * (1.0f + scale[0]) + shift[0],
+                               (acc[1] - mean) * rstd * (1.0f + scale[1]) + shift[1]);
+        packed.y = pack_bf16x2((acc[2] - mean) * rstd * (1.0f + scale[2]) + shift[2],
+                               (acc[3] - mean) * rstd * (1.0f + scale[3]) + shift[3]);
+        packed.z = pack_bf16x2((acc[4] - mean) * rstd * (1.0f + scale[4]) + shift[4],
+                               (acc[5] - mean) * rstd * (1.0f + scale[5]) + shift[5]);
+        packed.w = pack_bf16x2((acc[6] - mean) * rstd * (1.0f + scale[6]) + shift[6],
+                               (acc[7] - mean) * rstd * (1.0f + scale[7]) + shift[7]);
+        *reinterpret_cast<uint4*>(reinterpret_cast<__nv_bfloat16*>(p.out) + token * p.dim + d0) =
+            packed;
+    }
+}

@@ -101,7 +101,7 @@ typedef struct LabelSiluParams {
  * [x; x] is never materialized. Kernel patch_embed. */
 typedef struct PatchEmbedParams {
     fora_ptr latents;  /* f32 [images, C, H, W] */
-    fora_ptr weight;   /* f32 [dim, C*p*p] (the conv weight [dim, C, p, p], contiguous) */
+    fora_ptr weight_t; /* f32 [C*p*p, dim]: the conv weight [dim, C, p, p] flattened, transposed */
     fora_ptr bias;     /* f32 [dim] */
     fora_ptr pos;      /* f32 [T, dim], T = (H/p) * (W/p) */
     fora_ptr out;      /* f32 [rows * T, dim] */
@@ -136,6 +136,32 @@ typedef struct ForaReuseParams {
     int gate_msa_col;  /* 2 * dim */
     int gate_mlp_col;  /* 5 * dim */
 } ForaReuseParams;
+
+/* The whole FORA reuse forward up to the final Linear, in one launch, per token row:
+ *   x = patch_embed(latents) + pos                  (as PatchEmbedParams, same f32 operations)
+ *   for l in 0..layers: x += gate_msa_l * A_l; x += gate_mlp_l * M_l   (as ForaReuseParams)
+ *   out = LN(x) * (1 + scale) + shift               (as LayerNormModulateParams; bf16)
+ * the final layer's shift/scale at columns shift_col / scale_col of the modulation table.
+ * x itself is written only when `x` is not 0 (the next step starts from a new embedding).
+ * Needs dim % 8 == 0, dim <= 2048 and C*p*p <= 64 (every DiT). Kernel fora_reuse_final. */
+typedef struct ForaReuseFinalParams {
+    fora_ptr latents;    /* f32 [images, C, H, W] */
+    fora_ptr embed_weight_t; /* f32 [C*p*p, dim] (the conv weight, transposed) */
+    fora_ptr embed_bias; /* f32 [dim] */
+    fora_ptr pos;        /* f32 [T, dim] */
+    fora_ptr cache;      /* bf16 [layers][2][slab] */
+    fora_ptr modulation; /* f32 [rows, ld_mod] */
+    fora_ptr out;        /* bf16 [rows * T, dim] */
+    fora_ptr x;          /* f32 [rows * T, dim] or 0 */
+    long long slab;      /* elements between consecutive cache slabs, >= rows * T * dim */
+    int images, rows, channels, height, width, patch, dim, layers;
+    int ld_mod;
+    int layer_cols;      /* 6 * dim */
+    int gate_msa_col;    /* 2 * dim */
+    int gate_mlp_col;    /* 5 * dim */
+    int shift_col, scale_col; /* the final layer's: layers * 6 * dim, + dim */
+    float eps;           /* 1e-6 in DiT */
+} ForaReuseFinalParams;
 
 enum fora_sampler_kind { FORA_SAMPLER_DDPM = 0, FORA_SAMPLER_DDIM = 1 };
 

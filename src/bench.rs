@@ -37,11 +37,15 @@ use crate::config::{Arch, DitConfig};
 use crate::cuda::attention::{attention, attention_flops};
 use crate::cuda::backend::CudaOptions;
 use crate::cuda::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
-use crate::cuda::fora::fora_reuse;
+use crate::cuda::embed::patch_embed;
+use crate::cuda::fora::{fora_reuse, fora_reuse_final};
 use crate::cuda::gemm::{Epilogue, Gemm, GemmImpl};
 use crate::cuda::model::ada_cols;
 use crate::cuda::norm::layernorm_modulate;
-use crate::cuda::params::{AttentionParams, ForaReuseParams, GemmParams, LayerNormModulateParams};
+use crate::cuda::params::{
+    AttentionParams, ForaReuseFinalParams, ForaReuseParams, GemmParams, LayerNormModulateParams,
+    PatchEmbedParams,
+};
 use crate::cuda::{dptr, CudaBackend, Gpu};
 use crate::diffusion::SamplerKind;
 use crate::sampler::{Sampler, SamplerOptions};
@@ -559,7 +563,7 @@ pub enum Bound {
 /// One per-kernel measurement.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelRow {
-    /// "qkv", "proj", "fc1", "fc2", "adaLN", "final", "attention", "fora_reuse", "layernorm".
+    /// "qkv", "proj", "fc1", "fc2", "adaLN", "final", "attention", "patch_embed", "fora_reuse", "fora_reuse_final", "layernorm".
     pub name: String,
     /// "custom", "cublaslt", "cublaslt+epilogue", "cublaslt-tuned" (GEMMs); "custom" otherwise.
     pub imp: String,
@@ -604,11 +608,12 @@ pub struct Report {
     pub runs: usize,
     pub quick: bool,
     /// The backend options' defaults in this run (`FORA_CUDA_GRAPHS`,
-    /// `FORA_PRECOMPUTE_MODULATION`, `FORA_LT_AUTOTUNE`); each step row says what its workspace
-    /// did.
+    /// `FORA_PRECOMPUTE_MODULATION`, `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`); each step row
+    /// says what its workspace did.
     pub cuda_graphs: bool,
     pub precompute_modulation: bool,
     pub lt_autotune: bool,
+    pub fused_reuse: bool,
     pub cfg_scale: f32,
     pub gemm_ceiling: Option<Ceiling>,
     pub copy_ceiling: Option<Ceiling>,
@@ -645,6 +650,7 @@ impl Report {
             cuda_graphs: options.graphs,
             precompute_modulation: options.precompute_modulation,
             lt_autotune: options.lt_autotune,
+            fused_reuse: options.fused_reuse,
             cfg_scale: plan.cfg_scale,
             gemm_ceiling: None,
             copy_ceiling: None,
@@ -824,6 +830,7 @@ impl Report {
                 "cuda_graphs": self.cuda_graphs,
                 "precompute_modulation": self.precompute_modulation,
                 "lt_autotune": self.lt_autotune,
+                "fused_reuse": self.fused_reuse,
                 "cfg_scale": self.cfg_scale,
                 "timing": "CUDA events, back-to-back runs, median",
             },
@@ -866,8 +873,8 @@ impl Report {
         s +=
             &format!(
             "{device}, {}. Median of {} runs after {} warm-up runs (CUDA events). CUDA graphs {}; \
-             modulation tables precomputed {}; cuBLASLt algorithms {}. FLOPs = 2 x {:.1} GMAC \
-             per model row.\n\n",
+             modulation tables precomputed {}; cuBLASLt algorithms {}; reuse steps {}. FLOPs = \
+             2 x {:.1} GMAC per model row.\n\n",
             self.date,
             self.runs,
             self.warmup,
@@ -881,6 +888,11 @@ impl Report {
                 "autotuned (FORA_LT_AUTOTUNE=1)"
             } else {
                 "the heuristic's first choice"
+            },
+            if self.fused_reuse {
+                "fused, one fora_reuse_final launch (FORA_FUSED_REUSE=1)"
+            } else {
+                "patch_embed + fora_reuse + layernorm_modulate"
             },
             m.macs_per_row as f64 / 1e9
         );
@@ -1635,8 +1647,12 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
     }
     let attention_row = bench_attention(gpu, cfg, rows, timer, rotate);
     push_kernel(report, "attention", rows, attention_row);
+    let embed_row = bench_patch_embed(gpu, cfg, rows, timer, rotate);
+    push_kernel(report, "patch_embed", rows, embed_row);
     let reuse_row = bench_fora_reuse(gpu, cfg, rows, timer, rotate);
     push_kernel(report, "fora_reuse", rows, reuse_row);
+    let fused_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate);
+    push_kernel(report, "fora_reuse_final", rows, fused_row);
     let ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate);
     push_kernel(report, "layernorm", rows, ln_row);
 }
@@ -1731,6 +1747,147 @@ fn bench_fora_reuse(
         rows,
         shape: format!(
             "{l} layers x 2 x {rows}x{t}x{d}, {:.1} MB",
+            bytes as f64 / 1e6
+        ),
+        bound: Bound::Memory,
+        work: bytes as f64,
+        stats: Some(stats),
+        launches_per_replay: per_replay,
+    })
+}
+
+fn bench_patch_embed(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    rotate: usize,
+) -> Result<KernelRow> {
+    let (d, t) = (cfg.hidden, cfg.tokens());
+    let k = cfg.in_channels * cfg.patch * cfg.patch;
+    let slab = rows * t * d;
+    let img = rows * cfg.image_len();
+    // Latents read, x written (f32); the weight and the position table once.
+    let bytes = img * 4 + slab * 4 + (k * d + t * d + d) * 4;
+    let copies = rotation_copies(img * 4 + slab * 4, rotate);
+    let mut sets = Vec::with_capacity(copies);
+    for c in 0..copies {
+        let seed = 500 + 10 * c as u64;
+        sets.push((
+            random_f32(gpu, img, 1.0, seed, "embed latents")?,
+            gpu.alloc_zeros::<f32>(slab, "embed out")?,
+        ));
+    }
+    let weight_t = random_f32(gpu, k * d, 0.1, 590, "embed weight")?;
+    let bias = random_f32(gpu, d, 0.1, 591, "embed bias")?;
+    let pos = random_f32(gpu, t * d, 1.0, 592, "embed pos")?;
+    let params = |i: usize| {
+        let (lat, out) = &sets[i % copies];
+        PatchEmbedParams {
+            latents: dptr(lat),
+            weight_t: dptr(&weight_t),
+            bias: dptr(&bias),
+            pos: dptr(&pos),
+            out: dptr(out),
+            images: rows as i32,
+            rows: rows as i32,
+            channels: cfg.in_channels as i32,
+            height: cfg.input_size as i32,
+            width: cfg.input_size as i32,
+            patch: cfg.patch as i32,
+            dim: d as i32,
+        }
+    };
+    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| patch_embed(gpu, &params(i)))?;
+    Ok(KernelRow {
+        name: "patch_embed".into(),
+        imp: "custom".into(),
+        rows,
+        shape: format!(
+            "{rows}x{t} tokens, k {k}, D {d}, {:.1} MB",
+            bytes as f64 / 1e6
+        ),
+        bound: Bound::Memory,
+        work: bytes as f64,
+        stats: Some(stats),
+        launches_per_replay: per_replay,
+    })
+}
+
+/// The fused reuse forward: what patch_embed + fora_reuse + layernorm_modulate do in a reuse
+/// step, in one launch.
+fn bench_fora_reuse_final(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    rotate: usize,
+) -> Result<KernelRow> {
+    let (d, t, l) = (cfg.hidden, cfg.tokens(), cfg.depth);
+    let k = cfg.in_channels * cfg.patch * cfg.patch;
+    let slab = rows * t * d;
+    let img = rows * cfg.image_len();
+    let cols = ada_cols(cfg);
+    // Minimum traffic: the cache once, latents read, the bf16 LayerNorm output written, the
+    // gates, shift and scale vectors of every row, the embedding weight and positions once.
+    let bytes = 2 * l * slab * 2
+        + img * 4
+        + slab * 2
+        + rows * (2 * l + 2) * d * 4
+        + (k * d + t * d + d) * 4;
+    let set = 2 * l * slab * 2 + img * 4 + slab * 2 + rows * cols * 4;
+    let copies = rotation_copies(set, rotate);
+    let mut sets = Vec::with_capacity(copies);
+    for c in 0..copies {
+        let seed = 600 + 10 * c as u64;
+        sets.push((
+            random_f32(gpu, img, 1.0, seed, "fused latents")?,
+            random_bf16(gpu, 2 * l * slab, 1.0, seed + 1, "fused cache")?,
+            random_f32(gpu, rows * cols, 1e-3, seed + 2, "fused modulation")?,
+            gpu.alloc_zeros::<bf16>(slab, "fused out")?,
+        ));
+    }
+    let weight_t = random_f32(gpu, k * d, 0.1, 690, "fused embed weight")?;
+    let bias = random_f32(gpu, d, 0.1, 691, "fused embed bias")?;
+    let pos = random_f32(gpu, t * d, 1.0, 692, "fused pos")?;
+    let fin = l * 6 * d;
+    let params = |i: usize| {
+        let (lat, cache, m, out) = &sets[i % copies];
+        ForaReuseFinalParams {
+            latents: dptr(lat),
+            embed_weight_t: dptr(&weight_t),
+            embed_bias: dptr(&bias),
+            pos: dptr(&pos),
+            cache: dptr(cache),
+            modulation: dptr(m),
+            out: dptr(out),
+            x: 0,
+            slab: slab as i64,
+            images: rows as i32,
+            rows: rows as i32,
+            channels: cfg.in_channels as i32,
+            height: cfg.input_size as i32,
+            width: cfg.input_size as i32,
+            patch: cfg.patch as i32,
+            dim: d as i32,
+            layers: l as i32,
+            ld_mod: cols as i32,
+            layer_cols: (6 * d) as i32,
+            gate_msa_col: (2 * d) as i32,
+            gate_mlp_col: (5 * d) as i32,
+            shift_col: fin as i32,
+            scale_col: (fin + d) as i32,
+            eps: 1e-6,
+        }
+    };
+    let (stats, per_replay) =
+        timer.time_alone(gpu, copies, |i| fora_reuse_final(gpu, &params(i)))?;
+    Ok(KernelRow {
+        name: "fora_reuse_final".into(),
+        imp: "custom".into(),
+        rows,
+        shape: format!(
+            "embed + {l} layers x 2 x {rows}x{t}x{d} + LN, {:.1} MB",
             bytes as f64 / 1e6
         ),
         bound: Bound::Memory,

@@ -309,6 +309,7 @@ fn fake_report() -> Report {
         cuda_graphs: true,
         precompute_modulation: true,
         lt_autotune: false,
+        fused_reuse: false,
         cfg_scale: 4.0,
         gemm_ceiling: Some(Ceiling {
             what: "bf16 GEMM 8192^3".into(),

@@ -4,7 +4,7 @@
 
 use fora::cuda::conditioning::{label_silu_plan, silu_plan, timestep_embedding_plan};
 use fora::cuda::embed::patch_embed_plan;
-use fora::cuda::fora::fora_reuse_plan;
+use fora::cuda::fora::{fora_reuse_final_plan, fora_reuse_plan, fused_reuse_unsupported};
 use fora::cuda::kernels;
 use fora::cuda::norm::layernorm_modulate_plan;
 use fora::cuda::params::*;
@@ -39,6 +39,7 @@ fn every_small_kernel_is_embedded() {
         "patch_embed",
         "layernorm_modulate",
         "fora_reuse",
+        "fora_reuse_final",
         "sampler_step",
         "unpatchify",
         "normal_fill",
@@ -108,7 +109,7 @@ fn timestep_and_label_plans() {
 fn patch_embed_plan_checks_shapes() {
     let p = PatchEmbedParams {
         latents: P,
-        weight: P,
+        weight_t: P,
         bias: P,
         pos: P,
         out: P,
@@ -120,7 +121,18 @@ fn patch_embed_plan_checks_shapes() {
         patch: 2,
         dim: 1152,
     };
-    assert_eq!(patch_embed_plan(&p).unwrap(), (4 * 256, 1, 1));
+    // 8 token rows per block; their patches (C*p*p = 16 floats each) in shared memory.
+    assert_eq!(
+        patch_embed_plan(&p).unwrap(),
+        ((4 * 256 / 8, 1, 1), 8 * 16 * 4)
+    );
+    let odd = PatchEmbedParams {
+        rows: 3,
+        height: 10,
+        width: 14,
+        ..p
+    };
+    assert_eq!(patch_embed_plan(&odd).unwrap(), ((14, 1, 1), 8 * 16 * 4));
     assert!(err(patch_embed_plan(&PatchEmbedParams { height: 31, ..p })).contains("divisible"));
     assert!(err(patch_embed_plan(&PatchEmbedParams {
         channels: 17,
@@ -202,6 +214,111 @@ fn fora_reuse_plan_checks_cache_and_gates() {
         err(fora_reuse_plan(&ForaReuseParams { cache: 0, ..p })).contains("cache pointer is null")
     );
     assert!(err(fora_reuse_plan(&ForaReuseParams { cache: P + 8, ..p })).contains("16-byte"));
+}
+
+#[test]
+fn fora_reuse_final_plan_checks_sizes_and_columns() {
+    let d = 1152;
+    let fin = 28 * 6 * d;
+    let p = ForaReuseFinalParams {
+        latents: P,
+        embed_weight_t: P,
+        embed_bias: P,
+        pos: P,
+        cache: P,
+        modulation: P,
+        out: P,
+        x: 0,
+        slab: 4 * 256 * d as i64,
+        images: 2,
+        rows: 4,
+        channels: 4,
+        height: 32,
+        width: 32,
+        patch: 2,
+        dim: d,
+        layers: 28,
+        ld_mod: fin + 2 * d,
+        layer_cols: 6 * d,
+        gate_msa_col: 2 * d,
+        gate_mlp_col: 5 * d,
+        shift_col: fin,
+        scale_col: fin + d,
+        eps: 1e-6,
+    };
+    // DiT-XL: 144 chunks of 8 -> 160 threads (5 warps) per token row, one row per block.
+    assert_eq!(fora_reuse_final_plan(&p).unwrap(), ((4 * 256, 1, 1), 160));
+    // The embedded model (dim 64): 8 threads per token row, 32 rows per block.
+    let tiny = ForaReuseFinalParams {
+        dim: 64,
+        channels: 3,
+        layers: 4,
+        slab: 4 * 256 * 64,
+        ld_mod: 4 * 6 * 64 + 2 * 64,
+        layer_cols: 6 * 64,
+        gate_msa_col: 2 * 64,
+        gate_mlp_col: 5 * 64,
+        shift_col: 4 * 6 * 64,
+        scale_col: 4 * 6 * 64 + 64,
+        ..p
+    };
+    assert_eq!(
+        fora_reuse_final_plan(&tiny).unwrap(),
+        ((1024 / 32, 1, 1), 256)
+    );
+    // DiT-B (dim 768): 96 threads per row, 2 rows per block.
+    assert_eq!(fused_reuse_unsupported(768, 16), None);
+    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
+        dim: 1156,
+        ..p
+    }))
+    .contains("dim % 8"));
+    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
+        channels: 17,
+        ..p
+    }))
+    .contains("C*p*p"));
+    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
+        slab: 100,
+        ..p
+    }))
+    .contains("slab"));
+    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
+        layers: 29,
+        ..p
+    }))
+    .contains("ld_mod"));
+    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
+        scale_col: fin + 2 * d,
+        ..p
+    }))
+    .contains("shift/scale"));
+    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
+        cache: P + 8,
+        ..p
+    }))
+    .contains("16-byte"));
+    assert!(
+        err(fora_reuse_final_plan(&ForaReuseFinalParams { out: 0, ..p }))
+            .contains("out pointer is null")
+    );
+    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
+        eps: 0.0,
+        ..p
+    }))
+    .contains("eps"));
+    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
+        height: 31,
+        ..p
+    }))
+    .contains("divisible"));
+    // An optional x output must be aligned too.
+    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
+        x: P + 4,
+        ..p
+    }))
+    .contains("x pointer"));
+    assert!(fora_reuse_final_plan(&ForaReuseFinalParams { x: P, ..p }).is_ok());
 }
 
 #[test]

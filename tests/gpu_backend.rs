@@ -378,8 +378,8 @@ fn gpu_caller_stream() {
     );
 }
 
-/// Graphs on/off, modulation tables precomputed or per step, custom or cuBLASLt GEMMs: the same
-/// sampling run, each against the CPU and against each other.
+/// Graphs on/off, modulation tables precomputed or per step, custom or cuBLASLt GEMMs, fused or
+/// three-launch reuse steps: the same sampling run, each against the CPU and each other.
 #[test]
 fn gpu_execution_paths_agree() {
     use fora::cuda::gemm::GemmImpl;
@@ -402,15 +402,18 @@ fn gpu_execution_paths_agree() {
         )
         .unwrap();
     let mut first: Option<Vec<f32>> = None;
-    for (gemm, graphs, precompute, lt_autotune) in [
-        (GemmImpl::Custom, true, true, false),
-        (GemmImpl::Custom, false, false, false),
-        (GemmImpl::Custom, true, false, false),
-        (GemmImpl::Custom, false, true, false),
-        (GemmImpl::CublasLt, true, true, false),
+    for (gemm, graphs, precompute, lt_autotune, fused_reuse) in [
+        (GemmImpl::Custom, true, true, false, false),
+        (GemmImpl::Custom, false, false, false, false),
+        (GemmImpl::Custom, true, false, false, false),
+        (GemmImpl::Custom, false, true, false, false),
+        (GemmImpl::CublasLt, true, true, false, false),
         // Autotuned cuBLASLt: tuned by an uncaptured forward before the graphs are recorded.
-        (GemmImpl::CublasLt, true, false, true),
-        (GemmImpl::CublasLt, false, true, true),
+        (GemmImpl::CublasLt, true, false, true, false),
+        (GemmImpl::CublasLt, false, true, true, false),
+        // Reuse steps as one fora_reuse_final launch, in a graph and kernel by kernel.
+        (GemmImpl::CublasLt, true, true, false, true),
+        (GemmImpl::Custom, false, false, false, true),
     ] {
         let base = cuda.options();
         cuda.set_options(CudaOptions {
@@ -418,6 +421,7 @@ fn gpu_execution_paths_agree() {
             graphs,
             precompute_modulation: precompute,
             lt_autotune,
+            fused_reuse,
             ..base
         });
         let sampler = Sampler::new(&cuda, options.clone()).unwrap();
@@ -437,8 +441,10 @@ fn gpu_execution_paths_agree() {
                 &mut StaticInterval::new(3).unwrap(),
             )
             .unwrap();
-        let what =
-            format!("{gemm:?} graphs={graphs} precomputed={precompute} lt_autotune={lt_autotune}");
+        let what = format!(
+            "{gemm:?} graphs={graphs} precomputed={precompute} lt_autotune={lt_autotune} \
+             fused_reuse={fused_reuse}"
+        );
         check_close(&format!("{what} vs CPU"), &got.latents, &want.latents, 5e-2).unwrap();
         match &first {
             None => first = Some(got.latents),

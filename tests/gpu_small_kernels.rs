@@ -15,12 +15,13 @@ use cudarc::driver::CudaSlice;
 use fora::backend::{Guidance, GuidanceMode, StepUpdate};
 use fora::cpu::ops;
 use fora::cuda::conditioning::{label_silu, silu_f32_bf16, timestep_embedding};
-use fora::cuda::embed::patch_embed;
-use fora::cuda::fora::fora_reuse;
+use fora::cuda::embed::{patch_embed, transpose_patch_weight};
+use fora::cuda::fora::{fora_reuse, fora_reuse_final};
 use fora::cuda::norm::layernorm_modulate;
 use fora::cuda::params::{
-    ForaReuseParams, LabelSiluParams, LayerNormModulateParams, NormalFillParams, PatchEmbedParams,
-    SamplerStepParams, SiluParams, TimestepEmbedParams, UnpatchifyParams,
+    ForaReuseFinalParams, ForaReuseParams, LabelSiluParams, LayerNormModulateParams,
+    NormalFillParams, PatchEmbedParams, SamplerStepParams, SiluParams, TimestepEmbedParams,
+    UnpatchifyParams,
 };
 use fora::cuda::sampler::{guided_channels, normal_fill, sampler_step, set_update, unpatchify};
 use fora::cuda::testing::{
@@ -274,14 +275,14 @@ fn run_patch_embed(gpu: &Gpu, c: &EmbedCase, seed: u64) -> Result<()> {
     let pos = rng.uniform_vec(tokens * c.dim, -1.0, 1.0);
     let (lat_d, w_d, b_d, pos_d) = (
         upload_f32(gpu, &latents)?,
-        upload_f32(gpu, &weight)?,
+        upload_f32(gpu, &transpose_patch_weight(&weight, c.dim))?,
         upload_f32(gpu, &bias)?,
         upload_f32(gpu, &pos)?,
     );
     let out = poisoned_f32(gpu, c.rows * tokens * c.dim)?;
     let p = PatchEmbedParams {
         latents: dptr(&lat_d),
-        weight: dptr(&w_d),
+        weight_t: dptr(&w_d),
         bias: dptr(&b_d),
         pos: dptr(&pos_d),
         out: dptr(&out),
@@ -635,6 +636,177 @@ fn gpu_fora_reuse() -> Result<()> {
         },
         54,
     )?;
+    Ok(())
+}
+
+// ---- the fused reuse forward ----------------------------------------------------------------
+
+struct ReuseFinalCase {
+    images: usize,
+    rows: usize,
+    channels: usize,
+    size: usize,
+    patch: usize,
+    dim: usize,
+    layers: usize,
+    slab_pad: usize,
+}
+
+fn run_fora_reuse_final(gpu: &Gpu, c: &ReuseFinalCase, seed: u64) -> Result<()> {
+    let mut rng = TestRng::new(seed);
+    let g = c.size / c.patch;
+    let tokens = g * g;
+    let k = c.channels * c.patch * c.patch;
+    let n = c.rows * tokens * c.dim;
+    let slab = n + c.slab_pad;
+    let ld_mod = c.layers * 6 * c.dim + 2 * c.dim;
+    let fin = c.layers * 6 * c.dim;
+    let latents = rng.normal_vec(c.images * c.channels * c.size * c.size, 1.0);
+    let weight = rng.normal_vec(c.dim * k, 1.0 / (k as f32).sqrt());
+    let bias = rng.normal_vec(c.dim, 0.1);
+    let pos = rng.uniform_vec(tokens * c.dim, -1.0, 1.0);
+    let cache = round_bf16(&rng.uniform_vec(c.layers * 2 * slab, -2.0, 2.0));
+    let modulation = rng.uniform_vec(c.rows * ld_mod, -1.0, 1.0);
+    let lat_d = upload_f32(gpu, &latents)?;
+    let w_d = upload_f32(gpu, &transpose_patch_weight(&weight, c.dim))?;
+    let b_d = upload_f32(gpu, &bias)?;
+    let pos_d = upload_f32(gpu, &pos)?;
+    let cache_d = upload_bf16(gpu, &cache)?;
+    let mod_d = upload_f32(gpu, &modulation)?;
+    let out = poisoned_bf16(gpu, n)?;
+    let mut x_out = poisoned_f32(gpu, n)?;
+    let mut p = ForaReuseFinalParams {
+        latents: dptr(&lat_d),
+        embed_weight_t: dptr(&w_d),
+        embed_bias: dptr(&b_d),
+        pos: dptr(&pos_d),
+        cache: dptr(&cache_d),
+        modulation: dptr(&mod_d),
+        out: dptr(&out),
+        x: dptr(&x_out),
+        slab: slab as i64,
+        images: c.images as i32,
+        rows: c.rows as i32,
+        channels: c.channels as i32,
+        height: c.size as i32,
+        width: c.size as i32,
+        patch: c.patch as i32,
+        dim: c.dim as i32,
+        layers: c.layers as i32,
+        ld_mod: ld_mod as i32,
+        layer_cols: (6 * c.dim) as i32,
+        gate_msa_col: (2 * c.dim) as i32,
+        gate_mlp_col: (5 * c.dim) as i32,
+        shift_col: fin as i32,
+        scale_col: (fin + c.dim) as i32,
+        eps: 1e-6,
+    };
+    fora_reuse_final(gpu, &p)?;
+    let got_x = gpu.download(&x_out)?;
+    let got = download_bf16(gpu, &out)?;
+
+    // The three-kernel path on the CPU: the patch embedding with patch_embed's f32 operations
+    // (fused multiply-adds over k in order, then + bias, + pos), the cached residuals in order
+    // (ops::gate_residual, no FMA), then LayerNorm + modulate (ops::layernorm_modulate).
+    let mut patches = vec![0f32; c.images * tokens * k];
+    ops::patchify(
+        &mut patches,
+        &latents,
+        c.images,
+        c.channels,
+        c.size,
+        c.patch,
+    );
+    let mut x = vec![0f32; n];
+    for r in 0..c.rows {
+        for t in 0..tokens {
+            let patch = &patches[((r % c.images) * tokens + t) * k..][..k];
+            for d in 0..c.dim {
+                let acc = (0..k).fold(0f32, |acc, i| weight[d * k + i].mul_add(patch[i], acc));
+                x[(r * tokens + t) * c.dim + d] = (acc + bias[d]) + pos[t * c.dim + d];
+            }
+        }
+    }
+    for l in 0..c.layers {
+        for (which, col) in [(0, 2 * c.dim), (1, 5 * c.dim)] {
+            let start = (2 * l + which) * slab;
+            ops::gate_residual(
+                &mut x,
+                &cache[start..start + n],
+                &modulation[l * 6 * c.dim + col..],
+                ld_mod,
+                tokens,
+                c.dim,
+                false,
+            );
+        }
+    }
+    let mut want = vec![0f32; n];
+    ops::layernorm_modulate(
+        &mut want,
+        &x,
+        &modulation[fin..],
+        &modulation[fin + c.dim..],
+        ld_mod,
+        tokens,
+        c.dim,
+        false,
+    );
+    let what = format!(
+        "fora_reuse_final images={} rows={} C={} {}px p={} D={} L={} pad={}",
+        c.images, c.rows, c.channels, c.size, c.patch, c.dim, c.layers, c.slab_pad
+    );
+    // x before the LayerNorm: the same f32 operations in the same order, equal to the last bit.
+    check_elementwise(&format!("{what} x"), &got_x, &x, 0.0, 0.0)?;
+    check_close(&what, &got, &want, 1e-2)?;
+    check_elementwise(&what, &got, &want, 1e-4, 2.0f32.powi(-8))?;
+
+    // Without the optional x output: the same LayerNorm output, and the old x buffer (poisoned
+    // again) is left alone.
+    let again = poisoned_bf16(gpu, n)?;
+    poison_f32(gpu, &mut x_out)?;
+    p.out = dptr(&again);
+    p.x = 0;
+    fora_reuse_final(gpu, &p)?;
+    ensure!(
+        download_bf16(gpu, &again)? == got,
+        "{what}: the output differs when x is not written"
+    );
+    ensure!(
+        gpu.download(&x_out)?.iter().all(|v| v.is_nan()),
+        "{what}: x was written although its pointer was 0"
+    );
+    Ok(())
+}
+
+#[test]
+fn gpu_fora_reuse_final() -> Result<()> {
+    let Some(gpu) = test_gpu("gpu_fora_reuse_final") else {
+        return Ok(());
+    };
+    let case = |images, rows, channels, size, patch, dim, layers, slab_pad| ReuseFinalCase {
+        images,
+        rows,
+        channels,
+        size,
+        patch,
+        dim,
+        layers,
+        slab_pad,
+    };
+    // DiT-XL/2 256 px, CFG rows [x; x]: 160 threads (5 warps) per token row, 144 active.
+    run_fora_reuse_final(&gpu, &case(2, 4, 4, 32, 2, 1152, 28, 0), 61)?;
+    // The embedded model: 8 threads per token row, 32 rows per block.
+    run_fora_reuse_final(&gpu, &case(1, 2, 3, 32, 2, 64, 4, 0), 62)?;
+    // DiT-S/2 sizes, no CFG, padded slabs.
+    run_fora_reuse_final(&gpu, &case(3, 3, 4, 16, 2, 384, 3, 8 * 384), 63)?;
+    // Odd: dim 200 (25 chunks in a 32-thread group), T = 25, rows % images != 0, a short
+    // last block.
+    run_fora_reuse_final(&gpu, &case(3, 7, 3, 10, 2, 200, 2, 16), 64)?;
+    // dim 8: one thread per token row; patch 1.
+    run_fora_reuse_final(&gpu, &case(2, 2, 1, 6, 1, 8, 3, 0), 65)?;
+    // The limits: dim 2048 (one 256-thread group), C*p*p = 64.
+    run_fora_reuse_final(&gpu, &case(1, 2, 4, 8, 4, 2048, 2, 0), 66)?;
     Ok(())
 }
 

@@ -8,7 +8,7 @@
 
 use super::device::dptr_at;
 use super::gemm::{Gemm, GemmImpl};
-use super::model::{ada_cols, max_gemm_mn, Activations, CondBuffers, GpuModel};
+use super::model::{ada_cols, max_gemm_mn, Activations, CondBuffers, ForwardKind, GpuModel};
 use super::params::{NormalFillParams, SamplerStepParams, UnpatchifyParams};
 use super::sampler::guided_channels;
 use super::{dptr, Gpu};
@@ -45,19 +45,24 @@ pub struct CudaOptions {
     /// (`FORA_LT_AUTOTUNE=1`: on). Off by default: the choice depends on timing, so the bits of
     /// a run reproduce across processes only without it.
     pub lt_autotune: bool,
+    /// Run a reuse step's patch embedding, cached residuals and final LayerNorm as one launch
+    /// (`fora_reuse_final`) instead of three (`FORA_FUSED_REUSE=1`: on). Off by default until
+    /// it has been measured on a GPU; the numbers equal the three-launch path's up to the
+    /// final LayerNorm's summation order.
+    pub fused_reuse: bool,
 }
 
 impl CudaOptions {
-    /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`
-    /// and `FORA_LT_AUTOTUNE`.
+    /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
+    /// `FORA_LT_AUTOTUNE` and `FORA_FUSED_REUSE`.
     pub fn from_env() -> Result<CudaOptions> {
         let on = |var: &str| std::env::var(var).map_or(true, |v| v.trim() != "0");
-        let lt_autotune = match std::env::var("FORA_LT_AUTOTUNE") {
-            Err(_) => false,
+        let opt_in = |var: &str| match std::env::var(var) {
+            Err(_) => Ok(false),
             Ok(v) => match v.trim() {
-                "" | "0" => false,
-                "1" => true,
-                other => bail!("FORA_LT_AUTOTUNE must be 0 or 1, got {other:?}"),
+                "" | "0" => Ok(false),
+                "1" => Ok(true),
+                other => bail!("{var} must be 0 or 1, got {other:?}"),
             },
         };
         Ok(CudaOptions {
@@ -65,7 +70,8 @@ impl CudaOptions {
             graphs: graphs_enabled(),
             precompute_modulation: on("FORA_PRECOMPUTE_MODULATION"),
             max_modulation_table_bytes: 8 << 30,
-            lt_autotune,
+            lt_autotune: opt_in("FORA_LT_AUTOTUNE")?,
+            fused_reuse: opt_in("FORA_FUSED_REUSE")?,
         })
     }
 }
@@ -261,10 +267,9 @@ impl CudaBackend {
             &self.gpu,
             gemm,
             acts,
-            mode,
+            self.forward_kind(mode, with_modulation),
             latents,
             images,
-            with_modulation,
         );
         // End the capture whatever happened, so that the stream stays usable.
         let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
@@ -274,6 +279,14 @@ impl CudaBackend {
             .with_context(|| format!("the {mode:?} forward graph is empty"))?;
         graph.upload().context("cannot upload a CUDA graph")?;
         Ok(graph)
+    }
+
+    fn forward_kind(&self, mode: StepMode, with_modulation: bool) -> ForwardKind {
+        ForwardKind {
+            mode,
+            with_modulation,
+            fused_reuse: self.options.fused_reuse,
+        }
     }
 
     fn sampler_params(&self, ws: &CudaWorkspace, step: &StepSpec) -> Result<SamplerStepParams> {
@@ -418,7 +431,14 @@ impl Backend for CudaBackend {
             // overwrites the activations and caches these write.
             for mode in [StepMode::Compute, StepMode::Reuse] {
                 self.model
-                    .forward(gpu, &gemm, &acts, mode, &latents, b, with_modulation)
+                    .forward(
+                        gpu,
+                        &gemm,
+                        &acts,
+                        self.forward_kind(mode, with_modulation),
+                        &latents,
+                        b,
+                    )
                     .context("while tuning the cuBLASLt GEMMs")?;
             }
         }
@@ -484,10 +504,9 @@ impl Backend for CudaBackend {
                 &self.gpu,
                 &ws.gemm,
                 &ws.acts,
-                step.mode,
+                self.forward_kind(step.mode, ws.mod_table.is_none()),
                 &ws.latents,
                 ws.images,
-                ws.mod_table.is_none(),
             )?,
         }
         if step.mode == StepMode::Compute {
@@ -535,8 +554,14 @@ impl Backend for CudaBackend {
         gpu.stream()
             .memcpy_htod(&y32, &mut acts.labels)
             .context("cannot copy y to the device")?;
-        self.model
-            .forward(gpu, &gemm, &acts, StepMode::Compute, &latents, images, true)?;
+        self.model.forward(
+            gpu,
+            &gemm,
+            &acts,
+            self.forward_kind(StepMode::Compute, true),
+            &latents,
+            images,
+        )?;
         let out = gpu.alloc_zeros::<f32>(n * cfg.out_len(), "the forward output")?;
         let guided = guided_channels(guidance, cfg.in_channels, cfg.out_channels());
         let scale = guidance.map_or(1.0, |g| g.scale);

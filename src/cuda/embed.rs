@@ -1,17 +1,33 @@
 //! Launcher of `kernels/embed.cu`: patch embedding + bias + position embedding into the f32
 //! residual stream `[rows * T, D]`, model row r reading image r % images (the CFG rows [x; x]
-//! share their image without a copy).
+//! share their image without a copy). The conv weight comes transposed, `[C*p*p, D]`
+//! ([`transpose_patch_weight`]), so that the kernel's weight loads are coalesced.
 
 use super::device::{check_dims, check_patch_grid, check_ptr, grid_x, Gpu};
 use super::params::PatchEmbedParams;
 use anyhow::{ensure, Result};
 
 const THREADS: u32 = 128;
-/// Largest C*p*p the kernel's shared patch buffer holds (kMaxPatch in embed.cu).
+/// Token rows per block (kTokens in embed.cu).
+const TOKENS_PER_BLOCK: i64 = 8;
+/// Largest C*p*p the kernel takes: its shared patch buffer is TOKENS_PER_BLOCK * C*p*p floats
+/// (32 KiB at the limit).
 pub const MAX_PATCH_ELEMENTS: i32 = 1024;
 
-/// Validates `p` and returns the grid of [`patch_embed`] (one block per output token row).
-pub fn patch_embed_plan(p: &PatchEmbedParams) -> Result<(u32, u32, u32)> {
+/// The conv weight `[dim, C, p, p]` (flattened `[dim, k]`) as the kernels read it: `[k, dim]`.
+pub fn transpose_patch_weight(weight: &[f32], dim: usize) -> Vec<f32> {
+    let k = weight.len() / dim.max(1);
+    let mut t = vec![0f32; weight.len()];
+    for d in 0..dim {
+        for i in 0..k {
+            t[i * dim + d] = weight[d * k + i];
+        }
+    }
+    t
+}
+
+/// Validates `p` and returns the grid of [`patch_embed`] and its dynamic shared memory bytes.
+pub fn patch_embed_plan(p: &PatchEmbedParams) -> Result<((u32, u32, u32), u32)> {
     const K: &str = "patch_embed";
     check_dims(
         K,
@@ -33,7 +49,7 @@ pub fn patch_embed_plan(p: &PatchEmbedParams) -> Result<(u32, u32, u32)> {
     );
     for (f, ptr) in [
         ("latents", p.latents),
-        ("weight", p.weight),
+        ("weight_t", p.weight_t),
         ("bias", p.bias),
         ("pos", p.pos),
         ("out", p.out),
@@ -41,12 +57,28 @@ pub fn patch_embed_plan(p: &PatchEmbedParams) -> Result<(u32, u32, u32)> {
         check_ptr(K, f, ptr, 4)?;
     }
     let tokens = (p.height / p.patch) as i64 * (p.width / p.patch) as i64;
-    Ok((grid_x(K, p.rows as i64 * tokens, 1)?, 1, 1))
+    let grid = grid_x(K, p.rows as i64 * tokens, TOKENS_PER_BLOCK)?;
+    Ok(((grid, 1, 1), (TOKENS_PER_BLOCK * k * 4) as u32))
 }
 
 /// `out[r*T + t] = conv(latents[r % images])[t] + bias + pos[t]`.
 pub fn patch_embed(gpu: &Gpu, p: &PatchEmbedParams) -> Result<()> {
-    let grid = patch_embed_plan(p)?;
+    let (grid, smem) = patch_embed_plan(p)?;
     // SAFETY: validated above.
-    unsafe { gpu.launch("patch_embed", grid, (THREADS, 1, 1), 0, p) }
+    unsafe { gpu.launch("patch_embed", grid, (THREADS, 1, 1), smem, p) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transpose_patch_weight;
+
+    #[test]
+    fn transposed_patch_weight_is_k_major() {
+        // dim 3, k 2: w[d][k] = 10 d + k.
+        let w = [0.0, 1.0, 10.0, 11.0, 20.0, 21.0];
+        assert_eq!(
+            transpose_patch_weight(&w, 3),
+            vec![0.0, 10.0, 20.0, 1.0, 11.0, 21.0]
+        );
+    }
 }

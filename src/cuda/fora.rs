@@ -1,9 +1,11 @@
 //! Launcher of `kernels/fora.cu`: the FORA reuse step. One launch applies every block's cached
 //! attention and MLP outputs to the f32 residual stream with the current step's gates:
-//! `for l in 0..L { x += gate_msa_l * A_l; x += gate_mlp_l * M_l }`, in f32, in order.
+//! `for l in 0..L { x += gate_msa_l * A_l; x += gate_mlp_l * M_l }`, in f32, in order; and
+//! the fused reuse forward, which does the same between the patch embedding and the final
+//! LayerNorm + modulate, all in one launch.
 
-use super::device::{check_positive, check_ptr, grid_x, Gpu};
-use super::params::ForaReuseParams;
+use super::device::{check_dims, check_patch_grid, check_positive, check_ptr, grid_x, Gpu};
+use super::params::{ForaReuseFinalParams, ForaReuseParams};
 use anyhow::{ensure, Result};
 
 const THREADS: u32 = 256;
@@ -26,6 +28,35 @@ fn vector_path(p: &ForaReuseParams) -> bool {
         && p.gate_mlp_col % 4 == 0
 }
 
+/// Where the gates sit in a modulation row: layer l's at `l * layer_cols + gate_*_col`.
+struct GateColumns {
+    layers: i32,
+    dim: i32,
+    ld_mod: i32,
+    layer_cols: i32,
+    gate_msa_col: i32,
+    gate_mlp_col: i32,
+}
+
+/// Every layer's gates lie inside a modulation row.
+fn check_gate_columns(kernel: &str, g: &GateColumns) -> Result<()> {
+    ensure!(
+        g.layer_cols >= 0 && g.gate_msa_col >= 0 && g.gate_mlp_col >= 0,
+        "{kernel}: modulation column offsets must be >= 0"
+    );
+    let last_layer = (g.layers as i64 - 1) * g.layer_cols as i64;
+    let widest = g.gate_msa_col.max(g.gate_mlp_col) as i64 + g.dim as i64;
+    ensure!(
+        last_layer + widest <= g.ld_mod as i64,
+        "{kernel}: layer {} gates (column {} + {}) exceed the modulation row length ld_mod {}",
+        g.layers - 1,
+        last_layer,
+        widest,
+        g.ld_mod
+    );
+    Ok(())
+}
+
 /// Validates `p` and returns the grid of [`fora_reuse`].
 pub fn fora_reuse_plan(p: &ForaReuseParams) -> Result<(u32, u32, u32)> {
     const K: &str = "fora_reuse";
@@ -39,20 +70,17 @@ pub fn fora_reuse_plan(p: &ForaReuseParams) -> Result<(u32, u32, u32)> {
         "{K}: cache slab {} is smaller than rows*tokens*dim = {total}",
         p.slab
     );
-    ensure!(
-        p.layer_cols >= 0 && p.gate_msa_col >= 0 && p.gate_mlp_col >= 0,
-        "{K}: modulation column offsets must be >= 0"
-    );
-    let last_layer = (p.layers as i64 - 1) * p.layer_cols as i64;
-    let widest = p.gate_msa_col.max(p.gate_mlp_col) as i64 + p.dim as i64;
-    ensure!(
-        last_layer + widest <= p.ld_mod as i64,
-        "{K}: layer {} gates (column {} + {}) exceed the modulation row length ld_mod {}",
-        p.layers - 1,
-        last_layer,
-        widest,
-        p.ld_mod
-    );
+    check_gate_columns(
+        K,
+        &GateColumns {
+            layers: p.layers,
+            dim: p.dim,
+            ld_mod: p.ld_mod,
+            layer_cols: p.layer_cols,
+            gate_msa_col: p.gate_msa_col,
+            gate_mlp_col: p.gate_mlp_col,
+        },
+    )?;
     let vec = vector_path(p);
     let align = if vec { 16 } else { 4 };
     check_ptr(K, "x", p.x, align)?;
@@ -67,4 +95,130 @@ pub fn fora_reuse(gpu: &Gpu, p: &ForaReuseParams) -> Result<()> {
     let grid = fora_reuse_plan(p)?;
     // SAFETY: validated above.
     unsafe { gpu.launch("fora_reuse", grid, (THREADS, 1, 1), 0, p) }
+}
+
+/// Threads per block of the fused kernel at most (kReuseBlock in fora.cu).
+const FUSED_BLOCK: i32 = 256;
+/// Largest C*p*p the fused kernel embeds (kReuseMaxPatch).
+pub const FUSED_MAX_PATCH_ELEMENTS: i32 = 64;
+/// Token rows per block at most (kReuseMaxRows).
+const FUSED_MAX_ROWS: i32 = 32;
+/// Widest model the fused kernel takes: a token row's chunks of 8 fit one block.
+pub const FUSED_MAX_DIM: i32 = 8 * FUSED_BLOCK;
+
+/// Threads per token row of the fused kernel: dim / 8 rounded up to a power of two below a
+/// warp, to whole warps above (reuse_group_threads in fora.cu).
+fn fused_group_threads(dim: i32) -> i32 {
+    let chunks = dim / VEC as i32;
+    if chunks >= 32 {
+        (chunks + 31) / 32 * 32
+    } else {
+        (chunks.max(1) as u32).next_power_of_two() as i32
+    }
+}
+
+/// Why the fused reuse forward cannot run a model of these sizes (None: it can). Every DiT can;
+/// a caller falls back to patch_embed + fora_reuse + layernorm_modulate otherwise.
+pub fn fused_reuse_unsupported(dim: usize, patch_elements: usize) -> Option<String> {
+    if !dim.is_multiple_of(VEC as usize) || dim > FUSED_MAX_DIM as usize {
+        return Some(format!(
+            "fora_reuse_final needs dim % 8 == 0 and dim <= {FUSED_MAX_DIM}, got {dim}"
+        ));
+    }
+    if patch_elements > FUSED_MAX_PATCH_ELEMENTS as usize {
+        return Some(format!(
+            "fora_reuse_final embeds patches of C*p*p <= {FUSED_MAX_PATCH_ELEMENTS}, got \
+             {patch_elements}"
+        ));
+    }
+    None
+}
+
+/// Validates `p` and returns the grid and block of [`fora_reuse_final`].
+pub fn fora_reuse_final_plan(p: &ForaReuseFinalParams) -> Result<((u32, u32, u32), u32)> {
+    const K: &str = "fora_reuse_final";
+    check_dims(
+        K,
+        &[
+            ("images", p.images),
+            ("rows", p.rows),
+            ("channels", p.channels),
+            ("height", p.height),
+            ("width", p.width),
+            ("patch", p.patch),
+            ("dim", p.dim),
+            ("layers", p.layers),
+        ],
+    )?;
+    check_patch_grid(K, p.height, p.width, p.patch)?;
+    let k = p.channels as i64 * p.patch as i64 * p.patch as i64;
+    if let Some(why) = fused_reuse_unsupported(p.dim as usize, k as usize) {
+        anyhow::bail!("{why}");
+    }
+    let tokens = (p.height / p.patch) as i64 * (p.width / p.patch) as i64;
+    let total = p.rows as i64 * tokens * p.dim as i64;
+    ensure!(
+        p.slab >= total && p.slab % VEC == 0,
+        "{K}: cache slab {} must be a multiple of 8 and >= rows*T*dim = {total}",
+        p.slab
+    );
+    check_gate_columns(
+        K,
+        &GateColumns {
+            layers: p.layers,
+            dim: p.dim,
+            ld_mod: p.ld_mod,
+            layer_cols: p.layer_cols,
+            gate_msa_col: p.gate_msa_col,
+            gate_mlp_col: p.gate_mlp_col,
+        },
+    )?;
+    ensure!(
+        p.shift_col >= 0
+            && p.scale_col >= 0
+            && p.shift_col.max(p.scale_col) as i64 + p.dim as i64 <= p.ld_mod as i64,
+        "{K}: the final shift/scale columns {} / {} (+ dim {}) exceed ld_mod {}",
+        p.shift_col,
+        p.scale_col,
+        p.dim,
+        p.ld_mod
+    );
+    // float4 gate, shift and scale loads.
+    for (field, v) in [
+        ("ld_mod", p.ld_mod),
+        ("layer_cols", p.layer_cols),
+        ("gate_msa_col", p.gate_msa_col),
+        ("gate_mlp_col", p.gate_mlp_col),
+        ("shift_col", p.shift_col),
+        ("scale_col", p.scale_col),
+    ] {
+        ensure!(v % 4 == 0, "{K}: {field} = {v} must be a multiple of 4");
+    }
+    check_ptr(K, "latents", p.latents, 4)?;
+    for (field, ptr) in [
+        ("embed_weight_t", p.embed_weight_t),
+        ("embed_bias", p.embed_bias),
+        ("pos", p.pos),
+        ("cache", p.cache),
+        ("modulation", p.modulation),
+        ("out", p.out),
+    ] {
+        check_ptr(K, field, ptr, 16)?;
+    }
+    if p.x != 0 {
+        check_ptr(K, "x", p.x, 16)?;
+    }
+    ensure!(p.eps > 0.0, "{K}: eps must be > 0, got {}", p.eps);
+    let group = fused_group_threads(p.dim);
+    let per_block = (FUSED_BLOCK / group).clamp(1, FUSED_MAX_ROWS);
+    let grid = grid_x(K, p.rows as i64 * tokens, per_block as i64)?;
+    Ok(((grid, 1, 1), (group * per_block) as u32))
+}
+
+/// The reuse forward up to the final Linear: patch embedding, every block's cached outputs
+/// with this step's gates, the final LayerNorm + modulate into `p.out` (bf16).
+pub fn fora_reuse_final(gpu: &Gpu, p: &ForaReuseFinalParams) -> Result<()> {
+    let (grid, block) = fora_reuse_final_plan(p)?;
+    // SAFETY: validated above.
+    unsafe { gpu.launch("fora_reuse_final", grid, (block, 1, 1), 0, p) }
 }

@@ -11,8 +11,8 @@
 use super::device::dptr_at;
 use super::gemm::{Epilogue, Gemm};
 use super::params::{
-    AttentionParams, ForaReuseParams, GemmParams, LabelSiluParams, LayerNormModulateParams,
-    PatchEmbedParams, SiluParams, TimestepEmbedParams,
+    AttentionParams, ForaReuseFinalParams, ForaReuseParams, GemmParams, LabelSiluParams,
+    LayerNormModulateParams, PatchEmbedParams, SiluParams, TimestepEmbedParams,
 };
 use super::{dptr, Gpu};
 use crate::backend::StepMode;
@@ -21,6 +21,20 @@ use crate::weights::{DitWeights, FREQ_DIM};
 use anyhow::{ensure, Result};
 use cudarc::driver::CudaSlice;
 use half::bf16;
+
+/// What one forward does, besides reading its inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardKind {
+    /// Run the blocks and fill the FORA cache, or reuse the cache.
+    pub mode: StepMode,
+    /// First compute the modulation table from `acts.t` and `acts.labels`; without, the table
+    /// is already in `acts.modulation` (a sampler that precomputed every step's tables).
+    pub with_modulation: bool,
+    /// A reuse forward as one `fora_reuse_final` launch (patch embedding, cached residuals,
+    /// final LayerNorm) instead of three, where the model's sizes allow it. The same numbers
+    /// up to the LayerNorm's summation order.
+    pub fused_reuse: bool,
+}
 
 /// One transformer block's GEMM weights on the device.
 struct BlockWeights {
@@ -37,7 +51,8 @@ struct BlockWeights {
 /// A DiT's weights on the device.
 pub struct GpuModel {
     cfg: DitConfig,
-    x_embed_w: CudaSlice<f32>,
+    /// The patch-embedding conv weight transposed, `[C*p*p, D]` (coalesced kernel reads).
+    x_embed_w_t: CudaSlice<f32>,
     x_embed_b: CudaSlice<f32>,
     pos_embed: CudaSlice<f32>,
     t_mlp0_w: CudaSlice<bf16>,
@@ -89,7 +104,10 @@ impl GpuModel {
         }
         Ok(GpuModel {
             cfg: cfg.clone(),
-            x_embed_w: f32s(&w.x_embed_w, "x_embedder.proj.weight")?,
+            x_embed_w_t: f32s(
+                &super::embed::transpose_patch_weight(&w.x_embed_w, cfg.hidden),
+                "x_embedder.proj.weight",
+            )?,
             x_embed_b: f32s(&w.x_embed_b, "x_embedder.proj.bias")?,
             pos_embed: f32s(&w.pos_embed, "pos_embed")?,
             t_mlp0_w: bf16s(&w.t_mlp0_w, "t_embedder.mlp.0.weight")?,
@@ -383,20 +401,22 @@ impl GpuModel {
 
     /// One forward of `acts.rows` rows on the device's stream, up to the final Linear (its
     /// output in `acts.final_out`). `latents` holds `images` images [images, C, H, W]; model row
-    /// r reads image r % images. With `with_modulation` the forward first computes the
-    /// modulation table from `acts.t` and `acts.labels`; without, `acts.modulation` must already
-    /// hold this step's table (a sampler that precomputed every step's tables copies it in).
-    #[allow(clippy::too_many_arguments)]
+    /// r reads image r % images. `kind` says whether it computes or reuses, and where the
+    /// modulation table comes from.
     pub fn forward(
         &self,
         gpu: &Gpu,
         gemm: &Gemm,
         acts: &Activations,
-        mode: StepMode,
+        kind: ForwardKind,
         latents: &CudaSlice<f32>,
         images: usize,
-        with_modulation: bool,
     ) -> Result<()> {
+        let ForwardKind {
+            mode,
+            with_modulation,
+            fused_reuse,
+        } = kind;
         let cfg = &self.cfg;
         let (rows, d, t) = (acts.rows, cfg.hidden, cfg.tokens());
         let rt = rows * t;
@@ -426,13 +446,17 @@ impl GpuModel {
             )?;
         }
 
-        {
+        let patch_elements = cfg.in_channels * cfg.patch * cfg.patch;
+        let fused = mode == StepMode::Reuse
+            && fused_reuse
+            && super::fora::fused_reuse_unsupported(d, patch_elements).is_none();
+        if !fused {
             let _embed = crate::nvtx_range!("patch_embed");
             super::embed::patch_embed(
                 gpu,
                 &PatchEmbedParams {
                     latents: dptr(latents),
-                    weight: dptr(&self.x_embed_w),
+                    weight_t: dptr(&self.x_embed_w_t),
                     bias: dptr(&self.x_embed_b),
                     pos: dptr(&self.pos_embed),
                     out: dptr(&acts.x),
@@ -566,6 +590,39 @@ impl GpuModel {
                     }
                 }
             }
+            StepMode::Reuse if fused => {
+                let fin = cfg.depth * 6 * d;
+                let _reuse = crate::nvtx_range!("fora_reuse_final");
+                super::fora::fora_reuse_final(
+                    gpu,
+                    &ForaReuseFinalParams {
+                        latents: dptr(latents),
+                        embed_weight_t: dptr(&self.x_embed_w_t),
+                        embed_bias: dptr(&self.x_embed_b),
+                        pos: dptr(&self.pos_embed),
+                        cache: acts.cache.as_ref().map(dptr).unwrap_or(0),
+                        modulation: dptr(&acts.modulation),
+                        out: dptr(&acts.xn),
+                        x: 0,
+                        slab: slab as i64,
+                        images: images as i32,
+                        rows: rows as i32,
+                        channels: cfg.in_channels as i32,
+                        height: cfg.input_size as i32,
+                        width: cfg.input_size as i32,
+                        patch: cfg.patch as i32,
+                        dim: d as i32,
+                        layers: cfg.depth as i32,
+                        ld_mod: cols as i32,
+                        layer_cols: (6 * d) as i32,
+                        gate_msa_col: (2 * d) as i32,
+                        gate_mlp_col: (5 * d) as i32,
+                        shift_col: fin as i32,
+                        scale_col: (fin + d) as i32,
+                        eps: 1e-6,
+                    },
+                )?;
+            }
             StepMode::Reuse => {
                 let cache = acts.cache.as_ref().map(dptr).unwrap_or(0);
                 {
@@ -594,7 +651,10 @@ impl GpuModel {
         // Final layer: LN + modulate(shift, scale) + Linear, in token layout.
         let fin = cfg.depth * 6 * d;
         let _final = crate::nvtx_range!("final_layer");
-        super::norm::layernorm_modulate(gpu, &ln(acts, fin, fin + d))?;
+        if !fused {
+            // (fora_reuse_final wrote this LayerNorm's output already.)
+            super::norm::layernorm_modulate(gpu, &ln(acts, fin, fin + d))?;
+        }
         gemm.run(
             gpu,
             &gemm_params(

@@ -292,7 +292,7 @@ const _: () = {
 #[derive(Debug, Default, Copy, Clone)]
 pub struct PatchEmbedParams {
     pub latents: fora_ptr,
-    pub weight: fora_ptr,
+    pub weight_t: fora_ptr,
     pub bias: fora_ptr,
     pub pos: fora_ptr,
     pub out: fora_ptr,
@@ -314,8 +314,8 @@ const _: () = {
         "Offset of field: PatchEmbedParams::latents",
     ][::std::mem::offset_of!(PatchEmbedParams, latents) - 0usize];
     [
-        "Offset of field: PatchEmbedParams::weight",
-    ][::std::mem::offset_of!(PatchEmbedParams, weight) - 8usize];
+        "Offset of field: PatchEmbedParams::weight_t",
+    ][::std::mem::offset_of!(PatchEmbedParams, weight_t) - 8usize];
     [
         "Offset of field: PatchEmbedParams::bias",
     ][::std::mem::offset_of!(PatchEmbedParams, bias) - 16usize];
@@ -456,6 +456,115 @@ const _: () = {
     [
         "Offset of field: ForaReuseParams::gate_mlp_col",
     ][::std::mem::offset_of!(ForaReuseParams, gate_mlp_col) - 60usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ForaReuseFinalParams {
+    pub latents: fora_ptr,
+    pub embed_weight_t: fora_ptr,
+    pub embed_bias: fora_ptr,
+    pub pos: fora_ptr,
+    pub cache: fora_ptr,
+    pub modulation: fora_ptr,
+    pub out: fora_ptr,
+    pub x: fora_ptr,
+    pub slab: ::std::os::raw::c_longlong,
+    pub images: ::std::os::raw::c_int,
+    pub rows: ::std::os::raw::c_int,
+    pub channels: ::std::os::raw::c_int,
+    pub height: ::std::os::raw::c_int,
+    pub width: ::std::os::raw::c_int,
+    pub patch: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+    pub layers: ::std::os::raw::c_int,
+    pub ld_mod: ::std::os::raw::c_int,
+    pub layer_cols: ::std::os::raw::c_int,
+    pub gate_msa_col: ::std::os::raw::c_int,
+    pub gate_mlp_col: ::std::os::raw::c_int,
+    pub shift_col: ::std::os::raw::c_int,
+    pub scale_col: ::std::os::raw::c_int,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of ForaReuseFinalParams",
+    ][::std::mem::size_of::<ForaReuseFinalParams>() - 136usize];
+    [
+        "Alignment of ForaReuseFinalParams",
+    ][::std::mem::align_of::<ForaReuseFinalParams>() - 8usize];
+    [
+        "Offset of field: ForaReuseFinalParams::latents",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, latents) - 0usize];
+    [
+        "Offset of field: ForaReuseFinalParams::embed_weight_t",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, embed_weight_t) - 8usize];
+    [
+        "Offset of field: ForaReuseFinalParams::embed_bias",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, embed_bias) - 16usize];
+    [
+        "Offset of field: ForaReuseFinalParams::pos",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, pos) - 24usize];
+    [
+        "Offset of field: ForaReuseFinalParams::cache",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, cache) - 32usize];
+    [
+        "Offset of field: ForaReuseFinalParams::modulation",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, modulation) - 40usize];
+    [
+        "Offset of field: ForaReuseFinalParams::out",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, out) - 48usize];
+    [
+        "Offset of field: ForaReuseFinalParams::x",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, x) - 56usize];
+    [
+        "Offset of field: ForaReuseFinalParams::slab",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, slab) - 64usize];
+    [
+        "Offset of field: ForaReuseFinalParams::images",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, images) - 72usize];
+    [
+        "Offset of field: ForaReuseFinalParams::rows",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, rows) - 76usize];
+    [
+        "Offset of field: ForaReuseFinalParams::channels",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, channels) - 80usize];
+    [
+        "Offset of field: ForaReuseFinalParams::height",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, height) - 84usize];
+    [
+        "Offset of field: ForaReuseFinalParams::width",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, width) - 88usize];
+    [
+        "Offset of field: ForaReuseFinalParams::patch",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, patch) - 92usize];
+    [
+        "Offset of field: ForaReuseFinalParams::dim",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, dim) - 96usize];
+    [
+        "Offset of field: ForaReuseFinalParams::layers",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, layers) - 100usize];
+    [
+        "Offset of field: ForaReuseFinalParams::ld_mod",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, ld_mod) - 104usize];
+    [
+        "Offset of field: ForaReuseFinalParams::layer_cols",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, layer_cols) - 108usize];
+    [
+        "Offset of field: ForaReuseFinalParams::gate_msa_col",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, gate_msa_col) - 112usize];
+    [
+        "Offset of field: ForaReuseFinalParams::gate_mlp_col",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, gate_mlp_col) - 116usize];
+    [
+        "Offset of field: ForaReuseFinalParams::shift_col",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, shift_col) - 120usize];
+    [
+        "Offset of field: ForaReuseFinalParams::scale_col",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, scale_col) - 124usize];
+    [
+        "Offset of field: ForaReuseFinalParams::eps",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, eps) - 128usize];
 };
 pub const FORA_SAMPLER_DDPM: fora_sampler_kind = 0;
 pub const FORA_SAMPLER_DDIM: fora_sampler_kind = 1;
@@ -660,6 +769,7 @@ unsafe impl cudarc::driver::DeviceRepr for LabelSiluParams {}
 unsafe impl cudarc::driver::DeviceRepr for PatchEmbedParams {}
 unsafe impl cudarc::driver::DeviceRepr for LayerNormModulateParams {}
 unsafe impl cudarc::driver::DeviceRepr for ForaReuseParams {}
+unsafe impl cudarc::driver::DeviceRepr for ForaReuseFinalParams {}
 unsafe impl cudarc::driver::DeviceRepr for SamplerStepParams {}
 unsafe impl cudarc::driver::DeviceRepr for UnpatchifyParams {}
 unsafe impl cudarc::driver::DeviceRepr for NormalFillParams {}
