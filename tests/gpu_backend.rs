@@ -378,8 +378,9 @@ fn gpu_caller_stream() {
     );
 }
 
-/// Graphs on/off, modulation tables precomputed or per step, custom or cuBLASLt GEMMs, fused or
-/// three-launch reuse steps: the same sampling run, each against the CPU and each other.
+/// Graphs on/off, modulation tables precomputed or per step (on one stream or the next step's on
+/// a second), custom or cuBLASLt GEMMs, fused or three-launch reuse steps: the same sampling
+/// run, each against the CPU and each other.
 #[test]
 fn gpu_execution_paths_agree() {
     use fora::cuda::gemm::GemmImpl;
@@ -402,18 +403,22 @@ fn gpu_execution_paths_agree() {
         )
         .unwrap();
     let mut first: Option<Vec<f32>> = None;
-    for (gemm, graphs, precompute, lt_autotune, fused_reuse) in [
-        (GemmImpl::Custom, true, true, false, false),
-        (GemmImpl::Custom, false, false, false, false),
-        (GemmImpl::Custom, true, false, false, false),
-        (GemmImpl::Custom, false, true, false, false),
-        (GemmImpl::CublasLt, true, true, false, false),
+    for (gemm, graphs, precompute, lt_autotune, fused_reuse, side_stream) in [
+        (GemmImpl::Custom, true, true, false, false, false),
+        (GemmImpl::Custom, false, false, false, false, false),
+        (GemmImpl::Custom, true, false, false, false, false),
+        (GemmImpl::Custom, false, true, false, false, false),
+        (GemmImpl::CublasLt, true, true, false, false, false),
         // Autotuned cuBLASLt: tuned by an uncaptured forward before the graphs are recorded.
-        (GemmImpl::CublasLt, true, false, true, false),
-        (GemmImpl::CublasLt, false, true, true, false),
+        (GemmImpl::CublasLt, true, false, true, false, false),
+        (GemmImpl::CublasLt, false, true, true, false, false),
         // Reuse steps as one fora_reuse_final launch, in a graph and kernel by kernel.
-        (GemmImpl::CublasLt, true, true, false, true),
-        (GemmImpl::Custom, false, false, false, true),
+        (GemmImpl::CublasLt, true, true, false, true, false),
+        (GemmImpl::Custom, false, false, false, true, false),
+        // The next step's table on a second stream (tables not precomputed).
+        (GemmImpl::CublasLt, true, false, false, false, true),
+        (GemmImpl::Custom, false, false, false, false, true),
+        (GemmImpl::CublasLt, true, false, true, true, true),
     ] {
         let base = cuda.options();
         cuda.set_options(CudaOptions {
@@ -422,6 +427,7 @@ fn gpu_execution_paths_agree() {
             precompute_modulation: precompute,
             lt_autotune,
             fused_reuse,
+            side_stream,
             ..base
         });
         let sampler = Sampler::new(&cuda, options.clone()).unwrap();
@@ -433,6 +439,7 @@ fn gpu_execution_paths_agree() {
             precompute,
             "a small table must be precomputed when asked"
         );
+        assert_eq!(ws.uses_side_stream(), side_stream && !precompute);
         drop(ws);
         let got = sampler
             .sample(
@@ -443,7 +450,7 @@ fn gpu_execution_paths_agree() {
             .unwrap();
         let what = format!(
             "{gemm:?} graphs={graphs} precomputed={precompute} lt_autotune={lt_autotune} \
-             fused_reuse={fused_reuse}"
+             fused_reuse={fused_reuse} side_stream={side_stream}"
         );
         check_close(&format!("{what} vs CPU"), &got.latents, &want.latents, 5e-2).unwrap();
         match &first {
@@ -451,6 +458,56 @@ fn gpu_execution_paths_agree() {
             Some(f) => {
                 check_close(&format!("{what} vs the first path"), &got.latents, f, 1e-2).unwrap();
             }
+        }
+    }
+}
+
+/// The next step's modulation table on a second stream runs the same kernels on the same data
+/// as computing it before each step on the one stream: the latents must be equal to the bit,
+/// with and without graphs (a lost fork/join ordering or a table read before it is written
+/// shows up here).
+#[test]
+fn gpu_side_stream_modulation_is_exact() {
+    use fora::cuda::gemm::GemmImpl;
+    use fora::cuda::CudaOptions;
+    let cfg = small_cfg();
+    let Some((_cpu, mut cuda)) = backends("gpu_side_stream_modulation_is_exact", &cfg, 19) else {
+        return;
+    };
+    let options = SamplerOptions::ddpm(11).with_guidance(Some(Guidance {
+        scale: 2.0,
+        mode: GuidanceMode::Official3,
+    }));
+    let classes = [1, 7, 3];
+    for gemm in [GemmImpl::Custom, GemmImpl::CublasLt] {
+        for graphs in [true, false] {
+            let mut run = |side_stream| {
+                let base = cuda.options();
+                cuda.set_options(CudaOptions {
+                    gemm,
+                    graphs,
+                    precompute_modulation: false,
+                    lt_autotune: false,
+                    side_stream,
+                    ..base
+                });
+                Sampler::new(&cuda, options.clone())
+                    .unwrap()
+                    .sample(
+                        &classes,
+                        NoiseSource::Seed(5),
+                        &mut StaticInterval::new(3).unwrap(),
+                    )
+                    .unwrap()
+                    .latents
+            };
+            let one_stream = run(false);
+            let two_streams = run(true);
+            assert!(one_stream.iter().all(|v| v.is_finite()));
+            assert!(
+                one_stream == two_streams,
+                "{gemm:?} graphs={graphs}: the side stream changed the latents"
+            );
         }
     }
 }

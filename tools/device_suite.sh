@@ -11,8 +11,8 @@
 # embedded model: tools/train_tiny.py on the GPU, then tools/quality.py through the fora binary;
 # "profile" for ncu kernel times per op of a computing and a reuse step, summarised by
 # tools/ncu_summary.py; PROFILE_ROWS picks the rows, default 2,256; "variants" for the step
-# times of the opt-in paths side by side: default, FORA_LT_AUTOTUNE=1, FORA_ATTENTION=v2,
-# FORA_GEMM=wgmma, each `fora bench --sections steps`).
+# times of the opt-in paths side by side: default, FORA_FUSED_REUSE=1, FORA_SIDE_STREAM=1,
+# FORA_LT_AUTOTUNE=1, FORA_ATTENTION=v2, FORA_GEMM=wgmma, each `fora bench --sections steps`).
 # SANITIZE_FULL=1 runs memcheck over every GPU test binary and racecheck over every kernel test
 # (minutes; give it its own call). FORA_BENCH_ARGS / TORCH_BENCH_ARGS / TINY_MINUTES override
 # the defaults below.
@@ -128,7 +128,8 @@ phase_profile() {
 phase_variants() {
   echo "=== step times of the opt-in paths (rows ${VARIANT_ROWS:-2,256})"
   local name
-  for v in "default:cublaslt:" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
+  for v in "default:cublaslt:" "fused_reuse:cublaslt:FORA_FUSED_REUSE=1" \
+           "side_stream:cublaslt:FORA_SIDE_STREAM=1" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
            "attention_v2:cublaslt:FORA_ATTENTION=v2" "wgmma:wgmma:"; do
     name=${v%%:*}; rest=${v#*:}; gemm=${rest%%:*}; envs=${rest#*:}
     echo "--- $name (--gemm $gemm ${envs})"

@@ -24,8 +24,8 @@ from collections import OrderedDict, defaultdict
 UNIT_TO_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
               "second": 1e6, "s": 1e6}
 # fora's NVTX op ranges (src/cuda/model.rs, src/cuda/backend.rs); anything else is "other".
-OPS = ["conditioning", "patch_embed", "ln_msa", "qkv", "attention", "proj", "ln_mlp", "fc1",
-       "fc2", "fora_reuse", "fora_reuse_final", "final_layer", "sampler_step"]
+OPS = ["conditioning", "next_modulation", "patch_embed", "ln_msa", "qkv", "attention", "proj",
+       "ln_mlp", "fc1", "fc2", "fora_reuse", "fora_reuse_final", "final_layer", "sampler_step"]
 STEP_RE = re.compile(r"step (\d+) (compute|full|reuse)")
 ROWS_RE = re.compile(r"rows (\d+)")
 

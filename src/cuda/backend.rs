@@ -16,7 +16,7 @@ use crate::backend::{Backend, Guidance, NoiseSource, SamplePlan, StepMode, StepS
 use crate::config::DitConfig;
 use crate::weights::DitWeights;
 use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::{sys, CudaGraph, CudaSlice};
+use cudarc::driver::{sys, CudaEvent, CudaGraph, CudaSlice};
 
 /// A DiT on one GPU.
 pub struct CudaBackend {
@@ -50,11 +50,16 @@ pub struct CudaOptions {
     /// it has been measured on a GPU; the numbers equal the three-launch path's up to the
     /// final LayerNorm's summation order.
     pub fused_reuse: bool,
+    /// When the tables are not precomputed: compute the next step's modulation table on a
+    /// second stream while the current step's forward runs, instead of before it on the one
+    /// stream (`FORA_SIDE_STREAM=1`: on). Off by default until it has been measured on a GPU;
+    /// the numbers are the same.
+    pub side_stream: bool,
 }
 
 impl CudaOptions {
     /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
-    /// `FORA_LT_AUTOTUNE` and `FORA_FUSED_REUSE`.
+    /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE` and `FORA_SIDE_STREAM`.
     pub fn from_env() -> Result<CudaOptions> {
         let on = |var: &str| std::env::var(var).map_or(true, |v| v.trim() != "0");
         let opt_in = |var: &str| match std::env::var(var) {
@@ -72,6 +77,7 @@ impl CudaOptions {
             max_modulation_table_bytes: 8 << 30,
             lt_autotune: opt_in("FORA_LT_AUTOTUNE")?,
             fused_reuse: opt_in("FORA_FUSED_REUSE")?,
+            side_stream: opt_in("FORA_SIDE_STREAM")?,
         })
     }
 }
@@ -124,13 +130,57 @@ pub struct CudaWorkspace {
     /// Every step's modulation table, f32 [S, rows, ada_cols], when precomputed: a step copies
     /// its table into `acts.modulation` and the forward skips the conditioning path.
     mod_table: Option<CudaSlice<f32>>,
-    /// Captured forwards, `[compute, reuse]` (None: graphs disabled).
-    graphs: Option<[CudaGraph; 2]>,
+    /// The next step's table on a second stream (tables not precomputed, `side_stream` on).
+    side: Option<SideModulation>,
+    /// Captured forwards, indexed by [`graph_index`] (None: graphs disabled).
+    graphs: Option<Vec<CudaGraph>>,
     /// True once a computing step has filled the FORA cache.
     cache_valid: bool,
 }
 
+/// The next step's modulation table, computed on a second stream while the current step's
+/// forward runs: step k reads table k % 2 while its forward's side branch writes the other one
+/// for step k + 1. A step whose table is not ready (the first, or one out of order) computes
+/// it first on the main stream.
+struct SideModulation {
+    /// The second stream (sharing the device's context and kernels).
+    gpu: Gpu,
+    /// Its own GEMM engine: cuBLASLt scratch is not shared between concurrent GEMMs.
+    gemm: Gemm,
+    cond: CondBuffers,
+    /// The second table; the first is the activations' own.
+    second: CudaSlice<f32>,
+    /// Timesteps of the step after the current one, f32 [rows].
+    t_next: CudaSlice<f32>,
+    fork: CudaEvent,
+    join: CudaEvent,
+    /// The step whose table the last forward's side branch computed.
+    ready: Option<usize>,
+}
+
+impl SideModulation {
+    /// Device address of table `parity` (0: the activations' own).
+    fn table(&self, acts: &Activations, parity: usize) -> u64 {
+        if parity == 0 {
+            dptr(&acts.modulation)
+        } else {
+            dptr(&self.second)
+        }
+    }
+}
+
+/// Which captured graph runs a step: `[compute, reuse]`, times two table parities when the
+/// next step's table is computed on a second stream.
+fn graph_index(mode: StepMode, parity: usize) -> usize {
+    2 * parity + (mode == StepMode::Reuse) as usize
+}
+
 impl CudaWorkspace {
+    /// Whether the next step's modulation table is computed on a second stream.
+    pub fn uses_side_stream(&self) -> bool {
+        self.side.is_some()
+    }
+
     /// Device allocations and bytes are fixed after construction; tests read this.
     pub fn rows(&self) -> usize {
         self.acts.rows
@@ -212,6 +262,33 @@ impl CudaBackend {
             && bytes <= self.gpu.mem_info()?.0 / 4)
     }
 
+    /// The buffers, stream and events of [`SideModulation`] for `rows` rows.
+    fn side_modulation(&self, rows: usize, lt_autotune: bool) -> Result<SideModulation> {
+        let cfg = self.model.config();
+        let gpu = self.gpu.fork()?;
+        let gemm = Gemm::new(&gpu, self.options.gemm, rows * ada_cols(cfg))?;
+        gemm.set_lt_autotune(lt_autotune);
+        let event = || {
+            self.gpu
+                .context()
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                .context("cannot create a CUDA event")
+        };
+        let side = SideModulation {
+            cond: CondBuffers::new(&gpu, cfg, rows)?,
+            second: gpu.alloc_zeros(rows * ada_cols(cfg), "the second modulation table")?,
+            t_next: gpu.alloc_zeros(rows, "the next step's timesteps")?,
+            fork: event()?,
+            join: event()?,
+            ready: None,
+            gemm,
+            gpu,
+        };
+        // The side stream's allocations must be complete before the main stream uses them.
+        side.gpu.synchronize()?;
+        Ok(side)
+    }
+
     /// Every step's modulation table, computed in chunks of batched GEMMs.
     fn precompute_modulation(
         &self,
@@ -249,8 +326,29 @@ impl CudaBackend {
         Ok(table)
     }
 
-    /// Records one forward of the workspace's buffers as a CUDA graph (nothing runs).
-    fn capture(
+    /// Records what `enqueue` puts on the device's stream as a CUDA graph (nothing runs).
+    fn capture(&self, what: &str, enqueue: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+        let stream = self.gpu.stream();
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .context("cannot start capturing a CUDA graph")?;
+        let recorded = enqueue();
+        // End the capture whatever happened, so that the stream stays usable.
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        recorded.with_context(|| format!("while capturing the {what} forward"))?;
+        let graph = graph
+            .with_context(|| format!("cannot instantiate the {what} forward graph"))?
+            .with_context(|| format!("the {what} forward graph is empty"))?;
+        graph.upload().context("cannot upload a CUDA graph")?;
+        Ok(graph)
+    }
+
+    /// One forward on the device's stream. With `side`, the forward reads modulation table
+    /// `parity` while a branch on the second stream computes the other one from `t_next`: the
+    /// branch forks from the stream before the forward and joins it after, so a graph captured
+    /// from here holds both and the next launch on the stream waits for both.
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue_forward(
         &self,
         gemm: &Gemm,
         acts: &Activations,
@@ -258,33 +356,58 @@ impl CudaBackend {
         latents: &CudaSlice<f32>,
         images: usize,
         with_modulation: bool,
-    ) -> Result<CudaGraph> {
-        let stream = self.gpu.stream();
-        stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .context("cannot start capturing a CUDA graph")?;
-        let recorded = self.model.forward(
-            &self.gpu,
-            gemm,
-            acts,
-            self.forward_kind(mode, with_modulation),
-            latents,
-            images,
-        );
-        // End the capture whatever happened, so that the stream stays usable.
-        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-        recorded.with_context(|| format!("while capturing the {mode:?} forward"))?;
-        let graph = graph
-            .with_context(|| format!("cannot instantiate the {mode:?} forward graph"))?
-            .with_context(|| format!("the {mode:?} forward graph is empty"))?;
-        graph.upload().context("cannot upload a CUDA graph")?;
-        Ok(graph)
+        side: Option<(&SideModulation, usize)>,
+    ) -> Result<()> {
+        let Some((side, parity)) = side else {
+            let kind = self.forward_kind(mode, with_modulation, None);
+            return self
+                .model
+                .forward(&self.gpu, gemm, acts, kind, latents, images);
+        };
+        let main = self.gpu.stream();
+        side.fork
+            .record(main)
+            .context("cannot record the side stream's fork")?;
+        side.gpu
+            .stream()
+            .wait(&side.fork)
+            .context("cannot fork the side stream")?;
+        let branch = {
+            let _next = crate::nvtx_range!("next_modulation");
+            self.model.modulation(
+                &side.gpu,
+                &side.gemm,
+                &side.cond,
+                acts.rows,
+                dptr(&side.t_next),
+                dptr(&acts.labels),
+                side.table(acts, 1 - parity),
+            )
+        };
+        let kind = self.forward_kind(mode, false, Some(side.table(acts, parity)));
+        let forward = self
+            .model
+            .forward(&self.gpu, gemm, acts, kind, latents, images);
+        // Join whatever happened, so that a capture can end and the stream stays ordered.
+        side.join
+            .record(side.gpu.stream())
+            .context("cannot record the side stream's join")?;
+        main.wait(&side.join)
+            .context("cannot join the side stream")?;
+        branch.context("the next step's modulation table on the side stream")?;
+        forward
     }
 
-    fn forward_kind(&self, mode: StepMode, with_modulation: bool) -> ForwardKind {
+    fn forward_kind(
+        &self,
+        mode: StepMode,
+        with_modulation: bool,
+        table: Option<u64>,
+    ) -> ForwardKind {
         ForwardKind {
             mode,
             with_modulation,
+            table,
             fused_reuse: self.options.fused_reuse,
         }
     }
@@ -425,26 +548,40 @@ impl Backend for CudaBackend {
             None
         };
         let with_modulation = mod_table.is_none();
+        let side = if with_modulation && self.options.side_stream {
+            Some(self.side_modulation(rows, gemm.lt_autotune())?)
+        } else {
+            None
+        };
+        let parities = if side.is_some() { 2 } else { 1 };
+        let enqueue = |mode, parity| {
+            self.enqueue_forward(
+                &gemm,
+                &acts,
+                mode,
+                &latents,
+                b,
+                with_modulation,
+                side.as_ref().map(|s| (s, parity)),
+            )
+        };
         if self.options.graphs && gemm.lt_autotune() {
-            // A capture cannot time anything: run both forwards once uncaptured so that every
+            // A capture cannot time anything: run the forwards once uncaptured so that every
             // GEMM shape is tuned before it is recorded. Harmless: the first step computes and
-            // overwrites the activations and caches these write.
+            // overwrites the activations, caches and tables these write.
             for mode in [StepMode::Compute, StepMode::Reuse] {
-                self.model
-                    .forward(
-                        gpu,
-                        &gemm,
-                        &acts,
-                        self.forward_kind(mode, with_modulation),
-                        &latents,
-                        b,
-                    )
-                    .context("while tuning the cuBLASLt GEMMs")?;
+                enqueue(mode, 0).context("while tuning the cuBLASLt GEMMs")?;
             }
         }
         let graphs = if self.options.graphs {
-            let capture = |mode| self.capture(&gemm, &acts, mode, &latents, b, with_modulation);
-            Some([capture(StepMode::Compute)?, capture(StepMode::Reuse)?])
+            let mut graphs = Vec::with_capacity(2 * parities);
+            for parity in 0..parities {
+                for mode in [StepMode::Compute, StepMode::Reuse] {
+                    debug_assert_eq!(graph_index(mode, parity), graphs.len());
+                    graphs.push(self.capture(&format!("{mode:?}"), || enqueue(mode, parity))?);
+                }
+            }
+            Some(graphs)
         } else {
             None
         };
@@ -461,6 +598,7 @@ impl Backend for CudaBackend {
             t_table,
             timesteps: plan.timesteps.clone(),
             mod_table,
+            side,
             graphs,
             cache_valid: false,
         })
@@ -493,20 +631,48 @@ impl Backend for CudaBackend {
                 .memcpy_dtod(&src, &mut ws.acts.modulation)
                 .context("cannot select the step's modulation table")?;
         }
+        let parity = match &mut ws.side {
+            Some(side) => {
+                let parity = step.k % 2;
+                if side.ready != Some(step.k) {
+                    // Not computed by the previous step's side branch: compute it now, first.
+                    let _cond = crate::nvtx_range!("conditioning");
+                    self.model.modulation(
+                        &self.gpu,
+                        &ws.gemm,
+                        &side.cond,
+                        rows,
+                        dptr_at(&ws.t_table, step.k * rows),
+                        dptr(&ws.acts.labels),
+                        side.table(&ws.acts, parity),
+                    )?;
+                }
+                // The side branch computes the next step's table (the last step's branch
+                // recomputes its own: harmless, and it keeps one graph per parity).
+                let next = (step.k + 1).min(ws.steps - 1);
+                let src = ws.t_table.slice(next * rows..(next + 1) * rows);
+                stream
+                    .memcpy_dtod(&src, &mut side.t_next)
+                    .context("cannot select the next step's timesteps")?;
+                side.ready = (step.k + 1 < ws.steps).then_some(step.k + 1);
+                parity
+            }
+            None => 0,
+        };
         match &ws.graphs {
             Some(graphs) => {
-                let graph = &graphs[(step.mode == StepMode::Reuse) as usize];
-                graph
+                graphs[graph_index(step.mode, parity)]
                     .launch()
                     .context("cannot launch the captured forward")?;
             }
-            None => self.model.forward(
-                &self.gpu,
+            None => self.enqueue_forward(
                 &ws.gemm,
                 &ws.acts,
-                self.forward_kind(step.mode, ws.mod_table.is_none()),
+                step.mode,
                 &ws.latents,
                 ws.images,
+                ws.mod_table.is_none(),
+                ws.side.as_ref().map(|s| (s, parity)),
             )?,
         }
         if step.mode == StepMode::Compute {
@@ -558,7 +724,7 @@ impl Backend for CudaBackend {
             gpu,
             &gemm,
             &acts,
-            self.forward_kind(StepMode::Compute, true),
+            self.forward_kind(StepMode::Compute, true, None),
             &latents,
             images,
         )?;

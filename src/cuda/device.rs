@@ -126,6 +126,27 @@ impl Gpu {
         })
     }
 
+    /// A second handle on this device with a new stream of its own, sharing the context and
+    /// the loaded kernel modules: for work that may overlap this handle's (the next step's
+    /// modulation table beside the current step's forward). Ordering between the two streams
+    /// is the caller's (events); cudarc's event tracking is off (see the module comment).
+    pub fn fork(&self) -> Result<Gpu> {
+        let stream = self
+            .ctx
+            .new_stream()
+            .context("cannot create a second CUDA stream")?;
+        Ok(Gpu {
+            ctx: self.ctx.clone(),
+            stream,
+            modules: self.modules.clone(),
+            functions: Mutex::new(HashMap::new()),
+            cc: self.cc,
+            sm_count: self.sm_count,
+            name: self.name.clone(),
+            allocations: AtomicUsize::new(0),
+        })
+    }
+
     /// The stream all of this device's work goes on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream

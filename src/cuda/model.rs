@@ -28,8 +28,11 @@ pub struct ForwardKind {
     /// Run the blocks and fill the FORA cache, or reuse the cache.
     pub mode: StepMode,
     /// First compute the modulation table from `acts.t` and `acts.labels`; without, the table
-    /// is already in `acts.modulation` (a sampler that precomputed every step's tables).
+    /// is already there (a sampler that precomputed every step's tables, or computed this
+    /// step's on a second stream).
     pub with_modulation: bool,
+    /// Device address of the modulation table, f32 [rows, ada_cols] (None: `acts.modulation`).
+    pub table: Option<u64>,
     /// A reuse forward as one `fora_reuse_final` launch (patch embedding, cached residuals,
     /// final LayerNorm) instead of three, where the model's sizes allow it. The same numbers
     /// up to the LayerNorm's summation order.
@@ -415,8 +418,10 @@ impl GpuModel {
         let ForwardKind {
             mode,
             with_modulation,
+            table,
             fused_reuse,
         } = kind;
+        let table = table.unwrap_or_else(|| dptr(&acts.modulation));
         let cfg = &self.cfg;
         let (rows, d, t) = (acts.rows, cfg.hidden, cfg.tokens());
         let rt = rows * t;
@@ -442,7 +447,7 @@ impl GpuModel {
                 rows,
                 dptr(&acts.t),
                 dptr(&acts.labels),
-                dptr(&acts.modulation),
+                table,
             )?;
         }
 
@@ -474,7 +479,7 @@ impl GpuModel {
         let slab = rt * d;
         let ln = |acts: &Activations, shift_col: usize, scale_col: usize| LayerNormModulateParams {
             x: dptr(&acts.x),
-            modulation: dptr(&acts.modulation),
+            modulation: table,
             out: dptr(&acts.xn),
             rows: rows as i32,
             tokens: t as i32,
@@ -539,7 +544,7 @@ impl GpuModel {
                         Epilogue::BiasGateResidual,
                     );
                     proj.cache = cache_a;
-                    proj.gate = dptr_at(&acts.modulation, base + 2 * d);
+                    proj.gate = table + ((base + 2 * d) * 4) as u64;
                     proj.ldg = cols as i32;
                     proj.rows_per_gate = t as i32;
                     {
@@ -581,7 +586,7 @@ impl GpuModel {
                         Epilogue::BiasGateResidual,
                     );
                     fc2.cache = cache_m;
-                    fc2.gate = dptr_at(&acts.modulation, base + 5 * d);
+                    fc2.gate = table + ((base + 5 * d) * 4) as u64;
                     fc2.ldg = cols as i32;
                     fc2.rows_per_gate = t as i32;
                     {
@@ -601,7 +606,7 @@ impl GpuModel {
                         embed_bias: dptr(&self.x_embed_b),
                         pos: dptr(&self.pos_embed),
                         cache: acts.cache.as_ref().map(dptr).unwrap_or(0),
-                        modulation: dptr(&acts.modulation),
+                        modulation: table,
                         out: dptr(&acts.xn),
                         x: 0,
                         slab: slab as i64,
@@ -632,7 +637,7 @@ impl GpuModel {
                         &ForaReuseParams {
                             x: dptr(&acts.x),
                             cache,
-                            modulation: dptr(&acts.modulation),
+                            modulation: table,
                             slab: slab as i64,
                             rows: rows as i32,
                             tokens: t as i32,
