@@ -848,6 +848,38 @@ impl Report {
     }
 
     /// The report as Markdown tables.
+    /// Per row count: the fused reuse forward against the three launches it replaces.
+    fn fused_reuse_lines(&self) -> String {
+        let us = |name: &str, rows: usize| {
+            self.kernels
+                .iter()
+                .find(|k| k.name == name && k.rows == rows)
+                .and_then(|k| k.stats.as_ref())
+                .map(|s| s.median_ms * 1e3)
+        };
+        let mut s = String::new();
+        let mut rows: Vec<usize> = self.kernels.iter().map(|k| k.rows).collect();
+        rows.sort_unstable();
+        rows.dedup();
+        for r in rows {
+            let fused = us("fora_reuse_final", r);
+            let parts = [
+                us("patch_embed", r),
+                us("fora_reuse", r),
+                us("layernorm", r),
+            ];
+            if let (Some(f), [Some(a), Some(b), Some(c)]) = (fused, parts) {
+                s += &format!(
+                    "\nReuse forward at {r} rows: fora_reuse_final {f:.1} us vs patch_embed + \
+                     fora_reuse + layernorm {:.1} us ({:.2}x).\n",
+                    a + b + c,
+                    (a + b + c) / f
+                );
+            }
+        }
+        s
+    }
+
     pub fn markdown(&self) -> String {
         let mut s = String::new();
         let device = match &self.device {
@@ -942,6 +974,7 @@ impl Report {
                     fmt_opt(self.vs_cublaslt(k), 2)
                 );
             }
+            s += &self.fused_reuse_lines();
         }
 
         if !self.steps.is_empty() {

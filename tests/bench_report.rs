@@ -357,6 +357,25 @@ fn fake_report() -> Report {
                 70.0e6,
                 Some(0.028),
             ),
+            kernel("patch_embed", "custom", 2, Bound::Memory, 3e6, Some(0.004)),
+            kernel("layernorm", "custom", 2, Bound::Memory, 4e6, Some(0.007)),
+            kernel(
+                "fora_reuse_final",
+                "custom",
+                2,
+                Bound::Memory,
+                68e6,
+                Some(0.020),
+            ),
+            // Not all three parts measured at 256 rows: no comparison line.
+            kernel(
+                "fora_reuse_final",
+                "custom",
+                256,
+                Bound::Memory,
+                9e9,
+                Some(2.0),
+            ),
         ],
         errors: vec![BenchError {
             section: "steps".into(),
@@ -394,6 +413,15 @@ fn report_markdown_and_json() {
         (Some(true), Some(false))
     );
     assert_eq!(j["settings"]["precompute_modulation"], true);
+    assert_eq!(j["settings"]["fused_reuse"], false);
+    assert!(
+        md.contains(
+            "Reuse forward at 2 rows: fora_reuse_final 20.0 us vs patch_embed + fora_reuse + \
+             layernorm 39.0 us (1.95x)."
+        ),
+        "{md}"
+    );
+    assert!(!md.contains("Reuse forward at 256 rows"), "{md}");
     assert!(
         md.contains(&format!("| custom | 256 | 120.000 | {t256:.1} |")),
         "{md}"
