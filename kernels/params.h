@@ -120,6 +120,25 @@ typedef struct LayerNormModulateParams {
     float eps;         /* 1e-6 in DiT */
 } LayerNormModulateParams;
 
+/* The residual epilogue of proj / fc2 on the cuBLASLt path fused with the LayerNorm that follows
+ * it, per token row m of model row r = m / tokens (one pass instead of gemm_epilogue_f32 and
+ * layernorm_modulate):
+ *   v = acc[m] + bias;  cache[m] = bf16(v) (when cache != 0);  x[m] += gate_r * v
+ *   out[m] = bf16(LN(x[m]) * (1 + scale_r) + shift_r)
+ * gate_r / shift_r / scale_r at modulation[r * ld_mod + gate_col / shift_col / scale_col + d].
+ * Needs dim % 4 == 0 and dim <= 1536. Kernel residual_layernorm. */
+typedef struct ResidualLayerNormParams {
+    fora_ptr acc;      /* f32 [rows * tokens, ld_acc]: the GEMM product, bias not added */
+    fora_ptr bias;     /* f32 [dim] */
+    fora_ptr cache;    /* bf16 [rows * tokens, dim] or 0 */
+    fora_ptr x;        /* f32 [rows * tokens, dim], updated in place */
+    fora_ptr modulation; /* f32 [rows, ld_mod] */
+    fora_ptr out;      /* bf16 [rows * tokens, dim] */
+    int rows, tokens, dim, ld_acc;
+    int ld_mod, gate_col, shift_col, scale_col;
+    float eps;         /* 1e-6 in DiT */
+} ResidualLayerNormParams;
+
 /* FORA reuse step: for l in 0..layers, in order, in f32:
  *   x += gate_msa_l * A_l;  x += gate_mlp_l * M_l
  * A_l = cache + (2l) * slab, M_l = cache + (2l + 1) * slab (bf16 [rows * tokens, dim] each);

@@ -41,10 +41,10 @@ use crate::cuda::embed::patch_embed;
 use crate::cuda::fora::{fora_reuse, fora_reuse_final};
 use crate::cuda::gemm::{Epilogue, Gemm, GemmImpl};
 use crate::cuda::model::ada_cols;
-use crate::cuda::norm::layernorm_modulate;
+use crate::cuda::norm::{layernorm_modulate, residual_layernorm};
 use crate::cuda::params::{
     AttentionParams, ForaReuseFinalParams, ForaReuseParams, GemmParams, LayerNormModulateParams,
-    PatchEmbedParams,
+    PatchEmbedParams, ResidualLayerNormParams,
 };
 use crate::cuda::{dptr, CudaBackend, Gpu};
 use crate::diffusion::SamplerKind;
@@ -563,7 +563,7 @@ pub enum Bound {
 /// One per-kernel measurement.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelRow {
-    /// "qkv", "proj", "fc1", "fc2", "adaLN", "final", "attention", "patch_embed", "fora_reuse", "fora_reuse_final", "layernorm".
+    /// "qkv", "proj", "fc1", "fc2", "adaLN", "final", "attention", "patch_embed", "fora_reuse", "fora_reuse_final", "layernorm", "residual_ln".
     pub name: String,
     /// "custom", "cublaslt", "cublaslt+epilogue", "cublaslt-tuned" (GEMMs); "custom" otherwise.
     pub imp: String,
@@ -608,12 +608,14 @@ pub struct Report {
     pub runs: usize,
     pub quick: bool,
     /// The backend options' defaults in this run (`FORA_CUDA_GRAPHS`,
-    /// `FORA_PRECOMPUTE_MODULATION`, `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`); each step row
-    /// says what its workspace did.
+    /// `FORA_PRECOMPUTE_MODULATION`, `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM`,
+    /// `FORA_FUSED_LN`); each step row says what its workspace did.
     pub cuda_graphs: bool,
     pub precompute_modulation: bool,
     pub lt_autotune: bool,
     pub fused_reuse: bool,
+    pub side_stream: bool,
+    pub fused_ln: bool,
     pub cfg_scale: f32,
     pub gemm_ceiling: Option<Ceiling>,
     pub copy_ceiling: Option<Ceiling>,
@@ -651,6 +653,8 @@ impl Report {
             precompute_modulation: options.precompute_modulation,
             lt_autotune: options.lt_autotune,
             fused_reuse: options.fused_reuse,
+            side_stream: options.side_stream,
+            fused_ln: options.fused_ln,
             cfg_scale: plan.cfg_scale,
             gemm_ceiling: None,
             copy_ceiling: None,
@@ -831,6 +835,8 @@ impl Report {
                 "precompute_modulation": self.precompute_modulation,
                 "lt_autotune": self.lt_autotune,
                 "fused_reuse": self.fused_reuse,
+                "side_stream": self.side_stream,
+                "fused_ln": self.fused_ln,
                 "cfg_scale": self.cfg_scale,
                 "timing": "CUDA events, back-to-back runs, median",
             },
@@ -905,8 +911,8 @@ impl Report {
         s +=
             &format!(
             "{device}, {}. Median of {} runs after {} warm-up runs (CUDA events). CUDA graphs {}; \
-             modulation tables precomputed {}; cuBLASLt algorithms {}; reuse steps {}. FLOPs = \
-             2 x {:.1} GMAC per model row.\n\n",
+             modulation tables precomputed {}; cuBLASLt algorithms {}; reuse steps {}; per-step \
+             tables {}; proj / fc2 epilogues {}. FLOPs = 2 x {:.1} GMAC per model row.\n\n",
             self.date,
             self.runs,
             self.warmup,
@@ -925,6 +931,16 @@ impl Report {
                 "fused, one fora_reuse_final launch (FORA_FUSED_REUSE=1)"
             } else {
                 "patch_embed + fora_reuse + layernorm_modulate"
+            },
+            if self.side_stream {
+                "the next step's on a second stream (FORA_SIDE_STREAM=1)"
+            } else {
+                "before each step on the one stream"
+            },
+            if self.fused_ln {
+                "fused with the next LayerNorm on cuBLASLt (FORA_FUSED_LN=1)"
+            } else {
+                "then a separate LayerNorm"
             },
             m.macs_per_row as f64 / 1e9
         );
@@ -1686,8 +1702,10 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
     push_kernel(report, "fora_reuse", rows, reuse_row);
     let fused_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate);
     push_kernel(report, "fora_reuse_final", rows, fused_row);
-    let ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate);
+    let ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, false);
     push_kernel(report, "layernorm", rows, ln_row);
+    let residual_ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, true);
+    push_kernel(report, "residual_ln", rows, residual_ln_row);
 }
 
 fn push_kernel(report: &mut Report, name: &str, rows: usize, r: Result<KernelRow>) {
@@ -1930,48 +1948,91 @@ fn bench_fora_reuse_final(
     })
 }
 
+/// layernorm_modulate, or with `residual` the residual_layernorm that fuses proj / fc2's
+/// residual epilogue into it (its extra traffic: the f32 product read, x written, the bf16
+/// cache written, a gate vector per row).
 fn bench_layernorm(
     gpu: &Gpu,
     cfg: &DitConfig,
     rows: usize,
     timer: &Timer,
     rotate: usize,
+    residual: bool,
 ) -> Result<KernelRow> {
     let (d, t) = (cfg.hidden, cfg.tokens());
     let slab = rows * t * d;
     let cols = ada_cols(cfg);
     // x read (f32), out written (bf16), one shift and one scale vector per row.
-    let bytes = slab * 4 + slab * 2 + rows * 2 * d * 4;
-    let set = slab * 4 + slab * 2 + rows * cols * 4;
+    let mut bytes = slab * 4 + slab * 2 + rows * 2 * d * 4;
+    let mut set = slab * 4 + slab * 2 + rows * cols * 4;
+    if residual {
+        bytes += slab * 4 + slab * 4 + slab * 2 + rows * d * 4 + d * 4;
+        set += slab * 4 + slab * 2;
+    }
     let copies = rotation_copies(set, rotate);
     let mut sets = Vec::with_capacity(copies);
     for c in 0..copies {
         let seed = 400 + 10 * c as u64;
+        let (acc, cache) = if residual {
+            (
+                Some(random_f32(gpu, slab, 1.0, seed + 2, "residual_ln product")?),
+                Some(gpu.alloc_zeros::<bf16>(slab, "residual_ln cache")?),
+            )
+        } else {
+            (None, None)
+        };
         sets.push((
             random_f32(gpu, slab, 1.0, seed, "layernorm x")?,
             random_f32(gpu, rows * cols, 0.1, seed + 1, "layernorm modulation")?,
             gpu.alloc_zeros::<bf16>(slab, "layernorm out")?,
+            acc,
+            cache,
         ));
     }
-    let params = |i: usize| {
-        let (x, m, out) = &sets[i % copies];
-        LayerNormModulateParams {
-            x: dptr(x),
-            modulation: dptr(m),
-            out: dptr(out),
-            rows: rows as i32,
-            tokens: t as i32,
-            dim: d as i32,
-            ld_mod: cols as i32,
-            shift_col: 0,
-            scale_col: d as i32,
-            eps: 1e-6,
+    let bias = random_f32(gpu, d, 0.1, 499, "residual_ln bias")?;
+    let launch = |i: usize| {
+        let (x, m, out, acc, cache) = &sets[i % copies];
+        match (acc, cache) {
+            (Some(acc), Some(cache)) => residual_layernorm(
+                gpu,
+                &ResidualLayerNormParams {
+                    acc: dptr(acc),
+                    bias: dptr(&bias),
+                    cache: dptr(cache),
+                    x: dptr(x),
+                    modulation: dptr(m),
+                    out: dptr(out),
+                    rows: rows as i32,
+                    tokens: t as i32,
+                    dim: d as i32,
+                    ld_acc: d as i32,
+                    ld_mod: cols as i32,
+                    gate_col: (2 * d) as i32,
+                    shift_col: (3 * d) as i32,
+                    scale_col: (4 * d) as i32,
+                    eps: 1e-6,
+                },
+            ),
+            _ => layernorm_modulate(
+                gpu,
+                &LayerNormModulateParams {
+                    x: dptr(x),
+                    modulation: dptr(m),
+                    out: dptr(out),
+                    rows: rows as i32,
+                    tokens: t as i32,
+                    dim: d as i32,
+                    ld_mod: cols as i32,
+                    shift_col: 0,
+                    scale_col: d as i32,
+                    eps: 1e-6,
+                },
+            ),
         }
     };
-    let (stats, per_replay) =
-        timer.time_alone(gpu, copies, |i| layernorm_modulate(gpu, &params(i)))?;
+    let (stats, per_replay) = timer.time_alone(gpu, copies, launch)?;
     Ok(KernelRow {
-        name: "layernorm".into(),
+        name: if residual { "residual_ln" } else { "layernorm" }.into(),
         imp: "custom".into(),
         rows,
         shape: format!("{rows}x{t}x{d}, {:.1} MB", bytes as f64 / 1e6),

@@ -310,6 +310,8 @@ fn fake_report() -> Report {
         precompute_modulation: true,
         lt_autotune: false,
         fused_reuse: false,
+        side_stream: false,
+        fused_ln: false,
         cfg_scale: 4.0,
         gemm_ceiling: Some(Ceiling {
             what: "bf16 GEMM 8192^3".into(),

@@ -6,7 +6,7 @@ use fora::cuda::conditioning::{label_silu_plan, silu_plan, timestep_embedding_pl
 use fora::cuda::embed::patch_embed_plan;
 use fora::cuda::fora::{fora_reuse_final_plan, fora_reuse_plan, fused_reuse_unsupported};
 use fora::cuda::kernels;
-use fora::cuda::norm::layernorm_modulate_plan;
+use fora::cuda::norm::{layernorm_modulate_plan, residual_layernorm_plan};
 use fora::cuda::params::*;
 use fora::cuda::sampler::{normal_fill_plan, sampler_step_plan, set_update, unpatchify_plan};
 use fora::diffusion::{Diffusion, SamplerKind};
@@ -38,6 +38,7 @@ fn every_small_kernel_is_embedded() {
         "label_silu",
         "patch_embed",
         "layernorm_modulate",
+        "residual_layernorm",
         "fora_reuse",
         "fora_reuse_final",
         "sampler_step",
@@ -214,6 +215,53 @@ fn fora_reuse_plan_checks_cache_and_gates() {
         err(fora_reuse_plan(&ForaReuseParams { cache: 0, ..p })).contains("cache pointer is null")
     );
     assert!(err(fora_reuse_plan(&ForaReuseParams { cache: P + 8, ..p })).contains("16-byte"));
+}
+
+#[test]
+fn residual_layernorm_plan_checks_columns_and_alignment() {
+    let d = 1152;
+    let ld_mod = 28 * 6 * d + 2 * d;
+    let p = ResidualLayerNormParams {
+        acc: P,
+        bias: P,
+        cache: P,
+        x: P,
+        modulation: P,
+        out: P,
+        rows: 4,
+        tokens: 256,
+        dim: d,
+        ld_acc: d,
+        ld_mod,
+        gate_col: 5 * d,
+        shift_col: 6 * d,
+        scale_col: 7 * d,
+        eps: 1e-6,
+    };
+    // 4 token rows (warps) per block.
+    assert_eq!(residual_layernorm_plan(&p).unwrap(), (256, 1, 1));
+    assert_eq!(
+        residual_layernorm_plan(&ResidualLayerNormParams { cache: 0, ..p }).unwrap(),
+        (256, 1, 1)
+    );
+    let e = |q| err(residual_layernorm_plan(&q));
+    assert!(e(ResidualLayerNormParams { dim: 1540, ..p }).contains("dim"));
+    assert!(e(ResidualLayerNormParams { dim: 102, ..p }).contains("multiple of 4"));
+    assert!(e(ResidualLayerNormParams { ld_acc: d - 4, ..p }).contains("ld_acc"));
+    assert!(e(ResidualLayerNormParams {
+        gate_col: ld_mod - 4,
+        ..p
+    })
+    .contains("gate_col"));
+    assert!(e(ResidualLayerNormParams {
+        scale_col: 7 * d + 2,
+        ..p
+    })
+    .contains("scale_col"));
+    assert!(e(ResidualLayerNormParams { acc: P + 8, ..p }).contains("16-byte"));
+    assert!(e(ResidualLayerNormParams { cache: P + 2, ..p }).contains("cache pointer"));
+    assert!(e(ResidualLayerNormParams { eps: f32::NAN, ..p }).contains("eps"));
+    assert!(e(ResidualLayerNormParams { rows: 0, ..p }).contains("rows"));
 }
 
 #[test]

@@ -379,8 +379,9 @@ fn gpu_caller_stream() {
 }
 
 /// Graphs on/off, modulation tables precomputed or per step (on one stream or the next step's on
-/// a second), custom or cuBLASLt GEMMs, fused or three-launch reuse steps: the same sampling
-/// run, each against the CPU and each other.
+/// a second), custom or cuBLASLt GEMMs, fused or three-launch reuse steps, residual epilogues
+/// fused with the next LayerNorm or not: the same sampling run, each against the CPU and each
+/// other.
 #[test]
 fn gpu_execution_paths_agree() {
     use fora::cuda::gemm::GemmImpl;
@@ -403,22 +404,27 @@ fn gpu_execution_paths_agree() {
         )
         .unwrap();
     let mut first: Option<Vec<f32>> = None;
-    for (gemm, graphs, precompute, lt_autotune, fused_reuse, side_stream) in [
-        (GemmImpl::Custom, true, true, false, false, false),
-        (GemmImpl::Custom, false, false, false, false, false),
-        (GemmImpl::Custom, true, false, false, false, false),
-        (GemmImpl::Custom, false, true, false, false, false),
-        (GemmImpl::CublasLt, true, true, false, false, false),
+    // (GEMM, graphs, tables precomputed, cuBLASLt autotuned, fused reuse, side stream, fused LN)
+    for (gemm, graphs, precompute, lt_autotune, fused_reuse, side_stream, fused_ln) in [
+        (GemmImpl::Custom, true, true, false, false, false, false),
+        (GemmImpl::Custom, false, false, false, false, false, false),
+        (GemmImpl::Custom, true, false, false, false, false, false),
+        (GemmImpl::Custom, false, true, false, false, false, false),
+        (GemmImpl::CublasLt, true, true, false, false, false, false),
         // Autotuned cuBLASLt: tuned by an uncaptured forward before the graphs are recorded.
-        (GemmImpl::CublasLt, true, false, true, false, false),
-        (GemmImpl::CublasLt, false, true, true, false, false),
+        (GemmImpl::CublasLt, true, false, true, false, false, false),
+        (GemmImpl::CublasLt, false, true, true, false, false, false),
         // Reuse steps as one fora_reuse_final launch, in a graph and kernel by kernel.
-        (GemmImpl::CublasLt, true, true, false, true, false),
-        (GemmImpl::Custom, false, false, false, true, false),
+        (GemmImpl::CublasLt, true, true, false, true, false, false),
+        (GemmImpl::Custom, false, false, false, true, false, false),
         // The next step's table on a second stream (tables not precomputed).
-        (GemmImpl::CublasLt, true, false, false, false, true),
-        (GemmImpl::Custom, false, false, false, false, true),
-        (GemmImpl::CublasLt, true, false, true, true, true),
+        (GemmImpl::CublasLt, true, false, false, false, true, false),
+        (GemmImpl::Custom, false, false, false, false, true, false),
+        // proj / fc2 epilogues fused with the next LayerNorm (cuBLASLt only; ignored by custom).
+        (GemmImpl::CublasLt, true, true, false, false, false, true),
+        (GemmImpl::CublasLt, false, false, false, false, false, true),
+        // Everything opt-in at once.
+        (GemmImpl::CublasLt, true, false, true, true, true, true),
     ] {
         let base = cuda.options();
         cuda.set_options(CudaOptions {
@@ -428,6 +434,7 @@ fn gpu_execution_paths_agree() {
             lt_autotune,
             fused_reuse,
             side_stream,
+            fused_ln,
             ..base
         });
         let sampler = Sampler::new(&cuda, options.clone()).unwrap();
@@ -450,7 +457,7 @@ fn gpu_execution_paths_agree() {
             .unwrap();
         let what = format!(
             "{gemm:?} graphs={graphs} precomputed={precompute} lt_autotune={lt_autotune} \
-             fused_reuse={fused_reuse} side_stream={side_stream}"
+             fused_reuse={fused_reuse} side_stream={side_stream} fused_ln={fused_ln}"
         );
         check_close(&format!("{what} vs CPU"), &got.latents, &want.latents, 5e-2).unwrap();
         match &first {

@@ -17,11 +17,11 @@ use fora::cpu::ops;
 use fora::cuda::conditioning::{label_silu, silu_f32_bf16, timestep_embedding};
 use fora::cuda::embed::{patch_embed, transpose_patch_weight};
 use fora::cuda::fora::{fora_reuse, fora_reuse_final};
-use fora::cuda::norm::layernorm_modulate;
+use fora::cuda::norm::{layernorm_modulate, residual_layernorm};
 use fora::cuda::params::{
     ForaReuseFinalParams, ForaReuseParams, LabelSiluParams, LayerNormModulateParams,
-    NormalFillParams, PatchEmbedParams, SamplerStepParams, SiluParams, TimestepEmbedParams,
-    UnpatchifyParams,
+    NormalFillParams, PatchEmbedParams, ResidualLayerNormParams, SamplerStepParams, SiluParams,
+    TimestepEmbedParams, UnpatchifyParams,
 };
 use fora::cuda::sampler::{guided_channels, normal_fill, sampler_step, set_update, unpatchify};
 use fora::cuda::testing::{
@@ -520,6 +520,138 @@ fn gpu_layernorm_modulate() -> Result<()> {
         scale_col: 201,
     };
     run_layernorm(&gpu, &odd, 44)?;
+    Ok(())
+}
+
+// ---- residual epilogue + LayerNorm ----------------------------------------------------------
+
+struct ResidualLnCase {
+    rows: usize,
+    tokens: usize,
+    dim: usize,
+    /// Row stride of the GEMM product (>= dim).
+    ld_acc: usize,
+    with_cache: bool,
+}
+
+fn run_residual_layernorm(gpu: &Gpu, c: &ResidualLnCase, seed: u64) -> Result<()> {
+    let mut rng = TestRng::new(seed);
+    let m = c.rows * c.tokens;
+    let n = m * c.dim;
+    let layers = 2;
+    let ld_mod = layers * 6 * c.dim + 2 * c.dim;
+    // Layer 1's gate_mlp, then the final layer's shift / scale: the columns fc2's fused epilogue
+    // of the last block uses.
+    let (gate_col, shift_col) = (6 * c.dim + 5 * c.dim, layers * 6 * c.dim);
+    let acc = rng.normal_vec(m * c.ld_acc, 2.0);
+    let bias = rng.normal_vec(c.dim, 0.5);
+    // A residual with an offset so the two-pass statistics matter.
+    let x: Vec<f32> = (0..n)
+        .map(|i| rng.normal() + 3.0 + (i % 5) as f32)
+        .collect();
+    let modulation = rng.uniform_vec(c.rows * ld_mod, -1.0, 1.0);
+    let acc_d = upload_f32(gpu, &acc)?;
+    let bias_d = upload_f32(gpu, &bias)?;
+    let x_d = upload_f32(gpu, &x)?;
+    let mod_d = upload_f32(gpu, &modulation)?;
+    let out = poisoned_bf16(gpu, n)?;
+    let cache = poisoned_bf16(gpu, n)?;
+    let p = ResidualLayerNormParams {
+        acc: dptr(&acc_d),
+        bias: dptr(&bias_d),
+        cache: if c.with_cache { dptr(&cache) } else { 0 },
+        x: dptr(&x_d),
+        modulation: dptr(&mod_d),
+        out: dptr(&out),
+        rows: c.rows as i32,
+        tokens: c.tokens as i32,
+        dim: c.dim as i32,
+        ld_acc: c.ld_acc as i32,
+        ld_mod: ld_mod as i32,
+        gate_col: gate_col as i32,
+        shift_col: shift_col as i32,
+        scale_col: (shift_col + c.dim) as i32,
+        eps: 1e-6,
+    };
+    residual_layernorm(gpu, &p)?;
+    let got_x = gpu.download(&x_d)?;
+    let got = download_bf16(gpu, &out)?;
+    let got_cache = download_bf16(gpu, &cache)?;
+
+    // CPU: v = acc + bias (f32), the cache holds bf16(v); x += gate * v (ops::gate_residual);
+    // then LayerNorm + modulate (ops::layernorm_modulate).
+    let v: Vec<f32> = (0..n)
+        .map(|i| acc[(i / c.dim) * c.ld_acc + i % c.dim] + bias[i % c.dim])
+        .collect();
+    let mut want_x = x.clone();
+    ops::gate_residual(
+        &mut want_x,
+        &v,
+        &modulation[gate_col..],
+        ld_mod,
+        c.tokens,
+        c.dim,
+        false,
+    );
+    let mut want = vec![0f32; n];
+    ops::layernorm_modulate(
+        &mut want,
+        &want_x,
+        &modulation[shift_col..],
+        &modulation[shift_col + c.dim..],
+        ld_mod,
+        c.tokens,
+        c.dim,
+        false,
+    );
+    let what = format!(
+        "residual_layernorm rows={} T={} D={} ld_acc={} cache={}",
+        c.rows, c.tokens, c.dim, c.ld_acc, c.with_cache
+    );
+    if c.with_cache {
+        // bf16 of the same f32 sum: equal to the bit.
+        check_elementwise(
+            &format!("{what} cache"),
+            &got_cache,
+            &round_bf16(&v),
+            0.0,
+            0.0,
+        )?;
+    } else {
+        ensure!(
+            got_cache.iter().all(|v| v.is_nan()),
+            "{what}: wrote the cache although its pointer was 0"
+        );
+    }
+    // x: the GPU may contract x + gate * v into one FMA (one rounding less than the CPU).
+    check_elementwise(&format!("{what} x"), &got_x, &want_x, 1e-6, 1e-6)?;
+    check_close(&what, &got, &want, 1e-2)?;
+    check_elementwise(&what, &got, &want, 1e-4, 2.0f32.powi(-8))
+}
+
+#[test]
+fn gpu_residual_layernorm() -> Result<()> {
+    let Some(gpu) = test_gpu("gpu_residual_layernorm") else {
+        return Ok(());
+    };
+    let case = |rows, tokens, dim, ld_acc, with_cache| ResidualLnCase {
+        rows,
+        tokens,
+        dim,
+        ld_acc,
+        with_cache,
+    };
+    // DiT-XL/2 256 px, CFG batch of 2 images; as the sampler's computing step (cache) and as a
+    // plain forward (none).
+    run_residual_layernorm(&gpu, &case(4, 256, 1152, 1152, true), 71)?;
+    run_residual_layernorm(&gpu, &case(2, 256, 1152, 1152, false), 72)?;
+    // The embedded model (dim 64: two float4 lanes of 32 idle past the row end).
+    run_residual_layernorm(&gpu, &case(2, 256, 64, 64, true), 73)?;
+    // Odd: dim 100, T = 77, a padded product, rows not a multiple of the block's 4.
+    run_residual_layernorm(&gpu, &case(3, 77, 100, 104, true), 74)?;
+    // The widest row (1536) and DiT-S (384).
+    run_residual_layernorm(&gpu, &case(1, 9, 1536, 1536, true), 75)?;
+    run_residual_layernorm(&gpu, &case(5, 64, 384, 384, true), 76)?;
     Ok(())
 }
 

@@ -12,7 +12,8 @@
 # "profile" for ncu kernel times per op of a computing and a reuse step, summarised by
 # tools/ncu_summary.py; PROFILE_ROWS picks the rows, default 2,256; "variants" for the step
 # times of the opt-in paths side by side: default, FORA_FUSED_REUSE=1, FORA_SIDE_STREAM=1,
-# FORA_LT_AUTOTUNE=1, FORA_ATTENTION=v2, FORA_GEMM=wgmma, each `fora bench --sections steps`).
+# FORA_FUSED_LN=1, FORA_LT_AUTOTUNE=1, FORA_ATTENTION=v2, FORA_GEMM=wgmma, each
+# `fora bench --sections steps`).
 # SANITIZE_FULL=1 runs memcheck over every GPU test binary and racecheck over every kernel test
 # (minutes; give it its own call). FORA_BENCH_ARGS / TORCH_BENCH_ARGS / TINY_MINUTES override
 # the defaults below.
@@ -129,12 +130,15 @@ phase_variants() {
   echo "=== step times of the opt-in paths (rows ${VARIANT_ROWS:-2,256})"
   local name
   for v in "default:cublaslt:" "fused_reuse:cublaslt:FORA_FUSED_REUSE=1" \
-           "side_stream:cublaslt:FORA_SIDE_STREAM=1" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
+           "side_stream:cublaslt:FORA_SIDE_STREAM=1" "fused_ln:cublaslt:FORA_FUSED_LN=1" \
+           "all_fused:cublaslt:FORA_FUSED_REUSE=1 FORA_SIDE_STREAM=1 FORA_FUSED_LN=1" \
+           "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
            "attention_v2:cublaslt:FORA_ATTENTION=v2" "wgmma:wgmma:"; do
     name=${v%%:*}; rest=${v#*:}; gemm=${rest%%:*}; envs=${rest#*:}
     echo "--- $name (--gemm $gemm ${envs})"
     (
-      [ -n "$envs" ] && export "${envs?}"
+      # shellcheck disable=SC2086 # several VAR=value words
+      [ -n "$envs" ] && export $envs
       bounded 60 .devpack/bin/fora bench --sections steps --batches "${VARIANT_ROWS:-2,256}" \
         --gemm "$gemm" --runs 10 --warmup 2 --json "$OUT/variant_$name.json" > "$OUT/variant_$name.log" 2>&1
     )

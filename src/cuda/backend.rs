@@ -55,11 +55,15 @@ pub struct CudaOptions {
     /// stream (`FORA_SIDE_STREAM=1`: on). Off by default until it has been measured on a GPU;
     /// the numbers are the same.
     pub side_stream: bool,
+    /// With cuBLASLt: proj's and fc2's residual epilogue and the LayerNorm that follows each
+    /// in one `residual_layernorm` pass (`FORA_FUSED_LN=1`: on). Off by default until it has
+    /// been measured on a GPU.
+    pub fused_ln: bool,
 }
 
 impl CudaOptions {
     /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
-    /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE` and `FORA_SIDE_STREAM`.
+    /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM` and `FORA_FUSED_LN`.
     pub fn from_env() -> Result<CudaOptions> {
         let on = |var: &str| std::env::var(var).map_or(true, |v| v.trim() != "0");
         let opt_in = |var: &str| match std::env::var(var) {
@@ -78,6 +82,7 @@ impl CudaOptions {
             lt_autotune: opt_in("FORA_LT_AUTOTUNE")?,
             fused_reuse: opt_in("FORA_FUSED_REUSE")?,
             side_stream: opt_in("FORA_SIDE_STREAM")?,
+            fused_ln: opt_in("FORA_FUSED_LN")?,
         })
     }
 }
@@ -409,6 +414,7 @@ impl CudaBackend {
             with_modulation,
             table,
             fused_reuse: self.options.fused_reuse,
+            fused_ln: self.options.fused_ln,
         }
     }
 

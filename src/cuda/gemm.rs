@@ -759,6 +759,31 @@ impl Gemm {
     /// cuBLASLt product into the f32 scratch, then the stand-alone epilogue kernel (any
     /// epilogue). Errors when M * N exceeds the scratch sized at construction.
     pub fn run_cublaslt_unfused(&self, gpu: &Gpu, p: &GemmParams) -> Result<()> {
+        let acc = self.cublaslt_product(p)?;
+        let ep = GemmEpilogueParams {
+            acc,
+            bias: p.bias,
+            out: p.out,
+            cache: p.cache,
+            gate: p.gate,
+            m: p.m,
+            n: p.n,
+            ld_acc: p.n,
+            ldo: p.ldo,
+            ldc: p.ldc,
+            ldg: p.ldg,
+            rows_per_gate: p.rows_per_gate,
+            epilogue: p.epilogue,
+            splits: 1,
+        };
+        launch_epilogue(gpu, &self.epilogue_fn, &ep, self.sm_count)
+    }
+
+    /// Only the product `A @ W^T` of `p` (no bias, no epilogue), by cuBLASLt into the f32
+    /// scratch: returns its device address, `[M, N]` with leading dimension N, valid until the
+    /// next GEMM on this engine. For a caller that applies the epilogue itself, fused with more
+    /// work (`residual_layernorm`). cuBLASLt engines only.
+    pub fn cublaslt_product(&self, p: &GemmParams) -> Result<u64> {
         validate(p)?;
         let lt = self.lt()?;
         let scratch = self
@@ -788,29 +813,12 @@ impl Gemm {
             epilogue: LtEpilogue::None,
         };
         match lt.matmul(&mm).with_context(|| gemm_what(p, "cuBLASLt"))? {
-            LtRun::Done => {}
+            LtRun::Done => Ok(acc),
             LtRun::Unsupported => bail!(
                 "{}: cuBLASLt has no algorithm for a plain bf16 x bf16 -> f32 product",
                 gemm_what(p, "cuBLASLt")
             ),
         }
-        let ep = GemmEpilogueParams {
-            acc,
-            bias: p.bias,
-            out: p.out,
-            cache: p.cache,
-            gate: p.gate,
-            m: p.m,
-            n: p.n,
-            ld_acc: p.n,
-            ldo: p.ldo,
-            ldc: p.ldc,
-            ldg: p.ldg,
-            rows_per_gate: p.rows_per_gate,
-            epilogue: p.epilogue,
-            splits: 1,
-        };
-        launch_epilogue(gpu, &self.epilogue_fn, &ep, self.sm_count)
     }
 
     /// Turns cuBLASLt autotuning on or off (see [`CublasLt::set_autotune`]); the custom

@@ -9,10 +9,11 @@
 //! The caller then unpatchifies (plain forward) or runs the sampler update (sampling).
 
 use super::device::dptr_at;
-use super::gemm::{Epilogue, Gemm};
+use super::gemm::{Epilogue, Gemm, GemmImpl};
 use super::params::{
     AttentionParams, ForaReuseFinalParams, ForaReuseParams, GemmParams, LabelSiluParams,
-    LayerNormModulateParams, PatchEmbedParams, SiluParams, TimestepEmbedParams,
+    LayerNormModulateParams, PatchEmbedParams, ResidualLayerNormParams, SiluParams,
+    TimestepEmbedParams,
 };
 use super::{dptr, Gpu};
 use crate::backend::StepMode;
@@ -37,6 +38,10 @@ pub struct ForwardKind {
     /// final LayerNorm) instead of three, where the model's sizes allow it. The same numbers
     /// up to the LayerNorm's summation order.
     pub fused_reuse: bool,
+    /// With cuBLASLt GEMMs: proj's and fc2's residual epilogue and the LayerNorm after each as
+    /// one `residual_layernorm` launch (instead of the epilogue kernel and layernorm_modulate).
+    /// The same numbers up to the residual's FMA contraction and the LayerNorm's summation order.
+    pub fused_ln: bool,
 }
 
 /// One transformer block's GEMM weights on the device.
@@ -420,6 +425,7 @@ impl GpuModel {
             with_modulation,
             table,
             fused_reuse,
+            fused_ln,
         } = kind;
         let table = table.unwrap_or_else(|| dptr(&acts.modulation));
         let cfg = &self.cfg;
@@ -489,6 +495,39 @@ impl GpuModel {
             scale_col: scale_col as i32,
             eps: 1e-6,
         };
+        // proj / fc2 epilogue + the next LayerNorm fused (cuBLASLt products only).
+        let fuse_ln = mode == StepMode::Compute
+            && fused_ln
+            && gemm.implementation() == GemmImpl::CublasLt
+            && super::norm::residual_layernorm_supports(d);
+        let residual_ln = |acts: &Activations,
+                           acc: u64,
+                           bias: &CudaSlice<f32>,
+                           cache: u64,
+                           gate_col: usize,
+                           shift_col: usize| {
+            let _op = crate::nvtx_range!("residual_ln");
+            super::norm::residual_layernorm(
+                gpu,
+                &ResidualLayerNormParams {
+                    acc,
+                    bias: dptr(bias),
+                    cache,
+                    x: dptr(&acts.x),
+                    modulation: table,
+                    out: dptr(&acts.xn),
+                    rows: rows as i32,
+                    tokens: t as i32,
+                    dim: d as i32,
+                    ld_acc: d as i32,
+                    ld_mod: cols as i32,
+                    gate_col: gate_col as i32,
+                    shift_col: shift_col as i32,
+                    scale_col: (shift_col + d) as i32,
+                    eps: 1e-6,
+                },
+            )
+        };
         match mode {
             StepMode::Compute => {
                 for (l, b) in self.blocks.iter().enumerate() {
@@ -498,7 +537,8 @@ impl GpuModel {
                         Some(c) => (dptr_at(c, (2 * l) * slab), dptr_at(c, (2 * l + 1) * slab)),
                         None => (0, 0),
                     };
-                    {
+                    // (Fused: the previous block's fc2 wrote this LayerNorm's output.)
+                    if !fuse_ln || l == 0 {
                         let _op = crate::nvtx_range!("ln_msa");
                         super::norm::layernorm_modulate(gpu, &ln(acts, base, base + d))?;
                     }
@@ -547,12 +587,17 @@ impl GpuModel {
                     proj.gate = table + ((base + 2 * d) * 4) as u64;
                     proj.ldg = cols as i32;
                     proj.rows_per_gate = t as i32;
-                    {
-                        let _op = crate::nvtx_range!("proj");
-                        gemm.run(gpu, &proj)?;
-                    }
-
-                    {
+                    if fuse_ln {
+                        let acc = {
+                            let _op = crate::nvtx_range!("proj");
+                            gemm.cublaslt_product(&proj)?
+                        };
+                        residual_ln(acts, acc, &b.proj_b, cache_a, base + 2 * d, base + 3 * d)?;
+                    } else {
+                        {
+                            let _op = crate::nvtx_range!("proj");
+                            gemm.run(gpu, &proj)?;
+                        }
                         let _op = crate::nvtx_range!("ln_mlp");
                         super::norm::layernorm_modulate(
                             gpu,
@@ -589,7 +634,15 @@ impl GpuModel {
                     fc2.gate = table + ((base + 5 * d) * 4) as u64;
                     fc2.ldg = cols as i32;
                     fc2.rows_per_gate = t as i32;
-                    {
+                    if fuse_ln {
+                        let acc = {
+                            let _op = crate::nvtx_range!("fc2");
+                            gemm.cublaslt_product(&fc2)?
+                        };
+                        // The next block's ln_msa, or after the last block the final layer's.
+                        let next = (l + 1) * 6 * d;
+                        residual_ln(acts, acc, &b.fc2_b, cache_m, base + 5 * d, next)?;
+                    } else {
                         let _op = crate::nvtx_range!("fc2");
                         gemm.run(gpu, &fc2)?;
                     }
@@ -656,8 +709,8 @@ impl GpuModel {
         // Final layer: LN + modulate(shift, scale) + Linear, in token layout.
         let fin = cfg.depth * 6 * d;
         let _final = crate::nvtx_range!("final_layer");
-        if !fused {
-            // (fora_reuse_final wrote this LayerNorm's output already.)
+        if !fused && !fuse_ln {
+            // (fora_reuse_final or the last block's residual_layernorm wrote it already.)
             super::norm::layernorm_modulate(gpu, &ln(acts, fin, fin + d))?;
         }
         gemm.run(

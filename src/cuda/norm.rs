@@ -1,8 +1,10 @@
-//! Launcher of `kernels/norm.cu`: LayerNorm (no affine, eps, f32 statistics) + adaLN modulate,
-//! the f32 residual stream -> the bf16 input of the next GEMM. One warp per token row.
+//! Launchers of `kernels/norm.cu`: LayerNorm (no affine, eps, f32 statistics) + adaLN modulate,
+//! the f32 residual stream -> the bf16 input of the next GEMM; and the same preceded by the
+//! residual epilogue of the GEMM before it (bias, FORA cache store, gate, residual add) in one
+//! pass. One warp per token row.
 
 use super::device::{check_positive, check_ptr, grid_x, Gpu};
-use super::params::LayerNormModulateParams;
+use super::params::{LayerNormModulateParams, ResidualLayerNormParams};
 use anyhow::{ensure, Result};
 
 /// Token rows per block (kWarps in norm.cu).
@@ -50,4 +52,75 @@ pub fn layernorm_modulate(gpu: &Gpu, p: &LayerNormModulateParams) -> Result<()> 
     let grid = layernorm_modulate_plan(p)?;
     // SAFETY: validated above.
     unsafe { gpu.launch("layernorm_modulate", grid, (WARPS * 32, 1, 1), 0, p) }
+}
+
+/// Widest row [`residual_layernorm`] takes (128 * kMaxChunks in norm.cu): every DiT.
+pub const RESIDUAL_LN_MAX_DIM: i32 = 1536;
+
+/// Whether [`residual_layernorm`] takes rows of `dim` elements.
+pub fn residual_layernorm_supports(dim: usize) -> bool {
+    dim.is_multiple_of(4) && dim <= RESIDUAL_LN_MAX_DIM as usize
+}
+
+/// Validates `p` and returns the grid of [`residual_layernorm`].
+pub fn residual_layernorm_plan(p: &ResidualLayerNormParams) -> Result<(u32, u32, u32)> {
+    const K: &str = "residual_layernorm";
+    check_positive(K, "rows", p.rows.into())?;
+    check_positive(K, "tokens", p.tokens.into())?;
+    check_positive(K, "dim", p.dim.into())?;
+    ensure!(
+        residual_layernorm_supports(p.dim as usize),
+        "{K}: dim must be a multiple of 4 and <= {RESIDUAL_LN_MAX_DIM}, got {}",
+        p.dim
+    );
+    ensure!(
+        p.ld_acc >= p.dim && p.ld_acc % 4 == 0,
+        "{K}: ld_acc {} must be >= dim {} and a multiple of 4",
+        p.ld_acc,
+        p.dim
+    );
+    for (field, col) in [
+        ("gate_col", p.gate_col),
+        ("shift_col", p.shift_col),
+        ("scale_col", p.scale_col),
+    ] {
+        ensure!(
+            col >= 0 && col % 4 == 0 && col as i64 + p.dim as i64 <= p.ld_mod as i64,
+            "{K}: {field} {col} must be a multiple of 4 with {field} + dim {} <= ld_mod {}",
+            p.dim,
+            p.ld_mod
+        );
+    }
+    ensure!(
+        p.ld_mod % 4 == 0,
+        "{K}: ld_mod {} must be a multiple of 4",
+        p.ld_mod
+    );
+    ensure!(
+        p.eps.is_finite() && p.eps > 0.0,
+        "{K}: eps must be finite and > 0, got {}",
+        p.eps
+    );
+    for (field, ptr) in [
+        ("acc", p.acc),
+        ("bias", p.bias),
+        ("x", p.x),
+        ("modulation", p.modulation),
+    ] {
+        check_ptr(K, field, ptr, 16)?;
+    }
+    check_ptr(K, "out", p.out, 8)?;
+    if p.cache != 0 {
+        check_ptr(K, "cache", p.cache, 8)?;
+    }
+    let tokens = p.rows as i64 * p.tokens as i64;
+    Ok((grid_x(K, tokens, WARPS as i64)?, 1, 1))
+}
+
+/// Per token row: `v = acc + bias; cache = bf16(v); x += gate * v;`
+/// `out = bf16(LN(x) * (1 + scale) + shift)`.
+pub fn residual_layernorm(gpu: &Gpu, p: &ResidualLayerNormParams) -> Result<()> {
+    let grid = residual_layernorm_plan(p)?;
+    // SAFETY: validated above.
+    unsafe { gpu.launch("residual_layernorm", grid, (WARPS * 32, 1, 1), 0, p) }
 }

@@ -402,6 +402,79 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
+pub struct ResidualLayerNormParams {
+    pub acc: fora_ptr,
+    pub bias: fora_ptr,
+    pub cache: fora_ptr,
+    pub x: fora_ptr,
+    pub modulation: fora_ptr,
+    pub out: fora_ptr,
+    pub rows: ::std::os::raw::c_int,
+    pub tokens: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+    pub ld_acc: ::std::os::raw::c_int,
+    pub ld_mod: ::std::os::raw::c_int,
+    pub gate_col: ::std::os::raw::c_int,
+    pub shift_col: ::std::os::raw::c_int,
+    pub scale_col: ::std::os::raw::c_int,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of ResidualLayerNormParams",
+    ][::std::mem::size_of::<ResidualLayerNormParams>() - 88usize];
+    [
+        "Alignment of ResidualLayerNormParams",
+    ][::std::mem::align_of::<ResidualLayerNormParams>() - 8usize];
+    [
+        "Offset of field: ResidualLayerNormParams::acc",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, acc) - 0usize];
+    [
+        "Offset of field: ResidualLayerNormParams::bias",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, bias) - 8usize];
+    [
+        "Offset of field: ResidualLayerNormParams::cache",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, cache) - 16usize];
+    [
+        "Offset of field: ResidualLayerNormParams::x",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, x) - 24usize];
+    [
+        "Offset of field: ResidualLayerNormParams::modulation",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, modulation) - 32usize];
+    [
+        "Offset of field: ResidualLayerNormParams::out",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, out) - 40usize];
+    [
+        "Offset of field: ResidualLayerNormParams::rows",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, rows) - 48usize];
+    [
+        "Offset of field: ResidualLayerNormParams::tokens",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, tokens) - 52usize];
+    [
+        "Offset of field: ResidualLayerNormParams::dim",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, dim) - 56usize];
+    [
+        "Offset of field: ResidualLayerNormParams::ld_acc",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, ld_acc) - 60usize];
+    [
+        "Offset of field: ResidualLayerNormParams::ld_mod",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, ld_mod) - 64usize];
+    [
+        "Offset of field: ResidualLayerNormParams::gate_col",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, gate_col) - 68usize];
+    [
+        "Offset of field: ResidualLayerNormParams::shift_col",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, shift_col) - 72usize];
+    [
+        "Offset of field: ResidualLayerNormParams::scale_col",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, scale_col) - 76usize];
+    [
+        "Offset of field: ResidualLayerNormParams::eps",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, eps) - 80usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
 pub struct ForaReuseParams {
     pub x: fora_ptr,
     pub cache: fora_ptr,
@@ -768,6 +841,7 @@ unsafe impl cudarc::driver::DeviceRepr for SiluParams {}
 unsafe impl cudarc::driver::DeviceRepr for LabelSiluParams {}
 unsafe impl cudarc::driver::DeviceRepr for PatchEmbedParams {}
 unsafe impl cudarc::driver::DeviceRepr for LayerNormModulateParams {}
+unsafe impl cudarc::driver::DeviceRepr for ResidualLayerNormParams {}
 unsafe impl cudarc::driver::DeviceRepr for ForaReuseParams {}
 unsafe impl cudarc::driver::DeviceRepr for ForaReuseFinalParams {}
 unsafe impl cudarc::driver::DeviceRepr for SamplerStepParams {}
