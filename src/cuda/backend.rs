@@ -626,10 +626,13 @@ impl Backend for CudaBackend {
         );
         let rows = ws.acts.rows;
         let stream = self.gpu.stream();
-        let src = ws.t_table.slice(step.k * rows..(step.k + 1) * rows);
-        stream
-            .memcpy_dtod(&src, &mut ws.acts.t)
-            .context("cannot select the step's timesteps")?;
+        if ws.mod_table.is_none() && ws.side.is_none() {
+            // Only the forward's own conditioning reads the step's timesteps.
+            let src = ws.t_table.slice(step.k * rows..(step.k + 1) * rows);
+            stream
+                .memcpy_dtod(&src, &mut ws.acts.t)
+                .context("cannot select the step's timesteps")?;
+        }
         if let Some(table) = &ws.mod_table {
             let len = ws.acts.modulation.len();
             let src = table.slice(step.k * len..(step.k + 1) * len);
