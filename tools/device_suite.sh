@@ -129,18 +129,23 @@ phase_profile() {
 phase_variants() {
   echo "=== step times of the opt-in paths (rows ${VARIANT_ROWS:-2,256})"
   local name
+  # VARIANTS (names, space-separated) picks some of them; VARIANT_SECTIONS / VARIANT_ARGS /
+  # VARIANT_S change what each runs (e.g. "steps,e2e" with "--intervals 1,3 --e2e-reps 1").
   for v in "default:cublaslt:" "fused_reuse:cublaslt:FORA_FUSED_REUSE=1" \
            "side_stream:cublaslt:FORA_SIDE_STREAM=1" "fused_ln:cublaslt:FORA_FUSED_LN=1" \
            "all_fused:cublaslt:FORA_FUSED_REUSE=1 FORA_SIDE_STREAM=1 FORA_FUSED_LN=1" \
            "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
            "attention_v2:cublaslt:FORA_ATTENTION=v2" "wgmma:wgmma:"; do
     name=${v%%:*}; rest=${v#*:}; gemm=${rest%%:*}; envs=${rest#*:}
+    case " ${VARIANTS:-$name} " in *" $name "*) ;; *) continue ;; esac
     echo "--- $name (--gemm $gemm ${envs})"
     (
       # shellcheck disable=SC2086 # several VAR=value words
       [ -n "$envs" ] && export $envs
-      bounded 60 .devpack/bin/fora bench --sections steps --batches "${VARIANT_ROWS:-2,256}" \
-        --gemm "$gemm" --runs 10 --warmup 2 --json "$OUT/variant_$name.json" > "$OUT/variant_$name.log" 2>&1
+      # shellcheck disable=SC2086 # VARIANT_ARGS is several words
+      bounded "${VARIANT_S:-60}" .devpack/bin/fora bench --sections "${VARIANT_SECTIONS:-steps}" \
+        --batches "${VARIANT_ROWS:-2,256}" --gemm "$gemm" --runs 10 --warmup 2 ${VARIANT_ARGS:-} \
+        --json "$OUT/variant_$name.json" > "$OUT/variant_$name.log" 2>&1
     )
     grep -E "^\| (2|256) \|" "$OUT/variant_$name.log" | head -n 4; tail -n 1 "$OUT/variant_$name.log"
   done
