@@ -2,11 +2,23 @@
 // cp.async, warp reductions and the activation functions, written once.
 #pragma once
 
+#ifdef FORA_EMULATION
+// Compiled as host C++ by tests/kernel_emulation.rs: the CUDA built-ins come from the emulator.
+#include "cuda_emulation.h"
+#else
 #include <cuda_bf16.h>
+#endif
 #include <stdint.h>
 #include "params.h"
 
 #define FORA_DEVICE __device__ __forceinline__
+
+// A kernel's dynamic shared memory (the launch's shared_mem_bytes), as `type name[]`.
+#ifdef FORA_EMULATION
+#define FORA_DYNAMIC_SMEM(type, name) type* name = fora_emulation_dynamic_smem<type>()
+#else
+#define FORA_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#endif
 
 // ---- conversions -------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ constexpr int kTokens = 8;       // token rows per block
 
 // Block b: token rows b * kTokens .. + kTokens - 1 (of rows * T; the last block may be short).
 extern "C" __global__ void __launch_bounds__(kThreads) patch_embed(const PatchEmbedParams p) {
-    extern __shared__ float patch[];  // [kTokens][C*p*p], sized by the launcher
+    FORA_DYNAMIC_SMEM(float, patch);  // [kTokens][C*p*p], sized by the launcher
     const int tokens = (p.height / p.patch) * (p.width / p.patch);
     const long long total = (long long)p.rows * tokens;
     const long long first = (long long)blockIdx.x * kTokens;

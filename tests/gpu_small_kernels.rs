@@ -1,7 +1,9 @@
-//! GPU tests of the small kernels (conditioning, patch embedding, LayerNorm + modulate, FORA
-//! reuse, sampler update, unpatchify, Philox noise), each against its CPU twin (src/cpu/ops.rs,
-//! crate::diffusion::apply_update, crate::rng, or a plain loop here) on fresh random inputs,
-//! outputs poisoned with NaN first, at DiT-XL/2, DiT-S/2 and odd shapes.
+//! GPU tests of the small kernels (conditioning, patch embedding, LayerNorm + modulate, the
+//! residual epilogue + LayerNorm, FORA reuse, the fused reuse forward, sampler update,
+//! unpatchify, Philox noise), each against its CPU twin (src/cpu/ops.rs,
+//! crate::diffusion::apply_update, crate::rng, or a plain loop) on fresh random inputs, outputs
+//! poisoned with NaN first, at DiT-XL/2, DiT-S/2 and odd shapes. The bodies of five of them are
+//! in `small_kernel_cases`, shared with the CPU emulator's tests (tests/kernel_emulation.rs).
 //!
 //! Without a CUDA device every test prints `SKIP <name>: no CUDA device` and passes; with
 //! `FORA_REQUIRE_GPU=1` a missing device fails.
@@ -10,35 +12,28 @@
 //! element-wise bound of about one bf16 ulp; f32 outputs whose maths is the CPU's (FORA
 //! reuse, unpatchify, the sampler update) are checked element by element to ~1e-6 relative.
 
+mod small_kernel_cases;
+
 use anyhow::{ensure, Result};
 use cudarc::driver::CudaSlice;
 use fora::backend::{Guidance, GuidanceMode, StepUpdate};
 use fora::cpu::ops;
 use fora::cuda::conditioning::{label_silu, silu_f32_bf16, timestep_embedding};
-use fora::cuda::embed::{patch_embed, transpose_patch_weight};
-use fora::cuda::fora::{fora_reuse, fora_reuse_final};
-use fora::cuda::norm::{layernorm_modulate, residual_layernorm};
 use fora::cuda::params::{
-    ForaReuseFinalParams, ForaReuseParams, LabelSiluParams, LayerNormModulateParams,
-    NormalFillParams, PatchEmbedParams, ResidualLayerNormParams, SamplerStepParams, SiluParams,
-    TimestepEmbedParams, UnpatchifyParams,
+    LabelSiluParams, NormalFillParams, SamplerStepParams, SiluParams, TimestepEmbedParams,
+    UnpatchifyParams,
 };
 use fora::cuda::sampler::{guided_channels, normal_fill, sampler_step, set_update, unpatchify};
-use fora::cuda::testing::{
-    check_close, from_bf16, poison_bf16, poison_f32, round_bf16, test_gpu, to_bf16, TestRng,
-};
+use fora::cuda::testing::{check_close, from_bf16, poison_bf16, poison_f32, test_gpu, TestRng};
 use fora::cuda::{dptr, Gpu};
 use fora::diffusion::{apply_update, Diffusion, SamplerKind};
 use half::bf16;
+use small_kernel_cases::check_elementwise;
 
 // ---- helpers --------------------------------------------------------------------------------
 
 fn upload_f32(gpu: &Gpu, v: &[f32]) -> Result<CudaSlice<f32>> {
     gpu.upload(v, "test input")
-}
-
-fn upload_bf16(gpu: &Gpu, v: &[f32]) -> Result<CudaSlice<bf16>> {
-    gpu.upload(&to_bf16(v), "test input")
 }
 
 fn poisoned_f32(gpu: &Gpu, n: usize) -> Result<CudaSlice<f32>> {
@@ -55,36 +50,6 @@ fn poisoned_bf16(gpu: &Gpu, n: usize) -> Result<CudaSlice<bf16>> {
 
 fn download_bf16(gpu: &Gpu, s: &CudaSlice<bf16>) -> Result<Vec<f32>> {
     Ok(from_bf16(&gpu.download(s)?))
-}
-
-/// Every element within `atol + rtol * |ref|` (and finite). Catches single unwritten or wrong
-/// elements that a rel-L2 over millions of elements would hide.
-fn check_elementwise(
-    what: &str,
-    out: &[f32],
-    reference: &[f32],
-    atol: f32,
-    rtol: f32,
-) -> Result<()> {
-    ensure!(
-        out.len() == reference.len(),
-        "{what}: length {} vs {}",
-        out.len(),
-        reference.len()
-    );
-    let mut worst = (0usize, 0f32);
-    for (i, (&o, &r)) in out.iter().zip(reference).enumerate() {
-        let excess = (o - r).abs() - (atol + rtol * r.abs());
-        ensure!(
-            o.is_finite() && excess <= 0.0,
-            "{what}: element {i} is {o}, reference {r} (bound {atol} + {rtol}*|ref|)"
-        );
-        if (o - r).abs() > worst.1 {
-            worst = (i, (o - r).abs());
-        }
-    }
-    println!("{what}: max |diff| {:.3e} at {}", worst.1, worst.0);
-    Ok(())
 }
 
 /// Columns `cols` of each row of a `[rows, ld]` matrix.
@@ -252,203 +217,15 @@ fn gpu_label_silu() -> Result<()> {
     Ok(())
 }
 
-// ---- patch embedding ------------------------------------------------------------------------
-
-struct EmbedCase {
-    images: usize,
-    rows: usize,
-    channels: usize,
-    height: usize,
-    width: usize,
-    patch: usize,
-    dim: usize,
-}
-
-fn run_patch_embed(gpu: &Gpu, c: &EmbedCase, seed: u64) -> Result<()> {
-    let mut rng = TestRng::new(seed);
-    let (gh, gw) = (c.height / c.patch, c.width / c.patch);
-    let tokens = gh * gw;
-    let k = c.channels * c.patch * c.patch;
-    let latents = rng.normal_vec(c.images * c.channels * c.height * c.width, 1.0);
-    let weight = rng.normal_vec(c.dim * k, 1.0 / (k as f32).sqrt());
-    let bias = rng.normal_vec(c.dim, 0.1);
-    let pos = rng.uniform_vec(tokens * c.dim, -1.0, 1.0);
-    let (lat_d, w_d, b_d, pos_d) = (
-        upload_f32(gpu, &latents)?,
-        upload_f32(gpu, &transpose_patch_weight(&weight, c.dim))?,
-        upload_f32(gpu, &bias)?,
-        upload_f32(gpu, &pos)?,
-    );
-    let out = poisoned_f32(gpu, c.rows * tokens * c.dim)?;
-    let p = PatchEmbedParams {
-        latents: dptr(&lat_d),
-        weight_t: dptr(&w_d),
-        bias: dptr(&b_d),
-        pos: dptr(&pos_d),
-        out: dptr(&out),
-        images: c.images as i32,
-        rows: c.rows as i32,
-        channels: c.channels as i32,
-        height: c.height as i32,
-        width: c.width as i32,
-        patch: c.patch as i32,
-        dim: c.dim as i32,
-    };
-    patch_embed(gpu, &p)?;
-    let got = gpu.download(&out)?;
-    // Plain loop in f64: conv (weight [D, C, p, p]) + bias, then + pos_embed. Alongside, the
-    // rigorous bound on the f32 kernel's rounding error (Higham: an n-term f32 sum is within
-    // ~n * 2^-24 * sum|terms| of exact), so the element-wise check cannot fail spuriously yet
-    // catches any wrong index (an O(1) error).
-    let mut want = vec![0f32; c.rows * tokens * c.dim];
-    let mut bound = vec![0f32; c.rows * tokens * c.dim];
-    for r in 0..c.rows {
-        let img = &latents[(r % c.images) * c.channels * c.height * c.width..];
-        for gy in 0..gh {
-            for gx in 0..gw {
-                let t = gy * gw + gx;
-                for d in 0..c.dim {
-                    let (mut acc, mut mag) = (0f64, 0f64);
-                    for ch in 0..c.channels {
-                        for i in 0..c.patch {
-                            for j in 0..c.patch {
-                                let w = weight[((d * c.channels + ch) * c.patch + i) * c.patch + j];
-                                let x = img[(ch * c.height + gy * c.patch + i) * c.width
-                                    + gx * c.patch
-                                    + j];
-                                acc += w as f64 * x as f64;
-                                mag += (w as f64 * x as f64).abs();
-                            }
-                        }
-                    }
-                    let o = (r * tokens + t) * c.dim + d;
-                    want[o] = ((acc + bias[d] as f64) as f32) + pos[t * c.dim + d];
-                    let total = mag + bias[d].abs() as f64 + pos[t * c.dim + d].abs() as f64;
-                    bound[o] = ((k + 3) as f64 * total * 2f64.powi(-23) + 1e-30) as f32;
-                }
-            }
-        }
-    }
-    let what = format!(
-        "patch_embed images={} rows={} C={} {}x{} p={} D={}",
-        c.images, c.rows, c.channels, c.height, c.width, c.patch, c.dim
-    );
-    check_close(&what, &got, &want, 1e-5)?;
-    for (i, ((&g, &w), &b)) in got.iter().zip(&want).zip(&bound).enumerate() {
-        ensure!(
-            (g - w).abs() <= b,
-            "{what}: element {i} is {g}, reference {w}, f32 rounding bound {b:e}"
-        );
-    }
-    Ok(())
-}
+// ---- patch embedding, LayerNorm, residual + LayerNorm, FORA reuse, the fused reuse forward ---
+// (the bodies are shared with the CPU emulator: tests/small_kernel_cases)
 
 #[test]
 fn gpu_patch_embed() -> Result<()> {
     let Some(gpu) = test_gpu("gpu_patch_embed") else {
         return Ok(());
     };
-    // DiT-XL/2 256 px, CFG rows [x; x] from 2 images.
-    let xl = EmbedCase {
-        images: 2,
-        rows: 4,
-        channels: 4,
-        height: 32,
-        width: 32,
-        patch: 2,
-        dim: 1152,
-    };
-    run_patch_embed(&gpu, &xl, 31)?;
-    // DiT-S/2 512 px, no CFG.
-    let s = EmbedCase {
-        images: 3,
-        rows: 3,
-        channels: 4,
-        height: 64,
-        width: 64,
-        patch: 2,
-        dim: 384,
-    };
-    run_patch_embed(&gpu, &s, 32)?;
-    // Odd: non-square, patch 4, 3 channels, dim not a multiple of the block, rows % images != 0.
-    let odd = EmbedCase {
-        images: 2,
-        rows: 5,
-        channels: 3,
-        height: 12,
-        width: 20,
-        patch: 4,
-        dim: 100,
-    };
-    run_patch_embed(&gpu, &odd, 33)?;
-    // Largest patch the kernel takes (C*p*p = 1024).
-    let big = EmbedCase {
-        images: 1,
-        rows: 2,
-        channels: 16,
-        height: 16,
-        width: 8,
-        patch: 8,
-        dim: 130,
-    };
-    run_patch_embed(&gpu, &big, 34)?;
-    Ok(())
-}
-
-// ---- LayerNorm + modulate -------------------------------------------------------------------
-
-struct NormCase {
-    rows: usize,
-    tokens: usize,
-    dim: usize,
-    ld_mod: usize,
-    shift_col: usize,
-    scale_col: usize,
-}
-
-fn run_layernorm(gpu: &Gpu, c: &NormCase, seed: u64) -> Result<()> {
-    let mut rng = TestRng::new(seed);
-    let n = c.rows * c.tokens * c.dim;
-    // An offset and a per-row spread so the two-pass statistics matter.
-    let x: Vec<f32> = (0..n)
-        .map(|i| rng.uniform(-2.0, 2.0) * 3.0 + 5.0 + (i % 7) as f32)
-        .collect();
-    let modulation = rng.uniform_vec(c.rows * c.ld_mod, -1.0, 1.0);
-    let x_d = upload_f32(gpu, &x)?;
-    let mod_d = upload_f32(gpu, &modulation)?;
-    let out = poisoned_bf16(gpu, n)?;
-    let p = LayerNormModulateParams {
-        x: dptr(&x_d),
-        modulation: dptr(&mod_d),
-        out: dptr(&out),
-        rows: c.rows as i32,
-        tokens: c.tokens as i32,
-        dim: c.dim as i32,
-        ld_mod: c.ld_mod as i32,
-        shift_col: c.shift_col as i32,
-        scale_col: c.scale_col as i32,
-        eps: 1e-6,
-    };
-    layernorm_modulate(gpu, &p)?;
-    let got = download_bf16(gpu, &out)?;
-    let mut want = vec![0f32; n];
-    ops::layernorm_modulate(
-        &mut want,
-        &x,
-        &modulation[c.shift_col..],
-        &modulation[c.scale_col..],
-        c.ld_mod,
-        c.tokens,
-        c.dim,
-        false,
-    );
-    let what = format!(
-        "layernorm_modulate rows={} T={} D={} ld_mod={} shift={} scale={}",
-        c.rows, c.tokens, c.dim, c.ld_mod, c.shift_col, c.scale_col
-    );
-    check_close(&what, &got, &want, 1e-2)?;
-    // One bf16 ulp (2^-8 relative) plus f32-vs-f64 statistics.
-    check_elementwise(&what, &got, &want, 1e-4, 2.0f32.powi(-8))
+    small_kernel_cases::check_patch_embed(&gpu)
 }
 
 #[test]
@@ -456,177 +233,7 @@ fn gpu_layernorm_modulate() -> Result<()> {
     let Some(gpu) = test_gpu("gpu_layernorm_modulate") else {
         return Ok(());
     };
-    // DiT-XL/2: the modulation table of all blocks + final layer, [rows, 28*6D + 2D].
-    let d = 1152;
-    let ld = 28 * 6 * d + 2 * d;
-    // Block 5's attention branch (shift_msa, scale_msa), batch 2 with CFG.
-    let xl = NormCase {
-        rows: 4,
-        tokens: 256,
-        dim: d,
-        ld_mod: ld,
-        shift_col: 5 * 6 * d,
-        scale_col: 5 * 6 * d + d,
-    };
-    run_layernorm(&gpu, &xl, 41)?;
-    // The final layer's (shift, scale) at 256 rows.
-    let xl_big = NormCase {
-        rows: 256,
-        tokens: 256,
-        dim: d,
-        ld_mod: ld,
-        shift_col: 28 * 6 * d,
-        scale_col: 28 * 6 * d + d,
-    };
-    run_layernorm(&gpu, &xl_big, 42)?;
-    // DiT-S/2 512 px, the MLP branch of block 11.
-    let d = 384;
-    let s = NormCase {
-        rows: 8,
-        tokens: 1024,
-        dim: d,
-        ld_mod: 12 * 6 * d + 2 * d,
-        shift_col: 11 * 6 * d + 3 * d,
-        scale_col: 11 * 6 * d + 4 * d,
-    };
-    run_layernorm(&gpu, &s, 43)?;
-    // The embedded digits model: dim 64, lanes 16..31 hold no columns (register path).
-    let tiny = NormCase {
-        rows: 2,
-        tokens: 256,
-        dim: 64,
-        ld_mod: 4 * 6 * 64 + 2 * 64,
-        shift_col: 6 * 64,
-        scale_col: 6 * 64 + 64,
-    };
-    run_layernorm(&gpu, &tiny, 45)?;
-    // dim 2048, beyond the register path's 1536: the looped float4 path.
-    let wide = NormCase {
-        rows: 3,
-        tokens: 19,
-        dim: 2048,
-        ld_mod: 3 * 2048,
-        shift_col: 2048,
-        scale_col: 4096,
-    };
-    run_layernorm(&gpu, &wide, 46)?;
-    // Odd: dim 100, T = 77, unaligned columns (the scalar path).
-    let odd = NormCase {
-        rows: 3,
-        tokens: 77,
-        dim: 100,
-        ld_mod: 303,
-        shift_col: 3,
-        scale_col: 201,
-    };
-    run_layernorm(&gpu, &odd, 44)?;
-    Ok(())
-}
-
-// ---- residual epilogue + LayerNorm ----------------------------------------------------------
-
-struct ResidualLnCase {
-    rows: usize,
-    tokens: usize,
-    dim: usize,
-    /// Row stride of the GEMM product (>= dim).
-    ld_acc: usize,
-    with_cache: bool,
-}
-
-fn run_residual_layernorm(gpu: &Gpu, c: &ResidualLnCase, seed: u64) -> Result<()> {
-    let mut rng = TestRng::new(seed);
-    let m = c.rows * c.tokens;
-    let n = m * c.dim;
-    let layers = 2;
-    let ld_mod = layers * 6 * c.dim + 2 * c.dim;
-    // Layer 1's gate_mlp, then the final layer's shift / scale: the columns fc2's fused epilogue
-    // of the last block uses.
-    let (gate_col, shift_col) = (6 * c.dim + 5 * c.dim, layers * 6 * c.dim);
-    let acc = rng.normal_vec(m * c.ld_acc, 2.0);
-    let bias = rng.normal_vec(c.dim, 0.5);
-    // A residual with an offset so the two-pass statistics matter.
-    let x: Vec<f32> = (0..n)
-        .map(|i| rng.normal() + 3.0 + (i % 5) as f32)
-        .collect();
-    let modulation = rng.uniform_vec(c.rows * ld_mod, -1.0, 1.0);
-    let acc_d = upload_f32(gpu, &acc)?;
-    let bias_d = upload_f32(gpu, &bias)?;
-    let x_d = upload_f32(gpu, &x)?;
-    let mod_d = upload_f32(gpu, &modulation)?;
-    let out = poisoned_bf16(gpu, n)?;
-    let cache = poisoned_bf16(gpu, n)?;
-    let p = ResidualLayerNormParams {
-        acc: dptr(&acc_d),
-        bias: dptr(&bias_d),
-        cache: if c.with_cache { dptr(&cache) } else { 0 },
-        x: dptr(&x_d),
-        modulation: dptr(&mod_d),
-        out: dptr(&out),
-        rows: c.rows as i32,
-        tokens: c.tokens as i32,
-        dim: c.dim as i32,
-        ld_acc: c.ld_acc as i32,
-        ld_mod: ld_mod as i32,
-        gate_col: gate_col as i32,
-        shift_col: shift_col as i32,
-        scale_col: (shift_col + c.dim) as i32,
-        eps: 1e-6,
-    };
-    residual_layernorm(gpu, &p)?;
-    let got_x = gpu.download(&x_d)?;
-    let got = download_bf16(gpu, &out)?;
-    let got_cache = download_bf16(gpu, &cache)?;
-
-    // CPU: v = acc + bias (f32), the cache holds bf16(v); x += gate * v (ops::gate_residual);
-    // then LayerNorm + modulate (ops::layernorm_modulate).
-    let v: Vec<f32> = (0..n)
-        .map(|i| acc[(i / c.dim) * c.ld_acc + i % c.dim] + bias[i % c.dim])
-        .collect();
-    let mut want_x = x.clone();
-    ops::gate_residual(
-        &mut want_x,
-        &v,
-        &modulation[gate_col..],
-        ld_mod,
-        c.tokens,
-        c.dim,
-        false,
-    );
-    let mut want = vec![0f32; n];
-    ops::layernorm_modulate(
-        &mut want,
-        &want_x,
-        &modulation[shift_col..],
-        &modulation[shift_col + c.dim..],
-        ld_mod,
-        c.tokens,
-        c.dim,
-        false,
-    );
-    let what = format!(
-        "residual_layernorm rows={} T={} D={} ld_acc={} cache={}",
-        c.rows, c.tokens, c.dim, c.ld_acc, c.with_cache
-    );
-    if c.with_cache {
-        // bf16 of the same f32 sum: equal to the bit.
-        check_elementwise(
-            &format!("{what} cache"),
-            &got_cache,
-            &round_bf16(&v),
-            0.0,
-            0.0,
-        )?;
-    } else {
-        ensure!(
-            got_cache.iter().all(|v| v.is_nan()),
-            "{what}: wrote the cache although its pointer was 0"
-        );
-    }
-    // x: the GPU may contract x + gate * v into one FMA (one rounding less than the CPU).
-    check_elementwise(&format!("{what} x"), &got_x, &want_x, 1e-6, 1e-6)?;
-    check_close(&what, &got, &want, 1e-2)?;
-    check_elementwise(&what, &got, &want, 1e-4, 2.0f32.powi(-8))
+    small_kernel_cases::check_layernorm_modulate(&gpu)
 }
 
 #[test]
@@ -634,88 +241,7 @@ fn gpu_residual_layernorm() -> Result<()> {
     let Some(gpu) = test_gpu("gpu_residual_layernorm") else {
         return Ok(());
     };
-    let case = |rows, tokens, dim, ld_acc, with_cache| ResidualLnCase {
-        rows,
-        tokens,
-        dim,
-        ld_acc,
-        with_cache,
-    };
-    // DiT-XL/2 256 px, CFG batch of 2 images; as the sampler's computing step (cache) and as a
-    // plain forward (none).
-    run_residual_layernorm(&gpu, &case(4, 256, 1152, 1152, true), 71)?;
-    run_residual_layernorm(&gpu, &case(2, 256, 1152, 1152, false), 72)?;
-    // The embedded model (dim 64: two float4 lanes of 32 idle past the row end).
-    run_residual_layernorm(&gpu, &case(2, 256, 64, 64, true), 73)?;
-    // Odd: dim 100, T = 77, a padded product, rows not a multiple of the block's 4.
-    run_residual_layernorm(&gpu, &case(3, 77, 100, 104, true), 74)?;
-    // The widest row (1536) and DiT-S (384).
-    run_residual_layernorm(&gpu, &case(1, 9, 1536, 1536, true), 75)?;
-    run_residual_layernorm(&gpu, &case(5, 64, 384, 384, true), 76)?;
-    Ok(())
-}
-
-// ---- FORA reuse -----------------------------------------------------------------------------
-
-struct ForaCase {
-    rows: usize,
-    tokens: usize,
-    dim: usize,
-    layers: usize,
-    /// Extra elements after each slab (a cache allocated for more rows than used).
-    slab_pad: usize,
-}
-
-fn run_fora_reuse(gpu: &Gpu, c: &ForaCase, seed: u64) -> Result<()> {
-    let mut rng = TestRng::new(seed);
-    let n = c.rows * c.tokens * c.dim;
-    let slab = n + c.slab_pad;
-    let ld_mod = c.layers * 6 * c.dim + 2 * c.dim;
-    let x = rng.normal_vec(n, 1.0);
-    let cache = round_bf16(&rng.uniform_vec(c.layers * 2 * slab, -2.0, 2.0));
-    let modulation = rng.uniform_vec(c.rows * ld_mod, -1.0, 1.0);
-    let x_d = upload_f32(gpu, &x)?;
-    let cache_d = upload_bf16(gpu, &cache)?;
-    let mod_d = upload_f32(gpu, &modulation)?;
-    let p = ForaReuseParams {
-        x: dptr(&x_d),
-        cache: dptr(&cache_d),
-        modulation: dptr(&mod_d),
-        slab: slab as i64,
-        rows: c.rows as i32,
-        tokens: c.tokens as i32,
-        dim: c.dim as i32,
-        layers: c.layers as i32,
-        ld_mod: ld_mod as i32,
-        layer_cols: (6 * c.dim) as i32,
-        gate_msa_col: (2 * c.dim) as i32,
-        gate_mlp_col: (5 * c.dim) as i32,
-    };
-    fora_reuse(gpu, &p)?;
-    let got = gpu.download(&x_d)?;
-    // The CPU reuse path: per layer, in order, x += gate_msa * A_l; x += gate_mlp * M_l.
-    let mut want = x.clone();
-    for l in 0..c.layers {
-        for (which, col) in [(0, 2 * c.dim), (1, 5 * c.dim)] {
-            let slab_start = (2 * l + which) * slab;
-            ops::gate_residual(
-                &mut want,
-                &cache[slab_start..slab_start + n],
-                &modulation[l * 6 * c.dim + col..],
-                ld_mod,
-                c.tokens,
-                c.dim,
-                false,
-            );
-        }
-    }
-    let what = format!(
-        "fora_reuse rows={} T={} D={} L={} pad={}",
-        c.rows, c.tokens, c.dim, c.layers, c.slab_pad
-    );
-    // Same f32 products and sums in the same order (no FMA): equal to the last bit.
-    check_close(&what, &got, &want, 1e-6)?;
-    check_elementwise(&what, &got, &want, 0.0, 0.0)
+    small_kernel_cases::check_residual_layernorm(&gpu)
 }
 
 #[test]
@@ -723,192 +249,7 @@ fn gpu_fora_reuse() -> Result<()> {
     let Some(gpu) = test_gpu("gpu_fora_reuse") else {
         return Ok(());
     };
-    run_fora_reuse(
-        &gpu,
-        &ForaCase {
-            rows: 4,
-            tokens: 256,
-            dim: 1152,
-            layers: 28,
-            slab_pad: 0,
-        },
-        51,
-    )?;
-    run_fora_reuse(
-        &gpu,
-        &ForaCase {
-            rows: 64,
-            tokens: 256,
-            dim: 1152,
-            layers: 2,
-            slab_pad: 0,
-        },
-        52,
-    )?;
-    run_fora_reuse(
-        &gpu,
-        &ForaCase {
-            rows: 8,
-            tokens: 256,
-            dim: 384,
-            layers: 12,
-            slab_pad: 8 * 384,
-        },
-        53,
-    )?;
-    // Odd: dim 100 (the scalar path), T = 77, padded slabs.
-    run_fora_reuse(
-        &gpu,
-        &ForaCase {
-            rows: 3,
-            tokens: 77,
-            dim: 100,
-            layers: 3,
-            slab_pad: 5,
-        },
-        54,
-    )?;
-    Ok(())
-}
-
-// ---- the fused reuse forward ----------------------------------------------------------------
-
-struct ReuseFinalCase {
-    images: usize,
-    rows: usize,
-    channels: usize,
-    size: usize,
-    patch: usize,
-    dim: usize,
-    layers: usize,
-    slab_pad: usize,
-}
-
-fn run_fora_reuse_final(gpu: &Gpu, c: &ReuseFinalCase, seed: u64) -> Result<()> {
-    let mut rng = TestRng::new(seed);
-    let g = c.size / c.patch;
-    let tokens = g * g;
-    let k = c.channels * c.patch * c.patch;
-    let n = c.rows * tokens * c.dim;
-    let slab = n + c.slab_pad;
-    let ld_mod = c.layers * 6 * c.dim + 2 * c.dim;
-    let fin = c.layers * 6 * c.dim;
-    let latents = rng.normal_vec(c.images * c.channels * c.size * c.size, 1.0);
-    let weight = rng.normal_vec(c.dim * k, 1.0 / (k as f32).sqrt());
-    let bias = rng.normal_vec(c.dim, 0.1);
-    let pos = rng.uniform_vec(tokens * c.dim, -1.0, 1.0);
-    let cache = round_bf16(&rng.uniform_vec(c.layers * 2 * slab, -2.0, 2.0));
-    let modulation = rng.uniform_vec(c.rows * ld_mod, -1.0, 1.0);
-    let lat_d = upload_f32(gpu, &latents)?;
-    let w_d = upload_f32(gpu, &transpose_patch_weight(&weight, c.dim))?;
-    let b_d = upload_f32(gpu, &bias)?;
-    let pos_d = upload_f32(gpu, &pos)?;
-    let cache_d = upload_bf16(gpu, &cache)?;
-    let mod_d = upload_f32(gpu, &modulation)?;
-    let out = poisoned_bf16(gpu, n)?;
-    let mut x_out = poisoned_f32(gpu, n)?;
-    let mut p = ForaReuseFinalParams {
-        latents: dptr(&lat_d),
-        embed_weight_t: dptr(&w_d),
-        embed_bias: dptr(&b_d),
-        pos: dptr(&pos_d),
-        cache: dptr(&cache_d),
-        modulation: dptr(&mod_d),
-        out: dptr(&out),
-        x: dptr(&x_out),
-        slab: slab as i64,
-        images: c.images as i32,
-        rows: c.rows as i32,
-        channels: c.channels as i32,
-        height: c.size as i32,
-        width: c.size as i32,
-        patch: c.patch as i32,
-        dim: c.dim as i32,
-        layers: c.layers as i32,
-        ld_mod: ld_mod as i32,
-        layer_cols: (6 * c.dim) as i32,
-        gate_msa_col: (2 * c.dim) as i32,
-        gate_mlp_col: (5 * c.dim) as i32,
-        shift_col: fin as i32,
-        scale_col: (fin + c.dim) as i32,
-        eps: 1e-6,
-    };
-    fora_reuse_final(gpu, &p)?;
-    let got_x = gpu.download(&x_out)?;
-    let got = download_bf16(gpu, &out)?;
-
-    // The three-kernel path on the CPU: the patch embedding with patch_embed's f32 operations
-    // (fused multiply-adds over k in order, then + bias, + pos), the cached residuals in order
-    // (ops::gate_residual, no FMA), then LayerNorm + modulate (ops::layernorm_modulate).
-    let mut patches = vec![0f32; c.images * tokens * k];
-    ops::patchify(
-        &mut patches,
-        &latents,
-        c.images,
-        c.channels,
-        c.size,
-        c.patch,
-    );
-    let mut x = vec![0f32; n];
-    for r in 0..c.rows {
-        for t in 0..tokens {
-            let patch = &patches[((r % c.images) * tokens + t) * k..][..k];
-            for d in 0..c.dim {
-                let acc = (0..k).fold(0f32, |acc, i| weight[d * k + i].mul_add(patch[i], acc));
-                x[(r * tokens + t) * c.dim + d] = (acc + bias[d]) + pos[t * c.dim + d];
-            }
-        }
-    }
-    for l in 0..c.layers {
-        for (which, col) in [(0, 2 * c.dim), (1, 5 * c.dim)] {
-            let start = (2 * l + which) * slab;
-            ops::gate_residual(
-                &mut x,
-                &cache[start..start + n],
-                &modulation[l * 6 * c.dim + col..],
-                ld_mod,
-                tokens,
-                c.dim,
-                false,
-            );
-        }
-    }
-    let mut want = vec![0f32; n];
-    ops::layernorm_modulate(
-        &mut want,
-        &x,
-        &modulation[fin..],
-        &modulation[fin + c.dim..],
-        ld_mod,
-        tokens,
-        c.dim,
-        false,
-    );
-    let what = format!(
-        "fora_reuse_final images={} rows={} C={} {}px p={} D={} L={} pad={}",
-        c.images, c.rows, c.channels, c.size, c.patch, c.dim, c.layers, c.slab_pad
-    );
-    // x before the LayerNorm: the same f32 operations in the same order, equal to the last bit.
-    check_elementwise(&format!("{what} x"), &got_x, &x, 0.0, 0.0)?;
-    check_close(&what, &got, &want, 1e-2)?;
-    check_elementwise(&what, &got, &want, 1e-4, 2.0f32.powi(-8))?;
-
-    // Without the optional x output: the same LayerNorm output, and the old x buffer (poisoned
-    // again) is left alone.
-    let again = poisoned_bf16(gpu, n)?;
-    poison_f32(gpu, &mut x_out)?;
-    p.out = dptr(&again);
-    p.x = 0;
-    fora_reuse_final(gpu, &p)?;
-    ensure!(
-        download_bf16(gpu, &again)? == got,
-        "{what}: the output differs when x is not written"
-    );
-    ensure!(
-        gpu.download(&x_out)?.iter().all(|v| v.is_nan()),
-        "{what}: x was written although its pointer was 0"
-    );
-    Ok(())
+    small_kernel_cases::check_fora_reuse(&gpu)
 }
 
 #[test]
@@ -916,30 +257,7 @@ fn gpu_fora_reuse_final() -> Result<()> {
     let Some(gpu) = test_gpu("gpu_fora_reuse_final") else {
         return Ok(());
     };
-    let case = |images, rows, channels, size, patch, dim, layers, slab_pad| ReuseFinalCase {
-        images,
-        rows,
-        channels,
-        size,
-        patch,
-        dim,
-        layers,
-        slab_pad,
-    };
-    // DiT-XL/2 256 px, CFG rows [x; x]: 160 threads (5 warps) per token row, 144 active.
-    run_fora_reuse_final(&gpu, &case(2, 4, 4, 32, 2, 1152, 28, 0), 61)?;
-    // The embedded model: 8 threads per token row, 32 rows per block.
-    run_fora_reuse_final(&gpu, &case(1, 2, 3, 32, 2, 64, 4, 0), 62)?;
-    // DiT-S/2 sizes, no CFG, padded slabs.
-    run_fora_reuse_final(&gpu, &case(3, 3, 4, 16, 2, 384, 3, 8 * 384), 63)?;
-    // Odd: dim 200 (25 chunks in a 32-thread group), T = 25, rows % images != 0, a short
-    // last block.
-    run_fora_reuse_final(&gpu, &case(3, 7, 3, 10, 2, 200, 2, 16), 64)?;
-    // dim 8: one thread per token row; patch 1.
-    run_fora_reuse_final(&gpu, &case(2, 2, 1, 6, 1, 8, 3, 0), 65)?;
-    // The limits: dim 2048 (one 256-thread group), C*p*p = 64.
-    run_fora_reuse_final(&gpu, &case(1, 2, 4, 8, 4, 2048, 2, 0), 66)?;
-    Ok(())
+    small_kernel_cases::check_fora_reuse_final(&gpu)
 }
 
 // ---- sampler update, unpatchify, noise ------------------------------------------------------

@@ -39,6 +39,39 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
+/// Where a launcher's kernel runs: a [`Gpu`], or in tests the CPU emulator of the small kernels
+/// (`tests/kernel_emulation.rs`), so that one launcher (validation, grid, block, shared memory)
+/// serves both.
+pub trait KernelLauncher {
+    /// Runs kernel `name` with one parameter struct by value (asynchronously on a GPU).
+    ///
+    /// # Safety
+    /// `params` must describe memory the kernel may read and write for this grid (the
+    /// launchers validate sizes, pointers and alignment before calling this).
+    unsafe fn launch_kernel<P: DeviceRepr>(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_mem_bytes: u32,
+        params: &P,
+    ) -> Result<()>;
+}
+
+impl KernelLauncher for Gpu {
+    unsafe fn launch_kernel<P: DeviceRepr>(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_mem_bytes: u32,
+        params: &P,
+    ) -> Result<()> {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.launch(name, grid, block, shared_mem_bytes, params) }
+    }
+}
+
 /// Number of CUDA devices, 0 when there is no driver library (never panics).
 pub fn device_count() -> Result<usize> {
     // SAFETY: only tries to dlopen libcuda; no CUDA call is made when it is absent.

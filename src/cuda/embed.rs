@@ -3,7 +3,7 @@
 //! share their image without a copy). The conv weight comes transposed, `[C*p*p, D]`
 //! ([`transpose_patch_weight`]), so that the kernel's weight loads are coalesced.
 
-use super::device::{check_dims, check_patch_grid, check_ptr, grid_x, Gpu};
+use super::device::{check_dims, check_patch_grid, check_ptr, grid_x, KernelLauncher};
 use super::params::PatchEmbedParams;
 use anyhow::{ensure, Result};
 
@@ -62,10 +62,10 @@ pub fn patch_embed_plan(p: &PatchEmbedParams) -> Result<((u32, u32, u32), u32)> 
 }
 
 /// `out[r*T + t] = conv(latents[r % images])[t] + bias + pos[t]`.
-pub fn patch_embed(gpu: &Gpu, p: &PatchEmbedParams) -> Result<()> {
+pub fn patch_embed(gpu: &impl KernelLauncher, p: &PatchEmbedParams) -> Result<()> {
     let (grid, smem) = patch_embed_plan(p)?;
     // SAFETY: validated above.
-    unsafe { gpu.launch("patch_embed", grid, (THREADS, 1, 1), smem, p) }
+    unsafe { gpu.launch_kernel("patch_embed", grid, (THREADS, 1, 1), smem, p) }
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 //! the fused reuse forward, which does the same between the patch embedding and the final
 //! LayerNorm + modulate, all in one launch.
 
-use super::device::{check_dims, check_patch_grid, check_positive, check_ptr, grid_x, Gpu};
+use super::device::{
+    check_dims, check_patch_grid, check_positive, check_ptr, grid_x, KernelLauncher,
+};
 use super::params::{ForaReuseFinalParams, ForaReuseParams};
 use anyhow::{ensure, Result};
 
@@ -91,10 +93,10 @@ pub fn fora_reuse_plan(p: &ForaReuseParams) -> Result<(u32, u32, u32)> {
 }
 
 /// Applies the cached block outputs of all `layers` to `x` with the current gates.
-pub fn fora_reuse(gpu: &Gpu, p: &ForaReuseParams) -> Result<()> {
+pub fn fora_reuse(gpu: &impl KernelLauncher, p: &ForaReuseParams) -> Result<()> {
     let grid = fora_reuse_plan(p)?;
     // SAFETY: validated above.
-    unsafe { gpu.launch("fora_reuse", grid, (THREADS, 1, 1), 0, p) }
+    unsafe { gpu.launch_kernel("fora_reuse", grid, (THREADS, 1, 1), 0, p) }
 }
 
 /// Threads per block of the fused kernel at most (kReuseBlock in fora.cu).
@@ -217,8 +219,8 @@ pub fn fora_reuse_final_plan(p: &ForaReuseFinalParams) -> Result<((u32, u32, u32
 
 /// The reuse forward up to the final Linear: patch embedding, every block's cached outputs
 /// with this step's gates, the final LayerNorm + modulate into `p.out` (bf16).
-pub fn fora_reuse_final(gpu: &Gpu, p: &ForaReuseFinalParams) -> Result<()> {
+pub fn fora_reuse_final(gpu: &impl KernelLauncher, p: &ForaReuseFinalParams) -> Result<()> {
     let (grid, block) = fora_reuse_final_plan(p)?;
     // SAFETY: validated above.
-    unsafe { gpu.launch("fora_reuse_final", grid, (block, 1, 1), 0, p) }
+    unsafe { gpu.launch_kernel("fora_reuse_final", grid, (block, 1, 1), 0, p) }
 }

@@ -3,7 +3,7 @@
 //! residual epilogue of the GEMM before it (bias, FORA cache store, gate, residual add) in one
 //! pass. One warp per token row.
 
-use super::device::{check_positive, check_ptr, grid_x, Gpu};
+use super::device::{check_positive, check_ptr, grid_x, KernelLauncher};
 use super::params::{LayerNormModulateParams, ResidualLayerNormParams};
 use anyhow::{ensure, Result};
 
@@ -48,10 +48,10 @@ pub fn layernorm_modulate_plan(p: &LayerNormModulateParams) -> Result<(u32, u32,
 }
 
 /// `out = bf16(LN(x) * (1 + scale) + shift)` per token row.
-pub fn layernorm_modulate(gpu: &Gpu, p: &LayerNormModulateParams) -> Result<()> {
+pub fn layernorm_modulate(gpu: &impl KernelLauncher, p: &LayerNormModulateParams) -> Result<()> {
     let grid = layernorm_modulate_plan(p)?;
     // SAFETY: validated above.
-    unsafe { gpu.launch("layernorm_modulate", grid, (WARPS * 32, 1, 1), 0, p) }
+    unsafe { gpu.launch_kernel("layernorm_modulate", grid, (WARPS * 32, 1, 1), 0, p) }
 }
 
 /// Widest row [`residual_layernorm`] takes (128 * kMaxChunks in norm.cu): every DiT.
@@ -119,8 +119,8 @@ pub fn residual_layernorm_plan(p: &ResidualLayerNormParams) -> Result<(u32, u32,
 
 /// Per token row: `v = acc + bias; cache = bf16(v); x += gate * v;`
 /// `out = bf16(LN(x) * (1 + scale) + shift)`.
-pub fn residual_layernorm(gpu: &Gpu, p: &ResidualLayerNormParams) -> Result<()> {
+pub fn residual_layernorm(gpu: &impl KernelLauncher, p: &ResidualLayerNormParams) -> Result<()> {
     let grid = residual_layernorm_plan(p)?;
     // SAFETY: validated above.
-    unsafe { gpu.launch("residual_layernorm", grid, (WARPS * 32, 1, 1), 0, p) }
+    unsafe { gpu.launch_kernel("residual_layernorm", grid, (WARPS * 32, 1, 1), 0, p) }
 }

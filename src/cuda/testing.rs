@@ -1,7 +1,7 @@
 //! Helpers for the GPU tests: get a device or skip, compare with the CPU twin, poison outputs,
 //! seeded random data. Public so every `tests/gpu_*.rs` shares one implementation.
 
-use super::device::{device_count, Gpu};
+use super::device::{device_count, dptr, Gpu, KernelLauncher};
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -96,6 +96,72 @@ pub fn poison_bf16(gpu: &Gpu, buf: &mut CudaSlice<bf16>) -> Result<()> {
     gpu.stream()
         .memcpy_htod(&nan, buf)
         .context("cannot poison a device buffer")
+}
+
+/// What a kernel test body needs of the device it runs on: buffers in, launches (through the
+/// same launchers), buffers out. Implemented by [`Gpu`] and by the CPU emulator of
+/// `tests/kernel_emulation.rs`, so that one test body checks a kernel on both.
+pub trait TestDevice: KernelLauncher {
+    type F32: DeviceAddr;
+    type Bf16: DeviceAddr;
+    fn upload_f32(&self, v: &[f32]) -> Result<Self::F32>;
+    /// `v` rounded to bf16.
+    fn upload_bf16(&self, v: &[f32]) -> Result<Self::Bf16>;
+    /// `n` NaNs, so that an element the kernel fails to write fails the test.
+    fn poisoned_f32(&self, n: usize) -> Result<Self::F32>;
+    fn poisoned_bf16(&self, n: usize) -> Result<Self::Bf16>;
+    fn poison_f32(&self, b: &mut Self::F32) -> Result<()>;
+    /// Waits for the launches before it.
+    fn download_f32(&self, b: &Self::F32) -> Result<Vec<f32>>;
+    fn download_bf16(&self, b: &Self::Bf16) -> Result<Vec<f32>>;
+}
+
+/// The address a kernel parameter struct holds for a test buffer.
+pub trait DeviceAddr {
+    fn addr(&self) -> u64;
+}
+
+impl<T> DeviceAddr for CudaSlice<T> {
+    fn addr(&self) -> u64 {
+        dptr(self)
+    }
+}
+
+impl TestDevice for Gpu {
+    type F32 = CudaSlice<f32>;
+    type Bf16 = CudaSlice<bf16>;
+
+    fn upload_f32(&self, v: &[f32]) -> Result<CudaSlice<f32>> {
+        self.upload(v, "test input")
+    }
+
+    fn upload_bf16(&self, v: &[f32]) -> Result<CudaSlice<bf16>> {
+        self.upload(&to_bf16(v), "test input")
+    }
+
+    fn poisoned_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
+        let mut s = self.alloc_zeros::<f32>(n, "test output")?;
+        poison_f32(self, &mut s)?;
+        Ok(s)
+    }
+
+    fn poisoned_bf16(&self, n: usize) -> Result<CudaSlice<bf16>> {
+        let mut s = self.alloc_zeros::<bf16>(n, "test output")?;
+        poison_bf16(self, &mut s)?;
+        Ok(s)
+    }
+
+    fn poison_f32(&self, b: &mut CudaSlice<f32>) -> Result<()> {
+        poison_f32(self, b)
+    }
+
+    fn download_f32(&self, b: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.download(b)
+    }
+
+    fn download_bf16(&self, b: &CudaSlice<bf16>) -> Result<Vec<f32>> {
+        Ok(from_bf16(&self.download(b)?))
+    }
 }
 
 /// f32 -> bf16, round to nearest even (what the kernels' inputs are).

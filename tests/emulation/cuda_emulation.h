@@ -1,0 +1,95 @@
+// A CPU emulation of the CUDA built-ins the small kernels use, so that tests/kernel_emulation.rs
+// can run kernels/embed.cu, norm.cu and fora.cu as host C++ on machines without a GPU: every
+// CUDA thread of a block is a fiber (launch.cpp), blocks run one after another (so `static`
+// locals, one per OS thread, are the block's shared memory), __syncthreads is a block barrier
+// and a warp shuffle exchanges through a per-warp slot array between two warp barriers. It
+// checks indexing, bounds, reductions and rounding; not timing, not the memory model, not
+// alignment faults.
+#pragma once
+
+#include <math.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static thread_local
+
+struct uint3 {
+    unsigned x, y, z;
+};
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+extern thread_local uint3 threadIdx;
+extern thread_local uint3 blockIdx;
+extern thread_local dim3 blockDim;
+extern thread_local dim3 gridDim;
+
+struct alignas(8) float2 {
+    float x, y;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+struct __nv_bfloat16 {
+    uint16_t bits;
+};
+struct alignas(4) __nv_bfloat162 {
+    __nv_bfloat16 x, y;
+};
+// Round to nearest even, as the device's cvt.rn.bf16.f32.
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((u >> 16) | 0x40u)};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return {static_cast<uint16_t>(u >> 16)};
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+    const uint32_t u = static_cast<uint32_t>(b.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
+    return {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
+}
+inline float2 __bfloat1622float2(__nv_bfloat162 v) {
+    return {__bfloat162float(v.x), __bfloat162float(v.y)};
+}
+
+// IEEE single operations (the emulator is built with -ffp-contract=off: no silent FMA).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __expf(float x) { return expf(x); }
+
+void fora_emulation_syncthreads();
+float fora_emulation_shfl_xor(float v, int lane_mask);
+void* fora_emulation_dynamic_smem_bytes();
+template <typename T>
+T* fora_emulation_dynamic_smem() {
+    return static_cast<T*>(fora_emulation_dynamic_smem_bytes());
+}
+inline void __syncthreads() { fora_emulation_syncthreads(); }
+inline float __shfl_xor_sync(unsigned /*mask: every lane*/, float v, int lane_mask) {
+    return fora_emulation_shfl_xor(v, lane_mask);
+}
+// Only referenced by helpers of kernels the emulator does not run (ldmatrix, cp.async).
+inline unsigned long long __cvta_generic_to_shared(const void* p) {
+    return reinterpret_cast<unsigned long long>(p);
+}

@@ -1,0 +1,293 @@
+//! The small kernels (kernels/embed.cu, norm.cu, fora.cu) run on the CPU: compiled as host C++
+//! with a C++ compiler against a CUDA emulator (tests/emulation: every CUDA thread a host thread,
+//! blocks one after another, __syncthreads and warp shuffles through barriers), launched through
+//! the crate's own launchers (their validation, grid, block and shared memory), and checked by
+//! the very test bodies the GPU tests run (tests/small_kernel_cases) against the CPU twins.
+//!
+//! This proves the kernels' indexing, bounds, reductions and rounding on every machine, GPU or
+//! not; it cannot show timing, memory-model or alignment-fault behaviour, which only a GPU run
+//! shows. Without a C++20 compiler (`CXX`, else g++, c++, clang++) each test prints `SKIP`,
+//! unless `FORA_REQUIRE_EMULATION=1` (CI sets it), which makes that a failure.
+
+mod small_kernel_cases;
+
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::DeviceRepr;
+use fora::cuda::device::KernelLauncher;
+use fora::cuda::testing::{from_bf16, to_bf16, DeviceAddr, TestDevice};
+use half::bf16;
+use std::alloc::{alloc, dealloc, Layout};
+use std::ffi::{c_char, c_int, c_uint, c_void, CString};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// `fora_emulate_launch` in tests/emulation/launch.cpp.
+type LaunchFn = unsafe extern "C" fn(*const c_char, c_uint, c_uint, c_uint, *const c_void) -> c_int;
+
+/// The emulator library, loaded once per test process.
+struct Emulator {
+    _lib: libloading::Library,
+    launch: LaunchFn,
+}
+
+/// A host buffer standing in for device memory: 256-byte aligned like cudaMalloc, written by
+/// the emulated kernels through the raw address in a parameter struct (no Rust reference to
+/// it is alive while they run).
+struct HostBuf<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+impl<T: Copy> HostBuf<T> {
+    fn layout(len: usize) -> Layout {
+        Layout::from_size_align((len * std::mem::size_of::<T>()).max(1), 256)
+            .expect("a test buffer's layout")
+    }
+
+    fn from_slice(v: &[T]) -> HostBuf<T> {
+        // SAFETY: the layout has a non-zero size; every element is written before use.
+        let ptr = unsafe { alloc(Self::layout(v.len())) } as *mut T;
+        assert!(!ptr.is_null(), "out of host memory for a test buffer");
+        // SAFETY: `ptr` holds `v.len()` elements and does not overlap `v`.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), ptr, v.len()) };
+        HostBuf { ptr, len: v.len() }
+    }
+
+    fn to_vec(&self) -> Vec<T> {
+        // SAFETY: `ptr` holds `len` initialized elements; no launch is running (launches
+        // return when the kernel is done).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }.to_vec()
+    }
+
+    fn fill(&mut self, v: T) {
+        // SAFETY: as `to_vec`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }.fill(v);
+    }
+}
+
+impl<T> Drop for HostBuf<T> {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align((self.len * std::mem::size_of::<T>()).max(1), 256)
+            .expect("a test buffer's layout");
+        // SAFETY: allocated in `from_slice` with this layout.
+        unsafe { dealloc(self.ptr as *mut u8, layout) };
+    }
+}
+
+impl<T> DeviceAddr for HostBuf<T> {
+    fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+}
+
+impl KernelLauncher for Emulator {
+    unsafe fn launch_kernel<P: DeviceRepr>(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_mem_bytes: u32,
+        params: &P,
+    ) -> Result<()> {
+        ensure!(
+            grid.1 == 1 && grid.2 == 1 && block.1 == 1 && block.2 == 1,
+            "the emulator runs 1-D launches; {name} asked for grid {grid:?}, block {block:?}"
+        );
+        let cname = CString::new(name)?;
+        // SAFETY: forwarded to the caller; the emulator returns when the launch is done.
+        let rc = unsafe {
+            (self.launch)(
+                cname.as_ptr(),
+                grid.0,
+                block.0,
+                shared_mem_bytes,
+                params as *const P as *const c_void,
+            )
+        };
+        match rc {
+            0 => Ok(()),
+            1 => bail!("the emulator has no kernel {name:?}"),
+            _ => {
+                bail!("the emulator refused the launch of {name} (grid {grid:?}, block {block:?})")
+            }
+        }
+    }
+}
+
+impl TestDevice for Emulator {
+    type F32 = HostBuf<f32>;
+    type Bf16 = HostBuf<bf16>;
+
+    fn upload_f32(&self, v: &[f32]) -> Result<HostBuf<f32>> {
+        Ok(HostBuf::from_slice(v))
+    }
+
+    fn upload_bf16(&self, v: &[f32]) -> Result<HostBuf<bf16>> {
+        Ok(HostBuf::from_slice(&to_bf16(v)))
+    }
+
+    fn poisoned_f32(&self, n: usize) -> Result<HostBuf<f32>> {
+        Ok(HostBuf::from_slice(&vec![f32::NAN; n]))
+    }
+
+    fn poisoned_bf16(&self, n: usize) -> Result<HostBuf<bf16>> {
+        Ok(HostBuf::from_slice(&vec![bf16::NAN; n]))
+    }
+
+    fn poison_f32(&self, b: &mut HostBuf<f32>) -> Result<()> {
+        b.fill(f32::NAN);
+        Ok(())
+    }
+
+    fn download_f32(&self, b: &HostBuf<f32>) -> Result<Vec<f32>> {
+        Ok(b.to_vec())
+    }
+
+    fn download_bf16(&self, b: &HostBuf<bf16>) -> Result<Vec<f32>> {
+        Ok(from_bf16(&b.to_vec()))
+    }
+}
+
+/// The first C++ compiler of `CXX`, g++, c++, clang++ that runs.
+fn compiler() -> Option<String> {
+    let candidates = std::env::var("CXX")
+        .into_iter()
+        .chain(["g++", "c++", "clang++"].map(String::from));
+    candidates.into_iter().find(|c| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// Compiles the emulator and the kernels into a shared library in the test's target folder.
+fn build(cxx: &str) -> Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let kernels = root.join("kernels");
+    let emulation = root.join("tests").join("emulation");
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("libfora_kernel_emulation.so");
+    let output = Command::new(cxx)
+        .args([
+            "-std=c++20",
+            "-O1",
+            "-g",
+            "-shared",
+            "-fPIC",
+            "-pthread",
+            // Only the IEEE operations the kernels spell out: no silent FMA contraction.
+            "-ffp-contract=off",
+            "-fno-strict-aliasing",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+            "-Wno-comment",
+            "-DFORA_EMULATION",
+        ])
+        .arg("-I")
+        .arg(&emulation)
+        .arg("-I")
+        .arg(&kernels)
+        .arg(emulation.join("launch.cpp"))
+        .args(["-x", "c++"])
+        .args(["embed.cu", "fora.cu", "norm.cu"].map(|f| kernels.join(f)))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .with_context(|| format!("cannot run {cxx}"))?;
+    ensure!(
+        output.status.success(),
+        "{cxx} failed to build the kernel emulator:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(out)
+}
+
+fn load() -> Result<Option<Emulator>> {
+    let Some(cxx) = compiler() else {
+        return Ok(None);
+    };
+    let path = build(&cxx)?;
+    // SAFETY: our own library, built just now; its initializers only set up thread_locals.
+    let lib = unsafe { libloading::Library::new(&path) }
+        .with_context(|| format!("cannot load {}", path.display()))?;
+    // SAFETY: the symbol has this signature in tests/emulation/launch.cpp.
+    let launch: LaunchFn = unsafe { *lib.get::<LaunchFn>(b"fora_emulate_launch\0")? };
+    Ok(Some(Emulator { _lib: lib, launch }))
+}
+
+/// The emulator, or None after printing `SKIP <test>` (no C++ compiler). Panics when it does
+/// not build, or when `FORA_REQUIRE_EMULATION=1` and there is no compiler.
+fn emulator(test: &str) -> Option<&'static Emulator> {
+    static EMULATOR: OnceLock<Result<Option<Emulator>, String>> = OnceLock::new();
+    let loaded = EMULATOR.get_or_init(|| load().map_err(|e| format!("{e:#}")));
+    match loaded {
+        Ok(Some(e)) => Some(e),
+        Ok(None) => {
+            if std::env::var("FORA_REQUIRE_EMULATION").is_ok_and(|v| v == "1") {
+                panic!("{test}: FORA_REQUIRE_EMULATION=1 but no C++ compiler was found");
+            }
+            println!(
+                "SKIP {test}: no C++ compiler (CXX, g++, c++, clang++) for the kernel emulator"
+            );
+            None
+        }
+        Err(e) => panic!("{test}: {e}"),
+    }
+}
+
+#[test]
+fn emulated_patch_embed() -> Result<()> {
+    let Some(emu) = emulator("emulated_patch_embed") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_patch_embed(emu)
+}
+
+#[test]
+fn emulated_layernorm_modulate() -> Result<()> {
+    let Some(emu) = emulator("emulated_layernorm_modulate") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_layernorm_modulate(emu)
+}
+
+#[test]
+fn emulated_residual_layernorm() -> Result<()> {
+    let Some(emu) = emulator("emulated_residual_layernorm") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_residual_layernorm(emu)
+}
+
+#[test]
+fn emulated_fora_reuse() -> Result<()> {
+    let Some(emu) = emulator("emulated_fora_reuse") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_fora_reuse(emu)
+}
+
+#[test]
+fn emulated_fora_reuse_final() -> Result<()> {
+    let Some(emu) = emulator("emulated_fora_reuse_final") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_fora_reuse_final(emu)
+}
+
+/// The emulator itself: a kernel it does not have and a launch it cannot run are errors, not
+/// silent successes (so the tests above cannot pass by running nothing).
+#[test]
+fn emulator_refuses_what_it_cannot_run() {
+    let Some(emu) = emulator("emulator_refuses_what_it_cannot_run") else {
+        return;
+    };
+    let p = 0u64;
+    // SAFETY: refused before anything runs.
+    let e = unsafe { emu.launch_kernel("attention_d72", (1, 1, 1), (32, 1, 1), 0, &p) };
+    assert!(format!("{:#}", e.unwrap_err()).contains("no kernel"));
+    // SAFETY: refused before anything runs.
+    let e = unsafe { emu.launch_kernel("fora_reuse", (1, 2, 1), (32, 1, 1), 0, &p) };
+    assert!(format!("{:#}", e.unwrap_err()).contains("1-D"));
+}
