@@ -27,9 +27,13 @@ namespace {
 
 // 2^x on the SFU; ex2.approx(-inf) = +0, which is what masked keys need.
 FORA_DEVICE float fast_exp2(float x) {
+#ifdef FORA_EMULATION
+    return exp2f(x);
+#else
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
+#endif
 }
 
 template <int D, int WARPS>
@@ -286,7 +290,7 @@ FORA_DEVICE void attention_block(const AttentionParams& p, unsigned char* smem_r
 #define FORA_ATTENTION_KERNEL(D)                                                           \
     extern "C" __global__ void __launch_bounds__(AttentionShape<D, 4>::THREADS)            \
         attention_d##D(const AttentionParams p) {                                          \
-        extern __shared__ __align__(128) unsigned char attention_smem[];                   \
+        FORA_DYNAMIC_SMEM(unsigned char, attention_smem);                                  \
         static_assert(AttentionShape<D, 4>::SMEM_BYTES <= 227 * 1024, "smem too large");   \
         attention_block<D, 4>(p, attention_smem);                                          \
     }
@@ -319,11 +323,15 @@ namespace {
 // ISA, m16n8k8 .bf16): a0 = A[g][2q, 2q+1], a1 = A[g+8][2q, 2q+1], b0 = B[2q, 2q+1][g], c as
 // for m16n8k16 (g = lane / 4, q = lane % 4): the first k half of the m16n8k16 layouts.
 FORA_DEVICE void mma_bf16_1688(float* c, const uint32_t* a, uint32_t b) {
+#ifdef FORA_EMULATION
+    fora_emulation_mma(8, c, a, &b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 "
         "{%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(b));
+#endif
 }
 
 template <int D>
@@ -669,7 +677,7 @@ FORA_DEVICE void attention_block_v2(const AttentionParams& p, unsigned char* sme
 #define FORA_ATTENTION_V2_KERNEL(D)                                                             \
     extern "C" __global__ void __launch_bounds__(AttentionV2Shape<D>::THREADS, 2)               \
         attention_v2_d##D(const AttentionParams p) {                                            \
-        extern __shared__ __align__(128) unsigned char attention_smem[];                        \
+        FORA_DYNAMIC_SMEM(unsigned char, attention_smem);                                       \
         static_assert(2 * AttentionV2Shape<D>::SMEM_BYTES <= 227 * 1024, "smem too large");     \
         attention_block_v2<D>(p, attention_smem);                                               \
     }

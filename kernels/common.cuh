@@ -13,11 +13,12 @@
 
 #define FORA_DEVICE __device__ __forceinline__
 
-// A kernel's dynamic shared memory (the launch's shared_mem_bytes), as `type name[]`.
+// A kernel's dynamic shared memory (the launch's shared_mem_bytes), as `type name[]`, 128-byte
+// aligned.
 #ifdef FORA_EMULATION
 #define FORA_DYNAMIC_SMEM(type, name) type* name = fora_emulation_dynamic_smem<type>()
 #else
-#define FORA_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#define FORA_DYNAMIC_SMEM(type, name) extern __shared__ __align__(128) type name[]
 #endif
 
 // ---- conversions -------------------------------------------------------------------------
@@ -70,8 +71,41 @@ FORA_DEVICE float latent_patch_value(const float* latents, int image, int channe
                    tx * patch + j];
 }
 
-// ---- shared-memory addresses, ldmatrix, cp.async ------------------------------------------
+// ---- shared-memory addresses, ldmatrix, cp.async, tensor-core mma -------------------------
 
+#ifdef FORA_EMULATION
+// The CPU emulator's versions (tests/emulation/launch.cpp): the same operands and fragment
+// layouts, carried out by the warp's emulated lanes together; cp.async copies at once.
+FORA_DEVICE void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* p) {
+    uint32_t r[4];
+    fora_emulation_ldmatrix(4, false, p, r);
+    r0 = r[0]; r1 = r[1]; r2 = r[2]; r3 = r[3];
+}
+FORA_DEVICE void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* p) {
+    uint32_t r[4];
+    fora_emulation_ldmatrix(4, true, p, r);
+    r0 = r[0]; r1 = r[1]; r2 = r[2]; r3 = r[3];
+}
+FORA_DEVICE void ldmatrix_x2(uint32_t& r0, uint32_t& r1, const void* p) {
+    uint32_t r[2];
+    fora_emulation_ldmatrix(2, false, p, r);
+    r0 = r[0]; r1 = r[1];
+}
+FORA_DEVICE void ldmatrix_x2_trans(uint32_t& r0, uint32_t& r1, const void* p) {
+    uint32_t r[2];
+    fora_emulation_ldmatrix(2, true, p, r);
+    r0 = r[0]; r1 = r[1];
+}
+FORA_DEVICE void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+    fora_emulation_cp_async(smem, gmem, src_bytes);
+}
+FORA_DEVICE void cp_async_commit() {}
+template <int N>
+FORA_DEVICE void cp_async_wait() {}
+FORA_DEVICE void mma_bf16_16816(float* c, const uint32_t* a, const uint32_t* b) {
+    fora_emulation_mma(16, c, a, b);
+}
+#else
 FORA_DEVICE uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -126,3 +160,4 @@ FORA_DEVICE void mma_bf16_16816(float* c, const uint32_t* a, const uint32_t* b) 
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif  // FORA_EMULATION

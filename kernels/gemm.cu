@@ -56,7 +56,7 @@ FORA_DEVICE void gemm_tile(const GemmParams& p) {
     static_assert(kChunksA % kThreads == 0 && kChunksB % kThreads == 0, "tile loads must split evenly");
     static_assert(STAGES >= 2, "the pipeline needs at least two stages");
 
-    extern __shared__ uint4 gemm_smem[];
+    FORA_DYNAMIC_SMEM(uint4, gemm_smem);
     __nv_bfloat16* smem_a = reinterpret_cast<__nv_bfloat16*>(gemm_smem);  // [STAGES][BM * BK]
     __nv_bfloat16* smem_b = smem_a + STAGES * BM * BK;                       // [STAGES][BN * BK]
 

@@ -9,179 +9,18 @@
 //! Without a CUDA device the GPU tests print `SKIP <name>: no CUDA device` and pass; with
 //! `FORA_REQUIRE_GPU=1` they fail instead. The parameter-validation tests need no device.
 
+mod attention_cases;
+
 use anyhow::{ensure, Result};
-use fora::cpu::ops;
+use attention_cases::{attention_reference, check_oracle, params, run_case, Shape};
 use fora::cuda::attention::{
     attention, attention_plan, attention_plan_for, attention_with, AttentionImpl,
     ATTENTION_BLOCK_M, ATTENTION_V2_BLOCK_M,
 };
+use fora::cuda::dptr;
 use fora::cuda::params::AttentionParams;
-use fora::cuda::testing::{
-    check_close, from_bf16, poison_bf16, round_bf16, test_gpu, to_bf16, TestRng,
-};
-use fora::cuda::{dptr, Gpu};
+use fora::cuda::testing::{poison_bf16, round_bf16, test_gpu, to_bf16, TestRng};
 use half::bf16;
-use rayon::prelude::*;
-
-/// Rows of poisoned guard elements after the output: a store past the last token shows up.
-const GUARD_ROWS: usize = 64;
-
-#[derive(Clone, Copy, Debug)]
-struct Shape {
-    batch: usize,
-    heads: usize,
-    tokens: usize,
-    head_dim: usize,
-}
-
-/// The CPU twin: out[b, t, h, :] = softmax(q k^T / sqrt(d)) v in f32, straight from the fused
-/// qkv buffer. Parallel over (batch, head) so the 1024-token case stays quick.
-fn attention_reference(qkv: &[f32], s: Shape) -> Vec<f32> {
-    let (b_n, h_n, t_n, d) = (s.batch, s.heads, s.tokens, s.head_dim);
-    let row = 3 * h_n * d;
-    let scale = 1.0 / (d as f32).sqrt();
-    let per_head: Vec<Vec<f32>> = (0..b_n * h_n)
-        .into_par_iter()
-        .map(|bh| {
-            let (b, h) = (bh / h_n, bh % h_n);
-            let at = |t: usize, which: usize| (b * t_n + t) * row + which * h_n * d + h * d;
-            let mut out = vec![0.0f32; t_n * d];
-            let mut scores = vec![0.0f32; t_n];
-            for tq in 0..t_n {
-                let q = &qkv[at(tq, 0)..at(tq, 0) + d];
-                let mut max = f32::NEG_INFINITY;
-                for (tk, sc) in scores.iter_mut().enumerate() {
-                    let k = &qkv[at(tk, 1)..at(tk, 1) + d];
-                    *sc = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-                    max = max.max(*sc);
-                }
-                let mut sum = 0.0f32;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
-                let o = &mut out[tq * d..(tq + 1) * d];
-                for (tk, &p) in scores.iter().enumerate() {
-                    let v = &qkv[at(tk, 2)..at(tk, 2) + d];
-                    for (oi, vi) in o.iter_mut().zip(v) {
-                        *oi += p * vi;
-                    }
-                }
-                for oi in o.iter_mut() {
-                    *oi /= sum;
-                }
-            }
-            out
-        })
-        .collect();
-    // [B, H, T, d] -> [B, T, H, d]
-    let mut out = vec![0.0f32; b_n * t_n * h_n * d];
-    for (bh, head_out) in per_head.iter().enumerate() {
-        let (b, h) = (bh / h_n, bh % h_n);
-        for t in 0..t_n {
-            let dst = ((b * t_n + t) * h_n + h) * d;
-            out[dst..dst + d].copy_from_slice(&head_out[t * d..(t + 1) * d]);
-        }
-    }
-    out
-}
-
-/// The project's CPU reference attention on the same layout.
-fn attention_oracle(qkv: &[f32], s: Shape) -> Vec<f32> {
-    let mut out = vec![0.0f32; s.batch * s.tokens * s.heads * s.head_dim];
-    // One [T, T] score matrix per parallel task, at most one per (batch, head).
-    let tasks = (s.batch * s.heads).min(rayon::current_num_threads().max(1));
-    let mut scores = vec![0.0f32; tasks * s.tokens * s.tokens];
-    ops::attention(
-        &mut out,
-        qkv,
-        &mut scores,
-        s.batch,
-        s.tokens,
-        s.heads,
-        s.head_dim,
-    );
-    out
-}
-
-/// The plain loop and the oracle agree to f32 rounding.
-fn check_oracle(name: &str, qkv: &[f32], s: Shape) -> Result<Vec<f32>> {
-    let oracle = attention_oracle(qkv, s);
-    let plain = attention_reference(qkv, s);
-    check_close(
-        &format!("{name}: CPU oracle vs plain loop"),
-        &oracle,
-        &plain,
-        1e-5,
-    )?;
-    Ok(oracle)
-}
-
-fn params(s: Shape, qkv: u64, out: u64) -> AttentionParams {
-    AttentionParams {
-        qkv,
-        out,
-        batch: s.batch as i32,
-        tokens: s.tokens as i32,
-        heads: s.heads as i32,
-        head_dim: s.head_dim as i32,
-        scale: 1.0 / (s.head_dim as f32).sqrt(),
-    }
-}
-
-/// Random qkv (q and k with standard deviation `qk_std`, v standard normal), the kernel on the
-/// GPU, the CPU twin on the same bf16 values; rel-L2 <= 1e-2, no NaN, guard rows untouched,
-/// and a second launch gives identical bits.
-fn run_case(
-    gpu: &Gpu,
-    name: &str,
-    s: Shape,
-    qk_std: f32,
-    seed: u64,
-    imp: AttentionImpl,
-) -> Result<()> {
-    let mut rng = TestRng::new(seed);
-    let (b_n, h_n, t_n, d) = (s.batch, s.heads, s.tokens, s.head_dim);
-    let mut qkv = Vec::with_capacity(b_n * t_n * 3 * h_n * d);
-    for _ in 0..b_n * t_n {
-        qkv.extend(rng.normal_vec(2 * h_n * d, qk_std)); // q, k
-        qkv.extend(rng.normal_vec(h_n * d, 1.0)); // v
-    }
-    let qkv = round_bf16(&qkv);
-    let reference = check_oracle(name, &qkv, s)?;
-
-    let out_len = b_n * t_n * h_n * d;
-    let qkv_dev = gpu.upload(&to_bf16(&qkv), "attention test qkv")?;
-    let mut out_dev =
-        gpu.alloc_zeros::<bf16>(out_len + GUARD_ROWS * h_n * d, "attention test out")?;
-    poison_bf16(gpu, &mut out_dev)?;
-    let p = params(s, dptr(&qkv_dev), dptr(&out_dev));
-    attention_with(gpu, &p, imp)?;
-    let first = gpu.download(&out_dev)?;
-
-    let (out, guard) = first.split_at(out_len);
-    if let Some(i) = guard.iter().position(|v| !v.is_nan()) {
-        anyhow::bail!(
-            "{name}: the kernel wrote past the output (guard element {i} is {})",
-            guard[i]
-        );
-    }
-    check_close(name, &from_bf16(out), &reference, 1e-2)?;
-
-    // Deterministic: the same launch again gives the same bits.
-    poison_bf16(gpu, &mut out_dev)?;
-    attention_with(gpu, &p, imp)?;
-    let second = gpu.download(&out_dev)?;
-    let same = first
-        .iter()
-        .zip(&second)
-        .all(|(a, b)| a.to_bits() == b.to_bits());
-    ensure!(
-        same,
-        "{name}: two launches on the same input gave different bits"
-    );
-    Ok(())
-}
 
 /// The v1 (default) kernels on one shape.
 fn gpu_case(test: &str, s: Shape, qk_std: f32, seed: u64) {

@@ -1,14 +1,17 @@
-//! The small kernels (kernels/embed.cu, norm.cu, fora.cu) run on the CPU: compiled as host C++
-//! with a C++ compiler against a CUDA emulator (tests/emulation: every CUDA thread a host thread,
-//! blocks one after another, __syncthreads and warp shuffles through barriers), launched through
-//! the crate's own launchers (their validation, grid, block and shared memory), and checked by
-//! the very test bodies the GPU tests run (tests/small_kernel_cases) against the CPU twins.
+//! The kernels run on the CPU: kernels/embed.cu, norm.cu, fora.cu, attention.cu and gemm.cu
+//! compiled as host C++ against a CUDA emulator (tests/emulation: every CUDA thread a fiber,
+//! blocks one after another, __syncthreads, warp shuffles, ldmatrix and mma.sync carried out by
+//! the warp's lanes together with the PTX fragment layouts, cp.async as a plain copy), launched
+//! through the crate's own launchers (their validation, grid, block and shared memory), and
+//! checked by the very test bodies the GPU tests run (tests/small_kernel_cases,
+//! tests/attention_cases) against the CPU twins.
 //!
 //! This proves the kernels' indexing, bounds, reductions and rounding on every machine, GPU or
 //! not; it cannot show timing, memory-model or alignment-fault behaviour, which only a GPU run
 //! shows. Without a C++20 compiler (`CXX`, else g++, c++, clang++) each test prints `SKIP`,
 //! unless `FORA_REQUIRE_EMULATION=1` (CI sets it), which makes that a failure.
 
+mod attention_cases;
 mod small_kernel_cases;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -22,8 +25,22 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// `fora_emulate_launch` in tests/emulation/launch.cpp.
-type LaunchFn = unsafe extern "C" fn(*const c_char, c_uint, c_uint, c_uint, *const c_void) -> c_int;
+/// `fora_emulate_launch(name, grid x, y, z, block x, shared bytes, params)` in
+/// tests/emulation/launch.cpp.
+type LaunchFn = unsafe extern "C" fn(
+    *const c_char,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    *const c_void,
+) -> c_int;
+
+/// Multiprocessors the emulator reports (an H100's), for launch heuristics.
+const EMULATED_SMS: usize = 132;
+/// Dynamic shared memory a block may have (an H100's opt-in limit).
+const EMULATED_SMEM_LIMIT: u32 = 227 * 1024;
 
 /// The emulator library, loaded once per test process.
 struct Emulator {
@@ -82,6 +99,18 @@ impl<T> DeviceAddr for HostBuf<T> {
 }
 
 impl KernelLauncher for Emulator {
+    fn multiprocessors(&self) -> usize {
+        EMULATED_SMS
+    }
+
+    fn allow_dynamic_shared_memory(&self, name: &str, bytes: u32) -> Result<()> {
+        ensure!(
+            bytes <= EMULATED_SMEM_LIMIT,
+            "{name}: {bytes} bytes of shared memory per block exceed a GPU's {EMULATED_SMEM_LIMIT}"
+        );
+        Ok(())
+    }
+
     unsafe fn launch_kernel<P: DeviceRepr>(
         &self,
         name: &str,
@@ -91,8 +120,8 @@ impl KernelLauncher for Emulator {
         params: &P,
     ) -> Result<()> {
         ensure!(
-            grid.1 == 1 && grid.2 == 1 && block.1 == 1 && block.2 == 1,
-            "the emulator runs 1-D launches; {name} asked for grid {grid:?}, block {block:?}"
+            block.1 == 1 && block.2 == 1,
+            "the emulator runs 1-D blocks; {name} asked for block {block:?}"
         );
         let cname = CString::new(name)?;
         // SAFETY: forwarded to the caller; the emulator returns when the launch is done.
@@ -100,6 +129,8 @@ impl KernelLauncher for Emulator {
             (self.launch)(
                 cname.as_ptr(),
                 grid.0,
+                grid.1,
+                grid.2,
                 block.0,
                 shared_mem_bytes,
                 params as *const P as *const c_void,
@@ -140,6 +171,11 @@ impl TestDevice for Emulator {
         Ok(())
     }
 
+    fn poison_bf16(&self, b: &mut HostBuf<bf16>) -> Result<()> {
+        b.fill(bf16::NAN);
+        Ok(())
+    }
+
     fn download_f32(&self, b: &HostBuf<f32>) -> Result<Vec<f32>> {
         Ok(b.to_vec())
     }
@@ -148,6 +184,9 @@ impl TestDevice for Emulator {
         Ok(from_bf16(&b.to_vec()))
     }
 }
+
+/// The kernel sources the emulator builds (gemm_sm90.cu's wgmma is not emulated).
+const EMULATED_SOURCES: [&str; 5] = ["embed.cu", "fora.cu", "norm.cu", "attention.cu", "gemm.cu"];
 
 /// The first C++ compiler of `CXX`, g++, c++, clang++ that runs.
 fn compiler() -> Option<String> {
@@ -190,7 +229,7 @@ fn build(cxx: &str) -> Result<PathBuf> {
         .arg(&kernels)
         .arg(emulation.join("launch.cpp"))
         .args(["-x", "c++"])
-        .args(["embed.cu", "fora.cu", "norm.cu"].map(|f| kernels.join(f)))
+        .args(EMULATED_SOURCES.map(|f| kernels.join(f)))
         .arg("-o")
         .arg(&out)
         .output()
@@ -285,9 +324,54 @@ fn emulator_refuses_what_it_cannot_run() {
     };
     let p = 0u64;
     // SAFETY: refused before anything runs.
-    let e = unsafe { emu.launch_kernel("attention_d72", (1, 1, 1), (32, 1, 1), 0, &p) };
+    let e = unsafe { emu.launch_kernel("sampler_step", (1, 1, 1), (32, 1, 1), 0, &p) };
     assert!(format!("{:#}", e.unwrap_err()).contains("no kernel"));
     // SAFETY: refused before anything runs.
-    let e = unsafe { emu.launch_kernel("fora_reuse", (1, 2, 1), (32, 1, 1), 0, &p) };
+    let e = unsafe { emu.launch_kernel("fora_reuse", (1, 1, 1), (32, 2, 1), 0, &p) };
     assert!(format!("{:#}", e.unwrap_err()).contains("1-D"));
+    // SAFETY: refused before anything runs.
+    let e = unsafe { emu.launch_kernel("fora_reuse", (0, 1, 1), (32, 1, 1), 0, &p) };
+    assert!(format!("{:#}", e.unwrap_err()).contains("refused"));
+}
+
+/// Flash attention, v1 (run on an H200: it validates the emulated ldmatrix / mma layouts) and v2
+/// (not yet run on a GPU), on small shapes with every edge: d 64 / 72 / 128, a partial last key
+/// tile, partial query blocks, one token, a peaked softmax.
+#[test]
+fn emulated_attention() -> Result<()> {
+    use attention_cases::{run_case, Shape};
+    use fora::cuda::attention::AttentionImpl;
+    let Some(emu) = emulator("emulated_attention") else {
+        return Ok(());
+    };
+    let shape = |batch, heads, tokens, head_dim| Shape {
+        batch,
+        heads,
+        tokens,
+        head_dim,
+    };
+    for imp in [AttentionImpl::V1, AttentionImpl::V2] {
+        for (i, (s, qk_std)) in [
+            (shape(1, 2, 65, 72), 1.0),
+            (shape(2, 1, 130, 64), 1.0),
+            (shape(1, 1, 77, 128), 1.0),
+            (shape(1, 1, 1, 72), 1.0),
+            (shape(1, 1, 129, 72), 1.0),
+            (shape(1, 1, 200, 72), 3.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let name = format!(
+                "emulated attention {} B={} H={} T={} d={}",
+                imp.name(),
+                s.batch,
+                s.heads,
+                s.tokens,
+                s.head_dim
+            );
+            run_case(emu, &name, s, qk_std, 100 + i as u64, imp)?;
+        }
+    }
+    Ok(())
 }

@@ -13,11 +13,9 @@
 //!   separate cp.async groups.
 //! - auto: v2 when its grid fills every SM twice, else v1 ([`AttentionImpl::resolve`]).
 
-use super::device::Gpu;
+use super::device::KernelLauncher;
 use super::params::AttentionParams;
 use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
 use std::str::FromStr;
 use std::sync::OnceLock;
 
@@ -111,8 +109,6 @@ pub const ATTENTION_V2_BLOCK_M: u32 = 128;
 /// Keys per K/V tile.
 pub const ATTENTION_BLOCK_N: u32 = 64;
 const THREADS: u32 = 128;
-/// Dynamic shared memory a kernel may use without opting in.
-const DEFAULT_SMEM_LIMIT: u32 = 48 * 1024;
 
 /// The head dims the kernel is instantiated for.
 pub const ATTENTION_HEAD_DIMS: [i32; 3] = [64, 72, 128];
@@ -128,16 +124,6 @@ pub struct AttentionLaunch {
     /// 64 rows, each row the head_dim rounded up to 16 (the mma k) plus 8 bf16 of bank-conflict
     /// padding.
     pub shared_mem_bytes: u32,
-}
-
-impl AttentionLaunch {
-    fn config(&self) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: self.grid,
-            block_dim: self.block,
-            shared_mem_bytes: self.shared_mem_bytes,
-        }
-    }
 }
 
 /// Shared memory of a kernel with `block_m` query rows for `head_dim` (mirrors
@@ -237,43 +223,27 @@ pub fn attention_flops(batch: usize, heads: usize, tokens: usize, head_dim: usiz
 /// (`FORA_ATTENTION`, default v1) on `gpu`'s stream: reads `p.qkv`, writes every element of
 /// `p.out`. `out` must not overlap `qkv` (blocks read the K/V rows of other blocks' queries).
 /// Allocates nothing, so it can be captured in a CUDA graph.
-pub fn attention(gpu: &Gpu, p: &AttentionParams) -> Result<()> {
+pub fn attention(gpu: &impl KernelLauncher, p: &AttentionParams) -> Result<()> {
     attention_with(gpu, p, AttentionImpl::selected()?)
 }
 
 /// [`attention`] with an explicit implementation (tests and benchmarks run both).
-pub fn attention_with(gpu: &Gpu, p: &AttentionParams, imp: AttentionImpl) -> Result<()> {
-    let plan = attention_plan_for(p, imp.resolve(p, gpu.sm_count()))?;
-    let f = gpu.function(plan.kernel)?;
-    if plan.shared_mem_bytes > DEFAULT_SMEM_LIMIT {
-        // Opt in to more than 48 KiB of dynamic shared memory. A function attribute, not a
-        // stream operation: query first so repeated launches (and graph captures) only read it.
-        let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        let current = f.get_attribute(attr).with_context(|| {
+pub fn attention_with(
+    gpu: &impl KernelLauncher,
+    p: &AttentionParams,
+    imp: AttentionImpl,
+) -> Result<()> {
+    let plan = attention_plan_for(p, imp.resolve(p, gpu.multiprocessors()))?;
+    gpu.allow_dynamic_shared_memory(plan.kernel, plan.shared_mem_bytes)
+        .context("attention")?;
+    // SAFETY: the kernel takes one AttentionParams by value (the ABI of params.h); the pointers
+    // are the caller's device buffers of the documented shapes (validated by the plan).
+    unsafe { gpu.launch_kernel(plan.kernel, plan.grid, plan.block, plan.shared_mem_bytes, p) }
+        .with_context(|| {
             format!(
-                "attention: cannot query {}'s shared-memory limit",
-                plan.kernel
+                "attention: launching {} (batch {}, heads {}, tokens {}) failed",
+                plan.kernel, p.batch, p.heads, p.tokens
             )
         })?;
-        if current < plan.shared_mem_bytes as i32 {
-            f.set_attribute(attr, plan.shared_mem_bytes as i32)
-                .with_context(|| {
-                    format!(
-                        "attention: {} needs {} bytes of shared memory per block, more than device {} allows",
-                        plan.kernel,
-                        plan.shared_mem_bytes,
-                        gpu.ordinal()
-                    )
-                })?;
-        }
-    }
-    // SAFETY: the kernel takes one AttentionParams by value (the ABI of params.h); the pointers
-    // are the caller's device buffers of the documented shapes.
-    unsafe { gpu.stream().launch_builder(&f).arg(p).launch(plan.config()) }.with_context(|| {
-        format!(
-            "attention: launching {} (batch {}, heads {}, tokens {}) failed",
-            plan.kernel, p.batch, p.heads, p.tokens
-        )
-    })?;
     Ok(())
 }

@@ -43,6 +43,13 @@ impl std::fmt::Debug for Gpu {
 /// (`tests/kernel_emulation.rs`), so that one launcher (validation, grid, block, shared memory)
 /// serves both.
 pub trait KernelLauncher {
+    /// Streaming multiprocessors (launch heuristics scale with it).
+    fn multiprocessors(&self) -> usize;
+
+    /// Lets kernel `name` use `bytes` of dynamic shared memory per block (above 48 KiB it must
+    /// be opted into per kernel on a GPU). Not a stream operation: safe inside a capture.
+    fn allow_dynamic_shared_memory(&self, name: &str, bytes: u32) -> Result<()>;
+
     /// Runs kernel `name` with one parameter struct by value (asynchronously on a GPU).
     ///
     /// # Safety
@@ -59,6 +66,33 @@ pub trait KernelLauncher {
 }
 
 impl KernelLauncher for Gpu {
+    fn multiprocessors(&self) -> usize {
+        self.sm_count
+    }
+
+    fn allow_dynamic_shared_memory(&self, name: &str, bytes: u32) -> Result<()> {
+        const DEFAULT_LIMIT: u32 = 48 * 1024;
+        if bytes <= DEFAULT_LIMIT {
+            return Ok(());
+        }
+        let f = self.function(name)?;
+        let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        // Query first so that repeated launches (and graph captures) only read it.
+        let current = f
+            .get_attribute(attr)
+            .with_context(|| format!("cannot query {name}'s shared-memory limit"))?;
+        if current < bytes as i32 {
+            f.set_attribute(attr, bytes as i32).with_context(|| {
+                format!(
+                    "{name} needs {bytes} bytes of shared memory per block, more than device {} \
+                     allows",
+                    self.ordinal()
+                )
+            })?;
+        }
+        Ok(())
+    }
+
     unsafe fn launch_kernel<P: DeviceRepr>(
         &self,
         name: &str,

@@ -111,6 +111,7 @@ pub trait TestDevice: KernelLauncher {
     fn poisoned_f32(&self, n: usize) -> Result<Self::F32>;
     fn poisoned_bf16(&self, n: usize) -> Result<Self::Bf16>;
     fn poison_f32(&self, b: &mut Self::F32) -> Result<()>;
+    fn poison_bf16(&self, b: &mut Self::Bf16) -> Result<()>;
     /// Waits for the launches before it.
     fn download_f32(&self, b: &Self::F32) -> Result<Vec<f32>>;
     fn download_bf16(&self, b: &Self::Bf16) -> Result<Vec<f32>>;
@@ -153,6 +154,10 @@ impl TestDevice for Gpu {
 
     fn poison_f32(&self, b: &mut CudaSlice<f32>) -> Result<()> {
         poison_f32(self, b)
+    }
+
+    fn poison_bf16(&self, b: &mut CudaSlice<bf16>) -> Result<()> {
+        poison_bf16(self, b)
     }
 
     fn download_f32(&self, b: &CudaSlice<f32>) -> Result<Vec<f32>> {

@@ -9,6 +9,7 @@
 
 #include <math.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -18,6 +19,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __align__(n) alignas(n)
 #define __shared__ static thread_local
 
 struct uint3 {
@@ -45,6 +47,8 @@ struct alignas(16) uint4 {
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 struct __nv_bfloat16 {
     uint16_t bits;
@@ -79,17 +83,22 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __expf(float x) { return expf(x); }
 
 void fora_emulation_syncthreads();
+void fora_emulation_syncwarp();
 float fora_emulation_shfl_xor(float v, int lane_mask);
+// Warp-collective tensor-core operations, with the PTX fragment layouts (common.cuh's ldmatrix_*,
+// mma_bf16_16816; attention.cu's mma_bf16_1688 with k = 8).
+void fora_emulation_ldmatrix(int matrices, bool trans, const void* row, uint32_t* out);
+void fora_emulation_mma(int k, float* c, const uint32_t* a, const uint32_t* b);
+void fora_emulation_cp_async(void* smem, const void* gmem, int src_bytes);
 void* fora_emulation_dynamic_smem_bytes();
 template <typename T>
 T* fora_emulation_dynamic_smem() {
     return static_cast<T*>(fora_emulation_dynamic_smem_bytes());
 }
 inline void __syncthreads() { fora_emulation_syncthreads(); }
+inline void __syncwarp(unsigned /*mask: every lane*/ = 0xffffffffu) { fora_emulation_syncwarp(); }
+using std::max;
+using std::min;
 inline float __shfl_xor_sync(unsigned /*mask: every lane*/, float v, int lane_mask) {
     return fora_emulation_shfl_xor(v, lane_mask);
-}
-// Only referenced by helpers of kernels the emulator does not run (ldmatrix, cp.async).
-inline unsigned long long __cvta_generic_to_shared(const void* p) {
-    return reinterpret_cast<unsigned long long>(p);
 }

@@ -1,7 +1,7 @@
 // The emulator's runner (see cuda_emulation.h), built by tests/kernel_emulation.rs into a shared
-// library together with kernels/embed.cu, fora.cu and norm.cu (each its own translation unit,
-// compiled as C++ with -DFORA_EMULATION): fora_emulate_launch(name, grid, block,
-// shared_mem_bytes, params) runs one kernel launch to completion.
+// library together with kernels/embed.cu, fora.cu, norm.cu, attention.cu and gemm.cu (each its
+// own translation unit, compiled as C++ with -DFORA_EMULATION): fora_emulate_launch(name, grid,
+// block, shared_mem_bytes, params) runs one kernel launch to completion.
 //
 // Every CUDA thread of a block is a fiber (ucontext) on the calling OS thread; blocks run one
 // after another. A fiber runs until it reaches a barrier (__syncthreads, or one of the two
@@ -29,6 +29,17 @@ void fora_reuse(const ForaReuseParams p);
 void fora_reuse_final(const ForaReuseFinalParams p);
 void layernorm_modulate(const LayerNormModulateParams p);
 void residual_layernorm(const ResidualLayerNormParams p);
+void attention_d64(const AttentionParams p);
+void attention_d72(const AttentionParams p);
+void attention_d128(const AttentionParams p);
+void attention_v2_d64(const AttentionParams p);
+void attention_v2_d72(const AttentionParams p);
+void attention_v2_d128(const AttentionParams p);
+void gemm_bf16_128x128(const GemmParams p);
+void gemm_bf16_128x128_k64(const GemmParams p);
+void gemm_bf16_64x128(const GemmParams p);
+void gemm_bf16_32x128(const GemmParams p);
+void gemm_epilogue_f32(const GemmEpilogueParams p);
 }
 
 namespace {
@@ -60,13 +71,19 @@ constexpr size_t kStackBytes = 64 * 1024;  // the kernels' frames are a few KiB
 struct Launch {
     Kernel kernel = nullptr;
     const void* params = nullptr;
-    unsigned grid = 0, block = 0;
+    dim3 grid_dim;
+    unsigned block = 0;
     std::vector<Fiber> fibers;
     ucontext_t scheduler;
     Barrier block_barrier;
     std::vector<Barrier> warp_barriers;
     std::vector<float> warp_slots;  // 32 per warp
-    std::vector<unsigned char> dynamic_smem;
+    // Per warp and lane: an address and 8 registers, for the warp-collective operations.
+    std::vector<const void*> warp_addrs;
+    std::vector<uint32_t> warp_regs;
+    std::vector<unsigned char> smem_storage;
+    unsigned char* dynamic_smem = nullptr;  // 1024-byte aligned inside smem_storage
+    size_t dynamic_smem_bytes = 0;
     unsigned current = 0;  // the running fiber
 };
 
@@ -97,7 +114,7 @@ void fiber_main(int index) {
     // Returning switches to uc_link, the scheduler.
 }
 
-void run_block(Launch& l, unsigned b) {
+void run_block(Launch& l, uint3 b) {
     const unsigned n = l.block;
     l.block_barrier = Barrier{static_cast<int>(n), 0, 0};
     for (unsigned w = 0; w < l.warp_barriers.size(); ++w) {
@@ -105,7 +122,7 @@ void run_block(Launch& l, unsigned b) {
         l.warp_barriers[w] = Barrier{static_cast<int>(lanes), 0, 0};
     }
     // Uninitialized shared memory: NaN bytes, so reading unwritten smem shows.
-    std::memset(l.dynamic_smem.data(), 0xff, l.dynamic_smem.size());
+    std::memset(l.dynamic_smem, 0xff, l.dynamic_smem_bytes);
     for (unsigned t = 0; t < n; ++t) {
         Fiber& f = l.fibers[t];
         f.done = false;
@@ -115,9 +132,9 @@ void run_block(Launch& l, unsigned b) {
         f.context.uc_link = &l.scheduler;
         makecontext(&f.context, reinterpret_cast<void (*)()>(fiber_main), 1, static_cast<int>(t));
     }
-    blockIdx = {b, 0, 0};
+    blockIdx = b;
     blockDim = {n, 1, 1};
-    gridDim = {l.grid, 1, 1};
+    gridDim = l.grid_dim;
     // Round robin until every fiber has returned; a waiting fiber re-checks its barrier.
     for (bool running = true; running;) {
         running = false;
@@ -142,12 +159,25 @@ Kernel find(const std::string& name) {
     if (name == "fora_reuse_final") return call<ForaReuseFinalParams, fora_reuse_final>;
     if (name == "layernorm_modulate") return call<LayerNormModulateParams, layernorm_modulate>;
     if (name == "residual_layernorm") return call<ResidualLayerNormParams, residual_layernorm>;
+    if (name == "attention_d64") return call<AttentionParams, attention_d64>;
+    if (name == "attention_d72") return call<AttentionParams, attention_d72>;
+    if (name == "attention_d128") return call<AttentionParams, attention_d128>;
+    if (name == "attention_v2_d64") return call<AttentionParams, attention_v2_d64>;
+    if (name == "attention_v2_d72") return call<AttentionParams, attention_v2_d72>;
+    if (name == "attention_v2_d128") return call<AttentionParams, attention_v2_d128>;
+    if (name == "gemm_bf16_128x128") return call<GemmParams, gemm_bf16_128x128>;
+    if (name == "gemm_bf16_128x128_k64") return call<GemmParams, gemm_bf16_128x128_k64>;
+    if (name == "gemm_bf16_64x128") return call<GemmParams, gemm_bf16_64x128>;
+    if (name == "gemm_bf16_32x128") return call<GemmParams, gemm_bf16_32x128>;
+    if (name == "gemm_epilogue_f32") return call<GemmEpilogueParams, gemm_epilogue_f32>;
     return nullptr;
 }
 
 }  // namespace
 
 void fora_emulation_syncthreads() { wait_at(launch_state->block_barrier); }
+
+void fora_emulation_syncwarp() { wait_at(launch_state->warp_barriers[launch_state->current / 32]); }
 
 float fora_emulation_shfl_xor(float v, int lane_mask) {
     Launch& l = *launch_state;
@@ -160,26 +190,123 @@ float fora_emulation_shfl_xor(float v, int lane_mask) {
     return other;
 }
 
-void* fora_emulation_dynamic_smem_bytes() { return launch_state->dynamic_smem.data(); }
+namespace {
+
+uint16_t b16_at(const void* row, int col) {
+    uint16_t v;
+    std::memcpy(&v, static_cast<const unsigned char*>(row) + 2 * col, 2);
+    return v;
+}
+
+float bf16_bits_to_f32(uint32_t bits16) {
+    const uint32_t u = bits16 << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+}  // namespace
+
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16: lane 8 m + r gives the address of row
+// r of matrix m; lane i receives of matrix m the pair (row i / 4, columns 2 (i % 4) + {0, 1}),
+// or with .trans (rows 2 (i % 4) + {0, 1}, column i / 4); the first element in the low half.
+void fora_emulation_ldmatrix(int matrices, bool trans, const void* row, uint32_t* out) {
+    Launch& l = *launch_state;
+    const unsigned warp = l.current / 32, lane = l.current % 32;
+    const void** addrs = &l.warp_addrs[warp * 32];
+    addrs[lane] = row;
+    wait_at(l.warp_barriers[warp]);
+    for (int m = 0; m < matrices; ++m) {
+        uint32_t lo, hi;
+        if (!trans) {
+            const void* r = addrs[8 * m + lane / 4];
+            lo = b16_at(r, 2 * (lane % 4));
+            hi = b16_at(r, 2 * (lane % 4) + 1);
+        } else {
+            lo = b16_at(addrs[8 * m + 2 * (lane % 4)], lane / 4);
+            hi = b16_at(addrs[8 * m + 2 * (lane % 4) + 1], lane / 4);
+        }
+        out[m] = lo | (hi << 16);
+    }
+    wait_at(l.warp_barriers[warp]);
+}
+
+// mma.sync.aligned.m16n8k{16,8}.row.col.f32.bf16.bf16.f32, D = A B + C, with g = lane / 4 and
+// q = lane % 4: A regs (k16) a0 = A[g][2q, 2q+1], a1 = A[g+8][2q..], a2 = A[g][2q+8..],
+// a3 = A[g+8][2q+8..] (k8: a0, a1 only); B regs b0 = B[2q, 2q+1][g], b1 = B[2q+8, 2q+9][g]
+// (k8: b0 only); C/D c0, c1 = D[g][2q, 2q+1], c2, c3 = D[g+8][2q, 2q+1]. The products of
+// bf16 values are exact in f32; they are summed in k order (the tensor core's order differs,
+// within the tests' tolerances).
+void fora_emulation_mma(int k, float* c, const uint32_t* a, const uint32_t* b) {
+    Launch& l = *launch_state;
+    const unsigned warp = l.current / 32, lane = l.current % 32;
+    uint32_t* regs = &l.warp_regs[warp * 32 * 8];
+    const int a_regs = k == 16 ? 4 : 2, b_regs = k == 16 ? 2 : 1;
+    for (int i = 0; i < a_regs; ++i) regs[lane * 8 + i] = a[i];
+    for (int i = 0; i < b_regs; ++i) regs[lane * 8 + 4 + i] = b[i];
+    wait_at(l.warp_barriers[warp]);
+    float A[16][16], B[16][8];
+    for (unsigned L = 0; L < 32; ++L) {
+        const int g = L / 4, q = L % 4;
+        const uint32_t* r = &regs[L * 8];
+        const int rows[4] = {g, g + 8, g, g + 8};
+        const int cols[4] = {2 * q, 2 * q, 2 * q + 8, 2 * q + 8};
+        for (int i = 0; i < a_regs; ++i) {
+            A[rows[i]][cols[i]] = bf16_bits_to_f32(r[i] & 0xffffu);
+            A[rows[i]][cols[i] + 1] = bf16_bits_to_f32(r[i] >> 16);
+        }
+        for (int i = 0; i < b_regs; ++i) {
+            B[2 * q + 8 * i][g] = bf16_bits_to_f32(r[4 + i] & 0xffffu);
+            B[2 * q + 8 * i + 1][g] = bf16_bits_to_f32(r[4 + i] >> 16);
+        }
+    }
+    const int g = lane / 4, q = lane % 4;
+    const int out_rows[4] = {g, g, g + 8, g + 8};
+    const int out_cols[4] = {2 * q, 2 * q + 1, 2 * q, 2 * q + 1};
+    for (int i = 0; i < 4; ++i) {
+        float sum = 0.0f;
+        for (int kk = 0; kk < k; ++kk) sum += A[out_rows[i]][kk] * B[kk][out_cols[i]];
+        c[i] += sum;
+    }
+    wait_at(l.warp_barriers[warp]);
+}
+
+// cp.async.cg.shared.global [smem], [gmem], 16, src_bytes: done at once (the kernels' waits
+// are then no-ops); bytes past src_bytes are zero-filled.
+void fora_emulation_cp_async(void* smem, const void* gmem, int src_bytes) {
+    std::memcpy(smem, gmem, static_cast<size_t>(src_bytes));
+    std::memset(static_cast<unsigned char*>(smem) + src_bytes, 0, static_cast<size_t>(16 - src_bytes));
+}
+
+void* fora_emulation_dynamic_smem_bytes() { return launch_state->dynamic_smem; }
 
 // 0: ran; 1: unknown kernel; 2: bad launch shape.
-extern "C" int fora_emulate_launch(const char* name, unsigned grid_x, unsigned block_x,
-                                   unsigned shared_mem_bytes, const void* params) {
+extern "C" int fora_emulate_launch(const char* name, unsigned grid_x, unsigned grid_y,
+                                   unsigned grid_z, unsigned block_x, unsigned shared_mem_bytes,
+                                   const void* params) {
     const Kernel kernel = find(name);
     if (kernel == nullptr) return 1;
-    if (grid_x == 0 || block_x == 0 || block_x > 1024) return 2;
+    if (grid_x == 0 || grid_y == 0 || grid_z == 0 || block_x == 0 || block_x > 1024) return 2;
     Launch l;
     l.kernel = kernel;
     l.params = params;
-    l.grid = grid_x;
+    l.grid_dim = {grid_x, grid_y, grid_z};
     l.block = block_x;
     l.fibers.resize(block_x);
     for (Fiber& f : l.fibers) f.stack.resize(kStackBytes);
-    l.warp_barriers.resize((block_x + 31) / 32);
-    l.warp_slots.assign(l.warp_barriers.size() * 32, 0.0f);
-    l.dynamic_smem.resize(shared_mem_bytes);
+    const unsigned warps = (block_x + 31) / 32;
+    l.warp_barriers.resize(warps);
+    l.warp_slots.assign(warps * 32, 0.0f);
+    l.warp_addrs.assign(warps * 32, nullptr);
+    l.warp_regs.assign(warps * 32 * 8, 0);
+    l.smem_storage.resize(shared_mem_bytes + 1024);
+    const uintptr_t base = reinterpret_cast<uintptr_t>(l.smem_storage.data());
+    l.dynamic_smem = l.smem_storage.data() + ((1024 - base % 1024) % 1024);
+    l.dynamic_smem_bytes = shared_mem_bytes;
     launch_state = &l;
-    for (unsigned b = 0; b < grid_x; ++b) run_block(l, b);
+    for (unsigned z = 0; z < grid_z; ++z)
+        for (unsigned y = 0; y < grid_y; ++y)
+            for (unsigned x = 0; x < grid_x; ++x) run_block(l, uint3{x, y, z});
     launch_state = nullptr;
     return 0;
 }
