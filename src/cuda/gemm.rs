@@ -16,14 +16,14 @@
 //! cannot do) is sized at construction, so launches can be captured in CUDA graphs.
 
 use super::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
-use super::device::{dptr, Gpu};
+use super::device::{dptr, Gpu, KernelLauncher};
 use super::params::{
     GemmEpilogueParams, GemmParams, FORA_EPI_BIAS_BF16, FORA_EPI_BIAS_F32,
     FORA_EPI_BIAS_GATE_RESIDUAL, FORA_EPI_BIAS_GELU_BF16, FORA_EPI_PARTIAL_F32,
 };
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice};
 use std::str::FromStr;
 
 /// Which GEMM implementation runs.
@@ -433,7 +433,6 @@ pub struct Gemm {
     tiles: Vec<(Tile, CudaFunction)>,
     /// The Hopper kernels; loaded for [`GemmImpl::Wgmma`] only.
     wgmma_tiles: Vec<(WgmmaTile, CudaFunction)>,
-    epilogue_fn: CudaFunction,
     lt: Option<CublasLt>,
     /// f32 [scratch_len] for cuBLASLt products that still need the epilogue kernel.
     scratch: Option<CudaSlice<f32>>,
@@ -476,7 +475,8 @@ impl Gemm {
             })?;
             tiles.push((tile, f));
         }
-        let epilogue_fn = gpu.function("gemm_epilogue_f32")?;
+        // Launched by name; loading it now makes a binary without it fail here, clearly.
+        gpu.function("gemm_epilogue_f32")?;
         let mut wgmma_tiles = Vec::new();
         if imp == GemmImpl::Wgmma {
             let (major, minor) = gpu.compute_capability();
@@ -517,7 +517,6 @@ impl Gemm {
             imp,
             tiles,
             wgmma_tiles,
-            epilogue_fn,
             lt,
             scratch,
             splitk,
@@ -548,6 +547,11 @@ impl Gemm {
     /// split-K picked by shape.
     pub fn run_custom(&self, gpu: &Gpu, p: &GemmParams, tile: Option<Tile>) -> Result<()> {
         self.run_custom_split(gpu, p, tile, None)
+    }
+
+    /// The split-K workspace as (device address, f32 elements), when this engine has one.
+    fn splitk_workspace(&self) -> Option<(u64, usize)> {
+        self.splitk.as_ref().map(|w| (dptr(w), w.len()))
     }
 
     /// The tile variant and split-K slice count the custom path uses for a shape.
@@ -581,13 +585,19 @@ impl Gemm {
             (1..=64).contains(&splits),
             "GEMM: split-K slices must be 1..=64, got {splits}"
         );
-        let f = self
-            .tiles
-            .iter()
-            .find(|(x, _)| *x == tile)
-            .map(|(_, f)| f)
-            .with_context(|| format!("GEMM kernel {} not loaded", tile.spec().name))?;
-        self.launch_tiled(gpu, p, f, &tile.spec(), tile.smem_bytes(), splits)
+        ensure!(
+            self.tiles.iter().any(|(x, _)| *x == tile),
+            "GEMM kernel {} not loaded",
+            tile.spec().name
+        );
+        launch_tiled(
+            gpu,
+            p,
+            &tile.spec(),
+            tile.smem_bytes(),
+            splits,
+            self.splitk_workspace(),
+        )
     }
 
     /// The tile variant and split-K slice count the wgmma path uses for a shape.
@@ -627,93 +637,19 @@ impl Gemm {
             (1..=64).contains(&splits),
             "GEMM: split-K slices must be 1..=64, got {splits}"
         );
-        let f = self
-            .wgmma_tiles
-            .iter()
-            .find(|(x, _)| *x == tile)
-            .map(|(_, f)| f)
-            .with_context(|| format!("GEMM kernel {} not loaded", tile.kernel_name()))?;
-        self.launch_tiled(gpu, p, f, &tile.spec(), tile.smem_bytes(), splits)
-    }
-
-    /// Launches a tiled GEMM kernel (grid: N tiles x M tiles x slices) on validated params;
-    /// more than one slice writes f32 partial sums to the split-K workspace, and the epilogue
-    /// kernel adds them in order and applies the epilogue.
-    fn launch_tiled(
-        &self,
-        gpu: &Gpu,
-        p: &GemmParams,
-        f: &CudaFunction,
-        t: &TileSpec,
-        smem_bytes: u32,
-        splits: u32,
-    ) -> Result<()> {
-        let (m, n) = (p.m as usize, p.n as usize);
-        let grid_y = (p.m as u32).div_ceil(t.bm);
         ensure!(
-            grid_y <= 65535,
-            "GEMM: M={} needs {grid_y} row tiles of {}, more than 65535",
-            p.m,
-            t.bm
+            self.wgmma_tiles.iter().any(|(x, _)| *x == tile),
+            "GEMM kernel {} not loaded",
+            tile.kernel_name()
         );
-        let cfg = LaunchConfig {
-            grid_dim: ((p.n as u32).div_ceil(t.bn), grid_y, splits),
-            block_dim: (t.threads, 1, 1),
-            shared_mem_bytes: smem_bytes,
-        };
-        if splits == 1 {
-            // SAFETY: `validate` checked the shapes, strides, alignment and non-null pointers
-            // the kernel relies on; the buffers' extents are the caller's contract.
-            unsafe { gpu.stream().launch_builder(f).arg(p).launch(cfg) }
-                .with_context(|| format!("launching {} (M={} N={} K={})", t.name, p.m, p.n, p.k))?;
-            return Ok(());
-        }
-        let ws = self
-            .splitk
-            .as_ref()
-            .context("GEMM: no split-K workspace (this Gemm was built for cuBLASLt)")?;
-        ensure!(
-            splits as usize * m * n <= ws.len(),
-            "GEMM: {splits} split-K slices of M*N = {m}*{n} exceed the workspace of {} elements",
-            ws.len()
-        );
-        let partial = GemmParams {
-            bias: 0,
-            out: dptr(ws),
-            cache: 0,
-            gate: 0,
-            ldo: p.n,
-            ldc: 0,
-            ldg: 0,
-            rows_per_gate: 1,
-            epilogue: FORA_EPI_PARTIAL_F32 as i32,
-            ..*p
-        };
-        // SAFETY: as above for A and W; the partial sums go to the workspace, whose size was
-        // checked against splits x M x N.
-        unsafe { gpu.stream().launch_builder(f).arg(&partial).launch(cfg) }.with_context(|| {
-            format!(
-                "launching {} split-K x{splits} (M={} N={} K={})",
-                t.name, p.m, p.n, p.k
-            )
-        })?;
-        let ep = GemmEpilogueParams {
-            acc: dptr(ws),
-            bias: p.bias,
-            out: p.out,
-            cache: p.cache,
-            gate: p.gate,
-            m: p.m,
-            n: p.n,
-            ld_acc: p.n,
-            ldo: p.ldo,
-            ldc: p.ldc,
-            ldg: p.ldg,
-            rows_per_gate: p.rows_per_gate,
-            epilogue: p.epilogue,
-            splits: splits as i32,
-        };
-        launch_epilogue(gpu, &self.epilogue_fn, &ep, self.sm_count)
+        launch_tiled(
+            gpu,
+            p,
+            &tile.spec(),
+            tile.smem_bytes(),
+            splits,
+            self.splitk_workspace(),
+        )
     }
 
     /// cuBLASLt with its fused bias / GELU-bias epilogue where it has one (else the unfused
@@ -776,7 +712,7 @@ impl Gemm {
             epilogue: p.epilogue,
             splits: 1,
         };
-        launch_epilogue(gpu, &self.epilogue_fn, &ep, self.sm_count)
+        launch_epilogue(gpu, &ep, self.sm_count)
     }
 
     /// Only the product `A @ W^T` of `p` (no bias, no epilogue), by cuBLASLt into the f32
@@ -845,10 +781,102 @@ fn gemm_what(p: &GemmParams, imp: &str) -> String {
     format!("{imp} GEMM M={} N={} K={}", p.m, p.n, p.k)
 }
 
+/// Runs the custom mma.sync GEMM kernel of `tile` with `splits` split-K slices on `gpu` (a
+/// device or the CPU emulator): validates `p` and launches what [`Gemm::run_custom_split`]
+/// launches. More than one slice needs `splitk`, an f32 workspace of at least
+/// `splits * M * N` elements (device address, elements).
+pub fn launch_custom(
+    gpu: &impl KernelLauncher,
+    p: &GemmParams,
+    tile: Tile,
+    splits: u32,
+    splitk: Option<(u64, usize)>,
+) -> Result<()> {
+    validate(p)?;
+    ensure!(
+        (1..=64).contains(&splits),
+        "GEMM: split-K slices must be 1..=64, got {splits}"
+    );
+    gpu.allow_dynamic_shared_memory(tile.spec().name, tile.smem_bytes())?;
+    launch_tiled(gpu, p, &tile.spec(), tile.smem_bytes(), splits, splitk)
+}
+
+/// Launches a tiled GEMM kernel (grid: N tiles x M tiles x slices) on validated params; more
+/// than one slice writes f32 partial sums to the split-K workspace `splitk` (device address,
+/// elements), and the epilogue kernel adds them in order and applies the epilogue.
+fn launch_tiled(
+    gpu: &impl KernelLauncher,
+    p: &GemmParams,
+    t: &TileSpec,
+    smem_bytes: u32,
+    splits: u32,
+    splitk: Option<(u64, usize)>,
+) -> Result<()> {
+    let (m, n) = (p.m as usize, p.n as usize);
+    let grid_y = (p.m as u32).div_ceil(t.bm);
+    ensure!(
+        grid_y <= 65535,
+        "GEMM: M={} needs {grid_y} row tiles of {}, more than 65535",
+        p.m,
+        t.bm
+    );
+    let grid = ((p.n as u32).div_ceil(t.bn), grid_y, splits);
+    let block = (t.threads, 1, 1);
+    if splits == 1 {
+        // SAFETY: `validate` checked the shapes, strides, alignment and non-null pointers the
+        // kernel relies on; the buffers' extents are the caller's contract.
+        unsafe { gpu.launch_kernel(t.name, grid, block, smem_bytes, p) }
+            .with_context(|| format!("launching {} (M={} N={} K={})", t.name, p.m, p.n, p.k))?;
+        return Ok(());
+    }
+    let (ws, ws_len) =
+        splitk.context("GEMM: no split-K workspace (this Gemm was built for cuBLASLt)")?;
+    ensure!(
+        splits as usize * m * n <= ws_len,
+        "GEMM: {splits} split-K slices of M*N = {m}*{n} exceed the workspace of {ws_len} elements"
+    );
+    let partial = GemmParams {
+        bias: 0,
+        out: ws,
+        cache: 0,
+        gate: 0,
+        ldo: p.n,
+        ldc: 0,
+        ldg: 0,
+        rows_per_gate: 1,
+        epilogue: FORA_EPI_PARTIAL_F32 as i32,
+        ..*p
+    };
+    // SAFETY: as above for A and W; the partial sums go to the workspace, whose size was
+    // checked against splits x M x N.
+    unsafe { gpu.launch_kernel(t.name, grid, block, smem_bytes, &partial) }.with_context(|| {
+        format!(
+            "launching {} split-K x{splits} (M={} N={} K={})",
+            t.name, p.m, p.n, p.k
+        )
+    })?;
+    let ep = GemmEpilogueParams {
+        acc: ws,
+        bias: p.bias,
+        out: p.out,
+        cache: p.cache,
+        gate: p.gate,
+        m: p.m,
+        n: p.n,
+        ld_acc: p.n,
+        ldo: p.ldo,
+        ldc: p.ldc,
+        ldg: p.ldg,
+        rows_per_gate: p.rows_per_gate,
+        epilogue: p.epilogue,
+        splits: splits as i32,
+    };
+    launch_epilogue(gpu, &ep, gpu.multiprocessors())
+}
+
 /// Launches `gemm_epilogue_f32` over acc[M, ld_acc] (grid-stride, a few waves of CTAs).
 pub fn launch_epilogue(
-    gpu: &Gpu,
-    f: &CudaFunction,
+    gpu: &impl KernelLauncher,
     p: &GemmEpilogueParams,
     sm_count: usize,
 ) -> Result<()> {
@@ -879,14 +907,17 @@ pub fn launch_epilogue(
     let blocks = pairs
         .div_ceil(threads as u64)
         .min(sm_count.max(1) as u64 * 16) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks.max(1), 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
     // SAFETY: the GemmParams this came from passed `validate`; acc is checked above.
-    unsafe { gpu.stream().launch_builder(f).arg(p).launch(cfg) }
-        .with_context(|| format!("launching gemm_epilogue_f32 (M={} N={})", p.m, p.n))?;
+    unsafe {
+        gpu.launch_kernel(
+            "gemm_epilogue_f32",
+            (blocks.max(1), 1, 1),
+            (threads, 1, 1),
+            0,
+            p,
+        )
+    }
+    .with_context(|| format!("launching gemm_epilogue_f32 (M={} N={})", p.m, p.n))?;
     Ok(())
 }
 
