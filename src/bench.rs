@@ -40,7 +40,7 @@ use crate::cuda::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
 use crate::cuda::embed::patch_embed;
 use crate::cuda::fora::{fora_reuse, fora_reuse_final};
 use crate::cuda::gemm::{Epilogue, Gemm, GemmImpl};
-use crate::cuda::model::ada_cols;
+use crate::cuda::model::{ada_cols, reuse_final_params};
 use crate::cuda::norm::{layernorm_modulate, residual_layernorm};
 use crate::cuda::params::{
     AttentionParams, ForaReuseFinalParams, ForaReuseParams, GemmParams, LayerNormModulateParams,
@@ -1901,7 +1901,6 @@ fn bench_fora_reuse_final(
     let weight_t = random_f32(gpu, k * d, 0.1, 690, "fused embed weight")?;
     let bias = random_f32(gpu, d, 0.1, 691, "fused embed bias")?;
     let pos = random_f32(gpu, t * d, 1.0, 692, "fused pos")?;
-    let fin = l * 6 * d;
     let params = |i: usize| {
         let (lat, cache, m, out) = &sets[i % copies];
         ForaReuseFinalParams {
@@ -1912,23 +1911,7 @@ fn bench_fora_reuse_final(
             cache: dptr(cache),
             modulation: dptr(m),
             out: dptr(out),
-            x: 0,
-            slab: slab as i64,
-            images: rows as i32,
-            rows: rows as i32,
-            channels: cfg.in_channels as i32,
-            height: cfg.input_size as i32,
-            width: cfg.input_size as i32,
-            patch: cfg.patch as i32,
-            dim: d as i32,
-            layers: l as i32,
-            ld_mod: cols as i32,
-            layer_cols: (6 * d) as i32,
-            gate_msa_col: (2 * d) as i32,
-            gate_mlp_col: (5 * d) as i32,
-            shift_col: fin as i32,
-            scale_col: (fin + d) as i32,
-            eps: 1e-6,
+            ..reuse_final_params(cfg, rows, rows)
         }
     };
     let (stats, per_replay) =

@@ -413,6 +413,26 @@ pub fn check_dims(kernel: &str, dims: &[(&str, i32)]) -> Result<()> {
     Ok(())
 }
 
+/// The latent grid of a launch: `images`, `rows`, `channels`, `height`, `width` and `patch`
+/// positive, the sides whole numbers of patches. Returns (tokens per row, C*p*p).
+pub fn check_latent_grid(kernel: &str, g: [i32; 6]) -> Result<(i64, i64)> {
+    let [images, rows, channels, height, width, patch] = g;
+    check_dims(
+        kernel,
+        &[
+            ("images", images),
+            ("rows", rows),
+            ("channels", channels),
+            ("height", height),
+            ("width", width),
+            ("patch", patch),
+        ],
+    )?;
+    check_patch_grid(kernel, height, width, patch)?;
+    let tokens = (height / patch) as i64 * (width / patch) as i64;
+    Ok((tokens, channels as i64 * patch as i64 * patch as i64))
+}
+
 /// The latent's sides are whole numbers of patches.
 pub fn check_patch_grid(kernel: &str, height: i32, width: i32, patch: i32) -> Result<()> {
     ensure!(

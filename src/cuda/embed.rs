@@ -3,7 +3,7 @@
 //! share their image without a copy). The conv weight comes transposed, `[C*p*p, D]`
 //! ([`transpose_patch_weight`]), so that the kernel's weight loads are coalesced.
 
-use super::device::{check_dims, check_patch_grid, check_ptr, grid_x, KernelLauncher};
+use super::device::{check_latent_grid, check_positive, check_ptr, grid_x, KernelLauncher};
 use super::params::PatchEmbedParams;
 use anyhow::{ensure, Result};
 
@@ -29,20 +29,11 @@ pub fn transpose_patch_weight(weight: &[f32], dim: usize) -> Vec<f32> {
 /// Validates `p` and returns the grid of [`patch_embed`] and its dynamic shared memory bytes.
 pub fn patch_embed_plan(p: &PatchEmbedParams) -> Result<((u32, u32, u32), u32)> {
     const K: &str = "patch_embed";
-    check_dims(
+    let (tokens, k) = check_latent_grid(
         K,
-        &[
-            ("images", p.images),
-            ("rows", p.rows),
-            ("channels", p.channels),
-            ("height", p.height),
-            ("width", p.width),
-            ("patch", p.patch),
-            ("dim", p.dim),
-        ],
+        [p.images, p.rows, p.channels, p.height, p.width, p.patch],
     )?;
-    check_patch_grid(K, p.height, p.width, p.patch)?;
-    let k = p.channels as i64 * p.patch as i64 * p.patch as i64;
+    check_positive(K, "dim", p.dim.into())?;
     ensure!(
         k <= MAX_PATCH_ELEMENTS as i64,
         "{K}: C*p*p = {k} exceeds the kernel's {MAX_PATCH_ELEMENTS}"
@@ -56,7 +47,6 @@ pub fn patch_embed_plan(p: &PatchEmbedParams) -> Result<((u32, u32, u32), u32)> 
     ] {
         check_ptr(K, f, ptr, 4)?;
     }
-    let tokens = (p.height / p.patch) as i64 * (p.width / p.patch) as i64;
     let grid = grid_x(K, p.rows as i64 * tokens, TOKENS_PER_BLOCK)?;
     Ok(((grid, 1, 1), (TOKENS_PER_BLOCK * k * 4) as u32))
 }

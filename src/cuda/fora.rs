@@ -4,9 +4,7 @@
 //! the fused reuse forward, which does the same between the patch embedding and the final
 //! LayerNorm + modulate, all in one launch.
 
-use super::device::{
-    check_dims, check_patch_grid, check_positive, check_ptr, grid_x, KernelLauncher,
-};
+use super::device::{check_latent_grid, check_positive, check_ptr, grid_x, KernelLauncher};
 use super::params::{ForaReuseFinalParams, ForaReuseParams};
 use anyhow::{ensure, Result};
 
@@ -139,25 +137,15 @@ pub fn fused_reuse_unsupported(dim: usize, patch_elements: usize) -> Option<Stri
 /// Validates `p` and returns the grid and block of [`fora_reuse_final`].
 pub fn fora_reuse_final_plan(p: &ForaReuseFinalParams) -> Result<((u32, u32, u32), u32)> {
     const K: &str = "fora_reuse_final";
-    check_dims(
+    let (tokens, k) = check_latent_grid(
         K,
-        &[
-            ("images", p.images),
-            ("rows", p.rows),
-            ("channels", p.channels),
-            ("height", p.height),
-            ("width", p.width),
-            ("patch", p.patch),
-            ("dim", p.dim),
-            ("layers", p.layers),
-        ],
+        [p.images, p.rows, p.channels, p.height, p.width, p.patch],
     )?;
-    check_patch_grid(K, p.height, p.width, p.patch)?;
-    let k = p.channels as i64 * p.patch as i64 * p.patch as i64;
+    check_positive(K, "dim", p.dim.into())?;
+    check_positive(K, "layers", p.layers.into())?;
     if let Some(why) = fused_reuse_unsupported(p.dim as usize, k as usize) {
         anyhow::bail!("{why}");
     }
-    let tokens = (p.height / p.patch) as i64 * (p.width / p.patch) as i64;
     let total = p.rows as i64 * tokens * p.dim as i64;
     ensure!(
         p.slab >= total && p.slab % VEC == 0,

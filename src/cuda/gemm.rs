@@ -696,23 +696,7 @@ impl Gemm {
     /// epilogue). Errors when M * N exceeds the scratch sized at construction.
     pub fn run_cublaslt_unfused(&self, gpu: &Gpu, p: &GemmParams) -> Result<()> {
         let acc = self.cublaslt_product(p)?;
-        let ep = GemmEpilogueParams {
-            acc,
-            bias: p.bias,
-            out: p.out,
-            cache: p.cache,
-            gate: p.gate,
-            m: p.m,
-            n: p.n,
-            ld_acc: p.n,
-            ldo: p.ldo,
-            ldc: p.ldc,
-            ldg: p.ldg,
-            rows_per_gate: p.rows_per_gate,
-            epilogue: p.epilogue,
-            splits: 1,
-        };
-        launch_epilogue(gpu, &ep, self.sm_count)
+        launch_epilogue(gpu, &epilogue_params(p, acc, 1), self.sm_count)
     }
 
     /// Only the product `A @ W^T` of `p` (no bias, no epilogue), by cuBLASLt into the f32
@@ -779,6 +763,26 @@ impl Gemm {
 
 fn gemm_what(p: &GemmParams, imp: &str) -> String {
     format!("{imp} GEMM M={} N={} K={}", p.m, p.n, p.k)
+}
+
+/// The stand-alone epilogue of `p` over `splits` f32 slices `[M, N]` at `acc`.
+fn epilogue_params(p: &GemmParams, acc: u64, splits: u32) -> GemmEpilogueParams {
+    GemmEpilogueParams {
+        acc,
+        bias: p.bias,
+        out: p.out,
+        cache: p.cache,
+        gate: p.gate,
+        m: p.m,
+        n: p.n,
+        ld_acc: p.n,
+        ldo: p.ldo,
+        ldc: p.ldc,
+        ldg: p.ldg,
+        rows_per_gate: p.rows_per_gate,
+        epilogue: p.epilogue,
+        splits: splits as i32,
+    }
 }
 
 /// Runs the custom mma.sync GEMM kernel of `tile` with `splits` split-K slices on `gpu` (a
@@ -855,23 +859,7 @@ fn launch_tiled(
             t.name, p.m, p.n, p.k
         )
     })?;
-    let ep = GemmEpilogueParams {
-        acc: ws,
-        bias: p.bias,
-        out: p.out,
-        cache: p.cache,
-        gate: p.gate,
-        m: p.m,
-        n: p.n,
-        ld_acc: p.n,
-        ldo: p.ldo,
-        ldc: p.ldc,
-        ldg: p.ldg,
-        rows_per_gate: p.rows_per_gate,
-        epilogue: p.epilogue,
-        splits: splits as i32,
-    };
-    launch_epilogue(gpu, &ep, gpu.multiprocessors())
+    launch_epilogue(gpu, &epilogue_params(p, ws, splits), gpu.multiprocessors())
 }
 
 /// Launches `gemm_epilogue_f32` over acc[M, ld_acc] (grid-stride, a few waves of CTAs).

@@ -273,6 +273,39 @@ pub fn max_gemm_mn(cfg: &DitConfig, rows: usize) -> usize {
     .unwrap_or(0)
 }
 
+/// The sizes and modulation-table columns of `fora_reuse_final` for `rows` model rows of a
+/// DiT reading `images` images (every pointer 0, x not written): the caller adds its buffers.
+pub fn reuse_final_params(cfg: &DitConfig, rows: usize, images: usize) -> ForaReuseFinalParams {
+    let d = cfg.hidden;
+    let fin = cfg.depth * 6 * d;
+    ForaReuseFinalParams {
+        latents: 0,
+        embed_weight_t: 0,
+        embed_bias: 0,
+        pos: 0,
+        cache: 0,
+        modulation: 0,
+        out: 0,
+        x: 0,
+        slab: (rows * cfg.tokens() * d) as i64,
+        images: images as i32,
+        rows: rows as i32,
+        channels: cfg.in_channels as i32,
+        height: cfg.input_size as i32,
+        width: cfg.input_size as i32,
+        patch: cfg.patch as i32,
+        dim: d as i32,
+        layers: cfg.depth as i32,
+        ld_mod: ada_cols(cfg) as i32,
+        layer_cols: (6 * d) as i32,
+        gate_msa_col: (2 * d) as i32,
+        gate_mlp_col: (5 * d) as i32,
+        shift_col: fin as i32,
+        scale_col: (fin + d) as i32,
+        eps: 1e-6,
+    }
+}
+
 /// A plain GEMM's params: dense row-major operands, no cache or gate.
 #[allow(clippy::too_many_arguments)] // the eight numbers of one GEMM, named at every call
 fn gemm_params(
@@ -649,7 +682,6 @@ impl GpuModel {
                 }
             }
             StepMode::Reuse if fused => {
-                let fin = cfg.depth * 6 * d;
                 let _reuse = crate::nvtx_range!("fora_reuse_final");
                 super::fora::fora_reuse_final(
                     gpu,
@@ -661,23 +693,7 @@ impl GpuModel {
                         cache: acts.cache.as_ref().map(dptr).unwrap_or(0),
                         modulation: table,
                         out: dptr(&acts.xn),
-                        x: 0,
-                        slab: slab as i64,
-                        images: images as i32,
-                        rows: rows as i32,
-                        channels: cfg.in_channels as i32,
-                        height: cfg.input_size as i32,
-                        width: cfg.input_size as i32,
-                        patch: cfg.patch as i32,
-                        dim: d as i32,
-                        layers: cfg.depth as i32,
-                        ld_mod: cols as i32,
-                        layer_cols: (6 * d) as i32,
-                        gate_msa_col: (2 * d) as i32,
-                        gate_mlp_col: (5 * d) as i32,
-                        shift_col: fin as i32,
-                        scale_col: (fin + d) as i32,
-                        eps: 1e-6,
+                        ..reuse_final_params(cfg, rows, images)
                     },
                 )?;
             }

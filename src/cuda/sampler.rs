@@ -8,7 +8,9 @@
 //! flat index)` (Philox4x32-10 + Box-Muller), the same numbers as the CPU's to within an ulp or
 //! two of log/cos/sin (see kernels/philox.cuh).
 
-use super::device::{check_dims, check_patch_grid, check_positive, check_ptr, grid_x, Gpu};
+use super::device::{
+    check_dims, check_latent_grid, check_patch_grid, check_positive, check_ptr, grid_x, Gpu,
+};
 use super::params::{
     NormalFillParams, SamplerStepParams, UnpatchifyParams, FORA_SAMPLER_DDIM, FORA_SAMPLER_DDPM,
 };
@@ -74,18 +76,10 @@ pub fn set_update(p: &mut SamplerStepParams, update: &StepUpdate) {
 /// Validates `p` and returns the grid of [`sampler_step`].
 pub fn sampler_step_plan(p: &SamplerStepParams) -> Result<(u32, u32, u32)> {
     const K: &str = "sampler_step";
-    check_dims(
+    check_latent_grid(
         K,
-        &[
-            ("images", p.images),
-            ("rows", p.rows),
-            ("channels", p.channels),
-            ("height", p.height),
-            ("width", p.width),
-            ("patch", p.patch),
-        ],
+        [p.images, p.rows, p.channels, p.height, p.width, p.patch],
     )?;
-    check_patch_grid(K, p.height, p.width, p.patch)?;
     ensure!(
         p.rows == p.images || p.rows as i64 == 2 * p.images as i64,
         "{K}: rows {} must be images {} (no guidance) or 2*images (guidance)",
