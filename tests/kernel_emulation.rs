@@ -1,5 +1,4 @@
-//! The kernels run on the CPU: kernels/embed.cu, norm.cu, fora.cu, attention.cu and gemm.cu
-//! compiled as host C++ against a CUDA emulator (tests/emulation: every CUDA thread a fiber,
+//! The kernels run on the CPU: every kernels/*.cu but gemm_sm90.cu (wgmma) compiled as host C++ against a CUDA emulator (tests/emulation: every CUDA thread a fiber,
 //! blocks one after another, __syncthreads, warp shuffles, ldmatrix and mma.sync carried out by
 //! the warp's lanes together with the PTX fragment layouts, cp.async as a plain copy), launched
 //! through the crate's own launchers (their validation, grid, block and shared memory), and
@@ -149,8 +148,13 @@ impl KernelLauncher for Emulator {
 impl TestDevice for Emulator {
     type F32 = HostBuf<f32>;
     type Bf16 = HostBuf<bf16>;
+    type I32 = HostBuf<i32>;
 
     fn upload_f32(&self, v: &[f32]) -> Result<HostBuf<f32>> {
+        Ok(HostBuf::from_slice(v))
+    }
+
+    fn upload_i32(&self, v: &[i32]) -> Result<HostBuf<i32>> {
         Ok(HostBuf::from_slice(v))
     }
 
@@ -186,7 +190,15 @@ impl TestDevice for Emulator {
 }
 
 /// The kernel sources the emulator builds (gemm_sm90.cu's wgmma is not emulated).
-const EMULATED_SOURCES: [&str; 5] = ["embed.cu", "fora.cu", "norm.cu", "attention.cu", "gemm.cu"];
+const EMULATED_SOURCES: [&str; 7] = [
+    "conditioning.cu",
+    "embed.cu",
+    "norm.cu",
+    "fora.cu",
+    "sampler.cu",
+    "attention.cu",
+    "gemm.cu",
+];
 
 /// The first C++ compiler of `CXX`, g++, c++, clang++ that runs.
 fn compiler() -> Option<String> {
@@ -276,6 +288,54 @@ fn emulator(test: &str) -> Option<&'static Emulator> {
 }
 
 #[test]
+fn emulated_timestep_embedding() -> Result<()> {
+    let Some(emu) = emulator("emulated_timestep_embedding") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_timestep_embedding(emu)
+}
+
+#[test]
+fn emulated_silu() -> Result<()> {
+    let Some(emu) = emulator("emulated_silu") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_silu(emu)
+}
+
+#[test]
+fn emulated_label_silu() -> Result<()> {
+    let Some(emu) = emulator("emulated_label_silu") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_label_silu(emu)
+}
+
+#[test]
+fn emulated_sampler_step() -> Result<()> {
+    let Some(emu) = emulator("emulated_sampler_step") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_sampler_step(emu)
+}
+
+#[test]
+fn emulated_unpatchify() -> Result<()> {
+    let Some(emu) = emulator("emulated_unpatchify") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_unpatchify(emu)
+}
+
+#[test]
+fn emulated_normal_fill() -> Result<()> {
+    let Some(emu) = emulator("emulated_normal_fill") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_normal_fill(emu)
+}
+
+#[test]
 fn emulated_patch_embed() -> Result<()> {
     let Some(emu) = emulator("emulated_patch_embed") else {
         return Ok(());
@@ -324,7 +384,7 @@ fn emulator_refuses_what_it_cannot_run() {
     };
     let p = 0u64;
     // SAFETY: refused before anything runs.
-    let e = unsafe { emu.launch_kernel("sampler_step", (1, 1, 1), (32, 1, 1), 0, &p) };
+    let e = unsafe { emu.launch_kernel("gemm_wgmma_128x128", (1, 1, 1), (32, 1, 1), 0, &p) };
     assert!(format!("{:#}", e.unwrap_err()).contains("no kernel"));
     // SAFETY: refused before anything runs.
     let e = unsafe { emu.launch_kernel("fora_reuse", (1, 1, 1), (32, 2, 1), 0, &p) };

@@ -2,7 +2,7 @@
 //! input), the t-MLP's inner SiLU, and SiLU(t_emb + y_emb) (the input of every adaLN Linear).
 //! The timestep values are the ORIGINAL timesteps (0..999) as f32 (exact).
 
-use super::device::{check_positive, check_ptr, grid_x, Gpu};
+use super::device::{check_positive, check_ptr, grid_x, KernelLauncher};
 use super::params::{LabelSiluParams, SiluParams, TimestepEmbedParams};
 use anyhow::{ensure, Result};
 
@@ -26,10 +26,10 @@ pub fn timestep_embedding_plan(p: &TimestepEmbedParams) -> Result<((u32, u32, u3
 }
 
 /// `out[r] = cat[cos(t_r f), sin(t_r f)]` in bf16, `f_j = exp(-ln(10000) j / half)`.
-pub fn timestep_embedding(gpu: &Gpu, p: &TimestepEmbedParams) -> Result<()> {
+pub fn timestep_embedding(gpu: &impl KernelLauncher, p: &TimestepEmbedParams) -> Result<()> {
     let (grid, threads) = timestep_embedding_plan(p)?;
     // SAFETY: validated above; the caller owns buffers of the described sizes.
-    unsafe { gpu.launch("timestep_embedding", grid, (threads, 1, 1), 0, p) }
+    unsafe { gpu.launch_kernel("timestep_embedding", grid, (threads, 1, 1), 0, p) }
 }
 
 /// Validates `p` and returns the grid of [`silu_f32_bf16`].
@@ -52,10 +52,10 @@ pub fn silu_plan(p: &SiluParams) -> Result<(u32, u32, u32)> {
 }
 
 /// `out = bf16(silu(input))` over a `[rows, cols]` matrix.
-pub fn silu_f32_bf16(gpu: &Gpu, p: &SiluParams) -> Result<()> {
+pub fn silu_f32_bf16(gpu: &impl KernelLauncher, p: &SiluParams) -> Result<()> {
     let grid = silu_plan(p)?;
     // SAFETY: validated above.
-    unsafe { gpu.launch("silu_f32_bf16", grid, (THREADS, 1, 1), 0, p) }
+    unsafe { gpu.launch_kernel("silu_f32_bf16", grid, (THREADS, 1, 1), 0, p) }
 }
 
 /// Validates `p` and returns the grid of [`label_silu`].
@@ -76,8 +76,8 @@ pub fn label_silu_plan(p: &LabelSiluParams) -> Result<(u32, u32, u32)> {
 
 /// `out[r] = bf16(silu(t_emb[r] + table[labels[r]]))`. Labels must be validated by the caller
 /// (`< num_labels`); the kernel clamps out-of-range ones instead of reading out of bounds.
-pub fn label_silu(gpu: &Gpu, p: &LabelSiluParams) -> Result<()> {
+pub fn label_silu(gpu: &impl KernelLauncher, p: &LabelSiluParams) -> Result<()> {
     let grid = label_silu_plan(p)?;
     // SAFETY: validated above.
-    unsafe { gpu.launch("label_silu", grid, (THREADS, 1, 1), 0, p) }
+    unsafe { gpu.launch_kernel("label_silu", grid, (THREADS, 1, 1), 0, p) }
 }

@@ -9,7 +9,8 @@
 //! two of log/cos/sin (see kernels/philox.cuh).
 
 use super::device::{
-    check_dims, check_latent_grid, check_patch_grid, check_positive, check_ptr, grid_x, Gpu,
+    check_dims, check_latent_grid, check_patch_grid, check_positive, check_ptr, grid_x,
+    KernelLauncher,
 };
 use super::params::{
     NormalFillParams, SamplerStepParams, UnpatchifyParams, FORA_SAMPLER_DDIM, FORA_SAMPLER_DDPM,
@@ -146,10 +147,10 @@ pub fn sampler_step_plan(p: &SamplerStepParams) -> Result<(u32, u32, u32)> {
 }
 
 /// One sampler update of the latents `x` in place (see the module docs).
-pub fn sampler_step(gpu: &Gpu, p: &SamplerStepParams) -> Result<()> {
+pub fn sampler_step(gpu: &impl KernelLauncher, p: &SamplerStepParams) -> Result<()> {
     let grid = sampler_step_plan(p)?;
     // SAFETY: validated above.
-    unsafe { gpu.launch("sampler_step", grid, (THREADS, 1, 1), 0, p) }
+    unsafe { gpu.launch_kernel("sampler_step", grid, (THREADS, 1, 1), 0, p) }
 }
 
 /// Validates `p` and returns the grid of [`unpatchify`].
@@ -186,10 +187,10 @@ pub fn unpatchify_plan(p: &UnpatchifyParams) -> Result<(u32, u32, u32)> {
 
 /// The final Linear's token-layout output -> images `[rows, out_channels, H, W]`, guided as
 /// `forward_with_cfg` when `guided_channels > 0`.
-pub fn unpatchify(gpu: &Gpu, p: &UnpatchifyParams) -> Result<()> {
+pub fn unpatchify(gpu: &impl KernelLauncher, p: &UnpatchifyParams) -> Result<()> {
     let grid = unpatchify_plan(p)?;
     // SAFETY: validated above.
-    unsafe { gpu.launch("unpatchify", grid, (THREADS, 1, 1), 0, p) }
+    unsafe { gpu.launch_kernel("unpatchify", grid, (THREADS, 1, 1), 0, p) }
 }
 
 /// Validates `p` and returns the grid of [`normal_fill`].
@@ -201,8 +202,8 @@ pub fn normal_fill_plan(p: &NormalFillParams) -> Result<(u32, u32, u32)> {
 }
 
 /// `out[i] = crate::rng::normal(seed, stream, i)` for `i < n` (x_T: stream 0).
-pub fn normal_fill(gpu: &Gpu, p: &NormalFillParams) -> Result<()> {
+pub fn normal_fill(gpu: &impl KernelLauncher, p: &NormalFillParams) -> Result<()> {
     let grid = normal_fill_plan(p)?;
     // SAFETY: validated above.
-    unsafe { gpu.launch("normal_fill", grid, (THREADS, 1, 1), 0, p) }
+    unsafe { gpu.launch_kernel("normal_fill", grid, (THREADS, 1, 1), 0, p) }
 }

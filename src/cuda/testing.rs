@@ -104,7 +104,9 @@ pub fn poison_bf16(gpu: &Gpu, buf: &mut CudaSlice<bf16>) -> Result<()> {
 pub trait TestDevice: KernelLauncher {
     type F32: DeviceAddr;
     type Bf16: DeviceAddr;
+    type I32: DeviceAddr;
     fn upload_f32(&self, v: &[f32]) -> Result<Self::F32>;
+    fn upload_i32(&self, v: &[i32]) -> Result<Self::I32>;
     /// `v` rounded to bf16.
     fn upload_bf16(&self, v: &[f32]) -> Result<Self::Bf16>;
     /// `n` NaNs, so that an element the kernel fails to write fails the test.
@@ -131,8 +133,13 @@ impl<T> DeviceAddr for CudaSlice<T> {
 impl TestDevice for Gpu {
     type F32 = CudaSlice<f32>;
     type Bf16 = CudaSlice<bf16>;
+    type I32 = CudaSlice<i32>;
 
     fn upload_f32(&self, v: &[f32]) -> Result<CudaSlice<f32>> {
+        self.upload(v, "test input")
+    }
+
+    fn upload_i32(&self, v: &[i32]) -> Result<CudaSlice<i32>> {
         self.upload(v, "test input")
     }
 

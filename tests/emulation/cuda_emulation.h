@@ -79,7 +79,20 @@ inline float2 __bfloat1622float2(__nv_bfloat162 v) {
 
 // IEEE single operations (the emulator is built with -ffp-contract=off: no silent FMA).
 inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __uint2float_rn(unsigned v) { return static_cast<float>(v); }
+inline unsigned __umulhi(unsigned a, unsigned b) {
+    return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
+}
+// sin(pi x), cos(pi x) in double (CUDA's sincospi reduces the range exactly; libm's sin/cos of
+// pi * x agree to an ulp or so of double, far below the f32 results' rounding).
+inline void sincospi(double x, double* s, double* c) {
+    const double pi = 3.14159265358979323846;
+    *s = sin(pi * x);
+    *c = cos(pi * x);
+}
 inline float __expf(float x) { return expf(x); }
 
 void fora_emulation_syncthreads();

@@ -1,6 +1,6 @@
 // The emulator's runner (see cuda_emulation.h), built by tests/kernel_emulation.rs into a shared
-// library together with kernels/embed.cu, fora.cu, norm.cu, attention.cu and gemm.cu (each its
-// own translation unit, compiled as C++ with -DFORA_EMULATION): fora_emulate_launch(name, grid,
+// library together with every kernels/*.cu but gemm_sm90.cu (each its own translation unit,
+// compiled as C++ with -DFORA_EMULATION): fora_emulate_launch(name, grid,
 // block, shared_mem_bytes, params) runs one kernel launch to completion.
 //
 // Every CUDA thread of a block is a fiber (ucontext) on the calling OS thread; blocks run one
@@ -24,6 +24,12 @@ thread_local dim3 gridDim;
 
 // The kernels, from their own translation units.
 extern "C" {
+void timestep_embedding(const TimestepEmbedParams p);
+void silu_f32_bf16(const SiluParams p);
+void label_silu(const LabelSiluParams p);
+void sampler_step(const SamplerStepParams p);
+void unpatchify(const UnpatchifyParams p);
+void normal_fill(const NormalFillParams p);
 void patch_embed(const PatchEmbedParams p);
 void fora_reuse(const ForaReuseParams p);
 void fora_reuse_final(const ForaReuseFinalParams p);
@@ -154,6 +160,12 @@ void call(const void* params) {
 }
 
 Kernel find(const std::string& name) {
+    if (name == "timestep_embedding") return call<TimestepEmbedParams, timestep_embedding>;
+    if (name == "silu_f32_bf16") return call<SiluParams, silu_f32_bf16>;
+    if (name == "label_silu") return call<LabelSiluParams, label_silu>;
+    if (name == "sampler_step") return call<SamplerStepParams, sampler_step>;
+    if (name == "unpatchify") return call<UnpatchifyParams, unpatchify>;
+    if (name == "normal_fill") return call<NormalFillParams, normal_fill>;
     if (name == "patch_embed") return call<PatchEmbedParams, patch_embed>;
     if (name == "fora_reuse") return call<ForaReuseParams, fora_reuse>;
     if (name == "fora_reuse_final") return call<ForaReuseFinalParams, fora_reuse_final>;
