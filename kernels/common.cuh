@@ -76,6 +76,8 @@ FORA_DEVICE float latent_patch_value(const float* latents, int image, int channe
 #ifdef FORA_EMULATION
 // The CPU emulator's versions (tests/emulation/launch.cpp): the same operands and fragment
 // layouts, carried out by the warp's emulated lanes together; cp.async copies at once.
+// Shared addresses are offsets into the block's dynamic shared memory.
+FORA_DEVICE uint32_t smem_addr(const void* p) { return fora_emulation_smem_offset(p); }
 FORA_DEVICE void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* p) {
     uint32_t r[4];
     fora_emulation_ldmatrix(4, false, p, r);

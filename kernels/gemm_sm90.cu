@@ -63,6 +63,23 @@ FORA_DEVICE uint64_t wgmma_desc_sw128(uint32_t addr) {
            | (static_cast<uint64_t>(1) << 62);            // 128-byte swizzle
 }
 
+#ifdef FORA_EMULATION
+// The CPU emulator carries out each wgmma at once (tests/emulation/launch.cpp): fences, groups
+// and waits have nothing left to order.
+FORA_DEVICE void wgmma_fence() {}
+FORA_DEVICE void wgmma_commit() {}
+template <int N>
+FORA_DEVICE void wgmma_wait() {}
+FORA_DEVICE void fence_proxy_async_shared() {}
+template <int R>
+FORA_DEVICE void pin_accumulators(float (&)[R]) {}
+FORA_DEVICE void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+    fora_emulation_wgmma(128, d, desc_a, desc_b);
+}
+FORA_DEVICE void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
+    fora_emulation_wgmma(256, d, desc_a, desc_b);
+}
+#else
 FORA_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 FORA_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -144,6 +161,8 @@ FORA_DEVICE void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t des
         : "memory");
 }
 
+#endif  // FORA_EMULATION
+
 template <int BN>
 FORA_DEVICE void wgmma_m64k16(float (&d)[BN / 2], uint64_t desc_a, uint64_t desc_b) {
     static_assert(BN == 128 || BN == 256, "wgmma tiles are 128 or 256 wide");
@@ -170,7 +189,7 @@ FORA_DEVICE void gemm_wgmma_tile(const GemmParams& p) {
     static_assert((kStageA * 2) % 1024 == 0 && (kStageB * 2) % 1024 == 0,
                   "every tile must start on a 1024-byte swizzle atom");
 
-    extern __shared__ uint4 gemm_wgmma_smem[];
+    FORA_DYNAMIC_SMEM(uint4, gemm_wgmma_smem);
     // Round the dynamic smem base up to 1024 bytes (the launcher asked for 1 KiB extra).
     const uint32_t raw = smem_addr(gemm_wgmma_smem);
     const uint32_t align_pad = ((raw + 1023u) & ~1023u) - raw;

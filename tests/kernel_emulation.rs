@@ -1,6 +1,7 @@
-//! The kernels run on the CPU: every kernels/*.cu but gemm_sm90.cu (wgmma) compiled as host C++ against a CUDA emulator (tests/emulation: every CUDA thread a fiber,
+//! The kernels run on the CPU: every kernels/*.cu compiled as host C++ against a CUDA emulator (tests/emulation: every CUDA thread a fiber,
 //! blocks one after another, __syncthreads, warp shuffles, ldmatrix and mma.sync carried out by
-//! the warp's lanes together with the PTX fragment layouts, cp.async as a plain copy), launched
+//! the warp's lanes together with the PTX fragment layouts, wgmma from its shared-memory
+//! descriptors, cp.async as a plain copy), launched
 //! through the crate's own launchers (their validation, grid, block and shared memory), and
 //! checked by the very test bodies the GPU tests run (tests/small_kernel_cases,
 //! tests/attention_cases) against the CPU twins.
@@ -189,8 +190,8 @@ impl TestDevice for Emulator {
     }
 }
 
-/// The kernel sources the emulator builds (gemm_sm90.cu's wgmma is not emulated).
-const EMULATED_SOURCES: [&str; 7] = [
+/// The kernel sources the emulator builds: all of them.
+const EMULATED_SOURCES: [&str; 8] = [
     "conditioning.cu",
     "embed.cu",
     "norm.cu",
@@ -198,6 +199,7 @@ const EMULATED_SOURCES: [&str; 7] = [
     "sampler.cu",
     "attention.cu",
     "gemm.cu",
+    "gemm_sm90.cu",
 ];
 
 /// The first C++ compiler of `CXX`, g++, c++, clang++ that runs.
@@ -384,7 +386,7 @@ fn emulator_refuses_what_it_cannot_run() {
     };
     let p = 0u64;
     // SAFETY: refused before anything runs.
-    let e = unsafe { emu.launch_kernel("gemm_wgmma_128x128", (1, 1, 1), (32, 1, 1), 0, &p) };
+    let e = unsafe { emu.launch_kernel("no_such_kernel", (1, 1, 1), (32, 1, 1), 0, &p) };
     assert!(format!("{:#}", e.unwrap_err()).contains("no kernel"));
     // SAFETY: refused before anything runs.
     let e = unsafe { emu.launch_kernel("fora_reuse", (1, 1, 1), (32, 2, 1), 0, &p) };
@@ -436,12 +438,12 @@ fn emulated_attention() -> Result<()> {
     Ok(())
 }
 
-/// The custom mma.sync GEMM (every tile variant, with and without split-K and its epilogue
-/// kernel, every epilogue) on a shape with partial tiles in M, N and K, padded output columns
-/// and a guard row, against an f64 CPU product of the same bf16 inputs.
+/// The custom mma.sync GEMM and the Hopper wgmma GEMM (every tile variant, with and without
+/// split-K and its epilogue kernel, every epilogue) on a shape with partial tiles in M, N and K,
+/// padded output columns and a guard row, against an f64 CPU product of the same bf16 inputs.
 #[test]
 fn emulated_gemm() -> Result<()> {
-    use fora::cuda::gemm::{launch_custom, Epilogue, Tile};
+    use fora::cuda::gemm::{launch_custom, launch_wgmma, Epilogue, Tile, WgmmaTile};
     use fora::cuda::params::GemmParams;
     use fora::cuda::testing::{check_close, round_bf16, TestRng};
     let Some(emu) = emulator("emulated_gemm") else {
@@ -470,10 +472,21 @@ fn emulated_gemm() -> Result<()> {
     let (a_d, w_d) = (emu.upload_bf16(&a)?, emu.upload_bf16(&w)?);
     let (bias_d, gate_d) = (emu.upload_f32(&bias)?, emu.upload_f32(&gate)?);
     let workspace = emu.poisoned_f32(3 * m * n)?;
-    for tile in Tile::ALL {
+    // Every custom tile, then every Hopper wgmma tile (the wgmma kernels have never run on a
+    // GPU: this is their only check so far).
+    let tiles: Vec<(String, Option<Tile>, Option<WgmmaTile>)> = Tile::ALL
+        .iter()
+        .map(|&t| (format!("{t:?}"), Some(t), None))
+        .chain(
+            WgmmaTile::ALL
+                .iter()
+                .map(|&t| (format!("wgmma {t:?}"), None, Some(t))),
+        )
+        .collect();
+    for (tile_name, tile, wgmma) in &tiles {
         for splits in [1u32, 3] {
             for epi in Epilogue::ALL {
-                let what = format!("emulated GEMM {tile:?} x{splits} {epi:?}");
+                let what = format!("emulated GEMM {tile_name} x{splits} {epi:?}");
                 let residual_epi = epi == Epilogue::BiasGateResidual;
                 // bf16 out, f32 out, or the f32 residual (random, not poisoned).
                 let out_f32 = if residual_epi {
@@ -506,7 +519,12 @@ fn emulated_gemm() -> Result<()> {
                     rows_per_gate: tokens as i32,
                     epilogue: epi.raw(),
                 };
-                launch_custom(emu, &p, tile, splits, Some((workspace.addr(), 3 * m * n)))?;
+                let splitk = Some((workspace.addr(), 3 * m * n));
+                match (tile, wgmma) {
+                    (Some(t), _) => launch_custom(emu, &p, *t, splits, splitk)?,
+                    (_, Some(t)) => launch_wgmma(emu, &p, *t, splits, splitk)?,
+                    _ => unreachable!("every entry names one tile"),
+                }
                 let got = if bf16_out {
                     emu.download_bf16(&out_bf16)?
                 } else {

@@ -805,6 +805,26 @@ pub fn launch_custom(
     launch_tiled(gpu, p, &tile.spec(), tile.smem_bytes(), splits, splitk)
 }
 
+/// Runs the Hopper wgmma GEMM kernel of `tile` with `splits` split-K slices on `gpu`: what
+/// [`Gemm::run_wgmma`] launches, without its engine (for the CPU emulator; on a GPU only a
+/// compute capability 9.x device runs it, which [`Gemm::new`] checks). `splitk` as for
+/// [`launch_custom`].
+pub fn launch_wgmma(
+    gpu: &impl KernelLauncher,
+    p: &GemmParams,
+    tile: WgmmaTile,
+    splits: u32,
+    splitk: Option<(u64, usize)>,
+) -> Result<()> {
+    validate(p)?;
+    ensure!(
+        (1..=64).contains(&splits),
+        "GEMM: split-K slices must be 1..=64, got {splits}"
+    );
+    gpu.allow_dynamic_shared_memory(tile.kernel_name(), tile.smem_bytes())?;
+    launch_tiled(gpu, p, &tile.spec(), tile.smem_bytes(), splits, splitk)
+}
+
 /// Launches a tiled GEMM kernel (grid: N tiles x M tiles x slices) on validated params; more
 /// than one slice writes f32 partial sums to the split-K workspace `splitk` (device address,
 /// elements), and the epilogue kernel adds them in order and applies the epilogue.

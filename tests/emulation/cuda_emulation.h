@@ -103,6 +103,14 @@ float fora_emulation_shfl_xor(float v, int lane_mask);
 void fora_emulation_ldmatrix(int matrices, bool trans, const void* row, uint32_t* out);
 void fora_emulation_mma(int k, float* c, const uint32_t* a, const uint32_t* b);
 void fora_emulation_cp_async(void* smem, const void* gmem, int src_bytes);
+// wgmma.mma_async m64nNk16 f32 += bf16 x bf16, both operands K-major 128-byte-swizzled in shared
+// memory (descriptors), for this thread's accumulator fragment (gemm_sm90.cu).
+void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b);
+// The shared-window address of a pointer into the block's dynamic shared memory.
+uint32_t fora_emulation_smem_offset(const void* p);
+
+// gemm_sm90.cu's real path (not the trap stub of other architectures).
+#define __CUDA_ARCH_FEAT_SM90_ALL 1
 void* fora_emulation_dynamic_smem_bytes();
 template <typename T>
 T* fora_emulation_dynamic_smem() {

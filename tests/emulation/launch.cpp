@@ -1,6 +1,6 @@
 // The emulator's runner (see cuda_emulation.h), built by tests/kernel_emulation.rs into a shared
-// library together with every kernels/*.cu but gemm_sm90.cu (each its own translation unit,
-// compiled as C++ with -DFORA_EMULATION): fora_emulate_launch(name, grid,
+// library together with every kernels/*.cu (each its own translation unit, compiled as C++
+// with -DFORA_EMULATION): fora_emulate_launch(name, grid,
 // block, shared_mem_bytes, params) runs one kernel launch to completion.
 //
 // Every CUDA thread of a block is a fiber (ucontext) on the calling OS thread; blocks run one
@@ -10,6 +10,8 @@
 // scheduling makes this deterministic and cheap (no OS threads, no locks).
 #include <ucontext.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -46,6 +48,9 @@ void gemm_bf16_128x128_k64(const GemmParams p);
 void gemm_bf16_64x128(const GemmParams p);
 void gemm_bf16_32x128(const GemmParams p);
 void gemm_epilogue_f32(const GemmEpilogueParams p);
+void gemm_wgmma_128x256(const GemmParams p);
+void gemm_wgmma_128x128(const GemmParams p);
+void gemm_wgmma_64x128(const GemmParams p);
 }
 
 namespace {
@@ -182,6 +187,9 @@ Kernel find(const std::string& name) {
     if (name == "gemm_bf16_64x128") return call<GemmParams, gemm_bf16_64x128>;
     if (name == "gemm_bf16_32x128") return call<GemmParams, gemm_bf16_32x128>;
     if (name == "gemm_epilogue_f32") return call<GemmEpilogueParams, gemm_epilogue_f32>;
+    if (name == "gemm_wgmma_128x256") return call<GemmParams, gemm_wgmma_128x256>;
+    if (name == "gemm_wgmma_128x128") return call<GemmParams, gemm_wgmma_128x128>;
+    if (name == "gemm_wgmma_64x128") return call<GemmParams, gemm_wgmma_64x128>;
     return nullptr;
 }
 
@@ -288,6 +296,55 @@ void fora_emulation_mma(int k, float* c, const uint32_t* a, const uint32_t* b) {
 void fora_emulation_cp_async(void* smem, const void* gmem, int src_bytes) {
     std::memcpy(smem, gmem, static_cast<size_t>(src_bytes));
     std::memset(static_cast<unsigned char*>(smem) + src_bytes, 0, static_cast<size_t>(16 - src_bytes));
+}
+
+uint32_t fora_emulation_smem_offset(const void* p) {
+    return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - launch_state->dynamic_smem);
+}
+
+namespace {
+
+// Element (row, k) of a K-major bf16 operand in the 128-byte-swizzle canonical layout, from its
+// wgmma shared-memory descriptor: start address (bits 0-13, >> 4), stride byte offset between
+// 8-row atoms (bits 32-45, >> 4), swizzle mode (bits 62-63, 1 = 128 B). Rows of an atom are
+// 128 bytes apart; the hardware XORs address bits [4:6] with bits [7:9] (the dynamic shared
+// memory is 1024-byte aligned, so offsets and host addresses agree on those bits). The leading
+// byte offset is unused for this layout when the k extent (32 bytes) fits the swizzle width.
+float wgmma_operand(uint64_t desc, int row, int k) {
+    if ((desc >> 62) != 1) {
+        std::fprintf(stderr, "emulated wgmma: swizzle mode %d is not emulated\n", int(desc >> 62));
+        std::abort();
+    }
+    const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+    const uint32_t stride = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+    uint32_t addr = start + (row / 8) * stride + (row % 8) * 128 + 2 * k;
+    addr ^= ((addr >> 7) & 7u) << 4;
+    uint16_t bits;
+    std::memcpy(&bits, launch_state->dynamic_smem + addr, 2);
+    return bf16_bits_to_f32(bits);
+}
+
+}  // namespace
+
+// This thread's fragment of D[64 x n] += A[64 x 16] B[16 x n]: warp w of the warpgroup owns rows
+// 16 w .. 16 w + 15; registers 4 j .. 4 j + 3 are (row g, columns 8 j + 2 q, + 1) and (row g + 8,
+// the same columns), g = lane / 4, q = lane % 4. Each thread reads the operands from shared
+// memory itself, so no lanes need to meet.
+void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b) {
+    const unsigned t = launch_state->current % 128;
+    const int warp = static_cast<int>(t / 32), lane = static_cast<int>(t % 32);
+    const int g = lane / 4, q = lane % 4;
+    for (int j = 0; j < n / 8; ++j) {
+        for (int r = 0; r < 4; ++r) {
+            const int row = 16 * warp + g + 8 * (r / 2);
+            const int col = 8 * j + 2 * q + (r % 2);
+            float sum = 0.0f;
+            for (int k = 0; k < 16; ++k) {
+                sum += wgmma_operand(desc_a, row, k) * wgmma_operand(desc_b, col, k);
+            }
+            d[4 * j + r] += sum;
+        }
+    }
 }
 
 void* fora_emulation_dynamic_smem_bytes() { return launch_state->dynamic_smem; }
