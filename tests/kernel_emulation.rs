@@ -1,10 +1,10 @@
-//! The kernels run on the CPU: every kernels/*.cu compiled as host C++ against a CUDA emulator (tests/emulation: every CUDA thread a fiber,
-//! blocks one after another, __syncthreads, warp shuffles, ldmatrix and mma.sync carried out by
-//! the warp's lanes together with the PTX fragment layouts, wgmma from its shared-memory
-//! descriptors, cp.async as a plain copy), launched
-//! through the crate's own launchers (their validation, grid, block and shared memory), and
-//! checked by the very test bodies the GPU tests run (tests/small_kernel_cases,
-//! tests/attention_cases) against the CPU twins.
+//! The kernels run on the CPU: every kernels/*.cu compiled as host C++ against a CUDA emulator
+//! (tests/emulation: every CUDA thread a fiber, blocks one after another; __syncthreads, warp
+//! shuffles, ldmatrix and mma.sync carried out by the warp's lanes together with the PTX
+//! fragment layouts; wgmma from its shared-memory descriptors; cp.async as a plain copy),
+//! launched through the crate's own launchers (their validation, grid, block and shared memory),
+//! and checked by the very test bodies the GPU tests run (tests/small_kernel_cases,
+//! tests/attention_cases) against the CPU twins, or for the GEMMs against an f64 product.
 //!
 //! This proves the kernels' indexing, bounds, reductions and rounding on every machine, GPU or
 //! not; it cannot show timing, memory-model or alignment-fault behaviour, which only a GPU run
