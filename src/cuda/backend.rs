@@ -16,7 +16,8 @@ use crate::backend::{Backend, Guidance, NoiseSource, SamplePlan, StepMode, StepS
 use crate::config::DitConfig;
 use crate::weights::DitWeights;
 use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::{sys, CudaEvent, CudaGraph, CudaSlice};
+use cudarc::driver::{sys, CudaEvent, CudaGraph, CudaSlice, CudaStream};
+use std::sync::Arc;
 
 /// A DiT on one GPU.
 pub struct CudaBackend {
@@ -161,6 +162,20 @@ struct SideModulation {
     join: CudaEvent,
     /// The step whose table the last forward's side branch computed.
     ready: Option<usize>,
+    /// The device's main stream: the graphs that use these buffers run on it.
+    main: Arc<CudaStream>,
+}
+
+impl Drop for SideModulation {
+    fn drop(&mut self) {
+        // These buffers are freed stream-ordered on the side stream, but the captured graphs
+        // that use them run on the main stream: make the side stream wait for the main
+        // stream's work first. (Errors here have nowhere to go; the frees are then unordered,
+        // as they would be without this.)
+        if let Ok(done) = self.main.record_event(None) {
+            let _ = self.gpu.stream().wait(&done);
+        }
+    }
 }
 
 impl SideModulation {
@@ -286,6 +301,7 @@ impl CudaBackend {
             fork: event()?,
             join: event()?,
             ready: None,
+            main: self.gpu.stream().clone(),
             gemm,
             gpu,
         };
