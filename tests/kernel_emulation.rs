@@ -7,8 +7,8 @@
 //! tests/attention_cases) against the CPU twins, or for the GEMMs against an f64 product.
 //!
 //! This proves the kernels' indexing, bounds, reductions and rounding on every machine, GPU or
-//! not; it cannot show timing, memory-model or alignment-fault behaviour, which only a GPU run
-//! shows. Without a C++20 compiler (`CXX`, else g++, c++, clang++) each test prints `SKIP`,
+//! not, and (UBSan's alignment check) that no vector access is misaligned; it cannot show timing
+//! or memory-model behaviour, which only a GPU run shows. Without a C++20 compiler (`CXX`, else g++, c++, clang++) each test prints `SKIP`,
 //! unless `FORA_REQUIRE_EMULATION=1` (CI sets it), which makes that a failure.
 
 mod attention_cases;
@@ -232,6 +232,9 @@ fn build(cxx: &str) -> Result<PathBuf> {
             // Only the IEEE operations the kernels spell out: no silent FMA contraction.
             "-ffp-contract=off",
             "-fno-strict-aliasing",
+            // A misaligned vector access faults on a GPU; here UBSan turns it into an abort.
+            "-fsanitize=alignment",
+            "-fno-sanitize-recover=alignment",
             "-Wall",
             "-Wno-unknown-pragmas",
             "-Wno-comment",

@@ -3,8 +3,8 @@
 // CUDA thread of a block is a fiber (launch.cpp), blocks run one after another (so `static`
 // locals, one per OS thread, are the block's shared memory), __syncthreads is a block barrier
 // and a warp shuffle exchanges through a per-warp slot array between two warp barriers. It
-// checks indexing, bounds, reductions and rounding; not timing, not the memory model, not
-// alignment faults.
+// checks indexing, bounds, reductions and rounding (and, built with UBSan's alignment check,
+// misaligned vector accesses); not timing, not the memory model.
 #pragma once
 
 #include <math.h>
