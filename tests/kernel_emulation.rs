@@ -56,12 +56,14 @@ struct HostBuf<T> {
     len: usize,
 }
 
-impl<T: Copy> HostBuf<T> {
+impl<T> HostBuf<T> {
     fn layout(len: usize) -> Layout {
         Layout::from_size_align((len * std::mem::size_of::<T>()).max(1), 256)
             .expect("a test buffer's layout")
     }
+}
 
+impl<T: Copy> HostBuf<T> {
     fn from_slice(v: &[T]) -> HostBuf<T> {
         // SAFETY: the layout has a non-zero size; every element is written before use.
         let ptr = unsafe { alloc(Self::layout(v.len())) } as *mut T;
@@ -85,10 +87,8 @@ impl<T: Copy> HostBuf<T> {
 
 impl<T> Drop for HostBuf<T> {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align((self.len * std::mem::size_of::<T>()).max(1), 256)
-            .expect("a test buffer's layout");
         // SAFETY: allocated in `from_slice` with this layout.
-        unsafe { dealloc(self.ptr as *mut u8, layout) };
+        unsafe { dealloc(self.ptr as *mut u8, Self::layout(self.len)) };
     }
 }
 

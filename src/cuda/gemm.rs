@@ -582,10 +582,6 @@ impl Gemm {
             }
         };
         ensure!(
-            (1..=64).contains(&splits),
-            "GEMM: split-K slices must be 1..=64, got {splits}"
-        );
-        ensure!(
             self.tiles.iter().any(|(x, _)| *x == tile),
             "GEMM kernel {} not loaded",
             tile.spec().name
@@ -633,10 +629,6 @@ impl Gemm {
                 tile.pick_splits(m, n, k, self.sm_count, workspace)
             }
         };
-        ensure!(
-            (1..=64).contains(&splits),
-            "GEMM: split-K slices must be 1..=64, got {splits}"
-        );
         ensure!(
             self.wgmma_tiles.iter().any(|(x, _)| *x == tile),
             "GEMM kernel {} not loaded",
@@ -797,10 +789,6 @@ pub fn launch_custom(
     splitk: Option<(u64, usize)>,
 ) -> Result<()> {
     validate(p)?;
-    ensure!(
-        (1..=64).contains(&splits),
-        "GEMM: split-K slices must be 1..=64, got {splits}"
-    );
     gpu.allow_dynamic_shared_memory(tile.spec().name, tile.smem_bytes())?;
     launch_tiled(gpu, p, &tile.spec(), tile.smem_bytes(), splits, splitk)
 }
@@ -817,10 +805,6 @@ pub fn launch_wgmma(
     splitk: Option<(u64, usize)>,
 ) -> Result<()> {
     validate(p)?;
-    ensure!(
-        (1..=64).contains(&splits),
-        "GEMM: split-K slices must be 1..=64, got {splits}"
-    );
     gpu.allow_dynamic_shared_memory(tile.kernel_name(), tile.smem_bytes())?;
     launch_tiled(gpu, p, &tile.spec(), tile.smem_bytes(), splits, splitk)
 }
@@ -836,6 +820,10 @@ fn launch_tiled(
     splits: u32,
     splitk: Option<(u64, usize)>,
 ) -> Result<()> {
+    ensure!(
+        (1..=64).contains(&splits),
+        "GEMM: split-K slices must be 1..=64, got {splits}"
+    );
     let (m, n) = (p.m as usize, p.n as usize);
     let grid_y = (p.m as u32).div_ceil(t.bm);
     ensure!(
