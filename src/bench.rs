@@ -928,9 +928,9 @@ impl Report {
                 "the heuristic's first choice"
             },
             if self.fused_reuse {
-                "fused, one fora_reuse_final launch (FORA_FUSED_REUSE=1)"
+                "fused, one fora_reuse_final launch"
             } else {
-                "patch_embed + fora_reuse + layernorm_modulate"
+                "patch_embed + fora_reuse + layernorm_modulate (FORA_FUSED_REUSE=0)"
             },
             if self.side_stream {
                 "the next step's on a second stream (FORA_SIDE_STREAM=1)"
@@ -938,9 +938,9 @@ impl Report {
                 "before each step on the one stream"
             },
             if self.fused_ln {
-                "fused with the next LayerNorm on cuBLASLt (FORA_FUSED_LN=1)"
+                "fused with the next LayerNorm on cuBLASLt"
             } else {
-                "then a separate LayerNorm"
+                "then a separate LayerNorm (FORA_FUSED_LN=0 or not cuBLASLt)"
             },
             m.macs_per_row as f64 / 1e9
         );

@@ -423,7 +423,9 @@ fn gpu_execution_paths_agree() {
         // proj / fc2 epilogues fused with the next LayerNorm (cuBLASLt only; ignored by custom).
         (GemmImpl::CublasLt, true, true, false, false, false, true),
         (GemmImpl::CublasLt, false, false, false, false, false, true),
-        // Everything opt-in at once.
+        // The defaults: cuBLASLt, graphs, tables, fused reuse and fused LayerNorm.
+        (GemmImpl::CublasLt, true, true, false, true, false, true),
+        // Everything at once.
         (GemmImpl::CublasLt, true, false, true, true, true, true),
     ] {
         let base = cuda.options();

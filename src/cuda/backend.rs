@@ -47,9 +47,9 @@ pub struct CudaOptions {
     /// a run reproduce across processes only without it.
     pub lt_autotune: bool,
     /// Run a reuse step's patch embedding, cached residuals and final LayerNorm as one launch
-    /// (`fora_reuse_final`) instead of three (`FORA_FUSED_REUSE=1`: on). Off by default until
-    /// it has been measured on a GPU; the numbers equal the three-launch path's up to the
-    /// final LayerNorm's summation order.
+    /// (`fora_reuse_final`) instead of three (`FORA_FUSED_REUSE=0`: off). On by default: on an
+    /// H200 it halved the 2-row reuse step (0.113 -> 0.060 ms). The numbers equal the
+    /// three-launch path's up to the final LayerNorm's summation order.
     pub fused_reuse: bool,
     /// When the tables are not precomputed: compute the next step's modulation table on a
     /// second stream while the current step's forward runs, instead of before it on the one
@@ -57,8 +57,8 @@ pub struct CudaOptions {
     /// the numbers are the same.
     pub side_stream: bool,
     /// With cuBLASLt: proj's and fc2's residual epilogue and the LayerNorm that follows each
-    /// in one `residual_layernorm` pass (`FORA_FUSED_LN=1`: on). Off by default until it has
-    /// been measured on a GPU.
+    /// in one `residual_layernorm` pass (`FORA_FUSED_LN=0`: off). On by default: on an H200
+    /// the 256-row computing step went from 174.7 to 168.4 ms, 56 launches fewer.
     pub fused_ln: bool,
 }
 
@@ -66,11 +66,12 @@ impl CudaOptions {
     /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
     /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM` and `FORA_FUSED_LN`.
     pub fn from_env() -> Result<CudaOptions> {
-        let on = |var: &str| std::env::var(var).map_or(true, |v| v.trim() != "0");
-        let opt_in = |var: &str| match std::env::var(var) {
-            Err(_) => Ok(false),
+        // A 0/1 switch; unset or empty keeps the default, anything else is refused.
+        let flag = |var: &str, default: bool| match std::env::var(var) {
+            Err(_) => Ok(default),
             Ok(v) => match v.trim() {
-                "" | "0" => Ok(false),
+                "" => Ok(default),
+                "0" => Ok(false),
                 "1" => Ok(true),
                 other => bail!("{var} must be 0 or 1, got {other:?}"),
             },
@@ -78,12 +79,12 @@ impl CudaOptions {
         Ok(CudaOptions {
             gemm: GemmImpl::from_env()?,
             graphs: graphs_enabled(),
-            precompute_modulation: on("FORA_PRECOMPUTE_MODULATION"),
+            precompute_modulation: flag("FORA_PRECOMPUTE_MODULATION", true)?,
             max_modulation_table_bytes: 8 << 30,
-            lt_autotune: opt_in("FORA_LT_AUTOTUNE")?,
-            fused_reuse: opt_in("FORA_FUSED_REUSE")?,
-            side_stream: opt_in("FORA_SIDE_STREAM")?,
-            fused_ln: opt_in("FORA_FUSED_LN")?,
+            lt_autotune: flag("FORA_LT_AUTOTUNE", false)?,
+            fused_reuse: flag("FORA_FUSED_REUSE", true)?,
+            side_stream: flag("FORA_SIDE_STREAM", false)?,
+            fused_ln: flag("FORA_FUSED_LN", true)?,
         })
     }
 }
