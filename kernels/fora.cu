@@ -88,6 +88,12 @@ extern "C" __global__ void __launch_bounds__(kThreads) fora_reuse(const ForaReus
 // the launch reads the latents, the cache once and writes the bf16 input of the final Linear;
 // the patch_embed, fora_reuse and layernorm_modulate launches and their f32 x traffic are gone.
 // x before the LayerNorm is the three-kernel path's bit for bit (same operations, same order).
+//
+// TPT (tokens per thread) > 1: a group does TPT consecutive tokens of one model row, so each
+// gate load (f32, from L2) serves TPT cache loads (bf16, from DRAM). With one token a thread
+// the gates move 2x the cache's bytes between L2 and the SMs; at many rows (the table no
+// longer fits L2) that traffic, not DRAM, bounds the kernel. Few rows keep TPT = 1 for
+// enough groups in flight.
 
 namespace {
 
@@ -132,61 +138,77 @@ FORA_DEVICE float sum8(const float* v) {
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
-}  // namespace
-
-extern "C" __global__ void __launch_bounds__(kReuseBlock)
-fora_reuse_final(const ForaReuseFinalParams p) {
-    // [rows_per_block][C*p*p] patches, then one float per warp for group_sum.
+template <int TPT>
+FORA_DEVICE void reuse_final_body(const ForaReuseFinalParams& p) {
+    // [groups per block][TPT][C*p*p] patches, then one float per warp for group_sum.
     __shared__ float patches[kReuseMaxRows * kReuseMaxPatch];
     __shared__ float warp_sums[kReuseBlock / 32];
     const int group = reuse_group_threads(p.dim);
     const int per_block = blockDim.x / group;
     const int tokens = (p.height / p.patch) * (p.width / p.patch);
-    const long long total = (long long)p.rows * tokens;
-    const long long first = (long long)blockIdx.x * per_block;
+    const int chunks = (tokens + TPT - 1) / TPT;  // token chunks of a model row
+    const long long groups = (long long)p.rows * chunks;
+    const long long first_group = (long long)blockIdx.x * per_block;
     const int k_total = p.channels * p.patch * p.patch;
 
-    for (int idx = threadIdx.x; idx < per_block * k_total; idx += blockDim.x) {
-        const long long token = first + idx / k_total;
-        patches[idx] = token < total ? latent_patch_value(
-                                           reinterpret_cast<const float*>(p.latents),
-                                           (int)(token / tokens) % p.images, p.channels,
-                                           p.height, p.width, p.patch, (int)(token % tokens),
-                                           idx % k_total)
-                                     : 0.0f;
+    for (int idx = threadIdx.x; idx < per_block * TPT * k_total; idx += blockDim.x) {
+        const long long gi = first_group + idx / (TPT * k_total);
+        const int t = (int)(gi % chunks) * TPT + (idx / k_total) % TPT;
+        const long long model_row = gi / chunks;
+        patches[idx] = gi < groups && t < tokens
+                           ? latent_patch_value(reinterpret_cast<const float*>(p.latents),
+                                                (int)(model_row % p.images), p.channels,
+                                                p.height, p.width, p.patch, t, idx % k_total)
+                           : 0.0f;
     }
     __syncthreads();
 
     const int j = threadIdx.x / group;
     const int d0 = (threadIdx.x % group) * kVec;
-    const long long token = first + j;
-    const bool active = token < total && d0 < p.dim;
-    const long long model_row = active ? token / tokens : 0;
+    const long long gi = first_group + j;
+    const bool in_dim = gi < groups && d0 < p.dim;
+    const long long model_row = in_dim ? gi / chunks : 0;
+    const int t0 = in_dim ? (int)(gi % chunks) * TPT : 0;
+    // Tokens of this thread that exist (the last chunk of a row may be short).
+    const int valid = in_dim ? min(TPT, tokens - t0) : 0;
+    const long long token0 = model_row * tokens + t0;  // flat token row of t0
     const float* mod = reinterpret_cast<const float*>(p.modulation) + model_row * p.ld_mod + d0;
-    float acc[kVec];
+    float acc[TPT][kVec];
 #pragma unroll
-    for (int v = 0; v < kVec; ++v) acc[v] = 0.0f;
+    for (int u = 0; u < TPT; ++u)
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) acc[u][v] = 0.0f;
 
-    if (active) {
+    if (valid > 0) {
         // Patch embedding: fmaf over k in order, then (+ bias) + pos, as patch_embed.
         const float* w_t = reinterpret_cast<const float*>(p.embed_weight_t) + d0;
-        const float* patch = patches + j * k_total;
+        const float* patch = patches + j * TPT * k_total;
         for (int k = 0; k < k_total; ++k) {
             float w[kVec];
             load8(w, w_t + (size_t)k * p.dim);
-            const float pk = patch[k];
 #pragma unroll
-            for (int v = 0; v < kVec; ++v) acc[v] = fmaf(w[v], pk, acc[v]);
+            for (int u = 0; u < TPT; ++u) {
+                const float pk = patch[u * k_total + k];
+#pragma unroll
+                for (int v = 0; v < kVec; ++v) acc[u][v] = fmaf(w[v], pk, acc[u][v]);
+            }
         }
-        float bias[kVec], pos[kVec];
+        float bias[kVec];
         load8(bias, reinterpret_cast<const float*>(p.embed_bias) + d0);
-        load8(pos, reinterpret_cast<const float*>(p.pos) + (size_t)(token % tokens) * p.dim + d0);
 #pragma unroll
-        for (int v = 0; v < kVec; ++v) acc[v] = (acc[v] + bias[v]) + pos[v];
+        for (int u = 0; u < TPT; ++u) {
+            if (u < valid) {
+                float pos[kVec];
+                load8(pos, reinterpret_cast<const float*>(p.pos) + (size_t)(t0 + u) * p.dim + d0);
+#pragma unroll
+                for (int v = 0; v < kVec; ++v) acc[u][v] = (acc[u][v] + bias[v]) + pos[v];
+            }
+        }
 
-        // Every block's cached residuals with this step's gates, as fora_reuse.
+        // Every block's cached residuals with this step's gates, as fora_reuse. Tokens past
+        // the row's end read token t0's cache instead (in bounds) and are never written.
         const __nv_bfloat16* cache =
-            reinterpret_cast<const __nv_bfloat16*>(p.cache) + token * p.dim + d0;
+            reinterpret_cast<const __nv_bfloat16*>(p.cache) + token0 * p.dim + d0;
 #pragma unroll 2
         for (int l = 0; l < p.layers; ++l) {
 #pragma unroll
@@ -194,49 +216,80 @@ fora_reuse_final(const ForaReuseFinalParams p) {
                 float g[kVec];
                 load8(g, mod + (long long)l * p.layer_cols +
                              (which == 0 ? p.gate_msa_col : p.gate_mlp_col));
-                const uint4 raw =
-                    *reinterpret_cast<const uint4*>(cache + (2LL * l + which) * p.slab);
-                const __nv_bfloat162* c = reinterpret_cast<const __nv_bfloat162*>(&raw);
+                const __nv_bfloat16* slab = cache + (2LL * l + which) * p.slab;
 #pragma unroll
-                for (int h = 0; h < kVec / 2; ++h) {
-                    const float2 cf = __bfloat1622float2(c[h]);
-                    acc[2 * h] = gated_add(acc[2 * h], g[2 * h], cf.x);
-                    acc[2 * h + 1] = gated_add(acc[2 * h + 1], g[2 * h + 1], cf.y);
+                for (int u = 0; u < TPT; ++u) {
+                    const uint4 raw = *reinterpret_cast<const uint4*>(
+                        slab + (u < valid ? (long long)u * p.dim : 0));
+                    const __nv_bfloat162* c = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+                    for (int h = 0; h < kVec / 2; ++h) {
+                        const float2 cf = __bfloat1622float2(c[h]);
+                        acc[u][2 * h] = gated_add(acc[u][2 * h], g[2 * h], cf.x);
+                        acc[u][2 * h + 1] = gated_add(acc[u][2 * h + 1], g[2 * h + 1], cf.y);
+                    }
                 }
             }
         }
         if (p.x) {
-            float* x = reinterpret_cast<float*>(p.x) + token * p.dim + d0;
-            *reinterpret_cast<float4*>(x) = make_float4(acc[0], acc[1], acc[2], acc[3]);
-            *reinterpret_cast<float4*>(x + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
+#pragma unroll
+            for (int u = 0; u < TPT; ++u) {
+                if (u < valid) {
+                    float* x = reinterpret_cast<float*>(p.x) + (token0 + u) * p.dim + d0;
+                    *reinterpret_cast<float4*>(x) =
+                        make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
+                    *reinterpret_cast<float4*>(x + 4) =
+                        make_float4(acc[u][4], acc[u][5], acc[u][6], acc[u][7]);
+                }
+            }
         }
     }
 
-    // The final LayerNorm (two-pass statistics over the group) + modulate.
+    // The final LayerNorm (two-pass statistics over the group) + modulate, token by token.
     const float inv_dim = 1.0f / (float)p.dim;
-    const float mean = group_sum(active ? sum8(acc) : 0.0f, group, warp_sums) * inv_dim;
-    float dev[kVec];
-#pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-        const float a = acc[v] - mean;
-        dev[v] = a * a;
-    }
-    const float var = group_sum(active ? sum8(dev) : 0.0f, group, warp_sums) * inv_dim;
-    const float rstd = 1.0f / sqrtf(var + p.eps);  // IEEE sqrt and divide, not rsqrtf
-    if (active) {
-        float shift[kVec], scale[kVec];
+    float shift[kVec] = {}, scale[kVec] = {};
+    if (valid > 0) {
         load8(shift, mod + p.shift_col);
         load8(scale, mod + p.scale_col);
-        uint4 packed;
-        packed.x = pack_bf16x2((acc[0] - mean) * rstd * (1.0f + scale[0]) + shift[0],
-                               (acc[1] - mean) * rstd * (1.0f + scale[1]) + shift[1]);
-        packed.y = pack_bf16x2((acc[2] - mean) * rstd * (1.0f + scale[2]) + shift[2],
-                               (acc[3] - mean) * rstd * (1.0f + scale[3]) + shift[3]);
-        packed.z = pack_bf16x2((acc[4] - mean) * rstd * (1.0f + scale[4]) + shift[4],
-                               (acc[5] - mean) * rstd * (1.0f + scale[5]) + shift[5]);
-        packed.w = pack_bf16x2((acc[6] - mean) * rstd * (1.0f + scale[6]) + shift[6],
-                               (acc[7] - mean) * rstd * (1.0f + scale[7]) + shift[7]);
-        *reinterpret_cast<uint4*>(reinterpret_cast<__nv_bfloat16*>(p.out) + token * p.dim + d0) =
-            packed;
     }
+#pragma unroll
+    for (int u = 0; u < TPT; ++u) {
+        const bool live = u < valid;
+        const float mean = group_sum(live ? sum8(acc[u]) : 0.0f, group, warp_sums) * inv_dim;
+        float dev[kVec];
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) {
+            const float a = acc[u][v] - mean;
+            dev[v] = a * a;
+        }
+        const float var = group_sum(live ? sum8(dev) : 0.0f, group, warp_sums) * inv_dim;
+        const float rstd = 1.0f / sqrtf(var + p.eps);  // IEEE sqrt and divide, not rsqrtf
+        if (live) {
+            float y[kVec];
+#pragma unroll
+            for (int v = 0; v < kVec; ++v)
+                y[v] = (acc[u][v] - mean) * rstd * (1.0f + scale[v]) + shift[v];
+            uint4 packed;
+            packed.x = pack_bf16x2(y[0], y[1]);
+            packed.y = pack_bf16x2(y[2], y[3]);
+            packed.z = pack_bf16x2(y[4], y[5]);
+            packed.w = pack_bf16x2(y[6], y[7]);
+            *reinterpret_cast<uint4*>(reinterpret_cast<__nv_bfloat16*>(p.out) +
+                                      (token0 + u) * p.dim + d0) = packed;
+        }
+    }
+}
+
+}  // namespace
+
+// One token a thread: few rows (enough groups to keep DRAM busy).
+extern "C" __global__ void __launch_bounds__(kReuseBlock)
+fora_reuse_final(const ForaReuseFinalParams p) {
+    reuse_final_body<1>(p);
+}
+
+// Four tokens a thread: many rows (gate traffic from L2 a quarter).
+extern "C" __global__ void __launch_bounds__(kReuseBlock)
+fora_reuse_final_t4(const ForaReuseFinalParams p) {
+    reuse_final_body<4>(p);
 }

@@ -37,8 +37,9 @@ use crate::config::{Arch, DitConfig};
 use crate::cuda::attention::{attention, attention_flops};
 use crate::cuda::backend::CudaOptions;
 use crate::cuda::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
+use crate::cuda::device::KernelLauncher;
 use crate::cuda::embed::patch_embed;
-use crate::cuda::fora::{fora_reuse, fora_reuse_final};
+use crate::cuda::fora::{fora_reuse, fora_reuse_final_with, ReuseTokens};
 use crate::cuda::gemm::{Epilogue, Gemm, GemmImpl};
 use crate::cuda::model::{ada_cols, reuse_final_params};
 use crate::cuda::norm::{layernorm_modulate, residual_layernorm};
@@ -853,13 +854,12 @@ impl Report {
         })
     }
 
-    /// The report as Markdown tables.
     /// Per row count: the fused reuse forward against the three launches it replaces.
     fn fused_reuse_lines(&self) -> String {
         let us = |name: &str, rows: usize| {
             self.kernels
                 .iter()
-                .find(|k| k.name == name && k.rows == rows)
+                .find(|k| k.name == name && k.rows == rows && k.imp == "custom")
                 .and_then(|k| k.stats.as_ref())
                 .map(|s| s.median_ms * 1e3)
         };
@@ -886,6 +886,7 @@ impl Report {
         s
     }
 
+    /// The report as Markdown tables.
     pub fn markdown(&self) -> String {
         let mut s = String::new();
         let device = match &self.device {
@@ -1700,8 +1701,10 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
     push_kernel(report, "patch_embed", rows, embed_row);
     let reuse_row = bench_fora_reuse(gpu, cfg, rows, timer, rotate);
     push_kernel(report, "fora_reuse", rows, reuse_row);
-    let fused_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate);
-    push_kernel(report, "fora_reuse_final", rows, fused_row);
+    for tpt in [ReuseTokens::One, ReuseTokens::Four] {
+        let fused_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, tpt);
+        push_kernel(report, "fora_reuse_final", rows, fused_row);
+    }
     let ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, false);
     push_kernel(report, "layernorm", rows, ln_row);
     let residual_ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, true);
@@ -1873,6 +1876,7 @@ fn bench_fora_reuse_final(
     rows: usize,
     timer: &Timer,
     rotate: usize,
+    tpt: ReuseTokens,
 ) -> Result<KernelRow> {
     let (d, t, l) = (cfg.hidden, cfg.tokens(), cfg.depth);
     let k = cfg.in_channels * cfg.patch * cfg.patch;
@@ -1915,10 +1919,16 @@ fn bench_fora_reuse_final(
         }
     };
     let (stats, per_replay) =
-        timer.time_alone(gpu, copies, |i| fora_reuse_final(gpu, &params(i)))?;
+        timer.time_alone(gpu, copies, |i| fora_reuse_final_with(gpu, &params(i), tpt))?;
+    let picked = ReuseTokens::pick(&params(0), gpu.multiprocessors()) == tpt;
     Ok(KernelRow {
         name: "fora_reuse_final".into(),
-        imp: "custom".into(),
+        // The variant the launcher picks at these rows is "custom"; the other is named.
+        imp: if picked {
+            "custom".into()
+        } else {
+            format!("custom ({} tokens/thread)", tpt.tokens())
+        },
         rows,
         shape: format!(
             "embed + {l} layers x 2 x {rows}x{t}x{d} + LN, {:.1} MB",

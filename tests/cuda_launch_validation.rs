@@ -4,7 +4,9 @@
 
 use fora::cuda::conditioning::{label_silu_plan, silu_plan, timestep_embedding_plan};
 use fora::cuda::embed::patch_embed_plan;
-use fora::cuda::fora::{fora_reuse_final_plan, fora_reuse_plan, fused_reuse_unsupported};
+use fora::cuda::fora::{
+    fora_reuse_final_plan, fora_reuse_plan, fused_reuse_unsupported, ReuseTokens,
+};
 use fora::cuda::kernels;
 use fora::cuda::norm::{layernorm_modulate_plan, residual_layernorm_plan};
 use fora::cuda::params::*;
@@ -295,7 +297,10 @@ fn fora_reuse_final_plan_checks_sizes_and_columns() {
         eps: 1e-6,
     };
     // DiT-XL: 144 chunks of 8 -> 160 threads (5 warps) per token row, one row per block.
-    assert_eq!(fora_reuse_final_plan(&p).unwrap(), ((4 * 256, 1, 1), 160));
+    assert_eq!(
+        fora_reuse_final_plan(&p, ReuseTokens::One).unwrap(),
+        ((4 * 256, 1, 1), 160)
+    );
     // The embedded model (dim 64): 8 threads per token row, 32 rows per block.
     let tiny = ForaReuseFinalParams {
         dim: 64,
@@ -311,62 +316,95 @@ fn fora_reuse_final_plan_checks_sizes_and_columns() {
         ..p
     };
     assert_eq!(
-        fora_reuse_final_plan(&tiny).unwrap(),
+        fora_reuse_final_plan(&tiny, ReuseTokens::One).unwrap(),
         ((1024 / 32, 1, 1), 256)
+    );
+    // Four tokens a thread: a quarter of the groups; the shared patch buffer holds 32 tokens,
+    // so at most 8 groups a block.
+    assert_eq!(
+        fora_reuse_final_plan(&p, ReuseTokens::Four).unwrap(),
+        ((4 * 256 / 4, 1, 1), 160)
+    );
+    assert_eq!(
+        fora_reuse_final_plan(&tiny, ReuseTokens::Four).unwrap(),
+        ((1024 / 4 / 8, 1, 1), 64)
+    );
+    // Tokens per row not a multiple of 4 (7x7 = 49 -> 13 chunks a row).
+    let odd = ForaReuseFinalParams {
+        height: 14,
+        width: 14,
+        ..p
+    };
+    assert_eq!(
+        fora_reuse_final_plan(&odd, ReuseTokens::Four).unwrap(),
+        ((4 * 13, 1, 1), 160)
+    );
+    // The pick: 2 rows of 256 tokens keep one a thread, 256 rows take four (132 SMs).
+    assert_eq!(
+        ReuseTokens::pick(&ForaReuseFinalParams { rows: 2, ..p }, 132),
+        ReuseTokens::One
+    );
+    assert_eq!(
+        ReuseTokens::pick(&ForaReuseFinalParams { rows: 256, ..p }, 132),
+        ReuseTokens::Four
     );
     // DiT-B (dim 768): 96 threads per row, 2 rows per block.
     assert_eq!(fused_reuse_unsupported(768, 16), None);
-    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
-        dim: 1156,
-        ..p
-    }))
+    assert!(err(fora_reuse_final_plan(
+        &ForaReuseFinalParams { dim: 1156, ..p },
+        ReuseTokens::One
+    ))
     .contains("dim % 8"));
-    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
-        channels: 17,
-        ..p
-    }))
+    assert!(err(fora_reuse_final_plan(
+        &ForaReuseFinalParams { channels: 17, ..p },
+        ReuseTokens::One
+    ))
     .contains("C*p*p"));
-    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
-        slab: 100,
-        ..p
-    }))
+    assert!(err(fora_reuse_final_plan(
+        &ForaReuseFinalParams { slab: 100, ..p },
+        ReuseTokens::One
+    ))
     .contains("slab"));
-    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
-        layers: 29,
-        ..p
-    }))
+    assert!(err(fora_reuse_final_plan(
+        &ForaReuseFinalParams { layers: 29, ..p },
+        ReuseTokens::One
+    ))
     .contains("ld_mod"));
-    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
-        scale_col: fin + 2 * d,
-        ..p
-    }))
+    assert!(err(fora_reuse_final_plan(
+        &ForaReuseFinalParams {
+            scale_col: fin + 2 * d,
+            ..p
+        },
+        ReuseTokens::One
+    ))
     .contains("shift/scale"));
-    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
-        cache: P + 8,
-        ..p
-    }))
+    assert!(err(fora_reuse_final_plan(
+        &ForaReuseFinalParams { cache: P + 8, ..p },
+        ReuseTokens::One
+    ))
     .contains("16-byte"));
-    assert!(
-        err(fora_reuse_final_plan(&ForaReuseFinalParams { out: 0, ..p }))
-            .contains("out pointer is null")
-    );
-    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
-        eps: 0.0,
-        ..p
-    }))
+    assert!(err(fora_reuse_final_plan(
+        &ForaReuseFinalParams { out: 0, ..p },
+        ReuseTokens::One
+    ))
+    .contains("out pointer is null"));
+    assert!(err(fora_reuse_final_plan(
+        &ForaReuseFinalParams { eps: 0.0, ..p },
+        ReuseTokens::One
+    ))
     .contains("eps"));
-    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
-        height: 31,
-        ..p
-    }))
+    assert!(err(fora_reuse_final_plan(
+        &ForaReuseFinalParams { height: 31, ..p },
+        ReuseTokens::One
+    ))
     .contains("divisible"));
     // An optional x output must be aligned too.
-    assert!(err(fora_reuse_final_plan(&ForaReuseFinalParams {
-        x: P + 4,
-        ..p
-    }))
+    assert!(err(fora_reuse_final_plan(
+        &ForaReuseFinalParams { x: P + 4, ..p },
+        ReuseTokens::One
+    ))
     .contains("x pointer"));
-    assert!(fora_reuse_final_plan(&ForaReuseFinalParams { x: P, ..p }).is_ok());
+    assert!(fora_reuse_final_plan(&ForaReuseFinalParams { x: P, ..p }, ReuseTokens::One).is_ok());
 }
 
 #[test]

@@ -135,7 +135,10 @@ pub fn fused_reuse_unsupported(dim: usize, patch_elements: usize) -> Option<Stri
 }
 
 /// Validates `p` and returns the grid and block of [`fora_reuse_final`].
-pub fn fora_reuse_final_plan(p: &ForaReuseFinalParams) -> Result<((u32, u32, u32), u32)> {
+pub fn fora_reuse_final_plan(
+    p: &ForaReuseFinalParams,
+    tpt: ReuseTokens,
+) -> Result<((u32, u32, u32), u32)> {
     const K: &str = "fora_reuse_final";
     let (tokens, k) = check_latent_grid(
         K,
@@ -200,15 +203,63 @@ pub fn fora_reuse_final_plan(p: &ForaReuseFinalParams) -> Result<((u32, u32, u32
     }
     ensure!(p.eps > 0.0, "{K}: eps must be > 0, got {}", p.eps);
     let group = fused_group_threads(p.dim);
-    let per_block = (FUSED_BLOCK / group).clamp(1, FUSED_MAX_ROWS);
-    let grid = grid_x(K, p.rows as i64 * tokens, per_block as i64)?;
+    let per_block = (FUSED_BLOCK / group).clamp(1, FUSED_MAX_ROWS / tpt.tokens());
+    let chunks = (tokens + tpt.tokens() as i64 - 1) / tpt.tokens() as i64;
+    let groups = p.rows as i64 * chunks;
+    let grid = grid_x(K, groups, per_block as i64)?;
     Ok(((grid, 1, 1), (group * per_block) as u32))
 }
 
+/// Tokens per thread of `fora_reuse_final`: one (`fora_reuse_final`) or four
+/// (`fora_reuse_final_t4`, each f32 gate load serving four bf16 cache loads).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReuseTokens {
+    One,
+    Four,
+}
+
+impl ReuseTokens {
+    pub fn tokens(self) -> i32 {
+        match self {
+            ReuseTokens::One => 1,
+            ReuseTokens::Four => 4,
+        }
+    }
+
+    fn kernel(self) -> &'static str {
+        match self {
+            ReuseTokens::One => "fora_reuse_final",
+            ReuseTokens::Four => "fora_reuse_final_t4",
+        }
+    }
+
+    /// Four tokens a thread once that still leaves 8 groups of threads per SM (from 32 rows
+    /// of 256 tokens on an H100); fewer rows keep one, for enough loads in flight.
+    pub fn pick(p: &ForaReuseFinalParams, multiprocessors: usize) -> ReuseTokens {
+        let tokens = (p.height / p.patch.max(1)) as i64 * (p.width / p.patch.max(1)) as i64;
+        if p.rows as i64 * tokens / 4 >= 8 * multiprocessors as i64 {
+            ReuseTokens::Four
+        } else {
+            ReuseTokens::One
+        }
+    }
+}
+
 /// The reuse forward up to the final Linear: patch embedding, every block's cached outputs
-/// with this step's gates, the final LayerNorm + modulate into `p.out` (bf16).
+/// with this step's gates, the final LayerNorm + modulate into `p.out` (bf16). The variant is
+/// [`ReuseTokens::pick`]'s.
 pub fn fora_reuse_final(gpu: &impl KernelLauncher, p: &ForaReuseFinalParams) -> Result<()> {
-    let (grid, block) = fora_reuse_final_plan(p)?;
+    let tpt = ReuseTokens::pick(p, gpu.multiprocessors());
+    fora_reuse_final_with(gpu, p, tpt)
+}
+
+/// [`fora_reuse_final`] with the tokens per thread chosen by the caller (tests, benchmarks).
+pub fn fora_reuse_final_with(
+    gpu: &impl KernelLauncher,
+    p: &ForaReuseFinalParams,
+    tpt: ReuseTokens,
+) -> Result<()> {
+    let (grid, block) = fora_reuse_final_plan(p, tpt)?;
     // SAFETY: validated above.
-    unsafe { gpu.launch_kernel("fora_reuse_final", grid, (block, 1, 1), 0, p) }
+    unsafe { gpu.launch_kernel(tpt.kernel(), grid, (block, 1, 1), 0, p) }
 }

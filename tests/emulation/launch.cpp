@@ -35,6 +35,7 @@ void normal_fill(const NormalFillParams p);
 void patch_embed(const PatchEmbedParams p);
 void fora_reuse(const ForaReuseParams p);
 void fora_reuse_final(const ForaReuseFinalParams p);
+void fora_reuse_final_t4(const ForaReuseFinalParams p);
 void layernorm_modulate(const LayerNormModulateParams p);
 void residual_layernorm(const ResidualLayerNormParams p);
 void attention_d64(const AttentionParams p);
@@ -174,6 +175,7 @@ Kernel find(const std::string& name) {
     if (name == "patch_embed") return call<PatchEmbedParams, patch_embed>;
     if (name == "fora_reuse") return call<ForaReuseParams, fora_reuse>;
     if (name == "fora_reuse_final") return call<ForaReuseFinalParams, fora_reuse_final>;
+    if (name == "fora_reuse_final_t4") return call<ForaReuseFinalParams, fora_reuse_final_t4>;
     if (name == "layernorm_modulate") return call<LayerNormModulateParams, layernorm_modulate>;
     if (name == "residual_layernorm") return call<ResidualLayerNormParams, residual_layernorm>;
     if (name == "attention_d64") return call<AttentionParams, attention_d64>;

@@ -13,7 +13,7 @@ use fora::backend::{Guidance, GuidanceMode, StepUpdate};
 use fora::cpu::ops;
 use fora::cuda::conditioning::{label_silu, silu_f32_bf16, timestep_embedding};
 use fora::cuda::embed::{patch_embed, transpose_patch_weight};
-use fora::cuda::fora::{fora_reuse, fora_reuse_final};
+use fora::cuda::fora::{fora_reuse, fora_reuse_final_with, ReuseTokens};
 use fora::cuda::norm::{layernorm_modulate, residual_layernorm};
 use fora::cuda::params::{
     ForaReuseFinalParams, ForaReuseParams, LabelSiluParams, LayerNormModulateParams,
@@ -574,7 +574,13 @@ pub struct ReuseFinalCase {
     pub slab_pad: usize,
 }
 
-pub fn run_fora_reuse_final<D: TestDevice>(gpu: &D, c: &ReuseFinalCase, seed: u64) -> Result<()> {
+/// Runs one case with `tpt` tokens per thread against the CPU; returns the bf16 output.
+pub fn run_fora_reuse_final<D: TestDevice>(
+    gpu: &D,
+    c: &ReuseFinalCase,
+    tpt: ReuseTokens,
+    seed: u64,
+) -> Result<Vec<f32>> {
     let mut rng = TestRng::new(seed);
     let g = c.size / c.patch;
     let tokens = g * g;
@@ -623,7 +629,7 @@ pub fn run_fora_reuse_final<D: TestDevice>(gpu: &D, c: &ReuseFinalCase, seed: u6
         scale_col: (fin + c.dim) as i32,
         eps: 1e-6,
     };
-    fora_reuse_final(gpu, &p)?;
+    fora_reuse_final_with(gpu, &p, tpt)?;
     let got_x = gpu.download_f32(&x_out)?;
     let got = gpu.download_bf16(&out)?;
 
@@ -675,7 +681,7 @@ pub fn run_fora_reuse_final<D: TestDevice>(gpu: &D, c: &ReuseFinalCase, seed: u6
         false,
     );
     let what = format!(
-        "fora_reuse_final images={} rows={} C={} {}px p={} D={} L={} pad={}",
+        "fora_reuse_final {tpt:?} images={} rows={} C={} {}px p={} D={} L={} pad={}",
         c.images, c.rows, c.channels, c.size, c.patch, c.dim, c.layers, c.slab_pad
     );
     // x before the LayerNorm: the same f32 operations in the same order, equal to the last bit.
@@ -689,7 +695,7 @@ pub fn run_fora_reuse_final<D: TestDevice>(gpu: &D, c: &ReuseFinalCase, seed: u6
     gpu.poison_f32(&mut x_out)?;
     p.out = again.addr();
     p.x = 0;
-    fora_reuse_final(gpu, &p)?;
+    fora_reuse_final_with(gpu, &p, tpt)?;
     ensure!(
         gpu.download_bf16(&again)? == got,
         "{what}: the output differs when x is not written"
@@ -698,7 +704,7 @@ pub fn run_fora_reuse_final<D: TestDevice>(gpu: &D, c: &ReuseFinalCase, seed: u6
         gpu.download_f32(&x_out)?.iter().all(|v| v.is_nan()),
         "{what}: x was written although its pointer was 0"
     );
-    Ok(())
+    Ok(got)
 }
 
 /// Every case of fora_reuse_final.
@@ -713,19 +719,32 @@ pub fn check_fora_reuse_final<D: TestDevice>(gpu: &D) -> Result<()> {
         layers,
         slab_pad,
     };
-    // DiT-XL/2 256 px, CFG rows [x; x]: 160 threads (5 warps) per token row, 144 active.
-    run_fora_reuse_final(gpu, &case(2, 4, 4, 32, 2, 1152, 28, 0), 61)?;
-    // The embedded model: 8 threads per token row, 32 rows per block.
-    run_fora_reuse_final(gpu, &case(1, 2, 3, 32, 2, 64, 4, 0), 62)?;
-    // DiT-S/2 sizes, no CFG, padded slabs.
-    run_fora_reuse_final(gpu, &case(3, 3, 4, 16, 2, 384, 3, 8 * 384), 63)?;
-    // Odd: dim 200 (25 chunks in a 32-thread group), T = 25, rows % images != 0, a short
-    // last block.
-    run_fora_reuse_final(gpu, &case(3, 7, 3, 10, 2, 200, 2, 16), 64)?;
-    // dim 8: one thread per token row; patch 1.
-    run_fora_reuse_final(gpu, &case(2, 2, 1, 6, 1, 8, 3, 0), 65)?;
-    // The limits: dim 2048 (one 256-thread group), C*p*p = 64.
-    run_fora_reuse_final(gpu, &case(1, 2, 4, 8, 4, 2048, 2, 0), 66)?;
+    let cases = [
+        // DiT-XL/2 256 px, CFG rows [x; x]: 160 threads (5 warps) per token row, 144 active.
+        (case(2, 4, 4, 32, 2, 1152, 28, 0), 61),
+        // The embedded model: 8 threads per token row, 32 rows per block.
+        (case(1, 2, 3, 32, 2, 64, 4, 0), 62),
+        // DiT-S/2 sizes, no CFG, padded slabs.
+        (case(3, 3, 4, 16, 2, 384, 3, 8 * 384), 63),
+        // Odd: dim 200 (25 chunks in a 32-thread group), T = 25 (not a multiple of 4: a
+        // short last chunk in every row), rows % images != 0, a short last block.
+        (case(3, 7, 3, 10, 2, 200, 2, 16), 64),
+        // dim 8: one thread per token row; patch 1; T = 36.
+        (case(2, 2, 1, 6, 1, 8, 3, 0), 65),
+        // The limits: dim 2048 (one 256-thread group), C*p*p = 64; T = 4.
+        (case(1, 2, 4, 8, 4, 2048, 2, 0), 66),
+    ];
+    for (c, seed) in &cases {
+        let one = run_fora_reuse_final(gpu, c, ReuseTokens::One, *seed)?;
+        // Four tokens a thread: the same operations per token, so the same bits.
+        let four = run_fora_reuse_final(gpu, c, ReuseTokens::Four, *seed)?;
+        ensure!(
+            one == four,
+            "fora_reuse_final D={} T={}: four tokens a thread differ from one",
+            c.dim,
+            (c.size / c.patch).pow(2)
+        );
+    }
     Ok(())
 }
 
