@@ -610,13 +610,14 @@ pub struct Report {
     pub quick: bool,
     /// The backend options' defaults in this run (`FORA_CUDA_GRAPHS`,
     /// `FORA_PRECOMPUTE_MODULATION`, `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM`,
-    /// `FORA_FUSED_LN`); each step row says what its workspace did.
+    /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`); each step row says what its workspace did.
     pub cuda_graphs: bool,
     pub precompute_modulation: bool,
     pub lt_autotune: bool,
     pub fused_reuse: bool,
     pub side_stream: bool,
     pub fused_ln: bool,
+    pub lt_bias_bf16: bool,
     pub cfg_scale: f32,
     pub gemm_ceiling: Option<Ceiling>,
     pub copy_ceiling: Option<Ceiling>,
@@ -656,6 +657,7 @@ impl Report {
             fused_reuse: options.fused_reuse,
             side_stream: options.side_stream,
             fused_ln: options.fused_ln,
+            lt_bias_bf16: options.lt_bias_bf16,
             cfg_scale: plan.cfg_scale,
             gemm_ceiling: None,
             copy_ceiling: None,
@@ -838,6 +840,7 @@ impl Report {
                 "fused_reuse": self.fused_reuse,
                 "side_stream": self.side_stream,
                 "fused_ln": self.fused_ln,
+                "lt_bias_bf16": self.lt_bias_bf16,
                 "cfg_scale": self.cfg_scale,
                 "timing": "CUDA events, back-to-back runs, median",
             },
@@ -913,7 +916,8 @@ impl Report {
             &format!(
             "{device}, {}. Median of {} runs after {} warm-up runs (CUDA events). CUDA graphs {}; \
              modulation tables precomputed {}; cuBLASLt algorithms {}; reuse steps {}; per-step \
-             tables {}; proj / fc2 epilogues {}. FLOPs = 2 x {:.1} GMAC per model row.\n\n",
+             tables {}; proj / fc2 epilogues {}; qkv / fc1 bias {}. FLOPs = 2 x {:.1} GMAC per \
+             model row.\n\n",
             self.date,
             self.runs,
             self.warmup,
@@ -942,6 +946,11 @@ impl Report {
                 "fused with the next LayerNorm on cuBLASLt"
             } else {
                 "then a separate LayerNorm (FORA_FUSED_LN=0 or not cuBLASLt)"
+            },
+            if self.lt_bias_bf16 {
+                "fused by cuBLASLt, in bf16 where it refuses f32"
+            } else {
+                "fused by cuBLASLt only in f32 (FORA_LT_BIAS_BF16=0)"
             },
             m.macs_per_row as f64 / 1e9
         );
@@ -1546,6 +1555,8 @@ struct GemmBuffers {
     a: CudaSlice<bf16>,
     w: CudaSlice<bf16>,
     bias: CudaSlice<f32>,
+    /// The bias in bf16, for cuBLASLt's fused bias with a bf16 output.
+    bias16: CudaSlice<bf16>,
     out_bf16: Option<CudaSlice<bf16>>,
     out_f32: Option<CudaSlice<f32>>,
     cache: Option<CudaSlice<bf16>>,
@@ -1573,6 +1584,7 @@ fn gemm_buffers(gpu: &Gpu, s: &GemmShape, rows: usize, seed: u64) -> Result<Gemm
         a: random_bf16(gpu, s.m * s.k, 1.0, seed, "GEMM A")?,
         w: random_bf16(gpu, s.n * s.k, w_scale, seed + 1, "GEMM W")?,
         bias: random_f32(gpu, s.n, 0.1, seed + 2, "GEMM bias")?,
+        bias16: random_bf16(gpu, s.n, 0.1, seed + 5, "GEMM bf16 bias")?,
         out_bf16: if s.epi.out_is_f32() {
             None
         } else {
@@ -1659,23 +1671,36 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
             .iter()
             .map(|b| gemm_params(s, b, cfg.tokens()))
             .collect();
-        type Runner<'g> = Box<dyn Fn(&GemmParams) -> Result<()> + 'g>;
+        let bias16: Vec<u64> = sets.iter().map(|b| dptr(&b.bias16)).collect();
+        let params = &params;
+        let bias16 = &bias16;
+        let n = params.len();
+        type Runner<'g> = Box<dyn Fn(usize) -> Result<()> + 'g>;
         let mut variants: Vec<(&str, Runner)> = Vec::new();
         if let Ok(g) = &custom {
-            variants.push(("custom", Box::new(move |p| g.run(gpu, p))));
+            variants.push(("custom", Box::new(move |i| g.run(gpu, &params[i % n]))));
         }
         if let Ok(g) = &lt {
-            variants.push(("cublaslt", Box::new(move |p| g.run(gpu, p))));
+            variants.push(("cublaslt", Box::new(move |i| g.run(gpu, &params[i % n]))));
             variants.push((
                 "cublaslt+epilogue",
-                Box::new(move |p| g.run_cublaslt_unfused(gpu, p)),
+                Box::new(move |i| g.run_cublaslt_unfused(gpu, &params[i % n])),
             ));
+            if !s.epi.out_is_f32() {
+                variants.push((
+                    "cublaslt+bf16 bias",
+                    Box::new(move |i| g.run_with_bias_bf16(gpu, &params[i % n], bias16[i % n])),
+                ));
+            }
         }
         if let Ok(g) = &lt_tuned {
-            variants.push(("cublaslt-tuned", Box::new(move |p| g.run(gpu, p))));
+            variants.push((
+                "cublaslt-tuned",
+                Box::new(move |i| g.run(gpu, &params[i % n])),
+            ));
         }
         for (imp, runner) in variants {
-            let timed = timer.time_alone(gpu, params.len(), |i| runner(&params[i % params.len()]));
+            let timed = timer.time_alone(gpu, n, &runner);
             let (stats, per_replay) = match timed {
                 Ok((st, n)) => (Some(st), n),
                 Err(e) => {

@@ -404,29 +404,176 @@ fn gpu_execution_paths_agree() {
         )
         .unwrap();
     let mut first: Option<Vec<f32>> = None;
-    // (GEMM, graphs, tables precomputed, cuBLASLt autotuned, fused reuse, side stream, fused LN)
-    for (gemm, graphs, precompute, lt_autotune, fused_reuse, side_stream, fused_ln) in [
-        (GemmImpl::Custom, true, true, false, false, false, false),
-        (GemmImpl::Custom, false, false, false, false, false, false),
-        (GemmImpl::Custom, true, false, false, false, false, false),
-        (GemmImpl::Custom, false, true, false, false, false, false),
-        (GemmImpl::CublasLt, true, true, false, false, false, false),
+    // (GEMM, graphs, tables precomputed, cuBLASLt autotuned, fused reuse, side stream, fused LN,
+    // cuBLASLt bf16 bias)
+    for (gemm, graphs, precompute, lt_autotune, fused_reuse, side_stream, fused_ln, lt_bias_bf16) in [
+        (
+            GemmImpl::Custom,
+            true,
+            true,
+            false,
+            false,
+            false,
+            false,
+            true,
+        ),
+        (
+            GemmImpl::Custom,
+            false,
+            false,
+            false,
+            false,
+            false,
+            false,
+            true,
+        ),
+        (
+            GemmImpl::Custom,
+            true,
+            false,
+            false,
+            false,
+            false,
+            false,
+            true,
+        ),
+        (
+            GemmImpl::Custom,
+            false,
+            true,
+            false,
+            false,
+            false,
+            false,
+            true,
+        ),
+        (
+            GemmImpl::CublasLt,
+            true,
+            true,
+            false,
+            false,
+            false,
+            false,
+            true,
+        ),
         // Autotuned cuBLASLt: tuned by an uncaptured forward before the graphs are recorded.
-        (GemmImpl::CublasLt, true, false, true, false, false, false),
-        (GemmImpl::CublasLt, false, true, true, false, false, false),
+        (
+            GemmImpl::CublasLt,
+            true,
+            false,
+            true,
+            false,
+            false,
+            false,
+            true,
+        ),
+        (
+            GemmImpl::CublasLt,
+            false,
+            true,
+            true,
+            false,
+            false,
+            false,
+            true,
+        ),
         // Reuse steps as one fora_reuse_final launch, in a graph and kernel by kernel.
-        (GemmImpl::CublasLt, true, true, false, true, false, false),
-        (GemmImpl::Custom, false, false, false, true, false, false),
+        (
+            GemmImpl::CublasLt,
+            true,
+            true,
+            false,
+            true,
+            false,
+            false,
+            true,
+        ),
+        (
+            GemmImpl::Custom,
+            false,
+            false,
+            false,
+            true,
+            false,
+            false,
+            true,
+        ),
         // The next step's table on a second stream (tables not precomputed).
-        (GemmImpl::CublasLt, true, false, false, false, true, false),
-        (GemmImpl::Custom, false, false, false, false, true, false),
+        (
+            GemmImpl::CublasLt,
+            true,
+            false,
+            false,
+            false,
+            true,
+            false,
+            true,
+        ),
+        (
+            GemmImpl::Custom,
+            false,
+            false,
+            false,
+            false,
+            true,
+            false,
+            true,
+        ),
         // proj / fc2 epilogues fused with the next LayerNorm (cuBLASLt only; ignored by custom).
-        (GemmImpl::CublasLt, true, true, false, false, false, true),
-        (GemmImpl::CublasLt, false, false, false, false, false, true),
+        (
+            GemmImpl::CublasLt,
+            true,
+            true,
+            false,
+            false,
+            false,
+            true,
+            true,
+        ),
+        (
+            GemmImpl::CublasLt,
+            false,
+            false,
+            false,
+            false,
+            false,
+            true,
+            true,
+        ),
         // The defaults: cuBLASLt, graphs, tables, fused reuse and fused LayerNorm.
-        (GemmImpl::CublasLt, true, true, false, true, false, true),
+        (
+            GemmImpl::CublasLt,
+            true,
+            true,
+            false,
+            true,
+            false,
+            true,
+            true,
+        ),
+        // cuBLASLt's f32 product and the epilogue kernel for qkv / fc1 instead.
+        (
+            GemmImpl::CublasLt,
+            true,
+            true,
+            false,
+            true,
+            false,
+            true,
+            false,
+        ),
         // Everything at once.
-        (GemmImpl::CublasLt, true, false, true, true, true, true),
+        (
+            GemmImpl::CublasLt,
+            true,
+            false,
+            true,
+            true,
+            true,
+            true,
+            true,
+        ),
     ] {
         let base = cuda.options();
         cuda.set_options(CudaOptions {
@@ -437,6 +584,7 @@ fn gpu_execution_paths_agree() {
             fused_reuse,
             side_stream,
             fused_ln,
+            lt_bias_bf16,
             ..base
         });
         let sampler = Sampler::new(&cuda, options.clone()).unwrap();
@@ -459,7 +607,8 @@ fn gpu_execution_paths_agree() {
             .unwrap();
         let what = format!(
             "{gemm:?} graphs={graphs} precomputed={precompute} lt_autotune={lt_autotune} \
-             fused_reuse={fused_reuse} side_stream={side_stream} fused_ln={fused_ln}"
+             fused_reuse={fused_reuse} side_stream={side_stream} fused_ln={fused_ln} \
+             lt_bias_bf16={lt_bias_bf16}"
         );
         check_close(&format!("{what} vs CPU"), &got.latents, &want.latents, 5e-2).unwrap();
         match &first {

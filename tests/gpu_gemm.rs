@@ -151,6 +151,8 @@ struct Dev {
     a: CudaSlice<bf16>,
     w: CudaSlice<bf16>,
     bias: Option<CudaSlice<f32>>,
+    /// The bias rounded to bf16 (cuBLASLt's fused bias with a bf16 output).
+    bias16: Option<CudaSlice<bf16>>,
     gate: Option<CudaSlice<f32>>,
     out_bf16: Option<CudaSlice<bf16>>,
     out_f32: Option<CudaSlice<f32>>,
@@ -166,6 +168,11 @@ impl Dev {
             w: gpu.upload(&to_bf16(&h.w), "W")?,
             bias: if c.bias {
                 Some(gpu.upload(&h.bias, "bias")?)
+            } else {
+                None
+            },
+            bias16: if c.bias {
+                Some(gpu.upload(&to_bf16(&h.bias), "bf16 bias")?)
             } else {
                 None
             },
@@ -290,6 +297,8 @@ enum Variant {
     CustomAuto,
     CublasLt,
     CublasLtUnfused,
+    /// cuBLASLt with a bf16 copy of the bias where it refuses the f32 one (bf16 outputs).
+    CublasLtBiasBf16,
     /// cuBLASLt with autotuned algorithms (the first run of a shape times the candidates).
     CublasLtTuned,
     /// One Hopper tile variant, split-K picked by shape.
@@ -299,7 +308,7 @@ enum Variant {
     WgmmaAuto,
 }
 
-const VARIANTS: [Variant; 12] = [
+const VARIANTS: [Variant; 13] = [
     Variant::Custom(Tile::M128),
     Variant::Custom(Tile::M128K64),
     Variant::CustomSplit(Tile::M128K64, 2),
@@ -312,6 +321,7 @@ const VARIANTS: [Variant; 12] = [
     Variant::CustomAuto,
     Variant::CublasLt,
     Variant::CublasLtUnfused,
+    Variant::CublasLtBiasBf16,
     Variant::CublasLtTuned,
 ];
 
@@ -374,13 +384,15 @@ impl Engines {
             .context("test bug: a wgmma variant on engines built without the wgmma GEMM")
     }
 
-    fn run(&self, gpu: &Gpu, v: Variant, p: &GemmParams) -> Result<()> {
+    /// Runs `p` through variant `v`; `bias16` is the bf16 copy of the bias (0: none).
+    fn run(&self, gpu: &Gpu, v: Variant, p: &GemmParams, bias16: u64) -> Result<()> {
         match v {
             Variant::Custom(t) => self.custom.run_custom(gpu, p, Some(t)),
             Variant::CustomSplit(t, s) => self.custom.run_custom_split(gpu, p, Some(t), Some(s)),
             Variant::CustomAuto => self.custom.run(gpu, p),
             Variant::CublasLt => self.lt.run(gpu, p),
             Variant::CublasLtUnfused => self.lt.run_cublaslt_unfused(gpu, p),
+            Variant::CublasLtBiasBf16 => self.lt.run_with_bias_bf16(gpu, p, bias16),
             Variant::CublasLtTuned => self.lt_tuned.run(gpu, p),
             Variant::Wgmma(t) => self.wgmma()?.run_wgmma(gpu, p, Some(t), None),
             Variant::WgmmaSplit(t, s) => self.wgmma()?.run_wgmma(gpu, p, Some(t), Some(s)),
@@ -417,7 +429,7 @@ fn run_case_inner(
         );
         let outcome = (|| -> Result<(Vec<f32>, Option<Vec<f32>>)> {
             dev.reset(gpu, c, &h)?;
-            eng.run(gpu, v, &p)?;
+            eng.run(gpu, v, &p, dev.bias16.as_ref().map_or(0, dptr))?;
             gpu.synchronize()?;
             let (out, cache) = dev.download(gpu)?;
             let initial = c.residual().then_some(h.residual0.as_slice());
@@ -681,7 +693,7 @@ fn gemm_wgmma_refusals() {
     let eng = Engines::with_wgmma(&gpu, 64 * 64).expect("GEMM engines");
     for (what, p, needle) in &bad_params() {
         for v in WGMMA_VARIANTS {
-            let err = match eng.run(&gpu, v, p) {
+            let err = match eng.run(&gpu, v, p, 0) {
                 Ok(()) => panic!("{what}: {v:?} launched"),
                 Err(e) => format!("{e:#}"),
             };
@@ -733,7 +745,7 @@ fn gemm_rejects_bad_params() {
     let eng = Engines::new(&gpu, 64 * 64).expect("GEMM engines");
     for (what, p, needle) in &bad {
         for v in VARIANTS {
-            let err = match eng.run(&gpu, v, p) {
+            let err = match eng.run(&gpu, v, p, 0) {
                 Ok(()) => panic!("{what}: {v:?} launched"),
                 Err(e) => format!("{e:#}"),
             };

@@ -11,8 +11,8 @@
 # embedded model: tools/train_tiny.py on the GPU, then tools/quality.py through the fora binary;
 # "profile" for ncu kernel times per op of a computing and a reuse step, summarised by
 # tools/ncu_summary.py; PROFILE_ROWS picks the rows, default 2,256; "variants" for the step
-# times of the opt-in paths side by side: default, FORA_FUSED_REUSE=1, FORA_SIDE_STREAM=1,
-# FORA_FUSED_LN=1, FORA_LT_AUTOTUNE=1, FORA_ATTENTION=v2, FORA_GEMM=wgmma, each
+# times of the execution paths side by side: the default, everything unfused, cuBLASLt's f32
+# bias only, FORA_SIDE_STREAM=1, FORA_LT_AUTOTUNE=1, FORA_ATTENTION=v2, FORA_GEMM=wgmma, each
 # `fora bench --sections steps`).
 # "sanitize" is "memcheck" then "racecheck". SANITIZE_FULL=1 runs memcheck over every GPU test
 # binary (about 2 min on an H200); racecheck always covers every kernel test (about 80 s).
@@ -146,8 +146,10 @@ phase_train() {
 phase_profile() {
   echo "=== ncu: kernel time per op of computing and reuse steps (rows ${PROFILE_ROWS:-2,256})"
   # Op by op (no graphs) so that every launch sits in its NVTX op range; one timed run each.
-  FORA_CUDA_GRAPHS=0 bounded 150 ncu --nvtx --metrics gpu__time_duration.sum --csv --print-units base \
-    .devpack/bin/fora bench --sections steps --batches "${PROFILE_ROWS:-2,256}" --runs 2 --warmup 1 \
+  # PROFILE_METRICS adds metrics (comma-separated) to the raw CSV; the summary reads the time.
+  FORA_CUDA_GRAPHS=0 bounded 150 ncu --nvtx --csv --print-units base \
+    --metrics "gpu__time_duration.sum${PROFILE_METRICS:+,$PROFILE_METRICS}" \
+    .devpack/bin/fora bench --sections steps --batches "${PROFILE_ROWS:-2,256}" --runs "${PROFILE_RUNS:-2}" --warmup 1 \
     --gemm cublaslt --json "$OUT/profile_bench.json" > "$OUT/profile.csv" 2> "$OUT/profile.err"
   python3 tools/ncu_summary.py "$OUT/profile.csv" > "$OUT/profile.md" 2>> "$OUT/profile.err"
   head -n 60 "$OUT/profile.md"; tail -n 3 "$OUT/profile.err"
@@ -158,7 +160,8 @@ phase_variants() {
   local name
   # VARIANTS (names, space-separated) picks some of them; VARIANT_SECTIONS / VARIANT_ARGS /
   # VARIANT_S change what each runs (e.g. "steps,e2e" with "--intervals 1,3 --e2e-reps 1").
-  for v in "default:cublaslt:" "unfused:cublaslt:FORA_FUSED_REUSE=0 FORA_FUSED_LN=0" \
+  for v in "default:cublaslt:" "unfused:cublaslt:FORA_FUSED_REUSE=0 FORA_FUSED_LN=0 FORA_LT_BIAS_BF16=0" \
+           "f32_bias:cublaslt:FORA_LT_BIAS_BF16=0" \
            "side_stream:cublaslt:FORA_SIDE_STREAM=1" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
            "attention_v2:cublaslt:FORA_ATTENTION=v2" "wgmma:wgmma:"; do
     name=${v%%:*}; rest=${v#*:}; gemm=${rest%%:*}; envs=${rest#*:}

@@ -60,11 +60,17 @@ pub struct CudaOptions {
     /// in one `residual_layernorm` pass (`FORA_FUSED_LN=0`: off). On by default: on an H200
     /// the 256-row computing step went from 174.7 to 168.4 ms, 56 launches fewer.
     pub fused_ln: bool,
+    /// With cuBLASLt: qkv's and fc1's bias (and GELU) fused into the GEMM with a bf16 copy of
+    /// the bias where cuBLASLt refuses the f32 one with a bf16 output, as the H200's did
+    /// (`FORA_LT_BIAS_BF16=0`: off, the f32 product and the epilogue kernel instead). The bias
+    /// is rounded to bf16 before the add, as under PyTorch's autocast.
+    pub lt_bias_bf16: bool,
 }
 
 impl CudaOptions {
     /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
-    /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM` and `FORA_FUSED_LN`.
+    /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM`, `FORA_FUSED_LN` and
+    /// `FORA_LT_BIAS_BF16`.
     pub fn from_env() -> Result<CudaOptions> {
         // A 0/1 switch; unset or empty keeps the default, anything else is refused.
         let flag = |var: &str, default: bool| match std::env::var(var) {
@@ -85,6 +91,7 @@ impl CudaOptions {
             fused_reuse: flag("FORA_FUSED_REUSE", true)?,
             side_stream: flag("FORA_SIDE_STREAM", false)?,
             fused_ln: flag("FORA_FUSED_LN", true)?,
+            lt_bias_bf16: flag("FORA_LT_BIAS_BF16", true)?,
         })
     }
 }
@@ -432,6 +439,7 @@ impl CudaBackend {
             table,
             fused_reuse: self.options.fused_reuse,
             fused_ln: self.options.fused_ln,
+            bias_bf16: self.options.lt_bias_bf16,
         }
     }
 

@@ -39,13 +39,18 @@ pub enum LtOutput {
     F32,
 }
 
-/// What cuBLASLt applies after the product. Bias pointers are f32 `[N]` device addresses.
+/// What cuBLASLt applies after the product. Bias pointers are `[N]` device addresses: f32 for
+/// `Bias` / `GeluBias`; of the output type for `BiasOutType` / `GeluBiasOutType` (bf16 for a
+/// bf16 output, as under PyTorch's autocast: cuBLASLt refuses an f32 bias with a bf16 output
+/// on some cards).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LtEpilogue {
     None,
     Gelu,
     Bias(u64),
     GeluBias(u64),
+    BiasOutType(u64),
+    GeluBiasOutType(u64),
 }
 
 /// One matmul, row-major: `d[m, n] = epilogue(sum_k a[m, k] * w[n, k])`. Pointers are device
@@ -236,14 +241,18 @@ impl CublasLt {
         if bf16_out_f32_bias && self.bf16_out_f32_bias_refused.load(Ordering::Relaxed) {
             return Ok(LtRun::Unsupported);
         }
-        let (epilogue, bias) = match mm.epilogue {
-            LtEpilogue::None => (sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT, None),
-            LtEpilogue::Gelu => (sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU, None),
-            LtEpilogue::Bias(b) => (sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS, Some(b)),
-            LtEpilogue::GeluBias(b) => (
-                sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
-                Some(b),
-            ),
+        use sys::cublasLtEpilogue_t::{
+            CUBLASLT_EPILOGUE_BIAS, CUBLASLT_EPILOGUE_DEFAULT, CUBLASLT_EPILOGUE_GELU,
+            CUBLASLT_EPILOGUE_GELU_BIAS,
+        };
+        // (epilogue, bias pointer, whether the bias is f32 rather than the output type)
+        let (epilogue, bias, bias_f32) = match mm.epilogue {
+            LtEpilogue::None => (CUBLASLT_EPILOGUE_DEFAULT, None, false),
+            LtEpilogue::Gelu => (CUBLASLT_EPILOGUE_GELU, None, false),
+            LtEpilogue::Bias(b) => (CUBLASLT_EPILOGUE_BIAS, Some(b), true),
+            LtEpilogue::GeluBias(b) => (CUBLASLT_EPILOGUE_GELU_BIAS, Some(b), true),
+            LtEpilogue::BiasOutType(b) => (CUBLASLT_EPILOGUE_BIAS, Some(b), false),
+            LtEpilogue::GeluBiasOutType(b) => (CUBLASLT_EPILOGUE_GELU_BIAS, Some(b), false),
         };
         desc.set(
             sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
@@ -255,11 +264,13 @@ impl CublasLt {
                 sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                 &bias,
             )?;
-            // Our biases are f32 whatever the output type (the default is the output type).
-            desc.set(
-                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
-                &f32,
-            )?;
+            // The default bias type is the output type.
+            if bias_f32 {
+                desc.set(
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                    &f32,
+                )?;
+            }
         }
         let pref = Pref::new()?;
         pref.set(
@@ -301,6 +312,8 @@ impl CublasLt {
                 LtEpilogue::Gelu => 1,
                 LtEpilogue::Bias(_) => 2,
                 LtEpilogue::GeluBias(_) => 3,
+                LtEpilogue::BiasOutType(_) => 4,
+                LtEpilogue::GeluBiasOutType(_) => 5,
             },
             align: [alignment(mm.w), alignment(mm.a), alignment(mm.d)],
         };

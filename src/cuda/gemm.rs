@@ -647,6 +647,22 @@ impl Gemm {
     /// cuBLASLt with its fused bias / GELU-bias epilogue where it has one (else the unfused
     /// path). Errors when this `Gemm` was built for the custom implementation.
     pub fn run_cublaslt(&self, gpu: &Gpu, p: &GemmParams) -> Result<()> {
+        self.run_cublaslt_with_bias_bf16(gpu, p, 0)
+    }
+
+    /// Runs one GEMM like [`Gemm::run`]; with a bf16 output, `bias_bf16` (a bf16 copy of
+    /// `p.bias`, 0 for none) lets cuBLASLt fuse the bias where it refuses an f32 bias with a
+    /// bf16 output (the H200 did): one GEMM writing bf16 instead of an f32 product and a pass
+    /// of the epilogue kernel over it. The bias is then rounded to bf16 before the add, as
+    /// PyTorch's autocast rounds it. The other implementations use the f32 bias.
+    pub fn run_with_bias_bf16(&self, gpu: &Gpu, p: &GemmParams, bias_bf16: u64) -> Result<()> {
+        match self.imp {
+            GemmImpl::CublasLt => self.run_cublaslt_with_bias_bf16(gpu, p, bias_bf16),
+            _ => self.run(gpu, p),
+        }
+    }
+
+    fn run_cublaslt_with_bias_bf16(&self, gpu: &Gpu, p: &GemmParams, bias_bf16: u64) -> Result<()> {
         let epi = validate(p)?;
         let lt = self.lt()?;
         let output = match epi {
@@ -654,18 +670,8 @@ impl Gemm {
             Epilogue::BiasF32 => LtOutput::F32,
             Epilogue::BiasBf16 | Epilogue::BiasGeluBf16 => LtOutput::Bf16,
         };
-        // cuBLASLt may want a 16-byte aligned bias vector; ours need only be 4-byte aligned.
-        if !p.bias.is_multiple_of(16) {
-            return self.run_cublaslt_unfused(gpu, p);
-        }
         let gelu = epi == Epilogue::BiasGeluBf16;
-        let epilogue = match (p.bias, gelu) {
-            (0, false) => LtEpilogue::None,
-            (0, true) => LtEpilogue::Gelu,
-            (b, false) => LtEpilogue::Bias(b),
-            (b, true) => LtEpilogue::GeluBias(b),
-        };
-        let mm = LtMatmul {
+        let mut mm = LtMatmul {
             a: p.a,
             w: p.w,
             d: p.out,
@@ -676,12 +682,39 @@ impl Gemm {
             ldw: p.ldw as usize,
             ldd: p.ldo as usize,
             output,
-            epilogue,
+            epilogue: if gelu {
+                LtEpilogue::Gelu
+            } else {
+                LtEpilogue::None
+            },
         };
-        match lt.matmul(&mm).with_context(|| gemm_what(p, "cuBLASLt"))? {
-            LtRun::Done => Ok(()),
-            LtRun::Unsupported => self.run_cublaslt_unfused(gpu, p),
+        // cuBLASLt may want a 16-byte aligned bias vector; ours need only be 4-byte aligned.
+        let mut tries = Vec::with_capacity(2);
+        if p.bias == 0 {
+            tries.push(mm.epilogue);
+        } else {
+            if p.bias.is_multiple_of(16) {
+                tries.push(if gelu {
+                    LtEpilogue::GeluBias(p.bias)
+                } else {
+                    LtEpilogue::Bias(p.bias)
+                });
+            }
+            if bias_bf16 != 0 && bias_bf16.is_multiple_of(16) && output == LtOutput::Bf16 {
+                tries.push(if gelu {
+                    LtEpilogue::GeluBiasOutType(bias_bf16)
+                } else {
+                    LtEpilogue::BiasOutType(bias_bf16)
+                });
+            }
         }
+        for epilogue in tries {
+            mm.epilogue = epilogue;
+            if lt.matmul(&mm).with_context(|| gemm_what(p, "cuBLASLt"))? == LtRun::Done {
+                return Ok(());
+            }
+        }
+        self.run_cublaslt_unfused(gpu, p)
     }
 
     /// cuBLASLt product into the f32 scratch, then the stand-alone epilogue kernel (any

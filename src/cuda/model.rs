@@ -42,6 +42,11 @@ pub struct ForwardKind {
     /// one `residual_layernorm` launch (instead of the epilogue kernel and layernorm_modulate).
     /// The same numbers up to the residual's FMA contraction and the LayerNorm's summation order.
     pub fused_ln: bool,
+    /// With cuBLASLt GEMMs: qkv and fc1 fuse their bias (and GELU) with a bf16 copy of the
+    /// bias where cuBLASLt refuses an f32 bias with a bf16 output (see
+    /// [`Gemm::run_with_bias_bf16`]); without, they fall back to the f32 product and the
+    /// epilogue kernel there.
+    pub bias_bf16: bool,
 }
 
 /// One transformer block's GEMM weights on the device.
@@ -54,6 +59,9 @@ struct BlockWeights {
     fc1_b: CudaSlice<f32>,
     fc2_w: CudaSlice<bf16>,
     fc2_b: CudaSlice<f32>,
+    /// bf16 copies of qkv_b and fc1_b, for cuBLASLt's fused bias with a bf16 output.
+    qkv_b16: CudaSlice<bf16>,
+    fc1_b16: CudaSlice<bf16>,
 }
 
 /// A DiT's weights on the device.
@@ -108,6 +116,8 @@ impl GpuModel {
                 fc1_b: f32s(&b.fc1_b, &format!("blocks.{l}.mlp.fc1.bias"))?,
                 fc2_w: bf16s(&b.fc2_w, &format!("blocks.{l}.mlp.fc2.weight"))?,
                 fc2_b: f32s(&b.fc2_b, &format!("blocks.{l}.mlp.fc2.bias"))?,
+                qkv_b16: bf16s(&b.qkv_b, &format!("blocks.{l}.attn.qkv.bias (bf16)"))?,
+                fc1_b16: bf16s(&b.fc1_b, &format!("blocks.{l}.mlp.fc1.bias (bf16)"))?,
             });
         }
         Ok(GpuModel {
@@ -459,7 +469,16 @@ impl GpuModel {
             table,
             fused_reuse,
             fused_ln,
+            bias_bf16,
         } = kind;
+        // qkv and fc1: with bias_bf16, cuBLASLt may fuse a bf16 copy of the bias.
+        let biased_gemm = |p: &GemmParams, bias16: &CudaSlice<bf16>| {
+            if bias_bf16 {
+                gemm.run_with_bias_bf16(gpu, p, dptr(bias16))
+            } else {
+                gemm.run(gpu, p)
+            }
+        };
         let table = table.unwrap_or_else(|| dptr(&acts.modulation));
         let cfg = &self.cfg;
         let (rows, d, t) = (acts.rows, cfg.hidden, cfg.tokens());
@@ -577,8 +596,7 @@ impl GpuModel {
                     }
                     {
                         let _op = crate::nvtx_range!("qkv");
-                        gemm.run(
-                            gpu,
+                        biased_gemm(
                             &gemm_params(
                                 dptr(&acts.xn),
                                 dptr(&b.qkv_w),
@@ -589,6 +607,7 @@ impl GpuModel {
                                 d,
                                 Epilogue::BiasBf16,
                             ),
+                            &b.qkv_b16,
                         )?;
                     }
                     {
@@ -639,8 +658,7 @@ impl GpuModel {
                     }
                     {
                         let _op = crate::nvtx_range!("fc1");
-                        gemm.run(
-                            gpu,
+                        biased_gemm(
                             &gemm_params(
                                 dptr(&acts.xn),
                                 dptr(&b.fc1_w),
@@ -651,6 +669,7 @@ impl GpuModel {
                                 d,
                                 Epilogue::BiasGeluBf16,
                             ),
+                            &b.fc1_b16,
                         )?;
                     }
                     let mut fc2 = gemm_params(
