@@ -6,6 +6,13 @@
 // 128 elements per pass (the small-batch case is latency-bound). Longer float4 rows re-read the
 // row from L1/L2 for each pass; the sums are taken in the same order on both paths.
 // residual_layernorm puts the residual epilogue of the GEMM before it into the same pass.
+//
+// Few rows (batch 2: 512 token rows, a warp each = one warp per SM) leave the GPU idle while
+// each warp waits on its loads, so the _w4 variants give a token row four warps (a block): four
+// times the warps in flight, a quarter of the registers each, and the row's sums finished
+// across the warps through shared memory in a fixed order. Every other load (shift, scale,
+// bias, gate) is issued with the row's before the first reduction, so a row costs one memory
+// round trip.
 #include "common.cuh"
 
 namespace {
@@ -35,42 +42,155 @@ FORA_DEVICE float modulate(float x, float mean, float rstd, float shift, float s
     return (x - mean) * rstd * (1.0f + scale) + shift;
 }
 
-// The register path's LayerNorm + modulate of one token row held by a warp: chunk c of this
-// lane holds columns lane * 4 + 128 c .. + 3 (zeros past the row end). Two-pass statistics.
-FORA_DEVICE void layernorm_row_in_registers(const float4 (&v)[kMaxChunks], int lane, int dim,
-                                             const float* shift, const float* scale,
-                                             __nv_bfloat16* out, float eps) {
+// The sum of v over the WPR warps that hold one token row, the same value in every thread of
+// them, in a fixed order. With WPR > 1 every thread of the block must call it.
+template <int WPR>
+FORA_DEVICE float row_sum(float v, float* partial) {
+    v = warp_sum(v);
+    if (WPR == 1) return v;
+    const int warp = threadIdx.x >> 5;
+    if ((threadIdx.x & 31) == 0) partial[warp] = v;
+    __syncthreads();
+    const int first = warp / WPR * WPR;
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < WPR; ++w) s += partial[first + w];
+    __syncthreads();  // partial is reused by the next sum
+    return s;
+}
+
+// Whether the _w4 paths issue the shift / scale / bias / gate loads with the row's: with one
+// warp per row the registers for all of them would spill (12 float4 chunks of each).
+template <int WPR>
+constexpr bool kPrefetch = WPR > 1;
+
+// The register path's LayerNorm + modulate of one token row held by WPR warps: chunk c of
+// thread t (of the row's 32 * WPR) holds columns 4t + 128 WPR c .. + 3 (zeros past the row
+// end); with kPrefetch, sh / sc hold the shift and scale of the same columns, else they are
+// loaded from shift / scale here. Two-pass statistics.
+template <int WPR, int CH>
+FORA_DEVICE void layernorm_row_in_registers(const float4 (&v)[CH], const float4 (&sh)[CH],
+                                             const float4 (&sc)[CH], const float* shift,
+                                             const float* scale, int t, int dim,
+                                             __nv_bfloat16* out, float eps, float* partial) {
+    constexpr int kStride = 128 * WPR;
     const float inv_dim = 1.0f / (float)dim;
     float sum = 0.0f;
 #pragma unroll
-    for (int c = 0; c < kMaxChunks; ++c) {
-        if (lane * 4 + c * 128 < dim) sum += (v[c].x + v[c].y) + (v[c].z + v[c].w);
+    for (int c = 0; c < CH; ++c) {
+        if (t * 4 + c * kStride < dim) sum += (v[c].x + v[c].y) + (v[c].z + v[c].w);
     }
-    const float mean = warp_sum(sum) * inv_dim;
+    const float mean = row_sum<WPR>(sum, partial) * inv_dim;
     float sq = 0.0f;
 #pragma unroll
-    for (int c = 0; c < kMaxChunks; ++c) {
-        if (lane * 4 + c * 128 < dim) {
+    for (int c = 0; c < CH; ++c) {
+        if (t * 4 + c * kStride < dim) {
             const float a = v[c].x - mean, b = v[c].y - mean, e = v[c].z - mean, f = v[c].w - mean;
             sq += (a * a + b * b) + (e * e + f * f);
         }
     }
-    const float var = warp_sum(sq) * inv_dim;
+    const float var = row_sum<WPR>(sq, partial) * inv_dim;
     const float rstd = 1.0f / sqrtf(var + eps);  // IEEE sqrt and divide, not rsqrtf
 #pragma unroll
-    for (int c = 0; c < kMaxChunks; ++c) {
-        const int d = lane * 4 + c * 128;
+    for (int c = 0; c < CH; ++c) {
+        const int d = t * 4 + c * kStride;
         if (d < dim) {
-            const float4 sh = *reinterpret_cast<const float4*>(shift + d);
-            const float4 sc = *reinterpret_cast<const float4*>(scale + d);
+            const float4 h = kPrefetch<WPR> ? sh[c] : *reinterpret_cast<const float4*>(shift + d);
+            const float4 k = kPrefetch<WPR> ? sc[c] : *reinterpret_cast<const float4*>(scale + d);
             uint2 packed;
-            packed.x = pack_bf16x2(modulate(v[c].x, mean, rstd, sh.x, sc.x),
-                                   modulate(v[c].y, mean, rstd, sh.y, sc.y));
-            packed.y = pack_bf16x2(modulate(v[c].z, mean, rstd, sh.z, sc.z),
-                                   modulate(v[c].w, mean, rstd, sh.w, sc.w));
+            packed.x = pack_bf16x2(modulate(v[c].x, mean, rstd, h.x, k.x),
+                                   modulate(v[c].y, mean, rstd, h.y, k.y));
+            packed.y = pack_bf16x2(modulate(v[c].z, mean, rstd, h.z, k.z),
+                                   modulate(v[c].w, mean, rstd, h.w, k.w));
             *reinterpret_cast<uint2*>(out + d) = packed;
         }
     }
+}
+
+FORA_DEVICE float4 load4_or_zero(const float* p, bool in) {
+    return in ? *reinterpret_cast<const float4*>(p) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+}
+
+// layernorm_modulate's register path with WPR warps per token row (kWarps / WPR rows a block).
+template <int WPR>
+FORA_DEVICE void layernorm_rows(const LayerNormModulateParams& p) {
+    constexpr int CH = kMaxChunks / WPR;
+    __shared__ float partial[kWarps];
+    const int t = threadIdx.x % (32 * WPR);
+    const long long token = (long long)blockIdx.x * (kWarps / WPR) + threadIdx.x / (32 * WPR);
+    // With WPR > 1 a block is one row: its threads return together.
+    if (token >= (long long)p.rows * p.tokens) return;
+    const Row r = row_of(p, token);
+    float4 v[CH], sh[CH], sc[CH];
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+        const int d = t * 4 + c * 128 * WPR;
+        v[c] = load4_or_zero(r.x + d, d < p.dim);
+        if (kPrefetch<WPR>) {
+            sh[c] = load4_or_zero(r.shift + d, d < p.dim);
+            sc[c] = load4_or_zero(r.scale + d, d < p.dim);
+        }
+    }
+    layernorm_row_in_registers<WPR, CH>(v, sh, sc, r.shift, r.scale, t, p.dim, r.out, p.eps,
+                                        partial);
+}
+
+// residual_layernorm with WPR warps per token row.
+template <int WPR>
+FORA_DEVICE void residual_layernorm_rows(const ResidualLayerNormParams& p) {
+    constexpr int CH = kMaxChunks / WPR;
+    __shared__ float partial[kWarps];
+    const int t = threadIdx.x % (32 * WPR);
+    const long long token = (long long)blockIdx.x * (kWarps / WPR) + threadIdx.x / (32 * WPR);
+    if (token >= (long long)p.rows * p.tokens) return;
+    const float* mod = reinterpret_cast<const float*>(p.modulation) + (token / p.tokens) * p.ld_mod;
+    const float* acc = reinterpret_cast<const float*>(p.acc) + token * p.ld_acc;
+    const float* bias = reinterpret_cast<const float*>(p.bias);
+    float* x = reinterpret_cast<float*>(p.x) + token * p.dim;
+    __nv_bfloat16* cache =
+        p.cache ? reinterpret_cast<__nv_bfloat16*>(p.cache) + token * p.dim : nullptr;
+    // The product and the residual of the row first (all in flight; with kPrefetch every
+    // other load too), then the rest.
+    float4 a[CH], v[CH], b[CH], g[CH], sh[CH], sc[CH];
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+        const int d = t * 4 + c * 128 * WPR;
+        const bool in = d < p.dim;
+        a[c] = load4_or_zero(acc + d, in);
+        v[c] = load4_or_zero(x + d, in);
+        if (kPrefetch<WPR>) {
+            b[c] = load4_or_zero(bias + d, in);
+            g[c] = load4_or_zero(mod + p.gate_col + d, in);
+            sh[c] = load4_or_zero(mod + p.shift_col + d, in);
+            sc[c] = load4_or_zero(mod + p.scale_col + d, in);
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+        const int d = t * 4 + c * 128 * WPR;
+        if (d < p.dim) {
+            const float4 bc = kPrefetch<WPR> ? b[c] : *reinterpret_cast<const float4*>(bias + d);
+            const float4 gc =
+                kPrefetch<WPR> ? g[c] : *reinterpret_cast<const float4*>(mod + p.gate_col + d);
+            const float4 y = make_float4(a[c].x + bc.x, a[c].y + bc.y, a[c].z + bc.z,
+                                         a[c].w + bc.w);
+            if (cache) {
+                uint2 packed;
+                packed.x = pack_bf16x2(y.x, y.y);
+                packed.y = pack_bf16x2(y.z, y.w);
+                *reinterpret_cast<uint2*>(cache + d) = packed;
+            }
+            // As epilogue_pair (gemm_epilogue.cuh): residual += gate * v.
+            v[c].x += gc.x * y.x;
+            v[c].y += gc.y * y.y;
+            v[c].z += gc.z * y.z;
+            v[c].w += gc.w * y.w;
+            *reinterpret_cast<float4*>(x + d) = v[c];
+        }
+    }
+    layernorm_row_in_registers<WPR, CH>(v, sh, sc, mod + p.shift_col, mod + p.scale_col, t, p.dim,
+                                        reinterpret_cast<__nv_bfloat16*>(p.out) + token * p.dim,
+                                        p.eps, partial);
 }
 
 }  // namespace
@@ -85,14 +205,7 @@ layernorm_modulate(const LayerNormModulateParams p) {
     const bool vec = (p.dim % 4 == 0) && (p.ld_mod % 4 == 0) && (p.shift_col % 4 == 0) &&
                      (p.scale_col % 4 == 0);
     if (vec && p.dim <= 128 * kMaxChunks) {
-        float4 v[kMaxChunks];
-#pragma unroll
-        for (int c = 0; c < kMaxChunks; ++c) {
-            const int d = lane * 4 + c * 128;
-            v[c] = d < p.dim ? *reinterpret_cast<const float4*>(r.x + d)
-                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
-        layernorm_row_in_registers(v, lane, p.dim, r.shift, r.scale, r.out, p.eps);
+        layernorm_rows<1>(p);
         return;
     }
 
@@ -143,50 +256,23 @@ layernorm_modulate(const LayerNormModulateParams p) {
     }
 }
 
+// The register path with four warps per token row, for few rows: 16-byte aligned rows of at
+// most 128 * kMaxChunks elements (the launcher checks).
+extern "C" __global__ void __launch_bounds__(kWarps * 32)
+layernorm_modulate_w4(const LayerNormModulateParams p) {
+    layernorm_rows<4>(p);
+}
+
 // proj / fc2's residual epilogue (as gemm_epilogue_f32 with FORA_EPI_BIAS_GATE_RESIDUAL) and the
 // next LayerNorm + modulate in one pass, one warp per token row: the row's GEMM product and
 // residual are loaded with every load in flight, updated, stored, and normalized from registers.
 extern "C" __global__ void __launch_bounds__(kWarps * 32)
 residual_layernorm(const ResidualLayerNormParams p) {
-    const int lane = threadIdx.x & 31;
-    const long long token = (long long)blockIdx.x * kWarps + (threadIdx.x >> 5);
-    if (token >= (long long)p.rows * p.tokens) return;
-    const float* mod = reinterpret_cast<const float*>(p.modulation) + (token / p.tokens) * p.ld_mod;
-    const float* acc = reinterpret_cast<const float*>(p.acc) + token * p.ld_acc;
-    const float* bias = reinterpret_cast<const float*>(p.bias);
-    float* x = reinterpret_cast<float*>(p.x) + token * p.dim;
-    __nv_bfloat16* cache =
-        p.cache ? reinterpret_cast<__nv_bfloat16*>(p.cache) + token * p.dim : nullptr;
-    // The product and the residual of the whole row first (all in flight), then the rest.
-    float4 a[kMaxChunks], v[kMaxChunks];
-#pragma unroll
-    for (int c = 0; c < kMaxChunks; ++c) {
-        const int d = lane * 4 + c * 128;
-        const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        a[c] = d < p.dim ? *reinterpret_cast<const float4*>(acc + d) : zero;
-        v[c] = d < p.dim ? *reinterpret_cast<const float4*>(x + d) : zero;
-    }
-#pragma unroll
-    for (int c = 0; c < kMaxChunks; ++c) {
-        const int d = lane * 4 + c * 128;
-        if (d < p.dim) {
-            const float4 b = *reinterpret_cast<const float4*>(bias + d);
-            const float4 g = *reinterpret_cast<const float4*>(mod + p.gate_col + d);
-            const float4 y = make_float4(a[c].x + b.x, a[c].y + b.y, a[c].z + b.z, a[c].w + b.w);
-            if (cache) {
-                uint2 packed;
-                packed.x = pack_bf16x2(y.x, y.y);
-                packed.y = pack_bf16x2(y.z, y.w);
-                *reinterpret_cast<uint2*>(cache + d) = packed;
-            }
-            // As epilogue_pair (gemm_epilogue.cuh): residual += gate * v.
-            v[c].x += g.x * y.x;
-            v[c].y += g.y * y.y;
-            v[c].z += g.z * y.z;
-            v[c].w += g.w * y.w;
-            *reinterpret_cast<float4*>(x + d) = v[c];
-        }
-    }
-    layernorm_row_in_registers(v, lane, p.dim, mod + p.shift_col, mod + p.scale_col,
-                                reinterpret_cast<__nv_bfloat16*>(p.out) + token * p.dim, p.eps);
+    residual_layernorm_rows<1>(p);
+}
+
+// The same with four warps per token row, for few rows.
+extern "C" __global__ void __launch_bounds__(kWarps * 32)
+residual_layernorm_w4(const ResidualLayerNormParams p) {
+    residual_layernorm_rows<4>(p);
 }

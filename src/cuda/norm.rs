@@ -48,10 +48,91 @@ pub fn layernorm_modulate_plan(p: &LayerNormModulateParams) -> Result<(u32, u32,
 }
 
 /// `out = bf16(LN(x) * (1 + scale) + shift)` per token row.
+/// Warps per token row of the LayerNorm kernels: one (`layernorm_modulate`,
+/// `residual_layernorm`), or four (the `_w4` variants, for few rows: four times the warps in
+/// flight, every load of a row issued at once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowWarps {
+    One,
+    Four,
+}
+
+impl RowWarps {
+    fn warps(self) -> i64 {
+        match self {
+            RowWarps::One => 1,
+            RowWarps::Four => 4,
+        }
+    }
+
+    /// Four warps a row while one a row would leave fewer than 16 warps per SM (an H100 at
+    /// batch 2, 512 token rows, gets 4), else one.
+    pub fn pick(token_rows: i64, multiprocessors: usize) -> RowWarps {
+        if token_rows < 16 * multiprocessors as i64 {
+            RowWarps::Four
+        } else {
+            RowWarps::One
+        }
+    }
+
+    /// The grid of `token_rows` rows: blocks of WARPS warps hold WARPS / warps rows.
+    fn grid(self, kernel: &str, token_rows: i64) -> Result<(u32, u32, u32)> {
+        Ok((
+            grid_x(kernel, token_rows, WARPS as i64 / self.warps())?,
+            1,
+            1,
+        ))
+    }
+}
+
+/// The register path of the LayerNorm kernels, which the four-warp variants always take:
+/// 16-byte aligned rows of at most [`RESIDUAL_LN_MAX_DIM`] elements.
+fn layernorm_in_registers(p: &LayerNormModulateParams) -> bool {
+    p.dim % 4 == 0
+        && p.ld_mod % 4 == 0
+        && p.shift_col % 4 == 0
+        && p.scale_col % 4 == 0
+        && p.dim <= RESIDUAL_LN_MAX_DIM
+}
+
 pub fn layernorm_modulate(gpu: &impl KernelLauncher, p: &LayerNormModulateParams) -> Result<()> {
-    let grid = layernorm_modulate_plan(p)?;
+    let token_rows = p.rows as i64 * p.tokens as i64;
+    let warps = match RowWarps::pick(token_rows, gpu.multiprocessors()) {
+        RowWarps::Four if layernorm_in_registers(p) => RowWarps::Four,
+        _ => RowWarps::One,
+    };
+    layernorm_modulate_with(gpu, p, warps)
+}
+
+/// [`layernorm_modulate`] with the warps per row chosen by the caller (tests, benchmarks); four
+/// need the register path's rows (see [`layernorm_in_registers`]).
+pub fn layernorm_modulate_with(
+    gpu: &impl KernelLauncher,
+    p: &LayerNormModulateParams,
+    warps: RowWarps,
+) -> Result<()> {
+    let one_warp_grid = layernorm_modulate_plan(p)?;
+    let (name, grid) = match warps {
+        RowWarps::One => ("layernorm_modulate", one_warp_grid),
+        RowWarps::Four => {
+            ensure!(
+                layernorm_in_registers(p),
+                "layernorm_modulate_w4: needs dim % 4 == 0, dim <= {RESIDUAL_LN_MAX_DIM} and \
+                 16-byte aligned columns (dim {}, ld_mod {}, shift {}, scale {})",
+                p.dim,
+                p.ld_mod,
+                p.shift_col,
+                p.scale_col
+            );
+            let rows = p.rows as i64 * p.tokens as i64;
+            (
+                "layernorm_modulate_w4",
+                warps.grid("layernorm_modulate_w4", rows)?,
+            )
+        }
+    };
     // SAFETY: validated above.
-    unsafe { gpu.launch_kernel("layernorm_modulate", grid, (WARPS * 32, 1, 1), 0, p) }
+    unsafe { gpu.launch_kernel(name, grid, (WARPS * 32, 1, 1), 0, p) }
 }
 
 /// Widest row [`residual_layernorm`] takes (128 * kMaxChunks in norm.cu): every DiT.
@@ -120,7 +201,23 @@ pub fn residual_layernorm_plan(p: &ResidualLayerNormParams) -> Result<(u32, u32,
 /// Per token row: `v = acc + bias; cache = bf16(v); x += gate * v;`
 /// `out = bf16(LN(x) * (1 + scale) + shift)`.
 pub fn residual_layernorm(gpu: &impl KernelLauncher, p: &ResidualLayerNormParams) -> Result<()> {
-    let grid = residual_layernorm_plan(p)?;
+    let token_rows = p.rows as i64 * p.tokens as i64;
+    residual_layernorm_with(gpu, p, RowWarps::pick(token_rows, gpu.multiprocessors()))
+}
+
+/// [`residual_layernorm`] with the warps per row chosen by the caller (tests, benchmarks).
+pub fn residual_layernorm_with(
+    gpu: &impl KernelLauncher,
+    p: &ResidualLayerNormParams,
+    warps: RowWarps,
+) -> Result<()> {
+    residual_layernorm_plan(p)?;
+    let rows = p.rows as i64 * p.tokens as i64;
+    let name = match warps {
+        RowWarps::One => "residual_layernorm",
+        RowWarps::Four => "residual_layernorm_w4",
+    };
+    let grid = warps.grid(name, rows)?;
     // SAFETY: validated above.
-    unsafe { gpu.launch_kernel("residual_layernorm", grid, (WARPS * 32, 1, 1), 0, p) }
+    unsafe { gpu.launch_kernel(name, grid, (WARPS * 32, 1, 1), 0, p) }
 }

@@ -38,6 +38,8 @@ void fora_reuse_final(const ForaReuseFinalParams p);
 void fora_reuse_final_t4(const ForaReuseFinalParams p);
 void layernorm_modulate(const LayerNormModulateParams p);
 void residual_layernorm(const ResidualLayerNormParams p);
+void layernorm_modulate_w4(const LayerNormModulateParams p);
+void residual_layernorm_w4(const ResidualLayerNormParams p);
 void attention_d64(const AttentionParams p);
 void attention_d72(const AttentionParams p);
 void attention_d128(const AttentionParams p);
@@ -178,6 +180,8 @@ Kernel find(const std::string& name) {
     if (name == "fora_reuse_final_t4") return call<ForaReuseFinalParams, fora_reuse_final_t4>;
     if (name == "layernorm_modulate") return call<LayerNormModulateParams, layernorm_modulate>;
     if (name == "residual_layernorm") return call<ResidualLayerNormParams, residual_layernorm>;
+    if (name == "layernorm_modulate_w4") return call<LayerNormModulateParams, layernorm_modulate_w4>;
+    if (name == "residual_layernorm_w4") return call<ResidualLayerNormParams, residual_layernorm_w4>;
     if (name == "attention_d64") return call<AttentionParams, attention_d64>;
     if (name == "attention_d72") return call<AttentionParams, attention_d72>;
     if (name == "attention_d128") return call<AttentionParams, attention_d128>;

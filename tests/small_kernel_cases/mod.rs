@@ -14,7 +14,7 @@ use fora::cpu::ops;
 use fora::cuda::conditioning::{label_silu, silu_f32_bf16, timestep_embedding};
 use fora::cuda::embed::{patch_embed, transpose_patch_weight};
 use fora::cuda::fora::{fora_reuse, fora_reuse_final_with, ReuseTokens};
-use fora::cuda::norm::{layernorm_modulate, residual_layernorm};
+use fora::cuda::norm::{layernorm_modulate_with, residual_layernorm_with, RowWarps};
 use fora::cuda::params::{
     ForaReuseFinalParams, ForaReuseParams, LabelSiluParams, LayerNormModulateParams,
     NormalFillParams, PatchEmbedParams, ResidualLayerNormParams, SamplerStepParams, SiluParams,
@@ -205,7 +205,13 @@ pub struct NormCase {
     pub scale_col: usize,
 }
 
-pub fn run_layernorm<D: TestDevice>(gpu: &D, c: &NormCase, seed: u64) -> Result<()> {
+/// One case with `warps` warps per token row (Four needs the register path's rows).
+pub fn run_layernorm<D: TestDevice>(
+    gpu: &D,
+    c: &NormCase,
+    warps: RowWarps,
+    seed: u64,
+) -> Result<()> {
     let mut rng = TestRng::new(seed);
     let n = c.rows * c.tokens * c.dim;
     // An offset and a per-row spread so the two-pass statistics matter.
@@ -228,7 +234,7 @@ pub fn run_layernorm<D: TestDevice>(gpu: &D, c: &NormCase, seed: u64) -> Result<
         scale_col: c.scale_col as i32,
         eps: 1e-6,
     };
-    layernorm_modulate(gpu, &p)?;
+    layernorm_modulate_with(gpu, &p, warps)?;
     let got = gpu.download_bf16(&out)?;
     let mut want = vec![0f32; n];
     ops::layernorm_modulate(
@@ -242,7 +248,7 @@ pub fn run_layernorm<D: TestDevice>(gpu: &D, c: &NormCase, seed: u64) -> Result<
         false,
     );
     let what = format!(
-        "layernorm_modulate rows={} T={} D={} ld_mod={} shift={} scale={}",
+        "layernorm_modulate {warps:?} rows={} T={} D={} ld_mod={} shift={} scale={}",
         c.rows, c.tokens, c.dim, c.ld_mod, c.shift_col, c.scale_col
     );
     check_close(&what, &got, &want, 1e-2)?;
@@ -264,7 +270,9 @@ pub fn check_layernorm_modulate<D: TestDevice>(gpu: &D) -> Result<()> {
         shift_col: 5 * 6 * d,
         scale_col: 5 * 6 * d + d,
     };
-    run_layernorm(gpu, &xl, 41)?;
+    for warps in [RowWarps::One, RowWarps::Four] {
+        run_layernorm(gpu, &xl, warps, 41)?;
+    }
     // The final layer's (shift, scale) at 256 rows.
     let xl_big = NormCase {
         rows: 256,
@@ -274,7 +282,8 @@ pub fn check_layernorm_modulate<D: TestDevice>(gpu: &D) -> Result<()> {
         shift_col: 28 * 6 * d,
         scale_col: 28 * 6 * d + d,
     };
-    run_layernorm(gpu, &xl_big, 42)?;
+    // (Many rows: the one-warp variant's case; four warps a row are for few rows.)
+    run_layernorm(gpu, &xl_big, RowWarps::One, 42)?;
     // DiT-S/2 512 px, the MLP branch of block 11.
     let d = 384;
     let s = NormCase {
@@ -285,7 +294,9 @@ pub fn check_layernorm_modulate<D: TestDevice>(gpu: &D) -> Result<()> {
         shift_col: 11 * 6 * d + 3 * d,
         scale_col: 11 * 6 * d + 4 * d,
     };
-    run_layernorm(gpu, &s, 43)?;
+    for warps in [RowWarps::One, RowWarps::Four] {
+        run_layernorm(gpu, &s, warps, 43)?;
+    }
     // The embedded digits model: dim 64, lanes 16..31 hold no columns (register path).
     let tiny = NormCase {
         rows: 2,
@@ -295,7 +306,9 @@ pub fn check_layernorm_modulate<D: TestDevice>(gpu: &D) -> Result<()> {
         shift_col: 6 * 64,
         scale_col: 6 * 64 + 64,
     };
-    run_layernorm(gpu, &tiny, 45)?;
+    for warps in [RowWarps::One, RowWarps::Four] {
+        run_layernorm(gpu, &tiny, warps, 45)?;
+    }
     // dim 2048, beyond the register path's 1536: the looped float4 path.
     let wide = NormCase {
         rows: 3,
@@ -305,7 +318,7 @@ pub fn check_layernorm_modulate<D: TestDevice>(gpu: &D) -> Result<()> {
         shift_col: 2048,
         scale_col: 4096,
     };
-    run_layernorm(gpu, &wide, 46)?;
+    run_layernorm(gpu, &wide, RowWarps::One, 46)?;
     // Odd: dim 100, T = 77, unaligned columns (the scalar path).
     let odd = NormCase {
         rows: 3,
@@ -315,7 +328,7 @@ pub fn check_layernorm_modulate<D: TestDevice>(gpu: &D) -> Result<()> {
         shift_col: 3,
         scale_col: 201,
     };
-    run_layernorm(gpu, &odd, 44)?;
+    run_layernorm(gpu, &odd, RowWarps::One, 44)?;
     Ok(())
 }
 
@@ -330,7 +343,13 @@ pub struct ResidualLnCase {
     pub with_cache: bool,
 }
 
-pub fn run_residual_layernorm<D: TestDevice>(gpu: &D, c: &ResidualLnCase, seed: u64) -> Result<()> {
+/// One case with `warps` warps per token row.
+pub fn run_residual_layernorm<D: TestDevice>(
+    gpu: &D,
+    c: &ResidualLnCase,
+    warps: RowWarps,
+    seed: u64,
+) -> Result<()> {
     let mut rng = TestRng::new(seed);
     let m = c.rows * c.tokens;
     let n = m * c.dim;
@@ -369,7 +388,7 @@ pub fn run_residual_layernorm<D: TestDevice>(gpu: &D, c: &ResidualLnCase, seed: 
         scale_col: (shift_col + c.dim) as i32,
         eps: 1e-6,
     };
-    residual_layernorm(gpu, &p)?;
+    residual_layernorm_with(gpu, &p, warps)?;
     let got_x = gpu.download_f32(&x_d)?;
     let got = gpu.download_bf16(&out)?;
     let got_cache = gpu.download_bf16(&cache)?;
@@ -401,7 +420,7 @@ pub fn run_residual_layernorm<D: TestDevice>(gpu: &D, c: &ResidualLnCase, seed: 
         false,
     );
     let what = format!(
-        "residual_layernorm rows={} T={} D={} ld_acc={} cache={}",
+        "residual_layernorm {warps:?} rows={} T={} D={} ld_acc={} cache={}",
         c.rows, c.tokens, c.dim, c.ld_acc, c.with_cache
     );
     if c.with_cache {
@@ -434,17 +453,24 @@ pub fn check_residual_layernorm<D: TestDevice>(gpu: &D) -> Result<()> {
         ld_acc,
         with_cache,
     };
-    // DiT-XL/2 256 px, CFG batch of 2 images; as the sampler's computing step (cache) and as a
-    // plain forward (none).
-    run_residual_layernorm(gpu, &case(4, 256, 1152, 1152, true), 71)?;
-    run_residual_layernorm(gpu, &case(2, 256, 1152, 1152, false), 72)?;
-    // The embedded model (dim 64: two float4 lanes of 32 idle past the row end).
-    run_residual_layernorm(gpu, &case(2, 256, 64, 64, true), 73)?;
-    // Odd: dim 100, T = 77, a padded product, rows not a multiple of the block's 4.
-    run_residual_layernorm(gpu, &case(3, 77, 100, 104, true), 74)?;
-    // The widest row (1536) and DiT-S (384).
-    run_residual_layernorm(gpu, &case(1, 9, 1536, 1536, true), 75)?;
-    run_residual_layernorm(gpu, &case(5, 64, 384, 384, true), 76)?;
+    let cases = [
+        // DiT-XL/2 256 px, CFG batch of 2 images; as the sampler's computing step (cache) and as a
+        // plain forward (none).
+        (case(4, 256, 1152, 1152, true), 71),
+        (case(2, 256, 1152, 1152, false), 72),
+        // The embedded model (dim 64: two float4 lanes of 32 idle past the row end).
+        (case(2, 256, 64, 64, true), 73),
+        // Odd: dim 100, T = 77, a padded product, rows not a multiple of the block's 4.
+        (case(3, 77, 100, 104, true), 74),
+        // The widest row (1536) and DiT-S (384).
+        (case(1, 9, 1536, 1536, true), 75),
+        (case(5, 64, 384, 384, true), 76),
+    ];
+    for (c, seed) in &cases {
+        for warps in [RowWarps::One, RowWarps::Four] {
+            run_residual_layernorm(gpu, c, warps, *seed)?;
+        }
+    }
     Ok(())
 }
 
