@@ -3,7 +3,9 @@
 // the conv with kernel = stride = p written as a dot product over k = (c, i, j) of C*p*p,
 // reading image r % images so the CFG rows [x; x] share it. The weight comes transposed,
 // [C*p*p, dim], so that the threads of a warp read consecutive channels of one k (coalesced),
-// and each weight a thread loads serves the kTokens token rows of its block.
+// and each weight a thread loads serves the kTokens token rows of its block. blockIdx.y picks
+// the block's kThreads channels, one a thread, so that batch 2 (512 token rows: 64 blocks in x)
+// still fills the GPU.
 #include "common.cuh"
 
 namespace {
@@ -11,7 +13,8 @@ constexpr int kThreads = 128;
 constexpr int kTokens = 8;       // token rows per block
 }  // namespace
 
-// Block b: token rows b * kTokens .. + kTokens - 1 (of rows * T; the last block may be short).
+// Block (b, c): token rows b * kTokens .. + kTokens - 1 (of rows * T; the last block may be
+// short), channels c * kThreads .. + kThreads - 1.
 extern "C" __global__ void __launch_bounds__(kThreads) patch_embed(const PatchEmbedParams p) {
     FORA_DYNAMIC_SMEM(float, patch);  // [kTokens][C*p*p], sized by the launcher
     const int tokens = (p.height / p.patch) * (p.width / p.patch);
@@ -32,10 +35,12 @@ extern "C" __global__ void __launch_bounds__(kThreads) patch_embed(const PatchEm
     const float* bias = reinterpret_cast<const float*>(p.bias);
     const float* pos = reinterpret_cast<const float*>(p.pos);
     float* out = reinterpret_cast<float*>(p.out);
-    for (int d = threadIdx.x; d < p.dim; d += kThreads) {
+    const int d = blockIdx.y * kThreads + threadIdx.x;
+    if (d < p.dim) {
         float acc[kTokens];
 #pragma unroll
         for (int j = 0; j < kTokens; ++j) acc[j] = 0.0f;
+#pragma unroll 4
         for (int k = 0; k < k_total; ++k) {
             const float w = w_t[(size_t)k * p.dim + d];
 #pragma unroll

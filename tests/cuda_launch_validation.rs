@@ -124,10 +124,11 @@ fn patch_embed_plan_checks_shapes() {
         patch: 2,
         dim: 1152,
     };
-    // 8 token rows per block; their patches (C*p*p = 16 floats each) in shared memory.
+    // 8 token rows per block, 128 channels of 1152 (9 blocks in y); their patches (C*p*p =
+    // 16 floats each) in shared memory.
     assert_eq!(
         patch_embed_plan(&p).unwrap(),
-        ((4 * 256 / 8, 1, 1), 8 * 16 * 4)
+        ((4 * 256 / 8, 9, 1), 8 * 16 * 4)
     );
     let odd = PatchEmbedParams {
         rows: 3,
@@ -135,7 +136,7 @@ fn patch_embed_plan_checks_shapes() {
         width: 14,
         ..p
     };
-    assert_eq!(patch_embed_plan(&odd).unwrap(), ((14, 1, 1), 8 * 16 * 4));
+    assert_eq!(patch_embed_plan(&odd).unwrap(), ((14, 9, 1), 8 * 16 * 4));
     assert!(err(patch_embed_plan(&PatchEmbedParams { height: 31, ..p })).contains("divisible"));
     assert!(err(patch_embed_plan(&PatchEmbedParams {
         channels: 17,

@@ -48,7 +48,14 @@ pub fn patch_embed_plan(p: &PatchEmbedParams) -> Result<((u32, u32, u32), u32)> 
         check_ptr(K, f, ptr, 4)?;
     }
     let grid = grid_x(K, p.rows as i64 * tokens, TOKENS_PER_BLOCK)?;
-    Ok(((grid, 1, 1), (TOKENS_PER_BLOCK * k * 4) as u32))
+    // One channel a thread: blockIdx.y covers dim in chunks of THREADS.
+    let chunks = (p.dim as u64).div_ceil(THREADS as u64);
+    ensure!(
+        chunks <= 65535,
+        "{K}: dim {} needs {chunks} channel blocks, over the grid's 65535",
+        p.dim
+    );
+    Ok(((grid, chunks as u32, 1), (TOKENS_PER_BLOCK * k * 4) as u32))
 }
 
 /// `out[r*T + t] = conv(latents[r % images])[t] + bias + pos[t]`.
