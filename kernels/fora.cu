@@ -206,27 +206,52 @@ FORA_DEVICE void reuse_final_body(const ForaReuseFinalParams& p) {
         }
 
         // Every block's cached residuals with this step's gates, as fora_reuse. Tokens past
-        // the row's end read token t0's cache instead (in bounds) and are never written.
+        // the row's end read token t0's cache instead (in bounds) and are never written. The
+        // loads of kChunk layers are issued before any of them is applied, then applied in
+        // layer order: at batch 2 (a few blocks per SM) the kernel waits on DRAM latency, and
+        // the loop as written kept about one load in flight per thread. Four tokens a thread
+        // have eight loads a layer already (and two layers would halve the blocks per SM).
+        constexpr int kChunk = TPT == 1 ? 2 : 1;
         const __nv_bfloat16* cache =
             reinterpret_cast<const __nv_bfloat16*>(p.cache) + token0 * p.dim + d0;
-#pragma unroll 2
-        for (int l = 0; l < p.layers; ++l) {
+        for (int l0 = 0; l0 < p.layers; l0 += kChunk) {
+            uint4 raw[kChunk][2][TPT];
+            float g[kChunk][2][kVec];
 #pragma unroll
-            for (int which = 0; which < 2; ++which) {
-                float g[kVec];
-                load8(g, mod + (long long)l * p.layer_cols +
-                             (which == 0 ? p.gate_msa_col : p.gate_mlp_col));
-                const __nv_bfloat16* slab = cache + (2LL * l + which) * p.slab;
+            for (int i = 0; i < kChunk; ++i) {
+                const int l = l0 + i;
+                if (l < p.layers) {
 #pragma unroll
-                for (int u = 0; u < TPT; ++u) {
-                    const uint4 raw = *reinterpret_cast<const uint4*>(
-                        slab + (u < valid ? (long long)u * p.dim : 0));
-                    const __nv_bfloat162* c = reinterpret_cast<const __nv_bfloat162*>(&raw);
+                    for (int which = 0; which < 2; ++which) {
+                        load8(g[i][which], mod + (long long)l * p.layer_cols +
+                                               (which == 0 ? p.gate_msa_col : p.gate_mlp_col));
+                        const __nv_bfloat16* slab = cache + (2LL * l + which) * p.slab;
 #pragma unroll
-                    for (int h = 0; h < kVec / 2; ++h) {
-                        const float2 cf = __bfloat1622float2(c[h]);
-                        acc[u][2 * h] = gated_add(acc[u][2 * h], g[2 * h], cf.x);
-                        acc[u][2 * h + 1] = gated_add(acc[u][2 * h + 1], g[2 * h + 1], cf.y);
+                        for (int u = 0; u < TPT; ++u) {
+                            raw[i][which][u] = *reinterpret_cast<const uint4*>(
+                                slab + (u < valid ? (long long)u * p.dim : 0));
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < kChunk; ++i) {
+                if (l0 + i < p.layers) {
+#pragma unroll
+                    for (int which = 0; which < 2; ++which) {
+#pragma unroll
+                        for (int u = 0; u < TPT; ++u) {
+                            const __nv_bfloat162* c =
+                                reinterpret_cast<const __nv_bfloat162*>(&raw[i][which][u]);
+#pragma unroll
+                            for (int h = 0; h < kVec / 2; ++h) {
+                                const float2 cf = __bfloat1622float2(c[h]);
+                                const float* gw = g[i][which];
+                                acc[u][2 * h] = gated_add(acc[u][2 * h], gw[2 * h], cf.x);
+                                acc[u][2 * h + 1] =
+                                    gated_add(acc[u][2 * h + 1], gw[2 * h + 1], cf.y);
+                            }
+                        }
                     }
                 }
             }
