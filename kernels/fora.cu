@@ -138,11 +138,76 @@ FORA_DEVICE float sum8(const float* v) {
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
+constexpr int kMaxOut = 32;  // final Linear outputs a token (p*p*out_channels of every DiT/2)
+
+// One step of a warp's reduce-scatter over the 2N values v[0, 2N): v[0, N) becomes this lane's
+// half (the upper one when bit N of the lane is set) plus the partner lane's copy of it.
+template <int N>
+FORA_DEVICE void reduce_scatter_step(float (&v)[kMaxOut], int lane) {
+    const bool upper = (lane & N) != 0;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        const float send = upper ? v[i] : v[i + N];
+        const float keep = upper ? v[i + N] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, N);
+    }
+}
+
+// The final Linear of one token row whose group (whole warps) holds y (bf16-rounded, 8
+// channels a thread from d0; zeros where !live; token_exists is the same in the whole group):
+// every thread's 32 partial dot products, a
+// reduce-scatter across the warp (after it lane o holds the warp's sum of output o), then
+// the group's warps summed in order through shared memory, + bias. Every thread of the block
+// calls it.
+FORA_DEVICE void final_linear(const ForaReuseFinalParams& p, const float (&y)[kVec], bool live,
+                              bool token_exists, long long token, int group, int d0,
+                              float (*red)[kMaxOut]) {
+    float v[kMaxOut];
+    const __nv_bfloat16* w = reinterpret_cast<const __nv_bfloat16*>(p.final_w) + d0;
+#pragma unroll
+    for (int o = 0; o < kMaxOut; ++o) {
+        float s = 0.0f;
+        if (live && o < p.n_out) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(w + (size_t)o * p.dim);
+            const __nv_bfloat162* c = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+            for (int h = 0; h < kVec / 2; ++h) {
+                const float2 f = __bfloat1622float2(c[h]);
+                s = fmaf(y[2 * h], f.x, s);
+                s = fmaf(y[2 * h + 1], f.y, s);
+            }
+        }
+        v[o] = s;
+    }
+    // Each step halves the values a lane holds: it keeps the upper half when bit N of its
+    // lane is set and adds the partner's copy of that half; lane o ends with output o.
+    const int lane = threadIdx.x & 31;
+    reduce_scatter_step<16>(v, lane);
+    reduce_scatter_step<8>(v, lane);
+    reduce_scatter_step<4>(v, lane);
+    reduce_scatter_step<2>(v, lane);
+    reduce_scatter_step<1>(v, lane);
+    const int warp = threadIdx.x >> 5;
+    red[warp][lane] = v[0];
+    __syncthreads();
+    const int j = threadIdx.x % group;  // output j of this thread's token
+    if (token_exists && j < p.n_out) {
+        const int first = threadIdx.x / group * (group / 32);
+        float sum = 0.0f;
+        for (int w = 0; w < group / 32; ++w) sum += red[first + w][j];
+        reinterpret_cast<float*>(p.final_out)[token * p.n_out + j] =
+            sum + reinterpret_cast<const float*>(p.final_b)[j];
+    }
+    __syncthreads();  // red is reused by the next token
+}
+
 template <int TPT>
 FORA_DEVICE void reuse_final_body(const ForaReuseFinalParams& p) {
-    // [groups per block][TPT][C*p*p] patches, then one float per warp for group_sum.
+    // [groups per block][TPT][C*p*p] patches, one float per warp for group_sum, the final
+    // Linear's warp sums.
     __shared__ float patches[kReuseMaxRows * kReuseMaxPatch];
     __shared__ float warp_sums[kReuseBlock / 32];
+    __shared__ float red[kReuseBlock / 32][kMaxOut];
     const int group = reuse_group_threads(p.dim);
     const int per_block = blockDim.x / group;
     const int tokens = (p.height / p.patch) * (p.width / p.patch);
@@ -166,11 +231,13 @@ FORA_DEVICE void reuse_final_body(const ForaReuseFinalParams& p) {
     const int j = threadIdx.x / group;
     const int d0 = (threadIdx.x % group) * kVec;
     const long long gi = first_group + j;
-    const bool in_dim = gi < groups && d0 < p.dim;
-    const long long model_row = in_dim ? gi / chunks : 0;
-    const int t0 = in_dim ? (int)(gi % chunks) * TPT : 0;
-    // Tokens of this thread that exist (the last chunk of a row may be short).
-    const int valid = in_dim ? min(TPT, tokens - t0) : 0;
+    const bool in_grid = gi < groups;
+    const long long model_row = in_grid ? gi / chunks : 0;
+    const int t0 = in_grid ? (int)(gi % chunks) * TPT : 0;
+    // Tokens of this group that exist (the last chunk of a row may be short), and those this
+    // thread holds channels of (none past the row's dim).
+    const int group_tokens = in_grid ? min(TPT, tokens - t0) : 0;
+    const int valid = d0 < p.dim ? group_tokens : 0;
     const long long token0 = model_row * tokens + t0;  // flat token row of t0
     const float* mod = reinterpret_cast<const float*>(p.modulation) + model_row * p.ld_mod + d0;
     float acc[TPT][kVec];
@@ -289,11 +356,16 @@ FORA_DEVICE void reuse_final_body(const ForaReuseFinalParams& p) {
         }
         const float var = group_sum(live ? sum8(dev) : 0.0f, group, warp_sums) * inv_dim;
         const float rstd = 1.0f / sqrtf(var + p.eps);  // IEEE sqrt and divide, not rsqrtf
-        if (live) {
-            float y[kVec];
+        float y[kVec];
 #pragma unroll
-            for (int v = 0; v < kVec; ++v)
-                y[v] = (acc[u][v] - mean) * rstd * (1.0f + scale[v]) + shift[v];
+        for (int v = 0; v < kVec; ++v)
+            y[v] = live ? (acc[u][v] - mean) * rstd * (1.0f + scale[v]) + shift[v] : 0.0f;
+        if (p.final_w) {
+            // The Linear's input is the bf16 LayerNorm output, as the GEMM path reads it.
+#pragma unroll
+            for (int v = 0; v < kVec; ++v) y[v] = __bfloat162float(__float2bfloat16_rn(y[v]));
+            final_linear(p, y, live, u < group_tokens, token0 + u, group, d0, red);
+        } else if (live) {
             uint4 packed;
             packed.x = pack_bf16x2(y[0], y[1]);
             packed.y = pack_bf16x2(y[2], y[3]);

@@ -162,7 +162,11 @@ typedef struct ForaReuseParams {
  *   out = LN(x) * (1 + scale) + shift               (as LayerNormModulateParams; bf16)
  * the final layer's shift/scale at columns shift_col / scale_col of the modulation table.
  * x itself is written only when `x` is not 0 (the next step starts from a new embedding).
- * Needs dim % 8 == 0, dim <= 2048 and C*p*p <= 64 (every DiT). Kernel fora_reuse_final. */
+ * With final_w not 0 the final Linear follows in the same pass instead of writing `out`:
+ *   final_out[token, o] = sum_d bf16(out[token, d]) * final_w[o, d] + final_b[o]   (f32)
+ * for o < n_out <= 32 (needs dim > 128: a token row spans whole warps).
+ * Needs dim % 8 == 0, dim <= 2048 and C*p*p <= 64 (every DiT). Kernels fora_reuse_final (one
+ * token row a thread group) and fora_reuse_final_t4 (four). */
 typedef struct ForaReuseFinalParams {
     fora_ptr latents;    /* f32 [images, C, H, W] */
     fora_ptr embed_weight_t; /* f32 [C*p*p, dim] (the conv weight, transposed) */
@@ -170,8 +174,11 @@ typedef struct ForaReuseFinalParams {
     fora_ptr pos;        /* f32 [T, dim] */
     fora_ptr cache;      /* bf16 [layers][2][slab] */
     fora_ptr modulation; /* f32 [rows, ld_mod] */
-    fora_ptr out;        /* bf16 [rows * T, dim] */
+    fora_ptr out;        /* bf16 [rows * T, dim]; unused with final_w */
     fora_ptr x;          /* f32 [rows * T, dim] or 0 */
+    fora_ptr final_w;    /* bf16 [n_out, dim] (final_layer.linear.weight) or 0 */
+    fora_ptr final_b;    /* f32 [n_out] */
+    fora_ptr final_out;  /* f32 [rows * T, n_out] */
     long long slab;      /* elements between consecutive cache slabs, >= rows * T * dim */
     int images, rows, channels, height, width, patch, dim, layers;
     int ld_mod;
@@ -179,6 +186,7 @@ typedef struct ForaReuseFinalParams {
     int gate_msa_col;    /* 2 * dim */
     int gate_mlp_col;    /* 5 * dim */
     int shift_col, scale_col; /* the final layer's: layers * 6 * dim, + dim */
+    int n_out;           /* p*p*out_channels with final_w, else unused */
     float eps;           /* 1e-6 in DiT */
 } ForaReuseFinalParams;
 

@@ -280,6 +280,9 @@ fn fora_reuse_final_plan_checks_sizes_and_columns() {
         modulation: P,
         out: P,
         x: 0,
+        final_w: 0,
+        final_b: 0,
+        final_out: 0,
         slab: 4 * 256 * d as i64,
         images: 2,
         rows: 4,
@@ -295,6 +298,7 @@ fn fora_reuse_final_plan_checks_sizes_and_columns() {
         gate_mlp_col: 5 * d,
         shift_col: fin,
         scale_col: fin + d,
+        n_out: 0,
         eps: 1e-6,
     };
     // DiT-XL: 144 chunks of 8 -> 160 threads (5 warps) per token row, one row per block.

@@ -117,6 +117,16 @@ fn fused_group_threads(dim: i32) -> i32 {
     }
 }
 
+/// Most outputs a token of the final Linear fused into `fora_reuse_final` (kMaxOut).
+pub const FUSED_FINAL_MAX_OUT: i32 = 32;
+
+/// Whether `fora_reuse_final` can apply the final Linear itself: `n_out` (p*p*out_channels)
+/// outputs at most [`FUSED_FINAL_MAX_OUT`], and rows of whole warps (dim > 128). Every DiT
+/// with patch 2 can; the embedded model (dim 64) uses the GEMM.
+pub fn fused_final_linear_supported(dim: usize, n_out: usize) -> bool {
+    (1..=FUSED_FINAL_MAX_OUT as usize).contains(&n_out) && fused_group_threads(dim as i32) >= 32
+}
+
 /// Why the fused reuse forward cannot run a model of these sizes (None: it can). Every DiT can;
 /// a caller falls back to patch_embed + fora_reuse + layernorm_modulate otherwise.
 pub fn fused_reuse_unsupported(dim: usize, patch_elements: usize) -> Option<String> {
@@ -194,9 +204,22 @@ pub fn fora_reuse_final_plan(
         ("pos", p.pos),
         ("cache", p.cache),
         ("modulation", p.modulation),
-        ("out", p.out),
     ] {
         check_ptr(K, field, ptr, 16)?;
+    }
+    if p.final_w != 0 {
+        ensure!(
+            fused_final_linear_supported(p.dim as usize, p.n_out.max(0) as usize),
+            "{K}: the fused final Linear needs 1..={FUSED_FINAL_MAX_OUT} outputs and dim > 128, \
+             got n_out {} and dim {}",
+            p.n_out,
+            p.dim
+        );
+        check_ptr(K, "final_w", p.final_w, 16)?;
+        check_ptr(K, "final_b", p.final_b, 4)?;
+        check_ptr(K, "final_out", p.final_out, 4)?;
+    } else {
+        check_ptr(K, "out", p.out, 16)?;
     }
     if p.x != 0 {
         check_ptr(K, "x", p.x, 16)?;

@@ -35,8 +35,9 @@ pub struct ForwardKind {
     /// Device address of the modulation table, f32 [rows, ada_cols] (None: `acts.modulation`).
     pub table: Option<u64>,
     /// A reuse forward as one `fora_reuse_final` launch (patch embedding, cached residuals,
-    /// final LayerNorm) instead of three, where the model's sizes allow it. The same numbers
-    /// up to the LayerNorm's summation order.
+    /// final LayerNorm, and the final Linear where the model's rows are whole warps and it has
+    /// at most 32 outputs a token: every DiT/2) instead of four, where the model's sizes allow
+    /// it. The same numbers up to the LayerNorm's and the Linear's summation orders.
     pub fused_reuse: bool,
     /// With cuBLASLt GEMMs: proj's and fc2's residual epilogue and the LayerNorm after each as
     /// one `residual_layernorm` launch (instead of the epilogue kernel and layernorm_modulate).
@@ -297,6 +298,9 @@ pub fn reuse_final_params(cfg: &DitConfig, rows: usize, images: usize) -> ForaRe
         modulation: 0,
         out: 0,
         x: 0,
+        final_w: 0,
+        final_b: 0,
+        final_out: 0,
         slab: (rows * cfg.tokens() * d) as i64,
         images: images as i32,
         rows: rows as i32,
@@ -312,6 +316,7 @@ pub fn reuse_final_params(cfg: &DitConfig, rows: usize, images: usize) -> ForaRe
         gate_mlp_col: (5 * d) as i32,
         shift_col: fin as i32,
         scale_col: (fin + d) as i32,
+        n_out: cfg.patch_out() as i32,
         eps: 1e-6,
     }
 }
@@ -513,6 +518,8 @@ impl GpuModel {
         let fused = mode == StepMode::Reuse
             && fused_reuse
             && super::fora::fused_reuse_unsupported(d, patch_elements).is_none();
+        // The fused reuse forward applies the final Linear too where it can (every DiT/2).
+        let final_fused = fused && super::fora::fused_final_linear_supported(d, cfg.patch_out());
         if !fused {
             let _embed = crate::nvtx_range!("patch_embed");
             super::embed::patch_embed(
@@ -702,19 +709,26 @@ impl GpuModel {
             }
             StepMode::Reuse if fused => {
                 let _reuse = crate::nvtx_range!("fora_reuse_final");
-                super::fora::fora_reuse_final(
-                    gpu,
-                    &ForaReuseFinalParams {
-                        latents: dptr(latents),
-                        embed_weight_t: dptr(&self.x_embed_w_t),
-                        embed_bias: dptr(&self.x_embed_b),
-                        pos: dptr(&self.pos_embed),
-                        cache: acts.cache.as_ref().map(dptr).unwrap_or(0),
-                        modulation: table,
-                        out: dptr(&acts.xn),
-                        ..reuse_final_params(cfg, rows, images)
-                    },
-                )?;
+                let mut p = ForaReuseFinalParams {
+                    latents: dptr(latents),
+                    embed_weight_t: dptr(&self.x_embed_w_t),
+                    embed_bias: dptr(&self.x_embed_b),
+                    pos: dptr(&self.pos_embed),
+                    cache: acts.cache.as_ref().map(dptr).unwrap_or(0),
+                    modulation: table,
+                    out: dptr(&acts.xn),
+                    ..reuse_final_params(cfg, rows, images)
+                };
+                if final_fused {
+                    p.final_w = dptr(&self.final_w);
+                    p.final_b = dptr(&self.final_b);
+                    p.final_out = dptr(&acts.final_out);
+                }
+                super::fora::fora_reuse_final(gpu, &p)?;
+                if final_fused {
+                    // The final layer is done: the sampler reads final_out.
+                    return Ok(());
+                }
             }
             StepMode::Reuse => {
                 let cache = acts.cache.as_ref().map(dptr).unwrap_or(0);

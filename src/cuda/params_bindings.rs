@@ -541,6 +541,9 @@ pub struct ForaReuseFinalParams {
     pub modulation: fora_ptr,
     pub out: fora_ptr,
     pub x: fora_ptr,
+    pub final_w: fora_ptr,
+    pub final_b: fora_ptr,
+    pub final_out: fora_ptr,
     pub slab: ::std::os::raw::c_longlong,
     pub images: ::std::os::raw::c_int,
     pub rows: ::std::os::raw::c_int,
@@ -556,13 +559,14 @@ pub struct ForaReuseFinalParams {
     pub gate_mlp_col: ::std::os::raw::c_int,
     pub shift_col: ::std::os::raw::c_int,
     pub scale_col: ::std::os::raw::c_int,
+    pub n_out: ::std::os::raw::c_int,
     pub eps: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     [
         "Size of ForaReuseFinalParams",
-    ][::std::mem::size_of::<ForaReuseFinalParams>() - 136usize];
+    ][::std::mem::size_of::<ForaReuseFinalParams>() - 160usize];
     [
         "Alignment of ForaReuseFinalParams",
     ][::std::mem::align_of::<ForaReuseFinalParams>() - 8usize];
@@ -591,53 +595,65 @@ const _: () = {
         "Offset of field: ForaReuseFinalParams::x",
     ][::std::mem::offset_of!(ForaReuseFinalParams, x) - 56usize];
     [
+        "Offset of field: ForaReuseFinalParams::final_w",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, final_w) - 64usize];
+    [
+        "Offset of field: ForaReuseFinalParams::final_b",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, final_b) - 72usize];
+    [
+        "Offset of field: ForaReuseFinalParams::final_out",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, final_out) - 80usize];
+    [
         "Offset of field: ForaReuseFinalParams::slab",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, slab) - 64usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, slab) - 88usize];
     [
         "Offset of field: ForaReuseFinalParams::images",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, images) - 72usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, images) - 96usize];
     [
         "Offset of field: ForaReuseFinalParams::rows",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, rows) - 76usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, rows) - 100usize];
     [
         "Offset of field: ForaReuseFinalParams::channels",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, channels) - 80usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, channels) - 104usize];
     [
         "Offset of field: ForaReuseFinalParams::height",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, height) - 84usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, height) - 108usize];
     [
         "Offset of field: ForaReuseFinalParams::width",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, width) - 88usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, width) - 112usize];
     [
         "Offset of field: ForaReuseFinalParams::patch",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, patch) - 92usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, patch) - 116usize];
     [
         "Offset of field: ForaReuseFinalParams::dim",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, dim) - 96usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, dim) - 120usize];
     [
         "Offset of field: ForaReuseFinalParams::layers",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, layers) - 100usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, layers) - 124usize];
     [
         "Offset of field: ForaReuseFinalParams::ld_mod",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, ld_mod) - 104usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, ld_mod) - 128usize];
     [
         "Offset of field: ForaReuseFinalParams::layer_cols",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, layer_cols) - 108usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, layer_cols) - 132usize];
     [
         "Offset of field: ForaReuseFinalParams::gate_msa_col",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, gate_msa_col) - 112usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, gate_msa_col) - 136usize];
     [
         "Offset of field: ForaReuseFinalParams::gate_mlp_col",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, gate_mlp_col) - 116usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, gate_mlp_col) - 140usize];
     [
         "Offset of field: ForaReuseFinalParams::shift_col",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, shift_col) - 120usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, shift_col) - 144usize];
     [
         "Offset of field: ForaReuseFinalParams::scale_col",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, scale_col) - 124usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, scale_col) - 148usize];
+    [
+        "Offset of field: ForaReuseFinalParams::n_out",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, n_out) - 152usize];
     [
         "Offset of field: ForaReuseFinalParams::eps",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, eps) - 128usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, eps) - 156usize];
 };
 pub const FORA_SAMPLER_DDPM: fora_sampler_kind = 0;
 pub const FORA_SAMPLER_DDIM: fora_sampler_kind = 1;

@@ -13,7 +13,9 @@ use fora::backend::{Guidance, GuidanceMode, StepUpdate};
 use fora::cpu::ops;
 use fora::cuda::conditioning::{label_silu, silu_f32_bf16, timestep_embedding};
 use fora::cuda::embed::{patch_embed, transpose_patch_weight};
-use fora::cuda::fora::{fora_reuse, fora_reuse_final_with, ReuseTokens};
+use fora::cuda::fora::{
+    fora_reuse, fora_reuse_final_with, fused_final_linear_supported, ReuseTokens,
+};
 use fora::cuda::norm::{layernorm_modulate_with, residual_layernorm_with, RowWarps};
 use fora::cuda::params::{
     ForaReuseFinalParams, ForaReuseParams, LabelSiluParams, LayerNormModulateParams,
@@ -638,6 +640,9 @@ pub fn run_fora_reuse_final<D: TestDevice>(
         modulation: mod_d.addr(),
         out: out.addr(),
         x: x_out.addr(),
+        final_w: 0,
+        final_b: 0,
+        final_out: 0,
         slab: slab as i64,
         images: c.images as i32,
         rows: c.rows as i32,
@@ -653,6 +658,7 @@ pub fn run_fora_reuse_final<D: TestDevice>(
         gate_mlp_col: (5 * c.dim) as i32,
         shift_col: fin as i32,
         scale_col: (fin + c.dim) as i32,
+        n_out: 0,
         eps: 1e-6,
     };
     fora_reuse_final_with(gpu, &p, tpt)?;
@@ -730,6 +736,56 @@ pub fn run_fora_reuse_final<D: TestDevice>(
         gpu.download_f32(&x_out)?.iter().all(|v| v.is_nan()),
         "{what}: x was written although its pointer was 0"
     );
+
+    // The final Linear in the same pass (rows of whole warps only): its input is the bf16
+    // LayerNorm output just checked, so the product of `got` with the weight in f64 must match
+    // to f32 accumulation error; and it must match the CPU's LayerNorm output to bf16 noise.
+    let n_out = if c.dim >= 1024 { 32 } else { 24 };
+    if fused_final_linear_supported(c.dim, n_out) {
+        let token_rows = c.rows * tokens;
+        let w = round_bf16(&rng.normal_vec(n_out * c.dim, 1.0 / (c.dim as f32).sqrt()));
+        let b = rng.normal_vec(n_out, 0.1);
+        let w_d = gpu.upload_bf16(&w)?;
+        let b_d = gpu.upload_f32(&b)?;
+        let final_out = gpu.poisoned_f32(token_rows * n_out)?;
+        let untouched = gpu.poisoned_bf16(n)?;
+        p.out = untouched.addr();
+        p.final_w = w_d.addr();
+        p.final_b = b_d.addr();
+        p.final_out = final_out.addr();
+        p.n_out = n_out as i32;
+        fora_reuse_final_with(gpu, &p, tpt)?;
+        let got_final = gpu.download_f32(&final_out)?;
+        let linear = |y: &[f32]| -> Vec<f32> {
+            (0..token_rows * n_out)
+                .map(|i| {
+                    let (r, o) = (i / n_out, i % n_out);
+                    let dot: f64 = (0..c.dim)
+                        .map(|d| y[r * c.dim + d] as f64 * w[o * c.dim + d] as f64)
+                        .sum();
+                    (dot + b[o] as f64) as f32
+                })
+                .collect()
+        };
+        let what = format!("{what} + final Linear (n_out {n_out})");
+        check_elementwise(
+            &format!("{what} vs its own LN"),
+            &got_final,
+            &linear(&got),
+            1e-4,
+            1e-4,
+        )?;
+        check_close(
+            &format!("{what} vs CPU"),
+            &got_final,
+            &linear(&round_bf16(&want)),
+            1e-2,
+        )?;
+        ensure!(
+            gpu.download_bf16(&untouched)?.iter().all(|v| v.is_nan()),
+            "{what}: wrote the LayerNorm output although the final Linear was fused"
+        );
+    }
     Ok(got)
 }
 
