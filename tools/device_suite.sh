@@ -98,12 +98,14 @@ phase_memcheck() {
 }
 
 # racecheck over the kernel tests; each run's whole report lands in racecheck_<name>.log.
-# gpu_gemm compares with cuBLASLt, whose own nvjet kernels racecheck flags; only our kernels
-# (all named gemm_*) are checked there (--kernel-name-exclude crashed it). RACECHECK_RUNS
-# overrides the runs ("binary[:kernel-substring[:test-filter]]", space-separated).
+# cuBLASLt's own nvjet kernels draw hazards, and with --kernel-name kns=gemm_ the sanitizer
+# crashed on them ("failed to handle a hardware exception", H200, 2026-11-26), so the GEMM test
+# leaves its cuBLASLt variants out (FORA_TEST_SKIP_CUBLASLT=1) and every kernel left is ours.
+# RACECHECK_RUNS overrides the runs ("binary[:kernel-substring[:test-filter]]", space-separated).
 phase_racecheck() {
   local run bin kns filter
-  for run in ${RACECHECK_RUNS:-gpu_small_kernels gpu_attention gpu_gemm:gemm_}; do
+  export FORA_TEST_SKIP_CUBLASLT=1
+  for run in ${RACECHECK_RUNS:-gpu_small_kernels gpu_attention gpu_gemm}; do
     IFS=: read -r bin kns filter <<< "$run"
     local name=${run//[:]/_}
     echo "=== racecheck $run" | tee -a "$OUT/sanitize.log"
