@@ -2055,7 +2055,7 @@ fn bench_layernorm(
     };
     let (stats, per_replay) = timer.time_alone(gpu, copies, launch)?;
     // The variant the launchers pick at these rows is "custom"; the other is named.
-    let picked = RowWarps::pick((rows * t) as i64, gpu.multiprocessors()) == warps;
+    let picked = RowWarps::default() == warps;
     Ok(KernelRow {
         name: if residual { "residual_ln" } else { "layernorm" }.into(),
         imp: if picked {

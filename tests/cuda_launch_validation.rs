@@ -518,13 +518,3 @@ fn gpu_new_without_a_device_is_a_clear_error() {
     );
     println!("Gpu::new without a device: {e}");
 }
-
-#[test]
-fn layernorm_warps_per_row_pick() {
-    use fora::cuda::norm::RowWarps;
-    // Batch 2 (512 token rows) on 132 SMs: four warps a row; 256 rows of 256 tokens: one.
-    assert_eq!(RowWarps::pick(512, 132), RowWarps::Four);
-    assert_eq!(RowWarps::pick(2111, 132), RowWarps::Four);
-    assert_eq!(RowWarps::pick(2112, 132), RowWarps::One);
-    assert_eq!(RowWarps::pick(65536, 132), RowWarps::One);
-}
