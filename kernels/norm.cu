@@ -145,21 +145,32 @@ FORA_DEVICE void residual_layernorm_rows(const ResidualLayerNormParams& p) {
     if (token >= (long long)p.rows * p.tokens) return;
     const float* mod = reinterpret_cast<const float*>(p.modulation) + (token / p.tokens) * p.ld_mod;
     const float* acc = reinterpret_cast<const float*>(p.acc) + token * p.ld_acc;
+    const __nv_bfloat16* acc16 = reinterpret_cast<const __nv_bfloat16*>(p.acc) + token * p.ld_acc;
     const float* bias = reinterpret_cast<const float*>(p.bias);
     float* x = reinterpret_cast<float*>(p.x) + token * p.dim;
     __nv_bfloat16* cache =
         p.cache ? reinterpret_cast<__nv_bfloat16*>(p.cache) + token * p.dim : nullptr;
-    // The product and the residual of the row first (all in flight; with kPrefetch every
-    // other load too), then the rest.
+    // The product (or bf16 v) and the residual of the row first (all in flight; with
+    // kPrefetch every other load too), then the rest.
     float4 a[CH], v[CH], b[CH], g[CH], sh[CH], sc[CH];
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
         const int d = t * 4 + c * 128 * WPR;
         const bool in = d < p.dim;
-        a[c] = load4_or_zero(acc + d, in);
+        if (p.acc_bf16) {
+            a[c] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (in) {
+                const uint2 raw = *reinterpret_cast<const uint2*>(acc16 + d);
+                const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+                const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+                a[c] = make_float4(lo.x, lo.y, hi.x, hi.y);
+            }
+        } else {
+            a[c] = load4_or_zero(acc + d, in);
+        }
         v[c] = load4_or_zero(x + d, in);
         if (kPrefetch<WPR>) {
-            b[c] = load4_or_zero(bias + d, in);
+            b[c] = load4_or_zero(bias + d, in && !p.acc_bf16);
             g[c] = load4_or_zero(mod + p.gate_col + d, in);
             sh[c] = load4_or_zero(mod + p.shift_col + d, in);
             sc[c] = load4_or_zero(mod + p.scale_col + d, in);
@@ -169,11 +180,15 @@ FORA_DEVICE void residual_layernorm_rows(const ResidualLayerNormParams& p) {
     for (int c = 0; c < CH; ++c) {
         const int d = t * 4 + c * 128 * WPR;
         if (d < p.dim) {
-            const float4 bc = kPrefetch<WPR> ? b[c] : *reinterpret_cast<const float4*>(bias + d);
+            // With acc_bf16, y is v itself (the bias was added before the bf16 rounding).
+            const float4 bc = p.acc_bf16         ? make_float4(0.0f, 0.0f, 0.0f, 0.0f)
+                              : kPrefetch<WPR> ? b[c]
+                                               : *reinterpret_cast<const float4*>(bias + d);
             const float4 gc =
                 kPrefetch<WPR> ? g[c] : *reinterpret_cast<const float4*>(mod + p.gate_col + d);
-            const float4 y = make_float4(a[c].x + bc.x, a[c].y + bc.y, a[c].z + bc.z,
-                                         a[c].w + bc.w);
+            const float4 y = p.acc_bf16 ? a[c]
+                                        : make_float4(a[c].x + bc.x, a[c].y + bc.y,
+                                                      a[c].z + bc.z, a[c].w + bc.w);
             if (cache) {
                 uint2 packed;
                 packed.x = pack_bf16x2(y.x, y.y);

@@ -126,16 +126,21 @@ typedef struct LayerNormModulateParams {
  *   v = acc[m] + bias;  cache[m] = bf16(v) (when cache != 0);  x[m] += gate_r * v
  *   out[m] = bf16(LN(x[m]) * (1 + scale_r) + shift_r)
  * gate_r / shift_r / scale_r at modulation[r * ld_mod + gate_col / shift_col / scale_col + d].
- * Needs dim % 4 == 0 and dim <= 1536. Kernel residual_layernorm. */
+ * With acc_bf16 = 1 the GEMM wrote v = bf16(product + bias) itself (into the FORA cache, say):
+ * acc is bf16 and holds v, bias and cache must be 0, and x[m] += gate_r * v as the reuse step
+ * adds the cached v.
+ * Needs dim % 4 == 0 and dim <= 1536. Kernels residual_layernorm, residual_layernorm_w4. */
 typedef struct ResidualLayerNormParams {
-    fora_ptr acc;      /* f32 [rows * tokens, ld_acc]: the GEMM product, bias not added */
-    fora_ptr bias;     /* f32 [dim] */
+    fora_ptr acc;      /* f32 [rows * tokens, ld_acc]: the GEMM product, bias not added; or,
+                          with acc_bf16, bf16 v */
+    fora_ptr bias;     /* f32 [dim]; 0 with acc_bf16 */
     fora_ptr cache;    /* bf16 [rows * tokens, dim] or 0 */
     fora_ptr x;        /* f32 [rows * tokens, dim], updated in place */
     fora_ptr modulation; /* f32 [rows, ld_mod] */
     fora_ptr out;      /* bf16 [rows * tokens, dim] */
     int rows, tokens, dim, ld_acc;
     int ld_mod, gate_col, shift_col, scale_col;
+    int acc_bf16;      /* 0: f32 product + bias; 1: bf16 v */
     float eps;         /* 1e-6 in DiT */
 } ResidualLayerNormParams;
 

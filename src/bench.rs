@@ -610,7 +610,8 @@ pub struct Report {
     pub quick: bool,
     /// The backend options' defaults in this run (`FORA_CUDA_GRAPHS`,
     /// `FORA_PRECOMPUTE_MODULATION`, `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM`,
-    /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`); each step row says what its workspace did.
+    /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`); each step row says what its
+    /// workspace did.
     pub cuda_graphs: bool,
     pub precompute_modulation: bool,
     pub lt_autotune: bool,
@@ -618,6 +619,7 @@ pub struct Report {
     pub side_stream: bool,
     pub fused_ln: bool,
     pub lt_bias_bf16: bool,
+    pub bf16_residual: bool,
     pub cfg_scale: f32,
     pub gemm_ceiling: Option<Ceiling>,
     pub copy_ceiling: Option<Ceiling>,
@@ -658,6 +660,7 @@ impl Report {
             side_stream: options.side_stream,
             fused_ln: options.fused_ln,
             lt_bias_bf16: options.lt_bias_bf16,
+            bf16_residual: options.bf16_residual,
             cfg_scale: plan.cfg_scale,
             gemm_ceiling: None,
             copy_ceiling: None,
@@ -841,6 +844,7 @@ impl Report {
                 "side_stream": self.side_stream,
                 "fused_ln": self.fused_ln,
                 "lt_bias_bf16": self.lt_bias_bf16,
+                "bf16_residual": self.bf16_residual,
                 "cfg_scale": self.cfg_scale,
                 "timing": "CUDA events, back-to-back runs, median",
             },
@@ -942,7 +946,9 @@ impl Report {
             } else {
                 "before each step on the one stream"
             },
-            if self.fused_ln {
+            if self.fused_ln && self.bf16_residual {
+                "bf16 into the cache, fused with the next LayerNorm (FORA_BF16_RESIDUAL=1)"
+            } else if self.fused_ln {
                 "fused with the next LayerNorm on cuBLASLt"
             } else {
                 "then a separate LayerNorm (FORA_FUSED_LN=0 or not cuBLASLt)"
@@ -2031,6 +2037,7 @@ fn bench_layernorm(
                     gate_col: (2 * d) as i32,
                     shift_col: (3 * d) as i32,
                     scale_col: (4 * d) as i32,
+                    acc_bf16: 0,
                     eps: 1e-6,
                 },
                 warps,

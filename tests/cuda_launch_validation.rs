@@ -239,6 +239,7 @@ fn residual_layernorm_plan_checks_columns_and_alignment() {
         gate_col: 5 * d,
         shift_col: 6 * d,
         scale_col: 7 * d,
+        acc_bf16: 0,
         eps: 1e-6,
     };
     // 4 token rows (warps) per block.
@@ -265,6 +266,19 @@ fn residual_layernorm_plan_checks_columns_and_alignment() {
     assert!(e(ResidualLayerNormParams { cache: P + 2, ..p }).contains("cache pointer"));
     assert!(e(ResidualLayerNormParams { eps: f32::NAN, ..p }).contains("eps"));
     assert!(e(ResidualLayerNormParams { rows: 0, ..p }).contains("rows"));
+    // bf16 v from the GEMM: 8-byte aligned, no bias, no cache.
+    let v16 = ResidualLayerNormParams {
+        acc_bf16: 1,
+        bias: 0,
+        cache: 0,
+        acc: P + 8,
+        ..p
+    };
+    assert!(residual_layernorm_plan(&v16).is_ok());
+    assert!(e(ResidualLayerNormParams { bias: P, ..v16 }).contains("must be 0"));
+    assert!(e(ResidualLayerNormParams { cache: P, ..v16 }).contains("must be 0"));
+    assert!(e(ResidualLayerNormParams { acc: P + 4, ..v16 }).contains("8-byte"));
+    assert!(e(ResidualLayerNormParams { acc_bf16: 2, ..v16 }).contains("0 or 1"));
 }
 
 #[test]

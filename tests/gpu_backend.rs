@@ -405,8 +405,18 @@ fn gpu_execution_paths_agree() {
         .unwrap();
     let mut first: Option<Vec<f32>> = None;
     // (GEMM, graphs, tables precomputed, cuBLASLt autotuned, fused reuse, side stream, fused LN,
-    // cuBLASLt bf16 bias)
-    for (gemm, graphs, precompute, lt_autotune, fused_reuse, side_stream, fused_ln, lt_bias_bf16) in [
+    // cuBLASLt bf16 bias, bf16 residual)
+    for (
+        gemm,
+        graphs,
+        precompute,
+        lt_autotune,
+        fused_reuse,
+        side_stream,
+        fused_ln,
+        lt_bias_bf16,
+        bf16_residual,
+    ) in [
         (
             GemmImpl::Custom,
             true,
@@ -416,6 +426,7 @@ fn gpu_execution_paths_agree() {
             false,
             false,
             true,
+            false,
         ),
         (
             GemmImpl::Custom,
@@ -426,6 +437,7 @@ fn gpu_execution_paths_agree() {
             false,
             false,
             true,
+            false,
         ),
         (
             GemmImpl::Custom,
@@ -436,6 +448,7 @@ fn gpu_execution_paths_agree() {
             false,
             false,
             true,
+            false,
         ),
         (
             GemmImpl::Custom,
@@ -446,6 +459,7 @@ fn gpu_execution_paths_agree() {
             false,
             false,
             true,
+            false,
         ),
         (
             GemmImpl::CublasLt,
@@ -456,6 +470,7 @@ fn gpu_execution_paths_agree() {
             false,
             false,
             true,
+            false,
         ),
         // Autotuned cuBLASLt: tuned by an uncaptured forward before the graphs are recorded.
         (
@@ -467,6 +482,7 @@ fn gpu_execution_paths_agree() {
             false,
             false,
             true,
+            false,
         ),
         (
             GemmImpl::CublasLt,
@@ -477,6 +493,7 @@ fn gpu_execution_paths_agree() {
             false,
             false,
             true,
+            false,
         ),
         // Reuse steps as one fora_reuse_final launch, in a graph and kernel by kernel.
         (
@@ -488,6 +505,7 @@ fn gpu_execution_paths_agree() {
             false,
             false,
             true,
+            false,
         ),
         (
             GemmImpl::Custom,
@@ -498,6 +516,7 @@ fn gpu_execution_paths_agree() {
             false,
             false,
             true,
+            false,
         ),
         // The next step's table on a second stream (tables not precomputed).
         (
@@ -509,6 +528,7 @@ fn gpu_execution_paths_agree() {
             true,
             false,
             true,
+            false,
         ),
         (
             GemmImpl::Custom,
@@ -519,6 +539,7 @@ fn gpu_execution_paths_agree() {
             true,
             false,
             true,
+            false,
         ),
         // proj / fc2 epilogues fused with the next LayerNorm (cuBLASLt only; ignored by custom).
         (
@@ -530,6 +551,7 @@ fn gpu_execution_paths_agree() {
             false,
             true,
             true,
+            false,
         ),
         (
             GemmImpl::CublasLt,
@@ -540,6 +562,7 @@ fn gpu_execution_paths_agree() {
             false,
             true,
             true,
+            false,
         ),
         // The defaults: cuBLASLt, graphs, tables, fused reuse and fused LayerNorm.
         (
@@ -551,6 +574,7 @@ fn gpu_execution_paths_agree() {
             false,
             true,
             true,
+            false,
         ),
         // cuBLASLt's f32 product and the epilogue kernel for qkv / fc1 instead.
         (
@@ -562,6 +586,31 @@ fn gpu_execution_paths_agree() {
             false,
             true,
             false,
+            false,
+        ),
+        // proj / fc2 write bf16 v into the cache; the residual adds it (tables precomputed or
+        // not, graphs or not).
+        (
+            GemmImpl::CublasLt,
+            true,
+            true,
+            false,
+            true,
+            false,
+            true,
+            true,
+            true,
+        ),
+        (
+            GemmImpl::CublasLt,
+            false,
+            false,
+            false,
+            true,
+            false,
+            true,
+            true,
+            true,
         ),
         // Everything at once.
         (
@@ -573,6 +622,7 @@ fn gpu_execution_paths_agree() {
             true,
             true,
             true,
+            false,
         ),
     ] {
         let base = cuda.options();
@@ -585,6 +635,7 @@ fn gpu_execution_paths_agree() {
             side_stream,
             fused_ln,
             lt_bias_bf16,
+            bf16_residual,
             ..base
         });
         let sampler = Sampler::new(&cuda, options.clone()).unwrap();
@@ -608,7 +659,7 @@ fn gpu_execution_paths_agree() {
         let what = format!(
             "{gemm:?} graphs={graphs} precomputed={precompute} lt_autotune={lt_autotune} \
              fused_reuse={fused_reuse} side_stream={side_stream} fused_ln={fused_ln} \
-             lt_bias_bf16={lt_bias_bf16}"
+             lt_bias_bf16={lt_bias_bf16} bf16_residual={bf16_residual}"
         );
         check_close(&format!("{what} vs CPU"), &got.latents, &want.latents, 5e-2).unwrap();
         match &first {

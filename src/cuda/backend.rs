@@ -65,12 +65,19 @@ pub struct CudaOptions {
     /// (`FORA_LT_BIAS_BF16=0`: off, the f32 product and the epilogue kernel instead). The bias
     /// is rounded to bf16 before the add, as under PyTorch's autocast.
     pub lt_bias_bf16: bool,
+    /// With `fused_ln`: proj and fc2 write their bf16 block output (bias added) from cuBLASLt
+    /// straight into the FORA cache, and the residual adds that bf16 value, as a reuse step
+    /// adds the cached one (`FORA_BF16_RESIDUAL=1`: on). Halves the bytes of those GEMMs'
+    /// outputs and drops a cache store; the computing step's residual then carries bf16
+    /// rounding of the block outputs (as under autocast). Off by default: not yet run on a
+    /// GPU.
+    pub bf16_residual: bool,
 }
 
 impl CudaOptions {
     /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
-    /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM`, `FORA_FUSED_LN` and
-    /// `FORA_LT_BIAS_BF16`.
+    /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM`, `FORA_FUSED_LN`,
+    /// `FORA_LT_BIAS_BF16` and `FORA_BF16_RESIDUAL`.
     pub fn from_env() -> Result<CudaOptions> {
         // A 0/1 switch; unset or empty keeps the default, anything else is refused.
         let flag = |var: &str, default: bool| match std::env::var(var) {
@@ -92,6 +99,7 @@ impl CudaOptions {
             side_stream: flag("FORA_SIDE_STREAM", false)?,
             fused_ln: flag("FORA_FUSED_LN", true)?,
             lt_bias_bf16: flag("FORA_LT_BIAS_BF16", true)?,
+            bf16_residual: flag("FORA_BF16_RESIDUAL", false)?,
         })
     }
 }
@@ -440,6 +448,7 @@ impl CudaBackend {
             fused_reuse: self.options.fused_reuse,
             fused_ln: self.options.fused_ln,
             bias_bf16: self.options.lt_bias_bf16,
+            bf16_residual: self.options.bf16_residual,
         }
     }
 

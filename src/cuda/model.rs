@@ -48,6 +48,20 @@ pub struct ForwardKind {
     /// [`Gemm::run_with_bias_bf16`]); without, they fall back to the f32 product and the
     /// epilogue kernel there.
     pub bias_bf16: bool,
+    /// With `fused_ln`: proj and fc2 write their block output v = bf16(product + bias) from
+    /// cuBLASLt straight into the FORA cache (or a scratch without one), and the residual adds
+    /// that bf16 v, as a reuse step adds the cached one; instead of an f32 product, f32 v in
+    /// the residual and a separate cache store.
+    pub bf16_residual: bool,
+}
+
+/// A block's output (proj or fc2) on the fused-LayerNorm path, as a device address.
+#[derive(Clone, Copy)]
+enum BlockOutput {
+    /// The f32 product without the bias (cuBLASLt's scratch).
+    F32Product(u64),
+    /// v = bf16(product + bias), `[rows*T, D]`.
+    Bf16(u64),
 }
 
 /// One transformer block's GEMM weights on the device.
@@ -60,9 +74,11 @@ struct BlockWeights {
     fc1_b: CudaSlice<f32>,
     fc2_w: CudaSlice<bf16>,
     fc2_b: CudaSlice<f32>,
-    /// bf16 copies of qkv_b and fc1_b, for cuBLASLt's fused bias with a bf16 output.
+    /// bf16 copies of the biases, for cuBLASLt's fused bias with a bf16 output.
     qkv_b16: CudaSlice<bf16>,
     fc1_b16: CudaSlice<bf16>,
+    proj_b16: CudaSlice<bf16>,
+    fc2_b16: CudaSlice<bf16>,
 }
 
 /// A DiT's weights on the device.
@@ -119,6 +135,8 @@ impl GpuModel {
                 fc2_b: f32s(&b.fc2_b, &format!("blocks.{l}.mlp.fc2.bias"))?,
                 qkv_b16: bf16s(&b.qkv_b, &format!("blocks.{l}.attn.qkv.bias (bf16)"))?,
                 fc1_b16: bf16s(&b.fc1_b, &format!("blocks.{l}.mlp.fc1.bias (bf16)"))?,
+                proj_b16: bf16s(&b.proj_b, &format!("blocks.{l}.attn.proj.bias (bf16)"))?,
+                fc2_b16: bf16s(&b.fc2_b, &format!("blocks.{l}.mlp.fc2.bias (bf16)"))?,
             });
         }
         Ok(GpuModel {
@@ -475,6 +493,7 @@ impl GpuModel {
             fused_reuse,
             fused_ln,
             bias_bf16,
+            bf16_residual,
         } = kind;
         // qkv and fc1: with bias_bf16, cuBLASLt may fuse a bf16 copy of the bias.
         let biased_gemm = |p: &GemmParams, bias16: &CudaSlice<bf16>| {
@@ -567,18 +586,24 @@ impl GpuModel {
             && fused_ln
             && gemm.implementation() == GemmImpl::CublasLt
             && super::norm::residual_layernorm_supports(d);
+        // v: the f32 product (bias still to add, cache stored here) or, with bf16_residual, the
+        // GEMM's bf16 v (written where the cache wants it already).
         let residual_ln = |acts: &Activations,
-                           acc: u64,
+                           v: BlockOutput,
                            bias: &CudaSlice<f32>,
                            cache: u64,
                            gate_col: usize,
                            shift_col: usize| {
             let _op = crate::nvtx_range!("residual_ln");
+            let (acc, bias, cache, acc_bf16) = match v {
+                BlockOutput::F32Product(acc) => (acc, dptr(bias), cache, 0),
+                BlockOutput::Bf16(v) => (v, 0, 0, 1),
+            };
             super::norm::residual_layernorm(
                 gpu,
                 &ResidualLayerNormParams {
                     acc,
-                    bias: dptr(bias),
+                    bias,
                     cache,
                     x: dptr(&acts.x),
                     modulation: table,
@@ -591,9 +616,31 @@ impl GpuModel {
                     gate_col: gate_col as i32,
                     shift_col: shift_col as i32,
                     scale_col: (shift_col + d) as i32,
+                    acc_bf16,
                     eps: 1e-6,
                 },
             )
+        };
+        // proj / fc2 on the fused path: the f32 product, or bf16 v written by cuBLASLt into the
+        // cache slab (a computing step that caches) or into the free qkv buffer.
+        let block_output = |p: &GemmParams, bias16: &CudaSlice<bf16>, cache: u64| {
+            if bf16_residual {
+                let out = if cache != 0 { cache } else { dptr(&acts.qkv) };
+                let p16 = gemm_params(
+                    p.a,
+                    p.w,
+                    p.bias,
+                    out,
+                    p.m as usize,
+                    p.n as usize,
+                    p.k as usize,
+                    Epilogue::BiasBf16,
+                );
+                gemm.run_with_bias_bf16(gpu, &p16, dptr(bias16))?;
+                Ok(BlockOutput::Bf16(out))
+            } else {
+                gemm.cublaslt_product(p).map(BlockOutput::F32Product)
+            }
         };
         match mode {
             StepMode::Compute => {
@@ -655,11 +702,11 @@ impl GpuModel {
                     proj.ldg = cols as i32;
                     proj.rows_per_gate = t as i32;
                     if fuse_ln {
-                        let acc = {
+                        let v = {
                             let _op = crate::nvtx_range!("proj");
-                            gemm.cublaslt_product(&proj)?
+                            block_output(&proj, &b.proj_b16, cache_a)?
                         };
-                        residual_ln(acts, acc, &b.proj_b, cache_a, base + 2 * d, base + 3 * d)?;
+                        residual_ln(acts, v, &b.proj_b, cache_a, base + 2 * d, base + 3 * d)?;
                     } else {
                         {
                             let _op = crate::nvtx_range!("proj");
@@ -702,13 +749,13 @@ impl GpuModel {
                     fc2.ldg = cols as i32;
                     fc2.rows_per_gate = t as i32;
                     if fuse_ln {
-                        let acc = {
+                        let v = {
                             let _op = crate::nvtx_range!("fc2");
-                            gemm.cublaslt_product(&fc2)?
+                            block_output(&fc2, &b.fc2_b16, cache_m)?
                         };
                         // The next block's ln_msa, or after the last block the final layer's.
                         let next = (l + 1) * 6 * d;
-                        residual_ln(acts, acc, &b.fc2_b, cache_m, base + 5 * d, next)?;
+                        residual_ln(acts, v, &b.fc2_b, cache_m, base + 5 * d, next)?;
                     } else {
                         let _op = crate::nvtx_range!("fc2");
                         gemm.run(gpu, &fc2)?;

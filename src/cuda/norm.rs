@@ -182,24 +182,35 @@ pub fn residual_layernorm_plan(p: &ResidualLayerNormParams) -> Result<(u32, u32,
         "{K}: eps must be finite and > 0, got {}",
         p.eps
     );
-    for (field, ptr) in [
-        ("acc", p.acc),
-        ("bias", p.bias),
-        ("x", p.x),
-        ("modulation", p.modulation),
-    ] {
+    for (field, ptr) in [("x", p.x), ("modulation", p.modulation)] {
         check_ptr(K, field, ptr, 16)?;
     }
-    check_ptr(K, "out", p.out, 8)?;
-    if p.cache != 0 {
-        check_ptr(K, "cache", p.cache, 8)?;
+    match p.acc_bf16 {
+        0 => {
+            check_ptr(K, "acc", p.acc, 16)?;
+            check_ptr(K, "bias", p.bias, 16)?;
+            if p.cache != 0 {
+                check_ptr(K, "cache", p.cache, 8)?;
+            }
+        }
+        1 => {
+            // bf16 v, 4 elements (8 bytes) a load.
+            check_ptr(K, "acc", p.acc, 8)?;
+            ensure!(
+                p.bias == 0 && p.cache == 0,
+                "{K}: with acc_bf16 the GEMM added the bias and v is the cache; bias and cache \
+                 must be 0"
+            );
+        }
+        other => anyhow::bail!("{K}: acc_bf16 must be 0 or 1, got {other}"),
     }
+    check_ptr(K, "out", p.out, 8)?;
     let tokens = p.rows as i64 * p.tokens as i64;
     Ok((grid_x(K, tokens, WARPS as i64)?, 1, 1))
 }
 
 /// Per token row: `v = acc + bias; cache = bf16(v); x += gate * v;`
-/// `out = bf16(LN(x) * (1 + scale) + shift)`.
+/// `out = bf16(LN(x) * (1 + scale) + shift)`; with `acc_bf16`, v is read as bf16 from `acc`.
 pub fn residual_layernorm(gpu: &impl KernelLauncher, p: &ResidualLayerNormParams) -> Result<()> {
     residual_layernorm_with(gpu, p, RowWarps::default())
 }

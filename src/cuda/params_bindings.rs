@@ -417,6 +417,7 @@ pub struct ResidualLayerNormParams {
     pub gate_col: ::std::os::raw::c_int,
     pub shift_col: ::std::os::raw::c_int,
     pub scale_col: ::std::os::raw::c_int,
+    pub acc_bf16: ::std::os::raw::c_int,
     pub eps: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -470,8 +471,11 @@ const _: () = {
         "Offset of field: ResidualLayerNormParams::scale_col",
     ][::std::mem::offset_of!(ResidualLayerNormParams, scale_col) - 76usize];
     [
+        "Offset of field: ResidualLayerNormParams::acc_bf16",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, acc_bf16) - 80usize];
+    [
         "Offset of field: ResidualLayerNormParams::eps",
-    ][::std::mem::offset_of!(ResidualLayerNormParams, eps) - 80usize];
+    ][::std::mem::offset_of!(ResidualLayerNormParams, eps) - 84usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

@@ -343,6 +343,8 @@ pub struct ResidualLnCase {
     /// Row stride of the GEMM product (>= dim).
     pub ld_acc: usize,
     pub with_cache: bool,
+    /// The GEMM wrote v = bf16(product + bias) itself (acc_bf16; no bias, no cache).
+    pub v_bf16: bool,
 }
 
 /// One case with `warps` warps per token row.
@@ -367,16 +369,44 @@ pub fn run_residual_layernorm<D: TestDevice>(
         .map(|i| rng.normal() + 3.0 + (i % 5) as f32)
         .collect();
     let modulation = rng.uniform_vec(c.rows * ld_mod, -1.0, 1.0);
+    // v = acc + bias in f32, or (v_bf16) as the GEMM rounded it, in the product's layout.
+    let v_of = |i: usize| {
+        let y = acc[(i / c.dim) * c.ld_acc + i % c.dim] + bias[i % c.dim];
+        if c.v_bf16 {
+            round_bf16(&[y])[0]
+        } else {
+            y
+        }
+    };
+    let acc16: Vec<f32> = (0..m * c.ld_acc)
+        .map(|i| {
+            let (r, j) = (i / c.ld_acc, i % c.ld_acc);
+            if j < c.dim {
+                v_of(r * c.dim + j)
+            } else {
+                acc[i]
+            }
+        })
+        .collect();
     let acc_d = gpu.upload_f32(&acc)?;
+    let acc16_d = gpu.upload_bf16(&acc16)?;
     let bias_d = gpu.upload_f32(&bias)?;
     let x_d = gpu.upload_f32(&x)?;
     let mod_d = gpu.upload_f32(&modulation)?;
     let out = gpu.poisoned_bf16(n)?;
     let cache = gpu.poisoned_bf16(n)?;
     let p = ResidualLayerNormParams {
-        acc: acc_d.addr(),
-        bias: bias_d.addr(),
-        cache: if c.with_cache { cache.addr() } else { 0 },
+        acc: if c.v_bf16 {
+            acc16_d.addr()
+        } else {
+            acc_d.addr()
+        },
+        bias: if c.v_bf16 { 0 } else { bias_d.addr() },
+        cache: if c.with_cache && !c.v_bf16 {
+            cache.addr()
+        } else {
+            0
+        },
         x: x_d.addr(),
         modulation: mod_d.addr(),
         out: out.addr(),
@@ -388,6 +418,7 @@ pub fn run_residual_layernorm<D: TestDevice>(
         gate_col: gate_col as i32,
         shift_col: shift_col as i32,
         scale_col: (shift_col + c.dim) as i32,
+        acc_bf16: c.v_bf16 as i32,
         eps: 1e-6,
     };
     residual_layernorm_with(gpu, &p, warps)?;
@@ -397,9 +428,7 @@ pub fn run_residual_layernorm<D: TestDevice>(
 
     // CPU: v = acc + bias (f32), the cache holds bf16(v); x += gate * v (ops::gate_residual);
     // then LayerNorm + modulate (ops::layernorm_modulate).
-    let v: Vec<f32> = (0..n)
-        .map(|i| acc[(i / c.dim) * c.ld_acc + i % c.dim] + bias[i % c.dim])
-        .collect();
+    let v: Vec<f32> = (0..n).map(v_of).collect();
     let mut want_x = x.clone();
     ops::gate_residual(
         &mut want_x,
@@ -422,10 +451,10 @@ pub fn run_residual_layernorm<D: TestDevice>(
         false,
     );
     let what = format!(
-        "residual_layernorm {warps:?} rows={} T={} D={} ld_acc={} cache={}",
-        c.rows, c.tokens, c.dim, c.ld_acc, c.with_cache
+        "residual_layernorm {warps:?} rows={} T={} D={} ld_acc={} cache={} v_bf16={}",
+        c.rows, c.tokens, c.dim, c.ld_acc, c.with_cache, c.v_bf16
     );
-    if c.with_cache {
+    if c.with_cache && !c.v_bf16 {
         // bf16 of the same f32 sum: equal to the bit.
         check_elementwise(
             &format!("{what} cache"),
@@ -454,6 +483,11 @@ pub fn check_residual_layernorm<D: TestDevice>(gpu: &D) -> Result<()> {
         dim,
         ld_acc,
         with_cache,
+        v_bf16: false,
+    };
+    let bf16_v = |rows, tokens, dim, ld_acc| ResidualLnCase {
+        v_bf16: true,
+        ..case(rows, tokens, dim, ld_acc, false)
     };
     let cases = [
         // DiT-XL/2 256 px, CFG batch of 2 images; as the sampler's computing step (cache) and as a
@@ -467,6 +501,9 @@ pub fn check_residual_layernorm<D: TestDevice>(gpu: &D) -> Result<()> {
         // The widest row (1536) and DiT-S (384).
         (case(1, 9, 1536, 1536, true), 75),
         (case(5, 64, 384, 384, true), 76),
+        // bf16 v from the GEMM (FORA_BF16_RESIDUAL): DiT-XL/2 and odd, padded rows.
+        (bf16_v(2, 256, 1152, 1152), 77),
+        (bf16_v(3, 77, 100, 104), 78),
     ];
     for (c, seed) in &cases {
         for warps in [RowWarps::One, RowWarps::Four] {
