@@ -7,8 +7,10 @@
 //! tests/attention_cases) against the CPU twins, or for the GEMMs against an f64 product.
 //!
 //! This proves the kernels' indexing, bounds, reductions and rounding on every machine, GPU or
-//! not, and (UBSan's alignment check) that no vector access is misaligned; it cannot show timing
-//! or memory-model behaviour, which only a GPU run shows. Without a C++20 compiler (`CXX`, else g++, c++, clang++) each test prints `SKIP`,
+//! not; that no vector access is misaligned (UBSan's alignment check); and, a CPU stand-in for
+//! memcheck, that no kernel reads or writes past its buffers (each buffer ends at a guard page,
+//! with a canary in the bytes before it; see `HostBuf`). It cannot show timing or
+//! memory-model behaviour, which only a GPU run shows. Without a C++20 compiler (`CXX`, else g++, c++, clang++) each test prints `SKIP`,
 //! unless `FORA_REQUIRE_EMULATION=1` (CI sets it), which makes that a failure.
 
 mod attention_cases;
@@ -19,7 +21,6 @@ use cudarc::driver::DeviceRepr;
 use fora::cuda::device::KernelLauncher;
 use fora::cuda::testing::{from_bf16, to_bf16, DeviceAddr, TestDevice};
 use half::bf16;
-use std::alloc::{alloc, dealloc, Layout};
 use std::ffi::{c_char, c_int, c_uint, c_void, CString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -51,32 +52,107 @@ struct Emulator {
 /// A host buffer standing in for device memory: 256-byte aligned like cudaMalloc, written by
 /// the emulated kernels through the raw address in a parameter struct (no Rust reference to
 /// it is alive while they run).
+///
+/// A CPU stand-in for compute-sanitizer's memcheck: the buffer ends where an inaccessible
+/// guard page begins (another one precedes it), so a kernel reading or writing past either
+/// end faults the test process; the few bytes between the end and the guard page (the start
+/// is aligned down to 256) hold a canary that every download and the drop check, so a write
+/// there is reported with the buffer's size.
 struct HostBuf<T> {
     ptr: *mut T,
     len: usize,
+    map: *mut u8,
+    map_len: usize,
+}
+
+const CANARY: u8 = 0xA5;
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as usize
+    } else {
+        4096
+    }
 }
 
 impl<T> HostBuf<T> {
-    fn layout(len: usize) -> Layout {
-        Layout::from_size_align((len * std::mem::size_of::<T>()).max(1), 256)
-            .expect("a test buffer's layout")
+    fn bytes(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+
+    /// The bytes between the buffer's end and the guard page.
+    fn slack(&self) -> &[u8] {
+        let end = self.ptr as usize + self.bytes();
+        let guard = self.map as usize + self.map_len - page_size();
+        // SAFETY: [end, guard) lies inside the readable part of the mapping.
+        unsafe { std::slice::from_raw_parts(end as *const u8, guard - end) }
+    }
+
+    /// Err when a kernel wrote past the end into the slack before the guard page.
+    fn check_canary(&self) -> Result<()> {
+        match self.slack().iter().position(|&b| b != CANARY) {
+            None => Ok(()),
+            Some(i) => bail!(
+                "an emulated kernel wrote past the end of a {}-byte buffer (byte {} after it)",
+                self.bytes(),
+                i
+            ),
+        }
     }
 }
 
 impl<T: Copy> HostBuf<T> {
     fn from_slice(v: &[T]) -> HostBuf<T> {
-        // SAFETY: the layout has a non-zero size; every element is written before use.
-        let ptr = unsafe { alloc(Self::layout(v.len())) } as *mut T;
-        assert!(!ptr.is_null(), "out of host memory for a test buffer");
-        // SAFETY: `ptr` holds `v.len()` elements and does not overlap `v`.
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), ptr, v.len()) };
-        HostBuf { ptr, len: v.len() }
+        let page = page_size();
+        let bytes = std::mem::size_of_val(v);
+        let data_pages = (bytes + 255).div_ceil(page).max(1);
+        let map_len = (data_pages + 2) * page;
+        // SAFETY: an anonymous private mapping; checked below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert!(
+            map != libc::MAP_FAILED,
+            "out of host memory for a test buffer"
+        );
+        let map = map as *mut u8;
+        // SAFETY: the first and the last page of the mapping just made.
+        unsafe {
+            assert_eq!(libc::mprotect(map as *mut _, page, libc::PROT_NONE), 0);
+            assert_eq!(
+                libc::mprotect(map.add(map_len - page) as *mut _, page, libc::PROT_NONE),
+                0
+            );
+        }
+        let guard = map as usize + map_len - page;
+        let start = (guard - bytes) & !255;
+        // SAFETY: [start, guard) is readable and writable, and does not overlap `v`.
+        unsafe {
+            std::ptr::write_bytes(start as *mut u8, CANARY, guard - start);
+            std::ptr::copy_nonoverlapping(v.as_ptr(), start as *mut T, v.len());
+        }
+        HostBuf {
+            ptr: start as *mut T,
+            len: v.len(),
+            map,
+            map_len,
+        }
     }
 
-    fn to_vec(&self) -> Vec<T> {
+    fn to_vec(&self) -> Result<Vec<T>> {
+        self.check_canary()?;
         // SAFETY: `ptr` holds `len` initialized elements; no launch is running (launches
         // return when the kernel is done).
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }.to_vec()
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr, self.len) }.to_vec())
     }
 
     fn fill(&mut self, v: T) {
@@ -87,8 +163,14 @@ impl<T: Copy> HostBuf<T> {
 
 impl<T> Drop for HostBuf<T> {
     fn drop(&mut self) {
-        // SAFETY: allocated in `from_slice` with this layout.
-        unsafe { dealloc(self.ptr as *mut u8, Self::layout(self.len)) };
+        let overrun = self.check_canary();
+        // SAFETY: mapped in `from_slice` with this length.
+        unsafe { libc::munmap(self.map as *mut _, self.map_len) };
+        if let Err(e) = overrun {
+            if !std::thread::panicking() {
+                panic!("{e:#}");
+            }
+        }
     }
 }
 
@@ -182,11 +264,11 @@ impl TestDevice for Emulator {
     }
 
     fn download_f32(&self, b: &HostBuf<f32>) -> Result<Vec<f32>> {
-        Ok(b.to_vec())
+        b.to_vec()
     }
 
     fn download_bf16(&self, b: &HostBuf<bf16>) -> Result<Vec<f32>> {
-        Ok(from_bf16(&b.to_vec()))
+        Ok(from_bf16(&b.to_vec()?))
     }
 }
 
@@ -378,6 +460,26 @@ fn emulated_fora_reuse_final() -> Result<()> {
         return Ok(());
     };
     small_kernel_cases::check_fora_reuse_final(emu)
+}
+
+/// The stand-in device memory reports a write past a buffer's end (into the bytes before its
+/// guard page) at the next download, with the buffer's size; a buffer written only inside
+/// downloads as written. (A write or read reaching the guard page itself faults the process.)
+#[test]
+fn host_buffers_catch_writes_past_the_end() {
+    // 3 floats: 12 bytes, the start aligned down to 256, so 244 bytes of canary follow.
+    let good = HostBuf::from_slice(&[1.0f32, 2.0, 3.0]);
+    assert_eq!(good.to_vec().unwrap(), vec![1.0, 2.0, 3.0]);
+    assert_eq!(good.addr() % 256, 0, "cudaMalloc-like alignment");
+    let bad = HostBuf::from_slice(&[1.0f32, 2.0, 3.0]);
+    // SAFETY: one float past the end lies in the readable canary bytes before the guard page.
+    unsafe { bad.ptr.add(3).write(4.0) };
+    let err = format!("{:#}", bad.to_vec().unwrap_err());
+    assert!(err.contains("past the end of a 12-byte buffer"), "{err}");
+    // Dropping it would panic on the same overrun; restore the canary first.
+    // SAFETY: as above.
+    unsafe { std::ptr::write_bytes(bad.ptr.add(3) as *mut u8, CANARY, 4) };
+    assert!(bad.to_vec().is_ok());
 }
 
 /// The emulator itself: a kernel it does not have and a launch it cannot run are errors, not
