@@ -17,7 +17,8 @@
 # `fora bench --sections steps`).
 # "sanitize" is "memcheck" then "racecheck". SANITIZE_FULL=1 runs memcheck over every GPU test
 # binary (about 2 min on an H200); racecheck always covers every kernel test (about 80 s).
-# "train" times the embedded model's training on the GPU. Everything under $OUT ends in
+# "train" times the embedded model's training on the GPU; "kernelprof" keeps ncu's full
+# report of single launches of the kernels issue 5 still waits on. Everything under $OUT ends in
 # $OUT/all.tgz (the device tool returns at most 8 files). FORA_BENCH_ARGS / TORCH_BENCH_ARGS / TINY_MINUTES override
 # the defaults below.
 set -u
@@ -156,6 +157,22 @@ phase_profile() {
     --gemm cublaslt --json "$OUT/profile_bench.json" > "$OUT/profile.csv" 2> "$OUT/profile.err"
   python3 tools/ncu_summary.py "$OUT/profile.csv" > "$OUT/profile.md" 2>> "$OUT/profile.err"
   head -n 60 "$OUT/profile.md"; tail -n 3 "$OUT/profile.err"
+}
+
+# ncu's full report (speed of light, occupancy, warp stalls, memory chart) of one launch of each
+# kernel named in PROF_KERNELS (default: the 256-row attention, the fused LayerNorm and the
+# fused reuse kernel, the ones issue 5 still waits on), from `fora bench` steps at PROF_ROWS
+# (default 256) op by op; ncu_<kernel>.txt each, the headline numbers printed.
+phase_kernelprof() {
+  local k
+  for k in ${PROF_KERNELS:-attention_d72 residual_layernorm_w4 fora_reuse_final_t4}; do
+    echo "=== ncu --set full: $k (rows ${PROF_ROWS:-256})"
+    FORA_CUDA_GRAPHS=0 bounded 90 ncu --kernel-name "$k" --launch-skip 2 --launch-count 1 --set full \
+      .devpack/bin/fora bench --sections steps --batches "${PROF_ROWS:-256}" --runs 1 --warmup 1 \
+      --gemm cublaslt > "$OUT/ncu_$k.txt" 2>&1
+    grep -E "^ +(Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread|Theoretical Occupancy)" \
+      "$OUT/ncu_$k.txt" | head -n 8
+  done
 }
 
 phase_variants() {
