@@ -610,8 +610,8 @@ pub struct Report {
     pub quick: bool,
     /// The backend options' defaults in this run (`FORA_CUDA_GRAPHS`,
     /// `FORA_PRECOMPUTE_MODULATION`, `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM`,
-    /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`); each step row says what its
-    /// workspace did.
+    /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`); each
+    /// step row says what its workspace did.
     pub cuda_graphs: bool,
     pub precompute_modulation: bool,
     pub lt_autotune: bool,
@@ -620,6 +620,7 @@ pub struct Report {
     pub fused_ln: bool,
     pub lt_bias_bf16: bool,
     pub bf16_residual: bool,
+    pub reuse_gates_only: bool,
     pub cfg_scale: f32,
     pub gemm_ceiling: Option<Ceiling>,
     pub copy_ceiling: Option<Ceiling>,
@@ -661,6 +662,7 @@ impl Report {
             fused_ln: options.fused_ln,
             lt_bias_bf16: options.lt_bias_bf16,
             bf16_residual: options.bf16_residual,
+            reuse_gates_only: options.reuse_gates_only,
             cfg_scale: plan.cfg_scale,
             gemm_ceiling: None,
             copy_ceiling: None,
@@ -845,6 +847,7 @@ impl Report {
                 "fused_ln": self.fused_ln,
                 "lt_bias_bf16": self.lt_bias_bf16,
                 "bf16_residual": self.bf16_residual,
+                "reuse_gates_only": self.reuse_gates_only,
                 "cfg_scale": self.cfg_scale,
                 "timing": "CUDA events, back-to-back runs, median",
             },
@@ -941,10 +944,13 @@ impl Report {
             } else {
                 "patch_embed + fora_reuse + layernorm_modulate (FORA_FUSED_REUSE=0)"
             },
-            if self.side_stream {
-                "the next step's on a second stream (FORA_SIDE_STREAM=1)"
-            } else {
-                "before each step on the one stream"
+            match (self.side_stream, self.reuse_gates_only) {
+                (true, _) => "the next step's on a second stream (FORA_SIDE_STREAM=1)",
+                (false, true) => {
+                    "before each step on the one stream, a reuse step's gates only \
+                     (FORA_REUSE_GATES_ONLY=1)"
+                }
+                (false, false) => "before each step on the one stream",
             },
             if self.fused_ln && self.bf16_residual {
                 "bf16 into the cache, fused with the next LayerNorm (FORA_BF16_RESIDUAL=1)"
@@ -1469,6 +1475,7 @@ fn ceiling_gemm(gpu: &Gpu, size: usize, timer: &Timer) -> Result<Ceiling> {
         ldd: size,
         output: LtOutput::Bf16,
         epilogue: LtEpilogue::None,
+        batch: None,
     };
     let (stats, _) = timer.time_alone(gpu, 1, |_| match lt.matmul(&mm)? {
         LtRun::Done => Ok(()),

@@ -721,6 +721,61 @@ fn gpu_side_stream_modulation_is_exact() {
     }
 }
 
+/// A reuse step that computes only the gates and the final shift / scale (a cuBLASLt strided
+/// batch over every third D-column chunk) samples what the full table gives: the columns it
+/// reads are the same products, maybe summed in another order by another algorithm. A wrong
+/// stride or offset would read a shift or scale column as a gate.
+#[test]
+fn gpu_reuse_gates_only_matches_the_full_table() {
+    use fora::cuda::gemm::GemmImpl;
+    use fora::cuda::CudaOptions;
+    let cfg = small_cfg();
+    let Some((_cpu, mut cuda)) = backends("gpu_reuse_gates_only_matches_the_full_table", &cfg, 23)
+    else {
+        return;
+    };
+    let options = SamplerOptions::ddpm(12).with_guidance(Some(Guidance {
+        scale: 3.0,
+        mode: GuidanceMode::Official3,
+    }));
+    let classes = [2, 9];
+    for graphs in [true, false] {
+        for fused_reuse in [true, false] {
+            let mut run = |reuse_gates_only| {
+                let base = cuda.options();
+                cuda.set_options(CudaOptions {
+                    gemm: GemmImpl::CublasLt,
+                    graphs,
+                    precompute_modulation: false,
+                    side_stream: false,
+                    fused_reuse,
+                    reuse_gates_only,
+                    ..base
+                });
+                Sampler::new(&cuda, options.clone())
+                    .unwrap()
+                    .sample(
+                        &classes,
+                        NoiseSource::Seed(8),
+                        &mut StaticInterval::new(3).unwrap(),
+                    )
+                    .unwrap()
+                    .latents
+            };
+            let full = run(false);
+            let gates = run(true);
+            assert!(full.iter().all(|v| v.is_finite()));
+            check_close(
+                &format!("graphs={graphs} fused_reuse={fused_reuse}: gates only vs the full table"),
+                &gates,
+                &full,
+                1e-3,
+            )
+            .unwrap();
+        }
+    }
+}
+
 /// Models without an attention kernel for their head size are refused up front, with the reason
 /// (the CLI's `--device auto` then runs them on the CPU).
 #[test]

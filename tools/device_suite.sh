@@ -12,7 +12,8 @@
 # "profile" for ncu kernel times per op of a computing and a reuse step, summarised by
 # tools/ncu_summary.py; PROFILE_ROWS picks the rows, default 2,256; "variants" for the step
 # times of the execution paths side by side: the default, everything unfused, cuBLASLt's f32
-# bias only, FORA_BF16_RESIDUAL=1, FORA_SIDE_STREAM=1, FORA_LT_AUTOTUNE=1, FORA_ATTENTION=v2,
+# bias only, FORA_BF16_RESIDUAL=1, FORA_REUSE_GATES_ONLY=1, FORA_SIDE_STREAM=1,
+# FORA_LT_AUTOTUNE=1, FORA_ATTENTION=v2,
 # FORA_GEMM=wgmma, each
 # `fora bench --sections steps`).
 # "sanitize" is "memcheck" then "racecheck". SANITIZE_FULL=1 runs memcheck over every GPU test
@@ -182,6 +183,7 @@ phase_variants() {
   # VARIANT_S change what each runs (e.g. "steps,e2e" with "--intervals 1,3 --e2e-reps 1").
   for v in "default:cublaslt:" "unfused:cublaslt:FORA_FUSED_REUSE=0 FORA_FUSED_LN=0 FORA_LT_BIAS_BF16=0" \
            "f32_bias:cublaslt:FORA_LT_BIAS_BF16=0" "bf16_residual:cublaslt:FORA_BF16_RESIDUAL=1" \
+           "gates_only:cublaslt:FORA_REUSE_GATES_ONLY=1" \
            "side_stream:cublaslt:FORA_SIDE_STREAM=1" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
            "attention_v2:cublaslt:FORA_ATTENTION=v2" "wgmma:wgmma:"; do
     name=${v%%:*}; rest=${v#*:}; gemm=${rest%%:*}; envs=${rest#*:}

@@ -72,12 +72,17 @@ pub struct CudaOptions {
     /// rounding of the block outputs (as under autocast). Off by default: not yet run on a
     /// GPU.
     pub bf16_residual: bool,
+    /// When the tables are not precomputed (large batches): a reuse step's forward computes
+    /// only the modulation columns it reads, every gate and the final shift / scale, in one
+    /// cuBLASLt strided batch and one GEMM: a third of the adaLN GEMM
+    /// (`FORA_REUSE_GATES_ONLY=1`: on). Off by default: not yet run on a GPU.
+    pub reuse_gates_only: bool,
 }
 
 impl CudaOptions {
     /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
     /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM`, `FORA_FUSED_LN`,
-    /// `FORA_LT_BIAS_BF16` and `FORA_BF16_RESIDUAL`.
+    /// `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL` and `FORA_REUSE_GATES_ONLY`.
     pub fn from_env() -> Result<CudaOptions> {
         // A 0/1 switch; unset or empty keeps the default, anything else is refused.
         let flag = |var: &str, default: bool| match std::env::var(var) {
@@ -100,6 +105,7 @@ impl CudaOptions {
             fused_ln: flag("FORA_FUSED_LN", true)?,
             lt_bias_bf16: flag("FORA_LT_BIAS_BF16", true)?,
             bf16_residual: flag("FORA_BF16_RESIDUAL", false)?,
+            reuse_gates_only: flag("FORA_REUSE_GATES_ONLY", false)?,
         })
     }
 }
@@ -356,6 +362,7 @@ impl CudaBackend {
                 dptr_at(t_table, k0 * rows),
                 dptr(&chunk_labels),
                 dptr_at(&table, k0 * rows * cols),
+                false,
             )?;
         }
         // The chunk buffers are freed when this returns; wait so that they are not in use.
@@ -419,6 +426,7 @@ impl CudaBackend {
                 dptr(&side.t_next),
                 dptr(&acts.labels),
                 side.table(acts, 1 - parity),
+                false,
             )
         };
         let kind = self.forward_kind(mode, false, Some(side.table(acts, parity)));
@@ -449,6 +457,7 @@ impl CudaBackend {
             fused_ln: self.options.fused_ln,
             bias_bf16: self.options.lt_bias_bf16,
             bf16_residual: self.options.bf16_residual,
+            reuse_gates_only: self.options.reuse_gates_only,
         }
     }
 
@@ -688,6 +697,7 @@ impl Backend for CudaBackend {
                         dptr_at(&ws.t_table, step.k * rows),
                         dptr(&ws.acts.labels),
                         side.table(&ws.acts, parity),
+                        false,
                     )?;
                 }
                 // The side branch computes the next step's table (the last step's branch

@@ -68,6 +68,20 @@ pub struct LtMatmul {
     pub ldd: usize,
     pub output: LtOutput,
     pub epilogue: LtEpilogue,
+    /// A strided batch of such matmuls, or None for one.
+    pub batch: Option<LtBatch>,
+}
+
+/// `count` matmuls of one shape: matmul b reads `w + b * stride_w`, `a + b * stride_a` and
+/// `bias + b * stride_bias` and writes `d + b * stride_d` (strides in elements; 0 shares the
+/// operand).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LtBatch {
+    pub count: usize,
+    pub stride_w: i64,
+    pub stride_a: i64,
+    pub stride_d: i64,
+    pub stride_bias: i64,
 }
 
 /// Whether cuBLASLt ran the matmul or has no algorithm for that combination (the caller then
@@ -93,6 +107,7 @@ struct AlgoKey {
     epilogue: u8,
     /// Alignments of w, a, d in bytes.
     align: [u32; 3],
+    batch: Option<LtBatch>,
 }
 
 /// An algorithm chosen for an [`AlgoKey`] (one whose workspace fits ours).
@@ -227,6 +242,27 @@ impl CublasLt {
         let layout_w = Layout::new(bf16, mm.k, mm.n, mm.ldw)?;
         let layout_a = Layout::new(bf16, mm.k, mm.m, mm.lda)?;
         let layout_d = Layout::new(d_type, mm.n, mm.m, mm.ldd)?;
+        if let Some(b) = mm.batch {
+            ensure!(
+                b.count >= 1 && b.count <= i32::MAX as usize,
+                "cuBLASLt matmul: batch count {}",
+                b.count
+            );
+            for (layout, stride) in [
+                (&layout_w, b.stride_w),
+                (&layout_a, b.stride_a),
+                (&layout_d, b.stride_d),
+            ] {
+                layout.set(
+                    sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                    &(b.count as i32),
+                )?;
+                layout.set(
+                    sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                    &stride,
+                )?;
+            }
+        }
         let desc = Desc::new()?;
         desc.set(
             sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
@@ -264,6 +300,12 @@ impl CublasLt {
                 sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                 &bias,
             )?;
+            if let Some(b) = mm.batch {
+                desc.set(
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE,
+                    &b.stride_bias,
+                )?;
+            }
             // The default bias type is the output type.
             if bias_f32 {
                 desc.set(
@@ -316,6 +358,7 @@ impl CublasLt {
                 LtEpilogue::GeluBiasOutType(_) => 5,
             },
             align: [alignment(mm.w), alignment(mm.a), alignment(mm.d)],
+            batch: mm.batch,
         };
         let op = Op {
             desc: &desc,
@@ -530,6 +573,19 @@ impl Layout {
         let h = lt::create_matrix_layout(ty, rows as u64, cols as u64, ld as i64)
             .map_err(|e| lt_error(e, "cublasLtMatrixLayoutCreate"))?;
         Ok(Layout(h))
+    }
+
+    fn set<T>(&self, attr: sys::cublasLtMatrixLayoutAttribute_t, value: &T) -> Result<()> {
+        // SAFETY: `value` is a live T of exactly the size passed.
+        unsafe {
+            lt::set_matrix_layout_attribute(
+                self.0,
+                attr,
+                value as *const T as *const c_void,
+                size_of::<T>(),
+            )
+        }
+        .map_err(|e| lt_error(e, &format!("cublasLtMatrixLayoutSetAttribute({attr:?})")))
     }
 }
 

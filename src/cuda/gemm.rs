@@ -15,7 +15,7 @@
 //! Nothing here allocates per call: the cuBLASLt path's f32 scratch (for the epilogues cuBLASLt
 //! cannot do) is sized at construction, so launches can be captured in CUDA graphs.
 
-use super::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
+use super::cublaslt::{CublasLt, LtBatch, LtEpilogue, LtMatmul, LtOutput, LtRun};
 use super::device::{dptr, Gpu, KernelLauncher};
 use super::params::{
     GemmEpilogueParams, GemmParams, FORA_EPI_BIAS_BF16, FORA_EPI_BIAS_F32,
@@ -687,6 +687,7 @@ impl Gemm {
             } else {
                 LtEpilogue::None
             },
+            batch: None,
         };
         // cuBLASLt may want a 16-byte aligned bias vector; ours need only be 4-byte aligned.
         let mut tries = Vec::with_capacity(2);
@@ -715,6 +716,39 @@ impl Gemm {
             }
         }
         self.run_cublaslt_unfused(gpu, p)
+    }
+
+    /// cuBLASLt only: `batch.count` GEMMs of `p`'s shape with `p`'s f32 + bias epilogue
+    /// (`BiasF32`), matmul b at `p`'s operands plus the strides of `batch` (elements; the
+    /// caller makes sure every matmul's operands lie inside its buffers). Ok(false), running
+    /// nothing, when this engine is not cuBLASLt or cuBLASLt has no algorithm for it: the caller
+    /// then takes another path.
+    pub fn run_cublaslt_strided(&self, p: &GemmParams, batch: LtBatch) -> Result<bool> {
+        if self.imp != GemmImpl::CublasLt {
+            return Ok(false);
+        }
+        let epi = validate(p)?;
+        ensure!(
+            epi == Epilogue::BiasF32 && p.bias != 0 && p.bias.is_multiple_of(16),
+            "{}: strided batches take the f32 + bias epilogue with a 16-byte aligned bias",
+            gemm_what(p, "cuBLASLt")
+        );
+        let mm = LtMatmul {
+            a: p.a,
+            w: p.w,
+            d: p.out,
+            m: p.m as usize,
+            n: p.n as usize,
+            k: p.k as usize,
+            lda: p.lda as usize,
+            ldw: p.ldw as usize,
+            ldd: p.ldo as usize,
+            output: LtOutput::F32,
+            epilogue: LtEpilogue::Bias(p.bias),
+            batch: Some(batch),
+        };
+        let run = self.lt()?.matmul(&mm);
+        Ok(run.with_context(|| gemm_what(p, "cuBLASLt strided batch"))? == LtRun::Done)
     }
 
     /// cuBLASLt product into the f32 scratch, then the stand-alone epilogue kernel (any
@@ -756,6 +790,7 @@ impl Gemm {
             ldd: n,
             output: LtOutput::F32,
             epilogue: LtEpilogue::None,
+            batch: None,
         };
         match lt.matmul(&mm).with_context(|| gemm_what(p, "cuBLASLt"))? {
             LtRun::Done => Ok(acc),

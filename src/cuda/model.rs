@@ -8,6 +8,7 @@
 //! or one FORA reuse launch -> final LayerNorm/modulate -> final Linear (f32, token layout).
 //! The caller then unpatchifies (plain forward) or runs the sampler update (sampling).
 
+use super::cublaslt::LtBatch;
 use super::device::{dptr_at, KernelLauncher};
 use super::gemm::{Epilogue, Gemm, GemmImpl};
 use super::params::{
@@ -53,6 +54,10 @@ pub struct ForwardKind {
     /// that bf16 v, as a reuse step adds the cached one; instead of an f32 product, f32 v in
     /// the residual and a separate cache store.
     pub bf16_residual: bool,
+    /// A reuse forward that computes its own modulation table computes only the columns it
+    /// reads (every gate and the final shift / scale: a third of the adaLN GEMM), with a
+    /// cuBLASLt strided batch where there is one.
+    pub reuse_gates_only: bool,
 }
 
 /// A block's output (proj or fc2) on the fused-LayerNorm path, as a device address.
@@ -385,6 +390,7 @@ impl GpuModel {
         t: u64,
         labels: u64,
         out: u64,
+        gates_only: bool,
     ) -> Result<()> {
         let cfg = &self.cfg;
         let (d, cols) = (cfg.hidden, ada_cols(cfg));
@@ -455,6 +461,9 @@ impl GpuModel {
                 num_labels: (cfg.num_classes + 1) as i32,
             },
         )?;
+        if gates_only && self.gate_columns(gpu, gemm, cond, rows, out)? {
+            return Ok(());
+        }
         // Every block's modulations and the final layer's in one GEMM.
         gemm.run(
             gpu,
@@ -471,6 +480,50 @@ impl GpuModel {
         )?;
 
         Ok(())
+    }
+
+    /// The columns of the modulation table a reuse forward reads, from SiLU(c) in
+    /// `cond.silu_c`: every block's gate_msa and gate_mlp (one cuBLASLt strided batch: they
+    /// start every 3D columns from 2D, 2L chunks of D) and the final layer's shift and scale
+    /// (one GEMM). A third of the adaLN GEMM's work and weight traffic. Ok(false), writing
+    /// nothing, where cuBLASLt has no strided batch for it (or the GEMMs are not cuBLASLt).
+    fn gate_columns(
+        &self,
+        gpu: &Gpu,
+        gemm: &Gemm,
+        cond: &CondBuffers,
+        rows: usize,
+        out: u64,
+    ) -> Result<bool> {
+        let cfg = &self.cfg;
+        let (d, cols, layers) = (cfg.hidden, ada_cols(cfg), cfg.depth);
+        let chunk = |col: usize, n: usize| {
+            let mut p = gemm_params(
+                dptr(&cond.silu_c),
+                dptr(&self.ada_w) + (col * d * 2) as u64,
+                dptr(&self.ada_b) + (col * 4) as u64,
+                out + (col * 4) as u64,
+                rows,
+                n,
+                d,
+                Epilogue::BiasF32,
+            );
+            p.ldo = cols as i32;
+            p
+        };
+        let batch = LtBatch {
+            count: 2 * layers,
+            stride_w: (3 * d * d) as i64,
+            stride_a: 0,
+            stride_d: (3 * d) as i64,
+            stride_bias: (3 * d) as i64,
+        };
+        if !gemm.run_cublaslt_strided(&chunk(2 * d, d), batch)? {
+            return Ok(false);
+        }
+        let fin = layers * 6 * d;
+        gemm.run(gpu, &chunk(fin, 2 * d))?;
+        Ok(true)
     }
 
     /// One forward of `acts.rows` rows on the device's stream, up to the final Linear (its
@@ -494,6 +547,7 @@ impl GpuModel {
             fused_ln,
             bias_bf16,
             bf16_residual,
+            reuse_gates_only,
         } = kind;
         // qkv and fc1: with bias_bf16, cuBLASLt may fuse a bf16 copy of the bias.
         let biased_gemm = |p: &GemmParams, bias16: &CudaSlice<bf16>| {
@@ -522,6 +576,7 @@ impl GpuModel {
 
         if with_modulation {
             let _cond = crate::nvtx_range!("conditioning");
+            // A reuse forward reads only the gates and the final shift / scale.
             self.modulation(
                 gpu,
                 gemm,
@@ -530,6 +585,7 @@ impl GpuModel {
                 dptr(&acts.t),
                 dptr(&acts.labels),
                 table,
+                mode == StepMode::Reuse && reuse_gates_only,
             )?;
         }
 
