@@ -529,6 +529,10 @@ pub struct StepRow {
     pub graphs: Option<bool>,
     /// Whether the timed workspace computed every step's modulation table up front.
     pub precomputed_modulation: Option<bool>,
+    /// Host time to issue one step (the timed runs' wall clock before the final
+    /// synchronization, per run): when it reaches the step's GPU time, the host, not the GPU,
+    /// sets the pace of back-to-back steps.
+    pub host_issue_ms: Option<f64>,
 }
 
 /// One end-to-end configuration (median over the reps).
@@ -766,6 +770,7 @@ impl Report {
                     "other_nodes": r.launches.map(|l| l.other),
                     "graphs": r.graphs,
                     "precomputed_modulation": r.precomputed_modulation,
+                    "host_issue_ms": r.host_issue_ms,
                 });
                 merge_stats(&mut v, r.stats.as_ref());
                 v
@@ -1063,6 +1068,26 @@ impl Report {
                     yes_no(full.and_then(|r| r.precomputed_modulation))
                 );
             }
+            // Host issue time per step against the GPU's: a host-bound step shows it.
+            for r in &self.steps {
+                if let (Some(h), Some(st)) = (r.host_issue_ms, r.stats.as_ref()) {
+                    s += &format!(
+                        "\n{} {} rows, {} step: the host took {:.1} us to issue it, the GPU {:.1} \
+                         us{}",
+                        r.gemm,
+                        r.rows,
+                        r.kind.name(),
+                        h * 1e3,
+                        st.median_ms * 1e3,
+                        if h >= 0.9 * st.median_ms {
+                            " (host-bound)."
+                        } else {
+                            "."
+                        }
+                    );
+                }
+            }
+            s += "\n";
             s +=
                 "\nKernels per step: kernel launches of one step run kernel by kernel (a captured \
                   step replays them from one graph launch, plus the timestep copy and the sampler \
@@ -1292,7 +1317,17 @@ struct Timer {
 impl Timer {
     /// Runs `launch(i)` for i in 0..warmup untimed, then i in warmup..warmup+runs with an event
     /// between consecutive runs; the host does not wait between runs.
-    fn time(&self, gpu: &Gpu, mut launch: impl FnMut(usize) -> Result<()>) -> Result<Stats> {
+    fn time(&self, gpu: &Gpu, launch: impl FnMut(usize) -> Result<()>) -> Result<Stats> {
+        self.time_with_host(gpu, launch).map(|(stats, _)| stats)
+    }
+
+    /// [`Timer::time`], and the host's wall-clock time per run to issue the timed runs (from
+    /// the first event's record to the last one's, before waiting for the GPU), in ms.
+    fn time_with_host(
+        &self,
+        gpu: &Gpu,
+        mut launch: impl FnMut(usize) -> Result<()>,
+    ) -> Result<(Stats, f64)> {
         for i in 0..self.warmup {
             launch(i)?;
         }
@@ -1309,10 +1344,12 @@ impl Timer {
             profiler(true)?;
         }
         events[0].record(stream).context("cannot record an event")?;
+        let issue = std::time::Instant::now();
         for (i, event) in events[1..].iter().enumerate() {
             launch(self.warmup + i)?;
             event.record(stream).context("cannot record an event")?;
         }
+        let host_ms = issue.elapsed().as_secs_f64() * 1e3 / self.runs.max(1) as f64;
         gpu.synchronize().context("timed runs failed")?;
         if self.profiler_api {
             profiler(false)?;
@@ -1325,7 +1362,7 @@ impl Timer {
                     .context("cannot read an event time")? as f64)
             })
             .collect::<Result<Vec<f64>>>()?;
-        Stats::from_samples(&samples)
+        Ok((Stats::from_samples(&samples)?, host_ms))
     }
 }
 
@@ -2151,6 +2188,7 @@ fn bench_steps(
         }
     };
     let mut times = [None, None];
+    let mut host = [None, None];
     let mut flags = (None, None);
     match backend.workspace(&splan) {
         Ok(mut ws) => {
@@ -2164,12 +2202,15 @@ fn bench_steps(
             {
                 // A range per step so that a profile (tools/ncu_summary.py) can group kernels
                 // by rows and step kind.
-                let timed = timer.time(backend.gpu(), |i| {
+                let timed = timer.time_with_host(backend.gpu(), |i| {
                     let _step = crate::nvtx_range!("rows {rows} step {i} {}", kind.name());
                     backend.step(&mut ws, &spec(i, mode))
                 });
                 match timed {
-                    Ok(st) => times[slot] = Some(st),
+                    Ok((st, h)) => {
+                        times[slot] = Some(st);
+                        host[slot] = Some(h);
+                    }
                     Err(e) => report.error("steps", &format!("{what}: {} step", kind.name()), &e),
                 }
             }
@@ -2177,9 +2218,9 @@ fn bench_steps(
         Err(e) => report.error("steps", &format!("{what}: workspace"), &e),
     }
     let [full, reuse] = times;
-    for (kind, stats, count) in [
-        (StepKind::Full, full, launches.map(|c| c.0)),
-        (StepKind::Reuse, reuse, launches.map(|c| c.1)),
+    for (kind, stats, count, host_issue_ms) in [
+        (StepKind::Full, full, launches.map(|c| c.0), host[0]),
+        (StepKind::Reuse, reuse, launches.map(|c| c.1), host[1]),
     ] {
         report.steps.push(StepRow {
             gemm: gemm.clone(),
@@ -2189,6 +2230,7 @@ fn bench_steps(
             launches: count,
             graphs: flags.0,
             precomputed_modulation: flags.1,
+            host_issue_ms,
         });
     }
 }

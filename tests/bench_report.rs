@@ -279,6 +279,7 @@ fn fake_report() -> Report {
         launches: launches(k),
         graphs: Some(true),
         precomputed_modulation: Some(rows == 2),
+        host_issue_ms: Some(0.01),
     };
     let e2e = |n, computed, loop_ms| E2eRow {
         gemm: "custom".into(),
