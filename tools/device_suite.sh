@@ -2,31 +2,43 @@
 # One device call on a lent GPU machine (../shared/device/README.md) that runs, phase by phase,
 # the GPU tests, fora's benchmark, the PyTorch reference, compute-sanitizer, and the embedded
 # model's training + quality measurement; each phase is bounded so that the whole call ends by
-# DEADLINE_S seconds (default 270). Everything lands under $OUT.
+# DEADLINE_S seconds (default 450: leave the rest of a 15-minute loan for the machine's start
+# and one short rerun). Everything lands under $OUT.
 #
 #   here:   tools/pack_device.sh                      (packs .devpack/, within 64 MiB)
-#   device: run, carry [".devpack"], command "bash tools/device_suite.sh"
+#   device: run, carry [".devpack"], command "bash tools/device_suite.sh", timeout_s 500
 #
-# PHASES picks phases in order (default "tests bench torch sanitize"; add "tiny" for the
-# embedded model: tools/train_tiny.py on the GPU, then tools/quality.py through the fora binary;
-# "profile" for ncu kernel times per op of a computing and a reuse step, summarised by
-# tools/ncu_summary.py; PROFILE_ROWS picks the rows, default 2,256; "variants" for the step
-# times of the execution paths side by side: the default, everything unfused, cuBLASLt's f32
-# bias only, FORA_BF16_RESIDUAL=1, FORA_REUSE_GATES_ONLY=1, FORA_SIDE_STREAM=1,
-# FORA_LT_AUTOTUNE=1, FORA_ATTENTION=v2,
-# FORA_GEMM=wgmma, each
-# `fora bench --sections steps`).
-# "sanitize" is "memcheck" then "racecheck". SANITIZE_FULL=1 runs memcheck over every GPU test
-# binary (about 2 min on an H200); racecheck always covers every kernel test (about 80 s).
-# "train" times the embedded model's training on the GPU; "kernelprof" keeps ncu's full
-# report of single launches of the kernels issue 5 still waits on. Everything under $OUT ends in
-# $OUT/all.tgz (the device tool returns at most 8 files). FORA_BENCH_ARGS / TORCH_BENCH_ARGS / TINY_MINUTES override
-# the defaults below.
+# The defaults are one full call (about 7 min on an H200): every GPU test, memcheck over every
+# test binary, the step times of the default path and of the opt-in ones still to decide, the
+# benchmark and the PyTorch reference, and ncu's reports of the kernels issue 5 waits on.
+#
+# PHASES picks phases in order (default "tests memcheck variants bench torch kernelprof"):
+#   tests      every GPU test binary with FORA_REQUIRE_GPU=1, and the embedded model's sample
+#              timed as a whole process;
+#   memcheck   compute-sanitizer memcheck over every test binary (SANITIZE_FULL=0: a subset);
+#   racecheck  racecheck over the kernel tests, our kernels only (RACECHECK_RUNS overrides);
+#   sanitize   memcheck, then racecheck;
+#   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
+#              "default bf16_residual gates_only unfused"; "all" adds f32_bias, side_stream,
+#              lt_autotune, attention_v2 and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
+#              VARIANT_ARGS / VARIANT_S change what each runs);
+#   bench      `fora bench` (FORA_BENCH_ARGS overrides its arguments);
+#   torch      tools/bench_torch.py, the PyTorch reference (TORCH_BENCH_ARGS);
+#   kernelprof ncu --set full of one launch of each kernel in PROF_KERNELS;
+#   profile    ncu kernel time per op of a computing and a reuse step (PROFILE_ROWS,
+#              PROFILE_METRICS), summarised by tools/ncu_summary.py;
+#   train      tools/train_tiny.py on the GPU for TRAIN_MINUTES;
+#   tiny       train_tiny.py, then tools/quality.py through the fora binary (TINY_MINUTES).
+# Everything under $OUT ends in $OUT/all.tgz (the device tool returns at most 8 files).
 set -u
 export FORA_REQUIRE_GPU=1 RUST_BACKTRACE=1 FORA_BIN=.devpack/bin/fora PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-DEADLINE_S=${DEADLINE_S:-270}
-PHASES=${PHASES:-tests bench torch sanitize}
+DEADLINE_S=${DEADLINE_S:-450}
+PHASES=${PHASES:-tests memcheck variants bench torch kernelprof}
+# memcheck over every test binary unless SANITIZE_FULL=0 (a shorter subset).
+SANITIZE_FULL=${SANITIZE_FULL:-1}
+# The variants whose default is still to decide (VARIANTS=all: every one).
+VARIANTS=${VARIANTS:-default bf16_residual gates_only unfused}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -80,7 +92,7 @@ phase_torch() {
 
 phase_memcheck() {
   {
-    if [ "${SANITIZE_FULL:-0}" = 1 ]; then
+    if [ "$SANITIZE_FULL" = 1 ]; then
       for t in $TESTS; do
         echo "=== memcheck $t"
         bounded 300 compute-sanitizer --tool memcheck --error-exitcode 9 .devpack/test/$t --test-threads=1 2>&1 | tail -n 4
@@ -187,7 +199,7 @@ phase_variants() {
            "side_stream:cublaslt:FORA_SIDE_STREAM=1" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
            "attention_v2:cublaslt:FORA_ATTENTION=v2" "wgmma:wgmma:"; do
     name=${v%%:*}; rest=${v#*:}; gemm=${rest%%:*}; envs=${rest#*:}
-    case " ${VARIANTS:-$name} " in *" $name "*) ;; *) continue ;; esac
+    case " ${VARIANTS/all/$name} " in *" $name "*) ;; *) continue ;; esac
     echo "--- $name (--gemm $gemm ${envs})"
     (
       # shellcheck disable=SC2086 # several VAR=value words
