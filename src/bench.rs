@@ -614,8 +614,8 @@ pub struct Report {
     pub quick: bool,
     /// The backend options' defaults in this run (`FORA_CUDA_GRAPHS`,
     /// `FORA_PRECOMPUTE_MODULATION`, `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM`,
-    /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`); each
-    /// step row says what its workspace did.
+    /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`,
+    /// `FORA_STEP_GRAPH`); each step row says what its workspace did.
     pub cuda_graphs: bool,
     pub precompute_modulation: bool,
     pub lt_autotune: bool,
@@ -625,6 +625,7 @@ pub struct Report {
     pub lt_bias_bf16: bool,
     pub bf16_residual: bool,
     pub reuse_gates_only: bool,
+    pub step_graph: bool,
     pub cfg_scale: f32,
     pub gemm_ceiling: Option<Ceiling>,
     pub copy_ceiling: Option<Ceiling>,
@@ -667,6 +668,7 @@ impl Report {
             lt_bias_bf16: options.lt_bias_bf16,
             bf16_residual: options.bf16_residual,
             reuse_gates_only: options.reuse_gates_only,
+            step_graph: options.step_graph,
             cfg_scale: plan.cfg_scale,
             gemm_ceiling: None,
             copy_ceiling: None,
@@ -853,6 +855,7 @@ impl Report {
                 "lt_bias_bf16": self.lt_bias_bf16,
                 "bf16_residual": self.bf16_residual,
                 "reuse_gates_only": self.reuse_gates_only,
+                "step_graph": self.step_graph,
                 "cfg_scale": self.cfg_scale,
                 "timing": "CUDA events, back-to-back runs, median",
             },
@@ -924,8 +927,7 @@ impl Report {
             m.tokens,
             m.weights
         );
-        s +=
-            &format!(
+        s += &format!(
             "{device}, {}. Median of {} runs after {} warm-up runs (CUDA events). CUDA graphs {}; \
              modulation tables precomputed {}; cuBLASLt algorithms {}; reuse steps {}; per-step \
              tables {}; proj / fc2 epilogues {}; qkv / fc1 bias {}. FLOPs = 2 x {:.1} GMAC per \
@@ -933,7 +935,11 @@ impl Report {
             self.date,
             self.runs,
             self.warmup,
-            if self.cuda_graphs { "on" } else { "off (FORA_CUDA_GRAPHS=0)" },
+            match (self.cuda_graphs, self.step_graph) {
+                (true, true) => "on, a whole step per graph (FORA_STEP_GRAPH=1)",
+                (true, false) => "on",
+                (false, _) => "off (FORA_CUDA_GRAPHS=0)",
+            },
             if self.precompute_modulation {
                 "when they fit"
             } else {

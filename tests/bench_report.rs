@@ -316,6 +316,7 @@ fn fake_report() -> Report {
         lt_bias_bf16: true,
         bf16_residual: false,
         reuse_gates_only: false,
+        step_graph: false,
         cfg_scale: 4.0,
         gemm_ceiling: Some(Ceiling {
             what: "bf16 GEMM 8192^3".into(),

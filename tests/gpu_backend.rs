@@ -776,6 +776,61 @@ fn gpu_reuse_gates_only_matches_the_full_table() {
     }
 }
 
+/// A whole step as one graph launch (the copy and the sampler update re-pointed in the
+/// instantiated graph before each launch) runs the same kernels on the same data as the copy,
+/// graph launch and update launch: the latents must be equal to the bit, with and without
+/// precomputed tables. A copy or update left pointing at step 0 shows up here.
+#[test]
+fn gpu_step_graph_is_exact() {
+    use fora::cuda::gemm::GemmImpl;
+    use fora::cuda::CudaOptions;
+    let cfg = small_cfg();
+    let Some((_cpu, mut cuda)) = backends("gpu_step_graph_is_exact", &cfg, 29) else {
+        return;
+    };
+    let options = SamplerOptions::ddpm(10).with_guidance(Some(Guidance {
+        scale: 2.5,
+        mode: GuidanceMode::Official3,
+    }));
+    let classes = [6, 0];
+    for gemm in [GemmImpl::Custom, GemmImpl::CublasLt] {
+        for precompute in [true, false] {
+            let mut run = |step_graph| {
+                let base = cuda.options();
+                cuda.set_options(CudaOptions {
+                    gemm,
+                    graphs: true,
+                    precompute_modulation: precompute,
+                    side_stream: false,
+                    lt_autotune: false,
+                    step_graph,
+                    ..base
+                });
+                let sampler = Sampler::new(&cuda, options.clone()).unwrap();
+                let plan = sampler.plan(&classes, NoiseSource::Seed(4)).unwrap();
+                let ws = cuda.workspace(&plan).unwrap();
+                assert_eq!(ws.uses_step_graphs(), step_graph);
+                drop(ws);
+                sampler
+                    .sample(
+                        &classes,
+                        NoiseSource::Seed(4),
+                        &mut StaticInterval::new(3).unwrap(),
+                    )
+                    .unwrap()
+                    .latents
+            };
+            let separate = run(false);
+            let whole = run(true);
+            assert!(separate.iter().all(|v| v.is_finite()));
+            assert!(
+                separate == whole,
+                "{gemm:?} precompute={precompute}: one graph per step changed the latents"
+            );
+        }
+    }
+}
+
 /// Models without an attention kernel for their head size are refused up front, with the reason
 /// (the CLI's `--device auto` then runs them on the CPU).
 #[test]

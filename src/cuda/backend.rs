@@ -11,8 +11,9 @@ use super::gemm::{Gemm, GemmImpl};
 use super::model::{ada_cols, max_gemm_mn, Activations, CondBuffers, ForwardKind, GpuModel};
 use super::params::{NormalFillParams, SamplerStepParams, UnpatchifyParams};
 use super::sampler::guided_channels;
+use super::step_graph::StepGraph;
 use super::{dptr, Gpu};
-use crate::backend::{Backend, Guidance, NoiseSource, SamplePlan, StepMode, StepSpec};
+use crate::backend::{Backend, Guidance, NoiseSource, SamplePlan, StepMode, StepSpec, StepUpdate};
 use crate::config::DitConfig;
 use crate::weights::DitWeights;
 use anyhow::{bail, ensure, Context, Result};
@@ -77,12 +78,17 @@ pub struct CudaOptions {
     /// cuBLASLt strided batch and one GEMM: a third of the adaLN GEMM
     /// (`FORA_REUSE_GATES_ONLY=1`: on). Off by default: not yet run on a GPU.
     pub reuse_gates_only: bool,
+    /// With graphs and without the side stream: a whole step (its table or timestep copy,
+    /// the forward and the sampler update) as one graph launch, the copy's source and the
+    /// update's parameters set in the instantiated graph before each launch
+    /// (`FORA_STEP_GRAPH=1`: on). Off by default: not yet run on a GPU.
+    pub step_graph: bool,
 }
 
 impl CudaOptions {
     /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
     /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM`, `FORA_FUSED_LN`,
-    /// `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL` and `FORA_REUSE_GATES_ONLY`.
+    /// `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY` and `FORA_STEP_GRAPH`.
     pub fn from_env() -> Result<CudaOptions> {
         // A 0/1 switch; unset or empty keeps the default, anything else is refused.
         let flag = |var: &str, default: bool| match std::env::var(var) {
@@ -106,6 +112,7 @@ impl CudaOptions {
             lt_bias_bf16: flag("FORA_LT_BIAS_BF16", true)?,
             bf16_residual: flag("FORA_BF16_RESIDUAL", false)?,
             reuse_gates_only: flag("FORA_REUSE_GATES_ONLY", false)?,
+            step_graph: flag("FORA_STEP_GRAPH", false)?,
         })
     }
 }
@@ -160,8 +167,10 @@ pub struct CudaWorkspace {
     mod_table: Option<CudaSlice<f32>>,
     /// The next step's table on a second stream (tables not precomputed, `side_stream` on).
     side: Option<SideModulation>,
-    /// Captured forwards, indexed by [`graph_index`] (None: graphs disabled).
+    /// Captured forwards, indexed by [`graph_index`] (None: graphs disabled or step graphs).
     graphs: Option<Vec<CudaGraph>>,
+    /// Captured whole steps, computing then reuse (`step_graph`; None otherwise).
+    step_graphs: Option<Vec<StepGraph>>,
     /// True once a computing step has filled the FORA cache.
     cache_valid: bool,
 }
@@ -235,7 +244,12 @@ impl CudaWorkspace {
 
     /// Whether steps replay CUDA graphs.
     pub fn uses_graphs(&self) -> bool {
-        self.graphs.is_some()
+        self.graphs.is_some() || self.step_graphs.is_some()
+    }
+
+    /// Whether a step is one graph launch (copy, forward and update captured together).
+    pub fn uses_step_graphs(&self) -> bool {
+        self.step_graphs.is_some()
     }
 }
 
@@ -368,6 +382,82 @@ impl CudaBackend {
         // The chunk buffers are freed when this returns; wait so that they are not in use.
         gpu.synchronize()?;
         Ok(table)
+    }
+
+    /// The computing and the reuse step of `ws` captured whole (`step_graph`): the copy of
+    /// step 0's table (or timesteps), the forward, and the sampler update with step 0's
+    /// parameters; [`StepGraph::set_step`] re-points both per step.
+    fn capture_steps(&self, ws: &CudaWorkspace) -> Result<Vec<StepGraph>> {
+        let sampler_fn = self.gpu.function("sampler_step")?.cu_function();
+        let ctx = self.gpu.context().cu_ctx();
+        let placeholder = |mode| StepSpec {
+            k: 0,
+            i: ws.steps - 1,
+            t: ws.timesteps[0],
+            mode,
+            update: StepUpdate::Ddpm {
+                sqrt_recip_abar: 1.0,
+                sqrt_recipm1_abar: 0.0,
+                post_coef1: 1.0,
+                post_coef2: 0.0,
+                max_log: 0.0,
+                min_log: 0.0,
+                add_noise: false,
+            },
+        };
+        let mut graphs = Vec::with_capacity(2);
+        for mode in [StepMode::Compute, StepMode::Reuse] {
+            let step = placeholder(mode);
+            let graph = self.capture(&format!("{mode:?} step"), || {
+                self.step_copy(ws, 0)?;
+                self.enqueue_forward(
+                    &ws.gemm,
+                    &ws.acts,
+                    mode,
+                    &ws.latents,
+                    ws.images,
+                    ws.mod_table.is_none(),
+                    None,
+                )?;
+                super::sampler::sampler_step(&self.gpu, &self.sampler_params(ws, &step)?)
+            })?;
+            graphs.push(StepGraph::new(graph, sampler_fn, true, ctx)?);
+        }
+        Ok(graphs)
+    }
+
+    /// Copies step k's modulation table (precomputed tables) or timesteps (a forward that
+    /// computes its table) where the forward reads them, on the device's stream.
+    fn step_copy(&self, ws: &CudaWorkspace, k: usize) -> Result<()> {
+        let (dst, src, elements) = match &ws.mod_table {
+            Some(table) => {
+                let len = ws.acts.modulation.len();
+                (dptr(&ws.acts.modulation), dptr_at(table, k * len), len)
+            }
+            None => {
+                let rows = ws.acts.rows;
+                (dptr(&ws.acts.t), dptr_at(&ws.t_table, k * rows), rows)
+            }
+        };
+        ensure!(k < ws.steps, "step {k} of a {}-step workspace", ws.steps);
+        // SAFETY: both ranges lie inside buffers of this workspace (k < steps), of f32.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                dst,
+                src,
+                elements * 4,
+                self.gpu.stream().cu_stream(),
+            )
+        }
+        .context("cannot select the step's table or timesteps")
+    }
+
+    /// The source [`CudaBackend::step_copy`] reads for step k.
+    fn step_copy_source(&self, ws: &CudaWorkspace, k: usize) -> u64 {
+        match &ws.mod_table {
+            Some(table) => dptr_at(table, k * ws.acts.modulation.len()),
+            None => dptr_at(&ws.t_table, k * ws.acts.rows),
+        }
     }
 
     /// Records what `enqueue` puts on the device's stream as a CUDA graph (nothing runs).
@@ -622,7 +712,8 @@ impl Backend for CudaBackend {
                 enqueue(mode, 0).context("while tuning the cuBLASLt GEMMs")?;
             }
         }
-        let graphs = if self.options.graphs {
+        let step_graph = self.options.graphs && self.options.step_graph && side.is_none();
+        let graphs = if self.options.graphs && !step_graph {
             let mut graphs = Vec::with_capacity(2 * parities);
             for parity in 0..parities {
                 for mode in [StepMode::Compute, StepMode::Reuse] {
@@ -635,7 +726,7 @@ impl Backend for CudaBackend {
             None
         };
         gpu.synchronize()?;
-        Ok(CudaWorkspace {
+        let mut ws = CudaWorkspace {
             acts,
             gemm,
             latents,
@@ -649,8 +740,14 @@ impl Backend for CudaBackend {
             mod_table,
             side,
             graphs,
+            step_graphs: None,
             cache_valid: false,
-        })
+        };
+        if step_graph {
+            ws.step_graphs = Some(self.capture_steps(&ws)?);
+            gpu.synchronize()?;
+        }
+        Ok(ws)
     }
 
     fn step(&self, ws: &mut CudaWorkspace, step: &StepSpec) -> Result<()> {
@@ -667,6 +764,20 @@ impl Backend for CudaBackend {
             step.t,
             ws.timesteps.get(step.k)
         );
+        if let Some(graphs) = &ws.step_graphs {
+            // The whole step in one launch: re-point the copy and the update, then launch.
+            let g = &graphs[(step.mode == StepMode::Reuse) as usize];
+            let p = self.sampler_params(ws, step)?;
+            super::sampler::sampler_step_plan(&p)?;
+            g.set_step(Some(self.step_copy_source(ws, step.k)), &p)?;
+            g.graph
+                .launch()
+                .context("cannot launch the captured step")?;
+            if step.mode == StepMode::Compute {
+                ws.cache_valid = true;
+            }
+            return Ok(());
+        }
         let rows = ws.acts.rows;
         let stream = self.gpu.stream();
         if ws.mod_table.is_none() && ws.side.is_none() {

@@ -14,6 +14,7 @@ pub mod model;
 pub mod norm;
 pub mod params;
 pub mod sampler;
+pub mod step_graph;
 pub mod testing;
 
 pub use backend::{CudaBackend, CudaOptions, CudaWorkspace};
