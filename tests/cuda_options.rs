@@ -1,0 +1,68 @@
+//! `CudaOptions::from_env`: the defaults, every switch honoured, and a value other than 0 or 1
+//! refused with the variable's name. No GPU needed. One test, because the environment is
+//! shared by the threads of a test binary.
+
+use fora::cuda::CudaOptions;
+
+const SWITCHES: [&str; 9] = [
+    "FORA_PRECOMPUTE_MODULATION",
+    "FORA_LT_AUTOTUNE",
+    "FORA_FUSED_REUSE",
+    "FORA_SIDE_STREAM",
+    "FORA_FUSED_LN",
+    "FORA_LT_BIAS_BF16",
+    "FORA_BF16_RESIDUAL",
+    "FORA_REUSE_GATES_ONLY",
+    "FORA_STEP_GRAPH",
+];
+
+/// The switch `var` of `o`.
+fn switch(o: &CudaOptions, var: &str) -> bool {
+    match var {
+        "FORA_PRECOMPUTE_MODULATION" => o.precompute_modulation,
+        "FORA_LT_AUTOTUNE" => o.lt_autotune,
+        "FORA_FUSED_REUSE" => o.fused_reuse,
+        "FORA_SIDE_STREAM" => o.side_stream,
+        "FORA_FUSED_LN" => o.fused_ln,
+        "FORA_LT_BIAS_BF16" => o.lt_bias_bf16,
+        "FORA_BF16_RESIDUAL" => o.bf16_residual,
+        "FORA_REUSE_GATES_ONLY" => o.reuse_gates_only,
+        "FORA_STEP_GRAPH" => o.step_graph,
+        other => panic!("test bug: unknown switch {other}"),
+    }
+}
+
+#[test]
+fn options_from_the_environment() {
+    // SAFETY (for the set_var / remove_var calls below): this binary's only test, so no other
+    // thread reads the environment meanwhile.
+    for var in SWITCHES {
+        unsafe { std::env::remove_var(var) };
+    }
+    let defaults = CudaOptions::from_env().unwrap();
+    // On by default: the paths measured faster on an H200; off: the opt-in ones.
+    let on = [
+        "FORA_PRECOMPUTE_MODULATION",
+        "FORA_FUSED_REUSE",
+        "FORA_FUSED_LN",
+        "FORA_LT_BIAS_BF16",
+    ];
+    for var in SWITCHES {
+        assert_eq!(switch(&defaults, var), on.contains(&var), "default of {var}");
+    }
+    for var in SWITCHES {
+        for (value, want) in [("1", true), ("0", false), (" 1 ", true), ("", on.contains(&var))] {
+            unsafe { std::env::set_var(var, value) };
+            let o = CudaOptions::from_env().unwrap();
+            assert_eq!(switch(&o, var), want, "{var}={value:?}");
+            // The other switches keep their defaults.
+            for other in SWITCHES.iter().filter(|&&o| o != var) {
+                assert_eq!(switch(&o, other), switch(&defaults, other), "{other} with {var}");
+            }
+        }
+        unsafe { std::env::set_var(var, "yes") };
+        let err = format!("{:#}", CudaOptions::from_env().unwrap_err());
+        assert!(err.contains(var) && err.contains("yes"), "{var}=yes: {err}");
+        unsafe { std::env::remove_var(var) };
+    }
+}
