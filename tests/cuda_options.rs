@@ -48,16 +48,29 @@ fn options_from_the_environment() {
         "FORA_LT_BIAS_BF16",
     ];
     for var in SWITCHES {
-        assert_eq!(switch(&defaults, var), on.contains(&var), "default of {var}");
+        assert_eq!(
+            switch(&defaults, var),
+            on.contains(&var),
+            "default of {var}"
+        );
     }
     for var in SWITCHES {
-        for (value, want) in [("1", true), ("0", false), (" 1 ", true), ("", on.contains(&var))] {
+        for (value, want) in [
+            ("1", true),
+            ("0", false),
+            (" 1 ", true),
+            ("", on.contains(&var)),
+        ] {
             unsafe { std::env::set_var(var, value) };
             let o = CudaOptions::from_env().unwrap();
             assert_eq!(switch(&o, var), want, "{var}={value:?}");
             // The other switches keep their defaults.
             for other in SWITCHES.iter().filter(|&&o| o != var) {
-                assert_eq!(switch(&o, other), switch(&defaults, other), "{other} with {var}");
+                assert_eq!(
+                    switch(&o, other),
+                    switch(&defaults, other),
+                    "{other} with {var}"
+                );
             }
         }
         unsafe { std::env::set_var(var, "yes") };
