@@ -612,20 +612,9 @@ pub struct Report {
     pub warmup: usize,
     pub runs: usize,
     pub quick: bool,
-    /// The backend options' defaults in this run (`FORA_CUDA_GRAPHS`,
-    /// `FORA_PRECOMPUTE_MODULATION`, `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM`,
-    /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`,
-    /// `FORA_STEP_GRAPH`); each step row says what its workspace did.
-    pub cuda_graphs: bool,
-    pub precompute_modulation: bool,
-    pub lt_autotune: bool,
-    pub fused_reuse: bool,
-    pub side_stream: bool,
-    pub fused_ln: bool,
-    pub lt_bias_bf16: bool,
-    pub bf16_residual: bool,
-    pub reuse_gates_only: bool,
-    pub step_graph: bool,
+    /// The backend options in this run (`CudaOptions::from_env`: `FORA_CUDA_GRAPHS`,
+    /// `FORA_FUSED_REUSE`, ...); each step row says what its workspace did.
+    pub options: CudaOptions,
     pub cfg_scale: f32,
     pub gemm_ceiling: Option<Ceiling>,
     pub copy_ceiling: Option<Ceiling>,
@@ -659,16 +648,7 @@ impl Report {
             warmup: plan.warmup,
             runs: plan.runs,
             quick: plan.quick,
-            cuda_graphs: options.graphs,
-            precompute_modulation: options.precompute_modulation,
-            lt_autotune: options.lt_autotune,
-            fused_reuse: options.fused_reuse,
-            side_stream: options.side_stream,
-            fused_ln: options.fused_ln,
-            lt_bias_bf16: options.lt_bias_bf16,
-            bf16_residual: options.bf16_residual,
-            reuse_gates_only: options.reuse_gates_only,
-            step_graph: options.step_graph,
+            options: *options,
             cfg_scale: plan.cfg_scale,
             gemm_ceiling: None,
             copy_ceiling: None,
@@ -846,16 +826,16 @@ impl Report {
                 "warmup": self.warmup,
                 "runs": self.runs,
                 "quick": self.quick,
-                "cuda_graphs": self.cuda_graphs,
-                "precompute_modulation": self.precompute_modulation,
-                "lt_autotune": self.lt_autotune,
-                "fused_reuse": self.fused_reuse,
-                "side_stream": self.side_stream,
-                "fused_ln": self.fused_ln,
-                "lt_bias_bf16": self.lt_bias_bf16,
-                "bf16_residual": self.bf16_residual,
-                "reuse_gates_only": self.reuse_gates_only,
-                "step_graph": self.step_graph,
+                "cuda_graphs": self.options.graphs,
+                "precompute_modulation": self.options.precompute_modulation,
+                "lt_autotune": self.options.lt_autotune,
+                "fused_reuse": self.options.fused_reuse,
+                "side_stream": self.options.side_stream,
+                "fused_ln": self.options.fused_ln,
+                "lt_bias_bf16": self.options.lt_bias_bf16,
+                "bf16_residual": self.options.bf16_residual,
+                "reuse_gates_only": self.options.reuse_gates_only,
+                "step_graph": self.options.step_graph,
                 "cfg_scale": self.cfg_scale,
                 "timing": "CUDA events, back-to-back runs, median",
             },
@@ -935,27 +915,27 @@ impl Report {
             self.date,
             self.runs,
             self.warmup,
-            match (self.cuda_graphs, self.step_graph) {
+            match (self.options.graphs, self.options.step_graph) {
                 (true, true) => "on, a whole step per graph (FORA_STEP_GRAPH=1)",
                 (true, false) => "on",
                 (false, _) => "off (FORA_CUDA_GRAPHS=0)",
             },
-            if self.precompute_modulation {
+            if self.options.precompute_modulation {
                 "when they fit"
             } else {
                 "never (FORA_PRECOMPUTE_MODULATION=0)"
             },
-            if self.lt_autotune {
+            if self.options.lt_autotune {
                 "autotuned (FORA_LT_AUTOTUNE=1)"
             } else {
                 "the heuristic's first choice"
             },
-            if self.fused_reuse {
+            if self.options.fused_reuse {
                 "fused, one fora_reuse_final launch"
             } else {
                 "patch_embed + fora_reuse + layernorm_modulate (FORA_FUSED_REUSE=0)"
             },
-            match (self.side_stream, self.reuse_gates_only) {
+            match (self.options.side_stream, self.options.reuse_gates_only) {
                 (true, _) => "the next step's on a second stream (FORA_SIDE_STREAM=1)",
                 (false, true) => {
                     "before each step on the one stream, a reuse step's gates only \
@@ -963,14 +943,14 @@ impl Report {
                 }
                 (false, false) => "before each step on the one stream",
             },
-            if self.fused_ln && self.bf16_residual {
+            if self.options.fused_ln && self.options.bf16_residual {
                 "bf16 into the cache, fused with the next LayerNorm (FORA_BF16_RESIDUAL=1)"
-            } else if self.fused_ln {
+            } else if self.options.fused_ln {
                 "fused with the next LayerNorm on cuBLASLt"
             } else {
                 "then a separate LayerNorm (FORA_FUSED_LN=0 or not cuBLASLt)"
             },
-            if self.lt_bias_bf16 {
+            if self.options.lt_bias_bf16 {
                 "fused by cuBLASLt, in bf16 where it refuses f32"
             } else {
                 "fused by cuBLASLt only in f32 (FORA_LT_BIAS_BF16=0)"

@@ -12,6 +12,7 @@ use fora::bench::{
 };
 use fora::config::DitConfig;
 use fora::cuda::gemm::GemmImpl;
+use fora::cuda::CudaOptions;
 use fora::diffusion::{Diffusion, SamplerKind};
 use fora::weights::DitWeights;
 use serde_json::{json, Value};
@@ -307,16 +308,20 @@ fn fake_report() -> Report {
         warmup: 3,
         runs: 20,
         quick: false,
-        cuda_graphs: true,
-        precompute_modulation: true,
-        lt_autotune: false,
-        fused_reuse: false,
-        side_stream: false,
-        fused_ln: false,
-        lt_bias_bf16: true,
-        bf16_residual: false,
-        reuse_gates_only: false,
-        step_graph: false,
+        options: CudaOptions {
+            gemm: GemmImpl::Custom,
+            graphs: true,
+            precompute_modulation: true,
+            max_modulation_table_bytes: 8 << 30,
+            lt_autotune: false,
+            fused_reuse: false,
+            side_stream: false,
+            fused_ln: false,
+            lt_bias_bf16: true,
+            bf16_residual: false,
+            reuse_gates_only: false,
+            step_graph: false,
+        },
         cfg_scale: 4.0,
         gemm_ceiling: Some(Ceiling {
             what: "bf16 GEMM 8192^3".into(),
