@@ -671,24 +671,15 @@ impl Gemm {
             Epilogue::BiasBf16 | Epilogue::BiasGeluBf16 => LtOutput::Bf16,
         };
         let gelu = epi == Epilogue::BiasGeluBf16;
-        let mut mm = LtMatmul {
-            a: p.a,
-            w: p.w,
-            d: p.out,
-            m: p.m as usize,
-            n: p.n as usize,
-            k: p.k as usize,
-            lda: p.lda as usize,
-            ldw: p.ldw as usize,
-            ldd: p.ldo as usize,
+        let mut mm = lt_matmul(
+            p,
             output,
-            epilogue: if gelu {
+            if gelu {
                 LtEpilogue::Gelu
             } else {
                 LtEpilogue::None
             },
-            batch: None,
-        };
+        );
         // cuBLASLt may want a 16-byte aligned bias vector; ours need only be 4-byte aligned.
         let mut tries = Vec::with_capacity(2);
         if p.bias == 0 {
@@ -734,18 +725,8 @@ impl Gemm {
             gemm_what(p, "cuBLASLt")
         );
         let mm = LtMatmul {
-            a: p.a,
-            w: p.w,
-            d: p.out,
-            m: p.m as usize,
-            n: p.n as usize,
-            k: p.k as usize,
-            lda: p.lda as usize,
-            ldw: p.ldw as usize,
-            ldd: p.ldo as usize,
-            output: LtOutput::F32,
-            epilogue: LtEpilogue::Bias(p.bias),
             batch: Some(batch),
+            ..lt_matmul(p, LtOutput::F32, LtEpilogue::Bias(p.bias))
         };
         let run = self.lt()?.matmul(&mm);
         Ok(run.with_context(|| gemm_what(p, "cuBLASLt strided batch"))? == LtRun::Done)
@@ -778,19 +759,11 @@ impl Gemm {
             scratch.len()
         );
         let acc = dptr(scratch);
+        // Into the dense scratch, not p.out.
         let mm = LtMatmul {
-            a: p.a,
-            w: p.w,
             d: acc,
-            m,
-            n,
-            k: p.k as usize,
-            lda: p.lda as usize,
-            ldw: p.ldw as usize,
             ldd: n,
-            output: LtOutput::F32,
-            epilogue: LtEpilogue::None,
-            batch: None,
+            ..lt_matmul(p, LtOutput::F32, LtEpilogue::None)
         };
         match lt.matmul(&mm).with_context(|| gemm_what(p, "cuBLASLt"))? {
             LtRun::Done => Ok(acc),
@@ -818,6 +791,25 @@ impl Gemm {
         self.lt
             .as_ref()
             .context("GEMM: this Gemm was built for the custom implementation, not cuBLASLt")
+    }
+}
+
+/// One cuBLASLt matmul over `p`'s operands (A, W and out, with their leading dimensions),
+/// with `output` and `epilogue`.
+fn lt_matmul(p: &GemmParams, output: LtOutput, epilogue: LtEpilogue) -> LtMatmul {
+    LtMatmul {
+        a: p.a,
+        w: p.w,
+        d: p.out,
+        m: p.m as usize,
+        n: p.n as usize,
+        k: p.k as usize,
+        lda: p.lda as usize,
+        ldw: p.ldw as usize,
+        ldd: p.ldo as usize,
+        output,
+        epilogue,
+        batch: None,
     }
 }
 
