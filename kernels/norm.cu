@@ -111,13 +111,25 @@ FORA_DEVICE float4 load4_or_zero(const float* p, bool in) {
     return in ? *reinterpret_cast<const float4*>(p) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 }
 
-// layernorm_modulate's register path with WPR warps per token row (kWarps / WPR rows a block).
+// This thread's place with WPR warps per token row (kWarps / WPR rows a block): its index t
+// among the row's 32 * WPR threads, and the row.
+template <int WPR>
+FORA_DEVICE int row_thread() {
+    return threadIdx.x % (32 * WPR);
+}
+
+template <int WPR>
+FORA_DEVICE long long row_token() {
+    return (long long)blockIdx.x * (kWarps / WPR) + threadIdx.x / (32 * WPR);
+}
+
+// layernorm_modulate's register path with WPR warps per token row.
 template <int WPR>
 FORA_DEVICE void layernorm_rows(const LayerNormModulateParams& p) {
     constexpr int CH = kMaxChunks / WPR;
     __shared__ float partial[kWarps];
-    const int t = threadIdx.x % (32 * WPR);
-    const long long token = (long long)blockIdx.x * (kWarps / WPR) + threadIdx.x / (32 * WPR);
+    const int t = row_thread<WPR>();
+    const long long token = row_token<WPR>();
     // With WPR > 1 a block is one row: its threads return together.
     if (token >= (long long)p.rows * p.tokens) return;
     const Row r = row_of(p, token);
@@ -140,8 +152,8 @@ template <int WPR>
 FORA_DEVICE void residual_layernorm_rows(const ResidualLayerNormParams& p) {
     constexpr int CH = kMaxChunks / WPR;
     __shared__ float partial[kWarps];
-    const int t = threadIdx.x % (32 * WPR);
-    const long long token = (long long)blockIdx.x * (kWarps / WPR) + threadIdx.x / (32 * WPR);
+    const int t = row_thread<WPR>();
+    const long long token = row_token<WPR>();
     if (token >= (long long)p.rows * p.tokens) return;
     const float* mod = reinterpret_cast<const float*>(p.modulation) + (token / p.tokens) * p.ld_mod;
     const float* acc = reinterpret_cast<const float*>(p.acc) + token * p.ld_acc;
@@ -212,10 +224,6 @@ FORA_DEVICE void residual_layernorm_rows(const ResidualLayerNormParams& p) {
 
 extern "C" __global__ void __launch_bounds__(kWarps * 32)
 layernorm_modulate(const LayerNormModulateParams p) {
-    const int lane = threadIdx.x & 31;
-    const long long token = (long long)blockIdx.x * kWarps + (threadIdx.x >> 5);
-    if (token >= (long long)p.rows * p.tokens) return;
-    const Row r = row_of(p, token);
     // float4 path when every row start and column offset is 16-byte aligned (DiT: always).
     const bool vec = (p.dim % 4 == 0) && (p.ld_mod % 4 == 0) && (p.shift_col % 4 == 0) &&
                      (p.scale_col % 4 == 0);
@@ -223,6 +231,10 @@ layernorm_modulate(const LayerNormModulateParams p) {
         layernorm_rows<1>(p);
         return;
     }
+    const int lane = threadIdx.x & 31;
+    const long long token = row_token<1>();
+    if (token >= (long long)p.rows * p.tokens) return;
+    const Row r = row_of(p, token);
 
     const float inv_dim = 1.0f / (float)p.dim;
     float sum = 0.0f;
