@@ -103,6 +103,26 @@ fn gpu_forward_odd_shapes() {
 }
 
 /// A small model with XL's head size, cheap enough for 50 CPU steps.
+/// The final latents of sampling `classes` from noise seed `seed` with FORA interval
+/// `interval` on `backend`.
+fn sample_latents<B: Backend>(
+    backend: &B,
+    options: &SamplerOptions,
+    classes: &[usize],
+    seed: u64,
+    interval: usize,
+) -> Vec<f32> {
+    Sampler::new(backend, options.clone())
+        .unwrap()
+        .sample(
+            classes,
+            NoiseSource::Seed(seed),
+            &mut StaticInterval::new(interval).unwrap(),
+        )
+        .unwrap()
+        .latents
+}
+
 fn small_cfg() -> DitConfig {
     let arch = Arch::parse("depth=4,hidden=144,heads=2,patch=2").unwrap();
     DitConfig::from_arch(&arch, 4, 16, 10, true).unwrap()
@@ -649,23 +669,17 @@ fn gpu_execution_paths_agree() {
         );
         assert_eq!(ws.uses_side_stream(), side_stream && !precompute);
         drop(ws);
-        let got = sampler
-            .sample(
-                &classes,
-                NoiseSource::Seed(3),
-                &mut StaticInterval::new(3).unwrap(),
-            )
-            .unwrap();
+        let got = sample_latents(&cuda, &options, &classes, 3, 3);
         let what = format!(
             "{gemm:?} graphs={graphs} precomputed={precompute} lt_autotune={lt_autotune} \
              fused_reuse={fused_reuse} side_stream={side_stream} fused_ln={fused_ln} \
              lt_bias_bf16={lt_bias_bf16} bf16_residual={bf16_residual}"
         );
-        check_close(&format!("{what} vs CPU"), &got.latents, &want.latents, 5e-2).unwrap();
+        check_close(&format!("{what} vs CPU"), &got, &want.latents, 5e-2).unwrap();
         match &first {
-            None => first = Some(got.latents),
+            None => first = Some(got),
             Some(f) => {
-                check_close(&format!("{what} vs the first path"), &got.latents, f, 1e-2).unwrap();
+                check_close(&format!("{what} vs the first path"), &got, f, 1e-2).unwrap();
             }
         }
     }
@@ -700,15 +714,7 @@ fn gpu_side_stream_modulation_is_exact() {
                     side_stream,
                     ..base
                 });
-                Sampler::new(&cuda, options.clone())
-                    .unwrap()
-                    .sample(
-                        &classes,
-                        NoiseSource::Seed(5),
-                        &mut StaticInterval::new(3).unwrap(),
-                    )
-                    .unwrap()
-                    .latents
+                sample_latents(&cuda, &options, &classes, 5, 3)
             };
             let one_stream = run(false);
             let two_streams = run(true);
@@ -752,15 +758,7 @@ fn gpu_reuse_gates_only_matches_the_full_table() {
                     reuse_gates_only,
                     ..base
                 });
-                Sampler::new(&cuda, options.clone())
-                    .unwrap()
-                    .sample(
-                        &classes,
-                        NoiseSource::Seed(8),
-                        &mut StaticInterval::new(3).unwrap(),
-                    )
-                    .unwrap()
-                    .latents
+                sample_latents(&cuda, &options, &classes, 8, 3)
             };
             let full = run(false);
             let gates = run(true);
@@ -811,14 +809,7 @@ fn gpu_step_graph_is_exact() {
                 let ws = cuda.workspace(&plan).unwrap();
                 assert_eq!(ws.uses_step_graphs(), step_graph);
                 drop(ws);
-                sampler
-                    .sample(
-                        &classes,
-                        NoiseSource::Seed(4),
-                        &mut StaticInterval::new(3).unwrap(),
-                    )
-                    .unwrap()
-                    .latents
+                sample_latents(&cuda, &options, &classes, 4, 3)
             };
             let separate = run(false);
             let whole = run(true);
