@@ -429,16 +429,11 @@ impl CudaBackend {
     /// Copies step k's modulation table (precomputed tables) or timesteps (a forward that
     /// computes its table) where the forward reads them, on the device's stream.
     fn step_copy(&self, ws: &CudaWorkspace, k: usize) -> Result<()> {
-        let (dst, src, elements) = match &ws.mod_table {
-            Some(table) => {
-                let len = ws.acts.modulation.len();
-                (dptr(&ws.acts.modulation), dptr_at(table, k * len), len)
-            }
-            None => {
-                let rows = ws.acts.rows;
-                (dptr(&ws.acts.t), dptr_at(&ws.t_table, k * rows), rows)
-            }
+        let (dst, elements) = match &ws.mod_table {
+            Some(_) => (dptr(&ws.acts.modulation), ws.acts.modulation.len()),
+            None => (dptr(&ws.acts.t), ws.acts.rows),
         };
+        let src = self.step_copy_source(ws, k);
         ensure!(k < ws.steps, "step {k} of a {}-step workspace", ws.steps);
         // SAFETY: both ranges lie inside buffers of this workspace (k < steps), of f32.
         unsafe {
@@ -780,19 +775,10 @@ impl Backend for CudaBackend {
         }
         let rows = ws.acts.rows;
         let stream = self.gpu.stream();
-        if ws.mod_table.is_none() && ws.side.is_none() {
-            // Only the forward's own conditioning reads the step's timesteps.
-            let src = ws.t_table.slice(step.k * rows..(step.k + 1) * rows);
-            stream
-                .memcpy_dtod(&src, &mut ws.acts.t)
-                .context("cannot select the step's timesteps")?;
-        }
-        if let Some(table) = &ws.mod_table {
-            let len = ws.acts.modulation.len();
-            let src = table.slice(step.k * len..(step.k + 1) * len);
-            stream
-                .memcpy_dtod(&src, &mut ws.acts.modulation)
-                .context("cannot select the step's modulation table")?;
+        // The step's precomputed table, or the timesteps the forward's own conditioning reads
+        // (with the side stream, the side branch reads them).
+        if ws.mod_table.is_some() || ws.side.is_none() {
+            self.step_copy(ws, step.k)?;
         }
         let parity = match &mut ws.side {
             Some(side) => {
