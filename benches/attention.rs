@@ -1,9 +1,9 @@
 //! Flash-attention benchmark (`cargo bench --bench attention`): DiT shapes, CUDA events around
 //! each launch, 5 warm-up launches, the median of 30 timed ones, inputs rotated over copies
 //! that together exceed the L2 cache so every launch reads qkv from device memory.
-//! Both implementations (`AttentionImpl`: v1, the default, and the opt-in v2) on every shape,
-//! with v2's speedup over v1. Prints a Markdown table; without a CUDA device prints `SKIP` and
-//! exits 0.
+//! Every implementation (`AttentionImpl`: v1, the default; the opt-in v2; the opt-in wgmma, on a
+//! Hopper only) on every shape, with each one's speedup over v1. Prints a Markdown table;
+//! without a CUDA device prints `SKIP` and exits 0.
 
 use anyhow::{Context, Result};
 use cudarc::driver::sys::CUevent_flags;
@@ -95,6 +95,9 @@ fn main() -> Result<()> {
     for &(batch, heads, tokens, head_dim, what) in SHAPES {
         let mut v1_ms = None;
         for imp in AttentionImpl::ALL {
+            if imp == AttentionImpl::Wgmma && gpu.compute_capability().0 != 9 {
+                continue;
+            }
             let ms = bench_shape(&gpu, &mut rng, (batch, heads, tokens, head_dim), imp)
                 .with_context(|| format!("attention bench {what} ({})", imp.name()))?;
             let tflops = attention_flops(batch, heads, tokens, head_dim) / (ms * 1e-3) / 1e12;

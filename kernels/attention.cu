@@ -25,17 +25,6 @@
 
 namespace {
 
-// 2^x on the SFU; ex2.approx(-inf) = +0, which is what masked keys need.
-FORA_DEVICE float fast_exp2(float x) {
-#ifdef FORA_EMULATION
-    return exp2f(x);
-#else
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-#endif
-}
-
 template <int D, int WARPS>
 struct AttentionShape {
     static constexpr int THREADS = 32 * WARPS;

@@ -32,6 +32,18 @@ FORA_DEVICE uint32_t pack_bf16x2(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// 2^x on the SFU (flash attention's softmax); ex2.approx(-inf) = +0, which is what masked
+// keys need.
+FORA_DEVICE float fast_exp2(float x) {
+#ifdef FORA_EMULATION
+    return exp2f(x);
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+
 // ---- activations --------------------------------------------------------------------------
 
 // GELU, tanh approximation (nn.GELU(approximate="tanh")), evaluated in f32.

@@ -34,7 +34,7 @@ use crate::backend::{
 };
 use crate::cache::policy_for_interval;
 use crate::config::{Arch, DitConfig};
-use crate::cuda::attention::{attention, attention_flops};
+use crate::cuda::attention::{attention, attention_flops, attention_with, AttentionImpl};
 use crate::cuda::backend::CudaOptions;
 use crate::cuda::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
 use crate::cuda::device::KernelLauncher;
@@ -1756,8 +1756,18 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
             });
         }
     }
-    let attention_row = bench_attention(gpu, cfg, rows, timer, rotate);
+    // The selected implementation ("custom"), then the others worth comparing on this card.
+    let shape = attention_params(cfg, rows, 0, 0);
+    let selected = AttentionImpl::selected().map(|a| a.resolve(&shape, gpu.multiprocessors()));
+    let attention_row = bench_attention(gpu, cfg, rows, timer, rotate, None);
     push_kernel(report, "attention", rows, attention_row);
+    for imp in [AttentionImpl::V1, AttentionImpl::Wgmma] {
+        let runs_here = imp != AttentionImpl::Wgmma || gpu.compute_capability().0 == 9;
+        if runs_here && selected.as_ref().is_ok_and(|s| *s != imp) {
+            let row = bench_attention(gpu, cfg, rows, timer, rotate, Some(imp));
+            push_kernel(report, "attention", rows, row);
+        }
+    }
     let embed_row = bench_patch_embed(gpu, cfg, rows, timer, rotate);
     push_kernel(report, "patch_embed", rows, embed_row);
     let reuse_row = bench_fora_reuse(gpu, cfg, rows, timer, rotate);
@@ -1781,12 +1791,27 @@ fn push_kernel(report: &mut Report, name: &str, rows: usize, r: Result<KernelRow
     }
 }
 
+/// Attention over `rows` images of `cfg` reading `qkv`, writing `out` (device addresses).
+fn attention_params(cfg: &DitConfig, rows: usize, qkv: u64, out: u64) -> AttentionParams {
+    let hd = cfg.head_dim();
+    AttentionParams {
+        qkv,
+        out,
+        batch: rows as i32,
+        tokens: cfg.tokens() as i32,
+        heads: cfg.heads as i32,
+        head_dim: hd as i32,
+        scale: 1.0 / (hd as f32).sqrt(),
+    }
+}
+
 fn bench_attention(
     gpu: &Gpu,
     cfg: &DitConfig,
     rows: usize,
     timer: &Timer,
     rotate: usize,
+    imp: Option<AttentionImpl>,
 ) -> Result<KernelRow> {
     let (t, h, hd) = (cfg.tokens(), cfg.heads, cfg.head_dim());
     let qkv_len = rows * t * 3 * cfg.hidden;
@@ -1795,19 +1820,18 @@ fn bench_attention(
         .map(|c| random_bf16(gpu, qkv_len, 1.0, 200 + c as u64, "attention qkv"))
         .collect::<Result<Vec<_>>>()?;
     let out = gpu.alloc_zeros::<bf16>(rows * t * cfg.hidden, "attention out")?;
-    let params = |i: usize| AttentionParams {
-        qkv: dptr(&inputs[i % copies]),
-        out: dptr(&out),
-        batch: rows as i32,
-        tokens: t as i32,
-        heads: h as i32,
-        head_dim: hd as i32,
-        scale: 1.0 / (hd as f32).sqrt(),
-    };
-    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| attention(gpu, &params(i)))?;
+    let params = |i: usize| attention_params(cfg, rows, dptr(&inputs[i % copies]), dptr(&out));
+    // None: what the model runs (FORA_ATTENTION); Some: that implementation, named.
+    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| match imp {
+        None => attention(gpu, &params(i)),
+        Some(imp) => attention_with(gpu, &params(i), imp),
+    })?;
     Ok(KernelRow {
         name: "attention".into(),
-        imp: "custom".into(),
+        imp: match imp {
+            None => "custom".into(),
+            Some(imp) => format!("custom ({})", imp.name()),
+        },
         rows,
         shape: format!("B={rows} H={h} T={t} d={hd}"),
         bound: Bound::Compute,

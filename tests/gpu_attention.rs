@@ -3,8 +3,9 @@
 //! read from the fused qkv layout [B, T, 3, H, d] the qkv Linear writes. An independent plain-loop
 //! twin cross-checks that oracle on every GPU case and, without a device, on small shapes.
 //!
-//! Both implementations (v1, the default, and the opt-in v2; `AttentionImpl`) run on every GPU
-//! shape with the same checks.
+//! Every implementation (v1, the default; the opt-in v2; the opt-in Hopper-only wgmma;
+//! `AttentionImpl`) runs on every GPU shape with the same checks. The wgmma cases print
+//! `SKIP <name>: ...` on a device that is not a compute capability 9.x.
 //!
 //! Without a CUDA device the GPU tests print `SKIP <name>: no CUDA device` and pass; with
 //! `FORA_REQUIRE_GPU=1` they fail instead. The parameter-validation tests need no device.
@@ -15,7 +16,7 @@ use anyhow::{ensure, Result};
 use attention_cases::{attention_reference, check_oracle, params, run_case, Shape};
 use fora::cuda::attention::{
     attention, attention_plan, attention_plan_for, attention_with, AttentionImpl,
-    ATTENTION_BLOCK_M, ATTENTION_V2_BLOCK_M,
+    ATTENTION_BLOCK_M, ATTENTION_V2_BLOCK_M, ATTENTION_WGMMA_BLOCK_M,
 };
 use fora::cuda::dptr;
 use fora::cuda::params::AttentionParams;
@@ -193,6 +194,60 @@ fn gpu_attention_v2_many_blocks() {
     );
 }
 
+// ---- wgmma (Hopper only): the same shapes, plus its own block edges (128 query rows) -------
+
+/// Every shape of the v1 and v2 suites on the wgmma kernels, on a Hopper GPU; SKIP elsewhere.
+#[test]
+fn gpu_attention_wgmma_shapes() {
+    let test = "gpu_attention_wgmma_shapes";
+    let Some(gpu) = test_gpu(test) else { return };
+    let (major, minor) = gpu.compute_capability();
+    if major != 9 {
+        println!("SKIP {test}: the wgmma kernels need compute capability 9.x, this device is {major}.{minor}");
+        return;
+    }
+    for (i, (s, qk_std)) in [
+        (shape(2, 16, 256, 72), 1.0),  // DiT-XL/2 256 px, one image + CFG
+        (shape(4, 16, 1024, 72), 1.0), // DiT-XL/2 512 px
+        (shape(2, 6, 256, 64), 1.0),
+        (shape(3, 2, 77, 128), 1.0),
+        (shape(1, 1, 1, 72), 1.0),
+        (shape(2, 3, 130, 64), 1.0),
+        (shape(2, 4, 65, 72), 1.0),
+        (shape(2, 4, 300, 72), 3.0), // peaked softmax
+        (shape(3, 2, 129, 72), 1.0), // one valid row in the second block, one key in the last tile
+        (shape(2, 3, 128, 64), 1.0), // exactly one block
+        (shape(1, 2, 191, 128), 1.0),
+        (shape(48, 16, 256, 72), 1.0), // many blocks in flight, several waves
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        gpu_case_impl(test, s, qk_std, 40 + i as u64, AttentionImpl::Wgmma);
+    }
+}
+
+/// Off Hopper the wgmma implementation is refused with an error that names the requirement.
+#[test]
+fn gpu_attention_wgmma_refused_off_hopper() {
+    let test = "gpu_attention_wgmma_refused_off_hopper";
+    let Some(gpu) = test_gpu(test) else { return };
+    let (major, minor) = gpu.compute_capability();
+    if major == 9 {
+        println!("SKIP {test}: this device is a Hopper ({major}.{minor}), where wgmma runs");
+        return;
+    }
+    let p = params(shape(1, 1, 64, 72), 0x1000, 0x2000);
+    let msg = format!(
+        "{:#}",
+        attention_with(&gpu, &p, AttentionImpl::Wgmma).expect_err("wgmma off Hopper")
+    );
+    assert!(
+        msg.contains("compute capability 9.x") && msg.contains(&format!("{major}.{minor}")),
+        "unclear error: {msg}"
+    );
+}
+
 /// `attention` launches exactly what `AttentionImpl::selected()` (FORA_ATTENTION) names.
 #[test]
 fn gpu_attention_dispatch_follows_selection() {
@@ -331,9 +386,52 @@ fn attention_v2_plan_grid_and_kernels() {
 }
 
 #[test]
+fn attention_wgmma_plan_grid_and_kernels() {
+    let w = AttentionImpl::Wgmma;
+    let plan = attention_plan_for(&valid(), w).expect("valid params");
+    assert_eq!(plan.kernel, "attention_wgmma_d72");
+    assert_eq!(ATTENTION_WGMMA_BLOCK_M, 128);
+    assert_eq!(plan.grid, (2, 16, 2));
+    assert_eq!(plan.block, (256, 1, 1));
+    // Two stages of (K: 2 swizzle panels x 64 rows x 128 B, V: 64 x 72 bf16), V^T 72 x 128 B,
+    // 1 KiB of alignment.
+    assert_eq!(
+        plan.shared_mem_bytes,
+        2 * (2 * 64 * 128 + 64 * 72 * 2) + 72 * 128 + 1024
+    );
+    // Two blocks per SM must fit in an H100's 227 KiB of shared memory.
+    assert!(2 * plan.shared_mem_bytes <= 227 * 1024);
+
+    let mut p = valid();
+    p.head_dim = 64;
+    p.tokens = 129;
+    let plan = attention_plan_for(&p, w).expect("valid params");
+    assert_eq!(plan.kernel, "attention_wgmma_d64");
+    assert_eq!(plan.grid.0, 2);
+    assert_eq!(
+        plan.shared_mem_bytes,
+        2 * (64 * 128 + 64 * 64 * 2) + 64 * 128 + 1024
+    );
+
+    p.head_dim = 128;
+    p.tokens = 128;
+    let plan = attention_plan_for(&p, w).expect("valid params");
+    assert_eq!(plan.kernel, "attention_wgmma_d128");
+    assert_eq!(plan.grid.0, 1);
+    assert_eq!(
+        plan.shared_mem_bytes,
+        2 * (2 * 64 * 128 + 64 * 128 * 2) + 128 * 128 + 1024
+    );
+}
+
+#[test]
 fn attention_impl_parses_names() {
     assert_eq!("v1".parse::<AttentionImpl>().unwrap(), AttentionImpl::V1);
     assert_eq!(" V2 ".parse::<AttentionImpl>().unwrap(), AttentionImpl::V2);
+    assert_eq!(
+        "wgmma".parse::<AttentionImpl>().unwrap(),
+        AttentionImpl::Wgmma
+    );
     let msg = format!("{:#}", "v3".parse::<AttentionImpl>().expect_err("v3"));
     assert!(
         msg.contains("\"v3\"") && msg.contains("v1") && msg.contains("v2"),

@@ -185,6 +185,11 @@ impl KernelLauncher for Emulator {
         EMULATED_SMS
     }
 
+    /// A Hopper: the emulator carries out the sm_90a kernels' wgmma too.
+    fn compute_capability(&self) -> (i32, i32) {
+        (9, 0)
+    }
+
     fn allow_dynamic_shared_memory(&self, name: &str, bytes: u32) -> Result<()> {
         ensure!(
             bytes <= EMULATED_SMEM_LIMIT,
@@ -273,13 +278,14 @@ impl TestDevice for Emulator {
 }
 
 /// The kernel sources the emulator builds: all of them.
-const EMULATED_SOURCES: [&str; 8] = [
+const EMULATED_SOURCES: [&str; 9] = [
     "conditioning.cu",
     "embed.cu",
     "norm.cu",
     "fora.cu",
     "sampler.cu",
     "attention.cu",
+    "attention_sm90.cu",
     "gemm.cu",
     "gemm_sm90.cu",
 ];
@@ -517,7 +523,7 @@ fn emulated_attention() -> Result<()> {
         tokens,
         head_dim,
     };
-    for imp in [AttentionImpl::V1, AttentionImpl::V2] {
+    for imp in AttentionImpl::ALL {
         for (i, (s, qk_std)) in [
             (shape(1, 2, 65, 72), 1.0),
             (shape(2, 1, 130, 64), 1.0),

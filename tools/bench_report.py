@@ -129,7 +129,8 @@ class Report:
         return None
 
     def our_attention(self):
-        """Our attention rows keyed by (batch, heads, tokens, head_dim)."""
+        """Our fastest attention row (any implementation) keyed by (batch, heads, tokens,
+        head_dim); its "impl" says which ("custom" is the one the model runs)."""
         out = {}
         if not self.ours:
             return out
@@ -137,7 +138,8 @@ class Report:
         for k in self.ours.get("kernels", []):
             if k["name"] == "attention" and k.get("median_ms") is not None:
                 key = (k["rows"], m["heads"], m["tokens"], m["hidden"] // m["heads"])
-                out[key] = k
+                if key not in out or k["median_ms"] < out[key]["median_ms"]:
+                    out[key] = k
         return out
 
     def sdpa(self):
@@ -307,14 +309,15 @@ class Report:
         keys = sorted(set(ours) | set(sd))
         if not keys:
             return None
-        out = ["| B | H | T | d | ours (us) | ours TFLOP/s | SDPA (us) | SDPA TFLOP/s | ours vs SDPA |",
-               "|---|---|---|---|---|---|---|---|---|"]
+        out = ["| B | H | T | d | ours (us) | ours TFLOP/s | kernel | SDPA (us) | SDPA TFLOP/s | ours vs SDPA |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
         for key in keys:
             o, s = ours.get(key), sd.get(key)
             om = o["median_ms"] if o else None
             sm = s["median_ms"] if s else None
             out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | "
                        f"{fmt(om * 1e3 if om else None, 1)} | {fmt(o['tflops'] if o else None, 1)} | "
+                       f"{o.get('impl', 'custom') if o else '—'} | "
                        f"{fmt(sm * 1e3 if sm else None, 1)} | {fmt(s['tflops'] if s else None, 1)} | "
                        f"{fmt(ratio(sm, om), 2, 'x')} |")
         return "\n".join(out)

@@ -11,6 +11,9 @@
 //! - v2 (opt-in, `attention_v2_d*`): grid `(ceil(T / 128), heads, batch)` blocks of 4 warps,
 //!   each warp owning 32 query rows (every K/V fragment feeds two mma), K and V loaded as
 //!   separate cp.async groups.
+//! - wgmma (opt-in, Hopper only, `attention_wgmma_d*` in `kernels/attention_sm90.cu`): grid
+//!   `(ceil(T / 128), heads, batch)` blocks of two warpgroups, each owning 64 query rows; both
+//!   products on wgmma.mma_async with A from registers.
 //! - auto: v2 when its grid fills every SM twice, else v1 ([`AttentionImpl::resolve`]).
 
 use super::device::KernelLauncher;
@@ -31,6 +34,9 @@ pub enum AttentionImpl {
     /// SMs. A heuristic until both are measured; resolved per launch by
     /// [`AttentionImpl::resolve`].
     Auto,
+    /// Hopper (compute capability 9.x) only: 128 query rows per block, 64 per warpgroup, QK^T
+    /// and PV on wgmma. Opt-in: correct on the CPU emulator, not yet run on a GPU.
+    Wgmma,
 }
 
 impl FromStr for AttentionImpl {
@@ -41,8 +47,10 @@ impl FromStr for AttentionImpl {
             "v1" | "1" => Ok(AttentionImpl::V1),
             "v2" | "2" => Ok(AttentionImpl::V2),
             "auto" => Ok(AttentionImpl::Auto),
+            "wgmma" => Ok(AttentionImpl::Wgmma),
             other => bail!(
-                "unknown attention implementation {other:?}: expected \"v1\", \"v2\" or \"auto\""
+                "unknown attention implementation {other:?}: expected \"v1\", \"v2\", \"wgmma\" \
+                 or \"auto\""
             ),
         }
     }
@@ -50,13 +58,15 @@ impl FromStr for AttentionImpl {
 
 impl AttentionImpl {
     /// The kernel families (every implementation but [`AttentionImpl::Auto`]).
-    pub const ALL: [AttentionImpl; 2] = [AttentionImpl::V1, AttentionImpl::V2];
+    pub const ALL: [AttentionImpl; 3] =
+        [AttentionImpl::V1, AttentionImpl::V2, AttentionImpl::Wgmma];
 
     pub fn name(self) -> &'static str {
         match self {
             AttentionImpl::V1 => "v1",
             AttentionImpl::V2 => "v2",
             AttentionImpl::Auto => "auto",
+            AttentionImpl::Wgmma => "wgmma",
         }
     }
 
@@ -78,7 +88,7 @@ impl AttentionImpl {
         }
     }
 
-    /// `FORA_ATTENTION=v1|v2|auto`, parsed now; unset or empty means [`AttentionImpl::V1`].
+    /// `FORA_ATTENTION=v1|v2|wgmma|auto`, parsed now; unset or empty means [`AttentionImpl::V1`].
     pub fn from_env() -> Result<AttentionImpl> {
         match std::env::var("FORA_ATTENTION") {
             Ok(v) if !v.trim().is_empty() => {
@@ -106,9 +116,12 @@ impl AttentionImpl {
 pub const ATTENTION_BLOCK_M: u32 = 64;
 /// v2: query rows per block (32 per warp, 4 warps).
 pub const ATTENTION_V2_BLOCK_M: u32 = 128;
-/// Keys per K/V tile.
+/// wgmma: query rows per block (64 per warpgroup, 2 warpgroups).
+pub const ATTENTION_WGMMA_BLOCK_M: u32 = 128;
+/// Keys per K/V tile (every implementation).
 pub const ATTENTION_BLOCK_N: u32 = 64;
 const THREADS: u32 = 128;
+const WGMMA_THREADS: u32 = 256;
 
 /// The head dims the kernel is instantiated for.
 pub const ATTENTION_HEAD_DIMS: [i32; 3] = [64, 72, 128];
@@ -133,6 +146,17 @@ fn smem_bytes(block_m: u32, head_dim: u32) -> u32 {
     (block_m + 4 * ATTENTION_BLOCK_N) * stride * 2
 }
 
+/// Shared memory of the wgmma kernel for `head_dim` (mirrors `WgmmaAttentionShape` in
+/// attention_sm90.cu): two stages of a K tile (64 rows of 128-byte swizzle panels, one per 64
+/// columns of the head dim rounded up to 16) and a V tile (64 rows of head_dim), the V^T tile
+/// (head_dim rows of 128 bytes), and 1 KiB to align the base to the 1024-byte swizzle atom.
+fn wgmma_smem_bytes(head_dim: u32) -> u32 {
+    let k_panels = (head_dim.div_ceil(16) * 16).div_ceil(64);
+    let k_stage = k_panels * ATTENTION_BLOCK_N * 128;
+    let v_stage = ATTENTION_BLOCK_N * head_dim * 2;
+    2 * (k_stage + v_stage) + head_dim * 128 + 1024
+}
+
 /// Validates `p` and says which v1 (default) kernel runs, with which grid. Pure: needs no
 /// device, so callers (and tests) can check parameters up front.
 pub fn attention_plan(p: &AttentionParams) -> Result<AttentionLaunch> {
@@ -142,9 +166,10 @@ pub fn attention_plan(p: &AttentionParams) -> Result<AttentionLaunch> {
 /// Validates `p` and says which kernel of implementation `imp` runs, with which grid. Pure;
 /// `imp` must be a kernel family ([`AttentionImpl::resolve`] turns `Auto` into one).
 pub fn attention_plan_for(p: &AttentionParams, imp: AttentionImpl) -> Result<AttentionLaunch> {
-    let block_m = match imp {
-        AttentionImpl::V1 => ATTENTION_BLOCK_M,
-        AttentionImpl::V2 => ATTENTION_V2_BLOCK_M,
+    let (block_m, threads) = match imp {
+        AttentionImpl::V1 => (ATTENTION_BLOCK_M, THREADS),
+        AttentionImpl::V2 => (ATTENTION_V2_BLOCK_M, THREADS),
+        AttentionImpl::Wgmma => (ATTENTION_WGMMA_BLOCK_M, WGMMA_THREADS),
         AttentionImpl::Auto => {
             bail!("attention: AttentionImpl::Auto has no plan of its own; resolve it for a device first")
         }
@@ -156,6 +181,9 @@ pub fn attention_plan_for(p: &AttentionParams, imp: AttentionImpl) -> Result<Att
         (AttentionImpl::V2, 64) => "attention_v2_d64",
         (AttentionImpl::V2, 72) => "attention_v2_d72",
         (AttentionImpl::V2, 128) => "attention_v2_d128",
+        (AttentionImpl::Wgmma, 64) => "attention_wgmma_d64",
+        (AttentionImpl::Wgmma, 72) => "attention_wgmma_d72",
+        (AttentionImpl::Wgmma, 128) => "attention_wgmma_d128",
         (_, d) => bail!(
             "attention: head_dim {d} is not supported; the kernel is built for head_dim {:?}",
             ATTENTION_HEAD_DIMS
@@ -209,8 +237,11 @@ pub fn attention_plan_for(p: &AttentionParams, imp: AttentionImpl) -> Result<Att
     Ok(AttentionLaunch {
         kernel,
         grid: (tokens.div_ceil(block_m), p.heads as u32, p.batch as u32),
-        block: (THREADS, 1, 1),
-        shared_mem_bytes: smem_bytes(block_m, p.head_dim as u32),
+        block: (threads, 1, 1),
+        shared_mem_bytes: match imp {
+            AttentionImpl::Wgmma => wgmma_smem_bytes(p.head_dim as u32),
+            _ => smem_bytes(block_m, p.head_dim as u32),
+        },
     })
 }
 
@@ -233,7 +264,16 @@ pub fn attention_with(
     p: &AttentionParams,
     imp: AttentionImpl,
 ) -> Result<()> {
-    let plan = attention_plan_for(p, imp.resolve(p, gpu.multiprocessors()))?;
+    let imp = imp.resolve(p, gpu.multiprocessors());
+    if imp == AttentionImpl::Wgmma {
+        let (major, minor) = gpu.compute_capability();
+        ensure!(
+            major == 9,
+            "attention: the wgmma implementation needs a Hopper GPU (compute capability 9.x), this \
+             device is {major}.{minor}; use FORA_ATTENTION=v1"
+        );
+    }
+    let plan = attention_plan_for(p, imp)?;
     gpu.allow_dynamic_shared_memory(plan.kernel, plan.shared_mem_bytes)
         .context("attention")?;
     // SAFETY: the kernel takes one AttentionParams by value (the ABI of params.h); the pointers

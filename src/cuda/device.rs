@@ -46,6 +46,10 @@ pub trait KernelLauncher {
     /// Streaming multiprocessors (launch heuristics scale with it).
     fn multiprocessors(&self) -> usize;
 
+    /// (major, minor) compute capability: kernels built for one architecture only (the Hopper
+    /// wgmma kernels) are refused elsewhere.
+    fn compute_capability(&self) -> (i32, i32);
+
     /// Lets kernel `name` use `bytes` of dynamic shared memory per block (above 48 KiB it must
     /// be opted into per kernel on a GPU). Not a stream operation: safe inside a capture.
     fn allow_dynamic_shared_memory(&self, name: &str, bytes: u32) -> Result<()>;
@@ -68,6 +72,10 @@ pub trait KernelLauncher {
 impl KernelLauncher for Gpu {
     fn multiprocessors(&self) -> usize {
         self.sm_count
+    }
+
+    fn compute_capability(&self) -> (i32, i32) {
+        self.cc
     }
 
     fn allow_dynamic_shared_memory(&self, name: &str, bytes: u32) -> Result<()> {

@@ -106,6 +106,9 @@ void fora_emulation_cp_async(void* smem, const void* gmem, int src_bytes);
 // wgmma.mma_async m64nNk16 f32 += bf16 x bf16, both operands K-major 128-byte-swizzled in shared
 // memory (descriptors), for this thread's accumulator fragment (gemm_sm90.cu).
 void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b);
+// The same with A[64 x 16] from registers: each thread passes its 4 A registers (the mma.sync
+// m16n8k16 A fragment of its warp's 16 rows); warpgroup-collective (attention_sm90.cu).
+void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b);
 // The shared-window address of a pointer into the block's dynamic shared memory.
 uint32_t fora_emulation_smem_offset(const void* p);
 

@@ -46,6 +46,9 @@ void attention_d128(const AttentionParams p);
 void attention_v2_d64(const AttentionParams p);
 void attention_v2_d72(const AttentionParams p);
 void attention_v2_d128(const AttentionParams p);
+void attention_wgmma_d64(const AttentionParams p);
+void attention_wgmma_d72(const AttentionParams p);
+void attention_wgmma_d128(const AttentionParams p);
 void gemm_bf16_128x128(const GemmParams p);
 void gemm_bf16_128x128_k64(const GemmParams p);
 void gemm_bf16_64x128(const GemmParams p);
@@ -91,10 +94,13 @@ struct Launch {
     ucontext_t scheduler;
     Barrier block_barrier;
     std::vector<Barrier> warp_barriers;
+    std::vector<Barrier> warpgroup_barriers;  // 128 threads each
     std::vector<float> warp_slots;  // 32 per warp
     // Per warp and lane: an address and 8 registers, for the warp-collective operations.
     std::vector<const void*> warp_addrs;
     std::vector<uint32_t> warp_regs;
+    // Per warpgroup and thread: the 4 A registers of an RS wgmma.
+    std::vector<uint32_t> warpgroup_regs;
     std::vector<unsigned char> smem_storage;
     unsigned char* dynamic_smem = nullptr;  // 1024-byte aligned inside smem_storage
     size_t dynamic_smem_bytes = 0;
@@ -122,6 +128,9 @@ void fiber_main(int index) {
     Barrier& w = l.warp_barriers[index / 32];
     --w.live;
     w.open_if_complete();
+    Barrier& wg = l.warpgroup_barriers[index / 128];
+    --wg.live;
+    wg.open_if_complete();
     --l.block_barrier.live;
     l.block_barrier.open_if_complete();
     l.fibers[index].done = true;
@@ -134,6 +143,10 @@ void run_block(Launch& l, uint3 b) {
     for (unsigned w = 0; w < l.warp_barriers.size(); ++w) {
         const unsigned lanes = n - w * 32 < 32 ? n - w * 32 : 32;
         l.warp_barriers[w] = Barrier{static_cast<int>(lanes), 0, 0};
+    }
+    for (unsigned w = 0; w < l.warpgroup_barriers.size(); ++w) {
+        const unsigned threads = n - w * 128 < 128 ? n - w * 128 : 128;
+        l.warpgroup_barriers[w] = Barrier{static_cast<int>(threads), 0, 0};
     }
     // Uninitialized shared memory: NaN bytes, so reading unwritten smem shows.
     std::memset(l.dynamic_smem, 0xff, l.dynamic_smem_bytes);
@@ -188,6 +201,9 @@ Kernel find(const std::string& name) {
     if (name == "attention_v2_d64") return call<AttentionParams, attention_v2_d64>;
     if (name == "attention_v2_d72") return call<AttentionParams, attention_v2_d72>;
     if (name == "attention_v2_d128") return call<AttentionParams, attention_v2_d128>;
+    if (name == "attention_wgmma_d64") return call<AttentionParams, attention_wgmma_d64>;
+    if (name == "attention_wgmma_d72") return call<AttentionParams, attention_wgmma_d72>;
+    if (name == "attention_wgmma_d128") return call<AttentionParams, attention_wgmma_d128>;
     if (name == "gemm_bf16_128x128") return call<GemmParams, gemm_bf16_128x128>;
     if (name == "gemm_bf16_128x128_k64") return call<GemmParams, gemm_bf16_128x128_k64>;
     if (name == "gemm_bf16_64x128") return call<GemmParams, gemm_bf16_64x128>;
@@ -325,6 +341,11 @@ float wgmma_operand(uint64_t desc, int row, int k) {
     const uint32_t stride = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
     uint32_t addr = start + (row / 8) * stride + (row % 8) * 128 + 2 * k;
     addr ^= ((addr >> 7) & 7u) << 4;
+    if (addr + 2 > launch_state->dynamic_smem_bytes) {
+        std::fprintf(stderr, "emulated wgmma: operand (row %d, k %d) at shared byte %u is past the %zu bytes of dynamic shared memory\n",
+                     row, k, addr, launch_state->dynamic_smem_bytes);
+        std::abort();
+    }
     uint16_t bits;
     std::memcpy(&bits, launch_state->dynamic_smem + addr, 2);
     return bf16_bits_to_f32(bits);
@@ -353,6 +374,40 @@ void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b) {
     }
 }
 
+// The RS form: A[64 x 16] comes from the registers of the warpgroup's 128 threads (warp w holds
+// rows 16 w .. 16 w + 15 in the mma.sync m16n8k16 A layout: a0 = (g, 2q .. 2q + 1), a1 = (g + 8,
+// 2q ..), a2 = (g, 2q + 8 ..), a3 = (g + 8, 2q + 8 ..)), so the threads meet twice: once after
+// depositing their registers, once after every thread has read them.
+void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b) {
+    Launch& l = *launch_state;
+    const unsigned group = l.current / 128, t = l.current % 128;
+    uint32_t* regs = &l.warpgroup_regs[group * 128 * 4];
+    for (int i = 0; i < 4; ++i) regs[t * 4 + i] = a[i];
+    wait_at(l.warpgroup_barriers[group]);
+    float A[64][16];
+    for (unsigned T = 0; T < 128; ++T) {
+        const int w = static_cast<int>(T / 32), g = static_cast<int>(T % 32) / 4, q = static_cast<int>(T % 4);
+        const int rows[4] = {16 * w + g, 16 * w + g + 8, 16 * w + g, 16 * w + g + 8};
+        const int cols[4] = {2 * q, 2 * q, 2 * q + 8, 2 * q + 8};
+        for (int i = 0; i < 4; ++i) {
+            A[rows[i]][cols[i]] = bf16_bits_to_f32(regs[T * 4 + i] & 0xffffu);
+            A[rows[i]][cols[i] + 1] = bf16_bits_to_f32(regs[T * 4 + i] >> 16);
+        }
+    }
+    const int warp = static_cast<int>(t / 32), lane = static_cast<int>(t % 32);
+    const int g = lane / 4, q = lane % 4;
+    for (int j = 0; j < n / 8; ++j) {
+        for (int r = 0; r < 4; ++r) {
+            const int row = 16 * warp + g + 8 * (r / 2);
+            const int col = 8 * j + 2 * q + (r % 2);
+            float sum = 0.0f;
+            for (int k = 0; k < 16; ++k) sum += A[row][k] * wgmma_operand(desc_b, col, k);
+            d[4 * j + r] += sum;
+        }
+    }
+    wait_at(l.warpgroup_barriers[group]);
+}
+
 void* fora_emulation_dynamic_smem_bytes() { return launch_state->dynamic_smem; }
 
 // 0: ran; 1: unknown kernel; 2: bad launch shape.
@@ -374,6 +429,8 @@ extern "C" int fora_emulate_launch(const char* name, unsigned grid_x, unsigned g
     l.warp_slots.assign(warps * 32, 0.0f);
     l.warp_addrs.assign(warps * 32, nullptr);
     l.warp_regs.assign(warps * 32 * 8, 0);
+    l.warpgroup_barriers.resize((block_x + 127) / 128);
+    l.warpgroup_regs.assign(l.warpgroup_barriers.size() * 128 * 4, 0);
     l.smem_storage.resize(shared_mem_bytes + 1024);
     const uintptr_t base = reinterpret_cast<uintptr_t>(l.smem_storage.data());
     l.dynamic_smem = l.smem_storage.data() + ((1024 - base % 1024) % 1024);

@@ -1,0 +1,363 @@
+// Flash attention on Hopper warpgroup tensor cores (wgmma.mma_async), the opt-in
+// `AttentionImpl::Wgmma` of src/cuda/attention.rs, with attention.cu's contract, layouts and
+// numerics: qkv bf16 [B, T, 3, H, d] as the qkv Linear writes it; out bf16 [B, T, H, d];
+// out[b, t, h] = softmax(q k^T * scale) v, fp32 online softmax with exp2 and the scale folded in.
+//
+// A CTA = two warpgroups (256 threads) = 128 query rows of one (batch, head); each warpgroup owns
+// 64 rows and walks over the keys in tiles of 64:
+//   S = Q K^T   one wgmma m64n64k16 per 16-deep k-step, A = Q from registers (loaded once from
+//               global memory in the mma A-fragment layout), B = the K tile in shared memory;
+//   O += P V    one wgmma m64n{d}k16 per 16 keys, A = P re-packed from the S accumulators (the
+//               accumulator and A-fragment layouts line up as in attention.cu), B = V^T.
+// wgmma reads B K-major: for S that is K as stored (rows = keys, d contiguous); for P V it is
+// V^T (rows = d, keys contiguous), which the CTA writes itself. V arrives by cp.async in its
+// natural layout, and ldmatrix.trans turns each 8 x 8 block into the 32-bit (key, key + 1)
+// pairs of one d, which are stored into the swizzled V^T tile. That transpose runs on the
+// load/store units while the warpgroup's QK^T wgmmas run on the tensor cores. (The hardware
+// could read V MN-major through the descriptor's transpose bit; this kernel uses only the
+// K-major 128-byte-swizzle layout that the wgmma GEMM already validated on an H200.)
+//
+// Shared memory (from a 1024-byte aligned base; the launcher adds 1 KiB for the rounding):
+//   [K stage 0 .. STAGES-1][V^T][V stage 0 .. STAGES-1]
+//   K stage: K_PANELS panels of 64 rows x 128 bytes (64 bf16 of d each; d 72 needs two, the
+//            second holding d 64..71 and 8 zero columns that pad the QK^T depth to 80);
+//   V^T:     d rows x 128 bytes (64 keys);
+//   V stage: 64 rows x d bf16, unpadded (ldmatrix reads 8 rows 144 bytes apart: conflict-free).
+// Swizzled layout (the wgmma 128-byte swizzle): row r of a panel at (r / 8) * 1024 + (r % 8) * 128,
+// its 16-byte chunk c at (c ^ (r % 8)) * 16. Descriptor: start >> 4, stride byte offset 1024
+// (between 8-row atoms), swizzle mode 1; a 16-deep k-step is 32 bytes further into the row.
+//
+// Pipeline per key tile j (STAGES - 1 tiles in flight by cp.async; one group committed per tile):
+//   wait for tile j, fence it into the async proxy, barrier A (every warpgroup has finished tile
+//   j - 1: its wgmmas and its V transpose, so tile j + STAGES - 1 may refill stage (j - 1) % STAGES
+//   and V^T may be overwritten); issue that load; issue the QK^T wgmmas; transpose V into V^T;
+//   fence; barrier B (V^T complete); wait for S; softmax; issue P V; wait.
+// Out-of-range keys are zero-filled by cp.async (so V^T holds zeros there) and masked to -inf;
+// out-of-range query rows are computed on zero Q and never stored.
+//
+// Other architectures (sm_80 SASS, compute_80 PTX) get a stub that traps: the launcher refuses
+// this implementation on a device whose compute capability is not 9.x.
+
+#include "common.cuh"
+#include "wgmma.cuh"
+
+namespace {
+
+template <int D>
+struct WgmmaAttentionShape {
+    static constexpr int WARPGROUPS = 2;
+    static constexpr int THREADS = 128 * WARPGROUPS;
+    static constexpr int BLOCK_M = 64 * WARPGROUPS;
+    static constexpr int BLOCK_N = 64;  // keys per tile = one 128-byte row of V^T
+    static constexpr int STAGES = 2;
+    static constexpr int DK = (D + 15) / 16 * 16;  // QK^T depth, padded to the k of 16
+    static constexpr int K_PANELS = (DK + 63) / 64;
+    static constexpr int CHUNKS = D / 8;  // 16-byte chunks per row in global memory
+    static constexpr int K_STAGE_BYTES = K_PANELS * BLOCK_N * 128;
+    static constexpr int VT_BYTES = D * 128;
+    static constexpr int V_STAGE_BYTES = BLOCK_N * D * 2;
+    static constexpr int SMEM_BYTES = STAGES * (K_STAGE_BYTES + V_STAGE_BYTES) + VT_BYTES;
+    // Output staging after the loop (reuses the K stages and V^T): BLOCK_M rows of DK + 8 bf16
+    // (the +8 puts the 8 rows a quad writes in distinct bank groups).
+    static constexpr int O_STRIDE = DK + 8;
+    static_assert(D % 8 == 0 && D <= 128, "head_dim must be a multiple of 8, at most 128");
+    static_assert(DK - D == 0 || DK - D == 8, "padding is one 16-byte chunk at most");
+    static_assert(VT_BYTES % 1024 == 0, "V^T must start and end on 1024-byte swizzle atoms");
+    static_assert(BLOCK_M * O_STRIDE * 2 <= STAGES * K_STAGE_BYTES + VT_BYTES,
+                  "output staging must fit in the K stages and V^T");
+};
+
+}  // namespace
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+namespace {
+
+// Byte offset of 16-byte chunk `chunk` (0..7) of `row` in a 128-byte-swizzled panel.
+FORA_DEVICE uint32_t sw128_chunk(int row, int chunk) {
+    return static_cast<uint32_t>((row >> 3) * 1024 + (row & 7) * 128 + ((chunk ^ (row & 7)) << 4));
+}
+
+template <int D>
+FORA_DEVICE void wgmma_pv(float (&o)[D / 2], const uint32_t (&a)[4], uint64_t desc_b) {
+    if constexpr (D == 64) {
+        wgmma_rs_m64n64k16(o, a, desc_b);
+    } else if constexpr (D == 72) {
+        wgmma_rs_m64n72k16(o, a, desc_b);
+    } else {
+        static_assert(D == 128, "wgmma attention is instantiated for head_dim 64, 72 and 128");
+        wgmma_rs_m64n128k16(o, a, desc_b);
+    }
+}
+
+template <int D>
+FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
+    using S = WgmmaAttentionShape<D>;
+    constexpr int BN = S::BLOCK_N;
+    constexpr int KSTEPS = S::DK / 16;
+    constexpr int O_TILES = D / 8;
+
+    FORA_DYNAMIC_SMEM(uint4, attention_wgmma_smem);
+    const uint32_t raw = smem_addr(attention_wgmma_smem);
+    const uint32_t align_pad = ((raw + 1023u) & ~1023u) - raw;
+    unsigned char* base = reinterpret_cast<unsigned char*>(attention_wgmma_smem) + align_pad;
+    const uint32_t base_addr = raw + align_pad;
+    unsigned char* s_k = base;                                              // [STAGES] K tiles
+    unsigned char* s_vt = base + S::STAGES * S::K_STAGE_BYTES;              // V^T
+    unsigned char* s_v = s_vt + S::VT_BYTES;                                // [STAGES] V tiles
+    const uint32_t k_addr = base_addr;
+    const uint32_t vt_addr = base_addr + S::STAGES * S::K_STAGE_BYTES;
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int g = lane >> 2;
+    const int quad = lane & 3;
+    const int tokens = p.tokens;
+    const int heads = p.heads;
+    const int q0 = blockIdx.x * S::BLOCK_M;
+    const int head = blockIdx.y;
+    const int batch = blockIdx.z;
+
+    const size_t row_stride = 3 * static_cast<size_t>(heads) * D;
+    const __nv_bfloat16* q_base = reinterpret_cast<const __nv_bfloat16*>(p.qkv) +
+                                  static_cast<size_t>(batch) * tokens * row_stride +
+                                  static_cast<size_t>(head) * D;
+    const __nv_bfloat16* k_base = q_base + static_cast<size_t>(heads) * D;
+    const __nv_bfloat16* v_base = q_base + 2 * static_cast<size_t>(heads) * D;
+    const int n_tiles = (tokens + BN - 1) / BN;
+
+    // K rows go to their swizzled panel chunk, V rows stay as they are; rows past the last
+    // token are zero-filled (src-size 0, address clamped to row 0).
+    auto load_tile = [&](int stage, int tile) {
+        unsigned char* dk = s_k + stage * S::K_STAGE_BYTES;
+        unsigned char* dv = s_v + stage * S::V_STAGE_BYTES;
+        for (int c = tid; c < BN * S::CHUNKS; c += S::THREADS) {
+            const int r = c / S::CHUNKS;
+            const int ch = c - r * S::CHUNKS;
+            const int t = tile * BN + r;
+            const bool in_range = t < tokens;
+            const size_t off = static_cast<size_t>(in_range ? t : 0) * row_stride + ch * 8;
+            cp_async_16(dk + (ch >> 3) * (BN * 128) + sw128_chunk(r, ch & 7), k_base + off, in_range ? 16 : 0);
+            cp_async_16(dv + r * (D * 2) + ch * 16, v_base + off, in_range ? 16 : 0);
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < S::STAGES - 1; ++s) {
+        if (s < n_tiles) load_tile(s, s);
+        cp_async_commit();
+    }
+
+    // The K-depth padding [D, DK) of every K stage: cp.async never writes it, and stale shared
+    // memory could hold NaN bit patterns (0 * NaN = NaN). Fenced into the async proxy with the
+    // first tile.
+    if constexpr (S::DK > D) {
+        for (int r = tid; r < S::STAGES * BN; r += S::THREADS) {
+            const int stage = r / BN;
+            const int row = r - stage * BN;
+            *reinterpret_cast<uint4*>(s_k + stage * S::K_STAGE_BYTES + (S::K_PANELS - 1) * (BN * 128) +
+                                      sw128_chunk(row, (D / 8) & 7)) = make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+
+    // Q in the A-fragment layout, straight from global memory (each element is read once per
+    // CTA): rows g and g + 8 of this warp's 16, columns 16 kk + 2 quad (+ 8), zero past the
+    // head dim and past the last token.
+    uint32_t q_frag[KSTEPS][4];
+    {
+        const int row0 = q0 + warp * 16 + g;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int row = row0 + (i & 1) * 8;
+                const int col = kk * 16 + (i >> 1) * 8 + 2 * quad;
+                q_frag[kk][i] =
+                    row < tokens && col < D
+                        ? *reinterpret_cast<const uint32_t*>(q_base + static_cast<size_t>(row) * row_stride + col)
+                        : 0u;
+            }
+        }
+    }
+
+    float o_acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o_acc[i] = 0.0f;
+    // Rows g and g + 8: running max (log2 domain) and this thread's partial row sum (reduced
+    // over the quad at the end).
+    float row_max[2] = {-INFINITY, -INFINITY};
+    float row_sum[2] = {0.0f, 0.0f};
+    const float scale_log2 = p.scale * 1.4426950408889634f;
+
+    for (int j = 0; j < n_tiles; ++j) {
+        cp_async_wait<S::STAGES - 2>();
+        fence_proxy_async_shared();
+        __syncthreads();  // A
+        {
+            const int next = j + S::STAGES - 1;
+            if (next < n_tiles) load_tile(next % S::STAGES, next);
+            cp_async_commit();
+        }
+        const int stage = j % S::STAGES;
+
+        // S = Q K^T, issued now and left running.
+        float s_acc[BN / 2];
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) s_acc[i] = 0.0f;
+        pin_accumulators(s_acc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            const uint32_t addr = k_addr + stage * S::K_STAGE_BYTES + (kk >> 2) * (BN * 128) + (kk & 3) * 32;
+            wgmma_rs_m64n64k16(s_acc, q_frag[kk], wgmma_desc_sw128(addr));
+        }
+        wgmma_commit();
+
+        // Meanwhile V^T: 4 consecutive 8-key blocks of one 8-column d block per ldmatrix.x4.trans;
+        // register m then holds (V[key 2 quad], V[key 2 quad + 1]) of d column g in key block m.
+        {
+            const unsigned char* v = s_v + stage * S::V_STAGE_BYTES;
+            constexpr int GROUPS = (BN / 32) * (D / 8);
+            for (int grp = warp; grp < GROUPS; grp += S::THREADS / 32) {
+                const int kb0 = (grp % (BN / 32)) * 4;
+                const int db = grp / (BN / 32);
+                const int m = lane >> 3;
+                uint32_t r[4];
+                ldmatrix_x4_trans(r[0], r[1], r[2], r[3],
+                                  v + ((kb0 + m) * 8 + (lane & 7)) * (D * 2) + db * 16);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    // Row n = 8 db + g of V^T, keys 8 (kb0 + i) + 2 quad, + 1.
+                    *reinterpret_cast<uint32_t*>(s_vt + sw128_chunk(db * 8 + g, kb0 + i) + 4 * quad) = r[i];
+                }
+            }
+        }
+        fence_proxy_async_shared();
+        __syncthreads();  // B
+
+        wgmma_wait<0>();
+        pin_accumulators(s_acc);
+
+        // Keys past the end of the sequence (only in the last tile) get -inf.
+        if ((j + 1) * BN > tokens) {
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                const int key = j * BN + nt * 8 + 2 * quad;
+                if (key >= tokens) s_acc[4 * nt] = s_acc[4 * nt + 2] = -INFINITY;
+                if (key + 1 >= tokens) s_acc[4 * nt + 1] = s_acc[4 * nt + 3] = -INFINITY;
+            }
+        }
+
+        // Online softmax (attention.cu's): every tile holds a valid key, so the max is finite.
+        float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) {
+            tile_max[0] = fmaxf(tile_max[0], fmaxf(s_acc[4 * nt], s_acc[4 * nt + 1]));
+            tile_max[1] = fmaxf(tile_max[1], fmaxf(s_acc[4 * nt + 2], s_acc[4 * nt + 3]));
+        }
+        float alpha[2];
+        float neg_max[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+            const float new_max = fmaxf(row_max[r], tile_max[r] * scale_log2);
+            alpha[r] = fast_exp2(row_max[r] - new_max);  // 0 on the first tile
+            row_max[r] = new_max;
+            neg_max[r] = -new_max;
+        }
+        float tile_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) {
+            const int r = (i >> 1) & 1;
+            s_acc[i] = fast_exp2(fmaf(s_acc[i], scale_log2, neg_max[r]));
+            tile_sum[r] += s_acc[i];
+        }
+        row_sum[0] = row_sum[0] * alpha[0] + tile_sum[0];
+        row_sum[1] = row_sum[1] * alpha[1] + tile_sum[1];
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) o_acc[i] *= alpha[(i >> 1) & 1];
+
+        // O += P V: keys 16 kk .. 16 kk + 15 are S n-tiles 2 kk and 2 kk + 1.
+        uint32_t p_frag[BN / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            p_frag[kk][0] = pack_bf16x2(s_acc[8 * kk], s_acc[8 * kk + 1]);
+            p_frag[kk][1] = pack_bf16x2(s_acc[8 * kk + 2], s_acc[8 * kk + 3]);
+            p_frag[kk][2] = pack_bf16x2(s_acc[8 * kk + 4], s_acc[8 * kk + 5]);
+            p_frag[kk][3] = pack_bf16x2(s_acc[8 * kk + 6], s_acc[8 * kk + 7]);
+        }
+        pin_accumulators(o_acc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            wgmma_pv<D>(o_acc, p_frag[kk], wgmma_desc_sw128(vt_addr + kk * 32));
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        pin_accumulators(o_acc);
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) pin_registers(p_frag[kk]);
+    }
+    // Only empty groups can still be pending; drain them so no cp.async outlives the CTA.
+    cp_async_wait<0>();
+
+    float inv_sum[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = row_sum[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        inv_sum[r] = 1.0f / l;
+    }
+
+    // Every warpgroup is done with the K stages and V^T: stage this warp's 16 output rows there,
+    // then write whole 16-byte chunks.
+    __syncthreads();
+    __nv_bfloat16* s_o = reinterpret_cast<__nv_bfloat16*>(base) + warp * 16 * S::O_STRIDE;
+#pragma unroll
+    for (int i = 0; i < O_TILES; ++i) {
+        *reinterpret_cast<uint32_t*>(s_o + g * S::O_STRIDE + i * 8 + 2 * quad) =
+            pack_bf16x2(o_acc[4 * i] * inv_sum[0], o_acc[4 * i + 1] * inv_sum[0]);
+        *reinterpret_cast<uint32_t*>(s_o + (g + 8) * S::O_STRIDE + i * 8 + 2 * quad) =
+            pack_bf16x2(o_acc[4 * i + 2] * inv_sum[1], o_acc[4 * i + 3] * inv_sum[1]);
+    }
+    __syncwarp();
+    __nv_bfloat16* out = reinterpret_cast<__nv_bfloat16*>(p.out);
+    for (int c = lane; c < 16 * S::CHUNKS; c += 32) {
+        const int r = c / S::CHUNKS;
+        const int ch = c - r * S::CHUNKS;
+        const int t = q0 + warp * 16 + r;
+        if (t < tokens) {
+            const size_t o_off = ((static_cast<size_t>(batch) * tokens + t) * heads + head) * D + ch * 8;
+            *reinterpret_cast<uint4*>(out + o_off) = *reinterpret_cast<const uint4*>(s_o + r * S::O_STRIDE + ch * 8);
+        }
+    }
+}
+
+}  // namespace
+
+#define FORA_ATTENTION_WGMMA_BODY(D) attention_wgmma_block<D>(p)
+#else
+// Not sm_90a: wgmma does not exist; the launcher never launches this.
+#define FORA_ATTENTION_WGMMA_BODY(D) \
+    do {                             \
+        (void)p;                     \
+        __trap();                    \
+    } while (0)
+#endif
+
+// Dynamic shared memory = WgmmaAttentionShape<D>::SMEM_BYTES + 1024 (src/cuda/attention.rs
+// mirrors it): d64 40 KiB, d72 59 KiB, d128 80 KiB, + 1 KiB. Two CTAs an SM for d 64 and 72
+// (at most 128 registers a thread), one for d 128 (its Q fragments and O need more).
+#define FORA_ATTENTION_WGMMA_KERNEL(D, MIN_BLOCKS)                                                   \
+    extern "C" __global__ void __launch_bounds__(WgmmaAttentionShape<D>::THREADS, MIN_BLOCKS)      \
+        attention_wgmma_d##D(const AttentionParams p) {                                            \
+        static_assert(WgmmaAttentionShape<D>::SMEM_BYTES + 1024 <= 227 * 1024, "smem too large"); \
+        FORA_ATTENTION_WGMMA_BODY(D);                                                              \
+    }
+
+FORA_ATTENTION_WGMMA_KERNEL(64, 2)
+FORA_ATTENTION_WGMMA_KERNEL(72, 2)
+FORA_ATTENTION_WGMMA_KERNEL(128, 1)
