@@ -3,8 +3,8 @@
 // numerics: qkv bf16 [B, T, 3, H, d] as the qkv Linear writes it; out bf16 [B, T, H, d];
 // out[b, t, h] = softmax(q k^T * scale) v, fp32 online softmax with exp2 and the scale folded in.
 //
-// A CTA = two warpgroups (256 threads) = 128 query rows of one (batch, head); each warpgroup owns
-// 64 rows and walks over the keys in tiles of 64:
+// A CTA = WG warpgroups (two: 256 threads, 128 query rows; or one, for small grids) of one
+// (batch, head); each warpgroup owns 64 query rows and walks over the keys in tiles of 64:
 //   S = Q K^T   one wgmma m64n64k16 per 16-deep k-step, A = Q from registers (loaded once from
 //               global memory in the mma A-fragment layout), B = the K tile in shared memory;
 //   O += P V    one wgmma m64n{d}k16 per 16 keys, A = P re-packed from the S accumulators (the
@@ -43,9 +43,9 @@
 
 namespace {
 
-template <int D>
+template <int D, int WG>
 struct WgmmaAttentionShape {
-    static constexpr int WARPGROUPS = 2;
+    static constexpr int WARPGROUPS = WG;
     static constexpr int THREADS = 128 * WARPGROUPS;
     static constexpr int BLOCK_M = 64 * WARPGROUPS;
     static constexpr int BLOCK_N = 64;  // keys per tile = one 128-byte row of V^T
@@ -90,9 +90,9 @@ FORA_DEVICE void wgmma_pv(float (&o)[D / 2], const uint32_t (&a)[4], uint64_t de
     }
 }
 
-template <int D>
+template <int D, int WG>
 FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
-    using S = WgmmaAttentionShape<D>;
+    using S = WgmmaAttentionShape<D, WG>;
     constexpr int BN = S::BLOCK_N;
     constexpr int KSTEPS = S::DK / 16;
     constexpr int O_TILES = D / 8;
@@ -338,26 +338,32 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
 
 }  // namespace
 
-#define FORA_ATTENTION_WGMMA_BODY(D) attention_wgmma_block<D>(p)
+#define FORA_ATTENTION_WGMMA_BODY(D, WG) attention_wgmma_block<D, WG>(p)
 #else
 // Not sm_90a: wgmma does not exist; the launcher never launches this.
-#define FORA_ATTENTION_WGMMA_BODY(D) \
-    do {                             \
-        (void)p;                     \
-        __trap();                    \
+#define FORA_ATTENTION_WGMMA_BODY(D, WG) \
+    do {                                 \
+        (void)p;                         \
+        __trap();                        \
     } while (0)
 #endif
 
-// Dynamic shared memory = WgmmaAttentionShape<D>::SMEM_BYTES + 1024 (src/cuda/attention.rs
-// mirrors it): d64 40 KiB, d72 59 KiB, d128 80 KiB, + 1 KiB. Two CTAs an SM for d 64 and 72
-// (at most 128 registers a thread), one for d 128 (its Q fragments and O need more).
-#define FORA_ATTENTION_WGMMA_KERNEL(D, MIN_BLOCKS)                                                   \
-    extern "C" __global__ void __launch_bounds__(WgmmaAttentionShape<D>::THREADS, MIN_BLOCKS)      \
-        attention_wgmma_d##D(const AttentionParams p) {                                            \
-        static_assert(WgmmaAttentionShape<D>::SMEM_BYTES + 1024 <= 227 * 1024, "smem too large"); \
-        FORA_ATTENTION_WGMMA_BODY(D);                                                              \
+// Dynamic shared memory = WgmmaAttentionShape<D, WG>::SMEM_BYTES + 1024, the same for both block
+// sizes (src/cuda/attention.rs mirrors it): d64 40 KiB, d72 59 KiB, d128 80 KiB, + 1 KiB.
+// attention_wgmma_d*: 128 query rows (two warpgroups), two CTAs an SM for d 64 and 72 (at most
+// 128 registers a thread), one for d 128 (its Q fragments and O need more).
+// attention_wgmma_m64_d*: 64 query rows (one warpgroup), for grids too small to fill the SMs
+// with 128-row blocks (one image + CFG: 64 blocks); three CTAs an SM (two for d 128).
+#define FORA_ATTENTION_WGMMA_KERNEL(NAME, D, WG, MIN_BLOCKS)                                          \
+    extern "C" __global__ void __launch_bounds__(WgmmaAttentionShape<D, WG>::THREADS, MIN_BLOCKS)    \
+        NAME(const AttentionParams p) {                                                              \
+        static_assert(WgmmaAttentionShape<D, WG>::SMEM_BYTES + 1024 <= 227 * 1024, "smem too large"); \
+        FORA_ATTENTION_WGMMA_BODY(D, WG);                                                            \
     }
 
-FORA_ATTENTION_WGMMA_KERNEL(64, 2)
-FORA_ATTENTION_WGMMA_KERNEL(72, 2)
-FORA_ATTENTION_WGMMA_KERNEL(128, 1)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d64, 64, 2, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d72, 72, 2, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d128, 128, 2, 1)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d64, 64, 1, 3)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d72, 72, 1, 3)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d128, 128, 1, 2)

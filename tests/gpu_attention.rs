@@ -13,10 +13,10 @@
 mod attention_cases;
 
 use anyhow::{ensure, Result};
-use attention_cases::{attention_reference, check_oracle, params, run_case, Shape};
+use attention_cases::{attention_reference, check_oracle, params, run_case, run_case_sized, Shape};
 use fora::cuda::attention::{
-    attention, attention_plan, attention_plan_for, attention_with, AttentionImpl,
-    ATTENTION_BLOCK_M, ATTENTION_V2_BLOCK_M, ATTENTION_WGMMA_BLOCK_M,
+    attention, attention_plan, attention_plan_for, attention_plan_on, attention_with,
+    AttentionImpl, ATTENTION_BLOCK_M, ATTENTION_V2_BLOCK_M, ATTENTION_WGMMA_BLOCK_M,
 };
 use fora::cuda::dptr;
 use fora::cuda::params::AttentionParams;
@@ -223,7 +223,18 @@ fn gpu_attention_wgmma_shapes() {
     .into_iter()
     .enumerate()
     {
-        gpu_case_impl(test, s, qk_std, 40 + i as u64, AttentionImpl::Wgmma);
+        // Block sizes as this device picks them, then 128-row blocks whatever the grid.
+        for (sms, rows) in [(gpu.sm_count(), "as picked"), (1, "128-row")] {
+            let name = format!(
+                "attention wgmma ({rows}) B={} H={} T={} d={} (q,k std {qk_std})",
+                s.batch, s.heads, s.tokens, s.head_dim
+            );
+            let seed = 40 + i as u64;
+            if let Err(e) = run_case_sized(&gpu, &name, s, qk_std, seed, AttentionImpl::Wgmma, sms)
+            {
+                panic!("{test}: {e:#}");
+            }
+        }
     }
 }
 
@@ -422,6 +433,33 @@ fn attention_wgmma_plan_grid_and_kernels() {
         plan.shared_mem_bytes,
         2 * (2 * 64 * 128 + 64 * 128 * 2) + 128 * 128 + 1024
     );
+
+    // On a device: one image + CFG (2 x 16 x 2 = 64 blocks of 128 rows) on 132 SMs takes the
+    // 64-row blocks; batch 256 (8192 blocks) the 128-row ones; other families are unchanged.
+    let small = params(shape(2, 16, 256, 72), 0x1000, 0x2000);
+    let plan = attention_plan_on(&small, w, 132).expect("valid params");
+    assert_eq!(plan.kernel, "attention_wgmma_m64_d72");
+    assert_eq!(plan.grid, (4, 16, 2));
+    assert_eq!(plan.block, (128, 1, 1));
+    assert_eq!(
+        plan.shared_mem_bytes,
+        attention_plan_for(&small, w).unwrap().shared_mem_bytes
+    );
+    assert_eq!(
+        attention_plan_on(&small, w, 64).unwrap(),
+        attention_plan_for(&small, w).unwrap()
+    );
+    let large = params(shape(256, 16, 256, 72), 0x1000, 0x2000);
+    assert_eq!(
+        attention_plan_on(&large, w, 132).unwrap(),
+        attention_plan_for(&large, w).unwrap()
+    );
+    for imp in [AttentionImpl::V1, AttentionImpl::V2] {
+        assert_eq!(
+            attention_plan_on(&small, imp, 132).unwrap(),
+            attention_plan_for(&small, imp).unwrap()
+        );
+    }
 }
 
 #[test]

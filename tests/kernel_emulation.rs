@@ -512,7 +512,7 @@ fn emulator_refuses_what_it_cannot_run() {
 /// tile, partial query blocks, one token, a peaked softmax.
 #[test]
 fn emulated_attention() -> Result<()> {
-    use attention_cases::{run_case, Shape};
+    use attention_cases::{run_case_sized, Shape};
     use fora::cuda::attention::AttentionImpl;
     let Some(emu) = emulator("emulated_attention") else {
         return Ok(());
@@ -523,7 +523,13 @@ fn emulated_attention() -> Result<()> {
         tokens,
         head_dim,
     };
-    for imp in AttentionImpl::ALL {
+    // The wgmma family twice: 64-row blocks (these small grids on 132 SMs) and 128-row blocks
+    // (as on a device of one SM).
+    let runs = AttentionImpl::ALL
+        .iter()
+        .map(|&imp| (imp, EMULATED_SMS, imp.name().to_string()))
+        .chain([(AttentionImpl::Wgmma, 1, "wgmma 128-row".to_string())]);
+    for (imp, sms, label) in runs {
         for (i, (s, qk_std)) in [
             (shape(1, 2, 65, 72), 1.0),
             (shape(2, 1, 130, 64), 1.0),
@@ -536,14 +542,10 @@ fn emulated_attention() -> Result<()> {
         .enumerate()
         {
             let name = format!(
-                "emulated attention {} B={} H={} T={} d={}",
-                imp.name(),
-                s.batch,
-                s.heads,
-                s.tokens,
-                s.head_dim
+                "emulated attention {label} B={} H={} T={} d={}",
+                s.batch, s.heads, s.tokens, s.head_dim
             );
-            run_case(emu, &name, s, qk_std, 100 + i as u64, imp)?;
+            run_case_sized(emu, &name, s, qk_std, 100 + i as u64, imp, sms)?;
         }
     }
     Ok(())

@@ -13,7 +13,8 @@
 //!   separate cp.async groups.
 //! - wgmma (opt-in, Hopper only, `attention_wgmma_d*` in `kernels/attention_sm90.cu`): grid
 //!   `(ceil(T / 128), heads, batch)` blocks of two warpgroups, each owning 64 query rows; both
-//!   products on wgmma.mma_async with A from registers.
+//!   products on wgmma.mma_async with A from registers. Grids of fewer blocks than SMs take
+//!   one-warpgroup blocks of 64 rows instead (`attention_wgmma_m64_d*`, [`attention_plan_on`]).
 //! - auto: v2 when its grid fills every SM twice, else v1 ([`AttentionImpl::resolve`]).
 
 use super::device::KernelLauncher;
@@ -163,12 +164,37 @@ pub fn attention_plan(p: &AttentionParams) -> Result<AttentionLaunch> {
     attention_plan_for(p, AttentionImpl::V1)
 }
 
-/// Validates `p` and says which kernel of implementation `imp` runs, with which grid. Pure;
-/// `imp` must be a kernel family ([`AttentionImpl::resolve`] turns `Auto` into one).
+/// Validates `p` and says which kernel of implementation `imp` runs, with which grid, on a device
+/// with enough SMs for the largest blocks. Pure; `imp` must be a kernel family
+/// ([`AttentionImpl::resolve`] turns `Auto` into one).
 pub fn attention_plan_for(p: &AttentionParams, imp: AttentionImpl) -> Result<AttentionLaunch> {
+    plan(p, imp, false)
+}
+
+/// [`attention_plan_for`] as launched on a device with `sm_count` SMs: the wgmma family takes its
+/// 64-row blocks (one warpgroup, `attention_wgmma_m64_d*`) when its 128-row blocks would be
+/// fewer than the SMs (one image + CFG at DiT-XL/2: 64 blocks). Pure.
+pub fn attention_plan_on(
+    p: &AttentionParams,
+    imp: AttentionImpl,
+    sm_count: usize,
+) -> Result<AttentionLaunch> {
+    let blocks = (p.tokens.max(0) as u64).div_ceil(ATTENTION_WGMMA_BLOCK_M as u64)
+        * p.heads.max(0) as u64
+        * p.batch.max(0) as u64;
+    plan(
+        p,
+        imp,
+        imp == AttentionImpl::Wgmma && blocks < sm_count as u64,
+    )
+}
+
+/// The plan of `imp`; `wgmma_m64`: the wgmma family's 64-row blocks.
+fn plan(p: &AttentionParams, imp: AttentionImpl, wgmma_m64: bool) -> Result<AttentionLaunch> {
     let (block_m, threads) = match imp {
         AttentionImpl::V1 => (ATTENTION_BLOCK_M, THREADS),
         AttentionImpl::V2 => (ATTENTION_V2_BLOCK_M, THREADS),
+        AttentionImpl::Wgmma if wgmma_m64 => (ATTENTION_WGMMA_BLOCK_M / 2, WGMMA_THREADS / 2),
         AttentionImpl::Wgmma => (ATTENTION_WGMMA_BLOCK_M, WGMMA_THREADS),
         AttentionImpl::Auto => {
             bail!("attention: AttentionImpl::Auto has no plan of its own; resolve it for a device first")
@@ -181,6 +207,9 @@ pub fn attention_plan_for(p: &AttentionParams, imp: AttentionImpl) -> Result<Att
         (AttentionImpl::V2, 64) => "attention_v2_d64",
         (AttentionImpl::V2, 72) => "attention_v2_d72",
         (AttentionImpl::V2, 128) => "attention_v2_d128",
+        (AttentionImpl::Wgmma, 64) if wgmma_m64 => "attention_wgmma_m64_d64",
+        (AttentionImpl::Wgmma, 72) if wgmma_m64 => "attention_wgmma_m64_d72",
+        (AttentionImpl::Wgmma, 128) if wgmma_m64 => "attention_wgmma_m64_d128",
         (AttentionImpl::Wgmma, 64) => "attention_wgmma_d64",
         (AttentionImpl::Wgmma, 72) => "attention_wgmma_d72",
         (AttentionImpl::Wgmma, 128) => "attention_wgmma_d128",
@@ -264,7 +293,18 @@ pub fn attention_with(
     p: &AttentionParams,
     imp: AttentionImpl,
 ) -> Result<()> {
-    let imp = imp.resolve(p, gpu.multiprocessors());
+    attention_sized_for(gpu, p, imp, gpu.multiprocessors())
+}
+
+/// [`attention_with`], choosing block sizes as for a device of `sm_count` SMs (tests run every
+/// block size of a family on small shapes this way).
+pub fn attention_sized_for(
+    gpu: &impl KernelLauncher,
+    p: &AttentionParams,
+    imp: AttentionImpl,
+    sm_count: usize,
+) -> Result<()> {
+    let imp = imp.resolve(p, sm_count);
     if imp == AttentionImpl::Wgmma {
         let (major, minor) = gpu.compute_capability();
         ensure!(
@@ -273,7 +313,7 @@ pub fn attention_with(
              device is {major}.{minor}; use FORA_ATTENTION=v1"
         );
     }
-    let plan = attention_plan_for(p, imp)?;
+    let plan = attention_plan_on(p, imp, sm_count)?;
     gpu.allow_dynamic_shared_memory(plan.kernel, plan.shared_mem_bytes)
         .context("attention")?;
     // SAFETY: the kernel takes one AttentionParams by value (the ABI of params.h); the pointers

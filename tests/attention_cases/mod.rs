@@ -6,7 +6,7 @@
 
 use anyhow::{ensure, Result};
 use fora::cpu::ops;
-use fora::cuda::attention::{attention_with, AttentionImpl};
+use fora::cuda::attention::{attention_sized_for, AttentionImpl};
 use fora::cuda::params::AttentionParams;
 use fora::cuda::testing::{check_close, round_bf16, DeviceAddr, TestDevice, TestRng};
 use rayon::prelude::*;
@@ -128,6 +128,20 @@ pub fn run_case<D: TestDevice>(
     seed: u64,
     imp: AttentionImpl,
 ) -> Result<()> {
+    run_case_sized(gpu, name, s, qk_std, seed, imp, gpu.multiprocessors())
+}
+
+/// [`run_case`] with block sizes chosen as for a device of `sm_count` SMs (1: the largest
+/// blocks of the family, whatever the shape).
+pub fn run_case_sized<D: TestDevice>(
+    gpu: &D,
+    name: &str,
+    s: Shape,
+    qk_std: f32,
+    seed: u64,
+    imp: AttentionImpl,
+    sm_count: usize,
+) -> Result<()> {
     let mut rng = TestRng::new(seed);
     let (b_n, h_n, t_n, d) = (s.batch, s.heads, s.tokens, s.head_dim);
     let mut qkv = Vec::with_capacity(b_n * t_n * 3 * h_n * d);
@@ -142,7 +156,7 @@ pub fn run_case<D: TestDevice>(
     let qkv_dev = gpu.upload_bf16(&qkv)?;
     let mut out_dev = gpu.poisoned_bf16(out_len + GUARD_ROWS * h_n * d)?;
     let p = params(s, qkv_dev.addr(), out_dev.addr());
-    attention_with(gpu, &p, imp)?;
+    attention_sized_for(gpu, &p, imp, sm_count)?;
     let first = gpu.download_bf16(&out_dev)?;
 
     let (out, guard) = first.split_at(out_len);
@@ -156,7 +170,7 @@ pub fn run_case<D: TestDevice>(
 
     // Deterministic: the same launch again gives the same bits.
     gpu.poison_bf16(&mut out_dev)?;
-    attention_with(gpu, &p, imp)?;
+    attention_sized_for(gpu, &p, imp, sm_count)?;
     let second = gpu.download_bf16(&out_dev)?;
     let same = first
         .iter()
