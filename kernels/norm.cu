@@ -179,6 +179,11 @@ FORA_DEVICE void residual_layernorm_rows(const ResidualLayerNormParams& p) {
             }
         } else {
             a[c] = load4_or_zero(acc + d, in);
+            // Split-K slices, summed in slice order (the GEMM epilogue kernel's order).
+            for (int s = 1; s < p.acc_splits; ++s) {
+                const float4 part = load4_or_zero(acc + s * p.acc_split_stride + d, in);
+                a[c] = make_float4(a[c].x + part.x, a[c].y + part.y, a[c].z + part.z, a[c].w + part.w);
+            }
         }
         v[c] = load4_or_zero(x + d, in);
         if (kPrefetch<WPR>) {

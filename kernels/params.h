@@ -142,6 +142,10 @@ typedef struct ResidualLayerNormParams {
     int ld_mod, gate_col, shift_col, scale_col;
     int acc_bf16;      /* 0: f32 product + bias; 1: bf16 v */
     float eps;         /* 1e-6 in DiT */
+    /* f32 product only: the product is the sum, in order, of acc_splits > 1 split-K slices
+       acc + s * acc_split_stride (elements), s = 0 .. acc_splits - 1; 0 or 1: one. */
+    int acc_splits;
+    long long acc_split_stride;
 } ResidualLayerNormParams;
 
 /* FORA reuse step: for l in 0..layers, in order, in f32:

@@ -836,6 +836,7 @@ impl Report {
                 "bf16_residual": self.options.bf16_residual,
                 "reuse_gates_only": self.options.reuse_gates_only,
                 "step_graph": self.options.step_graph,
+                "lt_splitk": self.options.lt_splitk,
                 "cfg_scale": self.cfg_scale,
                 "timing": "CUDA events, back-to-back runs, median",
             },
@@ -945,6 +946,9 @@ impl Report {
             },
             if self.options.fused_ln && self.options.bf16_residual {
                 "bf16 into the cache, fused with the next LayerNorm (FORA_BF16_RESIDUAL=1)"
+            } else if self.options.fused_ln && self.options.lt_splitk {
+                "fused with the next LayerNorm on cuBLASLt, split-K slices at small batches \
+                 (FORA_LT_SPLITK=1)"
             } else if self.options.fused_ln {
                 "fused with the next LayerNorm on cuBLASLt"
             } else {
@@ -2093,6 +2097,8 @@ fn bench_layernorm(
                     scale_col: (4 * d) as i32,
                     acc_bf16: 0,
                     eps: 1e-6,
+                    acc_splits: 1,
+                    acc_split_stride: 0,
                 },
                 warps,
             ),

@@ -321,6 +321,7 @@ fn fake_report() -> Report {
             bf16_residual: false,
             reuse_gates_only: false,
             step_graph: false,
+            lt_splitk: false,
         },
         cfg_scale: 4.0,
         gemm_ceiling: Some(Ceiling {

@@ -241,6 +241,8 @@ fn residual_layernorm_plan_checks_columns_and_alignment() {
         scale_col: 7 * d,
         acc_bf16: 0,
         eps: 1e-6,
+        acc_splits: 0,
+        acc_split_stride: 0,
     };
     // 4 token rows (warps) per block.
     assert_eq!(residual_layernorm_plan(&p).unwrap(), (256, 1, 1));
@@ -279,6 +281,39 @@ fn residual_layernorm_plan_checks_columns_and_alignment() {
     assert!(e(ResidualLayerNormParams { cache: P, ..v16 }).contains("must be 0"));
     assert!(e(ResidualLayerNormParams { acc: P + 4, ..v16 }).contains("8-byte"));
     assert!(e(ResidualLayerNormParams { acc_bf16: 2, ..v16 }).contains("0 or 1"));
+    // Split-K slices: disjoint, aligned, f32 only, at most 16.
+    let n = 4 * 256 * d as i64;
+    let split = ResidualLayerNormParams {
+        acc_splits: 4,
+        acc_split_stride: n,
+        ..p
+    };
+    assert!(residual_layernorm_plan(&split).is_ok());
+    assert!(e(ResidualLayerNormParams {
+        acc_split_stride: n - 4,
+        ..split
+    })
+    .contains("acc_split_stride"));
+    assert!(e(ResidualLayerNormParams {
+        acc_split_stride: n + 2,
+        ..split
+    })
+    .contains("multiple of 4"));
+    assert!(e(ResidualLayerNormParams {
+        acc_splits: 17,
+        ..split
+    })
+    .contains("acc_splits"));
+    assert!(e(ResidualLayerNormParams {
+        acc_splits: -1,
+        ..split
+    })
+    .contains("acc_splits"));
+    assert!(e(ResidualLayerNormParams {
+        acc_splits: 2,
+        ..v16
+    })
+    .contains("f32 product"));
 }
 
 #[test]

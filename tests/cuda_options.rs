@@ -4,7 +4,7 @@
 
 use fora::cuda::CudaOptions;
 
-const SWITCHES: [&str; 9] = [
+const SWITCHES: [&str; 10] = [
     "FORA_PRECOMPUTE_MODULATION",
     "FORA_LT_AUTOTUNE",
     "FORA_FUSED_REUSE",
@@ -14,6 +14,7 @@ const SWITCHES: [&str; 9] = [
     "FORA_BF16_RESIDUAL",
     "FORA_REUSE_GATES_ONLY",
     "FORA_STEP_GRAPH",
+    "FORA_LT_SPLITK",
 ];
 
 /// The switch `var` of `o`.
@@ -28,6 +29,7 @@ fn switch(o: &CudaOptions, var: &str) -> bool {
         "FORA_BF16_RESIDUAL" => o.bf16_residual,
         "FORA_REUSE_GATES_ONLY" => o.reuse_gates_only,
         "FORA_STEP_GRAPH" => o.step_graph,
+        "FORA_LT_SPLITK" => o.lt_splitk,
         other => panic!("test bug: unknown switch {other}"),
     }
 }

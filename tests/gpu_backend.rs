@@ -774,6 +774,63 @@ fn gpu_reuse_gates_only_matches_the_full_table() {
     }
 }
 
+/// proj's and fc2's f32 products as cuBLASLt split-K slices summed by `residual_layernorm`
+/// (FORA_LT_SPLITK) sample what one product gives, up to the f32 summation order. The model is
+/// sized so that both split at 4 rows (proj K = 512 into 2 slices, fc2 K = 2048 into 4); a
+/// wrong slice offset, stride or count would add or drop a quarter of a product.
+#[test]
+fn gpu_lt_splitk_matches_one_product() {
+    use fora::cuda::gemm::{lt_product_splits, GemmImpl};
+    use fora::cuda::CudaOptions;
+    let arch = Arch::parse("depth=2,hidden=512,heads=8,patch=2").unwrap();
+    let cfg = DitConfig::from_arch(&arch, 4, 16, 10, true).unwrap();
+    let Some((_cpu, mut cuda)) = backends("gpu_lt_splitk_matches_one_product", &cfg, 31) else {
+        return;
+    };
+    // Two images with CFG: 4 model rows of 64 tokens; the scratch holds fc1's M x 4D.
+    let (m, d) = (4 * cfg.tokens(), cfg.hidden);
+    let sms = cuda.gpu().sm_count();
+    assert_eq!(
+        lt_product_splits(m, d, d, sms, m * 4 * d),
+        2,
+        "proj must split"
+    );
+    assert_eq!(
+        lt_product_splits(m, d, 4 * d, sms, m * 4 * d),
+        4,
+        "fc2 must split"
+    );
+    let options = SamplerOptions::ddpm(10).with_guidance(Some(Guidance {
+        scale: 3.0,
+        mode: GuidanceMode::Official3,
+    }));
+    let classes = [3, 8];
+    for graphs in [true, false] {
+        let mut run = |lt_splitk| {
+            let base = cuda.options();
+            cuda.set_options(CudaOptions {
+                gemm: GemmImpl::CublasLt,
+                graphs,
+                fused_ln: true,
+                bf16_residual: false,
+                lt_splitk,
+                ..base
+            });
+            sample_latents(&cuda, &options, &classes, 5, 3)
+        };
+        let one = run(false);
+        let split = run(true);
+        assert!(one.iter().all(|v| v.is_finite()));
+        check_close(
+            &format!("graphs={graphs}: split-K slices vs one product"),
+            &split,
+            &one,
+            1e-3,
+        )
+        .unwrap();
+    }
+}
+
 /// A whole step as one graph launch (the copy and the sampler update re-pointed in the
 /// instantiated graph before each launch) runs the same kernels on the same data as the copy,
 /// graph launch and update launch: the latents must be equal to the bit, with and without

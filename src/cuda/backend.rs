@@ -83,12 +83,20 @@ pub struct CudaOptions {
     /// update's parameters set in the instantiated graph before each launch
     /// (`FORA_STEP_GRAPH=1`: on). Off by default: not yet run on a GPU.
     pub step_graph: bool,
+    /// With `fused_ln` and without `bf16_residual`: where proj's or fc2's output has fewer
+    /// 128 x 128 tiles than the device has SMs (one image + CFG: M = 512, N = 1152), the f32
+    /// product is split over K into up to 4 slices by one cuBLASLt strided batch, and
+    /// `residual_layernorm` sums the slices as it loads them (`FORA_LT_SPLITK=1`: on). For the
+    /// latency-bound small-batch GEMMs (at 2 rows proj ran at 139 TFLOP/s, fc2 at 318 on an
+    /// H200). Off by default: not yet run on a GPU.
+    pub lt_splitk: bool,
 }
 
 impl CudaOptions {
     /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
     /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM`, `FORA_FUSED_LN`,
-    /// `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY` and `FORA_STEP_GRAPH`.
+    /// `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`, `FORA_STEP_GRAPH` and
+    /// `FORA_LT_SPLITK`.
     pub fn from_env() -> Result<CudaOptions> {
         // A 0/1 switch; unset or empty keeps the default, anything else is refused.
         let flag = |var: &str, default: bool| match std::env::var(var) {
@@ -113,6 +121,7 @@ impl CudaOptions {
             bf16_residual: flag("FORA_BF16_RESIDUAL", false)?,
             reuse_gates_only: flag("FORA_REUSE_GATES_ONLY", false)?,
             step_graph: flag("FORA_STEP_GRAPH", false)?,
+            lt_splitk: flag("FORA_LT_SPLITK", false)?,
         })
     }
 }
@@ -543,6 +552,7 @@ impl CudaBackend {
             bias_bf16: self.options.lt_bias_bf16,
             bf16_residual: self.options.bf16_residual,
             reuse_gates_only: self.options.reuse_gates_only,
+            lt_splitk: self.options.lt_splitk,
         }
     }
 

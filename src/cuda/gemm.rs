@@ -215,6 +215,25 @@ impl Tile {
     }
 }
 
+/// Most split-K slices of a cuBLASLt product ([`Gemm::lt_product_splits`]).
+pub const MAX_LT_SPLITS: usize = 4;
+
+/// [`Gemm::lt_product_splits`] for an M x N x K product on `sm_count` SMs with `scratch` f32
+/// elements of room. Pure.
+pub fn lt_product_splits(m: usize, n: usize, k: usize, sm_count: usize, scratch: usize) -> usize {
+    let tiles = m.div_ceil(128) * n.div_ceil(128);
+    if tiles == 0 || tiles >= sm_count {
+        return 1;
+    }
+    let mut splits = sm_count.div_ceil(tiles).min(MAX_LT_SPLITS);
+    while splits > 1
+        && (!k.is_multiple_of(8 * splits) || k / splits < 256 || splits * m * n > scratch)
+    {
+        splits -= 1;
+    }
+    splits
+}
+
 /// The split-K rule both GEMM families share: slices only when `ctas` CTAs fall short of the
 /// `target` resident on the machine, enough to reach it, at least `min_tiles` k-tiles a slice, at
 /// most 8 slices, and `slices * mn` f32 partials within `workspace`.
@@ -774,6 +793,73 @@ impl Gemm {
         }
     }
 
+    /// Split-K slices for [`Gemm::cublaslt_product_split`] at `p`'s shape: 1 (no split) when its
+    /// output has at least as many 128 x 128 tiles as the device has SMs; else enough slices
+    /// to cover the SMs, at most [`MAX_LT_SPLITS`], each at least 256 deep, with K a multiple of
+    /// 8 slices (16-byte aligned slice operands) and every slice inside the f32 scratch. One
+    /// image + CFG at DiT-XL/2 (M = 512): proj and fc2 (N = 1152, 36 tiles) take 4 slices.
+    pub fn lt_product_splits(&self, p: &GemmParams) -> usize {
+        let (m, n, k) = (
+            p.m.max(0) as usize,
+            p.n.max(0) as usize,
+            p.k.max(0) as usize,
+        );
+        let scratch = self.scratch.as_ref().map_or(0, |s| s.len());
+        lt_product_splits(m, n, k, self.sm_count, scratch)
+    }
+
+    /// The product `A @ W^T` of `p` (no bias, no epilogue) as `splits` split-K slices, by one
+    /// cuBLASLt strided batch into the f32 scratch: slice s multiplies columns
+    /// `[s K / splits, (s + 1) K / splits)` of A and W and lies at `+ s * M * N` elements,
+    /// `[M, N]` with leading dimension N. Returns (address, slices written): the product is the
+    /// slices' sum in order. One slice, or cuBLASLt without an algorithm for the batch, is
+    /// [`Gemm::cublaslt_product`]. Valid until the next GEMM on this engine.
+    pub fn cublaslt_product_split(&self, p: &GemmParams, splits: usize) -> Result<(u64, usize)> {
+        if splits <= 1 {
+            return Ok((self.cublaslt_product(p)?, 1));
+        }
+        validate(p)?;
+        let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+        ensure!(
+            k.is_multiple_of(8 * splits),
+            "{}: K is not a multiple of 8 x {splits} split-K slices",
+            gemm_what(p, "cuBLASLt")
+        );
+        let lt = self.lt()?;
+        let scratch = self
+            .scratch
+            .as_ref()
+            .context("GEMM: no cuBLASLt scratch (built for the custom implementation)")?;
+        ensure!(
+            splits * m * n <= scratch.len(),
+            "GEMM: {splits} split-K slices of M*N = {m}*{n} exceed the cuBLASLt scratch of {} \
+             elements sized at construction",
+            scratch.len()
+        );
+        let acc = dptr(scratch);
+        let depth = k / splits;
+        let mm = LtMatmul {
+            d: acc,
+            ldd: n,
+            k: depth,
+            batch: Some(LtBatch {
+                count: splits,
+                stride_w: depth as i64,
+                stride_a: depth as i64,
+                stride_d: (m * n) as i64,
+                stride_bias: 0,
+            }),
+            ..lt_matmul(p, LtOutput::F32, LtEpilogue::None)
+        };
+        match lt
+            .matmul(&mm)
+            .with_context(|| gemm_what(p, "cuBLASLt split-K batch"))?
+        {
+            LtRun::Done => Ok((acc, splits)),
+            LtRun::Unsupported => Ok((self.cublaslt_product(p)?, 1)),
+        }
+    }
+
     /// Turns cuBLASLt autotuning on or off (see [`CublasLt::set_autotune`]); the custom
     /// implementations have nothing to tune.
     pub fn set_lt_autotune(&self, on: bool) {
@@ -980,6 +1066,27 @@ pub fn launch_epilogue(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lt_product_splits_fill_small_grids_only() {
+        let big = usize::MAX;
+        // One image + CFG at DiT-XL/2 on 132 SMs: proj and fc2 have 36 tiles of 128 x 128.
+        assert_eq!(lt_product_splits(512, 1152, 1152, 132, big), 4);
+        assert_eq!(lt_product_splits(512, 1152, 4608, 132, big), 4);
+        // Grids that fill the SMs are not split: 16 and 256 images.
+        assert_eq!(lt_product_splits(4096, 1152, 1152, 132, big), 1);
+        assert_eq!(lt_product_splits(65536, 1152, 4608, 132, big), 1);
+        // The scratch bounds the slices.
+        assert_eq!(lt_product_splits(512, 1152, 1152, 132, 2 * 512 * 1152), 2);
+        assert_eq!(lt_product_splits(512, 1152, 1152, 132, 512 * 1152), 1);
+        // Slices at least 256 deep, K a multiple of 8 slices.
+        assert_eq!(lt_product_splits(512, 1152, 512, 132, big), 2);
+        assert_eq!(lt_product_splits(512, 1152, 1000, 132, big), 1);
+        assert_eq!(lt_product_splits(512, 1152, 255, 132, big), 1);
+        // Few tiles short of the SMs: only as many slices as fill them.
+        assert_eq!(lt_product_splits(512, 4096, 4608, 132, big), 2);
+        assert_eq!(lt_product_splits(0, 1152, 1152, 132, big), 1);
+    }
 
     #[test]
     fn impl_parses() {

@@ -58,13 +58,18 @@ pub struct ForwardKind {
     /// reads (every gate and the final shift / scale: a third of the adaLN GEMM), with a
     /// cuBLASLt strided batch where there is one.
     pub reuse_gates_only: bool,
+    /// With `fused_ln` and without `bf16_residual`: proj's and fc2's f32 products as cuBLASLt
+    /// split-K slices where the output is too small to fill the SMs
+    /// ([`Gemm::lt_product_splits`]), summed by `residual_layernorm`.
+    pub lt_splitk: bool,
 }
 
 /// A block's output (proj or fc2) on the fused-LayerNorm path, as a device address.
 #[derive(Clone, Copy)]
 enum BlockOutput {
-    /// The f32 product without the bias (cuBLASLt's scratch).
-    F32Product(u64),
+    /// The f32 product without the bias (cuBLASLt's scratch): the sum, in order, of `splits`
+    /// split-K slices `[rows*T, D]` one after another.
+    F32Product { acc: u64, splits: usize },
     /// v = bf16(product + bias), `[rows*T, D]`.
     Bf16(u64),
 }
@@ -548,6 +553,7 @@ impl GpuModel {
             bias_bf16,
             bf16_residual,
             reuse_gates_only,
+            lt_splitk,
         } = kind;
         // qkv and fc1: with bias_bf16, cuBLASLt may fuse a bf16 copy of the bias.
         let biased_gemm = |p: &GemmParams, bias16: &CudaSlice<bf16>| {
@@ -651,9 +657,9 @@ impl GpuModel {
                            gate_col: usize,
                            shift_col: usize| {
             let _op = crate::nvtx_range!("residual_ln");
-            let (acc, bias, cache, acc_bf16) = match v {
-                BlockOutput::F32Product(acc) => (acc, dptr(bias), cache, 0),
-                BlockOutput::Bf16(v) => (v, 0, 0, 1),
+            let (acc, splits, bias, cache, acc_bf16) = match v {
+                BlockOutput::F32Product { acc, splits } => (acc, splits, dptr(bias), cache, 0),
+                BlockOutput::Bf16(v) => (v, 1, 0, 0, 1),
             };
             super::norm::residual_layernorm(
                 gpu,
@@ -674,6 +680,8 @@ impl GpuModel {
                     scale_col: (shift_col + d) as i32,
                     acc_bf16,
                     eps: 1e-6,
+                    acc_splits: splits as i32,
+                    acc_split_stride: (rows * t * d) as i64,
                 },
             )
         };
@@ -693,9 +701,15 @@ impl GpuModel {
                     Epilogue::BiasBf16,
                 );
                 gemm.run_with_bias_bf16(gpu, &p16, dptr(bias16))?;
-                Ok(BlockOutput::Bf16(out))
+                Ok::<_, anyhow::Error>(BlockOutput::Bf16(out))
             } else {
-                gemm.cublaslt_product(p).map(BlockOutput::F32Product)
+                let splits = if lt_splitk {
+                    gemm.lt_product_splits(p)
+                } else {
+                    1
+                };
+                let (acc, splits) = gemm.cublaslt_product_split(p, splits)?;
+                Ok(BlockOutput::F32Product { acc, splits })
             }
         };
         match mode {

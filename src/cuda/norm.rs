@@ -138,6 +138,9 @@ pub fn layernorm_modulate_with(
 /// Widest row [`residual_layernorm`] takes (128 * kMaxChunks in norm.cu): every DiT.
 pub const RESIDUAL_LN_MAX_DIM: i32 = 1536;
 
+/// Most split-K slices [`residual_layernorm`] sums (`acc_splits`).
+pub const MAX_ACC_SPLITS: i32 = 16;
+
 /// Whether [`residual_layernorm`] takes rows of `dim` elements.
 pub fn residual_layernorm_supports(dim: usize) -> bool {
     dim.is_multiple_of(4) && dim <= RESIDUAL_LN_MAX_DIM as usize
@@ -203,6 +206,26 @@ pub fn residual_layernorm_plan(p: &ResidualLayerNormParams) -> Result<(u32, u32,
             );
         }
         other => anyhow::bail!("{K}: acc_bf16 must be 0 or 1, got {other}"),
+    }
+    // Split-K slices of the f32 product: disjoint, each 16-byte aligned like the first.
+    ensure!(
+        (0..=MAX_ACC_SPLITS).contains(&p.acc_splits),
+        "{K}: acc_splits must be 0..={MAX_ACC_SPLITS} (0 or 1: one product), got {}",
+        p.acc_splits
+    );
+    if p.acc_splits > 1 {
+        ensure!(
+            p.acc_bf16 == 0,
+            "{K}: acc_splits {} needs the f32 product (acc_bf16 0)",
+            p.acc_splits
+        );
+        let slice = p.rows as i64 * p.tokens as i64 * p.ld_acc as i64;
+        ensure!(
+            p.acc_split_stride >= slice && p.acc_split_stride % 4 == 0,
+            "{K}: acc_split_stride {} must be >= rows * tokens * ld_acc = {slice} (disjoint \
+             slices) and a multiple of 4",
+            p.acc_split_stride
+        );
     }
     check_ptr(K, "out", p.out, 8)?;
     let tokens = p.rows as i64 * p.tokens as i64;

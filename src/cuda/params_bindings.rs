@@ -419,12 +419,14 @@ pub struct ResidualLayerNormParams {
     pub scale_col: ::std::os::raw::c_int,
     pub acc_bf16: ::std::os::raw::c_int,
     pub eps: f32,
+    pub acc_splits: ::std::os::raw::c_int,
+    pub acc_split_stride: ::std::os::raw::c_longlong,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     [
         "Size of ResidualLayerNormParams",
-    ][::std::mem::size_of::<ResidualLayerNormParams>() - 88usize];
+    ][::std::mem::size_of::<ResidualLayerNormParams>() - 104usize];
     [
         "Alignment of ResidualLayerNormParams",
     ][::std::mem::align_of::<ResidualLayerNormParams>() - 8usize];
@@ -476,6 +478,12 @@ const _: () = {
     [
         "Offset of field: ResidualLayerNormParams::eps",
     ][::std::mem::offset_of!(ResidualLayerNormParams, eps) - 84usize];
+    [
+        "Offset of field: ResidualLayerNormParams::acc_splits",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, acc_splits) - 88usize];
+    [
+        "Offset of field: ResidualLayerNormParams::acc_split_stride",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, acc_split_stride) - 96usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

@@ -345,6 +345,9 @@ pub struct ResidualLnCase {
     pub with_cache: bool,
     /// The GEMM wrote v = bf16(product + bias) itself (acc_bf16; no bias, no cache).
     pub v_bf16: bool,
+    /// The f32 product as this many split-K slices (0 or 1: one), a 4-element gap between
+    /// slices.
+    pub splits: usize,
 }
 
 /// One case with `warps` warps per token row.
@@ -362,7 +365,14 @@ pub fn run_residual_layernorm<D: TestDevice>(
     // Layer 1's gate_mlp, then the final layer's shift / scale: the columns fc2's fused epilogue
     // of the last block uses.
     let (gate_col, shift_col) = (6 * c.dim + 5 * c.dim, layers * 6 * c.dim);
-    let acc = rng.normal_vec(m * c.ld_acc, 2.0);
+    let slices = c.splits.max(1);
+    let stride = m * c.ld_acc + if slices > 1 { 4 } else { 0 };
+    let parts = rng.normal_vec(slices * stride, 2.0);
+    // The product: the slices summed in order in f32, as the kernel (and the GEMM epilogue
+    // kernel) sums them.
+    let acc: Vec<f32> = (0..m * c.ld_acc)
+        .map(|i| (1..slices).fold(parts[i], |a, s| a + parts[s * stride + i]))
+        .collect();
     let bias = rng.normal_vec(c.dim, 0.5);
     // A residual with an offset so the two-pass statistics matter.
     let x: Vec<f32> = (0..n)
@@ -388,7 +398,7 @@ pub fn run_residual_layernorm<D: TestDevice>(
             }
         })
         .collect();
-    let acc_d = gpu.upload_f32(&acc)?;
+    let acc_d = gpu.upload_f32(&parts)?;
     let acc16_d = gpu.upload_bf16(&acc16)?;
     let bias_d = gpu.upload_f32(&bias)?;
     let x_d = gpu.upload_f32(&x)?;
@@ -420,6 +430,8 @@ pub fn run_residual_layernorm<D: TestDevice>(
         scale_col: (shift_col + c.dim) as i32,
         acc_bf16: c.v_bf16 as i32,
         eps: 1e-6,
+        acc_splits: c.splits as i32,
+        acc_split_stride: if slices > 1 { stride as i64 } else { 0 },
     };
     residual_layernorm_with(gpu, &p, warps)?;
     let got_x = gpu.download_f32(&x_d)?;
@@ -451,8 +463,8 @@ pub fn run_residual_layernorm<D: TestDevice>(
         false,
     );
     let what = format!(
-        "residual_layernorm {warps:?} rows={} T={} D={} ld_acc={} cache={} v_bf16={}",
-        c.rows, c.tokens, c.dim, c.ld_acc, c.with_cache, c.v_bf16
+        "residual_layernorm {warps:?} rows={} T={} D={} ld_acc={} cache={} v_bf16={} splits={}",
+        c.rows, c.tokens, c.dim, c.ld_acc, c.with_cache, c.v_bf16, c.splits
     );
     if c.with_cache && !c.v_bf16 {
         // bf16 of the same f32 sum: equal to the bit.
@@ -484,6 +496,7 @@ pub fn check_residual_layernorm<D: TestDevice>(gpu: &D) -> Result<()> {
         ld_acc,
         with_cache,
         v_bf16: false,
+        splits: 1,
     };
     let bf16_v = |rows, tokens, dim, ld_acc| ResidualLnCase {
         v_bf16: true,
@@ -504,6 +517,22 @@ pub fn check_residual_layernorm<D: TestDevice>(gpu: &D) -> Result<()> {
         // bf16 v from the GEMM (FORA_BF16_RESIDUAL): DiT-XL/2 and odd, padded rows.
         (bf16_v(2, 256, 1152, 1152), 77),
         (bf16_v(3, 77, 100, 104), 78),
+        // Split-K slices of the product (FORA_LT_SPLITK): one image + CFG at DiT-XL/2 in 4,
+        // and odd padded rows in 3.
+        (
+            ResidualLnCase {
+                splits: 4,
+                ..case(2, 256, 1152, 1152, true)
+            },
+            79,
+        ),
+        (
+            ResidualLnCase {
+                splits: 3,
+                ..case(3, 77, 100, 104, false)
+            },
+            80,
+        ),
     ];
     for (c, seed) in &cases {
         for warps in [RowWarps::One, RowWarps::Four] {
