@@ -5,8 +5,9 @@
 # DEADLINE_S seconds (default 450: leave the rest of a 15-minute loan for the machine's start
 # and one short rerun). Everything lands under $OUT.
 #
-#   here:   tools/pack_device.sh                      (packs .devpack/, within 64 MiB)
-#   device: run, carry [".devpack"], command "bash tools/device_suite.sh", timeout_s 500
+#   here:   tools/pack_device.sh                      (packs .devpack/ and .devpack.tgz)
+#   device: run, carry [".devpack"] (or [".devpack.tgz"], unpacked here when .devpack/ is
+#           absent), command "bash tools/device_suite.sh", timeout_s 500
 #
 # The defaults are one full call (about 7 min on an H200): every GPU test, memcheck over every
 # test binary, the step times of the default path and of the opt-in ones still to decide, the
@@ -32,6 +33,7 @@
 #   tiny       train_tiny.py, then tools/quality.py through the fora binary (TINY_MINUTES).
 # Everything under $OUT ends in $OUT/all.tgz (the device tool returns at most 8 files).
 set -u
+if [ ! -d .devpack ] && [ -f .devpack.tgz ]; then tar xzf .devpack.tgz; fi
 export FORA_REQUIRE_GPU=1 RUST_BACKTRACE=1 FORA_BIN=.devpack/bin/fora PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 DEADLINE_S=${DEADLINE_S:-450}

@@ -3,8 +3,10 @@
 # tool's 64 MiB carry limit: ../shared/device/pack.sh builds everything in release mode, then
 # only the GPU test binaries, the CLI test and the fora binary stay, stripped. Every binary
 # embeds all the kernels (~7 MiB each), so the cargo bench binaries are left out: `fora bench`
-# is the same harness (benches/dit.rs calls it), and device_suite.sh runs that. Fails when the
-# pack is over the limit.
+# is the same harness (benches/dit.rs calls it), and device_suite.sh runs that. The pack is
+# also written as .devpack.tgz (about a third of the size; device_suite.sh unpacks it when
+# .devpack/ is absent): carry that one once .devpack/ nears the limit. Fails when even the
+# archive is over it.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 ../shared/device/pack.sh > /dev/null
@@ -15,8 +17,13 @@ done
 rm -f .devpack/bench/*
 strip .devpack/test/* .devpack/bin/*
 bytes=$(du -sb .devpack | cut -f1)
-echo "packed $((bytes / 1048576)) MiB (limit 64):"; ls .devpack/*
-if [ "$bytes" -gt $((64 * 1048576)) ]; then
-  echo "pack_device: .devpack is $bytes bytes, over the device tool's 64 MiB carry limit" >&2
+tar czf .devpack.tgz .devpack
+archive=$(stat -c %s .devpack.tgz)
+echo "packed $((bytes / 1048576)) MiB, .devpack.tgz $((archive / 1048576)) MiB (limit 64):"; ls .devpack/*
+limit=$((64 * 1048576))
+if [ "$archive" -gt "$limit" ]; then
+  echo "pack_device: even .devpack.tgz is $archive bytes, over the device tool's 64 MiB carry limit" >&2
   exit 1
+elif [ "$bytes" -gt $((limit - 4 * 1048576)) ]; then
+  echo "pack_device: .devpack is $bytes bytes, near or over the limit: carry [\".devpack.tgz\"]"
 fi
