@@ -113,9 +113,11 @@ FORA_DEVICE void ldmatrix_x2_trans(uint32_t& r0, uint32_t& r1, const void* p) {
 FORA_DEVICE void cp_async_16(void* smem, const void* gmem, int src_bytes) {
     fora_emulation_cp_async(smem, gmem, src_bytes);
 }
-FORA_DEVICE void cp_async_commit() {}
+FORA_DEVICE void cp_async_commit() { fora_emulation_cp_async_commit(); }
 template <int N>
-FORA_DEVICE void cp_async_wait() {}
+FORA_DEVICE void cp_async_wait() {
+    fora_emulation_cp_async_wait(N);
+}
 FORA_DEVICE void mma_bf16_16816(float* c, const uint32_t* a, const uint32_t* b) {
     fora_emulation_mma(16, c, a, b);
 }

@@ -25,12 +25,15 @@ FORA_DEVICE uint64_t wgmma_desc_sw128(uint32_t addr) {
 }
 
 #ifdef FORA_EMULATION
-// The CPU emulator carries out each wgmma at once (tests/emulation/launch.cpp): fences, groups
-// and waits have nothing left to order.
+// The CPU emulator defers each wgmma to the wait that retires its group, as the hardware may
+// (tests/emulation/launch.cpp): shared memory overwritten before that wait, or accumulators
+// read before it, give wrong results there too. Fences have nothing left to order.
 FORA_DEVICE void wgmma_fence() {}
-FORA_DEVICE void wgmma_commit() {}
+FORA_DEVICE void wgmma_commit() { fora_emulation_wgmma_commit(); }
 template <int N>
-FORA_DEVICE void wgmma_wait() {}
+FORA_DEVICE void wgmma_wait() {
+    fora_emulation_wgmma_wait(N);
+}
 FORA_DEVICE void fence_proxy_async_shared() {}
 template <int R>
 FORA_DEVICE void pin_accumulators(float (&)[R]) {}

@@ -562,127 +562,132 @@ fn emulated_gemm() -> Result<()> {
     let Some(emu) = emulator("emulated_gemm") else {
         return Ok(());
     };
-    // M = 2 model rows of 35 tokens; N and K not multiples of the tiles.
-    let (m, n, k, tokens) = (70usize, 136usize, 200usize, 35usize);
-    let ldo = n + 8;
-    let mut rng = TestRng::new(7);
-    let a = round_bf16(&rng.normal_vec(m * k, 1.0));
-    let w = round_bf16(&rng.normal_vec(n * k, 1.0 / (k as f32).sqrt()));
-    let bias = rng.normal_vec(n, 0.5);
-    let gate = rng.uniform_vec((m / tokens) * n, -1.0, 1.0);
-    let residual = rng.normal_vec((m + 1) * ldo, 1.0);
-    let product: Vec<f64> = (0..m * n)
-        .map(|i| {
-            let (r, c) = (i / n, i % n);
-            (0..k)
-                .map(|j| a[r * k + j] as f64 * w[c * k + j] as f64)
-                .sum::<f64>()
-                + bias[c] as f64
-        })
-        .collect();
-    let gelu =
-        |x: f64| 0.5 * x * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh());
-    let (a_d, w_d) = (emu.upload_bf16(&a)?, emu.upload_bf16(&w)?);
-    let (bias_d, gate_d) = (emu.upload_f32(&bias)?, emu.upload_f32(&gate)?);
-    let workspace = emu.poisoned_f32(3 * m * n)?;
-    // Every custom tile, then every Hopper wgmma tile (the wgmma kernels have never run on a
-    // GPU: this is their only check so far).
-    let tiles: Vec<(String, Option<Tile>, Option<WgmmaTile>)> = Tile::ALL
-        .iter()
-        .map(|&t| (format!("{t:?}"), Some(t), None))
-        .chain(
-            WgmmaTile::ALL
-                .iter()
-                .map(|&t| (format!("wgmma {t:?}"), None, Some(t))),
-        )
-        .collect();
-    for (tile_name, tile, wgmma) in &tiles {
-        for splits in [1u32, 3] {
-            for epi in Epilogue::ALL {
-                let what = format!("emulated GEMM {tile_name} x{splits} {epi:?}");
-                let residual_epi = epi == Epilogue::BiasGateResidual;
-                // bf16 out, f32 out, or the f32 residual (random, not poisoned).
-                let out_f32 = if residual_epi {
-                    emu.upload_f32(&residual)?
-                } else {
-                    emu.poisoned_f32((m + 1) * ldo)?
-                };
-                let out_bf16 = emu.poisoned_bf16((m + 1) * ldo)?;
-                let cache = emu.poisoned_bf16(m * n)?;
-                let bf16_out = matches!(epi, Epilogue::BiasBf16 | Epilogue::BiasGeluBf16);
-                let p = GemmParams {
-                    a: a_d.addr(),
-                    w: w_d.addr(),
-                    bias: bias_d.addr(),
-                    out: if bf16_out {
-                        out_bf16.addr()
+    // M = 2 model rows of 35 tokens; N and K not multiples of the tiles. K = 520 (9 k-tiles of
+    // 64) also cycles the wgmma kernels' 4-stage ring twice, which the emulator's asynchronous
+    // cp.async and wgmma check (a slot refilled while a wgmma may still read it shows as NaN).
+    let (m, n, tokens) = (70usize, 136usize, 35usize);
+    for k in [200usize, 520] {
+        let ldo = n + 8;
+        let mut rng = TestRng::new(7);
+        let a = round_bf16(&rng.normal_vec(m * k, 1.0));
+        let w = round_bf16(&rng.normal_vec(n * k, 1.0 / (k as f32).sqrt()));
+        let bias = rng.normal_vec(n, 0.5);
+        let gate = rng.uniform_vec((m / tokens) * n, -1.0, 1.0);
+        let residual = rng.normal_vec((m + 1) * ldo, 1.0);
+        let product: Vec<f64> = (0..m * n)
+            .map(|i| {
+                let (r, c) = (i / n, i % n);
+                (0..k)
+                    .map(|j| a[r * k + j] as f64 * w[c * k + j] as f64)
+                    .sum::<f64>()
+                    + bias[c] as f64
+            })
+            .collect();
+        let gelu = |x: f64| {
+            0.5 * x * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh())
+        };
+        let (a_d, w_d) = (emu.upload_bf16(&a)?, emu.upload_bf16(&w)?);
+        let (bias_d, gate_d) = (emu.upload_f32(&bias)?, emu.upload_f32(&gate)?);
+        let workspace = emu.poisoned_f32(3 * m * n)?;
+        // Every custom tile, then every Hopper wgmma tile (the wgmma kernels have never run on a
+        // GPU: this is their only check so far).
+        let tiles: Vec<(String, Option<Tile>, Option<WgmmaTile>)> = Tile::ALL
+            .iter()
+            .map(|&t| (format!("{t:?}"), Some(t), None))
+            .chain(
+                WgmmaTile::ALL
+                    .iter()
+                    .map(|&t| (format!("wgmma {t:?}"), None, Some(t))),
+            )
+            .collect();
+        for (tile_name, tile, wgmma) in &tiles {
+            for splits in [1u32, 3] {
+                for epi in Epilogue::ALL {
+                    let what = format!("emulated GEMM {tile_name} K={k} x{splits} {epi:?}");
+                    let residual_epi = epi == Epilogue::BiasGateResidual;
+                    // bf16 out, f32 out, or the f32 residual (random, not poisoned).
+                    let out_f32 = if residual_epi {
+                        emu.upload_f32(&residual)?
                     } else {
-                        out_f32.addr()
-                    },
-                    cache: if residual_epi { cache.addr() } else { 0 },
-                    gate: if residual_epi { gate_d.addr() } else { 0 },
-                    m: m as i32,
-                    n: n as i32,
-                    k: k as i32,
-                    lda: k as i32,
-                    ldw: k as i32,
-                    ldo: ldo as i32,
-                    ldc: n as i32,
-                    ldg: n as i32,
-                    rows_per_gate: tokens as i32,
-                    epilogue: epi.raw(),
-                };
-                let splitk = Some((workspace.addr(), 3 * m * n));
-                match (tile, wgmma) {
-                    (Some(t), _) => launch_custom(emu, &p, *t, splits, splitk)?,
-                    (_, Some(t)) => launch_wgmma(emu, &p, *t, splits, splitk)?,
-                    _ => unreachable!("every entry names one tile"),
-                }
-                let got = if bf16_out {
-                    emu.download_bf16(&out_bf16)?
-                } else {
-                    emu.download_f32(&out_f32)?
-                };
-                let want_at = |r: usize, c: usize| -> f64 {
-                    let v = product[r * n + c];
-                    match epi {
-                        Epilogue::BiasGeluBf16 => gelu(v),
-                        Epilogue::BiasGateResidual => {
-                            residual[r * ldo + c] as f64 + gate[(r / tokens) * n + c] as f64 * v
-                        }
-                        _ => v,
-                    }
-                };
-                let mut region = Vec::with_capacity(m * n);
-                let mut want = Vec::with_capacity(m * n);
-                for r in 0..m + 1 {
-                    for c in 0..ldo {
-                        let g = got[r * ldo + c];
-                        if r < m && c < n {
-                            region.push(g);
-                            want.push(want_at(r, c) as f32);
-                        } else if residual_epi {
-                            ensure!(
-                                g == residual[r * ldo + c],
-                                "{what}: wrote padding or guard element ({r}, {c})"
-                            );
+                        emu.poisoned_f32((m + 1) * ldo)?
+                    };
+                    let out_bf16 = emu.poisoned_bf16((m + 1) * ldo)?;
+                    let cache = emu.poisoned_bf16(m * n)?;
+                    let bf16_out = matches!(epi, Epilogue::BiasBf16 | Epilogue::BiasGeluBf16);
+                    let p = GemmParams {
+                        a: a_d.addr(),
+                        w: w_d.addr(),
+                        bias: bias_d.addr(),
+                        out: if bf16_out {
+                            out_bf16.addr()
                         } else {
-                            ensure!(
-                                g.is_nan(),
-                                "{what}: wrote padding or guard element ({r}, {c})"
-                            );
+                            out_f32.addr()
+                        },
+                        cache: if residual_epi { cache.addr() } else { 0 },
+                        gate: if residual_epi { gate_d.addr() } else { 0 },
+                        m: m as i32,
+                        n: n as i32,
+                        k: k as i32,
+                        lda: k as i32,
+                        ldw: k as i32,
+                        ldo: ldo as i32,
+                        ldc: n as i32,
+                        ldg: n as i32,
+                        rows_per_gate: tokens as i32,
+                        epilogue: epi.raw(),
+                    };
+                    let splitk = Some((workspace.addr(), 3 * m * n));
+                    match (tile, wgmma) {
+                        (Some(t), _) => launch_custom(emu, &p, *t, splits, splitk)?,
+                        (_, Some(t)) => launch_wgmma(emu, &p, *t, splits, splitk)?,
+                        _ => unreachable!("every entry names one tile"),
+                    }
+                    let got = if bf16_out {
+                        emu.download_bf16(&out_bf16)?
+                    } else {
+                        emu.download_f32(&out_f32)?
+                    };
+                    let want_at = |r: usize, c: usize| -> f64 {
+                        let v = product[r * n + c];
+                        match epi {
+                            Epilogue::BiasGeluBf16 => gelu(v),
+                            Epilogue::BiasGateResidual => {
+                                residual[r * ldo + c] as f64 + gate[(r / tokens) * n + c] as f64 * v
+                            }
+                            _ => v,
+                        }
+                    };
+                    let mut region = Vec::with_capacity(m * n);
+                    let mut want = Vec::with_capacity(m * n);
+                    for r in 0..m + 1 {
+                        for c in 0..ldo {
+                            let g = got[r * ldo + c];
+                            if r < m && c < n {
+                                region.push(g);
+                                want.push(want_at(r, c) as f32);
+                            } else if residual_epi {
+                                ensure!(
+                                    g == residual[r * ldo + c],
+                                    "{what}: wrote padding or guard element ({r}, {c})"
+                                );
+                            } else {
+                                ensure!(
+                                    g.is_nan(),
+                                    "{what}: wrote padding or guard element ({r}, {c})"
+                                );
+                            }
                         }
                     }
-                }
-                check_close(&what, &region, &want, 1e-2)?;
-                if residual_epi {
-                    let want_cache: Vec<f32> = product.iter().map(|&v| v as f32).collect();
-                    check_close(
-                        &format!("{what} cache"),
-                        &emu.download_bf16(&cache)?,
-                        &round_bf16(&want_cache),
-                        1e-2,
-                    )?;
+                    check_close(&what, &region, &want, 1e-2)?;
+                    if residual_epi {
+                        let want_cache: Vec<f32> = product.iter().map(|&v| v as f32).collect();
+                        check_close(
+                            &format!("{what} cache"),
+                            &emu.download_bf16(&cache)?,
+                            &round_bf16(&want_cache),
+                            1e-2,
+                        )?;
+                    }
                 }
             }
         }

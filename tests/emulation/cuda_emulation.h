@@ -4,7 +4,12 @@
 // locals, one per OS thread, are the block's shared memory), __syncthreads is a block barrier
 // and a warp shuffle exchanges through a per-warp slot array between two warp barriers. It
 // checks indexing, bounds, reductions and rounding (and, built with UBSan's alignment check,
-// misaligned vector accesses); not timing, not the memory model.
+// misaligned vector accesses); not timing, not the memory model. cp.async and wgmma are
+// asynchronous as on the hardware: a copy's destination holds NaN bytes until the wait that
+// retires its group, and a wgmma reads its shared-memory operands and writes its accumulators
+// only at the wait that retires it, so a pipeline that reads a tile too early, refills a slot a
+// wgmma still reads, or reads accumulators before their wait fails its test; a thread that exits
+// with either in flight aborts.
 #pragma once
 
 #include <math.h>
@@ -102,13 +107,21 @@ float fora_emulation_shfl_xor(float v, int lane_mask);
 // mma_bf16_16816; attention.cu's mma_bf16_1688 with k = 8).
 void fora_emulation_ldmatrix(int matrices, bool trans, const void* row, uint32_t* out);
 void fora_emulation_mma(int k, float* c, const uint32_t* a, const uint32_t* b);
+// cp.async: the source is read at issue, the shared memory written when a wait retires the
+// copy's group (cp.async.wait_group semantics), so reading a tile before its wait shows.
 void fora_emulation_cp_async(void* smem, const void* gmem, int src_bytes);
+void fora_emulation_cp_async_commit();
+void fora_emulation_cp_async_wait(int pending);
 // wgmma.mma_async m64nNk16 f32 += bf16 x bf16, both operands K-major 128-byte-swizzled in shared
 // memory (descriptors), for this thread's accumulator fragment (gemm_sm90.cu).
 void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b);
 // The same with A[64 x 16] from registers: each thread passes its 4 A registers (the mma.sync
 // m16n8k16 A fragment of its warp's 16 rows); warpgroup-collective (attention_sm90.cu).
 void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b);
+// Both forms are carried out when wgmma.wait_group retires their commit group: shared-memory
+// operands are read then, accumulators written then.
+void fora_emulation_wgmma_commit();
+void fora_emulation_wgmma_wait(int pending);
 // The shared-window address of a pointer into the block's dynamic shared memory.
 uint32_t fora_emulation_smem_offset(const void* p);
 

@@ -80,15 +80,57 @@ struct Barrier {
     }
 };
 
+// A cp.async issued and not yet retired: its 16 source bytes (read at issue) and where they go.
+struct PendingCopy {
+    unsigned char* dst;
+    unsigned char bytes[16];
+};
+
+// A wgmma issued and not yet retired: where its accumulators are and its operands. An RS wgmma's
+// A rows of this thread (g and g + 8 of its warp's 16) are taken at issue, when the warpgroup's
+// threads exchange their registers; shared-memory operands are read when it is carried out.
+struct PendingWgmma {
+    int n;
+    float* d;
+    bool rs;
+    uint64_t desc_a, desc_b;
+    float a_rows[2][16];
+};
+
+// A thread's asynchronous operations in flight: committed groups, oldest first, and the group
+// still open (operations issued since the last commit).
+template <typename Op>
+struct AsyncGroups {
+    std::vector<std::vector<Op>> committed;
+    std::vector<Op> open;
+    void clear() {
+        committed.clear();
+        open.clear();
+    }
+    // No operation in flight (empty groups may stay pending: they hold nothing).
+    bool empty() const {
+        for (const std::vector<Op>& g : committed)
+            if (!g.empty()) return false;
+        return open.empty();
+    }
+    void commit() {
+        committed.push_back(std::move(open));
+        open.clear();
+    }
+};
+
 struct Fiber {
     ucontext_t context;
     std::vector<char> stack;
     bool done = false;
+    AsyncGroups<PendingCopy> copies;
+    AsyncGroups<PendingWgmma> wgmmas;
 };
 
 constexpr size_t kStackBytes = 64 * 1024;  // the kernels' frames are a few KiB
 
 struct Launch {
+    const char* name = "";
     Kernel kernel = nullptr;
     const void* params = nullptr;
     dim3 grid_dim;
@@ -127,6 +169,13 @@ void wait_at(Barrier& b) {
 void fiber_main(int index) {
     Launch& l = *launch_state;
     l.kernel(l.params);
+    // The hardware gives no result for copies or wgmmas still in flight when a thread exits.
+    const Fiber& self = l.fibers[index];
+    if (!self.copies.empty() || !self.wgmmas.empty()) {
+        std::fprintf(stderr, "emulated %s: thread %d exited with cp.async or wgmma operations not waited for\n",
+                     l.name, index);
+        std::abort();
+    }
     // A thread that returned no longer takes part in barriers.
     Barrier& w = l.warp_barriers[index / 32];
     --w.live;
@@ -156,6 +205,8 @@ void run_block(Launch& l, uint3 b) {
     for (unsigned t = 0; t < n; ++t) {
         Fiber& f = l.fibers[t];
         f.done = false;
+        f.copies.clear();
+        f.wgmmas.clear();
         getcontext(&f.context);
         f.context.uc_stack.ss_sp = f.stack.data();
         f.context.uc_stack.ss_size = f.stack.size();
@@ -319,11 +370,28 @@ void fora_emulation_mma(int k, float* c, const uint32_t* a, const uint32_t* b) {
     wait_at(l.warp_barriers[warp]);
 }
 
-// cp.async.cg.shared.global [smem], [gmem], 16, src_bytes: done at once (the kernels' waits
-// are then no-ops); bytes past src_bytes are zero-filled.
+// cp.async.cg.shared.global [smem], [gmem], 16, src_bytes: the source read now (bytes past
+// src_bytes zero), the shared memory written when a wait retires the copy's group. Until then
+// the destination holds NaN bytes, as a copy in progress leaves it undefined: a read before the
+// wait, or a wgmma still to read the old contents (a slot refilled too early), shows.
 void fora_emulation_cp_async(void* smem, const void* gmem, int src_bytes) {
-    std::memcpy(smem, gmem, static_cast<size_t>(src_bytes));
-    std::memset(static_cast<unsigned char*>(smem) + src_bytes, 0, static_cast<size_t>(16 - src_bytes));
+    PendingCopy c;
+    c.dst = static_cast<unsigned char*>(smem);
+    std::memcpy(c.bytes, gmem, static_cast<size_t>(src_bytes));
+    std::memset(c.bytes + src_bytes, 0, static_cast<size_t>(16 - src_bytes));
+    std::memset(c.dst, 0xff, 16);
+    launch_state->fibers[launch_state->current].copies.open.push_back(c);
+}
+
+void fora_emulation_cp_async_commit() { launch_state->fibers[launch_state->current].copies.commit(); }
+
+// cp.async.wait_group N: every committed group but the newest N lands, oldest first.
+void fora_emulation_cp_async_wait(int pending) {
+    AsyncGroups<PendingCopy>& g = launch_state->fibers[launch_state->current].copies;
+    while (g.committed.size() > static_cast<size_t>(pending)) {
+        for (const PendingCopy& c : g.committed.front()) std::memcpy(c.dst, c.bytes, 16);
+        g.committed.erase(g.committed.begin());
+    }
 }
 
 uint32_t fora_emulation_smem_offset(const void* p) {
@@ -357,61 +425,89 @@ float wgmma_operand(uint64_t desc, int row, int k) {
     return bf16_bits_to_f32(bits);
 }
 
-}  // namespace
-
 // This thread's fragment of D[64 x n] += A[64 x 16] B[16 x n]: warp w of the warpgroup owns rows
 // 16 w .. 16 w + 15; registers 4 j .. 4 j + 3 are (row g, columns 8 j + 2 q, + 1) and (row g + 8,
-// the same columns), g = lane / 4, q = lane % 4. Each thread reads the operands from shared
-// memory itself, so no lanes need to meet.
-void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b) {
+// the same columns), g = lane / 4, q = lane % 4. `a(r, k)` is A's element (row 16 w + g + 8 r, k).
+template <typename A>
+void wgmma_fragment(int n, float* d, uint64_t desc_b, A a) {
     const unsigned t = launch_state->current % 128;
-    const int warp = static_cast<int>(t / 32), lane = static_cast<int>(t % 32);
-    const int g = lane / 4, q = lane % 4;
+    const int lane = static_cast<int>(t % 32);
+    const int q = lane % 4;
     for (int j = 0; j < n / 8; ++j) {
         for (int r = 0; r < 4; ++r) {
-            const int row = 16 * warp + g + 8 * (r / 2);
             const int col = 8 * j + 2 * q + (r % 2);
             float sum = 0.0f;
-            for (int k = 0; k < 16; ++k) {
-                sum += wgmma_operand(desc_a, row, k) * wgmma_operand(desc_b, col, k);
-            }
+            for (int k = 0; k < 16; ++k) sum += a(r / 2, k) * wgmma_operand(desc_b, col, k);
             d[4 * j + r] += sum;
         }
     }
 }
 
+void carry_out(const PendingWgmma& op) {
+    if (op.rs) {
+        wgmma_fragment(op.n, op.d, op.desc_b, [&](int r, int k) { return op.a_rows[r][k]; });
+    } else {
+        const unsigned t = launch_state->current % 128;
+        const int row0 = 16 * static_cast<int>(t / 32) + static_cast<int>(t % 32) / 4;
+        wgmma_fragment(op.n, op.d, op.desc_b,
+                       [&](int r, int k) { return wgmma_operand(op.desc_a, row0 + 8 * r, k); });
+    }
+}
+
+}  // namespace
+
+// Both operands from shared memory: recorded now, carried out at the wait that retires it.
+void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b) {
+    PendingWgmma op{};
+    op.n = n;
+    op.d = d;
+    op.rs = false;
+    op.desc_a = desc_a;
+    op.desc_b = desc_b;
+    launch_state->fibers[launch_state->current].wgmmas.open.push_back(op);
+}
+
 // The RS form: A[64 x 16] comes from the registers of the warpgroup's 128 threads (warp w holds
 // rows 16 w .. 16 w + 15 in the mma.sync m16n8k16 A layout: a0 = (g, 2q .. 2q + 1), a1 = (g + 8,
 // 2q ..), a2 = (g, 2q + 8 ..), a3 = (g + 8, 2q + 8 ..)), so the threads meet twice: once after
-// depositing their registers, once after every thread has read them.
+// depositing their registers, once after every thread has taken the two rows it needs.
 void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b) {
     Launch& l = *launch_state;
     const unsigned group = l.current / 128, t = l.current % 128;
     uint32_t* regs = &l.warpgroup_regs[group * 128 * 4];
     for (int i = 0; i < 4; ++i) regs[t * 4 + i] = a[i];
     wait_at(l.warpgroup_barriers[group]);
-    float A[64][16];
-    for (unsigned T = 0; T < 128; ++T) {
-        const int w = static_cast<int>(T / 32), g = static_cast<int>(T % 32) / 4, q = static_cast<int>(T % 4);
-        const int rows[4] = {16 * w + g, 16 * w + g + 8, 16 * w + g, 16 * w + g + 8};
-        const int cols[4] = {2 * q, 2 * q, 2 * q + 8, 2 * q + 8};
-        for (int i = 0; i < 4; ++i) {
-            A[rows[i]][cols[i]] = bf16_bits_to_f32(regs[T * 4 + i] & 0xffffu);
-            A[rows[i]][cols[i] + 1] = bf16_bits_to_f32(regs[T * 4 + i] >> 16);
-        }
-    }
-    const int warp = static_cast<int>(t / 32), lane = static_cast<int>(t % 32);
-    const int g = lane / 4, q = lane % 4;
-    for (int j = 0; j < n / 8; ++j) {
-        for (int r = 0; r < 4; ++r) {
-            const int row = 16 * warp + g + 8 * (r / 2);
-            const int col = 8 * j + 2 * q + (r % 2);
-            float sum = 0.0f;
-            for (int k = 0; k < 16; ++k) sum += A[row][k] * wgmma_operand(desc_b, col, k);
-            d[4 * j + r] += sum;
+    PendingWgmma op{};
+    op.n = n;
+    op.d = d;
+    op.rs = true;
+    op.desc_b = desc_b;
+    // Rows g and g + 8 of this warp are held by the 4 threads of quad g: (g, cols 2q, 2q + 1,
+    // 2q + 8, 2q + 9) in registers 0 and 2, (g + 8, ...) in registers 1 and 3.
+    const unsigned warp = t / 32, g = (t % 32) / 4;
+    for (unsigned q = 0; q < 4; ++q) {
+        const uint32_t* r = &regs[(warp * 32 + g * 4 + q) * 4];
+        for (int half = 0; half < 2; ++half) {
+            for (int hi = 0; hi < 2; ++hi) {
+                const uint32_t v = r[half + 2 * hi];
+                op.a_rows[half][2 * q + 8 * hi] = bf16_bits_to_f32(v & 0xffffu);
+                op.a_rows[half][2 * q + 8 * hi + 1] = bf16_bits_to_f32(v >> 16);
+            }
         }
     }
     wait_at(l.warpgroup_barriers[group]);
+    l.fibers[l.current].wgmmas.open.push_back(op);
+}
+
+void fora_emulation_wgmma_commit() { launch_state->fibers[launch_state->current].wgmmas.commit(); }
+
+// wgmma.wait_group N: every committed group but the newest N is carried out, oldest first.
+void fora_emulation_wgmma_wait(int pending) {
+    AsyncGroups<PendingWgmma>& g = launch_state->fibers[launch_state->current].wgmmas;
+    while (g.committed.size() > static_cast<size_t>(pending)) {
+        for (const PendingWgmma& op : g.committed.front()) carry_out(op);
+        g.committed.erase(g.committed.begin());
+    }
 }
 
 void* fora_emulation_dynamic_smem_bytes() { return launch_state->dynamic_smem; }
@@ -424,6 +520,7 @@ extern "C" int fora_emulate_launch(const char* name, unsigned grid_x, unsigned g
     if (kernel == nullptr) return 1;
     if (grid_x == 0 || grid_y == 0 || grid_z == 0 || block_x == 0 || block_x > 1024) return 2;
     Launch l;
+    l.name = name;
     l.kernel = kernel;
     l.params = params;
     l.grid_dim = {grid_x, grid_y, grid_z};
