@@ -238,6 +238,35 @@ fn gpu_attention_wgmma_shapes() {
     }
 }
 
+/// The wgmma probes (kernels/probe_sm90.cu): each operand form and width alone, every case
+/// reported, so that a failing wgmma attention test can be traced to the assumption that broke
+/// (registers-A fragment layout, K-major B with 9 atoms, MN-major B with two n panels). SKIP
+/// off Hopper.
+#[test]
+fn gpu_wgmma_probe() {
+    use fora::cuda::probe::WgmmaProbeMode;
+    let test = "gpu_wgmma_probe";
+    let Some(gpu) = test_gpu(test) else { return };
+    let (major, minor) = gpu.compute_capability();
+    if major != 9 {
+        println!("SKIP {test}: wgmma needs compute capability 9.x, this device is {major}.{minor}");
+        return;
+    }
+    let mut failed = Vec::new();
+    for (i, mode) in WgmmaProbeMode::ALL.into_iter().enumerate() {
+        for &n in mode.widths() {
+            match attention_cases::run_wgmma_probe(&gpu, mode, n as usize, 60 + i as u64) {
+                Ok(()) => println!("{test}: {mode:?} n={n}: ok"),
+                Err(e) => {
+                    println!("{test}: {mode:?} n={n}: FAILED: {e:#}");
+                    failed.push(format!("{mode:?} n={n}"));
+                }
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{test}: failed: {failed:?}");
+}
+
 /// Off Hopper the wgmma implementation is refused with an error that names the requirement.
 #[test]
 fn gpu_attention_wgmma_refused_off_hopper() {

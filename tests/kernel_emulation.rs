@@ -278,7 +278,7 @@ impl TestDevice for Emulator {
 }
 
 /// The kernel sources the emulator builds: all of them.
-const EMULATED_SOURCES: [&str; 9] = [
+const EMULATED_SOURCES: [&str; 10] = [
     "conditioning.cu",
     "embed.cu",
     "norm.cu",
@@ -288,6 +288,7 @@ const EMULATED_SOURCES: [&str; 9] = [
     "attention_sm90.cu",
     "gemm.cu",
     "gemm_sm90.cu",
+    "probe_sm90.cu",
 ];
 
 /// The first C++ compiler of `CXX`, g++, c++, clang++ that runs.
@@ -690,6 +691,22 @@ fn emulated_gemm() -> Result<()> {
                     }
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// The wgmma probes (kernels/probe_sm90.cu) in every mode and width: the emulator and the
+/// probe kernel agree on the layouts (the GPU run of the same cases checks the hardware).
+#[test]
+fn emulated_wgmma_probe() -> Result<()> {
+    use fora::cuda::probe::WgmmaProbeMode;
+    let Some(emu) = emulator("emulated_wgmma_probe") else {
+        return Ok(());
+    };
+    for (i, mode) in WgmmaProbeMode::ALL.into_iter().enumerate() {
+        for &n in mode.widths() {
+            attention_cases::run_wgmma_probe(emu, mode, n as usize, 60 + i as u64)?;
         }
     }
     Ok(())

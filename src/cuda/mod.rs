@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod model;
 pub mod norm;
 pub mod params;
+pub mod probe;
 pub mod sampler;
 pub mod step_graph;
 pub mod testing;

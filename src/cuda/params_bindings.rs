@@ -859,6 +859,37 @@ const _: () = {
         "Offset of field: NormalFillParams::n",
     ][::std::mem::offset_of!(NormalFillParams, n) - 24usize];
 };
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct WgmmaProbeParams {
+    pub a: fora_ptr,
+    pub bt: fora_ptr,
+    pub d: fora_ptr,
+    pub n: ::std::os::raw::c_int,
+    pub mode: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of WgmmaProbeParams"][::std::mem::size_of::<WgmmaProbeParams>() - 32usize];
+    [
+        "Alignment of WgmmaProbeParams",
+    ][::std::mem::align_of::<WgmmaProbeParams>() - 8usize];
+    [
+        "Offset of field: WgmmaProbeParams::a",
+    ][::std::mem::offset_of!(WgmmaProbeParams, a) - 0usize];
+    [
+        "Offset of field: WgmmaProbeParams::bt",
+    ][::std::mem::offset_of!(WgmmaProbeParams, bt) - 8usize];
+    [
+        "Offset of field: WgmmaProbeParams::d",
+    ][::std::mem::offset_of!(WgmmaProbeParams, d) - 16usize];
+    [
+        "Offset of field: WgmmaProbeParams::n",
+    ][::std::mem::offset_of!(WgmmaProbeParams, n) - 24usize];
+    [
+        "Offset of field: WgmmaProbeParams::mode",
+    ][::std::mem::offset_of!(WgmmaProbeParams, mode) - 28usize];
+};
 
 // Plain C structs of integers and device addresses: valid kernel arguments by value.
 unsafe impl cudarc::driver::DeviceRepr for GemmParams {}
@@ -875,3 +906,4 @@ unsafe impl cudarc::driver::DeviceRepr for ForaReuseFinalParams {}
 unsafe impl cudarc::driver::DeviceRepr for SamplerStepParams {}
 unsafe impl cudarc::driver::DeviceRepr for UnpatchifyParams {}
 unsafe impl cudarc::driver::DeviceRepr for NormalFillParams {}
+unsafe impl cudarc::driver::DeviceRepr for WgmmaProbeParams {}

@@ -182,3 +182,35 @@ pub fn run_case_sized<D: TestDevice>(
     );
     Ok(())
 }
+
+/// One wgmma probe (`fora::cuda::probe`): random bf16 a [64, 16] and bt [n, 16], the device's
+/// d [64, n] against the f64 product; every element written, nothing past it.
+pub fn run_wgmma_probe<D: TestDevice>(
+    gpu: &D,
+    mode: fora::cuda::probe::WgmmaProbeMode,
+    n: usize,
+    seed: u64,
+) -> Result<()> {
+    let mut rng = TestRng::new(seed);
+    let a = round_bf16(&rng.normal_vec(64 * 16, 1.0));
+    let bt = round_bf16(&rng.normal_vec(n * 16, 1.0));
+    let want: Vec<f32> = (0..64 * n)
+        .map(|i| {
+            let (r, c) = (i / n, i % n);
+            (0..16)
+                .map(|k| a[r * 16 + k] as f64 * bt[c * 16 + k] as f64)
+                .sum::<f64>() as f32
+        })
+        .collect();
+    let (a_d, bt_d) = (gpu.upload_bf16(&a)?, gpu.upload_bf16(&bt)?);
+    let guard = 64;
+    let d = gpu.poisoned_f32(64 * n + guard)?;
+    fora::cuda::probe::wgmma_probe(gpu, mode, n as i32, a_d.addr(), bt_d.addr(), d.addr())?;
+    let got = gpu.download_f32(&d)?;
+    let what = format!("wgmma probe {mode:?} n={n}");
+    ensure!(
+        got[64 * n..].iter().all(|v| v.is_nan()),
+        "{what}: wrote past d"
+    );
+    check_close(&what, &got[..64 * n], &want, 1e-5).map(|_| ())
+}

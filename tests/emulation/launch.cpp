@@ -57,6 +57,7 @@ void gemm_bf16_128x128_k64(const GemmParams p);
 void gemm_bf16_64x128(const GemmParams p);
 void gemm_bf16_32x128(const GemmParams p);
 void gemm_epilogue_f32(const GemmEpilogueParams p);
+void wgmma_probe(const WgmmaProbeParams p);
 void gemm_wgmma_128x256(const GemmParams p);
 void gemm_wgmma_128x128(const GemmParams p);
 void gemm_wgmma_64x128(const GemmParams p);
@@ -93,6 +94,7 @@ struct PendingWgmma {
     int n;
     float* d;
     bool rs;
+    bool b_mn;  // B MN-major (transpose-B)
     uint64_t desc_a, desc_b;
     float a_rows[2][16];
 };
@@ -269,6 +271,7 @@ Kernel find(const std::string& name) {
     if (name == "gemm_wgmma_128x256") return call<GemmParams, gemm_wgmma_128x256>;
     if (name == "gemm_wgmma_128x128") return call<GemmParams, gemm_wgmma_128x128>;
     if (name == "gemm_wgmma_64x128") return call<GemmParams, gemm_wgmma_64x128>;
+    if (name == "wgmma_probe") return call<WgmmaProbeParams, wgmma_probe>;
     return nullptr;
 }
 
@@ -425,11 +428,35 @@ float wgmma_operand(uint64_t desc, int row, int k) {
     return bf16_bits_to_f32(bits);
 }
 
+// Element (n, k) of an MN-major bf16 B operand in the 128-byte-swizzle canonical layout (as
+// wgmma.cuh's wgmma_desc_sw128_mn describes it): 128-byte rows of 64 n-values, one per k; 8
+// k-rows an atom, atoms `stride byte offset` apart along k and `leading byte offset` apart per
+// 64-wide n panel; the same XOR of address bits [4:6] with [7:9].
+float wgmma_operand_mn(uint64_t desc, int n, int k) {
+    if ((desc >> 62) != 1) {
+        std::fprintf(stderr, "emulated wgmma: swizzle mode %d is not emulated\n", int(desc >> 62));
+        std::abort();
+    }
+    const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+    const uint32_t panel = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
+    const uint32_t group = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+    uint32_t addr = start + (n / 64) * panel + (k / 8) * group + (k % 8) * 128 + 2 * (n % 64);
+    addr ^= ((addr >> 7) & 7u) << 4;
+    if (addr + 2 > launch_state->dynamic_smem_bytes) {
+        std::fprintf(stderr, "emulated wgmma: MN-major operand (n %d, k %d) at shared byte %u is past the %zu bytes of dynamic shared memory\n",
+                     n, k, addr, launch_state->dynamic_smem_bytes);
+        std::abort();
+    }
+    uint16_t bits;
+    std::memcpy(&bits, launch_state->dynamic_smem + addr, 2);
+    return bf16_bits_to_f32(bits);
+}
+
 // This thread's fragment of D[64 x n] += A[64 x 16] B[16 x n]: warp w of the warpgroup owns rows
 // 16 w .. 16 w + 15; registers 4 j .. 4 j + 3 are (row g, columns 8 j + 2 q, + 1) and (row g + 8,
 // the same columns), g = lane / 4, q = lane % 4. `a(r, k)` is A's element (row 16 w + g + 8 r, k).
 template <typename A>
-void wgmma_fragment(int n, float* d, uint64_t desc_b, A a) {
+void wgmma_fragment(int n, float* d, uint64_t desc_b, bool b_mn, A a) {
     const unsigned t = launch_state->current % 128;
     const int lane = static_cast<int>(t % 32);
     const int q = lane % 4;
@@ -437,7 +464,10 @@ void wgmma_fragment(int n, float* d, uint64_t desc_b, A a) {
         for (int r = 0; r < 4; ++r) {
             const int col = 8 * j + 2 * q + (r % 2);
             float sum = 0.0f;
-            for (int k = 0; k < 16; ++k) sum += a(r / 2, k) * wgmma_operand(desc_b, col, k);
+            for (int k = 0; k < 16; ++k) {
+                const float b = b_mn ? wgmma_operand_mn(desc_b, col, k) : wgmma_operand(desc_b, col, k);
+                sum += a(r / 2, k) * b;
+            }
             d[4 * j + r] += sum;
         }
     }
@@ -445,11 +475,11 @@ void wgmma_fragment(int n, float* d, uint64_t desc_b, A a) {
 
 void carry_out(const PendingWgmma& op) {
     if (op.rs) {
-        wgmma_fragment(op.n, op.d, op.desc_b, [&](int r, int k) { return op.a_rows[r][k]; });
+        wgmma_fragment(op.n, op.d, op.desc_b, op.b_mn, [&](int r, int k) { return op.a_rows[r][k]; });
     } else {
         const unsigned t = launch_state->current % 128;
         const int row0 = 16 * static_cast<int>(t / 32) + static_cast<int>(t % 32) / 4;
-        wgmma_fragment(op.n, op.d, op.desc_b,
+        wgmma_fragment(op.n, op.d, op.desc_b, op.b_mn,
                        [&](int r, int k) { return wgmma_operand(op.desc_a, row0 + 8 * r, k); });
     }
 }
@@ -471,7 +501,7 @@ void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b) {
 // rows 16 w .. 16 w + 15 in the mma.sync m16n8k16 A layout: a0 = (g, 2q .. 2q + 1), a1 = (g + 8,
 // 2q ..), a2 = (g, 2q + 8 ..), a3 = (g + 8, 2q + 8 ..)), so the threads meet twice: once after
 // depositing their registers, once after every thread has taken the two rows it needs.
-void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b) {
+static void wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b, bool b_mn) {
     Launch& l = *launch_state;
     const unsigned group = l.current / 128, t = l.current % 128;
     uint32_t* regs = &l.warpgroup_regs[group * 128 * 4];
@@ -481,6 +511,7 @@ void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b
     op.n = n;
     op.d = d;
     op.rs = true;
+    op.b_mn = b_mn;
     op.desc_b = desc_b;
     // Rows g and g + 8 of this warp are held by the 4 threads of quad g: (g, cols 2q, 2q + 1,
     // 2q + 8, 2q + 9) in registers 0 and 2, (g + 8, ...) in registers 1 and 3.
@@ -497,6 +528,14 @@ void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b
     }
     wait_at(l.warpgroup_barriers[group]);
     l.fibers[l.current].wgmmas.open.push_back(op);
+}
+
+void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b) {
+    wgmma_rs(n, d, a, desc_b, false);
+}
+
+void fora_emulation_wgmma_rs_mn(int n, float* d, const uint32_t* a, uint64_t desc_b) {
+    wgmma_rs(n, d, a, desc_b, true);
 }
 
 void fora_emulation_wgmma_commit() { launch_state->fibers[launch_state->current].wgmmas.commit(); }

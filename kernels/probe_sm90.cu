@@ -1,0 +1,139 @@
+// Hardware-contract probes of the Hopper instructions the sm_90a kernels are built on, each
+// small enough that a failure points at one assumption (WgmmaProbeParams in params.h):
+//   mode 0  RS wgmma: A from registers in the mma.sync m16n8k16 fragment layout of each warp's
+//           16 rows, B K-major 128-byte swizzled (attention_sm90.cu's QK^T and PV);
+//   mode 1  SS wgmma: both operands K-major 128-byte swizzled (gemm_sm90.cu; measured correct);
+//   mode 2  RS wgmma with B MN-major (the transpose-B bit) through wgmma_desc_sw128_mn: what a
+//           flash attention reading V in its natural layout would need.
+// The shared-memory layouts are written element by element from plain row-major inputs, so
+// the probe depends on nothing but the instruction, its descriptor and its fragment layouts.
+
+#include "common.cuh"
+#include "wgmma.cuh"
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+namespace {
+
+constexpr uint32_t kProbeB = 0;          // B: up to 9 atoms (K-major n = 72) or 2 panels
+constexpr uint32_t kProbeA = 16 * 1024;  // A (mode 1): 8 atoms
+constexpr uint32_t kPanelBytes = 2048;   // MN-major: one 64-wide n panel of 16 k-rows
+
+// Byte offset of element (row, k) of a K-major 128-byte-swizzled operand with 16 k-values.
+FORA_DEVICE uint32_t k_major_offset(int row, int k) {
+    return (row / 8) * 1024 + (row % 8) * 128 + (((k / 8) ^ (row % 8)) << 4) + (k % 8) * 2;
+}
+
+// Byte offset of element (n, k) of an MN-major 128-byte-swizzled operand (wgmma_desc_sw128_mn
+// with panels kPanelBytes apart and 8-row k groups 1024 bytes apart).
+FORA_DEVICE uint32_t mn_major_offset(int n, int k) {
+    return (n / 64) * kPanelBytes + (k / 8) * 1024 + (k % 8) * 128 + ((((n % 64) / 8) ^ (k % 8)) << 4) +
+           (n % 8) * 2;
+}
+
+template <int N>
+FORA_DEVICE void store_fragment(const WgmmaProbeParams& p, const float (&d)[N / 2]) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float* out = reinterpret_cast<float*>(p.d);
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int row = 16 * warp + lane / 4 + 8 * (r / 2);
+            const int col = 8 * j + 2 * (lane % 4) + (r % 2);
+            out[row * N + col] = d[4 * j + r];
+        }
+    }
+}
+
+template <int N>
+FORA_DEVICE void probe_rs(const WgmmaProbeParams& p, const uint32_t (&a)[4], uint64_t desc_b, bool mn) {
+    float d[N / 2];
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) d[i] = 0.0f;
+    pin_accumulators(d);
+    wgmma_fence();
+    if constexpr (N == 64) {
+        mn ? wgmma_rs_m64n64k16_mn(d, a, desc_b) : wgmma_rs_m64n64k16(d, a, desc_b);
+    } else if constexpr (N == 72) {
+        mn ? wgmma_rs_m64n72k16_mn(d, a, desc_b) : wgmma_rs_m64n72k16(d, a, desc_b);
+    } else {
+        mn ? wgmma_rs_m64n128k16_mn(d, a, desc_b) : wgmma_rs_m64n128k16(d, a, desc_b);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_accumulators(d);
+    store_fragment<N>(p, d);
+}
+
+}  // namespace
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// One warpgroup; dynamic shared memory 24 KiB + 1 KiB for the 1024-byte alignment.
+extern "C" __global__ void __launch_bounds__(128) wgmma_probe(const WgmmaProbeParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    FORA_DYNAMIC_SMEM(uint4, probe_smem);
+    const uint32_t raw = smem_addr(probe_smem);
+    const uint32_t align_pad = ((raw + 1023u) & ~1023u) - raw;
+    unsigned char* base = reinterpret_cast<unsigned char*>(probe_smem) + align_pad;
+    const uint32_t base_addr = raw + align_pad;
+    const __nv_bfloat16* a = reinterpret_cast<const __nv_bfloat16*>(p.a);
+    const __nv_bfloat16* bt = reinterpret_cast<const __nv_bfloat16*>(p.bt);
+    const int t = threadIdx.x;
+
+    for (int i = t; i < (24 * 1024) / 16; i += 128) {
+        reinterpret_cast<uint4*>(base)[i] = make_uint4(0u, 0u, 0u, 0u);
+    }
+    __syncthreads();
+    for (int i = t; i < p.n * 16; i += 128) {
+        const int n = i / 16, k = i % 16;
+        const uint32_t off = p.mode == 2 ? mn_major_offset(n, k) : k_major_offset(n, k);
+        *reinterpret_cast<__nv_bfloat16*>(base + kProbeB + off) = bt[i];
+    }
+    if (p.mode == 1) {
+        for (int i = t; i < 64 * 16; i += 128) {
+            *reinterpret_cast<__nv_bfloat16*>(base + kProbeA + k_major_offset(i / 16, i % 16)) = a[i];
+        }
+    }
+    fence_proxy_async_shared();
+    __syncthreads();
+
+    if (p.mode == 1) {
+        float d[64];
+#pragma unroll
+        for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+        pin_accumulators(d);
+        wgmma_fence();
+        wgmma_m64n128k16(d, wgmma_desc_sw128(base_addr + kProbeA), wgmma_desc_sw128(base_addr + kProbeB));
+        wgmma_commit();
+        wgmma_wait<0>();
+        pin_accumulators(d);
+        store_fragment<128>(p, d);
+        return;
+    }
+    // A in the mma.sync m16n8k16 A layout: a0 = (g, 2q..), a1 = (g + 8, 2q..), a2 = (g, 2q + 8..),
+    // a3 = (g + 8, 2q + 8..) of this warp's 16 rows.
+    const int warp = t / 32, g = (t % 32) / 4, q = t % 4;
+    uint32_t frag[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int row = 16 * warp + g + 8 * (i & 1);
+        const int col = 8 * (i >> 1) + 2 * q;
+        frag[i] = *reinterpret_cast<const uint32_t*>(a + row * 16 + col);
+    }
+    const bool mn = p.mode == 2;
+    const uint64_t desc_b =
+        mn ? wgmma_desc_sw128_mn(base_addr + kProbeB, kPanelBytes, 1024) : wgmma_desc_sw128(base_addr + kProbeB);
+    if (p.n == 64) {
+        probe_rs<64>(p, frag, desc_b, mn);
+    } else if (p.n == 72) {
+        probe_rs<72>(p, frag, desc_b, mn);
+    } else {
+        probe_rs<128>(p, frag, desc_b, mn);
+    }
+#else
+    (void)p;
+    __trap();
+#endif
+}

@@ -1,0 +1,84 @@
+//! Launcher of the Hopper instruction probes (`kernels/probe_sm90.cu`): one wgmma on small
+//! row-major inputs, in the operand forms and shared-memory layouts the sm_90a kernels rely on
+//! (or may rely on next), so that a device run says which assumption holds
+//! ([`WgmmaProbeMode`]). Tests only: nothing in the model launches it.
+
+use super::device::{check_ptr, KernelLauncher};
+use super::params::WgmmaProbeParams;
+use anyhow::{ensure, Context, Result};
+
+/// Which form of wgmma [`wgmma_probe`] runs (the `mode` of `WgmmaProbeParams`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WgmmaProbeMode {
+    /// A from registers, B K-major 128-byte swizzled: the flash-attention kernel's form.
+    RegistersKMajor,
+    /// A and B from shared memory, both K-major: the wgmma GEMM's form (n = 128 only).
+    SharedKMajor,
+    /// A from registers, B MN-major (transpose-B bit) 128-byte swizzled.
+    RegistersMnMajor,
+}
+
+impl WgmmaProbeMode {
+    pub const ALL: [WgmmaProbeMode; 3] = [
+        WgmmaProbeMode::RegistersKMajor,
+        WgmmaProbeMode::SharedKMajor,
+        WgmmaProbeMode::RegistersMnMajor,
+    ];
+
+    fn raw(self) -> i32 {
+        match self {
+            WgmmaProbeMode::RegistersKMajor => 0,
+            WgmmaProbeMode::SharedKMajor => 1,
+            WgmmaProbeMode::RegistersMnMajor => 2,
+        }
+    }
+
+    /// The widths n the probe runs in this mode.
+    pub fn widths(self) -> &'static [i32] {
+        match self {
+            WgmmaProbeMode::SharedKMajor => &[128],
+            _ => &[64, 72, 128],
+        }
+    }
+}
+
+/// Dynamic shared memory of `wgmma_probe`: B and A regions, + 1 KiB of alignment.
+const PROBE_SMEM: u32 = 25 * 1024;
+
+/// `d[64, n] = a[64, 16] @ bt[n, 16]^T` (f32 out) by one wgmma of `mode`, on a Hopper GPU:
+/// `a` bf16 `[64, 16]`, `bt` bf16 `[n, 16]`, `d` f32 `[64, n]` (device addresses).
+pub fn wgmma_probe(
+    gpu: &impl KernelLauncher,
+    mode: WgmmaProbeMode,
+    n: i32,
+    a: u64,
+    bt: u64,
+    d: u64,
+) -> Result<()> {
+    const K: &str = "wgmma_probe";
+    let (major, minor) = gpu.compute_capability();
+    ensure!(
+        major == 9,
+        "{K}: wgmma needs a Hopper GPU (compute capability 9.x), this device is {major}.{minor}"
+    );
+    ensure!(
+        mode.widths().contains(&n),
+        "{K}: n must be one of {:?} in mode {mode:?}, got {n}",
+        mode.widths()
+    );
+    check_ptr(K, "a", a, 4)?;
+    check_ptr(K, "bt", bt, 2)?;
+    check_ptr(K, "d", d, 4)?;
+    let p = WgmmaProbeParams {
+        a,
+        bt,
+        d,
+        n,
+        mode: mode.raw(),
+    };
+    gpu.allow_dynamic_shared_memory(K, PROBE_SMEM)?;
+    // SAFETY: the kernel reads 64 x 16 bf16 at a, n x 16 at bt and writes 64 x n f32 at d, the
+    // buffers the caller passes; one warpgroup.
+    unsafe { gpu.launch_kernel(K, (1, 1, 1), (128, 1, 1), PROBE_SMEM, &p) }
+        .with_context(|| format!("{K}: launch in mode {mode:?} with n = {n} failed"))
+}
