@@ -276,6 +276,16 @@ impl CudaBackend {
         options: CudaOptions,
     ) -> Result<CudaBackend> {
         supports(cfg)?;
+        // FORA_ATTENTION is read here, so a bad value or a kernel this device cannot run is
+        // refused before any upload rather than at the first forward.
+        if super::attention::AttentionImpl::selected()? == super::attention::AttentionImpl::Wgmma {
+            let (major, minor) = gpu.compute_capability();
+            ensure!(
+                major == 9,
+                "FORA_ATTENTION=wgmma needs a Hopper GPU (compute capability 9.x), this device is \
+                 {major}.{minor}; use FORA_ATTENTION=v1"
+            );
+        }
         let model = GpuModel::upload(&gpu, cfg, weights)?;
         Ok(CudaBackend {
             gpu,
