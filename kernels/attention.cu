@@ -21,6 +21,7 @@
 // stride 3*H*d and head offset h*d are multiples of 8), so 16-byte cp.async and vector stores
 // are aligned when the qkv and out base pointers are 16-byte aligned (the launcher checks).
 
+#include "attention_common.cuh"
 #include "common.cuh"
 
 namespace {
@@ -76,17 +77,15 @@ FORA_DEVICE void attention_block(const AttentionParams& p, unsigned char* smem_r
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int tokens = p.tokens;
-    const int heads = p.heads;
     const int q0 = blockIdx.x * BM;
     const int head = blockIdx.y;
     const int batch = blockIdx.z;
 
-    const size_t row_stride = 3 * static_cast<size_t>(heads) * D;
-    const __nv_bfloat16* q_base = reinterpret_cast<const __nv_bfloat16*>(p.qkv) +
-                                  static_cast<size_t>(batch) * tokens * row_stride +
-                                  static_cast<size_t>(head) * D;
-    const __nv_bfloat16* k_base = q_base + static_cast<size_t>(heads) * D;
-    const __nv_bfloat16* v_base = q_base + 2 * static_cast<size_t>(heads) * D;
+    const HeadRows rows_of_head = head_rows<D>(p, batch, head);
+    const size_t row_stride = rows_of_head.row_stride;
+    const __nv_bfloat16* q_base = rows_of_head.q;
+    const __nv_bfloat16* k_base = rows_of_head.k;
+    const __nv_bfloat16* v_base = rows_of_head.v;
 
     const int n_tiles = (tokens + BN - 1) / BN;
 
@@ -117,7 +116,6 @@ FORA_DEVICE void attention_block(const AttentionParams& p, unsigned char* smem_r
     float row_max[2] = {-INFINITY, -INFINITY};
     float row_sum[2] = {0.0f, 0.0f};
     const float scale_log2 = p.scale * 1.4426950408889634f;
-    const int quad_col = 2 * (lane & 3);
 
     for (int j = 0; j < n_tiles; ++j) {
         cp_async_wait<0>();
@@ -160,63 +158,16 @@ FORA_DEVICE void attention_block(const AttentionParams& p, unsigned char* smem_r
             }
         }
 
-        // Keys past the end of the sequence (only in the last tile) get -inf.
-        if ((j + 1) * BN > tokens) {
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) {
-                const int key = j * BN + nt * 8 + quad_col;
-                if (key >= tokens) s_acc[nt][0] = s_acc[nt][2] = -INFINITY;
-                if (key + 1 >= tokens) s_acc[nt][1] = s_acc[nt][3] = -INFINITY;
-            }
-        }
-
-        // Online softmax. Every tile holds at least one valid key, so the new max is finite.
-        float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) {
-            tile_max[0] = fmaxf(tile_max[0], fmaxf(s_acc[nt][0], s_acc[nt][1]));
-            tile_max[1] = fmaxf(tile_max[1], fmaxf(s_acc[nt][2], s_acc[nt][3]));
-        }
-        float alpha[2];
-        float neg_max[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            // The 4 threads of a quad hold one row.
-            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-            const float new_max = fmaxf(row_max[r], tile_max[r] * scale_log2);
-            alpha[r] = fast_exp2(row_max[r] - new_max);  // 0 on the first tile (-inf - finite)
-            row_max[r] = new_max;
-            neg_max[r] = -new_max;
-        }
-        float tile_sum[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) {
-            s_acc[nt][0] = fast_exp2(fmaf(s_acc[nt][0], scale_log2, neg_max[0]));
-            s_acc[nt][1] = fast_exp2(fmaf(s_acc[nt][1], scale_log2, neg_max[0]));
-            s_acc[nt][2] = fast_exp2(fmaf(s_acc[nt][2], scale_log2, neg_max[1]));
-            s_acc[nt][3] = fast_exp2(fmaf(s_acc[nt][3], scale_log2, neg_max[1]));
-            tile_sum[0] += s_acc[nt][0] + s_acc[nt][1];
-            tile_sum[1] += s_acc[nt][2] + s_acc[nt][3];
-        }
-        row_sum[0] = row_sum[0] * alpha[0] + tile_sum[0];
-        row_sum[1] = row_sum[1] * alpha[1] + tile_sum[1];
-#pragma unroll
-        for (int i = 0; i < N_TILES_O; ++i) {
-            o_acc[i][0] *= alpha[0];
-            o_acc[i][1] *= alpha[0];
-            o_acc[i][2] *= alpha[1];
-            o_acc[i][3] *= alpha[1];
-        }
+        // Keys past the end of the sequence (only in the last tile) get -inf; then the online
+        // softmax (every tile holds at least one valid key).
+        mask_keys_past_end<BN>(&s_acc[0][0], j * BN, tokens, lane);
+        online_softmax_tile<BN, D>(&s_acc[0][0], &o_acc[0][0], row_max, row_sum, scale_log2);
 
         // O += P V, 16 keys per mma step. P's A fragment comes straight from two S n-tiles.
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
             uint32_t a[4];
-            a[0] = pack_bf16x2(s_acc[2 * kk][0], s_acc[2 * kk][1]);
-            a[1] = pack_bf16x2(s_acc[2 * kk][2], s_acc[2 * kk][3]);
-            a[2] = pack_bf16x2(s_acc[2 * kk + 1][0], s_acc[2 * kk + 1][1]);
-            a[3] = pack_bf16x2(s_acc[2 * kk + 1][2], s_acc[2 * kk + 1][3]);
+            pack_p_fragment(&s_acc[0][0], kk, a);
             const __nv_bfloat16* v_rows = vt + (kk * 16 + (lane & 15)) * STRIDE;
 #pragma unroll
             for (int dn = 0; dn < D / 16; ++dn) {
@@ -238,37 +189,15 @@ FORA_DEVICE void attention_block(const AttentionParams& p, unsigned char* smem_r
 
     // Finish the row sums over the quad and normalise.
     float inv_sum[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = row_sum[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        inv_sum[r] = 1.0f / l;
-    }
+    quad_inverse_sums(row_sum, inv_sum);
 
     // Stage this warp's 16 output rows in its own Q rows (only this warp ever read them, and
     // its Q fragments are in registers), then write whole 16-byte chunks to global memory.
     __syncwarp();
     __nv_bfloat16* s_o = s_q + warp * 16 * STRIDE;
-    const int g = lane >> 2;
-#pragma unroll
-    for (int i = 0; i < N_TILES_O; ++i) {
-        *reinterpret_cast<uint32_t*>(s_o + g * STRIDE + i * 8 + quad_col) =
-            pack_bf16x2(o_acc[i][0] * inv_sum[0], o_acc[i][1] * inv_sum[0]);
-        *reinterpret_cast<uint32_t*>(s_o + (g + 8) * STRIDE + i * 8 + quad_col) =
-            pack_bf16x2(o_acc[i][2] * inv_sum[1], o_acc[i][3] * inv_sum[1]);
-    }
+    stage_output_rows<D>(s_o, STRIDE, &o_acc[0][0], inv_sum, lane);
     __syncwarp();
-    __nv_bfloat16* out = reinterpret_cast<__nv_bfloat16*>(p.out);
-    for (int c = lane; c < 16 * S::CHUNKS; c += 32) {
-        const int r = c / S::CHUNKS;
-        const int ch = c - r * S::CHUNKS;
-        const int t = q0 + warp * 16 + r;
-        if (t < tokens) {
-            const size_t o_off = ((static_cast<size_t>(batch) * tokens + t) * heads + head) * D + ch * 8;
-            *reinterpret_cast<uint4*>(out + o_off) = *reinterpret_cast<const uint4*>(s_o + r * STRIDE + ch * 8);
-        }
-    }
+    store_output_rows<D>(s_o, STRIDE, 16, q0 + warp * 16, batch, head, p, lane);
 }
 
 }  // namespace
@@ -381,17 +310,15 @@ FORA_DEVICE void attention_block_v2(const AttentionParams& p, unsigned char* sme
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int tokens = p.tokens;
-    const int heads = p.heads;
     const int q0 = blockIdx.x * BM;
     const int head = blockIdx.y;
     const int batch = blockIdx.z;
 
-    const size_t row_stride = 3 * static_cast<size_t>(heads) * D;
-    const __nv_bfloat16* q_base = reinterpret_cast<const __nv_bfloat16*>(p.qkv) +
-                                  static_cast<size_t>(batch) * tokens * row_stride +
-                                  static_cast<size_t>(head) * D;
-    const __nv_bfloat16* k_base = q_base + static_cast<size_t>(heads) * D;
-    const __nv_bfloat16* v_base = q_base + 2 * static_cast<size_t>(heads) * D;
+    const HeadRows rows_of_head = head_rows<D>(p, batch, head);
+    const size_t row_stride = rows_of_head.row_stride;
+    const __nv_bfloat16* q_base = rows_of_head.q;
+    const __nv_bfloat16* k_base = rows_of_head.k;
+    const __nv_bfloat16* v_base = rows_of_head.v;
 
     const int n_tiles = (tokens + BN - 1) / BN;
 
@@ -424,7 +351,6 @@ FORA_DEVICE void attention_block_v2(const AttentionParams& p, unsigned char* sme
         row_sum[mt][0] = row_sum[mt][1] = 0.0f;
     }
     const float scale_log2 = p.scale * 1.4426950408889634f;
-    const int quad_col = 2 * (lane & 3);
 
     for (int j = 0; j < n_tiles; ++j) {
         const int buf = j & 1;
@@ -523,58 +449,13 @@ FORA_DEVICE void attention_block_v2(const AttentionParams& p, unsigned char* sme
             }
         }
 
-        // Keys past the end of the sequence (only in the last tile) get -inf.
-        if ((j + 1) * BN > tokens) {
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) {
-                const int key = j * BN + nt * 8 + quad_col;
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    if (key >= tokens) s_acc[mt][nt][0] = s_acc[mt][nt][2] = -INFINITY;
-                    if (key + 1 >= tokens) s_acc[mt][nt][1] = s_acc[mt][nt][3] = -INFINITY;
-                }
-            }
-        }
-
-        // Online softmax per row. Every tile holds at least one valid key: the new max is finite.
+        // Keys past the end of the sequence (only in the last tile) get -inf; the online
+        // softmax of each m tile (every tile holds at least one valid key).
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-            float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) {
-                tile_max[0] = fmaxf(tile_max[0], fmaxf(s_acc[mt][nt][0], s_acc[mt][nt][1]));
-                tile_max[1] = fmaxf(tile_max[1], fmaxf(s_acc[mt][nt][2], s_acc[mt][nt][3]));
-            }
-            float alpha[2];
-            float neg_max[2];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-                tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-                const float new_max = fmaxf(row_max[mt][r], tile_max[r] * scale_log2);
-                alpha[r] = fast_exp2(row_max[mt][r] - new_max);  // 0 on the first tile
-                row_max[mt][r] = new_max;
-                neg_max[r] = -new_max;
-            }
-            float tile_sum[2] = {0.0f, 0.0f};
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) {
-                s_acc[mt][nt][0] = fast_exp2(fmaf(s_acc[mt][nt][0], scale_log2, neg_max[0]));
-                s_acc[mt][nt][1] = fast_exp2(fmaf(s_acc[mt][nt][1], scale_log2, neg_max[0]));
-                s_acc[mt][nt][2] = fast_exp2(fmaf(s_acc[mt][nt][2], scale_log2, neg_max[1]));
-                s_acc[mt][nt][3] = fast_exp2(fmaf(s_acc[mt][nt][3], scale_log2, neg_max[1]));
-                tile_sum[0] += s_acc[mt][nt][0] + s_acc[mt][nt][1];
-                tile_sum[1] += s_acc[mt][nt][2] + s_acc[mt][nt][3];
-            }
-            row_sum[mt][0] = row_sum[mt][0] * alpha[0] + tile_sum[0];
-            row_sum[mt][1] = row_sum[mt][1] * alpha[1] + tile_sum[1];
-#pragma unroll
-            for (int i = 0; i < N_TILES_O; ++i) {
-                o_acc[mt][i][0] *= alpha[0];
-                o_acc[mt][i][1] *= alpha[0];
-                o_acc[mt][i][2] *= alpha[1];
-                o_acc[mt][i][3] *= alpha[1];
-            }
+            mask_keys_past_end<BN>(&s_acc[mt][0][0], j * BN, tokens, lane);
+            online_softmax_tile<BN, D>(&s_acc[mt][0][0], &o_acc[mt][0][0], row_max[mt], row_sum[mt],
+                                       scale_log2);
         }
 
         // Outstanding: V_j, K_{j+1} (newest). Wait for V_j; the barrier makes it visible and
@@ -592,12 +473,7 @@ FORA_DEVICE void attention_block_v2(const AttentionParams& p, unsigned char* sme
         for (int kk = 0; kk < BN / 16; ++kk) {
             uint32_t a[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                a[mt][0] = pack_bf16x2(s_acc[mt][2 * kk][0], s_acc[mt][2 * kk][1]);
-                a[mt][1] = pack_bf16x2(s_acc[mt][2 * kk][2], s_acc[mt][2 * kk][3]);
-                a[mt][2] = pack_bf16x2(s_acc[mt][2 * kk + 1][0], s_acc[mt][2 * kk + 1][1]);
-                a[mt][3] = pack_bf16x2(s_acc[mt][2 * kk + 1][2], s_acc[mt][2 * kk + 1][3]);
-            }
+            for (int mt = 0; mt < MT; ++mt) pack_p_fragment(&s_acc[mt][0][0], kk, a[mt]);
             const __nv_bfloat16* v_rows = vt + (kk * 16 + (lane & 15)) * STRIDE;
 #pragma unroll
             for (int dn = 0; dn < D / 16; ++dn) {
@@ -625,37 +501,14 @@ FORA_DEVICE void attention_block_v2(const AttentionParams& p, unsigned char* sme
     // __syncwarp orders its last Q ldmatrix before the overwrite), then store 16-byte chunks.
     __syncwarp();
     __nv_bfloat16* s_o = s_q + warp * S::WARP_M * STRIDE;
-    const int g = lane >> 2;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         float inv_sum[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float l = row_sum[mt][r];
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
-            inv_sum[r] = 1.0f / l;
-        }
-        __nv_bfloat16* rows = s_o + mt * 16 * STRIDE;
-#pragma unroll
-        for (int i = 0; i < N_TILES_O; ++i) {
-            *reinterpret_cast<uint32_t*>(rows + g * STRIDE + i * 8 + quad_col) =
-                pack_bf16x2(o_acc[mt][i][0] * inv_sum[0], o_acc[mt][i][1] * inv_sum[0]);
-            *reinterpret_cast<uint32_t*>(rows + (g + 8) * STRIDE + i * 8 + quad_col) =
-                pack_bf16x2(o_acc[mt][i][2] * inv_sum[1], o_acc[mt][i][3] * inv_sum[1]);
-        }
+        quad_inverse_sums(row_sum[mt], inv_sum);
+        stage_output_rows<D>(s_o + mt * 16 * STRIDE, STRIDE, &o_acc[mt][0][0], inv_sum, lane);
     }
     __syncwarp();
-    __nv_bfloat16* out = reinterpret_cast<__nv_bfloat16*>(p.out);
-    for (int c = lane; c < S::WARP_M * S::CHUNKS; c += 32) {
-        const int r = c / S::CHUNKS;
-        const int ch = c - r * S::CHUNKS;
-        const int t = q0 + warp * S::WARP_M + r;
-        if (t < tokens) {
-            const size_t o_off = ((static_cast<size_t>(batch) * tokens + t) * heads + head) * D + ch * 8;
-            *reinterpret_cast<uint4*>(out + o_off) = *reinterpret_cast<const uint4*>(s_o + r * STRIDE + ch * 8);
-        }
-    }
+    store_output_rows<D>(s_o, STRIDE, S::WARP_M, q0 + warp * S::WARP_M, batch, head, p, lane);
 }
 
 }  // namespace

@@ -38,6 +38,7 @@
 // Other architectures (sm_80 SASS, compute_80 PTX) get a stub that traps: the launcher refuses
 // this implementation on a device whose compute capability is not 9.x.
 
+#include "attention_common.cuh"
 #include "common.cuh"
 #include "wgmma.cuh"
 
@@ -95,7 +96,6 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
     using S = WgmmaAttentionShape<D, WG>;
     constexpr int BN = S::BLOCK_N;
     constexpr int KSTEPS = S::DK / 16;
-    constexpr int O_TILES = D / 8;
 
     FORA_DYNAMIC_SMEM(uint4, attention_wgmma_smem);
     const uint32_t raw = smem_addr(attention_wgmma_smem);
@@ -114,17 +114,15 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
     const int g = lane >> 2;
     const int quad = lane & 3;
     const int tokens = p.tokens;
-    const int heads = p.heads;
     const int q0 = blockIdx.x * S::BLOCK_M;
     const int head = blockIdx.y;
     const int batch = blockIdx.z;
 
-    const size_t row_stride = 3 * static_cast<size_t>(heads) * D;
-    const __nv_bfloat16* q_base = reinterpret_cast<const __nv_bfloat16*>(p.qkv) +
-                                  static_cast<size_t>(batch) * tokens * row_stride +
-                                  static_cast<size_t>(head) * D;
-    const __nv_bfloat16* k_base = q_base + static_cast<size_t>(heads) * D;
-    const __nv_bfloat16* v_base = q_base + 2 * static_cast<size_t>(heads) * D;
+    const HeadRows rows_of_head = head_rows<D>(p, batch, head);
+    const size_t row_stride = rows_of_head.row_stride;
+    const __nv_bfloat16* q_base = rows_of_head.q;
+    const __nv_bfloat16* k_base = rows_of_head.k;
+    const __nv_bfloat16* v_base = rows_of_head.v;
     const int n_tiles = (tokens + BN - 1) / BN;
 
     // K rows go to their swizzled panel chunk, V rows stay as they are; rows past the last
@@ -239,55 +237,15 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
         wgmma_wait<0>();
         pin_accumulators(s_acc);
 
-        // Keys past the end of the sequence (only in the last tile) get -inf.
-        if ((j + 1) * BN > tokens) {
-#pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt) {
-                const int key = j * BN + nt * 8 + 2 * quad;
-                if (key >= tokens) s_acc[4 * nt] = s_acc[4 * nt + 2] = -INFINITY;
-                if (key + 1 >= tokens) s_acc[4 * nt + 1] = s_acc[4 * nt + 3] = -INFINITY;
-            }
-        }
-
-        // Online softmax (attention.cu's): every tile holds a valid key, so the max is finite.
-        float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) {
-            tile_max[0] = fmaxf(tile_max[0], fmaxf(s_acc[4 * nt], s_acc[4 * nt + 1]));
-            tile_max[1] = fmaxf(tile_max[1], fmaxf(s_acc[4 * nt + 2], s_acc[4 * nt + 3]));
-        }
-        float alpha[2];
-        float neg_max[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-            const float new_max = fmaxf(row_max[r], tile_max[r] * scale_log2);
-            alpha[r] = fast_exp2(row_max[r] - new_max);  // 0 on the first tile
-            row_max[r] = new_max;
-            neg_max[r] = -new_max;
-        }
-        float tile_sum[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) {
-            const int r = (i >> 1) & 1;
-            s_acc[i] = fast_exp2(fmaf(s_acc[i], scale_log2, neg_max[r]));
-            tile_sum[r] += s_acc[i];
-        }
-        row_sum[0] = row_sum[0] * alpha[0] + tile_sum[0];
-        row_sum[1] = row_sum[1] * alpha[1] + tile_sum[1];
-#pragma unroll
-        for (int i = 0; i < D / 2; ++i) o_acc[i] *= alpha[(i >> 1) & 1];
+        // Keys past the end of the sequence (only in the last tile) get -inf; then
+        // attention.cu's online softmax (every tile holds a valid key).
+        mask_keys_past_end<BN>(s_acc, j * BN, tokens, lane);
+        online_softmax_tile<BN, D>(s_acc, o_acc, row_max, row_sum, scale_log2);
 
         // O += P V: keys 16 kk .. 16 kk + 15 are S n-tiles 2 kk and 2 kk + 1.
         uint32_t p_frag[BN / 16][4];
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            p_frag[kk][0] = pack_bf16x2(s_acc[8 * kk], s_acc[8 * kk + 1]);
-            p_frag[kk][1] = pack_bf16x2(s_acc[8 * kk + 2], s_acc[8 * kk + 3]);
-            p_frag[kk][2] = pack_bf16x2(s_acc[8 * kk + 4], s_acc[8 * kk + 5]);
-            p_frag[kk][3] = pack_bf16x2(s_acc[8 * kk + 6], s_acc[8 * kk + 7]);
-        }
+        for (int kk = 0; kk < BN / 16; ++kk) pack_p_fragment(s_acc, kk, p_frag[kk]);
         pin_accumulators(o_acc);
         wgmma_fence();
 #pragma unroll
@@ -304,36 +262,15 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
     cp_async_wait<0>();
 
     float inv_sum[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = row_sum[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        inv_sum[r] = 1.0f / l;
-    }
+    quad_inverse_sums(row_sum, inv_sum);
 
     // Every warpgroup is done with the K stages and V^T: stage this warp's 16 output rows there,
     // then write whole 16-byte chunks.
     __syncthreads();
     __nv_bfloat16* s_o = reinterpret_cast<__nv_bfloat16*>(base) + warp * 16 * S::O_STRIDE;
-#pragma unroll
-    for (int i = 0; i < O_TILES; ++i) {
-        *reinterpret_cast<uint32_t*>(s_o + g * S::O_STRIDE + i * 8 + 2 * quad) =
-            pack_bf16x2(o_acc[4 * i] * inv_sum[0], o_acc[4 * i + 1] * inv_sum[0]);
-        *reinterpret_cast<uint32_t*>(s_o + (g + 8) * S::O_STRIDE + i * 8 + 2 * quad) =
-            pack_bf16x2(o_acc[4 * i + 2] * inv_sum[1], o_acc[4 * i + 3] * inv_sum[1]);
-    }
+    stage_output_rows<D>(s_o, S::O_STRIDE, o_acc, inv_sum, lane);
     __syncwarp();
-    __nv_bfloat16* out = reinterpret_cast<__nv_bfloat16*>(p.out);
-    for (int c = lane; c < 16 * S::CHUNKS; c += 32) {
-        const int r = c / S::CHUNKS;
-        const int ch = c - r * S::CHUNKS;
-        const int t = q0 + warp * 16 + r;
-        if (t < tokens) {
-            const size_t o_off = ((static_cast<size_t>(batch) * tokens + t) * heads + head) * D + ch * 8;
-            *reinterpret_cast<uint4*>(out + o_off) = *reinterpret_cast<const uint4*>(s_o + r * S::O_STRIDE + ch * 8);
-        }
-    }
+    store_output_rows<D>(s_o, S::O_STRIDE, 16, q0 + warp * 16, batch, head, p, lane);
 }
 
 }  // namespace

@@ -54,11 +54,11 @@ FORA_DEVICE void probe_rs(const WgmmaProbeParams& p, const uint32_t (&a)[4], uin
     pin_accumulators(d);
     wgmma_fence();
     if constexpr (N == 64) {
-        mn ? wgmma_rs_m64n64k16_mn(d, a, desc_b) : wgmma_rs_m64n64k16(d, a, desc_b);
+        mn ? wgmma_rs_m64n64k16<1>(d, a, desc_b) : wgmma_rs_m64n64k16<0>(d, a, desc_b);
     } else if constexpr (N == 72) {
-        mn ? wgmma_rs_m64n72k16_mn(d, a, desc_b) : wgmma_rs_m64n72k16(d, a, desc_b);
+        mn ? wgmma_rs_m64n72k16<1>(d, a, desc_b) : wgmma_rs_m64n72k16<0>(d, a, desc_b);
     } else {
-        mn ? wgmma_rs_m64n128k16_mn(d, a, desc_b) : wgmma_rs_m64n128k16(d, a, desc_b);
+        mn ? wgmma_rs_m64n128k16<1>(d, a, desc_b) : wgmma_rs_m64n128k16<0>(d, a, desc_b);
     }
     wgmma_commit();
     wgmma_wait<0>();

@@ -1,14 +1,15 @@
 // Hopper warpgroup tensor-core helpers (wgmma.mma_async and its fences) shared by gemm_sm90.cu
 // and attention_sm90.cu. Only for sm_90a: include it inside `#if defined(__CUDA_ARCH_FEAT_SM90_ALL)`
-// (the CPU emulator defines that macro and carries each wgmma out at once).
+// (the CPU emulator defines that macro and carries each wgmma out at the wait that retires it).
 //
 // Operand forms used here: "SS" (A and B from shared memory through descriptors) and "RS" (A from
 // registers, in the mma.sync m16n8k16 A-fragment layout for each warp's 16 rows of the 64, so an
 // accumulator fragment re-packed to bf16 feeds the next product directly, as flash attention
-// needs). B is always K-major and 128-byte swizzled. The accumulator fragment of m64nN is the
-// mma.sync m16n8 one repeated: warp w of the warpgroup owns rows 16w .. 16w + 15; registers
-// 4j .. 4j + 3 are (row g, cols 8j + 2t, +1) and (row g + 8, same cols), g = lane / 4,
-// t = lane % 4.
+// needs). B is 128-byte swizzled, K-major (wgmma_desc_sw128), or with the RS forms' TRANS_B = 1
+// MN-major (wgmma_desc_sw128_mn; checked by the wgmma probe only so far). The accumulator
+// fragment of m64nN is the mma.sync m16n8 one repeated: warp w of the warpgroup owns rows
+// 16w .. 16w + 15; registers 4j .. 4j + 3 are (row g, cols 8j + 2t, +1) and (row g + 8, same
+// cols), g = lane / 4, t = lane % 4.
 #pragma once
 
 #include "common.cuh"
@@ -56,23 +57,17 @@ FORA_DEVICE void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc
 FORA_DEVICE void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
     fora_emulation_wgmma(256, d, desc_a, desc_b);
 }
+template <int TRANS_B = 0>
 FORA_DEVICE void wgmma_rs_m64n64k16(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
-    fora_emulation_wgmma_rs(64, d, a, desc_b);
+    fora_emulation_wgmma_rs(64, d, a, desc_b, TRANS_B);
 }
+template <int TRANS_B = 0>
 FORA_DEVICE void wgmma_rs_m64n72k16(float (&d)[36], const uint32_t (&a)[4], uint64_t desc_b) {
-    fora_emulation_wgmma_rs(72, d, a, desc_b);
+    fora_emulation_wgmma_rs(72, d, a, desc_b, TRANS_B);
 }
+template <int TRANS_B = 0>
 FORA_DEVICE void wgmma_rs_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
-    fora_emulation_wgmma_rs(128, d, a, desc_b);
-}
-FORA_DEVICE void wgmma_rs_m64n64k16_mn(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
-    fora_emulation_wgmma_rs_mn(64, d, a, desc_b);
-}
-FORA_DEVICE void wgmma_rs_m64n72k16_mn(float (&d)[36], const uint32_t (&a)[4], uint64_t desc_b) {
-    fora_emulation_wgmma_rs_mn(72, d, a, desc_b);
-}
-FORA_DEVICE void wgmma_rs_m64n128k16_mn(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
-    fora_emulation_wgmma_rs_mn(128, d, a, desc_b);
+    fora_emulation_wgmma_rs(128, d, a, desc_b, TRANS_B);
 }
 #else
 FORA_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -165,6 +160,7 @@ FORA_DEVICE void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t des
 
 // D[64 x 64] (f32, 32 registers a thread) += A[64 x 16] (bf16, registers: the mma.sync
 // m16n8k16 A fragment of each warp's 16 rows) * B[16 x 64] (K-major in shared memory).
+template <int TRANS_B = 0>
 FORA_DEVICE void wgmma_rs_m64n64k16(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
     asm volatile(
         "{\n"
@@ -172,18 +168,19 @@ FORA_DEVICE void wgmma_rs_m64n64k16(float (&d)[32], const uint32_t (&a)[4], uint
         "{"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, {%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
+        "}, {%32, %33, %34, %35}, %36, 1, 1, 1, %37;\n"
         "}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
           "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(TRANS_B)
         : "memory");
 }
 
 // D[64 x 72] (f32, 36 registers a thread) += A[64 x 16] (bf16, registers: the mma.sync
 // m16n8k16 A fragment of each warp's 16 rows) * B[16 x 72] (K-major in shared memory).
+template <int TRANS_B = 0>
 FORA_DEVICE void wgmma_rs_m64n72k16(float (&d)[36], const uint32_t (&a)[4], uint64_t desc_b) {
     asm volatile(
         "{\n"
@@ -192,19 +189,20 @@ FORA_DEVICE void wgmma_rs_m64n72k16(float (&d)[36], const uint32_t (&a)[4], uint
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
         "%32, %33, %34, %35"
-        "}, {%36, %37, %38, %39}, %40, 1, 1, 1, 0;\n"
+        "}, {%36, %37, %38, %39}, %40, 1, 1, 1, %41;\n"
         "}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
           "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
           "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(TRANS_B)
         : "memory");
 }
 
 // D[64 x 128] (f32, 64 registers a thread) += A[64 x 16] (bf16, registers: the mma.sync
 // m16n8k16 A fragment of each warp's 16 rows) * B[16 x 128] (K-major in shared memory).
+template <int TRANS_B = 0>
 FORA_DEVICE void wgmma_rs_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
     asm volatile(
         "{\n"
@@ -214,7 +212,7 @@ FORA_DEVICE void wgmma_rs_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uin
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, {%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
+        "}, {%64, %65, %66, %67}, %68, 1, 1, 1, %69;\n"
         "}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
@@ -224,68 +222,7 @@ FORA_DEVICE void wgmma_rs_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uin
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)
-        : "memory");
-}
-
-// The RS forms with B MN-major (the instruction's transpose-B bit): B[16 x n] stored with n
-// contiguous (see wgmma_desc_sw128_mn). Used by the wgmma probe only so far.
-FORA_DEVICE void wgmma_rs_m64n64k16_mn(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
-    asm volatile(
-        "{\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)
-        : "memory");
-}
-
-FORA_DEVICE void wgmma_rs_m64n72k16_mn(float (&d)[36], const uint32_t (&a)[4], uint64_t desc_b) {
-    asm volatile(
-        "{\n"
-        "wgmma.mma_async.sync.aligned.m64n72k16.f32.bf16.bf16 "
-        "{"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-        "%32, %33, %34, %35"
-        "}, {%36, %37, %38, %39}, %40, 1, 1, 1, 1;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)
-        : "memory");
-}
-
-FORA_DEVICE void wgmma_rs_m64n128k16_mn(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
-    asm volatile(
-        "{\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(TRANS_B)
         : "memory");
 }
 

@@ -117,9 +117,8 @@ void fora_emulation_cp_async_wait(int pending);
 void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b);
 // The same with A[64 x 16] from registers: each thread passes its 4 A registers (the mma.sync
 // m16n8k16 A fragment of its warp's 16 rows); warpgroup-collective (attention_sm90.cu).
-void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b);
-// The RS form with B MN-major (the transpose-B bit; wgmma.cuh's wgmma_desc_sw128_mn layout).
-void fora_emulation_wgmma_rs_mn(int n, float* d, const uint32_t* a, uint64_t desc_b);
+// trans_b: B MN-major (the transpose-B bit; wgmma.cuh's wgmma_desc_sw128_mn layout).
+void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b, int trans_b);
 // Both forms are carried out when wgmma.wait_group retires their commit group: shared-memory
 // operands are read then, accumulators written then.
 void fora_emulation_wgmma_commit();

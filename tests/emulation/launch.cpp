@@ -501,7 +501,7 @@ void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b) {
 // rows 16 w .. 16 w + 15 in the mma.sync m16n8k16 A layout: a0 = (g, 2q .. 2q + 1), a1 = (g + 8,
 // 2q ..), a2 = (g, 2q + 8 ..), a3 = (g + 8, 2q + 8 ..)), so the threads meet twice: once after
 // depositing their registers, once after every thread has taken the two rows it needs.
-static void wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b, bool b_mn) {
+void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b, int trans_b) {
     Launch& l = *launch_state;
     const unsigned group = l.current / 128, t = l.current % 128;
     uint32_t* regs = &l.warpgroup_regs[group * 128 * 4];
@@ -511,7 +511,7 @@ static void wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b, bool b
     op.n = n;
     op.d = d;
     op.rs = true;
-    op.b_mn = b_mn;
+    op.b_mn = trans_b != 0;
     op.desc_b = desc_b;
     // Rows g and g + 8 of this warp are held by the 4 threads of quad g: (g, cols 2q, 2q + 1,
     // 2q + 8, 2q + 9) in registers 0 and 2, (g + 8, ...) in registers 1 and 3.
@@ -530,13 +530,6 @@ static void wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b, bool b
     l.fibers[l.current].wgmmas.open.push_back(op);
 }
 
-void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b) {
-    wgmma_rs(n, d, a, desc_b, false);
-}
-
-void fora_emulation_wgmma_rs_mn(int n, float* d, const uint32_t* a, uint64_t desc_b) {
-    wgmma_rs(n, d, a, desc_b, true);
-}
 
 void fora_emulation_wgmma_commit() { launch_state->fibers[launch_state->current].wgmmas.commit(); }
 
