@@ -197,7 +197,8 @@ phase_variants() {
   echo "=== step times of the opt-in paths (rows ${VARIANT_ROWS:-2,256})"
   local name
   # VARIANTS (names, space-separated) picks some of them; VARIANT_SECTIONS / VARIANT_ARGS /
-  # VARIANT_S change what each runs (e.g. "steps,e2e" with "--intervals 1,3 --e2e-reps 1").
+  # VARIANT_S change what each runs (default: steps at VARIANT_ROWS, and one image end to end
+  # at N = 1 and 3, "--intervals 1,3 --e2e-reps 1").
   for v in "default:cublaslt:" "unfused:cublaslt:FORA_FUSED_REUSE=0 FORA_FUSED_LN=0 FORA_LT_BIAS_BF16=0" \
            "f32_bias:cublaslt:FORA_LT_BIAS_BF16=0" "bf16_residual:cublaslt:FORA_BF16_RESIDUAL=1" \
            "gates_only:cublaslt:FORA_REUSE_GATES_ONLY=1" "step_graph:cublaslt:FORA_STEP_GRAPH=1" \
@@ -212,11 +213,14 @@ phase_variants() {
       # shellcheck disable=SC2086 # several VAR=value words
       [ -n "$envs" ] && export $envs
       # shellcheck disable=SC2086 # VARIANT_ARGS is several words
-      bounded "${VARIANT_S:-60}" .devpack/bin/fora bench --sections "${VARIANT_SECTIONS:-steps}" \
-        --batches "${VARIANT_ROWS:-2,256}" --gemm "$gemm" --runs 10 --warmup 2 ${VARIANT_ARGS:-} \
+      bounded "${VARIANT_S:-60}" .devpack/bin/fora bench --sections "${VARIANT_SECTIONS:-steps,e2e}" \
+        --batches "${VARIANT_ROWS:-2,256}" --gemm "$gemm" --runs 10 --warmup 2 \
+        ${VARIANT_ARGS:---intervals 1,3 --e2e-reps 1} \
         --json "$OUT/variant_$name.json" > "$OUT/variant_$name.log" 2>&1
     )
     grep -E "^\| (cublaslt|custom|wgmma)[a-z-]* \| (2|256) \|" "$OUT/variant_$name.log" | head -n 4
+    # End to end, one image: N = 1 and 3 (the realized speedup of each path).
+    grep -E "^\| (cublaslt|custom|wgmma)[a-z-]* \| [13] \| 250 \|" "$OUT/variant_$name.log" | head -n 2
     tail -n 1 "$OUT/variant_$name.log"
   done
 }
