@@ -954,3 +954,63 @@ fn ncu_summary_sums_kernel_time_per_step_kind_and_op() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no ncu CSV header"));
 }
+
+/// tools/variants_report.py: one row per path's `fora bench` JSON, the default first, ratios
+/// against it, and a broken file listed rather than fatal.
+#[test]
+fn python_variants_report_compares_paths() {
+    if !python_has("json") {
+        println!("SKIP python_variants_report_compares_paths: no python3");
+        return;
+    }
+    let dir = tmp_dir("variants");
+    let default = fake_report();
+    default
+        .write_json(&dir.join("variant_default.json"))
+        .unwrap();
+    let mut faster = fake_report();
+    for s in &mut faster.steps {
+        if let Some(st) = s.stats.as_mut() {
+            *st = Stats::from_samples(&[st.median_ms / 2.0]).unwrap();
+        }
+    }
+    faster
+        .write_json(&dir.join("variant_lt_splitk.json"))
+        .unwrap();
+    std::fs::write(dir.join("variant_broken.json"), "{").unwrap();
+    let md_path = dir.join("variants.md");
+    let out = Command::new("python3")
+        .arg(root().join("tools/variants_report.py"))
+        .arg(&dir)
+        .arg("--md")
+        .arg(&md_path)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "variants_report.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&md_path).unwrap(), stdout);
+    // Full step at 2 rows: 1.2 ms, and half of it on the faster path (2.00x the default).
+    assert!(stdout.contains("| `default` | 1.200 | — |"), "{stdout}");
+    assert!(
+        stdout.contains("| `lt_splitk` | 0.600 | 2.00x |"),
+        "{stdout}"
+    );
+    // One image end to end: 300 ms at N = 1, 110 ms at N = 3.
+    assert!(
+        stdout.contains("| 300.0 | 110.0 | 2.73x (limit 2.98x) |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Unreadable: variant_broken.json"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("- `default`: steps / custom GEMM, 256 rows: reuse step: fake failure"),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -223,6 +223,7 @@ phase_variants() {
     grep -E "^\| (cublaslt|custom|wgmma)[a-z-]* \| [13] \| 250 \|" "$OUT/variant_$name.log" | head -n 2
     tail -n 1 "$OUT/variant_$name.log"
   done
+  python3 tools/variants_report.py "$OUT" --md "$OUT/variants.md"
 }
 
 for phase in $PHASES; do

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""One Markdown table of the execution paths `tools/device_suite.sh` measured (its `variants`
+phase writes one `fora bench --json` file per path, `variant_<name>.json`): per path the full
+and reuse step times at each row count, TFLOP/s of the full step, kernels per step, the host's
+issue time of a step, and one image end to end at N = 1 and 3 with the realized speedup. Each
+ratio column compares with the path named `default` measured in the same run.
+
+    python3 tools/variants_report.py OUT_DIR [--md variants.md]
+
+Standard library only. Paths whose JSON is missing or broken are listed, not fatal."""
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+DASH = "—"
+
+
+def fmt(v, digits, suffix=""):
+    return DASH if v is None else f"{v:.{digits}f}{suffix}"
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f), None
+    except (OSError, ValueError) as e:
+        return None, f"{os.path.basename(path)}: {e}"
+
+
+def step(d, rows, kind):
+    for s in d.get("steps", []):
+        if s.get("rows") == rows and s.get("kind") == kind and s.get("median_ms") is not None:
+            return s
+    return None
+
+
+def e2e(d, interval):
+    for r in d.get("e2e", []):
+        if r.get("interval") == interval and r.get("loop_ms") is not None:
+            return r
+    return None
+
+
+def report(out_dir):
+    paths = sorted(glob.glob(os.path.join(out_dir, "variant_*.json")))
+    runs, problems = {}, []
+    for p in paths:
+        name = os.path.basename(p)[len("variant_"):-len(".json")]
+        d, err = load(p)
+        if err:
+            problems.append(err)
+        else:
+            runs[name] = d
+    if not runs:
+        return f"no variant_*.json under {out_dir}\n"
+    # The default first, the rest by name.
+    names = sorted(runs, key=lambda n: (n != "default", n))
+    rows = sorted({s["rows"] for d in runs.values() for s in d.get("steps", [])})
+    base = runs.get("default")
+
+    head = ["path"]
+    for r in rows:
+        head += [f"full, {r} rows (ms)", f"vs default", f"reuse, {r} rows (ms)", "vs default"]
+    head += [f"TFLOP/s at {rows[-1]} rows" if rows else "TFLOP/s", "kernels full / reuse",
+             "host issue full / reuse (ms)", "e2e N=1 (ms)", "e2e N=3 (ms)", "N=3 speedup"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        d = runs[n]
+        cells = [f"`{n}`"]
+        for r in rows:
+            for kind in ("full", "reuse"):
+                s = step(d, r, kind)
+                b = step(base, r, kind) if base else None
+                ms = s["median_ms"] if s else None
+                cells.append(fmt(ms, 4 if kind == "reuse" else 3))
+                ratio = (b["median_ms"] / ms) if (s and b and ms) else None
+                cells.append(fmt(ratio, 2, "x") if n != "default" else DASH)
+        big = step(d, rows[-1], "full") if rows else None
+        cells.append(fmt(big.get("tflops") if big else None, 1))
+        small_f = step(d, rows[0], "full") if rows else None
+        small_r = step(d, rows[0], "reuse") if rows else None
+        k = lambda s: DASH if not s or s.get("kernels") is None else str(s["kernels"])
+        cells.append(f"{k(small_f)} / {k(small_r)}")
+        h = lambda s: fmt(s.get("host_issue_ms") if s else None, 4)
+        cells.append(f"{h(small_f)} / {h(small_r)}")
+        e1, e3 = e2e(d, 1), e2e(d, 3)
+        cells.append(fmt(e1["loop_ms"] if e1 else None, 1))
+        cells.append(fmt(e3["loop_ms"] if e3 else None, 1))
+        sp = (e1["loop_ms"] / e3["loop_ms"]) if (e1 and e3 and e3["loop_ms"]) else None
+        theo = e3.get("theoretical_speedup") if e3 else None
+        cells.append(f"{fmt(sp, 2, 'x')} (limit {fmt(theo, 2, 'x')})" if e3 else DASH)
+        lines.append("| " + " | ".join(cells) + " |")
+
+    out = []
+    dev = next((d.get("device") or {} for d in runs.values() if d.get("device")), {})
+    out.append(f"Execution paths on {dev.get('name', DASH)} ({', '.join(names)}); "
+               f"rows: {', '.join(map(str, rows))}; kernels and host issue time at {rows[0] if rows else DASH} rows.\n")
+    out.append("\n".join(lines))
+    errors = [f"- `{n}`: {e.get('section')} / {e.get('what')}: {e.get('error')}"
+              for n in names for e in runs[n].get("errors", [])]
+    if errors:
+        out.append("\nErrors:\n" + "\n".join(errors))
+    if problems:
+        out.append("\nUnreadable: " + "; ".join(problems))
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--md", help="also write the table here")
+    a = ap.parse_args()
+    text = report(a.out_dir)
+    sys.stdout.write(text)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
