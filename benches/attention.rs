@@ -95,7 +95,7 @@ fn main() -> Result<()> {
     for &(batch, heads, tokens, head_dim, what) in SHAPES {
         let mut v1_ms = None;
         for imp in AttentionImpl::ALL {
-            if imp == AttentionImpl::Wgmma && gpu.compute_capability().0 != 9 {
+            if imp.is_wgmma() && gpu.compute_capability().0 != 9 {
                 continue;
             }
             let ms = bench_shape(&gpu, &mut rng, (batch, heads, tokens, head_dim), imp)

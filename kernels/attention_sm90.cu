@@ -13,9 +13,13 @@
 // V^T (rows = d, keys contiguous), which the CTA writes itself. V arrives by cp.async in its
 // natural layout, and ldmatrix.trans turns each 8 x 8 block into the 32-bit (key, key + 1)
 // pairs of one d, which are stored into the swizzled V^T tile. That transpose runs on the
-// load/store units while the warpgroup's QK^T wgmmas run on the tensor cores. (The hardware
-// could read V MN-major through the descriptor's transpose bit; this kernel uses only the
-// K-major 128-byte-swizzle layout that the wgmma GEMM already validated on an H200.)
+// load/store units while the warpgroup's QK^T wgmmas run on the tensor cores: this uses only the
+// K-major 128-byte-swizzle layout that the wgmma GEMM validated on an H200.
+//
+// The V_MN variant (`attention_wgmma_mn*`, FORA_ATTENTION=wgmma_mn) instead stores V's stage in
+// K's swizzled panel layout and lets PV's wgmma read it MN-major (the transpose-B bit, descriptor
+// wgmma_desc_sw128_mn): no V^T, no transpose, no second barrier. It rests on our reading of the
+// MN-major canonical layout, which the wgmma probe (probe_sm90.cu, mode 2) checks on a device.
 //
 // Shared memory (from a 1024-byte aligned base; the launcher adds 1 KiB for the rounding):
 //   [K stage 0 .. STAGES-1][V^T][V stage 0 .. STAGES-1]
@@ -44,7 +48,10 @@
 
 namespace {
 
-template <int D, int WG>
+// V_MN: V is read MN-major by PV's wgmma (the transpose-B bit), from its stage in the K tile's
+// swizzled panel layout; no V^T, no transpose, one barrier a tile. Otherwise V arrives in its
+// natural layout and is transposed into V^T.
+template <int D, int WG, bool V_MN>
 struct WgmmaAttentionShape {
     static constexpr int WARPGROUPS = WG;
     static constexpr int THREADS = 128 * WARPGROUPS;
@@ -55,17 +62,18 @@ struct WgmmaAttentionShape {
     static constexpr int K_PANELS = (DK + 63) / 64;
     static constexpr int CHUNKS = D / 8;  // 16-byte chunks per row in global memory
     static constexpr int K_STAGE_BYTES = K_PANELS * BLOCK_N * 128;
-    static constexpr int VT_BYTES = D * 128;
-    static constexpr int V_STAGE_BYTES = BLOCK_N * D * 2;
+    // V_MN: a V stage in K's layout (ceil(D / 64) = K_PANELS panels for d 64, 72 and 128).
+    static constexpr int VT_BYTES = V_MN ? 0 : D * 128;
+    static constexpr int V_STAGE_BYTES = V_MN ? K_STAGE_BYTES : BLOCK_N * D * 2;
     static constexpr int SMEM_BYTES = STAGES * (K_STAGE_BYTES + V_STAGE_BYTES) + VT_BYTES;
     // Output staging after the loop (reuses the K stages and V^T): BLOCK_M rows of DK + 8 bf16
     // (the +8 puts the 8 rows a quad writes in distinct bank groups).
     static constexpr int O_STRIDE = DK + 8;
     static_assert(D % 8 == 0 && D <= 128, "head_dim must be a multiple of 8, at most 128");
     static_assert(DK - D == 0 || DK - D == 8, "padding is one 16-byte chunk at most");
+    static_assert((D + 63) / 64 == K_PANELS, "V's panels are K's");
     static_assert(VT_BYTES % 1024 == 0, "V^T must start and end on 1024-byte swizzle atoms");
-    static_assert(BLOCK_M * O_STRIDE * 2 <= STAGES * K_STAGE_BYTES + VT_BYTES,
-                  "output staging must fit in the K stages and V^T");
+    static_assert(BLOCK_M * O_STRIDE * 2 <= SMEM_BYTES, "output staging must fit in the stages");
 };
 
 }  // namespace
@@ -79,21 +87,22 @@ FORA_DEVICE uint32_t sw128_chunk(int row, int chunk) {
     return static_cast<uint32_t>((row >> 3) * 1024 + (row & 7) * 128 + ((chunk ^ (row & 7)) << 4));
 }
 
-template <int D>
+template <int D, bool V_MN>
 FORA_DEVICE void wgmma_pv(float (&o)[D / 2], const uint32_t (&a)[4], uint64_t desc_b) {
+    constexpr int T = V_MN ? 1 : 0;
     if constexpr (D == 64) {
-        wgmma_rs_m64n64k16(o, a, desc_b);
+        wgmma_rs_m64n64k16<T>(o, a, desc_b);
     } else if constexpr (D == 72) {
-        wgmma_rs_m64n72k16(o, a, desc_b);
+        wgmma_rs_m64n72k16<T>(o, a, desc_b);
     } else {
         static_assert(D == 128, "wgmma attention is instantiated for head_dim 64, 72 and 128");
-        wgmma_rs_m64n128k16(o, a, desc_b);
+        wgmma_rs_m64n128k16<T>(o, a, desc_b);
     }
 }
 
-template <int D, int WG>
+template <int D, int WG, bool V_MN>
 FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
-    using S = WgmmaAttentionShape<D, WG>;
+    using S = WgmmaAttentionShape<D, WG, V_MN>;
     constexpr int BN = S::BLOCK_N;
     constexpr int KSTEPS = S::DK / 16;
 
@@ -107,6 +116,7 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
     unsigned char* s_v = s_vt + S::VT_BYTES;                                // [STAGES] V tiles
     const uint32_t k_addr = base_addr;
     const uint32_t vt_addr = base_addr + S::STAGES * S::K_STAGE_BYTES;
+    const uint32_t v_addr = vt_addr + S::VT_BYTES;
 
     const int tid = threadIdx.x;
     const int lane = tid & 31;
@@ -136,8 +146,9 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
             const int t = tile * BN + r;
             const bool in_range = t < tokens;
             const size_t off = static_cast<size_t>(in_range ? t : 0) * row_stride + ch * 8;
-            cp_async_16(dk + (ch >> 3) * (BN * 128) + sw128_chunk(r, ch & 7), k_base + off, in_range ? 16 : 0);
-            cp_async_16(dv + r * (D * 2) + ch * 16, v_base + off, in_range ? 16 : 0);
+            const uint32_t swizzled = (ch >> 3) * (BN * 128) + sw128_chunk(r, ch & 7);
+            cp_async_16(dk + swizzled, k_base + off, in_range ? 16 : 0);
+            cp_async_16(dv + (V_MN ? swizzled : r * (D * 2) + ch * 16), v_base + off, in_range ? 16 : 0);
         }
     };
 
@@ -214,7 +225,8 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
 
         // Meanwhile V^T: 4 consecutive 8-key blocks of one 8-column d block per ldmatrix.x4.trans;
         // register m then holds (V[key 2 quad], V[key 2 quad + 1]) of d column g in key block m.
-        {
+        // (V_MN: PV reads V's stage as it is; nothing to do.)
+        if constexpr (!V_MN) {
             const unsigned char* v = s_v + stage * S::V_STAGE_BYTES;
             constexpr int GROUPS = (BN / 32) * (D / 8);
             for (int grp = warp; grp < GROUPS; grp += S::THREADS / 32) {
@@ -230,9 +242,9 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
                     *reinterpret_cast<uint32_t*>(s_vt + sw128_chunk(db * 8 + g, kb0 + i) + 4 * quad) = r[i];
                 }
             }
+            fence_proxy_async_shared();
+            __syncthreads();  // B
         }
-        fence_proxy_async_shared();
-        __syncthreads();  // B
 
         wgmma_wait<0>();
         pin_accumulators(s_acc);
@@ -250,7 +262,13 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-            wgmma_pv<D>(o_acc, p_frag[kk], wgmma_desc_sw128(vt_addr + kk * 32));
+            // V^T K-major: keys 16 kk .. are 32 bytes further along its rows. V MN-major: they
+            // are rows 16 kk .., two 8-row atoms (1024 bytes apart) from byte 2048 kk; d 64 ..
+            // in the next panel.
+            const uint64_t desc =
+                V_MN ? wgmma_desc_sw128_mn(v_addr + stage * S::V_STAGE_BYTES + kk * 2048, BN * 128, 1024)
+                     : wgmma_desc_sw128(vt_addr + kk * 32);
+            wgmma_pv<D, V_MN>(o_acc, p_frag[kk], desc);
         }
         wgmma_commit();
         wgmma_wait<0>();
@@ -275,32 +293,40 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
 
 }  // namespace
 
-#define FORA_ATTENTION_WGMMA_BODY(D, WG) attention_wgmma_block<D, WG>(p)
+#define FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN) attention_wgmma_block<D, WG, V_MN>(p)
 #else
 // Not sm_90a: wgmma does not exist; the launcher never launches this.
-#define FORA_ATTENTION_WGMMA_BODY(D, WG) \
-    do {                                 \
-        (void)p;                         \
-        __trap();                        \
+#define FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN) \
+    do {                                       \
+        (void)p;                               \
+        __trap();                              \
     } while (0)
 #endif
 
-// Dynamic shared memory = WgmmaAttentionShape<D, WG>::SMEM_BYTES + 1024, the same for both block
-// sizes (src/cuda/attention.rs mirrors it): d64 40 KiB, d72 59 KiB, d128 80 KiB, + 1 KiB.
-// attention_wgmma_d*: 128 query rows (two warpgroups), two CTAs an SM for d 64 and 72 (at most
-// 128 registers a thread), one for d 128 (its Q fragments and O need more).
-// attention_wgmma_m64_d*: 64 query rows (one warpgroup), for grids too small to fill the SMs
+// Dynamic shared memory = WgmmaAttentionShape<D, WG, V_MN>::SMEM_BYTES + 1024, the same for both
+// block sizes (src/cuda/attention.rs mirrors it): transposing V, d64 40 KiB, d72 59 KiB, d128
+// 80 KiB; V MN-major, 32, 64 and 64 KiB; + 1 KiB.
+// attention_wgmma[_mn]_d*: 128 query rows (two warpgroups), two CTAs an SM for d 64 and 72 (at
+// most 128 registers a thread), one for d 128 (its Q fragments and O need more).
+// attention_wgmma[_mn]_m64_d*: 64 query rows (one warpgroup), for grids too small to fill the SMs
 // with 128-row blocks (one image + CFG: 64 blocks); three CTAs an SM (two for d 128).
-#define FORA_ATTENTION_WGMMA_KERNEL(NAME, D, WG, MIN_BLOCKS)                                          \
-    extern "C" __global__ void __launch_bounds__(WgmmaAttentionShape<D, WG>::THREADS, MIN_BLOCKS)    \
-        NAME(const AttentionParams p) {                                                              \
-        static_assert(WgmmaAttentionShape<D, WG>::SMEM_BYTES + 1024 <= 227 * 1024, "smem too large"); \
-        FORA_ATTENTION_WGMMA_BODY(D, WG);                                                            \
+#define FORA_ATTENTION_WGMMA_KERNEL(NAME, D, WG, V_MN, MIN_BLOCKS)                                  \
+    extern "C" __global__ void __launch_bounds__(WgmmaAttentionShape<D, WG, V_MN>::THREADS,       \
+                                                 MIN_BLOCKS) NAME(const AttentionParams p) {      \
+        static_assert(WgmmaAttentionShape<D, WG, V_MN>::SMEM_BYTES + 1024 <= 227 * 1024,          \
+                      "smem too large");                                                          \
+        FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN);                                                   \
     }
 
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d64, 64, 2, 2)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d72, 72, 2, 2)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d128, 128, 2, 1)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d64, 64, 1, 3)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d72, 72, 1, 3)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d128, 128, 1, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d64, 64, 2, false, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d72, 72, 2, false, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d128, 128, 2, false, 1)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d64, 64, 1, false, 3)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d72, 72, 1, false, 3)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d128, 128, 1, false, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_d64, 64, 2, true, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_d72, 72, 2, true, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_d128, 128, 2, true, 1)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d64, 64, 1, true, 3)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d72, 72, 1, true, 3)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d128, 128, 1, true, 2)

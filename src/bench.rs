@@ -1765,8 +1765,12 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
     let selected = AttentionImpl::selected().map(|a| a.resolve(&shape, gpu.multiprocessors()));
     let attention_row = bench_attention(gpu, cfg, rows, timer, rotate, None);
     push_kernel(report, "attention", rows, attention_row);
-    for imp in [AttentionImpl::V1, AttentionImpl::Wgmma] {
-        let runs_here = imp != AttentionImpl::Wgmma || gpu.compute_capability().0 == 9;
+    for imp in [
+        AttentionImpl::V1,
+        AttentionImpl::Wgmma,
+        AttentionImpl::WgmmaMn,
+    ] {
+        let runs_here = !imp.is_wgmma() || gpu.compute_capability().0 == 9;
         if runs_here && selected.as_ref().is_ok_and(|s| *s != imp) {
             let row = bench_attention(gpu, cfg, rows, timer, rotate, Some(imp));
             push_kernel(report, "attention", rows, row);

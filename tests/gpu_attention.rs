@@ -196,10 +196,21 @@ fn gpu_attention_v2_many_blocks() {
 
 // ---- wgmma (Hopper only): the same shapes, plus its own block edges (128 query rows) -------
 
-/// Every shape of the v1 and v2 suites on the wgmma kernels, on a Hopper GPU; SKIP elsewhere.
+/// Every shape of the v1 and v2 suites on the wgmma kernels (transposing V), on a Hopper GPU;
+/// SKIP elsewhere.
 #[test]
 fn gpu_attention_wgmma_shapes() {
-    let test = "gpu_attention_wgmma_shapes";
+    wgmma_shapes("gpu_attention_wgmma_shapes", AttentionImpl::Wgmma);
+}
+
+/// The same on the wgmma kernels that read V MN-major (`gpu_wgmma_probe`'s MN-major cases
+/// check that layout alone).
+#[test]
+fn gpu_attention_wgmma_mn_shapes() {
+    wgmma_shapes("gpu_attention_wgmma_mn_shapes", AttentionImpl::WgmmaMn);
+}
+
+fn wgmma_shapes(test: &str, imp: AttentionImpl) {
     let Some(gpu) = test_gpu(test) else { return };
     let (major, minor) = gpu.compute_capability();
     if major != 9 {
@@ -226,12 +237,15 @@ fn gpu_attention_wgmma_shapes() {
         // Block sizes as this device picks them, then 128-row blocks whatever the grid.
         for (sms, rows) in [(gpu.sm_count(), "as picked"), (1, "128-row")] {
             let name = format!(
-                "attention wgmma ({rows}) B={} H={} T={} d={} (q,k std {qk_std})",
-                s.batch, s.heads, s.tokens, s.head_dim
+                "attention {} ({rows}) B={} H={} T={} d={} (q,k std {qk_std})",
+                imp.name(),
+                s.batch,
+                s.heads,
+                s.tokens,
+                s.head_dim
             );
             let seed = 40 + i as u64;
-            if let Err(e) = run_case_sized(&gpu, &name, s, qk_std, seed, AttentionImpl::Wgmma, sms)
-            {
+            if let Err(e) = run_case_sized(&gpu, &name, s, qk_std, seed, imp, sms) {
                 panic!("{test}: {e:#}");
             }
         }
@@ -278,14 +292,16 @@ fn gpu_attention_wgmma_refused_off_hopper() {
         return;
     }
     let p = params(shape(1, 1, 64, 72), 0x1000, 0x2000);
-    let msg = format!(
-        "{:#}",
-        attention_with(&gpu, &p, AttentionImpl::Wgmma).expect_err("wgmma off Hopper")
-    );
-    assert!(
-        msg.contains("compute capability 9.x") && msg.contains(&format!("{major}.{minor}")),
-        "unclear error: {msg}"
-    );
+    for imp in [AttentionImpl::Wgmma, AttentionImpl::WgmmaMn] {
+        let msg = format!(
+            "{:#}",
+            attention_with(&gpu, &p, imp).expect_err("wgmma off Hopper")
+        );
+        assert!(
+            msg.contains("compute capability 9.x") && msg.contains(&format!("{major}.{minor}")),
+            "unclear error: {msg}"
+        );
+    }
 }
 
 /// `attention` launches exactly what `AttentionImpl::selected()` (FORA_ATTENTION) names.
@@ -489,6 +505,22 @@ fn attention_wgmma_plan_grid_and_kernels() {
             attention_plan_for(&small, imp).unwrap()
         );
     }
+
+    // V MN-major: V stages in K's layout (2 panels of 64 x 128 B for d 72), no V^T.
+    let mn = AttentionImpl::WgmmaMn;
+    let plan = attention_plan_for(&valid(), mn).expect("valid params");
+    assert_eq!(plan.kernel, "attention_wgmma_mn_d72");
+    assert_eq!(plan.grid, (2, 16, 2));
+    assert_eq!(plan.block, (256, 1, 1));
+    assert_eq!(plan.shared_mem_bytes, 2 * (2 * 2 * 64 * 128) + 1024);
+    let plan = attention_plan_on(&small, mn, 132).expect("valid params");
+    assert_eq!(plan.kernel, "attention_wgmma_mn_m64_d72");
+    assert_eq!(plan.block, (128, 1, 1));
+    p.head_dim = 64;
+    assert_eq!(
+        attention_plan_for(&p, mn).unwrap().shared_mem_bytes,
+        2 * (2 * 64 * 128) + 1024
+    );
 }
 
 #[test]

@@ -529,7 +529,10 @@ fn emulated_attention() -> Result<()> {
     let runs = AttentionImpl::ALL
         .iter()
         .map(|&imp| (imp, EMULATED_SMS, imp.name().to_string()))
-        .chain([(AttentionImpl::Wgmma, 1, "wgmma 128-row".to_string())]);
+        .chain([
+            (AttentionImpl::Wgmma, 1, "wgmma 128-row".to_string()),
+            (AttentionImpl::WgmmaMn, 1, "wgmma_mn 128-row".to_string()),
+        ]);
     for (imp, sms, label) in runs {
         for (i, (s, qk_std)) in [
             (shape(1, 2, 65, 72), 1.0),

@@ -15,6 +15,8 @@
 //!   `(ceil(T / 128), heads, batch)` blocks of two warpgroups, each owning 64 query rows; both
 //!   products on wgmma.mma_async with A from registers. Grids of fewer blocks than SMs take
 //!   one-warpgroup blocks of 64 rows instead (`attention_wgmma_m64_d*`, [`attention_plan_on`]).
+//! - wgmma_mn (opt-in, Hopper only, `attention_wgmma_mn[_m64]_d*`): the same with PV reading V
+//!   MN-major from its stage (no V^T transpose).
 //! - auto: v2 when its grid fills every SM twice, else v1 ([`AttentionImpl::resolve`]).
 
 use super::device::KernelLauncher;
@@ -36,8 +38,13 @@ pub enum AttentionImpl {
     /// [`AttentionImpl::resolve`].
     Auto,
     /// Hopper (compute capability 9.x) only: 128 query rows per block, 64 per warpgroup, QK^T
-    /// and PV on wgmma. Opt-in: correct on the CPU emulator, not yet run on a GPU.
+    /// and PV on wgmma, V transposed in shared memory for PV. Opt-in: correct on the CPU
+    /// emulator, not yet run on a GPU.
     Wgmma,
+    /// [`AttentionImpl::Wgmma`] with PV reading V MN-major (the transpose-B bit) from its
+    /// stage as loaded: no transpose, one barrier a key tile. Opt-in: correct on the CPU
+    /// emulator under our reading of the MN-major layout, which `wgmma_probe` checks on a GPU.
+    WgmmaMn,
 }
 
 impl FromStr for AttentionImpl {
@@ -49,18 +56,28 @@ impl FromStr for AttentionImpl {
             "v2" | "2" => Ok(AttentionImpl::V2),
             "auto" => Ok(AttentionImpl::Auto),
             "wgmma" => Ok(AttentionImpl::Wgmma),
+            "wgmma_mn" => Ok(AttentionImpl::WgmmaMn),
             other => bail!(
-                "unknown attention implementation {other:?}: expected \"v1\", \"v2\", \"wgmma\" \
-                 or \"auto\""
+                "unknown attention implementation {other:?}: expected \"v1\", \"v2\", \"wgmma\", \
+                 \"wgmma_mn\" or \"auto\""
             ),
         }
     }
 }
 
 impl AttentionImpl {
+    /// Whether this is one of the Hopper-only wgmma families.
+    pub fn is_wgmma(self) -> bool {
+        matches!(self, AttentionImpl::Wgmma | AttentionImpl::WgmmaMn)
+    }
+
     /// The kernel families (every implementation but [`AttentionImpl::Auto`]).
-    pub const ALL: [AttentionImpl; 3] =
-        [AttentionImpl::V1, AttentionImpl::V2, AttentionImpl::Wgmma];
+    pub const ALL: [AttentionImpl; 4] = [
+        AttentionImpl::V1,
+        AttentionImpl::V2,
+        AttentionImpl::Wgmma,
+        AttentionImpl::WgmmaMn,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -68,6 +85,7 @@ impl AttentionImpl {
             AttentionImpl::V2 => "v2",
             AttentionImpl::Auto => "auto",
             AttentionImpl::Wgmma => "wgmma",
+            AttentionImpl::WgmmaMn => "wgmma_mn",
         }
     }
 
@@ -89,7 +107,7 @@ impl AttentionImpl {
         }
     }
 
-    /// `FORA_ATTENTION=v1|v2|wgmma|auto`, parsed now; unset or empty means [`AttentionImpl::V1`].
+    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|auto`, parsed now; unset or empty means [`AttentionImpl::V1`].
     pub fn from_env() -> Result<AttentionImpl> {
         match std::env::var("FORA_ATTENTION") {
             Ok(v) if !v.trim().is_empty() => {
@@ -147,15 +165,20 @@ fn smem_bytes(block_m: u32, head_dim: u32) -> u32 {
     (block_m + 4 * ATTENTION_BLOCK_N) * stride * 2
 }
 
-/// Shared memory of the wgmma kernel for `head_dim` (mirrors `WgmmaAttentionShape` in
+/// Shared memory of the wgmma kernels for `head_dim` (mirrors `WgmmaAttentionShape` in
 /// attention_sm90.cu): two stages of a K tile (64 rows of 128-byte swizzle panels, one per 64
-/// columns of the head dim rounded up to 16) and a V tile (64 rows of head_dim), the V^T tile
-/// (head_dim rows of 128 bytes), and 1 KiB to align the base to the 1024-byte swizzle atom.
-fn wgmma_smem_bytes(head_dim: u32) -> u32 {
+/// columns of the head dim rounded up to 16) and a V tile, and 1 KiB to align the base to the
+/// 1024-byte swizzle atom. Transposing V (`v_mn` false): V stages of 64 rows of head_dim and a V^T
+/// tile of head_dim rows of 128 bytes; V MN-major: V stages in K's layout, no V^T.
+fn wgmma_smem_bytes(head_dim: u32, v_mn: bool) -> u32 {
     let k_panels = (head_dim.div_ceil(16) * 16).div_ceil(64);
     let k_stage = k_panels * ATTENTION_BLOCK_N * 128;
-    let v_stage = ATTENTION_BLOCK_N * head_dim * 2;
-    2 * (k_stage + v_stage) + head_dim * 128 + 1024
+    if v_mn {
+        2 * (2 * k_stage) + 1024
+    } else {
+        let v_stage = ATTENTION_BLOCK_N * head_dim * 2;
+        2 * (k_stage + v_stage) + head_dim * 128 + 1024
+    }
 }
 
 /// Validates `p` and says which v1 (default) kernel runs, with which grid. Pure: needs no
@@ -182,11 +205,7 @@ pub fn attention_plan_on(
     let blocks = (p.tokens.max(0) as u64).div_ceil(ATTENTION_WGMMA_BLOCK_M as u64)
         * p.heads.max(0) as u64
         * p.batch.max(0) as u64;
-    plan(
-        p,
-        imp,
-        imp == AttentionImpl::Wgmma && blocks < sm_count as u64,
-    )
+    plan(p, imp, imp.is_wgmma() && blocks < sm_count as u64)
 }
 
 /// The plan of `imp`; `wgmma_m64`: the wgmma family's 64-row blocks.
@@ -194,8 +213,10 @@ fn plan(p: &AttentionParams, imp: AttentionImpl, wgmma_m64: bool) -> Result<Atte
     let (block_m, threads) = match imp {
         AttentionImpl::V1 => (ATTENTION_BLOCK_M, THREADS),
         AttentionImpl::V2 => (ATTENTION_V2_BLOCK_M, THREADS),
-        AttentionImpl::Wgmma if wgmma_m64 => (ATTENTION_WGMMA_BLOCK_M / 2, WGMMA_THREADS / 2),
-        AttentionImpl::Wgmma => (ATTENTION_WGMMA_BLOCK_M, WGMMA_THREADS),
+        AttentionImpl::Wgmma | AttentionImpl::WgmmaMn if wgmma_m64 => {
+            (ATTENTION_WGMMA_BLOCK_M / 2, WGMMA_THREADS / 2)
+        }
+        AttentionImpl::Wgmma | AttentionImpl::WgmmaMn => (ATTENTION_WGMMA_BLOCK_M, WGMMA_THREADS),
         AttentionImpl::Auto => {
             bail!("attention: AttentionImpl::Auto has no plan of its own; resolve it for a device first")
         }
@@ -213,6 +234,12 @@ fn plan(p: &AttentionParams, imp: AttentionImpl, wgmma_m64: bool) -> Result<Atte
         (AttentionImpl::Wgmma, 64) => "attention_wgmma_d64",
         (AttentionImpl::Wgmma, 72) => "attention_wgmma_d72",
         (AttentionImpl::Wgmma, 128) => "attention_wgmma_d128",
+        (AttentionImpl::WgmmaMn, 64) if wgmma_m64 => "attention_wgmma_mn_m64_d64",
+        (AttentionImpl::WgmmaMn, 72) if wgmma_m64 => "attention_wgmma_mn_m64_d72",
+        (AttentionImpl::WgmmaMn, 128) if wgmma_m64 => "attention_wgmma_mn_m64_d128",
+        (AttentionImpl::WgmmaMn, 64) => "attention_wgmma_mn_d64",
+        (AttentionImpl::WgmmaMn, 72) => "attention_wgmma_mn_d72",
+        (AttentionImpl::WgmmaMn, 128) => "attention_wgmma_mn_d128",
         (_, d) => bail!(
             "attention: head_dim {d} is not supported; the kernel is built for head_dim {:?}",
             ATTENTION_HEAD_DIMS
@@ -268,7 +295,8 @@ fn plan(p: &AttentionParams, imp: AttentionImpl, wgmma_m64: bool) -> Result<Atte
         grid: (tokens.div_ceil(block_m), p.heads as u32, p.batch as u32),
         block: (threads, 1, 1),
         shared_mem_bytes: match imp {
-            AttentionImpl::Wgmma => wgmma_smem_bytes(p.head_dim as u32),
+            AttentionImpl::Wgmma => wgmma_smem_bytes(p.head_dim as u32, false),
+            AttentionImpl::WgmmaMn => wgmma_smem_bytes(p.head_dim as u32, true),
             _ => smem_bytes(block_m, p.head_dim as u32),
         },
     })
@@ -305,7 +333,7 @@ pub fn attention_sized_for(
     sm_count: usize,
 ) -> Result<()> {
     let imp = imp.resolve(p, sm_count);
-    if imp == AttentionImpl::Wgmma {
+    if imp.is_wgmma() {
         let (major, minor) = gpu.compute_capability();
         ensure!(
             major == 9,

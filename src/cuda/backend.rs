@@ -278,12 +278,14 @@ impl CudaBackend {
         supports(cfg)?;
         // FORA_ATTENTION is read here, so a bad value or a kernel this device cannot run is
         // refused before any upload rather than at the first forward.
-        if super::attention::AttentionImpl::selected()? == super::attention::AttentionImpl::Wgmma {
+        let attention = super::attention::AttentionImpl::selected()?;
+        if attention.is_wgmma() {
             let (major, minor) = gpu.compute_capability();
             ensure!(
                 major == 9,
-                "FORA_ATTENTION=wgmma needs a Hopper GPU (compute capability 9.x), this device is \
-                 {major}.{minor}; use FORA_ATTENTION=v1"
+                "FORA_ATTENTION={} needs a Hopper GPU (compute capability 9.x), this device is \
+                 {major}.{minor}; use FORA_ATTENTION=v1",
+                attention.name()
             );
         }
         let model = GpuModel::upload(&gpu, cfg, weights)?;
