@@ -201,7 +201,7 @@ FORA_DEVICE void final_linear(const ForaReuseFinalParams& p, const float (&y)[kV
     __syncthreads();  // red is reused by the next token
 }
 
-template <int TPT>
+template <int TPT, int CHUNK>
 FORA_DEVICE void reuse_final_body(const ForaReuseFinalParams& p) {
     // [groups per block][TPT][C*p*p] patches, one float per warp for group_sum, the final
     // Linear's warp sums.
@@ -274,11 +274,12 @@ FORA_DEVICE void reuse_final_body(const ForaReuseFinalParams& p) {
 
         // Every block's cached residuals with this step's gates, as fora_reuse. Tokens past
         // the row's end read token t0's cache instead (in bounds) and are never written. The
-        // loads of kChunk layers are issued before any of them is applied, then applied in
+        // loads of CHUNK layers are issued before any of them is applied, then applied in
         // layer order: at batch 2 (a few blocks per SM) the kernel waits on DRAM latency, and
-        // the loop as written kept about one load in flight per thread. Four tokens a thread
-        // have eight loads a layer already (and two layers would halve the blocks per SM).
-        constexpr int kChunk = TPT == 1 ? 2 : 1;
+        // the loop as written kept about one load in flight per thread; each thread's chain of
+        // round trips is layers / CHUNK long. Four tokens a thread have eight loads a layer
+        // already (and two layers would halve the blocks per SM).
+        constexpr int kChunk = CHUNK;
         const __nv_bfloat16* cache =
             reinterpret_cast<const __nv_bfloat16*>(p.cache) + token0 * p.dim + d0;
         for (int l0 = 0; l0 < p.layers; l0 += kChunk) {
@@ -379,14 +380,28 @@ FORA_DEVICE void reuse_final_body(const ForaReuseFinalParams& p) {
 
 }  // namespace
 
-// One token a thread: few rows (enough groups to keep DRAM busy).
+// One token a thread: few rows (enough groups to keep DRAM busy); two layers of loads in
+// flight (76 registers: every block of one image + CFG resident at once on an H100).
 extern "C" __global__ void __launch_bounds__(kReuseBlock)
 fora_reuse_final(const ForaReuseFinalParams p) {
-    reuse_final_body<1>(p);
+    reuse_final_body<1, 2>(p);
+}
+
+// One token a thread, four layers of loads in flight: half the round trips, more registers
+// (fewer blocks resident). A candidate for few rows, measured by `fora bench`.
+extern "C" __global__ void __launch_bounds__(kReuseBlock)
+fora_reuse_final_l4(const ForaReuseFinalParams p) {
+    reuse_final_body<1, 4>(p);
+}
+
+// Two tokens a thread, two layers in flight: a candidate between the two (16 to 64 rows).
+extern "C" __global__ void __launch_bounds__(kReuseBlock)
+fora_reuse_final_t2(const ForaReuseFinalParams p) {
+    reuse_final_body<2, 2>(p);
 }
 
 // Four tokens a thread: many rows (gate traffic from L2 a quarter).
 extern "C" __global__ void __launch_bounds__(kReuseBlock)
 fora_reuse_final_t4(const ForaReuseFinalParams p) {
-    reuse_final_body<4>(p);
+    reuse_final_body<4, 1>(p);
 }

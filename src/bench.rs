@@ -1780,7 +1780,7 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
     push_kernel(report, "patch_embed", rows, embed_row);
     let reuse_row = bench_fora_reuse(gpu, cfg, rows, timer, rotate);
     push_kernel(report, "fora_reuse", rows, reuse_row);
-    for tpt in [ReuseTokens::One, ReuseTokens::Four] {
+    for tpt in ReuseTokens::ALL {
         let fused_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, tpt);
         push_kernel(report, "fora_reuse_final", rows, fused_row);
     }
@@ -2018,11 +2018,15 @@ fn bench_fora_reuse_final(
     let picked = ReuseTokens::pick(&params(0), gpu.multiprocessors()) == tpt;
     Ok(KernelRow {
         name: "fora_reuse_final".into(),
-        // The variant the launcher picks at these rows is "custom"; the other is named.
+        // The variant the launcher picks at these rows is "custom"; the others are named.
         imp: if picked {
             "custom".into()
         } else {
-            format!("custom ({} tokens/thread)", tpt.tokens())
+            format!(
+                "custom ({} tokens/thread, {} layers in flight)",
+                tpt.tokens(),
+                tpt.layers_in_flight()
+            )
         },
         rows,
         shape: format!(

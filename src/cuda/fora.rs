@@ -233,25 +233,52 @@ pub fn fora_reuse_final_plan(
     Ok(((grid, 1, 1), (group * per_block) as u32))
 }
 
-/// Tokens per thread of `fora_reuse_final`: one (`fora_reuse_final`) or four
-/// (`fora_reuse_final_t4`, each f32 gate load serving four bf16 cache loads).
+/// The variants of `fora_reuse_final`: tokens per thread (each f32 gate load serves that many
+/// bf16 cache loads) and layers of loads in flight. Every variant gives the same bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReuseTokens {
+    /// One token a thread, two layers in flight (`fora_reuse_final`).
     One,
+    /// One token a thread, four layers in flight (`fora_reuse_final_l4`): half the dependent
+    /// round trips, more registers. Not picked; measured by `fora bench`.
+    OneDeep,
+    /// Two tokens a thread, two layers in flight (`fora_reuse_final_t2`). Not picked; measured
+    /// by `fora bench`.
+    Two,
+    /// Four tokens a thread, one layer in flight (`fora_reuse_final_t4`).
     Four,
 }
 
 impl ReuseTokens {
+    pub const ALL: [ReuseTokens; 4] = [
+        ReuseTokens::One,
+        ReuseTokens::OneDeep,
+        ReuseTokens::Two,
+        ReuseTokens::Four,
+    ];
+
     pub fn tokens(self) -> i32 {
         match self {
-            ReuseTokens::One => 1,
+            ReuseTokens::One | ReuseTokens::OneDeep => 1,
+            ReuseTokens::Two => 2,
             ReuseTokens::Four => 4,
+        }
+    }
+
+    /// Layers of cache loads each thread has in flight.
+    pub fn layers_in_flight(self) -> i32 {
+        match self {
+            ReuseTokens::OneDeep => 4,
+            ReuseTokens::One | ReuseTokens::Two => 2,
+            ReuseTokens::Four => 1,
         }
     }
 
     fn kernel(self) -> &'static str {
         match self {
             ReuseTokens::One => "fora_reuse_final",
+            ReuseTokens::OneDeep => "fora_reuse_final_l4",
+            ReuseTokens::Two => "fora_reuse_final_t2",
             ReuseTokens::Four => "fora_reuse_final_t4",
         }
     }

@@ -608,7 +608,9 @@ impl GpuModel {
             && super::fora::ReuseTokens::pick(
                 &reuse_final_params(cfg, rows, images),
                 gpu.multiprocessors(),
-            ) == super::fora::ReuseTokens::One;
+            )
+            .tokens()
+                == 1;
         if !fused {
             let _embed = crate::nvtx_range!("patch_embed");
             super::embed::patch_embed(

@@ -884,14 +884,16 @@ pub fn check_fora_reuse_final<D: TestDevice>(gpu: &D) -> Result<()> {
     ];
     for (c, seed) in &cases {
         let one = run_fora_reuse_final(gpu, c, ReuseTokens::One, *seed)?;
-        // Four tokens a thread: the same operations per token, so the same bits.
-        let four = run_fora_reuse_final(gpu, c, ReuseTokens::Four, *seed)?;
-        ensure!(
-            one == four,
-            "fora_reuse_final D={} T={}: four tokens a thread differ from one",
-            c.dim,
-            (c.size / c.patch).pow(2)
-        );
+        // Every other variant: the same operations per token, so the same bits.
+        for tpt in &ReuseTokens::ALL[1..] {
+            let other = run_fora_reuse_final(gpu, c, *tpt, *seed)?;
+            ensure!(
+                one == other,
+                "fora_reuse_final D={} T={}: {tpt:?} differs from One",
+                c.dim,
+                (c.size / c.patch).pow(2)
+            );
+        }
     }
     Ok(())
 }
