@@ -6,8 +6,9 @@
 # and one short rerun). Everything lands under $OUT.
 #
 #   here:   tools/pack_device.sh                      (packs .devpack/ and .devpack.tgz)
-#   device: run, carry [".devpack"] (or [".devpack.tgz"], unpacked here when .devpack/ is
-#           absent), command "bash tools/device_suite.sh", timeout_s 500
+#   device: run, carry [".devpack.tgz"] (unpacked here when .devpack/ is absent; the unpacked
+#           pack is over the 64 MiB carry limit since session 5), command
+#           "bash tools/device_suite.sh", timeout_s 500
 #
 # The defaults are one full call (about 7 min on an H200): every GPU test, memcheck over every
 # test binary, the step times of the default path and of the opt-in ones still to decide, the
