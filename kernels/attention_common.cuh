@@ -40,19 +40,20 @@ FORA_DEVICE void mask_keys_past_end(float* s, int key0, int tokens, int lane) {
 }
 
 // One online-softmax step over a tile of BN scores: s becomes P = 2^(s * scale_log2 - max) with
-// the running max (log2 domain) of rows g and g + 8 updated and this thread's partial row sums
-// rescaled and extended; alpha = 2^(old max - new max), the factor the output accumulators
-// need before this tile's P V is added. Every row of the tile must hold a finite score (a valid
-// key), so the new max is finite; on the first tile the old max is -inf and alpha 0.
-template <int BN>
-FORA_DEVICE void online_softmax_scores(float* s, float (&row_max)[2], float (&row_sum)[2], float scale_log2,
-                                       float (&alpha)[2]) {
+// the running max (log2 domain) of rows g and g + 8 updated, this thread's partial row sums
+// rescaled and extended, and the slice's output accumulators o (D / 8 tiles) rescaled by
+// 2^(old max - new max). Every row of the tile must hold a finite score (a valid key), so the
+// new max is finite; on the first tile the old max is -inf and the factor 0.
+template <int BN, int D>
+FORA_DEVICE void online_softmax_tile(float* s, float* o, float (&row_max)[2], float (&row_sum)[2],
+                                     float scale_log2) {
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
         tile_max[0] = fmaxf(tile_max[0], fmaxf(s[4 * nt], s[4 * nt + 1]));
         tile_max[1] = fmaxf(tile_max[1], fmaxf(s[4 * nt + 2], s[4 * nt + 3]));
     }
+    float alpha[2];
     float neg_max[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -76,11 +77,6 @@ FORA_DEVICE void online_softmax_scores(float* s, float (&row_max)[2], float (&ro
     }
     row_sum[0] = row_sum[0] * alpha[0] + tile_sum[0];
     row_sum[1] = row_sum[1] * alpha[1] + tile_sum[1];
-}
-
-// The slice's output accumulators o (D / 8 tiles of rows g, g + 8) times alpha.
-template <int D>
-FORA_DEVICE void rescale_output(float* o, const float (&alpha)[2]) {
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
         o[4 * i] *= alpha[0];
@@ -88,16 +84,6 @@ FORA_DEVICE void rescale_output(float* o, const float (&alpha)[2]) {
         o[4 * i + 2] *= alpha[1];
         o[4 * i + 3] *= alpha[1];
     }
-}
-
-// online_softmax_scores, then the output rescaled at once (the kernels that wait for each
-// tile's P V before the next softmax).
-template <int BN, int D>
-FORA_DEVICE void online_softmax_tile(float* s, float* o, float (&row_max)[2], float (&row_sum)[2],
-                                     float scale_log2) {
-    float alpha[2];
-    online_softmax_scores<BN>(s, row_max, row_sum, scale_log2, alpha);
-    rescale_output<D>(o, alpha);
 }
 
 // The mma A fragment of P for keys 16 kk .. 16 kk + 15: S tiles 2 kk and 2 kk + 1, as bf16.

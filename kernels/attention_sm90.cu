@@ -51,15 +51,13 @@ namespace {
 // V_MN: V is read MN-major by PV's wgmma (the transpose-B bit), from its stage in the K tile's
 // swizzled panel layout; no V^T, no transpose, one barrier a tile. Otherwise V arrives in its
 // natural layout and is transposed into V^T.
-template <int D, int WG, bool V_MN, bool OVERLAP>
+template <int D, int WG, bool V_MN>
 struct WgmmaAttentionShape {
     static constexpr int WARPGROUPS = WG;
     static constexpr int THREADS = 128 * WARPGROUPS;
     static constexpr int BLOCK_M = 64 * WARPGROUPS;
     static constexpr int BLOCK_N = 64;  // keys per tile = one 128-byte row of V^T
-    // OVERLAP (with V_MN) runs tile j's softmax while tile j - 1's P V is on the tensor cores,
-    // so tile j - 1's stage is still read while tile j + 1 loads: three stages.
-    static constexpr int STAGES = OVERLAP ? 3 : 2;
+    static constexpr int STAGES = 2;
     static constexpr int DK = (D + 15) / 16 * 16;  // QK^T depth, padded to the k of 16
     static constexpr int K_PANELS = (DK + 63) / 64;
     static constexpr int CHUNKS = D / 8;  // 16-byte chunks per row in global memory
@@ -76,7 +74,6 @@ struct WgmmaAttentionShape {
     static_assert((D + 63) / 64 == K_PANELS, "V's panels are K's");
     static_assert(VT_BYTES % 1024 == 0, "V^T must start and end on 1024-byte swizzle atoms");
     static_assert(BLOCK_M * O_STRIDE * 2 <= SMEM_BYTES, "output staging must fit in the stages");
-    static_assert(V_MN || !OVERLAP, "the overlapped loop reads V MN-major");
 };
 
 }  // namespace
@@ -103,9 +100,9 @@ FORA_DEVICE void wgmma_pv(float (&o)[D / 2], const uint32_t (&a)[4], uint64_t de
     }
 }
 
-template <int D, int WG, bool V_MN, bool OVERLAP>
+template <int D, int WG, bool V_MN>
 FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
-    using S = WgmmaAttentionShape<D, WG, V_MN, OVERLAP>;
+    using S = WgmmaAttentionShape<D, WG, V_MN>;
     constexpr int BN = S::BLOCK_N;
     constexpr int KSTEPS = S::DK / 16;
 
@@ -155,10 +152,8 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
         }
     };
 
-    // STAGES - 1 tiles in flight ahead; OVERLAP: one (see its loop).
-    constexpr int PROLOGUE_TILES = OVERLAP ? 1 : S::STAGES - 1;
 #pragma unroll
-    for (int s = 0; s < PROLOGUE_TILES; ++s) {
+    for (int s = 0; s < S::STAGES - 1; ++s) {
         if (s < n_tiles) load_tile(s, s);
         cp_async_commit();
     }
@@ -204,80 +199,7 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
     float row_sum[2] = {0.0f, 0.0f};
     const float scale_log2 = p.scale * 1.4426950408889634f;
 
-    if constexpr (OVERLAP) {
-        // Tile j: its QK^T and the previous tile's P V are issued together; the softmax of tile
-        // j runs while that P V is on the tensor cores; then the output is rescaled and tile j's
-        // P waits for the next iteration. Stages: tile j - 1 (its V still read), tile j, and
-        // tile j + 1 loading.
-        uint32_t p_prev[BN / 16][4];
-        for (int j = 0; j < n_tiles; ++j) {
-            cp_async_wait<0>();
-            fence_proxy_async_shared();
-            // Every warpgroup has finished QK^T of tile j - 1 and P V of tile j - 2, so the
-            // stage of tile j - 2 takes tile j + 1.
-            __syncthreads();
-            if (j + 1 < n_tiles) load_tile((j + 1) % S::STAGES, j + 1);
-            cp_async_commit();
-            const int stage = j % S::STAGES;
-
-            float s_acc[BN / 2];
-#pragma unroll
-            for (int i = 0; i < BN / 2; ++i) s_acc[i] = 0.0f;
-            pin_accumulators(s_acc);
-            pin_accumulators(o_acc);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < KSTEPS; ++kk) {
-                const uint32_t addr = k_addr + stage * S::K_STAGE_BYTES + (kk >> 2) * (BN * 128) + (kk & 3) * 32;
-                wgmma_rs_m64n64k16(s_acc, q_frag[kk], wgmma_desc_sw128(addr));
-            }
-            wgmma_commit();
-            if (j > 0) {
-                const int prev = (j - 1) % S::STAGES;
-#pragma unroll
-                for (int kk = 0; kk < BN / 16; ++kk) {
-                    // Keys 16 kk .. of tile j - 1: rows 16 kk .. of its V stage, two 8-row atoms
-                    // (1024 bytes apart) from byte 2048 kk; d 64 .. in the next panel.
-                    wgmma_pv<D, true>(o_acc, p_prev[kk],
-                                      wgmma_desc_sw128_mn(v_addr + prev * S::V_STAGE_BYTES + kk * 2048, BN * 128, 1024));
-                }
-                wgmma_commit();
-                wgmma_wait<1>();  // QK^T of tile j (the older group) is done
-            } else {
-                wgmma_wait<0>();
-            }
-            pin_accumulators(s_acc);
-
-            mask_keys_past_end<BN>(s_acc, j * BN, tokens, lane);
-            float alpha[2];
-            online_softmax_scores<BN>(s_acc, row_max, row_sum, scale_log2, alpha);
-            if (j > 0) {
-                wgmma_wait<0>();  // P V of tile j - 1
-                pin_accumulators(o_acc);
-#pragma unroll
-                for (int kk = 0; kk < BN / 16; ++kk) pin_registers(p_prev[kk]);
-            }
-            rescale_output<D>(o_acc, alpha);
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) pack_p_fragment(s_acc, kk, p_prev[kk]);
-        }
-        // The last tile's P V.
-        pin_accumulators(o_acc);
-        wgmma_fence();
-        const int last = (n_tiles - 1) % S::STAGES;
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            wgmma_pv<D, true>(o_acc, p_prev[kk],
-                              wgmma_desc_sw128_mn(v_addr + last * S::V_STAGE_BYTES + kk * 2048, BN * 128, 1024));
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        pin_accumulators(o_acc);
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) pin_registers(p_prev[kk]);
-    }
-
-    for (int j = 0; j < (OVERLAP ? 0 : n_tiles); ++j) {
+    for (int j = 0; j < n_tiles; ++j) {
         cp_async_wait<S::STAGES - 2>();
         fence_proxy_async_shared();
         __syncthreads();  // A
@@ -303,7 +225,7 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
 
         // Meanwhile V^T: 4 consecutive 8-key blocks of one 8-column d block per ldmatrix.x4.trans;
         // register m then holds (V[key 2 quad], V[key 2 quad + 1]) of d column g in key block m.
-        // (V_MN: PV reads V's stage as it is; nothing to do, no second barrier.)
+        // (V_MN: PV reads V's stage as it is; nothing to do.)
         if constexpr (!V_MN) {
             const unsigned char* v = s_v + stage * S::V_STAGE_BYTES;
             constexpr int GROUPS = (BN / 32) * (D / 8);
@@ -371,48 +293,40 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
 
 }  // namespace
 
-#define FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN, OVERLAP) attention_wgmma_block<D, WG, V_MN, OVERLAP>(p)
+#define FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN) attention_wgmma_block<D, WG, V_MN>(p)
 #else
 // Not sm_90a: wgmma does not exist; the launcher never launches this.
-#define FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN, OVERLAP) \
-    do {                                                \
-        (void)p;                                        \
-        __trap();                                       \
+#define FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN) \
+    do {                                       \
+        (void)p;                               \
+        __trap();                              \
     } while (0)
 #endif
 
-// Dynamic shared memory = WgmmaAttentionShape<...>::SMEM_BYTES + 1024, the same for both block
-// sizes (src/cuda/attention.rs mirrors it): transposing V, d64 40 KiB, d72 59 KiB, d128 80 KiB;
-// V MN-major, 32, 64 and 64 KiB; overlapped (three stages), 48, 96 and 96 KiB; + 1 KiB.
+// Dynamic shared memory = WgmmaAttentionShape<D, WG, V_MN>::SMEM_BYTES + 1024, the same for both
+// block sizes (src/cuda/attention.rs mirrors it): transposing V, d64 40 KiB, d72 59 KiB, d128
+// 80 KiB; V MN-major, 32, 64 and 64 KiB; + 1 KiB.
 // attention_wgmma[_mn]_d*: 128 query rows (two warpgroups), two CTAs an SM for d 64 and 72 (at
 // most 128 registers a thread), one for d 128 (its Q fragments and O need more).
 // attention_wgmma[_mn]_m64_d*: 64 query rows (one warpgroup), for grids too small to fill the SMs
 // with 128-row blocks (one image + CFG: 64 blocks); three CTAs an SM (two for d 128).
-// attention_wgmma_pipe[_m64]_d*: V MN-major with the softmax overlapped with the previous P V;
-// its registers (P of the previous tile beside S) allow one 128-row CTA an SM, two of 64 rows.
-#define FORA_ATTENTION_WGMMA_KERNEL(NAME, D, WG, V_MN, OVERLAP, MIN_BLOCKS)                          \
-    extern "C" __global__ void __launch_bounds__(WgmmaAttentionShape<D, WG, V_MN, OVERLAP>::THREADS, \
-                                                 MIN_BLOCKS) NAME(const AttentionParams p) {        \
-        static_assert(WgmmaAttentionShape<D, WG, V_MN, OVERLAP>::SMEM_BYTES + 1024 <= 227 * 1024,   \
-                      "smem too large");                                                            \
-        FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN, OVERLAP);                                            \
+#define FORA_ATTENTION_WGMMA_KERNEL(NAME, D, WG, V_MN, MIN_BLOCKS)                                  \
+    extern "C" __global__ void __launch_bounds__(WgmmaAttentionShape<D, WG, V_MN>::THREADS,       \
+                                                 MIN_BLOCKS) NAME(const AttentionParams p) {      \
+        static_assert(WgmmaAttentionShape<D, WG, V_MN>::SMEM_BYTES + 1024 <= 227 * 1024,          \
+                      "smem too large");                                                          \
+        FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN);                                                   \
     }
 
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d64, 64, 2, false, false, 2)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d72, 72, 2, false, false, 2)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d128, 128, 2, false, false, 1)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d64, 64, 1, false, false, 3)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d72, 72, 1, false, false, 3)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d128, 128, 1, false, false, 2)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_d64, 64, 2, true, false, 2)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_d72, 72, 2, true, false, 2)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_d128, 128, 2, true, false, 1)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d64, 64, 1, true, false, 3)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d72, 72, 1, true, false, 3)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d128, 128, 1, true, false, 2)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_pipe_d64, 64, 2, true, true, 1)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_pipe_d72, 72, 2, true, true, 1)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_pipe_d128, 128, 2, true, true, 1)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_pipe_m64_d64, 64, 1, true, true, 2)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_pipe_m64_d72, 72, 1, true, true, 2)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_pipe_m64_d128, 128, 1, true, true, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d64, 64, 2, false, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d72, 72, 2, false, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d128, 128, 2, false, 1)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d64, 64, 1, false, 3)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d72, 72, 1, false, 3)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d128, 128, 1, false, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_d64, 64, 2, true, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_d72, 72, 2, true, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_d128, 128, 2, true, 1)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d64, 64, 1, true, 3)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d72, 72, 1, true, 3)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d128, 128, 1, true, 2)

@@ -1769,7 +1769,6 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
         AttentionImpl::V1,
         AttentionImpl::Wgmma,
         AttentionImpl::WgmmaMn,
-        AttentionImpl::WgmmaPipe,
     ] {
         let runs_here = !imp.is_wgmma() || gpu.compute_capability().0 == 9;
         if runs_here && selected.as_ref().is_ok_and(|s| *s != imp) {

@@ -210,12 +210,6 @@ fn gpu_attention_wgmma_mn_shapes() {
     wgmma_shapes("gpu_attention_wgmma_mn_shapes", AttentionImpl::WgmmaMn);
 }
 
-/// The same on the overlapped MN-major kernels (softmax beside the previous tile's PV).
-#[test]
-fn gpu_attention_wgmma_pipe_shapes() {
-    wgmma_shapes("gpu_attention_wgmma_pipe_shapes", AttentionImpl::WgmmaPipe);
-}
-
 fn wgmma_shapes(test: &str, imp: AttentionImpl) {
     let Some(gpu) = test_gpu(test) else { return };
     let (major, minor) = gpu.compute_capability();
@@ -298,11 +292,7 @@ fn gpu_attention_wgmma_refused_off_hopper() {
         return;
     }
     let p = params(shape(1, 1, 64, 72), 0x1000, 0x2000);
-    for imp in [
-        AttentionImpl::Wgmma,
-        AttentionImpl::WgmmaMn,
-        AttentionImpl::WgmmaPipe,
-    ] {
+    for imp in [AttentionImpl::Wgmma, AttentionImpl::WgmmaMn] {
         let msg = format!(
             "{:#}",
             attention_with(&gpu, &p, imp).expect_err("wgmma off Hopper")
@@ -530,16 +520,6 @@ fn attention_wgmma_plan_grid_and_kernels() {
     assert_eq!(
         attention_plan_for(&p, mn).unwrap().shared_mem_bytes,
         2 * (2 * 64 * 128) + 1024
-    );
-
-    // Overlapped: three stages of K and V.
-    let pipe = AttentionImpl::WgmmaPipe;
-    let plan = attention_plan_for(&valid(), pipe).expect("valid params");
-    assert_eq!(plan.kernel, "attention_wgmma_pipe_d72");
-    assert_eq!(plan.shared_mem_bytes, 3 * (2 * 2 * 64 * 128) + 1024);
-    assert_eq!(
-        attention_plan_on(&small, pipe, 132).unwrap().kernel,
-        "attention_wgmma_pipe_m64_d72"
     );
 }
 

@@ -532,11 +532,6 @@ fn emulated_attention() -> Result<()> {
         .chain([
             (AttentionImpl::Wgmma, 1, "wgmma 128-row".to_string()),
             (AttentionImpl::WgmmaMn, 1, "wgmma_mn 128-row".to_string()),
-            (
-                AttentionImpl::WgmmaPipe,
-                1,
-                "wgmma_pipe 128-row".to_string(),
-            ),
         ]);
     for (imp, sms, label) in runs {
         for (i, (s, qk_std)) in [

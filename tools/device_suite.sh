@@ -22,7 +22,7 @@
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
 #              "default bf16_residual gates_only step_graph attention_wgmma attention_wgmma_mn
-#              attention_wgmma_pipe lt_splitk unfused"; "all" adds
+#              lt_splitk unfused"; "all" adds
 #              f32_bias, side_stream,
 #              lt_autotune, attention_v2 and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
 #              VARIANT_ARGS / VARIANT_S change what each runs);
@@ -43,7 +43,7 @@ PHASES=${PHASES:-tests memcheck variants bench torch kernelprof}
 # memcheck over every test binary unless SANITIZE_FULL=0 (a shorter subset).
 SANITIZE_FULL=${SANITIZE_FULL:-1}
 # The variants whose default is still to decide (VARIANTS=all: every one).
-VARIANTS=${VARIANTS:-default bf16_residual gates_only step_graph attention_wgmma attention_wgmma_mn attention_wgmma_pipe lt_splitk unfused}
+VARIANTS=${VARIANTS:-default bf16_residual gates_only step_graph attention_wgmma attention_wgmma_mn lt_splitk unfused}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -183,12 +183,11 @@ phase_profile() {
 # (default 256) op by op; ncu_<kernel>.txt each, the headline numbers printed.
 phase_kernelprof() {
   local k attention
-  for k in ${PROF_KERNELS:-attention_d72 attention_wgmma_d72 attention_wgmma_mn_d72 attention_wgmma_pipe_d72 residual_layernorm_w4 fora_reuse_final_t4}; do
+  for k in ${PROF_KERNELS:-attention_d72 attention_wgmma_d72 attention_wgmma_mn_d72 residual_layernorm_w4 fora_reuse_final_t4}; do
     echo "=== ncu --set full: $k (rows ${PROF_ROWS:-256})"
     # The steps run the selected attention: the wgmma kernels only with FORA_ATTENTION=wgmma.
     case $k in
       attention_wgmma_mn*) attention=wgmma_mn ;;
-      attention_wgmma_pipe*) attention=wgmma_pipe ;;
       attention_wgmma*) attention=wgmma ;;
       *) attention=${FORA_ATTENTION:-v1} ;;
     esac
@@ -213,7 +212,6 @@ phase_variants() {
            "side_stream:cublaslt:FORA_SIDE_STREAM=1" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
            "attention_v2:cublaslt:FORA_ATTENTION=v2" "attention_wgmma:cublaslt:FORA_ATTENTION=wgmma" \
            "attention_wgmma_mn:cublaslt:FORA_ATTENTION=wgmma_mn" \
-           "attention_wgmma_pipe:cublaslt:FORA_ATTENTION=wgmma_pipe" \
            "wgmma:wgmma:"; do
     name=${v%%:*}; rest=${v#*:}; gemm=${rest%%:*}; envs=${rest#*:}
     case " ${VARIANTS/all/$name} " in *" $name "*) ;; *) continue ;; esac

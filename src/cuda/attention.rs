@@ -17,8 +17,6 @@
 //!   one-warpgroup blocks of 64 rows instead (`attention_wgmma_m64_d*`, [`attention_plan_on`]).
 //! - wgmma_mn (opt-in, Hopper only, `attention_wgmma_mn[_m64]_d*`): the same with PV reading V
 //!   MN-major from its stage (no V^T transpose).
-//! - wgmma_pipe (opt-in, Hopper only, `attention_wgmma_pipe[_m64]_d*`): wgmma_mn with each
-//!   tile's softmax overlapped with the previous tile's PV.
 //! - auto: v2 when its grid fills every SM twice, else v1 ([`AttentionImpl::resolve`]).
 
 use super::device::KernelLauncher;
@@ -47,10 +45,6 @@ pub enum AttentionImpl {
     /// stage as loaded: no transpose, one barrier a key tile. Opt-in: correct on the CPU
     /// emulator under our reading of the MN-major layout, which `wgmma_probe` checks on a GPU.
     WgmmaMn,
-    /// [`AttentionImpl::WgmmaMn`] with each tile's softmax overlapped with the previous tile's
-    /// PV on the tensor cores (three stages; one 128-row block an SM for its registers).
-    /// Opt-in, as `WgmmaMn`.
-    WgmmaPipe,
 }
 
 impl FromStr for AttentionImpl {
@@ -63,10 +57,9 @@ impl FromStr for AttentionImpl {
             "auto" => Ok(AttentionImpl::Auto),
             "wgmma" => Ok(AttentionImpl::Wgmma),
             "wgmma_mn" => Ok(AttentionImpl::WgmmaMn),
-            "wgmma_pipe" => Ok(AttentionImpl::WgmmaPipe),
             other => bail!(
                 "unknown attention implementation {other:?}: expected \"v1\", \"v2\", \"wgmma\", \
-                 \"wgmma_mn\", \"wgmma_pipe\" or \"auto\""
+                 \"wgmma_mn\" or \"auto\""
             ),
         }
     }
@@ -75,19 +68,15 @@ impl FromStr for AttentionImpl {
 impl AttentionImpl {
     /// Whether this is one of the Hopper-only wgmma families.
     pub fn is_wgmma(self) -> bool {
-        matches!(
-            self,
-            AttentionImpl::Wgmma | AttentionImpl::WgmmaMn | AttentionImpl::WgmmaPipe
-        )
+        matches!(self, AttentionImpl::Wgmma | AttentionImpl::WgmmaMn)
     }
 
     /// The kernel families (every implementation but [`AttentionImpl::Auto`]).
-    pub const ALL: [AttentionImpl; 5] = [
+    pub const ALL: [AttentionImpl; 4] = [
         AttentionImpl::V1,
         AttentionImpl::V2,
         AttentionImpl::Wgmma,
         AttentionImpl::WgmmaMn,
-        AttentionImpl::WgmmaPipe,
     ];
 
     pub fn name(self) -> &'static str {
@@ -97,7 +86,6 @@ impl AttentionImpl {
             AttentionImpl::Auto => "auto",
             AttentionImpl::Wgmma => "wgmma",
             AttentionImpl::WgmmaMn => "wgmma_mn",
-            AttentionImpl::WgmmaPipe => "wgmma_pipe",
         }
     }
 
@@ -119,7 +107,7 @@ impl AttentionImpl {
         }
     }
 
-    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|wgmma_pipe|auto`, parsed now; unset or empty means [`AttentionImpl::V1`].
+    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|auto`, parsed now; unset or empty means [`AttentionImpl::V1`].
     pub fn from_env() -> Result<AttentionImpl> {
         match std::env::var("FORA_ATTENTION") {
             Ok(v) if !v.trim().is_empty() => {
@@ -180,15 +168,12 @@ fn smem_bytes(block_m: u32, head_dim: u32) -> u32 {
 /// Shared memory of the wgmma kernels for `head_dim` (mirrors `WgmmaAttentionShape` in
 /// attention_sm90.cu): two stages of a K tile (64 rows of 128-byte swizzle panels, one per 64
 /// columns of the head dim rounded up to 16) and a V tile, and 1 KiB to align the base to the
-/// 1024-byte swizzle atom. Transposing V ([`AttentionImpl::Wgmma`]): V stages of 64 rows of
-/// head_dim and a V^T tile of head_dim rows of 128 bytes; V MN-major: V stages in K's layout, no
-/// V^T; overlapped ([`AttentionImpl::WgmmaPipe`]): three stages.
-fn wgmma_smem_bytes(head_dim: u32, imp: AttentionImpl) -> u32 {
+/// 1024-byte swizzle atom. Transposing V (`v_mn` false): V stages of 64 rows of head_dim and a V^T
+/// tile of head_dim rows of 128 bytes; V MN-major: V stages in K's layout, no V^T.
+fn wgmma_smem_bytes(head_dim: u32, v_mn: bool) -> u32 {
     let k_panels = (head_dim.div_ceil(16) * 16).div_ceil(64);
     let k_stage = k_panels * ATTENTION_BLOCK_N * 128;
-    if imp == AttentionImpl::WgmmaPipe {
-        3 * (2 * k_stage) + 1024
-    } else if imp == AttentionImpl::WgmmaMn {
+    if v_mn {
         2 * (2 * k_stage) + 1024
     } else {
         let v_stage = ATTENTION_BLOCK_N * head_dim * 2;
@@ -228,13 +213,10 @@ fn plan(p: &AttentionParams, imp: AttentionImpl, wgmma_m64: bool) -> Result<Atte
     let (block_m, threads) = match imp {
         AttentionImpl::V1 => (ATTENTION_BLOCK_M, THREADS),
         AttentionImpl::V2 => (ATTENTION_V2_BLOCK_M, THREADS),
-        AttentionImpl::Wgmma | AttentionImpl::WgmmaMn | AttentionImpl::WgmmaPipe => {
-            if wgmma_m64 {
-                (ATTENTION_WGMMA_BLOCK_M / 2, WGMMA_THREADS / 2)
-            } else {
-                (ATTENTION_WGMMA_BLOCK_M, WGMMA_THREADS)
-            }
+        AttentionImpl::Wgmma | AttentionImpl::WgmmaMn if wgmma_m64 => {
+            (ATTENTION_WGMMA_BLOCK_M / 2, WGMMA_THREADS / 2)
         }
+        AttentionImpl::Wgmma | AttentionImpl::WgmmaMn => (ATTENTION_WGMMA_BLOCK_M, WGMMA_THREADS),
         AttentionImpl::Auto => {
             bail!("attention: AttentionImpl::Auto has no plan of its own; resolve it for a device first")
         }
@@ -258,12 +240,6 @@ fn plan(p: &AttentionParams, imp: AttentionImpl, wgmma_m64: bool) -> Result<Atte
         (AttentionImpl::WgmmaMn, 64) => "attention_wgmma_mn_d64",
         (AttentionImpl::WgmmaMn, 72) => "attention_wgmma_mn_d72",
         (AttentionImpl::WgmmaMn, 128) => "attention_wgmma_mn_d128",
-        (AttentionImpl::WgmmaPipe, 64) if wgmma_m64 => "attention_wgmma_pipe_m64_d64",
-        (AttentionImpl::WgmmaPipe, 72) if wgmma_m64 => "attention_wgmma_pipe_m64_d72",
-        (AttentionImpl::WgmmaPipe, 128) if wgmma_m64 => "attention_wgmma_pipe_m64_d128",
-        (AttentionImpl::WgmmaPipe, 64) => "attention_wgmma_pipe_d64",
-        (AttentionImpl::WgmmaPipe, 72) => "attention_wgmma_pipe_d72",
-        (AttentionImpl::WgmmaPipe, 128) => "attention_wgmma_pipe_d128",
         (_, d) => bail!(
             "attention: head_dim {d} is not supported; the kernel is built for head_dim {:?}",
             ATTENTION_HEAD_DIMS
@@ -319,7 +295,8 @@ fn plan(p: &AttentionParams, imp: AttentionImpl, wgmma_m64: bool) -> Result<Atte
         grid: (tokens.div_ceil(block_m), p.heads as u32, p.batch as u32),
         block: (threads, 1, 1),
         shared_mem_bytes: match imp {
-            imp if imp.is_wgmma() => wgmma_smem_bytes(p.head_dim as u32, imp),
+            AttentionImpl::Wgmma => wgmma_smem_bytes(p.head_dim as u32, false),
+            AttentionImpl::WgmmaMn => wgmma_smem_bytes(p.head_dim as u32, true),
             _ => smem_bytes(block_m, p.head_dim as u32),
         },
     })
