@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Compiles every kernels/*.cu for sm_80 and sm_90a with `ptxas -v` and fails when any kernel
-# spills registers or uses a local-memory stack frame. CI calls it; build.rs only warns.
+# spills registers or uses a local-memory stack frame, or when ptxas serializes a kernel's
+# wgmma instructions (info C7514: a non-wgmma instruction may touch registers of a wgmma in
+# flight, so ptxas waits after every wgmma; the kernel stays correct but loses the overlap).
+# CI calls it; build.rs only warns.
 # nvcc: $NVCC, else PATH, else $CUDA_HOME/bin, /usr/local/cuda/bin, the pip wheel location.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,12 +30,15 @@ for cu in kernels/*.cu; do
         # "N bytes stack frame, N bytes spill stores, N bytes spill loads" per function.
         bad=$(awk '/Function properties for/ {f=$NF} /bytes stack frame/ {
                  if ($1 != 0 || $5 != 0 || $9 != 0) print f ": " $0 }' "$log")
+        serialized=$(grep "C7514" "$log" || true)
+        if [ -n "$serialized" ]; then bad="${bad:+$bad
+}$serialized"; fi
         kernels=$(grep -c "Compiling entry function" "$log" || true)
         if [ -n "$bad" ]; then
             echo "FAIL $cu ($arch):"; echo "$bad"; status=1
         else
             regs=$(grep -o "Used [0-9]* registers" "$log" | awk '{print $2}' | sort -n | tail -1)
-            echo "ok   $cu ($arch): $kernels kernels, no spills, no stack, max ${regs:-0} registers"
+            echo "ok   $cu ($arch): $kernels kernels, no spills, no stack, no serialized wgmma, max ${regs:-0} registers"
         fi
     done
 done
