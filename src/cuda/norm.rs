@@ -105,7 +105,7 @@ pub fn layernorm_modulate(gpu: &impl KernelLauncher, p: &LayerNormModulateParams
 }
 
 /// [`layernorm_modulate`] with the warps per row chosen by the caller (tests, benchmarks); four
-/// need the register path's rows (see [`layernorm_in_registers`]).
+/// need the register path's rows (see `layernorm_in_registers`).
 pub fn layernorm_modulate_with(
     gpu: &impl KernelLauncher,
     p: &LayerNormModulateParams,
