@@ -249,15 +249,16 @@ typedef struct NormalFillParams {
     long long n;
 } NormalFillParams;
 
-/* A hardware-contract probe of one Hopper wgmma (kernel wgmma_probe: one warpgroup, sm_90a):
- *   d[64, n] = a[64, 16] @ b[16, n]   in f32, a bf16 row-major, b given transposed as bt[n, 16]
+/* A hardware-contract probe of Hopper wgmma (kernel wgmma_probe: one warpgroup, sm_90a), two
+ * k-steps of 16:
+ *   d[64, n] = a[64, 32] @ b[32, n]   in f32, a bf16 row-major, b given transposed as bt[n, 32]
  * mode 0: A from registers (the RS form attention_sm90.cu uses), B K-major 128-byte swizzled;
  * mode 1: A and B from shared memory, both K-major (the SS form gemm_sm90.cu uses; n = 128);
  * mode 2: A from registers, B MN-major 128-byte swizzled (the transpose-B bit).
  * n is 64, 72 or 128. d is f32 row-major [64, n]. */
 typedef struct WgmmaProbeParams {
-    fora_ptr a;         /* bf16 [64, 16] */
-    fora_ptr bt;        /* bf16 [n, 16] */
+    fora_ptr a;         /* bf16 [64, 32] */
+    fora_ptr bt;        /* bf16 [n, 32] */
     fora_ptr d;         /* f32 [64, n] */
     int n, mode;
 } WgmmaProbeParams;

@@ -7,6 +7,8 @@
 //           flash attention reading V in its natural layout would need.
 // The shared-memory layouts are written element by element from plain row-major inputs, so
 // the probe depends on nothing but the instruction, its descriptor and its fragment layouts.
+// K = 32: two wgmmas, the second at the next k-step (32 bytes along K-major rows, two atoms
+// down MN-major), as the attention kernels step through the head dim and the keys.
 
 #include "common.cuh"
 #include "wgmma.cuh"
@@ -15,11 +17,12 @@
 
 namespace {
 
-constexpr uint32_t kProbeB = 0;          // B: up to 9 atoms (K-major n = 72) or 2 panels
+constexpr int kProbeK = 32;              // two k-steps: the second checks the descriptor advance
+constexpr uint32_t kProbeB = 0;          // B: up to 16 atoms (K-major n = 128) or 2 panels
 constexpr uint32_t kProbeA = 16 * 1024;  // A (mode 1): 8 atoms
-constexpr uint32_t kPanelBytes = 2048;   // MN-major: one 64-wide n panel of 16 k-rows
+constexpr uint32_t kPanelBytes = 4096;   // MN-major: one 64-wide n panel of 32 k-rows
 
-// Byte offset of element (row, k) of a K-major 128-byte-swizzled operand with 16 k-values.
+// Byte offset of element (row, k) of a K-major 128-byte-swizzled operand (k < 64 in one row).
 FORA_DEVICE uint32_t k_major_offset(int row, int k) {
     return (row / 8) * 1024 + (row % 8) * 128 + (((k / 8) ^ (row % 8)) << 4) + (k % 8) * 2;
 }
@@ -46,19 +49,26 @@ FORA_DEVICE void store_fragment(const WgmmaProbeParams& p, const float (&d)[N / 
     }
 }
 
+// The two k-steps: A fragments a[0] (k 0..15) and a[1] (k 16..31); B's second step starts 32
+// bytes further along the K-major rows, or 16 rows (two atoms, 2048 bytes) further MN-major.
 template <int N>
-FORA_DEVICE void probe_rs(const WgmmaProbeParams& p, const uint32_t (&a)[4], uint64_t desc_b, bool mn) {
+FORA_DEVICE void probe_rs(const WgmmaProbeParams& p, const uint32_t (&a)[2][4], uint32_t b_addr, bool mn) {
     float d[N / 2];
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) d[i] = 0.0f;
     pin_accumulators(d);
     wgmma_fence();
-    if constexpr (N == 64) {
-        mn ? wgmma_rs_m64n64k16<1>(d, a, desc_b) : wgmma_rs_m64n64k16<0>(d, a, desc_b);
-    } else if constexpr (N == 72) {
-        mn ? wgmma_rs_m64n72k16<1>(d, a, desc_b) : wgmma_rs_m64n72k16<0>(d, a, desc_b);
-    } else {
-        mn ? wgmma_rs_m64n128k16<1>(d, a, desc_b) : wgmma_rs_m64n128k16<0>(d, a, desc_b);
+#pragma unroll
+    for (int ks = 0; ks < kProbeK / 16; ++ks) {
+        const uint64_t desc = mn ? wgmma_desc_sw128_mn(b_addr + ks * 2048, kPanelBytes, 1024)
+                                 : wgmma_desc_sw128(b_addr + ks * 32);
+        if constexpr (N == 64) {
+            mn ? wgmma_rs_m64n64k16<1>(d, a[ks], desc) : wgmma_rs_m64n64k16<0>(d, a[ks], desc);
+        } else if constexpr (N == 72) {
+            mn ? wgmma_rs_m64n72k16<1>(d, a[ks], desc) : wgmma_rs_m64n72k16<0>(d, a[ks], desc);
+        } else {
+            mn ? wgmma_rs_m64n128k16<1>(d, a[ks], desc) : wgmma_rs_m64n128k16<0>(d, a[ks], desc);
+        }
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -82,18 +92,18 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_probe(const WgmmaProbePa
     const __nv_bfloat16* bt = reinterpret_cast<const __nv_bfloat16*>(p.bt);
     const int t = threadIdx.x;
 
-    for (int i = t; i < (24 * 1024) / 16; i += 128) {
+    for (int i = t; i < (kProbeA + 8 * 1024) / 16; i += 128) {
         reinterpret_cast<uint4*>(base)[i] = make_uint4(0u, 0u, 0u, 0u);
     }
     __syncthreads();
-    for (int i = t; i < p.n * 16; i += 128) {
-        const int n = i / 16, k = i % 16;
+    for (int i = t; i < p.n * kProbeK; i += 128) {
+        const int n = i / kProbeK, k = i % kProbeK;
         const uint32_t off = p.mode == 2 ? mn_major_offset(n, k) : k_major_offset(n, k);
         *reinterpret_cast<__nv_bfloat16*>(base + kProbeB + off) = bt[i];
     }
     if (p.mode == 1) {
-        for (int i = t; i < 64 * 16; i += 128) {
-            *reinterpret_cast<__nv_bfloat16*>(base + kProbeA + k_major_offset(i / 16, i % 16)) = a[i];
+        for (int i = t; i < 64 * kProbeK; i += 128) {
+            *reinterpret_cast<__nv_bfloat16*>(base + kProbeA + k_major_offset(i / kProbeK, i % kProbeK)) = a[i];
         }
     }
     fence_proxy_async_shared();
@@ -105,7 +115,11 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_probe(const WgmmaProbePa
         for (int i = 0; i < 64; ++i) d[i] = 0.0f;
         pin_accumulators(d);
         wgmma_fence();
-        wgmma_m64n128k16(d, wgmma_desc_sw128(base_addr + kProbeA), wgmma_desc_sw128(base_addr + kProbeB));
+#pragma unroll
+        for (int ks = 0; ks < kProbeK / 16; ++ks) {
+            wgmma_m64n128k16(d, wgmma_desc_sw128(base_addr + kProbeA + ks * 32),
+                             wgmma_desc_sw128(base_addr + kProbeB + ks * 32));
+        }
         wgmma_commit();
         wgmma_wait<0>();
         pin_accumulators(d);
@@ -115,22 +129,23 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_probe(const WgmmaProbePa
     // A in the mma.sync m16n8k16 A layout: a0 = (g, 2q..), a1 = (g + 8, 2q..), a2 = (g, 2q + 8..),
     // a3 = (g + 8, 2q + 8..) of this warp's 16 rows.
     const int warp = t / 32, g = (t % 32) / 4, q = t % 4;
-    uint32_t frag[4];
+    uint32_t frag[kProbeK / 16][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int row = 16 * warp + g + 8 * (i & 1);
-        const int col = 8 * (i >> 1) + 2 * q;
-        frag[i] = *reinterpret_cast<const uint32_t*>(a + row * 16 + col);
+    for (int ks = 0; ks < kProbeK / 16; ++ks) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int row = 16 * warp + g + 8 * (i & 1);
+            const int col = 16 * ks + 8 * (i >> 1) + 2 * q;
+            frag[ks][i] = *reinterpret_cast<const uint32_t*>(a + row * kProbeK + col);
+        }
     }
     const bool mn = p.mode == 2;
-    const uint64_t desc_b =
-        mn ? wgmma_desc_sw128_mn(base_addr + kProbeB, kPanelBytes, 1024) : wgmma_desc_sw128(base_addr + kProbeB);
     if (p.n == 64) {
-        probe_rs<64>(p, frag, desc_b, mn);
+        probe_rs<64>(p, frag, base_addr + kProbeB, mn);
     } else if (p.n == 72) {
-        probe_rs<72>(p, frag, desc_b, mn);
+        probe_rs<72>(p, frag, base_addr + kProbeB, mn);
     } else {
-        probe_rs<128>(p, frag, desc_b, mn);
+        probe_rs<128>(p, frag, base_addr + kProbeB, mn);
     }
 #else
     (void)p;

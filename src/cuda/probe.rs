@@ -1,4 +1,4 @@
-//! Launcher of the Hopper instruction probes (`kernels/probe_sm90.cu`): one wgmma on small
+//! Launcher of the Hopper instruction probes (`kernels/probe_sm90.cu`): two wgmma k-steps on small
 //! row-major inputs, in the operand forms and shared-memory layouts the sm_90a kernels rely on
 //! (or may rely on next), so that a device run says which assumption holds
 //! ([`WgmmaProbeMode`]). Tests only: nothing in the model launches it.
@@ -45,8 +45,8 @@ impl WgmmaProbeMode {
 /// Dynamic shared memory of `wgmma_probe`: B and A regions, + 1 KiB of alignment.
 const PROBE_SMEM: u32 = 25 * 1024;
 
-/// `d[64, n] = a[64, 16] @ bt[n, 16]^T` (f32 out) by one wgmma of `mode`, on a Hopper GPU:
-/// `a` bf16 `[64, 16]`, `bt` bf16 `[n, 16]`, `d` f32 `[64, n]` (device addresses).
+/// `d[64, n] = a[64, 32] @ bt[n, 32]^T` (f32 out) by two wgmmas (k-steps) of `mode`, on a
+/// Hopper GPU: `a` bf16 `[64, 32]`, `bt` bf16 `[n, 32]`, `d` f32 `[64, n]` (device addresses).
 pub fn wgmma_probe(
     gpu: &impl KernelLauncher,
     mode: WgmmaProbeMode,
@@ -77,7 +77,7 @@ pub fn wgmma_probe(
         mode: mode.raw(),
     };
     gpu.allow_dynamic_shared_memory(K, PROBE_SMEM)?;
-    // SAFETY: the kernel reads 64 x 16 bf16 at a, n x 16 at bt and writes 64 x n f32 at d, the
+    // SAFETY: the kernel reads 64 x 32 bf16 at a, n x 32 at bt and writes 64 x n f32 at d, the
     // buffers the caller passes; one warpgroup.
     unsafe { gpu.launch_kernel(K, (1, 1, 1), (128, 1, 1), PROBE_SMEM, &p) }
         .with_context(|| format!("{K}: launch in mode {mode:?} with n = {n} failed"))

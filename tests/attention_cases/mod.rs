@@ -183,7 +183,7 @@ pub fn run_case_sized<D: TestDevice>(
     Ok(())
 }
 
-/// One wgmma probe (`fora::cuda::probe`): random bf16 a [64, 16] and bt [n, 16], the device's
+/// One wgmma probe (`fora::cuda::probe`): random bf16 a [64, 32] and bt [n, 32], the device's
 /// d [64, n] against the f64 product; every element written, nothing past it.
 pub fn run_wgmma_probe<D: TestDevice>(
     gpu: &D,
@@ -192,13 +192,14 @@ pub fn run_wgmma_probe<D: TestDevice>(
     seed: u64,
 ) -> Result<()> {
     let mut rng = TestRng::new(seed);
-    let a = round_bf16(&rng.normal_vec(64 * 16, 1.0));
-    let bt = round_bf16(&rng.normal_vec(n * 16, 1.0));
+    const K: usize = 32;
+    let a = round_bf16(&rng.normal_vec(64 * K, 1.0));
+    let bt = round_bf16(&rng.normal_vec(n * K, 1.0));
     let want: Vec<f32> = (0..64 * n)
         .map(|i| {
             let (r, c) = (i / n, i % n);
-            (0..16)
-                .map(|k| a[r * 16 + k] as f64 * bt[c * 16 + k] as f64)
+            (0..K)
+                .map(|k| a[r * K + k] as f64 * bt[c * K + k] as f64)
                 .sum::<f64>() as f32
         })
         .collect();
