@@ -700,7 +700,13 @@ impl Report {
         let best = self
             .kernels
             .iter()
-            .filter(|k| k.name == row.name && k.rows == row.rows && k.imp.starts_with("cublaslt"))
+            // Whole GEMMs with their epilogue only: a product-only row does less work.
+            .filter(|k| {
+                k.name == row.name
+                    && k.rows == row.rows
+                    && k.imp.starts_with("cublaslt")
+                    && !k.imp.contains("product")
+            })
             .filter_map(|k| k.stats.as_ref().map(|s| s.median_ms))
             .min_by(f64::total_cmp)?;
         Some(best / ours)
@@ -1731,6 +1737,24 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
                     "cublaslt+bf16 bias",
                     Box::new(move |i| g.run_with_bias_bf16(gpu, &params[i % n], bias16[i % n])),
                 ));
+            }
+            if s.epi == Epilogue::BiasGateResidual {
+                // proj and fc2 on the fused-LayerNorm path: cuBLASLt's f32 product alone (the
+                // residual and the LayerNorm follow in residual_layernorm), and with
+                // FORA_LT_SPLITK its split-K slices where the grid is small.
+                variants.push((
+                    "cublaslt product",
+                    Box::new(move |i| g.cublaslt_product(&params[i % n]).map(|_| ())),
+                ));
+                let splits = g.lt_product_splits(&params[0]);
+                if splits > 1 {
+                    variants.push((
+                        "cublaslt product split-K",
+                        Box::new(move |i| {
+                            g.cublaslt_product_split(&params[i % n], splits).map(|_| ())
+                        }),
+                    ));
+                }
             }
         }
         if let Ok(g) = &lt_tuned {
