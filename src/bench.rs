@@ -615,6 +615,8 @@ pub struct Report {
     /// The backend options in this run (`CudaOptions::from_env`: `FORA_CUDA_GRAPHS`,
     /// `FORA_FUSED_REUSE`, ...); each step row says what its workspace did.
     pub options: CudaOptions,
+    /// The flash-attention implementation the steps ran (`FORA_ATTENTION`, e.g. "v1").
+    pub attention: String,
     pub cfg_scale: f32,
     pub gemm_ceiling: Option<Ceiling>,
     pub copy_ceiling: Option<Ceiling>,
@@ -649,6 +651,7 @@ impl Report {
             runs: plan.runs,
             quick: plan.quick,
             options: *options,
+            attention: AttentionImpl::V1.name().to_string(),
             cfg_scale: plan.cfg_scale,
             gemm_ceiling: None,
             copy_ceiling: None,
@@ -843,6 +846,7 @@ impl Report {
                 "reuse_gates_only": self.options.reuse_gates_only,
                 "step_graph": self.options.step_graph,
                 "lt_splitk": self.options.lt_splitk,
+                "attention": self.attention,
                 "cfg_scale": self.cfg_scale,
                 "timing": "CUDA events, back-to-back runs, median",
             },
@@ -917,8 +921,8 @@ impl Report {
         s += &format!(
             "{device}, {}. Median of {} runs after {} warm-up runs (CUDA events). CUDA graphs {}; \
              modulation tables precomputed {}; cuBLASLt algorithms {}; reuse steps {}; per-step \
-             tables {}; proj / fc2 epilogues {}; qkv / fc1 bias {}. FLOPs = 2 x {:.1} GMAC per \
-             model row.\n\n",
+             tables {}; proj / fc2 epilogues {}; qkv / fc1 bias {}; attention `{}` \
+             (FORA_ATTENTION). FLOPs = 2 x {:.1} GMAC per model row.\n\n",
             self.date,
             self.runs,
             self.warmup,
@@ -965,6 +969,7 @@ impl Report {
             } else {
                 "fused by cuBLASLt only in f32 (FORA_LT_BIAS_BF16=0)"
             },
+            self.attention,
             m.macs_per_row as f64 / 1e9
         );
 
@@ -1193,6 +1198,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let (cfg, weights, source) = bench_model(args)?;
     let mut report = Report::new(ModelInfo::new(&cfg, source), &plan, &options);
     report.device = Some(device_info(&gpu)?);
+    report.attention = AttentionImpl::selected()?.name().to_string();
     let started = Instant::now();
     let json_path = plan.json.clone();
     let save = |report: &Report| {

@@ -323,6 +323,7 @@ fn fake_report() -> Report {
             step_graph: false,
             lt_splitk: false,
         },
+        attention: "v1".into(),
         cfg_scale: 4.0,
         gemm_ceiling: Some(Ceiling {
             what: "bf16 GEMM 8192^3".into(),
@@ -418,6 +419,8 @@ fn report_markdown_and_json() {
     assert_eq!(j["model"]["arch"], "DiT-XL/2");
     assert_eq!(j["device"]["compute_capability"], "9.0");
     assert_eq!(j["ceilings"]["gemm"]["tflops"], 700.0);
+    assert_eq!(j["settings"]["attention"], "v1");
+    assert!(md.contains("attention `v1` (FORA_ATTENTION)"), "{md}");
 
     // Full step at 256 rows: TFLOP/s from the model's MACs; % of the GEMM ceiling.
     let t256 = 2.0 * macs * 256.0 / 0.120 / 1e12;

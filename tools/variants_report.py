@@ -69,7 +69,8 @@ def report(out_dir):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in names:
         d = runs[n]
-        cells = [f"`{n}`"]
+        att = (d.get("settings") or {}).get("attention")
+        cells = [f"`{n}`" + (f" (attention {att})" if att and att != "v1" else "")]
         for r in rows:
             for kind in ("full", "reuse"):
                 s = step(d, r, kind)
