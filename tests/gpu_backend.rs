@@ -424,257 +424,134 @@ fn gpu_execution_paths_agree() {
         )
         .unwrap();
     let mut first: Option<Vec<f32>> = None;
-    // (GEMM, graphs, tables precomputed, cuBLASLt autotuned, fused reuse, side stream, fused LN,
-    // cuBLASLt bf16 bias, bf16 residual)
-    for (
-        gemm,
-        graphs,
-        precompute,
-        lt_autotune,
-        fused_reuse,
-        side_stream,
-        fused_ln,
-        lt_bias_bf16,
-        bf16_residual,
-    ) in [
-        (
-            GemmImpl::Custom,
-            true,
-            true,
-            false,
-            false,
-            false,
-            false,
-            true,
-            false,
-        ),
-        (
-            GemmImpl::Custom,
-            false,
-            false,
-            false,
-            false,
-            false,
-            false,
-            true,
-            false,
-        ),
-        (
-            GemmImpl::Custom,
-            true,
-            false,
-            false,
-            false,
-            false,
-            false,
-            true,
-            false,
-        ),
-        (
-            GemmImpl::Custom,
-            false,
-            true,
-            false,
-            false,
-            false,
-            false,
-            true,
-            false,
-        ),
-        (
-            GemmImpl::CublasLt,
-            true,
-            true,
-            false,
-            false,
-            false,
-            false,
-            true,
-            false,
-        ),
+    // Every path from the plainest (custom GEMMs, graphs and precomputed tables only) up.
+    let plain = CudaOptions {
+        gemm: GemmImpl::Custom,
+        graphs: true,
+        precompute_modulation: true,
+        lt_autotune: false,
+        fused_reuse: false,
+        side_stream: false,
+        fused_ln: false,
+        lt_bias_bf16: true,
+        bf16_residual: false,
+        ..cuda.options()
+    };
+    let lt = CudaOptions {
+        gemm: GemmImpl::CublasLt,
+        ..plain
+    };
+    // The defaults: cuBLASLt, graphs, tables, fused reuse and fused LayerNorm.
+    let defaults = CudaOptions {
+        fused_reuse: true,
+        fused_ln: true,
+        ..lt
+    };
+    let paths = [
+        plain,
+        CudaOptions {
+            graphs: false,
+            precompute_modulation: false,
+            ..plain
+        },
+        CudaOptions {
+            precompute_modulation: false,
+            ..plain
+        },
+        CudaOptions {
+            graphs: false,
+            ..plain
+        },
+        lt,
         // Autotuned cuBLASLt: tuned by an uncaptured forward before the graphs are recorded.
-        (
-            GemmImpl::CublasLt,
-            true,
-            false,
-            true,
-            false,
-            false,
-            false,
-            true,
-            false,
-        ),
-        (
-            GemmImpl::CublasLt,
-            false,
-            true,
-            true,
-            false,
-            false,
-            false,
-            true,
-            false,
-        ),
+        CudaOptions {
+            precompute_modulation: false,
+            lt_autotune: true,
+            ..lt
+        },
+        CudaOptions {
+            graphs: false,
+            lt_autotune: true,
+            ..lt
+        },
         // Reuse steps as one fora_reuse_final launch, in a graph and kernel by kernel.
-        (
-            GemmImpl::CublasLt,
-            true,
-            true,
-            false,
-            true,
-            false,
-            false,
-            true,
-            false,
-        ),
-        (
-            GemmImpl::Custom,
-            false,
-            false,
-            false,
-            true,
-            false,
-            false,
-            true,
-            false,
-        ),
+        CudaOptions {
+            fused_reuse: true,
+            ..lt
+        },
+        CudaOptions {
+            graphs: false,
+            precompute_modulation: false,
+            fused_reuse: true,
+            ..plain
+        },
         // The next step's table on a second stream (tables not precomputed).
-        (
-            GemmImpl::CublasLt,
-            true,
-            false,
-            false,
-            false,
-            true,
-            false,
-            true,
-            false,
-        ),
-        (
-            GemmImpl::Custom,
-            false,
-            false,
-            false,
-            false,
-            true,
-            false,
-            true,
-            false,
-        ),
+        CudaOptions {
+            precompute_modulation: false,
+            side_stream: true,
+            ..lt
+        },
+        CudaOptions {
+            graphs: false,
+            precompute_modulation: false,
+            side_stream: true,
+            ..plain
+        },
         // proj / fc2 epilogues fused with the next LayerNorm (cuBLASLt only; ignored by custom).
-        (
-            GemmImpl::CublasLt,
-            true,
-            true,
-            false,
-            false,
-            false,
-            true,
-            true,
-            false,
-        ),
-        (
-            GemmImpl::CublasLt,
-            false,
-            false,
-            false,
-            false,
-            false,
-            true,
-            true,
-            false,
-        ),
-        // The defaults: cuBLASLt, graphs, tables, fused reuse and fused LayerNorm.
-        (
-            GemmImpl::CublasLt,
-            true,
-            true,
-            false,
-            true,
-            false,
-            true,
-            true,
-            false,
-        ),
+        CudaOptions {
+            fused_ln: true,
+            ..lt
+        },
+        CudaOptions {
+            graphs: false,
+            precompute_modulation: false,
+            fused_ln: true,
+            ..lt
+        },
+        defaults,
         // cuBLASLt's f32 product and the epilogue kernel for qkv / fc1 instead.
-        (
-            GemmImpl::CublasLt,
-            true,
-            true,
-            false,
-            true,
-            false,
-            true,
-            false,
-            false,
-        ),
+        CudaOptions {
+            lt_bias_bf16: false,
+            ..defaults
+        },
         // proj / fc2 write bf16 v into the cache; the residual adds it (tables precomputed or
         // not, graphs or not).
-        (
-            GemmImpl::CublasLt,
-            true,
-            true,
-            false,
-            true,
-            false,
-            true,
-            true,
-            true,
-        ),
-        (
-            GemmImpl::CublasLt,
-            false,
-            false,
-            false,
-            true,
-            false,
-            true,
-            true,
-            true,
-        ),
+        CudaOptions {
+            bf16_residual: true,
+            ..defaults
+        },
+        CudaOptions {
+            graphs: false,
+            precompute_modulation: false,
+            bf16_residual: true,
+            ..defaults
+        },
         // Everything at once.
-        (
-            GemmImpl::CublasLt,
-            true,
-            false,
-            true,
-            true,
-            true,
-            true,
-            true,
-            false,
-        ),
-    ] {
-        let base = cuda.options();
-        cuda.set_options(CudaOptions {
-            gemm,
-            graphs,
-            precompute_modulation: precompute,
-            lt_autotune,
-            fused_reuse,
-            side_stream,
-            fused_ln,
-            lt_bias_bf16,
-            bf16_residual,
-            ..base
-        });
+        CudaOptions {
+            precompute_modulation: false,
+            lt_autotune: true,
+            side_stream: true,
+            ..defaults
+        },
+    ];
+    for o in paths {
+        cuda.set_options(o);
         let sampler = Sampler::new(&cuda, options.clone()).unwrap();
         let plan = sampler.plan(&classes, NoiseSource::Seed(3)).unwrap();
         let ws = cuda.workspace(&plan).unwrap();
-        assert_eq!(ws.uses_graphs(), graphs);
+        assert_eq!(ws.uses_graphs(), o.graphs);
         assert_eq!(
             ws.modulation_precomputed(),
-            precompute,
+            o.precompute_modulation,
             "a small table must be precomputed when asked"
         );
-        assert_eq!(ws.uses_side_stream(), side_stream && !precompute);
+        assert_eq!(
+            ws.uses_side_stream(),
+            o.side_stream && !o.precompute_modulation
+        );
         drop(ws);
         let got = sample_latents(&cuda, &options, &classes, 3, 3);
-        let what = format!(
-            "{gemm:?} graphs={graphs} precomputed={precompute} lt_autotune={lt_autotune} \
-             fused_reuse={fused_reuse} side_stream={side_stream} fused_ln={fused_ln} \
-             lt_bias_bf16={lt_bias_bf16} bf16_residual={bf16_residual}"
-        );
+        let what = format!("{o:?}");
         check_close(&format!("{what} vs CPU"), &got, &want.latents, 5e-2).unwrap();
         match &first {
             None => first = Some(got),
