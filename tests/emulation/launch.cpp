@@ -419,24 +419,30 @@ uint32_t fora_emulation_smem_offset(const void* p) {
 
 namespace {
 
-// Element (row, k) of a K-major bf16 operand in the 128-byte-swizzle canonical layout, from its
-// wgmma shared-memory descriptor: start address (bits 0-13, >> 4), stride byte offset between
-// 8-row atoms (bits 32-45, >> 4), swizzle mode (bits 62-63, 1 = 128 B). Rows of an atom are
-// 128 bytes apart; the hardware XORs address bits [4:6] with bits [7:9] (the dynamic shared
-// memory is 1024-byte aligned, so offsets and host addresses agree on those bits). The leading
-// byte offset is unused for this layout when the k extent (32 bytes) fits the swizzle width.
-float wgmma_operand(uint64_t desc, int row, int k) {
+// A wgmma shared-memory descriptor, decoded: start address (bits 0-13), leading byte offset
+// (bits 16-29) and stride byte offset (bits 32-45), each stored >> 4; only the 128-byte swizzle
+// (bits 62-63 = 1) is emulated.
+struct SmemDescriptor {
+    uint32_t start, leading, stride;
+};
+
+SmemDescriptor decode(uint64_t desc) {
     if ((desc >> 62) != 1) {
         std::fprintf(stderr, "emulated wgmma: swizzle mode %d is not emulated\n", int(desc >> 62));
         std::abort();
     }
-    const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
-    const uint32_t stride = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
-    uint32_t addr = start + (row / 8) * stride + (row % 8) * 128 + 2 * k;
+    return {static_cast<uint32_t>(desc & 0x3FFF) << 4, static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4,
+            static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4};
+}
+
+// The bf16 at byte `addr` of the canonical layout after the 128-byte swizzle: the hardware XORs
+// address bits [4:6] with bits [7:9] (the dynamic shared memory is 1024-byte aligned, so
+// offsets and host addresses agree on those bits). (i, k) name the element in the error.
+float swizzled_bf16(uint32_t addr, const char* layout, int i, int k) {
     addr ^= ((addr >> 7) & 7u) << 4;
     if (addr + 2 > launch_state->dynamic_smem_bytes) {
-        std::fprintf(stderr, "emulated wgmma: operand (row %d, k %d) at shared byte %u is past the %zu bytes of dynamic shared memory\n",
-                     row, k, addr, launch_state->dynamic_smem_bytes);
+        std::fprintf(stderr, "emulated wgmma: %s operand (%d, k %d) at shared byte %u is past the %zu bytes of dynamic shared memory\n",
+                     layout, i, k, addr, launch_state->dynamic_smem_bytes);
         std::abort();
     }
     uint16_t bits;
@@ -444,28 +450,21 @@ float wgmma_operand(uint64_t desc, int row, int k) {
     return bf16_bits_to_f32(bits);
 }
 
+// Element (row, k) of a K-major bf16 operand in the 128-byte-swizzle canonical layout: rows of
+// an 8-row atom 128 bytes apart, atoms `stride` apart. The leading byte offset is unused for
+// this layout when the k extent (32 bytes) fits the swizzle width.
+float wgmma_operand(uint64_t desc, int row, int k) {
+    const SmemDescriptor d = decode(desc);
+    return swizzled_bf16(d.start + (row / 8) * d.stride + (row % 8) * 128 + 2 * k, "K-major", row, k);
+}
+
 // Element (n, k) of an MN-major bf16 B operand in the 128-byte-swizzle canonical layout (as
 // wgmma.cuh's wgmma_desc_sw128_mn describes it): 128-byte rows of 64 n-values, one per k; 8
-// k-rows an atom, atoms `stride byte offset` apart along k and `leading byte offset` apart per
-// 64-wide n panel; the same XOR of address bits [4:6] with [7:9].
+// k-rows an atom, atoms `stride` apart along k and `leading` apart per 64-wide n panel.
 float wgmma_operand_mn(uint64_t desc, int n, int k) {
-    if ((desc >> 62) != 1) {
-        std::fprintf(stderr, "emulated wgmma: swizzle mode %d is not emulated\n", int(desc >> 62));
-        std::abort();
-    }
-    const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
-    const uint32_t panel = static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4;
-    const uint32_t group = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
-    uint32_t addr = start + (n / 64) * panel + (k / 8) * group + (k % 8) * 128 + 2 * (n % 64);
-    addr ^= ((addr >> 7) & 7u) << 4;
-    if (addr + 2 > launch_state->dynamic_smem_bytes) {
-        std::fprintf(stderr, "emulated wgmma: MN-major operand (n %d, k %d) at shared byte %u is past the %zu bytes of dynamic shared memory\n",
-                     n, k, addr, launch_state->dynamic_smem_bytes);
-        std::abort();
-    }
-    uint16_t bits;
-    std::memcpy(&bits, launch_state->dynamic_smem + addr, 2);
-    return bf16_bits_to_f32(bits);
+    const SmemDescriptor d = decode(desc);
+    return swizzled_bf16(d.start + (n / 64) * d.leading + (k / 8) * d.stride + (k % 8) * 128 + 2 * (n % 64),
+                         "MN-major", n, k);
 }
 
 // This thread's fragment of D[64 x n] += A[64 x 16] B[16 x n]: warp w of the warpgroup owns rows
