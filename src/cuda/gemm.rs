@@ -763,34 +763,8 @@ impl Gemm {
     /// next GEMM on this engine. For a caller that applies the epilogue itself, fused with more
     /// work (`residual_layernorm`). cuBLASLt engines only.
     pub fn cublaslt_product(&self, p: &GemmParams) -> Result<u64> {
-        validate(p)?;
-        let lt = self.lt()?;
-        let scratch = self
-            .scratch
-            .as_ref()
-            .context("GEMM: no cuBLASLt scratch (built for the custom implementation)")?;
-        let (m, n) = (p.m as usize, p.n as usize);
-        ensure!(
-            m * n <= scratch.len(),
-            "GEMM: M*N = {m}*{n} = {} exceeds the cuBLASLt scratch of {} elements sized at \
-             construction (max_mn)",
-            m * n,
-            scratch.len()
-        );
-        let acc = dptr(scratch);
-        // Into the dense scratch, not p.out.
-        let mm = LtMatmul {
-            d: acc,
-            ldd: n,
-            ..lt_matmul(p, LtOutput::F32, LtEpilogue::None)
-        };
-        match lt.matmul(&mm).with_context(|| gemm_what(p, "cuBLASLt"))? {
-            LtRun::Done => Ok(acc),
-            LtRun::Unsupported => bail!(
-                "{}: cuBLASLt has no algorithm for a plain bf16 x bf16 -> f32 product",
-                gemm_what(p, "cuBLASLt")
-            ),
-        }
+        let (acc, _) = self.product_slices(p, 1)?;
+        Ok(acc)
     }
 
     /// Split-K slices for [`Gemm::cublaslt_product_split`] at `p`'s shape: 1 (no split) when its
@@ -815,13 +789,17 @@ impl Gemm {
     /// slices' sum in order. One slice, or cuBLASLt without an algorithm for the batch, is
     /// [`Gemm::cublaslt_product`]. Valid until the next GEMM on this engine.
     pub fn cublaslt_product_split(&self, p: &GemmParams, splits: usize) -> Result<(u64, usize)> {
-        if splits <= 1 {
-            return Ok((self.cublaslt_product(p)?, 1));
-        }
+        self.product_slices(p, splits.max(1))
+    }
+
+    /// The product of `p` as `splits` split-K slices into the f32 scratch (one: a plain
+    /// product), for [`Gemm::cublaslt_product`] and [`Gemm::cublaslt_product_split`]: (address,
+    /// slices written). A batch cuBLASLt has no algorithm for falls back to one slice.
+    fn product_slices(&self, p: &GemmParams, splits: usize) -> Result<(u64, usize)> {
         validate(p)?;
         let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
         ensure!(
-            k.is_multiple_of(8 * splits),
+            k.is_multiple_of(8 * splits) || splits == 1,
             "{}: K is not a multiple of 8 x {splits} split-K slices",
             gemm_what(p, "cuBLASLt")
         );
@@ -832,17 +810,18 @@ impl Gemm {
             .context("GEMM: no cuBLASLt scratch (built for the custom implementation)")?;
         ensure!(
             splits * m * n <= scratch.len(),
-            "GEMM: {splits} split-K slices of M*N = {m}*{n} exceed the cuBLASLt scratch of {} \
-             elements sized at construction",
+            "GEMM: {splits} slice(s) of M*N = {m}*{n} exceed the cuBLASLt scratch of {} elements \
+             sized at construction (max_mn)",
             scratch.len()
         );
         let acc = dptr(scratch);
         let depth = k / splits;
+        // Into the dense scratch, not p.out.
         let mm = LtMatmul {
             d: acc,
             ldd: n,
             k: depth,
-            batch: Some(LtBatch {
+            batch: (splits > 1).then_some(LtBatch {
                 count: splits,
                 stride_w: depth as i64,
                 stride_a: depth as i64,
@@ -851,12 +830,13 @@ impl Gemm {
             }),
             ..lt_matmul(p, LtOutput::F32, LtEpilogue::None)
         };
-        match lt
-            .matmul(&mm)
-            .with_context(|| gemm_what(p, "cuBLASLt split-K batch"))?
-        {
+        match lt.matmul(&mm).with_context(|| gemm_what(p, "cuBLASLt"))? {
             LtRun::Done => Ok((acc, splits)),
-            LtRun::Unsupported => Ok((self.cublaslt_product(p)?, 1)),
+            LtRun::Unsupported if splits > 1 => self.product_slices(p, 1),
+            LtRun::Unsupported => bail!(
+                "{}: cuBLASLt has no algorithm for a plain bf16 x bf16 -> f32 product",
+                gemm_what(p, "cuBLASLt")
+            ),
         }
     }
 
