@@ -41,6 +41,7 @@
 
 #include "common.cuh"
 #include "gemm_epilogue.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace {
@@ -57,9 +58,11 @@ FORA_DEVICE int swizzle128_offset(int row, int chunk) {
 
 template <int BN>
 FORA_DEVICE void wgmma_m64k16(float (&d)[BN / 2], uint64_t desc_a, uint64_t desc_b) {
-    static_assert(BN == 128 || BN == 256, "wgmma tiles are 128 or 256 wide");
+    static_assert(BN == 128 || BN == 192 || BN == 256, "wgmma tiles are 128, 192 or 256 wide");
     if constexpr (BN == 128) {
         wgmma_m64n128k16(d, desc_a, desc_b);
+    } else if constexpr (BN == 192) {
+        wgmma_m64n192k16(d, desc_a, desc_b);
     } else {
         wgmma_m64n256k16(d, desc_a, desc_b);
     }
@@ -189,6 +192,149 @@ FORA_DEVICE void gemm_wgmma_tile(const GemmParams& p) {
     }
 }
 
+// ---- the warp-specialized TMA kernel (gemm_tma_128x<BN>) ------------------------------------
+//
+// The Hopper GEMM design of CUTLASS's warp-specialized kernels and FlashAttention 3, written for
+// our contract and epilogues: a CTA of three warpgroups. Warpgroup 0 is the producer: one thread
+// issues TMA copies of 128 x 64 A tiles and BN x 64 W tiles into a STAGES-deep ring of shared
+// memory (the tensor maps' 128-byte swizzle is the wgmma K-major canonical layout above) and
+// gives most of its registers back. Warpgroups 1 and 2 are consumers: each owns 64 rows of the
+// 128 x BN output tile, runs wgmma m64nBNk16 over the ring and applies the epilogue from its
+// accumulators. Two mbarriers a slot pace the ring: `full` (1 arrival: the producer's, with the
+// tile's byte count; its phase ends when the TMA has delivered them) and `empty` (8 arrivals: one
+// per consumer warp once the wgmmas reading the slot are done). Rows past M, columns past N and
+// k past K arrive as zeros from the TMA, so the mainloop has no bounds checks.
+//
+// The grid is persistent (one CTA per SM, at most one per work unit): CTA b takes units b,
+// b + gridDim.x, ... and both roles walk the same sequence, so the producer streams the next
+// unit's tiles while the consumers are still in this unit's epilogue. A unit is (split-K slice,
+// M tile, N tile), N fastest: the CTAs of a wave share A rows and reread W from L2.
+//
+// Ring position `it` counts k-tiles over all of a CTA's units: slot it % STAGES, phase parity
+// (it / STAGES) & 1. The producer waits for `empty` of the previous use of the slot (parity
+// flipped: on a fresh barrier that wait returns at once). A consumer keeps one wgmma group in
+// flight: after committing k-tile it, waiting until one group is pending means k-tile it - 1's
+// wgmmas are done, so its slot is released then (and the last one after the final wait).
+
+constexpr int kTmaBM = 128;         // two consumer warpgroups of 64 rows
+constexpr int kTmaConsumerWarps = 8;
+
+// A work unit: output tile origin, split-K slice and its k-tiles [kt_begin, kt_begin + k_tiles).
+struct TmaUnit {
+    int m0, n0, slice, kt_begin, k_tiles;
+};
+
+template <int BN>
+FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u) {
+    const GemmParams& p = params.gemm;
+    const int tiles_n = (p.n + BN - 1) / BN;
+    const int tiles_m = (p.m + kTmaBM - 1) / kTmaBM;
+    const int k_tiles_all = (p.k + kWgmmaBK - 1) / kWgmmaBK;
+    const int k_per_slice = (k_tiles_all + params.splits - 1) / params.splits;
+    TmaUnit w;
+    w.n0 = (u % tiles_n) * BN;
+    w.m0 = ((u / tiles_n) % tiles_m) * kTmaBM;
+    w.slice = u / tiles_n / tiles_m;
+    w.kt_begin = min(k_tiles_all, w.slice * k_per_slice);
+    w.k_tiles = min(k_tiles_all - w.kt_begin, k_per_slice);
+    return w;
+}
+
+template <int BN, int STAGES>
+FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
+    constexpr int kAcc = BN / 2;
+    constexpr uint32_t kStageA = kTmaBM * kWgmmaBK * 2;  // bytes of one A tile
+    constexpr uint32_t kStageB = BN * kWgmmaBK * 2;
+    static_assert(kStageA % 1024 == 0 && kStageB % 1024 == 0,
+                  "every tile must start on a 1024-byte swizzle atom");
+    const GemmParams& p = params.gemm;
+
+    // Dynamic smem (the launcher adds 1 KiB to round the base up to 1024 bytes):
+    // [STAGES] A tiles | [STAGES] W tiles | STAGES full barriers | STAGES empty barriers.
+    FORA_DYNAMIC_SMEM(uint4, gemm_tma_smem);
+    const uint32_t raw = smem_addr(gemm_tma_smem);
+    const uint32_t smem_a = (raw + 1023u) & ~1023u;
+    const uint32_t smem_b = smem_a + STAGES * kStageA;
+    const uint32_t full = smem_b + STAGES * kStageB;
+    const uint32_t empty = full + STAGES * 8;
+
+    const int tid = threadIdx.x;
+    const int warpgroup = tid >> 7;
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbarrier_init(full + 8 * s, 1);
+            mbarrier_init(empty + 8 * s, kTmaConsumerWarps);
+        }
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+
+    const int units = ((p.m + kTmaBM - 1) / kTmaBM) * ((p.n + BN - 1) / BN) * params.splits;
+
+    if (warpgroup == 0) {
+        setmaxnreg_dec<40>();
+        if (tid == 0) {
+            uint32_t it = 0;
+            for (int u = blockIdx.x; u < units; u += gridDim.x) {
+                const TmaUnit w = tma_unit<BN>(params, u);
+                for (int kt = 0; kt < w.k_tiles; ++kt, ++it) {
+                    const uint32_t slot = it % STAGES;
+                    const uint32_t parity = (it / STAGES) & 1u;
+                    mbarrier_wait(empty + 8 * slot, parity ^ 1u);
+                    mbarrier_arrive_expect_tx(full + 8 * slot, kStageA + kStageB);
+                    const int k0 = (w.kt_begin + kt) * kWgmmaBK;
+                    tma_load_2d(smem_a + slot * kStageA, &params.a_map, k0, w.m0, full + 8 * slot);
+                    tma_load_2d(smem_b + slot * kStageB, &params.w_map, k0, w.n0, full + 8 * slot);
+                }
+            }
+        }
+        return;
+    }
+
+    setmaxnreg_inc<232>();
+    const int consumer = warpgroup - 1;  // rows 64 * consumer .. + 63 of the tile
+    const int lane = tid & 31;
+    const int warp_in_group = (tid >> 5) & 3;
+    uint32_t it = 0;
+    float acc[kAcc];
+    for (int u = blockIdx.x; u < units; u += gridDim.x) {
+        const TmaUnit w = tma_unit<BN>(params, u);
+#pragma unroll
+        for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
+        for (int kt = 0; kt < w.k_tiles; ++kt, ++it) {
+            const uint32_t slot = it % STAGES;
+            mbarrier_wait(full + 8 * slot, (it / STAGES) & 1u);
+            const uint64_t desc_a = wgmma_desc_sw128(smem_a + slot * kStageA + consumer * 64 * kWgmmaBK * 2);
+            const uint64_t desc_b = wgmma_desc_sw128(smem_b + slot * kStageB);
+            pin_accumulators(acc);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < kWgmmaBK / 16; ++kk) {
+                wgmma_m64k16<BN>(acc, desc_a + 2 * kk, desc_b + 2 * kk);
+            }
+            wgmma_commit();
+            wgmma_wait<1>();
+            pin_accumulators(acc);
+            // k-tile it - 1's wgmmas are done: its slot goes back to the producer.
+            if (kt > 0 && lane == 0) mbarrier_arrive(empty + 8 * ((it - 1) % STAGES));
+        }
+        wgmma_wait<0>();
+        pin_accumulators(acc);
+        if (w.k_tiles > 0 && lane == 0) mbarrier_arrive(empty + 8 * ((it - 1) % STAGES));
+
+        const Epilogue e = gemm_epilogue_of(p, static_cast<unsigned>(w.slice));
+        const int row = w.m0 + consumer * 64 + warp_in_group * 16 + (lane >> 2);
+        const int col_base = w.n0 + 2 * (lane & 3);
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+            const int col = col_base + j * 8;
+            if (col >= p.n) continue;
+            if (row < p.m) epilogue_pair(e, row, col, acc[4 * j], acc[4 * j + 1]);
+            if (row + 8 < p.m) epilogue_pair(e, row + 8, col, acc[4 * j + 2], acc[4 * j + 3]);
+        }
+    }
+}
+
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 }  // namespace
@@ -219,4 +365,32 @@ extern "C" __global__ void __launch_bounds__(256, 1) gemm_wgmma_128x128(const Ge
 // Small M (one image pair of 256 tokens = 512 rows): one warpgroup, two CTAs per SM.
 extern "C" __global__ void __launch_bounds__(128, 2) gemm_wgmma_64x128(const GemmParams p) {
     FORA_WGMMA_BODY(1, 128, 4);
+}
+
+// The warp-specialized TMA kernels: 384 threads (a producer and two consumer warpgroups), one
+// CTA per SM, a persistent grid. Dynamic smem = STAGES * (128 + BN) * 64 * 2 + STAGES * 16 + 1024
+// bytes (src/cuda/gemm.rs, TmaTile, must match): 193, 201 and 193 KiB.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FORA_TMA_BODY(...) gemm_tma_tile<__VA_ARGS__>(p)
+#else
+#define FORA_TMA_BODY(...) \
+    do {                   \
+        (void)p;           \
+        __trap();          \
+    } while (0)
+#endif
+
+// N a multiple of 128 but not of 192 or 256; six stages.
+extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x128(const __grid_constant__ GemmTmaParams p) {
+    FORA_TMA_BODY(128, 6);
+}
+
+// Every DiT-XL/2 width (1152, 3456, 4608 are multiples of 192); five stages.
+extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x192(const __grid_constant__ GemmTmaParams p) {
+    FORA_TMA_BODY(192, 5);
+}
+
+// Multiples of 256; four stages.
+extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x256(const __grid_constant__ GemmTmaParams p) {
+    FORA_TMA_BODY(256, 4);
 }

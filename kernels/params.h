@@ -38,6 +38,27 @@ typedef struct GemmParams {
     int epilogue;      /* enum fora_gemm_epilogue */
 } GemmParams;
 
+/* A TMA tensor map: CUDA's CUtensorMap, 128 opaque bytes, 64-byte aligned. The host fills it
+ * with cuTensorMapEncodeTiled (the CPU emulator with its own encoder); a kernel takes it inside
+ * a __grid_constant__ parameter struct, whose address the TMA instructions name. */
+typedef struct __attribute__((aligned(64))) TmaDescriptor {
+    unsigned long long opaque[16];
+} TmaDescriptor;
+
+/* The warp-specialized Hopper GEMM (gemm_tma_128x<BN> in gemm_sm90.cu): the GemmParams contract
+ * (`gemm`), its operands loaded by TMA through two 2-D bf16 tensor maps with a 128-byte swizzle:
+ *   a_map: A [M, K], row stride lda * 2 bytes, box 64 (k) x 128 (rows);
+ *   w_map: W [N, K], row stride ldw * 2 bytes, box 64 (k) x BN (rows).
+ * The grid is persistent: CTA b computes work units b, b + gridDim.x, ... of the
+ * (split-K slice, M tile, N tile) units, N tile fastest. splits > 1 needs
+ * gemm.epilogue = FORA_EPI_PARTIAL_F32 (slice z into out + z * M * ldo). */
+typedef struct GemmTmaParams {
+    TmaDescriptor a_map;
+    TmaDescriptor w_map;
+    GemmParams gemm;
+    int splits;
+} GemmTmaParams;
+
 /* The epilogue alone, over an f32 product acc[M, ld_acc] = A @ W^T (no bias) computed by another
  * GEMM (the cuBLASLt reference path, or the split-K slices of the custom one):
  * out = epilogue(sum of the slices + bias), same fields and meaning as in GemmParams.

@@ -84,6 +84,8 @@ pub enum GemmChoice {
     Both,
     /// The Hopper wgmma kernels (compute capability 9.x only; opt-in, not the default).
     Wgmma,
+    /// The warp-specialized Hopper TMA kernels (compute capability 9.x only; opt-in).
+    Tma,
 }
 
 /// A part of the benchmark.
@@ -243,6 +245,7 @@ impl BenchArgs {
             GemmChoice::Custom => vec![GemmImpl::Custom],
             GemmChoice::Cublaslt => vec![GemmImpl::CublasLt],
             GemmChoice::Wgmma => vec![GemmImpl::Wgmma],
+            GemmChoice::Tma => vec![GemmImpl::Tma],
             // The default implementation first: the end-to-end section runs on the first only.
             GemmChoice::Both => vec![GemmImpl::CublasLt, GemmImpl::Custom],
         };
@@ -693,10 +696,11 @@ impl Report {
         Some(100.0 * rate? / ceiling.rate)
     }
 
-    /// The best cuBLASLt time of the same GEMM (fused or + epilogue kernel) over this custom
-    /// row's time: > 1 means the custom kernel is faster.
+    /// The best cuBLASLt time of the same GEMM (fused or + epilogue kernel) over this row's
+    /// time, for our own GEMM kernels' rows (custom, wgmma, tma): > 1 means ours is faster.
     pub fn vs_cublaslt(&self, row: &KernelRow) -> Option<f64> {
-        if row.imp != "custom" || row.bound != Bound::Compute || row.name == "attention" {
+        let ours = matches!(row.imp.as_str(), "custom" | "wgmma" | "tma");
+        if !ours || row.bound != Bound::Compute || row.name == "attention" {
             return None;
         }
         let ours = row.stats.as_ref()?.median_ms;
@@ -992,7 +996,7 @@ impl Report {
         if !self.kernels.is_empty() {
             s += "\n## Kernels (inputs rotated through buffers larger than L2; per-launch time from \
                   CUDA-graph replays, host launch cost excluded)\n\n";
-            s += "| kernel | rows | shape | impl | time (us) | rate | % ceiling | custom vs best cuBLASLt |\n\
+            s += "| kernel | rows | shape | impl | time (us) | rate | % ceiling | ours vs best cuBLASLt |\n\
                   |---|---|---|---|---|---|---|---|\n";
             for k in &self.kernels {
                 let rate = k.rate();
@@ -1283,6 +1287,7 @@ fn gemm_name(imp: GemmImpl) -> &'static str {
         GemmImpl::Custom => "custom",
         GemmImpl::CublasLt => "cublaslt",
         GemmImpl::Wgmma => "wgmma",
+        GemmImpl::Tma => "tma",
     }
 }
 
@@ -1693,6 +1698,10 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
     let shapes = gemm_shapes(cfg, rows);
     let max_mn = shapes.iter().map(|s| s.m * s.n).max().unwrap_or(1);
     let custom = Gemm::new(gpu, GemmImpl::Custom, 0);
+    // The Hopper kernels (rows only on a 9.x card), compared with cuBLASLt at the same shapes.
+    let hopper = gpu.compute_capability().0 == 9;
+    let wgmma = hopper.then(|| Gemm::new(gpu, GemmImpl::Wgmma, 0));
+    let tma = hopper.then(|| Gemm::new(gpu, GemmImpl::Tma, 0));
     let lt = Gemm::new(gpu, GemmImpl::CublasLt, max_mn);
     // The same with autotuned algorithms (the first, eager warm-up run of a shape tunes it).
     let lt_tuned = Gemm::new(gpu, GemmImpl::CublasLt, max_mn);
@@ -1704,6 +1713,11 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
     }
     if let Err(e) = &lt {
         report.error("kernels", "cuBLASLt GEMM setup", e);
+    }
+    for (what, g) in [("wgmma", &wgmma), ("tma", &tma)] {
+        if let Some(Err(e)) = g {
+            report.error("kernels", &format!("{what} GEMM setup"), e);
+        }
     }
     for s in &shapes {
         let shape = format!("M={} N={} K={}", s.m, s.n, s.k);
@@ -1731,6 +1745,12 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
         let mut variants: Vec<(&str, Runner)> = Vec::new();
         if let Ok(g) = &custom {
             variants.push(("custom", Box::new(move |i| g.run(gpu, &params[i % n]))));
+        }
+        if let Some(Ok(g)) = &wgmma {
+            variants.push(("wgmma", Box::new(move |i| g.run(gpu, &params[i % n]))));
+        }
+        if let Some(Ok(g)) = &tma {
+            variants.push(("tma", Box::new(move |i| g.run(gpu, &params[i % n]))));
         }
         if let Ok(g) = &lt {
             variants.push(("cublaslt", Box::new(move |i| g.run(gpu, &params[i % n]))));

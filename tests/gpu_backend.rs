@@ -447,7 +447,7 @@ fn gpu_execution_paths_agree() {
         fused_ln: true,
         ..lt
     };
-    let paths = [
+    let mut paths = vec![
         plain,
         CudaOptions {
             graphs: false,
@@ -534,6 +534,19 @@ fn gpu_execution_paths_agree() {
             ..defaults
         },
     ];
+    // On a Hopper, the Hopper GEMMs in the whole sampler too (graphs or not, fused reuse).
+    if cuda.gpu().compute_capability().0 == 9 {
+        for gemm in [GemmImpl::Wgmma, GemmImpl::Tma] {
+            paths.push(CudaOptions { gemm, ..plain });
+            paths.push(CudaOptions {
+                gemm,
+                graphs: false,
+                precompute_modulation: false,
+                fused_reuse: true,
+                ..plain
+            });
+        }
+    }
     for o in paths {
         cuda.set_options(o);
         let sampler = Sampler::new(&cuda, options.clone()).unwrap();

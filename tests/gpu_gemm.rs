@@ -15,7 +15,7 @@
 
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::CudaSlice;
-use fora::cuda::gemm::{validate, Epilogue, Gemm, GemmImpl, Tile, WgmmaTile};
+use fora::cuda::gemm::{validate, Epilogue, Gemm, GemmImpl, Tile, TmaTile, WgmmaTile};
 use fora::cuda::params::GemmParams;
 use fora::cuda::testing::{
     check_close, from_bf16, poison_bf16, poison_f32, rel_l2, round_bf16, test_gpu, to_bf16, TestRng,
@@ -306,6 +306,11 @@ enum Variant {
     /// One Hopper tile variant with this many split-K slices.
     WgmmaSplit(WgmmaTile, u32),
     WgmmaAuto,
+    /// One warp-specialized TMA tile variant, split-K picked by shape.
+    Tma(TmaTile),
+    /// One TMA tile variant with this many split-K slices.
+    TmaSplit(TmaTile, u32),
+    TmaAuto,
 }
 
 const VARIANTS: [Variant; 13] = [
@@ -329,7 +334,9 @@ const VARIANTS: [Variant; 13] = [
 /// (including slices left without k-tiles when K is short), the automatic pick, and cuBLASLt as
 /// the cross-check. Forced slices x M x N must fit the split-K workspace
 /// (`SPLITK_WORKSPACE`, 8 Mi f32): 3 x 512 x 4608 does.
-const WGMMA_VARIANTS: [Variant; 8] = [
+/// The warp-specialized TMA kernels run in the same tests (every tile, forced split-K, the
+/// automatic pick).
+const WGMMA_VARIANTS: [Variant; 15] = [
     Variant::Wgmma(WgmmaTile::M128N256),
     Variant::Wgmma(WgmmaTile::M128N128),
     Variant::Wgmma(WgmmaTile::M64N128),
@@ -337,15 +344,26 @@ const WGMMA_VARIANTS: [Variant; 8] = [
     Variant::WgmmaSplit(WgmmaTile::M128N256, 2),
     Variant::WgmmaSplit(WgmmaTile::M128N128, 3),
     Variant::WgmmaAuto,
+    Variant::Tma(TmaTile::N128),
+    Variant::Tma(TmaTile::N192),
+    Variant::Tma(TmaTile::N256),
+    Variant::TmaSplit(TmaTile::N128, 3),
+    Variant::TmaSplit(TmaTile::N192, 2),
+    Variant::TmaSplit(TmaTile::N256, 3),
+    Variant::TmaAuto,
     Variant::CublasLt,
 ];
 
 /// [`WGMMA_VARIANTS`] without forced split-K, for M x N too large for the workspace.
-const WGMMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 5] = [
+const WGMMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 9] = [
     Variant::Wgmma(WgmmaTile::M128N256),
     Variant::Wgmma(WgmmaTile::M128N128),
     Variant::Wgmma(WgmmaTile::M64N128),
     Variant::WgmmaAuto,
+    Variant::Tma(TmaTile::N128),
+    Variant::Tma(TmaTile::N192),
+    Variant::Tma(TmaTile::N256),
+    Variant::TmaAuto,
     Variant::CublasLt,
 ];
 
@@ -355,6 +373,8 @@ struct Engines {
     lt_tuned: Gemm,
     /// Built only on a Hopper device (the wgmma tests).
     wgmma: Option<Gemm>,
+    /// The TMA kernels, likewise.
+    tma: Option<Gemm>,
 }
 
 impl Engines {
@@ -368,14 +388,22 @@ impl Engines {
                 g
             },
             wgmma: None,
+            tma: None,
         })
     }
 
     fn with_wgmma(gpu: &Gpu, max_mn: usize) -> Result<Engines> {
         Ok(Engines {
             wgmma: Some(Gemm::new(gpu, GemmImpl::Wgmma, 0)?),
+            tma: Some(Gemm::new(gpu, GemmImpl::Tma, 0)?),
             ..Engines::new(gpu, max_mn)?
         })
+    }
+
+    fn tma(&self) -> Result<&Gemm> {
+        self.tma
+            .as_ref()
+            .context("test bug: a TMA variant on engines built without the TMA GEMM")
     }
 
     fn wgmma(&self) -> Result<&Gemm> {
@@ -397,6 +425,9 @@ impl Engines {
             Variant::Wgmma(t) => self.wgmma()?.run_wgmma(gpu, p, Some(t), None),
             Variant::WgmmaSplit(t, s) => self.wgmma()?.run_wgmma(gpu, p, Some(t), Some(s)),
             Variant::WgmmaAuto => self.wgmma()?.run(gpu, p),
+            Variant::Tma(t) => self.tma()?.run_tma(gpu, p, Some(t), None),
+            Variant::TmaSplit(t, s) => self.tma()?.run_tma(gpu, p, Some(t), Some(s)),
+            Variant::TmaAuto => self.tma()?.run(gpu, p),
         }
     }
 }
@@ -705,12 +736,14 @@ fn gemm_wgmma_refusals() {
     };
     let (major, minor) = gpu.compute_capability();
     if major != 9 {
-        let err = Gemm::new(&gpu, GemmImpl::Wgmma, 0).expect_err("wgmma off Hopper");
-        let err = format!("{err:#}");
-        assert!(
-            err.contains("Hopper") && err.contains(&format!("{major}.{minor}")),
-            "{err}"
-        );
+        for imp in [GemmImpl::Wgmma, GemmImpl::Tma] {
+            let err = Gemm::new(&gpu, imp, 0).expect_err("Hopper kernels off Hopper");
+            let err = format!("{err:#}");
+            assert!(
+                err.contains("Hopper") && err.contains(&format!("{major}.{minor}")),
+                "{err}"
+            );
+        }
         return;
     }
     let eng = Engines::with_wgmma(&gpu, 64 * 64).expect("GEMM engines");
@@ -739,6 +772,18 @@ fn gemm_wgmma_refusals() {
         .wgmma()
         .expect("built")
         .run_wgmma(&gpu, &p, Some(WgmmaTile::M64N128), Some(65))
+        .expect_err("65 slices");
+    assert!(format!("{err:#}").contains("split-K"), "{err:#}");
+    let err = eng
+        .wgmma()
+        .expect("built")
+        .run_tma(&gpu, &p, None, None)
+        .expect_err("a wgmma Gemm has no TMA kernels");
+    assert!(format!("{err:#}").contains("TMA"), "{err:#}");
+    let err = eng
+        .tma()
+        .expect("built")
+        .run_tma(&gpu, &p, Some(TmaTile::N192), Some(65))
         .expect_err("65 slices");
     assert!(format!("{err:#}").contains("split-K"), "{err:#}");
     gpu.synchronize().expect("nothing was launched");

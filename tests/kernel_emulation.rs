@@ -18,7 +18,8 @@ mod small_kernel_cases;
 
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::DeviceRepr;
-use fora::cuda::device::KernelLauncher;
+use fora::cuda::device::{KernelLauncher, TmaTensor2d};
+use fora::cuda::params::TmaDescriptor;
 use fora::cuda::testing::{from_bf16, to_bf16, DeviceAddr, TestDevice};
 use half::bf16;
 use std::ffi::{c_char, c_int, c_uint, c_void, CString};
@@ -38,6 +39,11 @@ type LaunchFn = unsafe extern "C" fn(
     *const c_void,
 ) -> c_int;
 
+/// `fora_emulate_encode_tma_2d(out, base, cols, rows, row stride bytes, box cols, box rows)`
+/// in tests/emulation/launch.cpp.
+type EncodeTmaFn =
+    unsafe extern "C" fn(*mut c_void, *const c_void, u64, u64, u64, c_uint, c_uint) -> c_int;
+
 /// Multiprocessors the emulator reports (an H100's), for launch heuristics.
 const EMULATED_SMS: usize = 132;
 /// Dynamic shared memory a block may have (an H100's opt-in limit).
@@ -47,6 +53,7 @@ const EMULATED_SMEM_LIMIT: u32 = 227 * 1024;
 struct Emulator {
     _lib: libloading::Library,
     launch: LaunchFn,
+    encode_tma: EncodeTmaFn,
 }
 
 /// A host buffer standing in for device memory: 256-byte aligned like cudaMalloc, written by
@@ -196,6 +203,27 @@ impl KernelLauncher for Emulator {
             "{name}: {bytes} bytes of shared memory per block exceed a GPU's {EMULATED_SMEM_LIMIT}"
         );
         Ok(())
+    }
+
+    /// The emulator's own tensor map (launch.cpp's `EmulatedTensorMap`), after the checks the
+    /// driver would make.
+    fn tma_descriptor_2d(&self, t: &TmaTensor2d) -> Result<TmaDescriptor> {
+        t.validate()?;
+        let mut map = TmaDescriptor::default();
+        // SAFETY: `map` has the 128 bytes the encoder writes; the base is only recorded.
+        let rc = unsafe {
+            (self.encode_tma)(
+                map.opaque.as_mut_ptr() as *mut c_void,
+                t.base as *const c_void,
+                t.cols,
+                t.rows,
+                t.row_stride * 2,
+                t.box_cols,
+                t.box_rows,
+            )
+        };
+        ensure!(rc == 0, "the emulator refused the tensor map {t:?}");
+        Ok(map)
     }
 
     unsafe fn launch_kernel<P: DeviceRepr>(
@@ -358,7 +386,14 @@ fn load() -> Result<Option<Emulator>> {
         .with_context(|| format!("cannot load {}", path.display()))?;
     // SAFETY: the symbol has this signature in tests/emulation/launch.cpp.
     let launch: LaunchFn = unsafe { *lib.get::<LaunchFn>(b"fora_emulate_launch\0")? };
-    Ok(Some(Emulator { _lib: lib, launch }))
+    // SAFETY: as above.
+    let encode_tma: EncodeTmaFn =
+        unsafe { *lib.get::<EncodeTmaFn>(b"fora_emulate_encode_tma_2d\0")? };
+    Ok(Some(Emulator {
+        _lib: lib,
+        launch,
+        encode_tma,
+    }))
 }
 
 /// The emulator, or None after printing `SKIP <test>` (no C++ compiler). Panics when it does
@@ -555,12 +590,60 @@ fn emulated_attention() -> Result<()> {
     Ok(())
 }
 
-/// The custom mma.sync GEMM and the Hopper wgmma GEMM (every tile variant, with and without
+/// The emulator reporting fewer SMs, so that a persistent kernel's CTAs each take several work
+/// units (the TMA GEMM's ring then runs on across units).
+struct FewSms<'a>(&'a Emulator, usize);
+
+impl KernelLauncher for FewSms<'_> {
+    fn multiprocessors(&self) -> usize {
+        self.1
+    }
+
+    fn compute_capability(&self) -> (i32, i32) {
+        self.0.compute_capability()
+    }
+
+    fn allow_dynamic_shared_memory(&self, name: &str, bytes: u32) -> Result<()> {
+        self.0.allow_dynamic_shared_memory(name, bytes)
+    }
+
+    fn tma_descriptor_2d(&self, t: &TmaTensor2d) -> Result<TmaDescriptor> {
+        self.0.tma_descriptor_2d(t)
+    }
+
+    unsafe fn launch_kernel<P: DeviceRepr>(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_mem_bytes: u32,
+        params: &P,
+    ) -> Result<()> {
+        // SAFETY: forwarded to the caller.
+        unsafe {
+            self.0
+                .launch_kernel(name, grid, block, shared_mem_bytes, params)
+        }
+    }
+}
+
+/// The GEMM kernel families the emulated GEMM test runs.
+#[derive(Debug)]
+enum GemmKernel {
+    Custom(fora::cuda::gemm::Tile),
+    Wgmma(fora::cuda::gemm::WgmmaTile),
+    Tma(fora::cuda::gemm::TmaTile),
+}
+
+/// The custom mma.sync GEMM, the Hopper wgmma GEMM and the warp-specialized TMA GEMM (every tile
+/// variant, with and without
 /// split-K and its epilogue kernel, every epilogue) on a shape with partial tiles in M, N and K,
 /// padded output columns and a guard row, against an f64 CPU product of the same bf16 inputs.
 #[test]
 fn emulated_gemm() -> Result<()> {
-    use fora::cuda::gemm::{launch_custom, launch_wgmma, Epilogue, Tile, WgmmaTile};
+    use fora::cuda::gemm::{
+        launch_custom, launch_tma, launch_wgmma, Epilogue, Tile, TmaTile, WgmmaTile,
+    };
     use fora::cuda::params::GemmParams;
     use fora::cuda::testing::{check_close, round_bf16, TestRng};
     let Some(emu) = emulator("emulated_gemm") else {
@@ -593,21 +676,20 @@ fn emulated_gemm() -> Result<()> {
         let (a_d, w_d) = (emu.upload_bf16(&a)?, emu.upload_bf16(&w)?);
         let (bias_d, gate_d) = (emu.upload_f32(&bias)?, emu.upload_f32(&gate)?);
         let workspace = emu.poisoned_f32(3 * m * n)?;
-        // Every custom tile, then every Hopper wgmma tile (the wgmma kernels have never run on a
-        // GPU: this is their only check so far).
-        let tiles: Vec<(String, Option<Tile>, Option<WgmmaTile>)> = Tile::ALL
-            .iter()
-            .map(|&t| (format!("{t:?}"), Some(t), None))
-            .chain(
-                WgmmaTile::ALL
-                    .iter()
-                    .map(|&t| (format!("wgmma {t:?}"), None, Some(t))),
-            )
+        // Every custom tile, every Hopper wgmma tile, every TMA tile (the TMA kernels have never
+        // run on a GPU: this is their only check so far). The TMA kernels run on 2 emulated SMs:
+        // their persistent CTAs then take 1-3 work units each, with the producer's ring running
+        // on from one unit into the next.
+        let tiles: Vec<GemmKernel> = Tile::ALL
+            .into_iter()
+            .map(GemmKernel::Custom)
+            .chain(WgmmaTile::ALL.into_iter().map(GemmKernel::Wgmma))
+            .chain(TmaTile::ALL.into_iter().map(GemmKernel::Tma))
             .collect();
-        for (tile_name, tile, wgmma) in &tiles {
+        for kernel in &tiles {
             for splits in [1u32, 3] {
                 for epi in Epilogue::ALL {
-                    let what = format!("emulated GEMM {tile_name} K={k} x{splits} {epi:?}");
+                    let what = format!("emulated GEMM {kernel:?} K={k} x{splits} {epi:?}");
                     let residual_epi = epi == Epilogue::BiasGateResidual;
                     // bf16 out, f32 out, or the f32 residual (random, not poisoned).
                     let out_f32 = if residual_epi {
@@ -641,10 +723,10 @@ fn emulated_gemm() -> Result<()> {
                         epilogue: epi.raw(),
                     };
                     let splitk = Some((workspace.addr(), 3 * m * n));
-                    match (tile, wgmma) {
-                        (Some(t), _) => launch_custom(emu, &p, *t, splits, splitk)?,
-                        (_, Some(t)) => launch_wgmma(emu, &p, *t, splits, splitk)?,
-                        _ => unreachable!("every entry names one tile"),
+                    match kernel {
+                        GemmKernel::Custom(t) => launch_custom(emu, &p, *t, splits, splitk)?,
+                        GemmKernel::Wgmma(t) => launch_wgmma(emu, &p, *t, splits, splitk)?,
+                        GemmKernel::Tma(t) => launch_tma(&FewSms(emu, 2), &p, *t, splits, splitk)?,
                     }
                     let got = if bf16_out {
                         emu.download_bf16(&out_bf16)?

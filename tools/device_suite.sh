@@ -22,7 +22,7 @@
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
 #              "default bf16_residual gates_only step_graph attention_wgmma attention_wgmma_mn
-#              lt_splitk unfused"; "all" adds
+#              lt_splitk tma unfused"; "all" adds
 #              f32_bias, side_stream,
 #              lt_autotune, attention_v2 and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
 #              VARIANT_ARGS / VARIANT_S change what each runs);
@@ -43,7 +43,7 @@ PHASES=${PHASES:-tests memcheck variants bench torch kernelprof}
 # memcheck over every test binary unless SANITIZE_FULL=0 (a shorter subset).
 SANITIZE_FULL=${SANITIZE_FULL:-1}
 # The variants whose default is still to decide (VARIANTS=all: every one).
-VARIANTS=${VARIANTS:-default bf16_residual gates_only step_graph attention_wgmma attention_wgmma_mn lt_splitk unfused}
+VARIANTS=${VARIANTS:-default bf16_residual gates_only step_graph attention_wgmma attention_wgmma_mn lt_splitk tma unfused}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -182,8 +182,8 @@ phase_profile() {
 # fused reuse kernel, the ones issue 5 still waits on), from `fora bench` steps at PROF_ROWS
 # (default 256) op by op; ncu_<kernel>.txt each, the headline numbers printed.
 phase_kernelprof() {
-  local k attention
-  for k in ${PROF_KERNELS:-attention_d72 attention_wgmma_d72 attention_wgmma_mn_d72 residual_layernorm_w4 fora_reuse_final_t4}; do
+  local k attention gemm
+  for k in ${PROF_KERNELS:-attention_d72 attention_wgmma_d72 attention_wgmma_mn_d72 gemm_tma_128x192 residual_layernorm_w4 fora_reuse_final_t4}; do
     echo "=== ncu --set full: $k (rows ${PROF_ROWS:-256})"
     # The steps run the selected attention: the wgmma kernels only with FORA_ATTENTION=wgmma.
     case $k in
@@ -191,9 +191,11 @@ phase_kernelprof() {
       attention_wgmma*) attention=wgmma ;;
       *) attention=${FORA_ATTENTION:-v1} ;;
     esac
+    # The steps run the TMA GEMM only with --gemm tma.
+    case $k in gemm_tma*) gemm=tma ;; *) gemm=cublaslt ;; esac
     FORA_ATTENTION=$attention FORA_CUDA_GRAPHS=0 bounded 90 ncu --kernel-name "$k" --launch-skip 2 --launch-count 1 --set full \
       .devpack/bin/fora bench --sections steps --batches "${PROF_ROWS:-256}" --runs 1 --warmup 1 \
-      --gemm cublaslt > "$OUT/ncu_$k.txt" 2>&1
+      --gemm "$gemm" > "$OUT/ncu_$k.txt" 2>&1
     grep -E "^ +(Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread|Theoretical Occupancy)" \
       "$OUT/ncu_$k.txt" | head -n 8
   done
@@ -212,7 +214,7 @@ phase_variants() {
            "side_stream:cublaslt:FORA_SIDE_STREAM=1" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
            "attention_v2:cublaslt:FORA_ATTENTION=v2" "attention_wgmma:cublaslt:FORA_ATTENTION=wgmma" \
            "attention_wgmma_mn:cublaslt:FORA_ATTENTION=wgmma_mn" \
-           "wgmma:wgmma:"; do
+           "wgmma:wgmma:" "tma:tma:"; do
     name=${v%%:*}; rest=${v#*:}; gemm=${rest%%:*}; envs=${rest#*:}
     case " ${VARIANTS/all/$name} " in *" $name "*) ;; *) continue ;; esac
     echo "--- $name (--gemm $gemm ${envs})"
@@ -225,9 +227,9 @@ phase_variants() {
         ${VARIANT_ARGS:---intervals 1,3 --e2e-reps 1} \
         --json "$OUT/variant_$name.json" > "$OUT/variant_$name.log" 2>&1
     )
-    grep -E "^\| (cublaslt|custom|wgmma)[a-z-]* \| (2|256) \|" "$OUT/variant_$name.log" | head -n 4
+    grep -E "^\| (cublaslt|custom|wgmma|tma)[a-z-]* \| (2|256) \|" "$OUT/variant_$name.log" | head -n 4
     # End to end, one image: N = 1 and 3 (the realized speedup of each path).
-    grep -E "^\| (cublaslt|custom|wgmma)[a-z-]* \| [13] \| 250 \|" "$OUT/variant_$name.log" | head -n 2
+    grep -E "^\| (cublaslt|custom|wgmma|tma)[a-z-]* \| [13] \| 250 \|" "$OUT/variant_$name.log" | head -n 2
     tail -n 1 "$OUT/variant_$name.log"
   done
   python3 tools/variants_report.py "$OUT" --md "$OUT/variants.md"

@@ -6,6 +6,7 @@
 //! captures. That makes [`dptr`] a plain address read.
 
 use super::kernels;
+use super::params::TmaDescriptor;
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{
     sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
@@ -39,6 +40,66 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
+/// A row-major 2-D bf16 tensor in device memory as a TMA copies it: boxes of `box_rows` rows of
+/// `box_cols` elements, laid out in shared memory with the 128-byte swizzle (so a box row must be
+/// 128 bytes: `box_cols` = 64), elements outside `rows` x `cols` read as zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TmaTensor2d {
+    /// Device address of element (0, 0); 16-byte aligned.
+    pub base: u64,
+    pub rows: u64,
+    pub cols: u64,
+    /// Elements between consecutive rows (a multiple of 8: 16-byte row starts).
+    pub row_stride: u64,
+    pub box_rows: u32,
+    pub box_cols: u32,
+}
+
+impl TmaTensor2d {
+    /// What `cuTensorMapEncodeTiled` requires of this tensor, checked with errors that name the
+    /// field (the driver only says "invalid value").
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.base != 0, "TMA tensor: null base address");
+        ensure!(
+            self.base.is_multiple_of(16),
+            "TMA tensor: base address {:#x} is not 16-byte aligned",
+            self.base
+        );
+        ensure!(
+            self.rows > 0 && self.cols > 0,
+            "TMA tensor: empty ({} x {})",
+            self.rows,
+            self.cols
+        );
+        ensure!(
+            self.row_stride.is_multiple_of(8) && self.row_stride >= self.cols,
+            "TMA tensor: row stride {} elements must be a multiple of 8 and at least the {} columns",
+            self.row_stride,
+            self.cols
+        );
+        ensure!(
+            self.row_stride * 2 < (1u64 << 40)
+                && self.rows < (1u64 << 32)
+                && self.cols < (1u64 << 32),
+            "TMA tensor: {} x {} with row stride {} is beyond a tensor map's range",
+            self.rows,
+            self.cols,
+            self.row_stride
+        );
+        ensure!(
+            self.box_cols == 64,
+            "TMA tensor: a 128-byte-swizzled box row is 64 bf16, got {}",
+            self.box_cols
+        );
+        ensure!(
+            (1..=256).contains(&self.box_rows),
+            "TMA tensor: box rows must be 1..=256, got {}",
+            self.box_rows
+        );
+        Ok(())
+    }
+}
+
 /// Where a launcher's kernel runs: a [`Gpu`], or in tests the CPU emulator of the small kernels
 /// (`tests/kernel_emulation.rs`), so that one launcher (validation, grid, block, shared memory)
 /// serves both.
@@ -53,6 +114,11 @@ pub trait KernelLauncher {
     /// Lets kernel `name` use `bytes` of dynamic shared memory per block (above 48 KiB it must
     /// be opted into per kernel on a GPU). Not a stream operation: safe inside a capture.
     fn allow_dynamic_shared_memory(&self, name: &str, bytes: u32) -> Result<()>;
+
+    /// Encodes the TMA tensor map of a 2-D bf16 tensor (the driver's `cuTensorMapEncodeTiled`
+    /// on a GPU; the emulator's own encoding under the CPU emulator), for kernels that take it
+    /// in a `__grid_constant__` parameter struct.
+    fn tma_descriptor_2d(&self, t: &TmaTensor2d) -> Result<TmaDescriptor>;
 
     /// Runs kernel `name` with one parameter struct by value (asynchronously on a GPU).
     ///
@@ -99,6 +165,42 @@ impl KernelLauncher for Gpu {
             })?;
         }
         Ok(())
+    }
+
+    fn tma_descriptor_2d(&self, t: &TmaTensor2d) -> Result<TmaDescriptor> {
+        use sys::{
+            CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
+            CUtensorMapL2promotion, CUtensorMapSwizzle,
+        };
+        t.validate()?;
+        let mut map = sys::CUtensorMap { opaque: [0; 16] };
+        let dims = [t.cols, t.rows];
+        let strides = [t.row_stride * 2];
+        let boxes = [t.box_cols, t.box_rows];
+        let element_strides = [1u32, 1];
+        // SAFETY: the arrays have the rank's lengths (rank - 1 for the strides) and outlive the
+        // call; the driver only encodes (no memory is touched).
+        let rc = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut map,
+                CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                2,
+                t.base as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                element_strides.as_ptr(),
+                CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        ensure!(
+            rc == sys::CUresult::CUDA_SUCCESS,
+            "cuTensorMapEncodeTiled refused {t:?}: {rc:?}"
+        );
+        Ok(TmaDescriptor { opaque: map.opaque })
     }
 
     unsafe fn launch_kernel<P: DeviceRepr>(

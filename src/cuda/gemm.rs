@@ -16,9 +16,9 @@
 //! cannot do) is sized at construction, so launches can be captured in CUDA graphs.
 
 use super::cublaslt::{CublasLt, LtBatch, LtEpilogue, LtMatmul, LtOutput, LtRun};
-use super::device::{dptr, Gpu, KernelLauncher};
+use super::device::{dptr, Gpu, KernelLauncher, TmaTensor2d};
 use super::params::{
-    GemmEpilogueParams, GemmParams, FORA_EPI_BIAS_BF16, FORA_EPI_BIAS_F32,
+    GemmEpilogueParams, GemmParams, GemmTmaParams, FORA_EPI_BIAS_BF16, FORA_EPI_BIAS_F32,
     FORA_EPI_BIAS_GATE_RESIDUAL, FORA_EPI_BIAS_GELU_BF16, FORA_EPI_PARTIAL_F32,
 };
 use anyhow::{bail, ensure, Context, Result};
@@ -37,6 +37,9 @@ pub enum GemmImpl {
     /// The Hopper kernels of `kernels/gemm_sm90.cu` (wgmma, epilogue fused); refused by
     /// [`Gemm::new`] on a device whose compute capability is not 9.x.
     Wgmma,
+    /// The warp-specialized Hopper kernels of `kernels/gemm_sm90.cu` (`gemm_tma_*`: TMA loads,
+    /// mbarrier pipeline, wgmma, persistent grid, epilogue fused); 9.x only, like `Wgmma`.
+    Tma,
 }
 
 impl FromStr for GemmImpl {
@@ -47,15 +50,21 @@ impl FromStr for GemmImpl {
             "custom" => Ok(GemmImpl::Custom),
             "cublaslt" | "cublas" => Ok(GemmImpl::CublasLt),
             "wgmma" => Ok(GemmImpl::Wgmma),
+            "tma" => Ok(GemmImpl::Tma),
             other => bail!(
-                "unknown GEMM implementation {other:?}: expected \"custom\", \"cublaslt\" or \"wgmma\""
+                "unknown GEMM implementation {other:?}: expected \"custom\", \"cublaslt\", \"wgmma\" or \"tma\""
             ),
         }
     }
 }
 
 impl GemmImpl {
-    /// `FORA_GEMM=custom|cublaslt|wgmma`; unset or empty means [`GemmImpl::CublasLt`]: on an H200
+    /// Built for Hopper only (wgmma): refused off compute capability 9.x.
+    pub fn is_hopper_only(self) -> bool {
+        matches!(self, GemmImpl::Wgmma | GemmImpl::Tma)
+    }
+
+    /// `FORA_GEMM=custom|cublaslt|wgmma|tma`; unset or empty means [`GemmImpl::CublasLt`]: on an H200
     /// (2026-11-26, docs/bench_h200_2026-11-26.md) cuBLASLt plus the epilogue kernel beat the
     /// custom mma.sync kernels at every DiT-XL/2 shape (custom 0.32x-0.81x; a full step 1.8x
     /// faster at 2 rows, 1.33x at 256). The custom kernels stay tested and selectable; they
@@ -352,6 +361,89 @@ impl WgmmaTile {
     }
 }
 
+/// Tile variant of the warp-specialized TMA kernel (`gemm_tma_128x<BN>`, kernels/gemm_sm90.cu);
+/// [`Gemm::run`] picks one, tests and benchmarks may force one with [`Gemm::run_tma`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TmaTile {
+    /// 128 x 128, six stages.
+    N128,
+    /// 128 x 192, five stages: every DiT-XL/2 width is a multiple of 192.
+    N192,
+    /// 128 x 256, four stages.
+    N256,
+}
+
+impl TmaTile {
+    pub const ALL: [TmaTile; 3] = [TmaTile::N128, TmaTile::N192, TmaTile::N256];
+    /// Rows of a tile (two consumer warpgroups of 64).
+    pub const BM: u32 = 128;
+    /// k-depth of a stage (one 128-byte swizzle row of bf16).
+    pub const BK: u32 = 64;
+    /// A producer and two consumer warpgroups.
+    pub const THREADS: u32 = 384;
+
+    /// Kernel name, BN and stages; must match gemm_sm90.cu's `FORA_TMA_BODY(BN, STAGES)`.
+    fn spec(self) -> (&'static str, u32, u32) {
+        match self {
+            TmaTile::N128 => ("gemm_tma_128x128", 128, 6),
+            TmaTile::N192 => ("gemm_tma_128x192", 192, 5),
+            TmaTile::N256 => ("gemm_tma_128x256", 256, 4),
+        }
+    }
+
+    pub fn kernel_name(self) -> &'static str {
+        self.spec().0
+    }
+
+    pub fn bn(self) -> u32 {
+        self.spec().1
+    }
+
+    /// The stage ring, two 8-byte barriers a stage, and 1 KiB the kernel spends on rounding its
+    /// base up to the 1024-byte alignment of the swizzle atoms.
+    pub fn smem_bytes(self) -> u32 {
+        let (_, bn, stages) = self.spec();
+        stages * (Self::BM + bn) * Self::BK * 2 + stages * 16 + 1024
+    }
+
+    /// Output tiles of an M x N product.
+    pub fn tiles(self, m: usize, n: usize) -> usize {
+        m.div_ceil(Self::BM as usize) * n.div_ceil(self.bn() as usize)
+    }
+
+    /// The tile that pads N the least (a wider one on a tie: fewer loads of A per output), unless
+    /// its tiles fall short of the SMs where a narrower one without more padding has more. Not
+    /// yet tuned on a device.
+    pub fn pick(m: usize, n: usize, sm_count: usize) -> TmaTile {
+        let padded = |t: TmaTile| n.div_ceil(t.bn() as usize) * t.bn() as usize;
+        let least = TmaTile::ALL.iter().map(|&t| padded(t)).min().unwrap_or(n);
+        let fits: Vec<TmaTile> = TmaTile::ALL
+            .into_iter()
+            .filter(|&t| padded(t) == least)
+            .collect();
+        let widest = *fits.last().expect("one tile pads N the least");
+        if widest.tiles(m, n) >= sm_count {
+            widest
+        } else {
+            fits[0]
+        }
+    }
+
+    /// Split-K slices by the wgmma kernels' rule (at least 16 k-tiles a slice, at most 8, within
+    /// `workspace` f32 elements) when the tiles fall short of the SMs (one CTA each).
+    pub fn pick_splits(
+        self,
+        m: usize,
+        n: usize,
+        k: usize,
+        sm_count: usize,
+        workspace: usize,
+    ) -> u32 {
+        let k_tiles = k.div_ceil(Self::BK as usize);
+        split_k_slices(self.tiles(m, n), sm_count, k_tiles, 16, m * n, workspace)
+    }
+}
+
 /// Checks a GEMM's parameters: every violation is an error naming the field.
 pub fn validate(p: &GemmParams) -> Result<Epilogue> {
     let epi = Epilogue::from_raw(p.epilogue)?;
@@ -452,6 +544,9 @@ pub struct Gemm {
     tiles: Vec<(Tile, CudaFunction)>,
     /// The Hopper kernels; loaded for [`GemmImpl::Wgmma`] only.
     wgmma_tiles: Vec<(WgmmaTile, CudaFunction)>,
+    /// The warp-specialized TMA kernels; loaded for [`GemmImpl::Tma`] only (which also loads
+    /// the wgmma kernels above, for M <= 64).
+    tma_tiles: Vec<TmaTile>,
     lt: Option<CublasLt>,
     /// f32 [scratch_len] for cuBLASLt products that still need the epilogue kernel.
     scratch: Option<CudaSlice<f32>>,
@@ -496,14 +591,23 @@ impl Gemm {
         }
         // Launched by name; loading it now makes a binary without it fail here, clearly.
         gpu.function("gemm_epilogue_f32")?;
-        let mut wgmma_tiles = Vec::new();
-        if imp == GemmImpl::Wgmma {
+        if imp.is_hopper_only() {
             let (major, minor) = gpu.compute_capability();
             ensure!(
                 major == 9,
-                "GEMM: the wgmma implementation needs a Hopper GPU (compute capability 9.x), this \
-                 device is {major}.{minor}; use FORA_GEMM=custom or cublaslt"
+                "GEMM: the {imp:?} implementation needs a Hopper GPU (compute capability 9.x), \
+                 this device is {major}.{minor}; use FORA_GEMM=custom or cublaslt"
             );
+        }
+        let mut tma_tiles = Vec::new();
+        if imp == GemmImpl::Tma {
+            for tile in TmaTile::ALL {
+                gpu.allow_dynamic_shared_memory(tile.kernel_name(), tile.smem_bytes())?;
+                tma_tiles.push(tile);
+            }
+        }
+        let mut wgmma_tiles = Vec::new();
+        if imp.is_hopper_only() {
             for tile in WgmmaTile::ALL {
                 let name = tile.kernel_name();
                 let f = gpu.function(name)?;
@@ -521,7 +625,7 @@ impl Gemm {
             }
         }
         let (lt, scratch, splitk) = match imp {
-            GemmImpl::Custom | GemmImpl::Wgmma => {
+            GemmImpl::Custom | GemmImpl::Wgmma | GemmImpl::Tma => {
                 let ws = gpu.alloc_zeros::<f32>(SPLITK_WORKSPACE, "the GEMM split-K workspace")?;
                 (None, None, Some(ws))
             }
@@ -536,6 +640,7 @@ impl Gemm {
             imp,
             tiles,
             wgmma_tiles,
+            tma_tiles,
             lt,
             scratch,
             splitk,
@@ -559,6 +664,10 @@ impl Gemm {
             GemmImpl::Custom => self.run_custom(gpu, p, None),
             GemmImpl::CublasLt => self.run_cublaslt(gpu, p),
             GemmImpl::Wgmma => self.run_wgmma(gpu, p, None, None),
+            // A 128-row TMA tile would multiply mostly zero rows at M <= 64 (the conditioning
+            // MLP, a few adaLN rows): the 64-row wgmma kernel instead.
+            GemmImpl::Tma if p.m <= 64 => self.run_wgmma(gpu, p, None, None),
+            GemmImpl::Tma => self.run_tma(gpu, p, None, None),
         }
     }
 
@@ -634,9 +743,9 @@ impl Gemm {
     ) -> Result<()> {
         validate(p)?;
         ensure!(
-            self.imp == GemmImpl::Wgmma,
+            self.imp.is_hopper_only(),
             "GEMM: this Gemm was built for {:?}, not the wgmma implementation (its kernels are \
-             loaded only on a Hopper device by Gemm::new with GemmImpl::Wgmma)",
+             loaded only on a Hopper device by Gemm::new with GemmImpl::Wgmma or Tma)",
             self.imp
         );
         let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
@@ -661,6 +770,53 @@ impl Gemm {
             splits,
             self.splitk_workspace(),
         )
+    }
+
+    /// The tile variant and split-K slice count the TMA path uses for a shape.
+    pub fn plan_tma(&self, m: usize, n: usize, k: usize) -> (TmaTile, u32) {
+        let tile = TmaTile::pick(m, n, self.sm_count);
+        let workspace = self.splitk.as_ref().map_or(0, |w| w.len());
+        (tile, tile.pick_splits(m, n, k, self.sm_count, workspace))
+    }
+
+    /// The warp-specialized TMA kernel with the tile variant and the number of split-K slices
+    /// forced (`Some`) or picked by shape (`None`). Errors unless this `Gemm` was built for
+    /// [`GemmImpl::Tma`] (which checked the device is a 9.x).
+    pub fn run_tma(
+        &self,
+        gpu: &Gpu,
+        p: &GemmParams,
+        tile: Option<TmaTile>,
+        splits: Option<u32>,
+    ) -> Result<()> {
+        validate(p)?;
+        ensure!(
+            self.imp == GemmImpl::Tma,
+            "GEMM: this Gemm was built for {:?}, not the TMA implementation (its kernels are \
+             loaded only on a Hopper device by Gemm::new with GemmImpl::Tma)",
+            self.imp
+        );
+        let (planned_tile, planned_splits) =
+            self.plan_tma(p.m as usize, p.n as usize, p.k as usize);
+        let tile = tile.unwrap_or(planned_tile);
+        let splits = splits.unwrap_or(if tile == planned_tile {
+            planned_splits
+        } else {
+            let workspace = self.splitk.as_ref().map_or(0, |w| w.len());
+            tile.pick_splits(
+                p.m as usize,
+                p.n as usize,
+                p.k as usize,
+                self.sm_count,
+                workspace,
+            )
+        });
+        ensure!(
+            self.tma_tiles.contains(&tile),
+            "GEMM kernel {} not loaded",
+            tile.kernel_name()
+        );
+        launch_tma(gpu, p, tile, splits, self.splitk_workspace())
     }
 
     /// cuBLASLt with its fused bias / GELU-bias epilogue where it has one (else the unfused
@@ -950,7 +1106,6 @@ fn launch_tiled(
         (1..=64).contains(&splits),
         "GEMM: split-K slices must be 1..=64, got {splits}"
     );
-    let (m, n) = (p.m as usize, p.n as usize);
     let grid_y = (p.m as u32).div_ceil(t.bm);
     ensure!(
         grid_y <= 65535,
@@ -967,6 +1122,27 @@ fn launch_tiled(
             .with_context(|| format!("launching {} (M={} N={} K={})", t.name, p.m, p.n, p.k))?;
         return Ok(());
     }
+    let (partial, ws) = split_k_partial(p, splits, splitk)?;
+    // SAFETY: as above for A and W; the partial sums go to the workspace, whose size was
+    // checked against splits x M x N.
+    unsafe { gpu.launch_kernel(t.name, grid, block, smem_bytes, &partial) }.with_context(|| {
+        format!(
+            "launching {} split-K x{splits} (M={} N={} K={})",
+            t.name, p.m, p.n, p.k
+        )
+    })?;
+    launch_epilogue(gpu, &epilogue_params(p, ws, splits), gpu.multiprocessors())
+}
+
+/// The parameters that make a GEMM kernel write split-K slice z's raw f32 partial sums into
+/// slice z of the workspace `splitk` (device address, elements), after checking it holds
+/// `splits` slices of M x N; and the workspace's address.
+fn split_k_partial(
+    p: &GemmParams,
+    splits: u32,
+    splitk: Option<(u64, usize)>,
+) -> Result<(GemmParams, u64)> {
+    let (m, n) = (p.m as usize, p.n as usize);
     let (ws, ws_len) =
         splitk.context("GEMM: no split-K workspace (this Gemm was built for cuBLASLt)")?;
     ensure!(
@@ -985,15 +1161,77 @@ fn launch_tiled(
         epilogue: FORA_EPI_PARTIAL_F32 as i32,
         ..*p
     };
-    // SAFETY: as above for A and W; the partial sums go to the workspace, whose size was
-    // checked against splits x M x N.
-    unsafe { gpu.launch_kernel(t.name, grid, block, smem_bytes, &partial) }.with_context(|| {
+    Ok((partial, ws))
+}
+
+/// Runs the warp-specialized TMA GEMM kernel of `tile` with `splits` split-K slices on `gpu` (a
+/// Hopper or the CPU emulator): encodes the operands' tensor maps, launches a persistent grid of
+/// at most one CTA per SM and work unit, and with more than one slice the epilogue kernel over
+/// the workspace `splitk` (as for [`launch_custom`]).
+pub fn launch_tma(
+    gpu: &impl KernelLauncher,
+    p: &GemmParams,
+    tile: TmaTile,
+    splits: u32,
+    splitk: Option<(u64, usize)>,
+) -> Result<()> {
+    validate(p)?;
+    ensure!(
+        (1..=64).contains(&splits),
+        "GEMM: split-K slices must be 1..=64, got {splits}"
+    );
+    let operand = |base: u64, rows: i32, ld: i32, box_rows: u32| TmaTensor2d {
+        base,
+        rows: rows as u64,
+        cols: p.k as u64,
+        row_stride: ld as u64,
+        box_rows,
+        box_cols: TmaTile::BK,
+    };
+    let a_map = gpu
+        .tma_descriptor_2d(&operand(p.a, p.m, p.lda, TmaTile::BM))
+        .context("GEMM: the tensor map of A")?;
+    let w_map = gpu
+        .tma_descriptor_2d(&operand(p.w, p.n, p.ldw, tile.bn()))
+        .context("GEMM: the tensor map of W")?;
+    let (gemm, ws) = if splits == 1 {
+        (*p, 0)
+    } else {
+        split_k_partial(p, splits, splitk)?
+    };
+    let params = GemmTmaParams {
+        a_map,
+        w_map,
+        gemm,
+        splits: splits as i32,
+    };
+    let units = tile.tiles(p.m as usize, p.n as usize) * splits as usize;
+    let grid = units.min(gpu.multiprocessors()).max(1) as u32;
+    let name = tile.kernel_name();
+    gpu.allow_dynamic_shared_memory(name, tile.smem_bytes())?;
+    // SAFETY: `validate` checked the shapes, strides, alignment and non-null pointers the kernel
+    // relies on, and the tensor maps describe exactly A [M, K] and W [N, K]; a split-K run
+    // writes the workspace, whose size was checked; the buffers' extents are the caller's
+    // contract.
+    unsafe {
+        gpu.launch_kernel(
+            name,
+            (grid, 1, 1),
+            (TmaTile::THREADS, 1, 1),
+            tile.smem_bytes(),
+            &params,
+        )
+    }
+    .with_context(|| {
         format!(
-            "launching {} split-K x{splits} (M={} N={} K={})",
-            t.name, p.m, p.n, p.k
+            "launching {name} x{splits} slices (M={} N={} K={})",
+            p.m, p.n, p.k
         )
     })?;
-    launch_epilogue(gpu, &epilogue_params(p, ws, splits), gpu.multiprocessors())
+    if splits > 1 {
+        launch_epilogue(gpu, &epilogue_params(p, ws, splits), gpu.multiprocessors())?;
+    }
+    Ok(())
 }
 
 /// Launches `gemm_epilogue_f32` over acc[M, ld_acc] (grid-stride, a few waves of CTAs).
@@ -1134,6 +1372,64 @@ mod tests {
             );
             assert_eq!(spec.threads, spec.bm * 2, "one warpgroup per 64 rows");
             assert!(t.kernel_name().starts_with("gemm_wgmma_"));
+        }
+    }
+
+    #[test]
+    fn tma_tile_pick() {
+        // Every DiT-XL/2 width is a multiple of 192 (1152 = 6, 3456 = 18, 4608 = 24 x 192); 256
+        // pads 1152 and 3456, so 192 wins unless 256 pads no more (4608 = 18 x 256).
+        assert_eq!(TmaTile::pick(65_536, 1152, 132), TmaTile::N192);
+        assert_eq!(TmaTile::pick(65_536, 3456, 132), TmaTile::N192);
+        assert_eq!(TmaTile::pick(65_536, 4608, 132), TmaTile::N256);
+        // One image pair (M = 512): 4 x 6 tiles of 128 x 192 fall short of 132 SMs, and 128 pads
+        // 1152 no more: 4 x 9 tiles.
+        assert_eq!(TmaTile::pick(512, 1152, 132), TmaTile::N128);
+        assert_eq!(TmaTile::pick(512, 4608, 132), TmaTile::N128);
+        // A width only 128 divides.
+        assert_eq!(TmaTile::pick(65_536, 640, 132), TmaTile::N128);
+        // The final layer (N = 32): one 128-wide tile pads least.
+        assert_eq!(TmaTile::pick(512, 32, 132), TmaTile::N128);
+        assert_eq!(TmaTile::N192.tiles(65_536, 1152), 512 * 6);
+    }
+
+    #[test]
+    fn tma_smem_and_splits() {
+        // STAGES * (128 + BN) * 64 * 2 + 16 bytes of barriers a stage + 1 KiB, per gemm_sm90.cu.
+        assert_eq!(TmaTile::N128.smem_bytes(), 6 * 256 * 128 + 6 * 16 + 1024);
+        assert_eq!(TmaTile::N192.smem_bytes(), 5 * 320 * 128 + 5 * 16 + 1024);
+        assert_eq!(TmaTile::N256.smem_bytes(), 4 * 384 * 128 + 4 * 16 + 1024);
+        for t in TmaTile::ALL {
+            assert!(t.smem_bytes() <= 227 * 1024, "{t:?}");
+            assert!(t.kernel_name().ends_with(&format!("x{}", t.bn())));
+        }
+        // fc2 of one image pair: 36 tiles of 128 x 128, K = 4608 = 72 k-tiles -> 4 slices of 18.
+        assert_eq!(TmaTile::N128.pick_splits(512, 1152, 4608, 132, 8 << 20), 4);
+        // proj (K = 1152 = 18 k-tiles): a slice needs 16, so none.
+        assert_eq!(TmaTile::N128.pick_splits(512, 1152, 1152, 132, 8 << 20), 1);
+        // Large M: no split.
+        assert_eq!(
+            TmaTile::N192.pick_splits(65_536, 1152, 4608, 132, 8 << 20),
+            1
+        );
+    }
+
+    #[test]
+    fn tma_kernels_match_specs() {
+        // The instantiations in gemm_sm90.cu: name, BN and stages as TmaTile::spec says.
+        let src = include_str!("../../kernels/gemm_sm90.cu");
+        for t in TmaTile::ALL {
+            let (name, bn, stages) = t.spec();
+            let at = src
+                .find(&format!("void __launch_bounds__(384, 1) {name}("))
+                .unwrap_or_else(|| panic!("{name} is not instantiated with 384 threads"));
+            // Its own body: the first FORA_TMA_BODY after the signature.
+            let body = &src[at..];
+            let first = body.find("FORA_TMA_BODY(").expect("a body");
+            assert!(
+                body[first..].starts_with(&format!("FORA_TMA_BODY({bn}, {stages})")),
+                "{name}: FORA_TMA_BODY({bn}, {stages}) expected"
+            );
         }
     }
 

@@ -72,6 +72,64 @@ const _: () = {
     ][::std::mem::offset_of!(GemmParams, epilogue) - 84usize];
 };
 #[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct TmaDescriptor {
+    pub opaque: [::std::os::raw::c_ulonglong; 16usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of TmaDescriptor"][::std::mem::size_of::<TmaDescriptor>() - 128usize];
+    ["Alignment of TmaDescriptor"][::std::mem::align_of::<TmaDescriptor>() - 64usize];
+    [
+        "Offset of field: TmaDescriptor::opaque",
+    ][::std::mem::offset_of!(TmaDescriptor, opaque) - 0usize];
+};
+impl Default for TmaDescriptor {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct GemmTmaParams {
+    pub a_map: TmaDescriptor,
+    pub w_map: TmaDescriptor,
+    pub gemm: GemmParams,
+    pub splits: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of GemmTmaParams"][::std::mem::size_of::<GemmTmaParams>() - 384usize];
+    ["Alignment of GemmTmaParams"][::std::mem::align_of::<GemmTmaParams>() - 64usize];
+    [
+        "Offset of field: GemmTmaParams::a_map",
+    ][::std::mem::offset_of!(GemmTmaParams, a_map) - 0usize];
+    [
+        "Offset of field: GemmTmaParams::w_map",
+    ][::std::mem::offset_of!(GemmTmaParams, w_map) - 128usize];
+    [
+        "Offset of field: GemmTmaParams::gemm",
+    ][::std::mem::offset_of!(GemmTmaParams, gemm) - 256usize];
+    [
+        "Offset of field: GemmTmaParams::splits",
+    ][::std::mem::offset_of!(GemmTmaParams, splits) - 344usize];
+};
+impl Default for GemmTmaParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct GemmEpilogueParams {
     pub acc: fora_ptr,
@@ -893,6 +951,8 @@ const _: () = {
 
 // Plain C structs of integers and device addresses: valid kernel arguments by value.
 unsafe impl cudarc::driver::DeviceRepr for GemmParams {}
+unsafe impl cudarc::driver::DeviceRepr for TmaDescriptor {}
+unsafe impl cudarc::driver::DeviceRepr for GemmTmaParams {}
 unsafe impl cudarc::driver::DeviceRepr for GemmEpilogueParams {}
 unsafe impl cudarc::driver::DeviceRepr for AttentionParams {}
 unsafe impl cudarc::driver::DeviceRepr for TimestepEmbedParams {}

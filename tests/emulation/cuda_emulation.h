@@ -26,6 +26,7 @@
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 #define __shared__ static thread_local
+#define __grid_constant__
 
 struct uint3 {
     unsigned x, y, z;
@@ -123,6 +124,15 @@ void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b
 // operands are read then, accumulators written then.
 void fora_emulation_wgmma_commit();
 void fora_emulation_wgmma_wait(int pending);
+// mbarrier and TMA (kernels/tma.cuh), by shared-window address. A barrier counts arrivals and
+// expected transaction bytes per phase; a TMA copy's box is read from global memory at issue, its
+// destination filled with NaN bytes, and the box written (swizzled) and its bytes counted when a
+// thread waits on its barrier, so reading a slot before its barrier's phase ends, or refilling
+// one a wgmma still reads, shows.
+void fora_emulation_mbarrier_init(uint32_t bar, int arrivals);
+void fora_emulation_mbarrier_arrive(uint32_t bar, uint32_t expect_tx_bytes);
+void fora_emulation_mbarrier_wait(uint32_t bar, uint32_t parity);
+void fora_emulation_tma_load_2d(uint32_t dst, const void* map, int x, int y, uint32_t bar);
 // The shared-window address of a pointer into the block's dynamic shared memory.
 uint32_t fora_emulation_smem_offset(const void* p);
 

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -69,6 +70,9 @@ void wgmma_probe(const WgmmaProbeParams p);
 void gemm_wgmma_128x256(const GemmParams p);
 void gemm_wgmma_128x128(const GemmParams p);
 void gemm_wgmma_64x128(const GemmParams p);
+void gemm_tma_128x128(const GemmTmaParams p);
+void gemm_tma_128x192(const GemmTmaParams p);
+void gemm_tma_128x256(const GemmTmaParams p);
 }
 
 namespace {
@@ -129,6 +133,23 @@ struct AsyncGroups {
     }
 };
 
+// A TMA copy issued and not yet landed: its box, already swizzled, and where it goes.
+struct PendingTma {
+    uint32_t dst;
+    std::vector<unsigned char> bytes;
+};
+
+// An mbarrier: arrivals a phase, arrivals still due and transaction bytes still due in the
+// running phase, phases completed (its parity is what try_wait.parity compares), and the TMA
+// copies that count against it.
+struct MBarrier {
+    int arrivals = 0;
+    int pending = 0;
+    long long tx = 0;
+    unsigned phase = 0;
+    std::vector<PendingTma> copies;
+};
+
 struct Fiber {
     ucontext_t context;
     std::vector<char> stack;
@@ -160,6 +181,7 @@ struct Launch {
     unsigned char* dynamic_smem = nullptr;  // 1024-byte aligned inside smem_storage
     size_t dynamic_smem_bytes = 0;
     unsigned current = 0;  // the running fiber
+    std::map<uint32_t, MBarrier> mbarriers;  // by shared address; the block's
 };
 
 thread_local Launch* launch_state = nullptr;
@@ -223,6 +245,7 @@ void run_block(Launch& l, uint3 b) {
         f.context.uc_link = &l.scheduler;
         makecontext(&f.context, reinterpret_cast<void (*)()>(fiber_main), 1, static_cast<int>(t));
     }
+    l.mbarriers.clear();
     blockIdx = b;
     blockDim = {n, 1, 1};
     gridDim = l.grid_dim;
@@ -235,6 +258,14 @@ void run_block(Launch& l, uint3 b) {
             l.current = t;
             threadIdx = {t, 0, 0};
             swapcontext(&l.scheduler, &l.fibers[t].context);
+        }
+    }
+    // A TMA copy no thread ever waited for has no defined result either.
+    for (const auto& [addr, bar] : l.mbarriers) {
+        if (!bar.copies.empty()) {
+            std::fprintf(stderr, "emulated %s: block ended with TMA copies on the mbarrier at shared byte %u never waited for\n",
+                         l.name, addr);
+            std::abort();
         }
     }
 }
@@ -287,6 +318,9 @@ Kernel find(const std::string& name) {
     if (name == "gemm_wgmma_128x256") return call<GemmParams, gemm_wgmma_128x256>;
     if (name == "gemm_wgmma_128x128") return call<GemmParams, gemm_wgmma_128x128>;
     if (name == "gemm_wgmma_64x128") return call<GemmParams, gemm_wgmma_64x128>;
+    if (name == "gemm_tma_128x128") return call<GemmTmaParams, gemm_tma_128x128>;
+    if (name == "gemm_tma_128x192") return call<GemmTmaParams, gemm_tma_128x192>;
+    if (name == "gemm_tma_128x256") return call<GemmTmaParams, gemm_tma_128x256>;
     if (name == "wgmma_probe") return call<WgmmaProbeParams, wgmma_probe>;
     return nullptr;
 }
@@ -548,13 +582,131 @@ void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b
 
 void fora_emulation_wgmma_commit() { launch_state->fibers[launch_state->current].wgmmas.commit(); }
 
-// wgmma.wait_group N: every committed group but the newest N is carried out, oldest first.
+// wgmma.wait_group N: every committed group but the newest N is carried out, oldest first. The
+// waiting thread first yields, as a warp waiting on the tensor cores may be descheduled: the
+// other threads (a TMA producer) run while its wgmmas are in flight, so a shared-memory slot
+// handed back before the wait that retires the wgmmas reading it gets refilled (NaN) too early.
 void fora_emulation_wgmma_wait(int pending) {
+    yield_to_scheduler();
     AsyncGroups<PendingWgmma>& g = launch_state->fibers[launch_state->current].wgmmas;
     while (g.committed.size() > static_cast<size_t>(pending)) {
         for (const PendingWgmma& op : g.committed.front()) carry_out(op);
         g.committed.erase(g.committed.begin());
     }
+}
+
+namespace {
+
+[[noreturn]] void emulation_error(const char* what, uint32_t addr) {
+    std::fprintf(stderr, "emulated %s: %s (shared byte %u)\n", launch_state->name, what, addr);
+    std::abort();
+}
+
+MBarrier& mbarrier_at(uint32_t bar) {
+    auto it = launch_state->mbarriers.find(bar);
+    if (it == launch_state->mbarriers.end()) emulation_error("mbarrier used before mbarrier.init", bar);
+    return it->second;
+}
+
+void complete_phase_if_done(MBarrier& b) {
+    if (b.pending == 0 && b.tx == 0) {
+        ++b.phase;
+        b.pending = b.arrivals;
+    }
+}
+
+// The copies counted against `b` land: written to shared memory, their bytes taken off the phase.
+void land_copies(MBarrier& b) {
+    for (const PendingTma& c : b.copies) {
+        std::memcpy(launch_state->dynamic_smem + c.dst, c.bytes.data(), c.bytes.size());
+        b.tx -= static_cast<long long>(c.bytes.size());
+    }
+    b.copies.clear();
+    complete_phase_if_done(b);
+}
+
+// The emulator's stand-in for a CUtensorMap (128 bytes): a 2-D bf16 tensor, its box, 128-byte
+// swizzle; written by fora_emulate_encode_tma_2d, which checks what cuTensorMapEncodeTiled does.
+struct EmulatedTensorMap {
+    uint64_t magic;
+    const unsigned char* base;
+    uint64_t cols, rows, row_stride_bytes;
+    uint32_t box_cols, box_rows;
+};
+constexpr uint64_t kTensorMapMagic = 0x666f7261746d6170ull;  // "foratmap"
+static_assert(sizeof(EmulatedTensorMap) <= 128, "a CUtensorMap has 128 bytes");
+
+}  // namespace
+
+void fora_emulation_mbarrier_init(uint32_t bar, int arrivals) {
+    if (bar % 8 != 0 || bar + 8 > launch_state->dynamic_smem_bytes) emulation_error("mbarrier misaligned or outside shared memory", bar);
+    if (arrivals < 1) emulation_error("mbarrier initialized with no arrivals", bar);
+    MBarrier b;
+    b.arrivals = arrivals;
+    b.pending = arrivals;
+    launch_state->mbarriers[bar] = b;
+}
+
+void fora_emulation_mbarrier_arrive(uint32_t bar, uint32_t expect_tx_bytes) {
+    MBarrier& b = mbarrier_at(bar);
+    b.tx += expect_tx_bytes;
+    if (--b.pending < 0) emulation_error("more mbarrier arrivals than the phase expects", bar);
+    complete_phase_if_done(b);
+}
+
+// try_wait.parity in a loop: done once the phase of that parity has completed, i.e. the phases
+// completed so far have the other parity. The barrier's copies land first.
+void fora_emulation_mbarrier_wait(uint32_t bar, uint32_t parity) {
+    for (;;) {
+        MBarrier& b = mbarrier_at(bar);
+        land_copies(b);
+        if ((b.phase & 1u) != (parity & 1u)) return;
+        yield_to_scheduler();
+    }
+}
+
+// cp.async.bulk.tensor.2d with the 128-byte swizzle: box row r (128 bytes) at dst + 128 r, its
+// 16-byte chunk c at chunk c ^ (address bits [7:9]); elements outside the tensor are zeros.
+void fora_emulation_tma_load_2d(uint32_t dst, const void* map, int x, int y, uint32_t bar) {
+    const EmulatedTensorMap& m = *static_cast<const EmulatedTensorMap*>(map);
+    if (m.magic != kTensorMapMagic) emulation_error("TMA copy through a tensor map the emulator did not encode", dst);
+    const uint32_t bytes = m.box_rows * m.box_cols * 2;
+    if (dst % 1024 != 0) emulation_error("128-byte-swizzled TMA destination not 1024-byte aligned", dst);
+    if (dst + bytes > launch_state->dynamic_smem_bytes) emulation_error("TMA box past the dynamic shared memory", dst);
+    MBarrier& b = mbarrier_at(bar);
+    PendingTma c;
+    c.dst = dst;
+    c.bytes.assign(bytes, 0);
+    for (uint32_t r = 0; r < m.box_rows; ++r) {
+        const long long gr = static_cast<long long>(y) + r;
+        for (uint32_t col = 0; col < m.box_cols; ++col) {
+            const long long gc = static_cast<long long>(x) + col;
+            uint16_t v = 0;
+            if (gr >= 0 && gc >= 0 && static_cast<uint64_t>(gr) < m.rows && static_cast<uint64_t>(gc) < m.cols)
+                std::memcpy(&v, m.base + gr * m.row_stride_bytes + gc * 2, 2);
+            const uint32_t off = r * m.box_cols * 2 + col * 2;
+            const uint32_t addr = dst + off;
+            const uint32_t swizzled = addr ^ (((addr >> 7) & 7u) << 4);
+            std::memcpy(c.bytes.data() + (swizzled - dst), &v, 2);
+        }
+    }
+    std::memset(launch_state->dynamic_smem + dst, 0xff, bytes);
+    b.copies.push_back(std::move(c));
+}
+
+// Fills `out` (128 bytes) for a bf16 [rows, cols] tensor with `row_stride_bytes` between rows and
+// a box of box_rows x box_cols, 128-byte swizzle. 0: done; 1: an argument cuTensorMapEncodeTiled
+// would refuse (alignment, stride, box size).
+extern "C" int fora_emulate_encode_tma_2d(void* out, const void* base, uint64_t cols, uint64_t rows,
+                                          uint64_t row_stride_bytes, uint32_t box_cols, uint32_t box_rows) {
+    if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || row_stride_bytes % 16 != 0 || cols == 0 || rows == 0 ||
+        box_cols * 2 != 128 || box_rows == 0 || box_rows > 256 || row_stride_bytes < cols * 2)
+        return 1;
+    EmulatedTensorMap m{kTensorMapMagic, static_cast<const unsigned char*>(base), cols, rows, row_stride_bytes,
+                        box_cols, box_rows};
+    std::memset(out, 0, 128);
+    std::memcpy(out, &m, sizeof m);
+    return 0;
 }
 
 void* fora_emulation_dynamic_smem_bytes() { return launch_state->dynamic_smem; }

@@ -1,0 +1,87 @@
+// Hopper's asynchronous copy engine (TMA) and the shared-memory transaction barriers (mbarrier)
+// that say when its copies have landed, plus the warpgroup register reallocation of
+// warp-specialized kernels. Only for sm_90a: include it inside
+// `#if defined(__CUDA_ARCH_FEAT_SM90_ALL)`. The CPU emulator (tests/emulation) carries out a TMA
+// copy when a thread waits on its barrier and fills the destination with NaN until then.
+//
+// Barriers and shared-memory destinations are named by their 32-bit shared-window addresses
+// (smem_addr); a tensor map by the generic address of a __grid_constant__ kernel parameter.
+#pragma once
+
+#include "common.cuh"
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+#ifdef FORA_EMULATION
+FORA_DEVICE void mbarrier_init(uint32_t bar, int arrivals) { fora_emulation_mbarrier_init(bar, arrivals); }
+FORA_DEVICE void fence_mbarrier_init() {}
+FORA_DEVICE void mbarrier_arrive(uint32_t bar) { fora_emulation_mbarrier_arrive(bar, 0); }
+FORA_DEVICE void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+    fora_emulation_mbarrier_arrive(bar, bytes);
+}
+FORA_DEVICE void mbarrier_wait(uint32_t bar, uint32_t parity) { fora_emulation_mbarrier_wait(bar, parity); }
+FORA_DEVICE void tma_load_2d(uint32_t dst, const TmaDescriptor* map, int x, int y, uint32_t bar) {
+    fora_emulation_tma_load_2d(dst, map, x, y, bar);
+}
+template <int REGS>
+FORA_DEVICE void setmaxnreg_inc() {}
+template <int REGS>
+FORA_DEVICE void setmaxnreg_dec() {}
+#else
+// Initializes the barrier at `bar` for `arrivals` arrivals a phase (before any thread uses it).
+FORA_DEVICE void mbarrier_init(uint32_t bar, int arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+}
+// Makes the initializations visible to the other threads and to the async proxy (TMA); a
+// __syncthreads must follow before anyone else uses the barriers.
+FORA_DEVICE void fence_mbarrier_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+// One arrival (release semantics: this thread's earlier accesses happen before the phase ends).
+FORA_DEVICE void mbarrier_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// One arrival that also expects `bytes` more bytes of TMA transactions this phase: the phase ends
+// when every arrival is in and every expected byte has landed.
+FORA_DEVICE void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Waits until the phase of parity `parity` has completed (acquire: what the arrivals released,
+// and the bytes the TMA delivered, are visible afterwards). On a fresh barrier (phase 0 running)
+// waiting for parity 1 returns at once: the phase "before" it counts as complete.
+FORA_DEVICE void mbarrier_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done;
+    do {
+        asm volatile(
+            "{\n"
+            ".reg .pred p;\n"
+            "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n"
+            "}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (done == 0);
+}
+// Copies the box at (x = innermost coordinate, y) of the 2-D tensor `map` describes into shared
+// memory at `dst` (laid out and swizzled as the map says; 1024-byte aligned for the 128-byte
+// swizzle); the bytes count against the transactions `bar` expects. Elements outside the
+// tensor arrive as zeros, and the whole box's bytes are counted.
+FORA_DEVICE void tma_load_2d(uint32_t dst, const TmaDescriptor* map, int x, int y, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(
+            dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(x), "r"(y)
+        : "memory");
+}
+// Warp-specialized register budgets: every warp of a warpgroup executes the same one. The
+// producer gives registers back, the consumers (the accumulators) take them.
+template <int REGS>
+FORA_DEVICE void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+template <int REGS>
+FORA_DEVICE void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+#endif  // FORA_EMULATION
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
