@@ -40,7 +40,7 @@ use crate::cuda::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
 use crate::cuda::device::KernelLauncher;
 use crate::cuda::embed::patch_embed;
 use crate::cuda::fora::{fora_reuse, fora_reuse_final_with, ReuseTokens};
-use crate::cuda::gemm::{Epilogue, Gemm, GemmImpl};
+use crate::cuda::gemm::{Epilogue, Gemm, GemmImpl, TmaTile};
 use crate::cuda::model::{ada_cols, reuse_final_params};
 use crate::cuda::norm::{layernorm_modulate_with, residual_layernorm_with, RowWarps};
 use crate::cuda::params::{
@@ -1751,6 +1751,13 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
         }
         if let Some(Ok(g)) = &tma {
             variants.push(("tma", Box::new(move |i| g.run(gpu, &params[i % n]))));
+            // Every tile forced (split-K by shape), to tune TmaTile::pick from.
+            for t in TmaTile::ALL {
+                variants.push((
+                    t.bench_name(),
+                    Box::new(move |i| g.run_tma(gpu, &params[i % n], Some(t), None)),
+                ));
+            }
         }
         if let Ok(g) = &lt {
             variants.push(("cublaslt", Box::new(move |i| g.run(gpu, &params[i % n]))));

@@ -399,6 +399,15 @@ impl TmaTile {
         self.spec().1
     }
 
+    /// The benchmark row of this tile forced ("tma-128x192"); the automatic pick's row is "tma".
+    pub fn bench_name(self) -> &'static str {
+        match self {
+            TmaTile::N128 => "tma-128x128",
+            TmaTile::N192 => "tma-128x192",
+            TmaTile::N256 => "tma-128x256",
+        }
+    }
+
     /// The stage ring, two 8-byte barriers a stage, and 1 KiB the kernel spends on rounding its
     /// base up to the 1024-byte alignment of the swizzle atoms.
     pub fn smem_bytes(self) -> u32 {
@@ -411,26 +420,47 @@ impl TmaTile {
         m.div_ceil(Self::BM as usize) * n.div_ceil(self.bn() as usize)
     }
 
-    /// The tile that pads N the least (a wider one on a tie: fewer loads of A per output), unless
-    /// its tiles fall short of the SMs where a narrower one without more padding has more. Not
-    /// yet tuned on a device.
-    pub fn pick(m: usize, n: usize, sm_count: usize) -> TmaTile {
-        let padded = |t: TmaTile| n.div_ceil(t.bn() as usize) * t.bn() as usize;
-        let least = TmaTile::ALL.iter().map(|&t| padded(t)).min().unwrap_or(n);
-        let fits: Vec<TmaTile> = TmaTile::ALL
-            .into_iter()
-            .filter(|&t| padded(t) == least)
-            .collect();
-        let widest = *fits.last().expect("one tile pads N the least");
-        if widest.tiles(m, n) >= sm_count {
-            widest
-        } else {
-            fits[0]
+    /// Relative throughput of a CTA on this tile while it computes (wider tiles read less shared
+    /// memory and write fewer epilogues per FLOP). A guess from the tile shapes, not yet
+    /// measured: it only breaks near-ties of [`TmaTile::pick`].
+    fn efficiency(self) -> f64 {
+        match self {
+            TmaTile::N128 => 0.92,
+            TmaTile::N192 => 0.97,
+            TmaTile::N256 => 1.0,
         }
     }
 
-    /// Split-K slices by the wgmma kernels' rule (at least 16 k-tiles a slice, at most 8, within
-    /// `workspace` f32 elements) when the tiles fall short of the SMs (one CTA each).
+    /// Estimated time of an M x N product on `sm_count` persistent CTAs, in k-tile columns: the
+    /// busiest CTA's tiles (rounds of the grid) times the tile's width over its efficiency.
+    /// Padding of N is counted (a padded tile costs a full one).
+    fn cost(self, m: usize, n: usize, sm_count: usize) -> f64 {
+        let rounds = self.tiles(m, n).div_ceil(sm_count.max(1));
+        rounds as f64 * self.bn() as f64 / self.efficiency()
+    }
+
+    /// The tile of least [`TmaTile::cost`] (the wider on a tie). At DiT-XL/2 shapes: 192 wide for
+    /// N = 1152 and 3456 and 256 for 4608 at large M; at M = 512 (one image + CFG) 128 wide
+    /// where that fits one round (qkv, proj, fc2) and 192 for fc1 (144 tiles of 128 would take
+    /// two rounds on 132 SMs). Not yet tuned on a device.
+    pub fn pick(m: usize, n: usize, sm_count: usize) -> TmaTile {
+        let mut best = TmaTile::N128;
+        for t in TmaTile::ALL {
+            if t.cost(m, n, sm_count) <= best.cost(m, n, sm_count) {
+                best = t;
+            }
+        }
+        best
+    }
+
+    /// Split-K slices when the tiles fall short of the SMs: the count (at most 8, at least 8
+    /// k-tiles a slice, within `workspace` f32 elements) that minimizes the busiest CTA's
+    /// k-tiles (rounds of the persistent grid times k-tiles a slice) plus what splitting costs
+    /// in k-tile times: 10 for the epilogue kernel's launch and 3 a slice for its partial sums'
+    /// round trip (at M = 512: a 128 x 128 k-tile is ~0.28 us at the tensor-core peak, a slice
+    /// of 512 x 1152 f32 ~0.8 us of HBM traffic); fewer slices on a tie. E.g. fc2 of one
+    /// image + CFG (36 tiles, 72 k-tiles): 3 slices (108 units, one round of 24 k-tiles), not 4
+    /// (144 units, two rounds of 18); proj (18 k-tiles): none. Not yet tuned on a device.
     pub fn pick_splits(
         self,
         m: usize,
@@ -440,7 +470,24 @@ impl TmaTile {
         workspace: usize,
     ) -> u32 {
         let k_tiles = k.div_ceil(Self::BK as usize);
-        split_k_slices(self.tiles(m, n), sm_count, k_tiles, 16, m * n, workspace)
+        let tiles = self.tiles(m, n);
+        if tiles >= sm_count {
+            return 1;
+        }
+        let cost = |s: usize| {
+            let rounds = (tiles * s).div_ceil(sm_count.max(1));
+            rounds * k_tiles.div_ceil(s) + if s > 1 { 10 + 3 * s } else { 0 }
+        };
+        let mut best = 1;
+        for s in 2..=8usize {
+            if k_tiles / s < 8 || s * m * n > workspace {
+                break;
+            }
+            if cost(s) < cost(best) {
+                best = s;
+            }
+        }
+        best as u32
     }
 }
 
@@ -1382,10 +1429,11 @@ mod tests {
         assert_eq!(TmaTile::pick(65_536, 1152, 132), TmaTile::N192);
         assert_eq!(TmaTile::pick(65_536, 3456, 132), TmaTile::N192);
         assert_eq!(TmaTile::pick(65_536, 4608, 132), TmaTile::N256);
-        // One image pair (M = 512): 4 x 6 tiles of 128 x 192 fall short of 132 SMs, and 128 pads
-        // 1152 no more: 4 x 9 tiles.
+        // One image pair (M = 512): one round either way, the narrower tile the shorter one.
         assert_eq!(TmaTile::pick(512, 1152, 132), TmaTile::N128);
-        assert_eq!(TmaTile::pick(512, 4608, 132), TmaTile::N128);
+        assert_eq!(TmaTile::pick(512, 3456, 132), TmaTile::N128);
+        // fc1: 144 tiles of 128 would take two rounds, 96 of 192 one.
+        assert_eq!(TmaTile::pick(512, 4608, 132), TmaTile::N192);
         // A width only 128 divides.
         assert_eq!(TmaTile::pick(65_536, 640, 132), TmaTile::N128);
         // The final layer (N = 32): one 128-wide tile pads least.
@@ -1402,11 +1450,26 @@ mod tests {
         for t in TmaTile::ALL {
             assert!(t.smem_bytes() <= 227 * 1024, "{t:?}");
             assert!(t.kernel_name().ends_with(&format!("x{}", t.bn())));
+            assert_eq!(
+                t.bench_name(),
+                t.kernel_name().replace("gemm_tma_", "tma-"),
+                "{t:?}"
+            );
         }
-        // fc2 of one image pair: 36 tiles of 128 x 128, K = 4608 = 72 k-tiles -> 4 slices of 18.
-        assert_eq!(TmaTile::N128.pick_splits(512, 1152, 4608, 132, 8 << 20), 4);
-        // proj (K = 1152 = 18 k-tiles): a slice needs 16, so none.
+        // fc2 of one image pair: 36 tiles of 128 x 128, K = 4608 = 72 k-tiles -> 3 slices (one
+        // round of 24 k-tiles; 4 would be 144 units, two rounds of 18).
+        assert_eq!(TmaTile::N128.pick_splits(512, 1152, 4608, 132, 8 << 20), 3);
+        // proj (K = 1152 = 18 k-tiles): 2 slices of 9 would save less than the epilogue pass.
         assert_eq!(TmaTile::N128.pick_splits(512, 1152, 1152, 132, 8 << 20), 1);
+        // A long K on few tiles: 4 x 2 tiles, 288 k-tiles -> 8 slices of 36.
+        assert_eq!(TmaTile::N128.pick_splits(512, 256, 18_432, 132, 8 << 20), 8);
+        // qkv (108 tiles, 18 k-tiles): splitting would need a second round.
+        assert_eq!(TmaTile::N128.pick_splits(512, 3456, 1152, 132, 8 << 20), 1);
+        // Too small a workspace: no split.
+        assert_eq!(
+            TmaTile::N128.pick_splits(512, 1152, 4608, 132, 512 * 1152),
+            1
+        );
         // Large M: no split.
         assert_eq!(
             TmaTile::N192.pick_splits(65_536, 1152, 4608, 132, 8 << 20),
