@@ -284,6 +284,18 @@ typedef struct WgmmaProbeParams {
     int n, mode;
 } WgmmaProbeParams;
 
+/* A hardware-contract probe of TMA and the mbarrier (kernel tma_probe: one warpgroup, sm_90a):
+ * thread 0 loads the box at (x0, y0) of `map` into 1024-byte-aligned shared memory through one
+ * mbarrier (phase 0), every thread copies the shared bytes to out[0]; then the box at (x1, y1)
+ * into the same place (phase 1) to out[1]. map: a bf16 tensor, box 64 x box_rows, 128-byte
+ * swizzle, as the TMA GEMM uses it; out: bf16 [2][box_rows * 64], shared memory byte for byte. */
+typedef struct TmaProbeParams {
+    TmaDescriptor map;
+    fora_ptr out;
+    int x0, y0, x1, y1;
+    int box_rows;
+} TmaProbeParams;
+
 #ifdef __cplusplus
 }
 #endif

@@ -11,6 +11,7 @@
 // down MN-major), as the attention kernels step through the head dim and the keys.
 
 #include "common.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -146,6 +147,41 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_probe(const WgmmaProbePa
         probe_rs<72>(p, frag, base_addr + kProbeB, mn);
     } else {
         probe_rs<128>(p, frag, base_addr + kProbeB, mn);
+    }
+#else
+    (void)p;
+    __trap();
+#endif
+}
+
+// TmaProbeParams: two TMA loads of a box into the same shared memory, one mbarrier, its phases 0
+// and 1; the raw shared bytes after each go to out, so the host checks the 128-byte swizzle, the
+// zero fill past the tensor's edges and the transaction accounting the TMA GEMM relies on.
+extern "C" __global__ void __launch_bounds__(128, 1) tma_probe(const __grid_constant__ TmaProbeParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    FORA_DYNAMIC_SMEM(uint4, tma_probe_smem);
+    const uint32_t raw = smem_addr(tma_probe_smem);
+    const uint32_t box = (raw + 1023u) & ~1023u;
+    const uint32_t box_bytes = static_cast<uint32_t>(p.box_rows) * 128u;
+    const uint32_t bar = box + box_bytes;
+    const uint16_t* box_ptr =
+        reinterpret_cast<const uint16_t*>(reinterpret_cast<const unsigned char*>(tma_probe_smem) + (box - raw));
+    if (threadIdx.x == 0) {
+        mbarrier_init(bar, 1);
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+    for (int phase = 0; phase < 2; ++phase) {
+        if (threadIdx.x == 0) {
+            // The other threads' reads of the previous box (generic proxy) before this TMA write.
+            fence_proxy_async_shared();
+            mbarrier_arrive_expect_tx(bar, box_bytes);
+            tma_load_2d(box, &p.map, phase == 0 ? p.x0 : p.x1, phase == 0 ? p.y0 : p.y1, bar);
+        }
+        mbarrier_wait(bar, static_cast<uint32_t>(phase));
+        uint16_t* out = reinterpret_cast<uint16_t*>(p.out) + static_cast<long long>(phase) * p.box_rows * 64;
+        for (int i = threadIdx.x; i < p.box_rows * 64; i += blockDim.x) out[i] = box_ptr[i];
+        __syncthreads();  // every thread has read the box before thread 0 reloads it
     }
 #else
     (void)p;

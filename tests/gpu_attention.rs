@@ -281,6 +281,21 @@ fn gpu_wgmma_probe() {
     assert!(failed.is_empty(), "{test}: failed: {failed:?}");
 }
 
+/// The TMA probe: the 128-byte-swizzled box layout, the zero fill past the edges and the
+/// mbarrier's two phases that the TMA GEMM (`FORA_GEMM=tma`) rests on. SKIP off Hopper.
+#[test]
+fn gpu_tma_probe() {
+    let test = "gpu_tma_probe";
+    let Some(gpu) = test_gpu(test) else { return };
+    let (major, minor) = gpu.compute_capability();
+    if major != 9 {
+        println!("SKIP {test}: TMA needs compute capability 9.x, this device is {major}.{minor}");
+        return;
+    }
+    attention_cases::run_tma_probe(&gpu, 61).expect("TMA probe");
+    println!("{test}: ok");
+}
+
 /// Off Hopper the wgmma implementation is refused with an error that names the requirement.
 #[test]
 fn gpu_attention_wgmma_refused_off_hopper() {

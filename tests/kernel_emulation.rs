@@ -781,6 +781,16 @@ fn emulated_gemm() -> Result<()> {
     Ok(())
 }
 
+/// The TMA probe (kernels/probe_sm90.cu) on the emulator: the same expectations the GPU test
+/// checks, so the emulator's TMA and the hardware's are held to one description.
+#[test]
+fn emulated_tma_probe() -> Result<()> {
+    let Some(emu) = emulator("emulated_tma_probe") else {
+        return Ok(());
+    };
+    attention_cases::run_tma_probe(emu, 61)
+}
+
 /// The wgmma probes (kernels/probe_sm90.cu) in every mode and width: the emulator and the
 /// probe kernel agree on the layouts (the GPU run of the same cases checks the hardware).
 #[test]

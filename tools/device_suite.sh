@@ -62,7 +62,7 @@ phase_tests() {
     for t in $TESTS; do
       echo "=== test $t"
       bounded 150 .devpack/test/$t --test-threads=1 --nocapture 2>&1 \
-        | grep -E "^test |rel_l2|rel-L2|SKIP|panicked|FAILED|failures|test result|^rc=|^gpu_wgmma_probe:" \
+        | grep -E "^test |rel_l2|rel-L2|SKIP|panicked|FAILED|failures|test result|^rc=|^gpu_wgmma_probe:|^gpu_tma_probe:" \
         | grep -v "^test .* \.\.\. ok$" | tail -n 80
     done
     # Issue 3 asks the embedded model's main job to take under 1 s on a GPU, process included.

@@ -948,6 +948,53 @@ const _: () = {
         "Offset of field: WgmmaProbeParams::mode",
     ][::std::mem::offset_of!(WgmmaProbeParams, mode) - 28usize];
 };
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct TmaProbeParams {
+    pub map: TmaDescriptor,
+    pub out: fora_ptr,
+    pub x0: ::std::os::raw::c_int,
+    pub y0: ::std::os::raw::c_int,
+    pub x1: ::std::os::raw::c_int,
+    pub y1: ::std::os::raw::c_int,
+    pub box_rows: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of TmaProbeParams"][::std::mem::size_of::<TmaProbeParams>() - 192usize];
+    ["Alignment of TmaProbeParams"][::std::mem::align_of::<TmaProbeParams>() - 64usize];
+    [
+        "Offset of field: TmaProbeParams::map",
+    ][::std::mem::offset_of!(TmaProbeParams, map) - 0usize];
+    [
+        "Offset of field: TmaProbeParams::out",
+    ][::std::mem::offset_of!(TmaProbeParams, out) - 128usize];
+    [
+        "Offset of field: TmaProbeParams::x0",
+    ][::std::mem::offset_of!(TmaProbeParams, x0) - 136usize];
+    [
+        "Offset of field: TmaProbeParams::y0",
+    ][::std::mem::offset_of!(TmaProbeParams, y0) - 140usize];
+    [
+        "Offset of field: TmaProbeParams::x1",
+    ][::std::mem::offset_of!(TmaProbeParams, x1) - 144usize];
+    [
+        "Offset of field: TmaProbeParams::y1",
+    ][::std::mem::offset_of!(TmaProbeParams, y1) - 148usize];
+    [
+        "Offset of field: TmaProbeParams::box_rows",
+    ][::std::mem::offset_of!(TmaProbeParams, box_rows) - 152usize];
+};
+impl Default for TmaProbeParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 
 // Plain C structs of integers and device addresses: valid kernel arguments by value.
 unsafe impl cudarc::driver::DeviceRepr for GemmParams {}
@@ -967,3 +1014,4 @@ unsafe impl cudarc::driver::DeviceRepr for SamplerStepParams {}
 unsafe impl cudarc::driver::DeviceRepr for UnpatchifyParams {}
 unsafe impl cudarc::driver::DeviceRepr for NormalFillParams {}
 unsafe impl cudarc::driver::DeviceRepr for WgmmaProbeParams {}
+unsafe impl cudarc::driver::DeviceRepr for TmaProbeParams {}

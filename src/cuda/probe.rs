@@ -3,8 +3,8 @@
 //! (or may rely on next), so that a device run says which assumption holds
 //! ([`WgmmaProbeMode`]). Tests only: nothing in the model launches it.
 
-use super::device::{check_ptr, KernelLauncher};
-use super::params::WgmmaProbeParams;
+use super::device::{check_ptr, KernelLauncher, TmaTensor2d};
+use super::params::{TmaProbeParams, WgmmaProbeParams};
 use anyhow::{ensure, Context, Result};
 
 /// Which form of wgmma [`wgmma_probe`] runs (the `mode` of `WgmmaProbeParams`).
@@ -81,4 +81,43 @@ pub fn wgmma_probe(
     // buffers the caller passes; one warpgroup.
     unsafe { gpu.launch_kernel(K, (1, 1, 1), (128, 1, 1), PROBE_SMEM, &p) }
         .with_context(|| format!("{K}: launch in mode {mode:?} with n = {n} failed"))
+}
+
+/// `tma_probe`: loads the box of `tensor` (a bf16 tensor map, 128-byte swizzle) at `boxes[0]`
+/// and then at `boxes[1]` ((innermost, row) coordinates; past the edges reads zeros) into the
+/// same 1024-byte-aligned shared memory through one mbarrier's phases 0 and 1, and writes the
+/// shared bytes after each to `out` (bf16 `[2][box_rows * 64]`, device address), on a Hopper
+/// GPU or the emulator.
+pub fn tma_probe(
+    gpu: &impl KernelLauncher,
+    tensor: &TmaTensor2d,
+    boxes: [(i32, i32); 2],
+    out: u64,
+) -> Result<()> {
+    const K: &str = "tma_probe";
+    let (major, minor) = gpu.compute_capability();
+    ensure!(
+        major == 9,
+        "{K}: TMA needs a Hopper GPU (compute capability 9.x), this device is {major}.{minor}"
+    );
+    check_ptr(K, "out", out, 2)?;
+    let map = gpu
+        .tma_descriptor_2d(tensor)
+        .with_context(|| format!("{K}: the tensor map"))?;
+    let p = TmaProbeParams {
+        map,
+        out,
+        x0: boxes[0].0,
+        y0: boxes[0].1,
+        x1: boxes[1].0,
+        y1: boxes[1].1,
+        box_rows: tensor.box_rows as i32,
+    };
+    // The box, the 8-byte barrier after it, 1 KiB for the alignment.
+    let smem = tensor.box_rows * 128 + 8 + 1024;
+    gpu.allow_dynamic_shared_memory(K, smem)?;
+    // SAFETY: the kernel reads the tensor the map describes (validated) and writes 2 x box_rows
+    // x 64 bf16 at out, the buffer the caller passes; one warpgroup.
+    unsafe { gpu.launch_kernel(K, (1, 1, 1), (128, 1, 1), smem, &p) }
+        .with_context(|| format!("{K}: launch of {tensor:?} at {boxes:?} failed"))
 }

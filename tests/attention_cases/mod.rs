@@ -183,6 +183,61 @@ pub fn run_case_sized<D: TestDevice>(
     Ok(())
 }
 
+/// The TMA probe (`fora::cuda::probe::tma_probe`): a random bf16 tensor of 100 rows x 200
+/// columns (row stride 208, the 8 padding columns holding 7.0, which must never arrive), boxes of
+/// 64 rows x 64 columns at (0, 0) and at (192, 80), the second past both edges; each shared-memory
+/// image must be the 128-byte swizzle of the box (16-byte chunk c of box row r at chunk
+/// c ^ (r % 8)) with zeros outside the tensor, element for element.
+pub fn run_tma_probe<D: TestDevice>(gpu: &D, seed: u64) -> Result<()> {
+    use fora::cuda::device::TmaTensor2d;
+    let (rows, cols, stride, box_rows) = (100usize, 200usize, 208usize, 64usize);
+    let mut rng = TestRng::new(seed);
+    let values = round_bf16(&rng.normal_vec(rows * cols, 1.0));
+    let mut host = vec![7.0f32; rows * stride];
+    for r in 0..rows {
+        host[r * stride..r * stride + cols].copy_from_slice(&values[r * cols..(r + 1) * cols]);
+    }
+    let tensor_d = gpu.upload_bf16(&host)?;
+    let guard = 64;
+    let out = gpu.poisoned_bf16(2 * box_rows * 64 + guard)?;
+    let boxes = [(0i32, 0i32), (192, 80)];
+    let tensor = TmaTensor2d {
+        base: tensor_d.addr(),
+        rows: rows as u64,
+        cols: cols as u64,
+        row_stride: stride as u64,
+        box_rows: box_rows as u32,
+        box_cols: 64,
+    };
+    fora::cuda::probe::tma_probe(gpu, &tensor, boxes, out.addr())?;
+    let got = gpu.download_bf16(&out)?;
+    ensure!(
+        got[2 * box_rows * 64..].iter().all(|v| v.is_nan()),
+        "tma probe: wrote past out"
+    );
+    for (phase, &(x, y)) in boxes.iter().enumerate() {
+        for r in 0..box_rows {
+            for slot in 0..64usize {
+                // Shared chunk slot / 8 of box row r holds logical chunk (slot / 8) ^ (r % 8).
+                let col = x as usize + 8 * ((slot / 8) ^ (r % 8)) + slot % 8;
+                let row = y as usize + r;
+                let want = if row < rows && col < cols {
+                    values[row * cols + col]
+                } else {
+                    0.0
+                };
+                let g = got[phase * box_rows * 64 + r * 64 + slot];
+                ensure!(
+                    g == want,
+                    "tma probe: box {phase} at ({x}, {y}): shared row {r} element {slot} is {g}, \
+                     want {want} (tensor row {row}, column {col})"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One wgmma probe (`fora::cuda::probe`): random bf16 a [64, 32] and bt [n, 32], the device's
 /// d [64, n] against the f64 product; every element written, nothing past it.
 pub fn run_wgmma_probe<D: TestDevice>(

@@ -67,6 +67,7 @@ void gemm_bf16_64x128(const GemmParams p);
 void gemm_bf16_32x128(const GemmParams p);
 void gemm_epilogue_f32(const GemmEpilogueParams p);
 void wgmma_probe(const WgmmaProbeParams p);
+void tma_probe(const TmaProbeParams p);
 void gemm_wgmma_128x256(const GemmParams p);
 void gemm_wgmma_128x128(const GemmParams p);
 void gemm_wgmma_64x128(const GemmParams p);
@@ -322,6 +323,7 @@ Kernel find(const std::string& name) {
     if (name == "gemm_tma_128x192") return call<GemmTmaParams, gemm_tma_128x192>;
     if (name == "gemm_tma_128x256") return call<GemmTmaParams, gemm_tma_128x256>;
     if (name == "wgmma_probe") return call<WgmmaProbeParams, wgmma_probe>;
+    if (name == "tma_probe") return call<TmaProbeParams, tma_probe>;
     return nullptr;
 }
 
