@@ -199,10 +199,11 @@ FORA_DEVICE void gemm_wgmma_tile(const GemmParams& p) {
 // issues TMA copies of 128 x 64 A tiles and BN x 64 W tiles into a STAGES-deep ring of shared
 // memory (the tensor maps' 128-byte swizzle is the wgmma K-major canonical layout above) and
 // gives most of its registers back. Warpgroups 1 and 2 are consumers: each owns 64 rows of the
-// 128 x BN output tile, runs wgmma m64nBNk16 over the ring and applies the epilogue from its
-// accumulators. Two mbarriers a slot pace the ring: `full` (1 arrival: the producer's, with the
-// tile's byte count; its phase ends when the TMA has delivered them) and `empty` (8 arrivals: one
-// per consumer warp once the wgmmas reading the slot are done). Rows past M, columns past N and
+// 128 x BN output tile (or, in the ping-pong kernel, whole tiles in turn; see gemm_tma_tile),
+// runs wgmma m64nBNk16 over the ring and applies the epilogue from its accumulators. Two
+// mbarriers a slot pace the ring: `full` (1 arrival: the producer's, with the tile's byte count;
+// its phase ends when the TMA has delivered them) and `empty` (one arrival per warp that reads
+// the slot, once its wgmmas are done: 8, or 4 in ping-pong). Rows past M, columns past N and
 // k past K arrive as zeros from the TMA, so the mainloop has no bounds checks.
 //
 // The grid is persistent (one CTA per SM, at most one per work unit): CTA b takes units b,
@@ -216,8 +217,7 @@ FORA_DEVICE void gemm_wgmma_tile(const GemmParams& p) {
 // flight: after committing k-tile it, waiting until one group is pending means k-tile it - 1's
 // wgmmas are done, so its slot is released then (and the last one after the final wait).
 
-constexpr int kTmaBM = 128;         // two consumer warpgroups of 64 rows
-constexpr int kTmaConsumerWarps = 8;
+constexpr int kTmaBM = 128;  // rows of a work unit's tile
 
 // A work unit: output tile origin, split-K slice and its k-tiles [kt_begin, kt_begin + k_tiles).
 struct TmaUnit {
@@ -240,11 +240,20 @@ FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u) {
     return w;
 }
 
-template <int BN, int STAGES>
+// PINGPONG = false ("cooperative"): both consumer warpgroups work on every unit, 64 rows each.
+// PINGPONG = true: the consumers take the CTA's units in turn, each a whole 128-row tile (two
+// m64 wgmmas a k-step, 2 x BN / 2 accumulators a thread). The ring delivers a unit's k-tiles
+// before the next unit's, so the consumer of unit i + 1 can only start its mainloop as the
+// consumer of unit i releases slots: the two alternate between the tensor cores and their
+// epilogues without any further synchronization, and the epilogue no longer idles them.
+template <int BN, int STAGES, bool PINGPONG>
 FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
+    constexpr int kRowBlocks = PINGPONG ? 2 : 1;  // m64 blocks a consumer computes per unit
     constexpr int kAcc = BN / 2;
     constexpr uint32_t kStageA = kTmaBM * kWgmmaBK * 2;  // bytes of one A tile
     constexpr uint32_t kStageB = BN * kWgmmaBK * 2;
+    // Arrivals that free a slot: every warp of the consumers that read it.
+    constexpr int kEmptyArrivals = PINGPONG ? 4 : 8;
     static_assert(kStageA % 1024 == 0 && kStageB % 1024 == 0,
                   "every tile must start on a 1024-byte swizzle atom");
     const GemmParams& p = params.gemm;
@@ -263,7 +272,7 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbarrier_init(full + 8 * s, 1);
-            mbarrier_init(empty + 8 * s, kTmaConsumerWarps);
+            mbarrier_init(empty + 8 * s, kEmptyArrivals);
         }
         fence_mbarrier_init();
     }
@@ -292,45 +301,65 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
     }
 
     setmaxnreg_inc<232>();
-    const int consumer = warpgroup - 1;  // rows 64 * consumer .. + 63 of the tile
+    const int consumer = warpgroup - 1;
     const int lane = tid & 31;
     const int warp_in_group = (tid >> 5) & 3;
+    // Rows of the tile this consumer's m64 block b covers: 64 * consumer (cooperative) or 64 * b.
+    const int row_block0 = PINGPONG ? 0 : consumer;
     uint32_t it = 0;
-    float acc[kAcc];
-    for (int u = blockIdx.x; u < units; u += gridDim.x) {
+    float acc[kRowBlocks][kAcc];
+    int local = 0;  // the CTA's units in order: pingpong consumers take every other one
+    for (int u = blockIdx.x; u < units; u += gridDim.x, ++local) {
         const TmaUnit w = tma_unit<BN>(params, u);
+        if (PINGPONG && (local & 1) != consumer) {
+            it += static_cast<uint32_t>(w.k_tiles);  // the other consumer's k-tiles
+            continue;
+        }
 #pragma unroll
-        for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
+        for (int b = 0; b < kRowBlocks; ++b) {
+#pragma unroll
+            for (int i = 0; i < kAcc; ++i) acc[b][i] = 0.0f;
+        }
         for (int kt = 0; kt < w.k_tiles; ++kt, ++it) {
             const uint32_t slot = it % STAGES;
             mbarrier_wait(full + 8 * slot, (it / STAGES) & 1u);
-            const uint64_t desc_a = wgmma_desc_sw128(smem_a + slot * kStageA + consumer * 64 * kWgmmaBK * 2);
             const uint64_t desc_b = wgmma_desc_sw128(smem_b + slot * kStageB);
-            pin_accumulators(acc);
+#pragma unroll
+            for (int b = 0; b < kRowBlocks; ++b) pin_accumulators(acc[b]);
             wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < kWgmmaBK / 16; ++kk) {
-                wgmma_m64k16<BN>(acc, desc_a + 2 * kk, desc_b + 2 * kk);
+            for (int b = 0; b < kRowBlocks; ++b) {
+                const uint64_t desc_a =
+                    wgmma_desc_sw128(smem_a + slot * kStageA + (row_block0 + b) * 64 * kWgmmaBK * 2);
+#pragma unroll
+                for (int kk = 0; kk < kWgmmaBK / 16; ++kk) {
+                    wgmma_m64k16<BN>(acc[b], desc_a + 2 * kk, desc_b + 2 * kk);
+                }
             }
             wgmma_commit();
             wgmma_wait<1>();
-            pin_accumulators(acc);
+#pragma unroll
+            for (int b = 0; b < kRowBlocks; ++b) pin_accumulators(acc[b]);
             // k-tile it - 1's wgmmas are done: its slot goes back to the producer.
             if (kt > 0 && lane == 0) mbarrier_arrive(empty + 8 * ((it - 1) % STAGES));
         }
         wgmma_wait<0>();
-        pin_accumulators(acc);
+#pragma unroll
+        for (int b = 0; b < kRowBlocks; ++b) pin_accumulators(acc[b]);
         if (w.k_tiles > 0 && lane == 0) mbarrier_arrive(empty + 8 * ((it - 1) % STAGES));
 
         const Epilogue e = gemm_epilogue_of(p, static_cast<unsigned>(w.slice));
-        const int row = w.m0 + consumer * 64 + warp_in_group * 16 + (lane >> 2);
         const int col_base = w.n0 + 2 * (lane & 3);
 #pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-            const int col = col_base + j * 8;
-            if (col >= p.n) continue;
-            if (row < p.m) epilogue_pair(e, row, col, acc[4 * j], acc[4 * j + 1]);
-            if (row + 8 < p.m) epilogue_pair(e, row + 8, col, acc[4 * j + 2], acc[4 * j + 3]);
+        for (int b = 0; b < kRowBlocks; ++b) {
+            const int row = w.m0 + (row_block0 + b) * 64 + warp_in_group * 16 + (lane >> 2);
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const int col = col_base + j * 8;
+                if (col >= p.n) continue;
+                if (row < p.m) epilogue_pair(e, row, col, acc[b][4 * j], acc[b][4 * j + 1]);
+                if (row + 8 < p.m) epilogue_pair(e, row + 8, col, acc[b][4 * j + 2], acc[b][4 * j + 3]);
+            }
         }
     }
 }
@@ -369,7 +398,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) gemm_wgmma_64x128(const Gem
 
 // The warp-specialized TMA kernels: 384 threads (a producer and two consumer warpgroups), one
 // CTA per SM, a persistent grid. Dynamic smem = STAGES * (128 + BN) * 64 * 2 + STAGES * 16 + 1024
-// bytes (src/cuda/gemm.rs, TmaTile, must match): 193, 201 and 193 KiB.
+// bytes (src/cuda/gemm.rs, TmaTile, must match): 193, 201, 193 and 193 KiB.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FORA_TMA_BODY(...) gemm_tma_tile<__VA_ARGS__>(p)
 #else
@@ -382,15 +411,20 @@ extern "C" __global__ void __launch_bounds__(128, 2) gemm_wgmma_64x128(const Gem
 
 // N a multiple of 128 but not of 192 or 256; six stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x128(const __grid_constant__ GemmTmaParams p) {
-    FORA_TMA_BODY(128, 6);
+    FORA_TMA_BODY(128, 6, false);
 }
 
 // Every DiT-XL/2 width (1152, 3456, 4608 are multiples of 192); five stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x192(const __grid_constant__ GemmTmaParams p) {
-    FORA_TMA_BODY(192, 5);
+    FORA_TMA_BODY(192, 5, false);
 }
 
 // Multiples of 256; four stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x256(const __grid_constant__ GemmTmaParams p) {
-    FORA_TMA_BODY(256, 4);
+    FORA_TMA_BODY(256, 4, false);
+}
+
+// Ping-pong: 128 x 128 tiles, the two consumers taking the CTA's units in turn; six stages.
+extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_pp_128x128(const __grid_constant__ GemmTmaParams p) {
+    FORA_TMA_BODY(128, 6, true);
 }

@@ -336,7 +336,7 @@ const VARIANTS: [Variant; 13] = [
 /// (`SPLITK_WORKSPACE`, 8 Mi f32): 3 x 512 x 4608 does.
 /// The warp-specialized TMA kernels run in the same tests (every tile, forced split-K, the
 /// automatic pick).
-const WGMMA_VARIANTS: [Variant; 15] = [
+const WGMMA_VARIANTS: [Variant; 17] = [
     Variant::Wgmma(WgmmaTile::M128N256),
     Variant::Wgmma(WgmmaTile::M128N128),
     Variant::Wgmma(WgmmaTile::M64N128),
@@ -350,12 +350,14 @@ const WGMMA_VARIANTS: [Variant; 15] = [
     Variant::TmaSplit(TmaTile::N128, 3),
     Variant::TmaSplit(TmaTile::N192, 2),
     Variant::TmaSplit(TmaTile::N256, 3),
+    Variant::Tma(TmaTile::PingPong128),
+    Variant::TmaSplit(TmaTile::PingPong128, 2),
     Variant::TmaAuto,
     Variant::CublasLt,
 ];
 
 /// [`WGMMA_VARIANTS`] without forced split-K, for M x N too large for the workspace.
-const WGMMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 9] = [
+const WGMMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 10] = [
     Variant::Wgmma(WgmmaTile::M128N256),
     Variant::Wgmma(WgmmaTile::M128N128),
     Variant::Wgmma(WgmmaTile::M64N128),
@@ -363,6 +365,7 @@ const WGMMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 9] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
+    Variant::Tma(TmaTile::PingPong128),
     Variant::TmaAuto,
     Variant::CublasLt,
 ];

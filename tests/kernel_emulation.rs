@@ -677,9 +677,9 @@ fn emulated_gemm() -> Result<()> {
         let (bias_d, gate_d) = (emu.upload_f32(&bias)?, emu.upload_f32(&gate)?);
         let workspace = emu.poisoned_f32(3 * m * n)?;
         // Every custom tile, every Hopper wgmma tile, every TMA tile (the TMA kernels have never
-        // run on a GPU: this is their only check so far). The TMA kernels run on 2 emulated SMs:
-        // their persistent CTAs then take 1-3 work units each, with the producer's ring running
-        // on from one unit into the next.
+        // run on a GPU: this is their only check so far). The TMA kernels run on 1 emulated SM:
+        // its persistent CTA then takes every work unit (1-9), with the producer's ring running
+        // on from one unit into the next, and the ping-pong kernel's consumers taking turns.
         let tiles: Vec<GemmKernel> = Tile::ALL
             .into_iter()
             .map(GemmKernel::Custom)
@@ -726,7 +726,7 @@ fn emulated_gemm() -> Result<()> {
                     match kernel {
                         GemmKernel::Custom(t) => launch_custom(emu, &p, *t, splits, splitk)?,
                         GemmKernel::Wgmma(t) => launch_wgmma(emu, &p, *t, splits, splitk)?,
-                        GemmKernel::Tma(t) => launch_tma(&FewSms(emu, 2), &p, *t, splits, splitk)?,
+                        GemmKernel::Tma(t) => launch_tma(&FewSms(emu, 1), &p, *t, splits, splitk)?,
                     }
                     let got = if bf16_out {
                         emu.download_bf16(&out_bf16)?

@@ -371,10 +371,21 @@ pub enum TmaTile {
     N192,
     /// 128 x 256, four stages.
     N256,
+    /// 128 x 128, six stages, ping-pong: the two consumer warpgroups take whole tiles in turn,
+    /// so one's epilogue runs while the other computes. Not picked automatically until a device
+    /// has measured it.
+    PingPong128,
 }
 
 impl TmaTile {
-    pub const ALL: [TmaTile; 3] = [TmaTile::N128, TmaTile::N192, TmaTile::N256];
+    pub const ALL: [TmaTile; 4] = [
+        TmaTile::N128,
+        TmaTile::N192,
+        TmaTile::N256,
+        TmaTile::PingPong128,
+    ];
+    /// The cooperative tiles, which [`TmaTile::pick`] chooses among.
+    pub const COOPERATIVE: [TmaTile; 3] = [TmaTile::N128, TmaTile::N192, TmaTile::N256];
     /// Rows of a tile (two consumer warpgroups of 64).
     pub const BM: u32 = 128;
     /// k-depth of a stage (one 128-byte swizzle row of bf16).
@@ -382,12 +393,14 @@ impl TmaTile {
     /// A producer and two consumer warpgroups.
     pub const THREADS: u32 = 384;
 
-    /// Kernel name, BN and stages; must match gemm_sm90.cu's `FORA_TMA_BODY(BN, STAGES)`.
-    fn spec(self) -> (&'static str, u32, u32) {
+    /// Kernel name, BN, stages and ping-pong; must match gemm_sm90.cu's
+    /// `FORA_TMA_BODY(BN, STAGES, PINGPONG)`.
+    fn spec(self) -> (&'static str, u32, u32, bool) {
         match self {
-            TmaTile::N128 => ("gemm_tma_128x128", 128, 6),
-            TmaTile::N192 => ("gemm_tma_128x192", 192, 5),
-            TmaTile::N256 => ("gemm_tma_128x256", 256, 4),
+            TmaTile::N128 => ("gemm_tma_128x128", 128, 6, false),
+            TmaTile::N192 => ("gemm_tma_128x192", 192, 5, false),
+            TmaTile::N256 => ("gemm_tma_128x256", 256, 4, false),
+            TmaTile::PingPong128 => ("gemm_tma_pp_128x128", 128, 6, true),
         }
     }
 
@@ -405,13 +418,14 @@ impl TmaTile {
             TmaTile::N128 => "tma-128x128",
             TmaTile::N192 => "tma-128x192",
             TmaTile::N256 => "tma-128x256",
+            TmaTile::PingPong128 => "tma-pp-128x128",
         }
     }
 
     /// The stage ring, two 8-byte barriers a stage, and 1 KiB the kernel spends on rounding its
     /// base up to the 1024-byte alignment of the swizzle atoms.
     pub fn smem_bytes(self) -> u32 {
-        let (_, bn, stages) = self.spec();
+        let (_, bn, stages, _) = self.spec();
         stages * (Self::BM + bn) * Self::BK * 2 + stages * 16 + 1024
     }
 
@@ -425,7 +439,7 @@ impl TmaTile {
     /// measured: it only breaks near-ties of [`TmaTile::pick`].
     fn efficiency(self) -> f64 {
         match self {
-            TmaTile::N128 => 0.92,
+            TmaTile::N128 | TmaTile::PingPong128 => 0.92,
             TmaTile::N192 => 0.97,
             TmaTile::N256 => 1.0,
         }
@@ -445,7 +459,7 @@ impl TmaTile {
     /// two rounds on 132 SMs). Not yet tuned on a device.
     pub fn pick(m: usize, n: usize, sm_count: usize) -> TmaTile {
         let mut best = TmaTile::N128;
-        for t in TmaTile::ALL {
+        for t in TmaTile::COOPERATIVE {
             if t.cost(m, n, sm_count) <= best.cost(m, n, sm_count) {
                 best = t;
             }
@@ -1447,12 +1461,18 @@ mod tests {
         assert_eq!(TmaTile::N128.smem_bytes(), 6 * 256 * 128 + 6 * 16 + 1024);
         assert_eq!(TmaTile::N192.smem_bytes(), 5 * 320 * 128 + 5 * 16 + 1024);
         assert_eq!(TmaTile::N256.smem_bytes(), 4 * 384 * 128 + 4 * 16 + 1024);
+        assert_eq!(
+            TmaTile::PingPong128.smem_bytes(),
+            TmaTile::N128.smem_bytes()
+        );
         for t in TmaTile::ALL {
             assert!(t.smem_bytes() <= 227 * 1024, "{t:?}");
             assert!(t.kernel_name().ends_with(&format!("x{}", t.bn())));
             assert_eq!(
                 t.bench_name(),
-                t.kernel_name().replace("gemm_tma_", "tma-"),
+                t.kernel_name()
+                    .replace("gemm_tma_", "tma-")
+                    .replace("pp_", "pp-"),
                 "{t:?}"
             );
         }
@@ -1482,17 +1502,15 @@ mod tests {
         // The instantiations in gemm_sm90.cu: name, BN and stages as TmaTile::spec says.
         let src = include_str!("../../kernels/gemm_sm90.cu");
         for t in TmaTile::ALL {
-            let (name, bn, stages) = t.spec();
+            let (name, bn, stages, pingpong) = t.spec();
             let at = src
                 .find(&format!("void __launch_bounds__(384, 1) {name}("))
                 .unwrap_or_else(|| panic!("{name} is not instantiated with 384 threads"));
             // Its own body: the first FORA_TMA_BODY after the signature.
             let body = &src[at..];
             let first = body.find("FORA_TMA_BODY(").expect("a body");
-            assert!(
-                body[first..].starts_with(&format!("FORA_TMA_BODY({bn}, {stages})")),
-                "{name}: FORA_TMA_BODY({bn}, {stages}) expected"
-            );
+            let want = format!("FORA_TMA_BODY({bn}, {stages}, {pingpong})");
+            assert!(body[first..].starts_with(&want), "{name}: {want} expected");
         }
     }
 

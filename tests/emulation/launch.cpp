@@ -74,6 +74,7 @@ void gemm_wgmma_64x128(const GemmParams p);
 void gemm_tma_128x128(const GemmTmaParams p);
 void gemm_tma_128x192(const GemmTmaParams p);
 void gemm_tma_128x256(const GemmTmaParams p);
+void gemm_tma_pp_128x128(const GemmTmaParams p);
 }
 
 namespace {
@@ -183,6 +184,10 @@ struct Launch {
     size_t dynamic_smem_bytes = 0;
     unsigned current = 0;  // the running fiber
     std::map<uint32_t, MBarrier> mbarriers;  // by shared address; the block's
+    // Counts events that can unblock a waiting thread (arrivals, copies issued or landed, waits
+    // returning, threads ending, yields of threads not blocked): a scheduler round in which it
+    // does not move had every thread blocked, a deadlock (a hang on a GPU).
+    unsigned long long progress = 0;
 };
 
 thread_local Launch* launch_state = nullptr;
@@ -195,8 +200,10 @@ void yield_to_scheduler() {
 void wait_at(Barrier& b) {
     const unsigned gen = b.generation;
     ++b.arrived;
+    ++launch_state->progress;
     b.open_if_complete();
     while (b.generation == gen) yield_to_scheduler();
+    ++launch_state->progress;
 }
 
 void fiber_main(int index) {
@@ -219,6 +226,7 @@ void fiber_main(int index) {
     --l.block_barrier.live;
     l.block_barrier.open_if_complete();
     l.fibers[index].done = true;
+    ++l.progress;
     // Returning switches to uc_link, the scheduler.
 }
 
@@ -253,12 +261,18 @@ void run_block(Launch& l, uint3 b) {
     // Round robin until every fiber has returned; a waiting fiber re-checks its barrier.
     for (bool running = true; running;) {
         running = false;
+        const unsigned long long before = l.progress;
         for (unsigned t = 0; t < n; ++t) {
             if (l.fibers[t].done) continue;
             running = true;
             l.current = t;
             threadIdx = {t, 0, 0};
             swapcontext(&l.scheduler, &l.fibers[t].context);
+        }
+        if (running && l.progress == before) {
+            std::fprintf(stderr, "emulated %s: deadlock in block (%u, %u, %u): every thread waits on a barrier no one will complete\n",
+                         l.name, b.x, b.y, b.z);
+            std::abort();
         }
     }
     // A TMA copy no thread ever waited for has no defined result either.
@@ -322,6 +336,7 @@ Kernel find(const std::string& name) {
     if (name == "gemm_tma_128x128") return call<GemmTmaParams, gemm_tma_128x128>;
     if (name == "gemm_tma_128x192") return call<GemmTmaParams, gemm_tma_128x192>;
     if (name == "gemm_tma_128x256") return call<GemmTmaParams, gemm_tma_128x256>;
+    if (name == "gemm_tma_pp_128x128") return call<GemmTmaParams, gemm_tma_pp_128x128>;
     if (name == "wgmma_probe") return call<WgmmaProbeParams, wgmma_probe>;
     if (name == "tma_probe") return call<TmaProbeParams, tma_probe>;
     return nullptr;
@@ -589,6 +604,7 @@ void fora_emulation_wgmma_commit() { launch_state->fibers[launch_state->current]
 // other threads (a TMA producer) run while its wgmmas are in flight, so a shared-memory slot
 // handed back before the wait that retires the wgmmas reading it gets refilled (NaN) too early.
 void fora_emulation_wgmma_wait(int pending) {
+    ++launch_state->progress;  // not blocked: it runs on at its next turn
     yield_to_scheduler();
     AsyncGroups<PendingWgmma>& g = launch_state->fibers[launch_state->current].wgmmas;
     while (g.committed.size() > static_cast<size_t>(pending)) {
@@ -619,6 +635,7 @@ void complete_phase_if_done(MBarrier& b) {
 
 // The copies counted against `b` land: written to shared memory, their bytes taken off the phase.
 void land_copies(MBarrier& b) {
+    if (!b.copies.empty()) ++launch_state->progress;
     for (const PendingTma& c : b.copies) {
         std::memcpy(launch_state->dynamic_smem + c.dst, c.bytes.data(), c.bytes.size());
         b.tx -= static_cast<long long>(c.bytes.size());
@@ -650,6 +667,7 @@ void fora_emulation_mbarrier_init(uint32_t bar, int arrivals) {
 }
 
 void fora_emulation_mbarrier_arrive(uint32_t bar, uint32_t expect_tx_bytes) {
+    ++launch_state->progress;
     MBarrier& b = mbarrier_at(bar);
     b.tx += expect_tx_bytes;
     if (--b.pending < 0) emulation_error("more mbarrier arrivals than the phase expects", bar);
@@ -662,7 +680,10 @@ void fora_emulation_mbarrier_wait(uint32_t bar, uint32_t parity) {
     for (;;) {
         MBarrier& b = mbarrier_at(bar);
         land_copies(b);
-        if ((b.phase & 1u) != (parity & 1u)) return;
+        if ((b.phase & 1u) != (parity & 1u)) {
+            ++launch_state->progress;
+            return;
+        }
         yield_to_scheduler();
     }
 }
@@ -694,6 +715,7 @@ void fora_emulation_tma_load_2d(uint32_t dst, const void* map, int x, int y, uin
     }
     std::memset(launch_state->dynamic_smem + dst, 0xff, bytes);
     b.copies.push_back(std::move(c));
+    ++launch_state->progress;
 }
 
 // Fills `out` (128 bytes) for a bf16 [rows, cols] tensor with `row_stride_bytes` between rows and
