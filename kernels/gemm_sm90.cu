@@ -242,10 +242,11 @@ FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u) {
 
 // PINGPONG = false ("cooperative"): both consumer warpgroups work on every unit, 64 rows each.
 // PINGPONG = true: the consumers take the CTA's units in turn, each a whole 128-row tile (two
-// m64 wgmmas a k-step, 2 x BN / 2 accumulators a thread). The ring delivers a unit's k-tiles
-// before the next unit's, so the consumer of unit i + 1 can only start its mainloop as the
-// consumer of unit i releases slots: the two alternate between the tensor cores and their
-// epilogues without any further synchronization, and the epilogue no longer idles them.
+// m64 wgmmas a k-step, 2 x BN / 2 accumulators a thread), so one's epilogue runs while the other
+// computes. A consumer starts unit i's mainloop only once the other has waited for every k-tile
+// of unit i - 1 (the `order` barriers, one a consumer, 4 arrivals: a warp's lane 0 each): the
+// `full` barriers are then at most one phase behind the k-tiles it waits for, which their parity
+// needs (waiting for a phase two ahead would pass at once, on stale data).
 template <int BN, int STAGES, bool PINGPONG>
 FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
     constexpr int kRowBlocks = PINGPONG ? 2 : 1;  // m64 blocks a consumer computes per unit
@@ -259,13 +260,15 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
     const GemmParams& p = params.gemm;
 
     // Dynamic smem (the launcher adds 1 KiB to round the base up to 1024 bytes):
-    // [STAGES] A tiles | [STAGES] W tiles | STAGES full barriers | STAGES empty barriers.
+    // [STAGES] A tiles | [STAGES] W tiles | STAGES full barriers | STAGES empty barriers |
+    // 2 order barriers (ping-pong only).
     FORA_DYNAMIC_SMEM(uint4, gemm_tma_smem);
     const uint32_t raw = smem_addr(gemm_tma_smem);
     const uint32_t smem_a = (raw + 1023u) & ~1023u;
     const uint32_t smem_b = smem_a + STAGES * kStageA;
     const uint32_t full = smem_b + STAGES * kStageB;
     const uint32_t empty = full + STAGES * 8;
+    const uint32_t order = empty + STAGES * 8;  // order + 8 c: consumer c may start its next unit
 
     const int tid = threadIdx.x;
     const int warpgroup = tid >> 7;
@@ -273,6 +276,10 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
         for (int s = 0; s < STAGES; ++s) {
             mbarrier_init(full + 8 * s, 1);
             mbarrier_init(empty + 8 * s, kEmptyArrivals);
+        }
+        if (PINGPONG) {
+            mbarrier_init(order, 4);
+            mbarrier_init(order + 8, 4);
         }
         fence_mbarrier_init();
     }
@@ -309,11 +316,17 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
     uint32_t it = 0;
     float acc[kRowBlocks][kAcc];
     int local = 0;  // the CTA's units in order: pingpong consumers take every other one
+    int mine = 0;   // ping-pong: units this consumer has computed
     for (int u = blockIdx.x; u < units; u += gridDim.x, ++local) {
         const TmaUnit w = tma_unit<BN>(params, u);
         if (PINGPONG && (local & 1) != consumer) {
             it += static_cast<uint32_t>(w.k_tiles);  // the other consumer's k-tiles
             continue;
+        }
+        if (PINGPONG && local > 0) {
+            // The other consumer's signal after unit local - 1: its (mine + 1)-th for consumer 1
+            // (after units 0, 2, ...), its mine-th for consumer 0 (after units 1, 3, ...).
+            mbarrier_wait(order + 8 * consumer, static_cast<uint32_t>(consumer == 1 ? mine : mine - 1) & 1u);
         }
 #pragma unroll
         for (int b = 0; b < kRowBlocks; ++b) {
@@ -342,6 +355,11 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
             for (int b = 0; b < kRowBlocks; ++b) pin_accumulators(acc[b]);
             // k-tile it - 1's wgmmas are done: its slot goes back to the producer.
             if (kt > 0 && lane == 0) mbarrier_arrive(empty + 8 * ((it - 1) % STAGES));
+        }
+        if (PINGPONG) {
+            // Every k-tile of this unit has been waited for: the other consumer may start.
+            if (lane == 0) mbarrier_arrive(order + 8 * (1 - consumer));
+            ++mine;
         }
         wgmma_wait<0>();
 #pragma unroll
@@ -397,8 +415,8 @@ extern "C" __global__ void __launch_bounds__(128, 2) gemm_wgmma_64x128(const Gem
 }
 
 // The warp-specialized TMA kernels: 384 threads (a producer and two consumer warpgroups), one
-// CTA per SM, a persistent grid. Dynamic smem = STAGES * (128 + BN) * 64 * 2 + STAGES * 16 + 1024
-// bytes (src/cuda/gemm.rs, TmaTile, must match): 193, 201, 193 and 193 KiB.
+// CTA per SM, a persistent grid. Dynamic smem = STAGES * (128 + BN) * 64 * 2 + STAGES * 16 + 16 +
+// 1024 bytes (src/cuda/gemm.rs, TmaTile, must match): 193, 201, 193 and 193 KiB.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FORA_TMA_BODY(...) gemm_tma_tile<__VA_ARGS__>(p)
 #else

@@ -422,11 +422,12 @@ impl TmaTile {
         }
     }
 
-    /// The stage ring, two 8-byte barriers a stage, and 1 KiB the kernel spends on rounding its
-    /// base up to the 1024-byte alignment of the swizzle atoms.
+    /// The stage ring, two 8-byte barriers a stage, two more (ping-pong's order barriers; all
+    /// kernels reserve them), and 1 KiB the kernel spends on rounding its base up to the
+    /// 1024-byte alignment of the swizzle atoms.
     pub fn smem_bytes(self) -> u32 {
         let (_, bn, stages, _) = self.spec();
-        stages * (Self::BM + bn) * Self::BK * 2 + stages * 16 + 1024
+        stages * (Self::BM + bn) * Self::BK * 2 + stages * 16 + 16 + 1024
     }
 
     /// Output tiles of an M x N product.
@@ -1457,10 +1458,20 @@ mod tests {
 
     #[test]
     fn tma_smem_and_splits() {
-        // STAGES * (128 + BN) * 64 * 2 + 16 bytes of barriers a stage + 1 KiB, per gemm_sm90.cu.
-        assert_eq!(TmaTile::N128.smem_bytes(), 6 * 256 * 128 + 6 * 16 + 1024);
-        assert_eq!(TmaTile::N192.smem_bytes(), 5 * 320 * 128 + 5 * 16 + 1024);
-        assert_eq!(TmaTile::N256.smem_bytes(), 4 * 384 * 128 + 4 * 16 + 1024);
+        // STAGES * (128 + BN) * 64 * 2 + 16 bytes of barriers a stage + 16 (order barriers) +
+        // 1 KiB, per gemm_sm90.cu.
+        assert_eq!(
+            TmaTile::N128.smem_bytes(),
+            6 * 256 * 128 + 6 * 16 + 16 + 1024
+        );
+        assert_eq!(
+            TmaTile::N192.smem_bytes(),
+            5 * 320 * 128 + 5 * 16 + 16 + 1024
+        );
+        assert_eq!(
+            TmaTile::N256.smem_bytes(),
+            4 * 384 * 128 + 4 * 16 + 16 + 1024
+        );
         assert_eq!(
             TmaTile::PingPong128.smem_bytes(),
             TmaTile::N128.smem_bytes()
