@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use fora::cuda::device::device_count;
-use fora::cuda::gemm::{Epilogue, Gemm, GemmImpl, Tile, WgmmaTile};
+use fora::cuda::gemm::{Epilogue, Gemm, GemmImpl, Tile, TmaTile, WgmmaTile};
 use fora::cuda::params::GemmParams;
 use fora::cuda::{dptr, Gpu};
 use half::bf16;
@@ -38,6 +38,8 @@ enum Variant {
     WgmmaAuto,
     WgmmaNoSplit,
     Wgmma(WgmmaTile),
+    TmaAuto,
+    Tma(TmaTile),
 }
 
 fn main() {
@@ -157,6 +159,15 @@ fn run() -> Result<()> {
         None
     };
     let wgmma_gemm = || wgmma.as_ref().context("the wgmma GEMM is not loaded");
+    // The warp-specialized TMA kernels, likewise sm_90a only.
+    let tma = if gpu.compute_capability().0 == 9 {
+        variants.push(Variant::TmaAuto);
+        variants.extend(TmaTile::ALL.map(Variant::Tma));
+        Some(Gemm::new(&gpu, GemmImpl::Tma, 0)?)
+    } else {
+        None
+    };
+    let tma_gemm = || tma.as_ref().context("the TMA GEMM is not loaded");
 
     println!(
         "GEMM on {} (sm_{}{}, {} SMs): median of {REPS} after {WARMUP} warm-up launches\n",
@@ -210,6 +221,8 @@ fn run() -> Result<()> {
                 Variant::WgmmaAuto => wgmma_gemm()?.run(&gpu, &p),
                 Variant::WgmmaNoSplit => wgmma_gemm()?.run_wgmma(&gpu, &p, None, Some(1)),
                 Variant::Wgmma(t) => wgmma_gemm()?.run_wgmma(&gpu, &p, Some(t), None),
+                Variant::TmaAuto => tma_gemm()?.run(&gpu, &p),
+                Variant::Tma(t) => tma_gemm()?.run_tma(&gpu, &p, Some(t), None),
             };
             let us =
                 median_us(&gpu, launch).with_context(|| format!("{} M={} {v:?}", s.name, s.m))?;
@@ -241,6 +254,11 @@ fn run() -> Result<()> {
                     WgmmaTile::pick(s.m, s.n, gpu.sm_count())
                 ),
                 Variant::Wgmma(t) => format!("wgmma {t:?}, auto split"),
+                Variant::TmaAuto => {
+                    let (t, splits) = tma_gemm()?.plan_tma(s.m, s.n, s.k);
+                    format!("tma auto ({t:?}, split-K {splits})")
+                }
+                Variant::Tma(t) => format!("tma {t:?}, auto split"),
             };
             println!(
                 "| {} | {} | {} | {} | {name} | {us:.1} | {:.1} | {:.2}x |",
