@@ -1440,7 +1440,8 @@ mod tests {
     #[test]
     fn tma_tile_pick() {
         // Every DiT-XL/2 width is a multiple of 192 (1152 = 6, 3456 = 18, 4608 = 24 x 192); 256
-        // pads 1152 and 3456, so 192 wins unless 256 pads no more (4608 = 18 x 256).
+        // pads 1152 and 3456. At M = 65536 the cost model (rounds x width / efficiency) takes
+        // 192 for those and 256 for 4608 (= 18 x 256: 70 rounds of 256 beat 94 of 192).
         assert_eq!(TmaTile::pick(65_536, 1152, 132), TmaTile::N192);
         assert_eq!(TmaTile::pick(65_536, 3456, 132), TmaTile::N192);
         assert_eq!(TmaTile::pick(65_536, 4608, 132), TmaTile::N256);
