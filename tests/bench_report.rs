@@ -398,6 +398,10 @@ fn fake_report() -> Report {
                 8.0e9,
                 Some(0.026),
             ),
+            // The Hopper TMA GEMM: its automatic pick is compared with cuBLASLt, a forced tile
+            // is not.
+            kernel("qkv", "tma", 2, Bound::Compute, 8.0e9, Some(0.0125)),
+            kernel("qkv", "tma-128x192", 2, Bound::Compute, 8.0e9, Some(0.011)),
         ],
         errors: vec![BenchError {
             section: "steps".into(),
@@ -488,6 +492,16 @@ fn report_markdown_and_json() {
     assert!((k[0]["tflops"].as_f64().unwrap() - 400.0).abs() < 1e-9);
     assert!((k[0]["pct_ceiling"].as_f64().unwrap() - 400.0 / 7.0).abs() < 1e-9);
     assert!(k[5]["vs_cublaslt"].is_null(), "attention is not a GEMM");
+    // The TMA GEMM's pick against the best cuBLASLt of qkv (0.025 ms); forced tiles: no ratio.
+    let tma = |imp: &str| {
+        k.as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["impl"] == imp)
+            .unwrap_or_else(|| panic!("a {imp} row"))
+    };
+    assert!((tma("tma")["vs_cublaslt"].as_f64().unwrap() - 2.0).abs() < 1e-12);
+    assert!(tma("tma-128x192")["vs_cublaslt"].is_null());
     assert!((k[6]["gbps"].as_f64().unwrap() - 2500.0).abs() < 1e-9);
     assert!(k[6]["tflops"].is_null());
     assert!((k[6]["pct_ceiling"].as_f64().unwrap() - 250.0 / 3.0).abs() < 1e-9);
@@ -670,6 +684,17 @@ fn python_report_reads_the_rust_json() {
     assert!(
         md.contains("best cuBLASLt (worst case) | >= 1.0x | 1.25x (qkv, rows 2) | met |"),
         "{md}"
+    );
+    assert!(
+        md.contains(
+            "each GEMM on the warp-specialized TMA kernels (fused epilogue) vs best cuBLASLt \
+             (worst case) | >= 1.0x | 2.00x (qkv, rows 2) | met |"
+        ),
+        "{md}"
+    );
+    assert!(
+        !md.contains("each GEMM on the wgmma kernels"),
+        "no wgmma rows were measured: {md}"
     );
     // As the model runs qkv: bias fused by cuBLASLt 0.026 ms vs product + epilogue 0.030 ms.
     assert!(

@@ -1373,8 +1373,11 @@ mod tests {
         assert_eq!("custom".parse::<GemmImpl>().unwrap(), GemmImpl::Custom);
         assert_eq!("cuBLASLt".parse::<GemmImpl>().unwrap(), GemmImpl::CublasLt);
         assert_eq!(" WGMMA ".parse::<GemmImpl>().unwrap(), GemmImpl::Wgmma);
+        assert_eq!("tma".parse::<GemmImpl>().unwrap(), GemmImpl::Tma);
+        assert!(GemmImpl::Tma.is_hopper_only() && GemmImpl::Wgmma.is_hopper_only());
+        assert!(!GemmImpl::CublasLt.is_hopper_only() && !GemmImpl::Custom.is_hopper_only());
         let e = "cutlass".parse::<GemmImpl>().unwrap_err().to_string();
-        assert!(e.contains("cutlass"), "{e}");
+        assert!(e.contains("cutlass") && e.contains("\"tma\""), "{e}");
     }
 
     #[test]
