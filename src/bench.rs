@@ -850,6 +850,7 @@ impl Report {
                 "reuse_gates_only": self.options.reuse_gates_only,
                 "step_graph": self.options.step_graph,
                 "lt_splitk": self.options.lt_splitk,
+                "l2_persist": self.options.l2_persist,
                 "attention": self.attention,
                 "cfg_scale": self.cfg_scale,
                 "timing": "CUDA events, back-to-back runs, median",
@@ -945,7 +946,10 @@ impl Report {
             } else {
                 "the heuristic's first choice"
             },
-            if self.options.fused_reuse {
+            if self.options.fused_reuse && self.options.l2_persist {
+                "fused, one fora_reuse_final launch, the cache persisting in L2 where most of it \
+                 fits (FORA_L2_PERSIST=1)"
+            } else if self.options.fused_reuse {
                 "fused, one fora_reuse_final launch"
             } else {
                 "patch_embed + fora_reuse + layernorm_modulate (FORA_FUSED_REUSE=0)"

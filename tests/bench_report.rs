@@ -322,6 +322,7 @@ fn fake_report() -> Report {
             reuse_gates_only: false,
             step_graph: false,
             lt_splitk: false,
+            l2_persist: false,
         },
         attention: "v1".into(),
         cfg_scale: 4.0,

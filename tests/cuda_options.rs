@@ -4,7 +4,7 @@
 
 use fora::cuda::CudaOptions;
 
-const SWITCHES: [&str; 10] = [
+const SWITCHES: [&str; 11] = [
     "FORA_PRECOMPUTE_MODULATION",
     "FORA_LT_AUTOTUNE",
     "FORA_FUSED_REUSE",
@@ -15,6 +15,7 @@ const SWITCHES: [&str; 10] = [
     "FORA_REUSE_GATES_ONLY",
     "FORA_STEP_GRAPH",
     "FORA_LT_SPLITK",
+    "FORA_L2_PERSIST",
 ];
 
 /// The switch `var` of `o`.
@@ -30,6 +31,7 @@ fn switch(o: &CudaOptions, var: &str) -> bool {
         "FORA_REUSE_GATES_ONLY" => o.reuse_gates_only,
         "FORA_STEP_GRAPH" => o.step_graph,
         "FORA_LT_SPLITK" => o.lt_splitk,
+        "FORA_L2_PERSIST" => o.l2_persist,
         other => panic!("test bug: unknown switch {other}"),
     }
 }

@@ -769,6 +769,57 @@ fn gpu_step_graph_is_exact() {
     }
 }
 
+/// `FORA_L2_PERSIST=1` is a cache hint: with the FORA cache read through an L2 persisting window
+/// the latents are equal to the bit (graphs on and off), and the context's persisting set-aside
+/// is back to what it was once the workspace drops. Devices without a set-aside say so.
+#[test]
+fn gpu_l2_persist_is_exact() {
+    use fora::cuda::CudaOptions;
+    let cfg = small_cfg();
+    let Some((_cpu, mut cuda)) = backends("gpu_l2_persist_is_exact", &cfg, 33) else {
+        return;
+    };
+    let options = SamplerOptions::ddpm(10).with_guidance(Some(Guidance {
+        scale: 2.5,
+        mode: GuidanceMode::Official3,
+    }));
+    let classes = [2, 9];
+    let before = cuda.gpu().persisting_l2_limit().unwrap();
+    for graphs in [true, false] {
+        let mut run = |l2_persist| {
+            let base = cuda.options();
+            cuda.set_options(CudaOptions {
+                graphs,
+                fused_reuse: true,
+                l2_persist,
+                ..base
+            });
+            let sampler = Sampler::new(&cuda, options.clone()).unwrap();
+            let plan = sampler.plan(&classes, NoiseSource::Seed(5)).unwrap();
+            let ws = cuda.workspace(&plan).unwrap();
+            let in_l2 = ws.cache_in_l2();
+            if l2_persist && !in_l2 {
+                println!("gpu_l2_persist_is_exact: this device sets aside no persisting L2");
+            }
+            assert!(l2_persist || !in_l2);
+            drop(ws);
+            assert_eq!(
+                cuda.gpu().persisting_l2_limit().unwrap(),
+                before,
+                "the set-aside outlived the workspace"
+            );
+            sample_latents(&cuda, &options, &classes, 5, 3)
+        };
+        let plain = run(false);
+        let persisting = run(true);
+        assert!(plain.iter().all(|v| v.is_finite()));
+        assert!(
+            plain == persisting,
+            "graphs={graphs}: the L2 window changed the latents"
+        );
+    }
+}
+
 /// Models without an attention kernel for their head size are refused up front, with the reason
 /// (the CLI's `--device auto` then runs them on the CPU).
 #[test]

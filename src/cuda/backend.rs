@@ -90,13 +90,19 @@ pub struct CudaOptions {
     /// latency-bound small-batch GEMMs (at 2 rows proj ran at 139 TFLOP/s, fc2 at 318 on an
     /// H200). Off by default: not yet run on a GPU.
     pub lt_splitk: bool,
+    /// Keep the FORA cache in the persisting set-aside of L2 between reuse steps where most of
+    /// it fits (one image + CFG of DiT-XL/2: 66 MB against an H200's set-aside of tens of MB):
+    /// the fused reuse launch carries an access-policy window over the cache
+    /// (`FORA_L2_PERSIST=1`: on). Changes the context's persisting-L2 set-aside while a
+    /// workspace lives (restored when it drops). Off by default: not yet run on a GPU.
+    pub l2_persist: bool,
 }
 
 impl CudaOptions {
     /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
     /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM`, `FORA_FUSED_LN`,
-    /// `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`, `FORA_STEP_GRAPH` and
-    /// `FORA_LT_SPLITK`.
+    /// `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`, `FORA_STEP_GRAPH`,
+    /// `FORA_LT_SPLITK` and `FORA_L2_PERSIST`.
     pub fn from_env() -> Result<CudaOptions> {
         // A 0/1 switch; unset or empty keeps the default, anything else is refused.
         let flag = |var: &str, default: bool| match std::env::var(var) {
@@ -122,6 +128,7 @@ impl CudaOptions {
             reuse_gates_only: flag("FORA_REUSE_GATES_ONLY", false)?,
             step_graph: flag("FORA_STEP_GRAPH", false)?,
             lt_splitk: flag("FORA_LT_SPLITK", false)?,
+            l2_persist: flag("FORA_L2_PERSIST", false)?,
         })
     }
 }
@@ -259,6 +266,12 @@ impl CudaWorkspace {
     /// Whether a step is one graph launch (copy, forward and update captured together).
     pub fn uses_step_graphs(&self) -> bool {
         self.step_graphs.is_some()
+    }
+
+    /// Whether reuse steps read the FORA cache through an L2 persisting window
+    /// (`FORA_L2_PERSIST=1` on a device with a set-aside the cache mostly fits).
+    pub fn cache_in_l2(&self) -> bool {
+        self.acts.cache_l2_window().is_some()
     }
 }
 
@@ -646,6 +659,10 @@ impl Backend for CudaBackend {
         let rows = plan.model_rows();
         let img = b * cfg.image_len();
         let mut acts = Activations::new(gpu, cfg, rows, true)?;
+        if self.options.l2_persist {
+            // Before any capture: the reuse launch records the window into its graph node.
+            acts.persist_cache_in_l2(gpu)?;
+        }
         let precompute = self.modulation_tables_fit(plan, rows)?;
         // The batched conditioning GEMMs of the precomputation are the largest when they run.
         let chunk_mn = if precompute {

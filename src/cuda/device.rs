@@ -100,6 +100,66 @@ impl TmaTensor2d {
     }
 }
 
+/// An L2 access-policy window: a launch that carries it ([`Gpu::launch_in_l2_window`]) marks its
+/// accesses to `[base, base + bytes)` persisting with probability `hit_ratio` (by address), so
+/// the context's persisting set-aside of L2 keeps them across launches while other traffic
+/// streams through the rest. A cache hint only: results never depend on it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct L2Window {
+    pub base: u64,
+    pub bytes: usize,
+    pub hit_ratio: f32,
+}
+
+/// How much of `bytes` of data, re-read by later launches, a device can keep in L2: the
+/// persisting set-aside to ask for (at most `max_persisting`, the device's limit), the window
+/// (at most `max_window` bytes from the start of the data) and its hit ratio (set-aside over
+/// window, at most 1). None when the device has no set-aside or under a tenth of the data
+/// would persist (the set-aside would only take L2 from everything else). Pure.
+pub fn l2_persisting_plan(
+    bytes: usize,
+    max_persisting: usize,
+    max_window: usize,
+) -> Option<(usize, usize, f32)> {
+    let window = bytes.min(max_window);
+    let set_aside = max_persisting.min(window);
+    if window == 0 || set_aside * 10 < bytes {
+        return None;
+    }
+    Some((set_aside, window, (set_aside as f64 / window as f64) as f32))
+}
+
+/// The context's persisting-L2 set-aside, changed by [`Gpu::persist_in_l2`]: when dropped it
+/// resets the persisting lines to normal and restores the set-aside the context had before.
+pub struct L2SetAside {
+    ctx: Arc<CudaContext>,
+    previous: usize,
+}
+
+impl Drop for L2SetAside {
+    fn drop(&mut self) {
+        // Best effort: a failure here leaves only a cache policy behind.
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: plain context calls on a context bound to this thread.
+            unsafe {
+                let _ = sys::cuCtxResetPersistingL2Cache();
+                let _ = sys::cuCtxSetLimit(
+                    sys::CUlimit::CU_LIMIT_PERSISTING_L2_CACHE_SIZE,
+                    self.previous,
+                );
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for L2SetAside {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("L2SetAside")
+            .field("previous", &self.previous)
+            .finish()
+    }
+}
+
 /// Where a launcher's kernel runs: a [`Gpu`], or in tests the CPU emulator of the small kernels
 /// (`tests/kernel_emulation.rs`), so that one launcher (validation, grid, block, shared memory)
 /// serves both.
@@ -475,6 +535,143 @@ impl Gpu {
             .with_context(|| format!("launching kernel {name} (grid {grid:?}, block {block:?})"))
     }
 
+    /// Sets aside persisting L2 for `bytes` of device memory at `base` that later launches
+    /// re-read (the FORA cache between steps): the context's set-aside grows to what
+    /// [`l2_persisting_plan`] allows on this device, and launches given the returned window keep
+    /// that much of it in L2. None (nothing changed) where the device has no set-aside or it
+    /// would cover under a tenth of the data. The guard restores the set-aside when dropped.
+    pub fn persist_in_l2(&self, base: u64, bytes: usize) -> Result<Option<(L2Window, L2SetAside)>> {
+        let attr = |a, what: &str| -> Result<usize> {
+            let v = self
+                .ctx
+                .attribute(a)
+                .with_context(|| format!("cannot query the device's {what}"))?;
+            Ok(v.max(0) as usize)
+        };
+        let max_persisting = attr(
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_PERSISTING_L2_CACHE_SIZE,
+            "persisting L2 limit",
+        )?;
+        let max_window = attr(
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_ACCESS_POLICY_WINDOW_SIZE,
+            "access-policy window limit",
+        )?;
+        let Some((set_aside, window, hit_ratio)) =
+            l2_persisting_plan(bytes, max_persisting, max_window)
+        else {
+            return Ok(None);
+        };
+        self.ctx
+            .bind_to_thread()
+            .context("cannot bind the CUDA context")?;
+        let limit = sys::CUlimit::CU_LIMIT_PERSISTING_L2_CACHE_SIZE;
+        let mut previous = 0usize;
+        // SAFETY: context calls on the bound context with a valid out pointer.
+        let rc = unsafe { sys::cuCtxGetLimit(&mut previous, limit) };
+        ensure!(
+            rc == sys::CUresult::CUDA_SUCCESS,
+            "cannot read the persisting L2 set-aside: {rc:?}"
+        );
+        // SAFETY: as above.
+        let rc = unsafe { sys::cuCtxSetLimit(limit, set_aside.max(previous)) };
+        ensure!(
+            rc == sys::CUresult::CUDA_SUCCESS,
+            "cannot set aside {set_aside} bytes of L2 for persisting accesses: {rc:?}"
+        );
+        let guard = L2SetAside {
+            ctx: self.ctx.clone(),
+            previous,
+        };
+        Ok(Some((
+            L2Window {
+                base,
+                bytes: window,
+                hit_ratio,
+            },
+            guard,
+        )))
+    }
+
+    /// The context's persisting-L2 set-aside in bytes (`cuCtxGetLimit`).
+    pub fn persisting_l2_limit(&self) -> Result<usize> {
+        self.ctx
+            .bind_to_thread()
+            .context("cannot bind the CUDA context")?;
+        let mut bytes = 0usize;
+        // SAFETY: a context call on the bound context with a valid out pointer.
+        let rc = unsafe {
+            sys::cuCtxGetLimit(&mut bytes, sys::CUlimit::CU_LIMIT_PERSISTING_L2_CACHE_SIZE)
+        };
+        ensure!(
+            rc == sys::CUresult::CUDA_SUCCESS,
+            "cannot read the persisting L2 set-aside: {rc:?}"
+        );
+        Ok(bytes)
+    }
+
+    /// [`Gpu::launch`] with an access-policy window attribute on the launch
+    /// (`cuLaunchKernelEx`): its accesses inside the window persist in L2 with the window's
+    /// hit ratio, the rest stream. A graph captured from the stream keeps the attribute on the
+    /// kernel node.
+    ///
+    /// # Safety
+    /// As [`Gpu::launch`].
+    pub unsafe fn launch_in_l2_window<P: DeviceRepr>(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_mem_bytes: u32,
+        params: &P,
+        window: &L2Window,
+    ) -> Result<()> {
+        let f = self.function(name)?;
+        self.ctx
+            .bind_to_thread()
+            .context("cannot bind the CUDA context")?;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_ACCESS_POLICY_WINDOW,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue { pad: [0; 64] },
+        };
+        attr.value.accessPolicyWindow = sys::CUaccessPolicyWindow {
+            base_ptr: window.base as *mut std::ffi::c_void,
+            num_bytes: window.bytes,
+            hitRatio: window.hit_ratio,
+            hitProp: sys::CUaccessProperty::CU_ACCESS_PROPERTY_PERSISTING,
+            missProp: sys::CUaccessProperty::CU_ACCESS_PROPERTY_STREAMING,
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block.0,
+            blockDimY: block.1,
+            blockDimZ: block.2,
+            sharedMemBytes: shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // The kernel takes one parameter: the struct, by value.
+        let mut args = [params as *const P as *mut std::ffi::c_void];
+        // SAFETY: the config, attribute and argument array outlive the call; the kernel's one
+        // parameter is `P` (the launchers' contract, as for `launch`); the rest is the caller's.
+        let rc = unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                f.cu_function(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        ensure!(
+            rc == sys::CUresult::CUDA_SUCCESS,
+            "launching kernel {name} (grid {grid:?}, block {block:?}) with an L2 window: {rc:?}"
+        );
+        Ok(())
+    }
+
     /// Waits for all work on the stream; reports an asynchronous kernel fault as an error.
     pub fn synchronize(&self) -> Result<()> {
         self.stream
@@ -587,4 +784,33 @@ pub fn grid_x(kernel: &str, items: i64, per_block: i64) -> Result<u32> {
         "{kernel}: {items} items need {blocks} blocks, more than a grid holds (split the launch)"
     );
     Ok(blocks.max(1) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn l2_persisting_plan_covers_what_fits() {
+        const MB: usize = 1 << 20;
+        // One image + CFG of DiT-XL/2: a 66 MB cache, a 45 MB set-aside, 128 MB windows.
+        let (set_aside, window, hit) = l2_persisting_plan(66 * MB, 45 * MB, 128 * MB).unwrap();
+        assert_eq!((set_aside, window), (45 * MB, 66 * MB));
+        assert!((hit - 45.0 / 66.0).abs() < 1e-6);
+        // Data smaller than the set-aside: all of it, hit ratio 1.
+        assert_eq!(
+            l2_persisting_plan(10 * MB, 45 * MB, 128 * MB),
+            Some((10 * MB, 10 * MB, 1.0))
+        );
+        // A window shorter than the data covers its start only.
+        let (_, window, hit) = l2_persisting_plan(400 * MB, 45 * MB, 128 * MB).unwrap();
+        assert_eq!(window, 128 * MB);
+        assert!((hit - 45.0 / 128.0).abs() < 1e-6);
+        // Under a tenth of the data would persist (256 rows of DiT-XL/2: an 8.5 GB cache), or
+        // no set-aside: nothing.
+        assert_eq!(l2_persisting_plan(8704 * MB, 45 * MB, 128 * MB), None);
+        assert_eq!(l2_persisting_plan(500 * MB, 4 * MB, 128 * MB), None);
+        assert_eq!(l2_persisting_plan(66 * MB, 0, 128 * MB), None);
+        assert_eq!(l2_persisting_plan(0, 45 * MB, 128 * MB), None);
+    }
 }

@@ -4,7 +4,9 @@
 //! the fused reuse forward, which does the same between the patch embedding and the final
 //! LayerNorm + modulate, all in one launch.
 
-use super::device::{check_latent_grid, check_positive, check_ptr, grid_x, KernelLauncher};
+use super::device::{
+    check_latent_grid, check_positive, check_ptr, grid_x, Gpu, KernelLauncher, L2Window,
+};
 use super::params::{ForaReuseFinalParams, ForaReuseParams};
 use anyhow::{ensure, Result};
 
@@ -301,6 +303,21 @@ impl ReuseTokens {
 pub fn fora_reuse_final(gpu: &impl KernelLauncher, p: &ForaReuseFinalParams) -> Result<()> {
     let tpt = ReuseTokens::pick(p, gpu.multiprocessors());
     fora_reuse_final_with(gpu, p, tpt)
+}
+
+/// [`fora_reuse_final`] launched with an L2 access-policy window over the FORA cache
+/// (`FORA_L2_PERSIST=1`): the part of the cache the window's hit ratio selects stays in the
+/// persisting set-aside of L2 from one reuse step to the next (the full steps in between update
+/// those lines in place), instead of coming from DRAM each time. Same numbers.
+pub fn fora_reuse_final_in_l2_window(
+    gpu: &Gpu,
+    p: &ForaReuseFinalParams,
+    window: &L2Window,
+) -> Result<()> {
+    let tpt = ReuseTokens::pick(p, gpu.multiprocessors());
+    let (grid, block) = fora_reuse_final_plan(p, tpt)?;
+    // SAFETY: validated by the plan, as in fora_reuse_final_with.
+    unsafe { gpu.launch_in_l2_window(tpt.kernel(), grid, (block, 1, 1), 0, p, window) }
 }
 
 /// [`fora_reuse_final`] with the tokens per thread chosen by the caller (tests, benchmarks).

@@ -9,7 +9,7 @@
 //! The caller then unpatchifies (plain forward) or runs the sampler update (sampling).
 
 use super::cublaslt::LtBatch;
-use super::device::{dptr_at, KernelLauncher};
+use super::device::{dptr_at, KernelLauncher, L2SetAside, L2Window};
 use super::gemm::{Epilogue, Gemm, GemmImpl};
 use super::params::{
     AttentionParams, ForaReuseFinalParams, ForaReuseParams, GemmParams, LabelSiluParams,
@@ -249,6 +249,9 @@ pub struct Activations {
     pub final_out: CudaSlice<f32>,
     /// FORA cache, bf16 [L][2][rows*T*D]: attention output (after proj), MLP output (after fc2).
     cache: Option<CudaSlice<bf16>>,
+    /// An L2 window over the cache for the fused reuse launch, and the set-aside it holds
+    /// ([`Activations::persist_cache_in_l2`]).
+    cache_l2: Option<(L2Window, L2SetAside)>,
 }
 
 /// Device bytes of [`Activations`] for `rows` rows (with or without the cache).
@@ -294,7 +297,27 @@ impl Activations {
             } else {
                 None
             },
+            cache_l2: None,
         })
+    }
+
+    /// Keeps as much of the FORA cache in L2 between reuse steps as the device's persisting
+    /// set-aside allows (`FORA_L2_PERSIST=1`): the fused reuse launch then carries an
+    /// access-policy window over the cache. Returns whether it does (not without a cache, where
+    /// the device has no set-aside, or where under a tenth of the cache would fit: 256 rows of
+    /// DiT-XL/2 is 8.5 GB). The context's set-aside is restored when these activations drop.
+    pub fn persist_cache_in_l2(&mut self, gpu: &Gpu) -> Result<bool> {
+        let Some(cache) = &self.cache else {
+            return Ok(false);
+        };
+        let bytes = cache.len() * std::mem::size_of::<bf16>();
+        self.cache_l2 = gpu.persist_in_l2(dptr(cache), bytes)?;
+        Ok(self.cache_l2.is_some())
+    }
+
+    /// The L2 window over the cache, when [`Activations::persist_cache_in_l2`] set one.
+    pub fn cache_l2_window(&self) -> Option<L2Window> {
+        self.cache_l2.as_ref().map(|(w, _)| *w)
     }
 }
 
@@ -851,7 +874,10 @@ impl GpuModel {
                     p.final_b = dptr(&self.final_b);
                     p.final_out = dptr(&acts.final_out);
                 }
-                super::fora::fora_reuse_final(gpu, &p)?;
+                match acts.cache_l2_window() {
+                    Some(w) => super::fora::fora_reuse_final_in_l2_window(gpu, &p, &w)?,
+                    None => super::fora::fora_reuse_final(gpu, &p)?,
+                }
                 if final_fused {
                     // The final layer is done: the sampler reads final_out.
                     return Ok(());
