@@ -208,6 +208,7 @@ FORA_DEVICE void attention_block(const AttentionParams& p, unsigned char* smem_r
 #define FORA_ATTENTION_KERNEL(D)                                                           \
     extern "C" __global__ void __launch_bounds__(AttentionShape<D, 4>::THREADS)            \
         attention_d##D(const AttentionParams p) {                                          \
+        grid_dependency_sync();                                                            \
         FORA_DYNAMIC_SMEM(unsigned char, attention_smem);                                  \
         static_assert(AttentionShape<D, 4>::SMEM_BYTES <= 227 * 1024, "smem too large");   \
         attention_block<D, 4>(p, attention_smem);                                          \
@@ -519,6 +520,7 @@ FORA_DEVICE void attention_block_v2(const AttentionParams& p, unsigned char* sme
 #define FORA_ATTENTION_V2_KERNEL(D)                                                             \
     extern "C" __global__ void __launch_bounds__(AttentionV2Shape<D>::THREADS, 2)               \
         attention_v2_d##D(const AttentionParams p) {                                            \
+        grid_dependency_sync();                                                                 \
         FORA_DYNAMIC_SMEM(unsigned char, attention_smem);                                       \
         static_assert(2 * AttentionV2Shape<D>::SMEM_BYTES <= 227 * 1024, "smem too large");     \
         attention_block_v2<D>(p, attention_smem);                                               \

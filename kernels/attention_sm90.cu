@@ -313,6 +313,7 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
 #define FORA_ATTENTION_WGMMA_KERNEL(NAME, D, WG, V_MN, MIN_BLOCKS)                                  \
     extern "C" __global__ void __launch_bounds__(WgmmaAttentionShape<D, WG, V_MN>::THREADS,       \
                                                  MIN_BLOCKS) NAME(const AttentionParams p) {      \
+        grid_dependency_sync();                                                                   \
         static_assert(WgmmaAttentionShape<D, WG, V_MN>::SMEM_BYTES + 1024 <= 227 * 1024,          \
                       "smem too large");                                                          \
         FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN);                                                   \

@@ -21,6 +21,21 @@
 #define FORA_DYNAMIC_SMEM(type, name) extern __shared__ __align__(128) type name[]
 #endif
 
+// ---- programmatic dependent launch ----------------------------------------------------------
+
+// Every kernel's first statement, in every thread. Launched with programmatic stream
+// serialization (FORA_PDL=1, sm_90+), a kernel may start while the kernel before it on the stream
+// is still running: griddepcontrol.wait then blocks until that one has completed and its memory is
+// visible (so nothing here reads or writes global memory before it), and launch_dependents lets
+// the next kernel start its launch in turn. Launched normally, both are no-ops. Before sm_90
+// (and in the CPU emulator) there is nothing to do.
+FORA_DEVICE void grid_dependency_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(FORA_EMULATION)
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // ---- conversions -------------------------------------------------------------------------
 
 FORA_DEVICE float bf16_to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -6,6 +6,7 @@
 // The f32 steps round as PyTorch's (and src/cpu/ops.rs timestep_features); exp, cos and sin are
 // evaluated in double and rounded once. Arguments t * f reach 999 rad.
 extern "C" __global__ void timestep_embedding(const TimestepEmbedParams p) {
+    grid_dependency_sync();
     const int r = blockIdx.x;
     if (r >= p.rows) return;
     const float t = reinterpret_cast<const float*>(p.t)[r];
@@ -27,6 +28,7 @@ extern "C" __global__ void timestep_embedding(const TimestepEmbedParams p) {
 
 // Grid-stride over rows * cols.
 extern "C" __global__ void silu_f32_bf16(const SiluParams p) {
+    grid_dependency_sync();
     const long long total = (long long)p.rows * p.cols;
     const float* in = reinterpret_cast<const float*>(p.input);
     __nv_bfloat16* out = reinterpret_cast<__nv_bfloat16*>(p.out);
@@ -39,6 +41,7 @@ extern "C" __global__ void silu_f32_bf16(const SiluParams p) {
 
 // blockIdx.x = row (rows of all steps may exceed grid y's 65535), blockIdx.y x threads over dim.
 extern "C" __global__ void label_silu(const LabelSiluParams p) {
+    grid_dependency_sync();
     const int r = blockIdx.x;
     if (r >= p.rows) return;
     int y = reinterpret_cast<const int*>(p.labels)[r];

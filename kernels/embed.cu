@@ -16,6 +16,7 @@ constexpr int kTokens = 8;       // token rows per block
 // Block (b, c): token rows b * kTokens .. + kTokens - 1 (of rows * T; the last block may be
 // short), channels c * kThreads .. + kThreads - 1.
 extern "C" __global__ void __launch_bounds__(kThreads) patch_embed(const PatchEmbedParams p) {
+    grid_dependency_sync();
     FORA_DYNAMIC_SMEM(float, patch);  // [kTokens][C*p*p], sized by the launcher
     const int tokens = (p.height / p.patch) * (p.width / p.patch);
     const long long total = (long long)p.rows * tokens;

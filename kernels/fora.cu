@@ -18,6 +18,7 @@ FORA_DEVICE float gated_add(float x, float gate, float cached) {
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(kThreads) fora_reuse(const ForaReuseParams p) {
+    grid_dependency_sync();
     const long long total = (long long)p.rows * p.tokens * p.dim;
     float* x = reinterpret_cast<float*>(p.x);
     const __nv_bfloat16* cache = reinterpret_cast<const __nv_bfloat16*>(p.cache);
@@ -384,6 +385,7 @@ FORA_DEVICE void reuse_final_body(const ForaReuseFinalParams& p) {
 // flight (76 registers: every block of one image + CFG resident at once on an H100).
 extern "C" __global__ void __launch_bounds__(kReuseBlock)
 fora_reuse_final(const ForaReuseFinalParams p) {
+    grid_dependency_sync();
     reuse_final_body<1, 2>(p);
 }
 
@@ -391,17 +393,20 @@ fora_reuse_final(const ForaReuseFinalParams p) {
 // (fewer blocks resident). A candidate for few rows, measured by `fora bench`.
 extern "C" __global__ void __launch_bounds__(kReuseBlock)
 fora_reuse_final_l4(const ForaReuseFinalParams p) {
+    grid_dependency_sync();
     reuse_final_body<1, 4>(p);
 }
 
 // Two tokens a thread, two layers in flight: a candidate between the two (16 to 64 rows).
 extern "C" __global__ void __launch_bounds__(kReuseBlock)
 fora_reuse_final_t2(const ForaReuseFinalParams p) {
+    grid_dependency_sync();
     reuse_final_body<2, 2>(p);
 }
 
 // Four tokens a thread: many rows (gate traffic from L2 a quarter).
 extern "C" __global__ void __launch_bounds__(kReuseBlock)
 fora_reuse_final_t4(const ForaReuseFinalParams p) {
+    grid_dependency_sync();
     reuse_final_body<4, 1>(p);
 }

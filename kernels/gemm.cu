@@ -188,21 +188,25 @@ FORA_DEVICE void gemm_tile(const GemmParams& p) {
 // STAGES * (BM + BN) * BK * 2 bytes: 64, 96, 48 and 40 KiB. (A 256x128x64 variant with 64x64 warp
 // tiles, one CTA of 8 warps per SM, measured 0.6x of these on an H200 and was dropped.)
 extern "C" __global__ void __launch_bounds__(256, 2) gemm_bf16_128x128(const GemmParams p) {
+    grid_dependency_sync();
     gemm_tile<128, 128, 32, 2, 4, 4>(p);
 }
 
 // Same warp layout with 64-deep k-steps (half the barriers per FLOP), 3 stages = 96 KiB: two
 // CTAs per SM on Hopper (228 KiB), one on sm_80 (164 KiB).
 extern "C" __global__ void __launch_bounds__(256, 2) gemm_bf16_128x128_k64(const GemmParams p) {
+    grid_dependency_sync();
     gemm_tile<128, 128, 64, 2, 4, 3>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 4) gemm_bf16_64x128(const GemmParams p) {
+    grid_dependency_sync();
     gemm_tile<64, 128, 32, 2, 2, 4>(p);
 }
 
 // Small M (adaLN tables, t-MLP, batch-2 rows): 32-row tiles keep the W stream wide.
 extern "C" __global__ void __launch_bounds__(128, 4) gemm_bf16_32x128(const GemmParams p) {
+    grid_dependency_sync();
     gemm_tile<32, 128, 32, 1, 4, 4>(p);
 }
 
@@ -210,6 +214,7 @@ extern "C" __global__ void __launch_bounds__(128, 4) gemm_bf16_32x128(const Gemm
 // slices, summed here in slice order); each thread handles column pairs of one row, grid-stride
 // over M x ceil(N / 2).
 extern "C" __global__ void __launch_bounds__(256) gemm_epilogue_f32(const GemmEpilogueParams p) {
+    grid_dependency_sync();
     const Epilogue e{reinterpret_cast<const float*>(p.bias),
                      reinterpret_cast<void*>(p.out),
                      reinterpret_cast<__nv_bfloat16*>(p.cache),

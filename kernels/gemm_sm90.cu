@@ -401,16 +401,19 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
 
 // Large M: two warpgroups, each 64 x 256 (128 accumulators a thread), one CTA per SM.
 extern "C" __global__ void __launch_bounds__(256, 1) gemm_wgmma_128x256(const GemmParams p) {
+    grid_dependency_sync();
     FORA_WGMMA_BODY(2, 256, 4);
 }
 
 // Large M with N not a multiple of 256 (1152 = 9 x 128), or too few 128 x 256 tiles.
 extern "C" __global__ void __launch_bounds__(256, 1) gemm_wgmma_128x128(const GemmParams p) {
+    grid_dependency_sync();
     FORA_WGMMA_BODY(2, 128, 4);
 }
 
 // Small M (one image pair of 256 tokens = 512 rows): one warpgroup, two CTAs per SM.
 extern "C" __global__ void __launch_bounds__(128, 2) gemm_wgmma_64x128(const GemmParams p) {
+    grid_dependency_sync();
     FORA_WGMMA_BODY(1, 128, 4);
 }
 
@@ -429,20 +432,24 @@ extern "C" __global__ void __launch_bounds__(128, 2) gemm_wgmma_64x128(const Gem
 
 // N a multiple of 128 but not of 192 or 256; six stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x128(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
     FORA_TMA_BODY(128, 6, false);
 }
 
 // Every DiT-XL/2 width (1152, 3456, 4608 are multiples of 192); five stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x192(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
     FORA_TMA_BODY(192, 5, false);
 }
 
 // Multiples of 256; four stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x256(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
     FORA_TMA_BODY(256, 4, false);
 }
 
 // Ping-pong: 128 x 128 tiles, the two consumers taking the CTA's units in turn; six stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_pp_128x128(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
     FORA_TMA_BODY(128, 6, true);
 }

@@ -229,6 +229,7 @@ FORA_DEVICE void residual_layernorm_rows(const ResidualLayerNormParams& p) {
 
 extern "C" __global__ void __launch_bounds__(kWarps * 32)
 layernorm_modulate(const LayerNormModulateParams p) {
+    grid_dependency_sync();
     // float4 path when every row start and column offset is 16-byte aligned (DiT: always).
     const bool vec = (p.dim % 4 == 0) && (p.ld_mod % 4 == 0) && (p.shift_col % 4 == 0) &&
                      (p.scale_col % 4 == 0);
@@ -292,6 +293,7 @@ layernorm_modulate(const LayerNormModulateParams p) {
 // most 128 * kMaxChunks elements (the launcher checks).
 extern "C" __global__ void __launch_bounds__(kWarps * 32)
 layernorm_modulate_w4(const LayerNormModulateParams p) {
+    grid_dependency_sync();
     layernorm_rows<4>(p);
 }
 
@@ -300,11 +302,13 @@ layernorm_modulate_w4(const LayerNormModulateParams p) {
 // residual are loaded with every load in flight, updated, stored, and normalized from registers.
 extern "C" __global__ void __launch_bounds__(kWarps * 32)
 residual_layernorm(const ResidualLayerNormParams p) {
+    grid_dependency_sync();
     residual_layernorm_rows<1>(p);
 }
 
 // The same with four warps per token row, for few rows.
 extern "C" __global__ void __launch_bounds__(kWarps * 32)
 residual_layernorm_w4(const ResidualLayerNormParams p) {
+    grid_dependency_sync();
     residual_layernorm_rows<4>(p);
 }

@@ -83,6 +83,7 @@ FORA_DEVICE void probe_rs(const WgmmaProbeParams& p, const uint32_t (&a)[2][4], 
 
 // One warpgroup; dynamic shared memory 24 KiB + 1 KiB for the 1024-byte alignment.
 extern "C" __global__ void __launch_bounds__(128) wgmma_probe(const WgmmaProbeParams p) {
+    grid_dependency_sync();
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     FORA_DYNAMIC_SMEM(uint4, probe_smem);
     const uint32_t raw = smem_addr(probe_smem);
@@ -158,6 +159,7 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_probe(const WgmmaProbePa
 // and 1; the raw shared bytes after each go to out, so the host checks the 128-byte swizzle, the
 // zero fill past the tensor's edges and the transaction accounting the TMA GEMM relies on.
 extern "C" __global__ void __launch_bounds__(128, 1) tma_probe(const __grid_constant__ TmaProbeParams p) {
+    grid_dependency_sync();
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     FORA_DYNAMIC_SMEM(uint4, tma_probe_smem);
     const uint32_t raw = smem_addr(tma_probe_smem);

@@ -41,6 +41,7 @@ FORA_DEVICE float guide(float cond, float uncond, float scale) {
 
 // Thread g owns flat latent indices 4g .. 4g+3: exactly Philox block g, one generator call.
 extern "C" __global__ void __launch_bounds__(kThreads) sampler_step(const SamplerStepParams p) {
+    grid_dependency_sync();
     const long long total = (long long)p.images * p.channels * p.height * p.width;
     const long long group = (long long)blockIdx.x * kThreads + threadIdx.x;
     const long long j0 = group * 4;
@@ -98,6 +99,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) sampler_step(const Sample
 
 // One thread per output element of [rows, out_channels, H, W].
 extern "C" __global__ void __launch_bounds__(kThreads) unpatchify(const UnpatchifyParams p) {
+    grid_dependency_sync();
     const Geometry g = geometry(p.height, p.width, p.patch, p.out_channels);
     const long long total = (long long)p.rows * p.out_channels * g.hw;
     const long long i = (long long)blockIdx.x * kThreads + threadIdx.x;
@@ -121,6 +123,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) unpatchify(const Unpatchi
 
 // Thread g writes normals 4g .. 4g+3 (Philox block g).
 extern "C" __global__ void __launch_bounds__(kThreads) normal_fill(const NormalFillParams p) {
+    grid_dependency_sync();
     const long long group = (long long)blockIdx.x * kThreads + threadIdx.x;
     const long long j0 = group * 4;
     if (j0 >= p.n) return;

@@ -851,6 +851,7 @@ impl Report {
                 "step_graph": self.options.step_graph,
                 "lt_splitk": self.options.lt_splitk,
                 "l2_persist": self.options.l2_persist,
+                "pdl": self.options.pdl,
                 "attention": self.attention,
                 "cfg_scale": self.cfg_scale,
                 "timing": "CUDA events, back-to-back runs, median",
@@ -923,7 +924,8 @@ impl Report {
             m.tokens,
             m.weights
         );
-        s += &format!(
+        s +=
+            &format!(
             "{device}, {}. Median of {} runs after {} warm-up runs (CUDA events). CUDA graphs {}; \
              modulation tables precomputed {}; cuBLASLt algorithms {}; reuse steps {}; per-step \
              tables {}; proj / fc2 epilogues {}; qkv / fc1 bias {}; attention `{}` \
@@ -931,10 +933,16 @@ impl Report {
             self.date,
             self.runs,
             self.warmup,
-            match (self.options.graphs, self.options.step_graph) {
-                (true, true) => "on, a whole step per graph (FORA_STEP_GRAPH=1)",
-                (true, false) => "on",
-                (false, _) => "off (FORA_CUDA_GRAPHS=0)",
+            match (self.options.graphs, self.options.step_graph, self.options.pdl) {
+                (true, true, false) => "on, a whole step per graph (FORA_STEP_GRAPH=1)",
+                (true, true, true) => {
+                    "on, a whole step per graph (FORA_STEP_GRAPH=1), programmatic launches \
+                     (FORA_PDL=1)"
+                }
+                (true, false, false) => "on",
+                (true, false, true) => "on, programmatic launches (FORA_PDL=1)",
+                (false, _, false) => "off (FORA_CUDA_GRAPHS=0)",
+                (false, _, true) => "off (FORA_CUDA_GRAPHS=0), programmatic launches (FORA_PDL=1)",
             },
             if self.options.precompute_modulation {
                 "when they fit"

@@ -323,6 +323,7 @@ fn fake_report() -> Report {
             step_graph: false,
             lt_splitk: false,
             l2_persist: false,
+            pdl: false,
         },
         attention: "v1".into(),
         cfg_scale: 4.0,

@@ -4,7 +4,7 @@
 
 use fora::cuda::CudaOptions;
 
-const SWITCHES: [&str; 11] = [
+const SWITCHES: [&str; 12] = [
     "FORA_PRECOMPUTE_MODULATION",
     "FORA_LT_AUTOTUNE",
     "FORA_FUSED_REUSE",
@@ -16,6 +16,7 @@ const SWITCHES: [&str; 11] = [
     "FORA_STEP_GRAPH",
     "FORA_LT_SPLITK",
     "FORA_L2_PERSIST",
+    "FORA_PDL",
 ];
 
 /// The switch `var` of `o`.
@@ -32,6 +33,7 @@ fn switch(o: &CudaOptions, var: &str) -> bool {
         "FORA_STEP_GRAPH" => o.step_graph,
         "FORA_LT_SPLITK" => o.lt_splitk,
         "FORA_L2_PERSIST" => o.l2_persist,
+        "FORA_PDL" => o.pdl,
         other => panic!("test bug: unknown switch {other}"),
     }
 }

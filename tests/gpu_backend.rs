@@ -820,6 +820,59 @@ fn gpu_l2_persist_is_exact() {
     }
 }
 
+/// `FORA_PDL=1` (programmatic launches: each kernel waits for the one before it in its first
+/// statement) runs the same kernels on the same data: the latents are equal to the bit, with
+/// graphs and without, on our GEMMs (every launch ours) and on cuBLASLt (ours between its
+/// kernels), and on a Hopper on the TMA GEMM. Before compute capability 9.0 it is ignored.
+#[test]
+fn gpu_pdl_is_exact() {
+    use fora::cuda::gemm::GemmImpl;
+    use fora::cuda::CudaOptions;
+    let cfg = small_cfg();
+    let Some((_cpu, mut cuda)) = backends("gpu_pdl_is_exact", &cfg, 35) else {
+        return;
+    };
+    let options = SamplerOptions::ddpm(10).with_guidance(Some(Guidance {
+        scale: 2.5,
+        mode: GuidanceMode::Official3,
+    }));
+    let classes = [1, 7];
+    let hopper = cuda.gpu().compute_capability().0 == 9;
+    let mut gemms = vec![GemmImpl::Custom, GemmImpl::CublasLt];
+    if hopper {
+        gemms.push(GemmImpl::Tma);
+    }
+    for gemm in gemms {
+        for graphs in [true, false] {
+            let mut run = |pdl| {
+                let base = cuda.options();
+                cuda.set_options(CudaOptions {
+                    gemm,
+                    graphs,
+                    pdl,
+                    ..base
+                });
+                assert_eq!(
+                    cuda.gpu().programmatic_launch(),
+                    pdl && cuda.gpu().compute_capability().0 >= 9
+                );
+                sample_latents(&cuda, &options, &classes, 6, 3)
+            };
+            let plain = run(false);
+            let programmatic = run(true);
+            assert!(plain.iter().all(|v| v.is_finite()));
+            assert!(
+                plain == programmatic,
+                "{gemm:?} graphs={graphs}: programmatic launches changed the latents"
+            );
+        }
+    }
+    cuda.set_options(CudaOptions {
+        pdl: false,
+        ..cuda.options()
+    });
+}
+
 /// Models without an attention kernel for their head size are refused up front, with the reason
 /// (the CLI's `--device auto` then runs them on the CPU).
 #[test]

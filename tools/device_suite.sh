@@ -22,7 +22,7 @@
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
 #              "default bf16_residual gates_only step_graph attention_wgmma attention_wgmma_mn
-#              lt_splitk tma l2_persist unfused"; "all" adds
+#              lt_splitk tma l2_persist pdl tma_pdl"; "all" adds unfused,
 #              f32_bias, side_stream,
 #              lt_autotune, attention_v2 and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
 #              VARIANT_ARGS / VARIANT_S change what each runs);
@@ -43,7 +43,7 @@ PHASES=${PHASES:-tests memcheck variants bench torch kernelprof}
 # memcheck over every test binary unless SANITIZE_FULL=0 (a shorter subset).
 SANITIZE_FULL=${SANITIZE_FULL:-1}
 # The variants whose default is still to decide (VARIANTS=all: every one).
-VARIANTS=${VARIANTS:-default bf16_residual gates_only step_graph attention_wgmma attention_wgmma_mn lt_splitk tma l2_persist unfused}
+VARIANTS=${VARIANTS:-default bf16_residual gates_only step_graph attention_wgmma attention_wgmma_mn lt_splitk tma l2_persist pdl tma_pdl}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -211,6 +211,7 @@ phase_variants() {
            "f32_bias:cublaslt:FORA_LT_BIAS_BF16=0" "bf16_residual:cublaslt:FORA_BF16_RESIDUAL=1" \
            "gates_only:cublaslt:FORA_REUSE_GATES_ONLY=1" "step_graph:cublaslt:FORA_STEP_GRAPH=1" \
            "lt_splitk:cublaslt:FORA_LT_SPLITK=1" "l2_persist:cublaslt:FORA_L2_PERSIST=1" \
+           "pdl:cublaslt:FORA_PDL=1" "tma_pdl:tma:FORA_PDL=1" \
            "side_stream:cublaslt:FORA_SIDE_STREAM=1" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
            "attention_v2:cublaslt:FORA_ATTENTION=v2" "attention_wgmma:cublaslt:FORA_ATTENTION=wgmma" \
            "attention_wgmma_mn:cublaslt:FORA_ATTENTION=wgmma_mn" \

@@ -96,13 +96,19 @@ pub struct CudaOptions {
     /// (`FORA_L2_PERSIST=1`: on). Changes the context's persisting-L2 set-aside while a
     /// workspace lives (restored when it drops). Off by default: not yet run on a GPU.
     pub l2_persist: bool,
+    /// Launch our kernels with programmatic stream serialization (`FORA_PDL=1`: on; compute
+    /// capability 9.0 and later, ignored before): each starts launching while the kernel before
+    /// it finishes and waits for it in its first statement, so the ~1 us launch gap between
+    /// dependent kernels overlaps (a 2-row step is ~200 launches). cuBLASLt's kernels launch as
+    /// before. Off by default: not yet run on a GPU.
+    pub pdl: bool,
 }
 
 impl CudaOptions {
     /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
     /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM`, `FORA_FUSED_LN`,
     /// `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`, `FORA_STEP_GRAPH`,
-    /// `FORA_LT_SPLITK` and `FORA_L2_PERSIST`.
+    /// `FORA_LT_SPLITK`, `FORA_L2_PERSIST` and `FORA_PDL`.
     pub fn from_env() -> Result<CudaOptions> {
         // A 0/1 switch; unset or empty keeps the default, anything else is refused.
         let flag = |var: &str, default: bool| match std::env::var(var) {
@@ -129,6 +135,7 @@ impl CudaOptions {
             step_graph: flag("FORA_STEP_GRAPH", false)?,
             lt_splitk: flag("FORA_LT_SPLITK", false)?,
             l2_persist: flag("FORA_L2_PERSIST", false)?,
+            pdl: flag("FORA_PDL", false)?,
         })
     }
 }
@@ -302,6 +309,7 @@ impl CudaBackend {
             );
         }
         let model = GpuModel::upload(&gpu, cfg, weights)?;
+        gpu.set_programmatic_launch(options.pdl);
         Ok(CudaBackend {
             gpu,
             model,
@@ -330,6 +338,7 @@ impl CudaBackend {
 
     /// Changes the options of later workspaces (the weights stay).
     pub fn set_options(&mut self, options: CudaOptions) {
+        self.gpu.set_programmatic_launch(options.pdl);
         self.options = options;
     }
 

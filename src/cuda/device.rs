@@ -13,7 +13,7 @@ use cudarc::driver::{
     DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A CUDA device ready to run this crate's kernels.
@@ -27,6 +27,8 @@ pub struct Gpu {
     sm_count: usize,
     name: String,
     allocations: AtomicUsize,
+    /// Launch kernels with programmatic stream serialization ([`Gpu::set_programmatic_launch`]).
+    programmatic: AtomicBool,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -360,6 +362,7 @@ impl Gpu {
             sm_count,
             name,
             allocations: AtomicUsize::new(0),
+            programmatic: AtomicBool::new(false),
         })
     }
 
@@ -381,6 +384,7 @@ impl Gpu {
             sm_count: self.sm_count,
             name: self.name.clone(),
             allocations: AtomicUsize::new(0),
+            programmatic: AtomicBool::new(false),
         })
     }
 
@@ -523,6 +527,10 @@ impl Gpu {
         shared_mem_bytes: u32,
         params: &P,
     ) -> Result<()> {
+        if self.programmatic_launch() {
+            // SAFETY: forwarded to the caller (see above).
+            return unsafe { self.launch_ex(name, grid, block, shared_mem_bytes, params, None) };
+        }
         let f = self.function(name)?;
         let cfg = LaunchConfig {
             grid_dim: grid,
@@ -533,6 +541,22 @@ impl Gpu {
         unsafe { self.stream.launch_builder(&f).arg(params).launch(cfg) }
             .map(|_| ())
             .with_context(|| format!("launching kernel {name} (grid {grid:?}, block {block:?})"))
+    }
+
+    /// Launch this handle's kernels with programmatic stream serialization (`FORA_PDL=1`): each
+    /// may begin launching while the kernel before it on the stream finishes, and waits for it
+    /// in its first statement (`grid_dependency_sync` in kernels/common.cuh), so only launch
+    /// latency and prologue overlap. A graph captured from the stream keeps the programmatic
+    /// edges. Only on compute capability 9.0 and later; returns whether it is on.
+    pub fn set_programmatic_launch(&self, on: bool) -> bool {
+        let on = on && self.cc.0 >= 9;
+        self.programmatic.store(on, Ordering::Relaxed);
+        on
+    }
+
+    /// Whether [`Gpu::set_programmatic_launch`] is on.
+    pub fn programmatic_launch(&self) -> bool {
+        self.programmatic.load(Ordering::Relaxed)
     }
 
     /// Sets aside persisting L2 for `bytes` of device memory at `base` that later launches
@@ -609,10 +633,9 @@ impl Gpu {
         Ok(bytes)
     }
 
-    /// [`Gpu::launch`] with an access-policy window attribute on the launch
-    /// (`cuLaunchKernelEx`): its accesses inside the window persist in L2 with the window's
-    /// hit ratio, the rest stream. A graph captured from the stream keeps the attribute on the
-    /// kernel node.
+    /// [`Gpu::launch`] with an access-policy window attribute on the launch: its accesses inside
+    /// the window persist in L2 with the window's hit ratio, the rest stream. A graph captured
+    /// from the stream keeps the attribute on the kernel node.
     ///
     /// # Safety
     /// As [`Gpu::launch`].
@@ -625,22 +648,52 @@ impl Gpu {
         params: &P,
         window: &L2Window,
     ) -> Result<()> {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.launch_ex(name, grid, block, shared_mem_bytes, params, Some(window)) }
+    }
+
+    /// A launch through `cuLaunchKernelEx` with this handle's launch attributes: programmatic
+    /// stream serialization when [`Gpu::programmatic_launch`] is on, and `window` if given.
+    ///
+    /// # Safety
+    /// As [`Gpu::launch`].
+    unsafe fn launch_ex<P: DeviceRepr>(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_mem_bytes: u32,
+        params: &P,
+        window: Option<&L2Window>,
+    ) -> Result<()> {
         let f = self.function(name)?;
         self.ctx
             .bind_to_thread()
             .context("cannot bind the CUDA context")?;
-        let mut attr = sys::CUlaunchAttribute {
-            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_ACCESS_POLICY_WINDOW,
+        let empty = || sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_IGNORE,
             pad: [0; 4],
             value: sys::CUlaunchAttributeValue { pad: [0; 64] },
         };
-        attr.value.accessPolicyWindow = sys::CUaccessPolicyWindow {
-            base_ptr: window.base as *mut std::ffi::c_void,
-            num_bytes: window.bytes,
-            hitRatio: window.hit_ratio,
-            hitProp: sys::CUaccessProperty::CU_ACCESS_PROPERTY_PERSISTING,
-            missProp: sys::CUaccessProperty::CU_ACCESS_PROPERTY_STREAMING,
-        };
+        let mut attrs = [empty(), empty()];
+        let mut n = 0;
+        if self.programmatic_launch() {
+            attrs[n].id =
+                sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[n].value.programmaticStreamSerializationAllowed = 1;
+            n += 1;
+        }
+        if let Some(w) = window {
+            attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_ACCESS_POLICY_WINDOW;
+            attrs[n].value.accessPolicyWindow = sys::CUaccessPolicyWindow {
+                base_ptr: w.base as *mut std::ffi::c_void,
+                num_bytes: w.bytes,
+                hitRatio: w.hit_ratio,
+                hitProp: sys::CUaccessProperty::CU_ACCESS_PROPERTY_PERSISTING,
+                missProp: sys::CUaccessProperty::CU_ACCESS_PROPERTY_STREAMING,
+            };
+            n += 1;
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,
@@ -650,12 +703,12 @@ impl Gpu {
             blockDimZ: block.2,
             sharedMemBytes: shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: n as u32,
         };
         // The kernel takes one parameter: the struct, by value.
         let mut args = [params as *const P as *mut std::ffi::c_void];
-        // SAFETY: the config, attribute and argument array outlive the call; the kernel's one
+        // SAFETY: the config, attributes and argument array outlive the call; the kernel's one
         // parameter is `P` (the launchers' contract, as for `launch`); the rest is the caller's.
         let rc = unsafe {
             sys::cuLaunchKernelEx(
@@ -667,7 +720,7 @@ impl Gpu {
         };
         ensure!(
             rc == sys::CUresult::CUDA_SUCCESS,
-            "launching kernel {name} (grid {grid:?}, block {block:?}) with an L2 window: {rc:?}"
+            "launching kernel {name} (grid {grid:?}, block {block:?}) with launch attributes: {rc:?}"
         );
         Ok(())
     }
