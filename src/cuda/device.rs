@@ -563,7 +563,8 @@ impl Gpu {
     /// re-read (the FORA cache between steps): the context's set-aside grows to what
     /// [`l2_persisting_plan`] allows on this device, and launches given the returned window keep
     /// that much of it in L2. None (nothing changed) where the device has no set-aside or it
-    /// would cover under a tenth of the data. The guard restores the set-aside when dropped.
+    /// would cover under a tenth of the data, or where the driver refuses to change the set-aside
+    /// (MPS, MIG). The guard restores the set-aside when dropped.
     pub fn persist_in_l2(&self, base: u64, bytes: usize) -> Result<Option<(L2Window, L2SetAside)>> {
         let attr = |a, what: &str| -> Result<usize> {
             let v = self
@@ -598,10 +599,11 @@ impl Gpu {
         );
         // SAFETY: as above.
         let rc = unsafe { sys::cuCtxSetLimit(limit, set_aside.max(previous)) };
-        ensure!(
-            rc == sys::CUresult::CUDA_SUCCESS,
-            "cannot set aside {set_aside} bytes of L2 for persisting accesses: {rc:?}"
-        );
+        if rc != sys::CUresult::CUDA_SUCCESS {
+            // Refused where the set-aside is not the context's to change (MPS sets it at server
+            // start; MIG has none): a cache hint, so run without it.
+            return Ok(None);
+        }
         let guard = L2SetAside {
             ctx: self.ctx.clone(),
             previous,

@@ -1,0 +1,54 @@
+//! Source-level rules every kernel must keep, checked without a GPU.
+
+use std::path::Path;
+
+/// Under `FORA_PDL=1` a kernel may start while the one before it on the stream still runs, so
+/// every kernel's first statement must be `grid_dependency_sync();` (kernels/common.cuh): one
+/// that touched global memory first, or returned before it, would race its predecessor. A new
+/// kernel without it fails here.
+#[test]
+fn every_kernel_waits_for_its_predecessor_first() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let mut kernels = 0;
+    let mut missing = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "cu") {
+            continue;
+        }
+        let src = std::fs::read_to_string(&path).unwrap();
+        let mut rest = src.as_str();
+        while let Some(at) = rest.find("extern \"C\" __global__") {
+            let after = &rest[at..];
+            let open = after.find('{').expect("a kernel body");
+            let head = &after[..open];
+            // The kernel's name: the identifier before its parameter list.
+            let name = head[..head.rfind('(').expect("a parameter list")]
+                .trim_end()
+                .rsplit(|c: char| !(c.is_alphanumeric() || c == '_' || c == '#'))
+                .next()
+                .unwrap_or("?")
+                .to_string();
+            // The first statement: skip whitespace and macro line continuations.
+            let body =
+                after[open + 1..].trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
+            if !body.starts_with("grid_dependency_sync();") {
+                missing.push(format!(
+                    "{}: {name}",
+                    path.file_name().unwrap().to_string_lossy()
+                ));
+            }
+            kernels += 1;
+            rest = &after[open..];
+        }
+    }
+    assert!(
+        kernels >= 30,
+        "found only {kernels} kernels in {}",
+        dir.display()
+    );
+    assert!(
+        missing.is_empty(),
+        "kernels whose first statement is not grid_dependency_sync(): {missing:?}"
+    );
+}
