@@ -586,19 +586,15 @@ impl Gpu {
         else {
             return Ok(None);
         };
-        self.ctx
-            .bind_to_thread()
-            .context("cannot bind the CUDA context")?;
-        let limit = sys::CUlimit::CU_LIMIT_PERSISTING_L2_CACHE_SIZE;
-        let mut previous = 0usize;
-        // SAFETY: context calls on the bound context with a valid out pointer.
-        let rc = unsafe { sys::cuCtxGetLimit(&mut previous, limit) };
-        ensure!(
-            rc == sys::CUresult::CUDA_SUCCESS,
-            "cannot read the persisting L2 set-aside: {rc:?}"
-        );
-        // SAFETY: as above.
-        let rc = unsafe { sys::cuCtxSetLimit(limit, set_aside.max(previous)) };
+        // Binds the context too.
+        let previous = self.persisting_l2_limit()?;
+        // SAFETY: a context call on the bound context.
+        let rc = unsafe {
+            sys::cuCtxSetLimit(
+                sys::CUlimit::CU_LIMIT_PERSISTING_L2_CACHE_SIZE,
+                set_aside.max(previous),
+            )
+        };
         if rc != sys::CUresult::CUDA_SUCCESS {
             // Refused where the set-aside is not the context's to change (MPS sets it at server
             // start; MIG has none): a cache hint, so run without it.
