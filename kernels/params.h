@@ -38,10 +38,11 @@ typedef struct GemmParams {
     int epilogue;      /* enum fora_gemm_epilogue */
 } GemmParams;
 
-/* A TMA tensor map: CUDA's CUtensorMap, 128 opaque bytes, 64-byte aligned. The host fills it
- * with cuTensorMapEncodeTiled (the CPU emulator with its own encoder); a kernel takes it inside
- * a __grid_constant__ parameter struct, whose address the TMA instructions name. */
-typedef struct __attribute__((aligned(64))) TmaDescriptor {
+/* A TMA tensor map: CUDA's CUtensorMap, 128 opaque bytes. Aligned to 128 as CUDA 13's cuda.h
+ * declares it (sm_90's TMA needs 64). The host fills it with cuTensorMapEncodeTiled (the CPU
+ * emulator with its own encoder); a kernel takes it inside a __grid_constant__ parameter struct,
+ * whose address the TMA instructions name. */
+typedef struct __attribute__((aligned(128))) TmaDescriptor {
     unsigned long long opaque[16];
 } TmaDescriptor;
 

@@ -72,7 +72,7 @@ const _: () = {
     ][::std::mem::offset_of!(GemmParams, epilogue) - 84usize];
 };
 #[repr(C)]
-#[repr(align(64))]
+#[repr(align(128))]
 #[derive(Debug, Copy, Clone)]
 pub struct TmaDescriptor {
     pub opaque: [::std::os::raw::c_ulonglong; 16usize],
@@ -80,7 +80,7 @@ pub struct TmaDescriptor {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of TmaDescriptor"][::std::mem::size_of::<TmaDescriptor>() - 128usize];
-    ["Alignment of TmaDescriptor"][::std::mem::align_of::<TmaDescriptor>() - 64usize];
+    ["Alignment of TmaDescriptor"][::std::mem::align_of::<TmaDescriptor>() - 128usize];
     [
         "Offset of field: TmaDescriptor::opaque",
     ][::std::mem::offset_of!(TmaDescriptor, opaque) - 0usize];
@@ -95,7 +95,7 @@ impl Default for TmaDescriptor {
     }
 }
 #[repr(C)]
-#[repr(align(64))]
+#[repr(align(128))]
 #[derive(Debug, Copy, Clone)]
 pub struct GemmTmaParams {
     pub a_map: TmaDescriptor,
@@ -106,7 +106,7 @@ pub struct GemmTmaParams {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of GemmTmaParams"][::std::mem::size_of::<GemmTmaParams>() - 384usize];
-    ["Alignment of GemmTmaParams"][::std::mem::align_of::<GemmTmaParams>() - 64usize];
+    ["Alignment of GemmTmaParams"][::std::mem::align_of::<GemmTmaParams>() - 128usize];
     [
         "Offset of field: GemmTmaParams::a_map",
     ][::std::mem::offset_of!(GemmTmaParams, a_map) - 0usize];
@@ -949,7 +949,7 @@ const _: () = {
     ][::std::mem::offset_of!(WgmmaProbeParams, mode) - 28usize];
 };
 #[repr(C)]
-#[repr(align(64))]
+#[repr(align(128))]
 #[derive(Debug, Copy, Clone)]
 pub struct TmaProbeParams {
     pub map: TmaDescriptor,
@@ -962,8 +962,8 @@ pub struct TmaProbeParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of TmaProbeParams"][::std::mem::size_of::<TmaProbeParams>() - 192usize];
-    ["Alignment of TmaProbeParams"][::std::mem::align_of::<TmaProbeParams>() - 64usize];
+    ["Size of TmaProbeParams"][::std::mem::size_of::<TmaProbeParams>() - 256usize];
+    ["Alignment of TmaProbeParams"][::std::mem::align_of::<TmaProbeParams>() - 128usize];
     [
         "Offset of field: TmaProbeParams::map",
     ][::std::mem::offset_of!(TmaProbeParams, map) - 0usize];
