@@ -47,9 +47,14 @@ FORA_DEVICE void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
 // Waits until the phase of parity `parity` has completed (acquire: what the arrivals released,
 // and the bytes the TMA delivered, are visible afterwards). On a fresh barrier (phase 0 running)
 // waiting for parity 1 returns at once: the phase "before" it counts as complete.
+// A watchdog: a wait that spins 2^26 times (seconds; the longest legitimate wait here is one
+// unit's mainloop, microseconds) traps, so a pipeline bug faults the launch with an error
+// instead of hanging the device.
 FORA_DEVICE void mbarrier_wait(uint32_t bar, uint32_t parity) {
     uint32_t done;
+    uint32_t spins = 0;
     do {
+        if (++spins == (1u << 26)) __trap();
         asm volatile(
             "{\n"
             ".reg .pred p;\n"
