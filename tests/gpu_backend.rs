@@ -534,18 +534,18 @@ fn gpu_execution_paths_agree() {
             ..defaults
         },
     ];
-    // On a Hopper, the Hopper GEMMs in the whole sampler too (graphs or not, fused reuse).
+    // On a Hopper, the wgmma GEMMs in the whole sampler too (graphs or not, fused reuse); the
+    // TMA ones in gpu_tma_sampling_paths, a process of their own on the device.
     if cuda.gpu().compute_capability().0 == 9 {
-        for gemm in [GemmImpl::Wgmma, GemmImpl::Tma] {
-            paths.push(CudaOptions { gemm, ..plain });
-            paths.push(CudaOptions {
-                gemm,
-                graphs: false,
-                precompute_modulation: false,
-                fused_reuse: true,
-                ..plain
-            });
-        }
+        let gemm = GemmImpl::Wgmma;
+        paths.push(CudaOptions { gemm, ..plain });
+        paths.push(CudaOptions {
+            gemm,
+            graphs: false,
+            precompute_modulation: false,
+            fused_reuse: true,
+            ..plain
+        });
     }
     for o in paths {
         cuda.set_options(o);
@@ -823,7 +823,8 @@ fn gpu_l2_persist_is_exact() {
 /// `FORA_PDL=1` (programmatic launches: each kernel waits for the one before it in its first
 /// statement) runs the same kernels on the same data: the latents are equal to the bit, with
 /// graphs and without, on our GEMMs (every launch ours) and on cuBLASLt (ours between its
-/// kernels), and on a Hopper on the TMA GEMM. Before compute capability 9.0 it is ignored.
+/// kernels); the TMA GEMM's case is in gpu_tma_sampling_paths. Before compute capability 9.0
+/// it is ignored.
 #[test]
 fn gpu_pdl_is_exact() {
     use fora::cuda::gemm::GemmImpl;
@@ -837,12 +838,7 @@ fn gpu_pdl_is_exact() {
         mode: GuidanceMode::Official3,
     }));
     let classes = [1, 7];
-    let hopper = cuda.gpu().compute_capability().0 == 9;
-    let mut gemms = vec![GemmImpl::Custom, GemmImpl::CublasLt];
-    if hopper {
-        gemms.push(GemmImpl::Tma);
-    }
-    for gemm in gemms {
+    for gemm in [GemmImpl::Custom, GemmImpl::CublasLt] {
         for graphs in [true, false] {
             let mut run = |pdl| {
                 let base = cuda.options();
@@ -871,6 +867,64 @@ fn gpu_pdl_is_exact() {
         pdl: false,
         ..cuda.options()
     });
+}
+
+/// The TMA GEMM (`FORA_GEMM=tma`, Hopper only, SKIP elsewhere) in the whole sampler: with
+/// graphs and without, three-launch and fused reuse steps, each against the CPU and the
+/// cuBLASLt path; and with programmatic launches (`FORA_PDL=1`, every launch of a block then
+/// ours) the same bits. Its own test ("tma" in the name) so the device suite can run it apart.
+#[test]
+fn gpu_tma_sampling_paths() {
+    use fora::cuda::gemm::GemmImpl;
+    use fora::cuda::CudaOptions;
+    let cfg = small_cfg();
+    let Some((cpu, mut cuda)) = backends("gpu_tma_sampling_paths", &cfg, 37) else {
+        return;
+    };
+    let (major, minor) = cuda.gpu().compute_capability();
+    if major != 9 {
+        println!("SKIP gpu_tma_sampling_paths: the TMA GEMM needs compute capability 9.x, this device is {major}.{minor}");
+        return;
+    }
+    let options = SamplerOptions::ddpm(20).with_guidance(Some(Guidance {
+        scale: 3.0,
+        mode: GuidanceMode::Official3,
+    }));
+    let classes = [4, 8];
+    let want = Sampler::new(&cpu, options.clone())
+        .unwrap()
+        .sample(
+            &classes,
+            NoiseSource::Seed(3),
+            &mut StaticInterval::new(3).unwrap(),
+        )
+        .unwrap();
+    let base = cuda.options();
+    cuda.set_options(CudaOptions {
+        gemm: GemmImpl::CublasLt,
+        ..base
+    });
+    let lt = sample_latents(&cuda, &options, &classes, 3, 3);
+    for (graphs, fused_reuse) in [(true, true), (false, true), (true, false), (false, false)] {
+        let o = CudaOptions {
+            gemm: GemmImpl::Tma,
+            graphs,
+            fused_reuse,
+            pdl: false,
+            ..base
+        };
+        cuda.set_options(o);
+        let got = sample_latents(&cuda, &options, &classes, 3, 3);
+        check_close(&format!("{o:?} vs CPU"), &got, &want.latents, 5e-2).unwrap();
+        check_close(&format!("{o:?} vs cuBLASLt"), &got, &lt, 1e-2).unwrap();
+        cuda.set_options(CudaOptions { pdl: true, ..o });
+        let programmatic = sample_latents(&cuda, &options, &classes, 3, 3);
+        assert!(
+            got == programmatic,
+            "{o:?}: programmatic launches changed the latents"
+        );
+    }
+    cuda.set_options(base);
 }
 
 /// Models without an attention kernel for their head size are refused up front, with the reason

@@ -330,13 +330,11 @@ const VARIANTS: [Variant; 13] = [
     Variant::CublasLtTuned,
 ];
 
-/// The Hopper kernels: every tile (each M x N edge case reaches every tile), forced split-K
-/// (including slices left without k-tiles when K is short), the automatic pick, and cuBLASLt as
-/// the cross-check. Forced slices x M x N must fit the split-K workspace
+/// The Hopper wgmma kernels: every tile (each M x N edge case reaches every tile), forced
+/// split-K (including slices left without k-tiles when K is short), the automatic pick, and
+/// cuBLASLt as the cross-check. Forced slices x M x N must fit the split-K workspace
 /// (`SPLITK_WORKSPACE`, 8 Mi f32): 3 x 512 x 4608 does.
-/// The warp-specialized TMA kernels run in the same tests (every tile, forced split-K, the
-/// automatic pick).
-const WGMMA_VARIANTS: [Variant; 17] = [
+const WGMMA_VARIANTS: [Variant; 8] = [
     Variant::Wgmma(WgmmaTile::M128N256),
     Variant::Wgmma(WgmmaTile::M128N128),
     Variant::Wgmma(WgmmaTile::M64N128),
@@ -344,6 +342,23 @@ const WGMMA_VARIANTS: [Variant; 17] = [
     Variant::WgmmaSplit(WgmmaTile::M128N256, 2),
     Variant::WgmmaSplit(WgmmaTile::M128N128, 3),
     Variant::WgmmaAuto,
+    Variant::CublasLt,
+];
+
+/// [`WGMMA_VARIANTS`] without forced split-K, for M x N too large for the workspace.
+const WGMMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 5] = [
+    Variant::Wgmma(WgmmaTile::M128N256),
+    Variant::Wgmma(WgmmaTile::M128N128),
+    Variant::Wgmma(WgmmaTile::M64N128),
+    Variant::WgmmaAuto,
+    Variant::CublasLt,
+];
+
+/// The warp-specialized TMA kernels, likewise: every tile (ping-pong included), forced
+/// split-K, the automatic pick. In tests of their own (`gemm_tma_*`): the device suite runs
+/// them in a process of their own, so that a fault in these never-run kernels cannot poison the
+/// context of the other tests.
+const TMA_VARIANTS: [Variant; 10] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
@@ -356,12 +371,8 @@ const WGMMA_VARIANTS: [Variant; 17] = [
     Variant::CublasLt,
 ];
 
-/// [`WGMMA_VARIANTS`] without forced split-K, for M x N too large for the workspace.
-const WGMMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 10] = [
-    Variant::Wgmma(WgmmaTile::M128N256),
-    Variant::Wgmma(WgmmaTile::M128N128),
-    Variant::Wgmma(WgmmaTile::M64N128),
-    Variant::WgmmaAuto,
+/// [`TMA_VARIANTS`] without forced split-K.
+const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 6] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
@@ -494,9 +505,12 @@ fn run_case_inner(
         }
     }
     // The automatic pick (custom or wgmma) vs cuBLASLt on the same inputs.
-    let custom = results
-        .iter()
-        .find(|r| matches!(r.0, Variant::CustomAuto | Variant::WgmmaAuto));
+    let custom = results.iter().find(|r| {
+        matches!(
+            r.0,
+            Variant::CustomAuto | Variant::WgmmaAuto | Variant::TmaAuto
+        )
+    });
     let lt = results.iter().find(|r| r.0 == Variant::CublasLt);
     if let (Some(cu), Some(lt)) = (custom, lt) {
         let err = rel_l2(&cu.1, &lt.1);
@@ -690,43 +704,98 @@ fn odd_cases() -> Vec<Case> {
     cases
 }
 
-#[test]
-fn gemm_wgmma_dit_xl2_shapes() {
-    run_wgmma_cases(
-        "gemm_wgmma_dit_xl2_shapes",
-        &dit_cases("DiT-XL/2", 1152, 28, 512, 2),
+/// The shape sets every Hopper GEMM family runs.
+#[derive(Clone, Copy)]
+enum HopperShapes {
+    /// One image + CFG of DiT-XL/2 (M = 512).
+    Xl2,
+    /// Eight images of 256 tokens: the automatic pick takes 128-row tiles with full grids.
+    Xl2Rows2048,
+    S2,
+    TinyM,
+    Odd,
+}
+
+/// Runs `shapes` through `variants` on a Hopper (SKIP elsewhere); the 2048-row set with
+/// `no_split` instead (forced slices of it would not fit the workspace).
+fn run_hopper(test: &str, shapes: HopperShapes, variants: &[Variant], no_split: &[Variant]) {
+    let (cases, variants) = match shapes {
+        HopperShapes::Xl2 => (dit_cases("DiT-XL/2", 1152, 28, 512, 2), variants),
+        HopperShapes::Xl2Rows2048 => (dit_cases("DiT-XL/2 x8", 1152, 28, 2048, 8), no_split),
+        HopperShapes::S2 => (dit_cases("DiT-S/2", 384, 12, 512, 2), variants),
+        HopperShapes::TinyM => (tiny_m_cases(), variants),
+        HopperShapes::Odd => (odd_cases(), variants),
+    };
+    run_wgmma_cases(test, &cases, variants);
+}
+
+fn run_wgmma_family(test: &str, shapes: HopperShapes) {
+    run_hopper(
+        test,
+        shapes,
         &WGMMA_VARIANTS,
+        &WGMMA_VARIANTS_NO_FORCED_SPLIT,
     );
 }
 
-/// Eight images of 256 tokens: the automatic pick takes the 128-row tiles (128 x 256 for the
-/// qkv and fc1 widths) with full grids.
+fn run_tma_family(test: &str, shapes: HopperShapes) {
+    run_hopper(test, shapes, &TMA_VARIANTS, &TMA_VARIANTS_NO_FORCED_SPLIT);
+}
+
+#[test]
+fn gemm_wgmma_dit_xl2_shapes() {
+    run_wgmma_family("gemm_wgmma_dit_xl2_shapes", HopperShapes::Xl2);
+}
+
 #[test]
 fn gemm_wgmma_dit_xl2_shapes_2048_rows() {
-    run_wgmma_cases(
+    run_wgmma_family(
         "gemm_wgmma_dit_xl2_shapes_2048_rows",
-        &dit_cases("DiT-XL/2 x8", 1152, 28, 2048, 8),
-        &WGMMA_VARIANTS_NO_FORCED_SPLIT,
+        HopperShapes::Xl2Rows2048,
     );
 }
 
 #[test]
 fn gemm_wgmma_dit_s2_shapes() {
-    run_wgmma_cases(
-        "gemm_wgmma_dit_s2_shapes",
-        &dit_cases("DiT-S/2", 384, 12, 512, 2),
-        &WGMMA_VARIANTS,
-    );
+    run_wgmma_family("gemm_wgmma_dit_s2_shapes", HopperShapes::S2);
 }
 
 #[test]
 fn gemm_wgmma_tiny_m() {
-    run_wgmma_cases("gemm_wgmma_tiny_m", &tiny_m_cases(), &WGMMA_VARIANTS);
+    run_wgmma_family("gemm_wgmma_tiny_m", HopperShapes::TinyM);
 }
 
 #[test]
 fn gemm_wgmma_odd_shapes() {
-    run_wgmma_cases("gemm_wgmma_odd_shapes", &odd_cases(), &WGMMA_VARIANTS);
+    run_wgmma_family("gemm_wgmma_odd_shapes", HopperShapes::Odd);
+}
+
+#[test]
+fn gemm_tma_dit_xl2_shapes() {
+    run_tma_family("gemm_tma_dit_xl2_shapes", HopperShapes::Xl2);
+}
+
+#[test]
+fn gemm_tma_dit_xl2_shapes_2048_rows() {
+    run_tma_family(
+        "gemm_tma_dit_xl2_shapes_2048_rows",
+        HopperShapes::Xl2Rows2048,
+    );
+}
+
+#[test]
+fn gemm_tma_dit_s2_shapes() {
+    run_tma_family("gemm_tma_dit_s2_shapes", HopperShapes::S2);
+}
+
+#[test]
+fn gemm_tma_tiny_m() {
+    run_tma_family("gemm_tma_tiny_m", HopperShapes::TinyM);
+}
+
+#[test]
+fn gemm_tma_odd_shapes() {
+    run_tma_family("gemm_tma_odd_shapes", HopperShapes::Odd);
 }
 
 /// The wgmma implementation is refused with a clear error off Hopper, and on Hopper its
@@ -751,7 +820,7 @@ fn gemm_wgmma_refusals() {
     }
     let eng = Engines::with_wgmma(&gpu, 64 * 64).expect("GEMM engines");
     for (what, p, needle) in &bad_params() {
-        for v in WGMMA_VARIANTS {
+        for v in WGMMA_VARIANTS.into_iter().chain(TMA_VARIANTS) {
             let err = match eng.run(&gpu, v, p, 0) {
                 Ok(()) => panic!("{what}: {v:?} launched"),
                 Err(e) => format!("{e:#}"),

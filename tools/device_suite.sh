@@ -59,11 +59,16 @@ TESTS="gpu_small_kernels gpu_attention gpu_gemm gpu_backend cli"
 phase_tests() {
   {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    # The tests of the never-run TMA kernels ("tma" in the name) in a process of their own: a
+    # kernel fault poisons the CUDA context for every later test of its process.
     for t in $TESTS; do
-      echo "=== test $t"
-      bounded 150 .devpack/test/$t --test-threads=1 --nocapture 2>&1 \
-        | grep -E "^test |rel_l2|rel-L2|SKIP|panicked|FAILED|failures|test result|^rc=|^gpu_wgmma_probe:|^gpu_tma_probe:" \
-        | grep -v "^test .* \.\.\. ok$" | tail -n 80
+      for part in "--skip tma" "tma"; do
+        echo "=== test $t $part"
+        # shellcheck disable=SC2086 # $part is a flag and its value, or a filter
+        bounded 150 .devpack/test/$t --test-threads=1 --nocapture $part 2>&1 \
+          | grep -E "^test |rel_l2|rel-L2|SKIP|panicked|FAILED|failures|test result|^rc=|^gpu_wgmma_probe:|^gpu_tma_probe:" \
+          | grep -v "^test .* \.\.\. ok$" | tail -n 80
+      done
     done
     # Issue 3 asks the embedded model's main job to take under 1 s on a GPU, process included.
     echo "=== embedded model: fora sample --class 3 (wall time of the whole process)"
