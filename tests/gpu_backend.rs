@@ -123,6 +123,40 @@ fn sample_latents<B: Backend>(
         .latents
 }
 
+/// Ten guided DDPM steps (FORA N=3) of `classes` from `seed`, once with `off` and once with
+/// `on` as the backend's options: the two latents must be equal to the bit (`what` names the
+/// switch). `check` sees each run's workspace first (its options, the workspace), which is then
+/// dropped. The backend keeps `off` afterwards.
+fn assert_same_bits(
+    cuda: &mut CudaBackend,
+    classes: &[usize],
+    seed: u64,
+    (off, on): (fora::cuda::CudaOptions, fora::cuda::CudaOptions),
+    what: &str,
+    check: impl Fn(&fora::cuda::CudaOptions, &fora::cuda::CudaWorkspace),
+) {
+    let options = SamplerOptions::ddpm(10).with_guidance(Some(Guidance {
+        scale: 2.5,
+        mode: GuidanceMode::Official3,
+    }));
+    let mut run = |o: fora::cuda::CudaOptions| {
+        cuda.set_options(o);
+        let sampler = Sampler::new(&*cuda, options.clone()).unwrap();
+        let plan = sampler.plan(classes, NoiseSource::Seed(seed)).unwrap();
+        let ws = cuda.workspace(&plan).unwrap();
+        check(&o, &ws);
+        drop(ws);
+        sample_latents(&*cuda, &options, classes, seed, 3)
+    };
+    let a = run(on);
+    let b = run(off);
+    assert!(
+        b.iter().all(|v| v.is_finite()),
+        "{what}: non-finite latents"
+    );
+    assert!(a == b, "{what}: the latents changed");
+}
+
 fn small_cfg() -> DitConfig {
     let arch = Arch::parse("depth=4,hidden=144,heads=2,patch=2").unwrap();
     DitConfig::from_arch(&arch, 4, 16, 10, true).unwrap()
@@ -733,37 +767,28 @@ fn gpu_step_graph_is_exact() {
     let Some((_cpu, mut cuda)) = backends("gpu_step_graph_is_exact", &cfg, 29) else {
         return;
     };
-    let options = SamplerOptions::ddpm(10).with_guidance(Some(Guidance {
-        scale: 2.5,
-        mode: GuidanceMode::Official3,
-    }));
-    let classes = [6, 0];
     for gemm in [GemmImpl::Custom, GemmImpl::CublasLt] {
         for precompute in [true, false] {
-            let mut run = |step_graph| {
-                let base = cuda.options();
-                cuda.set_options(CudaOptions {
-                    gemm,
-                    graphs: true,
-                    precompute_modulation: precompute,
-                    side_stream: false,
-                    lt_autotune: false,
-                    step_graph,
-                    ..base
-                });
-                let sampler = Sampler::new(&cuda, options.clone()).unwrap();
-                let plan = sampler.plan(&classes, NoiseSource::Seed(4)).unwrap();
-                let ws = cuda.workspace(&plan).unwrap();
-                assert_eq!(ws.uses_step_graphs(), step_graph);
-                drop(ws);
-                sample_latents(&cuda, &options, &classes, 4, 3)
+            let off = CudaOptions {
+                gemm,
+                graphs: true,
+                precompute_modulation: precompute,
+                side_stream: false,
+                lt_autotune: false,
+                step_graph: false,
+                ..cuda.options()
             };
-            let separate = run(false);
-            let whole = run(true);
-            assert!(separate.iter().all(|v| v.is_finite()));
-            assert!(
-                separate == whole,
-                "{gemm:?} precompute={precompute}: one graph per step changed the latents"
+            let on = CudaOptions {
+                step_graph: true,
+                ..off
+            };
+            assert_same_bits(
+                &mut cuda,
+                &[6, 0],
+                4,
+                (off, on),
+                &format!("{gemm:?} precompute={precompute}: one graph per step"),
+                |o, ws| assert_eq!(ws.uses_step_graphs(), o.step_graph),
             );
         }
     }
@@ -779,43 +804,35 @@ fn gpu_l2_persist_is_exact() {
     let Some((_cpu, mut cuda)) = backends("gpu_l2_persist_is_exact", &cfg, 33) else {
         return;
     };
-    let options = SamplerOptions::ddpm(10).with_guidance(Some(Guidance {
-        scale: 2.5,
-        mode: GuidanceMode::Official3,
-    }));
-    let classes = [2, 9];
     let before = cuda.gpu().persisting_l2_limit().unwrap();
     for graphs in [true, false] {
-        let mut run = |l2_persist| {
-            let base = cuda.options();
-            cuda.set_options(CudaOptions {
-                graphs,
-                fused_reuse: true,
-                l2_persist,
-                ..base
-            });
-            let sampler = Sampler::new(&cuda, options.clone()).unwrap();
-            let plan = sampler.plan(&classes, NoiseSource::Seed(5)).unwrap();
-            let ws = cuda.workspace(&plan).unwrap();
-            let in_l2 = ws.cache_in_l2();
-            if l2_persist && !in_l2 {
-                println!("gpu_l2_persist_is_exact: this device sets aside no persisting L2");
-            }
-            assert!(l2_persist || !in_l2);
-            drop(ws);
-            assert_eq!(
-                cuda.gpu().persisting_l2_limit().unwrap(),
-                before,
-                "the set-aside outlived the workspace"
-            );
-            sample_latents(&cuda, &options, &classes, 5, 3)
+        let off = CudaOptions {
+            graphs,
+            fused_reuse: true,
+            l2_persist: false,
+            ..cuda.options()
         };
-        let plain = run(false);
-        let persisting = run(true);
-        assert!(plain.iter().all(|v| v.is_finite()));
-        assert!(
-            plain == persisting,
-            "graphs={graphs}: the L2 window changed the latents"
+        let on = CudaOptions {
+            l2_persist: true,
+            ..off
+        };
+        assert_same_bits(
+            &mut cuda,
+            &[2, 9],
+            5,
+            (off, on),
+            &format!("graphs={graphs}: the L2 window"),
+            |o, ws| {
+                if o.l2_persist && !ws.cache_in_l2() {
+                    println!("gpu_l2_persist_is_exact: this device sets aside no persisting L2");
+                }
+                assert!(o.l2_persist || !ws.cache_in_l2());
+            },
+        );
+        assert_eq!(
+            cuda.gpu().persisting_l2_limit().unwrap(),
+            before,
+            "the set-aside outlived the workspaces"
         );
     }
 }
@@ -833,40 +850,30 @@ fn gpu_pdl_is_exact() {
     let Some((_cpu, mut cuda)) = backends("gpu_pdl_is_exact", &cfg, 35) else {
         return;
     };
-    let options = SamplerOptions::ddpm(10).with_guidance(Some(Guidance {
-        scale: 2.5,
-        mode: GuidanceMode::Official3,
-    }));
-    let classes = [1, 7];
     for gemm in [GemmImpl::Custom, GemmImpl::CublasLt] {
         for graphs in [true, false] {
-            let mut run = |pdl| {
-                let base = cuda.options();
-                cuda.set_options(CudaOptions {
-                    gemm,
-                    graphs,
-                    pdl,
-                    ..base
-                });
-                assert_eq!(
-                    cuda.gpu().programmatic_launch(),
-                    pdl && cuda.gpu().compute_capability().0 >= 9
-                );
-                sample_latents(&cuda, &options, &classes, 6, 3)
+            let off = CudaOptions {
+                gemm,
+                graphs,
+                pdl: false,
+                ..cuda.options()
             };
-            let plain = run(false);
-            let programmatic = run(true);
-            assert!(plain.iter().all(|v| v.is_finite()));
-            assert!(
-                plain == programmatic,
-                "{gemm:?} graphs={graphs}: programmatic launches changed the latents"
+            let on = CudaOptions { pdl: true, ..off };
+            let hopper = cuda.gpu().compute_capability().0 >= 9;
+            assert_same_bits(
+                &mut cuda,
+                &[1, 7],
+                6,
+                (off, on),
+                &format!("{gemm:?} graphs={graphs}: programmatic launches"),
+                |_, _| {},
             );
+            // assert_same_bits leaves `off` set; check the switch with `on`.
+            cuda.set_options(on);
+            assert_eq!(cuda.gpu().programmatic_launch(), hopper);
+            cuda.set_options(off);
         }
     }
-    cuda.set_options(CudaOptions {
-        pdl: false,
-        ..cuda.options()
-    });
 }
 
 /// The TMA GEMM (`FORA_GEMM=tma`, Hopper only, SKIP elsewhere) in the whole sampler: with
