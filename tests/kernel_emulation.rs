@@ -652,8 +652,14 @@ fn emulated_gemm() -> Result<()> {
     // M = 2 model rows of 35 tokens; N and K not multiples of the tiles. K = 520 (9 k-tiles of
     // 64) also cycles the wgmma kernels' 4-stage ring twice, which the emulator's asynchronous
     // cp.async and wgmma check (a slot refilled while a wgmma may still read it shows as NaN).
-    let (m, n, tokens) = (70usize, 136usize, 35usize);
-    for k in [200usize, 520] {
+    // Then, for the TMA kernels only (their persistent unit order is the newest indexing),
+    // M = 4 rows of 75 tokens: three M tiles, the last partial, so units walk M and N.
+    let shapes = [
+        (70usize, 136usize, 35usize, 200usize, false),
+        (70, 136, 35, 520, false),
+        (300, 136, 75, 200, true),
+    ];
+    for (m, n, tokens, k, tma_only) in shapes {
         let ldo = n + 8;
         let mut rng = TestRng::new(7);
         let a = round_bf16(&rng.normal_vec(m * k, 1.0));
@@ -684,12 +690,13 @@ fn emulated_gemm() -> Result<()> {
             .into_iter()
             .map(GemmKernel::Custom)
             .chain(WgmmaTile::ALL.into_iter().map(GemmKernel::Wgmma))
+            .filter(|_| !tma_only)
             .chain(TmaTile::ALL.into_iter().map(GemmKernel::Tma))
             .collect();
         for kernel in &tiles {
             for splits in [1u32, 3] {
                 for epi in Epilogue::ALL {
-                    let what = format!("emulated GEMM {kernel:?} K={k} x{splits} {epi:?}");
+                    let what = format!("emulated GEMM {kernel:?} M={m} K={k} x{splits} {epi:?}");
                     let residual_epi = epi == Epilogue::BiasGateResidual;
                     // bf16 out, f32 out, or the f32 residual (random, not poisoned).
                     let out_f32 = if residual_epi {
