@@ -19,7 +19,7 @@
 //!   MN-major from its stage (no V^T transpose).
 //! - auto: v2 when its grid fills every SM twice, else v1 ([`AttentionImpl::resolve`]).
 
-use super::device::KernelLauncher;
+use super::device::{ensure_hopper, KernelLauncher};
 use super::params::AttentionParams;
 use anyhow::{bail, ensure, Context, Result};
 use std::str::FromStr;
@@ -334,12 +334,11 @@ pub fn attention_sized_for(
 ) -> Result<()> {
     let imp = imp.resolve(p, sm_count);
     if imp.is_wgmma() {
-        let (major, minor) = gpu.compute_capability();
-        ensure!(
-            major == 9,
-            "attention: the wgmma implementation needs a Hopper GPU (compute capability 9.x), this \
-             device is {major}.{minor}; use FORA_ATTENTION=v1"
-        );
+        ensure_hopper(
+            gpu,
+            "attention: the wgmma implementation",
+            "; use FORA_ATTENTION=v1",
+        )?;
     }
     let plan = attention_plan_on(p, imp, sm_count)?;
     gpu.allow_dynamic_shared_memory(plan.kernel, plan.shared_mem_bytes)

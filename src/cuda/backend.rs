@@ -6,7 +6,7 @@
 //! host synchronization. `FORA_CUDA_GRAPHS=0` launches kernel by kernel instead (for profilers
 //! that filter by NVTX range, and for debugging).
 
-use super::device::dptr_at;
+use super::device::{dptr_at, ensure_hopper};
 use super::gemm::{Gemm, GemmImpl};
 use super::model::{ada_cols, max_gemm_mn, Activations, CondBuffers, ForwardKind, GpuModel};
 use super::params::{NormalFillParams, SamplerStepParams, UnpatchifyParams};
@@ -300,13 +300,11 @@ impl CudaBackend {
         // refused before any upload rather than at the first forward.
         let attention = super::attention::AttentionImpl::selected()?;
         if attention.is_wgmma() {
-            let (major, minor) = gpu.compute_capability();
-            ensure!(
-                major == 9,
-                "FORA_ATTENTION={} needs a Hopper GPU (compute capability 9.x), this device is \
-                 {major}.{minor}; use FORA_ATTENTION=v1",
-                attention.name()
-            );
+            ensure_hopper(
+                &gpu,
+                &format!("FORA_ATTENTION={}", attention.name()),
+                "; use FORA_ATTENTION=v1",
+            )?;
         }
         let model = GpuModel::upload(&gpu, cfg, weights)?;
         gpu.set_programmatic_launch(options.pdl);

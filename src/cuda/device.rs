@@ -812,6 +812,17 @@ pub fn dptr_at<T>(s: &CudaSlice<T>, offset: usize) -> u64 {
 }
 
 /// Launcher validation: `ptr` is a non-null device address aligned to `align` bytes.
+/// Err unless `gpu` is a Hopper (compute capability 9.x), the only architecture the sm_90a
+/// kernels (wgmma, TMA) are built for: "`what` needs a Hopper GPU ..., this device is M.m`hint`".
+pub fn ensure_hopper(gpu: &impl KernelLauncher, what: &str, hint: &str) -> Result<()> {
+    let (major, minor) = gpu.compute_capability();
+    ensure!(
+        major == 9,
+        "{what} needs a Hopper GPU (compute capability 9.x), this device is {major}.{minor}{hint}"
+    );
+    Ok(())
+}
+
 pub fn check_ptr(kernel: &str, field: &str, ptr: u64, align: u64) -> Result<()> {
     ensure!(ptr != 0, "{kernel}: {field} pointer is null");
     ensure!(

@@ -16,7 +16,7 @@
 //! cannot do) is sized at construction, so launches can be captured in CUDA graphs.
 
 use super::cublaslt::{CublasLt, LtBatch, LtEpilogue, LtMatmul, LtOutput, LtRun};
-use super::device::{dptr, Gpu, KernelLauncher, TmaTensor2d};
+use super::device::{dptr, ensure_hopper, Gpu, KernelLauncher, TmaTensor2d};
 use super::params::{
     GemmEpilogueParams, GemmParams, GemmTmaParams, FORA_EPI_BIAS_BF16, FORA_EPI_BIAS_F32,
     FORA_EPI_BIAS_GATE_RESIDUAL, FORA_EPI_BIAS_GELU_BF16, FORA_EPI_PARTIAL_F32,
@@ -654,12 +654,11 @@ impl Gemm {
         // Launched by name; loading it now makes a binary without it fail here, clearly.
         gpu.function("gemm_epilogue_f32")?;
         if imp.is_hopper_only() {
-            let (major, minor) = gpu.compute_capability();
-            ensure!(
-                major == 9,
-                "GEMM: the {imp:?} implementation needs a Hopper GPU (compute capability 9.x), \
-                 this device is {major}.{minor}; use FORA_GEMM=custom or cublaslt"
-            );
+            ensure_hopper(
+                gpu,
+                &format!("GEMM: the {imp:?} implementation"),
+                "; use FORA_GEMM=custom or cublaslt",
+            )?;
         }
         let mut tma_tiles = Vec::new();
         if imp == GemmImpl::Tma {

@@ -3,7 +3,7 @@
 //! (or may rely on next), so that a device run says which assumption holds
 //! ([`WgmmaProbeMode`]). Tests only: nothing in the model launches it.
 
-use super::device::{check_ptr, KernelLauncher, TmaTensor2d};
+use super::device::{check_ptr, ensure_hopper, KernelLauncher, TmaTensor2d};
 use super::params::{TmaProbeParams, WgmmaProbeParams};
 use anyhow::{ensure, Context, Result};
 
@@ -56,11 +56,7 @@ pub fn wgmma_probe(
     d: u64,
 ) -> Result<()> {
     const K: &str = "wgmma_probe";
-    let (major, minor) = gpu.compute_capability();
-    ensure!(
-        major == 9,
-        "{K}: wgmma needs a Hopper GPU (compute capability 9.x), this device is {major}.{minor}"
-    );
+    ensure_hopper(gpu, &format!("{K}: wgmma"), "")?;
     ensure!(
         mode.widths().contains(&n),
         "{K}: n must be one of {:?} in mode {mode:?}, got {n}",
@@ -95,11 +91,7 @@ pub fn tma_probe(
     out: u64,
 ) -> Result<()> {
     const K: &str = "tma_probe";
-    let (major, minor) = gpu.compute_capability();
-    ensure!(
-        major == 9,
-        "{K}: TMA needs a Hopper GPU (compute capability 9.x), this device is {major}.{minor}"
-    );
+    ensure_hopper(gpu, &format!("{K}: TMA"), "")?;
     check_ptr(K, "out", out, 2)?;
     let map = gpu
         .tma_descriptor_2d(tensor)
