@@ -49,11 +49,25 @@ const EMULATED_SMS: usize = 132;
 /// Dynamic shared memory a block may have (an H100's opt-in limit).
 const EMULATED_SMEM_LIMIT: u32 = 227 * 1024;
 
-/// The emulator library, loaded once per test process.
+/// The emulator library, loaded once per test process, and the SMs it reports.
 struct Emulator {
-    _lib: libloading::Library,
+    lib: std::sync::Arc<libloading::Library>,
     launch: LaunchFn,
     encode_tma: EncodeTmaFn,
+    sms: usize,
+}
+
+impl Emulator {
+    /// The same emulator reporting `sms` multiprocessors, so that a persistent kernel's CTAs
+    /// each take several work units (the TMA GEMM's ring then runs on across units).
+    fn with_sms(&self, sms: usize) -> Emulator {
+        Emulator {
+            lib: self.lib.clone(),
+            launch: self.launch,
+            encode_tma: self.encode_tma,
+            sms,
+        }
+    }
 }
 
 /// A host buffer standing in for device memory: 256-byte aligned like cudaMalloc, written by
@@ -189,7 +203,7 @@ impl<T> DeviceAddr for HostBuf<T> {
 
 impl KernelLauncher for Emulator {
     fn multiprocessors(&self) -> usize {
-        EMULATED_SMS
+        self.sms
     }
 
     /// A Hopper: the emulator carries out the sm_90a kernels' wgmma too.
@@ -390,7 +404,8 @@ fn load() -> Result<Option<Emulator>> {
     let encode_tma: EncodeTmaFn =
         unsafe { *lib.get::<EncodeTmaFn>(b"fora_emulate_encode_tma_2d\0")? };
     Ok(Some(Emulator {
-        _lib: lib,
+        lib: std::sync::Arc::new(lib),
+        sms: EMULATED_SMS,
         launch,
         encode_tma,
     }))
@@ -590,43 +605,6 @@ fn emulated_attention() -> Result<()> {
     Ok(())
 }
 
-/// The emulator reporting fewer SMs, so that a persistent kernel's CTAs each take several work
-/// units (the TMA GEMM's ring then runs on across units).
-struct FewSms<'a>(&'a Emulator, usize);
-
-impl KernelLauncher for FewSms<'_> {
-    fn multiprocessors(&self) -> usize {
-        self.1
-    }
-
-    fn compute_capability(&self) -> (i32, i32) {
-        self.0.compute_capability()
-    }
-
-    fn allow_dynamic_shared_memory(&self, name: &str, bytes: u32) -> Result<()> {
-        self.0.allow_dynamic_shared_memory(name, bytes)
-    }
-
-    fn tma_descriptor_2d(&self, t: &TmaTensor2d) -> Result<TmaDescriptor> {
-        self.0.tma_descriptor_2d(t)
-    }
-
-    unsafe fn launch_kernel<P: DeviceRepr>(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        shared_mem_bytes: u32,
-        params: &P,
-    ) -> Result<()> {
-        // SAFETY: forwarded to the caller.
-        unsafe {
-            self.0
-                .launch_kernel(name, grid, block, shared_mem_bytes, params)
-        }
-    }
-}
-
 /// The GEMM kernel families the emulated GEMM test runs.
 #[derive(Debug)]
 enum GemmKernel {
@@ -733,7 +711,7 @@ fn emulated_gemm() -> Result<()> {
                     match kernel {
                         GemmKernel::Custom(t) => launch_custom(emu, &p, *t, splits, splitk)?,
                         GemmKernel::Wgmma(t) => launch_wgmma(emu, &p, *t, splits, splitk)?,
-                        GemmKernel::Tma(t) => launch_tma(&FewSms(emu, 1), &p, *t, splits, splitk)?,
+                        GemmKernel::Tma(t) => launch_tma(&emu.with_sms(1), &p, *t, splits, splitk)?,
                     }
                     let got = if bf16_out {
                         emu.download_bf16(&out_bf16)?
