@@ -449,14 +449,7 @@ fn gpu_execution_paths_agree() {
         mode: GuidanceMode::Official3,
     }));
     let classes = [4, 8];
-    let want = Sampler::new(&cpu, options.clone())
-        .unwrap()
-        .sample(
-            &classes,
-            NoiseSource::Seed(3),
-            &mut StaticInterval::new(3).unwrap(),
-        )
-        .unwrap();
+    let want = sample_latents(&cpu, &options, &classes, 3, 3);
     let mut first: Option<Vec<f32>> = None;
     // Every path from the plainest (custom GEMMs, graphs and precomputed tables only) up.
     let plain = CudaOptions {
@@ -599,7 +592,7 @@ fn gpu_execution_paths_agree() {
         drop(ws);
         let got = sample_latents(&cuda, &options, &classes, 3, 3);
         let what = format!("{o:?}");
-        check_close(&format!("{what} vs CPU"), &got, &want.latents, 5e-2).unwrap();
+        check_close(&format!("{what} vs CPU"), &got, &want, 5e-2).unwrap();
         match &first {
             None => first = Some(got),
             Some(f) => {
@@ -898,14 +891,7 @@ fn gpu_tma_sampling_paths() {
         mode: GuidanceMode::Official3,
     }));
     let classes = [4, 8];
-    let want = Sampler::new(&cpu, options.clone())
-        .unwrap()
-        .sample(
-            &classes,
-            NoiseSource::Seed(3),
-            &mut StaticInterval::new(3).unwrap(),
-        )
-        .unwrap();
+    let want = sample_latents(&cpu, &options, &classes, 3, 3);
     let base = cuda.options();
     cuda.set_options(CudaOptions {
         gemm: GemmImpl::CublasLt,
@@ -922,7 +908,7 @@ fn gpu_tma_sampling_paths() {
         };
         cuda.set_options(o);
         let got = sample_latents(&cuda, &options, &classes, 3, 3);
-        check_close(&format!("{o:?} vs CPU"), &got, &want.latents, 5e-2).unwrap();
+        check_close(&format!("{o:?} vs CPU"), &got, &want, 5e-2).unwrap();
         check_close(&format!("{o:?} vs cuBLASLt"), &got, &lt, 1e-2).unwrap();
         cuda.set_options(CudaOptions { pdl: true, ..o });
         let programmatic = sample_latents(&cuda, &options, &classes, 3, 3);
