@@ -604,11 +604,9 @@ pub const SPLITK_WORKSPACE: usize = 8 << 20;
 pub struct Gemm {
     imp: GemmImpl,
     tiles: Vec<(Tile, CudaFunction)>,
-    /// The Hopper kernels; loaded for [`GemmImpl::Wgmma`] only.
+    /// The Hopper kernels; loaded for [`GemmImpl::Wgmma`], and for [`GemmImpl::Tma`] (its
+    /// M <= 64 GEMMs), whose own kernels are launched by name.
     wgmma_tiles: Vec<(WgmmaTile, CudaFunction)>,
-    /// The warp-specialized TMA kernels; loaded for [`GemmImpl::Tma`] only (which also loads
-    /// the wgmma kernels above, for M <= 64).
-    tma_tiles: Vec<TmaTile>,
     lt: Option<CublasLt>,
     /// f32 [scratch_len] for cuBLASLt products that still need the epilogue kernel.
     scratch: Option<CudaSlice<f32>>,
@@ -660,11 +658,10 @@ impl Gemm {
                 "; use FORA_GEMM=custom or cublaslt",
             )?;
         }
-        let mut tma_tiles = Vec::new();
         if imp == GemmImpl::Tma {
+            // Loads each kernel now (a binary without them fails here) with its shared memory.
             for tile in TmaTile::ALL {
                 gpu.allow_dynamic_shared_memory(tile.kernel_name(), tile.smem_bytes())?;
-                tma_tiles.push(tile);
             }
         }
         let mut wgmma_tiles = Vec::new();
@@ -701,7 +698,6 @@ impl Gemm {
             imp,
             tiles,
             wgmma_tiles,
-            tma_tiles,
             lt,
             scratch,
             splitk,
@@ -743,11 +739,18 @@ impl Gemm {
         self.splitk.as_ref().map(|w| (dptr(w), w.len()))
     }
 
+    /// f32 elements of the split-K workspace (0 without one), the bound of the split picks.
+    fn splitk_len(&self) -> usize {
+        self.splitk.as_ref().map_or(0, |w| w.len())
+    }
+
     /// The tile variant and split-K slice count the custom path uses for a shape.
     pub fn plan(&self, m: usize, n: usize, k: usize) -> (Tile, u32) {
         let tile = Tile::pick(m, n, self.sm_count, self.cc_major);
-        let workspace = self.splitk.as_ref().map_or(0, |w| w.len());
-        (tile, tile.pick_splits(m, n, k, self.sm_count, workspace))
+        (
+            tile,
+            tile.pick_splits(m, n, k, self.sm_count, self.splitk_len()),
+        )
     }
 
     /// The custom kernel with the tile variant and the number of split-K slices forced
@@ -765,10 +768,7 @@ impl Gemm {
         let tile = tile.unwrap_or_else(|| Tile::pick(m, n, self.sm_count, self.cc_major));
         let splits = match splits {
             Some(s) => s,
-            None => {
-                let workspace = self.splitk.as_ref().map_or(0, |w| w.len());
-                tile.pick_splits(m, n, k, self.sm_count, workspace)
-            }
+            None => tile.pick_splits(m, n, k, self.sm_count, self.splitk_len()),
         };
         ensure!(
             self.tiles.iter().any(|(x, _)| *x == tile),
@@ -788,8 +788,10 @@ impl Gemm {
     /// The tile variant and split-K slice count the wgmma path uses for a shape.
     pub fn plan_wgmma(&self, m: usize, n: usize, k: usize) -> (WgmmaTile, u32) {
         let tile = WgmmaTile::pick(m, n, self.sm_count);
-        let workspace = self.splitk.as_ref().map_or(0, |w| w.len());
-        (tile, tile.pick_splits(m, n, k, self.sm_count, workspace))
+        (
+            tile,
+            tile.pick_splits(m, n, k, self.sm_count, self.splitk_len()),
+        )
     }
 
     /// The Hopper wgmma kernel with the tile variant and the number of split-K slices forced
@@ -813,10 +815,7 @@ impl Gemm {
         let tile = tile.unwrap_or_else(|| WgmmaTile::pick(m, n, self.sm_count));
         let splits = match splits {
             Some(s) => s,
-            None => {
-                let workspace = self.splitk.as_ref().map_or(0, |w| w.len());
-                tile.pick_splits(m, n, k, self.sm_count, workspace)
-            }
+            None => tile.pick_splits(m, n, k, self.sm_count, self.splitk_len()),
         };
         ensure!(
             self.wgmma_tiles.iter().any(|(x, _)| *x == tile),
@@ -836,8 +835,10 @@ impl Gemm {
     /// The tile variant and split-K slice count the TMA path uses for a shape.
     pub fn plan_tma(&self, m: usize, n: usize, k: usize) -> (TmaTile, u32) {
         let tile = TmaTile::pick(m, n, self.sm_count);
-        let workspace = self.splitk.as_ref().map_or(0, |w| w.len());
-        (tile, tile.pick_splits(m, n, k, self.sm_count, workspace))
+        (
+            tile,
+            tile.pick_splits(m, n, k, self.sm_count, self.splitk_len()),
+        )
     }
 
     /// The warp-specialized TMA kernel with the tile variant and the number of split-K slices
@@ -857,26 +858,10 @@ impl Gemm {
              loaded only on a Hopper device by Gemm::new with GemmImpl::Tma)",
             self.imp
         );
-        let (planned_tile, planned_splits) =
-            self.plan_tma(p.m as usize, p.n as usize, p.k as usize);
-        let tile = tile.unwrap_or(planned_tile);
-        let splits = splits.unwrap_or(if tile == planned_tile {
-            planned_splits
-        } else {
-            let workspace = self.splitk.as_ref().map_or(0, |w| w.len());
-            tile.pick_splits(
-                p.m as usize,
-                p.n as usize,
-                p.k as usize,
-                self.sm_count,
-                workspace,
-            )
-        });
-        ensure!(
-            self.tma_tiles.contains(&tile),
-            "GEMM kernel {} not loaded",
-            tile.kernel_name()
-        );
+        let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+        let tile = tile.unwrap_or_else(|| TmaTile::pick(m, n, self.sm_count));
+        let splits =
+            splits.unwrap_or_else(|| tile.pick_splits(m, n, k, self.sm_count, self.splitk_len()));
         launch_tma(gpu, p, tile, splits, self.splitk_workspace())
     }
 
