@@ -924,25 +924,23 @@ impl Report {
             m.tokens,
             m.weights
         );
-        s +=
-            &format!(
-            "{device}, {}. Median of {} runs after {} warm-up runs (CUDA events). CUDA graphs {}; \
+        s += &format!(
+            "{device}, {}. Median of {} runs after {} warm-up runs (CUDA events). CUDA graphs {}{}; \
              modulation tables precomputed {}; cuBLASLt algorithms {}; reuse steps {}; per-step \
              tables {}; proj / fc2 epilogues {}; qkv / fc1 bias {}; attention `{}` \
              (FORA_ATTENTION). FLOPs = 2 x {:.1} GMAC per model row.\n\n",
             self.date,
             self.runs,
             self.warmup,
-            match (self.options.graphs, self.options.step_graph, self.options.pdl) {
-                (true, true, false) => "on, a whole step per graph (FORA_STEP_GRAPH=1)",
-                (true, true, true) => {
-                    "on, a whole step per graph (FORA_STEP_GRAPH=1), programmatic launches \
-                     (FORA_PDL=1)"
-                }
-                (true, false, false) => "on",
-                (true, false, true) => "on, programmatic launches (FORA_PDL=1)",
-                (false, _, false) => "off (FORA_CUDA_GRAPHS=0)",
-                (false, _, true) => "off (FORA_CUDA_GRAPHS=0), programmatic launches (FORA_PDL=1)",
+            match (self.options.graphs, self.options.step_graph) {
+                (true, true) => "on, a whole step per graph (FORA_STEP_GRAPH=1)",
+                (true, false) => "on",
+                (false, _) => "off (FORA_CUDA_GRAPHS=0)",
+            },
+            if self.options.pdl {
+                ", programmatic launches (FORA_PDL=1)"
+            } else {
+                ""
             },
             if self.options.precompute_modulation {
                 "when they fit"
