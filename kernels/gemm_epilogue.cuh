@@ -16,15 +16,26 @@ struct Epilogue {
     int m, n, ldo, ldc, ldg, rows_per_gate, kind;
 };
 
-// Applies the epilogue to (row, col) and, when col + 1 < n, (row, col + 1). `col` is even, and
-// out/cache are 8-byte aligned, so an even leading dimension makes the pair access aligned.
-FORA_DEVICE void epilogue_pair(const Epilogue& e, int row, int col, float v0, float v1) {
-    const bool has1 = col + 1 < e.n;
-    if (e.bias != nullptr) {
-        v0 += e.bias[col];
-        if (has1) v1 += e.bias[col + 1];
-    }
-    const long long o = static_cast<long long>(row) * e.ldo + col;
+// The epilogue of a thread's accumulator fragments in the mma / wgmma layout: for j < NJ,
+// acc[4j], acc[4j + 1] at (row, c, c + 1) and acc[4j + 2], acc[4j + 3] at (row + 8, c, c + 1),
+// c = col_base + 8j. The same maths as epilogue_pair, element by element, but every load of a
+// chunk of column pairs (bias, gates, residual) is issued before any of its stores: with
+// epilogue_pair per element the compiler may not hoist a load above a store to memory it
+// cannot prove disjoint, so each pair waited one round trip, and beside a GEMM's shared-memory
+// carve-out L1 keeps little (the TMA GEMM's epilogue took longer than its mainloop on an H200).
+
+// The largest divisor of nj up to max: column pairs of one chunk (registers for its loads).
+__host__ __device__ constexpr int epilogue_chunk(int nj, int max) {
+    int c = nj < max ? nj : max;
+    while (nj % c != 0) --c;
+    return c;
+}
+
+// Stores the epilogue of one column pair of row rr: v0, v1 with the bias added, and for the
+// gated residual the loaded gate and residual pairs.
+FORA_DEVICE void epilogue_store_pair(const Epilogue& e, int rr, int col, bool has1, float v0, float v1,
+                                     float2 gate, float2 res) {
+    const long long o = static_cast<long long>(rr) * e.ldo + col;
     const bool out_pair = has1 && (e.ldo & 1) == 0;
     if (e.kind == FORA_EPI_BIAS_BF16 || e.kind == FORA_EPI_BIAS_GELU_BF16) {
         if (e.kind == FORA_EPI_BIAS_GELU_BF16) {
@@ -48,25 +59,116 @@ FORA_DEVICE void epilogue_pair(const Epilogue& e, int row, int col, float v0, fl
         }
     } else {  // FORA_EPI_BIAS_GATE_RESIDUAL
         if (e.cache != nullptr) {
-            __nv_bfloat16* c = e.cache + static_cast<long long>(row) * e.ldc + col;
+            __nv_bfloat16* cp = e.cache + static_cast<long long>(rr) * e.ldc + col;
             if (has1 && (e.ldc & 1) == 0) {
-                *reinterpret_cast<__nv_bfloat162*>(c) = __floats2bfloat162_rn(v0, v1);
+                *reinterpret_cast<__nv_bfloat162*>(cp) = __floats2bfloat162_rn(v0, v1);
             } else {
-                c[0] = f32_to_bf16(v0);
-                if (has1) c[1] = f32_to_bf16(v1);
+                cp[0] = f32_to_bf16(v0);
+                if (has1) cp[1] = f32_to_bf16(v1);
             }
         }
-        const float* g = e.gate + static_cast<long long>(row / e.rows_per_gate) * e.ldg + col;
-        float* res = static_cast<float*>(e.out) + o;
+        res.x += gate.x * v0;
+        res.y += gate.y * v1;
+        float* out = static_cast<float*>(e.out) + o;
         if (out_pair) {
-            float2 r = *reinterpret_cast<float2*>(res);
-            r.x += g[0] * v0;
-            r.y += g[1] * v1;
-            *reinterpret_cast<float2*>(res) = r;
+            *reinterpret_cast<float2*>(out) = res;
         } else {
-            res[0] += g[0] * v0;
-            if (has1) res[1] += g[1] * v1;
+            out[0] = res.x;
+            if (has1) out[1] = res.y;
         }
+    }
+}
+
+// Applies the epilogue to (row, col) and, when col + 1 < n, (row, col + 1). `col` is even, and
+// out/cache are 8-byte aligned, so an even leading dimension makes the pair access aligned.
+FORA_DEVICE void epilogue_pair(const Epilogue& e, int row, int col, float v0, float v1) {
+    const bool has1 = col + 1 < e.n;
+    if (e.bias != nullptr) {
+        v0 += e.bias[col];
+        if (has1) v1 += e.bias[col + 1];
+    }
+    float2 gate = make_float2(0.0f, 0.0f), res = make_float2(0.0f, 0.0f);
+    if (e.kind == FORA_EPI_BIAS_GATE_RESIDUAL) {
+        const float* g = e.gate + static_cast<long long>(row / e.rows_per_gate) * e.ldg + col;
+        const float* x = static_cast<const float*>(e.out) + static_cast<long long>(row) * e.ldo + col;
+        gate.x = g[0];
+        if (has1) gate.y = g[1];
+        if (has1 && (e.ldo & 1) == 0) {
+            res = *reinterpret_cast<const float2*>(x);
+        } else {
+            res.x = x[0];
+            if (has1) res.y = x[1];
+        }
+    }
+    epilogue_store_pair(e, row, col, has1, v0, v1, gate, res);
+}
+
+// epilogue_fragments for one kind family: GATED (the gated residual: gates and residual loaded
+// per row, 4 column pairs a chunk) or not (bias only, 8 a chunk).
+template <int NJ, bool GATED>
+FORA_DEVICE void epilogue_fragments_of(const Epilogue& e, int row, int col_base, const float* acc) {
+    constexpr int kChunk = epilogue_chunk(NJ, GATED ? 4 : 8);
+    constexpr int kRows = GATED ? 2 : 1;  // rows of gate / residual registers
+#pragma unroll
+    for (int j0 = 0; j0 < NJ; j0 += kChunk) {
+        float2 bias[kChunk];
+        float2 gate[kRows][kChunk];
+        float2 res[kRows][kChunk];
+#pragma unroll
+        for (int c = 0; c < kChunk; ++c) {
+            const int col = col_base + 8 * (j0 + c);
+            const bool has1 = col + 1 < e.n;
+            bias[c] = make_float2(0.0f, 0.0f);
+            if (e.bias != nullptr && col < e.n) {
+                bias[c].x = e.bias[col];
+                if (has1) bias[c].y = e.bias[col + 1];
+            }
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) {
+                gate[r][c] = make_float2(0.0f, 0.0f);
+                res[r][c] = make_float2(0.0f, 0.0f);
+                const int rr = row + 8 * r;
+                if (!GATED || col >= e.n || rr >= e.m) continue;
+                const float* g = e.gate + static_cast<long long>(rr / e.rows_per_gate) * e.ldg + col;
+                const float* x = static_cast<const float*>(e.out) + static_cast<long long>(rr) * e.ldo + col;
+                gate[r][c].x = g[0];
+                if (has1) gate[r][c].y = g[1];
+                if (has1 && (e.ldo & 1) == 0) {
+                    res[r][c] = *reinterpret_cast<const float2*>(x);
+                } else {
+                    res[r][c].x = x[0];
+                    if (has1) res[r][c].y = x[1];
+                }
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < kChunk; ++c) {
+            const int col = col_base + 8 * (j0 + c);
+            if (col >= e.n) continue;
+            const bool has1 = col + 1 < e.n;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int rr = row + 8 * r;
+                if (rr >= e.m) continue;
+                float v0 = acc[4 * (j0 + c) + 2 * r];
+                float v1 = acc[4 * (j0 + c) + 2 * r + 1];
+                if (e.bias != nullptr) {
+                    v0 += bias[c].x;
+                    if (has1) v1 += bias[c].y;
+                }
+                epilogue_store_pair(e, rr, col, has1, v0, v1, gate[GATED ? r : 0][c],
+                                    res[GATED ? r : 0][c]);
+            }
+        }
+    }
+}
+
+template <int NJ>
+FORA_DEVICE void epilogue_fragments(const Epilogue& e, int row, int col_base, const float* acc) {
+    if (e.kind == FORA_EPI_BIAS_GATE_RESIDUAL) {
+        epilogue_fragments_of<NJ, true>(e, row, col_base, acc);
+    } else {
+        epilogue_fragments_of<NJ, false>(e, row, col_base, acc);
     }
 }
 

@@ -183,13 +183,7 @@ FORA_DEVICE void gemm_wgmma_tile(const GemmParams& p) {
     const int warp_in_group = (tid >> 5) & 3;
     const int row = m0 + warpgroup * 64 + warp_in_group * 16 + (lane >> 2);
     const int col_base = n0 + 2 * (lane & 3);
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-        const int col = col_base + j * 8;
-        if (col >= p.n) continue;
-        if (row < p.m) epilogue_pair(e, row, col, acc[4 * j], acc[4 * j + 1]);
-        if (row + 8 < p.m) epilogue_pair(e, row + 8, col, acc[4 * j + 2], acc[4 * j + 3]);
-    }
+    epilogue_fragments<BN / 8>(e, row, col_base, acc);
 }
 
 // ---- the warp-specialized TMA kernel (gemm_tma_128x<BN>) ------------------------------------
@@ -371,13 +365,7 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
 #pragma unroll
         for (int b = 0; b < kRowBlocks; ++b) {
             const int row = w.m0 + (row_block0 + b) * 64 + warp_in_group * 16 + (lane >> 2);
-#pragma unroll
-            for (int j = 0; j < BN / 8; ++j) {
-                const int col = col_base + j * 8;
-                if (col >= p.n) continue;
-                if (row < p.m) epilogue_pair(e, row, col, acc[b][4 * j], acc[b][4 * j + 1]);
-                if (row + 8 < p.m) epilogue_pair(e, row + 8, col, acc[b][4 * j + 2], acc[b][4 * j + 3]);
-            }
+            epilogue_fragments<BN / 8>(e, row, col_base, acc[b]);
         }
     }
 }

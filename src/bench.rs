@@ -955,6 +955,8 @@ impl Report {
             if self.options.fused_reuse && self.options.l2_persist {
                 "fused, one fora_reuse_final launch, the cache persisting in L2 where most of it \
                  fits (FORA_L2_PERSIST=1)"
+            } else if self.options.fused_reuse && !self.options.fused_final {
+                "fused, one fora_reuse_final launch, then the final GEMM (FORA_FUSED_FINAL=0)"
             } else if self.options.fused_reuse {
                 "fused, one fora_reuse_final launch"
             } else {
@@ -962,11 +964,11 @@ impl Report {
             },
             match (self.options.side_stream, self.options.reuse_gates_only) {
                 (true, _) => "the next step's on a second stream (FORA_SIDE_STREAM=1)",
-                (false, true) => {
-                    "before each step on the one stream, a reuse step's gates only \
-                     (FORA_REUSE_GATES_ONLY=1)"
+                (false, true) => "before each step on the one stream, a reuse step's gates only",
+                (false, false) => {
+                    "before each step on the one stream, a reuse step's whole table \
+                     (FORA_REUSE_GATES_ONLY=0)"
                 }
-                (false, false) => "before each step on the one stream",
             },
             if self.options.fused_ln && self.options.bf16_residual {
                 "bf16 into the cache, fused with the next LayerNorm (FORA_BF16_RESIDUAL=1)"
@@ -1831,8 +1833,7 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
         }
     }
     // The selected implementation ("custom"), then the others worth comparing on this card.
-    let shape = attention_params(cfg, rows, 0, 0);
-    let selected = AttentionImpl::selected().map(|a| a.resolve(&shape, gpu.multiprocessors()));
+    let selected = AttentionImpl::selected().map(|a| a.resolve(gpu.compute_capability().0));
     let attention_row = bench_attention(gpu, cfg, rows, timer, rotate, None);
     push_kernel(report, "attention", rows, attention_row);
     for imp in [

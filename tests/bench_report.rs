@@ -315,6 +315,7 @@ fn fake_report() -> Report {
             max_modulation_table_bytes: 8 << 30,
             lt_autotune: false,
             fused_reuse: false,
+            fused_final: false,
             side_stream: false,
             fused_ln: false,
             lt_bias_bf16: true,

@@ -4,10 +4,11 @@
 
 use fora::cuda::CudaOptions;
 
-const SWITCHES: [&str; 12] = [
+const SWITCHES: [&str; 13] = [
     "FORA_PRECOMPUTE_MODULATION",
     "FORA_LT_AUTOTUNE",
     "FORA_FUSED_REUSE",
+    "FORA_FUSED_FINAL",
     "FORA_SIDE_STREAM",
     "FORA_FUSED_LN",
     "FORA_LT_BIAS_BF16",
@@ -25,6 +26,7 @@ fn switch(o: &CudaOptions, var: &str) -> bool {
         "FORA_PRECOMPUTE_MODULATION" => o.precompute_modulation,
         "FORA_LT_AUTOTUNE" => o.lt_autotune,
         "FORA_FUSED_REUSE" => o.fused_reuse,
+        "FORA_FUSED_FINAL" => o.fused_final,
         "FORA_SIDE_STREAM" => o.side_stream,
         "FORA_FUSED_LN" => o.fused_ln,
         "FORA_LT_BIAS_BF16" => o.lt_bias_bf16,
@@ -50,8 +52,10 @@ fn options_from_the_environment() {
     let on = [
         "FORA_PRECOMPUTE_MODULATION",
         "FORA_FUSED_REUSE",
+        "FORA_FUSED_FINAL",
         "FORA_FUSED_LN",
         "FORA_LT_BIAS_BF16",
+        "FORA_REUSE_GATES_ONLY",
     ];
     for var in SWITCHES {
         assert_eq!(

@@ -21,10 +21,10 @@
 #   racecheck  racecheck over the kernel tests, our kernels only (RACECHECK_RUNS overrides);
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
-#              "default bf16_residual gates_only step_graph attention_wgmma attention_wgmma_mn
-#              lt_splitk tma l2_persist pdl tma_pdl"; "all" adds unfused,
-#              f32_bias, side_stream,
-#              lt_autotune, attention_v2 and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
+#              "default bf16_residual step_graph unfused_final attention_v1 pdl tma"; "all"
+#              adds unfused, f32_bias, full_table, side_stream, lt_autotune, lt_splitk,
+#              l2_persist, tma_pdl, attention_v2, attention_wgmma, attention_wgmma_mn and
+#              wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
 #              VARIANT_ARGS / VARIANT_S change what each runs);
 #   bench      `fora bench` (FORA_BENCH_ARGS overrides its arguments);
 #   torch      tools/bench_torch.py, the PyTorch reference (TORCH_BENCH_ARGS);
@@ -43,7 +43,7 @@ PHASES=${PHASES:-tests memcheck variants bench torch kernelprof}
 # memcheck over every test binary unless SANITIZE_FULL=0 (a shorter subset).
 SANITIZE_FULL=${SANITIZE_FULL:-1}
 # The variants whose default is still to decide (VARIANTS=all: every one).
-VARIANTS=${VARIANTS:-default bf16_residual gates_only step_graph attention_wgmma attention_wgmma_mn lt_splitk tma l2_persist pdl tma_pdl}
+VARIANTS=${VARIANTS:-default bf16_residual step_graph unfused_final attention_v1 pdl tma}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -205,9 +205,17 @@ phase_kernelprof() {
     esac
     # The steps run the TMA GEMM only with --gemm tma.
     case $k in gemm_tma*) gemm=tma ;; *) gemm=cublaslt ;; esac
+    # PROF_SOURCE=1 also keeps the report and prints its per-SASS-instruction page (warp stall
+    # samples per instruction) as ncu_<kernel>_sass.csv: where a kernel waits, not only why.
     FORA_ATTENTION=$attention FORA_CUDA_GRAPHS=0 bounded 90 ncu --kernel-name "$k" --launch-skip 2 --launch-count 1 --set full \
+      ${PROF_SOURCE:+--import-source yes -o "$OUT/ncu_$k" -f} \
       .devpack/bin/fora bench --sections steps --batches "${PROF_ROWS:-256}" --runs 1 --warmup 1 \
       --gemm "$gemm" > "$OUT/ncu_$k.txt" 2>&1
+    if [ -n "${PROF_SOURCE:-}" ] && [ -f "$OUT/ncu_$k.ncu-rep" ]; then
+      ncu -i "$OUT/ncu_$k.ncu-rep" --page details > "$OUT/ncu_$k.txt" 2>&1
+      ncu -i "$OUT/ncu_$k.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_${k}_sass.csv" 2>&1
+      rm -f "$OUT/ncu_$k.ncu-rep"
+    fi
     grep -E "^ +(Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread|Theoretical Occupancy)" \
       "$OUT/ncu_$k.txt" | head -n 8
   done
@@ -221,7 +229,8 @@ phase_variants() {
   # at N = 1 and 3, "--intervals 1,3 --e2e-reps 1").
   for v in "default:cublaslt:" "unfused:cublaslt:FORA_FUSED_REUSE=0 FORA_FUSED_LN=0 FORA_LT_BIAS_BF16=0" \
            "f32_bias:cublaslt:FORA_LT_BIAS_BF16=0" "bf16_residual:cublaslt:FORA_BF16_RESIDUAL=1" \
-           "gates_only:cublaslt:FORA_REUSE_GATES_ONLY=1" "step_graph:cublaslt:FORA_STEP_GRAPH=1" \
+           "full_table:cublaslt:FORA_REUSE_GATES_ONLY=0" "step_graph:cublaslt:FORA_STEP_GRAPH=1" \
+           "unfused_final:cublaslt:FORA_FUSED_FINAL=0" "attention_v1:cublaslt:FORA_ATTENTION=v1" \
            "lt_splitk:cublaslt:FORA_LT_SPLITK=1" "l2_persist:cublaslt:FORA_L2_PERSIST=1" \
            "pdl:cublaslt:FORA_PDL=1" "tma_pdl:tma:FORA_PDL=1" \
            "side_stream:cublaslt:FORA_SIDE_STREAM=1" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \

@@ -4,10 +4,11 @@
 //! `h` at `h*d`, `H*d + h*d`, `2*H*d + h*d`). Output: bf16 `[B, T, H, d]` (= `[B*T, D]`, the
 //! proj Linear's input). `out = softmax(q k^T * scale) v` per (batch, head), no mask.
 //!
-//! Two kernel families, chosen at run time by [`AttentionImpl`] (`FORA_ATTENTION=v1|v2|auto`,
-//! read once per process; unset means v1), each instantiated for head_dim 64, 72 and 128:
-//! - v1 (default, `attention_d*`): grid `(ceil(T / 64), heads, batch)` blocks of 4 warps, each
-//!   warp owning 16 query rows.
+//! Kernel families, chosen at run time by [`AttentionImpl`]
+//! (`FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|auto`, read once per process; unset means auto), each
+//! instantiated for head_dim 64, 72 and 128:
+//! - v1 (`attention_d*`): grid `(ceil(T / 64), heads, batch)` blocks of 4 warps, each warp
+//!   owning 16 query rows.
 //! - v2 (opt-in, `attention_v2_d*`): grid `(ceil(T / 128), heads, batch)` blocks of 4 warps,
 //!   each warp owning 32 query rows (every K/V fragment feeds two mma), K and V loaded as
 //!   separate cp.async groups.
@@ -15,9 +16,9 @@
 //!   `(ceil(T / 128), heads, batch)` blocks of two warpgroups, each owning 64 query rows; both
 //!   products on wgmma.mma_async with A from registers. Grids of fewer blocks than SMs take
 //!   one-warpgroup blocks of 64 rows instead (`attention_wgmma_m64_d*`, [`attention_plan_on`]).
-//! - wgmma_mn (opt-in, Hopper only, `attention_wgmma_mn[_m64]_d*`): the same with PV reading V
+//! - wgmma_mn (Hopper only, `attention_wgmma_mn[_m64]_d*`): the same with PV reading V
 //!   MN-major from its stage (no V^T transpose).
-//! - auto: v2 when its grid fills every SM twice, else v1 ([`AttentionImpl::resolve`]).
+//! - auto (the default): wgmma_mn on a Hopper, v1 elsewhere ([`AttentionImpl::resolve`]).
 
 use super::device::{ensure_hopper, KernelLauncher};
 use super::params::AttentionParams;
@@ -28,22 +29,23 @@ use std::sync::OnceLock;
 /// Which flash-attention kernel family [`attention`] launches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionImpl {
-    /// 64 query rows per block, 16 per warp. Measured correct on an H200 (2026-11-26).
+    /// 64 query rows per block, 16 per warp; what [`AttentionImpl::Auto`] runs off Hopper.
+    /// Measured correct on an H200 (2026-11-26).
     V1,
     /// 128 query rows per block, 32 per warp. Opt-in until measured on a device.
     V2,
-    /// v2 when its grid fills every SM twice (two v2 blocks fit on an SM), else v1, whose
-    /// 64-row blocks spread small problems (one image + CFG: 64 v2 blocks) over twice as many
-    /// SMs. A heuristic until both are measured; resolved per launch by
-    /// [`AttentionImpl::resolve`].
+    /// The default: [`AttentionImpl::WgmmaMn`] on a Hopper (compute capability 9.x), else
+    /// [`AttentionImpl::V1`]; resolved per launch by [`AttentionImpl::resolve`]. On an H200
+    /// (2026-11-26) wgmma_mn took 274 us at 256 rows (v1 410, wgmma 312, PyTorch's SDPA 286)
+    /// and 6.8 us at 2 rows (v1 7.2), and the 256-row step went from 124.0 to 120.8 ms.
     Auto,
     /// Hopper (compute capability 9.x) only: 128 query rows per block, 64 per warpgroup, QK^T
-    /// and PV on wgmma, V transposed in shared memory for PV. Opt-in: correct on the CPU
-    /// emulator, not yet run on a GPU.
+    /// and PV on wgmma, V transposed in shared memory for PV. Measured correct on an H200
+    /// (2026-11-26), slower than [`AttentionImpl::WgmmaMn`].
     Wgmma,
     /// [`AttentionImpl::Wgmma`] with PV reading V MN-major (the transpose-B bit) from its
-    /// stage as loaded: no transpose, one barrier a key tile. Opt-in: correct on the CPU
-    /// emulator under our reading of the MN-major layout, which `wgmma_probe` checks on a GPU.
+    /// stage as loaded: no transpose, one barrier a key tile. What [`AttentionImpl::Auto`] runs
+    /// on a Hopper; measured correct on an H200 (2026-11-26).
     WgmmaMn,
 }
 
@@ -89,31 +91,23 @@ impl AttentionImpl {
         }
     }
 
-    /// The kernel family that runs `p` on a device with `sm_count` SMs: `self` unless it is
-    /// [`AttentionImpl::Auto`].
-    pub fn resolve(self, p: &AttentionParams, sm_count: usize) -> AttentionImpl {
+    /// The kernel family that runs on a device of compute capability major `cc_major`: `self`
+    /// unless it is [`AttentionImpl::Auto`].
+    pub fn resolve(self, cc_major: i32) -> AttentionImpl {
         match self {
-            AttentionImpl::Auto => {
-                let v2_blocks = (p.tokens.max(0) as u64).div_ceil(ATTENTION_V2_BLOCK_M as u64)
-                    * p.heads.max(0) as u64
-                    * p.batch.max(0) as u64;
-                if v2_blocks >= 2 * sm_count as u64 {
-                    AttentionImpl::V2
-                } else {
-                    AttentionImpl::V1
-                }
-            }
+            AttentionImpl::Auto if cc_major == 9 => AttentionImpl::WgmmaMn,
+            AttentionImpl::Auto => AttentionImpl::V1,
             concrete => concrete,
         }
     }
 
-    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|auto`, parsed now; unset or empty means [`AttentionImpl::V1`].
+    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|auto`, parsed now; unset or empty means [`AttentionImpl::Auto`].
     pub fn from_env() -> Result<AttentionImpl> {
         match std::env::var("FORA_ATTENTION") {
             Ok(v) if !v.trim().is_empty() => {
                 v.parse().context("environment variable FORA_ATTENTION")
             }
-            Ok(_) | Err(std::env::VarError::NotPresent) => Ok(AttentionImpl::V1),
+            Ok(_) | Err(std::env::VarError::NotPresent) => Ok(AttentionImpl::Auto),
             Err(std::env::VarError::NotUnicode(v)) => {
                 bail!("environment variable FORA_ATTENTION is not UTF-8: {v:?}")
             }
@@ -308,7 +302,7 @@ pub fn attention_flops(batch: usize, heads: usize, tokens: usize, head_dim: usiz
 }
 
 /// Launches flash attention with the implementation [`AttentionImpl::selected`] names
-/// (`FORA_ATTENTION`, default v1) on `gpu`'s stream: reads `p.qkv`, writes every element of
+/// (`FORA_ATTENTION`, default auto: wgmma_mn on a Hopper, else v1) on `gpu`'s stream: reads `p.qkv`, writes every element of
 /// `p.out`. `out` must not overlap `qkv` (blocks read the K/V rows of other blocks' queries).
 /// Allocates nothing, so it can be captured in a CUDA graph.
 pub fn attention(gpu: &impl KernelLauncher, p: &AttentionParams) -> Result<()> {
@@ -332,7 +326,7 @@ pub fn attention_sized_for(
     imp: AttentionImpl,
     sm_count: usize,
 ) -> Result<()> {
-    let imp = imp.resolve(p, sm_count);
+    let imp = imp.resolve(gpu.compute_capability().0);
     if imp.is_wgmma() {
         ensure_hopper(
             gpu,

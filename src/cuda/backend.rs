@@ -52,6 +52,12 @@ pub struct CudaOptions {
     /// H200 it halved the 2-row reuse step (0.113 -> 0.060 ms). The numbers equal the
     /// three-launch path's up to the final LayerNorm's summation order.
     pub fused_reuse: bool,
+    /// With `fused_reuse`: the final Linear inside `fora_reuse_final` too where its picked
+    /// variant holds one token a thread (few rows), instead of the final GEMM after it
+    /// (`FORA_FUSED_FINAL=0`: off). On by default (one launch fewer); each token re-reads the
+    /// Linear's weight, and whether that beats the GEMM at 2 rows is measured by the device
+    /// suite's `unfused_final` variant.
+    pub fused_final: bool,
     /// When the tables are not precomputed: compute the next step's modulation table on a
     /// second stream while the current step's forward runs, instead of before it on the one
     /// stream (`FORA_SIDE_STREAM=1`: on). Off by default until it has been measured on a GPU;
@@ -76,7 +82,8 @@ pub struct CudaOptions {
     /// When the tables are not precomputed (large batches): a reuse step's forward computes
     /// only the modulation columns it reads, every gate and the final shift / scale, in one
     /// cuBLASLt strided batch and one GEMM: a third of the adaLN GEMM
-    /// (`FORA_REUSE_GATES_ONLY=1`: on). Off by default: not yet run on a GPU.
+    /// (`FORA_REUSE_GATES_ONLY=0`: off, the whole table). On by default: on an H200
+    /// (2026-11-26) the 256-row reuse step went from 2.655 to 2.513 ms, bits unchanged.
     pub reuse_gates_only: bool,
     /// With graphs and without the side stream: a whole step (its table or timestep copy,
     /// the forward and the sampler update) as one graph launch, the copy's source and the
@@ -106,7 +113,7 @@ pub struct CudaOptions {
 
 impl CudaOptions {
     /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
-    /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_SIDE_STREAM`, `FORA_FUSED_LN`,
+    /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_FUSED_FINAL`, `FORA_SIDE_STREAM`, `FORA_FUSED_LN`,
     /// `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`, `FORA_STEP_GRAPH`,
     /// `FORA_LT_SPLITK`, `FORA_L2_PERSIST` and `FORA_PDL`.
     pub fn from_env() -> Result<CudaOptions> {
@@ -127,11 +134,12 @@ impl CudaOptions {
             max_modulation_table_bytes: 8 << 30,
             lt_autotune: flag("FORA_LT_AUTOTUNE", false)?,
             fused_reuse: flag("FORA_FUSED_REUSE", true)?,
+            fused_final: flag("FORA_FUSED_FINAL", true)?,
             side_stream: flag("FORA_SIDE_STREAM", false)?,
             fused_ln: flag("FORA_FUSED_LN", true)?,
             lt_bias_bf16: flag("FORA_LT_BIAS_BF16", true)?,
             bf16_residual: flag("FORA_BF16_RESIDUAL", false)?,
-            reuse_gates_only: flag("FORA_REUSE_GATES_ONLY", false)?,
+            reuse_gates_only: flag("FORA_REUSE_GATES_ONLY", true)?,
             step_graph: flag("FORA_STEP_GRAPH", false)?,
             lt_splitk: flag("FORA_LT_SPLITK", false)?,
             l2_persist: flag("FORA_L2_PERSIST", false)?,
@@ -580,6 +588,7 @@ impl CudaBackend {
             with_modulation,
             table,
             fused_reuse: self.options.fused_reuse,
+            fused_final: self.options.fused_final,
             fused_ln: self.options.fused_ln,
             bias_bf16: self.options.lt_bias_bf16,
             bf16_residual: self.options.bf16_residual,

@@ -40,6 +40,9 @@ pub struct ForwardKind {
     /// at most 32 outputs a token: every DiT/2) instead of four, where the model's sizes allow
     /// it. The same numbers up to the LayerNorm's and the Linear's summation orders.
     pub fused_reuse: bool,
+    /// With `fused_reuse`: the final Linear in the same launch where the picked variant holds
+    /// one token a thread; without, the final GEMM runs after it.
+    pub fused_final: bool,
     /// With cuBLASLt GEMMs: proj's and fc2's residual epilogue and the LayerNorm after each as
     /// one `residual_layernorm` launch (instead of the epilogue kernel and layernorm_modulate).
     /// The same numbers up to the residual's FMA contraction and the LayerNorm's summation order.
@@ -572,6 +575,7 @@ impl GpuModel {
             with_modulation,
             table,
             fused_reuse,
+            fused_final,
             fused_ln,
             bias_bf16,
             bf16_residual,
@@ -627,6 +631,7 @@ impl GpuModel {
         // with four a thread (many rows) the GEMM is faster (H200, 256 rows: a reuse step of
         // 3.67 ms with it in the kernel, the kernel alone 2.29 ms, the GEMM 43 us).
         let final_fused = fused
+            && fused_final
             && super::fora::fused_final_linear_supported(d, cfg.patch_out())
             && super::fora::ReuseTokens::pick(
                 &reuse_final_params(cfg, rows, images),

@@ -63,13 +63,17 @@ impl StepGraph {
             )?;
             match ty {
                 sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY => {
-                    // SAFETY: a memcpy node; the struct is plain data.
-                    let mut p: sys::CUDA_MEMCPY3D = unsafe { std::mem::zeroed() };
+                    // Not `mem::zeroed`: the struct holds `CUmemorytype` enums, which have no
+                    // zero value (Rust panics at run time on zeroing them). The driver writes
+                    // every field; only then is it read.
+                    let mut p = std::mem::MaybeUninit::<sys::CUDA_MEMCPY3D>::zeroed();
                     check(
-                        unsafe { sys::cuGraphMemcpyNodeGetParams(node, &mut p) },
+                        // SAFETY: a memcpy node; `p` is writable and the size of the struct.
+                        unsafe { sys::cuGraphMemcpyNodeGetParams(node, p.as_mut_ptr()) },
                         "cuGraphMemcpyNodeGetParams",
                     )?;
-                    copies.push((node, p));
+                    // SAFETY: the call succeeded, so the driver filled in the parameters.
+                    copies.push((node, unsafe { p.assume_init() }));
                 }
                 sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => {
                     // SAFETY: a kernel node; the struct is plain data.
