@@ -9,6 +9,9 @@
 namespace {
 
 constexpr int kThreads = 256;
+// The update's blocks are smaller: one image + CFG is 2048 threads, which 256-thread blocks
+// put on 8 SMs (src/cuda/sampler.rs, STEP_THREADS, must match).
+constexpr int kStepThreads = 64;
 
 struct Geometry {
     int hw, gw, tokens, token_cols;
@@ -40,10 +43,14 @@ FORA_DEVICE float guide(float cond, float uncond, float scale) {
 }  // namespace
 
 // Thread g owns flat latent indices 4g .. 4g+3: exactly Philox block g, one generator call.
-extern "C" __global__ void __launch_bounds__(kThreads) sampler_step(const SamplerStepParams p) {
+// Every load of the four (model outputs, x_t, the noise file's values) is issued before any
+// store: element by element, the compiler may not hoist the next element's loads above this
+// one's store to x, so each element waited a memory round trip (8.4 us a 2-row step on an
+// H200, 2026-11-26, for 8192 values).
+extern "C" __global__ void __launch_bounds__(kStepThreads) sampler_step(const SamplerStepParams p) {
     grid_dependency_sync();
     const long long total = (long long)p.images * p.channels * p.height * p.width;
-    const long long group = (long long)blockIdx.x * kThreads + threadIdx.x;
+    const long long group = (long long)blockIdx.x * kStepThreads + threadIdx.x;
     const long long j0 = group * 4;
     if (j0 >= total) return;
     const Geometry g = geometry(p.height, p.width, p.patch, p.out_channels);
@@ -52,45 +59,80 @@ extern "C" __global__ void __launch_bounds__(kThreads) sampler_step(const Sample
     const float* noise = reinterpret_cast<const float*>(p.noise);
     const bool guided = p.rows == 2 * p.images;
 
+    // Model output of channel ch for image b at (y, x): the conditional row's, and the
+    // unconditional row's when that channel is guided (else a copy of the conditional).
+    auto load_model = [&](int b, int ch, int y, int x, float& cond, float& uncond) {
+        cond = mo[token_offset(g, p.patch, p.out_channels, b, ch, y, x)];
+        uncond = guided && ch < p.guided_channels
+                     ? mo[token_offset(g, p.patch, p.out_channels, b + p.images, ch, y, x)]
+                     : cond;
+    };
+    auto model = [&](int ch, float cond, float uncond) {
+        return guided && ch < p.guided_channels ? guide(cond, uncond, p.cfg_scale) : cond;
+    };
+
+    // The position of j0; later elements step x, then y, c and b.
+    const long long per_image = (long long)p.channels * g.hw;
+    int b = (int)(j0 / per_image);
+    const int rem = (int)(j0 % per_image);
+    int c = rem / g.hw;
+    int y = (rem % g.hw) / p.width, x = rem % p.width;
+    int cs[4];
+    float eps_c[4], eps_u[4], var_c[4], var_u[4], xt[4], file_noise[4];
+#pragma unroll
+    for (int lane = 0; lane < 4; ++lane) {
+        const long long j = j0 + lane;
+        cs[lane] = c;
+        eps_c[lane] = eps_u[lane] = var_c[lane] = var_u[lane] = xt[lane] = file_noise[lane] = 0.0f;
+        if (j < total) {
+            load_model(b, c, y, x, eps_c[lane], eps_u[lane]);
+            if (p.kind == FORA_SAMPLER_DDPM && p.learn_sigma) {
+                load_model(b, p.channels + c, y, x, var_c[lane], var_u[lane]);
+            }
+            xt[lane] = xs[j];
+            if (p.add_noise && noise != nullptr) file_noise[lane] = noise[j];
+        }
+        if (++x == p.width) {
+            x = 0;
+            if (++y == p.height) {
+                y = 0;
+                if (++c == p.channels) {
+                    c = 0;
+                    ++b;
+                }
+            }
+        }
+    }
+
     PhiloxNormals z;
     if (p.add_noise && noise == nullptr) z = philox_normal_block(p.seed, p.noise_stream, group);
 
+#pragma unroll
     for (int lane = 0; lane < 4; ++lane) {
         const long long j = j0 + lane;
         if (j >= total) break;
-        const int b = (int)(j / ((long long)p.channels * g.hw));
-        const int rem = (int)(j % ((long long)p.channels * g.hw));
-        const int c = rem / g.hw;
-        const int y = (rem % g.hw) / p.width, x = rem % p.width;
-
-        // Model output of channel ch for image b, guided when the channel is.
-        auto model = [&](int ch) {
-            const float cond = mo[token_offset(g, p.patch, p.out_channels, b, ch, y, x)];
-            if (!guided || ch >= p.guided_channels) return cond;
-            const float uncond = mo[token_offset(g, p.patch, p.out_channels, b + p.images, ch, y, x)];
-            return guide(cond, uncond, p.cfg_scale);
-        };
-        const float eps = model(c);
-        const float xt = xs[j];
-        const float x0 = __fsub_rn(__fmul_rn(p.sqrt_recip_abar, xt), __fmul_rn(p.sqrt_recipm1_abar, eps));
+        const int ch = cs[lane];
+        const float eps = model(ch, eps_c[lane], eps_u[lane]);
+        const float x0 = __fsub_rn(__fmul_rn(p.sqrt_recip_abar, xt[lane]), __fmul_rn(p.sqrt_recipm1_abar, eps));
         float next;
         float sd;  // standard deviation of the added noise
         if (p.kind == FORA_SAMPLER_DDPM) {
-            next = __fadd_rn(__fmul_rn(p.post_coef1, x0), __fmul_rn(p.post_coef2, xt));
+            next = __fadd_rn(__fmul_rn(p.post_coef1, x0), __fmul_rn(p.post_coef2, xt[lane]));
             float log_var = p.max_log;
             if (p.learn_sigma) {
-                const float frac = __fdiv_rn(__fadd_rn(model(p.channels + c), 1.0f), 2.0f);
+                const float v = model(p.channels + ch, var_c[lane], var_u[lane]);
+                const float frac = __fdiv_rn(__fadd_rn(v, 1.0f), 2.0f);
                 log_var = __fadd_rn(__fmul_rn(frac, p.max_log),
                                     __fmul_rn(__fsub_rn(1.0f, frac), p.min_log));
             }
             sd = (float)exp((double)__fmul_rn(0.5f, log_var));
         } else {
-            const float eps2 = __fdiv_rn(__fsub_rn(__fmul_rn(p.sqrt_recip_abar, xt), x0), p.sqrt_recipm1_abar);
+            const float eps2 = __fdiv_rn(__fsub_rn(__fmul_rn(p.sqrt_recip_abar, xt[lane]), x0), p.sqrt_recipm1_abar);
             next = __fadd_rn(__fmul_rn(x0, p.sqrt_abar_prev), __fmul_rn(p.dir_coef, eps2));
             sd = p.sigma;
         }
         if (p.add_noise) {
-            const float zj = noise != nullptr ? noise[j] : z.v[lane];
+            const float zj = noise != nullptr ? file_noise[lane] : z.v[lane];
             next = __fadd_rn(next, __fmul_rn(sd, zj));
         }
         xs[j] = next;

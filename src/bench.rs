@@ -933,8 +933,8 @@ impl Report {
             self.runs,
             self.warmup,
             match (self.options.graphs, self.options.step_graph) {
-                (true, true) => "on, a whole step per graph (FORA_STEP_GRAPH=1)",
-                (true, false) => "on",
+                (true, true) => "on, a whole step per graph",
+                (true, false) => "on, the forward per graph (FORA_STEP_GRAPH=0)",
                 (false, _) => "off (FORA_CUDA_GRAPHS=0)",
             },
             if self.options.pdl {

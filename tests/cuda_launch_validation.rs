@@ -488,8 +488,8 @@ fn sampler_plans_check_rows_channels_and_coefficients() {
     );
     assert_eq!(p.kind, FORA_SAMPLER_DDPM as i32);
     assert_eq!(p.add_noise, 1);
-    // 8192 latents, 4 per thread, 256 threads per block.
-    assert_eq!(sampler_step_plan(&p).unwrap(), (8, 1, 1));
+    // 8192 latents, 4 per thread, 64 threads per block.
+    assert_eq!(sampler_step_plan(&p).unwrap(), (32, 1, 1));
     assert!(err(sampler_step_plan(&SamplerStepParams { rows: 3, ..p })).contains("rows"));
     assert!(err(sampler_step_plan(&SamplerStepParams {
         out_channels: 4,

@@ -52,10 +52,10 @@ fn options_from_the_environment() {
     let on = [
         "FORA_PRECOMPUTE_MODULATION",
         "FORA_FUSED_REUSE",
-        "FORA_FUSED_FINAL",
         "FORA_FUSED_LN",
         "FORA_LT_BIAS_BF16",
         "FORA_REUSE_GATES_ONLY",
+        "FORA_STEP_GRAPH",
     ];
     for var in SWITCHES {
         assert_eq!(

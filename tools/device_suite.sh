@@ -21,7 +21,7 @@
 #   racecheck  racecheck over the kernel tests, our kernels only (RACECHECK_RUNS overrides);
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
-#              "default bf16_residual step_graph unfused_final attention_v1 pdl tma"; "all"
+#              "default forward_graph fused_final bf16_residual attention_v1 pdl tma"; "all"
 #              adds unfused, f32_bias, full_table, side_stream, lt_autotune, lt_splitk,
 #              l2_persist, tma_pdl, attention_v2, attention_wgmma, attention_wgmma_mn and
 #              wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
@@ -43,7 +43,7 @@ PHASES=${PHASES:-tests memcheck variants bench torch kernelprof}
 # memcheck over every test binary unless SANITIZE_FULL=0 (a shorter subset).
 SANITIZE_FULL=${SANITIZE_FULL:-1}
 # The variants whose default is still to decide (VARIANTS=all: every one).
-VARIANTS=${VARIANTS:-default bf16_residual step_graph unfused_final attention_v1 pdl tma}
+VARIANTS=${VARIANTS:-default forward_graph fused_final bf16_residual attention_v1 pdl tma}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -54,7 +54,9 @@ bounded() {
   local s=$(date +%s); timeout "$want" "$@"; local rc=$?
   echo "rc=$rc after $(( $(date +%s) - s ))s (limit ${want}s): $*"
 }
-TESTS="gpu_small_kernels gpu_attention gpu_gemm gpu_backend cli"
+# TESTS picks test binaries (default: every one); HOPPER_ROWS=0 leaves out the bench phase's
+# kernels-only run of the Hopper GEMMs.
+TESTS=${TESTS:-gpu_small_kernels gpu_attention gpu_gemm gpu_backend cli}
 
 phase_tests() {
   {
@@ -86,6 +88,7 @@ phase_bench() {
   FORA_BENCH_HOPPER_GEMMS=0 bounded 75 .devpack/bin/fora bench --json "$OUT/bench.json" \
     ${FORA_BENCH_ARGS:---batches 2,256 --intervals 1,3 --e2e-reps 1} >> "$OUT/bench.log" 2>&1
   tail -n 3 "$OUT/bench.log"
+  [ "${HOPPER_ROWS:-1}" = 0 ] && return 0
   echo "=== fora bench: Hopper GEMM kernel rows"
   bounded 45 .devpack/bin/fora bench --sections kernels --batches 2,256 \
     --json "$OUT/bench_hopper.json" > "$OUT/bench_hopper.log" 2>&1
@@ -229,8 +232,8 @@ phase_variants() {
   # at N = 1 and 3, "--intervals 1,3 --e2e-reps 1").
   for v in "default:cublaslt:" "unfused:cublaslt:FORA_FUSED_REUSE=0 FORA_FUSED_LN=0 FORA_LT_BIAS_BF16=0" \
            "f32_bias:cublaslt:FORA_LT_BIAS_BF16=0" "bf16_residual:cublaslt:FORA_BF16_RESIDUAL=1" \
-           "full_table:cublaslt:FORA_REUSE_GATES_ONLY=0" "step_graph:cublaslt:FORA_STEP_GRAPH=1" \
-           "unfused_final:cublaslt:FORA_FUSED_FINAL=0" "attention_v1:cublaslt:FORA_ATTENTION=v1" \
+           "full_table:cublaslt:FORA_REUSE_GATES_ONLY=0" "forward_graph:cublaslt:FORA_STEP_GRAPH=0" \
+           "fused_final:cublaslt:FORA_FUSED_FINAL=1" "attention_v1:cublaslt:FORA_ATTENTION=v1" \
            "lt_splitk:cublaslt:FORA_LT_SPLITK=1" "l2_persist:cublaslt:FORA_L2_PERSIST=1" \
            "pdl:cublaslt:FORA_PDL=1" "tma_pdl:tma:FORA_PDL=1" \
            "side_stream:cublaslt:FORA_SIDE_STREAM=1" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \

@@ -19,6 +19,9 @@ use crate::backend::{Guidance, GuidanceMode, StepUpdate};
 use anyhow::{ensure, Result};
 
 const THREADS: u32 = 256;
+/// Threads of a `sampler_step` block (kStepThreads in sampler.cu): small, so that one image +
+/// CFG (2048 threads) spreads over 32 SMs.
+const STEP_THREADS: u32 = 64;
 
 /// Model-output channels `[0, g)` that classifier-free guidance combines: the official mode
 /// guides `model_out[:, :3]` (whatever those channels are when out_channels < 3), the all-eps
@@ -143,14 +146,14 @@ pub fn sampler_step_plan(p: &SamplerStepParams) -> Result<(u32, u32, u32)> {
         check_ptr(K, "noise", p.noise, 4)?;
     }
     let total = p.images as i64 * p.channels as i64 * p.height as i64 * p.width as i64;
-    Ok((grid_x(K, total, THREADS as i64 * 4)?, 1, 1))
+    Ok((grid_x(K, total, STEP_THREADS as i64 * 4)?, 1, 1))
 }
 
 /// One sampler update of the latents `x` in place (see the module docs).
 pub fn sampler_step(gpu: &impl KernelLauncher, p: &SamplerStepParams) -> Result<()> {
     let grid = sampler_step_plan(p)?;
     // SAFETY: validated above.
-    unsafe { gpu.launch_kernel("sampler_step", grid, (THREADS, 1, 1), 0, p) }
+    unsafe { gpu.launch_kernel("sampler_step", grid, (STEP_THREADS, 1, 1), 0, p) }
 }
 
 /// Validates `p` and returns the grid of [`unpatchify`].
