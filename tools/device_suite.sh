@@ -10,14 +10,15 @@
 #           pack is over the 64 MiB carry limit since session 5), command
 #           "bash tools/device_suite.sh", timeout_s 500
 #
-# The defaults are one full call (about 7 min on an H200): every GPU test, memcheck over every
-# test binary, the step times of the default path and of the opt-in ones still to decide, the
-# benchmark and the PyTorch reference, and ncu's reports of the kernels issue 5 waits on.
+# The defaults are one call of about 7 min on an H200 (sized on session 7's runs: tests ~110 s,
+# bench ~45 s, PyTorch ~20 s, variants ~9 s each, memcheck's subset a few minutes): every GPU
+# test, the benchmark and the PyTorch reference, the step times of the opt-in paths still to
+# decide, and memcheck over a subset of the test binaries.
 #
-# PHASES picks phases in order (default "tests memcheck variants bench torch kernelprof"):
+# PHASES picks phases in order (default "tests bench torch variants memcheck"):
 #   tests      every GPU test binary with FORA_REQUIRE_GPU=1, and the embedded model's sample
 #              timed as a whole process;
-#   memcheck   compute-sanitizer memcheck over every test binary (SANITIZE_FULL=0: a subset);
+#   memcheck   compute-sanitizer memcheck over a subset (SANITIZE_FULL=1: every test binary);
 #   racecheck  racecheck over the kernel tests, our kernels only (RACECHECK_RUNS overrides);
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
@@ -39,9 +40,10 @@ if [ ! -d .devpack ] && [ -f .devpack.tgz ]; then tar xzf .devpack.tgz; fi
 export FORA_REQUIRE_GPU=1 RUST_BACKTRACE=1 FORA_BIN=.devpack/bin/fora PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 DEADLINE_S=${DEADLINE_S:-450}
-PHASES=${PHASES:-tests memcheck variants bench torch kernelprof}
-# memcheck over every test binary unless SANITIZE_FULL=0 (a shorter subset).
-SANITIZE_FULL=${SANITIZE_FULL:-1}
+PHASES=${PHASES:-tests bench torch variants memcheck}
+# memcheck over a subset of the test binaries unless SANITIZE_FULL=1 (every one: too long for
+# one call beside the other phases).
+SANITIZE_FULL=${SANITIZE_FULL:-0}
 # The variants whose default is still to decide (VARIANTS=all: every one).
 VARIANTS=${VARIANTS:-default forward_graph fused_final bf16_residual attention_v1 pdl tma}
 start=$(date +%s)
@@ -193,12 +195,13 @@ phase_profile() {
 }
 
 # ncu's full report (speed of light, occupancy, warp stalls, memory chart) of one launch of each
-# kernel named in PROF_KERNELS (default: the 256-row attention, the fused LayerNorm and the
-# fused reuse kernel, the ones issue 5 still waits on), from `fora bench` steps at PROF_ROWS
+# kernel named in PROF_KERNELS (default: the 256-row attention, the TMA GEMM, the fused
+# LayerNorm and the fused reuse kernel, the ones issue 5 still waits on; a TMA kernel is profiled
+# in a `--gemm tma` run), from `fora bench` steps at PROF_ROWS
 # (default 256) op by op; ncu_<kernel>.txt each, the headline numbers printed.
 phase_kernelprof() {
   local k attention gemm
-  for k in ${PROF_KERNELS:-attention_d72 attention_wgmma_d72 attention_wgmma_mn_d72 gemm_tma_128x192 residual_layernorm_w4 fora_reuse_final_t4}; do
+  for k in ${PROF_KERNELS:-attention_wgmma_mn_d72 gemm_tma_128x128 residual_layernorm_w4 fora_reuse_final_t4}; do
     echo "=== ncu --set full: $k (rows ${PROF_ROWS:-256})"
     # The steps run the selected attention: the wgmma kernels only with FORA_ATTENTION=wgmma.
     case $k in

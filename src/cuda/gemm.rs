@@ -372,8 +372,7 @@ pub enum TmaTile {
     /// 128 x 256, four stages.
     N256,
     /// 128 x 128, six stages, ping-pong: the two consumer warpgroups take whole tiles in turn,
-    /// so one's epilogue runs while the other computes. Not picked automatically until a device
-    /// has measured it.
+    /// so one's epilogue runs while the other computes. [`TmaTile::pick`]'s for long K.
     PingPong128,
 }
 
@@ -435,14 +434,15 @@ impl TmaTile {
         m.div_ceil(Self::BM as usize) * n.div_ceil(self.bn() as usize)
     }
 
-    /// Relative throughput of a CTA on this tile while it computes (wider tiles read less shared
-    /// memory and write fewer epilogues per FLOP). A guess from the tile shapes, not yet
-    /// measured: it only breaks near-ties of [`TmaTile::pick`].
+    /// Relative throughput of a CTA on this tile while it computes, from the forced-tile rows
+    /// of `fora bench` at 256 rows on an H200 (2026-11-26, after the epilogue issued its loads
+    /// first), time per output tile-FLOP against 128: 192 within 2-4% either way (0.99 on
+    /// average), 256 slower by 5-12% past its padding (qkv 1406 vs 1290 us, fc1 2045 vs 1815).
     fn efficiency(self) -> f64 {
         match self {
-            TmaTile::N128 | TmaTile::PingPong128 => 0.92,
-            TmaTile::N192 => 0.97,
-            TmaTile::N256 => 1.0,
+            TmaTile::N128 | TmaTile::PingPong128 => 1.0,
+            TmaTile::N192 => 0.99,
+            TmaTile::N256 => 0.92,
         }
     }
 
@@ -454,11 +454,18 @@ impl TmaTile {
         rounds as f64 * self.bn() as f64 / self.efficiency()
     }
 
-    /// The tile of least [`TmaTile::cost`] (the wider on a tie). At DiT-XL/2 shapes: 192 wide for
-    /// N = 1152 and 3456 and 256 for 4608 at large M; at M = 512 (one image + CFG) 128 wide
-    /// where that fits one round (qkv, proj, fc2) and 192 for fc1 (144 tiles of 128 would take
-    /// two rounds on 132 SMs). Not yet tuned on a device.
-    pub fn pick(m: usize, n: usize, sm_count: usize) -> TmaTile {
+    /// Ping-pong 128 x 128 for a long K (at least [`TmaTile::PING_PONG_MIN_K`]) once every CTA
+    /// has two or more tiles to alternate; else the cooperative tile of least
+    /// [`TmaTile::cost`] (the wider on a tie). On an H200 (2026-11-26) ping-pong ran fc2 at 256
+    /// rows (K = 4608) in 1275 us against 1465 for the cooperative 128 x 128, and K = 1152 no
+    /// faster (qkv 1507 against 1290). At DiT-XL/2 shapes: 128 wide at large M but for fc2; at
+    /// M = 512 (one image + CFG) 128 wide where that fits one round (qkv, proj, fc2) and 192
+    /// for fc1 (144 tiles of 128 would take two rounds on 132 SMs; measured 21.0 against 27.6
+    /// us).
+    pub fn pick(m: usize, n: usize, k: usize, sm_count: usize) -> TmaTile {
+        if k >= Self::PING_PONG_MIN_K && TmaTile::PingPong128.tiles(m, n) >= 2 * sm_count {
+            return TmaTile::PingPong128;
+        }
         let mut best = TmaTile::N128;
         for t in TmaTile::COOPERATIVE {
             if t.cost(m, n, sm_count) <= best.cost(m, n, sm_count) {
@@ -467,6 +474,9 @@ impl TmaTile {
         }
         best
     }
+
+    /// The shortest K [`TmaTile::pick`] runs ping-pong for.
+    pub const PING_PONG_MIN_K: usize = 2048;
 
     /// Split-K slices when the tiles fall short of the SMs: the count (at most 8, at least 8
     /// k-tiles a slice, within `workspace` f32 elements) that minimizes the busiest CTA's
@@ -834,7 +844,7 @@ impl Gemm {
 
     /// The tile variant and split-K slice count the TMA path uses for a shape.
     pub fn plan_tma(&self, m: usize, n: usize, k: usize) -> (TmaTile, u32) {
-        let tile = TmaTile::pick(m, n, self.sm_count);
+        let tile = TmaTile::pick(m, n, k, self.sm_count);
         (
             tile,
             tile.pick_splits(m, n, k, self.sm_count, self.splitk_len()),
@@ -859,7 +869,7 @@ impl Gemm {
             self.imp
         );
         let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
-        let tile = tile.unwrap_or_else(|| TmaTile::pick(m, n, self.sm_count));
+        let tile = tile.unwrap_or_else(|| TmaTile::pick(m, n, k, self.sm_count));
         let splits =
             splits.unwrap_or_else(|| tile.pick_splits(m, n, k, self.sm_count, self.splitk_len()));
         launch_tma(gpu, p, tile, splits, self.splitk_workspace())
@@ -1426,21 +1436,25 @@ mod tests {
 
     #[test]
     fn tma_tile_pick() {
-        // Every DiT-XL/2 width is a multiple of 192 (1152 = 6, 3456 = 18, 4608 = 24 x 192); 256
-        // pads 1152 and 3456. At M = 65536 the cost model (rounds x width / efficiency) takes
-        // 192 for those and 256 for 4608 (= 18 x 256: 70 rounds of 256 beat 94 of 192).
-        assert_eq!(TmaTile::pick(65_536, 1152, 132), TmaTile::N192);
-        assert_eq!(TmaTile::pick(65_536, 3456, 132), TmaTile::N192);
-        assert_eq!(TmaTile::pick(65_536, 4608, 132), TmaTile::N256);
-        // One image pair (M = 512): one round either way, the narrower tile the shorter one.
-        assert_eq!(TmaTile::pick(512, 1152, 132), TmaTile::N128);
-        assert_eq!(TmaTile::pick(512, 3456, 132), TmaTile::N128);
+        // At M = 65536 (the cost model: rounds x width / efficiency, the H200's efficiencies)
+        // 128 wide for qkv, proj and fc1 (K = 1152), ping-pong for fc2 (K = 4608).
+        assert_eq!(TmaTile::pick(65_536, 1152, 1152, 132), TmaTile::N128);
+        assert_eq!(TmaTile::pick(65_536, 3456, 1152, 132), TmaTile::N128);
+        assert_eq!(TmaTile::pick(65_536, 4608, 1152, 132), TmaTile::N128);
+        assert_eq!(TmaTile::pick(65_536, 1152, 4608, 132), TmaTile::PingPong128);
+        // One image pair (M = 512): one round either way, the narrower tile the shorter one;
+        // fc2's 36 tiles are too few to alternate.
+        assert_eq!(TmaTile::pick(512, 1152, 1152, 132), TmaTile::N128);
+        assert_eq!(TmaTile::pick(512, 3456, 1152, 132), TmaTile::N128);
+        assert_eq!(TmaTile::pick(512, 1152, 4608, 132), TmaTile::N128);
         // fc1: 144 tiles of 128 would take two rounds, 96 of 192 one.
-        assert_eq!(TmaTile::pick(512, 4608, 132), TmaTile::N192);
+        assert_eq!(TmaTile::pick(512, 4608, 1152, 132), TmaTile::N192);
         // A width only 128 divides.
-        assert_eq!(TmaTile::pick(65_536, 640, 132), TmaTile::N128);
+        assert_eq!(TmaTile::pick(65_536, 640, 1152, 132), TmaTile::N128);
+        // 192 where 128 would take a round more: 64 x 1152 (= 72 x 128 tiles).
+        assert_eq!(TmaTile::pick(8192, 1152, 1152, 132), TmaTile::N192);
         // The final layer (N = 32): one 128-wide tile pads least.
-        assert_eq!(TmaTile::pick(512, 32, 132), TmaTile::N128);
+        assert_eq!(TmaTile::pick(512, 32, 1152, 132), TmaTile::N128);
         assert_eq!(TmaTile::N192.tiles(65_536, 1152), 512 * 6);
     }
 
