@@ -36,6 +36,17 @@ FORA_DEVICE void grid_dependency_sync() {
 #endif
 }
 
+// Asks L2 to fetch the 128-byte line that holds `p`: a hint that takes no register and is never
+// waited for, so a kernel can keep more DRAM reads in flight than its registers hold. Nothing in
+// the CPU emulator (it changes no value).
+FORA_DEVICE void prefetch_l2(const void* p) {
+#ifdef FORA_EMULATION
+    (void)p;
+#else
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+#endif
+}
+
 // ---- conversions -------------------------------------------------------------------------
 
 FORA_DEVICE float bf16_to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }

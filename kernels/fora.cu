@@ -202,7 +202,10 @@ FORA_DEVICE void final_linear(const ForaReuseFinalParams& p, const float (&y)[kV
     __syncthreads();  // red is reused by the next token
 }
 
-template <int TPT, int CHUNK>
+// AHEAD > 0: every thread whose 8 channels start a 128-byte line of the cache also asks L2 for
+// the lines of the AHEAD layers after those its registers are loading (prefetch_l2): more DRAM
+// reads in flight without more registers (four layers in registers cost blocks per SM).
+template <int TPT, int CHUNK, int AHEAD = 0>
 FORA_DEVICE void reuse_final_body(const ForaReuseFinalParams& p) {
     // [groups per block][TPT][C*p*p] patches, one float per warp for group_sum, the final
     // Linear's warp sums.
@@ -283,7 +286,23 @@ FORA_DEVICE void reuse_final_body(const ForaReuseFinalParams& p) {
         constexpr int kChunk = CHUNK;
         const __nv_bfloat16* cache =
             reinterpret_cast<const __nv_bfloat16*>(p.cache) + token0 * p.dim + d0;
+        // Layers [from, to) of this thread's line, both slabs, every token it holds.
+        const bool line_start = (d0 * 2) % 128 == 0;
+        auto prefetch_layers = [&](int from, int to) {
+            if (AHEAD == 0 || !line_start) return;
+            for (int l = from; l < min(to, p.layers); ++l) {
+#pragma unroll
+                for (int which = 0; which < 2; ++which) {
+#pragma unroll
+                    for (int u = 0; u < TPT; ++u) {
+                        if (u < valid) prefetch_l2(cache + (2LL * l + which) * p.slab + (long long)u * p.dim);
+                    }
+                }
+            }
+        };
+        prefetch_layers(kChunk, kChunk + AHEAD);
         for (int l0 = 0; l0 < p.layers; l0 += kChunk) {
+            prefetch_layers(l0 + kChunk + AHEAD, l0 + 2 * kChunk + AHEAD);
             uint4 raw[kChunk][2][TPT];
             float g[kChunk][2][kVec];
 #pragma unroll
@@ -409,4 +428,20 @@ extern "C" __global__ void __launch_bounds__(kReuseBlock)
 fora_reuse_final_t4(const ForaReuseFinalParams p) {
     grid_dependency_sync();
     reuse_final_body<4, 1>(p);
+}
+
+// fora_reuse_final with four more layers asked of L2 ahead of the two in registers: a candidate
+// for few rows (at 2 rows the kernel read its 66 MB at 2.8 TB/s on an H200), measured by
+// `fora bench`.
+extern "C" __global__ void __launch_bounds__(kReuseBlock)
+fora_reuse_final_p4(const ForaReuseFinalParams p) {
+    grid_dependency_sync();
+    reuse_final_body<1, 2, 4>(p);
+}
+
+// fora_reuse_final_t4 with two more layers asked of L2 ahead: a candidate for many rows.
+extern "C" __global__ void __launch_bounds__(kReuseBlock)
+fora_reuse_final_t4_p2(const ForaReuseFinalParams p) {
+    grid_dependency_sync();
+    reuse_final_body<4, 1, 2>(p);
 }

@@ -32,11 +32,13 @@ __host__ __device__ constexpr int epilogue_chunk(int nj, int max) {
 }
 
 // Stores the epilogue of one column pair of row rr: v0, v1 with the bias added, and for the
-// gated residual the loaded gate and residual pairs.
+// gated residual the loaded gate and residual pairs. ALIGNED: the caller knows the pair is whole
+// and the leading dimensions even (every access a pair), so nothing is checked.
+template <bool ALIGNED = false>
 FORA_DEVICE void epilogue_store_pair(const Epilogue& e, int rr, int col, bool has1, float v0, float v1,
                                      float2 gate, float2 res) {
     const long long o = static_cast<long long>(rr) * e.ldo + col;
-    const bool out_pair = has1 && (e.ldo & 1) == 0;
+    const bool out_pair = ALIGNED || (has1 && (e.ldo & 1) == 0);
     if (e.kind == FORA_EPI_BIAS_BF16 || e.kind == FORA_EPI_BIAS_GELU_BF16) {
         if (e.kind == FORA_EPI_BIAS_GELU_BF16) {
             v0 = gelu_tanh(v0);
@@ -60,7 +62,7 @@ FORA_DEVICE void epilogue_store_pair(const Epilogue& e, int rr, int col, bool ha
     } else {  // FORA_EPI_BIAS_GATE_RESIDUAL
         if (e.cache != nullptr) {
             __nv_bfloat16* cp = e.cache + static_cast<long long>(rr) * e.ldc + col;
-            if (has1 && (e.ldc & 1) == 0) {
+            if (ALIGNED || (has1 && (e.ldc & 1) == 0)) {
                 *reinterpret_cast<__nv_bfloat162*>(cp) = __floats2bfloat162_rn(v0, v1);
             } else {
                 cp[0] = f32_to_bf16(v0);
@@ -104,8 +106,10 @@ FORA_DEVICE void epilogue_pair(const Epilogue& e, int row, int col, float v0, fl
 }
 
 // epilogue_fragments for one kind family: GATED (the gated residual: gates and residual loaded
-// per row, 4 column pairs a chunk) or not (bias only, 8 a chunk).
-template <int NJ, bool GATED>
+// per row, 4 column pairs a chunk) or not (bias only, 8 a chunk). FULL: every row and column of
+// the fragments is inside the output and the leading dimensions are even, so no access is
+// checked (the common case: a whole tile; the checks were most of the epilogue's instructions).
+template <int NJ, bool GATED, bool FULL>
 FORA_DEVICE void epilogue_fragments_of(const Epilogue& e, int row, int col_base, const float* acc) {
     constexpr int kChunk = epilogue_chunk(NJ, GATED ? 4 : 8);
     constexpr int kRows = GATED ? 2 : 1;  // rows of gate / residual registers
@@ -117,9 +121,9 @@ FORA_DEVICE void epilogue_fragments_of(const Epilogue& e, int row, int col_base,
 #pragma unroll
         for (int c = 0; c < kChunk; ++c) {
             const int col = col_base + 8 * (j0 + c);
-            const bool has1 = col + 1 < e.n;
+            const bool has1 = FULL || col + 1 < e.n;
             bias[c] = make_float2(0.0f, 0.0f);
-            if (e.bias != nullptr && col < e.n) {
+            if (e.bias != nullptr && (FULL || col < e.n)) {
                 bias[c].x = e.bias[col];
                 if (has1) bias[c].y = e.bias[col + 1];
             }
@@ -128,12 +132,12 @@ FORA_DEVICE void epilogue_fragments_of(const Epilogue& e, int row, int col_base,
                 gate[r][c] = make_float2(0.0f, 0.0f);
                 res[r][c] = make_float2(0.0f, 0.0f);
                 const int rr = row + 8 * r;
-                if (!GATED || col >= e.n || rr >= e.m) continue;
+                if (!GATED || (!FULL && (col >= e.n || rr >= e.m))) continue;
                 const float* g = e.gate + static_cast<long long>(rr / e.rows_per_gate) * e.ldg + col;
                 const float* x = static_cast<const float*>(e.out) + static_cast<long long>(rr) * e.ldo + col;
                 gate[r][c].x = g[0];
                 if (has1) gate[r][c].y = g[1];
-                if (has1 && (e.ldo & 1) == 0) {
+                if (FULL || (has1 && (e.ldo & 1) == 0)) {
                     res[r][c] = *reinterpret_cast<const float2*>(x);
                 } else {
                     res[r][c].x = x[0];
@@ -144,31 +148,41 @@ FORA_DEVICE void epilogue_fragments_of(const Epilogue& e, int row, int col_base,
 #pragma unroll
         for (int c = 0; c < kChunk; ++c) {
             const int col = col_base + 8 * (j0 + c);
-            if (col >= e.n) continue;
-            const bool has1 = col + 1 < e.n;
+            if (!FULL && col >= e.n) continue;
+            const bool has1 = FULL || col + 1 < e.n;
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const int rr = row + 8 * r;
-                if (rr >= e.m) continue;
+                if (!FULL && rr >= e.m) continue;
                 float v0 = acc[4 * (j0 + c) + 2 * r];
                 float v1 = acc[4 * (j0 + c) + 2 * r + 1];
                 if (e.bias != nullptr) {
                     v0 += bias[c].x;
                     if (has1) v1 += bias[c].y;
                 }
-                epilogue_store_pair(e, rr, col, has1, v0, v1, gate[GATED ? r : 0][c],
-                                    res[GATED ? r : 0][c]);
+                epilogue_store_pair<FULL>(e, rr, col, has1, v0, v1, gate[GATED ? r : 0][c],
+                                          res[GATED ? r : 0][c]);
             }
         }
     }
 }
 
+// whole_tile: the caller's tile lies inside the output (its last row and column < m, n); the
+// unchecked path then also needs even leading dimensions.
 template <int NJ>
-FORA_DEVICE void epilogue_fragments(const Epilogue& e, int row, int col_base, const float* acc) {
+FORA_DEVICE void epilogue_fragments(const Epilogue& e, int row, int col_base, const float* acc,
+                                    bool whole_tile) {
+    const bool full = whole_tile && (e.ldo & 1) == 0 && (e.cache == nullptr || (e.ldc & 1) == 0);
     if (e.kind == FORA_EPI_BIAS_GATE_RESIDUAL) {
-        epilogue_fragments_of<NJ, true>(e, row, col_base, acc);
+        if (full) {
+            epilogue_fragments_of<NJ, true, true>(e, row, col_base, acc);
+        } else {
+            epilogue_fragments_of<NJ, true, false>(e, row, col_base, acc);
+        }
+    } else if (full) {
+        epilogue_fragments_of<NJ, false, true>(e, row, col_base, acc);
     } else {
-        epilogue_fragments_of<NJ, false>(e, row, col_base, acc);
+        epilogue_fragments_of<NJ, false, false>(e, row, col_base, acc);
     }
 }
 

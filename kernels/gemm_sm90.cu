@@ -183,7 +183,7 @@ FORA_DEVICE void gemm_wgmma_tile(const GemmParams& p) {
     const int warp_in_group = (tid >> 5) & 3;
     const int row = m0 + warpgroup * 64 + warp_in_group * 16 + (lane >> 2);
     const int col_base = n0 + 2 * (lane & 3);
-    epilogue_fragments<BN / 8>(e, row, col_base, acc);
+    epilogue_fragments<BN / 8>(e, row, col_base, acc, m0 + BM <= p.m && n0 + BN <= p.n);
 }
 
 // ---- the warp-specialized TMA kernel (gemm_tma_128x<BN>) ------------------------------------
@@ -362,10 +362,11 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
 
         const Epilogue e = gemm_epilogue_of(p, static_cast<unsigned>(w.slice));
         const int col_base = w.n0 + 2 * (lane & 3);
+        const bool whole_tile = w.m0 + kTmaBM <= p.m && w.n0 + BN <= p.n;
 #pragma unroll
         for (int b = 0; b < kRowBlocks; ++b) {
             const int row = w.m0 + (row_block0 + b) * 64 + warp_in_group * 16 + (lane >> 2);
-            epilogue_fragments<BN / 8>(e, row, col_base, acc[b]);
+            epilogue_fragments<BN / 8>(e, row, col_base, acc[b], whole_tile);
         }
     }
 }

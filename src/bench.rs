@@ -2094,9 +2094,13 @@ fn bench_fora_reuse_final(
             "custom".into()
         } else {
             format!(
-                "custom ({} tokens/thread, {} layers in flight)",
+                "custom ({} tokens/thread, {} layers in flight{})",
                 tpt.tokens(),
-                tpt.layers_in_flight()
+                tpt.layers_in_flight(),
+                match tpt.layers_prefetched() {
+                    0 => String::new(),
+                    n => format!(", {n} more prefetched to L2"),
+                }
             )
         },
         rows,

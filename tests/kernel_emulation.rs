@@ -631,11 +631,13 @@ fn emulated_gemm() -> Result<()> {
     // 64) also cycles the wgmma kernels' 4-stage ring twice, which the emulator's asynchronous
     // cp.async and wgmma check (a slot refilled while a wgmma may still read it shows as NaN).
     // Then, for the TMA kernels only (their persistent unit order is the newest indexing),
-    // M = 4 rows of 75 tokens: three M tiles, the last partial, so units walk M and N.
+    // M = 4 rows of 75 tokens: three M tiles, the last partial, so units walk M and N; N = 392
+    // (256 + 136) gives every tile width whole tiles beside partial ones, so both the checked
+    // and the unchecked epilogue (`epilogue_fragments`' FULL) run.
     let shapes = [
         (70usize, 136usize, 35usize, 200usize, false),
         (70, 136, 35, 520, false),
-        (300, 136, 75, 200, true),
+        (300, 392, 75, 200, true),
     ];
     for (m, n, tokens, k, tma_only) in shapes {
         let ldo = n + 8;

@@ -249,21 +249,30 @@ pub enum ReuseTokens {
     Two,
     /// Four tokens a thread, one layer in flight (`fora_reuse_final_t4`).
     Four,
+    /// [`ReuseTokens::One`] asking L2 for four more layers ahead (`fora_reuse_final_p4`): more
+    /// DRAM reads in flight at few rows without more registers. Not picked; measured by
+    /// `fora bench` (written after session 7's GPU runs, not yet run on a GPU).
+    OnePrefetch,
+    /// [`ReuseTokens::Four`] asking L2 for two more layers ahead (`fora_reuse_final_t4_p2`).
+    /// Not picked; measured by `fora bench` (not yet run on a GPU).
+    FourPrefetch,
 }
 
 impl ReuseTokens {
-    pub const ALL: [ReuseTokens; 4] = [
+    pub const ALL: [ReuseTokens; 6] = [
         ReuseTokens::One,
         ReuseTokens::OneDeep,
         ReuseTokens::Two,
         ReuseTokens::Four,
+        ReuseTokens::OnePrefetch,
+        ReuseTokens::FourPrefetch,
     ];
 
     pub fn tokens(self) -> i32 {
         match self {
-            ReuseTokens::One | ReuseTokens::OneDeep => 1,
+            ReuseTokens::One | ReuseTokens::OneDeep | ReuseTokens::OnePrefetch => 1,
             ReuseTokens::Two => 2,
-            ReuseTokens::Four => 4,
+            ReuseTokens::Four | ReuseTokens::FourPrefetch => 4,
         }
     }
 
@@ -271,8 +280,17 @@ impl ReuseTokens {
     pub fn layers_in_flight(self) -> i32 {
         match self {
             ReuseTokens::OneDeep => 4,
-            ReuseTokens::One | ReuseTokens::Two => 2,
-            ReuseTokens::Four => 1,
+            ReuseTokens::One | ReuseTokens::Two | ReuseTokens::OnePrefetch => 2,
+            ReuseTokens::Four | ReuseTokens::FourPrefetch => 1,
+        }
+    }
+
+    /// Layers asked of L2 ahead of those in flight (prefetch hints, no registers).
+    pub fn layers_prefetched(self) -> i32 {
+        match self {
+            ReuseTokens::OnePrefetch => 4,
+            ReuseTokens::FourPrefetch => 2,
+            _ => 0,
         }
     }
 
@@ -282,6 +300,8 @@ impl ReuseTokens {
             ReuseTokens::OneDeep => "fora_reuse_final_l4",
             ReuseTokens::Two => "fora_reuse_final_t2",
             ReuseTokens::Four => "fora_reuse_final_t4",
+            ReuseTokens::OnePrefetch => "fora_reuse_final_p4",
+            ReuseTokens::FourPrefetch => "fora_reuse_final_t4_p2",
         }
     }
 
