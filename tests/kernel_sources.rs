@@ -1,4 +1,5 @@
-//! Source-level rules every kernel must keep, checked without a GPU.
+//! Source-level rules every kernel (and the host code around them) must keep, checked without a
+//! GPU.
 
 use std::path::Path;
 
@@ -50,5 +51,39 @@ fn every_kernel_waits_for_its_predecessor_first() {
     assert!(
         missing.is_empty(),
         "kernels whose first statement is not grid_dependency_sync(): {missing:?}"
+    );
+}
+
+/// No `mem::zeroed` in the crate: several driver structs hold Rust enums without a zero value
+/// (`CUDA_MEMCPY3D`'s `CUmemorytype`), and zeroing one panics at run time, only on a GPU (the
+/// step graph aborted that way on an H200, 2026-11-26). Structs the driver fills are
+/// `MaybeUninit`; others are built field by field or with `Default`.
+#[test]
+fn no_zeroed_driver_structs() {
+    fn visit(dir: &Path, hits: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                visit(&path, hits);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let src = std::fs::read_to_string(&path).unwrap();
+                for (i, line) in src.lines().enumerate() {
+                    let code = line.split("//").next().unwrap_or("");
+                    if code.contains("mem::zeroed") {
+                        hits.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
+                    }
+                }
+            }
+        }
+    }
+    let mut hits = Vec::new();
+    visit(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut hits,
+    );
+    assert!(
+        hits.is_empty(),
+        "mem::zeroed in the crate:\n{}",
+        hits.join("\n")
     );
 }

@@ -76,12 +76,15 @@ impl StepGraph {
                     copies.push((node, unsafe { p.assume_init() }));
                 }
                 sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => {
-                    // SAFETY: a kernel node; the struct is plain data.
-                    let mut p: sys::CUDA_KERNEL_NODE_PARAMS = unsafe { std::mem::zeroed() };
+                    // As above: filled by the driver before it is read.
+                    let mut p = std::mem::MaybeUninit::<sys::CUDA_KERNEL_NODE_PARAMS>::zeroed();
                     check(
-                        unsafe { sys::cuGraphKernelNodeGetParams_v2(node, &mut p) },
+                        // SAFETY: a kernel node; `p` is writable and the size of the struct.
+                        unsafe { sys::cuGraphKernelNodeGetParams_v2(node, p.as_mut_ptr()) },
                         "cuGraphKernelNodeGetParams",
                     )?;
+                    // SAFETY: the call succeeded, so the driver filled in the parameters.
+                    let p = unsafe { p.assume_init() };
                     if p.func == sampler_fn {
                         samplers.push((node, p));
                     }
