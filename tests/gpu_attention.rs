@@ -23,7 +23,7 @@ use fora::cuda::params::AttentionParams;
 use fora::cuda::testing::{poison_bf16, round_bf16, test_gpu, to_bf16, TestRng};
 use half::bf16;
 
-/// The v1 (default) kernels on one shape.
+/// The v1 kernels (the default off Hopper) on one shape.
 fn gpu_case(test: &str, s: Shape, qk_std: f32, seed: u64) {
     gpu_case_impl(test, s, qk_std, seed, AttentionImpl::V1);
 }

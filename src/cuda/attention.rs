@@ -175,7 +175,7 @@ fn wgmma_smem_bytes(head_dim: u32, v_mn: bool) -> u32 {
     }
 }
 
-/// Validates `p` and says which v1 (default) kernel runs, with which grid. Pure: needs no
+/// Validates `p` and says which v1 kernel (the default off Hopper) runs, with which grid. Pure: needs no
 /// device, so callers (and tests) can check parameters up front.
 pub fn attention_plan(p: &AttentionParams) -> Result<AttentionLaunch> {
     attention_plan_for(p, AttentionImpl::V1)
