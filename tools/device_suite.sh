@@ -29,6 +29,8 @@
 #              VARIANT_ARGS / VARIANT_S change what each runs);
 #   bench      `fora bench` (FORA_BENCH_ARGS overrides its arguments);
 #   torch      tools/bench_torch.py, the PyTorch reference (TORCH_BENCH_ARGS);
+#   issue5     what issue 5 still asks measured in one call: our steps at 2, 16, 64, 256 rows and
+#              N = 1..5, PyTorch eager / graph / torch.compile, and the merged report + plot;
 #   kernelprof ncu --set full of one launch of each kernel in PROF_KERNELS;
 #   profile    ncu kernel time per op of a computing and a reuse step (PROFILE_ROWS,
 #              PROFILE_METRICS), summarised by tools/ncu_summary.py;
@@ -109,6 +111,30 @@ phase_torch() {
     tail -n 3 "$OUT/bench_torch.log"
   else
     echo "SKIPPED (deadline): PyTorch reference"
+  fi
+}
+
+# What issue 5 still asks to be measured in one call beside the rest: our steps at 2, 16, 64 and
+# 256 rows with N = 1..5 end to end, and PyTorch eager, CUDA graph and torch.compile (full steps
+# at 2 and 256 rows; compiling takes minutes), then the merged report with every ratio.
+phase_issue5() {
+  echo "=== issue 5: fora bench, rows 2,16,64,256, N = 1..5"
+  FORA_BENCH_HOPPER_GEMMS=0 bounded 150 .devpack/bin/fora bench --json "$OUT/issue5_fora.json" \
+    --batches 2,16,64,256 --kernel-batches 2,256 --intervals 1,2,3,4,5 --e2e-reps 1 \
+    > "$OUT/issue5_fora.log" 2>&1
+  tail -n 2 "$OUT/issue5_fora.log"
+  echo "=== issue 5: PyTorch eager, graph and torch.compile"
+  local budget=$(( $(left) - 40 ))
+  if [ "$budget" -gt 60 ]; then
+    bounded $(( budget + 20 )) python3 tools/bench_torch.py --json "$OUT/issue5_torch.json" --budget-s "$budget" \
+      --batches 2,16,64,256 --modes eager,graph,compile --compile-batches 2,256 --compile-reuse no \
+      --intervals 3 --e2e-modes graph > "$OUT/issue5_torch.log" 2>&1
+    tail -n 3 "$OUT/issue5_torch.log"
+    python3 tools/bench_report.py --ours "$OUT/issue5_fora.json" --torch "$OUT/issue5_torch.json" \
+      --gemm cublaslt --md "$OUT/issue5_report.md" --plot "$OUT/issue5_latency.png" > /dev/null 2>&1
+    sed -n '/^## Targets/,/^## Per step/p' "$OUT/issue5_report.md"
+  else
+    echo "SKIPPED (deadline): PyTorch with torch.compile"
   fi
 }
 
