@@ -45,10 +45,11 @@ use crate::cuda::model::{ada_cols, reuse_final_params};
 use crate::cuda::norm::{layernorm_modulate_with, residual_layernorm_with, RowWarps};
 use crate::cuda::params::{
     AttentionParams, ForaReuseFinalParams, ForaReuseParams, GemmParams, LayerNormModulateParams,
-    PatchEmbedParams, ResidualLayerNormParams,
+    PatchEmbedParams, ResidualLayerNormParams, SamplerStepParams,
 };
+use crate::cuda::sampler::{sampler_step, set_update};
 use crate::cuda::{dptr, CudaBackend, Gpu};
-use crate::diffusion::SamplerKind;
+use crate::diffusion::{Diffusion, SamplerKind};
 use crate::sampler::{Sampler, SamplerOptions};
 use crate::weights::DitWeights;
 use anyhow::{bail, ensure, Context, Result};
@@ -571,7 +572,7 @@ pub enum Bound {
 /// One per-kernel measurement.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelRow {
-    /// "qkv", "proj", "fc1", "fc2", "adaLN", "final", "attention", "patch_embed", "fora_reuse", "fora_reuse_final", "layernorm", "residual_ln".
+    /// "qkv", "proj", "fc1", "fc2", "adaLN", "final", "attention", "patch_embed", "sampler_step", "fora_reuse", "fora_reuse_final", "layernorm", "residual_ln".
     pub name: String,
     /// "custom", "cublaslt", "cublaslt+epilogue", "cublaslt-tuned" (GEMMs); "custom" otherwise.
     pub imp: String,
@@ -1849,6 +1850,8 @@ fn bench_kernels(gpu: &Gpu, cfg: &DitConfig, rows: usize, timer: &Timer, report:
     }
     let embed_row = bench_patch_embed(gpu, cfg, rows, timer, rotate);
     push_kernel(report, "patch_embed", rows, embed_row);
+    let sampler_row = bench_sampler_step(gpu, cfg, rows, timer, rotate);
+    push_kernel(report, "sampler_step", rows, sampler_row);
     let reuse_row = bench_fora_reuse(gpu, cfg, rows, timer, rotate);
     push_kernel(report, "fora_reuse", rows, reuse_row);
     for tpt in ReuseTokens::ALL {
@@ -2025,6 +2028,76 @@ fn bench_patch_embed(
         rows,
         shape: format!(
             "{rows}x{t} tokens, k {k}, D {d}, {:.1} MB",
+            bytes as f64 / 1e6
+        ),
+        bound: Bound::Memory,
+        work: bytes as f64,
+        stats: Some(stats),
+        launches_per_replay: per_replay,
+    })
+}
+
+/// The sampler update of one step (unpatchify + CFG + DDPM with learned sigma + Philox noise,
+/// `sampler_step`): `rows` model rows are `rows / 2` images with CFG, as the steps run them.
+fn bench_sampler_step(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    rotate: usize,
+) -> Result<KernelRow> {
+    let images = (rows / 2).max(1);
+    let model_rows = 2 * images;
+    let out_len = model_rows * cfg.out_len();
+    let img = images * cfg.image_len();
+    // The model output read (both halves), x_t read and x_{t-1} written (f32).
+    let bytes = out_len * 4 + 2 * img * 4;
+    let copies = rotation_copies(bytes, rotate);
+    let mut sets = Vec::with_capacity(copies);
+    for c in 0..copies {
+        let seed = 700 + 10 * c as u64;
+        sets.push((
+            random_f32(gpu, out_len, 1.0, seed, "sampler model output")?,
+            random_f32(gpu, img, 1.0, seed + 1, "sampler latents")?,
+        ));
+    }
+    let diffusion = Diffusion::new("250", cfg.learn_sigma)?;
+    let update = diffusion.step_update(200, SamplerKind::Ddpm)?;
+    let params = |i: usize| {
+        let (model_out, x) = &sets[i % copies];
+        let mut p = SamplerStepParams {
+            model_out: dptr(model_out),
+            x: dptr(x),
+            noise: 0,
+            seed: 1,
+            noise_stream: 49,
+            images: images as i32,
+            rows: model_rows as i32,
+            channels: cfg.in_channels as i32,
+            out_channels: cfg.out_channels() as i32,
+            height: cfg.input_size as i32,
+            width: cfg.input_size as i32,
+            patch: cfg.patch as i32,
+            guided_channels: 3.min(cfg.out_channels()) as i32,
+            cfg_scale: 4.0,
+            learn_sigma: cfg.learn_sigma as i32,
+            ..Default::default()
+        };
+        set_update(&mut p, &update);
+        p
+    };
+    // The update rewrites x in place: every replay steps the same latents once more, which
+    // changes their values, not the work.
+    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| sampler_step(gpu, &params(i)))?;
+    Ok(KernelRow {
+        name: "sampler_step".into(),
+        imp: "custom".into(),
+        rows: model_rows,
+        shape: format!(
+            "{images} image(s) + CFG, {}x{}x{}, {:.1} MB",
+            cfg.in_channels,
+            cfg.input_size,
+            cfg.input_size,
             bytes as f64 / 1e6
         ),
         bound: Bound::Memory,
