@@ -81,6 +81,21 @@ FORA_DEVICE void epilogue_store_pair(const Epilogue& e, int rr, int col, bool ha
     }
 }
 
+// The gated residual's loads for one column pair of row rr: the gate pair and the f32 residual
+// pair it is added to (the second of each 0 without has1). ALIGNED as epilogue_store_pair.
+template <bool ALIGNED = false>
+FORA_DEVICE void epilogue_load_gated(const Epilogue& e, int rr, int col, bool has1, float2& gate,
+                                     float2& res) {
+    const float* g = e.gate + static_cast<long long>(rr / e.rows_per_gate) * e.ldg + col;
+    const float* x = static_cast<const float*>(e.out) + static_cast<long long>(rr) * e.ldo + col;
+    gate = make_float2(g[0], has1 ? g[1] : 0.0f);
+    if (ALIGNED || (has1 && (e.ldo & 1) == 0)) {
+        res = *reinterpret_cast<const float2*>(x);
+    } else {
+        res = make_float2(x[0], has1 ? x[1] : 0.0f);
+    }
+}
+
 // Applies the epilogue to (row, col) and, when col + 1 < n, (row, col + 1). `col` is even, and
 // out/cache are 8-byte aligned, so an even leading dimension makes the pair access aligned.
 FORA_DEVICE void epilogue_pair(const Epilogue& e, int row, int col, float v0, float v1) {
@@ -90,18 +105,7 @@ FORA_DEVICE void epilogue_pair(const Epilogue& e, int row, int col, float v0, fl
         if (has1) v1 += e.bias[col + 1];
     }
     float2 gate = make_float2(0.0f, 0.0f), res = make_float2(0.0f, 0.0f);
-    if (e.kind == FORA_EPI_BIAS_GATE_RESIDUAL) {
-        const float* g = e.gate + static_cast<long long>(row / e.rows_per_gate) * e.ldg + col;
-        const float* x = static_cast<const float*>(e.out) + static_cast<long long>(row) * e.ldo + col;
-        gate.x = g[0];
-        if (has1) gate.y = g[1];
-        if (has1 && (e.ldo & 1) == 0) {
-            res = *reinterpret_cast<const float2*>(x);
-        } else {
-            res.x = x[0];
-            if (has1) res.y = x[1];
-        }
-    }
+    if (e.kind == FORA_EPI_BIAS_GATE_RESIDUAL) epilogue_load_gated(e, row, col, has1, gate, res);
     epilogue_store_pair(e, row, col, has1, v0, v1, gate, res);
 }
 
@@ -133,16 +137,7 @@ FORA_DEVICE void epilogue_fragments_of(const Epilogue& e, int row, int col_base,
                 res[r][c] = make_float2(0.0f, 0.0f);
                 const int rr = row + 8 * r;
                 if (!GATED || (!FULL && (col >= e.n || rr >= e.m))) continue;
-                const float* g = e.gate + static_cast<long long>(rr / e.rows_per_gate) * e.ldg + col;
-                const float* x = static_cast<const float*>(e.out) + static_cast<long long>(rr) * e.ldo + col;
-                gate[r][c].x = g[0];
-                if (has1) gate[r][c].y = g[1];
-                if (FULL || (has1 && (e.ldo & 1) == 0)) {
-                    res[r][c] = *reinterpret_cast<const float2*>(x);
-                } else {
-                    res[r][c].x = x[0];
-                    if (has1) res[r][c].y = x[1];
-                }
+                epilogue_load_gated<FULL>(e, rr, col, has1, gate[r][c], res[r][c]);
             }
         }
 #pragma unroll

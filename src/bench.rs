@@ -47,7 +47,7 @@ use crate::cuda::params::{
     AttentionParams, ForaReuseFinalParams, ForaReuseParams, GemmParams, LayerNormModulateParams,
     PatchEmbedParams, ResidualLayerNormParams, SamplerStepParams,
 };
-use crate::cuda::sampler::{sampler_step, set_update};
+use crate::cuda::sampler::{guided_channels, sampler_step, set_update};
 use crate::cuda::{dptr, CudaBackend, Gpu};
 use crate::diffusion::{Diffusion, SamplerKind};
 use crate::sampler::{Sampler, SamplerOptions};
@@ -572,7 +572,8 @@ pub enum Bound {
 /// One per-kernel measurement.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelRow {
-    /// "qkv", "proj", "fc1", "fc2", "adaLN", "final", "attention", "patch_embed", "sampler_step", "fora_reuse", "fora_reuse_final", "layernorm", "residual_ln".
+    /// "qkv", "proj", "fc1", "fc2", "adaLN", "final", "attention", "patch_embed",
+    /// "sampler_step", "fora_reuse", "fora_reuse_final", "layernorm", "residual_ln".
     pub name: String,
     /// "custom", "cublaslt", "cublaslt+epilogue", "cublaslt-tuned" (GEMMs); "custom" otherwise.
     pub imp: String,
@@ -2063,6 +2064,10 @@ fn bench_sampler_step(
     }
     let diffusion = Diffusion::new("250", cfg.learn_sigma)?;
     let update = diffusion.step_update(200, SamplerKind::Ddpm)?;
+    let guidance = Guidance {
+        scale: 4.0,
+        mode: GuidanceMode::Official3,
+    };
     let params = |i: usize| {
         let (model_out, x) = &sets[i % copies];
         let mut p = SamplerStepParams {
@@ -2078,8 +2083,8 @@ fn bench_sampler_step(
             height: cfg.input_size as i32,
             width: cfg.input_size as i32,
             patch: cfg.patch as i32,
-            guided_channels: 3.min(cfg.out_channels()) as i32,
-            cfg_scale: 4.0,
+            guided_channels: guided_channels(Some(guidance), cfg.in_channels, cfg.out_channels()),
+            cfg_scale: guidance.scale,
             learn_sigma: cfg.learn_sigma as i32,
             ..Default::default()
         };

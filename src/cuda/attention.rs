@@ -101,7 +101,8 @@ impl AttentionImpl {
         }
     }
 
-    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|auto`, parsed now; unset or empty means [`AttentionImpl::Auto`].
+    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|auto`, parsed now; unset or empty means
+    /// [`AttentionImpl::Auto`].
     pub fn from_env() -> Result<AttentionImpl> {
         match std::env::var("FORA_ATTENTION") {
             Ok(v) if !v.trim().is_empty() => {
@@ -175,8 +176,8 @@ fn wgmma_smem_bytes(head_dim: u32, v_mn: bool) -> u32 {
     }
 }
 
-/// Validates `p` and says which v1 kernel (the default off Hopper) runs, with which grid. Pure: needs no
-/// device, so callers (and tests) can check parameters up front.
+/// Validates `p` and says which v1 kernel (the default off Hopper) runs, with which grid. Pure:
+/// needs no device, so callers (and tests) can check parameters up front.
 pub fn attention_plan(p: &AttentionParams) -> Result<AttentionLaunch> {
     attention_plan_for(p, AttentionImpl::V1)
 }
@@ -302,9 +303,9 @@ pub fn attention_flops(batch: usize, heads: usize, tokens: usize, head_dim: usiz
 }
 
 /// Launches flash attention with the implementation [`AttentionImpl::selected`] names
-/// (`FORA_ATTENTION`, default auto: wgmma_mn on a Hopper, else v1) on `gpu`'s stream: reads `p.qkv`, writes every element of
-/// `p.out`. `out` must not overlap `qkv` (blocks read the K/V rows of other blocks' queries).
-/// Allocates nothing, so it can be captured in a CUDA graph.
+/// (`FORA_ATTENTION`, default auto: wgmma_mn on a Hopper, else v1) on `gpu`'s stream: reads
+/// `p.qkv`, writes every element of `p.out`. `out` must not overlap `qkv` (blocks read the K/V
+/// rows of other blocks' queries). Allocates nothing, so it can be captured in a CUDA graph.
 pub fn attention(gpu: &impl KernelLauncher, p: &AttentionParams) -> Result<()> {
     attention_with(gpu, p, AttentionImpl::selected()?)
 }

@@ -115,9 +115,9 @@ pub struct CudaOptions {
 
 impl CudaOptions {
     /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
-    /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_FUSED_FINAL`, `FORA_SIDE_STREAM`, `FORA_FUSED_LN`,
-    /// `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`, `FORA_STEP_GRAPH`,
-    /// `FORA_LT_SPLITK`, `FORA_L2_PERSIST` and `FORA_PDL`.
+    /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_FUSED_FINAL`, `FORA_SIDE_STREAM`,
+    /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`,
+    /// `FORA_STEP_GRAPH`, `FORA_LT_SPLITK`, `FORA_L2_PERSIST` and `FORA_PDL`.
     pub fn from_env() -> Result<CudaOptions> {
         // A 0/1 switch; unset or empty keeps the default, anything else is refused.
         let flag = |var: &str, default: bool| match std::env::var(var) {

@@ -268,41 +268,36 @@ impl ReuseTokens {
         ReuseTokens::FourPrefetch,
     ];
 
-    pub fn tokens(self) -> i32 {
+    /// Kernel name, tokens a thread, layers of cache loads a thread has in flight, and layers
+    /// asked of L2 ahead of those (prefetch hints, no registers); must match fora.cu's
+    /// `reuse_final_body<TPT, CHUNK, AHEAD>`.
+    fn spec(self) -> (&'static str, i32, i32, i32) {
         match self {
-            ReuseTokens::One | ReuseTokens::OneDeep | ReuseTokens::OnePrefetch => 1,
-            ReuseTokens::Two => 2,
-            ReuseTokens::Four | ReuseTokens::FourPrefetch => 4,
+            ReuseTokens::One => ("fora_reuse_final", 1, 2, 0),
+            ReuseTokens::OneDeep => ("fora_reuse_final_l4", 1, 4, 0),
+            ReuseTokens::Two => ("fora_reuse_final_t2", 2, 2, 0),
+            ReuseTokens::Four => ("fora_reuse_final_t4", 4, 1, 0),
+            ReuseTokens::OnePrefetch => ("fora_reuse_final_p4", 1, 2, 4),
+            ReuseTokens::FourPrefetch => ("fora_reuse_final_t4_p2", 4, 1, 2),
         }
+    }
+
+    pub fn tokens(self) -> i32 {
+        self.spec().1
     }
 
     /// Layers of cache loads each thread has in flight.
     pub fn layers_in_flight(self) -> i32 {
-        match self {
-            ReuseTokens::OneDeep => 4,
-            ReuseTokens::One | ReuseTokens::Two | ReuseTokens::OnePrefetch => 2,
-            ReuseTokens::Four | ReuseTokens::FourPrefetch => 1,
-        }
+        self.spec().2
     }
 
     /// Layers asked of L2 ahead of those in flight (prefetch hints, no registers).
     pub fn layers_prefetched(self) -> i32 {
-        match self {
-            ReuseTokens::OnePrefetch => 4,
-            ReuseTokens::FourPrefetch => 2,
-            _ => 0,
-        }
+        self.spec().3
     }
 
     fn kernel(self) -> &'static str {
-        match self {
-            ReuseTokens::One => "fora_reuse_final",
-            ReuseTokens::OneDeep => "fora_reuse_final_l4",
-            ReuseTokens::Two => "fora_reuse_final_t2",
-            ReuseTokens::Four => "fora_reuse_final_t4",
-            ReuseTokens::OnePrefetch => "fora_reuse_final_p4",
-            ReuseTokens::FourPrefetch => "fora_reuse_final_t4_p2",
-        }
+        self.spec().0
     }
 
     /// Four tokens a thread once that still leaves 8 groups of threads per SM (from 32 rows

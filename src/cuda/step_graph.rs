@@ -29,6 +29,16 @@ fn check(r: sys::CUresult, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// A node's parameters as the driver getter `get` writes them. Not `mem::zeroed`: some of the
+/// structs (`CUDA_MEMCPY3D`) hold `CUmemorytype` enums, which have no zero value (Rust panics at
+/// run time on zeroing them); the driver writes every field before it is read.
+fn node_params<T>(what: &str, get: impl FnOnce(*mut T) -> sys::CUresult) -> Result<T> {
+    let mut p = std::mem::MaybeUninit::<T>::zeroed();
+    check(get(p.as_mut_ptr()), what)?;
+    // SAFETY: the getter succeeded, so the driver filled in the parameters.
+    Ok(unsafe { p.assume_init() })
+}
+
 impl StepGraph {
     /// Finds the per-step nodes of `graph`: exactly one kernel node of `sampler_fn`, and at
     /// most one memcpy node (exactly one when `with_copy`).
@@ -63,28 +73,17 @@ impl StepGraph {
             )?;
             match ty {
                 sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY => {
-                    // Not `mem::zeroed`: the struct holds `CUmemorytype` enums, which have no
-                    // zero value (Rust panics at run time on zeroing them). The driver writes
-                    // every field; only then is it read.
-                    let mut p = std::mem::MaybeUninit::<sys::CUDA_MEMCPY3D>::zeroed();
-                    check(
+                    let p = node_params("cuGraphMemcpyNodeGetParams", |p| {
                         // SAFETY: a memcpy node; `p` is writable and the size of the struct.
-                        unsafe { sys::cuGraphMemcpyNodeGetParams(node, p.as_mut_ptr()) },
-                        "cuGraphMemcpyNodeGetParams",
-                    )?;
-                    // SAFETY: the call succeeded, so the driver filled in the parameters.
-                    copies.push((node, unsafe { p.assume_init() }));
+                        unsafe { sys::cuGraphMemcpyNodeGetParams(node, p) }
+                    })?;
+                    copies.push((node, p));
                 }
                 sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => {
-                    // As above: filled by the driver before it is read.
-                    let mut p = std::mem::MaybeUninit::<sys::CUDA_KERNEL_NODE_PARAMS>::zeroed();
-                    check(
+                    let p = node_params("cuGraphKernelNodeGetParams", |p| {
                         // SAFETY: a kernel node; `p` is writable and the size of the struct.
-                        unsafe { sys::cuGraphKernelNodeGetParams_v2(node, p.as_mut_ptr()) },
-                        "cuGraphKernelNodeGetParams",
-                    )?;
-                    // SAFETY: the call succeeded, so the driver filled in the parameters.
-                    let p = unsafe { p.assume_init() };
+                        unsafe { sys::cuGraphKernelNodeGetParams_v2(node, p) }
+                    })?;
                     if p.func == sampler_fn {
                         samplers.push((node, p));
                     }
