@@ -297,6 +297,18 @@ typedef struct TmaProbeParams {
     int box_rows;
 } TmaProbeParams;
 
+/* Memory-bandwidth probes for the bench's ceilings, over `chunks` 16-byte chunks of src
+ * (grid-stride, several chunks in flight a thread). Kernel bandwidth_read: dst is uint32
+ * [out_words], out_words >= the launch's threads; thread i writes the XOR of every 32-bit word
+ * it read to dst[i] (so no load is dead, and the XOR of dst is the XOR of src, whatever the
+ * grid). Kernel bandwidth_copy: dst[0, 16 * chunks) = src[0, 16 * chunks) (out_words unused). */
+typedef struct BandwidthParams {
+    fora_ptr src;
+    fora_ptr dst;
+    long long chunks;
+    long long out_words;
+} BandwidthParams;
+
 #ifdef __cplusplus
 }
 #endif

@@ -3,7 +3,10 @@
 //!
 //! Sections (each can be selected with `--sections`):
 //! - **ceilings**: what the card can do, measured in the same run: a large bf16 cuBLASLt GEMM
-//!   (TFLOP/s) and a device-to-device copy (GB/s, read + write bytes).
+//!   (TFLOP/s); memory bandwidth three ways (GB/s): cuMemcpyDtoD and our `bandwidth_copy`
+//!   kernel (read + write bytes), and our `bandwidth_read` kernel (bytes read). A memory-bound
+//!   kernel's "% ceiling" is of the best of the three: most of ours mostly read, and a copy
+//!   alone understates what reading reaches.
 //! - **kernels**: every GEMM of a DiT block at the model's shapes (qkv, proj, fc1, fc2, the
 //!   stacked adaLN GEMM, the final Linear), the custom kernel with its fused epilogue against
 //!   cuBLASLt (its fused bias/GELU where it has one) and cuBLASLt + the stand-alone epilogue
@@ -36,6 +39,7 @@ use crate::cache::policy_for_interval;
 use crate::config::{Arch, DitConfig};
 use crate::cuda::attention::{attention, attention_flops, attention_with, AttentionImpl};
 use crate::cuda::backend::CudaOptions;
+use crate::cuda::bandwidth::{bandwidth_copy, bandwidth_read, bandwidth_read_words};
 use crate::cuda::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
 use crate::cuda::device::KernelLauncher;
 use crate::cuda::embed::patch_embed;
@@ -44,8 +48,8 @@ use crate::cuda::gemm::{Epilogue, Gemm, GemmImpl, TmaTile};
 use crate::cuda::model::{ada_cols, reuse_final_params};
 use crate::cuda::norm::{layernorm_modulate_with, residual_layernorm_with, RowWarps};
 use crate::cuda::params::{
-    AttentionParams, ForaReuseFinalParams, ForaReuseParams, GemmParams, LayerNormModulateParams,
-    PatchEmbedParams, ResidualLayerNormParams, SamplerStepParams,
+    AttentionParams, BandwidthParams, ForaReuseFinalParams, ForaReuseParams, GemmParams,
+    LayerNormModulateParams, PatchEmbedParams, ResidualLayerNormParams, SamplerStepParams,
 };
 use crate::cuda::sampler::{guided_channels, sampler_step, set_update};
 use crate::cuda::{dptr, CudaBackend, Gpu};
@@ -151,7 +155,7 @@ pub struct BenchArgs {
     /// --quick).
     #[arg(long)]
     pub ceiling_size: Option<usize>,
-    /// MiB of the device-to-device copy that measures the memory ceiling. Default 1024.
+    /// MiB the memory ceilings (copy and read) move. Default 1024.
     #[arg(long)]
     pub copy_mib: Option<usize>,
     /// Classifier-free guidance scale of the CFG batches.
@@ -486,10 +490,10 @@ impl ModelInfo {
 /// A measured ceiling of the card.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Ceiling {
-    /// "bf16 GEMM 8192^3 (cuBLASLt)", "device copy 1024 MiB".
+    /// "bf16 GEMM 8192^3 (cuBLASLt)", "device copy 1024 MiB (cuMemcpyDtoD, ...)".
     pub what: String,
     pub stats: Stats,
-    /// TFLOP/s (GEMM) or GB/s (copy) at the median time.
+    /// TFLOP/s (GEMM) or GB/s (memory) at the median time.
     pub rate: f64,
 }
 
@@ -624,7 +628,9 @@ pub struct Report {
     pub attention: String,
     pub cfg_scale: f32,
     pub gemm_ceiling: Option<Ceiling>,
-    pub copy_ceiling: Option<Ceiling>,
+    /// Memory bandwidth measured in several ways (copy, copy kernel, read kernel); the best is
+    /// the memory ceiling ([`Report::memory_ceiling`]).
+    pub memory_ceilings: Vec<Ceiling>,
     pub steps: Vec<StepRow>,
     pub e2e: Vec<E2eRow>,
     pub kernels: Vec<KernelRow>,
@@ -659,7 +665,7 @@ impl Report {
             attention: AttentionImpl::V1.name().to_string(),
             cfg_scale: plan.cfg_scale,
             gemm_ceiling: None,
-            copy_ceiling: None,
+            memory_ceilings: Vec::new(),
             steps: Vec::new(),
             e2e: Vec::new(),
             kernels: Vec::new(),
@@ -689,11 +695,18 @@ impl Report {
         ))
     }
 
+    /// The highest of the measured memory bandwidths.
+    pub fn memory_ceiling(&self) -> Option<&Ceiling> {
+        self.memory_ceilings
+            .iter()
+            .max_by(|a, b| a.rate.total_cmp(&b.rate))
+    }
+
     /// Percent of the measured ceiling of `bound`.
     pub fn pct_of_ceiling(&self, rate: Option<f64>, bound: Bound) -> Option<f64> {
         let ceiling = match bound {
             Bound::Compute => self.gemm_ceiling.as_ref(),
-            Bound::Memory => self.copy_ceiling.as_ref(),
+            Bound::Memory => self.memory_ceiling(),
         }?;
         Some(100.0 * rate? / ceiling.rate)
     }
@@ -860,7 +873,8 @@ impl Report {
             },
             "ceilings": {
                 "gemm": ceiling(&self.gemm_ceiling, "tflops"),
-                "copy": ceiling(&self.copy_ceiling, "gbps"),
+                "memory": self.memory_ceilings.iter().map(|c| ceiling(&Some(c.clone()), "gbps")).collect::<Vec<_>>(),
+                "memory_best": ceiling(&self.memory_ceiling().cloned(), "gbps"),
             },
             "steps": steps,
             "e2e": e2e,
@@ -992,10 +1006,16 @@ impl Report {
         );
 
         s += "## Ceilings (measured in this run)\n\n| what | time (ms) | rate |\n|---|---|---|\n";
-        for (c, unit) in [
-            (&self.gemm_ceiling, "TFLOP/s"),
-            (&self.copy_ceiling, "GB/s"),
-        ] {
+        let mut ceilings = vec![(self.gemm_ceiling.as_ref(), "TFLOP/s", "GEMM")];
+        if self.memory_ceilings.is_empty() {
+            ceilings.push((None, "GB/s", "memory"));
+        }
+        ceilings.extend(
+            self.memory_ceilings
+                .iter()
+                .map(|c| (Some(c), "GB/s", "memory")),
+        );
+        for (c, unit, what) in ceilings {
             match c {
                 Some(c) => {
                     s += &format!(
@@ -1003,8 +1023,14 @@ impl Report {
                         c.what, c.stats.median_ms, c.rate
                     )
                 }
-                None => s += &format!("| {unit} ceiling | — | — |\n"),
+                None => s += &format!("| {what} ceiling | — | — |\n"),
             }
+        }
+        if let Some(best) = self.memory_ceiling() {
+            s += &format!(
+                "\nMemory-bound rows' % ceiling is of the best memory rate: {:.0} GB/s ({}).\n",
+                best.rate, best.what
+            );
         }
 
         if !self.kernels.is_empty() {
@@ -1510,10 +1536,27 @@ fn bench_ceilings(gpu: &Gpu, plan: &BenchPlan, timer: &Timer, report: &mut Repor
         Ok(c) => report.gemm_ceiling = Some(c),
         Err(e) => report.error("ceilings", "bf16 GEMM", &e),
     }
-    match ceiling_copy(gpu, plan.copy_bytes, timer) {
-        Ok(c) => report.copy_ceiling = Some(c),
-        Err(e) => report.error("ceilings", "device copy", &e),
+    for (what, probe) in [
+        ("device copy", MemoryProbe::Memcpy),
+        ("copy kernel", MemoryProbe::CopyKernel),
+        ("read kernel", MemoryProbe::ReadKernel),
+    ] {
+        match ceiling_memory(gpu, plan.copy_bytes, probe, timer) {
+            Ok(c) => report.memory_ceilings.push(c),
+            Err(e) => report.error("ceilings", what, &e),
+        }
     }
+}
+
+/// How a memory ceiling moves its bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MemoryProbe {
+    /// cuMemcpyDtoD (read + write bytes).
+    Memcpy,
+    /// `bandwidth_copy` (read + write bytes).
+    CopyKernel,
+    /// `bandwidth_read` (bytes read; a word a thread written).
+    ReadKernel,
 }
 
 fn ceiling_gemm(gpu: &Gpu, size: usize, timer: &Timer) -> Result<Ceiling> {
@@ -1547,18 +1590,51 @@ fn ceiling_gemm(gpu: &Gpu, size: usize, timer: &Timer) -> Result<Ceiling> {
     })
 }
 
-fn ceiling_copy(gpu: &Gpu, bytes: usize, timer: &Timer) -> Result<Ceiling> {
+fn ceiling_memory(gpu: &Gpu, bytes: usize, probe: MemoryProbe, timer: &Timer) -> Result<Ceiling> {
+    let bytes = bytes / 16 * 16;
+    ensure!(
+        bytes > 0,
+        "the memory ceilings need at least 16 bytes (--copy-mib)"
+    );
     let src = random_buffer(gpu, bytes, 1.0, 13, |v| v.to_bits() as u8, "copy source")?;
-    let mut dst = gpu.alloc_zeros::<u8>(bytes, "copy destination")?;
+    let chunks = (bytes / 16) as i64;
+    let mib = bytes >> 20;
+    let (what, moved) = match probe {
+        MemoryProbe::Memcpy => (
+            format!("device copy {mib} MiB (cuMemcpyDtoD, read + write bytes)"),
+            2 * bytes,
+        ),
+        MemoryProbe::CopyKernel => (
+            format!("copy kernel {mib} MiB (bandwidth_copy, read + write bytes)"),
+            2 * bytes,
+        ),
+        MemoryProbe::ReadKernel => (
+            format!("read kernel {mib} MiB (bandwidth_read, bytes read)"),
+            bytes,
+        ),
+    };
+    let out_len = match probe {
+        MemoryProbe::ReadKernel => 4 * bandwidth_read_words(gpu, chunks),
+        _ => bytes,
+    };
+    let mut dst = gpu.alloc_zeros::<u8>(out_len, "copy destination")?;
+    let params = BandwidthParams {
+        src: dptr(&src),
+        dst: dptr(&dst),
+        chunks,
+        out_words: (out_len / 4) as i64,
+    };
     let stream = gpu.stream().clone();
-    let (stats, _) = timer.time_alone(gpu, 1, |_| {
-        stream
+    let (stats, _) = timer.time_alone(gpu, 1, |_| match probe {
+        MemoryProbe::Memcpy => stream
             .memcpy_dtod(&src, &mut dst)
-            .context("device-to-device copy failed")
+            .context("device-to-device copy failed"),
+        MemoryProbe::CopyKernel => bandwidth_copy(gpu, &params),
+        MemoryProbe::ReadKernel => bandwidth_read(gpu, &params),
     })?;
     Ok(Ceiling {
-        what: format!("device copy {} MiB (read + write bytes)", bytes >> 20),
-        rate: gbps(2.0 * bytes as f64, stats.median_ms),
+        what,
+        rate: gbps(moved as f64, stats.median_ms),
         stats,
     })
 }

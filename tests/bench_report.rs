@@ -333,11 +333,25 @@ fn fake_report() -> Report {
             stats: Stats::from_samples(&[1.5]).unwrap(),
             rate: 700.0,
         }),
-        copy_ceiling: Some(Ceiling {
-            what: "device copy 1024 MiB".into(),
-            stats: Stats::from_samples(&[0.7]).unwrap(),
-            rate: 3000.0,
-        }),
+        // The best memory rate (what "% ceiling" divides by) is neither the first nor the
+        // last measured.
+        memory_ceilings: vec![
+            Ceiling {
+                what: "device copy 1024 MiB".into(),
+                stats: Stats::from_samples(&[0.86]).unwrap(),
+                rate: 2500.0,
+            },
+            Ceiling {
+                what: "read kernel 1024 MiB".into(),
+                stats: Stats::from_samples(&[0.36]).unwrap(),
+                rate: 3000.0,
+            },
+            Ceiling {
+                what: "copy kernel 1024 MiB".into(),
+                stats: Stats::from_samples(&[0.74]).unwrap(),
+                rate: 2900.0,
+            },
+        ],
         steps: vec![
             step(2, StepKind::Full, Some(1.2), 207),
             step(2, StepKind::Reuse, Some(0.06), 12),
@@ -426,6 +440,17 @@ fn report_markdown_and_json() {
     assert_eq!(j["model"]["arch"], "DiT-XL/2");
     assert_eq!(j["device"]["compute_capability"], "9.0");
     assert_eq!(j["ceilings"]["gemm"]["tflops"], 700.0);
+    assert_eq!(j["ceilings"]["memory"].as_array().map(|a| a.len()), Some(3));
+    assert_eq!(j["ceilings"]["memory_best"]["gbps"], 3000.0);
+    assert_eq!(j["ceilings"]["memory_best"]["what"], "read kernel 1024 MiB");
+    assert!(
+        md.contains("| copy kernel 1024 MiB | 0.740 | 2900 GB/s |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("best memory rate: 3000 GB/s (read kernel 1024 MiB)"),
+        "{md}"
+    );
     assert_eq!(j["settings"]["attention"], "v1");
     assert!(md.contains("attention `v1` (FORA_ATTENTION)"), "{md}");
 
@@ -534,19 +559,21 @@ fn report_without_measurements() {
     let mut r = fake_report();
     r.device = None;
     r.gemm_ceiling = None;
-    r.copy_ceiling = None;
+    r.memory_ceilings.clear();
     r.steps.clear();
     r.e2e.clear();
     r.errors.clear();
     let j = r.to_json();
     assert!(j["device"].is_null());
-    assert!(j["ceilings"]["gemm"].is_null() && j["ceilings"]["copy"].is_null());
+    assert!(j["ceilings"]["gemm"].is_null() && j["ceilings"]["memory_best"].is_null());
+    assert_eq!(j["ceilings"]["memory"].as_array().map(|a| a.len()), Some(0));
     assert!(
         j["kernels"][0]["pct_ceiling"].is_null(),
         "no ceiling, no percentage"
     );
     let md = r.markdown();
-    assert!(md.contains("| TFLOP/s ceiling | — | — |"), "{md}");
+    assert!(md.contains("| GEMM ceiling | — | — |"), "{md}");
+    assert!(md.contains("| memory ceiling | — | — |"), "{md}");
     assert!(!md.contains("## Per step"), "no empty sections");
 }
 

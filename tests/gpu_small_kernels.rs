@@ -104,3 +104,11 @@ fn gpu_normal_fill() -> Result<()> {
     };
     small_kernel_cases::check_normal_fill(&gpu)
 }
+
+#[test]
+fn gpu_bandwidth_probes() -> Result<()> {
+    let Some(gpu) = test_gpu("gpu_bandwidth_probes") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_bandwidth(&gpu)
+}

@@ -320,7 +320,8 @@ impl TestDevice for Emulator {
 }
 
 /// The kernel sources the emulator builds: all of them.
-const EMULATED_SOURCES: [&str; 10] = [
+const EMULATED_SOURCES: [&str; 11] = [
+    "bandwidth.cu",
     "conditioning.cu",
     "embed.cu",
     "norm.cu",
@@ -429,6 +430,32 @@ fn emulator(test: &str) -> Option<&'static Emulator> {
         }
         Err(e) => panic!("{test}: {e}"),
     }
+}
+
+/// A kernel file left out of the emulator's build would go untested without a word.
+#[test]
+fn emulator_builds_every_kernel_file() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".cu"))
+        .collect();
+    on_disk.sort();
+    let mut listed: Vec<String> = EMULATED_SOURCES.iter().map(|s| s.to_string()).collect();
+    listed.sort();
+    assert_eq!(
+        listed, on_disk,
+        "EMULATED_SOURCES must list every kernels/*.cu"
+    );
+}
+
+#[test]
+fn emulated_bandwidth_probes() -> Result<()> {
+    let Some(emu) = emulator("emulated_bandwidth_probes") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_bandwidth(emu)
 }
 
 #[test]

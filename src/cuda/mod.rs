@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod backend;
+pub mod bandwidth;
 pub mod conditioning;
 pub mod cublaslt;
 pub mod device;

@@ -995,6 +995,31 @@ impl Default for TmaProbeParams {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct BandwidthParams {
+    pub src: fora_ptr,
+    pub dst: fora_ptr,
+    pub chunks: ::std::os::raw::c_longlong,
+    pub out_words: ::std::os::raw::c_longlong,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BandwidthParams"][::std::mem::size_of::<BandwidthParams>() - 32usize];
+    ["Alignment of BandwidthParams"][::std::mem::align_of::<BandwidthParams>() - 8usize];
+    [
+        "Offset of field: BandwidthParams::src",
+    ][::std::mem::offset_of!(BandwidthParams, src) - 0usize];
+    [
+        "Offset of field: BandwidthParams::dst",
+    ][::std::mem::offset_of!(BandwidthParams, dst) - 8usize];
+    [
+        "Offset of field: BandwidthParams::chunks",
+    ][::std::mem::offset_of!(BandwidthParams, chunks) - 16usize];
+    [
+        "Offset of field: BandwidthParams::out_words",
+    ][::std::mem::offset_of!(BandwidthParams, out_words) - 24usize];
+};
 
 // Plain C structs of integers and device addresses: valid kernel arguments by value.
 unsafe impl cudarc::driver::DeviceRepr for GemmParams {}
@@ -1015,3 +1040,4 @@ unsafe impl cudarc::driver::DeviceRepr for UnpatchifyParams {}
 unsafe impl cudarc::driver::DeviceRepr for NormalFillParams {}
 unsafe impl cudarc::driver::DeviceRepr for WgmmaProbeParams {}
 unsafe impl cudarc::driver::DeviceRepr for TmaProbeParams {}
+unsafe impl cudarc::driver::DeviceRepr for BandwidthParams {}

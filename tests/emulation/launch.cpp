@@ -27,6 +27,8 @@ thread_local dim3 gridDim;
 
 // The kernels, from their own translation units.
 extern "C" {
+void bandwidth_read(const BandwidthParams p);
+void bandwidth_copy(const BandwidthParams p);
 void timestep_embedding(const TimestepEmbedParams p);
 void silu_f32_bf16(const SiluParams p);
 void label_silu(const LabelSiluParams p);
@@ -293,6 +295,8 @@ void call(const void* params) {
 }
 
 Kernel find(const std::string& name) {
+    if (name == "bandwidth_read") return call<BandwidthParams, bandwidth_read>;
+    if (name == "bandwidth_copy") return call<BandwidthParams, bandwidth_copy>;
     if (name == "timestep_embedding") return call<TimestepEmbedParams, timestep_embedding>;
     if (name == "silu_f32_bf16") return call<SiluParams, silu_f32_bf16>;
     if (name == "label_silu") return call<LabelSiluParams, label_silu>;

@@ -11,6 +11,7 @@
 use anyhow::{ensure, Result};
 use fora::backend::{Guidance, GuidanceMode, StepUpdate};
 use fora::cpu::ops;
+use fora::cuda::bandwidth::{bandwidth_copy, bandwidth_read, bandwidth_read_words};
 use fora::cuda::conditioning::{label_silu, silu_f32_bf16, timestep_embedding};
 use fora::cuda::embed::{patch_embed, transpose_patch_weight};
 use fora::cuda::fora::{
@@ -18,9 +19,9 @@ use fora::cuda::fora::{
 };
 use fora::cuda::norm::{layernorm_modulate_with, residual_layernorm_with, RowWarps};
 use fora::cuda::params::{
-    ForaReuseFinalParams, ForaReuseParams, LabelSiluParams, LayerNormModulateParams,
-    NormalFillParams, PatchEmbedParams, ResidualLayerNormParams, SamplerStepParams, SiluParams,
-    TimestepEmbedParams, UnpatchifyParams,
+    BandwidthParams, ForaReuseFinalParams, ForaReuseParams, LabelSiluParams,
+    LayerNormModulateParams, NormalFillParams, PatchEmbedParams, ResidualLayerNormParams,
+    SamplerStepParams, SiluParams, TimestepEmbedParams, UnpatchifyParams,
 };
 use fora::cuda::sampler::{guided_channels, normal_fill, sampler_step, set_update, unpatchify};
 use fora::cuda::testing::{check_close, round_bf16, DeviceAddr, TestDevice, TestRng};
@@ -1501,5 +1502,72 @@ pub fn check_normal_fill<D: TestDevice>(gpu: &D) -> Result<()> {
     run_normal_fill(gpu, 256 * 4 * 32 * 32, 42, 0)?; // 256 images
     run_normal_fill(gpu, 3 * 4 * 64 * 64, 0xDEAD_BEEF_1234_5678, 250)?; // 512 px, 64-bit seed
     run_normal_fill(gpu, 1001, 7, 1 << 40)?; // partial block, 64-bit stream
+    Ok(())
+}
+
+// ---- memory-bandwidth probes (the bench's memory ceilings) -----------------------------------
+
+/// `bandwidth_read` and `bandwidth_copy` over random words, outputs poisoned: the XOR of every
+/// word the read probe's threads report is the XOR of the source (and no thread left its word
+/// unwritten); the copy is the source bit for bit. One chunk, sizes around the grid's
+/// kInFlight x threads step, and one whose grid is capped at 8 blocks an SM (a thread then
+/// walks several strides, the tail loop included).
+pub fn check_bandwidth<D: TestDevice>(gpu: &D) -> Result<()> {
+    let mut rng = TestRng::new(0xba4d);
+    let capped = (gpu.multiprocessors() * 8 * 256 * 4 + 3 * 256 + 5) as i64;
+    for chunks in [1i64, 3, 1023, 1024, 1025, 4099, capped] {
+        let words: Vec<u32> = (0..4 * chunks).map(|_| rng.next_u64() as u32).collect();
+        let as_f32: Vec<f32> = words.iter().map(|&w| f32::from_bits(w)).collect();
+        let src = gpu.upload_f32(&as_f32)?;
+
+        let out_words = bandwidth_read_words(gpu, chunks);
+        let out = gpu.poisoned_f32(out_words)?;
+        let poison = f32::NAN.to_bits();
+        bandwidth_read(
+            gpu,
+            &BandwidthParams {
+                src: src.addr(),
+                dst: out.addr(),
+                chunks,
+                out_words: out_words as i64,
+            },
+        )?;
+        let got: Vec<u32> = gpu
+            .download_f32(&out)?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        let unwritten = got.iter().filter(|&&w| w == poison).count();
+        ensure!(
+            unwritten == 0,
+            "bandwidth_read, {chunks} chunks: {unwritten} of {out_words} threads left their word unwritten"
+        );
+        let want = words.iter().fold(0u32, |a, &w| a ^ w);
+        let have = got.iter().fold(0u32, |a, &w| a ^ w);
+        ensure!(
+            have == want,
+            "bandwidth_read, {chunks} chunks: XOR of the threads' words {have:#010x}, of the source {want:#010x}"
+        );
+
+        let dst = gpu.poisoned_f32(as_f32.len())?;
+        bandwidth_copy(
+            gpu,
+            &BandwidthParams {
+                src: src.addr(),
+                dst: dst.addr(),
+                chunks,
+                out_words: 0,
+            },
+        )?;
+        let copied = gpu.download_f32(&dst)?;
+        if let Some(i) = (0..words.len()).find(|&i| copied[i].to_bits() != words[i]) {
+            anyhow::bail!(
+                "bandwidth_copy, {chunks} chunks: word {i} is {:#010x}, the source's {:#010x}",
+                copied[i].to_bits(),
+                words[i]
+            );
+        }
+        println!("bandwidth probes, {chunks} chunks: read XOR and copy exact");
+    }
     Ok(())
 }
