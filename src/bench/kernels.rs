@@ -1,0 +1,934 @@
+//! The ceilings and the per-kernel rows: every GEMM of a block at the model's shapes, flash
+//! attention, the FORA reuse kernels, LayerNorm, the sampler update.
+
+use crate::backend::{Guidance, GuidanceMode};
+use crate::config::DitConfig;
+use crate::cuda::attention::{attention, attention_flops, attention_with, AttentionImpl};
+use crate::cuda::bandwidth::{bandwidth_copy, bandwidth_read, bandwidth_read_words};
+use crate::cuda::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
+use crate::cuda::device::KernelLauncher;
+use crate::cuda::embed::patch_embed;
+use crate::cuda::fora::{fora_reuse, fora_reuse_final_with, ReuseTokens};
+use crate::cuda::gemm::{Epilogue, Gemm, GemmImpl, TmaTile};
+use crate::cuda::model::{ada_cols, reuse_final_params};
+use crate::cuda::norm::{layernorm_modulate_with, residual_layernorm_with, RowWarps};
+use crate::cuda::params::{
+    AttentionParams, BandwidthParams, ForaReuseFinalParams, ForaReuseParams, GemmParams,
+    LayerNormModulateParams, PatchEmbedParams, ResidualLayerNormParams, SamplerStepParams,
+};
+use crate::cuda::sampler::{guided_channels, sampler_step, set_update};
+use crate::cuda::{dptr, Gpu};
+use crate::diffusion::{Diffusion, SamplerKind};
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use half::bf16;
+
+use super::timer::Timer;
+use super::{
+    gbps, rotate_bytes, rotation_copies, tflops, BenchPlan, Bound, Ceiling, KernelRow, Report,
+    FILL_CHUNK,
+};
+
+/// A device buffer of `len` values uniform in [-scale, scale) (a chunk of random values
+/// repeated: benchmark data, never zeros).
+fn random_buffer<T: DeviceRepr + ValidAsZeroBits + Copy>(
+    gpu: &Gpu,
+    len: usize,
+    scale: f32,
+    seed: u64,
+    convert: impl Fn(f32) -> T,
+    what: &str,
+) -> Result<CudaSlice<T>> {
+    let mut dev = gpu.alloc_zeros::<T>(len, what)?;
+    let mut state = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(0x2545_F491_4F6C_DD1D);
+    let chunk: Vec<T> = (0..FILL_CHUNK.min(len))
+        .map(|_| {
+            // xorshift64*: fast, and plenty for benchmark data.
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40;
+            convert((r as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
+        })
+        .collect();
+    let mut start = 0;
+    while start < len {
+        let end = (start + chunk.len()).min(len);
+        let mut view = dev.slice_mut(start..end);
+        gpu.stream()
+            .memcpy_htod(&chunk[..end - start], &mut view)
+            .with_context(|| format!("cannot fill {what}"))?;
+        start = end;
+    }
+    Ok(dev)
+}
+
+fn random_bf16(
+    gpu: &Gpu,
+    len: usize,
+    scale: f32,
+    seed: u64,
+    what: &str,
+) -> Result<CudaSlice<bf16>> {
+    random_buffer(gpu, len, scale, seed, bf16::from_f32, what)
+}
+
+fn random_f32(gpu: &Gpu, len: usize, scale: f32, seed: u64, what: &str) -> Result<CudaSlice<f32>> {
+    random_buffer(gpu, len, scale, seed, |v| v, what)
+}
+
+pub(super) fn bench_ceilings(gpu: &Gpu, plan: &BenchPlan, timer: &Timer, report: &mut Report) {
+    match ceiling_gemm(gpu, plan.ceiling_size, timer) {
+        Ok(c) => report.gemm_ceiling = Some(c),
+        Err(e) => report.error("ceilings", "bf16 GEMM", &e),
+    }
+    for (what, probe) in [
+        ("device copy", MemoryProbe::Memcpy),
+        ("copy kernel", MemoryProbe::CopyKernel),
+        ("read kernel", MemoryProbe::ReadKernel),
+    ] {
+        match ceiling_memory(gpu, plan.copy_bytes, probe, timer) {
+            Ok(c) => report.memory_ceilings.push(c),
+            Err(e) => report.error("ceilings", what, &e),
+        }
+    }
+}
+
+/// How a memory ceiling moves its bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MemoryProbe {
+    /// cuMemcpyDtoD (read + write bytes).
+    Memcpy,
+    /// `bandwidth_copy` (read + write bytes).
+    CopyKernel,
+    /// `bandwidth_read` (bytes read; a word a thread written).
+    ReadKernel,
+}
+
+fn ceiling_gemm(gpu: &Gpu, size: usize, timer: &Timer) -> Result<Ceiling> {
+    let lt = CublasLt::new(gpu)?;
+    let a = random_bf16(gpu, size * size, 1.0, 11, "ceiling GEMM A")?;
+    let w = random_bf16(gpu, size * size, 1.0, 12, "ceiling GEMM W")?;
+    let d = gpu.alloc_zeros::<bf16>(size * size, "ceiling GEMM D")?;
+    let mm = LtMatmul {
+        a: dptr(&a),
+        w: dptr(&w),
+        d: dptr(&d),
+        m: size,
+        n: size,
+        k: size,
+        lda: size,
+        ldw: size,
+        ldd: size,
+        output: LtOutput::Bf16,
+        epilogue: LtEpilogue::None,
+        batch: None,
+    };
+    let (stats, _) = timer.time_alone(gpu, 1, |_| match lt.matmul(&mm)? {
+        LtRun::Done => Ok(()),
+        LtRun::Unsupported => bail!("cuBLASLt has no algorithm for a bf16 {size}^3 GEMM"),
+    })?;
+    let flops = 2.0 * (size as f64).powi(3);
+    Ok(Ceiling {
+        what: format!("bf16 GEMM {size}^3 (cuBLASLt, f32 accumulate)"),
+        rate: tflops(flops, stats.median_ms),
+        stats,
+    })
+}
+
+fn ceiling_memory(gpu: &Gpu, bytes: usize, probe: MemoryProbe, timer: &Timer) -> Result<Ceiling> {
+    let bytes = bytes / 16 * 16;
+    ensure!(
+        bytes > 0,
+        "the memory ceilings need at least 16 bytes (--copy-mib)"
+    );
+    let src = random_buffer(gpu, bytes, 1.0, 13, |v| v.to_bits() as u8, "copy source")?;
+    let chunks = (bytes / 16) as i64;
+    let mib = bytes >> 20;
+    let (what, moved) = match probe {
+        MemoryProbe::Memcpy => (
+            format!("device copy {mib} MiB (cuMemcpyDtoD, read + write bytes)"),
+            2 * bytes,
+        ),
+        MemoryProbe::CopyKernel => (
+            format!("copy kernel {mib} MiB (bandwidth_copy, read + write bytes)"),
+            2 * bytes,
+        ),
+        MemoryProbe::ReadKernel => (
+            format!("read kernel {mib} MiB (bandwidth_read, bytes read)"),
+            bytes,
+        ),
+    };
+    let out_len = match probe {
+        MemoryProbe::ReadKernel => 4 * bandwidth_read_words(gpu, chunks),
+        _ => bytes,
+    };
+    let mut dst = gpu.alloc_zeros::<u8>(out_len, "copy destination")?;
+    let params = BandwidthParams {
+        src: dptr(&src),
+        dst: dptr(&dst),
+        chunks,
+        out_words: (out_len / 4) as i64,
+    };
+    let stream = gpu.stream().clone();
+    let (stats, _) = timer.time_alone(gpu, 1, |_| match probe {
+        MemoryProbe::Memcpy => stream
+            .memcpy_dtod(&src, &mut dst)
+            .context("device-to-device copy failed"),
+        MemoryProbe::CopyKernel => bandwidth_copy(gpu, &params),
+        MemoryProbe::ReadKernel => bandwidth_read(gpu, &params),
+    })?;
+    Ok(Ceiling {
+        what,
+        rate: gbps(moved as f64, stats.median_ms),
+        stats,
+    })
+}
+
+/// One GEMM of the model at `rows` model rows.
+struct GemmShape {
+    name: &'static str,
+    m: usize,
+    n: usize,
+    k: usize,
+    epi: Epilogue,
+}
+
+fn gemm_shapes(cfg: &DitConfig, rows: usize) -> Vec<GemmShape> {
+    let (d, t, mh) = (cfg.hidden, cfg.tokens(), cfg.mlp_hidden());
+    let rt = rows * t;
+    vec![
+        GemmShape {
+            name: "qkv",
+            m: rt,
+            n: 3 * d,
+            k: d,
+            epi: Epilogue::BiasBf16,
+        },
+        GemmShape {
+            name: "proj",
+            m: rt,
+            n: d,
+            k: d,
+            epi: Epilogue::BiasGateResidual,
+        },
+        GemmShape {
+            name: "fc1",
+            m: rt,
+            n: mh,
+            k: d,
+            epi: Epilogue::BiasGeluBf16,
+        },
+        GemmShape {
+            name: "fc2",
+            m: rt,
+            n: d,
+            k: mh,
+            epi: Epilogue::BiasGateResidual,
+        },
+        GemmShape {
+            name: "adaLN",
+            m: rows,
+            n: ada_cols(cfg),
+            k: d,
+            epi: Epilogue::BiasF32,
+        },
+        GemmShape {
+            name: "final",
+            m: rt,
+            n: cfg.patch_out(),
+            k: d,
+            epi: Epilogue::BiasF32,
+        },
+    ]
+}
+
+/// The buffers of one GEMM launch.
+struct GemmBuffers {
+    a: CudaSlice<bf16>,
+    w: CudaSlice<bf16>,
+    bias: CudaSlice<f32>,
+    /// The bias in bf16, for cuBLASLt's fused bias with a bf16 output.
+    bias16: CudaSlice<bf16>,
+    out_bf16: Option<CudaSlice<bf16>>,
+    out_f32: Option<CudaSlice<f32>>,
+    cache: Option<CudaSlice<bf16>>,
+    gate: Option<CudaSlice<f32>>,
+}
+
+fn gemm_set_bytes(s: &GemmShape, rows: usize) -> usize {
+    let out = s.m * s.n * if s.epi.out_is_f32() { 4 } else { 2 };
+    let gated = s.epi == Epilogue::BiasGateResidual;
+    2 * s.m * s.k
+        + 2 * s.n * s.k
+        + 4 * s.n
+        + out
+        + if gated {
+            2 * s.m * s.n + 4 * rows * s.n
+        } else {
+            0
+        }
+}
+
+fn gemm_buffers(gpu: &Gpu, s: &GemmShape, rows: usize, seed: u64) -> Result<GemmBuffers> {
+    let gated = s.epi == Epilogue::BiasGateResidual;
+    let w_scale = 1.0 / (s.k as f32).sqrt();
+    Ok(GemmBuffers {
+        a: random_bf16(gpu, s.m * s.k, 1.0, seed, "GEMM A")?,
+        w: random_bf16(gpu, s.n * s.k, w_scale, seed + 1, "GEMM W")?,
+        bias: random_f32(gpu, s.n, 0.1, seed + 2, "GEMM bias")?,
+        bias16: random_bf16(gpu, s.n, 0.1, seed + 5, "GEMM bf16 bias")?,
+        out_bf16: if s.epi.out_is_f32() {
+            None
+        } else {
+            Some(gpu.alloc_zeros(s.m * s.n, "GEMM out")?)
+        },
+        // The residual stream the gated epilogue adds into: random, like a real one.
+        out_f32: if s.epi.out_is_f32() {
+            Some(random_f32(gpu, s.m * s.n, 1.0, seed + 3, "GEMM out")?)
+        } else {
+            None
+        },
+        cache: if gated {
+            Some(gpu.alloc_zeros(s.m * s.n, "GEMM FORA cache")?)
+        } else {
+            None
+        },
+        // Small gates keep the residual finite over every run.
+        gate: if gated {
+            Some(random_f32(gpu, rows * s.n, 1e-3, seed + 4, "GEMM gate")?)
+        } else {
+            None
+        },
+    })
+}
+
+fn gemm_params(s: &GemmShape, b: &GemmBuffers, tokens: usize) -> GemmParams {
+    let gated = s.epi == Epilogue::BiasGateResidual;
+    GemmParams {
+        a: dptr(&b.a),
+        w: dptr(&b.w),
+        bias: dptr(&b.bias),
+        out: match (&b.out_bf16, &b.out_f32) {
+            (Some(o), _) => dptr(o),
+            (None, Some(o)) => dptr(o),
+            (None, None) => 0,
+        },
+        cache: b.cache.as_ref().map_or(0, dptr),
+        gate: b.gate.as_ref().map_or(0, dptr),
+        m: s.m as i32,
+        n: s.n as i32,
+        k: s.k as i32,
+        lda: s.k as i32,
+        ldw: s.k as i32,
+        ldo: s.n as i32,
+        ldc: s.n as i32,
+        ldg: if gated { s.n as i32 } else { 0 },
+        rows_per_gate: if gated { tokens as i32 } else { 1 },
+        epilogue: s.epi.raw(),
+    }
+}
+
+pub(super) fn bench_kernels(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    report: &mut Report,
+) {
+    let rotate = rotate_bytes(gpu);
+    let shapes = gemm_shapes(cfg, rows);
+    let max_mn = shapes.iter().map(|s| s.m * s.n).max().unwrap_or(1);
+    let custom = Gemm::new(gpu, GemmImpl::Custom, 0);
+    // The Hopper kernels (rows only on a 9.x card), compared with cuBLASLt at the same shapes.
+    // FORA_BENCH_HOPPER_GEMMS=0 leaves them out: a kernel that faults poisons the context for
+    // every later row, so a run whose other numbers matter can keep them apart.
+    let hopper = gpu.compute_capability().0 == 9
+        && std::env::var("FORA_BENCH_HOPPER_GEMMS").map_or(true, |v| v.trim() != "0");
+    let wgmma = hopper.then(|| Gemm::new(gpu, GemmImpl::Wgmma, 0));
+    let tma = hopper.then(|| Gemm::new(gpu, GemmImpl::Tma, 0));
+    let lt = Gemm::new(gpu, GemmImpl::CublasLt, max_mn);
+    // The same with autotuned algorithms (the first, eager warm-up run of a shape tunes it).
+    let lt_tuned = Gemm::new(gpu, GemmImpl::CublasLt, max_mn);
+    if let Ok(g) = &lt_tuned {
+        g.set_lt_autotune(true);
+    }
+    if let Err(e) = &custom {
+        report.error("kernels", "custom GEMM setup", e);
+    }
+    if let Err(e) = &lt {
+        report.error("kernels", "cuBLASLt GEMM setup", e);
+    }
+    for (what, g) in [("wgmma", &wgmma), ("tma", &tma)] {
+        if let Some(Err(e)) = g {
+            report.error("kernels", &format!("{what} GEMM setup"), e);
+        }
+    }
+    for s in &shapes {
+        let shape = format!("M={} N={} K={}", s.m, s.n, s.k);
+        let flops = 2.0 * s.m as f64 * s.n as f64 * s.k as f64;
+        let copies = rotation_copies(gemm_set_bytes(s, rows), rotate);
+        let sets = match (0..copies)
+            .map(|c| gemm_buffers(gpu, s, rows, 100 + 10 * c as u64))
+            .collect::<Result<Vec<_>>>()
+        {
+            Ok(v) => v,
+            Err(e) => {
+                report.error("kernels", &format!("{} {shape} buffers", s.name), &e);
+                continue;
+            }
+        };
+        let params: Vec<GemmParams> = sets
+            .iter()
+            .map(|b| gemm_params(s, b, cfg.tokens()))
+            .collect();
+        let bias16: Vec<u64> = sets.iter().map(|b| dptr(&b.bias16)).collect();
+        let params = &params;
+        let bias16 = &bias16;
+        let n = params.len();
+        type Runner<'g> = Box<dyn Fn(usize) -> Result<()> + 'g>;
+        let mut variants: Vec<(&str, Runner)> = Vec::new();
+        if let Ok(g) = &custom {
+            variants.push(("custom", Box::new(move |i| g.run(gpu, &params[i % n]))));
+        }
+        if let Some(Ok(g)) = &wgmma {
+            variants.push(("wgmma", Box::new(move |i| g.run(gpu, &params[i % n]))));
+        }
+        if let Some(Ok(g)) = &tma {
+            variants.push(("tma", Box::new(move |i| g.run(gpu, &params[i % n]))));
+            // Every tile forced (split-K by shape), to tune TmaTile::pick from.
+            for t in TmaTile::ALL {
+                variants.push((
+                    t.bench_name(),
+                    Box::new(move |i| g.run_tma(gpu, &params[i % n], Some(t), None)),
+                ));
+            }
+        }
+        if let Ok(g) = &lt {
+            variants.push(("cublaslt", Box::new(move |i| g.run(gpu, &params[i % n]))));
+            variants.push((
+                "cublaslt+epilogue",
+                Box::new(move |i| g.run_cublaslt_unfused(gpu, &params[i % n])),
+            ));
+            if !s.epi.out_is_f32() {
+                variants.push((
+                    "cublaslt+bf16 bias",
+                    Box::new(move |i| g.run_with_bias_bf16(gpu, &params[i % n], bias16[i % n])),
+                ));
+            }
+            if s.epi == Epilogue::BiasGateResidual {
+                // proj and fc2 on the fused-LayerNorm path: cuBLASLt's f32 product alone (the
+                // residual and the LayerNorm follow in residual_layernorm), and with
+                // FORA_LT_SPLITK its split-K slices where the grid is small.
+                variants.push((
+                    "cublaslt product",
+                    Box::new(move |i| g.cublaslt_product(&params[i % n]).map(|_| ())),
+                ));
+                let splits = g.lt_product_splits(&params[0]);
+                if splits > 1 {
+                    variants.push((
+                        "cublaslt product split-K",
+                        Box::new(move |i| {
+                            g.cublaslt_product_split(&params[i % n], splits).map(|_| ())
+                        }),
+                    ));
+                }
+            }
+        }
+        if let Ok(g) = &lt_tuned {
+            variants.push((
+                "cublaslt-tuned",
+                Box::new(move |i| g.run(gpu, &params[i % n])),
+            ));
+        }
+        for (imp, runner) in variants {
+            let timed = timer.time_alone(gpu, n, &runner);
+            let (stats, per_replay) = match timed {
+                Ok((st, n)) => (Some(st), n),
+                Err(e) => {
+                    report.error("kernels", &format!("{} {shape} {imp}", s.name), &e);
+                    (None, 0)
+                }
+            };
+            report.kernels.push(KernelRow {
+                name: s.name.to_string(),
+                imp: imp.to_string(),
+                rows,
+                shape: shape.clone(),
+                bound: Bound::Compute,
+                work: flops,
+                stats,
+                launches_per_replay: per_replay,
+            });
+        }
+    }
+    // The selected implementation ("custom"), then the others worth comparing on this card.
+    let selected = AttentionImpl::selected().map(|a| a.resolve(gpu.compute_capability().0));
+    let attention_row = bench_attention(gpu, cfg, rows, timer, rotate, None);
+    push_kernel(report, "attention", rows, attention_row);
+    for imp in [
+        AttentionImpl::V1,
+        AttentionImpl::Wgmma,
+        AttentionImpl::WgmmaMn,
+    ] {
+        let runs_here = !imp.is_wgmma() || gpu.compute_capability().0 == 9;
+        if runs_here && selected.as_ref().is_ok_and(|s| *s != imp) {
+            let row = bench_attention(gpu, cfg, rows, timer, rotate, Some(imp));
+            push_kernel(report, "attention", rows, row);
+        }
+    }
+    let embed_row = bench_patch_embed(gpu, cfg, rows, timer, rotate);
+    push_kernel(report, "patch_embed", rows, embed_row);
+    let sampler_row = bench_sampler_step(gpu, cfg, rows, timer, rotate);
+    push_kernel(report, "sampler_step", rows, sampler_row);
+    let reuse_row = bench_fora_reuse(gpu, cfg, rows, timer, rotate);
+    push_kernel(report, "fora_reuse", rows, reuse_row);
+    for tpt in ReuseTokens::ALL {
+        let fused_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, tpt);
+        push_kernel(report, "fora_reuse_final", rows, fused_row);
+    }
+    for warps in [RowWarps::One, RowWarps::Four] {
+        let ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, false, warps);
+        push_kernel(report, "layernorm", rows, ln_row);
+        let residual_ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, true, warps);
+        push_kernel(report, "residual_ln", rows, residual_ln_row);
+    }
+}
+
+fn push_kernel(report: &mut Report, name: &str, rows: usize, r: Result<KernelRow>) {
+    match r {
+        Ok(row) => report.kernels.push(row),
+        Err(e) => report.error("kernels", &format!("{name} at {rows} rows"), &e),
+    }
+}
+
+/// Attention over `rows` images of `cfg` reading `qkv`, writing `out` (device addresses).
+fn attention_params(cfg: &DitConfig, rows: usize, qkv: u64, out: u64) -> AttentionParams {
+    let hd = cfg.head_dim();
+    AttentionParams {
+        qkv,
+        out,
+        batch: rows as i32,
+        tokens: cfg.tokens() as i32,
+        heads: cfg.heads as i32,
+        head_dim: hd as i32,
+        scale: 1.0 / (hd as f32).sqrt(),
+    }
+}
+
+fn bench_attention(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    rotate: usize,
+    imp: Option<AttentionImpl>,
+) -> Result<KernelRow> {
+    let (t, h, hd) = (cfg.tokens(), cfg.heads, cfg.head_dim());
+    let qkv_len = rows * t * 3 * cfg.hidden;
+    let copies = rotation_copies(2 * qkv_len, rotate);
+    let inputs = (0..copies)
+        .map(|c| random_bf16(gpu, qkv_len, 1.0, 200 + c as u64, "attention qkv"))
+        .collect::<Result<Vec<_>>>()?;
+    let out = gpu.alloc_zeros::<bf16>(rows * t * cfg.hidden, "attention out")?;
+    let params = |i: usize| attention_params(cfg, rows, dptr(&inputs[i % copies]), dptr(&out));
+    // None: what the model runs (FORA_ATTENTION); Some: that implementation, named.
+    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| match imp {
+        None => attention(gpu, &params(i)),
+        Some(imp) => attention_with(gpu, &params(i), imp),
+    })?;
+    Ok(KernelRow {
+        name: "attention".into(),
+        imp: match imp {
+            None => "custom".into(),
+            Some(imp) => format!("custom ({})", imp.name()),
+        },
+        rows,
+        shape: format!("B={rows} H={h} T={t} d={hd}"),
+        bound: Bound::Compute,
+        work: attention_flops(rows, h, t, hd),
+        stats: Some(stats),
+        launches_per_replay: per_replay,
+    })
+}
+
+fn bench_fora_reuse(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    rotate: usize,
+) -> Result<KernelRow> {
+    let (d, t, l) = (cfg.hidden, cfg.tokens(), cfg.depth);
+    let slab = rows * t * d;
+    let cols = ada_cols(cfg);
+    // Minimum traffic: the cache once, x read and written once, two gate vectors per layer.
+    let bytes = 2 * l * slab * 2 + 2 * slab * 4 + rows * l * 2 * d * 4;
+    let set = 2 * l * slab * 2 + slab * 4 + rows * cols * 4;
+    let copies = rotation_copies(set, rotate);
+    let mut sets = Vec::with_capacity(copies);
+    for c in 0..copies {
+        let seed = 300 + 10 * c as u64;
+        sets.push((
+            random_f32(gpu, slab, 1.0, seed, "reuse x")?,
+            random_bf16(gpu, 2 * l * slab, 1.0, seed + 1, "reuse cache")?,
+            random_f32(gpu, rows * cols, 1e-3, seed + 2, "reuse modulation")?,
+        ));
+    }
+    let params = |i: usize| {
+        let (x, cache, m) = &sets[i % copies];
+        ForaReuseParams {
+            x: dptr(x),
+            cache: dptr(cache),
+            modulation: dptr(m),
+            slab: slab as i64,
+            rows: rows as i32,
+            tokens: t as i32,
+            dim: d as i32,
+            layers: l as i32,
+            ld_mod: cols as i32,
+            layer_cols: (6 * d) as i32,
+            gate_msa_col: (2 * d) as i32,
+            gate_mlp_col: (5 * d) as i32,
+        }
+    };
+    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| fora_reuse(gpu, &params(i)))?;
+    Ok(KernelRow {
+        name: "fora_reuse".into(),
+        imp: "custom".into(),
+        rows,
+        shape: format!(
+            "{l} layers x 2 x {rows}x{t}x{d}, {:.1} MB",
+            bytes as f64 / 1e6
+        ),
+        bound: Bound::Memory,
+        work: bytes as f64,
+        stats: Some(stats),
+        launches_per_replay: per_replay,
+    })
+}
+
+fn bench_patch_embed(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    rotate: usize,
+) -> Result<KernelRow> {
+    let (d, t) = (cfg.hidden, cfg.tokens());
+    let k = cfg.in_channels * cfg.patch * cfg.patch;
+    let slab = rows * t * d;
+    let img = rows * cfg.image_len();
+    // Latents read, x written (f32); the weight and the position table once.
+    let bytes = img * 4 + slab * 4 + (k * d + t * d + d) * 4;
+    let copies = rotation_copies(img * 4 + slab * 4, rotate);
+    let mut sets = Vec::with_capacity(copies);
+    for c in 0..copies {
+        let seed = 500 + 10 * c as u64;
+        sets.push((
+            random_f32(gpu, img, 1.0, seed, "embed latents")?,
+            gpu.alloc_zeros::<f32>(slab, "embed out")?,
+        ));
+    }
+    let weight_t = random_f32(gpu, k * d, 0.1, 590, "embed weight")?;
+    let bias = random_f32(gpu, d, 0.1, 591, "embed bias")?;
+    let pos = random_f32(gpu, t * d, 1.0, 592, "embed pos")?;
+    let params = |i: usize| {
+        let (lat, out) = &sets[i % copies];
+        PatchEmbedParams {
+            latents: dptr(lat),
+            weight_t: dptr(&weight_t),
+            bias: dptr(&bias),
+            pos: dptr(&pos),
+            out: dptr(out),
+            images: rows as i32,
+            rows: rows as i32,
+            channels: cfg.in_channels as i32,
+            height: cfg.input_size as i32,
+            width: cfg.input_size as i32,
+            patch: cfg.patch as i32,
+            dim: d as i32,
+        }
+    };
+    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| patch_embed(gpu, &params(i)))?;
+    Ok(KernelRow {
+        name: "patch_embed".into(),
+        imp: "custom".into(),
+        rows,
+        shape: format!(
+            "{rows}x{t} tokens, k {k}, D {d}, {:.1} MB",
+            bytes as f64 / 1e6
+        ),
+        bound: Bound::Memory,
+        work: bytes as f64,
+        stats: Some(stats),
+        launches_per_replay: per_replay,
+    })
+}
+
+/// The sampler update of one step (unpatchify + CFG + DDPM with learned sigma + Philox noise,
+/// `sampler_step`): `rows` model rows are `rows / 2` images with CFG, as the steps run them.
+fn bench_sampler_step(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    rotate: usize,
+) -> Result<KernelRow> {
+    let images = (rows / 2).max(1);
+    let model_rows = 2 * images;
+    let out_len = model_rows * cfg.out_len();
+    let img = images * cfg.image_len();
+    // The model output read (both halves), x_t read and x_{t-1} written (f32).
+    let bytes = out_len * 4 + 2 * img * 4;
+    let copies = rotation_copies(bytes, rotate);
+    let mut sets = Vec::with_capacity(copies);
+    for c in 0..copies {
+        let seed = 700 + 10 * c as u64;
+        sets.push((
+            random_f32(gpu, out_len, 1.0, seed, "sampler model output")?,
+            random_f32(gpu, img, 1.0, seed + 1, "sampler latents")?,
+        ));
+    }
+    let diffusion = Diffusion::new("250", cfg.learn_sigma)?;
+    let update = diffusion.step_update(200, SamplerKind::Ddpm)?;
+    let guidance = Guidance {
+        scale: 4.0,
+        mode: GuidanceMode::Official3,
+    };
+    let params = |i: usize| {
+        let (model_out, x) = &sets[i % copies];
+        let mut p = SamplerStepParams {
+            model_out: dptr(model_out),
+            x: dptr(x),
+            noise: 0,
+            seed: 1,
+            noise_stream: 49,
+            images: images as i32,
+            rows: model_rows as i32,
+            channels: cfg.in_channels as i32,
+            out_channels: cfg.out_channels() as i32,
+            height: cfg.input_size as i32,
+            width: cfg.input_size as i32,
+            patch: cfg.patch as i32,
+            guided_channels: guided_channels(Some(guidance), cfg.in_channels, cfg.out_channels()),
+            cfg_scale: guidance.scale,
+            learn_sigma: cfg.learn_sigma as i32,
+            ..Default::default()
+        };
+        set_update(&mut p, &update);
+        p
+    };
+    // The update rewrites x in place: every replay steps the same latents once more, which
+    // changes their values, not the work.
+    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| sampler_step(gpu, &params(i)))?;
+    Ok(KernelRow {
+        name: "sampler_step".into(),
+        imp: "custom".into(),
+        rows: model_rows,
+        shape: format!(
+            "{images} image(s) + CFG, {}x{}x{}, {:.1} MB",
+            cfg.in_channels,
+            cfg.input_size,
+            cfg.input_size,
+            bytes as f64 / 1e6
+        ),
+        bound: Bound::Memory,
+        work: bytes as f64,
+        stats: Some(stats),
+        launches_per_replay: per_replay,
+    })
+}
+
+/// The fused reuse forward: what patch_embed + fora_reuse + layernorm_modulate do in a reuse
+/// step, in one launch.
+fn bench_fora_reuse_final(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    rotate: usize,
+    tpt: ReuseTokens,
+) -> Result<KernelRow> {
+    let (d, t, l) = (cfg.hidden, cfg.tokens(), cfg.depth);
+    let k = cfg.in_channels * cfg.patch * cfg.patch;
+    let slab = rows * t * d;
+    let img = rows * cfg.image_len();
+    let cols = ada_cols(cfg);
+    // Minimum traffic: the cache once, latents read, the bf16 LayerNorm output written, the
+    // gates, shift and scale vectors of every row, the embedding weight and positions once.
+    let bytes = 2 * l * slab * 2
+        + img * 4
+        + slab * 2
+        + rows * (2 * l + 2) * d * 4
+        + (k * d + t * d + d) * 4;
+    let set = 2 * l * slab * 2 + img * 4 + slab * 2 + rows * cols * 4;
+    let copies = rotation_copies(set, rotate);
+    let mut sets = Vec::with_capacity(copies);
+    for c in 0..copies {
+        let seed = 600 + 10 * c as u64;
+        sets.push((
+            random_f32(gpu, img, 1.0, seed, "fused latents")?,
+            random_bf16(gpu, 2 * l * slab, 1.0, seed + 1, "fused cache")?,
+            random_f32(gpu, rows * cols, 1e-3, seed + 2, "fused modulation")?,
+            gpu.alloc_zeros::<bf16>(slab, "fused out")?,
+        ));
+    }
+    let weight_t = random_f32(gpu, k * d, 0.1, 690, "fused embed weight")?;
+    let bias = random_f32(gpu, d, 0.1, 691, "fused embed bias")?;
+    let pos = random_f32(gpu, t * d, 1.0, 692, "fused pos")?;
+    let params = |i: usize| {
+        let (lat, cache, m, out) = &sets[i % copies];
+        ForaReuseFinalParams {
+            latents: dptr(lat),
+            embed_weight_t: dptr(&weight_t),
+            embed_bias: dptr(&bias),
+            pos: dptr(&pos),
+            cache: dptr(cache),
+            modulation: dptr(m),
+            out: dptr(out),
+            ..reuse_final_params(cfg, rows, rows)
+        }
+    };
+    let (stats, per_replay) =
+        timer.time_alone(gpu, copies, |i| fora_reuse_final_with(gpu, &params(i), tpt))?;
+    let picked = ReuseTokens::pick(&params(0), gpu.multiprocessors()) == tpt;
+    Ok(KernelRow {
+        name: "fora_reuse_final".into(),
+        // The variant the launcher picks at these rows is "custom"; the others are named.
+        imp: if picked {
+            "custom".into()
+        } else {
+            format!(
+                "custom ({} tokens/thread, {} layers in flight{})",
+                tpt.tokens(),
+                tpt.layers_in_flight(),
+                match tpt.layers_prefetched() {
+                    0 => String::new(),
+                    n => format!(", {n} more prefetched to L2"),
+                }
+            )
+        },
+        rows,
+        shape: format!(
+            "embed + {l} layers x 2 x {rows}x{t}x{d} + LN, {:.1} MB",
+            bytes as f64 / 1e6
+        ),
+        bound: Bound::Memory,
+        work: bytes as f64,
+        stats: Some(stats),
+        launches_per_replay: per_replay,
+    })
+}
+
+/// layernorm_modulate, or with `residual` the residual_layernorm that fuses proj / fc2's
+/// residual epilogue into it (its extra traffic: the f32 product read, x written, the bf16
+/// cache written, a gate vector per row).
+fn bench_layernorm(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    rotate: usize,
+    residual: bool,
+    warps: RowWarps,
+) -> Result<KernelRow> {
+    let (d, t) = (cfg.hidden, cfg.tokens());
+    let slab = rows * t * d;
+    let cols = ada_cols(cfg);
+    // x read (f32), out written (bf16), one shift and one scale vector per row.
+    let mut bytes = slab * 4 + slab * 2 + rows * 2 * d * 4;
+    let mut set = slab * 4 + slab * 2 + rows * cols * 4;
+    if residual {
+        bytes += slab * 4 + slab * 4 + slab * 2 + rows * d * 4 + d * 4;
+        set += slab * 4 + slab * 2;
+    }
+    let copies = rotation_copies(set, rotate);
+    let mut sets = Vec::with_capacity(copies);
+    for c in 0..copies {
+        let seed = 400 + 10 * c as u64;
+        let (acc, cache) = if residual {
+            (
+                Some(random_f32(gpu, slab, 1.0, seed + 2, "residual_ln product")?),
+                Some(gpu.alloc_zeros::<bf16>(slab, "residual_ln cache")?),
+            )
+        } else {
+            (None, None)
+        };
+        sets.push((
+            random_f32(gpu, slab, 1.0, seed, "layernorm x")?,
+            random_f32(gpu, rows * cols, 0.1, seed + 1, "layernorm modulation")?,
+            gpu.alloc_zeros::<bf16>(slab, "layernorm out")?,
+            acc,
+            cache,
+        ));
+    }
+    let bias = random_f32(gpu, d, 0.1, 499, "residual_ln bias")?;
+    let launch = |i: usize| {
+        let (x, m, out, acc, cache) = &sets[i % copies];
+        match (acc, cache) {
+            (Some(acc), Some(cache)) => residual_layernorm_with(
+                gpu,
+                &ResidualLayerNormParams {
+                    acc: dptr(acc),
+                    bias: dptr(&bias),
+                    cache: dptr(cache),
+                    x: dptr(x),
+                    modulation: dptr(m),
+                    out: dptr(out),
+                    rows: rows as i32,
+                    tokens: t as i32,
+                    dim: d as i32,
+                    ld_acc: d as i32,
+                    ld_mod: cols as i32,
+                    gate_col: (2 * d) as i32,
+                    shift_col: (3 * d) as i32,
+                    scale_col: (4 * d) as i32,
+                    acc_bf16: 0,
+                    eps: 1e-6,
+                    acc_splits: 1,
+                    acc_split_stride: 0,
+                },
+                warps,
+            ),
+            _ => layernorm_modulate_with(
+                gpu,
+                &LayerNormModulateParams {
+                    x: dptr(x),
+                    modulation: dptr(m),
+                    out: dptr(out),
+                    rows: rows as i32,
+                    tokens: t as i32,
+                    dim: d as i32,
+                    ld_mod: cols as i32,
+                    shift_col: 0,
+                    scale_col: d as i32,
+                    eps: 1e-6,
+                },
+                warps,
+            ),
+        }
+    };
+    let (stats, per_replay) = timer.time_alone(gpu, copies, launch)?;
+    // The variant the launchers pick at these rows is "custom"; the other is named.
+    let picked = RowWarps::default() == warps;
+    Ok(KernelRow {
+        name: if residual { "residual_ln" } else { "layernorm" }.into(),
+        imp: if picked {
+            "custom".into()
+        } else {
+            match warps {
+                RowWarps::One => "custom (1 warp/row)".into(),
+                RowWarps::Four => "custom (4 warps/row)".into(),
+            }
+        },
+        rows,
+        shape: format!("{rows}x{t}x{d}, {:.1} MB", bytes as f64 / 1e6),
+        bound: Bound::Memory,
+        work: bytes as f64,
+        stats: Some(stats),
+        launches_per_replay: per_replay,
+    })
+}

@@ -1,0 +1,596 @@
+//! The benchmark harness (`fora bench`, `cargo bench --bench dit`): DiT + FORA on one NVIDIA GPU,
+//! measured with CUDA events on the device's stream.
+//!
+//! Sections (each can be selected with `--sections`):
+//! - **ceilings**: what the card can do, measured in the same run: a large bf16 cuBLASLt GEMM
+//!   (TFLOP/s); memory bandwidth three ways (GB/s): cuMemcpyDtoD and our `bandwidth_copy`
+//!   kernel (read + write bytes), and our `bandwidth_read` kernel (bytes read). A memory-bound
+//!   kernel's "% ceiling" is of the best of the three: most of ours mostly read, and a copy
+//!   alone understates what reading reaches.
+//! - **kernels**: every GEMM of a DiT block at the model's shapes (qkv, proj, fc1, fc2, the
+//!   stacked adaLN GEMM, the final Linear), the custom kernel with its fused epilogue against
+//!   cuBLASLt (its fused bias/GELU where it has one) and cuBLASLt + the stand-alone epilogue
+//!   kernel; flash attention (TFLOP/s); the FORA reuse kernel and LayerNorm+modulate (GB/s).
+//!   Inputs rotate through copies that together exceed the L2 cache (4x L2, >= 256 MiB), and
+//!   each time is per launch, from CUDA-graph replays of several launches, so the host's launch
+//!   cost (and cuBLASLt's per-call heuristic query) does not count, as in a captured step.
+//! - **steps**: one sampler step as the sampler runs it ([`Backend::step`] on the backend's
+//!   workspace: the captured compute or reuse graph, the sampler update), per batch of model
+//!   rows (rows include the CFG half), with effective TFLOP/s `2 * macs_per_row * rows / time`
+//!   and the launches of one step, counted by capturing a step of a graph-less workspace and
+//!   counting the graph's nodes.
+//! - **e2e**: whole sampling runs (250-step DDPM, one image with CFG) for FORA N = 1..5: wall
+//!   time of the loop and the realized speedup over N = 1 next to the theoretical one.
+//!
+//! Every timing is the median of `--runs` (default 20) back-to-back runs after `--warmup` runs
+//! (for kernels, runs are graph replays):
+//! the host enqueues run i+1 while the GPU executes run i, as the sampler does, so a time is
+//! the GPU's unless the host cannot keep up (then it is the host's, which is what a user sees).
+//! A measurement that fails is recorded as an error (shown as "—") and the others go on; the
+//! JSON (`--json`, else `$FORA_BENCH_JSON`, else `target/bench.json`) is rewritten after every
+//! section so a crash loses little, and the Markdown is written beside it at the end. Nothing
+//! printed was not measured. `tools/bench_torch.py` times PyTorch the same way and
+//! `tools/bench_report.py` merges both JSONs into the comparison tables and a plot.
+
+use crate::backend::{Guidance, GuidanceMode};
+use crate::config::{Arch, DitConfig};
+use crate::cuda::attention::AttentionImpl;
+use crate::cuda::backend::CudaOptions;
+use crate::cuda::gemm::GemmImpl;
+use crate::cuda::{CudaBackend, Gpu};
+use crate::weights::DitWeights;
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::sys;
+use serde_json::{json, Value};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Instant;
+
+mod kernels;
+mod report;
+mod steps;
+mod timer;
+
+use kernels::{bench_ceilings, bench_kernels};
+pub use report::*;
+use steps::{bench_e2e, bench_steps};
+use timer::Timer;
+
+/// Where the JSON report goes by default (relative to the working directory), unless
+/// `FORA_BENCH_JSON` names another path (e.g. `$OUT/bench.json` on a device runner).
+pub const DEFAULT_JSON: &str = "target/bench.json";
+/// Identifies the JSON layout for `tools/bench_report.py`.
+pub const SCHEMA: &str = "fora-bench/1";
+/// Rotated input bytes of a kernel measured alone: at least this, and at least 4x the L2.
+const MIN_ROTATE_BYTES: usize = 256 << 20;
+/// At most this many copies of a kernel's buffers.
+const MAX_COPIES: usize = 64;
+/// Random values are uploaded in chunks of this many elements (an odd count, so a repeated
+/// chunk does not line up with matrix rows).
+const FILL_CHUNK: usize = (1 << 22) - 3;
+
+/// Which GEMM implementation the step and end-to-end sections run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GemmChoice {
+    /// The custom kernels with fused epilogues.
+    Custom,
+    /// cuBLASLt (fused bias/GELU where it has them) + the epilogue kernel.
+    Cublaslt,
+    /// Both, cuBLASLt first (end to end runs the first only).
+    Both,
+    /// The Hopper wgmma kernels (compute capability 9.x only; opt-in, not the default).
+    Wgmma,
+    /// The warp-specialized Hopper TMA kernels (compute capability 9.x only; opt-in).
+    Tma,
+}
+
+/// A part of the benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    Ceilings,
+    Kernels,
+    Steps,
+    E2e,
+}
+
+/// Arguments of `fora bench` and of the `dit` bench binary.
+#[derive(clap::Args, Clone, Debug, PartialEq)]
+pub struct BenchArgs {
+    /// Checkpoint to benchmark (safetensors, official DiT key layout). Default: random weights
+    /// of --arch (DiT-XL/2) at --input-size, so no checkpoint is needed.
+    #[arg(long, value_name = "CKPT")]
+    pub model: Option<PathBuf>,
+    /// Architecture: of the random model (default DiT-XL/2), or of --model when its metadata
+    /// does not record it.
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Latent size of the random model: 32 (256 px, default) or 64 (512 px).
+    #[arg(long, conflicts_with = "model")]
+    pub input_size: Option<usize>,
+    /// Seed of the random weights and of the sampling noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// A smaller set: rows 2 and 64, kernels at rows 2, N = 1 and 3 once, a 4096^3 ceiling.
+    #[arg(long)]
+    pub quick: bool,
+    /// Sections to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub sections: Option<Vec<Section>>,
+    /// Model rows per step, CFG half included (even: rows/2 images with CFG; odd: no CFG).
+    /// Default 2,16,64,256.
+    #[arg(long, value_delimiter = ',')]
+    pub batches: Option<Vec<usize>>,
+    /// Model rows of the per-kernel shapes (M = rows x tokens). Default 2,256.
+    #[arg(long, value_delimiter = ',')]
+    pub kernel_batches: Option<Vec<usize>>,
+    /// FORA intervals N of the end-to-end runs (1 = no caching). Default 1,2,3,4,5.
+    #[arg(long, value_delimiter = ',')]
+    pub intervals: Option<Vec<usize>>,
+    /// DDPM steps of the end-to-end runs.
+    #[arg(long, default_value_t = 250)]
+    pub steps: usize,
+    /// End-to-end runs per interval (median). Default 3 (1 with --quick).
+    #[arg(long)]
+    pub e2e_reps: Option<usize>,
+    /// Timed runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    pub runs: usize,
+    /// Untimed runs before each measurement.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// GEMM implementation of the step and end-to-end sections. Default both (cuBLASLt with
+    /// --quick).
+    #[arg(long, value_enum)]
+    pub gemm: Option<GemmChoice>,
+    /// Side of the square bf16 GEMM that measures the card's ceiling. Default 8192 (4096 with
+    /// --quick).
+    #[arg(long)]
+    pub ceiling_size: Option<usize>,
+    /// MiB the memory ceilings (copy and read) move. Default 1024.
+    #[arg(long)]
+    pub copy_mib: Option<usize>,
+    /// Classifier-free guidance scale of the CFG batches.
+    #[arg(long, default_value_t = 4.0, allow_negative_numbers = true)]
+    pub cfg_scale: f32,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    /// JSON report path (default: $FORA_BENCH_JSON, else target/bench.json). The Markdown
+    /// report is also written beside it (same name, .md).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Bracket every timed loop with cuProfilerStart/Stop (for `nsys --capture-range=cudaProfilerApi`
+    /// or `ncu --profile-from-start off`).
+    #[arg(long)]
+    pub profiler_api: bool,
+    /// Write the benchmark's random weights (official key layout, f32, config in the metadata)
+    /// to this safetensors file and exit: the PyTorch reference can load them. Needs no GPU.
+    #[arg(long, value_name = "PATH")]
+    pub save_weights: Option<PathBuf>,
+}
+
+/// [`BenchArgs`] with every default resolved and every value checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchPlan {
+    pub quick: bool,
+    pub sections: Vec<Section>,
+    pub batches: Vec<usize>,
+    pub kernel_batches: Vec<usize>,
+    pub intervals: Vec<usize>,
+    pub steps: usize,
+    pub e2e_reps: usize,
+    pub runs: usize,
+    pub warmup: usize,
+    pub gemms: Vec<GemmImpl>,
+    pub ceiling_size: usize,
+    pub copy_bytes: usize,
+    pub cfg_scale: f32,
+    /// The JSON report; the Markdown goes beside it with extension .md.
+    pub json: PathBuf,
+}
+
+impl BenchArgs {
+    /// Resolves defaults (full or `--quick` set) and validates every value.
+    pub fn plan(&self) -> Result<BenchPlan> {
+        let q = self.quick;
+        let list = |given: &Option<Vec<usize>>, full: &[usize], quick: &[usize], what: &str| {
+            let v = given
+                .clone()
+                .unwrap_or_else(|| if q { quick } else { full }.to_vec());
+            ensure!(!v.is_empty(), "--{what}: give at least one value");
+            if let Some(bad) = v.iter().find(|&&x| x == 0) {
+                bail!("--{what}: {bad} is not a positive number");
+            }
+            Ok(v)
+        };
+        let batches = list(&self.batches, &[2, 16, 64, 256], &[2, 64], "batches")?;
+        let kernel_batches = list(&self.kernel_batches, &[2, 256], &[2], "kernel-batches")?;
+        let intervals = list(&self.intervals, &[1, 2, 3, 4, 5], &[1, 3], "intervals")?;
+        ensure!(
+            (1..=1000).contains(&self.steps),
+            "--steps {}: the diffusion process has 1 to 1000 steps",
+            self.steps
+        );
+        ensure!(self.runs > 0, "--runs must be at least 1");
+        let e2e_reps = self.e2e_reps.unwrap_or(if q { 1 } else { 3 });
+        ensure!(e2e_reps > 0, "--e2e-reps must be at least 1");
+        let ceiling_size = self.ceiling_size.unwrap_or(if q { 4096 } else { 8192 });
+        ensure!(
+            ceiling_size >= 256 && ceiling_size.is_multiple_of(8),
+            "--ceiling-size {ceiling_size}: use a multiple of 8, at least 256"
+        );
+        let copy_mib = self.copy_mib.unwrap_or(1024);
+        ensure!(
+            (1..=65536).contains(&copy_mib),
+            "--copy-mib {copy_mib}: use 1 to 65536"
+        );
+        ensure!(
+            self.cfg_scale.is_finite(),
+            "--cfg-scale {} is not a finite number",
+            self.cfg_scale
+        );
+        if let Some(s) = self.input_size {
+            ensure!(s > 0, "--input-size must be positive");
+        }
+        let gemm = self.gemm.unwrap_or(if q {
+            GemmChoice::Cublaslt
+        } else {
+            GemmChoice::Both
+        });
+        let gemms = match gemm {
+            GemmChoice::Custom => vec![GemmImpl::Custom],
+            GemmChoice::Cublaslt => vec![GemmImpl::CublasLt],
+            GemmChoice::Wgmma => vec![GemmImpl::Wgmma],
+            GemmChoice::Tma => vec![GemmImpl::Tma],
+            // The default implementation first: the end-to-end section runs on the first only.
+            GemmChoice::Both => vec![GemmImpl::CublasLt, GemmImpl::Custom],
+        };
+        let mut sections = self.sections.clone().unwrap_or_else(|| {
+            vec![
+                Section::Ceilings,
+                Section::Kernels,
+                Section::Steps,
+                Section::E2e,
+            ]
+        });
+        ensure!(
+            !sections.is_empty(),
+            "--sections: give at least one section"
+        );
+        sections.dedup();
+        Ok(BenchPlan {
+            quick: q,
+            sections,
+            batches,
+            kernel_batches,
+            intervals,
+            steps: self.steps,
+            e2e_reps,
+            runs: self.runs,
+            warmup: self.warmup,
+            gemms,
+            ceiling_size,
+            copy_bytes: copy_mib << 20,
+            cfg_scale: self.cfg_scale,
+            json: self.json.clone().unwrap_or_else(|| {
+                std::env::var_os("FORA_BENCH_JSON")
+                    .filter(|v| !v.is_empty())
+                    .map_or_else(|| PathBuf::from(DEFAULT_JSON), PathBuf::from)
+            }),
+        })
+    }
+}
+
+/// Parses the command line of the `dit` bench binary: `cargo bench` runs it as
+/// `dit [ARGS..] --bench`, the device runner as `dit --bench $BENCH_ARGS`. Returns the
+/// arguments and whether `--bench` was given (without it, cargo is running the binary as a
+/// test and nothing should be measured).
+pub fn args_from_bench_argv<I, T>(argv: I) -> std::result::Result<(BenchArgs, bool), clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    use clap::Parser;
+    #[derive(clap::Parser, Debug)]
+    #[command(
+        name = "dit-bench",
+        about = "DiT + FORA benchmark (the same as `fora bench`)"
+    )]
+    struct BenchCli {
+        /// Set by `cargo bench`; without it nothing is measured.
+        #[arg(long)]
+        bench: bool,
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+    let cli = BenchCli::try_parse_from(argv)?;
+    Ok((cli.args, cli.bench))
+}
+
+/// Timing statistics of one measurement, in milliseconds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stats {
+    pub runs: usize,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+}
+
+impl Stats {
+    /// Statistics of measured times (an even count takes the mean of the two middle values).
+    pub fn from_samples(samples_ms: &[f64]) -> Result<Stats> {
+        ensure!(!samples_ms.is_empty(), "no timing samples");
+        if let Some(bad) = samples_ms.iter().find(|v| !v.is_finite() || **v < 0.0) {
+            bail!("timing sample {bad} ms is not a finite non-negative time");
+        }
+        let mut s = samples_ms.to_vec();
+        s.sort_by(f64::total_cmp);
+        let n = s.len();
+        let median = if n % 2 == 1 {
+            s[n / 2]
+        } else {
+            0.5 * (s[n / 2 - 1] + s[n / 2])
+        };
+        Ok(Stats {
+            runs: n,
+            median_ms: median,
+            min_ms: s[0],
+            max_ms: s[n - 1],
+            mean_ms: s.iter().sum::<f64>() / n as f64,
+        })
+    }
+
+    /// Every time multiplied by `f` (per-launch times from per-replay times).
+    pub fn scaled(&self, f: f64) -> Stats {
+        Stats {
+            runs: self.runs,
+            median_ms: self.median_ms * f,
+            min_ms: self.min_ms * f,
+            max_ms: self.max_ms * f,
+            mean_ms: self.mean_ms * f,
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "median_ms": self.median_ms,
+            "min_ms": self.min_ms,
+            "max_ms": self.max_ms,
+            "mean_ms": self.mean_ms,
+            "runs": self.runs,
+        })
+    }
+}
+
+/// TFLOP/s of `flops` floating-point operations in `ms` milliseconds.
+pub fn tflops(flops: f64, ms: f64) -> f64 {
+    flops / (ms * 1e-3) / 1e12
+}
+
+/// GB/s (10^9 bytes) of `bytes` moved in `ms` milliseconds.
+pub fn gbps(bytes: f64, ms: f64) -> f64 {
+    bytes / (ms * 1e-3) / 1e9
+}
+
+/// Copies of a kernel's buffers (`set_bytes` each) so that together they hold at least
+/// `rotate_bytes`: consecutive runs then read inputs that are not in L2.
+pub fn rotation_copies(set_bytes: usize, rotate_bytes: usize) -> usize {
+    if set_bytes == 0 {
+        return 1;
+    }
+    rotate_bytes.div_ceil(set_bytes).clamp(1, MAX_COPIES)
+}
+
+/// Launches per CUDA graph when a kernel is timed alone: enough for a replay of about 0.2 ms
+/// (so a graph launch's host cost is hidden), at least one per rotated buffer copy, at most 64.
+/// `single_ms` is one launch's time, measured roughly.
+pub fn launches_per_graph(single_ms: f64, copies: usize) -> usize {
+    let by_time = if single_ms.is_finite() && single_ms > 0.0 {
+        (0.2 / single_ms).ceil().min(64.0) as usize
+    } else {
+        64
+    };
+    by_time.max(copies).clamp(1, MAX_COPIES)
+}
+
+/// The images and guidance of a batch of `rows` model rows: even rows are rows/2 images with
+/// CFG (the batch `[cond; uncond]`), odd rows are that many images without guidance.
+pub fn rows_request(
+    rows: usize,
+    num_classes: usize,
+    cfg_scale: f32,
+) -> (Vec<usize>, Option<Guidance>) {
+    let (images, guidance) = if rows.is_multiple_of(2) {
+        (
+            rows / 2,
+            Some(Guidance {
+                scale: cfg_scale,
+                mode: GuidanceMode::Official3,
+            }),
+        )
+    } else {
+        (rows, None)
+    };
+    let classes = (0..images).map(|b| b % num_classes.max(1)).collect();
+    (classes, guidance)
+}
+
+/// `YYYY-MM-DD` (UTC) of a Unix time.
+pub fn utc_date(unix_secs: u64) -> String {
+    // Days to civil date (Howard Hinnant's algorithm), proleptic Gregorian.
+    let z = (unix_secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    utc_date(secs)
+}
+
+/// The model to benchmark: a checkpoint, or random weights of `--arch` (default DiT-XL/2).
+pub fn bench_model(args: &BenchArgs) -> Result<(DitConfig, DitWeights, String)> {
+    match &args.model {
+        Some(path) => {
+            let arch = args.arch.as_deref().map(Arch::parse).transpose()?;
+            let (cfg, w) = DitWeights::load(path, arch.as_ref())?;
+            Ok((cfg, w, path.display().to_string()))
+        }
+        None => {
+            let arch = args.arch.as_deref().unwrap_or("DiT-XL/2");
+            let cfg = DitConfig::official(arch, args.input_size.unwrap_or(32))
+                .with_context(|| format!("benchmark model {arch}"))?;
+            eprintln!(
+                "bench: generating random {} weights (seed {})",
+                cfg.arch_name(),
+                args.seed
+            );
+            let w = DitWeights::random(&cfg, args.seed);
+            Ok((cfg, w, format!("random (seed {})", args.seed)))
+        }
+    }
+}
+
+/// Runs the benchmark: Markdown to stdout, JSON to `--json`. Errors when there is no usable
+/// GPU, and (after writing both reports) when any measurement failed.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let plan = args.plan()?;
+    if let Some(path) = &args.save_weights {
+        let (cfg, weights, source) = bench_model(args)?;
+        weights
+            .save(path, &cfg)
+            .with_context(|| format!("cannot save the benchmark weights to {}", path.display()))?;
+        println!(
+            "wrote {} weights ({source}) to {}",
+            cfg.arch_name(),
+            path.display()
+        );
+        return Ok(());
+    }
+    let gpu = Gpu::new(args.gpu).context("the benchmark needs a CUDA device")?;
+    let options = CudaOptions::from_env()?;
+    let (cfg, weights, source) = bench_model(args)?;
+    let mut report = Report::new(ModelInfo::new(&cfg, source), &plan, &options);
+    report.device = Some(device_info(&gpu)?);
+    report.attention = AttentionImpl::selected()?.name().to_string();
+    let started = Instant::now();
+    let json_path = plan.json.clone();
+    let save = |report: &Report| {
+        if let Err(e) = report.write_json(&json_path) {
+            eprintln!("bench: cannot write {}: {e:#}", json_path.display());
+        }
+    };
+    let timer = Timer {
+        warmup: plan.warmup,
+        runs: plan.runs,
+        profiler_api: args.profiler_api,
+    };
+    if plan.sections.contains(&Section::Ceilings) {
+        eprintln!("bench: ceilings");
+        bench_ceilings(&gpu, &plan, &timer, &mut report);
+        save(&report);
+    }
+    if plan.sections.contains(&Section::Kernels) {
+        for &rows in &plan.kernel_batches {
+            eprintln!("bench: kernels at {rows} rows");
+            bench_kernels(&gpu, &cfg, rows, &timer, &mut report);
+            save(&report);
+        }
+    }
+    drop(gpu);
+    let want_steps = plan.sections.contains(&Section::Steps);
+    let want_e2e = plan.sections.contains(&Section::E2e);
+    if want_steps || want_e2e {
+        for (i, &imp) in plan.gemms.iter().enumerate() {
+            let name = gemm_name(imp);
+            let options = CudaOptions {
+                gemm: imp,
+                ..options
+            };
+            let mut backend = match Gpu::new(args.gpu)
+                .and_then(|g| CudaBackend::with_options(g, &cfg, &weights, options))
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    report.error("steps", &format!("{name} backend"), &e);
+                    continue;
+                }
+            };
+            if want_steps {
+                for &rows in &plan.batches {
+                    eprintln!("bench: steps, {name} GEMM, {rows} rows");
+                    bench_steps(&mut backend, &plan, &timer, rows, args.seed, &mut report);
+                    save(&report);
+                }
+            }
+            // End to end on the first implementation (the default, cuBLASLt) only: it is the slow
+            // section.
+            if want_e2e && i == 0 {
+                eprintln!("bench: end to end, {name} GEMM");
+                bench_e2e(&backend, &plan, args.seed, &mut report);
+                save(&report);
+            }
+        }
+    }
+    let markdown = report.markdown();
+    println!("{markdown}");
+    report.write_json(&plan.json)?;
+    let md_path = plan.json.with_extension("md");
+    crate::io::write_atomic(&md_path, markdown.as_bytes())?;
+    eprintln!(
+        "bench: done in {:.1} s; JSON in {}, Markdown in {}",
+        started.elapsed().as_secs_f64(),
+        plan.json.display(),
+        md_path.display()
+    );
+    ensure!(
+        report.errors.is_empty(),
+        "{} measurement(s) failed (listed above and in {})",
+        report.errors.len(),
+        plan.json.display()
+    );
+    Ok(())
+}
+
+fn gemm_name(imp: GemmImpl) -> &'static str {
+    match imp {
+        GemmImpl::Custom => "custom",
+        GemmImpl::CublasLt => "cublaslt",
+        GemmImpl::Wgmma => "wgmma",
+        GemmImpl::Tma => "tma",
+    }
+}
+
+fn device_info(gpu: &Gpu) -> Result<DeviceInfo> {
+    let l2 = gpu
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .context("cannot query the L2 cache size")?;
+    Ok(DeviceInfo {
+        name: gpu.name().to_string(),
+        compute_capability: gpu.compute_capability(),
+        sm_count: gpu.sm_count(),
+        l2_bytes: l2.max(0) as usize,
+        memory_bytes: gpu.mem_info()?.1,
+    })
+}
+
+/// Rotated bytes for a kernel measured alone on `gpu`.
+fn rotate_bytes(gpu: &Gpu) -> usize {
+    let l2 = gpu
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .map_or(0, |v| v.max(0) as usize);
+    (4 * l2).max(MIN_ROTATE_BYTES)
+}

@@ -1,0 +1,760 @@
+//! The benchmark's results: one [`Report`] of every measurement, as Markdown and as JSON
+//! (schema [`SCHEMA`]).
+
+use crate::config::DitConfig;
+use crate::cuda::attention::AttentionImpl;
+use crate::cuda::backend::CudaOptions;
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use std::path::Path;
+
+use super::{gbps, tflops, today, BenchPlan, Stats, SCHEMA};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub sm_count: usize,
+    pub l2_bytes: usize,
+    pub memory_bytes: usize,
+}
+
+/// The model benchmarked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelInfo {
+    pub arch: String,
+    pub input_size: usize,
+    pub tokens: usize,
+    pub hidden: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub macs_per_row: u64,
+    /// "random (seed 0)" or the checkpoint path.
+    pub weights: String,
+}
+
+impl ModelInfo {
+    pub fn new(cfg: &DitConfig, weights: String) -> ModelInfo {
+        ModelInfo {
+            arch: cfg.arch_name(),
+            input_size: cfg.input_size,
+            tokens: cfg.tokens(),
+            hidden: cfg.hidden,
+            depth: cfg.depth,
+            heads: cfg.heads,
+            macs_per_row: cfg.macs_per_row(),
+            weights,
+        }
+    }
+}
+
+/// A measured ceiling of the card.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ceiling {
+    /// "bf16 GEMM 8192^3 (cuBLASLt)", "device copy 1024 MiB (cuMemcpyDtoD, ...)".
+    pub what: String,
+    pub stats: Stats,
+    /// TFLOP/s (GEMM) or GB/s (memory) at the median time.
+    pub rate: f64,
+}
+
+/// Whether a step ran the blocks or reused the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepKind {
+    Full,
+    Reuse,
+}
+
+impl StepKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StepKind::Full => "full",
+            StepKind::Reuse => "reuse",
+        }
+    }
+}
+
+/// Graph nodes one step enqueues, by type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LaunchCount {
+    pub kernels: usize,
+    pub memcpys: usize,
+    pub memsets: usize,
+    pub other: usize,
+}
+
+/// One per-step measurement.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepRow {
+    /// "custom" or "cublaslt".
+    pub gemm: String,
+    pub rows: usize,
+    pub kind: StepKind,
+    pub stats: Option<Stats>,
+    /// What one step enqueues when it is launched kernel by kernel (the captured graphs hold
+    /// the same kernels).
+    pub launches: Option<LaunchCount>,
+    /// Whether the timed workspace replayed CUDA graphs (None: no workspace).
+    pub graphs: Option<bool>,
+    /// Whether the timed workspace computed every step's modulation table up front.
+    pub precomputed_modulation: Option<bool>,
+    /// Host time to issue one step (the timed runs' wall clock before the final
+    /// synchronization, per run): when it reaches the step's GPU time, the host, not the GPU,
+    /// sets the pace of back-to-back steps.
+    pub host_issue_ms: Option<f64>,
+}
+
+/// One end-to-end configuration (median over the reps).
+#[derive(Clone, Debug, PartialEq)]
+pub struct E2eRow {
+    pub gemm: String,
+    pub interval: usize,
+    pub steps: usize,
+    pub rows: usize,
+    pub computed: usize,
+    pub reused: usize,
+    pub reps: usize,
+    /// The denoising loop and the copy of the latents to the host.
+    pub loop_ms: f64,
+    /// Workspace build (allocation, x_T, graph capture).
+    pub setup_ms: f64,
+    /// Everything `Sampler::sample` did.
+    pub wall_ms: f64,
+    /// Whether every final latent value was finite (random weights may not keep them so; the
+    /// times do not depend on it).
+    pub finite: bool,
+}
+
+/// What a kernel row's rate is measured against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bound {
+    /// TFLOP/s, against the GEMM ceiling.
+    Compute,
+    /// GB/s, against the copy ceiling.
+    Memory,
+}
+
+/// One per-kernel measurement.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelRow {
+    /// "qkv", "proj", "fc1", "fc2", "adaLN", "final", "attention", "patch_embed",
+    /// "sampler_step", "fora_reuse", "fora_reuse_final", "layernorm", "residual_ln".
+    pub name: String,
+    /// "custom", "cublaslt", "cublaslt+epilogue", "cublaslt-tuned" (GEMMs); "custom" otherwise.
+    pub imp: String,
+    /// Model rows of the shape.
+    pub rows: usize,
+    /// "M=512 N=3456 K=1152", "B=2 H=16 T=256 d=72", "1.2 GB".
+    pub shape: String,
+    pub bound: Bound,
+    /// FLOPs (Compute) or bytes (Memory) of one launch.
+    pub work: f64,
+    /// Per-launch times: each sample is one graph replay of this many launches, divided.
+    pub stats: Option<Stats>,
+    pub launches_per_replay: usize,
+}
+
+impl KernelRow {
+    /// TFLOP/s or GB/s at the median.
+    pub fn rate(&self) -> Option<f64> {
+        let ms = self.stats.as_ref()?.median_ms;
+        Some(match self.bound {
+            Bound::Compute => tflops(self.work, ms),
+            Bound::Memory => gbps(self.work, ms),
+        })
+    }
+}
+
+/// A measurement that failed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchError {
+    pub section: String,
+    pub what: String,
+    pub error: String,
+}
+
+/// Everything one benchmark run measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    pub date: String,
+    pub device: Option<DeviceInfo>,
+    pub model: ModelInfo,
+    pub warmup: usize,
+    pub runs: usize,
+    pub quick: bool,
+    /// The backend options in this run (`CudaOptions::from_env`: `FORA_CUDA_GRAPHS`,
+    /// `FORA_FUSED_REUSE`, ...); each step row says what its workspace did.
+    pub options: CudaOptions,
+    /// The flash-attention implementation the steps ran (`FORA_ATTENTION`, e.g. "v1").
+    pub attention: String,
+    pub cfg_scale: f32,
+    pub gemm_ceiling: Option<Ceiling>,
+    /// Memory bandwidth measured in several ways (copy, copy kernel, read kernel); the best is
+    /// the memory ceiling ([`Report::memory_ceiling`]).
+    pub memory_ceilings: Vec<Ceiling>,
+    pub steps: Vec<StepRow>,
+    pub e2e: Vec<E2eRow>,
+    pub kernels: Vec<KernelRow>,
+    pub errors: Vec<BenchError>,
+}
+
+/// `v` with `decimals` decimals, or "—" when not measured.
+pub fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("{x:.decimals$}"),
+        _ => "—".to_string(),
+    }
+}
+
+fn num(v: Option<f64>) -> Value {
+    match v {
+        Some(x) if x.is_finite() => json!(x),
+        _ => Value::Null,
+    }
+}
+
+impl Report {
+    pub fn new(model: ModelInfo, plan: &BenchPlan, options: &CudaOptions) -> Report {
+        Report {
+            date: today(),
+            device: None,
+            model,
+            warmup: plan.warmup,
+            runs: plan.runs,
+            quick: plan.quick,
+            options: *options,
+            attention: AttentionImpl::V1.name().to_string(),
+            cfg_scale: plan.cfg_scale,
+            gemm_ceiling: None,
+            memory_ceilings: Vec::new(),
+            steps: Vec::new(),
+            e2e: Vec::new(),
+            kernels: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Records a failed measurement (printed to stderr at once, listed in the report).
+    pub fn error(&mut self, section: &str, what: &str, e: &anyhow::Error) {
+        eprintln!("bench: {section}: {what} FAILED: {e:#}");
+        self.errors.push(BenchError {
+            section: section.into(),
+            what: what.into(),
+            error: format!("{e:#}"),
+        });
+    }
+
+    /// Effective TFLOP/s of a full step: 2 x MACs of every row / time.
+    pub fn step_tflops(&self, row: &StepRow) -> Option<f64> {
+        if row.kind != StepKind::Full {
+            return None;
+        }
+        let ms = row.stats.as_ref()?.median_ms;
+        Some(tflops(
+            2.0 * self.model.macs_per_row as f64 * row.rows as f64,
+            ms,
+        ))
+    }
+
+    /// The highest of the measured memory bandwidths.
+    pub fn memory_ceiling(&self) -> Option<&Ceiling> {
+        self.memory_ceilings
+            .iter()
+            .max_by(|a, b| a.rate.total_cmp(&b.rate))
+    }
+
+    /// Percent of the measured ceiling of `bound`.
+    pub fn pct_of_ceiling(&self, rate: Option<f64>, bound: Bound) -> Option<f64> {
+        let ceiling = match bound {
+            Bound::Compute => self.gemm_ceiling.as_ref(),
+            Bound::Memory => self.memory_ceiling(),
+        }?;
+        Some(100.0 * rate? / ceiling.rate)
+    }
+
+    /// The best cuBLASLt time of the same GEMM (fused or + epilogue kernel) over this row's
+    /// time, for our own GEMM kernels' rows (custom, wgmma, tma): > 1 means ours is faster.
+    pub fn vs_cublaslt(&self, row: &KernelRow) -> Option<f64> {
+        let ours = matches!(row.imp.as_str(), "custom" | "wgmma" | "tma");
+        if !ours || row.bound != Bound::Compute || row.name == "attention" {
+            return None;
+        }
+        let ours = row.stats.as_ref()?.median_ms;
+        let best = self
+            .kernels
+            .iter()
+            // Whole GEMMs with their epilogue only: a product-only row does less work.
+            .filter(|k| {
+                k.name == row.name
+                    && k.rows == row.rows
+                    && k.imp.starts_with("cublaslt")
+                    && !k.imp.contains("product")
+            })
+            .filter_map(|k| k.stats.as_ref().map(|s| s.median_ms))
+            .min_by(f64::total_cmp)?;
+        Some(best / ours)
+    }
+
+    fn e2e_speedup(&self, row: &E2eRow) -> Option<f64> {
+        let base = self
+            .e2e
+            .iter()
+            .find(|r| r.gemm == row.gemm && r.interval == 1 && r.steps == row.steps)?;
+        Some(base.loop_ms / row.loop_ms)
+    }
+
+    /// The report as JSON (layout [`SCHEMA`], read by `tools/bench_report.py`); unmeasured
+    /// values are null.
+    pub fn to_json(&self) -> Value {
+        let device = self.device.as_ref().map(|d| {
+            json!({
+                "name": d.name,
+                "compute_capability": format!("{}.{}", d.compute_capability.0, d.compute_capability.1),
+                "sm_count": d.sm_count,
+                "l2_bytes": d.l2_bytes,
+                "memory_bytes": d.memory_bytes,
+            })
+        });
+        let ceiling = |c: &Option<Ceiling>, unit: &str| match c {
+            Some(c) => {
+                let mut v = c.stats.json();
+                v["what"] = json!(c.what);
+                v[unit] = json!(c.rate);
+                v
+            }
+            None => Value::Null,
+        };
+        let steps: Vec<Value> = self
+            .steps
+            .iter()
+            .map(|r| {
+                let t = self.step_tflops(r);
+                let mut v = json!({
+                    "gemm": r.gemm,
+                    "rows": r.rows,
+                    "kind": r.kind.name(),
+                    "tflops": num(t),
+                    "pct_gemm_ceiling": num(self.pct_of_ceiling(t, Bound::Compute)),
+                    "kernels": r.launches.map(|l| l.kernels),
+                    "memcpys": r.launches.map(|l| l.memcpys),
+                    "memsets": r.launches.map(|l| l.memsets),
+                    "other_nodes": r.launches.map(|l| l.other),
+                    "graphs": r.graphs,
+                    "precomputed_modulation": r.precomputed_modulation,
+                    "host_issue_ms": r.host_issue_ms,
+                });
+                merge_stats(&mut v, r.stats.as_ref());
+                v
+            })
+            .collect();
+        let e2e: Vec<Value> = self
+            .e2e
+            .iter()
+            .map(|r| {
+                json!({
+                    "gemm": r.gemm,
+                    "interval": r.interval,
+                    "steps": r.steps,
+                    "rows": r.rows,
+                    "computed": r.computed,
+                    "reused": r.reused,
+                    "reps": r.reps,
+                    "loop_ms": r.loop_ms,
+                    "setup_ms": r.setup_ms,
+                    "wall_ms": r.wall_ms,
+                    "finite": r.finite,
+                    "speedup": num(self.e2e_speedup(r)),
+                    "theoretical_speedup": r.steps as f64 / r.computed.max(1) as f64,
+                })
+            })
+            .collect();
+        let kernels: Vec<Value> = self
+            .kernels
+            .iter()
+            .map(|k| {
+                let rate = k.rate();
+                let (tf, gb) = match k.bound {
+                    Bound::Compute => (rate, None),
+                    Bound::Memory => (None, rate),
+                };
+                let mut v = json!({
+                    "name": k.name,
+                    "impl": k.imp,
+                    "rows": k.rows,
+                    "shape": k.shape,
+                    "bound": match k.bound { Bound::Compute => "compute", Bound::Memory => "memory" },
+                    "flops": if k.bound == Bound::Compute { json!(k.work) } else { Value::Null },
+                    "bytes": if k.bound == Bound::Memory { json!(k.work) } else { Value::Null },
+                    "tflops": num(tf),
+                    "gbps": num(gb),
+                    "pct_ceiling": num(self.pct_of_ceiling(rate, k.bound)),
+                    "vs_cublaslt": num(self.vs_cublaslt(k)),
+                    "launches_per_replay": k.launches_per_replay,
+                });
+                merge_stats(&mut v, k.stats.as_ref());
+                v
+            })
+            .collect();
+        json!({
+            "schema": SCHEMA,
+            "tool": "fora bench",
+            "version": env!("CARGO_PKG_VERSION"),
+            "date": self.date,
+            "device": device,
+            "model": {
+                "arch": self.model.arch,
+                "input_size": self.model.input_size,
+                "tokens": self.model.tokens,
+                "hidden": self.model.hidden,
+                "depth": self.model.depth,
+                "heads": self.model.heads,
+                "macs_per_row": self.model.macs_per_row,
+                "weights": self.model.weights,
+            },
+            "settings": {
+                "warmup": self.warmup,
+                "runs": self.runs,
+                "quick": self.quick,
+                "cuda_graphs": self.options.graphs,
+                "precompute_modulation": self.options.precompute_modulation,
+                "lt_autotune": self.options.lt_autotune,
+                "fused_reuse": self.options.fused_reuse,
+                "side_stream": self.options.side_stream,
+                "fused_ln": self.options.fused_ln,
+                "lt_bias_bf16": self.options.lt_bias_bf16,
+                "bf16_residual": self.options.bf16_residual,
+                "reuse_gates_only": self.options.reuse_gates_only,
+                "step_graph": self.options.step_graph,
+                "lt_splitk": self.options.lt_splitk,
+                "l2_persist": self.options.l2_persist,
+                "pdl": self.options.pdl,
+                "attention": self.attention,
+                "cfg_scale": self.cfg_scale,
+                "timing": "CUDA events, back-to-back runs, median",
+            },
+            "ceilings": {
+                "gemm": ceiling(&self.gemm_ceiling, "tflops"),
+                "memory": self.memory_ceilings.iter().map(|c| ceiling(&Some(c.clone()), "gbps")).collect::<Vec<_>>(),
+                "memory_best": ceiling(&self.memory_ceiling().cloned(), "gbps"),
+            },
+            "steps": steps,
+            "e2e": e2e,
+            "kernels": kernels,
+            "errors": self.errors.iter().map(|e| json!({
+                "section": e.section, "what": e.what, "error": e.error,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Per row count: the fused reuse forward against the three launches it replaces.
+    fn fused_reuse_lines(&self) -> String {
+        let us = |name: &str, rows: usize| {
+            self.kernels
+                .iter()
+                .find(|k| k.name == name && k.rows == rows && k.imp == "custom")
+                .and_then(|k| k.stats.as_ref())
+                .map(|s| s.median_ms * 1e3)
+        };
+        let mut s = String::new();
+        let mut rows: Vec<usize> = self.kernels.iter().map(|k| k.rows).collect();
+        rows.sort_unstable();
+        rows.dedup();
+        for r in rows {
+            let fused = us("fora_reuse_final", r);
+            let parts = [
+                us("patch_embed", r),
+                us("fora_reuse", r),
+                us("layernorm", r),
+            ];
+            if let (Some(f), [Some(a), Some(b), Some(c)]) = (fused, parts) {
+                s += &format!(
+                    "\nReuse forward at {r} rows: fora_reuse_final {f:.1} us vs patch_embed + \
+                     fora_reuse + layernorm {:.1} us ({:.2}x).\n",
+                    a + b + c,
+                    (a + b + c) / f
+                );
+            }
+        }
+        s
+    }
+
+    /// The report as Markdown tables.
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let device = match &self.device {
+            Some(d) => format!(
+                "{} (sm_{}{}, {} SMs, L2 {} MiB, {:.0} GiB)",
+                d.name,
+                d.compute_capability.0,
+                d.compute_capability.1,
+                d.sm_count,
+                d.l2_bytes >> 20,
+                d.memory_bytes as f64 / (1u64 << 30) as f64
+            ),
+            None => "— (no device)".to_string(),
+        };
+        let m = &self.model;
+        s += &format!(
+            "# fora bench: {} at {} px ({} tokens), weights {}\n\n",
+            m.arch,
+            m.input_size * 8,
+            m.tokens,
+            m.weights
+        );
+        s += &format!(
+            "{device}, {}. Median of {} runs after {} warm-up runs (CUDA events). CUDA graphs {}{}; \
+             modulation tables precomputed {}; cuBLASLt algorithms {}; reuse steps {}; per-step \
+             tables {}; proj / fc2 epilogues {}; qkv / fc1 bias {}; attention `{}` \
+             (FORA_ATTENTION). FLOPs = 2 x {:.1} GMAC per model row.\n\n",
+            self.date,
+            self.runs,
+            self.warmup,
+            match (self.options.graphs, self.options.step_graph) {
+                (true, true) => "on, a whole step per graph",
+                (true, false) => "on, the forward per graph (FORA_STEP_GRAPH=0)",
+                (false, _) => "off (FORA_CUDA_GRAPHS=0)",
+            },
+            if self.options.pdl {
+                ", programmatic launches (FORA_PDL=1)"
+            } else {
+                ""
+            },
+            if self.options.precompute_modulation {
+                "when they fit"
+            } else {
+                "never (FORA_PRECOMPUTE_MODULATION=0)"
+            },
+            if self.options.lt_autotune {
+                "autotuned (FORA_LT_AUTOTUNE=1)"
+            } else {
+                "the heuristic's first choice"
+            },
+            if self.options.fused_reuse && self.options.l2_persist {
+                "fused, one fora_reuse_final launch, the cache persisting in L2 where most of it \
+                 fits (FORA_L2_PERSIST=1)"
+            } else if self.options.fused_reuse && !self.options.fused_final {
+                "fused, one fora_reuse_final launch, then the final GEMM (FORA_FUSED_FINAL=0)"
+            } else if self.options.fused_reuse {
+                "fused, one fora_reuse_final launch"
+            } else {
+                "patch_embed + fora_reuse + layernorm_modulate (FORA_FUSED_REUSE=0)"
+            },
+            match (self.options.side_stream, self.options.reuse_gates_only) {
+                (true, _) => "the next step's on a second stream (FORA_SIDE_STREAM=1)",
+                (false, true) => "before each step on the one stream, a reuse step's gates only",
+                (false, false) => {
+                    "before each step on the one stream, a reuse step's whole table \
+                     (FORA_REUSE_GATES_ONLY=0)"
+                }
+            },
+            if self.options.fused_ln && self.options.bf16_residual {
+                "bf16 into the cache, fused with the next LayerNorm (FORA_BF16_RESIDUAL=1)"
+            } else if self.options.fused_ln && self.options.lt_splitk {
+                "fused with the next LayerNorm on cuBLASLt, split-K slices at small batches \
+                 (FORA_LT_SPLITK=1)"
+            } else if self.options.fused_ln {
+                "fused with the next LayerNorm on cuBLASLt"
+            } else {
+                "then a separate LayerNorm (FORA_FUSED_LN=0 or not cuBLASLt)"
+            },
+            if self.options.lt_bias_bf16 {
+                "fused by cuBLASLt, in bf16 where it refuses f32"
+            } else {
+                "fused by cuBLASLt only in f32 (FORA_LT_BIAS_BF16=0)"
+            },
+            self.attention,
+            m.macs_per_row as f64 / 1e9
+        );
+
+        s += "## Ceilings (measured in this run)\n\n| what | time (ms) | rate |\n|---|---|---|\n";
+        let mut ceilings = vec![(self.gemm_ceiling.as_ref(), "TFLOP/s", "GEMM")];
+        if self.memory_ceilings.is_empty() {
+            ceilings.push((None, "GB/s", "memory"));
+        }
+        ceilings.extend(
+            self.memory_ceilings
+                .iter()
+                .map(|c| (Some(c), "GB/s", "memory")),
+        );
+        for (c, unit, what) in ceilings {
+            match c {
+                Some(c) => {
+                    s += &format!(
+                        "| {} | {:.3} | {:.0} {unit} |\n",
+                        c.what, c.stats.median_ms, c.rate
+                    )
+                }
+                None => s += &format!("| {what} ceiling | — | — |\n"),
+            }
+        }
+        if let Some(best) = self.memory_ceiling() {
+            s += &format!(
+                "\nMemory-bound rows' % ceiling is of the best memory rate: {:.0} GB/s ({}).\n",
+                best.rate, best.what
+            );
+        }
+
+        if !self.kernels.is_empty() {
+            s += "\n## Kernels (inputs rotated through buffers larger than L2; per-launch time from \
+                  CUDA-graph replays, host launch cost excluded)\n\n";
+            s += "| kernel | rows | shape | impl | time (us) | rate | % ceiling | ours vs best cuBLASLt |\n\
+                  |---|---|---|---|---|---|---|---|\n";
+            for k in &self.kernels {
+                let rate = k.rate();
+                let unit = match k.bound {
+                    Bound::Compute => "TFLOP/s",
+                    Bound::Memory => "GB/s",
+                };
+                s += &format!(
+                    "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    k.name,
+                    k.rows,
+                    k.shape,
+                    k.imp,
+                    fmt_opt(k.stats.as_ref().map(|s| s.median_ms * 1e3), 1),
+                    match rate {
+                        Some(_) => format!(
+                            "{} {unit}",
+                            fmt_opt(rate, if k.bound == Bound::Compute { 1 } else { 0 })
+                        ),
+                        None => "—".to_string(),
+                    },
+                    fmt_opt(self.pct_of_ceiling(rate, k.bound), 1),
+                    fmt_opt(self.vs_cublaslt(k), 2)
+                );
+            }
+            s += &self.fused_reuse_lines();
+        }
+
+        if !self.steps.is_empty() {
+            s += "\n## Per step (model + CFG + sampler update, as `Backend::step` runs it)\n\n";
+            s += "| GEMM | rows | full (ms) | TFLOP/s | % GEMM ceiling | reuse (ms) | reuse / full | \
+                  kernels full | kernels reuse | graphs | tables precomputed |\n\
+                  |---|---|---|---|---|---|---|---|---|---|---|\n";
+            let mut keys: Vec<(String, usize)> = Vec::new();
+            for r in &self.steps {
+                if !keys.contains(&(r.gemm.clone(), r.rows)) {
+                    keys.push((r.gemm.clone(), r.rows));
+                }
+            }
+            for (gemm, rows) in keys {
+                let find = |kind| {
+                    self.steps
+                        .iter()
+                        .find(|r| r.gemm == gemm && r.rows == rows && r.kind == kind)
+                };
+                let full = find(StepKind::Full);
+                let reuse = find(StepKind::Reuse);
+                let ms =
+                    |r: Option<&StepRow>| r.and_then(|r| r.stats.as_ref().map(|s| s.median_ms));
+                let t = full.and_then(|r| self.step_tflops(r));
+                let ratio = match (ms(reuse), ms(full)) {
+                    (Some(a), Some(b)) => Some(a / b),
+                    _ => None,
+                };
+                let launches = |r: Option<&StepRow>| {
+                    r.and_then(|r| r.launches)
+                        .map_or("—".to_string(), |l| l.kernels.to_string())
+                };
+                let yes_no = |v: Option<bool>| match v {
+                    Some(true) => "yes",
+                    Some(false) => "no",
+                    None => "—",
+                };
+                s += &format!(
+                    "| {gemm} | {rows} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    fmt_opt(ms(full), 3),
+                    fmt_opt(t, 1),
+                    fmt_opt(self.pct_of_ceiling(t, Bound::Compute), 1),
+                    fmt_opt(ms(reuse), 4),
+                    fmt_opt(ratio, 3),
+                    launches(full),
+                    launches(reuse),
+                    yes_no(full.and_then(|r| r.graphs)),
+                    yes_no(full.and_then(|r| r.precomputed_modulation))
+                );
+            }
+            // Host issue time per step against the GPU's: a host-bound step shows it.
+            for r in &self.steps {
+                if let (Some(h), Some(st)) = (r.host_issue_ms, r.stats.as_ref()) {
+                    s += &format!(
+                        "\n{} {} rows, {} step: the host took {:.1} us to issue it, the GPU {:.1} \
+                         us{}",
+                        r.gemm,
+                        r.rows,
+                        r.kind.name(),
+                        h * 1e3,
+                        st.median_ms * 1e3,
+                        if h >= 0.9 * st.median_ms {
+                            " (host-bound)."
+                        } else {
+                            "."
+                        }
+                    );
+                }
+            }
+            s += "\n";
+            s +=
+                "\nKernels per step: kernel launches of one step run kernel by kernel (a captured \
+                  step replays them from one graph launch, plus the timestep copy and the sampler \
+                  update). Tables precomputed: every step's adaLN modulation table computed when \
+                  the workspace was built (when they fit), so a step only copies its table.\n";
+        }
+
+        if !self.e2e.is_empty() {
+            s += "\n## End to end (DDPM, one image with CFG = 2 rows)\n\n";
+            s += "| GEMM | N | steps | computing | loop (ms) | setup (ms) | speedup vs N=1 | \
+                  theoretical | latents finite |\n|---|---|---|---|---|---|---|---|---|\n";
+            for r in &self.e2e {
+                s += &format!(
+                    "| {} | {} | {} | {} | {:.1} | {:.1} | {} | {:.2} | {} |\n",
+                    r.gemm,
+                    r.interval,
+                    r.steps,
+                    r.computed,
+                    r.loop_ms,
+                    r.setup_ms,
+                    fmt_opt(self.e2e_speedup(r), 2),
+                    r.steps as f64 / r.computed.max(1) as f64,
+                    if r.finite { "yes" } else { "NO" }
+                );
+            }
+        }
+
+        if !self.errors.is_empty() {
+            s += "\n## Failed measurements\n\n";
+            for e in &self.errors {
+                s += &format!("- {} / {}: {}\n", e.section, e.what, e.error);
+            }
+        }
+        s
+    }
+
+    /// Writes the JSON report (creating the directory).
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create directory {}", dir.display()))?;
+        }
+        let text =
+            serde_json::to_string_pretty(&self.to_json()).context("cannot serialize the report")?;
+        crate::io::write_atomic(path, text.as_bytes())
+    }
+}
+
+fn merge_stats(v: &mut Value, stats: Option<&Stats>) {
+    let fields = ["median_ms", "min_ms", "max_ms", "mean_ms", "runs"];
+    match stats {
+        Some(s) => {
+            let sj = s.json();
+            for f in fields {
+                v[f] = sj[f].clone();
+            }
+        }
+        None => {
+            for f in fields {
+                v[f] = Value::Null;
+            }
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The per-step rows (one sampler step as the sampler runs it) and the end-to-end runs.
+
+use crate::backend::{Backend, NoiseSource, SamplePlan, StepMode, StepSpec};
+use crate::cache::policy_for_interval;
+use crate::cuda::backend::CudaOptions;
+use crate::cuda::{CudaBackend, Gpu};
+use crate::diffusion::SamplerKind;
+use crate::sampler::{Sampler, SamplerOptions};
+use anyhow::{Context, Result};
+use cudarc::driver::sys;
+
+use super::timer::Timer;
+use super::{
+    gemm_name, rows_request, BenchPlan, E2eRow, LaunchCount, Report, Stats, StepKind, StepRow,
+};
+
+/// The step records of a sampler's plan: step k with the sampler's own update for i = S-1-k.
+fn step_specs(sampler: &Sampler<'_, CudaBackend>, plan: &SamplePlan) -> Result<Vec<StepSpec>> {
+    let s = plan.steps;
+    (0..s)
+        .map(|k| {
+            let i = s - 1 - k;
+            Ok(StepSpec {
+                k,
+                i,
+                t: plan.timesteps[k],
+                mode: StepMode::Compute,
+                update: sampler.diffusion().step_update(i, SamplerKind::Ddpm)?,
+            })
+        })
+        .collect()
+}
+
+pub(super) fn bench_steps(
+    backend: &mut CudaBackend,
+    plan: &BenchPlan,
+    timer: &Timer,
+    rows: usize,
+    seed: u64,
+    report: &mut Report,
+) {
+    let gemm = gemm_name(backend.gemm_impl()).to_string();
+    let cfg = backend.config();
+    let (classes, guidance) = rows_request(rows, cfg.num_classes, plan.cfg_scale);
+    let what = format!("{gemm} GEMM, {rows} rows");
+    let prepared = Sampler::new(
+        &*backend,
+        SamplerOptions::ddpm(plan.steps).with_guidance(guidance),
+    )
+    .and_then(|sampler| {
+        let splan = sampler.plan(&classes, NoiseSource::Seed(seed))?;
+        let specs = step_specs(&sampler, &splan)?;
+        Ok((splan, specs))
+    });
+    let (splan, specs) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            report.error("steps", &what, &e);
+            return;
+        }
+    };
+    let spec = |i: usize, mode: StepMode| StepSpec {
+        mode,
+        ..specs[i % specs.len()]
+    };
+    let launches = match count_launches(
+        backend,
+        &splan,
+        &spec(0, StepMode::Compute),
+        &spec(1, StepMode::Reuse),
+    ) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            report.error("steps", &format!("{what}: launch count"), &e);
+            None
+        }
+    };
+    let mut times = [None, None];
+    let mut host = [None, None];
+    let mut flags = (None, None);
+    match backend.workspace(&splan) {
+        Ok(mut ws) => {
+            flags = (Some(ws.uses_graphs()), Some(ws.modulation_precomputed()));
+            for (slot, (mode, kind)) in [
+                (StepMode::Compute, StepKind::Full),
+                (StepMode::Reuse, StepKind::Reuse),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                // A range per step so that a profile (tools/ncu_summary.py) can group kernels
+                // by rows and step kind.
+                let timed = timer.time_with_host(backend.gpu(), |i| {
+                    let _step = crate::nvtx_range!("rows {rows} step {i} {}", kind.name());
+                    backend.step(&mut ws, &spec(i, mode))
+                });
+                match timed {
+                    Ok((st, h)) => {
+                        times[slot] = Some(st);
+                        host[slot] = Some(h);
+                    }
+                    Err(e) => report.error("steps", &format!("{what}: {} step", kind.name()), &e),
+                }
+            }
+        }
+        Err(e) => report.error("steps", &format!("{what}: workspace"), &e),
+    }
+    let [full, reuse] = times;
+    for (kind, stats, count, host_issue_ms) in [
+        (StepKind::Full, full, launches.map(|c| c.0), host[0]),
+        (StepKind::Reuse, reuse, launches.map(|c| c.1), host[1]),
+    ] {
+        report.steps.push(StepRow {
+            gemm: gemm.clone(),
+            rows,
+            kind,
+            stats,
+            launches: count,
+            graphs: flags.0,
+            precomputed_modulation: flags.1,
+            host_issue_ms,
+        });
+    }
+}
+
+/// What one compute step and one reuse step enqueue: a workspace built without CUDA graphs
+/// runs a step kernel by kernel; capturing that step in a graph (nothing executes) and
+/// counting the graph's nodes counts every kernel, cuBLASLt's included. The captured graphs of
+/// a normal workspace hold the same kernels.
+fn count_launches(
+    backend: &mut CudaBackend,
+    plan: &SamplePlan,
+    compute: &StepSpec,
+    reuse: &StepSpec,
+) -> Result<(LaunchCount, LaunchCount)> {
+    let options = backend.options();
+    backend.set_options(CudaOptions {
+        graphs: false,
+        ..options
+    });
+    let ws = backend.workspace(plan);
+    backend.set_options(options);
+    let mut ws = ws?;
+    let gpu = backend.gpu();
+    let c = capture_count(gpu, || backend.step(&mut ws, compute))
+        .context("counting the launches of a compute step")?;
+    let r = capture_count(gpu, || backend.step(&mut ws, reuse))
+        .context("counting the launches of a reuse step")?;
+    Ok((c, r))
+}
+
+fn capture_count(gpu: &Gpu, enqueue: impl FnOnce() -> Result<()>) -> Result<LaunchCount> {
+    let stream = gpu.stream();
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .context("cannot start a stream capture")?;
+    let enqueued = enqueue();
+    // End the capture whatever happened, so the stream stays usable.
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    enqueued?;
+    let graph = graph
+        .context("cannot end the stream capture")?
+        .context("the captured step is empty")?;
+    let mut n = 0usize;
+    // SAFETY: the graph is alive (owned by `graph`) for both calls; the second call writes at
+    // most `n` nodes into a buffer of `n`.
+    unsafe { sys::cuGraphGetNodes(graph.cu_graph(), std::ptr::null_mut(), &mut n) }
+        .result()
+        .context("cuGraphGetNodes")?;
+    let mut nodes: Vec<sys::CUgraphNode> = vec![std::ptr::null_mut(); n];
+    unsafe { sys::cuGraphGetNodes(graph.cu_graph(), nodes.as_mut_ptr(), &mut n) }
+        .result()
+        .context("cuGraphGetNodes")?;
+    let mut count = LaunchCount::default();
+    for &node in &nodes[..n.min(nodes.len())] {
+        let mut ty = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+        // SAFETY: `node` belongs to the live graph.
+        unsafe { sys::cuGraphNodeGetType(node, &mut ty) }
+            .result()
+            .context("cuGraphNodeGetType")?;
+        match ty {
+            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => count.kernels += 1,
+            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY => count.memcpys += 1,
+            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMSET => count.memsets += 1,
+            _ => count.other += 1,
+        }
+    }
+    Ok(count)
+}
+
+pub(super) fn bench_e2e(backend: &CudaBackend, plan: &BenchPlan, seed: u64, report: &mut Report) {
+    let gemm = gemm_name(backend.gemm_impl()).to_string();
+    let cfg = backend.config();
+    let (classes, guidance) = rows_request(2, cfg.num_classes, plan.cfg_scale);
+    let sampler = match Sampler::new(
+        backend,
+        SamplerOptions::ddpm(plan.steps).with_guidance(guidance),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            report.error("e2e", "sampler", &e);
+            return;
+        }
+    };
+    let run = |interval: usize| -> Result<crate::sampler::Samples> {
+        let mut policy = policy_for_interval(interval)?;
+        sampler.sample(&classes, NoiseSource::Seed(seed), policy.as_mut())
+    };
+    // One untimed run: first-use costs (module loading, cuBLASLt heuristics) stay out.
+    if let Err(e) = run(plan.intervals[0]) {
+        report.error("e2e", "warm-up run", &e);
+        return;
+    }
+    for &n in &plan.intervals {
+        let mut loops = Vec::with_capacity(plan.e2e_reps);
+        let mut setups = Vec::with_capacity(plan.e2e_reps);
+        let mut walls = Vec::with_capacity(plan.e2e_reps);
+        let mut last = None;
+        let mut failed = false;
+        for _ in 0..plan.e2e_reps {
+            match run(n) {
+                Ok(out) => {
+                    loops.push(out.stats.sampling.as_secs_f64() * 1e3);
+                    setups.push(out.stats.setup.as_secs_f64() * 1e3);
+                    walls.push(out.stats.wall.as_secs_f64() * 1e3);
+                    last = Some(out);
+                }
+                Err(e) => {
+                    report.error("e2e", &format!("N={n}"), &e);
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        let (Some(out), false) = (last, failed) else {
+            continue;
+        };
+        let median = |v: &[f64]| Stats::from_samples(v).map(|s| s.median_ms);
+        let (Ok(loop_ms), Ok(setup_ms), Ok(wall_ms)) =
+            (median(&loops), median(&setups), median(&walls))
+        else {
+            report.error(
+                "e2e",
+                &format!("N={n}"),
+                &anyhow::anyhow!("invalid wall times"),
+            );
+            continue;
+        };
+        report.e2e.push(E2eRow {
+            gemm: gemm.clone(),
+            interval: n,
+            steps: out.stats.steps,
+            rows: 2,
+            computed: out.stats.computed,
+            reused: out.stats.reused,
+            reps: loops.len(),
+            loop_ms,
+            setup_ms,
+            wall_ms,
+            finite: out.latents.iter().all(|v| v.is_finite()),
+        });
+    }
+}
