@@ -44,6 +44,7 @@
 
 #include "attention_common.cuh"
 #include "common.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace {
@@ -331,3 +332,310 @@ FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_d128, 128, 2, true, 1)
 FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d64, 64, 1, true, 3)
 FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d72, 72, 1, true, 3)
 FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d128, 128, 1, true, 2)
+
+// ---- the persistent TMA kernel (attention_tma_d*, FORA_ATTENTION=tma) -----------------------
+//
+// At DiT shapes (256 tokens, d 72) attention moves more bytes than it does math: per (batch,
+// head) 4 x 256 x 72 bf16 (q, k, v, out) against 20 MFLOP, so the H200 needs ~150 us of DRAM
+// for (256, 16, 256, 72) and ~85 us of tensor cores. The kernels above load each block's Q, K
+// and V after it starts and wait for them, which leaves DRAM idle between a CTA's loads (ncu of
+// attention_wgmma_d72: 54% memory throughput, latency-bound). This one streams, as the TMA GEMM
+// does: a persistent grid of one CTA an SM, a producer warpgroup that loads the next units' Q
+// and K/V tiles while two consumer warpgroups compute, mbarriers between them.
+//
+// Unit = (batch, head, 128-query block), query block fastest (the units of one head run on
+// neighbouring CTAs at once and share K/V through L2). Consumer c owns rows 64c .. 64c + 63 of
+// the unit. K/V come in tiles of 128 keys through a ring of STAGES slots; Q through one slot,
+// which the consumers release as soon as they hold Q in registers (the producer then fetches
+// the next unit's Q during this unit's mainloop).
+//
+// Layout: every tile is PANELS 128-byte-swizzle panels of 128 rows (the wgmma K-major canonical
+// layout, as the TMA box lands it): panel p holds columns 64p .. 64p + 63 of the head dim. The
+// producer's thread 0 issues one TMA box (64 columns x 128 rows) per whole panel. A last panel
+// that is partly the head dim (d 72: columns 64 .. 71) is not a TMA box: a box of 64 columns
+// would move 112 bytes of the next head per 16 useful ones (~1.8x the L2 -> SM traffic), so the
+// producer's 128 threads load that 16-byte chunk of their row each, store it, fence it into the
+// async proxy and arrive on the slot's `full` barrier themselves (its count is 1 + 128 then).
+// The chunk after it (columns 72 .. 79, the QK^T depth padding) is zeroed once at the start and
+// never written again; Q's padding is zero in registers.
+//
+// Per unit a consumer loads its Q fragments from the Q slot (zero past the head dim) and
+// releases it; per K/V tile: S = Q K^T (RS wgmma m64n128k16, DK / 16 k-steps), the online
+// softmax of attention_common.cuh with keys past the end masked, O += P V (RS wgmma, V read
+// MN-major from its slot as for wgmma_mn), then the slot goes back to the producer. Rows past the
+// head's tokens load the next batch's rows (or zeros past the tensor, from the TMA): finite,
+// masked as keys, never stored as queries. The output is staged per warp in its own rows of a
+// staging area and written in 16-byte chunks, as by the other kernels.
+//
+// Barriers (one arrival a consumer warp where consumers arrive: 8): q_full (1, or 1 + 128),
+// q_empty (8), kv_full[STAGES] (1, or 1 + 128), kv_empty[STAGES] (8); ring positions and parities
+// as in the TMA GEMM (gemm_sm90.cu).
+
+template <int D>
+struct TmaAttentionShape {
+    static constexpr int BLOCK_M = 128;  // query rows of a unit: 64 a consumer warpgroup
+    static constexpr int BLOCK_N = 128;  // keys of a K/V tile
+    static constexpr int STAGES = 2;
+    static constexpr int DK = (D + 15) / 16 * 16;       // QK^T depth
+    static constexpr int PANELS = (DK + 63) / 64;
+    static constexpr bool PARTIAL_PANEL = D % 64 != 0;  // the last panel's chunk by hand
+    static constexpr int TMA_PANELS = PARTIAL_PANEL ? PANELS - 1 : PANELS;
+    static constexpr int PANEL_BYTES = 128 * 128;       // 128 rows of 128 bytes
+    static constexpr int TILE_BYTES = PANELS * PANEL_BYTES;
+    static constexpr uint32_t TMA_TILE_BYTES = TMA_PANELS * PANEL_BYTES;
+    static constexpr int FULL_ARRIVALS = 1 + (PARTIAL_PANEL ? 128 : 0);
+    static constexpr int O_STRIDE = DK + 8;             // staging row, bf16
+    static constexpr int Q_OFF = 0;
+    static constexpr int K_OFF = Q_OFF + TILE_BYTES;
+    static constexpr int V_OFF = K_OFF + STAGES * TILE_BYTES;
+    static constexpr int STAGING_OFF = V_OFF + STAGES * TILE_BYTES;
+    static constexpr int STAGING_BYTES = 8 * 16 * O_STRIDE * 2;  // 16 rows a consumer warp
+    static constexpr int BAR_OFF = (STAGING_OFF + STAGING_BYTES + 7) / 8 * 8;
+    // q_full, q_empty, kv_full[STAGES], kv_empty[STAGES]
+    static constexpr int SMEM_BYTES = BAR_OFF + 8 * (2 + 2 * STAGES);
+    static_assert(D % 8 == 0 && D <= 128, "head_dim must be a multiple of 8, at most 128");
+    static_assert(!PARTIAL_PANEL || D % 64 == 8, "a partial panel holds one 16-byte chunk");
+    static_assert(PANEL_BYTES % 1024 == 0, "panels start on 1024-byte swizzle atoms");
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+namespace {
+
+// The bf16 pair at columns (col, col + 1) of `row` in a tile of 128-byte-swizzled panels.
+FORA_DEVICE uint32_t tile_pair(const unsigned char* tile, int row, int col) {
+    const int byte = (col & 63) * 2;
+    return *reinterpret_cast<const uint32_t*>(tile + (col >> 6) * (128 * 128) + sw128_chunk(row, byte >> 4) +
+                                              (byte & 15));
+}
+
+template <int D>
+FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
+    using S = TmaAttentionShape<D>;
+    constexpr int BN = S::BLOCK_N;
+    constexpr int KSTEPS = S::DK / 16;
+    const AttentionParams& p = params.attn;
+
+    FORA_DYNAMIC_SMEM(uint4, attention_tma_smem);
+    const uint32_t raw = smem_addr(attention_tma_smem);
+    const uint32_t align_pad = ((raw + 1023u) & ~1023u) - raw;
+    unsigned char* base = reinterpret_cast<unsigned char*>(attention_tma_smem) + align_pad;
+    const uint32_t base_addr = raw + align_pad;
+    const uint32_t q_full = base_addr + S::BAR_OFF;
+    const uint32_t q_empty = q_full + 8;
+    const uint32_t kv_full = q_empty + 8;              // + 8 slot
+    const uint32_t kv_empty = kv_full + 8 * S::STAGES;  // + 8 slot
+
+    const int tid = threadIdx.x;
+    const int warpgroup = tid >> 7;
+    const int tokens = p.tokens;
+    const int q_blocks = (tokens + S::BLOCK_M - 1) / S::BLOCK_M;
+    const int n_tiles = (tokens + BN - 1) / BN;
+    const int units = q_blocks * p.heads * p.batch;
+    const int hd = p.heads * D;  // columns of each of q, k, v in a qkv row
+
+    // The K tiles' QK^T padding (columns D .. DK - 1 of the last panel) is never loaded: zero
+    // it once (stale shared memory may hold NaN bit patterns, and 0 * NaN = NaN).
+    if constexpr (S::DK > D) {
+        for (int r = tid; r < S::STAGES * BN; r += blockDim.x) {
+            *reinterpret_cast<uint4*>(base + S::K_OFF + (r / BN) * S::TILE_BYTES + (S::PANELS - 1) * S::PANEL_BYTES +
+                                      sw128_chunk(r % BN, (D % 64) / 8)) = make_uint4(0u, 0u, 0u, 0u);
+        }
+        fence_proxy_async_shared();
+    }
+    if (tid == 0) {
+        mbarrier_init(q_full, S::FULL_ARRIVALS);
+        mbarrier_init(q_empty, 8);
+        for (int s = 0; s < S::STAGES; ++s) {
+            mbarrier_init(kv_full + 8 * s, S::FULL_ARRIVALS);
+            mbarrier_init(kv_empty + 8 * s, 8);
+        }
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+
+    if (warpgroup == 0) {
+        // The producer. Thread r also carries row r's chunk of a partial last panel.
+        setmaxnreg_dec<40>();
+        const __nv_bfloat16* qkv = reinterpret_cast<const __nv_bfloat16*>(p.qkv);
+        const size_t row_stride = 3 * static_cast<size_t>(hd);
+        // Row `t` (of the batch's tokens) of tensor column offset `col0` (q, k or v of a head):
+        // its chunk at column 64 (PANELS - 1), zero past the tokens.
+        auto partial_chunk = [&](int b, int t, int col0) {
+            if (!S::PARTIAL_PANEL || t >= tokens) return make_uint4(0u, 0u, 0u, 0u);
+            return *reinterpret_cast<const uint4*>(qkv + (static_cast<size_t>(b) * tokens + t) * row_stride + col0 +
+                                                   64 * (S::PANELS - 1));
+        };
+        auto store_partial = [&](uint32_t tile_off, uint4 v) {
+            *reinterpret_cast<uint4*>(base + tile_off + (S::PANELS - 1) * S::PANEL_BYTES + sw128_chunk(tid, 0)) = v;
+        };
+        uint32_t it = 0;
+        uint32_t qi = 0;
+        for (int u = blockIdx.x; u < units; u += gridDim.x, ++qi) {
+            const int qb = u % q_blocks;
+            const int head = (u / q_blocks) % p.heads;
+            const int batch = u / q_blocks / p.heads;
+            const int row0 = batch * tokens;
+            const int q_col = head * D, k_col = hd + head * D, v_col = 2 * hd + head * D;
+
+            const uint4 q_chunk = partial_chunk(batch, qb * S::BLOCK_M + tid, q_col);
+            mbarrier_wait(q_empty, (qi & 1u) ^ 1u);
+            if (tid == 0) {
+                mbarrier_arrive_expect_tx(q_full, S::TMA_TILE_BYTES);
+                for (int pn = 0; pn < S::TMA_PANELS; ++pn) {
+                    tma_load_2d(base_addr + S::Q_OFF + pn * S::PANEL_BYTES, &params.qkv_map, q_col + 64 * pn,
+                                row0 + qb * S::BLOCK_M, q_full);
+                }
+            }
+            if (S::PARTIAL_PANEL) {
+                store_partial(S::Q_OFF, q_chunk);
+                fence_proxy_async_shared();
+                mbarrier_arrive(q_full);
+            }
+
+            for (int j = 0; j < n_tiles; ++j, ++it) {
+                const uint32_t slot = it % S::STAGES;
+                const uint4 k_chunk = partial_chunk(batch, j * BN + tid, k_col);
+                const uint4 v_chunk = partial_chunk(batch, j * BN + tid, v_col);
+                mbarrier_wait(kv_empty + 8 * slot, ((it / S::STAGES) & 1u) ^ 1u);
+                const uint32_t k_off = S::K_OFF + slot * S::TILE_BYTES;
+                const uint32_t v_off = S::V_OFF + slot * S::TILE_BYTES;
+                if (tid == 0) {
+                    mbarrier_arrive_expect_tx(kv_full + 8 * slot, 2 * S::TMA_TILE_BYTES);
+                    for (int pn = 0; pn < S::TMA_PANELS; ++pn) {
+                        tma_load_2d(base_addr + k_off + pn * S::PANEL_BYTES, &params.qkv_map, k_col + 64 * pn,
+                                    row0 + j * BN, kv_full + 8 * slot);
+                        tma_load_2d(base_addr + v_off + pn * S::PANEL_BYTES, &params.qkv_map, v_col + 64 * pn,
+                                    row0 + j * BN, kv_full + 8 * slot);
+                    }
+                }
+                if (S::PARTIAL_PANEL) {
+                    store_partial(k_off, k_chunk);
+                    store_partial(v_off, v_chunk);
+                    fence_proxy_async_shared();
+                    mbarrier_arrive(kv_full + 8 * slot);
+                }
+            }
+        }
+        return;
+    }
+
+    // The consumers.
+    setmaxnreg_inc<232>();
+    const int consumer = warpgroup - 1;
+    const int lane = tid & 31;
+    const int warp_in_group = (tid >> 5) & 3;
+    const int g = lane >> 2;
+    const int quad = lane & 3;
+    const int tile_row = 64 * consumer + 16 * warp_in_group + g;  // and + 8
+    __nv_bfloat16* s_o = reinterpret_cast<__nv_bfloat16*>(base + S::STAGING_OFF) +
+                         (4 * consumer + warp_in_group) * 16 * S::O_STRIDE;
+    const float scale_log2 = p.scale * 1.4426950408889634f;
+    uint32_t it = 0;
+    uint32_t qi = 0;
+    for (int u = blockIdx.x; u < units; u += gridDim.x, ++qi) {
+        const int qb = u % q_blocks;
+        const int head = (u / q_blocks) % p.heads;
+        const int batch = u / q_blocks / p.heads;
+
+        // Q in the A-fragment layout, then the slot goes back to the producer.
+        mbarrier_wait(q_full, qi & 1u);
+        uint32_t q_frag[KSTEPS][4];
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int col = kk * 16 + (i >> 1) * 8 + 2 * quad;
+                q_frag[kk][i] = col < D ? tile_pair(base + S::Q_OFF, tile_row + (i & 1) * 8, col) : 0u;
+            }
+        }
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(q_empty);
+
+        float o_acc[D / 2];
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) o_acc[i] = 0.0f;
+        float row_max[2] = {-INFINITY, -INFINITY};
+        float row_sum[2] = {0.0f, 0.0f};
+
+        for (int j = 0; j < n_tiles; ++j, ++it) {
+            const uint32_t slot = it % S::STAGES;
+            mbarrier_wait(kv_full + 8 * slot, (it / S::STAGES) & 1u);
+            const uint32_t k_addr = base_addr + S::K_OFF + slot * S::TILE_BYTES;
+            const uint32_t v_addr = base_addr + S::V_OFF + slot * S::TILE_BYTES;
+
+            float s_acc[BN / 2];
+#pragma unroll
+            for (int i = 0; i < BN / 2; ++i) s_acc[i] = 0.0f;
+            pin_accumulators(s_acc);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < KSTEPS; ++kk) {
+                wgmma_rs_m64n128k16(s_acc, q_frag[kk],
+                                    wgmma_desc_sw128(k_addr + (kk >> 2) * S::PANEL_BYTES + (kk & 3) * 32));
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            pin_accumulators(s_acc);
+
+            mask_keys_past_end<BN>(s_acc, j * BN, tokens, lane);
+            online_softmax_tile<BN, D>(s_acc, o_acc, row_max, row_sum, scale_log2);
+
+            uint32_t p_frag[BN / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) pack_p_fragment(s_acc, kk, p_frag[kk]);
+            pin_accumulators(o_acc);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                // Keys 16 kk .. 16 kk + 15: two 8-row atoms from byte 2048 kk; d 64 .. in the
+                // next panel.
+                wgmma_pv<D, true>(o_acc, p_frag[kk],
+                                  wgmma_desc_sw128_mn(v_addr + kk * 2048, S::PANEL_BYTES, 1024));
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            pin_accumulators(o_acc);
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) pin_registers(p_frag[kk]);
+            // Both products of this tile are done: its slot goes back to the producer.
+            __syncwarp();
+            if (lane == 0) mbarrier_arrive(kv_empty + 8 * slot);
+        }
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) pin_registers(q_frag[kk]);
+
+        float inv_sum[2];
+        quad_inverse_sums(row_sum, inv_sum);
+        stage_output_rows<D>(s_o, S::O_STRIDE, o_acc, inv_sum, lane);
+        __syncwarp();
+        store_output_rows<D>(s_o, S::O_STRIDE, 16, qb * S::BLOCK_M + 64 * consumer + 16 * warp_in_group, batch, head,
+                             p, lane);
+        __syncwarp();  // the next unit stages into the same rows
+    }
+}
+
+}  // namespace
+
+#define FORA_ATTENTION_TMA_BODY(D) attention_tma_block<D>(p)
+#else
+#define FORA_ATTENTION_TMA_BODY(D) \
+    do {                           \
+        (void)p;                   \
+        __trap();                  \
+    } while (0)
+#endif
+
+// 384 threads (a producer and two consumer warpgroups), one CTA an SM, a persistent grid.
+// Dynamic shared memory = TmaAttentionShape<D>::SMEM_BYTES + 1024 (src/cuda/attention.rs
+// mirrors it).
+#define FORA_ATTENTION_TMA_KERNEL(NAME, D)                                                                     \
+    extern "C" __global__ void __launch_bounds__(384, 1) NAME(const __grid_constant__ AttentionTmaParams p) { \
+        grid_dependency_sync();                                                                                \
+        static_assert(TmaAttentionShape<D>::SMEM_BYTES + 1024 <= 227 * 1024, "smem too large");                \
+        FORA_ATTENTION_TMA_BODY(D);                                                                            \
+    }
+
+FORA_ATTENTION_TMA_KERNEL(attention_tma_d64, 64)
+FORA_ATTENTION_TMA_KERNEL(attention_tma_d72, 72)
+FORA_ATTENTION_TMA_KERNEL(attention_tma_d128, 128)

@@ -86,6 +86,16 @@ typedef struct AttentionParams {
     float scale;       /* 1 / sqrt(head_dim) */
 } AttentionParams;
 
+/* The persistent TMA flash attention (kernels attention_tma_d*, attention_sm90.cu, sm_90a): attn
+ * as for every attention kernel; qkv_map: the TMA tensor map of attn.qkv as a bf16 matrix
+ * [batch * tokens, 3 * heads * head_dim] (row stride the same), box 64 columns x 128 rows,
+ * 128-byte swizzle. The grid is persistent: CTA c computes units c, c + gridDim.x, ... of the
+ * (batch, head, 128-query block) units, query block fastest. */
+typedef struct AttentionTmaParams {
+    TmaDescriptor qkv_map;
+    AttentionParams attn;
+} AttentionTmaParams;
+
 /* ---- small kernels (conditioning.cu, embed.cu, norm.cu, fora.cu, sampler.cu) ------------- */
 
 /* Sinusoidal timestep embedding of the ORIGINAL timesteps (official DiT, max period 10000):

@@ -210,6 +210,13 @@ fn gpu_attention_wgmma_mn_shapes() {
     wgmma_shapes("gpu_attention_wgmma_mn_shapes", AttentionImpl::WgmmaMn);
 }
 
+/// The same on the persistent TMA kernels, with one CTA an SM, one CTA, and 7 (every CTA walks
+/// several units: the Q slot and the K/V ring wrap).
+#[test]
+fn gpu_attention_tma_shapes() {
+    wgmma_shapes("gpu_attention_tma_shapes", AttentionImpl::Tma);
+}
+
 fn wgmma_shapes(test: &str, imp: AttentionImpl) {
     let Some(gpu) = test_gpu(test) else { return };
     let (major, minor) = gpu.compute_capability();
@@ -234,8 +241,14 @@ fn wgmma_shapes(test: &str, imp: AttentionImpl) {
     .into_iter()
     .enumerate()
     {
-        // Block sizes as this device picks them, then 128-row blocks whatever the grid.
-        for (sms, rows) in [(gpu.sm_count(), "as picked"), (1, "128-row")] {
+        // Block sizes as this device picks them, then 128-row blocks whatever the grid (the TMA
+        // kernel: its persistent grid, then 1 and 7 CTAs).
+        let sizes: &[(usize, &str)] = if imp == AttentionImpl::Tma {
+            &[(gpu.sm_count(), "one CTA an SM"), (1, "one CTA"), (7, "7 CTAs")]
+        } else {
+            &[(gpu.sm_count(), "as picked"), (1, "128-row")]
+        };
+        for &(sms, rows) in sizes {
             let name = format!(
                 "attention {} ({rows}) B={} H={} T={} d={} (q,k std {qk_std})",
                 imp.name(),
@@ -307,7 +320,7 @@ fn gpu_attention_wgmma_refused_off_hopper() {
         return;
     }
     let p = params(shape(1, 1, 64, 72), 0x1000, 0x2000);
-    for imp in [AttentionImpl::Wgmma, AttentionImpl::WgmmaMn] {
+    for imp in [AttentionImpl::Wgmma, AttentionImpl::WgmmaMn, AttentionImpl::Tma] {
         let msg = format!(
             "{:#}",
             attention_with(&gpu, &p, imp).expect_err("wgmma off Hopper")
@@ -536,6 +549,25 @@ fn attention_wgmma_plan_grid_and_kernels() {
         attention_plan_for(&p, mn).unwrap().shared_mem_bytes,
         2 * (2 * 64 * 128) + 1024
     );
+
+    // TMA: a persistent grid of at most one CTA an SM over (batch, head, 128-query) units;
+    // shared memory = 5 tiles of 128 rows x 2 panels x 128 B (d 72) + staging of 8 warps x 16
+    // rows x (80 + 8) bf16 + 6 barriers + 1 KiB.
+    let tma = AttentionImpl::Tma;
+    let plan = attention_plan_for(&valid(), tma).expect("valid params");
+    assert_eq!(plan.kernel, "attention_tma_d72");
+    assert_eq!(plan.grid, (64, 1, 1), "one CTA a unit without an SM count");
+    assert_eq!(plan.block, (384, 1, 1));
+    assert_eq!(
+        plan.shared_mem_bytes,
+        5 * 2 * 128 * 128 + 8 * 16 * 88 * 2 + 48 + 1024
+    );
+    assert_eq!(attention_plan_on(&large, tma, 132).unwrap().grid, (132, 1, 1));
+    assert_eq!(attention_plan_on(&small, tma, 132).unwrap().grid.0, 64);
+    p.head_dim = 128;
+    let plan = attention_plan_for(&p, tma).unwrap();
+    assert_eq!(plan.kernel, "attention_tma_d128");
+    assert!(plan.shared_mem_bytes <= 227 * 1024, "{plan:?}");
 }
 
 #[test]

@@ -609,6 +609,10 @@ fn emulated_attention() -> Result<()> {
         .chain([
             (AttentionImpl::Wgmma, 1, "wgmma 128-row".to_string()),
             (AttentionImpl::WgmmaMn, 1, "wgmma_mn 128-row".to_string()),
+            // The persistent TMA kernel with one and with three CTAs: every CTA walks several
+            // units, so the Q slot and the K/V ring wrap and change phase.
+            (AttentionImpl::Tma, 1, "tma on 1 CTA".to_string()),
+            (AttentionImpl::Tma, 3, "tma on 3 CTAs".to_string()),
         ]);
     for (imp, sms, label) in runs {
         for (i, (s, qk_std)) in [

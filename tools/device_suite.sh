@@ -22,10 +22,10 @@
 #   racecheck  racecheck over the kernel tests, our kernels only (RACECHECK_RUNS overrides);
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
-#              "default forward_graph fused_final bf16_residual attention_v1 pdl tma"; "all"
+#              "default forward_graph fused_final attention_tma attention_v1 pdl tma"; "all"
 #              adds unfused, f32_bias, full_table, side_stream, lt_autotune, lt_splitk,
-#              l2_persist, tma_pdl, attention_v2, attention_wgmma, attention_wgmma_mn and
-#              wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
+#              l2_persist, tma_pdl, bf16_residual, attention_v2, attention_wgmma,
+#              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
 #              VARIANT_ARGS / VARIANT_S change what each runs);
 #   bench      `fora bench` (FORA_BENCH_ARGS overrides its arguments);
 #   torch      tools/bench_torch.py, the PyTorch reference (TORCH_BENCH_ARGS);
@@ -47,7 +47,7 @@ PHASES=${PHASES:-tests bench torch variants memcheck}
 # one call beside the other phases).
 SANITIZE_FULL=${SANITIZE_FULL:-0}
 # The variants whose default is still to decide (VARIANTS=all: every one).
-VARIANTS=${VARIANTS:-default forward_graph fused_final bf16_residual attention_v1 pdl tma}
+VARIANTS=${VARIANTS:-default forward_graph fused_final attention_tma attention_v1 pdl tma}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -227,10 +227,11 @@ phase_profile() {
 # (default 256) op by op; ncu_<kernel>.txt each, the headline numbers printed.
 phase_kernelprof() {
   local k attention gemm
-  for k in ${PROF_KERNELS:-attention_wgmma_mn_d72 gemm_tma_128x128 residual_layernorm_w4 fora_reuse_final_t4}; do
+  for k in ${PROF_KERNELS:-attention_tma_d72 attention_wgmma_mn_d72 gemm_tma_128x128 fora_reuse_final_t4}; do
     echo "=== ncu --set full: $k (rows ${PROF_ROWS:-256})"
     # The steps run the selected attention: the wgmma kernels only with FORA_ATTENTION=wgmma.
     case $k in
+      attention_tma*) attention=tma ;;
       attention_wgmma_mn*) attention=wgmma_mn ;;
       attention_wgmma*) attention=wgmma ;;
       *) attention=${FORA_ATTENTION:-v1} ;;
@@ -267,7 +268,7 @@ phase_variants() {
            "pdl:cublaslt:FORA_PDL=1" "tma_pdl:tma:FORA_PDL=1" \
            "side_stream:cublaslt:FORA_SIDE_STREAM=1" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
            "attention_v2:cublaslt:FORA_ATTENTION=v2" "attention_wgmma:cublaslt:FORA_ATTENTION=wgmma" \
-           "attention_wgmma_mn:cublaslt:FORA_ATTENTION=wgmma_mn" \
+           "attention_wgmma_mn:cublaslt:FORA_ATTENTION=wgmma_mn" "attention_tma:cublaslt:FORA_ATTENTION=tma" \
            "wgmma:wgmma:" "tma:tma:"; do
     name=${v%%:*}; rest=${v#*:}; gemm=${rest%%:*}; envs=${rest#*:}
     case " ${VARIANTS/all/$name} " in *" $name "*) ;; *) continue ;; esac

@@ -472,6 +472,7 @@ pub(super) fn bench_kernels(
         AttentionImpl::V1,
         AttentionImpl::Wgmma,
         AttentionImpl::WgmmaMn,
+        AttentionImpl::Tma,
     ] {
         let runs_here = !imp.is_wgmma() || gpu.compute_capability().0 == 9;
         if runs_here && selected.as_ref().is_ok_and(|s| *s != imp) {

@@ -18,10 +18,13 @@
 //!   one-warpgroup blocks of 64 rows instead (`attention_wgmma_m64_d*`, [`attention_plan_on`]).
 //! - wgmma_mn (Hopper only, `attention_wgmma_mn[_m64]_d*`): the same with PV reading V
 //!   MN-major from its stage (no V^T transpose).
+//! - tma (opt-in, Hopper only, `attention_tma_d*`): a persistent grid (one CTA an SM) of a
+//!   TMA producer warpgroup and two wgmma consumer warpgroups streaming (batch, head, 128-query)
+//!   units, so that DRAM stays busy between units ([`AttentionTmaParams`]).
 //! - auto (the default): wgmma_mn on a Hopper, v1 elsewhere ([`AttentionImpl::resolve`]).
 
-use super::device::{ensure_hopper, KernelLauncher};
-use super::params::AttentionParams;
+use super::device::{ensure_hopper, KernelLauncher, TmaTensor2d};
+use super::params::{AttentionParams, AttentionTmaParams};
 use anyhow::{bail, ensure, Context, Result};
 use std::str::FromStr;
 use std::sync::OnceLock;
@@ -47,6 +50,11 @@ pub enum AttentionImpl {
     /// stage as loaded: no transpose, one barrier a key tile. What [`AttentionImpl::Auto`] runs
     /// on a Hopper; measured correct on an H200 (2026-11-26).
     WgmmaMn,
+    /// Hopper only: a persistent grid, one CTA an SM, each a TMA producer warpgroup and two
+    /// wgmma consumer warpgroups (64 query rows each) over (batch, head, 128-query) units, K/V
+    /// tiles of 128 keys through a two-slot ring, so loads of the next unit overlap this one's
+    /// math. Opt-in: not yet run on a GPU (emulator-checked only).
+    Tma,
 }
 
 impl FromStr for AttentionImpl {
@@ -59,9 +67,10 @@ impl FromStr for AttentionImpl {
             "auto" => Ok(AttentionImpl::Auto),
             "wgmma" => Ok(AttentionImpl::Wgmma),
             "wgmma_mn" => Ok(AttentionImpl::WgmmaMn),
+            "tma" => Ok(AttentionImpl::Tma),
             other => bail!(
                 "unknown attention implementation {other:?}: expected \"v1\", \"v2\", \"wgmma\", \
-                 \"wgmma_mn\" or \"auto\""
+                 \"wgmma_mn\", \"tma\" or \"auto\""
             ),
         }
     }
@@ -70,15 +79,19 @@ impl FromStr for AttentionImpl {
 impl AttentionImpl {
     /// Whether this is one of the Hopper-only wgmma families.
     pub fn is_wgmma(self) -> bool {
-        matches!(self, AttentionImpl::Wgmma | AttentionImpl::WgmmaMn)
+        matches!(
+            self,
+            AttentionImpl::Wgmma | AttentionImpl::WgmmaMn | AttentionImpl::Tma
+        )
     }
 
     /// The kernel families (every implementation but [`AttentionImpl::Auto`]).
-    pub const ALL: [AttentionImpl; 4] = [
+    pub const ALL: [AttentionImpl; 5] = [
         AttentionImpl::V1,
         AttentionImpl::V2,
         AttentionImpl::Wgmma,
         AttentionImpl::WgmmaMn,
+        AttentionImpl::Tma,
     ];
 
     pub fn name(self) -> &'static str {
@@ -88,6 +101,7 @@ impl AttentionImpl {
             AttentionImpl::Auto => "auto",
             AttentionImpl::Wgmma => "wgmma",
             AttentionImpl::WgmmaMn => "wgmma_mn",
+            AttentionImpl::Tma => "tma",
         }
     }
 
@@ -101,7 +115,7 @@ impl AttentionImpl {
         }
     }
 
-    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|auto`, parsed now; unset or empty means
+    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|tma|auto`, parsed now; unset or empty means
     /// [`AttentionImpl::Auto`].
     pub fn from_env() -> Result<AttentionImpl> {
         match std::env::var("FORA_ATTENTION") {
@@ -134,8 +148,12 @@ pub const ATTENTION_V2_BLOCK_M: u32 = 128;
 pub const ATTENTION_WGMMA_BLOCK_M: u32 = 128;
 /// Keys per K/V tile (every implementation).
 pub const ATTENTION_BLOCK_N: u32 = 64;
+/// tma: query rows of a unit (64 per consumer warpgroup) and keys of a K/V tile.
+pub const ATTENTION_TMA_BLOCK: u32 = 128;
 const THREADS: u32 = 128;
 const WGMMA_THREADS: u32 = 256;
+/// tma: a producer and two consumer warpgroups.
+const TMA_THREADS: u32 = 384;
 
 /// The head dims the kernel is instantiated for.
 pub const ATTENTION_HEAD_DIMS: [i32; 3] = [64, 72, 128];
@@ -176,6 +194,18 @@ fn wgmma_smem_bytes(head_dim: u32, v_mn: bool) -> u32 {
     }
 }
 
+/// Shared memory of the persistent TMA kernel for `head_dim` (mirrors `TmaAttentionShape` in
+/// attention_sm90.cu): a Q tile and two K and two V tiles, each of 128 rows in 128-byte swizzle
+/// panels (one per 64 columns of the head dim rounded up to 16); the output staging of 8 warps x
+/// 16 rows of head_dim rounded up to 16 plus 8 bf16; six mbarriers; 1 KiB to align the base.
+fn tma_smem_bytes(head_dim: u32) -> u32 {
+    let dk = head_dim.div_ceil(16) * 16;
+    let tile = dk.div_ceil(64) * ATTENTION_TMA_BLOCK * 128;
+    let staging = 8 * 16 * (dk + 8) * 2;
+    let barriers = (5 * tile + staging).div_ceil(8) * 8;
+    barriers + 8 * 6 + 1024
+}
+
 /// Validates `p` and says which v1 kernel (the default off Hopper) runs, with which grid. Pure:
 /// needs no device, so callers (and tests) can check parameters up front.
 pub fn attention_plan(p: &AttentionParams) -> Result<AttentionLaunch> {
@@ -186,7 +216,7 @@ pub fn attention_plan(p: &AttentionParams) -> Result<AttentionLaunch> {
 /// with enough SMs for the largest blocks. Pure; `imp` must be a kernel family
 /// ([`AttentionImpl::resolve`] turns `Auto` into one).
 pub fn attention_plan_for(p: &AttentionParams, imp: AttentionImpl) -> Result<AttentionLaunch> {
-    plan(p, imp, false)
+    plan(p, imp, false, None)
 }
 
 /// [`attention_plan_for`] as launched on a device with `sm_count` SMs: the wgmma family takes its
@@ -200,12 +230,24 @@ pub fn attention_plan_on(
     let blocks = (p.tokens.max(0) as u64).div_ceil(ATTENTION_WGMMA_BLOCK_M as u64)
         * p.heads.max(0) as u64
         * p.batch.max(0) as u64;
-    plan(p, imp, imp.is_wgmma() && blocks < sm_count as u64)
+    plan(
+        p,
+        imp,
+        imp.is_wgmma() && blocks < sm_count as u64,
+        Some(sm_count),
+    )
 }
 
-/// The plan of `imp`; `wgmma_m64`: the wgmma family's 64-row blocks.
-fn plan(p: &AttentionParams, imp: AttentionImpl, wgmma_m64: bool) -> Result<AttentionLaunch> {
+/// The plan of `imp`; `wgmma_m64`: the wgmma family's 64-row blocks; `sm_count`: the
+/// persistent TMA kernel's CTAs at most (one an SM; None: one a unit).
+fn plan(
+    p: &AttentionParams,
+    imp: AttentionImpl,
+    wgmma_m64: bool,
+    sm_count: Option<usize>,
+) -> Result<AttentionLaunch> {
     let (block_m, threads) = match imp {
+        AttentionImpl::Tma => (ATTENTION_TMA_BLOCK, TMA_THREADS),
         AttentionImpl::V1 => (ATTENTION_BLOCK_M, THREADS),
         AttentionImpl::V2 => (ATTENTION_V2_BLOCK_M, THREADS),
         AttentionImpl::Wgmma | AttentionImpl::WgmmaMn if wgmma_m64 => {
@@ -235,6 +277,9 @@ fn plan(p: &AttentionParams, imp: AttentionImpl, wgmma_m64: bool) -> Result<Atte
         (AttentionImpl::WgmmaMn, 64) => "attention_wgmma_mn_d64",
         (AttentionImpl::WgmmaMn, 72) => "attention_wgmma_mn_d72",
         (AttentionImpl::WgmmaMn, 128) => "attention_wgmma_mn_d128",
+        (AttentionImpl::Tma, 64) => "attention_tma_d64",
+        (AttentionImpl::Tma, 72) => "attention_tma_d72",
+        (AttentionImpl::Tma, 128) => "attention_tma_d128",
         (_, d) => bail!(
             "attention: head_dim {d} is not supported; the kernel is built for head_dim {:?}",
             ATTENTION_HEAD_DIMS
@@ -285,13 +330,29 @@ fn plan(p: &AttentionParams, imp: AttentionImpl, wgmma_m64: bool) -> Result<Atte
         p.out
     );
     let tokens = p.tokens as u32;
+    let grid = if imp == AttentionImpl::Tma {
+        // Persistent: (batch, head, query block) units over at most one CTA an SM; the kernel
+        // counts units and rows in int.
+        let units = tokens.div_ceil(block_m) as u64 * p.heads as u64 * p.batch as u64;
+        ensure!(
+            units <= i32::MAX as u64 && p.batch as u64 * p.tokens as u64 <= i32::MAX as u64,
+            "attention: {} x {} tokens is too many for the TMA kernel's 32-bit unit and row counts",
+            p.batch,
+            p.tokens
+        );
+        let ctas = sm_count.map_or(units, |s| units.min(s.max(1) as u64));
+        (ctas as u32, 1, 1)
+    } else {
+        (tokens.div_ceil(block_m), p.heads as u32, p.batch as u32)
+    };
     Ok(AttentionLaunch {
         kernel,
-        grid: (tokens.div_ceil(block_m), p.heads as u32, p.batch as u32),
+        grid,
         block: (threads, 1, 1),
         shared_mem_bytes: match imp {
             AttentionImpl::Wgmma => wgmma_smem_bytes(p.head_dim as u32, false),
             AttentionImpl::WgmmaMn => wgmma_smem_bytes(p.head_dim as u32, true),
+            AttentionImpl::Tma => tma_smem_bytes(p.head_dim as u32),
             _ => smem_bytes(block_m, p.head_dim as u32),
         },
     })
@@ -338,14 +399,48 @@ pub fn attention_sized_for(
     let plan = attention_plan_on(p, imp, sm_count)?;
     gpu.allow_dynamic_shared_memory(plan.kernel, plan.shared_mem_bytes)
         .context("attention")?;
-    // SAFETY: the kernel takes one AttentionParams by value (the ABI of params.h); the pointers
-    // are the caller's device buffers of the documented shapes (validated by the plan).
-    unsafe { gpu.launch_kernel(plan.kernel, plan.grid, plan.block, plan.shared_mem_bytes, p) }
-        .with_context(|| {
-            format!(
-                "attention: launching {} (batch {}, heads {}, tokens {}) failed",
-                plan.kernel, p.batch, p.heads, p.tokens
+    let launched = if imp == AttentionImpl::Tma {
+        let tma = AttentionTmaParams {
+            qkv_map: gpu.tma_descriptor_2d(&qkv_tensor(p))?,
+            attn: *p,
+        };
+        // SAFETY: the kernel takes one AttentionTmaParams by value; its map describes the
+        // caller's qkv buffer [batch * tokens, 3 * heads * head_dim] (validated by the plan and
+        // the encoder), out the caller's output buffer.
+        unsafe {
+            gpu.launch_kernel(
+                plan.kernel,
+                plan.grid,
+                plan.block,
+                plan.shared_mem_bytes,
+                &tma,
             )
-        })?;
+        }
+    } else {
+        // SAFETY: the kernel takes one AttentionParams by value (the ABI of params.h); the
+        // pointers are the caller's device buffers of the documented shapes (validated by the
+        // plan).
+        unsafe { gpu.launch_kernel(plan.kernel, plan.grid, plan.block, plan.shared_mem_bytes, p) }
+    };
+    launched.with_context(|| {
+        format!(
+            "attention: launching {} (batch {}, heads {}, tokens {}) failed",
+            plan.kernel, p.batch, p.heads, p.tokens
+        )
+    })?;
     Ok(())
+}
+
+/// The TMA kernel's view of `p.qkv`: a bf16 matrix [batch * tokens, 3 * heads * head_dim], boxes of
+/// 64 columns (one 128-byte swizzle panel) x 128 rows.
+fn qkv_tensor(p: &AttentionParams) -> TmaTensor2d {
+    let cols = 3 * p.heads as u64 * p.head_dim as u64;
+    TmaTensor2d {
+        base: p.qkv,
+        rows: p.batch as u64 * p.tokens as u64,
+        cols,
+        row_stride: cols,
+        box_rows: ATTENTION_TMA_BLOCK,
+        box_cols: 64,
+    }
 }

@@ -236,6 +236,37 @@ const _: () = {
     ][::std::mem::offset_of!(AttentionParams, scale) - 32usize];
 };
 #[repr(C)]
+#[repr(align(128))]
+#[derive(Debug, Copy, Clone)]
+pub struct AttentionTmaParams {
+    pub qkv_map: TmaDescriptor,
+    pub attn: AttentionParams,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of AttentionTmaParams",
+    ][::std::mem::size_of::<AttentionTmaParams>() - 256usize];
+    [
+        "Alignment of AttentionTmaParams",
+    ][::std::mem::align_of::<AttentionTmaParams>() - 128usize];
+    [
+        "Offset of field: AttentionTmaParams::qkv_map",
+    ][::std::mem::offset_of!(AttentionTmaParams, qkv_map) - 0usize];
+    [
+        "Offset of field: AttentionTmaParams::attn",
+    ][::std::mem::offset_of!(AttentionTmaParams, attn) - 128usize];
+};
+impl Default for AttentionTmaParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct TimestepEmbedParams {
     pub t: fora_ptr,
@@ -1027,6 +1058,7 @@ unsafe impl cudarc::driver::DeviceRepr for TmaDescriptor {}
 unsafe impl cudarc::driver::DeviceRepr for GemmTmaParams {}
 unsafe impl cudarc::driver::DeviceRepr for GemmEpilogueParams {}
 unsafe impl cudarc::driver::DeviceRepr for AttentionParams {}
+unsafe impl cudarc::driver::DeviceRepr for AttentionTmaParams {}
 unsafe impl cudarc::driver::DeviceRepr for TimestepEmbedParams {}
 unsafe impl cudarc::driver::DeviceRepr for SiluParams {}
 unsafe impl cudarc::driver::DeviceRepr for LabelSiluParams {}
