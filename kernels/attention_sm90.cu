@@ -362,7 +362,8 @@ FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d128, 128, 1, true, 2)
 // Per unit a consumer loads its Q fragments from the Q slot (zero past the head dim) and
 // releases it; per K/V tile: S = Q K^T (RS wgmma m64n128k16, DK / 16 k-steps), the online
 // softmax of attention_common.cuh with keys past the end masked, O += P V (RS wgmma, V read
-// MN-major from its slot as for wgmma_mn), then the slot goes back to the producer. Rows past the
+// MN-major from its slot as for wgmma_mn) issued together with the next tile's QK^T, then the
+// slot goes back to the producer. Rows past the
 // head's tokens load the next batch's rows (or zeros past the tensor, from the TMA): finite,
 // masked as keys, never stored as queries. The output is staged per warp in its own rows of a
 // staging area and written in 16-byte chunks, as by the other kernels.
@@ -455,8 +456,11 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
     __syncthreads();
 
     if (warpgroup == 0) {
-        // The producer. Thread r also carries row r's chunk of a partial last panel.
-        setmaxnreg_dec<40>();
+        // The producer. Thread r also carries row r's chunk of a partial last panel (its loads
+        // and addresses need more registers than a TMA-only producer's 40). The launch gives
+        // every thread 168 (__launch_bounds__(384, 1)); 128 x (168 - 56) go to the consumers,
+        // 256 x (224 - 168), whose code ptxas fits in 168 anyway.
+        setmaxnreg_dec<56>();
         const __nv_bfloat16* qkv = reinterpret_cast<const __nv_bfloat16*>(p.qkv);
         const size_t row_stride = 3 * static_cast<size_t>(hd);
         // Row `t` (of the batch's tokens) of tensor column offset `col0` (q, k or v of a head):
@@ -521,7 +525,7 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
     }
 
     // The consumers.
-    setmaxnreg_inc<232>();
+    setmaxnreg_inc<224>();
     const int consumer = warpgroup - 1;
     const int lane = tid & 31;
     const int warp_in_group = (tid >> 5) & 3;
@@ -558,13 +562,12 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
         float row_max[2] = {-INFINITY, -INFINITY};
         float row_sum[2] = {0.0f, 0.0f};
 
-        for (int j = 0; j < n_tiles; ++j, ++it) {
-            const uint32_t slot = it % S::STAGES;
-            mbarrier_wait(kv_full + 8 * slot, (it / S::STAGES) & 1u);
+        // S = Q K^T of the ring's tile `it`, issued (not waited for) into s_acc.
+        float s_acc[BN / 2];
+        auto issue_qk = [&](uint32_t tile_it) {
+            const uint32_t slot = tile_it % S::STAGES;
+            mbarrier_wait(kv_full + 8 * slot, (tile_it / S::STAGES) & 1u);
             const uint32_t k_addr = base_addr + S::K_OFF + slot * S::TILE_BYTES;
-            const uint32_t v_addr = base_addr + S::V_OFF + slot * S::TILE_BYTES;
-
-            float s_acc[BN / 2];
 #pragma unroll
             for (int i = 0; i < BN / 2; ++i) s_acc[i] = 0.0f;
             pin_accumulators(s_acc);
@@ -574,9 +577,17 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
                 wgmma_rs_m64n128k16(s_acc, q_frag[kk],
                                     wgmma_desc_sw128(k_addr + (kk >> 2) * S::PANEL_BYTES + (kk & 3) * 32));
             }
-            wgmma_commit();
-            wgmma_wait<0>();
-            pin_accumulators(s_acc);
+        };
+        issue_qk(it);
+        wgmma_commit();
+        wgmma_wait<0>();
+        pin_accumulators(s_acc);
+        // Per tile: softmax of S_j, then P_j V_j and S_{j+1} = Q K_{j+1}^T issued together (S_j's
+        // registers are free once P_j is packed), so the tensor cores start the next scores while
+        // this tile's PV runs instead of after a wait.
+        for (int j = 0; j < n_tiles; ++j, ++it) {
+            const uint32_t slot = it % S::STAGES;
+            const uint32_t v_addr = base_addr + S::V_OFF + slot * S::TILE_BYTES;
 
             mask_keys_past_end<BN>(s_acc, j * BN, tokens, lane);
             online_softmax_tile<BN, D>(s_acc, o_acc, row_max, row_sum, scale_log2);
@@ -593,12 +604,14 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
                 wgmma_pv<D, true>(o_acc, p_frag[kk],
                                   wgmma_desc_sw128_mn(v_addr + kk * 2048, S::PANEL_BYTES, 1024));
             }
+            if (j + 1 < n_tiles) issue_qk(it + 1);
             wgmma_commit();
             wgmma_wait<0>();
             pin_accumulators(o_acc);
+            pin_accumulators(s_acc);
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk) pin_registers(p_frag[kk]);
-            // Both products of this tile are done: its slot goes back to the producer.
+            // Both products of tile j are done: its slot goes back to the producer.
             __syncwarp();
             if (lane == 0) mbarrier_arrive(kv_empty + 8 * slot);
         }
