@@ -54,6 +54,7 @@ fn options_from_the_environment() {
         "FORA_FUSED_REUSE",
         "FORA_FUSED_LN",
         "FORA_LT_BIAS_BF16",
+        "FORA_BF16_RESIDUAL",
         "FORA_REUSE_GATES_ONLY",
         "FORA_STEP_GRAPH",
     ];

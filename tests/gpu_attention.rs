@@ -244,7 +244,11 @@ fn wgmma_shapes(test: &str, imp: AttentionImpl) {
         // Block sizes as this device picks them, then 128-row blocks whatever the grid (the TMA
         // kernel: its persistent grid, then 1 and 7 CTAs).
         let sizes: &[(usize, &str)] = if imp == AttentionImpl::Tma {
-            &[(gpu.sm_count(), "one CTA an SM"), (1, "one CTA"), (7, "7 CTAs")]
+            &[
+                (gpu.sm_count(), "one CTA an SM"),
+                (1, "one CTA"),
+                (7, "7 CTAs"),
+            ]
         } else {
             &[(gpu.sm_count(), "as picked"), (1, "128-row")]
         };
@@ -320,7 +324,11 @@ fn gpu_attention_wgmma_refused_off_hopper() {
         return;
     }
     let p = params(shape(1, 1, 64, 72), 0x1000, 0x2000);
-    for imp in [AttentionImpl::Wgmma, AttentionImpl::WgmmaMn, AttentionImpl::Tma] {
+    for imp in [
+        AttentionImpl::Wgmma,
+        AttentionImpl::WgmmaMn,
+        AttentionImpl::Tma,
+    ] {
         let msg = format!(
             "{:#}",
             attention_with(&gpu, &p, imp).expect_err("wgmma off Hopper")
@@ -562,7 +570,10 @@ fn attention_wgmma_plan_grid_and_kernels() {
         plan.shared_mem_bytes,
         5 * 2 * 128 * 128 + 8 * 16 * 88 * 2 + 48 + 1024
     );
-    assert_eq!(attention_plan_on(&large, tma, 132).unwrap().grid, (132, 1, 1));
+    assert_eq!(
+        attention_plan_on(&large, tma, 132).unwrap().grid,
+        (132, 1, 1)
+    );
     assert_eq!(attention_plan_on(&small, tma, 132).unwrap().grid.0, 64);
     p.head_dim = 128;
     let plan = attention_plan_for(&p, tma).unwrap();
