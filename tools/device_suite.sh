@@ -22,9 +22,9 @@
 #   racecheck  racecheck over the kernel tests, our kernels only (RACECHECK_RUNS overrides);
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
-#              "default forward_graph fused_final attention_tma attention_v1 pdl tma"; "all"
-#              adds unfused, f32_bias, full_table, side_stream, lt_autotune, lt_splitk,
-#              l2_persist, tma_pdl, bf16_residual, attention_v2, attention_wgmma,
+#              "default f32_product attention_tma side_stream forward_graph pdl tma"; "all"
+#              adds unfused, f32_bias, full_table, fused_final, lt_autotune, lt_splitk,
+#              l2_persist, tma_pdl, attention_v1, attention_v2, attention_wgmma,
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
 #              VARIANT_ARGS / VARIANT_S change what each runs);
 #   bench      `fora bench` (FORA_BENCH_ARGS overrides its arguments);
@@ -47,7 +47,7 @@ PHASES=${PHASES:-tests bench torch variants memcheck}
 # one call beside the other phases).
 SANITIZE_FULL=${SANITIZE_FULL:-0}
 # The variants whose default is still to decide (VARIANTS=all: every one).
-VARIANTS=${VARIANTS:-default forward_graph fused_final attention_tma attention_v1 pdl tma}
+VARIANTS=${VARIANTS:-default f32_product attention_tma side_stream forward_graph pdl tma}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -261,10 +261,10 @@ phase_variants() {
   # VARIANT_S change what each runs (default: steps at VARIANT_ROWS, and one image end to end
   # at N = 1 and 3, "--intervals 1,3 --e2e-reps 1").
   for v in "default:cublaslt:" "unfused:cublaslt:FORA_FUSED_REUSE=0 FORA_FUSED_LN=0 FORA_LT_BIAS_BF16=0" \
-           "f32_bias:cublaslt:FORA_LT_BIAS_BF16=0" "bf16_residual:cublaslt:FORA_BF16_RESIDUAL=1" \
+           "f32_bias:cublaslt:FORA_LT_BIAS_BF16=0" "f32_product:cublaslt:FORA_BF16_RESIDUAL=0" \
            "full_table:cublaslt:FORA_REUSE_GATES_ONLY=0" "forward_graph:cublaslt:FORA_STEP_GRAPH=0" \
            "fused_final:cublaslt:FORA_FUSED_FINAL=1" "attention_v1:cublaslt:FORA_ATTENTION=v1" \
-           "lt_splitk:cublaslt:FORA_LT_SPLITK=1" "l2_persist:cublaslt:FORA_L2_PERSIST=1" \
+           "lt_splitk:cublaslt:FORA_LT_SPLITK=1 FORA_BF16_RESIDUAL=0" "l2_persist:cublaslt:FORA_L2_PERSIST=1" \
            "pdl:cublaslt:FORA_PDL=1" "tma_pdl:tma:FORA_PDL=1" \
            "side_stream:cublaslt:FORA_SIDE_STREAM=1" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
            "attention_v2:cublaslt:FORA_ATTENTION=v2" "attention_wgmma:cublaslt:FORA_ATTENTION=wgmma" \
