@@ -251,14 +251,10 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
         pin_accumulators(s_acc);
 
         // Keys past the end of the sequence (only in the last tile) get -inf; then
-        // attention.cu's online softmax (every tile holds a valid key).
-        mask_keys_past_end<BN>(s_acc, j * BN, tokens, lane);
-        online_softmax_tile<BN, D>(s_acc, o_acc, row_max, row_sum, scale_log2);
-
-        // O += P V: keys 16 kk .. 16 kk + 15 are S n-tiles 2 kk and 2 kk + 1.
+        // attention.cu's online softmax (every tile holds a valid key). O += P V: keys
+        // 16 kk .. 16 kk + 15 are S n-tiles 2 kk and 2 kk + 1.
         uint32_t p_frag[BN / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) pack_p_fragment(s_acc, kk, p_frag[kk]);
+        scores_to_p_fragments<BN, D>(s_acc, o_acc, row_max, row_sum, scale_log2, j * BN, tokens, lane, p_frag);
         pin_accumulators(o_acc);
         wgmma_fence();
 #pragma unroll
@@ -589,12 +585,9 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
             const uint32_t slot = it % S::STAGES;
             const uint32_t v_addr = base_addr + S::V_OFF + slot * S::TILE_BYTES;
 
-            mask_keys_past_end<BN>(s_acc, j * BN, tokens, lane);
-            online_softmax_tile<BN, D>(s_acc, o_acc, row_max, row_sum, scale_log2);
-
             uint32_t p_frag[BN / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) pack_p_fragment(s_acc, kk, p_frag[kk]);
+            scores_to_p_fragments<BN, D>(s_acc, o_acc, row_max, row_sum, scale_log2, j * BN, tokens, lane,
+                                         p_frag);
             pin_accumulators(o_acc);
             wgmma_fence();
 #pragma unroll
