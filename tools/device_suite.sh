@@ -89,14 +89,14 @@ phase_bench() {
   echo "=== fora bench"
   # The never-run Hopper GEMMs (wgmma, TMA) in a run of their own: one that faults would poison
   # the context for every later measurement of the main run.
-  FORA_BENCH_HOPPER_GEMMS=0 bounded 75 .devpack/bin/fora bench --json "$OUT/bench.json" \
+  FORA_BENCH_HOPPER_GEMMS=0 FORA_BENCH_UNTRIED=0 bounded 75 .devpack/bin/fora bench --json "$OUT/bench.json" \
     ${FORA_BENCH_ARGS:---batches 2,256 --intervals 1,3 --e2e-reps 1} >> "$OUT/bench.log" 2>&1
   tail -n 3 "$OUT/bench.log"
   [ "${HOPPER_ROWS:-1}" = 0 ] && return 0
-  echo "=== fora bench: Hopper GEMM kernel rows"
+  echo "=== fora bench: Hopper GEMM and untried kernel rows (attention tma)"
   bounded 45 .devpack/bin/fora bench --sections kernels --batches 2,256 \
     --json "$OUT/bench_hopper.json" > "$OUT/bench_hopper.log" 2>&1
-  grep -E "^\| (qkv|proj|fc1|fc2) \| [0-9]+ \| .* \| (tma|wgmma|cublaslt)[a-z0-9+ -]* \|" "$OUT/bench_hopper.log" | head -n 40
+  grep -E "^\| (qkv|proj|fc1|fc2) \| [0-9]+ \| .* \| (tma|wgmma|cublaslt)[a-z0-9+ -]* \||^\| attention \|" "$OUT/bench_hopper.log" | head -n 48
   tail -n 2 "$OUT/bench_hopper.log"
 }
 
@@ -119,10 +119,16 @@ phase_torch() {
 # at 2 and 256 rows; compiling takes minutes), then the merged report with every ratio.
 phase_issue5() {
   echo "=== issue 5: fora bench, rows 2,16,64,256, N = 1..5"
-  FORA_BENCH_HOPPER_GEMMS=0 bounded 150 .devpack/bin/fora bench --json "$OUT/issue5_fora.json" \
+  FORA_BENCH_HOPPER_GEMMS=0 FORA_BENCH_UNTRIED=0 bounded 150 .devpack/bin/fora bench --json "$OUT/issue5_fora.json" \
     --batches 2,16,64,256 --kernel-batches 2,256 --intervals 1,2,3,4,5 --e2e-reps 1 \
     > "$OUT/issue5_fora.log" 2>&1
   tail -n 2 "$OUT/issue5_fora.log"
+  # The attention kernels, the untried TMA one included, in a process of their own (ceilings
+  # and every kernel row again: the attention rows are what it is for).
+  echo "=== issue 5: kernel rows with the untried attention tma"
+  FORA_BENCH_HOPPER_GEMMS=0 bounded 60 .devpack/bin/fora bench --sections ceilings,kernels --batches 2,256 \
+    --json "$OUT/issue5_kernels.json" > "$OUT/issue5_kernels.log" 2>&1
+  grep -E "^\| attention \||^\| (device copy|copy kernel|read kernel)" "$OUT/issue5_kernels.log" | head -n 12
   echo "=== issue 5: PyTorch eager, graph and torch.compile"
   local budget=$(( $(left) - 40 ))
   if [ "$budget" -gt 60 ]; then

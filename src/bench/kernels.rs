@@ -468,13 +468,17 @@ pub(super) fn bench_kernels(
     let selected = AttentionImpl::selected().map(|a| a.resolve(gpu.compute_capability().0));
     let attention_row = bench_attention(gpu, cfg, rows, timer, rotate, None);
     push_kernel(report, "attention", rows, attention_row);
+    // FORA_BENCH_UNTRIED=0 leaves out the kernels not yet run on a GPU (the TMA attention), as
+    // FORA_BENCH_HOPPER_GEMMS=0 does the Hopper GEMMs: a fault would poison every later row.
+    let untried = std::env::var("FORA_BENCH_UNTRIED").map_or(true, |v| v.trim() != "0");
     for imp in [
         AttentionImpl::V1,
         AttentionImpl::Wgmma,
         AttentionImpl::WgmmaMn,
         AttentionImpl::Tma,
     ] {
-        let runs_here = !imp.is_wgmma() || gpu.compute_capability().0 == 9;
+        let runs_here = (!imp.is_wgmma() || gpu.compute_capability().0 == 9)
+            && (untried || imp != AttentionImpl::Tma);
         if runs_here && selected.as_ref().is_ok_and(|s| *s != imp) {
             let row = bench_attention(gpu, cfg, rows, timer, rotate, Some(imp));
             push_kernel(report, "attention", rows, row);
