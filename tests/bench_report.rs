@@ -322,6 +322,7 @@ fn fake_report() -> Report {
             bf16_residual: false,
             reuse_gates_only: false,
             step_graph: false,
+            reuse_table_in_place: false,
             lt_splitk: false,
             l2_persist: false,
             pdl: false,

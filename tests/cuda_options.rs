@@ -4,7 +4,7 @@
 
 use fora::cuda::CudaOptions;
 
-const SWITCHES: [&str; 13] = [
+const SWITCHES: [&str; 14] = [
     "FORA_PRECOMPUTE_MODULATION",
     "FORA_LT_AUTOTUNE",
     "FORA_FUSED_REUSE",
@@ -15,6 +15,7 @@ const SWITCHES: [&str; 13] = [
     "FORA_BF16_RESIDUAL",
     "FORA_REUSE_GATES_ONLY",
     "FORA_STEP_GRAPH",
+    "FORA_REUSE_TABLE_IN_PLACE",
     "FORA_LT_SPLITK",
     "FORA_L2_PERSIST",
     "FORA_PDL",
@@ -33,6 +34,7 @@ fn switch(o: &CudaOptions, var: &str) -> bool {
         "FORA_BF16_RESIDUAL" => o.bf16_residual,
         "FORA_REUSE_GATES_ONLY" => o.reuse_gates_only,
         "FORA_STEP_GRAPH" => o.step_graph,
+        "FORA_REUSE_TABLE_IN_PLACE" => o.reuse_table_in_place,
         "FORA_LT_SPLITK" => o.lt_splitk,
         "FORA_L2_PERSIST" => o.l2_persist,
         "FORA_PDL" => o.pdl,

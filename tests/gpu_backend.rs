@@ -797,6 +797,33 @@ fn gpu_step_graph_is_exact() {
                 &format!("{gemm:?} precompute={precompute}: one graph per step"),
                 |o, ws| assert_eq!(ws.uses_step_graphs(), o.step_graph),
             );
+            // FORA_REUSE_TABLE_IN_PLACE: the reuse step's fused kernel re-pointed at each
+            // step's precomputed table instead of a copy (only with precomputed tables). A
+            // kernel left reading step 0's table shows up here.
+            let in_place = CudaOptions {
+                fused_reuse: true,
+                reuse_table_in_place: true,
+                ..on
+            };
+            assert_same_bits(
+                &mut cuda,
+                &[6, 0],
+                4,
+                (
+                    CudaOptions {
+                        fused_reuse: true,
+                        ..off
+                    },
+                    in_place,
+                ),
+                &format!("{gemm:?} precompute={precompute}: reuse table in place"),
+                |o, ws| {
+                    assert_eq!(
+                        ws.reuse_reads_table_in_place(),
+                        o.reuse_table_in_place && precompute
+                    )
+                },
+            );
         }
     }
 }

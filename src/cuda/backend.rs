@@ -7,11 +7,12 @@
 //! that filter by NVTX range, and for debugging).
 
 use super::device::{dptr_at, ensure_hopper};
+use super::fora::ReuseTokens;
 use super::gemm::{Gemm, GemmImpl};
 use super::model::{ada_cols, max_gemm_mn, Activations, CondBuffers, ForwardKind, GpuModel};
 use super::params::{NormalFillParams, SamplerStepParams, UnpatchifyParams};
 use super::sampler::guided_channels;
-use super::step_graph::StepGraph;
+use super::step_graph::{StepGraph, StepTableSource};
 use super::{dptr, Gpu};
 use crate::backend::{Backend, Guidance, NoiseSource, SamplePlan, StepMode, StepSpec, StepUpdate};
 use crate::config::DitConfig;
@@ -96,6 +97,13 @@ pub struct CudaOptions {
     /// step went from 0.0531 to 0.0471 ms and the host's issue time of a step from 15 to 6-9
     /// us; the same bits (`gpu_step_graph_is_exact`).
     pub step_graph: bool,
+    /// With the whole-step graph, precomputed tables and the fused reuse forward: the reuse
+    /// step's graph copies no table; its `fora_reuse_final` node is re-pointed at step k's
+    /// precomputed table before each launch instead (`FORA_REUSE_TABLE_IN_PLACE=1`: on). A
+    /// 2-row reuse step is ~40 us, of which the copy of the whole 1.5 MB table (the reuse
+    /// kernel reads the gates and the final shift / scale of it) and its dependency are a few.
+    /// Off by default: not yet run on a GPU.
+    pub reuse_table_in_place: bool,
     /// With `fused_ln` and without `bf16_residual`: where proj's or fc2's output has fewer
     /// 128 x 128 tiles than the device has SMs (one image + CFG: M = 512, N = 1152), the f32
     /// product is split over K into up to 4 slices by one cuBLASLt strided batch, and
@@ -121,7 +129,8 @@ impl CudaOptions {
     /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
     /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_FUSED_FINAL`, `FORA_SIDE_STREAM`,
     /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`,
-    /// `FORA_STEP_GRAPH`, `FORA_LT_SPLITK`, `FORA_L2_PERSIST` and `FORA_PDL`.
+    /// `FORA_STEP_GRAPH`, `FORA_REUSE_TABLE_IN_PLACE`, `FORA_LT_SPLITK`, `FORA_L2_PERSIST` and
+    /// `FORA_PDL`.
     pub fn from_env() -> Result<CudaOptions> {
         // A 0/1 switch; unset or empty keeps the default, anything else is refused.
         let flag = |var: &str, default: bool| match std::env::var(var) {
@@ -147,6 +156,7 @@ impl CudaOptions {
             bf16_residual: flag("FORA_BF16_RESIDUAL", true)?,
             reuse_gates_only: flag("FORA_REUSE_GATES_ONLY", true)?,
             step_graph: flag("FORA_STEP_GRAPH", true)?,
+            reuse_table_in_place: flag("FORA_REUSE_TABLE_IN_PLACE", false)?,
             lt_splitk: flag("FORA_LT_SPLITK", false)?,
             l2_persist: flag("FORA_L2_PERSIST", false)?,
             pdl: flag("FORA_PDL", false)?,
@@ -287,6 +297,14 @@ impl CudaWorkspace {
     /// Whether a step is one graph launch (copy, forward and update captured together).
     pub fn uses_step_graphs(&self) -> bool {
         self.step_graphs.is_some()
+    }
+
+    /// Whether the captured reuse step reads its precomputed table in place (no copy;
+    /// `FORA_REUSE_TABLE_IN_PLACE`).
+    pub fn reuse_reads_table_in_place(&self) -> bool {
+        self.step_graphs
+            .as_ref()
+            .is_some_and(|g| g.iter().any(StepGraph::reads_table_in_place))
     }
 
     /// Whether reuse steps read the FORA cache through an L2 persisting window
@@ -460,23 +478,49 @@ impl CudaBackend {
                 add_noise: false,
             },
         };
+        // The reuse step reads its precomputed table in place: only fora_reuse_final reads it.
+        let reuse_in_place = self.options.reuse_table_in_place
+            && ws.mod_table.is_some()
+            && self.model.reuse_is_fused(self.options.fused_reuse);
+        let reuse_fns = ReuseTokens::ALL
+            .iter()
+            .map(|t| Ok(self.gpu.function(t.kernel())?.cu_function()))
+            .collect::<Result<Vec<_>>>()?;
         let mut graphs = Vec::with_capacity(2);
         for mode in [StepMode::Compute, StepMode::Reuse] {
             let step = placeholder(mode);
+            let in_place = mode == StepMode::Reuse && reuse_in_place;
             let graph = self.capture(&format!("{mode:?} step"), || {
-                self.step_copy(ws, 0)?;
-                self.enqueue_forward(
-                    &ws.gemm,
-                    &ws.acts,
-                    mode,
-                    &ws.latents,
-                    ws.images,
-                    ws.mod_table.is_none(),
-                    None,
-                )?;
+                if in_place {
+                    let kind = self.forward_kind(mode, false, Some(self.step_copy_source(ws, 0)));
+                    self.model.forward(
+                        &self.gpu,
+                        &ws.gemm,
+                        &ws.acts,
+                        kind,
+                        &ws.latents,
+                        ws.images,
+                    )?;
+                } else {
+                    self.step_copy(ws, 0)?;
+                    self.enqueue_forward(
+                        &ws.gemm,
+                        &ws.acts,
+                        mode,
+                        &ws.latents,
+                        ws.images,
+                        ws.mod_table.is_none(),
+                        None,
+                    )?;
+                }
                 super::sampler::sampler_step(&self.gpu, &self.sampler_params(ws, &step)?)
             })?;
-            graphs.push(StepGraph::new(graph, sampler_fn, true, ctx)?);
+            let table_source = if in_place {
+                StepTableSource::ReuseKernel(&reuse_fns)
+            } else {
+                StepTableSource::Copy
+            };
+            graphs.push(StepGraph::new(graph, sampler_fn, table_source, ctx)?);
         }
         Ok(graphs)
     }

@@ -296,7 +296,8 @@ impl ReuseTokens {
         self.spec().3
     }
 
-    fn kernel(self) -> &'static str {
+    /// The kernel's `extern "C"` name.
+    pub fn kernel(self) -> &'static str {
         self.spec().0
     }
 

@@ -408,6 +408,15 @@ fn gemm_params(
 }
 
 impl GpuModel {
+    /// Whether a reuse forward runs as the one `fora_reuse_final` launch (then the final GEMM):
+    /// asked for (`fused_reuse`) and supported by this model's shapes. Its modulation table is
+    /// then read by that launch alone.
+    pub fn reuse_is_fused(&self, fused_reuse: bool) -> bool {
+        let cfg = self.config();
+        let patch_elements = cfg.in_channels * cfg.patch * cfg.patch;
+        fused_reuse && super::fora::fused_reuse_unsupported(cfg.hidden, patch_elements).is_none()
+    }
+
     /// The modulation table of `rows` rows: every block's six adaLN chunks and the final
     /// layer's shift and scale, f32 [rows, ada_cols] at `out`, from the rows' original
     /// timesteps (f32 `[rows]` at `t`) and labels (i32 `[rows]` at `labels`).
@@ -622,10 +631,7 @@ impl GpuModel {
             )?;
         }
 
-        let patch_elements = cfg.in_channels * cfg.patch * cfg.patch;
-        let fused = mode == StepMode::Reuse
-            && fused_reuse
-            && super::fora::fused_reuse_unsupported(d, patch_elements).is_none();
+        let fused = mode == StepMode::Reuse && self.reuse_is_fused(fused_reuse);
         // The fused reuse forward applies the final Linear too where it can (every DiT/2) with
         // one token a thread: each token row re-reads the whole weight (74 KB for DiT-XL/2), so
         // with four a thread (many rows) the GEMM is faster (H200, 256 rows: a reuse step of
