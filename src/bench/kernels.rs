@@ -810,9 +810,10 @@ fn bench_fora_reuse_final(
                 "custom ({} tokens/thread, {} layers in flight{})",
                 tpt.tokens(),
                 tpt.layers_in_flight(),
-                match tpt.layers_prefetched() {
-                    0 => String::new(),
-                    n => format!(", {n} more prefetched to L2"),
+                match (tpt.layers_prefetched(), tpt.ring()) {
+                    (0, 0) => String::new(),
+                    (0, r) => format!(" through a {r}-layer ring in shared memory"),
+                    (n, _) => format!(", {n} more prefetched to L2"),
                 }
             )
         },

@@ -256,37 +256,60 @@ pub enum ReuseTokens {
     /// [`ReuseTokens::Four`] asking L2 for two more layers ahead (`fora_reuse_final_t4_p2`).
     /// Not picked; measured by `fora bench` (not yet run on a GPU).
     FourPrefetch,
+    /// Four tokens a thread, loads through a ring of three layers in shared memory, two in
+    /// flight by cp.async (`fora_reuse_final_t4_r3`, 96 KiB dynamic shared memory). Not
+    /// picked; measured by `fora bench` (session 8, not yet run on a GPU).
+    FourRing,
+    /// One token a thread, a ring of four layers, three in flight (`fora_reuse_final_r4`,
+    /// 32 KiB). Not picked; measured by `fora bench` (not yet run on a GPU).
+    OneRing,
 }
 
 impl ReuseTokens {
-    pub const ALL: [ReuseTokens; 6] = [
+    pub const ALL: [ReuseTokens; 8] = [
         ReuseTokens::One,
         ReuseTokens::OneDeep,
         ReuseTokens::Two,
         ReuseTokens::Four,
         ReuseTokens::OnePrefetch,
         ReuseTokens::FourPrefetch,
+        ReuseTokens::FourRing,
+        ReuseTokens::OneRing,
     ];
 
-    /// Kernel name, tokens a thread, layers of cache loads a thread has in flight, and layers
-    /// asked of L2 ahead of those (prefetch hints, no registers); must match fora.cu's
-    /// `reuse_final_body<TPT, CHUNK, AHEAD>`.
-    fn spec(self) -> (&'static str, i32, i32, i32) {
+    /// Kernel name, tokens a thread, layers of cache loads a thread has in flight, layers
+    /// asked of L2 ahead of those (prefetch hints, no registers), and the layers of the
+    /// shared-memory ring (0: loads into registers); must match fora.cu's
+    /// `reuse_final_body<TPT, CHUNK, AHEAD, RING>` (a ring keeps RING - 1 layers in flight).
+    fn spec(self) -> (&'static str, i32, i32, i32, i32) {
         match self {
-            ReuseTokens::One => ("fora_reuse_final", 1, 2, 0),
-            ReuseTokens::OneDeep => ("fora_reuse_final_l4", 1, 4, 0),
-            ReuseTokens::Two => ("fora_reuse_final_t2", 2, 2, 0),
-            ReuseTokens::Four => ("fora_reuse_final_t4", 4, 1, 0),
-            ReuseTokens::OnePrefetch => ("fora_reuse_final_p4", 1, 2, 4),
-            ReuseTokens::FourPrefetch => ("fora_reuse_final_t4_p2", 4, 1, 2),
+            ReuseTokens::One => ("fora_reuse_final", 1, 2, 0, 0),
+            ReuseTokens::OneDeep => ("fora_reuse_final_l4", 1, 4, 0, 0),
+            ReuseTokens::Two => ("fora_reuse_final_t2", 2, 2, 0, 0),
+            ReuseTokens::Four => ("fora_reuse_final_t4", 4, 1, 0, 0),
+            ReuseTokens::OnePrefetch => ("fora_reuse_final_p4", 1, 2, 4, 0),
+            ReuseTokens::FourPrefetch => ("fora_reuse_final_t4_p2", 4, 1, 2, 0),
+            ReuseTokens::FourRing => ("fora_reuse_final_t4_r3", 4, 2, 0, 3),
+            ReuseTokens::OneRing => ("fora_reuse_final_r4", 1, 3, 0, 4),
         }
+    }
+
+    /// Layers of the shared-memory ring the cache loads go through (0: none).
+    pub fn ring(self) -> i32 {
+        self.spec().4
+    }
+
+    /// Dynamic shared memory of a block of `block` threads: the ring's uint4 slots, both slabs
+    /// of every token of every thread, for each of its layers.
+    pub fn dynamic_smem_bytes(self, block: u32) -> u32 {
+        (self.ring() * 2 * self.tokens()) as u32 * block * 16
     }
 
     pub fn tokens(self) -> i32 {
         self.spec().1
     }
 
-    /// Layers of cache loads each thread has in flight.
+    /// Layers of cache loads each thread has in flight (in registers, or in the ring).
     pub fn layers_in_flight(self) -> i32 {
         self.spec().2
     }
@@ -332,8 +355,10 @@ pub fn fora_reuse_final_in_l2_window(
 ) -> Result<()> {
     let tpt = ReuseTokens::pick(p, gpu.multiprocessors());
     let (grid, block) = fora_reuse_final_plan(p, tpt)?;
+    let smem = tpt.dynamic_smem_bytes(block);
+    gpu.allow_dynamic_shared_memory(tpt.kernel(), smem)?;
     // SAFETY: validated by the plan, as in fora_reuse_final_with.
-    unsafe { gpu.launch_in_l2_window(tpt.kernel(), grid, (block, 1, 1), 0, p, window) }
+    unsafe { gpu.launch_in_l2_window(tpt.kernel(), grid, (block, 1, 1), smem, p, window) }
 }
 
 /// [`fora_reuse_final`] with the tokens per thread chosen by the caller (tests, benchmarks).
@@ -343,6 +368,8 @@ pub fn fora_reuse_final_with(
     tpt: ReuseTokens,
 ) -> Result<()> {
     let (grid, block) = fora_reuse_final_plan(p, tpt)?;
-    // SAFETY: validated above.
-    unsafe { gpu.launch_kernel(tpt.kernel(), grid, (block, 1, 1), 0, p) }
+    let smem = tpt.dynamic_smem_bytes(block);
+    gpu.allow_dynamic_shared_memory(tpt.kernel(), smem)?;
+    // SAFETY: validated above; the ring (if any) is the dynamic shared memory of `block`.
+    unsafe { gpu.launch_kernel(tpt.kernel(), grid, (block, 1, 1), smem, p) }
 }

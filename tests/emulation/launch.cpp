@@ -43,6 +43,8 @@ void fora_reuse_final_l4(const ForaReuseFinalParams p);
 void fora_reuse_final_t2(const ForaReuseFinalParams p);
 void fora_reuse_final_p4(const ForaReuseFinalParams p);
 void fora_reuse_final_t4_p2(const ForaReuseFinalParams p);
+void fora_reuse_final_t4_r3(const ForaReuseFinalParams p);
+void fora_reuse_final_r4(const ForaReuseFinalParams p);
 void layernorm_modulate(const LayerNormModulateParams p);
 void residual_layernorm(const ResidualLayerNormParams p);
 void layernorm_modulate_w4(const LayerNormModulateParams p);
@@ -314,6 +316,8 @@ Kernel find(const std::string& name) {
     if (name == "fora_reuse_final_t2") return call<ForaReuseFinalParams, fora_reuse_final_t2>;
     if (name == "fora_reuse_final_p4") return call<ForaReuseFinalParams, fora_reuse_final_p4>;
     if (name == "fora_reuse_final_t4_p2") return call<ForaReuseFinalParams, fora_reuse_final_t4_p2>;
+    if (name == "fora_reuse_final_t4_r3") return call<ForaReuseFinalParams, fora_reuse_final_t4_r3>;
+    if (name == "fora_reuse_final_r4") return call<ForaReuseFinalParams, fora_reuse_final_r4>;
     if (name == "layernorm_modulate") return call<LayerNormModulateParams, layernorm_modulate>;
     if (name == "residual_layernorm") return call<ResidualLayerNormParams, residual_layernorm>;
     if (name == "layernorm_modulate_w4") return call<LayerNormModulateParams, layernorm_modulate_w4>;
