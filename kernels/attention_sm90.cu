@@ -430,6 +430,11 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
     const int n_tiles = (tokens + BN - 1) / BN;
     const int units = q_blocks * p.heads * p.batch;
     const int hd = p.heads * D;  // columns of each of q, k, v in a qkv row
+    // Unit u: (query block, head, batch), query block fastest. Both roles walk the same units.
+    struct Unit {
+        int qb, head, batch;
+    };
+    auto unit_of = [&](int u) { return Unit{u % q_blocks, (u / q_blocks) % p.heads, u / q_blocks / p.heads}; };
 
     // The K tiles' QK^T padding (columns D .. DK - 1 of the last panel) is never loaded: zero
     // it once (stale shared memory may hold NaN bit patterns, and 0 * NaN = NaN).
@@ -472,9 +477,7 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
         uint32_t it = 0;
         uint32_t qi = 0;
         for (int u = blockIdx.x; u < units; u += gridDim.x, ++qi) {
-            const int qb = u % q_blocks;
-            const int head = (u / q_blocks) % p.heads;
-            const int batch = u / q_blocks / p.heads;
+            const auto [qb, head, batch] = unit_of(u);
             const int row0 = batch * tokens;
             const int q_col = head * D, k_col = hd + head * D, v_col = 2 * hd + head * D;
 
@@ -534,9 +537,7 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
     uint32_t it = 0;
     uint32_t qi = 0;
     for (int u = blockIdx.x; u < units; u += gridDim.x, ++qi) {
-        const int qb = u % q_blocks;
-        const int head = (u / q_blocks) % p.heads;
-        const int batch = u / q_blocks / p.heads;
+        const auto [qb, head, batch] = unit_of(u);
 
         // Q in the A-fragment layout, then the slot goes back to the producer.
         mbarrier_wait(q_full, qi & 1u);
