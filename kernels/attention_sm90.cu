@@ -101,6 +101,27 @@ FORA_DEVICE void wgmma_pv(float (&o)[D / 2], const uint32_t (&a)[4], uint64_t de
     }
 }
 
+// S = Q K^T of one key tile, issued and committed by neither: s zeroed, then KSTEPS RS wgmmas
+// (Q fragments from registers) over the tile at k_tile, BN rows in 128-byte-swizzle panels of
+// BN * 128 bytes (k-steps 0..3 in the first panel, 4.. in the next).
+template <int BN, int KSTEPS>
+FORA_DEVICE void issue_scores(float (&s)[BN / 2], const uint32_t (&q_frag)[KSTEPS][4], uint32_t k_tile) {
+    static_assert(BN == 64 || BN == 128, "key tiles of 64 or 128");
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) s[i] = 0.0f;
+    pin_accumulators(s);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+        const uint64_t desc = wgmma_desc_sw128(k_tile + (kk >> 2) * (BN * 128) + (kk & 3) * 32);
+        if constexpr (BN == 64) {
+            wgmma_rs_m64n64k16(s, q_frag[kk], desc);
+        } else {
+            wgmma_rs_m64n128k16(s, q_frag[kk], desc);
+        }
+    }
+}
+
 template <int D, int WG, bool V_MN>
 FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
     using S = WgmmaAttentionShape<D, WG, V_MN>;
@@ -213,15 +234,7 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
 
         // S = Q K^T, issued now and left running.
         float s_acc[BN / 2];
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) s_acc[i] = 0.0f;
-        pin_accumulators(s_acc);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < KSTEPS; ++kk) {
-            const uint32_t addr = k_addr + stage * S::K_STAGE_BYTES + (kk >> 2) * (BN * 128) + (kk & 3) * 32;
-            wgmma_rs_m64n64k16(s_acc, q_frag[kk], wgmma_desc_sw128(addr));
-        }
+        issue_scores<BN, KSTEPS>(s_acc, q_frag, k_addr + stage * S::K_STAGE_BYTES);
         wgmma_commit();
 
         // Meanwhile V^T: 4 consecutive 8-key blocks of one 8-column d block per ldmatrix.x4.trans;
@@ -377,7 +390,7 @@ struct TmaAttentionShape {
     static constexpr int PANELS = (DK + 63) / 64;
     static constexpr bool PARTIAL_PANEL = D % 64 != 0;  // the last panel's chunk by hand
     static constexpr int TMA_PANELS = PARTIAL_PANEL ? PANELS - 1 : PANELS;
-    static constexpr int PANEL_BYTES = 128 * 128;       // 128 rows of 128 bytes
+    static constexpr int PANEL_BYTES = BLOCK_N * 128;   // 128 rows of 128 bytes (issue_scores')
     static constexpr int TILE_BYTES = PANELS * PANEL_BYTES;
     static constexpr uint32_t TMA_TILE_BYTES = TMA_PANELS * PANEL_BYTES;
     static constexpr int FULL_ARRIVALS = 1 + (PARTIAL_PANEL ? 128 : 0);
@@ -393,6 +406,7 @@ struct TmaAttentionShape {
     static_assert(D % 8 == 0 && D <= 128, "head_dim must be a multiple of 8, at most 128");
     static_assert(!PARTIAL_PANEL || D % 64 == 8, "a partial panel holds one 16-byte chunk");
     static_assert(PANEL_BYTES % 1024 == 0, "panels start on 1024-byte swizzle atoms");
+    static_assert(BLOCK_M == BLOCK_N, "Q, K and V tiles share one panel size");
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -564,16 +578,7 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
         auto issue_qk = [&](uint32_t tile_it) {
             const uint32_t slot = tile_it % S::STAGES;
             mbarrier_wait(kv_full + 8 * slot, (tile_it / S::STAGES) & 1u);
-            const uint32_t k_addr = base_addr + S::K_OFF + slot * S::TILE_BYTES;
-#pragma unroll
-            for (int i = 0; i < BN / 2; ++i) s_acc[i] = 0.0f;
-            pin_accumulators(s_acc);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < KSTEPS; ++kk) {
-                wgmma_rs_m64n128k16(s_acc, q_frag[kk],
-                                    wgmma_desc_sw128(k_addr + (kk >> 2) * S::PANEL_BYTES + (kk & 3) * 32));
-            }
+            issue_scores<BN, KSTEPS>(s_acc, q_frag, base_addr + S::K_OFF + slot * S::TILE_BYTES);
         };
         issue_qk(it);
         wgmma_commit();
