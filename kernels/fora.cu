@@ -214,7 +214,10 @@ FORA_DEVICE void compiler_fence() { asm volatile("" ::: "memory"); }
 // shared memory, each thread's own slots ([RING][2][TPT][blockDim.x] uint4), filled by cp.async
 // RING - 1 layers ahead: loads in flight hold no registers, so a thread keeps RING - 1 layers of
 // DRAM reads in flight where the register path holds CHUNK. No slot is shared, so no barrier.
-template <int TPT, int CHUNK, int AHEAD = 0, int RING = 0>
+//
+// SUMMED: the layers' residual updates come precomputed as one f32 sum per element
+// (fora_cache_sum), added to the embedding instead of the cache loop.
+template <int TPT, int CHUNK, int AHEAD = 0, int RING = 0, bool SUMMED = false>
 FORA_DEVICE void reuse_final_body(const ForaReuseFinalParams& p) {
     static_assert(RING == 0 || (CHUNK == 1 && AHEAD == 0), "the ring path loads one layer a stage");
     // [groups per block][TPT][C*p*p] patches, one float per warp for group_sum, the final
@@ -336,7 +339,19 @@ FORA_DEVICE void reuse_final_body(const ForaReuseFinalParams& p) {
         auto cache_chunk = [&](int l, int which, int u) {
             return cache + (2LL * l + which) * p.slab + (u < valid ? (long long)u * p.dim : 0);
         };
-        if constexpr (RING > 0) {
+        if constexpr (SUMMED) {
+            // x = embedding + the sum of every layer's update: one f32 add an element.
+            const float* sum = reinterpret_cast<const float*>(p.sum) + token0 * p.dim + d0;
+#pragma unroll
+            for (int u = 0; u < TPT; ++u) {
+                if (u < valid) {
+                    float s[kVec];
+                    load8(s, sum + (long long)u * p.dim);
+#pragma unroll
+                    for (int v = 0; v < kVec; ++v) acc[u][v] = __fadd_rn(acc[u][v], s[v]);
+                }
+            }
+        } else if constexpr (RING > 0) {
             FORA_DYNAMIC_SMEM(uint4, reuse_ring);
             auto slot = [&](int l, int which, int u) {
                 return reuse_ring + (((l % RING) * 2 + which) * TPT + u) * blockDim.x + threadIdx.x;
@@ -515,4 +530,138 @@ extern "C" __global__ void __launch_bounds__(kReuseBlock)
 fora_reuse_final_t4_p2(const ForaReuseFinalParams p) {
     grid_dependency_sync();
     reuse_final_body<4, 1, 2>(p);
+}
+
+// The reuse forward of a step whose cache sum fora_cache_sum computed: the patch embedding,
+// + the sum, the final LayerNorm + modulate (and optionally the final Linear), one token a
+// thread. Reads 4 bytes an element of the sum instead of 2 x layers x 2 of the cache.
+extern "C" __global__ void __launch_bounds__(kReuseBlock)
+fora_sum_final(const ForaReuseFinalParams p) {
+    grid_dependency_sync();
+    reuse_final_body<1, 1, 0, 0, true>(p);
+}
+
+// ---- the cache sums of a run of reuse steps ------------------------------------------------------
+// fora_cache_sum_<R>: a thread holds 8 channels of TOKENS consecutive tokens of one model row
+// and R sums of each (two tokens up to two sums, one beyond: registers). A block is kSumLanes channel chunks x (kSumThreads / kSumLanes) token
+// groups, consecutive groups of (mostly) one row: the block's groups load the same gates, so a
+// gate line comes from L2 once a block and from L1 after. Blocks of one token range cover the
+// row's channel chunks in turn (chunk block fastest), so the cache is read in whole rows. Two
+// layers of cache loads are issued before either is applied (DRAM latency, as CHUNK above).
+
+namespace {
+
+constexpr int kSumThreads = 256;
+constexpr int kSumLanes = 16;  // channel chunks of 8 a block spans
+constexpr int kSumChunk = 2;   // layers of cache loads in flight
+
+template <int R, int TOKENS>
+FORA_DEVICE void cache_sum_body(const ForaCacheSumParams& p) {
+    constexpr int kSumTokens = TOKENS;
+    const int chunks = p.dim / kVec;
+    const int chunk_blocks = (chunks + kSumLanes - 1) / kSumLanes;
+    const int groups_per_row = (p.tokens + kSumTokens - 1) / kSumTokens;
+    const long long groups = (long long)p.rows * groups_per_row;
+    const int chunk = (int)(blockIdx.x % chunk_blocks) * kSumLanes + (int)threadIdx.x % kSumLanes;
+    const long long gi = (long long)(blockIdx.x / chunk_blocks) * (kSumThreads / kSumLanes) +
+                         threadIdx.x / kSumLanes;
+    if (chunk >= chunks || gi >= groups) return;  // no barrier below
+    const long long row = gi / groups_per_row;
+    const int t0 = (int)(gi % groups_per_row) * kSumTokens;
+    const int valid = min(kSumTokens, p.tokens - t0);  // tokens of this group in the row
+    const int d0 = chunk * kVec;
+    const long long e0 = (row * p.tokens + t0) * p.dim + d0;  // element of (token t0, d0)
+    const __nv_bfloat16* cache = reinterpret_cast<const __nv_bfloat16*>(p.cache) + e0;
+    const float* gates = reinterpret_cast<const float*>(p.tables) + row * p.ld_mod + d0;
+
+    float acc[R][kSumTokens][kVec];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int u = 0; u < kSumTokens; ++u)
+#pragma unroll
+            for (int v = 0; v < kVec; ++v) acc[r][u][v] = 0.0f;
+
+    for (int l0 = 0; l0 < p.layers; l0 += kSumChunk) {
+        // Both slabs of kSumChunk layers, every token (a token past the row's end reads token
+        // t0's, in bounds, and is never written).
+        uint4 raw[kSumChunk][2][kSumTokens];
+#pragma unroll
+        for (int i = 0; i < kSumChunk; ++i) {
+            if (l0 + i < p.layers) {
+#pragma unroll
+                for (int which = 0; which < 2; ++which)
+#pragma unroll
+                    for (int u = 0; u < kSumTokens; ++u)
+                        raw[i][which][u] = *reinterpret_cast<const uint4*>(
+                            cache + (2LL * (l0 + i) + which) * p.slab + (u < valid ? (long long)u * p.dim : 0));
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < kSumChunk; ++i) {
+            if (l0 + i >= p.layers) continue;
+            // In layer order: A_l (gate_msa) then M_l (gate_mlp), for every sum.
+#pragma unroll
+            for (int which = 0; which < 2; ++which) {
+                float c[kSumTokens][kVec];
+#pragma unroll
+                for (int u = 0; u < kSumTokens; ++u) {
+                    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw[i][which][u]);
+#pragma unroll
+                    for (int k = 0; k < kVec / 2; ++k) {
+                        const float2 f = __bfloat1622float2(h[k]);
+                        c[u][2 * k] = f.x;
+                        c[u][2 * k + 1] = f.y;
+                    }
+                }
+                const long long col = (long long)(l0 + i) * p.layer_cols +
+                                      (which == 0 ? p.gate_msa_col : p.gate_mlp_col);
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    float g[kVec];
+                    load8(g, gates + r * p.table_stride + col);
+#pragma unroll
+                    for (int u = 0; u < kSumTokens; ++u)
+#pragma unroll
+                        for (int v = 0; v < kVec; ++v) acc[r][u][v] = gated_add(acc[r][u][v], g[v], c[u][v]);
+                }
+            }
+        }
+    }
+
+    float* sums = reinterpret_cast<float*>(p.sums) + e0;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int u = 0; u < kSumTokens; ++u) {
+            if (u < valid) {
+                float* s = sums + r * p.sum_stride + (long long)u * p.dim;
+                *reinterpret_cast<float4*>(s) = make_float4(acc[r][u][0], acc[r][u][1], acc[r][u][2], acc[r][u][3]);
+                *reinterpret_cast<float4*>(s + 4) = make_float4(acc[r][u][4], acc[r][u][5], acc[r][u][6], acc[r][u][7]);
+            }
+        }
+    }
+}
+
+}  // namespace
+
+// R sums: one pass over the cache for the next R reuse steps.
+extern "C" __global__ void __launch_bounds__(kSumThreads) fora_cache_sum_1(const ForaCacheSumParams p) {
+    grid_dependency_sync();
+    cache_sum_body<1, 2>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(kSumThreads) fora_cache_sum_2(const ForaCacheSumParams p) {
+    grid_dependency_sync();
+    cache_sum_body<2, 2>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(kSumThreads) fora_cache_sum_3(const ForaCacheSumParams p) {
+    grid_dependency_sync();
+    cache_sum_body<3, 1>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(kSumThreads) fora_cache_sum_4(const ForaCacheSumParams p) {
+    grid_dependency_sync();
+    cache_sum_body<4, 1>(p);
 }

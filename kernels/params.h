@@ -207,13 +207,17 @@ typedef struct ForaReuseParams {
  *   final_out[token, o] = sum_d bf16(out[token, d]) * final_w[o, d] + final_b[o]   (f32)
  * for o < n_out <= 32 (needs dim > 128: a token row spans whole warps).
  * Needs dim % 8 == 0, dim <= 2048 and C*p*p <= 64 (every DiT). Kernels fora_reuse_final (one
- * token row a thread group) and fora_reuse_final_t4 (four). */
+ * token row a thread group) and fora_reuse_final_t4 (four).
+ * fora_sum_final takes the layers' sum precomputed by fora_cache_sum instead of the cache:
+ *   x = (patch_embed(latents) + pos) + sum         (one f32 add; cache, layers and gates unused)
+ * and the same LayerNorm, modulate and optional final Linear. */
 typedef struct ForaReuseFinalParams {
     fora_ptr latents;    /* f32 [images, C, H, W] */
     fora_ptr embed_weight_t; /* f32 [C*p*p, dim] (the conv weight, transposed) */
     fora_ptr embed_bias; /* f32 [dim] */
     fora_ptr pos;        /* f32 [T, dim] */
-    fora_ptr cache;      /* bf16 [layers][2][slab] */
+    fora_ptr cache;      /* bf16 [layers][2][slab]; unused by fora_sum_final */
+    fora_ptr sum;        /* fora_sum_final only: f32 [rows * T, dim], the step's cache sum */
     fora_ptr modulation; /* f32 [rows, ld_mod] */
     fora_ptr out;        /* bf16 [rows * T, dim]; unused with final_w */
     fora_ptr x;          /* f32 [rows * T, dim] or 0 */
@@ -230,6 +234,29 @@ typedef struct ForaReuseFinalParams {
     int n_out;           /* p*p*out_channels with final_w, else unused */
     float eps;           /* 1e-6 in DiT */
 } ForaReuseFinalParams;
+
+/* The cache sums of a run of reuse steps: the residual updates of a reuse step are linear in
+ * the cache, x_final = x_embed + sum_l (gate_msa_l * A_l + gate_mlp_l * M_l), so for the next
+ * `count` reuse steps (step r's modulation table at tables + r * table_stride) one pass over
+ * the cache computes, per token row and channel,
+ *   sums[r] = 0; for l in 0..layers: sums[r] += gate_msa_l^r * A_l; sums[r] += gate_mlp_l^r * M_l
+ * (f32, each product and sum rounded on its own, layer order) at sums + r * sum_stride, and
+ * each of those steps then reads its sum (fora_sum_final) instead of the whole cache.
+ * Needs dim % 8 == 0, 1 <= count <= 4. Kernels fora_cache_sum_1 .. fora_cache_sum_4 (count). */
+typedef struct ForaCacheSumParams {
+    fora_ptr cache;         /* bf16 [layers][2][slab] */
+    fora_ptr tables;        /* f32 [count] x [rows, ld_mod] at table_stride */
+    fora_ptr sums;          /* f32 [count] x [rows * tokens, dim] at sum_stride */
+    long long slab;         /* elements between consecutive cache slabs, >= rows * tokens * dim */
+    long long table_stride; /* elements between consecutive steps' tables, >= rows * ld_mod */
+    long long sum_stride;   /* elements between consecutive sums, >= rows * tokens * dim */
+    int rows, tokens, dim, layers;
+    int ld_mod;
+    int layer_cols;         /* 6 * dim */
+    int gate_msa_col;       /* 2 * dim */
+    int gate_mlp_col;       /* 5 * dim */
+    int count;
+} ForaCacheSumParams;
 
 enum fora_sampler_kind { FORA_SAMPLER_DDPM = 0, FORA_SAMPLER_DDIM = 1 };
 

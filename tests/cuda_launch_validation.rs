@@ -5,7 +5,8 @@
 use fora::cuda::conditioning::{label_silu_plan, silu_plan, timestep_embedding_plan};
 use fora::cuda::embed::patch_embed_plan;
 use fora::cuda::fora::{
-    fora_reuse_final_plan, fora_reuse_plan, fused_reuse_unsupported, ReuseTokens,
+    fora_cache_sum_plan, fora_reuse_final_plan, fora_reuse_plan, fora_sum_final_plan,
+    fused_reuse_unsupported, ReuseTokens,
 };
 use fora::cuda::kernels;
 use fora::cuda::norm::{layernorm_modulate_plan, residual_layernorm_plan};
@@ -43,6 +44,11 @@ fn every_small_kernel_is_embedded() {
         "residual_layernorm",
         "fora_reuse",
         "fora_reuse_final",
+        "fora_sum_final",
+        "fora_cache_sum_1",
+        "fora_cache_sum_2",
+        "fora_cache_sum_3",
+        "fora_cache_sum_4",
         "sampler_step",
         "unpatchify",
         "normal_fill",
@@ -326,6 +332,7 @@ fn fora_reuse_final_plan_checks_sizes_and_columns() {
         embed_bias: P,
         pos: P,
         cache: P,
+        sum: 0,
         modulation: P,
         out: P,
         x: 0,
@@ -459,6 +466,96 @@ fn fora_reuse_final_plan_checks_sizes_and_columns() {
     ))
     .contains("x pointer"));
     assert!(fora_reuse_final_plan(&ForaReuseFinalParams { x: P, ..p }, ReuseTokens::One).is_ok());
+
+    // fora_sum_final: the sum instead of the cache, the same grid; the cache and gates unread.
+    let summed = ForaReuseFinalParams {
+        cache: 0,
+        sum: P,
+        layers: 0,
+        ..p
+    };
+    assert_eq!(
+        fora_sum_final_plan(&summed).unwrap(),
+        fora_reuse_final_plan(&p, ReuseTokens::One).unwrap()
+    );
+    assert!(err(fora_sum_final_plan(&ForaReuseFinalParams {
+        sum: 0,
+        ..summed
+    }))
+    .contains("sum pointer is null"));
+    assert!(err(fora_sum_final_plan(&ForaReuseFinalParams {
+        sum: P + 4,
+        ..summed
+    }))
+    .contains("16-byte"));
+    assert!(err(fora_sum_final_plan(&ForaReuseFinalParams {
+        out: 0,
+        ..summed
+    }))
+    .contains("out pointer is null"));
+}
+
+#[test]
+fn fora_cache_sum_plan_checks_count_strides_and_gates() {
+    let d = 1152;
+    let n = 2 * 256 * d as i64;
+    let ld_mod = 28 * 6 * d + 2 * d;
+    let p = ForaCacheSumParams {
+        cache: P,
+        tables: P,
+        sums: P,
+        slab: n,
+        table_stride: 2 * ld_mod as i64,
+        sum_stride: n,
+        rows: 2,
+        tokens: 256,
+        dim: d,
+        layers: 28,
+        ld_mod,
+        layer_cols: 6 * d,
+        gate_msa_col: 2 * d,
+        gate_mlp_col: 5 * d,
+        count: 2,
+    };
+    // 144 chunks of 8 channels = 9 blocks of 16; 2 x 128 token pairs = 16 blocks of 16 pairs.
+    assert_eq!(
+        fora_cache_sum_plan(&p).unwrap(),
+        ("fora_cache_sum_2", (9 * 16, 1, 1))
+    );
+    // Three or four sums: one token a thread.
+    assert_eq!(
+        fora_cache_sum_plan(&ForaCacheSumParams { count: 4, ..p }).unwrap(),
+        ("fora_cache_sum_4", (9 * 32, 1, 1))
+    );
+    for count in [0, 5] {
+        assert!(err(fora_cache_sum_plan(&ForaCacheSumParams { count, ..p })).contains("count"));
+    }
+    assert!(err(fora_cache_sum_plan(&ForaCacheSumParams {
+        slab: n - 8,
+        ..p
+    }))
+    .contains("slab"));
+    assert!(err(fora_cache_sum_plan(&ForaCacheSumParams {
+        sum_stride: n - 4,
+        ..p
+    }))
+    .contains("sum_stride"));
+    assert!(err(fora_cache_sum_plan(&ForaCacheSumParams {
+        table_stride: ld_mod as i64,
+        ..p
+    }))
+    .contains("table_stride"));
+    assert!(err(fora_cache_sum_plan(&ForaCacheSumParams { layers: 29, ..p })).contains("ld_mod"));
+    assert!(err(fora_cache_sum_plan(&ForaCacheSumParams { dim: 1100, ..p })).contains("dim"));
+    assert!(
+        err(fora_cache_sum_plan(&ForaCacheSumParams { sums: 0, ..p }))
+            .contains("sums pointer is null")
+    );
+    assert!(err(fora_cache_sum_plan(&ForaCacheSumParams {
+        tables: P + 4,
+        ..p
+    }))
+    .contains("16-byte"));
 }
 
 #[test]

@@ -82,6 +82,14 @@ fn gpu_fora_reuse_final() -> Result<()> {
 }
 
 #[test]
+fn gpu_fora_cache_sum() -> Result<()> {
+    let Some(gpu) = test_gpu("gpu_fora_cache_sum") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_fora_cache_sum(&gpu)
+}
+
+#[test]
 fn gpu_sampler_step() -> Result<()> {
     let Some(gpu) = test_gpu("gpu_sampler_step") else {
         return Ok(());

@@ -546,6 +546,14 @@ fn emulated_fora_reuse_final() -> Result<()> {
     small_kernel_cases::check_fora_reuse_final(emu)
 }
 
+#[test]
+fn emulated_fora_cache_sum() -> Result<()> {
+    let Some(emu) = emulator("emulated_fora_cache_sum") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_fora_cache_sum(emu)
+}
+
 /// The stand-in device memory reports a write past a buffer's end (into the bytes before its
 /// guard page) at the next download, with the buffer's size; a buffer written only inside
 /// downloads as written. (A write or read reaching the guard page itself faults the process.)

@@ -792,6 +792,7 @@ fn bench_fora_reuse_final(
             embed_bias: dptr(&bias),
             pos: dptr(&pos),
             cache: dptr(cache),
+            sum: 0,
             modulation: dptr(m),
             out: dptr(out),
             ..reuse_final_params(cfg, rows, rows)

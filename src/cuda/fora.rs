@@ -7,7 +7,7 @@
 use super::device::{
     check_latent_grid, check_positive, check_ptr, grid_x, Gpu, KernelLauncher, L2Window,
 };
-use super::params::{ForaReuseFinalParams, ForaReuseParams};
+use super::params::{ForaCacheSumParams, ForaReuseFinalParams, ForaReuseParams};
 use anyhow::{ensure, Result};
 
 const THREADS: u32 = 256;
@@ -152,15 +152,9 @@ pub fn fora_reuse_final_plan(
     tpt: ReuseTokens,
 ) -> Result<((u32, u32, u32), u32)> {
     const K: &str = "fora_reuse_final";
-    let (tokens, k) = check_latent_grid(
-        K,
-        [p.images, p.rows, p.channels, p.height, p.width, p.patch],
-    )?;
-    check_positive(K, "dim", p.dim.into())?;
     check_positive(K, "layers", p.layers.into())?;
-    if let Some(why) = fused_reuse_unsupported(p.dim as usize, k as usize) {
-        anyhow::bail!("{why}");
-    }
+    let launch = reuse_final_common(K, p, tpt.tokens())?;
+    let tokens = (p.height / p.patch) as i64 * (p.width / p.patch) as i64;
     let total = p.rows as i64 * tokens * p.dim as i64;
     ensure!(
         p.slab >= total && p.slab % VEC == 0,
@@ -178,60 +172,95 @@ pub fn fora_reuse_final_plan(
             gate_mlp_col: p.gate_mlp_col,
         },
     )?;
+    // float4 gate loads.
+    for (field, v) in [
+        ("layer_cols", p.layer_cols),
+        ("gate_msa_col", p.gate_msa_col),
+        ("gate_mlp_col", p.gate_mlp_col),
+    ] {
+        ensure!(v % 4 == 0, "{K}: {field} = {v} must be a multiple of 4");
+    }
+    check_ptr(K, "cache", p.cache, 16)?;
+    Ok(launch)
+}
+
+/// Validates `p` for [`fora_sum_final`] (the cache, layers and gates are not read; `sum` is)
+/// and returns its grid and block.
+pub fn fora_sum_final_plan(p: &ForaReuseFinalParams) -> Result<((u32, u32, u32), u32)> {
+    const K: &str = "fora_sum_final";
+    let launch = reuse_final_common(K, p, 1)?;
+    check_ptr(K, "sum", p.sum, 16)?;
+    Ok(launch)
+}
+
+/// The checks `fora_reuse_final` and `fora_sum_final` share (the embedding, the final
+/// LayerNorm's columns, the outputs), and the grid and block of `tpt` tokens a thread.
+fn reuse_final_common(
+    kernel: &str,
+    p: &ForaReuseFinalParams,
+    tpt: i32,
+) -> Result<((u32, u32, u32), u32)> {
+    let (tokens, k) = check_latent_grid(
+        kernel,
+        [p.images, p.rows, p.channels, p.height, p.width, p.patch],
+    )?;
+    check_positive(kernel, "dim", p.dim.into())?;
+    if let Some(why) = fused_reuse_unsupported(p.dim as usize, k as usize) {
+        anyhow::bail!("{why}");
+    }
     ensure!(
         p.shift_col >= 0
             && p.scale_col >= 0
             && p.shift_col.max(p.scale_col) as i64 + p.dim as i64 <= p.ld_mod as i64,
-        "{K}: the final shift/scale columns {} / {} (+ dim {}) exceed ld_mod {}",
+        "{kernel}: the final shift/scale columns {} / {} (+ dim {}) exceed ld_mod {}",
         p.shift_col,
         p.scale_col,
         p.dim,
         p.ld_mod
     );
-    // float4 gate, shift and scale loads.
+    // float4 shift and scale loads.
     for (field, v) in [
         ("ld_mod", p.ld_mod),
-        ("layer_cols", p.layer_cols),
-        ("gate_msa_col", p.gate_msa_col),
-        ("gate_mlp_col", p.gate_mlp_col),
         ("shift_col", p.shift_col),
         ("scale_col", p.scale_col),
     ] {
-        ensure!(v % 4 == 0, "{K}: {field} = {v} must be a multiple of 4");
+        ensure!(
+            v % 4 == 0,
+            "{kernel}: {field} = {v} must be a multiple of 4"
+        );
     }
-    check_ptr(K, "latents", p.latents, 4)?;
+    check_ptr(kernel, "latents", p.latents, 4)?;
     for (field, ptr) in [
         ("embed_weight_t", p.embed_weight_t),
         ("embed_bias", p.embed_bias),
         ("pos", p.pos),
-        ("cache", p.cache),
         ("modulation", p.modulation),
     ] {
-        check_ptr(K, field, ptr, 16)?;
+        check_ptr(kernel, field, ptr, 16)?;
     }
     if p.final_w != 0 {
         ensure!(
             fused_final_linear_supported(p.dim as usize, p.n_out.max(0) as usize),
-            "{K}: the fused final Linear needs 1..={FUSED_FINAL_MAX_OUT} outputs and dim > 128, \
-             got n_out {} and dim {}",
+            "{kernel}: the fused final Linear needs 1..={FUSED_FINAL_MAX_OUT} outputs and dim > \
+             128, got n_out {} and dim {}",
             p.n_out,
             p.dim
         );
-        check_ptr(K, "final_w", p.final_w, 16)?;
-        check_ptr(K, "final_b", p.final_b, 4)?;
-        check_ptr(K, "final_out", p.final_out, 4)?;
+        check_ptr(kernel, "final_w", p.final_w, 16)?;
+        check_ptr(kernel, "final_b", p.final_b, 4)?;
+        check_ptr(kernel, "final_out", p.final_out, 4)?;
     } else {
-        check_ptr(K, "out", p.out, 16)?;
+        check_ptr(kernel, "out", p.out, 16)?;
     }
     if p.x != 0 {
-        check_ptr(K, "x", p.x, 16)?;
+        check_ptr(kernel, "x", p.x, 16)?;
     }
-    ensure!(p.eps > 0.0, "{K}: eps must be > 0, got {}", p.eps);
+    ensure!(p.eps > 0.0, "{kernel}: eps must be > 0, got {}", p.eps);
     let group = fused_group_threads(p.dim);
-    let per_block = (FUSED_BLOCK / group).clamp(1, FUSED_MAX_ROWS / tpt.tokens());
-    let chunks = (tokens + tpt.tokens() as i64 - 1) / tpt.tokens() as i64;
+    let per_block = (FUSED_BLOCK / group).clamp(1, FUSED_MAX_ROWS / tpt);
+    let chunks = (tokens + tpt as i64 - 1) / tpt as i64;
     let groups = p.rows as i64 * chunks;
-    let grid = grid_x(K, groups, per_block as i64)?;
+    let grid = grid_x(kernel, groups, per_block as i64)?;
     Ok(((grid, 1, 1), (group * per_block) as u32))
 }
 
@@ -372,4 +401,110 @@ pub fn fora_reuse_final_with(
     gpu.allow_dynamic_shared_memory(tpt.kernel(), smem)?;
     // SAFETY: validated above; the ring (if any) is the dynamic shared memory of `block`.
     unsafe { gpu.launch_kernel(tpt.kernel(), grid, (block, 1, 1), smem, p) }
+}
+
+/// The reuse forward of a step whose cache sum is ready (`p.sum`, from [`fora_cache_sum`]):
+/// the patch embedding + the sum, the final LayerNorm + modulate into `p.out` (or, with
+/// `p.final_w`, the final Linear into `p.final_out`). One token a thread.
+pub fn fora_sum_final(gpu: &impl KernelLauncher, p: &ForaReuseFinalParams) -> Result<()> {
+    let (grid, block) = fora_sum_final_plan(p)?;
+    // SAFETY: validated above.
+    unsafe { gpu.launch_kernel("fora_sum_final", grid, (block, 1, 1), 0, p) }
+}
+
+/// Most sums one [`fora_cache_sum`] launch computes (kernels `fora_cache_sum_1` ..
+/// `fora_cache_sum_4`).
+pub const CACHE_SUM_MAX: usize = 4;
+/// Threads a block of `fora_cache_sum_*` (kSumThreads) and channel chunks of 8 it spans
+/// (kSumLanes).
+const SUM_THREADS: i64 = 256;
+const SUM_LANES: i64 = 16;
+
+/// Tokens a thread of `fora_cache_sum_<count>` holds (the kernels' TOKENS).
+fn cache_sum_tokens(count: i32) -> i64 {
+    if count <= 2 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Validates `p` and returns the kernel and grid of [`fora_cache_sum`].
+pub fn fora_cache_sum_plan(p: &ForaCacheSumParams) -> Result<(&'static str, (u32, u32, u32))> {
+    const K: &str = "fora_cache_sum";
+    check_positive(K, "rows", p.rows.into())?;
+    check_positive(K, "tokens", p.tokens.into())?;
+    check_positive(K, "dim", p.dim.into())?;
+    check_positive(K, "layers", p.layers.into())?;
+    ensure!(
+        (1..=CACHE_SUM_MAX as i32).contains(&p.count),
+        "{K}: count (sums a launch) must be 1..={CACHE_SUM_MAX}, got {}",
+        p.count
+    );
+    ensure!(
+        p.dim as i64 % VEC == 0,
+        "{K}: dim must be a multiple of 8, got {}",
+        p.dim
+    );
+    let total = p.rows as i64 * p.tokens as i64 * p.dim as i64;
+    ensure!(
+        p.slab >= total && p.slab % VEC == 0,
+        "{K}: cache slab {} must be a multiple of 8 and >= rows*tokens*dim = {total}",
+        p.slab
+    );
+    ensure!(
+        p.sum_stride >= total && p.sum_stride % 4 == 0,
+        "{K}: sum_stride {} must be a multiple of 4 and >= rows*tokens*dim = {total}",
+        p.sum_stride
+    );
+    let table = p.rows as i64 * p.ld_mod as i64;
+    ensure!(
+        p.table_stride >= table && p.table_stride % 4 == 0,
+        "{K}: table_stride {} must be a multiple of 4 and >= rows*ld_mod = {table}",
+        p.table_stride
+    );
+    check_gate_columns(
+        K,
+        &GateColumns {
+            layers: p.layers,
+            dim: p.dim,
+            ld_mod: p.ld_mod,
+            layer_cols: p.layer_cols,
+            gate_msa_col: p.gate_msa_col,
+            gate_mlp_col: p.gate_mlp_col,
+        },
+    )?;
+    // float4 gate loads.
+    for (field, v) in [
+        ("ld_mod", p.ld_mod),
+        ("layer_cols", p.layer_cols),
+        ("gate_msa_col", p.gate_msa_col),
+        ("gate_mlp_col", p.gate_mlp_col),
+    ] {
+        ensure!(v % 4 == 0, "{K}: {field} = {v} must be a multiple of 4");
+    }
+    check_ptr(K, "cache", p.cache, 16)?;
+    check_ptr(K, "tables", p.tables, 16)?;
+    check_ptr(K, "sums", p.sums, 16)?;
+    let chunk_blocks = (p.dim as i64 / VEC + SUM_LANES - 1) / SUM_LANES;
+    let tokens = cache_sum_tokens(p.count);
+    let groups = p.rows as i64 * ((p.tokens as i64 + tokens - 1) / tokens);
+    let group_blocks = (groups + SUM_THREADS / SUM_LANES - 1) / (SUM_THREADS / SUM_LANES);
+    let kernel = match p.count {
+        1 => "fora_cache_sum_1",
+        2 => "fora_cache_sum_2",
+        3 => "fora_cache_sum_3",
+        _ => "fora_cache_sum_4",
+    };
+    Ok((kernel, (grid_x(K, chunk_blocks * group_blocks, 1)?, 1, 1)))
+}
+
+/// The cache sums of the next `p.count` reuse steps in one pass over the cache: for each step
+/// r (its table at `p.tables + r * p.table_stride`), `sums[r] = sum over layers of gate_msa *
+/// A_l + gate_mlp * M_l` in layer order, f32. Each of those steps then runs
+/// [`fora_sum_final`] on its sum instead of reading the whole cache.
+pub fn fora_cache_sum(gpu: &impl KernelLauncher, p: &ForaCacheSumParams) -> Result<()> {
+    let (kernel, grid) = fora_cache_sum_plan(p)?;
+    // SAFETY: validated above.
+    unsafe { gpu.launch_kernel(kernel, grid, (SUM_THREADS as u32, 1, 1), 0, p) }
 }

@@ -349,6 +349,7 @@ pub fn reuse_final_params(cfg: &DitConfig, rows: usize, images: usize) -> ForaRe
         embed_bias: 0,
         pos: 0,
         cache: 0,
+        sum: 0,
         modulation: 0,
         out: 0,
         x: 0,

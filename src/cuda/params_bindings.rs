@@ -639,6 +639,7 @@ pub struct ForaReuseFinalParams {
     pub embed_bias: fora_ptr,
     pub pos: fora_ptr,
     pub cache: fora_ptr,
+    pub sum: fora_ptr,
     pub modulation: fora_ptr,
     pub out: fora_ptr,
     pub x: fora_ptr,
@@ -667,7 +668,7 @@ pub struct ForaReuseFinalParams {
 const _: () = {
     [
         "Size of ForaReuseFinalParams",
-    ][::std::mem::size_of::<ForaReuseFinalParams>() - 160usize];
+    ][::std::mem::size_of::<ForaReuseFinalParams>() - 168usize];
     [
         "Alignment of ForaReuseFinalParams",
     ][::std::mem::align_of::<ForaReuseFinalParams>() - 8usize];
@@ -687,74 +688,150 @@ const _: () = {
         "Offset of field: ForaReuseFinalParams::cache",
     ][::std::mem::offset_of!(ForaReuseFinalParams, cache) - 32usize];
     [
+        "Offset of field: ForaReuseFinalParams::sum",
+    ][::std::mem::offset_of!(ForaReuseFinalParams, sum) - 40usize];
+    [
         "Offset of field: ForaReuseFinalParams::modulation",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, modulation) - 40usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, modulation) - 48usize];
     [
         "Offset of field: ForaReuseFinalParams::out",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, out) - 48usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, out) - 56usize];
     [
         "Offset of field: ForaReuseFinalParams::x",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, x) - 56usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, x) - 64usize];
     [
         "Offset of field: ForaReuseFinalParams::final_w",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, final_w) - 64usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, final_w) - 72usize];
     [
         "Offset of field: ForaReuseFinalParams::final_b",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, final_b) - 72usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, final_b) - 80usize];
     [
         "Offset of field: ForaReuseFinalParams::final_out",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, final_out) - 80usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, final_out) - 88usize];
     [
         "Offset of field: ForaReuseFinalParams::slab",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, slab) - 88usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, slab) - 96usize];
     [
         "Offset of field: ForaReuseFinalParams::images",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, images) - 96usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, images) - 104usize];
     [
         "Offset of field: ForaReuseFinalParams::rows",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, rows) - 100usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, rows) - 108usize];
     [
         "Offset of field: ForaReuseFinalParams::channels",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, channels) - 104usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, channels) - 112usize];
     [
         "Offset of field: ForaReuseFinalParams::height",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, height) - 108usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, height) - 116usize];
     [
         "Offset of field: ForaReuseFinalParams::width",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, width) - 112usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, width) - 120usize];
     [
         "Offset of field: ForaReuseFinalParams::patch",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, patch) - 116usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, patch) - 124usize];
     [
         "Offset of field: ForaReuseFinalParams::dim",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, dim) - 120usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, dim) - 128usize];
     [
         "Offset of field: ForaReuseFinalParams::layers",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, layers) - 124usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, layers) - 132usize];
     [
         "Offset of field: ForaReuseFinalParams::ld_mod",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, ld_mod) - 128usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, ld_mod) - 136usize];
     [
         "Offset of field: ForaReuseFinalParams::layer_cols",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, layer_cols) - 132usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, layer_cols) - 140usize];
     [
         "Offset of field: ForaReuseFinalParams::gate_msa_col",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, gate_msa_col) - 136usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, gate_msa_col) - 144usize];
     [
         "Offset of field: ForaReuseFinalParams::gate_mlp_col",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, gate_mlp_col) - 140usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, gate_mlp_col) - 148usize];
     [
         "Offset of field: ForaReuseFinalParams::shift_col",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, shift_col) - 144usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, shift_col) - 152usize];
     [
         "Offset of field: ForaReuseFinalParams::scale_col",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, scale_col) - 148usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, scale_col) - 156usize];
     [
         "Offset of field: ForaReuseFinalParams::n_out",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, n_out) - 152usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, n_out) - 160usize];
     [
         "Offset of field: ForaReuseFinalParams::eps",
-    ][::std::mem::offset_of!(ForaReuseFinalParams, eps) - 156usize];
+    ][::std::mem::offset_of!(ForaReuseFinalParams, eps) - 164usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ForaCacheSumParams {
+    pub cache: fora_ptr,
+    pub tables: fora_ptr,
+    pub sums: fora_ptr,
+    pub slab: ::std::os::raw::c_longlong,
+    pub table_stride: ::std::os::raw::c_longlong,
+    pub sum_stride: ::std::os::raw::c_longlong,
+    pub rows: ::std::os::raw::c_int,
+    pub tokens: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+    pub layers: ::std::os::raw::c_int,
+    pub ld_mod: ::std::os::raw::c_int,
+    pub layer_cols: ::std::os::raw::c_int,
+    pub gate_msa_col: ::std::os::raw::c_int,
+    pub gate_mlp_col: ::std::os::raw::c_int,
+    pub count: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of ForaCacheSumParams",
+    ][::std::mem::size_of::<ForaCacheSumParams>() - 88usize];
+    [
+        "Alignment of ForaCacheSumParams",
+    ][::std::mem::align_of::<ForaCacheSumParams>() - 8usize];
+    [
+        "Offset of field: ForaCacheSumParams::cache",
+    ][::std::mem::offset_of!(ForaCacheSumParams, cache) - 0usize];
+    [
+        "Offset of field: ForaCacheSumParams::tables",
+    ][::std::mem::offset_of!(ForaCacheSumParams, tables) - 8usize];
+    [
+        "Offset of field: ForaCacheSumParams::sums",
+    ][::std::mem::offset_of!(ForaCacheSumParams, sums) - 16usize];
+    [
+        "Offset of field: ForaCacheSumParams::slab",
+    ][::std::mem::offset_of!(ForaCacheSumParams, slab) - 24usize];
+    [
+        "Offset of field: ForaCacheSumParams::table_stride",
+    ][::std::mem::offset_of!(ForaCacheSumParams, table_stride) - 32usize];
+    [
+        "Offset of field: ForaCacheSumParams::sum_stride",
+    ][::std::mem::offset_of!(ForaCacheSumParams, sum_stride) - 40usize];
+    [
+        "Offset of field: ForaCacheSumParams::rows",
+    ][::std::mem::offset_of!(ForaCacheSumParams, rows) - 48usize];
+    [
+        "Offset of field: ForaCacheSumParams::tokens",
+    ][::std::mem::offset_of!(ForaCacheSumParams, tokens) - 52usize];
+    [
+        "Offset of field: ForaCacheSumParams::dim",
+    ][::std::mem::offset_of!(ForaCacheSumParams, dim) - 56usize];
+    [
+        "Offset of field: ForaCacheSumParams::layers",
+    ][::std::mem::offset_of!(ForaCacheSumParams, layers) - 60usize];
+    [
+        "Offset of field: ForaCacheSumParams::ld_mod",
+    ][::std::mem::offset_of!(ForaCacheSumParams, ld_mod) - 64usize];
+    [
+        "Offset of field: ForaCacheSumParams::layer_cols",
+    ][::std::mem::offset_of!(ForaCacheSumParams, layer_cols) - 68usize];
+    [
+        "Offset of field: ForaCacheSumParams::gate_msa_col",
+    ][::std::mem::offset_of!(ForaCacheSumParams, gate_msa_col) - 72usize];
+    [
+        "Offset of field: ForaCacheSumParams::gate_mlp_col",
+    ][::std::mem::offset_of!(ForaCacheSumParams, gate_mlp_col) - 76usize];
+    [
+        "Offset of field: ForaCacheSumParams::count",
+    ][::std::mem::offset_of!(ForaCacheSumParams, count) - 80usize];
 };
 pub const FORA_SAMPLER_DDPM: fora_sampler_kind = 0;
 pub const FORA_SAMPLER_DDIM: fora_sampler_kind = 1;
@@ -1067,6 +1144,7 @@ unsafe impl cudarc::driver::DeviceRepr for LayerNormModulateParams {}
 unsafe impl cudarc::driver::DeviceRepr for ResidualLayerNormParams {}
 unsafe impl cudarc::driver::DeviceRepr for ForaReuseParams {}
 unsafe impl cudarc::driver::DeviceRepr for ForaReuseFinalParams {}
+unsafe impl cudarc::driver::DeviceRepr for ForaCacheSumParams {}
 unsafe impl cudarc::driver::DeviceRepr for SamplerStepParams {}
 unsafe impl cudarc::driver::DeviceRepr for UnpatchifyParams {}
 unsafe impl cudarc::driver::DeviceRepr for NormalFillParams {}

@@ -15,11 +15,12 @@ use fora::cuda::bandwidth::{bandwidth_copy, bandwidth_read, bandwidth_read_words
 use fora::cuda::conditioning::{label_silu, silu_f32_bf16, timestep_embedding};
 use fora::cuda::embed::{patch_embed, transpose_patch_weight};
 use fora::cuda::fora::{
-    fora_reuse, fora_reuse_final_with, fused_final_linear_supported, ReuseTokens,
+    fora_cache_sum, fora_reuse, fora_reuse_final_with, fora_sum_final,
+    fused_final_linear_supported, ReuseTokens, CACHE_SUM_MAX,
 };
 use fora::cuda::norm::{layernorm_modulate_with, residual_layernorm_with, RowWarps};
 use fora::cuda::params::{
-    BandwidthParams, ForaReuseFinalParams, ForaReuseParams, LabelSiluParams,
+    BandwidthParams, ForaCacheSumParams, ForaReuseFinalParams, ForaReuseParams, LabelSiluParams,
     LayerNormModulateParams, NormalFillParams, PatchEmbedParams, ResidualLayerNormParams,
     SamplerStepParams, SiluParams, TimestepEmbedParams, UnpatchifyParams,
 };
@@ -656,6 +657,126 @@ pub fn check_fora_reuse<D: TestDevice>(gpu: &D) -> Result<()> {
     Ok(())
 }
 
+// ---- the cache sums of a run of reuse steps --------------------------------------------------
+
+pub struct CacheSumCase {
+    pub rows: usize,
+    pub tokens: usize,
+    pub dim: usize,
+    pub layers: usize,
+    /// Sums (upcoming reuse steps) of the launch.
+    pub count: usize,
+    /// Extra elements after each cache slab, each step's table and each sum.
+    pub pad: usize,
+}
+
+/// fora_cache_sum against the CPU: each sum is the reuse path's residual updates applied to
+/// zeros (ops::gate_residual per layer in order, no FMA), equal to the last bit; the padding
+/// after each sum stays unwritten. Also checks the identity the kernel rests on: embedding +
+/// sum is the sequential reuse path's x up to f32 rounding.
+pub fn run_fora_cache_sum<D: TestDevice>(gpu: &D, c: &CacheSumCase, seed: u64) -> Result<()> {
+    let mut rng = TestRng::new(seed);
+    let n = c.rows * c.tokens * c.dim;
+    let slab = n + c.pad;
+    let ld_mod = c.layers * 6 * c.dim + 2 * c.dim;
+    let table_stride = c.rows * ld_mod + c.pad;
+    let sum_stride = n + c.pad;
+    let cache = round_bf16(&rng.uniform_vec(c.layers * 2 * slab, -2.0, 2.0));
+    let tables = rng.uniform_vec(c.count * table_stride, -1.0, 1.0);
+    let cache_d = gpu.upload_bf16(&cache)?;
+    let tables_d = gpu.upload_f32(&tables)?;
+    let sums_d = gpu.poisoned_f32(c.count * sum_stride)?;
+    let p = ForaCacheSumParams {
+        cache: cache_d.addr(),
+        tables: tables_d.addr(),
+        sums: sums_d.addr(),
+        slab: slab as i64,
+        table_stride: table_stride as i64,
+        sum_stride: sum_stride as i64,
+        rows: c.rows as i32,
+        tokens: c.tokens as i32,
+        dim: c.dim as i32,
+        layers: c.layers as i32,
+        ld_mod: ld_mod as i32,
+        layer_cols: (6 * c.dim) as i32,
+        gate_msa_col: (2 * c.dim) as i32,
+        gate_mlp_col: (5 * c.dim) as i32,
+        count: c.count as i32,
+    };
+    fora_cache_sum(gpu, &p)?;
+    let got = gpu.download_f32(&sums_d)?;
+    let what = format!(
+        "fora_cache_sum rows={} T={} D={} L={} count={} pad={}",
+        c.rows, c.tokens, c.dim, c.layers, c.count, c.pad
+    );
+    let updates = |x: &mut [f32], table: &[f32]| {
+        for l in 0..c.layers {
+            for (which, col) in [(0, 2 * c.dim), (1, 5 * c.dim)] {
+                let start = (2 * l + which) * slab;
+                ops::gate_residual(
+                    x,
+                    &cache[start..start + n],
+                    &table[l * 6 * c.dim + col..],
+                    ld_mod,
+                    c.tokens,
+                    c.dim,
+                    false,
+                );
+            }
+        }
+    };
+    for r in 0..c.count {
+        let table = &tables[r * table_stride..][..c.rows * ld_mod];
+        let mut want = vec![0f32; n];
+        updates(&mut want, table);
+        let sum = &got[r * sum_stride..][..n];
+        check_elementwise(&format!("{what} sum {r}"), sum, &want, 0.0, 0.0)?;
+        ensure!(
+            got[r * sum_stride + n..(r + 1) * sum_stride]
+                .iter()
+                .all(|v| v.is_nan()),
+            "{what}: wrote past sum {r}"
+        );
+        // The identity: (embedding + sum) against the sequential updates of the embedding.
+        let embedding = rng.normal_vec(n, 1.0);
+        let mut sequential = embedding.clone();
+        updates(&mut sequential, table);
+        let summed: Vec<f32> = embedding.iter().zip(sum).map(|(e, s)| e + s).collect();
+        check_close(
+            &format!("{what} sum {r}: embedding + sum"),
+            &summed,
+            &sequential,
+            1e-6,
+        )?;
+    }
+    Ok(())
+}
+
+/// Every case of fora_cache_sum: each count, DiT-XL/2 and odd shapes.
+pub fn check_fora_cache_sum<D: TestDevice>(gpu: &D) -> Result<()> {
+    let case = |rows, tokens, dim, layers, count, pad| CacheSumCase {
+        rows,
+        tokens,
+        dim,
+        layers,
+        count,
+        pad,
+    };
+    // DiT-XL/2 (one image + CFG, 28 layers), every count.
+    for count in 1..=CACHE_SUM_MAX {
+        run_fora_cache_sum(gpu, &case(2, 256, 1152, 28, count, 0), 70 + count as u64)?;
+    }
+    // The embedded model's sizes; DiT-S/2 with padding; odd: T = 25 (a short last token
+    // group), dim 200 (25 chunks: a partial block of channel chunks), 3 layers (an odd last
+    // pair), padded.
+    run_fora_cache_sum(gpu, &case(2, 16, 64, 4, 2, 0), 75)?;
+    run_fora_cache_sum(gpu, &case(3, 256, 384, 12, 3, 8 * 384), 76)?;
+    run_fora_cache_sum(gpu, &case(3, 25, 200, 3, 2, 16), 77)?;
+    run_fora_cache_sum(gpu, &case(5, 25, 200, 3, 4, 16), 78)?;
+    run_fora_cache_sum(gpu, &case(1, 7, 8, 1, 1, 8), 79)?;
+    Ok(())
+}
+
 // ---- the fused reuse forward ----------------------------------------------------------------
 
 pub struct ReuseFinalCase {
@@ -669,11 +790,39 @@ pub struct ReuseFinalCase {
     pub slab_pad: usize,
 }
 
+/// What a fused reuse forward adds to the embedding: every layer's cached outputs
+/// (`fora_reuse_final`, the variant given) or their sum precomputed (`fora_sum_final`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ReuseSource {
+    Cache(ReuseTokens),
+    Sum,
+}
+
+impl ReuseSource {
+    fn launch<D: TestDevice>(self, gpu: &D, p: &ForaReuseFinalParams) -> Result<()> {
+        match self {
+            ReuseSource::Cache(tpt) => fora_reuse_final_with(gpu, p, tpt),
+            ReuseSource::Sum => fora_sum_final(gpu, p),
+        }
+    }
+}
+
 /// Runs one case with `tpt` tokens per thread against the CPU; returns the bf16 output.
 pub fn run_fora_reuse_final<D: TestDevice>(
     gpu: &D,
     c: &ReuseFinalCase,
     tpt: ReuseTokens,
+    seed: u64,
+) -> Result<Vec<f32>> {
+    run_reuse_forward(gpu, c, ReuseSource::Cache(tpt), seed)
+}
+
+/// One case of a fused reuse forward against the CPU; returns the bf16 output. With
+/// [`ReuseSource::Sum`] the sum is random (f32) and the CPU adds it to the embedding.
+pub fn run_reuse_forward<D: TestDevice>(
+    gpu: &D,
+    c: &ReuseFinalCase,
+    source: ReuseSource,
     seed: u64,
 ) -> Result<Vec<f32>> {
     let mut rng = TestRng::new(seed);
@@ -690,6 +839,8 @@ pub fn run_fora_reuse_final<D: TestDevice>(
     let pos = rng.uniform_vec(tokens * c.dim, -1.0, 1.0);
     let cache = round_bf16(&rng.uniform_vec(c.layers * 2 * slab, -2.0, 2.0));
     let modulation = rng.uniform_vec(c.rows * ld_mod, -1.0, 1.0);
+    let sum = rng.normal_vec(n, 2.0);
+    let sum_d = gpu.upload_f32(&sum)?;
     let lat_d = gpu.upload_f32(&latents)?;
     let w_d = gpu.upload_f32(&transpose_patch_weight(&weight, c.dim))?;
     let b_d = gpu.upload_f32(&bias)?;
@@ -703,7 +854,14 @@ pub fn run_fora_reuse_final<D: TestDevice>(
         embed_weight_t: w_d.addr(),
         embed_bias: b_d.addr(),
         pos: pos_d.addr(),
-        cache: cache_d.addr(),
+        cache: match source {
+            ReuseSource::Cache(_) => cache_d.addr(),
+            ReuseSource::Sum => 0,
+        },
+        sum: match source {
+            ReuseSource::Cache(_) => 0,
+            ReuseSource::Sum => sum_d.addr(),
+        },
         modulation: mod_d.addr(),
         out: out.addr(),
         x: x_out.addr(),
@@ -728,7 +886,7 @@ pub fn run_fora_reuse_final<D: TestDevice>(
         n_out: 0,
         eps: 1e-6,
     };
-    fora_reuse_final_with(gpu, &p, tpt)?;
+    source.launch(gpu, &p)?;
     let got_x = gpu.download_f32(&x_out)?;
     let got = gpu.download_bf16(&out)?;
 
@@ -754,19 +912,24 @@ pub fn run_fora_reuse_final<D: TestDevice>(
             }
         }
     }
-    for l in 0..c.layers {
-        for (which, col) in [(0, 2 * c.dim), (1, 5 * c.dim)] {
-            let start = (2 * l + which) * slab;
-            ops::gate_residual(
-                &mut x,
-                &cache[start..start + n],
-                &modulation[l * 6 * c.dim + col..],
-                ld_mod,
-                tokens,
-                c.dim,
-                false,
-            );
+    match source {
+        ReuseSource::Cache(_) => {
+            for l in 0..c.layers {
+                for (which, col) in [(0, 2 * c.dim), (1, 5 * c.dim)] {
+                    let start = (2 * l + which) * slab;
+                    ops::gate_residual(
+                        &mut x,
+                        &cache[start..start + n],
+                        &modulation[l * 6 * c.dim + col..],
+                        ld_mod,
+                        tokens,
+                        c.dim,
+                        false,
+                    );
+                }
+            }
         }
+        ReuseSource::Sum => x.iter_mut().zip(&sum).for_each(|(x, s)| *x += s),
     }
     let mut want = vec![0f32; n];
     ops::layernorm_modulate(
@@ -780,7 +943,7 @@ pub fn run_fora_reuse_final<D: TestDevice>(
         false,
     );
     let what = format!(
-        "fora_reuse_final {tpt:?} images={} rows={} C={} {}px p={} D={} L={} pad={}",
+        "fused reuse forward {source:?} images={} rows={} C={} {}px p={} D={} L={} pad={}",
         c.images, c.rows, c.channels, c.size, c.patch, c.dim, c.layers, c.slab_pad
     );
     // x before the LayerNorm: the same f32 operations in the same order, equal to the last bit.
@@ -794,7 +957,7 @@ pub fn run_fora_reuse_final<D: TestDevice>(
     gpu.poison_f32(&mut x_out)?;
     p.out = again.addr();
     p.x = 0;
-    fora_reuse_final_with(gpu, &p, tpt)?;
+    source.launch(gpu, &p)?;
     ensure!(
         gpu.download_bf16(&again)? == got,
         "{what}: the output differs when x is not written"
@@ -821,7 +984,7 @@ pub fn run_fora_reuse_final<D: TestDevice>(
         p.final_b = b_d.addr();
         p.final_out = final_out.addr();
         p.n_out = n_out as i32;
-        fora_reuse_final_with(gpu, &p, tpt)?;
+        source.launch(gpu, &p)?;
         let got_final = gpu.download_f32(&final_out)?;
         let linear = |y: &[f32]| -> Vec<f32> {
             (0..token_rows * n_out)
@@ -856,7 +1019,7 @@ pub fn run_fora_reuse_final<D: TestDevice>(
     Ok(got)
 }
 
-/// Every case of fora_reuse_final.
+/// Every case of fora_reuse_final (every variant) and of fora_sum_final.
 pub fn check_fora_reuse_final<D: TestDevice>(gpu: &D) -> Result<()> {
     let case = |images, rows, channels, size, patch, dim, layers, slab_pad| ReuseFinalCase {
         images,
@@ -884,6 +1047,7 @@ pub fn check_fora_reuse_final<D: TestDevice>(gpu: &D) -> Result<()> {
         (case(1, 2, 4, 8, 4, 2048, 2, 0), 66),
     ];
     for (c, seed) in &cases {
+        run_reuse_forward(gpu, c, ReuseSource::Sum, *seed)?;
         let one = run_fora_reuse_final(gpu, c, ReuseTokens::One, *seed)?;
         // Every other variant: the same operations per token, so the same bits.
         for tpt in &ReuseTokens::ALL[1..] {
