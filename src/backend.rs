@@ -105,6 +105,11 @@ pub struct StepSpec {
     pub t: i64,
     pub mode: StepMode,
     pub update: StepUpdate,
+    /// For a `Reuse` step: how many of the steps right after it reuse too (the run of reuse
+    /// steps until the next computing step, as the sampler's schedule says), so a backend may
+    /// prepare them together (the CUDA backend's `FORA_REUSE_SUM` sums the cache once for the
+    /// whole run). 0 when unknown; ignored for `Compute` steps.
+    pub reuse_ahead: usize,
 }
 
 /// What a sampling run needs to allocate: fixed for the life of a workspace.

@@ -261,12 +261,25 @@ impl<'a, B: Backend> Sampler<'a, B> {
         let loop_start = Instant::now();
         let steps = self.steps();
         let (mut computed, mut reused) = (0usize, 0usize);
-        for k in 0..steps {
+        // The policy decides every step before the loop (in loop order, once each: it sees
+        // only the step's position and timestep), so that a reuse step knows how many reuse
+        // steps follow it.
+        let modes: Vec<StepMode> = (0..steps)
+            .map(|k| {
+                let i = steps - 1 - k;
+                let t = self.diffusion.timestep_map[i] as i64;
+                let asked = policy.mode(&StepContext { k, i, steps, t });
+                if k == 0 {
+                    StepMode::Compute
+                } else {
+                    asked
+                }
+            })
+            .collect();
+        let reuse_ahead = reuse_runs(&modes);
+        for (k, &mode) in modes.iter().enumerate() {
             let i = steps - 1 - k;
             let t = self.diffusion.timestep_map[i] as i64;
-            let ctx = StepContext { k, i, steps, t };
-            let asked = policy.mode(&ctx);
-            let mode = if k == 0 { StepMode::Compute } else { asked };
             let _step = crate::nvtx_range!(
                 "step {k} {}",
                 match mode {
@@ -280,6 +293,7 @@ impl<'a, B: Backend> Sampler<'a, B> {
                 t,
                 mode,
                 update: self.updates[i],
+                reuse_ahead: reuse_ahead[k],
             };
             self.backend.step(&mut ws, &spec).with_context(|| {
                 format!(
@@ -333,6 +347,19 @@ impl<'a, B: Backend> Sampler<'a, B> {
             },
         })
     }
+}
+
+/// For each step of a schedule, how many of the steps right after it reuse
+/// ([`StepSpec::reuse_ahead`]): for a reuse step the rest of its run, 0 for a computing step
+/// (`[C, R, R, C, R]` gives `[0, 1, 0, 0, 0]`).
+pub fn reuse_runs(modes: &[StepMode]) -> Vec<usize> {
+    let mut ahead = vec![0usize; modes.len()];
+    for k in (0..modes.len().saturating_sub(1)).rev() {
+        if modes[k] == StepMode::Reuse && modes[k + 1] == StepMode::Reuse {
+            ahead[k] = ahead[k + 1] + 1;
+        }
+    }
+    ahead
 }
 
 /// Fills `out` (`[B, C, H, W]`, the conditional rows) with x_T from `source`: stream 0 of the

@@ -457,6 +457,7 @@ fn run_steps(be: &CpuBackend, p: &fora::backend::SamplePlan) -> Vec<f32> {
             t: p.timesteps[k],
             mode,
             update: ddpm_update(k + 1 < p.steps),
+            reuse_ahead: 0,
         };
         be.step(&mut ws, &spec).unwrap();
     }
@@ -494,6 +495,7 @@ fn sampling_steps_are_deterministic_and_use_their_noise() {
         t: 999,
         mode: StepMode::Reuse,
         update: ddpm_update(true),
+        reuse_ahead: 0,
     };
     let err = be.step(&mut ws, &spec).unwrap_err().to_string();
     assert!(err.contains("first step must compute"), "{err}");
@@ -542,6 +544,7 @@ fn a_guided_step_is_forward_with_cfg_then_the_update() {
             t: 420,
             mode: StepMode::Compute,
             update: ddpm_update(true),
+            reuse_ahead: 0,
         };
         be.step(&mut ws, &spec).unwrap();
         let got = be.latents(&mut ws).unwrap();

@@ -350,6 +350,7 @@ fn gpu_sampling_allocates_nothing() {
             t,
             mode,
             update: diffusion.step_update(i, SamplerKind::Ddpm).unwrap(),
+            reuse_ahead: 0,
         };
         cuda.step(&mut ws, &spec).unwrap();
     }
@@ -386,6 +387,7 @@ fn gpu_reuse_first_step_is_an_error() {
         t: diffusion.original_timestep(9).unwrap(),
         mode: StepMode::Reuse,
         update: diffusion.step_update(9, SamplerKind::Ddpm).unwrap(),
+        reuse_ahead: 0,
     };
     let err = cuda.step(&mut ws, &spec).unwrap_err();
     assert!(format!("{err:#}").contains("first step"), "{err:#}");

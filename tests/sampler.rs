@@ -8,7 +8,7 @@ use fora::cache::{CachePolicy, NoCache, StaticInterval, StepMask};
 use fora::config::{Arch, DitConfig};
 use fora::diffusion::{apply_update, space_timesteps};
 use fora::rng::fill_normal;
-use fora::sampler::{fill_initial_noise, fill_step_noise, Sampler, SamplerOptions};
+use fora::sampler::{fill_initial_noise, fill_step_noise, reuse_runs, Sampler, SamplerOptions};
 use std::cell::RefCell;
 
 /// A stand-in model: a "block" term that depends on x (cached on compute steps, reused
@@ -18,6 +18,8 @@ struct MockBackend {
     config: DitConfig,
     /// (k, i, t, mode) of every step, in order.
     log: RefCell<Vec<(usize, usize, i64, StepMode)>>,
+    /// reuse_ahead of every step, in order.
+    ahead: RefCell<Vec<usize>>,
 }
 
 struct MockWorkspace {
@@ -36,6 +38,7 @@ impl MockBackend {
         MockBackend {
             config: DitConfig::from_arch(&arch, 3, 4, 10, learn_sigma).unwrap(),
             log: RefCell::new(Vec::new()),
+            ahead: RefCell::new(Vec::new()),
         }
     }
 }
@@ -67,6 +70,7 @@ impl Backend for MockBackend {
         self.log
             .borrow_mut()
             .push((step.k, step.i, step.t, step.mode));
+        self.ahead.borrow_mut().push(step.reuse_ahead);
         match step.mode {
             StepMode::Compute => {
                 for (c, &x) in ws.cache.iter_mut().zip(&ws.x) {
@@ -420,4 +424,25 @@ fn fifty_steps_match_the_official_code() {
     .unwrap();
     let gap = rel_l2(&uncached.latents, &results[0]);
     assert!(gap > 1e-3, "FORA N=3 vs no cache differ by only {gap:e}");
+}
+
+#[test]
+fn reuse_steps_know_the_rest_of_their_run() {
+    use StepMode::{Compute as C, Reuse as R};
+    assert_eq!(reuse_runs(&[C, R, R, C, R]), [0, 1, 0, 0, 0]);
+    assert_eq!(reuse_runs(&[C, R, R, R, R]), [0, 3, 2, 1, 0]);
+    assert_eq!(reuse_runs(&[C, C]), [0, 0]);
+    assert!(reuse_runs(&[]).is_empty());
+
+    // The sampler hands every step the rest of its run, per the policy's schedule (the official
+    // N=3 over 10 steps computes at i = 9, 6, 3, 0: k = 0, 3, 6, 9).
+    let backend = MockBackend::new(true);
+    let sampler = Sampler::new(&backend, SamplerOptions::ddpm(10)).unwrap();
+    let mut policy = StaticInterval::new(3).unwrap();
+    sampler
+        .sample(&[1], NoiseSource::Seed(3), &mut policy)
+        .unwrap();
+    assert_eq!(*backend.ahead.borrow(), [0, 1, 0, 0, 1, 0, 0, 1, 0, 0]);
+    let modes: Vec<StepMode> = backend.log.borrow().iter().map(|e| e.3).collect();
+    assert_eq!(modes, [C, R, R, C, R, R, C, R, R, C]);
 }

@@ -26,6 +26,7 @@ fn step_specs(sampler: &Sampler<'_, CudaBackend>, plan: &SamplePlan) -> Result<V
                 t: plan.timesteps[k],
                 mode: StepMode::Compute,
                 update: sampler.diffusion().step_update(i, SamplerKind::Ddpm)?,
+                reuse_ahead: 0,
             })
         })
         .collect()

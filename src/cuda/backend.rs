@@ -477,6 +477,7 @@ impl CudaBackend {
                 min_log: 0.0,
                 add_noise: false,
             },
+            reuse_ahead: 0,
         };
         // The reuse step reads its precomputed table in place: only fora_reuse_final reads it.
         let reuse_in_place = self.options.reuse_table_in_place
