@@ -326,6 +326,7 @@ fn fake_report() -> Report {
             lt_splitk: false,
             l2_persist: false,
             pdl: false,
+            reuse_sum: 0,
         },
         attention: "v1".into(),
         cfg_scale: 4.0,

@@ -91,4 +91,27 @@ fn options_from_the_environment() {
         assert!(err.contains(var) && err.contains("yes"), "{var}=yes: {err}");
         unsafe { std::env::remove_var(var) };
     }
+
+    // FORA_REUSE_SUM: off by default, the steps a cache sum serves (1..=4), else refused.
+    unsafe { std::env::remove_var("FORA_REUSE_SUM") };
+    assert_eq!(defaults.reuse_sum, 0);
+    for (value, want) in [("0", 0), ("1", 1), (" 2 ", 2), ("4", 4), ("", 0)] {
+        unsafe { std::env::set_var("FORA_REUSE_SUM", value) };
+        let o = CudaOptions::from_env().unwrap();
+        assert_eq!(o.reuse_sum, want, "FORA_REUSE_SUM={value:?}");
+        assert_eq!(
+            CudaOptions { reuse_sum: 0, ..o },
+            defaults,
+            "FORA_REUSE_SUM={value:?} changed another option"
+        );
+    }
+    for bad in ["5", "-1", "two"] {
+        unsafe { std::env::set_var("FORA_REUSE_SUM", bad) };
+        let err = format!("{:#}", CudaOptions::from_env().unwrap_err());
+        assert!(
+            err.contains("FORA_REUSE_SUM") && err.contains(bad),
+            "FORA_REUSE_SUM={bad}: {err}"
+        );
+    }
+    unsafe { std::env::remove_var("FORA_REUSE_SUM") };
 }

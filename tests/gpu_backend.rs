@@ -317,57 +317,94 @@ fn gpu_same_seed_same_bits() {
     assert!(a.latents.iter().all(|v| v.is_finite()));
 }
 
-/// A whole FORA run after the workspace exists: no device allocation, free memory unchanged.
-#[test]
-fn gpu_sampling_allocates_nothing() {
+/// A whole FORA run (N=3, 30 guided steps of 4 images) after the workspace exists, with each
+/// of `variants` (changes to the backend's options): no device allocation, free memory
+/// unchanged, finite latents.
+fn assert_sampling_allocates_nothing(
+    name: &str,
+    variants: &[&dyn Fn(fora::cuda::CudaOptions) -> fora::cuda::CudaOptions],
+) {
     let cfg = small_cfg();
-    let Some(gpu) = test_gpu("gpu_sampling_allocates_nothing") else {
+    let Some(gpu) = test_gpu(name) else {
         return;
     };
-    let cuda = CudaBackend::new(gpu, &cfg, &DitWeights::random(&cfg, 8)).unwrap();
+    let mut cuda = CudaBackend::new(gpu, &cfg, &DitWeights::random(&cfg, 8)).unwrap();
     let steps = 30;
     let options = SamplerOptions::ddpm(steps).with_guidance(Some(Guidance {
         scale: 4.0,
         mode: GuidanceMode::Official3,
     }));
-    let sampler = Sampler::new(&cuda, options).unwrap();
-    let plan = sampler.plan(&[1, 2, 3, 4], NoiseSource::Seed(1)).unwrap();
-    let mut ws = cuda.workspace(&plan).unwrap();
-    cuda.gpu().synchronize().unwrap();
-    let allocs = cuda.gpu().allocations();
-    let free = cuda.gpu().mem_info().unwrap().0;
     let diffusion = Diffusion::new(&steps.to_string(), cfg.learn_sigma).unwrap();
     let mut policy = StaticInterval::new(3).unwrap();
-    let mut reused = 0;
-    for k in 0..steps {
-        let i = steps - 1 - k;
-        let t = diffusion.original_timestep(i).unwrap();
-        let mode = policy.mode(&StepContext { k, i, steps, t });
-        reused += (mode == StepMode::Reuse) as usize;
-        let spec = StepSpec {
-            k,
-            i,
-            t,
-            mode,
-            update: diffusion.step_update(i, SamplerKind::Ddpm).unwrap(),
-            reuse_ahead: 0,
-        };
-        cuda.step(&mut ws, &spec).unwrap();
+    let modes: Vec<StepMode> = (0..steps)
+        .map(|k| {
+            let i = steps - 1 - k;
+            let t = diffusion.original_timestep(i).unwrap();
+            policy.mode(&StepContext { k, i, steps, t })
+        })
+        .collect();
+    let ahead = fora::sampler::reuse_runs(&modes);
+    let defaults = cuda.options();
+    for (v, variant) in variants.iter().enumerate() {
+        let o = variant(defaults);
+        cuda.set_options(o);
+        let sampler = Sampler::new(&cuda, options.clone()).unwrap();
+        let plan = sampler.plan(&[1, 2, 3, 4], NoiseSource::Seed(1)).unwrap();
+        let mut ws = cuda.workspace(&plan).unwrap();
+        cuda.gpu().synchronize().unwrap();
+        let allocs = cuda.gpu().allocations();
+        let free = cuda.gpu().mem_info().unwrap().0;
+        let mut reused = 0;
+        for (k, &mode) in modes.iter().enumerate() {
+            let i = steps - 1 - k;
+            reused += (mode == StepMode::Reuse) as usize;
+            let spec = StepSpec {
+                k,
+                i,
+                t: diffusion.original_timestep(i).unwrap(),
+                mode,
+                update: diffusion.step_update(i, SamplerKind::Ddpm).unwrap(),
+                reuse_ahead: ahead[k],
+            };
+            cuda.step(&mut ws, &spec).unwrap();
+        }
+        cuda.gpu().synchronize().unwrap();
+        let what = format!("variant {v}: {o:?}");
+        assert!(reused > 0);
+        assert_eq!(ws.uses_reuse_sums(), o.reuse_sum > 0, "{what}");
+        assert_eq!(
+            cuda.gpu().allocations(),
+            allocs,
+            "{what}: a sampling run allocated device buffers"
+        );
+        assert_eq!(
+            cuda.gpu().mem_info().unwrap().0,
+            free,
+            "{what}: free device memory changed during sampling"
+        );
+        let out = cuda.latents(&mut ws).unwrap();
+        assert!(out.iter().all(|v| v.is_finite()), "{what}");
     }
-    cuda.gpu().synchronize().unwrap();
-    assert!(reused > 0);
-    assert_eq!(
-        cuda.gpu().allocations(),
-        allocs,
-        "a sampling run allocated device buffers"
+}
+
+#[test]
+fn gpu_sampling_allocates_nothing() {
+    assert_sampling_allocates_nothing("gpu_sampling_allocates_nothing", &[&|o| o]);
+}
+
+/// FORA_REUSE_SUM: a run's first reuse step computes its gates (without precomputed tables)
+/// and its sums into workspace buffers.
+#[test]
+fn gpu_reuse_sum_sampling_allocates_nothing() {
+    use fora::cuda::CudaOptions;
+    assert_sampling_allocates_nothing(
+        "gpu_reuse_sum_sampling_allocates_nothing",
+        &[&|o| CudaOptions { reuse_sum: 2, ..o }, &|o| CudaOptions {
+            reuse_sum: 2,
+            precompute_modulation: false,
+            ..o
+        }],
     );
-    assert_eq!(
-        cuda.gpu().mem_info().unwrap().0,
-        free,
-        "free device memory changed during sampling"
-    );
-    let out = cuda.latents(&mut ws).unwrap();
-    assert!(out.iter().all(|v| v.is_finite()));
 }
 
 #[test]
@@ -828,6 +865,81 @@ fn gpu_step_graph_is_exact() {
             );
         }
     }
+}
+
+/// FORA_REUSE_SUM: a run of reuse steps reads its cache sums (one pass over the cache per up
+/// to k steps) instead of the cache, up to the f32 association of the sums (the bound is
+/// bf16's epsilon, as for split-K: a different f32 order flips some bf16 roundings downstream).
+/// Runs of 2 (N=3) and of 4 (N=5: one pass with 4 slots, two with 2 and 3, the latter a pass
+/// of 1 left over), with the whole-step graph and without graphs, with and without precomputed
+/// tables. A sum left pointing at the run's first step, a stale sum after a computing step or
+/// a wrong slot shifts a step's gates by several timesteps. The per-forward graphs cannot
+/// re-point a sum: there the workspace keeps none.
+#[test]
+fn gpu_reuse_sums_match_the_cache_path() {
+    use fora::cuda::gemm::GemmImpl;
+    use fora::cuda::CudaOptions;
+    let cfg = small_cfg();
+    let Some((_cpu, mut cuda)) = backends("gpu_reuse_sums_match_the_cache_path", &cfg, 37) else {
+        return;
+    };
+    let options = SamplerOptions::ddpm(12).with_guidance(Some(Guidance {
+        scale: 3.0,
+        mode: GuidanceMode::Official3,
+    }));
+    let classes = [4, 1];
+    let base = CudaOptions {
+        gemm: GemmImpl::CublasLt,
+        fused_reuse: true,
+        side_stream: false,
+        lt_autotune: false,
+        ..cuda.options()
+    };
+    for (graphs, step_graph) in [(true, true), (false, false)] {
+        for precompute in [true, false] {
+            let off = CudaOptions {
+                graphs,
+                step_graph,
+                precompute_modulation: precompute,
+                reuse_sum: 0,
+                ..base
+            };
+            for (interval, slots) in [(3, 2), (5, 4), (5, 2), (5, 3)] {
+                let on = CudaOptions {
+                    reuse_sum: slots,
+                    ..off
+                };
+                cuda.set_options(on);
+                let sampler = Sampler::new(&cuda, options.clone()).unwrap();
+                let plan = sampler.plan(&classes, NoiseSource::Seed(9)).unwrap();
+                assert!(cuda.workspace(&plan).unwrap().uses_reuse_sums());
+                let summed = sample_latents(&cuda, &options, &classes, 9, interval);
+                cuda.set_options(off);
+                let cached = sample_latents(&cuda, &options, &classes, 9, interval);
+                assert!(cached.iter().all(|v| v.is_finite()));
+                check_close(
+                    &format!(
+                        "graphs={graphs} precompute={precompute} N={interval} slots={slots}: \
+                         cache sums vs the cache"
+                    ),
+                    &summed,
+                    &cached,
+                    BF16_EPSILON,
+                )
+                .unwrap();
+            }
+        }
+    }
+    // Per-forward graphs (whole-step graph off) keep no sums.
+    cuda.set_options(CudaOptions {
+        graphs: true,
+        step_graph: false,
+        reuse_sum: 2,
+        ..base
+    });
+    let sampler = Sampler::new(&cuda, options.clone()).unwrap();
+    let plan = sampler.plan(&classes, NoiseSource::Seed(9)).unwrap();
+    assert!(!cuda.workspace(&plan).unwrap().uses_reuse_sums());
 }
 
 /// `FORA_L2_PERSIST=1` is a cache hint: with the FORA cache read through an L2 persisting window

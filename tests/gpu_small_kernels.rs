@@ -82,6 +82,14 @@ fn gpu_fora_reuse_final() -> Result<()> {
 }
 
 #[test]
+fn gpu_fora_sum_final() -> Result<()> {
+    let Some(gpu) = test_gpu("gpu_fora_sum_final") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_fora_sum_final(&gpu)
+}
+
+#[test]
 fn gpu_fora_cache_sum() -> Result<()> {
     let Some(gpu) = test_gpu("gpu_fora_cache_sum") else {
         return Ok(());

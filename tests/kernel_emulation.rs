@@ -547,6 +547,14 @@ fn emulated_fora_reuse_final() -> Result<()> {
 }
 
 #[test]
+fn emulated_fora_sum_final() -> Result<()> {
+    let Some(emu) = emulator("emulated_fora_sum_final") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_fora_sum_final(emu)
+}
+
+#[test]
 fn emulated_fora_cache_sum() -> Result<()> {
     let Some(emu) = emulator("emulated_fora_cache_sum") else {
         return Ok(());

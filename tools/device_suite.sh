@@ -22,7 +22,8 @@
 #   racecheck  racecheck over the kernel tests, our kernels only (RACECHECK_RUNS overrides);
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
-#              "default f32_product attention_tma reuse_in_place side_stream pdl tma"; "all"
+#              "default reuse_sum f32_product attention_tma reuse_in_place side_stream pdl tma";
+#              "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
 #              l2_persist, tma_pdl, attention_v1, attention_v2, attention_wgmma,
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
@@ -47,7 +48,7 @@ PHASES=${PHASES:-tests bench torch variants memcheck}
 # one call beside the other phases).
 SANITIZE_FULL=${SANITIZE_FULL:-0}
 # The variants whose default is still to decide (VARIANTS=all: every one).
-VARIANTS=${VARIANTS:-default f32_product attention_tma reuse_in_place side_stream pdl tma}
+VARIANTS=${VARIANTS:-default reuse_sum f32_product attention_tma reuse_in_place side_stream pdl tma}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -65,10 +66,11 @@ TESTS=${TESTS:-gpu_small_kernels gpu_attention gpu_gemm gpu_backend cli}
 phase_tests() {
   {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    # The tests of the never-run TMA kernels ("tma" in the name) in a process of their own: a
-    # kernel fault poisons the CUDA context for every later test of its process.
+    # The tests of the never-run kernels ("tma" in the name; session 9's cache sums, "sum") in
+    # processes of their own: a kernel fault poisons the CUDA context for every later test of
+    # its process.
     for t in $TESTS; do
-      for part in "--skip tma" "tma"; do
+      for part in "--skip tma --skip sum" "tma" "sum"; do
         echo "=== test $t $part"
         # shellcheck disable=SC2086 # $part is a flag and its value, or a filter
         bounded 150 .devpack/test/$t --test-threads=1 --nocapture $part 2>&1 \
@@ -125,10 +127,11 @@ phase_issue5() {
   tail -n 2 "$OUT/issue5_fora.log"
   # The attention kernels, the untried TMA one included, in a process of their own (ceilings
   # and every kernel row again: the attention rows are what it is for).
-  echo "=== issue 5: kernel rows with the untried attention tma"
+  echo "=== issue 5: kernel rows with the untried attention tma and cache-sum kernels"
   FORA_BENCH_HOPPER_GEMMS=0 bounded 60 .devpack/bin/fora bench --sections ceilings,kernels --batches 2,256 \
     --json "$OUT/issue5_kernels.json" > "$OUT/issue5_kernels.log" 2>&1
-  grep -E "^\| attention \||^\| (device copy|copy kernel|read kernel)" "$OUT/issue5_kernels.log" | head -n 12
+  grep -E "^\| (attention|fora_cache_sum|fora_sum_final|fora_reuse_final) \||^\| (device copy|copy kernel|read kernel)" \
+    "$OUT/issue5_kernels.log" | head -n 30
   echo "=== issue 5: PyTorch eager, graph and torch.compile"
   local budget=$(( $(left) - 40 ))
   if [ "$budget" -gt 60 ]; then
@@ -269,7 +272,7 @@ phase_variants() {
   for v in "default:cublaslt:" "unfused:cublaslt:FORA_FUSED_REUSE=0 FORA_FUSED_LN=0 FORA_LT_BIAS_BF16=0" \
            "f32_bias:cublaslt:FORA_LT_BIAS_BF16=0" "f32_product:cublaslt:FORA_BF16_RESIDUAL=0" \
            "full_table:cublaslt:FORA_REUSE_GATES_ONLY=0" "forward_graph:cublaslt:FORA_STEP_GRAPH=0" \
-           "reuse_in_place:cublaslt:FORA_REUSE_TABLE_IN_PLACE=1" \
+           "reuse_in_place:cublaslt:FORA_REUSE_TABLE_IN_PLACE=1" "reuse_sum:cublaslt:FORA_REUSE_SUM=2" \
            "fused_final:cublaslt:FORA_FUSED_FINAL=1" "attention_v1:cublaslt:FORA_ATTENTION=v1" \
            "lt_splitk:cublaslt:FORA_LT_SPLITK=1 FORA_BF16_RESIDUAL=0" "l2_persist:cublaslt:FORA_L2_PERSIST=1" \
            "pdl:cublaslt:FORA_PDL=1" "tma_pdl:tma:FORA_PDL=1" \
@@ -292,6 +295,7 @@ phase_variants() {
     grep -E "^\| (cublaslt|custom|wgmma|tma)[a-z-]* \| (2|256) \|" "$OUT/variant_$name.log" | head -n 4
     # End to end, one image: N = 1 and 3 (the realized speedup of each path).
     grep -E "^\| (cublaslt|custom|wgmma|tma)[a-z-]* \| [13] \| 250 \|" "$OUT/variant_$name.log" | head -n 2
+    grep -E "reuse steps from cache sums" "$OUT/variant_$name.log" | head -n 2
     tail -n 1 "$OUT/variant_$name.log"
   done
   python3 tools/variants_report.py "$OUT" --md "$OUT/variants.md"

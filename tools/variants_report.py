@@ -100,6 +100,13 @@ def report(out_dir):
     out.append(f"Execution paths on {dev.get('name', DASH)} ({', '.join(names)}); "
                f"rows: {', '.join(map(str, rows))}; kernels and host issue time at {rows[0] if rows else DASH} rows.\n")
     out.append("\n".join(lines))
+    # FORA_REUSE_SUM runs: a reuse step's mean over a run of reuse steps (its sums pass included).
+    summed = [(n, r, step(runs[n], r, "reuse_summed")) for n in names for r in rows]
+    summed = [f"- `{n}`, {r} rows: {fmt(s['median_ms'], 4)} ms a reuse step, mean over a run of "
+              f"{(runs[n].get('settings') or {}).get('reuse_sum', DASH)} (its one pass over the cache included)"
+              for n, r, s in summed if s]
+    if summed:
+        out.append("\nReuse steps from cache sums:\n" + "\n".join(summed))
     errors = [f"- `{n}`: {e.get('section')} / {e.get('what')}: {e.get('error')}"
               for n in names for e in runs[n].get("errors", [])]
     if errors:

@@ -8,13 +8,16 @@ use crate::cuda::bandwidth::{bandwidth_copy, bandwidth_read, bandwidth_read_word
 use crate::cuda::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
 use crate::cuda::device::KernelLauncher;
 use crate::cuda::embed::patch_embed;
-use crate::cuda::fora::{fora_reuse, fora_reuse_final_with, ReuseTokens};
+use crate::cuda::fora::{
+    fora_cache_sum, fora_reuse, fora_reuse_final_with, fora_sum_final, ReuseTokens,
+};
 use crate::cuda::gemm::{Epilogue, Gemm, GemmImpl, TmaTile};
 use crate::cuda::model::{ada_cols, reuse_final_params};
 use crate::cuda::norm::{layernorm_modulate_with, residual_layernorm_with, RowWarps};
 use crate::cuda::params::{
-    AttentionParams, BandwidthParams, ForaReuseFinalParams, ForaReuseParams, GemmParams,
-    LayerNormModulateParams, PatchEmbedParams, ResidualLayerNormParams, SamplerStepParams,
+    AttentionParams, BandwidthParams, ForaCacheSumParams, ForaReuseFinalParams, ForaReuseParams,
+    GemmParams, LayerNormModulateParams, PatchEmbedParams, ResidualLayerNormParams,
+    SamplerStepParams,
 };
 use crate::cuda::sampler::{guided_channels, sampler_step, set_update};
 use crate::cuda::{dptr, Gpu};
@@ -491,8 +494,17 @@ pub(super) fn bench_kernels(
     let reuse_row = bench_fora_reuse(gpu, cfg, rows, timer, rotate);
     push_kernel(report, "fora_reuse", rows, reuse_row);
     for tpt in ReuseTokens::ALL {
-        let fused_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, tpt);
+        let fused_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, Some(tpt));
         push_kernel(report, "fora_reuse_final", rows, fused_row);
+    }
+    if untried {
+        // FORA_REUSE_SUM's kernels (session 9, not yet run on a GPU).
+        let sum_final_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, None);
+        push_kernel(report, "fora_sum_final", rows, sum_final_row);
+        for count in [1, 2, 4] {
+            let sum_row = bench_fora_cache_sum(gpu, cfg, rows, timer, rotate, count);
+            push_kernel(report, "fora_cache_sum", rows, sum_row);
+        }
     }
     for warps in [RowWarps::One, RowWarps::Four] {
         let ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, false, warps);
@@ -748,35 +760,54 @@ fn bench_sampler_step(
 }
 
 /// The fused reuse forward: what patch_embed + fora_reuse + layernorm_modulate do in a reuse
-/// step, in one launch.
+/// step, in one launch; from the cache (`Some(variant)`, fora_reuse_final) or from a cache sum
+/// (`None`, fora_sum_final).
 fn bench_fora_reuse_final(
     gpu: &Gpu,
     cfg: &DitConfig,
     rows: usize,
     timer: &Timer,
     rotate: usize,
-    tpt: ReuseTokens,
+    tpt: Option<ReuseTokens>,
 ) -> Result<KernelRow> {
     let (d, t, l) = (cfg.hidden, cfg.tokens(), cfg.depth);
     let k = cfg.in_channels * cfg.patch * cfg.patch;
     let slab = rows * t * d;
     let img = rows * cfg.image_len();
     let cols = ada_cols(cfg);
-    // Minimum traffic: the cache once, latents read, the bf16 LayerNorm output written, the
-    // gates, shift and scale vectors of every row, the embedding weight and positions once.
-    let bytes = 2 * l * slab * 2
-        + img * 4
-        + slab * 2
-        + rows * (2 * l + 2) * d * 4
-        + (k * d + t * d + d) * 4;
-    let set = 2 * l * slab * 2 + img * 4 + slab * 2 + rows * cols * 4;
+    // Minimum traffic: the cache once (the gates of every row) or the f32 sum, latents read,
+    // the bf16 LayerNorm output written, the shift and scale vectors of every row, the
+    // embedding weight and positions once.
+    let source_bytes = match tpt {
+        Some(_) => 2 * l * slab * 2 + rows * 2 * l * d * 4,
+        None => slab * 4,
+    };
+    let bytes = source_bytes + img * 4 + slab * 2 + rows * 2 * d * 4 + (k * d + t * d + d) * 4;
+    let set = source_bytes + img * 4 + slab * 2 + rows * cols * 4;
     let copies = rotation_copies(set, rotate);
     let mut sets = Vec::with_capacity(copies);
     for c in 0..copies {
         let seed = 600 + 10 * c as u64;
+        let (cache, sum) = match tpt {
+            Some(_) => (
+                Some(random_bf16(
+                    gpu,
+                    2 * l * slab,
+                    1.0,
+                    seed + 1,
+                    "fused cache",
+                )?),
+                None,
+            ),
+            None => (
+                None,
+                Some(random_f32(gpu, slab, 1.0, seed + 3, "fused sum")?),
+            ),
+        };
         sets.push((
             random_f32(gpu, img, 1.0, seed, "fused latents")?,
-            random_bf16(gpu, 2 * l * slab, 1.0, seed + 1, "fused cache")?,
+            cache,
+            sum,
             random_f32(gpu, rows * cols, 1e-3, seed + 2, "fused modulation")?,
             gpu.alloc_zeros::<bf16>(slab, "fused out")?,
         ));
@@ -785,42 +816,117 @@ fn bench_fora_reuse_final(
     let bias = random_f32(gpu, d, 0.1, 691, "fused embed bias")?;
     let pos = random_f32(gpu, t * d, 1.0, 692, "fused pos")?;
     let params = |i: usize| {
-        let (lat, cache, m, out) = &sets[i % copies];
+        let (lat, cache, sum, m, out) = &sets[i % copies];
         ForaReuseFinalParams {
             latents: dptr(lat),
             embed_weight_t: dptr(&weight_t),
             embed_bias: dptr(&bias),
             pos: dptr(&pos),
-            cache: dptr(cache),
-            sum: 0,
+            cache: cache.as_ref().map_or(0, dptr),
+            sum: sum.as_ref().map_or(0, dptr),
             modulation: dptr(m),
             out: dptr(out),
             ..reuse_final_params(cfg, rows, rows)
         }
     };
-    let (stats, per_replay) =
-        timer.time_alone(gpu, copies, |i| fora_reuse_final_with(gpu, &params(i), tpt))?;
-    let picked = ReuseTokens::pick(&params(0), gpu.multiprocessors()) == tpt;
-    Ok(KernelRow {
-        name: "fora_reuse_final".into(),
-        // The variant the launcher picks at these rows is "custom"; the others are named.
-        imp: if picked {
-            "custom".into()
-        } else {
-            format!(
-                "custom ({} tokens/thread, {} layers in flight{})",
-                tpt.tokens(),
-                tpt.layers_in_flight(),
-                match (tpt.layers_prefetched(), tpt.ring()) {
-                    (0, 0) => String::new(),
-                    (0, r) => format!(" through a {r}-layer ring in shared memory"),
-                    (n, _) => format!(", {n} more prefetched to L2"),
-                }
+    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| match tpt {
+        Some(tpt) => fora_reuse_final_with(gpu, &params(i), tpt),
+        None => fora_sum_final(gpu, &params(i)),
+    })?;
+    let (name, imp, what) = match tpt {
+        None => (
+            "fora_sum_final",
+            "custom".to_string(),
+            format!("embed + sum {rows}x{t}x{d} + LN"),
+        ),
+        Some(tpt) => {
+            let picked = ReuseTokens::pick(&params(0), gpu.multiprocessors()) == tpt;
+            // The variant the launcher picks at these rows is "custom"; the others are named.
+            let imp = if picked {
+                "custom".into()
+            } else {
+                format!(
+                    "custom ({} tokens/thread, {} layers in flight{})",
+                    tpt.tokens(),
+                    tpt.layers_in_flight(),
+                    match (tpt.layers_prefetched(), tpt.ring()) {
+                        (0, 0) => String::new(),
+                        (0, r) => format!(" through a {r}-layer ring in shared memory"),
+                        (n, _) => format!(", {n} more prefetched to L2"),
+                    }
+                )
+            };
+            (
+                "fora_reuse_final",
+                imp,
+                format!("embed + {l} layers x 2 x {rows}x{t}x{d} + LN"),
             )
-        },
+        }
+    };
+    Ok(KernelRow {
+        name: name.into(),
+        imp,
+        rows,
+        shape: format!("{what}, {:.1} MB", bytes as f64 / 1e6),
+        bound: Bound::Memory,
+        work: bytes as f64,
+        stats: Some(stats),
+        launches_per_replay: per_replay,
+    })
+}
+
+/// fora_cache_sum: one pass over the cache for the sums of `count` reuse steps.
+fn bench_fora_cache_sum(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    rotate: usize,
+    count: usize,
+) -> Result<KernelRow> {
+    let (d, t, l) = (cfg.hidden, cfg.tokens(), cfg.depth);
+    let slab = rows * t * d;
+    let cols = ada_cols(cfg);
+    // Minimum traffic: the cache once, the sums written, every row's gates of every step.
+    let bytes = 2 * l * slab * 2 + count * slab * 4 + count * rows * 2 * l * d * 4;
+    let set = 2 * l * slab * 2 + count * (slab + rows * cols) * 4;
+    let copies = rotation_copies(set, rotate);
+    let mut sets = Vec::with_capacity(copies);
+    for c in 0..copies {
+        let seed = 700 + 10 * c as u64;
+        sets.push((
+            random_bf16(gpu, 2 * l * slab, 1.0, seed, "sum cache")?,
+            random_f32(gpu, count * rows * cols, 1e-3, seed + 1, "sum gates")?,
+            gpu.alloc_zeros::<f32>(count * slab, "sums")?,
+        ));
+    }
+    let params = |i: usize| {
+        let (cache, tables, sums) = &sets[i % copies];
+        ForaCacheSumParams {
+            cache: dptr(cache),
+            tables: dptr(tables),
+            sums: dptr(sums),
+            slab: slab as i64,
+            table_stride: (rows * cols) as i64,
+            sum_stride: slab as i64,
+            rows: rows as i32,
+            tokens: t as i32,
+            dim: d as i32,
+            layers: l as i32,
+            ld_mod: cols as i32,
+            layer_cols: (6 * d) as i32,
+            gate_msa_col: (2 * d) as i32,
+            gate_mlp_col: (5 * d) as i32,
+            count: count as i32,
+        }
+    };
+    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| fora_cache_sum(gpu, &params(i)))?;
+    Ok(KernelRow {
+        name: "fora_cache_sum".into(),
+        imp: format!("custom ({count} sums)"),
         rows,
         shape: format!(
-            "embed + {l} layers x 2 x {rows}x{t}x{d} + LN, {:.1} MB",
+            "{l} layers x 2 x {rows}x{t}x{d} -> {count} sums, {:.1} MB",
             bytes as f64 / 1e6
         ),
         bound: Bound::Memory,

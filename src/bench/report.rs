@@ -62,7 +62,11 @@ pub struct Ceiling {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StepKind {
     Full,
+    /// A reuse step on its own (with `FORA_REUSE_SUM`, a sums pass of one step, then its sum).
     Reuse,
+    /// With `FORA_REUSE_SUM=k`: a reuse step's mean over a run of k (the run's one pass over
+    /// the cache included).
+    ReuseSummed,
 }
 
 impl StepKind {
@@ -70,6 +74,7 @@ impl StepKind {
         match self {
             StepKind::Full => "full",
             StepKind::Reuse => "reuse",
+            StepKind::ReuseSummed => "reuse_summed",
         }
     }
 }
@@ -428,6 +433,7 @@ impl Report {
                 "lt_splitk": self.options.lt_splitk,
                 "l2_persist": self.options.l2_persist,
                 "pdl": self.options.pdl,
+                "reuse_sum": self.options.reuse_sum,
                 "attention": self.attention,
                 "cfg_scale": self.cfg_scale,
                 "timing": "CUDA events, back-to-back runs, median",
@@ -529,7 +535,11 @@ impl Report {
             } else {
                 "the heuristic's first choice"
             },
-            if self.options.fused_reuse && self.options.l2_persist {
+            if self.options.fused_reuse && self.options.reuse_sum > 0 {
+                "fused; the cache summed once per run of reuse steps (fora_cache_sum, up to \
+                 FORA_REUSE_SUM steps a pass, with the whole-step graph or no graphs), each \
+                 step one fora_sum_final launch, then the final GEMM"
+            } else if self.options.fused_reuse && self.options.l2_persist {
                 "fused, one fora_reuse_final launch, the cache persisting in L2 where most of it \
                  fits (FORA_L2_PERSIST=1)"
             } else if self.options.fused_reuse && !self.options.fused_final {
@@ -673,6 +683,21 @@ impl Report {
                     yes_no(full.and_then(|r| r.graphs)),
                     yes_no(full.and_then(|r| r.precomputed_modulation))
                 );
+            }
+            for r in self
+                .steps
+                .iter()
+                .filter(|r| r.kind == StepKind::ReuseSummed)
+            {
+                if let Some(st) = &r.stats {
+                    s +=
+                        &format!(
+                        "\n{} {} rows, reuse steps from cache sums (FORA_REUSE_SUM={}): {:.4} ms \
+                         a step, the mean over a run of {} (its one pass over the cache \
+                         included).\n",
+                        r.gemm, r.rows, self.options.reuse_sum, st.median_ms, self.options.reuse_sum
+                    );
+                }
             }
             // Host issue time per step against the GPU's: a host-bound step shows it.
             for r in &self.steps {

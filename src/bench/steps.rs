@@ -79,6 +79,7 @@ pub(super) fn bench_steps(
     let mut times = [None, None];
     let mut host = [None, None];
     let mut flags = (None, None);
+    let mut summed = None;
     match backend.workspace(&splan) {
         Ok(mut ws) => {
             flags = (Some(ws.uses_graphs()), Some(ws.modulation_precomputed()));
@@ -103,6 +104,27 @@ pub(super) fn bench_steps(
                     Err(e) => report.error("steps", &format!("{what}: {} step", kind.name()), &e),
                 }
             }
+            if ws.uses_reuse_sums() {
+                // Runs of `run` reuse steps, each run's first step summing the cache for all.
+                let run = backend.options().reuse_sum;
+                let timed = timer.time_with_host(backend.gpu(), |i| {
+                    let _run = crate::nvtx_range!("rows {rows} run {i} reuse_summed");
+                    (0..run).try_for_each(|j| {
+                        let spec = StepSpec {
+                            reuse_ahead: run - 1 - j,
+                            ..spec(i * run + j, StepMode::Reuse)
+                        };
+                        backend.step(&mut ws, &spec)
+                    })
+                });
+                match timed {
+                    Ok((st, h)) => {
+                        let per_step = 1.0 / run as f64;
+                        summed = Some((st.scaled(per_step), h * per_step));
+                    }
+                    Err(e) => report.error("steps", &format!("{what}: reuse run from sums"), &e),
+                }
+            }
         }
         Err(e) => report.error("steps", &format!("{what}: workspace"), &e),
     }
@@ -120,6 +142,18 @@ pub(super) fn bench_steps(
             graphs: flags.0,
             precomputed_modulation: flags.1,
             host_issue_ms,
+        });
+    }
+    if let Some((stats, host_issue_ms)) = summed {
+        report.steps.push(StepRow {
+            gemm: gemm.clone(),
+            rows,
+            kind: StepKind::ReuseSummed,
+            stats: Some(stats),
+            launches: None,
+            graphs: flags.0,
+            precomputed_modulation: flags.1,
+            host_issue_ms: Some(host_issue_ms),
         });
     }
 }

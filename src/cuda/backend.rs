@@ -7,9 +7,11 @@
 //! that filter by NVTX range, and for debugging).
 
 use super::device::{dptr_at, ensure_hopper};
-use super::fora::ReuseTokens;
+use super::fora::{ReuseTokens, CACHE_SUM_MAX};
 use super::gemm::{Gemm, GemmImpl};
-use super::model::{ada_cols, max_gemm_mn, Activations, CondBuffers, ForwardKind, GpuModel};
+use super::model::{
+    ada_cols, max_gemm_mn, Activations, CondBuffers, ForwardKind, GpuModel, SumTables, TableColumns,
+};
 use super::params::{NormalFillParams, SamplerStepParams, UnpatchifyParams};
 use super::sampler::guided_channels;
 use super::step_graph::{StepGraph, StepTableSource};
@@ -123,14 +125,26 @@ pub struct CudaOptions {
     /// dependent kernels overlaps (a 2-row step is ~200 launches). cuBLASLt's kernels launch as
     /// before. Off by default: not yet run on a GPU.
     pub pdl: bool,
+    /// Sums the FORA cache once for a whole run of reuse steps (`FORA_REUSE_SUM=k`, k = 1..=4;
+    /// 0: off). A reuse step's residual updates are linear in the cache (x = embedding + sum
+    /// over layers of gate * cached output, the gates the step's own), so the run's first
+    /// reuse step reads the cache once (`fora_cache_sum`) and writes the sums of up to k steps
+    /// of the run (the sampler's `StepSpec::reuse_ahead` says how many follow), and each step
+    /// then reads its f32 sum (`fora_sum_final`) instead of the whole cache: at N = 3, one
+    /// read of the cache per two reuse steps instead of two. The same maths; the f32 sums are
+    /// associated differently (relative differences ~1e-7 before the final LayerNorm). Needs
+    /// the fused reuse forward, and with graphs the whole-step graph (not the side stream);
+    /// elsewhere it is not used. k sums of rows x T x D f32 (and, without precomputed tables,
+    /// k gate tables) of device memory. Off by default: not yet run on a GPU.
+    pub reuse_sum: usize,
 }
 
 impl CudaOptions {
     /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
     /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_FUSED_FINAL`, `FORA_SIDE_STREAM`,
     /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`,
-    /// `FORA_STEP_GRAPH`, `FORA_REUSE_TABLE_IN_PLACE`, `FORA_LT_SPLITK`, `FORA_L2_PERSIST` and
-    /// `FORA_PDL`.
+    /// `FORA_STEP_GRAPH`, `FORA_REUSE_TABLE_IN_PLACE`, `FORA_LT_SPLITK`, `FORA_L2_PERSIST`,
+    /// `FORA_PDL` and `FORA_REUSE_SUM`.
     pub fn from_env() -> Result<CudaOptions> {
         // A 0/1 switch; unset or empty keeps the default, anything else is refused.
         let flag = |var: &str, default: bool| match std::env::var(var) {
@@ -160,6 +174,19 @@ impl CudaOptions {
             lt_splitk: flag("FORA_LT_SPLITK", false)?,
             l2_persist: flag("FORA_L2_PERSIST", false)?,
             pdl: flag("FORA_PDL", false)?,
+            reuse_sum: match std::env::var("FORA_REUSE_SUM") {
+                Err(_) => 0,
+                Ok(v) => match v.trim() {
+                    "" => 0,
+                    k => match k.parse::<usize>() {
+                        Ok(k) if k <= CACHE_SUM_MAX => k,
+                        _ => bail!(
+                            "FORA_REUSE_SUM must be 0 (off) or the steps a cache sum serves, \
+                             1..={CACHE_SUM_MAX}; got {k:?}"
+                        ),
+                    },
+                },
+            },
         })
     }
 }
@@ -220,6 +247,32 @@ pub struct CudaWorkspace {
     step_graphs: Option<Vec<StepGraph>>,
     /// True once a computing step has filled the FORA cache.
     cache_valid: bool,
+    /// The cache sums of a run of reuse steps (`reuse_sum`; None: off or not usable here).
+    sums: Option<ReuseSums>,
+}
+
+/// The cache sums of the current run of reuse steps ([`CudaOptions::reuse_sum`]): the run's
+/// first reuse step computes them in one pass over the cache, every step of the run reads its
+/// own.
+struct ReuseSums {
+    /// f32 [slots][rows*T*D].
+    sums: CudaSlice<f32>,
+    /// Without precomputed tables: the gates of the steps being summed, f32 [slots][rows,
+    /// ada_cols].
+    tables: Option<CudaSlice<f32>>,
+    slots: usize,
+    /// Elements of one sum.
+    slab: usize,
+    /// Steps [first, first + count) have their sums in slots 0..count (None after a computing
+    /// step: the cache changed).
+    ready: Option<(usize, usize)>,
+}
+
+impl ReuseSums {
+    /// Device address of sum `slot`.
+    fn sum(&self, slot: usize) -> u64 {
+        dptr_at(&self.sums, slot * self.slab)
+    }
 }
 
 /// The next step's modulation table, computed on a second stream while the current step's
@@ -305,6 +358,12 @@ impl CudaWorkspace {
         self.step_graphs
             .as_ref()
             .is_some_and(|g| g.iter().any(StepGraph::reads_table_in_place))
+    }
+
+    /// Whether reuse steps read cache sums computed once per run of reuse steps
+    /// ([`CudaOptions::reuse_sum`]).
+    pub fn uses_reuse_sums(&self) -> bool {
+        self.sums.is_some()
     }
 
     /// Whether reuse steps read the FORA cache through an L2 persisting window
@@ -449,7 +508,7 @@ impl CudaBackend {
                 dptr_at(t_table, k0 * rows),
                 dptr(&chunk_labels),
                 dptr_at(&table, k0 * rows * cols),
-                false,
+                TableColumns::All,
             )?;
         }
         // The chunk buffers are freed when this returns; wait so that they are not in use.
@@ -483,17 +542,30 @@ impl CudaBackend {
         let reuse_in_place = self.options.reuse_table_in_place
             && ws.mod_table.is_some()
             && self.model.reuse_is_fused(self.options.fused_reuse);
+        // The fused reuse kernels: one of them is re-pointed per step (table in place, sum).
         let reuse_fns = ReuseTokens::ALL
             .iter()
-            .map(|t| Ok(self.gpu.function(t.kernel())?.cu_function()))
+            .map(|t| t.kernel())
+            .chain(["fora_sum_final"])
+            .map(|name| Ok(self.gpu.function(name)?.cu_function()))
             .collect::<Result<Vec<_>>>()?;
         let mut graphs = Vec::with_capacity(2);
         for mode in [StepMode::Compute, StepMode::Reuse] {
             let step = placeholder(mode);
             let in_place = mode == StepMode::Reuse && reuse_in_place;
+            // Captured with sum 0; each reuse step re-points it.
+            let reuse_sum = match (&ws.sums, mode) {
+                (Some(sums), StepMode::Reuse) => Some(sums.sum(0)),
+                _ => None,
+            };
             let graph = self.capture(&format!("{mode:?} step"), || {
                 if in_place {
-                    let kind = self.forward_kind(mode, false, Some(self.step_copy_source(ws, 0)));
+                    let kind = self.forward_kind(
+                        mode,
+                        false,
+                        Some(self.step_copy_source(ws, 0)),
+                        reuse_sum,
+                    );
                     self.model.forward(
                         &self.gpu,
                         &ws.gemm,
@@ -512,16 +584,24 @@ impl CudaBackend {
                         ws.images,
                         ws.mod_table.is_none(),
                         None,
+                        reuse_sum,
                     )?;
                 }
                 super::sampler::sampler_step(&self.gpu, &self.sampler_params(ws, &step)?)
             })?;
             let table_source = if in_place {
-                StepTableSource::ReuseKernel(&reuse_fns)
+                StepTableSource::InPlace
             } else {
                 StepTableSource::Copy
             };
-            graphs.push(StepGraph::new(graph, sampler_fn, table_source, ctx)?);
+            let reader = (in_place || reuse_sum.is_some()).then_some(reuse_fns.as_slice());
+            graphs.push(StepGraph::new(
+                graph,
+                sampler_fn,
+                table_source,
+                reader,
+                ctx,
+            )?);
         }
         Ok(graphs)
     }
@@ -586,9 +666,10 @@ impl CudaBackend {
         images: usize,
         with_modulation: bool,
         side: Option<(&SideModulation, usize)>,
+        reuse_sum: Option<u64>,
     ) -> Result<()> {
         let Some((side, parity)) = side else {
-            let kind = self.forward_kind(mode, with_modulation, None);
+            let kind = self.forward_kind(mode, with_modulation, None, reuse_sum);
             return self
                 .model
                 .forward(&self.gpu, gemm, acts, kind, latents, images);
@@ -611,10 +692,10 @@ impl CudaBackend {
                 dptr(&side.t_next),
                 dptr(&acts.labels),
                 side.table(acts, 1 - parity),
-                false,
+                TableColumns::All,
             )
         };
-        let kind = self.forward_kind(mode, false, Some(side.table(acts, parity)));
+        let kind = self.forward_kind(mode, false, Some(side.table(acts, parity)), reuse_sum);
         let forward = self
             .model
             .forward(&self.gpu, gemm, acts, kind, latents, images);
@@ -633,6 +714,7 @@ impl CudaBackend {
         mode: StepMode,
         with_modulation: bool,
         table: Option<u64>,
+        reuse_sum: Option<u64>,
     ) -> ForwardKind {
         ForwardKind {
             mode,
@@ -645,7 +727,84 @@ impl CudaBackend {
             bf16_residual: self.options.bf16_residual,
             reuse_gates_only: self.options.reuse_gates_only,
             lt_splitk: self.options.lt_splitk,
+            reuse_sum: reuse_sum.filter(|_| mode == StepMode::Reuse),
         }
+    }
+
+    /// The cache sum of reuse step `step` ([`CudaOptions::reuse_sum`]): ready when an earlier
+    /// step of its run computed it, else computed now, in one pass over the cache, for this
+    /// step and up to `slots - 1` of the reuse steps after it (`step.reuse_ahead`). Returns
+    /// its device address.
+    fn prepare_sum(&self, ws: &mut CudaWorkspace, step: &StepSpec) -> Result<u64> {
+        let CudaWorkspace {
+            sums,
+            acts,
+            gemm,
+            mod_table,
+            t_table,
+            steps,
+            ..
+        } = ws;
+        let Some(sums) = sums.as_mut() else {
+            bail!("step {}: this workspace keeps no cache sums", step.k);
+        };
+        if let Some((first, count)) = sums.ready {
+            if (first..first + count).contains(&step.k) {
+                return Ok(sums.sum(step.k - first));
+            }
+        }
+        let rows = acts.rows;
+        let cols = ada_cols(self.model.config());
+        let count = (step.reuse_ahead + 1).min(sums.slots).min(*steps - step.k);
+        let tables = match (mod_table.as_ref(), sums.tables.as_ref()) {
+            (Some(table), _) => SumTables::Precomputed {
+                first: dptr_at(table, step.k * rows * cols),
+                stride: rows * cols,
+            },
+            (None, Some(scratch)) => SumTables::Compute {
+                t: dptr_at(t_table, step.k * rows),
+                scratch: dptr(scratch),
+            },
+            (None, None) => bail!("cache sums without tables to read the gates from"),
+        };
+        self.model.cache_sums(
+            &self.gpu,
+            gemm,
+            acts,
+            tables,
+            count,
+            dptr(&sums.sums),
+            sums.slab,
+        )?;
+        sums.ready = Some((step.k, count));
+        Ok(sums.sum(0))
+    }
+
+    /// The buffers of [`ReuseSums`] for `rows` rows, `slots` sums; gate tables too when the
+    /// workspace does not precompute them.
+    fn reuse_sums(&self, rows: usize, slots: usize, with_tables: bool) -> Result<ReuseSums> {
+        let cfg = self.model.config();
+        let slab = rows * cfg.tokens() * cfg.hidden;
+        let table = rows * ada_cols(cfg);
+        let bytes = slots * (slab + if with_tables { table } else { 0 }) * 4;
+        self.gpu.ensure_free(
+            bytes,
+            &format!("the cache sums of {slots} reuse steps (FORA_REUSE_SUM={slots})"),
+        )?;
+        Ok(ReuseSums {
+            sums: self.gpu.alloc_zeros(slots * slab, "the cache sums")?,
+            tables: if with_tables {
+                Some(
+                    self.gpu
+                        .alloc_zeros(slots * table, "the gate tables of the cache sums")?,
+                )
+            } else {
+                None
+            },
+            slots,
+            slab,
+            ready: None,
+        })
     }
 
     fn sampler_params(&self, ws: &CudaWorkspace, step: &StepSpec) -> Result<SamplerStepParams> {
@@ -794,6 +953,18 @@ impl Backend for CudaBackend {
             None
         };
         let parities = if side.is_some() { 2 } else { 1 };
+        let step_graph = self.options.graphs && self.options.step_graph && side.is_none();
+        // Cache sums: a reuse step's sum moves from step to step, which the whole-step graph
+        // re-points and the per-forward graphs cannot.
+        let sums = if self.options.reuse_sum > 0
+            && self.model.reuse_is_fused(self.options.fused_reuse)
+            && (!self.options.graphs || step_graph)
+        {
+            Some(self.reuse_sums(rows, self.options.reuse_sum, mod_table.is_none())?)
+        } else {
+            None
+        };
+        let sum0 = sums.as_ref().map(|s| s.sum(0));
         let enqueue = |mode, parity| {
             self.enqueue_forward(
                 &gemm,
@@ -803,6 +974,7 @@ impl Backend for CudaBackend {
                 b,
                 with_modulation,
                 side.as_ref().map(|s| (s, parity)),
+                sum0,
             )
         };
         if self.options.graphs && gemm.lt_autotune() {
@@ -813,7 +985,6 @@ impl Backend for CudaBackend {
                 enqueue(mode, 0).context("while tuning the cuBLASLt GEMMs")?;
             }
         }
-        let step_graph = self.options.graphs && self.options.step_graph && side.is_none();
         let graphs = if self.options.graphs && !step_graph {
             let mut graphs = Vec::with_capacity(2 * parities);
             for parity in 0..parities {
@@ -843,6 +1014,7 @@ impl Backend for CudaBackend {
             graphs,
             step_graphs: None,
             cache_valid: false,
+            sums,
         };
         if step_graph {
             ws.step_graphs = Some(self.capture_steps(&ws)?);
@@ -865,12 +1037,22 @@ impl Backend for CudaBackend {
             step.t,
             ws.timesteps.get(step.k)
         );
+        // A reuse step's cache sum (computed now if this is the first step of its run); a
+        // computing step changes the cache under any sums.
+        let reuse_sum = match (step.mode, ws.sums.as_mut()) {
+            (_, None) => None,
+            (StepMode::Reuse, Some(_)) => Some(self.prepare_sum(ws, step)?),
+            (StepMode::Compute, Some(sums)) => {
+                sums.ready = None;
+                None
+            }
+        };
         if let Some(graphs) = &ws.step_graphs {
             // The whole step in one launch: re-point the copy and the update, then launch.
             let g = &graphs[(step.mode == StepMode::Reuse) as usize];
             let p = self.sampler_params(ws, step)?;
             super::sampler::sampler_step_plan(&p)?;
-            g.set_step(Some(self.step_copy_source(ws, step.k)), &p)?;
+            g.set_step(Some(self.step_copy_source(ws, step.k)), reuse_sum, &p)?;
             g.graph
                 .launch()
                 .context("cannot launch the captured step")?;
@@ -900,7 +1082,7 @@ impl Backend for CudaBackend {
                         dptr_at(&ws.t_table, step.k * rows),
                         dptr(&ws.acts.labels),
                         side.table(&ws.acts, parity),
-                        false,
+                        TableColumns::All,
                     )?;
                 }
                 // The side branch computes the next step's table (the last step's branch
@@ -929,6 +1111,7 @@ impl Backend for CudaBackend {
                 ws.images,
                 ws.mod_table.is_none(),
                 ws.side.as_ref().map(|s| (s, parity)),
+                reuse_sum,
             )?,
         }
         if step.mode == StepMode::Compute {
@@ -980,7 +1163,7 @@ impl Backend for CudaBackend {
             gpu,
             &gemm,
             &acts,
-            self.forward_kind(StepMode::Compute, true, None),
+            self.forward_kind(StepMode::Compute, true, None, None),
             &latents,
             images,
         )?;

@@ -12,9 +12,9 @@ use super::cublaslt::LtBatch;
 use super::device::{dptr_at, KernelLauncher, L2SetAside, L2Window};
 use super::gemm::{Epilogue, Gemm, GemmImpl};
 use super::params::{
-    AttentionParams, ForaReuseFinalParams, ForaReuseParams, GemmParams, LabelSiluParams,
-    LayerNormModulateParams, PatchEmbedParams, ResidualLayerNormParams, SiluParams,
-    TimestepEmbedParams,
+    AttentionParams, ForaCacheSumParams, ForaReuseFinalParams, ForaReuseParams, GemmParams,
+    LabelSiluParams, LayerNormModulateParams, PatchEmbedParams, ResidualLayerNormParams,
+    SiluParams, TimestepEmbedParams,
 };
 use super::{dptr, Gpu};
 use crate::backend::StepMode;
@@ -65,6 +65,33 @@ pub struct ForwardKind {
     /// split-K slices where the output is too small to fill the SMs
     /// ([`Gemm::lt_product_splits`]), summed by `residual_layernorm`.
     pub lt_splitk: bool,
+    /// A reuse forward whose cache sum is ready (`FORA_REUSE_SUM`): the device address of
+    /// the step's sum, f32 [rows*T, D] (from [`GpuModel::cache_sums`]); `fora_sum_final`
+    /// reads it instead of the cache, and the forward's own table (if it computes one) needs
+    /// only the final shift / scale. Needs the fused reuse forward.
+    pub reuse_sum: Option<u64>,
+}
+
+/// The columns of a modulation table a forward computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableColumns {
+    /// Every block's six chunks and the final shift / scale.
+    All,
+    /// What a reuse forward reads: every gate and the final shift / scale.
+    Gates,
+    /// What a reuse forward from a cache sum reads: the final shift / scale.
+    Final,
+}
+
+/// Where the gates of the steps one [`GpuModel::cache_sums`] pass serves come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SumTables {
+    /// Precomputed tables, f32 [rows, ada_cols] each, step j's at `first + j * stride`
+    /// elements.
+    Precomputed { first: u64, stride: usize },
+    /// Computed here (gates only) from the steps' timesteps, f32 [count][rows] at `t`, into
+    /// `scratch`, f32 [count][rows, ada_cols].
+    Compute { t: u64, scratch: u64 },
 }
 
 /// A block's output (proj or fc2) on the fused-LayerNorm path, as a device address.
@@ -431,7 +458,7 @@ impl GpuModel {
         t: u64,
         labels: u64,
         out: u64,
-        gates_only: bool,
+        columns: TableColumns,
     ) -> Result<()> {
         let cfg = &self.cfg;
         let (d, cols) = (cfg.hidden, ada_cols(cfg));
@@ -502,7 +529,9 @@ impl GpuModel {
                 num_labels: (cfg.num_classes + 1) as i32,
             },
         )?;
-        if gates_only && self.gate_columns(gpu, gemm, cond, rows, out)? {
+        if columns != TableColumns::All
+            && self.reuse_columns(gpu, gemm, cond, rows, out, columns == TableColumns::Gates)?
+        {
             return Ok(());
         }
         // Every block's modulations and the final layer's in one GEMM.
@@ -524,17 +553,19 @@ impl GpuModel {
     }
 
     /// The columns of the modulation table a reuse forward reads, from SiLU(c) in
-    /// `cond.silu_c`: every block's gate_msa and gate_mlp (one cuBLASLt strided batch: they
-    /// start every 3D columns from 2D, 2L chunks of D) and the final layer's shift and scale
-    /// (one GEMM). A third of the adaLN GEMM's work and weight traffic. Ok(false), writing
-    /// nothing, where cuBLASLt has no strided batch for it (or the GEMMs are not cuBLASLt).
-    fn gate_columns(
+    /// `cond.silu_c`: with `gates`, every block's gate_msa and gate_mlp (one cuBLASLt strided
+    /// batch: they start every 3D columns from 2D, 2L chunks of D; a third of the adaLN GEMM's
+    /// work and weight traffic), and the final layer's shift and scale (one GEMM). Ok(false),
+    /// writing nothing, where the gates need a cuBLASLt strided batch it does not have (or the
+    /// GEMMs are not cuBLASLt).
+    fn reuse_columns(
         &self,
         gpu: &Gpu,
         gemm: &Gemm,
         cond: &CondBuffers,
         rows: usize,
         out: u64,
+        gates: bool,
     ) -> Result<bool> {
         let cfg = &self.cfg;
         let (d, cols, layers) = (cfg.hidden, ada_cols(cfg), cfg.depth);
@@ -559,12 +590,78 @@ impl GpuModel {
             stride_d: (3 * d) as i64,
             stride_bias: (3 * d) as i64,
         };
-        if !gemm.run_cublaslt_strided(&chunk(2 * d, d), batch)? {
+        if gates && !gemm.run_cublaslt_strided(&chunk(2 * d, d), batch)? {
             return Ok(false);
         }
         let fin = layers * 6 * d;
         gemm.run(gpu, &chunk(fin, 2 * d))?;
         Ok(true)
+    }
+
+    /// The cache sums of the next `count` reuse steps (`FORA_REUSE_SUM`) in one pass over the
+    /// FORA cache: `sums + j * sum_stride` elements gets step j's sum over the layers of
+    /// `gate_msa x A_l + gate_mlp x M_l` (f32 [rows*T, D]), with the gates of `tables`. The
+    /// cache must hold a computing step's outputs.
+    #[allow(clippy::too_many_arguments)] // device addresses and sizes of one pass
+    pub fn cache_sums(
+        &self,
+        gpu: &Gpu,
+        gemm: &Gemm,
+        acts: &Activations,
+        tables: SumTables,
+        count: usize,
+        sums: u64,
+        sum_stride: usize,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let (rows, d, t) = (acts.rows, cfg.hidden, cfg.tokens());
+        let cols = ada_cols(cfg);
+        let Some(cache) = &acts.cache else {
+            anyhow::bail!("cache sums need activations allocated with a FORA cache");
+        };
+        let (first, stride) = match tables {
+            SumTables::Precomputed { first, stride } => (first, stride),
+            SumTables::Compute {
+                t: steps_t,
+                scratch,
+            } => {
+                let _cond = crate::nvtx_range!("sum_gates");
+                for j in 0..count {
+                    self.modulation(
+                        gpu,
+                        gemm,
+                        &acts.cond,
+                        rows,
+                        steps_t + (j * rows * 4) as u64,
+                        dptr(&acts.labels),
+                        scratch + (j * rows * cols * 4) as u64,
+                        TableColumns::Gates,
+                    )?;
+                }
+                (scratch, rows * cols)
+            }
+        };
+        let _sum = crate::nvtx_range!("fora_cache_sum");
+        super::fora::fora_cache_sum(
+            gpu,
+            &ForaCacheSumParams {
+                cache: dptr(cache),
+                tables: first,
+                sums,
+                slab: (rows * t * d) as i64,
+                table_stride: stride as i64,
+                sum_stride: sum_stride as i64,
+                rows: rows as i32,
+                tokens: t as i32,
+                dim: d as i32,
+                layers: cfg.depth as i32,
+                ld_mod: cols as i32,
+                layer_cols: (6 * d) as i32,
+                gate_msa_col: (2 * d) as i32,
+                gate_mlp_col: (5 * d) as i32,
+                count: count as i32,
+            },
+        )
     }
 
     /// One forward of `acts.rows` rows on the device's stream, up to the final Linear (its
@@ -591,6 +688,7 @@ impl GpuModel {
             bf16_residual,
             reuse_gates_only,
             lt_splitk,
+            reuse_sum,
         } = kind;
         // qkv and fc1: with bias_bf16, cuBLASLt may fuse a bf16 copy of the bias.
         let biased_gemm = |p: &GemmParams, bias16: &CudaSlice<bf16>| {
@@ -619,7 +717,13 @@ impl GpuModel {
 
         if with_modulation {
             let _cond = crate::nvtx_range!("conditioning");
-            // A reuse forward reads only the gates and the final shift / scale.
+            // A reuse forward reads only the gates and the final shift / scale; from a cache
+            // sum, only the final shift / scale.
+            let columns = match (mode, reuse_sum) {
+                (StepMode::Reuse, Some(_)) => TableColumns::Final,
+                (StepMode::Reuse, None) if reuse_gates_only => TableColumns::Gates,
+                _ => TableColumns::All,
+            };
             self.modulation(
                 gpu,
                 gemm,
@@ -628,11 +732,16 @@ impl GpuModel {
                 dptr(&acts.t),
                 dptr(&acts.labels),
                 table,
-                mode == StepMode::Reuse && reuse_gates_only,
+                columns,
             )?;
         }
 
         let fused = mode == StepMode::Reuse && self.reuse_is_fused(fused_reuse);
+        ensure!(
+            mode == StepMode::Compute || reuse_sum.is_none() || fused,
+            "a reuse forward from a cache sum needs the fused reuse forward (FORA_FUSED_REUSE=1 \
+             and dim % 8 == 0)"
+        );
         // The fused reuse forward applies the final Linear too where it can (every DiT/2) with
         // one token a thread: each token row re-reads the whole weight (74 KB for DiT-XL/2), so
         // with four a thread (many rows) the GEMM is faster (H200, 256 rows: a reuse step of
@@ -872,6 +981,7 @@ impl GpuModel {
             StepMode::Reuse if fused => {
                 let _reuse = crate::nvtx_range!("fora_reuse_final");
                 let mut p = ForaReuseFinalParams {
+                    sum: reuse_sum.unwrap_or(0),
                     latents: dptr(latents),
                     embed_weight_t: dptr(&self.x_embed_w_t),
                     embed_bias: dptr(&self.x_embed_b),
@@ -886,9 +996,10 @@ impl GpuModel {
                     p.final_b = dptr(&self.final_b);
                     p.final_out = dptr(&acts.final_out);
                 }
-                match acts.cache_l2_window() {
-                    Some(w) => super::fora::fora_reuse_final_in_l2_window(gpu, &p, &w)?,
-                    None => super::fora::fora_reuse_final(gpu, &p)?,
+                match (reuse_sum, acts.cache_l2_window()) {
+                    (Some(_), _) => super::fora::fora_sum_final(gpu, &p)?,
+                    (None, Some(w)) => super::fora::fora_reuse_final_in_l2_window(gpu, &p, &w)?,
+                    (None, None) => super::fora::fora_reuse_final(gpu, &p)?,
                 }
                 if final_fused {
                     // The final layer is done: the sampler reads final_out.

@@ -5,6 +5,8 @@
 //! launch instead of a copy, a graph launch and a kernel launch, with the gaps between them.
 //! With `FORA_REUSE_TABLE_IN_PLACE=1` the reuse step copies nothing: its `fora_reuse_final`
 //! node, the one reader of the table, is re-pointed at the step's precomputed table instead.
+//! With `FORA_REUSE_SUM` the reuse step's `fora_sum_final` node is re-pointed at the step's
+//! cache sum.
 //! Updating an instantiated graph leaves launches already enqueued as they were (CUDA driver
 //! API), so steps can be issued back to back.
 
@@ -14,12 +16,13 @@ use cudarc::driver::{sys, CudaGraph};
 use std::ffi::c_void;
 
 /// How a captured step reads its per-step table (or timesteps).
-pub enum StepTableSource<'a> {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepTableSource {
     /// Through one memcpy node into the forward's buffer.
     Copy,
-    /// In place: the graph's one kernel node of these functions (the `fora_reuse_final`
-    /// family) reads the table through its `modulation` parameter; no copy.
-    ReuseKernel(&'a [sys::CUfunction]),
+    /// In place: the graph's fused reuse kernel node (see [`StepGraph::new`]) reads the table
+    /// through its `modulation` parameter; no copy.
+    InPlace,
 }
 
 /// A captured step graph and the handles of its per-step nodes.
@@ -28,8 +31,9 @@ pub struct StepGraph {
     /// The table / timestep copy (None when the step copies nothing) and its captured
     /// parameters, whose source each step replaces.
     copy: Option<(sys::CUgraphNode, sys::CUDA_MEMCPY3D)>,
-    /// The fused reuse kernel that reads the table in place, its captured launch parameters
-    /// and its captured argument, whose `modulation` each step replaces.
+    /// The fused reuse kernel, its captured launch parameters and its captured argument, whose
+    /// `modulation` (table in place) and `sum` (a reuse step from a cache sum) each step
+    /// replaces.
     reader: Option<(
         sys::CUgraphNode,
         sys::CUDA_KERNEL_NODE_PARAMS,
@@ -37,6 +41,8 @@ pub struct StepGraph {
     )>,
     /// The sampler update kernel and its captured launch parameters.
     sampler: (sys::CUgraphNode, sys::CUDA_KERNEL_NODE_PARAMS),
+    /// Whether the reader takes the table in place.
+    table_in_place: bool,
     ctx: sys::CUcontext,
 }
 
@@ -59,18 +65,22 @@ fn node_params<T>(what: &str, get: impl FnOnce(*mut T) -> sys::CUresult) -> Resu
 
 impl StepGraph {
     /// Finds the per-step nodes of `graph`: exactly one kernel node of `sampler_fn`; with
-    /// [`StepTableSource::Copy`] exactly one memcpy node, with [`StepTableSource::ReuseKernel`]
-    /// none and exactly one kernel node of the given functions.
+    /// [`StepTableSource::Copy`] exactly one memcpy node, with [`StepTableSource::InPlace`]
+    /// none; with `reader` (the fused reuse kernels: `fora_reuse_final`'s family and
+    /// `fora_sum_final`; needed in place) exactly one kernel node of those functions.
     pub fn new(
         graph: CudaGraph,
         sampler_fn: sys::CUfunction,
-        table: StepTableSource<'_>,
+        table: StepTableSource,
+        reader: Option<&[sys::CUfunction]>,
         ctx: sys::CUcontext,
     ) -> Result<StepGraph> {
-        let (with_copy, reader_fns): (bool, &[sys::CUfunction]) = match table {
-            StepTableSource::Copy => (true, &[]),
-            StepTableSource::ReuseKernel(fns) => (false, fns),
-        };
+        let with_copy = table == StepTableSource::Copy;
+        ensure!(
+            with_copy || reader.is_some(),
+            "step graph: a table read in place needs the kernel that reads it"
+        );
+        let reader_fns = reader.unwrap_or(&[]);
         let g = graph.cu_graph();
         let mut n = 0usize;
         // SAFETY: a null node array asks for the count only.
@@ -128,12 +138,12 @@ impl StepGraph {
             with_copy as usize,
             copies.len()
         );
-        let reader = if with_copy {
+        let reader = if reader.is_none() {
             None
         } else {
             ensure!(
                 readers.len() == 1,
-                "step graph: expected one fused reuse kernel reading the table in place, found {}",
+                "step graph: expected one fused reuse kernel node, found {}",
                 readers.len()
             );
             let (node, p) = readers[0];
@@ -153,31 +163,51 @@ impl StepGraph {
             copy: copies.pop(),
             reader,
             sampler: samplers[0],
+            table_in_place: !with_copy,
             ctx,
         })
     }
 
     /// Whether a kernel of this graph reads the step's table in place (no copy).
     pub fn reads_table_in_place(&self) -> bool {
-        self.reader.is_some()
+        self.table_in_place
     }
 
     /// Points the copy (same size and destination as captured), or the kernel reading the
-    /// table in place, at the step's table or timesteps `src`, and the sampler update at `p`,
+    /// table in place, at the step's table or timesteps `src`; the fused reuse kernel at the
+    /// step's cache sum `sum` (a reuse step from a cache sum); and the sampler update at `p`,
     /// for the next launch; launches already enqueued are unaffected.
-    pub fn set_step(&self, src: Option<u64>, p: &SamplerStepParams) -> Result<()> {
+    pub fn set_step(
+        &self,
+        src: Option<u64>,
+        sum: Option<u64>,
+        p: &SamplerStepParams,
+    ) -> Result<()> {
         let exec = self.graph.cu_graph_exec();
         if let Some((node, template, captured)) = &self.reader {
-            let Some(src) = src else {
-                bail!("step graph: no table for the kernel that reads it in place");
-            };
-            let arg = ForaReuseFinalParams {
-                modulation: src,
-                ..*captured
-            };
+            let mut arg = *captured;
+            if self.table_in_place {
+                let Some(src) = src else {
+                    bail!("step graph: no table for the kernel that reads it in place");
+                };
+                arg.modulation = src;
+            }
+            if let Some(sum) = sum {
+                ensure!(
+                    captured.sum != 0,
+                    "step graph: a cache sum for a reuse kernel that reads the cache"
+                );
+                arg.sum = sum;
+            }
             // SAFETY: the node's kernel takes one ForaReuseFinalParams by value: the captured
-            // one with only the table moved, to the step's table of the captured size.
+            // one with only the table (to the step's table of the captured size) and the sum
+            // (to a sum of the captured size) moved.
             unsafe { set_kernel_arg(exec, *node, template, arg) }?;
+        } else {
+            ensure!(
+                sum.is_none(),
+                "step graph: a cache sum for a graph without a reuse kernel"
+            );
         }
         match (&self.copy, src) {
             (Some((node, template)), Some(src)) => {
@@ -191,7 +221,7 @@ impl StepGraph {
                 )?;
             }
             (None, None) => {}
-            (None, Some(_)) if self.reader.is_some() => {}
+            (None, Some(_)) if self.table_in_place => {}
             _ => bail!("step graph: a copy source given for a graph without a copy, or none"),
         }
         let (node, template) = &self.sampler;

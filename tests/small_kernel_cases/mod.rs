@@ -1019,8 +1019,8 @@ pub fn run_reuse_forward<D: TestDevice>(
     Ok(got)
 }
 
-/// Every case of fora_reuse_final (every variant) and of fora_sum_final.
-pub fn check_fora_reuse_final<D: TestDevice>(gpu: &D) -> Result<()> {
+/// The shapes of the fused reuse forward's cases, each with its seed.
+fn reuse_final_cases() -> Vec<(ReuseFinalCase, u64)> {
     let case = |images, rows, channels, size, patch, dim, layers, slab_pad| ReuseFinalCase {
         images,
         rows,
@@ -1046,8 +1046,12 @@ pub fn check_fora_reuse_final<D: TestDevice>(gpu: &D) -> Result<()> {
         // The limits: dim 2048 (one 256-thread group), C*p*p = 64; T = 4.
         (case(1, 2, 4, 8, 4, 2048, 2, 0), 66),
     ];
-    for (c, seed) in &cases {
-        run_reuse_forward(gpu, c, ReuseSource::Sum, *seed)?;
+    cases.into()
+}
+
+/// Every case of fora_reuse_final, every variant.
+pub fn check_fora_reuse_final<D: TestDevice>(gpu: &D) -> Result<()> {
+    for (c, seed) in &reuse_final_cases() {
         let one = run_fora_reuse_final(gpu, c, ReuseTokens::One, *seed)?;
         // Every other variant: the same operations per token, so the same bits.
         for tpt in &ReuseTokens::ALL[1..] {
@@ -1059,6 +1063,14 @@ pub fn check_fora_reuse_final<D: TestDevice>(gpu: &D) -> Result<()> {
                 (c.size / c.patch).pow(2)
             );
         }
+    }
+    Ok(())
+}
+
+/// Every case of fora_sum_final (the fused reuse forward from a cache sum).
+pub fn check_fora_sum_final<D: TestDevice>(gpu: &D) -> Result<()> {
+    for (c, seed) in &reuse_final_cases() {
+        run_reuse_forward(gpu, c, ReuseSource::Sum, *seed)?;
     }
     Ok(())
 }
