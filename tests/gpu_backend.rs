@@ -930,6 +930,32 @@ fn gpu_reuse_sums_match_the_cache_path() {
             }
         }
     }
+    // Our own GEMMs: the reuse forward's table of only the final shift / scale, and the gates
+    // of the run's steps through the whole adaLN GEMM (no cuBLASLt strided batch).
+    for graphs in [true, false] {
+        let off = CudaOptions {
+            gemm: GemmImpl::Custom,
+            graphs,
+            step_graph: graphs,
+            precompute_modulation: false,
+            reuse_sum: 0,
+            ..base
+        };
+        cuda.set_options(CudaOptions {
+            reuse_sum: 2,
+            ..off
+        });
+        let summed = sample_latents(&cuda, &options, &classes, 9, 3);
+        cuda.set_options(off);
+        let cached = sample_latents(&cuda, &options, &classes, 9, 3);
+        check_close(
+            &format!("custom GEMMs, graphs={graphs}: cache sums vs the cache"),
+            &summed,
+            &cached,
+            BF16_EPSILON,
+        )
+        .unwrap();
+    }
     // Per-forward graphs (whole-step graph off) keep no sums.
     cuda.set_options(CudaOptions {
         graphs: true,
