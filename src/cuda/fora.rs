@@ -40,6 +40,47 @@ struct GateColumns {
     gate_mlp_col: i32,
 }
 
+impl GateColumns {
+    fn of_reuse_final(p: &ForaReuseFinalParams) -> GateColumns {
+        GateColumns {
+            layers: p.layers,
+            dim: p.dim,
+            ld_mod: p.ld_mod,
+            layer_cols: p.layer_cols,
+            gate_msa_col: p.gate_msa_col,
+            gate_mlp_col: p.gate_mlp_col,
+        }
+    }
+
+    fn of_cache_sum(p: &ForaCacheSumParams) -> GateColumns {
+        GateColumns {
+            layers: p.layers,
+            dim: p.dim,
+            ld_mod: p.ld_mod,
+            layer_cols: p.layer_cols,
+            gate_msa_col: p.gate_msa_col,
+            gate_mlp_col: p.gate_mlp_col,
+        }
+    }
+}
+
+/// [`check_gate_columns`], and every column offset a multiple of 4 (float4 gate loads).
+fn check_vector_gates(kernel: &str, g: &GateColumns) -> Result<()> {
+    check_gate_columns(kernel, g)?;
+    for (field, v) in [
+        ("ld_mod", g.ld_mod),
+        ("layer_cols", g.layer_cols),
+        ("gate_msa_col", g.gate_msa_col),
+        ("gate_mlp_col", g.gate_mlp_col),
+    ] {
+        ensure!(
+            v % 4 == 0,
+            "{kernel}: {field} = {v} must be a multiple of 4"
+        );
+    }
+    Ok(())
+}
+
 /// Every layer's gates lie inside a modulation row.
 fn check_gate_columns(kernel: &str, g: &GateColumns) -> Result<()> {
     ensure!(
@@ -161,25 +202,7 @@ pub fn fora_reuse_final_plan(
         "{K}: cache slab {} must be a multiple of 8 and >= rows*T*dim = {total}",
         p.slab
     );
-    check_gate_columns(
-        K,
-        &GateColumns {
-            layers: p.layers,
-            dim: p.dim,
-            ld_mod: p.ld_mod,
-            layer_cols: p.layer_cols,
-            gate_msa_col: p.gate_msa_col,
-            gate_mlp_col: p.gate_mlp_col,
-        },
-    )?;
-    // float4 gate loads.
-    for (field, v) in [
-        ("layer_cols", p.layer_cols),
-        ("gate_msa_col", p.gate_msa_col),
-        ("gate_mlp_col", p.gate_mlp_col),
-    ] {
-        ensure!(v % 4 == 0, "{K}: {field} = {v} must be a multiple of 4");
-    }
+    check_vector_gates(K, &GateColumns::of_reuse_final(p))?;
     check_ptr(K, "cache", p.cache, 16)?;
     Ok(launch)
 }
@@ -463,26 +486,7 @@ pub fn fora_cache_sum_plan(p: &ForaCacheSumParams) -> Result<(&'static str, (u32
         "{K}: table_stride {} must be a multiple of 4 and >= rows*ld_mod = {table}",
         p.table_stride
     );
-    check_gate_columns(
-        K,
-        &GateColumns {
-            layers: p.layers,
-            dim: p.dim,
-            ld_mod: p.ld_mod,
-            layer_cols: p.layer_cols,
-            gate_msa_col: p.gate_msa_col,
-            gate_mlp_col: p.gate_mlp_col,
-        },
-    )?;
-    // float4 gate loads.
-    for (field, v) in [
-        ("ld_mod", p.ld_mod),
-        ("layer_cols", p.layer_cols),
-        ("gate_msa_col", p.gate_msa_col),
-        ("gate_mlp_col", p.gate_mlp_col),
-    ] {
-        ensure!(v % 4 == 0, "{K}: {field} = {v} must be a multiple of 4");
-    }
+    check_vector_gates(K, &GateColumns::of_cache_sum(p))?;
     check_ptr(K, "cache", p.cache, 16)?;
     check_ptr(K, "tables", p.tables, 16)?;
     check_ptr(K, "sums", p.sums, 16)?;

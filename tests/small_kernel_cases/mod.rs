@@ -555,6 +555,38 @@ pub struct ForaCase {
     pub slab_pad: usize,
 }
 
+/// The CPU reuse path: every layer's cached outputs (`cache`, `[layers][2][slab]`, the first
+/// `x.len()` elements of each slab) added to `x` with the gates of `modulation` (`[rows,
+/// ld_mod]`, layer l's at `l * 6 * dim`, gate_msa at + 2 dim, gate_mlp at + 5 dim), in layer
+/// order: `x += gate_msa * A_l; x += gate_mlp * M_l`, each product and sum rounded on its own.
+#[allow(clippy::too_many_arguments)] // the cache layout and the table layout
+pub fn apply_cached_updates(
+    x: &mut [f32],
+    cache: &[f32],
+    slab: usize,
+    modulation: &[f32],
+    ld_mod: usize,
+    layers: usize,
+    tokens: usize,
+    dim: usize,
+) {
+    let n = x.len();
+    for l in 0..layers {
+        for (which, col) in [(0, 2 * dim), (1, 5 * dim)] {
+            let start = (2 * l + which) * slab;
+            ops::gate_residual(
+                x,
+                &cache[start..start + n],
+                &modulation[l * 6 * dim + col..],
+                ld_mod,
+                tokens,
+                dim,
+                false,
+            );
+        }
+    }
+}
+
 pub fn run_fora_reuse<D: TestDevice>(gpu: &D, c: &ForaCase, seed: u64) -> Result<()> {
     let mut rng = TestRng::new(seed);
     let n = c.rows * c.tokens * c.dim;
@@ -582,22 +614,17 @@ pub fn run_fora_reuse<D: TestDevice>(gpu: &D, c: &ForaCase, seed: u64) -> Result
     };
     fora_reuse(gpu, &p)?;
     let got = gpu.download_f32(&x_d)?;
-    // The CPU reuse path: per layer, in order, x += gate_msa * A_l; x += gate_mlp * M_l.
     let mut want = x.clone();
-    for l in 0..c.layers {
-        for (which, col) in [(0, 2 * c.dim), (1, 5 * c.dim)] {
-            let slab_start = (2 * l + which) * slab;
-            ops::gate_residual(
-                &mut want,
-                &cache[slab_start..slab_start + n],
-                &modulation[l * 6 * c.dim + col..],
-                ld_mod,
-                c.tokens,
-                c.dim,
-                false,
-            );
-        }
-    }
+    apply_cached_updates(
+        &mut want,
+        &cache,
+        slab,
+        &modulation,
+        ld_mod,
+        c.layers,
+        c.tokens,
+        c.dim,
+    );
     let what = format!(
         "fora_reuse rows={} T={} D={} L={} pad={}",
         c.rows, c.tokens, c.dim, c.layers, c.slab_pad
@@ -710,20 +737,7 @@ pub fn run_fora_cache_sum<D: TestDevice>(gpu: &D, c: &CacheSumCase, seed: u64) -
         c.rows, c.tokens, c.dim, c.layers, c.count, c.pad
     );
     let updates = |x: &mut [f32], table: &[f32]| {
-        for l in 0..c.layers {
-            for (which, col) in [(0, 2 * c.dim), (1, 5 * c.dim)] {
-                let start = (2 * l + which) * slab;
-                ops::gate_residual(
-                    x,
-                    &cache[start..start + n],
-                    &table[l * 6 * c.dim + col..],
-                    ld_mod,
-                    c.tokens,
-                    c.dim,
-                    false,
-                );
-            }
-        }
+        apply_cached_updates(x, &cache, slab, table, ld_mod, c.layers, c.tokens, c.dim);
     };
     for r in 0..c.count {
         let table = &tables[r * table_stride..][..c.rows * ld_mod];
@@ -913,22 +927,16 @@ pub fn run_reuse_forward<D: TestDevice>(
         }
     }
     match source {
-        ReuseSource::Cache(_) => {
-            for l in 0..c.layers {
-                for (which, col) in [(0, 2 * c.dim), (1, 5 * c.dim)] {
-                    let start = (2 * l + which) * slab;
-                    ops::gate_residual(
-                        &mut x,
-                        &cache[start..start + n],
-                        &modulation[l * 6 * c.dim + col..],
-                        ld_mod,
-                        tokens,
-                        c.dim,
-                        false,
-                    );
-                }
-            }
-        }
+        ReuseSource::Cache(_) => apply_cached_updates(
+            &mut x,
+            &cache,
+            slab,
+            &modulation,
+            ld_mod,
+            c.layers,
+            tokens,
+            c.dim,
+        ),
         ReuseSource::Sum => x.iter_mut().zip(&sum).for_each(|(x, s)| *x += s),
     }
     let mut want = vec![0f32; n];
