@@ -40,28 +40,18 @@ struct GateColumns {
     gate_mlp_col: i32,
 }
 
-impl GateColumns {
-    fn of_reuse_final(p: &ForaReuseFinalParams) -> GateColumns {
+/// The [`GateColumns`] of a kernel's params (every FORA params struct names them alike).
+macro_rules! gate_columns {
+    ($p:expr) => {
         GateColumns {
-            layers: p.layers,
-            dim: p.dim,
-            ld_mod: p.ld_mod,
-            layer_cols: p.layer_cols,
-            gate_msa_col: p.gate_msa_col,
-            gate_mlp_col: p.gate_mlp_col,
+            layers: $p.layers,
+            dim: $p.dim,
+            ld_mod: $p.ld_mod,
+            layer_cols: $p.layer_cols,
+            gate_msa_col: $p.gate_msa_col,
+            gate_mlp_col: $p.gate_mlp_col,
         }
-    }
-
-    fn of_cache_sum(p: &ForaCacheSumParams) -> GateColumns {
-        GateColumns {
-            layers: p.layers,
-            dim: p.dim,
-            ld_mod: p.ld_mod,
-            layer_cols: p.layer_cols,
-            gate_msa_col: p.gate_msa_col,
-            gate_mlp_col: p.gate_mlp_col,
-        }
-    }
+    };
 }
 
 /// [`check_gate_columns`], and every column offset a multiple of 4 (float4 gate loads).
@@ -113,17 +103,7 @@ pub fn fora_reuse_plan(p: &ForaReuseParams) -> Result<(u32, u32, u32)> {
         "{K}: cache slab {} is smaller than rows*tokens*dim = {total}",
         p.slab
     );
-    check_gate_columns(
-        K,
-        &GateColumns {
-            layers: p.layers,
-            dim: p.dim,
-            ld_mod: p.ld_mod,
-            layer_cols: p.layer_cols,
-            gate_msa_col: p.gate_msa_col,
-            gate_mlp_col: p.gate_mlp_col,
-        },
-    )?;
+    check_gate_columns(K, &gate_columns!(p))?;
     let vec = vector_path(p);
     let align = if vec { 16 } else { 4 };
     check_ptr(K, "x", p.x, align)?;
@@ -202,7 +182,7 @@ pub fn fora_reuse_final_plan(
         "{K}: cache slab {} must be a multiple of 8 and >= rows*T*dim = {total}",
         p.slab
     );
-    check_vector_gates(K, &GateColumns::of_reuse_final(p))?;
+    check_vector_gates(K, &gate_columns!(p))?;
     check_ptr(K, "cache", p.cache, 16)?;
     Ok(launch)
 }
@@ -486,7 +466,7 @@ pub fn fora_cache_sum_plan(p: &ForaCacheSumParams) -> Result<(&'static str, (u32
         "{K}: table_stride {} must be a multiple of 4 and >= rows*ld_mod = {table}",
         p.table_stride
     );
-    check_vector_gates(K, &GateColumns::of_cache_sum(p))?;
+    check_vector_gates(K, &gate_columns!(p))?;
     check_ptr(K, "cache", p.cache, 16)?;
     check_ptr(K, "tables", p.tables, 16)?;
     check_ptr(K, "sums", p.sums, 16)?;
