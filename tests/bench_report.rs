@@ -326,7 +326,7 @@ fn fake_report() -> Report {
             lt_splitk: false,
             l2_persist: false,
             pdl: false,
-            reuse_sum: 0,
+            reuse_sum: 2,
         },
         attention: "v1".into(),
         cfg_scale: 4.0,
@@ -359,6 +359,8 @@ fn fake_report() -> Report {
             step(2, StepKind::Reuse, Some(0.06), 12),
             step(256, StepKind::Full, Some(120.0), 207),
             step(256, StepKind::Reuse, None, 12),
+            // FORA_REUSE_SUM=2: a reuse step's mean over a run of two.
+            step(2, StepKind::ReuseSummed, Some(0.03), 0),
         ],
         e2e: vec![e2e(1, 250, 300.0), e2e(3, 84, 110.0)],
         kernels: vec![
@@ -451,6 +453,15 @@ fn report_markdown_and_json() {
     );
     assert!(
         md.contains("best memory rate: 3000 GB/s (read kernel 1024 MiB)"),
+        "{md}"
+    );
+    assert_eq!(j["settings"]["reuse_sum"], 2);
+    assert_eq!(j["steps"][4]["kind"], "reuse_summed");
+    assert!(
+        md.contains(
+            "custom 2 rows, reuse steps from cache sums (FORA_REUSE_SUM=2): 0.0300 ms a step, \
+             the mean over a run of 2"
+        ),
         "{md}"
     );
     assert_eq!(j["settings"]["attention"], "v1");
@@ -694,6 +705,13 @@ fn python_report_reads_the_rust_json() {
     );
     assert!(
         md.contains("| reuse step, rows 256 | <= 2.5 ms | — | — |"),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "| reuse step, rows 2, mean over a run from cache sums (FORA_REUSE_SUM=2) | <= 0.05 \
+             ms | 0.0300 ms | met |"
+        ),
         "{md}"
     );
     assert!(

@@ -145,6 +145,17 @@ phase_issue5() {
   else
     echo "SKIPPED (deadline): PyTorch with torch.compile"
   fi
+  # The opt-in cache sums (FORA_REUSE_SUM=2, session 9): steps and one image end to end, and the
+  # targets table of that path against the same PyTorch numbers.
+  echo "=== issue 5: FORA_REUSE_SUM=2, rows 2,256, N = 1,3,5"
+  FORA_REUSE_SUM=2 bounded 60 .devpack/bin/fora bench --sections steps,e2e --batches 2,256 \
+    --intervals 1,3,5 --e2e-reps 1 --json "$OUT/issue5_fora_sum.json" > "$OUT/issue5_fora_sum.log" 2>&1
+  grep -E "reuse steps from cache sums|^\| cublaslt \| [135] \| 250 \|" "$OUT/issue5_fora_sum.log" | head -n 6
+  if [ -f "$OUT/issue5_torch.json" ]; then
+    python3 tools/bench_report.py --ours "$OUT/issue5_fora_sum.json" --torch "$OUT/issue5_torch.json" \
+      --gemm cublaslt --md "$OUT/issue5_report_sum.md" > /dev/null 2>&1
+    sed -n '/^## Targets/,/^## Per step/p' "$OUT/issue5_report_sum.md"
+  fi
 }
 
 phase_memcheck() {
