@@ -22,8 +22,8 @@
 #   racecheck  racecheck over the kernel tests, our kernels only (RACECHECK_RUNS overrides);
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
-#              "default reuse_sum f32_product attention_tma reuse_in_place side_stream pdl tma";
-#              "all"
+#              "default reuse_sum reuse_sum_in_place f32_product attention_tma reuse_in_place
+#              side_stream pdl tma"; "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
 #              l2_persist, tma_pdl, attention_v1, attention_v2, attention_wgmma,
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
@@ -48,7 +48,7 @@ PHASES=${PHASES:-tests bench torch variants memcheck}
 # one call beside the other phases).
 SANITIZE_FULL=${SANITIZE_FULL:-0}
 # The variants whose default is still to decide (VARIANTS=all: every one).
-VARIANTS=${VARIANTS:-default reuse_sum f32_product attention_tma reuse_in_place side_stream pdl tma}
+VARIANTS=${VARIANTS:-default reuse_sum reuse_sum_in_place f32_product attention_tma reuse_in_place side_stream pdl tma}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -284,6 +284,7 @@ phase_variants() {
            "f32_bias:cublaslt:FORA_LT_BIAS_BF16=0" "f32_product:cublaslt:FORA_BF16_RESIDUAL=0" \
            "full_table:cublaslt:FORA_REUSE_GATES_ONLY=0" "forward_graph:cublaslt:FORA_STEP_GRAPH=0" \
            "reuse_in_place:cublaslt:FORA_REUSE_TABLE_IN_PLACE=1" "reuse_sum:cublaslt:FORA_REUSE_SUM=2" \
+           "reuse_sum_in_place:cublaslt:FORA_REUSE_SUM=2 FORA_REUSE_TABLE_IN_PLACE=1" \
            "fused_final:cublaslt:FORA_FUSED_FINAL=1" "attention_v1:cublaslt:FORA_ATTENTION=v1" \
            "lt_splitk:cublaslt:FORA_LT_SPLITK=1 FORA_BF16_RESIDUAL=0" "l2_persist:cublaslt:FORA_L2_PERSIST=1" \
            "pdl:cublaslt:FORA_PDL=1" "tma_pdl:tma:FORA_PDL=1" \
