@@ -930,6 +930,38 @@ fn gpu_reuse_sums_match_the_cache_path() {
             }
         }
     }
+    // With the table read in place (FORA_REUSE_TABLE_IN_PLACE): the whole-step graph's
+    // fora_sum_final node re-pointed at both the step's table and its sum.
+    for interval in [3, 5] {
+        let off = CudaOptions {
+            graphs: true,
+            step_graph: true,
+            precompute_modulation: true,
+            reuse_sum: 0,
+            ..base
+        };
+        let on = CudaOptions {
+            reuse_sum: 2,
+            reuse_table_in_place: true,
+            ..off
+        };
+        cuda.set_options(on);
+        let sampler = Sampler::new(&cuda, options.clone()).unwrap();
+        let plan = sampler.plan(&classes, NoiseSource::Seed(9)).unwrap();
+        let ws = cuda.workspace(&plan).unwrap();
+        assert!(ws.uses_reuse_sums() && ws.reuse_reads_table_in_place());
+        drop(ws);
+        let summed = sample_latents(&cuda, &options, &classes, 9, interval);
+        cuda.set_options(off);
+        let cached = sample_latents(&cuda, &options, &classes, 9, interval);
+        check_close(
+            &format!("N={interval}: cache sums with the table in place vs the cache"),
+            &summed,
+            &cached,
+            BF16_EPSILON,
+        )
+        .unwrap();
+    }
     // Our own GEMMs: the reuse forward's table of only the final shift / scale, and the gates
     // of the run's steps through the whole adaLN GEMM (no cuBLASLt strided batch).
     for graphs in [true, false] {
