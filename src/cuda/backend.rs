@@ -275,6 +275,33 @@ impl ReuseSums {
     }
 }
 
+/// What reuse step `k` of a workspace with cache sums does first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SumAction {
+    /// Its sum is in this slot already (an earlier step of its run computed it).
+    Ready(usize),
+    /// Sum the cache now for steps k..k+count (slots 0..count); its own is slot 0.
+    Compute { count: usize },
+}
+
+/// The bookkeeping of [`CudaOptions::reuse_sum`] for reuse step `k` of `steps`, `reuse_ahead`
+/// reuse steps right after it, `slots` sums, and the steps whose sums are ready (`ready`:
+/// first step and count, None after a computing step).
+pub fn sum_action(
+    ready: Option<(usize, usize)>,
+    k: usize,
+    reuse_ahead: usize,
+    slots: usize,
+    steps: usize,
+) -> SumAction {
+    match ready {
+        Some((first, count)) if (first..first + count).contains(&k) => SumAction::Ready(k - first),
+        _ => SumAction::Compute {
+            count: (reuse_ahead + 1).min(slots).min(steps - k).max(1),
+        },
+    }
+}
+
 /// The next step's modulation table, computed on a second stream while the current step's
 /// forward runs: step k reads table k % 2 while its forward's side branch writes the other one
 /// for step k + 1. A step whose table is not ready (the first, or one out of order) computes
@@ -748,14 +775,12 @@ impl CudaBackend {
         let Some(sums) = sums.as_mut() else {
             bail!("step {}: this workspace keeps no cache sums", step.k);
         };
-        if let Some((first, count)) = sums.ready {
-            if (first..first + count).contains(&step.k) {
-                return Ok(sums.sum(step.k - first));
-            }
-        }
+        let count = match sum_action(sums.ready, step.k, step.reuse_ahead, sums.slots, *steps) {
+            SumAction::Ready(slot) => return Ok(sums.sum(slot)),
+            SumAction::Compute { count } => count,
+        };
         let rows = acts.rows;
         let cols = ada_cols(self.model.config());
-        let count = (step.reuse_ahead + 1).min(sums.slots).min(*steps - step.k);
         let tables = match (mod_table.as_ref(), sums.tables.as_ref()) {
             (Some(table), _) => SumTables::Precomputed {
                 first: dptr_at(table, step.k * rows * cols),
@@ -1185,5 +1210,78 @@ impl Backend for CudaBackend {
             },
         )?;
         gpu.download(&out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{sum_action, SumAction};
+
+    /// The sums of a whole schedule: every reuse step finds its sum computed by the first
+    /// step of its run (up to `slots` at a time), and never reads a slot another step owns.
+    #[test]
+    fn every_reuse_step_reads_its_own_sum() {
+        use crate::backend::StepMode::{Compute as C, Reuse as R};
+        for (modes, slots, passes) in [
+            (vec![C, R, R, C, R, R, C], 2, 2),
+            (vec![C, R, R, R, R, C, R, R, R, R], 4, 2),
+            (vec![C, R, R, R, R, C, R, R, R, R], 2, 4),
+            (vec![C, R, R, R, R, C, R, R, R, R], 3, 4),
+            (vec![C, R, R, R, R, C, R, R, R, R], 1, 8),
+            (vec![C, R, R, R, R], 4, 1),
+        ] {
+            let ahead = crate::sampler::reuse_runs(&modes);
+            let steps = modes.len();
+            let mut ready = None;
+            let mut computed = 0;
+            // slot -> the step whose sum it holds
+            let mut owner = vec![None; slots];
+            for (k, &mode) in modes.iter().enumerate() {
+                if mode == C {
+                    ready = None;
+                    continue;
+                }
+                let slot = match sum_action(ready, k, ahead[k], slots, steps) {
+                    SumAction::Ready(slot) => slot,
+                    SumAction::Compute { count } => {
+                        assert!((1..=slots).contains(&count) && k + count <= steps);
+                        computed += 1;
+                        for (j, o) in owner.iter_mut().enumerate() {
+                            *o = (j < count).then_some(k + j);
+                        }
+                        ready = Some((k, count));
+                        0
+                    }
+                };
+                assert_eq!(owner[slot], Some(k), "{modes:?} slots={slots}: step {k}");
+            }
+            assert_eq!(
+                computed, passes,
+                "{modes:?} slots={slots}: passes over the cache"
+            );
+        }
+    }
+
+    /// Without lookahead every reuse step sums for itself; a stale range never serves.
+    #[test]
+    fn unknown_runs_and_stale_ranges() {
+        assert_eq!(
+            sum_action(None, 5, 0, 4, 10),
+            SumAction::Compute { count: 1 }
+        );
+        assert_eq!(
+            sum_action(Some((1, 2)), 5, 3, 4, 10),
+            SumAction::Compute { count: 4 }
+        );
+        assert_eq!(
+            sum_action(Some((1, 2)), 3, 3, 4, 10),
+            SumAction::Compute { count: 4 }
+        );
+        assert_eq!(sum_action(Some((1, 2)), 2, 0, 4, 10), SumAction::Ready(1));
+        // The schedule's end bounds the count.
+        assert_eq!(
+            sum_action(None, 8, 5, 4, 10),
+            SumAction::Compute { count: 2 }
+        );
     }
 }
