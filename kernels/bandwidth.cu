@@ -13,10 +13,12 @@ FORA_DEVICE uint32_t xor4(uint4 v) { return (v.x ^ v.y) ^ (v.z ^ v.w); }
 }  // namespace
 
 // Thread i reads chunks i, i + S, i + 2S, ... (S = the grid's threads), kInFlight at a time,
-// and writes the XOR of their 32-bit words to dst[i].
+// and writes the XOR of their 32-bit words to dst[i]. Chunk c is at src[c & mask] (mask: all
+// ones unless the params ask for a small buffer read over and over).
 extern "C" __global__ void __launch_bounds__(256) bandwidth_read(const BandwidthParams p) {
     grid_dependency_sync();
     const uint4* src = reinterpret_cast<const uint4*>(p.src);
+    const long long mask = p.mask ? p.mask : ~0LL;
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     uint32_t acc = 0;
@@ -24,11 +26,11 @@ extern "C" __global__ void __launch_bounds__(256) bandwidth_read(const Bandwidth
     for (; i + (kInFlight - 1) * stride < p.chunks; i += kInFlight * stride) {
         uint4 v[kInFlight];
 #pragma unroll
-        for (int u = 0; u < kInFlight; ++u) v[u] = src[i + u * stride];
+        for (int u = 0; u < kInFlight; ++u) v[u] = src[(i + u * stride) & mask];
 #pragma unroll
         for (int u = 0; u < kInFlight; ++u) acc ^= xor4(v[u]);
     }
-    for (; i < p.chunks; i += stride) acc ^= xor4(src[i]);
+    for (; i < p.chunks; i += stride) acc ^= xor4(src[i & mask]);
     reinterpret_cast<uint32_t*>(p.dst)[first] = acc;
 }
 

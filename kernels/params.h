@@ -338,12 +338,16 @@ typedef struct TmaProbeParams {
  * (grid-stride, several chunks in flight a thread). Kernel bandwidth_read: dst is uint32
  * [out_words], out_words >= the launch's threads; thread i writes the XOR of every 32-bit word
  * it read to dst[i] (so no load is dead, and the XOR of dst is the XOR of src, whatever the
- * grid). Kernel bandwidth_copy: dst[0, 16 * chunks) = src[0, 16 * chunks) (out_words unused). */
+ * grid). With mask != 0 (bandwidth_read only; mask + 1 a power of two), chunk i is read at
+ * src[i & mask]: a buffer of mask + 1 chunks read over and over (chunks / (mask + 1) times), the
+ * L2 probe. Kernel bandwidth_copy: dst[0, 16 * chunks) = src[0, 16 * chunks) (out_words and
+ * mask unused). */
 typedef struct BandwidthParams {
     fora_ptr src;
     fora_ptr dst;
     long long chunks;
     long long out_words;
+    long long mask;
 } BandwidthParams;
 
 #ifdef __cplusplus

@@ -354,6 +354,11 @@ fn fake_report() -> Report {
                 rate: 2900.0,
             },
         ],
+        l2_ceiling: Some(Ceiling {
+            what: "L2 read 8.0 MiB x 64".into(),
+            stats: Stats::from_samples(&[0.067]).unwrap(),
+            rate: 8000.0,
+        }),
         steps: vec![
             step(2, StepKind::Full, Some(1.2), 207),
             step(2, StepKind::Reuse, Some(0.06), 12),
@@ -453,6 +458,19 @@ fn report_markdown_and_json() {
     );
     assert!(
         md.contains("best memory rate: 3000 GB/s (read kernel 1024 MiB)"),
+        "{md}"
+    );
+    // The L2 read rate: its own row and the GEMM tile rooflines at it, not a memory ceiling.
+    assert_eq!(j["ceilings"]["l2_read"]["gbps"], 8000.0);
+    assert!(
+        md.contains("| L2 read 8.0 MiB x 64 | 0.067 | 8000 GB/s |"),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "128x128 64 FLOP/B -> 512 TFLOP/s, 128x192 77 FLOP/B -> 614 TFLOP/s, 128x256 85 \
+             FLOP/B -> 683 TFLOP/s, 128x256 A multicast to 2 102 FLOP/B -> 819 TFLOP/s"
+        ),
         "{md}"
     );
     assert_eq!(j["settings"]["reuse_sum"], 2);

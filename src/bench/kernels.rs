@@ -23,7 +23,7 @@ use crate::cuda::sampler::{guided_channels, sampler_step, set_update};
 use crate::cuda::{dptr, Gpu};
 use crate::diffusion::{Diffusion, SamplerKind};
 use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{sys, CudaSlice, DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 
 use super::timer::Timer;
@@ -97,6 +97,20 @@ pub(super) fn bench_ceilings(gpu: &Gpu, plan: &BenchPlan, timer: &Timer, report:
             Err(e) => report.error("ceilings", what, &e),
         }
     }
+    // L2: the read kernel over a quarter of L2, the same buffer every launch.
+    let l2 = gpu
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .map_or(0, |v| v.max(0) as usize);
+    let l2_read = if l2 >= 1 << 20 {
+        ceiling_memory(gpu, l2 / 4, MemoryProbe::L2Read, timer)
+    } else {
+        Err(anyhow::anyhow!("the device reports an L2 of {l2} bytes"))
+    };
+    match l2_read {
+        Ok(c) => report.l2_ceiling = Some(c),
+        Err(e) => report.error("ceilings", "L2 read", &e),
+    }
 }
 
 /// How a memory ceiling moves its bytes.
@@ -108,6 +122,8 @@ enum MemoryProbe {
     CopyKernel,
     /// `bandwidth_read` (bytes read; a word a thread written).
     ReadKernel,
+    /// `bandwidth_read` of a buffer small enough to stay in L2 between launches.
+    L2Read,
 }
 
 fn ceiling_gemm(gpu: &Gpu, size: usize, timer: &Timer) -> Result<Ceiling> {
@@ -142,13 +158,21 @@ fn ceiling_gemm(gpu: &Gpu, size: usize, timer: &Timer) -> Result<Ceiling> {
 }
 
 fn ceiling_memory(gpu: &Gpu, bytes: usize, probe: MemoryProbe, timer: &Timer) -> Result<Ceiling> {
-    let bytes = bytes / 16 * 16;
+    // The L2 probe: the largest power-of-two buffer in `bytes`, read 64 times a launch (so the
+    // launch gaps of the timing graph do not count).
+    let (bytes, repeats) = match probe {
+        MemoryProbe::L2Read => (
+            1usize << (usize::BITS - 1 - bytes.max(16).leading_zeros()),
+            64,
+        ),
+        _ => (bytes / 16 * 16, 1),
+    };
     ensure!(
         bytes > 0,
         "the memory ceilings need at least 16 bytes (--copy-mib)"
     );
     let src = random_buffer(gpu, bytes, 1.0, 13, |v| v.to_bits() as u8, "copy source")?;
-    let chunks = (bytes / 16) as i64;
+    let chunks = (bytes / 16 * repeats) as i64;
     let mib = bytes >> 20;
     let (what, moved) = match probe {
         MemoryProbe::Memcpy => (
@@ -163,9 +187,17 @@ fn ceiling_memory(gpu: &Gpu, bytes: usize, probe: MemoryProbe, timer: &Timer) ->
             format!("read kernel {mib} MiB (bandwidth_read, bytes read)"),
             bytes,
         ),
+        MemoryProbe::L2Read => (
+            format!(
+                "L2 read {:.1} MiB x {repeats} (bandwidth_read over one buffer: not a memory \
+                 ceiling)",
+                bytes as f64 / (1 << 20) as f64
+            ),
+            bytes * repeats,
+        ),
     };
     let out_len = match probe {
-        MemoryProbe::ReadKernel => 4 * bandwidth_read_words(gpu, chunks),
+        MemoryProbe::ReadKernel | MemoryProbe::L2Read => 4 * bandwidth_read_words(gpu, chunks),
         _ => bytes,
     };
     let mut dst = gpu.alloc_zeros::<u8>(out_len, "copy destination")?;
@@ -174,6 +206,11 @@ fn ceiling_memory(gpu: &Gpu, bytes: usize, probe: MemoryProbe, timer: &Timer) ->
         dst: dptr(&dst),
         chunks,
         out_words: (out_len / 4) as i64,
+        mask: if probe == MemoryProbe::L2Read {
+            (bytes / 16 - 1) as i64
+        } else {
+            0
+        },
     };
     let stream = gpu.stream().clone();
     let (stats, _) = timer.time_alone(gpu, 1, |_| match probe {
@@ -181,7 +218,7 @@ fn ceiling_memory(gpu: &Gpu, bytes: usize, probe: MemoryProbe, timer: &Timer) ->
             .memcpy_dtod(&src, &mut dst)
             .context("device-to-device copy failed"),
         MemoryProbe::CopyKernel => bandwidth_copy(gpu, &params),
-        MemoryProbe::ReadKernel => bandwidth_read(gpu, &params),
+        MemoryProbe::ReadKernel | MemoryProbe::L2Read => bandwidth_read(gpu, &params),
     })?;
     Ok(Ceiling {
         what,

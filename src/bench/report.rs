@@ -197,10 +197,37 @@ pub struct Report {
     /// Memory bandwidth measured in several ways (copy, copy kernel, read kernel); the best is
     /// the memory ceiling ([`Report::memory_ceiling`]).
     pub memory_ceilings: Vec<Ceiling>,
+    /// Reading a buffer that stays in L2 (not a memory ceiling: the roofline of operands that
+    /// come from L2, such as a GEMM tile's A and W each k-step).
+    pub l2_ceiling: Option<Ceiling>,
     pub steps: Vec<StepRow>,
     pub e2e: Vec<E2eRow>,
     pub kernels: Vec<KernelRow>,
     pub errors: Vec<BenchError>,
+}
+
+/// TFLOP/s that GEMM tiles of 128 x 128, 128 x 192, 128 x 256 and (two CTAs sharing A through
+/// a cluster multicast) 2 x 128 x 256 can reach when their operands stream from L2 at
+/// `l2_gbps`: a tile's k-step of 64 does 2 BM BN 64 FLOP on (BM + BN) 64 bf16 loaded.
+pub fn l2_tile_rooflines(l2_gbps: f64) -> String {
+    [
+        ("128x128", 128.0, 128.0),
+        ("128x192", 128.0, 192.0),
+        ("128x256", 128.0, 256.0),
+        ("128x256 A multicast to 2", 128.0 / 2.0, 256.0),
+    ]
+    .iter()
+    .map(|&(name, bm_loaded, bn)| {
+        let bm = 128.0;
+        let flop_per_byte = (2.0 * bm * bn * 64.0) / ((bm_loaded + bn) * 64.0 * 2.0);
+        format!(
+            "{name} {:.0} FLOP/B -> {:.0} TFLOP/s",
+            flop_per_byte,
+            flop_per_byte * l2_gbps / 1e3
+        )
+    })
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 /// `v` with `decimals` decimals, or "—" when not measured.
@@ -232,6 +259,7 @@ impl Report {
             cfg_scale: plan.cfg_scale,
             gemm_ceiling: None,
             memory_ceilings: Vec::new(),
+            l2_ceiling: None,
             steps: Vec::new(),
             e2e: Vec::new(),
             kernels: Vec::new(),
@@ -442,6 +470,7 @@ impl Report {
                 "gemm": ceiling(&self.gemm_ceiling, "tflops"),
                 "memory": self.memory_ceilings.iter().map(|c| ceiling(&Some(c.clone()), "gbps")).collect::<Vec<_>>(),
                 "memory_best": ceiling(&self.memory_ceiling().cloned(), "gbps"),
+                "l2_read": ceiling(&self.l2_ceiling, "gbps"),
             },
             "steps": steps,
             "e2e": e2e,
@@ -597,10 +626,25 @@ impl Report {
                 None => s += &format!("| {what} ceiling | — | — |\n"),
             }
         }
+        if let Some(c) = &self.l2_ceiling {
+            s += &format!(
+                "| {} | {:.3} | {:.0} GB/s |\n",
+                c.what, c.stats.median_ms, c.rate
+            );
+        }
         if let Some(best) = self.memory_ceiling() {
             s += &format!(
                 "\nMemory-bound rows' % ceiling is of the best memory rate: {:.0} GB/s ({}).\n",
                 best.rate, best.what
+            );
+        }
+        if let Some(c) = &self.l2_ceiling {
+            s += &format!(
+                "\nL2 roofline of a GEMM tile whose A and W tiles come from L2 every k-step \
+                 (BM x BN x 64: 2 BM BN 64 FLOP per (BM + BN) 64 x 2 bytes, no multicast) at \
+                 {:.0} GB/s: {}.\n",
+                c.rate,
+                l2_tile_rooflines(c.rate)
             );
         }
 

@@ -297,7 +297,10 @@ pub fn sum_action(
     match ready {
         Some((first, count)) if (first..first + count).contains(&k) => SumAction::Ready(k - first),
         _ => SumAction::Compute {
-            count: (reuse_ahead + 1).min(slots).min(steps.saturating_sub(k)).max(1),
+            count: (reuse_ahead + 1)
+                .min(slots)
+                .min(steps.saturating_sub(k))
+                .max(1),
         },
     }
 }

@@ -37,6 +37,11 @@ pub fn bandwidth_read_plan(gpu: &impl KernelLauncher, p: &BandwidthParams) -> Re
     const K: &str = "bandwidth_read";
     check(K, p)?;
     check_ptr(K, "dst", p.dst, 4)?;
+    ensure!(
+        p.mask == 0 || (p.mask > 0 && (p.mask + 1).count_ones() == 1),
+        "{K}: mask {} must be 0 or one less than a power of two",
+        p.mask
+    );
     let grid = bandwidth_grid(p.chunks, gpu.multiprocessors());
     let threads = grid as i64 * THREADS as i64;
     ensure!(
@@ -47,7 +52,8 @@ pub fn bandwidth_read_plan(gpu: &impl KernelLauncher, p: &BandwidthParams) -> Re
     Ok(grid)
 }
 
-/// Reads `16 * chunks` bytes of `src`; `dst[i]` = the XOR of the 32-bit words thread `i` read.
+/// Reads `16 * chunks` bytes of `src` (with `mask`, `src`'s first `mask + 1` chunks over and
+/// over); `dst[i]` = the XOR of the 32-bit words thread `i` read.
 pub fn bandwidth_read(gpu: &impl KernelLauncher, p: &BandwidthParams) -> Result<()> {
     let grid = bandwidth_read_plan(gpu, p)?;
     // SAFETY: validated above; the caller owns `16 * chunks` bytes at src and `out_words`
@@ -59,6 +65,10 @@ pub fn bandwidth_read(gpu: &impl KernelLauncher, p: &BandwidthParams) -> Result<
 pub fn bandwidth_copy_plan(gpu: &impl KernelLauncher, p: &BandwidthParams) -> Result<u32> {
     const K: &str = "bandwidth_copy";
     check(K, p)?;
+    ensure!(
+        p.mask == 0,
+        "{K}: a copy reads its source once (mask must be 0)"
+    );
     check_ptr(K, "dst", p.dst, 16)?;
     let bytes = 16 * p.chunks as u64;
     ensure!(

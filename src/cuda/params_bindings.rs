@@ -1110,10 +1110,11 @@ pub struct BandwidthParams {
     pub dst: fora_ptr,
     pub chunks: ::std::os::raw::c_longlong,
     pub out_words: ::std::os::raw::c_longlong,
+    pub mask: ::std::os::raw::c_longlong,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of BandwidthParams"][::std::mem::size_of::<BandwidthParams>() - 32usize];
+    ["Size of BandwidthParams"][::std::mem::size_of::<BandwidthParams>() - 40usize];
     ["Alignment of BandwidthParams"][::std::mem::align_of::<BandwidthParams>() - 8usize];
     [
         "Offset of field: BandwidthParams::src",
@@ -1127,6 +1128,9 @@ const _: () = {
     [
         "Offset of field: BandwidthParams::out_words",
     ][::std::mem::offset_of!(BandwidthParams, out_words) - 24usize];
+    [
+        "Offset of field: BandwidthParams::mask",
+    ][::std::mem::offset_of!(BandwidthParams, mask) - 32usize];
 };
 
 // Plain C structs of integers and device addresses: valid kernel arguments by value.

@@ -1714,6 +1714,7 @@ pub fn check_bandwidth<D: TestDevice>(gpu: &D) -> Result<()> {
                 dst: out.addr(),
                 chunks,
                 out_words: out_words as i64,
+                mask: 0,
             },
         )?;
         let got: Vec<u32> = gpu
@@ -1741,6 +1742,7 @@ pub fn check_bandwidth<D: TestDevice>(gpu: &D) -> Result<()> {
                 dst: dst.addr(),
                 chunks,
                 out_words: 0,
+                mask: 0,
             },
         )?;
         let copied = gpu.download_f32(&dst)?;
@@ -1752,6 +1754,37 @@ pub fn check_bandwidth<D: TestDevice>(gpu: &D) -> Result<()> {
             );
         }
         println!("bandwidth probes, {chunks} chunks: read XOR and copy exact");
+    }
+    // The L2 probe: a buffer of 2^k chunks read over and over. Reading it an even number of
+    // times XORs to zero, an odd number to the buffer's XOR; a mask ignored would read past
+    // the buffer (the emulator's guard) and give neither.
+    for (buffer, reads) in [(1i64 << 10, 7i64), (1 << 12, 4), (1, 9)] {
+        let words: Vec<u32> = (0..4 * buffer).map(|_| rng.next_u64() as u32).collect();
+        let as_f32: Vec<f32> = words.iter().map(|&w| f32::from_bits(w)).collect();
+        let src = gpu.upload_f32(&as_f32)?;
+        let chunks = buffer * reads;
+        let out_words = bandwidth_read_words(gpu, chunks);
+        let out = gpu.poisoned_f32(out_words)?;
+        bandwidth_read(
+            gpu,
+            &BandwidthParams {
+                src: src.addr(),
+                dst: out.addr(),
+                chunks,
+                out_words: out_words as i64,
+                mask: buffer - 1,
+            },
+        )?;
+        let have = gpu
+            .download_f32(&out)?
+            .iter()
+            .fold(0u32, |a, v| a ^ v.to_bits());
+        let once = words.iter().fold(0u32, |a, &w| a ^ w);
+        let want = if reads % 2 == 1 { once } else { 0 };
+        ensure!(
+            have == want,
+            "bandwidth_read, {buffer} chunks read {reads} times: XOR {have:#010x}, want {want:#010x}"
+        );
     }
     Ok(())
 }
