@@ -130,8 +130,8 @@ phase_issue5() {
   echo "=== issue 5: kernel rows with the untried attention tma and cache-sum kernels"
   FORA_BENCH_HOPPER_GEMMS=0 bounded 60 .devpack/bin/fora bench --sections ceilings,kernels --batches 2,256 \
     --json "$OUT/issue5_kernels.json" > "$OUT/issue5_kernels.log" 2>&1
-  grep -E "^\| (attention|fora_cache_sum|fora_sum_final|fora_reuse_final) \||^\| (device copy|copy kernel|read kernel)" \
-    "$OUT/issue5_kernels.log" | head -n 30
+  grep -E "^\| (attention|fora_cache_sum|fora_sum_final|fora_reuse_final) \||^\| (device copy|copy kernel|read kernel|L2 read)|^L2 roofline" \
+    "$OUT/issue5_kernels.log" | head -n 32
   echo "=== issue 5: PyTorch eager, graph and torch.compile"
   local budget=$(( $(left) - 40 ))
   if [ "$budget" -gt 60 ]; then
