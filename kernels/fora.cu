@@ -4,6 +4,8 @@
 // Each thread owns a few elements of x, keeps them in registers across all layers and writes
 // them once: the launch reads the cache once and x once. Products and sums are explicit _rn
 // operations (no FMA contraction) so the result is the CPU reference's, bit for bit.
+// Below: the fused reuse forward (fora_reuse_final and its variants), the same from a cache sum
+// (fora_sum_final), and the cache sums of a run of reuse steps (fora_cache_sum_<R>).
 #include "common.cuh"
 
 namespace {

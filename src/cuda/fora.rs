@@ -2,7 +2,9 @@
 //! attention and MLP outputs to the f32 residual stream with the current step's gates:
 //! `for l in 0..L { x += gate_msa_l * A_l; x += gate_mlp_l * M_l }`, in f32, in order; and
 //! the fused reuse forward, which does the same between the patch embedding and the final
-//! LayerNorm + modulate, all in one launch.
+//! LayerNorm + modulate, all in one launch; and the cache sums (`FORA_REUSE_SUM`): one pass over
+//! the cache for the layers' summed updates of several reuse steps (`fora_cache_sum`), and the
+//! fused reuse forward from such a sum (`fora_sum_final`).
 
 use super::device::{
     check_latent_grid, check_positive, check_ptr, grid_x, Gpu, KernelLauncher, L2Window,
