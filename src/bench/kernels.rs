@@ -12,7 +12,7 @@ use crate::cuda::fora::{
     fora_cache_sum, fora_reuse, fora_reuse_final_with, fora_sum_final, ReuseTokens,
 };
 use crate::cuda::gemm::{Epilogue, Gemm, GemmImpl, TmaTile};
-use crate::cuda::model::{ada_cols, reuse_final_params};
+use crate::cuda::model::{ada_cols, cache_sum_params, reuse_final_params};
 use crate::cuda::norm::{layernorm_modulate_with, residual_layernorm_with, RowWarps};
 use crate::cuda::params::{
     AttentionParams, BandwidthParams, ForaCacheSumParams, ForaReuseFinalParams, ForaReuseParams,
@@ -943,18 +943,8 @@ fn bench_fora_cache_sum(
             cache: dptr(cache),
             tables: dptr(tables),
             sums: dptr(sums),
-            slab: slab as i64,
-            table_stride: (rows * cols) as i64,
-            sum_stride: slab as i64,
-            rows: rows as i32,
-            tokens: t as i32,
-            dim: d as i32,
-            layers: l as i32,
-            ld_mod: cols as i32,
-            layer_cols: (6 * d) as i32,
-            gate_msa_col: (2 * d) as i32,
-            gate_mlp_col: (5 * d) as i32,
             count: count as i32,
+            ..cache_sum_params(cfg, rows)
         }
     };
     let (stats, per_replay) = timer.time_alone(gpu, copies, |i| fora_cache_sum(gpu, &params(i)))?;

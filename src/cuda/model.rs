@@ -403,6 +403,30 @@ pub fn reuse_final_params(cfg: &DitConfig, rows: usize, images: usize) -> ForaRe
     }
 }
 
+/// The sizes and modulation-table columns of `fora_cache_sum` for `rows` model rows of a DiT
+/// (every pointer 0, one sum; tables and sums packed: strides of one table and one sum): the
+/// caller adds its buffers and count.
+pub fn cache_sum_params(cfg: &DitConfig, rows: usize) -> ForaCacheSumParams {
+    let (d, slab) = (cfg.hidden, rows * cfg.tokens() * cfg.hidden);
+    ForaCacheSumParams {
+        cache: 0,
+        tables: 0,
+        sums: 0,
+        slab: slab as i64,
+        table_stride: (rows * ada_cols(cfg)) as i64,
+        sum_stride: slab as i64,
+        rows: rows as i32,
+        tokens: cfg.tokens() as i32,
+        dim: d as i32,
+        layers: cfg.depth as i32,
+        ld_mod: ada_cols(cfg) as i32,
+        layer_cols: (6 * d) as i32,
+        gate_msa_col: (2 * d) as i32,
+        gate_mlp_col: (5 * d) as i32,
+        count: 1,
+    }
+}
+
 /// A plain GEMM's params: dense row-major operands, no cache or gate.
 #[allow(clippy::too_many_arguments)] // the eight numbers of one GEMM, named at every call
 fn gemm_params(
@@ -614,7 +638,7 @@ impl GpuModel {
         sum_stride: usize,
     ) -> Result<()> {
         let cfg = &self.cfg;
-        let (rows, d, t) = (acts.rows, cfg.hidden, cfg.tokens());
+        let rows = acts.rows;
         let cols = ada_cols(cfg);
         let Some(cache) = &acts.cache else {
             anyhow::bail!("cache sums need activations allocated with a FORA cache");
@@ -648,18 +672,10 @@ impl GpuModel {
                 cache: dptr(cache),
                 tables: first,
                 sums,
-                slab: (rows * t * d) as i64,
                 table_stride: stride as i64,
                 sum_stride: sum_stride as i64,
-                rows: rows as i32,
-                tokens: t as i32,
-                dim: d as i32,
-                layers: cfg.depth as i32,
-                ld_mod: cols as i32,
-                layer_cols: (6 * d) as i32,
-                gate_msa_col: (2 * d) as i32,
-                gate_mlp_col: (5 * d) as i32,
                 count: count as i32,
+                ..cache_sum_params(cfg, rows)
             },
         )
     }
