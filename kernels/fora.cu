@@ -543,6 +543,14 @@ fora_sum_final(const ForaReuseFinalParams p) {
     reuse_final_body<1, 1, 0, 0, true>(p);
 }
 
+// Four tokens a thread: many rows, where each thread's loads of the embedding weight (its 8
+// channels x C*p*p, from L1) would otherwise outweigh its 32 bytes of sum a token.
+extern "C" __global__ void __launch_bounds__(kReuseBlock)
+fora_sum_final_t4(const ForaReuseFinalParams p) {
+    grid_dependency_sync();
+    reuse_final_body<4, 1, 0, 0, true>(p);
+}
+
 // ---- the cache sums of a run of reuse steps ------------------------------------------------------
 // fora_cache_sum_<R>: a thread holds 8 channels of TOKENS consecutive tokens of one model row
 // and R sums of each (two tokens up to two sums, one beyond: registers). A block is kSumLanes channel chunks x (kSumThreads / kSumLanes) token

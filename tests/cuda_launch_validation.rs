@@ -45,6 +45,7 @@ fn every_small_kernel_is_embedded() {
         "fora_reuse",
         "fora_reuse_final",
         "fora_sum_final",
+        "fora_sum_final_t4",
         "fora_cache_sum_1",
         "fora_cache_sum_2",
         "fora_cache_sum_3",
@@ -475,23 +476,31 @@ fn fora_reuse_final_plan_checks_sizes_and_columns() {
         ..p
     };
     assert_eq!(
-        fora_sum_final_plan(&summed).unwrap(),
+        fora_sum_final_plan(&summed, 1).unwrap(),
         fora_reuse_final_plan(&p, ReuseTokens::One).unwrap()
     );
-    assert!(err(fora_sum_final_plan(&ForaReuseFinalParams {
-        sum: 0,
-        ..summed
-    }))
+    assert_eq!(
+        fora_sum_final_plan(&summed, 4).unwrap(),
+        fora_reuse_final_plan(&p, ReuseTokens::Four).unwrap()
+    );
+    assert!(err(fora_sum_final_plan(&summed, 2)).contains("1 or 4 tokens"));
+    assert!(err(fora_sum_final_plan(
+        &ForaReuseFinalParams { sum: 0, ..summed },
+        1
+    ))
     .contains("sum pointer is null"));
-    assert!(err(fora_sum_final_plan(&ForaReuseFinalParams {
-        sum: P + 4,
-        ..summed
-    }))
+    assert!(err(fora_sum_final_plan(
+        &ForaReuseFinalParams {
+            sum: P + 4,
+            ..summed
+        },
+        1
+    ))
     .contains("16-byte"));
-    assert!(err(fora_sum_final_plan(&ForaReuseFinalParams {
-        out: 0,
-        ..summed
-    }))
+    assert!(err(fora_sum_final_plan(
+        &ForaReuseFinalParams { out: 0, ..summed },
+        1
+    ))
     .contains("out pointer is null"));
 }
 

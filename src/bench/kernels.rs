@@ -9,7 +9,7 @@ use crate::cuda::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
 use crate::cuda::device::KernelLauncher;
 use crate::cuda::embed::patch_embed;
 use crate::cuda::fora::{
-    fora_cache_sum, fora_reuse, fora_reuse_final_with, fora_sum_final, ReuseTokens,
+    fora_cache_sum, fora_reuse, fora_reuse_final_with, fora_sum_final_with, ReuseTokens,
 };
 use crate::cuda::gemm::{Epilogue, Gemm, GemmImpl, TmaTile};
 use crate::cuda::model::{ada_cols, cache_sum_params, reuse_final_params};
@@ -531,13 +531,17 @@ pub(super) fn bench_kernels(
     let reuse_row = bench_fora_reuse(gpu, cfg, rows, timer, rotate);
     push_kernel(report, "fora_reuse", rows, reuse_row);
     for tpt in ReuseTokens::ALL {
-        let fused_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, Some(tpt));
+        let fused_row =
+            bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, FusedSource::Cache(tpt));
         push_kernel(report, "fora_reuse_final", rows, fused_row);
     }
     if untried {
         // FORA_REUSE_SUM's kernels (session 9, not yet run on a GPU).
-        let sum_final_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, None);
-        push_kernel(report, "fora_sum_final", rows, sum_final_row);
+        for tokens in [1, 4] {
+            let source = FusedSource::Sum(tokens);
+            let sum_final_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, source);
+            push_kernel(report, "fora_sum_final", rows, sum_final_row);
+        }
         for count in [1, 2, 4] {
             let sum_row = bench_fora_cache_sum(gpu, cfg, rows, timer, rotate, count);
             push_kernel(report, "fora_cache_sum", rows, sum_row);
@@ -796,17 +800,29 @@ fn bench_sampler_step(
     })
 }
 
+/// What a fused reuse forward adds to the embedding.
+#[derive(Clone, Copy)]
+enum FusedSource {
+    /// The cache, through this `fora_reuse_final` variant.
+    Cache(ReuseTokens),
+    /// A cache sum, through `fora_sum_final` with so many tokens a thread.
+    Sum(i32),
+}
+
 /// The fused reuse forward: what patch_embed + fora_reuse + layernorm_modulate do in a reuse
-/// step, in one launch; from the cache (`Some(variant)`, fora_reuse_final) or from a cache sum
-/// (`None`, fora_sum_final).
+/// step, in one launch; from the cache (fora_reuse_final) or from a cache sum (fora_sum_final).
 fn bench_fora_reuse_final(
     gpu: &Gpu,
     cfg: &DitConfig,
     rows: usize,
     timer: &Timer,
     rotate: usize,
-    tpt: Option<ReuseTokens>,
+    source: FusedSource,
 ) -> Result<KernelRow> {
+    let tpt = match source {
+        FusedSource::Cache(tpt) => Some(tpt),
+        FusedSource::Sum(_) => None,
+    };
     let (d, t, l) = (cfg.hidden, cfg.tokens(), cfg.depth);
     let k = cfg.in_channels * cfg.patch * cfg.patch;
     let slab = rows * t * d;
@@ -866,17 +882,26 @@ fn bench_fora_reuse_final(
             ..reuse_final_params(cfg, rows, rows)
         }
     };
-    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| match tpt {
-        Some(tpt) => fora_reuse_final_with(gpu, &params(i), tpt),
-        None => fora_sum_final(gpu, &params(i)),
+    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| match source {
+        FusedSource::Cache(tpt) => fora_reuse_final_with(gpu, &params(i), tpt),
+        FusedSource::Sum(tokens) => fora_sum_final_with(gpu, &params(i), tokens),
     })?;
-    let (name, imp, what) = match tpt {
-        None => (
-            "fora_sum_final",
-            "custom".to_string(),
-            format!("embed + sum {rows}x{t}x{d} + LN"),
-        ),
-        Some(tpt) => {
+    let (name, imp, what) = match source {
+        FusedSource::Sum(tokens) => {
+            // The launcher takes four tokens a thread where the cache kernel would.
+            let picked = (ReuseTokens::pick(&params(0), gpu.multiprocessors()).tokens() == 4)
+                == (tokens == 4);
+            (
+                "fora_sum_final",
+                if picked {
+                    "custom".to_string()
+                } else {
+                    format!("custom ({tokens} tokens/thread)")
+                },
+                format!("embed + sum {rows}x{t}x{d} + LN"),
+            )
+        }
+        FusedSource::Cache(tpt) => {
             let picked = ReuseTokens::pick(&params(0), gpu.multiprocessors()) == tpt;
             // The variant the launcher picks at these rows is "custom"; the others are named.
             let imp = if picked {

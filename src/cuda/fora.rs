@@ -189,11 +189,18 @@ pub fn fora_reuse_final_plan(
     Ok(launch)
 }
 
-/// Validates `p` for [`fora_sum_final`] (the cache, layers and gates are not read; `sum` is)
-/// and returns its grid and block.
-pub fn fora_sum_final_plan(p: &ForaReuseFinalParams) -> Result<((u32, u32, u32), u32)> {
+/// Validates `p` for [`fora_sum_final`] with `tokens` (1 or 4) tokens a thread (the cache,
+/// layers and gates are not read; `sum` is) and returns its grid and block.
+pub fn fora_sum_final_plan(
+    p: &ForaReuseFinalParams,
+    tokens: i32,
+) -> Result<((u32, u32, u32), u32)> {
     const K: &str = "fora_sum_final";
-    let launch = reuse_final_common(K, p, 1)?;
+    ensure!(
+        tokens == 1 || tokens == 4,
+        "{K}: 1 or 4 tokens a thread, not {tokens}"
+    );
+    let launch = reuse_final_common(K, p, tokens)?;
     check_ptr(K, "sum", p.sum, 16)?;
     Ok(launch)
 }
@@ -410,11 +417,31 @@ pub fn fora_reuse_final_with(
 
 /// The reuse forward of a step whose cache sum is ready (`p.sum`, from [`fora_cache_sum`]):
 /// the patch embedding + the sum, the final LayerNorm + modulate into `p.out` (or, with
-/// `p.final_w`, the final Linear into `p.final_out`). One token a thread.
+/// `p.final_w`, the final Linear into `p.final_out`). Four tokens a thread where
+/// [`ReuseTokens::pick`] takes four for the cache kernel (many rows), else one.
 pub fn fora_sum_final(gpu: &impl KernelLauncher, p: &ForaReuseFinalParams) -> Result<()> {
-    let (grid, block) = fora_sum_final_plan(p)?;
+    let tokens = match ReuseTokens::pick(p, gpu.multiprocessors()) {
+        ReuseTokens::Four => 4,
+        _ => 1,
+    };
+    fora_sum_final_with(gpu, p, tokens)
+}
+
+/// [`fora_sum_final`] with `tokens` (1 or 4) tokens a thread chosen by the caller (tests,
+/// benchmarks); both give the same bits.
+pub fn fora_sum_final_with(
+    gpu: &impl KernelLauncher,
+    p: &ForaReuseFinalParams,
+    tokens: i32,
+) -> Result<()> {
+    let (grid, block) = fora_sum_final_plan(p, tokens)?;
+    let kernel = if tokens == 4 {
+        "fora_sum_final_t4"
+    } else {
+        "fora_sum_final"
+    };
     // SAFETY: validated above.
-    unsafe { gpu.launch_kernel("fora_sum_final", grid, (block, 1, 1), 0, p) }
+    unsafe { gpu.launch_kernel(kernel, grid, (block, 1, 1), 0, p) }
 }
 
 /// Most sums one [`fora_cache_sum`] launch computes (kernels `fora_cache_sum_1` ..

@@ -46,6 +46,7 @@ void fora_reuse_final_t4_p2(const ForaReuseFinalParams p);
 void fora_reuse_final_t4_r3(const ForaReuseFinalParams p);
 void fora_reuse_final_r4(const ForaReuseFinalParams p);
 void fora_sum_final(const ForaReuseFinalParams p);
+void fora_sum_final_t4(const ForaReuseFinalParams p);
 void fora_cache_sum_1(const ForaCacheSumParams p);
 void fora_cache_sum_2(const ForaCacheSumParams p);
 void fora_cache_sum_3(const ForaCacheSumParams p);
@@ -324,6 +325,7 @@ Kernel find(const std::string& name) {
     if (name == "fora_reuse_final_t4_r3") return call<ForaReuseFinalParams, fora_reuse_final_t4_r3>;
     if (name == "fora_reuse_final_r4") return call<ForaReuseFinalParams, fora_reuse_final_r4>;
     if (name == "fora_sum_final") return call<ForaReuseFinalParams, fora_sum_final>;
+    if (name == "fora_sum_final_t4") return call<ForaReuseFinalParams, fora_sum_final_t4>;
     if (name == "fora_cache_sum_1") return call<ForaCacheSumParams, fora_cache_sum_1>;
     if (name == "fora_cache_sum_2") return call<ForaCacheSumParams, fora_cache_sum_2>;
     if (name == "fora_cache_sum_3") return call<ForaCacheSumParams, fora_cache_sum_3>;

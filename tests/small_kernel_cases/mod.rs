@@ -15,7 +15,7 @@ use fora::cuda::bandwidth::{bandwidth_copy, bandwidth_read, bandwidth_read_words
 use fora::cuda::conditioning::{label_silu, silu_f32_bf16, timestep_embedding};
 use fora::cuda::embed::{patch_embed, transpose_patch_weight};
 use fora::cuda::fora::{
-    fora_cache_sum, fora_reuse, fora_reuse_final_with, fora_sum_final,
+    fora_cache_sum, fora_reuse, fora_reuse_final_with, fora_sum_final_with,
     fused_final_linear_supported, ReuseTokens, CACHE_SUM_MAX,
 };
 use fora::cuda::norm::{layernorm_modulate_with, residual_layernorm_with, RowWarps};
@@ -805,18 +805,19 @@ pub struct ReuseFinalCase {
 }
 
 /// What a fused reuse forward adds to the embedding: every layer's cached outputs
-/// (`fora_reuse_final`, the variant given) or their sum precomputed (`fora_sum_final`).
+/// (`fora_reuse_final`, the variant given) or their sum precomputed (`fora_sum_final`, so many
+/// tokens a thread).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ReuseSource {
     Cache(ReuseTokens),
-    Sum,
+    Sum(i32),
 }
 
 impl ReuseSource {
     fn launch<D: TestDevice>(self, gpu: &D, p: &ForaReuseFinalParams) -> Result<()> {
         match self {
             ReuseSource::Cache(tpt) => fora_reuse_final_with(gpu, p, tpt),
-            ReuseSource::Sum => fora_sum_final(gpu, p),
+            ReuseSource::Sum(tokens) => fora_sum_final_with(gpu, p, tokens),
         }
     }
 }
@@ -870,11 +871,11 @@ pub fn run_reuse_forward<D: TestDevice>(
         pos: pos_d.addr(),
         cache: match source {
             ReuseSource::Cache(_) => cache_d.addr(),
-            ReuseSource::Sum => 0,
+            ReuseSource::Sum(_) => 0,
         },
         sum: match source {
             ReuseSource::Cache(_) => 0,
-            ReuseSource::Sum => sum_d.addr(),
+            ReuseSource::Sum(_) => sum_d.addr(),
         },
         modulation: mod_d.addr(),
         out: out.addr(),
@@ -937,7 +938,7 @@ pub fn run_reuse_forward<D: TestDevice>(
             tokens,
             c.dim,
         ),
-        ReuseSource::Sum => x.iter_mut().zip(&sum).for_each(|(x, s)| *x += s),
+        ReuseSource::Sum(_) => x.iter_mut().zip(&sum).for_each(|(x, s)| *x += s),
     }
     let mut want = vec![0f32; n];
     ops::layernorm_modulate(
@@ -1075,10 +1076,17 @@ pub fn check_fora_reuse_final<D: TestDevice>(gpu: &D) -> Result<()> {
     Ok(())
 }
 
-/// Every case of fora_sum_final (the fused reuse forward from a cache sum).
+/// Every case of fora_sum_final (the fused reuse forward from a cache sum), one and four
+/// tokens a thread: the same operations per token, so the same bits.
 pub fn check_fora_sum_final<D: TestDevice>(gpu: &D) -> Result<()> {
     for (c, seed) in &reuse_final_cases() {
-        run_reuse_forward(gpu, c, ReuseSource::Sum, *seed)?;
+        let one = run_reuse_forward(gpu, c, ReuseSource::Sum(1), *seed)?;
+        let four = run_reuse_forward(gpu, c, ReuseSource::Sum(4), *seed)?;
+        ensure!(
+            one == four,
+            "fora_sum_final D={}: four tokens a thread differ from one",
+            c.dim
+        );
     }
     Ok(())
 }
