@@ -962,6 +962,40 @@ fn gpu_reuse_sums_match_the_cache_path() {
         )
         .unwrap();
     }
+    // Many rows (40 images + CFG = 80 rows of 64 tokens): fora_sum_final's four-tokens kernel
+    // is the whole-step graph's reuse node.
+    let many: Vec<usize> = (0..40).map(|i| i % 10).collect();
+    assert_eq!(
+        fora::cuda::fora::ReuseTokens::pick(
+            &fora::cuda::model::reuse_final_params(&cfg, 80, 40),
+            cuda.gpu().sm_count()
+        ),
+        fora::cuda::fora::ReuseTokens::Four,
+        "80 rows must take the four-tokens kernels"
+    );
+    for precompute in [true, false] {
+        let off = CudaOptions {
+            graphs: true,
+            step_graph: true,
+            precompute_modulation: precompute,
+            reuse_sum: 0,
+            ..base
+        };
+        cuda.set_options(CudaOptions {
+            reuse_sum: 2,
+            ..off
+        });
+        let summed = sample_latents(&cuda, &options, &many, 9, 3);
+        cuda.set_options(off);
+        let cached = sample_latents(&cuda, &options, &many, 9, 3);
+        check_close(
+            &format!("80 rows, precompute={precompute}: cache sums vs the cache"),
+            &summed,
+            &cached,
+            BF16_EPSILON,
+        )
+        .unwrap();
+    }
     // Our own GEMMs: the reuse forward's table of only the final shift / scale, and the gates
     // of the run's steps through the whole adaLN GEMM (no cuBLASLt strided batch).
     for graphs in [true, false] {

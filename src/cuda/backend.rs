@@ -7,7 +7,7 @@
 //! that filter by NVTX range, and for debugging).
 
 use super::device::{dptr_at, ensure_hopper};
-use super::fora::{ReuseTokens, CACHE_SUM_MAX};
+use super::fora::CACHE_SUM_MAX;
 use super::gemm::{Gemm, GemmImpl};
 use super::model::{
     ada_cols, max_gemm_mn, Activations, CondBuffers, ForwardKind, GpuModel, SumTables, TableColumns,
@@ -573,10 +573,7 @@ impl CudaBackend {
             && ws.mod_table.is_some()
             && self.model.reuse_is_fused(self.options.fused_reuse);
         // The fused reuse kernels: one of them is re-pointed per step (table in place, sum).
-        let reuse_fns = ReuseTokens::ALL
-            .iter()
-            .map(|t| t.kernel())
-            .chain(["fora_sum_final"])
+        let reuse_fns = super::fora::fused_reuse_kernels()
             .map(|name| Ok(self.gpu.function(name)?.cu_function()))
             .collect::<Result<Vec<_>>>()?;
         let mut graphs = Vec::with_capacity(2);

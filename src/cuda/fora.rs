@@ -427,6 +427,18 @@ pub fn fora_sum_final(gpu: &impl KernelLauncher, p: &ForaReuseFinalParams) -> Re
     fora_sum_final_with(gpu, p, tokens)
 }
 
+/// The `fora_sum_final` kernels: one and four tokens a thread.
+const SUM_FINAL_KERNELS: [&str; 2] = ["fora_sum_final", "fora_sum_final_t4"];
+
+/// Every fused reuse forward kernel (`fora_reuse_final`'s variants and `fora_sum_final`'s):
+/// a captured reuse step holds one of them.
+pub fn fused_reuse_kernels() -> impl Iterator<Item = &'static str> {
+    ReuseTokens::ALL
+        .iter()
+        .map(|t| t.kernel())
+        .chain(SUM_FINAL_KERNELS)
+}
+
 /// [`fora_sum_final`] with `tokens` (1 or 4) tokens a thread chosen by the caller (tests,
 /// benchmarks); both give the same bits.
 pub fn fora_sum_final_with(
@@ -435,11 +447,7 @@ pub fn fora_sum_final_with(
     tokens: i32,
 ) -> Result<()> {
     let (grid, block) = fora_sum_final_plan(p, tokens)?;
-    let kernel = if tokens == 4 {
-        "fora_sum_final_t4"
-    } else {
-        "fora_sum_final"
-    };
+    let kernel = SUM_FINAL_KERNELS[(tokens == 4) as usize];
     // SAFETY: validated above.
     unsafe { gpu.launch_kernel(kernel, grid, (block, 1, 1), 0, p) }
 }
