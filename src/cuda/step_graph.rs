@@ -41,8 +41,6 @@ pub struct StepGraph {
     )>,
     /// The sampler update kernel and its captured launch parameters.
     sampler: (sys::CUgraphNode, sys::CUDA_KERNEL_NODE_PARAMS),
-    /// Whether the reader takes the table in place.
-    table_in_place: bool,
     ctx: sys::CUcontext,
 }
 
@@ -163,14 +161,14 @@ impl StepGraph {
             copy: copies.pop(),
             reader,
             sampler: samplers[0],
-            table_in_place: !with_copy,
             ctx,
         })
     }
 
-    /// Whether a kernel of this graph reads the step's table in place (no copy).
+    /// Whether a kernel of this graph reads the step's table in place: the graph has no copy
+    /// (a [`StepTableSource::Copy`] graph has exactly one).
     pub fn reads_table_in_place(&self) -> bool {
-        self.table_in_place
+        self.copy.is_none()
     }
 
     /// Points the copy (same size and destination as captured), or the kernel reading the
@@ -186,7 +184,7 @@ impl StepGraph {
         let exec = self.graph.cu_graph_exec();
         if let Some((node, template, captured)) = &self.reader {
             let mut arg = *captured;
-            if self.table_in_place {
+            if self.reads_table_in_place() {
                 let Some(src) = src else {
                     bail!("step graph: no table for the kernel that reads it in place");
                 };
@@ -221,7 +219,7 @@ impl StepGraph {
                 )?;
             }
             (None, None) => {}
-            (None, Some(_)) if self.table_in_place => {}
+            (None, Some(_)) if self.reads_table_in_place() => {}
             _ => bail!("step graph: a copy source given for a graph without a copy, or none"),
         }
         let (node, template) = &self.sampler;
