@@ -9,7 +9,8 @@ use crate::cuda::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
 use crate::cuda::device::KernelLauncher;
 use crate::cuda::embed::patch_embed;
 use crate::cuda::fora::{
-    fora_cache_sum, fora_reuse, fora_reuse_final_with, fora_sum_final_with, ReuseTokens,
+    fora_cache_sum, fora_reuse, fora_reuse_final_with, fora_sum_final_with, sum_final_tokens,
+    ReuseTokens,
 };
 use crate::cuda::gemm::{Epilogue, Gemm, GemmImpl, TmaTile};
 use crate::cuda::model::{ada_cols, cache_sum_params, reuse_final_params};
@@ -888,9 +889,7 @@ fn bench_fora_reuse_final(
     })?;
     let (name, imp, what) = match source {
         FusedSource::Sum(tokens) => {
-            // The launcher takes four tokens a thread where the cache kernel would.
-            let picked = (ReuseTokens::pick(&params(0), gpu.multiprocessors()).tokens() == 4)
-                == (tokens == 4);
+            let picked = sum_final_tokens(&params(0), gpu.multiprocessors()) == tokens;
             (
                 "fora_sum_final",
                 if picked {

@@ -420,11 +420,16 @@ pub fn fora_reuse_final_with(
 /// `p.final_w`, the final Linear into `p.final_out`). Four tokens a thread where
 /// [`ReuseTokens::pick`] takes four for the cache kernel (many rows), else one.
 pub fn fora_sum_final(gpu: &impl KernelLauncher, p: &ForaReuseFinalParams) -> Result<()> {
-    let tokens = match ReuseTokens::pick(p, gpu.multiprocessors()) {
+    fora_sum_final_with(gpu, p, sum_final_tokens(p, gpu.multiprocessors()))
+}
+
+/// Tokens a thread [`fora_sum_final`] takes for `p` on `multiprocessors` SMs: four where
+/// [`ReuseTokens::pick`] takes four for the cache kernel, else one.
+pub fn sum_final_tokens(p: &ForaReuseFinalParams, multiprocessors: usize) -> i32 {
+    match ReuseTokens::pick(p, multiprocessors) {
         ReuseTokens::Four => 4,
         _ => 1,
-    };
-    fora_sum_final_with(gpu, p, tokens)
+    }
 }
 
 /// The `fora_sum_final` kernels: one and four tokens a thread.
