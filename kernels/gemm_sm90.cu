@@ -218,16 +218,27 @@ struct TmaUnit {
     int m0, n0, slice, kt_begin, k_tiles;
 };
 
-template <int BN>
-FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u) {
+// Work units of a CLUSTER-CTA cluster: CLUSTER vertically adjacent M tiles with the same N tile
+// and slice (a cluster's CTAs share W's tile); the cluster's CTA of rank `rank` takes the
+// rank-th. Past the last M tile (an odd count) a CTA computes a tile of zero rows: its TMA boxes
+// arrive as zeros and its epilogue writes nothing, so the cluster's pipelines stay in step.
+template <int BN, int CLUSTER>
+FORA_DEVICE int tma_units(const GemmTmaParams& params) {
+    const GemmParams& p = params.gemm;
+    const int tiles_m = (p.m + kTmaBM * CLUSTER - 1) / (kTmaBM * CLUSTER);
+    return tiles_m * ((p.n + BN - 1) / BN) * params.splits;
+}
+
+template <int BN, int CLUSTER>
+FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u, int rank) {
     const GemmParams& p = params.gemm;
     const int tiles_n = (p.n + BN - 1) / BN;
-    const int tiles_m = (p.m + kTmaBM - 1) / kTmaBM;
+    const int tiles_m = (p.m + kTmaBM * CLUSTER - 1) / (kTmaBM * CLUSTER);
     const int k_tiles_all = (p.k + kWgmmaBK - 1) / kWgmmaBK;
     const int k_per_slice = (k_tiles_all + params.splits - 1) / params.splits;
     TmaUnit w;
     w.n0 = (u % tiles_n) * BN;
-    w.m0 = ((u / tiles_n) % tiles_m) * kTmaBM;
+    w.m0 = (((u / tiles_n) % tiles_m) * CLUSTER + rank) * kTmaBM;
     w.slice = u / tiles_n / tiles_m;
     w.kt_begin = min(k_tiles_all, w.slice * k_per_slice);
     w.k_tiles = min(k_tiles_all - w.kt_begin, k_per_slice);
@@ -241,16 +252,32 @@ FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u) {
 // of unit i - 1 (the `order` barriers, one a consumer, 4 arrivals: a warp's lane 0 each): the
 // `full` barriers are then at most one phase behind the k-tiles it waits for, which their parity
 // needs (waiting for a phase two ahead would pass at once, on stale data).
-template <int BN, int STAGES, bool PINGPONG>
+//
+// CLUSTER = 2 (cooperative only; the kernel is compiled with __cluster_dims__(2, 1, 1)): the two
+// CTAs of a cluster compute vertically adjacent tiles with the same W tile, and each producer
+// loads its own A tile and half of the W tile, multicast into both CTAs (same slot, same `full`
+// barrier byte), so a CTA reads 128 + BN / 2 rows from L2 a k-step instead of 128 + BN (the
+// L2-bandwidth bound of bench's `l2_tile_rooflines`). A slot is refilled by both producers, so
+// its `empty` barrier counts the warps of both CTAs (each consumer warp arrives on its own CTA's
+// and, through mapa, on the peer's), and each `full` expects the whole tile's bytes (half of
+// them delivered by the peer, possibly before this CTA's producer announced them: the
+// transaction count may run negative within a phase). Both CTAs walk the same units and k-tiles,
+// so their rings stay in step; a cluster barrier after the barriers' initialization (before any
+// multicast or remote arrival) and one at the end (no CTA exits while its peer may still arrive
+// on its barriers) bracket the kernel, and every thread, the producer's too, takes part in both.
+template <int BN, int STAGES, bool PINGPONG, int CLUSTER>
 FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
+    static_assert(CLUSTER == 1 || (CLUSTER == 2 && !PINGPONG), "clusters of two, cooperative only");
     constexpr int kRowBlocks = PINGPONG ? 2 : 1;  // m64 blocks a consumer computes per unit
     constexpr int kAcc = BN / 2;
     constexpr uint32_t kStageA = kTmaBM * kWgmmaBK * 2;  // bytes of one A tile
     constexpr uint32_t kStageB = BN * kWgmmaBK * 2;
-    // Arrivals that free a slot: every warp of the consumers that read it.
-    constexpr int kEmptyArrivals = PINGPONG ? 4 : 8;
-    static_assert(kStageA % 1024 == 0 && kStageB % 1024 == 0,
-                  "every tile must start on a 1024-byte swizzle atom");
+    constexpr uint32_t kSliceB = kStageB / CLUSTER;  // the part of the W tile a producer loads
+    // Arrivals that free a slot: every warp of the consumers that read it, in every CTA that
+    // the slot's producers fill.
+    constexpr int kEmptyArrivals = (PINGPONG ? 4 : 8) * CLUSTER;
+    static_assert(kStageA % 1024 == 0 && kSliceB % 1024 == 0,
+                  "every tile (and multicast half) must start on a 1024-byte swizzle atom");
     const GemmParams& p = params.gemm;
 
     // Dynamic smem (the launcher adds 1 KiB to round the base up to 1024 bytes):
@@ -266,6 +293,7 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
 
     const int tid = threadIdx.x;
     const int warpgroup = tid >> 7;
+    const int rank = CLUSTER > 1 ? static_cast<int>(cluster_ctarank()) : 0;
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbarrier_init(full + 8 * s, 1);
@@ -277,16 +305,22 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
         }
         fence_mbarrier_init();
     }
-    __syncthreads();
+    if (CLUSTER > 1) {
+        cluster_sync();
+    } else {
+        __syncthreads();
+    }
 
-    const int units = ((p.m + kTmaBM - 1) / kTmaBM) * ((p.n + BN - 1) / BN) * params.splits;
+    const int units = tma_units<BN, CLUSTER>(params);
+    const int first = static_cast<int>(blockIdx.x) / CLUSTER;
+    const int stride = static_cast<int>(gridDim.x) / CLUSTER;
 
     if (warpgroup == 0) {
         setmaxnreg_dec<40>();
         if (tid == 0) {
             uint32_t it = 0;
-            for (int u = blockIdx.x; u < units; u += gridDim.x) {
-                const TmaUnit w = tma_unit<BN>(params, u);
+            for (int u = first; u < units; u += stride) {
+                const TmaUnit w = tma_unit<BN, CLUSTER>(params, u, rank);
                 for (int kt = 0; kt < w.k_tiles; ++kt, ++it) {
                     const uint32_t slot = it % STAGES;
                     const uint32_t parity = (it / STAGES) & 1u;
@@ -294,81 +328,96 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
                     mbarrier_arrive_expect_tx(full + 8 * slot, kStageA + kStageB);
                     const int k0 = (w.kt_begin + kt) * kWgmmaBK;
                     tma_load_2d(smem_a + slot * kStageA, &params.a_map, k0, w.m0, full + 8 * slot);
-                    tma_load_2d(smem_b + slot * kStageB, &params.w_map, k0, w.n0, full + 8 * slot);
+                    if (CLUSTER == 1) {
+                        tma_load_2d(smem_b + slot * kStageB, &params.w_map, k0, w.n0, full + 8 * slot);
+                    } else {
+                        tma_load_2d_multicast(smem_b + slot * kStageB + rank * kSliceB, &params.w_map, k0,
+                                              w.n0 + rank * (BN / CLUSTER), full + 8 * slot,
+                                              static_cast<uint16_t>((1u << CLUSTER) - 1u));
+                    }
                 }
             }
         }
-        return;
-    }
-
-    setmaxnreg_inc<232>();
-    const int consumer = warpgroup - 1;
-    const int lane = tid & 31;
-    const int warp_in_group = (tid >> 5) & 3;
-    // Rows of the tile this consumer's m64 block b covers: 64 * consumer (cooperative) or 64 * b.
-    const int row_block0 = PINGPONG ? 0 : consumer;
-    uint32_t it = 0;
-    float acc[kRowBlocks][kAcc];
-    int local = 0;  // the CTA's units in order: pingpong consumers take every other one
-    int mine = 0;   // ping-pong: units this consumer has computed
-    for (int u = blockIdx.x; u < units; u += gridDim.x, ++local) {
-        const TmaUnit w = tma_unit<BN>(params, u);
-        if (PINGPONG && (local & 1) != consumer) {
-            it += static_cast<uint32_t>(w.k_tiles);  // the other consumer's k-tiles
-            continue;
-        }
-        if (PINGPONG && local > 0) {
-            // The other consumer's signal after unit local - 1: its (mine + 1)-th for consumer 1
-            // (after units 0, 2, ...), its mine-th for consumer 0 (after units 1, 3, ...).
-            mbarrier_wait(order + 8 * consumer, static_cast<uint32_t>(consumer == 1 ? mine : mine - 1) & 1u);
-        }
-#pragma unroll
-        for (int b = 0; b < kRowBlocks; ++b) {
-#pragma unroll
-            for (int i = 0; i < kAcc; ++i) acc[b][i] = 0.0f;
-        }
-        for (int kt = 0; kt < w.k_tiles; ++kt, ++it) {
-            const uint32_t slot = it % STAGES;
-            mbarrier_wait(full + 8 * slot, (it / STAGES) & 1u);
-            const uint64_t desc_b = wgmma_desc_sw128(smem_b + slot * kStageB);
-#pragma unroll
-            for (int b = 0; b < kRowBlocks; ++b) pin_accumulators(acc[b]);
-            wgmma_fence();
+    } else {
+        setmaxnreg_inc<232>();
+        const int consumer = warpgroup - 1;
+        const int lane = tid & 31;
+        const int warp_in_group = (tid >> 5) & 3;
+        // The peer's `empty` barriers (a cluster of two), which this CTA's consumers also free.
+        const uint32_t peer_empty = CLUSTER > 1 ? mapa_shared(empty, static_cast<uint32_t>(rank ^ 1)) : 0;
+        // A warp has finished reading `slot`: one arrival on its `empty`, in both CTAs.
+        auto release = [&](uint32_t slot) {
+            if (lane == 0) {
+                mbarrier_arrive(empty + 8 * slot);
+                if (CLUSTER > 1) mbarrier_arrive_cluster(peer_empty + 8 * slot);
+            }
+        };
+        // Rows of the tile this consumer's m64 block b covers: 64 * consumer (cooperative) or 64 * b.
+        const int row_block0 = PINGPONG ? 0 : consumer;
+        uint32_t it = 0;
+        float acc[kRowBlocks][kAcc];
+        int local = 0;  // the CTA's units in order: pingpong consumers take every other one
+        int mine = 0;   // ping-pong: units this consumer has computed
+        for (int u = first; u < units; u += stride, ++local) {
+            const TmaUnit w = tma_unit<BN, CLUSTER>(params, u, rank);
+            if (PINGPONG && (local & 1) != consumer) {
+                it += static_cast<uint32_t>(w.k_tiles);  // the other consumer's k-tiles
+                continue;
+            }
+            if (PINGPONG && local > 0) {
+                // The other consumer's signal after unit local - 1: its (mine + 1)-th for consumer 1
+                // (after units 0, 2, ...), its mine-th for consumer 0 (after units 1, 3, ...).
+                mbarrier_wait(order + 8 * consumer, static_cast<uint32_t>(consumer == 1 ? mine : mine - 1) & 1u);
+            }
 #pragma unroll
             for (int b = 0; b < kRowBlocks; ++b) {
-                const uint64_t desc_a =
-                    wgmma_desc_sw128(smem_a + slot * kStageA + (row_block0 + b) * 64 * kWgmmaBK * 2);
 #pragma unroll
-                for (int kk = 0; kk < kWgmmaBK / 16; ++kk) {
-                    wgmma_m64k16<BN>(acc[b], desc_a + 2 * kk, desc_b + 2 * kk);
-                }
+                for (int i = 0; i < kAcc; ++i) acc[b][i] = 0.0f;
             }
-            wgmma_commit();
-            wgmma_wait<1>();
+            for (int kt = 0; kt < w.k_tiles; ++kt, ++it) {
+                const uint32_t slot = it % STAGES;
+                mbarrier_wait(full + 8 * slot, (it / STAGES) & 1u);
+                const uint64_t desc_b = wgmma_desc_sw128(smem_b + slot * kStageB);
+#pragma unroll
+                for (int b = 0; b < kRowBlocks; ++b) pin_accumulators(acc[b]);
+                wgmma_fence();
+#pragma unroll
+                for (int b = 0; b < kRowBlocks; ++b) {
+                    const uint64_t desc_a =
+                        wgmma_desc_sw128(smem_a + slot * kStageA + (row_block0 + b) * 64 * kWgmmaBK * 2);
+#pragma unroll
+                    for (int kk = 0; kk < kWgmmaBK / 16; ++kk) {
+                        wgmma_m64k16<BN>(acc[b], desc_a + 2 * kk, desc_b + 2 * kk);
+                    }
+                }
+                wgmma_commit();
+                wgmma_wait<1>();
+#pragma unroll
+                for (int b = 0; b < kRowBlocks; ++b) pin_accumulators(acc[b]);
+                // k-tile it - 1's wgmmas are done: its slot goes back to the producer(s).
+                if (kt > 0) release((it - 1) % STAGES);
+            }
+            if (PINGPONG) {
+                // Every k-tile of this unit has been waited for: the other consumer may start.
+                if (lane == 0) mbarrier_arrive(order + 8 * (1 - consumer));
+                ++mine;
+            }
+            wgmma_wait<0>();
 #pragma unroll
             for (int b = 0; b < kRowBlocks; ++b) pin_accumulators(acc[b]);
-            // k-tile it - 1's wgmmas are done: its slot goes back to the producer.
-            if (kt > 0 && lane == 0) mbarrier_arrive(empty + 8 * ((it - 1) % STAGES));
-        }
-        if (PINGPONG) {
-            // Every k-tile of this unit has been waited for: the other consumer may start.
-            if (lane == 0) mbarrier_arrive(order + 8 * (1 - consumer));
-            ++mine;
-        }
-        wgmma_wait<0>();
-#pragma unroll
-        for (int b = 0; b < kRowBlocks; ++b) pin_accumulators(acc[b]);
-        if (w.k_tiles > 0 && lane == 0) mbarrier_arrive(empty + 8 * ((it - 1) % STAGES));
+            if (w.k_tiles > 0) release((it - 1) % STAGES);
 
-        const Epilogue e = gemm_epilogue_of(p, static_cast<unsigned>(w.slice));
-        const int col_base = w.n0 + 2 * (lane & 3);
-        const bool whole_tile = w.m0 + kTmaBM <= p.m && w.n0 + BN <= p.n;
+            const Epilogue e = gemm_epilogue_of(p, static_cast<unsigned>(w.slice));
+            const int col_base = w.n0 + 2 * (lane & 3);
+            const bool whole_tile = w.m0 + kTmaBM <= p.m && w.n0 + BN <= p.n;
 #pragma unroll
-        for (int b = 0; b < kRowBlocks; ++b) {
-            const int row = w.m0 + (row_block0 + b) * 64 + warp_in_group * 16 + (lane >> 2);
-            epilogue_fragments<BN / 8>(e, row, col_base, acc[b], whole_tile);
+            for (int b = 0; b < kRowBlocks; ++b) {
+                const int row = w.m0 + (row_block0 + b) * 64 + warp_in_group * 16 + (lane >> 2);
+                epilogue_fragments<BN / 8>(e, row, col_base, acc[b], whole_tile);
+            }
         }
     }
+    if (CLUSTER > 1) cluster_sync();
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -422,23 +471,49 @@ extern "C" __global__ void __launch_bounds__(128, 2) gemm_wgmma_64x128(const Gem
 // N a multiple of 128 but not of 192 or 256; six stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x128(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(128, 6, false);
+    FORA_TMA_BODY(128, 6, false, 1);
 }
 
 // Every DiT-XL/2 width (1152, 3456, 4608 are multiples of 192); five stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x192(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(192, 5, false);
+    FORA_TMA_BODY(192, 5, false, 1);
 }
 
 // Multiples of 256; four stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x256(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(256, 4, false);
+    FORA_TMA_BODY(256, 4, false, 1);
 }
 
 // Ping-pong: 128 x 128 tiles, the two consumers taking the CTA's units in turn; six stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_pp_128x128(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(128, 6, true);
+    FORA_TMA_BODY(128, 6, true, 1);
+}
+
+// Clusters of two CTAs along M sharing (multicasting) the W tile; cooperative tiles as above.
+// The attribute exists only for sm_90: other architectures get the trap stub without it.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FORA_CLUSTER_PAIR __cluster_dims__(2, 1, 1)
+#else
+#define FORA_CLUSTER_PAIR
+#endif
+
+extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER_PAIR
+    gemm_tma_mc_128x128(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
+    FORA_TMA_BODY(128, 6, false, 2);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER_PAIR
+    gemm_tma_mc_128x192(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
+    FORA_TMA_BODY(192, 5, false, 2);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER_PAIR
+    gemm_tma_mc_128x256(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
+    FORA_TMA_BODY(256, 4, false, 2);
 }

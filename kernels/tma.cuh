@@ -27,6 +27,14 @@ template <int REGS>
 FORA_DEVICE void setmaxnreg_inc() {}
 template <int REGS>
 FORA_DEVICE void setmaxnreg_dec() {}
+FORA_DEVICE uint32_t cluster_ctarank() { return fora_emulation_cluster_ctarank(); }
+FORA_DEVICE void cluster_sync() { fora_emulation_cluster_sync(); }
+FORA_DEVICE uint32_t mapa_shared(uint32_t addr, uint32_t rank) { return fora_emulation_mapa(addr, rank); }
+FORA_DEVICE void mbarrier_arrive_cluster(uint32_t cluster_bar) { fora_emulation_mbarrier_arrive_cluster(cluster_bar); }
+FORA_DEVICE void tma_load_2d_multicast(uint32_t dst, const TmaDescriptor* map, int x, int y, uint32_t bar,
+                                       uint16_t mask) {
+    fora_emulation_tma_load_2d_multicast(dst, map, x, y, bar, mask);
+}
 #else
 // Initializes the barrier at `bar` for `arrivals` arrivals a phase (before any thread uses it).
 FORA_DEVICE void mbarrier_init(uint32_t bar, int arrivals) {
@@ -86,6 +94,45 @@ FORA_DEVICE void setmaxnreg_inc() {
 template <int REGS>
 FORA_DEVICE void setmaxnreg_dec() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+// Thread-block clusters (kernels compiled with __cluster_dims__).
+// This CTA's rank in its cluster.
+FORA_DEVICE uint32_t cluster_ctarank() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+// Every thread of every CTA of the cluster: what each wrote before (shared memory, barrier
+// initializations after fence_mbarrier_init) is visible to all after. Every thread of every
+// CTA must reach it, so warp-specialized kernels call it outside their role branches; not the
+// .aligned form, which would also require the warps to be converged there.
+FORA_DEVICE void cluster_sync() {
+    asm volatile(
+        "barrier.cluster.arrive.release;\n"
+        "barrier.cluster.wait.acquire;\n" ::
+            : "memory");
+}
+// The shared::cluster address of this CTA's shared byte `addr` in the CTA of rank `rank`.
+FORA_DEVICE uint32_t mapa_shared(uint32_t addr, uint32_t rank) {
+    uint32_t out;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
+    return out;
+}
+// One arrival (release at cluster scope) on an mbarrier of any CTA of the cluster, named by its
+// shared::cluster address (mapa_shared).
+FORA_DEVICE void mbarrier_arrive_cluster(uint32_t cluster_bar) {
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar) : "memory");
+}
+// tma_load_2d into every CTA of the cluster whose bit is set in `mask`: the box lands at the same
+// shared byte `dst` in each and counts against the barrier at the same byte `bar` in each.
+FORA_DEVICE void tma_load_2d_multicast(uint32_t dst, const TmaDescriptor* map, int x, int y, uint32_t bar,
+                                       uint16_t mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+        " [%0], [%1, {%3, %4}], [%2], %5;\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(x), "r"(y), "h"(mask)
+        : "memory");
 }
 #endif  // FORA_EMULATION
 

@@ -424,10 +424,19 @@ fn fake_report() -> Report {
                 8.0e9,
                 Some(0.026),
             ),
-            // The Hopper TMA GEMM: its automatic pick is compared with cuBLASLt, a forced tile
-            // is not.
+            // The Hopper TMA GEMM: its automatic picks (plain and multicast) are compared with
+            // cuBLASLt, a forced tile is not.
             kernel("qkv", "tma", 2, Bound::Compute, 8.0e9, Some(0.0125)),
             kernel("qkv", "tma-128x192", 2, Bound::Compute, 8.0e9, Some(0.011)),
+            kernel("qkv", "tma_mc", 2, Bound::Compute, 8.0e9, Some(0.02)),
+            kernel(
+                "qkv",
+                "tma-mc-128x192",
+                2,
+                Bound::Compute,
+                8.0e9,
+                Some(0.011),
+            ),
         ],
         errors: vec![BenchError {
             section: "steps".into(),
@@ -469,7 +478,9 @@ fn report_markdown_and_json() {
     assert!(
         md.contains(
             "128x128 64 FLOP/B -> 512 TFLOP/s, 128x192 77 FLOP/B -> 614 TFLOP/s, 128x256 85 \
-             FLOP/B -> 683 TFLOP/s, 128x256 A multicast to 2 102 FLOP/B -> 819 TFLOP/s"
+             FLOP/B -> 683 TFLOP/s, 128x128 W multicast to 2 85 FLOP/B -> 683 TFLOP/s, 128x192 \
+             W multicast to 2 110 FLOP/B -> 878 TFLOP/s, 128x256 W multicast to 2 128 FLOP/B -> \
+             1024 TFLOP/s, 128x256 A multicast to 2 102 FLOP/B -> 819 TFLOP/s"
         ),
         "{md}"
     );
@@ -561,6 +572,8 @@ fn report_markdown_and_json() {
     };
     assert!((tma("tma")["vs_cublaslt"].as_f64().unwrap() - 2.0).abs() < 1e-12);
     assert!(tma("tma-128x192")["vs_cublaslt"].is_null());
+    assert!((tma("tma_mc")["vs_cublaslt"].as_f64().unwrap() - 1.25).abs() < 1e-12);
+    assert!(tma("tma-mc-128x192")["vs_cublaslt"].is_null());
     assert!((k[6]["gbps"].as_f64().unwrap() - 2500.0).abs() < 1e-9);
     assert!(k[6]["tflops"].is_null());
     assert!((k[6]["pct_ceiling"].as_f64().unwrap() - 250.0 / 3.0).abs() < 1e-9);

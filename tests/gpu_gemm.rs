@@ -311,6 +311,9 @@ enum Variant {
     /// One TMA tile variant with this many split-K slices.
     TmaSplit(TmaTile, u32),
     TmaAuto,
+    /// `GemmImpl::TmaMulticast`'s automatic pick (the multicast counterpart where M has two
+    /// row tiles or more).
+    TmaMcAuto,
 }
 
 const VARIANTS: [Variant; 13] = [
@@ -354,11 +357,11 @@ const WGMMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 5] = [
     Variant::CublasLt,
 ];
 
-/// The warp-specialized TMA kernels, likewise: every tile (ping-pong included), forced
-/// split-K, the automatic pick. In tests of their own (`gemm_tma_*`): the device suite runs
-/// them in a process of their own, so that a fault in these never-run kernels cannot poison the
-/// context of the other tests.
-const TMA_VARIANTS: [Variant; 10] = [
+/// The warp-specialized TMA kernels, likewise: every tile (ping-pong and the cluster-multicast
+/// tiles included), forced split-K, the automatic picks. In tests of their own (`gemm_tma_*`):
+/// the device suite runs them in a process of their own, so that a fault in these never-run
+/// kernels cannot poison the context of the other tests.
+const TMA_VARIANTS: [Variant; 16] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
@@ -367,17 +370,27 @@ const TMA_VARIANTS: [Variant; 10] = [
     Variant::TmaSplit(TmaTile::N256, 3),
     Variant::Tma(TmaTile::PingPong128),
     Variant::TmaSplit(TmaTile::PingPong128, 2),
+    Variant::Tma(TmaTile::Mc128),
+    Variant::Tma(TmaTile::Mc192),
+    Variant::Tma(TmaTile::Mc256),
+    Variant::TmaSplit(TmaTile::Mc128, 3),
+    Variant::TmaSplit(TmaTile::Mc192, 2),
     Variant::TmaAuto,
+    Variant::TmaMcAuto,
     Variant::CublasLt,
 ];
 
 /// [`TMA_VARIANTS`] without forced split-K.
-const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 6] = [
+const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 10] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
     Variant::Tma(TmaTile::PingPong128),
+    Variant::Tma(TmaTile::Mc128),
+    Variant::Tma(TmaTile::Mc192),
+    Variant::Tma(TmaTile::Mc256),
     Variant::TmaAuto,
+    Variant::TmaMcAuto,
     Variant::CublasLt,
 ];
 
@@ -389,6 +402,8 @@ struct Engines {
     wgmma: Option<Gemm>,
     /// The TMA kernels, likewise.
     tma: Option<Gemm>,
+    /// The TMA kernels with the multicast pick, likewise.
+    tma_mc: Option<Gemm>,
 }
 
 impl Engines {
@@ -403,6 +418,7 @@ impl Engines {
             },
             wgmma: None,
             tma: None,
+            tma_mc: None,
         })
     }
 
@@ -410,6 +426,7 @@ impl Engines {
         Ok(Engines {
             wgmma: Some(Gemm::new(gpu, GemmImpl::Wgmma, 0)?),
             tma: Some(Gemm::new(gpu, GemmImpl::Tma, 0)?),
+            tma_mc: Some(Gemm::new(gpu, GemmImpl::TmaMulticast, 0)?),
             ..Engines::new(gpu, max_mn)?
         })
     }
@@ -442,6 +459,11 @@ impl Engines {
             Variant::Tma(t) => self.tma()?.run_tma(gpu, p, Some(t), None),
             Variant::TmaSplit(t, s) => self.tma()?.run_tma(gpu, p, Some(t), Some(s)),
             Variant::TmaAuto => self.tma()?.run(gpu, p),
+            Variant::TmaMcAuto => self
+                .tma_mc
+                .as_ref()
+                .context("test bug: a TMA variant on engines built without the TMA GEMM")?
+                .run(gpu, p),
         }
     }
 }
@@ -508,7 +530,7 @@ fn run_case_inner(
     let custom = results.iter().find(|r| {
         matches!(
             r.0,
-            Variant::CustomAuto | Variant::WgmmaAuto | Variant::TmaAuto
+            Variant::CustomAuto | Variant::WgmmaAuto | Variant::TmaAuto | Variant::TmaMcAuto
         )
     });
     let lt = results.iter().find(|r| r.0 == Variant::CublasLt);
@@ -808,7 +830,7 @@ fn gemm_wgmma_refusals() {
     };
     let (major, minor) = gpu.compute_capability();
     if major != 9 {
-        for imp in [GemmImpl::Wgmma, GemmImpl::Tma] {
+        for imp in [GemmImpl::Wgmma, GemmImpl::Tma, GemmImpl::TmaMulticast] {
             let err = Gemm::new(&gpu, imp, 0).expect_err("Hopper kernels off Hopper");
             let err = format!("{err:#}");
             assert!(

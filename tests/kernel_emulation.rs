@@ -599,6 +599,11 @@ fn emulator_refuses_what_it_cannot_run() {
     // SAFETY: refused before anything runs.
     let e = unsafe { emu.launch_kernel("fora_reuse", (0, 1, 1), (32, 1, 1), 0, &p) };
     assert!(format!("{:#}", e.unwrap_err()).contains("refused"));
+    // A cluster kernel (__cluster_dims__(2, 1, 1)) on a grid that is not whole clusters, as
+    // cuLaunchKernel refuses it.
+    // SAFETY: refused before anything runs.
+    let e = unsafe { emu.launch_kernel("gemm_tma_mc_128x128", (3, 1, 1), (384, 1, 1), 0, &p) };
+    assert!(format!("{:#}", e.unwrap_err()).contains("refused"));
 }
 
 /// Flash attention, v1 (run on an H200: it validates the emulated ldmatrix / mma layouts) and v2
@@ -713,6 +718,10 @@ fn emulated_gemm() -> Result<()> {
         // run on a GPU: this is their only check so far). The TMA kernels run on 1 emulated SM:
         // its persistent CTA then takes every work unit (1-9), with the producer's ring running
         // on from one unit into the next, and the ping-pong kernel's consumers taking turns.
+        // The multicast tiles run on 4: two clusters of two, taking every other pair of tiles
+        // (M = 70: one tile, its pair computing zero rows; M = 300: two pairs, the second with
+        // such a tile).
+        let tma_sms = |t: TmaTile| if t.cluster() > 1 { 4 } else { 1 };
         let tiles: Vec<GemmKernel> = Tile::ALL
             .into_iter()
             .map(GemmKernel::Custom)
@@ -760,7 +769,9 @@ fn emulated_gemm() -> Result<()> {
                     match kernel {
                         GemmKernel::Custom(t) => launch_custom(emu, &p, *t, splits, splitk)?,
                         GemmKernel::Wgmma(t) => launch_wgmma(emu, &p, *t, splits, splitk)?,
-                        GemmKernel::Tma(t) => launch_tma(&emu.with_sms(1), &p, *t, splits, splitk)?,
+                        GemmKernel::Tma(t) => {
+                            launch_tma(&emu.with_sms(tma_sms(*t)), &p, *t, splits, splitk)?
+                        }
                     }
                     let got = if bf16_out {
                         emu.download_bf16(&out_bf16)?

@@ -23,7 +23,7 @@
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
 #              "default reuse_sum reuse_sum_in_place f32_product attention_tma reuse_in_place
-#              side_stream pdl tma"; "all"
+#              side_stream pdl tma tma_mc"; "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
 #              l2_persist, tma_pdl, attention_v1, attention_v2, attention_wgmma,
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
@@ -48,7 +48,7 @@ PHASES=${PHASES:-tests bench torch variants memcheck}
 # one call beside the other phases).
 SANITIZE_FULL=${SANITIZE_FULL:-0}
 # The variants whose default is still to decide (VARIANTS=all: every one).
-VARIANTS=${VARIANTS:-default reuse_sum reuse_sum_in_place f32_product attention_tma reuse_in_place side_stream pdl tma}
+VARIANTS=${VARIANTS:-default reuse_sum reuse_sum_in_place f32_product attention_tma reuse_in_place side_stream pdl tma tma_mc}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -59,8 +59,9 @@ bounded() {
   local s=$(date +%s); timeout "$want" "$@"; local rc=$?
   echo "rc=$rc after $(( $(date +%s) - s ))s (limit ${want}s): $*"
 }
-# TESTS picks test binaries (default: every one); HOPPER_ROWS=0 leaves out the bench phase's
-# kernels-only run of the Hopper GEMMs.
+# TESTS picks test binaries (default: every one), each in three parts (below); "binary:part"
+# runs one part only (e.g. gpu_gemm:tma, the never-run TMA GEMM tests). HOPPER_ROWS=0 leaves out
+# the bench and issue5 phases' kernels-only runs of the Hopper GEMMs.
 TESTS=${TESTS:-gpu_small_kernels gpu_attention gpu_gemm gpu_backend cli}
 
 phase_tests() {
@@ -69,8 +70,11 @@ phase_tests() {
     # The tests of the never-run kernels ("tma" in the name; session 9's cache sums, "sum") in
     # processes of their own: a kernel fault poisons the CUDA context for every later test of
     # its process.
-    for t in $TESTS; do
-      for part in "--skip tma --skip sum" "tma" "sum"; do
+    local entry t parts
+    for entry in $TESTS; do
+      t=${entry%%:*}
+      if [ "$t" = "$entry" ]; then parts=("--skip tma --skip sum" "tma" "sum"); else parts=("${entry#*:}"); fi
+      for part in "${parts[@]}"; do
         echo "=== test $t $part"
         # shellcheck disable=SC2086 # $part is a flag and its value, or a filter
         bounded 150 .devpack/test/$t --test-threads=1 --nocapture $part 2>&1 \
@@ -98,7 +102,7 @@ phase_bench() {
   echo "=== fora bench: Hopper GEMM and untried kernel rows (attention tma)"
   bounded 45 .devpack/bin/fora bench --sections kernels --batches 2,256 \
     --json "$OUT/bench_hopper.json" > "$OUT/bench_hopper.log" 2>&1
-  grep -E "^\| (qkv|proj|fc1|fc2) \| [0-9]+ \| .* \| (tma|wgmma|cublaslt)[a-z0-9+ -]* \||^\| attention \|" "$OUT/bench_hopper.log" | head -n 48
+  grep -E "^\| (qkv|proj|fc1|fc2) \| [0-9]+ \| .* \| (tma|wgmma|cublaslt)[a-z0-9_+ -]* \||^\| attention \|" "$OUT/bench_hopper.log" | head -n 64
   tail -n 2 "$OUT/bench_hopper.log"
 }
 
@@ -156,6 +160,14 @@ phase_issue5() {
       --gemm cublaslt --md "$OUT/issue5_report_sum.md" > /dev/null 2>&1
     sed -n '/^## Targets/,/^## Per step/p' "$OUT/issue5_report_sum.md"
   fi
+  # The TMA GEMM tiles (the cluster-multicast ones, session 10, never run) against cuBLASLt, in
+  # a process of their own, last: with the L2 read rate above, whether the tiles are L2-bound.
+  [ "${HOPPER_ROWS:-1}" = 0 ] && return 0
+  echo "=== issue 5: Hopper GEMM rows (TMA tiles, multicast included)"
+  bounded 45 .devpack/bin/fora bench --sections kernels --batches 2,256 \
+    --json "$OUT/issue5_hopper.json" > "$OUT/issue5_hopper.log" 2>&1
+  grep -E "^\| (qkv|proj|fc1|fc2) \| [0-9]+ \| .* \| (tma|cublaslt)[a-z0-9_+ -]* \|" "$OUT/issue5_hopper.log" | head -n 64
+  tail -n 2 "$OUT/issue5_hopper.log"
 }
 
 phase_memcheck() {
@@ -291,7 +303,7 @@ phase_variants() {
            "side_stream:cublaslt:FORA_SIDE_STREAM=1" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
            "attention_v2:cublaslt:FORA_ATTENTION=v2" "attention_wgmma:cublaslt:FORA_ATTENTION=wgmma" \
            "attention_wgmma_mn:cublaslt:FORA_ATTENTION=wgmma_mn" "attention_tma:cublaslt:FORA_ATTENTION=tma" \
-           "wgmma:wgmma:" "tma:tma:"; do
+           "wgmma:wgmma:" "tma:tma:" "tma_mc:tma_mc:"; do
     name=${v%%:*}; rest=${v#*:}; gemm=${rest%%:*}; envs=${rest#*:}
     case " ${VARIANTS/all/$name} " in *" $name "*) ;; *) continue ;; esac
     echo "--- $name (--gemm $gemm ${envs})"
@@ -304,9 +316,9 @@ phase_variants() {
         ${VARIANT_ARGS:---intervals 1,3 --e2e-reps 1} \
         --json "$OUT/variant_$name.json" > "$OUT/variant_$name.log" 2>&1
     )
-    grep -E "^\| (cublaslt|custom|wgmma|tma)[a-z-]* \| (2|256) \|" "$OUT/variant_$name.log" | head -n 4
+    grep -E "^\| (cublaslt|custom|wgmma|tma)[a-z_-]* \| (2|256) \|" "$OUT/variant_$name.log" | head -n 4
     # End to end, one image: N = 1 and 3 (the realized speedup of each path).
-    grep -E "^\| (cublaslt|custom|wgmma|tma)[a-z-]* \| [13] \| 250 \|" "$OUT/variant_$name.log" | head -n 2
+    grep -E "^\| (cublaslt|custom|wgmma|tma)[a-z_-]* \| [13] \| 250 \|" "$OUT/variant_$name.log" | head -n 2
     grep -E "reuse steps from cache sums" "$OUT/variant_$name.log" | head -n 2
     tail -n 1 "$OUT/variant_$name.log"
   done

@@ -390,6 +390,7 @@ pub(super) fn bench_kernels(
         && std::env::var("FORA_BENCH_HOPPER_GEMMS").map_or(true, |v| v.trim() != "0");
     let wgmma = hopper.then(|| Gemm::new(gpu, GemmImpl::Wgmma, 0));
     let tma = hopper.then(|| Gemm::new(gpu, GemmImpl::Tma, 0));
+    let tma_mc = hopper.then(|| Gemm::new(gpu, GemmImpl::TmaMulticast, 0));
     let lt = Gemm::new(gpu, GemmImpl::CublasLt, max_mn);
     // The same with autotuned algorithms (the first, eager warm-up run of a shape tunes it).
     let lt_tuned = Gemm::new(gpu, GemmImpl::CublasLt, max_mn);
@@ -402,7 +403,7 @@ pub(super) fn bench_kernels(
     if let Err(e) = &lt {
         report.error("kernels", "cuBLASLt GEMM setup", e);
     }
-    for (what, g) in [("wgmma", &wgmma), ("tma", &tma)] {
+    for (what, g) in [("wgmma", &wgmma), ("tma", &tma), ("tma_mc", &tma_mc)] {
         if let Some(Err(e)) = g {
             report.error("kernels", &format!("{what} GEMM setup"), e);
         }
@@ -446,6 +447,10 @@ pub(super) fn bench_kernels(
                     Box::new(move |i| g.run_tma(gpu, &params[i % n], Some(t), None)),
                 ));
             }
+        }
+        if let Some(Ok(g)) = &tma_mc {
+            // The automatic pick of FORA_GEMM=tma_mc (multicast where M has two row tiles).
+            variants.push(("tma_mc", Box::new(move |i| g.run(gpu, &params[i % n]))));
         }
         if let Ok(g) = &lt {
             variants.push(("cublaslt", Box::new(move |i| g.run(gpu, &params[i % n]))));

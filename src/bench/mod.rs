@@ -82,6 +82,9 @@ pub enum GemmChoice {
     Wgmma,
     /// The warp-specialized Hopper TMA kernels (compute capability 9.x only; opt-in).
     Tma,
+    /// The TMA kernels in clusters of two that multicast the W tile (9.x only; opt-in).
+    #[value(name = "tma_mc")]
+    TmaMc,
 }
 
 /// A part of the benchmark.
@@ -242,6 +245,7 @@ impl BenchArgs {
             GemmChoice::Cublaslt => vec![GemmImpl::CublasLt],
             GemmChoice::Wgmma => vec![GemmImpl::Wgmma],
             GemmChoice::Tma => vec![GemmImpl::Tma],
+            GemmChoice::TmaMc => vec![GemmImpl::TmaMulticast],
             // The default implementation first: the end-to-end section runs on the first only.
             GemmChoice::Both => vec![GemmImpl::CublasLt, GemmImpl::Custom],
         };
@@ -569,6 +573,7 @@ fn gemm_name(imp: GemmImpl) -> &'static str {
         GemmImpl::CublasLt => "cublaslt",
         GemmImpl::Wgmma => "wgmma",
         GemmImpl::Tma => "tma",
+        GemmImpl::TmaMulticast => "tma_mc",
     }
 }
 

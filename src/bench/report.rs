@@ -206,20 +206,25 @@ pub struct Report {
     pub errors: Vec<BenchError>,
 }
 
-/// TFLOP/s that GEMM tiles of 128 x 128, 128 x 192, 128 x 256 and (two CTAs sharing A through
-/// a cluster multicast) 2 x 128 x 256 can reach when their operands stream from L2 at
-/// `l2_gbps`: a tile's k-step of 64 does 2 BM BN 64 FLOP on (BM + BN) 64 bf16 loaded.
+/// TFLOP/s that GEMM tiles of 128 x 128, 128 x 192, 128 x 256, our multicast tiles (two CTAs
+/// of a cluster sharing W: each loads half of it, `FORA_GEMM=tma_mc`) and cuBLASLt's 128 x 256
+/// with A shared by two CTAs can reach when their operands stream from L2 at `l2_gbps`: a
+/// tile's k-step of 64 does 2 BM BN 64 FLOP on (A rows + W rows loaded) x 64 bf16.
 pub fn l2_tile_rooflines(l2_gbps: f64) -> String {
+    // (name, A rows loaded, W rows loaded, BN); BM = 128.
     [
-        ("128x128", 128.0, 128.0),
-        ("128x192", 128.0, 192.0),
-        ("128x256", 128.0, 256.0),
-        ("128x256 A multicast to 2", 128.0 / 2.0, 256.0),
+        ("128x128", 128.0, 128.0, 128.0),
+        ("128x192", 128.0, 192.0, 192.0),
+        ("128x256", 128.0, 256.0, 256.0),
+        ("128x128 W multicast to 2", 128.0, 64.0, 128.0),
+        ("128x192 W multicast to 2", 128.0, 96.0, 192.0),
+        ("128x256 W multicast to 2", 128.0, 128.0, 256.0),
+        ("128x256 A multicast to 2", 64.0, 256.0, 256.0),
     ]
     .iter()
-    .map(|&(name, bm_loaded, bn)| {
+    .map(|&(name, a_rows, w_rows, bn)| {
         let bm = 128.0;
-        let flop_per_byte = (2.0 * bm * bn * 64.0) / ((bm_loaded + bn) * 64.0 * 2.0);
+        let flop_per_byte = (2.0 * bm * bn * 64.0) / ((a_rows + w_rows) * 64.0 * 2.0);
         format!(
             "{name} {:.0} FLOP/B -> {:.0} TFLOP/s",
             flop_per_byte,
@@ -306,9 +311,10 @@ impl Report {
     }
 
     /// The best cuBLASLt time of the same GEMM (fused or + epilogue kernel) over this row's
-    /// time, for our own GEMM kernels' rows (custom, wgmma, tma): > 1 means ours is faster.
+    /// time, for our own GEMM kernels' automatic picks (custom, wgmma, tma, tma_mc; not the
+    /// forced-tile rows): > 1 means ours is faster.
     pub fn vs_cublaslt(&self, row: &KernelRow) -> Option<f64> {
-        let ours = matches!(row.imp.as_str(), "custom" | "wgmma" | "tma");
+        let ours = matches!(row.imp.as_str(), "custom" | "wgmma" | "tma" | "tma_mc");
         if !ours || row.bound != Bound::Compute || row.name == "attention" {
             return None;
         }

@@ -40,6 +40,10 @@ pub enum GemmImpl {
     /// The warp-specialized Hopper kernels of `kernels/gemm_sm90.cu` (`gemm_tma_*`: TMA loads,
     /// mbarrier pipeline, wgmma, persistent grid, epilogue fused); 9.x only, like `Wgmma`.
     Tma,
+    /// `Tma` with clusters of two CTAs that share (multicast) the W tile
+    /// ([`TmaTile::multicast`]), where M has at least two row tiles; 9.x only. For the L2
+    /// bound of a TMA tile (bench's `l2_tile_rooflines`). Not yet run on a GPU.
+    TmaMulticast,
 }
 
 impl FromStr for GemmImpl {
@@ -51,8 +55,9 @@ impl FromStr for GemmImpl {
             "cublaslt" | "cublas" => Ok(GemmImpl::CublasLt),
             "wgmma" => Ok(GemmImpl::Wgmma),
             "tma" => Ok(GemmImpl::Tma),
+            "tma_mc" => Ok(GemmImpl::TmaMulticast),
             other => bail!(
-                "unknown GEMM implementation {other:?}: expected \"custom\", \"cublaslt\", \"wgmma\" or \"tma\""
+                "unknown GEMM implementation {other:?}: expected \"custom\", \"cublaslt\", \"wgmma\", \"tma\" or \"tma_mc\""
             ),
         }
     }
@@ -61,10 +66,18 @@ impl FromStr for GemmImpl {
 impl GemmImpl {
     /// Built for Hopper only (wgmma): refused off compute capability 9.x.
     pub fn is_hopper_only(self) -> bool {
-        matches!(self, GemmImpl::Wgmma | GemmImpl::Tma)
+        matches!(
+            self,
+            GemmImpl::Wgmma | GemmImpl::Tma | GemmImpl::TmaMulticast
+        )
     }
 
-    /// `FORA_GEMM=custom|cublaslt|wgmma|tma`; unset or empty means [`GemmImpl::CublasLt`]: on an H200
+    /// One of the warp-specialized TMA implementations.
+    pub fn is_tma(self) -> bool {
+        matches!(self, GemmImpl::Tma | GemmImpl::TmaMulticast)
+    }
+
+    /// `FORA_GEMM=custom|cublaslt|wgmma|tma|tma_mc`; unset or empty means [`GemmImpl::CublasLt`]: on an H200
     /// (2026-11-26, docs/bench_h200_2026-11-26.md) cuBLASLt plus the epilogue kernel beat the
     /// custom mma.sync kernels at every DiT-XL/2 shape (custom 0.32x-0.81x; a full step 1.8x
     /// faster at 2 rows, 1.33x at 256). The custom kernels stay tested and selectable; they
@@ -374,14 +387,24 @@ pub enum TmaTile {
     /// 128 x 128, six stages, ping-pong: the two consumer warpgroups take whole tiles in turn,
     /// so one's epilogue runs while the other computes. [`TmaTile::pick`]'s for long K.
     PingPong128,
+    /// `N128` in clusters of two CTAs along M that multicast the W tile: each CTA reads its
+    /// A tile and half the W tile from L2 a k-step (`gemm_tma_mc_128x128`).
+    Mc128,
+    /// `N192` likewise (`gemm_tma_mc_128x192`).
+    Mc192,
+    /// `N256` likewise (`gemm_tma_mc_128x256`).
+    Mc256,
 }
 
 impl TmaTile {
-    pub const ALL: [TmaTile; 4] = [
+    pub const ALL: [TmaTile; 7] = [
         TmaTile::N128,
         TmaTile::N192,
         TmaTile::N256,
         TmaTile::PingPong128,
+        TmaTile::Mc128,
+        TmaTile::Mc192,
+        TmaTile::Mc256,
     ];
     /// The cooperative tiles, which [`TmaTile::pick`] chooses among.
     pub const COOPERATIVE: [TmaTile; 3] = [TmaTile::N128, TmaTile::N192, TmaTile::N256];
@@ -392,14 +415,33 @@ impl TmaTile {
     /// A producer and two consumer warpgroups.
     pub const THREADS: u32 = 384;
 
-    /// Kernel name, BN, stages and ping-pong; must match gemm_sm90.cu's
-    /// `FORA_TMA_BODY(BN, STAGES, PINGPONG)`.
-    fn spec(self) -> (&'static str, u32, u32, bool) {
+    /// Kernel name, BN, stages, ping-pong and CTAs a cluster; must match gemm_sm90.cu's
+    /// `FORA_TMA_BODY(BN, STAGES, PINGPONG, CLUSTER)`.
+    fn spec(self) -> (&'static str, u32, u32, bool, u32) {
         match self {
-            TmaTile::N128 => ("gemm_tma_128x128", 128, 6, false),
-            TmaTile::N192 => ("gemm_tma_128x192", 192, 5, false),
-            TmaTile::N256 => ("gemm_tma_128x256", 256, 4, false),
-            TmaTile::PingPong128 => ("gemm_tma_pp_128x128", 128, 6, true),
+            TmaTile::N128 => ("gemm_tma_128x128", 128, 6, false, 1),
+            TmaTile::N192 => ("gemm_tma_128x192", 192, 5, false, 1),
+            TmaTile::N256 => ("gemm_tma_128x256", 256, 4, false, 1),
+            TmaTile::PingPong128 => ("gemm_tma_pp_128x128", 128, 6, true, 1),
+            TmaTile::Mc128 => ("gemm_tma_mc_128x128", 128, 6, false, 2),
+            TmaTile::Mc192 => ("gemm_tma_mc_128x192", 192, 5, false, 2),
+            TmaTile::Mc256 => ("gemm_tma_mc_128x256", 256, 4, false, 2),
+        }
+    }
+
+    /// CTAs a cluster (2: the multicast tiles).
+    pub fn cluster(self) -> u32 {
+        self.spec().4
+    }
+
+    /// The multicast counterpart of a cooperative tile (ping-pong and the multicast tiles
+    /// have none: themselves).
+    pub fn multicast(self) -> TmaTile {
+        match self {
+            TmaTile::N128 => TmaTile::Mc128,
+            TmaTile::N192 => TmaTile::Mc192,
+            TmaTile::N256 => TmaTile::Mc256,
+            other => other,
         }
     }
 
@@ -418,6 +460,9 @@ impl TmaTile {
             TmaTile::N192 => "tma-128x192",
             TmaTile::N256 => "tma-128x256",
             TmaTile::PingPong128 => "tma-pp-128x128",
+            TmaTile::Mc128 => "tma-mc-128x128",
+            TmaTile::Mc192 => "tma-mc-128x192",
+            TmaTile::Mc256 => "tma-mc-128x256",
         }
     }
 
@@ -425,13 +470,15 @@ impl TmaTile {
     /// kernels reserve them), and 1 KiB the kernel spends on rounding its base up to the
     /// 1024-byte alignment of the swizzle atoms.
     pub fn smem_bytes(self) -> u32 {
-        let (_, bn, stages, _) = self.spec();
+        let (_, bn, stages, _, _) = self.spec();
         stages * (Self::BM + bn) * Self::BK * 2 + stages * 16 + 16 + 1024
     }
 
-    /// Output tiles of an M x N product.
+    /// Output tiles of an M x N product (a cluster's CTAs each take one; a multicast tile's
+    /// row tiles are counted in whole clusters, the odd one out computing zero rows).
     pub fn tiles(self, m: usize, n: usize) -> usize {
-        m.div_ceil(Self::BM as usize) * n.div_ceil(self.bn() as usize)
+        let rows = self.cluster() as usize * Self::BM as usize;
+        m.div_ceil(rows) * self.cluster() as usize * n.div_ceil(self.bn() as usize)
     }
 
     /// Relative throughput of a CTA on this tile while it computes, from the forced-tile rows
@@ -440,9 +487,9 @@ impl TmaTile {
     /// average), 256 slower by 5-12% past its padding (qkv 1406 vs 1290 us, fc1 2045 vs 1815).
     fn efficiency(self) -> f64 {
         match self {
-            TmaTile::N128 | TmaTile::PingPong128 => 1.0,
-            TmaTile::N192 => 0.99,
-            TmaTile::N256 => 0.92,
+            TmaTile::N128 | TmaTile::PingPong128 | TmaTile::Mc128 => 1.0,
+            TmaTile::N192 | TmaTile::Mc192 => 0.99,
+            TmaTile::N256 | TmaTile::Mc256 => 0.92,
         }
     }
 
@@ -668,7 +715,7 @@ impl Gemm {
                 "; use FORA_GEMM=custom or cublaslt",
             )?;
         }
-        if imp == GemmImpl::Tma {
+        if imp.is_tma() {
             // Loads each kernel now (a binary without them fails here) with its shared memory.
             for tile in TmaTile::ALL {
                 gpu.allow_dynamic_shared_memory(tile.kernel_name(), tile.smem_bytes())?;
@@ -693,7 +740,7 @@ impl Gemm {
             }
         }
         let (lt, scratch, splitk) = match imp {
-            GemmImpl::Custom | GemmImpl::Wgmma | GemmImpl::Tma => {
+            GemmImpl::Custom | GemmImpl::Wgmma | GemmImpl::Tma | GemmImpl::TmaMulticast => {
                 let ws = gpu.alloc_zeros::<f32>(SPLITK_WORKSPACE, "the GEMM split-K workspace")?;
                 (None, None, Some(ws))
             }
@@ -733,8 +780,10 @@ impl Gemm {
             GemmImpl::Wgmma => self.run_wgmma(gpu, p, None, None),
             // A 128-row TMA tile would multiply mostly zero rows at M <= 64 (the conditioning
             // MLP, a few adaLN rows): the 64-row wgmma kernel instead.
-            GemmImpl::Tma if p.m <= 64 => self.run_wgmma(gpu, p, None, None),
-            GemmImpl::Tma => self.run_tma(gpu, p, None, None),
+            GemmImpl::Tma | GemmImpl::TmaMulticast if p.m <= 64 => {
+                self.run_wgmma(gpu, p, None, None)
+            }
+            GemmImpl::Tma | GemmImpl::TmaMulticast => self.run_tma(gpu, p, None, None),
         }
     }
 
@@ -844,11 +893,23 @@ impl Gemm {
 
     /// The tile variant and split-K slice count the TMA path uses for a shape.
     pub fn plan_tma(&self, m: usize, n: usize, k: usize) -> (TmaTile, u32) {
-        let tile = TmaTile::pick(m, n, k, self.sm_count);
+        let tile = self.tma_tile(m, n, k);
         (
             tile,
             tile.pick_splits(m, n, k, self.sm_count, self.splitk_len()),
         )
+    }
+
+    /// The TMA tile of a shape: [`TmaTile::pick`]'s, and with [`GemmImpl::TmaMulticast`] its
+    /// multicast counterpart where M has two row tiles or more (at one, a cluster's second
+    /// CTA would only compute zero rows).
+    fn tma_tile(&self, m: usize, n: usize, k: usize) -> TmaTile {
+        let tile = TmaTile::pick(m, n, k, self.sm_count);
+        if self.imp == GemmImpl::TmaMulticast && m > TmaTile::BM as usize {
+            tile.multicast()
+        } else {
+            tile
+        }
     }
 
     /// The warp-specialized TMA kernel with the tile variant and the number of split-K slices
@@ -863,13 +924,13 @@ impl Gemm {
     ) -> Result<()> {
         validate(p)?;
         ensure!(
-            self.imp == GemmImpl::Tma,
+            self.imp.is_tma(),
             "GEMM: this Gemm was built for {:?}, not the TMA implementation (its kernels are \
-             loaded only on a Hopper device by Gemm::new with GemmImpl::Tma)",
+             loaded only on a Hopper device by Gemm::new with GemmImpl::Tma or TmaMulticast)",
             self.imp
         );
         let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
-        let tile = tile.unwrap_or_else(|| TmaTile::pick(m, n, k, self.sm_count));
+        let tile = tile.unwrap_or_else(|| self.tma_tile(m, n, k));
         let splits =
             splits.unwrap_or_else(|| tile.pick_splits(m, n, k, self.sm_count, self.splitk_len()));
         launch_tma(gpu, p, tile, splits, self.splitk_workspace())
@@ -1247,8 +1308,9 @@ pub fn launch_tma(
     let a_map = gpu
         .tma_descriptor_2d(&operand(p.a, p.m, p.lda, TmaTile::BM))
         .context("GEMM: the tensor map of A")?;
+    // A cluster's CTAs each load (and multicast) their share of the W tile.
     let w_map = gpu
-        .tma_descriptor_2d(&operand(p.w, p.n, p.ldw, tile.bn()))
+        .tma_descriptor_2d(&operand(p.w, p.n, p.ldw, tile.bn() / tile.cluster()))
         .context("GEMM: the tensor map of W")?;
     let (gemm, ws) = if splits == 1 {
         (*p, 0)
@@ -1261,8 +1323,11 @@ pub fn launch_tma(
         gemm,
         splits: splits as i32,
     };
+    // Whole clusters (the kernel's __cluster_dims__): the CTAs' units are a multiple of them.
+    let cluster = tile.cluster() as usize;
     let units = tile.tiles(p.m as usize, p.n as usize) * splits as usize;
-    let grid = units.min(gpu.multiprocessors()).max(1) as u32;
+    let grid = (units.min(gpu.multiprocessors()) / cluster).max(1) * cluster;
+    let grid = grid as u32;
     let name = tile.kernel_name();
     gpu.allow_dynamic_shared_memory(name, tile.smem_bytes())?;
     // SAFETY: `validate` checked the shapes, strides, alignment and non-null pointers the kernel
@@ -1368,10 +1433,19 @@ mod tests {
         assert_eq!("cuBLASLt".parse::<GemmImpl>().unwrap(), GemmImpl::CublasLt);
         assert_eq!(" WGMMA ".parse::<GemmImpl>().unwrap(), GemmImpl::Wgmma);
         assert_eq!("tma".parse::<GemmImpl>().unwrap(), GemmImpl::Tma);
+        assert_eq!(
+            "tma_mc".parse::<GemmImpl>().unwrap(),
+            GemmImpl::TmaMulticast
+        );
         assert!(GemmImpl::Tma.is_hopper_only() && GemmImpl::Wgmma.is_hopper_only());
+        assert!(GemmImpl::TmaMulticast.is_hopper_only() && GemmImpl::TmaMulticast.is_tma());
         assert!(!GemmImpl::CublasLt.is_hopper_only() && !GemmImpl::Custom.is_hopper_only());
+        assert!(!GemmImpl::Wgmma.is_tma());
         let e = "cutlass".parse::<GemmImpl>().unwrap_err().to_string();
-        assert!(e.contains("cutlass") && e.contains("\"tma\""), "{e}");
+        assert!(
+            e.contains("cutlass") && e.contains("\"tma\"") && e.contains("\"tma_mc\""),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1459,6 +1533,37 @@ mod tests {
     }
 
     #[test]
+    fn tma_multicast_tiles() {
+        // Each cooperative tile has a multicast twin of the same width, smem and stages, in
+        // clusters of two; ping-pong has none.
+        for (plain, mc) in [
+            (TmaTile::N128, TmaTile::Mc128),
+            (TmaTile::N192, TmaTile::Mc192),
+            (TmaTile::N256, TmaTile::Mc256),
+        ] {
+            assert_eq!(plain.multicast(), mc);
+            assert_eq!(mc.multicast(), mc);
+            assert_eq!((plain.cluster(), mc.cluster()), (1, 2));
+            assert_eq!(plain.bn(), mc.bn());
+            assert_eq!(plain.smem_bytes(), mc.smem_bytes());
+            assert!(mc.kernel_name().starts_with("gemm_tma_mc_"));
+        }
+        assert_eq!(TmaTile::PingPong128.multicast(), TmaTile::PingPong128);
+        // Row tiles in whole clusters: 3 tiles of 128 rows (M = 300) make two pairs, the last
+        // CTA computing zero rows; an even count is unchanged.
+        assert_eq!(TmaTile::Mc128.tiles(300, 256), 4 * 2);
+        assert_eq!(TmaTile::N128.tiles(300, 256), 3 * 2);
+        assert_eq!(
+            TmaTile::Mc192.tiles(65_536, 1152),
+            TmaTile::N192.tiles(65_536, 1152)
+        );
+        // The W box a CTA loads (its half of the tile) stays whole 1024-byte swizzle atoms.
+        for t in TmaTile::ALL {
+            assert_eq!((t.bn() / t.cluster()) * TmaTile::BK * 2 % 1024, 0, "{t:?}");
+        }
+    }
+
+    #[test]
     fn tma_smem_and_splits() {
         // STAGES * (128 + BN) * 64 * 2 + 16 bytes of barriers a stage + 16 (order barriers) +
         // 1 KiB, per gemm_sm90.cu.
@@ -1485,7 +1590,8 @@ mod tests {
                 t.bench_name(),
                 t.kernel_name()
                     .replace("gemm_tma_", "tma-")
-                    .replace("pp_", "pp-"),
+                    .replace("pp_", "pp-")
+                    .replace("mc_", "mc-"),
                 "{t:?}"
             );
         }
@@ -1512,17 +1618,25 @@ mod tests {
 
     #[test]
     fn tma_kernels_match_specs() {
-        // The instantiations in gemm_sm90.cu: name, BN and stages as TmaTile::spec says.
+        // The instantiations in gemm_sm90.cu: name, BN, stages and cluster as TmaTile::spec
+        // says; 384 threads; clusters of two declared with __cluster_dims__ (FORA_CLUSTER_PAIR).
         let src = include_str!("../../kernels/gemm_sm90.cu");
         for t in TmaTile::ALL {
-            let (name, bn, stages, pingpong) = t.spec();
+            let (name, bn, stages, pingpong, cluster) = t.spec();
             let at = src
-                .find(&format!("void __launch_bounds__(384, 1) {name}("))
-                .unwrap_or_else(|| panic!("{name} is not instantiated with 384 threads"));
+                .find(&format!("{name}(const __grid_constant__ GemmTmaParams p)"))
+                .unwrap_or_else(|| panic!("{name} is not instantiated"));
+            let head = &src[src[..at].rfind("extern \"C\"").expect("a declaration")..at];
+            assert!(head.contains("__launch_bounds__(384, 1)"), "{name}: {head}");
+            assert_eq!(
+                head.contains("FORA_CLUSTER_PAIR"),
+                cluster == 2,
+                "{name}: {head}"
+            );
             // Its own body: the first FORA_TMA_BODY after the signature.
             let body = &src[at..];
             let first = body.find("FORA_TMA_BODY(").expect("a body");
-            let want = format!("FORA_TMA_BODY({bn}, {stages}, {pingpong})");
+            let want = format!("FORA_TMA_BODY({bn}, {stages}, {pingpong}, {cluster})");
             assert!(body[first..].starts_with(&want), "{name}: {want} expected");
         }
     }

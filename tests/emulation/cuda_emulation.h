@@ -1,7 +1,8 @@
 // A CPU emulation of the CUDA built-ins the small kernels use, so that tests/kernel_emulation.rs
 // can run kernels/embed.cu, norm.cu and fora.cu as host C++ on machines without a GPU: every
 // CUDA thread of a block is a fiber (launch.cpp), blocks run one after another (so `static`
-// locals, one per OS thread, are the block's shared memory), __syncthreads is a block barrier
+// locals, one per OS thread, are the block's shared memory; a cluster's blocks run together and
+// share them, so cluster kernels keep their shared memory dynamic), __syncthreads is a block barrier
 // and a warp shuffle exchanges through a per-warp slot array between two warp barriers. It
 // checks indexing, bounds, reductions and rounding (and, built with UBSan's alignment check,
 // misaligned vector accesses); not timing, not the memory model. cp.async and wgmma are
@@ -27,6 +28,7 @@
 #define __align__(n) alignas(n)
 #define __shared__ static thread_local
 #define __grid_constant__
+#define __cluster_dims__(...)
 
 struct uint3 {
     unsigned x, y, z;
@@ -133,6 +135,16 @@ void fora_emulation_mbarrier_init(uint32_t bar, int arrivals);
 void fora_emulation_mbarrier_arrive(uint32_t bar, uint32_t expect_tx_bytes);
 void fora_emulation_mbarrier_wait(uint32_t bar, uint32_t parity);
 void fora_emulation_tma_load_2d(uint32_t dst, const void* map, int x, int y, uint32_t bar);
+// Thread-block clusters (a launch runs a cluster's blocks together): the block's rank, the
+// cluster barrier, shared::cluster addresses of another block's shared memory (mapa), an arrival
+// on another block's mbarrier, and a TMA box multicast into every block of a mask (same byte,
+// same barrier byte in each).
+unsigned fora_emulation_cluster_ctarank();
+unsigned fora_emulation_cluster_size();
+void fora_emulation_cluster_sync();
+uint32_t fora_emulation_mapa(uint32_t addr, unsigned rank);
+void fora_emulation_mbarrier_arrive_cluster(uint32_t cluster_bar);
+void fora_emulation_tma_load_2d_multicast(uint32_t dst, const void* map, int x, int y, uint32_t bar, uint16_t mask);
 // The shared-window address of a pointer into the block's dynamic shared memory.
 uint32_t fora_emulation_smem_offset(const void* p);
 

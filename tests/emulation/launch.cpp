@@ -4,9 +4,10 @@
 // block, shared_mem_bytes, params) runs one kernel launch to completion.
 //
 // Every CUDA thread of a block is a fiber (ucontext) on the calling OS thread; blocks run one
-// after another. A fiber runs until it reaches a barrier (__syncthreads, or one of the two
+// after another, or a cluster's blocks together (kernels with __cluster_dims__, cluster_size_of),
+// their threads one scheduler's fibers. A fiber runs until it reaches a barrier (__syncthreads, or one of the two
 // barriers of a warp shuffle) and then yields; a barrier opens when every live thread of its
-// block (or warp) has arrived, and a thread that returns leaves its barriers. Cooperative
+// block (warp, cluster) has arrived, and a thread that returns leaves its barriers. Cooperative
 // scheduling makes this deterministic and cheap (no OS threads, no locks).
 #include <ucontext.h>
 
@@ -90,6 +91,9 @@ void gemm_tma_128x128(const GemmTmaParams p);
 void gemm_tma_128x192(const GemmTmaParams p);
 void gemm_tma_128x256(const GemmTmaParams p);
 void gemm_tma_pp_128x128(const GemmTmaParams p);
+void gemm_tma_mc_128x128(const GemmTmaParams p);
+void gemm_tma_mc_128x192(const GemmTmaParams p);
+void gemm_tma_mc_128x256(const GemmTmaParams p);
 }
 
 namespace {
@@ -152,6 +156,7 @@ struct AsyncGroups {
 
 // A TMA copy issued and not yet landed: its box, already swizzled, and where it goes.
 struct PendingTma {
+    unsigned char* smem;  // the destination block's dynamic shared memory
     uint32_t dst;
     std::vector<unsigned char> bytes;
 };
@@ -177,14 +182,10 @@ struct Fiber {
 
 constexpr size_t kStackBytes = 64 * 1024;  // the kernels' frames are a few KiB
 
-struct Launch {
-    const char* name = "";
-    Kernel kernel = nullptr;
-    const void* params = nullptr;
-    dim3 grid_dim;
-    unsigned block = 0;
+// One block of a launch: its threads, barriers, warp-collective exchange slots and shared memory.
+struct Block {
+    uint3 idx{};
     std::vector<Fiber> fibers;
-    ucontext_t scheduler;
     Barrier block_barrier;
     std::vector<Barrier> warp_barriers;
     std::vector<Barrier> warpgroup_barriers;  // 128 threads each
@@ -196,20 +197,40 @@ struct Launch {
     std::vector<uint32_t> warpgroup_regs;
     std::vector<unsigned char> smem_storage;
     unsigned char* dynamic_smem = nullptr;  // 1024-byte aligned inside smem_storage
+    std::map<uint32_t, MBarrier> mbarriers;  // by shared address
+};
+
+// A launch runs one cluster of blocks at a time (a cluster of one without __cluster_dims__): the
+// cluster's blocks' threads are fibers of one scheduler, so they can wait on each other
+// (cluster barrier, another block's mbarrier, TMA multicast into every block of the cluster).
+struct Launch {
+    const char* name = "";
+    Kernel kernel = nullptr;
+    const void* params = nullptr;
+    dim3 grid_dim;
+    unsigned block = 0;    // threads a block
+    unsigned cluster = 1;  // blocks a cluster, along x
+    std::vector<Block> blocks;  // the running cluster's, by rank
+    Barrier cluster_barrier;
+    ucontext_t scheduler;
     size_t dynamic_smem_bytes = 0;
-    unsigned current = 0;  // the running fiber
-    std::map<uint32_t, MBarrier> mbarriers;  // by shared address; the block's
+    unsigned rank = 0;     // the running fiber's block in the cluster
+    unsigned current = 0;  // the running fiber's thread in its block
     // Counts events that can unblock a waiting thread (arrivals, copies issued or landed, waits
     // returning, threads ending, yields of threads not blocked): a scheduler round in which it
     // does not move had every thread blocked, a deadlock (a hang on a GPU).
     unsigned long long progress = 0;
+
+    Block& here() { return blocks[rank]; }
 };
 
 thread_local Launch* launch_state = nullptr;
 
+Block& here() { return launch_state->here(); }
+
 void yield_to_scheduler() {
     Launch& l = *launch_state;
-    swapcontext(&l.fibers[l.current].context, &l.scheduler);
+    swapcontext(&l.here().fibers[l.current].context, &l.scheduler);
 }
 
 void wait_at(Barrier& b) {
@@ -221,45 +242,50 @@ void wait_at(Barrier& b) {
     ++launch_state->progress;
 }
 
-void fiber_main(int index) {
+void fiber_main(int rank, int index) {
     Launch& l = *launch_state;
     l.kernel(l.params);
     // The hardware gives no result for copies or wgmmas still in flight when a thread exits.
-    const Fiber& self = l.fibers[index];
+    Block& block = l.blocks[static_cast<unsigned>(rank)];
+    const Fiber& self = block.fibers[index];
     if (!self.copies.empty() || !self.wgmmas.empty()) {
         std::fprintf(stderr, "emulated %s: thread %d exited with cp.async or wgmma operations not waited for\n",
                      l.name, index);
         std::abort();
     }
     // A thread that returned no longer takes part in barriers.
-    Barrier& w = l.warp_barriers[index / 32];
+    Barrier& w = block.warp_barriers[index / 32];
     --w.live;
     w.open_if_complete();
-    Barrier& wg = l.warpgroup_barriers[index / 128];
+    Barrier& wg = block.warpgroup_barriers[index / 128];
     --wg.live;
     wg.open_if_complete();
-    --l.block_barrier.live;
-    l.block_barrier.open_if_complete();
-    l.fibers[index].done = true;
+    --block.block_barrier.live;
+    block.block_barrier.open_if_complete();
+    --l.cluster_barrier.live;
+    l.cluster_barrier.open_if_complete();
+    block.fibers[index].done = true;
     ++l.progress;
     // Returning switches to uc_link, the scheduler.
 }
 
-void run_block(Launch& l, uint3 b) {
+void start_block(Launch& l, unsigned rank, uint3 idx) {
+    Block& blk = l.blocks[rank];
     const unsigned n = l.block;
-    l.block_barrier = Barrier{static_cast<int>(n), 0, 0};
-    for (unsigned w = 0; w < l.warp_barriers.size(); ++w) {
+    blk.idx = idx;
+    blk.block_barrier = Barrier{static_cast<int>(n), 0, 0};
+    for (unsigned w = 0; w < blk.warp_barriers.size(); ++w) {
         const unsigned lanes = n - w * 32 < 32 ? n - w * 32 : 32;
-        l.warp_barriers[w] = Barrier{static_cast<int>(lanes), 0, 0};
+        blk.warp_barriers[w] = Barrier{static_cast<int>(lanes), 0, 0};
     }
-    for (unsigned w = 0; w < l.warpgroup_barriers.size(); ++w) {
+    for (unsigned w = 0; w < blk.warpgroup_barriers.size(); ++w) {
         const unsigned threads = n - w * 128 < 128 ? n - w * 128 : 128;
-        l.warpgroup_barriers[w] = Barrier{static_cast<int>(threads), 0, 0};
+        blk.warpgroup_barriers[w] = Barrier{static_cast<int>(threads), 0, 0};
     }
     // Uninitialized shared memory: NaN bytes, so reading unwritten smem shows.
-    std::memset(l.dynamic_smem, 0xff, l.dynamic_smem_bytes);
+    std::memset(blk.dynamic_smem, 0xff, l.dynamic_smem_bytes);
     for (unsigned t = 0; t < n; ++t) {
-        Fiber& f = l.fibers[t];
+        Fiber& f = blk.fibers[t];
         f.done = false;
         f.copies.clear();
         f.wgmmas.clear();
@@ -267,35 +293,49 @@ void run_block(Launch& l, uint3 b) {
         f.context.uc_stack.ss_sp = f.stack.data();
         f.context.uc_stack.ss_size = f.stack.size();
         f.context.uc_link = &l.scheduler;
-        makecontext(&f.context, reinterpret_cast<void (*)()>(fiber_main), 1, static_cast<int>(t));
+        makecontext(&f.context, reinterpret_cast<void (*)()>(fiber_main), 2, static_cast<int>(rank),
+                    static_cast<int>(t));
     }
-    l.mbarriers.clear();
-    blockIdx = b;
+    blk.mbarriers.clear();
+}
+
+// Runs the cluster whose first block is `first` (its blocks at x, x + 1, ..., same y and z).
+void run_cluster(Launch& l, uint3 first) {
+    const unsigned n = l.block;
+    for (unsigned r = 0; r < l.cluster; ++r) start_block(l, r, uint3{first.x + r, first.y, first.z});
+    l.cluster_barrier = Barrier{static_cast<int>(n * l.cluster), 0, 0};
     blockDim = {n, 1, 1};
     gridDim = l.grid_dim;
     // Round robin until every fiber has returned; a waiting fiber re-checks its barrier.
     for (bool running = true; running;) {
         running = false;
         const unsigned long long before = l.progress;
-        for (unsigned t = 0; t < n; ++t) {
-            if (l.fibers[t].done) continue;
-            running = true;
-            l.current = t;
-            threadIdx = {t, 0, 0};
-            swapcontext(&l.scheduler, &l.fibers[t].context);
+        for (unsigned r = 0; r < l.cluster; ++r) {
+            Block& blk = l.blocks[r];
+            for (unsigned t = 0; t < n; ++t) {
+                if (blk.fibers[t].done) continue;
+                running = true;
+                l.rank = r;
+                l.current = t;
+                threadIdx = {t, 0, 0};
+                blockIdx = blk.idx;
+                swapcontext(&l.scheduler, &blk.fibers[t].context);
+            }
         }
         if (running && l.progress == before) {
-            std::fprintf(stderr, "emulated %s: deadlock in block (%u, %u, %u): every thread waits on a barrier no one will complete\n",
-                         l.name, b.x, b.y, b.z);
+            std::fprintf(stderr, "emulated %s: deadlock in the cluster of block (%u, %u, %u): every thread waits on a barrier no one will complete\n",
+                         l.name, first.x, first.y, first.z);
             std::abort();
         }
     }
     // A TMA copy no thread ever waited for has no defined result either.
-    for (const auto& [addr, bar] : l.mbarriers) {
-        if (!bar.copies.empty()) {
-            std::fprintf(stderr, "emulated %s: block ended with TMA copies on the mbarrier at shared byte %u never waited for\n",
-                         l.name, addr);
-            std::abort();
+    for (const Block& blk : l.blocks) {
+        for (const auto& [addr, bar] : blk.mbarriers) {
+            if (!bar.copies.empty()) {
+                std::fprintf(stderr, "emulated %s: block ended with TMA copies on the mbarrier at shared byte %u never waited for\n",
+                             l.name, addr);
+                std::abort();
+            }
         }
     }
 }
@@ -367,25 +407,32 @@ Kernel find(const std::string& name) {
     if (name == "gemm_tma_128x192") return call<GemmTmaParams, gemm_tma_128x192>;
     if (name == "gemm_tma_128x256") return call<GemmTmaParams, gemm_tma_128x256>;
     if (name == "gemm_tma_pp_128x128") return call<GemmTmaParams, gemm_tma_pp_128x128>;
+    if (name == "gemm_tma_mc_128x128") return call<GemmTmaParams, gemm_tma_mc_128x128>;
+    if (name == "gemm_tma_mc_128x192") return call<GemmTmaParams, gemm_tma_mc_128x192>;
+    if (name == "gemm_tma_mc_128x256") return call<GemmTmaParams, gemm_tma_mc_128x256>;
     if (name == "wgmma_probe") return call<WgmmaProbeParams, wgmma_probe>;
     if (name == "tma_probe") return call<TmaProbeParams, tma_probe>;
     return nullptr;
 }
 
+// Blocks a cluster: the kernels compiled with __cluster_dims__(2, 1, 1).
+unsigned cluster_size_of(const std::string& name) { return name.rfind("gemm_tma_mc_", 0) == 0 ? 2 : 1; }
+
 }  // namespace
 
-void fora_emulation_syncthreads() { wait_at(launch_state->block_barrier); }
+void fora_emulation_syncthreads() { wait_at(here().block_barrier); }
 
-void fora_emulation_syncwarp() { wait_at(launch_state->warp_barriers[launch_state->current / 32]); }
+void fora_emulation_syncwarp() { wait_at(here().warp_barriers[launch_state->current / 32]); }
 
 float fora_emulation_shfl_xor(float v, int lane_mask) {
     Launch& l = *launch_state;
     const unsigned warp = l.current / 32, lane = l.current % 32;
-    float* slots = &l.warp_slots[warp * 32];
+    Block& b = l.here();
+    float* slots = &b.warp_slots[warp * 32];
     slots[lane] = v;
-    wait_at(l.warp_barriers[warp]);
+    wait_at(b.warp_barriers[warp]);
     const float other = slots[lane ^ static_cast<unsigned>(lane_mask)];
-    wait_at(l.warp_barriers[warp]);
+    wait_at(b.warp_barriers[warp]);
     return other;
 }
 
@@ -412,9 +459,10 @@ float bf16_bits_to_f32(uint32_t bits16) {
 void fora_emulation_ldmatrix(int matrices, bool trans, const void* row, uint32_t* out) {
     Launch& l = *launch_state;
     const unsigned warp = l.current / 32, lane = l.current % 32;
-    const void** addrs = &l.warp_addrs[warp * 32];
+    Block& b = l.here();
+    const void** addrs = &b.warp_addrs[warp * 32];
     addrs[lane] = row;
-    wait_at(l.warp_barriers[warp]);
+    wait_at(b.warp_barriers[warp]);
     for (int m = 0; m < matrices; ++m) {
         uint32_t lo, hi;
         if (!trans) {
@@ -427,7 +475,7 @@ void fora_emulation_ldmatrix(int matrices, bool trans, const void* row, uint32_t
         }
         out[m] = lo | (hi << 16);
     }
-    wait_at(l.warp_barriers[warp]);
+    wait_at(b.warp_barriers[warp]);
 }
 
 // mma.sync.aligned.m16n8k{16,8}.row.col.f32.bf16.bf16.f32, D = A B + C, with g = lane / 4 and
@@ -439,11 +487,12 @@ void fora_emulation_ldmatrix(int matrices, bool trans, const void* row, uint32_t
 void fora_emulation_mma(int k, float* c, const uint32_t* a, const uint32_t* b) {
     Launch& l = *launch_state;
     const unsigned warp = l.current / 32, lane = l.current % 32;
-    uint32_t* regs = &l.warp_regs[warp * 32 * 8];
+    Block& blk = l.here();
+    uint32_t* regs = &blk.warp_regs[warp * 32 * 8];
     const int a_regs = k == 16 ? 4 : 2, b_regs = k == 16 ? 2 : 1;
     for (int i = 0; i < a_regs; ++i) regs[lane * 8 + i] = a[i];
     for (int i = 0; i < b_regs; ++i) regs[lane * 8 + 4 + i] = b[i];
-    wait_at(l.warp_barriers[warp]);
+    wait_at(blk.warp_barriers[warp]);
     float A[16][16], B[16][8];
     for (unsigned L = 0; L < 32; ++L) {
         const int g = L / 4, q = L % 4;
@@ -467,7 +516,7 @@ void fora_emulation_mma(int k, float* c, const uint32_t* a, const uint32_t* b) {
         for (int kk = 0; kk < k; ++kk) sum += A[out_rows[i]][kk] * B[kk][out_cols[i]];
         c[i] += sum;
     }
-    wait_at(l.warp_barriers[warp]);
+    wait_at(blk.warp_barriers[warp]);
 }
 
 // cp.async.cg.shared.global [smem], [gmem], 16, src_bytes: the source read now (bytes past
@@ -480,14 +529,14 @@ void fora_emulation_cp_async(void* smem, const void* gmem, int src_bytes) {
     std::memcpy(c.bytes, gmem, static_cast<size_t>(src_bytes));
     std::memset(c.bytes + src_bytes, 0, static_cast<size_t>(16 - src_bytes));
     std::memset(c.dst, 0xff, 16);
-    launch_state->fibers[launch_state->current].copies.open.push_back(c);
+    here().fibers[launch_state->current].copies.open.push_back(c);
 }
 
-void fora_emulation_cp_async_commit() { launch_state->fibers[launch_state->current].copies.commit(); }
+void fora_emulation_cp_async_commit() { here().fibers[launch_state->current].copies.commit(); }
 
 // cp.async.wait_group N: every committed group but the newest N lands, oldest first.
 void fora_emulation_cp_async_wait(int pending) {
-    AsyncGroups<PendingCopy>& g = launch_state->fibers[launch_state->current].copies;
+    AsyncGroups<PendingCopy>& g = here().fibers[launch_state->current].copies;
     while (g.committed.size() > static_cast<size_t>(pending)) {
         for (const PendingCopy& c : g.committed.front()) std::memcpy(c.dst, c.bytes, 16);
         g.committed.erase(g.committed.begin());
@@ -495,7 +544,7 @@ void fora_emulation_cp_async_wait(int pending) {
 }
 
 uint32_t fora_emulation_smem_offset(const void* p) {
-    return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - launch_state->dynamic_smem);
+    return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - here().dynamic_smem);
 }
 
 namespace {
@@ -527,7 +576,7 @@ float swizzled_bf16(uint32_t addr, const char* layout, int i, int k) {
         std::abort();
     }
     uint16_t bits;
-    std::memcpy(&bits, launch_state->dynamic_smem + addr, 2);
+    std::memcpy(&bits, here().dynamic_smem + addr, 2);
     return bf16_bits_to_f32(bits);
 }
 
@@ -590,7 +639,7 @@ void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b) {
     op.rs = false;
     op.desc_a = desc_a;
     op.desc_b = desc_b;
-    launch_state->fibers[launch_state->current].wgmmas.open.push_back(op);
+    here().fibers[launch_state->current].wgmmas.open.push_back(op);
 }
 
 // The RS form: A[64 x 16] comes from the registers of the warpgroup's 128 threads (warp w holds
@@ -600,9 +649,10 @@ void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b) {
 void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b, int trans_b) {
     Launch& l = *launch_state;
     const unsigned group = l.current / 128, t = l.current % 128;
-    uint32_t* regs = &l.warpgroup_regs[group * 128 * 4];
+    Block& blk = l.here();
+    uint32_t* regs = &blk.warpgroup_regs[group * 128 * 4];
     for (int i = 0; i < 4; ++i) regs[t * 4 + i] = a[i];
-    wait_at(l.warpgroup_barriers[group]);
+    wait_at(blk.warpgroup_barriers[group]);
     PendingWgmma op{};
     op.n = n;
     op.d = d;
@@ -622,12 +672,12 @@ void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b
             }
         }
     }
-    wait_at(l.warpgroup_barriers[group]);
-    l.fibers[l.current].wgmmas.open.push_back(op);
+    wait_at(blk.warpgroup_barriers[group]);
+    blk.fibers[l.current].wgmmas.open.push_back(op);
 }
 
 
-void fora_emulation_wgmma_commit() { launch_state->fibers[launch_state->current].wgmmas.commit(); }
+void fora_emulation_wgmma_commit() { here().fibers[launch_state->current].wgmmas.commit(); }
 
 // wgmma.wait_group N: every committed group but the newest N is carried out, oldest first. The
 // waiting thread first yields, as a warp waiting on the tensor cores may be descheduled: the
@@ -636,7 +686,7 @@ void fora_emulation_wgmma_commit() { launch_state->fibers[launch_state->current]
 void fora_emulation_wgmma_wait(int pending) {
     ++launch_state->progress;  // not blocked: it runs on at its next turn
     yield_to_scheduler();
-    AsyncGroups<PendingWgmma>& g = launch_state->fibers[launch_state->current].wgmmas;
+    AsyncGroups<PendingWgmma>& g = here().fibers[launch_state->current].wgmmas;
     while (g.committed.size() > static_cast<size_t>(pending)) {
         for (const PendingWgmma& op : g.committed.front()) carry_out(op);
         g.committed.erase(g.committed.begin());
@@ -650,10 +700,32 @@ namespace {
     std::abort();
 }
 
-MBarrier& mbarrier_at(uint32_t bar) {
-    auto it = launch_state->mbarriers.find(bar);
-    if (it == launch_state->mbarriers.end()) emulation_error("mbarrier used before mbarrier.init", bar);
+MBarrier& mbarrier_in(Block& block, uint32_t bar) {
+    auto it = block.mbarriers.find(bar);
+    if (it == block.mbarriers.end()) emulation_error("mbarrier used before mbarrier.init", bar);
     return it->second;
+}
+
+MBarrier& mbarrier_at(uint32_t bar) { return mbarrier_in(here(), bar); }
+
+// The emulator's shared::cluster addresses (from mapa): (rank + 1) << 24 | the byte in that
+// block's shared memory. An address below 1 << 24 is the running block's own (a shared::cta
+// address is a valid shared::cluster address of the executing CTA).
+constexpr uint32_t kClusterRankShift = 24;
+
+// A block whose threads have all returned: its shared memory is gone (on a GPU another CTA may
+// already own it), so an arrival or a multicast into it is an error.
+void check_live(const Block& block, uint32_t addr) {
+    if (block.block_barrier.live == 0) emulation_error("access to the shared memory of a block that has exited (a cluster needs a barrier before its CTAs exit)", addr);
+}
+
+std::pair<Block*, uint32_t> cluster_address(uint32_t addr) {
+    Launch& l = *launch_state;
+    if (addr < (1u << kClusterRankShift)) return {&l.here(), addr};
+    const uint32_t rank = (addr >> kClusterRankShift) - 1;
+    if (rank >= l.cluster) emulation_error("shared::cluster address of a block outside the cluster", addr);
+    check_live(l.blocks[rank], addr);
+    return {&l.blocks[rank], addr & ((1u << kClusterRankShift) - 1)};
 }
 
 void complete_phase_if_done(MBarrier& b) {
@@ -663,11 +735,12 @@ void complete_phase_if_done(MBarrier& b) {
     }
 }
 
-// The copies counted against `b` land: written to shared memory, their bytes taken off the phase.
+// The copies counted against `b` land: written to the shared memory of the barrier's block, their
+// bytes taken off the phase.
 void land_copies(MBarrier& b) {
     if (!b.copies.empty()) ++launch_state->progress;
     for (const PendingTma& c : b.copies) {
-        std::memcpy(launch_state->dynamic_smem + c.dst, c.bytes.data(), c.bytes.size());
+        std::memcpy(c.smem + c.dst, c.bytes.data(), c.bytes.size());
         b.tx -= static_cast<long long>(c.bytes.size());
     }
     b.copies.clear();
@@ -693,16 +766,45 @@ void fora_emulation_mbarrier_init(uint32_t bar, int arrivals) {
     MBarrier b;
     b.arrivals = arrivals;
     b.pending = arrivals;
-    launch_state->mbarriers[bar] = b;
+    here().mbarriers[bar] = b;
 }
 
-void fora_emulation_mbarrier_arrive(uint32_t bar, uint32_t expect_tx_bytes) {
+namespace {
+
+void arrive_on(MBarrier& b, uint32_t bar, uint32_t expect_tx_bytes) {
     ++launch_state->progress;
-    MBarrier& b = mbarrier_at(bar);
     b.tx += expect_tx_bytes;
     if (--b.pending < 0) emulation_error("more mbarrier arrivals than the phase expects", bar);
     complete_phase_if_done(b);
 }
+
+}  // namespace
+
+void fora_emulation_mbarrier_arrive(uint32_t bar, uint32_t expect_tx_bytes) {
+    arrive_on(mbarrier_at(bar), bar, expect_tx_bytes);
+}
+
+// mbarrier.arrive.release.cluster.shared::cluster: one arrival on the barrier of any block of the
+// cluster (an address from mapa).
+void fora_emulation_mbarrier_arrive_cluster(uint32_t cluster_bar) {
+    const auto [block, bar] = cluster_address(cluster_bar);
+    arrive_on(mbarrier_in(*block, bar), bar, 0);
+}
+
+// mapa.shared::cluster: the address of the running block's shared byte `addr` in block `rank`.
+uint32_t fora_emulation_mapa(uint32_t addr, unsigned rank) {
+    if (addr >= (1u << kClusterRankShift) || addr >= launch_state->dynamic_smem_bytes)
+        emulation_error("mapa of an address outside the dynamic shared memory", addr);
+    if (rank >= launch_state->cluster) emulation_error("mapa to a rank outside the cluster", addr);
+    return ((rank + 1) << kClusterRankShift) | addr;
+}
+
+unsigned fora_emulation_cluster_ctarank() { return launch_state->rank; }
+
+unsigned fora_emulation_cluster_size() { return launch_state->cluster; }
+
+// barrier.cluster.arrive + wait: every live thread of every block of the cluster.
+void fora_emulation_cluster_sync() { wait_at(launch_state->cluster_barrier); }
 
 // try_wait.parity in a loop: done once the phase of that parity has completed, i.e. the phases
 // completed so far have the other parity. Parity is all the hardware compares, so a wait for a
@@ -725,18 +827,20 @@ void fora_emulation_mbarrier_wait(uint32_t bar, uint32_t parity) {
     }
 }
 
+namespace {
+
 // cp.async.bulk.tensor.2d with the 128-byte swizzle: box row r (128 bytes) at dst + 128 r, its
-// 16-byte chunk c at chunk c ^ (address bits [7:9]); elements outside the tensor are zeros.
-void fora_emulation_tma_load_2d(uint32_t dst, const void* map, int x, int y, uint32_t bar) {
+// 16-byte chunk c at chunk c ^ (address bits [7:9]); elements outside the tensor are zeros. The
+// box lands in the blocks of `ranks` (bit r: block r of the cluster), at the same shared byte
+// in each, and counts against the barrier at byte `bar` of each.
+void tma_load_2d_into(uint32_t dst, const void* map, int x, int y, uint32_t bar, unsigned ranks) {
     const EmulatedTensorMap& m = *static_cast<const EmulatedTensorMap*>(map);
     if (m.magic != kTensorMapMagic) emulation_error("TMA copy through a tensor map the emulator did not encode", dst);
     const uint32_t bytes = m.box_rows * m.box_cols * 2;
     if (dst % 1024 != 0) emulation_error("128-byte-swizzled TMA destination not 1024-byte aligned", dst);
     if (dst + bytes > launch_state->dynamic_smem_bytes) emulation_error("TMA box past the dynamic shared memory", dst);
-    MBarrier& b = mbarrier_at(bar);
-    PendingTma c;
-    c.dst = dst;
-    c.bytes.assign(bytes, 0);
+    if (ranks == 0 || ranks >> launch_state->cluster != 0) emulation_error("TMA multicast mask names a block outside the cluster", dst);
+    std::vector<unsigned char> box(bytes, 0);
     for (uint32_t r = 0; r < m.box_rows; ++r) {
         const long long gr = static_cast<long long>(y) + r;
         for (uint32_t col = 0; col < m.box_cols; ++col) {
@@ -747,12 +851,29 @@ void fora_emulation_tma_load_2d(uint32_t dst, const void* map, int x, int y, uin
             const uint32_t off = r * m.box_cols * 2 + col * 2;
             const uint32_t addr = dst + off;
             const uint32_t swizzled = addr ^ (((addr >> 7) & 7u) << 4);
-            std::memcpy(c.bytes.data() + (swizzled - dst), &v, 2);
+            std::memcpy(box.data() + (swizzled - dst), &v, 2);
         }
     }
-    std::memset(launch_state->dynamic_smem + dst, 0xff, bytes);
-    b.copies.push_back(std::move(c));
+    for (unsigned rank = 0; rank < launch_state->cluster; ++rank) {
+        if ((ranks >> rank & 1u) == 0) continue;
+        Block& block = launch_state->blocks[rank];
+        check_live(block, dst);
+        MBarrier& b = mbarrier_in(block, bar);
+        std::memset(block.dynamic_smem + dst, 0xff, bytes);
+        b.copies.push_back(PendingTma{block.dynamic_smem, dst, box});
+    }
     ++launch_state->progress;
+}
+
+}  // namespace
+
+void fora_emulation_tma_load_2d(uint32_t dst, const void* map, int x, int y, uint32_t bar) {
+    tma_load_2d_into(dst, map, x, y, bar, 1u << launch_state->rank);
+}
+
+// .multicast::cluster: the same box into every block of `mask`.
+void fora_emulation_tma_load_2d_multicast(uint32_t dst, const void* map, int x, int y, uint32_t bar, uint16_t mask) {
+    tma_load_2d_into(dst, map, x, y, bar, mask);
 }
 
 // Fills `out` (128 bytes) for a bf16 [rows, cols] tensor with `row_stride_bytes` between rows and
@@ -770,38 +891,45 @@ extern "C" int fora_emulate_encode_tma_2d(void* out, const void* base, uint64_t 
     return 0;
 }
 
-void* fora_emulation_dynamic_smem_bytes() { return launch_state->dynamic_smem; }
+void* fora_emulation_dynamic_smem_bytes() { return here().dynamic_smem; }
 
-// 0: ran; 1: unknown kernel; 2: bad launch shape.
+// 0: ran; 1: unknown kernel; 2: bad launch shape (a cluster kernel's grid must be a whole number of
+// clusters along x, as cuLaunchKernel requires).
 extern "C" int fora_emulate_launch(const char* name, unsigned grid_x, unsigned grid_y,
                                    unsigned grid_z, unsigned block_x, unsigned shared_mem_bytes,
                                    const void* params) {
     const Kernel kernel = find(name);
     if (kernel == nullptr) return 1;
-    if (grid_x == 0 || grid_y == 0 || grid_z == 0 || block_x == 0 || block_x > 1024) return 2;
+    const unsigned cluster = cluster_size_of(name);
+    if (grid_x == 0 || grid_y == 0 || grid_z == 0 || block_x == 0 || block_x > 1024 || grid_x % cluster != 0)
+        return 2;
     Launch l;
     l.name = name;
     l.kernel = kernel;
     l.params = params;
     l.grid_dim = {grid_x, grid_y, grid_z};
     l.block = block_x;
-    l.fibers.resize(block_x);
-    for (Fiber& f : l.fibers) f.stack.resize(kStackBytes);
-    const unsigned warps = (block_x + 31) / 32;
-    l.warp_barriers.resize(warps);
-    l.warp_slots.assign(warps * 32, 0.0f);
-    l.warp_addrs.assign(warps * 32, nullptr);
-    l.warp_regs.assign(warps * 32 * 8, 0);
-    l.warpgroup_barriers.resize((block_x + 127) / 128);
-    l.warpgroup_regs.assign(l.warpgroup_barriers.size() * 128 * 4, 0);
-    l.smem_storage.resize(shared_mem_bytes + 1024);
-    const uintptr_t base = reinterpret_cast<uintptr_t>(l.smem_storage.data());
-    l.dynamic_smem = l.smem_storage.data() + ((1024 - base % 1024) % 1024);
+    l.cluster = cluster;
     l.dynamic_smem_bytes = shared_mem_bytes;
+    l.blocks.resize(cluster);
+    const unsigned warps = (block_x + 31) / 32;
+    for (Block& b : l.blocks) {
+        b.fibers.resize(block_x);
+        for (Fiber& f : b.fibers) f.stack.resize(kStackBytes);
+        b.warp_barriers.resize(warps);
+        b.warp_slots.assign(warps * 32, 0.0f);
+        b.warp_addrs.assign(warps * 32, nullptr);
+        b.warp_regs.assign(warps * 32 * 8, 0);
+        b.warpgroup_barriers.resize((block_x + 127) / 128);
+        b.warpgroup_regs.assign(b.warpgroup_barriers.size() * 128 * 4, 0);
+        b.smem_storage.resize(shared_mem_bytes + 1024);
+        const uintptr_t base = reinterpret_cast<uintptr_t>(b.smem_storage.data());
+        b.dynamic_smem = b.smem_storage.data() + ((1024 - base % 1024) % 1024);
+    }
     launch_state = &l;
     for (unsigned z = 0; z < grid_z; ++z)
         for (unsigned y = 0; y < grid_y; ++y)
-            for (unsigned x = 0; x < grid_x; ++x) run_block(l, uint3{x, y, z});
+            for (unsigned x = 0; x < grid_x; x += cluster) run_cluster(l, uint3{x, y, z});
     launch_state = nullptr;
     return 0;
 }
