@@ -220,8 +220,9 @@ struct TmaUnit {
 
 // Work units of a CLUSTER-CTA cluster: CLUSTER vertically adjacent M tiles with the same N tile
 // and slice (a cluster's CTAs share W's tile); the cluster's CTA of rank `rank` takes the
-// rank-th. Past the last M tile (an odd count) a CTA computes a tile of zero rows: its TMA boxes
-// arrive as zeros and its epilogue writes nothing, so the cluster's pipelines stay in step.
+// rank-th. Past the last M tile (an odd count) a CTA computes a tile of zero rows (its producer
+// loads the first tile's A rows, its epilogue writes nothing) and still multicasts its half of
+// W, so the cluster's pipelines stay in step.
 template <int BN, int CLUSTER>
 FORA_DEVICE int tma_units(const GemmTmaParams& params) {
     const GemmParams& p = params.gemm;
@@ -327,7 +328,10 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
                     mbarrier_wait(empty + 8 * slot, parity ^ 1u);
                     mbarrier_arrive_expect_tx(full + 8 * slot, kStageA + kStageB);
                     const int k0 = (w.kt_begin + kt) * kWgmmaBK;
-                    tma_load_2d(smem_a + slot * kStageA, &params.a_map, k0, w.m0, full + 8 * slot);
+                    // A zero-row tile (past M, clusters only) reads rows of the first tile
+                    // instead: its epilogue writes nothing, and no box lies wholly outside A.
+                    const int a_row = w.m0 < p.m ? w.m0 : 0;
+                    tma_load_2d(smem_a + slot * kStageA, &params.a_map, k0, a_row, full + 8 * slot);
                     if (CLUSTER == 1) {
                         tma_load_2d(smem_b + slot * kStageB, &params.w_map, k0, w.n0, full + 8 * slot);
                     } else {

@@ -1116,7 +1116,7 @@ fn gpu_pdl_is_exact() {
     }
 }
 
-/// The TMA GEMM (`FORA_GEMM=tma`, Hopper only, SKIP elsewhere) in the whole sampler: with
+/// The TMA GEMMs (`FORA_GEMM=tma` and `tma_mc`, Hopper only, SKIP elsewhere) in the whole sampler: with
 /// graphs and without, three-launch and fused reuse steps, each against the CPU and the
 /// cuBLASLt path; and with programmatic launches (`FORA_PDL=1`, every launch of a block then
 /// ours) the same bits. Its own test ("tma" in the name) so the device suite can run it apart.
@@ -1145,9 +1145,15 @@ fn gpu_tma_sampling_paths() {
         ..base
     });
     let lt = sample_latents(&cuda, &options, &classes, 3, 3);
-    for (graphs, fused_reuse) in [(true, true), (false, true), (true, false), (false, false)] {
+    // Both TMA implementations: two images + CFG of 64 tokens are M = 256, two row tiles, so
+    // `TmaMulticast` runs its cluster kernels.
+    let paths = [(true, true), (false, true), (true, false), (false, false)];
+    for (gemm, (graphs, fused_reuse)) in [GemmImpl::Tma, GemmImpl::TmaMulticast]
+        .into_iter()
+        .flat_map(|g| paths.map(|p| (g, p)))
+    {
         let o = CudaOptions {
-            gemm: GemmImpl::Tma,
+            gemm,
             graphs,
             fused_reuse,
             pdl: false,
