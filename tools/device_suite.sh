@@ -98,12 +98,19 @@ phase_bench() {
   FORA_BENCH_HOPPER_GEMMS=0 FORA_BENCH_UNTRIED=0 bounded 75 .devpack/bin/fora bench --json "$OUT/bench.json" \
     ${FORA_BENCH_ARGS:---batches 2,256 --intervals 1,3 --e2e-reps 1} >> "$OUT/bench.log" 2>&1
   tail -n 3 "$OUT/bench.log"
-  [ "${HOPPER_ROWS:-1}" = 0 ] && return 0
   echo "=== fora bench: Hopper GEMM and untried kernel rows (attention tma)"
+  hopper_rows bench_hopper
+}
+
+# hopper_rows <name>: the kernel rows with the Hopper GEMMs (every TMA tile, the multicast ones
+# included, and wgmma beside cuBLASLt; the untried attention too) in a process of their own, so
+# that a fault cannot poison another run's context; HOPPER_ROWS=0 skips it.
+hopper_rows() {
+  [ "${HOPPER_ROWS:-1}" = 0 ] && return 0
   bounded 45 .devpack/bin/fora bench --sections kernels --batches 2,256 \
-    --json "$OUT/bench_hopper.json" > "$OUT/bench_hopper.log" 2>&1
-  grep -E "^\| (qkv|proj|fc1|fc2) \| [0-9]+ \| .* \| (tma|wgmma|cublaslt)[a-z0-9_+ -]* \||^\| attention \|" "$OUT/bench_hopper.log" | head -n 64
-  tail -n 2 "$OUT/bench_hopper.log"
+    --json "$OUT/$1.json" > "$OUT/$1.log" 2>&1
+  grep -E "^\| (qkv|proj|fc1|fc2) \| [0-9]+ \| .* \| (tma|wgmma|cublaslt)[a-z0-9_+ -]* \||^\| attention \|" "$OUT/$1.log" | head -n 64
+  tail -n 2 "$OUT/$1.log"
 }
 
 phase_torch() {
@@ -160,14 +167,10 @@ phase_issue5() {
       --gemm cublaslt --md "$OUT/issue5_report_sum.md" > /dev/null 2>&1
     sed -n '/^## Targets/,/^## Per step/p' "$OUT/issue5_report_sum.md"
   fi
-  # The TMA GEMM tiles (the cluster-multicast ones, session 10, never run) against cuBLASLt, in
-  # a process of their own, last: with the L2 read rate above, whether the tiles are L2-bound.
-  [ "${HOPPER_ROWS:-1}" = 0 ] && return 0
+  # The TMA GEMM tiles (the cluster-multicast ones, session 10, never run) against cuBLASLt,
+  # last: with the L2 read rate above, whether the tiles are L2-bound.
   echo "=== issue 5: Hopper GEMM rows (TMA tiles, multicast included)"
-  bounded 45 .devpack/bin/fora bench --sections kernels --batches 2,256 \
-    --json "$OUT/issue5_hopper.json" > "$OUT/issue5_hopper.log" 2>&1
-  grep -E "^\| (qkv|proj|fc1|fc2) \| [0-9]+ \| .* \| (tma|cublaslt)[a-z0-9_+ -]* \|" "$OUT/issue5_hopper.log" | head -n 64
-  tail -n 2 "$OUT/issue5_hopper.log"
+  hopper_rows issue5_hopper
 }
 
 phase_memcheck() {
