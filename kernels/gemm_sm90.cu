@@ -254,7 +254,7 @@ FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u, int rank) {
 // `full` barriers are then at most one phase behind the k-tiles it waits for, which their parity
 // needs (waiting for a phase two ahead would pass at once, on stale data).
 //
-// CLUSTER = 2 (cooperative only; the kernel is compiled with __cluster_dims__(2, 1, 1)): the two
+// CLUSTER = 2 (the kernel is compiled with __cluster_dims__(2, 1, 1)): the two
 // CTAs of a cluster compute vertically adjacent tiles with the same W tile, and each producer
 // loads its own A tile and half of the W tile, multicast into both CTAs (same slot, same `full`
 // barrier byte), so a CTA reads 128 + BN / 2 rows from L2 a k-step instead of 128 + BN (the
@@ -263,12 +263,13 @@ FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u, int rank) {
 // and, through mapa, on the peer's), and each `full` expects the whole tile's bytes (half of
 // them delivered by the peer, possibly before this CTA's producer announced them: the
 // transaction count may run negative within a phase). Both CTAs walk the same units and k-tiles,
-// so their rings stay in step; a cluster barrier after the barriers' initialization (before any
+// so their rings stay in step (in ping-pong, the same consumer of both CTAs reads a unit's slots,
+// and its 4 warps a CTA free them); a cluster barrier after the barriers' initialization (before any
 // multicast or remote arrival) and one at the end (no CTA exits while its peer may still arrive
 // on its barriers) bracket the kernel, and every thread, the producer's too, takes part in both.
 template <int BN, int STAGES, bool PINGPONG, int CLUSTER>
 FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
-    static_assert(CLUSTER == 1 || (CLUSTER == 2 && !PINGPONG), "clusters of two, cooperative only");
+    static_assert(CLUSTER == 1 || CLUSTER == 2, "clusters of one or two CTAs");
     constexpr int kRowBlocks = PINGPONG ? 2 : 1;  // m64 blocks a consumer computes per unit
     constexpr int kAcc = BN / 2;
     constexpr uint32_t kStageA = kTmaBM * kWgmmaBK * 2;  // bytes of one A tile
@@ -496,7 +497,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_pp_128x128(const _
     FORA_TMA_BODY(128, 6, true, 1);
 }
 
-// Clusters of two CTAs along M sharing (multicasting) the W tile; cooperative tiles as above.
+// Clusters of two CTAs along M sharing (multicasting) the W tile; the tiles as above.
 // The attribute exists only for sm_90: other architectures get the trap stub without it.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FORA_CLUSTER_PAIR __cluster_dims__(2, 1, 1)
@@ -520,4 +521,11 @@ extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER_PAIR
     gemm_tma_mc_128x256(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
     FORA_TMA_BODY(256, 4, false, 2);
+}
+
+// Ping-pong 128 x 128 in clusters of two sharing W (the pick's tile for long K).
+extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER_PAIR
+    gemm_tma_mc_pp_128x128(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
+    FORA_TMA_BODY(128, 6, true, 2);
 }

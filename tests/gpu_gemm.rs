@@ -361,7 +361,7 @@ const WGMMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 5] = [
 /// tiles included), forced split-K, the automatic picks. In tests of their own (`gemm_tma_*`):
 /// the device suite runs them in a process of their own, so that a fault in these never-run
 /// kernels cannot poison the context of the other tests.
-const TMA_VARIANTS: [Variant; 16] = [
+const TMA_VARIANTS: [Variant; 18] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
@@ -375,13 +375,15 @@ const TMA_VARIANTS: [Variant; 16] = [
     Variant::Tma(TmaTile::Mc256),
     Variant::TmaSplit(TmaTile::Mc128, 3),
     Variant::TmaSplit(TmaTile::Mc192, 2),
+    Variant::Tma(TmaTile::McPingPong128),
+    Variant::TmaSplit(TmaTile::McPingPong128, 2),
     Variant::TmaAuto,
     Variant::TmaMcAuto,
     Variant::CublasLt,
 ];
 
 /// [`TMA_VARIANTS`] without forced split-K.
-const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 10] = [
+const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 11] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
@@ -389,6 +391,7 @@ const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 10] = [
     Variant::Tma(TmaTile::Mc128),
     Variant::Tma(TmaTile::Mc192),
     Variant::Tma(TmaTile::Mc256),
+    Variant::Tma(TmaTile::McPingPong128),
     Variant::TmaAuto,
     Variant::TmaMcAuto,
     Variant::CublasLt,

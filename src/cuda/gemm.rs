@@ -394,10 +394,12 @@ pub enum TmaTile {
     Mc192,
     /// `N256` likewise (`gemm_tma_mc_128x256`).
     Mc256,
+    /// `PingPong128` likewise (`gemm_tma_mc_pp_128x128`).
+    McPingPong128,
 }
 
 impl TmaTile {
-    pub const ALL: [TmaTile; 7] = [
+    pub const ALL: [TmaTile; 8] = [
         TmaTile::N128,
         TmaTile::N192,
         TmaTile::N256,
@@ -405,6 +407,7 @@ impl TmaTile {
         TmaTile::Mc128,
         TmaTile::Mc192,
         TmaTile::Mc256,
+        TmaTile::McPingPong128,
     ];
     /// The cooperative tiles, which [`TmaTile::pick`] chooses among.
     pub const COOPERATIVE: [TmaTile; 3] = [TmaTile::N128, TmaTile::N192, TmaTile::N256];
@@ -426,6 +429,7 @@ impl TmaTile {
             TmaTile::Mc128 => ("gemm_tma_mc_128x128", 128, 6, false, 2),
             TmaTile::Mc192 => ("gemm_tma_mc_128x192", 192, 5, false, 2),
             TmaTile::Mc256 => ("gemm_tma_mc_128x256", 256, 4, false, 2),
+            TmaTile::McPingPong128 => ("gemm_tma_mc_pp_128x128", 128, 6, true, 2),
         }
     }
 
@@ -434,13 +438,13 @@ impl TmaTile {
         self.spec().4
     }
 
-    /// The multicast counterpart of a cooperative tile (ping-pong and the multicast tiles
-    /// have none: themselves).
+    /// The multicast counterpart of a tile (a multicast tile's is itself).
     pub fn multicast(self) -> TmaTile {
         match self {
             TmaTile::N128 => TmaTile::Mc128,
             TmaTile::N192 => TmaTile::Mc192,
             TmaTile::N256 => TmaTile::Mc256,
+            TmaTile::PingPong128 => TmaTile::McPingPong128,
             other => other,
         }
     }
@@ -463,6 +467,7 @@ impl TmaTile {
             TmaTile::Mc128 => "tma-mc-128x128",
             TmaTile::Mc192 => "tma-mc-128x192",
             TmaTile::Mc256 => "tma-mc-128x256",
+            TmaTile::McPingPong128 => "tma-mc-pp-128x128",
         }
     }
 
@@ -487,7 +492,7 @@ impl TmaTile {
     /// average), 256 slower by 5-12% past its padding (qkv 1406 vs 1290 us, fc1 2045 vs 1815).
     fn efficiency(self) -> f64 {
         match self {
-            TmaTile::N128 | TmaTile::PingPong128 | TmaTile::Mc128 => 1.0,
+            TmaTile::N128 | TmaTile::PingPong128 | TmaTile::Mc128 | TmaTile::McPingPong128 => 1.0,
             TmaTile::N192 | TmaTile::Mc192 => 0.99,
             TmaTile::N256 | TmaTile::Mc256 => 0.92,
         }
@@ -1534,12 +1539,13 @@ mod tests {
 
     #[test]
     fn tma_multicast_tiles() {
-        // Each cooperative tile has a multicast twin of the same width, smem and stages, in
-        // clusters of two; ping-pong has none.
+        // Each tile has a multicast twin of the same width, smem and stages, in clusters of
+        // two.
         for (plain, mc) in [
             (TmaTile::N128, TmaTile::Mc128),
             (TmaTile::N192, TmaTile::Mc192),
             (TmaTile::N256, TmaTile::Mc256),
+            (TmaTile::PingPong128, TmaTile::McPingPong128),
         ] {
             assert_eq!(plain.multicast(), mc);
             assert_eq!(mc.multicast(), mc);
@@ -1548,7 +1554,6 @@ mod tests {
             assert_eq!(plain.smem_bytes(), mc.smem_bytes());
             assert!(mc.kernel_name().starts_with("gemm_tma_mc_"));
         }
-        assert_eq!(TmaTile::PingPong128.multicast(), TmaTile::PingPong128);
         // Row tiles in whole clusters: 3 tiles of 128 rows (M = 300) make two pairs, the last
         // CTA computing zero rows; an even count is unchanged.
         assert_eq!(TmaTile::Mc128.tiles(300, 256), 4 * 2);

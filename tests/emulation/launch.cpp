@@ -94,6 +94,7 @@ void gemm_tma_pp_128x128(const GemmTmaParams p);
 void gemm_tma_mc_128x128(const GemmTmaParams p);
 void gemm_tma_mc_128x192(const GemmTmaParams p);
 void gemm_tma_mc_128x256(const GemmTmaParams p);
+void gemm_tma_mc_pp_128x128(const GemmTmaParams p);
 }
 
 namespace {
@@ -410,6 +411,7 @@ Kernel find(const std::string& name) {
     if (name == "gemm_tma_mc_128x128") return call<GemmTmaParams, gemm_tma_mc_128x128>;
     if (name == "gemm_tma_mc_128x192") return call<GemmTmaParams, gemm_tma_mc_128x192>;
     if (name == "gemm_tma_mc_128x256") return call<GemmTmaParams, gemm_tma_mc_128x256>;
+    if (name == "gemm_tma_mc_pp_128x128") return call<GemmTmaParams, gemm_tma_mc_pp_128x128>;
     if (name == "wgmma_probe") return call<WgmmaProbeParams, wgmma_probe>;
     if (name == "tma_probe") return call<TmaProbeParams, tma_probe>;
     return nullptr;
