@@ -774,6 +774,13 @@ fn python_report_reads_the_rust_json() {
         "{md}"
     );
     assert!(
+        md.contains(
+            "each GEMM on the cluster-multicast TMA kernels (fused epilogue) vs best cuBLASLt \
+             (worst case) | >= 1.0x | 1.25x (qkv, rows 2) | met |"
+        ),
+        "{md}"
+    );
+    assert!(
         !md.contains("each GEMM on the wgmma kernels"),
         "no wgmma rows were measured: {md}"
     );

@@ -235,10 +235,12 @@ class Report:
         add(f"{label}: vs PyTorch SDPA", ">= 1.5x", r, fmt(r, 2, "x"),
             None if r is None else r >= TARGETS["attention_vs_sdpa"])
         # Our own GEMM kernels with their fused epilogues against the best cuBLASLt of the same
-        # GEMM: the mma.sync kernels always, the Hopper wgmma and TMA kernels where they ran.
+        # GEMM: the mma.sync kernels always, the Hopper wgmma and TMA (plain, multicast) kernels
+        # where they ran.
         for imp, label in (("custom", "each GEMM with its fused epilogue"),
                            ("wgmma", "each GEMM on the wgmma kernels (fused epilogue)"),
-                           ("tma", "each GEMM on the warp-specialized TMA kernels (fused epilogue)")):
+                           ("tma", "each GEMM on the warp-specialized TMA kernels (fused epilogue)"),
+                           ("tma_mc", "each GEMM on the cluster-multicast TMA kernels (fused epilogue)")):
             worst = None
             for k in (self.ours or {}).get("kernels", []):
                 if k["impl"] == imp and k.get("vs_cublaslt") is not None:
