@@ -256,13 +256,14 @@ phase_profile() {
 }
 
 # ncu's full report (speed of light, occupancy, warp stalls, memory chart) of one launch of each
-# kernel named in PROF_KERNELS (default: the 256-row attention, the TMA GEMM, the fused
-# LayerNorm and the fused reuse kernel, the ones issue 5 still waits on; a TMA kernel is profiled
-# in a `--gemm tma` run), from `fora bench` steps at PROF_ROWS
+# kernel named in PROF_KERNELS (default: the 256-row attention, the TMA GEMM plain and multicast
+# (their L2 throughput says whether the tiles are L2-bound), and the fused reuse kernel, the ones
+# issue 5 still waits on; a TMA kernel is profiled in a `--gemm tma` or `tma_mc` run), from
+# `fora bench` steps at PROF_ROWS
 # (default 256) op by op; ncu_<kernel>.txt each, the headline numbers printed.
 phase_kernelprof() {
   local k attention gemm
-  for k in ${PROF_KERNELS:-attention_tma_d72 attention_wgmma_mn_d72 gemm_tma_128x128 fora_reuse_final_t4}; do
+  for k in ${PROF_KERNELS:-attention_tma_d72 attention_wgmma_mn_d72 gemm_tma_128x128 gemm_tma_mc_128x128 fora_reuse_final_t4}; do
     echo "=== ncu --set full: $k (rows ${PROF_ROWS:-256})"
     # The steps run the selected attention: the wgmma kernels only with FORA_ATTENTION=wgmma.
     case $k in
@@ -271,8 +272,8 @@ phase_kernelprof() {
       attention_wgmma*) attention=wgmma ;;
       *) attention=${FORA_ATTENTION:-v1} ;;
     esac
-    # The steps run the TMA GEMM only with --gemm tma.
-    case $k in gemm_tma*) gemm=tma ;; *) gemm=cublaslt ;; esac
+    # The steps run the TMA GEMM only with --gemm tma (the multicast tiles with tma_mc).
+    case $k in gemm_tma_mc*) gemm=tma_mc ;; gemm_tma*) gemm=tma ;; *) gemm=cublaslt ;; esac
     # PROF_SOURCE=1 also keeps the report and prints its per-SASS-instruction page (warp stall
     # samples per instruction) as ncu_<kernel>_sass.csv: where a kernel waits, not only why.
     FORA_ATTENTION=$attention FORA_CUDA_GRAPHS=0 bounded 90 ncu --kernel-name "$k" --launch-skip 2 --launch-count 1 --set full \
