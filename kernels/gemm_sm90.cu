@@ -320,6 +320,8 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
     if (warpgroup == 0) {
         setmaxnreg_dec<40>();
         if (tid == 0) {
+            tma_prefetch_descriptor(&params.a_map);
+            tma_prefetch_descriptor(&params.w_map);
             uint32_t it = 0;
             for (int u = first; u < units; u += stride) {
                 const TmaUnit w = tma_unit<BN, CLUSTER>(params, u, rank);

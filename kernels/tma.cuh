@@ -27,6 +27,7 @@ template <int REGS>
 FORA_DEVICE void setmaxnreg_inc() {}
 template <int REGS>
 FORA_DEVICE void setmaxnreg_dec() {}
+FORA_DEVICE void tma_prefetch_descriptor(const TmaDescriptor*) {}
 FORA_DEVICE uint32_t cluster_ctarank() { return fora_emulation_cluster_ctarank(); }
 FORA_DEVICE void cluster_sync() { fora_emulation_cluster_sync(); }
 FORA_DEVICE uint32_t mapa_shared(uint32_t addr, uint32_t rank) { return fora_emulation_mapa(addr, rank); }
@@ -84,6 +85,11 @@ FORA_DEVICE void tma_load_2d(uint32_t dst, const TmaDescriptor* map, int x, int 
             dst),
         "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(x), "r"(y)
         : "memory");
+}
+// Fetches a tensor map into the descriptor cache ahead of its first copy (a hint: the first
+// TMA of a CTA otherwise waits for it).
+FORA_DEVICE void tma_prefetch_descriptor(const TmaDescriptor* map) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 // Warp-specialized register budgets: every warp of a warpgroup executes the same one. The
 // producer gives registers back, the consumers (the accumulators) take them.
