@@ -484,6 +484,32 @@ fn report_markdown_and_json() {
         ),
         "{md}"
     );
+    // The forced TMA tiles against their L2 roofline at 8000 GB/s: 128 x 192 loads 320 rows a
+    // k-step (76.8 FLOP/B -> 614 TFLOP/s), its multicast twin 224 (109.7 -> 878); both rows
+    // do 8 GFLOP in 11 us (727.3 TFLOP/s).
+    assert!(
+        md.contains("| qkv | 2 | tma-128x192 | 727.3 | 614 | 118 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| qkv | 2 | tma-mc-128x192 | 727.3 | 878 | 83 |"),
+        "{md}"
+    );
+    assert!(
+        !md.contains("| qkv | 2 | tma_mc | 727"),
+        "a pick is not a tile: {md}"
+    );
+    assert_eq!(fora::bench::tma_row_flop_per_byte("tma"), None);
+    assert_eq!(fora::bench::tma_row_flop_per_byte("tma_mc"), None);
+    assert_eq!(
+        fora::bench::tma_row_flop_per_byte("tma-pp-128x128"),
+        Some(64.0)
+    );
+    let mc_pp = fora::bench::tma_row_flop_per_byte("tma-mc-pp-128x128").unwrap();
+    assert!(
+        (mc_pp - 128.0 * 128.0 / 192.0).abs() < 1e-9,
+        "{mc_pp}"
+    );
     assert_eq!(j["settings"]["reuse_sum"], 2);
     assert_eq!(j["steps"][4]["kind"], "reuse_summed");
     assert!(

@@ -107,9 +107,13 @@ phase_bench() {
 # that a fault cannot poison another run's context; HOPPER_ROWS=0 skips it.
 hopper_rows() {
   [ "${HOPPER_ROWS:-1}" = 0 ] && return 0
-  bounded 45 .devpack/bin/fora bench --sections kernels --batches 2,256 \
+  # With the ceilings: the L2 read rate the tiles' rooflines are drawn at.
+  bounded 60 .devpack/bin/fora bench --sections ceilings,kernels --batches 2,256 \
     --json "$OUT/$1.json" > "$OUT/$1.log" 2>&1
   grep -E "^\| (qkv|proj|fc1|fc2) \| [0-9]+ \| .* \| (tma|wgmma|cublaslt)[a-z0-9_+ -]* \||^\| attention \|" "$OUT/$1.log" | head -n 64
+  # Each forced TMA tile against its L2 roofline (the L2 hypothesis, yes or no).
+  grep -A 40 "^TMA tiles against their L2 roofline" "$OUT/$1.log" | grep -E "^\|" | head -n 40
+  grep -E "^L2 roofline" "$OUT/$1.log"
   tail -n 2 "$OUT/$1.log"
 }
 

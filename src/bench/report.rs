@@ -206,12 +206,17 @@ pub struct Report {
     pub errors: Vec<BenchError>,
 }
 
+/// FLOP per byte a BM = 128 x `bn` tile's k-step of 64 loads from L2: 2 BM BN 64 FLOP on
+/// (`a_rows` + `w_rows`) x 64 bf16 (fewer rows than the tile's where a cluster shares one).
+fn l2_flop_per_byte(a_rows: f64, w_rows: f64, bn: f64) -> f64 {
+    (2.0 * 128.0 * bn * 64.0) / ((a_rows + w_rows) * 64.0 * 2.0)
+}
+
 /// TFLOP/s that GEMM tiles of 128 x 128, 128 x 192, 128 x 256, our multicast tiles (two CTAs
 /// of a cluster sharing W: each loads half of it, `FORA_GEMM=tma_mc`) and cuBLASLt's 128 x 256
-/// with A shared by two CTAs can reach when their operands stream from L2 at `l2_gbps`: a
-/// tile's k-step of 64 does 2 BM BN 64 FLOP on (A rows + W rows loaded) x 64 bf16.
+/// with A shared by two CTAs can reach when their operands stream from L2 at `l2_gbps`.
 pub fn l2_tile_rooflines(l2_gbps: f64) -> String {
-    // (name, A rows loaded, W rows loaded, BN); BM = 128.
+    // (name, A rows loaded, W rows loaded, BN).
     [
         ("128x128", 128.0, 128.0, 128.0),
         ("128x192", 128.0, 192.0, 192.0),
@@ -223,8 +228,7 @@ pub fn l2_tile_rooflines(l2_gbps: f64) -> String {
     ]
     .iter()
     .map(|&(name, a_rows, w_rows, bn)| {
-        let bm = 128.0;
-        let flop_per_byte = (2.0 * bm * bn * 64.0) / ((a_rows + w_rows) * 64.0 * 2.0);
+        let flop_per_byte = l2_flop_per_byte(a_rows, w_rows, bn);
         format!(
             "{name} {:.0} FLOP/B -> {:.0} TFLOP/s",
             flop_per_byte,
@@ -233,6 +237,21 @@ pub fn l2_tile_rooflines(l2_gbps: f64) -> String {
     })
     .collect::<Vec<_>>()
     .join(", ")
+}
+
+/// FLOP per L2 byte of the TMA tile a forced-tile bench row names ("tma-128x192",
+/// "tma-pp-128x128", "tma-mc-128x256", "tma-mc-pp-128x128": the multicast ones load half the W
+/// tile); None for any other row.
+pub fn tma_row_flop_per_byte(imp: &str) -> Option<f64> {
+    let rest = imp.strip_prefix("tma-")?;
+    let (multicast, rest) = match rest.strip_prefix("mc-") {
+        Some(r) => (true, r),
+        None => (false, rest),
+    };
+    let rest = rest.strip_prefix("pp-").unwrap_or(rest);
+    let bn: f64 = rest.strip_prefix("128x")?.parse().ok()?;
+    let w_rows = if multicast { bn / 2.0 } else { bn };
+    Some(l2_flop_per_byte(128.0, w_rows, bn))
 }
 
 /// `v` with `decimals` decimals, or "—" when not measured.
@@ -308,6 +327,37 @@ impl Report {
             Bound::Memory => self.memory_ceiling(),
         }?;
         Some(100.0 * rate? / ceiling.rate)
+    }
+
+    /// Each forced TMA tile's row against its L2 roofline at the measured L2 read rate: near
+    /// 100% the tile is L2-bound (the multicast tiles' roofline is the higher); empty without
+    /// an L2 rate or such rows.
+    fn tma_l2_lines(&self) -> String {
+        let Some(l2) = &self.l2_ceiling else {
+            return String::new();
+        };
+        let mut s = String::new();
+        for k in &self.kernels {
+            let (Some(fpb), Some(rate)) = (tma_row_flop_per_byte(&k.imp), k.rate()) else {
+                continue;
+            };
+            if s.is_empty() {
+                s += "\nTMA tiles against their L2 roofline (FLOP per L2 byte x the L2 read rate):\n\n\
+                      | kernel | rows | tile | TFLOP/s | L2 roofline (TFLOP/s) | % of it |\n\
+                      |---|---|---|---|---|---|\n";
+            }
+            let roof = fpb * l2.rate / 1e3;
+            s += &format!(
+                "| {} | {} | {} | {:.1} | {:.0} | {:.0} |\n",
+                k.name,
+                k.rows,
+                k.imp,
+                rate,
+                roof,
+                100.0 * rate / roof
+            );
+        }
+        s
     }
 
     /// The best cuBLASLt time of the same GEMM (fused or + epilogue kernel) over this row's
@@ -647,7 +697,7 @@ impl Report {
         if let Some(c) = &self.l2_ceiling {
             s += &format!(
                 "\nL2 roofline of a GEMM tile whose A and W tiles come from L2 every k-step \
-                 (BM x BN x 64: 2 BM BN 64 FLOP per (BM + BN) 64 x 2 bytes, no multicast) at \
+                 (BM x BN x 64: 2 BM BN 64 FLOP per (rows of A and W loaded) x 64 x 2 bytes) at \
                  {:.0} GB/s: {}.\n",
                 c.rate,
                 l2_tile_rooflines(c.rate)
@@ -684,6 +734,7 @@ impl Report {
                 );
             }
             s += &self.fused_reuse_lines();
+            s += &self.tma_l2_lines();
         }
 
         if !self.steps.is_empty() {
