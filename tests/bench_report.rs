@@ -506,10 +506,7 @@ fn report_markdown_and_json() {
         Some(64.0)
     );
     let mc_pp = fora::bench::tma_row_flop_per_byte("tma-mc-pp-128x128").unwrap();
-    assert!(
-        (mc_pp - 128.0 * 128.0 / 192.0).abs() < 1e-9,
-        "{mc_pp}"
-    );
+    assert!((mc_pp - 128.0 * 128.0 / 192.0).abs() < 1e-9, "{mc_pp}");
     assert_eq!(j["settings"]["reuse_sum"], 2);
     assert_eq!(j["steps"][4]["kind"], "reuse_summed");
     assert!(
