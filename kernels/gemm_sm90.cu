@@ -500,12 +500,6 @@ extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_pp_128x128(const _
 }
 
 // Clusters of two CTAs along M sharing (multicasting) the W tile; the tiles as above.
-// The attribute exists only for sm_90: other architectures get the trap stub without it.
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define FORA_CLUSTER_PAIR __cluster_dims__(2, 1, 1)
-#else
-#define FORA_CLUSTER_PAIR
-#endif
 
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER_PAIR
     gemm_tma_mc_128x128(const __grid_constant__ GemmTmaParams p) {

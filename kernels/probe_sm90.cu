@@ -190,3 +190,49 @@ extern "C" __global__ void __launch_bounds__(128, 1) tma_probe(const __grid_cons
     __trap();
 #endif
 }
+
+// tma_cluster_probe (TmaProbeParams; one cluster of two CTAs of 128 threads): CTA r multicasts
+// the box at (x_r, y_r) into slot r of both CTAs' shared memory, each CTA's one mbarrier
+// expecting both boxes (the peer's may land before this CTA announced it); each CTA writes its two
+// slots to out + r * 2 * box_rows * 64. Then the CTAs relay an arrival through each other's
+// second barrier (mapa, remote arrival); cluster barriers before the first copy and before exit. The primitives the multicast TMA GEMM (gemm_tma_mc_*) rests on, alone.
+extern "C" __global__ void __launch_bounds__(128, 1) FORA_CLUSTER_PAIR
+    tma_cluster_probe(const __grid_constant__ TmaProbeParams p) {
+    grid_dependency_sync();
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    FORA_DYNAMIC_SMEM(uint4, tma_cluster_probe_smem);
+    const uint32_t raw = smem_addr(tma_cluster_probe_smem);
+    const uint32_t slots = (raw + 1023u) & ~1023u;
+    const uint32_t box_bytes = static_cast<uint32_t>(p.box_rows) * 128u;
+    const uint32_t full = slots + 2 * box_bytes;
+    const uint32_t ping = full + 8;
+    const uint32_t rank = cluster_ctarank();
+    if (threadIdx.x == 0) {
+        mbarrier_init(full, 1);
+        mbarrier_init(ping, 1);
+        fence_mbarrier_init();
+    }
+    cluster_sync();
+    if (threadIdx.x == 0) {
+        mbarrier_arrive_expect_tx(full, 2 * box_bytes);
+        tma_load_2d_multicast(slots + rank * box_bytes, &p.map, rank == 0 ? p.x0 : p.x1, rank == 0 ? p.y0 : p.y1,
+                              full, 0x3);
+    }
+    mbarrier_wait(full, 0);
+    const uint16_t* box = reinterpret_cast<const uint16_t*>(
+        reinterpret_cast<const unsigned char*>(tma_cluster_probe_smem) + (slots - raw));
+    uint16_t* out = reinterpret_cast<uint16_t*>(p.out) + static_cast<long long>(rank) * 2 * p.box_rows * 64;
+    for (int i = threadIdx.x; i < 2 * p.box_rows * 64; i += blockDim.x) out[i] = box[i];
+    // A relay: CTA 0 arrives on CTA 1's barrier, CTA 1 waits for it and then arrives on CTA 0's;
+    // an arrival that lands in the wrong CTA leaves one of them waiting (the watchdog traps).
+    if (threadIdx.x == 0) {
+        if (rank == 1) mbarrier_wait(ping, 0);
+        mbarrier_arrive_cluster(mapa_shared(ping, rank ^ 1u));
+        if (rank == 0) mbarrier_wait(ping, 0);
+    }
+    cluster_sync();
+#else
+    (void)p;
+    __trap();
+#endif
+}

@@ -10,6 +10,14 @@
 
 #include "common.cuh"
 
+// A kernel attribute: clusters of two CTAs along x (__cluster_dims__ exists only for sm_90; other
+// architectures get the kernels' trap stubs without it).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FORA_CLUSTER_PAIR __cluster_dims__(2, 1, 1)
+#else
+#define FORA_CLUSTER_PAIR
+#endif
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
 #ifdef FORA_EMULATION

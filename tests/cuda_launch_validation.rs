@@ -61,6 +61,29 @@ fn every_small_kernel_is_embedded() {
     }
 }
 
+/// Every TMA GEMM tile's kernel (the cluster-multicast ones included) and the Hopper probes are
+/// entry functions of an embedded module, found by the name their launchers use.
+#[test]
+fn every_hopper_kernel_is_embedded() {
+    if !kernels::available() {
+        println!(
+            "SKIP every_hopper_kernel_is_embedded: built without kernels ({})",
+            kernels::MISSING_REASON
+        );
+        return;
+    }
+    let names = fora::cuda::gemm::TmaTile::ALL
+        .map(|t| t.kernel_name())
+        .into_iter()
+        .chain(["wgmma_probe", "tma_probe", "tma_cluster_probe"]);
+    for name in names {
+        let found = kernels::MODULES
+            .iter()
+            .any(|(_, _, entries)| entries.contains(&name));
+        assert!(found, "kernel {name} is in no embedded module");
+    }
+}
+
 #[test]
 fn timestep_and_label_plans() {
     let p = TimestepEmbedParams {

@@ -313,6 +313,22 @@ fn gpu_tma_probe() {
     println!("{test}: ok");
 }
 
+/// The cluster probe: TMA multicast into both CTAs of a cluster of two, each CTA's barrier
+/// counting both boxes, and the CTAs' arrivals on each other's barriers (`mapa`), which the
+/// multicast TMA GEMM (`FORA_GEMM=tma_mc`) rests on. SKIP off Hopper.
+#[test]
+fn gpu_tma_cluster_probe() {
+    let test = "gpu_tma_cluster_probe";
+    let Some(gpu) = test_gpu(test) else { return };
+    let (major, minor) = gpu.compute_capability();
+    if major != 9 {
+        println!("SKIP {test}: TMA multicast needs compute capability 9.x, this device is {major}.{minor}");
+        return;
+    }
+    attention_cases::run_tma_cluster_probe(&gpu, 62).expect("TMA cluster probe");
+    println!("{test}: ok");
+}
+
 /// Off Hopper the wgmma implementation is refused with an error that names the requirement.
 #[test]
 fn gpu_attention_wgmma_refused_off_hopper() {

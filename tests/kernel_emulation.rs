@@ -826,6 +826,16 @@ fn emulated_gemm() -> Result<()> {
     Ok(())
 }
 
+/// The cluster probe on the emulator (its cluster of two run together): the expectations of
+/// `gpu_tma_cluster_probe`.
+#[test]
+fn emulated_tma_cluster_probe() -> Result<()> {
+    let Some(emu) = emulator("emulated_tma_cluster_probe") else {
+        return Ok(());
+    };
+    attention_cases::run_tma_cluster_probe(emu, 62)
+}
+
 /// The TMA probe (kernels/probe_sm90.cu) on the emulator: the same expectations the GPU test
 /// checks, so the emulator's TMA and the hardware's are held to one description.
 #[test]

@@ -78,7 +78,7 @@ phase_tests() {
         echo "=== test $t $part"
         # shellcheck disable=SC2086 # $part is a flag and its value, or a filter
         bounded 150 .devpack/test/$t --test-threads=1 --nocapture $part 2>&1 \
-          | grep -E "^test |rel_l2|rel-L2|SKIP|panicked|FAILED|failures|test result|^rc=|^gpu_wgmma_probe:|^gpu_tma_probe:" \
+          | grep -E "^test |rel_l2|rel-L2|SKIP|panicked|FAILED|failures|test result|^rc=|^gpu_wgmma_probe:|^gpu_tma_probe:|^gpu_tma_cluster_probe:" \
           | grep -v "^test .* \.\.\. ok$" | tail -n 80
       done
     done

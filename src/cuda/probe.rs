@@ -79,6 +79,31 @@ pub fn wgmma_probe(
         .with_context(|| format!("{K}: launch in mode {mode:?} with n = {n} failed"))
 }
 
+/// The parameters of a TMA probe kernel `name` (after checking the device and `out`): the tensor
+/// map of `tensor` and the two boxes' coordinates.
+fn tma_probe_params(
+    gpu: &impl KernelLauncher,
+    name: &str,
+    tensor: &TmaTensor2d,
+    boxes: [(i32, i32); 2],
+    out: u64,
+) -> Result<TmaProbeParams> {
+    ensure_hopper(gpu, &format!("{name}: TMA"), "")?;
+    check_ptr(name, "out", out, 2)?;
+    let map = gpu
+        .tma_descriptor_2d(tensor)
+        .with_context(|| format!("{name}: the tensor map"))?;
+    Ok(TmaProbeParams {
+        map,
+        out,
+        x0: boxes[0].0,
+        y0: boxes[0].1,
+        x1: boxes[1].0,
+        y1: boxes[1].1,
+        box_rows: tensor.box_rows as i32,
+    })
+}
+
 /// `tma_probe`: loads the box of `tensor` (a bf16 tensor map, 128-byte swizzle) at `boxes[0]`
 /// and then at `boxes[1]` ((innermost, row) coordinates; past the edges reads zeros) into the
 /// same 1024-byte-aligned shared memory through one mbarrier's phases 0 and 1, and writes the
@@ -91,25 +116,35 @@ pub fn tma_probe(
     out: u64,
 ) -> Result<()> {
     const K: &str = "tma_probe";
-    ensure_hopper(gpu, &format!("{K}: TMA"), "")?;
-    check_ptr(K, "out", out, 2)?;
-    let map = gpu
-        .tma_descriptor_2d(tensor)
-        .with_context(|| format!("{K}: the tensor map"))?;
-    let p = TmaProbeParams {
-        map,
-        out,
-        x0: boxes[0].0,
-        y0: boxes[0].1,
-        x1: boxes[1].0,
-        y1: boxes[1].1,
-        box_rows: tensor.box_rows as i32,
-    };
+    let p = tma_probe_params(gpu, K, tensor, boxes, out)?;
     // The box, the 8-byte barrier after it, 1 KiB for the alignment.
     let smem = tensor.box_rows * 128 + 8 + 1024;
     gpu.allow_dynamic_shared_memory(K, smem)?;
     // SAFETY: the kernel reads the tensor the map describes (validated) and writes 2 x box_rows
     // x 64 bf16 at out, the buffer the caller passes; one warpgroup.
     unsafe { gpu.launch_kernel(K, (1, 1, 1), (128, 1, 1), smem, &p) }
+        .with_context(|| format!("{K}: launch of {tensor:?} at {boxes:?} failed"))
+}
+
+/// `tma_cluster_probe`: one cluster of two CTAs; CTA r multicasts the box of `tensor` at
+/// `boxes[r]` into slot r of both CTAs' shared memory (one mbarrier each, expecting both boxes),
+/// and each writes its two slots to `out` (bf16 `[2 CTAs][2 slots][box_rows * 64]`, device
+/// address); then the CTAs relay an arrival through each other's barriers (`mapa`). The
+/// primitives of the multicast TMA GEMM, on a Hopper GPU or the emulator.
+pub fn tma_cluster_probe(
+    gpu: &impl KernelLauncher,
+    tensor: &TmaTensor2d,
+    boxes: [(i32, i32); 2],
+    out: u64,
+) -> Result<()> {
+    const K: &str = "tma_cluster_probe";
+    let p = tma_probe_params(gpu, K, tensor, boxes, out)?;
+    // Two boxes, two 8-byte barriers, 1 KiB for the alignment.
+    let smem = 2 * tensor.box_rows * 128 + 16 + 1024;
+    gpu.allow_dynamic_shared_memory(K, smem)?;
+    // SAFETY: the kernel reads the tensor the map describes (validated) and writes 2 x 2 x
+    // box_rows x 64 bf16 at out, the buffer the caller passes; one cluster of two CTAs (the
+    // kernel's __cluster_dims__), one warpgroup each.
+    unsafe { gpu.launch_kernel(K, (2, 1, 1), (128, 1, 1), smem, &p) }
         .with_context(|| format!("{K}: launch of {tensor:?} at {boxes:?} failed"))
 }

@@ -183,13 +183,19 @@ pub fn run_case_sized<D: TestDevice>(
     Ok(())
 }
 
-/// The TMA probe (`fora::cuda::probe::tma_probe`): a random bf16 tensor of 100 rows x 200
-/// columns (row stride 208, the 8 padding columns holding 7.0, which must never arrive), boxes of
-/// 64 rows x 64 columns at (0, 0) and at (192, 80), the second past both edges; each shared-memory
-/// image must be the 128-byte swizzle of the box (16-byte chunk c of box row r at chunk
-/// c ^ (r % 8)) with zeros outside the tensor, element for element.
-pub fn run_tma_probe<D: TestDevice>(gpu: &D, seed: u64) -> Result<()> {
-    use fora::cuda::device::TmaTensor2d;
+/// The TMA probes' tensor: a random bf16 tensor of 100 rows x 200 columns (row stride 208, the
+/// 8 padding columns holding 7.0, which must never arrive), and boxes of 64 rows x 64 columns at
+/// (0, 0) and at (192, 80), the second past both edges.
+struct ProbeTensor<B> {
+    values: Vec<f32>,
+    buffer: B,
+    rows: usize,
+    cols: usize,
+    box_rows: usize,
+    boxes: [(i32, i32); 2],
+}
+
+fn probe_tensor<D: TestDevice>(gpu: &D, seed: u64) -> Result<ProbeTensor<D::Bf16>> {
     let (rows, cols, stride, box_rows) = (100usize, 200usize, 208usize, 64usize);
     let mut rng = TestRng::new(seed);
     let values = round_bf16(&rng.normal_vec(rows * cols, 1.0));
@@ -197,42 +203,98 @@ pub fn run_tma_probe<D: TestDevice>(gpu: &D, seed: u64) -> Result<()> {
     for r in 0..rows {
         host[r * stride..r * stride + cols].copy_from_slice(&values[r * cols..(r + 1) * cols]);
     }
-    let tensor_d = gpu.upload_bf16(&host)?;
-    let guard = 64;
-    let out = gpu.poisoned_bf16(2 * box_rows * 64 + guard)?;
-    let boxes = [(0i32, 0i32), (192, 80)];
-    let tensor = TmaTensor2d {
-        base: tensor_d.addr(),
-        rows: rows as u64,
-        cols: cols as u64,
-        row_stride: stride as u64,
-        box_rows: box_rows as u32,
-        box_cols: 64,
-    };
-    fora::cuda::probe::tma_probe(gpu, &tensor, boxes, out.addr())?;
-    let got = gpu.download_bf16(&out)?;
-    ensure!(
-        got[2 * box_rows * 64..].iter().all(|v| v.is_nan()),
-        "tma probe: wrote past out"
-    );
-    for (phase, &(x, y)) in boxes.iter().enumerate() {
-        for r in 0..box_rows {
+    Ok(ProbeTensor {
+        values,
+        buffer: gpu.upload_bf16(&host)?,
+        rows,
+        cols,
+        box_rows,
+        boxes: [(0, 0), (192, 80)],
+    })
+}
+
+impl<B: fora::cuda::testing::DeviceAddr> ProbeTensor<B> {
+    fn map(&self) -> fora::cuda::device::TmaTensor2d {
+        fora::cuda::device::TmaTensor2d {
+            base: self.buffer.addr(),
+            rows: self.rows as u64,
+            cols: self.cols as u64,
+            row_stride: 208,
+            box_rows: self.box_rows as u32,
+            box_cols: 64,
+        }
+    }
+
+    /// `image` (box_rows x 64 bf16 of shared memory) must be the 128-byte swizzle of box
+    /// `which` (16-byte chunk c of box row r at chunk c ^ (r % 8)) with zeros outside the
+    /// tensor, element for element.
+    fn check_box(&self, what: &str, image: &[f32], which: usize) -> Result<()> {
+        let (x, y) = self.boxes[which];
+        for r in 0..self.box_rows {
             for slot in 0..64usize {
                 // Shared chunk slot / 8 of box row r holds logical chunk (slot / 8) ^ (r % 8).
                 let col = x as usize + 8 * ((slot / 8) ^ (r % 8)) + slot % 8;
                 let row = y as usize + r;
-                let want = if row < rows && col < cols {
-                    values[row * cols + col]
+                let want = if row < self.rows && col < self.cols {
+                    self.values[row * self.cols + col]
                 } else {
                     0.0
                 };
-                let g = got[phase * box_rows * 64 + r * 64 + slot];
+                let g = image[r * 64 + slot];
                 ensure!(
                     g == want,
-                    "tma probe: box {phase} at ({x}, {y}): shared row {r} element {slot} is {g}, \
+                    "{what}: box {which} at ({x}, {y}): shared row {r} element {slot} is {g}, \
                      want {want} (tensor row {row}, column {col})"
                 );
             }
+        }
+        Ok(())
+    }
+}
+
+/// The TMA probe (`fora::cuda::probe::tma_probe`) on [`probe_tensor`]'s boxes, one after the
+/// other through one mbarrier's two phases: each shared-memory image is its box, nothing is
+/// written past `out`.
+pub fn run_tma_probe<D: TestDevice>(gpu: &D, seed: u64) -> Result<()> {
+    let t = probe_tensor(gpu, seed)?;
+    let image = t.box_rows * 64;
+    let guard = 64;
+    let out = gpu.poisoned_bf16(2 * image + guard)?;
+    fora::cuda::probe::tma_probe(gpu, &t.map(), t.boxes, out.addr())?;
+    let got = gpu.download_bf16(&out)?;
+    ensure!(
+        got[2 * image..].iter().all(|v| v.is_nan()),
+        "tma probe: wrote past out"
+    );
+    for phase in 0..2 {
+        t.check_box("tma probe", &got[phase * image..(phase + 1) * image], phase)?;
+    }
+    Ok(())
+}
+
+/// The cluster probe (`fora::cuda::probe::tma_cluster_probe`): each CTA of a cluster of two
+/// multicasts one of [`probe_tensor`]'s boxes into both; both CTAs' shared memory must hold both
+/// boxes, each in its slot, and the kernel must finish (the remote arrivals: a lost one traps in
+/// the barrier watchdog or deadlocks the emulator).
+pub fn run_tma_cluster_probe<D: TestDevice>(gpu: &D, seed: u64) -> Result<()> {
+    let t = probe_tensor(gpu, seed)?;
+    let image = t.box_rows * 64;
+    let guard = 64;
+    let out = gpu.poisoned_bf16(4 * image + guard)?;
+    fora::cuda::probe::tma_cluster_probe(gpu, &t.map(), t.boxes, out.addr())?;
+    let got = gpu.download_bf16(&out)?;
+    ensure!(
+        got[4 * image..].iter().all(|v| v.is_nan()),
+        "tma cluster probe: wrote past out"
+    );
+    for cta in 0..2 {
+        for slot in 0..2 {
+            let at = (2 * cta + slot) * image;
+            t.check_box(
+                &format!("tma cluster probe, CTA {cta} slot {slot}"),
+                &got[at..at + image],
+                slot,
+            )?;
         }
     }
     Ok(())

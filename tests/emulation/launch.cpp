@@ -84,6 +84,7 @@ void gemm_bf16_32x128(const GemmParams p);
 void gemm_epilogue_f32(const GemmEpilogueParams p);
 void wgmma_probe(const WgmmaProbeParams p);
 void tma_probe(const TmaProbeParams p);
+void tma_cluster_probe(const TmaProbeParams p);
 void gemm_wgmma_128x256(const GemmParams p);
 void gemm_wgmma_128x128(const GemmParams p);
 void gemm_wgmma_64x128(const GemmParams p);
@@ -414,11 +415,14 @@ Kernel find(const std::string& name) {
     if (name == "gemm_tma_mc_pp_128x128") return call<GemmTmaParams, gemm_tma_mc_pp_128x128>;
     if (name == "wgmma_probe") return call<WgmmaProbeParams, wgmma_probe>;
     if (name == "tma_probe") return call<TmaProbeParams, tma_probe>;
+    if (name == "tma_cluster_probe") return call<TmaProbeParams, tma_cluster_probe>;
     return nullptr;
 }
 
-// Blocks a cluster: the kernels compiled with __cluster_dims__(2, 1, 1).
-unsigned cluster_size_of(const std::string& name) { return name.rfind("gemm_tma_mc_", 0) == 0 ? 2 : 1; }
+// Blocks a cluster: the kernels compiled with __cluster_dims__(2, 1, 1) (FORA_CLUSTER_PAIR).
+unsigned cluster_size_of(const std::string& name) {
+    return name.rfind("gemm_tma_mc_", 0) == 0 || name == "tma_cluster_probe" ? 2 : 1;
+}
 
 }  // namespace
 
