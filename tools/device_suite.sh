@@ -32,6 +32,8 @@
 #   torch      tools/bench_torch.py, the PyTorch reference (TORCH_BENCH_ARGS);
 #   issue5     what issue 5 still asks measured in one call: our steps at 2, 16, 64, 256 rows and
 #              N = 1..5, PyTorch eager / graph / torch.compile, and the merged report + plot;
+#   issue5_more  FORA_REUSE_SUM=2 steps and end to end, and the Hopper GEMM rows (TMA tiles,
+#              multicast included) with the L2 rooflines;
 #   kernelprof ncu --set full of one launch of each kernel in PROF_KERNELS;
 #   profile    ncu kernel time per op of a computing and a reuse step (PROFILE_ROWS,
 #              PROFILE_METRICS), summarised by tools/ncu_summary.py;
@@ -160,8 +162,15 @@ phase_issue5() {
   else
     echo "SKIPPED (deadline): PyTorch with torch.compile"
   fi
-  # The opt-in cache sums (FORA_REUSE_SUM=2, session 9): steps and one image end to end, and the
-  # targets table of that path against the same PyTorch numbers.
+}
+
+# The rest of issue 5's measurements, short, for a call of its own (e.g. after `tests`) so that
+# torch.compile in `issue5` keeps its budget: the opt-in cache sums (FORA_REUSE_SUM=2, session
+# 9), steps and one image end to end, and the TMA tiles (the cluster-multicast ones, session 10)
+# against cuBLASLt and their L2 rooflines. The sums' targets table needs issue5_torch.json: here
+# when `issue5` ran in the same call, else merge on the host afterwards with
+#   tools/bench_report.py --ours issue5_fora_sum.json --torch issue5_torch.json --gemm cublaslt
+phase_issue5_more() {
   echo "=== issue 5: FORA_REUSE_SUM=2, rows 2,256, N = 1,3,5"
   FORA_REUSE_SUM=2 bounded 60 .devpack/bin/fora bench --sections steps,e2e --batches 2,256 \
     --intervals 1,3,5 --e2e-reps 1 --json "$OUT/issue5_fora_sum.json" > "$OUT/issue5_fora_sum.log" 2>&1
@@ -171,8 +180,8 @@ phase_issue5() {
       --gemm cublaslt --md "$OUT/issue5_report_sum.md" > /dev/null 2>&1
     sed -n '/^## Targets/,/^## Per step/p' "$OUT/issue5_report_sum.md"
   fi
-  # The TMA GEMM tiles (the cluster-multicast ones, session 10, never run) against cuBLASLt,
-  # last: with the L2 read rate above, whether the tiles are L2-bound.
+  # The TMA GEMM tiles (the cluster-multicast ones never run) against cuBLASLt, with the L2
+  # read rate: whether the tiles are L2-bound.
   echo "=== issue 5: Hopper GEMM rows (TMA tiles, multicast included)"
   hopper_rows issue5_hopper
 }
