@@ -56,21 +56,29 @@ macro_rules! gate_columns {
     };
 }
 
-/// [`check_gate_columns`], and every column offset a multiple of 4 (float4 gate loads).
-fn check_vector_gates(kernel: &str, g: &GateColumns) -> Result<()> {
-    check_gate_columns(kernel, g)?;
-    for (field, v) in [
-        ("ld_mod", g.ld_mod),
-        ("layer_cols", g.layer_cols),
-        ("gate_msa_col", g.gate_msa_col),
-        ("gate_mlp_col", g.gate_mlp_col),
-    ] {
+/// Each table offset a multiple of 4: the kernel reads those columns as float4.
+fn check_float4_offsets(kernel: &str, offsets: &[(&str, i32)]) -> Result<()> {
+    for &(field, v) in offsets {
         ensure!(
             v % 4 == 0,
             "{kernel}: {field} = {v} must be a multiple of 4"
         );
     }
     Ok(())
+}
+
+/// [`check_gate_columns`], and every column offset a multiple of 4 (float4 gate loads).
+fn check_vector_gates(kernel: &str, g: &GateColumns) -> Result<()> {
+    check_gate_columns(kernel, g)?;
+    check_float4_offsets(
+        kernel,
+        &[
+            ("ld_mod", g.ld_mod),
+            ("layer_cols", g.layer_cols),
+            ("gate_msa_col", g.gate_msa_col),
+            ("gate_mlp_col", g.gate_mlp_col),
+        ],
+    )
 }
 
 /// Every layer's gates lie inside a modulation row.
@@ -231,16 +239,14 @@ fn reuse_final_common(
         p.ld_mod
     );
     // float4 shift and scale loads.
-    for (field, v) in [
-        ("ld_mod", p.ld_mod),
-        ("shift_col", p.shift_col),
-        ("scale_col", p.scale_col),
-    ] {
-        ensure!(
-            v % 4 == 0,
-            "{kernel}: {field} = {v} must be a multiple of 4"
-        );
-    }
+    check_float4_offsets(
+        kernel,
+        &[
+            ("ld_mod", p.ld_mod),
+            ("shift_col", p.shift_col),
+            ("scale_col", p.scale_col),
+        ],
+    )?;
     check_ptr(kernel, "latents", p.latents, 4)?;
     for (field, ptr) in [
         ("embed_weight_t", p.embed_weight_t),

@@ -79,21 +79,23 @@ pub fn wgmma_probe(
         .with_context(|| format!("{K}: launch in mode {mode:?} with n = {n} failed"))
 }
 
-/// The parameters of a TMA probe kernel `name` (after checking the device and `out`): the tensor
-/// map of `tensor` and the two boxes' coordinates.
-fn tma_probe_params(
+/// Launches the TMA probe kernel `name` on `grid_x` CTAs of one warpgroup with `smem` bytes of
+/// dynamic shared memory: the tensor map of `tensor` and the two boxes' coordinates as its
+/// params, after checking the device and `out`.
+fn launch_tma_probe(
     gpu: &impl KernelLauncher,
     name: &str,
+    (grid_x, smem): (u32, u32),
     tensor: &TmaTensor2d,
     boxes: [(i32, i32); 2],
     out: u64,
-) -> Result<TmaProbeParams> {
+) -> Result<()> {
     ensure_hopper(gpu, &format!("{name}: TMA"), "")?;
     check_ptr(name, "out", out, 2)?;
     let map = gpu
         .tma_descriptor_2d(tensor)
         .with_context(|| format!("{name}: the tensor map"))?;
-    Ok(TmaProbeParams {
+    let p = TmaProbeParams {
         map,
         out,
         x0: boxes[0].0,
@@ -101,7 +103,13 @@ fn tma_probe_params(
         x1: boxes[1].0,
         y1: boxes[1].1,
         box_rows: tensor.box_rows as i32,
-    })
+    };
+    gpu.allow_dynamic_shared_memory(name, smem)?;
+    // SAFETY: the kernel reads the tensor the map describes (validated) and writes grid_x x 2 x
+    // box_rows x 64 bf16 at out, the buffer the caller sized for it; grid_x is the kernel's
+    // cluster (1 or its __cluster_dims__ 2), one warpgroup a CTA.
+    unsafe { gpu.launch_kernel(name, (grid_x, 1, 1), (128, 1, 1), smem, &p) }
+        .with_context(|| format!("{name}: launch of {tensor:?} at {boxes:?} failed"))
 }
 
 /// `tma_probe`: loads the box of `tensor` (a bf16 tensor map, 128-byte swizzle) at `boxes[0]`
@@ -115,15 +123,9 @@ pub fn tma_probe(
     boxes: [(i32, i32); 2],
     out: u64,
 ) -> Result<()> {
-    const K: &str = "tma_probe";
-    let p = tma_probe_params(gpu, K, tensor, boxes, out)?;
     // The box, the 8-byte barrier after it, 1 KiB for the alignment.
     let smem = tensor.box_rows * 128 + 8 + 1024;
-    gpu.allow_dynamic_shared_memory(K, smem)?;
-    // SAFETY: the kernel reads the tensor the map describes (validated) and writes 2 x box_rows
-    // x 64 bf16 at out, the buffer the caller passes; one warpgroup.
-    unsafe { gpu.launch_kernel(K, (1, 1, 1), (128, 1, 1), smem, &p) }
-        .with_context(|| format!("{K}: launch of {tensor:?} at {boxes:?} failed"))
+    launch_tma_probe(gpu, "tma_probe", (1, smem), tensor, boxes, out)
 }
 
 /// `tma_cluster_probe`: one cluster of two CTAs; CTA r multicasts the box of `tensor` at
@@ -137,14 +139,7 @@ pub fn tma_cluster_probe(
     boxes: [(i32, i32); 2],
     out: u64,
 ) -> Result<()> {
-    const K: &str = "tma_cluster_probe";
-    let p = tma_probe_params(gpu, K, tensor, boxes, out)?;
     // Two boxes, two 8-byte barriers, 1 KiB for the alignment.
     let smem = 2 * tensor.box_rows * 128 + 16 + 1024;
-    gpu.allow_dynamic_shared_memory(K, smem)?;
-    // SAFETY: the kernel reads the tensor the map describes (validated) and writes 2 x 2 x
-    // box_rows x 64 bf16 at out, the buffer the caller passes; one cluster of two CTAs (the
-    // kernel's __cluster_dims__), one warpgroup each.
-    unsafe { gpu.launch_kernel(K, (2, 1, 1), (128, 1, 1), smem, &p) }
-        .with_context(|| format!("{K}: launch of {tensor:?} at {boxes:?} failed"))
+    launch_tma_probe(gpu, "tma_cluster_probe", (2, smem), tensor, boxes, out)
 }

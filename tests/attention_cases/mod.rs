@@ -252,52 +252,52 @@ impl<B: fora::cuda::testing::DeviceAddr> ProbeTensor<B> {
     }
 }
 
-/// The TMA probe (`fora::cuda::probe::tma_probe`) on [`probe_tensor`]'s boxes, one after the
-/// other through one mbarrier's two phases: each shared-memory image is its box, nothing is
-/// written past `out`.
-pub fn run_tma_probe<D: TestDevice>(gpu: &D, seed: u64) -> Result<()> {
+/// Runs a TMA probe over [`probe_tensor`]'s boxes: `launch(map, boxes, out)` writes `images`
+/// shared-memory images of box_rows x 64 bf16, image i holding box i % 2; each must be its box
+/// and nothing may be written past them.
+fn run_box_probe<D: TestDevice>(
+    gpu: &D,
+    seed: u64,
+    what: &str,
+    images: usize,
+    launch: impl FnOnce(&fora::cuda::device::TmaTensor2d, [(i32, i32); 2], u64) -> Result<()>,
+) -> Result<()> {
     let t = probe_tensor(gpu, seed)?;
     let image = t.box_rows * 64;
     let guard = 64;
-    let out = gpu.poisoned_bf16(2 * image + guard)?;
-    fora::cuda::probe::tma_probe(gpu, &t.map(), t.boxes, out.addr())?;
+    let out = gpu.poisoned_bf16(images * image + guard)?;
+    launch(&t.map(), t.boxes, out.addr())?;
     let got = gpu.download_bf16(&out)?;
     ensure!(
-        got[2 * image..].iter().all(|v| v.is_nan()),
-        "tma probe: wrote past out"
+        got[images * image..].iter().all(|v| v.is_nan()),
+        "{what}: wrote past out"
     );
-    for phase in 0..2 {
-        t.check_box("tma probe", &got[phase * image..(phase + 1) * image], phase)?;
+    for i in 0..images {
+        t.check_box(
+            &format!("{what}, image {i}"),
+            &got[i * image..(i + 1) * image],
+            i % 2,
+        )?;
     }
     Ok(())
 }
 
+/// The TMA probe (`fora::cuda::probe::tma_probe`) on [`probe_tensor`]'s boxes, one after the
+/// other through one mbarrier's two phases: image i is box i.
+pub fn run_tma_probe<D: TestDevice>(gpu: &D, seed: u64) -> Result<()> {
+    run_box_probe(gpu, seed, "tma probe", 2, |map, boxes, out| {
+        fora::cuda::probe::tma_probe(gpu, map, boxes, out)
+    })
+}
+
 /// The cluster probe (`fora::cuda::probe::tma_cluster_probe`): each CTA of a cluster of two
 /// multicasts one of [`probe_tensor`]'s boxes into both; both CTAs' shared memory must hold both
-/// boxes, each in its slot, and the kernel must finish (the remote arrivals: a lost one traps in
-/// the barrier watchdog or deadlocks the emulator).
+/// boxes, each in its slot (image 2 CTA + slot is box slot), and the kernel must finish (the
+/// remote arrivals: a lost one traps in the barrier watchdog or deadlocks the emulator).
 pub fn run_tma_cluster_probe<D: TestDevice>(gpu: &D, seed: u64) -> Result<()> {
-    let t = probe_tensor(gpu, seed)?;
-    let image = t.box_rows * 64;
-    let guard = 64;
-    let out = gpu.poisoned_bf16(4 * image + guard)?;
-    fora::cuda::probe::tma_cluster_probe(gpu, &t.map(), t.boxes, out.addr())?;
-    let got = gpu.download_bf16(&out)?;
-    ensure!(
-        got[4 * image..].iter().all(|v| v.is_nan()),
-        "tma cluster probe: wrote past out"
-    );
-    for cta in 0..2 {
-        for slot in 0..2 {
-            let at = (2 * cta + slot) * image;
-            t.check_box(
-                &format!("tma cluster probe, CTA {cta} slot {slot}"),
-                &got[at..at + image],
-                slot,
-            )?;
-        }
-    }
-    Ok(())
+    run_box_probe(gpu, seed, "tma cluster probe", 4, |map, boxes, out| {
+        fora::cuda::probe::tma_cluster_probe(gpu, map, boxes, out)
+    })
 }
 
 /// One wgmma probe (`fora::cuda::probe`): random bf16 a [64, 32] and bt [n, 32], the device's

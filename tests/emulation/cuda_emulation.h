@@ -140,7 +140,6 @@ void fora_emulation_tma_load_2d(uint32_t dst, const void* map, int x, int y, uin
 // on another block's mbarrier, and a TMA box multicast into every block of a mask (same byte,
 // same barrier byte in each).
 unsigned fora_emulation_cluster_ctarank();
-unsigned fora_emulation_cluster_size();
 void fora_emulation_cluster_sync();
 uint32_t fora_emulation_mapa(uint32_t addr, unsigned rank);
 void fora_emulation_mbarrier_arrive_cluster(uint32_t cluster_bar);

@@ -807,8 +807,6 @@ uint32_t fora_emulation_mapa(uint32_t addr, unsigned rank) {
 
 unsigned fora_emulation_cluster_ctarank() { return launch_state->rank; }
 
-unsigned fora_emulation_cluster_size() { return launch_state->cluster; }
-
 // barrier.cluster.arrive + wait: every live thread of every block of the cluster.
 void fora_emulation_cluster_sync() { wait_at(launch_state->cluster_barrier); }
 
