@@ -24,64 +24,63 @@ fn err<T: std::fmt::Debug>(r: anyhow::Result<T>) -> String {
     )
 }
 
-#[test]
-fn every_small_kernel_is_embedded() {
+/// Each of `names` is an entry function of an embedded module, and its name is in the module's
+/// bytes (fatbins keep entry names as plain strings: a typo in a launcher's name fails here).
+/// SKIP without kernels.
+fn assert_embedded<'a>(test: &str, names: impl IntoIterator<Item = &'a str>) {
     if !kernels::available() {
         println!(
-            "SKIP every_small_kernel_is_embedded: built without kernels ({})",
+            "SKIP {test}: built without kernels ({})",
             kernels::MISSING_REASON
         );
         return;
     }
     assert!(kernels::ARCHS.contains(&"sm_80") && kernels::ARCHS.contains(&"sm_90a"));
-    // Fatbins keep the entry names as plain strings: a typo in a launcher's name fails here.
-    for name in [
-        "timestep_embedding",
-        "silu_f32_bf16",
-        "label_silu",
-        "patch_embed",
-        "layernorm_modulate",
-        "residual_layernorm",
-        "fora_reuse",
-        "fora_reuse_final",
-        "fora_sum_final",
-        "fora_sum_final_t4",
-        "fora_cache_sum_1",
-        "fora_cache_sum_2",
-        "fora_cache_sum_3",
-        "fora_cache_sum_4",
-        "sampler_step",
-        "unpatchify",
-        "normal_fill",
-    ] {
-        let found = kernels::MODULES.iter().any(|(_, bytes, names)| {
-            names.contains(&name) && bytes.windows(name.len()).any(|w| w == name.as_bytes())
+    for name in names {
+        let found = kernels::MODULES.iter().any(|(_, bytes, entries)| {
+            entries.contains(&name) && bytes.windows(name.len()).any(|w| w == name.as_bytes())
         });
         assert!(found, "kernel {name} is in no embedded module");
     }
 }
 
+#[test]
+fn every_small_kernel_is_embedded() {
+    assert_embedded(
+        "every_small_kernel_is_embedded",
+        [
+            "timestep_embedding",
+            "silu_f32_bf16",
+            "label_silu",
+            "patch_embed",
+            "layernorm_modulate",
+            "residual_layernorm",
+            "fora_reuse",
+            "fora_reuse_final",
+            "fora_sum_final",
+            "fora_sum_final_t4",
+            "fora_cache_sum_1",
+            "fora_cache_sum_2",
+            "fora_cache_sum_3",
+            "fora_cache_sum_4",
+            "sampler_step",
+            "unpatchify",
+            "normal_fill",
+        ],
+    );
+}
+
 /// Every TMA GEMM tile's kernel (the cluster-multicast ones included) and the Hopper probes are
-/// entry functions of an embedded module, found by the name their launchers use.
+/// embedded, by the name their launchers use.
 #[test]
 fn every_hopper_kernel_is_embedded() {
-    if !kernels::available() {
-        println!(
-            "SKIP every_hopper_kernel_is_embedded: built without kernels ({})",
-            kernels::MISSING_REASON
-        );
-        return;
-    }
-    let names = fora::cuda::gemm::TmaTile::ALL
-        .map(|t| t.kernel_name())
-        .into_iter()
-        .chain(["wgmma_probe", "tma_probe", "tma_cluster_probe"]);
-    for name in names {
-        let found = kernels::MODULES
-            .iter()
-            .any(|(_, _, entries)| entries.contains(&name));
-        assert!(found, "kernel {name} is in no embedded module");
-    }
+    assert_embedded(
+        "every_hopper_kernel_is_embedded",
+        fora::cuda::gemm::TmaTile::ALL
+            .map(|t| t.kernel_name())
+            .into_iter()
+            .chain(["wgmma_probe", "tma_probe", "tma_cluster_probe"]),
+    );
 }
 
 #[test]
