@@ -476,6 +476,12 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
         // every thread 168 (__launch_bounds__(384, 1)); 128 x (168 - 56) go to the consumers,
         // 256 x (224 - 168), whose code ptxas fits in 168 anyway.
         setmaxnreg_dec<56>();
+        // Without a partial panel only thread 0 has work. The others leave rather than follow
+        // the `empty` waits: they arrive on nothing, so nothing would stop one from falling two
+        // phases behind, where a parity wait mistakes an old phase for the current one and
+        // may wait for a phase that never comes.
+        if (!S::PARTIAL_PANEL && tid != 0) return;
+        if (tid == 0) tma_prefetch_descriptor(&params.qkv_map);
         const __nv_bfloat16* qkv = reinterpret_cast<const __nv_bfloat16*>(p.qkv);
         const size_t row_stride = 3 * static_cast<size_t>(hd);
         // Row `t` (of the batch's tokens) of tensor column offset `col0` (q, k or v of a head):

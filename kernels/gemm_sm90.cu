@@ -338,8 +338,12 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
                     if (CLUSTER == 1) {
                         tma_load_2d(smem_b + slot * kStageB, &params.w_map, k0, w.n0, full + 8 * slot);
                     } else {
+                        // This CTA's half of the W tile. A half wholly past N (the last tile of
+                        // a narrow N) reads W's first rows instead, as a zero-row tile does for
+                        // A: those columns are never stored, and no box lies wholly outside W.
+                        const int w_row = w.n0 + rank * (BN / CLUSTER);
                         tma_load_2d_multicast(smem_b + slot * kStageB + rank * kSliceB, &params.w_map, k0,
-                                              w.n0 + rank * (BN / CLUSTER), full + 8 * slot,
+                                              w_row < p.n ? w_row : 0, full + 8 * slot,
                                               static_cast<uint16_t>((1u << CLUSTER) - 1u));
                     }
                 }

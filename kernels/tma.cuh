@@ -133,10 +133,13 @@ FORA_DEVICE uint32_t mapa_shared(uint32_t addr, uint32_t rank) {
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
     return out;
 }
-// One arrival (release at cluster scope) on an mbarrier of any CTA of the cluster, named by its
-// shared::cluster address (mapa_shared).
+// One arrival on an mbarrier of any CTA of the cluster, named by its shared::cluster address
+// (mapa_shared). The default semantics (release at CTA scope), as CUTLASS's ClusterBarrier: the
+// arrival only says that this warp's wgmmas are done with a slot (wgmma.wait_group orders
+// that), and .release.cluster would put a GPU-wide memory barrier before every arrival (ptxas:
+// MEMBAR.ALL.GPU), waiting on the previous unit's epilogue stores in the mainloop.
 FORA_DEVICE void mbarrier_arrive_cluster(uint32_t cluster_bar) {
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar) : "memory");
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar) : "memory");
 }
 // tma_load_2d into every CTA of the cluster whose bit is set in `mask`: the box lands at the same
 // shared byte `dst` in each and counts against the barrier at the same byte `bar` in each.

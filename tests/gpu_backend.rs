@@ -880,7 +880,7 @@ fn gpu_reuse_sums_match_the_cache_path() {
     use fora::cuda::gemm::GemmImpl;
     use fora::cuda::CudaOptions;
     let cfg = small_cfg();
-    let Some((_cpu, mut cuda)) = backends("gpu_reuse_sums_match_the_cache_path", &cfg, 37) else {
+    let Some((cpu, mut cuda)) = backends("gpu_reuse_sums_match_the_cache_path", &cfg, 37) else {
         return;
     };
     let options = SamplerOptions::ddpm(12).with_guidance(Some(Guidance {
@@ -929,6 +929,26 @@ fn gpu_reuse_sums_match_the_cache_path() {
                 .unwrap();
             }
         }
+    }
+    // Against the CPU reference too (the sums associate the residual adds differently from
+    // the sequential adds of the reference), with sampling's tolerance: the options the
+    // device suite measures (FORA_REUSE_SUM=2, whole-step graph).
+    cuda.set_options(CudaOptions {
+        graphs: true,
+        step_graph: true,
+        reuse_sum: 2,
+        ..base
+    });
+    for interval in [3, 4] {
+        let summed = sample_latents(&cuda, &options, &classes, 9, interval);
+        let reference = sample_latents(&cpu, &options, &classes, 9, interval);
+        check_close(
+            &format!("N={interval}: cache sums vs the CPU reference"),
+            &summed,
+            &reference,
+            5e-2,
+        )
+        .unwrap();
     }
     // With the table read in place (FORA_REUSE_TABLE_IN_PLACE): the whole-step graph's
     // fora_sum_final node re-pointed at both the step's table and its sum.
@@ -1169,6 +1189,31 @@ fn gpu_tma_sampling_paths() {
             got == programmatic,
             "{o:?}: programmatic launches changed the latents"
         );
+    }
+    // The cache sums (FORA_REUSE_SUM=2) through the TMA GEMMs: the reuse forward's final
+    // shift / scale columns (a GEMM writing a strided slice of the table) and, without
+    // precomputed tables, a pass's gates through the whole adaLN GEMM.
+    for (gemm, precompute) in [GemmImpl::Tma, GemmImpl::TmaMulticast]
+        .into_iter()
+        .flat_map(|g| [(g, true), (g, false)])
+    {
+        let o = CudaOptions {
+            gemm,
+            graphs: true,
+            step_graph: true,
+            fused_reuse: true,
+            precompute_modulation: precompute,
+            reuse_sum: 2,
+            pdl: false,
+            ..base
+        };
+        cuda.set_options(o);
+        let sampler = Sampler::new(&cuda, options.clone()).unwrap();
+        let plan = sampler.plan(&classes, NoiseSource::Seed(3)).unwrap();
+        assert!(cuda.workspace(&plan).unwrap().uses_reuse_sums(), "{o:?}");
+        let got = sample_latents(&cuda, &options, &classes, 3, 3);
+        check_close(&format!("{o:?} vs CPU"), &got, &want, 5e-2).unwrap();
+        check_close(&format!("{o:?} vs cuBLASLt"), &got, &lt, 1e-2).unwrap();
     }
     cuda.set_options(base);
 }

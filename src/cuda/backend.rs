@@ -1077,6 +1077,12 @@ impl Backend for CudaBackend {
             let g = &graphs[(step.mode == StepMode::Reuse) as usize];
             let p = self.sampler_params(ws, step)?;
             super::sampler::sampler_step_plan(&p)?;
+            // The graph updates are raw driver calls: make the context current on this thread
+            // (a step may run on another thread than the one that built the workspace).
+            self.gpu
+                .context()
+                .bind_to_thread()
+                .context("cannot make the CUDA context current")?;
             g.set_step(Some(self.step_copy_source(ws, step.k)), reuse_sum, &p)?;
             g.graph
                 .launch()

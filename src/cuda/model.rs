@@ -81,6 +81,8 @@ pub enum TableColumns {
     Gates,
     /// What a reuse forward from a cache sum reads: the final shift / scale.
     Final,
+    /// What a cache-sum pass reads: every gate.
+    GatesOnly,
 }
 
 /// Where the gates of the steps one [`GpuModel::cache_sums`] pass serves come from.
@@ -554,7 +556,7 @@ impl GpuModel {
             },
         )?;
         if columns != TableColumns::All
-            && self.reuse_columns(gpu, gemm, cond, rows, out, columns == TableColumns::Gates)?
+            && self.reuse_columns(gpu, gemm, cond, rows, out, columns)?
         {
             return Ok(());
         }
@@ -576,12 +578,12 @@ impl GpuModel {
         Ok(())
     }
 
-    /// The columns of the modulation table a reuse forward reads, from SiLU(c) in
-    /// `cond.silu_c`: with `gates`, every block's gate_msa and gate_mlp (one cuBLASLt strided
-    /// batch: they start every 3D columns from 2D, 2L chunks of D; a third of the adaLN GEMM's
-    /// work and weight traffic), and the final layer's shift and scale (one GEMM). Ok(false),
-    /// writing nothing, where the gates need a cuBLASLt strided batch it does not have (or the
-    /// GEMMs are not cuBLASLt).
+    /// The `columns` (not `All`) of the modulation table, from SiLU(c) in `cond.silu_c`: the
+    /// gates, every block's gate_msa and gate_mlp (one cuBLASLt strided batch: they start every
+    /// 3D columns from 2D, 2L chunks of D; a third of the adaLN GEMM's work and weight
+    /// traffic), and the final layer's shift and scale (one GEMM). Ok(false), writing nothing,
+    /// where the gates need a cuBLASLt strided batch it does not have (or the GEMMs are not
+    /// cuBLASLt).
     fn reuse_columns(
         &self,
         gpu: &Gpu,
@@ -589,8 +591,9 @@ impl GpuModel {
         cond: &CondBuffers,
         rows: usize,
         out: u64,
-        gates: bool,
+        columns: TableColumns,
     ) -> Result<bool> {
+        let gates = matches!(columns, TableColumns::Gates | TableColumns::GatesOnly);
         let cfg = &self.cfg;
         let (d, cols, layers) = (cfg.hidden, ada_cols(cfg), cfg.depth);
         let chunk = |col: usize, n: usize| {
@@ -617,8 +620,10 @@ impl GpuModel {
         if gates && !gemm.run_cublaslt_strided(&chunk(2 * d, d), batch)? {
             return Ok(false);
         }
-        let fin = layers * 6 * d;
-        gemm.run(gpu, &chunk(fin, 2 * d))?;
+        if columns != TableColumns::GatesOnly {
+            let fin = layers * 6 * d;
+            gemm.run(gpu, &chunk(fin, 2 * d))?;
+        }
         Ok(true)
     }
 
@@ -659,7 +664,7 @@ impl GpuModel {
                         steps_t + (j * rows * 4) as u64,
                         dptr(&acts.labels),
                         scratch + (j * rows * cols * 4) as u64,
-                        TableColumns::Gates,
+                        TableColumns::GatesOnly,
                     )?;
                 }
                 (scratch, rows * cols)

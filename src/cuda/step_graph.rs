@@ -151,9 +151,10 @@ impl StepGraph {
             );
             // SAFETY: the kernel takes one ForaReuseFinalParams by value, so kernelParams[0]
             // points to it; the driver owns that copy while the node's parameters are unchanged
-            // (cuGraphKernelNodeGetParams), and it is read here, once.
+            // (cuGraphKernelNodeGetParams), and it is read here, once, without assuming the
+            // driver's buffer is aligned for the struct.
             let captured =
-                unsafe { std::ptr::read(*p.kernelParams as *const ForaReuseFinalParams) };
+                unsafe { std::ptr::read_unaligned(*p.kernelParams as *const ForaReuseFinalParams) };
             Some((node, p, captured))
         };
         Ok(StepGraph {
