@@ -111,19 +111,23 @@ pub struct CudaOptions {
     /// product is split over K into up to 4 slices by one cuBLASLt strided batch, and
     /// `residual_layernorm` sums the slices as it loads them (`FORA_LT_SPLITK=1`: on). For the
     /// latency-bound small-batch GEMMs (at 2 rows proj ran at 139 TFLOP/s, fc2 at 318 on an
-    /// H200). Off by default: not yet run on a GPU.
+    /// H200). Off by default: on an H200 (session 7) it made the 2-row step slower, 1.642 ms
+    /// against 1.505.
     pub lt_splitk: bool,
     /// Keep the FORA cache in the persisting set-aside of L2 between reuse steps where most of
     /// it fits (one image + CFG of DiT-XL/2: 66 MB against an H200's set-aside of tens of MB):
     /// the fused reuse launch carries an access-policy window over the cache
     /// (`FORA_L2_PERSIST=1`: on). Changes the context's persisting-L2 set-aside while a
-    /// workspace lives (restored when it drops). Off by default: not yet run on a GPU.
+    /// workspace lives (restored when it drops). Not with `reuse_sum`, whose steps do not
+    /// read the cache. Off by default: on an H200 (session 7) the 2-row reuse step went from
+    /// 0.0526 to 0.0487 ms but the computing step from 1.505 to 2.146 ms (L2 set aside).
     pub l2_persist: bool,
     /// Launch our kernels with programmatic stream serialization (`FORA_PDL=1`: on; compute
     /// capability 9.0 and later, ignored before): each starts launching while the kernel before
     /// it finishes and waits for it in its first statement, so the ~1 us launch gap between
     /// dependent kernels overlaps (a 2-row step is ~200 launches). cuBLASLt's kernels launch as
-    /// before. Off by default: not yet run on a GPU.
+    /// before. Off by default: on an H200 (session 7) within noise (2-row step 1.522 ms against
+    /// 1.505, reuse step 0.0518 against 0.0526; the same bits, `gpu_pdl_is_exact`).
     pub pdl: bool,
     /// Sums the FORA cache once for a whole run of reuse steps (`FORA_REUSE_SUM=k`, k = 1..=4;
     /// 0: off). A reuse step's residual updates are linear in the cache (x = embedding + sum
@@ -910,8 +914,9 @@ impl Backend for CudaBackend {
         let rows = plan.model_rows();
         let img = b * cfg.image_len();
         let mut acts = Activations::new(gpu, cfg, rows, true)?;
-        if self.options.l2_persist {
+        if self.options.l2_persist && self.options.reuse_sum == 0 {
             // Before any capture: the reuse launch records the window into its graph node.
+            // (With cache sums only the sums pass reads the cache, once per run of steps.)
             acts.persist_cache_in_l2(gpu)?;
         }
         let precompute = self.modulation_tables_fit(plan, rows)?;
