@@ -14,11 +14,12 @@ FORA_DEVICE uint32_t xor4(uint4 v) { return (v.x ^ v.y) ^ (v.z ^ v.w); }
 
 // Thread i reads chunks i, i + S, i + 2S, ... (S = the grid's threads), kInFlight at a time,
 // and writes the XOR of their 32-bit words to dst[i]. Chunk c is at src[c & mask] (mask: all
-// ones unless the params ask for a small buffer read over and over).
+// ones, -1, unless the params ask for a small buffer read over and over; 0 is a buffer of one
+// chunk).
 extern "C" __global__ void __launch_bounds__(256) bandwidth_read(const BandwidthParams p) {
     grid_dependency_sync();
     const uint4* src = reinterpret_cast<const uint4*>(p.src);
-    const long long mask = p.mask ? p.mask : ~0LL;
+    const long long mask = p.mask;
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     uint32_t acc = 0;

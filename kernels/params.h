@@ -338,10 +338,10 @@ typedef struct TmaProbeParams {
  * (grid-stride, several chunks in flight a thread). Kernel bandwidth_read: dst is uint32
  * [out_words], out_words >= the launch's threads; thread i writes the XOR of every 32-bit word
  * it read to dst[i] (so no load is dead, and the XOR of dst is the XOR of src, whatever the
- * grid). With mask != 0 (bandwidth_read only; mask + 1 a power of two), chunk i is read at
- * src[i & mask]: a buffer of mask + 1 chunks read over and over (chunks / (mask + 1) times), the
- * L2 probe. Kernel bandwidth_copy: dst[0, 16 * chunks) = src[0, 16 * chunks) (out_words and
- * mask unused). */
+ * grid). bandwidth_read reads chunk i at src[i & mask]: mask -1 (all ones) reads src once; mask
+ * = 2^k - 1 (k >= 0) reads a buffer of 2^k chunks over and over (chunks / 2^k times), the L2
+ * probe. Kernel bandwidth_copy: dst[0, 16 * chunks) = src[0, 16 * chunks) (out_words unused,
+ * mask -1). */
 typedef struct BandwidthParams {
     fora_ptr src;
     fora_ptr dst;

@@ -210,7 +210,7 @@ fn ceiling_memory(gpu: &Gpu, bytes: usize, probe: MemoryProbe, timer: &Timer) ->
         mask: if probe == MemoryProbe::L2Read {
             (bytes / 16 - 1) as i64
         } else {
-            0
+            -1
         },
     };
     let stream = gpu.stream().clone();

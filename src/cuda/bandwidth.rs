@@ -38,8 +38,8 @@ pub fn bandwidth_read_plan(gpu: &impl KernelLauncher, p: &BandwidthParams) -> Re
     check(K, p)?;
     check_ptr(K, "dst", p.dst, 4)?;
     ensure!(
-        p.mask == 0 || (p.mask > 0 && (p.mask + 1).count_ones() == 1),
-        "{K}: mask {} must be 0 or one less than a power of two",
+        p.mask == -1 || (p.mask >= 0 && (p.mask + 1).count_ones() == 1),
+        "{K}: mask {} must be -1 (read src once) or one less than a power of two",
         p.mask
     );
     let grid = bandwidth_grid(p.chunks, gpu.multiprocessors());
@@ -66,8 +66,8 @@ pub fn bandwidth_copy_plan(gpu: &impl KernelLauncher, p: &BandwidthParams) -> Re
     const K: &str = "bandwidth_copy";
     check(K, p)?;
     ensure!(
-        p.mask == 0,
-        "{K}: a copy reads its source once (mask must be 0)"
+        p.mask == -1,
+        "{K}: a copy reads its source once (mask must be -1)"
     );
     check_ptr(K, "dst", p.dst, 16)?;
     let bytes = 16 * p.chunks as u64;

@@ -173,8 +173,9 @@ pub trait KernelLauncher {
     /// wgmma kernels) are refused elsewhere.
     fn compute_capability(&self) -> (i32, i32);
 
-    /// Lets kernel `name` use `bytes` of dynamic shared memory per block (above 48 KiB it must
-    /// be opted into per kernel on a GPU). Not a stream operation: safe inside a capture.
+    /// Lets kernel `name` use `bytes` of dynamic shared memory per block (where its static and
+    /// dynamic shared memory pass 48 KiB it must be opted into per kernel on a GPU). Not a
+    /// stream operation: safe inside a capture.
     fn allow_dynamic_shared_memory(&self, name: &str, bytes: u32) -> Result<()>;
 
     /// Encodes the TMA tensor map of a 2-D bf16 tensor (the driver's `cuTensorMapEncodeTiled`
@@ -207,13 +208,15 @@ impl KernelLauncher for Gpu {
     }
 
     fn allow_dynamic_shared_memory(&self, name: &str, bytes: u32) -> Result<()> {
-        const DEFAULT_LIMIT: u32 = 48 * 1024;
-        if bytes <= DEFAULT_LIMIT {
+        if bytes == 0 {
             return Ok(());
         }
         let f = self.function(name)?;
         let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        // Query first so that repeated launches (and graph captures) only read it.
+        // The default limit is 48 KiB less the kernel's static shared memory (static + dynamic
+        // may not pass 48 KiB without the opt-in), so a size under 48 KiB can need it too:
+        // always compare with the kernel's own limit. Query first so that repeated launches
+        // (and graph captures) only read it.
         let current = f
             .get_attribute(attr)
             .with_context(|| format!("cannot query {name}'s shared-memory limit"))?;
