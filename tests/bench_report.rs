@@ -437,6 +437,9 @@ fn fake_report() -> Report {
                 8.0e9,
                 Some(0.011),
             ),
+            // A forced tile on adaLN's two rows: not in the L2 roofline table (its tiles are
+            // not full, so the tile's intensity is not the row's).
+            kernel("adaLN", "tma-128x192", 2, Bound::Compute, 1.0e9, Some(0.05)),
         ],
         errors: vec![BenchError {
             section: "steps".into(),
@@ -498,6 +501,10 @@ fn report_markdown_and_json() {
     assert!(
         !md.contains("| qkv | 2 | tma_mc | 727"),
         "a pick is not a tile: {md}"
+    );
+    assert!(
+        !md.contains("| adaLN | 2 | tma-128x192 | 20.0 |"),
+        "adaLN is not a block GEMM: {md}"
     );
     assert_eq!(fora::bench::tma_row_flop_per_byte("tma"), None);
     assert_eq!(fora::bench::tma_row_flop_per_byte("tma_mc"), None);

@@ -34,6 +34,8 @@
 #              N = 1..5, PyTorch eager / graph / torch.compile, and the merged report + plot;
 #   issue5_more  FORA_REUSE_SUM=2 steps and end to end, and the Hopper GEMM rows (TMA tiles,
 #              multicast included) with the L2 rooflines;
+#   hopper_rows  the Hopper GEMM rows alone (every TMA tile, multicast included, against
+#              cuBLASLt and their L2 rooflines), as bench and issue5_more also run them;
 #   kernelprof ncu --set full of one launch of each kernel in PROF_KERNELS;
 #   profile    ncu kernel time per op of a computing and a reuse step (PROFILE_ROWS,
 #              PROFILE_METRICS), summarised by tools/ncu_summary.py;
@@ -109,14 +111,27 @@ phase_bench() {
 # that a fault cannot poison another run's context; HOPPER_ROWS=0 skips it.
 hopper_rows() {
   [ "${HOPPER_ROWS:-1}" = 0 ] && return 0
-  # With the ceilings: the L2 read rate the tiles' rooflines are drawn at.
-  bounded 60 .devpack/bin/fora bench --sections ceilings,kernels --batches 2,256 \
+  # With the ceilings: the L2 read rate the tiles' rooflines are drawn at. Each row is also
+  # logged as it is measured ("bench: qkv 256 rows tma-mc-128x192: ..."), so a run cut short
+  # keeps what it measured; the never-run multicast tiles come last in each shape.
+  bounded 100 .devpack/bin/fora bench --sections ceilings,kernels --batches 2,256 \
     --json "$OUT/$1.json" > "$OUT/$1.log" 2>&1
-  grep -E "^\| (qkv|proj|fc1|fc2) \| [0-9]+ \| .* \| (tma|wgmma|cublaslt)[a-z0-9_+ -]* \||^\| attention \|" "$OUT/$1.log" | head -n 64
-  # Each forced TMA tile against its L2 roofline (the L2 hypothesis, yes or no).
-  grep -A 40 "^TMA tiles against their L2 roofline" "$OUT/$1.log" | grep -E "^\|" | head -n 40
+  # The block GEMMs at 256 rows, every implementation (~60 rows); at 2 rows the picks.
+  grep -E "^\| (qkv|proj|fc1|fc2) \| 256 \| [^|]* \| (custom|tma|wgmma|cublaslt)[a-zA-Z0-9_+ -]* \|" "$OUT/$1.log" | head -n 70
+  grep -E "^\| (qkv|proj|fc1|fc2) \| 2 \| [^|]* \| (tma|tma_mc|cublaslt|cublaslt\+bf16 bias|cublaslt product) \|" "$OUT/$1.log" | head -n 24
+  grep -E "^\| attention \|" "$OUT/$1.log" | head -n 12
+  # Each forced TMA tile against its L2 roofline at 256 rows (the L2 hypothesis, yes or no).
+  grep -A 80 "^TMA tiles against their L2 roofline" "$OUT/$1.log" | grep -E "^\| [a-z0-9]+ \| 256 \|" | head -n 40
   grep -E "^L2 roofline" "$OUT/$1.log"
+  # A run cut short: the last rows it logged.
+  grep -q "^bench: done" "$OUT/$1.log" || grep -E "^bench: " "$OUT/$1.log" | tail -n 8
   tail -n 2 "$OUT/$1.log"
+}
+
+# The Hopper GEMM rows alone, as a phase (bench and issue5_more run them too).
+phase_hopper_rows() {
+  echo "=== Hopper GEMM rows (TMA tiles, multicast included)"
+  hopper_rows hopper_rows
 }
 
 phase_torch() {
@@ -148,7 +163,7 @@ phase_issue5() {
   FORA_BENCH_HOPPER_GEMMS=0 bounded 60 .devpack/bin/fora bench --sections ceilings,kernels --batches 2,256 \
     --json "$OUT/issue5_kernels.json" > "$OUT/issue5_kernels.log" 2>&1
   grep -E "^\| (attention|fora_cache_sum|fora_sum_final|fora_reuse_final) \||^\| (device copy|copy kernel|read kernel|L2 read)|^L2 roofline" \
-    "$OUT/issue5_kernels.log" | head -n 32
+    "$OUT/issue5_kernels.log" | head -n 48
   echo "=== issue 5: PyTorch eager, graph and torch.compile"
   local budget=$(( $(left) - 40 ))
   if [ "$budget" -gt 60 ]; then
@@ -172,9 +187,9 @@ phase_issue5() {
 #   tools/bench_report.py --ours issue5_fora_sum.json --torch issue5_torch.json --gemm cublaslt
 phase_issue5_more() {
   echo "=== issue 5: FORA_REUSE_SUM=2, rows 2,256, N = 1,3,5"
-  FORA_REUSE_SUM=2 bounded 60 .devpack/bin/fora bench --sections steps,e2e --batches 2,256 \
+  FORA_REUSE_SUM=2 bounded 60 .devpack/bin/fora bench --sections steps,e2e --batches 2,256 --gemm cublaslt \
     --intervals 1,3,5 --e2e-reps 1 --json "$OUT/issue5_fora_sum.json" > "$OUT/issue5_fora_sum.log" 2>&1
-  grep -E "reuse steps from cache sums|^\| cublaslt \| [135] \| 250 \|" "$OUT/issue5_fora_sum.log" | head -n 6
+  grep -E "^\| cublaslt \| (2|256) \||reuse steps from cache sums|^\| cublaslt \| [135] \| 250 \|" "$OUT/issue5_fora_sum.log" | head -n 8
   if [ -f "$OUT/issue5_torch.json" ]; then
     python3 tools/bench_report.py --ours "$OUT/issue5_fora_sum.json" --torch "$OUT/issue5_torch.json" \
       --gemm cublaslt --md "$OUT/issue5_report_sum.md" > /dev/null 2>&1

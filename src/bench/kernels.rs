@@ -28,6 +28,7 @@ use cudarc::driver::{sys, CudaSlice, DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 
 use super::timer::Timer;
+use super::Stats;
 use super::{
     gbps, rotate_bytes, rotation_copies, tflops, BenchPlan, Bound, Ceiling, KernelRow, Report,
     FILL_CHUNK,
@@ -489,8 +490,12 @@ pub(super) fn bench_kernels(
                 Box::new(move |i| g.run(gpu, &params[i % n])),
             ));
         }
+        // The kernels never run on a GPU last (stable: the others keep their order), so that a
+        // fault, which poisons the context for every later launch, costs only their rows.
+        variants.sort_by_key(|(imp, _)| never_run_gemm(imp));
         for (imp, runner) in variants {
             let timed = timer.time_alone(gpu, n, &runner);
+            log_row(s.name, rows, imp, &timed);
             let (stats, per_replay) = match timed {
                 Ok((st, n)) => (Some(st), n),
                 Err(e) => {
@@ -514,18 +519,20 @@ pub(super) fn bench_kernels(
     let selected = AttentionImpl::selected().map(|a| a.resolve(gpu.compute_capability().0));
     let attention_row = bench_attention(gpu, cfg, rows, timer, rotate, None);
     push_kernel(report, "attention", rows, attention_row);
-    // FORA_BENCH_UNTRIED=0 leaves out the kernels not yet run on a GPU (the TMA attention), as
-    // FORA_BENCH_HOPPER_GEMMS=0 does the Hopper GEMMs: a fault would poison every later row.
+    // FORA_BENCH_UNTRIED=0 leaves out the kernels not yet run on a GPU (the TMA attention and
+    // the cache sums, last below), as FORA_BENCH_HOPPER_GEMMS=0 does the Hopper GEMMs: a fault
+    // would poison every later row.
     let untried = std::env::var("FORA_BENCH_UNTRIED").map_or(true, |v| v.trim() != "0");
+    let other_attention = |imp: AttentionImpl| {
+        (!imp.is_wgmma() || gpu.compute_capability().0 == 9)
+            && selected.as_ref().is_ok_and(|s| *s != imp)
+    };
     for imp in [
         AttentionImpl::V1,
         AttentionImpl::Wgmma,
         AttentionImpl::WgmmaMn,
-        AttentionImpl::Tma,
     ] {
-        let runs_here = (!imp.is_wgmma() || gpu.compute_capability().0 == 9)
-            && (untried || imp != AttentionImpl::Tma);
-        if runs_here && selected.as_ref().is_ok_and(|s| *s != imp) {
+        if other_attention(imp) {
             let row = bench_attention(gpu, cfg, rows, timer, rotate, Some(imp));
             push_kernel(report, "attention", rows, row);
         }
@@ -541,8 +548,15 @@ pub(super) fn bench_kernels(
             bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, FusedSource::Cache(tpt));
         push_kernel(report, "fora_reuse_final", rows, fused_row);
     }
+    for warps in [RowWarps::One, RowWarps::Four] {
+        let ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, false, warps);
+        push_kernel(report, "layernorm", rows, ln_row);
+        let residual_ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, true, warps);
+        push_kernel(report, "residual_ln", rows, residual_ln_row);
+    }
     if untried {
-        // FORA_REUSE_SUM's kernels (session 9, not yet run on a GPU).
+        // FORA_REUSE_SUM's kernels (session 9, not yet run on a GPU), then the TMA attention
+        // (session 8): the never-run rows last.
         for tokens in [1, 4] {
             let source = FusedSource::Sum(tokens);
             let sum_final_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, source);
@@ -552,16 +566,38 @@ pub(super) fn bench_kernels(
             let sum_row = bench_fora_cache_sum(gpu, cfg, rows, timer, rotate, count);
             push_kernel(report, "fora_cache_sum", rows, sum_row);
         }
+        if other_attention(AttentionImpl::Tma) {
+            let row = bench_attention(gpu, cfg, rows, timer, rotate, Some(AttentionImpl::Tma));
+            push_kernel(report, "attention", rows, row);
+        }
     }
-    for warps in [RowWarps::One, RowWarps::Four] {
-        let ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, false, warps);
-        push_kernel(report, "layernorm", rows, ln_row);
-        let residual_ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, true, warps);
-        push_kernel(report, "residual_ln", rows, residual_ln_row);
+}
+
+/// The GEMM rows of kernels never run on a GPU (the cluster-multicast TMA tiles, session 10).
+fn never_run_gemm(imp: &str) -> bool {
+    imp == "tma_mc" || imp.starts_with("tma-mc")
+}
+
+/// One measured row on stderr as soon as it is measured: if a later kernel hangs until the
+/// run is killed, the log still has the rows before it.
+fn log_row<T>(name: &str, rows: usize, imp: &str, timed: &Result<(Stats, T)>) {
+    match timed {
+        Ok((st, _)) => eprintln!("bench: {name} {rows} rows {imp}: {:.4} ms", st.median_ms),
+        Err(e) => eprintln!("bench: {name} {rows} rows {imp}: failed: {e:#}"),
     }
 }
 
 fn push_kernel(report: &mut Report, name: &str, rows: usize, r: Result<KernelRow>) {
+    match &r {
+        Ok(row) => match &row.stats {
+            Some(st) => eprintln!(
+                "bench: {name} {rows} rows {}: {:.4} ms",
+                row.imp, st.median_ms
+            ),
+            None => eprintln!("bench: {name} {rows} rows {}: no time", row.imp),
+        },
+        Err(e) => eprintln!("bench: {name} {rows} rows: failed: {e:#}"),
+    }
     match r {
         Ok(row) => report.kernels.push(row),
         Err(e) => report.error("kernels", &format!("{name} at {rows} rows"), &e),

@@ -487,7 +487,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let (cfg, weights, source) = bench_model(args)?;
     let mut report = Report::new(ModelInfo::new(&cfg, source), &plan, &options);
     report.device = Some(device_info(&gpu)?);
-    report.attention = AttentionImpl::selected()?.name().to_string();
+    // The kernel that runs (auto resolved for this card), not the setting.
+    report.attention = AttentionImpl::selected()?
+        .resolve(gpu.compute_capability().0)
+        .name()
+        .to_string();
     let started = Instant::now();
     let json_path = plan.json.clone();
     let save = |report: &Report| {

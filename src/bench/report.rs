@@ -329,15 +329,19 @@ impl Report {
         Some(100.0 * rate? / ceiling.rate)
     }
 
-    /// Each forced TMA tile's row against its L2 roofline at the measured L2 read rate: near
-    /// 100% the tile is L2-bound (the multicast tiles' roofline is the higher); empty without
-    /// an L2 rate or such rows.
+    /// Each forced TMA tile's row of the block GEMMs (qkv, proj, fc1, fc2: the tile's
+    /// intensity is its full tiles', which adaLN's few rows and final's 32 columns are not)
+    /// against its L2 roofline at the measured L2 read rate: near 100% the tile is L2-bound
+    /// (the multicast tiles' roofline is the higher); empty without an L2 rate or such rows.
     fn tma_l2_lines(&self) -> String {
         let Some(l2) = &self.l2_ceiling else {
             return String::new();
         };
         let mut s = String::new();
         for k in &self.kernels {
+            if !["qkv", "proj", "fc1", "fc2"].contains(&k.name.as_str()) {
+                continue;
+            }
             let (Some(fpb), Some(rate)) = (tma_row_flop_per_byte(&k.imp), k.rate()) else {
                 continue;
             };
