@@ -71,19 +71,23 @@ TESTS=${TESTS:-gpu_small_kernels gpu_attention gpu_gemm gpu_backend cli}
 phase_tests() {
   {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    # The tests of the never-run kernels ("tma" in the name; session 9's cache sums, "sum") in
-    # processes of their own: a kernel fault poisons the CUDA context for every later test of
-    # its process.
-    local entry t parts
+    # The tests of the never-run kernels ("_tma" in the name: plain "tma" would also take
+    # "softmax"; session 9's cache sums, "sum") in processes of their own: a kernel fault
+    # poisons the CUDA context for every later test of its process. Each part's whole output
+    # is kept in test_<binary>_<part>.log (in all.tgz); the summary keeps results, errors and
+    # the lines after a panic (its message).
+    local entry t parts raw
     for entry in $TESTS; do
       t=${entry%%:*}
-      if [ "$t" = "$entry" ]; then parts=("--skip tma --skip sum" "tma" "sum"); else parts=("${entry#*:}"); fi
+      if [ "$t" = "$entry" ]; then parts=("--skip _tma --skip sum" "_tma" "sum"); else parts=("${entry#*:}"); fi
       for part in "${parts[@]}"; do
         echo "=== test $t $part"
+        raw="$OUT/test_${t}_$(echo "$part" | tr -c 'a-zA-Z0-9_\n' '_').log"
         # shellcheck disable=SC2086 # $part is a flag and its value, or a filter
-        bounded 150 .devpack/test/$t --test-threads=1 --nocapture $part 2>&1 \
-          | grep -E "^test |rel_l2|rel-L2|SKIP|panicked|FAILED|failures|test result|^rc=|^gpu_wgmma_probe:|^gpu_tma_probe:|^gpu_tma_cluster_probe:" \
-          | grep -v "^test .* \.\.\. ok$" | tail -n 80
+        bounded 150 .devpack/test/$t --test-threads=1 --nocapture $part > "$raw" 2>&1
+        grep -E "^test |rel_l2|rel-L2|SKIP|^FAIL|FAILED|failures|failure\(s\)|^Error|test result|^rc=|^gpu_wgmma_probe:|^gpu_tma_probe:|^gpu_tma_cluster_probe:" "$raw" \
+          | grep -v "^test .* \.\.\. ok$" | tail -n 60
+        grep -A 3 "panicked at" "$raw" | head -n 24
       done
     done
     # Issue 3 asks the embedded model's main job to take under 1 s on a GPU, process included.

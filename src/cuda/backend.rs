@@ -820,6 +820,12 @@ impl CudaBackend {
             bytes,
             &format!("the cache sums of {slots} reuse steps (FORA_REUSE_SUM={slots})"),
         )?;
+        // The passes launch outside the step graphs, the first one during sampling: load their
+        // kernels now (lazy module loading may take device memory on first use), so that the
+        // sampling loop allocates nothing.
+        for count in 1..=slots {
+            self.gpu.function(super::fora::cache_sum_kernel(count))?;
+        }
         Ok(ReuseSums {
             sums: self.gpu.alloc_zeros(slots * slab, "the cache sums")?,
             tables: if with_tables {

@@ -522,13 +522,18 @@ pub fn fora_cache_sum_plan(p: &ForaCacheSumParams) -> Result<(&'static str, (u32
     let tokens = cache_sum_tokens(p.count);
     let groups = p.rows as i64 * ((p.tokens as i64 + tokens - 1) / tokens);
     let group_blocks = (groups + SUM_THREADS / SUM_LANES - 1) / (SUM_THREADS / SUM_LANES);
-    let kernel = match p.count {
+    let kernel = cache_sum_kernel(p.count as usize);
+    Ok((kernel, (grid_x(K, chunk_blocks * group_blocks, 1)?, 1, 1)))
+}
+
+/// The `fora_cache_sum_<count>` kernel that computes `count` sums (1..=[`CACHE_SUM_MAX`]).
+pub fn cache_sum_kernel(count: usize) -> &'static str {
+    match count {
         1 => "fora_cache_sum_1",
         2 => "fora_cache_sum_2",
         3 => "fora_cache_sum_3",
         _ => "fora_cache_sum_4",
-    };
-    Ok((kernel, (grid_x(K, chunk_blocks * group_blocks, 1)?, 1, 1)))
+    }
 }
 
 /// The cache sums of the next `p.count` reuse steps in one pass over the cache: for each step
