@@ -64,7 +64,7 @@ bounded() {
   echo "rc=$rc after $(( $(date +%s) - s ))s (limit ${want}s): $*"
 }
 # TESTS picks test binaries (default: every one), each in three parts (below); "binary:part"
-# runs one part only (e.g. gpu_gemm:tma, the never-run TMA GEMM tests). HOPPER_ROWS=0 leaves out
+# runs one part only (e.g. gpu_gemm:_tma, the never-run TMA GEMM tests). HOPPER_ROWS=0 leaves out
 # the bench and issue5 phases' kernels-only runs of the Hopper GEMMs.
 TESTS=${TESTS:-gpu_small_kernels gpu_attention gpu_gemm gpu_backend cli}
 
