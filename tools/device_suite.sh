@@ -63,7 +63,7 @@ bounded() {
   local s=$(date +%s); timeout "$want" "$@"; local rc=$?
   echo "rc=$rc after $(( $(date +%s) - s ))s (limit ${want}s): $*"
 }
-# TESTS picks test binaries (default: every one), each in three parts (below); "binary:part"
+# TESTS picks test binaries (default: every one), each in parts (ISOLATE, below); "binary:part"
 # runs one part only (e.g. gpu_gemm:_tma, the never-run TMA GEMM tests). HOPPER_ROWS=0 leaves out
 # the bench and issue5 phases' kernels-only runs of the Hopper GEMMs.
 TESTS=${TESTS:-gpu_small_kernels gpu_attention gpu_gemm gpu_backend cli}
@@ -71,15 +71,23 @@ TESTS=${TESTS:-gpu_small_kernels gpu_attention gpu_gemm gpu_backend cli}
 phase_tests() {
   {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    # The tests of the never-run kernels ("_tma" in the name: plain "tma" would also take
-    # "softmax"; session 9's cache sums, "sum") in processes of their own: a kernel fault
-    # poisons the CUDA context for every later test of its process. Each part's whole output
-    # is kept in test_<binary>_<part>.log (in all.tgz); the summary keeps results, errors and
-    # the lines after a panic (its message).
-    local entry t parts raw
+    # The tests of never-run kernels in processes of their own, one per name filter in
+    # ISOLATE (default: "_tma", the TMA kernels (plain "tma" would also take "softmax");
+    # "sum", session 9's cache sums; "reuse_final", whose test runs session 8's ring variants;
+    # "bandwidth", the masked probe): a kernel fault poisons the CUDA context for every later
+    # test of its process. Each part's whole output is kept in test_<binary>_<part>.log (in
+    # all.tgz); the summary keeps results, errors and the lines after a panic (its message).
+    local entry t parts raw f skips
+    skips=""
+    for f in ${ISOLATE:-_tma sum reuse_final bandwidth}; do skips="$skips --skip $f"; done
     for entry in $TESTS; do
       t=${entry%%:*}
-      if [ "$t" = "$entry" ]; then parts=("--skip _tma --skip sum" "_tma" "sum"); else parts=("${entry#*:}"); fi
+      if [ "$t" = "$entry" ]; then
+        parts=("${skips# }")
+        for f in ${ISOLATE:-_tma sum reuse_final bandwidth}; do parts+=("$f"); done
+      else
+        parts=("${entry#*:}")
+      fi
       for part in "${parts[@]}"; do
         echo "=== test $t $part"
         raw="$OUT/test_${t}_$(echo "$part" | tr -c 'a-zA-Z0-9_\n' '_').log"
