@@ -115,7 +115,7 @@ phase_bench() {
     ${FORA_BENCH_ARGS:---batches 2,256 --intervals 1,3 --e2e-reps 1} >> "$OUT/bench.log" 2>&1
   tail -n 3 "$OUT/bench.log"
   echo "=== fora bench: Hopper GEMM and untried kernel rows (attention tma)"
-  hopper_rows bench_hopper
+  HOPPER_KERNELS=all hopper_rows bench_hopper
 }
 
 # hopper_rows <name>: the kernel rows with the Hopper GEMMs (every TMA tile, the multicast ones
@@ -126,8 +126,9 @@ hopper_rows() {
   # With the ceilings: the L2 read rate the tiles' rooflines are drawn at. Each row is also
   # logged as it is measured ("bench: qkv 256 rows tma-mc-128x192: ..."), so a run cut short
   # keeps what it measured; the never-run multicast tiles come last in each shape.
-  bounded 100 .devpack/bin/fora bench --sections ceilings,kernels --batches 2,256 \
-    --json "$OUT/$1.json" > "$OUT/$1.log" 2>&1
+  # HOPPER_KERNELS (FORA_BENCH_KERNELS: gemm, the default here, or all) picks the rows.
+  FORA_BENCH_KERNELS=${HOPPER_KERNELS:-gemm} bounded 100 .devpack/bin/fora bench --sections ceilings,kernels \
+    --batches 2,256 --json "$OUT/$1.json" > "$OUT/$1.log" 2>&1
   # The block GEMMs at 256 rows, every implementation (~60 rows); at 2 rows the picks.
   grep -E "^\| (qkv|proj|fc1|fc2) \| 256 \| [^|]* \| (custom|tma|wgmma|cublaslt)[a-zA-Z0-9_+ -]* \|" "$OUT/$1.log" | head -n 70
   grep -E "^\| (qkv|proj|fc1|fc2) \| 2 \| [^|]* \| (tma|tma_mc|cublaslt|cublaslt\+bf16 bias|cublaslt product) \|" "$OUT/$1.log" | head -n 24
@@ -170,9 +171,10 @@ phase_issue5() {
     > "$OUT/issue5_fora.log" 2>&1
   tail -n 2 "$OUT/issue5_fora.log"
   # The attention kernels, the untried TMA one included, in a process of their own (ceilings
-  # and every kernel row again: the attention rows are what it is for).
+  # and every kernel row but the GEMMs: the attention and FORA rows are what it is for).
   echo "=== issue 5: kernel rows with the untried attention tma and cache-sum kernels"
-  FORA_BENCH_HOPPER_GEMMS=0 bounded 60 .devpack/bin/fora bench --sections ceilings,kernels --batches 2,256 \
+  # (The GEMM rows are in issue5_fora.json already: FORA_BENCH_KERNELS=other.)
+  FORA_BENCH_KERNELS=other bounded 60 .devpack/bin/fora bench --sections ceilings,kernels --batches 2,256 \
     --json "$OUT/issue5_kernels.json" > "$OUT/issue5_kernels.log" 2>&1
   grep -E "^\| (attention|fora_cache_sum|fora_sum_final|fora_reuse_final) \||^\| (device copy|copy kernel|read kernel|L2 read)|^L2 roofline" \
     "$OUT/issue5_kernels.log" | head -n 48

@@ -381,6 +381,95 @@ pub(super) fn bench_kernels(
     report: &mut Report,
 ) {
     let rotate = rotate_bytes(gpu);
+    // FORA_BENCH_KERNELS=gemm: the GEMM rows only; =other: every row but the GEMMs (a run for
+    // the attention or the FORA kernels need not time the GEMMs again); all (default): both.
+    let (gemms, others) = match std::env::var("FORA_BENCH_KERNELS")
+        .unwrap_or_default()
+        .trim()
+    {
+        "" | "all" => (true, true),
+        "gemm" => (true, false),
+        "other" => (false, true),
+        v => {
+            let e = anyhow::anyhow!("FORA_BENCH_KERNELS must be all, gemm or other, got {v:?}");
+            report.error("kernels", "row selection", &e);
+            return;
+        }
+    };
+    if gemms {
+        bench_gemm_rows(gpu, cfg, rows, timer, report, rotate);
+    }
+    if !others {
+        return;
+    }
+    // The selected implementation ("custom"), then the others worth comparing on this card.
+    let selected = AttentionImpl::selected().map(|a| a.resolve(gpu.compute_capability().0));
+    let attention_row = bench_attention(gpu, cfg, rows, timer, rotate, None);
+    push_kernel(report, "attention", rows, attention_row);
+    // FORA_BENCH_UNTRIED=0 leaves out the kernels not yet run on a GPU (the TMA attention and
+    // the cache sums, last below), as FORA_BENCH_HOPPER_GEMMS=0 does the Hopper GEMMs: a fault
+    // would poison every later row.
+    let untried = std::env::var("FORA_BENCH_UNTRIED").map_or(true, |v| v.trim() != "0");
+    let other_attention = |imp: AttentionImpl| {
+        (!imp.is_wgmma() || gpu.compute_capability().0 == 9)
+            && selected.as_ref().is_ok_and(|s| *s != imp)
+    };
+    for imp in [
+        AttentionImpl::V1,
+        AttentionImpl::Wgmma,
+        AttentionImpl::WgmmaMn,
+    ] {
+        if other_attention(imp) {
+            let row = bench_attention(gpu, cfg, rows, timer, rotate, Some(imp));
+            push_kernel(report, "attention", rows, row);
+        }
+    }
+    let embed_row = bench_patch_embed(gpu, cfg, rows, timer, rotate);
+    push_kernel(report, "patch_embed", rows, embed_row);
+    let sampler_row = bench_sampler_step(gpu, cfg, rows, timer, rotate);
+    push_kernel(report, "sampler_step", rows, sampler_row);
+    let reuse_row = bench_fora_reuse(gpu, cfg, rows, timer, rotate);
+    push_kernel(report, "fora_reuse", rows, reuse_row);
+    for tpt in ReuseTokens::ALL {
+        let fused_row =
+            bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, FusedSource::Cache(tpt));
+        push_kernel(report, "fora_reuse_final", rows, fused_row);
+    }
+    for warps in [RowWarps::One, RowWarps::Four] {
+        let ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, false, warps);
+        push_kernel(report, "layernorm", rows, ln_row);
+        let residual_ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, true, warps);
+        push_kernel(report, "residual_ln", rows, residual_ln_row);
+    }
+    if untried {
+        // FORA_REUSE_SUM's kernels (session 9, not yet run on a GPU), then the TMA attention
+        // (session 8): the never-run rows last.
+        for tokens in [1, 4] {
+            let source = FusedSource::Sum(tokens);
+            let sum_final_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, source);
+            push_kernel(report, "fora_sum_final", rows, sum_final_row);
+        }
+        for count in [1, 2, 4] {
+            let sum_row = bench_fora_cache_sum(gpu, cfg, rows, timer, rotate, count);
+            push_kernel(report, "fora_cache_sum", rows, sum_row);
+        }
+        if other_attention(AttentionImpl::Tma) {
+            let row = bench_attention(gpu, cfg, rows, timer, rotate, Some(AttentionImpl::Tma));
+            push_kernel(report, "attention", rows, row);
+        }
+    }
+}
+
+/// The GEMM rows of `bench_kernels`: every block GEMM, adaLN and final shape, on every
+/// implementation (the never-run ones last).
+fn bench_gemm_rows(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    report: &mut Report,
+    rotate: usize,
+) {
     let shapes = gemm_shapes(cfg, rows);
     let max_mn = shapes.iter().map(|s| s.m * s.n).max().unwrap_or(1);
     let custom = Gemm::new(gpu, GemmImpl::Custom, 0);
@@ -513,62 +602,6 @@ pub(super) fn bench_kernels(
                 stats,
                 launches_per_replay: per_replay,
             });
-        }
-    }
-    // The selected implementation ("custom"), then the others worth comparing on this card.
-    let selected = AttentionImpl::selected().map(|a| a.resolve(gpu.compute_capability().0));
-    let attention_row = bench_attention(gpu, cfg, rows, timer, rotate, None);
-    push_kernel(report, "attention", rows, attention_row);
-    // FORA_BENCH_UNTRIED=0 leaves out the kernels not yet run on a GPU (the TMA attention and
-    // the cache sums, last below), as FORA_BENCH_HOPPER_GEMMS=0 does the Hopper GEMMs: a fault
-    // would poison every later row.
-    let untried = std::env::var("FORA_BENCH_UNTRIED").map_or(true, |v| v.trim() != "0");
-    let other_attention = |imp: AttentionImpl| {
-        (!imp.is_wgmma() || gpu.compute_capability().0 == 9)
-            && selected.as_ref().is_ok_and(|s| *s != imp)
-    };
-    for imp in [
-        AttentionImpl::V1,
-        AttentionImpl::Wgmma,
-        AttentionImpl::WgmmaMn,
-    ] {
-        if other_attention(imp) {
-            let row = bench_attention(gpu, cfg, rows, timer, rotate, Some(imp));
-            push_kernel(report, "attention", rows, row);
-        }
-    }
-    let embed_row = bench_patch_embed(gpu, cfg, rows, timer, rotate);
-    push_kernel(report, "patch_embed", rows, embed_row);
-    let sampler_row = bench_sampler_step(gpu, cfg, rows, timer, rotate);
-    push_kernel(report, "sampler_step", rows, sampler_row);
-    let reuse_row = bench_fora_reuse(gpu, cfg, rows, timer, rotate);
-    push_kernel(report, "fora_reuse", rows, reuse_row);
-    for tpt in ReuseTokens::ALL {
-        let fused_row =
-            bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, FusedSource::Cache(tpt));
-        push_kernel(report, "fora_reuse_final", rows, fused_row);
-    }
-    for warps in [RowWarps::One, RowWarps::Four] {
-        let ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, false, warps);
-        push_kernel(report, "layernorm", rows, ln_row);
-        let residual_ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, true, warps);
-        push_kernel(report, "residual_ln", rows, residual_ln_row);
-    }
-    if untried {
-        // FORA_REUSE_SUM's kernels (session 9, not yet run on a GPU), then the TMA attention
-        // (session 8): the never-run rows last.
-        for tokens in [1, 4] {
-            let source = FusedSource::Sum(tokens);
-            let sum_final_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, source);
-            push_kernel(report, "fora_sum_final", rows, sum_final_row);
-        }
-        for count in [1, 2, 4] {
-            let sum_row = bench_fora_cache_sum(gpu, cfg, rows, timer, rotate, count);
-            push_kernel(report, "fora_cache_sum", rows, sum_row);
-        }
-        if other_attention(AttentionImpl::Tma) {
-            let row = bench_attention(gpu, cfg, rows, timer, rotate, Some(AttentionImpl::Tma));
-            push_kernel(report, "attention", rows, row);
         }
     }
 }
