@@ -464,8 +464,9 @@ def main(argv=None):
     p.add_argument("--torch", default="target/bench_torch.json", help="JSON of bench_torch.py")
     p.add_argument("--md", default=None, help="also write the Markdown here")
     p.add_argument("--plot", default=None, help="PNG of step latency vs rows (needs matplotlib)")
-    p.add_argument("--gemm", default=None, choices=["custom", "cublaslt"],
-                   help="our GEMM implementation to report (default custom when measured)")
+    p.add_argument("--gemm", default=None, choices=["custom", "cublaslt", "wgmma", "tma", "tma_mc"],
+                   help="our GEMM implementation to report (default custom when measured; "
+                        "the names of `fora bench --gemm`)")
     a = p.parse_args(argv)
     ours = load(a.ours, "fora-bench/1")
     torch = load(a.torch, "fora-bench-torch/1")
