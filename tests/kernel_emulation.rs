@@ -44,6 +44,9 @@ type LaunchFn = unsafe extern "C" fn(
 type EncodeTmaFn =
     unsafe extern "C" fn(*mut c_void, *const c_void, u64, u64, u64, c_uint, c_uint) -> c_int;
 
+/// `fora_emulate_set_lazy_threads(stride)` in tests/emulation/launch.cpp.
+type SetLazyFn = unsafe extern "C" fn(c_uint);
+
 /// Multiprocessors the emulator reports (an H100's), for launch heuristics.
 const EMULATED_SMS: usize = 132;
 /// Dynamic shared memory a block may have (an H100's opt-in limit).
@@ -54,6 +57,7 @@ struct Emulator {
     lib: std::sync::Arc<libloading::Library>,
     launch: LaunchFn,
     encode_tma: EncodeTmaFn,
+    set_lazy: SetLazyFn,
     sms: usize,
 }
 
@@ -65,8 +69,21 @@ impl Emulator {
             lib: self.lib.clone(),
             launch: self.launch,
             encode_tma: self.encode_tma,
+            set_lazy: self.set_lazy,
             sms,
         }
+    }
+
+    /// Runs `f` with lazy threads on this OS thread: thread t of every block with t % stride ==
+    /// stride - 1 runs only when no other thread can move (launch.cpp's is_lazy), so a thread
+    /// whose waits nothing keeps in step falls behind as it may on a GPU.
+    fn with_lazy_threads<T>(&self, stride: u32, f: impl FnOnce() -> T) -> T {
+        // SAFETY: sets a thread_local of the emulator library.
+        unsafe { (self.set_lazy)(stride) };
+        let out = f();
+        // SAFETY: as above.
+        unsafe { (self.set_lazy)(0) };
+        out
     }
 }
 
@@ -404,11 +421,14 @@ fn load() -> Result<Option<Emulator>> {
     // SAFETY: as above.
     let encode_tma: EncodeTmaFn =
         unsafe { *lib.get::<EncodeTmaFn>(b"fora_emulate_encode_tma_2d\0")? };
+    // SAFETY: as above.
+    let set_lazy: SetLazyFn = unsafe { *lib.get::<SetLazyFn>(b"fora_emulate_set_lazy_threads\0")? };
     Ok(Some(Emulator {
         lib: std::sync::Arc::new(lib),
         sms: EMULATED_SMS,
         launch,
         encode_tma,
+        set_lazy,
     }))
 }
 
@@ -822,6 +842,98 @@ fn emulated_gemm() -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// The mbarrier-paced kernels (the TMA attention, the TMA GEMMs plain and multicast, the
+/// probes) with lazy threads: every fifth thread of a block runs only when no other can, so
+/// a thread that waits on an mbarrier it never arrives on falls behind by as many phases as
+/// the kernel lets it. A parity wait that is two phases stale waits for a phase that may never
+/// come (a hang on a GPU, a deadlock here): `attention_tma`'s idle producer threads did that
+/// before they left the loop.
+#[test]
+fn emulated_lazy_threads() -> Result<()> {
+    use attention_cases::{run_case_sized, Shape};
+    use fora::cuda::attention::AttentionImpl;
+    let Some(emu) = emulator("emulated_lazy_threads") else {
+        return Ok(());
+    };
+    emu.with_lazy_threads(5, || -> Result<()> {
+        for (i, (batch, heads, tokens, head_dim)) in
+            [(2, 1, 130, 64), (1, 2, 65, 72), (1, 1, 77, 128)]
+                .into_iter()
+                .enumerate()
+        {
+            let s = Shape {
+                batch,
+                heads,
+                tokens,
+                head_dim,
+            };
+            let name =
+                format!("lazy threads: attention tma B={batch} H={heads} T={tokens} d={head_dim}");
+            run_case_sized(emu, &name, s, 1.0, 300 + i as u64, AttentionImpl::Tma, 1)?;
+        }
+        attention_cases::run_tma_probe(emu, 63)?;
+        attention_cases::run_tma_cluster_probe(emu, 64)?;
+        lazy_gemm_cases(emu)
+    })
+}
+
+/// The TMA GEMM tiles (plain on one SM, multicast on two clusters) on one small shape with
+/// every unit of a CTA's persistent loop, against the f64 product (bias epilogue, bf16 out).
+fn lazy_gemm_cases(emu: &Emulator) -> Result<()> {
+    use fora::cuda::gemm::{launch_tma, Epilogue, TmaTile};
+    use fora::cuda::params::GemmParams;
+    use fora::cuda::testing::{check_close, round_bf16, TestRng};
+    let (m, n, k) = (300usize, 392usize, 200usize);
+    let mut rng = TestRng::new(11);
+    let a = round_bf16(&rng.normal_vec(m * k, 1.0));
+    let w = round_bf16(&rng.normal_vec(n * k, 1.0 / (k as f32).sqrt()));
+    let bias = rng.normal_vec(n, 0.5);
+    let want: Vec<f32> = (0..m * n)
+        .map(|i| {
+            let (r, c) = (i / n, i % n);
+            let dot: f64 = (0..k)
+                .map(|j| a[r * k + j] as f64 * w[c * k + j] as f64)
+                .sum();
+            (dot + bias[c] as f64) as f32
+        })
+        .collect();
+    let (a_d, w_d, bias_d) = (
+        emu.upload_bf16(&a)?,
+        emu.upload_bf16(&w)?,
+        emu.upload_f32(&bias)?,
+    );
+    for tile in TmaTile::ALL {
+        let out = emu.poisoned_bf16(m * n)?;
+        let p = GemmParams {
+            a: a_d.addr(),
+            w: w_d.addr(),
+            bias: bias_d.addr(),
+            out: out.addr(),
+            cache: 0,
+            gate: 0,
+            m: m as i32,
+            n: n as i32,
+            k: k as i32,
+            lda: k as i32,
+            ldw: k as i32,
+            ldo: n as i32,
+            ldc: n as i32,
+            ldg: 0,
+            rows_per_gate: 1,
+            epilogue: Epilogue::BiasBf16.raw(),
+        };
+        let sms = if tile.cluster() > 1 { 4 } else { 1 };
+        launch_tma(&emu.with_sms(sms), &p, tile, 1, None)?;
+        check_close(
+            &format!("lazy threads: TMA GEMM {tile:?}"),
+            &emu.download_bf16(&out)?,
+            &want,
+            1e-2,
+        )?;
     }
     Ok(())
 }

@@ -301,6 +301,18 @@ void start_block(Launch& l, unsigned rank, uint3 idx) {
     blk.mbarriers.clear();
 }
 
+// Lazy threads (fora_emulate_set_lazy_threads): with stride s > 0, thread t of every block with
+// t % s == s - 1 runs only in rounds where no other thread could move, and then one at a time,
+// the highest first, until one moves: a lazy thread runs only when no eager thread and no
+// higher lazy one can, so it falls as far behind as the kernel's synchronization allows. On a
+// GPU nothing bounds how far a thread that only waits on an mbarrier (and never arrives on one)
+// falls behind, and a parity wait two phases stale waits for a phase that may never come: round
+// robin never shows that, lazy threads do (as a deadlock). Off (0) by default: it costs
+// scheduler rounds.
+thread_local unsigned lazy_stride = 0;
+
+bool is_lazy(unsigned t) { return lazy_stride > 0 && t % lazy_stride == lazy_stride - 1; }
+
 // Runs the cluster whose first block is `first` (its blocks at x, x + 1, ..., same y and z).
 void run_cluster(Launch& l, uint3 first) {
     const unsigned n = l.block;
@@ -308,20 +320,29 @@ void run_cluster(Launch& l, uint3 first) {
     l.cluster_barrier = Barrier{static_cast<int>(n * l.cluster), 0, 0};
     blockDim = {n, 1, 1};
     gridDim = l.grid_dim;
-    // Round robin until every fiber has returned; a waiting fiber re-checks its barrier.
+    // Round robin until every fiber has returned; a waiting fiber re-checks its barrier. The
+    // eager threads first; the lazy ones only when the eager ones did not move.
     for (bool running = true; running;) {
         running = false;
         const unsigned long long before = l.progress;
-        for (unsigned r = 0; r < l.cluster; ++r) {
+        auto run_thread = [&](unsigned r, unsigned t) {
             Block& blk = l.blocks[r];
+            running = true;
+            l.rank = r;
+            l.current = t;
+            threadIdx = {t, 0, 0};
+            blockIdx = blk.idx;
+            swapcontext(&l.scheduler, &blk.fibers[t].context);
+        };
+        for (unsigned r = 0; r < l.cluster; ++r) {
             for (unsigned t = 0; t < n; ++t) {
-                if (blk.fibers[t].done) continue;
-                running = true;
-                l.rank = r;
-                l.current = t;
-                threadIdx = {t, 0, 0};
-                blockIdx = blk.idx;
-                swapcontext(&l.scheduler, &blk.fibers[t].context);
+                if (!l.blocks[r].fibers[t].done && !is_lazy(t)) run_thread(r, t);
+            }
+        }
+        // The lazy threads, highest first, until one moves.
+        for (unsigned r = l.cluster; lazy_stride > 0 && l.progress == before && r-- > 0;) {
+            for (unsigned t = n; l.progress == before && t-- > 0;) {
+                if (!l.blocks[r].fibers[t].done && is_lazy(t)) run_thread(r, t);
             }
         }
         if (running && l.progress == before) {
@@ -637,8 +658,10 @@ void carry_out(const PendingWgmma& op) {
 
 }  // namespace
 
-// Both operands from shared memory: recorded now, carried out at the wait that retires it.
+// Both operands from shared memory: recorded now, carried out at the wait that retires it. The
+// warpgroup's threads issue it together (wgmma.mma_async is warpgroup-collective, .aligned).
 void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b) {
+    wait_at(here().warpgroup_barriers[launch_state->current / 128]);
     PendingWgmma op{};
     op.n = n;
     op.d = d;
@@ -689,6 +712,8 @@ void fora_emulation_wgmma_commit() { here().fibers[launch_state->current].wgmmas
 // waiting thread first yields, as a warp waiting on the tensor cores may be descheduled: the
 // other threads (a TMA producer) run while its wgmmas are in flight, so a shared-memory slot
 // handed back before the wait that retires the wgmmas reading it gets refilled (NaN) too early.
+// The warp's threads then leave the wait together (.sync.aligned): each carries out its part
+// first, so no lane of the warp goes on (and hands a slot back) while another has yet to read it.
 void fora_emulation_wgmma_wait(int pending) {
     ++launch_state->progress;  // not blocked: it runs on at its next turn
     yield_to_scheduler();
@@ -697,6 +722,7 @@ void fora_emulation_wgmma_wait(int pending) {
         for (const PendingWgmma& op : g.committed.front()) carry_out(op);
         g.committed.erase(g.committed.begin());
     }
+    wait_at(here().warp_barriers[launch_state->current / 32]);
 }
 
 namespace {
@@ -883,6 +909,9 @@ void fora_emulation_tma_load_2d_multicast(uint32_t dst, const void* map, int x, 
 // Fills `out` (128 bytes) for a bf16 [rows, cols] tensor with `row_stride_bytes` between rows and
 // a box of box_rows x box_cols, 128-byte swizzle. 0: done; 1: an argument cuTensorMapEncodeTiled
 // would refuse (alignment, stride, box size).
+// The lazy-thread stride of this OS thread's later launches (0: off; see is_lazy).
+extern "C" void fora_emulate_set_lazy_threads(unsigned stride) { lazy_stride = stride; }
+
 extern "C" int fora_emulate_encode_tma_2d(void* out, const void* base, uint64_t cols, uint64_t rows,
                                           uint64_t row_stride_bytes, uint32_t box_cols, uint32_t box_rows) {
     if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || row_stride_bytes % 16 != 0 || cols == 0 || rows == 0 ||
