@@ -719,15 +719,7 @@ fn emulated_gemm() -> Result<()> {
         let bias = rng.normal_vec(n, 0.5);
         let gate = rng.uniform_vec((m / tokens) * n, -1.0, 1.0);
         let residual = rng.normal_vec((m + 1) * ldo, 1.0);
-        let product: Vec<f64> = (0..m * n)
-            .map(|i| {
-                let (r, c) = (i / n, i % n);
-                (0..k)
-                    .map(|j| a[r * k + j] as f64 * w[c * k + j] as f64)
-                    .sum::<f64>()
-                    + bias[c] as f64
-            })
-            .collect();
+        let product = biased_product(&a, &w, &bias, (m, n, k));
         let gelu = |x: f64| {
             0.5 * x * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh())
         };
@@ -741,7 +733,6 @@ fn emulated_gemm() -> Result<()> {
         // The multicast tiles run on 4: two clusters of two, taking every other pair of tiles
         // (M = 70: one tile, its pair computing zero rows; M = 300: two pairs, the second with
         // such a tile).
-        let tma_sms = |t: TmaTile| if t.cluster() > 1 { 4 } else { 1 };
         let tiles: Vec<GemmKernel> = Tile::ALL
             .into_iter()
             .map(GemmKernel::Custom)
@@ -881,25 +872,47 @@ fn emulated_lazy_threads() -> Result<()> {
     })
 }
 
+/// A @ W^T + bias in f64 ([m, k] and [n, k] row-major, bias [n]): the GEMM tests' reference.
+fn biased_product(
+    a: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    (m, n, k): (usize, usize, usize),
+) -> Vec<f64> {
+    (0..m * n)
+        .map(|i| {
+            let (r, c) = (i / n, i % n);
+            (0..k)
+                .map(|j| a[r * k + j] as f64 * w[c * k + j] as f64)
+                .sum::<f64>()
+                + bias[c] as f64
+        })
+        .collect()
+}
+
+/// Emulated SMs for a TMA tile: 1 (its persistent CTA takes every work unit) or, for the
+/// multicast tiles, 4 (two clusters of two).
+fn tma_sms(t: fora::cuda::gemm::TmaTile) -> usize {
+    if t.cluster() > 1 {
+        4
+    } else {
+        1
+    }
+}
+
 /// The TMA GEMM tiles (plain on one SM, multicast on two clusters) on one small shape with
 /// every unit of a CTA's persistent loop, against the f64 product (bias epilogue, bf16 out).
 fn lazy_gemm_cases(emu: &Emulator) -> Result<()> {
-    use fora::cuda::gemm::{launch_tma, Epilogue, TmaTile};
-    use fora::cuda::params::GemmParams;
+    use fora::cuda::gemm::{gemm_params, launch_tma, Epilogue, TmaTile};
     use fora::cuda::testing::{check_close, round_bf16, TestRng};
     let (m, n, k) = (300usize, 392usize, 200usize);
     let mut rng = TestRng::new(11);
     let a = round_bf16(&rng.normal_vec(m * k, 1.0));
     let w = round_bf16(&rng.normal_vec(n * k, 1.0 / (k as f32).sqrt()));
     let bias = rng.normal_vec(n, 0.5);
-    let want: Vec<f32> = (0..m * n)
-        .map(|i| {
-            let (r, c) = (i / n, i % n);
-            let dot: f64 = (0..k)
-                .map(|j| a[r * k + j] as f64 * w[c * k + j] as f64)
-                .sum();
-            (dot + bias[c] as f64) as f32
-        })
+    let want: Vec<f32> = biased_product(&a, &w, &bias, (m, n, k))
+        .into_iter()
+        .map(|v| v as f32)
         .collect();
     let (a_d, w_d, bias_d) = (
         emu.upload_bf16(&a)?,
@@ -908,26 +921,17 @@ fn lazy_gemm_cases(emu: &Emulator) -> Result<()> {
     );
     for tile in TmaTile::ALL {
         let out = emu.poisoned_bf16(m * n)?;
-        let p = GemmParams {
-            a: a_d.addr(),
-            w: w_d.addr(),
-            bias: bias_d.addr(),
-            out: out.addr(),
-            cache: 0,
-            gate: 0,
-            m: m as i32,
-            n: n as i32,
-            k: k as i32,
-            lda: k as i32,
-            ldw: k as i32,
-            ldo: n as i32,
-            ldc: n as i32,
-            ldg: 0,
-            rows_per_gate: 1,
-            epilogue: Epilogue::BiasBf16.raw(),
-        };
-        let sms = if tile.cluster() > 1 { 4 } else { 1 };
-        launch_tma(&emu.with_sms(sms), &p, tile, 1, None)?;
+        let p = gemm_params(
+            a_d.addr(),
+            w_d.addr(),
+            bias_d.addr(),
+            out.addr(),
+            m,
+            n,
+            k,
+            Epilogue::BiasBf16,
+        );
+        launch_tma(&emu.with_sms(tma_sms(tile)), &p, tile, 1, None)?;
         check_close(
             &format!("lazy threads: TMA GEMM {tile:?}"),
             &emu.download_bf16(&out)?,

@@ -67,6 +67,8 @@ bounded() {
 # runs one part only (e.g. gpu_gemm:_tma, the never-run TMA GEMM tests). HOPPER_ROWS=0 leaves out
 # the bench and issue5 phases' kernels-only runs of the Hopper GEMMs.
 TESTS=${TESTS:-gpu_small_kernels gpu_attention gpu_gemm gpu_backend cli}
+# The test-name filters that phase_tests runs in processes of their own (see there).
+ISOLATE=${ISOLATE:-_tma sum reuse_final bandwidth}
 
 phase_tests() {
   {
@@ -77,14 +79,13 @@ phase_tests() {
     # "bandwidth", the masked probe): a kernel fault poisons the CUDA context for every later
     # test of its process. Each part's whole output is kept in test_<binary>_<part>.log (in
     # all.tgz); the summary keeps results, errors and the lines after a panic (its message).
-    local entry t parts raw f skips
-    skips=""
-    for f in ${ISOLATE:-_tma sum reuse_final bandwidth}; do skips="$skips --skip $f"; done
+    local entry t parts raw f skips=""
+    for f in $ISOLATE; do skips="$skips --skip $f"; done
     for entry in $TESTS; do
       t=${entry%%:*}
       if [ "$t" = "$entry" ]; then
         parts=("${skips# }")
-        for f in ${ISOLATE:-_tma sum reuse_final bandwidth}; do parts+=("$f"); done
+        for f in $ISOLATE; do parts+=("$f"); done
       else
         parts=("${entry#*:}")
       fi

@@ -584,7 +584,10 @@ fn bench_gemm_rows(
         variants.sort_by_key(|(imp, _)| never_run_gemm(imp));
         for (imp, runner) in variants {
             let timed = timer.time_alone(gpu, n, &runner);
-            log_row(s.name, rows, imp, &timed);
+            log_row(
+                &format!("{} {rows} rows {imp}", s.name),
+                timed.as_ref().map(|(st, _)| Some(st)),
+            );
             let (stats, per_replay) = match timed {
                 Ok((st, n)) => (Some(st), n),
                 Err(e) => {
@@ -611,29 +614,29 @@ fn never_run_gemm(imp: &str) -> bool {
     imp == "tma_mc" || imp.starts_with("tma-mc")
 }
 
-/// One measured row on stderr as soon as it is measured: if a later kernel hangs until the
-/// run is killed, the log still has the rows before it.
-fn log_row<T>(name: &str, rows: usize, imp: &str, timed: &Result<(Stats, T)>) {
-    match timed {
-        Ok((st, _)) => eprintln!("bench: {name} {rows} rows {imp}: {:.4} ms", st.median_ms),
-        Err(e) => eprintln!("bench: {name} {rows} rows {imp}: failed: {e:#}"),
+/// One measured row on stderr as soon as it is measured (`what`: kernel, rows, implementation):
+/// if a later kernel hangs until the run is killed, the log still has the rows before it.
+fn log_row(what: &str, time: std::result::Result<Option<&Stats>, &anyhow::Error>) {
+    match time {
+        Ok(Some(st)) => eprintln!("bench: {what}: {:.4} ms", st.median_ms),
+        Ok(None) => eprintln!("bench: {what}: no time"),
+        Err(e) => eprintln!("bench: {what}: failed: {e:#}"),
     }
 }
 
 fn push_kernel(report: &mut Report, name: &str, rows: usize, r: Result<KernelRow>) {
-    match &r {
-        Ok(row) => match &row.stats {
-            Some(st) => eprintln!(
-                "bench: {name} {rows} rows {}: {:.4} ms",
-                row.imp, st.median_ms
-            ),
-            None => eprintln!("bench: {name} {rows} rows {}: no time", row.imp),
-        },
-        Err(e) => eprintln!("bench: {name} {rows} rows: failed: {e:#}"),
-    }
     match r {
-        Ok(row) => report.kernels.push(row),
-        Err(e) => report.error("kernels", &format!("{name} at {rows} rows"), &e),
+        Ok(row) => {
+            log_row(
+                &format!("{name} {rows} rows {}", row.imp),
+                Ok(row.stats.as_ref()),
+            );
+            report.kernels.push(row);
+        }
+        Err(e) => {
+            log_row(&format!("{name} {rows} rows"), Err(&e));
+            report.error("kernels", &format!("{name} at {rows} rows"), &e);
+        }
     }
 }
 

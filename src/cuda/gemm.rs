@@ -1256,6 +1256,38 @@ fn launch_tiled(
     launch_epilogue(gpu, &epilogue_params(p, ws, splits), gpu.multiprocessors())
 }
 
+/// A plain GEMM's params: dense row-major operands, no cache or gate.
+#[allow(clippy::too_many_arguments)] // the eight numbers of one GEMM, named at every call
+pub fn gemm_params(
+    a: u64,
+    w: u64,
+    bias: u64,
+    out: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    epi: Epilogue,
+) -> GemmParams {
+    GemmParams {
+        a,
+        w,
+        bias,
+        out,
+        cache: 0,
+        gate: 0,
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        lda: k as i32,
+        ldw: k as i32,
+        ldo: n as i32,
+        ldc: n as i32,
+        ldg: 0,
+        rows_per_gate: 1,
+        epilogue: epi.raw(),
+    }
+}
+
 /// The parameters that make a GEMM kernel write split-K slice z's raw f32 partial sums into
 /// slice z of the workspace `splitk` (device address, elements), after checking it holds
 /// `splits` slices of M x N; and the workspace's address.

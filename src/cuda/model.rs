@@ -10,7 +10,7 @@
 
 use super::cublaslt::LtBatch;
 use super::device::{dptr_at, KernelLauncher, L2SetAside, L2Window};
-use super::gemm::{Epilogue, Gemm, GemmImpl};
+use super::gemm::{gemm_params, Epilogue, Gemm, GemmImpl};
 use super::params::{
     AttentionParams, ForaCacheSumParams, ForaReuseFinalParams, ForaReuseParams, GemmParams,
     LabelSiluParams, LayerNormModulateParams, PatchEmbedParams, ResidualLayerNormParams,
@@ -426,38 +426,6 @@ pub fn cache_sum_params(cfg: &DitConfig, rows: usize) -> ForaCacheSumParams {
         gate_msa_col: (2 * d) as i32,
         gate_mlp_col: (5 * d) as i32,
         count: 1,
-    }
-}
-
-/// A plain GEMM's params: dense row-major operands, no cache or gate.
-#[allow(clippy::too_many_arguments)] // the eight numbers of one GEMM, named at every call
-fn gemm_params(
-    a: u64,
-    w: u64,
-    bias: u64,
-    out: u64,
-    m: usize,
-    n: usize,
-    k: usize,
-    epi: Epilogue,
-) -> GemmParams {
-    GemmParams {
-        a,
-        w,
-        bias,
-        out,
-        cache: 0,
-        gate: 0,
-        m: m as i32,
-        n: n as i32,
-        k: k as i32,
-        lda: k as i32,
-        ldw: k as i32,
-        ldo: n as i32,
-        ldc: n as i32,
-        ldg: 0,
-        rows_per_gate: 1,
-        epilogue: epi.raw(),
     }
 }
 
