@@ -268,9 +268,13 @@ enum fora_sampler_kind { FORA_SAMPLER_DDPM = 0, FORA_SAMPLER_DDIM = 1 };
  * uncond + cfg_scale * (cond - uncond), the others keep the conditional value. Then the DDPM or
  * DDIM update of src/backend.rs (StepUpdate) in f32, noise z from the `noise` buffer or, when it
  * is 0, Philox normal(seed, noise_stream, flat index in [images, C, H, W]) (src/rng.rs).
- * Kernel sampler_step. */
+ * Kernel sampler_step.
+ * Kernel final_sampler_step: the same update, its model output computed in the kernel by the
+ * model's final Linear, model_out[r, j] = final_b[j] + sum_k xn[r, k] * final_w[j, k] (f32
+ * accumulation), from the final LayerNorm + modulate `xn`; model_out is not read. dim % 32 == 0,
+ * p*p*out_channels a multiple of 8 up to 64, xn and final_w 16-byte aligned. */
 typedef struct SamplerStepParams {
-    fora_ptr model_out; /* f32 [rows * T, p*p*out_channels] */
+    fora_ptr model_out; /* f32 [rows * T, p*p*out_channels] (sampler_step) */
     fora_ptr x;         /* f32 [images, C, H, W], updated in place */
     fora_ptr noise;     /* f32 [images, C, H, W] or 0 (Philox) */
     unsigned long long seed;
@@ -285,6 +289,11 @@ typedef struct SamplerStepParams {
     float sqrt_recip_abar, sqrt_recipm1_abar;
     float post_coef1, post_coef2, max_log, min_log; /* DDPM */
     float sqrt_abar_prev, dir_coef, sigma;          /* DDIM: sqrtf(abar_prev), sqrtf(1 - abar_prev - sigma^2) */
+    /* final_sampler_step only (0 for sampler_step) */
+    fora_ptr xn;        /* bf16 [rows * T, dim]: the final LayerNorm + modulate */
+    fora_ptr final_w;   /* bf16 [p*p*out_channels, dim] */
+    fora_ptr final_b;   /* f32 [p*p*out_channels] */
+    int dim;
 } SamplerStepParams;
 
 /* Unpatchify the final Linear's output into images (the plain forward): out [rows, out_channels,

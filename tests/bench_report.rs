@@ -327,6 +327,7 @@ fn fake_report() -> Report {
             l2_persist: false,
             pdl: false,
             reuse_sum: 2,
+            final_sampler: false,
         },
         attention: "v1".into(),
         cfg_scale: 4.0,

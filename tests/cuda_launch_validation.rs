@@ -11,7 +11,10 @@ use fora::cuda::fora::{
 use fora::cuda::kernels;
 use fora::cuda::norm::{layernorm_modulate_plan, residual_layernorm_plan};
 use fora::cuda::params::*;
-use fora::cuda::sampler::{normal_fill_plan, sampler_step_plan, set_update, unpatchify_plan};
+use fora::cuda::sampler::{
+    final_sampler_step_plan, final_sampler_supported, normal_fill_plan, sampler_step_plan,
+    set_update, unpatchify_plan, update_kernel, update_plan,
+};
 use fora::diffusion::{Diffusion, SamplerKind};
 
 /// A plausible, 256-byte aligned device address.
@@ -64,6 +67,7 @@ fn every_small_kernel_is_embedded() {
             "fora_cache_sum_3",
             "fora_cache_sum_4",
             "sampler_step",
+            "final_sampler_step",
             "unpatchify",
             "normal_fill",
         ],
@@ -641,6 +645,53 @@ fn sampler_plans_check_rows_channels_and_coefficients() {
     );
     assert_eq!((p.kind, p.add_noise), (FORA_SAMPLER_DDIM as i32, 0));
     assert!(sampler_step_plan(&p).is_ok());
+
+    // final_sampler_step: the update's checks and the final Linear's; a tile of 8 tokens of
+    // one image a block (256 tokens, 2 images).
+    let f = SamplerStepParams {
+        model_out: 0,
+        xn: P,
+        final_w: P,
+        final_b: P,
+        dim: 1152,
+        ..p
+    };
+    assert_eq!(final_sampler_step_plan(&f).unwrap(), (32, 2, 1));
+    assert_eq!(update_kernel(&f), "final_sampler_step");
+    assert_eq!(update_kernel(&p), "sampler_step");
+    assert!(update_plan(&f).is_ok());
+    assert!(err(final_sampler_step_plan(&SamplerStepParams { rows: 3, ..f })).contains("rows"));
+    assert!(err(final_sampler_step_plan(&SamplerStepParams {
+        dim: 1144,
+        ..f
+    }))
+    .contains("dim 1144"));
+    assert!(err(final_sampler_step_plan(&SamplerStepParams { dim: 0, ..f })).contains("dim"));
+    // p = 4 with learned sigma: 128 outputs a token, more than the kernel's 64.
+    assert!(err(final_sampler_step_plan(&SamplerStepParams {
+        patch: 4,
+        ..f
+    }))
+    .contains("= 128"));
+    assert!(err(final_sampler_step_plan(&SamplerStepParams {
+        xn: P + 8,
+        ..f
+    }))
+    .contains("xn pointer"));
+    assert!(err(final_sampler_step_plan(&SamplerStepParams {
+        final_b: 0,
+        ..f
+    }))
+    .contains("final_b"));
+    assert!(err(final_sampler_step_plan(&SamplerStepParams {
+        images: 70000,
+        rows: 70000,
+        guided_channels: 0,
+        ..f
+    }))
+    .contains("65535"));
+    assert!(!final_sampler_supported(1152, 50) && !final_sampler_supported(1168, 32));
+    assert!(final_sampler_supported(1152, 32) && final_sampler_supported(384, 64));
 
     let u = UnpatchifyParams {
         model_out: P,

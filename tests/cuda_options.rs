@@ -4,7 +4,7 @@
 
 use fora::cuda::CudaOptions;
 
-const SWITCHES: [&str; 14] = [
+const SWITCHES: [&str; 15] = [
     "FORA_PRECOMPUTE_MODULATION",
     "FORA_LT_AUTOTUNE",
     "FORA_FUSED_REUSE",
@@ -19,6 +19,7 @@ const SWITCHES: [&str; 14] = [
     "FORA_LT_SPLITK",
     "FORA_L2_PERSIST",
     "FORA_PDL",
+    "FORA_FINAL_SAMPLER",
 ];
 
 /// The switch `var` of `o`.
@@ -38,6 +39,7 @@ fn switch(o: &CudaOptions, var: &str) -> bool {
         "FORA_LT_SPLITK" => o.lt_splitk,
         "FORA_L2_PERSIST" => o.l2_persist,
         "FORA_PDL" => o.pdl,
+        "FORA_FINAL_SAMPLER" => o.final_sampler,
         other => panic!("test bug: unknown switch {other}"),
     }
 }

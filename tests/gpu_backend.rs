@@ -1250,3 +1250,79 @@ fn unsupported_head_dim_is_refused_clearly() {
     assert!(fora::cuda::backend::supports(&small_cfg()).is_ok());
     assert!(fora::cuda::backend::supports(&DitConfig::official("DiT-XL/2", 32).unwrap()).is_ok());
 }
+
+/// FORA_FINAL_SAMPLER: the final Linear applied by the update kernel (`final_sampler_step`)
+/// instead of a GEMM before `sampler_step`. Sampling (guided and not, FORA N=3, 64 tokens and
+/// 25: a partial tile of 8) must match the CPU and the GEMM path (another summation order), and
+/// with it the whole-step graph must give the bits of the step run kernel by kernel (an update
+/// node left pointing at step 0's coefficients, noise or table shows up here).
+#[test]
+fn gpu_final_sampler_agrees() {
+    use fora::cuda::CudaOptions;
+    for (input, seed) in [(16, 31), (10, 37)] {
+        // hidden 288: a multiple of the kernel's 32-wide k chunks, head_dim 72.
+        let arch = Arch::parse("depth=2,hidden=288,heads=4,patch=2").unwrap();
+        let cfg = DitConfig::from_arch(&arch, 4, input, 10, true).unwrap();
+        let name = format!("gpu_final_sampler_agrees ({input}x{input} latent)");
+        let Some((cpu, mut cuda)) = backends(&name, &cfg, seed) else {
+            return;
+        };
+        assert!(
+            fora::cuda::sampler::final_sampler_supported(cfg.hidden, cfg.patch_out()),
+            "test bug: the shape must take the fused update"
+        );
+        let base = cuda.options();
+        for guidance in [
+            None,
+            Some(Guidance {
+                scale: 4.0,
+                mode: GuidanceMode::Official3,
+            }),
+        ] {
+            let options = SamplerOptions::ddpm(12).with_guidance(guidance);
+            let classes = [3, 9];
+            let want = sample_latents(&cpu, &options, &classes, 5, 3);
+            cuda.set_options(CudaOptions {
+                final_sampler: false,
+                ..base
+            });
+            let gemm_path = sample_latents(&cuda, &options, &classes, 5, 3);
+            cuda.set_options(CudaOptions {
+                final_sampler: true,
+                ..base
+            });
+            let got = sample_latents(&cuda, &options, &classes, 5, 3);
+            let what = format!("{name} guidance={:?}", guidance.map(|g| g.mode));
+            check_close(&format!("{what}: vs CPU"), &got, &want, 5e-2).unwrap();
+            check_close(
+                &format!("{what}: vs the final GEMM"),
+                &got,
+                &gemm_path,
+                1e-2,
+            )
+            .unwrap();
+        }
+        let on = CudaOptions {
+            final_sampler: true,
+            graphs: true,
+            step_graph: true,
+            ..base
+        };
+        assert_same_bits(
+            &mut cuda,
+            &[2, 5],
+            7,
+            (
+                CudaOptions {
+                    graphs: false,
+                    step_graph: false,
+                    ..on
+                },
+                on,
+            ),
+            &format!("{name}: final_sampler_step in the step graph"),
+            |o, ws| assert_eq!(ws.uses_step_graphs(), o.step_graph),
+        );
+        cuda.set_options(base);
+    }
+}

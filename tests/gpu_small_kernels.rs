@@ -106,6 +106,14 @@ fn gpu_sampler_step() -> Result<()> {
 }
 
 #[test]
+fn gpu_final_sampler_step() -> Result<()> {
+    let Some(gpu) = test_gpu("gpu_final_sampler_step") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_final_sampler_step(&gpu)
+}
+
+#[test]
 fn gpu_unpatchify() -> Result<()> {
     let Some(gpu) = test_gpu("gpu_unpatchify") else {
         return Ok(());

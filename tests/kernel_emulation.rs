@@ -511,6 +511,14 @@ fn emulated_sampler_step() -> Result<()> {
 }
 
 #[test]
+fn emulated_final_sampler_step() -> Result<()> {
+    let Some(emu) = emulator("emulated_final_sampler_step") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_final_sampler_step(emu)
+}
+
+#[test]
 fn emulated_unpatchify() -> Result<()> {
     let Some(emu) = emulator("emulated_unpatchify") else {
         return Ok(());

@@ -141,6 +141,14 @@ pub struct CudaOptions {
     /// elsewhere it is not used. k sums of rows x T x D f32 (and, without precomputed tables,
     /// k gate tables) of device memory. Off by default: not yet run on a GPU.
     pub reuse_sum: usize,
+    /// A step's sampler update applies the model's final Linear itself: one
+    /// `final_sampler_step` launch (mma.sync, the model output kept in shared memory) instead
+    /// of the final GEMM and `sampler_step` (`FORA_FINAL_SAMPLER=1`: on). For the final Linear
+    /// of every DiT/2 (N = 32, K = 1152: cuBLASLt took 4.4 us at 2 rows and 43.5 us at 256 on
+    /// an H200) and its f32 output's round trip; where the model's sizes do not allow it
+    /// ([`super::sampler::final_sampler_supported`]) the step runs as without. The same maths,
+    /// summed in another order. Off by default: not yet run on a GPU.
+    pub final_sampler: bool,
 }
 
 impl CudaOptions {
@@ -148,7 +156,7 @@ impl CudaOptions {
     /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_FUSED_FINAL`, `FORA_SIDE_STREAM`,
     /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`,
     /// `FORA_STEP_GRAPH`, `FORA_REUSE_TABLE_IN_PLACE`, `FORA_LT_SPLITK`, `FORA_L2_PERSIST`,
-    /// `FORA_PDL` and `FORA_REUSE_SUM`.
+    /// `FORA_PDL`, `FORA_REUSE_SUM` and `FORA_FINAL_SAMPLER`.
     pub fn from_env() -> Result<CudaOptions> {
         // A 0/1 switch; unset or empty keeps the default, anything else is refused.
         let flag = |var: &str, default: bool| match std::env::var(var) {
@@ -178,6 +186,7 @@ impl CudaOptions {
             lt_splitk: flag("FORA_LT_SPLITK", false)?,
             l2_persist: flag("FORA_L2_PERSIST", false)?,
             pdl: flag("FORA_PDL", false)?,
+            final_sampler: flag("FORA_FINAL_SAMPLER", false)?,
             reuse_sum: match std::env::var("FORA_REUSE_SUM") {
                 Err(_) => 0,
                 Ok(v) => match v.trim() {
@@ -554,7 +563,14 @@ impl CudaBackend {
     /// step 0's table (or timesteps), the forward, and the sampler update with step 0's
     /// parameters; [`StepGraph::set_step`] re-points both per step.
     fn capture_steps(&self, ws: &CudaWorkspace) -> Result<Vec<StepGraph>> {
-        let sampler_fn = self.gpu.function("sampler_step")?.cu_function();
+        // The update kernel (sampler_step, or final_sampler_step with the final Linear):
+        // each step re-points its node.
+        let update = if self.final_in_sampler() {
+            "final_sampler_step"
+        } else {
+            "sampler_step"
+        };
+        let sampler_fn = self.gpu.function(update)?.cu_function();
         let ctx = self.gpu.context().cu_ctx();
         let placeholder = |mode| StepSpec {
             k: 0,
@@ -618,7 +634,7 @@ impl CudaBackend {
                         reuse_sum,
                     )?;
                 }
-                super::sampler::sampler_step(&self.gpu, &self.sampler_params(ws, &step)?)
+                super::sampler::sampler_update(&self.gpu, &self.sampler_params(ws, &step)?)
             })?;
             let table_source = if in_place {
                 StepTableSource::InPlace
@@ -753,6 +769,7 @@ impl CudaBackend {
             table,
             fused_reuse: self.options.fused_reuse,
             fused_final: self.options.fused_final,
+            final_linear: !self.final_in_sampler(),
             fused_ln: self.options.fused_ln,
             bias_bf16: self.options.lt_bias_bf16,
             bf16_residual: self.options.bf16_residual,
@@ -886,9 +903,30 @@ impl CudaBackend {
             sqrt_abar_prev: 0.0,
             dir_coef: 0.0,
             sigma: 0.0,
+            xn: 0,
+            final_w: 0,
+            final_b: 0,
+            dim: 0,
         };
+        if self.final_in_sampler() {
+            // final_sampler_step: the model output from the final LayerNorm's output.
+            let (w, b) = self.model.final_linear();
+            p.xn = dptr(&ws.acts.xn);
+            p.final_w = w;
+            p.final_b = b;
+            p.dim = cfg.hidden as i32;
+        }
         super::sampler::set_update(&mut p, &step.update);
         Ok(p)
+    }
+
+    /// Whether a step's update applies the final Linear (`final_sampler_step`, option
+    /// [`CudaOptions::final_sampler`], where the model's sizes allow it) and its forward stops
+    /// before it.
+    fn final_in_sampler(&self) -> bool {
+        let cfg = self.model.config();
+        self.options.final_sampler
+            && super::sampler::final_sampler_supported(cfg.hidden, cfg.patch_out())
     }
 }
 
@@ -1087,7 +1125,7 @@ impl Backend for CudaBackend {
             // The whole step in one launch: re-point the copy and the update, then launch.
             let g = &graphs[(step.mode == StepMode::Reuse) as usize];
             let p = self.sampler_params(ws, step)?;
-            super::sampler::sampler_step_plan(&p)?;
+            super::sampler::update_plan(&p)?;
             // The graph updates are raw driver calls: make the context current on this thread
             // (a step may run on another thread than the one that built the workspace).
             self.gpu
@@ -1159,9 +1197,9 @@ impl Backend for CudaBackend {
         if step.mode == StepMode::Compute {
             ws.cache_valid = true;
         }
-        let _update = crate::nvtx_range!("sampler_step");
         let p = self.sampler_params(ws, step)?;
-        super::sampler::sampler_step(&self.gpu, &p)
+        let _update = crate::nvtx_range!("{}", super::sampler::update_kernel(&p));
+        super::sampler::sampler_update(&self.gpu, &p)
     }
 
     fn latents(&self, ws: &mut CudaWorkspace) -> Result<Vec<f32>> {

@@ -43,6 +43,10 @@ pub struct ForwardKind {
     /// With `fused_reuse`: the final Linear in the same launch where the picked variant holds
     /// one token a thread; without, the final GEMM runs after it.
     pub fused_final: bool,
+    /// Apply the final Linear (into `acts.final_out`). Without, the forward ends at the final
+    /// LayerNorm + modulate (`acts.xn`): the sampler's `final_sampler_step` applies the Linear
+    /// itself ([`GpuModel::final_linear`]).
+    pub final_linear: bool,
     /// With cuBLASLt GEMMs: proj's and fc2's residual epilogue and the LayerNorm after each as
     /// one `residual_layernorm` launch (instead of the epilogue kernel and layernorm_modulate).
     /// The same numbers up to the residual's FMA contraction and the LayerNorm's summation order.
@@ -205,6 +209,12 @@ impl GpuModel {
     pub fn config(&self) -> &DitConfig {
         &self.cfg
     }
+
+    /// The final Linear's device weight (bf16 [p*p*out_channels, D]) and bias (f32), for an
+    /// update kernel that applies it (`final_sampler_step`).
+    pub fn final_linear(&self) -> (u64, u64) {
+        (dptr(&self.final_w), dptr(&self.final_b))
+    }
 }
 
 /// Columns of the modulation table: 6D per block, then the final layer's shift and scale.
@@ -273,7 +283,8 @@ pub struct Activations {
     pub modulation: CudaSlice<f32>,
     /// The residual stream, f32 [rows*T, D].
     pub x: CudaSlice<f32>,
-    xn: CudaSlice<bf16>,
+    /// A LayerNorm + modulate's output, bf16 [rows*T, D]: after a forward, the final layer's.
+    pub xn: CudaSlice<bf16>,
     qkv: CudaSlice<bf16>,
     attn: CudaSlice<bf16>,
     hidden: CudaSlice<bf16>,
@@ -672,6 +683,7 @@ impl GpuModel {
             table,
             fused_reuse,
             fused_final,
+            final_linear,
             fused_ln,
             bias_bf16,
             bf16_residual,
@@ -737,6 +749,7 @@ impl GpuModel {
         // 3.67 ms with it in the kernel, the kernel alone 2.29 ms, the GEMM 43 us).
         let final_fused = fused
             && fused_final
+            && final_linear
             && super::fora::fused_final_linear_supported(d, cfg.patch_out())
             && super::fora::ReuseTokens::pick(
                 &reuse_final_params(cfg, rows, images),
@@ -1026,6 +1039,10 @@ impl GpuModel {
         if !fused && !fuse_ln {
             // (fora_reuse_final or the last block's residual_layernorm wrote it already.)
             super::norm::layernorm_modulate(gpu, &ln(acts, fin, fin + d))?;
+        }
+        if !final_linear {
+            // The sampler update applies it (final_sampler_step reads acts.xn).
+            return Ok(());
         }
         gemm.run(
             gpu,

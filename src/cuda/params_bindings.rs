@@ -865,10 +865,14 @@ pub struct SamplerStepParams {
     pub sqrt_abar_prev: f32,
     pub dir_coef: f32,
     pub sigma: f32,
+    pub xn: fora_ptr,
+    pub final_w: fora_ptr,
+    pub final_b: fora_ptr,
+    pub dim: ::std::os::raw::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of SamplerStepParams"][::std::mem::size_of::<SamplerStepParams>() - 128usize];
+    ["Size of SamplerStepParams"][::std::mem::size_of::<SamplerStepParams>() - 160usize];
     [
         "Alignment of SamplerStepParams",
     ][::std::mem::align_of::<SamplerStepParams>() - 8usize];
@@ -950,6 +954,18 @@ const _: () = {
     [
         "Offset of field: SamplerStepParams::sigma",
     ][::std::mem::offset_of!(SamplerStepParams, sigma) - 120usize];
+    [
+        "Offset of field: SamplerStepParams::xn",
+    ][::std::mem::offset_of!(SamplerStepParams, xn) - 128usize];
+    [
+        "Offset of field: SamplerStepParams::final_w",
+    ][::std::mem::offset_of!(SamplerStepParams, final_w) - 136usize];
+    [
+        "Offset of field: SamplerStepParams::final_b",
+    ][::std::mem::offset_of!(SamplerStepParams, final_b) - 144usize];
+    [
+        "Offset of field: SamplerStepParams::dim",
+    ][::std::mem::offset_of!(SamplerStepParams, dim) - 152usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

@@ -80,13 +80,22 @@ pub fn set_update(p: &mut SamplerStepParams, update: &StepUpdate) {
 /// Validates `p` and returns the grid of [`sampler_step`].
 pub fn sampler_step_plan(p: &SamplerStepParams) -> Result<(u32, u32, u32)> {
     const K: &str = "sampler_step";
+    check_update(K, p)?;
+    check_ptr(K, "model_out", p.model_out, 4)?;
+    let total = p.images as i64 * p.channels as i64 * p.height as i64 * p.width as i64;
+    Ok((grid_x(K, total, STEP_THREADS as i64 * 4)?, 1, 1))
+}
+
+/// The update's part of `p`, shared by both update kernels: geometry, guidance, coefficients,
+/// the latents and the noise buffer.
+fn check_update(kernel: &str, p: &SamplerStepParams) -> Result<()> {
     check_latent_grid(
-        K,
+        kernel,
         [p.images, p.rows, p.channels, p.height, p.width, p.patch],
     )?;
     ensure!(
         p.rows == p.images || p.rows as i64 == 2 * p.images as i64,
-        "{K}: rows {} must be images {} (no guidance) or 2*images (guidance)",
+        "{kernel}: rows {} must be images {} (no guidance) or 2*images (guidance)",
         p.rows,
         p.images
     );
@@ -97,26 +106,26 @@ pub fn sampler_step_plan(p: &SamplerStepParams) -> Result<(u32, u32, u32)> {
     };
     ensure!(
         p.out_channels == expect_out,
-        "{K}: out_channels {} but channels {} with learn_sigma={} means {expect_out}",
+        "{kernel}: out_channels {} but channels {} with learn_sigma={} means {expect_out}",
         p.out_channels,
         p.channels,
         p.learn_sigma != 0
     );
     ensure!(
         (0..=p.out_channels).contains(&p.guided_channels),
-        "{K}: guided_channels {} is outside 0..={}",
+        "{kernel}: guided_channels {} is outside 0..={}",
         p.guided_channels,
         p.out_channels
     );
     ensure!(
         p.guided_channels == 0 || p.rows != p.images,
-        "{K}: guided_channels {} needs the CFG rows (rows = 2*images)",
+        "{kernel}: guided_channels {} needs the CFG rows (rows = 2*images)",
         p.guided_channels
     );
-    ensure!(p.cfg_scale.is_finite(), "{K}: cfg_scale is not finite");
+    ensure!(p.cfg_scale.is_finite(), "{kernel}: cfg_scale is not finite");
     ensure!(
         p.kind == FORA_SAMPLER_DDPM as i32 || p.kind == FORA_SAMPLER_DDIM as i32,
-        "{K}: kind {} is neither DDPM (0) nor DDIM (1)",
+        "{kernel}: kind {} is neither DDPM (0) nor DDIM (1)",
         p.kind
     );
     let coefs = [
@@ -132,21 +141,19 @@ pub fn sampler_step_plan(p: &SamplerStepParams) -> Result<(u32, u32, u32)> {
     ];
     ensure!(
         coefs.iter().all(|c| c.is_finite()),
-        "{K}: a step coefficient is not finite: {coefs:?}"
+        "{kernel}: a step coefficient is not finite: {coefs:?}"
     );
     if p.kind == FORA_SAMPLER_DDIM as i32 {
         ensure!(
             p.sqrt_recipm1_abar != 0.0,
-            "{K}: DDIM divides by sqrt_recipm1_abar, which is 0"
+            "{kernel}: DDIM divides by sqrt_recipm1_abar, which is 0"
         );
     }
-    check_ptr(K, "model_out", p.model_out, 4)?;
-    check_ptr(K, "x", p.x, 4)?;
+    check_ptr(kernel, "x", p.x, 4)?;
     if p.noise != 0 {
-        check_ptr(K, "noise", p.noise, 4)?;
+        check_ptr(kernel, "noise", p.noise, 4)?;
     }
-    let total = p.images as i64 * p.channels as i64 * p.height as i64 * p.width as i64;
-    Ok((grid_x(K, total, STEP_THREADS as i64 * 4)?, 1, 1))
+    Ok(())
 }
 
 /// One sampler update of the latents `x` in place (see the module docs).
@@ -154,6 +161,85 @@ pub fn sampler_step(gpu: &impl KernelLauncher, p: &SamplerStepParams) -> Result<
     let grid = sampler_step_plan(p)?;
     // SAFETY: validated above.
     unsafe { gpu.launch_kernel("sampler_step", grid, (STEP_THREADS, 1, 1), 0, p) }
+}
+
+/// Threads of a `final_sampler_step` block (kFinalWarps warps in sampler.cu).
+const FINAL_THREADS: u32 = 256;
+/// Tokens of one image a `final_sampler_step` block computes (kFinalTokens in sampler.cu).
+const FINAL_TOKENS: i64 = 8;
+/// The k values of one load in `final_sampler_step` (kFinalChunk): the model width's multiple.
+const FINAL_CHUNK: i32 = 32;
+/// The widest final Linear `final_sampler_step` computes (p*p*out_channels: 8 n-tiles of 8).
+const FINAL_MAX_COLS: i32 = 64;
+
+/// Whether [`final_sampler_step`] computes the final Linear of a model of width `dim` with
+/// `cols` = p*p*out_channels outputs a token (every DiT/2: 1152 x 32).
+pub fn final_sampler_supported(dim: usize, cols: usize) -> bool {
+    dim > 0
+        && dim.is_multiple_of(FINAL_CHUNK as usize)
+        && cols > 0
+        && cols.is_multiple_of(8)
+        && cols <= FINAL_MAX_COLS as usize
+}
+
+/// Validates `p` and returns the grid of [`final_sampler_step`].
+pub fn final_sampler_step_plan(p: &SamplerStepParams) -> Result<(u32, u32, u32)> {
+    const K: &str = "final_sampler_step";
+    check_update(K, p)?;
+    let cols = p.patch as i64 * p.patch as i64 * p.out_channels as i64;
+    check_positive(K, "dim", p.dim.into())?;
+    ensure!(
+        final_sampler_supported(p.dim as usize, cols as usize),
+        "{K}: the final Linear must be {FINAL_CHUNK}k wide (dim {}) with a multiple of 8 up to          {FINAL_MAX_COLS} outputs a token (p*p*out_channels = {cols})",
+        p.dim
+    );
+    check_ptr(K, "xn", p.xn, 16)?;
+    check_ptr(K, "final_w", p.final_w, 16)?;
+    check_ptr(K, "final_b", p.final_b, 4)?;
+    ensure!(
+        p.images <= 65535,
+        "{K}: {} images is more than a grid's y dimension holds (65535)",
+        p.images
+    );
+    let tokens = (p.height / p.patch) as i64 * (p.width / p.patch) as i64;
+    Ok((grid_x(K, tokens, FINAL_TOKENS)?, p.images as u32, 1))
+}
+
+/// One sampler update of the latents `x` in place with the model's final Linear applied in the
+/// same kernel: the model output is `final_b + xn @ final_w^T`, computed from `p.xn` (see
+/// kernels/params.h); `p.model_out` is not read.
+pub fn final_sampler_step(gpu: &impl KernelLauncher, p: &SamplerStepParams) -> Result<()> {
+    let grid = final_sampler_step_plan(p)?;
+    // SAFETY: validated above.
+    unsafe { gpu.launch_kernel("final_sampler_step", grid, (FINAL_THREADS, 1, 1), 0, p) }
+}
+
+/// The update kernel `p` is for: [`final_sampler_step`] when it carries the final layer's
+/// input (`xn`), else [`sampler_step`].
+pub fn update_kernel(p: &SamplerStepParams) -> &'static str {
+    if p.xn != 0 {
+        "final_sampler_step"
+    } else {
+        "sampler_step"
+    }
+}
+
+/// Validates `p` for its update kernel ([`update_kernel`]).
+pub fn update_plan(p: &SamplerStepParams) -> Result<(u32, u32, u32)> {
+    if p.xn != 0 {
+        final_sampler_step_plan(p)
+    } else {
+        sampler_step_plan(p)
+    }
+}
+
+/// One sampler update by the kernel `p` is for ([`update_kernel`]).
+pub fn sampler_update(gpu: &impl KernelLauncher, p: &SamplerStepParams) -> Result<()> {
+    if p.xn != 0 {
+        final_sampler_step(gpu, p)
+    } else {
+        sampler_step(gpu, p)
+    }
 }
 
 /// Validates `p` and returns the grid of [`unpatchify`].

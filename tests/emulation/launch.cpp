@@ -34,6 +34,7 @@ void timestep_embedding(const TimestepEmbedParams p);
 void silu_f32_bf16(const SiluParams p);
 void label_silu(const LabelSiluParams p);
 void sampler_step(const SamplerStepParams p);
+void final_sampler_step(const SamplerStepParams p);
 void unpatchify(const UnpatchifyParams p);
 void normal_fill(const NormalFillParams p);
 void patch_embed(const PatchEmbedParams p);
@@ -375,6 +376,7 @@ Kernel find(const std::string& name) {
     if (name == "silu_f32_bf16") return call<SiluParams, silu_f32_bf16>;
     if (name == "label_silu") return call<LabelSiluParams, label_silu>;
     if (name == "sampler_step") return call<SamplerStepParams, sampler_step>;
+    if (name == "final_sampler_step") return call<SamplerStepParams, final_sampler_step>;
     if (name == "unpatchify") return call<UnpatchifyParams, unpatchify>;
     if (name == "normal_fill") return call<NormalFillParams, normal_fill>;
     if (name == "patch_embed") return call<PatchEmbedParams, patch_embed>;

@@ -24,7 +24,9 @@ use fora::cuda::params::{
     LayerNormModulateParams, NormalFillParams, PatchEmbedParams, ResidualLayerNormParams,
     SamplerStepParams, SiluParams, TimestepEmbedParams, UnpatchifyParams,
 };
-use fora::cuda::sampler::{guided_channels, normal_fill, sampler_step, set_update, unpatchify};
+use fora::cuda::sampler::{
+    final_sampler_step, guided_channels, normal_fill, sampler_step, set_update, unpatchify,
+};
 use fora::cuda::testing::{check_close, round_bf16, DeviceAddr, TestDevice, TestRng};
 use fora::diffusion::{apply_update, Diffusion, SamplerKind};
 
@@ -1320,6 +1322,22 @@ pub fn random_model_out(
 }
 
 pub fn run_sampler_step<D: TestDevice>(gpu: &D, c: &SamplerCase, seed: u64) -> Result<()> {
+    run_update(gpu, c, None, seed)
+}
+
+/// The model output's source in [`run_update`]: the width of the final Linear that
+/// `final_sampler_step` applies (None: `sampler_step` reads a given model output).
+type FinalLinear = Option<usize>;
+
+/// One update case through `sampler_step`, or with `final_linear = Some(dim)` through
+/// `final_sampler_step` (the model output computed in the kernel from random bf16 activations
+/// and weights of width dim, the CPU's in f64 from the same values).
+pub fn run_update<D: TestDevice>(
+    gpu: &D,
+    c: &SamplerCase,
+    final_linear: FinalLinear,
+    seed: u64,
+) -> Result<()> {
     let mut rng = TestRng::new(seed);
     let out_ch = if c.learn_sigma {
         2 * c.channels
@@ -1333,15 +1351,45 @@ pub fn run_sampler_step<D: TestDevice>(gpu: &D, c: &SamplerCase, seed: u64) -> R
     };
     let hw = c.size * c.size;
     let image = c.channels * hw;
-    let model_img = random_model_out(&mut rng, rows, c.channels, out_ch, hw);
-    let tokens = to_tokens(&model_img, rows, out_ch, c.size, c.patch);
-    // The CPU's own unpatchify must give back the image layout (checks to_tokens).
-    let mut back = vec![0f32; model_img.len()];
-    ops::unpatchify(&mut back, &tokens, rows, out_ch, c.size, c.patch);
-    ensure!(
-        back == model_img,
-        "test bug: to_tokens is not the inverse of ops::unpatchify"
-    );
+    let cols = c.patch * c.patch * out_ch;
+    let row_tokens = hw / (c.patch * c.patch);
+    // The final Linear's inputs (final_sampler_step): bf16 activations ~ N(0, 1) and weights
+    // ~ N(0, 1/dim), so that every model value (eps and v alike) is ~ N(0, 1).
+    let linear = final_linear.map(|dim| {
+        let xn = round_bf16(&rng.normal_vec(rows * row_tokens * dim, 1.0));
+        let w = round_bf16(&rng.normal_vec(cols * dim, 1.0 / (dim as f32).sqrt()));
+        let b = rng.normal_vec(cols, 0.1);
+        (dim, xn, w, b)
+    });
+    let (model_img, tokens) = match &linear {
+        None => {
+            let model_img = random_model_out(&mut rng, rows, c.channels, out_ch, hw);
+            let tokens = to_tokens(&model_img, rows, out_ch, c.size, c.patch);
+            // The CPU's own unpatchify must give back the image layout (checks to_tokens).
+            let mut back = vec![0f32; model_img.len()];
+            ops::unpatchify(&mut back, &tokens, rows, out_ch, c.size, c.patch);
+            ensure!(
+                back == model_img,
+                "test bug: to_tokens is not the inverse of ops::unpatchify"
+            );
+            (model_img, tokens)
+        }
+        Some((dim, xn, w, b)) => {
+            // The final Linear in f64, rounded once.
+            let mut tokens = vec![0f32; rows * row_tokens * cols];
+            for (r, out) in tokens.chunks_exact_mut(cols).enumerate() {
+                let x = &xn[r * dim..(r + 1) * dim];
+                for (j, o) in out.iter_mut().enumerate() {
+                    let wj = &w[j * dim..(j + 1) * dim];
+                    let dot: f64 = x.iter().zip(wj).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    *o = (dot + b[j] as f64) as f32;
+                }
+            }
+            let mut model_img = vec![0f32; tokens.len()];
+            ops::unpatchify(&mut model_img, &tokens, rows, out_ch, c.size, c.patch);
+            (model_img, tokens)
+        }
+    };
 
     let x = rng.normal_vec(c.images * image, 1.0);
     let diffusion = Diffusion::new(c.respacing, c.learn_sigma)?;
@@ -1356,7 +1404,21 @@ pub fn run_sampler_step<D: TestDevice>(gpu: &D, c: &SamplerCase, seed: u64) -> R
         z
     };
 
-    let tok_d = gpu.upload_f32(&tokens)?;
+    // sampler_step reads the model output; final_sampler_step gets a poisoned one it must not
+    // read, and the final Linear's inputs.
+    let tok_d = match linear {
+        None => gpu.upload_f32(&tokens)?,
+        Some(_) => gpu.poisoned_f32(tokens.len())?,
+    };
+    let linear_d = match &linear {
+        None => None,
+        Some((dim, xn, w, b)) => Some((
+            *dim,
+            gpu.upload_bf16(xn)?,
+            gpu.upload_bf16(w)?,
+            gpu.upload_f32(b)?,
+        )),
+    };
     let x_d = gpu.upload_f32(&x)?;
     let noise_d = gpu.upload_f32(&noise)?;
     let mut p = SamplerStepParams {
@@ -1378,7 +1440,16 @@ pub fn run_sampler_step<D: TestDevice>(gpu: &D, c: &SamplerCase, seed: u64) -> R
         ..Default::default()
     };
     set_update(&mut p, &update);
-    sampler_step(gpu, &p)?;
+    match &linear_d {
+        None => sampler_step(gpu, &p)?,
+        Some((dim, xn, w, b)) => {
+            p.xn = xn.addr();
+            p.final_w = w.addr();
+            p.final_b = b.addr();
+            p.dim = *dim as i32;
+            final_sampler_step(gpu, &p)?
+        }
+    }
     let got = gpu.download_f32(&x_d)?;
 
     // CPU twin: guidance as the CPU backend (ops::guide), then diffusion::apply_update.
@@ -1412,7 +1483,11 @@ pub fn run_sampler_step<D: TestDevice>(gpu: &D, c: &SamplerCase, seed: u64) -> R
         }
     );
     let what = format!(
-        "sampler_step B={} C={} {}px p={} sigma={} guidance={:?} {} {:?} i={} noise={}",
+        "{} B={} C={} {}px p={} sigma={} guidance={:?} {} {:?} i={} noise={}",
+        match final_linear {
+            None => "sampler_step".to_string(),
+            Some(dim) => format!("final_sampler_step dim={dim}"),
+        },
         c.images,
         c.channels,
         c.size,
@@ -1430,6 +1505,12 @@ pub fn run_sampler_step<D: TestDevice>(gpu: &D, c: &SamplerCase, seed: u64) -> R
             "philox"
         }
     );
+    if final_linear.is_some() {
+        // The kernel's f32 sums of the final Linear against the f64 one: ~1e-6 of each model
+        // value, through the update's coefficients.
+        check_close(&what, &got, &want, 1e-4)?;
+        return check_elementwise(&what, &got, &want, 1e-4, 1e-4);
+    }
     // Identical f32 operations; only log/cos/sin/exp may round differently (noise, sigma).
     check_close(&what, &got, &want, 1e-5)?;
     check_elementwise(&what, &got, &want, 1e-5, 1e-5)
@@ -1437,6 +1518,60 @@ pub fn run_sampler_step<D: TestDevice>(gpu: &D, c: &SamplerCase, seed: u64) -> R
 
 /// Every case of sampler_step.
 pub fn check_sampler_step<D: TestDevice>(gpu: &D) -> Result<()> {
+    for (k, c) in sampler_cases().iter().enumerate() {
+        run_sampler_step(gpu, c, 60 + k as u64)?;
+    }
+    Ok(())
+}
+
+/// final_sampler_step: the update cases whose final Linear it computes (p*p*out_channels a
+/// multiple of 8 up to 64) at DiT-XL/2's width, and odd ones: token counts that leave a
+/// partial tile of 8 (25, 9), 8 and 24 outputs a token (one and three n-tiles), and widths of
+/// one chunk of 32 (fewer chunks than warps), three, and 25 (a partial group of loads).
+pub fn check_final_sampler_step<D: TestDevice>(gpu: &D) -> Result<()> {
+    let official = Some(Guidance {
+        scale: 4.0,
+        mode: GuidanceMode::Official3,
+    });
+    let mut cases: Vec<(SamplerCase, usize)> = sampler_cases()
+        .into_iter()
+        .filter(|c| {
+            let out_ch = if c.learn_sigma { 2 } else { 1 } * c.channels;
+            fora::cuda::sampler::final_sampler_supported(1152, c.patch * c.patch * out_ch)
+        })
+        .map(|c| (c, 1152))
+        .collect();
+    ensure!(
+        cases.len() >= 6,
+        "test bug: the DiT cases must take the fused update"
+    );
+    let odd = |images, channels, size, learn_sigma, guidance, i| SamplerCase {
+        images,
+        channels,
+        size,
+        patch: 2,
+        learn_sigma,
+        guidance,
+        respacing: "250",
+        kind: SamplerKind::Ddpm,
+        i,
+        noise_buffer: false,
+    };
+    // 25 tokens, 32 outputs, one chunk of k.
+    cases.push((odd(2, 4, 10, true, official, 120), 32));
+    // 9 tokens, 8 outputs (C = 1: official guidance covers the variance too), three chunks.
+    cases.push((odd(3, 1, 6, true, official, 248), 96));
+    // 64 tokens, 24 outputs, no guidance, 25 chunks.
+    cases.push((odd(2, 3, 16, true, None, 0), 800));
+    for (k, (c, dim)) in cases.iter().enumerate() {
+        run_update(gpu, c, Some(*dim), 90 + k as u64)?;
+    }
+    Ok(())
+}
+
+/// The update cases of sampler_step: DiT shapes, every guidance mode and update kind, and odd
+/// shapes.
+pub fn sampler_cases() -> Vec<SamplerCase> {
     let official = Some(Guidance {
         scale: 4.0,
         mode: GuidanceMode::Official3,
@@ -1550,10 +1685,7 @@ pub fn check_sampler_step<D: TestDevice>(gpu: &D) -> Result<()> {
             noise_buffer: false,
         },
     ];
-    for (k, c) in cases.iter().enumerate() {
-        run_sampler_step(gpu, c, 60 + k as u64)?;
-    }
-    Ok(())
+    cases.into()
 }
 
 pub struct UnpatchCase {
