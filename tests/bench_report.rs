@@ -408,6 +408,34 @@ fn fake_report() -> Report {
                 68e6,
                 Some(0.020),
             ),
+            // The step's end: the final GEMM (cuBLASLt) and sampler_step against
+            // final_sampler_step; at 256 rows only the latter, so no line.
+            kernel("final", "cublaslt", 2, Bound::Compute, 3.8e7, Some(0.0044)),
+            kernel("final", "custom", 2, Bound::Compute, 3.8e7, Some(0.0030)),
+            kernel(
+                "sampler_step",
+                "custom",
+                2,
+                Bound::Memory,
+                1e5,
+                Some(0.0030),
+            ),
+            kernel(
+                "final_sampler_step",
+                "custom",
+                2,
+                Bound::Memory,
+                1.3e6,
+                Some(0.0025),
+            ),
+            kernel(
+                "final_sampler_step",
+                "custom",
+                256,
+                Bound::Memory,
+                1.6e8,
+                Some(0.040),
+            ),
             // Not all three parts measured at 256 rows: no comparison line.
             kernel(
                 "fora_reuse_final",
@@ -551,6 +579,15 @@ fn report_markdown_and_json() {
         "{md}"
     );
     assert!(!md.contains("Reuse forward at 256 rows"), "{md}");
+    // The cuBLASLt final GEMM (not our custom one) + sampler_step.
+    assert!(
+        md.contains(
+            "Step end at 2 rows: final_sampler_step 2.5 us vs the final GEMM (cuBLASLt) + \
+             sampler_step 7.4 us (2.96x)."
+        ),
+        "{md}"
+    );
+    assert!(!md.contains("Step end at 256 rows"), "{md}");
     assert!(
         md.contains(&format!("| custom | 256 | 120.000 | {t256:.1} |")),
         "{md}"

@@ -22,8 +22,8 @@
 #   racecheck  racecheck over the kernel tests, our kernels only (RACECHECK_RUNS overrides);
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
-#              "default reuse_sum reuse_sum_in_place f32_product attention_tma reuse_in_place
-#              side_stream pdl tma tma_mc"; "all"
+#              "default reuse_sum reuse_sum_in_place final_sampler new_steps f32_product
+#              attention_tma reuse_in_place side_stream pdl tma tma_mc"; "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
 #              l2_persist, tma_pdl, attention_v1, attention_v2, attention_wgmma,
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
@@ -52,7 +52,7 @@ PHASES=${PHASES:-tests bench torch variants memcheck}
 # one call beside the other phases).
 SANITIZE_FULL=${SANITIZE_FULL:-0}
 # The variants whose default is still to decide (VARIANTS=all: every one).
-VARIANTS=${VARIANTS:-default reuse_sum reuse_sum_in_place f32_product attention_tma reuse_in_place side_stream pdl tma tma_mc}
+VARIANTS=${VARIANTS:-default reuse_sum reuse_sum_in_place final_sampler new_steps f32_product attention_tma reuse_in_place side_stream pdl tma tma_mc}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -344,6 +344,8 @@ phase_variants() {
            "full_table:cublaslt:FORA_REUSE_GATES_ONLY=0" "forward_graph:cublaslt:FORA_STEP_GRAPH=0" \
            "reuse_in_place:cublaslt:FORA_REUSE_TABLE_IN_PLACE=1" "reuse_sum:cublaslt:FORA_REUSE_SUM=2" \
            "reuse_sum_in_place:cublaslt:FORA_REUSE_SUM=2 FORA_REUSE_TABLE_IN_PLACE=1" \
+           "final_sampler:cublaslt:FORA_FINAL_SAMPLER=1" \
+           "new_steps:cublaslt:FORA_FINAL_SAMPLER=1 FORA_REUSE_SUM=2 FORA_REUSE_TABLE_IN_PLACE=1" \
            "fused_final:cublaslt:FORA_FUSED_FINAL=1" "attention_v1:cublaslt:FORA_ATTENTION=v1" \
            "lt_splitk:cublaslt:FORA_LT_SPLITK=1 FORA_BF16_RESIDUAL=0" "l2_persist:cublaslt:FORA_L2_PERSIST=1" \
            "pdl:cublaslt:FORA_PDL=1" "tma_pdl:tma:FORA_PDL=1" \

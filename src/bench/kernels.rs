@@ -20,7 +20,9 @@ use crate::cuda::params::{
     GemmParams, LayerNormModulateParams, PatchEmbedParams, ResidualLayerNormParams,
     SamplerStepParams,
 };
-use crate::cuda::sampler::{guided_channels, sampler_step, set_update};
+use crate::cuda::sampler::{
+    final_sampler_step, final_sampler_supported, guided_channels, sampler_step, set_update,
+};
 use crate::cuda::{dptr, Gpu};
 use crate::diffusion::{Diffusion, SamplerKind};
 use anyhow::{bail, ensure, Context, Result};
@@ -442,8 +444,8 @@ pub(super) fn bench_kernels(
         push_kernel(report, "residual_ln", rows, residual_ln_row);
     }
     if untried {
-        // FORA_REUSE_SUM's kernels (session 9, not yet run on a GPU), then the TMA attention
-        // (session 8): the never-run rows last.
+        // FORA_REUSE_SUM's kernels (session 9, not yet run on a GPU), the TMA attention
+        // (session 8) and final_sampler_step (session 12): the never-run rows last.
         for tokens in [1, 4] {
             let source = FusedSource::Sum(tokens);
             let sum_final_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, source);
@@ -457,6 +459,9 @@ pub(super) fn bench_kernels(
             let row = bench_attention(gpu, cfg, rows, timer, rotate, Some(AttentionImpl::Tma));
             push_kernel(report, "attention", rows, row);
         }
+        // FORA_FINAL_SAMPLER's kernel (session 12).
+        let final_row = bench_final_sampler_step(gpu, cfg, rows, timer, rotate);
+        push_kernel(report, "final_sampler_step", rows, final_row);
     }
 }
 
@@ -869,6 +874,88 @@ fn bench_sampler_step(
             cfg.in_channels,
             cfg.input_size,
             cfg.input_size,
+            bytes as f64 / 1e6
+        ),
+        bound: Bound::Memory,
+        work: bytes as f64,
+        stats: Some(stats),
+        launches_per_replay: per_replay,
+    })
+}
+
+/// The final Linear and the sampler update in one launch (`final_sampler_step`,
+/// FORA_FINAL_SAMPLER): what the final GEMM and `sampler_step` do at the end of a step, with
+/// `rows / 2` images and CFG as `bench_sampler_step`.
+fn bench_final_sampler_step(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    rotate: usize,
+) -> Result<KernelRow> {
+    let images = (rows / 2).max(1);
+    let model_rows = 2 * images;
+    let (d, cols) = (cfg.hidden, cfg.patch_out());
+    ensure!(
+        final_sampler_supported(d, cols),
+        "final_sampler_step does not take {}'s final Linear ({d} x {cols})",
+        cfg.arch_name()
+    );
+    let xn_len = model_rows * cfg.tokens() * d;
+    let img = images * cfg.image_len();
+    // The final LayerNorm's output and the weight read (bf16), x_t read and x_{t-1} written.
+    let bytes = xn_len * 2 + cols * d * 2 + 2 * img * 4;
+    let copies = rotation_copies(bytes, rotate);
+    let mut sets = Vec::with_capacity(copies);
+    for c in 0..copies {
+        let seed = 760 + 10 * c as u64;
+        sets.push((
+            random_bf16(gpu, xn_len, 1.0, seed, "final LayerNorm output")?,
+            random_f32(gpu, img, 1.0, seed + 1, "sampler latents")?,
+        ));
+    }
+    let w = random_bf16(gpu, cols * d, 1.0 / (d as f32).sqrt(), 758, "final weight")?;
+    let b = random_f32(gpu, cols, 0.1, 759, "final bias")?;
+    let diffusion = Diffusion::new("250", cfg.learn_sigma)?;
+    let update = diffusion.step_update(200, SamplerKind::Ddpm)?;
+    let guidance = Guidance {
+        scale: 4.0,
+        mode: GuidanceMode::Official3,
+    };
+    let params = |i: usize| {
+        let (xn, x) = &sets[i % copies];
+        let mut p = SamplerStepParams {
+            x: dptr(x),
+            seed: 1,
+            noise_stream: 49,
+            images: images as i32,
+            rows: model_rows as i32,
+            channels: cfg.in_channels as i32,
+            out_channels: cfg.out_channels() as i32,
+            height: cfg.input_size as i32,
+            width: cfg.input_size as i32,
+            patch: cfg.patch as i32,
+            guided_channels: guided_channels(Some(guidance), cfg.in_channels, cfg.out_channels()),
+            cfg_scale: guidance.scale,
+            learn_sigma: cfg.learn_sigma as i32,
+            xn: dptr(xn),
+            final_w: dptr(&w),
+            final_b: dptr(&b),
+            dim: d as i32,
+            ..Default::default()
+        };
+        set_update(&mut p, &update);
+        p
+    };
+    let (stats, per_replay) =
+        timer.time_alone(gpu, copies, |i| final_sampler_step(gpu, &params(i)))?;
+    Ok(KernelRow {
+        name: "final_sampler_step".into(),
+        imp: "custom".into(),
+        rows: model_rows,
+        shape: format!(
+            "{model_rows}x{} tokens x {d} -> {cols}, {images} image(s) + CFG, {:.1} MB",
+            cfg.tokens(),
             bytes as f64 / 1e6
         ),
         bound: Bound::Memory,

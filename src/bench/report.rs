@@ -541,7 +541,8 @@ impl Report {
         })
     }
 
-    /// Per row count: the fused reuse forward against the three launches it replaces.
+    /// Per row count: the fused reuse forward against the three launches it replaces, and
+    /// final_sampler_step against the final GEMM and sampler_step.
     fn fused_reuse_lines(&self) -> String {
         let us = |name: &str, rows: usize| {
             self.kernels
@@ -567,6 +568,24 @@ impl Report {
                      fora_reuse + layernorm {:.1} us ({:.2}x).\n",
                     a + b + c,
                     (a + b + c) / f
+                );
+            }
+            // The step's end: the final Linear in the update kernel against the final GEMM
+            // (cuBLASLt, its bias fused) and sampler_step.
+            let gemm = self
+                .kernels
+                .iter()
+                .find(|k| k.name == "final" && k.rows == r && k.imp == "cublaslt")
+                .and_then(|k| k.stats.as_ref())
+                .map(|s| s.median_ms * 1e3);
+            if let (Some(f), Some(g), Some(u)) =
+                (us("final_sampler_step", r), gemm, us("sampler_step", r))
+            {
+                s += &format!(
+                    "\nStep end at {r} rows: final_sampler_step {f:.1} us vs the final GEMM \
+                     (cuBLASLt) + sampler_step {:.1} us ({:.2}x).\n",
+                    g + u,
+                    (g + u) / f
                 );
             }
         }
@@ -598,8 +617,8 @@ impl Report {
         );
         s += &format!(
             "{device}, {}. Median of {} runs after {} warm-up runs (CUDA events). CUDA graphs {}{}; \
-             modulation tables precomputed {}; cuBLASLt algorithms {}; reuse steps {}; per-step \
-             tables {}; proj / fc2 epilogues {}; qkv / fc1 bias {}; attention `{}` \
+             modulation tables precomputed {}; cuBLASLt algorithms {}; reuse steps {}; the final \
+             Linear {}; per-step tables {}; proj / fc2 epilogues {}; qkv / fc1 bias {}; attention `{}` \
              (FORA_ATTENTION). FLOPs = 2 x {:.1} GMAC per model row.\n\n",
             self.date,
             self.runs,
@@ -637,6 +656,12 @@ impl Report {
                 "fused, one fora_reuse_final launch"
             } else {
                 "patch_embed + fora_reuse + layernorm_modulate (FORA_FUSED_REUSE=0)"
+            },
+            if self.options.final_sampler {
+                "in the update kernel where the model allows it (final_sampler_step, \
+                 FORA_FINAL_SAMPLER=1)"
+            } else {
+                "a GEMM, then sampler_step"
             },
             match (self.options.side_stream, self.options.reuse_gates_only) {
                 (true, _) => "the next step's on a second stream (FORA_SIDE_STREAM=1)",
