@@ -26,7 +26,7 @@ UNIT_TO_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond":
 # fora's NVTX op ranges (src/cuda/model.rs, src/cuda/backend.rs); anything else is "other".
 OPS = ["conditioning", "next_modulation", "patch_embed", "ln_msa", "qkv", "attention", "proj",
        "ln_mlp", "fc1", "fc2", "residual_ln", "fora_reuse", "fora_reuse_final", "final_layer",
-       "sampler_step"]
+       "sampler_step", "final_sampler_step"]
 STEP_RE = re.compile(r"step (\d+) (compute|full|reuse)")
 ROWS_RE = re.compile(r"rows (\d+)")
 
