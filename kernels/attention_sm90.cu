@@ -52,13 +52,16 @@ namespace {
 // V_MN: V is read MN-major by PV's wgmma (the transpose-B bit), from its stage in the K tile's
 // swizzled panel layout; no V^T, no transpose, one barrier a tile. Otherwise V arrives in its
 // natural layout and is transposed into V^T.
-template <int D, int WG, bool V_MN>
+// STAGES: K/V tiles in the cp.async ring (STAGES - 1 in flight while one is computed): two, or
+// four in the deep variant for small grids (one CTA an SM: one image + CFG), where a tile's load
+// latency is not hidden by other CTAs and 256 keys are four tiles.
+template <int D, int WG, bool V_MN, int STAGES_ = 2>
 struct WgmmaAttentionShape {
     static constexpr int WARPGROUPS = WG;
     static constexpr int THREADS = 128 * WARPGROUPS;
     static constexpr int BLOCK_M = 64 * WARPGROUPS;
     static constexpr int BLOCK_N = 64;  // keys per tile = one 128-byte row of V^T
-    static constexpr int STAGES = 2;
+    static constexpr int STAGES = STAGES_;
     static constexpr int DK = (D + 15) / 16 * 16;  // QK^T depth, padded to the k of 16
     static constexpr int K_PANELS = (DK + 63) / 64;
     static constexpr int CHUNKS = D / 8;  // 16-byte chunks per row in global memory
@@ -122,9 +125,9 @@ FORA_DEVICE void issue_scores(float (&s)[BN / 2], const uint32_t (&q_frag)[KSTEP
     }
 }
 
-template <int D, int WG, bool V_MN>
+template <int D, int WG, bool V_MN, int STAGES>
 FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
-    using S = WgmmaAttentionShape<D, WG, V_MN>;
+    using S = WgmmaAttentionShape<D, WG, V_MN, STAGES>;
     constexpr int BN = S::BLOCK_N;
     constexpr int KSTEPS = S::DK / 16;
 
@@ -303,44 +306,51 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
 
 }  // namespace
 
-#define FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN) attention_wgmma_block<D, WG, V_MN>(p)
+#define FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN, STAGES) attention_wgmma_block<D, WG, V_MN, STAGES>(p)
 #else
 // Not sm_90a: wgmma does not exist; the launcher never launches this.
-#define FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN) \
-    do {                                       \
-        (void)p;                               \
-        __trap();                              \
+#define FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN, STAGES) \
+    do {                                               \
+        (void)p;                                       \
+        __trap();                                      \
     } while (0)
 #endif
 
-// Dynamic shared memory = WgmmaAttentionShape<D, WG, V_MN>::SMEM_BYTES + 1024, the same for both
-// block sizes (src/cuda/attention.rs mirrors it): transposing V, d64 40 KiB, d72 59 KiB, d128
-// 80 KiB; V MN-major, 32, 64 and 64 KiB; + 1 KiB.
+// Dynamic shared memory = WgmmaAttentionShape<D, WG, V_MN, STAGES>::SMEM_BYTES + 1024, the same
+// for both block sizes (src/cuda/attention.rs mirrors it): with two stages, transposing V, d64
+// 40 KiB, d72 59 KiB, d128 80 KiB; V MN-major, 32, 64 and 64 KiB; + 1 KiB (four stages: twice
+// the MN-major figures).
 // attention_wgmma[_mn]_d*: 128 query rows (two warpgroups), two CTAs an SM for d 64 and 72 (at
 // most 128 registers a thread), one for d 128 (its Q fragments and O need more).
 // attention_wgmma[_mn]_m64_d*: 64 query rows (one warpgroup), for grids too small to fill the SMs
 // with 128-row blocks (one image + CFG: 64 blocks); three CTAs an SM (two for d 128).
-#define FORA_ATTENTION_WGMMA_KERNEL(NAME, D, WG, V_MN, MIN_BLOCKS)                                  \
-    extern "C" __global__ void __launch_bounds__(WgmmaAttentionShape<D, WG, V_MN>::THREADS,       \
-                                                 MIN_BLOCKS) NAME(const AttentionParams p) {      \
-        grid_dependency_sync();                                                                   \
-        static_assert(WgmmaAttentionShape<D, WG, V_MN>::SMEM_BYTES + 1024 <= 227 * 1024,          \
-                      "smem too large");                                                          \
-        FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN);                                                   \
+#define FORA_ATTENTION_WGMMA_KERNEL(NAME, D, WG, V_MN, STAGES, MIN_BLOCKS)                          \
+    extern "C" __global__ void __launch_bounds__(WgmmaAttentionShape<D, WG, V_MN, STAGES>::THREADS, \
+                                                 MIN_BLOCKS) NAME(const AttentionParams p) {        \
+        grid_dependency_sync();                                                                     \
+        static_assert(WgmmaAttentionShape<D, WG, V_MN, STAGES>::SMEM_BYTES + 1024 <= 227 * 1024,    \
+                      "smem too large");                                                            \
+        FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN, STAGES);                                             \
     }
 
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d64, 64, 2, false, 2)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d72, 72, 2, false, 2)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d128, 128, 2, false, 1)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d64, 64, 1, false, 3)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d72, 72, 1, false, 3)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d128, 128, 1, false, 2)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_d64, 64, 2, true, 2)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_d72, 72, 2, true, 2)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_d128, 128, 2, true, 1)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d64, 64, 1, true, 3)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d72, 72, 1, true, 3)
-FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d128, 128, 1, true, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d64, 64, 2, false, 2, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d72, 72, 2, false, 2, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_d128, 128, 2, false, 2, 1)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d64, 64, 1, false, 2, 3)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d72, 72, 1, false, 2, 3)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_m64_d128, 128, 1, false, 2, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_d64, 64, 2, true, 2, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_d72, 72, 2, true, 2, 2)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_d128, 128, 2, true, 2, 1)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d64, 64, 1, true, 2, 3)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d72, 72, 1, true, 2, 3)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d128, 128, 1, true, 2, 2)
+// The deep variant (FORA_ATTENTION=wgmma_mn_deep) of the 64-row V-MN-major blocks: four K/V
+// stages, three tiles in flight from the start (all of 256 keys after the first tile's wait);
+// 64 KiB (d64) or 128 KiB (d72, d128) of stages, for grids of at most one block an SM.
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_deep_m64_d64, 64, 1, true, 4, 1)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_deep_m64_d72, 72, 1, true, 4, 1)
+FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_deep_m64_d128, 128, 1, true, 4, 1)
 
 // ---- the persistent TMA kernel (attention_tma_d*, FORA_ATTENTION=tma) -----------------------
 //

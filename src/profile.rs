@@ -9,8 +9,9 @@
 //! them (it does not match start/end ranges). Names used: `sample`, `workspace`,
 //! `step <k> <compute|reuse>`, `conditioning`, `patch_embed`, `block <l>` and per op `ln_msa`,
 //! `qkv`, `attention`, `proj`, `ln_mlp`, `fc1`, `fc2`, then `fora_reuse`, `final_layer`,
-//! `sampler_step` (or `final_sampler_step`). CUDA-graph replays carry only the step ranges (the per-op ranges are
-//! recorded when the graph is captured); `FORA_CUDA_GRAPHS=0` launches op by op under them.
+//! `sampler_step` (or `final_sampler_step`). CUDA-graph replays carry only the step ranges
+//! (the per-op ranges are recorded when the graph is captured); `FORA_CUDA_GRAPHS=0` launches
+//! op by op under them.
 
 use core::ffi::c_char;
 use core::fmt::Write;

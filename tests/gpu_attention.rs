@@ -210,6 +210,16 @@ fn gpu_attention_wgmma_mn_shapes() {
     wgmma_shapes("gpu_attention_wgmma_mn_shapes", AttentionImpl::WgmmaMn);
 }
 
+/// The same on wgmma_mn_deep: its four-stage 64-row blocks where the grid is small (as picked),
+/// wgmma_mn's 128-row blocks otherwise.
+#[test]
+fn gpu_attention_wgmma_mn_deep_shapes() {
+    wgmma_shapes(
+        "gpu_attention_wgmma_mn_deep_shapes",
+        AttentionImpl::WgmmaMnDeep,
+    );
+}
+
 /// The same on the persistent TMA kernels, with one CTA an SM, one CTA, and 7 (every CTA walks
 /// several units: the Q slot and the K/V ring wrap).
 #[test]
@@ -343,6 +353,7 @@ fn gpu_attention_wgmma_refused_off_hopper() {
     for imp in [
         AttentionImpl::Wgmma,
         AttentionImpl::WgmmaMn,
+        AttentionImpl::WgmmaMnDeep,
         AttentionImpl::Tma,
     ] {
         let msg = format!(
@@ -572,6 +583,23 @@ fn attention_wgmma_plan_grid_and_kernels() {
     assert_eq!(
         attention_plan_for(&p, mn).unwrap().shared_mem_bytes,
         2 * (2 * 64 * 128) + 1024
+    );
+
+    // wgmma_mn_deep: four stages in its 64-row blocks (small grids), wgmma_mn's 128-row blocks
+    // and two stages elsewhere.
+    let deep = AttentionImpl::WgmmaMnDeep;
+    let plan = attention_plan_on(&small, deep, 132).expect("valid params");
+    assert_eq!(plan.kernel, "attention_wgmma_mn_deep_m64_d72");
+    assert_eq!(plan.block, (128, 1, 1));
+    assert_eq!(plan.grid, (4, 16, 2));
+    assert_eq!(plan.shared_mem_bytes, 4 * (2 * 2 * 64 * 128) + 1024);
+    assert_eq!(
+        attention_plan_on(&large, deep, 132).unwrap(),
+        attention_plan_on(&large, mn, 132).unwrap()
+    );
+    assert_eq!(
+        attention_plan_for(&valid(), deep).unwrap(),
+        attention_plan_for(&valid(), mn).unwrap()
     );
 
     // TMA: a persistent grid of at most one CTA an SM over (batch, head, 128-query) units;

@@ -1272,6 +1272,22 @@ fn gpu_final_sampler_agrees() {
             "test bug: the shape must take the fused update"
         );
         let base = cuda.options();
+        // The plain forward wants the model output: it runs the final Linear either way.
+        let (x, t, y) = inputs(&cfg, 4, 3);
+        cuda.set_options(CudaOptions {
+            final_sampler: false,
+            ..base
+        });
+        let forward_off = cuda.forward(&x, &t, &y, None).unwrap();
+        cuda.set_options(CudaOptions {
+            final_sampler: true,
+            ..base
+        });
+        let forward_on = cuda.forward(&x, &t, &y, None).unwrap();
+        assert!(
+            forward_on == forward_off,
+            "{name}: the plain forward changed with FORA_FINAL_SAMPLER=1"
+        );
         for guidance in [
             None,
             Some(Guidance {

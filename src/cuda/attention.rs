@@ -5,7 +5,7 @@
 //! proj Linear's input). `out = softmax(q k^T * scale) v` per (batch, head), no mask.
 //!
 //! Kernel families, chosen at run time by [`AttentionImpl`]
-//! (`FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|auto`, read once per process; unset means auto), each
+//! (`FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|wgmma_mn_deep|tma|auto`, read once per process; unset means auto), each
 //! instantiated for head_dim 64, 72 and 128:
 //! - v1 (`attention_d*`): grid `(ceil(T / 64), heads, batch)` blocks of 4 warps, each warp
 //!   owning 16 query rows.
@@ -18,6 +18,8 @@
 //!   one-warpgroup blocks of 64 rows instead (`attention_wgmma_m64_d*`, [`attention_plan_on`]).
 //! - wgmma_mn (Hopper only, `attention_wgmma_mn[_m64]_d*`): the same with PV reading V
 //!   MN-major from its stage (no V^T transpose).
+//! - wgmma_mn_deep (opt-in, Hopper only): wgmma_mn with four K/V stages in its 64-row blocks
+//!   (`attention_wgmma_mn_deep_m64_d*`, small grids), every tile of 256 keys in flight at once.
 //! - tma (opt-in, Hopper only, `attention_tma_d*`): a persistent grid (one CTA an SM) of a
 //!   TMA producer warpgroup and two wgmma consumer warpgroups streaming (batch, head, 128-query)
 //!   units, so that DRAM stays busy between units ([`AttentionTmaParams`]).
@@ -55,6 +57,12 @@ pub enum AttentionImpl {
     /// tiles of 128 keys through a two-slot ring, so loads of the next unit overlap this one's
     /// math. Opt-in: not yet run on a GPU (emulator-checked only).
     Tma,
+    /// [`AttentionImpl::WgmmaMn`] whose 64-row blocks (small grids: one image + CFG) keep four
+    /// K/V tiles in flight instead of one (`attention_wgmma_mn_deep_m64_d*`, one block an SM):
+    /// at one block an SM nothing hides a tile's load latency, and 256 keys are four tiles in
+    /// a row. Larger grids run WgmmaMn's 128-row blocks. Opt-in: not yet run on a GPU
+    /// (emulator-checked only).
+    WgmmaMnDeep,
 }
 
 impl FromStr for AttentionImpl {
@@ -67,10 +75,11 @@ impl FromStr for AttentionImpl {
             "auto" => Ok(AttentionImpl::Auto),
             "wgmma" => Ok(AttentionImpl::Wgmma),
             "wgmma_mn" => Ok(AttentionImpl::WgmmaMn),
+            "wgmma_mn_deep" => Ok(AttentionImpl::WgmmaMnDeep),
             "tma" => Ok(AttentionImpl::Tma),
             other => bail!(
                 "unknown attention implementation {other:?}: expected \"v1\", \"v2\", \"wgmma\", \
-                 \"wgmma_mn\", \"tma\" or \"auto\""
+                 \"wgmma_mn\", \"wgmma_mn_deep\", \"tma\" or \"auto\""
             ),
         }
     }
@@ -81,16 +90,20 @@ impl AttentionImpl {
     pub fn is_wgmma(self) -> bool {
         matches!(
             self,
-            AttentionImpl::Wgmma | AttentionImpl::WgmmaMn | AttentionImpl::Tma
+            AttentionImpl::Wgmma
+                | AttentionImpl::WgmmaMn
+                | AttentionImpl::WgmmaMnDeep
+                | AttentionImpl::Tma
         )
     }
 
     /// The kernel families (every implementation but [`AttentionImpl::Auto`]).
-    pub const ALL: [AttentionImpl; 5] = [
+    pub const ALL: [AttentionImpl; 6] = [
         AttentionImpl::V1,
         AttentionImpl::V2,
         AttentionImpl::Wgmma,
         AttentionImpl::WgmmaMn,
+        AttentionImpl::WgmmaMnDeep,
         AttentionImpl::Tma,
     ];
 
@@ -101,6 +114,7 @@ impl AttentionImpl {
             AttentionImpl::Auto => "auto",
             AttentionImpl::Wgmma => "wgmma",
             AttentionImpl::WgmmaMn => "wgmma_mn",
+            AttentionImpl::WgmmaMnDeep => "wgmma_mn_deep",
             AttentionImpl::Tma => "tma",
         }
     }
@@ -115,7 +129,7 @@ impl AttentionImpl {
         }
     }
 
-    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|tma|auto`, parsed now; unset or empty means
+    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|wgmma_mn_deep|tma|auto`, parsed now; unset or empty means
     /// [`AttentionImpl::Auto`].
     pub fn from_env() -> Result<AttentionImpl> {
         match std::env::var("FORA_ATTENTION") {
@@ -179,18 +193,18 @@ fn smem_bytes(block_m: u32, head_dim: u32) -> u32 {
 }
 
 /// Shared memory of the wgmma kernels for `head_dim` (mirrors `WgmmaAttentionShape` in
-/// attention_sm90.cu): two stages of a K tile (64 rows of 128-byte swizzle panels, one per 64
-/// columns of the head dim rounded up to 16) and a V tile, and 1 KiB to align the base to the
+/// attention_sm90.cu): `stages` stages of a K tile (64 rows of 128-byte swizzle panels, one per
+/// 64 columns of the head dim rounded up to 16) and a V tile, and 1 KiB to align the base to the
 /// 1024-byte swizzle atom. Transposing V (`v_mn` false): V stages of 64 rows of head_dim and a V^T
 /// tile of head_dim rows of 128 bytes; V MN-major: V stages in K's layout, no V^T.
-fn wgmma_smem_bytes(head_dim: u32, v_mn: bool) -> u32 {
+fn wgmma_smem_bytes(head_dim: u32, v_mn: bool, stages: u32) -> u32 {
     let k_panels = (head_dim.div_ceil(16) * 16).div_ceil(64);
     let k_stage = k_panels * ATTENTION_BLOCK_N * 128;
     if v_mn {
-        2 * (2 * k_stage) + 1024
+        stages * (2 * k_stage) + 1024
     } else {
         let v_stage = ATTENTION_BLOCK_N * head_dim * 2;
-        2 * (k_stage + v_stage) + head_dim * 128 + 1024
+        stages * (k_stage + v_stage) + head_dim * 128 + 1024
     }
 }
 
@@ -250,10 +264,12 @@ fn plan(
         AttentionImpl::Tma => (ATTENTION_TMA_BLOCK, TMA_THREADS),
         AttentionImpl::V1 => (ATTENTION_BLOCK_M, THREADS),
         AttentionImpl::V2 => (ATTENTION_V2_BLOCK_M, THREADS),
-        AttentionImpl::Wgmma | AttentionImpl::WgmmaMn if wgmma_m64 => {
+        AttentionImpl::Wgmma | AttentionImpl::WgmmaMn | AttentionImpl::WgmmaMnDeep if wgmma_m64 => {
             (ATTENTION_WGMMA_BLOCK_M / 2, WGMMA_THREADS / 2)
         }
-        AttentionImpl::Wgmma | AttentionImpl::WgmmaMn => (ATTENTION_WGMMA_BLOCK_M, WGMMA_THREADS),
+        AttentionImpl::Wgmma | AttentionImpl::WgmmaMn | AttentionImpl::WgmmaMnDeep => {
+            (ATTENTION_WGMMA_BLOCK_M, WGMMA_THREADS)
+        }
         AttentionImpl::Auto => {
             bail!("attention: AttentionImpl::Auto has no plan of its own; resolve it for a device first")
         }
@@ -274,9 +290,12 @@ fn plan(
         (AttentionImpl::WgmmaMn, 64) if wgmma_m64 => "attention_wgmma_mn_m64_d64",
         (AttentionImpl::WgmmaMn, 72) if wgmma_m64 => "attention_wgmma_mn_m64_d72",
         (AttentionImpl::WgmmaMn, 128) if wgmma_m64 => "attention_wgmma_mn_m64_d128",
-        (AttentionImpl::WgmmaMn, 64) => "attention_wgmma_mn_d64",
-        (AttentionImpl::WgmmaMn, 72) => "attention_wgmma_mn_d72",
-        (AttentionImpl::WgmmaMn, 128) => "attention_wgmma_mn_d128",
+        (AttentionImpl::WgmmaMnDeep, 64) if wgmma_m64 => "attention_wgmma_mn_deep_m64_d64",
+        (AttentionImpl::WgmmaMnDeep, 72) if wgmma_m64 => "attention_wgmma_mn_deep_m64_d72",
+        (AttentionImpl::WgmmaMnDeep, 128) if wgmma_m64 => "attention_wgmma_mn_deep_m64_d128",
+        (AttentionImpl::WgmmaMn | AttentionImpl::WgmmaMnDeep, 64) => "attention_wgmma_mn_d64",
+        (AttentionImpl::WgmmaMn | AttentionImpl::WgmmaMnDeep, 72) => "attention_wgmma_mn_d72",
+        (AttentionImpl::WgmmaMn | AttentionImpl::WgmmaMnDeep, 128) => "attention_wgmma_mn_d128",
         (AttentionImpl::Tma, 64) => "attention_tma_d64",
         (AttentionImpl::Tma, 72) => "attention_tma_d72",
         (AttentionImpl::Tma, 128) => "attention_tma_d128",
@@ -350,8 +369,10 @@ fn plan(
         grid,
         block: (threads, 1, 1),
         shared_mem_bytes: match imp {
-            AttentionImpl::Wgmma => wgmma_smem_bytes(p.head_dim as u32, false),
-            AttentionImpl::WgmmaMn => wgmma_smem_bytes(p.head_dim as u32, true),
+            AttentionImpl::Wgmma => wgmma_smem_bytes(p.head_dim as u32, false, 2),
+            AttentionImpl::WgmmaMn => wgmma_smem_bytes(p.head_dim as u32, true, 2),
+            AttentionImpl::WgmmaMnDeep if wgmma_m64 => wgmma_smem_bytes(p.head_dim as u32, true, 4),
+            AttentionImpl::WgmmaMnDeep => wgmma_smem_bytes(p.head_dim as u32, true, 2),
             AttentionImpl::Tma => tma_smem_bytes(p.head_dim as u32),
             _ => smem_bytes(block_m, p.head_dim as u32),
         },

@@ -145,9 +145,11 @@ pub struct CudaOptions {
     /// `final_sampler_step` launch (mma.sync, the model output kept in shared memory) instead
     /// of the final GEMM and `sampler_step` (`FORA_FINAL_SAMPLER=1`: on). For the final Linear
     /// of every DiT/2 (N = 32, K = 1152: cuBLASLt took 4.4 us at 2 rows and 43.5 us at 256 on
-    /// an H200) and its f32 output's round trip; where the model's sizes do not allow it
-    /// ([`super::sampler::final_sampler_supported`]) the step runs as without. The same maths,
-    /// summed in another order. Off by default: not yet run on a GPU.
+    /// an H200) and its f32 output's round trip. Small batches only, up to
+    /// [`super::sampler::FINAL_SAMPLER_MAX_IMAGES`] images (each block re-reads the weight), and
+    /// where the model's sizes allow it ([`super::sampler::final_sampler_supported`]); elsewhere
+    /// the step runs as without. The same maths, summed in another order. Off by default: not
+    /// yet run on a GPU.
     pub final_sampler: bool,
 }
 
@@ -565,7 +567,7 @@ impl CudaBackend {
     fn capture_steps(&self, ws: &CudaWorkspace) -> Result<Vec<StepGraph>> {
         // The update kernel (sampler_step, or final_sampler_step with the final Linear):
         // each step re-points its node.
-        let update = if self.final_in_sampler() {
+        let update = if self.final_in_sampler(ws.images) {
             "final_sampler_step"
         } else {
             "sampler_step"
@@ -608,6 +610,7 @@ impl CudaBackend {
             let graph = self.capture(&format!("{mode:?} step"), || {
                 if in_place {
                     let kind = self.forward_kind(
+                        ws.images,
                         mode,
                         false,
                         Some(self.step_copy_source(ws, 0)),
@@ -716,7 +719,7 @@ impl CudaBackend {
         reuse_sum: Option<u64>,
     ) -> Result<()> {
         let Some((side, parity)) = side else {
-            let kind = self.forward_kind(mode, with_modulation, None, reuse_sum);
+            let kind = self.forward_kind(images, mode, with_modulation, None, reuse_sum);
             return self
                 .model
                 .forward(&self.gpu, gemm, acts, kind, latents, images);
@@ -742,7 +745,13 @@ impl CudaBackend {
                 TableColumns::All,
             )
         };
-        let kind = self.forward_kind(mode, false, Some(side.table(acts, parity)), reuse_sum);
+        let kind = self.forward_kind(
+            images,
+            mode,
+            false,
+            Some(side.table(acts, parity)),
+            reuse_sum,
+        );
         let forward = self
             .model
             .forward(&self.gpu, gemm, acts, kind, latents, images);
@@ -758,6 +767,7 @@ impl CudaBackend {
 
     fn forward_kind(
         &self,
+        images: usize,
         mode: StepMode,
         with_modulation: bool,
         table: Option<u64>,
@@ -769,7 +779,7 @@ impl CudaBackend {
             table,
             fused_reuse: self.options.fused_reuse,
             fused_final: self.options.fused_final,
-            final_linear: !self.final_in_sampler(),
+            final_linear: !self.final_in_sampler(images),
             fused_ln: self.options.fused_ln,
             bias_bf16: self.options.lt_bias_bf16,
             bf16_residual: self.options.bf16_residual,
@@ -908,7 +918,7 @@ impl CudaBackend {
             final_b: 0,
             dim: 0,
         };
-        if self.final_in_sampler() {
+        if self.final_in_sampler(ws.images) {
             // final_sampler_step: the model output from the final LayerNorm's output.
             let (w, b) = self.model.final_linear();
             p.xn = dptr(&ws.acts.xn);
@@ -920,13 +930,15 @@ impl CudaBackend {
         Ok(p)
     }
 
-    /// Whether a step's update applies the final Linear (`final_sampler_step`, option
-    /// [`CudaOptions::final_sampler`], where the model's sizes allow it) and its forward stops
-    /// before it.
-    fn final_in_sampler(&self) -> bool {
+    /// Whether the steps of `images` images apply the final Linear in their update
+    /// (`final_sampler_step`, option [`CudaOptions::final_sampler`], where the model's sizes
+    /// allow it and the batch is small: [`super::sampler::final_sampler_pays`]) and their
+    /// forwards stop before it.
+    fn final_in_sampler(&self, images: usize) -> bool {
         let cfg = self.model.config();
         self.options.final_sampler
             && super::sampler::final_sampler_supported(cfg.hidden, cfg.patch_out())
+            && super::sampler::final_sampler_pays(images)
     }
 }
 
@@ -1239,14 +1251,13 @@ impl Backend for CudaBackend {
         gpu.stream()
             .memcpy_htod(&y32, &mut acts.labels)
             .context("cannot copy y to the device")?;
-        self.model.forward(
-            gpu,
-            &gemm,
-            &acts,
-            self.forward_kind(StepMode::Compute, true, None, None),
-            &latents,
-            images,
-        )?;
+        // The model output itself is wanted here: the final Linear always runs.
+        let kind = ForwardKind {
+            final_linear: true,
+            ..self.forward_kind(images, StepMode::Compute, true, None, None)
+        };
+        self.model
+            .forward(gpu, &gemm, &acts, kind, &latents, images)?;
         let out = gpu.alloc_zeros::<f32>(n * cfg.out_len(), "the forward output")?;
         let guided = guided_channels(guidance, cfg.in_channels, cfg.out_channels());
         let scale = guidance.map_or(1.0, |g| g.scale);

@@ -182,6 +182,20 @@ pub fn final_sampler_supported(dim: usize, cols: usize) -> bool {
         && cols <= FINAL_MAX_COLS as usize
 }
 
+/// The most images whose steps use [`final_sampler_step`] (with [`final_sampler_supported`]):
+/// each of its blocks reads the whole final weight (74 KB for DiT-XL/2) for 8 tokens, so at
+/// many images its L2 traffic (~3.5 MB an image) passes the final GEMM's, which reads the
+/// weight once per large tile. Up to here the launch's latency is what counts (one image +
+/// CFG: 32 blocks). A guess from the kernels' traffic, to be set from `fora bench`'s
+/// `final_sampler_step` rows against the final GEMM's.
+pub const FINAL_SAMPLER_MAX_IMAGES: usize = 8;
+
+/// Whether a step of `images` images is better served by [`final_sampler_step`] than by the
+/// final GEMM and [`sampler_step`] ([`FINAL_SAMPLER_MAX_IMAGES`]).
+pub fn final_sampler_pays(images: usize) -> bool {
+    images <= FINAL_SAMPLER_MAX_IMAGES
+}
+
 /// Validates `p` and returns the grid of [`final_sampler_step`].
 pub fn final_sampler_step_plan(p: &SamplerStepParams) -> Result<(u32, u32, u32)> {
     const K: &str = "final_sampler_step";
