@@ -304,6 +304,200 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
     store_output_rows<D>(s_o, S::O_STRIDE, 16, q0 + warp * 16, batch, head, p, lane);
 }
 
+// ---- split over the keys (attention_wgmma_mn_split_m64_d*, FORA_ATTENTION=wgmma_mn_split) ----
+//
+// For small grids (one image + CFG: 128 blocks of 64 query rows on 132 SMs, one an SM) the
+// 64-row block's time is a chain of key tiles (256 keys: four), each its QK^T, softmax and PV in
+// turn. Here two warpgroups share the block's 64 query rows and split the key tiles: warpgroup w
+// takes tiles 2i + w, so the chain is half as long, and each keeps its own online softmax (its
+// running max, partial sums and O). At the end warpgroup 1 hands its (O, max, sums) to
+// warpgroup 0 through shared memory, which rescales both to the common max, adds them, and
+// normalizes and stores O as the other kernels do. The merge is per thread: a thread of either
+// warpgroup holds the same rows and columns of the fragments.
+//
+// Tiles arrive in pairs (tiles 2i and 2i + 1 are one cp.async group) through PAIR_STAGES pair
+// slots, PAIR_STAGES - 1 pairs in flight from the start (three slots: every tile of 256 keys).
+// A pair's barrier says that both warpgroups are done with the pair before, whose slot is then
+// refilled. V is read MN-major from its stage (as wgmma_mn).
+template <int D, int PAIR_STAGES>
+FORA_DEVICE void attention_wgmma_split_block(const AttentionParams& p) {
+    // The stage sizes of the 64-row V-MN-major shape, with 2 PAIR_STAGES stages.
+    using S = WgmmaAttentionShape<D, 1, true, 2 * PAIR_STAGES>;
+    constexpr int BN = S::BLOCK_N;
+    constexpr int KSTEPS = S::DK / 16;
+    constexpr int kThreads = 256;       // two warpgroups on the same 64 rows
+    constexpr int kMergeFloats = D / 2 + 4;  // O, then row_max[2] and row_sum[2], of a thread
+    static_assert(64 * S::O_STRIDE * 2 % 16 == 0, "the merge area starts 16-byte aligned");
+    static_assert(64 * S::O_STRIDE * 2 + kMergeFloats * 128 * 4 <= S::SMEM_BYTES,
+                  "output staging and the merge area must fit in the stages");
+
+    FORA_DYNAMIC_SMEM(uint4, attention_split_smem);
+    const uint32_t raw = smem_addr(attention_split_smem);
+    const uint32_t align_pad = ((raw + 1023u) & ~1023u) - raw;
+    unsigned char* base = reinterpret_cast<unsigned char*>(attention_split_smem) + align_pad;
+    const uint32_t base_addr = raw + align_pad;
+    unsigned char* s_k = base;                                  // [STAGES] K tiles
+    unsigned char* s_v = base + S::STAGES * S::K_STAGE_BYTES;   // [STAGES] V tiles (K's layout)
+    const uint32_t k_addr = base_addr;
+    const uint32_t v_addr = base_addr + S::STAGES * S::K_STAGE_BYTES;
+
+    const int tid = threadIdx.x;
+    const int warpgroup = tid >> 7;
+    const int t = tid & 127;  // the thread's place in its warpgroup
+    const int lane = tid & 31;
+    const int warp = t >> 5;  // warp within the warpgroup: query rows 16 warp ..
+    const int g = lane >> 2;
+    const int quad = lane & 3;
+    const int tokens = p.tokens;
+    const int q0 = blockIdx.x * 64;
+    const int head = blockIdx.y;
+    const int batch = blockIdx.z;
+
+    const HeadRows rows_of_head = head_rows<D>(p, batch, head);
+    const size_t row_stride = rows_of_head.row_stride;
+    const int n_tiles = (tokens + BN - 1) / BN;
+    const int n_pairs = (n_tiles + 1) / 2;
+
+    // K and V rows both to their swizzled panel chunks; rows past the last token zero-filled.
+    auto load_tile = [&](int stage, int tile) {
+        unsigned char* dk = s_k + stage * S::K_STAGE_BYTES;
+        unsigned char* dv = s_v + stage * S::V_STAGE_BYTES;
+        for (int c = tid; c < BN * S::CHUNKS; c += kThreads) {
+            const int r = c / S::CHUNKS;
+            const int ch = c - r * S::CHUNKS;
+            const int key = tile * BN + r;
+            const bool in_range = key < tokens;
+            const size_t off = static_cast<size_t>(in_range ? key : 0) * row_stride + ch * 8;
+            const uint32_t swizzled = (ch >> 3) * (BN * 128) + sw128_chunk(r, ch & 7);
+            cp_async_16(dk + swizzled, rows_of_head.k + off, in_range ? 16 : 0);
+            cp_async_16(dv + swizzled, rows_of_head.v + off, in_range ? 16 : 0);
+        }
+    };
+    // Pair `pair` (tiles 2 pair, 2 pair + 1 where they exist) into pair slot `slot`.
+    auto load_pair = [&](int slot, int pair) {
+        for (int w = 0; w < 2; ++w) {
+            if (2 * pair + w < n_tiles) load_tile(2 * slot + w, 2 * pair + w);
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < PAIR_STAGES - 1; ++s) {
+        if (s < n_pairs) load_pair(s, s);
+        cp_async_commit();
+    }
+
+    // The K-depth padding [D, DK) of every K stage (as attention_wgmma_block).
+    if constexpr (S::DK > D) {
+        for (int r = tid; r < S::STAGES * BN; r += kThreads) {
+            const int stage = r / BN;
+            const int row = r - stage * BN;
+            *reinterpret_cast<uint4*>(s_k + stage * S::K_STAGE_BYTES + (S::K_PANELS - 1) * (BN * 128) +
+                                      sw128_chunk(row, (D / 8) & 7)) = make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+
+    // Q fragments of this warp's 16 rows (both warpgroups hold the block's 64 rows).
+    uint32_t q_frag[KSTEPS][4];
+    {
+        const int row0 = q0 + warp * 16 + g;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int row = row0 + (i & 1) * 8;
+                const int col = kk * 16 + (i >> 1) * 8 + 2 * quad;
+                q_frag[kk][i] = row < tokens && col < D
+                                    ? *reinterpret_cast<const uint32_t*>(rows_of_head.q +
+                                                                         static_cast<size_t>(row) * row_stride + col)
+                                    : 0u;
+            }
+        }
+    }
+
+    float o_acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o_acc[i] = 0.0f;
+    float row_max[2] = {-INFINITY, -INFINITY};
+    float row_sum[2] = {0.0f, 0.0f};
+    const float scale_log2 = p.scale * 1.4426950408889634f;
+
+    for (int i = 0; i < n_pairs; ++i) {
+        cp_async_wait<PAIR_STAGES - 2>();
+        fence_proxy_async_shared();
+        __syncthreads();  // pair i landed; both warpgroups are done with pair i - 1
+        {
+            const int next = i + PAIR_STAGES - 1;
+            if (next < n_pairs) load_pair(next % PAIR_STAGES, next);
+            cp_async_commit();
+        }
+        const int j = 2 * i + warpgroup;  // this warpgroup's tile
+        if (j < n_tiles) {
+            const int stage = 2 * (i % PAIR_STAGES) + warpgroup;
+            float s_acc[BN / 2];
+            issue_scores<BN, KSTEPS>(s_acc, q_frag, k_addr + stage * S::K_STAGE_BYTES);
+            wgmma_commit();
+            wgmma_wait<0>();
+            pin_accumulators(s_acc);
+            uint32_t p_frag[BN / 16][4];
+            scores_to_p_fragments<BN, D>(s_acc, o_acc, row_max, row_sum, scale_log2, j * BN, tokens, lane, p_frag);
+            pin_accumulators(o_acc);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                const uint64_t desc =
+                    wgmma_desc_sw128_mn(v_addr + stage * S::V_STAGE_BYTES + kk * 2048, BN * 128, 1024);
+                wgmma_pv<D, true>(o_acc, p_frag[kk], desc);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            pin_accumulators(o_acc);
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) pin_registers(p_frag[kk]);
+        }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // every wgmma of both warpgroups is done: the stages are free
+
+    // Warpgroup 1's state to shared memory, value v of thread t at merge[v * 128 + t]
+    // (consecutive threads, consecutive words).
+    float* merge = reinterpret_cast<float*>(base + 64 * S::O_STRIDE * 2);
+    if (warpgroup == 1) {
+#pragma unroll
+        for (int v = 0; v < D / 2; ++v) merge[v * 128 + t] = o_acc[v];
+        merge[(D / 2 + 0) * 128 + t] = row_max[0];
+        merge[(D / 2 + 1) * 128 + t] = row_max[1];
+        merge[(D / 2 + 2) * 128 + t] = row_sum[0];
+        merge[(D / 2 + 3) * 128 + t] = row_sum[1];
+    }
+    __syncthreads();
+    if (warpgroup == 1) return;
+
+    // Warpgroup 0: both states at the common max (warpgroup 1 without a tile has max -inf, sums
+    // and O zero: its factor is 0), added.
+    float a0[2], a1[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float m1 = merge[(D / 2 + r) * 128 + t];
+        const float l1 = merge[(D / 2 + 2 + r) * 128 + t];
+        const float m = fmaxf(row_max[r], m1);
+        a0[r] = fast_exp2(row_max[r] - m);
+        a1[r] = fast_exp2(m1 - m);
+        row_sum[r] = row_sum[r] * a0[r] + l1 * a1[r];
+    }
+#pragma unroll
+    for (int v = 0; v < D / 2; ++v) {
+        const int r = (v >> 1) & 1;  // accumulators 4i, 4i + 1: row g; 4i + 2, 4i + 3: row g + 8
+        o_acc[v] = o_acc[v] * a0[r] + merge[v * 128 + t] * a1[r];
+    }
+
+    float inv_sum[2];
+    quad_inverse_sums(row_sum, inv_sum);
+    __nv_bfloat16* s_o = reinterpret_cast<__nv_bfloat16*>(base) + warp * 16 * S::O_STRIDE;
+    stage_output_rows<D>(s_o, S::O_STRIDE, o_acc, inv_sum, lane);
+    __syncwarp();
+    store_output_rows<D>(s_o, S::O_STRIDE, 16, q0 + warp * 16, batch, head, p, lane);
+}
+
 }  // namespace
 
 #define FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN, STAGES) attention_wgmma_block<D, WG, V_MN, STAGES>(p)
@@ -351,6 +545,29 @@ FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_m64_d128, 128, 1, true, 2, 2)
 FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_deep_m64_d64, 64, 1, true, 4, 1)
 FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_deep_m64_d72, 72, 1, true, 4, 1)
 FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_deep_m64_d128, 128, 1, true, 4, 1)
+
+// The split-key variant (FORA_ATTENTION=wgmma_mn_split) of the 64-row blocks: two warpgroups
+// on the same rows, three pair slots (six K/V stages: 96 KiB for d64, 192 KiB for d72 and
+// d128), for grids of at most one block an SM.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FORA_ATTENTION_SPLIT_BODY(D) attention_wgmma_split_block<D, 3>(p)
+#else
+#define FORA_ATTENTION_SPLIT_BODY(D) \
+    do {                             \
+        (void)p;                     \
+        __trap();                    \
+    } while (0)
+#endif
+#define FORA_ATTENTION_SPLIT_KERNEL(NAME, D)                                                        \
+    extern "C" __global__ void __launch_bounds__(256, 1) NAME(const AttentionParams p) {           \
+        grid_dependency_sync();                                                                     \
+        static_assert(WgmmaAttentionShape<D, 1, true, 6>::SMEM_BYTES + 1024 <= 227 * 1024,          \
+                      "smem too large");                                                            \
+        FORA_ATTENTION_SPLIT_BODY(D);                                                               \
+    }
+FORA_ATTENTION_SPLIT_KERNEL(attention_wgmma_mn_split_m64_d64, 64)
+FORA_ATTENTION_SPLIT_KERNEL(attention_wgmma_mn_split_m64_d72, 72)
+FORA_ATTENTION_SPLIT_KERNEL(attention_wgmma_mn_split_m64_d128, 128)
 
 // ---- the persistent TMA kernel (attention_tma_d*, FORA_ATTENTION=tma) -----------------------
 //

@@ -220,6 +220,16 @@ fn gpu_attention_wgmma_mn_deep_shapes() {
     );
 }
 
+/// The same on wgmma_mn_split: its split-key 64-row blocks where the grid is small (as
+/// picked), wgmma_mn's 128-row blocks otherwise.
+#[test]
+fn gpu_attention_wgmma_mn_split_shapes() {
+    wgmma_shapes(
+        "gpu_attention_wgmma_mn_split_shapes",
+        AttentionImpl::WgmmaMnSplit,
+    );
+}
+
 /// The same on the persistent TMA kernels, with one CTA an SM, one CTA, and 7 (every CTA walks
 /// several units: the Q slot and the K/V ring wrap).
 #[test]
@@ -354,6 +364,7 @@ fn gpu_attention_wgmma_refused_off_hopper() {
         AttentionImpl::Wgmma,
         AttentionImpl::WgmmaMn,
         AttentionImpl::WgmmaMnDeep,
+        AttentionImpl::WgmmaMnSplit,
         AttentionImpl::Tma,
     ] {
         let msg = format!(
@@ -600,6 +611,17 @@ fn attention_wgmma_plan_grid_and_kernels() {
     assert_eq!(
         attention_plan_for(&valid(), deep).unwrap(),
         attention_plan_for(&valid(), mn).unwrap()
+    );
+    // wgmma_mn_split: 256 threads on 64 rows, six stages, in small grids only.
+    let split = AttentionImpl::WgmmaMnSplit;
+    let plan = attention_plan_on(&small, split, 132).expect("valid params");
+    assert_eq!(plan.kernel, "attention_wgmma_mn_split_m64_d72");
+    assert_eq!(plan.block, (256, 1, 1));
+    assert_eq!(plan.grid, (4, 16, 2));
+    assert_eq!(plan.shared_mem_bytes, 6 * (2 * 2 * 64 * 128) + 1024);
+    assert_eq!(
+        attention_plan_on(&large, split, 132).unwrap(),
+        attention_plan_on(&large, mn, 132).unwrap()
     );
 
     // TMA: a persistent grid of at most one CTA an SM over (batch, head, 128-query) units;

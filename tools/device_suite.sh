@@ -23,7 +23,8 @@
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
 #              "default reuse_sum reuse_sum_in_place final_sampler new_steps attention_deep
-#              f32_product attention_tma reuse_in_place side_stream pdl tma tma_mc"; "all"
+#              attention_split f32_product attention_tma reuse_in_place side_stream pdl tma
+#              tma_mc"; "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
 #              l2_persist, tma_pdl, attention_v1, attention_v2, attention_wgmma,
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
@@ -52,7 +53,7 @@ PHASES=${PHASES:-tests bench torch variants memcheck}
 # one call beside the other phases).
 SANITIZE_FULL=${SANITIZE_FULL:-0}
 # The variants whose default is still to decide (VARIANTS=all: every one).
-VARIANTS=${VARIANTS:-default reuse_sum reuse_sum_in_place final_sampler new_steps attention_deep f32_product attention_tma reuse_in_place side_stream pdl tma tma_mc}
+VARIANTS=${VARIANTS:-default reuse_sum reuse_sum_in_place final_sampler new_steps attention_deep attention_split f32_product attention_tma reuse_in_place side_stream pdl tma tma_mc}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -68,7 +69,7 @@ bounded() {
 # the bench and issue5 phases' kernels-only runs of the Hopper GEMMs.
 TESTS=${TESTS:-gpu_small_kernels gpu_attention gpu_gemm gpu_backend cli}
 # The test-name filters that phase_tests runs in processes of their own (see there).
-ISOLATE=${ISOLATE:-_tma sum reuse_final bandwidth final_sampler deep}
+ISOLATE=${ISOLATE:-_tma sum reuse_final bandwidth final_sampler mn_deep mn_split}
 
 phase_tests() {
   {
@@ -76,8 +77,9 @@ phase_tests() {
     # The tests of never-run kernels in processes of their own, one per name filter in
     # ISOLATE (default: "_tma", the TMA kernels (plain "tma" would also take "softmax");
     # "sum", session 9's cache sums; "reuse_final", whose test runs session 8's ring variants;
-    # "bandwidth", the masked probe; "final_sampler" and "deep", session 12's
-    # final_sampler_step and deep attention): a kernel fault poisons the CUDA context for every later
+    # "bandwidth", the masked probe; "final_sampler", "mn_deep" and "mn_split", session 12's
+    # final_sampler_step and deep and split-key attention): a kernel fault poisons the CUDA
+    # context for every later
     # test of its process. Each part's whole output is kept in test_<binary>_<part>.log (in
     # all.tgz); the summary keeps results, errors and the lines after a panic (its message).
     local entry t parts raw f skips=""
@@ -354,6 +356,7 @@ phase_variants() {
            "attention_v2:cublaslt:FORA_ATTENTION=v2" "attention_wgmma:cublaslt:FORA_ATTENTION=wgmma" \
            "attention_wgmma_mn:cublaslt:FORA_ATTENTION=wgmma_mn" "attention_tma:cublaslt:FORA_ATTENTION=tma" \
            "attention_deep:cublaslt:FORA_ATTENTION=wgmma_mn_deep" \
+           "attention_split:cublaslt:FORA_ATTENTION=wgmma_mn_split" \
            "wgmma:wgmma:" "tma:tma:" "tma_mc:tma_mc:"; do
     name=${v%%:*}; rest=${v#*:}; gemm=${rest%%:*}; envs=${rest#*:}
     case " ${VARIANTS/all/$name} " in *" $name "*) ;; *) continue ;; esac

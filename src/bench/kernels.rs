@@ -444,8 +444,8 @@ pub(super) fn bench_kernels(
         push_kernel(report, "residual_ln", rows, residual_ln_row);
     }
     if untried {
-        // FORA_REUSE_SUM's kernels (session 9, not yet run on a GPU), the deep (session 12) and
-        // TMA (session 8) attention and final_sampler_step (session 12): the never-run rows
+        // FORA_REUSE_SUM's kernels (session 9, not yet run on a GPU), the deep and split
+        // (session 12) and TMA (session 8) attention and final_sampler_step (session 12): the never-run rows
         // last.
         for tokens in [1, 4] {
             let source = FusedSource::Sum(tokens);
@@ -456,7 +456,11 @@ pub(super) fn bench_kernels(
             let sum_row = bench_fora_cache_sum(gpu, cfg, rows, timer, rotate, count);
             push_kernel(report, "fora_cache_sum", rows, sum_row);
         }
-        for imp in [AttentionImpl::WgmmaMnDeep, AttentionImpl::Tma] {
+        for imp in [
+            AttentionImpl::WgmmaMnDeep,
+            AttentionImpl::WgmmaMnSplit,
+            AttentionImpl::Tma,
+        ] {
             if other_attention(imp) {
                 let row = bench_attention(gpu, cfg, rows, timer, rotate, Some(imp));
                 push_kernel(report, "attention", rows, row);

@@ -5,7 +5,7 @@
 //! proj Linear's input). `out = softmax(q k^T * scale) v` per (batch, head), no mask.
 //!
 //! Kernel families, chosen at run time by [`AttentionImpl`]
-//! (`FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|wgmma_mn_deep|tma|auto`, read once per process; unset means auto), each
+//! (`FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|wgmma_mn_deep|wgmma_mn_split|tma|auto`, read once per process; unset means auto), each
 //! instantiated for head_dim 64, 72 and 128:
 //! - v1 (`attention_d*`): grid `(ceil(T / 64), heads, batch)` blocks of 4 warps, each warp
 //!   owning 16 query rows.
@@ -20,6 +20,8 @@
 //!   MN-major from its stage (no V^T transpose).
 //! - wgmma_mn_deep (opt-in, Hopper only): wgmma_mn with four K/V stages in its 64-row blocks
 //!   (`attention_wgmma_mn_deep_m64_d*`, small grids), every tile of 256 keys in flight at once.
+//! - wgmma_mn_split (opt-in, Hopper only): wgmma_mn whose 64-row blocks (small grids) are two
+//!   warpgroups splitting the key tiles, merged at the end (`attention_wgmma_mn_split_m64_d*`).
 //! - tma (opt-in, Hopper only, `attention_tma_d*`): a persistent grid (one CTA an SM) of a
 //!   TMA producer warpgroup and two wgmma consumer warpgroups streaming (batch, head, 128-query)
 //!   units, so that DRAM stays busy between units ([`AttentionTmaParams`]).
@@ -63,6 +65,12 @@ pub enum AttentionImpl {
     /// a row. Larger grids run WgmmaMn's 128-row blocks. Opt-in: not yet run on a GPU
     /// (emulator-checked only).
     WgmmaMnDeep,
+    /// [`AttentionImpl::WgmmaMn`] whose 64-row blocks (small grids) are two warpgroups that
+    /// split the key tiles between them, each with its own online softmax, merged at the end
+    /// (`attention_wgmma_mn_split_m64_d*`, 256 threads, six K/V stages, one block an SM): half
+    /// the chain of key tiles a block waits for. Larger grids run WgmmaMn's 128-row blocks.
+    /// Opt-in: not yet run on a GPU (emulator-checked only).
+    WgmmaMnSplit,
 }
 
 impl FromStr for AttentionImpl {
@@ -76,10 +84,11 @@ impl FromStr for AttentionImpl {
             "wgmma" => Ok(AttentionImpl::Wgmma),
             "wgmma_mn" => Ok(AttentionImpl::WgmmaMn),
             "wgmma_mn_deep" => Ok(AttentionImpl::WgmmaMnDeep),
+            "wgmma_mn_split" => Ok(AttentionImpl::WgmmaMnSplit),
             "tma" => Ok(AttentionImpl::Tma),
             other => bail!(
                 "unknown attention implementation {other:?}: expected \"v1\", \"v2\", \"wgmma\", \
-                 \"wgmma_mn\", \"wgmma_mn_deep\", \"tma\" or \"auto\""
+                 \"wgmma_mn\", \"wgmma_mn_deep\", \"wgmma_mn_split\", \"tma\" or \"auto\""
             ),
         }
     }
@@ -93,17 +102,19 @@ impl AttentionImpl {
             AttentionImpl::Wgmma
                 | AttentionImpl::WgmmaMn
                 | AttentionImpl::WgmmaMnDeep
+                | AttentionImpl::WgmmaMnSplit
                 | AttentionImpl::Tma
         )
     }
 
     /// The kernel families (every implementation but [`AttentionImpl::Auto`]).
-    pub const ALL: [AttentionImpl; 6] = [
+    pub const ALL: [AttentionImpl; 7] = [
         AttentionImpl::V1,
         AttentionImpl::V2,
         AttentionImpl::Wgmma,
         AttentionImpl::WgmmaMn,
         AttentionImpl::WgmmaMnDeep,
+        AttentionImpl::WgmmaMnSplit,
         AttentionImpl::Tma,
     ];
 
@@ -115,6 +126,7 @@ impl AttentionImpl {
             AttentionImpl::Wgmma => "wgmma",
             AttentionImpl::WgmmaMn => "wgmma_mn",
             AttentionImpl::WgmmaMnDeep => "wgmma_mn_deep",
+            AttentionImpl::WgmmaMnSplit => "wgmma_mn_split",
             AttentionImpl::Tma => "tma",
         }
     }
@@ -129,7 +141,7 @@ impl AttentionImpl {
         }
     }
 
-    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|wgmma_mn_deep|tma|auto`, parsed now; unset or empty means
+    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|wgmma_mn_deep|wgmma_mn_split|tma|auto`, parsed now; unset or empty means
     /// [`AttentionImpl::Auto`].
     pub fn from_env() -> Result<AttentionImpl> {
         match std::env::var("FORA_ATTENTION") {
@@ -264,12 +276,15 @@ fn plan(
         AttentionImpl::Tma => (ATTENTION_TMA_BLOCK, TMA_THREADS),
         AttentionImpl::V1 => (ATTENTION_BLOCK_M, THREADS),
         AttentionImpl::V2 => (ATTENTION_V2_BLOCK_M, THREADS),
+        // Two warpgroups on the 64 rows, splitting the keys.
+        AttentionImpl::WgmmaMnSplit if wgmma_m64 => (ATTENTION_WGMMA_BLOCK_M / 2, WGMMA_THREADS),
         AttentionImpl::Wgmma | AttentionImpl::WgmmaMn | AttentionImpl::WgmmaMnDeep if wgmma_m64 => {
             (ATTENTION_WGMMA_BLOCK_M / 2, WGMMA_THREADS / 2)
         }
-        AttentionImpl::Wgmma | AttentionImpl::WgmmaMn | AttentionImpl::WgmmaMnDeep => {
-            (ATTENTION_WGMMA_BLOCK_M, WGMMA_THREADS)
-        }
+        AttentionImpl::Wgmma
+        | AttentionImpl::WgmmaMn
+        | AttentionImpl::WgmmaMnDeep
+        | AttentionImpl::WgmmaMnSplit => (ATTENTION_WGMMA_BLOCK_M, WGMMA_THREADS),
         AttentionImpl::Auto => {
             bail!("attention: AttentionImpl::Auto has no plan of its own; resolve it for a device first")
         }
@@ -293,9 +308,20 @@ fn plan(
         (AttentionImpl::WgmmaMnDeep, 64) if wgmma_m64 => "attention_wgmma_mn_deep_m64_d64",
         (AttentionImpl::WgmmaMnDeep, 72) if wgmma_m64 => "attention_wgmma_mn_deep_m64_d72",
         (AttentionImpl::WgmmaMnDeep, 128) if wgmma_m64 => "attention_wgmma_mn_deep_m64_d128",
-        (AttentionImpl::WgmmaMn | AttentionImpl::WgmmaMnDeep, 64) => "attention_wgmma_mn_d64",
-        (AttentionImpl::WgmmaMn | AttentionImpl::WgmmaMnDeep, 72) => "attention_wgmma_mn_d72",
-        (AttentionImpl::WgmmaMn | AttentionImpl::WgmmaMnDeep, 128) => "attention_wgmma_mn_d128",
+        (AttentionImpl::WgmmaMnSplit, 64) if wgmma_m64 => "attention_wgmma_mn_split_m64_d64",
+        (AttentionImpl::WgmmaMnSplit, 72) if wgmma_m64 => "attention_wgmma_mn_split_m64_d72",
+        (AttentionImpl::WgmmaMnSplit, 128) if wgmma_m64 => "attention_wgmma_mn_split_m64_d128",
+        (AttentionImpl::WgmmaMn | AttentionImpl::WgmmaMnDeep | AttentionImpl::WgmmaMnSplit, d) => {
+            match d {
+                64 => "attention_wgmma_mn_d64",
+                72 => "attention_wgmma_mn_d72",
+                128 => "attention_wgmma_mn_d128",
+                d => bail!(
+                    "attention: head_dim {d} is not supported; the kernel is built for head_dim {:?}",
+                    ATTENTION_HEAD_DIMS
+                ),
+            }
+        }
         (AttentionImpl::Tma, 64) => "attention_tma_d64",
         (AttentionImpl::Tma, 72) => "attention_tma_d72",
         (AttentionImpl::Tma, 128) => "attention_tma_d128",
@@ -373,6 +399,10 @@ fn plan(
             AttentionImpl::WgmmaMn => wgmma_smem_bytes(p.head_dim as u32, true, 2),
             AttentionImpl::WgmmaMnDeep if wgmma_m64 => wgmma_smem_bytes(p.head_dim as u32, true, 4),
             AttentionImpl::WgmmaMnDeep => wgmma_smem_bytes(p.head_dim as u32, true, 2),
+            AttentionImpl::WgmmaMnSplit if wgmma_m64 => {
+                wgmma_smem_bytes(p.head_dim as u32, true, 6)
+            }
+            AttentionImpl::WgmmaMnSplit => wgmma_smem_bytes(p.head_dim as u32, true, 2),
             AttentionImpl::Tma => tma_smem_bytes(p.head_dim as u32),
             _ => smem_bytes(block_m, p.head_dim as u32),
         },
