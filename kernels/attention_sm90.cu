@@ -125,6 +125,64 @@ FORA_DEVICE void issue_scores(float (&s)[BN / 2], const uint32_t (&q_frag)[KSTEP
     }
 }
 
+// Key tile `tile` of (batch, head) into K/V stage `stage` by the block's THREADS threads
+// (cp.async, one group for the caller to commit): K rows to their swizzled panel chunk, V rows
+// as they are or (V_MN) in K's layout; rows past the last token are zero-filled (src-size 0,
+// address clamped to row 0).
+template <typename S, int D, bool V_MN, int THREADS>
+FORA_DEVICE void load_kv_tile(unsigned char* s_k, unsigned char* s_v, int stage, int tile, int tid,
+                              const HeadRows& rows, int tokens) {
+    constexpr int BN = S::BLOCK_N;
+    unsigned char* dk = s_k + stage * S::K_STAGE_BYTES;
+    unsigned char* dv = s_v + stage * S::V_STAGE_BYTES;
+    for (int c = tid; c < BN * S::CHUNKS; c += THREADS) {
+        const int r = c / S::CHUNKS;
+        const int ch = c - r * S::CHUNKS;
+        const int t = tile * BN + r;
+        const bool in_range = t < tokens;
+        const size_t off = static_cast<size_t>(in_range ? t : 0) * rows.row_stride + ch * 8;
+        const uint32_t swizzled = (ch >> 3) * (BN * 128) + sw128_chunk(r, ch & 7);
+        cp_async_16(dk + swizzled, rows.k + off, in_range ? 16 : 0);
+        cp_async_16(dv + (V_MN ? swizzled : r * (D * 2) + ch * 16), rows.v + off, in_range ? 16 : 0);
+    }
+}
+
+// The K-depth padding [D, DK) of every K stage, zeroed by the block's THREADS threads:
+// cp.async never writes it, and stale shared memory could hold NaN bit patterns (0 * NaN =
+// NaN). The caller fences it into the async proxy with the first tile.
+template <typename S, int D, int THREADS>
+FORA_DEVICE void zero_k_padding(unsigned char* s_k, int tid) {
+    constexpr int BN = S::BLOCK_N;
+    if constexpr (S::DK > D) {
+        for (int r = tid; r < S::STAGES * BN; r += THREADS) {
+            const int stage = r / BN;
+            const int row = r - stage * BN;
+            *reinterpret_cast<uint4*>(s_k + stage * S::K_STAGE_BYTES + (S::K_PANELS - 1) * (BN * 128) +
+                                      sw128_chunk(row, (D / 8) & 7)) = make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+}
+
+// Q in the A-fragment layout, straight from global memory (each element is read once per
+// warpgroup): rows row0 (= the warp's first row + g) and row0 + 8, columns 16 kk + 2 quad (+ 8),
+// zero past the head dim and past the last token.
+template <int D, int KSTEPS>
+FORA_DEVICE void load_q_fragments(uint32_t (&q_frag)[KSTEPS][4], const HeadRows& rows, int row0, int tokens,
+                                  int quad) {
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int row = row0 + (i & 1) * 8;
+            const int col = kk * 16 + (i >> 1) * 8 + 2 * quad;
+            q_frag[kk][i] =
+                row < tokens && col < D
+                    ? *reinterpret_cast<const uint32_t*>(rows.q + static_cast<size_t>(row) * rows.row_stride + col)
+                    : 0u;
+        }
+    }
+}
+
 template <int D, int WG, bool V_MN, int STAGES>
 FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
     using S = WgmmaAttentionShape<D, WG, V_MN, STAGES>;
@@ -154,27 +212,10 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
     const int batch = blockIdx.z;
 
     const HeadRows rows_of_head = head_rows<D>(p, batch, head);
-    const size_t row_stride = rows_of_head.row_stride;
-    const __nv_bfloat16* q_base = rows_of_head.q;
-    const __nv_bfloat16* k_base = rows_of_head.k;
-    const __nv_bfloat16* v_base = rows_of_head.v;
     const int n_tiles = (tokens + BN - 1) / BN;
 
-    // K rows go to their swizzled panel chunk, V rows stay as they are; rows past the last
-    // token are zero-filled (src-size 0, address clamped to row 0).
     auto load_tile = [&](int stage, int tile) {
-        unsigned char* dk = s_k + stage * S::K_STAGE_BYTES;
-        unsigned char* dv = s_v + stage * S::V_STAGE_BYTES;
-        for (int c = tid; c < BN * S::CHUNKS; c += S::THREADS) {
-            const int r = c / S::CHUNKS;
-            const int ch = c - r * S::CHUNKS;
-            const int t = tile * BN + r;
-            const bool in_range = t < tokens;
-            const size_t off = static_cast<size_t>(in_range ? t : 0) * row_stride + ch * 8;
-            const uint32_t swizzled = (ch >> 3) * (BN * 128) + sw128_chunk(r, ch & 7);
-            cp_async_16(dk + swizzled, k_base + off, in_range ? 16 : 0);
-            cp_async_16(dv + (V_MN ? swizzled : r * (D * 2) + ch * 16), v_base + off, in_range ? 16 : 0);
-        }
+        load_kv_tile<S, D, V_MN, S::THREADS>(s_k, s_v, stage, tile, tid, rows_of_head, tokens);
     };
 
 #pragma unroll
@@ -183,37 +224,9 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
         cp_async_commit();
     }
 
-    // The K-depth padding [D, DK) of every K stage: cp.async never writes it, and stale shared
-    // memory could hold NaN bit patterns (0 * NaN = NaN). Fenced into the async proxy with the
-    // first tile.
-    if constexpr (S::DK > D) {
-        for (int r = tid; r < S::STAGES * BN; r += S::THREADS) {
-            const int stage = r / BN;
-            const int row = r - stage * BN;
-            *reinterpret_cast<uint4*>(s_k + stage * S::K_STAGE_BYTES + (S::K_PANELS - 1) * (BN * 128) +
-                                      sw128_chunk(row, (D / 8) & 7)) = make_uint4(0u, 0u, 0u, 0u);
-        }
-    }
-
-    // Q in the A-fragment layout, straight from global memory (each element is read once per
-    // CTA): rows g and g + 8 of this warp's 16, columns 16 kk + 2 quad (+ 8), zero past the
-    // head dim and past the last token.
+    zero_k_padding<S, D, S::THREADS>(s_k, tid);
     uint32_t q_frag[KSTEPS][4];
-    {
-        const int row0 = q0 + warp * 16 + g;
-#pragma unroll
-        for (int kk = 0; kk < KSTEPS; ++kk) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int row = row0 + (i & 1) * 8;
-                const int col = kk * 16 + (i >> 1) * 8 + 2 * quad;
-                q_frag[kk][i] =
-                    row < tokens && col < D
-                        ? *reinterpret_cast<const uint32_t*>(q_base + static_cast<size_t>(row) * row_stride + col)
-                        : 0u;
-            }
-        }
-    }
+    load_q_fragments<D, KSTEPS>(q_frag, rows_of_head, q0 + warp * 16 + g, tokens, quad);
 
     float o_acc[D / 2];
 #pragma unroll
@@ -325,7 +338,7 @@ FORA_DEVICE void attention_wgmma_split_block(const AttentionParams& p) {
     using S = WgmmaAttentionShape<D, 1, true, 2 * PAIR_STAGES>;
     constexpr int BN = S::BLOCK_N;
     constexpr int KSTEPS = S::DK / 16;
-    constexpr int kThreads = 256;       // two warpgroups on the same 64 rows
+    constexpr int kThreads = 2 * S::THREADS;  // two warpgroups on the same 64 rows
     constexpr int kMergeFloats = D / 2 + 4;  // O, then row_max[2] and row_sum[2], of a thread
     static_assert(64 * S::O_STRIDE * 2 % 16 == 0, "the merge area starts 16-byte aligned");
     static_assert(64 * S::O_STRIDE * 2 + kMergeFloats * 128 * 4 <= S::SMEM_BYTES,
@@ -354,29 +367,16 @@ FORA_DEVICE void attention_wgmma_split_block(const AttentionParams& p) {
     const int batch = blockIdx.z;
 
     const HeadRows rows_of_head = head_rows<D>(p, batch, head);
-    const size_t row_stride = rows_of_head.row_stride;
     const int n_tiles = (tokens + BN - 1) / BN;
     const int n_pairs = (n_tiles + 1) / 2;
 
-    // K and V rows both to their swizzled panel chunks; rows past the last token zero-filled.
-    auto load_tile = [&](int stage, int tile) {
-        unsigned char* dk = s_k + stage * S::K_STAGE_BYTES;
-        unsigned char* dv = s_v + stage * S::V_STAGE_BYTES;
-        for (int c = tid; c < BN * S::CHUNKS; c += kThreads) {
-            const int r = c / S::CHUNKS;
-            const int ch = c - r * S::CHUNKS;
-            const int key = tile * BN + r;
-            const bool in_range = key < tokens;
-            const size_t off = static_cast<size_t>(in_range ? key : 0) * row_stride + ch * 8;
-            const uint32_t swizzled = (ch >> 3) * (BN * 128) + sw128_chunk(r, ch & 7);
-            cp_async_16(dk + swizzled, rows_of_head.k + off, in_range ? 16 : 0);
-            cp_async_16(dv + swizzled, rows_of_head.v + off, in_range ? 16 : 0);
-        }
-    };
     // Pair `pair` (tiles 2 pair, 2 pair + 1 where they exist) into pair slot `slot`.
     auto load_pair = [&](int slot, int pair) {
         for (int w = 0; w < 2; ++w) {
-            if (2 * pair + w < n_tiles) load_tile(2 * slot + w, 2 * pair + w);
+            if (2 * pair + w < n_tiles) {
+                load_kv_tile<S, D, true, kThreads>(s_k, s_v, 2 * slot + w, 2 * pair + w, tid, rows_of_head,
+                                                   tokens);
+            }
         }
     };
 
@@ -386,33 +386,10 @@ FORA_DEVICE void attention_wgmma_split_block(const AttentionParams& p) {
         cp_async_commit();
     }
 
-    // The K-depth padding [D, DK) of every K stage (as attention_wgmma_block).
-    if constexpr (S::DK > D) {
-        for (int r = tid; r < S::STAGES * BN; r += kThreads) {
-            const int stage = r / BN;
-            const int row = r - stage * BN;
-            *reinterpret_cast<uint4*>(s_k + stage * S::K_STAGE_BYTES + (S::K_PANELS - 1) * (BN * 128) +
-                                      sw128_chunk(row, (D / 8) & 7)) = make_uint4(0u, 0u, 0u, 0u);
-        }
-    }
-
+    zero_k_padding<S, D, kThreads>(s_k, tid);
     // Q fragments of this warp's 16 rows (both warpgroups hold the block's 64 rows).
     uint32_t q_frag[KSTEPS][4];
-    {
-        const int row0 = q0 + warp * 16 + g;
-#pragma unroll
-        for (int kk = 0; kk < KSTEPS; ++kk) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int row = row0 + (i & 1) * 8;
-                const int col = kk * 16 + (i >> 1) * 8 + 2 * quad;
-                q_frag[kk][i] = row < tokens && col < D
-                                    ? *reinterpret_cast<const uint32_t*>(rows_of_head.q +
-                                                                         static_cast<size_t>(row) * row_stride + col)
-                                    : 0u;
-            }
-        }
-    }
+    load_q_fragments<D, KSTEPS>(q_frag, rows_of_head, q0 + warp * 16 + g, tokens, quad);
 
     float o_acc[D / 2];
 #pragma unroll
@@ -524,6 +501,8 @@ FORA_DEVICE void attention_wgmma_split_block(const AttentionParams& p) {
         grid_dependency_sync();                                                                     \
         static_assert(WgmmaAttentionShape<D, WG, V_MN, STAGES>::SMEM_BYTES + 1024 <= 227 * 1024,    \
                       "smem too large");                                                            \
+        static_assert(WgmmaAttentionShape<D, WG, V_MN, STAGES>::CHUNKS * 8 == D,                    \
+                      "16-byte chunks cover a row of the head dim");                                \
         FORA_ATTENTION_WGMMA_BODY(D, WG, V_MN, STAGES);                                             \
     }
 
@@ -559,10 +538,13 @@ FORA_ATTENTION_WGMMA_KERNEL(attention_wgmma_mn_deep_m64_d128, 128, 1, true, 4, 1
     } while (0)
 #endif
 #define FORA_ATTENTION_SPLIT_KERNEL(NAME, D)                                                        \
-    extern "C" __global__ void __launch_bounds__(256, 1) NAME(const AttentionParams p) {           \
+    extern "C" __global__ void __launch_bounds__(2 * WgmmaAttentionShape<D, 1, true, 6>::THREADS, 1)  \
+        NAME(const AttentionParams p) {                                                             \
         grid_dependency_sync();                                                                     \
         static_assert(WgmmaAttentionShape<D, 1, true, 6>::SMEM_BYTES + 1024 <= 227 * 1024,          \
                       "smem too large");                                                            \
+        static_assert(WgmmaAttentionShape<D, 1, true, 6>::CHUNKS * 8 == D,                          \
+                      "16-byte chunks cover a row of the head dim");                                \
         FORA_ATTENTION_SPLIT_BODY(D);                                                               \
     }
 FORA_ATTENTION_SPLIT_KERNEL(attention_wgmma_mn_split_m64_d64, 64)

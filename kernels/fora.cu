@@ -304,15 +304,20 @@ FORA_DEVICE void reuse_final_body(const ForaReuseFinalParams& p) {
         // Layers [from, to) of this thread's line, both slabs, every token it holds.
         const bool line_start = (d0 * 2) % 128 == 0;
         auto prefetch_layers = [&](int from, int to) {
-            if (AHEAD == 0 || !line_start) return;
-            for (int l = from; l < min(to, p.layers); ++l) {
+            if constexpr (AHEAD > 0) {
+                if (!line_start) return;
+                for (int l = from; l < min(to, p.layers); ++l) {
 #pragma unroll
-                for (int which = 0; which < 2; ++which) {
+                    for (int which = 0; which < 2; ++which) {
 #pragma unroll
-                    for (int u = 0; u < TPT; ++u) {
-                        if (u < valid) prefetch_l2(cache + (2LL * l + which) * p.slab + (long long)u * p.dim);
+                        for (int u = 0; u < TPT; ++u) {
+                            if (u < valid) prefetch_l2(cache + (2LL * l + which) * p.slab + (long long)u * p.dim);
+                        }
                     }
                 }
+            } else {
+                (void)from;
+                (void)to;
             }
         };
         // One layer's cached outputs (raw: both slabs, every token) applied with its gates.

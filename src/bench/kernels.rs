@@ -408,24 +408,30 @@ pub(super) fn bench_kernels(
     let selected = AttentionImpl::selected().map(|a| a.resolve(gpu.compute_capability().0));
     let attention_row = bench_attention(gpu, cfg, rows, timer, rotate, None);
     push_kernel(report, "attention", rows, attention_row);
-    // FORA_BENCH_UNTRIED=0 leaves out the kernels not yet run on a GPU (the TMA attention and
-    // the cache sums, last below), as FORA_BENCH_HOPPER_GEMMS=0 does the Hopper GEMMs: a fault
-    // would poison every later row.
+    // FORA_BENCH_UNTRIED=0 leaves out the kernels not yet run on a GPU (last below), as
+    // FORA_BENCH_HOPPER_GEMMS=0 does the Hopper GEMMs: a fault would poison every later row.
     let untried = std::env::var("FORA_BENCH_UNTRIED").map_or(true, |v| v.trim() != "0");
     let other_attention = |imp: AttentionImpl| {
         (!imp.is_wgmma() || gpu.compute_capability().0 == 9)
             && selected.as_ref().is_ok_and(|s| *s != imp)
     };
-    for imp in [
-        AttentionImpl::V1,
-        AttentionImpl::Wgmma,
-        AttentionImpl::WgmmaMn,
-    ] {
-        if other_attention(imp) {
-            let row = bench_attention(gpu, cfg, rows, timer, rotate, Some(imp));
-            push_kernel(report, "attention", rows, row);
+    // A row for each of `imps` but the selected one, where this device runs it.
+    let other_attention_rows = |report: &mut Report, imps: &[AttentionImpl]| {
+        for &imp in imps {
+            if other_attention(imp) {
+                let row = bench_attention(gpu, cfg, rows, timer, rotate, Some(imp));
+                push_kernel(report, "attention", rows, row);
+            }
         }
-    }
+    };
+    other_attention_rows(
+        report,
+        &[
+            AttentionImpl::V1,
+            AttentionImpl::Wgmma,
+            AttentionImpl::WgmmaMn,
+        ],
+    );
     let embed_row = bench_patch_embed(gpu, cfg, rows, timer, rotate);
     push_kernel(report, "patch_embed", rows, embed_row);
     let sampler_row = bench_sampler_step(gpu, cfg, rows, timer, rotate);
@@ -444,9 +450,8 @@ pub(super) fn bench_kernels(
         push_kernel(report, "residual_ln", rows, residual_ln_row);
     }
     if untried {
-        // FORA_REUSE_SUM's kernels (session 9, not yet run on a GPU), the deep and split
-        // (session 12) and TMA (session 8) attention and final_sampler_step (session 12): the never-run rows
-        // last.
+        // The kernels not yet run on a GPU, last: FORA_REUSE_SUM's (session 9), the deep and
+        // split (session 12) and TMA (session 8) attention, final_sampler_step (session 12).
         for tokens in [1, 4] {
             let source = FusedSource::Sum(tokens);
             let sum_final_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, source);
@@ -456,16 +461,14 @@ pub(super) fn bench_kernels(
             let sum_row = bench_fora_cache_sum(gpu, cfg, rows, timer, rotate, count);
             push_kernel(report, "fora_cache_sum", rows, sum_row);
         }
-        for imp in [
-            AttentionImpl::WgmmaMnDeep,
-            AttentionImpl::WgmmaMnSplit,
-            AttentionImpl::Tma,
-        ] {
-            if other_attention(imp) {
-                let row = bench_attention(gpu, cfg, rows, timer, rotate, Some(imp));
-                push_kernel(report, "attention", rows, row);
-            }
-        }
+        other_attention_rows(
+            report,
+            &[
+                AttentionImpl::WgmmaMnDeep,
+                AttentionImpl::WgmmaMnSplit,
+                AttentionImpl::Tma,
+            ],
+        );
         // FORA_FINAL_SAMPLER's kernel (session 12).
         let final_row = bench_final_sampler_step(gpu, cfg, rows, timer, rotate);
         push_kernel(report, "final_sampler_step", rows, final_row);
