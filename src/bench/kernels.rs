@@ -843,34 +843,14 @@ fn bench_sampler_step(
             random_f32(gpu, img, 1.0, seed + 1, "sampler latents")?,
         ));
     }
-    let diffusion = Diffusion::new("250", cfg.learn_sigma)?;
-    let update = diffusion.step_update(200, SamplerKind::Ddpm)?;
-    let guidance = Guidance {
-        scale: 4.0,
-        mode: GuidanceMode::Official3,
-    };
+    let base = bench_update_params(cfg, images)?;
     let params = |i: usize| {
         let (model_out, x) = &sets[i % copies];
-        let mut p = SamplerStepParams {
+        SamplerStepParams {
             model_out: dptr(model_out),
             x: dptr(x),
-            noise: 0,
-            seed: 1,
-            noise_stream: 49,
-            images: images as i32,
-            rows: model_rows as i32,
-            channels: cfg.in_channels as i32,
-            out_channels: cfg.out_channels() as i32,
-            height: cfg.input_size as i32,
-            width: cfg.input_size as i32,
-            patch: cfg.patch as i32,
-            guided_channels: guided_channels(Some(guidance), cfg.in_channels, cfg.out_channels()),
-            cfg_scale: guidance.scale,
-            learn_sigma: cfg.learn_sigma as i32,
-            ..Default::default()
-        };
-        set_update(&mut p, &update);
-        p
+            ..base
+        }
     };
     // The update rewrites x in place: every replay steps the same latents once more, which
     // changes their values, not the work.
@@ -891,6 +871,33 @@ fn bench_sampler_step(
         stats: Some(stats),
         launches_per_replay: per_replay,
     })
+}
+
+/// The update parameters both sampler rows time (buffers left null): `images` images with
+/// CFG (official guidance, scale 4), DDPM-250 step 200 with Philox noise.
+fn bench_update_params(cfg: &DitConfig, images: usize) -> Result<SamplerStepParams> {
+    let update = Diffusion::new("250", cfg.learn_sigma)?.step_update(200, SamplerKind::Ddpm)?;
+    let guidance = Guidance {
+        scale: 4.0,
+        mode: GuidanceMode::Official3,
+    };
+    let mut p = SamplerStepParams {
+        seed: 1,
+        noise_stream: 49,
+        images: images as i32,
+        rows: 2 * images as i32,
+        channels: cfg.in_channels as i32,
+        out_channels: cfg.out_channels() as i32,
+        height: cfg.input_size as i32,
+        width: cfg.input_size as i32,
+        patch: cfg.patch as i32,
+        guided_channels: guided_channels(Some(guidance), cfg.in_channels, cfg.out_channels()),
+        cfg_scale: guidance.scale,
+        learn_sigma: cfg.learn_sigma as i32,
+        ..Default::default()
+    };
+    set_update(&mut p, &update);
+    Ok(p)
 }
 
 /// The final Linear and the sampler update in one launch (`final_sampler_step`,
@@ -926,36 +933,17 @@ fn bench_final_sampler_step(
     }
     let w = random_bf16(gpu, cols * d, 1.0 / (d as f32).sqrt(), 758, "final weight")?;
     let b = random_f32(gpu, cols, 0.1, 759, "final bias")?;
-    let diffusion = Diffusion::new("250", cfg.learn_sigma)?;
-    let update = diffusion.step_update(200, SamplerKind::Ddpm)?;
-    let guidance = Guidance {
-        scale: 4.0,
-        mode: GuidanceMode::Official3,
-    };
+    let base = bench_update_params(cfg, images)?;
     let params = |i: usize| {
         let (xn, x) = &sets[i % copies];
-        let mut p = SamplerStepParams {
+        SamplerStepParams {
             x: dptr(x),
-            seed: 1,
-            noise_stream: 49,
-            images: images as i32,
-            rows: model_rows as i32,
-            channels: cfg.in_channels as i32,
-            out_channels: cfg.out_channels() as i32,
-            height: cfg.input_size as i32,
-            width: cfg.input_size as i32,
-            patch: cfg.patch as i32,
-            guided_channels: guided_channels(Some(guidance), cfg.in_channels, cfg.out_channels()),
-            cfg_scale: guidance.scale,
-            learn_sigma: cfg.learn_sigma as i32,
             xn: dptr(xn),
             final_w: dptr(&w),
             final_b: dptr(&b),
             dim: d as i32,
-            ..Default::default()
-        };
-        set_update(&mut p, &update);
-        p
+            ..base
+        }
     };
     let (stats, per_replay) =
         timer.time_alone(gpu, copies, |i| final_sampler_step(gpu, &params(i)))?;
