@@ -168,7 +168,11 @@ namespace {
 constexpr int kFinalTokens = 8;    // tokens a CTA: the 8 rows of each mma half
 constexpr int kFinalWarps = 8;     // the k split
 constexpr int kFinalChunk = 32;    // k values of one 16-byte load
-constexpr int kFinalGroup = 3;     // chunks a warp loads before their mmas
+// Chunks a warp loads before their mmas: all five of DiT-XL/2's (1152 = 36 chunks over 8 warps)
+// in one round trip where the registers allow (up to 4 n-tiles: 5 x 6 loads of 16 bytes),
+// three otherwise.
+template <int NT>
+constexpr int kFinalGroup = NT <= 4 ? 5 : 3;
 
 FORA_DEVICE uint4 load16_or_zero(const __nv_bfloat16* p, bool in) {
     return in ? *reinterpret_cast<const uint4*>(p) : make_uint4(0u, 0u, 0u, 0u);
@@ -211,10 +215,11 @@ FORA_DEVICE void final_sampler_tile(const SamplerStepParams& p, float* smem) {
     for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
 
     const int chunks = p.dim / kFinalChunk;
-    for (int c0 = warp; c0 < chunks; c0 += kFinalWarps * kFinalGroup) {
-        uint4 ac[kFinalGroup], au[kFinalGroup], bw[kFinalGroup][NT];
+    constexpr int kGroup = kFinalGroup<NT>;
+    for (int c0 = warp; c0 < chunks; c0 += kFinalWarps * kGroup) {
+        uint4 ac[kGroup], au[kGroup], bw[kGroup][NT];
 #pragma unroll
-        for (int s = 0; s < kFinalGroup; ++s) {
+        for (int s = 0; s < kGroup; ++s) {
             const int c = c0 + s * kFinalWarps;
             const bool in = c < chunks;
             const int k = c * kFinalChunk + 8 * t;
@@ -224,7 +229,7 @@ FORA_DEVICE void final_sampler_tile(const SamplerStepParams& p, float* smem) {
             for (int nt = 0; nt < NT; ++nt) bw[s][nt] = load16_or_zero(w_g + (long long)nt * 8 * p.dim + k, in);
         }
 #pragma unroll
-        for (int s = 0; s < kFinalGroup; ++s) {
+        for (int s = 0; s < kGroup; ++s) {
             const uint32_t a_lo[4] = {ac[s].x, au[s].x, ac[s].y, au[s].y};
             const uint32_t a_hi[4] = {ac[s].z, au[s].z, ac[s].w, au[s].w};
 #pragma unroll

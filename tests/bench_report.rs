@@ -571,6 +571,8 @@ fn report_markdown_and_json() {
     );
     assert_eq!(j["settings"]["precompute_modulation"], true);
     assert_eq!(j["settings"]["fused_reuse"], false);
+    assert_eq!(j["settings"]["final_sampler"], false);
+    assert_eq!(j["settings"]["reuse_table_in_place"], false);
     assert!(
         md.contains(
             "Reuse forward at 2 rows: fora_reuse_final 20.0 us vs patch_embed + fora_reuse + \
