@@ -176,12 +176,14 @@ phase_issue5() {
   tail -n 2 "$OUT/issue5_fora.log"
   # The attention kernels, the untried TMA one included, in a process of their own (ceilings
   # and every kernel row but the GEMMs: the attention and FORA rows are what it is for).
-  echo "=== issue 5: kernel rows with the untried attention tma and cache-sum kernels"
-  # (The GEMM rows are in issue5_fora.json already: FORA_BENCH_KERNELS=other.)
+  echo "=== issue 5: kernel rows with the untried kernels (attention tma / wgmma_mn_deep / wgmma_mn_split, cache sums, final_sampler_step)"
+  # (The GEMM rows are in issue5_fora.json already: FORA_BENCH_KERNELS=other. final_sampler_step
+  # replaces the `final` cuBLASLt row there plus `sampler_step` here.)
   FORA_BENCH_KERNELS=other bounded 60 .devpack/bin/fora bench --sections ceilings,kernels --batches 2,256 \
     --json "$OUT/issue5_kernels.json" > "$OUT/issue5_kernels.log" 2>&1
-  grep -E "^\| (attention|fora_cache_sum|fora_sum_final|fora_reuse_final) \||^\| (device copy|copy kernel|read kernel|L2 read)|^L2 roofline" \
-    "$OUT/issue5_kernels.log" | head -n 48
+  grep -E "^\| (attention|fora_cache_sum|fora_sum_final|fora_reuse_final|sampler_step|final_sampler_step) \||^\| (device copy|copy kernel|read kernel|L2 read)|^L2 roofline" \
+    "$OUT/issue5_kernels.log" | head -n 56
+  grep -E "^\| final \| (2|256) \|.*\| cublaslt \|" "$OUT/issue5_fora.log" | head -n 2
   echo "=== issue 5: PyTorch eager, graph and torch.compile"
   local budget=$(( $(left) - 40 ))
   if [ "$budget" -gt 60 ]; then
