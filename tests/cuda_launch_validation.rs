@@ -87,6 +87,36 @@ fn every_hopper_kernel_is_embedded() {
     );
 }
 
+/// Every attention kernel a plan can name (each implementation, head dim, and block size: the
+/// small grid of one image + CFG and a large one, on 132 SMs) is embedded.
+#[test]
+fn every_attention_kernel_is_embedded() {
+    use fora::cuda::attention::{attention_plan_on, AttentionImpl, ATTENTION_HEAD_DIMS};
+    let mut names = Vec::new();
+    for imp in AttentionImpl::ALL {
+        for d in ATTENTION_HEAD_DIMS {
+            for batch in [2, 256] {
+                let p = AttentionParams {
+                    qkv: P,
+                    out: P + 0x10_0000,
+                    batch,
+                    tokens: 256,
+                    heads: 16,
+                    head_dim: d,
+                    scale: 1.0 / (d as f32).sqrt(),
+                };
+                names.push(attention_plan_on(&p, imp, 132).unwrap().kernel);
+            }
+        }
+    }
+    names.sort_unstable();
+    names.dedup();
+    // v1, v2, wgmma (2 sizes), wgmma_mn (2), deep (its own small-grid kernel), split (the
+    // same), tma: 9 kernels a head dim.
+    assert_eq!(names.len(), 9 * ATTENTION_HEAD_DIMS.len(), "{names:?}");
+    assert_embedded("every_attention_kernel_is_embedded", names);
+}
+
 #[test]
 fn timestep_and_label_plans() {
     let p = TimestepEmbedParams {
