@@ -178,7 +178,6 @@ FORA_DEVICE uint4 load16_or_zero(const __nv_bfloat16* p, bool in) {
     return in ? *reinterpret_cast<const uint4*>(p) : make_uint4(0u, 0u, 0u, 0u);
 }
 
-// NT: n-tiles of 8 model-output columns (p*p*out_channels = 8 NT).
 constexpr int kFinalMaxTiles = 8;  // n-tiles: p*p*out_channels <= 64
 
 // Floats of the shared tiles for NT n-tiles: the warps' partial 16-row tiles, then the sum.

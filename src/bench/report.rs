@@ -547,13 +547,14 @@ impl Report {
     /// Per row count: the fused reuse forward against the three launches it replaces, and
     /// final_sampler_step against the final GEMM and sampler_step.
     fn fused_reuse_lines(&self) -> String {
-        let us = |name: &str, rows: usize| {
+        let us_of = |name: &str, imp: &str, rows: usize| {
             self.kernels
                 .iter()
-                .find(|k| k.name == name && k.rows == rows && k.imp == "custom")
+                .find(|k| k.name == name && k.rows == rows && k.imp == imp)
                 .and_then(|k| k.stats.as_ref())
                 .map(|s| s.median_ms * 1e3)
         };
+        let us = |name: &str, rows: usize| us_of(name, "custom", rows);
         let mut s = String::new();
         let mut rows: Vec<usize> = self.kernels.iter().map(|k| k.rows).collect();
         rows.sort_unstable();
@@ -575,15 +576,11 @@ impl Report {
             }
             // The step's end: the final Linear in the update kernel against the final GEMM
             // (cuBLASLt, its bias fused) and sampler_step.
-            let gemm = self
-                .kernels
-                .iter()
-                .find(|k| k.name == "final" && k.rows == r && k.imp == "cublaslt")
-                .and_then(|k| k.stats.as_ref())
-                .map(|s| s.median_ms * 1e3);
-            if let (Some(f), Some(g), Some(u)) =
-                (us("final_sampler_step", r), gemm, us("sampler_step", r))
-            {
+            if let (Some(f), Some(g), Some(u)) = (
+                us("final_sampler_step", r),
+                us_of("final", "cublaslt", r),
+                us("sampler_step", r),
+            ) {
                 s += &format!(
                     "\nStep end at {r} rows: final_sampler_step {f:.1} us vs the final GEMM \
                      (cuBLASLt) + sampler_step {:.1} us ({:.2}x).\n",

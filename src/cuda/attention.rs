@@ -5,8 +5,8 @@
 //! proj Linear's input). `out = softmax(q k^T * scale) v` per (batch, head), no mask.
 //!
 //! Kernel families, chosen at run time by [`AttentionImpl`]
-//! (`FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|wgmma_mn_deep|wgmma_mn_split|tma|auto`, read once per process; unset means auto), each
-//! instantiated for head_dim 64, 72 and 128:
+//! (`FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|wgmma_mn_deep|wgmma_mn_split|tma|auto`, read once per
+//! process; unset means auto), each instantiated for head_dim 64, 72 and 128:
 //! - v1 (`attention_d*`): grid `(ceil(T / 64), heads, batch)` blocks of 4 warps, each warp
 //!   owning 16 query rows.
 //! - v2 (opt-in, `attention_v2_d*`): grid `(ceil(T / 128), heads, batch)` blocks of 4 warps,
@@ -141,8 +141,8 @@ impl AttentionImpl {
         }
     }
 
-    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|wgmma_mn_deep|wgmma_mn_split|tma|auto`, parsed now; unset or empty means
-    /// [`AttentionImpl::Auto`].
+    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|wgmma_mn_deep|wgmma_mn_split|tma|auto`, parsed now;
+    /// unset or empty means [`AttentionImpl::Auto`].
     pub fn from_env() -> Result<AttentionImpl> {
         match std::env::var("FORA_ATTENTION") {
             Ok(v) if !v.trim().is_empty() => {
@@ -311,17 +311,17 @@ fn plan(
         (AttentionImpl::WgmmaMnSplit, 64) if wgmma_m64 => "attention_wgmma_mn_split_m64_d64",
         (AttentionImpl::WgmmaMnSplit, 72) if wgmma_m64 => "attention_wgmma_mn_split_m64_d72",
         (AttentionImpl::WgmmaMnSplit, 128) if wgmma_m64 => "attention_wgmma_mn_split_m64_d128",
-        (AttentionImpl::WgmmaMn | AttentionImpl::WgmmaMnDeep | AttentionImpl::WgmmaMnSplit, d) => {
-            match d {
-                64 => "attention_wgmma_mn_d64",
-                72 => "attention_wgmma_mn_d72",
-                128 => "attention_wgmma_mn_d128",
-                d => bail!(
-                    "attention: head_dim {d} is not supported; the kernel is built for head_dim {:?}",
-                    ATTENTION_HEAD_DIMS
-                ),
-            }
+        // Their 128-row blocks are wgmma_mn's.
+        (AttentionImpl::WgmmaMn | AttentionImpl::WgmmaMnDeep | AttentionImpl::WgmmaMnSplit, 64) => {
+            "attention_wgmma_mn_d64"
         }
+        (AttentionImpl::WgmmaMn | AttentionImpl::WgmmaMnDeep | AttentionImpl::WgmmaMnSplit, 72) => {
+            "attention_wgmma_mn_d72"
+        }
+        (
+            AttentionImpl::WgmmaMn | AttentionImpl::WgmmaMnDeep | AttentionImpl::WgmmaMnSplit,
+            128,
+        ) => "attention_wgmma_mn_d128",
         (AttentionImpl::Tma, 64) => "attention_tma_d64",
         (AttentionImpl::Tma, 72) => "attention_tma_d72",
         (AttentionImpl::Tma, 128) => "attention_tma_d128",
@@ -396,13 +396,16 @@ fn plan(
         block: (threads, 1, 1),
         shared_mem_bytes: match imp {
             AttentionImpl::Wgmma => wgmma_smem_bytes(p.head_dim as u32, false, 2),
-            AttentionImpl::WgmmaMn => wgmma_smem_bytes(p.head_dim as u32, true, 2),
-            AttentionImpl::WgmmaMnDeep if wgmma_m64 => wgmma_smem_bytes(p.head_dim as u32, true, 4),
-            AttentionImpl::WgmmaMnDeep => wgmma_smem_bytes(p.head_dim as u32, true, 2),
-            AttentionImpl::WgmmaMnSplit if wgmma_m64 => {
-                wgmma_smem_bytes(p.head_dim as u32, true, 6)
+            // K/V stages: two, but four (deep) or six (split: three pairs) in the small-grid
+            // blocks of those two.
+            AttentionImpl::WgmmaMn | AttentionImpl::WgmmaMnDeep | AttentionImpl::WgmmaMnSplit => {
+                let stages = match imp {
+                    AttentionImpl::WgmmaMnDeep if wgmma_m64 => 4,
+                    AttentionImpl::WgmmaMnSplit if wgmma_m64 => 6,
+                    _ => 2,
+                };
+                wgmma_smem_bytes(p.head_dim as u32, true, stages)
             }
-            AttentionImpl::WgmmaMnSplit => wgmma_smem_bytes(p.head_dim as u32, true, 2),
             AttentionImpl::Tma => tma_smem_bytes(p.head_dim as u32),
             _ => smem_bytes(block_m, p.head_dim as u32),
         },

@@ -565,14 +565,6 @@ impl CudaBackend {
     /// step 0's table (or timesteps), the forward, and the sampler update with step 0's
     /// parameters; [`StepGraph::set_step`] re-points both per step.
     fn capture_steps(&self, ws: &CudaWorkspace) -> Result<Vec<StepGraph>> {
-        // The update kernel (sampler_step, or final_sampler_step with the final Linear):
-        // each step re-points its node.
-        let update = if self.final_in_sampler(ws.images) {
-            "final_sampler_step"
-        } else {
-            "sampler_step"
-        };
-        let sampler_fn = self.gpu.function(update)?.cu_function();
         let ctx = self.gpu.context().cu_ctx();
         let placeholder = |mode| StepSpec {
             k: 0,
@@ -590,6 +582,13 @@ impl CudaBackend {
             },
             reuse_ahead: 0,
         };
+        // The update kernel (sampler_step, or final_sampler_step with the final Linear) whose
+        // node each step re-points.
+        let update = self.sampler_params(ws, &placeholder(StepMode::Compute))?;
+        let sampler_fn = self
+            .gpu
+            .function(super::sampler::update_kernel(&update))?
+            .cu_function();
         // The reuse step reads its precomputed table in place: only fora_reuse_final reads it.
         let reuse_in_place = self.options.reuse_table_in_place
             && ws.mod_table.is_some()
