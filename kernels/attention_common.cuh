@@ -86,6 +86,20 @@ FORA_DEVICE void online_softmax_tile(float* s, float* o, float (&row_max)[2], fl
     }
 }
 
+// mask_keys_past_end, then online_softmax_tile. The mask's per-key compares and selects are
+// only on the path of a tile that reaches past the last token: with the mask's early return
+// alone, ptxas if-converted it into ~130 instructions a thread on every tile.
+template <int BN, int D>
+FORA_DEVICE void masked_online_softmax_tile(float* s, float* o, float (&row_max)[2], float (&row_sum)[2],
+                                            float scale_log2, int key0, int tokens, int lane) {
+    if (key0 + BN > tokens) {
+        mask_keys_past_end<BN>(s, key0, tokens, lane);
+        online_softmax_tile<BN, D>(s, o, row_max, row_sum, scale_log2);
+    } else {
+        online_softmax_tile<BN, D>(s, o, row_max, row_sum, scale_log2);
+    }
+}
+
 // The mma A fragment of P for keys 16 kk .. 16 kk + 15: S tiles 2 kk and 2 kk + 1, as bf16.
 FORA_DEVICE void pack_p_fragment(const float* p, int kk, uint32_t (&a)[4]) {
     a[0] = pack_bf16x2(p[8 * kk], p[8 * kk + 1]);
@@ -101,8 +115,7 @@ template <int BN, int D>
 FORA_DEVICE void scores_to_p_fragments(float* s, float* o, float (&row_max)[2], float (&row_sum)[2],
                                        float scale_log2, int key0, int tokens, int lane,
                                        uint32_t (&p_frag)[BN / 16][4]) {
-    mask_keys_past_end<BN>(s, key0, tokens, lane);
-    online_softmax_tile<BN, D>(s, o, row_max, row_sum, scale_log2);
+    masked_online_softmax_tile<BN, D>(s, o, row_max, row_sum, scale_log2, key0, tokens, lane);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) pack_p_fragment(s, kk, p_frag[kk]);
 }

@@ -35,7 +35,8 @@
 //   wait for tile j, fence it into the async proxy, barrier A (every warpgroup has finished tile
 //   j - 1: its wgmmas and its V transpose, so tile j + STAGES - 1 may refill stage (j - 1) % STAGES
 //   and V^T may be overwritten); issue that load; issue the QK^T wgmmas; transpose V into V^T;
-//   fence; barrier B (V^T complete); wait for S; softmax; issue P V; wait.
+//   fence; barrier B (V^T complete); wait for S; softmax; issue P V; wait. (The V_MN kernels
+//   issue the load after the QK^T wgmmas, under them.)
 // Out-of-range keys are zero-filled by cp.async (so V^T holds zeros there) and masked to -inf;
 // out-of-range query rows are computed on zero Q and never stored.
 //
@@ -241,17 +242,24 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
         cp_async_wait<S::STAGES - 2>();
         fence_proxy_async_shared();
         __syncthreads();  // A
-        {
+        const int stage = j % S::STAGES;
+
+        // The refill of the stage tile j - 1 used. V_MN: after S = Q K^T is issued, so that its
+        // address arithmetic (a few hundred instructions a thread) runs under the wgmmas; the
+        // transposing kernel keeps it first (there the V transpose runs under them, and S live
+        // across the loads too would pass 128 registers at d 72: a stack frame).
+        auto refill = [&] {
             const int next = j + S::STAGES - 1;
             if (next < n_tiles) load_tile(next % S::STAGES, next);
             cp_async_commit();
-        }
-        const int stage = j % S::STAGES;
+        };
+        if constexpr (!V_MN) refill();
 
         // S = Q K^T, issued now and left running.
         float s_acc[BN / 2];
         issue_scores<BN, KSTEPS>(s_acc, q_frag, k_addr + stage * S::K_STAGE_BYTES);
         wgmma_commit();
+        if constexpr (V_MN) refill();
 
         // Meanwhile V^T: 4 consecutive 8-key blocks of one 8-column d block per ldmatrix.x4.trans;
         // register m then holds (V[key 2 quad], V[key 2 quad + 1]) of d column g in key block m.
@@ -402,17 +410,23 @@ FORA_DEVICE void attention_wgmma_split_block(const AttentionParams& p) {
         cp_async_wait<PAIR_STAGES - 2>();
         fence_proxy_async_shared();
         __syncthreads();  // pair i landed; both warpgroups are done with pair i - 1
-        {
+        const int j = 2 * i + warpgroup;  // this warpgroup's tile
+        // The next pair's loads, by every thread. A warpgroup with a tile issues them after its
+        // QK^T wgmmas (their address arithmetic under the wgmmas, as in the block kernel), in
+        // the same branch: wgmmas in flight across the end of a branch are serialized (C7518).
+        auto refill = [&] {
             const int next = i + PAIR_STAGES - 1;
             if (next < n_pairs) load_pair(next % PAIR_STAGES, next);
             cp_async_commit();
-        }
-        const int j = 2 * i + warpgroup;  // this warpgroup's tile
-        if (j < n_tiles) {
+        };
+        if (j >= n_tiles) {
+            refill();
+        } else {
             const int stage = 2 * (i % PAIR_STAGES) + warpgroup;
             float s_acc[BN / 2];
             issue_scores<BN, KSTEPS>(s_acc, q_frag, k_addr + stage * S::K_STAGE_BYTES);
             wgmma_commit();
+            refill();
             wgmma_wait<0>();
             pin_accumulators(s_acc);
             uint32_t p_frag[BN / 16][4];

@@ -227,6 +227,10 @@ FORA_DEVICE void final_sampler_tile(const SamplerStepParams& p, float* smem) {
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) bw[s][nt] = load16_or_zero(w_g + (long long)nt * 8 * p.dim + k, in);
         }
+        // Every load issued before the first mma: ptxas otherwise interleaved them, and the
+        // first mma's wait for its operands held back the remaining loads one memory round trip
+        // (a warp issues in order). ptxas does not move instructions across the warp barrier.
+        __syncwarp();
 #pragma unroll
         for (int s = 0; s < kGroup; ++s) {
             const uint32_t a_lo[4] = {ac[s].x, au[s].x, ac[s].y, au[s].y};

@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Checks the machine code (SASS) of kernels for what `ptxas -v` does not report: the order in
+which a kernel's hot loop issues its loads and its tensor-core instructions, and instructions
+that must not be there. A warp issues in order, so an mma that waits for its operands holds back
+every load after it, and ptxas's scheduler does not know which order the design needs.
+
+Rules (each found by reading the SASS without a GPU, each fixed in the kernels):
+  loads_before_mma     final_sampler_step: in each stretch between block barriers, no global
+                       load after the first mma (ptxas had interleaved them: the first mma's wait
+                       for its operands held the remaining loads back one memory round trip).
+  scores_before_refill the V-MN-major wgmma attention block kernels: after each block barrier,
+                       the QK^T wgmmas are issued before the next K/V tile's cp.async loads (their
+                       address arithmetic, a few hundred instructions, runs under the wgmmas).
+  hopper_uses_wgmma    every sm_90a kernel that the launchers run only on a Hopper holds wgmma
+                       (HGMMA) instructions: it was not compiled to its trap stub.
+  no_gpu_membar        no kernel has a GPU-scope memory barrier but a cluster barrier's release
+                       (the multicast GEMM's slot releases once carried one each).
+
+Usage: tools/check_sass.py [--only SUBSTRING-OF-A-SOURCE]
+       tools/check_sass.py --dump KERNEL [--file kernels/X.cu] [--arch sm_90a]   (one kernel's SASS)
+It needs nvcc and cuobjdump + nvdisasm (NVIDIA's pip wheels nvidia-cuda-cuobjdump and
+nvidia-cuda-nvdisasm put them beside the wheel's nvcc; .ci/run installs them). It runs its rules
+on synthetic SASS first (each must pass a good and fail a bad listing), then on the kernels.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (source file, architectures) compiled for the rules.
+SOURCES = [
+    ("kernels/sampler.cu", ["sm_80", "sm_90a"]),
+    ("kernels/attention_sm90.cu", ["sm_90a"]),
+    ("kernels/gemm_sm90.cu", ["sm_90a"]),
+    ("kernels/attention.cu", ["sm_80", "sm_90a"]),
+    ("kernels/gemm.cu", ["sm_80", "sm_90a"]),
+    ("kernels/fora.cu", ["sm_80", "sm_90a"]),
+    ("kernels/norm.cu", ["sm_80", "sm_90a"]),
+]
+
+HOPPER_ONLY = re.compile(r"^(gemm_wgmma_|gemm_tma_|attention_wgmma|attention_tma_)")
+MN_BLOCK_KERNELS = re.compile(r"^attention_wgmma_mn_(m64_|deep_m64_)?d\d+$")
+
+
+def find_tool(name, nvcc):
+    """`name` beside nvcc (the pip wheels' layout), else on PATH."""
+    if nvcc:
+        beside = os.path.join(os.path.dirname(nvcc), name)
+        if os.access(beside, os.X_OK):
+            return beside
+    return shutil.which(name)
+
+
+def find_nvcc():
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if not nvcc:
+        for d in [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]:
+            if d and os.access(os.path.join(d, "bin", "nvcc"), os.X_OK):
+                return os.path.join(d, "bin", "nvcc")
+    return nvcc
+
+
+def parse_sass(text):
+    """{function: [opcode, ...]} from `cuobjdump -sass`: the opcode with its modifiers, without
+    the predicate (`@!P0 LDG.E.128 R4, ...` -> `LDG.E.128`)."""
+    functions = {}
+    current = None
+    for line in text.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            current = functions.setdefault(m.group(1), [])
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if current is None or not m:
+            continue
+        words = m.group(1).split()
+        if words and words[0].startswith("@"):
+            words = words[1:]
+        if words:
+            current.append(words[0])
+    return functions
+
+
+def segments(ops):
+    """The stretches of `ops` between block barriers (BAR.SYNC*), each with the barrier that
+    starts it (None for the first)."""
+    out, start, cur = [], None, []
+    for op in ops:
+        if op.startswith("BAR.SYNC"):
+            out.append((start, cur))
+            start, cur = op, []
+        else:
+            cur.append(op)
+    out.append((start, cur))
+    return out
+
+
+def loads_before_mma(ops):
+    """A global load after the first mma of its barrier-delimited stretch, or None."""
+    for i, (_, seg) in enumerate(segments(ops)):
+        seen_mma = False
+        for op in seg:
+            if op.startswith("HMMA"):
+                seen_mma = True
+            elif seen_mma and op.startswith("LDG"):
+                return f"stretch {i}: {op} after the first HMMA"
+    return None
+
+
+def scores_before_refill(ops):
+    """A stretch after a block barrier that issues a cp.async (LDGSTS) before its first wgmma."""
+    checked = 0
+    for i, (start, seg) in enumerate(segments(ops)):
+        if start is None or not any(op.startswith("HGMMA") for op in seg):
+            continue
+        first_mma = next(j for j, op in enumerate(seg) if op.startswith("HGMMA"))
+        loads = [j for j, op in enumerate(seg) if op.startswith("LDGSTS")]
+        if not loads:
+            continue
+        checked += 1
+        if loads[0] < first_mma:
+            return f"stretch {i}: LDGSTS at {loads[0]} before the first HGMMA at {first_mma}"
+    if checked == 0:
+        return "no barrier stretch with both wgmmas and cp.async loads (the tile loop was not found)"
+    return None
+
+
+def hopper_uses_wgmma(ops):
+    if not any(op.startswith("HGMMA") for op in ops):
+        return "no HGMMA instruction (the trap stub?)"
+    return None
+
+
+def no_gpu_membar(ops):
+    """A GPU- or system-scope MEMBAR that is not the release of a cluster barrier's arrive
+    (barrier.cluster.arrive, once at a cluster kernel's start and end: MEMBAR.ALL.GPU, ERRBAR,
+    CGAERRBAR, UCGABAR_ARV)."""
+    for i, op in enumerate(ops):
+        if op.startswith("MEMBAR") and (".GPU" in op or ".SYS" in op):
+            if "UCGABAR_ARV" in ops[i + 1:i + 5]:
+                continue
+            return f"{op} at instruction {i}"
+    return None
+
+
+def check(functions, arch):
+    """Failures [(rule, function, why)] of every rule that applies to these functions."""
+    failures = []
+    for name, ops in sorted(functions.items()):
+        rules = [("no_gpu_membar", no_gpu_membar)]
+        if name == "final_sampler_step":
+            rules.append(("loads_before_mma", loads_before_mma))
+        if arch == "sm_90a" and MN_BLOCK_KERNELS.match(name):
+            rules.append(("scores_before_refill", scores_before_refill))
+        if arch == "sm_90a" and HOPPER_ONLY.match(name):
+            rules.append(("hopper_uses_wgmma", hopper_uses_wgmma))
+        for rule, fn in rules:
+            why = fn(ops)
+            if why:
+                failures.append((rule, name, why))
+    return failures
+
+
+def listing(name, lines):
+    body = "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(lines))
+    return f"\t\tFunction : {name}\n{body}\n"
+
+
+def selftest():
+    """Every rule passes a good synthetic listing and fails a bad one."""
+    cases = [
+        ("final_sampler_step", ["LDG.E.128 R1, [R2]", "@!P0 LDG.E.128 R3, [R4]", "WARPSYNC.ALL", "HMMA.16816.F32.BF16 R5",
+                                "BAR.SYNC.DEFER_BLOCKING 0x0", "LDG.E R7, [R8]", "BAR.SYNC.DEFER_BLOCKING 0x0"],
+         ["LDG.E.128 R1, [R2]", "HMMA.16816.F32.BF16 R5", "@!P0 LDG.E.128 R3, [R4]", "HMMA.16816.F32.BF16 R6"],
+         "loads_before_mma", "sm_90a"),
+        ("attention_wgmma_mn_d72", ["LDGSTS.E.BYPASS.128 [R1]", "BAR.SYNC.DEFER_BLOCKING 0x0", "HGMMA.64x64x16.F32.BF16 R2",
+                                    "LDGSTS.E.BYPASS.128 [R1]", "HGMMA.64x72x16.F32.BF16 R3"],
+         ["BAR.SYNC.DEFER_BLOCKING 0x0", "LDGSTS.E.BYPASS.128 [R1]", "HGMMA.64x64x16.F32.BF16 R2",
+          "HGMMA.64x72x16.F32.BF16 R3"],
+         "scores_before_refill", "sm_90a"),
+        ("gemm_tma_128x192", ["UTMALDG.2D [UR4]", "HGMMA.64x192x16.F32.BF16 R24"], ["BPT.TRAP 0x1", "EXIT"],
+         "hopper_uses_wgmma", "sm_90a"),
+        ("gemm_tma_mc_128x192", ["MEMBAR.ALL.CTA", "MEMBAR.ALL.GPU", "ERRBAR", "CGAERRBAR", "UCGABAR_ARV", "UCGABAR_WAIT",
+                                 "HGMMA.64x192x16.F32.BF16 R24", "SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ"],
+         ["HGMMA.64x192x16.F32.BF16 R24", "MEMBAR.ALL.GPU", "SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ"],
+         "no_gpu_membar", "sm_90a"),
+    ]
+    ok = True
+    for name, good, bad, rule, arch in cases:
+        good_fail = [f for f in check(parse_sass(listing(name, good)), arch) if f[0] == rule]
+        bad_fail = [f for f in check(parse_sass(listing(name, bad)), arch) if f[0] == rule]
+        if good_fail or not bad_fail:
+            print(f"check_sass selftest FAIL {rule}: good listing -> {good_fail}, bad listing -> {bad_fail}")
+            ok = False
+    return ok
+
+
+def sass_of(nvcc, cuobjdump, src, arch, tmp):
+    cubin = os.path.join(tmp, f"{os.path.basename(src)}.{arch}.cubin")
+    cmd = [nvcc, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", "-I", os.path.join(ROOT, "kernels"),
+           os.path.join(ROOT, src), "-o", cubin]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{src} ({arch}) does not compile:\n{r.stderr}")
+    # cuobjdump runs nvdisasm, which the wheels put beside it.
+    env = dict(os.environ, PATH=os.path.dirname(cuobjdump) + os.pathsep + os.environ.get("PATH", ""))
+    r = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, env=env)
+    if r.returncode != 0 or "Function :" not in r.stdout:
+        raise RuntimeError(f"cuobjdump -sass {src} ({arch}) failed (nvdisasm beside it?):\n{r.stderr}")
+    return r.stdout
+
+
+def main(argv):
+    if not selftest():
+        return 1
+    nvcc = find_nvcc()
+    cuobjdump = find_tool("cuobjdump", nvcc)
+    if not nvcc or not cuobjdump:
+        print("check_sass: needs nvcc and cuobjdump (pip install nvidia-cuda-cuobjdump==13.2.86 "
+              "nvidia-cuda-nvdisasm==13.2.86 beside the nvcc wheels; NVCC=...)", file=sys.stderr)
+        return 2
+    if "--dump" in argv:
+        kernel = argv[argv.index("--dump") + 1]
+        src = argv[argv.index("--file") + 1] if "--file" in argv else None
+        arch = argv[argv.index("--arch") + 1] if "--arch" in argv else "sm_90a"
+        with tempfile.TemporaryDirectory() as tmp:
+            for s, _ in SOURCES if src is None else [(src, [arch])]:
+                text = sass_of(nvcc, cuobjdump, s, arch, tmp)
+                if f"Function : {kernel}\n" in text:
+                    part = text.split(f"Function : {kernel}\n", 1)[1].split("Function :", 1)[0]
+                    print(re.sub(r"\s*/\* 0x[0-9a-f]+ \*/", "", part))
+                    return 0
+        print(f"check_sass: no kernel {kernel}", file=sys.stderr)
+        return 2
+    only = argv[argv.index("--only") + 1] if "--only" in argv else ""
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for src, arches in SOURCES:
+            if only not in src:
+                continue
+            for arch in arches:
+                functions = parse_sass(sass_of(nvcc, cuobjdump, src, arch, tmp))
+                bad = check(functions, arch)
+                for rule, name, why in bad:
+                    print(f"FAIL {src} ({arch}) {name}: {rule}: {why}")
+                failures += len(bad)
+                if not bad:
+                    print(f"ok   {src} ({arch}): {len(functions)} kernels")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
