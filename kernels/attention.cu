@@ -160,8 +160,8 @@ FORA_DEVICE void attention_block(const AttentionParams& p, unsigned char* smem_r
 
         // Keys past the end of the sequence (only in the last tile) get -inf; then the online
         // softmax (every tile holds at least one valid key).
-        mask_keys_past_end<BN>(&s_acc[0][0], j * BN, tokens, lane);
-        online_softmax_tile<BN, D>(&s_acc[0][0], &o_acc[0][0], row_max, row_sum, scale_log2);
+        masked_online_softmax_tile<BN, D>(&s_acc[0][0], &o_acc[0][0], row_max, row_sum, scale_log2, j * BN, tokens,
+                                          lane);
 
         // O += P V, 16 keys per mma step. P's A fragment comes straight from two S n-tiles.
 #pragma unroll
@@ -454,9 +454,8 @@ FORA_DEVICE void attention_block_v2(const AttentionParams& p, unsigned char* sme
         // softmax of each m tile (every tile holds at least one valid key).
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-            mask_keys_past_end<BN>(&s_acc[mt][0][0], j * BN, tokens, lane);
-            online_softmax_tile<BN, D>(&s_acc[mt][0][0], &o_acc[mt][0][0], row_max[mt], row_sum[mt],
-                                       scale_log2);
+            masked_online_softmax_tile<BN, D>(&s_acc[mt][0][0], &o_acc[mt][0][0], row_max[mt], row_sum[mt],
+                                              scale_log2, j * BN, tokens, lane);
         }
 
         // Outstanding: V_j, K_{j+1} (newest). Wait for V_j; the barrier makes it visible and

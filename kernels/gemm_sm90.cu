@@ -25,8 +25,9 @@
 // Pipeline (LOOKAHEAD = STAGES - 2 tiles in flight): iteration kt waits for its own copies of
 // tile kt, fences them into the async proxy (wgmma reads shared memory through it, cp.async
 // writes through the generic proxy), and meets the other threads at a barrier. Then it issues
-// the copies of tile kt + LOOKAHEAD into the slot of tile kt - 2, issues tile kt's wgmmas,
-// commits them, and waits until at most one wgmma group is pending. So when any thread passes
+// tile kt's wgmmas and commits them, issues the copies of tile kt + LOOKAHEAD into the slot of
+// tile kt - 2 (their address arithmetic under the wgmmas), and waits until at most one wgmma
+// group is pending. So when any thread passes
 // the barrier of iteration kt, every warpgroup has finished the wgmmas of tile kt - 2 (it
 // waited at the end of kt - 1), and overwriting that slot is safe, while tile kt - 1's
 // wgmmas may still run.
@@ -154,10 +155,6 @@ FORA_DEVICE void gemm_wgmma_tile(const GemmParams& p) {
         cp_async_wait<kLookahead - 1>();
         fence_proxy_async_shared();
         __syncthreads();
-        const int next = kt + kLookahead;
-        if (next < k_tiles) load_stage(next % STAGES, next);
-        cp_async_commit();
-
         const int slot = kt % STAGES;
         // This warpgroup's 64 rows of A; all BN rows of W. Each k-step is 32 bytes further.
         const uint64_t desc_a =
@@ -170,6 +167,10 @@ FORA_DEVICE void gemm_wgmma_tile(const GemmParams& p) {
             wgmma_m64k16<BN>(acc, desc_a + 2 * kk, desc_b + 2 * kk);
         }
         wgmma_commit();
+        // The refill after the wgmmas, so that its address arithmetic runs under them.
+        const int next = kt + kLookahead;
+        if (next < k_tiles) load_stage(next % STAGES, next);
+        cp_async_commit();
         wgmma_wait<1>();
         pin_accumulators(acc);
     }

@@ -43,7 +43,9 @@ FORA_DEVICE float modulate(float x, float mean, float rstd, float shift, float s
 }
 
 // The sum of v over the WPR warps that hold one token row, the same value in every thread of
-// them, in a fixed order. With WPR > 1 every thread of the block must call it.
+// them, in a fixed order. With WPR > 1 every thread of the block must call it, and each sum of
+// a block needs a `partial` of its own (kWarps floats): with no barrier after the reads, a
+// second sum into the same one could overwrite a value a slower warp has yet to read.
 template <int WPR>
 FORA_DEVICE float row_sum(float v, float* partial) {
     v = warp_sum(v);
@@ -55,7 +57,6 @@ FORA_DEVICE float row_sum(float v, float* partial) {
     float s = 0.0f;
 #pragma unroll
     for (int w = 0; w < WPR; ++w) s += partial[first + w];
-    __syncthreads();  // partial is reused by the next sum
     return s;
 }
 
@@ -67,7 +68,8 @@ constexpr bool kPrefetch = WPR > 1;
 // The register path's LayerNorm + modulate of one token row held by WPR warps: chunk c of
 // thread t (of the row's 32 * WPR) holds columns 4t + 128 WPR c .. + 3 (zeros past the row
 // end); with kPrefetch, sh / sc hold the shift and scale of the same columns, else they are
-// loaded from shift / scale here. Two-pass statistics.
+// loaded from shift / scale here. Two-pass statistics; `partial`: 2 * kWarps floats of shared
+// memory (one set a row_sum).
 template <int WPR, int CH>
 FORA_DEVICE void layernorm_row_in_registers(const float4 (&v)[CH], const float4 (&sh)[CH],
                                              const float4 (&sc)[CH], const float* shift,
@@ -89,7 +91,7 @@ FORA_DEVICE void layernorm_row_in_registers(const float4 (&v)[CH], const float4 
             sq += (a * a + b * b) + (e * e + f * f);
         }
     }
-    const float var = row_sum<WPR>(sq, partial) * inv_dim;
+    const float var = row_sum<WPR>(sq, partial + kWarps) * inv_dim;
     const float rstd = 1.0f / sqrtf(var + eps);  // IEEE sqrt and divide, not rsqrtf
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
@@ -127,7 +129,7 @@ FORA_DEVICE long long row_token() {
 template <int WPR>
 FORA_DEVICE void layernorm_rows(const LayerNormModulateParams& p) {
     constexpr int CH = kMaxChunks / WPR;
-    __shared__ float partial[kWarps];
+    __shared__ float partial[2 * kWarps];  // one set a row sum (row_sum)
     const int t = row_thread<WPR>();
     const long long token = row_token<WPR>();
     // With WPR > 1 a block is one row: its threads return together.
@@ -151,7 +153,7 @@ FORA_DEVICE void layernorm_rows(const LayerNormModulateParams& p) {
 template <int WPR>
 FORA_DEVICE void residual_layernorm_rows(const ResidualLayerNormParams& p) {
     constexpr int CH = kMaxChunks / WPR;
-    __shared__ float partial[kWarps];
+    __shared__ float partial[2 * kWarps];  // one set a row sum (row_sum)
     const int t = row_thread<WPR>();
     const long long token = row_token<WPR>();
     if (token >= (long long)p.rows * p.tokens) return;

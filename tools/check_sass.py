@@ -8,9 +8,10 @@ Rules (each found by reading the SASS without a GPU, each fixed in the kernels):
   loads_before_mma     final_sampler_step: in each stretch between block barriers, no global
                        load after the first mma (ptxas had interleaved them: the first mma's wait
                        for its operands held the remaining loads back one memory round trip).
-  scores_before_refill the V-MN-major wgmma attention block kernels: after each block barrier,
-                       the QK^T wgmmas are issued before the next K/V tile's cp.async loads (their
-                       address arithmetic, a few hundred instructions, runs under the wgmmas).
+  wgmma_before_refill  the V-MN-major wgmma attention block kernels and the cp.async wgmma GEMMs:
+                       after each block barrier, the tile's wgmmas (QK^T; the k-tile's product)
+                       are issued before the cp.async loads that refill the ring (their address
+                       arithmetic, up to a few hundred instructions, runs under the wgmmas).
   hopper_uses_wgmma    every sm_90a kernel that the launchers run only on a Hopper holds wgmma
                        (HGMMA) instructions: it was not compiled to its trap stub.
   no_gpu_membar        no kernel has a GPU-scope memory barrier but a cluster barrier's release
@@ -43,7 +44,7 @@ SOURCES = [
 ]
 
 HOPPER_ONLY = re.compile(r"^(gemm_wgmma_|gemm_tma_|attention_wgmma|attention_tma_)")
-MN_BLOCK_KERNELS = re.compile(r"^attention_wgmma_mn_(m64_|deep_m64_)?d\d+$")
+REFILL_AFTER_WGMMA = re.compile(r"^(attention_wgmma_mn_(m64_|deep_m64_)?d\d+|gemm_wgmma_\d+x\d+)$")
 
 
 def find_tool(name, nvcc):
@@ -111,7 +112,7 @@ def loads_before_mma(ops):
     return None
 
 
-def scores_before_refill(ops):
+def wgmma_before_refill(ops):
     """A stretch after a block barrier that issues a cp.async (LDGSTS) before its first wgmma."""
     checked = 0
     for i, (start, seg) in enumerate(segments(ops)):
@@ -154,8 +155,8 @@ def check(functions, arch):
         rules = [("no_gpu_membar", no_gpu_membar)]
         if name == "final_sampler_step":
             rules.append(("loads_before_mma", loads_before_mma))
-        if arch == "sm_90a" and MN_BLOCK_KERNELS.match(name):
-            rules.append(("scores_before_refill", scores_before_refill))
+        if arch == "sm_90a" and REFILL_AFTER_WGMMA.match(name):
+            rules.append(("wgmma_before_refill", wgmma_before_refill))
         if arch == "sm_90a" and HOPPER_ONLY.match(name):
             rules.append(("hopper_uses_wgmma", hopper_uses_wgmma))
         for rule, fn in rules:
@@ -181,7 +182,7 @@ def selftest():
                                     "LDGSTS.E.BYPASS.128 [R1]", "HGMMA.64x72x16.F32.BF16 R3"],
          ["BAR.SYNC.DEFER_BLOCKING 0x0", "LDGSTS.E.BYPASS.128 [R1]", "HGMMA.64x64x16.F32.BF16 R2",
           "HGMMA.64x72x16.F32.BF16 R3"],
-         "scores_before_refill", "sm_90a"),
+         "wgmma_before_refill", "sm_90a"),
         ("gemm_tma_128x192", ["UTMALDG.2D [UR4]", "HGMMA.64x192x16.F32.BF16 R24"], ["BPT.TRAP 0x1", "EXIT"],
          "hopper_uses_wgmma", "sm_90a"),
         ("gemm_tma_mc_128x192", ["MEMBAR.ALL.CTA", "MEMBAR.ALL.GPU", "ERRBAR", "CGAERRBAR", "UCGABAR_ARV", "UCGABAR_WAIT",
