@@ -27,10 +27,9 @@
 // writes through the generic proxy), and meets the other threads at a barrier. Then it issues
 // tile kt's wgmmas and commits them, issues the copies of tile kt + LOOKAHEAD into the slot of
 // tile kt - 2 (their address arithmetic under the wgmmas), and waits until at most one wgmma
-// group is pending. So when any thread passes
-// the barrier of iteration kt, every warpgroup has finished the wgmmas of tile kt - 2 (it
-// waited at the end of kt - 1), and overwriting that slot is safe, while tile kt - 1's
-// wgmmas may still run.
+// group is pending. So when any thread passes the barrier of iteration kt, every warpgroup has
+// finished the wgmmas of tile kt - 2 (it waited at the end of kt - 1), and overwriting that
+// slot is safe, while tile kt - 1's wgmmas may still run.
 //
 // Split-K (gridDim.z > 1) and the epilogues are those of gemm.cu (gemm_epilogue.cuh). The
 // accumulator fragment of wgmma m64nN is the mma.sync m16n8 one repeated: warp w of the
