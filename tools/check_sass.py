@@ -19,10 +19,14 @@ Rules (each found by reading the SASS without a GPU, each fixed in the kernels):
 
 Usage: tools/check_sass.py [--only SUBSTRING-OF-A-SOURCE]
        tools/check_sass.py --dump KERNEL [--file kernels/X.cu] [--arch sm_90a]   (one kernel's SASS)
+       tools/check_sass.py --compare REV [--only ...] [--all]   (registers, stack and instruction
+           counts per kernel at git revision REV against the working tree: what a change did to
+           the machine code, without a GPU)
 It needs nvcc and cuobjdump + nvdisasm (NVIDIA's pip wheels nvidia-cuda-cuobjdump and
 nvidia-cuda-nvdisasm put them beside the wheel's nvcc; .ci/run installs them). It runs its rules
 on synthetic SASS first (each must pass a good and fail a bad listing), then on the kernels.
 """
+import argparse
 import os
 import re
 import shutil
@@ -200,22 +204,91 @@ def selftest():
     return ok
 
 
-def sass_of(nvcc, cuobjdump, src, arch, tmp):
-    cubin = os.path.join(tmp, f"{os.path.basename(src)}.{arch}.cubin")
-    cmd = [nvcc, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", "-I", os.path.join(ROOT, "kernels"),
-           os.path.join(ROOT, src), "-o", cubin]
+def sass_of(nvcc, cuobjdump, src, arch, tmp, root=ROOT):
+    """(cuobjdump -sass text, ptxas -v log) of kernels/X.cu under `root`, compiled for `arch`."""
+    cubin = os.path.join(tmp, f"{os.path.basename(root)}.{os.path.basename(src)}.{arch}.cubin")
+    cmd = [nvcc, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", "-I", os.path.join(root, "kernels"),
+           "-Xptxas", "-v", os.path.join(root, src), "-o", cubin]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{src} ({arch}) does not compile:\n{r.stderr}")
+    ptxas_log = r.stdout + r.stderr
     # cuobjdump runs nvdisasm, which the wheels put beside it.
     env = dict(os.environ, PATH=os.path.dirname(cuobjdump) + os.pathsep + os.environ.get("PATH", ""))
     r = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, env=env)
     if r.returncode != 0 or "Function :" not in r.stdout:
         raise RuntimeError(f"cuobjdump -sass {src} ({arch}) failed (nvdisasm beside it?):\n{r.stderr}")
-    return r.stdout
+    return r.stdout, ptxas_log
+
+
+def kernel_stats(sass, ptxas_log):
+    """{kernel: {regs, stack, instr, bar, mma, ldg, ldgsts, mufu}}: ptxas's registers and stack
+    frame, and static counts of SASS instructions (all, block barriers, tensor-core ops, global
+    loads, cp.async, MUFU)."""
+    stats = {}
+    current = None
+    for line in ptxas_log.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            current = stats.setdefault(m.group(1), {})
+        m = re.search(r"(\d+) bytes stack frame", line)
+        if m and current is not None:
+            current["stack"] = int(m.group(1))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current is not None:
+            current["regs"] = int(m.group(1))
+    for name, ops in parse_sass(sass).items():
+        st = stats.setdefault(name, {})
+        st["instr"] = len(ops)
+        st["bar"] = sum(op.startswith("BAR.SYNC") for op in ops)
+        st["mma"] = sum(op.startswith(("HGMMA", "HMMA")) for op in ops)
+        st["ldg"] = sum(op.startswith("LDG.") for op in ops)
+        st["ldgsts"] = sum(op.startswith("LDGSTS") for op in ops)
+        st["mufu"] = sum(op.startswith("MUFU") for op in ops)
+    return stats
+
+
+def compare(nvcc, cuobjdump, rev, only, show_all):
+    """Per kernel, its stats at git revision `rev` against the working tree."""
+    keys = ["regs", "stack", "instr", "bar", "mma", "ldg", "ldgsts", "mufu"]
+    with tempfile.TemporaryDirectory() as tmp:
+        old_root = os.path.join(tmp, "base")
+        os.makedirs(old_root)
+        archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "kernels"], capture_output=True)
+        if archive.returncode != 0:
+            print(f"check_sass: git archive {rev} failed: {archive.stderr.decode()}", file=sys.stderr)
+            return 2
+        subprocess.run(["tar", "-x", "-C", old_root], input=archive.stdout, check=True)
+        print("| file | arch | kernel | " + " | ".join(keys) + " |")
+        print("|---|---|---|" + "---|" * len(keys))
+        for src, arches in SOURCES:
+            if only not in src:
+                continue
+            for arch in arches:
+                new = kernel_stats(*sass_of(nvcc, cuobjdump, src, arch, tmp))
+                old = (kernel_stats(*sass_of(nvcc, cuobjdump, src, arch, tmp, old_root))
+                       if os.path.exists(os.path.join(old_root, src)) else {})
+                for name in sorted(set(new) | set(old)):
+                    a, b = old.get(name, {}), new.get(name, {})
+                    if not show_all and all(a.get(k) == b.get(k) for k in keys):
+                        continue
+                    cells = [f"{a.get(k, '-')} -> {b.get(k, '-')}" if a.get(k) != b.get(k) else f"{b.get(k, '-')}"
+                             for k in keys]
+                    print(f"| {src} | {arch} | {name} | " + " | ".join(cells) + " |")
+    return 0
 
 
 def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="only the sources whose path contains this")
+    parser.add_argument("--dump", metavar="KERNEL", help="print one kernel's SASS instead of checking")
+    parser.add_argument("--file", help="with --dump: the kernel's source (kernels/X.cu)")
+    parser.add_argument("--arch", default="sm_90a", help="with --dump: sm_80 or sm_90a")
+    parser.add_argument("--compare", metavar="REV",
+                        help="instead of checking: registers, stack and SASS instruction counts per kernel at git "
+                             "revision REV against the working tree (changed kernels; --all: every one)")
+    parser.add_argument("--all", action="store_true", help="with --compare: unchanged kernels too")
+    args = parser.parse_args(argv)
     if not selftest():
         return 1
     nvcc = find_nvcc()
@@ -224,27 +297,26 @@ def main(argv):
         print("check_sass: needs nvcc and cuobjdump (pip install nvidia-cuda-cuobjdump==13.2.86 "
               "nvidia-cuda-nvdisasm==13.2.86 beside the nvcc wheels; NVCC=...)", file=sys.stderr)
         return 2
-    if "--dump" in argv:
-        kernel = argv[argv.index("--dump") + 1]
-        src = argv[argv.index("--file") + 1] if "--file" in argv else None
-        arch = argv[argv.index("--arch") + 1] if "--arch" in argv else "sm_90a"
+    if args.compare:
+        return compare(nvcc, cuobjdump, args.compare, args.only, args.all)
+    if args.dump:
         with tempfile.TemporaryDirectory() as tmp:
-            for s, _ in SOURCES if src is None else [(src, [arch])]:
-                text = sass_of(nvcc, cuobjdump, s, arch, tmp)
-                if f"Function : {kernel}\n" in text:
-                    part = text.split(f"Function : {kernel}\n", 1)[1].split("Function :", 1)[0]
+            sources = SOURCES if args.file is None else [(args.file, [args.arch])]
+            for src, _ in sources:
+                text, _ = sass_of(nvcc, cuobjdump, src, args.arch, tmp)
+                if f"Function : {args.dump}\n" in text:
+                    part = text.split(f"Function : {args.dump}\n", 1)[1].split("Function :", 1)[0]
                     print(re.sub(r"\s*/\* 0x[0-9a-f]+ \*/", "", part))
                     return 0
-        print(f"check_sass: no kernel {kernel}", file=sys.stderr)
+        print(f"check_sass: no kernel {args.dump}", file=sys.stderr)
         return 2
-    only = argv[argv.index("--only") + 1] if "--only" in argv else ""
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         for src, arches in SOURCES:
-            if only not in src:
+            if args.only not in src:
                 continue
             for arch in arches:
-                functions = parse_sass(sass_of(nvcc, cuobjdump, src, arch, tmp))
+                functions = parse_sass(sass_of(nvcc, cuobjdump, src, arch, tmp)[0])
                 bad = check(functions, arch)
                 for rule, name, why in bad:
                     print(f"FAIL {src} ({arch}) {name}: {rule}: {why}")
