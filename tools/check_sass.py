@@ -12,6 +12,11 @@ Rules (each found by reading the SASS without a GPU, each fixed in the kernels):
                        after each block barrier, the tile's wgmmas (QK^T; the k-tile's product)
                        are issued before the cp.async loads that refill the ring (their address
                        arithmetic, up to a few hundred instructions, runs under the wgmmas).
+  two_softmax_paths    the wgmma_mn attention block kernels hold the online softmax twice (at
+                       least 64 MUFU.EX2 for 32 scores a thread and tile): a masked path for the
+                       tile past the last token and an unmasked one for every other tile (ptxas
+                       had if-converted the mask into ~130 selects a thread on every tile; one
+                       path would mean that it merged them again).
   hopper_uses_wgmma    every sm_90a kernel that the launchers run only on a Hopper holds wgmma
                        (HGMMA) instructions: it was not compiled to its trap stub.
   no_gpu_membar        no kernel has a GPU-scope memory barrier but a cluster barrier's release
@@ -134,6 +139,13 @@ def wgmma_before_refill(ops):
     return None
 
 
+def two_softmax_paths(ops):
+    ex2 = sum(op.startswith("MUFU.EX2") for op in ops)
+    if ex2 < 64:
+        return f"{ex2} MUFU.EX2: one softmax path (the key mask on every tile?)"
+    return None
+
+
 def hopper_uses_wgmma(ops):
     if not any(op.startswith("HGMMA") for op in ops):
         return "no HGMMA instruction (the trap stub?)"
@@ -161,6 +173,8 @@ def check(functions, arch):
             rules.append(("loads_before_mma", loads_before_mma))
         if arch == "sm_90a" and REFILL_AFTER_WGMMA.match(name):
             rules.append(("wgmma_before_refill", wgmma_before_refill))
+            if name.startswith("attention_"):
+                rules.append(("two_softmax_paths", two_softmax_paths))
         if arch == "sm_90a" and HOPPER_ONLY.match(name):
             rules.append(("hopper_uses_wgmma", hopper_uses_wgmma))
         for rule, fn in rules:
@@ -183,10 +197,15 @@ def selftest():
          ["LDG.E.128 R1, [R2]", "HMMA.16816.F32.BF16 R5", "@!P0 LDG.E.128 R3, [R4]", "HMMA.16816.F32.BF16 R6"],
          "loads_before_mma", "sm_90a"),
         ("attention_wgmma_mn_d72", ["LDGSTS.E.BYPASS.128 [R1]", "BAR.SYNC.DEFER_BLOCKING 0x0", "HGMMA.64x64x16.F32.BF16 R2",
-                                    "LDGSTS.E.BYPASS.128 [R1]", "HGMMA.64x72x16.F32.BF16 R3"],
+                                    "LDGSTS.E.BYPASS.128 [R1]", "HGMMA.64x72x16.F32.BF16 R3"] + ["MUFU.EX2 R4, R4"] * 68,
          ["BAR.SYNC.DEFER_BLOCKING 0x0", "LDGSTS.E.BYPASS.128 [R1]", "HGMMA.64x64x16.F32.BF16 R2",
           "HGMMA.64x72x16.F32.BF16 R3"],
          "wgmma_before_refill", "sm_90a"),
+        ("attention_wgmma_mn_m64_d72", ["BAR.SYNC.DEFER_BLOCKING 0x0", "HGMMA.64x64x16.F32.BF16 R2",
+                                        "LDGSTS.E.BYPASS.128 [R1]"] + ["MUFU.EX2 R4, R4"] * 68,
+         ["BAR.SYNC.DEFER_BLOCKING 0x0", "HGMMA.64x64x16.F32.BF16 R2", "LDGSTS.E.BYPASS.128 [R1]"]
+         + ["MUFU.EX2 R4, R4"] * 34,
+         "two_softmax_paths", "sm_90a"),
         ("gemm_tma_128x192", ["UTMALDG.2D [UR4]", "HGMMA.64x192x16.F32.BF16 R24"], ["BPT.TRAP 0x1", "EXIT"],
          "hopper_uses_wgmma", "sm_90a"),
         ("gemm_tma_mc_128x192", ["MEMBAR.ALL.CTA", "MEMBAR.ALL.GPU", "ERRBAR", "CGAERRBAR", "UCGABAR_ARV", "UCGABAR_WAIT",
