@@ -115,7 +115,7 @@ FORA_DEVICE void attention_block(const AttentionParams& p, unsigned char* smem_r
     // thread's partial row sum (reduced over the quad once at the end).
     float row_max[2] = {-INFINITY, -INFINITY};
     float row_sum[2] = {0.0f, 0.0f};
-    const float scale_log2 = p.scale * 1.4426950408889634f;
+    const float scale_log2 = softmax_scale_log2(p);
 
     for (int j = 0; j < n_tiles; ++j) {
         cp_async_wait<0>();
@@ -351,7 +351,7 @@ FORA_DEVICE void attention_block_v2(const AttentionParams& p, unsigned char* sme
         row_max[mt][0] = row_max[mt][1] = -INFINITY;
         row_sum[mt][0] = row_sum[mt][1] = 0.0f;
     }
-    const float scale_log2 = p.scale * 1.4426950408889634f;
+    const float scale_log2 = softmax_scale_log2(p);
 
     for (int j = 0; j < n_tiles; ++j) {
         const int buf = j & 1;

@@ -27,6 +27,19 @@ FORA_DEVICE HeadRows head_rows(const AttentionParams& p, int batch, int head) {
 // Scores and P live in the mma accumulator layout: BN / 8 tiles of 4 values a thread, (row g,
 // keys 8 nt + 2q, + 1) and (row g + 8, the same keys), `s[4 nt + r]`.
 
+// The softmax scale in the log2 domain the kernels' exp2 works in: scale * log2(e).
+FORA_DEVICE float softmax_scale_log2(const AttentionParams& p) { return p.scale * 1.4426950408889634f; }
+
+// The state before the first key tile of a thread's rows g and g + 8: O (D / 8 tiles of 4) zero,
+// running max (log2 domain) -inf, partial row sums (reduced over the quad at the end) zero.
+template <int D>
+FORA_DEVICE void start_online_softmax(float (&o)[D / 2], float (&row_max)[2], float (&row_sum)[2]) {
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+    row_max[0] = row_max[1] = -INFINITY;
+    row_sum[0] = row_sum[1] = 0.0f;
+}
+
 // Keys at or past `tokens` (only in the last tile, which starts at key0) get -inf.
 template <int BN>
 FORA_DEVICE void mask_keys_past_end(float* s, int key0, int tokens, int lane) {

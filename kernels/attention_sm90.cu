@@ -229,14 +229,9 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
     uint32_t q_frag[KSTEPS][4];
     load_q_fragments<D, KSTEPS>(q_frag, rows_of_head, q0 + warp * 16 + g, tokens, quad);
 
-    float o_acc[D / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) o_acc[i] = 0.0f;
-    // Rows g and g + 8: running max (log2 domain) and this thread's partial row sum (reduced
-    // over the quad at the end).
-    float row_max[2] = {-INFINITY, -INFINITY};
-    float row_sum[2] = {0.0f, 0.0f};
-    const float scale_log2 = p.scale * 1.4426950408889634f;
+    float o_acc[D / 2], row_max[2], row_sum[2];
+    start_online_softmax<D>(o_acc, row_max, row_sum);
+    const float scale_log2 = softmax_scale_log2(p);
 
     for (int j = 0; j < n_tiles; ++j) {
         cp_async_wait<S::STAGES - 2>();
@@ -399,12 +394,9 @@ FORA_DEVICE void attention_wgmma_split_block(const AttentionParams& p) {
     uint32_t q_frag[KSTEPS][4];
     load_q_fragments<D, KSTEPS>(q_frag, rows_of_head, q0 + warp * 16 + g, tokens, quad);
 
-    float o_acc[D / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) o_acc[i] = 0.0f;
-    float row_max[2] = {-INFINITY, -INFINITY};
-    float row_sum[2] = {0.0f, 0.0f};
-    const float scale_log2 = p.scale * 1.4426950408889634f;
+    float o_acc[D / 2], row_max[2], row_sum[2];
+    start_online_softmax<D>(o_acc, row_max, row_sum);
+    const float scale_log2 = softmax_scale_log2(p);
 
     for (int i = 0; i < n_pairs; ++i) {
         cp_async_wait<PAIR_STAGES - 2>();
@@ -776,7 +768,7 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
     const int tile_row = 64 * consumer + 16 * warp_in_group + g;  // and + 8
     __nv_bfloat16* s_o = reinterpret_cast<__nv_bfloat16*>(base + S::STAGING_OFF) +
                          (4 * consumer + warp_in_group) * 16 * S::O_STRIDE;
-    const float scale_log2 = p.scale * 1.4426950408889634f;
+    const float scale_log2 = softmax_scale_log2(p);
     uint32_t it = 0;
     uint32_t qi = 0;
     for (int u = blockIdx.x; u < units; u += gridDim.x, ++qi) {
@@ -796,11 +788,8 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
         __syncwarp();
         if (lane == 0) mbarrier_arrive(q_empty);
 
-        float o_acc[D / 2];
-#pragma unroll
-        for (int i = 0; i < D / 2; ++i) o_acc[i] = 0.0f;
-        float row_max[2] = {-INFINITY, -INFINITY};
-        float row_sum[2] = {0.0f, 0.0f};
+        float o_acc[D / 2], row_max[2], row_sum[2];
+        start_online_softmax<D>(o_acc, row_max, row_sum);
 
         // S = Q K^T of the ring's tile `it`, issued (not waited for) into s_acc.
         float s_acc[BN / 2];

@@ -596,33 +596,36 @@ fn attention_wgmma_plan_grid_and_kernels() {
         2 * (2 * 64 * 128) + 1024
     );
 
-    // wgmma_mn_deep: four stages in its 64-row blocks (small grids), wgmma_mn's 128-row blocks
-    // and two stages elsewhere.
-    let deep = AttentionImpl::WgmmaMnDeep;
-    let plan = attention_plan_on(&small, deep, 132).expect("valid params");
-    assert_eq!(plan.kernel, "attention_wgmma_mn_deep_m64_d72");
-    assert_eq!(plan.block, (128, 1, 1));
-    assert_eq!(plan.grid, (4, 16, 2));
-    assert_eq!(plan.shared_mem_bytes, 4 * (2 * 2 * 64 * 128) + 1024);
-    assert_eq!(
-        attention_plan_on(&large, deep, 132).unwrap(),
-        attention_plan_on(&large, mn, 132).unwrap()
-    );
-    assert_eq!(
-        attention_plan_for(&valid(), deep).unwrap(),
-        attention_plan_for(&valid(), mn).unwrap()
-    );
-    // wgmma_mn_split: 256 threads on 64 rows, six stages, in small grids only.
-    let split = AttentionImpl::WgmmaMnSplit;
-    let plan = attention_plan_on(&small, split, 132).expect("valid params");
-    assert_eq!(plan.kernel, "attention_wgmma_mn_split_m64_d72");
-    assert_eq!(plan.block, (256, 1, 1));
-    assert_eq!(plan.grid, (4, 16, 2));
-    assert_eq!(plan.shared_mem_bytes, 6 * (2 * 2 * 64 * 128) + 1024);
-    assert_eq!(
-        attention_plan_on(&large, split, 132).unwrap(),
-        attention_plan_on(&large, mn, 132).unwrap()
-    );
+    // The small-grid variants of wgmma_mn: their own 64-row blocks in small grids (deep: four
+    // stages; split: 256 threads on 64 rows, six stages), wgmma_mn's 128-row blocks elsewhere.
+    for (imp, kernel, threads, stages) in [
+        (
+            AttentionImpl::WgmmaMnDeep,
+            "attention_wgmma_mn_deep_m64_d72",
+            128,
+            4,
+        ),
+        (
+            AttentionImpl::WgmmaMnSplit,
+            "attention_wgmma_mn_split_m64_d72",
+            256,
+            6,
+        ),
+    ] {
+        let plan = attention_plan_on(&small, imp, 132).expect("valid params");
+        assert_eq!(plan.kernel, kernel);
+        assert_eq!(plan.block, (threads, 1, 1));
+        assert_eq!(plan.grid, (4, 16, 2));
+        assert_eq!(plan.shared_mem_bytes, stages * (2 * 2 * 64 * 128) + 1024);
+        assert_eq!(
+            attention_plan_on(&large, imp, 132).unwrap(),
+            attention_plan_on(&large, mn, 132).unwrap()
+        );
+        assert_eq!(
+            attention_plan_for(&valid(), imp).unwrap(),
+            attention_plan_for(&valid(), mn).unwrap()
+        );
+    }
 
     // TMA: a persistent grid of at most one CTA an SM over (batch, head, 128-query) units;
     // shared memory = 5 tiles of 128 rows x 2 panels x 128 B (d 72) + staging of 8 warps x 16
