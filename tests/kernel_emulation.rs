@@ -9,7 +9,9 @@
 //! This proves the kernels' indexing, bounds, reductions and rounding on every machine, GPU or
 //! not; that no vector access is misaligned (UBSan's alignment check); and, a CPU stand-in for
 //! memcheck, that no kernel reads or writes past its buffers (each buffer ends at a guard page,
-//! with a canary in the bytes before it; see `HostBuf`). It cannot show timing or
+//! with a canary in the bytes before it; see `HostBuf`); and, run with the warps of a block out
+//! of step (`emulated_warps_ahead`), a stand-in for racecheck's shared-memory hazards between
+//! warps. It cannot show timing or
 //! memory-model behaviour, which only a GPU run shows. Without a C++20 compiler (`CXX`, else g++, c++, clang++) each test prints `SKIP`,
 //! unless `FORA_REQUIRE_EMULATION=1` (CI sets it), which makes that a failure.
 
@@ -47,6 +49,9 @@ type EncodeTmaFn =
 /// `fora_emulate_set_lazy_threads(stride)` in tests/emulation/launch.cpp.
 type SetLazyFn = unsafe extern "C" fn(c_uint);
 
+/// `fora_emulate_set_warps_ahead(order)` in tests/emulation/launch.cpp.
+type SetWarpsAheadFn = unsafe extern "C" fn(c_int);
+
 /// Multiprocessors the emulator reports (an H100's), for launch heuristics.
 const EMULATED_SMS: usize = 132;
 /// Dynamic shared memory a block may have (an H100's opt-in limit).
@@ -58,6 +63,7 @@ struct Emulator {
     launch: LaunchFn,
     encode_tma: EncodeTmaFn,
     set_lazy: SetLazyFn,
+    set_warps_ahead: SetWarpsAheadFn,
     sms: usize,
 }
 
@@ -70,6 +76,7 @@ impl Emulator {
             launch: self.launch,
             encode_tma: self.encode_tma,
             set_lazy: self.set_lazy,
+            set_warps_ahead: self.set_warps_ahead,
             sms,
         }
     }
@@ -83,6 +90,19 @@ impl Emulator {
         let out = f();
         // SAFETY: as above.
         unsafe { (self.set_lazy)(0) };
+        out
+    }
+
+    /// Runs `f` with the warps of each block run one at a time on this OS thread, each as far
+    /// as it can go before the next starts (launch.cpp's warps_ahead): the lowest warp first
+    /// for `order` 1, the highest for -1. Round robin keeps warps in step at every shuffle,
+    /// which hides a warp overwriting shared memory another has yet to read.
+    fn with_warps_ahead<T>(&self, order: i32, f: impl FnOnce() -> T) -> T {
+        // SAFETY: sets a thread_local of the emulator library.
+        unsafe { (self.set_warps_ahead)(order) };
+        let out = f();
+        // SAFETY: as above.
+        unsafe { (self.set_warps_ahead)(0) };
         out
     }
 }
@@ -423,12 +443,16 @@ fn load() -> Result<Option<Emulator>> {
         unsafe { *lib.get::<EncodeTmaFn>(b"fora_emulate_encode_tma_2d\0")? };
     // SAFETY: as above.
     let set_lazy: SetLazyFn = unsafe { *lib.get::<SetLazyFn>(b"fora_emulate_set_lazy_threads\0")? };
+    // SAFETY: as above.
+    let set_warps_ahead: SetWarpsAheadFn =
+        unsafe { *lib.get::<SetWarpsAheadFn>(b"fora_emulate_set_warps_ahead\0")? };
     Ok(Some(Emulator {
         lib: std::sync::Arc::new(lib),
         sms: EMULATED_SMS,
         launch,
         encode_tma,
         set_lazy,
+        set_warps_ahead,
     }))
 }
 
@@ -699,9 +723,7 @@ enum GemmKernel {
 /// padded output columns and a guard row, against an f64 CPU product of the same bf16 inputs.
 #[test]
 fn emulated_gemm() -> Result<()> {
-    use fora::cuda::gemm::{
-        launch_custom, launch_tma, launch_wgmma, Epilogue, Tile, TmaTile, WgmmaTile,
-    };
+    use fora::cuda::gemm::Epilogue;
     use fora::cuda::params::GemmParams;
     use fora::cuda::testing::{check_close, round_bf16, TestRng};
     let Some(emu) = emulator("emulated_gemm") else {
@@ -741,12 +763,9 @@ fn emulated_gemm() -> Result<()> {
         // The multicast tiles run on 4: two clusters of two, taking every other pair of tiles
         // (M = 70: one tile, its pair computing zero rows; M = 300: two pairs, the second with
         // such a tile).
-        let tiles: Vec<GemmKernel> = Tile::ALL
+        let tiles: Vec<GemmKernel> = every_gemm_kernel()
             .into_iter()
-            .map(GemmKernel::Custom)
-            .chain(WgmmaTile::ALL.into_iter().map(GemmKernel::Wgmma))
-            .filter(|_| !tma_only)
-            .chain(TmaTile::ALL.into_iter().map(GemmKernel::Tma))
+            .filter(|g| !tma_only || matches!(g, GemmKernel::Tma(_)))
             .collect();
         for kernel in &tiles {
             for splits in [1u32, 3] {
@@ -785,13 +804,7 @@ fn emulated_gemm() -> Result<()> {
                         epilogue: epi.raw(),
                     };
                     let splitk = Some((workspace.addr(), 3 * m * n));
-                    match kernel {
-                        GemmKernel::Custom(t) => launch_custom(emu, &p, *t, splits, splitk)?,
-                        GemmKernel::Wgmma(t) => launch_wgmma(emu, &p, *t, splits, splitk)?,
-                        GemmKernel::Tma(t) => {
-                            launch_tma(&emu.with_sms(tma_sms(*t)), &p, *t, splits, splitk)?
-                        }
-                    }
+                    launch_gemm(emu, kernel, &p, splits, splitk)?;
                     let got = if bf16_out {
                         emu.download_bf16(&out_bf16)?
                     } else {
@@ -876,8 +889,121 @@ fn emulated_lazy_threads() -> Result<()> {
         }
         attention_cases::run_tma_probe(emu, 63)?;
         attention_cases::run_tma_cluster_probe(emu, 64)?;
-        lazy_gemm_cases(emu)
+        let tma: Vec<GemmKernel> = fora::cuda::gemm::TmaTile::ALL
+            .into_iter()
+            .map(GemmKernel::Tma)
+            .collect();
+        small_gemm_cases(emu, "lazy threads", &tma)
     })
+}
+
+/// Every kernel with a block barrier, with the warps of a block out of step (the lowest warp
+/// first, then the highest first): each warp runs as far as its barriers let it before the next
+/// starts. Round robin moves every warp to its next shuffle before any goes on, so a warp that
+/// overwrites shared memory another warp has yet to read (a missing block barrier) passes
+/// there; here the warp that runs ahead overwrites it first. The same test bodies as the other
+/// emulated tests, the attention kernels and GEMMs on their small edge shapes.
+#[test]
+fn emulated_warps_ahead() -> Result<()> {
+    use attention_cases::{run_case_sized, Shape};
+    use fora::cuda::attention::AttentionImpl;
+    let Some(emu) = emulator("emulated_warps_ahead") else {
+        return Ok(());
+    };
+    for order in [1, -1] {
+        emu.with_warps_ahead(order, || -> Result<()> {
+            small_kernel_cases::check_patch_embed(emu)?;
+            warps_ahead_norm_cases(emu)?;
+            small_kernel_cases::check_fora_reuse(emu)?;
+            // The reuse forward's small cases (all but DiT-XL/2's 28 layers).
+            let small_reuse: Vec<_> = small_kernel_cases::reuse_final_cases()
+                .into_iter()
+                .filter(|(c, _)| c.dim < 1152)
+                .collect();
+            small_kernel_cases::check_fora_reuse_final_on(emu, &small_reuse)?;
+            small_kernel_cases::check_fora_sum_final_on(emu, &small_reuse)?;
+            small_kernel_cases::check_fora_cache_sum(emu)?;
+            small_kernel_cases::check_sampler_step(emu)?;
+            small_kernel_cases::check_final_sampler_step(emu)?;
+            for imp in AttentionImpl::ALL {
+                for (i, (batch, heads, tokens, head_dim)) in
+                    [(1, 2, 65, 72), (1, 1, 200, 128)].into_iter().enumerate()
+                {
+                    let s = Shape {
+                        batch,
+                        heads,
+                        tokens,
+                        head_dim,
+                    };
+                    let name = format!(
+                        "warps ahead: attention {} B={batch} H={heads} T={tokens} d={head_dim}",
+                        imp.name()
+                    );
+                    run_case_sized(emu, &name, s, 1.0, 400 + i as u64, imp, EMULATED_SMS)?;
+                }
+            }
+            attention_cases::run_tma_probe(emu, 65)?;
+            attention_cases::run_tma_cluster_probe(emu, 66)?;
+            small_gemm_cases(emu, "warps ahead", &every_gemm_kernel())
+        })
+        .with_context(|| format!("warps ahead, order {order}"))?;
+    }
+    Ok(())
+}
+
+/// The LayerNorms (layernorm_modulate, residual_layernorm) with one and four warps a row, on
+/// small rows of every path: the register path (dim 64, 384, 1152, 1536), the looped path
+/// (2048) and the scalar one (dim 100, unaligned columns).
+fn warps_ahead_norm_cases(emu: &Emulator) -> Result<()> {
+    use fora::cuda::norm::RowWarps;
+    use small_kernel_cases::{run_layernorm, run_residual_layernorm, NormCase, ResidualLnCase};
+    let norm = |rows, tokens, dim: usize| NormCase {
+        rows,
+        tokens,
+        dim,
+        ld_mod: 8 * dim,
+        shift_col: 2 * dim,
+        scale_col: 5 * dim,
+    };
+    for (i, c) in [norm(2, 40, 64), norm(3, 9, 384), norm(2, 5, 1152)]
+        .iter()
+        .enumerate()
+    {
+        for warps in [RowWarps::One, RowWarps::Four] {
+            run_layernorm(emu, c, warps, 500 + i as u64)?;
+        }
+    }
+    run_layernorm(emu, &norm(3, 7, 2048), RowWarps::One, 503)?;
+    let unaligned = NormCase {
+        ld_mod: 303,
+        shift_col: 3,
+        scale_col: 201,
+        ..norm(3, 11, 100)
+    };
+    run_layernorm(emu, &unaligned, RowWarps::One, 504)?;
+    let residual = |rows, tokens, dim, ld_acc, splits| ResidualLnCase {
+        rows,
+        tokens,
+        dim,
+        ld_acc,
+        with_cache: true,
+        v_bf16: false,
+        splits,
+    };
+    for (i, c) in [
+        residual(2, 40, 64, 64, 1),
+        residual(3, 13, 100, 104, 3),
+        residual(2, 5, 1152, 1152, 1),
+        residual(1, 9, 1536, 1536, 2),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for warps in [RowWarps::One, RowWarps::Four] {
+            run_residual_layernorm(emu, c, warps, 510 + i as u64)?;
+        }
+    }
+    Ok(())
 }
 
 /// A @ W^T + bias in f64 ([m, k] and [n, k] row-major, bias [n]): the GEMM tests' reference.
@@ -908,10 +1034,27 @@ fn tma_sms(t: fora::cuda::gemm::TmaTile) -> usize {
     }
 }
 
-/// The TMA GEMM tiles (plain on one SM, multicast on two clusters) on one small shape with
-/// every unit of a CTA's persistent loop, against the f64 product (bias epilogue, bf16 out).
-fn lazy_gemm_cases(emu: &Emulator) -> Result<()> {
-    use fora::cuda::gemm::{gemm_params, launch_tma, Epilogue, TmaTile};
+/// Launches one GEMM of the emulated families (the TMA tiles on tma_sms SMs).
+fn launch_gemm(
+    emu: &Emulator,
+    kernel: &GemmKernel,
+    p: &fora::cuda::params::GemmParams,
+    splits: u32,
+    splitk: Option<(u64, usize)>,
+) -> Result<()> {
+    use fora::cuda::gemm::{launch_custom, launch_tma, launch_wgmma};
+    match kernel {
+        GemmKernel::Custom(t) => launch_custom(emu, p, *t, splits, splitk),
+        GemmKernel::Wgmma(t) => launch_wgmma(emu, p, *t, splits, splitk),
+        GemmKernel::Tma(t) => launch_tma(&emu.with_sms(tma_sms(*t)), p, *t, splits, splitk),
+    }
+}
+
+/// `kernels` on one small shape (M = 300: three M tiles, the last partial; N = 392: whole and
+/// partial tiles of every width; on tma_sms SMs a TMA CTA takes several units), against the
+/// f64 product (bias epilogue, bf16 out).
+fn small_gemm_cases(emu: &Emulator, what: &str, kernels: &[GemmKernel]) -> Result<()> {
+    use fora::cuda::gemm::{gemm_params, Epilogue};
     use fora::cuda::testing::{check_close, round_bf16, TestRng};
     let (m, n, k) = (300usize, 392usize, 200usize);
     let mut rng = TestRng::new(11);
@@ -927,7 +1070,7 @@ fn lazy_gemm_cases(emu: &Emulator) -> Result<()> {
         emu.upload_bf16(&w)?,
         emu.upload_f32(&bias)?,
     );
-    for tile in TmaTile::ALL {
+    for kernel in kernels {
         let out = emu.poisoned_bf16(m * n)?;
         let p = gemm_params(
             a_d.addr(),
@@ -939,15 +1082,26 @@ fn lazy_gemm_cases(emu: &Emulator) -> Result<()> {
             k,
             Epilogue::BiasBf16,
         );
-        launch_tma(&emu.with_sms(tma_sms(tile)), &p, tile, 1, None)?;
+        launch_gemm(emu, kernel, &p, 1, None)?;
         check_close(
-            &format!("lazy threads: TMA GEMM {tile:?}"),
+            &format!("{what}: GEMM {kernel:?}"),
             &emu.download_bf16(&out)?,
             &want,
             1e-2,
         )?;
     }
     Ok(())
+}
+
+/// Every GEMM kernel family the emulator runs: each custom, wgmma and TMA tile.
+fn every_gemm_kernel() -> Vec<GemmKernel> {
+    use fora::cuda::gemm::{Tile, TmaTile, WgmmaTile};
+    Tile::ALL
+        .into_iter()
+        .map(GemmKernel::Custom)
+        .chain(WgmmaTile::ALL.into_iter().map(GemmKernel::Wgmma))
+        .chain(TmaTile::ALL.into_iter().map(GemmKernel::Tma))
+        .collect()
 }
 
 /// The cluster probe on the emulator (its cluster of two run together): the expectations of

@@ -10,7 +10,9 @@
 // retires its group, and a wgmma reads its shared-memory operands and writes its accumulators
 // only at the wait that retires it, so a pipeline that reads a tile too early, refills a slot a
 // wgmma still reads, or reads accumulators before their wait fails its test; a thread that exits
-// with either in flight aborts.
+// with either in flight aborts. The scheduler's order is round robin, or (launch.cpp's
+// warps_ahead) one warp at a time as far as it can go, so that shared-memory races between
+// warps show.
 #pragma once
 
 #include <math.h>

@@ -9,6 +9,12 @@
 // barriers of a warp shuffle) and then yields; a barrier opens when every live thread of its
 // block (warp, cluster) has arrived, and a thread that returns leaves its barriers. Cooperative
 // scheduling makes this deterministic and cheap (no OS threads, no locks).
+//
+// A fiber starts with makecontext / setcontext and then switches with _setjmp / _longjmp, which
+// save no signal mask: swapcontext makes a sigprocmask system call at every switch, which was
+// half the emulator's time. (_FORTIFY_SOURCE's longjmp check refuses a jump to another stack.)
+#undef _FORTIFY_SOURCE
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cstdio>
@@ -182,7 +188,9 @@ struct MBarrier {
 };
 
 struct Fiber {
-    ucontext_t context;
+    ucontext_t context;  // its start (fiber_main on its stack)
+    jmp_buf resume;      // where it yielded
+    bool started = false;
     std::vector<char> stack;
     bool done = false;
     AsyncGroups<PendingCopy> copies;
@@ -221,7 +229,7 @@ struct Launch {
     unsigned cluster = 1;  // blocks a cluster, along x
     std::vector<Block> blocks;  // the running cluster's, by rank
     Barrier cluster_barrier;
-    ucontext_t scheduler;
+    jmp_buf scheduler;  // where the scheduler switched to the running fiber
     size_t dynamic_smem_bytes = 0;
     unsigned rank = 0;     // the running fiber's block in the cluster
     unsigned current = 0;  // the running fiber's thread in its block
@@ -239,7 +247,7 @@ Block& here() { return launch_state->here(); }
 
 void yield_to_scheduler() {
     Launch& l = *launch_state;
-    swapcontext(&l.here().fibers[l.current].context, &l.scheduler);
+    if (_setjmp(l.here().fibers[l.current].resume) == 0) _longjmp(l.scheduler, 1);
 }
 
 void wait_at(Barrier& b) {
@@ -275,7 +283,8 @@ void fiber_main(int rank, int index) {
     l.cluster_barrier.open_if_complete();
     block.fibers[index].done = true;
     ++l.progress;
-    // Returning switches to uc_link, the scheduler.
+    // Back to the scheduler for good: this stack is reused or freed, never resumed.
+    _longjmp(l.scheduler, 1);
 }
 
 void start_block(Launch& l, unsigned rank, uint3 idx) {
@@ -301,7 +310,8 @@ void start_block(Launch& l, unsigned rank, uint3 idx) {
         getcontext(&f.context);
         f.context.uc_stack.ss_sp = f.stack.data();
         f.context.uc_stack.ss_size = f.stack.size();
-        f.context.uc_link = &l.scheduler;
+        f.context.uc_link = nullptr;  // fiber_main never returns
+        f.started = false;
         makecontext(&f.context, reinterpret_cast<void (*)()>(fiber_main), 2, static_cast<int>(rank),
                     static_cast<int>(t));
     }
@@ -319,6 +329,15 @@ void start_block(Launch& l, unsigned rank, uint3 idx) {
 thread_local unsigned lazy_stride = 0;
 
 bool is_lazy(unsigned t) { return lazy_stride > 0 && t % lazy_stride == lazy_stride - 1; }
+
+// Warps ahead (fora_emulate_set_warps_ahead): 0, round robin (every thread to its next barrier,
+// then the next round), keeps the warps of a block in step at every warp-level barrier (each
+// shuffle), so a race between a warp's shared-memory reads and another warp's later writes
+// with no block barrier between them never shows. 1: each round runs the warps one at a time,
+// the lowest first, each as far as it can go before the next starts; -1: the highest first.
+// Either is a schedule a GPU may choose (nothing orders warps between barriers), and a
+// kernel's result must not depend on which. Off (0) by default.
+thread_local int warps_ahead = 0;
 
 // Runs the cluster whose first block is `first` (its blocks at x, x + 1, ..., same y and z).
 void run_cluster(Launch& l, uint3 first) {
@@ -339,11 +358,37 @@ void run_cluster(Launch& l, uint3 first) {
             l.current = t;
             threadIdx = {t, 0, 0};
             blockIdx = blk.idx;
-            swapcontext(&l.scheduler, &blk.fibers[t].context);
+            Fiber& f = blk.fibers[t];
+            if (_setjmp(l.scheduler) == 0) {
+                if (f.started) _longjmp(f.resume, 1);
+                f.started = true;
+                setcontext(&f.context);
+            }
         };
-        for (unsigned r = 0; r < l.cluster; ++r) {
-            for (unsigned t = 0; t < n; ++t) {
-                if (!l.blocks[r].fibers[t].done && !is_lazy(t)) run_thread(r, t);
+        if (warps_ahead == 0) {
+            for (unsigned r = 0; r < l.cluster; ++r) {
+                for (unsigned t = 0; t < n; ++t) {
+                    if (!l.blocks[r].fibers[t].done && !is_lazy(t)) run_thread(r, t);
+                }
+            }
+        } else {
+            // Each warp (of every block of the cluster, in the chosen order) until it stops
+            // moving: blocked at a barrier a slower warp has yet to reach, or returned.
+            const unsigned warps = (n + 31) / 32, all = l.cluster * warps;
+            for (unsigned k = 0; k < all; ++k) {
+                const unsigned i = warps_ahead > 0 ? k : all - 1 - k;
+                const unsigned r = i / warps, first = i % warps * 32, end = std::min(first + 32, n);
+                for (bool moved = true; moved;) {
+                    const unsigned long long warp_before = l.progress;
+                    bool ran = false;
+                    for (unsigned t = first; t < end; ++t) {
+                        if (!l.blocks[r].fibers[t].done && !is_lazy(t)) {
+                            run_thread(r, t);
+                            ran = true;
+                        }
+                    }
+                    moved = ran && l.progress != warp_before;
+                }
             }
         }
         // The lazy threads, highest first, until one moves.
@@ -925,6 +970,10 @@ void fora_emulation_tma_load_2d_multicast(uint32_t dst, const void* map, int x, 
 // would refuse (alignment, stride, box size).
 // The lazy-thread stride of this OS thread's later launches (0: off; see is_lazy).
 extern "C" void fora_emulate_set_lazy_threads(unsigned stride) { lazy_stride = stride; }
+
+// The warp order of this OS thread's later launches (0: round robin; 1 / -1: warps ahead, the
+// lowest / highest first; see warps_ahead).
+extern "C" void fora_emulate_set_warps_ahead(int order) { warps_ahead = order; }
 
 extern "C" int fora_emulate_encode_tma_2d(void* out, const void* base, uint64_t cols, uint64_t rows,
                                           uint64_t row_stride_bytes, uint32_t box_cols, uint32_t box_rows) {

@@ -1031,7 +1031,7 @@ pub fn run_reuse_forward<D: TestDevice>(
 }
 
 /// The shapes of the fused reuse forward's cases, each with its seed.
-fn reuse_final_cases() -> Vec<(ReuseFinalCase, u64)> {
+pub fn reuse_final_cases() -> Vec<(ReuseFinalCase, u64)> {
     let case = |images, rows, channels, size, patch, dim, layers, slab_pad| ReuseFinalCase {
         images,
         rows,
@@ -1062,7 +1062,15 @@ fn reuse_final_cases() -> Vec<(ReuseFinalCase, u64)> {
 
 /// Every case of fora_reuse_final, every variant.
 pub fn check_fora_reuse_final<D: TestDevice>(gpu: &D) -> Result<()> {
-    for (c, seed) in &reuse_final_cases() {
+    check_fora_reuse_final_on(gpu, &reuse_final_cases())
+}
+
+/// `cases` of fora_reuse_final, every variant.
+pub fn check_fora_reuse_final_on<D: TestDevice>(
+    gpu: &D,
+    cases: &[(ReuseFinalCase, u64)],
+) -> Result<()> {
+    for (c, seed) in cases {
         let one = run_fora_reuse_final(gpu, c, ReuseTokens::One, *seed)?;
         // Every other variant: the same operations per token, so the same bits.
         for tpt in &ReuseTokens::ALL[1..] {
@@ -1081,7 +1089,15 @@ pub fn check_fora_reuse_final<D: TestDevice>(gpu: &D) -> Result<()> {
 /// Every case of fora_sum_final (the fused reuse forward from a cache sum), one and four
 /// tokens a thread: the same operations per token, so the same bits.
 pub fn check_fora_sum_final<D: TestDevice>(gpu: &D) -> Result<()> {
-    for (c, seed) in &reuse_final_cases() {
+    check_fora_sum_final_on(gpu, &reuse_final_cases())
+}
+
+/// `cases` of fora_sum_final, one and four tokens a thread.
+pub fn check_fora_sum_final_on<D: TestDevice>(
+    gpu: &D,
+    cases: &[(ReuseFinalCase, u64)],
+) -> Result<()> {
+    for (c, seed) in cases {
         let one = run_reuse_forward(gpu, c, ReuseSource::Sum(1), *seed)?;
         let four = run_reuse_forward(gpu, c, ReuseSource::Sum(4), *seed)?;
         ensure!(
