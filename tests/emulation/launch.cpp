@@ -651,54 +651,67 @@ SmemDescriptor decode(uint64_t desc) {
             static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4};
 }
 
-// The bf16 at byte `addr` of the canonical layout after the 128-byte swizzle: the hardware XORs
-// address bits [4:6] with bits [7:9] (the dynamic shared memory is 1024-byte aligned, so
-// offsets and host addresses agree on those bits). (i, k) name the element in the error.
-float swizzled_bf16(uint32_t addr, const char* layout, int i, int k) {
-    addr ^= ((addr >> 7) & 7u) << 4;
-    if (addr + 2 > launch_state->dynamic_smem_bytes) {
-        std::fprintf(stderr, "emulated wgmma: %s operand (%d, k %d) at shared byte %u is past the %zu bytes of dynamic shared memory\n",
-                     layout, i, k, addr, launch_state->dynamic_smem_bytes);
-        std::abort();
+// A bf16 operand of a wgmma in the block's dynamic shared memory, by its descriptor (decoded
+// once, not per element).
+struct SmemOperand {
+    SmemDescriptor d;
+    const unsigned char* smem;
+    size_t bytes;
+    const char* layout;
+
+    SmemOperand(uint64_t desc, const char* layout_name)
+        : d(decode(desc)),
+          smem(here().dynamic_smem),
+          bytes(launch_state->dynamic_smem_bytes),
+          layout(layout_name) {}
+
+    // The bf16 at byte `addr` of the canonical layout after the 128-byte swizzle: the hardware
+    // XORs address bits [4:6] with bits [7:9] (the dynamic shared memory is 1024-byte aligned, so
+    // offsets and host addresses agree on those bits). (i, k) name the element in the error.
+    float swizzled(uint32_t addr, int i, int k) const {
+        addr ^= ((addr >> 7) & 7u) << 4;
+        if (addr + 2 > bytes) {
+            std::fprintf(stderr, "emulated wgmma: %s operand (%d, k %d) at shared byte %u is past the %zu bytes of dynamic shared memory\n",
+                         layout, i, k, addr, bytes);
+            std::abort();
+        }
+        uint16_t bits;
+        std::memcpy(&bits, smem + addr, 2);
+        return bf16_bits_to_f32(bits);
     }
-    uint16_t bits;
-    std::memcpy(&bits, here().dynamic_smem + addr, 2);
-    return bf16_bits_to_f32(bits);
-}
 
-// Element (row, k) of a K-major bf16 operand in the 128-byte-swizzle canonical layout: rows of
-// an 8-row atom 128 bytes apart, atoms `stride` apart. The leading byte offset is unused for
-// this layout when the k extent (32 bytes) fits the swizzle width.
-float wgmma_operand(uint64_t desc, int row, int k) {
-    const SmemDescriptor d = decode(desc);
-    return swizzled_bf16(d.start + (row / 8) * d.stride + (row % 8) * 128 + 2 * k, "K-major", row, k);
-}
+    // Element (row, k) of a K-major bf16 operand in the 128-byte-swizzle canonical layout: rows
+    // of an 8-row atom 128 bytes apart, atoms `stride` apart. The leading byte offset is unused
+    // for this layout when the k extent (32 bytes) fits the swizzle width.
+    float k_major(int row, int k) const {
+        return swizzled(d.start + (row / 8) * d.stride + (row % 8) * 128 + 2 * k, row, k);
+    }
 
-// Element (n, k) of an MN-major bf16 B operand in the 128-byte-swizzle canonical layout (as
-// wgmma.cuh's wgmma_desc_sw128_mn describes it): 128-byte rows of 64 n-values, one per k; 8
-// k-rows an atom, atoms `stride` apart along k and `leading` apart per 64-wide n panel.
-float wgmma_operand_mn(uint64_t desc, int n, int k) {
-    const SmemDescriptor d = decode(desc);
-    return swizzled_bf16(d.start + (n / 64) * d.leading + (k / 8) * d.stride + (k % 8) * 128 + 2 * (n % 64),
-                         "MN-major", n, k);
-}
+    // Element (n, k) of an MN-major bf16 B operand in the 128-byte-swizzle canonical layout (as
+    // wgmma.cuh's wgmma_desc_sw128_mn describes it): 128-byte rows of 64 n-values, one per k; 8
+    // k-rows an atom, atoms `stride` apart along k and `leading` apart per 64-wide n panel.
+    float mn_major(int n, int k) const {
+        return swizzled(d.start + (n / 64) * d.leading + (k / 8) * d.stride + (k % 8) * 128 + 2 * (n % 64), n, k);
+    }
+};
 
 // This thread's fragment of D[64 x n] += A[64 x 16] B[16 x n]: warp w of the warpgroup owns rows
 // 16 w .. 16 w + 15; registers 4 j .. 4 j + 3 are (row g, columns 8 j + 2 q, + 1) and (row g + 8,
-// the same columns), g = lane / 4, q = lane % 4. `a(r, k)` is A's element (row 16 w + g + 8 r, k).
-template <typename A>
-void wgmma_fragment(int n, float* d, uint64_t desc_b, bool b_mn, A a) {
+// the same columns), g = lane / 4, q = lane % 4. a[r][k] is A's element (row 16 w + g + 8 r, k).
+// The operands this thread needs are read once, then each sum is taken in k order.
+void wgmma_fragment(int n, float* d, uint64_t desc_b, bool b_mn, const float (&a)[2][16]) {
     const unsigned t = launch_state->current % 128;
-    const int lane = static_cast<int>(t % 32);
-    const int q = lane % 4;
+    const int q = static_cast<int>(t % 32) % 4;
+    const SmemOperand b_op(desc_b, b_mn ? "MN-major" : "K-major");
+    float b[2][16];
     for (int j = 0; j < n / 8; ++j) {
+        for (int c = 0; c < 2; ++c) {
+            const int col = 8 * j + 2 * q + c;
+            for (int k = 0; k < 16; ++k) b[c][k] = b_mn ? b_op.mn_major(col, k) : b_op.k_major(col, k);
+        }
         for (int r = 0; r < 4; ++r) {
-            const int col = 8 * j + 2 * q + (r % 2);
             float sum = 0.0f;
-            for (int k = 0; k < 16; ++k) {
-                const float b = b_mn ? wgmma_operand_mn(desc_b, col, k) : wgmma_operand(desc_b, col, k);
-                sum += a(r / 2, k) * b;
-            }
+            for (int k = 0; k < 16; ++k) sum += a[r / 2][k] * b[r % 2][k];
             d[4 * j + r] += sum;
         }
     }
@@ -706,12 +719,15 @@ void wgmma_fragment(int n, float* d, uint64_t desc_b, bool b_mn, A a) {
 
 void carry_out(const PendingWgmma& op) {
     if (op.rs) {
-        wgmma_fragment(op.n, op.d, op.desc_b, op.b_mn, [&](int r, int k) { return op.a_rows[r][k]; });
+        wgmma_fragment(op.n, op.d, op.desc_b, op.b_mn, op.a_rows);
     } else {
         const unsigned t = launch_state->current % 128;
         const int row0 = 16 * static_cast<int>(t / 32) + static_cast<int>(t % 32) / 4;
-        wgmma_fragment(op.n, op.d, op.desc_b, op.b_mn,
-                       [&](int r, int k) { return wgmma_operand(op.desc_a, row0 + 8 * r, k); });
+        const SmemOperand a_op(op.desc_a, "K-major");
+        float a[2][16];
+        for (int r = 0; r < 2; ++r)
+            for (int k = 0; k < 16; ++k) a[r][k] = a_op.k_major(row0 + 8 * r, k);
+        wgmma_fragment(op.n, op.d, op.desc_b, op.b_mn, a);
     }
 }
 
