@@ -95,8 +95,9 @@ impl Emulator {
 
     /// Runs `f` with the warps of each block run one at a time on this OS thread, each as far
     /// as it can go before the next starts (launch.cpp's warps_ahead): the lowest warp first
-    /// for `order` 1, the highest for -1. Round robin keeps warps in step at every shuffle,
-    /// which hides a warp overwriting shared memory another has yet to read.
+    /// for `order` 1, the highest for -1 (which also runs a launch's blocks from the last).
+    /// Round robin keeps warps in step at every shuffle, which hides a warp overwriting shared
+    /// memory another has yet to read.
     fn with_warps_ahead<T>(&self, order: i32, f: impl FnOnce() -> T) -> T {
         // SAFETY: sets a thread_local of the emulator library.
         unsafe { (self.set_warps_ahead)(order) };
@@ -658,6 +659,57 @@ fn emulator_refuses_what_it_cannot_run() {
     assert!(format!("{:#}", e.unwrap_err()).contains("refused"));
 }
 
+/// The emulator's schedules on its two race probes (tests/emulation/launch.cpp): a warp that
+/// overwrites a shared slot another warp has yet to read (a missing block barrier), and a
+/// block that reads what the previous block of the launch writes. Round robin hides both (so
+/// the other tests could not catch them); warps ahead shows the first in both orders, and
+/// the second with the blocks run from the last.
+#[test]
+fn emulator_schedules_show_races() -> Result<()> {
+    let Some(emu) = emulator("emulator_schedules_show_races") else {
+        return Ok(());
+    };
+    let (blocks, threads) = (3u32, 128u32);
+    let run = |name: &str, order: i32, n: usize| -> Result<Vec<f32>> {
+        let out = emu.poisoned_f32(n)?;
+        let addr = out.addr();
+        emu.with_warps_ahead(order, || {
+            // SAFETY: the probes write n floats of `out` (one per thread, or one per block).
+            unsafe { emu.launch_kernel(name, (blocks, 1, 1), (threads, 1, 1), 0, &addr) }
+        })?;
+        emu.download_f32(&out)
+    };
+    let n = (blocks * threads) as usize;
+    let warps = threads / 32;
+    let race_free: Vec<f32> = (0..n as u32)
+        .map(|t| 1.0 + ((t % threads / 32 + 1) % warps) as f32)
+        .collect();
+    let chain: Vec<f32> = (1..=blocks).map(|b| b as f32).collect();
+    ensure!(
+        run("race_probe_warps", 0, n)? == race_free,
+        "round robin: race_probe_warps read other than 1 + the next warp"
+    );
+    ensure!(
+        run("race_probe_blocks", 0, blocks as usize)? == chain,
+        "round robin: race_probe_blocks did not run its blocks in order"
+    );
+    for order in [1, -1] {
+        ensure!(
+            run("race_probe_warps", order, n)? != race_free,
+            "warps ahead {order} hid a missing block barrier"
+        );
+    }
+    ensure!(
+        run("race_probe_blocks", 1, blocks as usize)? == chain,
+        "warps ahead 1: race_probe_blocks did not run its blocks in order"
+    );
+    ensure!(
+        run("race_probe_blocks", -1, blocks as usize)? != chain,
+        "warps ahead -1 ran the blocks in order"
+    );
+    Ok(())
+}
+
 /// Flash attention, v1 (run on an H200: it validates the emulated ldmatrix / mma layouts) and v2
 /// (not yet run on a GPU), on small shapes with every edge: d 64 / 72 / 128, a partial last key
 /// tile, partial query blocks, one token, a peaked softmax.
@@ -898,8 +950,8 @@ fn emulated_lazy_threads() -> Result<()> {
 }
 
 /// Every kernel with a block barrier, with the warps of a block out of step (the lowest warp
-/// first, then the highest first): each warp runs as far as its barriers let it before the next
-/// starts. Round robin moves every warp to its next shuffle before any goes on, so a warp that
+/// first; then the highest first, with the blocks of each launch from the last): each warp runs
+/// as far as its barriers let it before the next starts. Round robin moves every warp to its next shuffle before any goes on, so a warp that
 /// overwrites shared memory another warp has yet to read (a missing block barrier) passes
 /// there; here the warp that runs ahead overwrites it first. The same test bodies as the other
 /// emulated tests, the attention kernels and GEMMs on their small edge shapes.

@@ -336,7 +336,8 @@ bool is_lazy(unsigned t) { return lazy_stride > 0 && t % lazy_stride == lazy_str
 // with no block barrier between them never shows. 1: each round runs the warps one at a time,
 // the lowest first, each as far as it can go before the next starts; -1: the highest first.
 // Either is a schedule a GPU may choose (nothing orders warps between barriers), and a
-// kernel's result must not depend on which. Off (0) by default.
+// kernel's result must not depend on which. -1 also runs a launch's blocks from the last
+// (fora_emulate_launch). Off (0) by default.
 thread_local int warps_ahead = 0;
 
 // Runs the cluster whose first block is `first` (its blocks at x, x + 1, ..., same y and z).
@@ -413,6 +414,27 @@ void run_cluster(Launch& l, uint3 first) {
             }
         }
     }
+}
+
+// The emulator's own test kernels (kernel_emulation.rs: emulator_schedules_show_races), each
+// with a race a GPU may show and round robin hides; the parameter is the address of their f32
+// output. race_probe_warps: every warp reads the next warp's shared slot, then, after only a
+// shuffle, overwrites its own; out[thread] is what it read (1 + the next warp, race-free).
+void race_probe_warps(const uint64_t out) {
+    __shared__ float slot[32];
+    const unsigned warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    if (threadIdx.x % 32 == 0) slot[warp] = 1.0f + static_cast<float>(warp);
+    __syncthreads();
+    const float read = __shfl_xor_sync(0xffffffffu, slot[(warp + 1) % warps], 1);
+    if (threadIdx.x % 32 == 0) slot[warp] = -1.0f;  // the missing __syncthreads is before this
+    reinterpret_cast<float*>(out)[blockIdx.x * blockDim.x + threadIdx.x] = read;
+}
+
+// race_probe_blocks: block b writes 1 + what block b - 1 wrote (block 0: 1), a chain no launch
+// orders; out[b] = b + 1 only when the blocks run in order.
+void race_probe_blocks(const uint64_t out) {
+    float* o = reinterpret_cast<float*>(out);
+    if (threadIdx.x == 0) o[blockIdx.x] = blockIdx.x == 0 ? 1.0f : o[blockIdx.x - 1] + 1.0f;
 }
 
 template <typename P, void (*K)(const P)>
@@ -496,6 +518,8 @@ Kernel find(const std::string& name) {
     if (name == "wgmma_probe") return call<WgmmaProbeParams, wgmma_probe>;
     if (name == "tma_probe") return call<TmaProbeParams, tma_probe>;
     if (name == "tma_cluster_probe") return call<TmaProbeParams, tma_cluster_probe>;
+    if (name == "race_probe_warps") return call<uint64_t, race_probe_warps>;
+    if (name == "race_probe_blocks") return call<uint64_t, race_probe_blocks>;
     return nullptr;
 }
 
@@ -1039,9 +1063,15 @@ extern "C" int fora_emulate_launch(const char* name, unsigned grid_x, unsigned g
         b.dynamic_smem = b.smem_storage.data() + ((1024 - base % 1024) % 1024);
     }
     launch_state = &l;
-    for (unsigned z = 0; z < grid_z; ++z)
-        for (unsigned y = 0; y < grid_y; ++y)
-            for (unsigned x = 0; x < grid_x; x += cluster) run_cluster(l, uint3{x, y, z});
+    // Warps ahead, highest first, also runs the blocks from the last: a block that reads what
+    // another block of the same launch writes (no order exists between them on a GPU) then
+    // reads it before it is written, where the usual order hides it.
+    const unsigned clusters = grid_x / cluster * grid_y * grid_z;
+    for (unsigned i = 0; i < clusters; ++i) {
+        const unsigned c = warps_ahead < 0 ? clusters - 1 - i : i;
+        const unsigned per_row = grid_x / cluster;
+        run_cluster(l, uint3{c % per_row * cluster, c / per_row % grid_y, c / per_row / grid_y});
+    }
     launch_state = nullptr;
     return 0;
 }
