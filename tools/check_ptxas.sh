@@ -21,26 +21,44 @@ fi
 if [ -z "$nvcc" ]; then echo "check_ptxas: nvcc not found (set NVCC)" >&2; exit 2; fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-status=0
+# check_one <cu> <arch> <result file>: compiles one file for one architecture and writes its
+# verdict ("ok ..." or "FAIL ..." and the offending lines) to the result file.
+check_one() {
+    local cu=$1 arch=$2 result=$3
+    local log="$result.log"
+    if ! "$nvcc" -cubin -arch="$arch" -O3 -std=c++17 -I kernels -Xptxas -v "$cu" -o "$result.cubin" >"$log" 2>&1; then
+        { echo "FAIL $cu ($arch): does not compile"; cat "$log"; } > "$result"; return
+    fi
+    # "N bytes stack frame, N bytes spill stores, N bytes spill loads" per function.
+    local bad serialized kernels regs
+    bad=$(awk '/Function properties for/ {f=$NF} /bytes stack frame/ {
+             if ($1 != 0 || $5 != 0 || $9 != 0) print f ": " $0 }' "$log")
+    serialized=$(grep -E "C7514|C7518|mma_async instructions are serialized" "$log" || true)
+    if [ -n "$serialized" ]; then bad="${bad:+$bad
+}$serialized"; fi
+    kernels=$(grep -c "Compiling entry function" "$log" || true)
+    if [ -n "$bad" ]; then
+        { echo "FAIL $cu ($arch):"; echo "$bad"; } > "$result"
+    else
+        regs=$(grep -o "Used [0-9]* registers" "$log" | awk '{print $2}' | sort -n | tail -1)
+        echo "ok   $cu ($arch): $kernels kernels, no spills, no stack, no serialized wgmma, max ${regs:-0} registers" > "$result"
+    fi
+}
+# One compile a core at a time (ptxas is single-threaded); the verdicts print in file order.
+max_jobs=$(nproc 2>/dev/null || echo 2)
+results=()
 for cu in kernels/*.cu; do
     for arch in sm_80 sm_90a; do
-        log="$tmp/$(basename "$cu" .cu).$arch.log"
-        if ! "$nvcc" -cubin -arch="$arch" -O3 -std=c++17 -I kernels -Xptxas -v "$cu" -o "$tmp/out.cubin" >"$log" 2>&1; then
-            echo "FAIL $cu ($arch): does not compile"; cat "$log"; status=1; continue
-        fi
-        # "N bytes stack frame, N bytes spill stores, N bytes spill loads" per function.
-        bad=$(awk '/Function properties for/ {f=$NF} /bytes stack frame/ {
-                 if ($1 != 0 || $5 != 0 || $9 != 0) print f ": " $0 }' "$log")
-        serialized=$(grep -E "C7514|C7518|mma_async instructions are serialized" "$log" || true)
-        if [ -n "$serialized" ]; then bad="${bad:+$bad
-}$serialized"; fi
-        kernels=$(grep -c "Compiling entry function" "$log" || true)
-        if [ -n "$bad" ]; then
-            echo "FAIL $cu ($arch):"; echo "$bad"; status=1
-        else
-            regs=$(grep -o "Used [0-9]* registers" "$log" | awk '{print $2}' | sort -n | tail -1)
-            echo "ok   $cu ($arch): $kernels kernels, no spills, no stack, no serialized wgmma, max ${regs:-0} registers"
-        fi
+        result="$tmp/${#results[@]}"
+        results+=("$result")
+        check_one "$cu" "$arch" "$result" &
+        while [ "$(jobs -rp | wc -l)" -ge "$max_jobs" ]; do wait -n || true; done
     done
+done
+wait
+status=0
+for result in "${results[@]}"; do
+    cat "$result"
+    if grep -q "^FAIL" "$result"; then status=1; fi
 done
 exit $status

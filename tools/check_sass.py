@@ -32,6 +32,7 @@ nvidia-cuda-nvdisasm put them beside the wheel's nvcc; .ci/run installs them). I
 on synthetic SASS first (each must pass a good and fail a bad listing), then on the kernels.
 """
 import argparse
+import concurrent.futures
 import os
 import re
 import shutil
@@ -240,6 +241,13 @@ def sass_of(nvcc, cuobjdump, src, arch, tmp, root=ROOT):
     return r.stdout, ptxas_log
 
 
+def sass_of_all(nvcc, cuobjdump, jobs, tmp):
+    """sass_of for each (src, arch, root) of `jobs`, one compile a core at a time (ptxas is
+    single-threaded), in the order given."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return list(pool.map(lambda job: sass_of(nvcc, cuobjdump, job[0], job[1], tmp, job[2]), jobs))
+
+
 def kernel_stats(sass, ptxas_log):
     """{kernel: {regs, stack, instr, bar, mma, ldg, ldgsts, mufu}}: ptxas's registers and stack
     frame, and static counts of SASS instructions (all, block barriers, tensor-core ops, global
@@ -280,20 +288,20 @@ def compare(nvcc, cuobjdump, rev, only, show_all):
         subprocess.run(["tar", "-x", "-C", old_root], input=archive.stdout, check=True)
         print("| file | arch | kernel | " + " | ".join(keys) + " |")
         print("|---|---|---|" + "---|" * len(keys))
-        for src, arches in SOURCES:
-            if only not in src:
-                continue
-            for arch in arches:
-                new = kernel_stats(*sass_of(nvcc, cuobjdump, src, arch, tmp))
-                old = (kernel_stats(*sass_of(nvcc, cuobjdump, src, arch, tmp, old_root))
-                       if os.path.exists(os.path.join(old_root, src)) else {})
-                for name in sorted(set(new) | set(old)):
-                    a, b = old.get(name, {}), new.get(name, {})
-                    if not show_all and all(a.get(k) == b.get(k) for k in keys):
-                        continue
-                    cells = [f"{a.get(k, '-')} -> {b.get(k, '-')}" if a.get(k) != b.get(k) else f"{b.get(k, '-')}"
-                             for k in keys]
-                    print(f"| {src} | {arch} | {name} | " + " | ".join(cells) + " |")
+        pairs = [(src, arch) for src, arches in SOURCES if only in src for arch in arches]
+        news = sass_of_all(nvcc, cuobjdump, [(src, arch, ROOT) for src, arch in pairs], tmp)
+        had = [(src, arch) for src, arch in pairs if os.path.exists(os.path.join(old_root, src))]
+        olds = dict(zip(had, sass_of_all(nvcc, cuobjdump, [(src, arch, old_root) for src, arch in had], tmp)))
+        for (src, arch), new_sass in zip(pairs, news):
+            new = kernel_stats(*new_sass)
+            old = kernel_stats(*olds[(src, arch)]) if (src, arch) in olds else {}
+            for name in sorted(set(new) | set(old)):
+                a, b = old.get(name, {}), new.get(name, {})
+                if not show_all and all(a.get(k) == b.get(k) for k in keys):
+                    continue
+                cells = [f"{a.get(k, '-')} -> {b.get(k, '-')}" if a.get(k) != b.get(k) else f"{b.get(k, '-')}"
+                         for k in keys]
+                print(f"| {src} | {arch} | {name} | " + " | ".join(cells) + " |")
     return 0
 
 
@@ -331,17 +339,16 @@ def main(argv):
         return 2
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for src, arches in SOURCES:
-            if args.only not in src:
-                continue
-            for arch in arches:
-                functions = parse_sass(sass_of(nvcc, cuobjdump, src, arch, tmp)[0])
-                bad = check(functions, arch)
-                for rule, name, why in bad:
-                    print(f"FAIL {src} ({arch}) {name}: {rule}: {why}")
-                failures += len(bad)
-                if not bad:
-                    print(f"ok   {src} ({arch}): {len(functions)} kernels")
+        pairs = [(src, arch) for src, arches in SOURCES if args.only in src for arch in arches]
+        listings = sass_of_all(nvcc, cuobjdump, [(src, arch, ROOT) for src, arch in pairs], tmp)
+        for (src, arch), (sass, _) in zip(pairs, listings):
+            functions = parse_sass(sass)
+            bad = check(functions, arch)
+            for rule, name, why in bad:
+                print(f"FAIL {src} ({arch}) {name}: {rule}: {why}")
+            failures += len(bad)
+            if not bad:
+                print(f"ok   {src} ({arch}): {len(functions)} kernels")
     return 1 if failures else 0
 
 
