@@ -14,7 +14,7 @@
 //!   Inputs rotate through copies that together exceed the L2 cache (4x L2, >= 256 MiB), and
 //!   each time is per launch, from CUDA-graph replays of several launches, so the host's launch
 //!   cost (and cuBLASLt's per-call heuristic query) does not count, as in a captured step.
-//! - **steps**: one sampler step as the sampler runs it ([`Backend::step`] on the backend's
+//! - **steps**: one sampler step as the sampler runs it ([`Backend::step`](crate::backend::Backend::step) on the backend's
 //!   workspace: the captured compute or reuse graph, the sampler update), per batch of model
 //!   rows (rows include the CFG half), with effective TFLOP/s `2 * macs_per_row * rows / time`
 //!   and the launches of one step, counted by capturing a step of a graph-less workspace and

@@ -508,7 +508,7 @@ impl TmaTile {
 
     /// Ping-pong 128 x 128 for a long K (at least [`TmaTile::PING_PONG_MIN_K`]) once every CTA
     /// has two or more tiles to alternate; else the cooperative tile of least
-    /// [`TmaTile::cost`] (the wider on a tie). On an H200 (2026-11-26) ping-pong ran fc2 at 256
+    /// `TmaTile::cost` (the wider on a tie). On an H200 (2026-11-26) ping-pong ran fc2 at 256
     /// rows (K = 4608) in 1275 us against 1465 for the cooperative 128 x 128, and K = 1152 no
     /// faster (qkv 1507 against 1290). At DiT-XL/2 shapes: 128 wide at large M but for fc2; at
     /// M = 512 (one image + CFG) 128 wide where that fits one round (qkv, proj, fc2) and 192

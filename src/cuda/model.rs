@@ -95,8 +95,8 @@ pub enum SumTables {
     /// Precomputed tables, f32 [rows, ada_cols] each, step j's at `first + j * stride`
     /// elements.
     Precomputed { first: u64, stride: usize },
-    /// Computed here (gates only) from the steps' timesteps, f32 [count][rows] at `t`, into
-    /// `scratch`, f32 [count][rows, ada_cols].
+    /// Computed here (gates only) from the steps' timesteps, f32 `[count][rows]` at `t`, into
+    /// `scratch`, f32 `[count][rows, ada_cols]`.
     Compute { t: u64, scratch: u64 },
 }
 
