@@ -28,7 +28,9 @@ pub enum GuidanceMode {
 /// Classifier-free guidance settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Guidance {
+    /// The guidance scale s: `uncond + s * (cond - uncond)` (the official sampler uses 4.0).
     pub scale: f32,
+    /// Which channels are guided.
     pub mode: GuidanceMode,
 }
 
@@ -51,7 +53,12 @@ pub enum NoiseSource {
     Seed(u64),
     /// Given numbers: `x_t` is `[B, C, H, W]`, `noise` is `[S, B, C, H, W]` (`noise[k]` is the
     /// noise of the k-th loop step, k = 0 being i = S-1).
-    File { x_t: Vec<f32>, noise: Vec<f32> },
+    File {
+        /// The starting latents x_T, `[B, C, H, W]`.
+        x_t: Vec<f32>,
+        /// Every loop step's noise, `[S, B, C, H, W]`.
+        noise: Vec<f32>,
+    },
 }
 
 /// The per-step diffusion update, with every coefficient already evaluated on the host for the
@@ -74,22 +81,34 @@ pub enum NoiseSource {
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum StepUpdate {
+    /// The official ancestral DDPM step (`p_sample`).
     Ddpm {
+        /// sqrt(1 / alpha_bar_t).
         sqrt_recip_abar: f64,
+        /// sqrt(1 / alpha_bar_t - 1).
         sqrt_recipm1_abar: f64,
+        /// The posterior mean's coefficient of x0.
         post_coef1: f64,
+        /// The posterior mean's coefficient of x_t.
         post_coef2: f64,
         /// log(beta_t) (the upper end of the learned range).
         max_log: f64,
         /// posterior log variance, clipped at step 0 (the lower end).
         min_log: f64,
+        /// Whether noise is added (every step but the last, i = 0).
         add_noise: bool,
     },
+    /// The DDIM step (`ddim_sample`), eta folded into `sigma`.
     Ddim {
+        /// sqrt(1 / alpha_bar_t).
         sqrt_recip_abar: f64,
+        /// sqrt(1 / alpha_bar_t - 1).
         sqrt_recipm1_abar: f64,
+        /// alpha_bar of the previous (less noisy) respaced step.
         abar_prev: f64,
+        /// The step's noise scale: eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev).
         sigma: f64,
+        /// Whether noise is added (every step but the last, i = 0).
         add_noise: bool,
     },
 }
@@ -103,7 +122,9 @@ pub struct StepSpec {
     pub i: usize,
     /// The ORIGINAL timestep (0..999) the model is conditioned on.
     pub t: i64,
+    /// Whether the blocks run or the FORA cache is reused.
     pub mode: StepMode,
+    /// The diffusion update after the model's forward.
     pub update: StepUpdate,
     /// For a `Reuse` step: how many of the steps right after it reuse too (the run of reuse
     /// steps until the next computing step, as the sampler's schedule says), so a backend may
@@ -117,6 +138,8 @@ pub struct StepSpec {
 pub struct SamplePlan {
     /// Class ids of the B images (each < num_classes).
     pub classes: Vec<usize>,
+    /// Classifier-free guidance (each image then runs as two model rows, conditional and
+    /// null class); None: one row an image.
     pub guidance: Option<Guidance>,
     /// Number of loop steps S.
     pub steps: usize,
@@ -124,6 +147,7 @@ pub struct SamplePlan {
     /// sampling starts, so a backend can keep them on the device and launch steps without a
     /// host-to-device copy).
     pub timesteps: Vec<i64>,
+    /// Where x_T and every step's noise come from.
     pub noise: NoiseSource,
 }
 
@@ -173,6 +197,7 @@ pub trait Backend {
 
     /// A short name for logs ("cpu", "cuda:0 NVIDIA H200").
     fn name(&self) -> String;
+    /// The model this backend runs.
     fn config(&self) -> &DitConfig;
 
     /// Allocates a workspace for `plan` and loads x_T into it.

@@ -43,10 +43,12 @@ impl CachePolicy for NoCache {
 /// The official FORA static schedule: compute when `i == S-1` or `i % N == 0`, else reuse.
 #[derive(Clone, Copy, Debug)]
 pub struct StaticInterval {
+    /// N: compute every N-th step (1: every step, no caching).
     pub interval: usize,
 }
 
 impl StaticInterval {
+    /// The schedule with interval N (at least 1).
     pub fn new(interval: usize) -> Result<StaticInterval> {
         ensure!(
             interval >= 1,
@@ -72,6 +74,7 @@ impl CachePolicy for StaticInterval {
 /// An explicit per-step mask, `compute[k]` for loop step k (true = compute).
 #[derive(Clone, Debug)]
 pub struct StepMask {
+    /// `compute[k]`: whether loop step k computes (steps past the end compute).
     pub compute: Vec<bool>,
 }
 

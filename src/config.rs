@@ -40,9 +40,13 @@ const SIZES: [(&str, usize, usize, usize); 4] = [
 /// The architecture part of a config (what `--arch` names): everything but the data shape.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Arch {
+    /// Transformer blocks.
     pub depth: usize,
+    /// Hidden size D.
     pub hidden: usize,
+    /// Attention heads (D / heads is the head dimension).
     pub heads: usize,
+    /// Patch side p (p x p latent pixels a token).
     pub patch: usize,
 }
 
@@ -150,6 +154,8 @@ impl DitConfig {
         Ok(c)
     }
 
+    /// Checks that the sizes are positive and consistent (heads divide hidden, the patch
+    /// divides the input size).
     pub fn validate(&self) -> Result<()> {
         ensure!(
             self.depth > 0 && self.hidden > 0 && self.heads > 0,
@@ -176,6 +182,7 @@ impl DitConfig {
         Ok(())
     }
 
+    /// The architecture part (depth, hidden, heads, patch).
     pub fn arch(&self) -> Arch {
         Arch {
             depth: self.depth,
@@ -195,9 +202,11 @@ impl DitConfig {
         })
     }
 
+    /// Dimension of one attention head, hidden / heads.
     pub fn head_dim(&self) -> usize {
         self.hidden / self.heads
     }
+    /// Output channels: 2C with learn_sigma (eps and the variance interpolation), else C.
     pub fn out_channels(&self) -> usize {
         if self.learn_sigma {
             2 * self.in_channels
@@ -213,6 +222,7 @@ impl DitConfig {
     pub fn tokens(&self) -> usize {
         self.grid() * self.grid()
     }
+    /// The MLP's inner width, mlp_ratio * hidden.
     pub fn mlp_hidden(&self) -> usize {
         self.mlp_ratio * self.hidden
     }

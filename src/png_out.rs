@@ -16,10 +16,13 @@ pub const GAP_VALUE: u8 = 128;
 /// An 8-bit picture: `height` rows of `width * channels` bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Picture {
+    /// Pixels a row.
     pub width: usize,
+    /// Rows.
     pub height: usize,
     /// 1 (gray) or 3 (RGB).
     pub channels: usize,
+    /// Row-major samples, `height * width * channels` bytes.
     pub pixels: Vec<u8>,
 }
 

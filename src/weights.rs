@@ -60,6 +60,7 @@ pub struct DitWeights {
     pub t_mlp2_b: Vec<f32>,
     /// `y_embedder.embedding_table.weight` `[num_classes + 1, D]` (last row: null class).
     pub y_table: Vec<f32>,
+    /// The transformer blocks, in order.
     pub blocks: Vec<BlockWeights>,
     /// `final_layer.adaLN_modulation.1.weight` `[2D, D]` (rows: shift, scale).
     pub final_ada_w: Vec<f32>,

@@ -79,6 +79,7 @@ impl CpuBackend {
         Ok(CpuBackend { cfg, weights })
     }
 
+    /// The model's weights (f32, as loaded).
     pub fn weights(&self) -> &DitWeights {
         &self.weights
     }

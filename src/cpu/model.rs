@@ -53,6 +53,7 @@ pub struct Activations {
 }
 
 impl Activations {
+    /// Buffers for a forward of `rows` model rows (at least one).
     pub fn new(cfg: &DitConfig, rows: usize) -> Result<Activations> {
         ensure!(rows > 0, "a forward needs at least one row");
         let (t, d) = (cfg.tokens(), cfg.hidden);
@@ -79,6 +80,7 @@ impl Activations {
             scores: vec![0.0; tasks * t * t],
         })
     }
+    /// Model rows these buffers hold.
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -97,6 +99,7 @@ pub struct FeatureCache {
 }
 
 impl FeatureCache {
+    /// An empty (not yet valid) cache for `rows` model rows.
     pub fn new(cfg: &DitConfig, rows: usize) -> FeatureCache {
         let len = cfg.depth * rows * cfg.tokens() * cfg.hidden;
         FeatureCache {
@@ -106,6 +109,7 @@ impl FeatureCache {
             valid: false,
         }
     }
+    /// Model rows this cache holds.
     pub fn rows(&self) -> usize {
         self.rows
     }

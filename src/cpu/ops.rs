@@ -135,6 +135,7 @@ pub fn linear_rows(
     }
 }
 
+/// SiLU, v * sigmoid(v).
 #[inline]
 pub fn silu(v: f32) -> f32 {
     v / (1.0 + (-v).exp())
@@ -148,6 +149,7 @@ pub fn gelu_tanh(v: f32) -> f32 {
     0.5 * v * (1.0 + (SQRT_2_OVER_PI * (v + 0.044715 * cube)).tanh())
 }
 
+/// [`gelu_tanh`] over a slice, on rayon's threads when `parallel`.
 pub fn gelu_tanh_inplace(x: &mut [f32], parallel: bool) {
     if parallel {
         x.par_chunks_mut(4096)
