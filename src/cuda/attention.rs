@@ -118,6 +118,7 @@ impl AttentionImpl {
         AttentionImpl::Tma,
     ];
 
+    /// The name `FORA_ATTENTION` and the bench's rows use for it.
     pub fn name(self) -> &'static str {
         match self {
             AttentionImpl::V1 => "v1",
@@ -189,7 +190,9 @@ pub const ATTENTION_HEAD_DIMS: [i32; 3] = [64, 72, 128];
 pub struct AttentionLaunch {
     /// The kernel's `extern "C"` name.
     pub kernel: &'static str,
+    /// Grid of blocks.
     pub grid: (u32, u32, u32),
+    /// Threads a block.
     pub block: (u32, u32, u32),
     /// Dynamic shared memory in bytes: a Q tile (`block_m` rows) and two K and two V tiles of
     /// 64 rows, each row the head_dim rounded up to 16 (the mma k) plus 8 bf16 of bank-conflict

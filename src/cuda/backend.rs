@@ -296,7 +296,10 @@ pub enum SumAction {
     /// Its sum is in this slot already (an earlier step of its run computed it).
     Ready(usize),
     /// Sum the cache now for steps k..k+count (slots 0..count); its own is slot 0.
-    Compute { count: usize },
+    Compute {
+        /// Steps of the run the pass sums for (1..=4).
+        count: usize,
+    },
 }
 
 /// The bookkeeping of [`CudaOptions::reuse_sum`] for reuse step `k` of `steps`, `reuse_ahead`
@@ -476,10 +479,12 @@ impl CudaBackend {
         self.options = options;
     }
 
+    /// The device handle this backend launches on.
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
     }
 
+    /// The GEMM implementation the blocks use (`FORA_GEMM`).
     pub fn gemm_impl(&self) -> GemmImpl {
         self.options.gemm
     }

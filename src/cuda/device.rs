@@ -49,11 +49,15 @@ impl std::fmt::Debug for Gpu {
 pub struct TmaTensor2d {
     /// Device address of element (0, 0); 16-byte aligned.
     pub base: u64,
+    /// Rows of the tensor.
     pub rows: u64,
+    /// Columns (bf16 elements a row).
     pub cols: u64,
     /// Elements between consecutive rows (a multiple of 8: 16-byte row starts).
     pub row_stride: u64,
+    /// Rows of one TMA box (one copy).
     pub box_rows: u32,
+    /// Columns of one box (64: 128 bytes, the swizzle width).
     pub box_cols: u32,
 }
 
@@ -108,8 +112,11 @@ impl TmaTensor2d {
 /// streams through the rest. A cache hint only: results never depend on it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct L2Window {
+    /// Device address of the window's first byte.
     pub base: u64,
+    /// Bytes of the window.
     pub bytes: usize,
+    /// Fraction of the window's accesses marked persisting (0..=1).
     pub hit_ratio: f32,
 }
 
@@ -396,6 +403,7 @@ impl Gpu {
         &self.stream
     }
 
+    /// The cudarc context (for allocations and streams of a caller's own).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
@@ -422,10 +430,12 @@ impl Gpu {
         Ok(f)
     }
 
+    /// (major, minor) compute capability: (9, 0) for an H100 or H200.
     pub fn compute_capability(&self) -> (i32, i32) {
         self.cc
     }
 
+    /// Streaming multiprocessors of the device.
     pub fn sm_count(&self) -> usize {
         self.sm_count
     }
@@ -435,6 +445,7 @@ impl Gpu {
         &self.name
     }
 
+    /// The device's CUDA ordinal.
     pub fn ordinal(&self) -> usize {
         self.ctx.ordinal()
     }
@@ -826,6 +837,8 @@ pub fn ensure_hopper(gpu: &impl KernelLauncher, what: &str, hint: &str) -> Resul
     Ok(())
 }
 
+/// An error naming `kernel` and `field` unless `ptr` is non-null and `align`-byte aligned (the
+/// launchers' check of every pointer they pass).
 pub fn check_ptr(kernel: &str, field: &str, ptr: u64, align: u64) -> Result<()> {
     ensure!(ptr != 0, "{kernel}: {field} pointer is null");
     ensure!(

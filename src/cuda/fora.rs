@@ -313,6 +313,7 @@ pub enum ReuseTokens {
 }
 
 impl ReuseTokens {
+    /// Every variant, `One` (the default) first.
     pub const ALL: [ReuseTokens; 8] = [
         ReuseTokens::One,
         ReuseTokens::OneDeep,
@@ -352,6 +353,7 @@ impl ReuseTokens {
         (self.ring() * 2 * self.tokens()) as u32 * block * 16
     }
 
+    /// Tokens a thread.
     pub fn tokens(self) -> i32 {
         self.spec().1
     }

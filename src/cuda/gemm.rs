@@ -107,6 +107,7 @@ pub enum Epilogue {
 }
 
 impl Epilogue {
+    /// Every epilogue.
     pub const ALL: [Epilogue; 4] = [
         Epilogue::BiasBf16,
         Epilogue::BiasGeluBf16,
@@ -124,6 +125,7 @@ impl Epilogue {
         }) as i32
     }
 
+    /// The epilogue of a `GemmParams::epilogue` value; an error for any other value.
     pub fn from_raw(v: i32) -> Result<Epilogue> {
         Epilogue::ALL
             .into_iter()
@@ -143,10 +145,13 @@ impl Epilogue {
 /// benchmarks may force one with [`Gemm::run_custom_split`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tile {
+    /// 128 x 128.
     M128,
     /// 128 x 128 with 64-deep k-steps (3 stages).
     M128K64,
+    /// 64 x 128.
     M64,
+    /// 32 x 128.
     M32,
 }
 
@@ -163,6 +168,7 @@ struct TileSpec {
 }
 
 impl Tile {
+    /// Every tile.
     pub const ALL: [Tile; 4] = [Tile::M128, Tile::M128K64, Tile::M64, Tile::M32];
 
     fn spec(self) -> TileSpec {
@@ -290,6 +296,7 @@ pub enum WgmmaTile {
 }
 
 impl WgmmaTile {
+    /// Every tile.
     pub const ALL: [WgmmaTile; 3] = [WgmmaTile::M128N256, WgmmaTile::M128N128, WgmmaTile::M64N128];
 
     /// k-depth of one pipeline stage (one 128-byte swizzle row of bf16).
@@ -399,6 +406,7 @@ pub enum TmaTile {
 }
 
 impl TmaTile {
+    /// Every tile, the multicast ones last.
     pub const ALL: [TmaTile; 8] = [
         TmaTile::N128,
         TmaTile::N192,
@@ -449,10 +457,12 @@ impl TmaTile {
         }
     }
 
+    /// The kernel's `extern "C"` name.
     pub fn kernel_name(self) -> &'static str {
         self.spec().0
     }
 
+    /// The tile's width in N.
     pub fn bn(self) -> u32 {
         self.spec().1
     }
@@ -773,6 +783,7 @@ impl Gemm {
         Gemm::new(gpu, GemmImpl::from_env()?, max_mn)
     }
 
+    /// The implementation this GEMM runs (`FORA_GEMM`).
     pub fn implementation(&self) -> GemmImpl {
         self.imp
     }

@@ -94,10 +94,20 @@ pub enum TableColumns {
 pub enum SumTables {
     /// Precomputed tables, f32 [rows, ada_cols] each, step j's at `first + j * stride`
     /// elements.
-    Precomputed { first: u64, stride: usize },
+    Precomputed {
+        /// Device address of step 0's table.
+        first: u64,
+        /// Elements from one step's table to the next.
+        stride: usize,
+    },
     /// Computed here (gates only) from the steps' timesteps, f32 `[count][rows]` at `t`, into
     /// `scratch`, f32 `[count][rows, ada_cols]`.
-    Compute { t: u64, scratch: u64 },
+    Compute {
+        /// Device address of the steps' timesteps.
+        t: u64,
+        /// Device address of the tables' scratch.
+        scratch: u64,
+    },
 }
 
 /// A block's output (proj or fc2) on the fused-LayerNorm path, as a device address.
@@ -206,6 +216,7 @@ impl GpuModel {
         })
     }
 
+    /// The model's configuration.
     pub fn config(&self) -> &DitConfig {
         &self.cfg
     }
@@ -243,6 +254,7 @@ pub fn weight_bytes(cfg: &DitConfig) -> usize {
 /// Buffers of the conditioning path (timestep features -> t-MLP -> + label embedding -> SiLU)
 /// for up to `rows` rows.
 pub struct CondBuffers {
+    /// Model rows the buffers hold.
     pub rows: usize,
     t_freq: CudaSlice<bf16>,
     t_hidden_f32: CudaSlice<f32>,
@@ -257,6 +269,7 @@ pub fn cond_bytes(cfg: &DitConfig, rows: usize) -> usize {
 }
 
 impl CondBuffers {
+    /// Buffers for `rows` model rows (at least one).
     pub fn new(gpu: &Gpu, cfg: &DitConfig, rows: usize) -> Result<CondBuffers> {
         ensure!(rows > 0, "conditioning needs at least one row");
         let d = cfg.hidden;
@@ -273,6 +286,7 @@ impl CondBuffers {
 
 /// Activations of one forward of `rows` model rows, and the FORA cache of those rows.
 pub struct Activations {
+    /// Model rows the buffers hold.
     pub rows: usize,
     /// Original timestep of each row, f32 `[rows]` (written by the host before a forward).
     pub t: CudaSlice<f32>,
@@ -317,6 +331,8 @@ pub fn activation_bytes(cfg: &DitConfig, rows: usize, with_cache: bool) -> usize
 }
 
 impl Activations {
+    /// Buffers for a forward of `rows` model rows (at least one), with the FORA cache when
+    /// `with_cache`.
     pub fn new(gpu: &Gpu, cfg: &DitConfig, rows: usize, with_cache: bool) -> Result<Activations> {
         ensure!(rows > 0, "a forward needs at least one row");
         let bytes = activation_bytes(cfg, rows, with_cache);

@@ -53,7 +53,9 @@ pub fn layernorm_modulate_plan(p: &LayerNormModulateParams) -> Result<(u32, u32,
 /// load of a row issued at once).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RowWarps {
+    /// One warp a token row (`layernorm_modulate`, `residual_layernorm`).
     One,
+    /// Four warps a row, one row a block (the `_w4` kernels).
     Four,
 }
 
@@ -96,6 +98,8 @@ fn layernorm_in_registers(p: &LayerNormModulateParams) -> bool {
         && p.dim <= RESIDUAL_LN_MAX_DIM
 }
 
+/// LayerNorm (no affine) of each token row of `p.x`, modulated by its image's shift and scale
+/// columns of the table, `x * (1 + scale) + shift`, to bf16, with the default [`RowWarps`].
 pub fn layernorm_modulate(gpu: &impl KernelLauncher, p: &LayerNormModulateParams) -> Result<()> {
     let warps = match RowWarps::default() {
         RowWarps::Four if layernorm_in_registers(p) => RowWarps::Four,
