@@ -35,7 +35,9 @@ const AUTOTUNE_RUNS: usize = 5;
 /// Output element type of a cuBLASLt matmul.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LtOutput {
+    /// bf16 (rounded to nearest even).
     Bf16,
+    /// f32.
     F32,
 }
 
@@ -45,11 +47,17 @@ pub enum LtOutput {
 /// on some cards).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LtEpilogue {
+    /// The product as is.
     None,
+    /// GELU of the product (cuBLASLt's).
     Gelu,
+    /// Product + f32 bias.
     Bias(u64),
+    /// GELU(product + f32 bias).
     GeluBias(u64),
+    /// Product + bias of the output type.
     BiasOutType(u64),
+    /// GELU(product + bias of the output type).
     GeluBiasOutType(u64),
 }
 
@@ -57,16 +65,27 @@ pub enum LtEpilogue {
 /// addresses; leading dimensions are in elements.
 #[derive(Clone, Copy, Debug)]
 pub struct LtMatmul {
+    /// Activations, bf16 `[m, k]`.
     pub a: u64,
+    /// Weight, bf16 `[n, k]` (a Linear's, PyTorch layout).
     pub w: u64,
+    /// Output `[m, n]`, of type `output`.
     pub d: u64,
+    /// Rows of `a` and `d`.
     pub m: usize,
+    /// Rows of `w`, columns of `d`.
     pub n: usize,
+    /// The reduction length.
     pub k: usize,
+    /// Elements between rows of `a`.
     pub lda: usize,
+    /// Elements between rows of `w`.
     pub ldw: usize,
+    /// Elements between rows of `d`.
     pub ldd: usize,
+    /// The output's element type.
     pub output: LtOutput,
+    /// What is applied to the product.
     pub epilogue: LtEpilogue,
     /// A strided batch of such matmuls, or None for one.
     pub batch: Option<LtBatch>,
@@ -77,10 +96,15 @@ pub struct LtMatmul {
 /// operand).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LtBatch {
+    /// Matmuls in the batch.
     pub count: usize,
+    /// Elements from one matmul's `w` to the next.
     pub stride_w: i64,
+    /// Elements from one matmul's `a` to the next.
     pub stride_a: i64,
+    /// Elements from one matmul's `d` to the next.
     pub stride_d: i64,
+    /// Elements from one matmul's bias to the next.
     pub stride_bias: i64,
 }
 
@@ -88,7 +112,9 @@ pub struct LtBatch {
 /// takes another path; every other failure is an error).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LtRun {
+    /// Launched.
     Done,
+    /// cuBLASLt has no algorithm for it; nothing was launched.
     Unsupported,
 }
 

@@ -102,25 +102,35 @@ pub fn poison_bf16(gpu: &Gpu, buf: &mut CudaSlice<bf16>) -> Result<()> {
 /// same launchers), buffers out. Implemented by [`Gpu`] and by the CPU emulator of
 /// `tests/kernel_emulation.rs`, so that one test body checks a kernel on both.
 pub trait TestDevice: KernelLauncher {
+    /// A buffer of f32.
     type F32: DeviceAddr;
+    /// A buffer of bf16.
     type Bf16: DeviceAddr;
+    /// A buffer of i32.
     type I32: DeviceAddr;
+    /// A new buffer holding `v`.
     fn upload_f32(&self, v: &[f32]) -> Result<Self::F32>;
+    /// A new buffer holding `v`.
     fn upload_i32(&self, v: &[i32]) -> Result<Self::I32>;
     /// `v` rounded to bf16.
     fn upload_bf16(&self, v: &[f32]) -> Result<Self::Bf16>;
     /// `n` NaNs, so that an element the kernel fails to write fails the test.
     fn poisoned_f32(&self, n: usize) -> Result<Self::F32>;
+    /// `n` NaNs in bf16.
     fn poisoned_bf16(&self, n: usize) -> Result<Self::Bf16>;
+    /// Fills `b` with NaN again (before a second launch into it).
     fn poison_f32(&self, b: &mut Self::F32) -> Result<()>;
+    /// Fills `b` with bf16 NaN again.
     fn poison_bf16(&self, b: &mut Self::Bf16) -> Result<()>;
     /// Waits for the launches before it.
     fn download_f32(&self, b: &Self::F32) -> Result<Vec<f32>>;
+    /// Waits for the launches before it; the values widened to f32.
     fn download_bf16(&self, b: &Self::Bf16) -> Result<Vec<f32>>;
 }
 
 /// The address a kernel parameter struct holds for a test buffer.
 pub trait DeviceAddr {
+    /// The buffer's first byte as a device address.
     fn addr(&self) -> u64;
 }
 
