@@ -90,9 +90,13 @@ pub enum GemmChoice {
 /// A part of the benchmark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Section {
+    /// The card's measured ceilings: a large cuBLASLt GEMM, device copies and reads.
     Ceilings,
+    /// Each kernel against cuBLASLt and the ceilings.
     Kernels,
+    /// Computing and reuse steps per batch.
     Steps,
+    /// 250-step FORA runs end to end per interval.
     E2e,
 }
 
@@ -175,18 +179,31 @@ pub struct BenchArgs {
 /// [`BenchArgs`] with every default resolved and every value checked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BenchPlan {
+    /// The smaller set (`--quick`).
     pub quick: bool,
+    /// The parts to run, in order.
     pub sections: Vec<Section>,
+    /// Model rows of the step measurements.
     pub batches: Vec<usize>,
+    /// Model rows of the per-kernel shapes.
     pub kernel_batches: Vec<usize>,
+    /// FORA intervals N of the end-to-end runs.
     pub intervals: Vec<usize>,
+    /// DDPM steps of the end-to-end runs.
     pub steps: usize,
+    /// End-to-end runs per interval.
     pub e2e_reps: usize,
+    /// Timed runs per measurement.
     pub runs: usize,
+    /// Untimed runs before each measurement.
     pub warmup: usize,
+    /// The GEMM implementations the steps are measured with.
     pub gemms: Vec<GemmImpl>,
+    /// Side of the square GEMM that measures the tensor-core ceiling.
     pub ceiling_size: usize,
+    /// Bytes of the copy and read that measure the memory ceiling.
     pub copy_bytes: usize,
+    /// Classifier-free guidance scale of the CFG batches.
     pub cfg_scale: f32,
     /// The JSON report; the Markdown goes beside it with extension .md.
     pub json: PathBuf,
@@ -314,10 +331,15 @@ where
 /// Timing statistics of one measurement, in milliseconds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stats {
+    /// Timed runs.
     pub runs: usize,
+    /// Their median.
     pub median_ms: f64,
+    /// The fastest.
     pub min_ms: f64,
+    /// The slowest.
     pub max_ms: f64,
+    /// Their mean.
     pub mean_ms: f64,
 }
 
