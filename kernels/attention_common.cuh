@@ -121,14 +121,24 @@ FORA_DEVICE void pack_p_fragment(const float* p, int kk, uint32_t (&a)[4]) {
     a[3] = pack_bf16x2(p[8 * kk + 6], p[8 * kk + 7]);
 }
 
+// Which keys of a tile a kernel masks: those past the end when the tile reaches past it (a
+// branch, two softmax paths), none (a tile known to be full), or those past the end always
+// (the last tile of a loop that peels it: one path, the mask a no-op on a full tile).
+enum class TileMask { IfPartial, Never, Always };
+
 // The wgmma kernels' step from the scores of the key tile at key0 to P: keys past the end
-// masked, one online-softmax step (o, row_max, row_sum updated), P packed as the A fragments of
-// the BN / 16 PV k-steps.
-template <int BN, int D>
+// masked (per MASK), one online-softmax step (o, row_max, row_sum updated), P packed as the A
+// fragments of the BN / 16 PV k-steps.
+template <int BN, int D, TileMask MASK = TileMask::IfPartial>
 FORA_DEVICE void scores_to_p_fragments(float* s, float* o, float (&row_max)[2], float (&row_sum)[2],
                                        float scale_log2, int key0, int tokens, int lane,
                                        uint32_t (&p_frag)[BN / 16][4]) {
-    masked_online_softmax_tile<BN, D>(s, o, row_max, row_sum, scale_log2, key0, tokens, lane);
+    if constexpr (MASK == TileMask::IfPartial) {
+        masked_online_softmax_tile<BN, D>(s, o, row_max, row_sum, scale_log2, key0, tokens, lane);
+    } else {
+        if constexpr (MASK == TileMask::Always) mask_keys_past_end<BN>(s, key0, tokens, lane);
+        online_softmax_tile<BN, D>(s, o, row_max, row_sum, scale_log2);
+    }
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) pack_p_fragment(s, kk, p_frag[kk]);
 }

@@ -804,14 +804,18 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
         pin_accumulators(s_acc);
         // Per tile: softmax of S_j, then P_j V_j and S_{j+1} = Q K_{j+1}^T issued together (S_j's
         // registers are free once P_j is packed), so the tensor cores start the next scores while
-        // this tile's PV runs instead of after a wait.
-        for (int j = 0; j < n_tiles; ++j, ++it) {
+        // this tile's PV runs instead of after a wait. The last tile, with no next scores and the
+        // only one that can pass the last token, is peeled off: a branch around the QK^T issue
+        // made ptxas inject a warpgroup.arrive and a dummy wgmma at its join on every tile (info
+        // C7519), and the tiles before it need no mask.
+        auto tile = [&](int j, auto not_last) {
+            constexpr bool kNotLast = decltype(not_last)::value;
             const uint32_t slot = it % S::STAGES;
             const uint32_t v_addr = base_addr + S::V_OFF + slot * S::TILE_BYTES;
 
             uint32_t p_frag[BN / 16][4];
-            scores_to_p_fragments<BN, D>(s_acc, o_acc, row_max, row_sum, scale_log2, j * BN, tokens, lane,
-                                         p_frag);
+            scores_to_p_fragments<BN, D, kNotLast ? TileMask::Never : TileMask::Always>(
+                s_acc, o_acc, row_max, row_sum, scale_log2, j * BN, tokens, lane, p_frag);
             pin_accumulators(o_acc);
             wgmma_fence();
 #pragma unroll
@@ -821,7 +825,7 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
                 wgmma_pv<D, true>(o_acc, p_frag[kk],
                                   wgmma_desc_sw128_mn(v_addr + kk * 2048, S::PANEL_BYTES, 1024));
             }
-            if (j + 1 < n_tiles) issue_qk(it + 1);
+            if constexpr (kNotLast) issue_qk(it + 1);
             wgmma_commit();
             wgmma_wait<0>();
             pin_accumulators(o_acc);
@@ -831,7 +835,10 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
             // Both products of tile j are done: its slot goes back to the producer.
             __syncwarp();
             if (lane == 0) mbarrier_arrive(kv_empty + 8 * slot);
-        }
+            ++it;
+        };
+        for (int j = 0; j + 1 < n_tiles; ++j) tile(j, CompileTimeFlag<true>{});
+        tile(n_tiles - 1, CompileTimeFlag<false>{});
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) pin_registers(q_frag[kk]);
 

@@ -13,6 +13,13 @@
 
 #define FORA_DEVICE __device__ __forceinline__
 
+// A bool as a type, so that a generic lambda can branch on it at compile time (`if constexpr
+// (decltype(flag)::value)`): one body, two straight-line copies.
+template <bool B>
+struct CompileTimeFlag {
+    static constexpr bool value = B;
+};
+
 // A kernel's dynamic shared memory (the launch's shared_mem_bytes), as `type name[]`, 128-byte
 // aligned.
 #ifdef FORA_EMULATION
