@@ -85,12 +85,7 @@ impl Emulator {
     /// stride - 1 runs only when no other thread can move (launch.cpp's is_lazy), so a thread
     /// whose waits nothing keeps in step falls behind as it may on a GPU.
     fn with_lazy_threads<T>(&self, stride: u32, f: impl FnOnce() -> T) -> T {
-        // SAFETY: sets a thread_local of the emulator library.
-        unsafe { (self.set_lazy)(stride) };
-        let out = f();
-        // SAFETY: as above.
-        unsafe { (self.set_lazy)(0) };
-        out
+        with_schedule(self.set_lazy, stride, 0, f)
     }
 
     /// Runs `f` with the warps of each block run one at a time on this OS thread, each as far
@@ -99,13 +94,20 @@ impl Emulator {
     /// Round robin keeps warps in step at every shuffle, which hides a warp overwriting shared
     /// memory another has yet to read.
     fn with_warps_ahead<T>(&self, order: i32, f: impl FnOnce() -> T) -> T {
-        // SAFETY: sets a thread_local of the emulator library.
-        unsafe { (self.set_warps_ahead)(order) };
-        let out = f();
-        // SAFETY: as above.
-        unsafe { (self.set_warps_ahead)(0) };
-        out
+        with_schedule(self.set_warps_ahead, order, 0, f)
     }
+}
+
+/// Runs `f` with one of the emulator's scheduling settings (`set`, a setter of a thread_local
+/// of the emulator library, so only this OS thread's launches see it) at `on`, then back at
+/// `off`.
+fn with_schedule<V, T>(set: unsafe extern "C" fn(V), on: V, off: V, f: impl FnOnce() -> T) -> T {
+    // SAFETY: the setter only stores its argument in a thread_local of the emulator library.
+    unsafe { set(on) };
+    let out = f();
+    // SAFETY: as above.
+    unsafe { set(off) };
+    out
 }
 
 /// A host buffer standing in for device memory: 256-byte aligned like cudaMalloc, written by
@@ -951,9 +953,10 @@ fn emulated_lazy_threads() -> Result<()> {
 
 /// Every kernel with a block barrier, with the warps of a block out of step (the lowest warp
 /// first; then the highest first, with the blocks of each launch from the last): each warp runs
-/// as far as its barriers let it before the next starts. Round robin moves every warp to its next shuffle before any goes on, so a warp that
-/// overwrites shared memory another warp has yet to read (a missing block barrier) passes
-/// there; here the warp that runs ahead overwrites it first. The same test bodies as the other
+/// as far as its barriers let it before the next starts. Round robin moves every warp to its
+/// next shuffle before any goes on, so a warp that overwrites shared memory another warp has
+/// yet to read (a missing block barrier) passes there; here the warp that runs ahead
+/// overwrites it first. The same test bodies as the other
 /// emulated tests, the attention kernels and GEMMs on their small edge shapes.
 #[test]
 fn emulated_warps_ahead() -> Result<()> {

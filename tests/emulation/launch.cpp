@@ -1066,10 +1066,9 @@ extern "C" int fora_emulate_launch(const char* name, unsigned grid_x, unsigned g
     // Warps ahead, highest first, also runs the blocks from the last: a block that reads what
     // another block of the same launch writes (no order exists between them on a GPU) then
     // reads it before it is written, where the usual order hides it.
-    const unsigned clusters = grid_x / cluster * grid_y * grid_z;
+    const unsigned per_row = grid_x / cluster, clusters = per_row * grid_y * grid_z;
     for (unsigned i = 0; i < clusters; ++i) {
         const unsigned c = warps_ahead < 0 ? clusters - 1 - i : i;
-        const unsigned per_row = grid_x / cluster;
         run_cluster(l, uint3{c % per_row * cluster, c / per_row % grid_y, c / per_row / grid_y});
     }
     launch_state = nullptr;
