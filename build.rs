@@ -128,7 +128,7 @@ fn kernels(sources: &[PathBuf], out_dir: &Path) {
     }
     std::fs::write(out_dir.join("ptxas.txt"), &report).expect("write ptxas.txt");
     for b in &bad {
-        println!("cargo:warning=fora: ptxas: {b} (see OUT_DIR/ptxas.txt, tools/check_ptxas.sh)");
+        println!("cargo:warning=fora: ptxas: {b} (see OUT_DIR/ptxas.txt, tools/check_kernels.py)");
     }
     let modules: Vec<(String, PathBuf, Vec<String>)> = results
         .into_iter()

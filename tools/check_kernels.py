@@ -1,10 +1,18 @@
 #!/usr/bin/env python3
-"""Checks the machine code (SASS) of kernels for what `ptxas -v` does not report: the order in
-which a kernel's hot loop issues its loads and its tensor-core instructions, and instructions
-that must not be there. A warp issues in order, so an mma that waits for its operands holds back
-every load after it, and ptxas's scheduler does not know which order the design needs.
+"""Compiles every kernels/*.cu for sm_80 and sm_90a (one compile a core) and checks what ptxas
+reports and what the machine code (SASS) shows. CI runs it; build.rs only warns.
 
-Rules (each found by reading the SASS without a GPU, each fixed in the kernels):
+ptxas rules (from `ptxas -v`):
+  no_local_memory      no function has a stack frame or spills registers (local memory).
+  no_serialized_wgmma  ptxas serializes no kernel's wgmma (infos C7510-C7518, "wgmma.mma_async
+                       instructions are serialized": a non-wgmma instruction may touch registers
+                       of a wgmma in flight, or a wgmma is still in flight where a branch ends;
+                       either way ptxas waits after every wgmma: correct, but without overlap).
+
+SASS rules: the order in which a kernel's hot loop issues its loads and its tensor-core
+instructions, and instructions that must not be there. A warp issues in order, so an mma that
+waits for its operands holds back every load after it, and ptxas's scheduler does not know which
+order the design needs. Each was found by reading the SASS without a GPU and fixed in the kernels:
   loads_before_mma     final_sampler_step: in each stretch between block barriers, no global
                        load after the first mma (ptxas had interleaved them: the first mma's wait
                        for its operands held the remaining loads back one memory round trip).
@@ -22,14 +30,15 @@ Rules (each found by reading the SASS without a GPU, each fixed in the kernels):
   no_gpu_membar        no kernel has a GPU-scope memory barrier but a cluster barrier's release
                        (the multicast GEMM's slot releases once carried one each).
 
-Usage: tools/check_sass.py [--only SUBSTRING-OF-A-SOURCE]
-       tools/check_sass.py --dump KERNEL [--file kernels/X.cu] [--arch sm_90a]   (one kernel's SASS)
-       tools/check_sass.py --compare REV [--only ...] [--all]   (registers, stack and instruction
+Usage: tools/check_kernels.py [--only SUBSTRING-OF-A-SOURCE]
+       tools/check_kernels.py --dump KERNEL [--file kernels/X.cu] [--arch sm_90a]   (one kernel's SASS)
+       tools/check_kernels.py --compare REV [--only ...] [--all]   (registers, stack and instruction
            counts per kernel at git revision REV against the working tree: what a change did to
            the machine code, without a GPU)
 It needs nvcc and cuobjdump + nvdisasm (NVIDIA's pip wheels nvidia-cuda-cuobjdump and
 nvidia-cuda-nvdisasm put them beside the wheel's nvcc; .ci/run installs them). It runs its rules
-on synthetic SASS first (each must pass a good and fail a bad listing), then on the kernels.
+on synthetic ptxas logs and SASS first (each must pass a good and fail a bad one), then on the
+kernels.
 """
 import argparse
 import concurrent.futures
@@ -42,16 +51,9 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (source file, architectures) compiled for the rules.
-SOURCES = [
-    ("kernels/sampler.cu", ["sm_80", "sm_90a"]),
-    ("kernels/attention_sm90.cu", ["sm_90a"]),
-    ("kernels/gemm_sm90.cu", ["sm_90a"]),
-    ("kernels/attention.cu", ["sm_80", "sm_90a"]),
-    ("kernels/gemm.cu", ["sm_80", "sm_90a"]),
-    ("kernels/fora.cu", ["sm_80", "sm_90a"]),
-    ("kernels/norm.cu", ["sm_80", "sm_90a"]),
-]
+# The architectures build.rs compiles SASS for: every source is checked for each.
+ARCHES = ["sm_80", "sm_90a"]
+SOURCES = sorted("kernels/" + f for f in os.listdir(os.path.join(ROOT, "kernels")) if f.endswith(".cu"))
 
 HOPPER_ONLY = re.compile(r"^(gemm_wgmma_|gemm_tma_|attention_wgmma|attention_tma_)")
 REFILL_AFTER_WGMMA = re.compile(r"^(attention_wgmma_mn_(m64_|deep_m64_)?d\d+|gemm_wgmma_\d+x\d+)$")
@@ -73,6 +75,33 @@ def find_nvcc():
             if d and os.access(os.path.join(d, "bin", "nvcc"), os.X_OK):
                 return os.path.join(d, "bin", "nvcc")
     return nvcc
+
+
+def ptxas_failures(log):
+    """Failures [(rule, function, why)] of the ptxas rules in one compile's `ptxas -v` log."""
+    failures = []
+    function = "?"
+    for line in log.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            function = m.group(1)
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and any(int(g) for g in m.groups()):
+            failures.append(("no_local_memory", function, line.strip()))
+        if "mma_async instructions are serialized" in line:
+            name = re.search(r"in the function '([^']+)'", line)
+            why = re.search(r"(\(C\d+\).*?)(?: in the function|$)", line)
+            failures.append(("no_serialized_wgmma", name.group(1) if name else "?",
+                             why.group(1) if why else line.strip()))
+    return failures
+
+
+def ptxas_summary(log):
+    """(entry functions, most registers any uses) of one compile's `ptxas -v` log."""
+    kernels = len(re.findall(r"Compiling entry function", log))
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
+    return kernels, max(regs, default=0)
 
 
 def parse_sass(text):
@@ -190,8 +219,36 @@ def listing(name, lines):
     return f"\t\tFunction : {name}\n{body}\n"
 
 
+PTXAS_GOOD = """ptxas info    : Compiling entry function 'patch_embed' for 'sm_90a'
+ptxas info    : Function properties for patch_embed
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, used 1 barriers
+"""
+
+
+def ptxas_selftest():
+    """Each ptxas rule passes a good synthetic log and fails a bad one."""
+    cases = [
+        ("no_local_memory", PTXAS_GOOD.replace("0 bytes spill stores, 0 bytes spill loads", "8 bytes spill stores, "
+                                         "8 bytes spill loads")),
+        ("no_local_memory", PTXAS_GOOD.replace("0 bytes stack frame", "16 bytes stack frame")),
+        ("no_serialized_wgmma", PTXAS_GOOD + "ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async "
+         "instructions are serialized due to the presence of Extern calls in the function 'gemm_tma_128x128'\n"),
+    ]
+    ok = True
+    if ptxas_failures(PTXAS_GOOD) or ptxas_summary(PTXAS_GOOD) != (1, 32):
+        print(f"check_kernels selftest FAIL: good ptxas log -> {ptxas_failures(PTXAS_GOOD)}, "
+              f"{ptxas_summary(PTXAS_GOOD)}")
+        ok = False
+    for rule, bad in cases:
+        if not any(f[0] == rule and f[1] in ("patch_embed", "gemm_tma_128x128") for f in ptxas_failures(bad)):
+            print(f"check_kernels selftest FAIL {rule}: bad ptxas log -> {ptxas_failures(bad)}")
+            ok = False
+    return ok
+
+
 def selftest():
-    """Every rule passes a good synthetic listing and fails a bad one."""
+    """Every rule passes a good synthetic listing or log and fails a bad one."""
     cases = [
         ("final_sampler_step", ["LDG.E.128 R1, [R2]", "@!P0 LDG.E.128 R3, [R4]", "WARPSYNC.ALL", "HMMA.16816.F32.BF16 R5",
                                 "BAR.SYNC.DEFER_BLOCKING 0x0", "LDG.E R7, [R8]", "BAR.SYNC.DEFER_BLOCKING 0x0"],
@@ -214,12 +271,12 @@ def selftest():
          ["HGMMA.64x192x16.F32.BF16 R24", "MEMBAR.ALL.GPU", "SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ"],
          "no_gpu_membar", "sm_90a"),
     ]
-    ok = True
+    ok = ptxas_selftest()
     for name, good, bad, rule, arch in cases:
         good_fail = [f for f in check(parse_sass(listing(name, good)), arch) if f[0] == rule]
         bad_fail = [f for f in check(parse_sass(listing(name, bad)), arch) if f[0] == rule]
         if good_fail or not bad_fail:
-            print(f"check_sass selftest FAIL {rule}: good listing -> {good_fail}, bad listing -> {bad_fail}")
+            print(f"check_kernels selftest FAIL {rule}: good listing -> {good_fail}, bad listing -> {bad_fail}")
             ok = False
     return ok
 
@@ -243,9 +300,24 @@ def sass_of(nvcc, cuobjdump, src, arch, tmp, root=ROOT):
 
 def sass_of_all(nvcc, cuobjdump, jobs, tmp):
     """sass_of for each (src, arch, root) of `jobs`, one compile a core at a time (ptxas is
-    single-threaded), in the order given."""
+    single-threaded), in the order given; a job that fails gives its RuntimeError instead."""
+    def one(job):
+        try:
+            return sass_of(nvcc, cuobjdump, job[0], job[1], tmp, job[2])
+        except RuntimeError as e:
+            return e
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        return list(pool.map(lambda job: sass_of(nvcc, cuobjdump, job[0], job[1], tmp, job[2]), jobs))
+        results = list(pool.map(one, jobs))
+    return results
+
+
+def sass_of_all_or_raise(nvcc, cuobjdump, jobs, tmp):
+    results = sass_of_all(nvcc, cuobjdump, jobs, tmp)
+    for r in results:
+        if isinstance(r, RuntimeError):
+            raise r
+    return results
 
 
 def kernel_stats(sass, ptxas_log):
@@ -283,15 +355,17 @@ def compare(nvcc, cuobjdump, rev, only, show_all):
         os.makedirs(old_root)
         archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "kernels"], capture_output=True)
         if archive.returncode != 0:
-            print(f"check_sass: git archive {rev} failed: {archive.stderr.decode()}", file=sys.stderr)
+            print(f"check_kernels: git archive {rev} failed: {archive.stderr.decode()}", file=sys.stderr)
             return 2
         subprocess.run(["tar", "-x", "-C", old_root], input=archive.stdout, check=True)
         print("| file | arch | kernel | " + " | ".join(keys) + " |")
         print("|---|---|---|" + "---|" * len(keys))
-        pairs = [(src, arch) for src, arches in SOURCES if only in src for arch in arches]
-        news = sass_of_all(nvcc, cuobjdump, [(src, arch, ROOT) for src, arch in pairs], tmp)
+        pairs = [(src, arch) for src in SOURCES if only in src for arch in ARCHES]
         had = [(src, arch) for src, arch in pairs if os.path.exists(os.path.join(old_root, src))]
-        olds = dict(zip(had, sass_of_all(nvcc, cuobjdump, [(src, arch, old_root) for src, arch in had], tmp)))
+        jobs = [(src, arch, ROOT) for src, arch in pairs] + [(src, arch, old_root) for src, arch in had]
+        listings = sass_of_all_or_raise(nvcc, cuobjdump, jobs, tmp)
+        news = listings[:len(pairs)]
+        olds = dict(zip(had, listings[len(pairs):]))
         for (src, arch), new_sass in zip(pairs, news):
             new = kernel_stats(*new_sass)
             old = kernel_stats(*olds[(src, arch)]) if (src, arch) in olds else {}
@@ -321,34 +395,39 @@ def main(argv):
     nvcc = find_nvcc()
     cuobjdump = find_tool("cuobjdump", nvcc)
     if not nvcc or not cuobjdump:
-        print("check_sass: needs nvcc and cuobjdump (pip install nvidia-cuda-cuobjdump==13.2.86 "
+        print("check_kernels: needs nvcc and cuobjdump (pip install nvidia-cuda-cuobjdump==13.2.86 "
               "nvidia-cuda-nvdisasm==13.2.86 beside the nvcc wheels; NVCC=...)", file=sys.stderr)
         return 2
     if args.compare:
         return compare(nvcc, cuobjdump, args.compare, args.only, args.all)
     if args.dump:
         with tempfile.TemporaryDirectory() as tmp:
-            sources = SOURCES if args.file is None else [(args.file, [args.arch])]
-            for src, _ in sources:
+            for src in SOURCES if args.file is None else [args.file]:
                 text, _ = sass_of(nvcc, cuobjdump, src, args.arch, tmp)
                 if f"Function : {args.dump}\n" in text:
                     part = text.split(f"Function : {args.dump}\n", 1)[1].split("Function :", 1)[0]
                     print(re.sub(r"\s*/\* 0x[0-9a-f]+ \*/", "", part))
                     return 0
-        print(f"check_sass: no kernel {args.dump}", file=sys.stderr)
+        print(f"check_kernels: no kernel {args.dump}", file=sys.stderr)
         return 2
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
-        pairs = [(src, arch) for src, arches in SOURCES if args.only in src for arch in arches]
+        pairs = [(src, arch) for src in SOURCES if args.only in src for arch in ARCHES]
         listings = sass_of_all(nvcc, cuobjdump, [(src, arch, ROOT) for src, arch in pairs], tmp)
-        for (src, arch), (sass, _) in zip(pairs, listings):
-            functions = parse_sass(sass)
-            bad = check(functions, arch)
+        for (src, arch), result in zip(pairs, listings):
+            if isinstance(result, RuntimeError):
+                print(f"FAIL {result}")
+                failures += 1
+                continue
+            sass, log = result
+            bad = ptxas_failures(log) + check(parse_sass(sass), arch)
             for rule, name, why in bad:
                 print(f"FAIL {src} ({arch}) {name}: {rule}: {why}")
             failures += len(bad)
             if not bad:
-                print(f"ok   {src} ({arch}): {len(functions)} kernels")
+                kernels, regs = ptxas_summary(log)
+                print(f"ok   {src} ({arch}): {kernels} kernels, at most {regs} registers, no spills, no stack, "
+                      "no serialized wgmma, SASS rules hold")
     return 1 if failures else 0
 
 
