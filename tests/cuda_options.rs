@@ -1,7 +1,10 @@
-//! `CudaOptions::from_env`: the defaults, every switch honoured, and a value other than 0 or 1
-//! refused with the variable's name. No GPU needed. One test, because the environment is
+//! `CudaOptions::from_env`: the defaults (those of `CudaOptions::default`), every switch and
+//! kernel choice honoured, and a value other than 0 or 1 (or an unknown kernel) refused with the
+//! variable's name. No GPU needed. One test, because the environment is
 //! shared by the threads of a test binary.
 
+use fora::cuda::attention::AttentionImpl;
+use fora::cuda::gemm::GemmImpl;
 use fora::cuda::CudaOptions;
 
 const SWITCHES: [&str; 15] = [
@@ -51,7 +54,21 @@ fn options_from_the_environment() {
     for var in SWITCHES {
         unsafe { std::env::remove_var(var) };
     }
+    for var in [
+        "FORA_GEMM",
+        "FORA_ATTENTION",
+        "FORA_CUDA_GRAPHS",
+        "FORA_REUSE_SUM",
+    ] {
+        unsafe { std::env::remove_var(var) };
+    }
     let defaults = CudaOptions::from_env().unwrap();
+    // The environment's defaults are the library's: a caller who never sets a variable gets
+    // CudaOptions::default().
+    assert_eq!(defaults, CudaOptions::default());
+    assert_eq!(defaults.gemm, GemmImpl::CublasLt);
+    assert_eq!(defaults.attention, AttentionImpl::Auto);
+    assert!(defaults.graphs);
     // On by default: the paths measured faster on an H200; off: the opt-in ones.
     let on = [
         "FORA_PRECOMPUTE_MODULATION",
@@ -116,4 +133,51 @@ fn options_from_the_environment() {
         );
     }
     unsafe { std::env::remove_var("FORA_REUSE_SUM") };
+
+    // FORA_ATTENTION and FORA_GEMM: every name, only the one field changed; others refused
+    // with the variable's name.
+    for imp in AttentionImpl::ALL.into_iter().chain([AttentionImpl::Auto]) {
+        unsafe { std::env::set_var("FORA_ATTENTION", format!(" {} ", imp.name())) };
+        let o = CudaOptions::from_env().unwrap();
+        assert_eq!(o.attention, imp, "FORA_ATTENTION={}", imp.name());
+        assert_eq!(
+            CudaOptions {
+                attention: AttentionImpl::Auto,
+                ..o
+            },
+            defaults
+        );
+    }
+    unsafe { std::env::set_var("FORA_ATTENTION", "v3") };
+    let err = format!("{:#}", CudaOptions::from_env().unwrap_err());
+    assert!(
+        err.contains("FORA_ATTENTION") && err.contains("v3"),
+        "FORA_ATTENTION=v3: {err}"
+    );
+    unsafe { std::env::remove_var("FORA_ATTENTION") };
+    for (name, gemm) in [
+        ("custom", GemmImpl::Custom),
+        ("cublaslt", GemmImpl::CublasLt),
+        ("wgmma", GemmImpl::Wgmma),
+        ("tma", GemmImpl::Tma),
+        ("tma_mc", GemmImpl::TmaMulticast),
+    ] {
+        unsafe { std::env::set_var("FORA_GEMM", name) };
+        let o = CudaOptions::from_env().unwrap();
+        assert_eq!(o.gemm, gemm, "FORA_GEMM={name}");
+        assert_eq!(
+            CudaOptions {
+                gemm: GemmImpl::CublasLt,
+                ..o
+            },
+            defaults
+        );
+    }
+    unsafe { std::env::set_var("FORA_GEMM", "cutlass") };
+    let err = format!("{:#}", CudaOptions::from_env().unwrap_err());
+    assert!(
+        err.contains("FORA_GEMM") && err.contains("cutlass"),
+        "FORA_GEMM=cutlass: {err}"
+    );
+    unsafe { std::env::remove_var("FORA_GEMM") };
 }

@@ -378,14 +378,14 @@ fn gpu_attention_wgmma_refused_off_hopper() {
     }
 }
 
-/// `attention` launches exactly what `AttentionImpl::selected()` (FORA_ATTENTION) names.
+/// `attention` launches exactly what `AttentionImpl::Auto` resolves to on this device.
 #[test]
 fn gpu_attention_dispatch_follows_selection() {
     let Some(gpu) = test_gpu("gpu_attention_dispatch_follows_selection") else {
         return;
     };
     let run = || -> Result<()> {
-        let imp = AttentionImpl::selected()?;
+        let imp = AttentionImpl::Auto.resolve(gpu.compute_capability().0);
         let s = shape(2, 3, 100, 72);
         let mut rng = TestRng::new(15);
         let qkv = to_bf16(&rng.normal_vec(s.batch * s.tokens * 3 * s.heads * s.head_dim, 1.0));
@@ -395,17 +395,17 @@ fn gpu_attention_dispatch_follows_selection() {
         let p = params(s, dptr(&qkv_dev), dptr(&out_dev));
         poison_bf16(&gpu, &mut out_dev)?;
         attention(&gpu, &p)?;
-        let via_env = gpu.download(&out_dev)?;
+        let via_default = gpu.download(&out_dev)?;
         poison_bf16(&gpu, &mut out_dev)?;
         attention_with(&gpu, &p, imp)?;
         let explicit = gpu.download(&out_dev)?;
         ensure!(
-            via_env.iter().all(|v| !v.is_nan()),
+            via_default.iter().all(|v| !v.is_nan()),
             "attention ({}) left NaN in the output",
             imp.name()
         );
         ensure!(
-            via_env
+            via_default
                 .iter()
                 .zip(&explicit)
                 .all(|(a, b)| a.to_bits() == b.to_bits()),

@@ -483,10 +483,11 @@ fn gpu_caller_stream() {
 
 /// Graphs on/off, modulation tables precomputed or per step (on one stream or the next step's on
 /// a second), custom or cuBLASLt GEMMs, fused or three-launch reuse steps, residual epilogues
-/// fused with the next LayerNorm or not: the same sampling run, each against the CPU and each
-/// other.
+/// fused with the next LayerNorm or not, each attention kernel: the same sampling run, each
+/// against the CPU and each other.
 #[test]
 fn gpu_execution_paths_agree() {
+    use fora::cuda::attention::AttentionImpl;
     use fora::cuda::gemm::GemmImpl;
     use fora::cuda::CudaOptions;
     let cfg = small_cfg();
@@ -616,9 +617,25 @@ fn gpu_execution_paths_agree() {
             ..defaults
         },
     ];
+    // Each attention implementation measured on a GPU that this device runs, chosen through
+    // the options (the kernels not yet run on a GPU have tests of their own).
+    let hopper = cuda.gpu().compute_capability().0 == 9;
+    for attention in [
+        AttentionImpl::V1,
+        AttentionImpl::V2,
+        AttentionImpl::Wgmma,
+        AttentionImpl::WgmmaMn,
+    ] {
+        if hopper || !attention.is_wgmma() {
+            paths.push(CudaOptions {
+                attention,
+                ..defaults
+            });
+        }
+    }
     // On a Hopper, the wgmma GEMMs in the whole sampler too (graphs or not, fused reuse); the
     // TMA ones in gpu_tma_sampling_paths, a process of their own on the device.
-    if cuda.gpu().compute_capability().0 == 9 {
+    if hopper {
         let gemm = GemmImpl::Wgmma;
         paths.push(CudaOptions { gemm, ..plain });
         paths.push(CudaOptions {

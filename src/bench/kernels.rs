@@ -3,7 +3,7 @@
 
 use crate::backend::{Guidance, GuidanceMode};
 use crate::config::DitConfig;
-use crate::cuda::attention::{attention, attention_flops, attention_with, AttentionImpl};
+use crate::cuda::attention::{attention_flops, attention_with, AttentionImpl};
 use crate::cuda::bandwidth::{bandwidth_copy, bandwidth_read, bandwidth_read_words};
 use crate::cuda::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
 use crate::cuda::device::KernelLauncher;
@@ -405,21 +405,20 @@ pub(super) fn bench_kernels(
         return;
     }
     // The selected implementation ("custom"), then the others worth comparing on this card.
-    let selected = AttentionImpl::selected().map(|a| a.resolve(gpu.compute_capability().0));
-    let attention_row = bench_attention(gpu, cfg, rows, timer, rotate, None);
+    let selected = report.options.attention.resolve(gpu.compute_capability().0);
+    let attention_row = bench_attention(gpu, cfg, rows, timer, rotate, selected, true);
     push_kernel(report, "attention", rows, attention_row);
     // FORA_BENCH_UNTRIED=0 leaves out the kernels not yet run on a GPU (last below), as
     // FORA_BENCH_HOPPER_GEMMS=0 does the Hopper GEMMs: a fault would poison every later row.
     let untried = std::env::var("FORA_BENCH_UNTRIED").map_or(true, |v| v.trim() != "0");
     let other_attention = |imp: AttentionImpl| {
-        (!imp.is_wgmma() || gpu.compute_capability().0 == 9)
-            && selected.as_ref().is_ok_and(|s| *s != imp)
+        (!imp.is_wgmma() || gpu.compute_capability().0 == 9) && selected != imp
     };
     // A row for each of `imps` but the selected one, where this device runs it.
     let other_attention_rows = |report: &mut Report, imps: &[AttentionImpl]| {
         for &imp in imps {
             if other_attention(imp) {
-                let row = bench_attention(gpu, cfg, rows, timer, rotate, Some(imp));
+                let row = bench_attention(gpu, cfg, rows, timer, rotate, imp, false);
                 push_kernel(report, "attention", rows, row);
             }
         }
@@ -669,13 +668,15 @@ fn attention_params(cfg: &DitConfig, rows: usize, qkv: u64, out: u64) -> Attenti
     }
 }
 
+/// One attention row: `imp` timed over rotating inputs; `selected`: it is what the model runs.
 fn bench_attention(
     gpu: &Gpu,
     cfg: &DitConfig,
     rows: usize,
     timer: &Timer,
     rotate: usize,
-    imp: Option<AttentionImpl>,
+    imp: AttentionImpl,
+    selected: bool,
 ) -> Result<KernelRow> {
     let (t, h, hd) = (cfg.tokens(), cfg.heads, cfg.head_dim());
     let qkv_len = rows * t * 3 * cfg.hidden;
@@ -685,16 +686,15 @@ fn bench_attention(
         .collect::<Result<Vec<_>>>()?;
     let out = gpu.alloc_zeros::<bf16>(rows * t * cfg.hidden, "attention out")?;
     let params = |i: usize| attention_params(cfg, rows, dptr(&inputs[i % copies]), dptr(&out));
-    // None: what the model runs (FORA_ATTENTION); Some: that implementation, named.
-    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| match imp {
-        None => attention(gpu, &params(i)),
-        Some(imp) => attention_with(gpu, &params(i), imp),
-    })?;
+    let (stats, per_replay) =
+        timer.time_alone(gpu, copies, |i| attention_with(gpu, &params(i), imp))?;
     Ok(KernelRow {
         name: "attention".into(),
-        imp: match imp {
-            None => "custom".into(),
-            Some(imp) => format!("custom ({})", imp.name()),
+        // The row of what the model runs (FORA_ATTENTION) is "custom"; the others are named.
+        imp: if selected {
+            "custom".into()
+        } else {
+            format!("custom ({})", imp.name())
         },
         rows,
         shape: format!("B={rows} H={h} T={t} d={hd}"),

@@ -34,7 +34,6 @@
 
 use crate::backend::{Guidance, GuidanceMode};
 use crate::config::{Arch, DitConfig};
-use crate::cuda::attention::AttentionImpl;
 use crate::cuda::backend::CudaOptions;
 use crate::cuda::gemm::GemmImpl;
 use crate::cuda::{CudaBackend, Gpu};
@@ -510,7 +509,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut report = Report::new(ModelInfo::new(&cfg, source), &plan, &options);
     report.device = Some(device_info(&gpu)?);
     // The kernel that runs (auto resolved for this card), not the setting.
-    report.attention = AttentionImpl::selected()?
+    report.attention = options
+        .attention
         .resolve(gpu.compute_capability().0)
         .name()
         .to_string();

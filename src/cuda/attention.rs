@@ -31,9 +31,9 @@ use super::device::{ensure_hopper, KernelLauncher, TmaTensor2d};
 use super::params::{AttentionParams, AttentionTmaParams};
 use anyhow::{bail, ensure, Context, Result};
 use std::str::FromStr;
-use std::sync::OnceLock;
 
-/// Which flash-attention kernel family [`attention`] launches.
+/// Which flash-attention kernel family [`attention_with`] launches (the backend's:
+/// [`super::CudaOptions::attention`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionImpl {
     /// 64 query rows per block, 16 per warp; what [`AttentionImpl::Auto`] runs off Hopper.
@@ -154,16 +154,6 @@ impl AttentionImpl {
                 bail!("environment variable FORA_ATTENTION is not UTF-8: {v:?}")
             }
         }
-    }
-
-    /// [`AttentionImpl::from_env`] read once per process (the first call decides), so every
-    /// launch, including those captured in CUDA graphs, uses the same kernels.
-    pub fn selected() -> Result<AttentionImpl> {
-        static SELECTED: OnceLock<std::result::Result<AttentionImpl, String>> = OnceLock::new();
-        SELECTED
-            .get_or_init(|| AttentionImpl::from_env().map_err(|e| format!("{e:#}")))
-            .clone()
-            .map_err(anyhow::Error::msg)
     }
 }
 
@@ -420,15 +410,16 @@ pub fn attention_flops(batch: usize, heads: usize, tokens: usize, head_dim: usiz
     4.0 * batch as f64 * heads as f64 * tokens as f64 * tokens as f64 * head_dim as f64
 }
 
-/// Launches flash attention with the implementation [`AttentionImpl::selected`] names
-/// (`FORA_ATTENTION`, default auto: wgmma_mn on a Hopper, else v1) on `gpu`'s stream: reads
-/// `p.qkv`, writes every element of `p.out`. `out` must not overlap `qkv` (blocks read the K/V
-/// rows of other blocks' queries). Allocates nothing, so it can be captured in a CUDA graph.
+/// Launches flash attention with the default implementation for the device
+/// ([`AttentionImpl::Auto`]: wgmma_mn on a Hopper, else v1) on `gpu`'s stream: reads `p.qkv`,
+/// writes every element of `p.out`. `out` must not overlap `qkv` (blocks read the K/V rows of
+/// other blocks' queries). Allocates nothing, so it can be captured in a CUDA graph.
 pub fn attention(gpu: &impl KernelLauncher, p: &AttentionParams) -> Result<()> {
-    attention_with(gpu, p, AttentionImpl::selected()?)
+    attention_with(gpu, p, AttentionImpl::Auto)
 }
 
-/// [`attention`] with an explicit implementation (tests and benchmarks run both).
+/// [`attention`] with an explicit implementation (the backend runs
+/// [`super::CudaOptions::attention`]; tests and benchmarks run each).
 pub fn attention_with(
     gpu: &impl KernelLauncher,
     p: &AttentionParams,

@@ -6,6 +6,7 @@
 //! host synchronization. `FORA_CUDA_GRAPHS=0` launches kernel by kernel instead (for profilers
 //! that filter by NVTX range, and for debugging).
 
+use super::attention::AttentionImpl;
 use super::device::{dptr_at, ensure_hopper};
 use super::fora::CACHE_SUM_MAX;
 use super::gemm::{Gemm, GemmImpl};
@@ -34,9 +35,13 @@ pub struct CudaBackend {
 /// trade memory and launch overhead.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CudaOptions {
-    /// cuBLASLt (default), our mma.sync GEMMs, or the opt-in Hopper wgmma GEMMs
-    /// (`FORA_GEMM=cublaslt|custom|wgmma`).
+    /// cuBLASLt (default), our mma.sync GEMMs, or the opt-in Hopper wgmma / TMA GEMMs
+    /// (`FORA_GEMM=cublaslt|custom|wgmma|tma|tma_mc`).
     pub gemm: GemmImpl,
+    /// The flash-attention kernels (`FORA_ATTENTION`; default [`AttentionImpl::Auto`]:
+    /// `wgmma_mn` on a Hopper, `v1` elsewhere). The wgmma families are refused off Hopper
+    /// when the backend is built.
+    pub attention: AttentionImpl,
     /// Replay the computing and the reuse forward as CUDA graphs (`FORA_CUDA_GRAPHS=0`: off).
     pub graphs: bool,
     /// Compute the modulation tables of every step when the workspace is built (one batched
@@ -153,13 +158,43 @@ pub struct CudaOptions {
     pub final_sampler: bool,
 }
 
+impl Default for CudaOptions {
+    /// The defaults, whatever the environment says: the paths measured fastest on an H200
+    /// (see each field); the opt-in ones off.
+    fn default() -> CudaOptions {
+        CudaOptions {
+            gemm: GemmImpl::CublasLt,
+            attention: AttentionImpl::Auto,
+            graphs: true,
+            precompute_modulation: true,
+            max_modulation_table_bytes: 8 << 30,
+            lt_autotune: false,
+            fused_reuse: true,
+            fused_final: false,
+            side_stream: false,
+            fused_ln: true,
+            lt_bias_bf16: true,
+            bf16_residual: true,
+            reuse_gates_only: true,
+            step_graph: true,
+            reuse_table_in_place: false,
+            lt_splitk: false,
+            l2_persist: false,
+            pdl: false,
+            reuse_sum: 0,
+            final_sampler: false,
+        }
+    }
+}
+
 impl CudaOptions {
-    /// Defaults, overridden by `FORA_GEMM`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
+    /// [`CudaOptions::default`], overridden by `FORA_GEMM`, `FORA_ATTENTION`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
     /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_FUSED_FINAL`, `FORA_SIDE_STREAM`,
     /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`,
     /// `FORA_STEP_GRAPH`, `FORA_REUSE_TABLE_IN_PLACE`, `FORA_LT_SPLITK`, `FORA_L2_PERSIST`,
     /// `FORA_PDL`, `FORA_REUSE_SUM` and `FORA_FINAL_SAMPLER`.
     pub fn from_env() -> Result<CudaOptions> {
+        let d = CudaOptions::default();
         // A 0/1 switch; unset or empty keeps the default, anything else is refused.
         let flag = |var: &str, default: bool| match std::env::var(var) {
             Err(_) => Ok(default),
@@ -172,27 +207,28 @@ impl CudaOptions {
         };
         Ok(CudaOptions {
             gemm: GemmImpl::from_env()?,
+            attention: AttentionImpl::from_env()?,
             graphs: graphs_enabled(),
-            precompute_modulation: flag("FORA_PRECOMPUTE_MODULATION", true)?,
-            max_modulation_table_bytes: 8 << 30,
-            lt_autotune: flag("FORA_LT_AUTOTUNE", false)?,
-            fused_reuse: flag("FORA_FUSED_REUSE", true)?,
-            fused_final: flag("FORA_FUSED_FINAL", false)?,
-            side_stream: flag("FORA_SIDE_STREAM", false)?,
-            fused_ln: flag("FORA_FUSED_LN", true)?,
-            lt_bias_bf16: flag("FORA_LT_BIAS_BF16", true)?,
-            bf16_residual: flag("FORA_BF16_RESIDUAL", true)?,
-            reuse_gates_only: flag("FORA_REUSE_GATES_ONLY", true)?,
-            step_graph: flag("FORA_STEP_GRAPH", true)?,
-            reuse_table_in_place: flag("FORA_REUSE_TABLE_IN_PLACE", false)?,
-            lt_splitk: flag("FORA_LT_SPLITK", false)?,
-            l2_persist: flag("FORA_L2_PERSIST", false)?,
-            pdl: flag("FORA_PDL", false)?,
-            final_sampler: flag("FORA_FINAL_SAMPLER", false)?,
+            precompute_modulation: flag("FORA_PRECOMPUTE_MODULATION", d.precompute_modulation)?,
+            max_modulation_table_bytes: d.max_modulation_table_bytes,
+            lt_autotune: flag("FORA_LT_AUTOTUNE", d.lt_autotune)?,
+            fused_reuse: flag("FORA_FUSED_REUSE", d.fused_reuse)?,
+            fused_final: flag("FORA_FUSED_FINAL", d.fused_final)?,
+            side_stream: flag("FORA_SIDE_STREAM", d.side_stream)?,
+            fused_ln: flag("FORA_FUSED_LN", d.fused_ln)?,
+            lt_bias_bf16: flag("FORA_LT_BIAS_BF16", d.lt_bias_bf16)?,
+            bf16_residual: flag("FORA_BF16_RESIDUAL", d.bf16_residual)?,
+            reuse_gates_only: flag("FORA_REUSE_GATES_ONLY", d.reuse_gates_only)?,
+            step_graph: flag("FORA_STEP_GRAPH", d.step_graph)?,
+            reuse_table_in_place: flag("FORA_REUSE_TABLE_IN_PLACE", d.reuse_table_in_place)?,
+            lt_splitk: flag("FORA_LT_SPLITK", d.lt_splitk)?,
+            l2_persist: flag("FORA_L2_PERSIST", d.l2_persist)?,
+            pdl: flag("FORA_PDL", d.pdl)?,
+            final_sampler: flag("FORA_FINAL_SAMPLER", d.final_sampler)?,
             reuse_sum: match std::env::var("FORA_REUSE_SUM") {
-                Err(_) => 0,
+                Err(_) => d.reuse_sum,
                 Ok(v) => match v.trim() {
-                    "" => 0,
+                    "" => d.reuse_sum,
                     k => match k.parse::<usize>() {
                         Ok(k) if k <= CACHE_SUM_MAX => k,
                         _ => bail!(
@@ -435,13 +471,12 @@ impl CudaBackend {
         options: CudaOptions,
     ) -> Result<CudaBackend> {
         supports(cfg)?;
-        // FORA_ATTENTION is read here, so a bad value or a kernel this device cannot run is
-        // refused before any upload rather than at the first forward.
-        let attention = super::attention::AttentionImpl::selected()?;
-        if attention.is_wgmma() {
+        // A kernel this device cannot run is refused before any upload rather than at the
+        // first forward.
+        if options.attention.is_wgmma() {
             ensure_hopper(
                 &gpu,
-                &format!("FORA_ATTENTION={}", attention.name()),
+                &format!("FORA_ATTENTION={}", options.attention.name()),
                 "; use FORA_ATTENTION=v1",
             )?;
         }
@@ -473,7 +508,8 @@ impl CudaBackend {
         self.options
     }
 
-    /// Changes the options of later workspaces (the weights stay).
+    /// Changes the options of later workspaces (the weights stay). A kernel choice this device
+    /// cannot run (a wgmma family off a Hopper) fails at the first forward, with the reason.
     pub fn set_options(&mut self, options: CudaOptions) {
         self.gpu.set_programmatic_launch(options.pdl);
         self.options = options;
@@ -489,8 +525,6 @@ impl CudaBackend {
         self.options.gemm
     }
 
-    /// Every step's modulation table, computed in chunks of batched GEMMs, or None when the
-    /// tables would not fit the options' bound.
     /// Whether every step's modulation table of `rows` rows is to be precomputed: asked for,
     /// and within the options' bound and a quarter of the free device memory.
     fn modulation_tables_fit(&self, plan: &SamplePlan, rows: usize) -> Result<bool> {
@@ -781,6 +815,7 @@ impl CudaBackend {
             mode,
             with_modulation,
             table,
+            attention: self.options.attention,
             fused_reuse: self.options.fused_reuse,
             fused_final: self.options.fused_final,
             final_linear: !self.final_in_sampler(images),

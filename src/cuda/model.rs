@@ -8,6 +8,7 @@
 //! or one FORA reuse launch -> final LayerNorm/modulate -> final Linear (f32, token layout).
 //! The caller then unpatchifies (plain forward) or runs the sampler update (sampling).
 
+use super::attention::AttentionImpl;
 use super::cublaslt::LtBatch;
 use super::device::{dptr_at, KernelLauncher, L2SetAside, L2Window};
 use super::gemm::{gemm_params, Epilogue, Gemm, GemmImpl};
@@ -29,6 +30,9 @@ use half::bf16;
 pub struct ForwardKind {
     /// Run the blocks and fill the FORA cache, or reuse the cache.
     pub mode: StepMode,
+    /// The flash-attention kernels of a computing forward
+    /// ([`super::CudaOptions::attention`]).
+    pub attention: AttentionImpl,
     /// First compute the modulation table from `acts.t` and `acts.labels`; without, the table
     /// is already there (a sampler that precomputed every step's tables, or computed this
     /// step's on a second stream).
@@ -695,6 +699,7 @@ impl GpuModel {
     ) -> Result<()> {
         let ForwardKind {
             mode,
+            attention,
             with_modulation,
             table,
             fused_reuse,
@@ -908,7 +913,7 @@ impl GpuModel {
                     }
                     {
                         let _op = crate::nvtx_range!("attention");
-                        super::attention::attention(
+                        super::attention::attention_with(
                             gpu,
                             &AttentionParams {
                                 qkv: dptr(&acts.qkv),
@@ -919,6 +924,7 @@ impl GpuModel {
                                 head_dim: cfg.head_dim() as i32,
                                 scale: 1.0 / (cfg.head_dim() as f32).sqrt(),
                             },
+                            attention,
                         )?;
                     }
                     let mut proj = gemm_params(
