@@ -46,7 +46,7 @@
 //! Modules: [`config`] (architectures), [`weights`] (checkpoints), [`diffusion`] (the official
 //! schedule and respacing), [`cache`] (FORA policies), [`sampler`], [`cpu`] and [`cuda`] (the
 //! backends), [`io`] and [`png_out`] (files), [`rng`] (noise), [`profile`] (NVTX ranges),
-//! [`bench`] (`fora bench`), [`embedded`] (the default model).
+//! [`bench`](mod@bench) (`fora bench`), [`embedded`] (the default model).
 
 pub mod backend;
 pub mod bench;
