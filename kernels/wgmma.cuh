@@ -39,14 +39,16 @@ FORA_DEVICE uint64_t wgmma_desc_sw128_mn(uint32_t addr, uint32_t n_panel_bytes, 
 #ifdef FORA_EMULATION
 // The CPU emulator defers each wgmma to the wait that retires its group, as the hardware may
 // (tests/emulation/launch.cpp): shared memory overwritten before that wait, or accumulators
-// read before it, give wrong results there too. Fences have nothing left to order.
+// read before it, give wrong results there too. The wgmma fence has nothing left to order.
 FORA_DEVICE void wgmma_fence() {}
 FORA_DEVICE void wgmma_commit() { fora_emulation_wgmma_commit(); }
 template <int N>
 FORA_DEVICE void wgmma_wait() {
     fora_emulation_wgmma_wait(N);
 }
-FORA_DEVICE void fence_proxy_async_shared() {}
+// The emulator checks that async-proxy reads (wgmma) and writes (TMA) of cp.async-written shared
+// memory come after the writing thread's fence (its proxy check).
+FORA_DEVICE void fence_proxy_async_shared() { fora_emulation_fence_proxy_async(); }
 template <int R>
 FORA_DEVICE void pin_accumulators(float (&)[R]) {}
 template <int R>

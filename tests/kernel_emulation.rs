@@ -51,6 +51,8 @@ type SetLazyFn = unsafe extern "C" fn(c_uint);
 
 /// `fora_emulate_set_warps_ahead(order)` in tests/emulation/launch.cpp.
 type SetWarpsAheadFn = unsafe extern "C" fn(c_int);
+/// `fora_emulate_last_error()`: what the calling thread's last launch found wrong.
+type LastErrorFn = unsafe extern "C" fn() -> *const std::ffi::c_char;
 
 /// Multiprocessors the emulator reports (an H100's), for launch heuristics.
 const EMULATED_SMS: usize = 132;
@@ -64,6 +66,7 @@ struct Emulator {
     encode_tma: EncodeTmaFn,
     set_lazy: SetLazyFn,
     set_warps_ahead: SetWarpsAheadFn,
+    last_error: LastErrorFn,
     sms: usize,
 }
 
@@ -77,6 +80,7 @@ impl Emulator {
             encode_tma: self.encode_tma,
             set_lazy: self.set_lazy,
             set_warps_ahead: self.set_warps_ahead,
+            last_error: self.last_error,
             sms,
         }
     }
@@ -308,6 +312,12 @@ impl KernelLauncher for Emulator {
         match rc {
             0 => Ok(()),
             1 => bail!("the emulator has no kernel {name:?}"),
+            3 => {
+                // SAFETY: a NUL-terminated string the emulator keeps until this thread's next
+                // launch.
+                let why = unsafe { std::ffi::CStr::from_ptr((self.last_error)()) };
+                bail!("{}", why.to_string_lossy())
+            }
             _ => {
                 bail!("the emulator refused the launch of {name} (grid {grid:?}, block {block:?})")
             }
@@ -449,6 +459,8 @@ fn load() -> Result<Option<Emulator>> {
     // SAFETY: as above.
     let set_warps_ahead: SetWarpsAheadFn =
         unsafe { *lib.get::<SetWarpsAheadFn>(b"fora_emulate_set_warps_ahead\0")? };
+    // SAFETY: as above.
+    let last_error: LastErrorFn = unsafe { *lib.get::<LastErrorFn>(b"fora_emulate_last_error\0")? };
     Ok(Some(Emulator {
         lib: std::sync::Arc::new(lib),
         sms: EMULATED_SMS,
@@ -456,6 +468,7 @@ fn load() -> Result<Option<Emulator>> {
         encode_tma,
         set_lazy,
         set_warps_ahead,
+        last_error,
     }))
 }
 
@@ -635,6 +648,36 @@ fn host_buffers_catch_writes_past_the_end() {
     // SAFETY: as above.
     unsafe { std::ptr::write_bytes(bad.ptr.add(3) as *mut u8, CANARY, 4) };
     assert!(bad.to_vec().is_ok());
+}
+
+/// The emulator's proxy check (tests/emulation/launch.cpp): shared memory written by cp.async
+/// (the generic proxy) and then read by a wgmma (the async proxy) needs a fence.proxy.async by
+/// the writing thread in between; a GPU may otherwise feed the wgmma stale bytes, which no
+/// GPU test is sure to show. The probe with the fence runs (and sums its ones right); the one
+/// without is refused with the byte and the thread.
+#[test]
+fn emulator_checks_proxy_fences() -> Result<()> {
+    let Some(emu) = emulator("emulator_checks_proxy_fences") else {
+        return Ok(());
+    };
+    let run = |name: &str| -> Result<Vec<f32>> {
+        let out = emu.poisoned_f32(128)?;
+        let addr = out.addr();
+        // SAFETY: the probes write one float per thread of their one 128-thread block, and
+        // use 8 KiB of dynamic shared memory.
+        unsafe { emu.launch_kernel(name, (1, 1, 1), (128, 1, 1), 8192, &addr)? };
+        emu.download_f32(&out)
+    };
+    ensure!(
+        run("proxy_probe_fenced")? == vec![16.0f32; 128],
+        "proxy_probe_fenced: a wgmma of 16 ones did not give 16"
+    );
+    let err = format!("{:#}", run("proxy_probe_unfenced").unwrap_err());
+    ensure!(
+        err.contains("fence.proxy.async") && err.contains("cp.async") && err.contains("wgmma"),
+        "proxy_probe_unfenced: not refused for its missing fence: {err}"
+    );
+    Ok(())
 }
 
 /// The emulator itself: a kernel it does not have and a launch it cannot run are errors, not

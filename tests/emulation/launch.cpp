@@ -17,6 +17,8 @@
 #include <setjmp.h>
 #include <ucontext.h>
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -195,6 +197,9 @@ struct Fiber {
     bool done = false;
     AsyncGroups<PendingCopy> copies;
     AsyncGroups<PendingWgmma> wgmmas;
+    // Dynamic shared offsets of this thread's cp.async copies (16 bytes each) landed since its
+    // last fence.proxy.async (see Block::unfenced).
+    std::vector<uint32_t> unfenced_copies;
 };
 
 constexpr size_t kStackBytes = 64 * 1024;  // the kernels' frames are a few KiB
@@ -215,6 +220,12 @@ struct Block {
     std::vector<unsigned char> smem_storage;
     unsigned char* dynamic_smem = nullptr;  // 1024-byte aligned inside smem_storage
     std::map<uint32_t, MBarrier> mbarriers;  // by shared address
+    // The proxy check: per dynamic shared byte, 1 + the thread whose cp.async wrote it (through
+    // the generic proxy) with no fence.proxy.async by that thread since, else 0. The async proxy
+    // (a wgmma reading its operands, a TMA copy landing) may not see such a write: reading or
+    // overwriting it there is an error. Plain C++ stores are not tracked (they are not mediated
+    // by the emulator); cp.async, the writes that feed wgmma in these kernels, is.
+    std::vector<uint16_t> unfenced;
 };
 
 // A launch runs one cluster of blocks at a time (a cluster of one without __cluster_dims__): the
@@ -230,6 +241,7 @@ struct Launch {
     std::vector<Block> blocks;  // the running cluster's, by rank
     Barrier cluster_barrier;
     jmp_buf scheduler;  // where the scheduler switched to the running fiber
+    std::string proxy_error;  // the first proxy-check failure (the launch returns 3)
     size_t dynamic_smem_bytes = 0;
     unsigned rank = 0;     // the running fiber's block in the cluster
     unsigned current = 0;  // the running fiber's thread in its block
@@ -302,11 +314,13 @@ void start_block(Launch& l, unsigned rank, uint3 idx) {
     }
     // Uninitialized shared memory: NaN bytes, so reading unwritten smem shows.
     std::memset(blk.dynamic_smem, 0xff, l.dynamic_smem_bytes);
+    std::fill(blk.unfenced.begin(), blk.unfenced.end(), uint16_t{0});
     for (unsigned t = 0; t < n; ++t) {
         Fiber& f = blk.fibers[t];
         f.done = false;
         f.copies.clear();
         f.wgmmas.clear();
+        f.unfenced_copies.clear();
         getcontext(&f.context);
         f.context.uc_stack.ss_sp = f.stack.data();
         f.context.uc_stack.ss_size = f.stack.size();
@@ -437,6 +451,31 @@ void race_probe_blocks(const uint64_t out) {
     if (threadIdx.x == 0) o[blockIdx.x] = blockIdx.x == 0 ? 1.0f : o[blockIdx.x - 1] + 1.0f;
 }
 
+// proxy_probe_fenced / proxy_probe_unfenced (kernel_emulation.rs: emulator_checks_proxy_fences):
+// one warpgroup cp.asyncs a 64 x 64 bf16 tile of ones (64 rows of 128 bytes) into shared memory,
+// waits for it, fences the async proxy (or not), meets at a block barrier and runs one RS wgmma
+// m64n64k16 of ones over it (the tile as a K-major B); out[thread] is its first accumulator, 16.
+// Without the fence the proxy check must fail the launch.
+template <bool FENCE>
+void proxy_probe(const uint64_t out) {
+    static const uint16_t ones[8] = {0x3f80, 0x3f80, 0x3f80, 0x3f80, 0x3f80, 0x3f80, 0x3f80, 0x3f80};
+    unsigned char* smem = fora_emulation_dynamic_smem<unsigned char>();
+    const unsigned t = threadIdx.x;
+    for (unsigned i = 0; i < 4; ++i) fora_emulation_cp_async(smem + 16 * (4 * t + i), ones, 16);
+    fora_emulation_cp_async_commit();
+    fora_emulation_cp_async_wait(0);
+    if (FENCE) fora_emulation_fence_proxy_async();
+    __syncthreads();
+    // K-major, 128-byte swizzle, 8-row atoms 1024 bytes apart, from shared offset 0.
+    const uint64_t desc = (uint64_t{16 >> 4} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+    const uint32_t a[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};
+    float d[32] = {};
+    fora_emulation_wgmma_rs(64, d, a, desc, 0);
+    fora_emulation_wgmma_commit();
+    fora_emulation_wgmma_wait(0);
+    reinterpret_cast<float*>(out)[t] = d[0];
+}
+
 template <typename P, void (*K)(const P)>
 void call(const void* params) {
     K(*static_cast<const P*>(params));
@@ -520,6 +559,8 @@ Kernel find(const std::string& name) {
     if (name == "tma_cluster_probe") return call<TmaProbeParams, tma_cluster_probe>;
     if (name == "race_probe_warps") return call<uint64_t, race_probe_warps>;
     if (name == "race_probe_blocks") return call<uint64_t, race_probe_blocks>;
+    if (name == "proxy_probe_fenced") return call<uint64_t, proxy_probe<true>>;
+    if (name == "proxy_probe_unfenced") return call<uint64_t, proxy_probe<false>>;
     return nullptr;
 }
 
@@ -644,13 +685,37 @@ void fora_emulation_cp_async(void* smem, const void* gmem, int src_bytes) {
 
 void fora_emulation_cp_async_commit() { here().fibers[launch_state->current].copies.commit(); }
 
-// cp.async.wait_group N: every committed group but the newest N lands, oldest first.
+// cp.async.wait_group N: every committed group but the newest N lands, oldest first. A copy
+// into the dynamic shared memory is a generic-proxy write the async proxy may not see until this
+// thread's next fence.proxy.async (the proxy check).
 void fora_emulation_cp_async_wait(int pending) {
-    AsyncGroups<PendingCopy>& g = here().fibers[launch_state->current].copies;
+    Block& b = here();
+    const unsigned t = launch_state->current;
+    Fiber& f = b.fibers[t];
+    AsyncGroups<PendingCopy>& g = f.copies;
     while (g.committed.size() > static_cast<size_t>(pending)) {
-        for (const PendingCopy& c : g.committed.front()) std::memcpy(c.dst, c.bytes, 16);
+        for (const PendingCopy& c : g.committed.front()) {
+            std::memcpy(c.dst, c.bytes, 16);
+            const std::ptrdiff_t off = c.dst - b.dynamic_smem;
+            if (off >= 0 && static_cast<size_t>(off) + 16 <= b.unfenced.size()) {
+                std::fill_n(b.unfenced.begin() + off, 16, static_cast<uint16_t>(t + 1));
+                f.unfenced_copies.push_back(static_cast<uint32_t>(off));
+            }
+        }
         g.committed.erase(g.committed.begin());
     }
+}
+
+// fence.proxy.async.shared::cta: this thread's landed cp.async writes become visible to the
+// async proxy.
+void fora_emulation_fence_proxy_async() {
+    Block& b = here();
+    const unsigned t = launch_state->current;
+    Fiber& f = b.fibers[t];
+    for (uint32_t off : f.unfenced_copies)
+        for (uint32_t i = off; i < off + 16; ++i)
+            if (b.unfenced[i] == t + 1) b.unfenced[i] = 0;
+    f.unfenced_copies.clear();
 }
 
 uint32_t fora_emulation_smem_offset(const void* p) {
@@ -719,6 +784,41 @@ struct SmemOperand {
     }
 };
 
+// The proxy check of `bytes` bytes from the (unswizzled) dynamic shared offset `addr` of block
+// `b`, about to be read or written by the async proxy (`what`): records the first byte a cp.async
+// wrote with no fence.proxy.async since by its thread.
+void check_proxy(const Block& b, uint32_t addr, uint32_t bytes, const char* what) {
+    Launch& l = *launch_state;
+    if (!l.proxy_error.empty()) return;
+    for (uint32_t i = addr; i < addr + bytes && i < b.unfenced.size(); ++i) {
+        if (b.unfenced[i] != 0) {
+            char msg[320];
+            std::snprintf(msg, sizeof msg,
+                          "emulated %s: %s shared byte %u, which thread %u's cp.async wrote with no "
+                          "fence.proxy.async by that thread since (the async proxy may not see it)",
+                          l.name, what, i, static_cast<unsigned>(b.unfenced[i] - 1));
+            l.proxy_error = msg;
+            return;
+        }
+    }
+}
+
+// The proxy check of a wgmma's shared-memory operand: `rows` x 16 k (K-major) or n x 16 k
+// (MN-major) bf16 elements at their swizzled addresses; checked once per warpgroup, by its
+// first thread, when the warpgroup issues it.
+void check_wgmma_operand(uint64_t desc, int rows, bool mn_major) {
+    const Block& b = here();
+    const SmemDescriptor d = decode(desc);
+    for (int r = 0; r < rows; ++r) {
+        for (int k = 0; k < 16; ++k) {
+            uint32_t addr = mn_major ? d.start + (r / 64) * d.leading + (k / 8) * d.stride + (k % 8) * 128 + 2 * (r % 64)
+                                     : d.start + (r / 8) * d.stride + (r % 8) * 128 + 2 * k;
+            addr ^= ((addr >> 7) & 7u) << 4;
+            check_proxy(b, addr, 2, "a wgmma reads");
+        }
+    }
+}
+
 // This thread's fragment of D[64 x n] += A[64 x 16] B[16 x n]: warp w of the warpgroup owns rows
 // 16 w .. 16 w + 15; registers 4 j .. 4 j + 3 are (row g, columns 8 j + 2 q, + 1) and (row g + 8,
 // the same columns), g = lane / 4, q = lane % 4. a[r][k] is A's element (row 16 w + g + 8 r, k).
@@ -761,6 +861,10 @@ void carry_out(const PendingWgmma& op) {
 // warpgroup's threads issue it together (wgmma.mma_async is warpgroup-collective, .aligned).
 void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b) {
     wait_at(here().warpgroup_barriers[launch_state->current / 128]);
+    if (launch_state->current % 128 == 0) {
+        check_wgmma_operand(desc_a, 64, false);
+        check_wgmma_operand(desc_b, n, false);
+    }
     PendingWgmma op{};
     op.n = n;
     op.d = d;
@@ -781,6 +885,7 @@ void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b
     uint32_t* regs = &blk.warpgroup_regs[group * 128 * 4];
     for (int i = 0; i < 4; ++i) regs[t * 4 + i] = a[i];
     wait_at(blk.warpgroup_barriers[group]);
+    if (t == 0) check_wgmma_operand(desc_b, n, trans_b != 0);
     PendingWgmma op{};
     op.n = n;
     op.d = d;
@@ -871,6 +976,8 @@ void complete_phase_if_done(MBarrier& b) {
 void land_copies(MBarrier& b) {
     if (!b.copies.empty()) ++launch_state->progress;
     for (const PendingTma& c : b.copies) {
+        for (const Block& blk : launch_state->blocks)
+            if (blk.dynamic_smem == c.smem) check_proxy(blk, c.dst, static_cast<uint32_t>(c.bytes.size()), "a TMA copy overwrites");
         std::memcpy(c.smem + c.dst, c.bytes.data(), c.bytes.size());
         b.tx -= static_cast<long long>(c.bytes.size());
     }
@@ -1029,8 +1136,11 @@ extern "C" int fora_emulate_encode_tma_2d(void* out, const void* base, uint64_t 
 
 void* fora_emulation_dynamic_smem_bytes() { return here().dynamic_smem; }
 
+thread_local std::string last_error;
+
 // 0: ran; 1: unknown kernel; 2: bad launch shape (a cluster kernel's grid must be a whole number of
-// clusters along x, as cuLaunchKernel requires).
+// clusters along x, as cuLaunchKernel requires); 3: ran, and the proxy check failed
+// (fora_emulate_last_error says where).
 extern "C" int fora_emulate_launch(const char* name, unsigned grid_x, unsigned grid_y,
                                    unsigned grid_z, unsigned block_x, unsigned shared_mem_bytes,
                                    const void* params) {
@@ -1059,6 +1169,7 @@ extern "C" int fora_emulate_launch(const char* name, unsigned grid_x, unsigned g
         b.warpgroup_barriers.resize((block_x + 127) / 128);
         b.warpgroup_regs.assign(b.warpgroup_barriers.size() * 128 * 4, 0);
         b.smem_storage.resize(shared_mem_bytes + 1024);
+        b.unfenced.assign(shared_mem_bytes, 0);
         const uintptr_t base = reinterpret_cast<uintptr_t>(b.smem_storage.data());
         b.dynamic_smem = b.smem_storage.data() + ((1024 - base % 1024) % 1024);
     }
@@ -1072,5 +1183,9 @@ extern "C" int fora_emulate_launch(const char* name, unsigned grid_x, unsigned g
         run_cluster(l, uint3{c % per_row * cluster, c / per_row % grid_y, c / per_row / grid_y});
     }
     launch_state = nullptr;
-    return 0;
+    last_error = l.proxy_error;
+    return l.proxy_error.empty() ? 0 : 3;
 }
+
+// What the last launch of this thread found wrong (empty when nothing).
+extern "C" const char* fora_emulate_last_error() { return last_error.c_str(); }
