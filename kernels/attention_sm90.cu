@@ -272,7 +272,7 @@ FORA_DEVICE void attention_wgmma_block(const AttentionParams& p) {
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     // Row n = 8 db + g of V^T, keys 8 (kb0 + i) + 2 quad, + 1.
-                    *reinterpret_cast<uint32_t*>(s_vt + sw128_chunk(db * 8 + g, kb0 + i) + 4 * quad) = r[i];
+                    st_shared_for_async_proxy(s_vt + sw128_chunk(db * 8 + g, kb0 + i) + 4 * quad, r[i]);
                 }
             }
             fence_proxy_async_shared();
@@ -631,8 +631,8 @@ namespace {
 // The bf16 pair at columns (col, col + 1) of `row` in a tile of 128-byte-swizzled panels.
 FORA_DEVICE uint32_t tile_pair(const unsigned char* tile, int row, int col) {
     const int byte = (col & 63) * 2;
-    return *reinterpret_cast<const uint32_t*>(tile + (col >> 6) * (128 * 128) + sw128_chunk(row, byte >> 4) +
-                                              (byte & 15));
+    return ld_shared_for_async_proxy<uint32_t>(tile + (col >> 6) * (128 * 128) + sw128_chunk(row, byte >> 4) +
+                                               (byte & 15));
 }
 
 template <int D>
@@ -669,8 +669,9 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
     // it once (stale shared memory may hold NaN bit patterns, and 0 * NaN = NaN).
     if constexpr (S::DK > D) {
         for (int r = tid; r < S::STAGES * BN; r += blockDim.x) {
-            *reinterpret_cast<uint4*>(base + S::K_OFF + (r / BN) * S::TILE_BYTES + (S::PANELS - 1) * S::PANEL_BYTES +
-                                      sw128_chunk(r % BN, (D % 64) / 8)) = make_uint4(0u, 0u, 0u, 0u);
+            st_shared_for_async_proxy(base + S::K_OFF + (r / BN) * S::TILE_BYTES + (S::PANELS - 1) * S::PANEL_BYTES +
+                                          sw128_chunk(r % BN, (D % 64) / 8),
+                                      make_uint4(0u, 0u, 0u, 0u));
         }
         fence_proxy_async_shared();
     }
@@ -707,7 +708,7 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
                                                    64 * (S::PANELS - 1));
         };
         auto store_partial = [&](uint32_t tile_off, uint4 v) {
-            *reinterpret_cast<uint4*>(base + tile_off + (S::PANELS - 1) * S::PANEL_BYTES + sw128_chunk(tid, 0)) = v;
+            st_shared_for_async_proxy(base + tile_off + (S::PANELS - 1) * S::PANEL_BYTES + sw128_chunk(tid, 0), v);
         };
         uint32_t it = 0;
         uint32_t qi = 0;
@@ -785,6 +786,8 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
                 q_frag[kk][i] = col < D ? tile_pair(base + S::Q_OFF, tile_row + (i & 1) * 8, col) : 0u;
             }
         }
+        // The next unit's Q comes by TMA (the async proxy) into what these generic loads read.
+        fence_proxy_async_shared();
         __syncwarp();
         if (lane == 0) mbarrier_arrive(q_empty);
 

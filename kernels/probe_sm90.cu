@@ -101,11 +101,11 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_probe(const WgmmaProbePa
     for (int i = t; i < p.n * kProbeK; i += 128) {
         const int n = i / kProbeK, k = i % kProbeK;
         const uint32_t off = p.mode == 2 ? mn_major_offset(n, k) : k_major_offset(n, k);
-        *reinterpret_cast<__nv_bfloat16*>(base + kProbeB + off) = bt[i];
+        st_shared_for_async_proxy(base + kProbeB + off, bt[i]);
     }
     if (p.mode == 1) {
         for (int i = t; i < 64 * kProbeK; i += 128) {
-            *reinterpret_cast<__nv_bfloat16*>(base + kProbeA + k_major_offset(i / kProbeK, i % kProbeK)) = a[i];
+            st_shared_for_async_proxy(base + kProbeA + k_major_offset(i / kProbeK, i % kProbeK), a[i]);
         }
     }
     fence_proxy_async_shared();
@@ -175,14 +175,16 @@ extern "C" __global__ void __launch_bounds__(128, 1) tma_probe(const __grid_cons
     __syncthreads();
     for (int phase = 0; phase < 2; ++phase) {
         if (threadIdx.x == 0) {
-            // The other threads' reads of the previous box (generic proxy) before this TMA write.
-            fence_proxy_async_shared();
             mbarrier_arrive_expect_tx(bar, box_bytes);
             tma_load_2d(box, &p.map, phase == 0 ? p.x0 : p.x1, phase == 0 ? p.y0 : p.y1, bar);
         }
         mbarrier_wait(bar, static_cast<uint32_t>(phase));
         uint16_t* out = reinterpret_cast<uint16_t*>(p.out) + static_cast<long long>(phase) * p.box_rows * 64;
-        for (int i = threadIdx.x; i < p.box_rows * 64; i += blockDim.x) out[i] = box_ptr[i];
+        for (int i = threadIdx.x; i < p.box_rows * 64; i += blockDim.x) {
+            out[i] = ld_shared_for_async_proxy<uint16_t>(box_ptr + i);
+        }
+        // Each thread's reads of the box (generic proxy) before thread 0's next TMA write of it.
+        fence_proxy_async_shared();
         __syncthreads();  // every thread has read the box before thread 0 reloads it
     }
 #else

@@ -46,9 +46,20 @@ template <int N>
 FORA_DEVICE void wgmma_wait() {
     fora_emulation_wgmma_wait(N);
 }
-// The emulator checks that async-proxy reads (wgmma) and writes (TMA) of cp.async-written shared
-// memory come after the writing thread's fence (its proxy check).
+// The emulator checks that async-proxy reads (wgmma) and writes (TMA) of shared memory written
+// by cp.async or st_shared_for_async_proxy, and TMA writes over what ld_shared_for_async_proxy
+// read, come after the accessing thread's fence (its proxy check).
 FORA_DEVICE void fence_proxy_async_shared() { fora_emulation_fence_proxy_async(); }
+template <typename T>
+FORA_DEVICE void st_shared_for_async_proxy(void* p, T v) {
+    *static_cast<T*>(p) = v;
+    fora_emulation_generic_store(p, sizeof(T));
+}
+template <typename T>
+FORA_DEVICE T ld_shared_for_async_proxy(const void* p) {
+    fora_emulation_generic_load(p, sizeof(T));
+    return *static_cast<const T*>(p);
+}
 template <int R>
 FORA_DEVICE void pin_accumulators(float (&)[R]) {}
 template <int R>
@@ -81,10 +92,24 @@ template <int N>
 FORA_DEVICE void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-// Orders this thread's generic-proxy shared-memory writes (cp.async) before later async-proxy
-// reads (wgmma).
+// Orders this thread's generic-proxy shared-memory writes (cp.async, plain stores) before later
+// async-proxy accesses (wgmma reads, TMA writes).
 FORA_DEVICE void fence_proxy_async_shared() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// A plain shared-memory store that a wgmma or TMA copy will later read or overwrite (through the
+// async proxy): a fence_proxy_async_shared by this thread must come between. The CPU emulator
+// records these stores for its proxy check.
+template <typename T>
+FORA_DEVICE void st_shared_for_async_proxy(void* p, T v) {
+    *static_cast<T*>(p) = v;
+}
+// A plain shared-memory load of bytes that a TMA copy will later overwrite (through the async
+// proxy): a fence_proxy_async_shared by this thread must come between, or the copy may land
+// before the load reads. The CPU emulator records these loads for its proxy check.
+template <typename T>
+FORA_DEVICE T ld_shared_for_async_proxy(const void* p) {
+    return *static_cast<const T*>(p);
 }
 // Keeps the compiler from moving accumulator reads or writes across a wgmma fence / wait: the
 // asynchronous wgmma writes them behind its back.

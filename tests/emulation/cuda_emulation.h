@@ -118,6 +118,8 @@ void fora_emulation_cp_async(void* smem, const void* gmem, int src_bytes);
 void fora_emulation_cp_async_commit();
 void fora_emulation_cp_async_wait(int pending);
 void fora_emulation_fence_proxy_async();
+void fora_emulation_generic_store(const void* smem, unsigned bytes);
+void fora_emulation_generic_load(const void* smem, unsigned bytes);
 // wgmma.mma_async m64nNk16 f32 += bf16 x bf16, both operands K-major 128-byte-swizzled in shared
 // memory (descriptors), for this thread's accumulator fragment (gemm_sm90.cu).
 void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b);

@@ -24,6 +24,7 @@
 #include <cstring>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda_emulation.h"
@@ -197,9 +198,10 @@ struct Fiber {
     bool done = false;
     AsyncGroups<PendingCopy> copies;
     AsyncGroups<PendingWgmma> wgmmas;
-    // Dynamic shared offsets of this thread's cp.async copies (16 bytes each) landed since its
+    // (dynamic shared offset, bytes) of this thread's generic-proxy writes (landed cp.async
+    // copies, st_shared_for_async_proxy stores) and reads (ld_shared_for_async_proxy) since its
     // last fence.proxy.async (see Block::unfenced).
-    std::vector<uint32_t> unfenced_copies;
+    std::vector<std::pair<uint32_t, uint32_t>> unfenced_writes, unfenced_reads;
 };
 
 constexpr size_t kStackBytes = 64 * 1024;  // the kernels' frames are a few KiB
@@ -220,12 +222,14 @@ struct Block {
     std::vector<unsigned char> smem_storage;
     unsigned char* dynamic_smem = nullptr;  // 1024-byte aligned inside smem_storage
     std::map<uint32_t, MBarrier> mbarriers;  // by shared address
-    // The proxy check: per dynamic shared byte, 1 + the thread whose cp.async wrote it (through
-    // the generic proxy) with no fence.proxy.async by that thread since, else 0. The async proxy
-    // (a wgmma reading its operands, a TMA copy landing) may not see such a write: reading or
-    // overwriting it there is an error. Plain C++ stores are not tracked (they are not mediated
-    // by the emulator); cp.async, the writes that feed wgmma in these kernels, is.
-    std::vector<uint16_t> unfenced;
+    // The proxy check: per dynamic shared byte, 1 + the thread whose generic-proxy write (a
+    // cp.async, or a store through st_shared_for_async_proxy) it holds with no fence.proxy.async
+    // by that thread since, else 0. The async proxy (a wgmma reading its operands, a TMA copy
+    // being issued) may not see such a write: reading or overwriting it there is an error. Also
+    // per byte, 1 + the thread whose generic read (ld_shared_for_async_proxy) has had no fence
+    // since: a TMA copy may not overwrite it (a read not yet ordered before the copy may see its
+    // bytes). Other plain C++ loads and stores are not tracked (the emulator does not see them).
+    std::vector<uint16_t> unfenced, unfenced_read;
 };
 
 // A launch runs one cluster of blocks at a time (a cluster of one without __cluster_dims__): the
@@ -315,12 +319,14 @@ void start_block(Launch& l, unsigned rank, uint3 idx) {
     // Uninitialized shared memory: NaN bytes, so reading unwritten smem shows.
     std::memset(blk.dynamic_smem, 0xff, l.dynamic_smem_bytes);
     std::fill(blk.unfenced.begin(), blk.unfenced.end(), uint16_t{0});
+    std::fill(blk.unfenced_read.begin(), blk.unfenced_read.end(), uint16_t{0});
     for (unsigned t = 0; t < n; ++t) {
         Fiber& f = blk.fibers[t];
         f.done = false;
         f.copies.clear();
         f.wgmmas.clear();
-        f.unfenced_copies.clear();
+        f.unfenced_writes.clear();
+        f.unfenced_reads.clear();
         getcontext(&f.context);
         f.context.uc_stack.ss_sp = f.stack.data();
         f.context.uc_stack.ss_size = f.stack.size();
@@ -685,6 +691,34 @@ void fora_emulation_cp_async(void* smem, const void* gmem, int src_bytes) {
 
 void fora_emulation_cp_async_commit() { here().fibers[launch_state->current].copies.commit(); }
 
+namespace {
+
+// Thread t of block b wrote (or read) `bytes` bytes at `p` through the generic proxy: if that is
+// dynamic shared memory, the async proxy may not see (or may overwrite too early) them before t's
+// next fence.proxy.async.
+void note_generic_access(Block& b, unsigned t, const void* p, unsigned bytes, bool write) {
+    const std::ptrdiff_t off = static_cast<const unsigned char*>(p) - b.dynamic_smem;
+    if (off < 0 || static_cast<size_t>(off) + bytes > b.unfenced.size()) return;
+    std::vector<uint16_t>& shadow = write ? b.unfenced : b.unfenced_read;
+    std::fill_n(shadow.begin() + off, bytes, static_cast<uint16_t>(t + 1));
+    Fiber& f = b.fibers[t];
+    (write ? f.unfenced_writes : f.unfenced_reads).emplace_back(static_cast<uint32_t>(off), bytes);
+}
+
+void note_generic_write(Block& b, unsigned t, const void* p, unsigned bytes) {
+    note_generic_access(b, t, p, bytes, true);
+}
+
+}  // namespace
+
+void fora_emulation_generic_store(const void* smem, unsigned bytes) {
+    note_generic_write(here(), launch_state->current, smem, bytes);
+}
+
+void fora_emulation_generic_load(const void* smem, unsigned bytes) {
+    note_generic_access(here(), launch_state->current, smem, bytes, false);
+}
+
 // cp.async.wait_group N: every committed group but the newest N lands, oldest first. A copy
 // into the dynamic shared memory is a generic-proxy write the async proxy may not see until this
 // thread's next fence.proxy.async (the proxy check).
@@ -696,26 +730,27 @@ void fora_emulation_cp_async_wait(int pending) {
     while (g.committed.size() > static_cast<size_t>(pending)) {
         for (const PendingCopy& c : g.committed.front()) {
             std::memcpy(c.dst, c.bytes, 16);
-            const std::ptrdiff_t off = c.dst - b.dynamic_smem;
-            if (off >= 0 && static_cast<size_t>(off) + 16 <= b.unfenced.size()) {
-                std::fill_n(b.unfenced.begin() + off, 16, static_cast<uint16_t>(t + 1));
-                f.unfenced_copies.push_back(static_cast<uint32_t>(off));
-            }
+            note_generic_write(b, t, c.dst, 16);
         }
         g.committed.erase(g.committed.begin());
     }
 }
 
-// fence.proxy.async.shared::cta: this thread's landed cp.async writes become visible to the
-// async proxy.
+// fence.proxy.async.shared::cta: this thread's generic-proxy accesses so far (landed cp.async
+// copies, st_shared_for_async_proxy stores, ld_shared_for_async_proxy loads) are ordered
+// before its later async-proxy ones.
 void fora_emulation_fence_proxy_async() {
     Block& b = here();
     const unsigned t = launch_state->current;
     Fiber& f = b.fibers[t];
-    for (uint32_t off : f.unfenced_copies)
-        for (uint32_t i = off; i < off + 16; ++i)
+    for (const auto& [off, bytes] : f.unfenced_writes)
+        for (uint32_t i = off; i < off + bytes; ++i)
             if (b.unfenced[i] == t + 1) b.unfenced[i] = 0;
-    f.unfenced_copies.clear();
+    f.unfenced_writes.clear();
+    for (const auto& [off, bytes] : f.unfenced_reads)
+        for (uint32_t i = off; i < off + bytes; ++i)
+            if (b.unfenced_read[i] == t + 1) b.unfenced_read[i] = 0;
+    f.unfenced_reads.clear();
 }
 
 uint32_t fora_emulation_smem_offset(const void* p) {
@@ -785,18 +820,21 @@ struct SmemOperand {
 };
 
 // The proxy check of `bytes` bytes from the (unswizzled) dynamic shared offset `addr` of block
-// `b`, about to be read or written by the async proxy (`what`): records the first byte a cp.async
-// wrote with no fence.proxy.async since by its thread.
-void check_proxy(const Block& b, uint32_t addr, uint32_t bytes, const char* what) {
+// `b`, about to be read (`overwrite` false) or written by the async proxy (`what`): records the
+// first byte a generic-proxy write (or, for a write, a generic read) left with no
+// fence.proxy.async since by its thread.
+void check_proxy(const Block& b, uint32_t addr, uint32_t bytes, const char* what, bool overwrite = false) {
     Launch& l = *launch_state;
     if (!l.proxy_error.empty()) return;
     for (uint32_t i = addr; i < addr + bytes && i < b.unfenced.size(); ++i) {
-        if (b.unfenced[i] != 0) {
+        const bool written = b.unfenced[i] != 0;
+        if (written || (overwrite && b.unfenced_read[i] != 0)) {
             char msg[320];
             std::snprintf(msg, sizeof msg,
-                          "emulated %s: %s shared byte %u, which thread %u's cp.async wrote with no "
-                          "fence.proxy.async by that thread since (the async proxy may not see it)",
-                          l.name, what, i, static_cast<unsigned>(b.unfenced[i] - 1));
+                          "emulated %s: %s shared byte %u, which thread %u %s with no fence.proxy.async by "
+                          "that thread since (the async proxy may not see it, or may overwrite it first)",
+                          l.name, what, i, static_cast<unsigned>((written ? b.unfenced[i] : b.unfenced_read[i]) - 1),
+                          written ? "wrote (cp.async or a store)" : "read");
             l.proxy_error = msg;
             return;
         }
@@ -976,8 +1014,6 @@ void complete_phase_if_done(MBarrier& b) {
 void land_copies(MBarrier& b) {
     if (!b.copies.empty()) ++launch_state->progress;
     for (const PendingTma& c : b.copies) {
-        for (const Block& blk : launch_state->blocks)
-            if (blk.dynamic_smem == c.smem) check_proxy(blk, c.dst, static_cast<uint32_t>(c.bytes.size()), "a TMA copy overwrites");
         std::memcpy(c.smem + c.dst, c.bytes.data(), c.bytes.size());
         b.tx -= static_cast<long long>(c.bytes.size());
     }
@@ -1094,6 +1130,7 @@ void tma_load_2d_into(uint32_t dst, const void* map, int x, int y, uint32_t bar,
         if ((ranks >> rank & 1u) == 0) continue;
         Block& block = launch_state->blocks[rank];
         check_live(block, dst);
+        check_proxy(block, dst, bytes, "a TMA copy overwrites", true);
         MBarrier& b = mbarrier_in(block, bar);
         std::memset(block.dynamic_smem + dst, 0xff, bytes);
         b.copies.push_back(PendingTma{block.dynamic_smem, dst, box});
@@ -1170,6 +1207,7 @@ extern "C" int fora_emulate_launch(const char* name, unsigned grid_x, unsigned g
         b.warpgroup_regs.assign(b.warpgroup_barriers.size() * 128 * 4, 0);
         b.smem_storage.resize(shared_mem_bytes + 1024);
         b.unfenced.assign(shared_mem_bytes, 0);
+        b.unfenced_read.assign(shared_mem_bytes, 0);
         const uintptr_t base = reinterpret_cast<uintptr_t>(b.smem_storage.data());
         b.dynamic_smem = b.smem_storage.data() + ((1024 - base % 1024) % 1024);
     }
