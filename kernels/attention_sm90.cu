@@ -158,8 +158,9 @@ FORA_DEVICE void zero_k_padding(unsigned char* s_k, int tid) {
         for (int r = tid; r < S::STAGES * BN; r += THREADS) {
             const int stage = r / BN;
             const int row = r - stage * BN;
-            *reinterpret_cast<uint4*>(s_k + stage * S::K_STAGE_BYTES + (S::K_PANELS - 1) * (BN * 128) +
-                                      sw128_chunk(row, (D / 8) & 7)) = make_uint4(0u, 0u, 0u, 0u);
+            st_shared_for_async_proxy(s_k + stage * S::K_STAGE_BYTES + (S::K_PANELS - 1) * (BN * 128) +
+                                          sw128_chunk(row, (D / 8) & 7),
+                                      make_uint4(0u, 0u, 0u, 0u));
         }
     }
 }

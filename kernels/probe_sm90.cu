@@ -95,7 +95,7 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_probe(const WgmmaProbePa
     const int t = threadIdx.x;
 
     for (int i = t; i < (kProbeA + 8 * 1024) / 16; i += 128) {
-        reinterpret_cast<uint4*>(base)[i] = make_uint4(0u, 0u, 0u, 0u);
+        st_shared_for_async_proxy(base + 16 * i, make_uint4(0u, 0u, 0u, 0u));
     }
     __syncthreads();
     for (int i = t; i < p.n * kProbeK; i += 128) {
