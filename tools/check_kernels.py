@@ -8,6 +8,11 @@ ptxas rules (from `ptxas -v`):
                        instructions are serialized": a non-wgmma instruction may touch registers
                        of a wgmma in flight, or a wgmma is still in flight where a branch ends;
                        either way ptxas waits after every wgmma: correct, but without overlap).
+  no_injected_arrive   ptxas injects no warpgroup.arrive (info C7519: registers a wgmma uses were
+                       touched where the code has no wgmma fence, e.g. at a branch's join; it
+                       also issued a dummy wgmma there on every tile of attention_tma before
+                       session 14 peeled its last tile). The probes (*_probe), which test layouts
+                       rather than speed, are exempt.
 
 SASS rules: the order in which a kernel's hot loop issues its loads and its tensor-core
 instructions, and instructions that must not be there. A warp issues in order, so an mma that
@@ -89,6 +94,11 @@ def ptxas_failures(log):
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m and any(int(g) for g in m.groups()):
             failures.append(("no_local_memory", function, line.strip()))
+        if "warpgroup.arrive is injected" in line:
+            name = re.search(r"in function '([^']+)'", line)
+            name = name.group(1) if name else "?"
+            if not name.endswith("_probe"):
+                failures.append(("no_injected_arrive", name, line.split("ptxas info    : ")[-1].strip()))
         if "mma_async instructions are serialized" in line:
             name = re.search(r"in the function '([^']+)'", line)
             why = re.search(r"(\(C\d+\).*?)(?: in the function|$)", line)
@@ -234,8 +244,16 @@ def ptxas_selftest():
         ("no_local_memory", PTXAS_GOOD.replace("0 bytes stack frame", "16 bytes stack frame")),
         ("no_serialized_wgmma", PTXAS_GOOD + "ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async "
          "instructions are serialized due to the presence of Extern calls in the function 'gemm_tma_128x128'\n"),
+        ("no_injected_arrive", PTXAS_GOOD + "ptxas info    : (C7519) warpgroup.arrive is injected in around line 56847 "
+         "by compiler to allow use of registers in GMMA in function 'gemm_tma_128x128'\n"),
     ]
     ok = True
+    # A probe may have injected arrives; a kernel may not.
+    probe = PTXAS_GOOD + ("ptxas info    : (C7519) warpgroup.arrive is injected in around line 1642 by compiler to "
+                          "allow use of registers in GMMA in function 'wgmma_probe'\n")
+    if ptxas_failures(probe):
+        print(f"check_kernels selftest FAIL no_injected_arrive: a probe's log -> {ptxas_failures(probe)}")
+        ok = False
     if ptxas_failures(PTXAS_GOOD) or ptxas_summary(PTXAS_GOOD) != (1, 32):
         print(f"check_kernels selftest FAIL: good ptxas log -> {ptxas_failures(PTXAS_GOOD)}, "
               f"{ptxas_summary(PTXAS_GOOD)}")
@@ -427,7 +445,7 @@ def main(argv):
             if not bad:
                 kernels, regs = ptxas_summary(log)
                 print(f"ok   {src} ({arch}): {kernels} kernels, at most {regs} registers, no spills, no stack, "
-                      "no serialized wgmma, SASS rules hold")
+                      "no serialized wgmma or injected arrive, SASS rules hold")
     return 1 if failures else 0
 
 
