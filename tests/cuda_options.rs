@@ -136,48 +136,48 @@ fn options_from_the_environment() {
 
     // FORA_ATTENTION and FORA_GEMM: every name, only the one field changed; others refused
     // with the variable's name.
-    for imp in AttentionImpl::ALL.into_iter().chain([AttentionImpl::Auto]) {
-        unsafe { std::env::set_var("FORA_ATTENTION", format!(" {} ", imp.name())) };
-        let o = CudaOptions::from_env().unwrap();
-        assert_eq!(o.attention, imp, "FORA_ATTENTION={}", imp.name());
-        assert_eq!(
-            CudaOptions {
-                attention: AttentionImpl::Auto,
-                ..o
-            },
-            defaults
-        );
-    }
-    unsafe { std::env::set_var("FORA_ATTENTION", "v3") };
-    let err = format!("{:#}", CudaOptions::from_env().unwrap_err());
-    assert!(
-        err.contains("FORA_ATTENTION") && err.contains("v3"),
-        "FORA_ATTENTION=v3: {err}"
+    let attention: Vec<_> = AttentionImpl::ALL
+        .into_iter()
+        .chain([AttentionImpl::Auto])
+        .map(|imp| (format!(" {} ", imp.name()), imp))
+        .collect();
+    check_choice(
+        "FORA_ATTENTION",
+        &defaults,
+        &attention,
+        "v3",
+        |o, attention| CudaOptions { attention, ..o },
     );
-    unsafe { std::env::remove_var("FORA_ATTENTION") };
-    for (name, gemm) in [
+    let gemm = [
         ("custom", GemmImpl::Custom),
         ("cublaslt", GemmImpl::CublasLt),
         ("wgmma", GemmImpl::Wgmma),
         ("tma", GemmImpl::Tma),
         ("tma_mc", GemmImpl::TmaMulticast),
-    ] {
-        unsafe { std::env::set_var("FORA_GEMM", name) };
+    ]
+    .map(|(name, g)| (name.to_string(), g));
+    check_choice("FORA_GEMM", &defaults, &gemm, "cutlass", |o, gemm| {
+        CudaOptions { gemm, ..o }
+    });
+}
+
+/// `var` set to each name of `choices` gives the defaults with that choice `set` in, nothing
+/// else changed; `bad` is refused, naming the variable and the value. Unsets `var` after.
+fn check_choice<T: Copy + std::fmt::Debug>(
+    var: &str,
+    defaults: &CudaOptions,
+    choices: &[(String, T)],
+    bad: &str,
+    set: fn(CudaOptions, T) -> CudaOptions,
+) {
+    // SAFETY (set_var / remove_var): called from this binary's only test, see above.
+    for (name, choice) in choices {
+        unsafe { std::env::set_var(var, name) };
         let o = CudaOptions::from_env().unwrap();
-        assert_eq!(o.gemm, gemm, "FORA_GEMM={name}");
-        assert_eq!(
-            CudaOptions {
-                gemm: GemmImpl::CublasLt,
-                ..o
-            },
-            defaults
-        );
+        assert_eq!(o, set(*defaults, *choice), "{var}={name:?}");
     }
-    unsafe { std::env::set_var("FORA_GEMM", "cutlass") };
+    unsafe { std::env::set_var(var, bad) };
     let err = format!("{:#}", CudaOptions::from_env().unwrap_err());
-    assert!(
-        err.contains("FORA_GEMM") && err.contains("cutlass"),
-        "FORA_GEMM=cutlass: {err}"
-    );
-    unsafe { std::env::remove_var("FORA_GEMM") };
+    assert!(err.contains(var) && err.contains(bad), "{var}={bad}: {err}");
+    unsafe { std::env::remove_var(var) };
 }
