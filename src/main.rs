@@ -9,7 +9,7 @@ use fora::backend::{Backend, Guidance, GuidanceMode, NoiseSource};
 use fora::cache::policy_for_interval;
 use fora::config::{Arch, DitConfig};
 use fora::cpu::CpuBackend;
-use fora::cuda::{CudaBackend, Gpu};
+use fora::cuda::{CudaBackend, CudaOptions, Gpu};
 use fora::diffusion::SamplerKind;
 use fora::io::{write_tensors, OutTensor, TensorFile};
 use fora::sampler::{Sampler, SamplerOptions, Samples, StepEvent};
@@ -82,6 +82,34 @@ struct ModelArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// GEMM kernels on a GPU: cublaslt, custom, wgmma, tma or tma_mc. Default: $FORA_GEMM, else
+    /// cublaslt.
+    #[arg(long, value_name = "IMPL")]
+    gemm: Option<String>,
+    /// Attention kernels on a GPU: auto, v1, v2, wgmma, wgmma_mn, wgmma_mn_deep,
+    /// wgmma_mn_split or tma. Default: $FORA_ATTENTION, else auto (wgmma_mn on a Hopper, v1
+    /// elsewhere).
+    #[arg(long, value_name = "IMPL")]
+    attention: Option<String>,
+}
+
+impl ModelArgs {
+    /// The CUDA backend's options: the environment's (`FORA_*`), with --gemm and --attention
+    /// over them. Refused with --device cpu, where they would choose nothing.
+    fn cuda_options(&self) -> Result<CudaOptions> {
+        ensure!(
+            self.device != Device::Cpu || (self.gemm.is_none() && self.attention.is_none()),
+            "--gemm and --attention choose GPU kernels; --device cpu runs none"
+        );
+        let mut options = CudaOptions::from_env()?;
+        if let Some(gemm) = &self.gemm {
+            options.gemm = gemm.parse().context("--gemm")?;
+        }
+        if let Some(attention) = &self.attention {
+            options.attention = attention.parse().context("--attention")?;
+        }
+        Ok(options)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -173,14 +201,17 @@ trait Job {
 /// Loads the model and runs `job` on the chosen device: `cuda` fails with the reason when no
 /// usable GPU is there; `auto` takes the GPU when it can and otherwise says it runs on the CPU.
 fn run_on<J: Job>(model: &ModelArgs, job: J) -> Result<()> {
+    let options = model.cuda_options()?;
     let (cfg, weights) = load_model(model)?;
     match model.device {
         Device::Cpu => job.run(&CpuBackend::new(cfg, weights)?),
         Device::Cuda => {
             let gpu = Gpu::new(0).context("--device cuda")?;
-            job.run(&CudaBackend::new(gpu, &cfg, &weights)?)
+            job.run(&CudaBackend::with_options(gpu, &cfg, &weights, options)?)
         }
-        Device::Auto => match Gpu::new(0).and_then(|gpu| CudaBackend::new(gpu, &cfg, &weights)) {
+        Device::Auto => match Gpu::new(0)
+            .and_then(|gpu| CudaBackend::with_options(gpu, &cfg, &weights, options))
+        {
             Ok(cuda) => job.run(&cuda),
             Err(e) => {
                 eprintln!("fora: the CUDA backend is not usable here ({e:#}); running on the CPU");

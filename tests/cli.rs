@@ -493,6 +493,31 @@ fn bad_sample_inputs() {
         &["--cache-interval"],
         &out,
     );
+    // Kernel choices: unknown names, and any choice on the CPU, are refused.
+    assert_fails(
+        &run(&["--class", "1", "--steps", "2", "--gemm", "cutlass"]),
+        &["--gemm", "cutlass", "cublaslt"],
+        &out,
+    );
+    assert_fails(
+        &run(&["--class", "1", "--steps", "2", "--attention", "v3"]),
+        &["--attention", "v3", "wgmma_mn"],
+        &out,
+    );
+    assert_fails(
+        &run(&[
+            "--class",
+            "1",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--attention",
+            "v1",
+        ]),
+        &["--attention", "--device cpu"],
+        &out,
+    );
     assert_fails(
         &run(&["--class", "10", "--steps", "2"]),
         &["class 10", "10 classes"],
@@ -664,30 +689,36 @@ fn cuda_device_through_the_cli() {
     }
 
     // sample: 10 DDPM steps, CFG 4, FORA N=3, seed 1; twice on the GPU, once on the CPU.
-    let sample = |name: &str| {
+    let sample = |name: &str, kernels: &[&str]| {
         let out = dir.join(name);
-        let o = fora(&[
-            "sample",
-            "--model",
-            model_s,
-            "--class",
-            "207",
-            "--class",
-            "360",
-            "--steps",
-            "10",
-            "--cfg-scale",
-            "4",
-            "--cache-interval",
-            "3",
-            "--seed",
-            "1",
-            "--device",
-            "cuda",
-            "--quiet",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let o = fora(
+            &[
+                &[
+                    "sample",
+                    "--model",
+                    model_s,
+                    "--class",
+                    "207",
+                    "--class",
+                    "360",
+                    "--steps",
+                    "10",
+                    "--cfg-scale",
+                    "4",
+                    "--cache-interval",
+                    "3",
+                    "--seed",
+                    "1",
+                    "--device",
+                    "cuda",
+                    "--quiet",
+                    "--out",
+                    out.to_str().unwrap(),
+                ],
+                kernels,
+            ]
+            .concat(),
+        );
         assert_ok(&o);
         TensorFile::open(&out)
             .unwrap()
@@ -695,8 +726,10 @@ fn cuda_device_through_the_cli() {
             .unwrap()
             .data
     };
-    let (a, b) = (sample("a.safetensors"), sample("b.safetensors"));
+    let (a, b) = (sample("a.safetensors", &[]), sample("b.safetensors", &[]));
     assert_eq!(bits(&a), bits(&b), "two GPU runs of one seed differ");
+    // The kernels chosen on the command line (the plainest: custom GEMMs, v1 attention).
+    let plain = sample("c.safetensors", &["--gemm", "custom", "--attention", "v1"]);
     let sampler = Sampler::new(&cpu, SamplerOptions::ddpm(10).with_guidance(Some(g))).unwrap();
     let want = sampler
         .sample(
@@ -705,9 +738,11 @@ fn cuda_device_through_the_cli() {
             &mut StaticInterval::new(3).unwrap(),
         )
         .unwrap();
-    let err = fora::cuda::testing::rel_l2(&a, &want.latents);
-    println!("cli sample: cuda vs cpu rel-L2 {err:.3e}");
-    assert!(err <= 5e-2, "sample: cuda vs cpu rel-L2 {err:e}");
+    for (what, got) in [("defaults", &a), ("--gemm custom --attention v1", &plain)] {
+        let err = fora::cuda::testing::rel_l2(got, &want.latents);
+        println!("cli sample ({what}): cuda vs cpu rel-L2 {err:.3e}");
+        assert!(err <= 5e-2, "sample ({what}): cuda vs cpu rel-L2 {err:e}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

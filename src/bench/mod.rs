@@ -148,6 +148,11 @@ pub struct BenchArgs {
     /// --quick).
     #[arg(long, value_enum)]
     pub gemm: Option<GemmChoice>,
+    /// Attention kernels of the step and end-to-end sections (auto, v1, v2, wgmma, wgmma_mn,
+    /// wgmma_mn_deep, wgmma_mn_split, tma). Default: $FORA_ATTENTION, else auto. The kernel
+    /// section times every one this card runs.
+    #[arg(long, value_name = "IMPL")]
+    pub attention: Option<String>,
     /// Side of the square bf16 GEMM that measures the card's ceiling. Default 8192 (4096 with
     /// --quick).
     #[arg(long)]
@@ -491,6 +496,10 @@ pub fn bench_model(args: &BenchArgs) -> Result<(DitConfig, DitWeights, String)> 
 /// GPU, and (after writing both reports) when any measurement failed.
 pub fn run(args: &BenchArgs) -> Result<()> {
     let plan = args.plan()?;
+    let attention = (args.attention.as_deref())
+        .map(str::parse::<crate::cuda::attention::AttentionImpl>)
+        .transpose()
+        .context("--attention")?;
     if let Some(path) = &args.save_weights {
         let (cfg, weights, source) = bench_model(args)?;
         weights
@@ -504,7 +513,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         return Ok(());
     }
     let gpu = Gpu::new(args.gpu).context("the benchmark needs a CUDA device")?;
-    let options = CudaOptions::from_env()?;
+    let mut options = CudaOptions::from_env()?;
+    if let Some(attention) = attention {
+        options.attention = attention;
+    }
     let (cfg, weights, source) = bench_model(args)?;
     let mut report = Report::new(ModelInfo::new(&cfg, source), &plan, &options);
     report.device = Some(device_info(&gpu)?);
