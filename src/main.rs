@@ -566,7 +566,8 @@ fn info() -> Result<()> {
             fora::cuda::kernels::MISSING_REASON
         );
     }
-    match Gpu::new(0) {
+    let gpu = Gpu::new(0);
+    match &gpu {
         Ok(gpu) => println!(
             "cuda backend: usable on device 0, {} (sm_{}{}, {} SMs)",
             gpu.name(),
@@ -575,6 +576,29 @@ fn info() -> Result<()> {
             gpu.sm_count()
         ),
         Err(e) => println!("cuda backend: not usable here ({e:#}); --device auto runs on the CPU"),
+    }
+    match CudaOptions::from_env() {
+        Ok(o) => {
+            let overrides = o.env_overrides();
+            let resolved = match &gpu {
+                Ok(gpu) => format!(
+                    " ({} on device 0)",
+                    o.attention.resolve(gpu.compute_capability().0).name()
+                ),
+                Err(_) => String::new(),
+            };
+            println!(
+                "cuda options: gemm {}, attention {}{resolved}; from the environment: {}",
+                o.gemm.name(),
+                o.attention.name(),
+                if overrides.is_empty() {
+                    "nothing (the defaults)".to_string()
+                } else {
+                    overrides.join(" ")
+                }
+            );
+        }
+        Err(e) => println!("cuda options: {e:#}"),
     }
     match gpus_seen() {
         Ok(gpus) if gpus.is_empty() => println!("gpus: none seen"),

@@ -301,11 +301,21 @@ fn cfg_scale_one_is_no_guidance() {
 
 #[test]
 fn info_runs() {
-    let o = fora(&["info"]);
+    let o = Command::new(fora_bin())
+        .arg("info")
+        .env("FORA_ATTENTION", "v2")
+        .env("FORA_PDL", "1")
+        .output()
+        .expect("cannot start the fora binary");
     assert_ok(&o);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
         text.contains("cuda kernels:") && text.contains("gpu"),
+        "{text}"
+    );
+    // The options in effect, with what the environment changed.
+    assert!(
+        text.contains("attention v2") && text.contains("FORA_ATTENTION=v2 FORA_PDL=1"),
         "{text}"
     );
 }

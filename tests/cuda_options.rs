@@ -86,6 +86,11 @@ fn options_from_the_environment() {
             "default of {var}"
         );
     }
+    assert!(
+        defaults.env_overrides().is_empty(),
+        "{:?}",
+        defaults.env_overrides()
+    );
     for var in SWITCHES {
         for (value, want) in [
             ("1", true),
@@ -96,6 +101,13 @@ fn options_from_the_environment() {
             unsafe { std::env::set_var(var, value) };
             let o = CudaOptions::from_env().unwrap();
             assert_eq!(switch(&o, var), want, "{var}={value:?}");
+            // env_overrides names exactly the switch that left its default.
+            let overrides: Vec<String> = if want == switch(&defaults, var) {
+                vec![]
+            } else {
+                vec![format!("{var}={}", u8::from(want))]
+            };
+            assert_eq!(o.env_overrides(), overrides, "{var}={value:?}");
             // The other switches keep their defaults.
             for other in SWITCHES.iter().filter(|&&o| o != var) {
                 assert_eq!(
@@ -118,6 +130,12 @@ fn options_from_the_environment() {
         unsafe { std::env::set_var("FORA_REUSE_SUM", value) };
         let o = CudaOptions::from_env().unwrap();
         assert_eq!(o.reuse_sum, want, "FORA_REUSE_SUM={value:?}");
+        let overrides: Vec<String> = if want == 0 {
+            vec![]
+        } else {
+            vec![format!("FORA_REUSE_SUM={want}")]
+        };
+        assert_eq!(o.env_overrides(), overrides);
         assert_eq!(
             CudaOptions { reuse_sum: 0, ..o },
             defaults,
@@ -133,6 +151,13 @@ fn options_from_the_environment() {
         );
     }
     unsafe { std::env::remove_var("FORA_REUSE_SUM") };
+
+    // FORA_CUDA_GRAPHS=0: graphs off, and said so.
+    unsafe { std::env::set_var("FORA_CUDA_GRAPHS", "0") };
+    let o = CudaOptions::from_env().unwrap();
+    assert!(!o.graphs);
+    assert_eq!(o.env_overrides(), ["FORA_CUDA_GRAPHS=0"]);
+    unsafe { std::env::remove_var("FORA_CUDA_GRAPHS") };
 
     // FORA_ATTENTION and FORA_GEMM: every name, only the one field changed; others refused
     // with the variable's name.
@@ -175,6 +200,12 @@ fn check_choice<T: Copy + std::fmt::Debug>(
         unsafe { std::env::set_var(var, name) };
         let o = CudaOptions::from_env().unwrap();
         assert_eq!(o, set(*defaults, *choice), "{var}={name:?}");
+        let overrides = o.env_overrides();
+        assert!(
+            overrides.is_empty() && o == *defaults
+                || overrides == [format!("{var}={}", name.trim())],
+            "{var}={name:?}: {overrides:?}"
+        );
     }
     unsafe { std::env::set_var(var, bad) };
     let err = format!("{:#}", CudaOptions::from_env().unwrap_err());

@@ -555,7 +555,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let want_e2e = plan.sections.contains(&Section::E2e);
     if want_steps || want_e2e {
         for (i, &imp) in plan.gemms.iter().enumerate() {
-            let name = gemm_name(imp);
+            let name = imp.name();
             let options = CudaOptions {
                 gemm: imp,
                 ..options
@@ -603,16 +603,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         plan.json.display()
     );
     Ok(())
-}
-
-fn gemm_name(imp: GemmImpl) -> &'static str {
-    match imp {
-        GemmImpl::Custom => "custom",
-        GemmImpl::CublasLt => "cublaslt",
-        GemmImpl::Wgmma => "wgmma",
-        GemmImpl::Tma => "tma",
-        GemmImpl::TmaMulticast => "tma_mc",
-    }
 }
 
 fn device_info(gpu: &Gpu) -> Result<DeviceInfo> {

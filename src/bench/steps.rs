@@ -10,9 +10,7 @@ use anyhow::{Context, Result};
 use cudarc::driver::sys;
 
 use super::timer::Timer;
-use super::{
-    gemm_name, rows_request, BenchPlan, E2eRow, LaunchCount, Report, Stats, StepKind, StepRow,
-};
+use super::{rows_request, BenchPlan, E2eRow, LaunchCount, Report, Stats, StepKind, StepRow};
 
 /// The step records of a sampler's plan: step k with the sampler's own update for i = S-1-k.
 fn step_specs(sampler: &Sampler<'_, CudaBackend>, plan: &SamplePlan) -> Result<Vec<StepSpec>> {
@@ -40,7 +38,7 @@ pub(super) fn bench_steps(
     seed: u64,
     report: &mut Report,
 ) {
-    let gemm = gemm_name(backend.gemm_impl()).to_string();
+    let gemm = backend.gemm_impl().name().to_string();
     let cfg = backend.config();
     let (classes, guidance) = rows_request(rows, cfg.num_classes, plan.cfg_scale);
     let what = format!("{gemm} GEMM, {rows} rows");
@@ -224,7 +222,7 @@ fn capture_count(gpu: &Gpu, enqueue: impl FnOnce() -> Result<()>) -> Result<Laun
 }
 
 pub(super) fn bench_e2e(backend: &CudaBackend, plan: &BenchPlan, seed: u64, report: &mut Report) {
-    let gemm = gemm_name(backend.gemm_impl()).to_string();
+    let gemm = backend.gemm_impl().name().to_string();
     let cfg = backend.config();
     let (classes, guidance) = rows_request(2, cfg.num_classes, plan.cfg_scale);
     let sampler = match Sampler::new(

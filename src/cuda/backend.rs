@@ -188,6 +188,59 @@ impl Default for CudaOptions {
 }
 
 impl CudaOptions {
+    /// The environment settings that turn [`CudaOptions::default`] into these options, one
+    /// `FORA_NAME=value` per option that differs (none for the defaults; the table bound
+    /// `max_modulation_table_bytes` has no variable and is left out).
+    pub fn env_overrides(&self) -> Vec<String> {
+        let d = CudaOptions::default();
+        let mut out = Vec::new();
+        if self.gemm != d.gemm {
+            out.push(format!("FORA_GEMM={}", self.gemm.name()));
+        }
+        if self.attention != d.attention {
+            out.push(format!("FORA_ATTENTION={}", self.attention.name()));
+        }
+        let switches = [
+            ("FORA_CUDA_GRAPHS", self.graphs, d.graphs),
+            (
+                "FORA_PRECOMPUTE_MODULATION",
+                self.precompute_modulation,
+                d.precompute_modulation,
+            ),
+            ("FORA_LT_AUTOTUNE", self.lt_autotune, d.lt_autotune),
+            ("FORA_FUSED_REUSE", self.fused_reuse, d.fused_reuse),
+            ("FORA_FUSED_FINAL", self.fused_final, d.fused_final),
+            ("FORA_SIDE_STREAM", self.side_stream, d.side_stream),
+            ("FORA_FUSED_LN", self.fused_ln, d.fused_ln),
+            ("FORA_LT_BIAS_BF16", self.lt_bias_bf16, d.lt_bias_bf16),
+            ("FORA_BF16_RESIDUAL", self.bf16_residual, d.bf16_residual),
+            (
+                "FORA_REUSE_GATES_ONLY",
+                self.reuse_gates_only,
+                d.reuse_gates_only,
+            ),
+            ("FORA_STEP_GRAPH", self.step_graph, d.step_graph),
+            (
+                "FORA_REUSE_TABLE_IN_PLACE",
+                self.reuse_table_in_place,
+                d.reuse_table_in_place,
+            ),
+            ("FORA_LT_SPLITK", self.lt_splitk, d.lt_splitk),
+            ("FORA_L2_PERSIST", self.l2_persist, d.l2_persist),
+            ("FORA_PDL", self.pdl, d.pdl),
+            ("FORA_FINAL_SAMPLER", self.final_sampler, d.final_sampler),
+        ];
+        for (name, value, default) in switches {
+            if value != default {
+                out.push(format!("{name}={}", u8::from(value)));
+            }
+        }
+        if self.reuse_sum != d.reuse_sum {
+            out.push(format!("FORA_REUSE_SUM={}", self.reuse_sum));
+        }
+        out
+    }
+
     /// [`CudaOptions::default`], overridden by `FORA_GEMM`, `FORA_ATTENTION`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
     /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_FUSED_FINAL`, `FORA_SIDE_STREAM`,
     /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`,

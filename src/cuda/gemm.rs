@@ -64,6 +64,17 @@ impl FromStr for GemmImpl {
 }
 
 impl GemmImpl {
+    /// The name `FORA_GEMM`, `--gemm` and the bench's rows use for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmImpl::Custom => "custom",
+            GemmImpl::CublasLt => "cublaslt",
+            GemmImpl::Wgmma => "wgmma",
+            GemmImpl::Tma => "tma",
+            GemmImpl::TmaMulticast => "tma_mc",
+        }
+    }
+
     /// Built for Hopper only (wgmma): refused off compute capability 9.x.
     pub fn is_hopper_only(self) -> bool {
         matches!(
