@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Compiles every kernels/*.cu for sm_80 and sm_90a (one compile a core) and checks what ptxas
-reports and what the machine code (SASS) shows. CI runs it; build.rs only warns.
+"""Compiles every kernels/*.cu for sm_80 and sm_90a (one compile a core; every nvcc and ptxas
+warning an error) and checks what ptxas reports and what the machine code (SASS) shows. CI runs
+it; build.rs only warns.
 
 ptxas rules (from `ptxas -v`):
   no_local_memory      no function has a stack frame or spills registers (local memory).
@@ -302,11 +303,12 @@ def selftest():
 def sass_of(nvcc, cuobjdump, src, arch, tmp, root=ROOT):
     """(cuobjdump -sass text, ptxas -v log) of kernels/X.cu under `root`, compiled for `arch`."""
     cubin = os.path.join(tmp, f"{os.path.basename(root)}.{os.path.basename(src)}.{arch}.cubin")
+    # Every nvcc and ptxas warning is an error here (build.rs only passes them on).
     cmd = [nvcc, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", "-I", os.path.join(root, "kernels"),
-           "-Xptxas", "-v", os.path.join(root, src), "-o", cubin]
+           "-Werror", "all-warnings", "-Xptxas", "-v", os.path.join(root, src), "-o", cubin]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"{src} ({arch}) does not compile:\n{r.stderr}")
+        raise RuntimeError(f"{src} ({arch}) does not compile (nvcc and ptxas warnings are errors here):\n{r.stderr}")
     ptxas_log = r.stdout + r.stderr
     # cuobjdump runs nvdisasm, which the wheels put beside it.
     env = dict(os.environ, PATH=os.path.dirname(cuobjdump) + os.pathsep + os.environ.get("PATH", ""))
