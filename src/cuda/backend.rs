@@ -25,10 +25,18 @@ use cudarc::driver::{sys, CudaEvent, CudaGraph, CudaSlice, CudaStream};
 use std::sync::Arc;
 
 /// A DiT on one GPU.
+///
+/// `Send` but not `Sync`: all its work goes on one stream, where a CUDA graph being captured
+/// for one thread's sampling run would also record (and so never run) what another thread
+/// launched meanwhile. Move it to the thread that samples, or share it behind a `Mutex`; for
+/// concurrent runs on one GPU build one backend per thread, each on its own stream
+/// ([`Gpu::with_stream`]).
 pub struct CudaBackend {
     gpu: Gpu,
     model: GpuModel,
     options: CudaOptions,
+    /// Makes the backend `!Sync` (see above); `Cell<()>` is `Send`, so the backend still is.
+    one_thread_at_a_time: std::marker::PhantomData<std::cell::Cell<()>>,
 }
 
 /// How the CUDA backend runs a sampling loop. Every choice computes the same numbers; they
@@ -539,6 +547,7 @@ impl CudaBackend {
             gpu,
             model,
             options,
+            one_thread_at_a_time: std::marker::PhantomData,
         })
     }
 
