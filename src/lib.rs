@@ -48,6 +48,9 @@
 //! backends), [`io`] and [`png_out`] (files), [`rng`] (noise), [`profile`] (NVTX ranges),
 //! [`bench`](mod@bench) (`fora bench`), [`embedded`] (the default model).
 
+// Every public item is documented (CI: clippy -D warnings).
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod bench;
 pub mod cache;

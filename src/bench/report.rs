@@ -10,30 +10,44 @@ use std::path::Path;
 
 use super::{gbps, tflops, today, BenchPlan, Stats, SCHEMA};
 
+/// The GPU a benchmark ran on.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeviceInfo {
+    /// The driver's name for it ("NVIDIA H200").
     pub name: String,
+    /// (major, minor): (9, 0) for a Hopper.
     pub compute_capability: (i32, i32),
+    /// Streaming multiprocessors.
     pub sm_count: usize,
+    /// L2 cache size in bytes.
     pub l2_bytes: usize,
+    /// Device memory in bytes.
     pub memory_bytes: usize,
 }
 
 /// The model benchmarked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelInfo {
+    /// "DiT-XL/2", or the `depth=..` form for other shapes.
     pub arch: String,
+    /// Latent side (32 for 256 px images).
     pub input_size: usize,
+    /// Tokens a row (image).
     pub tokens: usize,
+    /// Model width.
     pub hidden: usize,
+    /// DiT blocks.
     pub depth: usize,
+    /// Attention heads.
     pub heads: usize,
+    /// Multiply-adds of one row's forward (FLOPs are twice this).
     pub macs_per_row: u64,
     /// "random (seed 0)" or the checkpoint path.
     pub weights: String,
 }
 
 impl ModelInfo {
+    /// The description of `cfg`, with where its `weights` came from.
     pub fn new(cfg: &DitConfig, weights: String) -> ModelInfo {
         ModelInfo {
             arch: cfg.arch_name(),
@@ -53,6 +67,7 @@ impl ModelInfo {
 pub struct Ceiling {
     /// "bf16 GEMM 8192^3 (cuBLASLt)", "device copy 1024 MiB (cuMemcpyDtoD, ...)".
     pub what: String,
+    /// Its times.
     pub stats: Stats,
     /// TFLOP/s (GEMM) or GB/s (memory) at the median time.
     pub rate: f64,
@@ -61,6 +76,7 @@ pub struct Ceiling {
 /// Whether a step ran the blocks or reused the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StepKind {
+    /// A computing step (the blocks run and fill the cache).
     Full,
     /// A reuse step on its own (with `FORA_REUSE_SUM`, a sums pass of one step, then its sum).
     Reuse,
@@ -70,6 +86,7 @@ pub enum StepKind {
 }
 
 impl StepKind {
+    /// The name the reports use ("full", "reuse", "reuse_summed").
     pub fn name(self) -> &'static str {
         match self {
             StepKind::Full => "full",
@@ -82,9 +99,13 @@ impl StepKind {
 /// Graph nodes one step enqueues, by type.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LaunchCount {
+    /// Kernel launches.
     pub kernels: usize,
+    /// Memory copies.
     pub memcpys: usize,
+    /// Memory sets.
     pub memsets: usize,
+    /// Any other node (events, host functions, ...).
     pub other: usize,
 }
 
@@ -93,8 +114,11 @@ pub struct LaunchCount {
 pub struct StepRow {
     /// "custom" or "cublaslt".
     pub gemm: String,
+    /// Model rows (images, twice with CFG).
     pub rows: usize,
+    /// Computing or reuse step.
     pub kind: StepKind,
+    /// Its times (None: it failed, see the report's errors).
     pub stats: Option<Stats>,
     /// What one step enqueues when it is launched kernel by kernel (the captured graphs hold
     /// the same kernels).
@@ -112,12 +136,19 @@ pub struct StepRow {
 /// One end-to-end configuration (median over the reps).
 #[derive(Clone, Debug, PartialEq)]
 pub struct E2eRow {
+    /// The GEMM implementation ("cublaslt", ...).
     pub gemm: String,
+    /// FORA interval N (1: no caching).
     pub interval: usize,
+    /// Sampling steps.
     pub steps: usize,
+    /// Model rows (images, twice with CFG).
     pub rows: usize,
+    /// Steps that ran the blocks.
     pub computed: usize,
+    /// Steps that reused the cache.
     pub reused: usize,
+    /// Runs the medians are over.
     pub reps: usize,
     /// The denoising loop and the copy of the latents to the host.
     pub loop_ms: f64,
@@ -151,11 +182,13 @@ pub struct KernelRow {
     pub rows: usize,
     /// "M=512 N=3456 K=1152", "B=2 H=16 T=256 d=72", "1.2 GB".
     pub shape: String,
+    /// What its rate is measured against.
     pub bound: Bound,
     /// FLOPs (Compute) or bytes (Memory) of one launch.
     pub work: f64,
     /// Per-launch times: each sample is one graph replay of this many launches, divided.
     pub stats: Option<Stats>,
+    /// Launches in one timed graph replay.
     pub launches_per_replay: usize,
 }
 
@@ -173,26 +206,37 @@ impl KernelRow {
 /// A measurement that failed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BenchError {
+    /// The section it happened in ("kernels", "steps", ...).
     pub section: String,
+    /// The measurement ("attention rows 256", ...).
     pub what: String,
+    /// The error, with its causes.
     pub error: String,
 }
 
 /// Everything one benchmark run measured.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Report {
+    /// The day it ran (YYYY-MM-DD, UTC).
     pub date: String,
+    /// The GPU (None before one was opened).
     pub device: Option<DeviceInfo>,
+    /// The model benchmarked.
     pub model: ModelInfo,
+    /// Untimed runs before each measurement.
     pub warmup: usize,
+    /// Timed runs a measurement (its median is reported).
     pub runs: usize,
+    /// A `--quick` run (smaller ceilings and batches).
     pub quick: bool,
     /// The backend options in this run (`CudaOptions::from_env`: `FORA_CUDA_GRAPHS`,
     /// `FORA_FUSED_REUSE`, ...); each step row says what its workspace did.
     pub options: CudaOptions,
     /// The flash-attention implementation the steps ran (`FORA_ATTENTION`, e.g. "v1").
     pub attention: String,
+    /// Classifier-free guidance scale of the CFG batches.
     pub cfg_scale: f32,
+    /// The large cuBLASLt GEMM that gives the compute ceiling.
     pub gemm_ceiling: Option<Ceiling>,
     /// Memory bandwidth measured in several ways (copy, copy kernel, read kernel); the best is
     /// the memory ceiling ([`Report::memory_ceiling`]).
@@ -200,9 +244,13 @@ pub struct Report {
     /// Reading a buffer that stays in L2 (not a memory ceiling: the roofline of operands that
     /// come from L2, such as a GEMM tile's A and W each k-step).
     pub l2_ceiling: Option<Ceiling>,
+    /// Per-step rows.
     pub steps: Vec<StepRow>,
+    /// End-to-end rows.
     pub e2e: Vec<E2eRow>,
+    /// Per-kernel rows.
     pub kernels: Vec<KernelRow>,
+    /// Measurements that failed (the others still ran).
     pub errors: Vec<BenchError>,
 }
 
@@ -270,6 +318,7 @@ fn num(v: Option<f64>) -> Value {
 }
 
 impl Report {
+    /// An empty report of `model` for `plan`'s run under `options`.
     pub fn new(model: ModelInfo, plan: &BenchPlan, options: &CudaOptions) -> Report {
         Report {
             date: today(),

@@ -4,11 +4,13 @@
 //! `tools/update_bindings.sh`. Each struct also gets `DeviceRepr` (appended by the generator), so
 //! it can be passed by value to a kernel.
 
+// Generated: the fields' meanings are documented in kernels/params.h.
 #![allow(
     non_camel_case_types,
     non_snake_case,
     non_upper_case_globals,
-    dead_code
+    dead_code,
+    missing_docs
 )]
 #![allow(clippy::all)]
 

@@ -19,6 +19,7 @@ pub enum WgmmaProbeMode {
 }
 
 impl WgmmaProbeMode {
+    /// Every mode, in the probe's order.
     pub const ALL: [WgmmaProbeMode; 3] = [
         WgmmaProbeMode::RegistersKMajor,
         WgmmaProbeMode::SharedKMajor,

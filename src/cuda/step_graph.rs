@@ -27,6 +27,7 @@ pub enum StepTableSource {
 
 /// A captured step graph and the handles of its per-step nodes.
 pub struct StepGraph {
+    /// The instantiated graph of the whole step.
     pub graph: CudaGraph,
     /// The table / timestep copy (None when the step copies nothing) and its captured
     /// parameters, whose source each step replaces.

@@ -206,10 +206,12 @@ pub fn round_bf16(v: &[f32]) -> Vec<f32> {
 pub struct TestRng(u64);
 
 impl TestRng {
+    /// A generator whose sequence `seed` fixes.
     pub fn new(seed: u64) -> TestRng {
         TestRng(seed)
     }
 
+    /// The next 64 random bits (SplitMix64).
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
@@ -240,6 +242,7 @@ impl TestRng {
         (self.unit() * n as f64) as usize % n.max(1)
     }
 
+    /// `n` values uniform in [lo, hi).
     pub fn uniform_vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
         (0..n).map(|_| self.uniform(lo, hi)).collect()
     }
