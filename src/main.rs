@@ -46,12 +46,12 @@ enum Command {
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Device {
-    /// CUDA device 0 when it is usable (driver, compute capability >= 8.0, kernels in this
-    /// binary), else the CPU.
+    /// The CUDA device (--gpu, default 0) when it is usable (driver, compute capability >= 8.0,
+    /// kernels in this binary), else the CPU.
     Auto,
     /// The f32 CPU reference.
     Cpu,
-    /// The CUDA backend on device 0 (an error when it is not usable).
+    /// The CUDA backend on the device --gpu names (default 0; an error when it is not usable).
     Cuda,
 }
 
@@ -82,6 +82,9 @@ struct ModelArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// CUDA device ordinal (as the driver numbers them, after CUDA_VISIBLE_DEVICES). Default 0.
+    #[arg(long, value_name = "N")]
+    gpu: Option<usize>,
     /// GEMM kernels on a GPU: cublaslt, custom, wgmma, tma or tma_mc. Default: $FORA_GEMM, else
     /// cublaslt.
     #[arg(long, value_name = "IMPL")]
@@ -98,8 +101,9 @@ impl ModelArgs {
     /// over them. Refused with --device cpu, where they would choose nothing.
     fn cuda_options(&self) -> Result<CudaOptions> {
         ensure!(
-            self.device != Device::Cpu || (self.gemm.is_none() && self.attention.is_none()),
-            "--gemm and --attention choose GPU kernels; --device cpu runs none"
+            self.device != Device::Cpu
+                || (self.gemm.is_none() && self.attention.is_none() && self.gpu.is_none()),
+            "--gpu, --gemm and --attention choose a GPU and its kernels; --device cpu uses none"
         );
         let mut options = CudaOptions::from_env()?;
         if let Some(gemm) = &self.gemm {
@@ -206,10 +210,10 @@ fn run_on<J: Job>(model: &ModelArgs, job: J) -> Result<()> {
     match model.device {
         Device::Cpu => job.run(&CpuBackend::new(cfg, weights)?),
         Device::Cuda => {
-            let gpu = Gpu::new(0).context("--device cuda")?;
+            let gpu = Gpu::new(model.gpu.unwrap_or(0)).context("--device cuda")?;
             job.run(&CudaBackend::with_options(gpu, &cfg, &weights, options)?)
         }
-        Device::Auto => match Gpu::new(0)
+        Device::Auto => match Gpu::new(model.gpu.unwrap_or(0))
             .and_then(|gpu| CudaBackend::with_options(gpu, &cfg, &weights, options))
         {
             Ok(cuda) => job.run(&cuda),

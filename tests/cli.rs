@@ -529,6 +529,21 @@ fn bad_sample_inputs() {
         &out,
     );
     assert_fails(
+        &run(&[
+            "--class", "1", "--steps", "2", "--device", "cpu", "--gpu", "1",
+        ]),
+        &["--gpu", "--device cpu"],
+        &out,
+    );
+    // A device the driver does not have (or no driver at all): refused, nothing written.
+    assert_fails(
+        &run(&[
+            "--class", "1", "--steps", "2", "--device", "cuda", "--gpu", "99",
+        ]),
+        &["--device cuda"],
+        &out,
+    );
+    assert_fails(
         &run(&["--class", "10", "--steps", "2"]),
         &["class 10", "10 classes"],
         &out,
