@@ -1152,6 +1152,15 @@ fn python_variants_report_compares_paths() {
     faster
         .write_json(&dir.join("variant_lt_splitk.json"))
         .unwrap();
+    // A path twice as slow in every step, its run without errors.
+    let mut slower = fake_report();
+    for s in &mut slower.steps {
+        if let Some(st) = s.stats.as_mut() {
+            *st = Stats::from_samples(&[st.median_ms * 2.0]).unwrap();
+        }
+    }
+    slower.errors.clear();
+    slower.write_json(&dir.join("variant_pdl.json")).unwrap();
     std::fs::write(dir.join("variant_broken.json"), "{").unwrap();
     let md_path = dir.join("variants.md");
     let out = Command::new("python3")
@@ -1181,6 +1190,18 @@ fn python_variants_report_compares_paths() {
     );
     assert!(
         stdout.contains("Unreadable: variant_broken.json"),
+        "{stdout}"
+    );
+    // The verdicts: the faster path's run had an error (as the default's fake one does), the
+    // slower path is slower everywhere it was measured.
+    assert!(
+        stdout.contains("- `lt_splitk`: faster in full 2 rows (2.00x)")
+            && stdout.contains("check them before adopting it"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("- `pdl`: faster in nothing; slower in full 2 rows (0.50x)")
+            && stdout.contains(": keep the default"),
         "{stdout}"
     );
     assert!(

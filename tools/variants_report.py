@@ -3,7 +3,8 @@
 phase writes one `fora bench --json` file per path, `variant_<name>.json`): per path the full
 and reuse step times at each row count, TFLOP/s of the full step, kernels per step, the host's
 issue time of a step, and one image end to end at N = 1 and 3 with the realized speedup. Each
-ratio column compares with the path named `default` measured in the same run.
+ratio column compares with the path named `default` measured in the same run, and a verdict
+per path says where it is faster or slower than the default and whether to adopt it.
 
     python3 tools/variants_report.py OUT_DIR [--md variants.md]
 
@@ -42,6 +43,42 @@ def e2e(d, interval):
         if r.get("interval") == interval and r.get("loop_ms") is not None:
             return r
     return None
+
+
+FASTER, SLOWER = 1.02, 0.99  # speedup against the default that counts as a change
+
+
+def verdicts(runs, names, rows, base):
+    """Per path, where it is faster (>= 2% less time) or slower (>= 1% more) than the default
+    in the same run, over the step times and one image at N = 3, and what that suggests."""
+    lines = [f"Verdicts against `default` (faster: at least {round((FASTER - 1) * 100)}% less time; "
+             f"slower: at least {round((1 - SLOWER) * 100)}% more):"]
+    for n in names:
+        if n == "default":
+            continue
+        d = runs[n]
+        pairs = [(f"{kind} {r} rows", step(d, r, kind), step(base, r, kind))
+                 for r in rows for kind in ("full", "reuse")]
+        pairs = [(what, s["median_ms"], b["median_ms"]) for what, s, b in pairs if s and b and s["median_ms"]]
+        e3, b3 = e2e(d, 3), e2e(base, 3)
+        if e3 and b3 and e3["loop_ms"]:
+            pairs.append(("one image N=3", e3["loop_ms"], b3["loop_ms"]))
+        faster = [f"{what} ({b / ms:.2f}x)" for what, ms, b in pairs if b / ms >= FASTER]
+        slower = [f"{what} ({b / ms:.2f}x)" for what, ms, b in pairs if b / ms <= SLOWER]
+        errors = len(d.get("errors", []))
+        if errors:
+            verdict = f"{errors} error(s) in its run: check them before adopting it"
+        elif not pairs:
+            verdict = "nothing measured"
+        elif faster and not slower:
+            verdict = "adopt it where its GPU tests pass"
+        elif faster:
+            verdict = "mixed: weigh the targets"
+        else:
+            verdict = "keep the default"
+        lines.append(f"- `{n}`: faster in {', '.join(faster) or 'nothing'}; "
+                     f"slower in {', '.join(slower) or 'nothing'}: {verdict}")
+    return "\n".join(lines)
 
 
 def report(out_dir):
@@ -107,6 +144,8 @@ def report(out_dir):
               for n, r, s in summed if s]
     if summed:
         out.append("\nReuse steps from cache sums:\n" + "\n".join(summed))
+    if base is not None and len(names) > 1:
+        out.append("\n" + verdicts(runs, names, rows, base))
     errors = [f"- `{n}`: {e.get('section')} / {e.get('what')}: {e.get('error')}"
               for n in names for e in runs[n].get("errors", [])]
     if errors:
