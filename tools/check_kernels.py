@@ -35,6 +35,10 @@ order the design needs. Each was found by reading the SASS without a GPU and fix
                        (HGMMA) instructions: it was not compiled to its trap stub.
   no_gpu_membar        no kernel has a GPU-scope memory barrier but a cluster barrier's release
                        (the multicast GEMM's slot releases once carried one each).
+  pdl_wait_first       sm_90a: every kernel waits for the grid before it (griddepcontrol.wait,
+                       SASS ACQBULK) before its first global memory access, so that with
+                       programmatic dependent launch (FORA_PDL) it never reads what that grid has
+                       yet to write.
 
 Usage: tools/check_kernels.py [--only SUBSTRING-OF-A-SOURCE]
        tools/check_kernels.py --dump KERNEL [--file kernels/X.cu] [--arch sm_90a]   (one kernel's SASS)
@@ -205,11 +209,30 @@ def no_gpu_membar(ops):
     return None
 
 
+# SASS opcodes that read or write global memory (LD / ST with generic addresses included).
+GLOBAL_MEMORY_OPS = ("LDG", "STG", "LD.", "ST.", "LDGSTS", "UTMALDG", "UTMASTG", "UBLKCP", "RED", "ATOM")
+
+
+def pdl_wait_first(ops):
+    """With programmatic dependent launch (FORA_PDL), a kernel may start while the one before
+    it still runs: griddepcontrol.wait (SASS ACQBULK) must come before its first global memory
+    access."""
+    first = next((i for i, op in enumerate(ops) if op.startswith(GLOBAL_MEMORY_OPS)), None)
+    if first is None:
+        return None
+    wait = next((i for i, op in enumerate(ops) if op.startswith("ACQBULK")), None)
+    if wait is None or wait > first:
+        return f"{ops[first]} at instruction {first} before any ACQBULK (griddepcontrol.wait)"
+    return None
+
+
 def check(functions, arch):
     """Failures [(rule, function, why)] of every rule that applies to these functions."""
     failures = []
     for name, ops in sorted(functions.items()):
         rules = [("no_gpu_membar", no_gpu_membar)]
+        if arch == "sm_90a":
+            rules.append(("pdl_wait_first", pdl_wait_first))
         if name == "final_sampler_step":
             rules.append(("loads_before_mma", loads_before_mma))
         if arch == "sm_90a" and REFILL_AFTER_WGMMA.match(name):
@@ -285,6 +308,9 @@ def selftest():
          "two_softmax_paths", "sm_90a"),
         ("gemm_tma_128x192", ["UTMALDG.2D [UR4]", "HGMMA.64x192x16.F32.BF16 R24"], ["BPT.TRAP 0x1", "EXIT"],
          "hopper_uses_wgmma", "sm_90a"),
+        ("patch_embed", ["LDC R1, c[0x0][0x28]", "ACQBULK", "PREEXIT", "LDG.E R2, desc[UR4][R2.64]", "STG.E [R4], R2"],
+         ["LDC R1, c[0x0][0x28]", "LDG.E R2, desc[UR4][R2.64]", "ACQBULK", "STG.E [R4], R2"],
+         "pdl_wait_first", "sm_90a"),
         ("gemm_tma_mc_128x192", ["MEMBAR.ALL.CTA", "MEMBAR.ALL.GPU", "ERRBAR", "CGAERRBAR", "UCGABAR_ARV", "UCGABAR_WAIT",
                                  "HGMMA.64x192x16.F32.BF16 R24", "SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ"],
          ["HGMMA.64x192x16.F32.BF16 R24", "MEMBAR.ALL.GPU", "SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ"],
