@@ -208,38 +208,13 @@ impl CudaOptions {
         if self.attention != d.attention {
             out.push(format!("FORA_ATTENTION={}", self.attention.name()));
         }
-        let switches = [
-            ("FORA_CUDA_GRAPHS", self.graphs, d.graphs),
-            (
-                "FORA_PRECOMPUTE_MODULATION",
-                self.precompute_modulation,
-                d.precompute_modulation,
-            ),
-            ("FORA_LT_AUTOTUNE", self.lt_autotune, d.lt_autotune),
-            ("FORA_FUSED_REUSE", self.fused_reuse, d.fused_reuse),
-            ("FORA_FUSED_FINAL", self.fused_final, d.fused_final),
-            ("FORA_SIDE_STREAM", self.side_stream, d.side_stream),
-            ("FORA_FUSED_LN", self.fused_ln, d.fused_ln),
-            ("FORA_LT_BIAS_BF16", self.lt_bias_bf16, d.lt_bias_bf16),
-            ("FORA_BF16_RESIDUAL", self.bf16_residual, d.bf16_residual),
-            (
-                "FORA_REUSE_GATES_ONLY",
-                self.reuse_gates_only,
-                d.reuse_gates_only,
-            ),
-            ("FORA_STEP_GRAPH", self.step_graph, d.step_graph),
-            (
-                "FORA_REUSE_TABLE_IN_PLACE",
-                self.reuse_table_in_place,
-                d.reuse_table_in_place,
-            ),
-            ("FORA_LT_SPLITK", self.lt_splitk, d.lt_splitk),
-            ("FORA_L2_PERSIST", self.l2_persist, d.l2_persist),
-            ("FORA_PDL", self.pdl, d.pdl),
-            ("FORA_FINAL_SAMPLER", self.final_sampler, d.final_sampler),
-        ];
-        for (name, value, default) in switches {
-            if value != default {
+        if self.graphs != d.graphs {
+            out.push(format!("FORA_CUDA_GRAPHS={}", u8::from(self.graphs)));
+        }
+        for (name, field) in SWITCHES {
+            let (mut this, mut default) = (*self, d);
+            let value = *field(&mut this);
+            if value != *field(&mut default) {
                 out.push(format!("{name}={}", u8::from(value)));
             }
         }
@@ -266,26 +241,10 @@ impl CudaOptions {
                 other => bail!("{var} must be 0 or 1, got {other:?}"),
             },
         };
-        Ok(CudaOptions {
+        let mut o = CudaOptions {
             gemm: GemmImpl::from_env()?,
             attention: AttentionImpl::from_env()?,
             graphs: graphs_enabled(),
-            precompute_modulation: flag("FORA_PRECOMPUTE_MODULATION", d.precompute_modulation)?,
-            max_modulation_table_bytes: d.max_modulation_table_bytes,
-            lt_autotune: flag("FORA_LT_AUTOTUNE", d.lt_autotune)?,
-            fused_reuse: flag("FORA_FUSED_REUSE", d.fused_reuse)?,
-            fused_final: flag("FORA_FUSED_FINAL", d.fused_final)?,
-            side_stream: flag("FORA_SIDE_STREAM", d.side_stream)?,
-            fused_ln: flag("FORA_FUSED_LN", d.fused_ln)?,
-            lt_bias_bf16: flag("FORA_LT_BIAS_BF16", d.lt_bias_bf16)?,
-            bf16_residual: flag("FORA_BF16_RESIDUAL", d.bf16_residual)?,
-            reuse_gates_only: flag("FORA_REUSE_GATES_ONLY", d.reuse_gates_only)?,
-            step_graph: flag("FORA_STEP_GRAPH", d.step_graph)?,
-            reuse_table_in_place: flag("FORA_REUSE_TABLE_IN_PLACE", d.reuse_table_in_place)?,
-            lt_splitk: flag("FORA_LT_SPLITK", d.lt_splitk)?,
-            l2_persist: flag("FORA_L2_PERSIST", d.l2_persist)?,
-            pdl: flag("FORA_PDL", d.pdl)?,
-            final_sampler: flag("FORA_FINAL_SAMPLER", d.final_sampler)?,
             reuse_sum: match std::env::var("FORA_REUSE_SUM") {
                 Err(_) => d.reuse_sum,
                 Ok(v) => match v.trim() {
@@ -299,9 +258,41 @@ impl CudaOptions {
                     },
                 },
             },
-        })
+            ..d
+        };
+        for (var, field) in SWITCHES {
+            let value = field(&mut o);
+            *value = flag(var, *value)?;
+        }
+        Ok(o)
     }
 }
+
+/// The field of [`CudaOptions`] a 0/1 switch sets.
+type SwitchField = fn(&mut CudaOptions) -> &mut bool;
+
+/// The 0/1 switches of [`CudaOptions`]: each environment variable and the field it sets (its
+/// default is [`CudaOptions::default`]'s). `FORA_CUDA_GRAPHS` (off only at `0`), the kernel
+/// choices and `FORA_REUSE_SUM` are parsed apart.
+const SWITCHES: [(&str, SwitchField); 15] = [
+    ("FORA_PRECOMPUTE_MODULATION", |o| {
+        &mut o.precompute_modulation
+    }),
+    ("FORA_LT_AUTOTUNE", |o| &mut o.lt_autotune),
+    ("FORA_FUSED_REUSE", |o| &mut o.fused_reuse),
+    ("FORA_FUSED_FINAL", |o| &mut o.fused_final),
+    ("FORA_SIDE_STREAM", |o| &mut o.side_stream),
+    ("FORA_FUSED_LN", |o| &mut o.fused_ln),
+    ("FORA_LT_BIAS_BF16", |o| &mut o.lt_bias_bf16),
+    ("FORA_BF16_RESIDUAL", |o| &mut o.bf16_residual),
+    ("FORA_REUSE_GATES_ONLY", |o| &mut o.reuse_gates_only),
+    ("FORA_STEP_GRAPH", |o| &mut o.step_graph),
+    ("FORA_REUSE_TABLE_IN_PLACE", |o| &mut o.reuse_table_in_place),
+    ("FORA_LT_SPLITK", |o| &mut o.lt_splitk),
+    ("FORA_L2_PERSIST", |o| &mut o.l2_persist),
+    ("FORA_PDL", |o| &mut o.pdl),
+    ("FORA_FINAL_SAMPLER", |o| &mut o.final_sampler),
+];
 
 /// Whether the CUDA backend can run `cfg`: its attention kernels exist for head_dim 64, 72
 /// and 128 (every official DiT); other models run on the CPU backend.
