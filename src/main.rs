@@ -98,13 +98,15 @@ struct ModelArgs {
 
 impl ModelArgs {
     /// The CUDA backend's options: the environment's (`FORA_*`), with --gemm and --attention
-    /// over them. Refused with --device cpu, where they would choose nothing.
-    fn cuda_options(&self) -> Result<CudaOptions> {
-        ensure!(
-            self.device != Device::Cpu
-                || (self.gemm.is_none() && self.attention.is_none() && self.gpu.is_none()),
-            "--gpu, --gemm and --attention choose a GPU and its kernels; --device cpu uses none"
-        );
+    /// over them; None with --device cpu (which refuses them, and reads no `FORA_*`).
+    fn cuda_options(&self) -> Result<Option<CudaOptions>> {
+        if self.device == Device::Cpu {
+            ensure!(
+                self.gemm.is_none() && self.attention.is_none() && self.gpu.is_none(),
+                "--gpu, --gemm and --attention choose a GPU and its kernels; --device cpu uses none"
+            );
+            return Ok(None);
+        }
         let mut options = CudaOptions::from_env()?;
         if let Some(gemm) = &self.gemm {
             options.gemm = gemm.parse().context("--gemm")?;
@@ -112,7 +114,7 @@ impl ModelArgs {
         if let Some(attention) = &self.attention {
             options.attention = attention.parse().context("--attention")?;
         }
-        Ok(options)
+        Ok(Some(options))
     }
 }
 
@@ -205,7 +207,7 @@ trait Job {
 /// Loads the model and runs `job` on the chosen device: `cuda` fails with the reason when no
 /// usable GPU is there; `auto` takes the GPU when it can and otherwise says it runs on the CPU.
 fn run_on<J: Job>(model: &ModelArgs, job: J) -> Result<()> {
-    let options = model.cuda_options()?;
+    let options = model.cuda_options()?.unwrap_or_default();
     let (cfg, weights) = load_model(model)?;
     match model.device {
         Device::Cpu => job.run(&CpuBackend::new(cfg, weights)?),

@@ -535,6 +535,17 @@ fn bad_sample_inputs() {
         &["--gpu", "--device cpu"],
         &out,
     );
+    // The CPU reads no FORA_* variable: a bad one does not stop it.
+    let o = Command::new(fora_bin())
+        .args([
+            "sample", "--model", &model, "--quiet", "--out", &out_s, "--class", "1", "--steps",
+            "2", "--device", "cpu",
+        ])
+        .env("FORA_PDL", "yes")
+        .output()
+        .expect("cannot start the fora binary");
+    assert_ok(&o);
+    std::fs::remove_file(&out).unwrap();
     // A device the driver does not have (or no driver at all): refused, nothing written.
     assert_fails(
         &run(&[
