@@ -672,10 +672,59 @@ fn emulator_checks_proxy_fences() -> Result<()> {
         run("proxy_probe_fenced")? == vec![16.0f32; 128],
         "proxy_probe_fenced: a wgmma of 16 ones did not give 16"
     );
-    let err = format!("{:#}", run("proxy_probe_unfenced").unwrap_err());
+    let Err(err) = run("proxy_probe_unfenced") else {
+        bail!("proxy_probe_unfenced ran: not refused for its missing fence");
+    };
+    let err = format!("{err:#}");
     ensure!(
         err.contains("fence.proxy.async") && err.contains("cp.async") && err.contains("wgmma"),
         "proxy_probe_unfenced: not refused for its missing fence: {err}"
+    );
+
+    // A TMA copy over plain stores: lands (the box, as swizzled in shared memory) with the
+    // fence, is refused without it.
+    let (rows, cols) = (64usize, 64usize);
+    let src: Vec<f32> = (0..rows * cols).map(|i| (i % 251) as f32).collect();
+    let src_d = emu.upload_bf16(&src)?;
+    let tensor = fora::cuda::device::TmaTensor2d {
+        base: src_d.addr(),
+        rows: rows as u64,
+        cols: cols as u64,
+        row_stride: cols as u64,
+        box_rows: rows as u32,
+        box_cols: cols as u32,
+    };
+    let run_tma = |name: &str| -> Result<Vec<f32>> {
+        let out = emu.poisoned_bf16(rows * cols)?;
+        let p = fora::cuda::params::TmaProbeParams {
+            map: emu.tma_descriptor_2d(&tensor)?,
+            out: out.addr(),
+            x0: 0,
+            y0: 0,
+            x1: 0,
+            y1: 0,
+            box_rows: rows as i32,
+        };
+        // SAFETY: the probe reads the tensor the map describes and writes rows x 64 bf16 at out.
+        unsafe { emu.launch_kernel(name, (1, 1, 1), (128, 1, 1), (rows * 128 + 8) as u32, &p)? };
+        emu.download_bf16(&out)
+    };
+    let landed = run_tma("proxy_probe_tma_fenced")?;
+    let mut sorted_in = src.clone();
+    let mut sorted_out = landed.clone();
+    sorted_in.sort_by(f32::total_cmp);
+    sorted_out.sort_by(f32::total_cmp);
+    ensure!(
+        sorted_out == sorted_in,
+        "proxy_probe_tma_fenced: the box did not land whole (the swizzle moves, never loses, values)"
+    );
+    let Err(err) = run_tma("proxy_probe_tma_unfenced") else {
+        bail!("proxy_probe_tma_unfenced ran: not refused for its missing fence");
+    };
+    let err = format!("{err:#}");
+    ensure!(
+        err.contains("TMA copy overwrites") && err.contains("fence.proxy.async"),
+        "proxy_probe_tma_unfenced: not refused for its missing fence: {err}"
     );
     Ok(())
 }

@@ -482,6 +482,31 @@ void proxy_probe(const uint64_t out) {
     reinterpret_cast<float*>(out)[t] = d[0];
 }
 
+// proxy_probe_tma_fenced / _unfenced (TmaProbeParams; 128 threads, dynamic shared memory
+// box_rows x 128 bytes + 8): the threads zero the box with plain stores (the generic proxy), fence
+// the async proxy (or not), meet, and thread 0 loads the box at (x0, y0) over them by TMA; out
+// gets the box (box_rows x 64 bf16). Without the fence the proxy check must fail the launch.
+template <bool FENCE>
+void proxy_probe_tma(const TmaProbeParams p) {
+    unsigned char* smem = fora_emulation_dynamic_smem<unsigned char>();  // 1024-byte aligned
+    const uint32_t box_bytes = static_cast<uint32_t>(p.box_rows) * 128u;
+    const uint32_t bar = box_bytes;
+    if (threadIdx.x == 0) fora_emulation_mbarrier_init(bar, 1);
+    for (uint32_t i = threadIdx.x; i < box_bytes / 16; i += blockDim.x) {
+        std::memset(smem + 16 * i, 0, 16);
+        fora_emulation_generic_store(smem + 16 * i, 16);
+    }
+    if (FENCE) fora_emulation_fence_proxy_async();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        fora_emulation_mbarrier_arrive(bar, box_bytes);
+        fora_emulation_tma_load_2d(0, &p.map, p.x0, p.y0, bar);
+    }
+    fora_emulation_mbarrier_wait(bar, 0);
+    uint16_t* out = reinterpret_cast<uint16_t*>(p.out);
+    for (uint32_t i = threadIdx.x; i < box_bytes / 2; i += blockDim.x) std::memcpy(out + i, smem + 2 * i, 2);
+}
+
 template <typename P, void (*K)(const P)>
 void call(const void* params) {
     K(*static_cast<const P*>(params));
@@ -567,6 +592,8 @@ Kernel find(const std::string& name) {
     if (name == "race_probe_blocks") return call<uint64_t, race_probe_blocks>;
     if (name == "proxy_probe_fenced") return call<uint64_t, proxy_probe<true>>;
     if (name == "proxy_probe_unfenced") return call<uint64_t, proxy_probe<false>>;
+    if (name == "proxy_probe_tma_fenced") return call<TmaProbeParams, proxy_probe_tma<true>>;
+    if (name == "proxy_probe_tma_unfenced") return call<TmaProbeParams, proxy_probe_tma<false>>;
     return nullptr;
 }
 
