@@ -654,7 +654,8 @@ fn host_buffers_catch_writes_past_the_end() {
 /// (the generic proxy) and then read by a wgmma (the async proxy) needs a fence.proxy.async by
 /// the writing thread in between; a GPU may otherwise feed the wgmma stale bytes, which no
 /// GPU test is sure to show. The probe with the fence runs (and sums its ones right); the one
-/// without is refused with the byte and the thread.
+/// without is refused with the byte and the thread. The same for a TMA copy issued over plain
+/// stores (the box lands with the fence, the launch is refused without).
 #[test]
 fn emulator_checks_proxy_fences() -> Result<()> {
     let Some(emu) = emulator("emulator_checks_proxy_fences") else {
