@@ -114,9 +114,8 @@ def ptxas_failures(log):
 
 def ptxas_summary(log):
     """(entry functions, most registers any uses) of one compile's `ptxas -v` log."""
-    kernels = len(re.findall(r"Compiling entry function", log))
-    regs = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
-    return kernels, max(regs, default=0)
+    stats = kernel_stats("", log)
+    return len(stats), max((st.get("regs", 0) for st in stats.values()), default=0)
 
 
 def parse_sass(text):

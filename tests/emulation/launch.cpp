@@ -732,14 +732,10 @@ void note_generic_access(Block& b, unsigned t, const void* p, unsigned bytes, bo
     (write ? f.unfenced_writes : f.unfenced_reads).emplace_back(static_cast<uint32_t>(off), bytes);
 }
 
-void note_generic_write(Block& b, unsigned t, const void* p, unsigned bytes) {
-    note_generic_access(b, t, p, bytes, true);
-}
-
 }  // namespace
 
 void fora_emulation_generic_store(const void* smem, unsigned bytes) {
-    note_generic_write(here(), launch_state->current, smem, bytes);
+    note_generic_access(here(), launch_state->current, smem, bytes, true);
 }
 
 void fora_emulation_generic_load(const void* smem, unsigned bytes) {
@@ -757,7 +753,7 @@ void fora_emulation_cp_async_wait(int pending) {
     while (g.committed.size() > static_cast<size_t>(pending)) {
         for (const PendingCopy& c : g.committed.front()) {
             std::memcpy(c.dst, c.bytes, 16);
-            note_generic_write(b, t, c.dst, 16);
+            note_generic_access(b, t, c.dst, 16, true);
         }
         g.committed.erase(g.committed.begin());
     }
@@ -770,14 +766,15 @@ void fora_emulation_fence_proxy_async() {
     Block& b = here();
     const unsigned t = launch_state->current;
     Fiber& f = b.fibers[t];
-    for (const auto& [off, bytes] : f.unfenced_writes)
-        for (uint32_t i = off; i < off + bytes; ++i)
-            if (b.unfenced[i] == t + 1) b.unfenced[i] = 0;
-    f.unfenced_writes.clear();
-    for (const auto& [off, bytes] : f.unfenced_reads)
-        for (uint32_t i = off; i < off + bytes; ++i)
-            if (b.unfenced_read[i] == t + 1) b.unfenced_read[i] = 0;
-    f.unfenced_reads.clear();
+    // Clears this thread's marks (a later access by another thread keeps its own).
+    auto clear = [t](std::vector<std::pair<uint32_t, uint32_t>>& accesses, std::vector<uint16_t>& shadow) {
+        for (const auto& [off, bytes] : accesses)
+            for (uint32_t i = off; i < off + bytes; ++i)
+                if (shadow[i] == t + 1) shadow[i] = 0;
+        accesses.clear();
+    };
+    clear(f.unfenced_writes, b.unfenced);
+    clear(f.unfenced_reads, b.unfenced_read);
 }
 
 uint32_t fora_emulation_smem_offset(const void* p) {
@@ -816,11 +813,23 @@ struct SmemOperand {
           bytes(launch_state->dynamic_smem_bytes),
           layout(layout_name) {}
 
-    // The bf16 at byte `addr` of the canonical layout after the 128-byte swizzle: the hardware
-    // XORs address bits [4:6] with bits [7:9] (the dynamic shared memory is 1024-byte aligned, so
-    // offsets and host addresses agree on those bits). (i, k) name the element in the error.
-    float swizzled(uint32_t addr, int i, int k) const {
-        addr ^= ((addr >> 7) & 7u) << 4;
+    // The shared byte of element (i, k): (row, k) of a K-major operand, or (n, k) of an MN-major B
+    // operand, in the 128-byte-swizzle canonical layout, after the swizzle: the hardware XORs
+    // address bits [4:6] with bits [7:9] (the dynamic shared memory is 1024-byte aligned, so
+    // offsets and host addresses agree on those bits).
+    // K-major: rows of an 8-row atom 128 bytes apart, atoms `stride` apart. The leading byte
+    // offset is unused for this layout when the k extent (32 bytes) fits the swizzle width.
+    // MN-major (as wgmma.cuh's wgmma_desc_sw128_mn describes it): 128-byte rows of 64 n-values,
+    // one per k; 8 k-rows an atom, atoms `stride` apart along k and `leading` apart per 64-wide n
+    // panel.
+    uint32_t address(int i, int k, bool mn_major) const {
+        const uint32_t addr = mn_major ? d.start + (i / 64) * d.leading + (k / 8) * d.stride + (k % 8) * 128 + 2 * (i % 64)
+                                       : d.start + (i / 8) * d.stride + (i % 8) * 128 + 2 * k;
+        return addr ^ (((addr >> 7) & 7u) << 4);
+    }
+
+    // The bf16 at (swizzled) byte `addr`; (i, k) name the element in the error.
+    float at(uint32_t addr, int i, int k) const {
         if (addr + 2 > bytes) {
             std::fprintf(stderr, "emulated wgmma: %s operand (%d, k %d) at shared byte %u is past the %zu bytes of dynamic shared memory\n",
                          layout, i, k, addr, bytes);
@@ -831,19 +840,11 @@ struct SmemOperand {
         return bf16_bits_to_f32(bits);
     }
 
-    // Element (row, k) of a K-major bf16 operand in the 128-byte-swizzle canonical layout: rows
-    // of an 8-row atom 128 bytes apart, atoms `stride` apart. The leading byte offset is unused
-    // for this layout when the k extent (32 bytes) fits the swizzle width.
-    float k_major(int row, int k) const {
-        return swizzled(d.start + (row / 8) * d.stride + (row % 8) * 128 + 2 * k, row, k);
-    }
+    // Element (row, k) of a K-major bf16 operand.
+    float k_major(int row, int k) const { return at(address(row, k, false), row, k); }
 
-    // Element (n, k) of an MN-major bf16 B operand in the 128-byte-swizzle canonical layout (as
-    // wgmma.cuh's wgmma_desc_sw128_mn describes it): 128-byte rows of 64 n-values, one per k; 8
-    // k-rows an atom, atoms `stride` apart along k and `leading` apart per 64-wide n panel.
-    float mn_major(int n, int k) const {
-        return swizzled(d.start + (n / 64) * d.leading + (k / 8) * d.stride + (k % 8) * 128 + 2 * (n % 64), n, k);
-    }
+    // Element (n, k) of an MN-major bf16 B operand.
+    float mn_major(int n, int k) const { return at(address(n, k, true), n, k); }
 };
 
 // The proxy check of `bytes` bytes from the (unswizzled) dynamic shared offset `addr` of block
@@ -872,16 +873,9 @@ void check_proxy(const Block& b, uint32_t addr, uint32_t bytes, const char* what
 // (MN-major) bf16 elements at their swizzled addresses; checked once per warpgroup, by its
 // first thread, when the warpgroup issues it.
 void check_wgmma_operand(uint64_t desc, int rows, bool mn_major) {
-    const Block& b = here();
-    const SmemDescriptor d = decode(desc);
-    for (int r = 0; r < rows; ++r) {
-        for (int k = 0; k < 16; ++k) {
-            uint32_t addr = mn_major ? d.start + (r / 64) * d.leading + (k / 8) * d.stride + (k % 8) * 128 + 2 * (r % 64)
-                                     : d.start + (r / 8) * d.stride + (r % 8) * 128 + 2 * k;
-            addr ^= ((addr >> 7) & 7u) << 4;
-            check_proxy(b, addr, 2, "a wgmma reads");
-        }
-    }
+    const SmemOperand op(desc, mn_major ? "MN-major" : "K-major");
+    for (int r = 0; r < rows; ++r)
+        for (int k = 0; k < 16; ++k) check_proxy(here(), op.address(r, k, mn_major), 2, "a wgmma reads");
 }
 
 // This thread's fragment of D[64 x n] += A[64 x 16] B[16 x n]: warp w of the warpgroup owns rows
