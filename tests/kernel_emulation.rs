@@ -11,7 +11,9 @@
 //! memcheck, that no kernel reads or writes past its buffers (each buffer ends at a guard page,
 //! with a canary in the bytes before it; see `HostBuf`); and, run with the warps of a block out
 //! of step (`emulated_warps_ahead`), a stand-in for racecheck's shared-memory hazards between
-//! warps. It cannot show timing or
+//! warps; and, under ThreadSanitizer (`emulated_kernels_have_no_data_races`), that no two
+//! threads of a block touch a byte, one writing, with nothing ordering them. It cannot show
+//! timing or
 //! memory-model behaviour, which only a GPU run shows. Without a C++20 compiler (`CXX`, else g++, c++, clang++) each test prints `SKIP`,
 //! unless `FORA_REQUIRE_EMULATION=1` (CI sets it), which makes that a failure.
 
@@ -58,6 +60,9 @@ type LastErrorFn = unsafe extern "C" fn() -> *const std::ffi::c_char;
 const EMULATED_SMS: usize = 132;
 /// Dynamic shared memory a block may have (an H100's opt-in limit).
 const EMULATED_SMEM_LIMIT: u32 = 227 * 1024;
+/// The emulator library a race-check child process loads (its parent built it), instead of
+/// building its own.
+const EMULATION_LIB: &str = "FORA_EMULATION_LIB";
 
 /// The emulator library, loaded once per test process, and the SMs it reports.
 struct Emulator {
@@ -397,55 +402,116 @@ fn compiler() -> Option<String> {
     })
 }
 
+/// Which emulator library [`build`] makes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Build {
+    /// The kernels with UBSan's alignment check: what every emulated test loads.
+    Checked,
+    /// The kernels with ThreadSanitizer and the runner with its race annotations
+    /// (`FORA_EMULATION_TSAN`), for [`emulated_kernels_have_no_data_races`]'s child processes.
+    Races,
+}
+
 /// Compiles the emulator and the kernels into a shared library in the test's target folder.
-fn build(cxx: &str) -> Result<PathBuf> {
+fn build(cxx: &str, kind: Build) -> Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let kernels = root.join("kernels");
     let emulation = root.join("tests").join("emulation");
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("libfora_kernel_emulation.so");
-    let output = Command::new(cxx)
-        .args([
-            "-std=c++20",
-            "-O1",
-            "-g",
-            "-shared",
-            "-fPIC",
-            "-pthread",
-            // Only the IEEE operations the kernels spell out: no silent FMA contraction.
-            "-ffp-contract=off",
-            "-fno-strict-aliasing",
-            // A misaligned vector access faults on a GPU; here UBSan turns it into an abort.
-            "-fsanitize=alignment",
-            "-fno-sanitize-recover=alignment",
-            "-Wall",
-            "-Wno-unknown-pragmas",
-            "-Wno-comment",
-            "-DFORA_EMULATION",
-        ])
-        .arg("-I")
-        .arg(&emulation)
-        .arg("-I")
-        .arg(&kernels)
-        .arg(emulation.join("launch.cpp"))
-        .args(["-x", "c++"])
-        .args(EMULATED_SOURCES.map(|f| kernels.join(f)))
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .with_context(|| format!("cannot run {cxx}"))?;
-    ensure!(
-        output.status.success(),
-        "{cxx} failed to build the kernel emulator:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(out)
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let common = [
+        "-std=c++20",
+        "-O1",
+        "-g",
+        "-fPIC",
+        "-pthread",
+        // Only the IEEE operations the kernels spell out: no silent FMA contraction.
+        "-ffp-contract=off",
+        "-fno-strict-aliasing",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+        "-Wno-comment",
+        "-DFORA_EMULATION",
+    ];
+    let compile = |args: &[&std::ffi::OsStr], what: &str| -> Result<()> {
+        let output = Command::new(cxx)
+            .args(common)
+            .arg("-I")
+            .arg(&emulation)
+            .arg("-I")
+            .arg(&kernels)
+            .args(args)
+            .output()
+            .with_context(|| format!("cannot run {cxx}"))?;
+        ensure!(
+            output.status.success(),
+            "{cxx} failed to build {what}:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    };
+    let sources: Vec<PathBuf> = EMULATED_SOURCES
+        .map(|f| kernels.join(f))
+        .into_iter()
+        .chain([emulation.join("race_probes.cpp")])
+        .collect();
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
+    let launch = emulation.join("launch.cpp");
+    match kind {
+        Build::Checked => {
+            let out = tmp.join("libfora_kernel_emulation.so");
+            let mut args = vec![
+                os("-shared"),
+                // A misaligned vector access faults on a GPU; here UBSan turns it into an abort.
+                os("-fsanitize=alignment"),
+                os("-fno-sanitize-recover=alignment"),
+                launch.as_os_str(),
+                os("-x"),
+                os("c++"),
+            ];
+            args.extend(sources.iter().map(|p| p.as_os_str()));
+            args.extend([os("-o"), out.as_os_str()]);
+            compile(&args, "the kernel emulator")?;
+            Ok(out)
+        }
+        Build::Races => {
+            // The runner is not instrumented: its own bookkeeping is no kernel's access.
+            let runner = tmp.join("fora_emulation_launch_tsan.o");
+            compile(
+                &[
+                    os("-DFORA_EMULATION_TSAN"),
+                    os("-c"),
+                    launch.as_os_str(),
+                    os("-o"),
+                    runner.as_os_str(),
+                ],
+                "the race-checking emulator runner",
+            )?;
+            let out = tmp.join("libfora_kernel_emulation_tsan.so");
+            let mut args = vec![
+                os("-shared"),
+                os("-fsanitize=thread"),
+                os("-DFORA_EMULATION_TSAN"),
+                runner.as_os_str(),
+                os("-x"),
+                os("c++"),
+            ];
+            args.extend(sources.iter().map(|p| p.as_os_str()));
+            args.extend([os("-o"), out.as_os_str()]);
+            compile(&args, "the race-checking kernel emulator")?;
+            Ok(out)
+        }
+    }
 }
 
 fn load() -> Result<Option<Emulator>> {
     let Some(cxx) = compiler() else {
         return Ok(None);
     };
-    let path = build(&cxx)?;
+    // A race-check child process loads the library its parent built.
+    let path = match std::env::var_os(EMULATION_LIB) {
+        Some(lib) => PathBuf::from(lib),
+        None => build(&cxx, Build::Checked)?,
+    };
     // SAFETY: our own library, built just now; its initializers only set up thread_locals.
     let lib = unsafe { libloading::Library::new(&path) }
         .with_context(|| format!("cannot load {}", path.display()))?;
@@ -1053,56 +1119,60 @@ fn emulated_lazy_threads() -> Result<()> {
 /// emulated tests, the attention kernels and GEMMs on their small edge shapes.
 #[test]
 fn emulated_warps_ahead() -> Result<()> {
-    use attention_cases::{run_case_sized, Shape};
-    use fora::cuda::attention::AttentionImpl;
     let Some(emu) = emulator("emulated_warps_ahead") else {
         return Ok(());
     };
     for order in [1, -1] {
-        emu.with_warps_ahead(order, || -> Result<()> {
-            small_kernel_cases::check_patch_embed(emu)?;
-            warps_ahead_norm_cases(emu)?;
-            small_kernel_cases::check_fora_reuse(emu)?;
-            // The reuse forward's small cases (all but DiT-XL/2's 28 layers).
-            let small_reuse: Vec<_> = small_kernel_cases::reuse_final_cases()
-                .into_iter()
-                .filter(|(c, _)| c.dim < 1152)
-                .collect();
-            small_kernel_cases::check_fora_reuse_final_on(emu, &small_reuse)?;
-            small_kernel_cases::check_fora_sum_final_on(emu, &small_reuse)?;
-            small_kernel_cases::check_fora_cache_sum(emu)?;
-            small_kernel_cases::check_sampler_step(emu)?;
-            small_kernel_cases::check_final_sampler_step(emu)?;
-            for imp in AttentionImpl::ALL {
-                for (i, (batch, heads, tokens, head_dim)) in
-                    [(1, 2, 65, 72), (1, 1, 200, 128)].into_iter().enumerate()
-                {
-                    let s = Shape {
-                        batch,
-                        heads,
-                        tokens,
-                        head_dim,
-                    };
-                    let name = format!(
-                        "warps ahead: attention {} B={batch} H={heads} T={tokens} d={head_dim}",
-                        imp.name()
-                    );
-                    run_case_sized(emu, &name, s, 1.0, 400 + i as u64, imp, EMULATED_SMS)?;
-                }
-            }
-            attention_cases::run_tma_probe(emu, 65)?;
-            attention_cases::run_tma_cluster_probe(emu, 66)?;
-            small_gemm_cases(emu, "warps ahead", &every_gemm_kernel())
-        })
-        .with_context(|| format!("warps ahead, order {order}"))?;
+        emu.with_warps_ahead(order, || small_cases_of_every_kernel(emu, "warps ahead"))
+            .with_context(|| format!("warps ahead, order {order}"))?;
     }
     Ok(())
+}
+
+/// Small cases of every kernel family with shared memory or warp exchanges, what the warps-ahead
+/// schedules and the race check run; `label` names them in errors.
+fn small_cases_of_every_kernel(emu: &Emulator, label: &str) -> Result<()> {
+    use attention_cases::{run_case_sized, Shape};
+    use fora::cuda::attention::AttentionImpl;
+    small_kernel_cases::check_patch_embed(emu)?;
+    small_norm_cases(emu)?;
+    small_kernel_cases::check_fora_reuse(emu)?;
+    // The reuse forward's small cases (all but DiT-XL/2's 28 layers).
+    let small_reuse: Vec<_> = small_kernel_cases::reuse_final_cases()
+        .into_iter()
+        .filter(|(c, _)| c.dim < 1152)
+        .collect();
+    small_kernel_cases::check_fora_reuse_final_on(emu, &small_reuse)?;
+    small_kernel_cases::check_fora_sum_final_on(emu, &small_reuse)?;
+    small_kernel_cases::check_fora_cache_sum(emu)?;
+    small_kernel_cases::check_sampler_step(emu)?;
+    small_kernel_cases::check_final_sampler_step(emu)?;
+    for imp in AttentionImpl::ALL {
+        for (i, (batch, heads, tokens, head_dim)) in
+            [(1, 2, 65, 72), (1, 1, 200, 128)].into_iter().enumerate()
+        {
+            let s = Shape {
+                batch,
+                heads,
+                tokens,
+                head_dim,
+            };
+            let name = format!(
+                "{label}: attention {} B={batch} H={heads} T={tokens} d={head_dim}",
+                imp.name()
+            );
+            run_case_sized(emu, &name, s, 1.0, 400 + i as u64, imp, EMULATED_SMS)?;
+        }
+    }
+    attention_cases::run_tma_probe(emu, 65)?;
+    attention_cases::run_tma_cluster_probe(emu, 66)?;
+    small_gemm_cases(emu, label, &every_gemm_kernel())
 }
 
 /// The LayerNorms (layernorm_modulate, residual_layernorm) with one and four warps a row, on
 /// small rows of every path: the register path (dim 64, 384, 1152, 1536), the looped path
 /// (2048) and the scalar one (dim 100, unaligned columns).
-fn warps_ahead_norm_cases(emu: &Emulator) -> Result<()> {
+fn small_norm_cases(emu: &Emulator) -> Result<()> {
     use fora::cuda::norm::RowWarps;
     use small_kernel_cases::{run_layernorm, run_residual_layernorm, NormCase, ResidualLnCase};
     let norm = |rows, tokens, dim: usize| NormCase {
@@ -1202,9 +1272,18 @@ fn launch_gemm(
 /// partial tiles of every width; on tma_sms SMs a TMA CTA takes several units), against the
 /// f64 product (bias epilogue, bf16 out).
 fn small_gemm_cases(emu: &Emulator, what: &str, kernels: &[GemmKernel]) -> Result<()> {
+    small_gemm_cases_sized(emu, what, kernels, (300, 392, 200))
+}
+
+/// [`small_gemm_cases`] at M x N x K = `(m, n, k)`.
+fn small_gemm_cases_sized(
+    emu: &Emulator,
+    what: &str,
+    kernels: &[GemmKernel],
+    (m, n, k): (usize, usize, usize),
+) -> Result<()> {
     use fora::cuda::gemm::{gemm_params, Epilogue};
     use fora::cuda::testing::{check_close, round_bf16, TestRng};
-    let (m, n, k) = (300usize, 392usize, 200usize);
     let mut rng = TestRng::new(11);
     let a = round_bf16(&rng.normal_vec(m * k, 1.0));
     let w = round_bf16(&rng.normal_vec(n * k, 1.0 / (k as f32).sqrt()));
@@ -1286,4 +1365,181 @@ fn emulated_wgmma_probe() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The emulated tests [`emulated_kernels_have_no_data_races`] runs under ThreadSanitizer, each in
+/// a child process: the elementwise kernels and probes with their own cases, the rest on small
+/// cases ([`race_check_every_kernel`]).
+const RACE_CHECKED_TESTS: &[&str] = &[
+    "emulated_timestep_embedding",
+    "emulated_silu",
+    "emulated_label_silu",
+    "emulated_unpatchify",
+    "emulated_normal_fill",
+    "emulated_bandwidth_probes",
+    "emulated_wgmma_probe",
+    "emulated_tma_probe",
+    "emulated_tma_cluster_probe",
+    "race_check_every_kernel",
+];
+
+/// The ThreadSanitizer runtime of `cxx` (g++'s shared libtsan), if it has one.
+fn tsan_runtime(cxx: &str) -> Option<PathBuf> {
+    let out = Command::new(cxx)
+        .arg("-print-file-name=libtsan.so")
+        .output()
+        .ok()?;
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    // (Without it the compiler prints the bare name back.)
+    path.is_absolute()
+        .then(|| path.canonicalize().ok())
+        .flatten()
+}
+
+/// Runs `tests` of this binary in a child process under ThreadSanitizer (`runtime` preloaded),
+/// loading the race-checking emulator `lib`; the first race ends it with exit status 66.
+fn run_race_checked(runtime: &Path, lib: &Path, tests: &[&str]) -> Result<std::process::Output> {
+    let exe = std::env::current_exe().context("cannot find the test binary")?;
+    Command::new(&exe)
+        .args(["--exact", "--include-ignored", "--test-threads=1"])
+        .args(tests)
+        .env("LD_PRELOAD", runtime)
+        .env(EMULATION_LIB, lib)
+        .env("FORA_REQUIRE_EMULATION", "1")
+        // The Rust test harness is not instrumented: its memcpys are no kernel's.
+        .env(
+            "TSAN_OPTIONS",
+            "halt_on_error=1:exitcode=66:ignore_noninstrumented_modules=1:report_signal_unsafe=0",
+        )
+        .output()
+        .with_context(|| format!("cannot run {}", exe.display()))
+}
+
+/// The last `lines` lines of a child's standard error.
+fn stderr_tail(out: &std::process::Output, lines: usize) -> String {
+    let text = String::from_utf8_lossy(&out.stderr);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// ThreadSanitizer over the emulated kernels: the kernels built with it, every emulated thread a
+/// TSan fiber, and the emulator telling it what orders threads (barriers, warp-collective
+/// exchanges, mbarrier phases) and which memory cp.async, TMA, ldmatrix and wgmma touch
+/// (tests/emulation/launch.cpp, `race`). Two accesses to a byte, one a write, with nothing
+/// ordering them are a race on a GPU in any schedule; the warps-ahead schedules
+/// (`emulated_warps_ahead`) show only the races that change a result in the schedules they try.
+/// Races between blocks of a launch are not checked (blocks run in order). The probes show the
+/// check can fail: a missing block barrier is reported, the same kernel with it is not.
+/// Each test runs in a child process (about a minute in all, on two cores).
+#[test]
+fn emulated_kernels_have_no_data_races() -> Result<()> {
+    const TEST: &str = "emulated_kernels_have_no_data_races";
+    let Some(cxx) = compiler() else {
+        // Prints SKIP (or fails under FORA_REQUIRE_EMULATION=1).
+        let _ = emulator(TEST);
+        return Ok(());
+    };
+    let Some(runtime) = tsan_runtime(&cxx) else {
+        ensure!(
+            std::env::var("FORA_REQUIRE_EMULATION").as_deref() != Ok("1"),
+            "{TEST}: FORA_REQUIRE_EMULATION=1 but {cxx} has no ThreadSanitizer runtime"
+        );
+        println!("SKIP {TEST}: {cxx} has no ThreadSanitizer runtime (libtsan)");
+        return Ok(());
+    };
+    let lib = build(&cxx, Build::Races)?;
+    let racy = run_race_checked(&runtime, &lib, &["race_check_probe_unsynced"])?;
+    let report = String::from_utf8_lossy(&racy.stderr);
+    if report.contains("FATAL: ThreadSanitizer: unexpected memory mapping") {
+        // TSan cannot lay out its shadow memory beside this kernel's address-space layout
+        // (some kernels' mmap randomization): the machine, not the kernels.
+        println!(
+            "SKIP {TEST}: ThreadSanitizer cannot run on this machine:\n{}",
+            stderr_tail(&racy, 5)
+        );
+        return Ok(());
+    }
+    ensure!(
+        racy.status.code() == Some(66)
+            && report.contains("ThreadSanitizer: data race")
+            && report.contains("race_probe_warps"),
+        "{TEST}: the probe with a missing block barrier was not reported as a race (status {:?}):\n{}",
+        racy.status,
+        stderr_tail(&racy, 40)
+    );
+    for test in ["race_check_probe_synced"].iter().chain(RACE_CHECKED_TESTS) {
+        let out = run_race_checked(&runtime, &lib, &[test])?;
+        ensure!(
+            out.status.success(),
+            "{TEST}: {test} under ThreadSanitizer failed (status {:?}; 66: a data race):\n{}",
+            out.status,
+            stderr_tail(&out, 80)
+        );
+    }
+    Ok(())
+}
+
+/// Runs a race probe (tests/emulation/race_probes.cpp) over 2 blocks of 128 threads; what it
+/// read, per thread.
+fn run_race_probe(name: &str) -> Result<Vec<f32>> {
+    let emu = emulator(name).context("no emulator")?;
+    let n = 2 * 128;
+    let out = emu.poisoned_f32(n)?;
+    let addr = out.addr();
+    // SAFETY: the probe writes one float per thread of `out`.
+    unsafe { emu.launch_kernel(name, (2, 1, 1), (128, 1, 1), 0, &addr) }?;
+    emu.download_f32(&out)
+}
+
+#[test]
+#[ignore = "a race-check probe: emulated_kernels_have_no_data_races runs it under ThreadSanitizer"]
+fn race_check_probe_unsynced() -> Result<()> {
+    run_race_probe("race_probe_warps").map(|_| ())
+}
+
+#[test]
+#[ignore = "a race-check probe: emulated_kernels_have_no_data_races runs it under ThreadSanitizer"]
+fn race_check_probe_synced() -> Result<()> {
+    let read = run_race_probe("race_probe_warps_synced")?;
+    let want: Vec<f32> = (0..256u32)
+        .map(|t| 1.0 + ((t % 128 / 32 + 1) % 4) as f32)
+        .collect();
+    ensure!(
+        read == want,
+        "race_probe_warps_synced read other than 1 + the next warp"
+    );
+    Ok(())
+}
+
+/// What the race check runs of the kernels with shared memory or warp exchanges: the small cases
+/// of every family, then the pipelines wrapping around (a slot refilled after its last reader):
+/// the wgmma GEMMs' 4-stage ring over 9 k-tiles, the persistent TMA attention on one CTA (its Q
+/// slot and K/V ring across units), the 128-row wgmma attention.
+#[test]
+#[ignore = "run under ThreadSanitizer by emulated_kernels_have_no_data_races"]
+fn race_check_every_kernel() -> Result<()> {
+    use attention_cases::{run_case_sized, Shape};
+    use fora::cuda::attention::AttentionImpl;
+    let emu = emulator("race_check_every_kernel").context("no emulator")?;
+    small_cases_of_every_kernel(emu, "race check")?;
+    let s = Shape {
+        batch: 1,
+        heads: 2,
+        tokens: 130,
+        head_dim: 72,
+    };
+    for (imp, sms) in [
+        (AttentionImpl::Tma, 1),
+        (AttentionImpl::Wgmma, 1),
+        (AttentionImpl::WgmmaMn, 1),
+    ] {
+        let name = format!("race check: attention {} on {sms} SM", imp.name());
+        run_case_sized(emu, &name, s, 1.0, 450, imp, sms)?;
+    }
+    small_gemm_cases_sized(
+        emu,
+        "race check, K = 520",
+        &every_gemm_kernel(),
+        (70, 136, 520),
+    )
 }

@@ -800,18 +800,19 @@ impl GpuModel {
         }
 
         let slab = rt * d;
-        let ln = |acts: &Activations, shift_col: usize, scale_col: usize| LayerNormModulateParams {
-            x: dptr(&acts.x),
-            modulation: table,
-            out: dptr(&acts.xn),
-            rows: rows as i32,
-            tokens: t as i32,
-            dim: d as i32,
-            ld_mod: cols as i32,
-            shift_col: shift_col as i32,
-            scale_col: scale_col as i32,
-            eps: 1e-6,
-        };
+        let ln_params =
+            |acts: &Activations, shift_col: usize, scale_col: usize| LayerNormModulateParams {
+                x: dptr(&acts.x),
+                modulation: table,
+                out: dptr(&acts.xn),
+                rows: rows as i32,
+                tokens: t as i32,
+                dim: d as i32,
+                ld_mod: cols as i32,
+                shift_col: shift_col as i32,
+                scale_col: scale_col as i32,
+                eps: 1e-6,
+            };
         // proj / fc2 epilogue + the next LayerNorm fused (cuBLASLt products only).
         let fuse_ln = mode == StepMode::Compute
             && fused_ln
@@ -881,6 +882,58 @@ impl GpuModel {
                 Ok(BlockOutput::F32Product { acc, splits })
             }
         };
+        // proj / fc2: x += gate * (a w + b), the output cached where this step caches, then the
+        // LayerNorm of x with shift column `shift_col`: fused into one pass on the cuBLASLt
+        // path; else the GEMM's epilogue, then that LayerNorm on its own if `unfused_ln`
+        // (fc2's runs at the next block's start, or in the final layer).
+        type Linear<'a> = (
+            &'a CudaSlice<bf16>,
+            &'a CudaSlice<bf16>,
+            &'a CudaSlice<f32>,
+            &'a CudaSlice<bf16>,
+        );
+        let gated_residual = |op: &str,
+                              (a, w, bias, bias16): Linear,
+                              k: usize,
+                              cache: u64,
+                              gate_col: usize,
+                              shift_col: usize,
+                              unfused_ln: bool| {
+            let mut p = gemm_params(
+                dptr(a),
+                dptr(w),
+                dptr(bias),
+                dptr(&acts.x),
+                rt,
+                d,
+                k,
+                Epilogue::BiasGateResidual,
+            );
+            p.cache = cache;
+            p.gate = table + (gate_col * 4) as u64;
+            p.ldg = cols as i32;
+            p.rows_per_gate = t as i32;
+            if fuse_ln {
+                let v = {
+                    let _op = crate::nvtx_range!("{op}");
+                    block_output(&p, bias16, cache)?
+                };
+                residual_ln(acts, v, bias, cache, gate_col, shift_col)
+            } else {
+                {
+                    let _op = crate::nvtx_range!("{op}");
+                    gemm.run(gpu, &p)?;
+                }
+                if unfused_ln {
+                    let _op = crate::nvtx_range!("ln_mlp");
+                    super::norm::layernorm_modulate(
+                        gpu,
+                        &ln_params(acts, shift_col, shift_col + d),
+                    )?;
+                }
+                Ok(())
+            }
+        };
         match mode {
             StepMode::Compute => {
                 for (l, b) in self.blocks.iter().enumerate() {
@@ -893,7 +946,7 @@ impl GpuModel {
                     // (Fused: the previous block's fc2 wrote this LayerNorm's output.)
                     if !fuse_ln || l == 0 {
                         let _op = crate::nvtx_range!("ln_msa");
-                        super::norm::layernorm_modulate(gpu, &ln(acts, base, base + d))?;
+                        super::norm::layernorm_modulate(gpu, &ln_params(acts, base, base + d))?;
                     }
                     {
                         let _op = crate::nvtx_range!("qkv");
@@ -927,37 +980,15 @@ impl GpuModel {
                             attention,
                         )?;
                     }
-                    let mut proj = gemm_params(
-                        dptr(&acts.attn),
-                        dptr(&b.proj_w),
-                        dptr(&b.proj_b),
-                        dptr(&acts.x),
-                        rt,
+                    gated_residual(
+                        "proj",
+                        (&acts.attn, &b.proj_w, &b.proj_b, &b.proj_b16),
                         d,
-                        d,
-                        Epilogue::BiasGateResidual,
-                    );
-                    proj.cache = cache_a;
-                    proj.gate = table + ((base + 2 * d) * 4) as u64;
-                    proj.ldg = cols as i32;
-                    proj.rows_per_gate = t as i32;
-                    if fuse_ln {
-                        let v = {
-                            let _op = crate::nvtx_range!("proj");
-                            block_output(&proj, &b.proj_b16, cache_a)?
-                        };
-                        residual_ln(acts, v, &b.proj_b, cache_a, base + 2 * d, base + 3 * d)?;
-                    } else {
-                        {
-                            let _op = crate::nvtx_range!("proj");
-                            gemm.run(gpu, &proj)?;
-                        }
-                        let _op = crate::nvtx_range!("ln_mlp");
-                        super::norm::layernorm_modulate(
-                            gpu,
-                            &ln(acts, base + 3 * d, base + 4 * d),
-                        )?;
-                    }
+                        cache_a,
+                        base + 2 * d,
+                        base + 3 * d,
+                        true,
+                    )?;
                     {
                         let _op = crate::nvtx_range!("fc1");
                         biased_gemm(
@@ -974,32 +1005,16 @@ impl GpuModel {
                             &b.fc1_b16,
                         )?;
                     }
-                    let mut fc2 = gemm_params(
-                        dptr(&acts.hidden),
-                        dptr(&b.fc2_w),
-                        dptr(&b.fc2_b),
-                        dptr(&acts.x),
-                        rt,
-                        d,
+                    // The next block's ln_msa, or after the last block the final layer's.
+                    gated_residual(
+                        "fc2",
+                        (&acts.hidden, &b.fc2_w, &b.fc2_b, &b.fc2_b16),
                         cfg.mlp_hidden(),
-                        Epilogue::BiasGateResidual,
-                    );
-                    fc2.cache = cache_m;
-                    fc2.gate = table + ((base + 5 * d) * 4) as u64;
-                    fc2.ldg = cols as i32;
-                    fc2.rows_per_gate = t as i32;
-                    if fuse_ln {
-                        let v = {
-                            let _op = crate::nvtx_range!("fc2");
-                            block_output(&fc2, &b.fc2_b16, cache_m)?
-                        };
-                        // The next block's ln_msa, or after the last block the final layer's.
-                        let next = (l + 1) * 6 * d;
-                        residual_ln(acts, v, &b.fc2_b, cache_m, base + 5 * d, next)?;
-                    } else {
-                        let _op = crate::nvtx_range!("fc2");
-                        gemm.run(gpu, &fc2)?;
-                    }
+                        cache_m,
+                        base + 5 * d,
+                        (l + 1) * 6 * d,
+                        false,
+                    )?;
                 }
             }
             StepMode::Reuse if fused => {
@@ -1060,7 +1075,7 @@ impl GpuModel {
         let _final = crate::nvtx_range!("final_layer");
         if !fused && !fuse_ln {
             // (fora_reuse_final or the last block's residual_layernorm wrote it already.)
-            super::norm::layernorm_modulate(gpu, &ln(acts, fin, fin + d))?;
+            super::norm::layernorm_modulate(gpu, &ln_params(acts, fin, fin + d))?;
         }
         if !final_linear {
             // The sampler update applies it (final_sampler_step reads acts.xn).

@@ -12,7 +12,9 @@
 // wgmma still reads, or reads accumulators before their wait fails its test; a thread that exits
 // with either in flight aborts. The scheduler's order is round robin, or (launch.cpp's
 // warps_ahead) one warp at a time as far as it can go, so that shared-memory races between
-// warps show.
+// warps show. Built with FORA_EMULATION_TSAN, the kernels run under ThreadSanitizer and the
+// runner annotates what orders threads (launch.cpp, `race`), so any unordered pair of
+// accesses is reported whatever the schedule.
 #pragma once
 
 #include <math.h>

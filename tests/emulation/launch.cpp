@@ -30,6 +30,88 @@
 #include "cuda_emulation.h"
 #include "params.h"
 
+#ifdef FORA_EMULATION_TSAN
+#include <sanitizer/tsan_interface.h>
+extern "C" {
+void __tsan_read_range(void* addr, unsigned long size);
+void __tsan_write_range(void* addr, unsigned long size);
+void __tsan_ignore_thread_begin();
+void __tsan_ignore_thread_end();
+}
+#endif
+
+// The race check (kernel_emulation.rs: emulated_kernels_have_no_data_races). Its build defines
+// FORA_EMULATION_TSAN and compiles the kernels with ThreadSanitizer, this file without: every
+// emulated thread is a TSan fiber, switched to without implied order, and the emulator tells TSan
+// what orders threads (block, warp, warpgroup and cluster barriers, mbarrier phases, the end of
+// one cluster before the next starts) and which memory its own operations access on the kernels'
+// behalf (cp.async, TMA, ldmatrix, wgmma operands, mbarriers). TSan then reports two accesses to
+// a byte, one a write, that nothing orders: a race on a GPU whatever the schedule, where the
+// warps-ahead schedules show only the races that change a result. Elsewhere these are no-ops.
+namespace race {
+#ifdef FORA_EMULATION_TSAN
+void release(const void* sync) { __tsan_release(const_cast<void*>(sync)); }
+void acquire(const void* sync) { __tsan_acquire(const_cast<void*>(sync)); }
+void read(const void* p, size_t bytes) { __tsan_read_range(const_cast<void*>(p), bytes); }
+void write(const void* p, size_t bytes) { __tsan_write_range(const_cast<void*>(p), bytes); }
+// The emulator's own copies in and out of its bookkeeping, which TSan would see through its
+// memcpy / memset interceptors, are not the kernels' accesses (those are reported explicitly).
+struct Untracked {
+    Untracked() { __tsan_ignore_thread_begin(); }
+    ~Untracked() { __tsan_ignore_thread_end(); }
+    Untracked(const Untracked&) = delete;
+    Untracked& operator=(const Untracked&) = delete;
+};
+// The OS thread's own context, where the scheduler runs (first asked for there: launch_begins).
+void* scheduler_fiber() {
+    thread_local void* const fiber = __tsan_get_current_fiber();
+    return fiber;
+}
+// Fiber i of this OS thread (thread i of a cluster's blocks, rank-major). Creating one takes TSan
+// most of a millisecond, so they are made once and kept: thread i of the next block runs on the
+// same fiber (ordered after its predecessor, as every thread of a cluster is after the previous
+// cluster's anyway).
+void* thread_fiber(size_t i) {
+    thread_local std::vector<void*> pool;
+    while (pool.size() <= i) pool.push_back(__tsan_create_fiber(0));
+    return pool[i];
+}
+void switch_to(void* fiber) { __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync); }
+// The scheduler runs emulated thread i (of the running cluster) next / the thread hands back.
+void enter_thread(size_t i) { switch_to(thread_fiber(i)); }
+void leave_thread() { switch_to(scheduler_fiber()); }
+void in_scheduler() { (void)scheduler_fiber(); }
+#else
+void release(const void*) {}
+void acquire(const void*) {}
+void read(const void*, size_t) {}
+void write(const void*, size_t) {}
+struct Untracked {
+    Untracked() {}
+    ~Untracked() {}
+};
+void enter_thread(size_t) {}
+void leave_thread() {}
+void in_scheduler() {}
+#endif
+// Clusters run one after another on an OS thread (and reuse its `__shared__` statics): the
+// threads of cluster s start after what every thread of cluster s - 1 did (each releases
+// `order[s % 2]` as it ends and acquires `order[(s - 1) % 2]` as it starts), and the host's work
+// before a launch comes before its first cluster, its last cluster's before the host goes on.
+// Threads of one cluster get no order from this: one that starts after another has ended
+// acquires the previous cluster's object, not theirs.
+thread_local unsigned serial = 0;
+thread_local char order[2];
+void cluster_begins() { ++serial; }
+void thread_starts() { acquire(&order[(serial - 1) & 1]); }
+void thread_ends() { release(&order[serial & 1]); }
+void launch_begins() {
+    in_scheduler();
+    release(&order[serial & 1]);
+}
+void launch_ends() { acquire(&order[serial & 1]); }
+}  // namespace race
+
 thread_local uint3 threadIdx;
 thread_local uint3 blockIdx;
 thread_local dim3 blockDim;
@@ -112,6 +194,10 @@ void gemm_tma_mc_128x128(const GemmTmaParams p);
 void gemm_tma_mc_128x192(const GemmTmaParams p);
 void gemm_tma_mc_128x256(const GemmTmaParams p);
 void gemm_tma_mc_pp_128x128(const GemmTmaParams p);
+// The emulator's own race probes (race_probes.cpp).
+void race_probe_warps(const uint64_t out);
+void race_probe_warps_synced(const uint64_t out);
+void race_probe_blocks(const uint64_t out);
 }
 
 namespace {
@@ -123,6 +209,10 @@ struct Barrier {
     int live = 0;
     int arrived = 0;
     unsigned generation = 0;
+    // The race check's order: an arrival in generation g releases sync[g % 2], which the
+    // generation's waiters acquire once it opens (two objects: a thread that has passed may
+    // arrive for g + 1 before a slower one leaves g; none can reach g + 2 first).
+    char sync[2] = {};
 
     void open_if_complete() {
         if (arrived > 0 && arrived >= live) {
@@ -188,6 +278,9 @@ struct MBarrier {
     long long tx = 0;
     unsigned phase = 0;
     std::vector<PendingTma> copies;
+    // The race check's order: arrivals and TMA copies counted against a phase release
+    // sync[phase % 2], which a wait that sees that phase complete acquires.
+    char sync[2] = {};
 };
 
 struct Fiber {
@@ -263,21 +356,28 @@ Block& here() { return launch_state->here(); }
 
 void yield_to_scheduler() {
     Launch& l = *launch_state;
-    if (_setjmp(l.here().fibers[l.current].resume) == 0) _longjmp(l.scheduler, 1);
+    if (_setjmp(l.here().fibers[l.current].resume) == 0) {
+        race::leave_thread();
+        _longjmp(l.scheduler, 1);
+    }
 }
 
 void wait_at(Barrier& b) {
     const unsigned gen = b.generation;
+    race::release(&b.sync[gen & 1]);
     ++b.arrived;
     ++launch_state->progress;
     b.open_if_complete();
     while (b.generation == gen) yield_to_scheduler();
+    race::acquire(&b.sync[gen & 1]);
     ++launch_state->progress;
 }
 
 void fiber_main(int rank, int index) {
     Launch& l = *launch_state;
+    race::thread_starts();
     l.kernel(l.params);
+    race::thread_ends();
     // The hardware gives no result for copies or wgmmas still in flight when a thread exits.
     Block& block = l.blocks[static_cast<unsigned>(rank)];
     const Fiber& self = block.fibers[index];
@@ -300,6 +400,7 @@ void fiber_main(int rank, int index) {
     block.fibers[index].done = true;
     ++l.progress;
     // Back to the scheduler for good: this stack is reused or freed, never resumed.
+    race::leave_thread();
     _longjmp(l.scheduler, 1);
 }
 
@@ -317,7 +418,10 @@ void start_block(Launch& l, unsigned rank, uint3 idx) {
         blk.warpgroup_barriers[w] = Barrier{static_cast<int>(threads), 0, 0};
     }
     // Uninitialized shared memory: NaN bytes, so reading unwritten smem shows.
-    std::memset(blk.dynamic_smem, 0xff, l.dynamic_smem_bytes);
+    {
+        race::Untracked untracked;
+        std::memset(blk.dynamic_smem, 0xff, l.dynamic_smem_bytes);
+    }
     std::fill(blk.unfenced.begin(), blk.unfenced.end(), uint16_t{0});
     std::fill(blk.unfenced_read.begin(), blk.unfenced_read.end(), uint16_t{0});
     for (unsigned t = 0; t < n; ++t) {
@@ -363,6 +467,7 @@ thread_local int warps_ahead = 0;
 // Runs the cluster whose first block is `first` (its blocks at x, x + 1, ..., same y and z).
 void run_cluster(Launch& l, uint3 first) {
     const unsigned n = l.block;
+    race::cluster_begins();
     for (unsigned r = 0; r < l.cluster; ++r) start_block(l, r, uint3{first.x + r, first.y, first.z});
     l.cluster_barrier = Barrier{static_cast<int>(n * l.cluster), 0, 0};
     blockDim = {n, 1, 1};
@@ -381,6 +486,7 @@ void run_cluster(Launch& l, uint3 first) {
             blockIdx = blk.idx;
             Fiber& f = blk.fibers[t];
             if (_setjmp(l.scheduler) == 0) {
+                race::enter_thread(static_cast<size_t>(r) * n + t);
                 if (f.started) _longjmp(f.resume, 1);
                 f.started = true;
                 setcontext(&f.context);
@@ -434,27 +540,6 @@ void run_cluster(Launch& l, uint3 first) {
             }
         }
     }
-}
-
-// The emulator's own test kernels (kernel_emulation.rs: emulator_schedules_show_races), each
-// with a race a GPU may show and round robin hides; the parameter is the address of their f32
-// output. race_probe_warps: every warp reads the next warp's shared slot, then, after only a
-// shuffle, overwrites its own; out[thread] is what it read (1 + the next warp, race-free).
-void race_probe_warps(const uint64_t out) {
-    __shared__ float slot[32];
-    const unsigned warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    if (threadIdx.x % 32 == 0) slot[warp] = 1.0f + static_cast<float>(warp);
-    __syncthreads();
-    const float read = __shfl_xor_sync(0xffffffffu, slot[(warp + 1) % warps], 1);
-    if (threadIdx.x % 32 == 0) slot[warp] = -1.0f;  // the missing __syncthreads is before this
-    reinterpret_cast<float*>(out)[blockIdx.x * blockDim.x + threadIdx.x] = read;
-}
-
-// race_probe_blocks: block b writes 1 + what block b - 1 wrote (block 0: 1), a chain no launch
-// orders; out[b] = b + 1 only when the blocks run in order.
-void race_probe_blocks(const uint64_t out) {
-    float* o = reinterpret_cast<float*>(out);
-    if (threadIdx.x == 0) o[blockIdx.x] = blockIdx.x == 0 ? 1.0f : o[blockIdx.x - 1] + 1.0f;
 }
 
 // proxy_probe_fenced / proxy_probe_unfenced (kernel_emulation.rs: emulator_checks_proxy_fences):
@@ -589,6 +674,7 @@ Kernel find(const std::string& name) {
     if (name == "tma_probe") return call<TmaProbeParams, tma_probe>;
     if (name == "tma_cluster_probe") return call<TmaProbeParams, tma_cluster_probe>;
     if (name == "race_probe_warps") return call<uint64_t, race_probe_warps>;
+    if (name == "race_probe_warps_synced") return call<uint64_t, race_probe_warps_synced>;
     if (name == "race_probe_blocks") return call<uint64_t, race_probe_blocks>;
     if (name == "proxy_probe_fenced") return call<uint64_t, proxy_probe<true>>;
     if (name == "proxy_probe_unfenced") return call<uint64_t, proxy_probe<false>>;
@@ -646,6 +732,7 @@ void fora_emulation_ldmatrix(int matrices, bool trans, const void* row, uint32_t
     Block& b = l.here();
     const void** addrs = &b.warp_addrs[warp * 32];
     addrs[lane] = row;
+    race::read(row, 16);  // this lane's row of 8 b16
     wait_at(b.warp_barriers[warp]);
     for (int m = 0; m < matrices; ++m) {
         uint32_t lo, hi;
@@ -708,6 +795,10 @@ void fora_emulation_mma(int k, float* c, const uint32_t* a, const uint32_t* b) {
 // the destination holds NaN bytes, as a copy in progress leaves it undefined: a read before the
 // wait, or a wgmma still to read the old contents (a slot refilled too early), shows.
 void fora_emulation_cp_async(void* smem, const void* gmem, int src_bytes) {
+    // The copy may write its destination at any time until its wait: a write now and at the wait.
+    if (src_bytes > 0) race::read(gmem, static_cast<size_t>(src_bytes));
+    race::write(smem, 16);
+    race::Untracked untracked;
     PendingCopy c;
     c.dst = static_cast<unsigned char*>(smem);
     std::memcpy(c.bytes, gmem, static_cast<size_t>(src_bytes));
@@ -752,7 +843,11 @@ void fora_emulation_cp_async_wait(int pending) {
     AsyncGroups<PendingCopy>& g = f.copies;
     while (g.committed.size() > static_cast<size_t>(pending)) {
         for (const PendingCopy& c : g.committed.front()) {
-            std::memcpy(c.dst, c.bytes, 16);
+            {
+                race::Untracked untracked;
+                std::memcpy(c.dst, c.bytes, 16);
+            }
+            race::write(c.dst, 16);
             note_generic_access(b, t, c.dst, 16, true);
         }
         g.committed.erase(g.committed.begin());
@@ -878,6 +973,15 @@ void check_wgmma_operand(uint64_t desc, int rows, bool mn_major) {
         for (int k = 0; k < 16; ++k) check_proxy(here(), op.address(r, k, mn_major), 2, "a wgmma reads");
 }
 
+// The race check's read of a wgmma operand (as check_wgmma_operand's), by 16-byte chunks (the
+// swizzle moves whole chunks): K-major, k 0-7 and 8-15 of each row; MN-major, 8 n-values of a k.
+void race_read_operand(uint64_t desc, int rows, bool mn_major) {
+    const SmemOperand op(desc, mn_major ? "MN-major" : "K-major");
+    const unsigned char* smem = here().dynamic_smem;
+    for (int r = 0; r < rows; r += mn_major ? 8 : 1)
+        for (int k = 0; k < 16; k += mn_major ? 1 : 8) race::read(smem + op.address(r, k, mn_major), 16);
+}
+
 // This thread's fragment of D[64 x n] += A[64 x 16] B[16 x n]: warp w of the warpgroup owns rows
 // 16 w .. 16 w + 15; registers 4 j .. 4 j + 3 are (row g, columns 8 j + 2 q, + 1) and (row g + 8,
 // the same columns), g = lane / 4, q = lane % 4. a[r][k] is A's element (row 16 w + g + 8 r, k).
@@ -901,6 +1005,13 @@ void wgmma_fragment(int n, float* d, uint64_t desc_b, bool b_mn, const float (&a
 }
 
 void carry_out(const PendingWgmma& op) {
+    // The tensor cores may read the operands at any time from issue to retirement: the race
+    // check takes the warpgroup's reads at both (by its first thread).
+    if (launch_state->current % 128 == 0) {
+        if (!op.rs) race_read_operand(op.desc_a, 64, false);
+        race_read_operand(op.desc_b, op.n, op.b_mn);
+    }
+    race::Untracked untracked;
     if (op.rs) {
         wgmma_fragment(op.n, op.d, op.desc_b, op.b_mn, op.a_rows);
     } else {
@@ -923,6 +1034,8 @@ void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b) {
     if (launch_state->current % 128 == 0) {
         check_wgmma_operand(desc_a, 64, false);
         check_wgmma_operand(desc_b, n, false);
+        race_read_operand(desc_a, 64, false);
+        race_read_operand(desc_b, n, false);
     }
     PendingWgmma op{};
     op.n = n;
@@ -944,7 +1057,10 @@ void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b
     uint32_t* regs = &blk.warpgroup_regs[group * 128 * 4];
     for (int i = 0; i < 4; ++i) regs[t * 4 + i] = a[i];
     wait_at(blk.warpgroup_barriers[group]);
-    if (t == 0) check_wgmma_operand(desc_b, n, trans_b != 0);
+    if (t == 0) {
+        check_wgmma_operand(desc_b, n, trans_b != 0);
+        race_read_operand(desc_b, n, trans_b != 0);
+    }
     PendingWgmma op{};
     op.n = n;
     op.d = d;
@@ -1034,6 +1150,7 @@ void complete_phase_if_done(MBarrier& b) {
 // bytes taken off the phase.
 void land_copies(MBarrier& b) {
     if (!b.copies.empty()) ++launch_state->progress;
+    race::Untracked untracked;  // (the race check took the copies' writes at their issue)
     for (const PendingTma& c : b.copies) {
         std::memcpy(c.smem + c.dst, c.bytes.data(), c.bytes.size());
         b.tx -= static_cast<long long>(c.bytes.size());
@@ -1058,6 +1175,7 @@ static_assert(sizeof(EmulatedTensorMap) <= 128, "a CUtensorMap has 128 bytes");
 void fora_emulation_mbarrier_init(uint32_t bar, int arrivals) {
     if (bar % 8 != 0 || bar + 8 > launch_state->dynamic_smem_bytes) emulation_error("mbarrier misaligned or outside shared memory", bar);
     if (arrivals < 1) emulation_error("mbarrier initialized with no arrivals", bar);
+    race::write(here().dynamic_smem + bar, 8);
     MBarrier b;
     b.arrivals = arrivals;
     b.pending = arrivals;
@@ -1066,7 +1184,12 @@ void fora_emulation_mbarrier_init(uint32_t bar, int arrivals) {
 
 namespace {
 
-void arrive_on(MBarrier& b, uint32_t bar, uint32_t expect_tx_bytes) {
+// One arrival on the barrier at byte `bar` of `block` (an atomic access of it for the race check,
+// and a release for the phase's waiters).
+void arrive_on(Block& block, uint32_t bar, uint32_t expect_tx_bytes) {
+    MBarrier& b = mbarrier_in(block, bar);
+    race::read(block.dynamic_smem + bar, 8);
+    race::release(&b.sync[b.phase & 1]);
     ++launch_state->progress;
     b.tx += expect_tx_bytes;
     if (--b.pending < 0) emulation_error("more mbarrier arrivals than the phase expects", bar);
@@ -1076,14 +1199,14 @@ void arrive_on(MBarrier& b, uint32_t bar, uint32_t expect_tx_bytes) {
 }  // namespace
 
 void fora_emulation_mbarrier_arrive(uint32_t bar, uint32_t expect_tx_bytes) {
-    arrive_on(mbarrier_at(bar), bar, expect_tx_bytes);
+    arrive_on(here(), bar, expect_tx_bytes);
 }
 
 // mbarrier.arrive.release.cluster.shared::cluster: one arrival on the barrier of any block of the
 // cluster (an address from mapa).
 void fora_emulation_mbarrier_arrive_cluster(uint32_t cluster_bar) {
     const auto [block, bar] = cluster_address(cluster_bar);
-    arrive_on(mbarrier_in(*block, bar), bar, 0);
+    arrive_on(*block, bar, 0);
 }
 
 // mapa.shared::cluster: the address of the running block's shared byte `addr` in block `rank`.
@@ -1105,14 +1228,12 @@ void fora_emulation_cluster_sync() { wait_at(launch_state->cluster_barrier); }
 // copies in flight land (as they may not have on a GPU), so such a wait reads their NaN. Only a
 // wait that fails lands them and checks again.
 void fora_emulation_mbarrier_wait(uint32_t bar, uint32_t parity) {
+    race::read(here().dynamic_smem + bar, 8);
     for (;;) {
         MBarrier& b = mbarrier_at(bar);
+        if ((b.phase & 1u) == (parity & 1u)) land_copies(b);
         if ((b.phase & 1u) != (parity & 1u)) {
-            ++launch_state->progress;
-            return;
-        }
-        land_copies(b);
-        if ((b.phase & 1u) != (parity & 1u)) {
+            race::acquire(&b.sync[parity & 1u]);
             ++launch_state->progress;
             return;
         }
@@ -1133,6 +1254,15 @@ void tma_load_2d_into(uint32_t dst, const void* map, int x, int y, uint32_t bar,
     if (dst % 1024 != 0) emulation_error("128-byte-swizzled TMA destination not 1024-byte aligned", dst);
     if (dst + bytes > launch_state->dynamic_smem_bytes) emulation_error("TMA box past the dynamic shared memory", dst);
     if (ranks == 0 || ranks >> launch_state->cluster != 0) emulation_error("TMA multicast mask names a block outside the cluster", dst);
+    // The race check: the box's rows in the tensor are read now, its destinations written now
+    // (the copy may land at any time before its barrier's phase completes).
+    for (uint32_t r = 0; r < m.box_rows; ++r) {
+        const long long gr = static_cast<long long>(y) + r;
+        const long long c0 = std::max<long long>(x, 0);
+        const long long c1 = std::min<long long>(static_cast<long long>(x) + m.box_cols, static_cast<long long>(m.cols));
+        if (gr >= 0 && static_cast<uint64_t>(gr) < m.rows && c1 > c0)
+            race::read(m.base + gr * m.row_stride_bytes + c0 * 2, static_cast<size_t>(c1 - c0) * 2);
+    }
     std::vector<unsigned char> box(bytes, 0);
     for (uint32_t r = 0; r < m.box_rows; ++r) {
         const long long gr = static_cast<long long>(y) + r;
@@ -1153,6 +1283,9 @@ void tma_load_2d_into(uint32_t dst, const void* map, int x, int y, uint32_t bar,
         check_live(block, dst);
         check_proxy(block, dst, bytes, "a TMA copy overwrites", true);
         MBarrier& b = mbarrier_in(block, bar);
+        race::write(block.dynamic_smem + dst, bytes);
+        race::release(&b.sync[b.phase & 1]);
+        race::Untracked untracked;
         std::memset(block.dynamic_smem + dst, 0xff, bytes);
         b.copies.push_back(PendingTma{block.dynamic_smem, dst, box});
     }
@@ -1233,6 +1366,7 @@ extern "C" int fora_emulate_launch(const char* name, unsigned grid_x, unsigned g
         b.dynamic_smem = b.smem_storage.data() + ((1024 - base % 1024) % 1024);
     }
     launch_state = &l;
+    race::launch_begins();
     // Warps ahead, highest first, also runs the blocks from the last: a block that reads what
     // another block of the same launch writes (no order exists between them on a GPU) then
     // reads it before it is written, where the usual order hides it.
@@ -1241,6 +1375,7 @@ extern "C" int fora_emulate_launch(const char* name, unsigned grid_x, unsigned g
         const unsigned c = warps_ahead < 0 ? clusters - 1 - i : i;
         run_cluster(l, uint3{c % per_row * cluster, c / per_row % grid_y, c / per_row / grid_y});
     }
+    race::launch_ends();
     launch_state = nullptr;
     last_error = l.proxy_error;
     return l.proxy_error.empty() ? 0 : 3;
