@@ -1479,6 +1479,43 @@ fn emulated_kernels_have_no_data_races() -> Result<()> {
     Ok(())
 }
 
+/// The in-flight register check: a thread that changes a wgmma's accumulators or its A registers
+/// between the issue and the wait that retires it (undefined on a GPU; the emulator, applying
+/// the wgmma at its retirement, would otherwise compute as if it had waited) fails the launch;
+/// changing them after the wait is the kernels' normal course.
+#[test]
+fn emulator_checks_registers_in_flight() -> Result<()> {
+    let Some(emu) = emulator("emulator_checks_registers_in_flight") else {
+        return Ok(());
+    };
+    let run = |name: &str| -> Result<Vec<f32>> {
+        let out = emu.poisoned_f32(128)?;
+        let addr = out.addr();
+        // SAFETY: the probes write one float per thread of their one 128-thread block, and
+        // use 8 KiB of dynamic shared memory.
+        unsafe { emu.launch_kernel(name, (1, 1, 1), (128, 1, 1), 8192, &addr)? };
+        emu.download_f32(&out)
+    };
+    ensure!(
+        run("register_probe_after")? == vec![17.0f32; 128],
+        "register_probe_after: 16 from the wgmma, plus 1 after its wait, is not 17"
+    );
+    for (probe, what) in [
+        ("register_probe_acc", "accumulators"),
+        ("register_probe_a", "A registers"),
+    ] {
+        let Err(err) = run(probe) else {
+            bail!("{probe} ran: changing the {what} of a wgmma in flight was not refused");
+        };
+        let err = format!("{err:#}");
+        ensure!(
+            err.contains(what) && err.contains("before the wait that retires it"),
+            "{probe}: refused for another reason: {err}"
+        );
+    }
+    Ok(())
+}
+
 /// Runs a race probe (tests/emulation/race_probes.cpp) over 2 blocks of 128 threads; what it
 /// read, per thread.
 fn run_race_probe(name: &str) -> Result<Vec<f32>> {

@@ -238,6 +238,18 @@ struct PendingWgmma {
     bool b_mn;  // B MN-major (transpose-B)
     uint64_t desc_a, desc_b;
     float a_rows[2][16];
+    // RS: this thread's 4 A registers (the kernel's array) and their values at issue, which the
+    // thread may not change before the wait that retires the wgmma (the in-flight check).
+    const uint32_t* a_regs = nullptr;
+    uint32_t a_at_issue[4];
+};
+
+// An accumulator array with wgmmas in flight on it: its values as the last of them to retire
+// left it (or as at the first issue), which the thread itself may not change meanwhile.
+struct InFlightAccumulator {
+    float* d;
+    std::vector<float> expect;
+    int pending;
 };
 
 // A thread's asynchronous operations in flight: committed groups, oldest first, and the group
@@ -291,6 +303,7 @@ struct Fiber {
     bool done = false;
     AsyncGroups<PendingCopy> copies;
     AsyncGroups<PendingWgmma> wgmmas;
+    std::vector<InFlightAccumulator> accumulators;
     // (dynamic shared offset, bytes) of this thread's generic-proxy writes (landed cp.async
     // copies, st_shared_for_async_proxy stores) and reads (ld_shared_for_async_proxy) since its
     // last fence.proxy.async (see Block::unfenced).
@@ -338,7 +351,9 @@ struct Launch {
     std::vector<Block> blocks;  // the running cluster's, by rank
     Barrier cluster_barrier;
     jmp_buf scheduler;  // where the scheduler switched to the running fiber
-    std::string proxy_error;  // the first proxy-check failure (the launch returns 3)
+    // The first failure of a check the launch runs on after (the proxy check, the in-flight
+    // register check): the launch returns 3 with it.
+    std::string check_error;
     size_t dynamic_smem_bytes = 0;
     unsigned rank = 0;     // the running fiber's block in the cluster
     unsigned current = 0;  // the running fiber's thread in its block
@@ -429,6 +444,7 @@ void start_block(Launch& l, unsigned rank, uint3 idx) {
         f.done = false;
         f.copies.clear();
         f.wgmmas.clear();
+        f.accumulators.clear();
         f.unfenced_writes.clear();
         f.unfenced_reads.clear();
         getcontext(&f.context);
@@ -567,6 +583,33 @@ void proxy_probe(const uint64_t out) {
     reinterpret_cast<float*>(out)[t] = d[0];
 }
 
+// register_probe_after / _acc / _a (kernel_emulation.rs: emulator_checks_registers_in_flight): as
+// proxy_probe_fenced, with each thread adding 1 to d[0] after the wait (allowed: out[thread] =
+// 17), or changing d[0] (acc) or an A register (a) between the wgmma's issue and its wait, which
+// the in-flight register check must refuse.
+enum class RegisterProbe { After, Accumulator, A };
+template <RegisterProbe MODE>
+void register_probe(const uint64_t out) {
+    static const uint16_t ones[8] = {0x3f80, 0x3f80, 0x3f80, 0x3f80, 0x3f80, 0x3f80, 0x3f80, 0x3f80};
+    unsigned char* smem = fora_emulation_dynamic_smem<unsigned char>();
+    const unsigned t = threadIdx.x;
+    for (unsigned i = 0; i < 4; ++i) fora_emulation_cp_async(smem + 16 * (4 * t + i), ones, 16);
+    fora_emulation_cp_async_commit();
+    fora_emulation_cp_async_wait(0);
+    fora_emulation_fence_proxy_async();
+    __syncthreads();
+    const uint64_t desc = (uint64_t{16 >> 4} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+    uint32_t a[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};
+    float d[32] = {};
+    fora_emulation_wgmma_rs(64, d, a, desc, 0);
+    fora_emulation_wgmma_commit();
+    if (MODE == RegisterProbe::Accumulator) d[0] += 1.0f;
+    if (MODE == RegisterProbe::A) a[0] = 0;
+    fora_emulation_wgmma_wait(0);
+    if (MODE == RegisterProbe::After) d[0] += 1.0f;
+    reinterpret_cast<float*>(out)[t] = d[0];
+}
+
 // proxy_probe_tma_fenced / _unfenced (TmaProbeParams; 128 threads, dynamic shared memory
 // box_rows x 128 bytes + 8): the threads zero the box with plain stores (the generic proxy), fence
 // the async proxy (or not), meet, and thread 0 loads the box at (x0, y0) over them by TMA; out
@@ -678,6 +721,9 @@ Kernel find(const std::string& name) {
     if (name == "race_probe_blocks") return call<uint64_t, race_probe_blocks>;
     if (name == "proxy_probe_fenced") return call<uint64_t, proxy_probe<true>>;
     if (name == "proxy_probe_unfenced") return call<uint64_t, proxy_probe<false>>;
+    if (name == "register_probe_after") return call<uint64_t, register_probe<RegisterProbe::After>>;
+    if (name == "register_probe_acc") return call<uint64_t, register_probe<RegisterProbe::Accumulator>>;
+    if (name == "register_probe_a") return call<uint64_t, register_probe<RegisterProbe::A>>;
     if (name == "proxy_probe_tma_fenced") return call<TmaProbeParams, proxy_probe_tma<true>>;
     if (name == "proxy_probe_tma_unfenced") return call<TmaProbeParams, proxy_probe_tma<false>>;
     return nullptr;
@@ -948,7 +994,7 @@ struct SmemOperand {
 // fence.proxy.async since by its thread.
 void check_proxy(const Block& b, uint32_t addr, uint32_t bytes, const char* what, bool overwrite = false) {
     Launch& l = *launch_state;
-    if (!l.proxy_error.empty()) return;
+    if (!l.check_error.empty()) return;
     for (uint32_t i = addr; i < addr + bytes && i < b.unfenced.size(); ++i) {
         const bool written = b.unfenced[i] != 0;
         if (written || (overwrite && b.unfenced_read[i] != 0)) {
@@ -958,7 +1004,7 @@ void check_proxy(const Block& b, uint32_t addr, uint32_t bytes, const char* what
                           "that thread since (the async proxy may not see it, or may overwrite it first)",
                           l.name, what, i, static_cast<unsigned>((written ? b.unfenced[i] : b.unfenced_read[i]) - 1),
                           written ? "wrote (cp.async or a store)" : "read");
-            l.proxy_error = msg;
+            l.check_error = msg;
             return;
         }
     }
@@ -1025,6 +1071,57 @@ void carry_out(const PendingWgmma& op) {
     }
 }
 
+// The in-flight register check. The tensor cores read a wgmma's accumulators (and an RS wgmma's A
+// registers) and write its accumulators at any time until the wait that retires it, so the
+// thread may not change them meanwhile (on a GPU the result is undefined; the emulator, which
+// applies a wgmma at its retirement, would hide it). Chains of wgmmas on one accumulator are
+// ordered by the hardware: only the thread's own writes count.
+void register_check_failed(const char* what) {
+    Launch& l = *launch_state;
+    if (!l.check_error.empty()) return;
+    char msg[320];
+    std::snprintf(msg, sizeof msg, "emulated %s: thread %u %s", l.name, l.current, what);
+    l.check_error = msg;
+}
+
+bool same_bits(const void* a, const void* b, size_t bytes) { return std::memcmp(a, b, bytes) == 0; }
+
+InFlightAccumulator* in_flight(Fiber& f, const float* d) {
+    for (InFlightAccumulator& a : f.accumulators)
+        if (a.d == d) return &a;
+    return nullptr;
+}
+
+// A wgmma on `d` (n / 2 floats a thread) is issued.
+void accumulators_issued(float* d, int n) {
+    Fiber& f = here().fibers[launch_state->current];
+    const size_t count = static_cast<size_t>(n / 2);
+    if (InFlightAccumulator* a = in_flight(f, d)) {
+        if (!same_bits(d, a->expect.data(), count * 4))
+            register_check_failed("changed the accumulators of a wgmma in flight, then issued another on them");
+        ++a->pending;
+        return;
+    }
+    f.accumulators.push_back(InFlightAccumulator{d, std::vector<float>(d, d + count), 1});
+}
+
+// `op` retires: before it is carried out, its registers must be as the thread left them.
+void check_registers_at_retirement(Fiber& f, const PendingWgmma& op) {
+    const InFlightAccumulator* a = in_flight(f, op.d);
+    if (a == nullptr || !same_bits(op.d, a->expect.data(), a->expect.size() * 4))
+        register_check_failed("changed the accumulators of a wgmma before the wait that retires it");
+    if (op.a_regs != nullptr && !same_bits(op.a_regs, op.a_at_issue, sizeof op.a_at_issue))
+        register_check_failed("changed the A registers of an RS wgmma before the wait that retires it");
+}
+
+// ... and once carried out, its accumulators are what the next in the chain expects.
+void accumulators_retired(Fiber& f, const PendingWgmma& op) {
+    InFlightAccumulator* a = in_flight(f, op.d);
+    if (a == nullptr) return;
+    a->expect.assign(op.d, op.d + a->expect.size());
+    if (--a->pending == 0) f.accumulators.erase(f.accumulators.begin() + (a - f.accumulators.data()));
+}
+
 }  // namespace
 
 // Both operands from shared memory: recorded now, carried out at the wait that retires it. The
@@ -1043,6 +1140,7 @@ void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b) {
     op.rs = false;
     op.desc_a = desc_a;
     op.desc_b = desc_b;
+    accumulators_issued(d, n);
     here().fibers[launch_state->current].wgmmas.open.push_back(op);
 }
 
@@ -1067,6 +1165,8 @@ void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b
     op.rs = true;
     op.b_mn = trans_b != 0;
     op.desc_b = desc_b;
+    op.a_regs = a;
+    std::memcpy(op.a_at_issue, a, sizeof op.a_at_issue);
     // Rows g and g + 8 of this warp are held by the 4 threads of quad g: (g, cols 2q, 2q + 1,
     // 2q + 8, 2q + 9) in registers 0 and 2, (g + 8, ...) in registers 1 and 3.
     const unsigned warp = t / 32, g = (t % 32) / 4;
@@ -1081,6 +1181,7 @@ void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b
         }
     }
     wait_at(blk.warpgroup_barriers[group]);
+    accumulators_issued(d, n);
     blk.fibers[l.current].wgmmas.open.push_back(op);
 }
 
@@ -1096,9 +1197,14 @@ void fora_emulation_wgmma_commit() { here().fibers[launch_state->current].wgmmas
 void fora_emulation_wgmma_wait(int pending) {
     ++launch_state->progress;  // not blocked: it runs on at its next turn
     yield_to_scheduler();
-    AsyncGroups<PendingWgmma>& g = here().fibers[launch_state->current].wgmmas;
+    Fiber& f = here().fibers[launch_state->current];
+    AsyncGroups<PendingWgmma>& g = f.wgmmas;
     while (g.committed.size() > static_cast<size_t>(pending)) {
-        for (const PendingWgmma& op : g.committed.front()) carry_out(op);
+        for (const PendingWgmma& op : g.committed.front()) {
+            check_registers_at_retirement(f, op);
+            carry_out(op);
+            accumulators_retired(f, op);
+        }
         g.committed.erase(g.committed.begin());
     }
     wait_at(here().warp_barriers[launch_state->current / 32]);
@@ -1377,8 +1483,8 @@ extern "C" int fora_emulate_launch(const char* name, unsigned grid_x, unsigned g
     }
     race::launch_ends();
     launch_state = nullptr;
-    last_error = l.proxy_error;
-    return l.proxy_error.empty() ? 0 : 3;
+    last_error = l.check_error;
+    return l.check_error.empty() ? 0 : 3;
 }
 
 // What the last launch of this thread found wrong (empty when nothing).
