@@ -7,7 +7,8 @@
 //! tests/attention_cases) against the CPU twins, or for the GEMMs against an f64 product.
 //!
 //! This proves the kernels' indexing, bounds, reductions and rounding on every machine, GPU or
-//! not; that no vector access is misaligned (UBSan's alignment check); and, a CPU stand-in for
+//! not; that no vector access is misaligned and no fixed-size array is indexed past its end
+//! (UBSan's alignment and bounds checks); and, a CPU stand-in for
 //! memcheck, that no kernel reads or writes past its buffers (each buffer ends at a guard page,
 //! with a canary in the bytes before it; see `HostBuf`); and, run with the warps of a block out
 //! of step (`emulated_warps_ahead`), a stand-in for racecheck's shared-memory hazards between
@@ -405,7 +406,7 @@ fn compiler() -> Option<String> {
 /// Which emulator library [`build`] makes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Build {
-    /// The kernels with UBSan's alignment check: what every emulated test loads.
+    /// The kernels with UBSan's alignment and bounds checks: what every emulated test loads.
     Checked,
     /// The kernels with ThreadSanitizer and the runner with its race annotations
     /// (`FORA_EMULATION_TSAN`), for [`emulated_kernels_have_no_data_races`]'s child processes.
@@ -461,9 +462,11 @@ fn build(cxx: &str, kind: Build) -> Result<PathBuf> {
             let out = tmp.join("libfora_kernel_emulation.so");
             let mut args = vec![
                 os("-shared"),
-                // A misaligned vector access faults on a GPU; here UBSan turns it into an abort.
-                os("-fsanitize=alignment"),
-                os("-fno-sanitize-recover=alignment"),
+                // A misaligned vector access faults on a GPU; here UBSan turns it into an abort,
+                // as it does an index past a fixed-size array (shared or register arrays, which
+                // a GPU would spill or silently misread).
+                os("-fsanitize=alignment,bounds"),
+                os("-fno-sanitize-recover=alignment,bounds"),
                 launch.as_os_str(),
                 os("-x"),
                 os("c++"),
