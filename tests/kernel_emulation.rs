@@ -403,6 +403,11 @@ fn compiler() -> Option<String> {
     })
 }
 
+/// Where [`build`] puts the [`Build::Checked`] library.
+fn checked_library() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("libfora_kernel_emulation.so")
+}
+
 /// Which emulator library [`build`] makes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Build {
@@ -459,7 +464,7 @@ fn build(cxx: &str, kind: Build) -> Result<PathBuf> {
     let launch = emulation.join("launch.cpp");
     match kind {
         Build::Checked => {
-            let out = tmp.join("libfora_kernel_emulation.so");
+            let out = checked_library();
             let mut args = vec![
                 os("-shared"),
                 // A misaligned vector access faults on a GPU; here UBSan turns it into an abort,
@@ -1517,6 +1522,50 @@ fn emulator_checks_registers_in_flight() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A write past a block's dynamic shared memory aborts the launch (a child process runs it): 64
+/// threads writing a byte each into 64 bytes pass; into 63, the last one lands past the end.
+#[test]
+fn emulator_guards_dynamic_shared_memory() -> Result<()> {
+    let Some(emu) = emulator("emulator_guards_dynamic_shared_memory") else {
+        return Ok(());
+    };
+    smem_guard_probe(emu, 64)?;
+    let exe = std::env::current_exe().context("cannot find the test binary")?;
+    let out = Command::new(&exe)
+        .args([
+            "--exact",
+            "--include-ignored",
+            "--test-threads=1",
+            "smem_guard_probe_writes_past",
+        ])
+        // (The library this process built and loaded.)
+        .env(EMULATION_LIB, checked_library())
+        .output()
+        .with_context(|| format!("cannot run {}", exe.display()))?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("wrote past its 63 bytes of dynamic shared memory"),
+        "a write past the dynamic shared memory was not refused (status {:?}):\n{}",
+        out.status,
+        stderr_tail(&out, 20)
+    );
+    Ok(())
+}
+
+/// smem_guard_probe over `bytes` bytes of dynamic shared memory, 64 threads.
+fn smem_guard_probe(emu: &Emulator, bytes: u32) -> Result<()> {
+    let unused = 0u64;
+    // SAFETY: the probe writes one byte per thread of its dynamic shared memory, nothing else.
+    unsafe { emu.launch_kernel("smem_guard_probe", (1, 1, 1), (64, 1, 1), bytes, &unused) }
+}
+
+#[test]
+#[ignore = "aborts: emulator_guards_dynamic_shared_memory runs it in a child process"]
+fn smem_guard_probe_writes_past() -> Result<()> {
+    let emu = emulator("smem_guard_probe_writes_past").context("no emulator")?;
+    smem_guard_probe(emu, 63)
 }
 
 /// Runs a race probe (tests/emulation/race_probes.cpp) over 2 blocks of 128 threads; what it

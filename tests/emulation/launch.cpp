@@ -311,6 +311,10 @@ struct Fiber {
 };
 
 constexpr size_t kStackBytes = 64 * 1024;  // the kernels' frames are a few KiB
+// Bytes after a block's dynamic shared memory, NaN-filled at its start and checked at its end:
+// a read past the end reads NaN, a write past it aborts the launch (on a GPU it would land in
+// another block's shared memory, or fault).
+constexpr size_t kSmemGuardBytes = 256;
 
 // One block of a launch: its threads, barriers, warp-collective exchange slots and shared memory.
 struct Block {
@@ -435,7 +439,7 @@ void start_block(Launch& l, unsigned rank, uint3 idx) {
     // Uninitialized shared memory: NaN bytes, so reading unwritten smem shows.
     {
         race::Untracked untracked;
-        std::memset(blk.dynamic_smem, 0xff, l.dynamic_smem_bytes);
+        std::memset(blk.dynamic_smem, 0xff, l.dynamic_smem_bytes + kSmemGuardBytes);
     }
     std::fill(blk.unfenced.begin(), blk.unfenced.end(), uint16_t{0});
     std::fill(blk.unfenced_read.begin(), blk.unfenced_read.end(), uint16_t{0});
@@ -546,6 +550,16 @@ void run_cluster(Launch& l, uint3 first) {
             std::abort();
         }
     }
+    for (const Block& blk : l.blocks) {
+        const unsigned char* guard = blk.dynamic_smem + l.dynamic_smem_bytes;
+        for (size_t i = 0; i < kSmemGuardBytes; ++i) {
+            if (guard[i] != 0xff) {
+                std::fprintf(stderr, "emulated %s: a thread of block (%u, %u, %u) wrote past its %zu bytes of dynamic shared memory (at byte %zu)\n",
+                             l.name, blk.idx.x, blk.idx.y, blk.idx.z, l.dynamic_smem_bytes, l.dynamic_smem_bytes + i);
+                std::abort();
+            }
+        }
+    }
     // A TMA copy no thread ever waited for has no defined result either.
     for (const Block& blk : l.blocks) {
         for (const auto& [addr, bar] : blk.mbarriers) {
@@ -608,6 +622,13 @@ void register_probe(const uint64_t out) {
     fora_emulation_wgmma_wait(0);
     if (MODE == RegisterProbe::After) d[0] += 1.0f;
     reinterpret_cast<float*>(out)[t] = d[0];
+}
+
+// smem_guard_probe (kernel_emulation.rs: emulator_guards_dynamic_shared_memory): thread t writes
+// byte t of the dynamic shared memory, all of it and, with one thread more than its bytes, one
+// past its end, which the emulator must refuse.
+void smem_guard_probe(const uint64_t /*unused*/) {
+    fora_emulation_dynamic_smem<unsigned char>()[threadIdx.x] = 1;
 }
 
 // proxy_probe_tma_fenced / _unfenced (TmaProbeParams; 128 threads, dynamic shared memory
@@ -721,6 +742,7 @@ Kernel find(const std::string& name) {
     if (name == "race_probe_blocks") return call<uint64_t, race_probe_blocks>;
     if (name == "proxy_probe_fenced") return call<uint64_t, proxy_probe<true>>;
     if (name == "proxy_probe_unfenced") return call<uint64_t, proxy_probe<false>>;
+    if (name == "smem_guard_probe") return call<uint64_t, smem_guard_probe>;
     if (name == "register_probe_after") return call<uint64_t, register_probe<RegisterProbe::After>>;
     if (name == "register_probe_acc") return call<uint64_t, register_probe<RegisterProbe::Accumulator>>;
     if (name == "register_probe_a") return call<uint64_t, register_probe<RegisterProbe::A>>;
@@ -1465,7 +1487,7 @@ extern "C" int fora_emulate_launch(const char* name, unsigned grid_x, unsigned g
         b.warp_regs.assign(warps * 32 * 8, 0);
         b.warpgroup_barriers.resize((block_x + 127) / 128);
         b.warpgroup_regs.assign(b.warpgroup_barriers.size() * 128 * 4, 0);
-        b.smem_storage.resize(shared_mem_bytes + 1024);
+        b.smem_storage.resize(shared_mem_bytes + 1024 + kSmemGuardBytes);
         b.unfenced.assign(shared_mem_bytes, 0);
         b.unfenced_read.assign(shared_mem_bytes, 0);
         const uintptr_t base = reinterpret_cast<uintptr_t>(b.smem_storage.data());
