@@ -735,14 +735,7 @@ fn emulator_checks_proxy_fences() -> Result<()> {
     let Some(emu) = emulator("emulator_checks_proxy_fences") else {
         return Ok(());
     };
-    let run = |name: &str| -> Result<Vec<f32>> {
-        let out = emu.poisoned_f32(128)?;
-        let addr = out.addr();
-        // SAFETY: the probes write one float per thread of their one 128-thread block, and
-        // use 8 KiB of dynamic shared memory.
-        unsafe { emu.launch_kernel(name, (1, 1, 1), (128, 1, 1), 8192, &addr)? };
-        emu.download_f32(&out)
-    };
+    let run = |name: &str| run_wgmma_probe(emu, name);
     ensure!(
         run("proxy_probe_fenced")? == vec![16.0f32; 128],
         "proxy_probe_fenced: a wgmma of 16 ones did not give 16"
@@ -1487,6 +1480,17 @@ fn emulated_kernels_have_no_data_races() -> Result<()> {
     Ok(())
 }
 
+/// A proxy or register probe (tests/emulation/launch.cpp, `proxy_probe`): what each thread of its
+/// one 128-thread block computed.
+fn run_wgmma_probe(emu: &Emulator, name: &str) -> Result<Vec<f32>> {
+    let out = emu.poisoned_f32(128)?;
+    let addr = out.addr();
+    // SAFETY: the probes write one float per thread of their one 128-thread block, and use
+    // 8 KiB of dynamic shared memory.
+    unsafe { emu.launch_kernel(name, (1, 1, 1), (128, 1, 1), 8192, &addr)? };
+    emu.download_f32(&out)
+}
+
 /// The in-flight register check: a thread that changes a wgmma's accumulators or its A registers
 /// between the issue and the wait that retires it (undefined on a GPU; the emulator, applying
 /// the wgmma at its retirement, would otherwise compute as if it had waited) fails the launch;
@@ -1496,14 +1500,7 @@ fn emulator_checks_registers_in_flight() -> Result<()> {
     let Some(emu) = emulator("emulator_checks_registers_in_flight") else {
         return Ok(());
     };
-    let run = |name: &str| -> Result<Vec<f32>> {
-        let out = emu.poisoned_f32(128)?;
-        let addr = out.addr();
-        // SAFETY: the probes write one float per thread of their one 128-thread block, and
-        // use 8 KiB of dynamic shared memory.
-        unsafe { emu.launch_kernel(name, (1, 1, 1), (128, 1, 1), 8192, &addr)? };
-        emu.download_f32(&out)
-    };
+    let run = |name: &str| run_wgmma_probe(emu, name);
     ensure!(
         run("register_probe_after")? == vec![17.0f32; 128],
         "register_probe_after: 16 from the wgmma, plus 1 after its wait, is not 17"

@@ -572,12 +572,18 @@ void run_cluster(Launch& l, uint3 first) {
     }
 }
 
+// What a wgmma probe's threads do to the wgmma's registers: nothing; add 1 to d[0] after its
+// wait (allowed); change d[0] or an A register between its issue and its wait (refused).
+enum class RegisterTouch { None, After, Accumulator, A };
+
 // proxy_probe_fenced / proxy_probe_unfenced (kernel_emulation.rs: emulator_checks_proxy_fences):
 // one warpgroup cp.asyncs a 64 x 64 bf16 tile of ones (64 rows of 128 bytes) into shared memory,
 // waits for it, fences the async proxy (or not), meets at a block barrier and runs one RS wgmma
 // m64n64k16 of ones over it (the tile as a K-major B); out[thread] is its first accumulator, 16.
-// Without the fence the proxy check must fail the launch.
-template <bool FENCE>
+// Without the fence the proxy check must fail the launch. register_probe_after / _acc / _a
+// (emulator_checks_registers_in_flight): the fenced probe touching its registers (TOUCH): after
+// the wait out[thread] is 17; before it, the in-flight register check must fail the launch.
+template <bool FENCE, RegisterTouch TOUCH = RegisterTouch::None>
 void proxy_probe(const uint64_t out) {
     static const uint16_t ones[8] = {0x3f80, 0x3f80, 0x3f80, 0x3f80, 0x3f80, 0x3f80, 0x3f80, 0x3f80};
     unsigned char* smem = fora_emulation_dynamic_smem<unsigned char>();
@@ -589,38 +595,14 @@ void proxy_probe(const uint64_t out) {
     __syncthreads();
     // K-major, 128-byte swizzle, 8-row atoms 1024 bytes apart, from shared offset 0.
     const uint64_t desc = (uint64_t{16 >> 4} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
-    const uint32_t a[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};
-    float d[32] = {};
-    fora_emulation_wgmma_rs(64, d, a, desc, 0);
-    fora_emulation_wgmma_commit();
-    fora_emulation_wgmma_wait(0);
-    reinterpret_cast<float*>(out)[t] = d[0];
-}
-
-// register_probe_after / _acc / _a (kernel_emulation.rs: emulator_checks_registers_in_flight): as
-// proxy_probe_fenced, with each thread adding 1 to d[0] after the wait (allowed: out[thread] =
-// 17), or changing d[0] (acc) or an A register (a) between the wgmma's issue and its wait, which
-// the in-flight register check must refuse.
-enum class RegisterProbe { After, Accumulator, A };
-template <RegisterProbe MODE>
-void register_probe(const uint64_t out) {
-    static const uint16_t ones[8] = {0x3f80, 0x3f80, 0x3f80, 0x3f80, 0x3f80, 0x3f80, 0x3f80, 0x3f80};
-    unsigned char* smem = fora_emulation_dynamic_smem<unsigned char>();
-    const unsigned t = threadIdx.x;
-    for (unsigned i = 0; i < 4; ++i) fora_emulation_cp_async(smem + 16 * (4 * t + i), ones, 16);
-    fora_emulation_cp_async_commit();
-    fora_emulation_cp_async_wait(0);
-    fora_emulation_fence_proxy_async();
-    __syncthreads();
-    const uint64_t desc = (uint64_t{16 >> 4} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
     uint32_t a[4] = {0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u};
     float d[32] = {};
     fora_emulation_wgmma_rs(64, d, a, desc, 0);
     fora_emulation_wgmma_commit();
-    if (MODE == RegisterProbe::Accumulator) d[0] += 1.0f;
-    if (MODE == RegisterProbe::A) a[0] = 0;
+    if (TOUCH == RegisterTouch::Accumulator) d[0] += 1.0f;
+    if (TOUCH == RegisterTouch::A) a[0] = 0;
     fora_emulation_wgmma_wait(0);
-    if (MODE == RegisterProbe::After) d[0] += 1.0f;
+    if (TOUCH == RegisterTouch::After) d[0] += 1.0f;
     reinterpret_cast<float*>(out)[t] = d[0];
 }
 
@@ -743,9 +725,9 @@ Kernel find(const std::string& name) {
     if (name == "proxy_probe_fenced") return call<uint64_t, proxy_probe<true>>;
     if (name == "proxy_probe_unfenced") return call<uint64_t, proxy_probe<false>>;
     if (name == "smem_guard_probe") return call<uint64_t, smem_guard_probe>;
-    if (name == "register_probe_after") return call<uint64_t, register_probe<RegisterProbe::After>>;
-    if (name == "register_probe_acc") return call<uint64_t, register_probe<RegisterProbe::Accumulator>>;
-    if (name == "register_probe_a") return call<uint64_t, register_probe<RegisterProbe::A>>;
+    if (name == "register_probe_after") return call<uint64_t, proxy_probe<true, RegisterTouch::After>>;
+    if (name == "register_probe_acc") return call<uint64_t, proxy_probe<true, RegisterTouch::Accumulator>>;
+    if (name == "register_probe_a") return call<uint64_t, proxy_probe<true, RegisterTouch::A>>;
     if (name == "proxy_probe_tma_fenced") return call<TmaProbeParams, proxy_probe_tma<true>>;
     if (name == "proxy_probe_tma_unfenced") return call<TmaProbeParams, proxy_probe_tma<false>>;
     return nullptr;
