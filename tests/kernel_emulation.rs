@@ -1273,15 +1273,17 @@ fn launch_gemm(
 /// partial tiles of every width; on tma_sms SMs a TMA CTA takes several units), against the
 /// f64 product (bias epilogue, bf16 out).
 fn small_gemm_cases(emu: &Emulator, what: &str, kernels: &[GemmKernel]) -> Result<()> {
-    small_gemm_cases_sized(emu, what, kernels, (300, 392, 200))
+    small_gemm_cases_sized(emu, what, kernels, (300, 392, 200), 1)
 }
 
-/// [`small_gemm_cases`] at M x N x K = `(m, n, k)`.
+/// [`small_gemm_cases`] at M x N x K = `(m, n, k)`, in `splits` split-K slices (more than one:
+/// the partial products in a workspace, then the epilogue kernel).
 fn small_gemm_cases_sized(
     emu: &Emulator,
     what: &str,
     kernels: &[GemmKernel],
     (m, n, k): (usize, usize, usize),
+    splits: u32,
 ) -> Result<()> {
     use fora::cuda::gemm::{gemm_params, Epilogue};
     use fora::cuda::testing::{check_close, round_bf16, TestRng};
@@ -1310,9 +1312,11 @@ fn small_gemm_cases_sized(
             k,
             Epilogue::BiasBf16,
         );
-        launch_gemm(emu, kernel, &p, 1, None)?;
+        let workspace = emu.poisoned_f32(splits as usize * m * n)?;
+        let splitk = (splits > 1).then(|| (workspace.addr(), splits as usize * m * n));
+        launch_gemm(emu, kernel, &p, splits, splitk)?;
         check_close(
-            &format!("{what}: GEMM {kernel:?}"),
+            &format!("{what}: GEMM {kernel:?} x{splits}"),
             &emu.download_bf16(&out)?,
             &want,
             1e-2,
@@ -1599,8 +1603,9 @@ fn race_check_probe_synced() -> Result<()> {
 
 /// What the race check runs of the kernels with shared memory or warp exchanges: the small cases
 /// of every family, then the pipelines wrapping around (a slot refilled after its last reader):
-/// the wgmma GEMMs' 4-stage ring over 9 k-tiles, the persistent TMA attention on one CTA (its Q
-/// slot and K/V ring across units), the 128-row wgmma attention.
+/// the wgmma GEMMs' 4-stage ring over 9 k-tiles (then in three split-K slices, with the epilogue
+/// kernel), the persistent TMA attention on one CTA (its Q slot and K/V ring across units), the
+/// 128-row wgmma attention.
 #[test]
 #[ignore = "run under ThreadSanitizer by emulated_kernels_have_no_data_races"]
 fn race_check_every_kernel() -> Result<()> {
@@ -1622,10 +1627,9 @@ fn race_check_every_kernel() -> Result<()> {
         let name = format!("race check: attention {} on {sms} SM", imp.name());
         run_case_sized(emu, &name, s, 1.0, 450, imp, sms)?;
     }
-    small_gemm_cases_sized(
-        emu,
-        "race check, K = 520",
-        &every_gemm_kernel(),
-        (70, 136, 520),
-    )
+    for splits in [1, 3] {
+        let what = "race check, K = 520";
+        small_gemm_cases_sized(emu, what, &every_gemm_kernel(), (70, 136, 520), splits)?;
+    }
+    Ok(())
 }
