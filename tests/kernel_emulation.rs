@@ -1435,7 +1435,8 @@ fn stderr_tail(out: &std::process::Output, lines: usize) -> String {
 /// (`emulated_warps_ahead`) show only the races that change a result in the schedules they try.
 /// Races between blocks of a launch are not checked (blocks run in order). The probes show the
 /// check can fail: a missing block barrier is reported, the same kernel with it is not.
-/// Each test runs in a child process (about a minute in all, on two cores).
+/// Each test runs in a child process (two to three minutes in all, on two cores);
+/// `FORA_RACE_CHECK_TESTS=emulated_attention,...` runs only those after the probes.
 #[test]
 fn emulated_kernels_have_no_data_races() -> Result<()> {
     const TEST: &str = "emulated_kernels_have_no_data_races";
@@ -1472,7 +1473,17 @@ fn emulated_kernels_have_no_data_races() -> Result<()> {
         racy.status,
         stderr_tail(&racy, 40)
     );
-    for test in ["race_check_probe_synced"].iter().chain(RACE_CHECKED_TESTS) {
+    // FORA_RACE_CHECK_TESTS=a,b: only these tests of this binary (while working on a kernel).
+    let chosen = std::env::var("FORA_RACE_CHECK_TESTS").ok();
+    let tests: Vec<&str> = match &chosen {
+        Some(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect(),
+        None => RACE_CHECKED_TESTS.to_vec(),
+    };
+    for test in ["race_check_probe_synced"].iter().chain(&tests) {
         let out = run_race_checked(&runtime, &lib, &[test])?;
         ensure!(
             out.status.success(),
