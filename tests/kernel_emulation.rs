@@ -1401,23 +1401,38 @@ fn tsan_runtime(cxx: &str) -> Option<PathBuf> {
         .flatten()
 }
 
+/// Runs `tests` of this binary (ignored ones too) in a child process that loads the emulator
+/// library `lib` instead of building one, with `setup` adding to its command.
+fn run_child_tests(
+    tests: &[&str],
+    lib: &Path,
+    setup: impl FnOnce(&mut Command),
+) -> Result<std::process::Output> {
+    let exe = std::env::current_exe().context("cannot find the test binary")?;
+    let mut child = Command::new(&exe);
+    child
+        .args(["--exact", "--include-ignored", "--test-threads=1"])
+        .args(tests)
+        .env(EMULATION_LIB, lib);
+    setup(&mut child);
+    child
+        .output()
+        .with_context(|| format!("cannot run {}", exe.display()))
+}
+
 /// Runs `tests` of this binary in a child process under ThreadSanitizer (`runtime` preloaded),
 /// loading the race-checking emulator `lib`; the first race ends it with exit status 66.
 fn run_race_checked(runtime: &Path, lib: &Path, tests: &[&str]) -> Result<std::process::Output> {
-    let exe = std::env::current_exe().context("cannot find the test binary")?;
-    Command::new(&exe)
-        .args(["--exact", "--include-ignored", "--test-threads=1"])
-        .args(tests)
-        .env("LD_PRELOAD", runtime)
-        .env(EMULATION_LIB, lib)
-        .env("FORA_REQUIRE_EMULATION", "1")
-        // The Rust test harness is not instrumented: its memcpys are no kernel's.
-        .env(
-            "TSAN_OPTIONS",
-            "halt_on_error=1:exitcode=66:ignore_noninstrumented_modules=1:report_signal_unsafe=0",
-        )
-        .output()
-        .with_context(|| format!("cannot run {}", exe.display()))
+    run_child_tests(tests, lib, |child| {
+        child
+            .env("LD_PRELOAD", runtime)
+            .env("FORA_REQUIRE_EMULATION", "1")
+            // The Rust test harness is not instrumented: its memcpys are no kernel's.
+            .env(
+                "TSAN_OPTIONS",
+                "halt_on_error=1:exitcode=66:ignore_noninstrumented_modules=1:report_signal_unsafe=0",
+            );
+    })
 }
 
 /// The last `lines` lines of a child's standard error.
@@ -1544,18 +1559,12 @@ fn emulator_guards_dynamic_shared_memory() -> Result<()> {
         return Ok(());
     };
     smem_guard_probe(emu, 64)?;
-    let exe = std::env::current_exe().context("cannot find the test binary")?;
-    let out = Command::new(&exe)
-        .args([
-            "--exact",
-            "--include-ignored",
-            "--test-threads=1",
-            "smem_guard_probe_writes_past",
-        ])
-        // (The library this process built and loaded.)
-        .env(EMULATION_LIB, checked_library())
-        .output()
-        .with_context(|| format!("cannot run {}", exe.display()))?;
+    // (The library this process built and loaded.)
+    let out = run_child_tests(
+        &["smem_guard_probe_writes_past"],
+        &checked_library(),
+        |_| {},
+    )?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(
         !out.status.success() && err.contains("wrote past its 63 bytes of dynamic shared memory"),

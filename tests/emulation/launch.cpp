@@ -1014,22 +1014,23 @@ void check_proxy(const Block& b, uint32_t addr, uint32_t bytes, const char* what
     }
 }
 
-// The proxy check of a wgmma's shared-memory operand: `rows` x 16 k (K-major) or n x 16 k
-// (MN-major) bf16 elements at their swizzled addresses; checked once per warpgroup, by its
-// first thread, when the warpgroup issues it.
-void check_wgmma_operand(uint64_t desc, int rows, bool mn_major) {
-    const SmemOperand op(desc, mn_major ? "MN-major" : "K-major");
-    for (int r = 0; r < rows; ++r)
-        for (int k = 0; k < 16; ++k) check_proxy(here(), op.address(r, k, mn_major), 2, "a wgmma reads");
-}
-
-// The race check's read of a wgmma operand (as check_wgmma_operand's), by 16-byte chunks (the
-// swizzle moves whole chunks): K-major, k 0-7 and 8-15 of each row; MN-major, 8 n-values of a k.
+// The race check's read of a wgmma's shared-memory operand: `rows` x 16 k (K-major) or n x 16 k
+// (MN-major) bf16 elements, by 16-byte chunks (the swizzle moves whole chunks): K-major, k 0-7
+// and 8-15 of each row; MN-major, 8 n-values of a k.
 void race_read_operand(uint64_t desc, int rows, bool mn_major) {
     const SmemOperand op(desc, mn_major ? "MN-major" : "K-major");
     const unsigned char* smem = here().dynamic_smem;
     for (int r = 0; r < rows; r += mn_major ? 8 : 1)
         for (int k = 0; k < 16; k += mn_major ? 1 : 8) race::read(smem + op.address(r, k, mn_major), 16);
+}
+
+// The warpgroup issues a wgmma reading this operand (called once, by its first thread): the
+// proxy check of its elements at their swizzled addresses, and the race check's read.
+void wgmma_operand_issued(uint64_t desc, int rows, bool mn_major) {
+    const SmemOperand op(desc, mn_major ? "MN-major" : "K-major");
+    for (int r = 0; r < rows; ++r)
+        for (int k = 0; k < 16; ++k) check_proxy(here(), op.address(r, k, mn_major), 2, "a wgmma reads");
+    race_read_operand(desc, rows, mn_major);
 }
 
 // This thread's fragment of D[64 x n] += A[64 x 16] B[16 x n]: warp w of the warpgroup owns rows
@@ -1133,10 +1134,8 @@ void accumulators_retired(Fiber& f, const PendingWgmma& op) {
 void fora_emulation_wgmma(int n, float* d, uint64_t desc_a, uint64_t desc_b) {
     wait_at(here().warpgroup_barriers[launch_state->current / 128]);
     if (launch_state->current % 128 == 0) {
-        check_wgmma_operand(desc_a, 64, false);
-        check_wgmma_operand(desc_b, n, false);
-        race_read_operand(desc_a, 64, false);
-        race_read_operand(desc_b, n, false);
+        wgmma_operand_issued(desc_a, 64, false);
+        wgmma_operand_issued(desc_b, n, false);
     }
     PendingWgmma op{};
     op.n = n;
@@ -1159,10 +1158,7 @@ void fora_emulation_wgmma_rs(int n, float* d, const uint32_t* a, uint64_t desc_b
     uint32_t* regs = &blk.warpgroup_regs[group * 128 * 4];
     for (int i = 0; i < 4; ++i) regs[t * 4 + i] = a[i];
     wait_at(blk.warpgroup_barriers[group]);
-    if (t == 0) {
-        check_wgmma_operand(desc_b, n, trans_b != 0);
-        race_read_operand(desc_b, n, trans_b != 0);
-    }
+    if (t == 0) wgmma_operand_issued(desc_b, n, trans_b != 0);
     PendingWgmma op{};
     op.n = n;
     op.d = d;
@@ -1364,27 +1360,20 @@ void tma_load_2d_into(uint32_t dst, const void* map, int x, int y, uint32_t bar,
     if (dst % 1024 != 0) emulation_error("128-byte-swizzled TMA destination not 1024-byte aligned", dst);
     if (dst + bytes > launch_state->dynamic_smem_bytes) emulation_error("TMA box past the dynamic shared memory", dst);
     if (ranks == 0 || ranks >> launch_state->cluster != 0) emulation_error("TMA multicast mask names a block outside the cluster", dst);
-    // The race check: the box's rows in the tensor are read now, its destinations written now
-    // (the copy may land at any time before its barrier's phase completes).
-    for (uint32_t r = 0; r < m.box_rows; ++r) {
-        const long long gr = static_cast<long long>(y) + r;
-        const long long c0 = std::max<long long>(x, 0);
-        const long long c1 = std::min<long long>(static_cast<long long>(x) + m.box_cols, static_cast<long long>(m.cols));
-        if (gr >= 0 && static_cast<uint64_t>(gr) < m.rows && c1 > c0)
-            race::read(m.base + gr * m.row_stride_bytes + c0 * 2, static_cast<size_t>(c1 - c0) * 2);
-    }
+    // The box's elements inside the tensor, read now (for the race check too: the copy may read
+    // them, and land, at any time before its barrier's phase completes); the rest stay zeros.
     std::vector<unsigned char> box(bytes, 0);
+    const long long c0 = std::max<long long>(x, 0);
+    const long long c1 = std::min<long long>(static_cast<long long>(x) + m.box_cols, static_cast<long long>(m.cols));
     for (uint32_t r = 0; r < m.box_rows; ++r) {
         const long long gr = static_cast<long long>(y) + r;
-        for (uint32_t col = 0; col < m.box_cols; ++col) {
-            const long long gc = static_cast<long long>(x) + col;
-            uint16_t v = 0;
-            if (gr >= 0 && gc >= 0 && static_cast<uint64_t>(gr) < m.rows && static_cast<uint64_t>(gc) < m.cols)
-                std::memcpy(&v, m.base + gr * m.row_stride_bytes + gc * 2, 2);
-            const uint32_t off = r * m.box_cols * 2 + col * 2;
-            const uint32_t addr = dst + off;
+        if (gr < 0 || static_cast<uint64_t>(gr) >= m.rows || c1 <= c0) continue;
+        const unsigned char* row = m.base + gr * m.row_stride_bytes;
+        race::read(row + c0 * 2, static_cast<size_t>(c1 - c0) * 2);
+        for (long long gc = c0; gc < c1; ++gc) {
+            const uint32_t addr = dst + r * m.box_cols * 2 + static_cast<uint32_t>(gc - x) * 2;
             const uint32_t swizzled = addr ^ (((addr >> 7) & 7u) << 4);
-            std::memcpy(box.data() + (swizzled - dst), &v, 2);
+            std::memcpy(box.data() + (swizzled - dst), row + gc * 2, 2);
         }
     }
     for (unsigned rank = 0; rank < launch_state->cluster; ++rank) {
