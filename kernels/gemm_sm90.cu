@@ -218,28 +218,31 @@ struct TmaUnit {
     int m0, n0, slice, kt_begin, k_tiles;
 };
 
-// Work units of a CLUSTER-CTA cluster: CLUSTER vertically adjacent M tiles with the same N tile
-// and slice (a cluster's CTAs share W's tile); the cluster's CTA of rank `rank` takes the
-// rank-th. Past the last M tile (an odd count) a CTA computes a tile of zero rows (its producer
-// loads the first tile's A rows, its epilogue writes nothing) and still multicasts its half of
-// W, so the cluster's pipelines stay in step.
-template <int BN, int CLUSTER>
+// Work units of a CM x CN cluster: a block of CM x CN tiles, CM vertically adjacent M tiles by
+// CN adjacent N tiles, of one split-K slice. The cluster's CTA of rank r takes the tile at
+// (r % CM, r / CM) of the block: the CTAs of a column (same N tile) share W's tile, those of a
+// row (same M tile) A's. Past the last M tile (a count not a multiple of CM) a CTA computes a
+// tile of zero rows, and past the last N tile one of zero columns: its producer still loads and
+// multicasts its share of the operands, its epilogue writes nothing, so the cluster's pipelines
+// stay in step.
+template <int BN, int CM, int CN>
 FORA_DEVICE int tma_units(const GemmTmaParams& params) {
     const GemmParams& p = params.gemm;
-    const int tiles_m = (p.m + kTmaBM * CLUSTER - 1) / (kTmaBM * CLUSTER);
-    return tiles_m * ((p.n + BN - 1) / BN) * params.splits;
+    const int tiles_m = (p.m + kTmaBM * CM - 1) / (kTmaBM * CM);
+    const int tiles_n = (p.n + BN * CN - 1) / (BN * CN);
+    return tiles_m * tiles_n * params.splits;
 }
 
-template <int BN, int CLUSTER>
+template <int BN, int CM, int CN>
 FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u, int rank) {
     const GemmParams& p = params.gemm;
-    const int tiles_n = (p.n + BN - 1) / BN;
-    const int tiles_m = (p.m + kTmaBM * CLUSTER - 1) / (kTmaBM * CLUSTER);
+    const int tiles_n = (p.n + BN * CN - 1) / (BN * CN);
+    const int tiles_m = (p.m + kTmaBM * CM - 1) / (kTmaBM * CM);
     const int k_tiles_all = (p.k + kWgmmaBK - 1) / kWgmmaBK;
     const int k_per_slice = (k_tiles_all + params.splits - 1) / params.splits;
     TmaUnit w;
-    w.n0 = (u % tiles_n) * BN;
-    w.m0 = (((u / tiles_n) % tiles_m) * CLUSTER + rank) * kTmaBM;
+    w.n0 = ((u % tiles_n) * CN + rank / CM) * BN;
+    w.m0 = (((u / tiles_n) % tiles_m) * CM + rank % CM) * kTmaBM;
     w.slice = u / tiles_n / tiles_m;
     w.kt_begin = min(k_tiles_all, w.slice * k_per_slice);
     w.k_tiles = min(k_tiles_all - w.kt_begin, k_per_slice);
@@ -254,32 +257,42 @@ FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u, int rank) {
 // `full` barriers are then at most one phase behind the k-tiles it waits for, which their parity
 // needs (waiting for a phase two ahead would pass at once, on stale data).
 //
-// CLUSTER = 2 (the kernel is compiled with __cluster_dims__(2, 1, 1)): the two
-// CTAs of a cluster compute vertically adjacent tiles with the same W tile, and each producer
-// loads its own A tile and half of the W tile, multicast into both CTAs (same slot, same `full`
-// barrier byte), so a CTA reads 128 + BN / 2 rows from L2 a k-step instead of 128 + BN (the
-// L2-bandwidth bound of bench's `l2_tile_rooflines`). A slot is refilled by both producers, so
-// its `empty` barrier counts the warps of both CTAs (each consumer warp arrives on its own CTA's
-// and, through mapa, on the peer's), and each `full` expects the whole tile's bytes (half of
-// them delivered by the peer, possibly before this CTA's producer announced them: the
-// transaction count may run negative within a phase). Both CTAs walk the same units and k-tiles,
-// so their rings stay in step (in ping-pong, the same consumer of both CTAs reads a unit's slots,
-// and its 4 warps a CTA free them); a cluster barrier after the barriers' initialization (before any
-// multicast or remote arrival) and one at the end (no CTA exits while its peer may still arrive
-// on its barriers) bracket the kernel, and every thread, the producer's too, takes part in both.
-template <int BN, int STAGES, bool PINGPONG, int CLUSTER>
+// Clusters (the kernel is compiled with __cluster_dims__(CM * CN, 1, 1)): the CTA at (i, j) of
+// its cluster's CM x CN block of tiles (rank i + CM j, tma_unit) shares the W tile with the CM
+// CTAs of column j and the A tile with the CN CTAs of row i. Its producer loads slice j of the
+// A tile (128 / CN rows) multicast into its row, and slice i of the W tile (BN / CM rows)
+// multicast into its column (same slot, same `full` barrier byte), so a CTA reads 128 / CN +
+// BN / CM rows from L2 a k-step instead of 128 + BN (the L2-bandwidth bound of bench's
+// `l2_tile_rooflines`). A slot is refilled by the producers of the CTA's row and column, so a
+// producer may refill it only once the consumers of every CTA it writes into are done with it:
+// its `empty` barrier counts the consumer warps of its row and column (CM + CN - 1 CTAs), and
+// each consumer warp arrives on its own CTA's and, through mapa, on those of its row and
+// column. Each `full` expects the whole tile's bytes (most of them delivered by peers, possibly
+// before this CTA's producer announced them: the transaction count may run negative within a
+// phase). Every CTA of a cluster walks the same units and k-tiles, so their rings stay in step
+// (in ping-pong, the same consumer of every CTA reads a unit's slots, and its 4 warps a CTA
+// free them); a cluster barrier after the barriers' initialization (before any multicast or
+// remote arrival) and one at the end (no CTA exits while a peer may still arrive on its
+// barriers or multicast into it) bracket the kernel, and every thread, the producer's too,
+// takes part in both.
+template <int BN, int STAGES, bool PINGPONG, int CM, int CN>
 FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
-    static_assert(CLUSTER == 1 || CLUSTER == 2, "clusters of one or two CTAs");
+    static_assert((CM == 1 || CM == 2 || CM == 4) && (CN == 1 || CN == 2), "clusters of 1 .. 8 CTAs");
+    constexpr int kCluster = CM * CN;
     constexpr int kRowBlocks = PINGPONG ? 2 : 1;  // m64 blocks a consumer computes per unit
     constexpr int kAcc = BN / 2;
     constexpr uint32_t kStageA = kTmaBM * kWgmmaBK * 2;  // bytes of one A tile
     constexpr uint32_t kStageB = BN * kWgmmaBK * 2;
-    constexpr uint32_t kSliceB = kStageB / CLUSTER;  // the part of the W tile a producer loads
+    constexpr uint32_t kSliceA = kStageA / CN;  // the part of the A tile a producer loads
+    constexpr uint32_t kSliceB = kStageB / CM;  // the part of the W tile a producer loads
+    // CTAs whose producers write into this CTA's slots (and into which its producer writes):
+    // its row and its column of the cluster, itself once.
+    constexpr int kPeers = CM + CN - 1;
     // Arrivals that free a slot: every warp of the consumers that read it, in every CTA that
-    // the slot's producers fill.
-    constexpr int kEmptyArrivals = (PINGPONG ? 4 : 8) * CLUSTER;
-    static_assert(kStageA % 1024 == 0 && kSliceB % 1024 == 0,
-                  "every tile (and multicast half) must start on a 1024-byte swizzle atom");
+    // the slot's producer fills.
+    constexpr int kEmptyArrivals = (PINGPONG ? 4 : 8) * kPeers;
+    static_assert(kStageA % 1024 == 0 && kSliceA % 1024 == 0 && kSliceB % 1024 == 0,
+                  "every tile (and multicast slice) must start on a 1024-byte swizzle atom");
     const GemmParams& p = params.gemm;
 
     // Dynamic smem (the launcher adds 1 KiB to round the base up to 1024 bytes):
@@ -295,7 +308,8 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
 
     const int tid = threadIdx.x;
     const int warpgroup = tid >> 7;
-    const int rank = CLUSTER > 1 ? static_cast<int>(cluster_ctarank()) : 0;
+    const int rank = kCluster > 1 ? static_cast<int>(cluster_ctarank()) : 0;
+    const int cluster_row = rank % CM, cluster_col = rank / CM;
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbarrier_init(full + 8 * s, 1);
@@ -307,44 +321,55 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
         }
         fence_mbarrier_init();
     }
-    if (CLUSTER > 1) {
+    if (kCluster > 1) {
         cluster_sync();
     } else {
         __syncthreads();
     }
 
-    const int units = tma_units<BN, CLUSTER>(params);
-    const int first = static_cast<int>(blockIdx.x) / CLUSTER;
-    const int stride = static_cast<int>(gridDim.x) / CLUSTER;
+    const int units = tma_units<BN, CM, CN>(params);
+    const int first = static_cast<int>(blockIdx.x) / kCluster;
+    const int stride = static_cast<int>(gridDim.x) / kCluster;
 
     if (warpgroup == 0) {
         setmaxnreg_dec<40>();
         if (tid == 0) {
             tma_prefetch_descriptor(&params.a_map);
             tma_prefetch_descriptor(&params.w_map);
+            // Multicast masks: the CTAs of this one's row (ranks cluster_row + CM j) take its
+            // A slice, those of its column (ranks CM cluster_col + i) its W slice.
+            uint16_t row_mask = 0, col_mask = 0;
+            for (int j = 0; j < CN; ++j) row_mask |= static_cast<uint16_t>(1u << (cluster_row + CM * j));
+            for (int i = 0; i < CM; ++i) col_mask |= static_cast<uint16_t>(1u << (CM * cluster_col + i));
             uint32_t it = 0;
             for (int u = first; u < units; u += stride) {
-                const TmaUnit w = tma_unit<BN, CLUSTER>(params, u, rank);
+                const TmaUnit w = tma_unit<BN, CM, CN>(params, u, rank);
                 for (int kt = 0; kt < w.k_tiles; ++kt, ++it) {
                     const uint32_t slot = it % STAGES;
                     const uint32_t parity = (it / STAGES) & 1u;
                     mbarrier_wait(empty + 8 * slot, parity ^ 1u);
                     mbarrier_arrive_expect_tx(full + 8 * slot, kStageA + kStageB);
                     const int k0 = (w.kt_begin + kt) * kWgmmaBK;
-                    // A zero-row tile (past M, clusters only) reads rows of the first tile
-                    // instead: its epilogue writes nothing, and no box lies wholly outside A.
-                    const int a_row = w.m0 < p.m ? w.m0 : 0;
-                    tma_load_2d(smem_a + slot * kStageA, &params.a_map, k0, a_row, full + 8 * slot);
-                    if (CLUSTER == 1) {
-                        tma_load_2d(smem_b + slot * kStageB, &params.w_map, k0, w.n0, full + 8 * slot);
+                    // This CTA's slices of the A and W tiles. A slice wholly past M (a zero-row
+                    // tile, or the last rows of a partial one) reads A's first rows instead, and
+                    // one wholly past N W's: an output row depends only on the same row of A
+                    // (a column only on the same row of W), those rows and columns are never
+                    // stored, and no box lies wholly outside its tensor.
+                    const int a_row = w.m0 + cluster_col * (kTmaBM / CN);
+                    const int w_row = w.n0 + cluster_row * (BN / CM);
+                    const uint32_t a_dst = smem_a + slot * kStageA + cluster_col * kSliceA;
+                    const uint32_t w_dst = smem_b + slot * kStageB + cluster_row * kSliceB;
+                    if (CN == 1) {
+                        tma_load_2d(a_dst, &params.a_map, k0, a_row < p.m ? a_row : 0, full + 8 * slot);
                     } else {
-                        // This CTA's half of the W tile. A half wholly past N (the last tile of
-                        // a narrow N) reads W's first rows instead, as a zero-row tile does for
-                        // A: those columns are never stored, and no box lies wholly outside W.
-                        const int w_row = w.n0 + rank * (BN / CLUSTER);
-                        tma_load_2d_multicast(smem_b + slot * kStageB + rank * kSliceB, &params.w_map, k0,
-                                              w_row < p.n ? w_row : 0, full + 8 * slot,
-                                              static_cast<uint16_t>((1u << CLUSTER) - 1u));
+                        tma_load_2d_multicast(a_dst, &params.a_map, k0, a_row < p.m ? a_row : 0, full + 8 * slot,
+                                              row_mask);
+                    }
+                    if (CM == 1) {
+                        tma_load_2d(w_dst, &params.w_map, k0, w_row < p.n ? w_row : 0, full + 8 * slot);
+                    } else {
+                        tma_load_2d_multicast(w_dst, &params.w_map, k0, w_row < p.n ? w_row : 0, full + 8 * slot,
+                                              col_mask);
                     }
                 }
             }
@@ -354,13 +379,22 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
         const int consumer = warpgroup - 1;
         const int lane = tid & 31;
         const int warp_in_group = (tid >> 5) & 3;
-        // The peer's `empty` barriers (a cluster of two), which this CTA's consumers also free.
-        const uint32_t peer_empty = CLUSTER > 1 ? mapa_shared(empty, static_cast<uint32_t>(rank ^ 1)) : 0;
-        // A warp has finished reading `slot`: one arrival on its `empty`, in both CTAs.
+        // The `empty` barriers this warp frees a slot on: lane 0 its own CTA's; lanes 1 ..
+        // kPeers - 1 (through mapa) those of the other CTAs of its row and column, whose
+        // producers multicast into this CTA.
+        uint32_t peer_empty = 0;
+        if (kCluster > 1 && lane > 0 && lane < kPeers) {
+            // Lanes 1 .. CM - 1: the rest of the column; then the rest of the row.
+            const int peer = lane < CM ? CM * cluster_col + (cluster_row + lane) % CM
+                                       : cluster_row + CM * ((cluster_col + lane - CM + 1) % CN);
+            peer_empty = mapa_shared(empty, static_cast<uint32_t>(peer));
+        }
+        // A warp has finished reading `slot`: one arrival on its `empty` in each of those CTAs.
         auto release = [&](uint32_t slot) {
             if (lane == 0) {
                 mbarrier_arrive(empty + 8 * slot);
-                if (CLUSTER > 1) mbarrier_arrive_cluster(peer_empty + 8 * slot);
+            } else if (kCluster > 1 && lane < kPeers) {
+                mbarrier_arrive_cluster(peer_empty + 8 * slot);
             }
         };
         // Rows of the tile this consumer's m64 block b covers: 64 * consumer (cooperative) or 64 * b.
@@ -370,7 +404,7 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
         int local = 0;  // the CTA's units in order: pingpong consumers take every other one
         int mine = 0;   // ping-pong: units this consumer has computed
         for (int u = first; u < units; u += stride, ++local) {
-            const TmaUnit w = tma_unit<BN, CLUSTER>(params, u, rank);
+            const TmaUnit w = tma_unit<BN, CM, CN>(params, u, rank);
             if (PINGPONG && (local & 1) != consumer) {
                 it += static_cast<uint32_t>(w.k_tiles);  // the other consumer's k-tiles
                 continue;
@@ -428,7 +462,7 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
             }
         }
     }
-    if (CLUSTER > 1) cluster_sync();
+    if (kCluster > 1) cluster_sync();
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -482,50 +516,79 @@ extern "C" __global__ void __launch_bounds__(128, 2) gemm_wgmma_64x128(const Gem
 // N a multiple of 128 but not of 192 or 256; six stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x128(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(128, 6, false, 1);
+    FORA_TMA_BODY(128, 6, false, 1, 1);
 }
 
 // Every DiT-XL/2 width (1152, 3456, 4608 are multiples of 192); five stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x192(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(192, 5, false, 1);
+    FORA_TMA_BODY(192, 5, false, 1, 1);
 }
 
 // Multiples of 256; four stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x256(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(256, 4, false, 1);
+    FORA_TMA_BODY(256, 4, false, 1, 1);
 }
 
 // Ping-pong: 128 x 128 tiles, the two consumers taking the CTA's units in turn; six stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_pp_128x128(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(128, 6, true, 1);
+    FORA_TMA_BODY(128, 6, true, 1, 1);
 }
 
 // Clusters of two CTAs along M sharing (multicasting) the W tile; the tiles as above.
 
-extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER_PAIR
+extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(2)
     gemm_tma_mc_128x128(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(128, 6, false, 2);
+    FORA_TMA_BODY(128, 6, false, 2, 1);
 }
 
-extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER_PAIR
+extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(2)
     gemm_tma_mc_128x192(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(192, 5, false, 2);
+    FORA_TMA_BODY(192, 5, false, 2, 1);
 }
 
-extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER_PAIR
+extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(2)
     gemm_tma_mc_128x256(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(256, 4, false, 2);
+    FORA_TMA_BODY(256, 4, false, 2, 1);
 }
 
 // Ping-pong 128 x 128 in clusters of two sharing W (the pick's tile for long K).
-extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER_PAIR
+extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(2)
     gemm_tma_mc_pp_128x128(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(128, 6, true, 2);
+    FORA_TMA_BODY(128, 6, true, 2, 1);
+}
+
+// Clusters of four CTAs along M sharing W (a quarter of the W tile each), and of four along M
+// by two along N sharing W down a column and A along a row: at M = 512 (one image + CFG, four
+// row tiles) a cluster's column covers every row, so each W tile is read from L2 once instead of
+// four times.
+
+extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(4)
+    gemm_tma_c4x1_128x128(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
+    FORA_TMA_BODY(128, 6, false, 4, 1);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(4)
+    gemm_tma_c4x1_128x192(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
+    FORA_TMA_BODY(192, 5, false, 4, 1);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(8)
+    gemm_tma_c4x2_128x128(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
+    FORA_TMA_BODY(128, 6, false, 4, 2);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(8)
+    gemm_tma_c4x2_128x192(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
+    FORA_TMA_BODY(192, 5, false, 4, 2);
 }

@@ -198,7 +198,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) tma_probe(const __grid_cons
 // expecting both boxes (the peer's may land before this CTA announced it); each CTA writes its two
 // slots to out + r * 2 * box_rows * 64. Then the CTAs relay an arrival through each other's
 // second barrier (mapa, remote arrival); cluster barriers before the first copy and before exit. The primitives the multicast TMA GEMM (gemm_tma_mc_*) rests on, alone.
-extern "C" __global__ void __launch_bounds__(128, 1) FORA_CLUSTER_PAIR
+extern "C" __global__ void __launch_bounds__(128, 1) FORA_CLUSTER(2)
     tma_cluster_probe(const __grid_constant__ TmaProbeParams p) {
     grid_dependency_sync();
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)

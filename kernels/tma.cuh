@@ -10,12 +10,13 @@
 
 #include "common.cuh"
 
-// A kernel attribute: clusters of two CTAs along x (__cluster_dims__ exists only for sm_90; other
-// architectures get the kernels' trap stubs without it).
+// A kernel attribute: clusters of n CTAs along x (__cluster_dims__ exists only for sm_90; other
+// architectures get the kernels' trap stubs without it). The CPU emulator takes a kernel's
+// cluster size from its name (cluster_size_of in tests/emulation/launch.cpp).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define FORA_CLUSTER_PAIR __cluster_dims__(2, 1, 1)
+#define FORA_CLUSTER(n) __cluster_dims__(n, 1, 1)
 #else
-#define FORA_CLUSTER_PAIR
+#define FORA_CLUSTER(n)
 #endif
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)

@@ -501,7 +501,10 @@ fn report_markdown_and_json() {
             "128x128 64 FLOP/B -> 512 TFLOP/s, 128x192 77 FLOP/B -> 614 TFLOP/s, 128x256 85 \
              FLOP/B -> 683 TFLOP/s, 128x128 W multicast to 2 85 FLOP/B -> 683 TFLOP/s, 128x192 \
              W multicast to 2 110 FLOP/B -> 878 TFLOP/s, 128x256 W multicast to 2 128 FLOP/B -> \
-             1024 TFLOP/s, 128x256 A multicast to 2 102 FLOP/B -> 819 TFLOP/s"
+             1024 TFLOP/s, 128x128 W multicast to 4 102 FLOP/B -> 819 TFLOP/s, 128x192 W \
+             multicast to 4 140 FLOP/B -> 1117 TFLOP/s, 128x128 W to 4, A to 2 171 FLOP/B -> 1365 \
+             TFLOP/s, 128x192 W to 4, A to 2 219 FLOP/B -> 1755 TFLOP/s, 128x256 A multicast to \
+             2 102 FLOP/B -> 819 TFLOP/s"
         ),
         "{md}"
     );
@@ -532,6 +535,13 @@ fn report_markdown_and_json() {
     );
     let mc_pp = fora::bench::tma_row_flop_per_byte("tma-mc-pp-128x128").unwrap();
     assert!((mc_pp - 128.0 * 128.0 / 192.0).abs() < 1e-9, "{mc_pp}");
+    // Clusters of 4 x 1 load a quarter of W a CTA, of 4 x 2 also half of A: 128 x 128 x 64 x 2
+    // FLOP on (128 + 32) and (64 + 48) rows of 128 bytes.
+    let c4x1 = fora::bench::tma_row_flop_per_byte("tma-c4x1-128x128").unwrap();
+    assert!((c4x1 - 128.0 * 128.0 / 160.0).abs() < 1e-9, "{c4x1}");
+    let c4x2 = fora::bench::tma_row_flop_per_byte("tma-c4x2-128x192").unwrap();
+    assert!((c4x2 - 128.0 * 192.0 / 112.0).abs() < 1e-9, "{c4x2}");
+    assert_eq!(fora::bench::tma_row_flop_per_byte("tma-cAxB-128x128"), None);
     assert_eq!(j["settings"]["reuse_sum"], 2);
     assert_eq!(j["steps"][4]["kind"], "reuse_summed");
     assert!(

@@ -311,7 +311,7 @@ enum Variant {
     /// One TMA tile variant with this many split-K slices.
     TmaSplit(TmaTile, u32),
     TmaAuto,
-    /// `GemmImpl::TmaMulticast`'s automatic pick (the multicast counterpart where M has two
+    /// `GemmImpl::TmaMulticast`'s automatic pick (`TmaTile::pick_multicast` where M has two
     /// row tiles or more).
     TmaMcAuto,
 }
@@ -361,7 +361,7 @@ const WGMMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 5] = [
 /// tiles included), forced split-K, the automatic picks. In tests of their own (`gemm_tma_*`):
 /// the device suite runs them in a process of their own, so that a fault in these never-run
 /// kernels cannot poison the context of the other tests.
-const TMA_VARIANTS: [Variant; 18] = [
+const TMA_VARIANTS: [Variant; 24] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
@@ -377,13 +377,19 @@ const TMA_VARIANTS: [Variant; 18] = [
     Variant::TmaSplit(TmaTile::Mc192, 2),
     Variant::Tma(TmaTile::McPingPong128),
     Variant::TmaSplit(TmaTile::McPingPong128, 2),
+    Variant::Tma(TmaTile::C4x1N128),
+    Variant::Tma(TmaTile::C4x1N192),
+    Variant::Tma(TmaTile::C4x2N128),
+    Variant::Tma(TmaTile::C4x2N192),
+    Variant::TmaSplit(TmaTile::C4x2N128, 3),
+    Variant::TmaSplit(TmaTile::C4x1N192, 2),
     Variant::TmaAuto,
     Variant::TmaMcAuto,
     Variant::CublasLt,
 ];
 
 /// [`TMA_VARIANTS`] without forced split-K.
-const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 11] = [
+const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 15] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
@@ -392,6 +398,10 @@ const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 11] = [
     Variant::Tma(TmaTile::Mc192),
     Variant::Tma(TmaTile::Mc256),
     Variant::Tma(TmaTile::McPingPong128),
+    Variant::Tma(TmaTile::C4x1N128),
+    Variant::Tma(TmaTile::C4x1N192),
+    Variant::Tma(TmaTile::C4x2N128),
+    Variant::Tma(TmaTile::C4x2N192),
     Variant::TmaAuto,
     Variant::TmaMcAuto,
     Variant::CublasLt,

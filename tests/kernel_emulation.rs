@@ -976,7 +976,10 @@ fn emulated_gemm() -> Result<()> {
         // on from one unit into the next, and the ping-pong kernel's consumers taking turns.
         // The multicast tiles run on 4: two clusters of two, taking every other pair of tiles
         // (M = 70: one tile, its pair computing zero rows; M = 300: two pairs, the second with
-        // such a tile).
+        // such a tile). The clusters of four along M (by one or two along N) run on 8: their
+        // rows of CTAs past M compute zero rows, their columns past N zero columns (N = 136 or
+        // 392: one or two cluster columns, the last partial or wholly past N), and each CTA
+        // multicasts its slice of A along its row and of W down its column.
         let tiles: Vec<GemmKernel> = every_gemm_kernel()
             .into_iter()
             .filter(|g| !tma_only || matches!(g, GemmKernel::Tma(_)))
@@ -1244,12 +1247,13 @@ fn biased_product(
 }
 
 /// Emulated SMs for a TMA tile: 1 (its persistent CTA takes every work unit) or, for the
-/// multicast tiles, 4 (two clusters of two).
+/// multicast tiles, 4 (two clusters of two) or 8 (two clusters of four, one of eight), so that
+/// a cluster takes several units on the small shapes.
 fn tma_sms(t: fora::cuda::gemm::TmaTile) -> usize {
-    if t.cluster() > 1 {
-        4
-    } else {
-        1
+    match t.cluster() {
+        1 => 1,
+        2 => 4,
+        _ => 8,
     }
 }
 

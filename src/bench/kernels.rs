@@ -623,9 +623,10 @@ fn bench_gemm_rows(
     }
 }
 
-/// The GEMM rows of kernels never run on a GPU (the cluster-multicast TMA tiles, session 10).
+/// The GEMM rows of kernels never run on a GPU (the cluster-multicast TMA tiles, sessions 10
+/// and 17).
 fn never_run_gemm(imp: &str) -> bool {
-    imp == "tma_mc" || imp.starts_with("tma-mc")
+    imp == "tma_mc" || imp.starts_with("tma-mc") || imp.starts_with("tma-c4x")
 }
 
 /// One measured row on stderr as soon as it is measured (`what`: kernel, rows, implementation):

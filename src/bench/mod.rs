@@ -81,7 +81,8 @@ pub enum GemmChoice {
     Wgmma,
     /// The warp-specialized Hopper TMA kernels (compute capability 9.x only; opt-in).
     Tma,
-    /// The TMA kernels in clusters of two that multicast the W tile (9.x only; opt-in).
+    /// The TMA kernels in clusters that multicast the operand tiles (pairs along M sharing W,
+    /// or 4 x 1 and 4 x 2 clusters also sharing A; 9.x only; opt-in).
     #[value(name = "tma_mc")]
     TmaMc,
 }

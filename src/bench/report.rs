@@ -260,9 +260,10 @@ fn l2_flop_per_byte(a_rows: f64, w_rows: f64, bn: f64) -> f64 {
     (2.0 * 128.0 * bn * 64.0) / ((a_rows + w_rows) * 64.0 * 2.0)
 }
 
-/// TFLOP/s that GEMM tiles of 128 x 128, 128 x 192, 128 x 256, our multicast tiles (two CTAs
-/// of a cluster sharing W: each loads half of it, `FORA_GEMM=tma_mc`) and cuBLASLt's 128 x 256
-/// with A shared by two CTAs can reach when their operands stream from L2 at `l2_gbps`.
+/// TFLOP/s that GEMM tiles of 128 x 128, 128 x 192, 128 x 256, our multicast tiles (the CTAs
+/// of a cluster sharing W: each loads half or a quarter of it; in 4 x 2 clusters also A, half
+/// each; `FORA_GEMM=tma_mc`) and cuBLASLt's 128 x 256 with A shared by two CTAs can reach when
+/// their operands stream from L2 at `l2_gbps`.
 pub fn l2_tile_rooflines(l2_gbps: f64) -> String {
     // (name, A rows loaded, W rows loaded, BN).
     [
@@ -272,6 +273,10 @@ pub fn l2_tile_rooflines(l2_gbps: f64) -> String {
         ("128x128 W multicast to 2", 128.0, 64.0, 128.0),
         ("128x192 W multicast to 2", 128.0, 96.0, 192.0),
         ("128x256 W multicast to 2", 128.0, 128.0, 256.0),
+        ("128x128 W multicast to 4", 128.0, 32.0, 128.0),
+        ("128x192 W multicast to 4", 128.0, 48.0, 192.0),
+        ("128x128 W to 4, A to 2", 64.0, 32.0, 128.0),
+        ("128x192 W to 4, A to 2", 64.0, 48.0, 192.0),
         ("128x256 A multicast to 2", 64.0, 256.0, 256.0),
     ]
     .iter()
@@ -288,18 +293,24 @@ pub fn l2_tile_rooflines(l2_gbps: f64) -> String {
 }
 
 /// FLOP per L2 byte of the TMA tile a forced-tile bench row names ("tma-128x192",
-/// "tma-pp-128x128", "tma-mc-128x256", "tma-mc-pp-128x128": the multicast ones load half the W
-/// tile); None for any other row.
+/// "tma-pp-128x128", "tma-mc-128x256", "tma-mc-pp-128x128", "tma-c4x2-128x192": a cluster of
+/// CM x CN CTAs loads 1 / CM of the W tile and 1 / CN of the A tile a CTA, "mc" being 2 x 1);
+/// None for any other row.
 pub fn tma_row_flop_per_byte(imp: &str) -> Option<f64> {
     let rest = imp.strip_prefix("tma-")?;
-    let (multicast, rest) = match rest.strip_prefix("mc-") {
-        Some(r) => (true, r),
-        None => (false, rest),
+    let (cm, cn, rest): (f64, f64, &str) = match rest.strip_prefix("mc-") {
+        Some(r) => (2.0, 1.0, r),
+        None => match rest.strip_prefix('c').and_then(|r| r.split_once('-')) {
+            Some((shape, r)) => {
+                let (cm, cn) = shape.split_once('x')?;
+                (cm.parse().ok()?, cn.parse().ok()?, r)
+            }
+            None => (1.0, 1.0, rest),
+        },
     };
     let rest = rest.strip_prefix("pp-").unwrap_or(rest);
     let bn: f64 = rest.strip_prefix("128x")?.parse().ok()?;
-    let w_rows = if multicast { bn / 2.0 } else { bn };
-    Some(l2_flop_per_byte(128.0, w_rows, bn))
+    Some(l2_flop_per_byte(128.0 / cn, bn / cm, bn))
 }
 
 /// `v` with `decimals` decimals, or "—" when not measured.

@@ -23,6 +23,8 @@ pub struct Gpu {
     /// (module name, loaded module, the kernels it defines).
     modules: Vec<(&'static str, Arc<CudaModule>, &'static [&'static str])>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// [`KernelLauncher::max_active_clusters`] by kernel, asked of the driver once each.
+    active_clusters: Mutex<HashMap<String, usize>>,
     cc: (i32, i32),
     sm_count: usize,
     name: String,
@@ -190,6 +192,22 @@ pub trait KernelLauncher {
     /// in a `__grid_constant__` parameter struct.
     fn tma_descriptor_2d(&self, t: &TmaTensor2d) -> Result<TmaDescriptor>;
 
+    /// Clusters of kernel `name` (compiled with `__cluster_dims__(cluster, 1, 1)`, `block`
+    /// threads and `smem` bytes of dynamic shared memory a CTA, already allowed) resident on the
+    /// device at once: a persistent grid launches no more. A GPU places a cluster within one
+    /// GPC, so this can be less than `multiprocessors() / cluster` (the driver's
+    /// `cuOccupancyMaxActiveClusters`); the default is that quotient (at least 1).
+    fn max_active_clusters(
+        &self,
+        name: &str,
+        cluster: u32,
+        block: u32,
+        smem: u32,
+    ) -> Result<usize> {
+        let _ = (name, block, smem);
+        Ok((self.multiprocessors() / cluster.max(1) as usize).max(1))
+    }
+
     /// Runs kernel `name` with one parameter struct by value (asynchronously on a GPU).
     ///
     /// # Safety
@@ -273,6 +291,59 @@ impl KernelLauncher for Gpu {
             "cuTensorMapEncodeTiled refused {t:?}: {rc:?}"
         );
         Ok(TmaDescriptor { opaque: map.opaque })
+    }
+
+    fn max_active_clusters(
+        &self,
+        name: &str,
+        cluster: u32,
+        block: u32,
+        smem: u32,
+    ) -> Result<usize> {
+        let mut cache = self
+            .active_clusters
+            .lock()
+            .map_err(|_| anyhow::anyhow!("cluster cache poisoned by a panic on another thread"))?;
+        if let Some(&n) = cache.get(name) {
+            return Ok(n);
+        }
+        let f = self.function(name)?;
+        self.ctx
+            .bind_to_thread()
+            .context("cannot bind the CUDA context")?;
+        // No cluster attribute: the kernel's compiled __cluster_dims__ is the cluster shape (a
+        // config's must be absent or equal), and one cluster is the grid.
+        let config = sys::CUlaunchConfig {
+            gridDimX: cluster,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: self.stream.cu_stream(),
+            attrs: std::ptr::null_mut(),
+            numAttrs: 0,
+        };
+        let mut clusters: std::ffi::c_int = 0;
+        // SAFETY: `clusters` and `config` outlive the call, which only reads the config (no
+        // attributes) and writes the count.
+        let rc =
+            unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, f.cu_function(), &config) };
+        ensure!(
+            rc == sys::CUresult::CUDA_SUCCESS,
+            "cuOccupancyMaxActiveClusters for {name} (clusters of {cluster}, {block} threads, \
+             {smem} bytes of shared memory): {rc:?}"
+        );
+        ensure!(
+            clusters > 0,
+            "{name}: no cluster of {cluster} CTAs of {block} threads and {smem} bytes of shared \
+             memory fits device {} ({})",
+            self.ordinal(),
+            self.name
+        );
+        cache.insert(name.to_string(), clusters as usize);
+        Ok(clusters as usize)
     }
 
     unsafe fn launch_kernel<P: DeviceRepr>(
@@ -368,6 +439,7 @@ impl Gpu {
             stream,
             modules,
             functions: Mutex::new(HashMap::new()),
+            active_clusters: Mutex::new(HashMap::new()),
             cc,
             sm_count,
             name,
@@ -390,6 +462,7 @@ impl Gpu {
             stream,
             modules: self.modules.clone(),
             functions: Mutex::new(HashMap::new()),
+            active_clusters: Mutex::new(HashMap::new()),
             cc: self.cc,
             sm_count: self.sm_count,
             name: self.name.clone(),

@@ -40,9 +40,10 @@ pub enum GemmImpl {
     /// The warp-specialized Hopper kernels of `kernels/gemm_sm90.cu` (`gemm_tma_*`: TMA loads,
     /// mbarrier pipeline, wgmma, persistent grid, epilogue fused); 9.x only, like `Wgmma`.
     Tma,
-    /// `Tma` with clusters of two CTAs that share (multicast) the W tile
-    /// ([`TmaTile::multicast`]), where M has at least two row tiles; 9.x only. For the L2
-    /// bound of a TMA tile (bench's `l2_tile_rooflines`). Not yet run on a GPU.
+    /// `Tma` with clusters of CTAs that share (multicast) the operand tiles
+    /// ([`TmaTile::pick_multicast`]: two along M sharing W, four along M sharing W, or four
+    /// by two also sharing A), where M has at least two row tiles; 9.x only. For the L2 bound
+    /// of a TMA tile (bench's `l2_tile_rooflines`). Not yet run on a GPU.
     TmaMulticast,
 }
 
@@ -414,11 +415,22 @@ pub enum TmaTile {
     Mc256,
     /// `PingPong128` likewise (`gemm_tma_mc_pp_128x128`).
     McPingPong128,
+    /// `N128` in clusters of four CTAs along M that multicast the W tile, a quarter each
+    /// (`gemm_tma_c4x1_128x128`): at M = 512 a cluster covers every row, so each W tile is
+    /// read from L2 once.
+    C4x1N128,
+    /// `N192` likewise (`gemm_tma_c4x1_128x192`).
+    C4x1N192,
+    /// `N128` in clusters of four along M by two along N (`gemm_tma_c4x2_128x128`): W
+    /// multicast down a column of four, A (half each) along a row of two.
+    C4x2N128,
+    /// `N192` likewise (`gemm_tma_c4x2_128x192`).
+    C4x2N192,
 }
 
 impl TmaTile {
     /// Every tile, the multicast ones last.
-    pub const ALL: [TmaTile; 8] = [
+    pub const ALL: [TmaTile; 12] = [
         TmaTile::N128,
         TmaTile::N192,
         TmaTile::N256,
@@ -427,9 +439,24 @@ impl TmaTile {
         TmaTile::Mc192,
         TmaTile::Mc256,
         TmaTile::McPingPong128,
+        TmaTile::C4x1N128,
+        TmaTile::C4x1N192,
+        TmaTile::C4x2N128,
+        TmaTile::C4x2N192,
     ];
     /// The cooperative tiles, which [`TmaTile::pick`] chooses among.
     pub const COOPERATIVE: [TmaTile; 3] = [TmaTile::N128, TmaTile::N192, TmaTile::N256];
+    /// The cooperative multicast tiles, which [`TmaTile::pick_multicast`] chooses among, the
+    /// smallest clusters first.
+    pub const MULTICAST: [TmaTile; 7] = [
+        TmaTile::Mc128,
+        TmaTile::Mc192,
+        TmaTile::Mc256,
+        TmaTile::C4x1N128,
+        TmaTile::C4x1N192,
+        TmaTile::C4x2N128,
+        TmaTile::C4x2N192,
+    ];
     /// Rows of a tile (two consumer warpgroups of 64).
     pub const BM: u32 = 128;
     /// k-depth of a stage (one 128-byte swizzle row of bf16).
@@ -437,24 +464,48 @@ impl TmaTile {
     /// A producer and two consumer warpgroups.
     pub const THREADS: u32 = 384;
 
-    /// Kernel name, BN, stages, ping-pong and CTAs a cluster; must match gemm_sm90.cu's
-    /// `FORA_TMA_BODY(BN, STAGES, PINGPONG, CLUSTER)`.
-    fn spec(self) -> (&'static str, u32, u32, bool, u32) {
+    /// Kernel name, BN, stages, ping-pong and the cluster's CTAs along M and N; must match
+    /// gemm_sm90.cu's `FORA_TMA_BODY(BN, STAGES, PINGPONG, CM, CN)`.
+    fn spec(self) -> (&'static str, u32, u32, bool, u32, u32) {
         match self {
-            TmaTile::N128 => ("gemm_tma_128x128", 128, 6, false, 1),
-            TmaTile::N192 => ("gemm_tma_128x192", 192, 5, false, 1),
-            TmaTile::N256 => ("gemm_tma_128x256", 256, 4, false, 1),
-            TmaTile::PingPong128 => ("gemm_tma_pp_128x128", 128, 6, true, 1),
-            TmaTile::Mc128 => ("gemm_tma_mc_128x128", 128, 6, false, 2),
-            TmaTile::Mc192 => ("gemm_tma_mc_128x192", 192, 5, false, 2),
-            TmaTile::Mc256 => ("gemm_tma_mc_128x256", 256, 4, false, 2),
-            TmaTile::McPingPong128 => ("gemm_tma_mc_pp_128x128", 128, 6, true, 2),
+            TmaTile::N128 => ("gemm_tma_128x128", 128, 6, false, 1, 1),
+            TmaTile::N192 => ("gemm_tma_128x192", 192, 5, false, 1, 1),
+            TmaTile::N256 => ("gemm_tma_128x256", 256, 4, false, 1, 1),
+            TmaTile::PingPong128 => ("gemm_tma_pp_128x128", 128, 6, true, 1, 1),
+            TmaTile::Mc128 => ("gemm_tma_mc_128x128", 128, 6, false, 2, 1),
+            TmaTile::Mc192 => ("gemm_tma_mc_128x192", 192, 5, false, 2, 1),
+            TmaTile::Mc256 => ("gemm_tma_mc_128x256", 256, 4, false, 2, 1),
+            TmaTile::McPingPong128 => ("gemm_tma_mc_pp_128x128", 128, 6, true, 2, 1),
+            TmaTile::C4x1N128 => ("gemm_tma_c4x1_128x128", 128, 6, false, 4, 1),
+            TmaTile::C4x1N192 => ("gemm_tma_c4x1_128x192", 192, 5, false, 4, 1),
+            TmaTile::C4x2N128 => ("gemm_tma_c4x2_128x128", 128, 6, false, 4, 2),
+            TmaTile::C4x2N192 => ("gemm_tma_c4x2_128x192", 192, 5, false, 4, 2),
         }
     }
 
-    /// CTAs a cluster (2: the multicast tiles).
+    /// CTAs a cluster (1: no multicast).
     pub fn cluster(self) -> u32 {
+        self.cluster_m() * self.cluster_n()
+    }
+
+    /// CTAs of a cluster along M: they share (multicast) the W tile, each loading `bn /
+    /// cluster_m` of its rows.
+    pub fn cluster_m(self) -> u32 {
         self.spec().4
+    }
+
+    /// CTAs of a cluster along N: they share (multicast) the A tile, each loading `BM /
+    /// cluster_n` of its rows.
+    pub fn cluster_n(self) -> u32 {
+        self.spec().5
+    }
+
+    /// CTAs of this tile's kernel resident at once on `sm_count` SMs (one a SM), in whole
+    /// clusters (an estimate for a cluster of more than two: a GPU schedules a cluster within
+    /// one GPC; the launcher asks the driver).
+    pub fn resident(self, sm_count: usize) -> usize {
+        let c = self.cluster() as usize;
+        (sm_count / c).max(1) * c
     }
 
     /// The multicast counterpart of a tile (a multicast tile's is itself).
@@ -489,6 +540,10 @@ impl TmaTile {
             TmaTile::Mc192 => "tma-mc-128x192",
             TmaTile::Mc256 => "tma-mc-128x256",
             TmaTile::McPingPong128 => "tma-mc-pp-128x128",
+            TmaTile::C4x1N128 => "tma-c4x1-128x128",
+            TmaTile::C4x1N192 => "tma-c4x1-128x192",
+            TmaTile::C4x2N128 => "tma-c4x2-128x128",
+            TmaTile::C4x2N192 => "tma-c4x2-128x192",
         }
     }
 
@@ -496,15 +551,16 @@ impl TmaTile {
     /// kernels reserve them), and 1 KiB the kernel spends on rounding its base up to the
     /// 1024-byte alignment of the swizzle atoms.
     pub fn smem_bytes(self) -> u32 {
-        let (_, bn, stages, _, _) = self.spec();
+        let (_, bn, stages, ..) = self.spec();
         stages * (Self::BM + bn) * Self::BK * 2 + stages * 16 + 16 + 1024
     }
 
     /// Output tiles of an M x N product (a cluster's CTAs each take one; a multicast tile's
-    /// row tiles are counted in whole clusters, the odd one out computing zero rows).
+    /// row and column tiles are counted in whole clusters, those past M computing zero rows and
+    /// those past N zero columns).
     pub fn tiles(self, m: usize, n: usize) -> usize {
-        let rows = self.cluster() as usize * Self::BM as usize;
-        m.div_ceil(rows) * self.cluster() as usize * n.div_ceil(self.bn() as usize)
+        let (cm, cn) = (self.cluster_m() as usize, self.cluster_n() as usize);
+        m.div_ceil(cm * Self::BM as usize) * cm * n.div_ceil(cn * self.bn() as usize) * cn
     }
 
     /// Relative throughput of a CTA on this tile while it computes, from the forced-tile rows
@@ -513,8 +569,13 @@ impl TmaTile {
     /// average), 256 slower by 5-12% past its padding (qkv 1406 vs 1290 us, fc1 2045 vs 1815).
     fn efficiency(self) -> f64 {
         match self {
-            TmaTile::N128 | TmaTile::PingPong128 | TmaTile::Mc128 | TmaTile::McPingPong128 => 1.0,
-            TmaTile::N192 | TmaTile::Mc192 => 0.99,
+            TmaTile::N128
+            | TmaTile::PingPong128
+            | TmaTile::Mc128
+            | TmaTile::McPingPong128
+            | TmaTile::C4x1N128
+            | TmaTile::C4x2N128 => 1.0,
+            TmaTile::N192 | TmaTile::Mc192 | TmaTile::C4x1N192 | TmaTile::C4x2N192 => 0.99,
             TmaTile::N256 | TmaTile::Mc256 => 0.92,
         }
     }
@@ -523,7 +584,7 @@ impl TmaTile {
     /// busiest CTA's tiles (rounds of the grid) times the tile's width over its efficiency.
     /// Padding of N is counted (a padded tile costs a full one).
     fn cost(self, m: usize, n: usize, sm_count: usize) -> f64 {
-        let rounds = self.tiles(m, n).div_ceil(sm_count.max(1));
+        let rounds = self.tiles(m, n).div_ceil(self.resident(sm_count));
         rounds as f64 * self.bn() as f64 / self.efficiency()
     }
 
@@ -551,6 +612,37 @@ impl TmaTile {
     /// The shortest K [`TmaTile::pick`] runs ping-pong for.
     pub const PING_PONG_MIN_K: usize = 2048;
 
+    /// The multicast tile of [`GemmImpl::TmaMulticast`]: ping-pong in pairs where
+    /// [`TmaTile::pick`] runs ping-pong; else the tile of [`TmaTile::MULTICAST`] of least
+    /// `TmaTile::cost` (tiles past M or N in a cluster count as whole ones) and, on a tie, of
+    /// least L2 reads (`TmaTile::l2_rows`). At M = 512 (one image + CFG, 132 SMs): qkv and
+    /// proj 4 x 2 clusters of 128 x 128, fc1 4 x 2 of 128 x 192, fc2 4 x 2 of 128 x 128 (in 3
+    /// split-K slices); at large M, 4 x 1 of 128 x 128 (4 x 2 would pad qkv's N = 3456 to
+    /// 3584). Not yet measured on a device.
+    pub fn pick_multicast(m: usize, n: usize, k: usize, sm_count: usize) -> TmaTile {
+        if TmaTile::pick(m, n, k, sm_count) == TmaTile::PingPong128 {
+            return TmaTile::McPingPong128;
+        }
+        let key = |t: TmaTile| (t.cost(m, n, sm_count), t.l2_rows(m, n));
+        let mut best = TmaTile::Mc128;
+        for t in TmaTile::MULTICAST {
+            let (cost, rows) = key(t);
+            let (best_cost, best_rows) = key(best);
+            if cost < best_cost || (cost == best_cost && rows < best_rows) {
+                best = t;
+            }
+        }
+        best
+    }
+
+    /// Operand rows every CTA of an M x N product reads from L2 a k-step, summed: its slices
+    /// of the A and W tiles (the rest arrive by multicast), zero tiles included (they load
+    /// their slices too).
+    fn l2_rows(self, m: usize, n: usize) -> usize {
+        let slices = Self::BM / self.cluster_n() + self.bn() / self.cluster_m();
+        self.tiles(m, n) * slices as usize
+    }
+
     /// Split-K slices when the tiles fall short of the SMs: the count (at most 8, at least 8
     /// k-tiles a slice, within `workspace` f32 elements) that minimizes the busiest CTA's
     /// k-tiles (rounds of the persistent grid times k-tiles a slice) plus what splitting costs
@@ -569,11 +661,12 @@ impl TmaTile {
     ) -> u32 {
         let k_tiles = k.div_ceil(Self::BK as usize);
         let tiles = self.tiles(m, n);
-        if tiles >= sm_count {
+        let resident = self.resident(sm_count);
+        if tiles >= resident {
             return 1;
         }
         let cost = |s: usize| {
-            let rounds = (tiles * s).div_ceil(sm_count.max(1));
+            let rounds = (tiles * s).div_ceil(resident);
             rounds * k_tiles.div_ceil(s) + if s > 1 { 10 + 3 * s } else { 0 }
         };
         let mut best = 1;
@@ -927,15 +1020,14 @@ impl Gemm {
         )
     }
 
-    /// The TMA tile of a shape: [`TmaTile::pick`]'s, and with [`GemmImpl::TmaMulticast`] its
-    /// multicast counterpart where M has two row tiles or more (at one, a cluster's second
-    /// CTA would only compute zero rows).
+    /// The TMA tile of a shape: [`TmaTile::pick`]'s, and with [`GemmImpl::TmaMulticast`]
+    /// [`TmaTile::pick_multicast`]'s where M has two row tiles or more (at one, a cluster's
+    /// other rows of CTAs would only compute zero rows).
     fn tma_tile(&self, m: usize, n: usize, k: usize) -> TmaTile {
-        let tile = TmaTile::pick(m, n, k, self.sm_count);
         if self.imp == GemmImpl::TmaMulticast && m > TmaTile::BM as usize {
-            tile.multicast()
+            TmaTile::pick_multicast(m, n, k, self.sm_count)
         } else {
-            tile
+            TmaTile::pick(m, n, k, self.sm_count)
         }
     }
 
@@ -1364,12 +1456,13 @@ pub fn launch_tma(
         box_rows,
         box_cols: TmaTile::BK,
     };
+    // A cluster's CTAs each load (and multicast) their share of the A tile (along a row of the
+    // cluster) and of the W tile (down a column).
     let a_map = gpu
-        .tma_descriptor_2d(&operand(p.a, p.m, p.lda, TmaTile::BM))
+        .tma_descriptor_2d(&operand(p.a, p.m, p.lda, TmaTile::BM / tile.cluster_n()))
         .context("GEMM: the tensor map of A")?;
-    // A cluster's CTAs each load (and multicast) their share of the W tile.
     let w_map = gpu
-        .tma_descriptor_2d(&operand(p.w, p.n, p.ldw, tile.bn() / tile.cluster()))
+        .tma_descriptor_2d(&operand(p.w, p.n, p.ldw, tile.bn() / tile.cluster_m()))
         .context("GEMM: the tensor map of W")?;
     let (gemm, ws) = if splits == 1 {
         (*p, 0)
@@ -1383,12 +1476,19 @@ pub fn launch_tma(
         splits: splits as i32,
     };
     // Whole clusters (the kernel's __cluster_dims__): the CTAs' units are a multiple of them.
-    let cluster = tile.cluster() as usize;
-    let units = tile.tiles(p.m as usize, p.n as usize) * splits as usize;
-    let grid = (units.min(gpu.multiprocessors()) / cluster).max(1) * cluster;
-    let grid = grid as u32;
+    // At most the CTAs resident at once: a cluster that waited for another to end would run
+    // its units after a whole round.
     let name = tile.kernel_name();
     gpu.allow_dynamic_shared_memory(name, tile.smem_bytes())?;
+    let cluster = tile.cluster() as usize;
+    let resident = if cluster > 1 {
+        cluster
+            * gpu.max_active_clusters(name, tile.cluster(), TmaTile::THREADS, tile.smem_bytes())?
+    } else {
+        gpu.multiprocessors()
+    };
+    let units = tile.tiles(p.m as usize, p.n as usize) * splits as usize;
+    let grid = ((units.min(resident) / cluster).max(1) * cluster) as u32;
     // SAFETY: `validate` checked the shapes, strides, alignment and non-null pointers the kernel
     // relies on, and the tensor maps describe exactly A [M, K] and W [N, K]; a split-K run
     // writes the workspace, whose size was checked; the buffers' extents are the caller's
@@ -1616,9 +1716,80 @@ mod tests {
             TmaTile::Mc192.tiles(65_536, 1152),
             TmaTile::N192.tiles(65_536, 1152)
         );
-        // The W box a CTA loads (its half of the tile) stays whole 1024-byte swizzle atoms.
+        // The A and W boxes a CTA loads (its slices of the tiles) stay whole 1024-byte swizzle
+        // atoms, and a cluster is at most 8 CTAs (the portable limit).
         for t in TmaTile::ALL {
-            assert_eq!((t.bn() / t.cluster()) * TmaTile::BK * 2 % 1024, 0, "{t:?}");
+            assert_eq!(t.bn() % t.cluster_m(), 0, "{t:?}");
+            assert_eq!(
+                (t.bn() / t.cluster_m()) * TmaTile::BK * 2 % 1024,
+                0,
+                "{t:?}"
+            );
+            assert_eq!(TmaTile::BM % t.cluster_n(), 0, "{t:?}");
+            assert_eq!(
+                (TmaTile::BM / t.cluster_n()) * TmaTile::BK * 2 % 1024,
+                0,
+                "{t:?}"
+            );
+            assert!(t.cluster() <= 8, "{t:?}");
+        }
+        // 4 x 2 clusters: rows in fours, columns in pairs of tiles, the rest zero tiles. M = 300
+        // (3 row tiles) and N = 392 (4 tiles of 128, the last partial) make one cluster row of
+        // two cluster columns.
+        assert_eq!(TmaTile::C4x2N128.tiles(300, 392), 4 * 4);
+        assert_eq!(TmaTile::C4x2N192.tiles(300, 392), 4 * 4);
+        assert_eq!(TmaTile::C4x1N128.tiles(512, 3456), 4 * 27);
+        assert_eq!(TmaTile::C4x2N128.tiles(512, 3456), 4 * 28);
+        // Resident CTAs in whole clusters.
+        assert_eq!(TmaTile::C4x2N128.resident(132), 128);
+        assert_eq!(TmaTile::C4x1N128.resident(132), 132);
+        assert_eq!(TmaTile::N128.resident(132), 132);
+        assert_eq!(TmaTile::C4x2N128.resident(4), 8);
+    }
+
+    #[test]
+    fn tma_multicast_pick() {
+        // One image + CFG (M = 512) on 132 SMs: every DiT-XL/2 GEMM in 4 x 2 clusters, the
+        // one-round tile of least width (a tie goes to the larger cluster).
+        assert_eq!(
+            TmaTile::pick_multicast(512, 3456, 1152, 132),
+            TmaTile::C4x2N128
+        );
+        assert_eq!(
+            TmaTile::pick_multicast(512, 1152, 1152, 132),
+            TmaTile::C4x2N128
+        );
+        // fc1: 144 tiles of 128 would take two rounds; 96 of 192 take one.
+        assert_eq!(
+            TmaTile::pick_multicast(512, 4608, 1152, 132),
+            TmaTile::C4x2N192
+        );
+        assert_eq!(
+            TmaTile::pick_multicast(512, 1152, 4608, 132),
+            TmaTile::C4x2N128
+        );
+        // fc2 then in 3 slices: 40 CTAs (one cluster column past N = 1152) x 3 in one round.
+        assert_eq!(
+            TmaTile::C4x2N128.pick_splits(512, 1152, 4608, 132, 8 << 20),
+            3
+        );
+        // Large M: 4 x 1 of 128 (4 x 2 would pad N = 3456 to 3584 and leave 4 SMs idle).
+        assert_eq!(
+            TmaTile::pick_multicast(65_536, 3456, 1152, 132),
+            TmaTile::C4x1N128
+        );
+        // Ping-pong where the plain pick runs it: its pair twin.
+        assert_eq!(
+            TmaTile::pick_multicast(65_536, 1152, 4608, 132),
+            TmaTile::McPingPong128
+        );
+        // Two row tiles: the pair (4 along M would double the tiles).
+        assert_eq!(
+            TmaTile::pick_multicast(256, 1152, 1152, 132),
+            TmaTile::Mc128
+        );
+        for t in TmaTile::MULTICAST {
+            assert!(t.cluster() > 1 && t.multicast() == t, "{t:?}");
         }
     }
 
@@ -1650,7 +1821,9 @@ mod tests {
                 t.kernel_name()
                     .replace("gemm_tma_", "tma-")
                     .replace("pp_", "pp-")
-                    .replace("mc_", "mc-"),
+                    .replace("mc_", "mc-")
+                    .replace("c4x1_", "c4x1-")
+                    .replace("c4x2_", "c4x2-"),
                 "{t:?}"
             );
         }
@@ -1678,24 +1851,24 @@ mod tests {
     #[test]
     fn tma_kernels_match_specs() {
         // The instantiations in gemm_sm90.cu: name, BN, stages and cluster as TmaTile::spec
-        // says; 384 threads; clusters of two declared with __cluster_dims__ (FORA_CLUSTER_PAIR).
+        // says; 384 threads; clusters declared with __cluster_dims__ (FORA_CLUSTER(n)).
         let src = include_str!("../../kernels/gemm_sm90.cu");
         for t in TmaTile::ALL {
-            let (name, bn, stages, pingpong, cluster) = t.spec();
+            let (name, bn, stages, pingpong, cm, cn) = t.spec();
             let at = src
                 .find(&format!("{name}(const __grid_constant__ GemmTmaParams p)"))
                 .unwrap_or_else(|| panic!("{name} is not instantiated"));
             let head = &src[src[..at].rfind("extern \"C\"").expect("a declaration")..at];
             assert!(head.contains("__launch_bounds__(384, 1)"), "{name}: {head}");
             assert_eq!(
-                head.contains("FORA_CLUSTER_PAIR"),
-                cluster == 2,
+                head.contains(&format!("FORA_CLUSTER({})", cm * cn)),
+                cm * cn > 1,
                 "{name}: {head}"
             );
             // Its own body: the first FORA_TMA_BODY after the signature.
             let body = &src[at..];
             let first = body.find("FORA_TMA_BODY(").expect("a body");
-            let want = format!("FORA_TMA_BODY({bn}, {stages}, {pingpong}, {cluster})");
+            let want = format!("FORA_TMA_BODY({bn}, {stages}, {pingpong}, {cm}, {cn})");
             assert!(body[first..].starts_with(&want), "{name}: {want} expected");
         }
     }

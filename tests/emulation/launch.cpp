@@ -194,6 +194,10 @@ void gemm_tma_mc_128x128(const GemmTmaParams p);
 void gemm_tma_mc_128x192(const GemmTmaParams p);
 void gemm_tma_mc_128x256(const GemmTmaParams p);
 void gemm_tma_mc_pp_128x128(const GemmTmaParams p);
+void gemm_tma_c4x1_128x128(const GemmTmaParams p);
+void gemm_tma_c4x1_128x192(const GemmTmaParams p);
+void gemm_tma_c4x2_128x128(const GemmTmaParams p);
+void gemm_tma_c4x2_128x192(const GemmTmaParams p);
 // The emulator's own race probes (race_probes.cpp).
 void race_probe_warps(const uint64_t out);
 void race_probe_warps_synced(const uint64_t out);
@@ -716,6 +720,10 @@ Kernel find(const std::string& name) {
     if (name == "gemm_tma_mc_128x192") return call<GemmTmaParams, gemm_tma_mc_128x192>;
     if (name == "gemm_tma_mc_128x256") return call<GemmTmaParams, gemm_tma_mc_128x256>;
     if (name == "gemm_tma_mc_pp_128x128") return call<GemmTmaParams, gemm_tma_mc_pp_128x128>;
+    if (name == "gemm_tma_c4x1_128x128") return call<GemmTmaParams, gemm_tma_c4x1_128x128>;
+    if (name == "gemm_tma_c4x1_128x192") return call<GemmTmaParams, gemm_tma_c4x1_128x192>;
+    if (name == "gemm_tma_c4x2_128x128") return call<GemmTmaParams, gemm_tma_c4x2_128x128>;
+    if (name == "gemm_tma_c4x2_128x192") return call<GemmTmaParams, gemm_tma_c4x2_128x192>;
     if (name == "wgmma_probe") return call<WgmmaProbeParams, wgmma_probe>;
     if (name == "tma_probe") return call<TmaProbeParams, tma_probe>;
     if (name == "tma_cluster_probe") return call<TmaProbeParams, tma_cluster_probe>;
@@ -733,9 +741,12 @@ Kernel find(const std::string& name) {
     return nullptr;
 }
 
-// Blocks a cluster: the kernels compiled with __cluster_dims__(2, 1, 1) (FORA_CLUSTER_PAIR).
+// Blocks a cluster: the kernels compiled with __cluster_dims__(n, 1, 1) (FORA_CLUSTER(n)), by name.
 unsigned cluster_size_of(const std::string& name) {
-    return name.rfind("gemm_tma_mc_", 0) == 0 || name == "tma_cluster_probe" ? 2 : 1;
+    if (name.rfind("gemm_tma_mc_", 0) == 0 || name == "tma_cluster_probe") return 2;
+    if (name.rfind("gemm_tma_c4x1_", 0) == 0) return 4;
+    if (name.rfind("gemm_tma_c4x2_", 0) == 0) return 8;
+    return 1;
 }
 
 }  // namespace
