@@ -312,7 +312,8 @@ impl KernelLauncher for Gpu {
             .bind_to_thread()
             .context("cannot bind the CUDA context")?;
         // No cluster attribute: the kernel's compiled __cluster_dims__ is the cluster shape (a
-        // config's must be absent or equal), and one cluster is the grid.
+        // config's must be absent or equal), and one cluster is the grid. No stream: this is a
+        // query, not a stream operation (Gemm::new asks it before any graph capture).
         let config = sys::CUlaunchConfig {
             gridDimX: cluster,
             gridDimY: 1,
@@ -321,7 +322,7 @@ impl KernelLauncher for Gpu {
             blockDimY: 1,
             blockDimZ: 1,
             sharedMemBytes: smem,
-            hStream: self.stream.cu_stream(),
+            hStream: std::ptr::null_mut(),
             attrs: std::ptr::null_mut(),
             numAttrs: 0,
         };
