@@ -142,6 +142,8 @@ hopper_rows() {
   # Each forced TMA tile against its L2 roofline at 256 rows (the L2 hypothesis, yes or no).
   grep -A 80 "^TMA tiles against their L2 roofline" "$OUT/$1.log" | grep -E "^\| [a-z0-9]+ \| 256 \|" | head -n 40
   grep -E "^L2 roofline" "$OUT/$1.log"
+  # The fastest forced tile of each GEMM against the picks and cuBLASLt (what to tune from).
+  grep -A 12 "^The fastest forced TMA tile" "$OUT/$1.log" | grep -E "^\| "
   # A run cut short: the last rows it logged.
   grep -q "^bench: done" "$OUT/$1.log" || grep -E "^bench: " "$OUT/$1.log" | tail -n 8
   tail -n 2 "$OUT/$1.log"
@@ -308,7 +310,8 @@ phase_profile() {
 # ncu's full report (speed of light, occupancy, warp stalls, memory chart) of one launch of each
 # kernel named in PROF_KERNELS (default: the 256-row attention, the TMA GEMM plain and multicast
 # (their L2 throughput says whether the tiles are L2-bound), and the fused reuse kernel, the ones
-# issue 5 still waits on; a TMA kernel is profiled in a `--gemm tma` or `tma_mc` run), from
+# issue 5 still waits on; a TMA kernel is profiled in a `--gemm tma` or `tma_mc` run: e.g.
+# PROF_ROWS=2 PROF_KERNELS=gemm_tma_c4x2_128x128 for session 17's clusters at M = 512), from
 # `fora bench` steps at PROF_ROWS
 # (default 256) op by op; ncu_<kernel>.txt each, the headline numbers printed.
 phase_kernelprof() {
@@ -323,7 +326,7 @@ phase_kernelprof() {
       *) attention=${FORA_ATTENTION:-v1} ;;
     esac
     # The steps run the TMA GEMM only with --gemm tma (the multicast tiles with tma_mc).
-    case $k in gemm_tma_mc*) gemm=tma_mc ;; gemm_tma*) gemm=tma ;; *) gemm=cublaslt ;; esac
+    case $k in gemm_tma_mc*|gemm_tma_c4x*) gemm=tma_mc ;; gemm_tma*) gemm=tma ;; *) gemm=cublaslt ;; esac
     # PROF_SOURCE=1 also keeps the report and prints its per-SASS-instruction page (warp stall
     # samples per instruction) as ncu_<kernel>_sass.csv: where a kernel waits, not only why.
     FORA_ATTENTION=$attention FORA_CUDA_GRAPHS=0 bounded 90 ncu --kernel-name "$k" --launch-skip 2 --launch-count 1 --set full \

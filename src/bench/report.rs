@@ -254,6 +254,9 @@ pub struct Report {
     pub errors: Vec<BenchError>,
 }
 
+/// The GEMMs of a DiT block, which the TMA tile tables cover.
+const BLOCK_GEMMS: [&str; 4] = ["qkv", "proj", "fc1", "fc2"];
+
 /// FLOP per byte a BM = 128 x `bn` tile's k-step of 64 loads from L2: 2 BM BN 64 FLOP on
 /// (`a_rows` + `w_rows`) x 64 bf16 (fewer rows than the tile's where a cluster shares one).
 fn l2_flop_per_byte(a_rows: f64, w_rows: f64, bn: f64) -> f64 {
@@ -399,7 +402,7 @@ impl Report {
         };
         let mut s = String::new();
         for k in &self.kernels {
-            if !["qkv", "proj", "fc1", "fc2"].contains(&k.name.as_str()) {
+            if !BLOCK_GEMMS.contains(&k.name.as_str()) {
                 continue;
             }
             let (Some(fpb), Some(rate)) = (tma_row_flop_per_byte(&k.imp), k.rate()) else {
@@ -424,6 +427,77 @@ impl Report {
         s
     }
 
+    /// For each block GEMM and row count with forced TMA tile rows: the fastest tile beside the
+    /// automatic picks (`tma`, `tma_mc`) and the best cuBLASLt, the numbers `TmaTile::pick`,
+    /// `pick_multicast` and `pick_splits` are tuned from.
+    fn tma_tile_lines(&self) -> String {
+        let mut s = String::new();
+        let mut done: Vec<(&str, usize)> = Vec::new();
+        for k in &self.kernels {
+            let key = (k.name.as_str(), k.rows);
+            if !BLOCK_GEMMS.contains(&key.0)
+                || tma_row_flop_per_byte(&k.imp).is_none()
+                || done.contains(&key)
+            {
+                continue;
+            }
+            done.push(key);
+            let same = |r: &&KernelRow| r.name == k.name && r.rows == k.rows;
+            let time = |r: &KernelRow| r.stats.as_ref().map(|st| st.median_ms);
+            let Some((tile, best)) = self
+                .kernels
+                .iter()
+                .filter(same)
+                .filter(|r| tma_row_flop_per_byte(&r.imp).is_some())
+                .filter_map(|r| Some((r.imp.as_str(), time(r)?)))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+            else {
+                continue;
+            };
+            let pick = |imp: &str| {
+                self.kernels
+                    .iter()
+                    .filter(same)
+                    .find(|r| r.imp == imp)
+                    .and_then(time)
+            };
+            let lt = self.best_cublaslt_ms(&k.name, k.rows);
+            if s.is_empty() {
+                s += "\nThe fastest forced TMA tile of each GEMM against the automatic picks and the \
+                      best cuBLASLt (times in us):\n\n\
+                      | kernel | rows | fastest tile | time | `tma` pick | `tma_mc` pick | best \
+                      cuBLASLt | fastest tile vs cuBLASLt |\n|---|---|---|---|---|---|---|---|\n";
+            }
+            s += &format!(
+                "| {} | {} | {} | {:.1} | {} | {} | {} | {} |\n",
+                k.name,
+                k.rows,
+                tile,
+                best * 1e3,
+                fmt_opt(pick("tma").map(|ms| ms * 1e3), 1),
+                fmt_opt(pick("tma_mc").map(|ms| ms * 1e3), 1),
+                fmt_opt(lt.map(|ms| ms * 1e3), 1),
+                fmt_opt(lt.map(|ms| ms / best), 2)
+            );
+        }
+        s
+    }
+
+    /// The best cuBLASLt time (ms) of GEMM `name` at `rows` over whole GEMMs with their
+    /// epilogue (fused or + the epilogue kernel; a product-only row does less work).
+    fn best_cublaslt_ms(&self, name: &str, rows: usize) -> Option<f64> {
+        self.kernels
+            .iter()
+            .filter(|k| {
+                k.name == name
+                    && k.rows == rows
+                    && k.imp.starts_with("cublaslt")
+                    && !k.imp.contains("product")
+            })
+            .filter_map(|k| k.stats.as_ref().map(|s| s.median_ms))
+            .min_by(f64::total_cmp)
+    }
+
     /// The best cuBLASLt time of the same GEMM (fused or + epilogue kernel) over this row's
     /// time, for our own GEMM kernels' automatic picks (custom, wgmma, tma, tma_mc; not the
     /// forced-tile rows): > 1 means ours is faster.
@@ -433,19 +507,7 @@ impl Report {
             return None;
         }
         let ours = row.stats.as_ref()?.median_ms;
-        let best = self
-            .kernels
-            .iter()
-            // Whole GEMMs with their epilogue only: a product-only row does less work.
-            .filter(|k| {
-                k.name == row.name
-                    && k.rows == row.rows
-                    && k.imp.starts_with("cublaslt")
-                    && !k.imp.contains("product")
-            })
-            .filter_map(|k| k.stats.as_ref().map(|s| s.median_ms))
-            .min_by(f64::total_cmp)?;
-        Some(best / ours)
+        Some(self.best_cublaslt_ms(&row.name, row.rows)? / ours)
     }
 
     fn e2e_speedup(&self, row: &E2eRow) -> Option<f64> {
@@ -824,6 +886,7 @@ impl Report {
             }
             s += &self.fused_reuse_lines();
             s += &self.tma_l2_lines();
+            s += &self.tma_tile_lines();
         }
 
         if !self.steps.is_empty() {
