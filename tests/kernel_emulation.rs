@@ -1114,6 +1114,71 @@ fn emulated_lazy_threads() -> Result<()> {
     })
 }
 
+/// The TMA kernels' split-K slices alone (`launch_tma_kernel`, what `Gemm::tma_product_split`
+/// hands `residual_layernorm` on the fused path): each slice's raw f32 partial sums, no bias,
+/// slice z at element z * M * N, summing to the product. A plain and a 4 x 2 cluster tile, on
+/// partial tiles in M, N and K (the last slice short of k-tiles).
+#[test]
+fn emulated_tma_split_partials() -> Result<()> {
+    use fora::cuda::gemm::{gemm_params, launch_tma_kernel, Epilogue, TmaTile};
+    use fora::cuda::testing::{check_close, round_bf16, TestRng};
+    let Some(emu) = emulator("emulated_tma_split_partials") else {
+        return Ok(());
+    };
+    let (m, n, k, splits) = (300usize, 392usize, 520usize, 4u32);
+    let mut rng = TestRng::new(17);
+    let a = round_bf16(&rng.normal_vec(m * k, 1.0));
+    let w = round_bf16(&rng.normal_vec(n * k, 1.0 / (k as f32).sqrt()));
+    let bias = rng.normal_vec(n, 0.5);
+    let want: Vec<f32> = biased_product(&a, &w, &vec![0.0; n], (m, n, k))
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    let (a_d, w_d, bias_d) = (
+        emu.upload_bf16(&a)?,
+        emu.upload_bf16(&w)?,
+        emu.upload_f32(&bias)?,
+    );
+    for tile in [TmaTile::N128, TmaTile::C4x2N128] {
+        let out = emu.poisoned_bf16(m * n)?;
+        let p = gemm_params(
+            a_d.addr(),
+            w_d.addr(),
+            bias_d.addr(),
+            out.addr(),
+            m,
+            n,
+            k,
+            Epilogue::BiasBf16,
+        );
+        let workspace = emu.poisoned_f32(splits as usize * m * n)?;
+        let ws = launch_tma_kernel(
+            &emu.with_sms(tma_sms(tile)),
+            &p,
+            tile,
+            splits,
+            Some((workspace.addr(), splits as usize * m * n)),
+        )?;
+        anyhow::ensure!(ws == workspace.addr(), "{tile:?}: the workspace's address");
+        let slices = emu.download_f32(&workspace)?;
+        let sum: Vec<f32> = (0..m * n)
+            .map(|i| (0..splits as usize).map(|z| slices[z * m * n + i]).sum())
+            .collect();
+        check_close(
+            &format!("TMA {tile:?} x{splits}: the slices' sum"),
+            &sum,
+            &want,
+            1e-4,
+        )?;
+        // The output itself is not written: no epilogue ran.
+        anyhow::ensure!(
+            emu.download_bf16(&out)?.iter().all(|v| v.is_nan()),
+            "{tile:?}: a split run without the epilogue kernel wrote the output"
+        );
+    }
+    Ok(())
+}
+
 /// Every kernel with a block barrier, with the warps of a block out of step (the lowest warp
 /// first; then the highest first, with the blocks of each launch from the last): each warp runs
 /// as far as its barriers let it before the next starts. Round robin moves every warp to its

@@ -1065,6 +1065,25 @@ impl Gemm {
         launch_tma(gpu, p, tile, splits, self.splitk_workspace())
     }
 
+    /// Where the TMA path ([`GemmImpl::Tma`], [`GemmImpl::TmaMulticast`]) splits this shape's
+    /// K ([`Gemm::plan_tma`]): runs only the kernel, its slices' raw f32 partial sums (no bias,
+    /// no epilogue) into the split-K workspace, slice z at element z * M * N, and returns
+    /// (address, slices) for a pass that sums them as it loads them (`residual_layernorm`)
+    /// instead of the epilogue kernel. `None` (nothing run) for one slice, M <= 64 (the wgmma
+    /// kernel runs there) or another implementation.
+    pub fn tma_product_split(&self, gpu: &Gpu, p: &GemmParams) -> Result<Option<(u64, usize)>> {
+        validate(p)?;
+        if !self.imp.is_tma() || p.m <= 64 {
+            return Ok(None);
+        }
+        let (tile, splits) = self.plan_tma(p.m as usize, p.n as usize, p.k as usize);
+        if splits <= 1 {
+            return Ok(None);
+        }
+        let ws = launch_tma_kernel(gpu, p, tile, splits, self.splitk_workspace())?;
+        Ok(Some((ws, splits as usize)))
+    }
+
     /// cuBLASLt with its fused bias / GELU-bias epilogue where it has one (else the unfused
     /// path). Errors when this `Gemm` was built for the custom implementation.
     pub fn run_cublaslt(&self, gpu: &Gpu, p: &GemmParams) -> Result<()> {
@@ -1453,6 +1472,24 @@ pub fn launch_tma(
     splits: u32,
     splitk: Option<(u64, usize)>,
 ) -> Result<()> {
+    let ws = launch_tma_kernel(gpu, p, tile, splits, splitk)?;
+    if splits > 1 {
+        launch_epilogue(gpu, &epilogue_params(p, ws, splits), gpu.multiprocessors())?;
+    }
+    Ok(())
+}
+
+/// [`launch_tma`] without the epilogue kernel: one slice applies `p`'s epilogue; more than one
+/// write their raw f32 partial sums (no bias) into the workspace `splitk`, slice z at element
+/// z * M * N (rows of N), for a consumer that sums them as it loads them (`residual_layernorm`).
+/// Returns the workspace's address (0 for one slice).
+pub fn launch_tma_kernel(
+    gpu: &impl KernelLauncher,
+    p: &GemmParams,
+    tile: TmaTile,
+    splits: u32,
+    splitk: Option<(u64, usize)>,
+) -> Result<u64> {
     validate(p)?;
     ensure!(
         (1..=64).contains(&splits),
@@ -1518,10 +1555,7 @@ pub fn launch_tma(
             p.m, p.n, p.k
         )
     })?;
-    if splits > 1 {
-        launch_epilogue(gpu, &epilogue_params(p, ws, splits), gpu.multiprocessors())?;
-    }
-    Ok(())
+    Ok(ws)
 }
 
 /// Launches `gemm_epilogue_f32` over acc[M, ld_acc] (grid-stride, a few waves of CTAs).

@@ -51,9 +51,10 @@ pub struct ForwardKind {
     /// LayerNorm + modulate (`acts.xn`): the sampler's `final_sampler_step` applies the Linear
     /// itself ([`GpuModel::final_linear`]).
     pub final_linear: bool,
-    /// With cuBLASLt GEMMs: proj's and fc2's residual epilogue and the LayerNorm after each as
-    /// one `residual_layernorm` launch (instead of the epilogue kernel and layernorm_modulate).
-    /// The same numbers up to the residual's FMA contraction and the LayerNorm's summation order.
+    /// With cuBLASLt GEMMs, or the TMA GEMMs and `bf16_residual`: proj's and fc2's residual
+    /// epilogue and the LayerNorm after each as one `residual_layernorm` launch (instead of the
+    /// epilogue kernel and layernorm_modulate). The same numbers up to the residual's FMA
+    /// contraction and the LayerNorm's summation order.
     pub fused_ln: bool,
     /// With cuBLASLt GEMMs: qkv and fc1 fuse their bias (and GELU) with a bf16 copy of the
     /// bias where cuBLASLt refuses an f32 bias with a bf16 output (see
@@ -63,7 +64,9 @@ pub struct ForwardKind {
     /// With `fused_ln`: proj and fc2 write their block output v = bf16(product + bias) from
     /// cuBLASLt straight into the FORA cache (or a scratch without one), and the residual adds
     /// that bf16 v, as a reuse step adds the cached one; instead of an f32 product, f32 v in
-    /// the residual and a separate cache store.
+    /// the residual and a separate cache store. With the TMA GEMMs, likewise from our kernel,
+    /// except where it splits K: there its raw f32 slices go to `residual_layernorm`, which
+    /// sums them (no epilogue kernel between).
     pub bf16_residual: bool,
     /// A reuse forward that computes its own modulation table computes only the columns it
     /// reads (every gate and the final shift / scale: a third of the adaLN GEMM), with a
@@ -813,10 +816,15 @@ impl GpuModel {
                 scale_col: scale_col as i32,
                 eps: 1e-6,
             };
-        // proj / fc2 epilogue + the next LayerNorm fused (cuBLASLt products only).
+        // proj / fc2 epilogue + the next LayerNorm fused: cuBLASLt products, or our TMA GEMMs'
+        // bf16 v or split-K slices (block_output).
         let fuse_ln = mode == StepMode::Compute
             && fused_ln
-            && gemm.implementation() == GemmImpl::CublasLt
+            && match gemm.implementation() {
+                GemmImpl::CublasLt => true,
+                GemmImpl::Tma | GemmImpl::TmaMulticast => bf16_residual,
+                GemmImpl::Custom | GemmImpl::Wgmma => false,
+            }
             && super::norm::residual_layernorm_supports(d);
         // v: the f32 product (bias still to add, cache stored here) or, with bf16_residual, the
         // GEMM's bf16 v (written where the cache wants it already).
@@ -855,9 +863,13 @@ impl GpuModel {
                 },
             )
         };
-        // proj / fc2 on the fused path: the f32 product, or bf16 v written by cuBLASLt into the
-        // cache slab (a computing step that caches) or into the free qkv buffer.
+        // proj / fc2 on the fused path: the f32 product, or bf16 v written by cuBLASLt (or our
+        // TMA GEMM) into the cache slab (a computing step that caches) or into the free qkv
+        // buffer; where our TMA GEMM splits K, its raw f32 slices (summed by residual_ln).
         let block_output = |p: &GemmParams, bias16: &CudaSlice<bf16>, cache: u64| {
+            if let Some((acc, splits)) = gemm.tma_product_split(gpu, p)? {
+                return Ok(BlockOutput::F32Product { acc, splits });
+            }
             if bf16_residual {
                 let out = if cache != 0 { cache } else { dptr(&acts.qkv) };
                 let p16 = gemm_params(
