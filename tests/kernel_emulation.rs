@@ -1120,37 +1120,17 @@ fn emulated_lazy_threads() -> Result<()> {
 /// partial tiles in M, N and K (the last slice short of k-tiles).
 #[test]
 fn emulated_tma_split_partials() -> Result<()> {
-    use fora::cuda::gemm::{gemm_params, launch_tma_kernel, Epilogue, TmaTile};
-    use fora::cuda::testing::{check_close, round_bf16, TestRng};
+    use fora::cuda::gemm::{launch_tma_kernel, TmaTile};
+    use fora::cuda::testing::check_close;
     let Some(emu) = emulator("emulated_tma_split_partials") else {
         return Ok(());
     };
     let (m, n, k, splits) = (300usize, 392usize, 520usize, 4u32);
-    let mut rng = TestRng::new(17);
-    let a = round_bf16(&rng.normal_vec(m * k, 1.0));
-    let w = round_bf16(&rng.normal_vec(n * k, 1.0 / (k as f32).sqrt()));
-    let bias = rng.normal_vec(n, 0.5);
-    let want: Vec<f32> = biased_product(&a, &w, &vec![0.0; n], (m, n, k))
-        .into_iter()
-        .map(|v| v as f32)
-        .collect();
-    let (a_d, w_d, bias_d) = (
-        emu.upload_bf16(&a)?,
-        emu.upload_bf16(&w)?,
-        emu.upload_f32(&bias)?,
-    );
+    let case = SmallGemm::new(emu, (m, n, k), 17)?;
+    let want = case.product(false);
     for tile in [TmaTile::N128, TmaTile::C4x2N128] {
         let out = emu.poisoned_bf16(m * n)?;
-        let p = gemm_params(
-            a_d.addr(),
-            w_d.addr(),
-            bias_d.addr(),
-            out.addr(),
-            m,
-            n,
-            k,
-            Epilogue::BiasBf16,
-        );
+        let p = case.params(&out);
         let workspace = emu.poisoned_f32(splits as usize * m * n)?;
         let ws = launch_tma_kernel(
             &emu.with_sms(tma_sms(tile)),
@@ -1338,6 +1318,62 @@ fn launch_gemm(
     }
 }
 
+/// A random GEMM on the emulator: bf16 A [M, K] and W [N, K] (W scaled by 1 / sqrt(K)) and an f32
+/// bias, uploaded.
+struct SmallGemm {
+    a: Vec<f32>,
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    a_d: HostBuf<bf16>,
+    w_d: HostBuf<bf16>,
+    bias_d: HostBuf<f32>,
+    shape: (usize, usize, usize),
+}
+
+impl SmallGemm {
+    fn new(emu: &Emulator, (m, n, k): (usize, usize, usize), seed: u64) -> Result<SmallGemm> {
+        use fora::cuda::testing::{round_bf16, TestRng};
+        let mut rng = TestRng::new(seed);
+        let a = round_bf16(&rng.normal_vec(m * k, 1.0));
+        let w = round_bf16(&rng.normal_vec(n * k, 1.0 / (k as f32).sqrt()));
+        let bias = rng.normal_vec(n, 0.5);
+        Ok(SmallGemm {
+            a_d: emu.upload_bf16(&a)?,
+            w_d: emu.upload_bf16(&w)?,
+            bias_d: emu.upload_f32(&bias)?,
+            a,
+            w,
+            bias,
+            shape: (m, n, k),
+        })
+    }
+
+    /// A W^T in f64, plus the bias `with_bias`, as f32.
+    fn product(&self, with_bias: bool) -> Vec<f32> {
+        let zeros = vec![0.0; self.shape.1];
+        let bias = if with_bias { &self.bias } else { &zeros };
+        biased_product(&self.a, &self.w, bias, self.shape)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect()
+    }
+
+    /// The bias + bf16-out GEMM into `out`.
+    fn params(&self, out: &HostBuf<bf16>) -> fora::cuda::params::GemmParams {
+        let (m, n, k) = self.shape;
+        fora::cuda::gemm::gemm_params(
+            self.a_d.addr(),
+            self.w_d.addr(),
+            self.bias_d.addr(),
+            out.addr(),
+            m,
+            n,
+            k,
+            fora::cuda::gemm::Epilogue::BiasBf16,
+        )
+    }
+}
+
 /// `kernels` on one small shape (M = 300: three M tiles, the last partial; N = 392: whole and
 /// partial tiles of every width; on tma_sms SMs a TMA CTA takes several units), against the
 /// f64 product (bias epilogue, bf16 out).
@@ -1354,33 +1390,12 @@ fn small_gemm_cases_sized(
     (m, n, k): (usize, usize, usize),
     splits: u32,
 ) -> Result<()> {
-    use fora::cuda::gemm::{gemm_params, Epilogue};
-    use fora::cuda::testing::{check_close, round_bf16, TestRng};
-    let mut rng = TestRng::new(11);
-    let a = round_bf16(&rng.normal_vec(m * k, 1.0));
-    let w = round_bf16(&rng.normal_vec(n * k, 1.0 / (k as f32).sqrt()));
-    let bias = rng.normal_vec(n, 0.5);
-    let want: Vec<f32> = biased_product(&a, &w, &bias, (m, n, k))
-        .into_iter()
-        .map(|v| v as f32)
-        .collect();
-    let (a_d, w_d, bias_d) = (
-        emu.upload_bf16(&a)?,
-        emu.upload_bf16(&w)?,
-        emu.upload_f32(&bias)?,
-    );
+    use fora::cuda::testing::check_close;
+    let case = SmallGemm::new(emu, (m, n, k), 11)?;
+    let want = case.product(true);
     for kernel in kernels {
         let out = emu.poisoned_bf16(m * n)?;
-        let p = gemm_params(
-            a_d.addr(),
-            w_d.addr(),
-            bias_d.addr(),
-            out.addr(),
-            m,
-            n,
-            k,
-            Epilogue::BiasBf16,
-        );
+        let p = case.params(&out);
         let workspace = emu.poisoned_f32(splits as usize * m * n)?;
         let splitk = (splits > 1).then(|| (workspace.addr(), splits as usize * m * n));
         launch_gemm(emu, kernel, &p, splits, splitk)?;
