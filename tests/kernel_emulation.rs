@@ -1159,6 +1159,59 @@ fn emulated_tma_split_partials() -> Result<()> {
     Ok(())
 }
 
+/// `FORA_GEMM=tma_mc`'s picks at one image + CFG of DiT-XL/2 (M = 512) on 132 emulated SMs,
+/// as `Gemm::run` would launch them (the tile of `TmaTile::pick_multicast`, the slices of
+/// `pick_splits`; fc2's slices also as `Gemm::tma_product_split` hands them to the fused
+/// LayerNorm): 4 x 2 clusters with every cluster row full, 96-120 CTAs a launch (about a
+/// minute on 2 cores).
+#[test]
+fn emulated_tma_mc_dit_xl2_two_rows() -> Result<()> {
+    use fora::cuda::gemm::{launch_tma, launch_tma_kernel, TmaTile, SPLITK_WORKSPACE};
+    use fora::cuda::testing::check_close;
+    let Some(emu) = emulator("emulated_tma_mc_dit_xl2_two_rows") else {
+        return Ok(());
+    };
+    let sms = 132;
+    let gpu = emu.with_sms(sms);
+    // qkv, proj, fc1, fc2 of DiT-XL/2 (hidden 1152, MLP 4608) at M = 2 x 256 tokens.
+    for (name, n, k) in [
+        ("qkv", 3456, 1152),
+        ("proj", 1152, 1152),
+        ("fc1", 4608, 1152),
+        ("fc2", 1152, 4608),
+    ] {
+        let m = 512;
+        let tile = TmaTile::pick_multicast(m, n, k, sms);
+        let splits = tile.pick_splits(m, n, k, sms, SPLITK_WORKSPACE);
+        let what = format!("{name} (M={m} N={n} K={k}) on {tile:?} x{splits}");
+        eprintln!("{what}");
+        let case = SmallGemm::new(emu, (m, n, k), 23)?;
+        let out = emu.poisoned_bf16(m * n)?;
+        let p = case.params(&out);
+        let workspace = emu.poisoned_f32(splits as usize * m * n)?;
+        let splitk = Some((workspace.addr(), splits as usize * m * n));
+        launch_tma(&gpu, &p, tile, splits, splitk)?;
+        check_close(&what, &emu.download_bf16(&out)?, &case.product(true), 1e-2)?;
+        if splits > 1 {
+            // The fused path's raw slices (no epilogue kernel).
+            let ws = emu.poisoned_f32(splits as usize * m * n)?;
+            launch_tma_kernel(
+                &gpu,
+                &p,
+                tile,
+                splits,
+                splitk.map(|_| (ws.addr(), splits as usize * m * n)),
+            )?;
+            let slices = emu.download_f32(&ws)?;
+            let sum: Vec<f32> = (0..m * n)
+                .map(|i| (0..splits as usize).map(|z| slices[z * m * n + i]).sum())
+                .collect();
+            check_close(&format!("{what}: slices"), &sum, &case.product(false), 1e-4)?;
+        }
+    }
+    Ok(())
+}
+
 /// Every kernel with a block barrier, with the warps of a block out of step (the lowest warp
 /// first; then the highest first, with the blocks of each launch from the last): each warp runs
 /// as far as its barriers let it before the next starts. Round robin moves every warp to its
