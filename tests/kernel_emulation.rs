@@ -1161,8 +1161,8 @@ fn emulated_tma_split_partials() -> Result<()> {
 
 /// `FORA_GEMM=tma_mc`'s picks at one image + CFG of DiT-XL/2 (M = 512) on 132 emulated SMs,
 /// as `Gemm::run` would launch them (the tile of `TmaTile::pick_multicast`, the slices of
-/// `pick_splits`; fc2's slices also as `Gemm::tma_product_split` hands them to the fused
-/// LayerNorm): 4 x 2 clusters with every cluster row full, 96-120 CTAs a launch (about a
+/// `pick_splits`; proj's and fc2's slices also as `Gemm::tma_product_split` hands them to the
+/// fused LayerNorm): 4 x 2 clusters with every cluster row full, 96-120 CTAs a launch (about a
 /// minute on 2 cores).
 #[test]
 fn emulated_tma_mc_dit_xl2_two_rows() -> Result<()> {
@@ -1192,21 +1192,18 @@ fn emulated_tma_mc_dit_xl2_two_rows() -> Result<()> {
         let splitk = Some((workspace.addr(), splits as usize * m * n));
         launch_tma(&gpu, &p, tile, splits, splitk)?;
         check_close(&what, &emu.download_bf16(&out)?, &case.product(true), 1e-2)?;
-        if splits > 1 {
-            // The fused path's raw slices (no epilogue kernel).
-            let ws = emu.poisoned_f32(splits as usize * m * n)?;
-            launch_tma_kernel(
-                &gpu,
-                &p,
-                tile,
-                splits,
-                splitk.map(|_| (ws.addr(), splits as usize * m * n)),
-            )?;
+        // The fused LayerNorm path's raw slices (no epilogue kernel), where it splits.
+        let summed = tile.pick_splits_summed(m, n, k, sms, SPLITK_WORKSPACE);
+        if summed > 1 {
+            let len = summed as usize * m * n;
+            let ws = emu.poisoned_f32(len)?;
+            launch_tma_kernel(&gpu, &p, tile, summed, Some((ws.addr(), len)))?;
             let slices = emu.download_f32(&ws)?;
             let sum: Vec<f32> = (0..m * n)
-                .map(|i| (0..splits as usize).map(|z| slices[z * m * n + i]).sum())
+                .map(|i| (0..summed as usize).map(|z| slices[z * m * n + i]).sum())
                 .collect();
-            check_close(&format!("{what}: slices"), &sum, &case.product(false), 1e-4)?;
+            let what = format!("{what}: {summed} slices for the fused LayerNorm");
+            check_close(&what, &sum, &case.product(false), 1e-4)?;
         }
     }
     Ok(())

@@ -26,7 +26,7 @@
 #              attention_split f32_product attention_tma reuse_in_place side_stream pdl tma
 #              tma_mc"; "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
-#              l2_persist, tma_pdl, attention_v1, attention_v2, attention_wgmma,
+#              l2_persist, tma_pdl, tma_mc_pdl, attention_v1, attention_v2, attention_wgmma,
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
 #              VARIANT_ARGS / VARIANT_S change what each runs);
 #   bench      `fora bench` (FORA_BENCH_ARGS overrides its arguments);
@@ -358,7 +358,7 @@ phase_variants() {
            "new_steps:cublaslt:FORA_FINAL_SAMPLER=1 FORA_REUSE_SUM=2 FORA_REUSE_TABLE_IN_PLACE=1" \
            "fused_final:cublaslt:FORA_FUSED_FINAL=1" "attention_v1:cublaslt:FORA_ATTENTION=v1" \
            "lt_splitk:cublaslt:FORA_LT_SPLITK=1 FORA_BF16_RESIDUAL=0" "l2_persist:cublaslt:FORA_L2_PERSIST=1" \
-           "pdl:cublaslt:FORA_PDL=1" "tma_pdl:tma:FORA_PDL=1" \
+           "pdl:cublaslt:FORA_PDL=1" "tma_pdl:tma:FORA_PDL=1" "tma_mc_pdl:tma_mc:FORA_PDL=1" \
            "side_stream:cublaslt:FORA_SIDE_STREAM=1" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
            "attention_v2:cublaslt:FORA_ATTENTION=v2" "attention_wgmma:cublaslt:FORA_ATTENTION=wgmma" \
            "attention_wgmma_mn:cublaslt:FORA_ATTENTION=wgmma_mn" "attention_tma:cublaslt:FORA_ATTENTION=tma" \

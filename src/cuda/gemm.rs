@@ -659,6 +659,35 @@ impl TmaTile {
         sm_count: usize,
         workspace: usize,
     ) -> u32 {
+        self.splits_by_cost(m, n, k, sm_count, workspace, 10)
+    }
+
+    /// [`TmaTile::pick_splits`] for slices that a later pass sums as it loads them
+    /// (`Gemm::tma_product_split`, for `residual_layernorm`): no epilogue kernel to pay for,
+    /// only the slices' round trip. Never fewer slices than `pick_splits`. E.g. proj of one
+    /// image + CFG in 4 x 2 clusters (40 CTAs, 18 k-tiles): 2 slices of 9 instead of none.
+    pub fn pick_splits_summed(
+        self,
+        m: usize,
+        n: usize,
+        k: usize,
+        sm_count: usize,
+        workspace: usize,
+    ) -> u32 {
+        self.splits_by_cost(m, n, k, sm_count, workspace, 0)
+    }
+
+    /// The split rule of [`TmaTile::pick_splits`] with `launch` k-tile times for a split's
+    /// extra kernel.
+    fn splits_by_cost(
+        self,
+        m: usize,
+        n: usize,
+        k: usize,
+        sm_count: usize,
+        workspace: usize,
+        launch: usize,
+    ) -> u32 {
         let k_tiles = k.div_ceil(Self::BK as usize);
         let tiles = self.tiles(m, n);
         let resident = self.resident(sm_count);
@@ -667,7 +696,7 @@ impl TmaTile {
         }
         let cost = |s: usize| {
             let rounds = (tiles * s).div_ceil(resident);
-            rounds * k_tiles.div_ceil(s) + if s > 1 { 10 + 3 * s } else { 0 }
+            rounds * k_tiles.div_ceil(s) + if s > 1 { launch + 3 * s } else { 0 }
         };
         let mut best = 1;
         for s in 2..=8usize {
@@ -1066,7 +1095,7 @@ impl Gemm {
     }
 
     /// Where the TMA path ([`GemmImpl::Tma`], [`GemmImpl::TmaMulticast`]) splits this shape's
-    /// K ([`Gemm::plan_tma`]): runs only the kernel, its slices' raw f32 partial sums (no bias,
+    /// K for a summing consumer ([`TmaTile::pick_splits_summed`]): runs only the kernel, its slices' raw f32 partial sums (no bias,
     /// no epilogue) into the split-K workspace, slice z at element z * M * N, and returns
     /// (address, slices) for a pass that sums them as it loads them (`residual_layernorm`)
     /// instead of the epilogue kernel. `None` (nothing run) for one slice, M <= 64 (the wgmma
@@ -1076,7 +1105,9 @@ impl Gemm {
         if !self.imp.is_tma() || p.m <= 64 {
             return Ok(None);
         }
-        let (tile, splits) = self.plan_tma(p.m as usize, p.n as usize, p.k as usize);
+        let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+        let tile = self.tma_tile(m, n, k);
+        let splits = tile.pick_splits_summed(m, n, k, self.sm_count, self.splitk_len());
         if splits <= 1 {
             return Ok(None);
         }
@@ -1817,6 +1848,43 @@ mod tests {
             TmaTile::C4x2N128.pick_splits(512, 1152, 4608, 132, 8 << 20),
             3
         );
+        assert_eq!(
+            TmaTile::C4x2N128.pick_splits_summed(512, 1152, 4608, 132, 8 << 20),
+            3
+        );
+        // proj: no split with an epilogue kernel to pay for, 2 slices of 9 k-tiles for the fused
+        // LayerNorm; qkv and fc1 fill a round unsplit either way.
+        assert_eq!(
+            TmaTile::C4x2N128.pick_splits(512, 1152, 1152, 132, 8 << 20),
+            1
+        );
+        assert_eq!(
+            TmaTile::C4x2N128.pick_splits_summed(512, 1152, 1152, 132, 8 << 20),
+            2
+        );
+        assert_eq!(
+            TmaTile::C4x2N128.pick_splits_summed(512, 3456, 1152, 132, 8 << 20),
+            1
+        );
+        assert_eq!(
+            TmaTile::C4x2N192.pick_splits_summed(512, 4608, 1152, 132, 8 << 20),
+            1
+        );
+        // Never fewer slices than with the epilogue kernel.
+        for (m, n, k) in [
+            (512, 1152, 4608),
+            (512, 256, 18_432),
+            (300, 392, 520),
+            (65_536, 1152, 4608),
+        ] {
+            for t in TmaTile::ALL {
+                assert!(
+                    t.pick_splits_summed(m, n, k, 132, 8 << 20)
+                        >= t.pick_splits(m, n, k, 132, 8 << 20),
+                    "{t:?} {m} {n} {k}"
+                );
+            }
+        }
         // Large M: 4 x 1 of 128 (4 x 2 would pad N = 3456 to 3584 and leave 4 SMs idle).
         assert_eq!(
             TmaTile::pick_multicast(65_536, 3456, 1152, 132),
