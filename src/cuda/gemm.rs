@@ -866,16 +866,21 @@ impl Gemm {
         if imp.is_tma() {
             // Loads each kernel now (a binary without them fails here) with its shared memory,
             // and asks how many clusters of each cluster kernel fit at once (cached: no driver
-            // query inside a later graph capture).
+            // query inside a later graph capture). A device where a cluster cannot run fails
+            // here for `TmaMulticast`, whose picks need them; `Tma` runs them only when a
+            // benchmark forces a tile, whose launch then reports it.
             for tile in TmaTile::ALL {
                 gpu.allow_dynamic_shared_memory(tile.kernel_name(), tile.smem_bytes())?;
                 if tile.cluster() > 1 {
-                    gpu.max_active_clusters(
+                    let fits = gpu.max_active_clusters(
                         tile.kernel_name(),
                         tile.cluster(),
                         TmaTile::THREADS,
                         tile.smem_bytes(),
-                    )?;
+                    );
+                    if imp == GemmImpl::TmaMulticast {
+                        fits?;
+                    }
                 }
             }
         }
