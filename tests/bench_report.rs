@@ -550,6 +550,8 @@ fn report_markdown_and_json() {
     assert!((c4x2 - 128.0 * 192.0 / 112.0).abs() < 1e-9, "{c4x2}");
     assert_eq!(fora::bench::tma_row_flop_per_byte("tma-cAxB-128x128"), None);
     assert_eq!(j["settings"]["reuse_sum"], 2);
+    // No TMA tiles forced (FORA_TMA_TILES): the empty setting.
+    assert_eq!(j["settings"]["tma_tiles"], "");
     assert_eq!(j["steps"][4]["kind"], "reuse_summed");
     assert!(
         md.contains(

@@ -59,6 +59,7 @@ fn options_from_the_environment() {
         "FORA_ATTENTION",
         "FORA_CUDA_GRAPHS",
         "FORA_REUSE_SUM",
+        "FORA_TMA_TILES",
     ] {
         unsafe { std::env::remove_var(var) };
     }
@@ -151,6 +152,36 @@ fn options_from_the_environment() {
         );
     }
     unsafe { std::env::remove_var("FORA_REUSE_SUM") };
+
+    // FORA_TMA_TILES: none by default; forced plans by shape, said back in the same form and
+    // changing nothing else; a malformed setting refused, naming the variable.
+    assert!(defaults.tma_tiles.is_empty());
+    let set = "3456x1152=tma-c4x2-128x128, 1152x4608=mc-128x128/3";
+    unsafe { std::env::set_var("FORA_TMA_TILES", set) };
+    let o = CudaOptions::from_env().unwrap();
+    let forced = o.tma_tiles.get(1152, 4608).unwrap();
+    assert_eq!(
+        (forced.tile, forced.splits),
+        (fora::cuda::gemm::TmaTile::Mc128, Some(3))
+    );
+    assert_eq!(
+        o.env_overrides(),
+        ["FORA_TMA_TILES=3456x1152=c4x2-128x128,1152x4608=mc-128x128/3"]
+    );
+    assert_eq!(
+        CudaOptions {
+            tma_tiles: Default::default(),
+            ..o
+        },
+        defaults
+    );
+    unsafe { std::env::set_var("FORA_TMA_TILES", "3456x1152=c9x9-128x128") };
+    let err = format!("{:#}", CudaOptions::from_env().unwrap_err());
+    assert!(
+        err.contains("FORA_TMA_TILES") && err.contains("c9x9"),
+        "{err}"
+    );
+    unsafe { std::env::remove_var("FORA_TMA_TILES") };
 
     // FORA_CUDA_GRAPHS=0: graphs off, and said so.
     unsafe { std::env::set_var("FORA_CUDA_GRAPHS", "0") };

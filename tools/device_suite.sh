@@ -42,6 +42,9 @@
 #              PROFILE_METRICS), summarised by tools/ncu_summary.py;
 #   train      tools/train_tiny.py on the GPU for TRAIN_MINUTES;
 #   tiny       train_tiny.py, then tools/quality.py through the fora binary (TINY_MINUTES).
+# FORA_TMA_TILES (exported before the command) forces TMA tiles by GEMM shape in every run that
+# uses the TMA GEMMs (docs/cuda_options.md), e.g. the hopper_rows table's fastest tiles, then
+# VARIANTS="tma_mc" to time whole steps with them.
 # Everything under $OUT ends in $OUT/all.tgz (the device tool returns at most 8 files).
 set -u
 if [ ! -d .devpack ] && [ -f .devpack.tgz ]; then tar xzf .devpack.tgz; fi

@@ -647,6 +647,7 @@ impl Report {
                 "pdl": self.options.pdl,
                 "reuse_sum": self.options.reuse_sum,
                 "final_sampler": self.options.final_sampler,
+                "tma_tiles": self.options.tma_tiles.to_string(),
                 "attention": self.attention,
                 "cfg_scale": self.cfg_scale,
                 "timing": "CUDA events, back-to-back runs, median",

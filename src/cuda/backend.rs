@@ -164,6 +164,10 @@ pub struct CudaOptions {
     /// the step runs as without. The same maths, summed in another order. Off by default: not
     /// yet run on a GPU.
     pub final_sampler: bool,
+    /// TMA tiles and split-K slices forced by GEMM shape (`FORA_TMA_TILES`, see
+    /// [`super::gemm::TmaOverrides`]; empty by default): for trying the bench's fastest tiles
+    /// in whole steps on a machine without a rebuild.
+    pub tma_tiles: super::gemm::TmaOverrides,
 }
 
 impl Default for CudaOptions {
@@ -191,6 +195,7 @@ impl Default for CudaOptions {
             pdl: false,
             reuse_sum: 0,
             final_sampler: false,
+            tma_tiles: super::gemm::TmaOverrides::default(),
         }
     }
 }
@@ -221,6 +226,9 @@ impl CudaOptions {
         if self.reuse_sum != d.reuse_sum {
             out.push(format!("FORA_REUSE_SUM={}", self.reuse_sum));
         }
+        if self.tma_tiles != d.tma_tiles {
+            out.push(format!("FORA_TMA_TILES={}", self.tma_tiles));
+        }
         out
     }
 
@@ -228,7 +236,7 @@ impl CudaOptions {
     /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_FUSED_FINAL`, `FORA_SIDE_STREAM`,
     /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`,
     /// `FORA_STEP_GRAPH`, `FORA_REUSE_TABLE_IN_PLACE`, `FORA_LT_SPLITK`, `FORA_L2_PERSIST`,
-    /// `FORA_PDL`, `FORA_REUSE_SUM` and `FORA_FINAL_SAMPLER`.
+    /// `FORA_PDL`, `FORA_REUSE_SUM`, `FORA_FINAL_SAMPLER` and `FORA_TMA_TILES`.
     pub fn from_env() -> Result<CudaOptions> {
         let d = CudaOptions::default();
         // A 0/1 switch; unset or empty keeps the default, anything else is refused.
@@ -257,6 +265,10 @@ impl CudaOptions {
                         ),
                     },
                 },
+            },
+            tma_tiles: match std::env::var("FORA_TMA_TILES") {
+                Err(_) => d.tma_tiles,
+                Ok(v) => v.parse().context("environment variable FORA_TMA_TILES")?,
             },
             ..d
         };
@@ -591,7 +603,8 @@ impl CudaBackend {
     fn side_modulation(&self, rows: usize, lt_autotune: bool) -> Result<SideModulation> {
         let cfg = self.model.config();
         let gpu = self.gpu.fork()?;
-        let gemm = Gemm::new(&gpu, self.options.gemm, rows * ada_cols(cfg))?;
+        let gemm = Gemm::new(&gpu, self.options.gemm, rows * ada_cols(cfg))?
+            .with_tma_overrides(self.options.tma_tiles);
         gemm.set_lt_autotune(lt_autotune);
         let event = || {
             self.gpu
@@ -1074,7 +1087,8 @@ impl Backend for CudaBackend {
         } else {
             0
         };
-        let gemm = Gemm::new(gpu, self.options.gemm, max_gemm_mn(cfg, rows).max(chunk_mn))?;
+        let gemm = Gemm::new(gpu, self.options.gemm, max_gemm_mn(cfg, rows).max(chunk_mn))?
+            .with_tma_overrides(self.options.tma_tiles);
         gemm.set_lt_autotune(self.options.lt_autotune);
         let mut latents = gpu.alloc_zeros::<f32>(img, "the latents")?;
         let (noise, seed) = match &plan.noise {
@@ -1332,7 +1346,8 @@ impl Backend for CudaBackend {
             None => n,
         };
         let mut acts = Activations::new(gpu, cfg, n, false)?;
-        let gemm = Gemm::new(gpu, self.options.gemm, max_gemm_mn(cfg, n))?;
+        let gemm = Gemm::new(gpu, self.options.gemm, max_gemm_mn(cfg, n))?
+            .with_tma_overrides(self.options.tma_tiles);
         gemm.set_lt_autotune(self.options.lt_autotune);
         let latents = gpu.upload(&x[..images * cfg.image_len()], "the forward input x")?;
         let t32: Vec<f32> = t.iter().map(|&v| v as f32).collect();

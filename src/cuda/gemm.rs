@@ -547,6 +547,14 @@ impl TmaTile {
         }
     }
 
+    /// The tile whose [`TmaTile::bench_name`] is `name`, with or without its `tma-` prefix.
+    pub fn from_bench_name(name: &str) -> Option<TmaTile> {
+        let name = name.trim();
+        TmaTile::ALL
+            .into_iter()
+            .find(|t| t.bench_name() == name || t.bench_name()["tma-".len()..] == *name)
+    }
+
     /// The stage ring, two 8-byte barriers a stage, two more (ping-pong's order barriers; all
     /// kernels reserve them), and 1 KiB the kernel spends on rounding its base up to the
     /// 1024-byte alignment of the swizzle atoms.
@@ -711,6 +719,151 @@ impl TmaTile {
     }
 }
 
+/// One forced TMA GEMM plan: the tile, and the split-K slices (`None`: picked by shape) of
+/// every GEMM of N x K.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TmaOverride {
+    /// Output columns of the GEMMs it applies to.
+    pub n: u32,
+    /// Depth of the GEMMs it applies to.
+    pub k: u32,
+    /// The tile they run on.
+    pub tile: TmaTile,
+    /// Their split-K slices (1..=8); `None` keeps the pick's.
+    pub splits: Option<u32>,
+}
+
+/// TMA tiles forced by GEMM shape (`FORA_TMA_TILES`): on a device without a Rust toolchain
+/// (the lent GPU machines) the tiles and slices the bench's forced rows found fastest can be
+/// tried in whole steps without a rebuild. Applies to [`GemmImpl::Tma`] and
+/// [`GemmImpl::TmaMulticast`] (not at M <= 64, which runs the 64-row wgmma kernel). Written
+/// `NxK=tile[/splits]`, comma-separated, the tile as in the bench's rows with or without
+/// `tma-` (`3456x1152=c4x2-128x128,1152x4608=mc-128x128/3`); empty: none. A fixed capacity
+/// keeps [`super::CudaOptions`] `Copy`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TmaOverrides {
+    entries: [Option<TmaOverride>; TmaOverrides::CAPACITY],
+}
+
+impl TmaOverrides {
+    /// Most shapes one setting names (a DiT block has four GEMM shapes).
+    pub const CAPACITY: usize = 8;
+
+    /// The forced plan of GEMMs of N x K, if any.
+    pub fn get(&self, n: usize, k: usize) -> Option<TmaOverride> {
+        self.entries
+            .iter()
+            .flatten()
+            .find(|o| o.n as usize == n && o.k as usize == k)
+            .copied()
+    }
+
+    /// Whether nothing is forced.
+    pub fn is_empty(&self) -> bool {
+        self.entries.iter().all(Option::is_none)
+    }
+
+    /// The forced plans, in the order written.
+    pub fn iter(&self) -> impl Iterator<Item = TmaOverride> + '_ {
+        self.entries.iter().flatten().copied()
+    }
+
+    /// The TMA plan (tile, split-K slices) of an M x N x K GEMM on `sm_count` SMs with
+    /// `workspace` f32 elements of split-K room: the forced tile and slices where these name
+    /// N x K, else [`TmaTile::pick_multicast`]'s tile (`multicast`, M past one row tile) or
+    /// [`TmaTile::pick`]'s, and the tile's [`TmaTile::pick_splits`] (or, `summed`, for slices a
+    /// later pass sums, [`TmaTile::pick_splits_summed`]). Pure: what [`Gemm`] launches.
+    pub fn plan(
+        &self,
+        multicast: bool,
+        (m, n, k): (usize, usize, usize),
+        sm_count: usize,
+        workspace: usize,
+        summed: bool,
+    ) -> (TmaTile, u32) {
+        let forced = self.get(n, k);
+        let tile = match forced {
+            Some(o) => o.tile,
+            None if multicast && m > TmaTile::BM as usize => {
+                TmaTile::pick_multicast(m, n, k, sm_count)
+            }
+            None => TmaTile::pick(m, n, k, sm_count),
+        };
+        let splits = match forced.and_then(|o| o.splits) {
+            Some(s) => s,
+            None if summed => tile.pick_splits_summed(m, n, k, sm_count, workspace),
+            None => tile.pick_splits(m, n, k, sm_count, workspace),
+        };
+        (tile, splits)
+    }
+}
+
+impl FromStr for TmaOverrides {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<TmaOverrides> {
+        let mut out = TmaOverrides::default();
+        let entries = s.split(',').map(str::trim).filter(|e| !e.is_empty());
+        for (count, entry) in entries.enumerate() {
+            let syntax = || {
+                format!(
+                    "TMA tile override {entry:?}: expected NxK=tile[/splits], e.g. \
+                     3456x1152=c4x2-128x128 or 1152x4608=mc-128x128/3"
+                )
+            };
+            let (shape, plan) = entry.split_once('=').with_context(syntax)?;
+            let (n, k) = shape.trim().split_once('x').with_context(syntax)?;
+            let n: u32 = n.trim().parse().with_context(syntax)?;
+            let k: u32 = k.trim().parse().with_context(syntax)?;
+            ensure!(n > 0 && k > 0, "{}: N and K must be positive", syntax());
+            let (tile, splits) = match plan.split_once('/') {
+                Some((t, sp)) => (t, Some(sp)),
+                None => (plan, None),
+            };
+            let name = tile.trim();
+            let tile = TmaTile::from_bench_name(name).with_context(|| {
+                let names: Vec<&str> = TmaTile::ALL.iter().map(|t| t.bench_name()).collect();
+                format!("TMA tile override {entry:?}: unknown tile {name:?}; one of {names:?}")
+            })?;
+            let splits = match splits {
+                None => None,
+                Some(sp) => match sp.trim().parse::<u32>() {
+                    Ok(v) if (1..=8).contains(&v) => Some(v),
+                    _ => bail!("TMA tile override {entry:?}: split-K slices must be 1..=8"),
+                },
+            };
+            ensure!(
+                out.get(n as usize, k as usize).is_none(),
+                "TMA tile override {entry:?}: shape {n}x{k} is named twice"
+            );
+            ensure!(
+                count < TmaOverrides::CAPACITY,
+                "TMA tile overrides: at most {} shapes",
+                TmaOverrides::CAPACITY
+            );
+            out.entries[count] = Some(TmaOverride { n, k, tile, splits });
+        }
+        Ok(out)
+    }
+}
+
+impl std::fmt::Display for TmaOverrides {
+    /// The setting that parses back to these overrides (`FORA_TMA_TILES`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, o) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            let name = o.tile.bench_name();
+            write!(f, "{}x{}={}", o.n, o.k, &name["tma-".len()..])?;
+            if let Some(s) = o.splits {
+                write!(f, "/{s}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks a GEMM's parameters: every violation is an error naming the field.
 pub fn validate(p: &GemmParams) -> Result<Epilogue> {
     let epi = Epilogue::from_raw(p.epilogue)?;
@@ -819,6 +972,8 @@ pub struct Gemm {
     splitk: Option<CudaSlice<f32>>,
     sm_count: usize,
     cc_major: i32,
+    /// Forced TMA plans by shape ([`Gemm::with_tma_overrides`]).
+    tma_overrides: TmaOverrides,
 }
 
 impl std::fmt::Debug for Gemm {
@@ -923,7 +1078,15 @@ impl Gemm {
             splitk,
             sm_count: gpu.sm_count(),
             cc_major: gpu.compute_capability().0,
+            tma_overrides: TmaOverrides::default(),
         })
+    }
+
+    /// This engine with the TMA plans of `overrides` forced by shape (`FORA_TMA_TILES`; the
+    /// TMA implementations only).
+    pub fn with_tma_overrides(mut self, overrides: TmaOverrides) -> Gemm {
+        self.tma_overrides = overrides;
+        self
     }
 
     /// [`Gemm::new`] with the implementation from `FORA_GEMM`.
@@ -1055,24 +1218,19 @@ impl Gemm {
         )
     }
 
-    /// The tile variant and split-K slice count the TMA path uses for a shape.
+    /// The tile variant and split-K slice count the TMA path uses for a shape (a forced plan's
+    /// where [`Gemm::with_tma_overrides`] names the shape).
     pub fn plan_tma(&self, m: usize, n: usize, k: usize) -> (TmaTile, u32) {
-        let tile = self.tma_tile(m, n, k);
-        (
-            tile,
-            tile.pick_splits(m, n, k, self.sm_count, self.splitk_len()),
-        )
+        self.tma_plan((m, n, k), false)
     }
 
-    /// The TMA tile of a shape: [`TmaTile::pick`]'s, and with [`GemmImpl::TmaMulticast`]
-    /// [`TmaTile::pick_multicast`]'s where M has two row tiles or more (at one, a cluster's
-    /// other rows of CTAs would only compute zero rows).
-    fn tma_tile(&self, m: usize, n: usize, k: usize) -> TmaTile {
-        if self.imp == GemmImpl::TmaMulticast && m > TmaTile::BM as usize {
-            TmaTile::pick_multicast(m, n, k, self.sm_count)
-        } else {
-            TmaTile::pick(m, n, k, self.sm_count)
-        }
+    /// [`TmaOverrides::plan`] with this engine's implementation, overrides, SMs and workspace:
+    /// with [`GemmImpl::TmaMulticast`] the multicast tiles where M has two row tiles or more
+    /// (at one, a cluster's other rows of CTAs would only compute zero rows).
+    fn tma_plan(&self, mnk: (usize, usize, usize), summed: bool) -> (TmaTile, u32) {
+        let multicast = self.imp == GemmImpl::TmaMulticast;
+        let (sms, ws) = (self.sm_count, self.splitk_len());
+        self.tma_overrides.plan(multicast, mnk, sms, ws, summed)
     }
 
     /// The warp-specialized TMA kernel with the tile variant and the number of split-K slices
@@ -1093,9 +1251,13 @@ impl Gemm {
             self.imp
         );
         let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
-        let tile = tile.unwrap_or_else(|| self.tma_tile(m, n, k));
-        let splits =
-            splits.unwrap_or_else(|| tile.pick_splits(m, n, k, self.sm_count, self.splitk_len()));
+        let splits = match (tile, splits) {
+            (_, Some(s)) => s,
+            // The shape's plan (forced or picked).
+            (None, None) => self.plan_tma(m, n, k).1,
+            (Some(t), None) => t.pick_splits(m, n, k, self.sm_count, self.splitk_len()),
+        };
+        let tile = tile.unwrap_or_else(|| self.plan_tma(m, n, k).0);
         launch_tma(gpu, p, tile, splits, self.splitk_workspace())
     }
 
@@ -1111,8 +1273,7 @@ impl Gemm {
             return Ok(None);
         }
         let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
-        let tile = self.tma_tile(m, n, k);
-        let splits = tile.pick_splits_summed(m, n, k, self.sm_count, self.splitk_len());
+        let (tile, splits) = self.tma_plan((m, n, k), true);
         if splits <= 1 {
             return Ok(None);
         }
@@ -1825,6 +1986,97 @@ mod tests {
         assert_eq!(TmaTile::C4x1N128.resident(132), 132);
         assert_eq!(TmaTile::N128.resident(132), 132);
         assert_eq!(TmaTile::C4x2N128.resident(4), 8);
+    }
+
+    #[test]
+    fn tma_overrides_parse() {
+        // Forced plans by shape: the tile with or without "tma-", slices optional.
+        let o: TmaOverrides = " 3456x1152=c4x2-128x128 , 1152x4608=tma-mc-128x128/3,"
+            .parse()
+            .unwrap();
+        assert_eq!(o.get(3456, 1152).unwrap().tile, TmaTile::C4x2N128);
+        assert_eq!(o.get(3456, 1152).unwrap().splits, None);
+        assert_eq!(o.get(1152, 4608).unwrap().tile, TmaTile::Mc128);
+        assert_eq!(o.get(1152, 4608).unwrap().splits, Some(3));
+        assert!(o.get(1152, 1152).is_none());
+        // Said back in the form it parses from.
+        assert_eq!(
+            o.to_string(),
+            "3456x1152=c4x2-128x128,1152x4608=mc-128x128/3"
+        );
+        assert_eq!(o.to_string().parse::<TmaOverrides>().unwrap(), o);
+        // Empty: nothing forced.
+        assert!("".parse::<TmaOverrides>().unwrap().is_empty());
+        assert!(" , ".parse::<TmaOverrides>().unwrap().is_empty());
+        // Every tile by its bench name.
+        for t in TmaTile::ALL {
+            assert_eq!(TmaTile::from_bench_name(t.bench_name()), Some(t));
+        }
+        // Refused, with the reason.
+        for (bad, why) in [
+            ("3456x1152", "expected NxK=tile"),
+            ("3456*1152=128x128", "expected NxK=tile"),
+            ("0x1152=128x128", "positive"),
+            ("3456x1152=128x96", "unknown tile"),
+            ("3456x1152=128x128/0", "1..=8"),
+            ("3456x1152=128x128/9", "1..=8"),
+            ("3456x1152=128x128,3456x1152=128x192", "named twice"),
+            (
+                "1x8=128x128,2x8=128x128,3x8=128x128,4x8=128x128,5x8=128x128,6x8=128x128,\
+                 7x8=128x128,8x8=128x128,9x8=128x128",
+                "at most 8",
+            ),
+        ] {
+            let err = format!("{:#}", bad.parse::<TmaOverrides>().unwrap_err());
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn tma_plans_with_overrides() {
+        let none = TmaOverrides::default();
+        let ws = SPLITK_WORKSPACE;
+        // Nothing forced: the picks (fc2 at 2 rows: 4 x 2 clusters in 3 slices with tma_mc,
+        // the plain 128 x 128 in 3 without multicast; proj 1 slice, 2 for a summing pass).
+        let fc2 = (512, 1152, 4608);
+        assert_eq!(none.plan(true, fc2, 132, ws, false), (TmaTile::C4x2N128, 3));
+        assert_eq!(none.plan(false, fc2, 132, ws, false), (TmaTile::N128, 3));
+        let proj = (512, 1152, 1152);
+        assert_eq!(
+            none.plan(true, proj, 132, ws, false),
+            (TmaTile::C4x2N128, 1)
+        );
+        assert_eq!(none.plan(true, proj, 132, ws, true), (TmaTile::C4x2N128, 2));
+        // One row tile: no multicast.
+        assert_eq!(
+            none.plan(true, (128, 1152, 1152), 132, ws, false).0,
+            TmaTile::N128
+        );
+        // Forced: the tile, and the slices where given (else the forced tile's pick), for
+        // either implementation and any M; other shapes keep their picks.
+        let o: TmaOverrides = "1152x4608=c4x1-128x192/2,1152x1152=mc-128x128"
+            .parse()
+            .unwrap();
+        for multicast in [false, true] {
+            for summed in [false, true] {
+                assert_eq!(
+                    o.plan(multicast, fc2, 132, ws, summed),
+                    (TmaTile::C4x1N192, 2)
+                );
+            }
+        }
+        assert_eq!(
+            o.plan(true, proj, 132, ws, true),
+            (
+                TmaTile::Mc128,
+                TmaTile::Mc128.pick_splits_summed(512, 1152, 1152, 132, ws)
+            )
+        );
+        let qkv = (512, 3456, 1152);
+        assert_eq!(
+            o.plan(true, qkv, 132, ws, false),
+            none.plan(true, qkv, 132, ws, false)
+        );
     }
 
     #[test]
