@@ -753,6 +753,75 @@ fn fake_torch_json(macs: u64) -> Value {
     })
 }
 
+/// `tools/tma_tiles.py` turns a report's forced TMA tile rows into the FORA_TMA_TILES setting:
+/// per block GEMM at the asked row count, its fastest measured forced tile, keyed by N x K.
+#[test]
+fn tma_tiles_tool_reads_the_fastest_forced_tiles() {
+    if !python_has("json") {
+        println!("SKIP tma_tiles_tool_reads_the_fastest_forced_tiles: no python3");
+        return;
+    }
+    let shaped = |name: &str, imp: &str, rows: usize, shape: &str, ms: Option<f64>| KernelRow {
+        shape: shape.into(),
+        ..kernel(name, imp, rows, Bound::Compute, 1e9, ms)
+    };
+    let qkv = "M=512 N=3456 K=1152";
+    let fc2 = "M=512 N=1152 K=4608";
+    let mut report = fake_report();
+    report.kernels = vec![
+        shaped("qkv", "tma-128x128", 2, qkv, Some(0.010)),
+        shaped("qkv", "tma-c4x2-128x128", 2, qkv, Some(0.008)),
+        // Not forced tiles: cuBLASLt and the picks.
+        shaped("qkv", "cublaslt", 2, qkv, Some(0.007)),
+        shaped("qkv", "tma_mc", 2, qkv, Some(0.006)),
+        shaped("qkv", "tma", 2, qkv, Some(0.006)),
+        // Unmeasured: left out.
+        shaped("fc2", "tma-c4x2-128x192", 2, fc2, None),
+        shaped("fc2", "tma-mc-128x128", 2, fc2, Some(0.012)),
+        shaped("fc2", "tma-c4x1-128x192", 2, fc2, Some(0.013)),
+        shaped(
+            "fc2",
+            "tma-c4x2-128x128",
+            256,
+            "M=65536 N=1152 K=4608",
+            Some(0.5),
+        ),
+        // Not a block GEMM.
+        shaped("adaLN", "tma-128x128", 2, "M=2 N=6912 K=1152", Some(0.001)),
+    ];
+    let dir = tmp_dir("tma_tiles");
+    let path = dir.join("bench.json");
+    report.write_json(&path).unwrap();
+    let tiles = |rows: &str| {
+        let out = Command::new("python3")
+            .arg(root().join("tools/tma_tiles.py"))
+            .arg(&path)
+            .args(["--rows", rows])
+            .output()
+            .expect("run python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    assert_eq!(tiles("2"), "3456x1152=c4x2-128x128,1152x4608=mc-128x128");
+    assert_eq!(tiles("256"), "1152x4608=c4x2-128x128");
+    assert_eq!(tiles("16"), "");
+    // What it prints is a setting the library takes.
+    let parsed: fora::cuda::gemm::TmaOverrides = tiles("2").parse().unwrap();
+    assert_eq!(
+        parsed.get(3456, 1152).unwrap().tile,
+        fora::cuda::gemm::TmaTile::C4x2N128
+    );
+    assert_eq!(
+        parsed.get(1152, 4608).unwrap().tile,
+        fora::cuda::gemm::TmaTile::Mc128
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn python_report_reads_the_rust_json() {
     if !python_has("json") {

@@ -35,6 +35,9 @@
 #              N = 1..5, PyTorch eager / graph / torch.compile, and the merged report + plot;
 #   issue5_more  FORA_REUSE_SUM=2 steps and end to end, and the Hopper GEMM rows (TMA tiles,
 #              multicast included) with the L2 rooflines;
+#   tma_tuned  `tma_mc` steps with FORA_TMA_TILES set to the fastest forced tile of each GEMM
+#              (tools/tma_tiles.py over an earlier phase's Hopper GEMM rows), as variant
+#              `tma_mc_tuned`;
 #   hopper_rows  the Hopper GEMM rows alone (every TMA tile, multicast included, against
 #              cuBLASLt and their L2 rooflines), as bench and issue5_more also run them;
 #   kernelprof ncu --set full of one launch of each kernel in PROF_KERNELS;
@@ -386,6 +389,32 @@ phase_variants() {
     grep -E "reuse steps from cache sums" "$OUT/variant_$name.log" | head -n 2
     tail -n 1 "$OUT/variant_$name.log"
   done
+  python3 tools/variants_report.py "$OUT" --md "$OUT/variants.md"
+}
+
+# The tma_mc steps with the fastest forced tile of each GEMM (tools/tma_tiles.py over the Hopper
+# GEMM rows an earlier phase of this call wrote: hopper_rows, issue5_more or bench), at the first
+# of VARIANT_ROWS, as variant `tma_mc_tuned`; then the variants table again.
+phase_tma_tuned() {
+  local json="" f rows=${VARIANT_ROWS:-2}
+  rows=${rows%%,*}
+  for f in "$OUT/bench_hopper.json" "$OUT/issue5_hopper.json" "$OUT/hopper_rows.json"; do
+    [ -f "$f" ] && json=$f
+  done
+  if [ -z "$json" ]; then
+    echo "=== tma_tuned: no Hopper GEMM rows in this call (run hopper_rows first)"
+    return 0
+  fi
+  local tiles
+  tiles=$(python3 tools/tma_tiles.py "$json" --rows "$rows")
+  echo "=== tma_mc_tuned: FORA_TMA_TILES=$tiles (fastest forced tiles at $rows rows, $(basename "$json"))"
+  # shellcheck disable=SC2086 # VARIANT_ARGS is several words
+  FORA_TMA_TILES=$tiles bounded "${VARIANT_S:-60}" .devpack/bin/fora bench --sections "${VARIANT_SECTIONS:-steps,e2e}" \
+    --batches "$rows" --gemm tma_mc --runs 10 --warmup 2 ${VARIANT_ARGS:---intervals 1,3 --e2e-reps 1} \
+    --json "$OUT/variant_tma_mc_tuned.json" > "$OUT/variant_tma_mc_tuned.log" 2>&1
+  grep -E "^\| tma[a-z_-]* \| $rows \|" "$OUT/variant_tma_mc_tuned.log" | head -n 4
+  grep -E "^\| tma[a-z_-]* \| [13] \| 250 \|" "$OUT/variant_tma_mc_tuned.log" | head -n 2
+  tail -n 1 "$OUT/variant_tma_mc_tuned.log"
   python3 tools/variants_report.py "$OUT" --md "$OUT/variants.md"
 }
 
