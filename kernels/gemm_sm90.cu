@@ -502,7 +502,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) gemm_wgmma_64x128(const Gem
 
 // The warp-specialized TMA kernels: 384 threads (a producer and two consumer warpgroups), one
 // CTA per SM, a persistent grid. Dynamic smem = STAGES * (128 + BN) * 64 * 2 + STAGES * 16 + 16 +
-// 1024 bytes (src/cuda/gemm.rs, TmaTile, must match): 193, 201, 193 and 193 KiB.
+// 1024 bytes (src/cuda/tma_tiles.rs, TmaTile, must match): 193, 201, 193 and 193 KiB.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FORA_TMA_BODY(...) gemm_tma_tile<__VA_ARGS__>(p)
 #else

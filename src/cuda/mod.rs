@@ -18,6 +18,7 @@ pub mod probe;
 pub mod sampler;
 pub mod step_graph;
 pub mod testing;
+mod tma_tiles;
 
 pub use backend::{CudaBackend, CudaOptions, CudaWorkspace};
 pub use device::{dptr, Gpu};
