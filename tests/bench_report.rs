@@ -709,6 +709,19 @@ fn root() -> PathBuf {
     PathBuf::from(std::env::var("FORA_ROOT").unwrap_or_else(|_| ".".into()))
 }
 
+/// Runs `cmd` (a python3 tool or snippet) to success and returns its stdout; a failure shows
+/// the command with its stdout and stderr.
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 fn python_has(module: &str) -> bool {
     Command::new("python3")
         .args(["-c", &format!("import {module}")])
@@ -793,18 +806,14 @@ fn tma_tiles_tool_reads_the_fastest_forced_tiles() {
     let path = dir.join("bench.json");
     report.write_json(&path).unwrap();
     let tiles = |rows: &str| {
-        let out = Command::new("python3")
-            .arg(root().join("tools/tma_tiles.py"))
-            .arg(&path)
-            .args(["--rows", rows])
-            .output()
-            .expect("run python3");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        run_ok(
+            Command::new("python3")
+                .arg(root().join("tools/tma_tiles.py"))
+                .arg(&path)
+                .args(["--rows", rows]),
+        )
+        .trim()
+        .to_string()
     };
     assert_eq!(tiles("2"), "3456x1152=c4x2-128x128,1152x4608=mc-128x128");
     assert_eq!(tiles("256"), "1152x4608=c4x2-128x128");
@@ -853,6 +862,7 @@ fn python_report_reads_the_rust_json() {
         .output()
         .expect("run python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
+    // Its stderr is checked below (the plot's fallback): not run_ok.
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -972,16 +982,14 @@ fn python_report_reads_the_rust_json() {
     }
 
     // Only one side measured: still a report, the other side's cells are "—".
-    let out = Command::new("python3")
-        .arg(root().join("tools/bench_report.py"))
-        .arg("--ours")
-        .arg(&ours)
-        .arg("--torch")
-        .arg(dir.join("missing.json"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let md = String::from_utf8_lossy(&out.stdout);
+    let md = run_ok(
+        Command::new("python3")
+            .arg(root().join("tools/bench_report.py"))
+            .arg("--ours")
+            .arg(&ours)
+            .arg("--torch")
+            .arg(dir.join("missing.json")),
+    );
     assert!(md.contains("- PyTorch: not measured"), "{md}");
     assert!(
         md.contains("| full step, rows 2: vs PyTorch CUDA graph | >= 3.5x | — | — |"),
@@ -1014,20 +1022,14 @@ fn torch_reference_times_the_same_diffusion_process() {
         "import sys; sys.path.insert(0, 'tools'); import bench_torch; \
          print(' '.join(str(bench_torch.launches_per_graph(t, c)) for t, c in {cases:?}))"
     );
-    let out = Command::new("python3")
-        .current_dir(root())
-        .args(["-c", &code])
-        .output()
-        .expect("run python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let python: Vec<usize> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(|v| v.parse().unwrap())
-        .collect();
+    let python: Vec<usize> = run_ok(
+        Command::new("python3")
+            .current_dir(root())
+            .args(["-c", &code]),
+    )
+    .split_whitespace()
+    .map(|v| v.parse().unwrap())
+    .collect();
     let rust: Vec<usize> = cases
         .iter()
         .map(|&(t, c)| launches_per_graph(t, c))
@@ -1039,17 +1041,12 @@ fn torch_reference_times_the_same_diffusion_process() {
             "import json, sys; sys.path.insert(0, 'tools'); import bench_torch; \
              print(json.dumps(bench_torch.ddpm_table({steps}, True)))"
         );
-        let out = Command::new("python3")
-            .current_dir(root())
-            .args(["-c", &code])
-            .output()
-            .expect("run python3");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let stdout = run_ok(
+            Command::new("python3")
+                .current_dir(root())
+                .args(["-c", &code]),
         );
-        let table: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let table: Value = serde_json::from_str(&stdout).unwrap();
         let table = table.as_array().unwrap();
         assert_eq!(table.len(), steps);
         let diffusion = Diffusion::new(&steps.to_string(), true).unwrap();
@@ -1177,16 +1174,10 @@ fn ncu_summary_sums_kernel_time_per_step_kind_and_op() {
     .join("\n");
     let path = dir.join("profile.csv");
     std::fs::write(&path, csv).unwrap();
-    let out = Command::new("python3")
-        .arg(root().join("tools/ncu_summary.py"))
-        .arg(&path)
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "ncu_summary.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = run_ok(
+        Command::new("python3")
+            .arg(root().join("tools/ncu_summary.py"))
+            .arg(&path),
     );
     println!("{stdout}");
     // Two full steps: (1 + 3 + 2 + 0.5) us / 2 = 3.25 us per step; qkv 1.5 us per step.
@@ -1251,18 +1242,12 @@ fn python_variants_report_compares_paths() {
     slower.write_json(&dir.join("variant_pdl.json")).unwrap();
     std::fs::write(dir.join("variant_broken.json"), "{").unwrap();
     let md_path = dir.join("variants.md");
-    let out = Command::new("python3")
-        .arg(root().join("tools/variants_report.py"))
-        .arg(&dir)
-        .arg("--md")
-        .arg(&md_path)
-        .output()
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "variants_report.py failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = run_ok(
+        Command::new("python3")
+            .arg(root().join("tools/variants_report.py"))
+            .arg(&dir)
+            .arg("--md")
+            .arg(&md_path),
     );
     assert_eq!(std::fs::read_to_string(&md_path).unwrap(), stdout);
     // Full step at 2 rows: 1.2 ms, and half of it on the faster path (2.00x the default).

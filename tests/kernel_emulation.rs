@@ -1140,10 +1140,7 @@ fn emulated_tma_split_partials() -> Result<()> {
             Some((workspace.addr(), splits as usize * m * n)),
         )?;
         anyhow::ensure!(ws == workspace.addr(), "{tile:?}: the workspace's address");
-        let slices = emu.download_f32(&workspace)?;
-        let sum: Vec<f32> = (0..m * n)
-            .map(|i| (0..splits as usize).map(|z| slices[z * m * n + i]).sum())
-            .collect();
+        let sum = sum_slices(&emu.download_f32(&workspace)?, splits as usize);
         check_close(
             &format!("TMA {tile:?} x{splits}: the slices' sum"),
             &sum,
@@ -1198,10 +1195,7 @@ fn emulated_tma_mc_dit_xl2_two_rows() -> Result<()> {
             let len = summed as usize * m * n;
             let ws = emu.poisoned_f32(len)?;
             launch_tma_kernel(&gpu, &p, tile, summed, Some((ws.addr(), len)))?;
-            let slices = emu.download_f32(&ws)?;
-            let sum: Vec<f32> = (0..m * n)
-                .map(|i| (0..summed as usize).map(|z| slices[z * m * n + i]).sum())
-                .collect();
+            let sum = sum_slices(&emu.download_f32(&ws)?, summed as usize);
             let what = format!("{what}: {summed} slices for the fused LayerNorm");
             check_close(&what, &sum, &case.product(false), 1e-4)?;
         }
@@ -1366,6 +1360,15 @@ fn launch_gemm(
         GemmKernel::Wgmma(t) => launch_wgmma(emu, p, *t, splits, splitk),
         GemmKernel::Tma(t) => launch_tma(&emu.with_sms(tma_sms(*t)), p, *t, splits, splitk),
     }
+}
+
+/// The element-wise sum of `splits` equal slices laid end to end (split-K partial sums, slice z
+/// at z * len / splits).
+fn sum_slices(slices: &[f32], splits: usize) -> Vec<f32> {
+    let len = slices.len() / splits;
+    (0..len)
+        .map(|i| (0..splits).map(|z| slices[z * len + i]).sum())
+        .collect()
 }
 
 /// A random GEMM on the emulator: bf16 A [M, K] and W [N, K] (W scaled by 1 / sqrt(K)) and an f32

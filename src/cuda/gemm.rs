@@ -782,21 +782,23 @@ impl Gemm {
             self.imp
         );
         let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
-        let splits = match (tile, splits) {
-            (_, Some(s)) => s,
+        let (tile, splits) = match (tile, splits) {
             // The shape's plan (forced or picked).
-            (None, None) => self.plan_tma(m, n, k).1,
-            (Some(t), None) => t.pick_splits(m, n, k, self.sm_count, self.splitk_len()),
+            (None, None) => self.plan_tma(m, n, k),
+            (None, Some(s)) => (self.plan_tma(m, n, k).0, s),
+            (Some(t), s) => (
+                t,
+                s.unwrap_or_else(|| t.pick_splits(m, n, k, self.sm_count, self.splitk_len())),
+            ),
         };
-        let tile = tile.unwrap_or_else(|| self.plan_tma(m, n, k).0);
         launch_tma(gpu, p, tile, splits, self.splitk_workspace())
     }
 
     /// Where the TMA path ([`GemmImpl::Tma`], [`GemmImpl::TmaMulticast`]) splits this shape's
-    /// K for a summing consumer ([`TmaTile::pick_splits_summed`]): runs only the kernel, its slices' raw f32 partial sums (no bias,
-    /// no epilogue) into the split-K workspace, slice z at element z * M * N, and returns
-    /// (address, slices) for a pass that sums them as it loads them (`residual_layernorm`)
-    /// instead of the epilogue kernel. `None` (nothing run) for one slice, M <= 64 (the wgmma
+    /// K for a summing consumer ([`TmaTile::pick_splits_summed`]): runs only the kernel, its
+    /// slices' raw f32 partial sums (no bias, no epilogue) into the split-K workspace, slice z
+    /// at element z * M * N, and returns (address, slices) for a pass that sums them as it
+    /// loads them (`residual_layernorm`) instead of the epilogue kernel. `None` (nothing run) for one slice, M <= 64 (the wgmma
     /// kernel runs there) or another implementation.
     pub fn tma_product_split(&self, gpu: &Gpu, p: &GemmParams) -> Result<Option<(u64, usize)>> {
         validate(p)?;

@@ -164,12 +164,17 @@ impl TmaTile {
         }
     }
 
+    /// [`TmaTile::bench_name`] without its `tma-` prefix: the name `FORA_TMA_TILES` writes.
+    pub fn setting_name(self) -> &'static str {
+        &self.bench_name()["tma-".len()..]
+    }
+
     /// The tile whose [`TmaTile::bench_name`] is `name`, with or without its `tma-` prefix.
     pub fn from_bench_name(name: &str) -> Option<TmaTile> {
         let name = name.trim();
         TmaTile::ALL
             .into_iter()
-            .find(|t| t.bench_name() == name || t.bench_name()["tma-".len()..] == *name)
+            .find(|t| t.bench_name() == name || t.setting_name() == name)
     }
 
     /// The stage ring, two 8-byte barriers a stage, two more (ping-pong's order barriers; all
@@ -245,8 +250,9 @@ impl TmaTile {
     /// split-K slices); at large M, 4 x 1 of 128 x 128 (4 x 2 would pad qkv's N = 3456 to
     /// 3584). Not yet measured on a device.
     pub fn pick_multicast(m: usize, n: usize, k: usize, sm_count: usize) -> TmaTile {
-        if TmaTile::pick(m, n, k, sm_count) == TmaTile::PingPong128 {
-            return TmaTile::McPingPong128;
+        let plain = TmaTile::pick(m, n, k, sm_count);
+        if plain == TmaTile::PingPong128 {
+            return plain.multicast();
         }
         let key = |t: TmaTile| (t.cost(m, n, sm_count), t.l2_rows(m, n));
         let mut best = TmaTile::Mc128;
@@ -471,8 +477,7 @@ impl std::fmt::Display for TmaOverrides {
             if i > 0 {
                 f.write_str(",")?;
             }
-            let name = o.tile.bench_name();
-            write!(f, "{}x{}={}", o.n, o.k, &name["tma-".len()..])?;
+            write!(f, "{}x{}={}", o.n, o.k, o.tile.setting_name())?;
             if let Some(s) = o.splits {
                 write!(f, "/{s}")?;
             }
