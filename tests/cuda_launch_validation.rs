@@ -464,7 +464,7 @@ fn fora_reuse_final_plan_checks_sizes_and_columns() {
     );
     assert_eq!(
         ReuseTokens::pick(&ForaReuseFinalParams { rows: 256, ..p }, 132),
-        ReuseTokens::Four
+        ReuseTokens::FourRing
     );
     // DiT-B (dim 768): 96 threads per row, 2 rows per block.
     assert_eq!(fused_reuse_unsupported(768, 16), None);

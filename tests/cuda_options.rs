@@ -124,21 +124,22 @@ fn options_from_the_environment() {
         unsafe { std::env::remove_var(var) };
     }
 
-    // FORA_REUSE_SUM: off by default, the steps a cache sum serves (1..=4), else refused.
+    // FORA_REUSE_SUM: 2 by default, 0 off, else the steps a cache sum serves (1..=4), anything
+    // else refused.
     unsafe { std::env::remove_var("FORA_REUSE_SUM") };
-    assert_eq!(defaults.reuse_sum, 0);
-    for (value, want) in [("0", 0), ("1", 1), (" 2 ", 2), ("4", 4), ("", 0)] {
+    assert_eq!(defaults.reuse_sum, 2);
+    for (value, want) in [("0", 0), ("1", 1), (" 2 ", 2), ("4", 4), ("", 2)] {
         unsafe { std::env::set_var("FORA_REUSE_SUM", value) };
         let o = CudaOptions::from_env().unwrap();
         assert_eq!(o.reuse_sum, want, "FORA_REUSE_SUM={value:?}");
-        let overrides: Vec<String> = if want == 0 {
+        let overrides: Vec<String> = if want == 2 {
             vec![]
         } else {
             vec![format!("FORA_REUSE_SUM={want}")]
         };
         assert_eq!(o.env_overrides(), overrides);
         assert_eq!(
-            CudaOptions { reuse_sum: 0, ..o },
+            CudaOptions { reuse_sum: 2, ..o },
             defaults,
             "FORA_REUSE_SUM={value:?} changed another option"
         );

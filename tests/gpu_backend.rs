@@ -126,9 +126,10 @@ fn sample_latents<B: Backend>(
         .latents
 }
 
-/// Ten guided DDPM steps (FORA N=3) of `classes` from `seed`, once with `off` and once with
-/// `on` as the backend's options: the two latents must be equal to the bit (`what` names the
-/// switch). `check` sees each run's workspace first (its options, the workspace), which is then
+/// Ten guided DDPM steps of `classes` from `seed`, at FORA N=3 (runs of two reuse steps) and
+/// N=4 (runs of three: with cache sums, a sum for two steps and a step alone reading the
+/// cache), once with `off` and once with `on` as the backend's options: the two latents must
+/// be equal to the bit (`what` names the switch). `check` sees each run's workspace first (its options, the workspace), which is then
 /// dropped. The backend keeps `off` afterwards.
 fn assert_same_bits(
     cuda: &mut CudaBackend,
@@ -149,21 +150,24 @@ fn assert_same_bits(
         let ws = cuda.workspace(&plan).unwrap();
         check(&o, &ws);
         drop(ws);
-        sample_latents(&*cuda, &options, classes, seed, 3)
+        [3, 4].map(|interval| sample_latents(&*cuda, &options, classes, seed, interval))
     };
     let a = run(on);
     let b = run(off);
-    assert!(
-        b.iter().all(|v| v.is_finite()),
-        "{what}: non-finite latents"
-    );
-    if a != b {
-        let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();
-        panic!(
-            "{what}: the latents changed: {differ} of {} values differ, rel-L2 {:.3e}",
-            a.len(),
-            fora::cuda::testing::rel_l2(&a, &b)
+    for ((a, b), interval) in a.iter().zip(&b).zip([3, 4]) {
+        assert!(
+            b.iter().all(|v| v.is_finite()),
+            "{what}: non-finite latents"
         );
+        if a != b {
+            let differ = a.iter().zip(b).filter(|(x, y)| x != y).count();
+            panic!(
+                "{what}, N={interval}: the latents changed: {differ} of {} values differ, \
+                 rel-L2 {:.3e}",
+                a.len(),
+                fora::cuda::testing::rel_l2(a, b)
+            );
+        }
     }
 }
 
@@ -378,7 +382,7 @@ fn assert_sampling_allocates_nothing(
         cuda.gpu().synchronize().unwrap();
         let what = format!("variant {v}: {o:?}");
         assert!(reused > 0);
-        assert_eq!(ws.uses_reuse_sums(), o.reuse_sum > 0, "{what}");
+        assert_eq!(ws.uses_reuse_sums(), o.reuse_sum > 1, "{what}");
         assert_eq!(
             cuda.gpu().allocations(),
             allocs,
@@ -846,6 +850,8 @@ fn gpu_step_graph_is_exact() {
                 side_stream: false,
                 lt_autotune: false,
                 step_graph: false,
+                // The per-forward graphs keep no cache sums (the sums' case is below).
+                reuse_sum: 0,
                 ..cuda.options()
             };
             let on = CudaOptions {
@@ -887,6 +893,33 @@ fn gpu_step_graph_is_exact() {
                     )
                 },
             );
+            // With cache sums (the default since session 18): the whole-step graph against
+            // no graphs, both summing; at N=4 each run's sum graph and then its cache graph
+            // (the step left alone). A graph launched for the wrong kind of step, or a sum
+            // left pointing at another step, shows up here.
+            let eager = CudaOptions {
+                graphs: false,
+                step_graph: false,
+                fused_reuse: true,
+                reuse_sum: 2,
+                ..off
+            };
+            let summed = CudaOptions {
+                graphs: true,
+                step_graph: true,
+                ..eager
+            };
+            assert_same_bits(
+                &mut cuda,
+                &[6, 0],
+                4,
+                (eager, summed),
+                &format!("{gemm:?} precompute={precompute}: cache sums in the step graph"),
+                |o, ws| {
+                    assert!(ws.uses_reuse_sums());
+                    assert_eq!(ws.uses_step_graphs(), o.step_graph)
+                },
+            );
         }
     }
 }
@@ -894,8 +927,8 @@ fn gpu_step_graph_is_exact() {
 /// FORA_REUSE_SUM: a run of reuse steps reads its cache sums (one pass over the cache per up
 /// to k steps) instead of the cache, up to the f32 association of the sums (the bound is
 /// bf16's epsilon, as for split-K: a different f32 order flips some bf16 roundings downstream).
-/// Runs of 2 (N=3) and of 4 (N=5: one pass with 4 slots, two with 2 and 3, the latter a pass
-/// of 1 left over), with the whole-step graph and without graphs, with and without precomputed
+/// Runs of 2 (N=3) and of 4 (N=5: one pass with 4 slots, two with 2; with 3 a pass of 3 and
+/// the step left over reading the cache), with the whole-step graph and without graphs, with and without precomputed
 /// tables. A sum left pointing at the run's first step, a stale sum after a computing step or
 /// a wrong slot shifts a step's gates by several timesteps. The per-forward graphs cannot
 /// re-point a sum: there the workspace keeps none.
@@ -1014,7 +1047,7 @@ fn gpu_reuse_sums_match_the_cache_path() {
             &fora::cuda::model::reuse_final_params(&cfg, 80, 40),
             cuda.gpu().sm_count()
         ),
-        fora::cuda::fora::ReuseTokens::Four,
+        fora::cuda::fora::ReuseTokens::FourRing,
         "80 rows must take the four-tokens kernels"
     );
     for precompute in [true, false] {
@@ -1094,6 +1127,8 @@ fn gpu_l2_persist_is_exact() {
             graphs,
             fused_reuse: true,
             l2_persist: false,
+            // The window is only for steps that read the whole cache.
+            reuse_sum: 0,
             ..cuda.options()
         };
         let on = CudaOptions {

@@ -22,17 +22,19 @@
 #   racecheck  racecheck over the kernel tests, our kernels only (RACECHECK_RUNS overrides);
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
-#              "default reuse_sum reuse_sum_in_place final_sampler new_steps attention_deep
+#              "default no_reuse_sum reuse_sum_in_place final_sampler new_steps attention_deep
 #              attention_split f32_product attention_tma reuse_in_place side_stream pdl tma
 #              tma_mc"; "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
-#              l2_persist, tma_pdl, tma_mc_pdl, attention_v1, attention_v2, attention_wgmma,
+#              l2_persist, reuse_sum, tma_pdl, tma_mc_pdl, attention_v1, attention_v2, attention_wgmma,
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
 #              VARIANT_ARGS / VARIANT_S change what each runs);
 #   bench      `fora bench` (FORA_BENCH_ARGS overrides its arguments);
 #   torch      tools/bench_torch.py, the PyTorch reference (TORCH_BENCH_ARGS);
 #   issue5     what issue 5 still asks measured in one call: our steps at 2, 16, 64, 256 rows and
-#              N = 1..5, PyTorch eager / graph / torch.compile, and the merged report + plot;
+#              N = 1..5, PyTorch eager / graph / torch.compile (ISSUE5_TORCH_MODES: e.g.
+#              "eager,graph" where an earlier call timed torch.compile), and the merged report +
+#              plot;
 #   issue5_more  FORA_REUSE_SUM=2 steps and end to end, and the Hopper GEMM rows (TMA tiles,
 #              multicast included) with the L2 rooflines;
 #   tma_tuned  `tma_mc` steps with FORA_TMA_TILES set to the fastest forced tile of each GEMM
@@ -42,7 +44,7 @@
 #              cuBLASLt and their L2 rooflines), as bench and issue5_more also run them;
 #   kernelprof ncu --set full of one launch of each kernel in PROF_KERNELS;
 #   profile    ncu kernel time per op of a computing and a reuse step (PROFILE_ROWS,
-#              PROFILE_METRICS), summarised by tools/ncu_summary.py;
+#              PROFILE_METRICS, PROFILE_GEMM), summarised by tools/ncu_summary.py;
 #   train      tools/train_tiny.py on the GPU for TRAIN_MINUTES;
 #   tiny       train_tiny.py, then tools/quality.py through the fora binary (TINY_MINUTES).
 # FORA_TMA_TILES (exported before the command) forces TMA tiles by GEMM shape in every run that
@@ -59,7 +61,7 @@ PHASES=${PHASES:-tests bench torch variants memcheck}
 # one call beside the other phases).
 SANITIZE_FULL=${SANITIZE_FULL:-0}
 # The variants whose default is still to decide (VARIANTS=all: every one).
-VARIANTS=${VARIANTS:-default reuse_sum reuse_sum_in_place final_sampler new_steps attention_deep attention_split f32_product attention_tma reuse_in_place side_stream pdl tma tma_mc}
+VARIANTS=${VARIANTS:-default no_reuse_sum reuse_sum_in_place final_sampler new_steps attention_deep attention_split f32_product attention_tma reuse_in_place side_stream pdl tma tma_mc}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -199,7 +201,7 @@ phase_issue5() {
   local budget=$(( $(left) - 40 ))
   if [ "$budget" -gt 60 ]; then
     bounded $(( budget + 20 )) python3 tools/bench_torch.py --json "$OUT/issue5_torch.json" --budget-s "$budget" \
-      --batches 2,16,64,256 --modes eager,graph,compile --compile-batches 2,256 --compile-reuse no \
+      --batches 2,16,64,256 --modes "${ISSUE5_TORCH_MODES:-eager,graph,compile}" --compile-batches 2,256 --compile-reuse no \
       --intervals 3 --e2e-modes graph > "$OUT/issue5_torch.log" 2>&1
     tail -n 3 "$OUT/issue5_torch.log"
     python3 tools/bench_report.py --ours "$OUT/issue5_fora.json" --torch "$OUT/issue5_torch.json" \
@@ -309,7 +311,7 @@ phase_profile() {
   FORA_CUDA_GRAPHS=0 bounded 150 ncu --nvtx --csv --print-units base \
     --metrics "gpu__time_duration.sum${PROFILE_METRICS:+,$PROFILE_METRICS}" \
     .devpack/bin/fora bench --sections steps --batches "${PROFILE_ROWS:-2,256}" --runs "${PROFILE_RUNS:-2}" --warmup 1 \
-    --gemm cublaslt --json "$OUT/profile_bench.json" > "$OUT/profile.csv" 2> "$OUT/profile.err"
+    --gemm "${PROFILE_GEMM:-cublaslt}" --json "$OUT/profile_bench.json" > "$OUT/profile.csv" 2> "$OUT/profile.err"
   python3 tools/ncu_summary.py "$OUT/profile.csv" > "$OUT/profile.md" 2>> "$OUT/profile.err"
   head -n 60 "$OUT/profile.md"; tail -n 3 "$OUT/profile.err"
 }
@@ -323,7 +325,7 @@ phase_profile() {
 # (default 256) op by op; ncu_<kernel>.txt each, the headline numbers printed.
 phase_kernelprof() {
   local k attention gemm
-  for k in ${PROF_KERNELS:-attention_tma_d72 attention_wgmma_mn_d72 gemm_tma_128x128 gemm_tma_mc_128x128 fora_reuse_final_t4}; do
+  for k in ${PROF_KERNELS:-attention_tma_d72 attention_wgmma_mn_d72 gemm_tma_128x128 gemm_tma_mc_128x128 fora_reuse_final_t4_r3}; do
     echo "=== ncu --set full: $k (rows ${PROF_ROWS:-256})"
     # The steps run the selected attention: the wgmma kernels only with FORA_ATTENTION=wgmma.
     case $k in
@@ -360,11 +362,12 @@ phase_variants() {
            "f32_bias:cublaslt:FORA_LT_BIAS_BF16=0" "f32_product:cublaslt:FORA_BF16_RESIDUAL=0" \
            "full_table:cublaslt:FORA_REUSE_GATES_ONLY=0" "forward_graph:cublaslt:FORA_STEP_GRAPH=0" \
            "reuse_in_place:cublaslt:FORA_REUSE_TABLE_IN_PLACE=1" "reuse_sum:cublaslt:FORA_REUSE_SUM=2" \
+           "no_reuse_sum:cublaslt:FORA_REUSE_SUM=0" \
            "reuse_sum_in_place:cublaslt:FORA_REUSE_SUM=2 FORA_REUSE_TABLE_IN_PLACE=1" \
            "final_sampler:cublaslt:FORA_FINAL_SAMPLER=1" \
            "new_steps:cublaslt:FORA_FINAL_SAMPLER=1 FORA_REUSE_SUM=2 FORA_REUSE_TABLE_IN_PLACE=1" \
            "fused_final:cublaslt:FORA_FUSED_FINAL=1" "attention_v1:cublaslt:FORA_ATTENTION=v1" \
-           "lt_splitk:cublaslt:FORA_LT_SPLITK=1 FORA_BF16_RESIDUAL=0" "l2_persist:cublaslt:FORA_L2_PERSIST=1" \
+           "lt_splitk:cublaslt:FORA_LT_SPLITK=1 FORA_BF16_RESIDUAL=0" "l2_persist:cublaslt:FORA_L2_PERSIST=1 FORA_REUSE_SUM=0" \
            "pdl:cublaslt:FORA_PDL=1" "tma_pdl:tma:FORA_PDL=1" "tma_mc_pdl:tma_mc:FORA_PDL=1" \
            "side_stream:cublaslt:FORA_SIDE_STREAM=1" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
            "attention_v2:cublaslt:FORA_ATTENTION=v2" "attention_wgmma:cublaslt:FORA_ATTENTION=wgmma" \

@@ -766,10 +766,11 @@ impl Report {
             } else {
                 "the heuristic's first choice"
             },
-            if self.options.fused_reuse && self.options.reuse_sum > 0 {
+            if self.options.fused_reuse && self.options.reuse_sum > 1 {
                 "fused; the cache summed once per run of reuse steps (fora_cache_sum, up to \
                  FORA_REUSE_SUM steps a pass, with the whole-step graph or no graphs), each \
-                 step one fora_sum_final launch, then the final GEMM"
+                 step one fora_sum_final launch, then the final GEMM; a step alone in its run \
+                 one fora_reuse_final launch"
             } else if self.options.fused_reuse && self.options.l2_persist {
                 "fused, one fora_reuse_final launch, the cache persisting in L2 where most of it \
                  fits (FORA_L2_PERSIST=1)"

@@ -131,8 +131,8 @@ pub struct CudaOptions {
     /// it fits (one image + CFG of DiT-XL/2: 66 MB against an H200's set-aside of tens of MB):
     /// the fused reuse launch carries an access-policy window over the cache
     /// (`FORA_L2_PERSIST=1`: on). Changes the context's persisting-L2 set-aside while a
-    /// workspace lives (restored when it drops). Not with `reuse_sum`, whose steps do not
-    /// read the cache. Off by default: on an H200 (session 7) the 2-row reuse step went from
+    /// workspace lives (restored when it drops). Only without cache sums (`FORA_REUSE_SUM=0`,
+    /// since session 18 not the default), whose steps do not read the cache. Off by default: on an H200 (session 7) the 2-row reuse step went from
     /// 0.0526 to 0.0487 ms but the computing step from 1.505 to 2.146 ms (L2 set aside).
     pub l2_persist: bool,
     /// Launch our kernels with programmatic stream serialization (`FORA_PDL=1`: on; compute
@@ -143,7 +143,7 @@ pub struct CudaOptions {
     /// 1.505, reuse step 0.0518 against 0.0526; the same bits, `gpu_pdl_is_exact`).
     pub pdl: bool,
     /// Sums the FORA cache once for a whole run of reuse steps (`FORA_REUSE_SUM=k`, k = 1..=4;
-    /// 0: off). A reuse step's residual updates are linear in the cache (x = embedding + sum
+    /// 0: off; default 2). A reuse step's residual updates are linear in the cache (x = embedding + sum
     /// over layers of gate * cached output, the gates the step's own), so the run's first
     /// reuse step reads the cache once (`fora_cache_sum`) and writes the sums of up to k steps
     /// of the run (the sampler's `StepSpec::reuse_ahead` says how many follow), and each step
@@ -151,8 +151,12 @@ pub struct CudaOptions {
     /// read of the cache per two reuse steps instead of two. The same maths; the f32 sums are
     /// associated differently (relative differences ~1e-7 before the final LayerNorm). Needs
     /// the fused reuse forward, and with graphs the whole-step graph (not the side stream);
-    /// elsewhere it is not used. k sums of rows x T x D f32 (and, without precomputed tables,
-    /// k gate tables) of device memory. Off by default: not yet run on a GPU.
+    /// elsewhere it is not used. A step alone in its run reads the cache as without
+    /// ([`SumAction::Cache`]: a sum for one step costs more), so k = 1 is the same as off.
+    /// k sums of rows x T x D f32 (and, without precomputed tables, k gate tables) of device
+    /// memory. On by default since session 18 (H200): at N = 3 a reuse step's mean over its
+    /// run of two went from 0.0389 to 0.0302 ms at 2 rows and from 2.51 to 1.78 ms at 256,
+    /// and one image's 250 steps from 133.0 to 131.5 ms (N = 3 speedup 2.83x to 2.86x).
     pub reuse_sum: usize,
     /// A step's sampler update applies the model's final Linear itself: one
     /// `final_sampler_step` launch (mma.sync, the model output kept in shared memory) instead
@@ -193,7 +197,7 @@ impl Default for CudaOptions {
             lt_splitk: false,
             l2_persist: false,
             pdl: false,
-            reuse_sum: 0,
+            reuse_sum: 2,
             final_sampler: false,
             tma_tiles: super::gemm::TmaOverrides::default(),
         }
@@ -397,9 +401,14 @@ pub enum SumAction {
     Ready(usize),
     /// Sum the cache now for steps k..k+count (slots 0..count); its own is slot 0.
     Compute {
-        /// Steps of the run the pass sums for (1..=4).
+        /// Steps of the run the pass sums for (2..=4).
         count: usize,
     },
+    /// No sum: the step reads the cache as without sums. A step left alone in its run (or
+    /// with one slot) would sum for itself only: a pass over the cache writing the sum, then
+    /// one reading it, where reading the cache once does (H200, session 18: 35 + 7 against
+    /// 24.5 us at 2 rows, 2517 + 388 against 2164 us at 256).
+    Cache,
 }
 
 /// The bookkeeping of [`CudaOptions::reuse_sum`] for reuse step `k` of `steps`, `reuse_ahead`
@@ -414,11 +423,9 @@ pub fn sum_action(
 ) -> SumAction {
     match ready {
         Some((first, count)) if (first..first + count).contains(&k) => SumAction::Ready(k - first),
-        _ => SumAction::Compute {
-            count: (reuse_ahead + 1)
-                .min(slots)
-                .min(steps.saturating_sub(k))
-                .max(1),
+        _ => match (reuse_ahead + 1).min(slots).min(steps.saturating_sub(k)) {
+            0 | 1 => SumAction::Cache,
+            count => SumAction::Compute { count },
         },
     }
 }
@@ -470,6 +477,17 @@ impl SideModulation {
 
 /// Which captured graph runs a step: `[compute, reuse]`, times two table parities when the
 /// next step's table is computed on a second stream.
+/// Index in [`CudaWorkspace`]'s whole-step graphs of a step of `mode`, reading a cache sum
+/// (`summed`) or not: computing, reuse from the cache, reuse from a sum (captured only with
+/// cache sums).
+fn step_graph_index(mode: StepMode, summed: bool) -> usize {
+    match (mode, summed) {
+        (StepMode::Compute, _) => 0,
+        (StepMode::Reuse, false) => 1,
+        (StepMode::Reuse, true) => 2,
+    }
+}
+
 fn graph_index(mode: StepMode, parity: usize) -> usize {
     2 * parity + (mode == StepMode::Reuse) as usize
 }
@@ -702,15 +720,18 @@ impl CudaBackend {
         let reuse_fns = super::fora::fused_reuse_kernels()
             .map(|name| Ok(self.gpu.function(name)?.cu_function()))
             .collect::<Result<Vec<_>>>()?;
-        let mut graphs = Vec::with_capacity(2);
-        for mode in [StepMode::Compute, StepMode::Reuse] {
+        // Computing, reuse from the cache, and with cache sums reuse from a sum (in the order
+        // of step_graph_index).
+        let mut kinds = vec![(StepMode::Compute, None), (StepMode::Reuse, None)];
+        if let Some(sums) = &ws.sums {
+            // Captured with sum 0; each reuse step from a sum re-points it.
+            kinds.push((StepMode::Reuse, Some(sums.sum(0))));
+        }
+        let mut graphs = Vec::with_capacity(kinds.len());
+        for (mode, reuse_sum) in kinds {
+            debug_assert_eq!(step_graph_index(mode, reuse_sum.is_some()), graphs.len());
             let step = placeholder(mode);
             let in_place = mode == StepMode::Reuse && reuse_in_place;
-            // Captured with sum 0; each reuse step re-points it.
-            let reuse_sum = match (&ws.sums, mode) {
-                (Some(sums), StepMode::Reuse) => Some(sums.sum(0)),
-                _ => None,
-            };
             let graph = self.capture(&format!("{mode:?} step"), || {
                 if in_place {
                     let kind = self.forward_kind(
@@ -897,8 +918,9 @@ impl CudaBackend {
     /// The cache sum of reuse step `step` ([`CudaOptions::reuse_sum`]): ready when an earlier
     /// step of its run computed it, else computed now, in one pass over the cache, for this
     /// step and up to `slots - 1` of the reuse steps after it (`step.reuse_ahead`). Returns
-    /// its device address.
-    fn prepare_sum(&self, ws: &mut CudaWorkspace, step: &StepSpec) -> Result<u64> {
+    /// its device address, or None where the step reads the cache instead
+    /// ([`SumAction::Cache`]: alone in its run).
+    fn prepare_sum(&self, ws: &mut CudaWorkspace, step: &StepSpec) -> Result<Option<u64>> {
         let CudaWorkspace {
             sums,
             acts,
@@ -912,8 +934,9 @@ impl CudaBackend {
             bail!("step {}: this workspace keeps no cache sums", step.k);
         };
         let count = match sum_action(sums.ready, step.k, step.reuse_ahead, sums.slots, *steps) {
-            SumAction::Ready(slot) => return Ok(sums.sum(slot)),
+            SumAction::Ready(slot) => return Ok(Some(sums.sum(slot))),
             SumAction::Compute { count } => count,
+            SumAction::Cache => return Ok(None),
         };
         let rows = acts.rows;
         let cols = ada_cols(self.model.config());
@@ -938,7 +961,7 @@ impl CudaBackend {
             sums.slab,
         )?;
         sums.ready = Some((step.k, count));
-        Ok(sums.sum(0))
+        Ok(Some(sums.sum(0)))
     }
 
     /// The buffers of [`ReuseSums`] for `rows` rows, `slots` sums; gate tables too when the
@@ -1075,7 +1098,7 @@ impl Backend for CudaBackend {
         let rows = plan.model_rows();
         let img = b * cfg.image_len();
         let mut acts = Activations::new(gpu, cfg, rows, true)?;
-        if self.options.l2_persist && self.options.reuse_sum == 0 {
+        if self.options.l2_persist && self.options.reuse_sum <= 1 {
             // Before any capture: the reuse launch records the window into its graph node.
             // (With cache sums only the sums pass reads the cache, once per run of steps.)
             acts.persist_cache_in_l2(gpu)?;
@@ -1147,8 +1170,9 @@ impl Backend for CudaBackend {
         let parities = if side.is_some() { 2 } else { 1 };
         let step_graph = self.options.graphs && self.options.step_graph && side.is_none();
         // Cache sums: a reuse step's sum moves from step to step, which the whole-step graph
-        // re-points and the per-forward graphs cannot.
-        let sums = if self.options.reuse_sum > 0
+        // re-points and the per-forward graphs cannot. One slot would serve no step
+        // (SumAction::Cache): none then.
+        let sums = if self.options.reuse_sum > 1
             && self.model.reuse_is_fused(self.options.fused_reuse)
             && (!self.options.graphs || step_graph)
         {
@@ -1233,7 +1257,7 @@ impl Backend for CudaBackend {
         // computing step changes the cache under any sums.
         let reuse_sum = match (step.mode, ws.sums.as_mut()) {
             (_, None) => None,
-            (StepMode::Reuse, Some(_)) => Some(self.prepare_sum(ws, step)?),
+            (StepMode::Reuse, Some(_)) => self.prepare_sum(ws, step)?,
             (StepMode::Compute, Some(sums)) => {
                 sums.ready = None;
                 None
@@ -1241,7 +1265,7 @@ impl Backend for CudaBackend {
         };
         if let Some(graphs) = &ws.step_graphs {
             // The whole step in one launch: re-point the copy and the update, then launch.
-            let g = &graphs[(step.mode == StepMode::Reuse) as usize];
+            let g = &graphs[step_graph_index(step.mode, reuse_sum.is_some())];
             let p = self.sampler_params(ws, step)?;
             super::sampler::update_plan(&p)?;
             // The graph updates are raw driver calls: make the context current on this thread
@@ -1395,18 +1419,21 @@ mod tests {
     #[test]
     fn every_reuse_step_reads_its_own_sum() {
         use crate::backend::StepMode::{Compute as C, Reuse as R};
-        for (modes, slots, passes) in [
-            (vec![C, R, R, C, R, R, C], 2, 2),
-            (vec![C, R, R, R, R, C, R, R, R, R], 4, 2),
-            (vec![C, R, R, R, R, C, R, R, R, R], 2, 4),
-            (vec![C, R, R, R, R, C, R, R, R, R], 3, 4),
-            (vec![C, R, R, R, R, C, R, R, R, R], 1, 8),
-            (vec![C, R, R, R, R], 4, 1),
+        // (schedule, slots, passes over the cache, steps reading the cache)
+        for (modes, slots, passes, from_cache) in [
+            (vec![C, R, R, C, R, R, C], 2, 2, 0),
+            (vec![C, R, R, R, R, C, R, R, R, R], 4, 2, 0),
+            (vec![C, R, R, R, R, C, R, R, R, R], 2, 4, 0),
+            (vec![C, R, R, R, R, C, R, R, R, R], 3, 2, 2),
+            (vec![C, R, R, R, R, C, R, R, R, R], 1, 0, 8),
+            (vec![C, R, R, R, R], 4, 1, 0),
+            (vec![C, R, C, R, C, R, R, R], 2, 1, 3),
         ] {
             let ahead = crate::sampler::reuse_runs(&modes);
             let steps = modes.len();
             let mut ready = None;
             let mut computed = 0;
+            let mut cached = 0;
             // slot -> the step whose sum it holds
             let mut owner = vec![None; slots];
             for (k, &mode) in modes.iter().enumerate() {
@@ -1416,8 +1443,14 @@ mod tests {
                 }
                 let slot = match sum_action(ready, k, ahead[k], slots, steps) {
                     SumAction::Ready(slot) => slot,
+                    SumAction::Cache => {
+                        // Only a step that would sum for itself alone reads the cache.
+                        assert!(ahead[k] == 0 || slots == 1, "{modes:?}: step {k}");
+                        cached += 1;
+                        continue;
+                    }
                     SumAction::Compute { count } => {
-                        assert!((1..=slots).contains(&count) && k + count <= steps);
+                        assert!((2..=slots).contains(&count) && k + count <= steps);
                         computed += 1;
                         for (j, o) in owner.iter_mut().enumerate() {
                             *o = (j < count).then_some(k + j);
@@ -1429,19 +1462,19 @@ mod tests {
                 assert_eq!(owner[slot], Some(k), "{modes:?} slots={slots}: step {k}");
             }
             assert_eq!(
-                computed, passes,
-                "{modes:?} slots={slots}: passes over the cache"
+                (computed, cached),
+                (passes, from_cache),
+                "{modes:?} slots={slots}: passes over the cache, steps reading it"
             );
         }
     }
 
-    /// Without lookahead every reuse step sums for itself; a stale range never serves.
+    /// Without lookahead every reuse step reads the cache; a stale range never serves.
     #[test]
     fn unknown_runs_and_stale_ranges() {
-        assert_eq!(
-            sum_action(None, 5, 0, 4, 10),
-            SumAction::Compute { count: 1 }
-        );
+        assert_eq!(sum_action(None, 5, 0, 4, 10), SumAction::Cache);
+        // The last step of the schedule, whatever its lookahead says.
+        assert_eq!(sum_action(None, 9, 3, 4, 10), SumAction::Cache);
         assert_eq!(
             sum_action(Some((1, 2)), 5, 3, 4, 10),
             SumAction::Compute { count: 4 }

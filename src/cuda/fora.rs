@@ -294,7 +294,8 @@ pub enum ReuseTokens {
     /// Two tokens a thread, two layers in flight (`fora_reuse_final_t2`). Not picked; measured
     /// by `fora bench`.
     Two,
-    /// Four tokens a thread, one layer in flight (`fora_reuse_final_t4`).
+    /// Four tokens a thread, one layer in flight (`fora_reuse_final_t4`); what
+    /// [`ReuseTokens::pick`] took for many rows until session 18.
     Four,
     /// [`ReuseTokens::One`] asking L2 for four more layers ahead (`fora_reuse_final_p4`): more
     /// DRAM reads in flight at few rows without more registers. Not picked; measured by
@@ -304,8 +305,10 @@ pub enum ReuseTokens {
     /// Not picked; measured by `fora bench` (not yet run on a GPU).
     FourPrefetch,
     /// Four tokens a thread, loads through a ring of three layers in shared memory, two in
-    /// flight by cp.async (`fora_reuse_final_t4_r3`, 96 KiB dynamic shared memory). Not
-    /// picked; measured by `fora bench` (session 8, not yet run on a GPU).
+    /// flight by cp.async (`fora_reuse_final_t4_r3`, 96 KiB dynamic shared memory): what
+    /// [`ReuseTokens::pick`] takes for many rows. On an H200 (session 18) 2164 us at 256 rows
+    /// against 2307 for [`ReuseTokens::Four`] (4.0 against 3.8 TB/s); at 2 rows 36.7 us
+    /// against [`ReuseTokens::One`]'s 24.5.
     FourRing,
     /// One token a thread, a ring of four layers, three in flight (`fora_reuse_final_r4`,
     /// 32 KiB). Not picked; measured by `fora bench` (not yet run on a GPU).
@@ -373,12 +376,14 @@ impl ReuseTokens {
         self.spec().0
     }
 
-    /// Four tokens a thread once that still leaves 8 groups of threads per SM (from 32 rows
-    /// of 256 tokens on an H100); fewer rows keep one, for enough loads in flight.
+    /// Four tokens a thread, loads through the shared-memory ring ([`ReuseTokens::FourRing`],
+    /// the fastest on an H200 at 256 rows), once that still leaves 8 groups of threads per SM
+    /// (from 32 rows of 256 tokens on an H100); fewer rows keep one a thread, for enough loads
+    /// in flight.
     pub fn pick(p: &ForaReuseFinalParams, multiprocessors: usize) -> ReuseTokens {
         let tokens = (p.height / p.patch.max(1)) as i64 * (p.width / p.patch.max(1)) as i64;
         if p.rows as i64 * tokens / 4 >= 8 * multiprocessors as i64 {
-            ReuseTokens::Four
+            ReuseTokens::FourRing
         } else {
             ReuseTokens::One
         }
@@ -434,10 +439,7 @@ pub fn fora_sum_final(gpu: &impl KernelLauncher, p: &ForaReuseFinalParams) -> Re
 /// Tokens a thread [`fora_sum_final`] takes for `p` on `multiprocessors` SMs: four where
 /// [`ReuseTokens::pick`] takes four for the cache kernel, else one.
 pub fn sum_final_tokens(p: &ForaReuseFinalParams, multiprocessors: usize) -> i32 {
-    match ReuseTokens::pick(p, multiprocessors) {
-        ReuseTokens::Four => 4,
-        _ => 1,
-    }
+    ReuseTokens::pick(p, multiprocessors).tokens()
 }
 
 /// The `fora_sum_final` kernels: one and four tokens a thread.

@@ -192,12 +192,18 @@ impl StepGraph {
                 };
                 arg.modulation = src;
             }
-            if let Some(sum) = sum {
-                ensure!(
-                    captured.sum != 0,
-                    "step graph: a cache sum for a reuse kernel that reads the cache"
-                );
-                arg.sum = sum;
+            match sum {
+                Some(sum) => {
+                    ensure!(
+                        captured.sum != 0,
+                        "step graph: a cache sum for a reuse kernel that reads the cache"
+                    );
+                    arg.sum = sum;
+                }
+                None => ensure!(
+                    captured.sum == 0,
+                    "step graph: no cache sum for a reuse kernel that reads one"
+                ),
             }
             // SAFETY: the node's kernel takes one ForaReuseFinalParams by value: the captured
             // one with only the table (to the step's table of the captured size) and the sum
