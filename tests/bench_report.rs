@@ -316,6 +316,8 @@ fn fake_report() -> Report {
             reuse_gates_only: false,
             step_graph: false,
             reuse_sum: 2,
+            reuse_table_in_place: false,
+            final_sampler: false,
             ..CudaOptions::default()
         },
         attention: "v1".into(),

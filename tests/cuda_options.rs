@@ -79,6 +79,8 @@ fn options_from_the_environment() {
         "FORA_BF16_RESIDUAL",
         "FORA_REUSE_GATES_ONLY",
         "FORA_STEP_GRAPH",
+        "FORA_REUSE_TABLE_IN_PLACE",
+        "FORA_FINAL_SAMPLER",
     ];
     for var in SWITCHES {
         assert_eq!(

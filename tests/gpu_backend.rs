@@ -705,6 +705,8 @@ fn gpu_side_stream_modulation_is_exact() {
                     precompute_modulation: false,
                     lt_autotune: false,
                     side_stream,
+                    // The side stream runs the per-forward graphs, which keep no cache sums.
+                    reuse_sum: 0,
                     ..base
                 });
                 sample_latents(&cuda, &options, &classes, 5, 3)

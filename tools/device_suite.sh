@@ -22,11 +22,11 @@
 #   racecheck  racecheck over the kernel tests, our kernels only (RACECHECK_RUNS overrides);
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
-#              "default no_reuse_sum reuse_sum_in_place final_sampler new_steps attention_deep
-#              attention_split f32_product attention_tma reuse_in_place side_stream pdl tma
-#              tma_mc"; "all"
+#              "default s17_steps no_reuse_sum no_final_sampler attention_deep attention_split
+#              f32_product attention_tma copy_table side_stream pdl tma tma_mc"; s17_steps: the
+#              reuse-step defaults before session 18; "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
-#              l2_persist, reuse_sum, tma_pdl, tma_mc_pdl, attention_v1, attention_v2, attention_wgmma,
+#              l2_persist, tma_pdl, tma_mc_pdl, attention_v1, attention_v2, attention_wgmma,
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
 #              VARIANT_ARGS / VARIANT_S change what each runs);
 #   bench      `fora bench` (FORA_BENCH_ARGS overrides its arguments);
@@ -35,7 +35,8 @@
 #              N = 1..5, PyTorch eager / graph / torch.compile (ISSUE5_TORCH_MODES: e.g.
 #              "eager,graph" where an earlier call timed torch.compile), and the merged report +
 #              plot;
-#   issue5_more  FORA_REUSE_SUM=2 steps and end to end, and the Hopper GEMM rows (TMA tiles,
+#   issue5_more  FORA_REUSE_SUM=0 steps and end to end (the cache sums' default since session
+#              18, here off), and the Hopper GEMM rows (TMA tiles,
 #              multicast included) with the L2 rooflines;
 #   tma_tuned  `tma_mc` steps with FORA_TMA_TILES set to the fastest forced tile of each GEMM
 #              (tools/tma_tiles.py over an earlier phase's Hopper GEMM rows), as variant
@@ -61,7 +62,7 @@ PHASES=${PHASES:-tests bench torch variants memcheck}
 # one call beside the other phases).
 SANITIZE_FULL=${SANITIZE_FULL:-0}
 # The variants whose default is still to decide (VARIANTS=all: every one).
-VARIANTS=${VARIANTS:-default no_reuse_sum reuse_sum_in_place final_sampler new_steps attention_deep attention_split f32_product attention_tma reuse_in_place side_stream pdl tma tma_mc}
+VARIANTS=${VARIANTS:-default s17_steps no_reuse_sum no_final_sampler attention_deep attention_split f32_product attention_tma copy_table side_stream pdl tma tma_mc}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -213,14 +214,15 @@ phase_issue5() {
 }
 
 # The rest of issue 5's measurements, short, for a call of its own (e.g. after `tests`) so that
-# torch.compile in `issue5` keeps its budget: the opt-in cache sums (FORA_REUSE_SUM=2, session
-# 9), steps and one image end to end, and the TMA tiles (the cluster-multicast ones, session 10)
-# against cuBLASLt and their L2 rooflines. The sums' targets table needs issue5_torch.json: here
-# when `issue5` ran in the same call, else merge on the host afterwards with
+# torch.compile in `issue5` keeps its budget: steps and one image end to end with the reuse-step
+# defaults before session 18 (no cache sums, final GEMM, table copy), and the TMA tiles (the
+# cluster-multicast ones, session 10) against cuBLASLt and their L2 rooflines. Their targets
+# table needs issue5_torch.json: here when `issue5` ran in the same call, else merge on the
+# host afterwards with
 #   tools/bench_report.py --ours issue5_fora_sum.json --torch issue5_torch.json --gemm cublaslt
 phase_issue5_more() {
-  echo "=== issue 5: FORA_REUSE_SUM=2, rows 2,256, N = 1,3,5"
-  FORA_REUSE_SUM=2 bounded 60 .devpack/bin/fora bench --sections steps,e2e --batches 2,256 --gemm cublaslt \
+  echo "=== issue 5: FORA_REUSE_SUM=0 FORA_FINAL_SAMPLER=0 FORA_REUSE_TABLE_IN_PLACE=0, rows 2,256, N = 1,3,5"
+  FORA_REUSE_SUM=0 FORA_FINAL_SAMPLER=0 FORA_REUSE_TABLE_IN_PLACE=0 bounded 60 .devpack/bin/fora bench --sections steps,e2e --batches 2,256 --gemm cublaslt \
     --intervals 1,3,5 --e2e-reps 1 --json "$OUT/issue5_fora_sum.json" > "$OUT/issue5_fora_sum.log" 2>&1
   grep -E "^\| cublaslt \| (2|256) \||reuse steps from cache sums|^\| cublaslt \| [135] \| 250 \|" "$OUT/issue5_fora_sum.log" | head -n 8
   if [ -f "$OUT/issue5_torch.json" ]; then
@@ -361,11 +363,9 @@ phase_variants() {
   for v in "default:cublaslt:" "unfused:cublaslt:FORA_FUSED_REUSE=0 FORA_FUSED_LN=0 FORA_LT_BIAS_BF16=0" \
            "f32_bias:cublaslt:FORA_LT_BIAS_BF16=0" "f32_product:cublaslt:FORA_BF16_RESIDUAL=0" \
            "full_table:cublaslt:FORA_REUSE_GATES_ONLY=0" "forward_graph:cublaslt:FORA_STEP_GRAPH=0" \
-           "reuse_in_place:cublaslt:FORA_REUSE_TABLE_IN_PLACE=1" "reuse_sum:cublaslt:FORA_REUSE_SUM=2" \
-           "no_reuse_sum:cublaslt:FORA_REUSE_SUM=0" \
-           "reuse_sum_in_place:cublaslt:FORA_REUSE_SUM=2 FORA_REUSE_TABLE_IN_PLACE=1" \
-           "final_sampler:cublaslt:FORA_FINAL_SAMPLER=1" \
-           "new_steps:cublaslt:FORA_FINAL_SAMPLER=1 FORA_REUSE_SUM=2 FORA_REUSE_TABLE_IN_PLACE=1" \
+           "copy_table:cublaslt:FORA_REUSE_TABLE_IN_PLACE=0" "no_reuse_sum:cublaslt:FORA_REUSE_SUM=0" \
+           "no_final_sampler:cublaslt:FORA_FINAL_SAMPLER=0" \
+           "s17_steps:cublaslt:FORA_FINAL_SAMPLER=0 FORA_REUSE_SUM=0 FORA_REUSE_TABLE_IN_PLACE=0" \
            "fused_final:cublaslt:FORA_FUSED_FINAL=1" "attention_v1:cublaslt:FORA_ATTENTION=v1" \
            "lt_splitk:cublaslt:FORA_LT_SPLITK=1 FORA_BF16_RESIDUAL=0" "l2_persist:cublaslt:FORA_L2_PERSIST=1 FORA_REUSE_SUM=0" \
            "pdl:cublaslt:FORA_PDL=1" "tma_pdl:tma:FORA_PDL=1" "tma_mc_pdl:tma_mc:FORA_PDL=1" \
