@@ -340,7 +340,13 @@ phase_kernelprof() {
     case $k in gemm_tma_mc*|gemm_tma_c4x*) gemm=tma_mc ;; gemm_tma*) gemm=tma ;; *) gemm=cublaslt ;; esac
     # PROF_SOURCE=1 also keeps the report and prints its per-SASS-instruction page (warp stall
     # samples per instruction) as ncu_<kernel>_sass.csv: where a kernel waits, not only why.
-    FORA_ATTENTION=$attention FORA_CUDA_GRAPHS=0 bounded 90 ncu --kernel-name "$k" --launch-skip 2 --launch-count 1 --set full \
+    # Only launches inside a computing step's NVTX range (PROF_NVTX; empty: any launch): the
+    # workspace's setup runs the same kernels at other shapes (session 18's first try profiled
+    # the timestep MLP of the table precompute, K = 256, instead of a block GEMM).
+    local nvtx=()
+    [ -n "${PROF_NVTX-regex:step [0-9]+ full/}" ] && nvtx=(--nvtx --nvtx-include "${PROF_NVTX-regex:step [0-9]+ full/}")
+    FORA_ATTENTION=$attention FORA_CUDA_GRAPHS=0 bounded 90 ncu --kernel-name "$k" "${nvtx[@]}" \
+      --launch-skip "${PROF_SKIP:-2}" --launch-count 1 --set full \
       ${PROF_SOURCE:+--import-source yes -o "$OUT/ncu_$k" -f} \
       .devpack/bin/fora bench --sections steps --batches "${PROF_ROWS:-256}" --runs 1 --warmup 1 \
       --gemm "$gemm" > "$OUT/ncu_$k.txt" 2>&1
