@@ -408,7 +408,8 @@ pub(super) fn bench_kernels(
     let selected = report.options.attention.resolve(gpu.compute_capability().0);
     let attention_row = bench_attention(gpu, cfg, rows, timer, rotate, selected, true);
     push_kernel(report, "attention", rows, attention_row);
-    // FORA_BENCH_UNTRIED=0 leaves out the kernels not yet run on a GPU (last below), as
+    // FORA_BENCH_UNTRIED=0 leaves out the newest kernels (last below; first run on a GPU in
+    // session 18), as
     // FORA_BENCH_HOPPER_GEMMS=0 does the Hopper GEMMs: a fault would poison every later row.
     let untried = std::env::var("FORA_BENCH_UNTRIED").map_or(true, |v| v.trim() != "0");
     let other_attention = |imp: AttentionImpl| {
@@ -449,8 +450,9 @@ pub(super) fn bench_kernels(
         push_kernel(report, "residual_ln", rows, residual_ln_row);
     }
     if untried {
-        // The kernels not yet run on a GPU, last: FORA_REUSE_SUM's (session 9), the deep and
-        // split (session 12) and TMA (session 8) attention, final_sampler_step (session 12).
+        // The newest kernels, last (first run on a GPU in session 18): FORA_REUSE_SUM's
+        // (session 9), the deep and split (session 12) and TMA (session 8) attention,
+        // final_sampler_step (session 12).
         for tokens in [1, 4] {
             let source = FusedSource::Sum(tokens);
             let sum_final_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, source);
@@ -593,7 +595,7 @@ fn bench_gemm_rows(
                 Box::new(move |i| g.run(gpu, &params[i % n])),
             ));
         }
-        // The kernels never run on a GPU last (stable: the others keep their order), so that a
+        // The newest kernels last (stable: the others keep their order), so that a
         // fault, which poisons the context for every later launch, costs only their rows.
         variants.sort_by_key(|(imp, _)| never_run_gemm(imp));
         for (imp, runner) in variants {
@@ -623,8 +625,8 @@ fn bench_gemm_rows(
     }
 }
 
-/// The GEMM rows of kernels never run on a GPU (the cluster-multicast TMA tiles, sessions 10
-/// and 17).
+/// The GEMM rows of the newest kernels (the cluster-multicast TMA tiles, sessions 10 and 17;
+/// first run on a GPU in session 18).
 fn never_run_gemm(imp: &str) -> bool {
     imp == "tma_mc" || imp.starts_with("tma-mc") || imp.starts_with("tma-c4x")
 }

@@ -57,19 +57,20 @@ pub enum AttentionImpl {
     /// Hopper only: a persistent grid, one CTA an SM, each a TMA producer warpgroup and two
     /// wgmma consumer warpgroups (64 query rows each) over (batch, head, 128-query) units, K/V
     /// tiles of 128 keys through a two-slot ring, so loads of the next unit overlap this one's
-    /// math. Opt-in: not yet run on a GPU (emulator-checked only).
+    /// math. Opt-in: on an H200 (session 18) 239-240 us at 256 rows alone (1.19x
+    /// [`AttentionImpl::WgmmaMn`]), yet the 256-row step with it was unchanged.
     Tma,
     /// [`AttentionImpl::WgmmaMn`] whose 64-row blocks (small grids: one image + CFG) keep four
     /// K/V tiles in flight instead of one (`attention_wgmma_mn_deep_m64_d*`, one block an SM):
     /// at one block an SM nothing hides a tile's load latency, and 256 keys are four tiles in
-    /// a row. Larger grids run WgmmaMn's 128-row blocks. Opt-in: not yet run on a GPU
-    /// (emulator-checked only).
+    /// a row. Larger grids run WgmmaMn's 128-row blocks. Opt-in: on an H200 (session 18)
+    /// 6.6-6.7 us at 2 rows against 7.0-7.1, the 2-row step within 1%.
     WgmmaMnDeep,
     /// [`AttentionImpl::WgmmaMn`] whose 64-row blocks (small grids) are two warpgroups that
     /// split the key tiles between them, each with its own online softmax, merged at the end
     /// (`attention_wgmma_mn_split_m64_d*`, 256 threads, six K/V stages, one block an SM): half
     /// the chain of key tiles a block waits for. Larger grids run WgmmaMn's 128-row blocks.
-    /// Opt-in: not yet run on a GPU (emulator-checked only).
+    /// Opt-in: on an H200 (session 18) 6.9-7.0 us at 2 rows against 7.0-7.1.
     WgmmaMnSplit,
 }
 

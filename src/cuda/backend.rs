@@ -134,8 +134,9 @@ pub struct CudaOptions {
     /// the fused reuse launch carries an access-policy window over the cache
     /// (`FORA_L2_PERSIST=1`: on). Changes the context's persisting-L2 set-aside while a
     /// workspace lives (restored when it drops). Only without cache sums (`FORA_REUSE_SUM=0`,
-    /// since session 18 not the default), whose steps do not read the cache. Off by default: on an H200 (session 7) the 2-row reuse step went from
-    /// 0.0526 to 0.0487 ms but the computing step from 1.505 to 2.146 ms (L2 set aside).
+    /// since session 18 not the default), whose steps do not read the cache. Off by default:
+    /// on an H200 (session 7) the 2-row reuse step went from 0.0526 to 0.0487 ms but the
+    /// computing step from 1.505 to 2.146 ms (L2 set aside).
     pub l2_persist: bool,
     /// Launch our kernels with programmatic stream serialization (`FORA_PDL=1`: on; compute
     /// capability 9.0 and later, ignored before): each starts launching while the kernel before
@@ -145,10 +146,11 @@ pub struct CudaOptions {
     /// 1.505, reuse step 0.0518 against 0.0526; the same bits, `gpu_pdl_is_exact`).
     pub pdl: bool,
     /// Sums the FORA cache once for a whole run of reuse steps (`FORA_REUSE_SUM=k`, k = 1..=4;
-    /// 0: off; default 2). A reuse step's residual updates are linear in the cache (x = embedding + sum
-    /// over layers of gate * cached output, the gates the step's own), so the run's first
-    /// reuse step reads the cache once (`fora_cache_sum`) and writes the sums of up to k steps
-    /// of the run (the sampler's `StepSpec::reuse_ahead` says how many follow), and each step
+    /// 0: off; default 2). A reuse step's residual updates are linear in the cache (x =
+    /// embedding + sum over layers of gate * cached output, the gates the step's own), so the
+    /// run's first reuse step reads the cache once (`fora_cache_sum`) and writes the sums of
+    /// up to k steps of the run (the sampler's `StepSpec::reuse_ahead` says how many follow),
+    /// and each step
     /// then reads its f32 sum (`fora_sum_final`) instead of the whole cache: at N = 3, one
     /// read of the cache per two reuse steps instead of two. The same maths; the f32 sums are
     /// associated differently (relative differences ~1e-7 before the final LayerNorm). Needs
@@ -156,9 +158,10 @@ pub struct CudaOptions {
     /// elsewhere it is not used. A step alone in its run reads the cache as without
     /// ([`SumAction::Cache`]: a sum for one step costs more), so k = 1 is the same as off.
     /// k sums of rows x T x D f32 (and, without precomputed tables, k gate tables) of device
-    /// memory. On by default since session 18 (H200): at N = 3 a reuse step's mean over its
-    /// run of two went from 0.0389 to 0.0302 ms at 2 rows and from 2.51 to 1.78 ms at 256,
-    /// and one image's 250 steps from 133.0 to 131.5 ms (N = 3 speedup 2.83x to 2.86x).
+    /// memory. On by default since session 18 (H200): a reuse step's mean over a run of two
+    /// 0.0366 ms against 0.0389 at 2 rows (0.0302 with `final_sampler` and the table in place
+    /// as well) and 1.81 against 2.40 ms at 256; one image's 250 steps at N = 3 131.5 against
+    /// 133.0 ms with all three (speedup 2.86x against 2.83x).
     pub reuse_sum: usize,
     /// A step's sampler update applies the model's final Linear itself: one
     /// `final_sampler_step` launch (mma.sync, the model output kept in shared memory) instead
