@@ -58,7 +58,8 @@ pub enum AttentionImpl {
     /// wgmma consumer warpgroups (64 query rows each) over (batch, head, 128-query) units, K/V
     /// tiles of 128 keys through a two-slot ring, so loads of the next unit overlap this one's
     /// math. Opt-in: on an H200 (session 18) 239-240 us at 256 rows alone (1.19x
-    /// [`AttentionImpl::WgmmaMn`]), yet the 256-row step with it was unchanged.
+    /// [`AttentionImpl::WgmmaMn`]); its ~1% of the 256-row step is within the drift between
+    /// the processes that measured it.
     Tma,
     /// [`AttentionImpl::WgmmaMn`] whose 64-row blocks (small grids: one image + CFG) keep four
     /// K/V tiles in flight instead of one (`attention_wgmma_mn_deep_m64_d*`, one block an SM):
