@@ -1285,3 +1285,62 @@ fn python_variants_report_compares_paths() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// tools/variants_report.py with VARIANT_ROUNDS: each round's path against its own round's
+/// default, and a change counted only where it holds in every round.
+#[test]
+fn python_variants_report_needs_every_round() {
+    if !python_has("json") {
+        println!("SKIP python_variants_report_needs_every_round: no python3");
+        return;
+    }
+    let dir = tmp_dir("variant_rounds");
+    let scaled = |factor: f64| {
+        let mut r = fake_report();
+        for s in &mut r.steps {
+            if let Some(st) = s.stats.as_mut() {
+                *st = Stats::from_samples(&[st.median_ms * factor]).unwrap();
+            }
+        }
+        r.errors.clear();
+        r
+    };
+    // Round 2's process runs 10% slower throughout (drift), its default included.
+    for (name, factor) in [
+        ("default", 1.0),
+        ("default_r2", 1.1),
+        // 5% faster than its round's default in both rounds.
+        ("pdl", 1.0 / 1.05),
+        ("pdl_r2", 1.1 / 1.05),
+        // 5% faster in round 1 only: the same time as round 2's default there.
+        ("side_stream", 1.0 / 1.05),
+        ("side_stream_r2", 1.1),
+    ] {
+        scaled(factor)
+            .write_json(&dir.join(format!("variant_{name}.json")))
+            .unwrap();
+    }
+    let stdout = run_ok(
+        Command::new("python3")
+            .arg(root().join("tools/variants_report.py"))
+            .arg(&dir),
+    );
+    // The round-2 rows compare with default_r2: 1.05x, not 1.05 / 1.1.
+    assert!(stdout.contains("| `pdl_r2` | 1.257 | 1.05x |"), "{stdout}");
+    assert!(stdout.contains("| `default_r2` | 1.320 | — |"), "{stdout}");
+    assert!(
+        stdout.contains("in every round, each against its own round's default"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("- `pdl` (2 rounds): faster in full 2 rows (1.05x)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("- `side_stream` (2 rounds): faster in nothing; slower in nothing"),
+        "{stdout}"
+    );
+    // No verdict of its own for a later round.
+    assert!(!stdout.contains("- `pdl_r2`:"), "{stdout}");
+    std::fs::remove_dir_all(&dir).ok();
+}

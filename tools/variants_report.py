@@ -4,7 +4,10 @@ phase writes one `fora bench --json` file per path, `variant_<name>.json`): per 
 and reuse step times at each row count, TFLOP/s of the full step, kernels per step, the host's
 issue time of a step, and one image end to end at N = 1 and 3 with the realized speedup. Each
 ratio column compares with the path named `default` measured in the same run, and a verdict
-per path says where it is faster or slower than the default and whether to adopt it.
+per path says where it is faster or slower than the default and whether to adopt it. With
+several rounds (`VARIANT_ROUNDS`: `<name>_r2` etc.), each round's path is compared with that
+round's `default_r<n>`, and a verdict counts only what holds in every round (separate processes
+drift ~1%).
 
     python3 tools/variants_report.py OUT_DIR [--md variants.md]
 
@@ -14,6 +17,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 
 DASH = "—"
@@ -48,24 +52,63 @@ def e2e(d, interval):
 FASTER, SLOWER = 1.02, 0.99  # speedup against the default that counts as a change
 
 
-def verdicts(runs, names, rows, base):
+def split_round(name):
+    """(path, round) of a variant name: `<path>_r<n>` is round n, anything else round 1."""
+    m = re.fullmatch(r"(.+)_r([0-9]+)", name)
+    return (m.group(1), int(m.group(2))) if m else (name, 1)
+
+
+def default_of(runs, name):
+    """The `default` run of `name`'s round (round 1's where that round has none)."""
+    _, r = split_round(name)
+    return runs.get("default" if r == 1 else f"default_r{r}") or runs.get("default")
+
+
+def ratios(d, base, rows):
+    """(what, default time / this time) over the step times and one image at N = 3."""
+    pairs = [(f"{kind} {r} rows", step(d, r, kind), step(base, r, kind))
+             for r in rows for kind in ("full", "reuse")]
+    out = [(what, b["median_ms"] / s["median_ms"]) for what, s, b in pairs
+           if s and b and s["median_ms"]]
+    e3, b3 = e2e(d, 3), e2e(base, 3)
+    if e3 and b3 and e3["loop_ms"]:
+        out.append(("one image N=3", b3["loop_ms"] / e3["loop_ms"]))
+    return out
+
+
+def span(rs):
+    lo, hi = min(rs), max(rs)
+    return f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}x"
+
+
+def verdicts(runs, names, rows):
     """Per path, where it is faster (>= 2% less time) or slower (>= 1% more) than the default
-    in the same run, over the step times and one image at N = 3, and what that suggests."""
-    lines = [f"Verdicts against `default` (faster: at least {round((FASTER - 1) * 100)}% less time; "
-             f"slower: at least {round((1 - SLOWER) * 100)}% more):"]
+    of its round, in every round it ran, over the step times and one image at N = 3, and what
+    that suggests."""
+    paths = {}
     for n in names:
-        if n == "default":
+        p, r = split_round(n)
+        paths.setdefault(p, {})[r] = n
+    several = any(len(rs) > 1 for rs in paths.values())
+    lines = [f"Verdicts against `default` (faster: at least {round((FASTER - 1) * 100)}% less time; "
+             f"slower: at least {round((1 - SLOWER) * 100)}% more"
+             + ("; in every round, each against its own round's default" if several else "") + "):"]
+    for p, by_round in paths.items():
+        if p == "default":
             continue
-        d = runs[n]
-        pairs = [(f"{kind} {r} rows", step(d, r, kind), step(base, r, kind))
-                 for r in rows for kind in ("full", "reuse")]
-        pairs = [(what, s["median_ms"], b["median_ms"]) for what, s, b in pairs if s and b and s["median_ms"]]
-        e3, b3 = e2e(d, 3), e2e(base, 3)
-        if e3 and b3 and e3["loop_ms"]:
-            pairs.append(("one image N=3", e3["loop_ms"], b3["loop_ms"]))
-        faster = [f"{what} ({b / ms:.2f}x)" for what, ms, b in pairs if b / ms >= FASTER]
-        slower = [f"{what} ({b / ms:.2f}x)" for what, ms, b in pairs if b / ms <= SLOWER]
-        errors = len(d.get("errors", []))
+        per_what, errors = {}, 0
+        for r in sorted(by_round):
+            n = by_round[r]
+            errors += len(runs[n].get("errors", []))
+            base = default_of(runs, n)
+            if base is None:
+                continue
+            for what, ratio in ratios(runs[n], base, rows):
+                per_what.setdefault(what, []).append(ratio)
+        pairs = list(per_what.items())
+        faster = [f"{what} ({span(rs)})" for what, rs in pairs if min(rs) >= FASTER]
+        slower = [f"{what} ({span(rs)})" for what, rs in pairs if max(rs) <= SLOWER]
+        rounds = f" ({len(by_round)} rounds)" if len(by_round) > 1 else ""
         if errors:
             verdict = f"{errors} error(s) in its run: check them before adopting it"
         elif not pairs:
@@ -76,7 +119,7 @@ def verdicts(runs, names, rows, base):
             verdict = "mixed: weigh the targets"
         else:
             verdict = "keep the default"
-        lines.append(f"- `{n}`: faster in {', '.join(faster) or 'nothing'}; "
+        lines.append(f"- `{p}`{rounds}: faster in {', '.join(faster) or 'nothing'}; "
                      f"slower in {', '.join(slower) or 'nothing'}: {verdict}")
     return "\n".join(lines)
 
@@ -93,10 +136,10 @@ def report(out_dir):
             runs[name] = d
     if not runs:
         return f"no variant_*.json under {out_dir}\n"
-    # The default first, the rest by name.
-    names = sorted(runs, key=lambda n: (n != "default", n))
+    # The defaults first (round by round), the rest by name and round.
+    names = sorted(runs, key=lambda n: (split_round(n)[0] != "default", split_round(n)[0],
+                                        split_round(n)[1]))
     rows = sorted({s["rows"] for d in runs.values() for s in d.get("steps", [])})
-    base = runs.get("default")
 
     head = ["path"]
     for r in rows:
@@ -108,6 +151,7 @@ def report(out_dir):
         d = runs[n]
         att = (d.get("settings") or {}).get("attention")
         cells = [f"`{n}`" + (f" (attention {att})" if att and att != "v1" else "")]
+        base = default_of(runs, n)
         for r in rows:
             for kind in ("full", "reuse"):
                 s = step(d, r, kind)
@@ -115,7 +159,7 @@ def report(out_dir):
                 ms = s["median_ms"] if s else None
                 cells.append(fmt(ms, 4 if kind == "reuse" else 3))
                 ratio = (b["median_ms"] / ms) if (s and b and ms) else None
-                cells.append(fmt(ratio, 2, "x") if n != "default" else DASH)
+                cells.append(fmt(ratio, 2, "x") if base is not d else DASH)
         big = step(d, rows[-1], "full") if rows else None
         cells.append(fmt(big.get("tflops") if big else None, 1))
         small_f = step(d, rows[0], "full") if rows else None
@@ -144,8 +188,8 @@ def report(out_dir):
               for n, r, s in summed if s]
     if summed:
         out.append("\nReuse steps from cache sums:\n" + "\n".join(summed))
-    if base is not None and len(names) > 1:
-        out.append("\n" + verdicts(runs, names, rows, base))
+    if "default" in runs and len(names) > 1:
+        out.append("\n" + verdicts(runs, names, rows))
     errors = [f"- `{n}`: {e.get('section')} / {e.get('what')}: {e.get('error')}"
               for n in names for e in runs[n].get("errors", [])]
     if errors:
