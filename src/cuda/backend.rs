@@ -150,9 +150,8 @@ pub struct CudaOptions {
     /// embedding + sum over layers of gate * cached output, the gates the step's own), so the
     /// run's first reuse step reads the cache once (`fora_cache_sum`) and writes the sums of
     /// up to k steps of the run (the sampler's `StepSpec::reuse_ahead` says how many follow),
-    /// and each step
-    /// then reads its f32 sum (`fora_sum_final`) instead of the whole cache: at N = 3, one
-    /// read of the cache per two reuse steps instead of two. The same maths; the f32 sums are
+    /// and each step then reads its f32 sum (`fora_sum_final`) instead of the whole cache: at
+    /// N = 3, one read of the cache per two reuse steps instead of two. The same maths; the f32 sums are
     /// associated differently (relative differences ~1e-7 before the final LayerNorm). Needs
     /// the fused reuse forward, and with graphs the whole-step graph (not the side stream);
     /// elsewhere it is not used. A step alone in its run reads the cache as without
@@ -370,7 +369,8 @@ pub struct CudaWorkspace {
     side: Option<SideModulation>,
     /// Captured forwards, indexed by [`graph_index`] (None: graphs disabled or step graphs).
     graphs: Option<Vec<CudaGraph>>,
-    /// Captured whole steps, computing then reuse (`step_graph`; None otherwise).
+    /// Captured whole steps, indexed by [`step_graph_index`]: computing, reuse from the cache,
+    /// and with cache sums reuse from a sum (`step_graph`; None otherwise).
     step_graphs: Option<Vec<StepGraph>>,
     /// True once a computing step has filled the FORA cache.
     cache_valid: bool,
@@ -483,8 +483,6 @@ impl SideModulation {
     }
 }
 
-/// Which captured graph runs a step: `[compute, reuse]`, times two table parities when the
-/// next step's table is computed on a second stream.
 /// Index in [`CudaWorkspace`]'s whole-step graphs of a step of `mode`, reading a cache sum
 /// (`summed`) or not: computing, reuse from the cache, reuse from a sum (captured only with
 /// cache sums).
@@ -496,6 +494,8 @@ fn step_graph_index(mode: StepMode, summed: bool) -> usize {
     }
 }
 
+/// Which captured graph runs a step: `[compute, reuse]`, times two table parities when the
+/// next step's table is computed on a second stream.
 fn graph_index(mode: StepMode, parity: usize) -> usize {
     2 * parity + (mode == StepMode::Reuse) as usize
 }
