@@ -62,6 +62,9 @@ PHASES=${PHASES:-tests bench torch variants memcheck}
 # one call beside the other phases).
 SANITIZE_FULL=${SANITIZE_FULL:-0}
 # The variants whose default is still to decide (VARIANTS=all: every one).
+# The reuse-step defaults before session 18 (no cache sums, the final GEMM, the table copied):
+# variant s17_steps and phase issue5_more.
+S17_STEPS_ENV="FORA_FINAL_SAMPLER=0 FORA_REUSE_SUM=0 FORA_REUSE_TABLE_IN_PLACE=0"
 VARIANTS=${VARIANTS:-default s17_steps no_reuse_sum no_final_sampler attention_deep attention_split f32_product attention_tma copy_table side_stream pdl tma tma_mc}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
@@ -219,16 +222,20 @@ phase_issue5() {
 # cluster-multicast ones, session 10) against cuBLASLt and their L2 rooflines. Their targets
 # table needs issue5_torch.json: here when `issue5` ran in the same call, else merge on the
 # host afterwards with
-#   tools/bench_report.py --ours issue5_fora_sum.json --torch issue5_torch.json --gemm cublaslt
+#   tools/bench_report.py --ours issue5_fora_s17.json --torch issue5_torch.json --gemm cublaslt
 phase_issue5_more() {
-  echo "=== issue 5: FORA_REUSE_SUM=0 FORA_FINAL_SAMPLER=0 FORA_REUSE_TABLE_IN_PLACE=0, rows 2,256, N = 1,3,5"
-  FORA_REUSE_SUM=0 FORA_FINAL_SAMPLER=0 FORA_REUSE_TABLE_IN_PLACE=0 bounded 60 .devpack/bin/fora bench --sections steps,e2e --batches 2,256 --gemm cublaslt \
-    --intervals 1,3,5 --e2e-reps 1 --json "$OUT/issue5_fora_sum.json" > "$OUT/issue5_fora_sum.log" 2>&1
-  grep -E "^\| cublaslt \| (2|256) \||reuse steps from cache sums|^\| cublaslt \| [135] \| 250 \|" "$OUT/issue5_fora_sum.log" | head -n 8
+  echo "=== issue 5: $S17_STEPS_ENV, rows 2,256, N = 1,3,5"
+  (
+    # shellcheck disable=SC2086 # several VAR=value words
+    export $S17_STEPS_ENV
+    bounded 60 .devpack/bin/fora bench --sections steps,e2e --batches 2,256 --gemm cublaslt \
+      --intervals 1,3,5 --e2e-reps 1 --json "$OUT/issue5_fora_s17.json" > "$OUT/issue5_fora_s17.log" 2>&1
+  )
+  grep -E "^\| cublaslt \| (2|256) \||reuse steps from cache sums|^\| cublaslt \| [135] \| 250 \|" "$OUT/issue5_fora_s17.log" | head -n 8
   if [ -f "$OUT/issue5_torch.json" ]; then
-    python3 tools/bench_report.py --ours "$OUT/issue5_fora_sum.json" --torch "$OUT/issue5_torch.json" \
-      --gemm cublaslt --md "$OUT/issue5_report_sum.md" > /dev/null 2>&1
-    sed -n '/^## Targets/,/^## Per step/p' "$OUT/issue5_report_sum.md"
+    python3 tools/bench_report.py --ours "$OUT/issue5_fora_s17.json" --torch "$OUT/issue5_torch.json" \
+      --gemm cublaslt --md "$OUT/issue5_report_s17.md" > /dev/null 2>&1
+    sed -n '/^## Targets/,/^## Per step/p' "$OUT/issue5_report_s17.md"
   fi
   # The TMA GEMM tiles (the cluster-multicast ones never run) against cuBLASLt, with the L2
   # read rate: whether the tiles are L2-bound.
@@ -343,8 +350,8 @@ phase_kernelprof() {
     # Only launches inside a computing step's NVTX range (PROF_NVTX; empty: any launch): the
     # workspace's setup runs the same kernels at other shapes (session 18's first try profiled
     # the timestep MLP of the table precompute, K = 256, instead of a block GEMM).
-    local nvtx=()
-    [ -n "${PROF_NVTX-regex:step [0-9]+ full/}" ] && nvtx=(--nvtx --nvtx-include "${PROF_NVTX-regex:step [0-9]+ full/}")
+    local filter=${PROF_NVTX-regex:step [0-9]+ full/} nvtx=()
+    [ -n "$filter" ] && nvtx=(--nvtx --nvtx-include "$filter")
     FORA_ATTENTION=$attention FORA_CUDA_GRAPHS=0 bounded 90 ncu --kernel-name "$k" "${nvtx[@]}" \
       --launch-skip "${PROF_SKIP:-2}" --launch-count 1 --set full \
       ${PROF_SOURCE:+--import-source yes -o "$OUT/ncu_$k" -f} \
@@ -374,7 +381,7 @@ phase_variants() {
            "full_table:cublaslt:FORA_REUSE_GATES_ONLY=0" "forward_graph:cublaslt:FORA_STEP_GRAPH=0" \
            "copy_table:cublaslt:FORA_REUSE_TABLE_IN_PLACE=0" "no_reuse_sum:cublaslt:FORA_REUSE_SUM=0" \
            "no_final_sampler:cublaslt:FORA_FINAL_SAMPLER=0" \
-           "s17_steps:cublaslt:FORA_FINAL_SAMPLER=0 FORA_REUSE_SUM=0 FORA_REUSE_TABLE_IN_PLACE=0" \
+           "s17_steps:cublaslt:$S17_STEPS_ENV" \
            "fused_final:cublaslt:FORA_FUSED_FINAL=1" "attention_v1:cublaslt:FORA_ATTENTION=v1" \
            "lt_splitk:cublaslt:FORA_LT_SPLITK=1 FORA_BF16_RESIDUAL=0" "l2_persist:cublaslt:FORA_L2_PERSIST=1 FORA_REUSE_SUM=0" \
            "pdl:cublaslt:FORA_PDL=1" "tma_pdl:tma:FORA_PDL=1" "tma_mc_pdl:tma_mc:FORA_PDL=1" \
@@ -386,27 +393,27 @@ phase_variants() {
            "wgmma:wgmma:" "tma:tma:" "tma_mc:tma_mc:")
   local round suffix
   for round in $(seq 1 "${VARIANT_ROUNDS:-1}"); do
-  suffix=""; [ "$round" -gt 1 ] && suffix="_r$round"
-  for v in "${all[@]}"; do
-    name=${v%%:*}; rest=${v#*:}; gemm=${rest%%:*}; envs=${rest#*:}
-    case " ${VARIANTS/all/$name} " in *" $name "*) ;; *) continue ;; esac
-    name=$name$suffix
-    echo "--- $name (--gemm $gemm ${envs})"
-    (
-      # shellcheck disable=SC2086 # several VAR=value words
-      [ -n "$envs" ] && export $envs
-      # shellcheck disable=SC2086 # VARIANT_ARGS is several words
-      bounded "${VARIANT_S:-60}" .devpack/bin/fora bench --sections "${VARIANT_SECTIONS:-steps,e2e}" \
-        --batches "${VARIANT_ROWS:-2,256}" --gemm "$gemm" --runs 10 --warmup 2 \
-        ${VARIANT_ARGS:---intervals 1,3 --e2e-reps 1} \
-        --json "$OUT/variant_$name.json" > "$OUT/variant_$name.log" 2>&1
-    )
-    grep -E "^\| (cublaslt|custom|wgmma|tma)[a-z_-]* \| (2|256) \|" "$OUT/variant_$name.log" | head -n 4
-    # End to end, one image: N = 1 and 3 (the realized speedup of each path).
-    grep -E "^\| (cublaslt|custom|wgmma|tma)[a-z_-]* \| [13] \| 250 \|" "$OUT/variant_$name.log" | head -n 2
-    grep -E "reuse steps from cache sums" "$OUT/variant_$name.log" | head -n 2
-    tail -n 1 "$OUT/variant_$name.log"
-  done
+    suffix=""; [ "$round" -gt 1 ] && suffix="_r$round"
+    for v in "${all[@]}"; do
+      name=${v%%:*}; rest=${v#*:}; gemm=${rest%%:*}; envs=${rest#*:}
+      case " ${VARIANTS/all/$name} " in *" $name "*) ;; *) continue ;; esac
+      name=$name$suffix
+      echo "--- $name (--gemm $gemm ${envs})"
+      (
+        # shellcheck disable=SC2086 # several VAR=value words
+        [ -n "$envs" ] && export $envs
+        # shellcheck disable=SC2086 # VARIANT_ARGS is several words
+        bounded "${VARIANT_S:-60}" .devpack/bin/fora bench --sections "${VARIANT_SECTIONS:-steps,e2e}" \
+          --batches "${VARIANT_ROWS:-2,256}" --gemm "$gemm" --runs 10 --warmup 2 \
+          ${VARIANT_ARGS:---intervals 1,3 --e2e-reps 1} \
+          --json "$OUT/variant_$name.json" > "$OUT/variant_$name.log" 2>&1
+      )
+      grep -E "^\| (cublaslt|custom|wgmma|tma)[a-z_-]* \| (2|256) \|" "$OUT/variant_$name.log" | head -n 4
+      # End to end, one image: N = 1 and 3 (the realized speedup of each path).
+      grep -E "^\| (cublaslt|custom|wgmma|tma)[a-z_-]* \| [13] \| 250 \|" "$OUT/variant_$name.log" | head -n 2
+      grep -E "reuse steps from cache sums" "$OUT/variant_$name.log" | head -n 2
+      tail -n 1 "$OUT/variant_$name.log"
+    done
   done
   python3 tools/variants_report.py "$OUT" --md "$OUT/variants.md"
 }
