@@ -126,11 +126,15 @@ fn sample_latents<B: Backend>(
         .latents
 }
 
-/// Ten guided DDPM steps of `classes` from `seed`, at FORA N=3 (runs of two reuse steps) and
-/// N=4 (runs of three: with cache sums, a sum for two steps and a step alone reading the
-/// cache), once with `off` and once with `on` as the backend's options: the two latents must
-/// be equal to the bit (`what` names the switch). `check` sees each run's workspace first (its options, the workspace), which is then
-/// dropped. The backend keeps `off` afterwards.
+/// Ten guided DDPM steps of `classes` from `seed`, at each FORA interval of
+/// [`SAME_BITS_INTERVALS`], once with `off` and once with `on` as the backend's options: the two
+/// latents must be equal to the bit (`what` names the switch). `check` sees each run's workspace
+/// first (its options, the workspace), which is then dropped. The backend keeps `off`
+/// afterwards.
+/// N=3 (runs of two reuse steps) and N=4 (runs of three: with cache sums, a sum for two steps
+/// and a step alone reading the cache).
+const SAME_BITS_INTERVALS: [usize; 2] = [3, 4];
+
 fn assert_same_bits(
     cuda: &mut CudaBackend,
     classes: &[usize],
@@ -150,11 +154,12 @@ fn assert_same_bits(
         let ws = cuda.workspace(&plan).unwrap();
         check(&o, &ws);
         drop(ws);
-        [3, 4].map(|interval| sample_latents(&*cuda, &options, classes, seed, interval))
+        SAME_BITS_INTERVALS
+            .map(|interval| sample_latents(&*cuda, &options, classes, seed, interval))
     };
     let a = run(on);
     let b = run(off);
-    for ((a, b), interval) in a.iter().zip(&b).zip([3, 4]) {
+    for ((a, b), interval) in a.iter().zip(&b).zip(SAME_BITS_INTERVALS) {
         assert!(
             b.iter().all(|v| v.is_finite()),
             "{what}: non-finite latents"
@@ -930,10 +935,10 @@ fn gpu_step_graph_is_exact() {
 /// to k steps) instead of the cache, up to the f32 association of the sums (the bound is
 /// bf16's epsilon, as for split-K: a different f32 order flips some bf16 roundings downstream).
 /// Runs of 2 (N=3) and of 4 (N=5: one pass with 4 slots, two with 2; with 3 a pass of 3 and
-/// the step left over reading the cache), with the whole-step graph and without graphs, with and without precomputed
-/// tables. A sum left pointing at the run's first step, a stale sum after a computing step or
-/// a wrong slot shifts a step's gates by several timesteps. The per-forward graphs cannot
-/// re-point a sum: there the workspace keeps none.
+/// the step left over reading the cache), with the whole-step graph and without graphs, with
+/// and without precomputed tables. A sum left pointing at the run's first step, a stale sum
+/// after a computing step or a wrong slot shifts a step's gates by several timesteps. The
+/// per-forward graphs cannot re-point a sum: there the workspace keeps none.
 #[test]
 fn gpu_reuse_sums_match_the_cache_path() {
     use fora::cuda::gemm::GemmImpl;

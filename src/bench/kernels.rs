@@ -409,8 +409,8 @@ pub(super) fn bench_kernels(
     let attention_row = bench_attention(gpu, cfg, rows, timer, rotate, selected, true);
     push_kernel(report, "attention", rows, attention_row);
     // FORA_BENCH_UNTRIED=0 leaves out the newest kernels (last below; first run on a GPU in
-    // session 18), as
-    // FORA_BENCH_HOPPER_GEMMS=0 does the Hopper GEMMs: a fault would poison every later row.
+    // session 18), as FORA_BENCH_HOPPER_GEMMS=0 does the Hopper GEMMs: a fault would poison
+    // every later row.
     let untried = std::env::var("FORA_BENCH_UNTRIED").map_or(true, |v| v.trim() != "0");
     let other_attention = |imp: AttentionImpl| {
         (!imp.is_wgmma() || gpu.compute_capability().0 == 9) && selected != imp
@@ -595,9 +595,9 @@ fn bench_gemm_rows(
                 Box::new(move |i| g.run(gpu, &params[i % n])),
             ));
         }
-        // The newest kernels last (stable: the others keep their order), so that a
-        // fault, which poisons the context for every later launch, costs only their rows.
-        variants.sort_by_key(|(imp, _)| never_run_gemm(imp));
+        // The newest kernels last (stable: the others keep their order), so that a fault,
+        // which poisons the context for every later launch, costs only their rows.
+        variants.sort_by_key(|(imp, _)| newest_gemm(imp));
         for (imp, runner) in variants {
             let timed = timer.time_alone(gpu, n, &runner);
             log_row(
@@ -627,7 +627,7 @@ fn bench_gemm_rows(
 
 /// The GEMM rows of the newest kernels (the cluster-multicast TMA tiles, sessions 10 and 17;
 /// first run on a GPU in session 18).
-fn never_run_gemm(imp: &str) -> bool {
+fn newest_gemm(imp: &str) -> bool {
     imp == "tma_mc" || imp.starts_with("tma-mc") || imp.starts_with("tma-c4x")
 }
 

@@ -151,10 +151,10 @@ pub struct CudaOptions {
     /// run's first reuse step reads the cache once (`fora_cache_sum`) and writes the sums of
     /// up to k steps of the run (the sampler's `StepSpec::reuse_ahead` says how many follow),
     /// and each step then reads its f32 sum (`fora_sum_final`) instead of the whole cache: at
-    /// N = 3, one read of the cache per two reuse steps instead of two. The same maths; the f32 sums are
-    /// associated differently (relative differences ~1e-7 before the final LayerNorm). Needs
-    /// the fused reuse forward, and with graphs the whole-step graph (not the side stream);
-    /// elsewhere it is not used. A step alone in its run reads the cache as without
+    /// N = 3, one read of the cache per two reuse steps instead of two. The same maths; the
+    /// f32 sums are associated differently (relative differences ~1e-7 before the final
+    /// LayerNorm). Needs the fused reuse forward, and with graphs the whole-step graph (not
+    /// the side stream); elsewhere it is not used. A step alone in its run reads the cache as without
     /// ([`SumAction::Cache`]: a sum for one step costs more), so k = 1 is the same as off.
     /// k sums of rows x T x D f32 (and, without precomputed tables, k gate tables) of device
     /// memory. On by default since session 18 (H200): a reuse step's mean over a run of two

@@ -896,8 +896,9 @@ impl GpuModel {
         };
         // proj / fc2: x += gate * (a w + b), the output cached where this step caches, then the
         // LayerNorm of x with shift column `shift_col`: fused into one pass where `fuse_ln`
-        // (cuBLASLt, or the TMA GEMMs with bf16 v); else the GEMM's epilogue, then that LayerNorm on its own if `unfused_ln`
-        // (fc2's runs at the next block's start, or in the final layer).
+        // (cuBLASLt, or the TMA GEMMs with bf16 v); else the GEMM's epilogue, then that
+        // LayerNorm on its own if `unfused_ln` (fc2's runs at the next block's start, or in the
+        // final layer).
         type Linear<'a> = (
             &'a CudaSlice<bf16>,
             &'a CudaSlice<bf16>,
