@@ -469,6 +469,17 @@ fn fake_report() -> Report {
     }
 }
 
+/// [`fake_report`] with every step's time multiplied by `factor` (another execution path).
+fn fake_report_steps_scaled(factor: f64) -> Report {
+    let mut r = fake_report();
+    for s in &mut r.steps {
+        if let Some(st) = s.stats.as_mut() {
+            *st = Stats::from_samples(&[st.median_ms * factor]).unwrap();
+        }
+    }
+    r
+}
+
 #[test]
 fn report_markdown_and_json() {
     let r = fake_report();
@@ -1224,22 +1235,11 @@ fn python_variants_report_compares_paths() {
     default
         .write_json(&dir.join("variant_default.json"))
         .unwrap();
-    let mut faster = fake_report();
-    for s in &mut faster.steps {
-        if let Some(st) = s.stats.as_mut() {
-            *st = Stats::from_samples(&[st.median_ms / 2.0]).unwrap();
-        }
-    }
-    faster
+    fake_report_steps_scaled(0.5)
         .write_json(&dir.join("variant_lt_splitk.json"))
         .unwrap();
     // A path twice as slow in every step, its run without errors.
-    let mut slower = fake_report();
-    for s in &mut slower.steps {
-        if let Some(st) = s.stats.as_mut() {
-            *st = Stats::from_samples(&[st.median_ms * 2.0]).unwrap();
-        }
-    }
+    let mut slower = fake_report_steps_scaled(2.0);
     slower.errors.clear();
     slower.write_json(&dir.join("variant_pdl.json")).unwrap();
     std::fs::write(dir.join("variant_broken.json"), "{").unwrap();
@@ -1296,12 +1296,7 @@ fn python_variants_report_needs_every_round() {
     }
     let dir = tmp_dir("variant_rounds");
     let scaled = |factor: f64| {
-        let mut r = fake_report();
-        for s in &mut r.steps {
-            if let Some(st) = s.stats.as_mut() {
-                *st = Stats::from_samples(&[st.median_ms * factor]).unwrap();
-            }
-        }
+        let mut r = fake_report_steps_scaled(factor);
         r.errors.clear();
         r
     };
