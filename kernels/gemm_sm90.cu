@@ -211,8 +211,6 @@ FORA_DEVICE void gemm_wgmma_tile(const GemmParams& p) {
 // flight: after committing k-tile it, waiting until one group is pending means k-tile it - 1's
 // wgmmas are done, so its slot is released then (and the last one after the final wait).
 
-constexpr int kTmaBM = 128;  // rows of a work unit's tile
-
 // A work unit: output tile origin, split-K slice and its k-tiles [kt_begin, kt_begin + k_tiles).
 struct TmaUnit {
     int m0, n0, slice, kt_begin, k_tiles;
@@ -225,24 +223,24 @@ struct TmaUnit {
 // tile of zero rows, and past the last N tile one of zero columns: its producer still loads and
 // multicasts its share of the operands, its epilogue writes nothing, so the cluster's pipelines
 // stay in step.
-template <int BN, int CM, int CN>
+template <int BM, int BN, int CM, int CN>
 FORA_DEVICE int tma_units(const GemmTmaParams& params) {
     const GemmParams& p = params.gemm;
-    const int tiles_m = (p.m + kTmaBM * CM - 1) / (kTmaBM * CM);
+    const int tiles_m = (p.m + BM * CM - 1) / (BM * CM);
     const int tiles_n = (p.n + BN * CN - 1) / (BN * CN);
     return tiles_m * tiles_n * params.splits;
 }
 
-template <int BN, int CM, int CN>
+template <int BM, int BN, int CM, int CN>
 FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u, int rank) {
     const GemmParams& p = params.gemm;
     const int tiles_n = (p.n + BN * CN - 1) / (BN * CN);
-    const int tiles_m = (p.m + kTmaBM * CM - 1) / (kTmaBM * CM);
+    const int tiles_m = (p.m + BM * CM - 1) / (BM * CM);
     const int k_tiles_all = (p.k + kWgmmaBK - 1) / kWgmmaBK;
     const int k_per_slice = (k_tiles_all + params.splits - 1) / params.splits;
     TmaUnit w;
     w.n0 = ((u % tiles_n) * CN + rank / CM) * BN;
-    w.m0 = (((u / tiles_n) % tiles_m) * CM + rank % CM) * kTmaBM;
+    w.m0 = (((u / tiles_n) % tiles_m) * CM + rank % CM) * BM;
     w.slice = u / tiles_n / tiles_m;
     w.kt_begin = min(k_tiles_all, w.slice * k_per_slice);
     w.k_tiles = min(k_tiles_all - w.kt_begin, k_per_slice);
@@ -275,13 +273,17 @@ FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u, int rank) {
 // remote arrival) and one at the end (no CTA exits while a peer may still arrive on its
 // barriers or multicast into it) bracket the kernel, and every thread, the producer's too,
 // takes part in both.
-template <int BN, int STAGES, bool PINGPONG, int CM, int CN>
+template <int BM, int BN, int STAGES, bool PINGPONG, int CM, int CN>
 FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
     static_assert((CM == 1 || CM == 2 || CM == 4) && (CN == 1 || CN == 2), "clusters of 1 .. 8 CTAs");
+    static_assert(BM == 128 || (BM == 256 && !PINGPONG && CM == 1 && CN == 1),
+                  "256-row tiles are cooperative and clusterless");
     constexpr int kCluster = CM * CN;
-    constexpr int kRowBlocks = PINGPONG ? 2 : 1;  // m64 blocks a consumer computes per unit
+    // m64 blocks a consumer computes per unit: two (a whole 128-row tile) in ping-pong, its
+    // half of the tile's BM / 64 blocks cooperatively.
+    constexpr int kRowBlocks = PINGPONG ? 2 : BM / 128;
     constexpr int kAcc = BN / 2;
-    constexpr uint32_t kStageA = kTmaBM * kWgmmaBK * 2;  // bytes of one A tile
+    constexpr uint32_t kStageA = BM * kWgmmaBK * 2;  // bytes of one A tile
     constexpr uint32_t kStageB = BN * kWgmmaBK * 2;
     constexpr uint32_t kSliceA = kStageA / CN;  // the part of the A tile a producer loads
     constexpr uint32_t kSliceB = kStageB / CM;  // the part of the W tile a producer loads
@@ -327,7 +329,7 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
         __syncthreads();
     }
 
-    const int units = tma_units<BN, CM, CN>(params);
+    const int units = tma_units<BM, BN, CM, CN>(params);
     const int first = static_cast<int>(blockIdx.x) / kCluster;
     const int stride = static_cast<int>(gridDim.x) / kCluster;
 
@@ -343,7 +345,7 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
             for (int i = 0; i < CM; ++i) col_mask |= static_cast<uint16_t>(1u << (CM * cluster_col + i));
             uint32_t it = 0;
             for (int u = first; u < units; u += stride) {
-                const TmaUnit w = tma_unit<BN, CM, CN>(params, u, rank);
+                const TmaUnit w = tma_unit<BM, BN, CM, CN>(params, u, rank);
                 for (int kt = 0; kt < w.k_tiles; ++kt, ++it) {
                     const uint32_t slot = it % STAGES;
                     const uint32_t parity = (it / STAGES) & 1u;
@@ -355,7 +357,7 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
                     // one wholly past N W's: an output row depends only on the same row of A
                     // (a column only on the same row of W), those rows and columns are never
                     // stored, and no box lies wholly outside its tensor.
-                    const int a_row = w.m0 + cluster_col * (kTmaBM / CN);
+                    const int a_row = w.m0 + cluster_col * (BM / CN);
                     const int w_row = w.n0 + cluster_row * (BN / CM);
                     const uint32_t a_dst = smem_a + slot * kStageA + cluster_col * kSliceA;
                     const uint32_t w_dst = smem_b + slot * kStageB + cluster_row * kSliceB;
@@ -397,14 +399,15 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
                 mbarrier_arrive_cluster(peer_empty + 8 * slot);
             }
         };
-        // Rows of the tile this consumer's m64 block b covers: 64 * consumer (cooperative) or 64 * b.
-        const int row_block0 = PINGPONG ? 0 : consumer;
+        // The m64 blocks of the tile this consumer covers: b (ping-pong), or its half's
+        // consumer * kRowBlocks + b (cooperative).
+        const int row_block0 = PINGPONG ? 0 : consumer * kRowBlocks;
         uint32_t it = 0;
         float acc[kRowBlocks][kAcc];
         int local = 0;  // the CTA's units in order: pingpong consumers take every other one
         int mine = 0;   // ping-pong: units this consumer has computed
         for (int u = first; u < units; u += stride, ++local) {
-            const TmaUnit w = tma_unit<BN, CM, CN>(params, u, rank);
+            const TmaUnit w = tma_unit<BM, BN, CM, CN>(params, u, rank);
             if (PINGPONG && (local & 1) != consumer) {
                 it += static_cast<uint32_t>(w.k_tiles);  // the other consumer's k-tiles
                 continue;
@@ -454,7 +457,7 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
 
             const Epilogue e = gemm_epilogue_of(p, static_cast<unsigned>(w.slice));
             const int col_base = w.n0 + 2 * (lane & 3);
-            const bool whole_tile = w.m0 + kTmaBM <= p.m && w.n0 + BN <= p.n;
+            const bool whole_tile = w.m0 + BM <= p.m && w.n0 + BN <= p.n;
 #pragma unroll
             for (int b = 0; b < kRowBlocks; ++b) {
                 const int row = w.m0 + (row_block0 + b) * 64 + warp_in_group * 16 + (lane >> 2);
@@ -501,7 +504,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) gemm_wgmma_64x128(const Gem
 }
 
 // The warp-specialized TMA kernels: 384 threads (a producer and two consumer warpgroups), one
-// CTA per SM, a persistent grid. Dynamic smem = STAGES * (128 + BN) * 64 * 2 + STAGES * 16 + 16 +
+// CTA per SM, a persistent grid. Dynamic smem = STAGES * (BM + BN) * 64 * 2 + STAGES * 16 + 16 +
 // 1024 bytes (src/cuda/tma_tiles.rs, TmaTile, must match): 193, 201, 193 and 193 KiB.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FORA_TMA_BODY(...) gemm_tma_tile<__VA_ARGS__>(p)
@@ -516,25 +519,34 @@ extern "C" __global__ void __launch_bounds__(128, 2) gemm_wgmma_64x128(const Gem
 // N a multiple of 128 but not of 192 or 256; six stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x128(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(128, 6, false, 1, 1);
+    FORA_TMA_BODY(128, 128, 6, false, 1, 1);
 }
 
 // Every DiT-XL/2 width (1152, 3456, 4608 are multiples of 192); five stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x192(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(192, 5, false, 1, 1);
+    FORA_TMA_BODY(128, 192, 5, false, 1, 1);
 }
 
 // Multiples of 256; four stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x256(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(256, 4, false, 1, 1);
+    FORA_TMA_BODY(128, 256, 4, false, 1, 1);
+}
+
+// 256 x 128 tiles, each consumer 128 x 128 (two m64 blocks, as in ping-pong) of the same unit:
+// a k-step loads 256 + 128 rows for 256 x 128 outputs instead of 128 + 128 for 128 x 128, a
+// quarter less L2 traffic per FLOP than the 128 x 128 tiles (which are L2-bound at 256 rows:
+// session 19's ncu); four stages.
+extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_256x128(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
+    FORA_TMA_BODY(256, 128, 4, false, 1, 1);
 }
 
 // Ping-pong: 128 x 128 tiles, the two consumers taking the CTA's units in turn; six stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_pp_128x128(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(128, 6, true, 1, 1);
+    FORA_TMA_BODY(128, 128, 6, true, 1, 1);
 }
 
 // Clusters of two CTAs along M sharing (multicasting) the W tile; the tiles as above.
@@ -542,26 +554,26 @@ extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_pp_128x128(const _
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(2)
     gemm_tma_mc_128x128(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(128, 6, false, 2, 1);
+    FORA_TMA_BODY(128, 128, 6, false, 2, 1);
 }
 
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(2)
     gemm_tma_mc_128x192(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(192, 5, false, 2, 1);
+    FORA_TMA_BODY(128, 192, 5, false, 2, 1);
 }
 
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(2)
     gemm_tma_mc_128x256(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(256, 4, false, 2, 1);
+    FORA_TMA_BODY(128, 256, 4, false, 2, 1);
 }
 
 // Ping-pong 128 x 128 in clusters of two sharing W (the pick's tile for long K).
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(2)
     gemm_tma_mc_pp_128x128(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(128, 6, true, 2, 1);
+    FORA_TMA_BODY(128, 128, 6, true, 2, 1);
 }
 
 // Clusters of four CTAs along M sharing W (a quarter of the W tile each), and of four along M
@@ -572,23 +584,23 @@ extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(2)
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(4)
     gemm_tma_c4x1_128x128(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(128, 6, false, 4, 1);
+    FORA_TMA_BODY(128, 128, 6, false, 4, 1);
 }
 
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(4)
     gemm_tma_c4x1_128x192(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(192, 5, false, 4, 1);
+    FORA_TMA_BODY(128, 192, 5, false, 4, 1);
 }
 
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(8)
     gemm_tma_c4x2_128x128(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(128, 6, false, 4, 2);
+    FORA_TMA_BODY(128, 128, 6, false, 4, 2);
 }
 
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(8)
     gemm_tma_c4x2_128x192(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
-    FORA_TMA_BODY(192, 5, false, 4, 2);
+    FORA_TMA_BODY(128, 192, 5, false, 4, 2);
 }

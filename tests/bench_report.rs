@@ -512,7 +512,7 @@ fn report_markdown_and_json() {
     assert!(
         md.contains(
             "128x128 64 FLOP/B -> 512 TFLOP/s, 128x192 77 FLOP/B -> 614 TFLOP/s, 128x256 85 \
-             FLOP/B -> 683 TFLOP/s, 128x128 W multicast to 2 85 FLOP/B -> 683 TFLOP/s, 128x192 \
+             FLOP/B -> 683 TFLOP/s, 256x128 85 FLOP/B -> 683 TFLOP/s, 128x128 W multicast to 2 85 FLOP/B -> 683 TFLOP/s, 128x192 \
              W multicast to 2 110 FLOP/B -> 878 TFLOP/s, 128x256 W multicast to 2 128 FLOP/B -> \
              1024 TFLOP/s, 128x128 W multicast to 4 102 FLOP/B -> 819 TFLOP/s, 128x192 W \
              multicast to 4 140 FLOP/B -> 1117 TFLOP/s, 128x128 W to 4, A to 2 171 FLOP/B -> 1365 \
@@ -562,6 +562,9 @@ fn report_markdown_and_json() {
     let c4x2 = fora::bench::tma_row_flop_per_byte("tma-c4x2-128x192").unwrap();
     assert!((c4x2 - 128.0 * 192.0 / 112.0).abs() < 1e-9, "{c4x2}");
     assert_eq!(fora::bench::tma_row_flop_per_byte("tma-cAxB-128x128"), None);
+    // 256 x 128: 256 x 128 x 64 x 2 FLOP on 256 + 128 rows.
+    let tall = fora::bench::tma_row_flop_per_byte("tma-256x128").unwrap();
+    assert!((tall - 256.0 * 128.0 / 384.0).abs() < 1e-9, "{tall}");
     assert_eq!(j["settings"]["reuse_sum"], 2);
     // No TMA tiles forced (FORA_TMA_TILES): the empty setting.
     assert_eq!(j["settings"]["tma_tiles"], "");

@@ -361,10 +361,12 @@ const WGMMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 5] = [
 /// tiles included), forced split-K, the automatic picks. In tests of their own (`gemm_tma_*`):
 /// the device suite runs them in a process of their own, so that a fault in these never-run
 /// kernels cannot poison the context of the other tests.
-const TMA_VARIANTS: [Variant; 24] = [
+const TMA_VARIANTS: [Variant; 26] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
+    Variant::Tma(TmaTile::M256N128),
+    Variant::TmaSplit(TmaTile::M256N128, 2),
     Variant::TmaSplit(TmaTile::N128, 3),
     Variant::TmaSplit(TmaTile::N192, 2),
     Variant::TmaSplit(TmaTile::N256, 3),
@@ -389,10 +391,11 @@ const TMA_VARIANTS: [Variant; 24] = [
 ];
 
 /// [`TMA_VARIANTS`] without forced split-K.
-const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 15] = [
+const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 16] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
+    Variant::Tma(TmaTile::M256N128),
     Variant::Tma(TmaTile::PingPong128),
     Variant::Tma(TmaTile::Mc128),
     Variant::Tma(TmaTile::Mc192),

@@ -352,7 +352,9 @@ phase_kernelprof() {
     # the timestep MLP of the table precompute, K = 256, instead of a block GEMM).
     local filter=${PROF_NVTX-regex:step [0-9]+ full/} nvtx=()
     [ -n "$filter" ] && nvtx=(--nvtx --nvtx-include "$filter")
-    FORA_ATTENTION=$attention FORA_CUDA_GRAPHS=0 bounded 90 ncu --kernel-name "$k" "${nvtx[@]}" \
+    # PROF_TMA_TILES: FORA_TMA_TILES for these runs only (e.g. "3456x1152=pp-128x128" to catch
+    # the ping-pong tile in the qkv GEMM), so the tests of the same call run without it.
+    FORA_TMA_TILES=${PROF_TMA_TILES:-${FORA_TMA_TILES:-}} FORA_ATTENTION=$attention FORA_CUDA_GRAPHS=0 bounded 90 ncu --kernel-name "$k" "${nvtx[@]}" \
       --launch-skip "${PROF_SKIP:-2}" --launch-count 1 --set full \
       ${PROF_SOURCE:+--import-source yes -o "$OUT/ncu_$k" -f} \
       .devpack/bin/fora bench --sections steps --batches "${PROF_ROWS:-256}" --runs 1 --warmup 1 \

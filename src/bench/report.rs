@@ -259,32 +259,33 @@ const BLOCK_GEMMS: [&str; 4] = ["qkv", "proj", "fc1", "fc2"];
 
 /// FLOP per byte a BM = 128 x `bn` tile's k-step of 64 loads from L2: 2 BM BN 64 FLOP on
 /// (`a_rows` + `w_rows`) x 64 bf16 (fewer rows than the tile's where a cluster shares one).
-fn l2_flop_per_byte(a_rows: f64, w_rows: f64, bn: f64) -> f64 {
-    (2.0 * 128.0 * bn * 64.0) / ((a_rows + w_rows) * 64.0 * 2.0)
+fn l2_flop_per_byte(bm: f64, a_rows: f64, w_rows: f64, bn: f64) -> f64 {
+    (2.0 * bm * bn * 64.0) / ((a_rows + w_rows) * 64.0 * 2.0)
 }
 
-/// TFLOP/s that GEMM tiles of 128 x 128, 128 x 192, 128 x 256, our multicast tiles (the CTAs
+/// TFLOP/s that GEMM tiles of 128 x 128, 128 x 192, 128 x 256, 256 x 128, our multicast tiles (the CTAs
 /// of a cluster sharing W: each loads half or a quarter of it; in 4 x 2 clusters also A, half
 /// each; `FORA_GEMM=tma_mc`) and cuBLASLt's 128 x 256 with A shared by two CTAs can reach when
 /// their operands stream from L2 at `l2_gbps`.
 pub fn l2_tile_rooflines(l2_gbps: f64) -> String {
-    // (name, A rows loaded, W rows loaded, BN).
+    // (name, BM, A rows loaded, W rows loaded, BN).
     [
-        ("128x128", 128.0, 128.0, 128.0),
-        ("128x192", 128.0, 192.0, 192.0),
-        ("128x256", 128.0, 256.0, 256.0),
-        ("128x128 W multicast to 2", 128.0, 64.0, 128.0),
-        ("128x192 W multicast to 2", 128.0, 96.0, 192.0),
-        ("128x256 W multicast to 2", 128.0, 128.0, 256.0),
-        ("128x128 W multicast to 4", 128.0, 32.0, 128.0),
-        ("128x192 W multicast to 4", 128.0, 48.0, 192.0),
-        ("128x128 W to 4, A to 2", 64.0, 32.0, 128.0),
-        ("128x192 W to 4, A to 2", 64.0, 48.0, 192.0),
-        ("128x256 A multicast to 2", 64.0, 256.0, 256.0),
+        ("128x128", 128.0, 128.0, 128.0, 128.0),
+        ("128x192", 128.0, 128.0, 192.0, 192.0),
+        ("128x256", 128.0, 128.0, 256.0, 256.0),
+        ("256x128", 256.0, 256.0, 128.0, 128.0),
+        ("128x128 W multicast to 2", 128.0, 128.0, 64.0, 128.0),
+        ("128x192 W multicast to 2", 128.0, 128.0, 96.0, 192.0),
+        ("128x256 W multicast to 2", 128.0, 128.0, 128.0, 256.0),
+        ("128x128 W multicast to 4", 128.0, 128.0, 32.0, 128.0),
+        ("128x192 W multicast to 4", 128.0, 128.0, 48.0, 192.0),
+        ("128x128 W to 4, A to 2", 128.0, 64.0, 32.0, 128.0),
+        ("128x192 W to 4, A to 2", 128.0, 64.0, 48.0, 192.0),
+        ("128x256 A multicast to 2", 128.0, 64.0, 256.0, 256.0),
     ]
     .iter()
-    .map(|&(name, a_rows, w_rows, bn)| {
-        let flop_per_byte = l2_flop_per_byte(a_rows, w_rows, bn);
+    .map(|&(name, bm, a_rows, w_rows, bn)| {
+        let flop_per_byte = l2_flop_per_byte(bm, a_rows, w_rows, bn);
         format!(
             "{name} {:.0} FLOP/B -> {:.0} TFLOP/s",
             flop_per_byte,
@@ -296,7 +297,7 @@ pub fn l2_tile_rooflines(l2_gbps: f64) -> String {
 }
 
 /// FLOP per L2 byte of the TMA tile a forced-tile bench row names ("tma-128x192",
-/// "tma-pp-128x128", "tma-mc-128x256", "tma-mc-pp-128x128", "tma-c4x2-128x192": a cluster of
+/// "tma-256x128", "tma-pp-128x128", "tma-mc-128x256", "tma-mc-pp-128x128", "tma-c4x2-128x192": a cluster of
 /// CM x CN CTAs loads 1 / CM of the W tile and 1 / CN of the A tile a CTA, "mc" being 2 x 1);
 /// None for any other row.
 pub fn tma_row_flop_per_byte(imp: &str) -> Option<f64> {
@@ -312,8 +313,9 @@ pub fn tma_row_flop_per_byte(imp: &str) -> Option<f64> {
         },
     };
     let rest = rest.strip_prefix("pp-").unwrap_or(rest);
-    let bn: f64 = rest.strip_prefix("128x")?.parse().ok()?;
-    Some(l2_flop_per_byte(128.0 / cn, bn / cm, bn))
+    let (bm, bn) = rest.split_once('x')?;
+    let (bm, bn): (f64, f64) = (bm.parse().ok()?, bn.parse().ok()?);
+    Some(l2_flop_per_byte(bm, bm / cn, bn / cm, bn))
 }
 
 /// `v` with `decimals` decimals, or "—" when not measured.

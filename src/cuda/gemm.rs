@@ -1237,7 +1237,7 @@ pub fn launch_tma_kernel(
     // A cluster's CTAs each load (and multicast) their share of the A tile (along a row of the
     // cluster) and of the W tile (down a column).
     let a_map = gpu
-        .tma_descriptor_2d(&operand(p.a, p.m, p.lda, TmaTile::BM / tile.cluster_n()))
+        .tma_descriptor_2d(&operand(p.a, p.m, p.lda, tile.bm() / tile.cluster_n()))
         .context("GEMM: the tensor map of A")?;
     let w_map = gpu
         .tma_descriptor_2d(&operand(p.w, p.n, p.ldw, tile.bn() / tile.cluster_m()))

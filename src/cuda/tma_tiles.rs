@@ -20,6 +20,12 @@ pub enum TmaTile {
     N192,
     /// 128 x 256, four stages.
     N256,
+    /// 256 x 128, four stages: each consumer warpgroup 128 x 128 (two m64 blocks, as in
+    /// ping-pong) of the same tile, so a k-step reads 384 operand rows from L2 for 256 x 128
+    /// outputs (the 128 x 128 tiles read 256 for half of them and are L2-bound at 256 rows on
+    /// an H200: session 19's ncu). Forced only (`FORA_TMA_TILES`, tests, the bench's rows):
+    /// not yet measured, so no pick chooses it.
+    M256N128,
     /// 128 x 128, six stages, ping-pong: the two consumer warpgroups take whole tiles in turn,
     /// so one's epilogue runs while the other computes. [`TmaTile::pick`]'s for long K.
     PingPong128,
@@ -47,10 +53,11 @@ pub enum TmaTile {
 
 impl TmaTile {
     /// Every tile, the multicast ones last.
-    pub const ALL: [TmaTile; 12] = [
+    pub const ALL: [TmaTile; 13] = [
         TmaTile::N128,
         TmaTile::N192,
         TmaTile::N256,
+        TmaTile::M256N128,
         TmaTile::PingPong128,
         TmaTile::Mc128,
         TmaTile::Mc192,
@@ -74,7 +81,7 @@ impl TmaTile {
         TmaTile::C4x2N128,
         TmaTile::C4x2N192,
     ];
-    /// Rows of a tile (two consumer warpgroups of 64).
+    /// Rows of most tiles (two consumer warpgroups of 64); [`TmaTile::bm`] is a tile's.
     pub const BM: u32 = 128;
     /// k-depth of a stage (one 128-byte swizzle row of bf16).
     pub const BK: u32 = 64;
@@ -82,12 +89,13 @@ impl TmaTile {
     pub const THREADS: u32 = 384;
 
     /// Kernel name, BN, stages, ping-pong and the cluster's CTAs along M and N; must match
-    /// gemm_sm90.cu's `FORA_TMA_BODY(BN, STAGES, PINGPONG, CM, CN)`.
+    /// gemm_sm90.cu's `FORA_TMA_BODY(BM, BN, STAGES, PINGPONG, CM, CN)` (BM: [`TmaTile::bm`]).
     fn spec(self) -> (&'static str, u32, u32, bool, u32, u32) {
         match self {
             TmaTile::N128 => ("gemm_tma_128x128", 128, 6, false, 1, 1),
             TmaTile::N192 => ("gemm_tma_128x192", 192, 5, false, 1, 1),
             TmaTile::N256 => ("gemm_tma_128x256", 256, 4, false, 1, 1),
+            TmaTile::M256N128 => ("gemm_tma_256x128", 128, 4, false, 1, 1),
             TmaTile::PingPong128 => ("gemm_tma_pp_128x128", 128, 6, true, 1, 1),
             TmaTile::Mc128 => ("gemm_tma_mc_128x128", 128, 6, false, 2, 1),
             TmaTile::Mc192 => ("gemm_tma_mc_128x192", 192, 5, false, 2, 1),
@@ -146,12 +154,21 @@ impl TmaTile {
         self.spec().1
     }
 
+    /// The tile's rows (in M).
+    pub fn bm(self) -> u32 {
+        match self {
+            TmaTile::M256N128 => 256,
+            _ => Self::BM,
+        }
+    }
+
     /// The benchmark row of this tile forced ("tma-128x192"); the automatic pick's row is "tma".
     pub fn bench_name(self) -> &'static str {
         match self {
             TmaTile::N128 => "tma-128x128",
             TmaTile::N192 => "tma-128x192",
             TmaTile::N256 => "tma-128x256",
+            TmaTile::M256N128 => "tma-256x128",
             TmaTile::PingPong128 => "tma-pp-128x128",
             TmaTile::Mc128 => "tma-mc-128x128",
             TmaTile::Mc192 => "tma-mc-128x192",
@@ -182,7 +199,7 @@ impl TmaTile {
     /// 1024-byte alignment of the swizzle atoms.
     pub fn smem_bytes(self) -> u32 {
         let (_, bn, stages, ..) = self.spec();
-        stages * (Self::BM + bn) * Self::BK * 2 + stages * 16 + 16 + 1024
+        stages * (self.bm() + bn) * Self::BK * 2 + stages * 16 + 16 + 1024
     }
 
     /// Output tiles of an M x N product (a cluster's CTAs each take one; a multicast tile's
@@ -190,7 +207,7 @@ impl TmaTile {
     /// those past N zero columns).
     pub fn tiles(self, m: usize, n: usize) -> usize {
         let (cm, cn) = (self.cluster_m() as usize, self.cluster_n() as usize);
-        m.div_ceil(cm * Self::BM as usize) * cm * n.div_ceil(cn * self.bn() as usize) * cn
+        m.div_ceil(cm * self.bm() as usize) * cm * n.div_ceil(cn * self.bn() as usize) * cn
     }
 
     /// Relative throughput of a CTA on this tile while it computes, from the forced-tile rows
@@ -204,7 +221,8 @@ impl TmaTile {
             | TmaTile::Mc128
             | TmaTile::McPingPong128
             | TmaTile::C4x1N128
-            | TmaTile::C4x2N128 => 1.0,
+            | TmaTile::C4x2N128
+            | TmaTile::M256N128 => 1.0,
             TmaTile::N192 | TmaTile::Mc192 | TmaTile::C4x1N192 | TmaTile::C4x2N192 => 0.99,
             TmaTile::N256 | TmaTile::Mc256 => 0.92,
         }
@@ -270,7 +288,7 @@ impl TmaTile {
     /// of the A and W tiles (the rest arrive by multicast), zero tiles included (they load
     /// their slices too).
     fn l2_rows(self, m: usize, n: usize) -> usize {
-        let slices = Self::BM / self.cluster_n() + self.bn() / self.cluster_m();
+        let slices = self.bm() / self.cluster_n() + self.bn() / self.cluster_m();
         self.tiles(m, n) * slices as usize
     }
 
@@ -549,9 +567,9 @@ mod tests {
                 0,
                 "{t:?}"
             );
-            assert_eq!(TmaTile::BM % t.cluster_n(), 0, "{t:?}");
+            assert_eq!(t.bm() % t.cluster_n(), 0, "{t:?}");
             assert_eq!(
-                (TmaTile::BM / t.cluster_n()) * TmaTile::BK * 2 % 1024,
+                (t.bm() / t.cluster_n()) * TmaTile::BK * 2 % 1024,
                 0,
                 "{t:?}"
             );
@@ -765,6 +783,9 @@ mod tests {
             TmaTile::PingPong128.smem_bytes(),
             TmaTile::N128.smem_bytes()
         );
+        assert_eq!(TmaTile::M256N128.smem_bytes(), TmaTile::N256.smem_bytes());
+        assert_eq!(TmaTile::M256N128.tiles(65_536, 3456), 256 * 27);
+        assert_eq!(TmaTile::M256N128.tiles(300, 128), 2);
         for t in TmaTile::ALL {
             assert!(t.smem_bytes() <= 227 * 1024, "{t:?}");
             assert!(t.kernel_name().ends_with(&format!("x{}", t.bn())));
@@ -802,8 +823,8 @@ mod tests {
 
     #[test]
     fn tma_kernels_match_specs() {
-        // The instantiations in gemm_sm90.cu: name, BN, stages and cluster as TmaTile::spec
-        // says; 384 threads; clusters declared with __cluster_dims__ (FORA_CLUSTER(n)).
+        // The instantiations in gemm_sm90.cu: name, BM, BN, stages and cluster as
+        // TmaTile::spec and TmaTile::bm say; 384 threads; clusters declared with __cluster_dims__ (FORA_CLUSTER(n)).
         let src = include_str!("../../kernels/gemm_sm90.cu");
         for t in TmaTile::ALL {
             let (name, bn, stages, pingpong, cm, cn) = t.spec();
@@ -820,7 +841,8 @@ mod tests {
             // Its own body: the first FORA_TMA_BODY after the signature.
             let body = &src[at..];
             let first = body.find("FORA_TMA_BODY(").expect("a body");
-            let want = format!("FORA_TMA_BODY({bn}, {stages}, {pingpong}, {cm}, {cn})");
+            let bm = t.bm();
+            let want = format!("FORA_TMA_BODY({bm}, {bn}, {stages}, {pingpong}, {cm}, {cn})");
             assert!(body[first..].starts_with(&want), "{name}: {want} expected");
         }
     }

@@ -189,6 +189,7 @@ void gemm_wgmma_64x128(const GemmParams p);
 void gemm_tma_128x128(const GemmTmaParams p);
 void gemm_tma_128x192(const GemmTmaParams p);
 void gemm_tma_128x256(const GemmTmaParams p);
+void gemm_tma_256x128(const GemmTmaParams p);
 void gemm_tma_pp_128x128(const GemmTmaParams p);
 void gemm_tma_mc_128x128(const GemmTmaParams p);
 void gemm_tma_mc_128x192(const GemmTmaParams p);
@@ -715,6 +716,7 @@ Kernel find(const std::string& name) {
     if (name == "gemm_tma_128x128") return call<GemmTmaParams, gemm_tma_128x128>;
     if (name == "gemm_tma_128x192") return call<GemmTmaParams, gemm_tma_128x192>;
     if (name == "gemm_tma_128x256") return call<GemmTmaParams, gemm_tma_128x256>;
+    if (name == "gemm_tma_256x128") return call<GemmTmaParams, gemm_tma_256x128>;
     if (name == "gemm_tma_pp_128x128") return call<GemmTmaParams, gemm_tma_pp_128x128>;
     if (name == "gemm_tma_mc_128x128") return call<GemmTmaParams, gemm_tma_mc_128x128>;
     if (name == "gemm_tma_mc_128x192") return call<GemmTmaParams, gemm_tma_mc_128x192>;
