@@ -247,6 +247,130 @@ FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u, int rank) {
     return w;
 }
 
+// ---- the staged epilogue (STAGED tiles, `gemm_tma_st_*`) ------------------------------------
+//
+// The register epilogue (epilogue_fragments) is straight-line code: every column pair of every
+// fragment unrolled, for each epilogue kind and bounds case (12-25 thousand SASS instructions a
+// kernel). Session 19's ncu of the 256 x 128 tile at 256 rows put a third of its warp samples in
+// that code, mostly stall_no_inst: the instruction fetch cannot keep up with code run once per
+// tile. The staged epilogue instead has each consumer warp write its 16 x 128 accumulator rows
+// to shared memory (the stage ring slots of the unit's last k-tiles, which the consumers hold
+// back from the producer until then) and apply the epilogue from there in a rolled loop, a row
+// of 128 columns at a time: a few hundred instructions, four contiguous columns a lane, so each
+// row's stores are whole 256- or 512-byte segments. The same maths as epilogue_pair, in the same
+// order (identical results).
+
+// Float index of column c of row r in a warp's 16 x 128 f32 staging area: 16-byte groups XORed
+// with the row's low two bits, so the fragment stores (8 bytes, rows g and g + 8 of the mma
+// layout, half a warp a phase) and the row loads (16 bytes, a quarter warp a phase) hit 32
+// distinct banks.
+FORA_DEVICE int staged_index(int r, int c) { return r * 128 + (c ^ ((r & 3) << 3)); }
+
+// One row's four columns col .. col + 3 of the epilogue, from the product a (no bias). VEC: the
+// four are inside the output and every access is aligned for 16-byte (f32) or 8-byte (bf16)
+// vectors; bias4, gate and res were loaded (bias4 zero without a bias). Otherwise column pairs
+// through epilogue_pair, which checks N and adds the bias itself (the caller checks the row).
+FORA_DEVICE void staged_quad(const Epilogue& e, int rr, int col, float4 a, bool vec, float4 bias4, float4 gate,
+                             float4 res) {
+    if (!vec) {
+        epilogue_pair(e, rr, col, a.x, a.y);
+        if (col + 2 < e.n) epilogue_pair(e, rr, col + 2, a.z, a.w);
+        return;
+    }
+    float v0 = a.x, v1 = a.y, v2 = a.z, v3 = a.w;
+    if (e.bias != nullptr) {
+        v0 += bias4.x;
+        v1 += bias4.y;
+        v2 += bias4.z;
+        v3 += bias4.w;
+    }
+    const long long o = static_cast<long long>(rr) * e.ldo + col;
+    if (e.kind == FORA_EPI_BIAS_BF16 || e.kind == FORA_EPI_BIAS_GELU_BF16) {
+        if (e.kind == FORA_EPI_BIAS_GELU_BF16) {
+            v0 = gelu_tanh(v0);
+            v1 = gelu_tanh(v1);
+            v2 = gelu_tanh(v2);
+            v3 = gelu_tanh(v3);
+        }
+        const __nv_bfloat162 lo = __floats2bfloat162_rn(v0, v1), hi = __floats2bfloat162_rn(v2, v3);
+        uint2 packed;
+        packed.x = *reinterpret_cast<const uint32_t*>(&lo);
+        packed.y = *reinterpret_cast<const uint32_t*>(&hi);
+        *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(e.out) + o) = packed;
+    } else if (e.kind == FORA_EPI_BIAS_F32) {
+        *reinterpret_cast<float4*>(static_cast<float*>(e.out) + o) = make_float4(v0, v1, v2, v3);
+    } else {  // FORA_EPI_BIAS_GATE_RESIDUAL
+        if (e.cache != nullptr) {
+            const __nv_bfloat162 lo = __floats2bfloat162_rn(v0, v1), hi = __floats2bfloat162_rn(v2, v3);
+            uint2 packed;
+            packed.x = *reinterpret_cast<const uint32_t*>(&lo);
+            packed.y = *reinterpret_cast<const uint32_t*>(&hi);
+            *reinterpret_cast<uint2*>(e.cache + static_cast<long long>(rr) * e.ldc + col) = packed;
+        }
+        res.x += gate.x * v0;
+        res.y += gate.y * v1;
+        res.z += gate.z * v2;
+        res.w += gate.w * v3;
+        *reinterpret_cast<float4*>(static_cast<float*>(e.out) + o) = res;
+    }
+}
+
+// The staged epilogue of one consumer warp: its 16 rows (row0 .. row0 + 15 of block b, blocks 64
+// rows apart) by the tile's 128 columns from n0, for each of its ROWBLOCKS accumulator blocks,
+// through its 8 KiB `stage` (a generic pointer into shared memory). whole_tile as for
+// epilogue_fragments. The caller fences the async proxy and frees the slots afterwards.
+template <int ROWBLOCKS>
+FORA_DEVICE void staged_epilogue(const Epilogue& e, float* stage, const float (&acc)[ROWBLOCKS][64], int row0,
+                                 int n0, bool whole_tile) {
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int col = n0 + 4 * lane;  // this lane's four columns of every row
+    const bool gated = e.kind == FORA_EPI_BIAS_GATE_RESIDUAL;
+    auto aligned = [](const void* q, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(q) & (bytes - 1)) == 0; };
+    // Vectors throughout: a whole tile, leading dimensions that keep every row's quads aligned,
+    // and aligned bases (the model's buffers always are).
+    const bool vec = whole_tile && (e.ldo & 3) == 0 && aligned(e.out, 16) &&
+                     (e.cache == nullptr || ((e.ldc & 3) == 0 && aligned(e.cache, 8))) &&
+                     (e.bias == nullptr || aligned(e.bias, 16)) &&
+                     (!gated || ((e.ldg & 3) == 0 && aligned(e.gate, 16)));
+    float4 bias4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (vec && e.bias != nullptr) bias4 = *reinterpret_cast<const float4*>(e.bias + col);
+#pragma unroll
+    for (int b = 0; b < ROWBLOCKS; ++b) {
+        __syncwarp();  // the previous block's row loads are done before its area is rewritten
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const int c = 8 * j + 2 * t;
+            st_shared_for_async_proxy(stage + staged_index(g, c), make_float2(acc[b][4 * j], acc[b][4 * j + 1]));
+            st_shared_for_async_proxy(stage + staged_index(g + 8, c), make_float2(acc[b][4 * j + 2], acc[b][4 * j + 3]));
+        }
+        __syncwarp();
+        const int rows = row0 + 64 * b;
+        // Four rows a round: every load of the round (gates, residuals) before its stores.
+#pragma unroll 1
+        for (int r0 = 0; r0 < 16; r0 += 4) {
+            float4 a[4], gate[4], res[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = r0 + i, rr = rows + r;
+                a[i] = ld_shared_for_async_proxy<float4>(stage + staged_index(r, 4 * lane));
+                gate[i] = res[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (vec && gated) {
+                    gate[i] = *reinterpret_cast<const float4*>(
+                        e.gate + static_cast<long long>(rr / e.rows_per_gate) * e.ldg + col);
+                    res[i] = *reinterpret_cast<const float4*>(static_cast<const float*>(e.out) +
+                                                              static_cast<long long>(rr) * e.ldo + col);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int rr = rows + r0 + i;
+                if (vec || (rr < e.m && col < e.n)) staged_quad(e, rr, col, a[i], vec, bias4, gate[i], res[i]);
+            }
+        }
+    }
+}
+
 // PINGPONG = false ("cooperative"): both consumer warpgroups work on every unit, 64 rows each.
 // PINGPONG = true: the consumers take the CTA's units in turn, each a whole 128-row tile (two
 // m64 wgmmas a k-step, 2 x BN / 2 accumulators a thread), so one's epilogue runs while the other
@@ -273,9 +397,17 @@ FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u, int rank) {
 // remote arrival) and one at the end (no CTA exits while a peer may still arrive on its
 // barriers or multicast into it) bracket the kernel, and every thread, the producer's too,
 // takes part in both.
-template <int BM, int BN, int STAGES, bool PINGPONG, int CM, int CN>
+//
+// STAGED (the `gemm_tma_st_*` kernels): the staged epilogue above. A consumer keeps the slots of
+// its unit's last kHeld k-tiles (two cooperatively, one in ping-pong: 64 or 32 KiB, 8 KiB for
+// each of its warps) from the producer until its epilogue is done, staging its accumulators in
+// them; a unit of fewer k-tiles takes the register epilogue. The warps that read a unit's slots
+// (cooperatively both consumers) meet on an mbarrier before any of them stages.
+template <int BM, int BN, int STAGES, bool PINGPONG, int CM, int CN, bool STAGED = false>
 FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
     static_assert((CM == 1 || CM == 2 || CM == 4) && (CN == 1 || CN == 2), "clusters of 1 .. 8 CTAs");
+    static_assert(!STAGED || (BN == 128 && CM == 1 && CN == 1),
+                  "the staged epilogue is written for 128-wide tiles without clusters");
     static_assert(BM == 128 || (BM == 256 && !PINGPONG && CM == 1 && CN == 1),
                   "256-row tiles are cooperative and clusterless");
     constexpr int kCluster = CM * CN;
@@ -283,6 +415,7 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
     // half of the tile's BM / 64 blocks cooperatively.
     constexpr int kRowBlocks = PINGPONG ? 2 : BM / 128;
     constexpr int kAcc = BN / 2;
+    constexpr int kHeld = STAGED ? (PINGPONG ? 1 : 2) : 0;  // slots a consumer stages in
     constexpr uint32_t kStageA = BM * kWgmmaBK * 2;  // bytes of one A tile
     constexpr uint32_t kStageB = BN * kWgmmaBK * 2;
     constexpr uint32_t kSliceA = kStageA / CN;  // the part of the A tile a producer loads
@@ -299,7 +432,7 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
 
     // Dynamic smem (the launcher adds 1 KiB to round the base up to 1024 bytes):
     // [STAGES] A tiles | [STAGES] W tiles | STAGES full barriers | STAGES empty barriers |
-    // 2 order barriers (ping-pong only).
+    // 2 order barriers (ping-pong only) | STAGED: 2 meeting barriers.
     FORA_DYNAMIC_SMEM(uint4, gemm_tma_smem);
     const uint32_t raw = smem_addr(gemm_tma_smem);
     const uint32_t smem_a = (raw + 1023u) & ~1023u;
@@ -307,6 +440,9 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
     const uint32_t full = smem_b + STAGES * kStageB;
     const uint32_t empty = full + STAGES * 8;
     const uint32_t order = empty + STAGES * 8;  // order + 8 c: consumer c may start its next unit
+    // STAGED: the warps that read a unit's slots meet on `meet` before any stages in them (both
+    // consumers on meet cooperatively, consumer c's four warps on meet + 8 c in ping-pong).
+    const uint32_t meet = order + 16;
 
     const int tid = threadIdx.x;
     const int warpgroup = tid >> 7;
@@ -320,6 +456,10 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
         if (PINGPONG) {
             mbarrier_init(order, 4);
             mbarrier_init(order + 8, 4);
+        }
+        if (STAGED) {
+            mbarrier_init(meet, PINGPONG ? 4 : 8);
+            mbarrier_init(meet + 8, 4);
         }
         fence_mbarrier_init();
     }
@@ -406,6 +546,7 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
         float acc[kRowBlocks][kAcc];
         int local = 0;  // the CTA's units in order: pingpong consumers take every other one
         int mine = 0;   // ping-pong: units this consumer has computed
+        uint32_t staged_units = 0;  // STAGED: units this consumer staged (its `meet` phase)
         for (int u = first; u < units; u += stride, ++local) {
             const TmaUnit w = tma_unit<BM, BN, CM, CN>(params, u, rank);
             if (PINGPONG && (local & 1) != consumer) {
@@ -417,6 +558,8 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
                 // (after units 0, 2, ...), its mine-th for consumer 0 (after units 1, 3, ...).
                 mbarrier_wait(order + 8 * consumer, static_cast<uint32_t>(consumer == 1 ? mine : mine - 1) & 1u);
             }
+            // The staged epilogue needs kHeld k-tiles' slots to stage in.
+            const bool staged = STAGED && w.k_tiles >= kHeld;
 #pragma unroll
             for (int b = 0; b < kRowBlocks; ++b) {
 #pragma unroll
@@ -442,8 +585,9 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
                 wgmma_wait<1>();
 #pragma unroll
                 for (int b = 0; b < kRowBlocks; ++b) pin_accumulators(acc[b]);
-                // k-tile it - 1's wgmmas are done: its slot goes back to the producer(s).
-                if (kt > 0) release((it - 1) % STAGES);
+                // k-tile it - 1's wgmmas are done: its slot goes back to the producer(s), unless
+                // the staged epilogue keeps it.
+                if (kt > 0 && !(staged && kt - 1 >= w.k_tiles - kHeld)) release((it - 1) % STAGES);
             }
             if (PINGPONG) {
                 // Every k-tile of this unit has been waited for: the other consumer may start.
@@ -453,11 +597,38 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
             wgmma_wait<0>();
 #pragma unroll
             for (int b = 0; b < kRowBlocks; ++b) pin_accumulators(acc[b]);
-            if (w.k_tiles > 0) release((it - 1) % STAGES);
+            if (w.k_tiles > 0 && !staged) release((it - 1) % STAGES);
 
             const Epilogue e = gemm_epilogue_of(p, static_cast<unsigned>(w.slice));
-            const int col_base = w.n0 + 2 * (lane & 3);
             const bool whole_tile = w.m0 + BM <= p.m && w.n0 + BN <= p.n;
+            if constexpr (STAGED) {
+                if (staged) {
+                    // Every warp that read the held slots (a wgmma's warps read the whole W tile
+                    // and each other's A rows; cooperatively both consumers) must be done with
+                    // them before any warp stages there: wgmma.wait_group waits for this warp's
+                    // share only.
+                    const uint32_t my_meet = PINGPONG ? meet + 8 * consumer : meet;
+                    __syncwarp();
+                    if (lane == 0) mbarrier_arrive(my_meet);
+                    mbarrier_wait(my_meet, staged_units & 1u);
+                    ++staged_units;
+                    // This warp's 8 KiB: the held slots' A and W tiles (16 KiB each, the A
+                    // tile's first half for BM = 256), two warps to each.
+                    const int warp = (PINGPONG ? 0 : 4 * consumer) + warp_in_group;
+                    const uint32_t slot = (it - kHeld + warp / 4) % STAGES;
+                    const uint32_t area = ((warp / 2) % 2 == 0 ? smem_a + slot * kStageA : smem_b + slot * kStageB) +
+                                          (warp % 2) * 8192u;
+                    float* stage = reinterpret_cast<float*>(reinterpret_cast<char*>(gemm_tma_smem) + (area - raw));
+                    staged_epilogue<kRowBlocks>(e, stage, acc, w.m0 + row_block0 * 64 + warp_in_group * 16, w.n0,
+                                                whole_tile);
+                    // The staging's plain accesses before the producer's TMA refills the slots.
+                    fence_proxy_async_shared();
+                    __syncwarp();
+                    for (int h = 0; h < kHeld; ++h) release((it - kHeld + h) % STAGES);
+                    continue;
+                }
+            }
+            const int col_base = w.n0 + 2 * (lane & 3);
 #pragma unroll
             for (int b = 0; b < kRowBlocks; ++b) {
                 const int row = w.m0 + (row_block0 + b) * 64 + warp_in_group * 16 + (lane >> 2);
@@ -541,6 +712,23 @@ extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x256(const __gr
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_256x128(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
     FORA_TMA_BODY(256, 128, 4, false, 1, 1);
+}
+
+// The staged epilogue (gemm_tma_tile's STAGED) on 128 x 128 (six stages), ping-pong 128 x 128
+// and 256 x 128 (four stages): forced only until measured against their register-epilogue twins.
+extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_st_128x128(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
+    FORA_TMA_BODY(128, 128, 6, false, 1, 1, true);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_st_pp_128x128(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
+    FORA_TMA_BODY(128, 128, 6, true, 1, 1, true);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_st_256x128(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
+    FORA_TMA_BODY(256, 128, 4, false, 1, 1, true);
 }
 
 // Ping-pong: 128 x 128 tiles, the two consumers taking the CTA's units in turn; six stages.

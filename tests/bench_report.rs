@@ -565,6 +565,10 @@ fn report_markdown_and_json() {
     // 256 x 128: 256 x 128 x 64 x 2 FLOP on 256 + 128 rows.
     let tall = fora::bench::tma_row_flop_per_byte("tma-256x128").unwrap();
     assert!((tall - 256.0 * 128.0 / 384.0).abs() < 1e-9, "{tall}");
+    assert_eq!(
+        fora::bench::tma_row_flop_per_byte("tma-st-pp-128x128"),
+        Some(64.0)
+    );
     assert_eq!(j["settings"]["reuse_sum"], 2);
     // No TMA tiles forced (FORA_TMA_TILES): the empty setting.
     assert_eq!(j["settings"]["tma_tiles"], "");

@@ -361,12 +361,17 @@ const WGMMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 5] = [
 /// tiles included), forced split-K, the automatic picks. In tests of their own (`gemm_tma_*`):
 /// the device suite runs them in a process of their own, so that a fault in these never-run
 /// kernels cannot poison the context of the other tests.
-const TMA_VARIANTS: [Variant; 26] = [
+const TMA_VARIANTS: [Variant; 31] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
     Variant::Tma(TmaTile::M256N128),
     Variant::TmaSplit(TmaTile::M256N128, 2),
+    Variant::Tma(TmaTile::StagedN128),
+    Variant::Tma(TmaTile::StagedPingPong128),
+    Variant::Tma(TmaTile::StagedM256N128),
+    Variant::TmaSplit(TmaTile::StagedN128, 3),
+    Variant::TmaSplit(TmaTile::StagedPingPong128, 2),
     Variant::TmaSplit(TmaTile::N128, 3),
     Variant::TmaSplit(TmaTile::N192, 2),
     Variant::TmaSplit(TmaTile::N256, 3),
@@ -391,11 +396,14 @@ const TMA_VARIANTS: [Variant; 26] = [
 ];
 
 /// [`TMA_VARIANTS`] without forced split-K.
-const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 16] = [
+const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 19] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
     Variant::Tma(TmaTile::M256N128),
+    Variant::Tma(TmaTile::StagedN128),
+    Variant::Tma(TmaTile::StagedPingPong128),
+    Variant::Tma(TmaTile::StagedM256N128),
     Variant::Tma(TmaTile::PingPong128),
     Variant::Tma(TmaTile::Mc128),
     Variant::Tma(TmaTile::Mc192),

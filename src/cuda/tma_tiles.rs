@@ -38,6 +38,17 @@ pub enum TmaTile {
     Mc256,
     /// `PingPong128` likewise (`gemm_tma_mc_pp_128x128`).
     McPingPong128,
+    /// `N128` with the staged epilogue (`gemm_tma_st_128x128`): each consumer warp writes its
+    /// accumulators to shared memory (the slots of the unit's last two k-tiles, held back from
+    /// the producer) and applies the epilogue from there in a rolled loop, whole rows of
+    /// coalesced stores, instead of the register epilogue's straight-line code (whose
+    /// instruction fetch stalled a third of the 256 x 128 tile's warps in session 19's ncu).
+    /// Forced only until a device measures it against its twin.
+    StagedN128,
+    /// `PingPong128` with the staged epilogue (the slot of the unit's last k-tile).
+    StagedPingPong128,
+    /// `M256N128` with the staged epilogue.
+    StagedM256N128,
     /// `N128` in clusters of four CTAs along M that multicast the W tile, a quarter each
     /// (`gemm_tma_c4x1_128x128`): at M = 512 a cluster covers every row, so each W tile is
     /// read from L2 once.
@@ -52,8 +63,8 @@ pub enum TmaTile {
 }
 
 impl TmaTile {
-    /// Every tile, the multicast ones last.
-    pub const ALL: [TmaTile; 13] = [
+    /// Every tile, the 4 x 1 and 4 x 2 multicast ones last.
+    pub const ALL: [TmaTile; 16] = [
         TmaTile::N128,
         TmaTile::N192,
         TmaTile::N256,
@@ -63,6 +74,9 @@ impl TmaTile {
         TmaTile::Mc192,
         TmaTile::Mc256,
         TmaTile::McPingPong128,
+        TmaTile::StagedN128,
+        TmaTile::StagedPingPong128,
+        TmaTile::StagedM256N128,
         TmaTile::C4x1N128,
         TmaTile::C4x1N192,
         TmaTile::C4x2N128,
@@ -101,6 +115,9 @@ impl TmaTile {
             TmaTile::Mc192 => ("gemm_tma_mc_128x192", 192, 5, false, 2, 1),
             TmaTile::Mc256 => ("gemm_tma_mc_128x256", 256, 4, false, 2, 1),
             TmaTile::McPingPong128 => ("gemm_tma_mc_pp_128x128", 128, 6, true, 2, 1),
+            TmaTile::StagedN128 => ("gemm_tma_st_128x128", 128, 6, false, 1, 1),
+            TmaTile::StagedPingPong128 => ("gemm_tma_st_pp_128x128", 128, 6, true, 1, 1),
+            TmaTile::StagedM256N128 => ("gemm_tma_st_256x128", 128, 4, false, 1, 1),
             TmaTile::C4x1N128 => ("gemm_tma_c4x1_128x128", 128, 6, false, 4, 1),
             TmaTile::C4x1N192 => ("gemm_tma_c4x1_128x192", 192, 5, false, 4, 1),
             TmaTile::C4x2N128 => ("gemm_tma_c4x2_128x128", 128, 6, false, 4, 2),
@@ -157,9 +174,17 @@ impl TmaTile {
     /// The tile's rows (in M).
     pub fn bm(self) -> u32 {
         match self {
-            TmaTile::M256N128 => 256,
+            TmaTile::M256N128 | TmaTile::StagedM256N128 => 256,
             _ => Self::BM,
         }
+    }
+
+    /// Whether the tile's kernel applies the staged epilogue (gemm_sm90.cu's STAGED).
+    pub fn staged(self) -> bool {
+        matches!(
+            self,
+            TmaTile::StagedN128 | TmaTile::StagedPingPong128 | TmaTile::StagedM256N128
+        )
     }
 
     /// The benchmark row of this tile forced ("tma-128x192"); the automatic pick's row is "tma".
@@ -174,6 +199,9 @@ impl TmaTile {
             TmaTile::Mc192 => "tma-mc-128x192",
             TmaTile::Mc256 => "tma-mc-128x256",
             TmaTile::McPingPong128 => "tma-mc-pp-128x128",
+            TmaTile::StagedN128 => "tma-st-128x128",
+            TmaTile::StagedPingPong128 => "tma-st-pp-128x128",
+            TmaTile::StagedM256N128 => "tma-st-256x128",
             TmaTile::C4x1N128 => "tma-c4x1-128x128",
             TmaTile::C4x1N192 => "tma-c4x1-128x192",
             TmaTile::C4x2N128 => "tma-c4x2-128x128",
@@ -195,11 +223,12 @@ impl TmaTile {
     }
 
     /// The stage ring, two 8-byte barriers a stage, two more (ping-pong's order barriers; all
-    /// kernels reserve them), and 1 KiB the kernel spends on rounding its base up to the
-    /// 1024-byte alignment of the swizzle atoms.
+    /// kernels reserve them), two more for the staged epilogue's meetings, and 1 KiB the kernel
+    /// spends on rounding its base up to the 1024-byte alignment of the swizzle atoms.
     pub fn smem_bytes(self) -> u32 {
         let (_, bn, stages, ..) = self.spec();
-        stages * (self.bm() + bn) * Self::BK * 2 + stages * 16 + 16 + 1024
+        let meetings = if self.staged() { 16 } else { 0 };
+        stages * (self.bm() + bn) * Self::BK * 2 + stages * 16 + 16 + meetings + 1024
     }
 
     /// Output tiles of an M x N product (a cluster's CTAs each take one; a multicast tile's
@@ -222,7 +251,10 @@ impl TmaTile {
             | TmaTile::McPingPong128
             | TmaTile::C4x1N128
             | TmaTile::C4x2N128
-            | TmaTile::M256N128 => 1.0,
+            | TmaTile::M256N128
+            | TmaTile::StagedN128
+            | TmaTile::StagedPingPong128
+            | TmaTile::StagedM256N128 => 1.0,
             TmaTile::N192 | TmaTile::Mc192 | TmaTile::C4x1N192 | TmaTile::C4x2N192 => 0.99,
             TmaTile::N256 | TmaTile::Mc256 => 0.92,
         }
@@ -784,6 +816,16 @@ mod tests {
             TmaTile::N128.smem_bytes()
         );
         assert_eq!(TmaTile::M256N128.smem_bytes(), TmaTile::N256.smem_bytes());
+        for (staged, twin) in [
+            (TmaTile::StagedN128, TmaTile::N128),
+            (TmaTile::StagedPingPong128, TmaTile::PingPong128),
+            (TmaTile::StagedM256N128, TmaTile::M256N128),
+        ] {
+            // The staged epilogue stages in the ring: only two meeting barriers of its own.
+            assert_eq!(staged.smem_bytes(), twin.smem_bytes() + 16);
+            assert_eq!(staged.tiles(65_536, 3456), twin.tiles(65_536, 3456));
+            assert!(staged.staged() && !twin.staged());
+        }
         assert_eq!(TmaTile::M256N128.tiles(65_536, 3456), 256 * 27);
         assert_eq!(TmaTile::M256N128.tiles(300, 128), 2);
         for t in TmaTile::ALL {
@@ -794,6 +836,7 @@ mod tests {
                 t.kernel_name()
                     .replace("gemm_tma_", "tma-")
                     .replace("pp_", "pp-")
+                    .replace("st_", "st-")
                     .replace("mc_", "mc-")
                     .replace("c4x1_", "c4x1-")
                     .replace("c4x2_", "c4x2-"),
@@ -842,7 +885,9 @@ mod tests {
             let body = &src[at..];
             let first = body.find("FORA_TMA_BODY(").expect("a body");
             let bm = t.bm();
-            let want = format!("FORA_TMA_BODY({bm}, {bn}, {stages}, {pingpong}, {cm}, {cn})");
+            let staged = if t.staged() { ", true" } else { "" };
+            let want =
+                format!("FORA_TMA_BODY({bm}, {bn}, {stages}, {pingpong}, {cm}, {cn}{staged})");
             assert!(body[first..].starts_with(&want), "{name}: {want} expected");
         }
     }
