@@ -23,8 +23,9 @@
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
 #              "default s17_steps no_reuse_sum no_final_sampler attention_deep attention_split
-#              f32_product attention_tma copy_table side_stream pdl tma tma_mc"; s17_steps: the
-#              reuse-step defaults before session 18; "all"
+#              f32_product attention_tma copy_table side_stream pdl tma tma_mc tma_staged
+#              tma_unstaged"; s17_steps: the reuse-step defaults before session 18; tma_staged /
+#              tma_unstaged: STAGED_TILES with and without the staged epilogue; "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
 #              l2_persist, tma_pdl, tma_mc_pdl, attention_v1, attention_v2, attention_wgmma,
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
@@ -65,7 +66,11 @@ SANITIZE_FULL=${SANITIZE_FULL:-0}
 # The reuse-step defaults before session 18 (no cache sums, the final GEMM, the table copied):
 # variant s17_steps and phase issue5_more.
 S17_STEPS_ENV="FORA_FINAL_SAMPLER=0 FORA_REUSE_SUM=0 FORA_REUSE_TABLE_IN_PLACE=0"
-VARIANTS=${VARIANTS:-default s17_steps no_reuse_sum no_final_sampler attention_deep attention_split f32_product attention_tma copy_table side_stream pdl tma tma_mc}
+# Session 19's staged-epilogue tiles forced on every DiT-XL/2 block GEMM (variant tma_staged),
+# and the same tiles with the register epilogue (variant tma_unstaged, "st-" dropped): the A/B
+# of the staged epilogue in whole steps.
+STAGED_TILES="3456x1152=st-128x128,1152x1152=st-128x128,4608x1152=st-128x128,1152x4608=st-pp-128x128"
+VARIANTS=${VARIANTS:-default s17_steps no_reuse_sum no_final_sampler attention_deep attention_split f32_product attention_tma copy_table side_stream pdl tma tma_mc tma_staged tma_unstaged}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -392,7 +397,8 @@ phase_variants() {
            "attention_wgmma_mn:cublaslt:FORA_ATTENTION=wgmma_mn" "attention_tma:cublaslt:FORA_ATTENTION=tma" \
            "attention_deep:cublaslt:FORA_ATTENTION=wgmma_mn_deep" \
            "attention_split:cublaslt:FORA_ATTENTION=wgmma_mn_split" \
-           "wgmma:wgmma:" "tma:tma:" "tma_mc:tma_mc:")
+           "wgmma:wgmma:" "tma:tma:" "tma_mc:tma_mc:" \
+           "tma_staged:tma:FORA_TMA_TILES=$STAGED_TILES" "tma_unstaged:tma:FORA_TMA_TILES=${STAGED_TILES//st-/}")
   local round suffix
   for round in $(seq 1 "${VARIANT_ROUNDS:-1}"); do
     suffix=""; [ "$round" -gt 1 ] && suffix="_r$round"

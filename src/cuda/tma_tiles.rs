@@ -638,6 +638,15 @@ mod tests {
             "3456x1152=c4x2-128x128,1152x4608=mc-128x128/3"
         );
         assert_eq!(o.to_string().parse::<TmaOverrides>().unwrap(), o);
+        // device_suite.sh's STAGED_TILES (variant tma_staged).
+        let staged: TmaOverrides = "3456x1152=st-128x128,1152x4608=st-pp-128x128"
+            .parse()
+            .unwrap();
+        assert_eq!(staged.get(3456, 1152).unwrap().tile, TmaTile::StagedN128);
+        assert_eq!(
+            staged.get(1152, 4608).unwrap().tile,
+            TmaTile::StagedPingPong128
+        );
         // Empty: nothing forced.
         assert!("".parse::<TmaOverrides>().unwrap().is_empty());
         assert!(" , ".parse::<TmaOverrides>().unwrap().is_empty());
