@@ -346,26 +346,40 @@ FORA_DEVICE void staged_epilogue(const Epilogue& e, float* stage, const float (&
         }
         __syncwarp();
         const int rows = row0 + 64 * b;
-        // Four rows a round: every load of the round (gates, residuals) before its stores.
-#pragma unroll 1
-        for (int r0 = 0; r0 < 16; r0 += 4) {
-            float4 a[4], gate[4], res[4];
+        // Four rows a round. The gated residual's loads (gates, residuals) are a round ahead:
+        // round r + 1's are issued before round r's stores, so the rounds' memory round trips
+        // overlap instead of following one another (the compiler may not move a load above a
+        // store it cannot prove disjoint; here the order is written out).
+        float4 gate[4], res[4];
+        auto load_round = [&](int r0, float4 (&g)[4], float4 (&x)[4]) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const int r = r0 + i, rr = rows + r;
-                a[i] = ld_shared_for_async_proxy<float4>(stage + staged_index(r, 4 * lane));
-                gate[i] = res[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                const int rr = rows + r0 + i;
+                g[i] = x[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 if (vec && gated) {
-                    gate[i] = *reinterpret_cast<const float4*>(
-                        e.gate + static_cast<long long>(rr / e.rows_per_gate) * e.ldg + col);
-                    res[i] = *reinterpret_cast<const float4*>(static_cast<const float*>(e.out) +
-                                                              static_cast<long long>(rr) * e.ldo + col);
+                    g[i] = *reinterpret_cast<const float4*>(e.gate + static_cast<long long>(rr / e.rows_per_gate) * e.ldg +
+                                                            col);
+                    x[i] = *reinterpret_cast<const float4*>(static_cast<const float*>(e.out) +
+                                                            static_cast<long long>(rr) * e.ldo + col);
                 }
             }
+        };
+        load_round(0, gate, res);
+#pragma unroll 1
+        for (int r0 = 0; r0 < 16; r0 += 4) {
+            float4 a[4], next_gate[4], next_res[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[i] = ld_shared_for_async_proxy<float4>(stage + staged_index(r0 + i, 4 * lane));
+            if (r0 + 4 < 16) load_round(r0 + 4, next_gate, next_res);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int rr = rows + r0 + i;
                 if (vec || (rr < e.m && col < e.n)) staged_quad(e, rr, col, a[i], vec, bias4, gate[i], res[i]);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                gate[i] = next_gate[i];
+                res[i] = next_res[i];
             }
         }
     }
