@@ -253,18 +253,22 @@ FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u, int rank) {
 // fragment unrolled, for each epilogue kind and bounds case (12-25 thousand SASS instructions a
 // kernel). Session 19's ncu of the 256 x 128 tile at 256 rows put a third of its warp samples in
 // that code, mostly stall_no_inst: the instruction fetch cannot keep up with code run once per
-// tile. The staged epilogue instead has each consumer warp write its 16 x 128 accumulator rows
-// to shared memory (the stage ring slots of the unit's last k-tiles, which the consumers hold
-// back from the producer until then) and apply the epilogue from there in a rolled loop, a row
-// of 128 columns at a time: a few hundred instructions, four contiguous columns a lane, so each
+// tile. The staged epilogue instead has each consumer warp write its 16 accumulator rows, 128
+// (or, 192 wide, 96) columns at a time, to shared memory (the stage ring slots of the unit's
+// last k-tiles, which the consumers hold back from the producer until then) and apply the
+// epilogue from there in a rolled loop, a row of those columns at a time: a few hundred instructions, four contiguous columns a lane, so each
 // row's stores are whole 256- or 512-byte segments. The same maths as epilogue_pair, in the same
 // order (identical results).
 
-// Float index of column c of row r in a warp's 16 x 128 f32 staging area: 16-byte groups XORed
-// with the row's low two bits, so the fragment stores (8 bytes, rows g and g + 8 of the mma
-// layout, half a warp a phase) and the row loads (16 bytes, a quarter warp a phase) hit 32
-// distinct banks.
-FORA_DEVICE int staged_index(int r, int c) { return r * 128 + (c ^ ((r & 3) << 3)); }
+// Float index of column c of row r in a warp's 16 x CP f32 staging area (CP = 128 or 96, a
+// multiple of 32 floats, so every row starts on bank 0): 8-float groups XORed with the row's
+// low two bits (within the row's 32-float block), so the fragment stores (8 bytes, rows g and
+// g + 8 of the mma layout, half a warp a phase) and the row loads (16 bytes, a quarter warp a
+// phase) hit 32 distinct banks.
+template <int CP>
+FORA_DEVICE int staged_index(int r, int c) {
+    return r * CP + (c ^ ((r & 3) << 3));
+}
 
 // One row's four columns col .. col + 3 of the epilogue, from the product a (no bias). VEC: the
 // four are inside the output and every access is aligned for 16-byte (f32) or 8-byte (bf16)
@@ -315,16 +319,27 @@ FORA_DEVICE void staged_quad(const Epilogue& e, int rr, int col, float4 a, bool 
     }
 }
 
+// Columns a staged pass covers for a tile BN wide: 128 (a lane's four of every row), or 96 for
+// BN = 192 (two passes, lanes 24 .. 31 idle in the row loop).
+template <int BN>
+__host__ __device__ constexpr int staged_pass_columns() {
+    return BN % 128 == 0 ? 128 : 96;
+}
+
 // The staged epilogue of one consumer warp: its 16 rows (row0 .. row0 + 15 of block b, blocks 64
-// rows apart) by the tile's 128 columns from n0, for each of its ROWBLOCKS accumulator blocks,
-// through its 8 KiB `stage` (a generic pointer into shared memory). whole_tile as for
-// epilogue_fragments. The caller fences the async proxy and frees the slots afterwards.
-template <int ROWBLOCKS>
-FORA_DEVICE void staged_epilogue(const Epilogue& e, float* stage, const float (&acc)[ROWBLOCKS][64], int row0,
+// rows apart) by the tile's BN columns from n0, for each of its ROWBLOCKS accumulator blocks,
+// in passes of CP columns through its 16 x CP f32 `stage` (a generic pointer into shared
+// memory). whole_tile as for epilogue_fragments. The caller fences the async proxy and frees the
+// slots afterwards.
+template <int ROWBLOCKS, int BN>
+FORA_DEVICE void staged_epilogue(const Epilogue& e, float* stage, const float (&acc)[ROWBLOCKS][BN / 2], int row0,
                                  int n0, bool whole_tile) {
+    constexpr int CP = staged_pass_columns<BN>();
+    constexpr int kFragments = CP / 8;  // accumulator fragments (8 columns each) a pass
+    static_assert(BN % CP == 0, "whole passes");
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int col = n0 + 4 * lane;  // this lane's four columns of every row
+    const bool active = lane < CP / 4;  // lanes with four columns of the pass
     const bool gated = e.kind == FORA_EPI_BIAS_GATE_RESIDUAL;
     auto aligned = [](const void* q, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(q) & (bytes - 1)) == 0; };
     // Vectors throughout: a whole tile, leading dimensions that keep every row's quads aligned,
@@ -333,18 +348,23 @@ FORA_DEVICE void staged_epilogue(const Epilogue& e, float* stage, const float (&
                      (e.cache == nullptr || ((e.ldc & 3) == 0 && aligned(e.cache, 8))) &&
                      (e.bias == nullptr || aligned(e.bias, 16)) &&
                      (!gated || ((e.ldg & 3) == 0 && aligned(e.gate, 16)));
-    float4 bias4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (vec && e.bias != nullptr) bias4 = *reinterpret_cast<const float4*>(e.bias + col);
 #pragma unroll
-    for (int b = 0; b < ROWBLOCKS; ++b) {
-        __syncwarp();  // the previous block's row loads are done before its area is rewritten
+    for (int pass = 0; pass < ROWBLOCKS * (BN / CP); ++pass) {
+        const int b = pass / (BN / CP);  // accumulator block
+        const int j0 = (pass % (BN / CP)) * kFragments;
+        const int col = n0 + 8 * j0 + 4 * lane;  // this lane's four columns of every row
+        __syncwarp();  // the previous pass's row loads are done before its area is rewritten
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
+        for (int j = 0; j < kFragments; ++j) {
             const int c = 8 * j + 2 * t;
-            st_shared_for_async_proxy(stage + staged_index(g, c), make_float2(acc[b][4 * j], acc[b][4 * j + 1]));
-            st_shared_for_async_proxy(stage + staged_index(g + 8, c), make_float2(acc[b][4 * j + 2], acc[b][4 * j + 3]));
+            const int f = 4 * (j0 + j);
+            st_shared_for_async_proxy(stage + staged_index<CP>(g, c), make_float2(acc[b][f], acc[b][f + 1]));
+            st_shared_for_async_proxy(stage + staged_index<CP>(g + 8, c), make_float2(acc[b][f + 2], acc[b][f + 3]));
         }
         __syncwarp();
+        if (!active) continue;
+        float4 bias4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (vec && e.bias != nullptr) bias4 = *reinterpret_cast<const float4*>(e.bias + col);
         const int rows = row0 + 64 * b;
         // Four rows a round. The gated residual's loads (gates, residuals) are a round ahead:
         // round r + 1's are issued before round r's stores, so the rounds' memory round trips
@@ -369,7 +389,9 @@ FORA_DEVICE void staged_epilogue(const Epilogue& e, float* stage, const float (&
         for (int r0 = 0; r0 < 16; r0 += 4) {
             float4 a[4], next_gate[4], next_res[4];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = ld_shared_for_async_proxy<float4>(stage + staged_index(r0 + i, 4 * lane));
+            for (int i = 0; i < 4; ++i) {
+                a[i] = ld_shared_for_async_proxy<float4>(stage + staged_index<CP>(r0 + i, 4 * lane));
+            }
             if (r0 + 4 < 16) load_round(r0 + 4, next_gate, next_res);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
@@ -420,8 +442,8 @@ FORA_DEVICE void staged_epilogue(const Epilogue& e, float* stage, const float (&
 template <int BM, int BN, int STAGES, bool PINGPONG, int CM, int CN, bool STAGED = false>
 FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
     static_assert((CM == 1 || CM == 2 || CM == 4) && (CN == 1 || CN == 2), "clusters of 1 .. 8 CTAs");
-    static_assert(!STAGED || (BN == 128 && CM == 1 && CN == 1),
-                  "the staged epilogue is written for 128-wide tiles without clusters");
+    static_assert(!STAGED || ((BN == 128 || BN == 192) && CM == 1 && CN == 1),
+                  "the staged epilogue is written for 128- and 192-wide tiles without clusters");
     static_assert(BM == 128 || (BM == 256 && !PINGPONG && CM == 1 && CN == 1),
                   "256-row tiles are cooperative and clusterless");
     constexpr int kCluster = CM * CN;
@@ -626,15 +648,17 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
                     if (lane == 0) mbarrier_arrive(my_meet);
                     mbarrier_wait(my_meet, staged_units & 1u);
                     ++staged_units;
-                    // This warp's 8 KiB: the held slots' A and W tiles (16 KiB each, the A
-                    // tile's first half for BM = 256), two warps to each.
+                    // This warp's 16 x CP f32 (8 or 6 KiB): the held slots' A and W tiles (at
+                    // least 16 KiB each), two warps to each.
+                    constexpr uint32_t kWarpBytes = 16 * staged_pass_columns<BN>() * 4;
+                    static_assert(2 * kWarpBytes <= 16384, "two warps' staging in each A and W tile");
                     const int warp = (PINGPONG ? 0 : 4 * consumer) + warp_in_group;
                     const uint32_t slot = (it - kHeld + warp / 4) % STAGES;
                     const uint32_t area = ((warp / 2) % 2 == 0 ? smem_a + slot * kStageA : smem_b + slot * kStageB) +
-                                          (warp % 2) * 8192u;
+                                          (warp % 2) * kWarpBytes;
                     float* stage = reinterpret_cast<float*>(reinterpret_cast<char*>(gemm_tma_smem) + (area - raw));
-                    staged_epilogue<kRowBlocks>(e, stage, acc, w.m0 + row_block0 * 64 + warp_in_group * 16, w.n0,
-                                                whole_tile);
+                    staged_epilogue<kRowBlocks, BN>(e, stage, acc, w.m0 + row_block0 * 64 + warp_in_group * 16, w.n0,
+                                                    whole_tile);
                     // The staging's plain accesses before the producer's TMA refills the slots.
                     fence_proxy_async_shared();
                     __syncwarp();
@@ -728,8 +752,9 @@ extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_256x128(const __gr
     FORA_TMA_BODY(256, 128, 4, false, 1, 1);
 }
 
-// The staged epilogue (gemm_tma_tile's STAGED) on 128 x 128 (six stages), ping-pong 128 x 128
-// and 256 x 128 (four stages): forced only until measured against their register-epilogue twins.
+// The staged epilogue (gemm_tma_tile's STAGED) on 128 x 128 (six stages), ping-pong 128 x 128,
+// 256 x 128 (four stages) and 128 x 192: forced only until measured against their
+// register-epilogue twins.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_st_128x128(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
     FORA_TMA_BODY(128, 128, 6, false, 1, 1, true);
@@ -743,6 +768,12 @@ extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_st_pp_128x128(cons
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_st_256x128(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_sync();
     FORA_TMA_BODY(256, 128, 4, false, 1, 1, true);
+}
+
+// 128 x 192 (five stages) staged in two passes of 96 columns: the tile fc1 takes at M = 512.
+extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_st_128x192(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_sync();
+    FORA_TMA_BODY(128, 192, 5, false, 1, 1, true);
 }
 
 // Ping-pong: 128 x 128 tiles, the two consumers taking the CTA's units in turn; six stages.

@@ -361,7 +361,7 @@ const WGMMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 5] = [
 /// tiles included), forced split-K, the automatic picks. In tests of their own (`gemm_tma_*`):
 /// the device suite runs them in a process of their own, so that a fault in these never-run
 /// kernels cannot poison the context of the other tests.
-const TMA_VARIANTS: [Variant; 31] = [
+const TMA_VARIANTS: [Variant; 33] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
@@ -370,6 +370,8 @@ const TMA_VARIANTS: [Variant; 31] = [
     Variant::Tma(TmaTile::StagedN128),
     Variant::Tma(TmaTile::StagedPingPong128),
     Variant::Tma(TmaTile::StagedM256N128),
+    Variant::Tma(TmaTile::StagedN192),
+    Variant::TmaSplit(TmaTile::StagedN192, 2),
     Variant::TmaSplit(TmaTile::StagedN128, 3),
     Variant::TmaSplit(TmaTile::StagedPingPong128, 2),
     Variant::TmaSplit(TmaTile::N128, 3),
@@ -396,7 +398,7 @@ const TMA_VARIANTS: [Variant; 31] = [
 ];
 
 /// [`TMA_VARIANTS`] without forced split-K.
-const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 19] = [
+const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 20] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
@@ -404,6 +406,7 @@ const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 19] = [
     Variant::Tma(TmaTile::StagedN128),
     Variant::Tma(TmaTile::StagedPingPong128),
     Variant::Tma(TmaTile::StagedM256N128),
+    Variant::Tma(TmaTile::StagedN192),
     Variant::Tma(TmaTile::PingPong128),
     Variant::Tma(TmaTile::Mc128),
     Variant::Tma(TmaTile::Mc192),

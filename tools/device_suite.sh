@@ -69,7 +69,7 @@ S17_STEPS_ENV="FORA_FINAL_SAMPLER=0 FORA_REUSE_SUM=0 FORA_REUSE_TABLE_IN_PLACE=0
 # Session 19's staged-epilogue tiles forced on every DiT-XL/2 block GEMM (variant tma_staged),
 # and the same tiles with the register epilogue (variant tma_unstaged, "st-" dropped): the A/B
 # of the staged epilogue in whole steps.
-STAGED_TILES="3456x1152=st-128x128,1152x1152=st-128x128,4608x1152=st-128x128,1152x4608=st-pp-128x128"
+STAGED_TILES="3456x1152=st-128x128,1152x1152=st-128x128,4608x1152=st-128x192,1152x4608=st-pp-128x128"
 VARIANTS=${VARIANTS:-default s17_steps no_reuse_sum no_final_sampler attention_deep attention_split f32_product attention_tma copy_table side_stream pdl tma tma_mc tma_staged tma_unstaged}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }

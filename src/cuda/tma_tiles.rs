@@ -49,6 +49,9 @@ pub enum TmaTile {
     StagedPingPong128,
     /// `M256N128` with the staged epilogue.
     StagedM256N128,
+    /// `N192` with the staged epilogue (two passes of 96 columns; five stages): the tile
+    /// [`TmaTile::pick`] gives fc1 at M = 512.
+    StagedN192,
     /// `N128` in clusters of four CTAs along M that multicast the W tile, a quarter each
     /// (`gemm_tma_c4x1_128x128`): at M = 512 a cluster covers every row, so each W tile is
     /// read from L2 once.
@@ -64,7 +67,7 @@ pub enum TmaTile {
 
 impl TmaTile {
     /// Every tile, the 4 x 1 and 4 x 2 multicast ones last.
-    pub const ALL: [TmaTile; 16] = [
+    pub const ALL: [TmaTile; 17] = [
         TmaTile::N128,
         TmaTile::N192,
         TmaTile::N256,
@@ -77,6 +80,7 @@ impl TmaTile {
         TmaTile::StagedN128,
         TmaTile::StagedPingPong128,
         TmaTile::StagedM256N128,
+        TmaTile::StagedN192,
         TmaTile::C4x1N128,
         TmaTile::C4x1N192,
         TmaTile::C4x2N128,
@@ -118,6 +122,7 @@ impl TmaTile {
             TmaTile::StagedN128 => ("gemm_tma_st_128x128", 128, 6, false, 1, 1),
             TmaTile::StagedPingPong128 => ("gemm_tma_st_pp_128x128", 128, 6, true, 1, 1),
             TmaTile::StagedM256N128 => ("gemm_tma_st_256x128", 128, 4, false, 1, 1),
+            TmaTile::StagedN192 => ("gemm_tma_st_128x192", 192, 5, false, 1, 1),
             TmaTile::C4x1N128 => ("gemm_tma_c4x1_128x128", 128, 6, false, 4, 1),
             TmaTile::C4x1N192 => ("gemm_tma_c4x1_128x192", 192, 5, false, 4, 1),
             TmaTile::C4x2N128 => ("gemm_tma_c4x2_128x128", 128, 6, false, 4, 2),
@@ -183,7 +188,10 @@ impl TmaTile {
     pub fn staged(self) -> bool {
         matches!(
             self,
-            TmaTile::StagedN128 | TmaTile::StagedPingPong128 | TmaTile::StagedM256N128
+            TmaTile::StagedN128
+                | TmaTile::StagedPingPong128
+                | TmaTile::StagedM256N128
+                | TmaTile::StagedN192
         )
     }
 
@@ -202,6 +210,7 @@ impl TmaTile {
             TmaTile::StagedN128 => "tma-st-128x128",
             TmaTile::StagedPingPong128 => "tma-st-pp-128x128",
             TmaTile::StagedM256N128 => "tma-st-256x128",
+            TmaTile::StagedN192 => "tma-st-128x192",
             TmaTile::C4x1N128 => "tma-c4x1-128x128",
             TmaTile::C4x1N192 => "tma-c4x1-128x192",
             TmaTile::C4x2N128 => "tma-c4x2-128x128",
@@ -255,7 +264,11 @@ impl TmaTile {
             | TmaTile::StagedN128
             | TmaTile::StagedPingPong128
             | TmaTile::StagedM256N128 => 1.0,
-            TmaTile::N192 | TmaTile::Mc192 | TmaTile::C4x1N192 | TmaTile::C4x2N192 => 0.99,
+            TmaTile::N192
+            | TmaTile::Mc192
+            | TmaTile::C4x1N192
+            | TmaTile::C4x2N192
+            | TmaTile::StagedN192 => 0.99,
             TmaTile::N256 | TmaTile::Mc256 => 0.92,
         }
     }
@@ -829,6 +842,7 @@ mod tests {
             (TmaTile::StagedN128, TmaTile::N128),
             (TmaTile::StagedPingPong128, TmaTile::PingPong128),
             (TmaTile::StagedM256N128, TmaTile::M256N128),
+            (TmaTile::StagedN192, TmaTile::N192),
         ] {
             // The staged epilogue stages in the ring: only two meeting barriers of its own.
             assert_eq!(staged.smem_bytes(), twin.smem_bytes() + 16);

@@ -193,6 +193,7 @@ void gemm_tma_256x128(const GemmTmaParams p);
 void gemm_tma_st_128x128(const GemmTmaParams p);
 void gemm_tma_st_pp_128x128(const GemmTmaParams p);
 void gemm_tma_st_256x128(const GemmTmaParams p);
+void gemm_tma_st_128x192(const GemmTmaParams p);
 void gemm_tma_pp_128x128(const GemmTmaParams p);
 void gemm_tma_mc_128x128(const GemmTmaParams p);
 void gemm_tma_mc_128x192(const GemmTmaParams p);
@@ -723,6 +724,7 @@ Kernel find(const std::string& name) {
     if (name == "gemm_tma_st_128x128") return call<GemmTmaParams, gemm_tma_st_128x128>;
     if (name == "gemm_tma_st_pp_128x128") return call<GemmTmaParams, gemm_tma_st_pp_128x128>;
     if (name == "gemm_tma_st_256x128") return call<GemmTmaParams, gemm_tma_st_256x128>;
+    if (name == "gemm_tma_st_128x192") return call<GemmTmaParams, gemm_tma_st_128x192>;
     if (name == "gemm_tma_pp_128x128") return call<GemmTmaParams, gemm_tma_pp_128x128>;
     if (name == "gemm_tma_mc_128x128") return call<GemmTmaParams, gemm_tma_mc_128x128>;
     if (name == "gemm_tma_mc_128x192") return call<GemmTmaParams, gemm_tma_mc_128x192>;
