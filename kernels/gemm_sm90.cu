@@ -256,9 +256,9 @@ FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u, int rank) {
 // tile. The staged epilogue instead has each consumer warp write its 16 accumulator rows, 128
 // (or, 192 wide, 96) columns at a time, to shared memory (the stage ring slots of the unit's
 // last k-tiles, which the consumers hold back from the producer until then) and apply the
-// epilogue from there in a rolled loop, a row of those columns at a time: a few hundred instructions, four contiguous columns a lane, so each
-// row's stores are whole 256- or 512-byte segments. The same maths as epilogue_pair, in the same
-// order (identical results).
+// epilogue from there in a rolled loop, a row of those columns at a time: a few hundred
+// instructions, four contiguous columns a lane, so each row's stores are whole segments. The
+// same maths as epilogue_pair, in the same order (identical results).
 
 // Float index of column c of row r in a warp's 16 x CP f32 staging area (CP = 128 or 96, a
 // multiple of 32 floats, so every row starts on bank 0): 8-float groups XORed with the row's
@@ -296,20 +296,14 @@ FORA_DEVICE void staged_quad(const Epilogue& e, int rr, int col, float4 a, bool 
             v2 = gelu_tanh(v2);
             v3 = gelu_tanh(v3);
         }
-        const __nv_bfloat162 lo = __floats2bfloat162_rn(v0, v1), hi = __floats2bfloat162_rn(v2, v3);
-        uint2 packed;
-        packed.x = *reinterpret_cast<const uint32_t*>(&lo);
-        packed.y = *reinterpret_cast<const uint32_t*>(&hi);
-        *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(e.out) + o) = packed;
+        *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(e.out) + o) =
+            make_uint2(pack_bf16x2(v0, v1), pack_bf16x2(v2, v3));
     } else if (e.kind == FORA_EPI_BIAS_F32) {
         *reinterpret_cast<float4*>(static_cast<float*>(e.out) + o) = make_float4(v0, v1, v2, v3);
     } else {  // FORA_EPI_BIAS_GATE_RESIDUAL
         if (e.cache != nullptr) {
-            const __nv_bfloat162 lo = __floats2bfloat162_rn(v0, v1), hi = __floats2bfloat162_rn(v2, v3);
-            uint2 packed;
-            packed.x = *reinterpret_cast<const uint32_t*>(&lo);
-            packed.y = *reinterpret_cast<const uint32_t*>(&hi);
-            *reinterpret_cast<uint2*>(e.cache + static_cast<long long>(rr) * e.ldc + col) = packed;
+            *reinterpret_cast<uint2*>(e.cache + static_cast<long long>(rr) * e.ldc + col) =
+                make_uint2(pack_bf16x2(v0, v1), pack_bf16x2(v2, v3));
         }
         res.x += gate.x * v0;
         res.y += gate.y * v1;
@@ -713,8 +707,9 @@ extern "C" __global__ void __launch_bounds__(128, 2) gemm_wgmma_64x128(const Gem
 }
 
 // The warp-specialized TMA kernels: 384 threads (a producer and two consumer warpgroups), one
-// CTA per SM, a persistent grid. Dynamic smem = STAGES * (BM + BN) * 64 * 2 + STAGES * 16 + 16 +
-// 1024 bytes (src/cuda/tma_tiles.rs, TmaTile, must match): 193, 201, 193 and 193 KiB.
+// CTA per SM, a persistent grid. Dynamic smem = STAGES * (BM + BN) * 64 * 2 + STAGES * 16 + 16
+// (+ 16 STAGED) + 1024 bytes (src/cuda/tma_tiles.rs, TmaTile::smem_bytes, must match): 193 to
+// 201 KiB.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FORA_TMA_BODY(...) gemm_tma_tile<__VA_ARGS__>(p)
 #else

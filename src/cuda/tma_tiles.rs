@@ -23,8 +23,8 @@ pub enum TmaTile {
     /// 256 x 128, four stages: each consumer warpgroup 128 x 128 (two m64 blocks, as in
     /// ping-pong) of the same tile, so a k-step reads 384 operand rows from L2 for 256 x 128
     /// outputs (the 128 x 128 tiles read 256 for half of them and are L2-bound at 256 rows on
-    /// an H200: session 19's ncu). Forced only (`FORA_TMA_TILES`, tests, the bench's rows):
-    /// not yet measured, so no pick chooses it.
+    /// an H200: session 19's ncu). Forced only (`FORA_TMA_TILES`, tests, the bench's rows): on
+    /// an H200 (session 19) no faster than `PingPong128`, so no pick chooses it.
     M256N128,
     /// 128 x 128, six stages, ping-pong: the two consumer warpgroups take whole tiles in turn,
     /// so one's epilogue runs while the other computes. [`TmaTile::pick`]'s for long K.
@@ -889,8 +889,9 @@ mod tests {
 
     #[test]
     fn tma_kernels_match_specs() {
-        // The instantiations in gemm_sm90.cu: name, BM, BN, stages and cluster as
-        // TmaTile::spec and TmaTile::bm say; 384 threads; clusters declared with __cluster_dims__ (FORA_CLUSTER(n)).
+        // The instantiations in gemm_sm90.cu: name, BM, BN, stages, cluster and staging as
+        // TmaTile::spec, TmaTile::bm and TmaTile::staged say; 384 threads; clusters declared
+        // with __cluster_dims__ (FORA_CLUSTER(n)).
         let src = include_str!("../../kernels/gemm_sm90.cu");
         for t in TmaTile::ALL {
             let (name, bn, stages, pingpong, cm, cn) = t.spec();
