@@ -1,4 +1,4 @@
-// Memory-bandwidth probes: the bench's memory ceilings measured with kernels shaped like ours
+// The bench's device helpers. Memory-bandwidth probes: the bench's memory ceilings measured with kernels shaped like ours
 // (16-byte accesses, several in flight a thread, a grid-stride loop over a few waves of
 // blocks), next to cuMemcpyDtoD. A read-dominated kernel (fora_reuse_final reads 98% of its
 // bytes) is compared with what reading alone reaches, not with a copy that also writes.
@@ -50,4 +50,21 @@ extern "C" __global__ void __launch_bounds__(256) bandwidth_copy(const Bandwidth
         for (int u = 0; u < kInFlight; ++u) dst[i + u * stride] = v[u];
     }
     for (; i < p.chunks; i += stride) dst[i] = src[i];
+}
+
+// Holds the stream for p.ns nanoseconds of the global timer (one thread; touches no memory).
+// The CPU emulator has no clock to wait on: there it returns at once.
+extern "C" __global__ void __launch_bounds__(32) hold_stream(const HoldParams p) {
+    grid_dependency_sync();
+#ifdef FORA_EMULATION
+    (void)p;
+#else
+    if (threadIdx.x != 0) return;
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        __nanosleep(1000);
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < static_cast<unsigned long long>(p.ns));
+#endif
 }

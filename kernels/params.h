@@ -359,6 +359,14 @@ typedef struct BandwidthParams {
     long long mask;
 } BandwidthParams;
 
+/* The bench's stream hold: one thread spins until `ns` nanoseconds of the GPU's global timer
+ * have passed since it started, so that the host can enqueue a whole step op by op behind it
+ * and the step then runs back to back, as from a graph (`fora bench --sections ops`). Kernel
+ * hold_stream. */
+typedef struct HoldParams {
+    long long ns;
+} HoldParams;
+
 #ifdef __cplusplus
 }
 #endif

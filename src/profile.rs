@@ -11,7 +11,9 @@
 //! `qkv`, `attention`, `proj`, `ln_mlp`, `fc1`, `fc2`, then `fora_reuse`, `final_layer`,
 //! `sampler_step` (or `final_sampler_step`). CUDA-graph replays carry only the step ranges
 //! (the per-op ranges are recorded when the graph is captured); `FORA_CUDA_GRAPHS=0` launches
-//! op by op under them.
+//! op by op under them. The model opens its op ranges with [`crate::op_range!`]
+//! ([`crate::cuda::op_timer`]), which also times them with CUDA events for `fora bench --sections
+//! ops`.
 
 use core::ffi::c_char;
 use core::fmt::Write;

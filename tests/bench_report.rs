@@ -6,9 +6,9 @@
 
 use fora::backend::StepUpdate;
 use fora::bench::{
-    args_from_bench_argv, fmt_opt, gbps, launches_per_graph, rotation_copies, rows_request, tflops,
-    utc_date, BenchError, Bound, Ceiling, DeviceInfo, E2eRow, GemmChoice, KernelRow, LaunchCount,
-    ModelInfo, Report, Section, Stats, StepKind, StepRow,
+    args_from_bench_argv, fmt_opt, gbps, launches_per_graph, op_flops, rotation_copies,
+    rows_request, tflops, utc_date, BenchError, Bound, Ceiling, DeviceInfo, E2eRow, GemmChoice,
+    KernelRow, LaunchCount, ModelInfo, OpRow, OpStep, Report, Section, Stats, StepKind, StepRow,
 };
 use fora::config::DitConfig;
 use fora::cuda::gemm::GemmImpl;
@@ -51,6 +51,7 @@ fn default_and_quick_plans() {
             Section::Ceilings,
             Section::Kernels,
             Section::Steps,
+            Section::Ops,
             Section::E2e
         ]
     );
@@ -461,11 +462,33 @@ fn fake_report() -> Report {
             // not full, so the tile's intensity is not the row's).
             kernel("adaLN", "tma-128x192", 2, Bound::Compute, 1.0e9, Some(0.05)),
         ],
+        // A 2-row computing step op by op: 1.3 ms, of which the ops cover 1.2.
+        ops: vec![OpStep {
+            gemm: "custom".into(),
+            rows: 2,
+            kind: StepKind::Full,
+            total: Stats::from_samples(&[1.3, 1.4, 1.2]).unwrap(),
+            hold_ms: 3.0,
+            ops: vec![
+                op_row("qkv", 28, 0.3, op_flops(&cfg, 2, "qkv").map(|f| 28.0 * f)),
+                op_row("residual_ln", 56, 0.2, None),
+                op_row("fc2", 28, 0.7, op_flops(&cfg, 2, "fc2").map(|f| 28.0 * f)),
+            ],
+        }],
         errors: vec![BenchError {
             section: "steps".into(),
             what: "custom GEMM, 256 rows: reuse step".into(),
             error: "fake failure".into(),
         }],
+    }
+}
+
+fn op_row(op: &str, count: usize, ms: f64, flops: Option<f64>) -> OpRow {
+    OpRow {
+        op: op.into(),
+        count,
+        stats: Stats::from_samples(&[ms]).unwrap(),
+        flops,
     }
 }
 
@@ -492,6 +515,36 @@ fn report_markdown_and_json() {
     assert_eq!(j["model"]["arch"], "DiT-XL/2");
     assert_eq!(j["device"]["compute_capability"], "9.0");
     assert_eq!(j["ceilings"]["gemm"]["tflops"], 700.0);
+
+    // In-model op times: the step op by op against the steps section's (graph) step, the ops
+    // by time; fc2's 28 ranges of 2 x 512 x 1152 x 4608 FLOPs in 0.7 ms are 217.4 TFLOP/s,
+    // 31.1% of the 700 TFLOP/s ceiling.
+    assert!(
+        md.contains(
+            "### custom GEMM, 2 rows, full step: 1.300 ms op by op (the steps section's step: \
+             1.200 ms); between ops 0.100 ms"
+        ),
+        "{md}"
+    );
+    let fc2 = md.find("| fc2 | 0.700 | 53.8% | 28 | 25.0 | 217.4 | 31.1 |");
+    let qkv = md.find("| qkv | 0.300 | 23.1% | 28 | 10.7 |");
+    let ln = md.find("| residual_ln | 0.200 | 15.4% | 56 | 3.6 | — | — |");
+    assert!(
+        matches!((fc2, qkv, ln), (Some(a), Some(b), Some(c)) if a < b && b < c),
+        "{md}"
+    );
+    let ops = j["ops"].as_array().unwrap();
+    assert_eq!(ops.len(), 4);
+    assert_eq!(ops[0]["op"], "(step)");
+    assert_eq!(ops[0]["median_ms"], 1.3);
+    assert_eq!(ops[0]["ranges"], Value::Null);
+    assert_eq!(
+        (ops[1]["op"].as_str(), ops[1]["ranges"].as_u64()),
+        (Some("qkv"), Some(28))
+    );
+    assert_eq!(ops[2]["tflops"], Value::Null);
+    assert!((ops[3]["tflops"].as_f64().unwrap() - 217.43).abs() < 0.01);
+    assert_eq!(ops[3]["kind"], "full");
     assert_eq!(j["ceilings"]["memory"].as_array().map(|a| a.len()), Some(3));
     assert_eq!(j["ceilings"]["memory_best"]["gbps"], 3000.0);
     assert_eq!(j["ceilings"]["memory_best"]["what"], "read kernel 1024 MiB");

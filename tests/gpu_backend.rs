@@ -1403,3 +1403,100 @@ fn gpu_final_sampler_agrees() {
         cuda.set_options(base);
     }
 }
+
+/// The in-model op times (`fora bench --sections ops`): a graph-less computing step timed op
+/// by op names every block op once a block, in launch order, without overlap, within the step's
+/// total; timing changes no result; starting twice or finishing unstarted is an error; and the
+/// stream hold the bench enqueues a step behind holds the stream as long as asked.
+#[test]
+fn gpu_op_times_cover_the_step() {
+    use fora::cuda::CudaOptions;
+    let cfg = small_cfg();
+    let Some((_cpu, mut cuda)) = backends("gpu_op_times_cover_the_step", &cfg, 41) else {
+        return;
+    };
+    cuda.set_options(CudaOptions {
+        graphs: false,
+        ..cuda.options()
+    });
+    let options = SamplerOptions::ddpm(10).with_guidance(Some(Guidance {
+        scale: 2.5,
+        mode: GuidanceMode::Official3,
+    }));
+    let sampler = Sampler::new(&cuda, options).unwrap();
+    let plan = sampler.plan(&[1, 7], NoiseSource::Seed(3)).unwrap();
+    let spec = |k: usize, mode| StepSpec {
+        k,
+        i: 9 - k,
+        t: plan.timesteps[k],
+        mode,
+        update: sampler
+            .diffusion()
+            .step_update(9 - k, SamplerKind::Ddpm)
+            .unwrap(),
+        reuse_ahead: 0,
+    };
+    let gpu = cuda.gpu();
+    assert!(gpu.finish_op_times().is_err(), "finished unstarted");
+
+    let mut timed_ws = cuda.workspace(&plan).unwrap();
+    gpu.start_op_times().unwrap();
+    assert!(gpu.start_op_times().is_err(), "started twice");
+    cuda.step(&mut timed_ws, &spec(0, StepMode::Compute))
+        .unwrap();
+    let compute = gpu.finish_op_times().unwrap();
+    gpu.start_op_times().unwrap();
+    cuda.step(&mut timed_ws, &spec(1, StepMode::Reuse)).unwrap();
+    let reuse = gpu.finish_op_times().unwrap();
+
+    for op in ["qkv", "attention", "proj", "fc1", "fc2"] {
+        let n = compute.spans.iter().filter(|s| s.label == op).count();
+        assert_eq!(n, cfg.depth, "{op}: {:?}", compute.spans);
+        assert!(
+            reuse.spans.iter().all(|s| s.label != op),
+            "a reuse step ran {op}: {:?}",
+            reuse.spans
+        );
+    }
+    for times in [&compute, &reuse] {
+        assert!(!times.spans.is_empty());
+        let mut end = 0.0f64;
+        for s in &times.spans {
+            // (An op may enqueue nothing on some paths; a block op always runs kernels.)
+            let block_op = ["qkv", "attention", "proj", "fc1", "fc2"].contains(&s.label.as_str());
+            assert!(s.ms.is_finite() && s.ms >= 0.0, "{s:?}");
+            assert!(!block_op || s.ms > 0.0, "{s:?}");
+            // Event times resolve to about half a microsecond.
+            assert!(
+                s.start_ms >= end - 1e-3,
+                "overlapping ops: {:?}",
+                times.spans
+            );
+            end = s.start_ms + s.ms;
+        }
+        assert!(times.total_ms >= end - 1e-3, "{times:?}");
+    }
+
+    // The same steps untimed: the same latents.
+    let mut plain_ws = cuda.workspace(&plan).unwrap();
+    cuda.step(&mut plain_ws, &spec(0, StepMode::Compute))
+        .unwrap();
+    cuda.step(&mut plain_ws, &spec(1, StepMode::Reuse)).unwrap();
+    let a = cuda.latents(&mut timed_ws).unwrap();
+    let b = cuda.latents(&mut plain_ws).unwrap();
+    assert!(a == b, "timing the ops changed the latents");
+
+    // The hold: 3 ms of the GPU's clock between two events.
+    let gpu = cuda.gpu();
+    let ctx = gpu.context();
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let (start, end) = (ctx.new_event(flags).unwrap(), ctx.new_event(flags).unwrap());
+    start.record(gpu.stream()).unwrap();
+    fora::cuda::bandwidth::hold_stream(gpu, 3_000_000).unwrap();
+    end.record(gpu.stream()).unwrap();
+    gpu.synchronize().unwrap();
+    let held = start.elapsed_ms(&end).unwrap();
+    // (Events resolve to about half a microsecond.)
+    assert!((2.999..100.0).contains(&held), "held {held} ms");
+    assert!(fora::cuda::bandwidth::hold_stream(gpu, 0).is_err());
+}

@@ -31,6 +31,9 @@
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
 #              VARIANT_ARGS / VARIANT_S change what each runs);
 #   bench      `fora bench` (FORA_BENCH_ARGS overrides its arguments);
+#   ops        where a step's time goes inside the step: `fora bench --sections steps,ops` at
+#              OPS_ROWS (default 2,256) with OPS_GEMM (default cublaslt; also e.g. tma), each
+#              op's time a step from CUDA events around it, beside the graph-replayed step;
 #   torch      tools/bench_torch.py, the PyTorch reference (TORCH_BENCH_ARGS);
 #   issue5     what issue 5 still asks measured in one call: our steps at 2, 16, 64, 256 rows and
 #              N = 1..5, PyTorch eager / graph / torch.compile (ISSUE5_TORCH_MODES: e.g.
@@ -165,6 +168,16 @@ hopper_rows() {
   # A run cut short: the last rows it logged.
   grep -q "^bench: done" "$OUT/$1.log" || grep -E "^bench: " "$OUT/$1.log" | tail -n 8
   tail -n 2 "$OUT/$1.log"
+}
+
+phase_ops() {
+  for g in ${OPS_GEMM:-cublaslt}; do
+    echo "=== in-model op times ($g GEMM, rows ${OPS_ROWS:-2,256})"
+    bounded 90 .devpack/bin/fora bench --sections steps,ops --batches "${OPS_ROWS:-2,256}" --runs 10 \
+      --gemm "$g" --json "$OUT/ops_$g.json" > "$OUT/ops_$g.log" 2>&1
+    sed -n '/^## In-model op times/,$p' "$OUT/ops_$g.log" | grep -E "^(###|\| )" | head -n 100
+    tail -n 2 "$OUT/ops_$g.log"
+  done
 }
 
 # The Hopper GEMM rows alone, as a phase (bench and issue5_more run them too).

@@ -1,8 +1,8 @@
 //! The benchmark harness (`fora bench`, `cargo bench --bench dit`): DiT + FORA on one NVIDIA GPU,
 //! measured with CUDA events on the device's stream.
 //!
-//! Sections (each can be selected with `--sections`; measured in the order steps, e2e, ceilings,
-//! kernels, so that the step times come before the kernel rows' long 256-row runs):
+//! Sections (each can be selected with `--sections`; measured in the order steps, ops, e2e,
+//! ceilings, kernels, so that the step times come before the kernel rows' long 256-row runs):
 //! - **ceilings**: what the card can do, measured in the same run: a large bf16 cuBLASLt GEMM
 //!   (TFLOP/s); memory bandwidth three ways (GB/s): cuMemcpyDtoD and our `bandwidth_copy`
 //!   kernel (read + write bytes), and our `bandwidth_read` kernel (bytes read). A memory-bound
@@ -20,6 +20,11 @@
 //!   rows (rows include the CFG half), with effective TFLOP/s `2 * macs_per_row * rows / time`
 //!   and the launches of one step, counted by capturing a step of a graph-less workspace and
 //!   counting the graph's nodes.
+//! - **ops**: where a step's time goes inside the step, per batch: a computing and a reuse step
+//!   launched op by op (no graphs) behind a stream hold, so that they run back to back, with
+//!   CUDA events around every op the model marks (qkv, attention, proj, residual_ln, fc1, fc2,
+//!   conditioning, the sampler update, ...): each op's time a step, its share, TFLOP/s for the
+//!   matrix products, and the time between ops, beside the step as the steps section timed it.
 //! - **e2e**: whole sampling runs (250-step DDPM, one image with CFG) for FORA N = 1..5: wall
 //!   time of the loop and the realized speedup over N = 1 next to the theoretical one.
 //!
@@ -47,11 +52,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 mod kernels;
+mod ops;
 mod report;
 mod steps;
 mod timer;
 
 use kernels::{bench_ceilings, bench_kernels};
+use ops::bench_ops;
+pub use ops::{aggregate_op_times, op_flops, OpRow, OpStep};
 pub use report::*;
 use steps::{bench_e2e, bench_steps};
 use timer::Timer;
@@ -97,6 +105,8 @@ pub enum Section {
     Kernels,
     /// Computing and reuse steps per batch.
     Steps,
+    /// Each op's time inside a computing and a reuse step, per batch.
+    Ops,
     /// 250-step FORA runs end to end per interval.
     E2e,
 }
@@ -277,6 +287,7 @@ impl BenchArgs {
                 Section::Ceilings,
                 Section::Kernels,
                 Section::Steps,
+                Section::Ops,
                 Section::E2e,
             ]
         });
@@ -544,8 +555,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // minutes of 256-row launches (session 18: processes that ran the kernel section first
     // timed the 2-row step 3-5% slower than processes that timed only the steps).
     let want_steps = plan.sections.contains(&Section::Steps);
+    let want_ops = plan.sections.contains(&Section::Ops);
     let want_e2e = plan.sections.contains(&Section::E2e);
-    if want_steps || want_e2e {
+    if want_steps || want_ops || want_e2e {
         for (i, &imp) in plan.gemms.iter().enumerate() {
             let name = imp.name();
             let options = CudaOptions {
@@ -565,6 +577,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 for &rows in &plan.batches {
                     eprintln!("bench: steps, {name} GEMM, {rows} rows");
                     bench_steps(&mut backend, &plan, &timer, rows, args.seed, &mut report);
+                    save(&report);
+                }
+            }
+            if want_ops {
+                for &rows in &plan.batches {
+                    eprintln!("bench: op times, {name} GEMM, {rows} rows");
+                    bench_ops(&mut backend, &plan, rows, args.seed, &mut report);
                     save(&report);
                 }
             }

@@ -250,6 +250,8 @@ pub struct Report {
     pub e2e: Vec<E2eRow>,
     /// Per-kernel rows.
     pub kernels: Vec<KernelRow>,
+    /// In-model op times, per GEMM, rows and step kind (the `ops` section).
+    pub ops: Vec<super::ops::OpStep>,
     /// Measurements that failed (the others still ran).
     pub errors: Vec<BenchError>,
 }
@@ -353,6 +355,7 @@ impl Report {
             steps: Vec::new(),
             e2e: Vec::new(),
             kernels: Vec::new(),
+            ops: Vec::new(),
             errors: Vec::new(),
         }
     }
@@ -664,6 +667,7 @@ impl Report {
             "steps": steps,
             "e2e": e2e,
             "kernels": kernels,
+            "ops": self.ops_json(),
             "errors": self.errors.iter().map(|e| json!({
                 "section": e.section, "what": e.what, "error": e.error,
             })).collect::<Vec<_>>(),
@@ -984,6 +988,8 @@ impl Report {
                   the workspace was built (when they fit), so a step only copies its table.\n";
         }
 
+        s += &self.ops_markdown();
+
         if !self.e2e.is_empty() {
             s += "\n## End to end (DDPM, one image with CFG = 2 rows)\n\n";
             s += "| GEMM | N | steps | computing | loop (ms) | setup (ms) | speedup vs N=1 | \
@@ -1025,7 +1031,7 @@ impl Report {
     }
 }
 
-fn merge_stats(v: &mut Value, stats: Option<&Stats>) {
+pub(super) fn merge_stats(v: &mut Value, stats: Option<&Stats>) {
     let fields = ["median_ms", "min_ms", "max_ms", "mean_ms", "runs"];
     match stats {
         Some(s) => {

@@ -30,6 +30,25 @@ fn step_specs(sampler: &Sampler<'_, CudaBackend>, plan: &SamplePlan) -> Result<V
         .collect()
 }
 
+/// The sampling plan of a `rows`-row batch (`plan`'s steps and guidance) and its step records
+/// (all computing; callers set the mode).
+pub(super) fn prepare_steps(
+    backend: &CudaBackend,
+    plan: &BenchPlan,
+    rows: usize,
+    seed: u64,
+) -> Result<(SamplePlan, Vec<StepSpec>)> {
+    let cfg = backend.config();
+    let (classes, guidance) = rows_request(rows, cfg.num_classes, plan.cfg_scale);
+    let sampler = Sampler::new(
+        backend,
+        SamplerOptions::ddpm(plan.steps).with_guidance(guidance),
+    )?;
+    let splan = sampler.plan(&classes, NoiseSource::Seed(seed))?;
+    let specs = step_specs(&sampler, &splan)?;
+    Ok((splan, specs))
+}
+
 pub(super) fn bench_steps(
     backend: &mut CudaBackend,
     plan: &BenchPlan,
@@ -39,19 +58,8 @@ pub(super) fn bench_steps(
     report: &mut Report,
 ) {
     let gemm = backend.gemm_impl().name().to_string();
-    let cfg = backend.config();
-    let (classes, guidance) = rows_request(rows, cfg.num_classes, plan.cfg_scale);
     let what = format!("{gemm} GEMM, {rows} rows");
-    let prepared = Sampler::new(
-        &*backend,
-        SamplerOptions::ddpm(plan.steps).with_guidance(guidance),
-    )
-    .and_then(|sampler| {
-        let splan = sampler.plan(&classes, NoiseSource::Seed(seed))?;
-        let specs = step_specs(&sampler, &splan)?;
-        Ok((splan, specs))
-    });
-    let (splan, specs) = match prepared {
+    let (splan, specs) = match prepare_steps(backend, plan, rows, seed) {
         Ok(p) => p,
         Err(e) => {
             report.error("steps", &what, &e);

@@ -1303,7 +1303,7 @@ impl Backend for CudaBackend {
                 let parity = step.k % 2;
                 if side.ready != Some(step.k) {
                     // Not computed by the previous step's side branch: compute it now, first.
-                    let _cond = crate::nvtx_range!("conditioning");
+                    let _cond = crate::op_range!(&self.gpu, "conditioning");
                     self.model.modulation(
                         &self.gpu,
                         &ws.gemm,
@@ -1348,7 +1348,7 @@ impl Backend for CudaBackend {
             ws.cache_valid = true;
         }
         let p = self.sampler_params(ws, step)?;
-        let _update = crate::nvtx_range!("{}", super::sampler::update_kernel(&p));
+        let _update = crate::op_range!(&self.gpu, "{}", super::sampler::update_kernel(&p));
         super::sampler::sampler_update(&self.gpu, &p)
     }
 

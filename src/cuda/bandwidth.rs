@@ -1,8 +1,9 @@
-//! Launchers of `kernels/bandwidth.cu`: the memory-bandwidth probes behind the bench's memory
-//! ceilings (a read-only sweep and a copy with 16-byte accesses, as our kernels access memory).
+//! Launchers of `kernels/bandwidth.cu`, the bench's device helpers: the memory-bandwidth probes
+//! behind its memory ceilings (a read-only sweep and a copy with 16-byte accesses, as our kernels
+//! access memory), and the stream hold its in-model op times enqueue a step behind.
 
 use super::device::{check_positive, check_ptr, KernelLauncher};
-use super::params::BandwidthParams;
+use super::params::{BandwidthParams, HoldParams};
 use anyhow::{ensure, Result};
 
 /// Threads per block (the kernels' `__launch_bounds__`).
@@ -83,6 +84,22 @@ pub fn bandwidth_copy(gpu: &impl KernelLauncher, p: &BandwidthParams) -> Result<
     let grid = bandwidth_copy_plan(gpu, p)?;
     // SAFETY: validated above; the caller owns `16 * chunks` bytes at src and at dst.
     unsafe { gpu.launch_kernel("bandwidth_copy", (grid, 1, 1), (THREADS, 1, 1), 0, p) }
+}
+
+/// Longest hold [`hold_stream`] takes: one second.
+pub const MAX_HOLD_NS: i64 = 1_000_000_000;
+
+/// Holds the stream for `ns` nanoseconds (1 ..= [`MAX_HOLD_NS`]) of the GPU's clock: what the
+/// host enqueues behind it then runs back to back, as from a graph, however slowly the host
+/// enqueued it. One thread; touches no memory. (The CPU emulator returns at once.)
+pub fn hold_stream(gpu: &impl KernelLauncher, ns: i64) -> Result<()> {
+    ensure!(
+        (1..=MAX_HOLD_NS).contains(&ns),
+        "hold_stream: {ns} ns is outside 1 ..= {MAX_HOLD_NS}"
+    );
+    let p = HoldParams { ns };
+    // SAFETY: the kernel reads only its parameter.
+    unsafe { gpu.launch_kernel("hold_stream", (1, 1, 1), (32, 1, 1), 0, &p) }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! captures. That makes [`dptr`] a plain address read.
 
 use super::kernels;
+use super::op_timer::OpRecorder;
 use super::params::TmaDescriptor;
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{
@@ -31,6 +32,10 @@ pub struct Gpu {
     allocations: AtomicUsize,
     /// Launch kernels with programmatic stream serialization ([`Gpu::set_programmatic_launch`]).
     programmatic: AtomicBool,
+    /// In-model op times ([`Gpu::start_op_times`]): whether they are being recorded, and the
+    /// recorder.
+    op_timing: AtomicBool,
+    op_recorder: Mutex<OpRecorder>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -446,6 +451,8 @@ impl Gpu {
             name,
             allocations: AtomicUsize::new(0),
             programmatic: AtomicBool::new(false),
+            op_timing: AtomicBool::new(false),
+            op_recorder: Mutex::new(OpRecorder::default()),
         })
     }
 
@@ -469,7 +476,26 @@ impl Gpu {
             name: self.name.clone(),
             allocations: AtomicUsize::new(0),
             programmatic: AtomicBool::new(false),
+            op_timing: AtomicBool::new(false),
+            op_recorder: Mutex::new(OpRecorder::default()),
         })
+    }
+
+    /// Whether [`Gpu::start_op_times`] is on (see [`super::op_timer`]).
+    pub(crate) fn op_timing(&self) -> bool {
+        self.op_timing.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_op_timing(&self, on: bool) {
+        self.op_timing.store(on, Ordering::Relaxed);
+    }
+
+    /// The op-time recorder (a panic while it was held leaves it usable: it holds no invariant
+    /// that a half-done update breaks beyond the error it reports).
+    pub(crate) fn op_recorder(&self) -> std::sync::MutexGuard<'_, OpRecorder> {
+        self.op_recorder
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The stream all of this device's work goes on.

@@ -13,6 +13,7 @@ pub mod gemm;
 pub mod kernels;
 pub mod model;
 pub mod norm;
+pub mod op_timer;
 pub mod params;
 pub mod probe;
 pub mod sampler;

@@ -656,7 +656,7 @@ impl GpuModel {
                 t: steps_t,
                 scratch,
             } => {
-                let _cond = crate::nvtx_range!("sum_gates");
+                let _cond = crate::op_range!(gpu, "sum_gates");
                 for j in 0..count {
                     self.modulation(
                         gpu,
@@ -672,7 +672,7 @@ impl GpuModel {
                 (scratch, rows * cols)
             }
         };
-        let _sum = crate::nvtx_range!("fora_cache_sum");
+        let _sum = crate::op_range!(gpu, "fora_cache_sum");
         super::fora::fora_cache_sum(
             gpu,
             &ForaCacheSumParams {
@@ -741,7 +741,7 @@ impl GpuModel {
         );
 
         if with_modulation {
-            let _cond = crate::nvtx_range!("conditioning");
+            let _cond = crate::op_range!(gpu, "conditioning");
             // A reuse forward reads only the gates and the final shift / scale; from a cache
             // sum, only the final shift / scale.
             let columns = match (mode, reuse_sum) {
@@ -782,7 +782,7 @@ impl GpuModel {
             .tokens()
                 == 1;
         if !fused {
-            let _embed = crate::nvtx_range!("patch_embed");
+            let _embed = crate::op_range!(gpu, "patch_embed");
             super::embed::patch_embed(
                 gpu,
                 &PatchEmbedParams {
@@ -834,7 +834,7 @@ impl GpuModel {
                            cache: u64,
                            gate_col: usize,
                            shift_col: usize| {
-            let _op = crate::nvtx_range!("residual_ln");
+            let _op = crate::op_range!(gpu, "residual_ln");
             let (acc, splits, bias, cache, acc_bf16) = match v {
                 BlockOutput::F32Product { acc, splits } => (acc, splits, dptr(bias), cache, 0),
                 BlockOutput::Bf16(v) => (v, 1, 0, 0, 1),
@@ -928,17 +928,17 @@ impl GpuModel {
             p.rows_per_gate = t as i32;
             if fuse_ln {
                 let v = {
-                    let _op = crate::nvtx_range!("{op}");
+                    let _op = crate::op_range!(gpu, "{op}");
                     block_output(&p, bias16, cache)?
                 };
                 residual_ln(acts, v, bias, cache, gate_col, shift_col)
             } else {
                 {
-                    let _op = crate::nvtx_range!("{op}");
+                    let _op = crate::op_range!(gpu, "{op}");
                     gemm.run(gpu, &p)?;
                 }
                 if unfused_ln {
-                    let _op = crate::nvtx_range!("ln_mlp");
+                    let _op = crate::op_range!(gpu, "ln_mlp");
                     super::norm::layernorm_modulate(
                         gpu,
                         &ln_params(acts, shift_col, shift_col + d),
@@ -958,11 +958,11 @@ impl GpuModel {
                     };
                     // (Fused: the previous block's fc2 wrote this LayerNorm's output.)
                     if !fuse_ln || l == 0 {
-                        let _op = crate::nvtx_range!("ln_msa");
+                        let _op = crate::op_range!(gpu, "ln_msa");
                         super::norm::layernorm_modulate(gpu, &ln_params(acts, base, base + d))?;
                     }
                     {
-                        let _op = crate::nvtx_range!("qkv");
+                        let _op = crate::op_range!(gpu, "qkv");
                         biased_gemm(
                             &gemm_params(
                                 dptr(&acts.xn),
@@ -978,7 +978,7 @@ impl GpuModel {
                         )?;
                     }
                     {
-                        let _op = crate::nvtx_range!("attention");
+                        let _op = crate::op_range!(gpu, "attention");
                         super::attention::attention_with(
                             gpu,
                             &AttentionParams {
@@ -1003,7 +1003,7 @@ impl GpuModel {
                         true,
                     )?;
                     {
-                        let _op = crate::nvtx_range!("fc1");
+                        let _op = crate::op_range!(gpu, "fc1");
                         biased_gemm(
                             &gemm_params(
                                 dptr(&acts.xn),
@@ -1031,7 +1031,7 @@ impl GpuModel {
                 }
             }
             StepMode::Reuse if fused => {
-                let _reuse = crate::nvtx_range!("fora_reuse_final");
+                let _reuse = crate::op_range!(gpu, "fora_reuse_final");
                 let mut p = ForaReuseFinalParams {
                     sum: reuse_sum.unwrap_or(0),
                     latents: dptr(latents),
@@ -1061,7 +1061,7 @@ impl GpuModel {
             StepMode::Reuse => {
                 let cache = acts.cache.as_ref().map(dptr).unwrap_or(0);
                 {
-                    let _reuse = crate::nvtx_range!("fora_reuse");
+                    let _reuse = crate::op_range!(gpu, "fora_reuse");
                     super::fora::fora_reuse(
                         gpu,
                         &ForaReuseParams {
@@ -1085,7 +1085,7 @@ impl GpuModel {
 
         // Final layer: LN + modulate(shift, scale) + Linear, in token layout.
         let fin = cfg.depth * 6 * d;
-        let _final = crate::nvtx_range!("final_layer");
+        let _final = crate::op_range!(gpu, "final_layer");
         if !fused && !fuse_ln {
             // (fora_reuse_final or the last block's residual_layernorm wrote it already.)
             super::norm::layernorm_modulate(gpu, &ln_params(acts, fin, fin + d))?;

@@ -1148,6 +1148,17 @@ const _: () = {
         "Offset of field: BandwidthParams::mask",
     ][::std::mem::offset_of!(BandwidthParams, mask) - 32usize];
 };
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct HoldParams {
+    pub ns: ::std::os::raw::c_longlong,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of HoldParams"][::std::mem::size_of::<HoldParams>() - 8usize];
+    ["Alignment of HoldParams"][::std::mem::align_of::<HoldParams>() - 8usize];
+    ["Offset of field: HoldParams::ns"][::std::mem::offset_of!(HoldParams, ns) - 0usize];
+};
 
 // Plain C structs of integers and device addresses: valid kernel arguments by value.
 unsafe impl cudarc::driver::DeviceRepr for GemmParams {}
@@ -1171,3 +1182,4 @@ unsafe impl cudarc::driver::DeviceRepr for NormalFillParams {}
 unsafe impl cudarc::driver::DeviceRepr for WgmmaProbeParams {}
 unsafe impl cudarc::driver::DeviceRepr for TmaProbeParams {}
 unsafe impl cudarc::driver::DeviceRepr for BandwidthParams {}
+unsafe impl cudarc::driver::DeviceRepr for HoldParams {}
