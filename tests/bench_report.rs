@@ -1399,3 +1399,61 @@ fn python_variants_report_needs_every_round() {
     assert!(!stdout.contains("- `pdl_r2`:"), "{stdout}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn clock_summary_reports_each_phase() {
+    if !python_has("statistics") {
+        println!("SKIP clock_summary_reports_each_phase: no python3");
+        return;
+    }
+    let dir = tmp_dir("clocks");
+    // Local-time timestamps, as nvidia-smi writes them; the phases' Unix times from python.
+    let epoch = |s: &str| {
+        let out = run_ok(Command::new("python3").args([
+            "-c",
+            &format!(
+                "import datetime; print(datetime.datetime.strptime('{s}', \
+                 '%Y/%m/%d %H:%M:%S.%f').timestamp())"
+            ),
+        ]));
+        out.trim().parse::<f64>().unwrap()
+    };
+    let clocks = "\
+2026/11/27 10:00:00.000, 1980, 3201, 300.5, 40
+2026/11/27 10:00:01.000, 1980, 3201, 650.0, 55
+2026/11/27 10:00:02.000, 1700, 3201, 699.9, 61
+2026/11/27 10:00:03.000, 1750, 3201, 690.0, 63
+[N/A], [N/A], [N/A], [N/A], [N/A]
+2026/11/27 10:00:09.000, 1980, 3201, 120.0, 45
+2026/11/27 10:00:10";
+    let t0 = epoch("2026/11/27 10:00:00.500");
+    let phases = format!(
+        "tests {} {}\nbench {} {}\nidle {} {}\n",
+        t0 - 1.0,
+        t0 + 0.6,
+        t0 + 0.6,
+        t0 + 3.0,
+        t0 + 20.0,
+        t0 + 30.0
+    );
+    std::fs::write(dir.join("clocks.csv"), clocks).unwrap();
+    std::fs::write(dir.join("phases.txt"), phases).unwrap();
+    let out = run_ok(Command::new("python3").args([
+        root().join("tools/clock_summary.py").to_str().unwrap(),
+        dir.join("clocks.csv").to_str().unwrap(),
+        dir.join("phases.txt").to_str().unwrap(),
+    ]));
+    println!("{out}");
+    // tests: the samples at 10:00:00 and 10:00:01; bench: 10:00:02 and 10:00:03 (the cut and
+    // unreadable lines skipped); idle: none.
+    assert!(
+        out.contains("| tests | 2 | 2 | 1980 | 1980 | 3201 | 650 | 55 |"),
+        "{out}"
+    );
+    assert!(
+        out.contains("| bench | 2 | 2 | 1725 | 1700 | 3201 | 700 | 63 |"),
+        "{out}"
+    );
+    assert!(out.contains("| idle | 10 | 0 | — |"), "{out}");
+    std::fs::remove_dir_all(&dir).ok();
+}

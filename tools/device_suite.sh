@@ -465,9 +465,26 @@ phase_tma_tuned() {
   python3 tools/variants_report.py "$OUT" --md "$OUT/variants.md"
 }
 
+# The GPU's clocks, power and temperature every 250 ms while the phases run (clocks.csv), each
+# phase's start and end (phases.txt), summarized per phase at the end (tools/clock_summary.py):
+# a long run of back-to-back steps at a lower clock than the kernels timed alone is power- or
+# heat-bound.
+CLOCK_PID=
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu \
+    --format=csv,noheader,nounits -lms 250 > "$OUT/clocks.csv" 2> "$OUT/clocks.err" &
+  CLOCK_PID=$!
+fi
 for phase in $PHASES; do
+  phase_start=$(date +%s.%N)
   "phase_$phase"
+  echo "$phase $phase_start $(date +%s.%N)" >> "$OUT/phases.txt"
 done
+if [ -n "$CLOCK_PID" ]; then
+  kill "$CLOCK_PID" 2> /dev/null
+  echo "=== clocks per phase (nvidia-smi every 250 ms)"
+  python3 tools/clock_summary.py "$OUT/clocks.csv" "$OUT/phases.txt" | tee "$OUT/clocks.md"
+fi
 echo "=== done after $(( $(date +%s) - start ))s"
 # The device tool brings back at most 8 files: everything goes into all.tgz, and only it and
 # the phase summaries stay beside it.
