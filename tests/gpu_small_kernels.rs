@@ -34,6 +34,14 @@ fn gpu_silu() -> Result<()> {
 }
 
 #[test]
+fn gpu_gelu_epilogue() -> Result<()> {
+    let Some(gpu) = test_gpu("gpu_gelu_epilogue") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_gelu_epilogue(&gpu)
+}
+
+#[test]
 fn gpu_label_silu() -> Result<()> {
     let Some(gpu) = test_gpu("gpu_label_silu") else {
         return Ok(());

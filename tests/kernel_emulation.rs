@@ -609,6 +609,14 @@ fn emulated_silu() -> Result<()> {
 }
 
 #[test]
+fn emulated_gelu_epilogue() -> Result<()> {
+    let Some(emu) = emulator("emulated_gelu_epilogue") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_gelu_epilogue(emu)
+}
+
+#[test]
 fn emulated_label_silu() -> Result<()> {
     let Some(emu) = emulator("emulated_label_silu") else {
         return Ok(());

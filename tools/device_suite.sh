@@ -137,7 +137,7 @@ phase_bench() {
   # The never-run Hopper GEMMs (wgmma, TMA) in a run of their own: one that faults would poison
   # the context for every later measurement of the main run.
   FORA_BENCH_HOPPER_GEMMS=0 FORA_BENCH_UNTRIED=0 bounded 75 .devpack/bin/fora bench --json "$OUT/bench.json" \
-    ${FORA_BENCH_ARGS:---batches 2,256 --intervals 1,3 --e2e-reps 1} >> "$OUT/bench.log" 2>&1
+    ${FORA_BENCH_ARGS:---sections ceilings,kernels,steps,e2e --batches 2,256 --intervals 1,3 --e2e-reps 1} >> "$OUT/bench.log" 2>&1
   tail -n 3 "$OUT/bench.log"
   echo "=== fora bench: Hopper GEMM and untried kernel rows (attention tma)"
   HOPPER_KERNELS=all hopper_rows bench_hopper
@@ -206,7 +206,7 @@ phase_torch() {
 phase_issue5() {
   echo "=== issue 5: fora bench, rows 2,16,64,256, N = 1..5"
   FORA_BENCH_HOPPER_GEMMS=0 FORA_BENCH_UNTRIED=0 bounded 150 .devpack/bin/fora bench --json "$OUT/issue5_fora.json" \
-    --batches 2,16,64,256 --kernel-batches 2,256 --intervals 1,2,3,4,5 --e2e-reps 1 \
+    --sections ceilings,kernels,steps,e2e --batches 2,16,64,256 --kernel-batches 2,256 --intervals 1,2,3,4,5 --e2e-reps 1 \
     > "$OUT/issue5_fora.log" 2>&1
   tail -n 2 "$OUT/issue5_fora.log"
   # The attention kernels, the untried TMA one included, in a process of their own (ceilings

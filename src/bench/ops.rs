@@ -6,11 +6,11 @@
 //! ([`crate::op_range!`]: qkv, attention, proj, residual_ln, fc1, fc2, conditioning, ...). Unlike
 //! the kernels section (each kernel alone, inputs rotated out of L2), the ops see the step's own
 //! inputs and caches, and the times add up to the step: what they do not cover ("between ops")
-//! is launch gaps and work outside any op.
+//! is launch gaps and work outside any op. The events themselves cost a little between kernels
+//! (two an op): the op-by-op total against the graph-replayed step says how much.
 
 use crate::backend::{Backend, StepMode};
 use crate::config::DitConfig;
-use crate::cuda::backend::CudaOptions;
 use crate::cuda::op_timer::OpTimes;
 use crate::cuda::CudaBackend;
 use anyhow::{ensure, Context, Result};
@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use std::time::Instant;
 
 use super::report::fmt_opt;
-use super::steps::prepare_steps;
+use super::steps::{graphless_workspace, prepare_steps};
 use super::{tflops, BenchPlan, Bound, Report, Stats, StepKind};
 
 /// One op's time in the step (every range of that name summed).
@@ -161,14 +161,7 @@ pub(super) fn bench_ops(
         }
     };
     // A workspace that launches op by op: events between launches, not graph nodes.
-    let options = backend.options();
-    backend.set_options(CudaOptions {
-        graphs: false,
-        ..options
-    });
-    let ws = backend.workspace(&splan);
-    backend.set_options(options);
-    let mut ws = match ws {
+    let mut ws = match graphless_workspace(backend, &splan) {
         Ok(ws) => ws,
         Err(e) => {
             report.error("ops", &format!("{what}: workspace"), &e);

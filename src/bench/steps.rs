@@ -3,7 +3,7 @@
 use crate::backend::{Backend, NoiseSource, SamplePlan, StepMode, StepSpec};
 use crate::cache::policy_for_interval;
 use crate::cuda::backend::CudaOptions;
-use crate::cuda::{CudaBackend, Gpu};
+use crate::cuda::{CudaBackend, CudaWorkspace, Gpu};
 use crate::diffusion::SamplerKind;
 use crate::sampler::{Sampler, SamplerOptions};
 use anyhow::{Context, Result};
@@ -174,6 +174,21 @@ fn count_launches(
     compute: &StepSpec,
     reuse: &StepSpec,
 ) -> Result<(LaunchCount, LaunchCount)> {
+    let mut ws = graphless_workspace(backend, plan)?;
+    let gpu = backend.gpu();
+    let c = capture_count(gpu, || backend.step(&mut ws, compute))
+        .context("counting the launches of a compute step")?;
+    let r = capture_count(gpu, || backend.step(&mut ws, reuse))
+        .context("counting the launches of a reuse step")?;
+    Ok((c, r))
+}
+
+/// A workspace of `plan` that launches its steps kernel by kernel (no CUDA graphs), whatever
+/// the backend's options say (they are left as they were).
+pub(super) fn graphless_workspace(
+    backend: &mut CudaBackend,
+    plan: &SamplePlan,
+) -> Result<CudaWorkspace> {
     let options = backend.options();
     backend.set_options(CudaOptions {
         graphs: false,
@@ -181,13 +196,7 @@ fn count_launches(
     });
     let ws = backend.workspace(plan);
     backend.set_options(options);
-    let mut ws = ws?;
-    let gpu = backend.gpu();
-    let c = capture_count(gpu, || backend.step(&mut ws, compute))
-        .context("counting the launches of a compute step")?;
-    let r = capture_count(gpu, || backend.step(&mut ws, reuse))
-        .context("counting the launches of a reuse step")?;
-    Ok((c, r))
+    ws
 }
 
 fn capture_count(gpu: &Gpu, enqueue: impl FnOnce() -> Result<()>) -> Result<LaunchCount> {

@@ -18,11 +18,12 @@ use fora::cuda::fora::{
     fora_cache_sum, fora_reuse, fora_reuse_final_with, fora_sum_final_with,
     fused_final_linear_supported, ReuseTokens, CACHE_SUM_MAX,
 };
+use fora::cuda::gemm::{launch_epilogue, Epilogue};
 use fora::cuda::norm::{layernorm_modulate_with, residual_layernorm_with, RowWarps};
 use fora::cuda::params::{
-    BandwidthParams, ForaCacheSumParams, ForaReuseFinalParams, ForaReuseParams, LabelSiluParams,
-    LayerNormModulateParams, NormalFillParams, PatchEmbedParams, ResidualLayerNormParams,
-    SamplerStepParams, SiluParams, TimestepEmbedParams, UnpatchifyParams,
+    BandwidthParams, ForaCacheSumParams, ForaReuseFinalParams, ForaReuseParams, GemmEpilogueParams,
+    LabelSiluParams, LayerNormModulateParams, NormalFillParams, PatchEmbedParams,
+    ResidualLayerNormParams, SamplerStepParams, SiluParams, TimestepEmbedParams, UnpatchifyParams,
 };
 use fora::cuda::sampler::{
     final_sampler_step, guided_channels, normal_fill, sampler_step, set_update, unpatchify,
@@ -1265,6 +1266,60 @@ pub fn run_label_silu<D: TestDevice>(
     }
     check_close(&what, &got, &want, 1e-2)?;
     check_elementwise(&what, &got, &want, 1e-6, 2.0f32.powi(-8))
+}
+
+/// The GEMM epilogues' GELU (`gelu_tanh` in kernels/common.cuh, through `gemm_epilogue_f32`)
+/// over x in [-12, 12] and beyond, every output within bf16's rounding of the exact function:
+/// x (1 + tanh u) / 2 evaluated in f64 as x / (1 + e^(-2u)) (the same function, without the
+/// cancellation of 1 + tanh u for negative x, which a tanh of absolute error ~2^-11 would turn
+/// into errors of several percent below x = -3). Tiny outputs (x below about -10) may flush to
+/// zero.
+pub fn check_gelu_epilogue<D: TestDevice>(gpu: &D) -> Result<()> {
+    let (m, n) = (3usize, 1000usize);
+    let mut rng = TestRng::new(31);
+    let bias: Vec<f32> = rng.normal_vec(n, 0.01);
+    let mut acc: Vec<f32> = (0..m * n)
+        .map(|i| -12.0 + 24.0 * i as f32 / (m * n - 1) as f32)
+        .collect();
+    // Past the range: large magnitudes both ways, and zero.
+    acc[..6].copy_from_slice(&[-60.0, -25.0, -10.5, 0.0, 25.0, 60.0]);
+    let acc_dev = gpu.upload_f32(&acc)?;
+    let bias_dev = gpu.upload_f32(&bias)?;
+    let out = gpu.poisoned_bf16(m * n)?;
+    let p = GemmEpilogueParams {
+        acc: acc_dev.addr(),
+        bias: bias_dev.addr(),
+        out: out.addr(),
+        cache: 0,
+        gate: 0,
+        m: m as i32,
+        n: n as i32,
+        ld_acc: n as i32,
+        ldo: n as i32,
+        ldc: 0,
+        ldg: 0,
+        rows_per_gate: 1,
+        epilogue: Epilogue::BiasGeluBf16.raw(),
+        splits: 1,
+    };
+    launch_epilogue(gpu, &p, gpu.multiprocessors())?;
+    let got = gpu.download_bf16(&out)?;
+    let want: Vec<f32> = (0..m * n)
+        .map(|i| {
+            // The kernel's f32 sum, then the exact GELU of it.
+            let x = f64::from(acc[i] + bias[i % n]);
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+            (x / (1.0 + (-2.0 * u).exp())) as f32
+        })
+        .collect();
+    // bf16 rounds to a relative 2^-9; twice that covers the f32 evaluation as well.
+    check_elementwise(
+        "gelu epilogue over [-12, 12]",
+        &got,
+        &want,
+        1e-30,
+        2.0f32.powi(-8),
+    )
 }
 
 /// Every case of label_silu.
