@@ -448,6 +448,15 @@ fn fake_report() -> Report {
             // The Hopper TMA GEMM: its automatic picks (plain and multicast) are compared with
             // cuBLASLt, a forced tile is not.
             kernel("qkv", "tma", 2, Bound::Compute, 8.0e9, Some(0.0125)),
+            // Weights kept in L2: never the cuBLASLt a row is compared with.
+            kernel(
+                "qkv",
+                "cublaslt+bf16 bias, W in L2",
+                2,
+                Bound::Compute,
+                8.0e9,
+                Some(0.001),
+            ),
             kernel("qkv", "tma-128x192", 2, Bound::Compute, 8.0e9, Some(0.011)),
             kernel("qkv", "tma_mc", 2, Bound::Compute, 8.0e9, Some(0.02)),
             kernel(

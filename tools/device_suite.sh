@@ -155,10 +155,10 @@ hopper_rows() {
   FORA_BENCH_KERNELS=${HOPPER_KERNELS:-gemm} bounded 100 .devpack/bin/fora bench --sections ceilings,kernels \
     --batches 2,256 --json "$OUT/$1.json" > "$OUT/$1.log" 2>&1
   # The block GEMMs at 256 rows, every implementation (~60 rows); at 2 rows the picks.
-  grep -E "^\| (qkv|proj|fc1|fc2) \| 256 \| [^|]* \| (custom|tma|wgmma|cublaslt)[a-zA-Z0-9_+ -]* \|" "$OUT/$1.log" | head -n 70
+  grep -E "^\| (qkv|proj|fc1|fc2) \| 256 \| [^|]* \| (custom|tma|wgmma|cublaslt)[a-zA-Z0-9_+, -]* \|" "$OUT/$1.log" | head -n 80
   # At 2 rows the picks, and the forced cluster tiles (session 17's 4 x 1 and 4 x 2 clusters are
   # aimed at M = 512, where each W tile is otherwise read from L2 by four CTAs).
-  grep -E "^\| (qkv|proj|fc1|fc2) \| 2 \| [^|]* \| (tma|tma_mc|tma-mc-128x[0-9]+|tma-c4x[12]-128x[0-9]+|cublaslt|cublaslt\+bf16 bias|cublaslt product) \|" "$OUT/$1.log" | head -n 60
+  grep -E "^\| (qkv|proj|fc1|fc2) \| 2 \| [^|]* \| (tma|tma_mc|tma-mc-128x[0-9]+|tma-c4x[12]-128x[0-9]+|tma-st-[a-z0-9-]+|cublaslt|cublaslt\+bf16 bias|cublaslt product)(, W in L2)? \|" "$OUT/$1.log" | head -n 70
   grep -E "^\| attention \|" "$OUT/$1.log" | head -n 12
   # Each forced TMA tile against its L2 roofline at 256 rows (the L2 hypothesis, yes or no).
   grep -A 80 "^TMA tiles against their L2 roofline" "$OUT/$1.log" | grep -E "^\| [a-z0-9]+ \| 256 \|" | head -n 40

@@ -533,7 +533,20 @@ fn bench_gemm_rows(
             .map(|b| gemm_params(s, b, cfg.tokens()))
             .collect();
         let bias16: Vec<u64> = sets.iter().map(|b| dptr(&b.bias16)).collect();
+        // The same launches with every one reading the first set's weight (and bias): the
+        // weight stays in L2 while the activations rotate. Against the rotated rows: what a
+        // layer would gain if its weights were in L2 before its GEMM (prefetched during the op
+        // before), as they are not in a step (a DiT-XL/2 step reads 0.9 GB of weights).
+        let params_w_in_l2: Vec<GemmParams> = params
+            .iter()
+            .map(|p| GemmParams {
+                w: params[0].w,
+                bias: params[0].bias,
+                ..*p
+            })
+            .collect();
         let params = &params;
+        let params_w_in_l2 = &params_w_in_l2;
         let bias16 = &bias16;
         let n = params.len();
         type Runner<'g> = Box<dyn Fn(usize) -> Result<()> + 'g>;
@@ -569,6 +582,10 @@ fn bench_gemm_rows(
                     "cublaslt+bf16 bias",
                     Box::new(move |i| g.run_with_bias_bf16(gpu, &params[i % n], bias16[i % n])),
                 ));
+                variants.push((
+                    "cublaslt+bf16 bias, W in L2",
+                    Box::new(move |i| g.run_with_bias_bf16(gpu, &params_w_in_l2[i % n], bias16[0])),
+                ));
             }
             if s.epi == Epilogue::BiasGateResidual {
                 // proj and fc2 on the fused-LayerNorm path: cuBLASLt's f32 product alone (the
@@ -577,6 +594,10 @@ fn bench_gemm_rows(
                 variants.push((
                     "cublaslt product",
                     Box::new(move |i| g.cublaslt_product(&params[i % n]).map(|_| ())),
+                ));
+                variants.push((
+                    "cublaslt product, W in L2",
+                    Box::new(move |i| g.cublaslt_product(&params_w_in_l2[i % n]).map(|_| ())),
                 ));
                 let splits = g.lt_product_splits(&params[0]);
                 if splits > 1 {
