@@ -54,6 +54,23 @@ FORA_DEVICE void prefetch_l2(const void* p) {
 #endif
 }
 
+// Asks L2 to fetch `bytes` (a multiple of 16) from the 16-byte aligned `p`, one thread's hint
+// that is never waited for: on sm_90 one bulk prefetch (cp.async.bulk.prefetch.L2), before
+// that a prefetch.global.L2 a 128-byte line (the caller spreads them over its threads with
+// `lane` / `lanes`). Nothing in the CPU emulator.
+FORA_DEVICE void prefetch_bytes_l2(const unsigned char* p, long long bytes, int lane, int lanes) {
+#ifdef FORA_EMULATION
+    (void)p, (void)bytes, (void)lane, (void)lanes;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (lane == 0 && bytes > 0) {
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(static_cast<uint32_t>(bytes))
+                     : "memory");
+    }
+#else
+    for (long long o = 128LL * lane; o < bytes; o += 128LL * lanes) prefetch_l2(p + o);
+#endif
+}
+
 // ---- conversions -------------------------------------------------------------------------
 
 FORA_DEVICE float bf16_to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }

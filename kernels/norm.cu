@@ -149,6 +149,22 @@ FORA_DEVICE void layernorm_rows(const LayerNormModulateParams& p) {
                                         partial);
 }
 
+// FORA_PREFETCH_WEIGHTS: this CTA's share of each of the pass's prefetch ranges (the next
+// GEMMs' weights) into L2; the shares are multiples of 16 bytes, so each starts aligned.
+FORA_DEVICE void prefetch_weight_shares(const ResidualLayerNormParams& p) {
+    const fora_ptr base[2] = {p.prefetch_a, p.prefetch_b};
+    const long long bytes[2] = {p.prefetch_a_bytes, p.prefetch_b_bytes};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (bytes[r] <= 0) continue;
+        const long long share = ((bytes[r] + gridDim.x - 1) / gridDim.x + 15) / 16 * 16;
+        const long long start = static_cast<long long>(blockIdx.x) * share;
+        if (start >= bytes[r]) continue;
+        prefetch_bytes_l2(reinterpret_cast<const unsigned char*>(base[r]) + start, min(share, bytes[r] - start),
+                          threadIdx.x, blockDim.x);
+    }
+}
+
 // residual_layernorm with WPR warps per token row.
 template <int WPR>
 FORA_DEVICE void residual_layernorm_rows(const ResidualLayerNormParams& p) {
@@ -305,6 +321,7 @@ layernorm_modulate_w4(const LayerNormModulateParams p) {
 extern "C" __global__ void __launch_bounds__(kWarps * 32)
 residual_layernorm(const ResidualLayerNormParams p) {
     grid_dependency_sync();
+    prefetch_weight_shares(p);
     residual_layernorm_rows<1>(p);
 }
 
@@ -312,5 +329,6 @@ residual_layernorm(const ResidualLayerNormParams p) {
 extern "C" __global__ void __launch_bounds__(kWarps * 32)
 residual_layernorm_w4(const ResidualLayerNormParams p) {
     grid_dependency_sync();
+    prefetch_weight_shares(p);
     residual_layernorm_rows<4>(p);
 }

@@ -178,6 +178,11 @@ typedef struct ResidualLayerNormParams {
        acc + s * acc_split_stride (elements), s = 0 .. acc_splits - 1; 0 or 1: one. */
     int acc_splits;
     long long acc_split_stride;
+    /* FORA_PREFETCH_WEIGHTS: up to two ranges (the next GEMMs' weights) this pass asks L2 to
+       fetch while it runs, each CTA its share: bytes 0 (and pointer 0) for none, else a
+       16-byte aligned pointer and a multiple of 16 bytes. A hint: no result depends on it. */
+    fora_ptr prefetch_a, prefetch_b;
+    long long prefetch_a_bytes, prefetch_b_bytes;
 } ResidualLayerNormParams;
 
 /* FORA reuse step: for l in 0..layers, in order, in f32:

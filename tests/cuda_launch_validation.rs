@@ -306,6 +306,10 @@ fn residual_layernorm_plan_checks_columns_and_alignment() {
         eps: 1e-6,
         acc_splits: 0,
         acc_split_stride: 0,
+        prefetch_a: 0,
+        prefetch_b: 0,
+        prefetch_a_bytes: 0,
+        prefetch_b_bytes: 0,
     };
     // 4 token rows (warps) per block.
     assert_eq!(residual_layernorm_plan(&p).unwrap(), (256, 1, 1));
@@ -314,6 +318,40 @@ fn residual_layernorm_plan_checks_columns_and_alignment() {
         (256, 1, 1)
     );
     let e = |q| err(residual_layernorm_plan(&q));
+    // Weight prefetch ranges: none, or whole 16-byte chunks from a 16-byte aligned pointer.
+    let prefetch = ResidualLayerNormParams {
+        prefetch_a: P,
+        prefetch_a_bytes: 4608 * 1152 * 2,
+        prefetch_b: P + 16,
+        prefetch_b_bytes: 16,
+        ..p
+    };
+    assert_eq!(residual_layernorm_plan(&prefetch).unwrap(), (256, 1, 1));
+    assert!(e(ResidualLayerNormParams {
+        prefetch_a_bytes: 20,
+        ..prefetch
+    })
+    .contains("multiple of 16"));
+    assert!(e(ResidualLayerNormParams {
+        prefetch_b: P + 8,
+        ..prefetch
+    })
+    .contains("prefetch_b pointer"));
+    assert!(e(ResidualLayerNormParams {
+        prefetch_a: 0,
+        ..prefetch
+    })
+    .contains("prefetch_a pointer is null"));
+    assert!(e(ResidualLayerNormParams {
+        prefetch_b_bytes: 0,
+        ..prefetch
+    })
+    .contains("0 bytes at a null pointer"));
+    assert!(e(ResidualLayerNormParams {
+        prefetch_a_bytes: -16,
+        ..prefetch
+    })
+    .contains("prefetch_a"));
     assert!(e(ResidualLayerNormParams { dim: 1540, ..p }).contains("dim"));
     assert!(e(ResidualLayerNormParams { dim: 102, ..p }).contains("multiple of 4"));
     assert!(e(ResidualLayerNormParams { ld_acc: d - 4, ..p }).contains("ld_acc"));

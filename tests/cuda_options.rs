@@ -7,7 +7,7 @@ use fora::cuda::attention::AttentionImpl;
 use fora::cuda::gemm::GemmImpl;
 use fora::cuda::CudaOptions;
 
-const SWITCHES: [&str; 15] = [
+const SWITCHES: [&str; 16] = [
     "FORA_PRECOMPUTE_MODULATION",
     "FORA_LT_AUTOTUNE",
     "FORA_FUSED_REUSE",
@@ -21,6 +21,7 @@ const SWITCHES: [&str; 15] = [
     "FORA_REUSE_TABLE_IN_PLACE",
     "FORA_LT_SPLITK",
     "FORA_L2_PERSIST",
+    "FORA_PREFETCH_WEIGHTS",
     "FORA_PDL",
     "FORA_FINAL_SAMPLER",
 ];
@@ -41,6 +42,7 @@ fn switch(o: &CudaOptions, var: &str) -> bool {
         "FORA_REUSE_TABLE_IN_PLACE" => o.reuse_table_in_place,
         "FORA_LT_SPLITK" => o.lt_splitk,
         "FORA_L2_PERSIST" => o.l2_persist,
+        "FORA_PREFETCH_WEIGHTS" => o.prefetch_weights,
         "FORA_PDL" => o.pdl,
         "FORA_FINAL_SAMPLER" => o.final_sampler,
         other => panic!("test bug: unknown switch {other}"),

@@ -1500,3 +1500,33 @@ fn gpu_op_times_cover_the_step() {
     assert!((2.999..100.0).contains(&held), "held {held} ms");
     assert!(fora::cuda::bandwidth::hold_stream(gpu, 0).is_err());
 }
+
+/// `FORA_PREFETCH_WEIGHTS=1` is a cache hint: the fused LayerNorm passes asking L2 for the next
+/// GEMMs' weights change no bit, with graphs and without.
+#[test]
+fn gpu_prefetch_weights_is_exact() {
+    use fora::cuda::CudaOptions;
+    let cfg = small_cfg();
+    let Some((_cpu, mut cuda)) = backends("gpu_prefetch_weights_is_exact", &cfg, 43) else {
+        return;
+    };
+    for graphs in [true, false] {
+        let off = CudaOptions {
+            graphs,
+            prefetch_weights: false,
+            ..cuda.options()
+        };
+        let on = CudaOptions {
+            prefetch_weights: true,
+            ..off
+        };
+        assert_same_bits(
+            &mut cuda,
+            &[1, 7],
+            8,
+            (off, on),
+            &format!("graphs={graphs}: weight prefetch"),
+            |_, _| {},
+        );
+    }
+}

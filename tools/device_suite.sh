@@ -24,8 +24,9 @@
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
 #              "default s17_steps no_reuse_sum no_final_sampler attention_deep attention_split
 #              f32_product attention_tma copy_table side_stream pdl tma tma_mc tma_staged
-#              tma_unstaged"; s17_steps: the reuse-step defaults before session 18; tma_staged /
-#              tma_unstaged: STAGED_TILES with and without the staged epilogue; "all"
+#              tma_unstaged prefetch_weights"; s17_steps: the reuse-step defaults before session
+#              18; tma_staged / tma_unstaged: STAGED_TILES with and without the staged
+#              epilogue; prefetch_weights: FORA_PREFETCH_WEIGHTS=1; "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
 #              l2_persist, tma_pdl, tma_mc_pdl, attention_v1, attention_v2, attention_wgmma,
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
@@ -73,7 +74,7 @@ S17_STEPS_ENV="FORA_FINAL_SAMPLER=0 FORA_REUSE_SUM=0 FORA_REUSE_TABLE_IN_PLACE=0
 # and the same tiles with the register epilogue (variant tma_unstaged, "st-" dropped): the A/B
 # of the staged epilogue in whole steps.
 STAGED_TILES="3456x1152=st-128x128,1152x1152=st-128x128,4608x1152=st-128x192,1152x4608=st-pp-128x128"
-VARIANTS=${VARIANTS:-default s17_steps no_reuse_sum no_final_sampler attention_deep attention_split f32_product attention_tma copy_table side_stream pdl tma tma_mc tma_staged tma_unstaged}
+VARIANTS=${VARIANTS:-default s17_steps no_reuse_sum no_final_sampler attention_deep attention_split f32_product attention_tma copy_table side_stream pdl tma tma_mc tma_staged tma_unstaged prefetch_weights}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
@@ -411,7 +412,8 @@ phase_variants() {
            "attention_deep:cublaslt:FORA_ATTENTION=wgmma_mn_deep" \
            "attention_split:cublaslt:FORA_ATTENTION=wgmma_mn_split" \
            "wgmma:wgmma:" "tma:tma:" "tma_mc:tma_mc:" \
-           "tma_staged:tma:FORA_TMA_TILES=$STAGED_TILES" "tma_unstaged:tma:FORA_TMA_TILES=${STAGED_TILES//st-/}")
+           "tma_staged:tma:FORA_TMA_TILES=$STAGED_TILES" "tma_unstaged:tma:FORA_TMA_TILES=${STAGED_TILES//st-/}" \
+           "prefetch_weights:cublaslt:FORA_PREFETCH_WEIGHTS=1")
   local round suffix
   for round in $(seq 1 "${VARIANT_ROUNDS:-1}"); do
     suffix=""; [ "$round" -gt 1 ] && suffix="_r$round"

@@ -1222,6 +1222,11 @@ fn bench_layernorm(
             (Some(acc), Some(cache)) => residual_layernorm_with(
                 gpu,
                 &ResidualLayerNormParams {
+                    // No weight prefetch: the pass alone.
+                    prefetch_a: 0,
+                    prefetch_b: 0,
+                    prefetch_a_bytes: 0,
+                    prefetch_b_bytes: 0,
                     acc: dptr(acc),
                     bias: dptr(&bias),
                     cache: dptr(cache),

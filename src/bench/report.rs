@@ -652,6 +652,7 @@ impl Report {
                 "reuse_table_in_place": self.options.reuse_table_in_place,
                 "lt_splitk": self.options.lt_splitk,
                 "l2_persist": self.options.l2_persist,
+                "prefetch_weights": self.options.prefetch_weights,
                 "pdl": self.options.pdl,
                 "reuse_sum": self.options.reuse_sum,
                 "final_sampler": self.options.final_sampler,

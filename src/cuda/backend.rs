@@ -138,6 +138,15 @@ pub struct CudaOptions {
     /// on an H200 (session 7) the 2-row reuse step went from 0.0526 to 0.0487 ms but the
     /// computing step from 1.505 to 2.146 ms (L2 set aside).
     pub l2_persist: bool,
+    /// With the fused LayerNorm (`residual_layernorm`) and few rows (at most
+    /// [`super::model::PREFETCH_MAX_TOKENS`] token rows: one image + CFG is 512): each of those
+    /// passes asks L2 to fetch the next two GEMMs' weights while it runs (after proj: fc1's and
+    /// fc2's; after fc2: the next block's qkv and proj), so that those GEMMs read their weights
+    /// from L2 instead of DRAM (a step reads 0.9 GB of weights, which never stay in L2). One
+    /// bulk prefetch a CTA on a Hopper; a hint, the same bits (`FORA_PREFETCH_WEIGHTS=1`: on).
+    /// Off by default: not yet measured on a GPU (the bench's "W in L2" rows say what a GEMM
+    /// would gain at most).
+    pub prefetch_weights: bool,
     /// Launch our kernels with programmatic stream serialization (`FORA_PDL=1`: on; compute
     /// capability 9.0 and later, ignored before): each starts launching while the kernel before
     /// it finishes and waits for it in its first statement, so the ~1 us launch gap between
@@ -203,6 +212,7 @@ impl Default for CudaOptions {
             reuse_table_in_place: true,
             lt_splitk: false,
             l2_persist: false,
+            prefetch_weights: false,
             pdl: false,
             reuse_sum: 2,
             final_sampler: true,
@@ -247,7 +257,7 @@ impl CudaOptions {
     /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_FUSED_FINAL`, `FORA_SIDE_STREAM`,
     /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`,
     /// `FORA_STEP_GRAPH`, `FORA_REUSE_TABLE_IN_PLACE`, `FORA_LT_SPLITK`, `FORA_L2_PERSIST`,
-    /// `FORA_PDL`, `FORA_REUSE_SUM`, `FORA_FINAL_SAMPLER` and `FORA_TMA_TILES`.
+    /// `FORA_PREFETCH_WEIGHTS`, `FORA_PDL`, `FORA_REUSE_SUM`, `FORA_FINAL_SAMPLER` and `FORA_TMA_TILES`.
     pub fn from_env() -> Result<CudaOptions> {
         let d = CudaOptions::default();
         // A 0/1 switch; unset or empty keeps the default, anything else is refused.
@@ -297,7 +307,7 @@ type SwitchField = fn(&mut CudaOptions) -> &mut bool;
 /// The 0/1 switches of [`CudaOptions`]: each environment variable and the field it sets (its
 /// default is [`CudaOptions::default`]'s). `FORA_CUDA_GRAPHS` (off only at `0`), the kernel
 /// choices and `FORA_REUSE_SUM` are parsed apart.
-const SWITCHES: [(&str, SwitchField); 15] = [
+const SWITCHES: [(&str, SwitchField); 16] = [
     ("FORA_PRECOMPUTE_MODULATION", |o| {
         &mut o.precompute_modulation
     }),
@@ -313,6 +323,7 @@ const SWITCHES: [(&str, SwitchField); 15] = [
     ("FORA_REUSE_TABLE_IN_PLACE", |o| &mut o.reuse_table_in_place),
     ("FORA_LT_SPLITK", |o| &mut o.lt_splitk),
     ("FORA_L2_PERSIST", |o| &mut o.l2_persist),
+    ("FORA_PREFETCH_WEIGHTS", |o| &mut o.prefetch_weights),
     ("FORA_PDL", |o| &mut o.pdl),
     ("FORA_FINAL_SAMPLER", |o| &mut o.final_sampler),
 ];
@@ -919,6 +930,7 @@ impl CudaBackend {
             bf16_residual: self.options.bf16_residual,
             reuse_gates_only: self.options.reuse_gates_only,
             lt_splitk: self.options.lt_splitk,
+            prefetch_weights: self.options.prefetch_weights,
             reuse_sum: reuse_sum.filter(|_| mode == StepMode::Reuse),
         }
     }

@@ -76,12 +76,21 @@ pub struct ForwardKind {
     /// split-K slices where the output is too small to fill the SMs
     /// ([`Gemm::lt_product_splits`]), summed by `residual_layernorm`.
     pub lt_splitk: bool,
+    /// With `fused_ln` and at most [`PREFETCH_MAX_TOKENS`] token rows: each
+    /// `residual_layernorm` pass asks L2 to fetch the next two GEMMs' weights
+    /// ([`super::CudaOptions::prefetch_weights`]).
+    pub prefetch_weights: bool,
     /// A reuse forward whose cache sum is ready (`FORA_REUSE_SUM`): the device address of
     /// the step's sum, f32 [rows*T, D] (from [`GpuModel::cache_sums`]); `fora_sum_final`
     /// reads it instead of the cache, and the forward's own table (if it computes one) needs
     /// only the final shift / scale. Needs the fused reuse forward.
     pub reuse_sum: Option<u64>,
 }
+
+/// Most token rows (model rows x tokens) a forward prefetches weights at
+/// ([`ForwardKind::prefetch_weights`]): 2,048 (8 rows of DiT/2 at 256 px). Past that the
+/// activations a GEMM streams would evict the weights before it reads them.
+pub const PREFETCH_MAX_TOKENS: usize = 2048;
 
 /// The columns of a modulation table a forward computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -713,6 +722,7 @@ impl GpuModel {
             bf16_residual,
             reuse_gates_only,
             lt_splitk,
+            prefetch_weights,
             reuse_sum,
         } = kind;
         // qkv and fc1: with bias_bf16, cuBLASLt may fuse a bf16 copy of the bias.
@@ -826,14 +836,24 @@ impl GpuModel {
                 GemmImpl::Custom | GemmImpl::Wgmma => false,
             }
             && super::norm::residual_layernorm_supports(d);
+        // Weights the fused LayerNorm passes ask L2 to fetch (FORA_PREFETCH_WEIGHTS, few rows).
+        let prefetch_on = prefetch_weights && rt <= PREFETCH_MAX_TOKENS;
         // v: the f32 product (bias still to add, cache stored here) or, with bf16_residual, the
-        // GEMM's bf16 v (written where the cache wants it already).
+        // GEMM's bf16 v (written where the cache wants it already). `prefetch`: the next two
+        // GEMMs' weights.
         let residual_ln = |acts: &Activations,
                            v: BlockOutput,
                            bias: &CudaSlice<f32>,
                            cache: u64,
                            gate_col: usize,
-                           shift_col: usize| {
+                           shift_col: usize,
+                           prefetch: [Option<&CudaSlice<bf16>>; 2]| {
+            let [(prefetch_a, prefetch_a_bytes), (prefetch_b, prefetch_b_bytes)] =
+                prefetch.map(|w| match w {
+                    // A hint: whole 16-byte chunks only.
+                    Some(w) if prefetch_on => (dptr(w), (w.len() * 2) as i64 & !15),
+                    _ => (0, 0),
+                });
             let _op = crate::op_range!(gpu, "residual_ln");
             let (acc, splits, bias, cache, acc_bf16) = match v {
                 BlockOutput::F32Product { acc, splits } => (acc, splits, dptr(bias), cache, 0),
@@ -860,6 +880,10 @@ impl GpuModel {
                     eps: 1e-6,
                     acc_splits: splits as i32,
                     acc_split_stride: (rows * t * d) as i64,
+                    prefetch_a,
+                    prefetch_b,
+                    prefetch_a_bytes,
+                    prefetch_b_bytes,
                 },
             )
         };
@@ -905,48 +929,50 @@ impl GpuModel {
             &'a CudaSlice<f32>,
             &'a CudaSlice<bf16>,
         );
-        let gated_residual = |op: &str,
-                              (a, w, bias, bias16): Linear,
-                              k: usize,
-                              cache: u64,
-                              gate_col: usize,
-                              shift_col: usize,
-                              unfused_ln: bool| {
-            let mut p = gemm_params(
-                dptr(a),
-                dptr(w),
-                dptr(bias),
-                dptr(&acts.x),
-                rt,
-                d,
-                k,
-                Epilogue::BiasGateResidual,
-            );
-            p.cache = cache;
-            p.gate = table + (gate_col * 4) as u64;
-            p.ldg = cols as i32;
-            p.rows_per_gate = t as i32;
-            if fuse_ln {
-                let v = {
-                    let _op = crate::op_range!(gpu, "{op}");
-                    block_output(&p, bias16, cache)?
-                };
-                residual_ln(acts, v, bias, cache, gate_col, shift_col)
-            } else {
-                {
-                    let _op = crate::op_range!(gpu, "{op}");
-                    gemm.run(gpu, &p)?;
+        let gated_residual =
+            |op: &str,
+             (a, w, bias, bias16): Linear,
+             k: usize,
+             cache: u64,
+             gate_col: usize,
+             shift_col: usize,
+             unfused_ln: bool,
+             prefetch: [Option<&CudaSlice<bf16>>; 2]| {
+                let mut p = gemm_params(
+                    dptr(a),
+                    dptr(w),
+                    dptr(bias),
+                    dptr(&acts.x),
+                    rt,
+                    d,
+                    k,
+                    Epilogue::BiasGateResidual,
+                );
+                p.cache = cache;
+                p.gate = table + (gate_col * 4) as u64;
+                p.ldg = cols as i32;
+                p.rows_per_gate = t as i32;
+                if fuse_ln {
+                    let v = {
+                        let _op = crate::op_range!(gpu, "{op}");
+                        block_output(&p, bias16, cache)?
+                    };
+                    residual_ln(acts, v, bias, cache, gate_col, shift_col, prefetch)
+                } else {
+                    {
+                        let _op = crate::op_range!(gpu, "{op}");
+                        gemm.run(gpu, &p)?;
+                    }
+                    if unfused_ln {
+                        let _op = crate::op_range!(gpu, "ln_mlp");
+                        super::norm::layernorm_modulate(
+                            gpu,
+                            &ln_params(acts, shift_col, shift_col + d),
+                        )?;
+                    }
+                    Ok(())
                 }
-                if unfused_ln {
-                    let _op = crate::op_range!(gpu, "ln_mlp");
-                    super::norm::layernorm_modulate(
-                        gpu,
-                        &ln_params(acts, shift_col, shift_col + d),
-                    )?;
-                }
-                Ok(())
-            }
-        };
+            };
         match mode {
             StepMode::Compute => {
                 for (l, b) in self.blocks.iter().enumerate() {
@@ -1001,6 +1027,7 @@ impl GpuModel {
                         base + 2 * d,
                         base + 3 * d,
                         true,
+                        [Some(&b.fc1_w), Some(&b.fc2_w)],
                     )?;
                     {
                         let _op = crate::op_range!(gpu, "fc1");
@@ -1027,6 +1054,10 @@ impl GpuModel {
                         base + 5 * d,
                         (l + 1) * 6 * d,
                         false,
+                        match self.blocks.get(l + 1) {
+                            Some(next) => [Some(&next.qkv_w), Some(&next.proj_w)],
+                            None => [None, None],
+                        },
                     )?;
                 }
             }

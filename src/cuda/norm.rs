@@ -142,6 +142,10 @@ pub fn layernorm_modulate_with(
 /// Widest row [`residual_layernorm`] takes (128 * kMaxChunks in norm.cu): every DiT.
 pub const RESIDUAL_LN_MAX_DIM: i32 = 1536;
 
+/// Largest prefetch range [`residual_layernorm`] takes (a CTA's share of one is one bulk
+/// prefetch of at most 4 GiB).
+pub const MAX_PREFETCH_BYTES: i64 = 1 << 32;
+
 /// Most split-K slices [`residual_layernorm`] sums (`acc_splits`).
 pub const MAX_ACC_SPLITS: i32 = 16;
 
@@ -232,6 +236,20 @@ pub fn residual_layernorm_plan(p: &ResidualLayerNormParams) -> Result<(u32, u32,
         );
     }
     check_ptr(K, "out", p.out, 8)?;
+    for (field, ptr, bytes) in [
+        ("prefetch_a", p.prefetch_a, p.prefetch_a_bytes),
+        ("prefetch_b", p.prefetch_b, p.prefetch_b_bytes),
+    ] {
+        if bytes == 0 && ptr == 0 {
+            continue;
+        }
+        ensure!(
+            bytes > 0 && bytes % 16 == 0 && bytes <= MAX_PREFETCH_BYTES,
+            "{K}: {field} must be 0 bytes at a null pointer, or a positive multiple of 16 bytes \
+             up to {MAX_PREFETCH_BYTES}; got {bytes} bytes at {ptr:#x}"
+        );
+        check_ptr(K, field, ptr, 16)?;
+    }
     let tokens = p.rows as i64 * p.tokens as i64;
     Ok((grid_x(K, tokens, WARPS as i64)?, 1, 1))
 }

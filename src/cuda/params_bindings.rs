@@ -510,12 +510,16 @@ pub struct ResidualLayerNormParams {
     pub eps: f32,
     pub acc_splits: ::std::os::raw::c_int,
     pub acc_split_stride: ::std::os::raw::c_longlong,
+    pub prefetch_a: fora_ptr,
+    pub prefetch_b: fora_ptr,
+    pub prefetch_a_bytes: ::std::os::raw::c_longlong,
+    pub prefetch_b_bytes: ::std::os::raw::c_longlong,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     [
         "Size of ResidualLayerNormParams",
-    ][::std::mem::size_of::<ResidualLayerNormParams>() - 104usize];
+    ][::std::mem::size_of::<ResidualLayerNormParams>() - 136usize];
     [
         "Alignment of ResidualLayerNormParams",
     ][::std::mem::align_of::<ResidualLayerNormParams>() - 8usize];
@@ -573,6 +577,18 @@ const _: () = {
     [
         "Offset of field: ResidualLayerNormParams::acc_split_stride",
     ][::std::mem::offset_of!(ResidualLayerNormParams, acc_split_stride) - 96usize];
+    [
+        "Offset of field: ResidualLayerNormParams::prefetch_a",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, prefetch_a) - 104usize];
+    [
+        "Offset of field: ResidualLayerNormParams::prefetch_b",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, prefetch_b) - 112usize];
+    [
+        "Offset of field: ResidualLayerNormParams::prefetch_a_bytes",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, prefetch_a_bytes) - 120usize];
+    [
+        "Offset of field: ResidualLayerNormParams::prefetch_b_bytes",
+    ][::std::mem::offset_of!(ResidualLayerNormParams, prefetch_b_bytes) - 128usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

@@ -410,6 +410,7 @@ pub fn run_residual_layernorm<D: TestDevice>(
     let mod_d = gpu.upload_f32(&modulation)?;
     let out = gpu.poisoned_bf16(n)?;
     let cache = gpu.poisoned_bf16(n)?;
+    let prefetch = c.rows.is_multiple_of(2);
     let p = ResidualLayerNormParams {
         acc: if c.v_bf16 {
             acc16_d.addr()
@@ -437,6 +438,20 @@ pub fn run_residual_layernorm<D: TestDevice>(
         eps: 1e-6,
         acc_splits: c.splits as i32,
         acc_split_stride: if slices > 1 { stride as i64 } else { 0 },
+        // Every other case asks L2 to fetch two ranges as it runs (FORA_PREFETCH_WEIGHTS's
+        // hint, here the table and the product): no result may change.
+        prefetch_a: if prefetch { mod_d.addr() } else { 0 },
+        prefetch_a_bytes: if prefetch {
+            (modulation.len() * 4) as i64 & !15
+        } else {
+            0
+        },
+        prefetch_b: if prefetch { acc_d.addr() } else { 0 },
+        prefetch_b_bytes: if prefetch {
+            (parts.len() * 4) as i64 & !15
+        } else {
+            0
+        },
     };
     residual_layernorm_with(gpu, &p, warps)?;
     let got_x = gpu.download_f32(&x_d)?;
