@@ -585,7 +585,8 @@ FORA_ATTENTION_SPLIT_KERNEL(attention_wgmma_mn_split_m64_d128, 128)
 // never written again; Q's padding is zero in registers.
 //
 // Per unit a consumer loads its Q fragments from the Q slot (zero past the head dim) and
-// releases it; per K/V tile: S = Q K^T (RS wgmma m64n128k16, DK / 16 k-steps), the online
+// releases it (the next unit's during this unit's last tile, whose P V goes out with the next
+// unit's first QK^T); per K/V tile: S = Q K^T (RS wgmma m64n128k16, DK / 16 k-steps), the online
 // softmax of attention_common.cuh with keys past the end masked, O += P V (RS wgmma, V read
 // MN-major from its slot as for wgmma_mn) issued together with the next tile's QK^T, then the
 // slot goes back to the producer. Rows past the
@@ -773,12 +774,12 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
     const float scale_log2 = softmax_scale_log2(p);
     uint32_t it = 0;
     uint32_t qi = 0;
-    for (int u = blockIdx.x; u < units; u += gridDim.x, ++qi) {
-        const auto [qb, head, batch] = unit_of(u);
-
-        // Q in the A-fragment layout, then the slot goes back to the producer.
-        mbarrier_wait(q_full, qi & 1u);
-        uint32_t q_frag[KSTEPS][4];
+    uint32_t q_frag[KSTEPS][4];
+    float s_acc[BN / 2];
+    // Q of this consumer's unit `q_index` in the A-fragment layout, then the slot goes back to
+    // the producer (which then fetches the next unit's Q).
+    auto load_q = [&](uint32_t q_index) {
+        mbarrier_wait(q_full, q_index & 1u);
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) {
 #pragma unroll
@@ -791,35 +792,54 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
         fence_proxy_async_shared();
         __syncwarp();
         if (lane == 0) mbarrier_arrive(q_empty);
-
-        float o_acc[D / 2], row_max[2], row_sum[2];
-        start_online_softmax<D>(o_acc, row_max, row_sum);
-
-        // S = Q K^T of the ring's tile `it`, issued (not waited for) into s_acc.
-        float s_acc[BN / 2];
-        auto issue_qk = [&](uint32_t tile_it) {
-            const uint32_t slot = tile_it % S::STAGES;
-            mbarrier_wait(kv_full + 8 * slot, (tile_it / S::STAGES) & 1u);
-            issue_scores<BN, KSTEPS>(s_acc, q_frag, base_addr + S::K_OFF + slot * S::TILE_BYTES);
-        };
+    };
+    // S = Q K^T of the ring's tile `tile_it`, issued (not waited for) into s_acc.
+    auto issue_qk = [&](uint32_t tile_it) {
+        const uint32_t slot = tile_it % S::STAGES;
+        mbarrier_wait(kv_full + 8 * slot, (tile_it / S::STAGES) & 1u);
+        issue_scores<BN, KSTEPS>(s_acc, q_frag, base_addr + S::K_OFF + slot * S::TILE_BYTES);
+    };
+    // A unit's Q and first scores: each unit's own at its start, or (kCrossUnit) the first
+    // unit's here and every later unit's with the last P V of the unit before it (below), so
+    // that no unit starts on a Q load and a lone QK^T. Not for d 128, where the next unit's
+    // scores and Q held through the output pass spill (ptxas: 160 bytes).
+    constexpr bool kCrossUnit = D <= 96;
+    auto first_scores = [&](uint32_t q_index) {
+        load_q(q_index);
         issue_qk(it);
         wgmma_commit();
         wgmma_wait<0>();
         pin_accumulators(s_acc);
-        // Per tile: softmax of S_j, then P_j V_j and S_{j+1} = Q K_{j+1}^T issued together (S_j's
-        // registers are free once P_j is packed), so the tensor cores start the next scores while
-        // this tile's PV runs instead of after a wait. The last tile, with no next scores and the
-        // only one that can pass the last token, is peeled off: a branch around the QK^T issue
-        // made ptxas inject a warpgroup.arrive and a dummy wgmma at its join on every tile (info
-        // C7519), and the tiles before it need no mask.
-        auto tile = [&](int j, auto not_last) {
+    };
+    if constexpr (kCrossUnit) {
+        if (static_cast<int>(blockIdx.x) < units) first_scores(0);
+    }
+    for (int u = blockIdx.x; u < units; u += gridDim.x, ++qi) {
+        const auto [qb, head, batch] = unit_of(u);
+        const bool has_next = u + static_cast<int>(gridDim.x) < units;
+        if constexpr (!kCrossUnit) first_scores(qi);
+
+        float o_acc[D / 2], row_max[2], row_sum[2];
+        start_online_softmax<D>(o_acc, row_max, row_sum);
+
+        // Per tile: softmax of S_j (already in s_acc), then P_j V_j issued together with the
+        // next scores (S_j's registers are free once P_j is packed): S_{j+1} of this unit, or
+        // after its last tile the next unit's S_0 (its Q loaded first: every QK^T of this unit
+        // is done, so q_frag is free), so the tensor cores start them while this PV runs
+        // instead of after a wait. The last tile, the only one that can pass the last token, is
+        // peeled off (with and without a next unit): a branch around a QK^T issue made ptxas
+        // inject a warpgroup.arrive and a dummy wgmma at its join on every tile (info C7519),
+        // and the tiles before it need no mask.
+        auto tile = [&](int j, auto not_last, auto next_unit) {
             constexpr bool kNotLast = decltype(not_last)::value;
+            constexpr bool kNextUnit = decltype(next_unit)::value;
             const uint32_t slot = it % S::STAGES;
             const uint32_t v_addr = base_addr + S::V_OFF + slot * S::TILE_BYTES;
 
             uint32_t p_frag[BN / 16][4];
             scores_to_p_fragments<BN, D, kNotLast ? TileMask::Never : TileMask::Always>(
                 s_acc, o_acc, row_max, row_sum, scale_log2, j * BN, tokens, lane, p_frag);
+            if constexpr (kNextUnit) load_q(qi + 1);
             pin_accumulators(o_acc);
             wgmma_fence();
 #pragma unroll
@@ -829,7 +849,7 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
                 wgmma_pv<D, true>(o_acc, p_frag[kk],
                                   wgmma_desc_sw128_mn(v_addr + kk * 2048, S::PANEL_BYTES, 1024));
             }
-            if constexpr (kNotLast) issue_qk(it + 1);
+            if constexpr (kNotLast || kNextUnit) issue_qk(it + 1);
             wgmma_commit();
             wgmma_wait<0>();
             pin_accumulators(o_acc);
@@ -841,8 +861,12 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
             if (lane == 0) mbarrier_arrive(kv_empty + 8 * slot);
             ++it;
         };
-        for (int j = 0; j + 1 < n_tiles; ++j) tile(j, CompileTimeFlag<true>{});
-        tile(n_tiles - 1, CompileTimeFlag<false>{});
+        for (int j = 0; j + 1 < n_tiles; ++j) tile(j, CompileTimeFlag<true>{}, CompileTimeFlag<false>{});
+        if (kCrossUnit && has_next) {
+            tile(n_tiles - 1, CompileTimeFlag<false>{}, CompileTimeFlag<true>{});
+        } else {
+            tile(n_tiles - 1, CompileTimeFlag<false>{}, CompileTimeFlag<false>{});
+        }
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) pin_registers(q_frag[kk]);
 
