@@ -101,8 +101,8 @@ FORA_DEVICE float fast_exp2(float x) {
 // (1 + tanh u) / 2 is the logistic of 2u) so that it takes the SFU's 2^x and a fast divide,
 // ~10 instructions, instead of tanhf's ~20 with a branch: fc1's epilogue applies it to every
 // output of its GEMM. Unlike tanh.approx (absolute error ~2^-11, which 1 + tanh u would turn
-// into a relative error of several percent for x below -3), both are accurate to a few ulp of
-// f32 everywhere. Large negative x: e^(-2u) = inf and the quotient -0, as GELU tends to.
+// into a relative error of several percent for x below -3), ex2.approx and the fast divide are
+// accurate to a few ulp of f32, so the result is too, everywhere. Large negative x: e^(-2u) = inf and the quotient -0, as GELU tends to.
 FORA_DEVICE float gelu_tanh(float x) {
     const float k0 = 0.7978845608028654f;  // sqrt(2/pi)
     const float k1 = 0.044715f;

@@ -259,7 +259,7 @@ pub struct Report {
 /// The GEMMs of a DiT block, which the TMA tile tables cover.
 const BLOCK_GEMMS: [&str; 4] = ["qkv", "proj", "fc1", "fc2"];
 
-/// FLOP per byte a BM = 128 x `bn` tile's k-step of 64 loads from L2: 2 BM BN 64 FLOP on
+/// FLOP per byte a `bm` x `bn` tile's k-step of 64 loads from L2: 2 BM BN 64 FLOP on
 /// (`a_rows` + `w_rows`) x 64 bf16 (fewer rows than the tile's where a cluster shares one).
 fn l2_flop_per_byte(bm: f64, a_rows: f64, w_rows: f64, bn: f64) -> f64 {
     (2.0 * bm * bn * 64.0) / ((a_rows + w_rows) * 64.0 * 2.0)

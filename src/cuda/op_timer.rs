@@ -40,8 +40,8 @@ pub struct OpTimes {
 /// The recorder a [`Gpu`] carries (behind a mutex; used only while timing is on).
 #[derive(Default)]
 pub(crate) struct OpRecorder {
-    /// Event pool, reused from one timing to the next: [0] and [1] bracket the whole timing,
-    /// then two a span.
+    /// Event pool, reused from one timing to the next: [0] is the timing's start, then two a
+    /// span (start, end), and after the last span the timing's finish.
     events: Vec<CudaEvent>,
     /// Events of the pool in use.
     used: usize,
