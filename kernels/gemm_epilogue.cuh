@@ -31,16 +31,18 @@ __host__ __device__ constexpr int epilogue_chunk(int nj, int max) {
     return c;
 }
 
-// Stores the epilogue of one column pair of row rr: v0, v1 with the bias added, and for the
-// gated residual the loaded gate and residual pairs. ALIGNED: the caller knows the pair is whole
-// and the leading dimensions even (every access a pair), so nothing is checked.
-template <bool ALIGNED = false>
-FORA_DEVICE void epilogue_store_pair(const Epilogue& e, int rr, int col, bool has1, float v0, float v1,
-                                     float2 gate, float2 res) {
+// Stores the epilogue of one column pair of row rr for epilogue KIND (e.kind, known at compile
+// time): v0, v1 with the bias added, and for the gated residual the loaded gate and residual
+// pairs. ALIGNED: the caller knows the pair is whole and the leading dimensions even (every
+// access a pair), so nothing is checked.
+template <int KIND, bool ALIGNED = false>
+FORA_DEVICE void epilogue_store_pair_of(const Epilogue& e, int rr, int col, bool has1, float v0, float v1,
+                                        float2 gate, float2 res) {
+    static_assert(KIND >= FORA_EPI_BIAS_BF16 && KIND <= FORA_EPI_BIAS_GATE_RESIDUAL, "a stored kind");
     const long long o = static_cast<long long>(rr) * e.ldo + col;
     const bool out_pair = ALIGNED || (has1 && (e.ldo & 1) == 0);
-    if (e.kind == FORA_EPI_BIAS_BF16 || e.kind == FORA_EPI_BIAS_GELU_BF16) {
-        if (e.kind == FORA_EPI_BIAS_GELU_BF16) {
+    if constexpr (KIND == FORA_EPI_BIAS_BF16 || KIND == FORA_EPI_BIAS_GELU_BF16) {
+        if constexpr (KIND == FORA_EPI_BIAS_GELU_BF16) {
             v0 = gelu_tanh(v0);
             v1 = gelu_tanh(v1);
         }
@@ -51,7 +53,7 @@ FORA_DEVICE void epilogue_store_pair(const Epilogue& e, int rr, int col, bool ha
             out[0] = f32_to_bf16(v0);
             if (has1) out[1] = f32_to_bf16(v1);
         }
-    } else if (e.kind == FORA_EPI_BIAS_F32) {
+    } else if constexpr (KIND == FORA_EPI_BIAS_F32) {
         float* out = static_cast<float*>(e.out) + o;
         if (out_pair) {
             *reinterpret_cast<float2*>(out) = make_float2(v0, v1);
@@ -78,6 +80,23 @@ FORA_DEVICE void epilogue_store_pair(const Epilogue& e, int rr, int col, bool ha
             out[0] = res.x;
             if (has1) out[1] = res.y;
         }
+    }
+}
+
+// epilogue_store_pair_of for the kind e.kind holds at run time (GELU, then the bf16 kind's
+// store: one copy of the store code for both bf16 kinds).
+FORA_DEVICE void epilogue_store_pair(const Epilogue& e, int rr, int col, bool has1, float v0, float v1, float2 gate,
+                                     float2 res) {
+    if (e.kind == FORA_EPI_BIAS_BF16 || e.kind == FORA_EPI_BIAS_GELU_BF16) {
+        if (e.kind == FORA_EPI_BIAS_GELU_BF16) {
+            v0 = gelu_tanh(v0);
+            v1 = gelu_tanh(v1);
+        }
+        epilogue_store_pair_of<FORA_EPI_BIAS_BF16>(e, rr, col, has1, v0, v1, gate, res);
+    } else if (e.kind == FORA_EPI_BIAS_F32) {
+        epilogue_store_pair_of<FORA_EPI_BIAS_F32>(e, rr, col, has1, v0, v1, gate, res);
+    } else {
+        epilogue_store_pair_of<FORA_EPI_BIAS_GATE_RESIDUAL>(e, rr, col, has1, v0, v1, gate, res);
     }
 }
 
@@ -109,12 +128,19 @@ FORA_DEVICE void epilogue_pair(const Epilogue& e, int row, int col, float v0, fl
     epilogue_store_pair(e, row, col, has1, v0, v1, gate, res);
 }
 
-// epilogue_fragments for one kind family: GATED (the gated residual: gates and residual loaded
-// per row, 4 column pairs a chunk) or not (bias only, 8 a chunk). FULL: every row and column of
-// the fragments is inside the output and the leading dimensions are even, so no access is
-// checked (the common case: a whole tile; the checks were most of the epilogue's instructions).
-template <int NJ, bool GATED, bool FULL>
+// epilogue_fragments for one epilogue KIND (e.kind), so that the code a tile runs holds no
+// other kind's: the gated residual (gates and residual loaded per row, 4 column pairs a chunk)
+// or a bias-only kind (8 a chunk). FULL: every row and column of the fragments is inside the
+// output and the leading dimensions are even, so no access is checked (the common case: a
+// whole tile; the checks were most of the epilogue's instructions). One kind a copy matters
+// because this code is unrolled and run once a tile: with the kinds interleaved pair by pair,
+// most of what the instruction fetch brought in was jumped over (session 19's ncu: the
+// register epilogue's warps mostly wait on instruction fetch). In gemm_tma_128x128 a whole
+// tile's epilogue spanned 1304 SASS instructions (1448 gated) with 161 branches; one kind a
+// copy: bf16 216, GELU 792, f32 184, gated 488, one branch.
+template <int NJ, int KIND, bool FULL>
 FORA_DEVICE void epilogue_fragments_of(const Epilogue& e, int row, int col_base, const float* acc) {
+    constexpr bool GATED = KIND == FORA_EPI_BIAS_GATE_RESIDUAL;
     constexpr int kChunk = epilogue_chunk(NJ, GATED ? 4 : 8);
     constexpr int kRows = GATED ? 2 : 1;  // rows of gate / residual registers
 #pragma unroll
@@ -155,10 +181,20 @@ FORA_DEVICE void epilogue_fragments_of(const Epilogue& e, int row, int col_base,
                     v0 += bias[c].x;
                     if (has1) v1 += bias[c].y;
                 }
-                epilogue_store_pair<FULL>(e, rr, col, has1, v0, v1, gate[GATED ? r : 0][c],
-                                          res[GATED ? r : 0][c]);
+                epilogue_store_pair_of<KIND, FULL>(e, rr, col, has1, v0, v1, gate[GATED ? r : 0][c],
+                                                   res[GATED ? r : 0][c]);
             }
         }
+    }
+}
+
+// epilogue_fragments_of<NJ, KIND, full>.
+template <int NJ, int KIND>
+FORA_DEVICE void epilogue_fragments_by_bounds(const Epilogue& e, int row, int col_base, const float* acc, bool full) {
+    if (full) {
+        epilogue_fragments_of<NJ, KIND, true>(e, row, col_base, acc);
+    } else {
+        epilogue_fragments_of<NJ, KIND, false>(e, row, col_base, acc);
     }
 }
 
@@ -168,16 +204,19 @@ template <int NJ>
 FORA_DEVICE void epilogue_fragments(const Epilogue& e, int row, int col_base, const float* acc,
                                     bool whole_tile) {
     const bool full = whole_tile && (e.ldo & 1) == 0 && (e.cache == nullptr || (e.ldc & 1) == 0);
-    if (e.kind == FORA_EPI_BIAS_GATE_RESIDUAL) {
-        if (full) {
-            epilogue_fragments_of<NJ, true, true>(e, row, col_base, acc);
-        } else {
-            epilogue_fragments_of<NJ, true, false>(e, row, col_base, acc);
-        }
-    } else if (full) {
-        epilogue_fragments_of<NJ, false, true>(e, row, col_base, acc);
-    } else {
-        epilogue_fragments_of<NJ, false, false>(e, row, col_base, acc);
+    switch (e.kind) {
+        case FORA_EPI_BIAS_BF16:
+            epilogue_fragments_by_bounds<NJ, FORA_EPI_BIAS_BF16>(e, row, col_base, acc, full);
+            break;
+        case FORA_EPI_BIAS_GELU_BF16:
+            epilogue_fragments_by_bounds<NJ, FORA_EPI_BIAS_GELU_BF16>(e, row, col_base, acc, full);
+            break;
+        case FORA_EPI_BIAS_F32:
+            epilogue_fragments_by_bounds<NJ, FORA_EPI_BIAS_F32>(e, row, col_base, acc, full);
+            break;
+        default:
+            epilogue_fragments_by_bounds<NJ, FORA_EPI_BIAS_GATE_RESIDUAL>(e, row, col_base, acc, full);
+            break;
     }
 }
 
