@@ -30,18 +30,37 @@ struct CompileTimeFlag {
 
 // ---- programmatic dependent launch ----------------------------------------------------------
 
-// Every kernel's first statement, in every thread. Launched with programmatic stream
-// serialization (FORA_PDL=1, sm_90+), a kernel may start while the kernel before it on the stream
-// is still running: griddepcontrol.wait then blocks until that one has completed and its memory is
-// visible (so nothing here reads or writes global memory before it), and launch_dependents lets
-// the next kernel start its launch in turn. Launched normally, both are no-ops. Before sm_90
-// (and in the CPU emulator) there is nothing to do.
-FORA_DEVICE void grid_dependency_sync() {
+// Launched with programmatic stream serialization (FORA_PDL=1, sm_90+), a kernel may start
+// while the kernel before it on the stream is still running. Launched normally, and before
+// sm_90 (and in the CPU emulator), these are no-ops.
+
+// Blocks this thread until the kernel before it has completed and its memory is visible.
+FORA_DEVICE void grid_dependency_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(FORA_EMULATION)
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Lets the next kernel on the stream start launching (once every CTA of this grid has called
+// it or exited; a CTA's later calls do nothing). Always after the caller's grid_dependency_wait,
+// so a kernel that starts early overlaps only the one right before it.
+FORA_DEVICE void grid_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(FORA_EMULATION)
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
+
+// Every kernel's first statement, in every thread (tests/kernel_sources.rs): nothing reads or
+// writes global memory before the kernel before it is done.
+FORA_DEVICE void grid_dependency_sync() {
+    grid_dependency_wait();
+    grid_launch_dependents();
+}
+
+// The first statement instead of grid_dependency_sync of a kernel that waits later (allowed for
+// the TMA GEMMs only): before its grid_dependency_wait a thread may read only memory that no
+// kernel writes (the weights), and every thread that touches other global memory waits first.
+FORA_DEVICE void grid_dependency_deferred() {}
 
 // Asks L2 to fetch the 128-byte line that holds `p`: a hint that takes no register and is never
 // waited for, so a kernel can keep more DRAM reads in flight than its registers hold. Nothing in

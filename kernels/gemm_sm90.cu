@@ -513,41 +513,66 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
             uint16_t row_mask = 0, col_mask = 0;
             for (int j = 0; j < CN; ++j) row_mask |= static_cast<uint16_t>(1u << (cluster_row + CM * j));
             for (int i = 0; i < CM; ++i) col_mask |= static_cast<uint16_t>(1u << (CM * cluster_col + i));
-            uint32_t it = 0;
+            // This CTA's slices of k-tile kt of unit w's A and W tiles into ring slot `slot`. A
+            // slice wholly past M (a zero-row tile, or the last rows of a partial one) reads A's
+            // first rows instead, and one wholly past N W's: an output row depends only on the
+            // same row of A (a column only on the same row of W), those rows and columns are
+            // never stored, and no box lies wholly outside its tensor.
+            auto load_w = [&](const TmaUnit& w, int kt, uint32_t slot) {
+                const int k0 = (w.kt_begin + kt) * kWgmmaBK;
+                const int w_row = w.n0 + cluster_row * (BN / CM);
+                const uint32_t w_dst = smem_b + slot * kStageB + cluster_row * kSliceB;
+                if (CM == 1) {
+                    tma_load_2d(w_dst, &params.w_map, k0, w_row < p.n ? w_row : 0, full + 8 * slot);
+                } else {
+                    tma_load_2d_multicast(w_dst, &params.w_map, k0, w_row < p.n ? w_row : 0, full + 8 * slot,
+                                          col_mask);
+                }
+            };
+            auto load_a = [&](const TmaUnit& w, int kt, uint32_t slot) {
+                const int k0 = (w.kt_begin + kt) * kWgmmaBK;
+                const int a_row = w.m0 + cluster_col * (BM / CN);
+                const uint32_t a_dst = smem_a + slot * kStageA + cluster_col * kSliceA;
+                if (CN == 1) {
+                    tma_load_2d(a_dst, &params.a_map, k0, a_row < p.m ? a_row : 0, full + 8 * slot);
+                } else {
+                    tma_load_2d_multicast(a_dst, &params.a_map, k0, a_row < p.m ? a_row : 0, full + 8 * slot,
+                                          row_mask);
+                }
+            };
+            // Launched early (FORA_PDL), the kernel before may still be writing A, but no kernel
+            // writes W: the first unit's first k-tiles (a fresh ring: their slots are free) get
+            // their W slices before the wait, overlapping that kernel's end, and their A slices
+            // after it; the main loop takes over from there.
+            const TmaUnit first_unit = tma_unit<BM, BN, CM, CN>(params, first, rank);
+            const int early = first < units ? min(STAGES, first_unit.k_tiles) : 0;
+#pragma unroll 1
+            for (int kt = 0; kt < early; ++kt) {
+                mbarrier_arrive_expect_tx(full + 8 * kt, kStageA + kStageB);
+                load_w(first_unit, kt, static_cast<uint32_t>(kt));
+            }
+            grid_dependency_wait();
+            grid_launch_dependents();
+#pragma unroll 1
+            for (int kt = 0; kt < early; ++kt) load_a(first_unit, kt, static_cast<uint32_t>(kt));
+            uint32_t it = static_cast<uint32_t>(early);
             for (int u = first; u < units; u += stride) {
                 const TmaUnit w = tma_unit<BM, BN, CM, CN>(params, u, rank);
-                for (int kt = 0; kt < w.k_tiles; ++kt, ++it) {
+                for (int kt = u == first ? early : 0; kt < w.k_tiles; ++kt, ++it) {
                     const uint32_t slot = it % STAGES;
                     const uint32_t parity = (it / STAGES) & 1u;
                     mbarrier_wait(empty + 8 * slot, parity ^ 1u);
                     mbarrier_arrive_expect_tx(full + 8 * slot, kStageA + kStageB);
-                    const int k0 = (w.kt_begin + kt) * kWgmmaBK;
-                    // This CTA's slices of the A and W tiles. A slice wholly past M (a zero-row
-                    // tile, or the last rows of a partial one) reads A's first rows instead, and
-                    // one wholly past N W's: an output row depends only on the same row of A
-                    // (a column only on the same row of W), those rows and columns are never
-                    // stored, and no box lies wholly outside its tensor.
-                    const int a_row = w.m0 + cluster_col * (BM / CN);
-                    const int w_row = w.n0 + cluster_row * (BN / CM);
-                    const uint32_t a_dst = smem_a + slot * kStageA + cluster_col * kSliceA;
-                    const uint32_t w_dst = smem_b + slot * kStageB + cluster_row * kSliceB;
-                    if (CN == 1) {
-                        tma_load_2d(a_dst, &params.a_map, k0, a_row < p.m ? a_row : 0, full + 8 * slot);
-                    } else {
-                        tma_load_2d_multicast(a_dst, &params.a_map, k0, a_row < p.m ? a_row : 0, full + 8 * slot,
-                                              row_mask);
-                    }
-                    if (CM == 1) {
-                        tma_load_2d(w_dst, &params.w_map, k0, w_row < p.n ? w_row : 0, full + 8 * slot);
-                    } else {
-                        tma_load_2d_multicast(w_dst, &params.w_map, k0, w_row < p.n ? w_row : 0, full + 8 * slot,
-                                              col_mask);
-                    }
+                    load_a(w, kt, slot);
+                    load_w(w, kt, slot);
                 }
             }
         }
     } else {
         setmaxnreg_inc<232>();
+        // The epilogue reads and writes what earlier kernels use.
+        grid_dependency_wait();
+        grid_launch_dependents();
         const int consumer = warpgroup - 1;
         const int lane = tid & 31;
         const int warp_in_group = (tid >> 5) & 3;
@@ -722,19 +747,19 @@ extern "C" __global__ void __launch_bounds__(128, 2) gemm_wgmma_64x128(const Gem
 
 // N a multiple of 128 but not of 192 or 256; six stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x128(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(128, 128, 6, false, 1, 1);
 }
 
 // Every DiT-XL/2 width (1152, 3456, 4608 are multiples of 192); five stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x192(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(128, 192, 5, false, 1, 1);
 }
 
 // Multiples of 256; four stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x256(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(128, 256, 4, false, 1, 1);
 }
 
@@ -743,7 +768,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x256(const __gr
 // quarter less L2 traffic per FLOP than the 128 x 128 tiles (which are L2-bound at 256 rows:
 // session 19's ncu); four stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_256x128(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(256, 128, 4, false, 1, 1);
 }
 
@@ -751,29 +776,29 @@ extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_256x128(const __gr
 // 256 x 128 (four stages) and 128 x 192: forced only until measured against their
 // register-epilogue twins.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_st_128x128(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(128, 128, 6, false, 1, 1, true);
 }
 
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_st_pp_128x128(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(128, 128, 6, true, 1, 1, true);
 }
 
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_st_256x128(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(256, 128, 4, false, 1, 1, true);
 }
 
 // 128 x 192 (five stages) staged in two passes of 96 columns: the tile fc1 takes at M = 512.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_st_128x192(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(128, 192, 5, false, 1, 1, true);
 }
 
 // Ping-pong: 128 x 128 tiles, the two consumers taking the CTA's units in turn; six stages.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_pp_128x128(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(128, 128, 6, true, 1, 1);
 }
 
@@ -781,26 +806,26 @@ extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_pp_128x128(const _
 
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(2)
     gemm_tma_mc_128x128(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(128, 128, 6, false, 2, 1);
 }
 
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(2)
     gemm_tma_mc_128x192(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(128, 192, 5, false, 2, 1);
 }
 
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(2)
     gemm_tma_mc_128x256(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(128, 256, 4, false, 2, 1);
 }
 
 // Ping-pong 128 x 128 in clusters of two sharing W (the pick's tile for long K).
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(2)
     gemm_tma_mc_pp_128x128(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(128, 128, 6, true, 2, 1);
 }
 
@@ -811,24 +836,24 @@ extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(2)
 
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(4)
     gemm_tma_c4x1_128x128(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(128, 128, 6, false, 4, 1);
 }
 
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(4)
     gemm_tma_c4x1_128x192(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(128, 192, 5, false, 4, 1);
 }
 
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(8)
     gemm_tma_c4x2_128x128(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(128, 128, 6, false, 4, 2);
 }
 
 extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(8)
     gemm_tma_c4x2_128x192(const __grid_constant__ GemmTmaParams p) {
-    grid_dependency_sync();
+    grid_dependency_deferred();
     FORA_TMA_BODY(128, 192, 5, false, 4, 2);
 }

@@ -6,12 +6,15 @@ use std::path::Path;
 /// Under `FORA_PDL=1` a kernel may start while the one before it on the stream still runs, so
 /// every kernel's first statement must be `grid_dependency_sync();` (kernels/common.cuh): one
 /// that touched global memory first, or returned before it, would race its predecessor. A new
-/// kernel without it fails here.
+/// kernel without it fails here. The TMA GEMMs (`gemm_tma_*`) alone may start with
+/// `grid_dependency_deferred();`: their producer loads weights before it waits, and the shared
+/// body (`gemm_tma_tile`) must then wait in both roles before anything else.
 #[test]
 fn every_kernel_waits_for_its_predecessor_first() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
     let mut kernels = 0;
     let mut missing = Vec::new();
+    let mut deferred = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_none_or(|e| e != "cu") {
@@ -33,7 +36,11 @@ fn every_kernel_waits_for_its_predecessor_first() {
             // The first statement: skip whitespace and macro line continuations.
             let body =
                 after[open + 1..].trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
-            if !body.starts_with("grid_dependency_sync();") {
+            let deferred_ok =
+                name.starts_with("gemm_tma_") && body.starts_with("grid_dependency_deferred();");
+            if deferred_ok {
+                deferred += 1;
+            } else if !body.starts_with("grid_dependency_sync();") {
                 missing.push(format!(
                     "{}: {name}",
                     path.file_name().unwrap().to_string_lossy()
@@ -52,6 +59,46 @@ fn every_kernel_waits_for_its_predecessor_first() {
         missing.is_empty(),
         "kernels whose first statement is not grid_dependency_sync(): {missing:?}"
     );
+    if deferred > 0 {
+        // The deferring kernels' body: the producer's wait after its early weight loads, and
+        // the consumers' before their first statement past the register handover.
+        let src = std::fs::read_to_string(dir.join("gemm_sm90.cu")).unwrap();
+        let body = &src[src
+            .find("FORA_DEVICE void gemm_tma_tile(")
+            .expect("gemm_tma_tile")..];
+        let producer = &body[body
+            .find("if (warpgroup == 0) {")
+            .expect("the producer branch")..];
+        // Before the producer's wait: weight loads only (load_a is defined there, not called).
+        let wait = producer
+            .find("grid_dependency_wait();")
+            .expect("a producer wait");
+        let early = &producer[..wait];
+        let main_loop = producer
+            .find("for (int u = first; u < units; u += stride)")
+            .expect("the main loop");
+        assert!(
+            wait < main_loop
+                && early.contains("load_w(first_unit, kt")
+                && !early.contains("load_a("),
+            "the TMA producer may load only W before its wait, and must wait before its main loop"
+        );
+        // The consumers' branch: its first statement gives them their registers.
+        let consumer = &producer[producer
+            .find("setmaxnreg_inc<232>();")
+            .expect("the consumer branch")..];
+        let first = consumer
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("//"))
+            .take(2)
+            .collect::<Vec<_>>();
+        assert_eq!(
+            first,
+            ["setmaxnreg_inc<232>();", "grid_dependency_wait();"],
+            "the TMA consumers must wait first"
+        );
+    }
 }
 
 /// No `mem::zeroed` in the crate: several driver structs hold Rust enums without a zero value

@@ -413,6 +413,7 @@ phase_variants() {
            "attention_split:cublaslt:FORA_ATTENTION=wgmma_mn_split" \
            "wgmma:wgmma:" "tma:tma:" "tma_mc:tma_mc:" \
            "tma_staged:tma:FORA_TMA_TILES=$STAGED_TILES" "tma_unstaged:tma:FORA_TMA_TILES=${STAGED_TILES//st-/}" \
+           "tma_staged_pdl:tma:FORA_TMA_TILES=$STAGED_TILES FORA_PDL=1" \
            "prefetch_weights:cublaslt:FORA_PREFETCH_WEIGHTS=1")
   local round suffix
   for round in $(seq 1 "${VARIANT_ROUNDS:-1}"); do

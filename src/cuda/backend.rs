@@ -150,9 +150,12 @@ pub struct CudaOptions {
     /// Launch our kernels with programmatic stream serialization (`FORA_PDL=1`: on; compute
     /// capability 9.0 and later, ignored before): each starts launching while the kernel before
     /// it finishes and waits for it in its first statement, so the ~1 us launch gap between
-    /// dependent kernels overlaps (a 2-row step is ~200 launches). cuBLASLt's kernels launch as
-    /// before. Off by default: on an H200 (session 7) within noise (2-row step 1.522 ms against
-    /// 1.505, reuse step 0.0518 against 0.0526; the same bits, `gpu_pdl_is_exact`).
+    /// dependent kernels overlaps (a 2-row step is ~200 launches). The TMA GEMMs wait later:
+    /// their first k-tiles' weights load before the wait (so nothing may write a GEMM's
+    /// weights in the kernel right before it; the model never does). cuBLASLt's kernels launch
+    /// as before. Off by default: on an H200 (session 7) within noise (2-row step 1.522 ms
+    /// against 1.505, reuse step 0.0518 against 0.0526; the same bits, `gpu_pdl_is_exact`);
+    /// the TMA GEMMs' early weight loads not yet measured.
     pub pdl: bool,
     /// Sums the FORA cache once for a whole run of reuse steps (`FORA_REUSE_SUM=k`, k = 1..=4;
     /// 0: off; default 2). A reuse step's residual updates are linear in the cache (x =

@@ -767,7 +767,9 @@ impl Gemm {
 
     /// The warp-specialized TMA kernel with the tile variant and the number of split-K slices
     /// forced (`Some`) or picked by shape (`None`). Errors unless this `Gemm` was built for
-    /// [`GemmImpl::Tma`] (which checked the device is a 9.x).
+    /// [`GemmImpl::Tma`] (which checked the device is a 9.x). With programmatic launches on
+    /// ([`Gpu::set_programmatic_launch`]) the kernel reads its first k-tiles of W before it
+    /// waits for the kernel before it on the stream: that kernel must not write W.
     pub fn run_tma(
         &self,
         gpu: &Gpu,
