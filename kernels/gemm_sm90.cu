@@ -518,27 +518,24 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
             // first rows instead, and one wholly past N W's: an output row depends only on the
             // same row of A (a column only on the same row of W), those rows and columns are
             // never stored, and no box lies wholly outside its tensor.
-            auto load_w = [&](const TmaUnit& w, int kt, uint32_t slot) {
+            // One slice into `dst` (for the `full` barrier of `slot`): rows from `row` (or from 0
+            // past `rows`) of `map`, k from k-tile kt of unit w; multicast to `mask` if `peers`.
+            auto load = [&](const TmaDescriptor* map, uint32_t dst, const TmaUnit& w, int kt, int row, int rows,
+                            bool peers, uint16_t mask, uint32_t slot) {
                 const int k0 = (w.kt_begin + kt) * kWgmmaBK;
-                const int w_row = w.n0 + cluster_row * (BN / CM);
-                const uint32_t w_dst = smem_b + slot * kStageB + cluster_row * kSliceB;
-                if (CM == 1) {
-                    tma_load_2d(w_dst, &params.w_map, k0, w_row < p.n ? w_row : 0, full + 8 * slot);
+                if (!peers) {
+                    tma_load_2d(dst, map, k0, row < rows ? row : 0, full + 8 * slot);
                 } else {
-                    tma_load_2d_multicast(w_dst, &params.w_map, k0, w_row < p.n ? w_row : 0, full + 8 * slot,
-                                          col_mask);
+                    tma_load_2d_multicast(dst, map, k0, row < rows ? row : 0, full + 8 * slot, mask);
                 }
             };
+            auto load_w = [&](const TmaUnit& w, int kt, uint32_t slot) {
+                load(&params.w_map, smem_b + slot * kStageB + cluster_row * kSliceB, w, kt,
+                     w.n0 + cluster_row * (BN / CM), p.n, CM > 1, col_mask, slot);
+            };
             auto load_a = [&](const TmaUnit& w, int kt, uint32_t slot) {
-                const int k0 = (w.kt_begin + kt) * kWgmmaBK;
-                const int a_row = w.m0 + cluster_col * (BM / CN);
-                const uint32_t a_dst = smem_a + slot * kStageA + cluster_col * kSliceA;
-                if (CN == 1) {
-                    tma_load_2d(a_dst, &params.a_map, k0, a_row < p.m ? a_row : 0, full + 8 * slot);
-                } else {
-                    tma_load_2d_multicast(a_dst, &params.a_map, k0, a_row < p.m ? a_row : 0, full + 8 * slot,
-                                          row_mask);
-                }
+                load(&params.a_map, smem_a + slot * kStageA + cluster_col * kSliceA, w, kt,
+                     w.m0 + cluster_col * (BM / CN), p.m, CN > 1, row_mask, slot);
             };
             // Launched early (FORA_PDL), the kernel before may still be writing A, but no kernel
             // writes W: the first unit's first k-tiles (a fresh ring: their slots are free) get
