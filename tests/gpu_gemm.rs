@@ -1075,3 +1075,70 @@ fn bad_params() -> Vec<(&'static str, GemmParams, &'static str)> {
         ),
     ]
 }
+
+/// Under programmatic launches (`FORA_PDL=1`) the TMA GEMMs load their first k-tiles of W
+/// before they wait for the kernel before them, and A only after it. Here that kernel is a copy
+/// of a 64 MiB buffer whose last rows become A (poisoned with NaN before it), so it writes A
+/// tens of microseconds after the GEMM may start: a GEMM that read A before its wait would read
+/// NaN. Every TMA tile at one image + CFG's proj shape (M = 512), each against the CPU twin.
+#[test]
+fn gemm_tma_programmatic_launch_waits_for_a() {
+    use fora::cuda::bandwidth::bandwidth_copy;
+    use fora::cuda::params::BandwidthParams;
+    const TEST: &str = "gemm_tma_programmatic_launch_waits_for_a";
+    let Some(gpu) = hopper_gpu(TEST) else {
+        return;
+    };
+    let run = || -> Result<Vec<String>> {
+        let c = case("pdl", 512, 1152, 1152, Epilogue::BiasBf16);
+        let h = host_case(&c, 23);
+        let mut dev = Dev::new(&gpu, &c, &h)?;
+        let eng = Gemm::new(&gpu, GemmImpl::Tma, 0)?;
+        // The copy's source: NaN, then A in its last m * lda elements.
+        let len = 32usize << 20;
+        let a = to_bf16(&h.a);
+        let mut host = vec![bf16::NAN; len];
+        host[len - a.len()..].copy_from_slice(&a);
+        let src = gpu.upload(&host, "copy source")?;
+        let mut dst = gpu.alloc_zeros::<bf16>(len, "copy destination")?;
+        let a_offset = 2 * (len - a.len()) as u64;
+        ensure!(
+            a_offset.is_multiple_of(16),
+            "test bug: A must start 16-byte aligned"
+        );
+        let p = GemmParams {
+            a: dptr(&dst) + a_offset,
+            ..dev.params(&c)
+        };
+        let copy = BandwidthParams {
+            src: dptr(&src),
+            dst: dptr(&dst),
+            chunks: (2 * len / 16) as i64,
+            out_words: 0,
+            mask: -1,
+        };
+        let mut failures = Vec::new();
+        for tile in TmaTile::ALL {
+            poison_bf16(&gpu, &mut dst)?;
+            dev.reset(&gpu, &c, &h)?;
+            ensure!(
+                gpu.set_programmatic_launch(true),
+                "programmatic launches refused on a Hopper GPU"
+            );
+            let launched =
+                bandwidth_copy(&gpu, &copy).and_then(|()| eng.run_tma(&gpu, &p, Some(tile), None));
+            gpu.set_programmatic_launch(false);
+            launched?;
+            let (out, _) = dev.download(&gpu)?;
+            let what = format!("{TEST} {tile:?}");
+            if let Err(e) = region_and_guard(&what, &out, &c, None)
+                .and_then(|region| check_close(&what, &region, &h.expect, TOL))
+            {
+                failures.push(format!("{e:#}"));
+            }
+        }
+        Ok(failures)
+    };
+    let failures = run().unwrap_or_else(|e| vec![format!("{TEST}: setup failed: {e:#}")]);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
