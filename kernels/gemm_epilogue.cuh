@@ -101,7 +101,7 @@ FORA_DEVICE void epilogue_store_pair(const Epilogue& e, int rr, int col, bool ha
 }
 
 // The gated residual's loads for one column pair of row rr: the gate pair and the f32 residual
-// pair it is added to (the second of each 0 without has1). ALIGNED as epilogue_store_pair.
+// pair it is added to (the second of each 0 without has1). ALIGNED as epilogue_store_pair_of.
 template <bool ALIGNED = false>
 FORA_DEVICE void epilogue_load_gated(const Epilogue& e, int rr, int col, bool has1, float2& gate,
                                      float2& res) {

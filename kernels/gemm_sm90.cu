@@ -513,13 +513,12 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
             uint16_t row_mask = 0, col_mask = 0;
             for (int j = 0; j < CN; ++j) row_mask |= static_cast<uint16_t>(1u << (cluster_row + CM * j));
             for (int i = 0; i < CM; ++i) col_mask |= static_cast<uint16_t>(1u << (CM * cluster_col + i));
-            // This CTA's slices of k-tile kt of unit w's A and W tiles into ring slot `slot`. A
-            // slice wholly past M (a zero-row tile, or the last rows of a partial one) reads A's
-            // first rows instead, and one wholly past N W's: an output row depends only on the
-            // same row of A (a column only on the same row of W), those rows and columns are
-            // never stored, and no box lies wholly outside its tensor.
-            // One slice into `dst` (for the `full` barrier of `slot`): rows from `row` (or from 0
-            // past `rows`) of `map`, k from k-tile kt of unit w; multicast to `mask` if `peers`.
+            // One slice into `dst` (for the `full` barrier of `slot`): rows from `row` of `map`,
+            // k from k-tile kt of unit w; multicast to `mask` if `peers`. A slice wholly past its
+            // tensor's `rows` (a zero-row tile, or the last rows of a partial one) reads the
+            // first rows instead: an output row depends only on the same row of A (a column only
+            // on the same row of W), those rows and columns are never stored, and no box lies
+            // wholly outside its tensor.
             auto load = [&](const TmaDescriptor* map, uint32_t dst, const TmaUnit& w, int kt, int row, int rows,
                             bool peers, uint16_t mask, uint32_t slot) {
                 const int k0 = (w.kt_begin + kt) * kWgmmaBK;
@@ -529,6 +528,8 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
                     tma_load_2d_multicast(dst, map, k0, row < rows ? row : 0, full + 8 * slot, mask);
                 }
             };
+            // This CTA's slice of k-tile kt of unit w's W tile (down its cluster column), and of
+            // its A tile (along its cluster row), into ring slot `slot`.
             auto load_w = [&](const TmaUnit& w, int kt, uint32_t slot) {
                 load(&params.w_map, smem_b + slot * kStageB + cluster_row * kSliceB, w, kt,
                      w.n0 + cluster_row * (BN / CM), p.n, CM > 1, col_mask, slot);
