@@ -231,8 +231,12 @@ FORA_DEVICE int tma_units(const GemmTmaParams& params) {
     return tiles_m * tiles_n * params.splits;
 }
 
-template <int BM, int BN, int CM, int CN>
-FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u, int rank) {
+//
+// Cluster split-K (KS > 1 CTAs along K, `gemm_tma_k<KS>_*`): the KS CTAs of a cluster take the
+// same unit, the CTA of k-rank r the r-th of KS near-equal runs of the unit's k-tiles (the last
+// runs may be short or empty); `rank` is then the CTA's place in the CM x CN block.
+template <int BM, int BN, int CM, int CN, int KS = 1>
+FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u, int rank, int k_rank = 0) {
     const GemmParams& p = params.gemm;
     const int tiles_n = (p.n + BN * CN - 1) / (BN * CN);
     const int tiles_m = (p.m + BM * CM - 1) / (BM * CM);
@@ -244,6 +248,12 @@ FORA_DEVICE TmaUnit tma_unit(const GemmTmaParams& params, int u, int rank) {
     w.slice = u / tiles_n / tiles_m;
     w.kt_begin = min(k_tiles_all, w.slice * k_per_slice);
     w.k_tiles = min(k_tiles_all - w.kt_begin, k_per_slice);
+    if (KS > 1) {
+        const int run = (w.k_tiles + KS - 1) / KS;
+        const int skip = min(w.k_tiles, k_rank * run);
+        w.kt_begin += skip;
+        w.k_tiles = min(w.k_tiles - skip, run);
+    }
     return w;
 }
 
@@ -313,6 +323,16 @@ FORA_DEVICE void staged_quad(const Epilogue& e, int rr, int col, float4 a, bool 
     }
 }
 
+// Whether a staged epilogue may use vectors throughout: a whole tile, leading dimensions that
+// keep every row's quads aligned, and aligned bases (the model's buffers always are).
+FORA_DEVICE bool staged_vectors(const Epilogue& e, bool whole_tile) {
+    auto aligned = [](const void* q, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(q) & (bytes - 1)) == 0; };
+    return whole_tile && (e.ldo & 3) == 0 && aligned(e.out, 16) &&
+           (e.cache == nullptr || ((e.ldc & 3) == 0 && aligned(e.cache, 8))) &&
+           (e.bias == nullptr || aligned(e.bias, 16)) &&
+           (e.kind != FORA_EPI_BIAS_GATE_RESIDUAL || ((e.ldg & 3) == 0 && aligned(e.gate, 16)));
+}
+
 // Columns a staged pass covers for a tile BN wide: 128 (a lane's four of every row), or 96 for
 // BN = 192 (two passes, lanes 24 .. 31 idle in the row loop).
 template <int BN>
@@ -335,13 +355,7 @@ FORA_DEVICE void staged_epilogue(const Epilogue& e, float* stage, const float (&
     const int g = lane >> 2, t = lane & 3;
     const bool active = lane < CP / 4;  // lanes with four columns of the pass
     const bool gated = e.kind == FORA_EPI_BIAS_GATE_RESIDUAL;
-    auto aligned = [](const void* q, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(q) & (bytes - 1)) == 0; };
-    // Vectors throughout: a whole tile, leading dimensions that keep every row's quads aligned,
-    // and aligned bases (the model's buffers always are).
-    const bool vec = whole_tile && (e.ldo & 3) == 0 && aligned(e.out, 16) &&
-                     (e.cache == nullptr || ((e.ldc & 3) == 0 && aligned(e.cache, 8))) &&
-                     (e.bias == nullptr || aligned(e.bias, 16)) &&
-                     (!gated || ((e.ldg & 3) == 0 && aligned(e.gate, 16)));
+    const bool vec = staged_vectors(e, whole_tile);
 #pragma unroll
     for (int pass = 0; pass < ROWBLOCKS * (BN / CP); ++pass) {
         const int b = pass / (BN / CP);  // accumulator block
@@ -401,6 +415,77 @@ FORA_DEVICE void staged_epilogue(const Epilogue& e, float* stage, const float (&
     }
 }
 
+// ---- the cluster split-K reduction (KS > 1, `gemm_tma_k<KS>_128x128`) --------------------
+//
+// At M = 512 (one image + CFG) a 1152-wide product has 36 tiles of 128 x 128 for 132 SMs, each
+// a long chain of k-tiles on one SM. Split-K over a workspace fills the SMs but costs an
+// epilogue kernel and an f32 round trip through memory. Here the KS CTAs of a cluster split the
+// unit's k-tiles instead and sum their accumulators through distributed shared memory: each
+// consumer warp writes its 16 x 128 f32 (8 KiB of a 64 KiB area of its own, outside the ring)
+// and arrives on the `staged` barrier of that warp in every CTA of the cluster; once its own
+// `staged` phase ends (the same warp of all KS CTAs has written), it reads rows k_rank,
+// k_rank + KS, ... of the 16 from all KS areas (ld.shared::cluster), sums them in rank order
+// (every row's sum in the same order whichever CTA makes it) and applies the epilogue to those
+// rows, a lane four columns as in the staged epilogue. It then arrives on the `drained` barrier
+// of the warp in every CTA; a warp writes its area for its next unit only after its own
+// `drained` phase of the last one ended (every reader is done), and the kernel's final cluster
+// barrier keeps a CTA's shared memory alive until its peers are done reading it. `phase`
+// counts the warp's units. The `staged` arrivals release and its waits acquire at cluster
+// scope (the hand-over of plain shared-memory data between CTAs; one GPU-scope memory barrier
+// a warp and unit, before which the consumer has issued no global access in this unit). The
+// `drained` arrivals need no release: they only say the reads are done, and every value read
+// was consumed by the epilogue's stores before the arrival is issued (as the ring's `empty`
+// arrivals after wgmma.wait_group).
+template <int KS>
+FORA_DEVICE void cluster_reduced_epilogue(const Epilogue& e, const float (&acc)[64], float* area, uint32_t area_addr,
+                                          uint32_t staged_bar, uint32_t drained_bar, uint32_t phase, int k_rank,
+                                          int row0, int n0, bool whole_tile) {
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    mbarrier_wait_acquire_cluster(drained_bar, (phase & 1u) ^ 1u);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        const int c = 8 * j + 2 * t;
+        *reinterpret_cast<float2*>(area + staged_index<128>(g, c)) = make_float2(acc[4 * j], acc[4 * j + 1]);
+        *reinterpret_cast<float2*>(area + staged_index<128>(g + 8, c)) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+    }
+    __syncwarp();
+    if (lane < KS) mbarrier_arrive_release_cluster(mapa_shared(staged_bar, static_cast<uint32_t>(lane)));
+    uint32_t areas[KS];
+#pragma unroll
+    for (int s = 0; s < KS; ++s) areas[s] = mapa_shared(area_addr, static_cast<uint32_t>(s));
+    mbarrier_wait_acquire_cluster(staged_bar, phase & 1u);
+    const bool vec = staged_vectors(e, whole_tile);
+    const bool gated = e.kind == FORA_EPI_BIAS_GATE_RESIDUAL;
+    const int col = n0 + 4 * lane;
+    float4 bias4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (vec && e.bias != nullptr) bias4 = *reinterpret_cast<const float4*>(e.bias + col);
+#pragma unroll 1
+    for (int r = k_rank; r < 16; r += KS) {
+        const uint32_t offset = 4u * static_cast<uint32_t>(staged_index<128>(r, 4 * lane));
+        float4 a = ld_shared_cluster_f32x4(areas[0] + offset);
+#pragma unroll
+        for (int s = 1; s < KS; ++s) {
+            const float4 b = ld_shared_cluster_f32x4(areas[s] + offset);
+            a.x += b.x;
+            a.y += b.y;
+            a.z += b.z;
+            a.w += b.w;
+        }
+        const int rr = row0 + r;
+        if (!vec && (rr >= e.m || col >= e.n)) continue;
+        float4 gate = make_float4(0.0f, 0.0f, 0.0f, 0.0f), res = gate;
+        if (vec && gated) {
+            gate = *reinterpret_cast<const float4*>(e.gate + static_cast<long long>(rr / e.rows_per_gate) * e.ldg + col);
+            res = *reinterpret_cast<const float4*>(static_cast<const float*>(e.out) + static_cast<long long>(rr) * e.ldo +
+                                                   col);
+        }
+        staged_quad(e, rr, col, a, vec, bias4, gate, res);
+    }
+    __syncwarp();
+    if (lane < KS) mbarrier_arrive_cluster(mapa_shared(drained_bar, static_cast<uint32_t>(lane)));
+}
+
 // PINGPONG = false ("cooperative"): both consumer warpgroups work on every unit, 64 rows each.
 // PINGPONG = true: the consumers take the CTA's units in turn, each a whole 128-row tile (two
 // m64 wgmmas a k-step, 2 x BN / 2 accumulators a thread), so one's epilogue runs while the other
@@ -433,14 +518,19 @@ FORA_DEVICE void staged_epilogue(const Epilogue& e, float* stage, const float (&
 // each of its warps) from the producer until its epilogue is done, staging its accumulators in
 // them; a unit of fewer k-tiles takes the register epilogue. The warps that read a unit's slots
 // (cooperatively both consumers) meet on an mbarrier before any of them stages.
-template <int BM, int BN, int STAGES, bool PINGPONG, int CM, int CN, bool STAGED = false>
+//
+// KS > 1: clusters of KS CTAs along K (cluster_reduced_epilogue above), cooperative 128 x 128
+// tiles without multicast; rank = the CTA's k-rank.
+template <int BM, int BN, int STAGES, bool PINGPONG, int CM, int CN, bool STAGED = false, int KS = 1>
 FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
     static_assert((CM == 1 || CM == 2 || CM == 4) && (CN == 1 || CN == 2), "clusters of 1 .. 8 CTAs");
     static_assert(!STAGED || ((BN == 128 || BN == 192) && CM == 1 && CN == 1),
                   "the staged epilogue is written for 128- and 192-wide tiles without clusters");
     static_assert(BM == 128 || (BM == 256 && !PINGPONG && CM == 1 && CN == 1),
                   "256-row tiles are cooperative and clusterless");
-    constexpr int kCluster = CM * CN;
+    static_assert(KS >= 1 && KS <= 4 && (KS == 1 || (BM == 128 && BN == 128 && !PINGPONG && !STAGED && CM == 1 && CN == 1)),
+                  "cluster split-K: cooperative 128 x 128 tiles without multicast, 2 to 4 CTAs");
+    constexpr int kCluster = CM * CN * KS;
     // m64 blocks a consumer computes per unit: two (a whole 128-row tile) in ping-pong, its
     // half of the tile's BM / 64 blocks cooperatively.
     constexpr int kRowBlocks = PINGPONG ? 2 : BM / 128;
@@ -461,22 +551,28 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
     const GemmParams& p = params.gemm;
 
     // Dynamic smem (the launcher adds 1 KiB to round the base up to 1024 bytes):
-    // [STAGES] A tiles | [STAGES] W tiles | STAGES full barriers | STAGES empty barriers |
-    // 2 order barriers (ping-pong only) | STAGED: 2 meeting barriers.
+    // [STAGES] A tiles | [STAGES] W tiles | KS > 1: the reduction area | STAGES full barriers |
+    // STAGES empty barriers | 2 order barriers (ping-pong only) | STAGED: 2 meeting barriers |
+    // KS > 1: 8 `staged` and 8 `drained` barriers (one each a consumer warp).
+    constexpr uint32_t kReduceBytes = KS > 1 ? 8u * 16u * BN * 4u : 0u;
     FORA_DYNAMIC_SMEM(uint4, gemm_tma_smem);
     const uint32_t raw = smem_addr(gemm_tma_smem);
     const uint32_t smem_a = (raw + 1023u) & ~1023u;
     const uint32_t smem_b = smem_a + STAGES * kStageA;
-    const uint32_t full = smem_b + STAGES * kStageB;
+    const uint32_t reduce_area = smem_b + STAGES * kStageB;
+    const uint32_t full = reduce_area + kReduceBytes;
     const uint32_t empty = full + STAGES * 8;
     const uint32_t order = empty + STAGES * 8;  // order + 8 c: consumer c may start its next unit
     // STAGED: the warps that read a unit's slots meet on `meet` before any stages in them (both
     // consumers on meet cooperatively, consumer c's four warps on meet + 8 c in ping-pong).
     const uint32_t meet = order + 16;
+    const uint32_t reduce_bars = meet + (STAGED ? 16 : 0);
 
     const int tid = threadIdx.x;
     const int warpgroup = tid >> 7;
-    const int rank = kCluster > 1 ? static_cast<int>(cluster_ctarank()) : 0;
+    const int cluster_rank = kCluster > 1 ? static_cast<int>(cluster_ctarank()) : 0;
+    const int rank = cluster_rank % (CM * CN);  // place in the CM x CN block
+    const int k_rank = cluster_rank / (CM * CN);
     const int cluster_row = rank % CM, cluster_col = rank / CM;
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
@@ -490,6 +586,9 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
         if (STAGED) {
             mbarrier_init(meet, PINGPONG ? 4 : 8);
             mbarrier_init(meet + 8, 4);
+        }
+        if (KS > 1) {
+            for (int b = 0; b < 16; ++b) mbarrier_init(reduce_bars + 8 * b, KS);
         }
         fence_mbarrier_init();
     }
@@ -542,7 +641,7 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
             // writes W: the first unit's first k-tiles (a fresh ring: their slots are free) get
             // their W slices before the wait, overlapping that kernel's end, and their A slices
             // after it; the main loop takes over from there.
-            const TmaUnit first_unit = tma_unit<BM, BN, CM, CN>(params, first, rank);
+            const TmaUnit first_unit = tma_unit<BM, BN, CM, CN, KS>(params, first, rank, k_rank);
             const int early = first < units ? min(STAGES, first_unit.k_tiles) : 0;
 #pragma unroll 1
             for (int kt = 0; kt < early; ++kt) {
@@ -555,7 +654,7 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
             for (int kt = 0; kt < early; ++kt) load_a(first_unit, kt, static_cast<uint32_t>(kt));
             uint32_t it = static_cast<uint32_t>(early);
             for (int u = first; u < units; u += stride) {
-                const TmaUnit w = tma_unit<BM, BN, CM, CN>(params, u, rank);
+                const TmaUnit w = tma_unit<BM, BN, CM, CN, KS>(params, u, rank, k_rank);
                 for (int kt = u == first ? early : 0; kt < w.k_tiles; ++kt, ++it) {
                     const uint32_t slot = it % STAGES;
                     const uint32_t parity = (it / STAGES) & 1u;
@@ -600,8 +699,9 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
         int local = 0;  // the CTA's units in order: pingpong consumers take every other one
         int mine = 0;   // ping-pong: units this consumer has computed
         uint32_t staged_units = 0;  // STAGED: units this consumer staged (its `meet` phase)
+        uint32_t reduced_units = 0;  // KS > 1: units this warp summed (its barriers' phase)
         for (int u = first; u < units; u += stride, ++local) {
-            const TmaUnit w = tma_unit<BM, BN, CM, CN>(params, u, rank);
+            const TmaUnit w = tma_unit<BM, BN, CM, CN, KS>(params, u, rank, k_rank);
             if (PINGPONG && (local & 1) != consumer) {
                 it += static_cast<uint32_t>(w.k_tiles);  // the other consumer's k-tiles
                 continue;
@@ -654,6 +754,15 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
 
             const Epilogue e = gemm_epilogue_of(p, static_cast<unsigned>(w.slice));
             const bool whole_tile = w.m0 + BM <= p.m && w.n0 + BN <= p.n;
+            if constexpr (KS > 1) {
+                const int warp = 4 * consumer + warp_in_group;
+                const uint32_t area = reduce_area + static_cast<uint32_t>(warp) * (kReduceBytes / 8);
+                float* area_ptr = reinterpret_cast<float*>(reinterpret_cast<char*>(gemm_tma_smem) + (area - raw));
+                cluster_reduced_epilogue<KS>(e, acc[0], area_ptr, area, reduce_bars + 8 * warp, reduce_bars + 64 + 8 * warp,
+                                             reduced_units++, k_rank, w.m0 + consumer * 64 + warp_in_group * 16, w.n0,
+                                             whole_tile);
+                continue;
+            }
             if constexpr (STAGED) {
                 if (staged) {
                     // Every warp that read the held slots (a wgmma's warps read the whole W tile
@@ -854,4 +963,27 @@ extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(8)
     gemm_tma_c4x2_128x192(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_deferred();
     FORA_TMA_BODY(128, 192, 5, false, 4, 2);
+}
+
+// Cluster split-K: clusters of 2, 3 or 4 CTAs along K, each a run of a 128 x 128 unit's k-tiles,
+// summed through distributed shared memory (cluster_reduced_epilogue); four stages and the
+// 64 KiB reduction area. For products whose tiles leave most SMs idle (at M = 512 the 36 tiles
+// of proj and fc2: three CTAs each fill 108 SMs) without split-K's epilogue kernel.
+
+extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(2)
+    gemm_tma_k2_128x128(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_deferred();
+    FORA_TMA_BODY(128, 128, 4, false, 1, 1, false, 2);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(3)
+    gemm_tma_k3_128x128(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_deferred();
+    FORA_TMA_BODY(128, 128, 4, false, 1, 1, false, 3);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) FORA_CLUSTER(4)
+    gemm_tma_k4_128x128(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_deferred();
+    FORA_TMA_BODY(128, 128, 4, false, 1, 1, false, 4);
 }

@@ -41,6 +41,17 @@ FORA_DEVICE uint32_t cluster_ctarank() { return fora_emulation_cluster_ctarank()
 FORA_DEVICE void cluster_sync() { fora_emulation_cluster_sync(); }
 FORA_DEVICE uint32_t mapa_shared(uint32_t addr, uint32_t rank) { return fora_emulation_mapa(addr, rank); }
 FORA_DEVICE void mbarrier_arrive_cluster(uint32_t cluster_bar) { fora_emulation_mbarrier_arrive_cluster(cluster_bar); }
+FORA_DEVICE void mbarrier_arrive_release_cluster(uint32_t cluster_bar) {
+    fora_emulation_mbarrier_arrive_cluster(cluster_bar);
+}
+FORA_DEVICE void mbarrier_wait_acquire_cluster(uint32_t bar, uint32_t parity) {
+    fora_emulation_mbarrier_wait(bar, parity);
+}
+FORA_DEVICE float4 ld_shared_cluster_f32x4(uint32_t cluster_addr) {
+    float4 v;
+    fora_emulation_ld_shared_cluster(&v, cluster_addr, sizeof(v));
+    return v;
+}
 FORA_DEVICE void tma_load_2d_multicast(uint32_t dst, const TmaDescriptor* map, int x, int y, uint32_t bar,
                                        uint16_t mask) {
     fora_emulation_tma_load_2d_multicast(dst, map, x, y, bar, mask);
@@ -141,6 +152,42 @@ FORA_DEVICE uint32_t mapa_shared(uint32_t addr, uint32_t rank) {
 // MEMBAR.ALL.GPU), waiting on the previous unit's epilogue stores in the mainloop.
 FORA_DEVICE void mbarrier_arrive_cluster(uint32_t cluster_bar) {
     asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar) : "memory");
+}
+// The same arrival with release semantics at cluster scope: this thread's earlier memory
+// accesses (and those a __syncwarp ordered before it) are visible to a thread of the barrier's
+// CTA once mbarrier_wait_acquire_cluster sees the phase end. For data handed between CTAs
+// (the cluster split-K reduction); ptxas puts a GPU-wide memory barrier before it, so it is
+// for once-a-tile hand-overs, not a mainloop.
+FORA_DEVICE void mbarrier_arrive_release_cluster(uint32_t cluster_bar) {
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar) : "memory");
+}
+// mbarrier_wait with acquire semantics at cluster scope: what other CTAs' arrivals on this
+// barrier released (mbarrier_arrive_release_cluster) is visible afterwards. The same watchdog.
+FORA_DEVICE void mbarrier_wait_acquire_cluster(uint32_t bar, uint32_t parity) {
+    uint32_t done;
+    uint32_t spins = 0;
+    do {
+        if (++spins == (1u << 26)) __trap();
+        asm volatile(
+            "{\n"
+            ".reg .pred p;\n"
+            "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n"
+            "}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (done == 0);
+}
+// 16 bytes of any CTA of the cluster's shared memory (distributed shared memory), named by a
+// shared::cluster address (mapa_shared); 16-byte aligned.
+FORA_DEVICE float4 ld_shared_cluster_f32x4(uint32_t cluster_addr) {
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(cluster_addr)
+                 : "memory");
+    return v;
 }
 // tma_load_2d into every CTA of the cluster whose bit is set in `mask`: the box lands at the same
 // shared byte `dst` in each and counts against the barrier at the same byte `bar` in each.

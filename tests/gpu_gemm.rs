@@ -361,7 +361,7 @@ const WGMMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 5] = [
 /// tiles included), forced split-K, the automatic picks. In tests of their own (`gemm_tma_*`):
 /// the device suite runs them in a process of their own, so that a fault in these never-run
 /// kernels cannot poison the context of the other tests.
-const TMA_VARIANTS: [Variant; 33] = [
+const TMA_VARIANTS: [Variant; 38] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
@@ -392,13 +392,18 @@ const TMA_VARIANTS: [Variant; 33] = [
     Variant::Tma(TmaTile::C4x2N192),
     Variant::TmaSplit(TmaTile::C4x2N128, 3),
     Variant::TmaSplit(TmaTile::C4x1N192, 2),
+    Variant::Tma(TmaTile::K2N128),
+    Variant::Tma(TmaTile::K3N128),
+    Variant::Tma(TmaTile::K4N128),
+    Variant::TmaSplit(TmaTile::K3N128, 2),
+    Variant::TmaSplit(TmaTile::K2N128, 3),
     Variant::TmaAuto,
     Variant::TmaMcAuto,
     Variant::CublasLt,
 ];
 
 /// [`TMA_VARIANTS`] without forced split-K.
-const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 20] = [
+const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 23] = [
     Variant::Tma(TmaTile::N128),
     Variant::Tma(TmaTile::N192),
     Variant::Tma(TmaTile::N256),
@@ -416,6 +421,9 @@ const TMA_VARIANTS_NO_FORCED_SPLIT: [Variant; 20] = [
     Variant::Tma(TmaTile::C4x1N192),
     Variant::Tma(TmaTile::C4x2N128),
     Variant::Tma(TmaTile::C4x2N192),
+    Variant::Tma(TmaTile::K2N128),
+    Variant::Tma(TmaTile::K3N128),
+    Variant::Tma(TmaTile::K4N128),
     Variant::TmaAuto,
     Variant::TmaMcAuto,
     Variant::CublasLt,

@@ -1211,6 +1211,78 @@ fn emulated_tma_mc_dit_xl2_two_rows() -> Result<()> {
     Ok(())
 }
 
+/// `FORA_GEMM=tma`'s picks for proj and fc2 at one image + CFG of DiT-XL/2 (M = 512) on 132
+/// emulated SMs: their 36 tiles in clusters of three along K (108 CTAs, each a third of the
+/// k-tiles, summed through distributed shared memory), the gated-residual epilogue into the f32
+/// residual and the bf16 cache, as the blocks run them.
+#[test]
+fn emulated_tma_cluster_k_dit_xl2_two_rows() -> Result<()> {
+    use fora::cuda::gemm::{launch_tma, Epilogue, TmaTile, SPLITK_WORKSPACE};
+    use fora::cuda::params::GemmParams;
+    use fora::cuda::testing::{check_close, round_bf16, TestRng};
+    let Some(emu) = emulator("emulated_tma_cluster_k_dit_xl2_two_rows") else {
+        return Ok(());
+    };
+    let sms = 132;
+    let gpu = emu.with_sms(sms);
+    let (m, tokens) = (512, 256);
+    for (name, n, k) in [("proj", 1152, 1152), ("fc2", 1152, 4608)] {
+        let tile = TmaTile::pick(m, n, k, sms);
+        let splits = tile.pick_splits(m, n, k, sms, SPLITK_WORKSPACE);
+        ensure!(
+            (tile, splits) == (TmaTile::K3N128, 1),
+            "{name}: the pick is {tile:?} x{splits}, not clusters of three along K"
+        );
+        let what = format!("{name} (M={m} N={n} K={k}) on {tile:?}, gated residual");
+        eprintln!("{what}");
+        let mut rng = TestRng::new(29);
+        let a = round_bf16(&rng.normal_vec(m * k, 1.0));
+        let w = round_bf16(&rng.normal_vec(n * k, 1.0 / (k as f32).sqrt()));
+        let bias = rng.normal_vec(n, 0.5);
+        let gate = rng.uniform_vec((m / tokens) * n, -1.0, 1.0);
+        let residual = rng.normal_vec(m * n, 1.0);
+        let product = biased_product(&a, &w, &bias, (m, n, k));
+        let (a_d, w_d) = (emu.upload_bf16(&a)?, emu.upload_bf16(&w)?);
+        let (bias_d, gate_d) = (emu.upload_f32(&bias)?, emu.upload_f32(&gate)?);
+        let out = emu.upload_f32(&residual)?;
+        let cache = emu.poisoned_bf16(m * n)?;
+        let p = GemmParams {
+            a: a_d.addr(),
+            w: w_d.addr(),
+            bias: bias_d.addr(),
+            out: out.addr(),
+            cache: cache.addr(),
+            gate: gate_d.addr(),
+            m: m as i32,
+            n: n as i32,
+            k: k as i32,
+            lda: k as i32,
+            ldw: k as i32,
+            ldo: n as i32,
+            ldc: n as i32,
+            ldg: n as i32,
+            rows_per_gate: tokens as i32,
+            epilogue: Epilogue::BiasGateResidual.raw(),
+        };
+        launch_tma(&gpu, &p, tile, splits, None)?;
+        let want: Vec<f32> = (0..m * n)
+            .map(|i| {
+                let (r, c) = (i / n, i % n);
+                (residual[i] as f64 + gate[(r / tokens) * n + c] as f64 * product[i]) as f32
+            })
+            .collect();
+        check_close(&what, &emu.download_f32(&out)?, &want, 1e-4)?;
+        let want_cache: Vec<f32> = product.iter().map(|&v| v as f32).collect();
+        check_close(
+            &format!("{what}: cache"),
+            &emu.download_bf16(&cache)?,
+            &round_bf16(&want_cache),
+            1e-2,
+        )?;
+    }
+    Ok(())
+}
+
 /// Every kernel with a block barrier, with the warps of a block out of step (the lowest warp
 /// first; then the highest first, with the blocks of each launch from the last): each warp runs
 /// as far as its barriers let it before the next starts. Round robin moves every warp to its

@@ -63,11 +63,21 @@ pub enum TmaTile {
     C4x2N128,
     /// `N192` likewise (`gemm_tma_c4x2_128x192`).
     C4x2N192,
+    /// 128 x 128 in clusters of two CTAs along K (`gemm_tma_k2_128x128`, four stages): both
+    /// take the same tile, each half its k-tiles, and sum their accumulators through
+    /// distributed shared memory before the epilogue, so a product of few tiles fills twice
+    /// the SMs without split-K's epilogue kernel and f32 round trip.
+    K2N128,
+    /// The same in clusters of three (`gemm_tma_k3_128x128`): at M = 512 the 36 tiles of
+    /// proj and fc2 on 108 SMs.
+    K3N128,
+    /// The same in clusters of four (`gemm_tma_k4_128x128`).
+    K4N128,
 }
 
 impl TmaTile {
-    /// Every tile, the 4 x 1 and 4 x 2 multicast ones last.
-    pub const ALL: [TmaTile; 17] = [
+    /// Every tile, the 4 x 1 and 4 x 2 multicast ones, then the cluster split-K ones, last.
+    pub const ALL: [TmaTile; 20] = [
         TmaTile::N128,
         TmaTile::N192,
         TmaTile::N256,
@@ -85,7 +95,13 @@ impl TmaTile {
         TmaTile::C4x1N192,
         TmaTile::C4x2N128,
         TmaTile::C4x2N192,
+        TmaTile::K2N128,
+        TmaTile::K3N128,
+        TmaTile::K4N128,
     ];
+    /// The cluster split-K tiles, which [`TmaTile::pick`] weighs against the cooperative one
+    /// it chose.
+    pub const CLUSTER_K: [TmaTile; 3] = [TmaTile::K2N128, TmaTile::K3N128, TmaTile::K4N128];
     /// The cooperative tiles, which [`TmaTile::pick`] chooses among.
     pub const COOPERATIVE: [TmaTile; 3] = [TmaTile::N128, TmaTile::N192, TmaTile::N256];
     /// The cooperative multicast tiles, which [`TmaTile::pick_multicast`] chooses among, the
@@ -127,12 +143,26 @@ impl TmaTile {
             TmaTile::C4x1N192 => ("gemm_tma_c4x1_128x192", 192, 5, false, 4, 1),
             TmaTile::C4x2N128 => ("gemm_tma_c4x2_128x128", 128, 6, false, 4, 2),
             TmaTile::C4x2N192 => ("gemm_tma_c4x2_128x192", 192, 5, false, 4, 2),
+            TmaTile::K2N128 => ("gemm_tma_k2_128x128", 128, 4, false, 1, 1),
+            TmaTile::K3N128 => ("gemm_tma_k3_128x128", 128, 4, false, 1, 1),
+            TmaTile::K4N128 => ("gemm_tma_k4_128x128", 128, 4, false, 1, 1),
         }
     }
 
-    /// CTAs a cluster (1: no multicast).
+    /// CTAs a cluster (1: no multicast, no cluster split-K).
     pub fn cluster(self) -> u32 {
-        self.cluster_m() * self.cluster_n()
+        self.cluster_m() * self.cluster_n() * self.cluster_k()
+    }
+
+    /// CTAs of a cluster along K: they take the same tile, each a run of its k-tiles, and sum
+    /// their accumulators through distributed shared memory (gemm_sm90.cu's KS).
+    pub fn cluster_k(self) -> u32 {
+        match self {
+            TmaTile::K2N128 => 2,
+            TmaTile::K3N128 => 3,
+            TmaTile::K4N128 => 4,
+            _ => 1,
+        }
     }
 
     /// CTAs of a cluster along M: they share (multicast) the W tile, each loading `bn /
@@ -215,6 +245,9 @@ impl TmaTile {
             TmaTile::C4x1N192 => "tma-c4x1-128x192",
             TmaTile::C4x2N128 => "tma-c4x2-128x128",
             TmaTile::C4x2N192 => "tma-c4x2-128x192",
+            TmaTile::K2N128 => "tma-k2-128x128",
+            TmaTile::K3N128 => "tma-k3-128x128",
+            TmaTile::K4N128 => "tma-k4-128x128",
         }
     }
 
@@ -232,20 +265,32 @@ impl TmaTile {
     }
 
     /// The stage ring, two 8-byte barriers a stage, two more (ping-pong's order barriers; all
-    /// kernels reserve them), two more for the staged epilogue's meetings, and 1 KiB the kernel
-    /// spends on rounding its base up to the 1024-byte alignment of the swizzle atoms.
+    /// kernels reserve them), two more for the staged epilogue's meetings, for cluster split-K
+    /// the reduction area (eight consumer warps' 16 x BN f32) and its 16 barriers, and 1 KiB
+    /// the kernel spends on rounding its base up to the 1024-byte alignment of the swizzle
+    /// atoms.
     pub fn smem_bytes(self) -> u32 {
         let (_, bn, stages, ..) = self.spec();
         let meetings = if self.staged() { 16 } else { 0 };
-        stages * (self.bm() + bn) * Self::BK * 2 + stages * 16 + 16 + meetings + 1024
+        let reduction = if self.cluster_k() > 1 {
+            8 * 16 * bn * 4 + 16 * 8
+        } else {
+            0
+        };
+        stages * (self.bm() + bn) * Self::BK * 2 + stages * 16 + 16 + meetings + reduction + 1024
     }
 
-    /// Output tiles of an M x N product (a cluster's CTAs each take one; a multicast tile's
-    /// row and column tiles are counted in whole clusters, those past M computing zero rows and
-    /// those past N zero columns).
+    /// CTA tiles of an M x N product: output tiles (a cluster's CTAs each take one; a
+    /// multicast tile's row and column tiles are counted in whole clusters, those past M
+    /// computing zero rows and those past N zero columns), times the CTAs that share one along
+    /// K (cluster split-K).
     pub fn tiles(self, m: usize, n: usize) -> usize {
         let (cm, cn) = (self.cluster_m() as usize, self.cluster_n() as usize);
-        m.div_ceil(cm * self.bm() as usize) * cm * n.div_ceil(cn * self.bn() as usize) * cn
+        m.div_ceil(cm * self.bm() as usize)
+            * cm
+            * n.div_ceil(cn * self.bn() as usize)
+            * cn
+            * self.cluster_k() as usize
     }
 
     /// Relative throughput of a CTA on this tile while it computes, from the forced-tile rows
@@ -263,7 +308,10 @@ impl TmaTile {
             | TmaTile::M256N128
             | TmaTile::StagedN128
             | TmaTile::StagedPingPong128
-            | TmaTile::StagedM256N128 => 1.0,
+            | TmaTile::StagedM256N128
+            | TmaTile::K2N128
+            | TmaTile::K3N128
+            | TmaTile::K4N128 => 1.0,
             TmaTile::N192
             | TmaTile::Mc192
             | TmaTile::C4x1N192
@@ -281,9 +329,39 @@ impl TmaTile {
         rounds as f64 * self.bn() as f64 / self.efficiency()
     }
 
+    /// Estimated time of an M x N x K product on this tile with `splits` split-K slices, in
+    /// k-tile times of a 128-wide tile: rounds of the persistent grid times each CTA's k-tiles
+    /// a unit plus, for cluster split-K, one k-tile time a cluster CTA for the reduction through
+    /// distributed shared memory (a unit's), plus for `splits` > 1 what
+    /// [`TmaTile::pick_splits`] charges for the epilogue kernel and the slices' round trip;
+    /// scaled by the tile's width over its efficiency.
+    fn plan_cost(self, (m, n, k): (usize, usize, usize), splits: usize, sm_count: usize) -> f64 {
+        let k_tiles = k.div_ceil(Self::BK as usize);
+        let ck = self.cluster_k() as usize;
+        let rounds = (self.tiles(m, n) * splits).div_ceil(self.resident(sm_count));
+        let depth = k_tiles.div_ceil(splits).div_ceil(ck);
+        let reduce = if ck > 1 { ck } else { 0 };
+        let split = if splits > 1 {
+            Self::SPLIT_LAUNCH + 3 * splits
+        } else {
+            0
+        };
+        (rounds * (depth + reduce) + split) as f64 * self.bn() as f64
+            / (Self::BM as f64 * self.efficiency())
+    }
+
+    /// k-tile times [`TmaTile::pick_splits`] charges for split-K's epilogue kernel launch.
+    const SPLIT_LAUNCH: usize = 10;
+
     /// Ping-pong 128 x 128 for a long K (at least [`TmaTile::PING_PONG_MIN_K`]) once every CTA
     /// has two or more tiles to alternate; else the cooperative tile of least
-    /// `TmaTile::cost` (the wider on a tie). On an H200 (2026-11-26) ping-pong ran fc2 at 256
+    /// `TmaTile::cost` (the wider on a tie), unless a cluster split-K tile
+    /// ([`TmaTile::CLUSTER_K`]) costs less (`TmaTile::plan_cost`, against the cooperative
+    /// tile with its own split-K slices): where the tiles leave most SMs idle. At M = 512 on
+    /// 132 SMs: proj and fc2 (36 tiles) in clusters of three along K (108 CTAs; proj 6
+    /// k-tiles each instead of 18, fc2 24 instead of 3 workspace slices of 24 and the epilogue
+    /// kernel), the final layer's 4 tiles in clusters of four; qkv and fc1 keep their tiles.
+    /// Not yet measured on a device. On an H200 (2026-11-26) ping-pong ran fc2 at 256
     /// rows (K = 4608) in 1275 us against 1465 for the cooperative 128 x 128, and K = 1152 no
     /// faster (qkv 1507 against 1290). At DiT-XL/2 shapes: 128 wide at large M but for fc2; at
     /// M = 512 (one image + CFG) 128 wide where that fits one round (qkv, proj, fc2) and 192
@@ -297,6 +375,14 @@ impl TmaTile {
         for t in TmaTile::COOPERATIVE {
             if t.cost(m, n, sm_count) <= best.cost(m, n, sm_count) {
                 best = t;
+            }
+        }
+        let splits = best.splits_by_cost(m, n, k, sm_count, usize::MAX, Self::SPLIT_LAUNCH);
+        let mut best_cost = best.plan_cost((m, n, k), splits as usize, sm_count);
+        for t in TmaTile::CLUSTER_K {
+            let cost = t.plan_cost((m, n, k), 1, sm_count);
+            if cost < best_cost {
+                (best, best_cost) = (t, cost);
             }
         }
         best
@@ -353,7 +439,7 @@ impl TmaTile {
         sm_count: usize,
         workspace: usize,
     ) -> u32 {
-        self.splits_by_cost(m, n, k, sm_count, workspace, 10)
+        self.splits_by_cost(m, n, k, sm_count, workspace, Self::SPLIT_LAUNCH)
     }
 
     /// [`TmaTile::pick_splits`] for slices that a later pass sums as it loads them
@@ -372,7 +458,7 @@ impl TmaTile {
     }
 
     /// The split rule of [`TmaTile::pick_splits`] with `launch` k-tile times for a split's
-    /// extra kernel.
+    /// extra kernel (k-tiles counted a CTA: a cluster split-K tile's CTAs share a unit's).
     fn splits_by_cost(
         self,
         m: usize,
@@ -382,7 +468,9 @@ impl TmaTile {
         workspace: usize,
         launch: usize,
     ) -> u32 {
-        let k_tiles = k.div_ceil(Self::BK as usize);
+        let k_tiles = k
+            .div_ceil(Self::BK as usize)
+            .div_ceil(self.cluster_k() as usize);
         let tiles = self.tiles(m, n);
         let resident = self.resident(sm_count);
         if tiles >= resident {
@@ -562,20 +650,53 @@ mod tests {
         assert_eq!(TmaTile::pick(65_536, 3456, 1152, 132), TmaTile::N128);
         assert_eq!(TmaTile::pick(65_536, 4608, 1152, 132), TmaTile::N128);
         assert_eq!(TmaTile::pick(65_536, 1152, 4608, 132), TmaTile::PingPong128);
-        // One image pair (M = 512): one round either way, the narrower tile the shorter one;
-        // fc2's 36 tiles are too few to alternate.
-        assert_eq!(TmaTile::pick(512, 1152, 1152, 132), TmaTile::N128);
+        // One image pair (M = 512): qkv's 108 tiles one round either way, the narrower tile
+        // the shorter one; proj's and fc2's 36 in clusters of three along K (108 CTAs: proj 6
+        // k-tiles a CTA against 18, fc2 24 against 3 workspace slices of 24 and the epilogue
+        // kernel; four along K would take two rounds); fc2's tiles are too few to alternate.
+        assert_eq!(TmaTile::pick(512, 1152, 1152, 132), TmaTile::K3N128);
         assert_eq!(TmaTile::pick(512, 3456, 1152, 132), TmaTile::N128);
-        assert_eq!(TmaTile::pick(512, 1152, 4608, 132), TmaTile::N128);
-        // fc1: 144 tiles of 128 would take two rounds, 96 of 192 one.
+        assert_eq!(TmaTile::pick(512, 1152, 4608, 132), TmaTile::K3N128);
+        // fc1: 144 tiles of 128 would take two rounds, 96 of 192 one (and 432 CTAs of three
+        // along K four).
         assert_eq!(TmaTile::pick(512, 4608, 1152, 132), TmaTile::N192);
         // A width only 128 divides.
         assert_eq!(TmaTile::pick(65_536, 640, 1152, 132), TmaTile::N128);
         // 192 where 128 would take a round more: 64 x 1152 (= 72 x 128 tiles).
         assert_eq!(TmaTile::pick(8192, 1152, 1152, 132), TmaTile::N192);
-        // The final layer (N = 32): one 128-wide tile pads least.
-        assert_eq!(TmaTile::pick(512, 32, 1152, 132), TmaTile::N128);
+        // The final layer (N = 32): one 128-wide tile pads least, its 4 tiles in clusters of
+        // three along K (four: the same cost, the smaller cluster kept).
+        assert_eq!(TmaTile::pick(512, 32, 1152, 132), TmaTile::K3N128);
+        // Enough tiles for every SM (eight image pairs): never split along K.
+        assert_eq!(TmaTile::pick(4096, 1152, 1152, 132), TmaTile::N128);
+        assert_eq!(TmaTile::pick(4096, 1152, 4608, 132), TmaTile::PingPong128);
         assert_eq!(TmaTile::N192.tiles(65_536, 1152), 512 * 6);
+    }
+
+    #[test]
+    fn tma_cluster_k_tiles() {
+        for (t, ck) in TmaTile::CLUSTER_K.into_iter().zip(2..) {
+            assert_eq!((t.cluster_k(), t.cluster()), (ck, ck), "{t:?}");
+            assert_eq!((t.cluster_m(), t.cluster_n()), (1, 1), "{t:?}");
+            assert_eq!((t.bm(), t.bn()), (128, 128), "{t:?}");
+            // Each output tile counts its cluster's CTAs.
+            assert_eq!(t.tiles(512, 1152), 36 * ck as usize, "{t:?}");
+            // The ring of four stages, the barriers, the 64 KiB reduction area and its 16
+            // barriers, the alignment slack: within a Hopper CTA's 227 KiB.
+            assert_eq!(
+                t.smem_bytes(),
+                4 * 256 * 128 + 64 + 16 + 65_536 + 128 + 1024
+            );
+            assert!(t.smem_bytes() <= 227 * 1024);
+            assert!(t.kernel_name().starts_with(&format!("gemm_tma_k{ck}_")));
+            assert_eq!(TmaTile::from_bench_name(t.setting_name()), Some(t));
+        }
+        assert_eq!(TmaTile::K3N128.resident(132), 132);
+        assert_eq!(TmaTile::K4N128.resident(130), 128);
+        // A cluster split-K tile adds workspace slices only where its CTAs still fall short.
+        let ws = usize::MAX;
+        assert_eq!(TmaTile::K3N128.pick_splits(512, 1152, 4608, 132, ws), 1);
+        assert!(TmaTile::K2N128.pick_splits(128, 32, 16_384, 132, ws) > 1);
     }
 
     #[test]
@@ -692,20 +813,21 @@ mod tests {
         let none = TmaOverrides::default();
         let ws = SPLITK_WORKSPACE;
         // Nothing forced: the picks (fc2 at 2 rows: 4 x 2 clusters in 3 slices with tma_mc,
-        // the plain 128 x 128 in 3 without multicast; proj 1 slice, 2 for a summing pass).
+        // clusters of three along K without multicast; proj 1 slice, 2 for a summing pass).
         let fc2 = (512, 1152, 4608);
         assert_eq!(none.plan(true, fc2, 132, ws, false), (TmaTile::C4x2N128, 3));
-        assert_eq!(none.plan(false, fc2, 132, ws, false), (TmaTile::N128, 3));
+        assert_eq!(none.plan(false, fc2, 132, ws, false), (TmaTile::K3N128, 1));
+        assert_eq!(none.plan(false, fc2, 132, ws, true), (TmaTile::K3N128, 1));
         let proj = (512, 1152, 1152);
         assert_eq!(
             none.plan(true, proj, 132, ws, false),
             (TmaTile::C4x2N128, 1)
         );
         assert_eq!(none.plan(true, proj, 132, ws, true), (TmaTile::C4x2N128, 2));
-        // One row tile: no multicast.
+        // One row tile: no multicast (its 9 tiles in clusters of three along K).
         assert_eq!(
             none.plan(true, (128, 1152, 1152), 132, ws, false).0,
-            TmaTile::N128
+            TmaTile::K3N128
         );
         // Forced: the tile, and the slices where given (else the forced tile's pick), for
         // either implementation and any M; other shapes keep their picks.
@@ -862,7 +984,10 @@ mod tests {
                     .replace("st_", "st-")
                     .replace("mc_", "mc-")
                     .replace("c4x1_", "c4x1-")
-                    .replace("c4x2_", "c4x2-"),
+                    .replace("c4x2_", "c4x2-")
+                    .replace("-k2_", "-k2-")
+                    .replace("-k3_", "-k3-")
+                    .replace("-k4_", "-k4-"),
                 "{t:?}"
             );
         }
@@ -889,9 +1014,10 @@ mod tests {
 
     #[test]
     fn tma_kernels_match_specs() {
-        // The instantiations in gemm_sm90.cu: name, BM, BN, stages, cluster and staging as
-        // TmaTile::spec, TmaTile::bm and TmaTile::staged say; 384 threads; clusters declared
-        // with __cluster_dims__ (FORA_CLUSTER(n)).
+        // The instantiations in gemm_sm90.cu: name, BM, BN, stages, cluster, staging and
+        // cluster split-K as TmaTile::spec, TmaTile::bm, TmaTile::staged and
+        // TmaTile::cluster_k say; 384 threads; clusters declared with __cluster_dims__
+        // (FORA_CLUSTER(n)).
         let src = include_str!("../../kernels/gemm_sm90.cu");
         for t in TmaTile::ALL {
             let (name, bn, stages, pingpong, cm, cn) = t.spec();
@@ -901,15 +1027,19 @@ mod tests {
             let head = &src[src[..at].rfind("extern \"C\"").expect("a declaration")..at];
             assert!(head.contains("__launch_bounds__(384, 1)"), "{name}: {head}");
             assert_eq!(
-                head.contains(&format!("FORA_CLUSTER({})", cm * cn)),
-                cm * cn > 1,
+                head.contains(&format!("FORA_CLUSTER({})", t.cluster())),
+                t.cluster() > 1,
                 "{name}: {head}"
             );
             // Its own body: the first FORA_TMA_BODY after the signature.
             let body = &src[at..];
             let first = body.find("FORA_TMA_BODY(").expect("a body");
             let bm = t.bm();
-            let staged = if t.staged() { ", true" } else { "" };
+            let staged = match (t.staged(), t.cluster_k()) {
+                (false, 1) => String::new(),
+                (staged, 1) => format!(", {staged}"),
+                (staged, ck) => format!(", {staged}, {ck}"),
+            };
             let want =
                 format!("FORA_TMA_BODY({bm}, {bn}, {stages}, {pingpong}, {cm}, {cn}{staged})");
             assert!(body[first..].starts_with(&want), "{name}: {want} expected");

@@ -203,6 +203,9 @@ void gemm_tma_c4x1_128x128(const GemmTmaParams p);
 void gemm_tma_c4x1_128x192(const GemmTmaParams p);
 void gemm_tma_c4x2_128x128(const GemmTmaParams p);
 void gemm_tma_c4x2_128x192(const GemmTmaParams p);
+void gemm_tma_k2_128x128(const GemmTmaParams p);
+void gemm_tma_k3_128x128(const GemmTmaParams p);
+void gemm_tma_k4_128x128(const GemmTmaParams p);
 // The emulator's own race probes (race_probes.cpp).
 void race_probe_warps(const uint64_t out);
 void race_probe_warps_synced(const uint64_t out);
@@ -734,6 +737,9 @@ Kernel find(const std::string& name) {
     if (name == "gemm_tma_c4x1_128x192") return call<GemmTmaParams, gemm_tma_c4x1_128x192>;
     if (name == "gemm_tma_c4x2_128x128") return call<GemmTmaParams, gemm_tma_c4x2_128x128>;
     if (name == "gemm_tma_c4x2_128x192") return call<GemmTmaParams, gemm_tma_c4x2_128x192>;
+    if (name == "gemm_tma_k2_128x128") return call<GemmTmaParams, gemm_tma_k2_128x128>;
+    if (name == "gemm_tma_k3_128x128") return call<GemmTmaParams, gemm_tma_k3_128x128>;
+    if (name == "gemm_tma_k4_128x128") return call<GemmTmaParams, gemm_tma_k4_128x128>;
     if (name == "wgmma_probe") return call<WgmmaProbeParams, wgmma_probe>;
     if (name == "tma_probe") return call<TmaProbeParams, tma_probe>;
     if (name == "tma_cluster_probe") return call<TmaProbeParams, tma_cluster_probe>;
@@ -756,6 +762,9 @@ unsigned cluster_size_of(const std::string& name) {
     if (name.rfind("gemm_tma_mc_", 0) == 0 || name == "tma_cluster_probe") return 2;
     if (name.rfind("gemm_tma_c4x1_", 0) == 0) return 4;
     if (name.rfind("gemm_tma_c4x2_", 0) == 0) return 8;
+    if (name.rfind("gemm_tma_k2_", 0) == 0) return 2;
+    if (name.rfind("gemm_tma_k3_", 0) == 0) return 3;
+    if (name.rfind("gemm_tma_k4_", 0) == 0) return 4;
     return 1;
 }
 
@@ -1334,6 +1343,15 @@ void fora_emulation_mbarrier_arrive(uint32_t bar, uint32_t expect_tx_bytes) {
 void fora_emulation_mbarrier_arrive_cluster(uint32_t cluster_bar) {
     const auto [block, bar] = cluster_address(cluster_bar);
     arrive_on(*block, bar, 0);
+}
+
+// ld.shared::cluster: a load from the shared memory of any block of the cluster (an address
+// from mapa, or the running block's own), which must lie inside its dynamic shared memory.
+void fora_emulation_ld_shared_cluster(void* dst, uint32_t cluster_addr, unsigned bytes) {
+    const auto [block, addr] = cluster_address(cluster_addr);
+    if (addr % bytes != 0 || addr + bytes > launch_state->dynamic_smem_bytes)
+        emulation_error("ld.shared::cluster misaligned or outside the dynamic shared memory", cluster_addr);
+    std::memcpy(dst, block->dynamic_smem + addr, bytes);
 }
 
 // mapa.shared::cluster: the address of the running block's shared byte `addr` in block `rank`.
