@@ -26,7 +26,10 @@
 #              f32_product attention_tma copy_table side_stream pdl tma tma_mc tma_staged
 #              tma_unstaged prefetch_weights"; s17_steps: the reuse-step defaults before session
 #              18; tma_staged / tma_unstaged: STAGED_TILES with and without the staged
-#              epilogue; prefetch_weights: FORA_PREFETCH_WEIGHTS=1; "all"
+#              epilogue; tma_no_cluster_k / tma_staged_cluster_k: the TMA path without session
+#              22's cluster split-K pick, and with it beside the staged tiles; lt_cluster_k:
+#              the default path with proj and fc2 on the cluster split-K tiles;
+#              prefetch_weights: FORA_PREFETCH_WEIGHTS=1; "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
 #              l2_persist, tma_pdl, tma_mc_pdl, attention_v1, attention_v2, attention_wgmma,
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
@@ -74,6 +77,15 @@ S17_STEPS_ENV="FORA_FINAL_SAMPLER=0 FORA_REUSE_SUM=0 FORA_REUSE_TABLE_IN_PLACE=0
 # and the same tiles with the register epilogue (variant tma_unstaged, "st-" dropped): the A/B
 # of the staged epilogue in whole steps.
 STAGED_TILES="3456x1152=st-128x128,1152x1152=st-128x128,4608x1152=st-128x192,1152x4608=st-pp-128x128"
+# Session 22's cluster split-K tiles: `tma` picks clusters of three along K for proj and fc2 at
+# 2 rows (k3-128x128); variant tma_no_cluster_k forces the tiles it picked before (128 x 128,
+# fc2 in 3 workspace slices and the epilogue kernel), variant tma_staged_cluster_k the staged
+# tiles for qkv and fc1 beside the cluster split-K pick for proj and fc2.
+NO_CLUSTER_K_TILES="1152x1152=128x128,1152x4608=128x128"
+# ... and variant lt_cluster_k: the default cuBLASLt path with proj and fc2 routed to them
+# (FORA_TMA_TILES under cuBLASLt on a Hopper).
+CLUSTER_K_TILES="1152x1152=k3-128x128,1152x4608=k3-128x128"
+STAGED_CLUSTER_K_TILES="3456x1152=st-128x128,4608x1152=st-128x192"
 VARIANTS=${VARIANTS:-default s17_steps no_reuse_sum no_final_sampler attention_deep attention_split f32_product attention_tma copy_table side_stream pdl tma tma_mc tma_staged tma_unstaged prefetch_weights}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
@@ -414,6 +426,9 @@ phase_variants() {
            "wgmma:wgmma:" "tma:tma:" "tma_mc:tma_mc:" \
            "tma_staged:tma:FORA_TMA_TILES=$STAGED_TILES" "tma_unstaged:tma:FORA_TMA_TILES=${STAGED_TILES//st-/}" \
            "tma_staged_pdl:tma:FORA_TMA_TILES=$STAGED_TILES FORA_PDL=1" \
+           "tma_no_cluster_k:tma:FORA_TMA_TILES=$NO_CLUSTER_K_TILES" \
+           "lt_cluster_k:cublaslt:FORA_TMA_TILES=$CLUSTER_K_TILES" \
+           "tma_staged_cluster_k:tma:FORA_TMA_TILES=$STAGED_CLUSTER_K_TILES" \
            "prefetch_weights:cublaslt:FORA_PREFETCH_WEIGHTS=1")
   local round suffix
   for round in $(seq 1 "${VARIANT_ROUNDS:-1}"); do

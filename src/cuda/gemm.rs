@@ -550,14 +550,26 @@ impl Gemm {
                 "; use FORA_GEMM=custom or cublaslt",
             )?;
         }
-        if imp.is_tma() {
+        // cuBLASLt on a Hopper may run shapes that FORA_TMA_TILES names on the TMA kernels
+        // (Gemm::with_tma_overrides): their set-up too, none of it required.
+        let lt_on_hopper = imp == GemmImpl::CublasLt && gpu.compute_capability().0 == 9;
+        if imp.is_tma() || lt_on_hopper {
             // Loads each kernel now (a binary without them fails here) with its shared memory,
             // and asks how many clusters of each cluster kernel fit at once (cached: no driver
             // query inside a later graph capture). A device where a cluster cannot run fails
-            // here for `TmaMulticast`, whose picks need them; `Tma` runs them only when a
-            // benchmark forces a tile, whose launch then reports it.
+            // here for `TmaMulticast`, whose picks need them; `Tma` (whose picks take the
+            // cluster split-K tiles for few tiles) and a routing cuBLASLt engine report it
+            // when such a launch fails.
             for tile in TmaTile::ALL {
-                gpu.allow_dynamic_shared_memory(tile.kernel_name(), tile.smem_bytes())?;
+                let allowed =
+                    gpu.allow_dynamic_shared_memory(tile.kernel_name(), tile.smem_bytes());
+                if lt_on_hopper {
+                    if allowed.is_err() {
+                        continue;
+                    }
+                } else {
+                    allowed?;
+                }
                 if tile.cluster() > 1 {
                     let fits = gpu.max_active_clusters(
                         tile.kernel_name(),
@@ -614,11 +626,47 @@ impl Gemm {
         })
     }
 
-    /// This engine with the TMA plans of `overrides` forced by shape (`FORA_TMA_TILES`; the
-    /// TMA implementations only).
+    /// This engine with the TMA plans of `overrides` forced by shape (`FORA_TMA_TILES`). With
+    /// [`GemmImpl::CublasLt`] on a Hopper, [`Gemm::run`] and [`Gemm::run_with_bias_bf16`] run
+    /// the shapes it names (M > 64) on those TMA kernels instead of cuBLASLt, with their fused
+    /// epilogue (an f32 bias), so that one TMA tile can be tried in the default path's whole
+    /// steps (e.g. the cluster split-K tiles for proj and fc2); without a split-K workspace,
+    /// a plan of several slices is refused when it runs. Elsewhere the overrides apply to the
+    /// TMA implementations only.
     pub fn with_tma_overrides(mut self, overrides: TmaOverrides) -> Gemm {
         self.tma_overrides = overrides;
         self
+    }
+
+    /// The forced TMA plan (tile, split-K slices) that this cuBLASLt engine runs an M x N x K
+    /// GEMM on instead of cuBLASLt ([`Gemm::with_tma_overrides`]), if any.
+    pub fn lt_routed_tma_plan(&self, m: usize, n: usize, k: usize) -> Option<(TmaTile, u32)> {
+        if self.imp != GemmImpl::CublasLt || self.cc_major != 9 || m <= 64 {
+            return None;
+        }
+        let o = self.tma_overrides.get(n, k)?;
+        let splits = o.splits.unwrap_or_else(|| {
+            o.tile
+                .pick_splits(m, n, k, self.sm_count, self.splitk_len())
+        });
+        Some((o.tile, splits))
+    }
+
+    /// [`Gemm::lt_routed_tma_plan`] of `p`'s shape.
+    fn lt_routed_tma(&self, p: &GemmParams) -> Option<(TmaTile, u32)> {
+        self.lt_routed_tma_plan(p.m as usize, p.n as usize, p.k as usize)
+    }
+
+    /// Runs a GEMM that [`Gemm::lt_routed_tma`] routes to the TMA kernels.
+    fn run_routed_tma(&self, gpu: &Gpu, p: &GemmParams, tile: TmaTile, splits: u32) -> Result<()> {
+        launch_tma(gpu, p, tile, splits, self.splitk_workspace()).with_context(|| {
+            format!(
+                "GEMM: FORA_TMA_TILES routes {}x{} to {} under cuBLASLt",
+                p.n,
+                p.k,
+                tile.bench_name()
+            )
+        })
     }
 
     /// [`Gemm::new`] with the implementation from `FORA_GEMM`.
@@ -633,6 +681,9 @@ impl Gemm {
 
     /// Runs one GEMM on the device's stream (asynchronously).
     pub fn run(&self, gpu: &Gpu, p: &GemmParams) -> Result<()> {
+        if let Some((tile, splits)) = self.lt_routed_tma(p) {
+            return self.run_routed_tma(gpu, p, tile, splits);
+        }
         match self.imp {
             GemmImpl::Custom => self.run_custom(gpu, p, None),
             GemmImpl::CublasLt => self.run_cublaslt(gpu, p),
@@ -829,6 +880,9 @@ impl Gemm {
     /// of the epilogue kernel over it. The bias is then rounded to bf16 before the add, as
     /// PyTorch's autocast rounds it. The other implementations use the f32 bias.
     pub fn run_with_bias_bf16(&self, gpu: &Gpu, p: &GemmParams, bias_bf16: u64) -> Result<()> {
+        if let Some((tile, splits)) = self.lt_routed_tma(p) {
+            return self.run_routed_tma(gpu, p, tile, splits);
+        }
         match self.imp {
             GemmImpl::CublasLt => self.run_cublaslt_with_bias_bf16(gpu, p, bias_bf16),
             _ => self.run(gpu, p),
