@@ -631,6 +631,12 @@ fn report_markdown_and_json() {
         fora::bench::tma_row_flop_per_byte("tma-st-pp-128x128"),
         Some(64.0)
     );
+    // Clusters along K: each CTA loads its own k-tiles of A and W, as a plain tile.
+    assert_eq!(
+        fora::bench::tma_row_flop_per_byte("tma-k3-128x128"),
+        Some(64.0)
+    );
+    assert_eq!(fora::bench::tma_row_flop_per_byte("tma-kx-128x128"), None);
     assert_eq!(j["settings"]["reuse_sum"], 2);
     // No TMA tiles forced (FORA_TMA_TILES): the empty setting.
     assert_eq!(j["settings"]["tma_tiles"], "");

@@ -300,8 +300,9 @@ pub fn l2_tile_rooflines(l2_gbps: f64) -> String {
 
 /// FLOP per L2 byte of the TMA tile a forced-tile bench row names ("tma-128x192",
 /// "tma-256x128", "tma-st-pp-128x128" (the staged epilogue's), "tma-pp-128x128", "tma-mc-128x256", "tma-mc-pp-128x128", "tma-c4x2-128x192": a cluster of
-/// CM x CN CTAs loads 1 / CM of the W tile and 1 / CN of the A tile a CTA, "mc" being 2 x 1);
-/// None for any other row.
+/// CM x CN CTAs loads 1 / CM of the W tile and 1 / CN of the A tile a CTA, "mc" being 2 x 1;
+/// "tma-k3-128x128": a cluster along K, whose CTAs each load their own k-tiles of both, as a
+/// plain tile); None for any other row.
 pub fn tma_row_flop_per_byte(imp: &str) -> Option<f64> {
     let rest = imp.strip_prefix("tma-")?;
     let (cm, cn, rest): (f64, f64, &str) = match rest.strip_prefix("mc-") {
@@ -313,6 +314,10 @@ pub fn tma_row_flop_per_byte(imp: &str) -> Option<f64> {
             }
             None => (1.0, 1.0, rest),
         },
+    };
+    let rest = match rest.strip_prefix('k').and_then(|r| r.split_once('-')) {
+        Some((ck, r)) if ck.parse::<u32>().is_ok() => r,
+        _ => rest,
     };
     let rest = rest.strip_prefix("st-").unwrap_or(rest);
     let rest = rest.strip_prefix("pp-").unwrap_or(rest);
