@@ -79,22 +79,32 @@ FORA_DEVICE void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
 // A watchdog: a wait that spins 2^26 times (seconds; the longest legitimate wait here is one
 // unit's mainloop, microseconds) traps, so a pipeline bug faults the launch with an error
 // instead of hanging the device.
-FORA_DEVICE void mbarrier_wait(uint32_t bar, uint32_t parity) {
+// One try_wait of the barrier's phase of parity `parity` into `done` (1: completed), with the
+// semantics suffix SEM ("" for the default acquire at CTA scope, ".acquire.cluster").
+#define FORA_MBARRIER_TRY_WAIT(done, bar, parity, SEM)                                     \
+    asm volatile("{\n"                                                                     \
+                 ".reg .pred p;\n"                                                         \
+                 "mbarrier.try_wait.parity" SEM ".shared::cta.b64 p, [%1], %2;\n"          \
+                 "selp.u32 %0, 1, 0, p;\n"                                                 \
+                 "}\n"                                                                     \
+                 : "=r"(done)                                                              \
+                 : "r"(bar), "r"(parity)                                                   \
+                 : "memory")
+// CLUSTER: acquire at cluster scope instead of the CTA's (mbarrier_wait_acquire_cluster).
+template <bool CLUSTER>
+FORA_DEVICE void mbarrier_wait_scoped(uint32_t bar, uint32_t parity) {
     uint32_t done;
     uint32_t spins = 0;
     do {
         if (++spins == (1u << 26)) __trap();
-        asm volatile(
-            "{\n"
-            ".reg .pred p;\n"
-            "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-            "selp.u32 %0, 1, 0, p;\n"
-            "}\n"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
+        if constexpr (CLUSTER) {
+            FORA_MBARRIER_TRY_WAIT(done, bar, parity, ".acquire.cluster");
+        } else {
+            FORA_MBARRIER_TRY_WAIT(done, bar, parity, "");
+        }
     } while (done == 0);
 }
+FORA_DEVICE void mbarrier_wait(uint32_t bar, uint32_t parity) { mbarrier_wait_scoped<false>(bar, parity); }
 // Copies the box at (x = innermost coordinate, y) of the 2-D tensor `map` describes into shared
 // memory at `dst` (laid out and swizzled as the map says; 1024-byte aligned for the 128-byte
 // swizzle); the bytes count against the transactions `bar` expects. Elements outside the
@@ -162,22 +172,9 @@ FORA_DEVICE void mbarrier_arrive_release_cluster(uint32_t cluster_bar) {
     asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_bar) : "memory");
 }
 // mbarrier_wait with acquire semantics at cluster scope: what other CTAs' arrivals on this
-// barrier released (mbarrier_arrive_release_cluster) is visible afterwards. The same watchdog.
+// barrier released (mbarrier_arrive_release_cluster) is visible afterwards.
 FORA_DEVICE void mbarrier_wait_acquire_cluster(uint32_t bar, uint32_t parity) {
-    uint32_t done;
-    uint32_t spins = 0;
-    do {
-        if (++spins == (1u << 26)) __trap();
-        asm volatile(
-            "{\n"
-            ".reg .pred p;\n"
-            "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-            "selp.u32 %0, 1, 0, p;\n"
-            "}\n"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
-    } while (done == 0);
+    mbarrier_wait_scoped<true>(bar, parity);
 }
 // 16 bytes of any CTA of the cluster's shared memory (distributed shared memory), named by a
 // shared::cluster address (mapa_shared); 16-byte aligned.

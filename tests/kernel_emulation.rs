@@ -1217,8 +1217,7 @@ fn emulated_tma_mc_dit_xl2_two_rows() -> Result<()> {
 /// residual and the bf16 cache, as the blocks run them.
 #[test]
 fn emulated_tma_cluster_k_dit_xl2_two_rows() -> Result<()> {
-    use fora::cuda::gemm::{launch_tma, Epilogue, TmaTile, SPLITK_WORKSPACE};
-    use fora::cuda::params::GemmParams;
+    use fora::cuda::gemm::{gemm_params, launch_tma, Epilogue, TmaTile, SPLITK_WORKSPACE};
     use fora::cuda::testing::{check_close, round_bf16, TestRng};
     let Some(emu) = emulator("emulated_tma_cluster_k_dit_xl2_two_rows") else {
         return Ok(());
@@ -1235,48 +1234,38 @@ fn emulated_tma_cluster_k_dit_xl2_two_rows() -> Result<()> {
         );
         let what = format!("{name} (M={m} N={n} K={k}) on {tile:?}, gated residual");
         eprintln!("{what}");
-        let mut rng = TestRng::new(29);
-        let a = round_bf16(&rng.normal_vec(m * k, 1.0));
-        let w = round_bf16(&rng.normal_vec(n * k, 1.0 / (k as f32).sqrt()));
-        let bias = rng.normal_vec(n, 0.5);
+        let case = SmallGemm::new(emu, (m, n, k), 29)?;
+        let mut rng = TestRng::new(31);
         let gate = rng.uniform_vec((m / tokens) * n, -1.0, 1.0);
         let residual = rng.normal_vec(m * n, 1.0);
-        let product = biased_product(&a, &w, &bias, (m, n, k));
-        let (a_d, w_d) = (emu.upload_bf16(&a)?, emu.upload_bf16(&w)?);
-        let (bias_d, gate_d) = (emu.upload_f32(&bias)?, emu.upload_f32(&gate)?);
-        let out = emu.upload_f32(&residual)?;
+        let (gate_d, out) = (emu.upload_f32(&gate)?, emu.upload_f32(&residual)?);
         let cache = emu.poisoned_bf16(m * n)?;
-        let p = GemmParams {
-            a: a_d.addr(),
-            w: w_d.addr(),
-            bias: bias_d.addr(),
-            out: out.addr(),
+        let p = fora::cuda::params::GemmParams {
             cache: cache.addr(),
             gate: gate_d.addr(),
-            m: m as i32,
-            n: n as i32,
-            k: k as i32,
-            lda: k as i32,
-            ldw: k as i32,
-            ldo: n as i32,
-            ldc: n as i32,
             ldg: n as i32,
             rows_per_gate: tokens as i32,
-            epilogue: Epilogue::BiasGateResidual.raw(),
+            ..gemm_params(
+                case.a_d.addr(),
+                case.w_d.addr(),
+                case.bias_d.addr(),
+                out.addr(),
+                m,
+                n,
+                k,
+                Epilogue::BiasGateResidual,
+            )
         };
         launch_tma(&gpu, &p, tile, splits, None)?;
+        let product = case.product(true);
         let want: Vec<f32> = (0..m * n)
-            .map(|i| {
-                let (r, c) = (i / n, i % n);
-                (residual[i] as f64 + gate[(r / tokens) * n + c] as f64 * product[i]) as f32
-            })
+            .map(|i| residual[i] + gate[(i / n / tokens) * n + i % n] * product[i])
             .collect();
         check_close(&what, &emu.download_f32(&out)?, &want, 1e-4)?;
-        let want_cache: Vec<f32> = product.iter().map(|&v| v as f32).collect();
         check_close(
             &format!("{what}: cache"),
             &emu.download_bf16(&cache)?,
-            &round_bf16(&want_cache),
+            &round_bf16(&product),
             1e-2,
         )?;
     }
