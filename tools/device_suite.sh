@@ -170,8 +170,9 @@ hopper_rows() {
   # The block GEMMs at 256 rows, every implementation (~60 rows); at 2 rows the picks.
   grep -E "^\| (qkv|proj|fc1|fc2) \| 256 \| [^|]* \| (custom|tma|wgmma|cublaslt)[a-zA-Z0-9_+, -]* \|" "$OUT/$1.log" | head -n 80
   # At 2 rows the picks, and the forced cluster tiles (session 17's 4 x 1 and 4 x 2 clusters are
-  # aimed at M = 512, where each W tile is otherwise read from L2 by four CTAs).
-  grep -E "^\| (qkv|proj|fc1|fc2) \| 2 \| [^|]* \| (tma|tma_mc|tma-mc-128x[0-9]+|tma-c4x[12]-128x[0-9]+|tma-st-[a-z0-9-]+|cublaslt|cublaslt\+bf16 bias|cublaslt product)(, W in L2)? \|" "$OUT/$1.log" | head -n 70
+  # aimed at M = 512, where each W tile is otherwise read from L2 by four CTAs; session 22's
+  # clusters along K at proj's and fc2's 36 tiles there, beside the plain 128 x 128).
+  grep -E "^\| (qkv|proj|fc1|fc2) \| 2 \| [^|]* \| (tma|tma_mc|tma-128x128|tma-k[0-9]-128x128|tma-mc-128x[0-9]+|tma-c4x[12]-128x[0-9]+|tma-st-[a-z0-9-]+|cublaslt|cublaslt\+bf16 bias|cublaslt product)(, W in L2)? \|" "$OUT/$1.log" | head -n 90
   grep -E "^\| attention \|" "$OUT/$1.log" | head -n 12
   # Each forced TMA tile against its L2 roofline at 256 rows (the L2 hypothesis, yes or no).
   grep -A 80 "^TMA tiles against their L2 roofline" "$OUT/$1.log" | grep -E "^\| [a-z0-9]+ \| 256 \|" | head -n 40
