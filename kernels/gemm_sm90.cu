@@ -460,27 +460,44 @@ FORA_DEVICE void cluster_reduced_epilogue(const Epilogue& e, const float (&acc)[
     const int col = n0 + 4 * lane;
     float4 bias4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (vec && e.bias != nullptr) bias4 = *reinterpret_cast<const float4*>(e.bias + col);
+    // A row's loads (its KS slices from distributed shared memory, the gated residual's gate
+    // and residual from global memory) are issued a row ahead, before the row before is summed
+    // and stored, so two rows' round trips overlap in a rolled loop (straight-line code for
+    // every row would be fetched cold, the register epilogue's stall).
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float4 parts[KS], gate = zero, res = zero;
+    auto load_row = [&](int r, float4 (&into)[KS], float4& g, float4& x) {
+        const uint32_t offset = 4u * static_cast<uint32_t>(staged_index<128>(r, 4 * lane));
+#pragma unroll
+        for (int s = 0; s < KS; ++s) into[s] = ld_shared_cluster_f32x4(areas[s] + offset);
+        const int rr = row0 + r;
+        if (vec && gated) {
+            g = *reinterpret_cast<const float4*>(e.gate + static_cast<long long>(rr / e.rows_per_gate) * e.ldg + col);
+            x = *reinterpret_cast<const float4*>(static_cast<const float*>(e.out) + static_cast<long long>(rr) * e.ldo +
+                                                 col);
+        }
+    };
+    load_row(k_rank, parts, gate, res);
 #pragma unroll 1
     for (int r = k_rank; r < 16; r += KS) {
-        const uint32_t offset = 4u * static_cast<uint32_t>(staged_index<128>(r, 4 * lane));
-        float4 a = ld_shared_cluster_f32x4(areas[0] + offset);
+        float4 next[KS], next_gate = zero, next_res = zero;
+#pragma unroll
+        for (int s = 0; s < KS; ++s) next[s] = zero;
+        if (r + KS < 16) load_row(r + KS, next, next_gate, next_res);
+        float4 a = parts[0];
 #pragma unroll
         for (int s = 1; s < KS; ++s) {
-            const float4 b = ld_shared_cluster_f32x4(areas[s] + offset);
-            a.x += b.x;
-            a.y += b.y;
-            a.z += b.z;
-            a.w += b.w;
+            a.x += parts[s].x;
+            a.y += parts[s].y;
+            a.z += parts[s].z;
+            a.w += parts[s].w;
         }
         const int rr = row0 + r;
-        if (!vec && (rr >= e.m || col >= e.n)) continue;
-        float4 gate = make_float4(0.0f, 0.0f, 0.0f, 0.0f), res = gate;
-        if (vec && gated) {
-            gate = *reinterpret_cast<const float4*>(e.gate + static_cast<long long>(rr / e.rows_per_gate) * e.ldg + col);
-            res = *reinterpret_cast<const float4*>(static_cast<const float*>(e.out) + static_cast<long long>(rr) * e.ldo +
-                                                   col);
-        }
-        staged_quad(e, rr, col, a, vec, bias4, gate, res);
+        if (vec || (rr < e.m && col < e.n)) staged_quad(e, rr, col, a, vec, bias4, gate, res);
+#pragma unroll
+        for (int s = 0; s < KS; ++s) parts[s] = next[s];
+        gate = next_gate;
+        res = next_res;
     }
     __syncwarp();
     if (lane < KS) mbarrier_arrive_cluster(mapa_shared(drained_bar, static_cast<uint32_t>(lane)));
