@@ -609,7 +609,15 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
         }
         fence_mbarrier_init();
     }
-    if (kCluster > 1) {
+    // Cluster split-K (no multicast): nothing reaches another CTA before the reduction, so the
+    // cluster barrier that makes the peers' barriers ready is split around the mainloop (its
+    // wait before the first `staged` arrival, peers_ready) and the CTA's own barriers only need
+    // the block's.
+    bool peers_ready = KS == 1;
+    if (KS > 1) {
+        __syncthreads();
+        cluster_arrive_relaxed();
+    } else if (kCluster > 1) {
         cluster_sync();
     } else {
         __syncthreads();
@@ -772,6 +780,10 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
             const Epilogue e = gemm_epilogue_of(p, static_cast<unsigned>(w.slice));
             const bool whole_tile = w.m0 + BM <= p.m && w.n0 + BN <= p.n;
             if constexpr (KS > 1) {
+                if (!peers_ready) {
+                    cluster_wait();
+                    peers_ready = true;
+                }
                 const int warp = 4 * consumer + warp_in_group;
                 const uint32_t area = reduce_area + static_cast<uint32_t>(warp) * (kReduceBytes / 8);
                 float* area_ptr = reinterpret_cast<float*>(reinterpret_cast<char*>(gemm_tma_smem) + (area - raw));
@@ -817,6 +829,9 @@ FORA_DEVICE void gemm_tma_tile(const GemmTmaParams& params) {
             }
         }
     }
+    // Every thread waits on the split barrier before it arrives again (the producer's, and
+    // consumers without a unit, here).
+    if (!peers_ready) cluster_wait();
     if (kCluster > 1) cluster_sync();
 }
 

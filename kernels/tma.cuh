@@ -39,6 +39,8 @@ FORA_DEVICE void setmaxnreg_dec() {}
 FORA_DEVICE void tma_prefetch_descriptor(const TmaDescriptor*) {}
 FORA_DEVICE uint32_t cluster_ctarank() { return fora_emulation_cluster_ctarank(); }
 FORA_DEVICE void cluster_sync() { fora_emulation_cluster_sync(); }
+FORA_DEVICE void cluster_arrive_relaxed() { fora_emulation_cluster_arrive(); }
+FORA_DEVICE void cluster_wait() { fora_emulation_cluster_wait(); }
 FORA_DEVICE uint32_t mapa_shared(uint32_t addr, uint32_t rank) { return fora_emulation_mapa(addr, rank); }
 FORA_DEVICE void mbarrier_arrive_cluster(uint32_t cluster_bar) { fora_emulation_mbarrier_arrive_cluster(cluster_bar); }
 FORA_DEVICE void mbarrier_arrive_release_cluster(uint32_t cluster_bar) {
@@ -149,6 +151,12 @@ FORA_DEVICE void cluster_sync() {
         "barrier.cluster.wait.acquire;\n" ::
             : "memory");
 }
+// cluster_sync in two halves, so that work can run between them: every thread arrives (relaxed:
+// no memory ordering of its own; fence_mbarrier_init orders barrier initializations before it),
+// and later waits (acquire) for every thread of the cluster to have arrived; a thread must wait
+// before it arrives again, and before it exits.
+FORA_DEVICE void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed;\n" ::: "memory"); }
+FORA_DEVICE void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory"); }
 // The shared::cluster address of this CTA's shared byte `addr` in the CTA of rank `rank`.
 FORA_DEVICE uint32_t mapa_shared(uint32_t addr, uint32_t rank) {
     uint32_t out;

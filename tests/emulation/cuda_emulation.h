@@ -148,6 +148,8 @@ void fora_emulation_tma_load_2d(uint32_t dst, const void* map, int x, int y, uin
 // same barrier byte in each).
 unsigned fora_emulation_cluster_ctarank();
 void fora_emulation_cluster_sync();
+void fora_emulation_cluster_arrive();
+void fora_emulation_cluster_wait();
 uint32_t fora_emulation_mapa(uint32_t addr, unsigned rank);
 void fora_emulation_mbarrier_arrive_cluster(uint32_t cluster_bar);
 // ld.shared::cluster: `bytes` bytes of any block of the cluster's shared memory (a mapa address).

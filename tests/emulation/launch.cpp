@@ -320,6 +320,9 @@ struct Fiber {
     // copies, st_shared_for_async_proxy stores) and reads (ld_shared_for_async_proxy) since its
     // last fence.proxy.async (see Block::unfenced).
     std::vector<std::pair<uint32_t, uint32_t>> unfenced_writes, unfenced_reads;
+    // barrier.cluster.arrive without its wait yet: the cluster barrier's generation it arrived in.
+    bool cluster_arrived = false;
+    unsigned cluster_generation = 0;
 };
 
 constexpr size_t kStackBytes = 64 * 1024;  // the kernels' frames are a few KiB
@@ -412,6 +415,11 @@ void fiber_main(int rank, int index) {
     // The hardware gives no result for copies or wgmmas still in flight when a thread exits.
     Block& block = l.blocks[static_cast<unsigned>(rank)];
     const Fiber& self = block.fibers[index];
+    if (self.cluster_arrived) {
+        std::fprintf(stderr, "emulated %s: thread %d exited between barrier.cluster.arrive and its wait\n", l.name,
+                     index);
+        std::abort();
+    }
     if (!self.copies.empty() || !self.wgmmas.empty()) {
         std::fprintf(stderr, "emulated %s: thread %d exited with cp.async or wgmma operations not waited for\n",
                      l.name, index);
@@ -1365,7 +1373,38 @@ uint32_t fora_emulation_mapa(uint32_t addr, unsigned rank) {
 unsigned fora_emulation_cluster_ctarank() { return launch_state->rank; }
 
 // barrier.cluster.arrive + wait: every live thread of every block of the cluster.
-void fora_emulation_cluster_sync() { wait_at(launch_state->cluster_barrier); }
+void fora_emulation_cluster_sync() {
+    fora_emulation_cluster_arrive();
+    fora_emulation_cluster_wait();
+}
+
+// barrier.cluster.arrive: this thread's arrival for the barrier's current generation (a release
+// for its waiters); a second arrival before this thread's wait is an error (undefined on a GPU).
+void fora_emulation_cluster_arrive() {
+    Launch& l = *launch_state;
+    Fiber& f = l.here().fibers[l.current];
+    if (f.cluster_arrived) emulation_error("barrier.cluster.arrive twice without barrier.cluster.wait", 0);
+    Barrier& b = l.cluster_barrier;
+    f.cluster_arrived = true;
+    f.cluster_generation = b.generation;
+    race::release(&b.sync[b.generation & 1]);
+    ++b.arrived;
+    ++l.progress;
+    b.open_if_complete();
+}
+
+// barrier.cluster.wait: until every live thread of the cluster has arrived in the generation
+// this thread arrived in (an acquire); without an arrival first, an error.
+void fora_emulation_cluster_wait() {
+    Launch& l = *launch_state;
+    Fiber& f = l.here().fibers[l.current];
+    if (!f.cluster_arrived) emulation_error("barrier.cluster.wait without barrier.cluster.arrive", 0);
+    Barrier& b = l.cluster_barrier;
+    while (b.generation == f.cluster_generation) yield_to_scheduler();
+    race::acquire(&b.sync[f.cluster_generation & 1]);
+    ++l.progress;
+    l.here().fibers[l.current].cluster_arrived = false;
+}
 
 // try_wait.parity in a loop: done once the phase of that parity has completed, i.e. the phases
 // completed so far have the other parity. Parity is all the hardware compares, so a wait for a
