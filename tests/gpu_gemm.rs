@@ -1164,7 +1164,8 @@ fn gemm_tma_routed_under_cublaslt() {
     };
     let run = || -> Result<Vec<String>> {
         let overrides = "1152x1152=k3-128x128,1152x4608=k3-128x128".parse()?;
-        let eng = Gemm::new(&gpu, GemmImpl::CublasLt, 512 * 4608)?.with_tma_overrides(overrides);
+        let eng =
+            Gemm::new(&gpu, GemmImpl::CublasLt, 512 * 4608)?.with_tma_overrides(&gpu, overrides)?;
         ensure!(
             eng.lt_routed_tma_plan(512, 1152, 4608) == Some((TmaTile::K3N128, 1)),
             "fc2 is not routed to the cluster split-K tile"

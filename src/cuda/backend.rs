@@ -644,7 +644,7 @@ impl CudaBackend {
         let cfg = self.model.config();
         let gpu = self.gpu.fork()?;
         let gemm = Gemm::new(&gpu, self.options.gemm, rows * ada_cols(cfg))?
-            .with_tma_overrides(self.options.tma_tiles);
+            .with_tma_overrides(&gpu, self.options.tma_tiles)?;
         gemm.set_lt_autotune(lt_autotune);
         let event = || {
             self.gpu
@@ -1134,7 +1134,7 @@ impl Backend for CudaBackend {
             0
         };
         let gemm = Gemm::new(gpu, self.options.gemm, max_gemm_mn(cfg, rows).max(chunk_mn))?
-            .with_tma_overrides(self.options.tma_tiles);
+            .with_tma_overrides(gpu, self.options.tma_tiles)?;
         gemm.set_lt_autotune(self.options.lt_autotune);
         let mut latents = gpu.alloc_zeros::<f32>(img, "the latents")?;
         let (noise, seed) = match &plan.noise {
@@ -1394,7 +1394,7 @@ impl Backend for CudaBackend {
         };
         let mut acts = Activations::new(gpu, cfg, n, false)?;
         let gemm = Gemm::new(gpu, self.options.gemm, max_gemm_mn(cfg, n))?
-            .with_tma_overrides(self.options.tma_tiles);
+            .with_tma_overrides(gpu, self.options.tma_tiles)?;
         gemm.set_lt_autotune(self.options.lt_autotune);
         let latents = gpu.upload(&x[..images * cfg.image_len()], "the forward input x")?;
         let t32: Vec<f32> = t.iter().map(|&v| v as f32).collect();

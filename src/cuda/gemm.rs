@@ -550,38 +550,11 @@ impl Gemm {
                 "; use FORA_GEMM=custom or cublaslt",
             )?;
         }
-        // cuBLASLt on a Hopper may run shapes that FORA_TMA_TILES names on the TMA kernels
-        // (Gemm::with_tma_overrides): their set-up too, none of it required.
-        let lt_on_hopper = imp == GemmImpl::CublasLt && gpu.compute_capability().0 == 9;
-        if imp.is_tma() || lt_on_hopper {
-            // Loads each kernel now (a binary without them fails here) with its shared memory,
-            // and asks how many clusters of each cluster kernel fit at once (cached: no driver
-            // query inside a later graph capture). A device where a cluster cannot run fails
-            // here for `TmaMulticast`, whose picks need them; `Tma` (whose picks take the
-            // cluster split-K tiles for few tiles) and a routing cuBLASLt engine report it
-            // when such a launch fails.
-            for tile in TmaTile::ALL {
-                let allowed =
-                    gpu.allow_dynamic_shared_memory(tile.kernel_name(), tile.smem_bytes());
-                if lt_on_hopper {
-                    if allowed.is_err() {
-                        continue;
-                    }
-                } else {
-                    allowed?;
-                }
-                if tile.cluster() > 1 {
-                    let fits = gpu.max_active_clusters(
-                        tile.kernel_name(),
-                        tile.cluster(),
-                        TmaTile::THREADS,
-                        tile.smem_bytes(),
-                    );
-                    if imp == GemmImpl::TmaMulticast {
-                        fits?;
-                    }
-                }
-            }
+        if imp.is_tma() {
+            // A device where a cluster cannot run fails here for `TmaMulticast`, whose picks
+            // need them; `Tma` (whose picks take the cluster split-K tiles for few tiles)
+            // reports it when such a launch fails.
+            prepare_tma_tiles(gpu, TmaTile::ALL, imp == GemmImpl::TmaMulticast)?;
         }
         let mut wgmma_tiles = Vec::new();
         if imp.is_hopper_only() {
@@ -632,10 +605,15 @@ impl Gemm {
     /// epilogue (an f32 bias), so that one TMA tile can be tried in the default path's whole
     /// steps (e.g. the cluster split-K tiles for proj and fc2); without a split-K workspace,
     /// a plan of several slices is refused when it runs. Elsewhere the overrides apply to the
-    /// TMA implementations only.
-    pub fn with_tma_overrides(mut self, overrides: TmaOverrides) -> Gemm {
+    /// TMA implementations only. Errors when a routed tile's kernel cannot get its shared
+    /// memory.
+    pub fn with_tma_overrides(mut self, gpu: &Gpu, overrides: TmaOverrides) -> Result<Gemm> {
+        if self.imp == GemmImpl::CublasLt && self.cc_major == 9 {
+            // The routed tiles' set-up, as Gemm::new's for the TMA implementations.
+            prepare_tma_tiles(gpu, overrides.iter().map(|o| o.tile), false)?;
+        }
         self.tma_overrides = overrides;
-        self
+        Ok(self)
     }
 
     /// The forced TMA plan (tile, split-K slices) that this cuBLASLt engine runs an M x N x K
@@ -652,23 +630,6 @@ impl Gemm {
         Some((o.tile, splits))
     }
 
-    /// [`Gemm::lt_routed_tma_plan`] of `p`'s shape.
-    fn lt_routed_tma(&self, p: &GemmParams) -> Option<(TmaTile, u32)> {
-        self.lt_routed_tma_plan(p.m as usize, p.n as usize, p.k as usize)
-    }
-
-    /// Runs a GEMM that [`Gemm::lt_routed_tma`] routes to the TMA kernels.
-    fn run_routed_tma(&self, gpu: &Gpu, p: &GemmParams, tile: TmaTile, splits: u32) -> Result<()> {
-        launch_tma(gpu, p, tile, splits, self.splitk_workspace()).with_context(|| {
-            format!(
-                "GEMM: FORA_TMA_TILES routes {}x{} to {} under cuBLASLt",
-                p.n,
-                p.k,
-                tile.bench_name()
-            )
-        })
-    }
-
     /// [`Gemm::new`] with the implementation from `FORA_GEMM`.
     pub fn from_env(gpu: &Gpu, max_mn: usize) -> Result<Gemm> {
         Gemm::new(gpu, GemmImpl::from_env()?, max_mn)
@@ -681,8 +642,12 @@ impl Gemm {
 
     /// Runs one GEMM on the device's stream (asynchronously).
     pub fn run(&self, gpu: &Gpu, p: &GemmParams) -> Result<()> {
-        if let Some((tile, splits)) = self.lt_routed_tma(p) {
-            return self.run_routed_tma(gpu, p, tile, splits);
+        let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+        if let Some((tile, splits)) = self.lt_routed_tma_plan(m, n, k) {
+            return launch_tma(gpu, p, tile, splits, self.splitk_workspace()).with_context(|| {
+                let tile = tile.bench_name();
+                format!("GEMM: FORA_TMA_TILES routes {n}x{k} to {tile} under cuBLASLt")
+            });
         }
         match self.imp {
             GemmImpl::Custom => self.run_custom(gpu, p, None),
@@ -880,11 +845,12 @@ impl Gemm {
     /// of the epilogue kernel over it. The bias is then rounded to bf16 before the add, as
     /// PyTorch's autocast rounds it. The other implementations use the f32 bias.
     pub fn run_with_bias_bf16(&self, gpu: &Gpu, p: &GemmParams, bias_bf16: u64) -> Result<()> {
-        if let Some((tile, splits)) = self.lt_routed_tma(p) {
-            return self.run_routed_tma(gpu, p, tile, splits);
-        }
+        let routed = self
+            .lt_routed_tma_plan(p.m as usize, p.n as usize, p.k as usize)
+            .is_some();
         match self.imp {
-            GemmImpl::CublasLt => self.run_cublaslt_with_bias_bf16(gpu, p, bias_bf16),
+            // A shape routed to the TMA kernels runs as `run` runs it.
+            GemmImpl::CublasLt if !routed => self.run_cublaslt_with_bias_bf16(gpu, p, bias_bf16),
             _ => self.run(gpu, p),
         }
     }
@@ -1089,6 +1055,32 @@ fn lt_matmul(p: &GemmParams, output: LtOutput, epilogue: LtEpilogue) -> LtMatmul
 
 fn gemm_what(p: &GemmParams, imp: &str) -> String {
     format!("{imp} GEMM M={} N={} K={}", p.m, p.n, p.k)
+}
+
+/// Loads the kernels of `tiles` now (a binary without them fails here) with their shared
+/// memory, and asks how many clusters of each cluster kernel fit at once (cached: no driver
+/// query inside a later graph capture); with `clusters_required`, a device where a cluster
+/// cannot run fails here, else such a launch reports it.
+fn prepare_tma_tiles(
+    gpu: &Gpu,
+    tiles: impl IntoIterator<Item = TmaTile>,
+    clusters_required: bool,
+) -> Result<()> {
+    for tile in tiles {
+        gpu.allow_dynamic_shared_memory(tile.kernel_name(), tile.smem_bytes())?;
+        if tile.cluster() > 1 {
+            let fits = gpu.max_active_clusters(
+                tile.kernel_name(),
+                tile.cluster(),
+                TmaTile::THREADS,
+                tile.smem_bytes(),
+            );
+            if clusters_required {
+                fits?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The stand-alone epilogue of `p` over `splits` f32 slices `[M, N]` at `acc`.
