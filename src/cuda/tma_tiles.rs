@@ -335,19 +335,27 @@ impl TmaTile {
     /// distributed shared memory (a unit's), plus for `splits` > 1 what
     /// [`TmaTile::pick_splits`] charges for the epilogue kernel and the slices' round trip;
     /// scaled by the tile's width over its efficiency.
-    fn plan_cost(self, (m, n, k): (usize, usize, usize), splits: usize, sm_count: usize) -> f64 {
+    fn plan_cost(self, mnk: (usize, usize, usize), splits: usize, sm_count: usize) -> f64 {
+        let k_tile_times = self.k_tile_times(mnk, splits, sm_count, Self::SPLIT_LAUNCH);
+        k_tile_times as f64 * self.bn() as f64 / (Self::BM as f64 * self.efficiency())
+    }
+
+    /// [`TmaTile::plan_cost`] in this tile's own k-tile times, with `launch` of them for a
+    /// split's extra kernel: what [`TmaTile::pick_splits`] minimizes.
+    fn k_tile_times(
+        self,
+        (m, n, k): (usize, usize, usize),
+        splits: usize,
+        sm_count: usize,
+        launch: usize,
+    ) -> usize {
         let k_tiles = k.div_ceil(Self::BK as usize);
         let ck = self.cluster_k() as usize;
         let rounds = (self.tiles(m, n) * splits).div_ceil(self.resident(sm_count));
         let depth = k_tiles.div_ceil(splits).div_ceil(ck);
         let reduce = if ck > 1 { ck } else { 0 };
-        let split = if splits > 1 {
-            Self::SPLIT_LAUNCH + 3 * splits
-        } else {
-            0
-        };
-        (rounds * (depth + reduce) + split) as f64 * self.bn() as f64
-            / (Self::BM as f64 * self.efficiency())
+        let split = if splits > 1 { launch + 3 * splits } else { 0 };
+        rounds * (depth + reduce) + split
     }
 
     /// k-tile times [`TmaTile::pick_splits`] charges for split-K's epilogue kernel launch.
@@ -471,15 +479,10 @@ impl TmaTile {
         let k_tiles = k
             .div_ceil(Self::BK as usize)
             .div_ceil(self.cluster_k() as usize);
-        let tiles = self.tiles(m, n);
-        let resident = self.resident(sm_count);
-        if tiles >= resident {
+        if self.tiles(m, n) >= self.resident(sm_count) {
             return 1;
         }
-        let cost = |s: usize| {
-            let rounds = (tiles * s).div_ceil(resident);
-            rounds * k_tiles.div_ceil(s) + if s > 1 { launch + 3 * s } else { 0 }
-        };
+        let cost = |s: usize| self.k_tile_times((m, n, k), s, sm_count, launch);
         let mut best = 1;
         for s in 2..=8usize {
             if k_tiles / s < 8 || s * m * n > workspace {
