@@ -333,6 +333,21 @@ FORA_DEVICE bool staged_vectors(const Epilogue& e, bool whole_tile) {
            (e.kind != FORA_EPI_BIAS_GATE_RESIDUAL || ((e.ldg & 3) == 0 && aligned(e.gate, 16)));
 }
 
+// Writes NJ accumulator fragments of a warp's 16 rows (8 columns each, from `acc`: a thread's
+// four values a fragment, rows g and g + 8 of the mma layout) to the first 8 NJ columns of its
+// 16 x CP f32 staging area `stage` (staged_index's layout).
+template <int CP, int NJ>
+FORA_DEVICE void stage_fragments(float* stage, const float* acc) {
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        const int c = 8 * j + 2 * t;
+        st_shared_for_async_proxy(stage + staged_index<CP>(g, c), make_float2(acc[4 * j], acc[4 * j + 1]));
+        st_shared_for_async_proxy(stage + staged_index<CP>(g + 8, c), make_float2(acc[4 * j + 2], acc[4 * j + 3]));
+    }
+}
+
 // Columns a staged pass covers for a tile BN wide: 128 (a lane's four of every row), or 96 for
 // BN = 192 (two passes, lanes 24 .. 31 idle in the row loop).
 template <int BN>
@@ -352,7 +367,6 @@ FORA_DEVICE void staged_epilogue(const Epilogue& e, float* stage, const float (&
     constexpr int kFragments = CP / 8;  // accumulator fragments (8 columns each) a pass
     static_assert(BN % CP == 0, "whole passes");
     const int lane = threadIdx.x & 31;
-    const int g = lane >> 2, t = lane & 3;
     const bool active = lane < CP / 4;  // lanes with four columns of the pass
     const bool gated = e.kind == FORA_EPI_BIAS_GATE_RESIDUAL;
     const bool vec = staged_vectors(e, whole_tile);
@@ -362,13 +376,7 @@ FORA_DEVICE void staged_epilogue(const Epilogue& e, float* stage, const float (&
         const int j0 = (pass % (BN / CP)) * kFragments;
         const int col = n0 + 8 * j0 + 4 * lane;  // this lane's four columns of every row
         __syncwarp();  // the previous pass's row loads are done before its area is rewritten
-#pragma unroll
-        for (int j = 0; j < kFragments; ++j) {
-            const int c = 8 * j + 2 * t;
-            const int f = 4 * (j0 + j);
-            st_shared_for_async_proxy(stage + staged_index<CP>(g, c), make_float2(acc[b][f], acc[b][f + 1]));
-            st_shared_for_async_proxy(stage + staged_index<CP>(g + 8, c), make_float2(acc[b][f + 2], acc[b][f + 3]));
-        }
+        stage_fragments<CP, kFragments>(stage, acc[b] + 4 * j0);
         __syncwarp();
         if (!active) continue;
         float4 bias4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -441,14 +449,8 @@ FORA_DEVICE void cluster_reduced_epilogue(const Epilogue& e, const float (&acc)[
                                           uint32_t staged_bar, uint32_t drained_bar, uint32_t phase, int k_rank,
                                           int row0, int n0, bool whole_tile) {
     const int lane = threadIdx.x & 31;
-    const int g = lane >> 2, t = lane & 3;
     mbarrier_wait_acquire_cluster(drained_bar, (phase & 1u) ^ 1u);
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-        const int c = 8 * j + 2 * t;
-        *reinterpret_cast<float2*>(area + staged_index<128>(g, c)) = make_float2(acc[4 * j], acc[4 * j + 1]);
-        *reinterpret_cast<float2*>(area + staged_index<128>(g + 8, c)) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
-    }
+    stage_fragments<128, 16>(area, acc);
     __syncwarp();
     if (lane < KS) mbarrier_arrive_release_cluster(mapa_shared(staged_bar, static_cast<uint32_t>(lane)));
     uint32_t areas[KS];
