@@ -618,6 +618,16 @@ fn hopper_gpu(test: &str) -> Option<Gpu> {
     Some(gpu)
 }
 
+/// Runs `body` on a Hopper GPU (SKIP elsewhere) and fails with every failure it returns, or
+/// with the error that stopped it.
+fn run_on_hopper(test: &str, body: impl FnOnce(&Gpu) -> Result<Vec<String>>) {
+    let Some(gpu) = hopper_gpu(test) else {
+        return;
+    };
+    let failures = body(&gpu).unwrap_or_else(|e| vec![format!("{test}: setup failed: {e:#}")]);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 fn run_wgmma_cases(test: &str, cases: &[Case], variants: &[Variant]) {
     let Some(gpu) = hopper_gpu(test) else {
         return;
@@ -1094,14 +1104,11 @@ fn gemm_tma_programmatic_launch_waits_for_a() {
     use fora::cuda::bandwidth::bandwidth_copy;
     use fora::cuda::params::BandwidthParams;
     const TEST: &str = "gemm_tma_programmatic_launch_waits_for_a";
-    let Some(gpu) = hopper_gpu(TEST) else {
-        return;
-    };
-    let run = || -> Result<Vec<String>> {
+    run_on_hopper(TEST, |gpu| {
         let c = case("pdl", 512, 1152, 1152, Epilogue::BiasBf16);
         let h = host_case(&c, 23);
-        let mut dev = Dev::new(&gpu, &c, &h)?;
-        let eng = Gemm::new(&gpu, GemmImpl::Tma, 0)?;
+        let mut dev = Dev::new(gpu, &c, &h)?;
+        let eng = Gemm::new(gpu, GemmImpl::Tma, 0)?;
         // The copy's source: NaN, then A in its last m * lda elements.
         let len = 32usize << 20;
         let a = to_bf16(&h.a);
@@ -1127,17 +1134,17 @@ fn gemm_tma_programmatic_launch_waits_for_a() {
         };
         let mut failures = Vec::new();
         for tile in TmaTile::ALL {
-            poison_bf16(&gpu, &mut dst)?;
-            dev.reset(&gpu, &c, &h)?;
+            poison_bf16(gpu, &mut dst)?;
+            dev.reset(gpu, &c, &h)?;
             ensure!(
                 gpu.set_programmatic_launch(true),
                 "programmatic launches refused on a Hopper GPU"
             );
             let launched =
-                bandwidth_copy(&gpu, &copy).and_then(|()| eng.run_tma(&gpu, &p, Some(tile), None));
+                bandwidth_copy(gpu, &copy).and_then(|()| eng.run_tma(gpu, &p, Some(tile), None));
             gpu.set_programmatic_launch(false);
             launched?;
-            let (out, _) = dev.download(&gpu)?;
+            let (out, _) = dev.download(gpu)?;
             let what = format!("{TEST} {tile:?}");
             if let Err(e) = region_and_guard(&what, &out, &c, None)
                 .and_then(|region| check_close(&what, &region, &h.expect, TOL))
@@ -1146,9 +1153,7 @@ fn gemm_tma_programmatic_launch_waits_for_a() {
             }
         }
         Ok(failures)
-    };
-    let failures = run().unwrap_or_else(|e| vec![format!("{TEST}: setup failed: {e:#}")]);
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    });
 }
 
 /// `FORA_TMA_TILES` under cuBLASLt (the default path) on a Hopper: the shapes it names run on
@@ -1159,13 +1164,10 @@ fn gemm_tma_programmatic_launch_waits_for_a() {
 #[test]
 fn gemm_tma_routed_under_cublaslt() {
     const TEST: &str = "gemm_tma_routed_under_cublaslt";
-    let Some(gpu) = hopper_gpu(TEST) else {
-        return;
-    };
-    let run = || -> Result<Vec<String>> {
+    run_on_hopper(TEST, |gpu| {
         let overrides = "1152x1152=k3-128x128,1152x4608=k3-128x128".parse()?;
         let eng =
-            Gemm::new(&gpu, GemmImpl::CublasLt, 512 * 4608)?.with_tma_overrides(&gpu, overrides)?;
+            Gemm::new(gpu, GemmImpl::CublasLt, 512 * 4608)?.with_tma_overrides(gpu, overrides)?;
         ensure!(
             eng.lt_routed_tma_plan(512, 1152, 4608) == Some((TmaTile::K3N128, 1)),
             "fc2 is not routed to the cluster split-K tile"
@@ -1180,20 +1182,20 @@ fn gemm_tma_routed_under_cublaslt() {
             for epi in [Epilogue::BiasGateResidual, Epilogue::BiasBf16] {
                 let c = case(name, 512, 1152, k, epi);
                 let h = host_case(&c, 31);
-                let mut dev = Dev::new(&gpu, &c, &h)?;
-                dev.reset(&gpu, &c, &h)?;
+                let mut dev = Dev::new(gpu, &c, &h)?;
+                dev.reset(gpu, &c, &h)?;
                 let p = dev.params(&c);
                 let what = format!("{TEST} {name} {epi:?}");
                 let checked = (|| -> Result<()> {
                     if epi == Epilogue::BiasBf16 {
                         // The routed kernel takes the f32 bias; the bf16 copy is cuBLASLt's.
                         let bias16 = gpu.upload(&to_bf16(&h.bias), "bf16 bias")?;
-                        eng.run_with_bias_bf16(&gpu, &p, dptr(&bias16))?;
+                        eng.run_with_bias_bf16(gpu, &p, dptr(&bias16))?;
                     } else {
-                        eng.run(&gpu, &p)?;
+                        eng.run(gpu, &p)?;
                     }
                     gpu.synchronize()?;
-                    let (out, cache) = dev.download(&gpu)?;
+                    let (out, cache) = dev.download(gpu)?;
                     let initial = c.residual().then_some(h.residual0.as_slice());
                     let mut region = region_and_guard(&format!("{what} out"), &out, &c, initial)?;
                     if c.residual() {
@@ -1215,7 +1217,5 @@ fn gemm_tma_routed_under_cublaslt() {
             }
         }
         Ok(failures)
-    };
-    let failures = run().unwrap_or_else(|e| vec![format!("{TEST}: setup failed: {e:#}")]);
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    });
 }
