@@ -60,6 +60,28 @@ typedef struct GemmTmaParams {
     int splits;
 } GemmTmaParams;
 
+/* proj / fc2 on few token rows with its residual epilogue and the LayerNorm after it in one
+ * launch (gemm_tma_ln_64x72, gemm_ln_sm90.cu): per token row m of model row r = m / tokens,
+ *   v = A[m] @ W^T + bias;  cache[m] = bf16(v) (when cache != 0);  x[m] += gate_r * v
+ *   out[m] = bf16(LN(x[m]) * (1 + scale_r) + shift_r)
+ * (residual_layernorm's contract for an f32 product, the product computed here), gate_r /
+ * shift_r / scale_r at modulation[r * ld_mod + gate_col / shift_col / scale_col + d]. W is
+ * [dim, K]: a cluster of 16 CTAs covers a 64-row block of whole rows, each CTA dim / 16
+ * columns. Operands by TMA, 128-byte swizzle: a_map A [M, K] box 64 (k) x 64 (rows), w_map
+ * W [dim, K] box 64 (k) x dim / 16 (rows). dim, ld_mod and the columns even; K % 8 == 0. */
+typedef struct GemmLayerNormParams {
+    TmaDescriptor a_map;
+    TmaDescriptor w_map;
+    fora_ptr bias;     /* f32 [dim] */
+    fora_ptr cache;    /* bf16 [M, dim] or 0 */
+    fora_ptr x;        /* f32 [M, dim], updated in place */
+    fora_ptr modulation; /* f32 [rows, ld_mod] */
+    fora_ptr out;      /* bf16 [M, dim] */
+    int m, k, dim, tokens;
+    int ld_mod, gate_col, shift_col, scale_col;
+    float eps;         /* 1e-6 in DiT */
+} GemmLayerNormParams;
+
 /* The epilogue alone, over an f32 product acc[M, ld_acc] = A @ W^T (no bias) computed by another
  * GEMM (the cuBLASLt reference path, or the split-K slices of the custom one):
  * out = epilogue(sum of the slices + bias), same fields and meaning as in GemmParams.

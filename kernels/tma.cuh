@@ -41,6 +41,10 @@ FORA_DEVICE uint32_t cluster_ctarank() { return fora_emulation_cluster_ctarank()
 FORA_DEVICE void cluster_sync() { fora_emulation_cluster_sync(); }
 FORA_DEVICE void cluster_arrive_relaxed() { fora_emulation_cluster_arrive(); }
 FORA_DEVICE void cluster_wait() { fora_emulation_cluster_wait(); }
+FORA_DEVICE void cluster_arrive_release() { fora_emulation_cluster_arrive(); }
+FORA_DEVICE void st_shared_cluster_f32x2(uint32_t cluster_addr, float2 v) {
+    fora_emulation_st_shared_cluster(cluster_addr, &v, sizeof(v));
+}
 FORA_DEVICE uint32_t mapa_shared(uint32_t addr, uint32_t rank) { return fora_emulation_mapa(addr, rank); }
 FORA_DEVICE void mbarrier_arrive_cluster(uint32_t cluster_bar) { fora_emulation_mbarrier_arrive_cluster(cluster_bar); }
 FORA_DEVICE void mbarrier_arrive_release_cluster(uint32_t cluster_bar) {
@@ -157,6 +161,16 @@ FORA_DEVICE void cluster_sync() {
 // before it arrives again, and before it exits.
 FORA_DEVICE void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed;\n" ::: "memory"); }
 FORA_DEVICE void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory"); }
+// The arrival with release semantics: this thread's earlier memory accesses (its stores into
+// other CTAs' shared memory, st_shared_cluster_*) are visible to every thread of the cluster
+// after its cluster_wait.
+FORA_DEVICE void cluster_arrive_release() { asm volatile("barrier.cluster.arrive.release;\n" ::: "memory"); }
+// 8 bytes into any CTA of the cluster's shared memory (distributed shared memory), named by a
+// shared::cluster address (mapa_shared); 8-byte aligned. The CTA must have started (a cluster
+// barrier since the kernel began) and must not have exited.
+FORA_DEVICE void st_shared_cluster_f32x2(uint32_t cluster_addr, float2 v) {
+    asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\n" ::"r"(cluster_addr), "f"(v.x), "f"(v.y) : "memory");
+}
 // The shared::cluster address of this CTA's shared byte `addr` in the CTA of rank `rank`.
 FORA_DEVICE uint32_t mapa_shared(uint32_t addr, uint32_t rank) {
     uint32_t out;

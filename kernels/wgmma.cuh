@@ -67,6 +67,9 @@ FORA_DEVICE void pin_registers(uint32_t (&)[R]) {}
 FORA_DEVICE void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
     fora_emulation_wgmma(128, d, desc_a, desc_b);
 }
+FORA_DEVICE void wgmma_m64n72k16(float (&d)[36], uint64_t desc_a, uint64_t desc_b) {
+    fora_emulation_wgmma(72, d, desc_a, desc_b);
+}
 FORA_DEVICE void wgmma_m64n192k16(float (&d)[96], uint64_t desc_a, uint64_t desc_b) {
     fora_emulation_wgmma(192, d, desc_a, desc_b);
 }
@@ -124,6 +127,28 @@ template <int R>
 FORA_DEVICE void pin_registers(uint32_t (&r)[R]) {
 #pragma unroll
     for (int i = 0; i < R; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+// D[64 x 72] (f32, 36 registers a thread) += A[64 x 16] * B[16 x 72], both operands K-major in
+// shared memory (descriptors), no transposes, scale-d = 1 (accumulate): a sixteenth of
+// DiT-XL/2's 1152-wide rows (gemm_ln_sm90.cu).
+FORA_DEVICE void wgmma_m64n72k16(float (&d)[36], uint64_t desc_a, uint64_t desc_b) {
+    asm volatile(
+        "{\n"
+        "wgmma.mma_async.sync.aligned.m64n72k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+        "%32, %33, %34, %35"
+        "}, %36, %37, 1, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35])
+        : "l"(desc_a), "l"(desc_b)
+        : "memory");
 }
 
 // D[64 x 128] (f32, 64 registers a thread) += A[64 x 16] * B[16 x 128], both operands

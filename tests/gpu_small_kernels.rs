@@ -73,6 +73,19 @@ fn gpu_residual_layernorm() -> Result<()> {
     small_kernel_cases::check_residual_layernorm(&gpu)
 }
 
+/// The fused proj / fc2 + residual + LayerNorm: Hopper only (wgmma, TMA, clusters of 16).
+#[test]
+fn gpu_gemm_layernorm() -> Result<()> {
+    let Some(gpu) = test_gpu("gpu_gemm_layernorm") else {
+        return Ok(());
+    };
+    if gpu.compute_capability().0 != 9 {
+        println!("SKIP gpu_gemm_layernorm: not a Hopper (sm_90a only)");
+        return Ok(());
+    }
+    small_kernel_cases::check_gemm_layernorm(&gpu)
+}
+
 #[test]
 fn gpu_fora_reuse() -> Result<()> {
     let Some(gpu) = test_gpu("gpu_fora_reuse") else {

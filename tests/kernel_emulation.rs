@@ -376,7 +376,7 @@ impl TestDevice for Emulator {
 }
 
 /// The kernel sources the emulator builds: all of them.
-const EMULATED_SOURCES: [&str; 11] = [
+const EMULATED_SOURCES: [&str; 12] = [
     "bandwidth.cu",
     "conditioning.cu",
     "embed.cu",
@@ -387,6 +387,7 @@ const EMULATED_SOURCES: [&str; 11] = [
     "attention_sm90.cu",
     "gemm.cu",
     "gemm_sm90.cu",
+    "gemm_ln_sm90.cu",
     "probe_sm90.cu",
 ];
 
@@ -678,6 +679,15 @@ fn emulated_residual_layernorm() -> Result<()> {
         return Ok(());
     };
     small_kernel_cases::check_residual_layernorm(emu)
+}
+
+/// The fused proj / fc2 + residual + LayerNorm in clusters of 16 CTAs (gemm_ln_sm90.cu).
+#[test]
+fn emulated_gemm_layernorm() -> Result<()> {
+    let Some(emu) = emulator("emulated_gemm_layernorm") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_gemm_layernorm(emu)
 }
 
 #[test]
@@ -1118,7 +1128,14 @@ fn emulated_lazy_threads() -> Result<()> {
             .into_iter()
             .map(GemmKernel::Tma)
             .collect();
-        small_gemm_cases(emu, "lazy threads", &tma)
+        small_gemm_cases(emu, "lazy threads", &tma)?;
+        let gemm_ln = small_kernel_cases::GemmLnCase {
+            rows: 11,
+            tokens: 10,
+            k: 520,
+            with_cache: false,
+        };
+        small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, 86)
     })
 }
 
@@ -1328,6 +1345,14 @@ fn small_cases_of_every_kernel(emu: &Emulator, label: &str) -> Result<()> {
     }
     attention_cases::run_tma_probe(emu, 65)?;
     attention_cases::run_tma_cluster_probe(emu, 66)?;
+    // The fused GEMM + LayerNorm's odd case: two clusters of 16, the second partial.
+    let gemm_ln = small_kernel_cases::GemmLnCase {
+        rows: 11,
+        tokens: 10,
+        k: 200,
+        with_cache: true,
+    };
+    small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, 85)?;
     small_gemm_cases(emu, label, &every_gemm_kernel())
 }
 

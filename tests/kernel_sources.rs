@@ -98,6 +98,35 @@ fn every_kernel_waits_for_its_predecessor_first() {
             ["setmaxnreg_inc<232>();", "grid_dependency_wait();"],
             "the TMA consumers must wait first"
         );
+        // The fused GEMM + LayerNorm (gemm_ln_sm90.cu): the same two rules.
+        let src = std::fs::read_to_string(dir.join("gemm_ln_sm90.cu")).unwrap();
+        let body = &src[src
+            .find("FORA_DEVICE void gemm_ln_tile(")
+            .expect("gemm_ln_tile")..];
+        let producer = &body[body
+            .find("if (tid >= kLnConsumers) {")
+            .expect("the producer branch")..];
+        let wait = producer
+            .find("grid_dependency_wait();")
+            .expect("a producer wait");
+        let early = &producer[..wait];
+        assert!(
+            early.contains("tma_load_2d(smem_b") && !early.contains("tma_load_2d(smem_a"),
+            "gemm_ln_tile's producer may load only W before its wait"
+        );
+        let consumer = &body[body
+            .find("// ---- consumers: the mainloop ----")
+            .expect("the consumers' part")..];
+        let first = consumer
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("//"))
+            .next();
+        assert_eq!(
+            first,
+            Some("grid_dependency_wait();"),
+            "gemm_ln_tile's consumers must wait first"
+        );
     }
 }
 

@@ -192,6 +192,14 @@ pub trait KernelLauncher {
     /// stream operation: safe inside a capture.
     fn allow_dynamic_shared_memory(&self, name: &str, bytes: u32) -> Result<()>;
 
+    /// Lets kernel `name` run in clusters of more than 8 CTAs (the portable limit; a Hopper
+    /// schedules up to 16 once a kernel opts in). Not a stream operation. The emulator runs any
+    /// cluster size: there it does nothing.
+    fn allow_non_portable_clusters(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Ok(())
+    }
+
     /// Encodes the TMA tensor map of a 2-D bf16 tensor (the driver's `cuTensorMapEncodeTiled`
     /// on a GPU; the emulator's own encoding under the CPU emulator), for kernels that take it
     /// in a `__grid_constant__` parameter struct.
@@ -255,6 +263,24 @@ impl KernelLauncher for Gpu {
                 format!(
                     "{name} needs {bytes} bytes of shared memory per block, more than device {} \
                      allows",
+                    self.ordinal()
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn allow_non_portable_clusters(&self, name: &str) -> Result<()> {
+        let f = self.function(name)?;
+        let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED;
+        // Query first so that repeated launches (and graph captures) only read it.
+        let current = f
+            .get_attribute(attr)
+            .with_context(|| format!("cannot query {name}'s non-portable cluster attribute"))?;
+        if current != 1 {
+            f.set_attribute(attr, 1).with_context(|| {
+                format!(
+                    "device {} refuses clusters of more than 8 CTAs for {name}",
                     self.ordinal()
                 )
             })?;

@@ -10,6 +10,7 @@ pub mod device;
 pub mod embed;
 pub mod fora;
 pub mod gemm;
+pub mod gemm_ln;
 pub mod kernels;
 pub mod model;
 pub mod norm;

@@ -130,6 +130,93 @@ impl Default for GemmTmaParams {
     }
 }
 #[repr(C)]
+#[repr(align(128))]
+#[derive(Debug, Copy, Clone)]
+pub struct GemmLayerNormParams {
+    pub a_map: TmaDescriptor,
+    pub w_map: TmaDescriptor,
+    pub bias: fora_ptr,
+    pub cache: fora_ptr,
+    pub x: fora_ptr,
+    pub modulation: fora_ptr,
+    pub out: fora_ptr,
+    pub m: ::std::os::raw::c_int,
+    pub k: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+    pub tokens: ::std::os::raw::c_int,
+    pub ld_mod: ::std::os::raw::c_int,
+    pub gate_col: ::std::os::raw::c_int,
+    pub shift_col: ::std::os::raw::c_int,
+    pub scale_col: ::std::os::raw::c_int,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of GemmLayerNormParams",
+    ][::std::mem::size_of::<GemmLayerNormParams>() - 384usize];
+    [
+        "Alignment of GemmLayerNormParams",
+    ][::std::mem::align_of::<GemmLayerNormParams>() - 128usize];
+    [
+        "Offset of field: GemmLayerNormParams::a_map",
+    ][::std::mem::offset_of!(GemmLayerNormParams, a_map) - 0usize];
+    [
+        "Offset of field: GemmLayerNormParams::w_map",
+    ][::std::mem::offset_of!(GemmLayerNormParams, w_map) - 128usize];
+    [
+        "Offset of field: GemmLayerNormParams::bias",
+    ][::std::mem::offset_of!(GemmLayerNormParams, bias) - 256usize];
+    [
+        "Offset of field: GemmLayerNormParams::cache",
+    ][::std::mem::offset_of!(GemmLayerNormParams, cache) - 264usize];
+    [
+        "Offset of field: GemmLayerNormParams::x",
+    ][::std::mem::offset_of!(GemmLayerNormParams, x) - 272usize];
+    [
+        "Offset of field: GemmLayerNormParams::modulation",
+    ][::std::mem::offset_of!(GemmLayerNormParams, modulation) - 280usize];
+    [
+        "Offset of field: GemmLayerNormParams::out",
+    ][::std::mem::offset_of!(GemmLayerNormParams, out) - 288usize];
+    [
+        "Offset of field: GemmLayerNormParams::m",
+    ][::std::mem::offset_of!(GemmLayerNormParams, m) - 296usize];
+    [
+        "Offset of field: GemmLayerNormParams::k",
+    ][::std::mem::offset_of!(GemmLayerNormParams, k) - 300usize];
+    [
+        "Offset of field: GemmLayerNormParams::dim",
+    ][::std::mem::offset_of!(GemmLayerNormParams, dim) - 304usize];
+    [
+        "Offset of field: GemmLayerNormParams::tokens",
+    ][::std::mem::offset_of!(GemmLayerNormParams, tokens) - 308usize];
+    [
+        "Offset of field: GemmLayerNormParams::ld_mod",
+    ][::std::mem::offset_of!(GemmLayerNormParams, ld_mod) - 312usize];
+    [
+        "Offset of field: GemmLayerNormParams::gate_col",
+    ][::std::mem::offset_of!(GemmLayerNormParams, gate_col) - 316usize];
+    [
+        "Offset of field: GemmLayerNormParams::shift_col",
+    ][::std::mem::offset_of!(GemmLayerNormParams, shift_col) - 320usize];
+    [
+        "Offset of field: GemmLayerNormParams::scale_col",
+    ][::std::mem::offset_of!(GemmLayerNormParams, scale_col) - 324usize];
+    [
+        "Offset of field: GemmLayerNormParams::eps",
+    ][::std::mem::offset_of!(GemmLayerNormParams, eps) - 328usize];
+};
+impl Default for GemmLayerNormParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct GemmEpilogueParams {
     pub acc: fora_ptr,
@@ -1180,6 +1267,7 @@ const _: () = {
 unsafe impl cudarc::driver::DeviceRepr for GemmParams {}
 unsafe impl cudarc::driver::DeviceRepr for TmaDescriptor {}
 unsafe impl cudarc::driver::DeviceRepr for GemmTmaParams {}
+unsafe impl cudarc::driver::DeviceRepr for GemmLayerNormParams {}
 unsafe impl cudarc::driver::DeviceRepr for GemmEpilogueParams {}
 unsafe impl cudarc::driver::DeviceRepr for AttentionParams {}
 unsafe impl cudarc::driver::DeviceRepr for AttentionTmaParams {}

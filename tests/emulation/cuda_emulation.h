@@ -154,6 +154,8 @@ uint32_t fora_emulation_mapa(uint32_t addr, unsigned rank);
 void fora_emulation_mbarrier_arrive_cluster(uint32_t cluster_bar);
 // ld.shared::cluster: `bytes` bytes of any block of the cluster's shared memory (a mapa address).
 void fora_emulation_ld_shared_cluster(void* dst, uint32_t cluster_addr, unsigned bytes);
+// st.shared::cluster: `bytes` bytes into any block of the cluster's shared memory.
+void fora_emulation_st_shared_cluster(uint32_t cluster_addr, const void* src, unsigned bytes);
 void fora_emulation_tma_load_2d_multicast(uint32_t dst, const void* map, int x, int y, uint32_t bar, uint16_t mask);
 // The shared-window address of a pointer into the block's dynamic shared memory.
 uint32_t fora_emulation_smem_offset(const void* p);

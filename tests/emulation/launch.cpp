@@ -187,6 +187,7 @@ void gemm_wgmma_128x256(const GemmParams p);
 void gemm_wgmma_128x128(const GemmParams p);
 void gemm_wgmma_64x128(const GemmParams p);
 void gemm_tma_128x128(const GemmTmaParams p);
+void gemm_tma_ln_64x72(const GemmLayerNormParams p);
 void gemm_tma_128x192(const GemmTmaParams p);
 void gemm_tma_128x256(const GemmTmaParams p);
 void gemm_tma_256x128(const GemmTmaParams p);
@@ -323,6 +324,10 @@ struct Fiber {
     // barrier.cluster.arrive without its wait yet: the cluster barrier's generation it arrived in.
     bool cluster_arrived = false;
     unsigned cluster_generation = 0;
+    // Whether it has waited on the cluster barrier: before that, another block of the cluster
+    // may not have started, and touching its shared memory is undefined (CUDA's cluster.sync
+    // before distributed shared memory).
+    bool cluster_waited = false;
 };
 
 constexpr size_t kStackBytes = 64 * 1024;  // the kernels' frames are a few KiB
@@ -729,6 +734,7 @@ Kernel find(const std::string& name) {
     if (name == "gemm_wgmma_128x128") return call<GemmParams, gemm_wgmma_128x128>;
     if (name == "gemm_wgmma_64x128") return call<GemmParams, gemm_wgmma_64x128>;
     if (name == "gemm_tma_128x128") return call<GemmTmaParams, gemm_tma_128x128>;
+    if (name == "gemm_tma_ln_64x72") return call<GemmLayerNormParams, gemm_tma_ln_64x72>;
     if (name == "gemm_tma_128x192") return call<GemmTmaParams, gemm_tma_128x192>;
     if (name == "gemm_tma_128x256") return call<GemmTmaParams, gemm_tma_128x256>;
     if (name == "gemm_tma_256x128") return call<GemmTmaParams, gemm_tma_256x128>;
@@ -773,6 +779,7 @@ unsigned cluster_size_of(const std::string& name) {
     if (name.rfind("gemm_tma_k2_", 0) == 0) return 2;
     if (name.rfind("gemm_tma_k3_", 0) == 0) return 3;
     if (name.rfind("gemm_tma_k4_", 0) == 0) return 4;
+    if (name.rfind("gemm_tma_ln_", 0) == 0) return 16;
     return 1;
 }
 
@@ -1279,6 +1286,8 @@ std::pair<Block*, uint32_t> cluster_address(uint32_t addr) {
     if (addr < (1u << kClusterRankShift)) return {&l.here(), addr};
     const uint32_t rank = (addr >> kClusterRankShift) - 1;
     if (rank >= l.cluster) emulation_error("shared::cluster address of a block outside the cluster", addr);
+    if (rank != l.rank && !l.here().fibers[l.current].cluster_waited)
+        emulation_error("another block's shared memory touched before a cluster barrier (it may not have started)", addr);
     check_live(l.blocks[rank], addr);
     return {&l.blocks[rank], addr & ((1u << kClusterRankShift) - 1)};
 }
@@ -1362,6 +1371,13 @@ void fora_emulation_ld_shared_cluster(void* dst, uint32_t cluster_addr, unsigned
     std::memcpy(dst, block->dynamic_smem + addr, bytes);
 }
 
+void fora_emulation_st_shared_cluster(uint32_t cluster_addr, const void* src, unsigned bytes) {
+    const auto [block, addr] = cluster_address(cluster_addr);
+    if (addr % bytes != 0 || addr + bytes > launch_state->dynamic_smem_bytes)
+        emulation_error("st.shared::cluster misaligned or outside the dynamic shared memory", cluster_addr);
+    std::memcpy(block->dynamic_smem + addr, src, bytes);
+}
+
 // mapa.shared::cluster: the address of the running block's shared byte `addr` in block `rank`.
 uint32_t fora_emulation_mapa(uint32_t addr, unsigned rank) {
     if (addr >= (1u << kClusterRankShift) || addr >= launch_state->dynamic_smem_bytes)
@@ -1404,6 +1420,7 @@ void fora_emulation_cluster_wait() {
     race::acquire(&b.sync[f.cluster_generation & 1]);
     ++l.progress;
     l.here().fibers[l.current].cluster_arrived = false;
+    l.here().fibers[l.current].cluster_waited = true;
 }
 
 // try_wait.parity in a loop: done once the phase of that parity has completed, i.e. the phases

@@ -19,6 +19,7 @@ use fora::cuda::fora::{
     fused_final_linear_supported, ReuseTokens, CACHE_SUM_MAX,
 };
 use fora::cuda::gemm::{launch_epilogue, Epilogue};
+use fora::cuda::gemm_ln::GemmLayerNorm;
 use fora::cuda::norm::{layernorm_modulate_with, residual_layernorm_with, RowWarps};
 use fora::cuda::params::{
     BandwidthParams, ForaCacheSumParams, ForaReuseFinalParams, ForaReuseParams, GemmEpilogueParams,
@@ -558,6 +559,141 @@ pub fn check_residual_layernorm<D: TestDevice>(gpu: &D) -> Result<()> {
         for warps in [RowWarps::One, RowWarps::Four] {
             run_residual_layernorm(gpu, c, warps, *seed)?;
         }
+    }
+    Ok(())
+}
+
+// ---- the fused GEMM + residual + LayerNorm (Hopper) -----------------------------------------
+
+/// One launch of `gemm_tma_ln_64x72`: `rows` model rows of `tokens` tokens, product depth `k`.
+pub struct GemmLnCase {
+    pub rows: usize,
+    pub tokens: usize,
+    pub k: usize,
+    pub with_cache: bool,
+}
+
+/// One case against the CPU twin: the product of the bf16 operands in f64 plus the bias (f32
+/// v), the cache bf16(v), x += gate * v (ops::gate_residual), then ops::layernorm_modulate:
+/// residual_layernorm's contract with the product computed in the kernel.
+pub fn run_gemm_layernorm<D: TestDevice>(gpu: &D, c: &GemmLnCase, seed: u64) -> Result<()> {
+    let dim = 1152;
+    let (m, k) = (c.rows * c.tokens, c.k);
+    let n = m * dim;
+    let mut rng = TestRng::new(seed);
+    let a = round_bf16(&rng.normal_vec(m * k, 1.0));
+    let w = round_bf16(&rng.normal_vec(dim * k, 1.0 / (k as f32).sqrt()));
+    let bias = rng.normal_vec(dim, 0.5);
+    // An offset residual, so that the statistics' centring matters.
+    let x: Vec<f32> = (0..n)
+        .map(|i| rng.normal() + 3.0 + (i % 7) as f32)
+        .collect();
+    let layers = 2;
+    let ld_mod = layers * 6 * dim + 2 * dim;
+    // Layer 1's gate_mlp, then the final layer's shift / scale (fc2 of the last block).
+    let (gate_col, shift_col) = (6 * dim + 5 * dim, layers * 6 * dim);
+    let modulation = rng.uniform_vec(c.rows * ld_mod, -1.0, 1.0);
+    let (a_d, w_d, bias_d) = (
+        gpu.upload_bf16(&a)?,
+        gpu.upload_bf16(&w)?,
+        gpu.upload_f32(&bias)?,
+    );
+    let (x_d, mod_d) = (gpu.upload_f32(&x)?, gpu.upload_f32(&modulation)?);
+    let out = gpu.poisoned_bf16(n)?;
+    let cache = gpu.poisoned_bf16(n)?;
+    let launch = GemmLayerNorm {
+        a: a_d.addr(),
+        w: w_d.addr(),
+        lda: k,
+        ldw: k,
+        bias: bias_d.addr(),
+        cache: if c.with_cache { cache.addr() } else { 0 },
+        x: x_d.addr(),
+        modulation: mod_d.addr(),
+        out: out.addr(),
+        m,
+        k,
+        dim,
+        tokens: c.tokens,
+        ld_mod,
+        gate_col,
+        shift_col,
+        scale_col: shift_col + dim,
+        eps: 1e-6,
+    };
+    launch.launch(gpu)?;
+    let (got_x, got, got_cache) = (
+        gpu.download_f32(&x_d)?,
+        gpu.download_bf16(&out)?,
+        gpu.download_bf16(&cache)?,
+    );
+
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            let (r, col) = (i / dim, i % dim);
+            let dot: f64 = (0..k)
+                .map(|j| a[r * k + j] as f64 * w[col * k + j] as f64)
+                .sum();
+            (dot + bias[col] as f64) as f32
+        })
+        .collect();
+    let mut want_x = x.clone();
+    ops::gate_residual(
+        &mut want_x,
+        &v,
+        &modulation[gate_col..],
+        ld_mod,
+        c.tokens,
+        dim,
+        false,
+    );
+    let mut want = vec![0f32; n];
+    ops::layernorm_modulate(
+        &mut want,
+        &want_x,
+        &modulation[shift_col..],
+        &modulation[shift_col + dim..],
+        ld_mod,
+        c.tokens,
+        dim,
+        false,
+    );
+    let what = format!(
+        "gemm_tma_ln_64x72 rows={} T={} M={m} K={k} cache={}",
+        c.rows, c.tokens, c.with_cache
+    );
+    if c.with_cache {
+        check_close(&format!("{what} cache"), &got_cache, &round_bf16(&v), 1e-2)?;
+    } else {
+        ensure!(
+            got_cache.iter().all(|v| v.is_nan()),
+            "{what}: wrote the cache although its pointer was 0"
+        );
+    }
+    // v differs from the f64 product by the tensor cores' f32 sums (~1e-6 of |v|).
+    check_elementwise(&format!("{what} x"), &got_x, &want_x, 1e-4, 1e-5)?;
+    check_close(&what, &got, &want, 1e-2)?;
+    check_elementwise(&what, &got, &want, 1e-3, 2.0f32.powi(-7))
+}
+
+/// Every case of the fused GEMM + residual + LayerNorm: one image + CFG of DiT-XL/2 as proj (K
+/// 1152, caching) and fc2 (K 4608, on a quarter of the rows to keep the emulator quick), and odd
+/// shapes: M = 110 (a partial second cluster), 10 tokens a model row (a warp's two rows in
+/// different model rows), K = 200 (a partial k-tile) and K = 8 (one).
+pub fn check_gemm_layernorm<D: TestDevice>(gpu: &D) -> Result<()> {
+    let case = |rows, tokens, k, with_cache| GemmLnCase {
+        rows,
+        tokens,
+        k,
+        with_cache,
+    };
+    for (c, seed) in [
+        (case(2, 256, 1152, true), 81),
+        (case(2, 64, 4608, false), 82),
+        (case(11, 10, 200, true), 83),
+        (case(3, 7, 8, false), 84),
+    ] {
+        run_gemm_layernorm(gpu, &c, seed)?;
     }
     Ok(())
 }

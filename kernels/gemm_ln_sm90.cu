@@ -1,0 +1,282 @@
+// proj / fc2 with their gated residual and the LayerNorm + modulate that follows them, in one
+// launch, for few token rows (one image + CFG: M = 512), sm_90a only:
+//
+//   v = A[m] @ W^T + bias;  cache[m] = bf16(v);  x[m] += gate * v;
+//   out[m] = bf16(LN(x[m]) * (1 + scale) + shift)
+//
+// (GemmLayerNormParams in params.h; the contract of residual_layernorm over an f32 product.)
+//
+// Why: at M = 512 the block's 1152-wide products have 36 tiles of 128 x 128 for 132 SMs, and
+// the LayerNorm after each needs whole rows, so it has been a launch of its own
+// (residual_layernorm, ~4.4 us of mostly latency on an H200, 56 a step). Here a cluster of 16
+// CTAs covers a 64-row block of whole rows (1152 = 16 x 72 columns): at M = 512 that is 8
+// clusters, 128 CTAs, about one a SM, each computing a 64 x 72 tile (wgmma m64n72k16, the
+// tile cuBLASLt's heuristic picks for proj at this size) over the whole of K. The epilogue adds
+// the bias, stores the cache, updates the f32 residual in place and keeps the new x in
+// registers; the row statistics are exchanged through distributed shared memory: each CTA
+// pushes, per row, the sum of its 72 columns and the sum of squared deviations from their own
+// mean into every CTA of the cluster (st.shared::cluster), one cluster barrier, and each CTA
+// combines the 16 pairs in rank order (Chan's parallel variance: M2 = sum of the M2_s + 72 *
+// sum of (mean_s - mean)^2, so no E[x^2] - mean^2 cancellation) and writes its 64 x 72 of out.
+//
+// Roles: warps 0-3 are the consumer warpgroup (the wgmmas and the epilogue), warp 4 the
+// producer (one thread issues the TMA copies into a STAGES-deep ring, with `full` / `empty`
+// mbarriers as in gemm_sm90.cu's TMA kernels). Not persistent: a CTA takes one tile. At most
+// 94 KiB of shared memory and 160 threads, so two CTAs fit an SM and a cluster of 16 fits any
+// GPC (clusters of 16 are non-portable: the launcher opts the kernel in).
+
+#include "common.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
+
+namespace {
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+constexpr int kLnCluster = 16;    // CTAs a cluster: the whole width of a row
+constexpr int kLnRows = 64;       // token rows a cluster (one consumer warpgroup's m64)
+constexpr int kLnDepth = 64;      // k-depth of a ring slot: one 128-byte swizzle row of bf16
+constexpr int kLnConsumers = 128;  // threads of the consumer warpgroup (warps 0-3)
+
+// One CTA: columns [rank * BN, rank * BN + BN) of rows [64 c, 64 c + 64) of cluster c.
+template <int BN, int STAGES>
+FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
+    constexpr int kFragments = BN / 8;  // accumulator fragments (8 columns) a thread's rows
+    static_assert(BN == 72, "the wgmma of this tile is m64n72k16");
+    constexpr uint32_t kStageA = kLnRows * kLnDepth * 2;
+    constexpr uint32_t kStageB = BN * kLnDepth * 2;
+    static_assert(kStageB % 1024 == 0, "every W tile must start on a 1024-byte swizzle atom");
+    // Dynamic smem (the launcher adds 1 KiB to round the base up to 1024 bytes): [STAGES] A
+    // tiles | [STAGES] W tiles | statistics [16 ranks][64 rows] float2 | STAGES full barriers |
+    // STAGES empty barriers.
+    FORA_DYNAMIC_SMEM(uint4, gemm_ln_smem);
+    const uint32_t raw = smem_addr(gemm_ln_smem);
+    const uint32_t smem_a = (raw + 1023u) & ~1023u;
+    const uint32_t smem_b = smem_a + STAGES * kStageA;
+    const uint32_t stats = smem_b + STAGES * kStageB;
+    const uint32_t full = stats + kLnCluster * kLnRows * 8;
+    const uint32_t empty = full + STAGES * 8;
+
+    const int tid = threadIdx.x;
+    const int rank = static_cast<int>(cluster_ctarank());
+    const int m0 = static_cast<int>(blockIdx.x) / kLnCluster * kLnRows;
+    const int n0 = rank * BN;
+    const int k_tiles = (p.k + kLnDepth - 1) / kLnDepth;
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbarrier_init(full + 8 * s, 1);
+            mbarrier_init(empty + 8 * s, 4);  // the consumer warps' lane 0
+        }
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+    // Before a thread stores into another CTA's shared memory, every CTA of the cluster must
+    // have started: this arrival's wait comes right before the statistics are pushed (and,
+    // for the producer warp, after its copies), so the mainloop runs in between.
+    cluster_arrive_relaxed();
+
+    if (tid >= kLnConsumers) {
+        if (tid == kLnConsumers) {
+            tma_prefetch_descriptor(&p.a_map);
+            tma_prefetch_descriptor(&p.w_map);
+            // Launched early (FORA_PDL), the kernel before may still be writing A, but no kernel
+            // writes W: the first k-tiles' W (a fresh ring) before the wait, their A after it.
+            const int early = min(STAGES, k_tiles);
+#pragma unroll 1
+            for (int kt = 0; kt < early; ++kt) {
+                mbarrier_arrive_expect_tx(full + 8 * kt, kStageA + kStageB);
+                tma_load_2d(smem_b + kt * kStageB, &p.w_map, kt * kLnDepth, n0, full + 8 * kt);
+            }
+            grid_dependency_wait();
+            grid_launch_dependents();
+#pragma unroll 1
+            for (int kt = 0; kt < early; ++kt) {
+                tma_load_2d(smem_a + kt * kStageA, &p.a_map, kt * kLnDepth, m0, full + 8 * kt);
+            }
+#pragma unroll 1
+            for (int kt = early; kt < k_tiles; ++kt) {
+                const uint32_t slot = kt % STAGES;
+                mbarrier_wait(empty + 8 * slot, ((kt / STAGES) & 1u) ^ 1u);
+                mbarrier_arrive_expect_tx(full + 8 * slot, kStageA + kStageB);
+                tma_load_2d(smem_a + slot * kStageA, &p.a_map, kt * kLnDepth, m0, full + 8 * slot);
+                tma_load_2d(smem_b + slot * kStageB, &p.w_map, kt * kLnDepth, n0, full + 8 * slot);
+            }
+        }
+        // The producer warp's part in the cluster barriers (the start's wait, the exchange).
+        cluster_wait();
+        cluster_arrive_release();
+        cluster_wait();
+        return;
+    }
+
+    // ---- consumers: the mainloop ----
+    // The epilogue reads and writes what earlier kernels use.
+    grid_dependency_wait();
+    grid_launch_dependents();
+    const int lane = tid & 31, warp = tid >> 5;
+    float acc[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+#pragma unroll 1
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        const uint32_t slot = kt % STAGES;
+        mbarrier_wait(full + 8 * slot, (kt / STAGES) & 1u);
+        const uint64_t desc_a = wgmma_desc_sw128(smem_a + slot * kStageA);
+        const uint64_t desc_b = wgmma_desc_sw128(smem_b + slot * kStageB);
+        pin_accumulators(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kLnDepth / 16; ++kk) wgmma_m64n72k16(acc, desc_a + 2 * kk, desc_b + 2 * kk);
+        wgmma_commit();
+        wgmma_wait<1>();
+        pin_accumulators(acc);
+        // k-tile kt - 1's wgmmas are done: its slot goes back to the producer.
+        if (kt > 0 && lane == 0) mbarrier_arrive(empty + 8 * ((kt - 1) % STAGES));
+    }
+    wgmma_wait<0>();
+    pin_accumulators(acc);
+
+    // ---- the epilogue: bias, cache, residual ----
+    // This thread's fragments: rows 16 warp + g and + 8 of the block (h = 0, 1), columns
+    // n0 + 8 j + 2 t and + 1 (acc[4 j + 2 h], acc[4 j + 2 h + 1]).
+    const int g = lane >> 2, t = lane & 3;
+    const int local_row[2] = {16 * warp + g, 16 * warp + g + 8};
+    int row[2];
+    bool valid[2];
+    const float* mod[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        row[h] = m0 + local_row[h];
+        valid[h] = row[h] < p.m;
+        mod[h] = reinterpret_cast<const float*>(p.modulation) +
+                 static_cast<long long>(valid[h] ? row[h] / p.tokens : 0) * p.ld_mod;
+    }
+    const float* bias = reinterpret_cast<const float*>(p.bias);
+    float* x = reinterpret_cast<float*>(p.x);
+    __nv_bfloat16* cache = reinterpret_cast<__nv_bfloat16*>(p.cache);
+    // Every load first (bias, gates, residuals: one memory round trip), then the stores.
+    const float2 zero = make_float2(0.0f, 0.0f);
+    float2 bias2[kFragments], gate[2][kFragments], res[2][kFragments];
+#pragma unroll
+    for (int j = 0; j < kFragments; ++j) {
+        const int col = n0 + 8 * j + 2 * t;
+        bias2[j] = *reinterpret_cast<const float2*>(bias + col);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            gate[h][j] = valid[h] ? *reinterpret_cast<const float2*>(mod[h] + p.gate_col + col) : zero;
+            res[h][j] = valid[h] ? *reinterpret_cast<const float2*>(x + static_cast<long long>(row[h]) * p.dim + col)
+                                 : zero;
+        }
+    }
+    float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < kFragments; ++j) {
+        const int col = n0 + 8 * j + 2 * t;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float& a0 = acc[4 * j + 2 * h];
+            float& a1 = acc[4 * j + 2 * h + 1];
+            const float v0 = a0 + bias2[j].x, v1 = a1 + bias2[j].y;
+            // As residual_layernorm (norm.cu): residual += gate * v.
+            a0 = res[h][j].x + gate[h][j].x * v0;
+            a1 = res[h][j].y + gate[h][j].y * v1;
+            if (valid[h]) {
+                const long long o = static_cast<long long>(row[h]) * p.dim + col;
+                if (cache != nullptr) *reinterpret_cast<uint32_t*>(cache + o) = pack_bf16x2(v0, v1);
+                *reinterpret_cast<float2*>(x + o) = make_float2(a0, a1);
+            }
+            sum[h] += a0 + a1;
+        }
+    }
+
+    // ---- the row statistics across the cluster ----
+    // This CTA's BN columns of each row: their sum and the squared deviations from their mean
+    // (a quad of lanes holds a row's columns).
+    float sq[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 1);
+        sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 2);
+        const float local_mean = sum[h] * (1.0f / BN);
+#pragma unroll
+        for (int j = 0; j < kFragments; ++j) {
+            const float d0 = acc[4 * j + 2 * h] - local_mean, d1 = acc[4 * j + 2 * h + 1] - local_mean;
+            sq[h] += d0 * d0 + d1 * d1;
+        }
+        sq[h] += __shfl_xor_sync(0xffffffffu, sq[h], 1);
+        sq[h] += __shfl_xor_sync(0xffffffffu, sq[h], 2);
+    }
+    // The modulation's loads now, so that they overlap the exchange.
+    float2 shift[2][kFragments], scale[2][kFragments];
+#pragma unroll
+    for (int j = 0; j < kFragments; ++j) {
+        const int col = n0 + 8 * j + 2 * t;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            shift[h][j] = valid[h] ? *reinterpret_cast<const float2*>(mod[h] + p.shift_col + col) : zero;
+            scale[h][j] = valid[h] ? *reinterpret_cast<const float2*>(mod[h] + p.scale_col + col) : zero;
+        }
+    }
+    // Every CTA has started (the kernel's first cluster barrier): push (sum, sq) of each row
+    // into slot [rank][row] of every CTA, a quad's lanes four CTAs each, then the exchange's
+    // barrier (release: the stores are visible to every CTA after its wait).
+    cluster_wait();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const uint32_t mine = stats + static_cast<uint32_t>(rank * kLnRows + local_row[h]) * 8u;
+#pragma unroll
+        for (int i = 0; i < kLnCluster / 4; ++i) {
+            st_shared_cluster_f32x2(mapa_shared(mine, static_cast<uint32_t>(t + 4 * i)), make_float2(sum[h], sq[h]));
+        }
+    }
+    cluster_arrive_release();
+    cluster_wait();
+
+    // ---- LayerNorm + modulate from registers ----
+    const float2* all = reinterpret_cast<const float2*>(reinterpret_cast<const char*>(gemm_ln_smem) + (stats - raw));
+    const float inv_dim = 1.0f / static_cast<float>(p.dim);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        // In rank order, the same sums in every CTA.
+        float total = 0.0f;
+#pragma unroll
+        for (int s = 0; s < kLnCluster; ++s) total += all[s * kLnRows + local_row[h]].x;
+        const float mean = total * inv_dim;
+        float m2 = 0.0f;
+#pragma unroll
+        for (int s = 0; s < kLnCluster; ++s) {
+            const float2 part = all[s * kLnRows + local_row[h]];
+            const float d = part.x * (1.0f / BN) - mean;
+            m2 += part.y + static_cast<float>(BN) * d * d;
+        }
+        const float rstd = 1.0f / sqrtf(m2 * inv_dim + p.eps);  // IEEE sqrt and divide
+        if (!valid[h]) continue;
+        __nv_bfloat16* out = reinterpret_cast<__nv_bfloat16*>(p.out) + static_cast<long long>(row[h]) * p.dim;
+#pragma unroll
+        for (int j = 0; j < kFragments; ++j) {
+            const int col = n0 + 8 * j + 2 * t;
+            // As norm.cu's modulate.
+            const float o0 = (acc[4 * j + 2 * h] - mean) * rstd * (1.0f + scale[h][j].x) + shift[h][j].x;
+            const float o1 = (acc[4 * j + 2 * h + 1] - mean) * rstd * (1.0f + scale[h][j].y) + shift[h][j].y;
+            *reinterpret_cast<uint32_t*>(out + col) = pack_bf16x2(o0, o1);
+        }
+    }
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+}  // namespace
+
+// DiT-XL/2 (dim 1152 = 16 x 72); five stages. Dynamic smem = 5 * (64 + 72) * 64 * 2 + 16 * 64
+// * 8 + 5 * 16 + 1024 bytes (src/cuda/gemm_ln.rs, must match): 94,288.
+extern "C" __global__ void __launch_bounds__(160, 2) FORA_CLUSTER(16)
+    gemm_tma_ln_64x72(const __grid_constant__ GemmLayerNormParams p) {
+    grid_dependency_deferred();
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    gemm_ln_tile<72, 5>(p);
+#else
+    // Not sm_90a: wgmma does not exist; the launcher never launches this.
+    (void)p;
+    __trap();
+#endif
+}

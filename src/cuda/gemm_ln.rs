@@ -1,0 +1,244 @@
+//! Launcher of `gemm_tma_ln_64x72` (`kernels/gemm_ln_sm90.cu`, Hopper only): proj or fc2 with
+//! its gated residual and the LayerNorm + modulate after it in one launch, in clusters of 16
+//! CTAs that each hold a 64 x 72 tile of a 64-row block of whole 1152-wide rows and exchange the
+//! rows' statistics through distributed shared memory. It replaces the GEMM and the
+//! `residual_layernorm` pass of the fused-LayerNorm path for few token rows (one image + CFG),
+//! where that pass is a launch of mostly latency; [`GemmLayerNorm::rows_limit`] says where.
+//! Same contract as `residual_layernorm` over an f32 product (the product is not rounded to
+//! bf16 before the residual add).
+
+use super::device::{check_positive, check_ptr, KernelLauncher, TmaTensor2d};
+use super::params::{GemmLayerNormParams, TmaDescriptor};
+use anyhow::{ensure, Context, Result};
+
+/// The kernel.
+pub const GEMM_LN_KERNEL: &str = "gemm_tma_ln_64x72";
+/// CTAs a cluster (non-portable: the launcher opts the kernel in).
+pub const GEMM_LN_CLUSTER: u32 = 16;
+/// Token rows a cluster.
+const ROWS: u32 = 64;
+/// Columns a CTA: the row width is `GEMM_LN_CLUSTER * COLUMNS`.
+const COLUMNS: u32 = 72;
+/// Ring stages (gemm_ln_sm90.cu's instantiation).
+const STAGES: u32 = 5;
+/// A consumer warpgroup and a producer warp.
+const THREADS: u32 = 160;
+/// k-depth of a ring slot (one 128-byte swizzle row of bf16).
+const DEPTH: u32 = 64;
+
+/// Dynamic shared memory a CTA: the ring, the cluster's statistics (16 x 64 float pairs), two
+/// mbarriers a stage and 1 KiB to align the base to 1024 bytes (gemm_ln_sm90.cu).
+pub const fn gemm_ln_smem_bytes() -> u32 {
+    STAGES * (ROWS + COLUMNS) * DEPTH * 2 + GEMM_LN_CLUSTER * ROWS * 8 + STAGES * 16 + 1024
+}
+
+/// Whether the kernel serves rows of `dim` columns (16 CTAs x 72: DiT-XL/2's 1152).
+pub fn gemm_ln_supports_dim(dim: usize) -> bool {
+    dim == (GEMM_LN_CLUSTER * COLUMNS) as usize
+}
+
+/// One launch: `a` bf16 [m, k] (rows `lda` apart), `w` bf16 [dim, k] (rows `ldw` apart), and the
+/// residual / LayerNorm operands of [`GemmLayerNormParams`] (device addresses).
+#[derive(Clone, Copy, Debug)]
+pub struct GemmLayerNorm {
+    /// bf16 [m, k], 16-byte aligned.
+    pub a: u64,
+    /// bf16 [dim, k] (a Linear weight [out, in]), 16-byte aligned.
+    pub w: u64,
+    /// Elements between rows of `a` (a multiple of 8, at least k).
+    pub lda: usize,
+    /// Elements between rows of `w` (a multiple of 8, at least k).
+    pub ldw: usize,
+    /// f32 [dim].
+    pub bias: u64,
+    /// bf16 [m, dim] for v (the FORA cache), or 0.
+    pub cache: u64,
+    /// f32 [m, dim], the residual stream, updated in place.
+    pub x: u64,
+    /// f32 [m / tokens, ld_mod]: the adaLN table.
+    pub modulation: u64,
+    /// bf16 [m, dim]: the modulated LayerNorm of the new x.
+    pub out: u64,
+    /// Token rows.
+    pub m: usize,
+    /// Depth of the product.
+    pub k: usize,
+    /// Row width (the Linear's out features).
+    pub dim: usize,
+    /// Token rows a model row (its modulation row).
+    pub tokens: usize,
+    /// Elements between the modulation table's rows.
+    pub ld_mod: usize,
+    /// The table's column of the residual gate.
+    pub gate_col: usize,
+    /// The table's column of the LayerNorm's shift.
+    pub shift_col: usize,
+    /// The table's column of the LayerNorm's scale.
+    pub scale_col: usize,
+    /// LayerNorm epsilon (1e-6 in DiT).
+    pub eps: f32,
+}
+
+impl GemmLayerNorm {
+    /// Token rows up to which the model takes this kernel (when enabled): 8 clusters of 16
+    /// CTAs at 512 rows are about one CTA an SM of a Hopper; past a few times that the CTAs'
+    /// 64 x 72 tiles are too small for the tensor cores and the unfused GEMM's larger tiles win.
+    pub fn rows_limit(sm_count: usize) -> usize {
+        (sm_count / GEMM_LN_CLUSTER as usize).max(1) * ROWS as usize * 2
+    }
+
+    /// Checks everything the kernel relies on, with errors that name the field.
+    fn validate(&self, gpu: &impl KernelLauncher) -> Result<()> {
+        const K: &str = GEMM_LN_KERNEL;
+        let (major, minor) = gpu.compute_capability();
+        ensure!(
+            major == 9,
+            "{K}: needs a Hopper (sm_90a: wgmma, TMA, clusters); this device is sm_{major}{minor}"
+        );
+        ensure!(
+            gemm_ln_supports_dim(self.dim),
+            "{K}: rows of {} columns; it is built for {} (16 CTAs of {COLUMNS})",
+            self.dim,
+            GEMM_LN_CLUSTER * COLUMNS
+        );
+        check_positive(K, "m", self.m as i64)?;
+        check_positive(K, "k", self.k as i64)?;
+        check_positive(K, "tokens", self.tokens as i64)?;
+        ensure!(
+            self.m <= i32::MAX as usize && self.k <= i32::MAX as usize,
+            "{K}: M = {} or K = {} beyond the kernel's 32-bit indices",
+            self.m,
+            self.k
+        );
+        ensure!(
+            self.k.is_multiple_of(8),
+            "{K}: K = {} must be a multiple of 8 (16-byte TMA rows)",
+            self.k
+        );
+        // float2 accesses of the columns' pairs.
+        for (field, col) in [
+            ("ld_mod", self.ld_mod),
+            ("gate_col", self.gate_col),
+            ("shift_col", self.shift_col),
+            ("scale_col", self.scale_col),
+        ] {
+            ensure!(col.is_multiple_of(2), "{K}: {field} = {col} must be even");
+        }
+        for (field, col) in [
+            ("gate_col", self.gate_col),
+            ("shift_col", self.shift_col),
+            ("scale_col", self.scale_col),
+        ] {
+            ensure!(
+                col + self.dim <= self.ld_mod,
+                "{K}: {field} {col} + dim {} exceeds the modulation row length ld_mod {}",
+                self.dim,
+                self.ld_mod
+            );
+        }
+        ensure!(
+            self.eps.is_finite() && self.eps > 0.0,
+            "{K}: eps must be finite and > 0, got {}",
+            self.eps
+        );
+        check_ptr(K, "bias", self.bias, 8)?;
+        check_ptr(K, "x", self.x, 8)?;
+        check_ptr(K, "modulation", self.modulation, 8)?;
+        check_ptr(K, "out", self.out, 4)?;
+        if self.cache != 0 {
+            check_ptr(K, "cache", self.cache, 4)?;
+        }
+        Ok(())
+    }
+
+    /// The kernel's parameters: the checks, then the operands' tensor maps.
+    pub fn params(&self, gpu: &impl KernelLauncher) -> Result<GemmLayerNormParams> {
+        self.validate(gpu)?;
+        let operand = |base: u64, rows: usize, ld: usize, box_rows: u32| TmaTensor2d {
+            base,
+            rows: rows as u64,
+            cols: self.k as u64,
+            row_stride: ld as u64,
+            box_rows,
+            box_cols: DEPTH,
+        };
+        let a_map: TmaDescriptor = gpu
+            .tma_descriptor_2d(&operand(self.a, self.m, self.lda, ROWS))
+            .with_context(|| format!("{GEMM_LN_KERNEL}: the tensor map of A"))?;
+        let w_map = gpu
+            .tma_descriptor_2d(&operand(self.w, self.dim, self.ldw, COLUMNS))
+            .with_context(|| format!("{GEMM_LN_KERNEL}: the tensor map of W"))?;
+        Ok(GemmLayerNormParams {
+            a_map,
+            w_map,
+            bias: self.bias,
+            cache: self.cache,
+            x: self.x,
+            modulation: self.modulation,
+            out: self.out,
+            m: self.m as i32,
+            k: self.k as i32,
+            dim: self.dim as i32,
+            tokens: self.tokens as i32,
+            ld_mod: self.ld_mod as i32,
+            gate_col: self.gate_col as i32,
+            shift_col: self.shift_col as i32,
+            scale_col: self.scale_col as i32,
+            eps: self.eps,
+        })
+    }
+
+    /// Launches the kernel: a cluster of 16 CTAs for each 64 token rows.
+    pub fn launch(&self, gpu: &impl KernelLauncher) -> Result<()> {
+        let params = self.params(gpu)?;
+        let smem = gemm_ln_smem_bytes();
+        gpu.allow_dynamic_shared_memory(GEMM_LN_KERNEL, smem)?;
+        gpu.allow_non_portable_clusters(GEMM_LN_KERNEL)?;
+        let clusters = self.m.div_ceil(ROWS as usize);
+        let grid = clusters
+            .checked_mul(GEMM_LN_CLUSTER as usize)
+            .filter(|&g| g <= i32::MAX as usize)
+            .with_context(|| format!("{GEMM_LN_KERNEL}: M = {} needs too many CTAs", self.m))?;
+        // SAFETY: `params` checked the shapes, alignment and non-null pointers the kernel relies
+        // on, and the tensor maps describe exactly A [M, K] and W [dim, K]; the buffers' extents
+        // (x, out and cache [M, dim], the modulation rows of M / tokens model rows) are the
+        // caller's contract, as for residual_layernorm.
+        unsafe {
+            gpu.launch_kernel(
+                GEMM_LN_KERNEL,
+                (grid as u32, 1, 1),
+                (THREADS, 1, 1),
+                smem,
+                &params,
+            )
+        }
+        .with_context(|| {
+            format!(
+                "launching {GEMM_LN_KERNEL} (M={} K={} dim={})",
+                self.m, self.k, self.dim
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemm_ln_shared_memory_matches_the_kernel() {
+        // gemm_ln_sm90.cu's comment: 5 stages of (64 + 72) x 64 bf16, 16 x 64 float pairs, two
+        // barriers a stage, 1 KiB of alignment; two CTAs fit an SM's 228 KiB (1 KiB reserved
+        // each).
+        assert_eq!(gemm_ln_smem_bytes(), 94_288);
+        assert!(2 * (gemm_ln_smem_bytes() + 1024) <= 228 * 1024);
+    }
+
+    #[test]
+    fn gemm_ln_rows_limit() {
+        // 132 SMs: 8 clusters of 16, up to 1024 token rows (one or two images + CFG).
+        assert_eq!(GemmLayerNorm::rows_limit(132), 1024);
+        assert!(gemm_ln_supports_dim(1152));
+        assert!(!gemm_ln_supports_dim(1024) && !gemm_ln_supports_dim(384));
+    }
+}
