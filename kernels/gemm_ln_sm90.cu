@@ -1,7 +1,7 @@
 // proj / fc2 with their gated residual and the LayerNorm + modulate that follows them, in one
 // launch, for few token rows (one image + CFG: M = 512), sm_90a only:
 //
-//   v = A[m] @ W^T + bias;  cache[m] = bf16(v);  x[m] += gate * v;
+//   v = A[m] @ W^T + bias (bf16-rounded with round_v);  cache[m] = bf16(v);  x[m] += gate * v;
 //   out[m] = bf16(LN(x[m]) * (1 + scale) + shift)
 //
 // (GemmLayerNormParams in params.h; the contract of residual_layernorm over an f32 product.)
@@ -176,7 +176,11 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
         for (int h = 0; h < 2; ++h) {
             float& a0 = acc[4 * j + 2 * h];
             float& a1 = acc[4 * j + 2 * h + 1];
-            const float v0 = a0 + bias2[j].x, v1 = a1 + bias2[j].y;
+            float v0 = a0 + bias2[j].x, v1 = a1 + bias2[j].y;
+            if (p.round_v) {
+                v0 = bf16_to_f32(f32_to_bf16(v0));
+                v1 = bf16_to_f32(f32_to_bf16(v1));
+            }
             // As residual_layernorm (norm.cu): residual += gate * v.
             a0 = res[h][j].x + gate[h][j].x * v0;
             a1 = res[h][j].y + gate[h][j].y * v1;

@@ -62,9 +62,10 @@ typedef struct GemmTmaParams {
 
 /* proj / fc2 on few token rows with its residual epilogue and the LayerNorm after it in one
  * launch (gemm_tma_ln_64x72, gemm_ln_sm90.cu): per token row m of model row r = m / tokens,
- *   v = A[m] @ W^T + bias;  cache[m] = bf16(v) (when cache != 0);  x[m] += gate_r * v
- *   out[m] = bf16(LN(x[m]) * (1 + scale_r) + shift_r)
- * (residual_layernorm's contract for an f32 product, the product computed here), gate_r /
+ *   v = A[m] @ W^T + bias (rounded to bf16 if round_v);  cache[m] = bf16(v) (when cache != 0);
+ *   x[m] += gate_r * v;  out[m] = bf16(LN(x[m]) * (1 + scale_r) + shift_r)
+ * (residual_layernorm's contract for an f32 product, or with round_v for the bf16 v of
+ * FORA_BF16_RESIDUAL, the product computed here), gate_r /
  * shift_r / scale_r at modulation[r * ld_mod + gate_col / shift_col / scale_col + d]. W is
  * [dim, K]: a cluster of 16 CTAs covers a 64-row block of whole rows, each CTA dim / 16
  * columns. Operands by TMA, 128-byte swizzle: a_map A [M, K] box 64 (k) x 64 (rows), w_map
@@ -79,6 +80,7 @@ typedef struct GemmLayerNormParams {
     fora_ptr out;      /* bf16 [M, dim] */
     int m, k, dim, tokens;
     int ld_mod, gate_col, shift_col, scale_col;
+    int round_v;       /* 1: the residual adds bf16(v), as a reuse step adds the cached v */
     float eps;         /* 1e-6 in DiT */
 } GemmLayerNormParams;
 

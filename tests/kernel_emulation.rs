@@ -1134,6 +1134,7 @@ fn emulated_lazy_threads() -> Result<()> {
             tokens: 10,
             k: 520,
             with_cache: false,
+            round_v: false,
         };
         small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, 86)
     })
@@ -1351,6 +1352,7 @@ fn small_cases_of_every_kernel(emu: &Emulator, label: &str) -> Result<()> {
         tokens: 10,
         k: 200,
         with_cache: true,
+        round_v: true,
     };
     small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, 85)?;
     small_gemm_cases(emu, label, &every_gemm_kernel())

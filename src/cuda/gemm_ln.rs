@@ -4,8 +4,8 @@
 //! rows' statistics through distributed shared memory. It replaces the GEMM and the
 //! `residual_layernorm` pass of the fused-LayerNorm path for few token rows (one image + CFG),
 //! where that pass is a launch of mostly latency; [`GemmLayerNorm::rows_limit`] says where.
-//! Same contract as `residual_layernorm` over an f32 product (the product is not rounded to
-//! bf16 before the residual add).
+//! Same contract as `residual_layernorm` over an f32 product, or (`round_v`) over the bf16 v
+//! of `FORA_BF16_RESIDUAL`.
 
 use super::device::{check_positive, check_ptr, KernelLauncher, TmaTensor2d};
 use super::params::{GemmLayerNormParams, TmaDescriptor};
@@ -75,6 +75,9 @@ pub struct GemmLayerNorm {
     pub shift_col: usize,
     /// The table's column of the LayerNorm's scale.
     pub scale_col: usize,
+    /// The residual adds bf16(v) (`FORA_BF16_RESIDUAL`'s numbers: a computing step adds what a
+    /// reuse step adds from the cache) instead of the f32 v.
+    pub round_v: bool,
     /// LayerNorm epsilon (1e-6 in DiT).
     pub eps: f32,
 }
@@ -184,6 +187,7 @@ impl GemmLayerNorm {
             gate_col: self.gate_col as i32,
             shift_col: self.shift_col as i32,
             scale_col: self.scale_col as i32,
+            round_v: self.round_v as i32,
             eps: self.eps,
         })
     }

@@ -148,6 +148,7 @@ pub struct GemmLayerNormParams {
     pub gate_col: ::std::os::raw::c_int,
     pub shift_col: ::std::os::raw::c_int,
     pub scale_col: ::std::os::raw::c_int,
+    pub round_v: ::std::os::raw::c_int,
     pub eps: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
@@ -204,8 +205,11 @@ const _: () = {
         "Offset of field: GemmLayerNormParams::scale_col",
     ][::std::mem::offset_of!(GemmLayerNormParams, scale_col) - 324usize];
     [
+        "Offset of field: GemmLayerNormParams::round_v",
+    ][::std::mem::offset_of!(GemmLayerNormParams, round_v) - 328usize];
+    [
         "Offset of field: GemmLayerNormParams::eps",
-    ][::std::mem::offset_of!(GemmLayerNormParams, eps) - 328usize];
+    ][::std::mem::offset_of!(GemmLayerNormParams, eps) - 332usize];
 };
 impl Default for GemmLayerNormParams {
     fn default() -> Self {
