@@ -7,7 +7,7 @@ use fora::cuda::attention::AttentionImpl;
 use fora::cuda::gemm::GemmImpl;
 use fora::cuda::CudaOptions;
 
-const SWITCHES: [&str; 16] = [
+const SWITCHES: [&str; 17] = [
     "FORA_PRECOMPUTE_MODULATION",
     "FORA_LT_AUTOTUNE",
     "FORA_FUSED_REUSE",
@@ -22,6 +22,7 @@ const SWITCHES: [&str; 16] = [
     "FORA_LT_SPLITK",
     "FORA_L2_PERSIST",
     "FORA_PREFETCH_WEIGHTS",
+    "FORA_GEMM_LN",
     "FORA_PDL",
     "FORA_FINAL_SAMPLER",
 ];
@@ -43,6 +44,7 @@ fn switch(o: &CudaOptions, var: &str) -> bool {
         "FORA_LT_SPLITK" => o.lt_splitk,
         "FORA_L2_PERSIST" => o.l2_persist,
         "FORA_PREFETCH_WEIGHTS" => o.prefetch_weights,
+        "FORA_GEMM_LN" => o.gemm_ln,
         "FORA_PDL" => o.pdl,
         "FORA_FINAL_SAMPLER" => o.final_sampler,
         other => panic!("test bug: unknown switch {other}"),

@@ -473,7 +473,85 @@ pub(super) fn bench_kernels(
         // FORA_FINAL_SAMPLER's kernel (session 12).
         let final_row = bench_final_sampler_step(gpu, cfg, rows, timer, rotate);
         push_kernel(report, "final_sampler_step", rows, final_row);
+        // FORA_GEMM_LN's kernel (session 23), where the model would take it: against the
+        // cuBLASLt product rows of proj / fc2 plus a residual_ln row.
+        if crate::cuda::model::GpuModel::gemm_ln_serves(gpu, cfg.hidden, rows * cfg.tokens()) {
+            for (op, k) in [("proj+ln", cfg.hidden), ("fc2+ln", cfg.mlp_hidden())] {
+                let row = bench_gemm_layernorm(gpu, cfg, rows, timer, rotate, op, k);
+                push_kernel(report, op, rows, row);
+            }
+        }
     }
+}
+
+/// `gemm_tma_ln_64x72` as proj (`k` = hidden) or fc2 (`k` = mlp_hidden): the GEMM, its gated
+/// residual and the next LayerNorm in one launch (FORA_GEMM_LN), the cache written and the
+/// bf16 v added as on the default path. Its FLOPs are the GEMM's.
+fn bench_gemm_layernorm(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    rotate: usize,
+    op: &str,
+    k: usize,
+) -> Result<KernelRow> {
+    use crate::cuda::gemm_ln::GemmLayerNorm;
+    let (d, t) = (cfg.hidden, cfg.tokens());
+    let m = rows * t;
+    let cols = ada_cols(cfg);
+    // A, W (bf16), x read and written (f32), out and cache (bf16), the table's rows.
+    let set = m * k * 2 + d * k * 2 + m * d * (4 + 2 + 2) + rows * cols * 4;
+    let copies = rotation_copies(set, rotate);
+    let mut sets = Vec::with_capacity(copies);
+    for c in 0..copies {
+        let seed = 600 + 10 * c as u64;
+        sets.push((
+            random_bf16(gpu, m * k, 1.0, seed, "gemm_ln A")?,
+            random_bf16(gpu, d * k, 0.03, seed + 1, "gemm_ln W")?,
+            random_f32(gpu, m * d, 1.0, seed + 2, "gemm_ln x")?,
+            random_f32(gpu, rows * cols, 0.1, seed + 3, "gemm_ln modulation")?,
+            gpu.alloc_zeros::<bf16>(m * d, "gemm_ln out")?,
+            gpu.alloc_zeros::<bf16>(m * d, "gemm_ln cache")?,
+        ));
+    }
+    let bias = random_f32(gpu, d, 0.1, 699, "gemm_ln bias")?;
+    let launch = |i: usize| {
+        let (a, w, x, table, out, cache) = &sets[i % copies];
+        GemmLayerNorm {
+            a: dptr(a),
+            w: dptr(w),
+            lda: k,
+            ldw: k,
+            bias: dptr(&bias),
+            cache: dptr(cache),
+            x: dptr(x),
+            modulation: dptr(table),
+            out: dptr(out),
+            m,
+            k,
+            dim: d,
+            tokens: t,
+            ld_mod: cols,
+            gate_col: 2 * d,
+            shift_col: 3 * d,
+            scale_col: 4 * d,
+            round_v: true,
+            eps: 1e-6,
+        }
+        .launch(gpu)
+    };
+    let (stats, per_replay) = timer.time_alone(gpu, copies, launch)?;
+    Ok(KernelRow {
+        name: op.into(),
+        imp: "custom (gemm_tma_ln_64x72)".into(),
+        rows,
+        shape: format!("M={m} N={d} K={k}"),
+        bound: Bound::Compute,
+        work: 2.0 * (m * d * k) as f64,
+        stats: Some(stats),
+        launches_per_replay: per_replay,
+    })
 }
 
 /// The GEMM rows of `bench_kernels`: every block GEMM, adaLN and final shape, on every

@@ -174,7 +174,8 @@ pub enum Bound {
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelRow {
     /// "qkv", "proj", "fc1", "fc2", "adaLN", "final", "attention", "patch_embed",
-    /// "sampler_step", "fora_reuse", "fora_reuse_final", "layernorm", "residual_ln".
+    /// "sampler_step", "fora_reuse", "fora_reuse_final", "layernorm", "residual_ln", "proj+ln",
+    /// "fc2+ln" (FORA_GEMM_LN's fused kernel).
     pub name: String,
     /// "custom", "cublaslt", "cublaslt+epilogue", "cublaslt-tuned" (GEMMs); "custom" otherwise.
     pub imp: String,
@@ -658,6 +659,7 @@ impl Report {
                 "lt_splitk": self.options.lt_splitk,
                 "l2_persist": self.options.l2_persist,
                 "prefetch_weights": self.options.prefetch_weights,
+                "gemm_ln": self.options.gemm_ln,
                 "pdl": self.options.pdl,
                 "reuse_sum": self.options.reuse_sum,
                 "final_sampler": self.options.final_sampler,

@@ -147,6 +147,15 @@ pub struct CudaOptions {
     /// Off by default: not yet measured on a GPU (the bench's "W in L2" rows say what a GEMM
     /// would gain at most).
     pub prefetch_weights: bool,
+    /// With the fused LayerNorm on a Hopper, few rows (up to
+    /// [`super::gemm_ln::GemmLayerNorm::rows_limit`] token rows: 1,024 on 132 SMs) and rows of
+    /// 1,152 (DiT-XL/2): proj and fc2 with their gated residual and the LayerNorm after each as
+    /// one `gemm_tma_ln_64x72` launch (clusters of 16 CTAs of 64 x 72 tiles exchanging the
+    /// rows' statistics through distributed shared memory) instead of a GEMM and a
+    /// `residual_layernorm` pass: 56 launches fewer a step (`FORA_GEMM_LN=1`: on). The same
+    /// maths (with `bf16_residual` the residual adds bf16 v, as there), the LayerNorm's
+    /// statistics combined in another order. Off by default: not yet run on a GPU.
+    pub gemm_ln: bool,
     /// Launch our kernels with programmatic stream serialization (`FORA_PDL=1`: on; compute
     /// capability 9.0 and later, ignored before): each starts launching while the kernel before
     /// it finishes and waits for it in its first statement, so the ~1 us launch gap between
@@ -216,6 +225,7 @@ impl Default for CudaOptions {
             lt_splitk: false,
             l2_persist: false,
             prefetch_weights: false,
+            gemm_ln: false,
             pdl: false,
             reuse_sum: 2,
             final_sampler: true,
@@ -260,7 +270,7 @@ impl CudaOptions {
     /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_FUSED_FINAL`, `FORA_SIDE_STREAM`,
     /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`,
     /// `FORA_STEP_GRAPH`, `FORA_REUSE_TABLE_IN_PLACE`, `FORA_LT_SPLITK`, `FORA_L2_PERSIST`,
-    /// `FORA_PREFETCH_WEIGHTS`, `FORA_PDL`, `FORA_REUSE_SUM`, `FORA_FINAL_SAMPLER` and `FORA_TMA_TILES`.
+    /// `FORA_PREFETCH_WEIGHTS`, `FORA_GEMM_LN`, `FORA_PDL`, `FORA_REUSE_SUM`, `FORA_FINAL_SAMPLER` and `FORA_TMA_TILES`.
     pub fn from_env() -> Result<CudaOptions> {
         let d = CudaOptions::default();
         // A 0/1 switch; unset or empty keeps the default, anything else is refused.
@@ -310,7 +320,7 @@ type SwitchField = fn(&mut CudaOptions) -> &mut bool;
 /// The 0/1 switches of [`CudaOptions`]: each environment variable and the field it sets (its
 /// default is [`CudaOptions::default`]'s). `FORA_CUDA_GRAPHS` (off only at `0`), the kernel
 /// choices and `FORA_REUSE_SUM` are parsed apart.
-const SWITCHES: [(&str, SwitchField); 16] = [
+const SWITCHES: [(&str, SwitchField); 17] = [
     ("FORA_PRECOMPUTE_MODULATION", |o| {
         &mut o.precompute_modulation
     }),
@@ -327,6 +337,7 @@ const SWITCHES: [(&str, SwitchField); 16] = [
     ("FORA_LT_SPLITK", |o| &mut o.lt_splitk),
     ("FORA_L2_PERSIST", |o| &mut o.l2_persist),
     ("FORA_PREFETCH_WEIGHTS", |o| &mut o.prefetch_weights),
+    ("FORA_GEMM_LN", |o| &mut o.gemm_ln),
     ("FORA_PDL", |o| &mut o.pdl),
     ("FORA_FINAL_SAMPLER", |o| &mut o.final_sampler),
 ];
@@ -934,6 +945,7 @@ impl CudaBackend {
             reuse_gates_only: self.options.reuse_gates_only,
             lt_splitk: self.options.lt_splitk,
             prefetch_weights: self.options.prefetch_weights,
+            gemm_ln: self.options.gemm_ln,
             reuse_sum: reuse_sum.filter(|_| mode == StepMode::Reuse),
         }
     }

@@ -80,6 +80,10 @@ pub struct ForwardKind {
     /// `residual_layernorm` pass asks L2 to fetch the next two GEMMs' weights
     /// ([`super::CudaOptions::prefetch_weights`]).
     pub prefetch_weights: bool,
+    /// With `fused_ln`: proj and fc2 with their residual and LayerNorm as one
+    /// `gemm_tma_ln_64x72` launch where it serves the shape ([`GpuModel::gemm_ln_serves`]),
+    /// instead of the GEMM and `residual_layernorm` ([`super::CudaOptions::gemm_ln`]).
+    pub gemm_ln: bool,
     /// A reuse forward whose cache sum is ready (`FORA_REUSE_SUM`): the device address of
     /// the step's sum, f32 [rows*T, D] (from [`GpuModel::cache_sums`]); `fora_sum_final`
     /// reads it instead of the cache, and the forward's own table (if it computes one) needs
@@ -473,6 +477,15 @@ pub fn cache_sum_params(cfg: &DitConfig, rows: usize) -> ForaCacheSumParams {
 }
 
 impl GpuModel {
+    /// Whether `gemm_tma_ln_64x72` serves proj and fc2 of a computing forward of `token_rows`
+    /// rows of width `dim` on `gpu` ([`ForwardKind::gemm_ln`]): a Hopper, rows of 1,152, and
+    /// at most [`super::gemm_ln::GemmLayerNorm::rows_limit`] token rows.
+    pub fn gemm_ln_serves(gpu: &Gpu, dim: usize, token_rows: usize) -> bool {
+        gpu.compute_capability().0 == 9
+            && super::gemm_ln::gemm_ln_supports_dim(dim)
+            && token_rows <= super::gemm_ln::GemmLayerNorm::rows_limit(gpu.multiprocessors())
+    }
+
     /// Whether a reuse forward runs as the one `fora_reuse_final` launch (then the final GEMM):
     /// asked for (`fused_reuse`) and supported by this model's shapes. Its modulation table is
     /// then read by that launch alone.
@@ -723,6 +736,7 @@ impl GpuModel {
             reuse_gates_only,
             lt_splitk,
             prefetch_weights,
+            gemm_ln,
             reuse_sum,
         } = kind;
         // qkv and fc1: with bias_bf16, cuBLASLt may fuse a bf16 copy of the bias.
@@ -836,6 +850,8 @@ impl GpuModel {
                 GemmImpl::Custom | GemmImpl::Wgmma => false,
             }
             && super::norm::residual_layernorm_supports(d);
+        // proj / fc2 with their residual and LayerNorm in one launch (FORA_GEMM_LN, few rows).
+        let gemm_ln_on = fuse_ln && gemm_ln && Self::gemm_ln_serves(gpu, d, rt);
         // Weights the fused LayerNorm passes ask L2 to fetch (FORA_PREFETCH_WEIGHTS, few rows).
         let prefetch_on = prefetch_weights && rt <= PREFETCH_MAX_TOKENS;
         // v: the f32 product (bias still to add, cache stored here) or, with bf16_residual, the
@@ -952,6 +968,31 @@ impl GpuModel {
                 p.gate = table + (gate_col * 4) as u64;
                 p.ldg = cols as i32;
                 p.rows_per_gate = t as i32;
+                if gemm_ln_on {
+                    let _op = crate::op_range!(gpu, "{op}");
+                    return super::gemm_ln::GemmLayerNorm {
+                        a: dptr(a),
+                        w: dptr(w),
+                        lda: k,
+                        ldw: k,
+                        bias: dptr(bias),
+                        cache,
+                        x: dptr(&acts.x),
+                        modulation: table,
+                        out: dptr(&acts.xn),
+                        m: rt,
+                        k,
+                        dim: d,
+                        tokens: t,
+                        ld_mod: cols,
+                        gate_col,
+                        shift_col,
+                        scale_col: shift_col + d,
+                        round_v: bf16_residual,
+                        eps: 1e-6,
+                    }
+                    .launch(gpu);
+                }
                 if fuse_ln {
                     let v = {
                         let _op = crate::op_range!(gpu, "{op}");
