@@ -120,8 +120,7 @@ fn every_kernel_waits_for_its_predecessor_first() {
         let first = consumer
             .lines()
             .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with("//"))
-            .next();
+            .find(|l| !l.is_empty() && !l.starts_with("//"));
         assert_eq!(
             first,
             Some("grid_dependency_wait();"),

@@ -476,9 +476,13 @@ pub(super) fn bench_kernels(
         // FORA_GEMM_LN's kernel (session 23), where the model would take it: against the
         // cuBLASLt product rows of proj / fc2 plus a residual_ln row.
         if crate::cuda::model::GpuModel::gemm_ln_serves(gpu, cfg.hidden, rows * cfg.tokens()) {
+            // Two CTAs an SM allowed (the model's), and one an SM.
             for (op, k) in [("proj+ln", cfg.hidden), ("fc2+ln", cfg.mlp_hidden())] {
-                let row = bench_gemm_layernorm(gpu, cfg, rows, timer, rotate, op, k);
-                push_kernel(report, op, rows, row);
+                for one_per_sm in [false, true] {
+                    let row =
+                        bench_gemm_layernorm(gpu, cfg, rows, timer, rotate, op, k, one_per_sm);
+                    push_kernel(report, op, rows, row);
+                }
             }
         }
     }
@@ -486,7 +490,9 @@ pub(super) fn bench_kernels(
 
 /// `gemm_tma_ln_64x72` as proj (`k` = hidden) or fc2 (`k` = mlp_hidden): the GEMM, its gated
 /// residual and the next LayerNorm in one launch (FORA_GEMM_LN), the cache written and the
-/// bf16 v added as on the default path. Its FLOPs are the GEMM's.
+/// bf16 v added as on the default path, with `one_per_sm` ([`GemmLayerNorm::one_per_sm`]) or
+/// without. Its FLOPs are the GEMM's.
+#[allow(clippy::too_many_arguments)] // the bench context, the op and its two variants
 fn bench_gemm_layernorm(
     gpu: &Gpu,
     cfg: &DitConfig,
@@ -495,6 +501,7 @@ fn bench_gemm_layernorm(
     rotate: usize,
     op: &str,
     k: usize,
+    one_per_sm: bool,
 ) -> Result<KernelRow> {
     use crate::cuda::gemm_ln::GemmLayerNorm;
     let (d, t) = (cfg.hidden, cfg.tokens());
@@ -538,13 +545,18 @@ fn bench_gemm_layernorm(
             scale_col: 4 * d,
             round_v: true,
             eps: 1e-6,
+            one_per_sm,
         }
         .launch(gpu)
     };
     let (stats, per_replay) = timer.time_alone(gpu, copies, launch)?;
     Ok(KernelRow {
         name: op.into(),
-        imp: "custom (gemm_tma_ln_64x72)".into(),
+        imp: if one_per_sm {
+            "custom (gemm_tma_ln_64x72, 1 CTA/SM)".into()
+        } else {
+            "custom (gemm_tma_ln_64x72)".into()
+        },
         rows,
         shape: format!("M={m} N={d} K={k}"),
         bound: Bound::Compute,

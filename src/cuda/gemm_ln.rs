@@ -37,27 +37,27 @@ pub fn gemm_ln_supports_dim(dim: usize) -> bool {
     dim == (GEMM_LN_CLUSTER * COLUMNS) as usize
 }
 
-/// One launch: `a` bf16 [m, k] (rows `lda` apart), `w` bf16 [dim, k] (rows `ldw` apart), and the
+/// One launch: `a` bf16 `[m, k]` (rows `lda` apart), `w` bf16 `[dim, k]` (rows `ldw` apart), and the
 /// residual / LayerNorm operands of [`GemmLayerNormParams`] (device addresses).
 #[derive(Clone, Copy, Debug)]
 pub struct GemmLayerNorm {
-    /// bf16 [m, k], 16-byte aligned.
+    /// bf16 `[m, k]`, 16-byte aligned.
     pub a: u64,
-    /// bf16 [dim, k] (a Linear weight [out, in]), 16-byte aligned.
+    /// bf16 `[dim, k]` (a Linear weight `[out, in]`), 16-byte aligned.
     pub w: u64,
     /// Elements between rows of `a` (a multiple of 8, at least k).
     pub lda: usize,
     /// Elements between rows of `w` (a multiple of 8, at least k).
     pub ldw: usize,
-    /// f32 [dim].
+    /// f32 `[dim]`.
     pub bias: u64,
-    /// bf16 [m, dim] for v (the FORA cache), or 0.
+    /// bf16 `[m, dim]` for v (the FORA cache), or 0.
     pub cache: u64,
-    /// f32 [m, dim], the residual stream, updated in place.
+    /// f32 `[m, dim]`, the residual stream, updated in place.
     pub x: u64,
-    /// f32 [m / tokens, ld_mod]: the adaLN table.
+    /// f32 `[m / tokens, ld_mod]`: the adaLN table.
     pub modulation: u64,
-    /// bf16 [m, dim]: the modulated LayerNorm of the new x.
+    /// bf16 `[m, dim]`: the modulated LayerNorm of the new x.
     pub out: u64,
     /// Token rows.
     pub m: usize,
@@ -80,7 +80,17 @@ pub struct GemmLayerNorm {
     pub round_v: bool,
     /// LayerNorm epsilon (1e-6 in DiT).
     pub eps: f32,
+    /// Ask for [`ONE_PER_SM_SMEM`] bytes of shared memory a CTA, more than half an SM's, so
+    /// that no two CTAs share an SM. Without it two fit an SM, so a cluster of 16 fits a GPC of
+    /// 8 free SMs, but the scheduler may also put two of a cluster on one SM (the tensor cores
+    /// shared); with it a cluster needs 16 SMs of one GPC. Which is faster is for a GPU to say
+    /// (the bench times both).
+    pub one_per_sm: bool,
 }
+
+/// The shared memory a CTA asks for with [`GemmLayerNorm::one_per_sm`]: 120 KiB (two CTAs
+/// with their 1 KiB reserve each would need more than an SM's 228 KiB).
+pub const ONE_PER_SM_SMEM: u32 = 120 * 1024;
 
 impl GemmLayerNorm {
     /// Token rows up to which the model takes this kernel (when enabled): 8 clusters of 16
@@ -195,7 +205,11 @@ impl GemmLayerNorm {
     /// Launches the kernel: a cluster of 16 CTAs for each 64 token rows.
     pub fn launch(&self, gpu: &impl KernelLauncher) -> Result<()> {
         let params = self.params(gpu)?;
-        let smem = gemm_ln_smem_bytes();
+        let smem = if self.one_per_sm {
+            ONE_PER_SM_SMEM.max(gemm_ln_smem_bytes())
+        } else {
+            gemm_ln_smem_bytes()
+        };
         gpu.allow_dynamic_shared_memory(GEMM_LN_KERNEL, smem)?;
         gpu.allow_non_portable_clusters(GEMM_LN_KERNEL)?;
         let clusters = self.m.div_ceil(ROWS as usize);
@@ -234,8 +248,10 @@ mod tests {
         // gemm_ln_sm90.cu's comment: 5 stages of (64 + 72) x 64 bf16, 16 x 64 float pairs, two
         // barriers a stage, 1 KiB of alignment; two CTAs fit an SM's 228 KiB (1 KiB reserved
         // each).
-        assert_eq!(gemm_ln_smem_bytes(), 94_288);
+        assert_eq!(gemm_ln_smem_bytes(), 96_336);
         assert!(2 * (gemm_ln_smem_bytes() + 1024) <= 228 * 1024);
+        // One a SM with one_per_sm, within a CTA's 227 KiB.
+        const { assert!(2 * (ONE_PER_SM_SMEM + 1024) > 228 * 1024 && ONE_PER_SM_SMEM <= 227 * 1024) };
     }
 
     #[test]

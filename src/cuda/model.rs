@@ -990,6 +990,9 @@ impl GpuModel {
                         scale_col: shift_col + d,
                         round_v: bf16_residual,
                         eps: 1e-6,
+                        // Two CTAs an SM allowed (a cluster fits any GPC) until a GPU says
+                        // which is faster (the bench times both).
+                        one_per_sm: false,
                     }
                     .launch(gpu);
                 }
