@@ -38,8 +38,20 @@ constexpr int kLnRows = 64;       // token rows a cluster (one consumer warpgrou
 constexpr int kLnDepth = 64;      // k-depth of a ring slot: one 128-byte swizzle row of bf16
 constexpr int kLnConsumers = 128;  // threads of the consumer warpgroup (warps 0-3)
 
+// CTAs of a cluster that load an 8-row slice of the A tile each and multicast it to all 16
+// (MC): slices of whole 1024-byte swizzle atoms.
+constexpr int kLnASlices = kLnRows / 8;
+
 // One CTA: columns [rank * BN, rank * BN + BN) of rows [64 c, 64 c + 64) of cluster c.
-template <int BN, int STAGES>
+// MC: the 16 CTAs of a cluster share the A tile: ranks 0-7 each load 8 of its rows, multicast
+// into every CTA of the cluster (the same slot, the same `full` barrier byte), so the cluster
+// reads each A tile from L2 once instead of 16 times (A then costs an SM as many L2 bytes as
+// a 128 x 128 tile's, whose launches session 18 found not L2-bound). A slot is then refilled
+// by 8 producers, so every CTA's `empty` barrier counts the consumer warps of all 16 CTAs
+// (each warp arrives on all 16, lanes 0-15 one each), and every thread waits on the cluster
+// barrier that follows the barriers' initialization before its first multicast or remote
+// arrival.
+template <int BN, int STAGES, bool MC>
 FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
     constexpr int kFragments = BN / 8;  // accumulator fragments (8 columns) a thread's rows
     static_assert(BN == 72, "the wgmma of this tile is m64n72k16");
@@ -65,15 +77,30 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbarrier_init(full + 8 * s, 1);
-            mbarrier_init(empty + 8 * s, 4);  // the consumer warps' lane 0
+            // The consumer warps (lane 0 each; MC: of every CTA of the cluster).
+            mbarrier_init(empty + 8 * s, MC ? 4 * kLnCluster : 4);
         }
         fence_mbarrier_init();
     }
     __syncthreads();
-    // Before a thread stores into another CTA's shared memory, every CTA of the cluster must
-    // have started: this arrival's wait comes right before the statistics are pushed (and,
-    // for the producer warp, after its copies), so the mainloop runs in between.
+    // Before a thread stores into another CTA's shared memory (or arrives on its barriers, or
+    // multicasts into it), every CTA of the cluster must have started and initialized its
+    // barriers: this arrival's wait comes right before the first such access (without MC:
+    // the statistics' push, so the mainloop runs in between).
     cluster_arrive_relaxed();
+    // This CTA's part of k-tile kt's A tile into ring slot `slot`: all 64 rows, or (MC, ranks
+    // 0-7) its 8-row slice into every CTA; a slice wholly past M reads the first rows instead
+    // (rows never stored; no box lies wholly outside its tensor).
+    auto load_a = [&](int kt, uint32_t slot) {
+        if constexpr (MC) {
+            if (rank >= kLnASlices) return;
+            const int row = m0 + 8 * rank;
+            tma_load_2d_multicast(smem_a + slot * kStageA + rank * 1024u, &p.a_map, kt * kLnDepth,
+                                  row < p.m ? row : 0, full + 8 * slot, 0xffffu);
+        } else {
+            tma_load_2d(smem_a + slot * kStageA, &p.a_map, kt * kLnDepth, m0, full + 8 * slot);
+        }
+    };
 
     if (tid >= kLnConsumers) {
         if (tid == kLnConsumers) {
@@ -89,21 +116,20 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
             }
             grid_dependency_wait();
             grid_launch_dependents();
+            if (MC) cluster_wait();  // the peers' barriers are ready for the multicasts
 #pragma unroll 1
-            for (int kt = 0; kt < early; ++kt) {
-                tma_load_2d(smem_a + kt * kStageA, &p.a_map, kt * kLnDepth, m0, full + 8 * kt);
-            }
+            for (int kt = 0; kt < early; ++kt) load_a(kt, static_cast<uint32_t>(kt));
 #pragma unroll 1
             for (int kt = early; kt < k_tiles; ++kt) {
                 const uint32_t slot = kt % STAGES;
                 mbarrier_wait(empty + 8 * slot, ((kt / STAGES) & 1u) ^ 1u);
                 mbarrier_arrive_expect_tx(full + 8 * slot, kStageA + kStageB);
-                tma_load_2d(smem_a + slot * kStageA, &p.a_map, kt * kLnDepth, m0, full + 8 * slot);
+                load_a(kt, slot);
                 tma_load_2d(smem_b + slot * kStageB, &p.w_map, kt * kLnDepth, n0, full + 8 * slot);
             }
         }
         // The producer warp's part in the cluster barriers (the start's wait, the exchange).
-        cluster_wait();
+        if (!MC || tid != kLnConsumers) cluster_wait();
         cluster_arrive_release();
         cluster_wait();
         return;
@@ -114,6 +140,13 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
     grid_dependency_wait();
     grid_launch_dependents();
     const int lane = tid & 31, warp = tid >> 5;
+    // MC: lane i < 16 frees a slot on CTA i's `empty` barrier (the peers' barriers are ready
+    // once the start's cluster barrier is passed).
+    uint32_t peer_empty = 0;
+    if (MC) {
+        cluster_wait();
+        if (lane < kLnCluster) peer_empty = mapa_shared(empty, static_cast<uint32_t>(lane));
+    }
     float acc[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
@@ -130,8 +163,15 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
         wgmma_commit();
         wgmma_wait<1>();
         pin_accumulators(acc);
-        // k-tile kt - 1's wgmmas are done: its slot goes back to the producer.
-        if (kt > 0 && lane == 0) mbarrier_arrive(empty + 8 * ((kt - 1) % STAGES));
+        // k-tile kt - 1's wgmmas are done: its slot goes back to the producer(s).
+        if (kt > 0) {
+            const uint32_t freed = 8 * ((kt - 1) % STAGES);
+            if (MC) {
+                if (lane < kLnCluster) mbarrier_arrive_cluster(peer_empty + freed);
+            } else if (lane == 0) {
+                mbarrier_arrive(empty + freed);
+            }
+        }
     }
     wgmma_wait<0>();
     pin_accumulators(acc);
@@ -224,7 +264,7 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
     // Every CTA has started (the kernel's first cluster barrier): push (sum, sq) of each row
     // into slot [rank][row] of every CTA, a quad's lanes four CTAs each, then the exchange's
     // barrier (release: the stores are visible to every CTA after its wait).
-    cluster_wait();
+    if (!MC) cluster_wait();
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const uint32_t mine = stats + static_cast<uint32_t>(rank * kLnRows + local_row[h]) * 8u;
@@ -273,14 +313,27 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
 
 // DiT-XL/2 (dim 1152 = 16 x 72); five stages. Dynamic smem = 5 * (64 + 72) * 64 * 2 + 16 * 64
 // * 8 + 5 * 16 + 1024 bytes (src/cuda/gemm_ln.rs, must match): 96,336.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FORA_GEMM_LN_BODY(...) gemm_ln_tile<__VA_ARGS__>(p)
+#else
+// Not sm_90a: wgmma does not exist; the launcher never launches this.
+#define FORA_GEMM_LN_BODY(...) \
+    do {                       \
+        (void)p;               \
+        __trap();              \
+    } while (0)
+#endif
+
+// Each CTA loads its A tile (a_map box 64 rows).
 extern "C" __global__ void __launch_bounds__(160, 2) FORA_CLUSTER(16)
     gemm_tma_ln_64x72(const __grid_constant__ GemmLayerNormParams p) {
     grid_dependency_deferred();
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    gemm_ln_tile<72, 5>(p);
-#else
-    // Not sm_90a: wgmma does not exist; the launcher never launches this.
-    (void)p;
-    __trap();
-#endif
+    FORA_GEMM_LN_BODY(72, 5, false);
+}
+
+// The A tile multicast across the cluster (a_map box 8 rows): the same shared memory.
+extern "C" __global__ void __launch_bounds__(160, 2) FORA_CLUSTER(16)
+    gemm_tma_ln_mc_64x72(const __grid_constant__ GemmLayerNormParams p) {
+    grid_dependency_deferred();
+    FORA_GEMM_LN_BODY(72, 5, true);
 }

@@ -1136,7 +1136,8 @@ fn emulated_lazy_threads() -> Result<()> {
             with_cache: false,
             round_v: false,
         };
-        small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, 86)
+        small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, false, 86)?;
+        small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, true, 87)
     })
 }
 
@@ -1354,7 +1355,9 @@ fn small_cases_of_every_kernel(emu: &Emulator, label: &str) -> Result<()> {
         with_cache: true,
         round_v: true,
     };
-    small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, 85)?;
+    for multicast in [false, true] {
+        small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, multicast, 85)?;
+    }
     small_gemm_cases(emu, label, &every_gemm_kernel())
 }
 

@@ -476,11 +476,11 @@ pub(super) fn bench_kernels(
         // FORA_GEMM_LN's kernel (session 23), where the model would take it: against the
         // cuBLASLt product rows of proj / fc2 plus a residual_ln row.
         if crate::cuda::model::GpuModel::gemm_ln_serves(gpu, cfg.hidden, rows * cfg.tokens()) {
-            // Two CTAs an SM allowed (the model's), and one an SM.
+            // The model's (A multicast, two CTAs an SM allowed) first, then the others.
+            let variants = [(true, false), (true, true), (false, false), (false, true)];
             for (op, k) in [("proj+ln", cfg.hidden), ("fc2+ln", cfg.mlp_hidden())] {
-                for one_per_sm in [false, true] {
-                    let row =
-                        bench_gemm_layernorm(gpu, cfg, rows, timer, rotate, op, k, one_per_sm);
+                for variant in variants {
+                    let row = bench_gemm_layernorm(gpu, cfg, rows, timer, rotate, op, k, variant);
                     push_kernel(report, op, rows, row);
                 }
             }
@@ -490,8 +490,9 @@ pub(super) fn bench_kernels(
 
 /// `gemm_tma_ln_64x72` as proj (`k` = hidden) or fc2 (`k` = mlp_hidden): the GEMM, its gated
 /// residual and the next LayerNorm in one launch (FORA_GEMM_LN), the cache written and the
-/// bf16 v added as on the default path, with `one_per_sm` ([`GemmLayerNorm::one_per_sm`]) or
-/// without. Its FLOPs are the GEMM's.
+/// bf16 v added as on the default path, with the A tile multicast or not
+/// ([`GemmLayerNorm::multicast`]), one CTA an SM or two ([`GemmLayerNorm::one_per_sm`]). Its
+/// FLOPs are the GEMM's.
 #[allow(clippy::too_many_arguments)] // the bench context, the op and its two variants
 fn bench_gemm_layernorm(
     gpu: &Gpu,
@@ -501,7 +502,7 @@ fn bench_gemm_layernorm(
     rotate: usize,
     op: &str,
     k: usize,
-    one_per_sm: bool,
+    (multicast, one_per_sm): (bool, bool),
 ) -> Result<KernelRow> {
     use crate::cuda::gemm_ln::GemmLayerNorm;
     let (d, t) = (cfg.hidden, cfg.tokens());
@@ -546,17 +547,22 @@ fn bench_gemm_layernorm(
             round_v: true,
             eps: 1e-6,
             one_per_sm,
+            multicast,
         }
         .launch(gpu)
     };
     let (stats, per_replay) = timer.time_alone(gpu, copies, launch)?;
     Ok(KernelRow {
         name: op.into(),
-        imp: if one_per_sm {
-            "custom (gemm_tma_ln_64x72, 1 CTA/SM)".into()
-        } else {
-            "custom (gemm_tma_ln_64x72)".into()
-        },
+        imp: format!(
+            "custom ({}{})",
+            if multicast {
+                "gemm_tma_ln_mc_64x72"
+            } else {
+                "gemm_tma_ln_64x72"
+            },
+            if one_per_sm { ", 1 CTA/SM" } else { "" }
+        ),
         rows,
         shape: format!("M={m} N={d} K={k}"),
         bound: Bound::Compute,

@@ -11,8 +11,10 @@ use super::device::{check_positive, check_ptr, KernelLauncher, TmaTensor2d};
 use super::params::{GemmLayerNormParams, TmaDescriptor};
 use anyhow::{ensure, Context, Result};
 
-/// The kernel.
+/// The kernel: each CTA loads its A tile.
 pub const GEMM_LN_KERNEL: &str = "gemm_tma_ln_64x72";
+/// The kernel with the A tile multicast across the cluster ([`GemmLayerNorm::multicast`]).
+pub const GEMM_LN_MC_KERNEL: &str = "gemm_tma_ln_mc_64x72";
 /// CTAs a cluster (non-portable: the launcher opts the kernel in).
 pub const GEMM_LN_CLUSTER: u32 = 16;
 /// Token rows a cluster.
@@ -86,6 +88,11 @@ pub struct GemmLayerNorm {
     /// shared); with it a cluster needs 16 SMs of one GPC. Which is faster is for a GPU to say
     /// (the bench times both).
     pub one_per_sm: bool,
+    /// `gemm_tma_ln_mc_64x72`: the 16 CTAs of a cluster share the A tile, 8 of them loading 8
+    /// rows each and multicasting them to all, so each A tile is read from L2 once a cluster
+    /// instead of 16 times (the 64 x 72 tiles need about twice the L2 bytes a FLOP of 128 x
+    /// 128 ones without it). The same results.
+    pub multicast: bool,
 }
 
 /// The shared memory a CTA asks for with [`GemmLayerNorm::one_per_sm`]: 120 KiB (two CTAs
@@ -102,30 +109,30 @@ impl GemmLayerNorm {
 
     /// Checks everything the kernel relies on, with errors that name the field.
     fn validate(&self, gpu: &impl KernelLauncher) -> Result<()> {
-        const K: &str = GEMM_LN_KERNEL;
+        let name = self.kernel();
         let (major, minor) = gpu.compute_capability();
         ensure!(
             major == 9,
-            "{K}: needs a Hopper (sm_90a: wgmma, TMA, clusters); this device is sm_{major}{minor}"
+            "{name}: needs a Hopper (sm_90a: wgmma, TMA, clusters); this device is sm_{major}{minor}"
         );
         ensure!(
             gemm_ln_supports_dim(self.dim),
-            "{K}: rows of {} columns; it is built for {} (16 CTAs of {COLUMNS})",
+            "{name}: rows of {} columns; it is built for {} (16 CTAs of {COLUMNS})",
             self.dim,
             GEMM_LN_CLUSTER * COLUMNS
         );
-        check_positive(K, "m", self.m as i64)?;
-        check_positive(K, "k", self.k as i64)?;
-        check_positive(K, "tokens", self.tokens as i64)?;
+        check_positive(name, "m", self.m as i64)?;
+        check_positive(name, "k", self.k as i64)?;
+        check_positive(name, "tokens", self.tokens as i64)?;
         ensure!(
             self.m <= i32::MAX as usize && self.k <= i32::MAX as usize,
-            "{K}: M = {} or K = {} beyond the kernel's 32-bit indices",
+            "{name}: M = {} or K = {} beyond the kernel's 32-bit indices",
             self.m,
             self.k
         );
         ensure!(
             self.k.is_multiple_of(8),
-            "{K}: K = {} must be a multiple of 8 (16-byte TMA rows)",
+            "{name}: K = {} must be a multiple of 8 (16-byte TMA rows)",
             self.k
         );
         // float2 accesses of the columns' pairs.
@@ -135,7 +142,10 @@ impl GemmLayerNorm {
             ("shift_col", self.shift_col),
             ("scale_col", self.scale_col),
         ] {
-            ensure!(col.is_multiple_of(2), "{K}: {field} = {col} must be even");
+            ensure!(
+                col.is_multiple_of(2),
+                "{name}: {field} = {col} must be even"
+            );
         }
         for (field, col) in [
             ("gate_col", self.gate_col),
@@ -144,24 +154,33 @@ impl GemmLayerNorm {
         ] {
             ensure!(
                 col + self.dim <= self.ld_mod,
-                "{K}: {field} {col} + dim {} exceeds the modulation row length ld_mod {}",
+                "{name}: {field} {col} + dim {} exceeds the modulation row length ld_mod {}",
                 self.dim,
                 self.ld_mod
             );
         }
         ensure!(
             self.eps.is_finite() && self.eps > 0.0,
-            "{K}: eps must be finite and > 0, got {}",
+            "{name}: eps must be finite and > 0, got {}",
             self.eps
         );
-        check_ptr(K, "bias", self.bias, 8)?;
-        check_ptr(K, "x", self.x, 8)?;
-        check_ptr(K, "modulation", self.modulation, 8)?;
-        check_ptr(K, "out", self.out, 4)?;
+        check_ptr(name, "bias", self.bias, 8)?;
+        check_ptr(name, "x", self.x, 8)?;
+        check_ptr(name, "modulation", self.modulation, 8)?;
+        check_ptr(name, "out", self.out, 4)?;
         if self.cache != 0 {
-            check_ptr(K, "cache", self.cache, 4)?;
+            check_ptr(name, "cache", self.cache, 4)?;
         }
         Ok(())
+    }
+
+    /// The kernel this launch runs.
+    pub fn kernel(&self) -> &'static str {
+        if self.multicast {
+            GEMM_LN_MC_KERNEL
+        } else {
+            GEMM_LN_KERNEL
+        }
     }
 
     /// The kernel's parameters: the checks, then the operands' tensor maps.
@@ -175,12 +194,14 @@ impl GemmLayerNorm {
             box_rows,
             box_cols: DEPTH,
         };
+        // With multicast a CTA loads an 8-row slice of the A tile.
+        let a_rows = if self.multicast { 8 } else { ROWS };
         let a_map: TmaDescriptor = gpu
-            .tma_descriptor_2d(&operand(self.a, self.m, self.lda, ROWS))
-            .with_context(|| format!("{GEMM_LN_KERNEL}: the tensor map of A"))?;
+            .tma_descriptor_2d(&operand(self.a, self.m, self.lda, a_rows))
+            .with_context(|| format!("{}: the tensor map of A", self.kernel()))?;
         let w_map = gpu
             .tma_descriptor_2d(&operand(self.w, self.dim, self.ldw, COLUMNS))
-            .with_context(|| format!("{GEMM_LN_KERNEL}: the tensor map of W"))?;
+            .with_context(|| format!("{}: the tensor map of W", self.kernel()))?;
         Ok(GemmLayerNormParams {
             a_map,
             w_map,
@@ -205,37 +226,30 @@ impl GemmLayerNorm {
     /// Launches the kernel: a cluster of 16 CTAs for each 64 token rows.
     pub fn launch(&self, gpu: &impl KernelLauncher) -> Result<()> {
         let params = self.params(gpu)?;
+        let name = self.kernel();
         let smem = if self.one_per_sm {
             ONE_PER_SM_SMEM.max(gemm_ln_smem_bytes())
         } else {
             gemm_ln_smem_bytes()
         };
-        gpu.allow_dynamic_shared_memory(GEMM_LN_KERNEL, smem)?;
-        gpu.allow_non_portable_clusters(GEMM_LN_KERNEL)?;
+        gpu.allow_dynamic_shared_memory(name, smem)?;
+        gpu.allow_non_portable_clusters(name)?;
         let clusters = self.m.div_ceil(ROWS as usize);
         let grid = clusters
             .checked_mul(GEMM_LN_CLUSTER as usize)
             .filter(|&g| g <= i32::MAX as usize)
-            .with_context(|| format!("{GEMM_LN_KERNEL}: M = {} needs too many CTAs", self.m))?;
+            .with_context(|| format!("{name}: M = {} needs too many CTAs", self.m))?;
         // SAFETY: `params` checked the shapes, alignment and non-null pointers the kernel relies
         // on, and the tensor maps describe exactly A [M, K] and W [dim, K]; the buffers' extents
         // (x, out and cache [M, dim], the modulation rows of M / tokens model rows) are the
         // caller's contract, as for residual_layernorm.
-        unsafe {
-            gpu.launch_kernel(
-                GEMM_LN_KERNEL,
-                (grid as u32, 1, 1),
-                (THREADS, 1, 1),
-                smem,
-                &params,
-            )
-        }
-        .with_context(|| {
-            format!(
-                "launching {GEMM_LN_KERNEL} (M={} K={} dim={})",
-                self.m, self.k, self.dim
-            )
-        })
+        unsafe { gpu.launch_kernel(name, (grid as u32, 1, 1), (THREADS, 1, 1), smem, &params) }
+            .with_context(|| {
+                format!(
+                    "launching {name} (M={} K={} dim={})",
+                    self.m, self.k, self.dim
+                )
+            })
     }
 }
 

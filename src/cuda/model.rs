@@ -990,9 +990,11 @@ impl GpuModel {
                         scale_col: shift_col + d,
                         round_v: bf16_residual,
                         eps: 1e-6,
-                        // Two CTAs an SM allowed (a cluster fits any GPC) until a GPU says
-                        // which is faster (the bench times both).
+                        // Two CTAs an SM allowed (a cluster fits any GPC), the A tile
+                        // multicast, until a GPU says which is faster (the bench times all
+                        // four).
                         one_per_sm: false,
+                        multicast: true,
                     }
                     .launch(gpu);
                 }

@@ -188,6 +188,7 @@ void gemm_wgmma_128x128(const GemmParams p);
 void gemm_wgmma_64x128(const GemmParams p);
 void gemm_tma_128x128(const GemmTmaParams p);
 void gemm_tma_ln_64x72(const GemmLayerNormParams p);
+void gemm_tma_ln_mc_64x72(const GemmLayerNormParams p);
 void gemm_tma_128x192(const GemmTmaParams p);
 void gemm_tma_128x256(const GemmTmaParams p);
 void gemm_tma_256x128(const GemmTmaParams p);
@@ -735,6 +736,7 @@ Kernel find(const std::string& name) {
     if (name == "gemm_wgmma_64x128") return call<GemmParams, gemm_wgmma_64x128>;
     if (name == "gemm_tma_128x128") return call<GemmTmaParams, gemm_tma_128x128>;
     if (name == "gemm_tma_ln_64x72") return call<GemmLayerNormParams, gemm_tma_ln_64x72>;
+    if (name == "gemm_tma_ln_mc_64x72") return call<GemmLayerNormParams, gemm_tma_ln_mc_64x72>;
     if (name == "gemm_tma_128x192") return call<GemmTmaParams, gemm_tma_128x192>;
     if (name == "gemm_tma_128x256") return call<GemmTmaParams, gemm_tma_128x256>;
     if (name == "gemm_tma_256x128") return call<GemmTmaParams, gemm_tma_256x128>;
@@ -1494,6 +1496,9 @@ void fora_emulation_tma_load_2d(uint32_t dst, const void* map, int x, int y, uin
 
 // .multicast::cluster: the same box into every block of `mask`.
 void fora_emulation_tma_load_2d_multicast(uint32_t dst, const void* map, int x, int y, uint32_t bar, uint16_t mask) {
+    Launch& l = *launch_state;
+    if ((mask & ~(1u << l.rank)) != 0 && !l.here().fibers[l.current].cluster_waited)
+        emulation_error("multicast into other blocks before a cluster barrier (they may not have started)", dst);
     tma_load_2d_into(dst, map, x, y, bar, mask);
 }
 

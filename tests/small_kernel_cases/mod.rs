@@ -578,7 +578,12 @@ pub struct GemmLnCase {
 /// One case against the CPU twin: the product of the bf16 operands in f64 plus the bias (f32
 /// v), the cache bf16(v), x += gate * v (ops::gate_residual), then ops::layernorm_modulate:
 /// residual_layernorm's contract with the product computed in the kernel.
-pub fn run_gemm_layernorm<D: TestDevice>(gpu: &D, c: &GemmLnCase, seed: u64) -> Result<()> {
+pub fn run_gemm_layernorm<D: TestDevice>(
+    gpu: &D,
+    c: &GemmLnCase,
+    multicast: bool,
+    seed: u64,
+) -> Result<()> {
     let dim = 1152;
     let (m, k) = (c.rows * c.tokens, c.k);
     let n = m * dim;
@@ -625,6 +630,7 @@ pub fn run_gemm_layernorm<D: TestDevice>(gpu: &D, c: &GemmLnCase, seed: u64) -> 
         eps: 1e-6,
         // Only the shared memory asked for differs: every other case.
         one_per_sm: seed.is_multiple_of(2),
+        multicast,
     };
     launch.launch(gpu)?;
     let (got_x, got, got_cache) = (
@@ -676,8 +682,12 @@ pub fn run_gemm_layernorm<D: TestDevice>(gpu: &D, c: &GemmLnCase, seed: u64) -> 
         false,
     );
     let what = format!(
-        "gemm_tma_ln_64x72 rows={} T={} M={m} K={k} cache={} round_v={}",
-        c.rows, c.tokens, c.with_cache, c.round_v
+        "{} rows={} T={} M={m} K={k} cache={} round_v={}",
+        launch.kernel(),
+        c.rows,
+        c.tokens,
+        c.with_cache,
+        c.round_v
     );
     if c.with_cache {
         check_close(&format!("{what} cache"), &got_cache, &round_bf16(&v), 1e-2)?;
@@ -720,7 +730,9 @@ pub fn check_gemm_layernorm<D: TestDevice>(gpu: &D) -> Result<()> {
         (case(11, 10, 200, true, false), 83),
         (case(3, 7, 8, true, true), 84),
     ] {
-        run_gemm_layernorm(gpu, &c, seed)?;
+        for multicast in [false, true] {
+            run_gemm_layernorm(gpu, &c, multicast, seed)?;
+        }
     }
     Ok(())
 }
