@@ -176,6 +176,9 @@ hopper_rows() {
   # clusters along K at proj's and fc2's 36 tiles there, beside the plain 128 x 128).
   grep -E "^\| (qkv|proj|fc1|fc2) \| 2 \| [^|]* \| (tma|tma_mc|tma-128x128|tma-k[0-9]-128x128|tma-mc-128x[0-9]+|tma-c4x[12]-128x[0-9]+|tma-st-[a-z0-9-]+|cublaslt|cublaslt\+bf16 bias|cublaslt product)(, W in L2)? \|" "$OUT/$1.log" | head -n 90
   grep -E "^\| attention \|" "$OUT/$1.log" | head -n 12
+  # FORA_GEMM_LN's fused proj / fc2 + LayerNorm (HOPPER_KERNELS=all) against the cuBLASLt
+  # product rows above plus residual_ln.
+  grep -E "^\| (proj\+ln|fc2\+ln|residual_ln) \| 2 \|" "$OUT/$1.log" | head -n 12
   # Each forced TMA tile against its L2 roofline at 256 rows (the L2 hypothesis, yes or no).
   grep -A 80 "^TMA tiles against their L2 roofline" "$OUT/$1.log" | grep -E "^\| [a-z0-9]+ \| 256 \|" | head -n 40
   grep -E "^L2 roofline" "$OUT/$1.log"
