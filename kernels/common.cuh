@@ -90,6 +90,22 @@ FORA_DEVICE void prefetch_bytes_l2(const unsigned char* p, long long bytes, int 
 #endif
 }
 
+// FORA_PREFETCH_WEIGHTS: CTA `block` of `blocks`'s share of each of two ranges (the next GEMMs'
+// weights; `bytes` 0 for none) asked of L2, spread over `lanes` threads; the shares are
+// multiples of 16 bytes, so each starts aligned.
+FORA_DEVICE void prefetch_shares_l2(const fora_ptr (&base)[2], const long long (&bytes)[2], long long block,
+                                    long long blocks, int lane, int lanes) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (bytes[r] <= 0) continue;
+        const long long share = ((bytes[r] + blocks - 1) / blocks + 15) / 16 * 16;
+        const long long start = block * share;
+        if (start >= bytes[r]) continue;
+        prefetch_bytes_l2(reinterpret_cast<const unsigned char*>(base[r]) + start, min(share, bytes[r] - start), lane,
+                          lanes);
+    }
+}
+
 // ---- conversions -------------------------------------------------------------------------
 
 FORA_DEVICE float bf16_to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -103,6 +103,13 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
     };
 
     if (tid >= kLnConsumers) {
+        if (tid == kLnConsumers + 1) {
+            // FORA_PREFETCH_WEIGHTS: this CTA's share of the next GEMMs' weights (never written
+            // by a kernel, so before the grid dependency's wait as W's loads).
+            const fora_ptr base[2] = {p.prefetch_a, p.prefetch_b};
+            const long long bytes[2] = {p.prefetch_a_bytes, p.prefetch_b_bytes};
+            prefetch_shares_l2(base, bytes, blockIdx.x, gridDim.x, 0, 1);
+        }
         if (tid == kLnConsumers) {
             tma_prefetch_descriptor(&p.a_map);
             tma_prefetch_descriptor(&p.w_map);

@@ -149,20 +149,11 @@ FORA_DEVICE void layernorm_rows(const LayerNormModulateParams& p) {
                                         partial);
 }
 
-// FORA_PREFETCH_WEIGHTS: this CTA's share of each of the pass's prefetch ranges (the next
-// GEMMs' weights) into L2; the shares are multiples of 16 bytes, so each starts aligned.
+// FORA_PREFETCH_WEIGHTS: this CTA's share of each of the pass's prefetch ranges.
 FORA_DEVICE void prefetch_weight_shares(const ResidualLayerNormParams& p) {
     const fora_ptr base[2] = {p.prefetch_a, p.prefetch_b};
     const long long bytes[2] = {p.prefetch_a_bytes, p.prefetch_b_bytes};
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        if (bytes[r] <= 0) continue;
-        const long long share = ((bytes[r] + gridDim.x - 1) / gridDim.x + 15) / 16 * 16;
-        const long long start = static_cast<long long>(blockIdx.x) * share;
-        if (start >= bytes[r]) continue;
-        prefetch_bytes_l2(reinterpret_cast<const unsigned char*>(base[r]) + start, min(share, bytes[r] - start),
-                          threadIdx.x, blockDim.x);
-    }
+    prefetch_shares_l2(base, bytes, blockIdx.x, gridDim.x, threadIdx.x, blockDim.x);
 }
 
 // residual_layernorm with WPR warps per token row.

@@ -82,6 +82,10 @@ typedef struct GemmLayerNormParams {
     int ld_mod, gate_col, shift_col, scale_col;
     int round_v;       /* 1: the residual adds bf16(v), as a reuse step adds the cached v */
     float eps;         /* 1e-6 in DiT */
+    /* FORA_PREFETCH_WEIGHTS: as in ResidualLayerNormParams (the next GEMMs' weights; bytes 0
+       for none; a hint, no result depends on it). */
+    fora_ptr prefetch_a, prefetch_b;
+    long long prefetch_a_bytes, prefetch_b_bytes;
 } GemmLayerNormParams;
 
 /* The epilogue alone, over an f32 product acc[M, ld_acc] = A @ W^T (no bias) computed by another

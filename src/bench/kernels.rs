@@ -548,6 +548,8 @@ fn bench_gemm_layernorm(
             eps: 1e-6,
             one_per_sm,
             multicast,
+            // The kernel alone (no weight prefetch), as the residual_ln rows.
+            prefetch: [(0, 0); 2],
         }
         .launch(gpu)
     };

@@ -138,7 +138,8 @@ pub struct CudaOptions {
     /// on an H200 (session 7) the 2-row reuse step went from 0.0526 to 0.0487 ms but the
     /// computing step from 1.505 to 2.146 ms (L2 set aside).
     pub l2_persist: bool,
-    /// With the fused LayerNorm (`residual_layernorm`) and few rows (at most
+    /// With the fused LayerNorm (`residual_layernorm`, or `gemm_tma_ln` under
+    /// [`CudaOptions::gemm_ln`]) and few rows (at most
     /// [`super::model::PREFETCH_MAX_TOKENS`] token rows: one image + CFG is 512): each of those
     /// passes asks L2 to fetch the next two GEMMs' weights while it runs (after proj: fc1's and
     /// fc2's; after fc2: the next block's qkv and proj), so that those GEMMs read their weights

@@ -93,6 +93,10 @@ pub struct GemmLayerNorm {
     /// instead of 16 times (the 64 x 72 tiles need about twice the L2 bytes a FLOP of 128 x
     /// 128 ones without it). The same results.
     pub multicast: bool,
+    /// `FORA_PREFETCH_WEIGHTS`: up to two ranges (address, bytes; 0 for none) that the launch
+    /// asks L2 to fetch while it runs, each CTA its share: the next GEMMs' weights. 16-byte
+    /// aligned, whole 16-byte chunks. A hint: no result depends on it.
+    pub prefetch: [(u64, i64); 2],
 }
 
 /// The shared memory a CTA asks for with [`GemmLayerNorm::one_per_sm`]: 120 KiB (two CTAs
@@ -171,6 +175,14 @@ impl GemmLayerNorm {
         if self.cache != 0 {
             check_ptr(name, "cache", self.cache, 4)?;
         }
+        for (i, &(base, bytes)) in self.prefetch.iter().enumerate() {
+            ensure!(
+                bytes == 0
+                    || (base != 0 && base.is_multiple_of(16) && bytes > 0 && bytes % 16 == 0),
+                "{name}: prefetch range {i} ({base:#x}, {bytes} bytes) must be 16-byte aligned \
+                 whole chunks, or 0 bytes"
+            );
+        }
         Ok(())
     }
 
@@ -220,6 +232,10 @@ impl GemmLayerNorm {
             scale_col: self.scale_col as i32,
             round_v: self.round_v as i32,
             eps: self.eps,
+            prefetch_a: self.prefetch[0].0,
+            prefetch_b: self.prefetch[1].0,
+            prefetch_a_bytes: self.prefetch[0].1,
+            prefetch_b_bytes: self.prefetch[1].1,
         })
     }
 

@@ -857,6 +857,14 @@ impl GpuModel {
         // v: the f32 product (bias still to add, cache stored here) or, with bf16_residual, the
         // GEMM's bf16 v (written where the cache wants it already). `prefetch`: the next two
         // GEMMs' weights.
+        // The fused passes' L2 prefetch ranges: the next two GEMMs' weights, whole 16-byte
+        // chunks, where FORA_PREFETCH_WEIGHTS applies.
+        let prefetch_ranges = |prefetch: [Option<&CudaSlice<bf16>>; 2]| {
+            prefetch.map(|w| match w {
+                Some(w) if prefetch_on => (dptr(w), (w.len() * 2) as i64 & !15),
+                _ => (0, 0),
+            })
+        };
         let residual_ln = |acts: &Activations,
                            v: BlockOutput,
                            bias: &CudaSlice<f32>,
@@ -865,11 +873,7 @@ impl GpuModel {
                            shift_col: usize,
                            prefetch: [Option<&CudaSlice<bf16>>; 2]| {
             let [(prefetch_a, prefetch_a_bytes), (prefetch_b, prefetch_b_bytes)] =
-                prefetch.map(|w| match w {
-                    // A hint: whole 16-byte chunks only.
-                    Some(w) if prefetch_on => (dptr(w), (w.len() * 2) as i64 & !15),
-                    _ => (0, 0),
-                });
+                prefetch_ranges(prefetch);
             let _op = crate::op_range!(gpu, "residual_ln");
             let (acc, splits, bias, cache, acc_bf16) = match v {
                 BlockOutput::F32Product { acc, splits } => (acc, splits, dptr(bias), cache, 0),
@@ -995,6 +999,7 @@ impl GpuModel {
                         // four).
                         one_per_sm: false,
                         multicast: true,
+                        prefetch: prefetch_ranges(prefetch),
                     }
                     .launch(gpu);
                 }

@@ -150,6 +150,10 @@ pub struct GemmLayerNormParams {
     pub scale_col: ::std::os::raw::c_int,
     pub round_v: ::std::os::raw::c_int,
     pub eps: f32,
+    pub prefetch_a: fora_ptr,
+    pub prefetch_b: fora_ptr,
+    pub prefetch_a_bytes: ::std::os::raw::c_longlong,
+    pub prefetch_b_bytes: ::std::os::raw::c_longlong,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -210,6 +214,18 @@ const _: () = {
     [
         "Offset of field: GemmLayerNormParams::eps",
     ][::std::mem::offset_of!(GemmLayerNormParams, eps) - 332usize];
+    [
+        "Offset of field: GemmLayerNormParams::prefetch_a",
+    ][::std::mem::offset_of!(GemmLayerNormParams, prefetch_a) - 336usize];
+    [
+        "Offset of field: GemmLayerNormParams::prefetch_b",
+    ][::std::mem::offset_of!(GemmLayerNormParams, prefetch_b) - 344usize];
+    [
+        "Offset of field: GemmLayerNormParams::prefetch_a_bytes",
+    ][::std::mem::offset_of!(GemmLayerNormParams, prefetch_a_bytes) - 352usize];
+    [
+        "Offset of field: GemmLayerNormParams::prefetch_b_bytes",
+    ][::std::mem::offset_of!(GemmLayerNormParams, prefetch_b_bytes) - 360usize];
 };
 impl Default for GemmLayerNormParams {
     fn default() -> Self {
