@@ -1535,7 +1535,8 @@ fn gpu_prefetch_weights_is_exact() {
 /// each as one `gemm_tma_ln_64x72` launch, on a two-block model of DiT-XL/2's width (1152) with
 /// 8 x 8 latents (16 tokens a row). Its forward against the CPU reference, and ten guided steps
 /// (N = 1 and 3) against the same run without it: close, and not equal to the bit (the fused
-/// path ran: its LayerNorm statistics are combined in another order). With graphs and without.
+/// path ran: its LayerNorm statistics are combined in another order). With graphs and without;
+/// and with `FORA_PREFETCH_WEIGHTS` the same bits.
 #[test]
 fn gpu_gemm_ln_matches() {
     use fora::cuda::model::GpuModel;
@@ -1587,4 +1588,17 @@ fn gpu_gemm_ln_matches() {
             check_close(&what, &fused, &unfused, 1e-2).unwrap();
         }
     }
+    // FORA_PREFETCH_WEIGHTS rides on the fused launches there too: a hint, the same bits.
+    let prefetching = CudaOptions {
+        prefetch_weights: true,
+        ..on
+    };
+    assert_same_bits(
+        &mut cuda,
+        &[1, 7],
+        8,
+        (on, prefetching),
+        "gemm_ln: weight prefetch",
+        |_, _| {},
+    );
 }
