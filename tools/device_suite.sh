@@ -29,9 +29,10 @@
 #              epilogue; tma_no_cluster_k / tma_staged_cluster_k: the TMA path without session
 #              22's cluster split-K pick, and with it beside the staged tiles; lt_cluster_k:
 #              the default path with proj and fc2 on the cluster split-K tiles;
-#              prefetch_weights: FORA_PREFETCH_WEIGHTS=1; gemm_ln (gemm_ln_pdl): the default
-#              path with proj / fc2 and their LayerNorm as one gemm_tma_ln_64x72 launch at few
-#              rows (FORA_GEMM_LN=1; with FORA_PDL=1); "all"
+#              prefetch_weights: FORA_PREFETCH_WEIGHTS=1; gemm_ln (gemm_ln_pdl,
+#              gemm_ln_prefetch): the default path with proj / fc2 and their LayerNorm as one
+#              gemm_tma_ln_mc_64x72 launch at few rows (FORA_GEMM_LN=1; with FORA_PDL=1, with
+#              FORA_PREFETCH_WEIGHTS=1); "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
 #              l2_persist, tma_pdl, tma_mc_pdl, attention_v1, attention_v2, attention_wgmma,
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
@@ -436,7 +437,8 @@ phase_variants() {
            "lt_cluster_k:cublaslt:FORA_TMA_TILES=$CLUSTER_K_TILES" \
            "tma_staged_cluster_k:tma:FORA_TMA_TILES=$STAGED_CLUSTER_K_TILES" \
            "prefetch_weights:cublaslt:FORA_PREFETCH_WEIGHTS=1" \
-           "gemm_ln:cublaslt:FORA_GEMM_LN=1" "gemm_ln_pdl:cublaslt:FORA_GEMM_LN=1 FORA_PDL=1")
+           "gemm_ln:cublaslt:FORA_GEMM_LN=1" "gemm_ln_pdl:cublaslt:FORA_GEMM_LN=1 FORA_PDL=1" \
+           "gemm_ln_prefetch:cublaslt:FORA_GEMM_LN=1 FORA_PREFETCH_WEIGHTS=1")
   local round suffix
   for round in $(seq 1 "${VARIANT_ROUNDS:-1}"); do
     suffix=""; [ "$round" -gt 1 ] && suffix="_r$round"
