@@ -83,8 +83,84 @@ fn every_hopper_kernel_is_embedded() {
         fora::cuda::gemm::TmaTile::ALL
             .map(|t| t.kernel_name())
             .into_iter()
-            .chain(["wgmma_probe", "tma_probe", "tma_cluster_probe"]),
+            .chain(["wgmma_probe", "tma_probe", "tma_cluster_probe"])
+            .chain([
+                fora::cuda::gemm_ln::GEMM_LN_KERNEL,
+                fora::cuda::gemm_ln::GEMM_LN_MC_KERNEL,
+            ]),
     );
+}
+
+/// The fused proj / fc2 + LayerNorm launcher (`GemmLayerNorm`) accepts one image + CFG of
+/// DiT-XL/2 on a Hopper and refuses, naming the problem, another architecture, another row
+/// width, a K the TMA rows cannot take, odd table columns, a table row too short, null or
+/// misaligned pointers, a bad eps and a bad prefetch range.
+#[test]
+fn gemm_layernorm_checks_shapes_columns_and_pointers() {
+    use fora::cuda::gemm_ln::GemmLayerNorm;
+    let d = 1152;
+    let good = GemmLayerNorm {
+        a: P,
+        w: P,
+        lda: d,
+        ldw: d,
+        bias: P,
+        cache: P,
+        x: P,
+        modulation: P,
+        out: P,
+        m: 512,
+        k: d,
+        dim: d,
+        tokens: 256,
+        ld_mod: 28 * 6 * d + 2 * d,
+        gate_col: 2 * d,
+        shift_col: 3 * d,
+        scale_col: 4 * d,
+        round_v: true,
+        eps: 1e-6,
+        one_per_sm: false,
+        multicast: true,
+        prefetch: [(P, 1 << 20), (0, 0)],
+    };
+    let hopper = (9, 0);
+    good.validate(hopper).unwrap();
+    assert_eq!(good.kernel(), "gemm_tma_ln_mc_64x72");
+    assert!(err(good.validate((8, 0))).contains("needs a Hopper"));
+    let bad = |b: GemmLayerNorm| err(b.validate(hopper));
+    assert!(bad(GemmLayerNorm { dim: 1024, ..good }).contains("rows of 1024 columns"));
+    assert!(bad(GemmLayerNorm { m: 0, ..good }).contains("m must be > 0"));
+    assert!(bad(GemmLayerNorm { k: 1150, ..good }).contains("multiple of 8"));
+    assert!(bad(GemmLayerNorm { tokens: 0, ..good }).contains("tokens must be > 0"));
+    assert!(bad(GemmLayerNorm {
+        gate_col: 3,
+        ..good
+    })
+    .contains("gate_col = 3 must be even"));
+    assert!(bad(GemmLayerNorm {
+        ld_mod: 4 * d,
+        ..good
+    })
+    .contains("scale_col 4608 + dim 1152 exceeds"));
+    assert!(bad(GemmLayerNorm { eps: 0.0, ..good }).contains("eps"));
+    assert!(bad(GemmLayerNorm { x: 0, ..good }).contains("x pointer is null"));
+    assert!(bad(GemmLayerNorm {
+        bias: P + 4,
+        ..good
+    })
+    .contains("bias pointer"));
+    assert!(bad(GemmLayerNorm {
+        cache: P + 2,
+        ..good
+    })
+    .contains("cache pointer"));
+    assert!(bad(GemmLayerNorm {
+        prefetch: [(P, 100), (0, 0)],
+        ..good
+    })
+    .contains("prefetch range 0"));
+    // No cache is fine.
+    GemmLayerNorm { cache: 0, ..good }.validate(hopper).unwrap();
 }
 
 /// Every attention kernel a plan can name (each implementation, head dim, and block size: the

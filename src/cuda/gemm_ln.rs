@@ -111,10 +111,11 @@ impl GemmLayerNorm {
         (sm_count / GEMM_LN_CLUSTER as usize).max(1) * ROWS as usize * 2
     }
 
-    /// Checks everything the kernel relies on, with errors that name the field.
-    fn validate(&self, gpu: &impl KernelLauncher) -> Result<()> {
+    /// Checks everything the kernel relies on, on a device of `compute_capability`, with errors
+    /// that name the field (the operands' tensor maps check A's and W's addresses and strides).
+    pub fn validate(&self, compute_capability: (i32, i32)) -> Result<()> {
         let name = self.kernel();
-        let (major, minor) = gpu.compute_capability();
+        let (major, minor) = compute_capability;
         ensure!(
             major == 9,
             "{name}: needs a Hopper (sm_90a: wgmma, TMA, clusters); this device is sm_{major}{minor}"
@@ -197,7 +198,7 @@ impl GemmLayerNorm {
 
     /// The kernel's parameters: the checks, then the operands' tensor maps.
     pub fn params(&self, gpu: &impl KernelLauncher) -> Result<GemmLayerNormParams> {
-        self.validate(gpu)?;
+        self.validate(gpu.compute_capability())?;
         let operand = |base: u64, rows: usize, ld: usize, box_rows: u32| TmaTensor2d {
             base,
             rows: rows as u64,
