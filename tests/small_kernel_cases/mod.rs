@@ -462,26 +462,13 @@ pub fn run_residual_layernorm<D: TestDevice>(
     // CPU: v = acc + bias (f32), the cache holds bf16(v); x += gate * v (ops::gate_residual);
     // then LayerNorm + modulate (ops::layernorm_modulate).
     let v: Vec<f32> = (0..n).map(v_of).collect();
-    let mut want_x = x.clone();
-    ops::gate_residual(
-        &mut want_x,
+    let (want_x, want) = cpu_residual_layernorm(
+        &x,
         &v,
-        &modulation[gate_col..],
+        &modulation,
         ld_mod,
-        c.tokens,
-        c.dim,
-        false,
-    );
-    let mut want = vec![0f32; n];
-    ops::layernorm_modulate(
-        &mut want,
-        &want_x,
-        &modulation[shift_col..],
-        &modulation[shift_col + c.dim..],
-        ld_mod,
-        c.tokens,
-        c.dim,
-        false,
+        (gate_col, shift_col),
+        (c.tokens, c.dim),
     );
     let what = format!(
         "residual_layernorm {warps:?} rows={} T={} D={} ld_acc={} cache={} v_bf16={} splits={}",
@@ -502,6 +489,41 @@ pub fn run_residual_layernorm<D: TestDevice>(
     // x: the GPU may contract x + gate * v into one FMA (one rounding less than the CPU).
     check_elementwise(&format!("{what} x"), &got_x, &want_x, 1e-6, 1e-6)?;
     check_layernorm_out(&what, &got, &want, (1e-4, 2.0f32.powi(-8)))
+}
+
+/// The CPU twin of a residual + LayerNorm pass: x + gate * v (ops::gate_residual), then the
+/// LayerNorm of that modulated by the shift and scale columns `shift_col`, `shift_col + dim`
+/// (ops::layernorm_modulate); the table's rows `ld_mod` apart, one a model row of `tokens`.
+fn cpu_residual_layernorm(
+    x: &[f32],
+    v: &[f32],
+    modulation: &[f32],
+    ld_mod: usize,
+    (gate_col, shift_col): (usize, usize),
+    (tokens, dim): (usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    let mut new_x = x.to_vec();
+    ops::gate_residual(
+        &mut new_x,
+        v,
+        &modulation[gate_col..],
+        ld_mod,
+        tokens,
+        dim,
+        false,
+    );
+    let mut out = vec![0f32; x.len()];
+    ops::layernorm_modulate(
+        &mut out,
+        &new_x,
+        &modulation[shift_col..],
+        &modulation[shift_col + dim..],
+        ld_mod,
+        tokens,
+        dim,
+        false,
+    );
+    (new_x, out)
 }
 
 /// A residual + LayerNorm kernel given no cache pointer left the (NaN-poisoned) cache alone.
@@ -687,26 +709,13 @@ pub fn run_gemm_layernorm<D: TestDevice>(
     } else {
         v.clone()
     };
-    let mut want_x = x.clone();
-    ops::gate_residual(
-        &mut want_x,
+    let (want_x, want) = cpu_residual_layernorm(
+        &x,
         &v_added,
-        &modulation[gate_col..],
+        &modulation,
         ld_mod,
-        c.tokens,
-        dim,
-        false,
-    );
-    let mut want = vec![0f32; n];
-    ops::layernorm_modulate(
-        &mut want,
-        &want_x,
-        &modulation[shift_col..],
-        &modulation[shift_col + dim..],
-        ld_mod,
-        c.tokens,
-        dim,
-        false,
+        (gate_col, shift_col),
+        (c.tokens, dim),
     );
     let what = format!(
         "{} rows={} T={} M={m} K={k} cache={} round_v={}",
