@@ -4,7 +4,8 @@
 //   v = A[m] @ W^T + bias (bf16-rounded with round_v);  cache[m] = bf16(v);  x[m] += gate * v;
 //   out[m] = bf16(LN(x[m]) * (1 + scale) + shift)
 //
-// (GemmLayerNormParams in params.h; the contract of residual_layernorm over an f32 product.)
+// (GemmLayerNormParams in params.h: residual_layernorm's contract over the f32 product, or with
+// round_v over its bf16 v as FORA_BF16_RESIDUAL has it.)
 //
 // Why: at M = 512 the block's 1152-wide products have 36 tiles of 128 x 128 for 132 SMs, and
 // the LayerNorm after each needs whole rows, so it has been a launch of its own
@@ -21,7 +22,9 @@
 //
 // Roles: warps 0-3 are the consumer warpgroup (the wgmmas and the epilogue), warp 4 the
 // producer (one thread issues the TMA copies into a STAGES-deep ring, with `full` / `empty`
-// mbarriers as in gemm_sm90.cu's TMA kernels). Not persistent: a CTA takes one tile. At most
+// mbarriers as in gemm_sm90.cu's TMA kernels; another of its lanes asks L2 for this CTA's share
+// of the next GEMMs' weights under FORA_PREFETCH_WEIGHTS). Not persistent: a CTA takes one
+// tile. The _mc kernel shares the A tile across the cluster by multicast (gemm_ln_tile). At most
 // 94 KiB of shared memory and 160 threads, so two CTAs fit an SM and a cluster of 16 fits any
 // GPC (clusters of 16 are non-portable: the launcher opts the kernel in).
 
