@@ -1,7 +1,8 @@
-//! Launcher of `gemm_tma_ln_64x72` (`kernels/gemm_ln_sm90.cu`, Hopper only): proj or fc2 with
-//! its gated residual and the LayerNorm + modulate after it in one launch, in clusters of 16
-//! CTAs that each hold a 64 x 72 tile of a 64-row block of whole 1152-wide rows and exchange the
-//! rows' statistics through distributed shared memory. It replaces the GEMM and the
+//! Launcher of `gemm_tma_ln_64x72` and `gemm_tma_ln_mc_64x72` (`kernels/gemm_ln_sm90.cu`,
+//! Hopper only): proj or fc2 with its gated residual and the LayerNorm + modulate after it in
+//! one launch, in clusters of 16 CTAs that each hold a 64 x 72 tile of a 64-row block of whole
+//! 1152-wide rows and exchange the rows' statistics through distributed shared memory (the
+//! `_mc` kernel also shares the A tile across the cluster by multicast). It replaces the GEMM and the
 //! `residual_layernorm` pass of the fused-LayerNorm path for few token rows (one image + CFG),
 //! where that pass is a launch of mostly latency; [`GemmLayerNorm::rows_limit`] says where.
 //! Same contract as `residual_layernorm` over an f32 product, or (`round_v`) over the bf16 v
