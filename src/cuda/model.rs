@@ -854,9 +854,6 @@ impl GpuModel {
         let gemm_ln_on = fuse_ln && gemm_ln && Self::gemm_ln_serves(gpu, d, rt);
         // Weights the fused LayerNorm passes ask L2 to fetch (FORA_PREFETCH_WEIGHTS, few rows).
         let prefetch_on = prefetch_weights && rt <= PREFETCH_MAX_TOKENS;
-        // v: the f32 product (bias still to add, cache stored here) or, with bf16_residual, the
-        // GEMM's bf16 v (written where the cache wants it already). `prefetch`: the next two
-        // GEMMs' weights.
         // The fused passes' L2 prefetch ranges: the next two GEMMs' weights, whole 16-byte
         // chunks, where FORA_PREFETCH_WEIGHTS applies.
         let prefetch_ranges = |prefetch: [Option<&CudaSlice<bf16>>; 2]| {
@@ -865,6 +862,9 @@ impl GpuModel {
                 _ => (0, 0),
             })
         };
+        // v: the f32 product (bias still to add, cache stored here) or, with bf16_residual, the
+        // GEMM's bf16 v (written where the cache wants it already). `prefetch`: the next two
+        // GEMMs' weights.
         let residual_ln = |acts: &Activations,
                            v: BlockOutput,
                            bias: &CudaSlice<f32>,
@@ -958,20 +958,6 @@ impl GpuModel {
              shift_col: usize,
              unfused_ln: bool,
              prefetch: [Option<&CudaSlice<bf16>>; 2]| {
-                let mut p = gemm_params(
-                    dptr(a),
-                    dptr(w),
-                    dptr(bias),
-                    dptr(&acts.x),
-                    rt,
-                    d,
-                    k,
-                    Epilogue::BiasGateResidual,
-                );
-                p.cache = cache;
-                p.gate = table + (gate_col * 4) as u64;
-                p.ldg = cols as i32;
-                p.rows_per_gate = t as i32;
                 if gemm_ln_on {
                     let _op = crate::op_range!(gpu, "{op}");
                     return super::gemm_ln::GemmLayerNorm {
@@ -1003,6 +989,20 @@ impl GpuModel {
                     }
                     .launch(gpu);
                 }
+                let mut p = gemm_params(
+                    dptr(a),
+                    dptr(w),
+                    dptr(bias),
+                    dptr(&acts.x),
+                    rt,
+                    d,
+                    k,
+                    Epilogue::BiasGateResidual,
+                );
+                p.cache = cache;
+                p.gate = table + (gate_col * 4) as u64;
+                p.ldg = cols as i32;
+                p.rows_per_gate = t as i32;
                 if fuse_ln {
                     let v = {
                         let _op = crate::op_range!(gpu, "{op}");
