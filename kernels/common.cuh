@@ -106,6 +106,14 @@ FORA_DEVICE void prefetch_shares_l2(const fora_ptr (&base)[2], const long long (
     }
 }
 
+// ---- LayerNorm ----------------------------------------------------------------------------
+
+// adaLN's modulate of a LayerNorm'd value: (x - mean) * rstd * (1 + scale) + shift (norm.cu,
+// the fused reuse forward in fora.cu, the fused GEMM + LayerNorm in gemm_ln_sm90.cu).
+FORA_DEVICE float modulate(float x, float mean, float rstd, float shift, float scale) {
+    return (x - mean) * rstd * (1.0f + scale) + shift;
+}
+
 // ---- conversions -------------------------------------------------------------------------
 
 FORA_DEVICE float bf16_to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -455,7 +455,7 @@ FORA_DEVICE void reuse_final_body(const ForaReuseFinalParams& p) {
         float y[kVec];
 #pragma unroll
         for (int v = 0; v < kVec; ++v)
-            y[v] = live ? (acc[u][v] - mean) * rstd * (1.0f + scale[v]) + shift[v] : 0.0f;
+            y[v] = live ? modulate(acc[u][v], mean, rstd, shift[v], scale[v]) : 0.0f;
         if (p.final_w) {
             // The Linear's input is the bf16 LayerNorm output, as the GEMM path reads it.
 #pragma unroll

@@ -309,9 +309,8 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
 #pragma unroll
         for (int j = 0; j < kFragments; ++j) {
             const int col = n0 + 8 * j + 2 * t;
-            // As norm.cu's modulate.
-            const float o0 = (acc[4 * j + 2 * h] - mean) * rstd * (1.0f + scale[h][j].x) + shift[h][j].x;
-            const float o1 = (acc[4 * j + 2 * h + 1] - mean) * rstd * (1.0f + scale[h][j].y) + shift[h][j].y;
+            const float o0 = modulate(acc[4 * j + 2 * h], mean, rstd, shift[h][j].x, scale[h][j].x);
+            const float o1 = modulate(acc[4 * j + 2 * h + 1], mean, rstd, shift[h][j].y, scale[h][j].y);
             *reinterpret_cast<uint32_t*>(out + col) = pack_bf16x2(o0, o1);
         }
     }

@@ -38,10 +38,6 @@ FORA_DEVICE Row row_of(const LayerNormModulateParams& p, long long token) {
     return r;
 }
 
-FORA_DEVICE float modulate(float x, float mean, float rstd, float shift, float scale) {
-    return (x - mean) * rstd * (1.0f + scale) + shift;
-}
-
 // The sum of v over the WPR warps that hold one token row, the same value in every thread of
 // them, in a fixed order. With WPR > 1 every thread of the block must call it, and each sum of
 // a block needs a `partial` of its own (kWarps floats): with no barrier after the reads, a
