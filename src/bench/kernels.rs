@@ -524,32 +524,42 @@ fn bench_gemm_layernorm(
         ));
     }
     let bias = random_f32(gpu, d, 0.1, 699, "gemm_ln bias")?;
+    // Every launch but its rotated operands (set per launch below).
+    let shape = GemmLayerNorm {
+        a: 0,
+        w: 0,
+        lda: k,
+        ldw: k,
+        bias: dptr(&bias),
+        cache: 0,
+        x: 0,
+        modulation: 0,
+        out: 0,
+        m,
+        k,
+        dim: d,
+        tokens: t,
+        ld_mod: cols,
+        gate_col: 2 * d,
+        shift_col: 3 * d,
+        scale_col: 4 * d,
+        round_v: true,
+        eps: 1e-6,
+        one_per_sm,
+        multicast,
+        // The kernel alone (no weight prefetch), as the residual_ln rows.
+        prefetch: [(0, 0); 2],
+    };
     let launch = |i: usize| {
         let (a, w, x, table, out, cache) = &sets[i % copies];
         GemmLayerNorm {
             a: dptr(a),
             w: dptr(w),
-            lda: k,
-            ldw: k,
-            bias: dptr(&bias),
             cache: dptr(cache),
             x: dptr(x),
             modulation: dptr(table),
             out: dptr(out),
-            m,
-            k,
-            dim: d,
-            tokens: t,
-            ld_mod: cols,
-            gate_col: 2 * d,
-            shift_col: 3 * d,
-            scale_col: 4 * d,
-            round_v: true,
-            eps: 1e-6,
-            one_per_sm,
-            multicast,
-            // The kernel alone (no weight prefetch), as the residual_ln rows.
-            prefetch: [(0, 0); 2],
+            ..shape
         }
         .launch(gpu)
     };
@@ -558,11 +568,7 @@ fn bench_gemm_layernorm(
         name: op.into(),
         imp: format!(
             "custom ({}{})",
-            if multicast {
-                "gemm_tma_ln_mc_64x72"
-            } else {
-                "gemm_tma_ln_64x72"
-            },
+            shape.kernel(),
             if one_per_sm { ", 1 CTA/SM" } else { "" }
         ),
         rows,
