@@ -1366,18 +1366,25 @@ void fora_emulation_mbarrier_arrive_cluster(uint32_t cluster_bar) {
 
 // ld.shared::cluster: a load from the shared memory of any block of the cluster (an address
 // from mapa, or the running block's own), which must lie inside its dynamic shared memory.
-void fora_emulation_ld_shared_cluster(void* dst, uint32_t cluster_addr, unsigned bytes) {
+namespace {
+
+// The `bytes` bytes at a shared::cluster address (from mapa) in their block's dynamic shared
+// memory, checked aligned and inside it; `op` names the instruction in the error.
+unsigned char* cluster_bytes(const char* op, uint32_t cluster_addr, unsigned bytes) {
     const auto [block, addr] = cluster_address(cluster_addr);
     if (addr % bytes != 0 || addr + bytes > launch_state->dynamic_smem_bytes)
-        emulation_error("ld.shared::cluster misaligned or outside the dynamic shared memory", cluster_addr);
-    std::memcpy(dst, block->dynamic_smem + addr, bytes);
+        emulation_error((std::string(op) + " misaligned or outside the dynamic shared memory").c_str(), cluster_addr);
+    return block->dynamic_smem + addr;
+}
+
+}  // namespace
+
+void fora_emulation_ld_shared_cluster(void* dst, uint32_t cluster_addr, unsigned bytes) {
+    std::memcpy(dst, cluster_bytes("ld.shared::cluster", cluster_addr, bytes), bytes);
 }
 
 void fora_emulation_st_shared_cluster(uint32_t cluster_addr, const void* src, unsigned bytes) {
-    const auto [block, addr] = cluster_address(cluster_addr);
-    if (addr % bytes != 0 || addr + bytes > launch_state->dynamic_smem_bytes)
-        emulation_error("st.shared::cluster misaligned or outside the dynamic shared memory", cluster_addr);
-    std::memcpy(block->dynamic_smem + addr, src, bytes);
+    std::memcpy(cluster_bytes("st.shared::cluster", cluster_addr, bytes), src, bytes);
 }
 
 // mapa.shared::cluster: the address of the running block's shared byte `addr` in block `rank`.
