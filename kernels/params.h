@@ -124,6 +124,21 @@ typedef struct AttentionTmaParams {
     AttentionParams attn;
 } AttentionTmaParams;
 
+/* The qkv Linear and the flash attention after it in one launch (kernels qkv_attention_d64,
+ * qkv_attention_d72 and their _mc_ variants, qkv_attention_sm90.cu, sm_90a), for few token rows:
+ * qkv = bf16(A @ W^T + bias), as the qkv Linear writes it (here never stored), then attn's
+ * contract, out bf16 [B, T, H, d] = softmax(q k^T * scale) v; attn.qkv is unused (0).
+ * a_map: A bf16 [B * T, dim] (the modulated LayerNorm) box 64 (k) x 64 (rows); w_map: W bf16
+ * [3 * dim, dim] (the qkv weight) box 64 (k) x d (rows); both 128-byte swizzle. dim = H * d,
+ * T <= 256 (a cluster of four CTAs of 64 tokens holds a sequence), dim % 8 == 0. */
+typedef struct QkvAttentionParams {
+    TmaDescriptor a_map;
+    TmaDescriptor w_map;
+    fora_ptr bias;     /* f32 [3 * dim] */
+    AttentionParams attn;
+    int dim;
+} QkvAttentionParams;
+
 /* ---- small kernels (conditioning.cu, embed.cu, norm.cu, fora.cu, sampler.cu) ------------- */
 
 /* Sinusoidal timestep embedding of the ORIGINAL timesteps (official DiT, max period 10000):

@@ -45,6 +45,10 @@ FORA_DEVICE void cluster_arrive_release() { fora_emulation_cluster_arrive(); }
 FORA_DEVICE void st_shared_cluster_f32x2(uint32_t cluster_addr, float2 v) {
     fora_emulation_st_shared_cluster(cluster_addr, &v, sizeof(v));
 }
+FORA_DEVICE void st_shared_cluster_u32(uint32_t cluster_addr, uint32_t v) {
+    fora_emulation_st_shared_cluster(cluster_addr, &v, sizeof(v));
+}
+FORA_DEVICE void fence_proxy_async_shared_cluster() { fora_emulation_fence_proxy_async(); }
 FORA_DEVICE uint32_t mapa_shared(uint32_t addr, uint32_t rank) { return fora_emulation_mapa(addr, rank); }
 FORA_DEVICE void mbarrier_arrive_cluster(uint32_t cluster_bar) { fora_emulation_mbarrier_arrive_cluster(cluster_bar); }
 FORA_DEVICE void mbarrier_arrive_release_cluster(uint32_t cluster_bar) {
@@ -171,6 +175,14 @@ FORA_DEVICE void cluster_arrive_release() { asm volatile("barrier.cluster.arrive
 FORA_DEVICE void st_shared_cluster_f32x2(uint32_t cluster_addr, float2 v) {
     asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\n" ::"r"(cluster_addr), "f"(v.x), "f"(v.y) : "memory");
 }
+// 4 bytes (a bf16 pair) likewise; 4-byte aligned.
+FORA_DEVICE void st_shared_cluster_u32(uint32_t cluster_addr, uint32_t v) {
+    asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(cluster_addr), "r"(v) : "memory");
+}
+// Orders this thread's generic-proxy writes into the cluster's shared memory (its own CTA's or
+// another's, st_shared_cluster_*) before later async-proxy accesses of it (a wgmma of the CTA
+// that holds them, once a cluster barrier has passed them on).
+FORA_DEVICE void fence_proxy_async_shared_cluster() { asm volatile("fence.proxy.async.shared::cluster;\n" ::: "memory"); }
 // The shared::cluster address of this CTA's shared byte `addr` in the CTA of rank `rank`.
 FORA_DEVICE uint32_t mapa_shared(uint32_t addr, uint32_t rank) {
     uint32_t out;
