@@ -87,8 +87,83 @@ fn every_hopper_kernel_is_embedded() {
             .chain([
                 fora::cuda::gemm_ln::GEMM_LN_KERNEL,
                 fora::cuda::gemm_ln::GEMM_LN_MC_KERNEL,
-            ]),
+            ])
+            .chain(qkv_attention_kernels()),
     );
+}
+
+/// The fused qkv + attention's kernels, by the names its launcher picks (head_dim 64 and 72,
+/// W multicast or not).
+fn qkv_attention_kernels() -> Vec<&'static str> {
+    let mut names = Vec::new();
+    for head_dim in [64, 72] {
+        for multicast in [false, true] {
+            names.push(
+                fora::cuda::qkv_attention::QkvAttention {
+                    head_dim,
+                    multicast,
+                    ..good_qkv_attention()
+                }
+                .kernel(),
+            );
+        }
+    }
+    names
+}
+
+/// One image + CFG of DiT-XL/2 at 256 px.
+fn good_qkv_attention() -> fora::cuda::qkv_attention::QkvAttention {
+    fora::cuda::qkv_attention::QkvAttention {
+        a: P,
+        lda: 1152,
+        w: P,
+        bias: P,
+        out: P,
+        batch: 2,
+        tokens: 256,
+        heads: 16,
+        head_dim: 72,
+        scale: 1.0 / 72f32.sqrt(),
+        multicast: true,
+    }
+}
+
+/// The fused qkv + attention launcher (`QkvAttention`) accepts one image + CFG of DiT-XL/2 on
+/// a Hopper and refuses, naming the problem, another architecture, a head_dim without a kernel,
+/// a sequence longer than a cluster holds, no rows, a bad A stride, a bad scale, and null or
+/// misaligned pointers.
+#[test]
+fn qkv_attention_checks_shapes_and_pointers() {
+    use fora::cuda::qkv_attention::QkvAttention;
+    let good = good_qkv_attention();
+    let hopper = (9, 0);
+    good.validate(hopper).unwrap();
+    assert_eq!(good.kernel(), "qkv_attention_mc_d72");
+    assert!(err(good.validate((8, 9))).contains("needs a Hopper"));
+    let bad = |b: QkvAttention| err(b.validate(hopper));
+    assert!(bad(QkvAttention {
+        head_dim: 128,
+        ..good
+    })
+    .contains("head_dim 128"));
+    assert!(bad(QkvAttention {
+        tokens: 257,
+        ..good
+    })
+    .contains("257 tokens"));
+    assert!(bad(QkvAttention { tokens: 0, ..good }).contains("0 tokens"));
+    assert!(bad(QkvAttention { batch: 0, ..good }).contains("batch must be > 0"));
+    assert!(bad(QkvAttention { lda: 1100, ..good }).contains("lda = 1100"));
+    assert!(bad(QkvAttention { lda: 1156, ..good }).contains("lda = 1156"));
+    assert!(bad(QkvAttention {
+        scale: f32::NAN,
+        ..good
+    })
+    .contains("scale"));
+    assert!(bad(QkvAttention { bias: 0, ..good }).contains("bias pointer is null"));
+    assert!(bad(QkvAttention { out: P + 8, ..good }).contains("out pointer"));
+    // Padded A rows are fine.
+    QkvAttention { lda: 1160, ..good }.validate(hopper).unwrap();
 }
 
 /// The fused proj / fc2 + LayerNorm launcher (`GemmLayerNorm`) accepts one image + CFG of

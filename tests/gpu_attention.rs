@@ -48,6 +48,19 @@ fn gpu_case_impl(test: &str, s: Shape, qk_std: f32, seed: u64, imp: AttentionImp
     }
 }
 
+/// The qkv Linear and attention in one launch: Hopper only (wgmma, TMA, clusters of four).
+#[test]
+fn gpu_qkv_attention() -> Result<()> {
+    let Some(gpu) = test_gpu("gpu_qkv_attention") else {
+        return Ok(());
+    };
+    if gpu.compute_capability().0 != 9 {
+        println!("SKIP gpu_qkv_attention: not a Hopper (sm_90a only)");
+        return Ok(());
+    }
+    attention_cases::check_qkv_attention(&gpu)
+}
+
 fn shape(batch: usize, heads: usize, tokens: usize, head_dim: usize) -> Shape {
     Shape {
         batch,

@@ -1531,44 +1531,41 @@ fn gpu_prefetch_weights_is_exact() {
     }
 }
 
-/// `FORA_GEMM_LN=1` on a Hopper: proj and fc2 with their gated residual and the LayerNorm after
-/// each as one `gemm_tma_ln_64x72` launch, on a two-block model of DiT-XL/2's width (1152) with
-/// 8 x 8 latents (16 tokens a row). Its forward against the CPU reference, and ten guided steps
-/// (N = 1 and 3) against the same run without it: close, and not equal to the bit (the fused
-/// path ran: its LayerNorm statistics are combined in another order). With graphs and without;
-/// and with `FORA_PREFETCH_WEIGHTS` the same bits.
-#[test]
-fn gpu_gemm_ln_matches() {
-    use fora::cuda::model::GpuModel;
+/// A fused path that an option turns on, on a Hopper: `arch`'s two-block model with 8 x 8
+/// latents (16 tokens a row), whose forward of four rows with `on` must match the CPU reference
+/// (rel-L2 2e-2), and ten guided steps (N = 1 and 3, two labels: four rows), with graphs and
+/// without, must be close to the same run with `off` (rel-L2 1e-2) and not equal to the bit (the
+/// fused path ran). `serves` says the fused path takes the shape (asserted). Returns the backend
+/// and `on` for further checks; None where the test skipped.
+fn fused_option_matches(
+    test: &str,
+    arch: &str,
+    seed: u64,
+    set: fn(&mut fora::cuda::CudaOptions, bool),
+    serves: impl Fn(&CudaBackend, usize) -> bool,
+) -> Option<(CudaBackend, fora::cuda::CudaOptions)> {
     use fora::cuda::CudaOptions;
-    let arch = Arch::parse("depth=2,hidden=1152,heads=16,patch=2").unwrap();
+    let arch = Arch::parse(arch).unwrap();
     let cfg = DitConfig::from_arch(&arch, 4, 8, 10, true).unwrap();
-    let Some((cpu, mut cuda)) = backends("gpu_gemm_ln_matches", &cfg, 47) else {
-        return;
-    };
+    let (cpu, mut cuda) = backends(test, &cfg, seed)?;
     if cuda.gpu().compute_capability().0 != 9 {
-        println!("SKIP gpu_gemm_ln_matches: not a Hopper (gemm_tma_ln_64x72 is sm_90a only)");
-        return;
+        println!("SKIP {test}: not a Hopper (the fused kernel is sm_90a only)");
+        return None;
     }
     let rows = 4;
     assert!(
-        GpuModel::gemm_ln_serves(cuda.gpu(), cfg.hidden, rows * cfg.tokens()),
-        "gemm_tma_ln_64x72 must serve {rows} rows of {} tokens",
-        cfg.tokens()
+        serves(&cuda, rows),
+        "{test}: the fused kernel must serve {rows} rows"
     );
-    let off = CudaOptions {
-        gemm_ln: false,
-        ..cuda.options()
-    };
-    let on = CudaOptions {
-        gemm_ln: true,
-        ..off
-    };
+    let mut off = cuda.options();
+    set(&mut off, false);
+    let mut on = off;
+    set(&mut on, true);
     cuda.set_options(on);
     let (x, t, y) = inputs(&cfg, rows, 5);
     let want = cpu.forward(&x, &t, &y, None).unwrap();
     let got = cuda.forward(&x, &t, &y, None).unwrap();
-    check_close("gpu_gemm_ln_matches forward", &got, &want, 2e-2).unwrap();
+    check_close(&format!("{test} forward"), &got, &want, 2e-2).unwrap();
     let options = SamplerOptions::ddpm(10).with_guidance(Some(Guidance {
         scale: 2.5,
         mode: GuidanceMode::Official3,
@@ -1580,7 +1577,7 @@ fn gpu_gemm_ln_matches() {
                 sample_latents(&cuda, &options, &[1, 7], 8, interval)
             };
             let (fused, unfused) = (run(on), run(off));
-            let what = format!("gpu_gemm_ln_matches graphs={graphs} N={interval}");
+            let what = format!("{test} graphs={graphs} N={interval}");
             assert!(
                 fused != unfused,
                 "{what}: the same bits: the fused path did not run"
@@ -1588,6 +1585,26 @@ fn gpu_gemm_ln_matches() {
             check_close(&what, &fused, &unfused, 1e-2).unwrap();
         }
     }
+    Some((cuda, on))
+}
+
+/// `FORA_GEMM_LN=1` on a Hopper: proj and fc2 with their gated residual and the LayerNorm after
+/// each as one `gemm_tma_ln_64x72` launch, on a two-block model of DiT-XL/2's width (1152)
+/// ([`fused_option_matches`]: the fused path's LayerNorm statistics are combined in another
+/// order); and with `FORA_PREFETCH_WEIGHTS` the same bits.
+#[test]
+fn gpu_gemm_ln_matches() {
+    use fora::cuda::model::GpuModel;
+    use fora::cuda::CudaOptions;
+    let Some((mut cuda, on)) = fused_option_matches(
+        "gpu_gemm_ln_matches",
+        "depth=2,hidden=1152,heads=16,patch=2",
+        47,
+        |o, v| o.gemm_ln = v,
+        |cuda, rows| GpuModel::gemm_ln_serves(cuda.gpu(), 1152, rows * 16),
+    ) else {
+        return;
+    };
     // FORA_PREFETCH_WEIGHTS rides on the fused launches there too: a hint, the same bits.
     let prefetching = CudaOptions {
         prefetch_weights: true,
@@ -1600,5 +1617,20 @@ fn gpu_gemm_ln_matches() {
         (on, prefetching),
         "gemm_ln: weight prefetch",
         |_, _| {},
+    );
+}
+
+/// `FORA_QKV_ATTENTION=1` on a Hopper: each block's qkv Linear and attention as one
+/// `qkv_attention_mc_d72` launch, on a two-block model of head_dim 72 (8 heads: four rows are
+/// 128 CTAs, one wave of an H100 or H200) ([`fused_option_matches`]: the fused path adds the
+/// qkv bias in f32 where cuBLASLt adds its bf16 copy).
+#[test]
+fn gpu_qkv_attention_matches() {
+    let _ = fused_option_matches(
+        "gpu_qkv_attention_matches",
+        "depth=2,hidden=576,heads=8,patch=2",
+        48,
+        |o, v| o.qkv_attention = v,
+        |cuda, rows| cuda.model().qkv_attention_serves(cuda.gpu(), rows),
     );
 }

@@ -25,7 +25,7 @@ use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::DeviceRepr;
 use fora::cuda::device::{KernelLauncher, TmaTensor2d};
 use fora::cuda::params::TmaDescriptor;
-use fora::cuda::testing::{from_bf16, to_bf16, DeviceAddr, TestDevice};
+use fora::cuda::testing::{biased_product, from_bf16, to_bf16, DeviceAddr, TestDevice};
 use half::bf16;
 use std::ffi::{c_char, c_int, c_uint, c_void, CString};
 use std::path::{Path, PathBuf};
@@ -102,7 +102,8 @@ impl Emulator {
     /// as it can go before the next starts (launch.cpp's warps_ahead): the lowest warp first
     /// for `order` 1, the highest for -1 (which also runs a launch's blocks from the last).
     /// Round robin keeps warps in step at every shuffle, which hides a warp overwriting shared
-    /// memory another has yet to read.
+    /// memory another has yet to read. `order` 2 runs whole blocks so, the cluster's lowest rank
+    /// first (blocks ahead).
     fn with_warps_ahead<T>(&self, order: i32, f: impl FnOnce() -> T) -> T {
         with_schedule(self.set_warps_ahead, order, 0, f)
     }
@@ -376,7 +377,7 @@ impl TestDevice for Emulator {
 }
 
 /// The kernel sources the emulator builds: all of them.
-const EMULATED_SOURCES: [&str; 12] = [
+const EMULATED_SOURCES: [&str; 13] = [
     "bandwidth.cu",
     "conditioning.cu",
     "embed.cu",
@@ -389,6 +390,7 @@ const EMULATED_SOURCES: [&str; 12] = [
     "gemm_sm90.cu",
     "gemm_ln_sm90.cu",
     "probe_sm90.cu",
+    "qkv_attention_sm90.cu",
 ];
 
 /// The first C++ compiler of `CXX`, g++, c++, clang++ that runs.
@@ -890,6 +892,15 @@ fn emulator_schedules_show_races() -> Result<()> {
     Ok(())
 }
 
+/// The qkv Linear and attention in one launch, in clusters of four CTAs (qkv_attention_sm90.cu).
+#[test]
+fn emulated_qkv_attention() -> Result<()> {
+    let Some(emu) = emulator("emulated_qkv_attention") else {
+        return Ok(());
+    };
+    attention_cases::check_qkv_attention(emu)
+}
+
 /// Flash attention, v1 (run on an H200: it validates the emulated ldmatrix / mma layouts) and v2
 /// (not yet run on a GPU), on small shapes with every edge: d 64 / 72 / 128, a partial last key
 /// tile, partial query blocks, one token, a peaked softmax.
@@ -1093,7 +1104,8 @@ fn emulated_gemm() -> Result<()> {
     Ok(())
 }
 
-/// The mbarrier-paced kernels (the TMA attention, the TMA GEMMs plain and multicast, the
+/// The mbarrier-paced kernels (the TMA attention, the TMA GEMMs plain and multicast, the fused
+/// GEMM + LayerNorm and qkv + attention, the
 /// probes) with lazy threads: every fifth thread of a block runs only when no other can, so
 /// a thread that waits on an mbarrier it never arrives on falls behind by as many phases as
 /// the kernel lets it. A parity wait that is two phases stale waits for a phase that may never
@@ -1137,8 +1149,26 @@ fn emulated_lazy_threads() -> Result<()> {
             round_v: false,
         };
         small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, false, 86)?;
-        small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, true, 87)
+        small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, true, 87)?;
+        for multicast in [false, true] {
+            attention_cases::run_qkv_attention(emu, &small_qkv_attention_case(), multicast, 88)?;
+        }
+        Ok(())
     })
+}
+
+/// The fused qkv + attention's small edge case for the schedule tests: two sequences of 200
+/// tokens (a partial last key tile), two heads of 72 (dim 144: a partial k-step), padded A rows.
+fn small_qkv_attention_case() -> attention_cases::QkvAttentionCase {
+    attention_cases::QkvAttentionCase {
+        shape: attention_cases::Shape {
+            batch: 2,
+            heads: 2,
+            tokens: 200,
+            head_dim: 72,
+        },
+        lda: 152,
+    }
 }
 
 /// The TMA kernels' split-K slices alone (`launch_tma_kernel`, what `Gemm::tma_product_split`
@@ -1310,6 +1340,34 @@ fn emulated_warps_ahead() -> Result<()> {
     Ok(())
 }
 
+/// The cluster kernels that write into other blocks' shared memory (the fused GEMM + LayerNorm's
+/// statistics, the fused qkv + attention's K and V) with blocks ahead: each block of a cluster
+/// runs as far as its own barriers let it (a warpgroup's wgmma included) before the next moves,
+/// so a block that reads its shared memory before the cluster barrier that follows the other
+/// blocks' stores reads it before they are made. Round robin and warps ahead give the other
+/// blocks a turn at each of the reader's warpgroup barriers, which hides that.
+#[test]
+fn emulated_blocks_ahead() -> Result<()> {
+    let Some(emu) = emulator("emulated_blocks_ahead") else {
+        return Ok(());
+    };
+    emu.with_warps_ahead(2, || -> Result<()> {
+        let gemm_ln = small_kernel_cases::GemmLnCase {
+            rows: 11,
+            tokens: 10,
+            k: 200,
+            with_cache: true,
+            round_v: true,
+        };
+        for multicast in [false, true] {
+            small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, multicast, 85)?;
+            attention_cases::run_qkv_attention(emu, &small_qkv_attention_case(), multicast, 90)?;
+        }
+        Ok(())
+    })
+    .context("blocks ahead")
+}
+
 /// Small cases of every kernel family with shared memory or warp exchanges, what the warps-ahead
 /// schedules and the race check run; `label` names them in errors.
 fn small_cases_of_every_kernel(emu: &Emulator, label: &str) -> Result<()> {
@@ -1357,6 +1415,7 @@ fn small_cases_of_every_kernel(emu: &Emulator, label: &str) -> Result<()> {
     };
     for multicast in [false, true] {
         small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, multicast, 85)?;
+        attention_cases::run_qkv_attention(emu, &small_qkv_attention_case(), multicast, 89)?;
     }
     small_gemm_cases(emu, label, &every_gemm_kernel())
 }
@@ -1414,24 +1473,6 @@ fn small_norm_cases(emu: &Emulator) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// A @ W^T + bias in f64 ([m, k] and [n, k] row-major, bias [n]): the GEMM tests' reference.
-fn biased_product(
-    a: &[f32],
-    w: &[f32],
-    bias: &[f32],
-    (m, n, k): (usize, usize, usize),
-) -> Vec<f64> {
-    (0..m * n)
-        .map(|i| {
-            let (r, c) = (i / n, i % n);
-            (0..k)
-                .map(|j| a[r * k + j] as f64 * w[c * k + j] as f64)
-                .sum::<f64>()
-                + bias[c] as f64
-        })
-        .collect()
 }
 
 /// Emulated SMs for a TMA tile: 1 (its persistent CTA takes every work unit) or, for the

@@ -32,7 +32,9 @@
 #              prefetch_weights: FORA_PREFETCH_WEIGHTS=1; gemm_ln (gemm_ln_pdl,
 #              gemm_ln_prefetch): the default path with proj / fc2 and their LayerNorm as one
 #              gemm_tma_ln_mc_64x72 launch at few rows (FORA_GEMM_LN=1; with FORA_PDL=1, with
-#              FORA_PREFETCH_WEIGHTS=1); "all"
+#              FORA_PREFETCH_WEIGHTS=1); qkv_attention: each block's qkv Linear and attention
+#              as one qkv_attention_mc_d72 launch at few rows (FORA_QKV_ATTENTION=1);
+#              qkv_gemm_ln (qkv_gemm_ln_pdl): both fusions (with FORA_PDL=1); "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
 #              l2_persist, tma_pdl, tma_mc_pdl, attention_v1, attention_v2, attention_wgmma,
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
@@ -180,6 +182,9 @@ hopper_rows() {
   # FORA_GEMM_LN's fused proj / fc2 + LayerNorm (HOPPER_KERNELS=all) against the cuBLASLt
   # product rows above plus residual_ln.
   grep -E "^\| (proj\+ln|fc2\+ln|residual_ln) \| 2 \|" "$OUT/$1.log" | head -n 12
+  # FORA_QKV_ATTENTION's qkv + attention (HOPPER_KERNELS=all) against the qkv rows plus the
+  # attention rows above.
+  grep -E "^\| qkv\+attention \| 2 \|" "$OUT/$1.log" | head -n 4
   # Each forced TMA tile against its L2 roofline at 256 rows (the L2 hypothesis, yes or no).
   grep -A 80 "^TMA tiles against their L2 roofline" "$OUT/$1.log" | grep -E "^\| [a-z0-9]+ \| 256 \|" | head -n 40
   grep -E "^L2 roofline" "$OUT/$1.log"
@@ -438,7 +443,10 @@ phase_variants() {
            "tma_staged_cluster_k:tma:FORA_TMA_TILES=$STAGED_CLUSTER_K_TILES" \
            "prefetch_weights:cublaslt:FORA_PREFETCH_WEIGHTS=1" \
            "gemm_ln:cublaslt:FORA_GEMM_LN=1" "gemm_ln_pdl:cublaslt:FORA_GEMM_LN=1 FORA_PDL=1" \
-           "gemm_ln_prefetch:cublaslt:FORA_GEMM_LN=1 FORA_PREFETCH_WEIGHTS=1")
+           "gemm_ln_prefetch:cublaslt:FORA_GEMM_LN=1 FORA_PREFETCH_WEIGHTS=1" \
+           "qkv_attention:cublaslt:FORA_QKV_ATTENTION=1" \
+           "qkv_gemm_ln:cublaslt:FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1" \
+           "qkv_gemm_ln_pdl:cublaslt:FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1 FORA_PDL=1")
   local round suffix
   for round in $(seq 1 "${VARIANT_ROUNDS:-1}"); do
     suffix=""; [ "$round" -gt 1 ] && suffix="_r$round"

@@ -20,6 +20,7 @@ use crate::cuda::params::{
     GemmParams, LayerNormModulateParams, PatchEmbedParams, ResidualLayerNormParams,
     SamplerStepParams,
 };
+use crate::cuda::qkv_attention::QkvAttention;
 use crate::cuda::sampler::{
     final_sampler_step, final_sampler_supported, guided_channels, sampler_step, set_update,
 };
@@ -485,7 +486,85 @@ pub(super) fn bench_kernels(
                 }
             }
         }
+        // FORA_QKV_ATTENTION's kernel (session 24), where the model would take it: against the
+        // qkv GEMM rows plus an attention row. The model's (W multicast) first.
+        if QkvAttention::serves(
+            gpu.compute_capability(),
+            gpu.multiprocessors(),
+            rows,
+            cfg.heads,
+            cfg.head_dim(),
+            cfg.tokens(),
+        ) {
+            for multicast in [true, false] {
+                let row = bench_qkv_attention(gpu, cfg, rows, timer, rotate, multicast);
+                push_kernel(report, "qkv+attention", rows, row);
+            }
+        }
     }
+}
+
+/// `qkv_attention_*` (FORA_QKV_ATTENTION): the qkv Linear and the attention of `rows` model rows
+/// in one launch, W multicast across each cluster or not ([`QkvAttention::multicast`]). Its
+/// FLOPs are the GEMM's and the attention's.
+fn bench_qkv_attention(
+    gpu: &Gpu,
+    cfg: &DitConfig,
+    rows: usize,
+    timer: &Timer,
+    rotate: usize,
+    multicast: bool,
+) -> Result<KernelRow> {
+    let (d, t) = (cfg.hidden, cfg.tokens());
+    let m = rows * t;
+    // A and W (bf16) in, the attention output (bf16) out.
+    let set = m * d * 2 + 3 * d * d * 2 + m * d * 2;
+    let copies = rotation_copies(set, rotate);
+    let mut sets = Vec::with_capacity(copies);
+    for c in 0..copies {
+        let seed = 700 + 10 * c as u64;
+        sets.push((
+            random_bf16(gpu, m * d, 1.0, seed, "qkv_attention A")?,
+            random_bf16(gpu, 3 * d * d, 0.03, seed + 1, "qkv_attention W")?,
+            gpu.alloc_zeros::<bf16>(m * d, "qkv_attention out")?,
+        ));
+    }
+    let bias = random_f32(gpu, 3 * d, 0.1, 799, "qkv_attention bias")?;
+    let shape = QkvAttention {
+        a: 0,
+        lda: d,
+        w: 0,
+        bias: dptr(&bias),
+        out: 0,
+        batch: rows,
+        tokens: t,
+        heads: cfg.heads,
+        head_dim: cfg.head_dim(),
+        scale: 1.0 / (cfg.head_dim() as f32).sqrt(),
+        multicast,
+    };
+    let launch = |i: usize| {
+        let (a, w, out) = &sets[i % copies];
+        QkvAttention {
+            a: dptr(a),
+            w: dptr(w),
+            out: dptr(out),
+            ..shape
+        }
+        .launch(gpu)
+    };
+    let (stats, per_replay) = timer.time_alone(gpu, copies, launch)?;
+    let attention_flops = 4.0 * (rows * cfg.heads * t * t * cfg.head_dim()) as f64;
+    Ok(KernelRow {
+        name: "qkv+attention".into(),
+        imp: format!("custom ({})", shape.kernel()),
+        rows,
+        shape: format!("M={m} N={} K={d} H={} T={t}", 3 * d, cfg.heads),
+        bound: Bound::Compute,
+        work: 2.0 * (m * 3 * d * d) as f64 + attention_flops,
+        stats: Some(stats),
+        launches_per_replay: per_replay,
+    })
 }
 
 /// `gemm_tma_ln_64x72` as proj (`k` = hidden) or fc2 (`k` = mlp_hidden): the GEMM, its gated

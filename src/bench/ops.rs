@@ -73,6 +73,8 @@ pub fn op_flops(cfg: &DitConfig, rows: usize, op: &str) -> Option<f64> {
         "fc2" => Some(gemm(d, cfg.mlp_hidden() as f64)),
         // QK^T and PV: 2 x 2 x T x T x head_dim a head.
         "attention" => Some(4.0 * tokens * cfg.tokens() as f64 * d),
+        // FORA_QKV_ATTENTION's one launch.
+        "qkv+attention" => Some(gemm(3.0 * d, d) + 4.0 * tokens * cfg.tokens() as f64 * d),
         _ => None,
     }
 }
@@ -356,6 +358,11 @@ mod tests {
             Some(4.0 * 2.0 * 256.0 * 256.0 * 72.0 * 16.0)
         );
         assert_eq!(op_flops(&cfg, 2, "residual_ln"), None);
+        // FORA_QKV_ATTENTION's launch: both.
+        assert_eq!(
+            op_flops(&cfg, 2, "qkv+attention"),
+            Some(op_flops(&cfg, 2, "qkv").unwrap() + op_flops(&cfg, 2, "attention").unwrap())
+        );
         // The four GEMMs and attention are the blocks' MACs of a row (the rest is small).
         let per_row: f64 = ["qkv", "proj", "fc1", "fc2", "attention"]
             .iter()

@@ -175,7 +175,7 @@ pub enum Bound {
 pub struct KernelRow {
     /// "qkv", "proj", "fc1", "fc2", "adaLN", "final", "attention", "patch_embed",
     /// "sampler_step", "fora_reuse", "fora_reuse_final", "layernorm", "residual_ln", "proj+ln",
-    /// "fc2+ln" (FORA_GEMM_LN's fused kernel).
+    /// "fc2+ln" (FORA_GEMM_LN's fused kernel), "qkv+attention" (FORA_QKV_ATTENTION's).
     pub name: String,
     /// "custom", "cublaslt", "cublaslt+epilogue", "cublaslt-tuned" (GEMMs); "custom" otherwise.
     pub imp: String,
@@ -660,6 +660,7 @@ impl Report {
                 "l2_persist": self.options.l2_persist,
                 "prefetch_weights": self.options.prefetch_weights,
                 "gemm_ln": self.options.gemm_ln,
+                "qkv_attention": self.options.qkv_attention,
                 "pdl": self.options.pdl,
                 "reuse_sum": self.options.reuse_sum,
                 "final_sampler": self.options.final_sampler,

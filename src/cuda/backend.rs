@@ -157,6 +157,14 @@ pub struct CudaOptions {
     /// maths (with `bf16_residual` the residual adds bf16 v, as there), the LayerNorm's
     /// statistics combined in another order. Off by default: not yet run on a GPU.
     pub gemm_ln: bool,
+    /// On a Hopper with head_dim 64 or 72, at most 256 tokens and few rows (the clusters' CTAs,
+    /// four a sequence and head, in one wave: one image + CFG of DiT-XL/2 is 128 CTAs): each
+    /// block's qkv Linear and attention as one `qkv_attention_*` launch (clusters of four CTAs of
+    /// 64 tokens exchanging K and V through distributed shared memory; the qkv activations
+    /// never reach memory) instead of a GEMM and an attention kernel: 28 launches fewer a step
+    /// (`FORA_QKV_ATTENTION=1`: on). The same maths (q, k, v rounded to bf16 as the GEMM stores
+    /// them; the bias added in f32). Off by default: not yet run on a GPU.
+    pub qkv_attention: bool,
     /// Launch our kernels with programmatic stream serialization (`FORA_PDL=1`: on; compute
     /// capability 9.0 and later, ignored before): each starts launching while the kernel before
     /// it finishes and waits for it in its first statement, so the ~1 us launch gap between
@@ -227,6 +235,7 @@ impl Default for CudaOptions {
             l2_persist: false,
             prefetch_weights: false,
             gemm_ln: false,
+            qkv_attention: false,
             pdl: false,
             reuse_sum: 2,
             final_sampler: true,
@@ -321,7 +330,7 @@ type SwitchField = fn(&mut CudaOptions) -> &mut bool;
 /// The 0/1 switches of [`CudaOptions`]: each environment variable and the field it sets (its
 /// default is [`CudaOptions::default`]'s). `FORA_CUDA_GRAPHS` (off only at `0`), the kernel
 /// choices and `FORA_REUSE_SUM` are parsed apart.
-const SWITCHES: [(&str, SwitchField); 17] = [
+const SWITCHES: [(&str, SwitchField); 18] = [
     ("FORA_PRECOMPUTE_MODULATION", |o| {
         &mut o.precompute_modulation
     }),
@@ -339,6 +348,7 @@ const SWITCHES: [(&str, SwitchField); 17] = [
     ("FORA_L2_PERSIST", |o| &mut o.l2_persist),
     ("FORA_PREFETCH_WEIGHTS", |o| &mut o.prefetch_weights),
     ("FORA_GEMM_LN", |o| &mut o.gemm_ln),
+    ("FORA_QKV_ATTENTION", |o| &mut o.qkv_attention),
     ("FORA_PDL", |o| &mut o.pdl),
     ("FORA_FINAL_SAMPLER", |o| &mut o.final_sampler),
 ];
@@ -635,6 +645,12 @@ impl CudaBackend {
     /// The device handle this backend launches on.
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// The model's weights on the device and the kernels' shape decisions (which fused paths
+    /// serve which row counts).
+    pub fn model(&self) -> &GpuModel {
+        &self.model
     }
 
     /// The GEMM implementation the blocks use (`FORA_GEMM`).
@@ -947,6 +963,7 @@ impl CudaBackend {
             lt_splitk: self.options.lt_splitk,
             prefetch_weights: self.options.prefetch_weights,
             gemm_ln: self.options.gemm_ln,
+            qkv_attention: self.options.qkv_attention,
             reuse_sum: reuse_sum.filter(|_| mode == StepMode::Reuse),
         }
     }

@@ -17,6 +17,7 @@ pub mod norm;
 pub mod op_timer;
 pub mod params;
 pub mod probe;
+pub mod qkv_attention;
 pub mod sampler;
 pub mod step_graph;
 pub mod testing;

@@ -84,6 +84,10 @@ pub struct ForwardKind {
     /// `gemm_tma_ln_64x72` launch where it serves the shape ([`GpuModel::gemm_ln_serves`]),
     /// instead of the GEMM and `residual_layernorm` ([`super::CudaOptions::gemm_ln`]).
     pub gemm_ln: bool,
+    /// Each block's qkv Linear and attention as one `qkv_attention_*` launch where it serves the
+    /// shape ([`GpuModel::qkv_attention_serves`]) instead of the GEMM and the attention kernel
+    /// ([`super::CudaOptions::qkv_attention`]).
+    pub qkv_attention: bool,
     /// A reuse forward whose cache sum is ready (`FORA_REUSE_SUM`): the device address of
     /// the step's sum, f32 [rows*T, D] (from [`GpuModel::cache_sums`]); `fora_sum_final`
     /// reads it instead of the cache, and the forward's own table (if it computes one) needs
@@ -486,6 +490,20 @@ impl GpuModel {
             && token_rows <= super::gemm_ln::GemmLayerNorm::rows_limit(gpu.multiprocessors())
     }
 
+    /// Whether the fused qkv + attention ([`ForwardKind::qkv_attention`]) serves `rows` model
+    /// rows of this model on `gpu` ([`super::qkv_attention::QkvAttention::serves`]).
+    pub fn qkv_attention_serves(&self, gpu: &Gpu, rows: usize) -> bool {
+        let cfg = self.config();
+        super::qkv_attention::QkvAttention::serves(
+            gpu.compute_capability(),
+            gpu.multiprocessors(),
+            rows,
+            cfg.heads,
+            cfg.head_dim(),
+            cfg.tokens(),
+        )
+    }
+
     /// Whether a reuse forward runs as the one `fora_reuse_final` launch (then the final GEMM):
     /// asked for (`fused_reuse`) and supported by this model's shapes. Its modulation table is
     /// then read by that launch alone.
@@ -737,6 +755,7 @@ impl GpuModel {
             lt_splitk,
             prefetch_weights,
             gemm_ln,
+            qkv_attention,
             reuse_sum,
         } = kind;
         // qkv and fc1: with bias_bf16, cuBLASLt may fuse a bf16 copy of the bias.
@@ -852,6 +871,7 @@ impl GpuModel {
             && super::norm::residual_layernorm_supports(d);
         // proj / fc2 with their residual and LayerNorm in one launch (FORA_GEMM_LN, few rows).
         let gemm_ln_on = fuse_ln && gemm_ln && Self::gemm_ln_serves(gpu, d, rt);
+        let qkv_attention_on = qkv_attention && self.qkv_attention_serves(gpu, rows);
         // Weights the fused LayerNorm passes ask L2 to fetch (FORA_PREFETCH_WEIGHTS, few rows).
         let prefetch_on = prefetch_weights && rt <= PREFETCH_MAX_TOKENS;
         // The fused passes' L2 prefetch ranges: the next two GEMMs' weights, whole 16-byte
@@ -1038,37 +1058,55 @@ impl GpuModel {
                         let _op = crate::op_range!(gpu, "ln_msa");
                         super::norm::layernorm_modulate(gpu, &ln_params(acts, base, base + d))?;
                     }
-                    {
-                        let _op = crate::op_range!(gpu, "qkv");
-                        biased_gemm(
-                            &gemm_params(
-                                dptr(&acts.xn),
-                                dptr(&b.qkv_w),
-                                dptr(&b.qkv_b),
-                                dptr(&acts.qkv),
-                                rt,
-                                3 * d,
-                                d,
-                                Epilogue::BiasBf16,
-                            ),
-                            &b.qkv_b16,
-                        )?;
-                    }
-                    {
-                        let _op = crate::op_range!(gpu, "attention");
-                        super::attention::attention_with(
-                            gpu,
-                            &AttentionParams {
-                                qkv: dptr(&acts.qkv),
-                                out: dptr(&acts.attn),
-                                batch: rows as i32,
-                                tokens: t as i32,
-                                heads: cfg.heads as i32,
-                                head_dim: cfg.head_dim() as i32,
-                                scale: 1.0 / (cfg.head_dim() as f32).sqrt(),
-                            },
-                            attention,
-                        )?;
+                    if qkv_attention_on {
+                        let _op = crate::op_range!(gpu, "qkv+attention");
+                        super::qkv_attention::QkvAttention {
+                            a: dptr(&acts.xn),
+                            lda: d,
+                            w: dptr(&b.qkv_w),
+                            bias: dptr(&b.qkv_b),
+                            out: dptr(&acts.attn),
+                            batch: rows,
+                            tokens: t,
+                            heads: cfg.heads,
+                            head_dim: cfg.head_dim(),
+                            scale: 1.0 / (cfg.head_dim() as f32).sqrt(),
+                            multicast: true,
+                        }
+                        .launch(gpu)?;
+                    } else {
+                        {
+                            let _op = crate::op_range!(gpu, "qkv");
+                            biased_gemm(
+                                &gemm_params(
+                                    dptr(&acts.xn),
+                                    dptr(&b.qkv_w),
+                                    dptr(&b.qkv_b),
+                                    dptr(&acts.qkv),
+                                    rt,
+                                    3 * d,
+                                    d,
+                                    Epilogue::BiasBf16,
+                                ),
+                                &b.qkv_b16,
+                            )?;
+                        }
+                        {
+                            let _op = crate::op_range!(gpu, "attention");
+                            super::attention::attention_with(
+                                gpu,
+                                &AttentionParams {
+                                    qkv: dptr(&acts.qkv),
+                                    out: dptr(&acts.attn),
+                                    batch: rows as i32,
+                                    tokens: t as i32,
+                                    heads: cfg.heads as i32,
+                                    head_dim: cfg.head_dim() as i32,
+                                    scale: 1.0 / (cfg.head_dim() as f32).sqrt(),
+                                },
+                                attention,
+                            )?;
+                        }
                     }
                     gated_residual(
                         "proj",

@@ -374,6 +374,49 @@ impl Default for AttentionTmaParams {
     }
 }
 #[repr(C)]
+#[repr(align(128))]
+#[derive(Debug, Copy, Clone)]
+pub struct QkvAttentionParams {
+    pub a_map: TmaDescriptor,
+    pub w_map: TmaDescriptor,
+    pub bias: fora_ptr,
+    pub attn: AttentionParams,
+    pub dim: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of QkvAttentionParams",
+    ][::std::mem::size_of::<QkvAttentionParams>() - 384usize];
+    [
+        "Alignment of QkvAttentionParams",
+    ][::std::mem::align_of::<QkvAttentionParams>() - 128usize];
+    [
+        "Offset of field: QkvAttentionParams::a_map",
+    ][::std::mem::offset_of!(QkvAttentionParams, a_map) - 0usize];
+    [
+        "Offset of field: QkvAttentionParams::w_map",
+    ][::std::mem::offset_of!(QkvAttentionParams, w_map) - 128usize];
+    [
+        "Offset of field: QkvAttentionParams::bias",
+    ][::std::mem::offset_of!(QkvAttentionParams, bias) - 256usize];
+    [
+        "Offset of field: QkvAttentionParams::attn",
+    ][::std::mem::offset_of!(QkvAttentionParams, attn) - 264usize];
+    [
+        "Offset of field: QkvAttentionParams::dim",
+    ][::std::mem::offset_of!(QkvAttentionParams, dim) - 304usize];
+};
+impl Default for QkvAttentionParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct TimestepEmbedParams {
     pub t: fora_ptr,
@@ -1291,6 +1334,7 @@ unsafe impl cudarc::driver::DeviceRepr for GemmLayerNormParams {}
 unsafe impl cudarc::driver::DeviceRepr for GemmEpilogueParams {}
 unsafe impl cudarc::driver::DeviceRepr for AttentionParams {}
 unsafe impl cudarc::driver::DeviceRepr for AttentionTmaParams {}
+unsafe impl cudarc::driver::DeviceRepr for QkvAttentionParams {}
 unsafe impl cudarc::driver::DeviceRepr for TimestepEmbedParams {}
 unsafe impl cudarc::driver::DeviceRepr for SiluParams {}
 unsafe impl cudarc::driver::DeviceRepr for LabelSiluParams {}

@@ -201,6 +201,32 @@ pub fn round_bf16(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
 }
 
+/// A @ W^T + bias in f64 (`a` [m, k] and `w` [n, k] row-major, `bias` [n]), row-major [m, n]:
+/// the reference of the kernels that compute a Linear (parallel over the rows).
+pub fn biased_product(
+    a: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    (m, n, k): (usize, usize, usize),
+) -> Vec<f64> {
+    use rayon::prelude::*;
+    assert!(a.len() >= m * k && w.len() >= n * k && bias.len() >= n);
+    (0..m)
+        .into_par_iter()
+        .flat_map_iter(|r| {
+            let a = &a[r * k..(r + 1) * k];
+            (0..n).map(move |c| {
+                let w = &w[c * k..(c + 1) * k];
+                a.iter()
+                    .zip(w)
+                    .map(|(&x, &y)| x as f64 * y as f64)
+                    .sum::<f64>()
+                    + bias[c] as f64
+            })
+        })
+        .collect()
+}
+
 /// A small seeded generator (SplitMix64) for test data: reproducible, no dependency.
 #[derive(Clone, Debug)]
 pub struct TestRng(u64);

@@ -8,7 +8,10 @@ use anyhow::{ensure, Result};
 use fora::cpu::ops;
 use fora::cuda::attention::{attention_sized_for, AttentionImpl};
 use fora::cuda::params::AttentionParams;
-use fora::cuda::testing::{check_close, round_bf16, DeviceAddr, TestDevice, TestRng};
+use fora::cuda::qkv_attention::QkvAttention;
+use fora::cuda::testing::{
+    biased_product, check_close, round_bf16, DeviceAddr, TestDevice, TestRng,
+};
 use rayon::prelude::*;
 
 /// Rows of poisoned guard elements after the output: a store past the last token shows up.
@@ -331,4 +334,124 @@ pub fn run_wgmma_probe<D: TestDevice>(
         "{what}: wrote past d"
     );
     check_close(&what, &got[..64 * n], &want, 1e-5).map(|_| ())
+}
+
+// ---- the qkv Linear + attention in one launch (Hopper) ---------------------------------------
+
+/// One `qkv_attention_*` launch: `s` (dim = heads x head_dim), A's rows `lda` apart.
+pub struct QkvAttentionCase {
+    pub shape: Shape,
+    pub lda: usize,
+}
+
+/// One case against the CPU twin: q, k, v = bf16(A W^T + bias) from the product of the bf16
+/// operands in f64 (as the qkv Linear writes qkv), then the attention reference on them; rel-L2
+/// <= 1e-2, no NaN, guard rows untouched, a second launch the same bits.
+pub fn run_qkv_attention<D: TestDevice>(
+    gpu: &D,
+    c: &QkvAttentionCase,
+    multicast: bool,
+    seed: u64,
+) -> Result<()> {
+    let s = c.shape;
+    let dim = s.heads * s.head_dim;
+    let m = s.batch * s.tokens;
+    let mut rng = TestRng::new(seed);
+    // A's padding columns (lda > dim) hold 7.0, which must never enter the product.
+    let a = round_bf16(&rng.normal_vec(m * dim, 1.0));
+    let mut a_host = vec![7.0f32; m * c.lda];
+    for r in 0..m {
+        a_host[r * c.lda..r * c.lda + dim].copy_from_slice(&a[r * dim..(r + 1) * dim]);
+    }
+    // q, k and v of about unit variance: W's rows have norm ~1.
+    let w = round_bf16(&rng.normal_vec(3 * dim * dim, 1.0 / (dim as f32).sqrt()));
+    let bias = rng.normal_vec(3 * dim, 0.5);
+    let qkv: Vec<f32> = biased_product(&a, &w, &bias, (m, 3 * dim, dim))
+        .into_iter()
+        .map(|x| x as f32)
+        .collect();
+    let qkv = round_bf16(&qkv);
+    let name = format!(
+        "qkv_attention{} B={} H={} T={} d={} lda={}",
+        if multicast { "_mc" } else { "" },
+        s.batch,
+        s.heads,
+        s.tokens,
+        s.head_dim,
+        c.lda
+    );
+    let reference = check_oracle(&name, &qkv, s)?;
+
+    let (a_d, w_d, bias_d) = (
+        gpu.upload_bf16(&a_host)?,
+        gpu.upload_bf16(&w)?,
+        gpu.upload_f32(&bias)?,
+    );
+    let out_len = m * dim;
+    let mut out_d = gpu.poisoned_bf16(out_len + GUARD_ROWS * dim)?;
+    let launch = QkvAttention {
+        a: a_d.addr(),
+        lda: c.lda,
+        w: w_d.addr(),
+        bias: bias_d.addr(),
+        out: out_d.addr(),
+        batch: s.batch,
+        tokens: s.tokens,
+        heads: s.heads,
+        head_dim: s.head_dim,
+        scale: 1.0 / (s.head_dim as f32).sqrt(),
+        multicast,
+    };
+    launch.launch(gpu)?;
+    let first = gpu.download_bf16(&out_d)?;
+    let (out, guard) = first.split_at(out_len);
+    if let Some(i) = guard.iter().position(|v| !v.is_nan()) {
+        anyhow::bail!(
+            "{name}: the kernel wrote past the output (guard element {i} is {})",
+            guard[i]
+        );
+    }
+    // The kernel's q, k, v are its f32 sums rounded to bf16, which may round to the other bf16
+    // neighbour of the f64 product's: the attention tolerance covers that.
+    check_close(&name, out, &reference, 1e-2)?;
+
+    gpu.poison_bf16(&mut out_d)?;
+    launch.launch(gpu)?;
+    let second = gpu.download_bf16(&out_d)?;
+    ensure!(
+        first
+            .iter()
+            .zip(&second)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "{name}: two launches on the same input gave different bits"
+    );
+    Ok(())
+}
+
+/// Every case of the fused qkv + attention: one image + CFG of DiT-XL/2 at 256 px (d 72, 16
+/// heads, 256 tokens), and odd shapes: 10 tokens (three CTAs of a cluster past the sequence),
+/// 200 tokens (a partial last key tile, a partial k-step: dim 216) with padded A rows, d 64 at 256
+/// tokens, 65 tokens (a second tile of one key); each with and without W's multicast.
+pub fn check_qkv_attention<D: TestDevice>(gpu: &D) -> Result<()> {
+    let case = |batch, heads, tokens, head_dim, pad| QkvAttentionCase {
+        shape: Shape {
+            batch,
+            heads,
+            tokens,
+            head_dim,
+        },
+        lda: heads * head_dim + pad,
+    };
+    for (c, seed) in [
+        (case(2, 16, 256, 72, 0), 91),
+        (case(3, 2, 10, 64, 0), 92),
+        (case(2, 3, 200, 72, 8), 93),
+        (case(1, 2, 256, 64, 16), 94),
+        (case(2, 1, 65, 72, 0), 95),
+    ] {
+        for multicast in [false, true] {
+            run_qkv_attention(gpu, &c, multicast, seed)?;
+        }
+    }
+    Ok(())
 }

@@ -189,6 +189,10 @@ void gemm_wgmma_64x128(const GemmParams p);
 void gemm_tma_128x128(const GemmTmaParams p);
 void gemm_tma_ln_64x72(const GemmLayerNormParams p);
 void gemm_tma_ln_mc_64x72(const GemmLayerNormParams p);
+void qkv_attention_d64(const QkvAttentionParams p);
+void qkv_attention_d72(const QkvAttentionParams p);
+void qkv_attention_mc_d64(const QkvAttentionParams p);
+void qkv_attention_mc_d72(const QkvAttentionParams p);
 void gemm_tma_128x192(const GemmTmaParams p);
 void gemm_tma_128x256(const GemmTmaParams p);
 void gemm_tma_256x128(const GemmTmaParams p);
@@ -507,7 +511,11 @@ bool is_lazy(unsigned t) { return lazy_stride > 0 && t % lazy_stride == lazy_str
 // the lowest first, each as far as it can go before the next starts; -1: the highest first.
 // Either is a schedule a GPU may choose (nothing orders warps between barriers), and a
 // kernel's result must not depend on which. -1 also runs a launch's blocks from the last
-// (fora_emulate_launch). Off (0) by default.
+// (fora_emulate_launch). 2: the same with whole blocks for warps, the lowest rank of the cluster
+// first, so that a block runs on past every barrier of its own (a warpgroup's wgmma, a
+// __syncthreads) before the next block of its cluster moves: what another block writes into its
+// shared memory after a cluster barrier the reader did not wait on arrives too late. Off (0) by
+// default.
 thread_local int warps_ahead = 0;
 
 // Runs the cluster whose first block is `first` (its blocks at x, x + 1, ..., same y and z).
@@ -545,12 +553,13 @@ void run_cluster(Launch& l, uint3 first) {
                 }
             }
         } else {
-            // Each warp (of every block of the cluster, in the chosen order) until it stops
-            // moving: blocked at a barrier a slower warp has yet to reach, or returned.
-            const unsigned warps = (n + 31) / 32, all = l.cluster * warps;
+            // Each warp (2: block) of every block of the cluster, in the chosen order, until it
+            // stops moving: blocked at a barrier a slower warp has yet to reach, or returned.
+            const unsigned width = warps_ahead == 2 ? n : 32;
+            const unsigned warps = (n + width - 1) / width, all = l.cluster * warps;
             for (unsigned k = 0; k < all; ++k) {
                 const unsigned i = warps_ahead > 0 ? k : all - 1 - k;
-                const unsigned r = i / warps, first = i % warps * 32, end = std::min(first + 32, n);
+                const unsigned r = i / warps, first = i % warps * width, end = std::min(first + width, n);
                 for (bool moved = true; moved;) {
                     const unsigned long long warp_before = l.progress;
                     bool ran = false;
@@ -737,6 +746,10 @@ Kernel find(const std::string& name) {
     if (name == "gemm_tma_128x128") return call<GemmTmaParams, gemm_tma_128x128>;
     if (name == "gemm_tma_ln_64x72") return call<GemmLayerNormParams, gemm_tma_ln_64x72>;
     if (name == "gemm_tma_ln_mc_64x72") return call<GemmLayerNormParams, gemm_tma_ln_mc_64x72>;
+    if (name == "qkv_attention_d64") return call<QkvAttentionParams, qkv_attention_d64>;
+    if (name == "qkv_attention_d72") return call<QkvAttentionParams, qkv_attention_d72>;
+    if (name == "qkv_attention_mc_d64") return call<QkvAttentionParams, qkv_attention_mc_d64>;
+    if (name == "qkv_attention_mc_d72") return call<QkvAttentionParams, qkv_attention_mc_d72>;
     if (name == "gemm_tma_128x192") return call<GemmTmaParams, gemm_tma_128x192>;
     if (name == "gemm_tma_128x256") return call<GemmTmaParams, gemm_tma_128x256>;
     if (name == "gemm_tma_256x128") return call<GemmTmaParams, gemm_tma_256x128>;
@@ -782,6 +795,7 @@ unsigned cluster_size_of(const std::string& name) {
     if (name.rfind("gemm_tma_k3_", 0) == 0) return 3;
     if (name.rfind("gemm_tma_k4_", 0) == 0) return 4;
     if (name.rfind("gemm_tma_ln_", 0) == 0) return 16;
+    if (name.rfind("qkv_attention_", 0) == 0) return 4;
     return 1;
 }
 
@@ -1516,7 +1530,7 @@ void fora_emulation_tma_load_2d_multicast(uint32_t dst, const void* map, int x, 
 extern "C" void fora_emulate_set_lazy_threads(unsigned stride) { lazy_stride = stride; }
 
 // The warp order of this OS thread's later launches (0: round robin; 1 / -1: warps ahead, the
-// lowest / highest first; see warps_ahead).
+// lowest / highest first; 2: blocks ahead; see warps_ahead).
 extern "C" void fora_emulate_set_warps_ahead(int order) { warps_ahead = order; }
 
 extern "C" int fora_emulate_encode_tma_2d(void* out, const void* base, uint64_t cols, uint64_t rows,

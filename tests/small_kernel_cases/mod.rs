@@ -29,7 +29,9 @@ use fora::cuda::params::{
 use fora::cuda::sampler::{
     final_sampler_step, guided_channels, normal_fill, sampler_step, set_update, unpatchify,
 };
-use fora::cuda::testing::{check_close, round_bf16, DeviceAddr, TestDevice, TestRng};
+use fora::cuda::testing::{
+    biased_product, check_close, round_bf16, DeviceAddr, TestDevice, TestRng,
+};
 use fora::diffusion::{apply_update, Diffusion, SamplerKind};
 
 /// Every element within `atol + rtol * |ref|` (and finite). Catches single unwritten or wrong
@@ -688,14 +690,9 @@ pub fn run_gemm_layernorm<D: TestDevice>(
         gpu.download_bf16(&cache)?,
     );
 
-    let v: Vec<f32> = (0..n)
-        .map(|i| {
-            let (r, col) = (i / dim, i % dim);
-            let dot: f64 = (0..k)
-                .map(|j| a[r * k + j] as f64 * w[col * k + j] as f64)
-                .sum();
-            (dot + bias[col] as f64) as f32
-        })
+    let v: Vec<f32> = biased_product(&a, &w, &bias, (m, dim, k))
+        .into_iter()
+        .map(|x| x as f32)
         .collect();
     // The residual's v: f32, or (round_v) the kernel's own bf16 v as the cache holds it: its f32
     // sums may round to the bf16 neighbour of the f64 product's rounding (the cache check
