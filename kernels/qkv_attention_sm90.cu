@@ -349,15 +349,28 @@ FORA_DEVICE void qkv_attention_block(const QkvAttentionParams& p) {
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 // Grid (4 x heads, batch), clusters of four along x (a sequence's 64-token quarters), 160
-// threads; dynamic shared memory QkvAttentionShape<D>::SMEM_BYTES.
-#define FORA_QKV_ATTENTION_KERNEL(NAME, D, MC)                                             \
-    extern "C" __global__ void __launch_bounds__(160, 1) FORA_CLUSTER(4)                   \
-        NAME(const __grid_constant__ QkvAttentionParams p) {                               \
-        grid_dependency_deferred();                                                        \
-        FORA_QKV_ATTENTION_BODY(D, MC);                                                    \
-    }
+// threads; dynamic shared memory QkvAttentionShape<D>::SMEM_BYTES. Each loads its own W tiles.
+extern "C" __global__ void __launch_bounds__(160, 1) FORA_CLUSTER(4)
+    qkv_attention_d64(const __grid_constant__ QkvAttentionParams p) {
+    grid_dependency_deferred();
+    FORA_QKV_ATTENTION_BODY(64, false);
+}
 
-FORA_QKV_ATTENTION_KERNEL(qkv_attention_d64, 64, false)
-FORA_QKV_ATTENTION_KERNEL(qkv_attention_d72, 72, false)
-FORA_QKV_ATTENTION_KERNEL(qkv_attention_mc_d64, 64, true)
-FORA_QKV_ATTENTION_KERNEL(qkv_attention_mc_d72, 72, true)
+extern "C" __global__ void __launch_bounds__(160, 1) FORA_CLUSTER(4)
+    qkv_attention_d72(const __grid_constant__ QkvAttentionParams p) {
+    grid_dependency_deferred();
+    FORA_QKV_ATTENTION_BODY(72, false);
+}
+
+// W's tiles multicast across the cluster: the same shared memory.
+extern "C" __global__ void __launch_bounds__(160, 1) FORA_CLUSTER(4)
+    qkv_attention_mc_d64(const __grid_constant__ QkvAttentionParams p) {
+    grid_dependency_deferred();
+    FORA_QKV_ATTENTION_BODY(64, true);
+}
+
+extern "C" __global__ void __launch_bounds__(160, 1) FORA_CLUSTER(4)
+    qkv_attention_mc_d72(const __grid_constant__ QkvAttentionParams p) {
+    grid_dependency_deferred();
+    FORA_QKV_ATTENTION_BODY(72, true);
+}

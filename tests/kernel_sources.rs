@@ -6,9 +6,10 @@ use std::path::Path;
 /// Under `FORA_PDL=1` a kernel may start while the one before it on the stream still runs, so
 /// every kernel's first statement must be `grid_dependency_sync();` (kernels/common.cuh): one
 /// that touched global memory first, or returned before it, would race its predecessor. A new
-/// kernel without it fails here. The TMA GEMMs (`gemm_tma_*`) alone may start with
-/// `grid_dependency_deferred();`: their producer loads weights before it waits, and the shared
-/// body (`gemm_tma_tile`) must then wait in both roles before anything else.
+/// kernel without it fails here. The TMA GEMMs (`gemm_tma_*`, the fused `gemm_tma_ln_*`) and the
+/// fused `qkv_attention_*` alone may start with `grid_dependency_deferred();`: their producer
+/// loads weights before it waits, and their shared bodies must then wait in both roles before
+/// anything else.
 #[test]
 fn every_kernel_waits_for_its_predecessor_first() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
@@ -36,8 +37,10 @@ fn every_kernel_waits_for_its_predecessor_first() {
             // The first statement: skip whitespace and macro line continuations.
             let body =
                 after[open + 1..].trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
-            let deferred_ok =
-                name.starts_with("gemm_tma_") && body.starts_with("grid_dependency_deferred();");
+            let deferred_ok = ["gemm_tma_", "qkv_attention_"]
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+                && body.starts_with("grid_dependency_deferred();");
             if deferred_ok {
                 deferred += 1;
             } else if !body.starts_with("grid_dependency_sync();") {
@@ -98,37 +101,66 @@ fn every_kernel_waits_for_its_predecessor_first() {
             ["setmaxnreg_inc<232>();", "grid_dependency_wait();"],
             "the TMA consumers must wait first"
         );
-        // The fused GEMM + LayerNorm (gemm_ln_sm90.cu): the same two rules.
-        let src = std::fs::read_to_string(dir.join("gemm_ln_sm90.cu")).unwrap();
-        let body = &src[src
-            .find("FORA_DEVICE void gemm_ln_tile(")
-            .expect("gemm_ln_tile")..];
-        let producer = &body[body
-            .find("if (tid >= kLnConsumers) {")
-            .expect("the producer branch")..];
-        let wait = producer
-            .find("grid_dependency_wait();")
-            .expect("a producer wait");
-        let early = &producer[..wait];
-        assert!(
-            early.contains("tma_load_2d(smem_b")
-                && !early.contains("tma_load_2d(smem_a")
-                && !early.contains("load_a("),
-            "gemm_ln_tile's producer may load only W before its wait"
+        // The fused GEMM + LayerNorm (gemm_ln_sm90.cu) and qkv + attention
+        // (qkv_attention_sm90.cu): the same two rules.
+        producer_loads_w_first_consumers_wait_first(
+            &dir,
+            ("gemm_ln_sm90.cu", "FORA_DEVICE void gemm_ln_tile("),
+            "if (tid >= kLnConsumers) {",
+            "tma_load_2d(smem_b",
+            "// ---- consumers: the mainloop ----",
         );
-        let consumer = &body[body
-            .find("// ---- consumers: the mainloop ----")
-            .expect("the consumers' part")..];
-        let first = consumer
-            .lines()
-            .map(str::trim)
-            .find(|l| !l.is_empty() && !l.starts_with("//"));
-        assert_eq!(
-            first,
-            Some("grid_dependency_wait();"),
-            "gemm_ln_tile's consumers must wait first"
+        producer_loads_w_first_consumers_wait_first(
+            &dir,
+            (
+                "qkv_attention_sm90.cu",
+                "FORA_DEVICE void qkv_attention_block(",
+            ),
+            "if (tid >= S::CONSUMERS) {",
+            "load_w(",
+            "// ---- consumers: the GEMM ----",
         );
     }
+}
+
+/// A TMA kernel with one producer branch (`producer` starts it) and consumers (after
+/// `consumers`) in the device function `body` of `file`: the producer issues W's loads
+/// (`w_load`) and none of A's (`tma_load_2d(smem_a`, `load_a(`) before its
+/// `grid_dependency_wait()`, and the consumers' first statement is their wait.
+fn producer_loads_w_first_consumers_wait_first(
+    dir: &std::path::Path,
+    (file, body): (&str, &str),
+    producer: &str,
+    w_load: &str,
+    consumers: &str,
+) {
+    let src = std::fs::read_to_string(dir.join(file)).unwrap();
+    let body = &src[src.find(body).unwrap_or_else(|| panic!("{file}: {body}"))..];
+    let branch = &body[body
+        .find(producer)
+        .unwrap_or_else(|| panic!("{file}: the producer branch"))..];
+    let wait = branch
+        .find("grid_dependency_wait();")
+        .unwrap_or_else(|| panic!("{file}: a producer wait"));
+    let early = &branch[..wait];
+    assert!(
+        early.contains(w_load)
+            && !early.contains("tma_load_2d(smem_a")
+            && !early.contains("load_a("),
+        "{file}: the producer may load only W before its wait"
+    );
+    let consumer = &body[body
+        .find(consumers)
+        .unwrap_or_else(|| panic!("{file}: the consumers' part"))..];
+    let first = consumer
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with("//"));
+    assert_eq!(
+        first,
+        Some("grid_dependency_wait();"),
+        "{file}: the consumers must wait first"
+    );
 }
 
 /// No `mem::zeroed` in the crate: several driver structs hold Rust enums without a zero value
