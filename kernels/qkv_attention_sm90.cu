@@ -262,29 +262,52 @@ FORA_DEVICE void qkv_attention_block(const QkvAttentionParams& p) {
     // CTA has started.
     cluster_arrive_release();
     cluster_wait();
-    uint32_t peer_k[CL];
-#pragma unroll
-    for (int c = 0; c < CL; ++c) peer_k[c] = mapa_shared(k_tiles, static_cast<uint32_t>(c)) + rank * S::KV_TILE;
-    constexpr uint32_t kToV = CL * S::KV_TILE;  // v_tiles - k_tiles
+    // This CTA's K and V tiles into its own slot [rank] (bf16 pairs from the accumulators):
+    // warp w writes its rows 16 w .. 16 w + 15, two 8-row swizzle atoms of each panel.
+    unsigned char* smem = reinterpret_cast<unsigned char*>(qkv_attention_smem) + (base - raw);
+    constexpr uint32_t kPanel = S::ROWS * 128;
+    const uint32_t k_slot = rank * S::KV_TILE;  // byte offsets from base
+    const uint32_t v_slot = (CL + rank) * S::KV_TILE;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int row = 16 * warp + g + 8 * h;
 #pragma unroll
         for (int j = 0; j < F; ++j) {
             const uint32_t off = kv_tile_offset(row, 8 * j + 2 * t);
-            const uint32_t kp = pack_bf16x2(acc[4 * (F + j) + 2 * h], acc[4 * (F + j) + 2 * h + 1]);
-            const uint32_t vp = pack_bf16x2(acc[4 * (2 * F + j) + 2 * h], acc[4 * (2 * F + j) + 2 * h + 1]);
-#pragma unroll
-            for (int c = 0; c < CL; ++c) {
-                st_shared_cluster_u32(peer_k[c] + off, kp);
-                st_shared_cluster_u32(peer_k[c] + kToV + off, vp);
-            }
+            st_shared_for_async_proxy(smem + k_slot + off,
+                                      pack_bf16x2(acc[4 * (F + j) + 2 * h], acc[4 * (F + j) + 2 * h + 1]));
+            st_shared_for_async_proxy(smem + v_slot + off,
+                                      pack_bf16x2(acc[4 * (2 * F + j) + 2 * h], acc[4 * (2 * F + j) + 2 * h + 1]));
         }
         // K's depth padding [D, DK): zeros (stale shared memory could hold NaN bit patterns).
-        if constexpr (S::DK > D) {
-            const uint32_t off = kv_tile_offset(row, D + 2 * t);
+        if constexpr (S::DK > D) st_shared_for_async_proxy(smem + k_slot + kv_tile_offset(row, D + 2 * t), 0u);
+    }
+    __syncwarp();
+    // Then the warp copies its rows into slot [rank] of the other CTAs in 16-byte chunks: the
+    // first panel's 2 KiB of them whole (a warp's stores 512 contiguous bytes: distributed
+    // shared memory wants global memory's coalesced accesses), and of the second panel (d
+    // 64 ..) only the chunks that hold columns (K: d 64 .. DK, V: d 64 .. D).
+    uint32_t peer[CL - 1];
 #pragma unroll
-            for (int c = 0; c < CL; ++c) st_shared_cluster_u32(peer_k[c] + off, 0u);
+    for (int i = 0; i < CL - 1; ++i) peer[i] = mapa_shared(base, static_cast<uint32_t>((rank + 1 + i) % CL));
+    auto push = [&](uint32_t off) {
+        const uint4 v = *reinterpret_cast<const uint4*>(smem + off);
+#pragma unroll
+        for (int i = 0; i < CL - 1; ++i) st_shared_cluster_u32x4(peer[i] + off, v);
+    };
+    const uint32_t warp_rows = 2048u * static_cast<uint32_t>(warp);
+#pragma unroll
+    for (int c = lane; c < 128; c += 32) {
+        push(k_slot + warp_rows + 16u * c);
+        push(v_slot + warp_rows + 16u * c);
+    }
+    if constexpr (S::PANELS > 1) {
+        constexpr int kChunksK = (S::DK - 64) / 8, kChunksV = (D - 64) / 8;
+        for (int c = lane; c < 16 * kChunksK; c += 32) {
+            push(k_slot + kPanel + sw128_chunk(16 * warp + c / kChunksK, c % kChunksK));
+        }
+        for (int c = lane; c < 16 * kChunksV; c += 32) {
+            push(v_slot + kPanel + sw128_chunk(16 * warp + c / kChunksV, c % kChunksV));
         }
     }
     // The pushes are read by the receivers' wgmmas (the async proxy) after the barrier.

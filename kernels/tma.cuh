@@ -45,7 +45,7 @@ FORA_DEVICE void cluster_arrive_release() { fora_emulation_cluster_arrive(); }
 FORA_DEVICE void st_shared_cluster_f32x2(uint32_t cluster_addr, float2 v) {
     fora_emulation_st_shared_cluster(cluster_addr, &v, sizeof(v));
 }
-FORA_DEVICE void st_shared_cluster_u32(uint32_t cluster_addr, uint32_t v) {
+FORA_DEVICE void st_shared_cluster_u32x4(uint32_t cluster_addr, uint4 v) {
     fora_emulation_st_shared_cluster(cluster_addr, &v, sizeof(v));
 }
 FORA_DEVICE void fence_proxy_async_shared_cluster() { fora_emulation_fence_proxy_async(); }
@@ -175,9 +175,12 @@ FORA_DEVICE void cluster_arrive_release() { asm volatile("barrier.cluster.arrive
 FORA_DEVICE void st_shared_cluster_f32x2(uint32_t cluster_addr, float2 v) {
     asm volatile("st.shared::cluster.v2.f32 [%0], {%1, %2};\n" ::"r"(cluster_addr), "f"(v.x), "f"(v.y) : "memory");
 }
-// 4 bytes (a bf16 pair) likewise; 4-byte aligned.
-FORA_DEVICE void st_shared_cluster_u32(uint32_t cluster_addr, uint32_t v) {
-    asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(cluster_addr), "r"(v) : "memory");
+// 16 bytes likewise; 16-byte aligned. (Distributed shared memory wants the accesses of global
+// memory: a warp's lanes on consecutive chunks, whole 32-byte segments.)
+FORA_DEVICE void st_shared_cluster_u32x4(uint32_t cluster_addr, uint4 v) {
+    asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(cluster_addr), "r"(v.x), "r"(v.y),
+                 "r"(v.z), "r"(v.w)
+                 : "memory");
 }
 // Orders this thread's generic-proxy writes into the cluster's shared memory (its own CTA's or
 // another's, st_shared_cluster_*) before later async-proxy accesses of it (a wgmma of the CTA
