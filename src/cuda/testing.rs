@@ -201,7 +201,7 @@ pub fn round_bf16(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
 }
 
-/// A @ W^T + bias in f64 (`a` [m, k] and `w` [n, k] row-major, `bias` [n]), row-major [m, n]:
+/// A @ W^T + bias in f64 (`a` `[m, k]` and `w` `[n, k]` row-major, `bias` `[n]`), row-major `[m, n]`:
 /// the reference of the kernels that compute a Linear (parallel over the rows).
 pub fn biased_product(
     a: &[f32],
