@@ -1157,6 +1157,18 @@ fn emulated_lazy_threads() -> Result<()> {
     })
 }
 
+/// The fused GEMM + LayerNorm's odd case for the schedule tests: two clusters of 16, the
+/// second partial, 10 tokens a model row, a partial k-tile.
+fn small_gemm_ln_case() -> small_kernel_cases::GemmLnCase {
+    small_kernel_cases::GemmLnCase {
+        rows: 11,
+        tokens: 10,
+        k: 200,
+        with_cache: true,
+        round_v: true,
+    }
+}
+
 /// The fused qkv + attention's small edge case for the schedule tests: two sequences of 200
 /// tokens (a partial last key tile), two heads of 72 (dim 144: a partial k-step), padded A rows.
 fn small_qkv_attention_case() -> attention_cases::QkvAttentionCase {
@@ -1352,15 +1364,8 @@ fn emulated_blocks_ahead() -> Result<()> {
         return Ok(());
     };
     emu.with_warps_ahead(2, || -> Result<()> {
-        let gemm_ln = small_kernel_cases::GemmLnCase {
-            rows: 11,
-            tokens: 10,
-            k: 200,
-            with_cache: true,
-            round_v: true,
-        };
         for multicast in [false, true] {
-            small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, multicast, 85)?;
+            small_kernel_cases::run_gemm_layernorm(emu, &small_gemm_ln_case(), multicast, 85)?;
             attention_cases::run_qkv_attention(emu, &small_qkv_attention_case(), multicast, 90)?;
         }
         Ok(())
@@ -1405,16 +1410,8 @@ fn small_cases_of_every_kernel(emu: &Emulator, label: &str) -> Result<()> {
     }
     attention_cases::run_tma_probe(emu, 65)?;
     attention_cases::run_tma_cluster_probe(emu, 66)?;
-    // The fused GEMM + LayerNorm's odd case: two clusters of 16, the second partial.
-    let gemm_ln = small_kernel_cases::GemmLnCase {
-        rows: 11,
-        tokens: 10,
-        k: 200,
-        with_cache: true,
-        round_v: true,
-    };
     for multicast in [false, true] {
-        small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, multicast, 85)?;
+        small_kernel_cases::run_gemm_layernorm(emu, &small_gemm_ln_case(), multicast, 85)?;
         attention_cases::run_qkv_attention(emu, &small_qkv_attention_case(), multicast, 89)?;
     }
     small_gemm_cases(emu, label, &every_gemm_kernel())

@@ -159,28 +159,41 @@ pub fn run_case_sized<D: TestDevice>(
     let qkv_dev = gpu.upload_bf16(&qkv)?;
     let mut out_dev = gpu.poisoned_bf16(out_len + GUARD_ROWS * h_n * d)?;
     let p = params(s, qkv_dev.addr(), out_dev.addr());
-    attention_sized_for(gpu, &p, imp, sm_count)?;
-    let first = gpu.download_bf16(&out_dev)?;
+    check_output_twice(gpu, name, &mut out_dev, &reference, || {
+        attention_sized_for(gpu, &p, imp, sm_count)
+    })
+}
 
-    let (out, guard) = first.split_at(out_len);
+/// Runs `launch` into the poisoned `out` (the output, then poisoned guard rows): nothing may be
+/// written past `reference.len()` elements, the output must match `reference` (rel-L2 <= 1e-2),
+/// and after poisoning `out` again a second launch must give the same bits.
+pub fn check_output_twice<D: TestDevice>(
+    gpu: &D,
+    name: &str,
+    out: &mut D::Bf16,
+    reference: &[f32],
+    launch: impl Fn() -> Result<()>,
+) -> Result<()> {
+    launch()?;
+    let first = gpu.download_bf16(out)?;
+    let (got, guard) = first.split_at(reference.len());
     if let Some(i) = guard.iter().position(|v| !v.is_nan()) {
         anyhow::bail!(
             "{name}: the kernel wrote past the output (guard element {i} is {})",
             guard[i]
         );
     }
-    check_close(name, out, &reference, 1e-2)?;
+    check_close(name, got, reference, 1e-2)?;
 
     // Deterministic: the same launch again gives the same bits.
-    gpu.poison_bf16(&mut out_dev)?;
-    attention_sized_for(gpu, &p, imp, sm_count)?;
-    let second = gpu.download_bf16(&out_dev)?;
-    let same = first
-        .iter()
-        .zip(&second)
-        .all(|(a, b)| a.to_bits() == b.to_bits());
+    gpu.poison_bf16(out)?;
+    launch()?;
+    let second = gpu.download_bf16(out)?;
     ensure!(
-        same,
+        first
+            .iter()
+            .zip(&second)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
         "{name}: two launches on the same input gave different bits"
     );
     Ok(())
@@ -402,30 +415,9 @@ pub fn run_qkv_attention<D: TestDevice>(
         scale: 1.0 / (s.head_dim as f32).sqrt(),
         multicast,
     };
-    launch.launch(gpu)?;
-    let first = gpu.download_bf16(&out_d)?;
-    let (out, guard) = first.split_at(out_len);
-    if let Some(i) = guard.iter().position(|v| !v.is_nan()) {
-        anyhow::bail!(
-            "{name}: the kernel wrote past the output (guard element {i} is {})",
-            guard[i]
-        );
-    }
     // The kernel's q, k, v are its f32 sums rounded to bf16, which may round to the other bf16
     // neighbour of the f64 product's: the attention tolerance covers that.
-    check_close(&name, out, &reference, 1e-2)?;
-
-    gpu.poison_bf16(&mut out_d)?;
-    launch.launch(gpu)?;
-    let second = gpu.download_bf16(&out_d)?;
-    ensure!(
-        first
-            .iter()
-            .zip(&second)
-            .all(|(a, b)| a.to_bits() == b.to_bits()),
-        "{name}: two launches on the same input gave different bits"
-    );
-    Ok(())
+    check_output_twice(gpu, &name, &mut out_d, &reference, || launch.launch(gpu))
 }
 
 /// Every case of the fused qkv + attention: one image + CFG of DiT-XL/2 at 256 px (d 72, 16
