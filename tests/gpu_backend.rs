@@ -1631,6 +1631,12 @@ fn gpu_qkv_attention_matches() {
         "depth=2,hidden=576,heads=8,patch=2",
         48,
         |o, v| o.qkv_attention = v,
-        |cuda, rows| cuda.model().qkv_attention_serves(cuda.gpu(), rows),
+        |cuda, rows| {
+            fora::cuda::model::GpuModel::qkv_attention_serves(
+                cuda.gpu(),
+                cuda.model().config(),
+                rows,
+            )
+        },
     );
 }

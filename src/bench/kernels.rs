@@ -488,14 +488,7 @@ pub(super) fn bench_kernels(
         }
         // FORA_QKV_ATTENTION's kernel (session 24), where the model would take it: against the
         // qkv GEMM rows plus an attention row. The model's (W multicast) first.
-        if QkvAttention::serves(
-            gpu.compute_capability(),
-            gpu.multiprocessors(),
-            rows,
-            cfg.heads,
-            cfg.head_dim(),
-            cfg.tokens(),
-        ) {
+        if crate::cuda::model::GpuModel::qkv_attention_serves(gpu, cfg, rows) {
             for multicast in [true, false] {
                 let row = bench_qkv_attention(gpu, cfg, rows, timer, rotate, multicast);
                 push_kernel(report, "qkv+attention", rows, row);

@@ -491,9 +491,8 @@ impl GpuModel {
     }
 
     /// Whether the fused qkv + attention ([`ForwardKind::qkv_attention`]) serves `rows` model
-    /// rows of this model on `gpu` ([`super::qkv_attention::QkvAttention::serves`]).
-    pub fn qkv_attention_serves(&self, gpu: &Gpu, rows: usize) -> bool {
-        let cfg = self.config();
+    /// rows of a model of `cfg` on `gpu` ([`super::qkv_attention::QkvAttention::serves`]).
+    pub fn qkv_attention_serves(gpu: &Gpu, cfg: &DitConfig, rows: usize) -> bool {
         super::qkv_attention::QkvAttention::serves(
             gpu.compute_capability(),
             gpu.multiprocessors(),
@@ -871,7 +870,7 @@ impl GpuModel {
             && super::norm::residual_layernorm_supports(d);
         // proj / fc2 with their residual and LayerNorm in one launch (FORA_GEMM_LN, few rows).
         let gemm_ln_on = fuse_ln && gemm_ln && Self::gemm_ln_serves(gpu, d, rt);
-        let qkv_attention_on = qkv_attention && self.qkv_attention_serves(gpu, rows);
+        let qkv_attention_on = qkv_attention && Self::qkv_attention_serves(gpu, cfg, rows);
         // Weights the fused LayerNorm passes ask L2 to fetch (FORA_PREFETCH_WEIGHTS, few rows).
         let prefetch_on = prefetch_weights && rt <= PREFETCH_MAX_TOKENS;
         // The fused passes' L2 prefetch ranges: the next two GEMMs' weights, whole 16-byte
