@@ -31,6 +31,7 @@
 #include "common.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
+#include "wgmma_ring.cuh"
 
 namespace {
 
@@ -160,31 +161,15 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
     float acc[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
-#pragma unroll 1
-    for (int kt = 0; kt < k_tiles; ++kt) {
-        const uint32_t slot = kt % STAGES;
-        mbarrier_wait(full + 8 * slot, (kt / STAGES) & 1u);
-        const uint64_t desc_a = wgmma_desc_sw128(smem_a + slot * kStageA);
-        const uint64_t desc_b = wgmma_desc_sw128(smem_b + slot * kStageB);
-        pin_accumulators(acc);
-        wgmma_fence();
+    consume_ring<STAGES, MC>(acc, k_tiles, full, empty, peer_empty, kLnCluster, lane,
+                             [&](float (&d)[BN / 2], uint32_t slot) {
+                                 const uint64_t desc_a = wgmma_desc_sw128(smem_a + slot * kStageA);
+                                 const uint64_t desc_b = wgmma_desc_sw128(smem_b + slot * kStageB);
 #pragma unroll
-        for (int kk = 0; kk < kLnDepth / 16; ++kk) wgmma_m64n72k16(acc, desc_a + 2 * kk, desc_b + 2 * kk);
-        wgmma_commit();
-        wgmma_wait<1>();
-        pin_accumulators(acc);
-        // k-tile kt - 1's wgmmas are done: its slot goes back to the producer(s).
-        if (kt > 0) {
-            const uint32_t freed = 8 * ((kt - 1) % STAGES);
-            if (MC) {
-                if (lane < kLnCluster) mbarrier_arrive_cluster(peer_empty + freed);
-            } else if (lane == 0) {
-                mbarrier_arrive(empty + freed);
-            }
-        }
-    }
-    wgmma_wait<0>();
-    pin_accumulators(acc);
+                                 for (int kk = 0; kk < kLnDepth / 16; ++kk) {
+                                     wgmma_m64n72k16(d, desc_a + 2 * kk, desc_b + 2 * kk);
+                                 }
+                             });
 
     // ---- the epilogue: bias, cache, residual ----
     // This thread's fragments: rows 16 warp + g and + 8 of the block (h = 0, 1), columns

@@ -36,6 +36,7 @@
 #include "common.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
+#include "wgmma_ring.cuh"
 
 namespace {
 
@@ -202,31 +203,15 @@ FORA_DEVICE void qkv_attention_block(const QkvAttentionParams& p) {
     float acc[S::N / 2];
 #pragma unroll
     for (int i = 0; i < S::N / 2; ++i) acc[i] = 0.0f;
-#pragma unroll 1
-    for (int kt = 0; kt < k_steps; ++kt) {
-        const uint32_t slot = kt % S::STAGES;
-        mbarrier_wait(full + 8 * slot, (kt / S::STAGES) & 1u);
-        const uint64_t desc_a = wgmma_desc_sw128(smem_a + slot * S::STAGE_A);
-        const uint64_t desc_b = wgmma_desc_sw128(smem_b + slot * S::STAGE_B);
-        pin_accumulators(acc);
-        wgmma_fence();
+    consume_ring<S::STAGES, MC>(acc, k_steps, full, empty, peer_empty, CL, lane,
+                                [&](float (&d)[S::N / 2], uint32_t slot) {
+                                    const uint64_t desc_a = wgmma_desc_sw128(smem_a + slot * S::STAGE_A);
+                                    const uint64_t desc_b = wgmma_desc_sw128(smem_b + slot * S::STAGE_B);
 #pragma unroll
-        for (int kk = 0; kk < S::DEPTH / 16; ++kk) wgmma_qkv<D>(acc, desc_a + 2 * kk, desc_b + 2 * kk);
-        wgmma_commit();
-        wgmma_wait<1>();
-        pin_accumulators(acc);
-        // k-step kt - 1's wgmmas are done: its slot goes back to the producer(s).
-        if (kt > 0) {
-            const uint32_t freed = 8 * ((kt - 1) % S::STAGES);
-            if (MC) {
-                if (lane < CL) mbarrier_arrive_cluster(peer_empty + freed);
-            } else if (lane == 0) {
-                mbarrier_arrive(empty + freed);
-            }
-        }
-    }
-    wgmma_wait<0>();
-    pin_accumulators(acc);
+                                    for (int kk = 0; kk < S::DEPTH / 16; ++kk) {
+                                        wgmma_qkv<D>(d, desc_a + 2 * kk, desc_b + 2 * kk);
+                                    }
+                                });
 
     // ---- the epilogue: bias; Q into A fragments ----
     // This thread's fragments: rows 16 warp + g and + 8 (h = 0, 1), columns 8 j + 2 t and + 1
