@@ -27,6 +27,13 @@
 // tile. The _mc kernel shares the A tile across the cluster by multicast (gemm_ln_tile). At most
 // 94 KiB of shared memory and 160 threads, so two CTAs fit an SM and a cluster of 16 fits any
 // GPC (clusters of 16 are non-portable: the launcher opts the kernel in).
+//
+// For many rows (256 model rows: M = 65,536) the same LayerNorm pass costs an H200 ~300 us
+// after each of these GEMMs (12 bytes of memory traffic an element), ~15% of the step, and the
+// 64-row tiles read a 72 x 64 W tile from L2 for every 64 x 72 x 64 of work. The _128x72
+// kernels give a cluster 128 rows (two consumer warpgroups on one W tile: half the L2 bytes a
+// FLOP) and fit two CTAs an SM (three stages, 94 KiB, at most 112 registers), so that one CTA's
+// epilogue traffic overlaps the other's tensor-core work.
 
 #include "common.cuh"
 #include "tma.cuh"
@@ -37,14 +44,8 @@ namespace {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-constexpr int kLnCluster = 16;    // CTAs a cluster: the whole width of a row
-constexpr int kLnRows = 64;       // token rows a cluster (one consumer warpgroup's m64)
-constexpr int kLnDepth = 64;      // k-depth of a ring slot: one 128-byte swizzle row of bf16
-constexpr int kLnConsumers = 128;  // threads of the consumer warpgroup (warps 0-3)
-
-// CTAs of a cluster that load an 8-row slice of the A tile each and multicast it to all 16
-// (MC): slices of whole 1024-byte swizzle atoms.
-constexpr int kLnASlices = kLnRows / 8;
+constexpr int kLnCluster = 16;  // CTAs a cluster: the whole width of a row
+constexpr int kLnDepth = 64;    // k-depth of a ring slot: one 128-byte swizzle row of bf16
 
 // One CTA: columns [rank * BN, rank * BN + BN) of rows [64 c, 64 c + 64) of cluster c.
 // MC: the 16 CTAs of a cluster share the A tile: ranks 0-7 each load 8 of its rows, multicast
@@ -55,15 +56,24 @@ constexpr int kLnASlices = kLnRows / 8;
 // (each warp arrives on all 16, lanes 0-15 one each), and every thread waits on the cluster
 // barrier that follows the barriers' initialization before its first multicast or remote
 // arrival.
-template <int BN, int STAGES, bool MC>
+//
+// WG consumer warpgroups (warps 0 .. 4 WG - 1), each the m64 of 64 rows: a cluster covers
+// kLnRows = 64 WG rows (WG 2: the many-rows tile, half the W bytes a FLOP of WG 1's).
+template <int WG, int BN, int STAGES, bool MC>
 FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
+    constexpr int kLnRows = 64 * WG;          // token rows a cluster
+    constexpr int kLnConsumers = 128 * WG;    // threads of the consumer warpgroups
+    // CTAs of a cluster that load an 8-row slice of the A tile each and multicast it to all 16
+    // (MC): slices of whole 1024-byte swizzle atoms.
+    constexpr int kLnASlices = kLnRows / 8;
+    static_assert(kLnASlices <= kLnCluster, "an A slice a CTA at most");
     constexpr int kFragments = BN / 8;  // accumulator fragments (8 columns) a thread's rows
     static_assert(BN == 72, "the wgmma of this tile is m64n72k16");
     constexpr uint32_t kStageA = kLnRows * kLnDepth * 2;
     constexpr uint32_t kStageB = BN * kLnDepth * 2;
     static_assert(kStageB % 1024 == 0, "every W tile must start on a 1024-byte swizzle atom");
     // Dynamic smem (the launcher adds 1 KiB to round the base up to 1024 bytes): [STAGES] A
-    // tiles | [STAGES] W tiles | statistics [16 ranks][64 rows] float2 | STAGES full barriers |
+    // tiles | [STAGES] W tiles | statistics [16 ranks][kLnRows] float2 | STAGES full barriers |
     // STAGES empty barriers.
     FORA_DYNAMIC_SMEM(uint4, gemm_ln_smem);
     const uint32_t raw = smem_addr(gemm_ln_smem);
@@ -82,7 +92,7 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
         for (int s = 0; s < STAGES; ++s) {
             mbarrier_init(full + 8 * s, 1);
             // The consumer warps (lane 0 each; MC: of every CTA of the cluster).
-            mbarrier_init(empty + 8 * s, MC ? 4 * kLnCluster : 4);
+            mbarrier_init(empty + 8 * s, MC ? 4 * WG * kLnCluster : 4 * WG);
         }
         fence_mbarrier_init();
     }
@@ -92,8 +102,8 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
     // barriers: this arrival's wait comes right before the first such access (without MC:
     // the statistics' push, so the mainloop runs in between).
     cluster_arrive_relaxed();
-    // This CTA's part of k-tile kt's A tile into ring slot `slot`: all 64 rows, or (MC, ranks
-    // 0-7) its 8-row slice into every CTA; a slice wholly past M reads the first rows instead
+    // This CTA's part of k-tile kt's A tile into ring slot `slot`: all kLnRows rows, or (MC,
+    // ranks 0 .. kLnASlices - 1) its 8-row slice into every CTA; a slice wholly past M reads the first rows instead
     // (rows never stored; no box lies wholly outside its tensor).
     auto load_a = [&](int kt, uint32_t slot) {
         if constexpr (MC) {
@@ -163,7 +173,9 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
     consume_ring<STAGES, MC>(acc, k_tiles, full, empty, peer_empty, kLnCluster, lane,
                              [&](float (&d)[BN / 2], uint32_t slot) {
-                                 const uint64_t desc_a = wgmma_desc_sw128(smem_a + slot * kStageA);
+                                 // This warpgroup's 64 rows: 8 swizzle atoms further a group.
+                                 const uint32_t group_a = WG > 1 ? (warp / 4) * 8192u : 0u;
+                                 const uint64_t desc_a = wgmma_desc_sw128(smem_a + slot * kStageA + group_a);
                                  const uint64_t desc_b = wgmma_desc_sw128(smem_b + slot * kStageB);
 #pragma unroll
                                  for (int kk = 0; kk < kLnDepth / 16; ++kk) {
@@ -172,7 +184,8 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
                              });
 
     // ---- the epilogue: bias, cache, residual ----
-    // This thread's fragments: rows 16 warp + g and + 8 of the block (h = 0, 1), columns
+    // This thread's fragments: rows 16 warp + g and + 8 of the block (h = 0, 1; warps 4-7 are
+    // the second warpgroup's rows 64-127), columns
     // n0 + 8 j + 2 t and + 1 (acc[4 j + 2 h], acc[4 j + 2 h + 1]).
     const int g = lane >> 2, t = lane & 3;
     const int local_row[2] = {16 * warp + g, 16 * warp + g + 8};
@@ -189,42 +202,51 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
     const float* bias = reinterpret_cast<const float*>(p.bias);
     float* x = reinterpret_cast<float*>(p.x);
     __nv_bfloat16* cache = reinterpret_cast<__nv_bfloat16*>(p.cache);
-    // Every load first (bias, gates, residuals: one memory round trip), then the stores.
+    // The loads first (bias, gates, residuals: one memory round trip), then the stores: all of
+    // them at once with one warpgroup; in chunks of 3 fragments with two (whose 112 registers
+    // a thread, for two CTAs an SM, do not hold them all; the other CTA's mainloop hides the
+    // extra round trips).
+    constexpr int kChunk = WG == 1 ? kFragments : 3;
+    static_assert(kFragments % kChunk == 0, "whole chunks");
     const float2 zero = make_float2(0.0f, 0.0f);
-    float2 bias2[kFragments], gate[2][kFragments], res[2][kFragments];
-#pragma unroll
-    for (int j = 0; j < kFragments; ++j) {
-        const int col = n0 + 8 * j + 2 * t;
-        bias2[j] = *reinterpret_cast<const float2*>(bias + col);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            gate[h][j] = valid[h] ? *reinterpret_cast<const float2*>(mod[h] + p.gate_col + col) : zero;
-            res[h][j] = valid[h] ? *reinterpret_cast<const float2*>(x + static_cast<long long>(row[h]) * p.dim + col)
-                                 : zero;
-        }
-    }
     float sum[2] = {0.0f, 0.0f};
 #pragma unroll
-    for (int j = 0; j < kFragments; ++j) {
-        const int col = n0 + 8 * j + 2 * t;
+    for (int j0 = 0; j0 < kFragments; j0 += kChunk) {
+        float2 bias2[kChunk], gate[2][kChunk], res[2][kChunk];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float& a0 = acc[4 * j + 2 * h];
-            float& a1 = acc[4 * j + 2 * h + 1];
-            float v0 = a0 + bias2[j].x, v1 = a1 + bias2[j].y;
-            if (p.round_v) {
-                v0 = bf16_to_f32(f32_to_bf16(v0));
-                v1 = bf16_to_f32(f32_to_bf16(v1));
+        for (int c = 0; c < kChunk; ++c) {
+            const int col = n0 + 8 * (j0 + c) + 2 * t;
+            bias2[c] = *reinterpret_cast<const float2*>(bias + col);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                gate[h][c] = valid[h] ? *reinterpret_cast<const float2*>(mod[h] + p.gate_col + col) : zero;
+                res[h][c] = valid[h] ? *reinterpret_cast<const float2*>(x + static_cast<long long>(row[h]) * p.dim + col)
+                                     : zero;
             }
-            // As residual_layernorm (norm.cu): residual += gate * v.
-            a0 = res[h][j].x + gate[h][j].x * v0;
-            a1 = res[h][j].y + gate[h][j].y * v1;
-            if (valid[h]) {
-                const long long o = static_cast<long long>(row[h]) * p.dim + col;
-                if (cache != nullptr) *reinterpret_cast<uint32_t*>(cache + o) = pack_bf16x2(v0, v1);
-                *reinterpret_cast<float2*>(x + o) = make_float2(a0, a1);
+        }
+#pragma unroll
+        for (int c = 0; c < kChunk; ++c) {
+            const int j = j0 + c;
+            const int col = n0 + 8 * j + 2 * t;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float& a0 = acc[4 * j + 2 * h];
+                float& a1 = acc[4 * j + 2 * h + 1];
+                float v0 = a0 + bias2[c].x, v1 = a1 + bias2[c].y;
+                if (p.round_v) {
+                    v0 = bf16_to_f32(f32_to_bf16(v0));
+                    v1 = bf16_to_f32(f32_to_bf16(v1));
+                }
+                // As residual_layernorm (norm.cu): residual += gate * v.
+                a0 = res[h][c].x + gate[h][c].x * v0;
+                a1 = res[h][c].y + gate[h][c].y * v1;
+                if (valid[h]) {
+                    const long long o = static_cast<long long>(row[h]) * p.dim + col;
+                    if (cache != nullptr) *reinterpret_cast<uint32_t*>(cache + o) = pack_bf16x2(v0, v1);
+                    *reinterpret_cast<float2*>(x + o) = make_float2(a0, a1);
+                }
+                sum[h] += a0 + a1;
             }
-            sum[h] += a0 + a1;
         }
     }
 
@@ -245,15 +267,20 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
         sq[h] += __shfl_xor_sync(0xffffffffu, sq[h], 1);
         sq[h] += __shfl_xor_sync(0xffffffffu, sq[h], 2);
     }
-    // The modulation's loads now, so that they overlap the exchange.
+    // One warpgroup: the modulation's loads now, so that they overlap the exchange (two: as
+    // they are used, for the registers).
+    constexpr bool kEarlyModulation = WG == 1;
     float2 shift[2][kFragments], scale[2][kFragments];
-#pragma unroll
-    for (int j = 0; j < kFragments; ++j) {
+    auto load_modulation = [&](int h, int j) {
         const int col = n0 + 8 * j + 2 * t;
+        shift[h][j] = valid[h] ? *reinterpret_cast<const float2*>(mod[h] + p.shift_col + col) : zero;
+        scale[h][j] = valid[h] ? *reinterpret_cast<const float2*>(mod[h] + p.scale_col + col) : zero;
+    };
+    if constexpr (kEarlyModulation) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            shift[h][j] = valid[h] ? *reinterpret_cast<const float2*>(mod[h] + p.shift_col + col) : zero;
-            scale[h][j] = valid[h] ? *reinterpret_cast<const float2*>(mod[h] + p.scale_col + col) : zero;
+        for (int j = 0; j < kFragments; ++j) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) load_modulation(h, j);
         }
     }
     // Every CTA has started (the kernel's first cluster barrier): push (sum, sq) of each row
@@ -294,6 +321,7 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
 #pragma unroll
         for (int j = 0; j < kFragments; ++j) {
             const int col = n0 + 8 * j + 2 * t;
+            if constexpr (!kEarlyModulation) load_modulation(h, j);
             const float o0 = modulate(acc[4 * j + 2 * h], mean, rstd, shift[h][j].x, scale[h][j].x);
             const float o1 = modulate(acc[4 * j + 2 * h + 1], mean, rstd, shift[h][j].y, scale[h][j].y);
             *reinterpret_cast<uint32_t*>(out + col) = pack_bf16x2(o0, o1);
@@ -305,8 +333,9 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
 
 }  // namespace
 
-// DiT-XL/2 (dim 1152 = 16 x 72); five stages. Dynamic smem = 5 * (64 + 72) * 64 * 2 + 16 * 64
-// * 8 + 5 * 16 + 1024 bytes (src/cuda/gemm_ln.rs, must match): 96,336.
+// DiT-XL/2 (dim 1152 = 16 x 72). The launcher's gemm_ln_smem_bytes must match: 64-row tiles,
+// five stages: 5 * (64 + 72) * 64 * 2 + 16 * 64 * 8 + 5 * 16 + 1024 = 96,336 bytes; 128-row
+// tiles, three: 3 * (128 + 72) * 64 * 2 + 16 * 128 * 8 + 3 * 16 + 1024 = 94,256.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FORA_GEMM_LN_BODY(...) gemm_ln_tile<__VA_ARGS__>(p)
 #else
@@ -322,12 +351,29 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
 extern "C" __global__ void __launch_bounds__(160, 2) FORA_CLUSTER(16)
     gemm_tma_ln_64x72(const __grid_constant__ GemmLayerNormParams p) {
     grid_dependency_deferred();
-    FORA_GEMM_LN_BODY(72, 5, false);
+    FORA_GEMM_LN_BODY(1, 72, 5, false);
 }
 
 // The A tile multicast across the cluster (a_map box 8 rows): the same shared memory.
 extern "C" __global__ void __launch_bounds__(160, 2) FORA_CLUSTER(16)
     gemm_tma_ln_mc_64x72(const __grid_constant__ GemmLayerNormParams p) {
     grid_dependency_deferred();
-    FORA_GEMM_LN_BODY(72, 5, true);
+    FORA_GEMM_LN_BODY(1, 72, 5, true);
+}
+
+// For many rows (FORA_GEMM_LN_MANY_ROWS): 128-row clusters, two consumer warpgroups. Three
+// stages and at most 112 registers, so that two CTAs share an SM and one's epilogue (12 bytes of
+// memory traffic an element) runs under the other's mainloop. Each CTA loads its A tile (a_map
+// box 128 rows).
+extern "C" __global__ void __launch_bounds__(288, 2) FORA_CLUSTER(16)
+    gemm_tma_ln_128x72(const __grid_constant__ GemmLayerNormParams p) {
+    grid_dependency_deferred();
+    FORA_GEMM_LN_BODY(2, 72, 3, false);
+}
+
+// The A tile multicast: every CTA of the cluster loads 8 of its 128 rows (a_map box 8 rows).
+extern "C" __global__ void __launch_bounds__(288, 2) FORA_CLUSTER(16)
+    gemm_tma_ln_mc_128x72(const __grid_constant__ GemmLayerNormParams p) {
+    grid_dependency_deferred();
+    FORA_GEMM_LN_BODY(2, 72, 3, true);
 }

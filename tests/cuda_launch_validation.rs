@@ -84,10 +84,11 @@ fn every_hopper_kernel_is_embedded() {
             .map(|t| t.kernel_name())
             .into_iter()
             .chain(["wgmma_probe", "tma_probe", "tma_cluster_probe"])
-            .chain([
-                fora::cuda::gemm_ln::GEMM_LN_KERNEL,
-                fora::cuda::gemm_ln::GEMM_LN_MC_KERNEL,
-            ])
+            .chain(
+                fora::cuda::gemm_ln::GemmLnTile::ALL
+                    .into_iter()
+                    .flat_map(|t| [t.kernel_name(false), t.kernel_name(true)]),
+            )
             .chain(qkv_attention_kernels()),
     );
 }
@@ -172,7 +173,7 @@ fn qkv_attention_checks_shapes_and_pointers() {
 /// misaligned pointers, a bad eps and a bad prefetch range.
 #[test]
 fn gemm_layernorm_checks_shapes_columns_and_pointers() {
-    use fora::cuda::gemm_ln::GemmLayerNorm;
+    use fora::cuda::gemm_ln::{GemmLayerNorm, GemmLnTile};
     let d = 1152;
     let good = GemmLayerNorm {
         a: P,
@@ -196,11 +197,30 @@ fn gemm_layernorm_checks_shapes_columns_and_pointers() {
         eps: 1e-6,
         one_per_sm: false,
         multicast: true,
+        tile: GemmLnTile::Rows64,
         prefetch: [(P, 1 << 20), (0, 0)],
     };
     let hopper = (9, 0);
     good.validate(hopper).unwrap();
     assert_eq!(good.kernel(), "gemm_tma_ln_mc_64x72");
+    // The many-rows tile: the same checks, its own kernels.
+    let many = GemmLayerNorm {
+        m: 65536,
+        tile: GemmLnTile::Rows128,
+        ..good
+    };
+    many.validate(hopper).unwrap();
+    assert_eq!(many.kernel(), "gemm_tma_ln_mc_128x72");
+    assert_eq!(
+        GemmLayerNorm {
+            multicast: false,
+            ..many
+        }
+        .kernel(),
+        "gemm_tma_ln_128x72"
+    );
+    assert!(err(many.validate((8, 0))).contains("needs a Hopper"));
+    assert!(err(GemmLayerNorm { dim: 1024, ..many }.validate(hopper)).contains("rows of 1024"));
     assert!(err(good.validate((8, 0))).contains("needs a Hopper"));
     let bad = |b: GemmLayerNorm| err(b.validate(hopper));
     assert!(bad(GemmLayerNorm { dim: 1024, ..good }).contains("rows of 1024 columns"));

@@ -1531,8 +1531,8 @@ fn gpu_prefetch_weights_is_exact() {
     }
 }
 
-/// A fused path that an option turns on, on a Hopper: `arch`'s two-block model with 8 x 8
-/// latents (16 tokens a row), whose forward of four rows with `on` must match the CPU reference
+/// A fused path that an option turns on, on a Hopper: `arch`'s two-block model with `size` x
+/// `size` latents (16 tokens a row at 8), whose forward of four rows with `on` must match the CPU reference
 /// (rel-L2 2e-2), and ten guided steps (N = 1 and 3, two labels: four rows), with graphs and
 /// without, must be close to the same run with `off` (rel-L2 1e-2) and not equal to the bit (the
 /// fused path ran). `serves` says the fused path takes the shape (asserted). Returns the backend
@@ -1540,13 +1540,14 @@ fn gpu_prefetch_weights_is_exact() {
 fn fused_option_matches(
     test: &str,
     arch: &str,
+    size: usize,
     seed: u64,
     set: fn(&mut fora::cuda::CudaOptions, bool),
     serves: impl Fn(&CudaBackend, usize) -> bool,
 ) -> Option<(CudaBackend, fora::cuda::CudaOptions)> {
     use fora::cuda::CudaOptions;
     let arch = Arch::parse(arch).unwrap();
-    let cfg = DitConfig::from_arch(&arch, 4, 8, 10, true).unwrap();
+    let cfg = DitConfig::from_arch(&arch, 4, size, 10, true).unwrap();
     let (cpu, mut cuda) = backends(test, &cfg, seed)?;
     if cuda.gpu().compute_capability().0 != 9 {
         println!("SKIP {test}: not a Hopper (the fused kernel is sm_90a only)");
@@ -1599,6 +1600,7 @@ fn gpu_gemm_ln_matches() {
     let Some((mut cuda, on)) = fused_option_matches(
         "gpu_gemm_ln_matches",
         "depth=2,hidden=1152,heads=16,patch=2",
+        8,
         47,
         |o, v| o.gemm_ln = v,
         |cuda, rows| GpuModel::gemm_ln_serves(cuda.gpu(), 1152, rows * 16),
@@ -1620,6 +1622,24 @@ fn gpu_gemm_ln_matches() {
     );
 }
 
+/// `FORA_GEMM_LN_MANY_ROWS=1` on a Hopper: the same fusion past the few rows, as one
+/// `gemm_tma_ln_mc_128x72` launch, on a two-block model of DiT-XL/2's width with 40 x 40 latents
+/// (400 tokens a row: four rows are 1,600 token rows, past the few-rows kernel's 1,024 on 132
+/// SMs; 13 clusters of 128, the last partial) ([`fused_option_matches`]).
+#[test]
+fn gpu_gemm_ln_many_rows_matches() {
+    let _ = fused_option_matches(
+        "gpu_gemm_ln_many_rows_matches",
+        "depth=2,hidden=1152,heads=16,patch=2",
+        40,
+        49,
+        |o, v| o.gemm_ln_many_rows = v,
+        |cuda, rows| {
+            fora::cuda::model::GpuModel::gemm_ln_many_rows_serves(cuda.gpu(), 1152, rows * 400)
+        },
+    );
+}
+
 /// `FORA_QKV_ATTENTION=1` on a Hopper: each block's qkv Linear and attention as one
 /// `qkv_attention_mc_d72` launch, on a two-block model of head_dim 72 (8 heads: four rows are
 /// 128 CTAs, one wave of an H100 or H200) ([`fused_option_matches`]: the fused path adds the
@@ -1629,6 +1649,7 @@ fn gpu_qkv_attention_matches() {
     let _ = fused_option_matches(
         "gpu_qkv_attention_matches",
         "depth=2,hidden=576,heads=8,patch=2",
+        8,
         48,
         |o, v| o.qkv_attention = v,
         |cuda, rows| {

@@ -24,6 +24,7 @@ mod small_kernel_cases;
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::DeviceRepr;
 use fora::cuda::device::{KernelLauncher, TmaTensor2d};
+use fora::cuda::gemm_ln::GemmLnTile;
 use fora::cuda::params::TmaDescriptor;
 use fora::cuda::testing::{biased_product, from_bf16, to_bf16, DeviceAddr, TestDevice};
 use half::bf16;
@@ -1148,8 +1149,9 @@ fn emulated_lazy_threads() -> Result<()> {
             with_cache: false,
             round_v: false,
         };
-        small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, false, 86)?;
-        small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, true, 87)?;
+        for (tile, multicast, seed) in small_gemm_ln_kernels(86) {
+            small_kernel_cases::run_gemm_layernorm(emu, &gemm_ln, tile, multicast, seed)?;
+        }
         for multicast in [false, true] {
             attention_cases::run_qkv_attention(emu, &small_qkv_attention_case(), multicast, 88)?;
         }
@@ -1157,8 +1159,18 @@ fn emulated_lazy_threads() -> Result<()> {
     })
 }
 
-/// The fused GEMM + LayerNorm's odd case for the schedule tests: two clusters of 16, the
-/// second partial, 10 tokens a model row, a partial k-tile.
+/// The fused GEMM + LayerNorm kernels the schedule tests run (tile, multicast, seed): both of
+/// the 64-row tile, the model's of the 128-row one.
+fn small_gemm_ln_kernels(seed: u64) -> [(GemmLnTile, bool, u64); 3] {
+    [
+        (GemmLnTile::Rows64, false, seed),
+        (GemmLnTile::Rows64, true, seed + 1),
+        (GemmLnTile::Rows128, true, seed + 2),
+    ]
+}
+
+/// The fused GEMM + LayerNorm's odd case for the schedule tests: two clusters of 16 (one of 128
+/// rows), the last partial, 10 tokens a model row, a partial k-tile.
 fn small_gemm_ln_case() -> small_kernel_cases::GemmLnCase {
     small_kernel_cases::GemmLnCase {
         rows: 11,
@@ -1364,8 +1376,16 @@ fn emulated_blocks_ahead() -> Result<()> {
         return Ok(());
     };
     emu.with_warps_ahead(2, || -> Result<()> {
+        for (tile, multicast, seed) in small_gemm_ln_kernels(85) {
+            small_kernel_cases::run_gemm_layernorm(
+                emu,
+                &small_gemm_ln_case(),
+                tile,
+                multicast,
+                seed,
+            )?;
+        }
         for multicast in [false, true] {
-            small_kernel_cases::run_gemm_layernorm(emu, &small_gemm_ln_case(), multicast, 85)?;
             attention_cases::run_qkv_attention(emu, &small_qkv_attention_case(), multicast, 90)?;
         }
         Ok(())
@@ -1410,8 +1430,10 @@ fn small_cases_of_every_kernel(emu: &Emulator, label: &str) -> Result<()> {
     }
     attention_cases::run_tma_probe(emu, 65)?;
     attention_cases::run_tma_cluster_probe(emu, 66)?;
+    for (tile, multicast, seed) in small_gemm_ln_kernels(85) {
+        small_kernel_cases::run_gemm_layernorm(emu, &small_gemm_ln_case(), tile, multicast, seed)?;
+    }
     for multicast in [false, true] {
-        small_kernel_cases::run_gemm_layernorm(emu, &small_gemm_ln_case(), multicast, 85)?;
         attention_cases::run_qkv_attention(emu, &small_qkv_attention_case(), multicast, 89)?;
     }
     small_gemm_cases(emu, label, &every_gemm_kernel())

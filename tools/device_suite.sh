@@ -34,7 +34,9 @@
 #              gemm_tma_ln_mc_64x72 launch at few rows (FORA_GEMM_LN=1; with FORA_PDL=1, with
 #              FORA_PREFETCH_WEIGHTS=1); qkv_attention: each block's qkv Linear and attention
 #              as one qkv_attention_mc_d72 launch at few rows (FORA_QKV_ATTENTION=1);
-#              qkv_gemm_ln (qkv_gemm_ln_pdl): both fusions (with FORA_PDL=1); "all"
+#              qkv_gemm_ln (qkv_gemm_ln_pdl): both fusions (with FORA_PDL=1); gemm_ln_many
+#              (gemm_ln_all): proj / fc2 and their LayerNorm as one gemm_tma_ln_mc_128x72
+#              launch at many rows (FORA_GEMM_LN_MANY_ROWS=1; with FORA_GEMM_LN=1 too); "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
 #              l2_persist, tma_pdl, tma_mc_pdl, attention_v1, attention_v2, attention_wgmma,
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
@@ -181,7 +183,10 @@ hopper_rows() {
   grep -E "^\| attention \|" "$OUT/$1.log" | head -n 12
   # FORA_GEMM_LN's fused proj / fc2 + LayerNorm (HOPPER_KERNELS=all) against the cuBLASLt
   # product rows above plus residual_ln.
-  grep -E "^\| (proj\+ln|fc2\+ln|residual_ln) \| 2 \|" "$OUT/$1.log" | head -n 12
+  grep -E "^\| (proj\+ln|fc2\+ln|residual_ln) \| 2 \|" "$OUT/$1.log" | head -n 16
+  # FORA_GEMM_LN_MANY_ROWS's 128-row tiles (and the 64-row ones) at 256 rows, against the
+  # cuBLASLt product rows plus residual_ln there.
+  grep -E "^\| (proj\+ln|fc2\+ln|residual_ln) \| 256 \|" "$OUT/$1.log" | head -n 16
   # FORA_QKV_ATTENTION's qkv + attention (HOPPER_KERNELS=all) against the qkv rows plus the
   # attention rows above.
   grep -E "^\| qkv\+attention \| 2 \|" "$OUT/$1.log" | head -n 4
@@ -446,7 +451,9 @@ phase_variants() {
            "gemm_ln_prefetch:cublaslt:FORA_GEMM_LN=1 FORA_PREFETCH_WEIGHTS=1" \
            "qkv_attention:cublaslt:FORA_QKV_ATTENTION=1" \
            "qkv_gemm_ln:cublaslt:FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1" \
-           "qkv_gemm_ln_pdl:cublaslt:FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1 FORA_PDL=1")
+           "qkv_gemm_ln_pdl:cublaslt:FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1 FORA_PDL=1" \
+           "gemm_ln_many:cublaslt:FORA_GEMM_LN_MANY_ROWS=1" \
+           "gemm_ln_all:cublaslt:FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1")
   local round suffix
   for round in $(seq 1 "${VARIANT_ROUNDS:-1}"); do
     suffix=""; [ "$round" -gt 1 ] && suffix="_r$round"

@@ -474,14 +474,31 @@ pub(super) fn bench_kernels(
         // FORA_FINAL_SAMPLER's kernel (session 12).
         let final_row = bench_final_sampler_step(gpu, cfg, rows, timer, rotate);
         push_kernel(report, "final_sampler_step", rows, final_row);
-        // FORA_GEMM_LN's kernel (session 23), where the model would take it: against the
-        // cuBLASLt product rows of proj / fc2 plus a residual_ln row.
-        if crate::cuda::model::GpuModel::gemm_ln_serves(gpu, cfg.hidden, rows * cfg.tokens()) {
-            // The model's (A multicast, two CTAs an SM allowed) first, then the others.
-            let variants = [(true, false), (true, true), (false, false), (false, true)];
-            for (op, k) in [("proj+ln", cfg.hidden), ("fc2+ln", cfg.mlp_hidden())] {
-                for variant in variants {
-                    let row = bench_gemm_layernorm(gpu, cfg, rows, timer, rotate, op, k, variant);
+        // FORA_GEMM_LN's kernels (session 23; the 128-row tile of FORA_GEMM_LN_MANY_ROWS,
+        // session 25), where the model would take one: against the cuBLASLt product rows of
+        // proj / fc2 plus a residual_ln row. The model's tile first, A multicast and two CTAs an
+        // SM allowed first (the 128-row tile only so: one an SM would undo its point).
+        use crate::cuda::gemm_ln::GemmLnTile;
+        use crate::cuda::model::GpuModel;
+        let token_rows = rows * cfg.tokens();
+        let tiles = if GpuModel::gemm_ln_serves(gpu, cfg.hidden, token_rows) {
+            Some([GemmLnTile::Rows64, GemmLnTile::Rows128])
+        } else if GpuModel::gemm_ln_many_rows_serves(gpu, cfg.hidden, token_rows) {
+            Some([GemmLnTile::Rows128, GemmLnTile::Rows64])
+        } else {
+            None
+        };
+        for (op, k) in [("proj+ln", cfg.hidden), ("fc2+ln", cfg.mlp_hidden())] {
+            for tile in tiles.into_iter().flatten() {
+                let variants: &[(bool, bool)] = match tile {
+                    GemmLnTile::Rows64 => {
+                        &[(true, false), (true, true), (false, false), (false, true)]
+                    }
+                    GemmLnTile::Rows128 => &[(true, false), (false, false)],
+                };
+                for &variant in variants {
+                    let row =
+                        bench_gemm_layernorm(gpu, cfg, rows, timer, rotate, op, k, tile, variant);
                     push_kernel(report, op, rows, row);
                 }
             }
@@ -560,12 +577,12 @@ fn bench_qkv_attention(
     })
 }
 
-/// `gemm_tma_ln_64x72` as proj (`k` = hidden) or fc2 (`k` = mlp_hidden): the GEMM, its gated
+/// `gemm_tma_ln_*` as proj (`k` = hidden) or fc2 (`k` = mlp_hidden): the GEMM, its gated
 /// residual and the next LayerNorm in one launch (FORA_GEMM_LN), the cache written and the
-/// bf16 v added as on the default path, with the A tile multicast or not
+/// bf16 v added as on the default path, on `tile`, with the A tile multicast or not
 /// ([`GemmLayerNorm::multicast`]), one CTA an SM or two ([`GemmLayerNorm::one_per_sm`]). Its
 /// FLOPs are the GEMM's.
-#[allow(clippy::too_many_arguments)] // the bench context, the op and its two variants
+#[allow(clippy::too_many_arguments)] // the bench context, the op, its tile and two variants
 fn bench_gemm_layernorm(
     gpu: &Gpu,
     cfg: &DitConfig,
@@ -574,6 +591,7 @@ fn bench_gemm_layernorm(
     rotate: usize,
     op: &str,
     k: usize,
+    tile: crate::cuda::gemm_ln::GemmLnTile,
     (multicast, one_per_sm): (bool, bool),
 ) -> Result<KernelRow> {
     use crate::cuda::gemm_ln::GemmLayerNorm;
@@ -619,6 +637,7 @@ fn bench_gemm_layernorm(
         eps: 1e-6,
         one_per_sm,
         multicast,
+        tile,
         // The kernel alone (no weight prefetch), as the residual_ln rows.
         prefetch: [(0, 0); 2],
     };

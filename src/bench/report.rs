@@ -660,6 +660,7 @@ impl Report {
                 "l2_persist": self.options.l2_persist,
                 "prefetch_weights": self.options.prefetch_weights,
                 "gemm_ln": self.options.gemm_ln,
+                "gemm_ln_many_rows": self.options.gemm_ln_many_rows,
                 "qkv_attention": self.options.qkv_attention,
                 "pdl": self.options.pdl,
                 "reuse_sum": self.options.reuse_sum,

@@ -157,6 +157,14 @@ pub struct CudaOptions {
     /// maths (with `bf16_residual` the residual adds bf16 v, as there), the LayerNorm's
     /// statistics combined in another order. Off by default: not yet run on a GPU.
     pub gemm_ln: bool,
+    /// With the fused LayerNorm on a Hopper, many rows (past
+    /// [`super::gemm_ln::GemmLayerNorm::rows_limit`] token rows) and rows of 1,152: proj and fc2
+    /// with their gated residual and the LayerNorm after each as one `gemm_tma_ln_mc_128x72`
+    /// launch (128-row clusters of 16 CTAs, two a SM) instead of a cuBLASLt GEMM and a
+    /// `residual_layernorm` pass, which at 256 rows moves 12 bytes an element (~300 us on an
+    /// H200, twice a block: ~15% of the step) (`FORA_GEMM_LN_MANY_ROWS=1`: on). The same maths
+    /// as [`CudaOptions::gemm_ln`]. Off by default: not yet run on a GPU.
+    pub gemm_ln_many_rows: bool,
     /// On a Hopper with head_dim 64 or 72, at most 256 tokens and few rows (the clusters' CTAs,
     /// four a sequence and head, in one wave: one image + CFG of DiT-XL/2 is 128 CTAs): each
     /// block's qkv Linear and attention as one `qkv_attention_*` launch (clusters of four CTAs of
@@ -235,6 +243,7 @@ impl Default for CudaOptions {
             l2_persist: false,
             prefetch_weights: false,
             gemm_ln: false,
+            gemm_ln_many_rows: false,
             qkv_attention: false,
             pdl: false,
             reuse_sum: 2,
@@ -330,7 +339,7 @@ type SwitchField = fn(&mut CudaOptions) -> &mut bool;
 /// The 0/1 switches of [`CudaOptions`]: each environment variable and the field it sets (its
 /// default is [`CudaOptions::default`]'s). `FORA_CUDA_GRAPHS` (off only at `0`), the kernel
 /// choices and `FORA_REUSE_SUM` are parsed apart.
-const SWITCHES: [(&str, SwitchField); 18] = [
+const SWITCHES: [(&str, SwitchField); 19] = [
     ("FORA_PRECOMPUTE_MODULATION", |o| {
         &mut o.precompute_modulation
     }),
@@ -348,6 +357,7 @@ const SWITCHES: [(&str, SwitchField); 18] = [
     ("FORA_L2_PERSIST", |o| &mut o.l2_persist),
     ("FORA_PREFETCH_WEIGHTS", |o| &mut o.prefetch_weights),
     ("FORA_GEMM_LN", |o| &mut o.gemm_ln),
+    ("FORA_GEMM_LN_MANY_ROWS", |o| &mut o.gemm_ln_many_rows),
     ("FORA_QKV_ATTENTION", |o| &mut o.qkv_attention),
     ("FORA_PDL", |o| &mut o.pdl),
     ("FORA_FINAL_SAMPLER", |o| &mut o.final_sampler),
@@ -963,6 +973,7 @@ impl CudaBackend {
             lt_splitk: self.options.lt_splitk,
             prefetch_weights: self.options.prefetch_weights,
             gemm_ln: self.options.gemm_ln,
+            gemm_ln_many_rows: self.options.gemm_ln_many_rows,
             qkv_attention: self.options.qkv_attention,
             reuse_sum: reuse_sum.filter(|_| mode == StepMode::Reuse),
         }

@@ -1,12 +1,14 @@
-//! Launcher of `gemm_tma_ln_64x72` and `gemm_tma_ln_mc_64x72` (`kernels/gemm_ln_sm90.cu`,
-//! Hopper only): proj or fc2 with its gated residual and the LayerNorm + modulate after it in
-//! one launch, in clusters of 16 CTAs that each hold a 64 x 72 tile of a 64-row block of whole
-//! 1152-wide rows and exchange the rows' statistics through distributed shared memory (the
-//! `_mc` kernel also shares the A tile across the cluster by multicast). It replaces the GEMM and the
-//! `residual_layernorm` pass of the fused-LayerNorm path for few token rows (one image + CFG),
-//! where that pass is a launch of mostly latency; [`GemmLayerNorm::rows_limit`] says where.
-//! Same contract as `residual_layernorm` over an f32 product, or (`round_v`) over the bf16 v
-//! of `FORA_BF16_RESIDUAL`.
+//! Launcher of `gemm_tma_ln_{64,128}x72` and `gemm_tma_ln_mc_{64,128}x72`
+//! (`kernels/gemm_ln_sm90.cu`, Hopper only): proj or fc2 with its gated residual and the
+//! LayerNorm + modulate after it in one launch, in clusters of 16 CTAs that each hold a 64 x 72
+//! (or 128 x 72) tile of a block of whole 1152-wide rows and exchange the rows' statistics
+//! through distributed shared memory (the `_mc` kernels also share the A tile across the
+//! cluster by multicast). It replaces the GEMM and the `residual_layernorm` pass of the
+//! fused-LayerNorm path: for few token rows (one image + CFG), where that pass is a launch of
+//! mostly latency ([`GemmLayerNorm::rows_limit`] says where), with [`GemmLnTile::Rows64`]; for
+//! many, where it is ~15% of a step's memory traffic, with [`GemmLnTile::Rows128`]. Same
+//! contract as `residual_layernorm` over an f32 product, or (`round_v`) over the bf16 v of
+//! `FORA_BF16_RESIDUAL`.
 
 use super::device::{check_positive, check_ptr, KernelLauncher, TmaTensor2d};
 use super::params::{GemmLayerNormParams, TmaDescriptor};
@@ -18,21 +20,64 @@ pub const GEMM_LN_KERNEL: &str = "gemm_tma_ln_64x72";
 pub const GEMM_LN_MC_KERNEL: &str = "gemm_tma_ln_mc_64x72";
 /// CTAs a cluster (non-portable: the launcher opts the kernel in).
 pub const GEMM_LN_CLUSTER: u32 = 16;
-/// Token rows a cluster.
-const ROWS: u32 = 64;
 /// Columns a CTA: the row width is `GEMM_LN_CLUSTER * COLUMNS`.
 const COLUMNS: u32 = 72;
-/// Ring stages (gemm_ln_sm90.cu's instantiation).
-const STAGES: u32 = 5;
-/// A consumer warpgroup and a producer warp.
-const THREADS: u32 = 160;
 /// k-depth of a ring slot (one 128-byte swizzle row of bf16).
 const DEPTH: u32 = 64;
 
-/// Dynamic shared memory a CTA: the ring, the cluster's statistics (16 x 64 float pairs), two
-/// mbarriers a stage and 1 KiB to align the base to 1024 bytes (gemm_ln_sm90.cu).
-pub const fn gemm_ln_smem_bytes() -> u32 {
-    STAGES * (ROWS + COLUMNS) * DEPTH * 2 + GEMM_LN_CLUSTER * ROWS * 8 + STAGES * 16 + 1024
+/// The token rows a cluster covers, and with them the kernel's warpgroups, ring and occupancy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmLnTile {
+    /// `gemm_tma_ln[_mc]_64x72`: 64 rows, one consumer warpgroup, five stages; for few rows
+    /// (one image + CFG of DiT-XL/2 is 8 clusters, 128 CTAs).
+    Rows64,
+    /// `gemm_tma_ln[_mc]_128x72`: 128 rows, two consumer warpgroups on each W tile (half the W
+    /// bytes a FLOP), three stages and at most 112 registers so that two CTAs share an SM: one's
+    /// epilogue traffic under the other's mainloop. For many rows (FORA_GEMM_LN_MANY_ROWS).
+    Rows128,
+}
+
+impl GemmLnTile {
+    /// Both, the few-rows tile first.
+    pub const ALL: [GemmLnTile; 2] = [GemmLnTile::Rows64, GemmLnTile::Rows128];
+
+    /// Token rows a cluster.
+    pub const fn rows(self) -> u32 {
+        match self {
+            GemmLnTile::Rows64 => 64,
+            GemmLnTile::Rows128 => 128,
+        }
+    }
+
+    /// Ring stages (gemm_ln_sm90.cu's instantiations).
+    const fn stages(self) -> u32 {
+        match self {
+            GemmLnTile::Rows64 => 5,
+            GemmLnTile::Rows128 => 3,
+        }
+    }
+
+    /// The consumer warpgroups (one per 64 rows) and the producer warp.
+    const fn threads(self) -> u32 {
+        2 * self.rows() + 32
+    }
+
+    /// The kernel, with the A tile multicast across the cluster or not.
+    pub const fn kernel_name(self, multicast: bool) -> &'static str {
+        match (self, multicast) {
+            (GemmLnTile::Rows64, false) => GEMM_LN_KERNEL,
+            (GemmLnTile::Rows64, true) => GEMM_LN_MC_KERNEL,
+            (GemmLnTile::Rows128, false) => "gemm_tma_ln_128x72",
+            (GemmLnTile::Rows128, true) => "gemm_tma_ln_mc_128x72",
+        }
+    }
+}
+
+/// Dynamic shared memory a CTA of `tile`: the ring, the cluster's statistics (16 x rows float
+/// pairs), two mbarriers a stage and 1 KiB to align the base to 1024 bytes (gemm_ln_sm90.cu).
+pub const fn gemm_ln_smem_bytes(tile: GemmLnTile) -> u32 {
+    let (rows, stages) = (tile.rows(), tile.stages());
+    stages * (rows + COLUMNS) * DEPTH * 2 + GEMM_LN_CLUSTER * rows * 8 + stages * 16 + 1024
 }
 
 /// Whether the kernel serves rows of `dim` columns (16 CTAs x 72: DiT-XL/2's 1152).
@@ -89,11 +134,14 @@ pub struct GemmLayerNorm {
     /// shared); with it a cluster needs 16 SMs of one GPC. Which is faster is for a GPU to say
     /// (the bench times both).
     pub one_per_sm: bool,
-    /// `gemm_tma_ln_mc_64x72`: the 16 CTAs of a cluster share the A tile, 8 of them loading 8
-    /// rows each and multicasting them to all, so each A tile is read from L2 once a cluster
+    /// `gemm_tma_ln_mc_*`: the 16 CTAs of a cluster share the A tile, 8 (or 16) of them loading
+    /// 8 rows each and multicasting them to all, so each A tile is read from L2 once a cluster
     /// instead of 16 times (the 64 x 72 tiles need about twice the L2 bytes a FLOP of 128 x
     /// 128 ones without it). The same results.
     pub multicast: bool,
+    /// The rows a cluster: [`GemmLnTile::Rows64`] for few rows, [`GemmLnTile::Rows128`] for
+    /// many. The same results.
+    pub tile: GemmLnTile,
     /// `FORA_PREFETCH_WEIGHTS`: up to two ranges (address, bytes; 0 for none) that the launch
     /// asks L2 to fetch while it runs, each CTA its share: the next GEMMs' weights. 16-byte
     /// aligned, whole 16-byte chunks. A hint: no result depends on it.
@@ -109,7 +157,7 @@ impl GemmLayerNorm {
     /// CTAs at 512 rows are about one CTA an SM of a Hopper; past a few times that the CTAs'
     /// 64 x 72 tiles are too small for the tensor cores and the unfused GEMM's larger tiles win.
     pub fn rows_limit(sm_count: usize) -> usize {
-        (sm_count / GEMM_LN_CLUSTER as usize).max(1) * ROWS as usize * 2
+        (sm_count / GEMM_LN_CLUSTER as usize).max(1) * GemmLnTile::Rows64.rows() as usize * 2
     }
 
     /// Checks everything the kernel relies on, on a device of `compute_capability`, with errors
@@ -190,11 +238,7 @@ impl GemmLayerNorm {
 
     /// The kernel this launch runs.
     pub fn kernel(&self) -> &'static str {
-        if self.multicast {
-            GEMM_LN_MC_KERNEL
-        } else {
-            GEMM_LN_KERNEL
-        }
+        self.tile.kernel_name(self.multicast)
     }
 
     /// The kernel's parameters: the checks, then the operands' tensor maps.
@@ -209,7 +253,7 @@ impl GemmLayerNorm {
             box_cols: DEPTH,
         };
         // With multicast a CTA loads an 8-row slice of the A tile.
-        let a_rows = if self.multicast { 8 } else { ROWS };
+        let a_rows = if self.multicast { 8 } else { self.tile.rows() };
         let a_map: TmaDescriptor = gpu
             .tma_descriptor_2d(&operand(self.a, self.m, self.lda, a_rows))
             .with_context(|| format!("{}: the tensor map of A", self.kernel()))?;
@@ -241,18 +285,18 @@ impl GemmLayerNorm {
         })
     }
 
-    /// Launches the kernel: a cluster of 16 CTAs for each 64 token rows.
+    /// Launches the kernel: a cluster of 16 CTAs for each 64 (128) token rows.
     pub fn launch(&self, gpu: &impl KernelLauncher) -> Result<()> {
         let params = self.params(gpu)?;
         let name = self.kernel();
         let smem = if self.one_per_sm {
-            ONE_PER_SM_SMEM.max(gemm_ln_smem_bytes())
+            ONE_PER_SM_SMEM.max(gemm_ln_smem_bytes(self.tile))
         } else {
-            gemm_ln_smem_bytes()
+            gemm_ln_smem_bytes(self.tile)
         };
         gpu.allow_dynamic_shared_memory(name, smem)?;
         gpu.allow_non_portable_clusters(name)?;
-        let clusters = self.m.div_ceil(ROWS as usize);
+        let clusters = self.m.div_ceil(self.tile.rows() as usize);
         let grid = clusters
             .checked_mul(GEMM_LN_CLUSTER as usize)
             .filter(|&g| g <= i32::MAX as usize)
@@ -261,7 +305,8 @@ impl GemmLayerNorm {
         // on, and the tensor maps describe exactly A [M, K] and W [dim, K]; the buffers' extents
         // (x, out and cache [M, dim], the modulation rows of M / tokens model rows) are the
         // caller's contract, as for residual_layernorm.
-        unsafe { gpu.launch_kernel(name, (grid as u32, 1, 1), (THREADS, 1, 1), smem, &params) }
+        let threads = self.tile.threads();
+        unsafe { gpu.launch_kernel(name, (grid as u32, 1, 1), (threads, 1, 1), smem, &params) }
             .with_context(|| {
                 format!(
                     "launching {name} (M={} K={} dim={})",
@@ -278,12 +323,18 @@ mod tests {
     #[test]
     fn gemm_ln_shared_memory_matches_the_kernel() {
         // gemm_ln_sm90.cu's comment: 5 stages of (64 + 72) x 64 bf16, 16 x 64 float pairs, two
-        // barriers a stage, 1 KiB of alignment; two CTAs fit an SM's 228 KiB (1 KiB reserved
-        // each).
-        assert_eq!(gemm_ln_smem_bytes(), 96_336);
-        assert!(2 * (gemm_ln_smem_bytes() + 1024) <= 228 * 1024);
-        // One a SM with one_per_sm, within a CTA's 227 KiB.
+        // barriers a stage, 1 KiB of alignment (3 stages of (128 + 72) x 64, 16 x 128 pairs);
+        // two CTAs fit an SM's 228 KiB (1 KiB reserved each).
+        assert_eq!(gemm_ln_smem_bytes(GemmLnTile::Rows64), 96_336);
+        assert_eq!(gemm_ln_smem_bytes(GemmLnTile::Rows128), 94_256);
+        for tile in GemmLnTile::ALL {
+            assert!(2 * (gemm_ln_smem_bytes(tile) + 1024) <= 228 * 1024);
+            // One a SM with one_per_sm, within a CTA's 227 KiB.
+            assert!(ONE_PER_SM_SMEM >= gemm_ln_smem_bytes(tile));
+        }
         const { assert!(2 * (ONE_PER_SM_SMEM + 1024) > 228 * 1024 && ONE_PER_SM_SMEM <= 227 * 1024) };
+        assert_eq!(GemmLnTile::Rows64.threads(), 160);
+        assert_eq!(GemmLnTile::Rows128.threads(), 288);
     }
 
     #[test]

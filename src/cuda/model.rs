@@ -81,9 +81,12 @@ pub struct ForwardKind {
     /// ([`super::CudaOptions::prefetch_weights`]).
     pub prefetch_weights: bool,
     /// With `fused_ln`: proj and fc2 with their residual and LayerNorm as one
-    /// `gemm_tma_ln_64x72` launch where it serves the shape ([`GpuModel::gemm_ln_serves`]),
+    /// `gemm_tma_ln_mc_64x72` launch where it serves the shape ([`GpuModel::gemm_ln_serves`]),
     /// instead of the GEMM and `residual_layernorm` ([`super::CudaOptions::gemm_ln`]).
     pub gemm_ln: bool,
+    /// The same past the few rows, with `gemm_tma_ln_mc_128x72`
+    /// ([`GpuModel::gemm_ln_many_rows_serves`], [`super::CudaOptions::gemm_ln_many_rows`]).
+    pub gemm_ln_many_rows: bool,
     /// Each block's qkv Linear and attention as one `qkv_attention_*` launch where it serves the
     /// shape ([`GpuModel::qkv_attention_serves`]) instead of the GEMM and the attention kernel
     /// ([`super::CudaOptions::qkv_attention`]).
@@ -481,13 +484,21 @@ pub fn cache_sum_params(cfg: &DitConfig, rows: usize) -> ForaCacheSumParams {
 }
 
 impl GpuModel {
-    /// Whether `gemm_tma_ln_64x72` serves proj and fc2 of a computing forward of `token_rows`
-    /// rows of width `dim` on `gpu` ([`ForwardKind::gemm_ln`]): a Hopper, rows of 1,152, and
-    /// at most [`super::gemm_ln::GemmLayerNorm::rows_limit`] token rows.
+    /// Whether `gemm_tma_ln_mc_64x72` serves proj and fc2 of a computing forward of
+    /// `token_rows` rows of width `dim` on `gpu` ([`ForwardKind::gemm_ln`]): a Hopper, rows of
+    /// 1,152, and at most [`super::gemm_ln::GemmLayerNorm::rows_limit`] token rows.
     pub fn gemm_ln_serves(gpu: &Gpu, dim: usize, token_rows: usize) -> bool {
         gpu.compute_capability().0 == 9
             && super::gemm_ln::gemm_ln_supports_dim(dim)
             && token_rows <= super::gemm_ln::GemmLayerNorm::rows_limit(gpu.multiprocessors())
+    }
+
+    /// Whether `gemm_tma_ln_mc_128x72` serves them ([`ForwardKind::gemm_ln_many_rows`]): a
+    /// Hopper, rows of 1,152, and more token rows than the few-rows kernel takes.
+    pub fn gemm_ln_many_rows_serves(gpu: &Gpu, dim: usize, token_rows: usize) -> bool {
+        gpu.compute_capability().0 == 9
+            && super::gemm_ln::gemm_ln_supports_dim(dim)
+            && token_rows > super::gemm_ln::GemmLayerNorm::rows_limit(gpu.multiprocessors())
     }
 
     /// Whether the fused qkv + attention ([`ForwardKind::qkv_attention`]) serves `rows` model
@@ -754,6 +765,7 @@ impl GpuModel {
             lt_splitk,
             prefetch_weights,
             gemm_ln,
+            gemm_ln_many_rows,
             qkv_attention,
             reuse_sum,
         } = kind;
@@ -868,8 +880,17 @@ impl GpuModel {
                 GemmImpl::Custom | GemmImpl::Wgmma => false,
             }
             && super::norm::residual_layernorm_supports(d);
-        // proj / fc2 with their residual and LayerNorm in one launch (FORA_GEMM_LN, few rows).
-        let gemm_ln_on = fuse_ln && gemm_ln && Self::gemm_ln_serves(gpu, d, rt);
+        // proj / fc2 with their residual and LayerNorm in one launch (FORA_GEMM_LN, few rows;
+        // FORA_GEMM_LN_MANY_ROWS, many).
+        let gemm_ln_tile = if !fuse_ln {
+            None
+        } else if gemm_ln && Self::gemm_ln_serves(gpu, d, rt) {
+            Some(super::gemm_ln::GemmLnTile::Rows64)
+        } else if gemm_ln_many_rows && Self::gemm_ln_many_rows_serves(gpu, d, rt) {
+            Some(super::gemm_ln::GemmLnTile::Rows128)
+        } else {
+            None
+        };
         let qkv_attention_on = qkv_attention && Self::qkv_attention_serves(gpu, cfg, rows);
         // Weights the fused LayerNorm passes ask L2 to fetch (FORA_PREFETCH_WEIGHTS, few rows).
         let prefetch_on = prefetch_weights && rt <= PREFETCH_MAX_TOKENS;
@@ -977,7 +998,7 @@ impl GpuModel {
              shift_col: usize,
              unfused_ln: bool,
              prefetch: [Option<&CudaSlice<bf16>>; 2]| {
-                if gemm_ln_on {
+                if let Some(tile) = gemm_ln_tile {
                     let _op = crate::op_range!(gpu, "{op}");
                     return super::gemm_ln::GemmLayerNorm {
                         a: dptr(a),
@@ -1004,6 +1025,7 @@ impl GpuModel {
                         // four).
                         one_per_sm: false,
                         multicast: true,
+                        tile,
                         prefetch: prefetch_ranges(prefetch),
                     }
                     .launch(gpu);

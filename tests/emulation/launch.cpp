@@ -189,6 +189,8 @@ void gemm_wgmma_64x128(const GemmParams p);
 void gemm_tma_128x128(const GemmTmaParams p);
 void gemm_tma_ln_64x72(const GemmLayerNormParams p);
 void gemm_tma_ln_mc_64x72(const GemmLayerNormParams p);
+void gemm_tma_ln_128x72(const GemmLayerNormParams p);
+void gemm_tma_ln_mc_128x72(const GemmLayerNormParams p);
 void qkv_attention_d64(const QkvAttentionParams p);
 void qkv_attention_d72(const QkvAttentionParams p);
 void qkv_attention_mc_d64(const QkvAttentionParams p);
@@ -746,6 +748,8 @@ Kernel find(const std::string& name) {
     if (name == "gemm_tma_128x128") return call<GemmTmaParams, gemm_tma_128x128>;
     if (name == "gemm_tma_ln_64x72") return call<GemmLayerNormParams, gemm_tma_ln_64x72>;
     if (name == "gemm_tma_ln_mc_64x72") return call<GemmLayerNormParams, gemm_tma_ln_mc_64x72>;
+    if (name == "gemm_tma_ln_128x72") return call<GemmLayerNormParams, gemm_tma_ln_128x72>;
+    if (name == "gemm_tma_ln_mc_128x72") return call<GemmLayerNormParams, gemm_tma_ln_mc_128x72>;
     if (name == "qkv_attention_d64") return call<QkvAttentionParams, qkv_attention_d64>;
     if (name == "qkv_attention_d72") return call<QkvAttentionParams, qkv_attention_d72>;
     if (name == "qkv_attention_mc_d64") return call<QkvAttentionParams, qkv_attention_mc_d64>;

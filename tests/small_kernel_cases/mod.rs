@@ -19,7 +19,7 @@ use fora::cuda::fora::{
     fused_final_linear_supported, ReuseTokens, CACHE_SUM_MAX,
 };
 use fora::cuda::gemm::{launch_epilogue, Epilogue};
-use fora::cuda::gemm_ln::GemmLayerNorm;
+use fora::cuda::gemm_ln::{GemmLayerNorm, GemmLnTile};
 use fora::cuda::norm::{layernorm_modulate_with, residual_layernorm_with, RowWarps};
 use fora::cuda::params::{
     BandwidthParams, ForaCacheSumParams, ForaReuseFinalParams, ForaReuseParams, GemmEpilogueParams,
@@ -606,7 +606,7 @@ pub fn check_residual_layernorm<D: TestDevice>(gpu: &D) -> Result<()> {
 
 // ---- the fused GEMM + residual + LayerNorm (Hopper) -----------------------------------------
 
-/// One launch of `gemm_tma_ln_64x72`: `rows` model rows of `tokens` tokens, product depth `k`.
+/// One launch of `gemm_tma_ln_*`: `rows` model rows of `tokens` tokens, product depth `k`.
 pub struct GemmLnCase {
     pub rows: usize,
     pub tokens: usize,
@@ -622,6 +622,7 @@ pub struct GemmLnCase {
 pub fn run_gemm_layernorm<D: TestDevice>(
     gpu: &D,
     c: &GemmLnCase,
+    tile: GemmLnTile,
     multicast: bool,
     seed: u64,
 ) -> Result<()> {
@@ -672,6 +673,7 @@ pub fn run_gemm_layernorm<D: TestDevice>(
         // Only the shared memory asked for differs: every other case.
         one_per_sm: seed.is_multiple_of(2),
         multicast,
+        tile,
         // Every other case asks L2 to fetch two ranges as it runs (FORA_PREFETCH_WEIGHTS's
         // hint, here W and the table): no result may change.
         prefetch: if multicast {
@@ -742,9 +744,10 @@ pub fn run_gemm_layernorm<D: TestDevice>(
 
 /// Every case of the fused GEMM + residual + LayerNorm: one image + CFG of DiT-XL/2 as proj (K
 /// 1152, caching, the bf16 v of the default path) and fc2 (K 4608, f32 v, on a quarter of the
-/// rows to keep the emulator quick), and odd shapes: M = 110 (a partial second cluster), 10
-/// tokens a model row (a warp's two rows in different model rows), K = 200 (a partial k-tile)
-/// and K = 8 (one); each with and without the A tile's multicast.
+/// rows to keep the emulator quick), and odd shapes: M = 150 (a partial last cluster of 64 or
+/// 128 rows), 10 tokens a model row (a warp's two rows in different model rows), K = 200 (a
+/// partial k-tile) and K = 8 (one); each with both tiles, with and without the A tile's
+/// multicast.
 pub fn check_gemm_layernorm<D: TestDevice>(gpu: &D) -> Result<()> {
     let case = |rows, tokens, k, with_cache, round_v| GemmLnCase {
         rows,
@@ -756,11 +759,13 @@ pub fn check_gemm_layernorm<D: TestDevice>(gpu: &D) -> Result<()> {
     for (c, seed) in [
         (case(2, 256, 1152, true, true), 81),
         (case(2, 64, 4608, false, false), 82),
-        (case(11, 10, 200, true, false), 83),
+        (case(15, 10, 200, true, false), 83),
         (case(3, 7, 8, true, true), 84),
     ] {
-        for multicast in [false, true] {
-            run_gemm_layernorm(gpu, &c, multicast, seed)?;
+        for tile in GemmLnTile::ALL {
+            for multicast in [false, true] {
+                run_gemm_layernorm(gpu, &c, tile, multicast, seed)?;
+            }
         }
     }
     Ok(())
