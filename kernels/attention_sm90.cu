@@ -599,7 +599,16 @@ FORA_DEVICE uint32_t tile_pair(const unsigned char* tile, int row, int col) {
                                                (byte & 15));
 }
 
-template <int D>
+// PINGPONG (attention_tma_pp_d*, FORA_ATTENTION=tma_pp): the two consumer warpgroups take turns
+// issuing their wgmmas, so that one's softmax runs while the other's products keep the tensor
+// cores busy (FlashAttention-3's inter-warpgroup overlap). Without it both tend to issue at
+// once, wait at once and run their softmax at once, the tensor cores idle meanwhile (a tile's
+// PV and the next QK^T are one wait: the softmax between them cannot overlap them within a
+// warpgroup). Consumer c waits on named barrier 1 + c (256 threads: its own 128 syncing, the
+// other's 128 arriving) before it issues, and arrives on the other's after its commit; consumer
+// 1 arrives once at the start, so consumer 0 goes first. Both walk the same units and tiles, so
+// they issue equally often (consumer 1's last arrival is left unmatched at the exit).
+template <int D, bool PINGPONG>
 FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
     using S = TmaAttentionShape<D>;
     constexpr int BN = S::BLOCK_N;
@@ -755,12 +764,29 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
         __syncwarp();
         if (lane == 0) mbarrier_arrive(q_empty);
     };
-    // S = Q K^T of the ring's tile `tile_it`, issued (not waited for) into s_acc.
-    auto issue_qk = [&](uint32_t tile_it) {
-        const uint32_t slot = tile_it % S::STAGES;
-        mbarrier_wait(kv_full + 8 * slot, (tile_it / S::STAGES) & 1u);
-        issue_scores<BN, KSTEPS>(s_acc, q_frag, base_addr + S::K_OFF + slot * S::TILE_BYTES);
+    // The ring's tile `tile_it` has landed.
+    auto wait_kv = [&](uint32_t tile_it) { mbarrier_wait(kv_full + 8 * (tile_it % S::STAGES), (tile_it / S::STAGES) & 1u); };
+    // S = Q K^T of the ring's tile `tile_it` (landed), issued (not waited for) into s_acc.
+    auto issue_landed_qk = [&](uint32_t tile_it) {
+        issue_scores<BN, KSTEPS>(s_acc, q_frag, base_addr + S::K_OFF + (tile_it % S::STAGES) * S::TILE_BYTES);
     };
+    auto issue_qk = [&](uint32_t tile_it) {
+        wait_kv(tile_it);
+        issue_landed_qk(tile_it);
+    };
+    // PINGPONG's turns (no-ops without it): wait for this warpgroup's turn before issuing (the
+    // data it needs has landed first, so a turn is not held waiting on memory); hand the turn
+    // over once the wgmmas are committed.
+    constexpr uint32_t kTurnBarrier = 1;
+    auto my_turn = [&] {
+        if constexpr (PINGPONG) named_barrier_sync(kTurnBarrier + static_cast<uint32_t>(consumer), 256);
+    };
+    auto their_turn = [&] {
+        if constexpr (PINGPONG) named_barrier_arrive(kTurnBarrier + static_cast<uint32_t>(consumer ^ 1), 256);
+    };
+    if constexpr (PINGPONG) {
+        if (consumer == 1) named_barrier_arrive(kTurnBarrier, 256);
+    }
     // A unit's Q and first scores: each unit's own at its start, or (kCrossUnit) the first
     // unit's here and every later unit's with the last P V of the unit before it (below), so
     // that no unit starts on a Q load and a lone QK^T. Not for d 128, where the next unit's
@@ -768,8 +794,11 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
     constexpr bool kCrossUnit = D <= 96;
     auto first_scores = [&](uint32_t q_index) {
         load_q(q_index);
-        issue_qk(it);
+        wait_kv(it);
+        my_turn();
+        issue_landed_qk(it);
         wgmma_commit();
+        their_turn();
         wgmma_wait<0>();
         pin_accumulators(s_acc);
     };
@@ -802,6 +831,10 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
             scores_to_p_fragments<BN, D, kNotLast ? TileMask::Never : TileMask::Always>(
                 s_acc, o_acc, row_max, row_sum, scale_log2, j * BN, tokens, lane, p_frag);
             if constexpr (kNextUnit) load_q(qi + 1);
+            if constexpr (PINGPONG) {
+                if constexpr (kNotLast || kNextUnit) wait_kv(it + 1);
+                my_turn();
+            }
             pin_accumulators(o_acc);
             wgmma_fence();
 #pragma unroll
@@ -811,8 +844,15 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
                 wgmma_pv<D, true>(o_acc, p_frag[kk],
                                   wgmma_desc_sw128_mn(v_addr + kk * 2048, S::PANEL_BYTES, 1024));
             }
-            if constexpr (kNotLast || kNextUnit) issue_qk(it + 1);
+            if constexpr (kNotLast || kNextUnit) {
+                if constexpr (PINGPONG) {
+                    issue_landed_qk(it + 1);
+                } else {
+                    issue_qk(it + 1);
+                }
+            }
             wgmma_commit();
+            their_turn();
             wgmma_wait<0>();
             pin_accumulators(o_acc);
             pin_accumulators(s_acc);
@@ -844,25 +884,29 @@ FORA_DEVICE void attention_tma_block(const AttentionTmaParams& params) {
 
 }  // namespace
 
-#define FORA_ATTENTION_TMA_BODY(D) attention_tma_block<D>(p)
+#define FORA_ATTENTION_TMA_BODY(D, PINGPONG) attention_tma_block<D, PINGPONG>(p)
 #else
-#define FORA_ATTENTION_TMA_BODY(D) \
-    do {                           \
-        (void)p;                   \
-        __trap();                  \
+#define FORA_ATTENTION_TMA_BODY(D, PINGPONG) \
+    do {                                     \
+        (void)p;                             \
+        __trap();                            \
     } while (0)
 #endif
 
 // 384 threads (a producer and two consumer warpgroups), one CTA an SM, a persistent grid.
 // Dynamic shared memory = TmaAttentionShape<D>::SMEM_BYTES + 1024 (src/cuda/attention.rs
 // mirrors it).
-#define FORA_ATTENTION_TMA_KERNEL(NAME, D)                                                                     \
+#define FORA_ATTENTION_TMA_KERNEL(NAME, D, PINGPONG)                                                           \
     extern "C" __global__ void __launch_bounds__(384, 1) NAME(const __grid_constant__ AttentionTmaParams p) { \
         grid_dependency_sync();                                                                                \
         static_assert(TmaAttentionShape<D>::SMEM_BYTES + 1024 <= 227 * 1024, "smem too large");                \
-        FORA_ATTENTION_TMA_BODY(D);                                                                            \
+        FORA_ATTENTION_TMA_BODY(D, PINGPONG);                                                                  \
     }
 
-FORA_ATTENTION_TMA_KERNEL(attention_tma_d64, 64)
-FORA_ATTENTION_TMA_KERNEL(attention_tma_d72, 72)
-FORA_ATTENTION_TMA_KERNEL(attention_tma_d128, 128)
+FORA_ATTENTION_TMA_KERNEL(attention_tma_d64, 64, false)
+FORA_ATTENTION_TMA_KERNEL(attention_tma_d72, 72, false)
+FORA_ATTENTION_TMA_KERNEL(attention_tma_d128, 128, false)
+// The consumer warpgroups taking turns (PINGPONG above): the same shared memory and launch.
+FORA_ATTENTION_TMA_KERNEL(attention_tma_pp_d64, 64, true)
+FORA_ATTENTION_TMA_KERNEL(attention_tma_pp_d72, 72, true)
+FORA_ATTENTION_TMA_KERNEL(attention_tma_pp_d128, 128, true)

@@ -50,6 +50,27 @@ FORA_DEVICE void grid_launch_dependents() {
 #endif
 }
 
+// ---- named barriers ----------------------------------------------------------------------
+
+// Barrier `id` (1-15; 0 is __syncthreads') of `threads` threads of the block (a multiple of 32,
+// whole warps): sync arrives and waits until `threads` have arrived; arrive only arrives (its
+// earlier memory accesses are ordered before the waiters' later ones). Lets some warps wait on
+// others, e.g. warpgroups taking turns (attention_sm90.cu's ping-pong).
+FORA_DEVICE void named_barrier_sync(uint32_t id, uint32_t threads) {
+#ifdef FORA_EMULATION
+    fora_emulation_named_barrier(id, threads, true);
+#else
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+#endif
+}
+FORA_DEVICE void named_barrier_arrive(uint32_t id, uint32_t threads) {
+#ifdef FORA_EMULATION
+    fora_emulation_named_barrier(id, threads, false);
+#else
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+#endif
+}
+
 // Every kernel's first statement, in every thread (tests/kernel_sources.rs): nothing reads or
 // writes global memory before the kernel before it is done.
 FORA_DEVICE void grid_dependency_sync() {

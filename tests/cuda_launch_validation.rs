@@ -283,8 +283,8 @@ fn every_attention_kernel_is_embedded() {
     names.sort_unstable();
     names.dedup();
     // v1, v2, wgmma (2 sizes), wgmma_mn (2), deep (its own small-grid kernel), split (the
-    // same), tma: 9 kernels a head dim.
-    assert_eq!(names.len(), 9 * ATTENTION_HEAD_DIMS.len(), "{names:?}");
+    // same), tma, tma_pp: 10 kernels a head dim.
+    assert_eq!(names.len(), 10 * ATTENTION_HEAD_DIMS.len(), "{names:?}");
     assert_embedded("every_attention_kernel_is_embedded", names);
 }
 

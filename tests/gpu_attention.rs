@@ -250,6 +250,12 @@ fn gpu_attention_tma_shapes() {
     wgmma_shapes("gpu_attention_tma_shapes", AttentionImpl::Tma);
 }
 
+/// The same with the consumer warpgroups taking turns (tma_pp).
+#[test]
+fn gpu_attention_tma_pp_shapes() {
+    wgmma_shapes("gpu_attention_tma_pp_shapes", AttentionImpl::TmaPingPong);
+}
+
 fn wgmma_shapes(test: &str, imp: AttentionImpl) {
     let Some(gpu) = test_gpu(test) else { return };
     let (major, minor) = gpu.compute_capability();
@@ -276,7 +282,7 @@ fn wgmma_shapes(test: &str, imp: AttentionImpl) {
     {
         // Block sizes as this device picks them, then 128-row blocks whatever the grid (the TMA
         // kernel: its persistent grid, then 1 and 7 CTAs).
-        let sizes: &[(usize, &str)] = if imp == AttentionImpl::Tma {
+        let sizes: &[(usize, &str)] = if imp.is_tma() {
             &[
                 (gpu.sm_count(), "one CTA an SM"),
                 (1, "one CTA"),
@@ -379,6 +385,7 @@ fn gpu_attention_wgmma_refused_off_hopper() {
         AttentionImpl::WgmmaMnDeep,
         AttentionImpl::WgmmaMnSplit,
         AttentionImpl::Tma,
+        AttentionImpl::TmaPingPong,
     ] {
         let msg = format!(
             "{:#}",
@@ -657,6 +664,13 @@ fn attention_wgmma_plan_grid_and_kernels() {
         (132, 1, 1)
     );
     assert_eq!(attention_plan_on(&small, tma, 132).unwrap().grid.0, 64);
+    // Its ping-pong twin: the same launch, its own kernel.
+    let pp = attention_plan_for(&valid(), AttentionImpl::TmaPingPong).expect("valid params");
+    assert_eq!(pp.kernel, "attention_tma_pp_d72");
+    assert_eq!(
+        (pp.grid, pp.block, pp.shared_mem_bytes),
+        (plan.grid, plan.block, plan.shared_mem_bytes)
+    );
     p.head_dim = 128;
     let plan = attention_plan_for(&p, tma).unwrap();
     assert_eq!(plan.kernel, "attention_tma_d128");

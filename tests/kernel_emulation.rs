@@ -930,6 +930,12 @@ fn emulated_attention() -> Result<()> {
             // units, so the Q slot and the K/V ring wrap and change phase.
             (AttentionImpl::Tma, 1, "tma on 1 CTA".to_string()),
             (AttentionImpl::Tma, 3, "tma on 3 CTAs".to_string()),
+            (AttentionImpl::TmaPingPong, 1, "tma_pp on 1 CTA".to_string()),
+            (
+                AttentionImpl::TmaPingPong,
+                3,
+                "tma_pp on 3 CTAs".to_string(),
+            ),
         ]);
     for (imp, sms, label) in runs {
         for (i, (s, qk_std)) in [
@@ -1131,9 +1137,13 @@ fn emulated_lazy_threads() -> Result<()> {
                 tokens,
                 head_dim,
             };
-            let name =
-                format!("lazy threads: attention tma B={batch} H={heads} T={tokens} d={head_dim}");
-            run_case_sized(emu, &name, s, 1.0, 300 + i as u64, AttentionImpl::Tma, 1)?;
+            for imp in [AttentionImpl::Tma, AttentionImpl::TmaPingPong] {
+                let name = format!(
+                    "lazy threads: attention {} B={batch} H={heads} T={tokens} d={head_dim}",
+                    imp.name()
+                );
+                run_case_sized(emu, &name, s, 1.0, 300 + i as u64, imp, 1)?;
+            }
         }
         attention_cases::run_tma_probe(emu, 63)?;
         attention_cases::run_tma_cluster_probe(emu, 64)?;
@@ -1937,6 +1947,7 @@ fn race_check_every_kernel() -> Result<()> {
     };
     for (imp, sms) in [
         (AttentionImpl::Tma, 1),
+        (AttentionImpl::TmaPingPong, 1),
         (AttentionImpl::Wgmma, 1),
         (AttentionImpl::WgmmaMn, 1),
     ] {

@@ -34,7 +34,8 @@
 #              gemm_tma_ln_mc_64x72 launch at few rows (FORA_GEMM_LN=1; with FORA_PDL=1, with
 #              FORA_PREFETCH_WEIGHTS=1); qkv_attention: each block's qkv Linear and attention
 #              as one qkv_attention_mc_d72 launch at few rows (FORA_QKV_ATTENTION=1);
-#              qkv_gemm_ln (qkv_gemm_ln_pdl): both fusions (with FORA_PDL=1); gemm_ln_many
+#              qkv_gemm_ln (qkv_gemm_ln_pdl): both fusions (with FORA_PDL=1);
+#              attention_tma_pp: FORA_ATTENTION=tma_pp (session 25); gemm_ln_many
 #              (gemm_ln_all): proj / fc2 and their LayerNorm as one gemm_tma_ln_mc_128x72
 #              launch at many rows (FORA_GEMM_LN_MANY_ROWS=1; with FORA_GEMM_LN=1 too); "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
@@ -180,7 +181,7 @@ hopper_rows() {
   # aimed at M = 512, where each W tile is otherwise read from L2 by four CTAs; session 22's
   # clusters along K at proj's and fc2's 36 tiles there, beside the plain 128 x 128).
   grep -E "^\| (qkv|proj|fc1|fc2) \| 2 \| [^|]* \| (tma|tma_mc|tma-128x128|tma-k[0-9]-128x128|tma-mc-128x[0-9]+|tma-c4x[12]-128x[0-9]+|tma-st-[a-z0-9-]+|cublaslt|cublaslt\+bf16 bias|cublaslt product)(, W in L2)? \|" "$OUT/$1.log" | head -n 90
-  grep -E "^\| attention \|" "$OUT/$1.log" | head -n 12
+  grep -E "^\| attention \|" "$OUT/$1.log" | head -n 16
   # FORA_GEMM_LN's fused proj / fc2 + LayerNorm (HOPPER_KERNELS=all) against the cuBLASLt
   # product rows above plus residual_ln.
   grep -E "^\| (proj\+ln|fc2\+ln|residual_ln) \| 2 \|" "$OUT/$1.log" | head -n 16
@@ -386,6 +387,7 @@ phase_kernelprof() {
     echo "=== ncu --set full: $k (rows ${PROF_ROWS:-256})"
     # The steps run the selected attention: the wgmma kernels only with FORA_ATTENTION=wgmma.
     case $k in
+      attention_tma_pp*) attention=tma_pp ;;
       attention_tma*) attention=tma ;;
       attention_wgmma_mn*) attention=wgmma_mn ;;
       attention_wgmma*) attention=wgmma ;;
@@ -438,6 +440,7 @@ phase_variants() {
            "side_stream:cublaslt:FORA_SIDE_STREAM=1" "lt_autotune:cublaslt:FORA_LT_AUTOTUNE=1" \
            "attention_v2:cublaslt:FORA_ATTENTION=v2" "attention_wgmma:cublaslt:FORA_ATTENTION=wgmma" \
            "attention_wgmma_mn:cublaslt:FORA_ATTENTION=wgmma_mn" "attention_tma:cublaslt:FORA_ATTENTION=tma" \
+           "attention_tma_pp:cublaslt:FORA_ATTENTION=tma_pp" \
            "attention_deep:cublaslt:FORA_ATTENTION=wgmma_mn_deep" \
            "attention_split:cublaslt:FORA_ATTENTION=wgmma_mn_split" \
            "wgmma:wgmma:" "tma:tma:" "tma_mc:tma_mc:" \

@@ -452,7 +452,8 @@ pub(super) fn bench_kernels(
     }
     if untried {
         // The newest kernels, last (first run on a GPU in session 18): FORA_REUSE_SUM's
-        // (session 9), the deep and split (session 12) and TMA (session 8) attention,
+        // (session 9), the deep and split (session 12), TMA (session 8) and TMA ping-pong
+        // (session 25) attention,
         // final_sampler_step (session 12).
         for tokens in [1, 4] {
             let source = FusedSource::Sum(tokens);
@@ -469,6 +470,7 @@ pub(super) fn bench_kernels(
                 AttentionImpl::WgmmaMnDeep,
                 AttentionImpl::WgmmaMnSplit,
                 AttentionImpl::Tma,
+                AttentionImpl::TmaPingPong,
             ],
         );
         // FORA_FINAL_SAMPLER's kernel (session 12).

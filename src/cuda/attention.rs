@@ -5,7 +5,7 @@
 //! proj Linear's input). `out = softmax(q k^T * scale) v` per (batch, head), no mask.
 //!
 //! Kernel families, chosen at run time by [`AttentionImpl`]
-//! (`FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|wgmma_mn_deep|wgmma_mn_split|tma|auto`, read once per
+//! (`FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|wgmma_mn_deep|wgmma_mn_split|tma|tma_pp|auto`, read once per
 //! process; unset means auto), each instantiated for head_dim 64, 72 and 128:
 //! - v1 (`attention_d*`): grid `(ceil(T / 64), heads, batch)` blocks of 4 warps, each warp
 //!   owning 16 query rows.
@@ -25,6 +25,8 @@
 //! - tma (opt-in, Hopper only, `attention_tma_d*`): a persistent grid (one CTA an SM) of a
 //!   TMA producer warpgroup and two wgmma consumer warpgroups streaming (batch, head, 128-query)
 //!   units, so that DRAM stays busy between units ([`AttentionTmaParams`]).
+//! - tma_pp (opt-in, Hopper only, `attention_tma_pp_d*`): tma with its consumer warpgroups
+//!   taking turns at the tensor cores (one's softmax under the other's products).
 //! - auto (the default): wgmma_mn on a Hopper, v1 elsewhere ([`AttentionImpl::resolve`]).
 
 use super::device::{ensure_hopper, KernelLauncher, TmaTensor2d};
@@ -61,6 +63,11 @@ pub enum AttentionImpl {
     /// [`AttentionImpl::WgmmaMn`]); its ~1% of the 256-row step is within the drift between
     /// the processes that measured it.
     Tma,
+    /// [`AttentionImpl::Tma`] whose two consumer warpgroups take turns issuing their wgmmas
+    /// (named barriers, FlashAttention-3's ping-pong), so that one's softmax runs while the
+    /// other's products keep the tensor cores busy; the same results to the bit. Opt-in: not
+    /// yet run on a GPU (session 25).
+    TmaPingPong,
     /// [`AttentionImpl::WgmmaMn`] whose 64-row blocks (small grids: one image + CFG) keep four
     /// K/V tiles in flight instead of one (`attention_wgmma_mn_deep_m64_d*`, one block an SM):
     /// at one block an SM nothing hides a tile's load latency, and 256 keys are four tiles in
@@ -88,9 +95,11 @@ impl FromStr for AttentionImpl {
             "wgmma_mn_deep" => Ok(AttentionImpl::WgmmaMnDeep),
             "wgmma_mn_split" => Ok(AttentionImpl::WgmmaMnSplit),
             "tma" => Ok(AttentionImpl::Tma),
+            "tma_pp" => Ok(AttentionImpl::TmaPingPong),
             other => bail!(
                 "unknown attention implementation {other:?}: expected \"v1\", \"v2\", \"wgmma\", \
-                 \"wgmma_mn\", \"wgmma_mn_deep\", \"wgmma_mn_split\", \"tma\" or \"auto\""
+                 \"wgmma_mn\", \"wgmma_mn_deep\", \"wgmma_mn_split\", \"tma\", \"tma_pp\" or \
+                 \"auto\""
             ),
         }
     }
@@ -106,11 +115,17 @@ impl AttentionImpl {
                 | AttentionImpl::WgmmaMnDeep
                 | AttentionImpl::WgmmaMnSplit
                 | AttentionImpl::Tma
+                | AttentionImpl::TmaPingPong
         )
     }
 
+    /// Whether this is a persistent TMA kernel ([`AttentionTmaParams`], one CTA an SM).
+    pub fn is_tma(self) -> bool {
+        matches!(self, AttentionImpl::Tma | AttentionImpl::TmaPingPong)
+    }
+
     /// The kernel families (every implementation but [`AttentionImpl::Auto`]).
-    pub const ALL: [AttentionImpl; 7] = [
+    pub const ALL: [AttentionImpl; 8] = [
         AttentionImpl::V1,
         AttentionImpl::V2,
         AttentionImpl::Wgmma,
@@ -118,6 +133,7 @@ impl AttentionImpl {
         AttentionImpl::WgmmaMnDeep,
         AttentionImpl::WgmmaMnSplit,
         AttentionImpl::Tma,
+        AttentionImpl::TmaPingPong,
     ];
 
     /// The name `FORA_ATTENTION` and the bench's rows use for it.
@@ -131,6 +147,7 @@ impl AttentionImpl {
             AttentionImpl::WgmmaMnDeep => "wgmma_mn_deep",
             AttentionImpl::WgmmaMnSplit => "wgmma_mn_split",
             AttentionImpl::Tma => "tma",
+            AttentionImpl::TmaPingPong => "tma_pp",
         }
     }
 
@@ -144,7 +161,7 @@ impl AttentionImpl {
         }
     }
 
-    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|wgmma_mn_deep|wgmma_mn_split|tma|auto`, parsed now;
+    /// `FORA_ATTENTION=v1|v2|wgmma|wgmma_mn|wgmma_mn_deep|wgmma_mn_split|tma|tma_pp|auto`, parsed now;
     /// unset or empty means [`AttentionImpl::Auto`].
     pub fn from_env() -> Result<AttentionImpl> {
         match std::env::var("FORA_ATTENTION") {
@@ -268,7 +285,7 @@ fn plan(
     sm_count: Option<usize>,
 ) -> Result<AttentionLaunch> {
     let (block_m, threads) = match imp {
-        AttentionImpl::Tma => (ATTENTION_TMA_BLOCK, TMA_THREADS),
+        AttentionImpl::Tma | AttentionImpl::TmaPingPong => (ATTENTION_TMA_BLOCK, TMA_THREADS),
         AttentionImpl::V1 => (ATTENTION_BLOCK_M, THREADS),
         AttentionImpl::V2 => (ATTENTION_V2_BLOCK_M, THREADS),
         // Two warpgroups on the 64 rows, splitting the keys.
@@ -320,6 +337,9 @@ fn plan(
         (AttentionImpl::Tma, 64) => "attention_tma_d64",
         (AttentionImpl::Tma, 72) => "attention_tma_d72",
         (AttentionImpl::Tma, 128) => "attention_tma_d128",
+        (AttentionImpl::TmaPingPong, 64) => "attention_tma_pp_d64",
+        (AttentionImpl::TmaPingPong, 72) => "attention_tma_pp_d72",
+        (AttentionImpl::TmaPingPong, 128) => "attention_tma_pp_d128",
         (_, d) => bail!(
             "attention: head_dim {d} is not supported; the kernel is built for head_dim {:?}",
             ATTENTION_HEAD_DIMS
@@ -370,7 +390,7 @@ fn plan(
         p.out
     );
     let tokens = p.tokens as u32;
-    let grid = if imp == AttentionImpl::Tma {
+    let grid = if imp.is_tma() {
         // Persistent: (batch, head, query block) units over at most one CTA an SM; the kernel
         // counts units and rows in int.
         let units = tokens.div_ceil(block_m) as u64 * p.heads as u64 * p.batch as u64;
@@ -401,7 +421,7 @@ fn plan(
                 };
                 wgmma_smem_bytes(p.head_dim as u32, true, stages)
             }
-            AttentionImpl::Tma => tma_smem_bytes(p.head_dim as u32),
+            AttentionImpl::Tma | AttentionImpl::TmaPingPong => tma_smem_bytes(p.head_dim as u32),
             _ => smem_bytes(block_m, p.head_dim as u32),
         },
     })
@@ -449,7 +469,7 @@ pub fn attention_sized_for(
     let plan = attention_plan_on(p, imp, sm_count)?;
     gpu.allow_dynamic_shared_memory(plan.kernel, plan.shared_mem_bytes)
         .context("attention")?;
-    let launched = if imp == AttentionImpl::Tma {
+    let launched = if imp.is_tma() {
         let tma = AttentionTmaParams {
             qkv_map: gpu.tma_descriptor_2d(&qkv_tensor(p))?,
             attn: *p,

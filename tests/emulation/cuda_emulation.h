@@ -109,6 +109,9 @@ inline float __expf(float x) { return expf(x); }
 
 void fora_emulation_syncthreads();
 void fora_emulation_syncwarp();
+// bar.sync / bar.arrive on named barrier `id` (1-15) of `threads` threads: an arrival, and with
+// `wait` a wait until `threads` have arrived in this generation.
+void fora_emulation_named_barrier(unsigned id, unsigned threads, bool wait);
 float fora_emulation_shfl_xor(float v, int lane_mask);
 // Warp-collective tensor-core operations, with the PTX fragment layouts (common.cuh's ldmatrix_*,
 // mma_bf16_16816; attention.cu's mma_bf16_1688 with k = 8).

@@ -18,6 +18,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdio>
 #include <cstdlib>
@@ -175,6 +176,9 @@ void attention_wgmma_mn_split_m64_d128(const AttentionParams p);
 void attention_tma_d64(const AttentionTmaParams p);
 void attention_tma_d72(const AttentionTmaParams p);
 void attention_tma_d128(const AttentionTmaParams p);
+void attention_tma_pp_d64(const AttentionTmaParams p);
+void attention_tma_pp_d72(const AttentionTmaParams p);
+void attention_tma_pp_d128(const AttentionTmaParams p);
 void gemm_bf16_128x128(const GemmParams p);
 void gemm_bf16_128x128_k64(const GemmParams p);
 void gemm_bf16_64x128(const GemmParams p);
@@ -348,6 +352,9 @@ struct Block {
     uint3 idx{};
     std::vector<Fiber> fibers;
     Barrier block_barrier;
+    // bar.sync / bar.arrive with an id (1-15) and a thread count: `live` is the count of the
+    // first use (every use must name the same), set again when a generation opens.
+    std::array<Barrier, 16> named_barriers;
     std::vector<Barrier> warp_barriers;
     std::vector<Barrier> warpgroup_barriers;  // 128 threads each
     std::vector<float> warp_slots;  // 32 per warp
@@ -460,6 +467,7 @@ void start_block(Launch& l, unsigned rank, uint3 idx) {
     const unsigned n = l.block;
     blk.idx = idx;
     blk.block_barrier = Barrier{static_cast<int>(n), 0, 0};
+    blk.named_barriers = {};
     for (unsigned w = 0; w < blk.warp_barriers.size(); ++w) {
         const unsigned lanes = n - w * 32 < 32 ? n - w * 32 : 32;
         blk.warp_barriers[w] = Barrier{static_cast<int>(lanes), 0, 0};
@@ -737,6 +745,9 @@ Kernel find(const std::string& name) {
     if (name == "attention_tma_d64") return call<AttentionTmaParams, attention_tma_d64>;
     if (name == "attention_tma_d72") return call<AttentionTmaParams, attention_tma_d72>;
     if (name == "attention_tma_d128") return call<AttentionTmaParams, attention_tma_d128>;
+    if (name == "attention_tma_pp_d64") return call<AttentionTmaParams, attention_tma_pp_d64>;
+    if (name == "attention_tma_pp_d72") return call<AttentionTmaParams, attention_tma_pp_d72>;
+    if (name == "attention_tma_pp_d128") return call<AttentionTmaParams, attention_tma_pp_d128>;
     if (name == "gemm_bf16_128x128") return call<GemmParams, gemm_bf16_128x128>;
     if (name == "gemm_bf16_128x128_k64") return call<GemmParams, gemm_bf16_128x128_k64>;
     if (name == "gemm_bf16_64x128") return call<GemmParams, gemm_bf16_64x128>;
@@ -808,6 +819,33 @@ unsigned cluster_size_of(const std::string& name) {
 void fora_emulation_syncthreads() { wait_at(here().block_barrier); }
 
 void fora_emulation_syncwarp() { wait_at(here().warp_barriers[launch_state->current / 32]); }
+
+void fora_emulation_named_barrier(unsigned id, unsigned threads, bool wait) {
+    if (id == 0 || id >= 16 || threads == 0 || threads % 32 != 0 || threads > launch_state->block) {
+        std::fprintf(stderr,
+                     "emulated %s: bar.sync / bar.arrive %u, %u: the id must be 1-15 and the thread count a "
+                     "positive multiple of 32 within the block\n",
+                     launch_state->name, id, threads);
+        std::abort();
+    }
+    Barrier& b = here().named_barriers[id];
+    if (b.arrived == 0) {
+        b.live = static_cast<int>(threads);
+    } else if (b.live != static_cast<int>(threads)) {
+        std::fprintf(stderr, "emulated %s: named barrier %u used with two thread counts (%d, %u) in one generation\n",
+                     launch_state->name, id, b.live, threads);
+        std::abort();
+    }
+    if (wait) {
+        wait_at(b);
+        return;
+    }
+    // An arrival that does not wait: it releases what this thread did before to the waiters.
+    race::release(&b.sync[b.generation & 1]);
+    ++b.arrived;
+    ++launch_state->progress;
+    b.open_if_complete();
+}
 
 float fora_emulation_shfl_xor(float v, int lane_mask) {
     Launch& l = *launch_state;
