@@ -764,6 +764,93 @@ fn report_markdown_and_json() {
     assert!(!serde_json::to_string(&j).unwrap().contains("NaN"));
 }
 
+/// The block fusions' table: each fused row against the rows of what the model runs instead
+/// (the GEMM's cuBLASLt product + the model's residual_ln; qkv's best cuBLASLt with its bias +
+/// the model's attention), "—" where a part was not measured, nothing without fused rows.
+#[test]
+fn fused_block_rows_against_their_parts() {
+    let c = Bound::Compute;
+    let mut r = fake_report();
+    r.kernels = vec![
+        kernel("proj", "cublaslt product", 2, c, 1e9, Some(0.005)),
+        kernel("proj", "cublaslt", 2, c, 1e9, Some(0.006)),
+        kernel("residual_ln", "custom", 2, Bound::Memory, 1e7, Some(0.0044)),
+        kernel(
+            "residual_ln",
+            "custom (1 warp/row)",
+            2,
+            Bound::Memory,
+            1e7,
+            Some(0.0113),
+        ),
+        kernel("qkv", "cublaslt+bf16 bias", 2, c, 1e9, Some(0.0093)),
+        kernel("qkv", "cublaslt+epilogue", 2, c, 1e9, Some(0.0110)),
+        kernel("qkv", "cublaslt product", 2, c, 1e9, Some(0.0050)),
+        kernel("attention", "custom", 2, c, 1e9, Some(0.0070)),
+        kernel("attention", "custom (tma)", 2, c, 1e9, Some(0.0060)),
+        kernel(
+            "proj+ln",
+            "custom (gemm_tma_ln_mc_64x72)",
+            2,
+            c,
+            1e9,
+            Some(0.0047),
+        ),
+        // fc2's parts were not measured.
+        kernel(
+            "fc2+ln",
+            "custom (gemm_tma_ln_mc_64x72)",
+            2,
+            c,
+            1e9,
+            Some(0.0120),
+        ),
+        kernel(
+            "qkv+attention",
+            "custom (qkv_attention_mc_d72)",
+            2,
+            c,
+            1e9,
+            Some(0.0125),
+        ),
+        // Unmeasured: no line.
+        kernel("proj+ln", "custom (gemm_tma_ln_64x72)", 2, c, 1e9, None),
+    ];
+    let md = r.markdown();
+    // 5.0 + 4.4 = 9.4 us against 4.7: 2.00x.
+    assert!(
+        md.contains(
+            "| proj+ln | 2 | custom (gemm_tma_ln_mc_64x72) | 4.7 | proj cuBLASLt product + \
+             residual_ln | 9.4 | 2.00 |"
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "| fc2+ln | 2 | custom (gemm_tma_ln_mc_64x72) | 12.0 | fc2 cuBLASLt product + \
+             residual_ln | — | — |"
+        ),
+        "{md}"
+    );
+    // qkv's best cuBLASLt with its bias (9.3, not the product's 5.0) + the model's attention
+    // (7.0, not tma's 6.0): 16.3 against 12.5, 1.30x.
+    assert!(
+        md.contains(
+            "| qkv+attention | 2 | custom (qkv_attention_mc_d72) | 12.5 | qkv cuBLASLt + \
+             attention | 16.3 | 1.30 |"
+        ),
+        "{md}"
+    );
+    assert!(
+        !md.contains("| proj+ln | 2 | custom (gemm_tma_ln_64x72) |"),
+        "{md}"
+    );
+    assert!(md.contains("The block fusions against the launches they replace"));
+    // Without fused rows, no table.
+    r.kernels.retain(|k| !k.name.contains('+'));
+    assert!(!r.markdown().contains("The block fusions"));
+}
+
 #[test]
 fn report_without_measurements() {
     let mut r = fake_report();

@@ -505,9 +505,18 @@ pub(super) fn bench_kernels(
                 }
             }
         }
-        // FORA_QKV_ATTENTION's kernel (session 24), where the model would take it: against the
-        // qkv GEMM rows plus an attention row. The model's (W multicast) first.
-        if crate::cuda::model::GpuModel::qkv_attention_serves(gpu, cfg, rows) {
+        // FORA_QKV_ATTENTION's kernel (session 24), where its shape test holds (the model also
+        // asks that every cluster be resident at once, which the row's time then shows):
+        // against the qkv GEMM rows plus an attention row. The model's (W multicast) first.
+        let qkv_attention_shape = crate::cuda::qkv_attention::QkvAttention::serves(
+            gpu.compute_capability(),
+            gpu.multiprocessors(),
+            rows,
+            cfg.heads,
+            cfg.head_dim(),
+            cfg.tokens(),
+        );
+        if qkv_attention_shape {
             for multicast in [true, false] {
                 let row = bench_qkv_attention(gpu, cfg, rows, timer, rotate, multicast);
                 push_kernel(report, "qkv+attention", rows, row);
@@ -567,9 +576,15 @@ fn bench_qkv_attention(
     };
     let (stats, per_replay) = timer.time_alone(gpu, copies, launch)?;
     let attention_flops = 4.0 * (rows * cfg.heads * t * t * cfg.head_dim()) as f64;
+    // The clusters the device holds at once against the launch's (the model asks all).
+    let resident = QkvAttention::resident_clusters(gpu, cfg.head_dim(), multicast);
     Ok(KernelRow {
         name: "qkv+attention".into(),
-        imp: format!("custom ({})", shape.kernel()),
+        imp: format!(
+            "custom ({}, {resident} of {} clusters resident)",
+            shape.kernel(),
+            rows * cfg.heads
+        ),
         rows,
         shape: format!("M={m} N={} K={d} H={} T={t}", 3 * d, cfg.heads),
         bound: Bound::Compute,

@@ -734,6 +734,62 @@ impl Report {
         s
     }
 
+    /// The block fusions (FORA_GEMM_LN's `proj+ln` / `fc2+ln`, FORA_QKV_ATTENTION's
+    /// `qkv+attention`), each of their rows against the rows of this run of the launches the
+    /// model runs instead: the GEMM's cuBLASLt product and the `residual_ln` pass the model
+    /// picks ("custom"); the qkv GEMM at its best cuBLASLt with the bias, and the model's
+    /// attention. Over 1: the fusion is faster.
+    fn fused_block_lines(&self) -> String {
+        let median_us = |k: &KernelRow| k.stats.as_ref().map(|s| s.median_ms * 1e3);
+        let us = |name: &str, imp: &str, rows: usize| {
+            self.kernels
+                .iter()
+                .find(|k| k.name == name && k.rows == rows && k.imp == imp)
+                .and_then(median_us)
+        };
+        let mut s = String::new();
+        for k in &self.kernels {
+            let (parts, what) = match k.name.as_str() {
+                "proj+ln" | "fc2+ln" => {
+                    let gemm = k.name.trim_end_matches("+ln");
+                    let product = us(gemm, "cublaslt product", k.rows);
+                    let pass = us("residual_ln", "custom", k.rows);
+                    (
+                        product.zip(pass).map(|(a, b)| a + b),
+                        format!("{gemm} cuBLASLt product + residual_ln"),
+                    )
+                }
+                "qkv+attention" => {
+                    let gemm = self.best_cublaslt_ms("qkv", k.rows).map(|ms| ms * 1e3);
+                    let attention = us("attention", "custom", k.rows);
+                    (
+                        gemm.zip(attention).map(|(a, b)| a + b),
+                        "qkv cuBLASLt + attention".to_string(),
+                    )
+                }
+                _ => continue,
+            };
+            let Some(fused) = median_us(k) else {
+                continue;
+            };
+            if s.is_empty() {
+                s += "\nThe block fusions against the launches they replace, measured in this run \
+                      (times in us; over 1: the fusion is faster):\n\n\
+                      | fusion | rows | kernel | time | replaces | their time | ratio |\n\
+                      |---|---|---|---|---|---|---|\n";
+            }
+            s += &format!(
+                "| {} | {} | {} | {fused:.1} | {what} | {} | {} |\n",
+                k.name,
+                k.rows,
+                k.imp,
+                fmt_opt(parts, 1),
+                fmt_opt(parts.map(|p| p / fused), 2)
+            );
+        }
+        s
+    }
+
     /// The report as Markdown tables.
     pub fn markdown(&self) -> String {
         let mut s = String::new();
@@ -906,6 +962,7 @@ impl Report {
                 );
             }
             s += &self.fused_reuse_lines();
+            s += &self.fused_block_lines();
             s += &self.tma_l2_lines();
             s += &self.tma_tile_lines();
         }

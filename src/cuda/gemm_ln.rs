@@ -62,6 +62,21 @@ impl GemmLnTile {
         2 * self.rows() + 32
     }
 
+    /// Whether a cluster of this tile's kernel (A multicast or not) can be resident on `gpu`
+    /// (the driver's count, after the launch's shared-memory and non-portable-cluster
+    /// attributes are set): a cluster of 16 must fit one GPC (8 SMs at two CTAs an SM), which
+    /// a small partition of a GPU may not have. A device that refuses the attributes or the
+    /// query counts as no, so that the model keeps the unfused path there.
+    pub fn fits(self, gpu: &impl KernelLauncher, multicast: bool) -> bool {
+        let name = self.kernel_name(multicast);
+        let smem = gemm_ln_smem_bytes(self);
+        gpu.allow_dynamic_shared_memory(name, smem).is_ok()
+            && gpu.allow_non_portable_clusters(name).is_ok()
+            && gpu
+                .max_active_clusters(name, GEMM_LN_CLUSTER, self.threads(), smem)
+                .is_ok_and(|n| n > 0)
+    }
+
     /// The kernel, with the A tile multicast across the cluster or not.
     pub const fn kernel_name(self, multicast: bool) -> &'static str {
         match (self, multicast) {

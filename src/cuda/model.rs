@@ -486,25 +486,33 @@ pub fn cache_sum_params(cfg: &DitConfig, rows: usize) -> ForaCacheSumParams {
 impl GpuModel {
     /// Whether `gemm_tma_ln_mc_64x72` serves proj and fc2 of a computing forward of
     /// `token_rows` rows of width `dim` on `gpu` ([`ForwardKind::gemm_ln`]): a Hopper, rows of
-    /// 1,152, and at most [`super::gemm_ln::GemmLayerNorm::rows_limit`] token rows.
+    /// 1,152, at most [`super::gemm_ln::GemmLayerNorm::rows_limit`] token rows, and a cluster
+    /// of 16 that the device can hold ([`super::gemm_ln::GemmLnTile::fits`]).
     pub fn gemm_ln_serves(gpu: &Gpu, dim: usize, token_rows: usize) -> bool {
+        use super::gemm_ln::{gemm_ln_supports_dim, GemmLayerNorm, GemmLnTile};
         gpu.compute_capability().0 == 9
-            && super::gemm_ln::gemm_ln_supports_dim(dim)
-            && token_rows <= super::gemm_ln::GemmLayerNorm::rows_limit(gpu.multiprocessors())
+            && gemm_ln_supports_dim(dim)
+            && token_rows <= GemmLayerNorm::rows_limit(gpu.multiprocessors())
+            && GemmLnTile::Rows64.fits(gpu, true)
     }
 
     /// Whether `gemm_tma_ln_mc_128x72` serves them ([`ForwardKind::gemm_ln_many_rows`]): a
-    /// Hopper, rows of 1,152, and more token rows than the few-rows kernel takes.
+    /// Hopper, rows of 1,152, more token rows than the few-rows kernel takes, and a cluster of
+    /// 16 that the device can hold.
     pub fn gemm_ln_many_rows_serves(gpu: &Gpu, dim: usize, token_rows: usize) -> bool {
+        use super::gemm_ln::{gemm_ln_supports_dim, GemmLayerNorm, GemmLnTile};
         gpu.compute_capability().0 == 9
-            && super::gemm_ln::gemm_ln_supports_dim(dim)
-            && token_rows > super::gemm_ln::GemmLayerNorm::rows_limit(gpu.multiprocessors())
+            && gemm_ln_supports_dim(dim)
+            && token_rows > GemmLayerNorm::rows_limit(gpu.multiprocessors())
+            && GemmLnTile::Rows128.fits(gpu, true)
     }
 
     /// Whether the fused qkv + attention ([`ForwardKind::qkv_attention`]) serves `rows` model
-    /// rows of a model of `cfg` on `gpu` ([`super::qkv_attention::QkvAttention::serves`]).
+    /// rows of a model of `cfg` on `gpu` ([`super::qkv_attention::QkvAttention::serves`], and
+    /// [`super::qkv_attention::QkvAttention::resident_clusters`] holds them all at once).
     pub fn qkv_attention_serves(gpu: &Gpu, cfg: &DitConfig, rows: usize) -> bool {
-        super::qkv_attention::QkvAttention::serves(
+        use super::qkv_attention::QkvAttention;
+        QkvAttention::serves(
             gpu.compute_capability(),
             gpu.multiprocessors(),
             rows,
@@ -512,6 +520,9 @@ impl GpuModel {
             cfg.head_dim(),
             cfg.tokens(),
         )
+            // Every cluster (one a sequence and head) resident at once, as the driver counts
+            // them (a cluster's CTAs share a GPC): else a second wave doubles the launch.
+            && QkvAttention::resident_clusters(gpu, cfg.head_dim(), true) >= rows * cfg.heads
     }
 
     /// Whether a reuse forward runs as the one `fora_reuse_final` launch (then the final GEMM):

@@ -24,6 +24,16 @@ const THREADS: u32 = 160;
 /// k-depth of a ring slot (one 128-byte swizzle row of bf16).
 const DEPTH: u32 = 64;
 
+/// The kernel of `head_dim` (64, else 72), W multicast across the cluster or not.
+fn kernel_name(head_dim: usize, multicast: bool) -> &'static str {
+    match (head_dim, multicast) {
+        (64, false) => "qkv_attention_d64",
+        (64, true) => "qkv_attention_mc_d64",
+        (_, false) => "qkv_attention_d72",
+        (_, true) => "qkv_attention_mc_d72",
+    }
+}
+
 /// Dynamic shared memory a CTA at `head_dim` (qkv_attention_sm90.cu's QkvAttentionShape, must
 /// match): the ring, or after the GEMM the cluster's four K and four V tiles and the output
 /// staging, whichever is larger; two mbarriers a stage; 1 KiB to align the base to 1024 bytes.
@@ -157,12 +167,21 @@ impl QkvAttention {
 
     /// The kernel this launch runs.
     pub fn kernel(&self) -> &'static str {
-        match (self.head_dim, self.multicast) {
-            (64, false) => "qkv_attention_d64",
-            (64, true) => "qkv_attention_mc_d64",
-            (_, false) => "qkv_attention_d72",
-            (_, true) => "qkv_attention_mc_d72",
+        kernel_name(self.head_dim, self.multicast)
+    }
+
+    /// Clusters of the kernel of `head_dim` (W multicast or not) resident on `gpu` at once: the
+    /// driver's count, where each cluster's four CTAs (one an SM) must share a GPC, so it can be
+    /// less than the SMs / 4 that [`QkvAttention::serves`] assumes. 0 where the device refuses
+    /// the kernel's shared memory or the query.
+    pub fn resident_clusters(gpu: &impl KernelLauncher, head_dim: usize, multicast: bool) -> usize {
+        let name = kernel_name(head_dim, multicast);
+        let smem = qkv_attention_smem_bytes(head_dim as u32);
+        if gpu.allow_dynamic_shared_memory(name, smem).is_err() {
+            return 0;
         }
+        gpu.max_active_clusters(name, QKV_ATTENTION_CLUSTER, THREADS, smem)
+            .unwrap_or(0)
     }
 
     /// The kernel's parameters: the checks, then the operands' tensor maps.
