@@ -71,6 +71,9 @@ pub fn op_flops(cfg: &DitConfig, rows: usize, op: &str) -> Option<f64> {
         "proj" => Some(gemm(d, d)),
         "fc1" => Some(gemm(cfg.mlp_hidden() as f64, d)),
         "fc2" => Some(gemm(d, cfg.mlp_hidden() as f64)),
+        // FORA_GEMM_LN's launches: the GEMM's FLOPs (the LayerNorm's are not counted).
+        "proj+ln" => Some(gemm(d, d)),
+        "fc2+ln" => Some(gemm(d, cfg.mlp_hidden() as f64)),
         // QK^T and PV: 2 x 2 x T x T x head_dim a head.
         "attention" => Some(4.0 * tokens * cfg.tokens() as f64 * d),
         // FORA_QKV_ATTENTION's one launch.
@@ -358,6 +361,9 @@ mod tests {
             Some(4.0 * 2.0 * 256.0 * 256.0 * 72.0 * 16.0)
         );
         assert_eq!(op_flops(&cfg, 2, "residual_ln"), None);
+        // FORA_GEMM_LN's launches: their GEMMs'.
+        assert_eq!(op_flops(&cfg, 2, "proj+ln"), op_flops(&cfg, 2, "proj"));
+        assert_eq!(op_flops(&cfg, 2, "fc2+ln"), op_flops(&cfg, 2, "fc2"));
         // FORA_QKV_ATTENTION's launch: both.
         assert_eq!(
             op_flops(&cfg, 2, "qkv+attention"),

@@ -990,6 +990,59 @@ pub fn grid_x(kernel: &str, items: i64, per_block: i64) -> Result<u32> {
     Ok(blocks.max(1) as u32)
 }
 
+/// A Hopper of 132 SMs without a device, for the launchers' unit tests: it refuses shared
+/// memory past `smem_limit` and clusters of more than 8 unless `non_portable`, answers
+/// `clusters` to every residency question, and launches nothing.
+#[cfg(test)]
+pub(crate) struct FakeLauncher {
+    pub smem_limit: u32,
+    pub non_portable: bool,
+    pub clusters: usize,
+}
+
+#[cfg(test)]
+impl KernelLauncher for FakeLauncher {
+    fn multiprocessors(&self) -> usize {
+        132
+    }
+
+    fn compute_capability(&self) -> (i32, i32) {
+        (9, 0)
+    }
+
+    fn allow_dynamic_shared_memory(&self, name: &str, bytes: u32) -> Result<()> {
+        ensure!(
+            bytes <= self.smem_limit,
+            "{name}: {bytes} bytes of shared memory refused"
+        );
+        Ok(())
+    }
+
+    fn allow_non_portable_clusters(&self, name: &str) -> Result<()> {
+        ensure!(self.non_portable, "{name}: clusters of more than 8 refused");
+        Ok(())
+    }
+
+    fn tma_descriptor_2d(&self, t: &TmaTensor2d) -> Result<TmaDescriptor> {
+        bail!("no device to encode {t:?}")
+    }
+
+    fn max_active_clusters(&self, _: &str, _: u32, _: u32, _: u32) -> Result<usize> {
+        Ok(self.clusters)
+    }
+
+    unsafe fn launch_kernel<P: DeviceRepr>(
+        &self,
+        name: &str,
+        _: (u32, u32, u32),
+        _: (u32, u32, u32),
+        _: u32,
+        _: &P,
+    ) -> Result<()> {
+        bail!("no device to launch {name}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -353,6 +353,25 @@ mod tests {
     }
 
     #[test]
+    fn gemm_ln_fits_where_the_driver_holds_a_cluster() {
+        use crate::cuda::device::FakeLauncher;
+        let gpu = |smem_limit, non_portable, clusters| FakeLauncher {
+            smem_limit,
+            non_portable,
+            clusters,
+        };
+        for tile in GemmLnTile::ALL {
+            for multicast in [false, true] {
+                assert!(tile.fits(&gpu(227 * 1024, true, 1), multicast));
+                // No cluster resident, clusters of 16 refused, or the shared memory refused.
+                assert!(!tile.fits(&gpu(227 * 1024, true, 0), multicast));
+                assert!(!tile.fits(&gpu(227 * 1024, false, 7), multicast));
+                assert!(!tile.fits(&gpu(64 * 1024, true, 7), multicast));
+            }
+        }
+    }
+
+    #[test]
     fn gemm_ln_rows_limit() {
         // 132 SMs: 8 clusters of 16, up to 1024 token rows (one or two images + CFG).
         assert_eq!(GemmLayerNorm::rows_limit(132), 1024);

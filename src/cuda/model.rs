@@ -1010,7 +1010,8 @@ impl GpuModel {
              unfused_ln: bool,
              prefetch: [Option<&CudaSlice<bf16>>; 2]| {
                 if let Some(tile) = gemm_ln_tile {
-                    let _op = crate::op_range!(gpu, "{op}");
+                    // Its own op name: the GEMM and the residual_ln pass in one launch.
+                    let _op = crate::op_range!(gpu, "{op}+ln");
                     return super::gemm_ln::GemmLayerNorm {
                         a: dptr(a),
                         w: dptr(w),

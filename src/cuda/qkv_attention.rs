@@ -265,6 +265,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn resident_clusters_are_the_drivers_count() {
+        use crate::cuda::device::FakeLauncher;
+        let gpu = |smem_limit, clusters| FakeLauncher {
+            smem_limit,
+            non_portable: false,
+            clusters,
+        };
+        assert_eq!(
+            QkvAttention::resident_clusters(&gpu(227 * 1024, 31), 72, true),
+            31
+        );
+        assert_eq!(
+            QkvAttention::resident_clusters(&gpu(227 * 1024, 32), 64, false),
+            32
+        );
+        // d 72's 144,448 bytes refused: none.
+        assert_eq!(
+            QkvAttention::resident_clusters(&gpu(140_000, 32), 72, true),
+            0
+        );
+        assert_eq!(
+            QkvAttention::resident_clusters(&gpu(140_000, 32), 64, true),
+            32
+        );
+    }
+
+    #[test]
     fn qkv_attention_shared_memory_matches_the_kernel() {
         // qkv_attention_sm90.cu's comment: d 72, four stages of (64 + 216) x 64 bf16 (143,360
         // B) over the K / V tiles and staging (131,072 + 11,264); d 64: 4 x 32 KiB.
