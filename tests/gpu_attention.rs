@@ -256,6 +256,33 @@ fn gpu_attention_tma_pp_shapes() {
     wgmma_shapes("gpu_attention_tma_pp_shapes", AttentionImpl::TmaPingPong);
 }
 
+/// tma_pp gives tma's bits (the turns change when the wgmmas are issued, not what they
+/// compute), at DiT-XL/2's shapes (one image + CFG, and 48 rows: every CTA walks several
+/// units) and an odd one, on one CTA an SM and on 7 CTAs.
+#[test]
+fn gpu_attention_tma_pp_gives_tma_bits() {
+    let test = "gpu_attention_tma_pp_gives_tma_bits";
+    let Some(gpu) = test_gpu(test) else { return };
+    if gpu.compute_capability().0 != 9 {
+        println!("SKIP {test}: the TMA kernels need a Hopper");
+        return;
+    }
+    for (i, s) in [
+        shape(2, 16, 256, 72),
+        shape(48, 16, 256, 72),
+        shape(3, 2, 129, 128),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for sms in [gpu.sm_count(), 7] {
+            let name = format!("{test} {s:?} on {sms}");
+            let imps = (AttentionImpl::TmaPingPong, AttentionImpl::Tma);
+            attention_cases::check_same_bits(&gpu, &name, s, 520 + i as u64, imps, sms).unwrap();
+        }
+    }
+}
+
 fn wgmma_shapes(test: &str, imp: AttentionImpl) {
     let Some(gpu) = test_gpu(test) else { return };
     let (major, minor) = gpu.compute_capability();

@@ -905,6 +905,35 @@ fn emulated_qkv_attention() -> Result<()> {
 /// Flash attention, v1 (run on an H200: it validates the emulated ldmatrix / mma layouts) and v2
 /// (not yet run on a GPU), on small shapes with every edge: d 64 / 72 / 128, a partial last key
 /// tile, partial query blocks, one token, a peaked softmax.
+/// The TMA attention with its warpgroups taking turns (tma_pp) gives tma's bits: the turns
+/// change when the wgmmas are issued, not what they compute. On 1 and 3 CTAs (units wrap).
+#[test]
+fn emulated_tma_pp_gives_tma_bits() -> Result<()> {
+    use attention_cases::{check_same_bits, Shape};
+    use fora::cuda::attention::AttentionImpl;
+    let Some(emu) = emulator("emulated_tma_pp_gives_tma_bits") else {
+        return Ok(());
+    };
+    for (i, (batch, heads, tokens, head_dim)) in [(1, 2, 130, 72), (2, 1, 65, 64), (1, 1, 77, 128)]
+        .into_iter()
+        .enumerate()
+    {
+        for sms in [1, 3] {
+            let s = Shape {
+                batch,
+                heads,
+                tokens,
+                head_dim,
+            };
+            let name =
+                format!("tma_pp vs tma B={batch} H={heads} T={tokens} d={head_dim} on {sms}");
+            let imps = (AttentionImpl::TmaPingPong, AttentionImpl::Tma);
+            check_same_bits(emu, &name, s, 500 + i as u64, imps, sms)?;
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn emulated_attention() -> Result<()> {
     use attention_cases::{run_case_sized, Shape};

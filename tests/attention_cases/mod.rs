@@ -164,6 +164,44 @@ pub fn run_case_sized<D: TestDevice>(
     })
 }
 
+/// Two implementations that differ only in when their warps issue (tma_pp against tma) give
+/// the same bits on the same random qkv, with blocks as for a device of `sm_count` SMs (each
+/// output poisoned first, neither may leave a NaN).
+pub fn check_same_bits<D: TestDevice>(
+    gpu: &D,
+    name: &str,
+    s: Shape,
+    seed: u64,
+    (a, b): (AttentionImpl, AttentionImpl),
+    sm_count: usize,
+) -> Result<()> {
+    let mut rng = TestRng::new(seed);
+    let n = s.batch * s.tokens * 3 * s.heads * s.head_dim;
+    let qkv = gpu.upload_bf16(&round_bf16(&rng.normal_vec(n, 1.0)))?;
+    let out_len = s.batch * s.tokens * s.heads * s.head_dim;
+    let run = |imp: AttentionImpl| -> Result<Vec<f32>> {
+        let out = gpu.poisoned_bf16(out_len)?;
+        attention_sized_for(gpu, &params(s, qkv.addr(), out.addr()), imp, sm_count)?;
+        gpu.download_bf16(&out)
+    };
+    let (x, y) = (run(a)?, run(b)?);
+    ensure!(
+        x.iter().all(|v| v.is_finite()),
+        "{name}: {} left NaN or inf",
+        a.name()
+    );
+    if let Some(i) = (0..out_len).find(|&i| x[i].to_bits() != y[i].to_bits()) {
+        anyhow::bail!(
+            "{name}: {} and {} differ at element {i} ({} against {})",
+            a.name(),
+            b.name(),
+            x[i],
+            y[i]
+        );
+    }
+    Ok(())
+}
+
 /// Runs `launch` into the poisoned `out` (the output, then poisoned guard rows): nothing may be
 /// written past `reference.len()` elements, the output must match `reference` (rel-L2 <= 1e-2),
 /// and after poisoning `out` again a second launch must give the same bits.
