@@ -508,15 +508,7 @@ pub(super) fn bench_kernels(
         // FORA_QKV_ATTENTION's kernel (session 24), where its shape test holds (the model also
         // asks that every cluster be resident at once, which the row's time then shows):
         // against the qkv GEMM rows plus an attention row. The model's (W multicast) first.
-        let qkv_attention_shape = crate::cuda::qkv_attention::QkvAttention::serves(
-            gpu.compute_capability(),
-            gpu.multiprocessors(),
-            rows,
-            cfg.heads,
-            cfg.head_dim(),
-            cfg.tokens(),
-        );
-        if qkv_attention_shape {
+        if crate::cuda::model::GpuModel::qkv_attention_shape_serves(gpu, cfg, rows) {
             for multicast in [true, false] {
                 let row = bench_qkv_attention(gpu, cfg, rows, timer, rotate, multicast);
                 push_kernel(report, "qkv+attention", rows, row);

@@ -511,8 +511,18 @@ impl GpuModel {
     /// rows of a model of `cfg` on `gpu` ([`super::qkv_attention::QkvAttention::serves`], and
     /// [`super::qkv_attention::QkvAttention::resident_clusters`] holds them all at once).
     pub fn qkv_attention_serves(gpu: &Gpu, cfg: &DitConfig, rows: usize) -> bool {
-        use super::qkv_attention::QkvAttention;
-        QkvAttention::serves(
+        Self::qkv_attention_shape_serves(gpu, cfg, rows)
+            // Every cluster (one a sequence and head) resident at once, as the driver counts
+            // them (a cluster's CTAs share a GPC): else a second wave doubles the launch.
+            && super::qkv_attention::QkvAttention::resident_clusters(gpu, cfg.head_dim(), true)
+                >= rows * cfg.heads
+    }
+
+    /// The shape test of [`GpuModel::qkv_attention_serves`] alone
+    /// ([`super::qkv_attention::QkvAttention::serves`]: a Hopper, a supported head and token
+    /// count, at most SMs / 4 clusters), without the driver's residency count.
+    pub fn qkv_attention_shape_serves(gpu: &Gpu, cfg: &DitConfig, rows: usize) -> bool {
+        super::qkv_attention::QkvAttention::serves(
             gpu.compute_capability(),
             gpu.multiprocessors(),
             rows,
@@ -520,9 +530,6 @@ impl GpuModel {
             cfg.head_dim(),
             cfg.tokens(),
         )
-            // Every cluster (one a sequence and head) resident at once, as the driver counts
-            // them (a cluster's CTAs share a GPC): else a second wave doubles the launch.
-            && QkvAttention::resident_clusters(gpu, cfg.head_dim(), true) >= rows * cfg.heads
     }
 
     /// Whether a reuse forward runs as the one `fora_reuse_final` launch (then the final GEMM):
