@@ -103,8 +103,8 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
     // the statistics' push, so the mainloop runs in between).
     cluster_arrive_relaxed();
     // This CTA's part of k-tile kt's A tile into ring slot `slot`: all kLnRows rows, or (MC,
-    // ranks 0 .. kLnASlices - 1) its 8-row slice into every CTA; a slice wholly past M reads the first rows instead
-    // (rows never stored; no box lies wholly outside its tensor).
+    // ranks 0 .. kLnASlices - 1) its 8-row slice into every CTA; a slice wholly past M reads
+    // the first rows instead (rows never stored; no box lies wholly outside its tensor).
     auto load_a = [&](int kt, uint32_t slot) {
         if constexpr (MC) {
             if (rank >= kLnASlices) return;

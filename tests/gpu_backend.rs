@@ -1603,7 +1603,10 @@ fn gpu_gemm_ln_matches() {
         8,
         47,
         |o, v| o.gemm_ln = v,
-        |cuda, rows| GpuModel::gemm_ln_serves(cuda.gpu(), 1152, rows * 16),
+        |cuda, rows| {
+            GpuModel::gemm_ln_tile(cuda.gpu(), 1152, rows * 16)
+                == Some(fora::cuda::gemm_ln::GemmLnTile::Rows64)
+        },
     ) else {
         return;
     };
@@ -1635,7 +1638,8 @@ fn gpu_gemm_ln_many_rows_matches() {
         49,
         |o, v| o.gemm_ln_many_rows = v,
         |cuda, rows| {
-            fora::cuda::model::GpuModel::gemm_ln_many_rows_serves(cuda.gpu(), 1152, rows * 400)
+            fora::cuda::model::GpuModel::gemm_ln_tile(cuda.gpu(), 1152, rows * 400)
+                == Some(fora::cuda::gemm_ln::GemmLnTile::Rows128)
         },
     );
 }

@@ -482,14 +482,10 @@ pub(super) fn bench_kernels(
         // SM allowed first (the 128-row tile only so: one an SM would undo its point).
         use crate::cuda::gemm_ln::GemmLnTile;
         use crate::cuda::model::GpuModel;
-        let token_rows = rows * cfg.tokens();
-        let tiles = if GpuModel::gemm_ln_serves(gpu, cfg.hidden, token_rows) {
-            Some([GemmLnTile::Rows64, GemmLnTile::Rows128])
-        } else if GpuModel::gemm_ln_many_rows_serves(gpu, cfg.hidden, token_rows) {
-            Some([GemmLnTile::Rows128, GemmLnTile::Rows64])
-        } else {
-            None
-        };
+        let tiles = GpuModel::gemm_ln_tile(gpu, cfg.hidden, rows * cfg.tokens()).map(|t| match t {
+            GemmLnTile::Rows64 => [GemmLnTile::Rows64, GemmLnTile::Rows128],
+            GemmLnTile::Rows128 => [GemmLnTile::Rows128, GemmLnTile::Rows64],
+        });
         for (op, k) in [("proj+ln", cfg.hidden), ("fc2+ln", cfg.mlp_hidden())] {
             for tile in tiles.into_iter().flatten() {
                 let variants: &[(bool, bool)] = match tile {

@@ -688,15 +688,17 @@ impl Report {
 
     /// Per row count: the fused reuse forward against the three launches it replaces, and
     /// final_sampler_step against the final GEMM and sampler_step.
+    /// The median time (us) of kernel row `name` / `imp` at `rows`, if it was measured.
+    fn kernel_us(&self, name: &str, imp: &str, rows: usize) -> Option<f64> {
+        self.kernels
+            .iter()
+            .find(|k| k.name == name && k.rows == rows && k.imp == imp)
+            .and_then(|k| k.stats.as_ref())
+            .map(|s| s.median_ms * 1e3)
+    }
+
     fn fused_reuse_lines(&self) -> String {
-        let us_of = |name: &str, imp: &str, rows: usize| {
-            self.kernels
-                .iter()
-                .find(|k| k.name == name && k.rows == rows && k.imp == imp)
-                .and_then(|k| k.stats.as_ref())
-                .map(|s| s.median_ms * 1e3)
-        };
-        let us = |name: &str, rows: usize| us_of(name, "custom", rows);
+        let us = |name: &str, rows: usize| self.kernel_us(name, "custom", rows);
         let mut s = String::new();
         let mut rows: Vec<usize> = self.kernels.iter().map(|k| k.rows).collect();
         rows.sort_unstable();
@@ -720,7 +722,7 @@ impl Report {
             // (cuBLASLt, its bias fused) and sampler_step.
             if let (Some(f), Some(g), Some(u)) = (
                 us("final_sampler_step", r),
-                us_of("final", "cublaslt", r),
+                self.kernel_us("final", "cublaslt", r),
                 us("sampler_step", r),
             ) {
                 s += &format!(
@@ -740,20 +742,13 @@ impl Report {
     /// picks ("custom"); the qkv GEMM at its best cuBLASLt with the bias, and the model's
     /// attention. Over 1: the fusion is faster.
     fn fused_block_lines(&self) -> String {
-        let median_us = |k: &KernelRow| k.stats.as_ref().map(|s| s.median_ms * 1e3);
-        let us = |name: &str, imp: &str, rows: usize| {
-            self.kernels
-                .iter()
-                .find(|k| k.name == name && k.rows == rows && k.imp == imp)
-                .and_then(median_us)
-        };
         let mut s = String::new();
         for k in &self.kernels {
             let (parts, what) = match k.name.as_str() {
                 "proj+ln" | "fc2+ln" => {
                     let gemm = k.name.trim_end_matches("+ln");
-                    let product = us(gemm, "cublaslt product", k.rows);
-                    let pass = us("residual_ln", "custom", k.rows);
+                    let product = self.kernel_us(gemm, "cublaslt product", k.rows);
+                    let pass = self.kernel_us("residual_ln", "custom", k.rows);
                     (
                         product.zip(pass).map(|(a, b)| a + b),
                         format!("{gemm} cuBLASLt product + residual_ln"),
@@ -761,7 +756,7 @@ impl Report {
                 }
                 "qkv+attention" => {
                     let gemm = self.best_cublaslt_ms("qkv", k.rows).map(|ms| ms * 1e3);
-                    let attention = us("attention", "custom", k.rows);
+                    let attention = self.kernel_us("attention", "custom", k.rows);
                     (
                         gemm.zip(attention).map(|(a, b)| a + b),
                         "qkv cuBLASLt + attention".to_string(),
@@ -769,7 +764,7 @@ impl Report {
                 }
                 _ => continue,
             };
-            let Some(fused) = median_us(k) else {
+            let Some(fused) = k.stats.as_ref().map(|s| s.median_ms * 1e3) else {
                 continue;
             };
             if s.is_empty() {

@@ -12,6 +12,7 @@ use super::attention::AttentionImpl;
 use super::cublaslt::LtBatch;
 use super::device::{dptr_at, KernelLauncher, L2SetAside, L2Window};
 use super::gemm::{gemm_params, Epilogue, Gemm, GemmImpl};
+use super::gemm_ln::GemmLnTile;
 use super::params::{
     AttentionParams, ForaCacheSumParams, ForaReuseFinalParams, ForaReuseParams, GemmParams,
     LabelSiluParams, LayerNormModulateParams, PatchEmbedParams, ResidualLayerNormParams,
@@ -81,11 +82,11 @@ pub struct ForwardKind {
     /// ([`super::CudaOptions::prefetch_weights`]).
     pub prefetch_weights: bool,
     /// With `fused_ln`: proj and fc2 with their residual and LayerNorm as one
-    /// `gemm_tma_ln_mc_64x72` launch where it serves the shape ([`GpuModel::gemm_ln_serves`]),
+    /// `gemm_tma_ln_mc_64x72` launch where it serves the shape ([`GpuModel::gemm_ln_tile`]),
     /// instead of the GEMM and `residual_layernorm` ([`super::CudaOptions::gemm_ln`]).
     pub gemm_ln: bool,
     /// The same past the few rows, with `gemm_tma_ln_mc_128x72`
-    /// ([`GpuModel::gemm_ln_many_rows_serves`], [`super::CudaOptions::gemm_ln_many_rows`]).
+    /// ([`GpuModel::gemm_ln_tile`], [`super::CudaOptions::gemm_ln_many_rows`]).
     pub gemm_ln_many_rows: bool,
     /// Each block's qkv Linear and attention as one `qkv_attention_*` launch where it serves the
     /// shape ([`GpuModel::qkv_attention_serves`]) instead of the GEMM and the attention kernel
@@ -484,27 +485,24 @@ pub fn cache_sum_params(cfg: &DitConfig, rows: usize) -> ForaCacheSumParams {
 }
 
 impl GpuModel {
-    /// Whether `gemm_tma_ln_mc_64x72` serves proj and fc2 of a computing forward of
-    /// `token_rows` rows of width `dim` on `gpu` ([`ForwardKind::gemm_ln`]): a Hopper, rows of
-    /// 1,152, at most [`super::gemm_ln::GemmLayerNorm::rows_limit`] token rows, and a cluster
-    /// of 16 that the device can hold ([`super::gemm_ln::GemmLnTile::fits`]).
-    pub fn gemm_ln_serves(gpu: &Gpu, dim: usize, token_rows: usize) -> bool {
-        use super::gemm_ln::{gemm_ln_supports_dim, GemmLayerNorm, GemmLnTile};
-        gpu.compute_capability().0 == 9
-            && gemm_ln_supports_dim(dim)
-            && token_rows <= GemmLayerNorm::rows_limit(gpu.multiprocessors())
-            && GemmLnTile::Rows64.fits(gpu, true)
-    }
-
-    /// Whether `gemm_tma_ln_mc_128x72` serves them ([`ForwardKind::gemm_ln_many_rows`]): a
-    /// Hopper, rows of 1,152, more token rows than the few-rows kernel takes, and a cluster of
-    /// 16 that the device can hold.
-    pub fn gemm_ln_many_rows_serves(gpu: &Gpu, dim: usize, token_rows: usize) -> bool {
-        use super::gemm_ln::{gemm_ln_supports_dim, GemmLayerNorm, GemmLnTile};
-        gpu.compute_capability().0 == 9
-            && gemm_ln_supports_dim(dim)
-            && token_rows > GemmLayerNorm::rows_limit(gpu.multiprocessors())
-            && GemmLnTile::Rows128.fits(gpu, true)
+    /// The fused proj / fc2 + LayerNorm tile that serves a computing forward of `token_rows`
+    /// rows of width `dim` on `gpu`: [`GemmLnTile::Rows64`] (`gemm_tma_ln_mc_64x72`,
+    /// [`ForwardKind::gemm_ln`]) up to [`super::gemm_ln::GemmLayerNorm::rows_limit`] token
+    /// rows, [`GemmLnTile::Rows128`] (`gemm_tma_ln_mc_128x72`,
+    /// [`ForwardKind::gemm_ln_many_rows`]) past them; None off a Hopper, for rows other than
+    /// 1,152, or where the device cannot hold the tile's cluster of 16
+    /// ([`GemmLnTile::fits`]: a driver query, so asked only where a fusion is enabled).
+    pub fn gemm_ln_tile(gpu: &Gpu, dim: usize, token_rows: usize) -> Option<GemmLnTile> {
+        use super::gemm_ln::{gemm_ln_supports_dim, GemmLayerNorm};
+        if gpu.compute_capability().0 != 9 || !gemm_ln_supports_dim(dim) {
+            return None;
+        }
+        let tile = if token_rows <= GemmLayerNorm::rows_limit(gpu.multiprocessors()) {
+            GemmLnTile::Rows64
+        } else {
+            GemmLnTile::Rows128
+        };
+        tile.fits(gpu, true).then_some(tile)
     }
 
     /// Whether the fused qkv + attention ([`ForwardKind::qkv_attention`]) serves `rows` model
@@ -900,12 +898,11 @@ impl GpuModel {
             && super::norm::residual_layernorm_supports(d);
         // proj / fc2 with their residual and LayerNorm in one launch (FORA_GEMM_LN, few rows;
         // FORA_GEMM_LN_MANY_ROWS, many).
-        let gemm_ln_tile = if !fuse_ln {
-            None
-        } else if gemm_ln && Self::gemm_ln_serves(gpu, d, rt) {
-            Some(super::gemm_ln::GemmLnTile::Rows64)
-        } else if gemm_ln_many_rows && Self::gemm_ln_many_rows_serves(gpu, d, rt) {
-            Some(super::gemm_ln::GemmLnTile::Rows128)
+        let gemm_ln_tile = if fuse_ln && (gemm_ln || gemm_ln_many_rows) {
+            Self::gemm_ln_tile(gpu, d, rt).filter(|&tile| match tile {
+                GemmLnTile::Rows64 => gemm_ln,
+                GemmLnTile::Rows128 => gemm_ln_many_rows,
+            })
         } else {
             None
         };
