@@ -58,9 +58,14 @@ FORA_DEVICE int swizzle128_offset(int row, int chunk) {
 
 template <int BN>
 FORA_DEVICE void wgmma_m64k16(float (&d)[BN / 2], uint64_t desc_a, uint64_t desc_b) {
-    static_assert(BN == 128 || BN == 192 || BN == 256, "wgmma tiles are 128, 192 or 256 wide");
-    if constexpr (BN == 128) {
+    static_assert(BN == 112 || BN == 128 || BN == 144 || BN == 192 || BN == 256,
+                  "wgmma tiles are 112, 128, 144, 192 or 256 wide");
+    if constexpr (BN == 112) {
+        wgmma_m64n112k16(d, desc_a, desc_b);
+    } else if constexpr (BN == 128) {
         wgmma_m64n128k16(d, desc_a, desc_b);
+    } else if constexpr (BN == 144) {
+        wgmma_m64n144k16(d, desc_a, desc_b);
     } else if constexpr (BN == 192) {
         wgmma_m64n192k16(d, desc_a, desc_b);
     } else {
@@ -875,7 +880,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) gemm_wgmma_64x128(const Gem
 // The warp-specialized TMA kernels: 384 threads (a producer and two consumer warpgroups), one
 // CTA per SM, a persistent grid. Dynamic smem = STAGES * (BM + BN) * 64 * 2 + STAGES * 16 + 16
 // (+ 16 STAGED) + 1024 bytes (src/cuda/tma_tiles.rs, TmaTile::smem_bytes, must match): 193 to
-// 201 KiB.
+// 211 KiB.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FORA_TMA_BODY(...) gemm_tma_tile<__VA_ARGS__>(p)
 #else
@@ -896,6 +901,20 @@ extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x128(const __gr
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x192(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_deferred();
     FORA_TMA_BODY(128, 192, 5, false, 1, 1);
+}
+
+// Few rows (one image + CFG, M = 512): a width whose tiles fill the SMs in one round. qkv's
+// 3456 columns are 31 tiles of 112 (124 CTAs at M = 512, where 128 wide gives 108 and 96 wide
+// 144, two rounds of 132 SMs), fc1's 4608 are 32 of 144 (128 CTAs, where 128 wide gives 144 and
+// 192 wide 96 CTAs of a third more work each). Seven and six stages.
+extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x112(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_deferred();
+    FORA_TMA_BODY(128, 112, 7, false, 1, 1);
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_128x144(const __grid_constant__ GemmTmaParams p) {
+    grid_dependency_deferred();
+    FORA_TMA_BODY(128, 144, 6, false, 1, 1);
 }
 
 // Multiples of 256; four stages.
@@ -931,7 +950,8 @@ extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_st_256x128(const _
     FORA_TMA_BODY(256, 128, 4, false, 1, 1, true);
 }
 
-// 128 x 192 (five stages) staged in two passes of 96 columns: the tile fc1 takes at M = 512.
+// 128 x 192 (five stages) staged in two passes of 96 columns: the tile fc1 took at M = 512
+// before 128 x 144.
 extern "C" __global__ void __launch_bounds__(384, 1) gemm_tma_st_128x192(const __grid_constant__ GemmTmaParams p) {
     grid_dependency_deferred();
     FORA_TMA_BODY(128, 192, 5, false, 1, 1, true);

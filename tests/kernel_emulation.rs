@@ -1384,6 +1384,55 @@ fn emulated_tma_cluster_k_dit_xl2_two_rows() -> Result<()> {
     Ok(())
 }
 
+/// `FORA_GEMM=tma`'s picks for qkv and fc1 at one image + CFG of DiT-XL/2 (M = 512) on 132
+/// emulated SMs: one round of the narrow tiles (qkv's 3456 columns in 124 tiles of 128 x 112,
+/// fc1's 4608 in 128 of 128 x 144, the last qkv tile 96 columns wide past N), with the
+/// epilogues the blocks run them with (bias to bf16; bias + GELU to bf16).
+#[test]
+fn emulated_tma_narrow_tiles_dit_xl2_two_rows() -> Result<()> {
+    use fora::cuda::gemm::{launch_tma, Epilogue, TmaTile, SPLITK_WORKSPACE};
+    use fora::cuda::testing::check_close;
+    let Some(emu) = emulator("emulated_tma_narrow_tiles_dit_xl2_two_rows") else {
+        return Ok(());
+    };
+    let sms = 132;
+    let gpu = emu.with_sms(sms);
+    let m = 512;
+    for (name, n, k, epilogue, want_tile) in [
+        ("qkv", 3456, 1152, Epilogue::BiasBf16, TmaTile::N112),
+        ("fc1", 4608, 1152, Epilogue::BiasGeluBf16, TmaTile::N144),
+    ] {
+        let tile = TmaTile::pick(m, n, k, sms);
+        let splits = tile.pick_splits(m, n, k, sms, SPLITK_WORKSPACE);
+        ensure!(
+            (tile, splits) == (want_tile, 1),
+            "{name}: the pick is {tile:?} x{splits}, not {want_tile:?}"
+        );
+        let what = format!("{name} (M={m} N={n} K={k}) on {tile:?}, {epilogue:?}");
+        eprintln!("{what}");
+        let case = SmallGemm::new(emu, (m, n, k), 37)?;
+        let out = emu.poisoned_bf16(m * n)?;
+        let p = fora::cuda::params::GemmParams {
+            epilogue: epilogue.raw(),
+            ..case.params(&out)
+        };
+        launch_tma(&gpu, &p, tile, splits, None)?;
+        let gelu = |x: f64| {
+            0.5 * x * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh())
+        };
+        let want: Vec<f32> = case
+            .product(true)
+            .into_iter()
+            .map(|v| match epilogue {
+                Epilogue::BiasGeluBf16 => gelu(v as f64) as f32,
+                _ => v,
+            })
+            .collect();
+        check_close(&what, &emu.download_bf16(&out)?, &want, 1e-2)?;
+    }
+    Ok(())
+}
+
 /// Every kernel with a block barrier, with the warps of a block out of step (the lowest warp
 /// first; then the highest first, with the blocks of each launch from the last): each warp runs
 /// as far as its barriers let it before the next starts. Round robin moves every warp to its

@@ -18,6 +18,12 @@ pub enum TmaTile {
     N128,
     /// 128 x 192, five stages: every DiT-XL/2 width is a multiple of 192.
     N192,
+    /// 128 x 112, seven stages: at M = 512 qkv's 3456 columns in 124 tiles, one round of 132
+    /// SMs (128 wide: 108 tiles of an eighth more work each).
+    N112,
+    /// 128 x 144, six stages: at M = 512 fc1's 4608 columns in 128 tiles, one round of 132
+    /// SMs (192 wide: 96 tiles of a third more work each; 128 wide: 144 tiles, two rounds).
+    N144,
     /// 128 x 256, four stages.
     N256,
     /// 256 x 128, four stages: each consumer warpgroup 128 x 128 (two m64 blocks, as in
@@ -50,7 +56,7 @@ pub enum TmaTile {
     /// `M256N128` with the staged epilogue.
     StagedM256N128,
     /// `N192` with the staged epilogue (two passes of 96 columns; five stages): the tile
-    /// [`TmaTile::pick`] gives fc1 at M = 512.
+    /// [`TmaTile::pick`] gave fc1 at M = 512 before `N144`.
     StagedN192,
     /// `N128` in clusters of four CTAs along M that multicast the W tile, a quarter each
     /// (`gemm_tma_c4x1_128x128`): at M = 512 a cluster covers every row, so each W tile is
@@ -77,9 +83,11 @@ pub enum TmaTile {
 
 impl TmaTile {
     /// Every tile, the 4 x 1 and 4 x 2 multicast ones, then the cluster split-K ones, last.
-    pub const ALL: [TmaTile; 20] = [
+    pub const ALL: [TmaTile; 22] = [
         TmaTile::N128,
         TmaTile::N192,
+        TmaTile::N112,
+        TmaTile::N144,
         TmaTile::N256,
         TmaTile::M256N128,
         TmaTile::PingPong128,
@@ -103,7 +111,13 @@ impl TmaTile {
     /// it chose.
     pub const CLUSTER_K: [TmaTile; 3] = [TmaTile::K2N128, TmaTile::K3N128, TmaTile::K4N128];
     /// The cooperative tiles, which [`TmaTile::pick`] chooses among.
-    pub const COOPERATIVE: [TmaTile; 3] = [TmaTile::N128, TmaTile::N192, TmaTile::N256];
+    pub const COOPERATIVE: [TmaTile; 5] = [
+        TmaTile::N112,
+        TmaTile::N128,
+        TmaTile::N144,
+        TmaTile::N192,
+        TmaTile::N256,
+    ];
     /// The cooperative multicast tiles, which [`TmaTile::pick_multicast`] chooses among, the
     /// smallest clusters first.
     pub const MULTICAST: [TmaTile; 7] = [
@@ -128,6 +142,8 @@ impl TmaTile {
         match self {
             TmaTile::N128 => ("gemm_tma_128x128", 128, 6, false, 1, 1),
             TmaTile::N192 => ("gemm_tma_128x192", 192, 5, false, 1, 1),
+            TmaTile::N112 => ("gemm_tma_128x112", 112, 7, false, 1, 1),
+            TmaTile::N144 => ("gemm_tma_128x144", 144, 6, false, 1, 1),
             TmaTile::N256 => ("gemm_tma_128x256", 256, 4, false, 1, 1),
             TmaTile::M256N128 => ("gemm_tma_256x128", 128, 4, false, 1, 1),
             TmaTile::PingPong128 => ("gemm_tma_pp_128x128", 128, 6, true, 1, 1),
@@ -230,6 +246,8 @@ impl TmaTile {
         match self {
             TmaTile::N128 => "tma-128x128",
             TmaTile::N192 => "tma-128x192",
+            TmaTile::N112 => "tma-128x112",
+            TmaTile::N144 => "tma-128x144",
             TmaTile::N256 => "tma-128x256",
             TmaTile::M256N128 => "tma-256x128",
             TmaTile::PingPong128 => "tma-pp-128x128",
@@ -297,6 +315,8 @@ impl TmaTile {
     /// of `fora bench` at 256 rows on an H200 (2026-11-26, after the epilogue issued its loads
     /// first), time per output tile-FLOP against 128: 192 within 2-4% either way (0.99 on
     /// average), 256 slower by 5-12% past its padding (qkv 1406 vs 1290 us, fc1 2045 vs 1815).
+    /// 112 and 144 (session 26) are not yet measured: 0.97, a little below 128 and 192, so that
+    /// they are picked only where they save a round or an eighth of a CTA's work.
     fn efficiency(self) -> f64 {
         match self {
             TmaTile::N128
@@ -317,6 +337,7 @@ impl TmaTile {
             | TmaTile::C4x1N192
             | TmaTile::C4x2N192
             | TmaTile::StagedN192 => 0.99,
+            TmaTile::N112 | TmaTile::N144 => 0.97,
             TmaTile::N256 | TmaTile::Mc256 => 0.92,
         }
     }
@@ -368,13 +389,14 @@ impl TmaTile {
     /// tile with its own split-K slices): where the tiles leave most SMs idle. At M = 512 on
     /// 132 SMs: proj and fc2 (36 tiles) in clusters of three along K (108 CTAs; proj 6
     /// k-tiles each instead of 18, fc2 24 instead of 3 workspace slices of 24 and the epilogue
-    /// kernel), the final layer's 4 tiles in clusters of four; qkv and fc1 keep their tiles.
-    /// Not yet measured on a device. On an H200 (2026-11-26) ping-pong ran fc2 at 256
+    /// kernel), the final layer's 4 tiles in clusters of four; qkv and fc1 in one round of
+    /// the narrowest tiles that fit it (124 of 128 x 112, 128 of 128 x 144; session 26). Not
+    /// yet measured on a device. On an H200 (2026-11-26) ping-pong ran fc2 at 256
     /// rows (K = 4608) in 1275 us against 1465 for the cooperative 128 x 128, and K = 1152 no
     /// faster (qkv 1507 against 1290). At DiT-XL/2 shapes: 128 wide at large M but for fc2; at
     /// M = 512 (one image + CFG) 128 wide where that fits one round (qkv, proj, fc2) and 192
     /// for fc1 (144 tiles of 128 would take two rounds on 132 SMs; measured 21.0 against 27.6
-    /// us).
+    /// us), before the 112- and 144-wide tiles.
     pub fn pick(m: usize, n: usize, k: usize, sm_count: usize) -> TmaTile {
         if k >= Self::PING_PONG_MIN_K && TmaTile::PingPong128.tiles(m, n) >= 2 * sm_count {
             return TmaTile::PingPong128;
@@ -653,16 +675,19 @@ mod tests {
         assert_eq!(TmaTile::pick(65_536, 3456, 1152, 132), TmaTile::N128);
         assert_eq!(TmaTile::pick(65_536, 4608, 1152, 132), TmaTile::N128);
         assert_eq!(TmaTile::pick(65_536, 1152, 4608, 132), TmaTile::PingPong128);
-        // One image pair (M = 512): qkv's 108 tiles one round either way, the narrower tile
-        // the shorter one; proj's and fc2's 36 in clusters of three along K (108 CTAs: proj 6
-        // k-tiles a CTA against 18, fc2 24 against 3 workspace slices of 24 and the epilogue
-        // kernel; four along K would take two rounds); fc2's tiles are too few to alternate.
+        // One image pair (M = 512): qkv in one round of 124 tiles of 112 (108 of 128, 96 of
+        // 144 and 72 of 192 are one round too, of wider tiles); proj's and fc2's 36 in
+        // clusters of three along K (108 CTAs: proj 6 k-tiles a CTA against 18, fc2 24 against
+        // 3 workspace slices of 24 and the epilogue kernel; four along K would take two
+        // rounds); fc2's tiles are too few to alternate.
         assert_eq!(TmaTile::pick(512, 1152, 1152, 132), TmaTile::K3N128);
-        assert_eq!(TmaTile::pick(512, 3456, 1152, 132), TmaTile::N128);
+        assert_eq!(TmaTile::pick(512, 3456, 1152, 132), TmaTile::N112);
         assert_eq!(TmaTile::pick(512, 1152, 4608, 132), TmaTile::K3N128);
-        // fc1: 144 tiles of 128 would take two rounds, 96 of 192 one (and 432 CTAs of three
-        // along K four).
-        assert_eq!(TmaTile::pick(512, 4608, 1152, 132), TmaTile::N192);
+        // fc1: 128 tiles of 144 in one round (144 of 128 would take two, 96 of 192 are a third
+        // wider, 168 of 112 two rounds, and 432 CTAs of three along K four).
+        assert_eq!(TmaTile::pick(512, 4608, 1152, 132), TmaTile::N144);
+        assert_eq!(TmaTile::N144.tiles(512, 4608), 128);
+        assert_eq!(TmaTile::N112.tiles(512, 3456), 124);
         // A width only 128 divides.
         assert_eq!(TmaTile::pick(65_536, 640, 1152, 132), TmaTile::N128);
         // 192 where 128 would take a round more: 64 x 1152 (= 72 x 128 tiles).
@@ -670,8 +695,9 @@ mod tests {
         // The final layer (N = 32): one 128-wide tile pads least, its 4 tiles in clusters of
         // three along K (four: the same cost, the smaller cluster kept).
         assert_eq!(TmaTile::pick(512, 32, 1152, 132), TmaTile::K3N128);
-        // Enough tiles for every SM (eight image pairs): never split along K.
-        assert_eq!(TmaTile::pick(4096, 1152, 1152, 132), TmaTile::N128);
+        // Enough tiles for every SM (eight image pairs): never split along K; 1152 = 8 x 144,
+        // 256 tiles in two rounds where 288 of 128 take three.
+        assert_eq!(TmaTile::pick(4096, 1152, 1152, 132), TmaTile::N144);
         assert_eq!(TmaTile::pick(4096, 1152, 4608, 132), TmaTile::PingPong128);
         assert_eq!(TmaTile::N192.tiles(65_536, 1152), 512 * 6);
     }

@@ -200,6 +200,8 @@ void qkv_attention_d72(const QkvAttentionParams p);
 void qkv_attention_mc_d64(const QkvAttentionParams p);
 void qkv_attention_mc_d72(const QkvAttentionParams p);
 void gemm_tma_128x192(const GemmTmaParams p);
+void gemm_tma_128x112(const GemmTmaParams p);
+void gemm_tma_128x144(const GemmTmaParams p);
 void gemm_tma_128x256(const GemmTmaParams p);
 void gemm_tma_256x128(const GemmTmaParams p);
 void gemm_tma_st_128x128(const GemmTmaParams p);
@@ -766,6 +768,8 @@ Kernel find(const std::string& name) {
     if (name == "qkv_attention_mc_d64") return call<QkvAttentionParams, qkv_attention_mc_d64>;
     if (name == "qkv_attention_mc_d72") return call<QkvAttentionParams, qkv_attention_mc_d72>;
     if (name == "gemm_tma_128x192") return call<GemmTmaParams, gemm_tma_128x192>;
+    if (name == "gemm_tma_128x112") return call<GemmTmaParams, gemm_tma_128x112>;
+    if (name == "gemm_tma_128x144") return call<GemmTmaParams, gemm_tma_128x144>;
     if (name == "gemm_tma_128x256") return call<GemmTmaParams, gemm_tma_128x256>;
     if (name == "gemm_tma_256x128") return call<GemmTmaParams, gemm_tma_256x128>;
     if (name == "gemm_tma_st_128x128") return call<GemmTmaParams, gemm_tma_st_128x128>;
