@@ -93,6 +93,11 @@ NO_CLUSTER_K_TILES="1152x1152=128x128,1152x4608=128x128"
 # ... and variant lt_cluster_k: the default cuBLASLt path with proj and fc2 routed to them
 # (FORA_TMA_TILES under cuBLASLt on a Hopper).
 CLUSTER_K_TILES="1152x1152=k3-128x128,1152x4608=k3-128x128"
+# Session 26's narrow tiles, TmaTile::pick's for qkv and fc1 at 2 rows (one round of 124 and 128
+# CTAs): variant lt_narrow routes those two shapes to them under cuBLASLt; variant ours_pdl runs
+# every launch of a block on our kernels under PDL (qkv + attention, proj / fc2 + LayerNorm, fc1
+# on the TMA pick), each loading its weights before it waits for the kernel before.
+NARROW_TILES="3456x1152=128x112,4608x1152=128x144"
 STAGED_CLUSTER_K_TILES="3456x1152=st-128x128,4608x1152=st-128x192"
 VARIANTS=${VARIANTS:-default s17_steps no_reuse_sum no_final_sampler attention_deep attention_split f32_product attention_tma copy_table side_stream pdl tma tma_mc tma_staged tma_unstaged prefetch_weights}
 start=$(date +%s)
@@ -179,8 +184,9 @@ hopper_rows() {
   grep -E "^\| (qkv|proj|fc1|fc2) \| 256 \| [^|]* \| (custom|tma|wgmma|cublaslt)[a-zA-Z0-9_+, -]* \|" "$OUT/$1.log" | head -n 80
   # At 2 rows the picks, and the forced cluster tiles (session 17's 4 x 1 and 4 x 2 clusters are
   # aimed at M = 512, where each W tile is otherwise read from L2 by four CTAs; session 22's
-  # clusters along K at proj's and fc2's 36 tiles there, beside the plain 128 x 128).
-  grep -E "^\| (qkv|proj|fc1|fc2) \| 2 \| [^|]* \| (tma|tma_mc|tma-128x128|tma-k[0-9]-128x128|tma-mc-128x[0-9]+|tma-c4x[12]-128x[0-9]+|tma-st-[a-z0-9-]+|cublaslt|cublaslt\+bf16 bias|cublaslt product)(, W in L2)? \|" "$OUT/$1.log" | head -n 90
+  # clusters along K at proj's and fc2's 36 tiles there, beside the plain 128 x 128; session
+  # 26's 128 x 112 and 128 x 144, qkv's and fc1's picks there, in one round of the SMs).
+  grep -E "^\| (qkv|proj|fc1|fc2) \| 2 \| [^|]* \| (tma|tma_mc|tma-128x(112|128|144|192)|tma-k[0-9]-128x128|tma-mc-128x[0-9]+|tma-c4x[12]-128x[0-9]+|tma-st-[a-z0-9-]+|cublaslt|cublaslt\+bf16 bias|cublaslt product)(, W in L2)? \|" "$OUT/$1.log" | head -n 90
   grep -E "^\| attention \|" "$OUT/$1.log" | head -n 16
   # FORA_GEMM_LN's fused proj / fc2 + LayerNorm (HOPPER_KERNELS=all) against the cuBLASLt
   # product rows above plus residual_ln.
@@ -458,7 +464,9 @@ phase_variants() {
            "qkv_gemm_ln:cublaslt:FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1" \
            "qkv_gemm_ln_pdl:cublaslt:FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1 FORA_PDL=1" \
            "gemm_ln_many:cublaslt:FORA_GEMM_LN_MANY_ROWS=1" \
-           "gemm_ln_all:cublaslt:FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1")
+           "gemm_ln_all:cublaslt:FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1" \
+           "lt_narrow:cublaslt:FORA_TMA_TILES=$NARROW_TILES" \
+           "ours_pdl:tma:FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1 FORA_PDL=1")
   local round suffix
   for round in $(seq 1 "${VARIANT_ROUNDS:-1}"); do
     suffix=""; [ "$round" -gt 1 ] && suffix="_r$round"
