@@ -33,7 +33,11 @@
 // 64-row tiles read a 72 x 64 W tile from L2 for every 64 x 72 x 64 of work. The _128x72
 // kernels give a cluster 128 rows (two consumer warpgroups on one W tile: half the L2 bytes a
 // FLOP) and fit two CTAs an SM (three stages, 94 KiB, at most 112 registers), so that one CTA's
-// epilogue traffic overlaps the other's tensor-core work.
+// epilogue traffic overlaps the other's tensor-core work. The _128x144 kernels are the other
+// answer to the same rows: clusters of 8 CTAs of 144 columns (wgmma m64n144k16: the tensor
+// cores' work a k-step is 2x that of m64n72k16 for 1.5x the shared-memory operand bytes, where
+// m64n72k16 needs about as many cycles of shared-memory reads as of math), six stages and one
+// CTA an SM (213 KiB), the epilogue's traffic overlapping only other SMs' mainloops.
 
 #include "common.cuh"
 #include "tma.cuh"
@@ -44,8 +48,8 @@ namespace {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-constexpr int kLnCluster = 16;  // CTAs a cluster: the whole width of a row
-constexpr int kLnDepth = 64;    // k-depth of a ring slot: one 128-byte swizzle row of bf16
+constexpr int kLnDim = 1152;  // a row's width (DiT-XL/2); a cluster's CTAs cover it
+constexpr int kLnDepth = 64;  // k-depth of a ring slot: one 128-byte swizzle row of bf16
 
 // One CTA: columns [rank * BN, rank * BN + BN) of rows [64 c, 64 c + 64) of cluster c.
 // MC: the 16 CTAs of a cluster share the A tile: ranks 0-7 each load 8 of its rows, multicast
@@ -59,16 +63,22 @@ constexpr int kLnDepth = 64;    // k-depth of a ring slot: one 128-byte swizzle 
 //
 // WG consumer warpgroups (warps 0 .. 4 WG - 1), each the m64 of 64 rows: a cluster covers
 // kLnRows = 64 WG rows (WG 2: the many-rows tile, half the W bytes a FLOP of WG 1's).
+//
+// BN = 144 (the _128x144 kernels): clusters of 8 CTAs of 144 columns, each A slice 16 rows.
 template <int WG, int BN, int STAGES, bool MC>
 FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
-    constexpr int kLnRows = 64 * WG;          // token rows a cluster
-    constexpr int kLnConsumers = 128 * WG;    // threads of the consumer warpgroups
-    // CTAs of a cluster that load an 8-row slice of the A tile each and multicast it to all 16
-    // (MC): slices of whole 1024-byte swizzle atoms.
-    constexpr int kLnASlices = kLnRows / 8;
-    static_assert(kLnASlices <= kLnCluster, "an A slice a CTA at most");
+    static_assert(BN == 72 || BN == 144, "the wgmma of this tile is m64n72k16 or m64n144k16");
+    constexpr int kLnCluster = kLnDim / BN;  // CTAs a cluster: the whole width of a row
+    constexpr int kLnRows = 64 * WG;         // token rows a cluster
+    constexpr int kLnConsumers = 128 * WG;   // threads of the consumer warpgroups
+    // MC: the CTAs of a cluster that load a slice of the A tile each and multicast it to all
+    // (8 rows, or as many more as spread the tile over the cluster: whole 1024-byte swizzle
+    // atoms either way).
+    constexpr int kLnSliceRows = kLnRows / kLnCluster > 8 ? kLnRows / kLnCluster : 8;
+    constexpr int kLnASlices = kLnRows / kLnSliceRows;
+    static_assert(kLnASlices <= kLnCluster && kLnSliceRows % 8 == 0, "an A slice a CTA at most, whole atoms");
+    constexpr uint16_t kLnMask = static_cast<uint16_t>((1u << kLnCluster) - 1u);
     constexpr int kFragments = BN / 8;  // accumulator fragments (8 columns) a thread's rows
-    static_assert(BN == 72, "the wgmma of this tile is m64n72k16");
     constexpr uint32_t kStageA = kLnRows * kLnDepth * 2;
     constexpr uint32_t kStageB = BN * kLnDepth * 2;
     static_assert(kStageB % 1024 == 0, "every W tile must start on a 1024-byte swizzle atom");
@@ -103,14 +113,14 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
     // the statistics' push, so the mainloop runs in between).
     cluster_arrive_relaxed();
     // This CTA's part of k-tile kt's A tile into ring slot `slot`: all kLnRows rows, or (MC,
-    // ranks 0 .. kLnASlices - 1) its 8-row slice into every CTA; a slice wholly past M reads
-    // the first rows instead (rows never stored; no box lies wholly outside its tensor).
+    // ranks 0 .. kLnASlices - 1) its slice into every CTA; a slice wholly past M reads the
+    // first rows instead (rows never stored; no box lies wholly outside its tensor).
     auto load_a = [&](int kt, uint32_t slot) {
         if constexpr (MC) {
             if (rank >= kLnASlices) return;
-            const int row = m0 + 8 * rank;
-            tma_load_2d_multicast(smem_a + slot * kStageA + rank * 1024u, &p.a_map, kt * kLnDepth,
-                                  row < p.m ? row : 0, full + 8 * slot, 0xffffu);
+            const int row = m0 + kLnSliceRows * rank;
+            tma_load_2d_multicast(smem_a + slot * kStageA + rank * (kLnSliceRows * 128u), &p.a_map, kt * kLnDepth,
+                                  row < p.m ? row : 0, full + 8 * slot, kLnMask);
         } else {
             tma_load_2d(smem_a + slot * kStageA, &p.a_map, kt * kLnDepth, m0, full + 8 * slot);
         }
@@ -179,7 +189,11 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
                                  const uint64_t desc_b = wgmma_desc_sw128(smem_b + slot * kStageB);
 #pragma unroll
                                  for (int kk = 0; kk < kLnDepth / 16; ++kk) {
-                                     wgmma_m64n72k16(d, desc_a + 2 * kk, desc_b + 2 * kk);
+                                     if constexpr (BN == 72) {
+                                         wgmma_m64n72k16(d, desc_a + 2 * kk, desc_b + 2 * kk);
+                                     } else {
+                                         wgmma_m64n144k16(d, desc_a + 2 * kk, desc_b + 2 * kk);
+                                     }
                                  }
                              });
 
@@ -205,8 +219,9 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
     // The loads first (bias, gates, residuals: one memory round trip), then the stores: all of
     // them at once with one warpgroup; in chunks of 3 fragments with two (whose 112 registers
     // a thread, for two CTAs an SM, do not hold them all; the other CTA's mainloop hides the
-    // extra round trips).
-    constexpr int kChunk = WG == 1 ? kFragments : 3;
+    // extra round trips), of 6 at 144 columns (one CTA an SM: registers for twice that chunk
+    // beside 72 accumulators, not for all 18 fragments' operands).
+    constexpr int kChunk = WG == 1 ? kFragments : (BN == 144 ? 6 : 3);
     static_assert(kFragments % kChunk == 0, "whole chunks");
     const float2 zero = make_float2(0.0f, 0.0f);
     float sum[2] = {0.0f, 0.0f};
@@ -333,9 +348,10 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
 
 }  // namespace
 
-// DiT-XL/2 (dim 1152 = 16 x 72). The launcher's gemm_ln_smem_bytes must match: 64-row tiles,
-// five stages: 5 * (64 + 72) * 64 * 2 + 16 * 64 * 8 + 5 * 16 + 1024 = 96,336 bytes; 128-row
-// tiles, three: 3 * (128 + 72) * 64 * 2 + 16 * 128 * 8 + 3 * 16 + 1024 = 94,256.
+// DiT-XL/2 (dim 1152 = 16 x 72 = 8 x 144). The launcher's gemm_ln_smem_bytes must match:
+// 64-row tiles, five stages: 5 * (64 + 72) * 64 * 2 + 16 * 64 * 8 + 5 * 16 + 1024 = 96,336
+// bytes; 128-row tiles, three: 3 * (128 + 72) * 64 * 2 + 16 * 128 * 8 + 3 * 16 + 1024 = 94,256;
+// 128 x 144, six: 6 * (128 + 144) * 64 * 2 + 8 * 128 * 8 + 6 * 16 + 1024 = 218,208.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FORA_GEMM_LN_BODY(...) gemm_ln_tile<__VA_ARGS__>(p)
 #else
@@ -376,4 +392,19 @@ extern "C" __global__ void __launch_bounds__(288, 2) FORA_CLUSTER(16)
     gemm_tma_ln_mc_128x72(const __grid_constant__ GemmLayerNormParams p) {
     grid_dependency_deferred();
     FORA_GEMM_LN_BODY(2, 72, 3, true);
+}
+
+// For many rows, 144 columns a CTA (FORA_GEMM_LN_WIDE): clusters of 8, two consumer
+// warpgroups, six stages, one CTA an SM. Each CTA loads its A tile (a_map box 128 rows).
+extern "C" __global__ void __launch_bounds__(288, 1) FORA_CLUSTER(8)
+    gemm_tma_ln_128x144(const __grid_constant__ GemmLayerNormParams p) {
+    grid_dependency_deferred();
+    FORA_GEMM_LN_BODY(2, 144, 6, false);
+}
+
+// The A tile multicast: every CTA of the cluster loads 16 of its 128 rows (a_map box 16 rows).
+extern "C" __global__ void __launch_bounds__(288, 1) FORA_CLUSTER(8)
+    gemm_tma_ln_mc_128x144(const __grid_constant__ GemmLayerNormParams p) {
+    grid_dependency_deferred();
+    FORA_GEMM_LN_BODY(2, 144, 6, true);
 }

@@ -221,6 +221,22 @@ fn gemm_layernorm_checks_shapes_columns_and_pointers() {
     );
     assert!(err(many.validate((8, 0))).contains("needs a Hopper"));
     assert!(err(GemmLayerNorm { dim: 1024, ..many }.validate(hopper)).contains("rows of 1024"));
+    // The wide many-rows tile (clusters of 8 of 144 columns): its own kernels, its cluster named.
+    let wide = GemmLayerNorm {
+        tile: GemmLnTile::Wide128,
+        ..many
+    };
+    wide.validate(hopper).unwrap();
+    assert_eq!(wide.kernel(), "gemm_tma_ln_mc_128x144");
+    assert_eq!(
+        GemmLayerNorm {
+            multicast: false,
+            ..wide
+        }
+        .kernel(),
+        "gemm_tma_ln_128x144"
+    );
+    assert!(err(GemmLayerNorm { dim: 1024, ..wide }.validate(hopper)).contains("8 CTAs of 144"));
     assert!(err(good.validate((8, 0))).contains("needs a Hopper"));
     let bad = |b: GemmLayerNorm| err(b.validate(hopper));
     assert!(bad(GemmLayerNorm { dim: 1024, ..good }).contains("rows of 1024 columns"));

@@ -1604,7 +1604,7 @@ fn gpu_gemm_ln_matches() {
         47,
         |o, v| o.gemm_ln = v,
         |cuda, rows| {
-            GpuModel::gemm_ln_tile(cuda.gpu(), 1152, rows * 16)
+            GpuModel::gemm_ln_tile(cuda.gpu(), 1152, rows * 16, false)
                 == Some(fora::cuda::gemm_ln::GemmLnTile::Rows64)
         },
     ) else {
@@ -1638,8 +1638,29 @@ fn gpu_gemm_ln_many_rows_matches() {
         49,
         |o, v| o.gemm_ln_many_rows = v,
         |cuda, rows| {
-            fora::cuda::model::GpuModel::gemm_ln_tile(cuda.gpu(), 1152, rows * 400)
+            fora::cuda::model::GpuModel::gemm_ln_tile(cuda.gpu(), 1152, rows * 400, false)
                 == Some(fora::cuda::gemm_ln::GemmLnTile::Rows128)
+        },
+    );
+}
+
+/// `FORA_GEMM_LN_MANY_ROWS=1` with `FORA_GEMM_LN_WIDE=1` on a Hopper: the same model and rows
+/// on `gemm_tma_ln_mc_128x144` (clusters of 8 of 144 columns, one CTA an SM)
+/// ([`fused_option_matches`]).
+#[test]
+fn gpu_gemm_ln_wide_matches() {
+    let _ = fused_option_matches(
+        "gpu_gemm_ln_wide_matches",
+        "depth=2,hidden=1152,heads=16,patch=2",
+        40,
+        53,
+        |o, v| {
+            o.gemm_ln_many_rows = v;
+            o.gemm_ln_wide = v;
+        },
+        |cuda, rows| {
+            fora::cuda::model::GpuModel::gemm_ln_tile(cuda.gpu(), 1152, rows * 400, true)
+                == Some(fora::cuda::gemm_ln::GemmLnTile::Wide128)
         },
     );
 }

@@ -1199,12 +1199,13 @@ fn emulated_lazy_threads() -> Result<()> {
 }
 
 /// The fused GEMM + LayerNorm kernels the schedule tests run (tile, multicast, seed): both of
-/// the 64-row tile, the model's of the 128-row one.
-fn small_gemm_ln_kernels(seed: u64) -> [(GemmLnTile, bool, u64); 3] {
+/// the 64-row tile, the model's of each 128-row one.
+fn small_gemm_ln_kernels(seed: u64) -> [(GemmLnTile, bool, u64); 4] {
     [
         (GemmLnTile::Rows64, false, seed),
         (GemmLnTile::Rows64, true, seed + 1),
         (GemmLnTile::Rows128, true, seed + 2),
+        (GemmLnTile::Wide128, true, seed + 3),
     ]
 }
 

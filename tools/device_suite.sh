@@ -37,7 +37,10 @@
 #              qkv_gemm_ln (qkv_gemm_ln_pdl): both fusions (with FORA_PDL=1);
 #              attention_tma_pp: FORA_ATTENTION=tma_pp (session 25); gemm_ln_many
 #              (gemm_ln_all): proj / fc2 and their LayerNorm as one gemm_tma_ln_mc_128x72
-#              launch at many rows (FORA_GEMM_LN_MANY_ROWS=1; with FORA_GEMM_LN=1 too); "all"
+#              launch at many rows (FORA_GEMM_LN_MANY_ROWS=1; with FORA_GEMM_LN=1 too);
+#              gemm_ln_wide: the same on gemm_tma_ln_mc_128x144 (FORA_GEMM_LN_WIDE=1, session
+#              26); lt_narrow: qkv and fc1 on the TMA tiles 128 x 112 / 128 x 144 under
+#              cuBLASLt; ours_pdl: every block launch ours under PDL (session 26); "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
 #              l2_persist, tma_pdl, tma_mc_pdl, attention_v1, attention_v2, attention_wgmma,
 #              attention_wgmma_mn and wgmma; VARIANT_ROWS / VARIANT_SECTIONS /
@@ -190,10 +193,11 @@ hopper_rows() {
   grep -E "^\| attention \|" "$OUT/$1.log" | head -n 16
   # FORA_GEMM_LN's fused proj / fc2 + LayerNorm (HOPPER_KERNELS=all) against the cuBLASLt
   # product rows above plus residual_ln.
-  grep -E "^\| (proj\+ln|fc2\+ln|residual_ln) \| 2 \|" "$OUT/$1.log" | head -n 16
-  # FORA_GEMM_LN_MANY_ROWS's 128-row tiles (and the 64-row ones) at 256 rows, against the
+  grep -E "^\| (proj\+ln|fc2\+ln|residual_ln) \| 2 \|" "$OUT/$1.log" | head -n 24
+  # FORA_GEMM_LN_MANY_ROWS's 128-row tiles (128 x 72 and 128 x 144, FORA_GEMM_LN_WIDE; and the
+  # 64-row ones) at 256 rows, against the
   # cuBLASLt product rows plus residual_ln there.
-  grep -E "^\| (proj\+ln|fc2\+ln|residual_ln) \| 256 \|" "$OUT/$1.log" | head -n 16
+  grep -E "^\| (proj\+ln|fc2\+ln|residual_ln) \| 256 \|" "$OUT/$1.log" | head -n 24
   # FORA_QKV_ATTENTION's qkv + attention (HOPPER_KERNELS=all) against the qkv rows plus the
   # attention rows above.
   grep -E "^\| qkv\+attention \| 2 \|" "$OUT/$1.log" | head -n 4
@@ -465,6 +469,7 @@ phase_variants() {
            "qkv_gemm_ln_pdl:cublaslt:FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1 FORA_PDL=1" \
            "gemm_ln_many:cublaslt:FORA_GEMM_LN_MANY_ROWS=1" \
            "gemm_ln_all:cublaslt:FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1" \
+           "gemm_ln_wide:cublaslt:FORA_GEMM_LN_MANY_ROWS=1 FORA_GEMM_LN_WIDE=1" \
            "lt_narrow:cublaslt:FORA_TMA_TILES=$NARROW_TILES" \
            "ours_pdl:tma:FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1 FORA_PDL=1")
   local round suffix

@@ -482,17 +482,27 @@ pub(super) fn bench_kernels(
         // SM allowed first (the 128-row tile only so: one an SM would undo its point).
         use crate::cuda::gemm_ln::GemmLnTile;
         use crate::cuda::model::GpuModel;
-        let tiles = GpuModel::gemm_ln_tile(gpu, cfg.hidden, rows * cfg.tokens()).map(|t| match t {
-            GemmLnTile::Rows64 => [GemmLnTile::Rows64, GemmLnTile::Rows128],
-            GemmLnTile::Rows128 => [GemmLnTile::Rows128, GemmLnTile::Rows64],
-        });
+        let wide = report.options.gemm_ln_wide;
+        let tiles =
+            GpuModel::gemm_ln_tile(gpu, cfg.hidden, rows * cfg.tokens(), wide).map(|t| match t {
+                GemmLnTile::Rows64 => {
+                    [GemmLnTile::Rows64, GemmLnTile::Rows128, GemmLnTile::Wide128]
+                }
+                GemmLnTile::Rows128 => {
+                    [GemmLnTile::Rows128, GemmLnTile::Wide128, GemmLnTile::Rows64]
+                }
+                GemmLnTile::Wide128 => {
+                    [GemmLnTile::Wide128, GemmLnTile::Rows128, GemmLnTile::Rows64]
+                }
+            });
         for (op, k) in [("proj+ln", cfg.hidden), ("fc2+ln", cfg.mlp_hidden())] {
             for tile in tiles.into_iter().flatten() {
                 let variants: &[(bool, bool)] = match tile {
                     GemmLnTile::Rows64 => {
                         &[(true, false), (true, true), (false, false), (false, true)]
                     }
-                    GemmLnTile::Rows128 => &[(true, false), (false, false)],
+                    // Both many-rows tiles as they are (Wide128 is one an SM anyway).
+                    GemmLnTile::Rows128 | GemmLnTile::Wide128 => &[(true, false), (false, false)],
                 };
                 for &variant in variants {
                     let row =

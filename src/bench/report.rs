@@ -661,6 +661,7 @@ impl Report {
                 "prefetch_weights": self.options.prefetch_weights,
                 "gemm_ln": self.options.gemm_ln,
                 "gemm_ln_many_rows": self.options.gemm_ln_many_rows,
+                "gemm_ln_wide": self.options.gemm_ln_wide,
                 "qkv_attention": self.options.qkv_attention,
                 "pdl": self.options.pdl,
                 "reuse_sum": self.options.reuse_sum,

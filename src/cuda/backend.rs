@@ -165,6 +165,15 @@ pub struct CudaOptions {
     /// H200, twice a block: ~15% of the step) (`FORA_GEMM_LN_MANY_ROWS=1`: on). The same maths
     /// as [`CudaOptions::gemm_ln`]. Off by default: not yet run on a GPU.
     pub gemm_ln_many_rows: bool,
+    /// With [`CudaOptions::gemm_ln_many_rows`]: its launches on `gemm_tma_ln_mc_128x144`
+    /// (clusters of 8 CTAs of 128 x 144, two consumer warpgroups on wgmma m64n144k16, six
+    /// stages, one CTA an SM) instead of `gemm_tma_ln_mc_128x72` (clusters of 16 of 128 x 72,
+    /// two CTAs an SM): the tensor cores' work a k-step doubles for 1.5x the shared-memory
+    /// operand bytes, where m64n72k16 reads about as many cycles of shared memory as it
+    /// computes, but no second CTA's mainloop runs under an epilogue. Which is faster is for a
+    /// GPU to say (`FORA_GEMM_LN_WIDE=1`: on). The same maths. Off by default: not yet run on
+    /// a GPU.
+    pub gemm_ln_wide: bool,
     /// On a Hopper with head_dim 64 or 72, at most 256 tokens and few rows (the clusters' CTAs,
     /// four a sequence and head, in one wave: one image + CFG of DiT-XL/2 is 128 CTAs): each
     /// block's qkv Linear and attention as one `qkv_attention_*` launch (clusters of four CTAs of
@@ -244,6 +253,7 @@ impl Default for CudaOptions {
             prefetch_weights: false,
             gemm_ln: false,
             gemm_ln_many_rows: false,
+            gemm_ln_wide: false,
             qkv_attention: false,
             pdl: false,
             reuse_sum: 2,
@@ -339,7 +349,7 @@ type SwitchField = fn(&mut CudaOptions) -> &mut bool;
 /// The 0/1 switches of [`CudaOptions`]: each environment variable and the field it sets (its
 /// default is [`CudaOptions::default`]'s). `FORA_CUDA_GRAPHS` (off only at `0`), the kernel
 /// choices and `FORA_REUSE_SUM` are parsed apart.
-const SWITCHES: [(&str, SwitchField); 19] = [
+const SWITCHES: [(&str, SwitchField); 20] = [
     ("FORA_PRECOMPUTE_MODULATION", |o| {
         &mut o.precompute_modulation
     }),
@@ -358,6 +368,7 @@ const SWITCHES: [(&str, SwitchField); 19] = [
     ("FORA_PREFETCH_WEIGHTS", |o| &mut o.prefetch_weights),
     ("FORA_GEMM_LN", |o| &mut o.gemm_ln),
     ("FORA_GEMM_LN_MANY_ROWS", |o| &mut o.gemm_ln_many_rows),
+    ("FORA_GEMM_LN_WIDE", |o| &mut o.gemm_ln_wide),
     ("FORA_QKV_ATTENTION", |o| &mut o.qkv_attention),
     ("FORA_PDL", |o| &mut o.pdl),
     ("FORA_FINAL_SAMPLER", |o| &mut o.final_sampler),
@@ -974,6 +985,7 @@ impl CudaBackend {
             prefetch_weights: self.options.prefetch_weights,
             gemm_ln: self.options.gemm_ln,
             gemm_ln_many_rows: self.options.gemm_ln_many_rows,
+            gemm_ln_wide: self.options.gemm_ln_wide,
             qkv_attention: self.options.qkv_attention,
             reuse_sum: reuse_sum.filter(|_| mode == StepMode::Reuse),
         }

@@ -18,10 +18,11 @@ use anyhow::{ensure, Context, Result};
 pub const GEMM_LN_KERNEL: &str = "gemm_tma_ln_64x72";
 /// The kernel with the A tile multicast across the cluster ([`GemmLayerNorm::multicast`]).
 pub const GEMM_LN_MC_KERNEL: &str = "gemm_tma_ln_mc_64x72";
-/// CTAs a cluster (non-portable: the launcher opts the kernel in).
+/// CTAs a cluster of the 72-column tiles (non-portable: the launcher opts the kernel in);
+/// [`GemmLnTile::cluster`] is a tile's.
 pub const GEMM_LN_CLUSTER: u32 = 16;
-/// Columns a CTA: the row width is `GEMM_LN_CLUSTER * COLUMNS`.
-const COLUMNS: u32 = 72;
+/// The row width every tile's cluster covers (DiT-XL/2's 1152 = 16 x 72 = 8 x 144).
+const DIM: u32 = 1152;
 /// k-depth of a ring slot (one 128-byte swizzle row of bf16).
 const DEPTH: u32 = 64;
 
@@ -35,17 +36,45 @@ pub enum GemmLnTile {
     /// bytes a FLOP), three stages and at most 112 registers so that two CTAs share an SM: one's
     /// epilogue traffic under the other's mainloop. For many rows (FORA_GEMM_LN_MANY_ROWS).
     Rows128,
+    /// `gemm_tma_ln[_mc]_128x144`: 128 rows of 144 columns a CTA, in clusters of 8 (wgmma
+    /// m64n144k16: twice m64n72k16's math a k-step for 1.5x its shared-memory operand bytes),
+    /// six stages, one CTA an SM. The other tile for many rows (FORA_GEMM_LN_WIDE).
+    Wide128,
 }
 
 impl GemmLnTile {
-    /// Both, the few-rows tile first.
-    pub const ALL: [GemmLnTile; 2] = [GemmLnTile::Rows64, GemmLnTile::Rows128];
+    /// Every tile, the few-rows one first.
+    pub const ALL: [GemmLnTile; 3] = [GemmLnTile::Rows64, GemmLnTile::Rows128, GemmLnTile::Wide128];
 
     /// Token rows a cluster.
     pub const fn rows(self) -> u32 {
         match self {
             GemmLnTile::Rows64 => 64,
-            GemmLnTile::Rows128 => 128,
+            GemmLnTile::Rows128 | GemmLnTile::Wide128 => 128,
+        }
+    }
+
+    /// Columns a CTA.
+    pub const fn columns(self) -> u32 {
+        match self {
+            GemmLnTile::Rows64 | GemmLnTile::Rows128 => 72,
+            GemmLnTile::Wide128 => 144,
+        }
+    }
+
+    /// CTAs a cluster: a whole row's width.
+    pub const fn cluster(self) -> u32 {
+        DIM / self.columns()
+    }
+
+    /// Rows of the A tile a CTA loads and multicasts (gemm_ln_sm90.cu's kLnSliceRows): 8, or
+    /// as many more as spread the tile over the cluster.
+    const fn slice_rows(self) -> u32 {
+        let spread = self.rows() / self.cluster();
+        if spread > 8 {
+            spread
+        } else {
+            8
         }
     }
 
@@ -54,6 +83,7 @@ impl GemmLnTile {
         match self {
             GemmLnTile::Rows64 => 5,
             GemmLnTile::Rows128 => 3,
+            GemmLnTile::Wide128 => 6,
         }
     }
 
@@ -65,16 +95,22 @@ impl GemmLnTile {
     /// Whether a cluster of this tile's kernel (A multicast or not) can be resident on `gpu`
     /// (the driver's count, after the launch's shared-memory and non-portable-cluster
     /// attributes are set): a cluster of 16 must fit one GPC (8 SMs at two CTAs an SM), which
-    /// a small partition of a GPU may not have. A device that refuses the attributes or the
-    /// query counts as no, so that the model keeps the unfused path there.
+    /// a small partition of a GPU may not have (a cluster of 8 of the one-an-SM
+    /// [`GemmLnTile::Wide128`]: 8 SMs). A device that refuses the attributes or the query
+    /// counts as no, so that the model keeps the unfused path there.
     pub fn fits(self, gpu: &impl KernelLauncher, multicast: bool) -> bool {
         let name = self.kernel_name(multicast);
         let smem = gemm_ln_smem_bytes(self);
         gpu.allow_dynamic_shared_memory(name, smem).is_ok()
-            && gpu.allow_non_portable_clusters(name).is_ok()
+            && (!self.non_portable() || gpu.allow_non_portable_clusters(name).is_ok())
             && gpu
-                .max_active_clusters(name, GEMM_LN_CLUSTER, self.threads(), smem)
+                .max_active_clusters(name, self.cluster(), self.threads(), smem)
                 .is_ok_and(|n| n > 0)
+    }
+
+    /// Whether the cluster is past the portable 8 CTAs (the kernel must be opted in).
+    const fn non_portable(self) -> bool {
+        self.cluster() > 8
     }
 
     /// The kernel, with the A tile multicast across the cluster or not.
@@ -84,20 +120,23 @@ impl GemmLnTile {
             (GemmLnTile::Rows64, true) => GEMM_LN_MC_KERNEL,
             (GemmLnTile::Rows128, false) => "gemm_tma_ln_128x72",
             (GemmLnTile::Rows128, true) => "gemm_tma_ln_mc_128x72",
+            (GemmLnTile::Wide128, false) => "gemm_tma_ln_128x144",
+            (GemmLnTile::Wide128, true) => "gemm_tma_ln_mc_128x144",
         }
     }
 }
 
-/// Dynamic shared memory a CTA of `tile`: the ring, the cluster's statistics (16 x rows float
-/// pairs), two mbarriers a stage and 1 KiB to align the base to 1024 bytes (gemm_ln_sm90.cu).
+/// Dynamic shared memory a CTA of `tile`: the ring, the cluster's statistics (cluster x rows
+/// float pairs), two mbarriers a stage and 1 KiB to align the base to 1024 bytes
+/// (gemm_ln_sm90.cu).
 pub const fn gemm_ln_smem_bytes(tile: GemmLnTile) -> u32 {
     let (rows, stages) = (tile.rows(), tile.stages());
-    stages * (rows + COLUMNS) * DEPTH * 2 + GEMM_LN_CLUSTER * rows * 8 + stages * 16 + 1024
+    stages * (rows + tile.columns()) * DEPTH * 2 + tile.cluster() * rows * 8 + stages * 16 + 1024
 }
 
-/// Whether the kernel serves rows of `dim` columns (16 CTAs x 72: DiT-XL/2's 1152).
+/// Whether the kernels serve rows of `dim` columns (16 CTAs x 72 or 8 x 144: DiT-XL/2's 1152).
 pub fn gemm_ln_supports_dim(dim: usize) -> bool {
-    dim == (GEMM_LN_CLUSTER * COLUMNS) as usize
+    dim == DIM as usize
 }
 
 /// One launch: `a` bf16 `[m, k]` (rows `lda` apart), `w` bf16 `[dim, k]` (rows `ldw` apart), and the
@@ -186,9 +225,10 @@ impl GemmLayerNorm {
         );
         ensure!(
             gemm_ln_supports_dim(self.dim),
-            "{name}: rows of {} columns; it is built for {} (16 CTAs of {COLUMNS})",
+            "{name}: rows of {} columns; it is built for {DIM} ({} CTAs of {})",
             self.dim,
-            GEMM_LN_CLUSTER * COLUMNS
+            self.tile.cluster(),
+            self.tile.columns()
         );
         check_positive(name, "m", self.m as i64)?;
         check_positive(name, "k", self.k as i64)?;
@@ -267,13 +307,17 @@ impl GemmLayerNorm {
             box_rows,
             box_cols: DEPTH,
         };
-        // With multicast a CTA loads an 8-row slice of the A tile.
-        let a_rows = if self.multicast { 8 } else { self.tile.rows() };
+        // With multicast a CTA loads a slice of the A tile.
+        let a_rows = if self.multicast {
+            self.tile.slice_rows()
+        } else {
+            self.tile.rows()
+        };
         let a_map: TmaDescriptor = gpu
             .tma_descriptor_2d(&operand(self.a, self.m, self.lda, a_rows))
             .with_context(|| format!("{}: the tensor map of A", self.kernel()))?;
         let w_map = gpu
-            .tma_descriptor_2d(&operand(self.w, self.dim, self.ldw, COLUMNS))
+            .tma_descriptor_2d(&operand(self.w, self.dim, self.ldw, self.tile.columns()))
             .with_context(|| format!("{}: the tensor map of W", self.kernel()))?;
         Ok(GemmLayerNormParams {
             a_map,
@@ -300,7 +344,8 @@ impl GemmLayerNorm {
         })
     }
 
-    /// Launches the kernel: a cluster of 16 CTAs for each 64 (128) token rows.
+    /// Launches the kernel: a cluster ([`GemmLnTile::cluster`] CTAs) for each 64 (128) token
+    /// rows.
     pub fn launch(&self, gpu: &impl KernelLauncher) -> Result<()> {
         let params = self.params(gpu)?;
         let name = self.kernel();
@@ -310,10 +355,12 @@ impl GemmLayerNorm {
             gemm_ln_smem_bytes(self.tile)
         };
         gpu.allow_dynamic_shared_memory(name, smem)?;
-        gpu.allow_non_portable_clusters(name)?;
+        if self.tile.non_portable() {
+            gpu.allow_non_portable_clusters(name)?;
+        }
         let clusters = self.m.div_ceil(self.tile.rows() as usize);
         let grid = clusters
-            .checked_mul(GEMM_LN_CLUSTER as usize)
+            .checked_mul(self.tile.cluster() as usize)
             .filter(|&g| g <= i32::MAX as usize)
             .with_context(|| format!("{name}: M = {} needs too many CTAs", self.m))?;
         // SAFETY: `params` checked the shapes, alignment and non-null pointers the kernel relies
@@ -342,7 +389,10 @@ mod tests {
         // two CTAs fit an SM's 228 KiB (1 KiB reserved each).
         assert_eq!(gemm_ln_smem_bytes(GemmLnTile::Rows64), 96_336);
         assert_eq!(gemm_ln_smem_bytes(GemmLnTile::Rows128), 94_256);
-        for tile in GemmLnTile::ALL {
+        // 6 stages of (128 + 144) x 64, 8 x 128 pairs: one CTA an SM, within its 227 KiB.
+        assert_eq!(gemm_ln_smem_bytes(GemmLnTile::Wide128), 218_208);
+        assert!(gemm_ln_smem_bytes(GemmLnTile::Wide128) <= 227 * 1024);
+        for tile in [GemmLnTile::Rows64, GemmLnTile::Rows128] {
             assert!(2 * (gemm_ln_smem_bytes(tile) + 1024) <= 228 * 1024);
             // One a SM with one_per_sm, within a CTA's 227 KiB.
             assert!(ONE_PER_SM_SMEM >= gemm_ln_smem_bytes(tile));
@@ -350,6 +400,17 @@ mod tests {
         const { assert!(2 * (ONE_PER_SM_SMEM + 1024) > 228 * 1024 && ONE_PER_SM_SMEM <= 227 * 1024) };
         assert_eq!(GemmLnTile::Rows64.threads(), 160);
         assert_eq!(GemmLnTile::Rows128.threads(), 288);
+        assert_eq!(GemmLnTile::Wide128.threads(), 288);
+        // Every cluster covers the 1152-wide row; multicast slices of whole 1024-byte atoms.
+        for tile in GemmLnTile::ALL {
+            assert_eq!(tile.cluster() * tile.columns(), 1152, "{tile:?}");
+            assert_eq!(tile.slice_rows() % 8, 0, "{tile:?}");
+            assert!(
+                tile.rows() / tile.slice_rows() <= tile.cluster(),
+                "{tile:?}"
+            );
+        }
+        assert_eq!(GemmLnTile::Wide128.slice_rows(), 16);
     }
 
     #[test]
@@ -363,9 +424,13 @@ mod tests {
         for tile in GemmLnTile::ALL {
             for multicast in [false, true] {
                 assert!(tile.fits(&gpu(227 * 1024, true, 1), multicast));
-                // No cluster resident, clusters of 16 refused, or the shared memory refused.
+                // No cluster resident, clusters of 16 refused (those of 8 are portable), or
+                // the shared memory refused.
                 assert!(!tile.fits(&gpu(227 * 1024, true, 0), multicast));
-                assert!(!tile.fits(&gpu(227 * 1024, false, 7), multicast));
+                assert_eq!(
+                    tile.fits(&gpu(227 * 1024, false, 7), multicast),
+                    tile == GemmLnTile::Wide128
+                );
                 assert!(!tile.fits(&gpu(64 * 1024, true, 7), multicast));
             }
         }

@@ -88,6 +88,9 @@ pub struct ForwardKind {
     /// The same past the few rows, with `gemm_tma_ln_mc_128x72`
     /// ([`GpuModel::gemm_ln_tile`], [`super::CudaOptions::gemm_ln_many_rows`]).
     pub gemm_ln_many_rows: bool,
+    /// With `gemm_ln_many_rows`: past the few rows `gemm_tma_ln_mc_128x144` instead
+    /// ([`super::CudaOptions::gemm_ln_wide`]).
+    pub gemm_ln_wide: bool,
     /// Each block's qkv Linear and attention as one `qkv_attention_*` launch where it serves the
     /// shape ([`GpuModel::qkv_attention_serves`]) instead of the GEMM and the attention kernel
     /// ([`super::CudaOptions::qkv_attention`]).
@@ -489,16 +492,25 @@ impl GpuModel {
     /// rows of width `dim` on `gpu`: [`GemmLnTile::Rows64`] (`gemm_tma_ln_mc_64x72`,
     /// [`ForwardKind::gemm_ln`]) up to [`super::gemm_ln::GemmLayerNorm::rows_limit`] token
     /// rows, [`GemmLnTile::Rows128`] (`gemm_tma_ln_mc_128x72`,
-    /// [`ForwardKind::gemm_ln_many_rows`]) past them; None off a Hopper, for rows other than
-    /// 1,152, or where the device cannot hold the tile's cluster of 16
-    /// ([`GemmLnTile::fits`]: a driver query, so asked only where a fusion is enabled).
-    pub fn gemm_ln_tile(gpu: &Gpu, dim: usize, token_rows: usize) -> Option<GemmLnTile> {
+    /// [`ForwardKind::gemm_ln_many_rows`]) past them, or with `wide`
+    /// ([`ForwardKind::gemm_ln_wide`]) [`GemmLnTile::Wide128`] (`gemm_tma_ln_mc_128x144`);
+    /// None off a Hopper, for rows other than 1,152, or where the device cannot hold the
+    /// tile's cluster ([`GemmLnTile::fits`]: a driver query, so asked only where a fusion is
+    /// enabled).
+    pub fn gemm_ln_tile(
+        gpu: &Gpu,
+        dim: usize,
+        token_rows: usize,
+        wide: bool,
+    ) -> Option<GemmLnTile> {
         use super::gemm_ln::{gemm_ln_supports_dim, GemmLayerNorm};
         if gpu.compute_capability().0 != 9 || !gemm_ln_supports_dim(dim) {
             return None;
         }
         let tile = if token_rows <= GemmLayerNorm::rows_limit(gpu.multiprocessors()) {
             GemmLnTile::Rows64
+        } else if wide {
+            GemmLnTile::Wide128
         } else {
             GemmLnTile::Rows128
         };
@@ -782,6 +794,7 @@ impl GpuModel {
             prefetch_weights,
             gemm_ln,
             gemm_ln_many_rows,
+            gemm_ln_wide,
             qkv_attention,
             reuse_sum,
         } = kind;
@@ -897,11 +910,11 @@ impl GpuModel {
             }
             && super::norm::residual_layernorm_supports(d);
         // proj / fc2 with their residual and LayerNorm in one launch (FORA_GEMM_LN, few rows;
-        // FORA_GEMM_LN_MANY_ROWS, many).
+        // FORA_GEMM_LN_MANY_ROWS, many, on the tile FORA_GEMM_LN_WIDE says).
         let gemm_ln_tile = if fuse_ln && (gemm_ln || gemm_ln_many_rows) {
-            Self::gemm_ln_tile(gpu, d, rt).filter(|&tile| match tile {
+            Self::gemm_ln_tile(gpu, d, rt, gemm_ln_wide).filter(|&tile| match tile {
                 GemmLnTile::Rows64 => gemm_ln,
-                GemmLnTile::Rows128 => gemm_ln_many_rows,
+                GemmLnTile::Rows128 | GemmLnTile::Wide128 => gemm_ln_many_rows,
             })
         } else {
             None

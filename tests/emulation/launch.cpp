@@ -195,6 +195,8 @@ void gemm_tma_ln_64x72(const GemmLayerNormParams p);
 void gemm_tma_ln_mc_64x72(const GemmLayerNormParams p);
 void gemm_tma_ln_128x72(const GemmLayerNormParams p);
 void gemm_tma_ln_mc_128x72(const GemmLayerNormParams p);
+void gemm_tma_ln_128x144(const GemmLayerNormParams p);
+void gemm_tma_ln_mc_128x144(const GemmLayerNormParams p);
 void qkv_attention_d64(const QkvAttentionParams p);
 void qkv_attention_d72(const QkvAttentionParams p);
 void qkv_attention_mc_d64(const QkvAttentionParams p);
@@ -763,6 +765,8 @@ Kernel find(const std::string& name) {
     if (name == "gemm_tma_ln_mc_64x72") return call<GemmLayerNormParams, gemm_tma_ln_mc_64x72>;
     if (name == "gemm_tma_ln_128x72") return call<GemmLayerNormParams, gemm_tma_ln_128x72>;
     if (name == "gemm_tma_ln_mc_128x72") return call<GemmLayerNormParams, gemm_tma_ln_mc_128x72>;
+    if (name == "gemm_tma_ln_128x144") return call<GemmLayerNormParams, gemm_tma_ln_128x144>;
+    if (name == "gemm_tma_ln_mc_128x144") return call<GemmLayerNormParams, gemm_tma_ln_mc_128x144>;
     if (name == "qkv_attention_d64") return call<QkvAttentionParams, qkv_attention_d64>;
     if (name == "qkv_attention_d72") return call<QkvAttentionParams, qkv_attention_d72>;
     if (name == "qkv_attention_mc_d64") return call<QkvAttentionParams, qkv_attention_mc_d64>;
@@ -813,7 +817,12 @@ unsigned cluster_size_of(const std::string& name) {
     if (name.rfind("gemm_tma_k2_", 0) == 0) return 2;
     if (name.rfind("gemm_tma_k3_", 0) == 0) return 3;
     if (name.rfind("gemm_tma_k4_", 0) == 0) return 4;
-    if (name.rfind("gemm_tma_ln_", 0) == 0) return 16;
+    if (name.rfind("gemm_tma_ln_", 0) == 0) {
+        // 1152 columns a cluster: 16 CTAs of 72, or 8 of 144.
+        const std::string wide = "_128x144";
+        const bool is_wide = name.size() > wide.size() && name.compare(name.size() - wide.size(), wide.size(), wide) == 0;
+        return is_wide ? 8 : 16;
+    }
     if (name.rfind("qkv_attention_", 0) == 0) return 4;
     return 1;
 }
