@@ -1665,6 +1665,63 @@ fn gpu_gemm_ln_wide_matches() {
     );
 }
 
+/// Every launch of a block ours, under PDL (the device suite's variant `ours_pdl`):
+/// `FORA_GEMM=tma` with the fused qkv + attention and the fused proj / fc2 + LayerNorm, on a
+/// two-block model of DiT-XL/2's block (1152 wide, 16 heads of 72, 256 tokens) at one image +
+/// CFG, where both fusions serve. The forward against the CPU reference; sampling with
+/// programmatic launches (each fused kernel and TMA GEMM loading its weights before it waits on
+/// the kernel before) the same bits as without, with graphs and without. SKIP off a Hopper.
+#[test]
+fn gpu_fused_block_pdl_matches() {
+    use fora::cuda::gemm::GemmImpl;
+    use fora::cuda::gemm_ln::GemmLnTile;
+    use fora::cuda::model::GpuModel;
+    use fora::cuda::CudaOptions;
+    let test = "gpu_fused_block_pdl_matches";
+    let arch = Arch::parse("depth=2,hidden=1152,heads=16,patch=2").unwrap();
+    let cfg = DitConfig::from_arch(&arch, 4, 32, 10, true).unwrap();
+    let Some((cpu, mut cuda)) = backends(test, &cfg, 57) else {
+        return;
+    };
+    if cuda.gpu().compute_capability().0 != 9 {
+        println!("SKIP {test}: not a Hopper (the fused kernels are sm_90a only)");
+        return;
+    }
+    let rows = 2;
+    assert!(
+        GpuModel::qkv_attention_serves(cuda.gpu(), &cfg, rows),
+        "{test}: the fused qkv + attention must serve {rows} rows"
+    );
+    assert_eq!(
+        GpuModel::gemm_ln_tile(cuda.gpu(), cfg.hidden, rows * cfg.tokens(), false),
+        Some(GemmLnTile::Rows64),
+        "{test}: the fused proj / fc2 + LayerNorm must serve {rows} rows"
+    );
+    let off = CudaOptions {
+        gemm: GemmImpl::Tma,
+        qkv_attention: true,
+        gemm_ln: true,
+        pdl: false,
+        ..cuda.options()
+    };
+    let on = CudaOptions { pdl: true, ..off };
+    cuda.set_options(on);
+    let (x, t, y) = inputs(&cfg, rows, 5);
+    let want = cpu.forward(&x, &t, &y, None).unwrap();
+    let got = cuda.forward(&x, &t, &y, None).unwrap();
+    check_close(&format!("{test} forward"), &got, &want, 2e-2).unwrap();
+    for graphs in [true, false] {
+        assert_same_bits(
+            &mut cuda,
+            &[1],
+            6,
+            (CudaOptions { graphs, ..off }, CudaOptions { graphs, ..on }),
+            &format!("{test} graphs={graphs}: programmatic launches"),
+            |_, _| {},
+        );
+    }
+}
+
 /// `FORA_QKV_ATTENTION=1` on a Hopper: each block's qkv Linear and attention as one
 /// `qkv_attention_mc_d72` launch, on a two-block model of head_dim 72 (8 heads: four rows are
 /// 128 CTAs, one wave of an H100 or H200) ([`fused_option_matches`]: the fused path adds the
