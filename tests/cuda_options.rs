@@ -7,7 +7,7 @@ use fora::cuda::attention::AttentionImpl;
 use fora::cuda::gemm::GemmImpl;
 use fora::cuda::CudaOptions;
 
-const SWITCHES: [&str; 20] = [
+const SWITCHES: [&str; 21] = [
     "FORA_PRECOMPUTE_MODULATION",
     "FORA_LT_AUTOTUNE",
     "FORA_FUSED_REUSE",
@@ -25,6 +25,7 @@ const SWITCHES: [&str; 20] = [
     "FORA_GEMM_LN",
     "FORA_GEMM_LN_MANY_ROWS",
     "FORA_GEMM_LN_WIDE",
+    "FORA_GEMM_LN_ONE_PER_SM",
     "FORA_QKV_ATTENTION",
     "FORA_PDL",
     "FORA_FINAL_SAMPLER",
@@ -50,6 +51,7 @@ fn switch(o: &CudaOptions, var: &str) -> bool {
         "FORA_GEMM_LN" => o.gemm_ln,
         "FORA_GEMM_LN_MANY_ROWS" => o.gemm_ln_many_rows,
         "FORA_GEMM_LN_WIDE" => o.gemm_ln_wide,
+        "FORA_GEMM_LN_ONE_PER_SM" => o.gemm_ln_one_per_sm,
         "FORA_QKV_ATTENTION" => o.qkv_attention,
         "FORA_PDL" => o.pdl,
         "FORA_FINAL_SAMPLER" => o.final_sampler,

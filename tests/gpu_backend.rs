@@ -1592,7 +1592,7 @@ fn fused_option_matches(
 /// `FORA_GEMM_LN=1` on a Hopper: proj and fc2 with their gated residual and the LayerNorm after
 /// each as one `gemm_tma_ln_64x72` launch, on a two-block model of DiT-XL/2's width (1152)
 /// ([`fused_option_matches`]: the fused path's LayerNorm statistics are combined in another
-/// order); and with `FORA_PREFETCH_WEIGHTS` the same bits.
+/// order); and with `FORA_PREFETCH_WEIGHTS`, or with `FORA_GEMM_LN_ONE_PER_SM`, the same bits.
 #[test]
 fn gpu_gemm_ln_matches() {
     use fora::cuda::model::GpuModel;
@@ -1621,6 +1621,19 @@ fn gpu_gemm_ln_matches() {
         8,
         (on, prefetching),
         "gemm_ln: weight prefetch",
+        |_, _| {},
+    );
+    // FORA_GEMM_LN_ONE_PER_SM: the same launches with more shared memory a CTA, the same bits.
+    let one_per_sm = CudaOptions {
+        gemm_ln_one_per_sm: true,
+        ..on
+    };
+    assert_same_bits(
+        &mut cuda,
+        &[1, 7],
+        8,
+        (on, one_per_sm),
+        "gemm_ln: one CTA an SM",
         |_, _| {},
     );
 }

@@ -39,7 +39,8 @@
 #              (gemm_ln_all): proj / fc2 and their LayerNorm as one gemm_tma_ln_mc_128x72
 #              launch at many rows (FORA_GEMM_LN_MANY_ROWS=1; with FORA_GEMM_LN=1 too);
 #              gemm_ln_wide: the same on gemm_tma_ln_mc_128x144 (FORA_GEMM_LN_WIDE=1, session
-#              26); lt_narrow: qkv and fc1 on the TMA tiles 128 x 112 / 128 x 144 under
+#              26); gemm_ln_one_per_sm: gemm_ln with its CTAs one an SM
+#              (FORA_GEMM_LN_ONE_PER_SM=1); lt_narrow: qkv and fc1 on the TMA tiles 128 x 112 / 128 x 144 under
 #              cuBLASLt; ours_pdl: every block launch ours under PDL (session 26); "all"
 #              adds unfused, f32_bias, full_table, fused_final, forward_graph, lt_autotune, lt_splitk,
 #              l2_persist, tma_pdl, tma_mc_pdl, attention_v1, attention_v2, attention_wgmma,
@@ -470,6 +471,7 @@ phase_variants() {
            "gemm_ln_many:cublaslt:FORA_GEMM_LN_MANY_ROWS=1" \
            "gemm_ln_all:cublaslt:FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1" \
            "gemm_ln_wide:cublaslt:FORA_GEMM_LN_MANY_ROWS=1 FORA_GEMM_LN_WIDE=1" \
+           "gemm_ln_one_per_sm:cublaslt:FORA_GEMM_LN=1 FORA_GEMM_LN_ONE_PER_SM=1" \
            "lt_narrow:cublaslt:FORA_TMA_TILES=$NARROW_TILES" \
            "ours_pdl:tma:FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1 FORA_PDL=1")
   local round suffix

@@ -662,6 +662,7 @@ impl Report {
                 "gemm_ln": self.options.gemm_ln,
                 "gemm_ln_many_rows": self.options.gemm_ln_many_rows,
                 "gemm_ln_wide": self.options.gemm_ln_wide,
+                "gemm_ln_one_per_sm": self.options.gemm_ln_one_per_sm,
                 "qkv_attention": self.options.qkv_attention,
                 "pdl": self.options.pdl,
                 "reuse_sum": self.options.reuse_sum,

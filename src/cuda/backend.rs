@@ -174,6 +174,16 @@ pub struct CudaOptions {
     /// GPU to say (`FORA_GEMM_LN_WIDE=1`: on). The same maths. Off by default: not yet run on
     /// a GPU.
     pub gemm_ln_wide: bool,
+    /// With [`CudaOptions::gemm_ln`] (or `gemm_ln_many_rows`): each fused launch asks for more
+    /// than half an SM's shared memory, so that no two of its CTAs share an SM
+    /// ([`super::gemm_ln::GemmLayerNorm::one_per_sm`]). Without it two fit an SM, so a cluster
+    /// of 16 fits a GPC of 8 free SMs, but the scheduler may also place two of a cluster on one
+    /// SM (sharing its tensor cores) while other SMs idle, more so when a kernel launched early
+    /// (`FORA_PDL`) finds the SMs half taken by the one before. The bench's `proj+ln` /
+    /// `fc2+ln` rows time both alone; this switch times them in whole steps
+    /// (`FORA_GEMM_LN_ONE_PER_SM=1`: on; variant `gemm_ln_one_per_sm`). The same bits. Off by
+    /// default: not yet run on a GPU.
+    pub gemm_ln_one_per_sm: bool,
     /// On a Hopper with head_dim 64 or 72, at most 256 tokens and few rows (the clusters' CTAs,
     /// four a sequence and head, in one wave: one image + CFG of DiT-XL/2 is 128 CTAs): each
     /// block's qkv Linear and attention as one `qkv_attention_*` launch (clusters of four CTAs of
@@ -254,6 +264,7 @@ impl Default for CudaOptions {
             gemm_ln: false,
             gemm_ln_many_rows: false,
             gemm_ln_wide: false,
+            gemm_ln_one_per_sm: false,
             qkv_attention: false,
             pdl: false,
             reuse_sum: 2,
@@ -349,7 +360,7 @@ type SwitchField = fn(&mut CudaOptions) -> &mut bool;
 /// The 0/1 switches of [`CudaOptions`]: each environment variable and the field it sets (its
 /// default is [`CudaOptions::default`]'s). `FORA_CUDA_GRAPHS` (off only at `0`), the kernel
 /// choices and `FORA_REUSE_SUM` are parsed apart.
-const SWITCHES: [(&str, SwitchField); 20] = [
+const SWITCHES: [(&str, SwitchField); 21] = [
     ("FORA_PRECOMPUTE_MODULATION", |o| {
         &mut o.precompute_modulation
     }),
@@ -369,6 +380,7 @@ const SWITCHES: [(&str, SwitchField); 20] = [
     ("FORA_GEMM_LN", |o| &mut o.gemm_ln),
     ("FORA_GEMM_LN_MANY_ROWS", |o| &mut o.gemm_ln_many_rows),
     ("FORA_GEMM_LN_WIDE", |o| &mut o.gemm_ln_wide),
+    ("FORA_GEMM_LN_ONE_PER_SM", |o| &mut o.gemm_ln_one_per_sm),
     ("FORA_QKV_ATTENTION", |o| &mut o.qkv_attention),
     ("FORA_PDL", |o| &mut o.pdl),
     ("FORA_FINAL_SAMPLER", |o| &mut o.final_sampler),
@@ -986,6 +998,7 @@ impl CudaBackend {
             gemm_ln: self.options.gemm_ln,
             gemm_ln_many_rows: self.options.gemm_ln_many_rows,
             gemm_ln_wide: self.options.gemm_ln_wide,
+            gemm_ln_one_per_sm: self.options.gemm_ln_one_per_sm,
             qkv_attention: self.options.qkv_attention,
             reuse_sum: reuse_sum.filter(|_| mode == StepMode::Reuse),
         }

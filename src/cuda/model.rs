@@ -91,6 +91,9 @@ pub struct ForwardKind {
     /// With `gemm_ln_many_rows`: past the few rows `gemm_tma_ln_mc_128x144` instead
     /// ([`super::CudaOptions::gemm_ln_wide`]).
     pub gemm_ln_wide: bool,
+    /// The fused proj / fc2 + LayerNorm's CTAs one an SM
+    /// ([`super::gemm_ln::GemmLayerNorm::one_per_sm`], [`super::CudaOptions::gemm_ln_one_per_sm`]).
+    pub gemm_ln_one_per_sm: bool,
     /// Each block's qkv Linear and attention as one `qkv_attention_*` launch where it serves the
     /// shape ([`GpuModel::qkv_attention_serves`]) instead of the GEMM and the attention kernel
     /// ([`super::CudaOptions::qkv_attention`]).
@@ -795,6 +798,7 @@ impl GpuModel {
             gemm_ln,
             gemm_ln_many_rows,
             gemm_ln_wide,
+            gemm_ln_one_per_sm,
             qkv_attention,
             reuse_sum,
         } = kind;
@@ -1049,10 +1053,10 @@ impl GpuModel {
                         scale_col: shift_col + d,
                         round_v: bf16_residual,
                         eps: 1e-6,
-                        // Two CTAs an SM allowed (a cluster fits any GPC), the A tile
-                        // multicast, until a GPU says which is faster (the bench times all
+                        // Two CTAs an SM allowed (a cluster fits any GPC) unless
+                        // FORA_GEMM_LN_ONE_PER_SM; the A tile multicast (the bench times all
                         // four).
-                        one_per_sm: false,
+                        one_per_sm: gemm_ln_one_per_sm,
                         multicast: true,
                         tile,
                         prefetch: prefetch_ranges(prefetch),
