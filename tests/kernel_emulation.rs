@@ -1385,6 +1385,84 @@ fn emulated_tma_cluster_k_dit_xl2_two_rows() -> Result<()> {
     Ok(())
 }
 
+/// The kernels' `extern "C" __global__` declarations in `src` (a kernels/*.cu file's text): each
+/// literal name with the cluster size of its `FORA_CLUSTER(n)` (1 without one). Names built by
+/// a macro (token pasting) are left out.
+fn declared_clusters(src: &str) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for (start, _) in src.match_indices("extern \"C\" __global__ void") {
+        let rest = &src[start..];
+        let Some(end) = rest.find('{') else { continue };
+        let mut head = rest[..end].to_string();
+        let mut cluster = 1;
+        for wrapper in ["__launch_bounds__(", "FORA_CLUSTER("] {
+            if let Some(at) = head.find(wrapper) {
+                let close = at + head[at..].find(')').expect("a closing parenthesis");
+                if wrapper == "FORA_CLUSTER(" {
+                    cluster = head[at + wrapper.len()..close]
+                        .trim()
+                        .parse()
+                        .expect("a cluster size");
+                }
+                head.replace_range(at..=close, " ");
+            }
+        }
+        let Some(open) = head.find('(') else { continue };
+        let name = head[..open].split_whitespace().last().unwrap_or("");
+        if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            out.push((name.to_string(), cluster));
+        }
+    }
+    out
+}
+
+/// The emulator runs each kernel's blocks in clusters of the size the kernel declares
+/// (`FORA_CLUSTER(n)`; the emulator keeps its own table by name, `cluster_size_of`): a kernel
+/// run in clusters of another size indexes peers that do not exist or writes past its output
+/// (session 26's 8-CTA clusters first ran as 16 and crashed the test process).
+#[test]
+fn emulated_cluster_sizes_match_the_kernels() -> Result<()> {
+    let Some(emu) = emulator("emulated_cluster_sizes_match_the_kernels") else {
+        return Ok(());
+    };
+    type ClusterSizeFn = unsafe extern "C" fn(*const c_char) -> c_uint;
+    // SAFETY: the symbol has this signature in tests/emulation/launch.cpp.
+    let cluster_size: ClusterSizeFn = unsafe {
+        *emu.lib
+            .get::<ClusterSizeFn>(b"fora_emulate_cluster_size\0")?
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let mut checked = 0;
+    let mut clustered = 0;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "cu") {
+            continue;
+        }
+        let src = std::fs::read_to_string(&path)?;
+        for (name, declared) in declared_clusters(&src) {
+            let c_name = CString::new(name.as_str())?;
+            // SAFETY: a NUL-terminated string the function only reads.
+            let emulated = unsafe { cluster_size(c_name.as_ptr()) };
+            ensure!(
+                emulated == declared,
+                "{}: {name} declares clusters of {declared}, the emulator runs {emulated}",
+                path.display()
+            );
+            checked += 1;
+            clustered += usize::from(declared > 1);
+        }
+    }
+    // Every cluster kernel family is among them (GEMMs, gemm_ln, qkv_attention, the probe).
+    ensure!(
+        checked > 50 && clustered >= 20,
+        "only {checked} kernels ({clustered} in clusters) found in {}",
+        dir.display()
+    );
+    eprintln!("{checked} kernels, {clustered} in clusters: the emulator's sizes match");
+    Ok(())
+}
+
 /// `FORA_GEMM=tma`'s picks for qkv and fc1 at one image + CFG of DiT-XL/2 (M = 512) on 132
 /// emulated SMs: one round of the narrow tiles (qkv's 3456 columns in 124 tiles of 128 x 112,
 /// fc1's 4608 in 128 of 128 x 144, the last qkv tile 96 columns wide past N), with the

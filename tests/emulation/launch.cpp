@@ -1656,5 +1656,9 @@ extern "C" int fora_emulate_launch(const char* name, unsigned grid_x, unsigned g
     return l.check_error.empty() ? 0 : 3;
 }
 
+// The CTAs of a cluster the emulator gives kernel `name` (by name: kernel_emulation.rs's
+// `emulated_cluster_sizes_match_the_kernels` holds it to each kernel's FORA_CLUSTER).
+extern "C" unsigned fora_emulate_cluster_size(const char* name) { return cluster_size_of(name); }
+
 // What the last launch of this thread found wrong (empty when nothing).
 extern "C" const char* fora_emulate_last_error() { return last_error.c_str(); }
