@@ -103,7 +103,9 @@ CLUSTER_K_TILES="1152x1152=k3-128x128,1152x4608=k3-128x128"
 # on the TMA pick), each loading its weights before it waits for the kernel before.
 NARROW_TILES="3456x1152=128x112,4608x1152=128x144"
 STAGED_CLUSTER_K_TILES="3456x1152=st-128x128,4608x1152=st-128x192"
-VARIANTS=${VARIANTS:-default s17_steps no_reuse_sum no_final_sampler attention_deep attention_split f32_product attention_tma copy_table side_stream pdl tma tma_mc tma_staged tma_unstaged prefetch_weights}
+# The default list: the paths not yet timed in whole steps on a GPU (sessions 20-26), the
+# default first.
+VARIANTS=${VARIANTS:-default qkv_attention gemm_ln qkv_gemm_ln qkv_gemm_ln_pdl gemm_ln_one_per_sm ours_pdl lt_narrow gemm_ln_many gemm_ln_wide attention_tma_pp tma tma_staged lt_cluster_k prefetch_weights}
 start=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - start) )); }
 # bounded <seconds> <command...>: runs with min(seconds, time left - 5), skipped under 10 s left.
