@@ -1559,3 +1559,72 @@ fn clock_summary_reports_each_phase() {
     assert!(out.contains("| idle | 10 | 0 | — |"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The block budget: the default path's launches against the fastest measured way through each
+/// segment (fused or not; product-only and "W in L2" rows never count), times DiT-XL/2's 28
+/// blocks; no table where a default part is unmeasured.
+#[test]
+fn block_budget_from_the_kernel_rows() {
+    let c = Bound::Compute;
+    let mut r = fake_report();
+    r.kernels = vec![
+        kernel("qkv", "cublaslt+bf16 bias", 2, c, 1e9, Some(0.0093)),
+        kernel("qkv", "cublaslt product", 2, c, 1e9, Some(0.0050)),
+        kernel("qkv", "tma-128x112", 2, c, 1e9, Some(0.0080)),
+        kernel("attention", "custom", 2, c, 1e9, Some(0.0070)),
+        kernel("attention", "custom (tma)", 2, c, 1e9, Some(0.0060)),
+        kernel(
+            "qkv+attention",
+            "custom (qkv_attention_mc_d72)",
+            2,
+            c,
+            1e9,
+            Some(0.0125),
+        ),
+        kernel("proj", "cublaslt product", 2, c, 1e9, Some(0.0050)),
+        kernel("residual_ln", "custom", 2, Bound::Memory, 1e7, Some(0.0044)),
+        kernel(
+            "proj+ln",
+            "custom (gemm_tma_ln_mc_64x72)",
+            2,
+            c,
+            1e9,
+            Some(0.0047),
+        ),
+        kernel("fc1", "cublaslt", 2, c, 1e9, Some(0.0118)),
+        kernel("fc1", "tma-128x144", 2, c, 1e9, Some(0.0100)),
+        kernel("fc1", "cublaslt, W in L2", 2, c, 1e9, Some(0.0090)),
+        kernel("fc2", "cublaslt product", 2, c, 1e9, Some(0.0119)),
+        kernel(
+            "fc2+ln",
+            "custom (gemm_tma_ln_mc_64x72)",
+            2,
+            c,
+            1e9,
+            Some(0.0120),
+        ),
+    ];
+    let md = r.markdown();
+    for line in [
+        "| 2 | qkv + attention | 16.3 | 12.5 | qkv+attention custom (qkv_attention_mc_d72) |",
+        "| 2 | proj + LayerNorm | 9.4 | 4.7 | proj+ln custom (gemm_tma_ln_mc_64x72) |",
+        "| 2 | fc1 | 11.8 | 10.0 | fc1 tma-128x144 |",
+        "| 2 | fc2 + LayerNorm | 16.3 | 12.0 | fc2+ln custom (gemm_tma_ln_mc_64x72) |",
+        // 53.8 and 39.2 us a block, x 28.
+        "| 2 | block (x 28) | 53.8 (1.506 ms) | 39.2 (1.098 ms) | 1.37x |",
+    ] {
+        assert!(md.contains(line), "{line}\n{md}");
+    }
+    // The unfused pair wins where it is faster: 8.0 + 3.0 against 12.5.
+    for k in &mut r.kernels {
+        if k.name == "attention" && k.imp == "custom (tma)" {
+            k.stats = stats(0.0030);
+        }
+    }
+    let md = r.markdown();
+    let line = "| 2 | qkv + attention | 16.3 | 11.0 | qkv tma-128x112 + attention custom (tma) |";
+    assert!(md.contains(line), "{line}\n{md}");
+    // A default part unmeasured: no budget.
+    r.kernels.retain(|k| k.name != "residual_ln");
+    assert!(!r.markdown().contains("A block from the kernel rows"));
+}

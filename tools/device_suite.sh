@@ -206,6 +206,9 @@ hopper_rows() {
   grep -E "^\| qkv\+attention \| 2 \|" "$OUT/$1.log" | head -n 4
   # The same fusions against the launches they replace, as the report computes it.
   grep -A 24 "^The block fusions against" "$OUT/$1.log" | grep -E "^\| [a-z0-9]+\+" | head -n 20
+  # A block from the rows: the default launches against the fastest way through each segment
+  # (session 26), at each row count.
+  grep -A 14 "^A block from the kernel rows" "$OUT/$1.log" | grep -E "^\| [0-9]+ \|" | head -n 12
   # Each forced TMA tile against its L2 roofline at 256 rows (the L2 hypothesis, yes or no).
   grep -A 80 "^TMA tiles against their L2 roofline" "$OUT/$1.log" | grep -E "^\| [a-z0-9]+ \| 256 \|" | head -n 40
   grep -E "^L2 roofline" "$OUT/$1.log"

@@ -787,6 +787,124 @@ impl Report {
         s
     }
 
+    /// The fastest row (us, its implementation) of kernel `name` at `rows` whose
+    /// implementation `keep` accepts, among rows with the weights rotated out of L2.
+    fn fastest_us(
+        &self,
+        name: &str,
+        rows: usize,
+        keep: impl Fn(&str) -> bool,
+    ) -> Option<(f64, &str)> {
+        self.kernels
+            .iter()
+            .filter(|k| {
+                k.name == name && k.rows == rows && !k.imp.contains("in L2") && keep(&k.imp)
+            })
+            .filter_map(|k| {
+                k.stats
+                    .as_ref()
+                    .map(|s| (s.median_ms * 1e3, k.imp.as_str()))
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+    }
+
+    /// A transformer block at each row count from this run's kernel rows, each timed alone: the
+    /// launches of the default path (qkv at its best cuBLASLt with the bias, the model's
+    /// attention, proj's and fc2's cuBLASLt products each with a `residual_ln` pass, fc1 at its
+    /// best cuBLASLt) against the fastest measured way through each of the block's four
+    /// segments, fused or not (any qkv row plus any attention row, or `qkv+attention`; the
+    /// product plus the pass, or `proj+ln` / `fc2+ln`; any fc1 row), times the model's depth. A
+    /// projection, not a measurement: it ignores launch overlap (PDL) and what the rows share
+    /// with each other in L2; it says which options to time in whole steps and how far they
+    /// could take the step.
+    fn block_budget_lines(&self) -> String {
+        let mut rows: Vec<usize> = self.kernels.iter().map(|k| k.rows).collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let any = |_: &str| true;
+        // qkv and fc1 with their bias (and GELU): not the product-only rows.
+        let whole = |imp: &str| !imp.contains("product");
+        let mut s = String::new();
+        for r in rows {
+            let us = |ms: Option<f64>| ms.map(|ms| ms * 1e3);
+            let ln = self.kernel_us("residual_ln", "custom", r);
+            let product_ln = |gemm: &str| {
+                self.kernel_us(gemm, "cublaslt product", r)
+                    .zip(ln)
+                    .map(|(a, b)| a + b)
+            };
+            let qkv = us(self.best_cublaslt_ms("qkv", r));
+            let attention = self.kernel_us("attention", "custom", r);
+            let default = [
+                qkv.zip(attention).map(|(a, b)| a + b),
+                product_ln("proj"),
+                us(self.best_cublaslt_ms("fc1", r)),
+                product_ln("fc2"),
+            ];
+            let Some(default_parts) = default.iter().copied().collect::<Option<Vec<f64>>>() else {
+                continue;
+            };
+            // The fastest way through each segment: (us, how).
+            let unfused_qkv = self
+                .fastest_us("qkv", r, whole)
+                .zip(self.fastest_us("attention", r, any))
+                .map(|((a, qi), (b, ai))| (a + b, format!("qkv {qi} + attention {ai}")));
+            let fused_qkv = self
+                .fastest_us("qkv+attention", r, any)
+                .map(|(t, i)| (t, format!("qkv+attention {i}")));
+            let via_product = |gemm: &str| {
+                product_ln(gemm).map(|t| (t, format!("{gemm} cublaslt product + residual_ln")))
+            };
+            let fused_ln = |gemm: &str| {
+                self.fastest_us(&format!("{gemm}+ln"), r, any)
+                    .map(|(t, i)| (t, format!("{gemm}+ln {i}")))
+            };
+            let fc1 = self
+                .fastest_us("fc1", r, whole)
+                .map(|(t, i)| (t, format!("fc1 {i}")));
+            let fastest = |a: Option<(f64, String)>, b: Option<(f64, String)>| match (a, b) {
+                (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+                (a, b) => a.or(b),
+            };
+            let best = [
+                fastest(unfused_qkv, fused_qkv),
+                fastest(via_product("proj"), fused_ln("proj")),
+                fc1,
+                fastest(via_product("fc2"), fused_ln("fc2")),
+            ];
+            if s.is_empty() {
+                s +=
+                    "\nA block from the kernel rows, each alone (us): the default path's launches \
+                      against the fastest measured way through each segment, fused or not. A \
+                      projection (no launch overlap, no shared L2); whole steps measure it.\n\n\
+                      | rows | segment | default | fastest | by |\n|---|---|---|---|---|\n";
+            }
+            let names = [
+                "qkv + attention",
+                "proj + LayerNorm",
+                "fc1",
+                "fc2 + LayerNorm",
+            ];
+            let mut best_total = 0.0;
+            for ((name, d), b) in names.iter().zip(&default_parts).zip(&best) {
+                // The default's own parts are among the candidates, so a segment has a best.
+                let (t, how) = b.clone().unwrap_or((*d, "default".to_string()));
+                best_total += t;
+                s += &format!("| {r} | {name} | {d:.1} | {t:.1} | {how} |\n");
+            }
+            let default_total: f64 = default_parts.iter().sum();
+            let depth = self.model.depth as f64;
+            s += &format!(
+                "| {r} | block (x {}) | {default_total:.1} ({:.3} ms) | {best_total:.1} ({:.3} ms) | {:.2}x |\n",
+                self.model.depth,
+                default_total * depth / 1e3,
+                best_total * depth / 1e3,
+                default_total / best_total
+            );
+        }
+        s
+    }
+
     /// The report as Markdown tables.
     pub fn markdown(&self) -> String {
         let mut s = String::new();
@@ -960,6 +1078,7 @@ impl Report {
             }
             s += &self.fused_reuse_lines();
             s += &self.fused_block_lines();
+            s += &self.block_budget_lines();
             s += &self.tma_l2_lines();
             s += &self.tma_tile_lines();
         }
