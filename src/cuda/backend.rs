@@ -181,8 +181,10 @@ pub struct CudaOptions {
     /// SM (sharing its tensor cores) while other SMs idle, more so when a kernel launched early
     /// (`FORA_PDL`) finds the SMs half taken by the one before. The bench's `proj+ln` /
     /// `fc2+ln` rows time both alone; this switch times them in whole steps
-    /// (`FORA_GEMM_LN_ONE_PER_SM=1`: on; variant `gemm_ln_one_per_sm`). The same bits. Off by
-    /// default: not yet run on a GPU.
+    /// (`FORA_GEMM_LN_ONE_PER_SM=1`: on; variant `gemm_ln_one_per_sm`). Taken at few rows only
+    /// where the driver still holds every cluster at once
+    /// ([`super::gemm_ln::GemmLnTile::one_per_sm_serves`]). The same bits. Off by default: not
+    /// yet run on a GPU.
     pub gemm_ln_one_per_sm: bool,
     /// On a Hopper with head_dim 64 or 72, at most 256 tokens and few rows (the clusters' CTAs,
     /// four a sequence and head, in one wave: one image + CFG of DiT-XL/2 is 128 CTAs): each

@@ -99,13 +99,70 @@ impl GemmLnTile {
     /// [`GemmLnTile::Wide128`]: 8 SMs). A device that refuses the attributes or the query
     /// counts as no, so that the model keeps the unfused path there.
     pub fn fits(self, gpu: &impl KernelLauncher, multicast: bool) -> bool {
+        self.resident_clusters(gpu, multicast, false) > 0
+    }
+
+    /// Clusters of this tile's kernel (A multicast or not) the driver holds at once on `gpu`,
+    /// launched as [`GemmLayerNorm::one_per_sm`] says; 0 where the device refuses the
+    /// launch's attributes or the query.
+    pub fn resident_clusters(
+        self,
+        gpu: &impl KernelLauncher,
+        multicast: bool,
+        one_per_sm: bool,
+    ) -> usize {
         let name = self.kernel_name(multicast);
-        let smem = gemm_ln_smem_bytes(self);
-        gpu.allow_dynamic_shared_memory(name, smem).is_ok()
-            && (!self.non_portable() || gpu.allow_non_portable_clusters(name).is_ok())
-            && gpu
-                .max_active_clusters(name, self.cluster(), self.threads(), smem)
-                .is_ok_and(|n| n > 0)
+        let smem = launch_smem_bytes(self, one_per_sm);
+        if gpu.allow_dynamic_shared_memory(name, smem).is_err()
+            || (self.non_portable() && gpu.allow_non_portable_clusters(name).is_err())
+        {
+            return 0;
+        }
+        gpu.max_active_clusters(name, self.cluster(), self.threads(), smem)
+            .unwrap_or(0)
+    }
+
+    /// The tile that serves a computing forward of `token_rows` rows of width `dim` on `gpu`
+    /// ([`crate::cuda::model::GpuModel::gemm_ln_tile`]): [`GemmLnTile::Rows64`] up to
+    /// [`GemmLayerNorm::rows_limit`] token rows where the driver holds every one of its
+    /// clusters at once (a second wave would double the launch); past them
+    /// [`GemmLnTile::Rows128`], or with `wide` [`GemmLnTile::Wide128`], where the driver holds
+    /// one of its clusters (many waves either way). None off a Hopper or for rows other than
+    /// 1,152.
+    pub fn for_rows(
+        gpu: &impl KernelLauncher,
+        dim: usize,
+        token_rows: usize,
+        wide: bool,
+    ) -> Option<GemmLnTile> {
+        if gpu.compute_capability().0 != 9 || !gemm_ln_supports_dim(dim) {
+            return None;
+        }
+        if token_rows <= GemmLayerNorm::rows_limit(gpu.multiprocessors()) {
+            let tile = GemmLnTile::Rows64;
+            return (tile.resident_clusters(gpu, true, false) >= tile.clusters_for(token_rows))
+                .then_some(tile);
+        }
+        let tile = if wide {
+            GemmLnTile::Wide128
+        } else {
+            GemmLnTile::Rows128
+        };
+        tile.fits(gpu, true).then_some(tile)
+    }
+
+    /// Clusters a launch over `token_rows` rows takes.
+    pub fn clusters_for(self, token_rows: usize) -> usize {
+        token_rows.div_ceil(self.rows() as usize)
+    }
+
+    /// Whether launches of this tile over `token_rows` rows may run one CTA an SM
+    /// ([`GemmLayerNorm::one_per_sm`], `FORA_GEMM_LN_ONE_PER_SM`): the few-rows tile only where
+    /// the driver still holds every cluster at once (a cluster of 16 then needs 16 SMs of one
+    /// GPC, which some GPCs may not have); the many-rows tiles always.
+    pub fn one_per_sm_serves(self, gpu: &impl KernelLauncher, token_rows: usize) -> bool {
+        self != GemmLnTile::Rows64
+            || self.resident_clusters(gpu, true, true) >= self.clusters_for(token_rows)
     }
 
     /// Whether the cluster is past the portable 8 CTAs (the kernel must be opted in).
@@ -132,6 +189,17 @@ impl GemmLnTile {
 pub const fn gemm_ln_smem_bytes(tile: GemmLnTile) -> u32 {
     let (rows, stages) = (tile.rows(), tile.stages());
     stages * (rows + tile.columns()) * DEPTH * 2 + tile.cluster() * rows * 8 + stages * 16 + 1024
+}
+
+/// The shared memory a launch of `tile` asks for a CTA: [`gemm_ln_smem_bytes`], or with
+/// `one_per_sm` at least [`ONE_PER_SM_SMEM`].
+pub const fn launch_smem_bytes(tile: GemmLnTile, one_per_sm: bool) -> u32 {
+    let smem = gemm_ln_smem_bytes(tile);
+    if one_per_sm && smem < ONE_PER_SM_SMEM {
+        ONE_PER_SM_SMEM
+    } else {
+        smem
+    }
 }
 
 /// Whether the kernels serve rows of `dim` columns (16 CTAs x 72 or 8 x 144: DiT-XL/2's 1152).
@@ -349,11 +417,7 @@ impl GemmLayerNorm {
     pub fn launch(&self, gpu: &impl KernelLauncher) -> Result<()> {
         let params = self.params(gpu)?;
         let name = self.kernel();
-        let smem = if self.one_per_sm {
-            ONE_PER_SM_SMEM.max(gemm_ln_smem_bytes(self.tile))
-        } else {
-            gemm_ln_smem_bytes(self.tile)
-        };
+        let smem = launch_smem_bytes(self.tile, self.one_per_sm);
         gpu.allow_dynamic_shared_memory(name, smem)?;
         if self.tile.non_portable() {
             gpu.allow_non_portable_clusters(name)?;
@@ -434,6 +498,43 @@ mod tests {
                 assert!(!tile.fits(&gpu(64 * 1024, true, 7), multicast));
             }
         }
+    }
+
+    #[test]
+    fn gemm_ln_tile_for_rows_and_its_waves() {
+        use crate::cuda::device::FakeLauncher;
+        let gpu = |clusters| FakeLauncher {
+            smem_limit: 227 * 1024,
+            non_portable: true,
+            clusters,
+        };
+        // One image + CFG of DiT-XL/2: 512 token rows, 8 clusters of 64, all resident or none.
+        assert_eq!(GemmLnTile::Rows64.clusters_for(512), 8);
+        assert_eq!(
+            GemmLnTile::for_rows(&gpu(8), 1152, 512, false),
+            Some(GemmLnTile::Rows64)
+        );
+        assert_eq!(GemmLnTile::for_rows(&gpu(7), 1152, 512, false), None);
+        assert_eq!(GemmLnTile::for_rows(&gpu(8), 1152, 513, false), None);
+        assert_eq!(GemmLnTile::for_rows(&gpu(8), 1024, 512, false), None);
+        // Past the few rows: one resident cluster is enough; `wide` picks the 144-wide tile.
+        assert_eq!(
+            GemmLnTile::for_rows(&gpu(1), 1152, 65_536, false),
+            Some(GemmLnTile::Rows128)
+        );
+        assert_eq!(
+            GemmLnTile::for_rows(&gpu(1), 1152, 65_536, true),
+            Some(GemmLnTile::Wide128)
+        );
+        assert_eq!(GemmLnTile::for_rows(&gpu(0), 1152, 65_536, true), None);
+        // One CTA an SM: the few-rows tile only with every cluster still resident.
+        assert!(GemmLnTile::Rows64.one_per_sm_serves(&gpu(8), 512));
+        assert!(!GemmLnTile::Rows64.one_per_sm_serves(&gpu(7), 512));
+        assert!(GemmLnTile::Rows128.one_per_sm_serves(&gpu(1), 65_536));
+        // The launch's shared memory: at least ONE_PER_SM_SMEM one an SM.
+        assert_eq!(launch_smem_bytes(GemmLnTile::Rows64, true), ONE_PER_SM_SMEM);
+        assert_eq!(launch_smem_bytes(GemmLnTile::Rows64, false), 96_336);
+        assert_eq!(launch_smem_bytes(GemmLnTile::Wide128, true), 218_208);
     }
 
     #[test]

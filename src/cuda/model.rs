@@ -498,26 +498,15 @@ impl GpuModel {
     /// [`ForwardKind::gemm_ln_many_rows`]) past them, or with `wide`
     /// ([`ForwardKind::gemm_ln_wide`]) [`GemmLnTile::Wide128`] (`gemm_tma_ln_mc_128x144`);
     /// None off a Hopper, for rows other than 1,152, or where the device cannot hold the
-    /// tile's cluster ([`GemmLnTile::fits`]: a driver query, so asked only where a fusion is
-    /// enabled).
+    /// tile's clusters (every one at once for few rows, one for many: [`GemmLnTile::for_rows`];
+    /// a driver query, so asked only where a fusion is enabled).
     pub fn gemm_ln_tile(
         gpu: &Gpu,
         dim: usize,
         token_rows: usize,
         wide: bool,
     ) -> Option<GemmLnTile> {
-        use super::gemm_ln::{gemm_ln_supports_dim, GemmLayerNorm};
-        if gpu.compute_capability().0 != 9 || !gemm_ln_supports_dim(dim) {
-            return None;
-        }
-        let tile = if token_rows <= GemmLayerNorm::rows_limit(gpu.multiprocessors()) {
-            GemmLnTile::Rows64
-        } else if wide {
-            GemmLnTile::Wide128
-        } else {
-            GemmLnTile::Rows128
-        };
-        tile.fits(gpu, true).then_some(tile)
+        GemmLnTile::for_rows(gpu, dim, token_rows, wide)
     }
 
     /// Whether the fused qkv + attention ([`ForwardKind::qkv_attention`]) serves `rows` model
@@ -923,6 +912,9 @@ impl GpuModel {
         } else {
             None
         };
+        // FORA_GEMM_LN_ONE_PER_SM, where every few-rows cluster stays resident so.
+        let gemm_ln_one_per_sm_on =
+            gemm_ln_one_per_sm && gemm_ln_tile.is_some_and(|t| t.one_per_sm_serves(gpu, rt));
         let qkv_attention_on = qkv_attention && Self::qkv_attention_serves(gpu, cfg, rows);
         // Weights the fused LayerNorm passes ask L2 to fetch (FORA_PREFETCH_WEIGHTS, few rows).
         let prefetch_on = prefetch_weights && rt <= PREFETCH_MAX_TOKENS;
@@ -1056,7 +1048,7 @@ impl GpuModel {
                         // Two CTAs an SM allowed (a cluster fits any GPC) unless
                         // FORA_GEMM_LN_ONE_PER_SM; the A tile multicast (the bench times all
                         // four).
-                        one_per_sm: gemm_ln_one_per_sm,
+                        one_per_sm: gemm_ln_one_per_sm_on,
                         multicast: true,
                         tile,
                         prefetch: prefetch_ranges(prefetch),
