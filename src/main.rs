@@ -606,6 +606,13 @@ fn info() -> Result<()> {
         }
         Err(e) => println!("cuda options: {e:#}"),
     }
+    if let Ok(gpu) = &gpu {
+        if gpu.compute_capability().0 == 9 && fora::cuda::kernels::available() {
+            for line in hopper_fusion_lines(gpu) {
+                println!("{line}");
+            }
+        }
+    }
     match gpus_seen() {
         Ok(gpus) if gpus.is_empty() => println!("gpus: none seen"),
         Ok(gpus) => {
@@ -616,6 +623,55 @@ fn info() -> Result<()> {
         Err(e) => println!("gpus: cannot query the CUDA driver: {e:#}"),
     }
     Ok(())
+}
+
+/// On a Hopper: the clusters of each fused block kernel the driver holds at once on `gpu` (the
+/// residency checks the model makes before it takes one), and what DiT-XL/2 would take at one
+/// image + CFG (2 rows) and at 128 images + CFG (256 rows) with the fusions enabled.
+fn hopper_fusion_lines(gpu: &Gpu) -> Vec<String> {
+    use fora::cuda::gemm_ln::GemmLnTile;
+    use fora::cuda::model::GpuModel;
+    use fora::cuda::qkv_attention::QkvAttention;
+    let cfg = DitConfig::official("DiT-XL/2", 32).expect("DiT-XL/2 is an official model");
+    let token_rows = |rows: usize| rows * cfg.tokens();
+    let tiles: Vec<String> = GemmLnTile::ALL
+        .into_iter()
+        .map(|t| {
+            format!(
+                "{} {} (one CTA an SM: {})",
+                t.kernel_name(true),
+                t.resident_clusters(gpu, true, false),
+                t.resident_clusters(gpu, true, true)
+            )
+        })
+        .collect();
+    let gemm_ln = |rows: usize, wide: bool| {
+        GpuModel::gemm_ln_tile(gpu, cfg.hidden, token_rows(rows), wide)
+            .map_or("none".to_string(), |t| t.kernel_name(true).to_string())
+    };
+    vec![
+        format!(
+            "hopper fusions: clusters resident at once: {}; qkv_attention_mc_d{} {} (2 rows \
+             need {} and {})",
+            tiles.join(", "),
+            cfg.head_dim(),
+            QkvAttention::resident_clusters(gpu, cfg.head_dim(), true),
+            GemmLnTile::Rows64.clusters_for(token_rows(2)),
+            2 * cfg.heads
+        ),
+        format!(
+            "hopper fusions for DiT-XL/2 when enabled: 2 rows: gemm_ln {}, qkv + attention {}; \
+             256 rows: gemm_ln {} (wide: {})",
+            gemm_ln(2, false),
+            if GpuModel::qkv_attention_serves(gpu, &cfg, 2) {
+                "yes"
+            } else {
+                "no"
+            },
+            gemm_ln(256, false),
+            gemm_ln(256, true)
+        ),
+    ]
 }
 
 /// The GPUs the CUDA driver reports, as "index: name (sm_XY)". Never panics without a driver.
