@@ -67,7 +67,7 @@ constexpr int kLnDepth = 64;  // k-depth of a ring slot: one 128-byte swizzle ro
 // BN = 144 (the _128x144 kernels): clusters of 8 CTAs of 144 columns, each A slice 16 rows.
 template <int WG, int BN, int STAGES, bool MC>
 FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
-    static_assert(BN == 72 || BN == 144, "the wgmma of this tile is m64n72k16 or m64n144k16");
+    static_assert(BN == 72 || BN == 144, "72 or 144 columns: clusters of 16 or 8 cover a 1152-wide row");
     constexpr int kLnCluster = kLnDim / BN;  // CTAs a cluster: the whole width of a row
     constexpr int kLnRows = 64 * WG;         // token rows a cluster
     constexpr int kLnConsumers = 128 * WG;   // threads of the consumer warpgroups
@@ -189,11 +189,7 @@ FORA_DEVICE void gemm_ln_tile(const GemmLayerNormParams& p) {
                                  const uint64_t desc_b = wgmma_desc_sw128(smem_b + slot * kStageB);
 #pragma unroll
                                  for (int kk = 0; kk < kLnDepth / 16; ++kk) {
-                                     if constexpr (BN == 72) {
-                                         wgmma_m64n72k16(d, desc_a + 2 * kk, desc_b + 2 * kk);
-                                     } else {
-                                         wgmma_m64n144k16(d, desc_a + 2 * kk, desc_b + 2 * kk);
-                                     }
+                                     wgmma_m64k16<BN>(d, desc_a + 2 * kk, desc_b + 2 * kk);
                                  }
                              });
 

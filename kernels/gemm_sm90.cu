@@ -56,23 +56,6 @@ FORA_DEVICE int swizzle128_offset(int row, int chunk) {
     return row * kWgmmaBK + ((chunk ^ (row & 7)) << 3);
 }
 
-template <int BN>
-FORA_DEVICE void wgmma_m64k16(float (&d)[BN / 2], uint64_t desc_a, uint64_t desc_b) {
-    static_assert(BN == 112 || BN == 128 || BN == 144 || BN == 192 || BN == 256,
-                  "wgmma tiles are 112, 128, 144, 192 or 256 wide");
-    if constexpr (BN == 112) {
-        wgmma_m64n112k16(d, desc_a, desc_b);
-    } else if constexpr (BN == 128) {
-        wgmma_m64n128k16(d, desc_a, desc_b);
-    } else if constexpr (BN == 144) {
-        wgmma_m64n144k16(d, desc_a, desc_b);
-    } else if constexpr (BN == 192) {
-        wgmma_m64n192k16(d, desc_a, desc_b);
-    } else {
-        wgmma_m64n256k16(d, desc_a, desc_b);
-    }
-}
-
 // One CTA: a (64 * WG) x BN tile of out (see the file comment).
 template <int WG, int BN, int STAGES>
 FORA_DEVICE void gemm_wgmma_tile(const GemmParams& p) {

@@ -411,4 +411,24 @@ FORA_DEVICE void wgmma_rs_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uin
 
 #endif  // FORA_EMULATION
 
+// The SS wgmma m64nBNk16 of a BN-wide tile (gemm_sm90.cu's and gemm_ln_sm90.cu's tiles).
+template <int BN>
+FORA_DEVICE void wgmma_m64k16(float (&d)[BN / 2], uint64_t desc_a, uint64_t desc_b) {
+    static_assert(BN == 72 || BN == 112 || BN == 128 || BN == 144 || BN == 192 || BN == 256,
+                  "wgmma tiles are 72, 112, 128, 144, 192 or 256 wide");
+    if constexpr (BN == 72) {
+        wgmma_m64n72k16(d, desc_a, desc_b);
+    } else if constexpr (BN == 112) {
+        wgmma_m64n112k16(d, desc_a, desc_b);
+    } else if constexpr (BN == 128) {
+        wgmma_m64n128k16(d, desc_a, desc_b);
+    } else if constexpr (BN == 144) {
+        wgmma_m64n144k16(d, desc_a, desc_b);
+    } else if constexpr (BN == 192) {
+        wgmma_m64n192k16(d, desc_a, desc_b);
+    } else {
+        wgmma_m64n256k16(d, desc_a, desc_b);
+    }
+}
+
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
