@@ -77,10 +77,6 @@ struct Host {
     expect: Vec<f32>,
 }
 
-fn gelu_tanh(x: f64) -> f64 {
-    0.5 * x * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh())
-}
-
 fn host_case(c: &Case, seed: u64) -> Host {
     let mut rng = TestRng::new(seed);
     let (m, n, k, lda) = (c.m, c.n, c.k, c.lda());
@@ -127,7 +123,10 @@ fn host_case(c: &Case, seed: u64) -> Host {
     });
     let expect = match c.epi {
         Epilogue::BiasBf16 | Epilogue::BiasF32 => v.clone(),
-        Epilogue::BiasGeluBf16 => v.iter().map(|&x| gelu_tanh(x as f64) as f32).collect(),
+        Epilogue::BiasGeluBf16 => v
+            .iter()
+            .map(|&x| fora::cuda::testing::gelu_tanh_f64(x as f64) as f32)
+            .collect(),
         Epilogue::BiasGateResidual => (0..m * n)
             .map(|idx| {
                 let (i, j) = (idx / n, idx % n);

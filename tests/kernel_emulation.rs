@@ -1004,7 +1004,7 @@ enum GemmKernel {
 fn emulated_gemm() -> Result<()> {
     use fora::cuda::gemm::Epilogue;
     use fora::cuda::params::GemmParams;
-    use fora::cuda::testing::{check_close, round_bf16, TestRng};
+    use fora::cuda::testing::{check_close, gelu_tanh_f64, round_bf16, TestRng};
     let Some(emu) = emulator("emulated_gemm") else {
         return Ok(());
     };
@@ -1029,9 +1029,6 @@ fn emulated_gemm() -> Result<()> {
         let gate = rng.uniform_vec((m / tokens) * n, -1.0, 1.0);
         let residual = rng.normal_vec((m + 1) * ldo, 1.0);
         let product = biased_product(&a, &w, &bias, (m, n, k));
-        let gelu = |x: f64| {
-            0.5 * x * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh())
-        };
         let (a_d, w_d) = (emu.upload_bf16(&a)?, emu.upload_bf16(&w)?);
         let (bias_d, gate_d) = (emu.upload_f32(&bias)?, emu.upload_f32(&gate)?);
         let workspace = emu.poisoned_f32(3 * m * n)?;
@@ -1095,7 +1092,7 @@ fn emulated_gemm() -> Result<()> {
                     let want_at = |r: usize, c: usize| -> f64 {
                         let v = product[r * n + c];
                         match epi {
-                            Epilogue::BiasGeluBf16 => gelu(v),
+                            Epilogue::BiasGeluBf16 => gelu_tanh_f64(v),
                             Epilogue::BiasGateResidual => {
                                 residual[r * ldo + c] as f64 + gate[(r / tokens) * n + c] as f64 * v
                             }
@@ -1470,7 +1467,7 @@ fn emulated_cluster_sizes_match_the_kernels() -> Result<()> {
 #[test]
 fn emulated_tma_narrow_tiles_dit_xl2_two_rows() -> Result<()> {
     use fora::cuda::gemm::{launch_tma, Epilogue, TmaTile, SPLITK_WORKSPACE};
-    use fora::cuda::testing::check_close;
+    use fora::cuda::testing::{check_close, gelu_tanh_f64};
     let Some(emu) = emulator("emulated_tma_narrow_tiles_dit_xl2_two_rows") else {
         return Ok(());
     };
@@ -1496,14 +1493,11 @@ fn emulated_tma_narrow_tiles_dit_xl2_two_rows() -> Result<()> {
             ..case.params(&out)
         };
         launch_tma(&gpu, &p, tile, splits, None)?;
-        let gelu = |x: f64| {
-            0.5 * x * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh())
-        };
         let want: Vec<f32> = case
             .product(true)
             .into_iter()
             .map(|v| match epilogue {
-                Epilogue::BiasGeluBf16 => gelu(v as f64) as f32,
+                Epilogue::BiasGeluBf16 => gelu_tanh_f64(v as f64) as f32,
                 _ => v,
             })
             .collect();

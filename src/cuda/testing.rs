@@ -201,6 +201,11 @@ pub fn round_bf16(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
 }
 
+/// GELU, tanh form, in f64: the reference of the GEMM epilogues' GELU.
+pub fn gelu_tanh_f64(x: f64) -> f64 {
+    0.5 * x * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh())
+}
+
 /// A @ W^T + bias in f64 (`a` `[m, k]` and `w` `[n, k]` row-major, `bias` `[n]`), row-major `[m, n]`:
 /// the reference of the kernels that compute a Linear (parallel over the rows).
 pub fn biased_product(
