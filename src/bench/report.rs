@@ -746,25 +746,8 @@ impl Report {
     fn fused_block_lines(&self) -> String {
         let mut s = String::new();
         for k in &self.kernels {
-            let (parts, what) = match k.name.as_str() {
-                "proj+ln" | "fc2+ln" => {
-                    let gemm = k.name.trim_end_matches("+ln");
-                    let product = self.kernel_us(gemm, "cublaslt product", k.rows);
-                    let pass = self.kernel_us("residual_ln", "custom", k.rows);
-                    (
-                        product.zip(pass).map(|(a, b)| a + b),
-                        format!("{gemm} cuBLASLt product + residual_ln"),
-                    )
-                }
-                "qkv+attention" => {
-                    let gemm = self.best_cublaslt_ms("qkv", k.rows).map(|ms| ms * 1e3);
-                    let attention = self.kernel_us("attention", "custom", k.rows);
-                    (
-                        gemm.zip(attention).map(|(a, b)| a + b),
-                        "qkv cuBLASLt + attention".to_string(),
-                    )
-                }
-                _ => continue,
+            let Some((parts, what)) = self.unfused_us(&k.name, k.rows) else {
+                continue;
             };
             let Some(fused) = k.stats.as_ref().map(|s| s.median_ms * 1e3) else {
                 continue;
@@ -785,6 +768,34 @@ impl Report {
             );
         }
         s
+    }
+
+    /// The launches the model runs instead of block fusion `fusion` (`proj+ln`, `fc2+ln`,
+    /// `qkv+attention`) at `rows`: their time in this run (us; None if a part is unmeasured)
+    /// and what they are. The GEMM's cuBLASLt product and the `residual_ln` pass the model
+    /// picks ("custom"); the qkv GEMM at its best cuBLASLt with the bias and the model's
+    /// attention. None for any other name.
+    fn unfused_us(&self, fusion: &str, rows: usize) -> Option<(Option<f64>, String)> {
+        match fusion {
+            "proj+ln" | "fc2+ln" => {
+                let gemm = fusion.trim_end_matches("+ln");
+                let product = self.kernel_us(gemm, "cublaslt product", rows);
+                let pass = self.kernel_us("residual_ln", "custom", rows);
+                Some((
+                    product.zip(pass).map(|(a, b)| a + b),
+                    format!("{gemm} cuBLASLt product + residual_ln"),
+                ))
+            }
+            "qkv+attention" => {
+                let gemm = self.best_cublaslt_ms("qkv", rows).map(|ms| ms * 1e3);
+                let attention = self.kernel_us("attention", "custom", rows);
+                Some((
+                    gemm.zip(attention).map(|(a, b)| a + b),
+                    "qkv cuBLASLt + attention".to_string(),
+                ))
+            }
+            _ => None,
+        }
     }
 
     /// The fastest row (us, its implementation) of kernel `name` at `rows` whose
@@ -826,20 +837,16 @@ impl Report {
         let whole = |imp: &str| !imp.contains("product");
         let mut s = String::new();
         for r in rows {
-            let us = |ms: Option<f64>| ms.map(|ms| ms * 1e3);
-            let ln = self.kernel_us("residual_ln", "custom", r);
-            let product_ln = |gemm: &str| {
-                self.kernel_us(gemm, "cublaslt product", r)
-                    .zip(ln)
-                    .map(|(a, b)| a + b)
+            // The default path's launches of a fusion's segment (us, what they are).
+            let unfused = |fusion: &str| {
+                self.unfused_us(fusion, r)
+                    .and_then(|(t, what)| t.map(|t| (t, what)))
             };
-            let qkv = us(self.best_cublaslt_ms("qkv", r));
-            let attention = self.kernel_us("attention", "custom", r);
             let default = [
-                qkv.zip(attention).map(|(a, b)| a + b),
-                product_ln("proj"),
-                us(self.best_cublaslt_ms("fc1", r)),
-                product_ln("fc2"),
+                unfused("qkv+attention").map(|(t, _)| t),
+                unfused("proj+ln").map(|(t, _)| t),
+                self.best_cublaslt_ms("fc1", r).map(|ms| ms * 1e3),
+                unfused("fc2+ln").map(|(t, _)| t),
             ];
             let Some(default_parts) = default.iter().copied().collect::<Option<Vec<f64>>>() else {
                 continue;
@@ -852,9 +859,6 @@ impl Report {
             let fused_qkv = self
                 .fastest_us("qkv+attention", r, any)
                 .map(|(t, i)| (t, format!("qkv+attention {i}")));
-            let via_product = |gemm: &str| {
-                product_ln(gemm).map(|t| (t, format!("{gemm} cublaslt product + residual_ln")))
-            };
             let fused_ln = |gemm: &str| {
                 self.fastest_us(&format!("{gemm}+ln"), r, any)
                     .map(|(t, i)| (t, format!("{gemm}+ln {i}")))
@@ -868,9 +872,9 @@ impl Report {
             };
             let best = [
                 fastest(unfused_qkv, fused_qkv),
-                fastest(via_product("proj"), fused_ln("proj")),
+                fastest(unfused("proj+ln"), fused_ln("proj")),
                 fc1,
-                fastest(via_product("fc2"), fused_ln("fc2")),
+                fastest(unfused("fc2+ln"), fused_ln("fc2")),
             ];
             if s.is_empty() {
                 s +=
