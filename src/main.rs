@@ -646,7 +646,7 @@ fn hopper_fusion_lines(gpu: &Gpu) -> Vec<String> {
         })
         .collect();
     let gemm_ln = |rows: usize, wide: bool| {
-        GpuModel::gemm_ln_tile(gpu, cfg.hidden, token_rows(rows), wide)
+        GemmLnTile::for_rows(gpu, cfg.hidden, token_rows(rows), wide)
             .map_or("none".to_string(), |t| t.kernel_name(true).to_string())
     };
     vec![

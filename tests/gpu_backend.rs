@@ -1595,7 +1595,6 @@ fn fused_option_matches(
 /// order); and with `FORA_PREFETCH_WEIGHTS`, or with `FORA_GEMM_LN_ONE_PER_SM`, the same bits.
 #[test]
 fn gpu_gemm_ln_matches() {
-    use fora::cuda::model::GpuModel;
     use fora::cuda::CudaOptions;
     let Some((mut cuda, on)) = fused_option_matches(
         "gpu_gemm_ln_matches",
@@ -1604,7 +1603,7 @@ fn gpu_gemm_ln_matches() {
         47,
         |o, v| o.gemm_ln = v,
         |cuda, rows| {
-            GpuModel::gemm_ln_tile(cuda.gpu(), 1152, rows * 16, false)
+            fora::cuda::gemm_ln::GemmLnTile::for_rows(cuda.gpu(), 1152, rows * 16, false)
                 == Some(fora::cuda::gemm_ln::GemmLnTile::Rows64)
         },
     ) else {
@@ -1651,7 +1650,7 @@ fn gpu_gemm_ln_many_rows_matches() {
         49,
         |o, v| o.gemm_ln_many_rows = v,
         |cuda, rows| {
-            fora::cuda::model::GpuModel::gemm_ln_tile(cuda.gpu(), 1152, rows * 400, false)
+            fora::cuda::gemm_ln::GemmLnTile::for_rows(cuda.gpu(), 1152, rows * 400, false)
                 == Some(fora::cuda::gemm_ln::GemmLnTile::Rows128)
         },
     );
@@ -1672,7 +1671,7 @@ fn gpu_gemm_ln_wide_matches() {
             o.gemm_ln_wide = v;
         },
         |cuda, rows| {
-            fora::cuda::model::GpuModel::gemm_ln_tile(cuda.gpu(), 1152, rows * 400, true)
+            fora::cuda::gemm_ln::GemmLnTile::for_rows(cuda.gpu(), 1152, rows * 400, true)
                 == Some(fora::cuda::gemm_ln::GemmLnTile::Wide128)
         },
     );
@@ -1706,7 +1705,12 @@ fn gpu_fused_block_pdl_matches() {
         "{test}: the fused qkv + attention must serve {rows} rows"
     );
     assert_eq!(
-        GpuModel::gemm_ln_tile(cuda.gpu(), cfg.hidden, rows * cfg.tokens(), false),
+        fora::cuda::gemm_ln::GemmLnTile::for_rows(
+            cuda.gpu(),
+            cfg.hidden,
+            rows * cfg.tokens(),
+            false
+        ),
         Some(GemmLnTile::Rows64),
         "{test}: the fused proj / fc2 + LayerNorm must serve {rows} rows"
     );

@@ -481,22 +481,19 @@ pub(super) fn bench_kernels(
         // proj / fc2 plus a residual_ln row. The model's tile first, A multicast and two CTAs an
         // SM allowed first (the 128-row tile only so: one an SM would undo its point).
         use crate::cuda::gemm_ln::GemmLnTile;
-        use crate::cuda::model::GpuModel;
         let wide = report.options.gemm_ln_wide;
-        let tiles =
-            GpuModel::gemm_ln_tile(gpu, cfg.hidden, rows * cfg.tokens(), wide).map(|t| match t {
-                GemmLnTile::Rows64 => {
-                    [GemmLnTile::Rows64, GemmLnTile::Rows128, GemmLnTile::Wide128]
-                }
-                GemmLnTile::Rows128 => {
-                    [GemmLnTile::Rows128, GemmLnTile::Wide128, GemmLnTile::Rows64]
-                }
-                GemmLnTile::Wide128 => {
-                    [GemmLnTile::Wide128, GemmLnTile::Rows128, GemmLnTile::Rows64]
-                }
-            });
+        let model_tile = GemmLnTile::for_rows(gpu, cfg.hidden, rows * cfg.tokens(), wide);
+        // The model's tile, then the others.
+        let tiles: Vec<GemmLnTile> = model_tile
+            .into_iter()
+            .chain(
+                GemmLnTile::ALL
+                    .into_iter()
+                    .filter(|&t| model_tile.is_some_and(|m| m != t)),
+            )
+            .collect();
         for (op, k) in [("proj+ln", cfg.hidden), ("fc2+ln", cfg.mlp_hidden())] {
-            for tile in tiles.into_iter().flatten() {
+            for &tile in &tiles {
                 let variants: &[(bool, bool)] = match tile {
                     GemmLnTile::Rows64 => {
                         &[(true, false), (true, true), (false, false), (false, true)]

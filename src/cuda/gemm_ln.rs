@@ -18,9 +18,6 @@ use anyhow::{ensure, Context, Result};
 pub const GEMM_LN_KERNEL: &str = "gemm_tma_ln_64x72";
 /// The kernel with the A tile multicast across the cluster ([`GemmLayerNorm::multicast`]).
 pub const GEMM_LN_MC_KERNEL: &str = "gemm_tma_ln_mc_64x72";
-/// CTAs a cluster of the 72-column tiles (non-portable: the launcher opts the kernel in);
-/// [`GemmLnTile::cluster`] is a tile's.
-pub const GEMM_LN_CLUSTER: u32 = 16;
 /// The row width every tile's cluster covers (DiT-XL/2's 1152 = 16 x 72 = 8 x 144).
 const DIM: u32 = 1152;
 /// k-depth of a ring slot (one 128-byte swizzle row of bf16).
@@ -122,8 +119,8 @@ impl GemmLnTile {
             .unwrap_or(0)
     }
 
-    /// The tile that serves a computing forward of `token_rows` rows of width `dim` on `gpu`
-    /// ([`crate::cuda::model::GpuModel::gemm_ln_tile`]): [`GemmLnTile::Rows64`] up to
+    /// The tile that serves a computing forward of `token_rows` rows of width `dim` on `gpu`:
+    /// the one decision of the model, the bench and the GPU tests. [`GemmLnTile::Rows64`] up to
     /// [`GemmLayerNorm::rows_limit`] token rows where the driver holds every one of its
     /// clusters at once (a second wave would double the launch); past them
     /// [`GemmLnTile::Rows128`], or with `wide` [`GemmLnTile::Wide128`], where the driver holds
@@ -279,7 +276,8 @@ impl GemmLayerNorm {
     /// CTAs at 512 rows are about one CTA an SM of a Hopper; past a few times that the CTAs'
     /// 64 x 72 tiles are too small for the tensor cores and the unfused GEMM's larger tiles win.
     pub fn rows_limit(sm_count: usize) -> usize {
-        (sm_count / GEMM_LN_CLUSTER as usize).max(1) * GemmLnTile::Rows64.rows() as usize * 2
+        let tile = GemmLnTile::Rows64;
+        (sm_count / tile.cluster() as usize).max(1) * tile.rows() as usize * 2
     }
 
     /// Checks everything the kernel relies on, on a device of `compute_capability`, with errors

@@ -82,11 +82,11 @@ pub struct ForwardKind {
     /// ([`super::CudaOptions::prefetch_weights`]).
     pub prefetch_weights: bool,
     /// With `fused_ln`: proj and fc2 with their residual and LayerNorm as one
-    /// `gemm_tma_ln_mc_64x72` launch where it serves the shape ([`GpuModel::gemm_ln_tile`]),
+    /// `gemm_tma_ln_mc_64x72` launch where it serves the shape ([`GemmLnTile::for_rows`]),
     /// instead of the GEMM and `residual_layernorm` ([`super::CudaOptions::gemm_ln`]).
     pub gemm_ln: bool,
     /// The same past the few rows, with `gemm_tma_ln_mc_128x72`
-    /// ([`GpuModel::gemm_ln_tile`], [`super::CudaOptions::gemm_ln_many_rows`]).
+    /// ([`GemmLnTile::for_rows`], [`super::CudaOptions::gemm_ln_many_rows`]).
     pub gemm_ln_many_rows: bool,
     /// With `gemm_ln_many_rows`: past the few rows `gemm_tma_ln_mc_128x144` instead
     /// ([`super::CudaOptions::gemm_ln_wide`]).
@@ -491,24 +491,6 @@ pub fn cache_sum_params(cfg: &DitConfig, rows: usize) -> ForaCacheSumParams {
 }
 
 impl GpuModel {
-    /// The fused proj / fc2 + LayerNorm tile that serves a computing forward of `token_rows`
-    /// rows of width `dim` on `gpu`: [`GemmLnTile::Rows64`] (`gemm_tma_ln_mc_64x72`,
-    /// [`ForwardKind::gemm_ln`]) up to [`super::gemm_ln::GemmLayerNorm::rows_limit`] token
-    /// rows, [`GemmLnTile::Rows128`] (`gemm_tma_ln_mc_128x72`,
-    /// [`ForwardKind::gemm_ln_many_rows`]) past them, or with `wide`
-    /// ([`ForwardKind::gemm_ln_wide`]) [`GemmLnTile::Wide128`] (`gemm_tma_ln_mc_128x144`);
-    /// None off a Hopper, for rows other than 1,152, or where the device cannot hold the
-    /// tile's clusters (every one at once for few rows, one for many: [`GemmLnTile::for_rows`];
-    /// a driver query, so asked only where a fusion is enabled).
-    pub fn gemm_ln_tile(
-        gpu: &Gpu,
-        dim: usize,
-        token_rows: usize,
-        wide: bool,
-    ) -> Option<GemmLnTile> {
-        GemmLnTile::for_rows(gpu, dim, token_rows, wide)
-    }
-
     /// Whether the fused qkv + attention ([`ForwardKind::qkv_attention`]) serves `rows` model
     /// rows of a model of `cfg` on `gpu` ([`super::qkv_attention::QkvAttention::serves`], and
     /// [`super::qkv_attention::QkvAttention::resident_clusters`] holds them all at once).
@@ -905,7 +887,7 @@ impl GpuModel {
         // proj / fc2 with their residual and LayerNorm in one launch (FORA_GEMM_LN, few rows;
         // FORA_GEMM_LN_MANY_ROWS, many, on the tile FORA_GEMM_LN_WIDE says).
         let gemm_ln_tile = if fuse_ln && (gemm_ln || gemm_ln_many_rows) {
-            Self::gemm_ln_tile(gpu, d, rt, gemm_ln_wide).filter(|&tile| match tile {
+            GemmLnTile::for_rows(gpu, d, rt, gemm_ln_wide).filter(|&tile| match tile {
                 GemmLnTile::Rows64 => gemm_ln,
                 GemmLnTile::Rows128 | GemmLnTile::Wide128 => gemm_ln_many_rows,
             })
