@@ -9,6 +9,7 @@ use fora::backend::{Backend, Guidance, GuidanceMode, NoiseSource};
 use fora::cache::policy_for_interval;
 use fora::config::{Arch, DitConfig};
 use fora::cpu::CpuBackend;
+use fora::cuda::tune::{TuneCandidate, TuneSettings};
 use fora::cuda::{CudaBackend, CudaOptions, Gpu};
 use fora::diffusion::SamplerKind;
 use fora::io::{write_tensors, OutTensor, TensorFile};
@@ -179,6 +180,13 @@ struct SampleArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// On a GPU: before sampling, try the backend's execution paths on this run's own plan and
+    /// schedule (each checked against the options as given, then timed) and sample with the
+    /// fastest; prints the table to stderr. Candidates: $FORA_TUNE_CANDIDATES
+    /// (`name:FORA_X=1 FORA_Y=1,...`), else the built-in list. The bits may differ from an
+    /// untuned run's, within the forward's tolerance.
+    #[arg(long)]
+    tune: bool,
 }
 
 fn main() -> ExitCode {
@@ -201,6 +209,14 @@ fn main() -> ExitCode {
 /// Work that runs on any backend; [`run_on`] picks the backend (monomorphised per backend, so
 /// the sampler loop stays static).
 trait Job {
+    /// Work on the CUDA backend before [`Job::run`] (tuning its options); none by default.
+    fn prepare_cuda(&self, _backend: &mut CudaBackend) -> Result<()> {
+        Ok(())
+    }
+    /// What the job cannot do on the CPU backend, said when `auto` falls back to it.
+    fn cpu_note(&self) -> Option<&'static str> {
+        None
+    }
     fn run<B: Backend>(self, backend: &B) -> Result<()>;
 }
 
@@ -213,14 +229,22 @@ fn run_on<J: Job>(model: &ModelArgs, job: J) -> Result<()> {
         Device::Cpu => job.run(&CpuBackend::new(cfg, weights)?),
         Device::Cuda => {
             let gpu = Gpu::new(model.gpu.unwrap_or(0)).context("--device cuda")?;
-            job.run(&CudaBackend::with_options(gpu, &cfg, &weights, options)?)
+            let mut cuda = CudaBackend::with_options(gpu, &cfg, &weights, options)?;
+            job.prepare_cuda(&mut cuda)?;
+            job.run(&cuda)
         }
         Device::Auto => match Gpu::new(model.gpu.unwrap_or(0))
             .and_then(|gpu| CudaBackend::with_options(gpu, &cfg, &weights, options))
         {
-            Ok(cuda) => job.run(&cuda),
+            Ok(mut cuda) => {
+                job.prepare_cuda(&mut cuda)?;
+                job.run(&cuda)
+            }
             Err(e) => {
                 eprintln!("fora: the CUDA backend is not usable here ({e:#}); running on the CPU");
+                if let Some(note) = job.cpu_note() {
+                    eprintln!("fora: {note}");
+                }
                 job.run(&CpuBackend::new(cfg, weights)?)
             }
         },
@@ -388,6 +412,10 @@ struct SampleJob {
 
 fn sample(args: SampleArgs) -> Result<()> {
     check_output_path(&args.out)?;
+    ensure!(
+        !(args.tune && args.model.device == Device::Cpu),
+        "--tune tries the GPU's execution paths; --device cpu has none"
+    );
     let kind = match (args.sampler, args.eta) {
         (SamplerChoice::Ddpm, None) => SamplerKind::Ddpm,
         (SamplerChoice::Ddpm, Some(_)) => bail!("--eta applies to --sampler ddim only"),
@@ -449,7 +477,61 @@ fn read_noise_file(
     })
 }
 
+impl SampleJob {
+    /// The run's noise source: the noise file, else the seed.
+    fn noise<B: Backend>(&self, backend: &B, steps: usize) -> Result<NoiseSource> {
+        let args = &self.args;
+        Ok(match &args.noise_file {
+            Some(path) => read_noise_file(path, backend.config(), args.classes.len(), steps)?,
+            None => NoiseSource::Seed(args.seed.unwrap_or(0)),
+        })
+    }
+}
+
 impl Job for SampleJob {
+    fn cpu_note(&self) -> Option<&'static str> {
+        self.args
+            .tune
+            .then_some("--tune tries the GPU's execution paths; the CPU backend runs untuned")
+    }
+
+    fn prepare_cuda(&self, backend: &mut CudaBackend) -> Result<()> {
+        if !self.args.tune {
+            return Ok(());
+        }
+        let candidates = match std::env::var("FORA_TUNE_CANDIDATES") {
+            Ok(list) if !list.trim().is_empty() => {
+                TuneCandidate::parse_list(&list).context("FORA_TUNE_CANDIDATES")?
+            }
+            _ => fora::cuda::tune::default_candidates(),
+        };
+        let (plan, schedule) = {
+            let sampler = Sampler::new(&*backend, self.options.clone())?;
+            let noise = self.noise(&*backend, sampler.steps())?;
+            let plan = sampler.plan(&self.args.classes, noise)?;
+            let mut policy = policy_for_interval(self.args.cache_interval as usize)?;
+            (plan, sampler.schedule(policy.as_mut()))
+        };
+        let tuning = fora::cuda::tune::tune(
+            backend,
+            &plan,
+            &schedule,
+            &candidates,
+            &TuneSettings::default(),
+        )?;
+        eprintln!("{}", tuning.markdown());
+        let chosen = tuning.chosen();
+        eprintln!(
+            "fora: sampling with {} ({})",
+            chosen.name,
+            match chosen.options.env_overrides().join(" ") {
+                o if o.is_empty() => "the default options".to_string(),
+                o => o,
+            }
+        );
+        Ok(())
+    }
+
     fn run<B: Backend>(self, backend: &B) -> Result<()> {
         let args = &self.args;
         let c = backend.config().in_channels;
@@ -461,10 +543,7 @@ impl Job for SampleJob {
         );
         let sampler = Sampler::new(backend, self.options.clone())?;
         let steps = sampler.steps();
-        let noise = match &args.noise_file {
-            Some(path) => read_noise_file(path, backend.config(), args.classes.len(), steps)?,
-            None => NoiseSource::Seed(args.seed.unwrap_or(0)),
-        };
+        let noise = self.noise(backend, steps)?;
         let mut policy = policy_for_interval(args.cache_interval as usize)?;
         let bar = if args.quiet {
             ProgressBar::hidden()

@@ -227,6 +227,42 @@ impl<'a, B: Backend> Sampler<'a, B> {
         })
     }
 
+    /// Every step of a run in loop order, as `policy` decides them: each step's mode (the
+    /// first always computes), timestep, update and the reuse steps that follow it. The
+    /// policy is asked once per step, in loop order, before any step runs, so that a reuse step
+    /// knows how many reuse steps follow it ([`StepSpec::reuse_ahead`]).
+    pub fn schedule(&self, policy: &mut dyn CachePolicy) -> Vec<StepSpec> {
+        let steps = self.steps();
+        let modes: Vec<StepMode> = (0..steps)
+            .map(|k| {
+                let i = steps - 1 - k;
+                let t = self.diffusion.timestep_map[i] as i64;
+                let asked = policy.mode(&StepContext { k, i, steps, t });
+                if k == 0 {
+                    StepMode::Compute
+                } else {
+                    asked
+                }
+            })
+            .collect();
+        let reuse_ahead = reuse_runs(&modes);
+        modes
+            .iter()
+            .enumerate()
+            .map(|(k, &mode)| {
+                let i = steps - 1 - k;
+                StepSpec {
+                    k,
+                    i,
+                    t: self.diffusion.timestep_map[i] as i64,
+                    mode,
+                    update: self.updates[i],
+                    reuse_ahead: reuse_ahead[k],
+                }
+            })
+            .collect()
+    }
+
     /// Samples one batch: final latents of `classes` from `noise`, with `policy` deciding
     /// compute or reuse per step.
     pub fn sample(
@@ -261,25 +297,8 @@ impl<'a, B: Backend> Sampler<'a, B> {
         let loop_start = Instant::now();
         let steps = self.steps();
         let (mut computed, mut reused) = (0usize, 0usize);
-        // The policy decides every step before the loop (in loop order, once each: it sees
-        // only the step's position and timestep), so that a reuse step knows how many reuse
-        // steps follow it.
-        let modes: Vec<StepMode> = (0..steps)
-            .map(|k| {
-                let i = steps - 1 - k;
-                let t = self.diffusion.timestep_map[i] as i64;
-                let asked = policy.mode(&StepContext { k, i, steps, t });
-                if k == 0 {
-                    StepMode::Compute
-                } else {
-                    asked
-                }
-            })
-            .collect();
-        let reuse_ahead = reuse_runs(&modes);
-        for (k, &mode) in modes.iter().enumerate() {
-            let i = steps - 1 - k;
-            let t = self.diffusion.timestep_map[i] as i64;
+        for spec in self.schedule(policy) {
+            let StepSpec { k, i, t, mode, .. } = spec;
             let _step = crate::nvtx_range!(
                 "step {k} {}",
                 match mode {
@@ -287,14 +306,6 @@ impl<'a, B: Backend> Sampler<'a, B> {
                     StepMode::Reuse => "reuse",
                 }
             );
-            let spec = StepSpec {
-                k,
-                i,
-                t,
-                mode,
-                update: self.updates[i],
-                reuse_ahead: reuse_ahead[k],
-            };
             self.backend.step(&mut ws, &spec).with_context(|| {
                 format!(
                     "{}: step {k} (i = {i}, t = {t}, {mode:?}) failed",

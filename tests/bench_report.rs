@@ -12,6 +12,7 @@ use fora::bench::{
 };
 use fora::config::DitConfig;
 use fora::cuda::gemm::GemmImpl;
+use fora::cuda::tune::{TuneOutcome, TuneRow, Tuning};
 use fora::cuda::CudaOptions;
 use fora::diffusion::{Diffusion, SamplerKind};
 use fora::weights::DitWeights;
@@ -484,11 +485,57 @@ fn fake_report() -> Report {
                 op_row("fc2", 28, 0.7, op_flops(&cfg, 2, "fc2").map(|f| 28.0 * f)),
             ],
         }],
+        tunings: vec![(3, fake_tuning())],
         errors: vec![BenchError {
             section: "steps".into(),
             what: "custom GEMM, 256 rows: reuse step".into(),
             error: "fake failure".into(),
         }],
+    }
+}
+
+/// A 2-row tuning: the given options, a faster fusion (chosen), a path with the same options
+/// as the given ones, a rejected one and a failed one (its error holding a table separator).
+fn fake_tuning() -> Tuning {
+    let row = |name: &str, settings: &str, ms: Option<f64>, rel: Option<f64>, outcome| TuneRow {
+        name: name.into(),
+        settings: settings.into(),
+        options: CudaOptions::default().with_settings(settings).unwrap(),
+        rel_l2: rel,
+        window: ms.map(|ms| Stats::from_samples(&[ms, ms + 0.1, ms - 0.1]).unwrap()),
+        outcome,
+    };
+    Tuning {
+        rows: 2,
+        window_steps: 12,
+        window_computing: 4,
+        run_steps: 250,
+        rows_tried: vec![
+            row("given", "", Some(6.0), Some(0.0), TuneOutcome::Slower),
+            row(
+                "gemm_ln",
+                "FORA_GEMM_LN=1",
+                Some(4.8),
+                Some(3.1e-3),
+                TuneOutcome::Chosen,
+            ),
+            row("again", "", None, None, TuneOutcome::SameAs("given".into())),
+            row(
+                "broken",
+                "FORA_PDL=1",
+                None,
+                Some(0.9),
+                TuneOutcome::Rejected("rel-L2 9.00e-1 > tolerance 2e-2".into()),
+            ),
+            row(
+                "missing",
+                "FORA_GEMM=tma",
+                None,
+                None,
+                TuneOutcome::Failed("no kernel | for this card".into()),
+            ),
+        ],
+        chosen: 1,
     }
 }
 
@@ -521,6 +568,32 @@ fn report_markdown_and_json() {
     let j = r.to_json();
 
     assert_eq!(j["schema"], "fora-bench/1");
+
+    // --tune: every candidate with its window and the run it estimates (x 250 / 12), the
+    // chosen one marked; a '|' in an error does not break the table.
+    assert!(md.contains("## Tuned options (`--tune`)"), "{md}");
+    assert!(
+        md.contains("| gemm_ln | `FORA_GEMM_LN=1` | 4.800 | 100.0 | 3.10e-3 | **chosen** |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| given | `(as given)` | 6.000 | 125.0 | 0.00e0 | slower |"),
+        "{md}"
+    );
+    assert!(md.contains("| again | `(as given)` | — | — | — | same options as given |"));
+    assert!(md
+        .contains("| missing | `FORA_GEMM=tma` | — | — | — | failed: no kernel / for this card |"));
+    let t = &j["tunings"][0];
+    assert_eq!(
+        (t["rows"].as_u64(), t["interval"].as_u64()),
+        (Some(2), Some(3))
+    );
+    assert_eq!(t["chosen"], "gemm_ln");
+    assert_eq!(t["chosen_env"], "FORA_GEMM_LN=1");
+    assert!((t["speedup"].as_f64().unwrap() - 1.25).abs() < 1e-12);
+    assert_eq!(t["candidates"][3]["outcome"], "rejected");
+    assert_eq!(t["candidates"][3]["window_median_ms"], Value::Null);
+    assert_eq!(t["candidates"][4]["detail"], "no kernel | for this card");
     assert_eq!(j["model"]["arch"], "DiT-XL/2");
     assert_eq!(j["device"]["compute_capability"], "9.0");
     assert_eq!(j["ceilings"]["gemm"]["tflops"], 700.0);

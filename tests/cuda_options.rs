@@ -258,3 +258,67 @@ fn check_choice<T: Copy + std::fmt::Debug>(
     assert!(err.contains(var) && err.contains(bad), "{var}={bad}: {err}");
     unsafe { std::env::remove_var(var) };
 }
+
+/// `CudaOptions::with_settings` (the tuner's candidates, `FORA_TUNE_CANDIDATES`): the same
+/// names and values as the environment, said back by `env_overrides`, and clear errors. Reads
+/// no environment, so it may run beside the test above.
+#[test]
+fn options_from_settings_words() {
+    // Every variable the environment is read for is a setting, and only those.
+    assert_eq!(CudaOptions::VARIABLES.len(), 5 + SWITCHES.len());
+    for var in SWITCHES {
+        assert!(CudaOptions::VARIABLES.contains(&var), "{var}");
+        let on = CudaOptions::default()
+            .with_settings(&format!("{var}=1"))
+            .unwrap();
+        let off = CudaOptions::default()
+            .with_settings(&format!("{var}=0"))
+            .unwrap();
+        assert!(switch(&on, var) && !switch(&off, var), "{var}");
+    }
+    // Settings apply in order over the options they start from, and env_overrides says them
+    // back (the form the bench and the tuner print).
+    let o = CudaOptions::default()
+        .with_settings(
+            "FORA_GEMM=tma FORA_PDL=1 FORA_GEMM_LN=1 FORA_GEMM_LN=0 FORA_QKV_ATTENTION=1 \
+             FORA_ATTENTION=tma_pp FORA_REUSE_SUM=0 FORA_CUDA_GRAPHS=0 \
+             FORA_TMA_TILES=3456x1152=128x112,4608x1152=128x144",
+        )
+        .unwrap();
+    assert_eq!(o.gemm, GemmImpl::Tma);
+    assert_eq!(o.attention, AttentionImpl::TmaPingPong);
+    assert!(o.pdl && o.qkv_attention && !o.gemm_ln && !o.graphs);
+    assert_eq!(o.reuse_sum, 0);
+    assert!(o.tma_tiles.get(3456, 1152).is_some() && o.tma_tiles.get(4608, 1152).is_some());
+    let said = o.env_overrides().join(" ");
+    assert_eq!(
+        CudaOptions::default().with_settings(&said).unwrap(),
+        o,
+        "{said}"
+    );
+    // Starting elsewhere: only the named options change.
+    let base = CudaOptions {
+        gemm_ln: true,
+        ..CudaOptions::default()
+    };
+    let o = base.with_settings("FORA_PDL=1").unwrap();
+    assert_eq!(o, CudaOptions { pdl: true, ..base });
+    assert_eq!(base.with_settings("  ").unwrap(), base);
+    // Errors name the word at fault.
+    for (bad, names) in [
+        ("FORA_PDL", vec!["FORA_PDL", "NAME=value"]),
+        ("FORA_PDL=yes", vec!["FORA_PDL=yes", "0 or 1"]),
+        ("FORA_NOPE=1", vec!["FORA_NOPE", "FORA_GEMM_LN_WIDE"]),
+        ("FORA_GEMM=fast", vec!["FORA_GEMM=fast"]),
+        ("FORA_REUSE_SUM=9", vec!["FORA_REUSE_SUM=9", "1..=4"]),
+        ("FORA_PDL=1 FORA_TMA_TILES=1x1=c9x9-128x128", vec!["c9x9"]),
+    ] {
+        let err = format!(
+            "{:#}",
+            CudaOptions::default().with_settings(bad).unwrap_err()
+        );
+        for n in names {
+            assert!(err.contains(n), "{bad}: {err}");
+        }
+    }
+}

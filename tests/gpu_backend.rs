@@ -1760,3 +1760,95 @@ fn gpu_qkv_attention_matches() {
         },
     );
 }
+
+/// `fora::cuda::tune` on the small model, one image with CFG at FORA N = 3: every candidate
+/// checked against the options as given and timed on a window of the run's own schedule,
+/// the choice the fastest by the margin (else the given options) and left set on the backend,
+/// which then samples as the CPU does. With a tolerance of 0, a path that rounds elsewhere
+/// (the f32 qkv / fc1 bias) is rejected and one that is exact (no CUDA graphs) is not.
+#[test]
+fn gpu_tune_picks_the_fastest_checked_path() {
+    use fora::cuda::tune::{choose, tune, TuneCandidate, TuneOutcome, TuneSettings};
+    let test = "gpu_tune_picks_the_fastest_checked_path";
+    let cfg = small_cfg();
+    let Some((cpu, mut cuda)) = backends(test, &cfg, 21) else {
+        return;
+    };
+    let given = cuda.options();
+    let options = SamplerOptions::ddpm(30).with_guidance(Some(Guidance {
+        scale: 4.0,
+        mode: GuidanceMode::Official3,
+    }));
+    let classes = [4];
+    let (plan, schedule) = {
+        let sampler = Sampler::new(&cuda, options.clone()).unwrap();
+        let plan = sampler.plan(&classes, NoiseSource::Seed(8)).unwrap();
+        let schedule = sampler.schedule(&mut StaticInterval::new(3).unwrap());
+        (plan, schedule)
+    };
+    let candidates = TuneCandidate::parse_list(
+        "given,pdl:FORA_PDL=1,again:,no_graphs:FORA_CUDA_GRAPHS=0,f32_bias:FORA_LT_BIAS_BF16=0",
+    )
+    .unwrap();
+    let settings = TuneSettings {
+        window: 6,
+        warmup: 1,
+        runs: 3,
+        ..TuneSettings::default()
+    };
+    let t = tune(&mut cuda, &plan, &schedule, &candidates, &settings).unwrap();
+    println!("{}", t.markdown());
+    // Steps 0..8 of 30 at N = 3 (i = 29 - k computes at 29, 27, 24, 21): C R C R R C R R,
+    // then a computing step.
+    assert_eq!((t.rows, t.window_steps, t.window_computing), (2, 8, 3));
+    assert_eq!(schedule[8].mode, StepMode::Compute);
+    assert_eq!(t.rows_tried.len(), candidates.len());
+    assert_eq!(t.rows_tried[2].outcome, TuneOutcome::SameAs("given".into()));
+    assert_eq!(t.rows_tried[0].rel_l2, Some(0.0));
+    let mut times = Vec::new();
+    for r in &t.rows_tried {
+        match r.outcome {
+            TuneOutcome::Chosen | TuneOutcome::Slower => {
+                let rel = r.rel_l2.unwrap();
+                assert!(rel <= 2e-2, "{}: rel-L2 {rel}", r.name);
+                let w = r.window.as_ref().expect("a measured window");
+                assert!(w.median_ms > 0.0 && w.runs == 3, "{}: {w:?}", r.name);
+                times.push(Some(w.median_ms));
+            }
+            TuneOutcome::SameAs(_) => times.push(None),
+            ref other => panic!("{}: {other:?}", r.name),
+        }
+    }
+    assert_eq!(choose(&times, settings.min_gain), Some(t.chosen));
+    assert_eq!(cuda.options(), t.chosen().options);
+    // The tuned backend samples as the CPU does.
+    let got = sample_latents(&cuda, &options, &classes, 8, 3);
+    let want = sample_latents(&cpu, &options, &classes, 8, 3);
+    check_close(&format!("{test}: tuned sampling"), &got, &want, 5e-2).unwrap();
+
+    // Tolerance 0: only bit-exact paths pass.
+    cuda.set_options(given);
+    let strict = TuneSettings {
+        tolerance: 0.0,
+        ..settings
+    };
+    let t = tune(&mut cuda, &plan, &schedule, &candidates, &strict).unwrap();
+    println!("{}", t.markdown());
+    let by_name = |n: &str| t.rows_tried.iter().find(|r| r.name == n).unwrap();
+    assert!(
+        matches!(
+            by_name("no_graphs").outcome,
+            TuneOutcome::Chosen | TuneOutcome::Slower
+        ),
+        "{:?}",
+        by_name("no_graphs").outcome
+    );
+    assert_eq!(by_name("no_graphs").rel_l2, Some(0.0));
+    let f32_bias = by_name("f32_bias");
+    assert!(
+        matches!(&f32_bias.outcome, TuneOutcome::Rejected(why) if why.contains("rel-L2")),
+        "{:?}",
+        f32_bias.outcome
+    );
+    assert!(f32_bias.rel_l2.unwrap() > 0.0 && f32_bias.window.is_none());
+}

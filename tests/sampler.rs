@@ -445,4 +445,21 @@ fn reuse_steps_know_the_rest_of_their_run() {
     assert_eq!(*backend.ahead.borrow(), [0, 1, 0, 0, 1, 0, 0, 1, 0, 0]);
     let modes: Vec<StepMode> = backend.log.borrow().iter().map(|e| e.3).collect();
     assert_eq!(modes, [C, R, R, C, R, R, C, R, R, C]);
+
+    // Sampler::schedule (what the tuner times a window of) is the loop's steps exactly.
+    let schedule = sampler.schedule(&mut StaticInterval::new(3).unwrap());
+    let steps: Vec<(usize, usize, i64, StepMode)> =
+        schedule.iter().map(|s| (s.k, s.i, s.t, s.mode)).collect();
+    assert_eq!(steps, *backend.log.borrow());
+    let ahead: Vec<usize> = schedule.iter().map(|s| s.reuse_ahead).collect();
+    assert_eq!(ahead, *backend.ahead.borrow());
+    // 30 steps at N = 3: i = 29 - k computes at 29, 27, 24, 21, ... (the tuner's GPU test
+    // relies on it).
+    let sampler = Sampler::new(&backend, SamplerOptions::ddpm(30)).unwrap();
+    let modes: Vec<StepMode> = sampler
+        .schedule(&mut StaticInterval::new(3).unwrap())
+        .iter()
+        .map(|s| s.mode)
+        .collect();
+    assert_eq!(modes[..9], [C, R, C, R, R, C, R, R, C]);
 }

@@ -186,6 +186,14 @@ pub struct BenchArgs {
     /// or `ncu --profile-from-start off`).
     #[arg(long)]
     pub profiler_api: bool,
+    /// Also run the step, op and end-to-end sections on tuned options: per batch, before its
+    /// rows, the backend's execution paths are each checked and timed on a window of that
+    /// batch's FORA run (N = 3 where --intervals has it) and the fastest is taken
+    /// (`fora::cuda::tune`; candidates: $FORA_TUNE_CANDIDATES, else the built-in list); those
+    /// rows are labelled `tuned`, the end-to-end runs take the 2-row choice, and the report
+    /// lists every candidate.
+    #[arg(long)]
+    pub tune: bool,
     /// Write the benchmark's random weights (official key layout, f32, config in the metadata)
     /// to this safetensors file and exit: the PyTorch reference can load them. Needs no GPU.
     #[arg(long, value_name = "PATH")]
@@ -223,6 +231,8 @@ pub struct BenchPlan {
     pub cfg_scale: f32,
     /// The JSON report; the Markdown goes beside it with extension .md.
     pub json: PathBuf,
+    /// Also measure on tuned options (`--tune`).
+    pub tune: bool,
 }
 
 impl BenchArgs {
@@ -310,6 +320,7 @@ impl BenchArgs {
             ceiling_size,
             copy_bytes: copy_mib << 20,
             cfg_scale: self.cfg_scale,
+            tune: self.tune,
             json: self.json.clone().unwrap_or_else(|| {
                 std::env::var_os("FORA_BENCH_JSON")
                     .filter(|v| !v.is_empty())
@@ -576,14 +587,22 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             if want_steps {
                 for &rows in &plan.batches {
                     eprintln!("bench: steps, {name} GEMM, {rows} rows");
-                    bench_steps(&mut backend, &plan, &timer, rows, args.seed, &mut report);
+                    bench_steps(
+                        &mut backend,
+                        &plan,
+                        &timer,
+                        rows,
+                        args.seed,
+                        name,
+                        &mut report,
+                    );
                     save(&report);
                 }
             }
             if want_ops {
                 for &rows in &plan.batches {
                     eprintln!("bench: op times, {name} GEMM, {rows} rows");
-                    bench_ops(&mut backend, &plan, rows, args.seed, &mut report);
+                    bench_ops(&mut backend, &plan, rows, args.seed, name, &mut report);
                     save(&report);
                 }
             }
@@ -591,10 +610,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             // section.
             if want_e2e && i == 0 {
                 eprintln!("bench: end to end, {name} GEMM");
-                bench_e2e(&backend, &plan, args.seed, &mut report);
+                bench_e2e(&backend, &plan, args.seed, name, &mut report);
                 save(&report);
             }
         }
+    }
+    if plan.tune && (want_steps || want_ops || want_e2e) {
+        bench_tuned(args, &plan, &timer, &cfg, &weights, options, &mut report);
+        save(&report);
     }
     if plan.sections.contains(&Section::Ceilings) {
         eprintln!("bench: ceilings");
@@ -627,6 +650,80 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         plan.json.display()
     );
     Ok(())
+}
+
+/// `--tune`: per batch, tunes the options as given (the environment's, --attention) on that
+/// batch's FORA run and measures its steps and ops on the choice, labelled `tuned`; then one
+/// image end to end on the 2-row choice (tuned for it if 2 is not a batch).
+fn bench_tuned(
+    args: &BenchArgs,
+    plan: &BenchPlan,
+    timer: &Timer,
+    cfg: &DitConfig,
+    weights: &DitWeights,
+    options: CudaOptions,
+    report: &mut Report,
+) {
+    let candidates = match std::env::var("FORA_TUNE_CANDIDATES") {
+        Ok(list) if !list.trim().is_empty() => {
+            match crate::cuda::tune::TuneCandidate::parse_list(&list) {
+                Ok(c) => c,
+                Err(e) => {
+                    report.error("tune", "FORA_TUNE_CANDIDATES", &e);
+                    return;
+                }
+            }
+        }
+        _ => crate::cuda::tune::default_candidates(),
+    };
+    let mut backend = match Gpu::new(args.gpu)
+        .and_then(|g| CudaBackend::with_options(g, cfg, weights, options))
+    {
+        Ok(b) => b,
+        Err(e) => {
+            report.error("tune", "backend", &e);
+            return;
+        }
+    };
+    let interval = if plan.intervals.contains(&3) {
+        3
+    } else {
+        plan.intervals[0]
+    };
+    let want = |s: Section| plan.sections.contains(&s);
+    let mut rows_list = plan.batches.clone();
+    if want(Section::E2e) && !rows_list.contains(&2) {
+        rows_list.push(2);
+    }
+    let mut e2e_options = None;
+    for rows in rows_list {
+        backend.set_options(options);
+        eprintln!("bench: tuning at {rows} rows (FORA N = {interval})");
+        match steps::tune_rows(&mut backend, plan, rows, args.seed, interval, &candidates) {
+            Ok(t) => report.tunings.push((interval, t)),
+            Err(e) => {
+                report.error("tune", &format!("{rows} rows"), &e);
+                continue;
+            }
+        }
+        if rows == 2 {
+            e2e_options = Some(backend.options());
+        }
+        if !plan.batches.contains(&rows) {
+            continue;
+        }
+        if want(Section::Steps) {
+            bench_steps(&mut backend, plan, timer, rows, args.seed, "tuned", report);
+        }
+        if want(Section::Ops) {
+            bench_ops(&mut backend, plan, rows, args.seed, "tuned", report);
+        }
+    }
+    if let (true, Some(o)) = (want(Section::E2e), e2e_options) {
+        backend.set_options(o);
+        eprintln!("bench: end to end, tuned");
+        bench_e2e(&backend, plan, args.seed, "tuned", report);
+    }
 }
 
 fn device_info(gpu: &Gpu) -> Result<DeviceInfo> {

@@ -153,9 +153,10 @@ pub(super) fn bench_ops(
     plan: &BenchPlan,
     rows: usize,
     seed: u64,
+    label: &str,
     report: &mut Report,
 ) {
-    let gemm = backend.gemm_impl().name().to_string();
+    let gemm = label.to_string();
     let what = format!("{gemm} GEMM, {rows} rows");
     let cfg = backend.config().clone();
     let (splan, specs) = match prepare_steps(backend, plan, rows, seed) {

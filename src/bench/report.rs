@@ -253,6 +253,9 @@ pub struct Report {
     pub kernels: Vec<KernelRow>,
     /// In-model op times, per GEMM, rows and step kind (the `ops` section).
     pub ops: Vec<super::ops::OpStep>,
+    /// `--tune`: the tuning of each row count, with the FORA interval whose schedule it timed;
+    /// the rows labelled `tuned` ran its choice.
+    pub tunings: Vec<(usize, crate::cuda::tune::Tuning)>,
     /// Measurements that failed (the others still ran).
     pub errors: Vec<BenchError>,
 }
@@ -362,6 +365,7 @@ impl Report {
             e2e: Vec::new(),
             kernels: Vec::new(),
             ops: Vec::new(),
+            tunings: Vec::new(),
             errors: Vec::new(),
         }
     }
@@ -682,6 +686,7 @@ impl Report {
             "e2e": e2e,
             "kernels": kernels,
             "ops": self.ops_json(),
+            "tunings": self.tunings.iter().map(|(interval, t)| tuning_json(*interval, t)).collect::<Vec<_>>(),
             "errors": self.errors.iter().map(|e| json!({
                 "section": e.section, "what": e.what, "error": e.error,
             })).collect::<Vec<_>>(),
@@ -1199,6 +1204,15 @@ impl Report {
             }
         }
 
+        if !self.tunings.is_empty() {
+            s += "\n## Tuned options (`--tune`): the rows labelled `tuned` ran the chosen one\n\n";
+            for (interval, t) in &self.tunings {
+                s += &format!("FORA N = {interval}. ");
+                s += &t.markdown();
+                s += "\n";
+            }
+        }
+
         if !self.errors.is_empty() {
             s += "\n## Failed measurements\n\n";
             for e in &self.errors {
@@ -1235,4 +1249,39 @@ pub(super) fn merge_stats(v: &mut Value, stats: Option<&Stats>) {
             }
         }
     }
+}
+
+/// A tuning in the JSON report: the chosen candidate, its options as environment settings,
+/// and every candidate's window time, forward distance and outcome.
+fn tuning_json(interval: usize, t: &crate::cuda::tune::Tuning) -> Value {
+    use crate::cuda::tune::TuneOutcome;
+    let chosen = t.chosen();
+    json!({
+        "rows": t.rows,
+        "interval": interval,
+        "window_steps": t.window_steps,
+        "window_computing": t.window_computing,
+        "run_steps": t.run_steps,
+        "chosen": chosen.name,
+        "chosen_env": chosen.options.env_overrides().join(" "),
+        "speedup": t.speedup(),
+        "candidates": t.rows_tried.iter().map(|r| {
+            let (outcome, detail) = match &r.outcome {
+                TuneOutcome::Chosen => ("chosen", String::new()),
+                TuneOutcome::Slower => ("slower", String::new()),
+                TuneOutcome::SameAs(n) => ("same", n.clone()),
+                TuneOutcome::Rejected(w) => ("rejected", w.clone()),
+                TuneOutcome::Failed(e) => ("failed", e.clone()),
+            };
+            json!({
+                "name": r.name,
+                "settings": r.settings,
+                "window_median_ms": r.window.as_ref().map(|w| w.median_ms),
+                "window_min_ms": r.window.as_ref().map(|w| w.min_ms),
+                "rel_l2": r.rel_l2,
+                "outcome": outcome,
+                "detail": detail,
+            })
+        }).collect::<Vec<_>>(),
+    })
 }

@@ -30,6 +30,35 @@ fn step_specs(sampler: &Sampler<'_, CudaBackend>, plan: &SamplePlan) -> Result<V
         .collect()
 }
 
+/// Tunes `backend`'s options ([`crate::cuda::tune::tune`]) on the run of a `rows`-row batch
+/// (`plan`'s steps and guidance) at FORA interval `interval`, and leaves it set to the choice.
+pub(super) fn tune_rows(
+    backend: &mut CudaBackend,
+    plan: &BenchPlan,
+    rows: usize,
+    seed: u64,
+    interval: usize,
+    candidates: &[crate::cuda::tune::TuneCandidate],
+) -> Result<crate::cuda::tune::Tuning> {
+    let (splan, schedule) = {
+        let cfg = backend.config();
+        let (classes, guidance) = rows_request(rows, cfg.num_classes, plan.cfg_scale);
+        let sampler = Sampler::new(
+            &*backend,
+            SamplerOptions::ddpm(plan.steps).with_guidance(guidance),
+        )?;
+        let splan = sampler.plan(&classes, NoiseSource::Seed(seed))?;
+        let mut policy = policy_for_interval(interval)?;
+        (splan, sampler.schedule(policy.as_mut()))
+    };
+    let settings = crate::cuda::tune::TuneSettings {
+        warmup: plan.warmup.clamp(1, 3),
+        runs: plan.runs.clamp(3, 10),
+        ..Default::default()
+    };
+    crate::cuda::tune::tune(backend, &splan, &schedule, candidates, &settings)
+}
+
 /// The sampling plan of a `rows`-row batch (`plan`'s steps and guidance) and its step records
 /// (all computing; callers set the mode).
 pub(super) fn prepare_steps(
@@ -49,15 +78,19 @@ pub(super) fn prepare_steps(
     Ok((splan, specs))
 }
 
+/// Times a computing and a reuse step of `rows` rows (and a run of reuse steps from cache
+/// sums) into `report.steps`, each row labelled `label` (the GEMM implementation's name, or
+/// `tuned`).
 pub(super) fn bench_steps(
     backend: &mut CudaBackend,
     plan: &BenchPlan,
     timer: &Timer,
     rows: usize,
     seed: u64,
+    label: &str,
     report: &mut Report,
 ) {
-    let gemm = backend.gemm_impl().name().to_string();
+    let gemm = label.to_string();
     let what = format!("{gemm} GEMM, {rows} rows");
     let (splan, specs) = match prepare_steps(backend, plan, rows, seed) {
         Ok(p) => p,
@@ -238,8 +271,16 @@ fn capture_count(gpu: &Gpu, enqueue: impl FnOnce() -> Result<()>) -> Result<Laun
     Ok(count)
 }
 
-pub(super) fn bench_e2e(backend: &CudaBackend, plan: &BenchPlan, seed: u64, report: &mut Report) {
-    let gemm = backend.gemm_impl().name().to_string();
+/// Whole sampling runs of one image with CFG per interval into `report.e2e`, each row
+/// labelled `label` (as [`bench_steps`]).
+pub(super) fn bench_e2e(
+    backend: &CudaBackend,
+    plan: &BenchPlan,
+    seed: u64,
+    label: &str,
+    report: &mut Report,
+) {
+    let gemm = label.to_string();
     let cfg = backend.config();
     let (classes, guidance) = rows_request(2, cfg.num_classes, plan.cfg_scale);
     let sampler = match Sampler::new(

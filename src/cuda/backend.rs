@@ -308,51 +308,100 @@ impl CudaOptions {
         out
     }
 
-    /// [`CudaOptions::default`], overridden by `FORA_GEMM`, `FORA_ATTENTION`, `FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`,
-    /// `FORA_LT_AUTOTUNE`, `FORA_FUSED_REUSE`, `FORA_FUSED_FINAL`, `FORA_SIDE_STREAM`,
-    /// `FORA_FUSED_LN`, `FORA_LT_BIAS_BF16`, `FORA_BF16_RESIDUAL`, `FORA_REUSE_GATES_ONLY`,
-    /// `FORA_STEP_GRAPH`, `FORA_REUSE_TABLE_IN_PLACE`, `FORA_LT_SPLITK`, `FORA_L2_PERSIST`,
-    /// `FORA_PREFETCH_WEIGHTS`, `FORA_GEMM_LN`, `FORA_PDL`, `FORA_REUSE_SUM`, `FORA_FINAL_SAMPLER` and `FORA_TMA_TILES`.
+    /// [`CudaOptions::default`], overridden by every variable of [`CudaOptions::VARIABLES`]
+    /// set in the environment (an empty value keeps the default): `FORA_GEMM`,
+    /// `FORA_ATTENTION`, `FORA_CUDA_GRAPHS` (off only at `0`), `FORA_REUSE_SUM`,
+    /// `FORA_TMA_TILES` and the 0/1 switches (`FORA_PRECOMPUTE_MODULATION`, `FORA_GEMM_LN`,
+    /// `FORA_PDL`, ...; see each field).
     pub fn from_env() -> Result<CudaOptions> {
-        let d = CudaOptions::default();
-        // A 0/1 switch; unset or empty keeps the default, anything else is refused.
-        let flag = |var: &str, default: bool| match std::env::var(var) {
-            Err(_) => Ok(default),
-            Ok(v) => match v.trim() {
-                "" => Ok(default),
-                "0" => Ok(false),
-                "1" => Ok(true),
-                other => bail!("{var} must be 0 or 1, got {other:?}"),
-            },
-        };
-        let mut o = CudaOptions {
-            gemm: GemmImpl::from_env()?,
-            attention: AttentionImpl::from_env()?,
-            graphs: graphs_enabled(),
-            reuse_sum: match std::env::var("FORA_REUSE_SUM") {
-                Err(_) => d.reuse_sum,
-                Ok(v) => match v.trim() {
-                    "" => d.reuse_sum,
-                    k => match k.parse::<usize>() {
-                        Ok(k) if k <= CACHE_SUM_MAX => k,
-                        _ => bail!(
-                            "FORA_REUSE_SUM must be 0 (off) or the steps a cache sum serves, \
-                             1..={CACHE_SUM_MAX}; got {k:?}"
-                        ),
-                    },
-                },
-            },
-            tma_tiles: match std::env::var("FORA_TMA_TILES") {
-                Err(_) => d.tma_tiles,
-                Ok(v) => v.parse().context("environment variable FORA_TMA_TILES")?,
-            },
-            ..d
-        };
-        for (var, field) in SWITCHES {
-            let value = field(&mut o);
-            *value = flag(var, *value)?;
+        let mut o = CudaOptions::default();
+        for name in CudaOptions::VARIABLES {
+            match std::env::var(name) {
+                Err(std::env::VarError::NotPresent) => {}
+                Err(std::env::VarError::NotUnicode(v)) => {
+                    bail!("environment variable {name} is not UTF-8: {v:?}")
+                }
+                Ok(v) if v.trim().is_empty() => {}
+                Ok(v) => o
+                    .set(name, &v)
+                    .with_context(|| format!("environment variable {name}"))?,
+            }
         }
         Ok(o)
+    }
+
+    /// Every environment variable [`CudaOptions::from_env`] reads, each the name
+    /// [`CudaOptions::set`] takes.
+    pub const VARIABLES: [&'static str; 5 + SWITCHES.len()] = {
+        let mut names = [""; 5 + SWITCHES.len()];
+        let head = [
+            "FORA_GEMM",
+            "FORA_ATTENTION",
+            "FORA_CUDA_GRAPHS",
+            "FORA_REUSE_SUM",
+            "FORA_TMA_TILES",
+        ];
+        let mut i = 0;
+        while i < head.len() {
+            names[i] = head[i];
+            i += 1;
+        }
+        let mut j = 0;
+        while j < SWITCHES.len() {
+            names[head.len() + j] = SWITCHES[j].0;
+            j += 1;
+        }
+        names
+    };
+
+    /// Sets the option the environment variable `name` controls to `value`, read as
+    /// [`CudaOptions::from_env`] reads it (0 or 1 for a switch; `FORA_CUDA_GRAPHS` is off only
+    /// at `0`). An unknown name or a bad value is an error naming it.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        let v = value.trim();
+        match name {
+            "FORA_GEMM" => self.gemm = v.parse()?,
+            "FORA_ATTENTION" => self.attention = v.parse()?,
+            "FORA_CUDA_GRAPHS" => self.graphs = v != "0",
+            "FORA_REUSE_SUM" => {
+                self.reuse_sum = match v.parse::<usize>() {
+                    Ok(k) if k <= CACHE_SUM_MAX => k,
+                    _ => bail!(
+                        "FORA_REUSE_SUM must be 0 (off) or the steps a cache sum serves, \
+                         1..={CACHE_SUM_MAX}; got {v:?}"
+                    ),
+                }
+            }
+            "FORA_TMA_TILES" => self.tma_tiles = v.parse()?,
+            _ => {
+                let Some((_, field)) = SWITCHES.iter().find(|(n, _)| *n == name) else {
+                    bail!(
+                        "{name:?} is not an option of the CUDA backend; the options are {}",
+                        CudaOptions::VARIABLES.join(", ")
+                    );
+                };
+                *field(self) = match v {
+                    "0" => false,
+                    "1" => true,
+                    other => bail!("{name} must be 0 or 1, got {other:?}"),
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// These options with `settings` applied in order: whitespace-separated `NAME=value`
+    /// words, each as [`CudaOptions::set`] takes it (`"FORA_GEMM=tma FORA_PDL=1"`, the form of
+    /// [`CudaOptions::env_overrides`]). Errors name the word at fault.
+    pub fn with_settings(mut self, settings: &str) -> Result<CudaOptions> {
+        for word in settings.split_whitespace() {
+            let Some((name, value)) = word.split_once('=') else {
+                bail!("option setting {word:?} is not NAME=value");
+            };
+            self.set(name, value)
+                .with_context(|| format!("option setting {word:?}"))?;
+        }
+        Ok(self)
     }
 }
 

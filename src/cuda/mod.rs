@@ -22,6 +22,7 @@ pub mod sampler;
 pub mod step_graph;
 pub mod testing;
 mod tma_tiles;
+pub mod tune;
 
 pub use backend::{CudaBackend, CudaOptions, CudaWorkspace};
 pub use device::{dptr, Gpu};

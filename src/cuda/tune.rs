@@ -1,0 +1,548 @@
+//! Step-option tuning: which of the CUDA backend's execution paths runs one sampling run
+//! fastest on this GPU, measured on the spot, the way cuDNN's benchmark mode picks its
+//! convolution algorithms.
+//!
+//! The backend computes the same model along several paths (cuBLASLt or our TMA GEMMs, the
+//! fused proj / fc2 + LayerNorm, the fused qkv + attention, programmatic launches, ...). Which
+//! is fastest depends on the card, the batch and the schedule, and a path new to a card may
+//! be slower there, or wrong. [`tune`] therefore runs every candidate the same way:
+//! - **checks it**: one forward at the run's rows on fixed random inputs, its output finite and
+//!   within [`TuneSettings::tolerance`] (relative L2) of the first candidate's, the options as
+//!   given, which are never rejected but must run;
+//! - **times it**: on a workspace of the run's own plan, a window of the run's own schedule
+//!   (its first steps, computing and reusing as the policy orders them, up to the step before a
+//!   computing step), once to warm up and then [`TuneSettings::runs`] times, CUDA events
+//!   around each window; the median counts;
+//! - **picks**: the fastest candidate that passed, where it beats the given options by at
+//!   least [`TuneSettings::min_gain`] (so noise does not trade a measured default for an
+//!   unmeasured path), else the given options; the backend is left set to the choice.
+//!
+//! A candidate that fails (a kernel this card lacks, too little memory) is recorded with its
+//! error and the others go on; if the failure left the CUDA context unusable, tuning stops
+//! with that error. Paths differ in rounding only, so the bits of a tuned run can differ from
+//! an untuned one's (within the tolerance), as with cuBLASLt's autotuning.
+
+use super::backend::{CudaBackend, CudaOptions};
+use crate::backend::{Backend, SamplePlan, StepMode, StepSpec};
+use crate::bench::Stats;
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::sys;
+
+/// One set of options to try: a name for reports and `NAME=value` settings applied on top of
+/// the options given to [`tune`] ([`CudaOptions::with_settings`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TuneCandidate {
+    /// A short name (`gemm_ln`, `ours_pdl`).
+    pub name: String,
+    /// Whitespace-separated `NAME=value` words; empty for the options as given.
+    pub settings: String,
+}
+
+impl TuneCandidate {
+    /// A candidate named `name` with `settings`.
+    pub fn new(name: &str, settings: &str) -> TuneCandidate {
+        TuneCandidate {
+            name: name.to_string(),
+            settings: settings.to_string(),
+        }
+    }
+
+    /// Candidates written `name:SETTINGS` and separated by commas
+    /// (`"gemm_ln:FORA_GEMM_LN=1,pdl:FORA_PDL=1 FORA_GEMM=tma"`), each name a word of letters,
+    /// digits and `_`, given once; settings as [`CudaOptions::with_settings`] takes them (checked
+    /// here against the defaults, so a typo fails before any GPU work).
+    pub fn parse_list(list: &str) -> Result<Vec<TuneCandidate>> {
+        let mut out: Vec<TuneCandidate> = Vec::new();
+        for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (name, settings) = item.split_once(':').unwrap_or((item, ""));
+            let name = name.trim();
+            ensure!(
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "tuning candidate {item:?}: the name before ':' must be letters, digits or '_'"
+            );
+            ensure!(
+                out.iter().all(|c| c.name != name),
+                "tuning candidate {name:?} is given twice"
+            );
+            CudaOptions::default()
+                .with_settings(settings)
+                .with_context(|| format!("tuning candidate {name:?}"))?;
+            out.push(TuneCandidate::new(name, settings.trim()));
+        }
+        ensure!(!out.is_empty(), "no tuning candidates in {list:?}");
+        Ok(out)
+    }
+}
+
+/// The paths [`tune`] tries by default, the options as given first: each opt-in path of the
+/// backend that a demanding run may want, alone where it stands alone and in the combinations
+/// that remove a block's launches together. A path that does not serve the run's rows or card
+/// (a Hopper fusion elsewhere, the many-rows tile at one image) runs as the options without it
+/// and so is never faster.
+pub fn default_candidates() -> Vec<TuneCandidate> {
+    [
+        ("given", ""),
+        ("pdl", "FORA_PDL=1"),
+        ("gemm_ln", "FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1"),
+        (
+            "gemm_ln_wide",
+            "FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1 FORA_GEMM_LN_WIDE=1",
+        ),
+        ("qkv_attention", "FORA_QKV_ATTENTION=1"),
+        (
+            "fused_pdl",
+            "FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1 FORA_PDL=1",
+        ),
+        (
+            "ours_pdl",
+            "FORA_GEMM=tma FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1 FORA_PDL=1",
+        ),
+        ("attention_tma", "FORA_ATTENTION=tma"),
+        ("attention_tma_pp", "FORA_ATTENTION=tma_pp"),
+    ]
+    .into_iter()
+    .map(|(name, settings)| TuneCandidate::new(name, settings))
+    .collect()
+}
+
+/// How [`tune`] measures.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TuneSettings {
+    /// Steps of the timed window, at least (the window runs on to the step before the next
+    /// computing step, or the run's end).
+    pub window: usize,
+    /// Untimed windows before the timed ones.
+    pub warmup: usize,
+    /// Timed windows (the median counts).
+    pub runs: usize,
+    /// The largest relative L2 distance of a candidate's forward from the given options' (the
+    /// whole-forward tolerance against the CPU reference: 2e-2).
+    pub tolerance: f64,
+    /// The fraction of the given options' window time another candidate must save to be
+    /// chosen (0.01: 1% faster).
+    pub min_gain: f64,
+}
+
+impl Default for TuneSettings {
+    fn default() -> TuneSettings {
+        TuneSettings {
+            window: 12,
+            warmup: 1,
+            runs: 5,
+            tolerance: 2e-2,
+            min_gain: 0.01,
+        }
+    }
+}
+
+/// What became of a candidate.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TuneOutcome {
+    /// The one the backend now runs.
+    Chosen,
+    /// Measured and correct, not chosen.
+    Slower,
+    /// Its options are those of an earlier candidate (named): not run again.
+    SameAs(String),
+    /// Its forward was not finite or not within the tolerance (the reason).
+    Rejected(String),
+    /// It failed to run (the error).
+    Failed(String),
+}
+
+/// One candidate's results.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TuneRow {
+    /// The candidate's name.
+    pub name: String,
+    /// Its settings.
+    pub settings: String,
+    /// The options it ran with.
+    pub options: CudaOptions,
+    /// Relative L2 distance of its forward from the given options' (0 for those).
+    pub rel_l2: Option<f64>,
+    /// The timed windows, in ms.
+    pub window: Option<Stats>,
+    /// What became of it.
+    pub outcome: TuneOutcome,
+}
+
+/// The result of [`tune`]: every candidate in order, the one chosen among them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tuning {
+    /// Model rows of the run (CFG half included).
+    pub rows: usize,
+    /// Steps of the timed window and how many of them compute.
+    pub window_steps: usize,
+    /// Computing steps in the window.
+    pub window_computing: usize,
+    /// Steps of the whole run (the window's time x steps / window steps estimates it).
+    pub run_steps: usize,
+    /// Every candidate, in the order tried.
+    pub rows_tried: Vec<TuneRow>,
+    /// Index of the chosen one in `rows_tried`.
+    pub chosen: usize,
+}
+
+impl Tuning {
+    /// The chosen candidate.
+    pub fn chosen(&self) -> &TuneRow {
+        &self.rows_tried[self.chosen]
+    }
+
+    /// The given options' median window over the chosen one's (1 where the given options won).
+    pub fn speedup(&self) -> Option<f64> {
+        let given = self.rows_tried.first()?.window.as_ref()?.median_ms;
+        let chosen = self.chosen().window.as_ref()?.median_ms;
+        (chosen > 0.0).then(|| given / chosen)
+    }
+
+    /// A Markdown table of every candidate, the chosen one marked.
+    pub fn markdown(&self) -> String {
+        let mut s = format!(
+            "Tuned at {} rows: a window of {} steps ({} computing) of the {}-step run, median of \
+             the timed windows; the run estimated as window x {}/{}. rel-L2: the forward against \
+             the given options'.\n\n\
+             | candidate | settings | window ms | run ms (est.) | rel-L2 | outcome |\n\
+             |---|---|---|---|---|---|\n",
+            self.rows,
+            self.window_steps,
+            self.window_computing,
+            self.run_steps,
+            self.run_steps,
+            self.window_steps
+        );
+        for r in &self.rows_tried {
+            let (window, run) = match &r.window {
+                Some(w) => (
+                    format!("{:.3}", w.median_ms),
+                    format!(
+                        "{:.1}",
+                        w.median_ms * self.run_steps as f64 / self.window_steps.max(1) as f64
+                    ),
+                ),
+                None => ("—".to_string(), "—".to_string()),
+            };
+            let outcome = match &r.outcome {
+                TuneOutcome::Chosen => "**chosen**".to_string(),
+                TuneOutcome::Slower => "slower".to_string(),
+                TuneOutcome::SameAs(n) => format!("same options as {n}"),
+                TuneOutcome::Rejected(why) => format!("rejected: {why}"),
+                TuneOutcome::Failed(e) => format!("failed: {}", e.replace('|', "/")),
+            };
+            s += &format!(
+                "| {} | `{}` | {window} | {run} | {} | {outcome} |\n",
+                r.name,
+                if r.settings.is_empty() {
+                    "(as given)"
+                } else {
+                    &r.settings
+                },
+                r.rel_l2.map_or("—".to_string(), |e| format!("{e:.2e}")),
+            );
+        }
+        s
+    }
+}
+
+/// Steps of the timed window: at least `target` (and at least one), then on to the step
+/// before the next computing step, so that the window ends where a run of reuse steps ends
+/// (a reuse step's cache sums serve the steps after it) and repeats from a computing step;
+/// the whole schedule if it is shorter.
+pub fn window_len(modes: &[StepMode], target: usize) -> usize {
+    let mut w = target.max(1).min(modes.len());
+    while w < modes.len() && modes[w] != StepMode::Compute {
+        w += 1;
+    }
+    w
+}
+
+/// The candidate to choose from the median window times of those that passed (`None` for
+/// the others; the first is the given options): the fastest, if it saves at least `min_gain`
+/// of the first's time, else the first. `None` if the first has no time.
+pub fn choose(times_ms: &[Option<f64>], min_gain: f64) -> Option<usize> {
+    let given = (*times_ms.first()?)?;
+    let (best, best_ms) = times_ms
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.map(|t| (i, t)))
+        .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))?;
+    Some(if best_ms <= given * (1.0 - min_gain) {
+        best
+    } else {
+        0
+    })
+}
+
+/// Fixed random forward inputs of a plan's rows: x `[rows, C, H, W]` (standard normal), every
+/// row at the run's first timestep, the plan's labels (and the null class on the CFG half).
+fn forward_inputs(backend: &CudaBackend, plan: &SamplePlan) -> (Vec<f32>, Vec<i64>, Vec<usize>) {
+    let cfg = backend.config();
+    let rows = plan.model_rows();
+    let mut x = vec![0f32; rows * cfg.image_len()];
+    crate::rng::fill_normal(0x7475_6e65, 0, &mut x);
+    let t = vec![plan.timesteps.first().copied().unwrap_or(0); rows];
+    let mut y = plan.classes.clone();
+    if plan.guidance.is_some() {
+        y.extend(std::iter::repeat_n(cfg.null_class(), plan.classes.len()));
+    }
+    (x, t, y)
+}
+
+/// Median window time (ms) of `schedule[..window]` on a fresh workspace of `plan` with the
+/// backend's current options.
+fn time_window(
+    backend: &CudaBackend,
+    plan: &SamplePlan,
+    window: &[StepSpec],
+    settings: &TuneSettings,
+) -> Result<Stats> {
+    let mut ws = backend.workspace(plan).context("building the workspace")?;
+    let run = |ws: &mut _| -> Result<()> {
+        for spec in window {
+            backend
+                .step(ws, spec)
+                .with_context(|| format!("step {} ({:?})", spec.k, spec.mode))?;
+        }
+        Ok(())
+    };
+    for _ in 0..settings.warmup {
+        run(&mut ws)?;
+    }
+    let gpu = backend.gpu();
+    gpu.synchronize().context("the warm-up window failed")?;
+    let events = (0..=settings.runs)
+        .map(|_| {
+            gpu.context()
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .context("cannot create a CUDA event")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    events[0]
+        .record(gpu.stream())
+        .context("cannot record an event")?;
+    for event in &events[1..] {
+        run(&mut ws)?;
+        event
+            .record(gpu.stream())
+            .context("cannot record an event")?;
+    }
+    gpu.synchronize().context("the timed windows failed")?;
+    let samples = events
+        .windows(2)
+        .map(|w| {
+            Ok(w[0]
+                .elapsed_ms(&w[1])
+                .context("cannot read an event time")? as f64)
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    Stats::from_samples(&samples)
+}
+
+/// Tries `candidates` (the first is normally the options as given: empty settings) on a run of
+/// `plan` whose steps are `schedule` ([`crate::sampler::Sampler::schedule`]), as the module
+/// comment says, and leaves `backend` set to the chosen options. Errors when the first
+/// candidate fails, when a failure leaves the GPU unusable, or on bad settings.
+pub fn tune(
+    backend: &mut CudaBackend,
+    plan: &SamplePlan,
+    schedule: &[StepSpec],
+    candidates: &[TuneCandidate],
+    settings: &TuneSettings,
+) -> Result<Tuning> {
+    ensure!(
+        !candidates.is_empty(),
+        "tuning needs at least one candidate"
+    );
+    ensure!(settings.runs > 0, "tuning needs at least one timed window");
+    ensure!(
+        schedule.len() == plan.steps && schedule.first().map(|s| s.mode) == Some(StepMode::Compute),
+        "tuning: the schedule has {} steps for a {}-step plan, the first must compute",
+        schedule.len(),
+        plan.steps
+    );
+    let given = backend.options();
+    let modes: Vec<StepMode> = schedule.iter().map(|s| s.mode).collect();
+    let w = window_len(&modes, settings.window);
+    let window = &schedule[..w];
+    let (x, t, y) = forward_inputs(backend, plan);
+    let mut reference: Option<Vec<f32>> = None;
+    let mut rows: Vec<TuneRow> = Vec::new();
+    for (index, c) in candidates.iter().enumerate() {
+        let options = given
+            .with_settings(&c.settings)
+            .with_context(|| format!("tuning candidate {:?}", c.name))?;
+        let mut row = TuneRow {
+            name: c.name.clone(),
+            settings: c.settings.clone(),
+            options,
+            rel_l2: None,
+            window: None,
+            outcome: TuneOutcome::Slower,
+        };
+        if let Some(same) = rows.iter().find(|r| r.options == options) {
+            row.outcome = TuneOutcome::SameAs(same.name.clone());
+            rows.push(row);
+            continue;
+        }
+        backend.set_options(options);
+        eprintln!("tune: {} rows, candidate {}", plan.model_rows(), c.name);
+        let measured = (|| -> Result<(Option<f64>, Option<Stats>)> {
+            let out = backend
+                .forward(&x, &t, &y, plan.guidance)
+                .context("the check forward")?;
+            let rel = match &reference {
+                None => {
+                    ensure!(
+                        out.iter().all(|v| v.is_finite()),
+                        "the given options' forward is not finite"
+                    );
+                    reference = Some(out);
+                    0.0
+                }
+                Some(r) => {
+                    if let Some(j) = out.iter().position(|v| !v.is_finite()) {
+                        row.outcome =
+                            TuneOutcome::Rejected(format!("forward output {j} is {}", out[j]));
+                        return Ok((None, None));
+                    }
+                    super::testing::rel_l2(&out, r)
+                }
+            };
+            if rel > settings.tolerance {
+                row.outcome = TuneOutcome::Rejected(format!(
+                    "rel-L2 {rel:.2e} > tolerance {:.0e}",
+                    settings.tolerance
+                ));
+                return Ok((Some(rel), None));
+            }
+            let stats = time_window(backend, plan, window, settings)?;
+            Ok((Some(rel), Some(stats)))
+        })();
+        match measured {
+            Ok((rel, stats)) => {
+                row.rel_l2 = rel;
+                row.window = stats;
+            }
+            Err(e) if index == 0 => {
+                backend.set_options(given);
+                return Err(e.context(format!(
+                    "tuning: the given options (candidate {:?}) failed",
+                    c.name
+                )));
+            }
+            Err(e) => {
+                row.outcome = TuneOutcome::Failed(format!("{e:#}"));
+                if let Err(sticky) = backend.gpu().synchronize() {
+                    backend.set_options(given);
+                    bail!(
+                        "tuning stopped: candidate {:?} left the GPU unusable ({sticky:#}); it \
+                         failed with: {e:#}",
+                        c.name
+                    );
+                }
+            }
+        }
+        rows.push(row);
+    }
+    let times: Vec<Option<f64>> = rows
+        .iter()
+        .map(|r| match r.outcome {
+            TuneOutcome::Slower => r.window.as_ref().map(|s| s.median_ms),
+            _ => None,
+        })
+        .collect();
+    let chosen = choose(&times, settings.min_gain)
+        .context("tuning: the given options have no time (nothing to compare with)")?;
+    rows[chosen].outcome = TuneOutcome::Chosen;
+    backend.set_options(rows[chosen].options);
+    Ok(Tuning {
+        rows: plan.model_rows(),
+        window_steps: w,
+        window_computing: modes[..w]
+            .iter()
+            .filter(|&&m| m == StepMode::Compute)
+            .count(),
+        run_steps: plan.steps,
+        rows_tried: rows,
+        chosen,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use StepMode::{Compute as C, Reuse as R};
+
+    #[test]
+    fn the_window_ends_before_a_computing_step() {
+        // FORA N = 3 from the first step: C R R C R R ...
+        let n3: Vec<StepMode> = (0..20).map(|k| if k % 3 == 0 { C } else { R }).collect();
+        assert_eq!(window_len(&n3, 12), 12);
+        assert_eq!(window_len(&n3, 11), 12);
+        assert_eq!(window_len(&n3, 10), 12);
+        assert_eq!(window_len(&n3, 13), 15);
+        // Every step computing (N = 1): exactly the target; never past the schedule, never 0.
+        assert_eq!(window_len(&[C; 30], 12), 12);
+        assert_eq!(window_len(&[C; 5], 12), 5);
+        assert_eq!(window_len(&[C, R, R], 0), 3);
+        assert_eq!(window_len(&[C, C], 0), 1);
+    }
+
+    #[test]
+    fn the_given_options_win_unless_beaten_by_the_margin() {
+        let t = |v: &[Option<f64>]| choose(v, 0.01);
+        assert_eq!(t(&[Some(10.0), Some(9.0), Some(9.5)]), Some(1));
+        // 0.5% faster is noise: the given options stay.
+        assert_eq!(t(&[Some(10.0), Some(9.95)]), Some(0));
+        assert_eq!(t(&[Some(10.0), Some(9.9)]), Some(1));
+        // Candidates without a time (rejected, failed, the same as another) never win.
+        assert_eq!(t(&[Some(10.0), None, Some(11.0)]), Some(0));
+        // The first of equal times.
+        assert_eq!(t(&[Some(10.0), Some(8.0), Some(8.0)]), Some(1));
+        // Nothing to compare with.
+        assert_eq!(t(&[None, Some(1.0)]), None);
+        assert_eq!(t(&[]), None);
+        assert_eq!(choose(&[Some(10.0), Some(9.99)], 0.0), Some(1));
+    }
+
+    #[test]
+    fn candidate_lists() {
+        let c = TuneCandidate::parse_list(
+            " given , gemm_ln:FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1,pdl:FORA_PDL=1,",
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            vec![
+                TuneCandidate::new("given", ""),
+                TuneCandidate::new("gemm_ln", "FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1"),
+                TuneCandidate::new("pdl", "FORA_PDL=1"),
+            ]
+        );
+        for (bad, says) in [
+            ("", "no tuning candidates"),
+            ("a:FORA_PDL=1,a:FORA_GEMM_LN=1", "given twice"),
+            ("bad name:FORA_PDL=1", "letters, digits"),
+            (":FORA_PDL=1", "letters, digits"),
+            ("x:FORA_PDL=2", "FORA_PDL"),
+            ("x:FORA_WHAT=1", "FORA_WHAT"),
+        ] {
+            let err = format!("{:#}", TuneCandidate::parse_list(bad).unwrap_err());
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+        // The built-in list: the options as given first, every name once, every setting valid.
+        let d = default_candidates();
+        assert_eq!((d[0].name.as_str(), d[0].settings.as_str()), ("given", ""));
+        let joined: Vec<String> = d
+            .iter()
+            .map(|c| format!("{}:{}", c.name, c.settings))
+            .collect();
+        assert_eq!(TuneCandidate::parse_list(&joined.join(",")).unwrap(), d);
+        // Each changes the defaults, except the first.
+        for c in &d[1..] {
+            let o = CudaOptions::default().with_settings(&c.settings).unwrap();
+            assert_ne!(o, CudaOptions::default(), "{}", c.name);
+        }
+    }
+}
