@@ -61,6 +61,7 @@ fn default_and_quick_plans() {
         assert_eq!(p.json, PathBuf::from("target/bench.json"));
     }
     assert!(a.model.is_none() && a.save_weights.is_none());
+    assert!(!p.tune, "tuning is opt-in");
 
     let (q, _) = parse(&["--quick", "--bench"]);
     let p = q.plan().unwrap();
@@ -71,6 +72,11 @@ fn default_and_quick_plans() {
     assert_eq!(p.e2e_reps, 1);
     assert_eq!(p.gemms, vec![GemmImpl::CublasLt]);
     assert_eq!(p.ceiling_size, 4096);
+}
+
+/// `--tune` reaches the plan.
+fn p_tune(a: &fora::bench::BenchArgs) -> bool {
+    a.tune && a.plan().unwrap().tune
 }
 
 #[test]
@@ -106,8 +112,10 @@ fn explicit_values_override_the_defaults() {
         "--gpu",
         "1",
         "--profiler-api",
+        "--tune",
     ]);
     assert!(!bench, "no --bench flag was given");
+    assert!(p_tune(&a));
     let p = a.plan().unwrap();
     assert_eq!(p.batches, vec![2, 3, 128]);
     assert_eq!(p.kernel_batches, vec![64]);
@@ -1119,6 +1127,14 @@ fn python_report_reads_the_rust_json() {
     let md = std::fs::read_to_string(&md_path).unwrap();
     println!("{md}");
     assert_eq!(md.trim(), stdout.trim());
+    // The tuning: what the `tuned` rows ran.
+    assert!(
+        md.contains(
+            "- `tuned` at 2 rows (FORA N = 3): `gemm_ln` (FORA_GEMM_LN=1), 1.250x the given \
+             options' window"
+        ),
+        "{md}"
+    );
     // Targets: measured ones with their status, unmeasured ones "—".
     assert!(
         md.contains("| full step, rows 2 (one image + CFG) | <= 1.0 ms | 1.200 ms | MISSED |"),

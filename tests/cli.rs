@@ -535,6 +535,19 @@ fn bad_sample_inputs() {
         &["--gpu", "--device cpu"],
         &out,
     );
+    // --tune tries the GPU's paths: refused on the CPU by name; where `auto` falls back to the
+    // CPU it says so and samples untuned.
+    assert_fails(
+        &run(&["--class", "1", "--steps", "2", "--device", "cpu", "--tune"]),
+        &["--tune", "--device cpu"],
+        &out,
+    );
+    let o = run(&["--class", "1", "--steps", "2", "--tune"]);
+    assert_ok(&o);
+    if stderr(&o).contains("running on the CPU") {
+        assert!(stderr(&o).contains("--tune"), "{}", stderr(&o));
+    }
+    std::fs::remove_file(&out).unwrap();
     // The CPU reads no FORA_* variable: a bad one does not stop it.
     let o = Command::new(fora_bin())
         .args([
@@ -774,7 +787,67 @@ fn cuda_device_through_the_cli() {
             &mut StaticInterval::new(3).unwrap(),
         )
         .unwrap();
-    for (what, got) in [("defaults", &a), ("--gemm custom --attention v1", &plain)] {
+    // --tune with three candidates: the table on stderr, the choice said, and its samples
+    // as close to the CPU's as the defaults'; a malformed candidate list refused, nothing
+    // written.
+    let tuned_out = dir.join("tuned.safetensors");
+    let tuned_run = |candidates: &str| {
+        Command::new(fora_bin())
+            .args([
+                "sample",
+                "--model",
+                model_s,
+                "--class",
+                "207",
+                "--class",
+                "360",
+                "--steps",
+                "10",
+                "--cfg-scale",
+                "4",
+                "--cache-interval",
+                "3",
+                "--seed",
+                "1",
+                "--device",
+                "cuda",
+                "--quiet",
+                "--tune",
+                "--out",
+                tuned_out.to_str().unwrap(),
+            ])
+            .env("FORA_TUNE_CANDIDATES", candidates)
+            .output()
+            .expect("cannot start the fora binary")
+    };
+    let o = tuned_run("given,pdl:FORA_PDL=1,no_graphs:FORA_CUDA_GRAPHS=0");
+    assert_ok(&o);
+    let log = stderr(&o);
+    for needle in [
+        "| given |",
+        "| pdl |",
+        "| no_graphs |",
+        "**chosen**",
+        "fora: sampling with",
+    ] {
+        assert!(log.contains(needle), "{needle}: {log}");
+    }
+    let tuned = TensorFile::open(&tuned_out)
+        .unwrap()
+        .f32("samples", 4)
+        .unwrap()
+        .data;
+    std::fs::remove_file(&tuned_out).unwrap();
+    assert_fails(
+        &tuned_run("given,pdl:FORA_PDL=maybe"),
+        &["FORA_TUNE_CANDIDATES", "pdl", "FORA_PDL"],
+        &tuned_out,
+    );
+    for (what, got) in [
+        ("defaults", &a),
+        ("--gemm custom --attention v1", &plain),
+        ("--tune", &tuned),
+    ] {
         let err = fora::cuda::testing::rel_l2(got, &want.latents);
         println!("cli sample ({what}): cuda vs cpu rel-L2 {err:.3e}");
         assert!(err <= 5e-2, "sample ({what}): cuda vs cpu rel-L2 {err:e}");

@@ -179,6 +179,12 @@ class Report:
                          "the CFG half; a step = model + CFG + DDPM update on both sides")
         if self.gemm:
             lines.append(f"- our steps: GEMM implementation `{self.gemm}`")
+        # `fora bench --tune`: what each batch's rows labelled `tuned` ran.
+        for t in (self.ours or {}).get("tunings", []):
+            env = t.get("chosen_env") or "the default options"
+            sp = t.get("speedup")
+            lines.append(f"- `tuned` at {t['rows']} rows (FORA N = {t['interval']}): "
+                         f"`{t['chosen']}` ({env}), {fmt(sp, 3, 'x')} the given options' window")
         return "\n".join(lines)
 
     def targets(self):
@@ -464,9 +470,9 @@ def main(argv=None):
     p.add_argument("--torch", default="target/bench_torch.json", help="JSON of bench_torch.py")
     p.add_argument("--md", default=None, help="also write the Markdown here")
     p.add_argument("--plot", default=None, help="PNG of step latency vs rows (needs matplotlib)")
-    p.add_argument("--gemm", default=None, choices=["custom", "cublaslt", "wgmma", "tma", "tma_mc"],
+    p.add_argument("--gemm", default=None, choices=["custom", "cublaslt", "wgmma", "tma", "tma_mc", "tuned"],
                    help="our GEMM implementation to report (default custom when measured; "
-                        "the names of `fora bench --gemm`)")
+                        "the names of `fora bench --gemm`, or `tuned` for `fora bench --tune`)")
     a = p.parse_args(argv)
     ours = load(a.ours, "fora-bench/1")
     torch = load(a.torch, "fora-bench-torch/1")

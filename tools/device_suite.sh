@@ -61,6 +61,9 @@
 #   tma_tuned  `tma_mc` steps with FORA_TMA_TILES set to the fastest forced tile of each GEMM
 #              (tools/tma_tiles.py over an earlier phase's Hopper GEMM rows), as variant
 #              `tma_mc_tuned`;
+#   tuned      `fora bench --tune` at TUNE_ROWS (default 2,256): every candidate path checked
+#              and timed on a window of each batch's own FORA run, in one process, then the
+#              chosen one's steps and end to end (session 27; TUNE_S bounds it, default 240 s);
 #   hopper_rows  the Hopper GEMM rows alone (every TMA tile, multicast included, against
 #              cuBLASLt and their L2 rooflines), as bench and issue5_more also run them;
 #   kernelprof ncu --set full of one launch of each kernel in PROF_KERNELS;
@@ -230,6 +233,24 @@ phase_ops() {
     sed -n '/^## In-model op times/,$p' "$OUT/ops_$g.log" | grep -E "^(###|\| )" | head -n 100
     tail -n 2 "$OUT/ops_$g.log"
   done
+}
+
+# `fora bench --tune` (session 27): per batch of TUNE_ROWS (default 2,256), every candidate path
+# (FORA_TUNE_CANDIDATES, else the built-in list: the defaults, PDL, the TMA attentions and every
+# fusion of sessions 23-26) checked against the defaults' forward and timed on a window of the
+# batch's FORA N=3 run in one process; then the chosen path's steps and one image end to end,
+# labelled `tuned`, beside the defaults' (labelled cublaslt). A line per candidate is logged as
+# it ends, so a hang keeps the others' times.
+phase_tuned() {
+  echo "=== tuned steps (rows ${TUNE_ROWS:-2,256})"
+  bounded "${TUNE_S:-240}" .devpack/bin/fora bench --tune --gemm cublaslt --sections steps,e2e \
+    --batches "${TUNE_ROWS:-2,256}" --runs 10 --warmup 2 --intervals 1,3 --e2e-reps 1 \
+    --json "$OUT/tuned.json" > "$OUT/tuned.log" 2>&1
+  grep -E "^tune: " "$OUT/tuned.log" | head -n 40
+  sed -n '/^## Tuned options/,/^## Failed/p' "$OUT/tuned.log" | grep -E "^(FORA|\| )" | head -n 40
+  grep -E "^\| (cublaslt|tuned) \| (2|256) \|" "$OUT/tuned.log" | head -n 8
+  grep -E "^\| (cublaslt|tuned) \| [13] \| 250 \|" "$OUT/tuned.log" | head -n 4
+  tail -n 2 "$OUT/tuned.log"
 }
 
 # The Hopper GEMM rows alone, as a phase (bench and issue5_more run them too).

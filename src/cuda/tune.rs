@@ -82,13 +82,18 @@ impl TuneCandidate {
 pub fn default_candidates() -> Vec<TuneCandidate> {
     [
         ("given", ""),
+        // Paths that ran on a GPU before (session 7's PDL, session 19's TMA attention)...
         ("pdl", "FORA_PDL=1"),
+        ("attention_tma", "FORA_ATTENTION=tma"),
+        // ... then those that had not when this list was written (sessions 23-26), so that a
+        // log holds the others' times should one of these hang.
+        ("attention_tma_pp", "FORA_ATTENTION=tma_pp"),
+        ("qkv_attention", "FORA_QKV_ATTENTION=1"),
         ("gemm_ln", "FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1"),
         (
             "gemm_ln_wide",
             "FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1 FORA_GEMM_LN_WIDE=1",
         ),
-        ("qkv_attention", "FORA_QKV_ATTENTION=1"),
         (
             "fused_pdl",
             "FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1 FORA_PDL=1",
@@ -97,8 +102,6 @@ pub fn default_candidates() -> Vec<TuneCandidate> {
             "ours_pdl",
             "FORA_GEMM=tma FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1 FORA_PDL=1",
         ),
-        ("attention_tma", "FORA_ATTENTION=tma"),
-        ("attention_tma_pp", "FORA_ATTENTION=tma_pp"),
     ]
     .into_iter()
     .map(|(name, settings)| TuneCandidate::new(name, settings))
@@ -386,7 +389,6 @@ pub fn tune(
             continue;
         }
         backend.set_options(options);
-        eprintln!("tune: {} rows, candidate {}", plan.model_rows(), c.name);
         let measured = (|| -> Result<(Option<f64>, Option<Stats>)> {
             let out = backend
                 .forward(&x, &t, &y, plan.guidance)
@@ -443,6 +445,22 @@ pub fn tune(
                 }
             }
         }
+        // A line per candidate as it ends, so that a log keeps what was measured even if a
+        // later candidate hangs or kills the process.
+        eprintln!(
+            "tune: {} rows, {}: window {}, rel-L2 {}{}",
+            plan.model_rows(),
+            row.name,
+            row.window
+                .as_ref()
+                .map_or("—".to_string(), |w| format!("{:.3} ms", w.median_ms)),
+            row.rel_l2.map_or("—".to_string(), |e| format!("{e:.2e}")),
+            match &row.outcome {
+                TuneOutcome::Rejected(why) => format!(", rejected: {why}"),
+                TuneOutcome::Failed(e) => format!(", failed: {e}"),
+                _ => String::new(),
+            }
+        );
         rows.push(row);
     }
     let times: Vec<Option<f64>> = rows
