@@ -183,7 +183,7 @@ struct SampleArgs {
     /// On a GPU: before sampling, try the backend's execution paths on this run's own plan and
     /// schedule (each checked against the options as given, then timed) and sample with the
     /// fastest; prints the table to stderr. Candidates: $FORA_TUNE_CANDIDATES
-    /// (`name:FORA_X=1 FORA_Y=1,...`), else the built-in list. The bits may differ from an
+    /// (`name:FORA_X=1 FORA_Y=1;...`), else the built-in list. The bits may differ from an
     /// untuned run's, within the forward's tolerance.
     #[arg(long)]
     tune: bool,

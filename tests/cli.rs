@@ -820,7 +820,7 @@ fn cuda_device_through_the_cli() {
             .output()
             .expect("cannot start the fora binary")
     };
-    let o = tuned_run("given,pdl:FORA_PDL=1,no_graphs:FORA_CUDA_GRAPHS=0");
+    let o = tuned_run("given;pdl:FORA_PDL=1;no_graphs:FORA_CUDA_GRAPHS=0");
     assert_ok(&o);
     let log = stderr(&o);
     for needle in [
@@ -839,7 +839,7 @@ fn cuda_device_through_the_cli() {
         .data;
     std::fs::remove_file(&tuned_out).unwrap();
     assert_fails(
-        &tuned_run("given,pdl:FORA_PDL=maybe"),
+        &tuned_run("given;pdl:FORA_PDL=maybe"),
         &["FORA_TUNE_CANDIDATES", "pdl", "FORA_PDL"],
         &tuned_out,
     );

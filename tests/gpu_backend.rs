@@ -1787,7 +1787,7 @@ fn gpu_tune_picks_the_fastest_checked_path() {
         (plan, schedule)
     };
     let candidates = TuneCandidate::parse_list(
-        "given,pdl:FORA_PDL=1,again:,no_graphs:FORA_CUDA_GRAPHS=0,f32_bias:FORA_LT_BIAS_BF16=0",
+        "given;pdl:FORA_PDL=1;again:;no_graphs:FORA_CUDA_GRAPHS=0;f32_bias:FORA_LT_BIAS_BF16=0",
     )
     .unwrap();
     let settings = TuneSettings {

@@ -408,7 +408,14 @@ phase_profile() {
   echo "=== ncu: kernel time per op of computing and reuse steps (rows ${PROFILE_ROWS:-2,256})"
   # Op by op (no graphs) so that every launch sits in its NVTX op range; one timed run each.
   # PROFILE_METRICS adds metrics (comma-separated) to the raw CSV; the summary reads the time.
-  FORA_CUDA_GRAPHS=0 bounded 150 ncu --nvtx --csv --print-units base \
+  # By default ncu locks the SM clock to base (1.44 GHz on an H200, against ~1.98 boost) and
+  # flushes every cache before each kernel, so its kernel times are longer than a normal run's
+  # (session 18's rows-2 profile of the tma_mc path: 4.3 ms of kernels a computing step);
+  # PROFILE_NATIVE=1 (default) leaves both as a normal run has them, so that the times compare
+  # with the bench's step (PROFILE_NATIVE=0: ncu's defaults).
+  local native=()
+  [ "${PROFILE_NATIVE:-1}" = 1 ] && native=(--clock-control none --cache-control none)
+  FORA_CUDA_GRAPHS=0 bounded 150 ncu "${native[@]}" --nvtx --csv --print-units base \
     --metrics "gpu__time_duration.sum${PROFILE_METRICS:+,$PROFILE_METRICS}" \
     .devpack/bin/fora bench --sections steps --batches "${PROFILE_ROWS:-2,256}" --runs "${PROFILE_RUNS:-2}" --warmup 1 \
     --gemm "${PROFILE_GEMM:-cublaslt}" --json "$OUT/profile_bench.json" > "$OUT/profile.csv" 2> "$OUT/profile.err"

@@ -47,13 +47,14 @@ impl TuneCandidate {
         }
     }
 
-    /// Candidates written `name:SETTINGS` and separated by commas
-    /// (`"gemm_ln:FORA_GEMM_LN=1,pdl:FORA_PDL=1 FORA_GEMM=tma"`), each name a word of letters,
+    /// Candidates written `name:SETTINGS` and separated by semicolons (a setting's value may
+    /// hold commas: `FORA_TMA_TILES`) (`"gemm_ln:FORA_GEMM_LN=1;pdl:FORA_PDL=1 FORA_GEMM=tma"`),
+    /// each name a word of letters,
     /// digits and `_`, given once; settings as [`CudaOptions::with_settings`] takes them (checked
     /// here against the defaults, so a typo fails before any GPU work).
     pub fn parse_list(list: &str) -> Result<Vec<TuneCandidate>> {
         let mut out: Vec<TuneCandidate> = Vec::new();
-        for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        for item in list.split(';').map(str::trim).filter(|i| !i.is_empty()) {
             let (name, settings) = item.split_once(':').unwrap_or((item, ""));
             let name = name.trim();
             ensure!(
@@ -88,16 +89,36 @@ pub fn default_candidates() -> Vec<TuneCandidate> {
         // ... then those that had not when this list was written (sessions 23-26), so that a
         // log holds the others' times should one of these hang.
         ("attention_tma_pp", "FORA_ATTENTION=tma_pp"),
+        ("prefetch_weights", "FORA_PREFETCH_WEIGHTS=1"),
+        // qkv and fc1 on session 26's narrow TMA tiles, proj and fc2 on session 22's cluster
+        // split-K tiles, under cuBLASLt (`FORA_TMA_TILES` routes those shapes on a Hopper).
+        (
+            "lt_narrow",
+            "FORA_TMA_TILES=3456x1152=128x112,4608x1152=128x144",
+        ),
+        (
+            "lt_cluster_k",
+            "FORA_TMA_TILES=1152x1152=k3-128x128,1152x4608=k3-128x128",
+        ),
         ("qkv_attention", "FORA_QKV_ATTENTION=1"),
         ("gemm_ln", "FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1"),
+        (
+            "gemm_ln_one_per_sm",
+            "FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1 FORA_GEMM_LN_ONE_PER_SM=1",
+        ),
         (
             "gemm_ln_wide",
             "FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1 FORA_GEMM_LN_WIDE=1",
         ),
         (
+            "qkv_gemm_ln",
+            "FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1",
+        ),
+        (
             "fused_pdl",
             "FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1 FORA_PDL=1",
         ),
+        ("tma", "FORA_GEMM=tma"),
         (
             "ours_pdl",
             "FORA_GEMM=tma FORA_QKV_ATTENTION=1 FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1 FORA_PDL=1",
@@ -527,7 +548,7 @@ mod tests {
     #[test]
     fn candidate_lists() {
         let c = TuneCandidate::parse_list(
-            " given , gemm_ln:FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1,pdl:FORA_PDL=1,",
+            " given ; gemm_ln:FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1;pdl:FORA_PDL=1;",
         )
         .unwrap();
         assert_eq!(
@@ -540,7 +561,8 @@ mod tests {
         );
         for (bad, says) in [
             ("", "no tuning candidates"),
-            ("a:FORA_PDL=1,a:FORA_GEMM_LN=1", "given twice"),
+            ("a:FORA_PDL=1;a:FORA_GEMM_LN=1", "given twice"),
+            ("a:FORA_PDL=1,b:FORA_GEMM_LN=1", "FORA_PDL"),
             ("bad name:FORA_PDL=1", "letters, digits"),
             (":FORA_PDL=1", "letters, digits"),
             ("x:FORA_PDL=2", "FORA_PDL"),
@@ -556,7 +578,7 @@ mod tests {
             .iter()
             .map(|c| format!("{}:{}", c.name, c.settings))
             .collect();
-        assert_eq!(TuneCandidate::parse_list(&joined.join(",")).unwrap(), d);
+        assert_eq!(TuneCandidate::parse_list(&joined.join(";")).unwrap(), d);
         // Each changes the defaults, except the first.
         for c in &d[1..] {
             let o = CudaOptions::default().with_settings(&c.settings).unwrap();
