@@ -28,6 +28,107 @@ use crate::bench::Stats;
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys;
 
+/// What [`tune`] needs of a backend beside [`Backend`]: its options, set from settings words,
+/// a timed window of steps, and whether the device still answers after a failure.
+/// [`CudaBackend`] is the one that matters; the trait lets the tuning loop run on a CPU mock in
+/// the tests.
+pub trait Tunable: Backend {
+    /// The execution options a candidate sets.
+    type Options: Copy + PartialEq + std::fmt::Debug;
+
+    /// The options later workspaces and forwards use.
+    fn tuned_options(&self) -> Self::Options;
+
+    /// Changes them.
+    fn set_tuned_options(&mut self, options: Self::Options);
+
+    /// `options` with a candidate's settings applied (`NAME=value` words).
+    fn apply_settings(options: Self::Options, settings: &str) -> Result<Self::Options>;
+
+    /// The windows' times in ms: `steps` run `warmup` times untimed, then `runs` times, each
+    /// timed, on a fresh workspace of `plan`.
+    fn time_steps(
+        &self,
+        plan: &SamplePlan,
+        steps: &[StepSpec],
+        warmup: usize,
+        runs: usize,
+    ) -> Result<Stats>;
+
+    /// Ok while the device answers (a failed candidate may have left it unusable).
+    fn still_usable(&self) -> Result<()>;
+}
+
+impl Tunable for CudaBackend {
+    type Options = CudaOptions;
+
+    fn tuned_options(&self) -> CudaOptions {
+        self.options()
+    }
+
+    fn set_tuned_options(&mut self, options: CudaOptions) {
+        self.set_options(options);
+    }
+
+    fn apply_settings(options: CudaOptions, settings: &str) -> Result<CudaOptions> {
+        options.with_settings(settings)
+    }
+
+    /// CUDA events around each window on the backend's stream; the host does not wait between
+    /// windows.
+    fn time_steps(
+        &self,
+        plan: &SamplePlan,
+        steps: &[StepSpec],
+        warmup: usize,
+        runs: usize,
+    ) -> Result<Stats> {
+        let mut ws = self.workspace(plan).context("building the workspace")?;
+        let run = |ws: &mut _| -> Result<()> {
+            for spec in steps {
+                self.step(ws, spec)
+                    .with_context(|| format!("step {} ({:?})", spec.k, spec.mode))?;
+            }
+            Ok(())
+        };
+        for _ in 0..warmup {
+            run(&mut ws)?;
+        }
+        let gpu = self.gpu();
+        gpu.synchronize().context("the warm-up window failed")?;
+        let events = (0..=runs)
+            .map(|_| {
+                gpu.context()
+                    .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .context("cannot create a CUDA event")
+            })
+            .collect::<Result<Vec<_>>>()?;
+        events[0]
+            .record(gpu.stream())
+            .context("cannot record an event")?;
+        for event in &events[1..] {
+            run(&mut ws)?;
+            event
+                .record(gpu.stream())
+                .context("cannot record an event")?;
+        }
+        gpu.synchronize().context("the timed windows failed")?;
+        let samples = events
+            .windows(2)
+            .map(|w| {
+                Ok(w[0]
+                    .elapsed_ms(&w[1])
+                    .context("cannot read an event time")? as f64)
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        Stats::from_samples(&samples)
+    }
+
+    fn still_usable(&self) -> Result<()> {
+        self.gpu().synchronize()
+    }
+}
+
 /// One set of options to try: a name for reports and `NAME=value` settings applied on top of
 /// the options given to [`tune`] ([`CudaOptions::with_settings`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -176,13 +277,13 @@ pub enum TuneOutcome {
 
 /// One candidate's results.
 #[derive(Clone, Debug, PartialEq)]
-pub struct TuneRow {
+pub struct TuneRow<O = CudaOptions> {
     /// The candidate's name.
     pub name: String,
     /// Its settings.
     pub settings: String,
     /// The options it ran with.
-    pub options: CudaOptions,
+    pub options: O,
     /// Relative L2 distance of its forward from the given options' (0 for those).
     pub rel_l2: Option<f64>,
     /// The timed windows, in ms.
@@ -193,7 +294,7 @@ pub struct TuneRow {
 
 /// The result of [`tune`]: every candidate in order, the one chosen among them.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Tuning {
+pub struct Tuning<O = CudaOptions> {
     /// Model rows of the run (CFG half included).
     pub rows: usize,
     /// Steps of the timed window and how many of them compute.
@@ -203,14 +304,14 @@ pub struct Tuning {
     /// Steps of the whole run (the window's time x steps / window steps estimates it).
     pub run_steps: usize,
     /// Every candidate, in the order tried.
-    pub rows_tried: Vec<TuneRow>,
+    pub rows_tried: Vec<TuneRow<O>>,
     /// Index of the chosen one in `rows_tried`.
     pub chosen: usize,
 }
 
-impl Tuning {
+impl<O> Tuning<O> {
     /// The chosen candidate.
-    pub fn chosen(&self) -> &TuneRow {
+    pub fn chosen(&self) -> &TuneRow<O> {
         &self.rows_tried[self.chosen]
     }
 
@@ -300,7 +401,7 @@ pub fn choose(times_ms: &[Option<f64>], min_gain: f64) -> Option<usize> {
 
 /// Fixed random forward inputs of a plan's rows: x `[rows, C, H, W]` (standard normal), every
 /// row at the run's first timestep, the plan's labels (and the null class on the CFG half).
-fn forward_inputs(backend: &CudaBackend, plan: &SamplePlan) -> (Vec<f32>, Vec<i64>, Vec<usize>) {
+fn forward_inputs<B: Backend>(backend: &B, plan: &SamplePlan) -> (Vec<f32>, Vec<i64>, Vec<usize>) {
     let cfg = backend.config();
     let rows = plan.model_rows();
     let mut x = vec![0f32; rows * cfg.image_len()];
@@ -313,67 +414,17 @@ fn forward_inputs(backend: &CudaBackend, plan: &SamplePlan) -> (Vec<f32>, Vec<i6
     (x, t, y)
 }
 
-/// Median window time (ms) of `schedule[..window]` on a fresh workspace of `plan` with the
-/// backend's current options.
-fn time_window(
-    backend: &CudaBackend,
-    plan: &SamplePlan,
-    window: &[StepSpec],
-    settings: &TuneSettings,
-) -> Result<Stats> {
-    let mut ws = backend.workspace(plan).context("building the workspace")?;
-    let run = |ws: &mut _| -> Result<()> {
-        for spec in window {
-            backend
-                .step(ws, spec)
-                .with_context(|| format!("step {} ({:?})", spec.k, spec.mode))?;
-        }
-        Ok(())
-    };
-    for _ in 0..settings.warmup {
-        run(&mut ws)?;
-    }
-    let gpu = backend.gpu();
-    gpu.synchronize().context("the warm-up window failed")?;
-    let events = (0..=settings.runs)
-        .map(|_| {
-            gpu.context()
-                .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .context("cannot create a CUDA event")
-        })
-        .collect::<Result<Vec<_>>>()?;
-    events[0]
-        .record(gpu.stream())
-        .context("cannot record an event")?;
-    for event in &events[1..] {
-        run(&mut ws)?;
-        event
-            .record(gpu.stream())
-            .context("cannot record an event")?;
-    }
-    gpu.synchronize().context("the timed windows failed")?;
-    let samples = events
-        .windows(2)
-        .map(|w| {
-            Ok(w[0]
-                .elapsed_ms(&w[1])
-                .context("cannot read an event time")? as f64)
-        })
-        .collect::<Result<Vec<f64>>>()?;
-    Stats::from_samples(&samples)
-}
-
 /// Tries `candidates` (the first is normally the options as given: empty settings) on a run of
 /// `plan` whose steps are `schedule` ([`crate::sampler::Sampler::schedule`]), as the module
 /// comment says, and leaves `backend` set to the chosen options. Errors when the first
 /// candidate fails, when a failure leaves the GPU unusable, or on bad settings.
-pub fn tune(
-    backend: &mut CudaBackend,
+pub fn tune<B: Tunable>(
+    backend: &mut B,
     plan: &SamplePlan,
     schedule: &[StepSpec],
     candidates: &[TuneCandidate],
     settings: &TuneSettings,
-) -> Result<Tuning> {
+) -> Result<Tuning<B::Options>> {
     ensure!(
         !candidates.is_empty(),
         "tuning needs at least one candidate"
@@ -385,17 +436,23 @@ pub fn tune(
         schedule.len(),
         plan.steps
     );
-    let given = backend.options();
+    let given = backend.tuned_options();
     let modes: Vec<StepMode> = schedule.iter().map(|s| s.mode).collect();
     let w = window_len(&modes, settings.window);
     let window = &schedule[..w];
     let (x, t, y) = forward_inputs(backend, plan);
     let mut reference: Option<Vec<f32>> = None;
-    let mut rows: Vec<TuneRow> = Vec::new();
-    for (index, c) in candidates.iter().enumerate() {
-        let options = given
-            .with_settings(&c.settings)
-            .with_context(|| format!("tuning candidate {:?}", c.name))?;
+    let mut rows: Vec<TuneRow<B::Options>> = Vec::new();
+    // Every candidate's settings are read before any runs, so that a bad one fails the tuning
+    // with the backend untouched.
+    let all_options = candidates
+        .iter()
+        .map(|c| {
+            B::apply_settings(given, &c.settings)
+                .with_context(|| format!("tuning candidate {:?}", c.name))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for (index, (c, &options)) in candidates.iter().zip(&all_options).enumerate() {
         let mut row = TuneRow {
             name: c.name.clone(),
             settings: c.settings.clone(),
@@ -409,7 +466,7 @@ pub fn tune(
             rows.push(row);
             continue;
         }
-        backend.set_options(options);
+        backend.set_tuned_options(options);
         let measured = (|| -> Result<(Option<f64>, Option<Stats>)> {
             let out = backend
                 .forward(&x, &t, &y, plan.guidance)
@@ -439,7 +496,7 @@ pub fn tune(
                 ));
                 return Ok((Some(rel), None));
             }
-            let stats = time_window(backend, plan, window, settings)?;
+            let stats = backend.time_steps(plan, window, settings.warmup, settings.runs)?;
             Ok((Some(rel), Some(stats)))
         })();
         match measured {
@@ -448,7 +505,7 @@ pub fn tune(
                 row.window = stats;
             }
             Err(e) if index == 0 => {
-                backend.set_options(given);
+                backend.set_tuned_options(given);
                 return Err(e.context(format!(
                     "tuning: the given options (candidate {:?}) failed",
                     c.name
@@ -456,8 +513,8 @@ pub fn tune(
             }
             Err(e) => {
                 row.outcome = TuneOutcome::Failed(format!("{e:#}"));
-                if let Err(sticky) = backend.gpu().synchronize() {
-                    backend.set_options(given);
+                if let Err(sticky) = backend.still_usable() {
+                    backend.set_tuned_options(given);
                     bail!(
                         "tuning stopped: candidate {:?} left the GPU unusable ({sticky:#}); it \
                          failed with: {e:#}",
@@ -491,10 +548,12 @@ pub fn tune(
             _ => None,
         })
         .collect();
-    let chosen = choose(&times, settings.min_gain)
-        .context("tuning: the given options have no time (nothing to compare with)")?;
+    let Some(chosen) = choose(&times, settings.min_gain) else {
+        backend.set_tuned_options(given);
+        bail!("tuning: the given options have no time (nothing to compare with)");
+    };
     rows[chosen].outcome = TuneOutcome::Chosen;
-    backend.set_options(rows[chosen].options);
+    backend.set_tuned_options(rows[chosen].options);
     Ok(Tuning {
         rows: plan.model_rows(),
         window_steps: w,

@@ -1,0 +1,338 @@
+//! The tuning loop of `fora::cuda::tune` on a CPU mock backend (no GPU): what it checks, what
+//! it times, what it chooses and leaves set, and how it handles candidates that are wrong, that
+//! fail, or that leave the device unusable. `gpu_tune_picks_the_fastest_checked_path`
+//! (gpu_backend) runs the same loop on the CUDA backend.
+
+use anyhow::{bail, ensure, Result};
+use fora::backend::{Backend, Guidance, GuidanceMode, NoiseSource, SamplePlan, StepMode, StepSpec};
+use fora::bench::Stats;
+use fora::cache::StaticInterval;
+use fora::config::{Arch, DitConfig};
+use fora::cuda::tune::{tune, Tunable, TuneCandidate, TuneOutcome, TuneSettings};
+use fora::sampler::{Sampler, SamplerOptions};
+use std::cell::{Cell, RefCell};
+
+/// A mock path: its window time, and how its forward misbehaves.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct MockOptions {
+    /// ms a window takes.
+    window_ms: f64,
+    /// Added to every forward output (0: the given options' output).
+    offset: f32,
+    /// The forward returns NaN.
+    nan: bool,
+    /// The forward fails (a kernel this card lacks).
+    fail: bool,
+    /// The forward fails and the device stops answering.
+    kill: bool,
+}
+
+struct Mock {
+    config: DitConfig,
+    options: MockOptions,
+    dead: Cell<bool>,
+    /// (t, y) of every forward.
+    forwards: RefCell<Vec<(Vec<i64>, Vec<usize>)>>,
+    /// (modes of the window, warm-up, runs) of every timing.
+    timings: RefCell<Vec<(Vec<StepMode>, usize, usize)>>,
+}
+
+impl Mock {
+    fn new() -> Mock {
+        let arch = Arch::parse("depth=1,hidden=8,heads=2,patch=2").unwrap();
+        Mock {
+            config: DitConfig::from_arch(&arch, 3, 4, 10, true).unwrap(),
+            options: MockOptions {
+                window_ms: 10.0,
+                offset: 0.0,
+                nan: false,
+                fail: false,
+                kill: false,
+            },
+            dead: Cell::new(false),
+            forwards: RefCell::new(Vec::new()),
+            timings: RefCell::new(Vec::new()),
+        }
+    }
+}
+
+impl Backend for Mock {
+    type Workspace = ();
+
+    fn name(&self) -> String {
+        "mock".into()
+    }
+    fn config(&self) -> &DitConfig {
+        &self.config
+    }
+    fn workspace(&self, _plan: &SamplePlan) -> Result<()> {
+        Ok(())
+    }
+    fn step(&self, _ws: &mut (), _step: &StepSpec) -> Result<()> {
+        Ok(())
+    }
+    fn latents(&self, _ws: &mut ()) -> Result<Vec<f32>> {
+        Ok(Vec::new())
+    }
+    fn forward(
+        &self,
+        x: &[f32],
+        t: &[i64],
+        y: &[usize],
+        _guidance: Option<Guidance>,
+    ) -> Result<Vec<f32>> {
+        ensure!(!self.dead.get(), "mock: the device is gone");
+        self.forwards.borrow_mut().push((t.to_vec(), y.to_vec()));
+        let o = self.options;
+        if o.kill {
+            self.dead.set(true);
+            bail!("mock: illegal address");
+        }
+        ensure!(!o.fail, "mock: no kernel for this card");
+        Ok(x.iter()
+            .map(|v| if o.nan { f32::NAN } else { v * 2.0 + o.offset })
+            .collect())
+    }
+}
+
+impl Tunable for Mock {
+    type Options = MockOptions;
+
+    fn tuned_options(&self) -> MockOptions {
+        self.options
+    }
+    fn set_tuned_options(&mut self, options: MockOptions) {
+        self.options = options;
+    }
+    /// Words `MS=<window ms>`, `OFFSET=<f32>`, `NAN=1`, `FAIL=1`, `KILL=1`.
+    fn apply_settings(mut o: MockOptions, settings: &str) -> Result<MockOptions> {
+        for word in settings.split_whitespace() {
+            match word.split_once('=') {
+                Some(("MS", v)) => o.window_ms = v.parse()?,
+                Some(("OFFSET", v)) => o.offset = v.parse()?,
+                Some(("NAN", "1")) => o.nan = true,
+                Some(("FAIL", "1")) => o.fail = true,
+                Some(("KILL", "1")) => o.kill = true,
+                _ => bail!("mock: bad setting {word:?}"),
+            }
+        }
+        Ok(o)
+    }
+    fn time_steps(
+        &self,
+        _plan: &SamplePlan,
+        steps: &[StepSpec],
+        warmup: usize,
+        runs: usize,
+    ) -> Result<Stats> {
+        ensure!(!self.dead.get(), "mock: the device is gone");
+        self.timings
+            .borrow_mut()
+            .push((steps.iter().map(|s| s.mode).collect(), warmup, runs));
+        let ms = self.options.window_ms;
+        // Noisy windows whose median is the path's time.
+        let samples: Vec<f64> = (0..runs).map(|i| ms + [0.0, 0.3, -0.2][i % 3]).collect();
+        Stats::from_samples(&samples)
+    }
+    fn still_usable(&self) -> Result<()> {
+        ensure!(!self.dead.get(), "mock: the device is gone");
+        Ok(())
+    }
+}
+
+/// One image with CFG over 30 DDPM steps at FORA N = 3: the plan and its schedule.
+fn run_of(backend: &Mock) -> (SamplePlan, Vec<StepSpec>) {
+    let options = SamplerOptions::ddpm(30).with_guidance(Some(Guidance {
+        scale: 4.0,
+        mode: GuidanceMode::Official3,
+    }));
+    let sampler = Sampler::new(backend, options).unwrap();
+    let plan = sampler.plan(&[2], NoiseSource::Seed(1)).unwrap();
+    let schedule = sampler.schedule(&mut StaticInterval::new(3).unwrap());
+    (plan, schedule)
+}
+
+fn candidates(list: &[(&str, &str)]) -> Vec<TuneCandidate> {
+    list.iter()
+        .map(|(name, settings)| TuneCandidate::new(name, settings))
+        .collect()
+}
+
+const SETTINGS: TuneSettings = TuneSettings {
+    window: 6,
+    warmup: 2,
+    runs: 5,
+    tolerance: 2e-2,
+    min_gain: 0.01,
+};
+
+#[test]
+fn the_fastest_checked_candidate_is_chosen_and_left_set() {
+    let mut mock = Mock::new();
+    let (plan, schedule) = run_of(&mock);
+    let list = candidates(&[
+        ("given", ""),
+        ("faster", "MS=8 OFFSET=0.001"),
+        ("noise", "MS=9.95"),
+        ("again", "MS=10"),
+        ("fastest_but_wrong", "MS=1 OFFSET=1"),
+        ("nan", "MS=1 NAN=1"),
+        ("missing", "MS=1 FAIL=1"),
+        ("slow", "MS=30"),
+    ]);
+    let t = tune(&mut mock, &plan, &schedule, &list, &SETTINGS).unwrap();
+    println!("{}", t.markdown());
+    let outcome = |i: usize| t.rows_tried[i].outcome.clone();
+    assert_eq!(t.chosen, 1);
+    assert_eq!(outcome(1), TuneOutcome::Chosen);
+    assert_eq!(mock.options.window_ms, 8.0, "the choice is left set");
+    assert_eq!(outcome(0), TuneOutcome::Slower);
+    assert_eq!(outcome(2), TuneOutcome::Slower);
+    // The same options as the given ones: not run again.
+    assert_eq!(outcome(3), TuneOutcome::SameAs("given".into()));
+    assert!(t.rows_tried[3].window.is_none());
+    // Fast but wrong: rejected on its forward, never timed.
+    assert!(
+        matches!(outcome(4), TuneOutcome::Rejected(ref w) if w.contains("rel-L2")),
+        "{:?}",
+        outcome(4)
+    );
+    assert!(t.rows_tried[4].rel_l2.unwrap() > 0.02 && t.rows_tried[4].window.is_none());
+    assert!(
+        matches!(outcome(5), TuneOutcome::Rejected(ref w) if w.contains("NaN")),
+        "{:?}",
+        outcome(5)
+    );
+    assert!(
+        matches!(outcome(6), TuneOutcome::Failed(ref e) if e.contains("no kernel")),
+        "{:?}",
+        outcome(6)
+    );
+    assert_eq!(outcome(7), TuneOutcome::Slower);
+    // The small offset is within the tolerance; the given options are the reference.
+    let rel = t.rows_tried[1].rel_l2.unwrap();
+    assert!(rel > 0.0 && rel < 2e-2, "{rel}");
+    assert_eq!(t.rows_tried[0].rel_l2, Some(0.0));
+    assert!((t.speedup().unwrap() - 10.0 / 8.0).abs() < 1e-12);
+    // Timed: given, faster, noise, slow; each the same window of the run's own schedule
+    // (steps 0..8: C R C R R C R R, ending before a computing step), 2 warm-ups, 5 runs.
+    let timings = mock.timings.borrow();
+    assert_eq!(timings.len(), 4);
+    use StepMode::{Compute as C, Reuse as R};
+    for (modes, warmup, runs) in timings.iter() {
+        assert_eq!(modes, &[C, R, C, R, R, C, R, R]);
+        assert_eq!((*warmup, *runs), (2, 5));
+    }
+    assert_eq!(
+        (t.window_steps, t.window_computing, t.run_steps),
+        (8, 3, 30)
+    );
+    // Every forward: two rows (CFG) at the run's first timestep, the class then the null one.
+    for (tt, y) in mock.forwards.borrow().iter() {
+        assert_eq!(tt, &[plan.timesteps[0]; 2]);
+        assert_eq!(y, &[2, mock.config.num_classes]);
+    }
+    assert_eq!(
+        mock.forwards.borrow().len(),
+        7,
+        "every candidate but the repeat"
+    );
+    // The table: the window, the run it estimates (x 30 / 8), the outcome.
+    let md = t.markdown();
+    assert!(
+        md.contains("| faster | `MS=8 OFFSET=0.001` | 8.000 | 30.0 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| given | `(as given)` | 10.000 | 37.5 | 0.00e0 | slower |"),
+        "{md}"
+    );
+}
+
+#[test]
+fn noise_does_not_replace_the_given_options() {
+    let mut mock = Mock::new();
+    let (plan, schedule) = run_of(&mock);
+    let list = candidates(&[("given", ""), ("within_noise", "MS=9.95")]);
+    let t = tune(&mut mock, &plan, &schedule, &list, &SETTINGS).unwrap();
+    assert_eq!(t.chosen, 0);
+    assert_eq!(t.rows_tried[0].outcome, TuneOutcome::Chosen);
+    assert_eq!(mock.options.window_ms, 10.0);
+    // Without a margin, any gain counts.
+    let any = TuneSettings {
+        min_gain: 0.0,
+        ..SETTINGS
+    };
+    let t = tune(&mut mock, &plan, &schedule, &list, &any).unwrap();
+    assert_eq!(t.chosen, 1);
+    assert_eq!(mock.options.window_ms, 9.95);
+}
+
+#[test]
+fn failures_that_end_the_tuning() {
+    let (plan, schedule) = run_of(&Mock::new());
+    // A candidate that leaves the device unusable stops the tuning, the given options set back.
+    let mut mock = Mock::new();
+    let list = candidates(&[("given", ""), ("faster", "MS=5"), ("killer", "KILL=1")]);
+    let err = format!(
+        "{:#}",
+        tune(&mut mock, &plan, &schedule, &list, &SETTINGS).unwrap_err()
+    );
+    assert!(
+        err.contains("killer") && err.contains("unusable") && err.contains("illegal address"),
+        "{err}"
+    );
+    assert_eq!(mock.options, Mock::new().options);
+    // The given options must run, and give finite numbers.
+    for (settings, says) in [("FAIL=1", "no kernel"), ("NAN=1", "not finite")] {
+        let mut mock = Mock::new();
+        let list = candidates(&[("given", settings), ("other", "MS=1")]);
+        let err = format!(
+            "{:#}",
+            tune(&mut mock, &plan, &schedule, &list, &SETTINGS).unwrap_err()
+        );
+        assert!(err.contains("given") && err.contains(says), "{err}");
+        assert_eq!(mock.options, Mock::new().options);
+    }
+    // Bad settings (read before anything runs: nothing was timed), an empty list, no timed
+    // windows, a schedule of another plan.
+    let mut mock = Mock::new();
+    let list = candidates(&[("given", ""), ("fast", "MS=1"), ("bad", "WHAT=1")]);
+    assert!(tune(&mut mock, &plan, &schedule, &list, &SETTINGS).is_err());
+    assert!(mock.timings.borrow().is_empty() && mock.forwards.borrow().is_empty());
+    for (list, settings, schedule, says) in [
+        (
+            candidates(&[("given", ""), ("bad", "WHAT=1")]),
+            SETTINGS,
+            &schedule[..],
+            "bad",
+        ),
+        (
+            Vec::new(),
+            SETTINGS,
+            &schedule[..],
+            "at least one candidate",
+        ),
+        (
+            candidates(&[("given", "")]),
+            TuneSettings {
+                runs: 0,
+                ..SETTINGS
+            },
+            &schedule[..],
+            "timed window",
+        ),
+        (
+            candidates(&[("given", "")]),
+            SETTINGS,
+            &schedule[..10],
+            "schedule",
+        ),
+    ] {
+        let err = format!(
+            "{:#}",
+            tune(&mut mock, &plan, schedule, &list, &settings).unwrap_err()
+        );
+        assert!(err.contains(says), "{says}: {err}");
+    }
+}
