@@ -738,36 +738,39 @@ fn cuda_device_through_the_cli() {
     }
 
     // sample: 10 DDPM steps, CFG 4, FORA N=3, seed 1; twice on the GPU, once on the CPU.
+    // `sample_command(out, extra)`: that run writing `out`, with `extra` arguments.
+    let sample_command = |out: &Path, extra: &[&str]| {
+        let mut cmd = Command::new(fora_bin());
+        cmd.args([
+            "sample",
+            "--model",
+            model_s,
+            "--class",
+            "207",
+            "--class",
+            "360",
+            "--steps",
+            "10",
+            "--cfg-scale",
+            "4",
+            "--cache-interval",
+            "3",
+            "--seed",
+            "1",
+            "--device",
+            "cuda",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args(extra);
+        cmd
+    };
     let sample = |name: &str, kernels: &[&str]| {
         let out = dir.join(name);
-        let o = fora(
-            &[
-                &[
-                    "sample",
-                    "--model",
-                    model_s,
-                    "--class",
-                    "207",
-                    "--class",
-                    "360",
-                    "--steps",
-                    "10",
-                    "--cfg-scale",
-                    "4",
-                    "--cache-interval",
-                    "3",
-                    "--seed",
-                    "1",
-                    "--device",
-                    "cuda",
-                    "--quiet",
-                    "--out",
-                    out.to_str().unwrap(),
-                ],
-                kernels,
-            ]
-            .concat(),
-        );
+        let o = sample_command(&out, kernels)
+            .output()
+            .expect("cannot start the fora binary");
         assert_ok(&o);
         TensorFile::open(&out)
             .unwrap()
@@ -792,30 +795,7 @@ fn cuda_device_through_the_cli() {
     // written.
     let tuned_out = dir.join("tuned.safetensors");
     let tuned_run = |candidates: &str| {
-        Command::new(fora_bin())
-            .args([
-                "sample",
-                "--model",
-                model_s,
-                "--class",
-                "207",
-                "--class",
-                "360",
-                "--steps",
-                "10",
-                "--cfg-scale",
-                "4",
-                "--cache-interval",
-                "3",
-                "--seed",
-                "1",
-                "--device",
-                "cuda",
-                "--quiet",
-                "--tune",
-                "--out",
-                tuned_out.to_str().unwrap(),
-            ])
+        sample_command(&tuned_out, &["--tune"])
             .env("FORA_TUNE_CANDIDATES", candidates)
             .output()
             .expect("cannot start the fora binary")

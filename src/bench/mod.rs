@@ -55,7 +55,7 @@ mod kernels;
 mod ops;
 mod report;
 mod steps;
-mod timer;
+pub(crate) mod timer;
 
 use kernels::{bench_ceilings, bench_kernels};
 use ops::bench_ops;

@@ -7,16 +7,16 @@ use cudarc::driver::sys;
 use super::{launches_per_graph, Stats};
 
 /// CUDA-event timing of back-to-back runs.
-pub(super) struct Timer {
-    pub(super) warmup: usize,
-    pub(super) runs: usize,
-    pub(super) profiler_api: bool,
+pub(crate) struct Timer {
+    pub(crate) warmup: usize,
+    pub(crate) runs: usize,
+    pub(crate) profiler_api: bool,
 }
 
 impl Timer {
     /// Runs `launch(i)` for i in 0..warmup untimed, then i in warmup..warmup+runs with an event
     /// between consecutive runs; the host does not wait between runs.
-    pub(super) fn time(&self, gpu: &Gpu, launch: impl FnMut(usize) -> Result<()>) -> Result<Stats> {
+    pub(crate) fn time(&self, gpu: &Gpu, launch: impl FnMut(usize) -> Result<()>) -> Result<Stats> {
         self.time_with_host(gpu, launch).map(|(stats, _)| stats)
     }
 

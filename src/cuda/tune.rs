@@ -26,7 +26,6 @@ use super::backend::{CudaBackend, CudaOptions};
 use crate::backend::{Backend, SamplePlan, StepMode, StepSpec};
 use crate::bench::Stats;
 use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::sys;
 
 /// What [`tune`] needs of a backend beside [`Backend`]: its options, set from settings words,
 /// a timed window of steps, and whether the device still answers after a failure.
@@ -84,44 +83,18 @@ impl Tunable for CudaBackend {
         runs: usize,
     ) -> Result<Stats> {
         let mut ws = self.workspace(plan).context("building the workspace")?;
-        let run = |ws: &mut _| -> Result<()> {
+        let timer = crate::bench::timer::Timer {
+            warmup,
+            runs,
+            profiler_api: false,
+        };
+        timer.time(self.gpu(), |_| {
             for spec in steps {
-                self.step(ws, spec)
+                self.step(&mut ws, spec)
                     .with_context(|| format!("step {} ({:?})", spec.k, spec.mode))?;
             }
             Ok(())
-        };
-        for _ in 0..warmup {
-            run(&mut ws)?;
-        }
-        let gpu = self.gpu();
-        gpu.synchronize().context("the warm-up window failed")?;
-        let events = (0..=runs)
-            .map(|_| {
-                gpu.context()
-                    .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-                    .context("cannot create a CUDA event")
-            })
-            .collect::<Result<Vec<_>>>()?;
-        events[0]
-            .record(gpu.stream())
-            .context("cannot record an event")?;
-        for event in &events[1..] {
-            run(&mut ws)?;
-            event
-                .record(gpu.stream())
-                .context("cannot record an event")?;
-        }
-        gpu.synchronize().context("the timed windows failed")?;
-        let samples = events
-            .windows(2)
-            .map(|w| {
-                Ok(w[0]
-                    .elapsed_ms(&w[1])
-                    .context("cannot read an event time")? as f64)
-            })
-            .collect::<Result<Vec<f64>>>()?;
-        Stats::from_samples(&samples)
+        })
     }
 
     fn still_usable(&self) -> Result<()> {
