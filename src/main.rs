@@ -408,6 +408,8 @@ impl Job for ForwardJob {
 struct SampleJob {
     args: SampleArgs,
     options: SamplerOptions,
+    /// With --tune: the candidates, read before the model loads.
+    tune_candidates: Option<Vec<TuneCandidate>>,
 }
 
 fn sample(args: SampleArgs) -> Result<()> {
@@ -444,7 +446,16 @@ fn sample(args: SampleArgs) -> Result<()> {
         guidance: guidance(scale, args.cfg_mode)?,
     };
     let model = args.model.clone();
-    let job = SampleJob { args, options };
+    let tune_candidates = if args.tune {
+        Some(fora::cuda::tune::candidates_from_env()?)
+    } else {
+        None
+    };
+    let job = SampleJob {
+        args,
+        options,
+        tune_candidates,
+    };
     run_on(&model, job)
 }
 
@@ -496,18 +507,14 @@ impl Job for SampleJob {
     }
 
     fn prepare_cuda(&self, backend: &mut CudaBackend) -> Result<()> {
-        if !self.args.tune {
+        let Some(candidates) = &self.tune_candidates else {
             return Ok(());
-        }
-        let candidates = match std::env::var("FORA_TUNE_CANDIDATES") {
-            Ok(list) if !list.trim().is_empty() => {
-                TuneCandidate::parse_list(&list).context("FORA_TUNE_CANDIDATES")?
-            }
-            _ => fora::cuda::tune::default_candidates(),
         };
         let (plan, schedule) = {
             let sampler = Sampler::new(&*backend, self.options.clone())?;
-            let noise = self.noise(&*backend, sampler.steps())?;
+            // The tuning's own run: the seed's noise (a noise file is read once, by the run
+            // itself; what is timed and compared does not depend on the noise values).
+            let noise = NoiseSource::Seed(self.args.seed.unwrap_or(0));
             let plan = sampler.plan(&self.args.classes, noise)?;
             let mut policy = policy_for_interval(self.args.cache_interval as usize)?;
             (plan, sampler.schedule(policy.as_mut()))
@@ -516,7 +523,7 @@ impl Job for SampleJob {
             backend,
             &plan,
             &schedule,
-            &candidates,
+            candidates,
             &TuneSettings::default(),
         )?;
         eprintln!("{}", tuning.markdown());

@@ -510,6 +510,8 @@ fn fake_tuning() -> Tuning {
         settings: settings.into(),
         options: CudaOptions::default().with_settings(settings).unwrap(),
         rel_l2: rel,
+        // The steps' distance is measured only where the forward passed and a window ran.
+        steps_rel_l2: ms.and(rel.map(|r| r / 2.0)),
         window: ms.map(|ms| Stats::from_samples(&[ms, ms + 0.1, ms - 0.1]).unwrap()),
         outcome,
     };
@@ -581,16 +583,19 @@ fn report_markdown_and_json() {
     // chosen one marked; a '|' in an error does not break the table.
     assert!(md.contains("## Tuned options (`--tune`)"), "{md}");
     assert!(
-        md.contains("| gemm_ln | `FORA_GEMM_LN=1` | 4.800 | 100.0 | 3.10e-3 | **chosen** |"),
+        md.contains(
+            "| gemm_ln | `FORA_GEMM_LN=1` | 4.800 | 100.0 | 3.10e-3 | 1.55e-3 | **chosen** |"
+        ),
         "{md}"
     );
     assert!(
-        md.contains("| given | `(as given)` | 6.000 | 125.0 | 0.00e0 | slower |"),
+        md.contains("| given | `(as given)` | 6.000 | 125.0 | 0.00e0 | 0.00e0 | slower |"),
         "{md}"
     );
-    assert!(md.contains("| again | `(as given)` | — | — | — | same options as given |"));
-    assert!(md
-        .contains("| missing | `FORA_GEMM=tma` | — | — | — | failed: no kernel / for this card |"));
+    assert!(md.contains("| again | `(as given)` | — | — | — | — | same options as given |"));
+    assert!(md.contains(
+        "| missing | `FORA_GEMM=tma` | — | — | — | — | failed: no kernel / for this card |"
+    ));
     let t = &j["tunings"][0];
     assert_eq!(
         (t["rows"].as_u64(), t["interval"].as_u64()),

@@ -1,7 +1,8 @@
 //! `CudaOptions::from_env`: the defaults (those of `CudaOptions::default`), every switch and
 //! kernel choice honoured, and a value other than 0 or 1 (or an unknown kernel) refused with the
-//! variable's name. No GPU needed. One test, because the environment is
-//! shared by the threads of a test binary.
+//! variable's name; and `CudaOptions::with_settings`, the same words without the environment.
+//! No GPU needed. One test reads the environment, because it is shared by the threads of a
+//! test binary; the other reads none.
 
 use fora::cuda::attention::AttentionImpl;
 use fora::cuda::gemm::GemmImpl;
@@ -61,7 +62,8 @@ fn switch(o: &CudaOptions, var: &str) -> bool {
 
 #[test]
 fn options_from_the_environment() {
-    // SAFETY (for the set_var / remove_var calls below): this binary's only test, so no other
+    // SAFETY (for the set_var / remove_var calls below): this binary's only test that touches
+    // the environment (the other reads none), so no other
     // thread reads the environment meanwhile.
     for var in SWITCHES {
         unsafe { std::env::remove_var(var) };
@@ -198,11 +200,20 @@ fn options_from_the_environment() {
     );
     unsafe { std::env::remove_var("FORA_TMA_TILES") };
 
-    // FORA_CUDA_GRAPHS=0: graphs off, and said so.
+    // FORA_CUDA_GRAPHS=0: graphs off, and said so; 1 on; like every switch, nothing else (it
+    // used to mean "on" for anything but 0, which a tuning candidate could mistake).
     unsafe { std::env::set_var("FORA_CUDA_GRAPHS", "0") };
     let o = CudaOptions::from_env().unwrap();
     assert!(!o.graphs);
     assert_eq!(o.env_overrides(), ["FORA_CUDA_GRAPHS=0"]);
+    unsafe { std::env::set_var("FORA_CUDA_GRAPHS", "1") };
+    assert!(CudaOptions::from_env().unwrap().graphs);
+    unsafe { std::env::set_var("FORA_CUDA_GRAPHS", "off") };
+    let err = format!("{:#}", CudaOptions::from_env().unwrap_err());
+    assert!(
+        err.contains("FORA_CUDA_GRAPHS") && err.contains("off"),
+        "{err}"
+    );
     unsafe { std::env::remove_var("FORA_CUDA_GRAPHS") };
 
     // FORA_ATTENTION and FORA_GEMM: every name, only the one field changed; others refused
@@ -241,7 +252,7 @@ fn check_choice<T: Copy + std::fmt::Debug>(
     bad: &str,
     set: fn(CudaOptions, T) -> CudaOptions,
 ) {
-    // SAFETY (set_var / remove_var): called from this binary's only test, see above.
+    // SAFETY (set_var / remove_var): called from the one test that touches the environment.
     for (name, choice) in choices {
         unsafe { std::env::set_var(var, name) };
         let o = CudaOptions::from_env().unwrap();
@@ -311,6 +322,10 @@ fn options_from_settings_words() {
         ("FORA_NOPE=1", vec!["FORA_NOPE", "FORA_GEMM_LN_WIDE"]),
         ("FORA_GEMM=fast", vec!["FORA_GEMM=fast"]),
         ("FORA_REUSE_SUM=9", vec!["FORA_REUSE_SUM=9", "1..=4"]),
+        (
+            "FORA_CUDA_GRAPHS=false",
+            vec!["FORA_CUDA_GRAPHS=false", "0 or 1"],
+        ),
         ("FORA_PDL=1 FORA_TMA_TILES=1x1=c9x9-128x128", vec!["c9x9"]),
     ] {
         let err = format!(

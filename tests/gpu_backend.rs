@@ -1765,7 +1765,8 @@ fn gpu_qkv_attention_matches() {
 /// checked against the options as given and timed on a window of the run's own schedule,
 /// the choice the fastest by the margin (else the given options) and left set on the backend,
 /// which then samples as the CPU does. With a tolerance of 0, a path that rounds elsewhere
-/// (the f32 qkv / fc1 bias) is rejected and one that is exact (no CUDA graphs) is not.
+/// (the f32 qkv / fc1 bias) is rejected and one that is exact in its forward and its steps
+/// (no CUDA graphs) is not.
 #[test]
 fn gpu_tune_picks_the_fastest_checked_path() {
     use fora::cuda::tune::{choose, tune, TuneCandidate, TuneOutcome, TuneSettings};
@@ -1809,8 +1810,12 @@ fn gpu_tune_picks_the_fastest_checked_path() {
     for r in &t.rows_tried {
         match r.outcome {
             TuneOutcome::Chosen | TuneOutcome::Slower => {
-                let rel = r.rel_l2.unwrap();
-                assert!(rel <= 2e-2, "{}: rel-L2 {rel}", r.name);
+                let (rel, steps) = (r.rel_l2.unwrap(), r.steps_rel_l2.unwrap());
+                assert!(
+                    rel <= 2e-2 && steps <= 2e-2,
+                    "{}: rel-L2 {rel}, steps {steps}",
+                    r.name
+                );
                 let w = r.window.as_ref().expect("a measured window");
                 assert!(w.median_ms > 0.0 && w.runs == 3, "{}: {w:?}", r.name);
                 times.push(Some(w.median_ms));
@@ -1843,7 +1848,10 @@ fn gpu_tune_picks_the_fastest_checked_path() {
         "{:?}",
         by_name("no_graphs").outcome
     );
+    // The same bits with and without graphs: the forward (which never replays a graph) and
+    // the steps (which do).
     assert_eq!(by_name("no_graphs").rel_l2, Some(0.0));
+    assert_eq!(by_name("no_graphs").steps_rel_l2, Some(0.0));
     let f32_bias = by_name("f32_bias");
     assert!(
         matches!(&f32_bias.outcome, TuneOutcome::Rejected(why) if why.contains("rel-L2")),

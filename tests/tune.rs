@@ -8,7 +8,7 @@ use fora::backend::{Backend, Guidance, GuidanceMode, NoiseSource, SamplePlan, St
 use fora::bench::Stats;
 use fora::cache::StaticInterval;
 use fora::config::{Arch, DitConfig};
-use fora::cuda::tune::{tune, Tunable, TuneCandidate, TuneOutcome, TuneSettings};
+use fora::cuda::tune::{tune, Tunable, TuneCandidate, TuneOutcome, TuneSettings, WindowRun};
 use fora::sampler::{Sampler, SamplerOptions};
 use std::cell::{Cell, RefCell};
 
@@ -25,12 +25,17 @@ struct MockOptions {
     fail: bool,
     /// The forward fails and the device stops answering.
     kill: bool,
+    /// Added to the latents' change over a window (a step path gone wrong where the forward
+    /// is right).
+    step_offset: f32,
 }
 
 struct Mock {
     config: DitConfig,
     options: MockOptions,
     dead: Cell<bool>,
+    /// Added to the next window run's times once (a card still raising its clocks).
+    cold_ms: Cell<f64>,
     /// (t, y) of every forward.
     forwards: RefCell<Vec<(Vec<i64>, Vec<usize>)>>,
     /// (modes of the window, warm-up, runs) of every timing.
@@ -48,8 +53,10 @@ impl Mock {
                 nan: false,
                 fail: false,
                 kill: false,
+                step_offset: 0.0,
             },
             dead: Cell::new(false),
+            cold_ms: Cell::new(0.0),
             forwards: RefCell::new(Vec::new()),
             timings: RefCell::new(Vec::new()),
         }
@@ -104,12 +111,13 @@ impl Tunable for Mock {
     fn set_tuned_options(&mut self, options: MockOptions) {
         self.options = options;
     }
-    /// Words `MS=<window ms>`, `OFFSET=<f32>`, `NAN=1`, `FAIL=1`, `KILL=1`.
+    /// Words `MS=<window ms>`, `OFFSET=<f32>`, `STEPS=<f32>`, `NAN=1`, `FAIL=1`, `KILL=1`.
     fn apply_settings(mut o: MockOptions, settings: &str) -> Result<MockOptions> {
         for word in settings.split_whitespace() {
             match word.split_once('=') {
                 Some(("MS", v)) => o.window_ms = v.parse()?,
                 Some(("OFFSET", v)) => o.offset = v.parse()?,
+                Some(("STEPS", v)) => o.step_offset = v.parse()?,
                 Some(("NAN", "1")) => o.nan = true,
                 Some(("FAIL", "1")) => o.fail = true,
                 Some(("KILL", "1")) => o.kill = true,
@@ -118,21 +126,29 @@ impl Tunable for Mock {
         }
         Ok(o)
     }
-    fn time_steps(
+    fn run_window(
         &self,
         _plan: &SamplePlan,
         steps: &[StepSpec],
         warmup: usize,
         runs: usize,
-    ) -> Result<Stats> {
+    ) -> Result<WindowRun> {
         ensure!(!self.dead.get(), "mock: the device is gone");
         self.timings
             .borrow_mut()
             .push((steps.iter().map(|s| s.mode).collect(), warmup, runs));
-        let ms = self.options.window_ms;
+        let o = self.options;
+        let cold = self.cold_ms.replace(0.0);
         // Noisy windows whose median is the path's time.
-        let samples: Vec<f64> = (0..runs).map(|i| ms + [0.0, 0.3, -0.2][i % 3]).collect();
-        Stats::from_samples(&samples)
+        let samples: Vec<f64> = (0..runs)
+            .map(|i| o.window_ms + cold + [0.0, 0.3, -0.2][i % 3])
+            .collect();
+        Ok(WindowRun {
+            first_change: (0..64)
+                .map(|i| (i as f32 * 0.37).sin() + o.step_offset)
+                .collect(),
+            stats: Stats::from_samples(&samples)?,
+        })
     }
     fn still_usable(&self) -> Result<()> {
         ensure!(!self.dead.get(), "mock: the device is gone");
@@ -179,6 +195,7 @@ fn the_fastest_checked_candidate_is_chosen_and_left_set() {
         ("nan", "MS=1 NAN=1"),
         ("missing", "MS=1 FAIL=1"),
         ("slow", "MS=30"),
+        ("steps_wrong", "MS=2 STEPS=0.5"),
     ]);
     let t = tune(&mut mock, &plan, &schedule, &list, &SETTINGS).unwrap();
     println!("{}", t.markdown());
@@ -209,15 +226,25 @@ fn the_fastest_checked_candidate_is_chosen_and_left_set() {
         outcome(6)
     );
     assert_eq!(outcome(7), TuneOutcome::Slower);
+    // Its forward is right, its steps are not: rejected on the latents' change, not timed.
+    assert!(
+        matches!(outcome(8), TuneOutcome::Rejected(ref w) if w.contains("steps")),
+        "{:?}",
+        outcome(8)
+    );
+    assert_eq!(t.rows_tried[8].rel_l2, Some(0.0));
+    assert!(t.rows_tried[8].steps_rel_l2.unwrap() > 0.02 && t.rows_tried[8].window.is_none());
+    assert_eq!(t.rows_tried[1].steps_rel_l2, Some(0.0));
     // The small offset is within the tolerance; the given options are the reference.
     let rel = t.rows_tried[1].rel_l2.unwrap();
     assert!(rel > 0.0 && rel < 2e-2, "{rel}");
     assert_eq!(t.rows_tried[0].rel_l2, Some(0.0));
     assert!((t.speedup().unwrap() - 10.0 / 8.0).abs() < 1e-12);
-    // Timed: given, faster, noise, slow; each the same window of the run's own schedule
-    // (steps 0..8: C R C R R C R R, ending before a computing step), 2 warm-ups, 5 runs.
+    // Run: given, faster, noise, slow, steps_wrong, and the given options again last; each the
+    // same window of the run's own schedule (steps 0..8: C R C R R C R R, ending before a
+    // computing step), 2 warm-ups, 5 runs.
     let timings = mock.timings.borrow();
-    assert_eq!(timings.len(), 4);
+    assert_eq!(timings.len(), 6);
     use StepMode::{Compute as C, Reuse as R};
     for (modes, warmup, runs) in timings.iter() {
         assert_eq!(modes, &[C, R, C, R, R, C, R, R]);
@@ -234,7 +261,7 @@ fn the_fastest_checked_candidate_is_chosen_and_left_set() {
     }
     assert_eq!(
         mock.forwards.borrow().len(),
-        7,
+        8,
         "every candidate but the repeat"
     );
     // The table: the window, the run it estimates (x 30 / 8), the outcome.
@@ -244,9 +271,52 @@ fn the_fastest_checked_candidate_is_chosen_and_left_set() {
         "{md}"
     );
     assert!(
-        md.contains("| given | `(as given)` | 10.000 | 37.5 | 0.00e0 | slower |"),
+        md.contains("| given | `(as given)` | 10.000 | 37.5 | 0.00e0 | 0.00e0 | slower |"),
         "{md}"
     );
+}
+
+/// The options as given are always the reference and the baseline: put first when the list
+/// does not start with them.
+#[test]
+fn the_given_options_come_first() {
+    let mut mock = Mock::new();
+    let (plan, schedule) = run_of(&mock);
+    let list = candidates(&[("pdl", "MS=9"), ("given", "MS=9.5")]);
+    let t = tune(&mut mock, &plan, &schedule, &list, &SETTINGS).unwrap();
+    let names: Vec<&str> = t.rows_tried.iter().map(|r| r.name.as_str()).collect();
+    // "given" is taken by a candidate with settings: the inserted one is "as_given".
+    assert_eq!(names, ["as_given", "pdl", "given"]);
+    assert_eq!(t.rows_tried[0].options, Mock::new().options);
+    assert_eq!(t.chosen, 1);
+    assert!((t.speedup().unwrap() - 10.0 / 9.0).abs() < 1e-12);
+}
+
+/// A card still raising its clocks while the given options run first: they are timed again
+/// last and their better time counts, so a candidate no faster than them is not chosen.
+#[test]
+fn the_given_options_are_timed_again_last() {
+    let mut mock = Mock::new();
+    let (plan, schedule) = run_of(&mock);
+    // The first window run of the tuning is 2 ms slow.
+    mock.cold_ms.set(2.0);
+    let list = candidates(&[("given", ""), ("as_fast", "MS=10 OFFSET=0.0001")]);
+    let t = tune(&mut mock, &plan, &schedule, &list, &SETTINGS).unwrap();
+    // 12 ms first, 10 again: 10 counts, and the candidate's 10 does not beat it.
+    assert_eq!(t.rows_tried[0].window.as_ref().unwrap().median_ms, 10.0);
+    assert_eq!(t.chosen, 0);
+    assert_eq!(mock.timings.borrow().len(), 3);
+    // A candidate alone is not timed twice.
+    let mut mock = Mock::new();
+    let t = tune(
+        &mut mock,
+        &plan,
+        &schedule,
+        &candidates(&[("given", "")]),
+        &SETTINGS,
+    )
+    .unwrap();
+    assert_eq!((t.chosen, mock.timings.borrow().len()), (0, 1));
 }
 
 #[test]
@@ -283,16 +353,18 @@ fn failures_that_end_the_tuning() {
         "{err}"
     );
     assert_eq!(mock.options, Mock::new().options);
-    // The given options must run, and give finite numbers.
-    for (settings, says) in [("FAIL=1", "no kernel"), ("NAN=1", "not finite")] {
+    // The given options (the backend's own) must run, and give finite numbers.
+    for (setting, says) in [("FAIL=1", "no kernel"), ("NAN=1", "is NaN")] {
         let mut mock = Mock::new();
-        let list = candidates(&[("given", settings), ("other", "MS=1")]);
+        mock.options = Mock::apply_settings(mock.options, setting).unwrap();
+        let given = mock.options;
+        let list = candidates(&[("given", ""), ("other", "MS=1")]);
         let err = format!(
             "{:#}",
             tune(&mut mock, &plan, &schedule, &list, &SETTINGS).unwrap_err()
         );
         assert!(err.contains("given") && err.contains(says), "{err}");
-        assert_eq!(mock.options, Mock::new().options);
+        assert_eq!(mock.options, given);
     }
     // Bad settings (read before anything runs: nothing was timed), an empty list, no timed
     // windows, a schedule of another plan.
@@ -316,11 +388,29 @@ fn failures_that_end_the_tuning() {
         (
             candidates(&[("given", "")]),
             TuneSettings {
+                tolerance: f64::NAN,
+                ..SETTINGS
+            },
+            &schedule[..],
+            "tolerance",
+        ),
+        (
+            candidates(&[("given", "")]),
+            TuneSettings {
+                min_gain: 1.0,
+                ..SETTINGS
+            },
+            &schedule[..],
+            "margin",
+        ),
+        (
+            candidates(&[("given", "")]),
+            TuneSettings {
                 runs: 0,
                 ..SETTINGS
             },
             &schedule[..],
-            "timed window",
+            "timed at least once",
         ),
         (
             candidates(&[("given", "")]),

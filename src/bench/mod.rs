@@ -233,6 +233,9 @@ pub struct BenchPlan {
     pub json: PathBuf,
     /// Also measure on tuned options (`--tune`).
     pub tune: bool,
+    /// With `tune`: the candidates (`FORA_TUNE_CANDIDATES`, else the built-in list), read when
+    /// the plan is made so that a bad list fails before anything runs; empty otherwise.
+    pub tune_candidates: Vec<crate::cuda::tune::TuneCandidate>,
 }
 
 impl BenchArgs {
@@ -321,6 +324,11 @@ impl BenchArgs {
             copy_bytes: copy_mib << 20,
             cfg_scale: self.cfg_scale,
             tune: self.tune,
+            tune_candidates: if self.tune {
+                crate::cuda::tune::candidates_from_env()?
+            } else {
+                Vec::new()
+            },
             json: self.json.clone().unwrap_or_else(|| {
                 std::env::var_os("FORA_BENCH_JSON")
                     .filter(|v| !v.is_empty())
@@ -664,18 +672,7 @@ fn bench_tuned(
     options: CudaOptions,
     report: &mut Report,
 ) {
-    let candidates = match std::env::var("FORA_TUNE_CANDIDATES") {
-        Ok(list) if !list.trim().is_empty() => {
-            match crate::cuda::tune::TuneCandidate::parse_list(&list) {
-                Ok(c) => c,
-                Err(e) => {
-                    report.error("tune", "FORA_TUNE_CANDIDATES", &e);
-                    return;
-                }
-            }
-        }
-        _ => crate::cuda::tune::default_candidates(),
-    };
+    let candidates = &plan.tune_candidates;
     let mut backend = match Gpu::new(args.gpu)
         .and_then(|g| CudaBackend::with_options(g, cfg, weights, options))
     {
@@ -691,7 +688,12 @@ fn bench_tuned(
         plan.intervals[0]
     };
     let want = |s: Section| plan.sections.contains(&s);
-    let mut rows_list = plan.batches.clone();
+    // Every batch where its steps or ops are measured; 2 rows for the end-to-end runs.
+    let mut rows_list = if want(Section::Steps) || want(Section::Ops) {
+        plan.batches.clone()
+    } else {
+        Vec::new()
+    };
     if want(Section::E2e) && !rows_list.contains(&2) {
         rows_list.push(2);
     }
@@ -699,7 +701,7 @@ fn bench_tuned(
     for rows in rows_list {
         backend.set_options(options);
         eprintln!("bench: tuning at {rows} rows (FORA N = {interval})");
-        match steps::tune_rows(&mut backend, plan, rows, args.seed, interval, &candidates) {
+        match steps::tune_rows(&mut backend, plan, rows, args.seed, interval, candidates) {
             Ok(t) => report.tunings.push((interval, t)),
             Err(e) => {
                 report.error("tune", &format!("{rows} rows"), &e);
@@ -719,10 +721,19 @@ fn bench_tuned(
             bench_ops(&mut backend, plan, rows, args.seed, "tuned", report);
         }
     }
-    if let (true, Some(o)) = (want(Section::E2e), e2e_options) {
-        backend.set_options(o);
-        eprintln!("bench: end to end, tuned");
-        bench_e2e(&backend, plan, args.seed, "tuned", report);
+    if want(Section::E2e) {
+        match e2e_options {
+            Some(o) => {
+                backend.set_options(o);
+                eprintln!("bench: end to end, tuned");
+                bench_e2e(&backend, plan, args.seed, "tuned", report);
+            }
+            None => report.error(
+                "e2e",
+                "tuned",
+                &anyhow::anyhow!("not run: the 2-row tuning failed (above)"),
+            ),
+        }
     }
 }
 

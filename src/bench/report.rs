@@ -1279,6 +1279,7 @@ fn tuning_json(interval: usize, t: &crate::cuda::tune::Tuning) -> Value {
                 "window_median_ms": r.window.as_ref().map(|w| w.median_ms),
                 "window_min_ms": r.window.as_ref().map(|w| w.min_ms),
                 "rel_l2": r.rel_l2,
+                "steps_rel_l2": r.steps_rel_l2,
                 "outcome": outcome,
                 "detail": detail,
             })

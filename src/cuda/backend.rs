@@ -309,8 +309,8 @@ impl CudaOptions {
     }
 
     /// [`CudaOptions::default`], overridden by every variable of [`CudaOptions::VARIABLES`]
-    /// set in the environment (an empty value keeps the default): `FORA_GEMM`,
-    /// `FORA_ATTENTION`, `FORA_CUDA_GRAPHS` (off only at `0`), `FORA_REUSE_SUM`,
+    /// set in the environment (an empty value keeps the default; one that is not UTF-8 is an
+    /// error): `FORA_GEMM`, `FORA_ATTENTION`, `FORA_CUDA_GRAPHS`, `FORA_REUSE_SUM`,
     /// `FORA_TMA_TILES` and the 0/1 switches (`FORA_PRECOMPUTE_MODULATION`, `FORA_GEMM_LN`,
     /// `FORA_PDL`, ...; see each field).
     pub fn from_env() -> Result<CudaOptions> {
@@ -355,14 +355,20 @@ impl CudaOptions {
     };
 
     /// Sets the option the environment variable `name` controls to `value`, read as
-    /// [`CudaOptions::from_env`] reads it (0 or 1 for a switch; `FORA_CUDA_GRAPHS` is off only
-    /// at `0`). An unknown name or a bad value is an error naming it.
+    /// [`CudaOptions::from_env`] reads it (0 or 1 for a switch, `FORA_CUDA_GRAPHS` included).
+    /// An unknown name or a bad value is an error naming it.
     pub fn set(&mut self, name: &str, value: &str) -> Result<()> {
         let v = value.trim();
         match name {
             "FORA_GEMM" => self.gemm = v.parse()?,
             "FORA_ATTENTION" => self.attention = v.parse()?,
-            "FORA_CUDA_GRAPHS" => self.graphs = v != "0",
+            "FORA_CUDA_GRAPHS" => {
+                self.graphs = match v {
+                    "0" => false,
+                    "1" => true,
+                    other => bail!("FORA_CUDA_GRAPHS must be 0 or 1, got {other:?}"),
+                }
+            }
             "FORA_REUSE_SUM" => {
                 self.reuse_sum = match v.parse::<usize>() {
                     Ok(k) if k <= CACHE_SUM_MAX => k,
@@ -409,8 +415,8 @@ impl CudaOptions {
 type SwitchField = fn(&mut CudaOptions) -> &mut bool;
 
 /// The 0/1 switches of [`CudaOptions`]: each environment variable and the field it sets (its
-/// default is [`CudaOptions::default`]'s). `FORA_CUDA_GRAPHS` (off only at `0`), the kernel
-/// choices and `FORA_REUSE_SUM` are parsed apart.
+/// default is [`CudaOptions::default`]'s). `FORA_CUDA_GRAPHS` (also 0 or 1), the kernel
+/// choices, `FORA_REUSE_SUM` and `FORA_TMA_TILES` are parsed apart.
 const SWITCHES: [(&str, SwitchField); 21] = [
     ("FORA_PRECOMPUTE_MODULATION", |o| {
         &mut o.precompute_modulation
@@ -451,11 +457,6 @@ pub fn supports(cfg: &DitConfig) -> Result<()> {
         cfg.heads
     );
     Ok(())
-}
-
-/// Whether steps replay CUDA graphs by default (`FORA_CUDA_GRAPHS=0` turns them off).
-pub fn graphs_enabled() -> bool {
-    std::env::var("FORA_CUDA_GRAPHS").map_or(true, |v| v.trim() != "0")
 }
 
 /// Rows of conditioning computed per batched GEMM when precomputing modulation tables.
