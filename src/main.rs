@@ -9,7 +9,7 @@ use fora::backend::{Backend, Guidance, GuidanceMode, NoiseSource};
 use fora::cache::policy_for_interval;
 use fora::config::{Arch, DitConfig};
 use fora::cpu::CpuBackend;
-use fora::cuda::tune::{TuneCandidate, TuneSettings};
+use fora::cuda::tune::{TuneCache, TuneCandidate, TuneKey, TuneSettings};
 use fora::cuda::{CudaBackend, CudaOptions, Gpu};
 use fora::diffusion::SamplerKind;
 use fora::io::{write_tensors, OutTensor, TensorFile};
@@ -187,6 +187,12 @@ struct SampleArgs {
     /// untuned run's, within the forward's tolerance.
     #[arg(long)]
     tune: bool,
+    /// With --tune (implied): a JSON file of earlier tunings' choices. A run whose card,
+    /// kernels, model, rows, schedule, options and candidates are all in it takes the cached
+    /// choice without measuring; another tunes and adds its choice. Created if absent; a file
+    /// that is not such a cache is an error.
+    #[arg(long, value_name = "FILE")]
+    tune_cache: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -410,13 +416,16 @@ struct SampleJob {
     options: SamplerOptions,
     /// With --tune: the candidates, read before the model loads.
     tune_candidates: Option<Vec<TuneCandidate>>,
+    /// With --tune-cache: the cache, read before the model loads.
+    tune_cache: Option<std::cell::RefCell<TuneCache>>,
 }
 
 fn sample(args: SampleArgs) -> Result<()> {
     check_output_path(&args.out)?;
+    let tune = args.tune || args.tune_cache.is_some();
     ensure!(
-        !(args.tune && args.model.device == Device::Cpu),
-        "--tune tries the GPU's execution paths; --device cpu has none"
+        !(tune && args.model.device == Device::Cpu),
+        "--tune and --tune-cache try the GPU's execution paths; --device cpu has none"
     );
     let kind = match (args.sampler, args.eta) {
         (SamplerChoice::Ddpm, None) => SamplerKind::Ddpm,
@@ -446,15 +455,22 @@ fn sample(args: SampleArgs) -> Result<()> {
         guidance: guidance(scale, args.cfg_mode)?,
     };
     let model = args.model.clone();
-    let tune_candidates = if args.tune {
+    let tune_candidates = if tune {
         Some(fora::cuda::tune::candidates_from_env()?)
     } else {
         None
+    };
+    let tune_cache = match &args.tune_cache {
+        Some(path) => Some(std::cell::RefCell::new(
+            TuneCache::open(path).context("--tune-cache")?,
+        )),
+        None => None,
     };
     let job = SampleJob {
         args,
         options,
         tune_candidates,
+        tune_cache,
     };
     run_on(&model, job)
 }
@@ -501,8 +517,8 @@ impl SampleJob {
 
 impl Job for SampleJob {
     fn cpu_note(&self) -> Option<&'static str> {
-        self.args
-            .tune
+        self.tune_candidates
+            .is_some()
             .then_some("--tune tries the GPU's execution paths; the CPU backend runs untuned")
     }
 
@@ -519,19 +535,50 @@ impl Job for SampleJob {
             let mut policy = policy_for_interval(self.args.cache_interval as usize)?;
             (plan, sampler.schedule(policy.as_mut()))
         };
-        let tuning = fora::cuda::tune::tune(
-            backend,
-            &plan,
-            &schedule,
-            candidates,
-            &TuneSettings::default(),
-        )?;
-        eprintln!("{}", tuning.markdown());
-        let chosen = tuning.chosen();
+        let key = TuneKey::for_run(backend, &plan, &schedule, candidates);
+        let cached = self
+            .tune_cache
+            .as_ref()
+            .and_then(|c| c.borrow().lookup(&key).cloned());
+        let name = match cached {
+            Some(choice) => {
+                let options = backend
+                    .options()
+                    .with_settings(&choice.settings)
+                    .with_context(|| format!("the cached choice {:?}", choice.name))?;
+                backend.set_options(options);
+                eprintln!(
+                    "fora: tuned options from {} (measured {}{})",
+                    self.tune_cache.as_ref().map_or(String::new(), |c| c
+                        .borrow()
+                        .path()
+                        .display()
+                        .to_string()),
+                    choice.date,
+                    choice
+                        .speedup
+                        .map_or(String::new(), |s| format!(", {s:.3}x the given options"))
+                );
+                choice.name
+            }
+            None => {
+                let tuning = fora::cuda::tune::tune(
+                    backend,
+                    &plan,
+                    &schedule,
+                    candidates,
+                    &TuneSettings::default(),
+                )?;
+                eprintln!("{}", tuning.markdown());
+                if let Some(cache) = &self.tune_cache {
+                    cache.borrow_mut().store(key, tuning.cached_choice())?;
+                }
+                tuning.chosen().name.clone()
+            }
+        };
         eprintln!(
-            "fora: sampling with {} ({})",
-            chosen.name,
-            match chosen.options.env_overrides().join(" ") {
+            "fora: sampling with {name} ({})",
+            match backend.options().env_overrides().join(" ") {
                 o if o.is_empty() => "the default options".to_string(),
                 o => o,
             }

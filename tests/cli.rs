@@ -542,6 +542,40 @@ fn bad_sample_inputs() {
         &["--tune", "--device cpu"],
         &out,
     );
+    assert_fails(
+        &run(&[
+            "--class",
+            "1",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--tune-cache",
+            "t.json",
+        ]),
+        &["--tune-cache", "--device cpu"],
+        &out,
+    );
+    // A file that is not a tuning cache: refused by name before anything runs, left as it was.
+    let bad_cache = s.path("not_a_cache.json");
+    std::fs::write(&bad_cache, "[1, 2]").unwrap();
+    assert_fails(
+        &run(&[
+            "--class",
+            "1",
+            "--steps",
+            "2",
+            "--tune-cache",
+            bad_cache.to_str().unwrap(),
+        ]),
+        &[
+            "--tune-cache",
+            "not_a_cache.json",
+            "not a fora tuning cache",
+        ],
+        &out,
+    );
+    assert_eq!(std::fs::read_to_string(&bad_cache).unwrap(), "[1, 2]");
     let o = run(&["--class", "1", "--steps", "2", "--tune"]);
     assert_ok(&o);
     if stderr(&o).contains("running on the CPU") {
@@ -818,6 +852,25 @@ fn cuda_device_through_the_cli() {
         .unwrap()
         .data;
     std::fs::remove_file(&tuned_out).unwrap();
+    // --tune-cache: the first run tunes and records its choice, the second takes it from the
+    // file without measuring.
+    let cache = dir.join("tune.json");
+    let cached_run = || {
+        let o = sample_command(&tuned_out, &["--tune-cache", cache.to_str().unwrap()])
+            .env("FORA_TUNE_CANDIDATES", "given;pdl:FORA_PDL=1")
+            .output()
+            .expect("cannot start the fora binary");
+        assert_ok(&o);
+        std::fs::remove_file(&tuned_out).unwrap();
+        stderr(&o)
+    };
+    let first = cached_run();
+    assert!(first.contains("| pdl |") && cache.exists(), "{first}");
+    let second = cached_run();
+    assert!(
+        second.contains("tuned options from") && !second.contains("| pdl |"),
+        "{second}"
+    );
     assert_fails(
         &tuned_run("given;pdl:FORA_PDL=maybe"),
         &["FORA_TUNE_CANDIDATES", "pdl", "FORA_PDL"],

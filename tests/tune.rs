@@ -426,3 +426,93 @@ fn failures_that_end_the_tuning() {
         assert!(err.contains(says), "{says}: {err}");
     }
 }
+
+/// A key whose fields say what they are.
+fn key(rows: usize) -> fora::cuda::tune::TuneKey {
+    fora::cuda::tune::TuneKey {
+        device: "NVIDIA H200 (sm_90, 132 SMs)".into(),
+        build: "fora 0.1.0 kernels 0123456789abcdef".into(),
+        model: "DiT-XL/2 at 256 px".into(),
+        rows,
+        schedule: "250 steps, 84 computing, modes fedcba9876543210".into(),
+        given: String::new(),
+        candidates: "given:;pdl:FORA_PDL=1".into(),
+    }
+}
+
+#[test]
+fn the_tuning_cache_keeps_choices_by_key() {
+    use fora::cuda::tune::{CachedChoice, TuneCache};
+    let dir = std::env::temp_dir().join(format!("fora-tune-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("sub").join("tune.json");
+    // Absent: an empty cache, nothing written until a choice is stored.
+    let mut cache = TuneCache::open(&path).unwrap();
+    assert!(cache.lookup(&key(2)).is_none() && !path.exists());
+    let choice = |name: &str, settings: &str| CachedChoice {
+        name: name.into(),
+        settings: settings.into(),
+        speedup: Some(1.25),
+        date: "2026-11-28".into(),
+    };
+    cache.store(key(2), choice("pdl", "FORA_PDL=1")).unwrap();
+    cache.store(key(256), choice("given", "")).unwrap();
+    // Read back: each key its choice; any other field different, no entry.
+    let cache = TuneCache::open(&path).unwrap();
+    assert_eq!(cache.lookup(&key(2)), Some(&choice("pdl", "FORA_PDL=1")));
+    assert_eq!(cache.lookup(&key(256)), Some(&choice("given", "")));
+    assert!(cache.lookup(&key(16)).is_none());
+    for other in [
+        fora::cuda::tune::TuneKey {
+            build: "fora 0.1.0 kernels 0000000000000000".into(),
+            ..key(2)
+        },
+        fora::cuda::tune::TuneKey {
+            device: "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)".into(),
+            ..key(2)
+        },
+        fora::cuda::tune::TuneKey {
+            given: "FORA_GEMM=tma".into(),
+            ..key(2)
+        },
+        fora::cuda::tune::TuneKey {
+            candidates: "given:".into(),
+            ..key(2)
+        },
+    ] {
+        assert!(cache.lookup(&other).is_none(), "{other:?}");
+    }
+    // A new choice for a key replaces the old one.
+    let mut cache = TuneCache::open(&path).unwrap();
+    cache
+        .store(key(2), choice("gemm_ln", "FORA_GEMM_LN=1"))
+        .unwrap();
+    let cache = TuneCache::open(&path).unwrap();
+    assert_eq!(
+        cache.lookup(&key(2)).map(|c| c.name.as_str()),
+        Some("gemm_ln")
+    );
+    assert!(cache.lookup(&key(256)).is_some());
+    // Files that are not a cache: errors naming the file and why; the file is left as it was.
+    for (text, why) in [
+        ("{not json", "not JSON"),
+        (r#"{"schema": "fora-bench/1", "entries": []}"#, "schema"),
+        (r#"{"schema": "fora-tune-cache/1"}"#, "entries"),
+        (
+            r#"{"schema": "fora-tune-cache/1", "entries": [{"key": {}, "chosen": "x"}]}"#,
+            "entry 0",
+        ),
+    ] {
+        let bad = dir.join("bad.json");
+        std::fs::write(&bad, text).unwrap();
+        let err = format!("{:#}", TuneCache::open(&bad).unwrap_err());
+        assert!(
+            err.contains("bad.json")
+                && err.contains("not a fora tuning cache")
+                && err.contains(why),
+            "{text}: {err}"
+        );
+        assert_eq!(std::fs::read_to_string(&bad).unwrap(), text);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

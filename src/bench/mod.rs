@@ -493,7 +493,8 @@ pub fn utc_date(unix_secs: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-fn today() -> String {
+/// Today's date, `YYYY-MM-DD` (UTC).
+pub fn today() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

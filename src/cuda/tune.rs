@@ -660,6 +660,226 @@ pub fn tune<B: Tunable>(
     })
 }
 
+/// What a tuning's choice depends on: the card, the kernels in this binary, the model, the
+/// run's rows and schedule, the options as given and the candidates. A [`TuneCache`] entry
+/// serves a run only when every field is the same.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TuneKey {
+    /// The card: its name, compute capability and SM count.
+    pub device: String,
+    /// The crate's version and a hash of the embedded kernels.
+    pub build: String,
+    /// The model's architecture and latent size.
+    pub model: String,
+    /// Model rows of the run (CFG half included).
+    pub rows: usize,
+    /// The schedule: its steps, computing steps, and a hash of its modes in order.
+    pub schedule: String,
+    /// The options as given, as settings (`CudaOptions::env_overrides`).
+    pub given: String,
+    /// The candidates, `name:settings` joined by `;`.
+    pub candidates: String,
+}
+
+/// 64-bit FNV-1a of `bytes`, in hex: a stable fingerprint (not a secure hash).
+fn fingerprint(chunks: &[&[u8]]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for chunk in chunks {
+        for &b in *chunk {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+impl TuneKey {
+    /// The key of tuning `backend` (with its current options) on `plan` / `schedule` over
+    /// `candidates`.
+    pub fn for_run(
+        backend: &CudaBackend,
+        plan: &SamplePlan,
+        schedule: &[StepSpec],
+        candidates: &[TuneCandidate],
+    ) -> TuneKey {
+        let gpu = backend.gpu();
+        let (major, minor) = gpu.compute_capability();
+        let kernels: Vec<&[u8]> = super::kernels::MODULES.iter().map(|m| m.1).collect();
+        let cfg = backend.config();
+        let modes: Vec<u8> = schedule
+            .iter()
+            .map(|s| match s.mode {
+                StepMode::Compute => b'C',
+                StepMode::Reuse => b'R',
+            })
+            .collect();
+        TuneKey {
+            device: format!("{} (sm_{major}{minor}, {} SMs)", gpu.name(), gpu.sm_count()),
+            build: format!(
+                "fora {} kernels {}",
+                env!("CARGO_PKG_VERSION"),
+                fingerprint(&kernels)
+            ),
+            model: format!("{} at {} px", cfg.arch_name(), cfg.input_size * 8),
+            rows: plan.model_rows(),
+            schedule: format!(
+                "{} steps, {} computing, modes {}",
+                schedule.len(),
+                modes.iter().filter(|&&m| m == b'C').count(),
+                fingerprint(&[&modes])
+            ),
+            given: backend.options().env_overrides().join(" "),
+            candidates: candidates
+                .iter()
+                .map(|c| format!("{}:{}", c.name, c.settings))
+                .collect::<Vec<_>>()
+                .join(";"),
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "device": self.device,
+            "build": self.build,
+            "model": self.model,
+            "rows": self.rows,
+            "schedule": self.schedule,
+            "given": self.given,
+            "candidates": self.candidates,
+        })
+    }
+
+    fn from_json(v: &serde_json::Value) -> Option<TuneKey> {
+        let s = |k: &str| v.get(k)?.as_str().map(str::to_string);
+        Some(TuneKey {
+            device: s("device")?,
+            build: s("build")?,
+            model: s("model")?,
+            rows: usize::try_from(v.get("rows")?.as_u64()?).ok()?,
+            schedule: s("schedule")?,
+            given: s("given")?,
+            candidates: s("candidates")?,
+        })
+    }
+}
+
+/// A cached choice: the candidate's name and settings, and what it gained when measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CachedChoice {
+    /// The chosen candidate's name.
+    pub name: String,
+    /// Its settings (over the options as given).
+    pub settings: String,
+    /// The given options' window over its window, when measured.
+    pub speedup: Option<f64>,
+    /// When it was measured (`YYYY-MM-DD`, UTC).
+    pub date: String,
+}
+
+/// The tuning choices of earlier runs, in a JSON file (`fora sample --tune-cache FILE`): a run
+/// whose [`TuneKey`] is there takes its choice without measuring; another tunes and adds its
+/// choice. A file that is not such a cache is an error naming it, never overwritten.
+#[derive(Clone, Debug)]
+pub struct TuneCache {
+    path: std::path::PathBuf,
+    entries: Vec<(TuneKey, CachedChoice)>,
+}
+
+/// The cache file's `schema`.
+pub const TUNE_CACHE_SCHEMA: &str = "fora-tune-cache/1";
+
+impl TuneCache {
+    /// Reads `path`, or starts an empty cache there if it does not exist.
+    pub fn open(path: &std::path::Path) -> Result<TuneCache> {
+        let mut cache = TuneCache {
+            path: path.to_path_buf(),
+            entries: Vec::new(),
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(cache),
+            Err(e) => bail!("cannot read the tuning cache {}: {e}", path.display()),
+        };
+        let bad = |why: &str| {
+            anyhow::anyhow!(
+                "{} is not a fora tuning cache ({why}); remove it or name another file",
+                path.display()
+            )
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(&format!("not JSON: {e}")))?;
+        if v.get("schema").and_then(|s| s.as_str()) != Some(TUNE_CACHE_SCHEMA) {
+            return Err(bad(&format!("its schema is not {TUNE_CACHE_SCHEMA:?}")));
+        }
+        let entries = v
+            .get("entries")
+            .and_then(|e| e.as_array())
+            .ok_or_else(|| bad("no entries list"))?;
+        for (i, e) in entries.iter().enumerate() {
+            let entry = (|| {
+                let key = TuneKey::from_json(e.get("key")?)?;
+                let s = |k: &str| e.get(k)?.as_str().map(str::to_string);
+                let choice = CachedChoice {
+                    name: s("chosen")?,
+                    settings: s("settings")?,
+                    speedup: e.get("speedup").and_then(|v| v.as_f64()),
+                    date: s("date")?,
+                };
+                Some((key, choice))
+            })()
+            .ok_or_else(|| bad(&format!("entry {i} is malformed")))?;
+            cache.entries.push(entry);
+        }
+        Ok(cache)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The choice cached for `key`.
+    pub fn lookup(&self, key: &TuneKey) -> Option<&CachedChoice> {
+        self.entries.iter().find(|(k, _)| k == key).map(|(_, c)| c)
+    }
+
+    /// Records `choice` for `key` (replacing an earlier one) and rewrites the file atomically.
+    pub fn store(&mut self, key: TuneKey, choice: CachedChoice) -> Result<()> {
+        self.entries.retain(|(k, _)| *k != key);
+        self.entries.push((key, choice));
+        let v = serde_json::json!({
+            "schema": TUNE_CACHE_SCHEMA,
+            "entries": self.entries.iter().map(|(k, c)| serde_json::json!({
+                "key": k.to_json(),
+                "chosen": c.name,
+                "settings": c.settings,
+                "speedup": c.speedup,
+                "date": c.date,
+            })).collect::<Vec<_>>(),
+        });
+        let text = serde_json::to_string_pretty(&v).context("cannot serialize the tuning cache")?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create directory {}", dir.display()))?;
+        }
+        crate::io::write_atomic(&self.path, text.as_bytes())
+            .with_context(|| format!("cannot write the tuning cache {}", self.path.display()))
+    }
+}
+
+impl<O> Tuning<O> {
+    /// The choice as a cache entry, dated today.
+    pub fn cached_choice(&self) -> CachedChoice {
+        let c = self.chosen();
+        CachedChoice {
+            name: c.name.clone(),
+            settings: c.settings.clone(),
+            speedup: self.speedup(),
+            date: crate::bench::today(),
+        }
+    }
+}
+
 /// The candidates of `FORA_TUNE_CANDIDATES` ([`TuneCandidate::parse_list`]), or
 /// [`default_candidates`] where it is unset or empty; a value that is not UTF-8 or not a list
 /// is an error naming the variable.
