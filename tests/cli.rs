@@ -514,48 +514,27 @@ fn bad_sample_inputs() {
         &["--attention", "v3", "wgmma_mn"],
         &out,
     );
-    assert_fails(
-        &run(&[
-            "--class",
-            "1",
-            "--steps",
-            "2",
-            "--device",
-            "cpu",
-            "--attention",
-            "v1",
-        ]),
-        &["--attention", "--device cpu"],
-        &out,
-    );
-    assert_fails(
-        &run(&[
-            "--class", "1", "--steps", "2", "--device", "cpu", "--gpu", "1",
-        ]),
-        &["--gpu", "--device cpu"],
-        &out,
-    );
-    // --tune tries the GPU's paths: refused on the CPU by name; where `auto` falls back to the
-    // CPU it says so and samples untuned.
-    assert_fails(
-        &run(&["--class", "1", "--steps", "2", "--device", "cpu", "--tune"]),
-        &["--tune", "--device cpu"],
-        &out,
-    );
-    assert_fails(
-        &run(&[
-            "--class",
-            "1",
-            "--steps",
-            "2",
-            "--device",
-            "cpu",
-            "--tune-cache",
-            "t.json",
-        ]),
-        &["--tune-cache", "--device cpu"],
-        &out,
-    );
+    // Choices of the GPU and its kernels, and --tune / --tune-cache (which try the GPU's
+    // paths), refused on the CPU by name.
+    for (extra, needles) in [
+        (
+            &["--attention", "v1"][..],
+            &["--attention", "--device cpu"][..],
+        ),
+        (&["--gpu", "1"][..], &["--gpu", "--device cpu"][..]),
+        (&["--tune"][..], &["--tune", "--device cpu"][..]),
+        (
+            &["--tune-cache", "t.json"][..],
+            &["--tune-cache", "--device cpu"][..],
+        ),
+    ] {
+        let args = [
+            &["--class", "1", "--steps", "2", "--device", "cpu"][..],
+            extra,
+        ]
+        .concat();
+        assert_fails(&run(&args), needles, &out);
+    }
     // A file that is not a tuning cache: refused by name before anything runs, left as it was.
     let bad_cache = s.path("not_a_cache.json");
     std::fs::write(&bad_cache, "[1, 2]").unwrap();
@@ -576,6 +555,7 @@ fn bad_sample_inputs() {
         &out,
     );
     assert_eq!(std::fs::read_to_string(&bad_cache).unwrap(), "[1, 2]");
+    // Where `auto` falls back to the CPU, --tune is said not to apply and the run goes on.
     let o = run(&["--class", "1", "--steps", "2", "--tune"]);
     assert_ok(&o);
     if stderr(&o).contains("running on the CPU") {
