@@ -535,11 +535,15 @@ impl Job for SampleJob {
             let mut policy = policy_for_interval(self.args.cache_interval as usize)?;
             (plan, sampler.schedule(policy.as_mut()))
         };
-        let key = TuneKey::for_run(backend, &plan, &schedule, candidates);
-        let cached = self
+        // The key (a hash of the kernels included) only where a cache is read and written.
+        let key = self
             .tune_cache
             .as_ref()
-            .and_then(|c| c.borrow().lookup(&key).cloned());
+            .map(|_| TuneKey::for_run(backend, &plan, &schedule, candidates));
+        let cached = match (&self.tune_cache, &key) {
+            (Some(cache), Some(key)) => cache.borrow().lookup(key).cloned(),
+            _ => None,
+        };
         let name = match cached {
             Some(choice) => {
                 let options = backend
@@ -570,7 +574,7 @@ impl Job for SampleJob {
                     &TuneSettings::default(),
                 )?;
                 eprintln!("{}", tuning.markdown());
-                if let Some(cache) = &self.tune_cache {
+                if let (Some(cache), Some(key)) = (&self.tune_cache, key) {
                     cache.borrow_mut().store(key, tuning.cached_choice())?;
                 }
                 tuning.chosen().name.clone()
@@ -738,6 +742,17 @@ fn info() -> Result<()> {
             );
         }
         Err(e) => println!("cuda options: {e:#}"),
+    }
+    // What `--tune` would try (FORA_TUNE_CANDIDATES, else the built-in list).
+    match fora::cuda::tune::candidates_from_env() {
+        Ok(list) => println!(
+            "tune candidates: {}",
+            list.iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Err(e) => println!("tune candidates: {e:#}"),
     }
     if let Ok(gpu) = &gpu {
         if gpu.compute_capability().0 == 9 && fora::cuda::kernels::available() {

@@ -318,6 +318,27 @@ fn info_runs() {
         text.contains("attention v2") && text.contains("FORA_ATTENTION=v2 FORA_PDL=1"),
         "{text}"
     );
+    // What --tune would try: the built-in list, or FORA_TUNE_CANDIDATES (a bad one said so).
+    assert!(
+        text.contains("tune candidates: given, pdl, attention_tma,") && text.contains("ours_pdl"),
+        "{text}"
+    );
+    for (list, says) in [
+        (
+            "given;gemm_ln:FORA_GEMM_LN=1",
+            "tune candidates: given, gemm_ln\n",
+        ),
+        ("given;x:FORA_PDL=2", "FORA_TUNE_CANDIDATES"),
+    ] {
+        let o = Command::new(fora_bin())
+            .arg("info")
+            .env("FORA_TUNE_CANDIDATES", list)
+            .output()
+            .expect("cannot start the fora binary");
+        assert_ok(&o);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains(says), "{list}: {text}");
+    }
 }
 
 #[test]
