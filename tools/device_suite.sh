@@ -131,7 +131,7 @@ phase_tests() {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     # The kernels, the options and, on a Hopper, the fused kernels' resident clusters and what
     # DiT-XL/2 would take with the fusions enabled (session 26).
-    .devpack/bin/fora info 2>&1 | grep -E "^(cuda|hopper)"
+    .devpack/bin/fora info 2>&1 | grep -E "^(cuda|hopper|tune)"
     # The tests of never-run kernels in processes of their own, one per name filter in
     # ISOLATE (default: "_tma", the TMA kernels (plain "tma" would also take "softmax");
     # "sum", session 9's cache sums; "reuse_final", whose test runs session 8's ring variants;
