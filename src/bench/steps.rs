@@ -1,34 +1,15 @@
 //! The per-step rows (one sampler step as the sampler runs it) and the end-to-end runs.
 
 use crate::backend::{Backend, NoiseSource, SamplePlan, StepMode, StepSpec};
-use crate::cache::policy_for_interval;
+use crate::cache::{policy_for_interval, CachePolicy, NoCache};
 use crate::cuda::backend::CudaOptions;
 use crate::cuda::{CudaBackend, CudaWorkspace, Gpu};
-use crate::diffusion::SamplerKind;
 use crate::sampler::{Sampler, SamplerOptions};
 use anyhow::{Context, Result};
 use cudarc::driver::sys;
 
 use super::timer::Timer;
 use super::{rows_request, BenchPlan, E2eRow, LaunchCount, Report, Stats, StepKind, StepRow};
-
-/// The step records of a sampler's plan: step k with the sampler's own update for i = S-1-k.
-fn step_specs(sampler: &Sampler<'_, CudaBackend>, plan: &SamplePlan) -> Result<Vec<StepSpec>> {
-    let s = plan.steps;
-    (0..s)
-        .map(|k| {
-            let i = s - 1 - k;
-            Ok(StepSpec {
-                k,
-                i,
-                t: plan.timesteps[k],
-                mode: StepMode::Compute,
-                update: sampler.diffusion().step_update(i, SamplerKind::Ddpm)?,
-                reuse_ahead: 0,
-            })
-        })
-        .collect()
-}
 
 /// Tunes `backend`'s options ([`crate::cuda::tune::tune`]) on the run of a `rows`-row batch
 /// (`plan`'s steps and guidance) at FORA interval `interval`, and leaves it set to the choice.
@@ -40,17 +21,8 @@ pub(super) fn tune_rows(
     interval: usize,
     candidates: &[crate::cuda::tune::TuneCandidate],
 ) -> Result<crate::cuda::tune::Tuning> {
-    let (splan, schedule) = {
-        let cfg = backend.config();
-        let (classes, guidance) = rows_request(rows, cfg.num_classes, plan.cfg_scale);
-        let sampler = Sampler::new(
-            &*backend,
-            SamplerOptions::ddpm(plan.steps).with_guidance(guidance),
-        )?;
-        let splan = sampler.plan(&classes, NoiseSource::Seed(seed))?;
-        let mut policy = policy_for_interval(interval)?;
-        (splan, sampler.schedule(policy.as_mut()))
-    };
+    let mut policy = policy_for_interval(interval)?;
+    let (splan, schedule) = prepare_run(backend, plan, rows, seed, policy.as_mut())?;
     // A window of many rows is long (256 rows at N = 3: ~0.5 s on an H200) and steady: fewer
     // windows do.
     let many = rows * backend.config().tokens() >= 16384;
@@ -62,13 +34,14 @@ pub(super) fn tune_rows(
     crate::cuda::tune::tune(backend, &splan, &schedule, candidates, &settings)
 }
 
-/// The sampling plan of a `rows`-row batch (`plan`'s steps and guidance) and its step records
-/// (all computing; callers set the mode).
-pub(super) fn prepare_steps(
+/// The sampling plan of a `rows`-row batch (`plan`'s DDPM steps and guidance, noise seed
+/// `seed`) and its steps as `policy` schedules them ([`Sampler::schedule`]).
+fn prepare_run(
     backend: &CudaBackend,
     plan: &BenchPlan,
     rows: usize,
     seed: u64,
+    policy: &mut dyn CachePolicy,
 ) -> Result<(SamplePlan, Vec<StepSpec>)> {
     let cfg = backend.config();
     let (classes, guidance) = rows_request(rows, cfg.num_classes, plan.cfg_scale);
@@ -77,8 +50,17 @@ pub(super) fn prepare_steps(
         SamplerOptions::ddpm(plan.steps).with_guidance(guidance),
     )?;
     let splan = sampler.plan(&classes, NoiseSource::Seed(seed))?;
-    let specs = step_specs(&sampler, &splan)?;
-    Ok((splan, specs))
+    Ok((splan, sampler.schedule(policy)))
+}
+
+/// [`prepare_run`] with every step computing (callers set the mode).
+pub(super) fn prepare_steps(
+    backend: &CudaBackend,
+    plan: &BenchPlan,
+    rows: usize,
+    seed: u64,
+) -> Result<(SamplePlan, Vec<StepSpec>)> {
+    prepare_run(backend, plan, rows, seed, &mut NoCache)
 }
 
 /// Times a computing and a reuse step of `rows` rows (and a run of reuse steps from cache
