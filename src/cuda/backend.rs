@@ -289,9 +289,6 @@ impl CudaOptions {
         if self.attention != d.attention {
             out.push(format!("FORA_ATTENTION={}", self.attention.name()));
         }
-        if self.graphs != d.graphs {
-            out.push(format!("FORA_CUDA_GRAPHS={}", u8::from(self.graphs)));
-        }
         for (name, field) in SWITCHES {
             let (mut this, mut default) = (*self, d);
             let value = *field(&mut this);
@@ -310,9 +307,9 @@ impl CudaOptions {
 
     /// [`CudaOptions::default`], overridden by every variable of [`CudaOptions::VARIABLES`]
     /// set in the environment (an empty value keeps the default; one that is not UTF-8 is an
-    /// error): `FORA_GEMM`, `FORA_ATTENTION`, `FORA_CUDA_GRAPHS`, `FORA_REUSE_SUM`,
-    /// `FORA_TMA_TILES` and the 0/1 switches (`FORA_PRECOMPUTE_MODULATION`, `FORA_GEMM_LN`,
-    /// `FORA_PDL`, ...; see each field).
+    /// error): `FORA_GEMM`, `FORA_ATTENTION`, `FORA_REUSE_SUM`, `FORA_TMA_TILES` and the 0/1
+    /// switches (`FORA_CUDA_GRAPHS`, `FORA_PRECOMPUTE_MODULATION`, `FORA_GEMM_LN`, `FORA_PDL`,
+    /// ...; see each field).
     pub fn from_env() -> Result<CudaOptions> {
         let mut o = CudaOptions::default();
         for name in CudaOptions::VARIABLES {
@@ -332,12 +329,11 @@ impl CudaOptions {
 
     /// Every environment variable [`CudaOptions::from_env`] reads, each the name
     /// [`CudaOptions::set`] takes.
-    pub const VARIABLES: [&'static str; 5 + SWITCHES.len()] = {
-        let mut names = [""; 5 + SWITCHES.len()];
+    pub const VARIABLES: [&'static str; 4 + SWITCHES.len()] = {
+        let mut names = [""; 4 + SWITCHES.len()];
         let head = [
             "FORA_GEMM",
             "FORA_ATTENTION",
-            "FORA_CUDA_GRAPHS",
             "FORA_REUSE_SUM",
             "FORA_TMA_TILES",
         ];
@@ -355,20 +351,13 @@ impl CudaOptions {
     };
 
     /// Sets the option the environment variable `name` controls to `value`, read as
-    /// [`CudaOptions::from_env`] reads it (0 or 1 for a switch, `FORA_CUDA_GRAPHS` included).
+    /// [`CudaOptions::from_env`] reads it (0 or 1 for a switch).
     /// An unknown name or a bad value is an error naming it.
     pub fn set(&mut self, name: &str, value: &str) -> Result<()> {
         let v = value.trim();
         match name {
             "FORA_GEMM" => self.gemm = v.parse()?,
             "FORA_ATTENTION" => self.attention = v.parse()?,
-            "FORA_CUDA_GRAPHS" => {
-                self.graphs = match v {
-                    "0" => false,
-                    "1" => true,
-                    other => bail!("FORA_CUDA_GRAPHS must be 0 or 1, got {other:?}"),
-                }
-            }
             "FORA_REUSE_SUM" => {
                 self.reuse_sum = match v.parse::<usize>() {
                     Ok(k) if k <= CACHE_SUM_MAX => k,
@@ -415,9 +404,10 @@ impl CudaOptions {
 type SwitchField = fn(&mut CudaOptions) -> &mut bool;
 
 /// The 0/1 switches of [`CudaOptions`]: each environment variable and the field it sets (its
-/// default is [`CudaOptions::default`]'s). `FORA_CUDA_GRAPHS` (also 0 or 1), the kernel
-/// choices, `FORA_REUSE_SUM` and `FORA_TMA_TILES` are parsed apart.
-const SWITCHES: [(&str, SwitchField); 21] = [
+/// default is [`CudaOptions::default`]'s). The kernel choices, `FORA_REUSE_SUM` and
+/// `FORA_TMA_TILES` are parsed apart.
+const SWITCHES: [(&str, SwitchField); 22] = [
+    ("FORA_CUDA_GRAPHS", |o| &mut o.graphs),
     ("FORA_PRECOMPUTE_MODULATION", |o| {
         &mut o.precompute_modulation
     }),
