@@ -504,17 +504,6 @@ fn read_noise_file(
     })
 }
 
-impl SampleJob {
-    /// The run's noise source: the noise file, else the seed.
-    fn noise<B: Backend>(&self, backend: &B, steps: usize) -> Result<NoiseSource> {
-        let args = &self.args;
-        Ok(match &args.noise_file {
-            Some(path) => read_noise_file(path, backend.config(), args.classes.len(), steps)?,
-            None => NoiseSource::Seed(args.seed.unwrap_or(0)),
-        })
-    }
-}
-
 impl Job for SampleJob {
     fn cpu_note(&self) -> Option<&'static str> {
         self.tune_candidates
@@ -535,29 +524,25 @@ impl Job for SampleJob {
             let mut policy = policy_for_interval(self.args.cache_interval as usize)?;
             (plan, sampler.schedule(policy.as_mut()))
         };
-        // The key (a hash of the kernels included) only where a cache is read and written.
-        let key = self
+        // The cache and this run's key in it (a hash of the kernels: only where a cache is
+        // read and written), and the cached choice if there is one.
+        let cache = self
             .tune_cache
             .as_ref()
-            .map(|_| TuneKey::for_run(backend, &plan, &schedule, candidates));
-        let cached = match (&self.tune_cache, &key) {
-            (Some(cache), Some(key)) => cache.borrow().lookup(key).cloned(),
-            _ => None,
-        };
-        let name = match cached {
-            Some(choice) => {
+            .map(|c| (c, TuneKey::for_run(backend, &plan, &schedule, candidates)));
+        let hit = cache.as_ref().and_then(|(c, key)| {
+            let choice = c.borrow().lookup(key).cloned()?;
+            Some((c.borrow().path().display().to_string(), choice))
+        });
+        let name = match hit {
+            Some((path, choice)) => {
                 let options = backend
                     .options()
                     .with_settings(&choice.settings)
                     .with_context(|| format!("the cached choice {:?}", choice.name))?;
                 backend.set_options(options);
                 eprintln!(
-                    "fora: tuned options from {} (measured {}{})",
-                    self.tune_cache.as_ref().map_or(String::new(), |c| c
-                        .borrow()
-                        .path()
-                        .display()
-                        .to_string()),
+                    "fora: tuned options from {path} (measured {}{})",
                     choice.date,
                     choice
                         .speedup
@@ -574,7 +559,7 @@ impl Job for SampleJob {
                     &TuneSettings::default(),
                 )?;
                 eprintln!("{}", tuning.markdown());
-                if let (Some(cache), Some(key)) = (&self.tune_cache, key) {
+                if let Some((cache, key)) = cache {
                     cache.borrow_mut().store(key, tuning.cached_choice())?;
                 }
                 tuning.chosen().name.clone()
@@ -601,7 +586,10 @@ impl Job for SampleJob {
         );
         let sampler = Sampler::new(backend, self.options.clone())?;
         let steps = sampler.steps();
-        let noise = self.noise(backend, steps)?;
+        let noise = match &args.noise_file {
+            Some(path) => read_noise_file(path, backend.config(), args.classes.len(), steps)?,
+            None => NoiseSource::Seed(args.seed.unwrap_or(0)),
+        };
         let mut policy = policy_for_interval(args.cache_interval as usize)?;
         let bar = if args.quiet {
             ProgressBar::hidden()
