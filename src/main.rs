@@ -515,6 +515,7 @@ impl Job for SampleJob {
         let Some(candidates) = &self.tune_candidates else {
             return Ok(());
         };
+        let settings = TuneSettings::default();
         let (plan, schedule) = {
             let sampler = Sampler::new(&*backend, self.options.clone())?;
             // The tuning's own run: the seed's noise (a noise file is read once, by the run
@@ -526,10 +527,10 @@ impl Job for SampleJob {
         };
         // The cache and this run's key in it (a hash of the kernels: only where a cache is
         // read and written), and the cached choice if there is one.
-        let cache = self
-            .tune_cache
-            .as_ref()
-            .map(|c| (c, TuneKey::for_run(backend, &plan, &schedule, candidates)));
+        let cache = self.tune_cache.as_ref().map(|c| {
+            let key = TuneKey::for_run(backend, &plan, &schedule, candidates, &settings);
+            (c, key)
+        });
         let hit = cache.as_ref().and_then(|(c, key)| {
             let choice = c.borrow().lookup(key).cloned()?;
             Some((c.borrow().path().display().to_string(), choice))
@@ -551,13 +552,8 @@ impl Job for SampleJob {
                 choice.name
             }
             None => {
-                let tuning = fora::cuda::tune::tune(
-                    backend,
-                    &plan,
-                    &schedule,
-                    candidates,
-                    &TuneSettings::default(),
-                )?;
+                let tuning =
+                    fora::cuda::tune::tune(backend, &plan, &schedule, candidates, &settings)?;
                 eprintln!("{}", tuning.markdown());
                 if let Some((cache, key)) = cache {
                     cache.borrow_mut().store(key, tuning.cached_choice())?;

@@ -503,7 +503,8 @@ fn fake_report() -> Report {
 }
 
 /// A 2-row tuning: the given options, a faster fusion (chosen), a path with the same options
-/// as the given ones, a rejected one and a failed one (its error holding a table separator).
+/// as the given ones, a rejected one and a failed one (its error holding a table separator),
+/// then a combination of two winners, slower.
 fn fake_tuning() -> Tuning {
     let row = |name: &str, settings: &str, ms: Option<f64>, rel: Option<f64>, outcome| TuneRow {
         name: name.into(),
@@ -544,7 +545,15 @@ fn fake_tuning() -> Tuning {
                 None,
                 TuneOutcome::Failed("no kernel | for this card".into()),
             ),
+            row(
+                "gemm_ln+pdl",
+                "FORA_GEMM_LN=1 FORA_PDL=1",
+                Some(4.9),
+                Some(3.2e-3),
+                TuneOutcome::Slower,
+            ),
         ],
+        candidates: 5,
         chosen: 1,
     }
 }
@@ -607,6 +616,14 @@ fn report_markdown_and_json() {
     assert_eq!(t["candidates"][3]["outcome"], "rejected");
     assert_eq!(t["candidates"][3]["window_median_ms"], Value::Null);
     assert_eq!(t["candidates"][4]["detail"], "no kernel | for this card");
+    assert_eq!(t["candidates"][4]["combination"], false);
+    assert_eq!(t["candidates"][5]["name"], "gemm_ln+pdl");
+    assert_eq!(t["candidates"][5]["combination"], true);
+    assert!(md.contains("Rows named a+b"), "{md}");
+    assert!(
+        md.contains("| gemm_ln+pdl | `FORA_GEMM_LN=1 FORA_PDL=1` | 4.900 |"),
+        "{md}"
+    );
     assert_eq!(j["model"]["arch"], "DiT-XL/2");
     assert_eq!(j["device"]["compute_capability"], "9.0");
     assert_eq!(j["ceilings"]["gemm"]["tflops"], 700.0);

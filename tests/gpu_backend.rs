@@ -1803,7 +1803,11 @@ fn gpu_tune_picks_the_fastest_checked_path() {
     // then a computing step.
     assert_eq!((t.rows, t.window_steps, t.window_computing), (2, 8, 3));
     assert_eq!(schedule[8].mode, StepMode::Compute);
-    assert_eq!(t.rows_tried.len(), candidates.len());
+    // The candidates, then any sums of those that beat the given options alone.
+    assert_eq!(t.candidates, candidates.len());
+    assert!(t.rows_tried[t.candidates..]
+        .iter()
+        .all(|r| r.name.contains('+')));
     assert_eq!(t.rows_tried[2].outcome, TuneOutcome::SameAs("given".into()));
     assert_eq!(t.rows_tried[0].rel_l2, Some(0.0));
     let mut times = Vec::new();

@@ -28,6 +28,22 @@ struct MockOptions {
     /// Added to the latents' change over a window (a step path gone wrong where the forward
     /// is right).
     step_offset: f32,
+    /// The same, a second path's share (two paths each within the tolerance alone, past it
+    /// together).
+    step_offset_b: f32,
+    /// ms that independent paths save, each on its own option (so that they combine).
+    saves: [f64; 4],
+    /// ms a path costs each other path that saves time (one that takes SMs from the rest).
+    crowd: f64,
+}
+
+impl MockOptions {
+    /// What a window takes: the base time less every path's saving, plus the crowding.
+    fn window(&self) -> f64 {
+        let saving = self.saves.iter().filter(|&&s| s != 0.0).count();
+        self.window_ms - self.saves.iter().sum::<f64>()
+            + self.crowd * saving.saturating_sub(1) as f64
+    }
 }
 
 struct Mock {
@@ -54,6 +70,9 @@ impl Mock {
                 fail: false,
                 kill: false,
                 step_offset: 0.0,
+                step_offset_b: 0.0,
+                saves: [0.0; 4],
+                crowd: 0.0,
             },
             dead: Cell::new(false),
             cold_ms: Cell::new(0.0),
@@ -111,13 +130,21 @@ impl Tunable for Mock {
     fn set_tuned_options(&mut self, options: MockOptions) {
         self.options = options;
     }
-    /// Words `MS=<window ms>`, `OFFSET=<f32>`, `STEPS=<f32>`, `NAN=1`, `FAIL=1`, `KILL=1`.
+    /// Words `MS=<window ms>`, `OFFSET=<f32>`, `STEPS=<f32>`, `STEPSB=<f32>`, `SAVE<0-3>=<ms>`,
+    /// `CROWD=<ms>`, `NAN=1`, `FAIL=1`, `KILL=1`.
     fn apply_settings(mut o: MockOptions, settings: &str) -> Result<MockOptions> {
         for word in settings.split_whitespace() {
             match word.split_once('=') {
                 Some(("MS", v)) => o.window_ms = v.parse()?,
                 Some(("OFFSET", v)) => o.offset = v.parse()?,
                 Some(("STEPS", v)) => o.step_offset = v.parse()?,
+                Some(("STEPSB", v)) => o.step_offset_b = v.parse()?,
+                Some(("CROWD", v)) => o.crowd = v.parse()?,
+                Some((save, v)) if save.starts_with("SAVE") => {
+                    let i: usize = save["SAVE".len()..].parse()?;
+                    ensure!(i < o.saves.len(), "mock: no path {i}");
+                    o.saves[i] = v.parse()?;
+                }
                 Some(("NAN", "1")) => o.nan = true,
                 Some(("FAIL", "1")) => o.fail = true,
                 Some(("KILL", "1")) => o.kill = true,
@@ -141,11 +168,11 @@ impl Tunable for Mock {
         let cold = self.cold_ms.replace(0.0);
         // Noisy windows whose median is the path's time.
         let samples: Vec<f64> = (0..runs)
-            .map(|i| o.window_ms + cold + [0.0, 0.3, -0.2][i % 3])
+            .map(|i| o.window() + cold + [0.0, 0.3, -0.2][i % 3])
             .collect();
         Ok(WindowRun {
             first_change: (0..64)
-                .map(|i| (i as f32 * 0.37).sin() + o.step_offset)
+                .map(|i| (i as f32 * 0.37).sin() + o.step_offset + o.step_offset_b)
                 .collect(),
             stats: Stats::from_samples(&samples)?,
         })
@@ -180,6 +207,7 @@ const SETTINGS: TuneSettings = TuneSettings {
     runs: 5,
     tolerance: 2e-2,
     min_gain: 0.01,
+    combine: true,
 };
 
 #[test]
@@ -319,6 +347,124 @@ fn the_given_options_are_timed_again_last() {
     assert_eq!((t.chosen, mock.timings.borrow().len()), (0, 1));
 }
 
+/// The candidates that beat the given options alone are tried together, greedily from the
+/// fastest: alternatives (one option set two ways) are not combined, a sum no faster than its
+/// base is measured but not built on, and the fastest sum is chosen.
+#[test]
+fn winners_are_combined_greedily() {
+    let mut mock = Mock::new();
+    let (plan, schedule) = run_of(&mock);
+    let list = candidates(&[
+        ("given", ""),
+        ("a", "SAVE0=2"),
+        ("b", "SAVE1=1"),
+        ("alt", "SAVE0=1.5"),
+        ("crowd", "SAVE2=0.5 CROWD=1"),
+        ("noise", "SAVE2=0.05"),
+        ("c", "SAVE3=0.6"),
+        ("wrong", "SAVE3=3 OFFSET=1"),
+        ("e", "MS=9.6"),
+    ]);
+    let t = tune(&mut mock, &plan, &schedule, &list, &SETTINGS).unwrap();
+    println!("{}", t.markdown());
+    let names: Vec<&str> = t.rows_tried.iter().map(|r| r.name.as_str()).collect();
+    // Winners, fastest first: a 8, alt 8.5, b 9, c 9.4, crowd 9.5, e 9.6 (noise is within
+    // the margin, wrong was rejected). a + alt set SAVE0 both ways: not combined. a + b = 7
+    // and a + b + c = 6.4 each beat their base; a + b + c + crowd = 8.9 does not, so e is
+    // added to a + b + c: 6.0.
+    assert_eq!(
+        names,
+        [
+            "given",
+            "a",
+            "b",
+            "alt",
+            "crowd",
+            "noise",
+            "c",
+            "wrong",
+            "e",
+            "a+b",
+            "a+b+c",
+            "a+b+c+crowd",
+            "a+b+c+e"
+        ]
+    );
+    assert_eq!(t.candidates, 9);
+    let row = |name: &str| t.rows_tried.iter().find(|r| r.name == name).unwrap();
+    assert_eq!(row("a+b").settings, "SAVE0=2 SAVE1=1");
+    assert_eq!(row("a+b+c").settings, "SAVE0=2 SAVE1=1 SAVE3=0.6");
+    assert_eq!(row("a+b+c+crowd").window.as_ref().unwrap().median_ms, 8.9);
+    assert_eq!(row("a+b+c+crowd").outcome, TuneOutcome::Slower);
+    // Each sum is checked like a candidate.
+    assert_eq!(row("a+b").rel_l2, Some(0.0));
+    assert_eq!(row("a+b").steps_rel_l2, Some(0.0));
+    assert_eq!(row("a+b+c+e").settings, "SAVE0=2 SAVE1=1 SAVE3=0.6 MS=9.6");
+    assert_eq!(t.chosen().name, "a+b+c+e");
+    assert_eq!(t.chosen().outcome, TuneOutcome::Chosen);
+    assert_eq!(row("a+b+c").outcome, TuneOutcome::Slower);
+    assert_eq!(
+        mock.options.saves,
+        [2.0, 1.0, 0.0, 0.6],
+        "the sum is left set"
+    );
+    assert_eq!(mock.options.window_ms, 9.6);
+    assert!((t.speedup().unwrap() - 10.0 / 6.0).abs() < 1e-9);
+    // Timed: the eight that passed their forward, the four sums, the given options again.
+    assert_eq!(mock.timings.borrow().len(), 13);
+    assert!(t.markdown().contains("Rows named a+b"));
+
+    // Off: the candidates alone.
+    let mut mock = Mock::new();
+    let alone = TuneSettings {
+        combine: false,
+        ..SETTINGS
+    };
+    let t = tune(&mut mock, &plan, &schedule, &list, &alone).unwrap();
+    assert_eq!((t.rows_tried.len(), t.candidates), (9, 9));
+    assert_eq!(t.chosen().name, "a");
+    assert!(!t.markdown().contains("Rows named a+b"));
+}
+
+/// A sum of two paths, each right alone, is checked as a whole: wrong together, it is
+/// rejected and the fastest single path stays chosen. Sums whose options a candidate already
+/// has are not run again.
+#[test]
+fn combinations_are_checked_and_not_repeated() {
+    let mut mock = Mock::new();
+    let (plan, schedule) = run_of(&mock);
+    // Each shifts the latents' change by 0.01 (rel-L2 ~0.014 of its ~0.71 RMS), 0.02 together.
+    let list = candidates(&[
+        ("given", ""),
+        ("a", "SAVE0=2 STEPS=0.01"),
+        ("b", "SAVE1=1 STEPSB=0.01"),
+    ]);
+    let t = tune(&mut mock, &plan, &schedule, &list, &SETTINGS).unwrap();
+    let sum = &t.rows_tried[3];
+    assert_eq!(sum.name, "a+b");
+    assert!(
+        matches!(sum.outcome, TuneOutcome::Rejected(ref w) if w.contains("steps")),
+        "{:?}",
+        sum.outcome
+    );
+    assert!(sum.window.is_none());
+    assert_eq!(t.chosen().name, "a");
+    assert_eq!(mock.options.saves, [2.0, 0.0, 0.0, 0.0]);
+
+    // A candidate that is already the sum: nothing new to try.
+    let mut mock = Mock::new();
+    let list = candidates(&[
+        ("given", ""),
+        ("a", "SAVE0=2"),
+        ("ab", "SAVE0=2 SAVE1=1"),
+        ("b", "SAVE1=1"),
+    ]);
+    let t = tune(&mut mock, &plan, &schedule, &list, &SETTINGS).unwrap();
+    assert_eq!(t.rows_tried.len(), 4);
+    assert_eq!(t.chosen().name, "ab");
+    assert_eq!(mock.timings.borrow().len(), 5);
+}
+
 #[test]
 fn noise_does_not_replace_the_given_options() {
     let mut mock = Mock::new();
@@ -437,6 +583,7 @@ fn key(rows: usize) -> fora::cuda::tune::TuneKey {
         schedule: "250 steps, 84 computing, modes fedcba9876543210".into(),
         given: String::new(),
         candidates: "given:;pdl:FORA_PDL=1".into(),
+        search: fora::cuda::tune::TuneSettings::default().key(),
     }
 }
 
@@ -477,6 +624,14 @@ fn the_tuning_cache_keeps_choices_by_key() {
         },
         fora::cuda::tune::TuneKey {
             candidates: "given:".into(),
+            ..key(2)
+        },
+        fora::cuda::tune::TuneKey {
+            search: TuneSettings {
+                combine: false,
+                ..Default::default()
+            }
+            .key(),
             ..key(2)
         },
     ] {

@@ -1265,7 +1265,7 @@ fn tuning_json(interval: usize, t: &crate::cuda::tune::Tuning) -> Value {
         "chosen": chosen.name,
         "chosen_env": chosen.options.env_overrides().join(" "),
         "speedup": t.speedup(),
-        "candidates": t.rows_tried.iter().map(|r| {
+        "candidates": t.rows_tried.iter().enumerate().map(|(i, r)| {
             let (outcome, detail) = match &r.outcome {
                 TuneOutcome::Chosen => ("chosen", String::new()),
                 TuneOutcome::Slower => ("slower", String::new()),
@@ -1276,6 +1276,7 @@ fn tuning_json(interval: usize, t: &crate::cuda::tune::Tuning) -> Value {
             json!({
                 "name": r.name,
                 "settings": r.settings,
+                "combination": i >= t.candidates,
                 "window_median_ms": r.window.as_ref().map(|w| w.median_ms),
                 "window_min_ms": r.window.as_ref().map(|w| w.min_ms),
                 "rel_l2": r.rel_l2,

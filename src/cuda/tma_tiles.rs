@@ -567,6 +567,25 @@ impl TmaOverrides {
         self.entries.iter().flatten().copied()
     }
 
+    /// These plans and `other`'s together (this one's first), or `None` where both force one
+    /// shape differently or the two hold more than [`TmaOverrides::CAPACITY`] shapes.
+    pub fn union(&self, other: &TmaOverrides) -> Option<TmaOverrides> {
+        let mut out = *self;
+        let mut count = self.iter().count();
+        for o in other.iter() {
+            match self.get(o.n as usize, o.k as usize) {
+                Some(mine) if mine == o => {}
+                Some(_) => return None,
+                None if count < TmaOverrides::CAPACITY => {
+                    out.entries[count] = Some(o);
+                    count += 1;
+                }
+                None => return None,
+            }
+        }
+        Some(out)
+    }
+
     /// The TMA plan (tile, split-K slices) of an M x N x K GEMM on `sm_count` SMs with
     /// `workspace` f32 elements of split-K room: the forced tile and slices where these name
     /// N x K, else [`TmaTile::pick_multicast`]'s tile (`multicast`, M past one row tile) or

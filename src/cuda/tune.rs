@@ -15,6 +15,13 @@
 //!   finite and within the tolerance of the given options' (what the forward does not cover:
 //!   graphs, cache sums, tables, the sampler update); then [`TuneSettings::warmup`] passes
 //!   more and [`TuneSettings::runs`] timed ones, CUDA events around each; the median counts;
+//! - **combines**: the candidates that beat the given options alone are tried together,
+//!   greedily ([`TuneSettings::combine`]): from the fastest, each next-fastest winner's settings
+//!   are added ([`Tunable::merge_settings`]; two that set one option differently are
+//!   alternatives and are not combined), the sum checked and timed as a candidate of its own,
+//!   and kept as the base for the next where it beats the base by the margin. The built-in
+//!   paths are mostly independent (attention, the GEMM tiles, the LayerNorm fusions, launch
+//!   order), so the fastest run is often several of them at once;
 //! - **picks**: the given options are timed again last (a card still raising its clocks while
 //!   they ran first would otherwise hand the next candidate the margin) and keep the better of
 //!   their two medians; then the fastest candidate that passed, where it beats them by at least
@@ -60,6 +67,56 @@ pub trait Tunable: Backend {
 
     /// Ok while the device answers (a failed candidate may have left it unusable).
     fn still_usable(&self) -> Result<()>;
+
+    /// The settings of two candidates at once, or `None` where they set one option to
+    /// different values (alternatives, such as two attention kernels). By default
+    /// [`merge_settings_with`] joining nothing.
+    fn merge_settings(first: &str, second: &str) -> Result<Option<String>> {
+        merge_settings_with(first, second, |_, _, _| None)
+    }
+}
+
+/// The settings of two candidates at once: `first`'s `NAME=value` words (the last of a name
+/// counts, as when they are applied), then `second`'s for the names `first` lacks. Where both
+/// set a name to different values, `join(name, first's, second's)` gives the value that does
+/// both (a list option), or `None`: the candidates are alternatives and the result is `None`.
+/// A word that is not `NAME=value` is an error.
+pub fn merge_settings_with(
+    first: &str,
+    second: &str,
+    join: impl Fn(&str, &str, &str) -> Option<String>,
+) -> Result<Option<String>> {
+    fn words(settings: &str) -> Result<Vec<(String, String)>> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for word in settings.split_whitespace() {
+            let Some((name, value)) = word.split_once('=') else {
+                bail!("option setting {word:?} is not NAME=value");
+            };
+            match out.iter_mut().find(|(n, _)| n == name) {
+                Some(slot) => slot.1 = value.to_string(),
+                None => out.push((name.to_string(), value.to_string())),
+            }
+        }
+        Ok(out)
+    }
+    let mut merged = words(first)?;
+    for (name, value) in words(second)? {
+        match merged.iter_mut().find(|(n, _)| *n == name) {
+            None => merged.push((name, value)),
+            Some((_, v)) if *v == value => {}
+            Some((_, v)) => match join(&name, v, &value) {
+                Some(joined) => *v = joined,
+                None => return Ok(None),
+            },
+        }
+    }
+    Ok(Some(
+        merged
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    ))
 }
 
 /// What [`Tunable::run_window`] measured.
@@ -124,6 +181,18 @@ impl Tunable for CudaBackend {
 
     fn still_usable(&self) -> Result<()> {
         self.gpu().synchronize()
+    }
+
+    /// `FORA_TMA_TILES` of both joined where they force no shape differently.
+    fn merge_settings(first: &str, second: &str) -> Result<Option<String>> {
+        merge_settings_with(first, second, |name, a, b| match name {
+            "FORA_TMA_TILES" => {
+                let a: super::gemm::TmaOverrides = a.parse().ok()?;
+                let b: super::gemm::TmaOverrides = b.parse().ok()?;
+                Some(a.union(&b)?.to_string())
+            }
+            _ => None,
+        })
     }
 }
 
@@ -245,6 +314,9 @@ pub struct TuneSettings {
     /// The fraction of the given options' window time another candidate must save to be
     /// chosen (0.01: 1% faster).
     pub min_gain: f64,
+    /// Whether the candidates that beat the given options alone are then tried together
+    /// (greedily, fastest first; see the module comment).
+    pub combine: bool,
 }
 
 impl Default for TuneSettings {
@@ -255,7 +327,26 @@ impl Default for TuneSettings {
             runs: 5,
             tolerance: 2e-2,
             min_gain: 0.01,
+            combine: true,
         }
+    }
+}
+
+impl TuneSettings {
+    /// What of these settings a choice depends on, for [`TuneKey::search`] (the window's
+    /// length, the tolerance, the margin, combining; not how many windows are timed).
+    pub fn key(&self) -> String {
+        format!(
+            "window {} steps, tolerance {:e}, margin {}, {}",
+            self.window,
+            self.tolerance,
+            self.min_gain,
+            if self.combine {
+                "winners combined"
+            } else {
+                "candidates alone"
+            }
+        )
     }
 }
 
@@ -306,8 +397,11 @@ pub struct Tuning<O = CudaOptions> {
     pub window_computing: usize,
     /// Steps of the whole run (the window's time x steps / window steps estimates it).
     pub run_steps: usize,
-    /// Every candidate, in the order tried.
+    /// Every candidate, in the order tried, then the combinations tried (see
+    /// [`TuneSettings::combine`]), each named by its parts joined with `+`.
     pub rows_tried: Vec<TuneRow<O>>,
+    /// How many of `rows_tried` are candidates (the rest are combinations).
+    pub candidates: usize,
     /// Index of the chosen one in `rows_tried`.
     pub chosen: usize,
 }
@@ -331,7 +425,7 @@ impl<O> Tuning<O> {
             "Tuned at {} rows: a window of {} steps ({} computing) of the {}-step run, median of \
              the timed windows (the given options timed first and again last, the better kept); \
              the run estimated as window x {}/{}. rel-L2 against the given options': of the \
-             forward, and of the latents' change over the first window.\n\n\
+             forward, and of the latents' change over the first window.{}\n\n\
              | candidate | settings | window ms | run ms (est.) | rel-L2 forward | rel-L2 steps | outcome |\n\
              |---|---|---|---|---|---|---|\n",
             self.rows,
@@ -339,7 +433,12 @@ impl<O> Tuning<O> {
             self.window_computing,
             self.run_steps,
             self.run_steps,
-            self.window_steps
+            self.window_steps,
+            if self.rows_tried.len() > self.candidates {
+                " Rows named a+b: candidates that beat the given options alone, tried together."
+            } else {
+                ""
+            }
         );
         for r in &self.rows_tried {
             let (window, run) = match &r.window {
@@ -437,6 +536,194 @@ fn checked_distance(
     (rel, why)
 }
 
+impl<O> TuneRow<O> {
+    /// A row of a candidate with the same options as the earlier row `earlier` (not run again).
+    fn same_as(c: &TuneCandidate, options: O, earlier: &str) -> TuneRow<O> {
+        TuneRow {
+            name: c.name.clone(),
+            settings: c.settings.clone(),
+            options,
+            rel_l2: None,
+            steps_rel_l2: None,
+            window: None,
+            outcome: TuneOutcome::SameAs(earlier.to_string()),
+        }
+    }
+
+    /// The median window of a candidate that passed its checks (and is not a repeat).
+    fn passed_ms(&self) -> Option<f64> {
+        match self.outcome {
+            TuneOutcome::Slower | TuneOutcome::Chosen => self.window.as_ref().map(|w| w.median_ms),
+            _ => None,
+        }
+    }
+}
+
+/// What measuring a candidate needs: the run, its window, the check forward's inputs, and
+/// the given options' forward and first change of the latents (the reference; set by the
+/// first candidate measured, the given options).
+struct CandidateBench<'a> {
+    plan: &'a SamplePlan,
+    window: &'a [StepSpec],
+    inputs: (&'a [f32], &'a [i64], &'a [usize]),
+    settings: &'a TuneSettings,
+    reference: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl CandidateBench<'_> {
+    /// Checks and times one candidate on `backend` (left set to `options`), as the module
+    /// comment says, and logs its line. `first`: the given options, which become the
+    /// reference. A candidate that fails is a row saying so; an error only where the tuning
+    /// must stop: the given options failing, or the device unusable after a failure.
+    fn measure<B: Tunable>(
+        &mut self,
+        backend: &mut B,
+        name: &str,
+        settings: &str,
+        options: B::Options,
+        first: bool,
+    ) -> Result<TuneRow<B::Options>> {
+        let mut row = TuneRow {
+            name: name.to_string(),
+            settings: settings.to_string(),
+            options,
+            rel_l2: None,
+            steps_rel_l2: None,
+            window: None,
+            outcome: TuneOutcome::Slower,
+        };
+        backend.set_tuned_options(options);
+        let tolerance = self.settings.tolerance;
+        let measured = (|| -> Result<()> {
+            let (x, t, y) = self.inputs;
+            let out = backend
+                .forward(x, t, y, self.plan.guidance)
+                .context("the check forward")?;
+            if let Some((ref_out, _)) = &self.reference {
+                let (rel, why) = checked_distance("forward", &out, ref_out, tolerance);
+                row.rel_l2 = Some(rel);
+                if let Some(why) = why {
+                    row.outcome = TuneOutcome::Rejected(why);
+                    return Ok(());
+                }
+            }
+            let run = backend.run_window(
+                self.plan,
+                self.window,
+                self.settings.warmup,
+                self.settings.runs,
+            )?;
+            match &self.reference {
+                None => {
+                    let (_, bad) = checked_distance("forward", &out, &out, 0.0);
+                    let (_, bad_steps) =
+                        checked_distance("latents", &run.first_change, &run.first_change, 0.0);
+                    if let Some(why) = bad.or(bad_steps) {
+                        bail!("the given options' {why}");
+                    }
+                    row.rel_l2 = Some(0.0);
+                    row.steps_rel_l2 = Some(0.0);
+                    self.reference = Some((out, run.first_change));
+                }
+                Some((_, ref_change)) => {
+                    let (rel, why) = checked_distance(
+                        "steps: the latents' change",
+                        &run.first_change,
+                        ref_change,
+                        tolerance,
+                    );
+                    row.steps_rel_l2 = Some(rel);
+                    if let Some(why) = why {
+                        row.outcome = TuneOutcome::Rejected(why);
+                        return Ok(());
+                    }
+                }
+            }
+            row.window = Some(run.stats);
+            Ok(())
+        })();
+        match measured {
+            Ok(()) => {}
+            Err(e) if first => {
+                return Err(e.context(format!(
+                    "tuning: the given options (candidate {name:?}) failed"
+                )));
+            }
+            Err(e) => {
+                row.outcome = TuneOutcome::Failed(format!("{e:#}"));
+                if let Err(sticky) = backend.still_usable() {
+                    bail!(
+                        "tuning stopped: candidate {name:?} left the GPU unusable ({sticky:#}); it \
+                         failed with: {e:#}"
+                    );
+                }
+            }
+        }
+        // A line per candidate as it ends, so that a log keeps what was measured even if a
+        // later candidate hangs or kills the process.
+        eprintln!(
+            "tune: {} rows, {}: window {}, rel-L2 forward {} steps {}{}",
+            self.plan.model_rows(),
+            row.name,
+            row.window
+                .as_ref()
+                .map_or("—".to_string(), |w| format!("{:.3} ms", w.median_ms)),
+            row.rel_l2.map_or("—".to_string(), |e| format!("{e:.2e}")),
+            row.steps_rel_l2
+                .map_or("—".to_string(), |e| format!("{e:.2e}")),
+            match &row.outcome {
+                TuneOutcome::Rejected(why) => format!(", rejected: {why}"),
+                TuneOutcome::Failed(e) => format!(", failed: {e}"),
+                _ => String::new(),
+            }
+        );
+        Ok(row)
+    }
+}
+
+/// The greedy combination stage ([`TuneSettings::combine`]): the candidates that beat the given
+/// options (`rows[0]`) by the margin, fastest first; from the fastest, each next one's settings
+/// added to the base's ([`Tunable::merge_settings`]; alternatives and sums whose options were
+/// already measured are skipped), the sum measured as a row of its own and made the base where
+/// it beats the base by the margin.
+fn combine<B: Tunable>(
+    backend: &mut B,
+    bench: &mut CandidateBench,
+    given: B::Options,
+    rows: &mut Vec<TuneRow<B::Options>>,
+) -> Result<()> {
+    let Some(given_ms) = rows.first().and_then(TuneRow::passed_ms) else {
+        return Ok(());
+    };
+    let keep = 1.0 - bench.settings.min_gain;
+    let mut winners: Vec<(usize, f64)> = (1..rows.len())
+        .filter_map(|i| rows[i].passed_ms().map(|ms| (i, ms)))
+        .filter(|&(_, ms)| ms <= given_ms * keep)
+        .collect();
+    winners.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    let Some((&(mut base, mut base_ms), rest)) = winners.split_first() else {
+        return Ok(());
+    };
+    for &(next, _) in rest {
+        let Some(settings) = B::merge_settings(&rows[base].settings, &rows[next].settings)? else {
+            continue;
+        };
+        let name = format!("{}+{}", rows[base].name, rows[next].name);
+        let options = B::apply_settings(given, &settings)
+            .with_context(|| format!("tuning: the combined settings of {name}"))?;
+        if rows.iter().any(|r| r.options == options) {
+            continue;
+        }
+        let row = bench.measure(backend, &name, &settings, options, false)?;
+        let ms = row.passed_ms();
+        rows.push(row);
+        if let Some(ms) = ms.filter(|&ms| ms <= base_ms * keep) {
+            (base, base_ms) = (rows.len() - 1, ms);
+        }
+    }
+    Ok(())
+}
+
 /// Tries `candidates` on a run of `plan` whose steps are `schedule`
 /// ([`crate::sampler::Sampler::schedule`]), as the module comment says, and leaves `backend`
 /// set to the chosen options. The options as given are the reference and the baseline: a
@@ -499,115 +786,29 @@ pub fn tune<B: Tunable>(
     let w = window_len(&modes, settings.window);
     let window = &schedule[..w];
     let (x, t, y) = forward_inputs(backend, plan);
-    // The given options' forward and first window's change of the latents.
-    let mut reference: Option<(Vec<f32>, Vec<f32>)> = None;
-    let mut rows: Vec<TuneRow<B::Options>> = Vec::new();
+    let mut bench = CandidateBench {
+        plan,
+        window,
+        inputs: (&x, &t, &y),
+        settings,
+        reference: None,
+    };
     let fail = |backend: &mut B, e: anyhow::Error| -> anyhow::Error {
         backend.set_tuned_options(given);
         e
     };
-    for (index, (c, options)) in list.iter().enumerate() {
-        let mut row = TuneRow {
-            name: c.name.clone(),
-            settings: c.settings.clone(),
-            options: *options,
-            rel_l2: None,
-            steps_rel_l2: None,
-            window: None,
-            outcome: TuneOutcome::Slower,
-        };
+    let mut rows: Vec<TuneRow<B::Options>> = Vec::new();
+    for (c, options) in &list {
         if let Some(same) = rows.iter().find(|r| r.options == *options) {
-            row.outcome = TuneOutcome::SameAs(same.name.clone());
-            rows.push(row);
+            rows.push(TuneRow::same_as(c, *options, &same.name));
             continue;
         }
-        backend.set_tuned_options(*options);
-        let measured = (|| -> Result<()> {
-            let out = backend
-                .forward(&x, &t, &y, plan.guidance)
-                .context("the check forward")?;
-            if let Some((ref_out, _)) = &reference {
-                let (rel, why) = checked_distance("forward", &out, ref_out, settings.tolerance);
-                row.rel_l2 = Some(rel);
-                if let Some(why) = why {
-                    row.outcome = TuneOutcome::Rejected(why);
-                    return Ok(());
-                }
-            }
-            let run = backend.run_window(plan, window, settings.warmup, settings.runs)?;
-            match &reference {
-                None => {
-                    let (_, bad) = checked_distance("forward", &out, &out, 0.0);
-                    let (_, bad_steps) =
-                        checked_distance("latents", &run.first_change, &run.first_change, 0.0);
-                    if let Some(why) = bad.or(bad_steps) {
-                        bail!("the given options' {why}");
-                    }
-                    row.rel_l2 = Some(0.0);
-                    row.steps_rel_l2 = Some(0.0);
-                    reference = Some((out, run.first_change));
-                }
-                Some((_, ref_change)) => {
-                    let (rel, why) = checked_distance(
-                        "steps: the latents' change",
-                        &run.first_change,
-                        ref_change,
-                        settings.tolerance,
-                    );
-                    row.steps_rel_l2 = Some(rel);
-                    if let Some(why) = why {
-                        row.outcome = TuneOutcome::Rejected(why);
-                        return Ok(());
-                    }
-                }
-            }
-            row.window = Some(run.stats);
-            Ok(())
-        })();
-        match measured {
-            Ok(()) => {}
-            Err(e) if index == 0 => {
-                return Err(fail(
-                    backend,
-                    e.context(format!(
-                        "tuning: the given options (candidate {:?}) failed",
-                        c.name
-                    )),
-                ));
-            }
-            Err(e) => {
-                row.outcome = TuneOutcome::Failed(format!("{e:#}"));
-                if let Err(sticky) = backend.still_usable() {
-                    return Err(fail(
-                        backend,
-                        anyhow::anyhow!(
-                            "tuning stopped: candidate {:?} left the GPU unusable ({sticky:#}); it \
-                             failed with: {e:#}",
-                            c.name
-                        ),
-                    ));
-                }
-            }
-        }
-        // A line per candidate as it ends, so that a log keeps what was measured even if a
-        // later candidate hangs or kills the process.
-        eprintln!(
-            "tune: {} rows, {}: window {}, rel-L2 forward {} steps {}{}",
-            plan.model_rows(),
-            row.name,
-            row.window
-                .as_ref()
-                .map_or("—".to_string(), |w| format!("{:.3} ms", w.median_ms)),
-            row.rel_l2.map_or("—".to_string(), |e| format!("{e:.2e}")),
-            row.steps_rel_l2
-                .map_or("—".to_string(), |e| format!("{e:.2e}")),
-            match &row.outcome {
-                TuneOutcome::Rejected(why) => format!(", rejected: {why}"),
-                TuneOutcome::Failed(e) => format!(", failed: {e}"),
-                _ => String::new(),
-            }
-        );
-        rows.push(row);
+        let row = bench.measure(backend, &c.name, &c.settings, *options, rows.is_empty());
+        rows.push(row.map_err(|e| fail(backend, e))?);
+    }
+    let candidates_tried = rows.len();
+    if settings.combine {
+        combine(backend, &mut bench, given, &mut rows).map_err(|e| fail(backend, e))?;
     }
     // The given options again, last: a card that was still raising its clocks while they ran
     // first would otherwise hand the next candidate the margin. The better median counts.
@@ -656,12 +857,13 @@ pub fn tune<B: Tunable>(
             .count(),
         run_steps: plan.steps,
         rows_tried: rows,
+        candidates: candidates_tried,
         chosen,
     })
 }
 
 /// What a tuning's choice depends on: the card, the kernels in this binary, the model, the
-/// run's rows and schedule, the options as given and the candidates. A [`TuneCache`] entry
+/// run's rows and schedule, the options as given, the candidates and how they were weighed. A [`TuneCache`] entry
 /// serves a run only when every field is the same.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TuneKey {
@@ -679,6 +881,10 @@ pub struct TuneKey {
     pub given: String,
     /// The candidates, `name:settings` joined by `;`.
     pub candidates: String,
+    /// How the candidates were weighed ([`TuneSettings`]: the window, the tolerance, the
+    /// margin, whether the winners were combined). Empty in entries written before it was
+    /// part of the key, which therefore serve no run.
+    pub search: String,
 }
 
 /// 64-bit FNV-1a of `bytes`, in hex: a stable fingerprint (not a secure hash).
@@ -695,12 +901,13 @@ fn fingerprint(chunks: &[&[u8]]) -> String {
 
 impl TuneKey {
     /// The key of tuning `backend` (with its current options) on `plan` / `schedule` over
-    /// `candidates`.
+    /// `candidates` with `settings`.
     pub fn for_run(
         backend: &CudaBackend,
         plan: &SamplePlan,
         schedule: &[StepSpec],
         candidates: &[TuneCandidate],
+        settings: &TuneSettings,
     ) -> TuneKey {
         let gpu = backend.gpu();
         let (major, minor) = gpu.compute_capability();
@@ -734,6 +941,7 @@ impl TuneKey {
                 .map(|c| format!("{}:{}", c.name, c.settings))
                 .collect::<Vec<_>>()
                 .join(";"),
+            search: settings.key(),
         }
     }
 
@@ -746,6 +954,7 @@ impl TuneKey {
             "schedule": self.schedule,
             "given": self.given,
             "candidates": self.candidates,
+            "search": self.search,
         })
     }
 
@@ -759,6 +968,11 @@ impl TuneKey {
             schedule: s("schedule")?,
             given: s("given")?,
             candidates: s("candidates")?,
+            search: v
+                .get("search")
+                .and_then(|s| s.as_str())
+                .unwrap_or_default()
+                .to_string(),
         })
     }
 }
@@ -931,6 +1145,69 @@ mod tests {
         assert_eq!(t(&[None, Some(1.0)]), None);
         assert_eq!(t(&[]), None);
         assert_eq!(choose(&[Some(10.0), Some(9.99)], 0.0), Some(1));
+    }
+
+    #[test]
+    fn settings_merge_unless_they_are_alternatives() {
+        let none = |_: &str, _: &str, _: &str| None;
+        let m = |a: &str, b: &str| merge_settings_with(a, b, none).unwrap();
+        assert_eq!(
+            m("FORA_PDL=1", "FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1").as_deref(),
+            Some("FORA_PDL=1 FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1")
+        );
+        // The same value twice is one word; the last of a name in one list counts.
+        assert_eq!(
+            m(
+                "FORA_GEMM_LN=1 FORA_PDL=1",
+                "FORA_GEMM_LN=1 FORA_GEMM_LN_WIDE=1"
+            )
+            .as_deref(),
+            Some("FORA_GEMM_LN=1 FORA_PDL=1 FORA_GEMM_LN_WIDE=1")
+        );
+        assert_eq!(
+            m("FORA_PDL=0 FORA_PDL=1", "FORA_PDL=1").as_deref(),
+            Some("FORA_PDL=1")
+        );
+        assert_eq!(m("", "").as_deref(), Some(""));
+        // One option two ways: alternatives.
+        assert_eq!(m("FORA_ATTENTION=tma", "FORA_ATTENTION=tma_pp"), None);
+        assert_eq!(m("FORA_PDL=1 FORA_GEMM=tma", "FORA_GEMM=cublaslt"), None);
+        assert!(merge_settings_with("FORA_PDL", "", none).is_err());
+        // A join decides for the names it knows.
+        let joined = merge_settings_with("X=a Y=1", "X=b", |n, a, b| {
+            (n == "X").then(|| format!("{a},{b}"))
+        })
+        .unwrap();
+        assert_eq!(joined.as_deref(), Some("X=a,b Y=1"));
+        // The CUDA backend joins the forced TMA tiles of different shapes.
+        let narrow = "FORA_TMA_TILES=3456x1152=128x112,4608x1152=128x144";
+        let cluster_k = "FORA_TMA_TILES=1152x1152=k3-128x128,1152x4608=k3-128x128";
+        let both = CudaBackend::merge_settings(narrow, cluster_k)
+            .unwrap()
+            .unwrap();
+        let o = CudaOptions::default().with_settings(&both).unwrap();
+        assert_eq!(o.tma_tiles.iter().count(), 4, "{both}");
+        for (a, b) in [(narrow, narrow), (cluster_k, narrow)] {
+            let alone = |s: &str| CudaOptions::default().with_settings(s).unwrap().tma_tiles;
+            let t = CudaBackend::merge_settings(a, b).unwrap().unwrap();
+            let t = CudaOptions::default().with_settings(&t).unwrap().tma_tiles;
+            for shape in alone(a).iter().chain(alone(b).iter()) {
+                assert_eq!(t.get(shape.n as usize, shape.k as usize), Some(shape));
+            }
+        }
+        // One shape on two tiles: alternatives.
+        assert_eq!(
+            CudaBackend::merge_settings(narrow, "FORA_TMA_TILES=3456x1152=128x128").unwrap(),
+            None
+        );
+        assert_eq!(
+            CudaBackend::merge_settings(
+                "FORA_TMA_TILES=3456x1152=128x112",
+                "FORA_TMA_TILES=3456x1152=128x112/2"
+            )
+            .unwrap(),
+            None
+        );
     }
 
     #[test]
