@@ -246,8 +246,9 @@ phase_tuned() {
   bounded "${TUNE_S:-240}" .devpack/bin/fora bench --tune --gemm cublaslt --sections steps,e2e \
     --batches "${TUNE_ROWS:-2,256}" --runs 10 --warmup 2 --intervals 1,3 --e2e-reps 1 \
     --json "$OUT/tuned.json" > "$OUT/tuned.log" 2>&1
-  grep -E "^tune: " "$OUT/tuned.log" | head -n 40
-  sed -n '/^## Tuned options/,/^## Failed/p' "$OUT/tuned.log" | grep -E "^(FORA|\| )" | head -n 40
+  # Two batches of 17 candidates, their sums and the given options again: up to ~60 lines.
+  grep -E "^tune: " "$OUT/tuned.log" | head -n 90
+  sed -n '/^## Tuned options/,/^## Failed/p' "$OUT/tuned.log" | grep -E "^(FORA|\| )" | head -n 90
   grep -E "^\| (cublaslt|tuned) \| (2|256) \|" "$OUT/tuned.log" | head -n 8
   grep -E "^\| (cublaslt|tuned) \| [13] \| 250 \|" "$OUT/tuned.log" | head -n 4
   tail -n 2 "$OUT/tuned.log"

@@ -32,6 +32,37 @@
 //! error and the others go on; if the failure left the CUDA context unusable, tuning stops
 //! with that error. Paths differ in rounding only, so the bits of a tuned run can differ from
 //! an untuned one's (within the tolerance), as with cuBLASLt's autotuning.
+//!
+//! Tuning a backend for one image with CFG over 250 DDPM steps at FORA N = 3, then sampling
+//! on the choice:
+//!
+//! ```no_run
+//! use fora::backend::{Guidance, GuidanceMode, NoiseSource};
+//! use fora::cache::StaticInterval;
+//! use fora::cuda::tune::{default_candidates, tune, TuneSettings};
+//! use fora::cuda::{CudaBackend, CudaOptions, Gpu};
+//! use fora::sampler::{Sampler, SamplerOptions};
+//!
+//! let (config, weights) = fora::weights::DitWeights::load("DiT-XL-2-256.safetensors", None)?;
+//! let mut backend =
+//!     CudaBackend::with_options(Gpu::new(0)?, &config, &weights, CudaOptions::default())?;
+//! let options = SamplerOptions::ddpm(250).with_guidance(Some(Guidance {
+//!     scale: 4.0,
+//!     mode: GuidanceMode::Official3,
+//! }));
+//! let (plan, schedule) = {
+//!     let sampler = Sampler::new(&backend, options.clone())?;
+//!     let plan = sampler.plan(&[207], NoiseSource::Seed(0))?;
+//!     (plan, sampler.schedule(&mut StaticInterval::new(3)?))
+//! };
+//! let candidates = default_candidates();
+//! let tuning = tune(&mut backend, &plan, &schedule, &candidates, &TuneSettings::default())?;
+//! eprintln!("{}", tuning.markdown());
+//! // The backend now runs the chosen options (`tuning.chosen().settings` over the given ones).
+//! let sampler = Sampler::new(&backend, options)?;
+//! let out = sampler.sample(&[207], NoiseSource::Seed(0), &mut StaticInterval::new(3)?)?;
+//! # Ok::<(), anyhow::Error>(())
+//! ```
 
 use super::backend::{CudaBackend, CudaOptions};
 use crate::backend::{Backend, SamplePlan, StepMode, StepSpec};
