@@ -601,7 +601,7 @@ fn report_markdown_and_json() {
         md.contains("| given | `(as given)` | 6.000 | 125.0 | 0.00e0 | 0.00e0 | slower |"),
         "{md}"
     );
-    assert!(md.contains("| again | `(as given)` | — | — | — | — | same options as given |"));
+    assert!(md.contains("| again | `(as given)` | — | — | — | — | same path as given |"));
     assert!(md.contains(
         "| missing | `FORA_GEMM=tma` | — | — | — | — | failed: no kernel / for this card |"
     ));

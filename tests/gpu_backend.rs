@@ -1739,6 +1739,55 @@ fn gpu_fused_block_pdl_matches() {
     }
 }
 
+/// `CudaBackend::options_in_effect` (what the tuner dedupes candidates by): every row-dependent
+/// fusion switch on, and the same options with the switches of no effect at the run's rows
+/// off, sample the same bits, at one image + CFG (where the many-rows LayerNorm fusion and its
+/// wide tile change nothing) and at eight (4,096 token rows: no weight prefetch); a second
+/// application changes nothing more.
+#[test]
+fn gpu_options_in_effect_sample_the_same_bits() {
+    use fora::cuda::CudaOptions;
+    let test = "gpu_options_in_effect_sample_the_same_bits";
+    let arch = Arch::parse("depth=2,hidden=1152,heads=16,patch=2").unwrap();
+    let cfg = DitConfig::from_arch(&arch, 4, 32, 10, true).unwrap();
+    let Some((_cpu, mut cuda)) = backends(test, &cfg, 58) else {
+        return;
+    };
+    if cuda.gpu().compute_capability().0 != 9 {
+        println!("SKIP {test}: not a Hopper (the fused kernels are sm_90a only)");
+        return;
+    }
+    let all = CudaOptions {
+        gemm_ln: true,
+        gemm_ln_many_rows: true,
+        gemm_ln_wide: true,
+        gemm_ln_one_per_sm: true,
+        qkv_attention: true,
+        prefetch_weights: true,
+        ..cuda.options()
+    };
+    for classes in [&[1][..], &[1, 2, 3, 4, 5, 6, 7, 8]] {
+        let rows = 2 * classes.len();
+        let effect = cuda.options_in_effect(all, rows);
+        println!("{test}: {rows} rows: {:?}", effect.env_overrides());
+        assert_eq!(cuda.options_in_effect(effect, rows), effect, "{rows} rows");
+        if rows == 2 {
+            assert!(effect.gemm_ln && !effect.gemm_ln_many_rows && !effect.gemm_ln_wide);
+            assert!(effect.prefetch_weights);
+        } else {
+            assert!(!effect.prefetch_weights);
+        }
+        assert_same_bits(
+            &mut cuda,
+            classes,
+            7,
+            (all, effect),
+            &format!("{test}: {rows} rows, the switches in effect"),
+            |_, _| {},
+        );
+    }
+}
+
 /// `FORA_QKV_ATTENTION=1` on a Hopper: each block's qkv Linear and attention as one
 /// `qkv_attention_mc_d72` launch, on a two-block model of head_dim 72 (8 heads: four rows are
 /// 128 CTAs, one wave of an H100 or H200) ([`fused_option_matches`]: the fused path adds the

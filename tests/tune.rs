@@ -35,6 +35,8 @@ struct MockOptions {
     saves: [f64; 4],
     /// ms a path costs each other path that saves time (one that takes SMs from the rest).
     crowd: f64,
+    /// A switch of no effect at the run's rows (a fusion that does not serve them).
+    idle: bool,
 }
 
 impl MockOptions {
@@ -73,6 +75,7 @@ impl Mock {
                 step_offset_b: 0.0,
                 saves: [0.0; 4],
                 crowd: 0.0,
+                idle: false,
             },
             dead: Cell::new(false),
             cold_ms: Cell::new(0.0),
@@ -131,7 +134,7 @@ impl Tunable for Mock {
         self.options = options;
     }
     /// Words `MS=<window ms>`, `OFFSET=<f32>`, `STEPS=<f32>`, `STEPSB=<f32>`, `SAVE<0-3>=<ms>`,
-    /// `CROWD=<ms>`, `NAN=1`, `FAIL=1`, `KILL=1`.
+    /// `CROWD=<ms>`, `IDLE=1`, `NAN=1`, `FAIL=1`, `KILL=1`.
     fn apply_settings(mut o: MockOptions, settings: &str) -> Result<MockOptions> {
         for word in settings.split_whitespace() {
             match word.split_once('=') {
@@ -148,6 +151,7 @@ impl Tunable for Mock {
                 Some(("NAN", "1")) => o.nan = true,
                 Some(("FAIL", "1")) => o.fail = true,
                 Some(("KILL", "1")) => o.kill = true,
+                Some(("IDLE", "1")) => o.idle = true,
                 _ => bail!("mock: bad setting {word:?}"),
             }
         }
@@ -180,6 +184,13 @@ impl Tunable for Mock {
     fn still_usable(&self) -> Result<()> {
         ensure!(!self.dead.get(), "mock: the device is gone");
         Ok(())
+    }
+    /// `IDLE=1` changes nothing.
+    fn options_in_effect(&self, options: MockOptions, _plan: &SamplePlan) -> MockOptions {
+        MockOptions {
+            idle: false,
+            ..options
+        }
     }
 }
 
@@ -451,18 +462,29 @@ fn combinations_are_checked_and_not_repeated() {
     assert_eq!(t.chosen().name, "a");
     assert_eq!(mock.options.saves, [2.0, 0.0, 0.0, 0.0]);
 
-    // A candidate that is already the sum: nothing new to try.
+    // A candidate that is already the sum: nothing new to try. Options that differ only in a
+    // switch of no effect at the run's rows are the same path: not run again, alone or summed.
     let mut mock = Mock::new();
     let list = candidates(&[
         ("given", ""),
+        ("idle", "IDLE=1"),
         ("a", "SAVE0=2"),
         ("ab", "SAVE0=2 SAVE1=1"),
         ("b", "SAVE1=1"),
+        ("b_idle", "SAVE1=1 IDLE=1"),
+        ("c", "SAVE2=0.5"),
     ]);
     let t = tune(&mut mock, &plan, &schedule, &list, &SETTINGS).unwrap();
-    assert_eq!(t.rows_tried.len(), 4);
-    assert_eq!(t.chosen().name, "ab");
-    assert_eq!(mock.timings.borrow().len(), 5);
+    println!("{}", t.markdown());
+    assert_eq!(t.rows_tried[1].outcome, TuneOutcome::SameAs("given".into()));
+    assert_eq!(t.rows_tried[5].outcome, TuneOutcome::SameAs("b".into()));
+    assert!(t.markdown().contains("same path as given"));
+    // ab 7 is the base; ab + a and ab + b are ab; ab + c = 6.5.
+    let names: Vec<&str> = t.rows_tried.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names[7..], ["ab+c"]);
+    assert_eq!(t.chosen().name, "ab+c");
+    // given, a, ab, b, c, ab+c, the given options again.
+    assert_eq!(mock.timings.borrow().len(), 7);
 }
 
 #[test]

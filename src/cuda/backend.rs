@@ -717,6 +717,36 @@ impl CudaBackend {
         self.options = options;
     }
 
+    /// `options` with the fusion switches that change no launch at `rows` model rows on this
+    /// card turned off ([`super::model::FusionsInEffect`]: the few-rows LayerNorm fusion at
+    /// many rows, the many-rows one and its wide tile at few, the fused qkv + attention and the
+    /// weight prefetch where they do not serve): two options equal after this run the same
+    /// kernels at those rows, whatever they were before.
+    pub fn options_in_effect(&self, options: CudaOptions, rows: usize) -> CudaOptions {
+        let switches = super::model::FusionSwitches {
+            gemm_ln: options.gemm_ln,
+            gemm_ln_many_rows: options.gemm_ln_many_rows,
+            gemm_ln_wide: options.gemm_ln_wide,
+            gemm_ln_one_per_sm: options.gemm_ln_one_per_sm,
+            qkv_attention: options.qkv_attention,
+            prefetch_weights: options.prefetch_weights,
+        };
+        // As if proj / fc2 + LayerNorm were fused: a switch of no effect then has none either
+        // where they are not (no tile is used at all there).
+        let on =
+            super::model::FusionsInEffect::resolve(&self.gpu, self.config(), rows, true, switches)
+                .switches();
+        CudaOptions {
+            gemm_ln: on.gemm_ln,
+            gemm_ln_many_rows: on.gemm_ln_many_rows,
+            gemm_ln_wide: on.gemm_ln_wide,
+            gemm_ln_one_per_sm: on.gemm_ln_one_per_sm,
+            qkv_attention: on.qkv_attention,
+            prefetch_weights: on.prefetch_weights,
+            ..options
+        }
+    }
+
     /// The device handle this backend launches on.
     pub fn gpu(&self) -> &Gpu {
         &self.gpu

@@ -105,6 +105,92 @@ pub struct ForwardKind {
     pub reuse_sum: Option<u64>,
 }
 
+/// The switches of the fusions that serve some row counts and not others
+/// ([`ForwardKind`]'s fields of the same names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FusionSwitches {
+    /// [`ForwardKind::gemm_ln`].
+    pub gemm_ln: bool,
+    /// [`ForwardKind::gemm_ln_many_rows`].
+    pub gemm_ln_many_rows: bool,
+    /// [`ForwardKind::gemm_ln_wide`].
+    pub gemm_ln_wide: bool,
+    /// [`ForwardKind::gemm_ln_one_per_sm`].
+    pub gemm_ln_one_per_sm: bool,
+    /// [`ForwardKind::qkv_attention`].
+    pub qkv_attention: bool,
+    /// [`ForwardKind::prefetch_weights`].
+    pub prefetch_weights: bool,
+}
+
+/// What [`FusionSwitches`] come to in a computing forward of some rows on some card: what
+/// [`GpuModel::forward`] launches (it takes its decisions from here), and how the tuner tells
+/// options that differ only in switches of no effect at a run's rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FusionsInEffect {
+    /// proj / fc2 with their residual and LayerNorm in one launch on this tile.
+    pub gemm_ln_tile: Option<GemmLnTile>,
+    /// Its CTAs one an SM.
+    pub gemm_ln_one_per_sm: bool,
+    /// The fused qkv + attention.
+    pub qkv_attention: bool,
+    /// The fused LayerNorm passes' L2 prefetch of the next weights.
+    pub prefetch_weights: bool,
+}
+
+impl FusionsInEffect {
+    /// The fusions a forward of `rows` model rows of `cfg` on `gpu` runs under `switches`;
+    /// `fuse_ln`: whether proj / fc2 + LayerNorm are fused at all there (a computing step,
+    /// `fused_ln`, a GEMM path that serves it).
+    pub fn resolve(
+        gpu: &Gpu,
+        cfg: &DitConfig,
+        rows: usize,
+        fuse_ln: bool,
+        switches: FusionSwitches,
+    ) -> FusionsInEffect {
+        let rt = rows * cfg.tokens();
+        // proj / fc2 with their residual and LayerNorm in one launch (FORA_GEMM_LN, few rows;
+        // FORA_GEMM_LN_MANY_ROWS, many, on the tile FORA_GEMM_LN_WIDE says).
+        let gemm_ln_tile = if fuse_ln && (switches.gemm_ln || switches.gemm_ln_many_rows) {
+            GemmLnTile::for_rows(gpu, cfg.hidden, rt, switches.gemm_ln_wide).filter(|&tile| {
+                match tile {
+                    GemmLnTile::Rows64 => switches.gemm_ln,
+                    GemmLnTile::Rows128 | GemmLnTile::Wide128 => switches.gemm_ln_many_rows,
+                }
+            })
+        } else {
+            None
+        };
+        FusionsInEffect {
+            gemm_ln_tile,
+            // FORA_GEMM_LN_ONE_PER_SM, where every few-rows cluster stays resident so.
+            gemm_ln_one_per_sm: switches.gemm_ln_one_per_sm
+                && gemm_ln_tile.is_some_and(|t| t.one_per_sm_serves(gpu, rt)),
+            qkv_attention: switches.qkv_attention && GpuModel::qkv_attention_serves(gpu, cfg, rows),
+            // Weights the fused LayerNorm passes ask L2 to fetch (FORA_PREFETCH_WEIGHTS, few
+            // rows).
+            prefetch_weights: switches.prefetch_weights && rt <= PREFETCH_MAX_TOKENS,
+        }
+    }
+
+    /// The fewest switches that come to these fusions ([`FusionsInEffect::resolve`] of them,
+    /// with `fuse_ln`, gives these back): each switch on only where it changes a launch.
+    pub fn switches(&self) -> FusionSwitches {
+        FusionSwitches {
+            gemm_ln: self.gemm_ln_tile == Some(GemmLnTile::Rows64),
+            gemm_ln_many_rows: matches!(
+                self.gemm_ln_tile,
+                Some(GemmLnTile::Rows128 | GemmLnTile::Wide128)
+            ),
+            gemm_ln_wide: self.gemm_ln_tile == Some(GemmLnTile::Wide128),
+            gemm_ln_one_per_sm: self.gemm_ln_one_per_sm,
+            qkv_attention: self.qkv_attention,
+            prefetch_weights: self.prefetch_weights,
+        }
+    }
+}
+
 /// Most token rows (model rows x tokens) a forward prefetches weights at
 /// ([`ForwardKind::prefetch_weights`]): 2,048 (8 rows of DiT/2 at 256 px). Past that the
 /// activations a GEMM streams would evict the weights before it reads them.
@@ -884,22 +970,25 @@ impl GpuModel {
                 GemmImpl::Custom | GemmImpl::Wgmma => false,
             }
             && super::norm::residual_layernorm_supports(d);
-        // proj / fc2 with their residual and LayerNorm in one launch (FORA_GEMM_LN, few rows;
-        // FORA_GEMM_LN_MANY_ROWS, many, on the tile FORA_GEMM_LN_WIDE says).
-        let gemm_ln_tile = if fuse_ln && (gemm_ln || gemm_ln_many_rows) {
-            GemmLnTile::for_rows(gpu, d, rt, gemm_ln_wide).filter(|&tile| match tile {
-                GemmLnTile::Rows64 => gemm_ln,
-                GemmLnTile::Rows128 | GemmLnTile::Wide128 => gemm_ln_many_rows,
-            })
-        } else {
-            None
-        };
-        // FORA_GEMM_LN_ONE_PER_SM, where every few-rows cluster stays resident so.
-        let gemm_ln_one_per_sm_on =
-            gemm_ln_one_per_sm && gemm_ln_tile.is_some_and(|t| t.one_per_sm_serves(gpu, rt));
-        let qkv_attention_on = qkv_attention && Self::qkv_attention_serves(gpu, cfg, rows);
-        // Weights the fused LayerNorm passes ask L2 to fetch (FORA_PREFETCH_WEIGHTS, few rows).
-        let prefetch_on = prefetch_weights && rt <= PREFETCH_MAX_TOKENS;
+        let FusionsInEffect {
+            gemm_ln_tile,
+            gemm_ln_one_per_sm: gemm_ln_one_per_sm_on,
+            qkv_attention: qkv_attention_on,
+            prefetch_weights: prefetch_on,
+        } = FusionsInEffect::resolve(
+            gpu,
+            cfg,
+            rows,
+            fuse_ln,
+            FusionSwitches {
+                gemm_ln,
+                gemm_ln_many_rows,
+                gemm_ln_wide,
+                gemm_ln_one_per_sm,
+                qkv_attention,
+                prefetch_weights,
+            },
+        );
         // The fused passes' L2 prefetch ranges: the next two GEMMs' weights, whole 16-byte
         // chunks, where FORA_PREFETCH_WEIGHTS applies.
         let prefetch_ranges = |prefetch: [Option<&CudaSlice<bf16>>; 2]| {

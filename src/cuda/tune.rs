@@ -28,7 +28,9 @@
 //!   [`TuneSettings::min_gain`] (so noise does not trade a measured default for an unmeasured
 //!   path), else the given options; the backend is left set to the choice.
 //!
-//! A candidate that fails (a kernel this card lacks, too little memory) is recorded with its
+//! A candidate whose options come to an earlier one's at the run's rows
+//! ([`Tunable::options_in_effect`]: a fusion that does not serve them) is not run again. A
+//! candidate that fails (a kernel this card lacks, too little memory) is recorded with its
 //! error and the others go on; if the failure left the CUDA context unusable, tuning stops
 //! with that error. Paths differ in rounding only, so the bits of a tuned run can differ from
 //! an untuned one's (within the tolerance), as with cuBLASLt's autotuning.
@@ -98,6 +100,13 @@ pub trait Tunable: Backend {
 
     /// Ok while the device answers (a failed candidate may have left it unusable).
     fn still_usable(&self) -> Result<()>;
+
+    /// `options` as they run at `plan`'s rows: switches that change nothing there turned off,
+    /// so that two candidates that come to the same launches compare equal (the later one is
+    /// not run again). By default `options` as they are.
+    fn options_in_effect(&self, options: Self::Options, _plan: &SamplePlan) -> Self::Options {
+        options
+    }
 
     /// The settings of two candidates at once, or `None` where they set one option to
     /// different values (alternatives, such as two attention kernels). By default
@@ -212,6 +221,11 @@ impl Tunable for CudaBackend {
 
     fn still_usable(&self) -> Result<()> {
         self.gpu().synchronize()
+    }
+
+    /// [`CudaBackend::options_in_effect`] at the plan's model rows.
+    fn options_in_effect(&self, options: CudaOptions, plan: &SamplePlan) -> CudaOptions {
+        CudaBackend::options_in_effect(self, options, plan.model_rows())
     }
 
     /// `FORA_TMA_TILES` of both joined where they force no shape differently.
@@ -388,7 +402,8 @@ pub enum TuneOutcome {
     Chosen,
     /// Measured and correct, not chosen.
     Slower,
-    /// Its options are those of an earlier candidate (named): not run again.
+    /// Its options come to those of an earlier candidate (named) at the run's rows
+    /// ([`Tunable::options_in_effect`]): not run again.
     SameAs(String),
     /// Its forward or its steps were not finite or not within the tolerance (the reason).
     Rejected(String),
@@ -485,7 +500,7 @@ impl<O> Tuning<O> {
             let outcome = match &r.outcome {
                 TuneOutcome::Chosen => "**chosen**".to_string(),
                 TuneOutcome::Slower => "slower".to_string(),
-                TuneOutcome::SameAs(n) => format!("same options as {n}"),
+                TuneOutcome::SameAs(n) => format!("same path as {n}"),
                 TuneOutcome::Rejected(why) => format!("rejected: {why}"),
                 TuneOutcome::Failed(e) => format!("failed: {}", e.replace('|', "/")),
             };
@@ -568,7 +583,8 @@ fn checked_distance(
 }
 
 impl<O> TuneRow<O> {
-    /// A row of a candidate with the same options as the earlier row `earlier` (not run again).
+    /// A row of a candidate whose options come to those of the earlier row `earlier` (not
+    /// run again).
     fn same_as(c: &TuneCandidate, options: O, earlier: &str) -> TuneRow<O> {
         TuneRow {
             name: c.name.clone(),
@@ -712,6 +728,19 @@ impl CandidateBench<'_> {
     }
 }
 
+/// The row of `rows` whose options run the same path as `options` at `plan`'s rows
+/// ([`Tunable::options_in_effect`]), if any.
+fn same_path<'r, B: Tunable>(
+    backend: &B,
+    plan: &SamplePlan,
+    rows: &'r [TuneRow<B::Options>],
+    options: B::Options,
+) -> Option<&'r TuneRow<B::Options>> {
+    let effect = backend.options_in_effect(options, plan);
+    rows.iter()
+        .find(|r| backend.options_in_effect(r.options, plan) == effect)
+}
+
 /// The greedy combination stage ([`TuneSettings::combine`]): the candidates that beat the given
 /// options (`rows[0]`) by the margin, fastest first; from the fastest, each next one's settings
 /// added to the base's ([`Tunable::merge_settings`]; alternatives and sums whose options were
@@ -742,7 +771,7 @@ fn combine<B: Tunable>(
         let name = format!("{}+{}", rows[base].name, rows[next].name);
         let options = B::apply_settings(given, &settings)
             .with_context(|| format!("tuning: the combined settings of {name}"))?;
-        if rows.iter().any(|r| r.options == options) {
+        if same_path(backend, bench.plan, rows, options).is_some() {
             continue;
         }
         let row = bench.measure(backend, &name, &settings, options, false)?;
@@ -830,7 +859,7 @@ pub fn tune<B: Tunable>(
     };
     let mut rows: Vec<TuneRow<B::Options>> = Vec::new();
     for (c, options) in &list {
-        if let Some(same) = rows.iter().find(|r| r.options == *options) {
+        if let Some(same) = same_path(backend, plan, &rows, *options) {
             rows.push(TuneRow::same_as(c, *options, &same.name));
             continue;
         }
