@@ -555,6 +555,7 @@ fn fake_tuning() -> Tuning {
         ],
         candidates: 5,
         chosen: 1,
+        head_to_head: Some((6.1, 4.88)),
     }
 }
 
@@ -612,7 +613,9 @@ fn report_markdown_and_json() {
     );
     assert_eq!(t["chosen"], "gemm_ln");
     assert_eq!(t["chosen_env"], "FORA_GEMM_LN=1");
+    // From the head-to-head timing: 6.1 / 4.88.
     assert!((t["speedup"].as_f64().unwrap() - 1.25).abs() < 1e-12);
+    assert_eq!(t["head_to_head_ms"]["given"], 6.1);
     assert_eq!(t["candidates"][3]["outcome"], "rejected");
     assert_eq!(t["candidates"][3]["window_median_ms"], Value::Null);
     assert_eq!(t["candidates"][4]["detail"], "no kernel | for this card");

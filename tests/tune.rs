@@ -54,6 +54,8 @@ struct Mock {
     dead: Cell<bool>,
     /// Added to the next window run's times once (a card still raising its clocks).
     cold_ms: Cell<f64>,
+    /// Window runs (by their order in the tuning) that come out 3 ms fast (a transient).
+    lucky_runs: Vec<usize>,
     /// (t, y) of every forward.
     forwards: RefCell<Vec<(Vec<i64>, Vec<usize>)>>,
     /// (modes of the window, warm-up, runs) of every timing.
@@ -79,6 +81,7 @@ impl Mock {
             },
             dead: Cell::new(false),
             cold_ms: Cell::new(0.0),
+            lucky_runs: Vec::new(),
             forwards: RefCell::new(Vec::new()),
             timings: RefCell::new(Vec::new()),
         }
@@ -165,6 +168,11 @@ impl Tunable for Mock {
         runs: usize,
     ) -> Result<WindowRun> {
         ensure!(!self.dead.get(), "mock: the device is gone");
+        let lucky = if self.lucky_runs.contains(&self.timings.borrow().len()) {
+            3.0
+        } else {
+            0.0
+        };
         self.timings
             .borrow_mut()
             .push((steps.iter().map(|s| s.mode).collect(), warmup, runs));
@@ -172,7 +180,7 @@ impl Tunable for Mock {
         let cold = self.cold_ms.replace(0.0);
         // Noisy windows whose median is the path's time.
         let samples: Vec<f64> = (0..runs)
-            .map(|i| o.window() + cold + [0.0, 0.3, -0.2][i % 3])
+            .map(|i| o.window() + cold - lucky + [0.0, 0.3, -0.2][i % 3])
             .collect();
         Ok(WindowRun {
             first_change: (0..64)
@@ -219,6 +227,8 @@ const SETTINGS: TuneSettings = TuneSettings {
     tolerance: 2e-2,
     min_gain: 0.01,
     combine: true,
+    // Confirming is tested on its own (`a_lucky_window_is_not_confirmed`).
+    confirm: 0,
 };
 
 #[test]
@@ -485,6 +495,56 @@ fn combinations_are_checked_and_not_repeated() {
     assert_eq!(t.chosen().name, "ab+c");
     // given, a, ab, b, c, ab+c, the given options again.
     assert_eq!(mock.timings.borrow().len(), 7);
+}
+
+/// The winner is timed in turn with the given options before it is taken: one lucky window
+/// (a transient of the card) does not pick a path that is no faster.
+#[test]
+fn a_lucky_window_is_not_confirmed() {
+    let (plan, schedule) = run_of(&Mock::new());
+    let confirm = TuneSettings {
+        confirm: 2,
+        ..SETTINGS
+    };
+    let list = candidates(&[("given", ""), ("lucky", "MS=10 OFFSET=0.0001")]);
+    let mut mock = Mock::new();
+    // Window runs: 0 given, 1 lucky (7 ms), 2 given again, then in turn 3 given, 4 lucky,
+    // 5 given, 6 lucky.
+    mock.lucky_runs = vec![1];
+    let t = tune(&mut mock, &plan, &schedule, &list, &confirm).unwrap();
+    println!("{}", t.markdown());
+    assert_eq!(t.rows_tried[1].window.as_ref().unwrap().median_ms, 7.0);
+    assert!(
+        matches!(t.rows_tried[1].outcome, TuneOutcome::Unconfirmed(ref w) if w.contains("10.000")),
+        "{:?}",
+        t.rows_tried[1].outcome
+    );
+    assert_eq!(t.chosen, 0);
+    assert_eq!(t.rows_tried[0].outcome, TuneOutcome::Chosen);
+    assert_eq!(
+        mock.options,
+        Mock::new().options,
+        "the given options set back"
+    );
+    assert_eq!(t.head_to_head, Some((10.0, 10.0)));
+    assert_eq!(t.speedup(), Some(1.0));
+    assert_eq!(mock.timings.borrow().len(), 7);
+    assert!(t.markdown().contains("not confirmed"));
+    // A path that is faster stays chosen; its speedup is the head-to-head one.
+    let mut mock = Mock::new();
+    mock.lucky_runs = vec![1];
+    let list = candidates(&[("given", ""), ("fast", "SAVE0=2")]);
+    let t = tune(&mut mock, &plan, &schedule, &list, &confirm).unwrap();
+    assert_eq!(t.chosen().name, "fast");
+    assert_eq!(t.head_to_head, Some((10.0, 8.0)));
+    assert!((t.speedup().unwrap() - 1.25).abs() < 1e-12);
+    assert_eq!(mock.options.saves[0], 2.0);
+    // The given options winning outright are not timed again in turn.
+    let mut mock = Mock::new();
+    let list = candidates(&[("given", ""), ("slow", "MS=12")]);
+    let t = tune(&mut mock, &plan, &schedule, &list, &confirm).unwrap();
+    assert_eq!((t.chosen, t.head_to_head), (0, None));
+    assert_eq!(mock.timings.borrow().len(), 3);
 }
 
 #[test]

@@ -1265,12 +1265,14 @@ fn tuning_json(interval: usize, t: &crate::cuda::tune::Tuning) -> Value {
         "chosen": chosen.name,
         "chosen_env": chosen.options.env_overrides().join(" "),
         "speedup": t.speedup(),
+        "head_to_head_ms": t.head_to_head.map(|(given, chosen)| json!({"given": given, "chosen": chosen})),
         "candidates": t.rows_tried.iter().enumerate().map(|(i, r)| {
             let (outcome, detail) = match &r.outcome {
                 TuneOutcome::Chosen => ("chosen", String::new()),
                 TuneOutcome::Slower => ("slower", String::new()),
                 TuneOutcome::SameAs(n) => ("same", n.clone()),
                 TuneOutcome::Rejected(w) => ("rejected", w.clone()),
+                TuneOutcome::Unconfirmed(w) => ("unconfirmed", w.clone()),
                 TuneOutcome::Failed(e) => ("failed", e.clone()),
             };
             json!({

@@ -26,7 +26,9 @@
 //!   they ran first would otherwise hand the next candidate the margin) and keep the better of
 //!   their two medians; then the fastest candidate that passed, where it beats them by at least
 //!   [`TuneSettings::min_gain`] (so noise does not trade a measured default for an unmeasured
-//!   path), else the given options; the backend is left set to the choice.
+//!   path), else the given options; a winner is then timed in turn with the given options
+//!   ([`TuneSettings::confirm`] rounds) and kept only if it still saves the margin there; the
+//!   backend is left set to the choice.
 //!
 //! A candidate whose options come to an earlier one's at the run's rows
 //! ([`Tunable::options_in_effect`]: a fusion that does not serve them) is not run again. A
@@ -362,6 +364,10 @@ pub struct TuneSettings {
     /// Whether the candidates that beat the given options alone are then tried together
     /// (greedily, fastest first; see the module comment).
     pub combine: bool,
+    /// Rounds of timing the winner and the given options in turn before the winner is taken
+    /// (0: none): it stays chosen only if the median of its rounds still saves `min_gain` of
+    /// theirs, so that a drift of the card between their first timings cannot pick it.
+    pub confirm: usize,
 }
 
 impl Default for TuneSettings {
@@ -373,6 +379,7 @@ impl Default for TuneSettings {
             tolerance: 2e-2,
             min_gain: 0.01,
             combine: true,
+            confirm: 2,
         }
     }
 }
@@ -382,7 +389,7 @@ impl TuneSettings {
     /// length, the tolerance, the margin, combining; not how many windows are timed).
     pub fn key(&self) -> String {
         format!(
-            "window {} steps, tolerance {:e}, margin {}, {}",
+            "window {} steps, tolerance {:e}, margin {}, {}, confirmed in {} rounds",
             self.window,
             self.tolerance,
             self.min_gain,
@@ -390,7 +397,8 @@ impl TuneSettings {
                 "winners combined"
             } else {
                 "candidates alone"
-            }
+            },
+            self.confirm
         )
     }
 }
@@ -407,6 +415,9 @@ pub enum TuneOutcome {
     SameAs(String),
     /// Its forward or its steps were not finite or not within the tolerance (the reason).
     Rejected(String),
+    /// The fastest, but not by the margin when timed in turn with the given options
+    /// ([`TuneSettings::confirm`]; the times).
+    Unconfirmed(String),
     /// It failed to run (the error).
     Failed(String),
 }
@@ -450,6 +461,9 @@ pub struct Tuning<O = CudaOptions> {
     pub candidates: usize,
     /// Index of the chosen one in `rows_tried`.
     pub chosen: usize,
+    /// The given options' and the winner's median windows when timed in turn
+    /// ([`TuneSettings::confirm`]), in ms; `None` where the given options won outright.
+    pub head_to_head: Option<(f64, f64)>,
 }
 
 impl<O> Tuning<O> {
@@ -458,8 +472,12 @@ impl<O> Tuning<O> {
         &self.rows_tried[self.chosen]
     }
 
-    /// The given options' median window over the chosen one's (1 where the given options won).
+    /// The given options' median window over the chosen one's (1 where the given options won):
+    /// from the head-to-head timing where the chosen one had one.
     pub fn speedup(&self) -> Option<f64> {
+        if let (Some((given, chosen)), true) = (self.head_to_head, self.chosen != 0) {
+            return (chosen > 0.0).then(|| given / chosen);
+        }
         let given = self.rows_tried.first()?.window.as_ref()?.median_ms;
         let chosen = self.chosen().window.as_ref()?.median_ms;
         (chosen > 0.0).then(|| given / chosen)
@@ -502,6 +520,7 @@ impl<O> Tuning<O> {
                 TuneOutcome::Slower => "slower".to_string(),
                 TuneOutcome::SameAs(n) => format!("same path as {n}"),
                 TuneOutcome::Rejected(why) => format!("rejected: {why}"),
+                TuneOutcome::Unconfirmed(why) => format!("not confirmed: {why}"),
                 TuneOutcome::Failed(e) => format!("failed: {}", e.replace('|', "/")),
             };
             let rel = |e: Option<f64>| e.map_or("—".to_string(), |e| format!("{e:.2e}"));
@@ -900,12 +919,53 @@ pub fn tune<B: Tunable>(
             _ => None,
         })
         .collect();
-    let Some(chosen) = choose(&times, settings.min_gain) else {
+    let Some(mut chosen) = choose(&times, settings.min_gain) else {
         return Err(fail(
             backend,
             anyhow::anyhow!("tuning: the given options have no time (nothing to compare with)"),
         ));
     };
+    // Head to head: the winner and the given options in turn, so that both see the same state
+    // of the card (its clocks, its temperature) in every round; it stays chosen only if it
+    // still saves the margin.
+    let mut head_to_head = None;
+    if chosen != 0 && settings.confirm > 0 {
+        let (mut given_ms, mut chosen_ms) = (Vec::new(), Vec::new());
+        for _ in 0..settings.confirm {
+            for (options, times) in [
+                (given, &mut given_ms),
+                (rows[chosen].options, &mut chosen_ms),
+            ] {
+                backend.set_tuned_options(options);
+                let run = backend
+                    .run_window(plan, window, settings.warmup, settings.runs)
+                    .context("tuning: timing the choice against the given options");
+                match run {
+                    Ok(run) => times.push(run.stats.median_ms),
+                    Err(e) => return Err(fail(backend, e)),
+                }
+            }
+        }
+        let median = |v: &[f64]| Stats::from_samples(v).map(|s| s.median_ms);
+        let (g, c) = match (median(&given_ms), median(&chosen_ms)) {
+            (Ok(g), Ok(c)) => (g, c),
+            (Err(e), _) | (_, Err(e)) => return Err(fail(backend, e)),
+        };
+        eprintln!(
+            "tune: {} rows, {} against {}, {} rounds in turn: {c:.3} against {g:.3} ms",
+            plan.model_rows(),
+            rows[chosen].name,
+            rows[0].name,
+            settings.confirm
+        );
+        head_to_head = Some((g, c));
+        if c > g * (1.0 - settings.min_gain) {
+            rows[chosen].outcome = TuneOutcome::Unconfirmed(format!(
+                "{c:.3} ms against the given options' {g:.3} in turn"
+            ));
+            chosen = 0;
+        }
+    }
     rows[chosen].outcome = TuneOutcome::Chosen;
     backend.set_tuned_options(rows[chosen].options);
     Ok(Tuning {
@@ -919,6 +979,7 @@ pub fn tune<B: Tunable>(
         rows_tried: rows,
         candidates: candidates_tried,
         chosen,
+        head_to_head,
     })
 }
 
