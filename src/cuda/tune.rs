@@ -305,16 +305,14 @@ pub fn default_candidates() -> Vec<TuneCandidate> {
         // log holds the others' times should one of these hang.
         ("attention_tma_pp", "FORA_ATTENTION=tma_pp"),
         ("prefetch_weights", "FORA_PREFETCH_WEIGHTS=1"),
-        // qkv and fc1 on session 26's narrow TMA tiles, proj and fc2 on session 22's cluster
-        // split-K tiles, under cuBLASLt (`FORA_TMA_TILES` routes those shapes on a Hopper).
-        (
-            "lt_narrow",
-            "FORA_TMA_TILES=3456x1152=128x112,4608x1152=128x144",
-        ),
-        (
-            "lt_cluster_k",
-            "FORA_TMA_TILES=1152x1152=k3-128x128,1152x4608=k3-128x128",
-        ),
+        // Under cuBLASLt, one DiT-XL GEMM shape at a time routed to our TMA tile for it
+        // (`FORA_TMA_TILES`, on a Hopper): qkv and fc1 on session 26's narrow tiles, proj and
+        // fc2 on session 22's cluster split-K ones. One shape a candidate, so that the
+        // combination stage keeps the routes that pay and leaves those that do not.
+        ("lt_qkv_narrow", "FORA_TMA_TILES=3456x1152=128x112"),
+        ("lt_fc1_narrow", "FORA_TMA_TILES=4608x1152=128x144"),
+        ("lt_proj_cluster_k", "FORA_TMA_TILES=1152x1152=k3-128x128"),
+        ("lt_fc2_cluster_k", "FORA_TMA_TILES=1152x4608=k3-128x128"),
         ("qkv_attention", "FORA_QKV_ATTENTION=1"),
         ("gemm_ln", "FORA_GEMM_LN=1 FORA_GEMM_LN_MANY_ROWS=1"),
         (
