@@ -17,7 +17,8 @@
 #
 # PHASES picks phases in order (default "tests bench torch variants memcheck"):
 #   tests      every GPU test binary with FORA_REQUIRE_GPU=1, and the embedded model's sample
-#              timed as a whole process;
+#              timed as a whole process (TEST_PART_S bounds each part, TESTS_S the phase: no
+#              part starts after it);
 #   memcheck   compute-sanitizer memcheck over a subset (SANITIZE_FULL=1: every test binary);
 #   racecheck  racecheck over the kernel tests, our kernels only (RACECHECK_RUNS overrides);
 #   sanitize   memcheck, then racecheck;
@@ -74,11 +75,27 @@
 # FORA_TMA_TILES (exported before the command) forces TMA tiles by GEMM shape in every run that
 # uses the TMA GEMMs (docs/cuda_options.md), e.g. the hopper_rows table's fastest tiles, then
 # VARIANTS="tma_mc" to time whole steps with them.
-# Everything under $OUT ends in $OUT/all.tgz (the device tool returns at most 8 files).
+# Everything lands in a work folder whose $OUT/all.tgz is refreshed after every phase (the
+# device tool returns at most 8 files, and a call killed at its limit keeps the last one).
 set -u
-if [ ! -d .devpack ] && [ -f .devpack.tgz ]; then tar xzf .devpack.tgz; fi
+# A carried archive is always unpacked afresh: a warm machine keeps an earlier call's .devpack/.
+if [ -f .devpack.tgz ]; then rm -rf .devpack && tar xzf .devpack.tgz; fi
 export FORA_REQUIRE_GPU=1 RUST_BACKTRACE=1 FORA_BIN=.devpack/bin/fora PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ ! -x "$FORA_BIN" ]; then
+  echo "device_suite: no $FORA_BIN: carry .devpack.tgz (tools/pack_device.sh)" >&2
+  exit 2
+fi
+FINAL_OUT=${OUT:-/tmp/out}; mkdir -p "$FINAL_OUT"
+OUT=$(mktemp -d /tmp/fora_suite.XXXXXX)
+# snapshot: $FINAL_OUT/all.tgz (every file so far) and the phase summaries beside it.
+snapshot() {
+  tar czf "$FINAL_OUT/all.tgz.part" -C "$OUT" . && mv "$FINAL_OUT/all.tgz.part" "$FINAL_OUT/all.tgz"
+  local f
+  for f in tests.log sanitize.log bench.md bench_torch.log; do
+    [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL_OUT/"
+  done
+  return 0
+}
 DEADLINE_S=${DEADLINE_S:-450}
 PHASES=${PHASES:-tests bench torch variants memcheck}
 # memcheck over a subset of the test binaries unless SANITIZE_FULL=1 (every one: too long for
@@ -116,7 +133,7 @@ bounded() {
   local want=$1; shift; local l=$(( $(left) - 5 ))
   if [ "$l" -lt 10 ]; then echo "SKIPPED (deadline): $*"; return 0; fi
   [ "$want" -gt "$l" ] && want=$l
-  local s=$(date +%s); timeout "$want" "$@"; local rc=$?
+  local s=$(date +%s); timeout -k 10 "$want" "$@"; local rc=$?
   echo "rc=$rc after $(( $(date +%s) - s ))s (limit ${want}s): $*"
 }
 # TESTS picks test binaries (default: every one), each in parts (ISOLATE, below); "binary:part"
@@ -128,10 +145,10 @@ ISOLATE=${ISOLATE:-_tma sum reuse_final bandwidth final_sampler mn_deep mn_split
 
 phase_tests() {
   {
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    bounded 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     # The kernels, the options and, on a Hopper, the fused kernels' resident clusters and what
     # DiT-XL/2 would take with the fusions enabled (session 26).
-    .devpack/bin/fora info 2>&1 | grep -E "^(cuda|hopper|tune)"
+    bounded 30 .devpack/bin/fora info 2>&1 | grep -E "^(cuda|hopper|tune|rc=)"
     # The tests of never-run kernels in processes of their own, one per name filter in
     # ISOLATE (default: "_tma", the TMA kernels (plain "tma" would also take "softmax");
     # "sum", session 9's cache sums; "reuse_final", whose test runs session 8's ring variants;
@@ -140,7 +157,8 @@ phase_tests() {
     # context for every later
     # test of its process. Each part's whole output is kept in test_<binary>_<part>.log (in
     # all.tgz); the summary keeps results, errors and the lines after a panic (its message).
-    local entry t parts raw f skips=""
+    # TESTS_S bounds the phase: no part starts after it (the phases after it keep their time).
+    local entry t parts raw f skips="" tests_start=$(date +%s)
     for f in $ISOLATE; do skips="$skips --skip $f"; done
     for entry in $TESTS; do
       t=${entry%%:*}
@@ -151,6 +169,10 @@ phase_tests() {
         parts=("${entry#*:}")
       fi
       for part in "${parts[@]}"; do
+        if [ $(( $(date +%s) - tests_start )) -ge "${TESTS_S:-100000}" ]; then
+          echo "SKIPPED (TESTS_S): test $t $part"
+          continue
+        fi
         echo "=== test $t $part"
         raw="$OUT/test_${t}_$(echo "$part" | tr -c 'a-zA-Z0-9_\n' '_').log"
         # shellcheck disable=SC2086 # $part is a flag and its value, or a filter
@@ -164,7 +186,7 @@ phase_tests() {
     # Issue 3 asks the embedded model's main job to take under 1 s on a GPU, process included.
     echo "=== embedded model: fora sample --class 3 (wall time of the whole process)"
     local s=$(date +%s%N)
-    .devpack/bin/fora sample --class 3 --device cuda --out "$OUT/three.png" 2>&1 | tail -n 2
+    bounded 60 .devpack/bin/fora sample --class 3 --device cuda --out "$OUT/three.png" 2>&1 | tail -n 3
     echo "wall $(( ($(date +%s%N) - s) / 1000000 )) ms"
   } > "$OUT/tests.log" 2>&1
   grep -E "test result|^rc=|FAILED|panicked|^wall" "$OUT/tests.log"
@@ -578,6 +600,7 @@ for phase in $PHASES; do
   phase_start=$(date +%s.%N)
   "phase_$phase"
   echo "$phase $phase_start $(date +%s.%N)" >> "$OUT/phases.txt"
+  snapshot
 done
 if [ -n "$CLOCK_PID" ]; then
   kill "$CLOCK_PID" 2> /dev/null
@@ -585,8 +608,5 @@ if [ -n "$CLOCK_PID" ]; then
   python3 tools/clock_summary.py "$OUT/clocks.csv" "$OUT/phases.txt" | tee "$OUT/clocks.md"
 fi
 echo "=== done after $(( $(date +%s) - start ))s"
-# The device tool brings back at most 8 files: everything goes into all.tgz, and only it and
-# the phase summaries stay beside it.
-tar czf /tmp/fora_all.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -maxdepth 1 \
-  ! -name tests.log ! -name sanitize.log ! -name bench.md ! -name bench_torch.log -exec rm -rf {} + \
-  && mv /tmp/fora_all.tgz "$OUT/all.tgz"
+# The device tool brings back at most 8 files: all.tgz and the phase summaries beside it.
+snapshot

@@ -9,7 +9,20 @@
 # archive is over it.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
+# build.rs builds without kernels (a warning only) where it finds no nvcc: a pack of such
+# binaries would fail every GPU test and bench on the device. Refuse it here.
+if [ -n "${FORA_SKIP_KERNELS:-}" ]; then
+  echo "pack_device: FORA_SKIP_KERNELS is set: the pack would hold no kernels" >&2
+  exit 1
+fi
+# ../shared/device/pack.sh appends to .git/info/exclude, which a fresh clone may lack.
+mkdir -p .git/info
 ../shared/device/pack.sh > /dev/null
+if ! .devpack/bin/fora info 2>&1 | grep -q "^cuda kernels: compiled"; then
+  echo "pack_device: the packed fora has no kernels (is nvcc found? set NVCC, see DESIGN.md):" >&2
+  .devpack/bin/fora info 2>&1 | grep "^cuda kernels" >&2
+  exit 1
+fi
 keep_tests="gpu_small_kernels gpu_attention gpu_gemm gpu_backend cli"
 for t in .devpack/test/*; do
   case " $keep_tests " in *" $(basename "$t") "*) ;; *) rm -f "$t" ;; esac

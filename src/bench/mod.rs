@@ -625,7 +625,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
     if plan.tune && (want_steps || want_ops || want_e2e) {
-        bench_tuned(args, &plan, &timer, &cfg, &weights, options, &mut report);
+        bench_tuned(
+            args,
+            &plan,
+            &timer,
+            &cfg,
+            &weights,
+            options,
+            &mut report,
+            &save,
+        );
         save(&report);
     }
     if plan.sections.contains(&Section::Ceilings) {
@@ -663,7 +672,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
 /// `--tune`: per batch, tunes the options as given (the environment's, --attention) on that
 /// batch's FORA run and measures its steps and ops on the choice, labelled `tuned`; then one
-/// image end to end on the 2-row choice (tuned for it if 2 is not a batch).
+/// image end to end on the 2-row choice (tuned for it if 2 is not a batch). Each tuning's
+/// table goes to stderr and the report is saved (`save`) as it ends, so that a run cut short
+/// keeps them; a failure that leaves the GPU unusable ends the section.
+#[allow(clippy::too_many_arguments)]
 fn bench_tuned(
     args: &BenchArgs,
     plan: &BenchPlan,
@@ -672,6 +684,7 @@ fn bench_tuned(
     weights: &DitWeights,
     options: CudaOptions,
     report: &mut Report,
+    save: &dyn Fn(&Report),
 ) {
     let candidates = &plan.tune_candidates;
     let mut backend = match Gpu::new(args.gpu)
@@ -703,9 +716,19 @@ fn bench_tuned(
         backend.set_options(options);
         eprintln!("bench: tuning at {rows} rows (FORA N = {interval})");
         match steps::tune_rows(&mut backend, plan, rows, args.seed, interval, candidates) {
-            Ok(t) => report.tunings.push((interval, t)),
+            Ok(t) => {
+                eprintln!("{}", t.markdown());
+                report.tunings.push((interval, t));
+                save(report);
+            }
             Err(e) => {
                 report.error("tune", &format!("{rows} rows"), &e);
+                save(report);
+                if let Err(sticky) = backend.gpu().synchronize() {
+                    let e = anyhow::anyhow!("the GPU no longer answers ({sticky:#})");
+                    report.error("tune", "the rest of the tuned section", &e);
+                    return;
+                }
                 continue;
             }
         }

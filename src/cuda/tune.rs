@@ -965,6 +965,16 @@ pub fn tune<B: Tunable>(
         }
     }
     rows[chosen].outcome = TuneOutcome::Chosen;
+    eprintln!(
+        "tune: {} rows, chosen: {} ({})",
+        plan.model_rows(),
+        rows[chosen].name,
+        if rows[chosen].settings.is_empty() {
+            "the options as given"
+        } else {
+            &rows[chosen].settings
+        }
+    );
     backend.set_tuned_options(rows[chosen].options);
     Ok(Tuning {
         rows: plan.model_rows(),
