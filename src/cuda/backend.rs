@@ -11,7 +11,8 @@ use super::device::{dptr_at, ensure_hopper};
 use super::fora::CACHE_SUM_MAX;
 use super::gemm::{Gemm, GemmImpl};
 use super::model::{
-    ada_cols, max_gemm_mn, Activations, CondBuffers, ForwardKind, GpuModel, SumTables, TableColumns,
+    ada_cols, max_gemm_mn, Activations, CondBuffers, ForwardKind, FusionSwitches, GpuModel,
+    SumTables, TableColumns,
 };
 use super::params::{NormalFillParams, SamplerStepParams, UnpatchifyParams};
 use super::sampler::guided_channels;
@@ -303,6 +304,31 @@ impl CudaOptions {
             out.push(format!("FORA_TMA_TILES={}", self.tma_tiles));
         }
         out
+    }
+
+    /// The row-dependent fusion switches among these options ([`ForwardKind::fusions`]).
+    pub fn fusion_switches(&self) -> FusionSwitches {
+        FusionSwitches {
+            gemm_ln: self.gemm_ln,
+            gemm_ln_many_rows: self.gemm_ln_many_rows,
+            gemm_ln_wide: self.gemm_ln_wide,
+            gemm_ln_one_per_sm: self.gemm_ln_one_per_sm,
+            qkv_attention: self.qkv_attention,
+            prefetch_weights: self.prefetch_weights,
+        }
+    }
+
+    /// These options with the fusion switches `s`.
+    pub fn with_fusion_switches(self, s: FusionSwitches) -> CudaOptions {
+        CudaOptions {
+            gemm_ln: s.gemm_ln,
+            gemm_ln_many_rows: s.gemm_ln_many_rows,
+            gemm_ln_wide: s.gemm_ln_wide,
+            gemm_ln_one_per_sm: s.gemm_ln_one_per_sm,
+            qkv_attention: s.qkv_attention,
+            prefetch_weights: s.prefetch_weights,
+            ..self
+        }
     }
 
     /// [`CudaOptions::default`], overridden by every variable of [`CudaOptions::VARIABLES`]
@@ -723,28 +749,12 @@ impl CudaBackend {
     /// weight prefetch where they do not serve): two options equal after this run the same
     /// kernels at those rows, whatever they were before.
     pub fn options_in_effect(&self, options: CudaOptions, rows: usize) -> CudaOptions {
-        let switches = super::model::FusionSwitches {
-            gemm_ln: options.gemm_ln,
-            gemm_ln_many_rows: options.gemm_ln_many_rows,
-            gemm_ln_wide: options.gemm_ln_wide,
-            gemm_ln_one_per_sm: options.gemm_ln_one_per_sm,
-            qkv_attention: options.qkv_attention,
-            prefetch_weights: options.prefetch_weights,
-        };
         // As if proj / fc2 + LayerNorm were fused: a switch of no effect then has none either
         // where they are not (no tile is used at all there).
+        let switches = options.fusion_switches();
         let on =
-            super::model::FusionsInEffect::resolve(&self.gpu, self.config(), rows, true, switches)
-                .switches();
-        CudaOptions {
-            gemm_ln: on.gemm_ln,
-            gemm_ln_many_rows: on.gemm_ln_many_rows,
-            gemm_ln_wide: on.gemm_ln_wide,
-            gemm_ln_one_per_sm: on.gemm_ln_one_per_sm,
-            qkv_attention: on.qkv_attention,
-            prefetch_weights: on.prefetch_weights,
-            ..options
-        }
+            super::model::FusionsInEffect::resolve(&self.gpu, self.config(), rows, true, switches);
+        options.with_fusion_switches(on.switches())
     }
 
     /// The device handle this backend launches on.
@@ -1066,12 +1076,7 @@ impl CudaBackend {
             bf16_residual: self.options.bf16_residual,
             reuse_gates_only: self.options.reuse_gates_only,
             lt_splitk: self.options.lt_splitk,
-            prefetch_weights: self.options.prefetch_weights,
-            gemm_ln: self.options.gemm_ln,
-            gemm_ln_many_rows: self.options.gemm_ln_many_rows,
-            gemm_ln_wide: self.options.gemm_ln_wide,
-            gemm_ln_one_per_sm: self.options.gemm_ln_one_per_sm,
-            qkv_attention: self.options.qkv_attention,
+            fusions: self.options.fusion_switches(),
             reuse_sum: reuse_sum.filter(|_| mode == StepMode::Reuse),
         }
     }

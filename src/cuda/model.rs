@@ -77,6 +77,20 @@ pub struct ForwardKind {
     /// split-K slices where the output is too small to fill the SMs
     /// ([`Gemm::lt_product_splits`]), summed by `residual_layernorm`.
     pub lt_splitk: bool,
+    /// The fusions that serve some row counts and not others ([`FusionsInEffect::resolve`]
+    /// says which run).
+    pub fusions: FusionSwitches,
+    /// A reuse forward whose cache sum is ready (`FORA_REUSE_SUM`): the device address of
+    /// the step's sum, f32 [rows*T, D] (from [`GpuModel::cache_sums`]); `fora_sum_final`
+    /// reads it instead of the cache, and the forward's own table (if it computes one) needs
+    /// only the final shift / scale. Needs the fused reuse forward.
+    pub reuse_sum: Option<u64>,
+}
+
+/// The switches of the fusions that serve some row counts and not others
+/// ([`ForwardKind::fusions`], from [`super::CudaOptions`]'s fields of the same names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FusionSwitches {
     /// With `fused_ln` and at most [`PREFETCH_MAX_TOKENS`] token rows: each
     /// `residual_layernorm` pass asks L2 to fetch the next two GEMMs' weights
     /// ([`super::CudaOptions::prefetch_weights`]).
@@ -98,29 +112,6 @@ pub struct ForwardKind {
     /// shape ([`GpuModel::qkv_attention_serves`]) instead of the GEMM and the attention kernel
     /// ([`super::CudaOptions::qkv_attention`]).
     pub qkv_attention: bool,
-    /// A reuse forward whose cache sum is ready (`FORA_REUSE_SUM`): the device address of
-    /// the step's sum, f32 [rows*T, D] (from [`GpuModel::cache_sums`]); `fora_sum_final`
-    /// reads it instead of the cache, and the forward's own table (if it computes one) needs
-    /// only the final shift / scale. Needs the fused reuse forward.
-    pub reuse_sum: Option<u64>,
-}
-
-/// The switches of the fusions that serve some row counts and not others
-/// ([`ForwardKind`]'s fields of the same names).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FusionSwitches {
-    /// [`ForwardKind::gemm_ln`].
-    pub gemm_ln: bool,
-    /// [`ForwardKind::gemm_ln_many_rows`].
-    pub gemm_ln_many_rows: bool,
-    /// [`ForwardKind::gemm_ln_wide`].
-    pub gemm_ln_wide: bool,
-    /// [`ForwardKind::gemm_ln_one_per_sm`].
-    pub gemm_ln_one_per_sm: bool,
-    /// [`ForwardKind::qkv_attention`].
-    pub qkv_attention: bool,
-    /// [`ForwardKind::prefetch_weights`].
-    pub prefetch_weights: bool,
 }
 
 /// What [`FusionSwitches`] come to in a computing forward of some rows on some card: what
@@ -192,7 +183,7 @@ impl FusionsInEffect {
 }
 
 /// Most token rows (model rows x tokens) a forward prefetches weights at
-/// ([`ForwardKind::prefetch_weights`]): 2,048 (8 rows of DiT/2 at 256 px). Past that the
+/// ([`FusionSwitches::prefetch_weights`]): 2,048 (8 rows of DiT/2 at 256 px). Past that the
 /// activations a GEMM streams would evict the weights before it reads them.
 pub const PREFETCH_MAX_TOKENS: usize = 2048;
 
@@ -577,7 +568,7 @@ pub fn cache_sum_params(cfg: &DitConfig, rows: usize) -> ForaCacheSumParams {
 }
 
 impl GpuModel {
-    /// Whether the fused qkv + attention ([`ForwardKind::qkv_attention`]) serves `rows` model
+    /// Whether the fused qkv + attention ([`FusionSwitches::qkv_attention`]) serves `rows` model
     /// rows of a model of `cfg` on `gpu` ([`super::qkv_attention::QkvAttention::serves`], and
     /// [`super::qkv_attention::QkvAttention::resident_clusters`] holds them all at once).
     pub fn qkv_attention_serves(gpu: &Gpu, cfg: &DitConfig, rows: usize) -> bool {
@@ -851,12 +842,7 @@ impl GpuModel {
             bf16_residual,
             reuse_gates_only,
             lt_splitk,
-            prefetch_weights,
-            gemm_ln,
-            gemm_ln_many_rows,
-            gemm_ln_wide,
-            gemm_ln_one_per_sm,
-            qkv_attention,
+            fusions,
             reuse_sum,
         } = kind;
         // qkv and fc1: with bias_bf16, cuBLASLt may fuse a bf16 copy of the bias.
@@ -975,20 +961,7 @@ impl GpuModel {
             gemm_ln_one_per_sm: gemm_ln_one_per_sm_on,
             qkv_attention: qkv_attention_on,
             prefetch_weights: prefetch_on,
-        } = FusionsInEffect::resolve(
-            gpu,
-            cfg,
-            rows,
-            fuse_ln,
-            FusionSwitches {
-                gemm_ln,
-                gemm_ln_many_rows,
-                gemm_ln_wide,
-                gemm_ln_one_per_sm,
-                qkv_attention,
-                prefetch_weights,
-            },
-        );
+        } = FusionsInEffect::resolve(gpu, cfg, rows, fuse_ln, fusions);
         // The fused passes' L2 prefetch ranges: the next two GEMMs' weights, whole 16-byte
         // chunks, where FORA_PREFETCH_WEIGHTS applies.
         let prefetch_ranges = |prefetch: [Option<&CudaSlice<bf16>>; 2]| {
