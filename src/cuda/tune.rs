@@ -889,15 +889,15 @@ pub fn tune<B: Tunable>(
     }
     // The given options again, last: a card that was still raising its clocks while they ran
     // first would otherwise hand the next candidate the margin. The better median counts.
+    // The given options (or the winner) timed on a fresh workspace, the backend set to them.
+    let time = |backend: &mut B, options: B::Options, what: &str| -> Result<Stats> {
+        backend.set_tuned_options(options);
+        let run = backend.run_window(plan, window, settings.warmup, settings.runs);
+        Ok(run.with_context(|| format!("tuning: timing {what}"))?.stats)
+    };
     if rows.len() > 1 {
-        backend.set_tuned_options(given);
-        let again = backend
-            .run_window(plan, window, settings.warmup, settings.runs)
-            .context("tuning: timing the given options again");
-        let again = match again {
-            Ok(run) => run.stats,
-            Err(e) => return Err(fail(backend, e)),
-        };
+        let again =
+            time(backend, given, "the given options again").map_err(|e| fail(backend, e))?;
         eprintln!(
             "tune: {} rows, {} again: window {:.3} ms",
             plan.model_rows(),
@@ -910,13 +910,7 @@ pub fn tune<B: Tunable>(
             }
         }
     }
-    let times: Vec<Option<f64>> = rows
-        .iter()
-        .map(|r| match r.outcome {
-            TuneOutcome::Slower => r.window.as_ref().map(|s| s.median_ms),
-            _ => None,
-        })
-        .collect();
+    let times: Vec<Option<f64>> = rows.iter().map(TuneRow::passed_ms).collect();
     let Some(mut chosen) = choose(&times, settings.min_gain) else {
         return Err(fail(
             backend,
@@ -934,14 +928,8 @@ pub fn tune<B: Tunable>(
                 (given, &mut given_ms),
                 (rows[chosen].options, &mut chosen_ms),
             ] {
-                backend.set_tuned_options(options);
-                let run = backend
-                    .run_window(plan, window, settings.warmup, settings.runs)
-                    .context("tuning: timing the choice against the given options");
-                match run {
-                    Ok(run) => times.push(run.stats.median_ms),
-                    Err(e) => return Err(fail(backend, e)),
-                }
+                let run = time(backend, options, "the choice against the given options");
+                times.push(run.map_err(|e| fail(backend, e))?.median_ms);
             }
         }
         let median = |v: &[f64]| Stats::from_samples(v).map(|s| s.median_ms);
