@@ -188,9 +188,9 @@ struct SampleArgs {
     #[arg(long)]
     tune: bool,
     /// With --tune (implied): a JSON file of earlier tunings' choices. A run whose card,
-    /// kernels, model, rows, schedule, options and candidates are all in it takes the cached
-    /// choice without measuring; another tunes and adds its choice. Created if absent; a file
-    /// that is not such a cache is an error.
+    /// kernels, model, rows, schedule, options, candidates and tuning settings are all in it
+    /// takes the cached choice without measuring; another tunes and adds its choice. Created if
+    /// absent; a file that is not such a cache is an error.
     #[arg(long, value_name = "FILE")]
     tune_cache: Option<PathBuf>,
 }

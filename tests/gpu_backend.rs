@@ -1537,6 +1537,24 @@ fn gpu_prefetch_weights_is_exact() {
 /// without, must be close to the same run with `off` (rel-L2 1e-2) and not equal to the bit (the
 /// fused path ran). `serves` says the fused path takes the shape (asserted). Returns the backend
 /// and `on` for further checks; None where the test skipped.
+/// The model of `arch` on `size` x `size` latents and its CPU and CUDA backends, on a Hopper
+/// only (the fused kernels are sm_90a only: elsewhere `test` says SKIP).
+fn hopper_backends(
+    test: &str,
+    arch: &str,
+    size: usize,
+    seed: u64,
+) -> Option<(DitConfig, CpuBackend, CudaBackend)> {
+    let arch = Arch::parse(arch).unwrap();
+    let cfg = DitConfig::from_arch(&arch, 4, size, 10, true).unwrap();
+    let (cpu, cuda) = backends(test, &cfg, seed)?;
+    if cuda.gpu().compute_capability().0 != 9 {
+        println!("SKIP {test}: not a Hopper (the fused kernels are sm_90a only)");
+        return None;
+    }
+    Some((cfg, cpu, cuda))
+}
+
 fn fused_option_matches(
     test: &str,
     arch: &str,
@@ -1546,13 +1564,7 @@ fn fused_option_matches(
     serves: impl Fn(&CudaBackend, usize) -> bool,
 ) -> Option<(CudaBackend, fora::cuda::CudaOptions)> {
     use fora::cuda::CudaOptions;
-    let arch = Arch::parse(arch).unwrap();
-    let cfg = DitConfig::from_arch(&arch, 4, size, 10, true).unwrap();
-    let (cpu, mut cuda) = backends(test, &cfg, seed)?;
-    if cuda.gpu().compute_capability().0 != 9 {
-        println!("SKIP {test}: not a Hopper (the fused kernel is sm_90a only)");
-        return None;
-    }
+    let (cfg, cpu, mut cuda) = hopper_backends(test, arch, size, seed)?;
     let rows = 4;
     assert!(
         serves(&cuda, rows),
@@ -1690,15 +1702,11 @@ fn gpu_fused_block_pdl_matches() {
     use fora::cuda::model::GpuModel;
     use fora::cuda::CudaOptions;
     let test = "gpu_fused_block_pdl_matches";
-    let arch = Arch::parse("depth=2,hidden=1152,heads=16,patch=2").unwrap();
-    let cfg = DitConfig::from_arch(&arch, 4, 32, 10, true).unwrap();
-    let Some((cpu, mut cuda)) = backends(test, &cfg, 57) else {
+    let Some((cfg, cpu, mut cuda)) =
+        hopper_backends(test, "depth=2,hidden=1152,heads=16,patch=2", 32, 57)
+    else {
         return;
     };
-    if cuda.gpu().compute_capability().0 != 9 {
-        println!("SKIP {test}: not a Hopper (the fused kernels are sm_90a only)");
-        return;
-    }
     let rows = 2;
     assert!(
         GpuModel::qkv_attention_serves(cuda.gpu(), &cfg, rows),
@@ -1748,15 +1756,11 @@ fn gpu_fused_block_pdl_matches() {
 fn gpu_options_in_effect_sample_the_same_bits() {
     use fora::cuda::CudaOptions;
     let test = "gpu_options_in_effect_sample_the_same_bits";
-    let arch = Arch::parse("depth=2,hidden=1152,heads=16,patch=2").unwrap();
-    let cfg = DitConfig::from_arch(&arch, 4, 32, 10, true).unwrap();
-    let Some((_cpu, mut cuda)) = backends(test, &cfg, 58) else {
+    let Some((_cfg, _cpu, mut cuda)) =
+        hopper_backends(test, "depth=2,hidden=1152,heads=16,patch=2", 32, 58)
+    else {
         return;
     };
-    if cuda.gpu().compute_capability().0 != 9 {
-        println!("SKIP {test}: not a Hopper (the fused kernels are sm_90a only)");
-        return;
-    }
     let all = CudaOptions {
         gemm_ln: true,
         gemm_ln_many_rows: true,
