@@ -1822,7 +1822,7 @@ fn gpu_qkv_attention_matches() {
 /// (no CUDA graphs) is not.
 #[test]
 fn gpu_tune_picks_the_fastest_checked_path() {
-    use fora::cuda::tune::{choose, tune, TuneCandidate, TuneOutcome, TuneSettings};
+    use fora::cuda::tune::{tune, winners, TuneCandidate, TuneOutcome, TuneSettings};
     let test = "gpu_tune_picks_the_fastest_checked_path";
     let cfg = small_cfg();
     let Some((cpu, mut cuda)) = backends(test, &cfg, 21) else {
@@ -1885,13 +1885,22 @@ fn gpu_tune_picks_the_fastest_checked_path() {
             ref other => panic!("{}: {other:?}", r.name),
         }
     }
-    // The fastest by the margin, unless timing it in turn with the given options did not
-    // confirm it.
-    let fastest = choose(&times, settings.min_gain).unwrap();
-    match t.rows_tried[fastest].outcome {
-        TuneOutcome::Unconfirmed(_) => assert_eq!(t.chosen, 0),
-        _ => assert_eq!(fastest, t.chosen),
+    // The fastest by the margin that timing in turn with the given options confirmed, the
+    // contenders before it not confirmed; the given options if none of the first
+    // `contenders` was.
+    let won = winners(&times, settings.min_gain);
+    let contenders = &won[..won.len().min(settings.contenders)];
+    let unconfirmed = |i: usize| matches!(t.rows_tried[i].outcome, TuneOutcome::Unconfirmed(_));
+    let confirmed = contenders.iter().position(|&i| !unconfirmed(i));
+    match confirmed {
+        Some(k) => assert_eq!(t.chosen, contenders[k]),
+        None => assert_eq!(t.chosen, 0),
     }
+    let tried = confirmed.unwrap_or(contenders.len());
+    assert!(
+        (0..t.rows_tried.len()).all(|i| unconfirmed(i) == contenders[..tried].contains(&i)),
+        "only contenders before the choice are unconfirmed"
+    );
     assert_eq!(cuda.options(), t.chosen().options);
     // The tuned backend samples as the CPU does.
     let got = sample_latents(&cuda, &options, &classes, 8, 3);

@@ -229,6 +229,7 @@ const SETTINGS: TuneSettings = TuneSettings {
     combine: true,
     // Confirming is tested on its own (`a_lucky_window_is_not_confirmed`).
     confirm: 0,
+    contenders: 1,
 };
 
 #[test]
@@ -545,6 +546,61 @@ fn a_lucky_window_is_not_confirmed() {
     let t = tune(&mut mock, &plan, &schedule, &list, &confirm).unwrap();
     assert_eq!((t.chosen, t.head_to_head), (0, None));
     assert_eq!(mock.timings.borrow().len(), 3);
+}
+
+/// When the fastest is not confirmed, the next fastest winner is timed in turn: a sum measured
+/// fast in a lucky window does not cost the part of it that is faster.
+#[test]
+fn the_next_contender_is_confirmed_when_the_fastest_is_not() {
+    let (plan, schedule) = run_of(&Mock::new());
+    let confirm = TuneSettings {
+        confirm: 2,
+        contenders: 2,
+        ..SETTINGS
+    };
+    let list = candidates(&[
+        ("given", ""),
+        ("a", "SAVE0=1"),
+        ("lucky", "MS=10 OFFSET=0.0001"),
+        ("slow", "MS=11"),
+    ]);
+    // Window runs: 0 given, 1 a (9 ms), 2 lucky (7 ms), 3 slow, 4 lucky+a (9 ms: not the
+    // base), 5 given again; in turn 6-9 given and lucky (10 against 10), 10-13 given and a.
+    let run = |contenders: usize| {
+        let mut mock = Mock::new();
+        mock.lucky_runs = vec![2];
+        let settings = TuneSettings {
+            contenders,
+            ..confirm
+        };
+        let t = tune(&mut mock, &plan, &schedule, &list, &settings).unwrap();
+        println!("{}", t.markdown());
+        (t, mock)
+    };
+    let (t, mock) = run(2);
+    let names: Vec<&str> = t.rows_tried.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["given", "a", "lucky", "slow", "lucky+a"]);
+    assert!(
+        matches!(t.rows_tried[2].outcome, TuneOutcome::Unconfirmed(ref w) if w.contains("10.000")),
+        "{:?}",
+        t.rows_tried[2].outcome
+    );
+    assert_eq!(t.chosen().name, "a");
+    assert_eq!(t.head_to_head, Some((10.0, 9.0)));
+    assert_eq!(mock.options.saves[0], 1.0, "the choice is left set");
+    assert_eq!(mock.timings.borrow().len(), 14);
+    // One contender: the given options stay, the last head to head reported.
+    let (t, mock) = run(1);
+    assert_eq!(t.chosen, 0);
+    assert_eq!(t.rows_tried[1].outcome, TuneOutcome::Slower);
+    assert_eq!(t.head_to_head, Some((10.0, 10.0)));
+    assert_eq!(mock.options, Mock::new().options);
+    assert_eq!(mock.timings.borrow().len(), 10);
+    // Contenders past the winners: only the winners are timed in turn (a, lucky+a and lucky
+    // beat the margin; slow does not).
+    let (t, mock) = run(9);
+    assert_eq!(t.chosen().name, "a");
+    assert_eq!(mock.timings.borrow().len(), 14);
 }
 
 #[test]

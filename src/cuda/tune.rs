@@ -27,8 +27,10 @@
 //!   their two medians; then the fastest candidate that passed, where it beats them by at least
 //!   [`TuneSettings::min_gain`] (so noise does not trade a measured default for an unmeasured
 //!   path), else the given options; a winner is then timed in turn with the given options
-//!   ([`TuneSettings::confirm`] rounds) and kept only if it still saves the margin there; the
-//!   backend is left set to the choice.
+//!   ([`TuneSettings::confirm`] rounds) and kept only if it still saves the margin there; if
+//!   it does not, the next fastest that beat the margin is timed in turn the same way, up to
+//!   [`TuneSettings::contenders`] of them (a sum measured fast in a lucky window must not cost
+//!   the part of it that is faster); the backend is left set to the choice.
 //!
 //! A candidate whose options come to an earlier one's at the run's rows
 //! ([`Tunable::options_in_effect`]: a fusion that does not serve them) is not run again. A
@@ -366,6 +368,10 @@ pub struct TuneSettings {
     /// (0: none): it stays chosen only if the median of its rounds still saves `min_gain` of
     /// theirs, so that a drift of the card between their first timings cannot pick it.
     pub confirm: usize,
+    /// How many of the candidates that beat the given options by the margin, fastest first,
+    /// are timed in turn with them until one is confirmed (at least one; with `confirm` 0 the
+    /// fastest is taken).
+    pub contenders: usize,
 }
 
 impl Default for TuneSettings {
@@ -378,6 +384,7 @@ impl Default for TuneSettings {
             min_gain: 0.01,
             combine: true,
             confirm: 2,
+            contenders: 3,
         }
     }
 }
@@ -387,7 +394,7 @@ impl TuneSettings {
     /// length, the tolerance, the margin, combining; not how many windows are timed).
     pub fn key(&self) -> String {
         format!(
-            "window {} steps, tolerance {:e}, margin {}, {}, confirmed in {} rounds",
+            "window {} steps, tolerance {:e}, margin {}, {}, confirmed in {} rounds (of {} at most)",
             self.window,
             self.tolerance,
             self.min_gain,
@@ -396,7 +403,8 @@ impl TuneSettings {
             } else {
                 "candidates alone"
             },
-            self.confirm
+            self.confirm,
+            self.contenders.max(1)
         )
     }
 }
@@ -460,7 +468,8 @@ pub struct Tuning<O = CudaOptions> {
     /// Index of the chosen one in `rows_tried`.
     pub chosen: usize,
     /// The given options' and the winner's median windows when timed in turn
-    /// ([`TuneSettings::confirm`]), in ms; `None` where the given options won outright.
+    /// ([`TuneSettings::confirm`]), in ms: the chosen one's, or where none was confirmed the
+    /// last contender's; `None` where the given options won outright.
     pub head_to_head: Option<(f64, f64)>,
 }
 
@@ -550,21 +559,30 @@ pub fn window_len(modes: &[StepMode], target: usize) -> usize {
     w
 }
 
+/// The candidates that beat the first (the given options) by at least `min_gain` of its
+/// time, from their median window times (`None` for those that did not pass), fastest first
+/// (the earlier of equal times first). Empty if the first has no time.
+pub fn winners(times_ms: &[Option<f64>], min_gain: f64) -> Vec<usize> {
+    let Some(Some(given)) = times_ms.first() else {
+        return Vec::new();
+    };
+    let mut won: Vec<(usize, f64)> = times_ms
+        .iter()
+        .enumerate()
+        .skip(1)
+        .filter_map(|(i, t)| t.map(|t| (i, t)))
+        .filter(|&(_, t)| t <= given * (1.0 - min_gain))
+        .collect();
+    won.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    won.into_iter().map(|(i, _)| i).collect()
+}
+
 /// The candidate to choose from the median window times of those that passed (`None` for
 /// the others; the first is the given options): the fastest, if it saves at least `min_gain`
 /// of the first's time, else the first. `None` if the first has no time.
 pub fn choose(times_ms: &[Option<f64>], min_gain: f64) -> Option<usize> {
-    let given = (*times_ms.first()?)?;
-    let (best, best_ms) = times_ms
-        .iter()
-        .enumerate()
-        .filter_map(|(i, t)| t.map(|t| (i, t)))
-        .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))?;
-    Some(if best_ms <= given * (1.0 - min_gain) {
-        best
-    } else {
-        0
-    })
+    times_ms.first()?.as_ref()?;
+    Some(winners(times_ms, min_gain).first().copied().unwrap_or(0))
 }
 
 /// Fixed random forward inputs of a plan's rows: x `[rows, C, H, W]` (standard normal), every
@@ -769,19 +787,14 @@ fn combine<B: Tunable>(
     given: B::Options,
     rows: &mut Vec<TuneRow<B::Options>>,
 ) -> Result<()> {
-    let Some(given_ms) = rows.first().and_then(TuneRow::passed_ms) else {
-        return Ok(());
-    };
     let keep = 1.0 - bench.settings.min_gain;
-    let mut winners: Vec<(usize, f64)> = (1..rows.len())
-        .filter_map(|i| rows[i].passed_ms().map(|ms| (i, ms)))
-        .filter(|&(_, ms)| ms <= given_ms * keep)
-        .collect();
-    winners.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-    let Some((&(mut base, mut base_ms), rest)) = winners.split_first() else {
+    let times: Vec<Option<f64>> = rows.iter().map(TuneRow::passed_ms).collect();
+    let won = winners(&times, bench.settings.min_gain);
+    let Some((&first, rest)) = won.split_first() else {
         return Ok(());
     };
-    for &(next, _) in rest {
+    let (mut base, mut base_ms) = (first, times[first].unwrap_or(f64::INFINITY));
+    for &next in rest {
         let Some(settings) = B::merge_settings(&rows[base].settings, &rows[next].settings)? else {
             continue;
         };
@@ -895,6 +908,19 @@ pub fn tune<B: Tunable>(
         let run = backend.run_window(plan, window, settings.warmup, settings.runs);
         Ok(run.with_context(|| format!("tuning: timing {what}"))?.stats)
     };
+    // `confirm` rounds of the given options and `options` in turn: their median windows.
+    let head_to_head_ms = |backend: &mut B, options: B::Options| -> Result<(f64, f64)> {
+        let (mut given_ms, mut chosen_ms) = (Vec::new(), Vec::new());
+        for _ in 0..settings.confirm {
+            for (options, times) in [(given, &mut given_ms), (options, &mut chosen_ms)] {
+                times.push(
+                    time(backend, options, "a contender against the given options")?.median_ms,
+                );
+            }
+        }
+        let median = |v: &[f64]| Stats::from_samples(v).map(|s| s.median_ms);
+        Ok((median(&given_ms)?, median(&chosen_ms)?))
+    };
     if rows.len() > 1 {
         let again =
             time(backend, given, "the given options again").map_err(|e| fail(backend, e))?;
@@ -911,45 +937,38 @@ pub fn tune<B: Tunable>(
         }
     }
     let times: Vec<Option<f64>> = rows.iter().map(TuneRow::passed_ms).collect();
-    let Some(mut chosen) = choose(&times, settings.min_gain) else {
+    let Some(fastest) = choose(&times, settings.min_gain) else {
         return Err(fail(
             backend,
             anyhow::anyhow!("tuning: the given options have no time (nothing to compare with)"),
         ));
     };
-    // Head to head: the winner and the given options in turn, so that both see the same state
-    // of the card (its clocks, its temperature) in every round; it stays chosen only if it
-    // still saves the margin.
+    // Head to head: a contender and the given options in turn, so that both see the same
+    // state of the card (its clocks, its temperature) in every round; it is chosen only if it
+    // still saves the margin. The contenders: those that beat the margin, fastest first.
+    let mut chosen = fastest;
     let mut head_to_head = None;
-    if chosen != 0 && settings.confirm > 0 {
-        let (mut given_ms, mut chosen_ms) = (Vec::new(), Vec::new());
-        for _ in 0..settings.confirm {
-            for (options, times) in [
-                (given, &mut given_ms),
-                (rows[chosen].options, &mut chosen_ms),
-            ] {
-                let run = time(backend, options, "the choice against the given options");
-                times.push(run.map_err(|e| fail(backend, e))?.median_ms);
+    if fastest != 0 && settings.confirm > 0 {
+        chosen = 0;
+        let contenders = winners(&times, settings.min_gain);
+        for &contender in contenders.iter().take(settings.contenders.max(1)) {
+            let (g, c) =
+                head_to_head_ms(backend, rows[contender].options).map_err(|e| fail(backend, e))?;
+            eprintln!(
+                "tune: {} rows, {} against {}, {} rounds in turn: {c:.3} against {g:.3} ms",
+                plan.model_rows(),
+                rows[contender].name,
+                rows[0].name,
+                settings.confirm
+            );
+            head_to_head = Some((g, c));
+            if c <= g * (1.0 - settings.min_gain) {
+                chosen = contender;
+                break;
             }
-        }
-        let median = |v: &[f64]| Stats::from_samples(v).map(|s| s.median_ms);
-        let (g, c) = match (median(&given_ms), median(&chosen_ms)) {
-            (Ok(g), Ok(c)) => (g, c),
-            (Err(e), _) | (_, Err(e)) => return Err(fail(backend, e)),
-        };
-        eprintln!(
-            "tune: {} rows, {} against {}, {} rounds in turn: {c:.3} against {g:.3} ms",
-            plan.model_rows(),
-            rows[chosen].name,
-            rows[0].name,
-            settings.confirm
-        );
-        head_to_head = Some((g, c));
-        if c > g * (1.0 - settings.min_gain) {
-            rows[chosen].outcome = TuneOutcome::Unconfirmed(format!(
+            rows[contender].outcome = TuneOutcome::Unconfirmed(format!(
                 "{c:.3} ms against the given options' {g:.3} in turn"
             ));
-            chosen = 0;
         }
     }
     rows[chosen].outcome = TuneOutcome::Chosen;
@@ -1262,6 +1281,21 @@ mod tests {
         assert_eq!(t(&[None, Some(1.0)]), None);
         assert_eq!(t(&[]), None);
         assert_eq!(choose(&[Some(10.0), Some(9.99)], 0.0), Some(1));
+        // The winners, fastest first, the earlier of equal times first; none past the margin.
+        let w = |v: &[Option<f64>]| winners(v, 0.01);
+        assert_eq!(
+            w(&[
+                Some(10.0),
+                Some(9.0),
+                None,
+                Some(8.0),
+                Some(9.95),
+                Some(9.0)
+            ]),
+            [3, 1, 5]
+        );
+        assert!(w(&[Some(10.0), Some(9.95), Some(11.0)]).is_empty());
+        assert!(w(&[None, Some(1.0)]).is_empty());
     }
 
     #[test]
