@@ -183,8 +183,9 @@ struct SampleArgs {
     /// On a GPU: before sampling, try the backend's execution paths on this run's own plan and
     /// schedule (each checked against the options as given, then timed) and sample with the
     /// fastest; prints the table to stderr. Candidates: $FORA_TUNE_CANDIDATES
-    /// (`name:FORA_X=1 FORA_Y=1;...`), else the built-in list. The bits may differ from an
-    /// untuned run's, within the forward's tolerance.
+    /// (`name:FORA_X=1 FORA_Y=1;...`), else the built-in list, less the names in
+    /// $FORA_TUNE_SKIP (`name,name`). The bits may differ from an untuned run's, within the
+    /// forward's tolerance.
     #[arg(long)]
     tune: bool,
     /// With --tune (implied): a JSON file of earlier tunings' choices. A run whose card,
@@ -727,7 +728,7 @@ fn info() -> Result<()> {
         }
         Err(e) => println!("cuda options: {e:#}"),
     }
-    // What `--tune` would try (FORA_TUNE_CANDIDATES, else the built-in list).
+    // What `--tune` would try (FORA_TUNE_CANDIDATES, else the built-in list, less FORA_TUNE_SKIP).
     match fora::cuda::tune::candidates_from_env() {
         Ok(list) => println!(
             "tune candidates: {}",

@@ -323,21 +323,41 @@ fn info_runs() {
         text.contains("tune candidates: given, pdl, attention_tma,") && text.contains("ours_pdl"),
         "{text}"
     );
-    for (list, says) in [
+    // ... less FORA_TUNE_SKIP's names (one the list lacks said so).
+    for (list, skip, says) in [
         (
             "given;gemm_ln:FORA_GEMM_LN=1",
+            "",
             "tune candidates: given, gemm_ln\n",
         ),
-        ("given;x:FORA_PDL=2", "FORA_TUNE_CANDIDATES"),
+        ("given;x:FORA_PDL=2", "", "FORA_TUNE_CANDIDATES"),
+        (
+            "given;gemm_ln:FORA_GEMM_LN=1;pdl:FORA_PDL=1",
+            "gemm_ln",
+            "tune candidates: given, pdl\n",
+        ),
+        ("", "pdl,tma", "tune candidates: given, attention_tma,"),
+        (
+            "",
+            "pdl,nope",
+            "FORA_TUNE_SKIP: no tuning candidate \"nope\"",
+        ),
     ] {
         let o = Command::new(fora_bin())
             .arg("info")
             .env("FORA_TUNE_CANDIDATES", list)
+            .env("FORA_TUNE_SKIP", skip)
             .output()
             .expect("cannot start the fora binary");
         assert_ok(&o);
         let text = String::from_utf8_lossy(&o.stdout);
-        assert!(text.contains(says), "{list}: {text}");
+        assert!(text.contains(says), "{list} skipping {skip:?}: {text}");
+        if skip.contains("tma") {
+            assert!(
+                !text.contains(", tma,") && !text.contains(", pdl,"),
+                "{text}"
+            );
+        }
     }
 }
 

@@ -189,7 +189,8 @@ pub struct BenchArgs {
     /// Also run the step, op and end-to-end sections on tuned options: per batch, before its
     /// rows, the backend's execution paths are each checked and timed on a window of that
     /// batch's FORA run (N = 3 where --intervals has it) and the fastest is taken
-    /// (`fora::cuda::tune`; candidates: $FORA_TUNE_CANDIDATES, else the built-in list); those
+    /// (`fora::cuda::tune`; candidates: $FORA_TUNE_CANDIDATES, else the built-in list, less
+    /// $FORA_TUNE_SKIP's names); those
     /// rows are labelled `tuned`, the end-to-end runs take the 2-row choice, and the report
     /// lists every candidate.
     #[arg(long)]
@@ -233,7 +234,8 @@ pub struct BenchPlan {
     pub json: PathBuf,
     /// Also measure on tuned options (`--tune`).
     pub tune: bool,
-    /// With `tune`: the candidates (`FORA_TUNE_CANDIDATES`, else the built-in list), read when
+    /// With `tune`: the candidates (`FORA_TUNE_CANDIDATES`, else the built-in list, less
+    /// `FORA_TUNE_SKIP`'s), read when
     /// the plan is made so that a bad list fails before anything runs; empty otherwise.
     pub tune_candidates: Vec<crate::cuda::tune::TuneCandidate>,
 }

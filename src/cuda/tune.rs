@@ -1231,19 +1231,57 @@ impl<O> Tuning<O> {
 }
 
 /// The candidates of `FORA_TUNE_CANDIDATES` ([`TuneCandidate::parse_list`]), or
-/// [`default_candidates`] where it is unset or empty; a value that is not UTF-8 or not a list
-/// is an error naming the variable.
+/// [`default_candidates`] where it is unset or empty, less those `FORA_TUNE_SKIP` names
+/// ([`skip_candidates`]); a value that is not UTF-8, not a list, or that skips a name the list
+/// lacks is an error naming the variable.
 pub fn candidates_from_env() -> Result<Vec<TuneCandidate>> {
-    match std::env::var("FORA_TUNE_CANDIDATES") {
-        Err(std::env::VarError::NotPresent) => Ok(default_candidates()),
+    let var = |name: &str| match std::env::var(name) {
+        Err(std::env::VarError::NotPresent) => Ok(String::new()),
         Err(std::env::VarError::NotUnicode(v)) => {
-            bail!("environment variable FORA_TUNE_CANDIDATES is not UTF-8: {v:?}")
+            bail!("environment variable {name} is not UTF-8: {v:?}")
         }
-        Ok(list) if list.trim().is_empty() => Ok(default_candidates()),
-        Ok(list) => {
-            TuneCandidate::parse_list(&list).context("environment variable FORA_TUNE_CANDIDATES")
-        }
+        Ok(v) => Ok(v),
+    };
+    let list = var("FORA_TUNE_CANDIDATES")?;
+    let candidates = if list.trim().is_empty() {
+        default_candidates()
+    } else {
+        TuneCandidate::parse_list(&list).context("environment variable FORA_TUNE_CANDIDATES")?
+    };
+    skip_candidates(candidates, &var("FORA_TUNE_SKIP")?)
+        .context("environment variable FORA_TUNE_SKIP")
+}
+
+/// `candidates` without those `skip` names (names separated by commas or whitespace; empty:
+/// none): how a run leaves out a path that broke an earlier one (a kernel that left the GPU
+/// unusable ends that tuning; the device suite then tunes again without it). A name the list
+/// lacks is an error, as is skipping the first (the options as given, the reference).
+pub fn skip_candidates(candidates: Vec<TuneCandidate>, skip: &str) -> Result<Vec<TuneCandidate>> {
+    let names: Vec<&str> = skip
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|n| !n.is_empty())
+        .collect();
+    for name in &names {
+        let at = candidates.iter().position(|c| c.name == *name);
+        ensure!(
+            at.is_some(),
+            "no tuning candidate {name:?} to skip (the candidates: {})",
+            candidates
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        ensure!(
+            at != Some(0),
+            "tuning candidate {name:?} is the first, the options as given (the reference): it \
+             cannot be skipped"
+        );
     }
+    Ok(candidates
+        .into_iter()
+        .filter(|c| !names.contains(&c.name.as_str()))
+        .collect())
 }
 
 #[cfg(test)]
@@ -1296,6 +1334,26 @@ mod tests {
         );
         assert!(w(&[Some(10.0), Some(9.95), Some(11.0)]).is_empty());
         assert!(w(&[None, Some(1.0)]).is_empty());
+    }
+
+    #[test]
+    fn candidates_are_skipped_by_name() {
+        let list = TuneCandidate::parse_list("given;pdl:FORA_PDL=1;tma:FORA_GEMM=tma;x:").unwrap();
+        let names = |l: &[TuneCandidate]| l.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+        let kept = skip_candidates(list.clone(), " pdl, x ").unwrap();
+        assert_eq!(names(&kept), ["given", "tma"]);
+        assert_eq!(kept[1].settings, "FORA_GEMM=tma");
+        assert_eq!(skip_candidates(list.clone(), "").unwrap(), list);
+        let err = format!(
+            "{:#}",
+            skip_candidates(list.clone(), "pdl,nope").unwrap_err()
+        );
+        assert!(
+            err.contains("\"nope\"") && err.contains("given, pdl, tma, x"),
+            "{err}"
+        );
+        let err = format!("{:#}", skip_candidates(list, "given").unwrap_err());
+        assert!(err.contains("first"), "{err}");
     }
 
     #[test]
