@@ -63,8 +63,9 @@
 #              (tools/tma_tiles.py over an earlier phase's Hopper GEMM rows), as variant
 #              `tma_mc_tuned`;
 #   tuned      `fora bench --tune` at TUNE_ROWS (default 2,256): every candidate path checked
-#              and timed on a window of each batch's own FORA run, in one process, then the
-#              chosen one's steps and end to end (session 27; TUNE_S bounds it, default 240 s);
+#              and timed on a window of each batch's own FORA run, a process a batch, then the
+#              chosen one's steps and end to end (sessions 27-29; TUNE_S bounds it, default
+#              240 s); a batch whose candidate left the GPU unusable is tuned again without it;
 #   hopper_rows  the Hopper GEMM rows alone (every TMA tile, multicast included, against
 #              cuBLASLt and their L2 rooflines), as bench and issue5_more also run them;
 #   kernelprof ncu --set full of one launch of each kernel in PROF_KERNELS;
@@ -257,23 +258,57 @@ phase_ops() {
   done
 }
 
-# `fora bench --tune` (session 27): per batch of TUNE_ROWS (default 2,256), every candidate path
-# (FORA_TUNE_CANDIDATES, else the built-in list: the defaults, PDL, the TMA attentions and every
-# fusion of sessions 23-26) checked against the defaults' forward and timed on a window of the
-# batch's FORA N=3 run in one process; then the chosen path's steps and one image end to end,
-# labelled `tuned`, beside the defaults' (labelled cublaslt). A line per candidate is logged as
-# it ends, so a hang keeps the others' times.
+# `fora bench --tune` (sessions 27-29): per batch of TUNE_ROWS (default 2,256), in a process of
+# its own, every candidate path (FORA_TUNE_CANDIDATES, else the built-in list: the defaults, PDL,
+# the TMA attentions and every fusion of sessions 23-26) checked against the defaults' forward
+# and timed on a window of the batch's FORA N=3 run; then the chosen path's steps (and at 2 rows
+# one image end to end), labelled `tuned`, beside the defaults' (labelled cublaslt). A line per
+# candidate is logged as it ends, so a hang keeps the others' times. A candidate that leaves the
+# GPU unusable (a never-run kernel's fault, or its watchdog's trap) ends its process's tuning: the
+# batch is then tuned again in a new process without it (FORA_TUNE_SKIP; of a sum `a+b`, the
+# candidate it added last) and so are the later batches, up to TUNE_TRIES (3) processes a batch;
+# so is one still in flight when its process ended (a hang cut by the bound, a crash). TUNE_S
+# (240) bounds the phase, a batch of at most 16 rows TUNE_FEW_S (90) of it.
 phase_tuned() {
-  echo "=== tuned steps (rows ${TUNE_ROWS:-2,256})"
-  bounded "${TUNE_S:-240}" .devpack/bin/fora bench --tune --gemm cublaslt --sections steps,e2e \
-    --batches "${TUNE_ROWS:-2,256}" --runs 10 --warmup 2 --intervals 1,3 --e2e-reps 1 \
-    --json "$OUT/tuned.json" > "$OUT/tuned.log" 2>&1
-  # Two batches of 17 candidates, their sums and the given options again: up to ~60 lines.
-  grep -E "^tune: " "$OUT/tuned.log" | head -n 90
-  sed -n '/^## Tuned options/,/^## Failed/p' "$OUT/tuned.log" | grep -E "^(FORA|\| )" | head -n 90
-  grep -E "^\| (cublaslt|tuned) \| (2|256) \|" "$OUT/tuned.log" | head -n 8
-  grep -E "^\| (cublaslt|tuned) \| [13] \| 250 \|" "$OUT/tuned.log" | head -n 4
-  tail -n 2 "$OUT/tuned.log"
+  local phase_end=$(( $(date +%s) + ${TUNE_S:-240} ))
+  local rows try budget sections log killer tune_rows=${TUNE_ROWS:-2,256}
+  # A candidate that broke one batch is left out of the next too (a broken kernel, likely).
+  local skip=${FORA_TUNE_SKIP:-}
+  for rows in ${tune_rows//,/ }; do
+    for try in $(seq 1 "${TUNE_TRIES:-3}"); do
+      budget=$(( phase_end - $(date +%s) ))
+      if [ "$rows" -le 16 ] && [ "$budget" -gt "${TUNE_FEW_S:-90}" ]; then budget=${TUNE_FEW_S:-90}; fi
+      if [ "$budget" -lt 20 ]; then
+        echo "=== tuned, $rows rows: SKIPPED (${budget}s of TUNE_S left)"
+        break
+      fi
+      sections=steps
+      if [ "$rows" = 2 ]; then sections=steps,e2e; fi
+      log="$OUT/tuned_${rows}_$try.log"
+      echo "=== tuned steps, $rows rows (process $try${skip:+, FORA_TUNE_SKIP=$skip})"
+      FORA_TUNE_SKIP="$skip" bounded "$budget" .devpack/bin/fora bench --tune --gemm cublaslt \
+        --sections "$sections" --batches "$rows" --runs 10 --warmup 2 --intervals 1,3 \
+        --e2e-reps 1 --json "$OUT/tuned_${rows}_$try.json" > "$log" 2>&1
+      # 19 candidates, their sums, the given options again and in turn: up to ~35 lines each.
+      grep -E "^tune: " "$log" | grep -v ": measuring$" | head -n 45
+      sed -n '/^## Tuned options/,/^## Failed/p' "$log" | grep -E "^(FORA|\| )" | head -n 45
+      grep -E "^\| (cublaslt|tuned) \| $rows \|" "$log" | head -n 4
+      grep -E "^\| (cublaslt|tuned) \| [13] \| 250 \|" "$log" | head -n 4
+      grep -E "FAILED" "$log" | head -n 4
+      tail -n 2 "$log"
+      killer=$(grep -oE 'candidate "[A-Za-z0-9_+]+" left the GPU unusable' "$log" | head -n 1 \
+        | sed -E 's/^candidate "([^"]*)".*/\1/')
+      if [ -z "$killer" ]; then
+        # The candidate in flight when the process ended: its "measuring" line is the last.
+        killer=$(grep -E "^tune: $rows rows, " "$log" | tail -n 1 \
+          | sed -nE "s/^tune: $rows rows, ([A-Za-z0-9_+]+): measuring$/\1/p")
+      fi
+      if [ -z "$killer" ]; then break; fi
+      killer=${killer##*+}
+      echo "=== tuned, $rows rows: candidate $killer broke the process; tuning again without it"
+      skip="${skip:+$skip,}$killer"
+    done
+  done
 }
 
 # The Hopper GEMM rows alone, as a phase (bench and issue5_more run them too).

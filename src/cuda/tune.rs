@@ -665,6 +665,9 @@ impl CandidateBench<'_> {
         options: B::Options,
         first: bool,
     ) -> Result<TuneRow<B::Options>> {
+        // Before it runs, so that a log cut short by a hang or a crash names the candidate in
+        // flight (the device suite tunes again without it).
+        eprintln!("tune: {} rows, {name}: measuring", self.plan.model_rows());
         let mut row = TuneRow {
             name: name.to_string(),
             settings: settings.to_string(),
