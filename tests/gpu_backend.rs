@@ -1768,6 +1768,8 @@ fn gpu_options_in_effect_sample_the_same_bits() {
         gemm_ln_one_per_sm: true,
         qkv_attention: true,
         prefetch_weights: true,
+        // A TMA tile for a shape no GEMM of the model has: no effect.
+        tma_tiles: "7x7=128x128".parse().unwrap(),
         ..cuda.options()
     };
     for classes in [&[1][..], &[1, 2, 3, 4, 5, 6, 7, 8]] {
@@ -1775,6 +1777,7 @@ fn gpu_options_in_effect_sample_the_same_bits() {
         let effect = cuda.options_in_effect(all, rows);
         println!("{test}: {rows} rows: {:?}", effect.env_overrides());
         assert_eq!(cuda.options_in_effect(effect, rows), effect, "{rows} rows");
+        assert!(effect.tma_tiles.is_empty(), "{rows} rows");
         if rows == 2 {
             assert!(effect.gemm_ln && !effect.gemm_ln_many_rows && !effect.gemm_ln_wide);
             assert!(effect.prefetch_weights);

@@ -475,6 +475,26 @@ pub fn supports(cfg: &DitConfig) -> Result<()> {
     Ok(())
 }
 
+/// The `FORA_TMA_TILES` entries of `options` that a GEMM of `cfg` looks up on a device of
+/// compute capability major `cc_major`: those of the model's GEMM shapes
+/// ([`super::model::gemm_shapes`]), where the GEMM implementation takes them (the TMA ones, or
+/// cuBLASLt on a Hopper, which routes the named shapes to TMA tiles); none elsewhere.
+pub fn tma_tiles_in_effect(
+    options: &CudaOptions,
+    cc_major: i32,
+    cfg: &DitConfig,
+) -> super::gemm::TmaOverrides {
+    let applies = match options.gemm {
+        GemmImpl::Tma | GemmImpl::TmaMulticast => true,
+        GemmImpl::CublasLt => cc_major == 9,
+        GemmImpl::Custom | GemmImpl::Wgmma => false,
+    };
+    let shapes = super::model::gemm_shapes(cfg);
+    options
+        .tma_tiles
+        .retain(|o| applies && shapes.contains(&(o.n as usize, o.k as usize)))
+}
+
 /// Rows of conditioning computed per batched GEMM when precomputing modulation tables.
 const MODULATION_CHUNK_ROWS: usize = 4096;
 
@@ -746,7 +766,8 @@ impl CudaBackend {
     /// `options` with the fusion switches that change no launch at `rows` model rows on this
     /// card turned off ([`super::model::FusionsInEffect`]: the few-rows LayerNorm fusion at
     /// many rows, the many-rows one and its wide tile at few, the fused qkv + attention and the
-    /// weight prefetch where they do not serve): two options equal after this run the same
+    /// weight prefetch where they do not serve) and without the `FORA_TMA_TILES` entries that
+    /// no GEMM looks up ([`tma_tiles_in_effect`]): two options equal after this run the same
     /// kernels at those rows, whatever they were before.
     pub fn options_in_effect(&self, options: CudaOptions, rows: usize) -> CudaOptions {
         // As if proj / fc2 + LayerNorm were fused: a switch of no effect then has none either
@@ -754,7 +775,11 @@ impl CudaBackend {
         let switches = options.fusion_switches();
         let on =
             super::model::FusionsInEffect::resolve(&self.gpu, self.config(), rows, true, switches);
-        options.with_fusion_switches(on.switches())
+        let tiles = tma_tiles_in_effect(&options, self.gpu.compute_capability().0, self.config());
+        CudaOptions {
+            tma_tiles: tiles,
+            ..options.with_fusion_switches(on.switches())
+        }
     }
 
     /// The device handle this backend launches on.
@@ -1578,7 +1603,44 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{sum_action, SumAction};
+    use super::{sum_action, tma_tiles_in_effect, CudaOptions, SumAction};
+
+    /// `FORA_TMA_TILES` entries count only for the model's GEMM shapes, and only where the GEMM
+    /// implementation takes them.
+    #[test]
+    fn tma_tiles_in_effect_are_the_model_shapes_entries() {
+        use super::GemmImpl;
+        let cfg = crate::config::DitConfig::official("DiT-XL/2", 32).unwrap();
+        let set = "7x7=128x128,3456x1152=128x112,1152x4608=k3-128x128,9x1152=128x128";
+        let options = CudaOptions::default()
+            .with_settings(&format!("FORA_TMA_TILES={set}"))
+            .unwrap();
+        let shown = |o: &CudaOptions, cc: i32| tma_tiles_in_effect(o, cc, &cfg).to_string();
+        // cuBLASLt (the default) routes them on a Hopper only.
+        assert_eq!(options.gemm, GemmImpl::CublasLt);
+        assert_eq!(shown(&options, 9), "3456x1152=128x112,1152x4608=k3-128x128");
+        assert_eq!(shown(&options, 8), "");
+        for (imp, kept) in [
+            (GemmImpl::Tma, true),
+            (GemmImpl::TmaMulticast, true),
+            (GemmImpl::Custom, false),
+            (GemmImpl::Wgmma, false),
+        ] {
+            let o = CudaOptions {
+                gemm: imp,
+                ..options
+            };
+            assert_eq!(!shown(&o, 9).is_empty(), kept, "{imp:?}");
+        }
+        // Every shape the model runs is kept: the timestep MLP, the modulation table and its
+        // chunks, the blocks' four, the final Linear.
+        let every = "1152x256=128x128,1152x1152=128x128,195840x1152=128x128,2304x1152=128x128,\
+                     3456x1152=128x128,4608x1152=128x128,32x1152=128x128,1152x4608=128x128";
+        let o = CudaOptions::default()
+            .with_settings(&format!("FORA_TMA_TILES={every}"))
+            .unwrap();
+        assert_eq!(shown(&o, 9), every.replace(' ', ""));
+    }
 
     /// The sums of a whole schedule: every reuse step finds its sum computed by the first
     /// step of its run (up to `slots` at a time), and never reads a slot another step owns.

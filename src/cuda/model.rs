@@ -339,6 +339,24 @@ impl GpuModel {
     }
 }
 
+/// The (N, K) of every GEMM the model runs through [`Gemm`], by which `FORA_TMA_TILES`
+/// entries are looked up: the timestep MLP's two, the modulation table (whole, and the gate
+/// and final-layer chunks a reuse step computes), the blocks' qkv, proj, fc1 and fc2, and the
+/// final Linear. An entry for another shape changes nothing.
+pub fn gemm_shapes(cfg: &DitConfig) -> [(usize, usize); 8] {
+    let (d, mlp) = (cfg.hidden, cfg.mlp_hidden());
+    [
+        (d, FREQ_DIM),
+        (d, d),
+        (ada_cols(cfg), d),
+        (2 * d, d),
+        (3 * d, d),
+        (mlp, d),
+        (d, mlp),
+        (cfg.patch_out(), d),
+    ]
+}
+
 /// Columns of the modulation table: 6D per block, then the final layer's shift and scale.
 pub fn ada_cols(cfg: &DitConfig) -> usize {
     cfg.depth * 6 * cfg.hidden + 2 * cfg.hidden

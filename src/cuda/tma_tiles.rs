@@ -567,6 +567,15 @@ impl TmaOverrides {
         self.entries.iter().flatten().copied()
     }
 
+    /// The plans for which `keep` holds, in the same order.
+    pub fn retain(&self, keep: impl Fn(&TmaOverride) -> bool) -> TmaOverrides {
+        let mut out = TmaOverrides::default();
+        for (slot, o) in out.entries.iter_mut().zip(self.iter().filter(|o| keep(o))) {
+            *slot = Some(o);
+        }
+        out
+    }
+
     /// These plans and `other`'s together (this one's first), or `None` where both force one
     /// shape differently or the two hold more than [`TmaOverrides::CAPACITY`] shapes.
     pub fn union(&self, other: &TmaOverrides) -> Option<TmaOverrides> {
