@@ -38,7 +38,7 @@ fn main() -> Result<()> {
 
     // A model: here random weights; `DitWeights::load(path, arch)` reads a real checkpoint.
     let config = DitConfig::official("DiT-S/2", 32)?;
-    let weights = DitWeights::random(&config, 0);
+    let weights = DitWeights::random(&config, 0)?;
     weights.save(&checkpoint, &config)?;
     let backend = CpuBackend::new(config, weights)?;
 

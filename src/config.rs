@@ -37,6 +37,37 @@ const SIZES: [(&str, usize, usize, usize); 4] = [
     ("XL", 28, 1152, 16),
 ];
 
+/// The largest sizes [`DitConfig::validate`] accepts: far past every DiT (XL/2 at 512 px has
+/// depth 28, hidden 1152, 1024 tokens), and small enough that the sizes derived from them fit
+/// a `usize` with room for a batch (tokens x hidden x mlp_ratio < 2^42).
+pub struct SizeLimits {
+    /// Transformer blocks.
+    pub depth: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Input channels.
+    pub in_channels: usize,
+    /// Input side (latent pixels).
+    pub input_size: usize,
+    /// Classes.
+    pub num_classes: usize,
+    /// MLP width over hidden.
+    pub mlp_ratio: usize,
+    /// Tokens (patches of the input).
+    pub tokens: usize,
+}
+
+/// See [`SizeLimits`].
+pub const SIZE_LIMITS: SizeLimits = SizeLimits {
+    depth: 4096,
+    hidden: 1 << 16,
+    in_channels: 4096,
+    input_size: 1 << 16,
+    num_classes: 1 << 24,
+    mlp_ratio: 64,
+    tokens: 1 << 20,
+};
+
 /// The architecture part of a config (what `--arch` names): everything but the data shape.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Arch {
@@ -81,11 +112,19 @@ impl Arch {
             let (k, v) = part.split_once('=').with_context(|| {
                 format!("architecture {name:?}: expected DiT-XL/2 style name or depth=..,hidden=..,heads=..,patch=..")
             })?;
+            let k = k.trim();
+            ensure!(
+                ["depth", "hidden", "heads", "patch"].contains(&k),
+                "architecture {name:?}: unknown key {k:?} (depth, hidden, heads, patch)"
+            );
             let v: usize = v
                 .trim()
                 .parse()
                 .with_context(|| format!("architecture {name:?}: {k}={v:?} is not a number"))?;
-            kv.insert(k.trim().to_string(), v);
+            ensure!(
+                kv.insert(k.to_string(), v).is_none(),
+                "architecture {name:?}: {k} is given twice"
+            );
         }
         let get = |k: &str| {
             kv.get(k)
@@ -155,7 +194,9 @@ impl DitConfig {
     }
 
     /// Checks that the sizes are positive and consistent (heads divide hidden, the patch
-    /// divides the input size).
+    /// divides the input size) and within [`SIZE_LIMITS`], so that every size derived from
+    /// them (tokens, image and output lengths, parameters, a batch's activations) is computed
+    /// without overflow.
     pub fn validate(&self) -> Result<()> {
         ensure!(
             self.depth > 0 && self.hidden > 0 && self.heads > 0,
@@ -172,11 +213,27 @@ impl DitConfig {
             "config: patch and in_channels must be positive"
         );
         ensure!(self.num_classes > 0, "config: num_classes must be positive");
+        ensure!(self.mlp_ratio > 0, "config: mlp_ratio must be positive");
         if self.input_size == 0 || !self.input_size.is_multiple_of(self.patch) {
             bail!(
                 "config: input size {} is not a positive multiple of the patch {}",
                 self.input_size,
                 self.patch
+            );
+        }
+        for (what, value, limit) in [
+            ("depth", self.depth, SIZE_LIMITS.depth),
+            ("hidden", self.hidden, SIZE_LIMITS.hidden),
+            ("in_channels", self.in_channels, SIZE_LIMITS.in_channels),
+            ("input size", self.input_size, SIZE_LIMITS.input_size),
+            ("num_classes", self.num_classes, SIZE_LIMITS.num_classes),
+            ("mlp_ratio", self.mlp_ratio, SIZE_LIMITS.mlp_ratio),
+            ("tokens", self.tokens(), SIZE_LIMITS.tokens),
+        ] {
+            ensure!(
+                value <= limit,
+                "config: {what} {value} is past the supported {limit} ({})",
+                self.arch_name()
             );
         }
         Ok(())
@@ -216,11 +273,12 @@ impl DitConfig {
     }
     /// Patches per side.
     pub fn grid(&self) -> usize {
-        self.input_size / self.patch
+        // 0 for a patch of 0 (which `validate` refuses) rather than a division by zero.
+        self.input_size.checked_div(self.patch).unwrap_or(0)
     }
-    /// Tokens T = grid^2.
+    /// Tokens T = grid^2 (saturating: a config past [`SIZE_LIMITS`] fails `validate` with it).
     pub fn tokens(&self) -> usize {
-        self.grid() * self.grid()
+        self.grid().saturating_mul(self.grid())
     }
     /// The MLP's inner width, mlp_ratio * hidden.
     pub fn mlp_hidden(&self) -> usize {
@@ -317,10 +375,58 @@ mod tests {
         ] {
             assert!(Arch::parse(bad).is_err(), "{bad} should fail");
         }
+        // Unknown and repeated keys are refused, by name.
+        for (bad, says) in [
+            (
+                "depth=2,hidden=64,heads=4,patch=2,foo=3",
+                "unknown key \"foo\"",
+            ),
+            (
+                "depth=2,hidden=64,heads=4,patch=2,depth=3",
+                "depth is given twice",
+            ),
+        ] {
+            let err = format!("{:#}", Arch::parse(bad).unwrap_err());
+            assert!(err.contains(says), "{bad}: {err}");
+        }
         let a = Arch::parse("depth=2,hidden=64,heads=4,patch=2").unwrap();
         assert!(
             DitConfig::from_arch(&a, 4, 9, 10, true).is_err(),
             "9 not divisible by 2"
         );
+    }
+
+    /// Sizes whose products would overflow, or that no machine holds, are refused by name.
+    #[test]
+    fn sizes_past_the_limits_are_refused() {
+        let a = Arch::parse("depth=1,hidden=8,heads=1,patch=1").unwrap();
+        for (input_size, says) in [(1usize << 32, "input size"), (2048, "tokens")] {
+            let err = format!(
+                "{:#}",
+                DitConfig::from_arch(&a, 4, input_size, 10, true).unwrap_err()
+            );
+            assert!(
+                err.contains(says) && err.contains("past the supported"),
+                "{err}"
+            );
+        }
+        // 1024 x 1024 tokens is the limit.
+        assert!(DitConfig::from_arch(&a, 4, 1024, 10, true).is_ok());
+        let deep = Arch::parse("depth=1000000000000,hidden=8,heads=1,patch=1").unwrap();
+        let err = format!(
+            "{:#}",
+            DitConfig::from_arch(&deep, 4, 8, 10, true).unwrap_err()
+        );
+        assert!(err.contains("depth 1000000000000"), "{err}");
+        let wide = Arch::parse("depth=1,hidden=1048576,heads=1,patch=1").unwrap();
+        assert!(DitConfig::from_arch(&wide, 4, 8, 10, true).is_err());
+        assert!(DitConfig::from_arch(&a, 4, 8, 1 << 30, true).is_err());
+        // A hand-built config with a patch of 0: no division by zero, an error.
+        let zero = DitConfig {
+            patch: 0,
+            ..DitConfig::from_arch(&a, 4, 8, 10, true).unwrap()
+        };
+        assert_eq!(zero.tokens(), 0);
+        assert!(zero.validate().is_err());
     }
 }

@@ -266,52 +266,58 @@ impl DitWeights {
     /// std 1/sqrt(fan_in), small nonzero biases, the official 2-D sin-cos `pos_embed`, and —
     /// unlike the official initialisation, which zeroes them — NONZERO adaLN and final-layer
     /// weights, so that gates, shifts and scales all influence the output (a test on zeroed
-    /// modulations would be blind to them).
-    pub fn random(cfg: &DitConfig, seed: u64) -> DitWeights {
+    /// modulations would be blind to them). An error for an invalid config, or where the
+    /// weights cannot be allocated.
+    pub fn random(cfg: &DitConfig, seed: u64) -> Result<DitWeights> {
+        cfg.validate()?;
         let mut rng = SplitMix64::new(seed);
         let (d, m) = (cfg.hidden, cfg.mlp_hidden());
         let patch_in = cfg.in_channels * cfg.patch * cfg.patch;
-        let mat = |rows: usize, fan_in: usize, rng: &mut SplitMix64| {
-            let a = (3.0 / fan_in as f64).sqrt();
-            (0..rows * fan_in)
-                .map(|_| rng.uniform(a))
-                .collect::<Vec<f32>>()
+        // `dims` values ~ U(-a, a), allocated fallibly.
+        let uniform = |dims: &[usize], a: f64, rng: &mut SplitMix64| -> Result<Vec<f32>> {
+            let mut v = zeros("random weights", dims)
+                .with_context(|| format!("random weights of {}", cfg.arch_name()))?;
+            v.iter_mut().for_each(|x| *x = rng.uniform(a));
+            Ok(v)
         };
-        let bias = |n: usize, rng: &mut SplitMix64| (0..n).map(|_| rng.uniform(0.05)).collect();
-        let x_embed_w = mat(d, patch_in, &mut rng);
-        let x_embed_b = bias(d, &mut rng);
+        let mat = |rows: usize, fan_in: usize, rng: &mut SplitMix64| {
+            uniform(&[rows, fan_in], (3.0 / fan_in as f64).sqrt(), rng)
+        };
+        let bias = |n: usize, rng: &mut SplitMix64| uniform(&[n], 0.05, rng);
+        let x_embed_w = mat(d, patch_in, &mut rng)?;
+        let x_embed_b = bias(d, &mut rng)?;
         let pos_embed = if d % 4 == 0 {
             sincos_pos_embed(d, cfg.grid())
         } else {
-            (0..cfg.tokens() * d).map(|_| rng.uniform(1.0)).collect()
+            uniform(&[cfg.tokens(), d], 1.0, &mut rng)?
         };
-        let t_mlp0_w = mat(d, FREQ_DIM, &mut rng);
-        let t_mlp0_b = bias(d, &mut rng);
-        let t_mlp2_w = mat(d, d, &mut rng);
-        let t_mlp2_b = bias(d, &mut rng);
+        let t_mlp0_w = mat(d, FREQ_DIM, &mut rng)?;
+        let t_mlp0_b = bias(d, &mut rng)?;
+        let t_mlp2_w = mat(d, d, &mut rng)?;
+        let t_mlp2_b = bias(d, &mut rng)?;
         // Labels as strong as timesteps, so that guidance and the null class matter.
-        let y_table = (0..(cfg.num_classes + 1) * d)
-            .map(|_| rng.uniform(1.0))
-            .collect();
+        let y_table = uniform(&[cfg.num_classes + 1, d], 1.0, &mut rng)?;
         let blocks = (0..cfg.depth)
-            .map(|_| BlockWeights {
-                qkv_w: mat(3 * d, d, &mut rng),
-                qkv_b: bias(3 * d, &mut rng),
-                proj_w: mat(d, d, &mut rng),
-                proj_b: bias(d, &mut rng),
-                fc1_w: mat(m, d, &mut rng),
-                fc1_b: bias(m, &mut rng),
-                fc2_w: mat(d, m, &mut rng),
-                fc2_b: bias(d, &mut rng),
-                ada_w: mat(6 * d, d, &mut rng),
-                ada_b: bias(6 * d, &mut rng),
+            .map(|_| {
+                Ok(BlockWeights {
+                    qkv_w: mat(3 * d, d, &mut rng)?,
+                    qkv_b: bias(3 * d, &mut rng)?,
+                    proj_w: mat(d, d, &mut rng)?,
+                    proj_b: bias(d, &mut rng)?,
+                    fc1_w: mat(m, d, &mut rng)?,
+                    fc1_b: bias(m, &mut rng)?,
+                    fc2_w: mat(d, m, &mut rng)?,
+                    fc2_b: bias(d, &mut rng)?,
+                    ada_w: mat(6 * d, d, &mut rng)?,
+                    ada_b: bias(6 * d, &mut rng)?,
+                })
             })
-            .collect();
-        let final_ada_w = mat(2 * d, d, &mut rng);
-        let final_ada_b = bias(2 * d, &mut rng);
-        let final_w = mat(cfg.patch_out(), d, &mut rng);
-        let final_b = bias(cfg.patch_out(), &mut rng);
-        DitWeights {
+            .collect::<Result<Vec<_>>>()?;
+        let final_ada_w = mat(2 * d, d, &mut rng)?;
+        let final_ada_b = bias(2 * d, &mut rng)?;
+        let final_w = mat(cfg.patch_out(), d, &mut rng)?;
+        let final_b = bias(cfg.patch_out(), &mut rng)?;
+        Ok(DitWeights {
             x_embed_w,
             x_embed_b,
             pos_embed,
@@ -325,7 +331,7 @@ impl DitWeights {
             final_ada_b,
             final_w,
             final_b,
-        }
+        })
     }
 
     /// Writes the weights in the official key layout, f32, with `cfg` in the safetensors
@@ -410,6 +416,25 @@ impl DitWeights {
         }
         Ok((cfg, w))
     }
+}
+
+/// `dims`' product zeros, or an error naming `what` where the size overflows or the memory
+/// cannot be had (a batch or a model too large for this machine), instead of an abort.
+pub fn zeros(what: &str, dims: &[usize]) -> Result<Vec<f32>> {
+    let len = dims
+        .iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b))
+        .filter(|&n| n.checked_mul(4).is_some())
+        .with_context(|| format!("{what}: {dims:?} elements overflow the address space"))?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        anyhow::anyhow!(
+            "{what}: cannot allocate {len} f32 values ({:.1} GiB) {dims:?}",
+            len as f64 * 4.0 / (1u64 << 30) as f64
+        )
+    })?;
+    v.resize(len, 0.0);
+    Ok(v)
 }
 
 /// At most 20 names, then a count.
@@ -512,11 +537,20 @@ fn infer_config(
         ),
     };
 
-    // Depth: the block indices present; a gap shows up later as missing keys.
-    let mut depth = 0;
-    for name in st.names() {
+    // Depth: the block indices present; a gap shows up later as missing keys. An index past
+    // what the file's tensors could hold (10 a block) is refused here, before the key list of
+    // that many blocks is built.
+    let names = st.names();
+    let mut depth = 0usize;
+    for name in &names {
         if let Some(rest) = name.strip_prefix("blocks.") {
             if let Some(i) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok()) {
+                ensure!(
+                    i < names.len(),
+                    "tensor {name}: block index {i}, but the checkpoint has {} tensors (10 a \
+                     block): not a DiT checkpoint's keys",
+                    names.len()
+                );
                 depth = depth.max(i + 1);
             }
         }

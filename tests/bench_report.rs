@@ -1398,7 +1398,7 @@ fn save_weights_needs_no_gpu() {
         (cfg.depth, cfg.hidden, cfg.heads, cfg.patch, cfg.input_size),
         (2, 64, 4, 2, 8)
     );
-    let want = DitWeights::random(&cfg, 5);
+    let want = DitWeights::random(&cfg, 5).unwrap();
     assert_eq!(
         w.blocks[1].fc2_w, want.blocks[1].fc2_w,
         "the seed's weights were saved"

@@ -36,7 +36,7 @@ fn small() -> DitConfig {
 type Raw = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
 
 fn raw(cfg: &DitConfig, seed: u64) -> Raw {
-    let w = DitWeights::random(cfg, seed);
+    let w = DitWeights::random(cfg, seed).unwrap();
     w.named(cfg)
         .unwrap()
         .into_iter()
@@ -87,7 +87,7 @@ fn round_trip_save_load() {
         )
         .unwrap(),
     ] {
-        let w = DitWeights::random(&cfg, 11);
+        let w = DitWeights::random(&cfg, 11).unwrap();
         let path = dir.path("w.safetensors");
         w.save(&path, &cfg).unwrap();
         // The metadata carries the heads: no --arch needed.
@@ -109,9 +109,15 @@ fn round_trip_save_load() {
 #[test]
 fn random_weights_are_deterministic_and_nonzero() {
     let cfg = small();
-    assert_eq!(DitWeights::random(&cfg, 3), DitWeights::random(&cfg, 3));
-    assert_ne!(DitWeights::random(&cfg, 3), DitWeights::random(&cfg, 4));
-    let w = DitWeights::random(&cfg, 3);
+    assert_eq!(
+        DitWeights::random(&cfg, 3).unwrap(),
+        DitWeights::random(&cfg, 3).unwrap()
+    );
+    assert_ne!(
+        DitWeights::random(&cfg, 3).unwrap(),
+        DitWeights::random(&cfg, 4).unwrap()
+    );
+    let w = DitWeights::random(&cfg, 3).unwrap();
     for (k, _, v) in w.named(&cfg).unwrap() {
         assert!(v.iter().any(|x| *x != 0.0), "{k} is all zeros");
     }
@@ -121,7 +127,7 @@ fn random_weights_are_deterministic_and_nonzero() {
 fn half_precision_tensors_load_as_f32() {
     let dir = TempDir::new("half");
     let cfg = small();
-    let w = DitWeights::random(&cfg, 5);
+    let w = DitWeights::random(&cfg, 5).unwrap();
     for dt in [Dtype::F16, Dtype::BF16] {
         let r: Raw = w
             .named(&cfg)
@@ -254,6 +260,16 @@ fn missing_and_unexpected_keys_are_named() {
         ],
     );
 
+    // A stray key of a block index no checkpoint of this size holds: refused before the key
+    // list of that many blocks is built (it took all the memory), the key named.
+    for index in ["100000000000", "18446744073709551615"] {
+        let mut r = raw(&small(), 1);
+        let key = format!("blocks.{index}.x");
+        r.insert(key.clone(), (Dtype::F32, vec![1], vec![0, 0, 128, 63]));
+        write(&p, &r, None);
+        expect_err(&p, Some(ARCH), &[&key, "not a DiT checkpoint's keys"]);
+    }
+
     // A key the architecture is inferred from.
     let mut r = raw(&small(), 1);
     r.remove("pos_embed");
@@ -372,11 +388,11 @@ fn heads_come_from_arch_or_metadata() {
 #[test]
 fn weights_check_rejects_mismatched_sizes() {
     let cfg = small();
-    let mut w = DitWeights::random(&cfg, 1);
+    let mut w = DitWeights::random(&cfg, 1).unwrap();
     w.blocks[1].fc1_b.pop();
     let err = w.check(&cfg).unwrap_err().to_string();
     assert!(err.contains("blocks.1.mlp.fc1.bias"), "{err}");
-    let mut w = DitWeights::random(&cfg, 1);
+    let mut w = DitWeights::random(&cfg, 1).unwrap();
     w.final_b[0] = f32::NAN;
     let err = w.check(&cfg).unwrap_err().to_string();
     assert!(

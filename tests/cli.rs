@@ -27,7 +27,7 @@ impl Scratch {
         std::fs::create_dir_all(&dir).unwrap();
         let arch = Arch::parse("depth=2,hidden=32,heads=2,patch=2").unwrap();
         let config = DitConfig::from_arch(&arch, 4, 8, 10, true).unwrap();
-        let weights = DitWeights::random(&config, 17);
+        let weights = DitWeights::random(&config, 17).unwrap();
         weights
             .save(dir.join("model.safetensors"), &config)
             .unwrap();
@@ -751,7 +751,7 @@ fn cuda_device_through_the_cli() {
     let dir = std::env::temp_dir().join(format!("fora-cli-cuda-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = DitConfig::official("DiT-S/2", 32).unwrap();
-    let weights = DitWeights::random(&config, 23);
+    let weights = DitWeights::random(&config, 23).unwrap();
     let model = dir.join("dit-s2.safetensors");
     weights.save(&model, &config).unwrap();
     let model_s = model.to_str().unwrap();

@@ -39,7 +39,7 @@ fn other_config() -> DitConfig {
 }
 
 fn backend(cfg: &DitConfig, seed: u64) -> CpuBackend {
-    CpuBackend::new(cfg.clone(), DitWeights::random(cfg, seed)).unwrap()
+    CpuBackend::new(cfg.clone(), DitWeights::random(cfg, seed).unwrap()).unwrap()
 }
 
 fn inputs(cfg: &DitConfig, n: usize, seed: u64) -> (Vec<f32>, Vec<i64>, Vec<usize>) {
@@ -106,7 +106,7 @@ fn compute_then_reuse_with_same_inputs_equals_compute() {
         let be = backend(&cfg, 3);
         let (x, t, y) = inputs(&cfg, 2, 4);
         let mut acts = Activations::new(&cfg, 2).unwrap();
-        let mut cache = FeatureCache::new(&cfg, 2);
+        let mut cache = FeatureCache::new(&cfg, 2).unwrap();
         be.forward_into(&mut acts, Some(&mut cache), StepMode::Compute, &x, &t, &y)
             .unwrap();
         let computed = acts.out.clone();
@@ -129,7 +129,7 @@ fn reuse_with_new_timestep_uses_current_gates_and_cached_outputs() {
     let mut x2 = x.clone();
     x2.iter_mut().for_each(|v| *v *= 0.9);
     let mut acts = Activations::new(&cfg, 2).unwrap();
-    let mut cache = FeatureCache::new(&cfg, 2);
+    let mut cache = FeatureCache::new(&cfg, 2).unwrap();
     be.forward_into(&mut acts, Some(&mut cache), StepMode::Compute, &x, &t1, &y)
         .unwrap();
     let cached_attn = cache.attn.clone();
@@ -248,7 +248,7 @@ fn reuse_needs_a_filled_cache() {
     let be = backend(&cfg, 5);
     let (x, t, y) = inputs(&cfg, 2, 1);
     let mut acts = Activations::new(&cfg, 2).unwrap();
-    let mut cache = FeatureCache::new(&cfg, 2);
+    let mut cache = FeatureCache::new(&cfg, 2).unwrap();
     let err = be
         .forward_into(&mut acts, Some(&mut cache), StepMode::Reuse, &x, &t, &y)
         .unwrap_err();
@@ -257,7 +257,7 @@ fn reuse_needs_a_filled_cache() {
         .forward_into(&mut acts, None, StepMode::Reuse, &x, &t, &y)
         .unwrap_err();
     assert!(err.to_string().contains("cache"), "{err}");
-    let mut small = FeatureCache::new(&cfg, 1);
+    let mut small = FeatureCache::new(&cfg, 1).unwrap();
     let err = be
         .forward_into(&mut acts, Some(&mut small), StepMode::Compute, &x, &t, &y)
         .unwrap_err();
@@ -370,7 +370,7 @@ fn bad_inputs_are_errors() {
     };
     let err = be.forward(&x3, &t3, &y3, Some(g)).unwrap_err().to_string();
     assert!(err.contains("even number of rows"), "{err}");
-    let bad = DitWeights::random(&other_config(), 1);
+    let bad = DitWeights::random(&other_config(), 1).unwrap();
     assert!(CpuBackend::new(cfg.clone(), bad).is_err());
 }
 
@@ -398,7 +398,7 @@ fn xl2_forward_timing() {
     );
     // A FORA reuse step of the same rows (single-threaded by design: it must not allocate).
     let mut acts = Activations::new(&cfg, 2).unwrap();
-    let mut cache = FeatureCache::new(&cfg, 2);
+    let mut cache = FeatureCache::new(&cfg, 2).unwrap();
     be.forward_into(&mut acts, Some(&mut cache), StepMode::Compute, &x, &t, &y)
         .unwrap();
     assert_eq!(acts.out, out);
@@ -630,4 +630,32 @@ fn timestep_embedding_matches_official_values() {
             );
         }
     }
+}
+
+/// Buffers too large for the machine are an error naming them, not an abort: a million tokens
+/// (a checkpoint's `pos_embed` says how many) need a [T, T] attention score matrix of 4 TB.
+#[test]
+fn buffers_too_large_are_an_error() {
+    let arch = Arch::parse("depth=1,hidden=4,heads=1,patch=1").unwrap();
+    let cfg = DitConfig::from_arch(&arch, 1, 1000, 2, false).unwrap();
+    assert_eq!(cfg.tokens(), 1_000_000);
+    let err = format!("{:#}", Activations::new(&cfg, 1).err().unwrap());
+    assert!(
+        err.contains("attention scores") && err.contains("cannot allocate"),
+        "{err}"
+    );
+    // Sizes whose product overflows.
+    let err = format!(
+        "{:#}",
+        Activations::new(&cfg, usize::MAX / 2).err().unwrap()
+    );
+    assert!(err.contains("overflow"), "{err}");
+    let err = format!(
+        "{:#}",
+        FeatureCache::new(&cfg, usize::MAX / 4).err().unwrap()
+    );
+    assert!(
+        err.contains("FORA cache") && err.contains("overflow"),
+        "{err}"
+    );
 }

@@ -37,7 +37,7 @@ fn inputs(cfg: &DitConfig, n: usize, seed: u64) -> (Vec<f32>, Vec<i64>, Vec<usiz
 
 fn backends(name: &str, cfg: &DitConfig, seed: u64) -> Option<(CpuBackend, CudaBackend)> {
     let gpu = test_gpu(name)?;
-    let w = DitWeights::random(cfg, seed);
+    let w = DitWeights::random(cfg, seed).unwrap();
     let cuda = CudaBackend::new(gpu, cfg, &w).expect("upload the weights");
     let cpu = CpuBackend::new(cfg.clone(), w).expect("CPU backend");
     Some((cpu, cuda))
@@ -292,7 +292,7 @@ fn gpu_same_seed_same_bits() {
     let Some(gpu) = test_gpu("gpu_same_seed_same_bits") else {
         return;
     };
-    let cuda = CudaBackend::new(gpu, &cfg, &DitWeights::random(&cfg, 4)).unwrap();
+    let cuda = CudaBackend::new(gpu, &cfg, &DitWeights::random(&cfg, 4).unwrap()).unwrap();
     let options = SamplerOptions::ddpm(20).with_guidance(Some(Guidance {
         scale: 1.5,
         mode: GuidanceMode::Official3,
@@ -344,7 +344,7 @@ fn assert_sampling_allocates_nothing(
     let Some(gpu) = test_gpu(name) else {
         return;
     };
-    let mut cuda = CudaBackend::new(gpu, &cfg, &DitWeights::random(&cfg, 8)).unwrap();
+    let mut cuda = CudaBackend::new(gpu, &cfg, &DitWeights::random(&cfg, 8).unwrap()).unwrap();
     let steps = 30;
     let options = SamplerOptions::ddpm(steps).with_guidance(Some(Guidance {
         scale: 4.0,
@@ -429,7 +429,7 @@ fn gpu_reuse_first_step_is_an_error() {
     let Some(gpu) = test_gpu("gpu_reuse_first_step_is_an_error") else {
         return;
     };
-    let cuda = CudaBackend::new(gpu, &cfg, &DitWeights::random(&cfg, 8)).unwrap();
+    let cuda = CudaBackend::new(gpu, &cfg, &DitWeights::random(&cfg, 8).unwrap()).unwrap();
     let sampler = Sampler::new(&cuda, SamplerOptions::ddpm(10)).unwrap();
     let plan = sampler.plan(&[1], NoiseSource::Seed(1)).unwrap();
     let mut ws = cuda.workspace(&plan).unwrap();
@@ -453,7 +453,7 @@ fn gpu_too_large_batch_is_a_clear_error() {
     let Some(gpu) = test_gpu("gpu_too_large_batch_is_a_clear_error") else {
         return;
     };
-    let cuda = CudaBackend::new(gpu, &cfg, &DitWeights::random(&cfg, 8)).unwrap();
+    let cuda = CudaBackend::new(gpu, &cfg, &DitWeights::random(&cfg, 8).unwrap()).unwrap();
     let sampler = Sampler::new(&cuda, SamplerOptions::ddpm(10)).unwrap();
     // 2^21 images x 64 tokens x 28 cached slabs... far beyond any card's memory.
     let classes = vec![1usize; 1 << 21];
@@ -476,7 +476,7 @@ fn gpu_caller_stream() {
     let Some(gpu) = test_gpu("gpu_caller_stream") else {
         return;
     };
-    let w = DitWeights::random(&cfg, 21);
+    let w = DitWeights::random(&cfg, 21).unwrap();
     let ctx = cudarc::driver::CudaContext::new(0).unwrap();
     let stream = ctx.new_stream().unwrap();
     let theirs = CudaBackend::new(fora::cuda::Gpu::with_stream(stream).unwrap(), &cfg, &w).unwrap();

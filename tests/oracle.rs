@@ -77,7 +77,7 @@ fn check(name: &str) -> Result<()> {
     // FORA: compute on (x, t, y), reuse on (x2, t2, y), against tools/dit_torch.py.
     let n = t.len();
     let mut acts = Activations::new(&cfg, n)?;
-    let mut cache = FeatureCache::new(&cfg, n);
+    let mut cache = FeatureCache::new(&cfg, n)?;
     be.forward_into(&mut acts, Some(&mut cache), StepMode::Compute, &x, &t, &y)?;
     let (x2, t2) = (f32s(&io, "x2")?, i64s(&io, "t2")?);
     acts.out.iter_mut().for_each(|v| *v = f32::NAN);

@@ -521,7 +521,7 @@ pub fn bench_model(args: &BenchArgs) -> Result<(DitConfig, DitWeights, String)> 
                 cfg.arch_name(),
                 args.seed
             );
-            let w = DitWeights::random(&cfg, args.seed);
+            let w = DitWeights::random(&cfg, args.seed)?;
             Ok((cfg, w, format!("random (seed {})", args.seed)))
         }
     }

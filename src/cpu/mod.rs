@@ -166,7 +166,7 @@ impl Backend for CpuBackend {
             noise: vec![0.0; b * img],
             noise_source,
             acts: Activations::new(cfg, rows)?,
-            cache: FeatureCache::new(cfg, rows),
+            cache: FeatureCache::new(cfg, rows)?,
         })
     }
 

@@ -9,8 +9,8 @@
 use super::ops;
 use crate::backend::StepMode;
 use crate::config::DitConfig;
-use crate::weights::{DitWeights, FREQ_DIM};
-use anyhow::{ensure, Result};
+use crate::weights::{zeros, DitWeights, FREQ_DIM};
+use anyhow::{ensure, Context, Result};
 
 /// Every activation buffer of a forward over `rows` model rows.
 pub struct Activations {
@@ -57,27 +57,30 @@ impl Activations {
     pub fn new(cfg: &DitConfig, rows: usize) -> Result<Activations> {
         ensure!(rows > 0, "a forward needs at least one row");
         let (t, d) = (cfg.tokens(), cfg.hidden);
-        let nt = rows * t;
-        let tasks = rayon::current_num_threads().clamp(1, rows * cfg.heads);
+        let tasks = rayon::current_num_threads().clamp(1, rows.saturating_mul(cfg.heads));
+        let z = |what: &str, dims: &[usize]| {
+            zeros(what, dims)
+                .with_context(|| format!("the CPU forward of {rows} rows of {}", cfg.arch_name()))
+        };
         Ok(Activations {
             rows,
-            patches: vec![0.0; nt * cfg.in_channels * cfg.patch * cfg.patch],
-            x: vec![0.0; nt * d],
-            h: vec![0.0; nt * d],
-            qkv: vec![0.0; nt * 3 * d],
-            attn: vec![0.0; nt * d],
-            mlp: vec![0.0; nt * cfg.mlp_hidden()],
-            attn_out: vec![0.0; nt * d],
-            mlp_out: vec![0.0; nt * d],
-            t_feat: vec![0.0; rows * FREQ_DIM],
-            t_hidden: vec![0.0; rows * d],
-            c: vec![0.0; rows * d],
-            silu_c: vec![0.0; rows * d],
-            mods: vec![0.0; cfg.depth * rows * 6 * d],
-            final_mods: vec![0.0; rows * 2 * d],
-            final_out: vec![0.0; nt * cfg.patch_out()],
-            out: vec![0.0; rows * cfg.out_len()],
-            scores: vec![0.0; tasks * t * t],
+            patches: z("patches", &[rows, t, cfg.in_channels, cfg.patch, cfg.patch])?,
+            x: z("residual stream", &[rows, t, d])?,
+            h: z("normalized activations", &[rows, t, d])?,
+            qkv: z("qkv", &[rows, t, 3, d])?,
+            attn: z("attention", &[rows, t, d])?,
+            mlp: z("MLP hidden", &[rows, t, cfg.mlp_hidden()])?,
+            attn_out: z("attention output", &[rows, t, d])?,
+            mlp_out: z("MLP output", &[rows, t, d])?,
+            t_feat: z("timestep features", &[rows, FREQ_DIM])?,
+            t_hidden: z("timestep hidden", &[rows, d])?,
+            c: z("conditioning", &[rows, d])?,
+            silu_c: z("conditioning", &[rows, d])?,
+            mods: z("modulations", &[cfg.depth, rows, 6, d])?,
+            final_mods: z("final modulations", &[rows, 2, d])?,
+            final_out: z("final layer", &[rows, t, cfg.patch_out()])?,
+            out: z("output", &[rows, cfg.out_len()])?,
+            scores: z("attention scores", &[tasks, t, t])?,
         })
     }
     /// Model rows these buffers hold.
@@ -99,15 +102,19 @@ pub struct FeatureCache {
 }
 
 impl FeatureCache {
-    /// An empty (not yet valid) cache for `rows` model rows.
-    pub fn new(cfg: &DitConfig, rows: usize) -> FeatureCache {
-        let len = cfg.depth * rows * cfg.tokens() * cfg.hidden;
-        FeatureCache {
+    /// An empty (not yet valid) cache for `rows` model rows; an error where it cannot be
+    /// allocated.
+    pub fn new(cfg: &DitConfig, rows: usize) -> Result<FeatureCache> {
+        let dims = [cfg.depth, rows, cfg.tokens(), cfg.hidden];
+        let z = |what: &str| {
+            zeros(what, &dims).with_context(|| format!("the FORA cache of {rows} rows"))
+        };
+        Ok(FeatureCache {
             rows,
-            attn: vec![0.0; len],
-            mlp: vec![0.0; len],
+            attn: z("attention outputs")?,
+            mlp: z("MLP outputs")?,
             valid: false,
-        }
+        })
     }
     /// Model rows this cache holds.
     pub fn rows(&self) -> usize {
