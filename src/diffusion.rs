@@ -247,9 +247,11 @@ impl Diffusion {
                 }
             }
             SamplerKind::Ddim { eta } => {
+                // Past 1, sigma^2 can exceed 1 - abar_prev, whose difference DDIM takes the root
+                // of: NaN latents (as in the official code).
                 ensure!(
-                    eta.is_finite() && eta >= 0.0,
-                    "DDIM eta must be a finite non-negative number, got {eta}"
+                    (0.0..=1.0).contains(&eta),
+                    "DDIM eta must be in [0, 1] (0 deterministic, 1 as DDPM's variance), got {eta}"
                 );
                 let (abar, abar_prev) = (self.alphas_cumprod[i], self.alphas_cumprod_prev[i]);
                 let sigma = eta

@@ -234,11 +234,44 @@ pub fn write_tensors(
     write_atomic(path, &bytes)
 }
 
+/// Where a write to `path` goes: `path` itself, or for a symbolic link the file it leads to
+/// (the link stays a link); and whether that is a regular file (or nothing yet), replaced
+/// whole by [`write_atomic`], or something else that is written into as it stands (a device
+/// such as `/dev/null`, a FIFO), which a rename would replace.
+pub fn write_target(path: &Path) -> Result<(PathBuf, bool)> {
+    let target = match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => fs::canonicalize(path).with_context(|| {
+            format!(
+                "cannot write {}: it is a symbolic link to nothing",
+                path.display()
+            )
+        })?,
+        _ => path.to_path_buf(),
+    };
+    let replace = match fs::metadata(&target) {
+        Ok(m) => m.is_file() || m.is_dir(),
+        Err(_) => true,
+    };
+    Ok((target, replace))
+}
+
 /// Writes `bytes` to `path` whole or not at all: into a temporary file beside it (same
 /// directory, so the rename stays on one file system), flushed to disk, then renamed over
-/// `path`. On any failure the temporary file is removed and `path` is untouched.
+/// `path`. On any failure the temporary file is removed and `path` is untouched. A symbolic
+/// link is followed (the file it leads to is replaced, the link stays); a device or FIFO is
+/// written into ([`write_target`]).
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
-    let path = path.as_ref();
+    let (target, replace) = write_target(path.as_ref())?;
+    let path = target.as_path();
+    if !replace {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        return f
+            .write_all(bytes)
+            .with_context(|| format!("cannot write {}", path.display()));
+    }
     let file_name = path
         .file_name()
         .with_context(|| format!("output path {} names no file", path.display()))?;
@@ -323,6 +356,29 @@ mod tests {
         assert!(write_tensors(dir.join("bad"), &[("x", OutTensor::F32(&[4], &x))], None).is_err());
         assert!(!dir.join("bad").exists());
         assert!(write_atomic(dir.join("missing/out"), b"abc").is_err());
+        // A link is followed: the file it leads to is replaced, the link stays a link.
+        let real = dir.join("real.bin");
+        let link = dir.join("link.bin");
+        fs::write(&real, b"old").unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        write_atomic(&link, b"new").unwrap();
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read(&real).unwrap(), b"new");
+        let dangling = dir.join("dangling.bin");
+        std::os::unix::fs::symlink(dir.join("nothing"), &dangling).unwrap();
+        let e = format!("{:#}", write_atomic(&dangling, b"x").unwrap_err());
+        assert!(e.contains("symbolic link to nothing"), "{e}");
+        // A device is written into, never renamed over (here only asked: not written).
+        let (target, replace) = write_target(Path::new("/dev/null")).unwrap();
+        assert_eq!((target.as_path(), replace), (Path::new("/dev/null"), false));
+        assert_eq!(write_target(&real).unwrap(), (real.clone(), true));
+        assert_eq!(
+            write_target(&dir.join("new.bin")).unwrap(),
+            (dir.join("new.bin"), true)
+        );
         fs::write(dir.join("junk"), b"not safetensors").unwrap();
         assert!(TensorFile::open(dir.join("junk")).is_err());
         fs::remove_dir_all(&dir).unwrap();

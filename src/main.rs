@@ -154,7 +154,7 @@ struct SampleArgs {
     /// Reverse process.
     #[arg(long, value_enum, default_value_t = SamplerChoice::Ddpm)]
     sampler: SamplerChoice,
-    /// DDIM eta (0 = deterministic); DDIM only.
+    /// DDIM eta in [0, 1] (0 = deterministic, 1 = DDPM's variance); DDIM only.
     #[arg(long, allow_negative_numbers = true)]
     eta: Option<f64>,
     /// Classifier-free guidance scale; absent or 1.0 means no guidance (batch B), otherwise the
@@ -229,6 +229,22 @@ trait Job {
 
 /// Loads the model and runs `job` on the chosen device: `cuda` fails with the reason when no
 /// usable GPU is there; `auto` takes the GPU when it can and otherwise says it runs on the CPU.
+/// An error where `data` (output tensor `name`) holds a value that is not finite: nothing is
+/// written to `out` then (inputs so large that f32 overflows, or a broken model).
+fn ensure_finite(name: &str, data: &[f32], out: &Path) -> Result<()> {
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        let count = data.iter().filter(|v| !v.is_finite()).count();
+        bail!(
+            "{name} holds {count} non-finite values of {} (the first at flat index {i}: {}); \
+             nothing written to {} (inputs this large overflow f32, or the model is broken)",
+            data.len(),
+            data[i],
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 fn run_on<J: Job>(model: &ModelArgs, job: J) -> Result<()> {
     let options = model.cuda_options()?.unwrap_or_default();
     let (cfg, weights) = load_model(model)?;
@@ -281,12 +297,23 @@ fn is_png(out: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("png"))
 }
 
-/// Fails before any long computation when the output could not be written.
-fn check_output_path(out: &Path) -> Result<()> {
+/// Fails before any long computation when the output could not be written, or its
+/// extension (case-insensitive) is none of `extensions` (what the command writes; a device
+/// such as `/dev/null` takes any).
+fn check_output_path(out: &Path, extensions: &[&str]) -> Result<()> {
     ensure!(
         out.file_name().is_some() && !out.is_dir(),
         "--out {}: not a file path",
         out.display()
+    );
+    let (_, a_file) =
+        fora::io::write_target(out).with_context(|| format!("--out {}", out.display()))?;
+    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    ensure!(
+        !a_file || extensions.iter().any(|e| e.eq_ignore_ascii_case(ext)),
+        "--out {}: the file name must end in .{} (what this command writes)",
+        out.display(),
+        extensions.join(" or .")
     );
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         ensure!(
@@ -322,7 +349,7 @@ struct ForwardJob {
 }
 
 fn forward(args: ForwardArgs) -> Result<()> {
-    check_output_path(&args.out)?;
+    check_output_path(&args.out, &["safetensors"])?;
     let job = ForwardJob {
         input: args.input,
         out: args.out,
@@ -390,6 +417,10 @@ impl Job for ForwardJob {
             Some(g) => Some(backend.forward(&x.data, &t.data, &labels, Some(g))?),
             None => None,
         };
+        ensure_finite("out", &out, &self.out)?;
+        if let Some(o) = &out_cfg {
+            ensure_finite("out_cfg", o, &self.out)?;
+        }
         let mut tensors = vec![("out", OutTensor::F32(&out_shape, &out))];
         if let Some(o) = &out_cfg {
             tensors.push(("out_cfg", OutTensor::F32(&out_shape, o)));
@@ -422,7 +453,7 @@ struct SampleJob {
 }
 
 fn sample(args: SampleArgs) -> Result<()> {
-    check_output_path(&args.out)?;
+    check_output_path(&args.out, &["safetensors", "png"])?;
     let tune = args.tune || args.tune_cache.is_some();
     ensure!(
         !(tune && args.model.device == Device::Cpu),
@@ -434,8 +465,8 @@ fn sample(args: SampleArgs) -> Result<()> {
         (SamplerChoice::Ddim, eta) => {
             let eta = eta.unwrap_or(0.0);
             ensure!(
-                eta.is_finite() && eta >= 0.0,
-                "--eta must be a finite number >= 0, got {eta}"
+                (0.0..=1.0).contains(&eta),
+                "--eta must be in [0, 1] (0 deterministic, 1 as DDPM's variance), got {eta}"
             );
             SamplerKind::Ddim { eta }
         }
@@ -614,6 +645,7 @@ impl Job for SampleJob {
             },
         )?;
         bar.finish_and_clear();
+        ensure_finite("samples", &samples.latents, &args.out)?;
         let cfg = backend.config();
         let mut meta: HashMap<String, String> = cfg.to_metadata();
         meta.insert("fora.respacing".into(), self.options.respacing.clone());

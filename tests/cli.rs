@@ -941,3 +941,138 @@ fn embedded_model_writes_a_png() {
         s.leftovers()
     );
 }
+
+/// What the review of session 29 found accepted: DDIM eta past 1 (NaN samples), outputs that
+/// overflowed to NaN written with exit 0, an extension the command does not write, an `--out`
+/// link replaced by a file, unknown `--arch` keys, and sizes whose products overflow (a
+/// panic). Each is now refused by name with no output, or (the link) followed.
+#[test]
+fn bad_settings_and_outputs_found_in_review() {
+    let s = Scratch::new("review");
+    let model = s.model();
+    let out = s.path("out.safetensors");
+    let out_s = out.to_str().unwrap().to_string();
+    let sample = |extra: &[&str]| {
+        let mut args = vec!["sample", "--model", &model, "--quiet", "--class", "1"];
+        args.extend(extra);
+        fora(&args)
+    };
+    for eta in ["1.01", "2"] {
+        assert_fails(
+            &sample(&[
+                "--steps",
+                "5",
+                "--sampler",
+                "ddim",
+                "--eta",
+                eta,
+                "--out",
+                &out_s,
+            ]),
+            &["--eta", "[0, 1]"],
+            &out,
+        );
+    }
+    assert_ok(&sample(&[
+        "--steps",
+        "5",
+        "--sampler",
+        "ddim",
+        "--eta",
+        "1",
+        "--out",
+        &out_s,
+    ]));
+    std::fs::remove_file(&out).unwrap();
+
+    // A forward whose inputs overflow f32 inside the model: NaN out, nothing written.
+    let n = 2;
+    let huge = vec![3e38f32; n * s.config.image_len()];
+    let input = s.path("huge.safetensors");
+    write_input(&input, (&[n, 4, 8, 8], &huge), &[1, 2], &[3, 4]);
+    let forward = |out: &str| {
+        fora(&[
+            "forward",
+            "--model",
+            &model,
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out,
+        ])
+    };
+    assert_fails(
+        &forward(&out_s),
+        &["out holds", "non-finite values", "nothing written"],
+        &out,
+    );
+
+    // Extensions the command does not write.
+    let jpg = s.path("o.jpg");
+    assert_fails(
+        &sample(&["--steps", "2", "--out", jpg.to_str().unwrap()]),
+        &["o.jpg", ".safetensors or .png"],
+        &jpg,
+    );
+    let png = s.path("f.png");
+    assert_fails(
+        &forward(png.to_str().unwrap()),
+        &["f.png", "end in .safetensors"],
+        &png,
+    );
+
+    // An --out link: the file it leads to is written, the link stays.
+    let real = s.path("real.safetensors");
+    let link = s.path("link.safetensors");
+    std::fs::write(&real, b"old").unwrap();
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    assert_ok(&sample(&["--steps", "2", "--out", link.to_str().unwrap()]));
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        TensorFile::open(&real)
+            .unwrap()
+            .f32("samples", 4)
+            .unwrap()
+            .shape,
+        [1, 4, 8, 8]
+    );
+
+    // --arch keys: unknown or repeated.
+    for (arch, says) in [
+        (
+            "depth=2,hidden=32,heads=2,patch=2,foo=1",
+            "unknown key \"foo\"",
+        ),
+        (
+            "depth=2,hidden=32,heads=2,patch=2,heads=4",
+            "heads is given twice",
+        ),
+    ] {
+        assert_fails(
+            &sample(&["--steps", "2", "--arch", arch, "--out", &out_s]),
+            &[says],
+            &out,
+        );
+    }
+
+    // Sizes whose products overflow: refused by name, no panic.
+    let weights = s.path("w.safetensors");
+    let o = fora(&[
+        "bench",
+        "--arch",
+        "depth=1,hidden=4,heads=1,patch=1",
+        "--input-size",
+        "4294967296",
+        "--save-weights",
+        weights.to_str().unwrap(),
+    ]);
+    assert_fails(
+        &o,
+        &["input size 4294967296", "past the supported"],
+        &weights,
+    );
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+}

@@ -666,6 +666,15 @@ fn step_updates_carry_the_right_coefficients() {
     }
     assert!(d.step_update(250, SamplerKind::Ddpm).is_err());
     assert!(d.step_update(3, SamplerKind::Ddim { eta: -1.0 }).is_err());
+    // Past 1, sigma^2 can pass 1 - abar_prev (NaN latents): refused.
+    for eta in [1.01, 2.0] {
+        let err = format!(
+            "{:#}",
+            d.step_update(3, SamplerKind::Ddim { eta }).unwrap_err()
+        );
+        assert!(err.contains("[0, 1]"), "{err}");
+    }
+    assert!(d.step_update(3, SamplerKind::Ddim { eta: 1.0 }).is_ok());
     assert!(d
         .step_update(3, SamplerKind::Ddim { eta: f64::NAN })
         .is_err());

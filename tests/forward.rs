@@ -363,6 +363,16 @@ fn bad_inputs_are_errors() {
     assert!(err.contains("input x has"), "{err}");
     let err = be.forward(&x, &t[..1], &y, None).unwrap_err().to_string();
     assert!(err.contains("timesteps"), "{err}");
+    // Timesteps outside the diffusion's 0..999.
+    for bad in [1000, 5000, -1] {
+        let mut t2 = t.clone();
+        t2[1] = bad;
+        let err = be.forward(&x, &t2, &y, None).unwrap_err().to_string();
+        assert!(err.contains(&format!("t[1] = {bad} is outside")), "{err}");
+    }
+    let mut t2 = t.clone();
+    t2[0] = 999;
+    be.forward(&x, &t2, &y, None).unwrap();
     let (x3, t3, y3) = inputs(&cfg, 3, 1);
     let g = Guidance {
         scale: 2.0,

@@ -135,6 +135,17 @@ pub fn check_inputs(cfg: &DitConfig, rows: usize, x: &[f32], t: &[i64], y: &[usi
     );
     ensure!(t.len() == rows, "got {} timesteps for {rows} rows", t.len());
     ensure!(y.len() == rows, "got {} labels for {rows} rows", y.len());
+    let steps = crate::diffusion::DIFFUSION_STEPS as i64;
+    if let Some((j, &bad)) = t
+        .iter()
+        .enumerate()
+        .find(|(_, &v)| !(0..steps).contains(&v))
+    {
+        anyhow::bail!(
+            "timestep t[{j}] = {bad} is outside the model's 0..{} (its diffusion's steps)",
+            steps - 1
+        );
+    }
     if let Some(&bad) = y.iter().find(|&&l| l > cfg.num_classes) {
         anyhow::bail!(
             "label {bad} out of range: classes are 0..{} and {} is the null class",

@@ -404,7 +404,8 @@ pub fn attention(
 
 /// Classifier-free guidance on model rows `[2B, out_ch, H, W]` (`[cond; uncond]`): channels
 /// `0..guided` become `uncond + s * (cond - uncond)`. Writes the combined conditional rows to
-/// `cond_out` `[B, out_ch, H, W]`; other channels keep the conditional row's values.
+/// `cond_out` `[B, out_ch, H, W]`; other channels keep the conditional row's values. Panics
+/// when the lengths disagree (the caller's bug: the backends size both from the config).
 pub fn guide(
     model_out: &[f32],
     rows: usize,
