@@ -247,16 +247,24 @@ impl Diffusion {
                 }
             }
             SamplerKind::Ddim { eta } => {
-                // Past 1, sigma^2 can exceed 1 - abar_prev, whose difference DDIM takes the root
-                // of: NaN latents (as in the official code).
                 ensure!(
-                    (0.0..=1.0).contains(&eta),
-                    "DDIM eta must be in [0, 1] (0 deterministic, 1 as DDPM's variance), got {eta}"
+                    eta.is_finite() && eta >= 0.0,
+                    "DDIM eta must be a finite non-negative number, got {eta}"
                 );
                 let (abar, abar_prev) = (self.alphas_cumprod[i], self.alphas_cumprod_prev[i]);
                 let sigma = eta
                     * ((1.0 - abar_prev) / (1.0 - abar)).sqrt()
                     * (1.0 - abar / abar_prev).sqrt();
+                // Past 1, sigma^2 can exceed 1 - abar_prev, whose root DDIM takes: NaN latents
+                // (as in the official code). How far past 1 depends on the schedule.
+                let room = 1.0 - abar_prev;
+                ensure!(
+                    sigma * sigma <= room,
+                    "DDIM eta {eta} is too large for step {i} of this schedule (sigma^2 {:.3e} > \
+                     1 - abar_prev {room:.3e}; eta <= {:.4} here, and any eta <= 1 always works)",
+                    sigma * sigma,
+                    eta * (room / (sigma * sigma)).sqrt()
+                );
                 StepUpdate::Ddim {
                     sqrt_recip_abar: self.sqrt_recip_alphas_cumprod[i],
                     sqrt_recipm1_abar: self.sqrt_recipm1_alphas_cumprod[i],

@@ -154,7 +154,8 @@ struct SampleArgs {
     /// Reverse process.
     #[arg(long, value_enum, default_value_t = SamplerChoice::Ddpm)]
     sampler: SamplerChoice,
-    /// DDIM eta in [0, 1] (0 = deterministic, 1 = DDPM's variance); DDIM only.
+    /// DDIM eta >= 0 (0 = deterministic, 1 = DDPM's variance; past 1 only as far as the
+    /// schedule allows, the error says); DDIM only.
     #[arg(long, allow_negative_numbers = true)]
     eta: Option<f64>,
     /// Classifier-free guidance scale; absent or 1.0 means no guidance (batch B), otherwise the
@@ -227,8 +228,6 @@ trait Job {
     fn run<B: Backend>(self, backend: &B) -> Result<()>;
 }
 
-/// Loads the model and runs `job` on the chosen device: `cuda` fails with the reason when no
-/// usable GPU is there; `auto` takes the GPU when it can and otherwise says it runs on the CPU.
 /// An error where `data` (output tensor `name`) holds a value that is not finite: nothing is
 /// written to `out` then (inputs so large that f32 overflows, or a broken model).
 fn ensure_finite(name: &str, data: &[f32], out: &Path) -> Result<()> {
@@ -245,6 +244,8 @@ fn ensure_finite(name: &str, data: &[f32], out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Loads the model and runs `job` on the chosen device: `cuda` fails with the reason when no
+/// usable GPU is there; `auto` takes the GPU when it can and otherwise says it runs on the CPU.
 fn run_on<J: Job>(model: &ModelArgs, job: J) -> Result<()> {
     let options = model.cuda_options()?.unwrap_or_default();
     let (cfg, weights) = load_model(model)?;
@@ -465,8 +466,8 @@ fn sample(args: SampleArgs) -> Result<()> {
         (SamplerChoice::Ddim, eta) => {
             let eta = eta.unwrap_or(0.0);
             ensure!(
-                (0.0..=1.0).contains(&eta),
-                "--eta must be in [0, 1] (0 deterministic, 1 as DDPM's variance), got {eta}"
+                eta.is_finite() && eta >= 0.0,
+                "--eta must be a finite number >= 0, got {eta}"
             );
             SamplerKind::Ddim { eta }
         }

@@ -969,7 +969,7 @@ fn bad_settings_and_outputs_found_in_review() {
                 "--out",
                 &out_s,
             ]),
-            &["--eta", "[0, 1]"],
+            &["DDIM eta", "too large for step"],
             &out,
         );
     }

@@ -267,17 +267,23 @@ phase_ops() {
 # GPU unusable (a never-run kernel's fault, or its watchdog's trap) ends its process's tuning: the
 # batch is then tuned again in a new process without it (FORA_TUNE_SKIP; of a sum `a+b`, the
 # candidate it added last) and so are the later batches, up to TUNE_TRIES (3) processes a batch;
-# so is one still in flight when its process ended (a hang cut by the bound, a crash). TUNE_S
-# (240) bounds the phase, a batch of at most 16 rows TUNE_FEW_S (90) of it.
+# one still in flight when its process was cut (a hang cut by the bound, a crash) is left out of
+# that batch's next process only; the given options are never left out. TUNE_S (240) bounds the
+# phase, a batch of at most 16 rows TUNE_FEW_S (90) of it, all its processes together.
 phase_tuned() {
   local phase_end=$(( $(date +%s) + ${TUNE_S:-240} ))
-  local rows try budget sections log killer tune_rows=${TUNE_ROWS:-2,256}
-  # A candidate that broke one batch is left out of the next too (a broken kernel, likely).
-  local skip=${FORA_TUNE_SKIP:-}
+  local rows try budget sections log killer rc batch_end tune_rows=${TUNE_ROWS:-2,256}
+  # A candidate that left the GPU unusable is left out of the later batches too (a broken
+  # kernel); one only in flight when its process was cut is left out of its batch only.
+  local skip=${FORA_TUNE_SKIP:-} batch_skip
   for rows in ${tune_rows//,/ }; do
+    batch_skip=$skip
+    batch_end=$phase_end
+    if [ "$rows" -le 16 ] && [ $(( $(date +%s) + ${TUNE_FEW_S:-90} )) -lt "$phase_end" ]; then
+      batch_end=$(( $(date +%s) + ${TUNE_FEW_S:-90} ))
+    fi
     for try in $(seq 1 "${TUNE_TRIES:-3}"); do
-      budget=$(( phase_end - $(date +%s) ))
-      if [ "$rows" -le 16 ] && [ "$budget" -gt "${TUNE_FEW_S:-90}" ]; then budget=${TUNE_FEW_S:-90}; fi
+      budget=$(( batch_end - $(date +%s) ))
       if [ "$budget" -lt 20 ]; then
         echo "=== tuned, $rows rows: SKIPPED (${budget}s of TUNE_S left)"
         break
@@ -285,28 +291,38 @@ phase_tuned() {
       sections=steps
       if [ "$rows" = 2 ]; then sections=steps,e2e; fi
       log="$OUT/tuned_${rows}_$try.log"
-      echo "=== tuned steps, $rows rows (process $try${skip:+, FORA_TUNE_SKIP=$skip})"
-      FORA_TUNE_SKIP="$skip" bounded "$budget" .devpack/bin/fora bench --tune --gemm cublaslt \
+      echo "=== tuned steps, $rows rows (process $try${batch_skip:+, FORA_TUNE_SKIP=$batch_skip})"
+      FORA_TUNE_SKIP="$batch_skip" bounded "$budget" .devpack/bin/fora bench --tune --gemm cublaslt \
         --sections "$sections" --batches "$rows" --runs 10 --warmup 2 --intervals 1,3 \
         --e2e-reps 1 --json "$OUT/tuned_${rows}_$try.json" > "$log" 2>&1
-      # 19 candidates, their sums, the given options again and in turn: up to ~35 lines each.
+      # 17 candidates, their sums, the given options again and in turn: up to ~35 lines each.
       grep -E "^tune: " "$log" | grep -v ": measuring$" | head -n 45
       sed -n '/^## Tuned options/,/^## Failed/p' "$log" | grep -E "^(FORA|\| )" | head -n 45
       grep -E "^\| (cublaslt|tuned) \| $rows \|" "$log" | head -n 4
       grep -E "^\| (cublaslt|tuned) \| [13] \| 250 \|" "$log" | head -n 4
-      grep -E "FAILED" "$log" | head -n 4
-      tail -n 2 "$log"
+      grep -E "FAILED" "$log" | grep -v "^rc=" | head -n 4
+      tail -n 1 "$log"
       killer=$(grep -oE 'candidate "[A-Za-z0-9_+]+" left the GPU unusable' "$log" | head -n 1 \
         | sed -E 's/^candidate "([^"]*)".*/\1/')
-      if [ -z "$killer" ]; then
-        # The candidate in flight when the process ended: its "measuring" line is the last.
+      local sticky=1
+      rc=$(tail -n 1 "$log" | sed -nE 's/^rc=([0-9]+) .*/\1/p')
+      if [ -z "$killer" ] && [ "${rc:-0}" -ge 124 ]; then
+        # Cut by the bound or killed by a signal: the candidate in flight (its "measuring"
+        # line is the last) is blamed for this batch only.
         killer=$(grep -E "^tune: $rows rows, " "$log" | tail -n 1 \
           | sed -nE "s/^tune: $rows rows, ([A-Za-z0-9_+]+): measuring$/\1/p")
+        sticky=0
       fi
-      if [ -z "$killer" ]; then break; fi
       killer=${killer##*+}
-      echo "=== tuned, $rows rows: candidate $killer broke the process; tuning again without it"
-      skip="${skip:+$skip,}$killer"
+      # The given options are the reference: nothing to tune without them.
+      if [ -z "$killer" ] || [ "$killer" = given ] || [ "$killer" = as_given ]; then break; fi
+      batch_skip="${batch_skip:+$batch_skip,}$killer"
+      if [ "$sticky" = 1 ]; then skip="${skip:+$skip,}$killer"; fi
+      if [ "$try" -lt "${TUNE_TRIES:-3}" ]; then
+        echo "=== tuned, $rows rows: candidate $killer broke the process (rc=${rc:-?}); tuning again without it"
+      else
+        echo "=== tuned, $rows rows: candidate $killer broke the process (rc=${rc:-?}); no tries left"
+      fi
     done
   done
 }

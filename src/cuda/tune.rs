@@ -1258,16 +1258,17 @@ pub fn candidates_from_env() -> Result<Vec<TuneCandidate>> {
 /// `candidates` without those `skip` names (names separated by commas or whitespace; empty:
 /// none): how a run leaves out a path that broke an earlier one (a kernel that left the GPU
 /// unusable ends that tuning; the device suite then tunes again without it). A name the list
-/// lacks is an error, as is skipping the first (the options as given, the reference).
+/// lacks is an error, as is skipping one without settings (the options as given, the
+/// reference).
 pub fn skip_candidates(candidates: Vec<TuneCandidate>, skip: &str) -> Result<Vec<TuneCandidate>> {
     let names: Vec<&str> = skip
         .split(|c: char| c == ',' || c.is_whitespace())
         .filter(|n| !n.is_empty())
         .collect();
     for name in &names {
-        let at = candidates.iter().position(|c| c.name == *name);
+        let found = candidates.iter().find(|c| c.name == *name);
         ensure!(
-            at.is_some(),
+            found.is_some(),
             "no tuning candidate {name:?} to skip (the candidates: {})",
             candidates
                 .iter()
@@ -1276,9 +1277,9 @@ pub fn skip_candidates(candidates: Vec<TuneCandidate>, skip: &str) -> Result<Vec
                 .join(", ")
         );
         ensure!(
-            at != Some(0),
-            "tuning candidate {name:?} is the first, the options as given (the reference): it \
-             cannot be skipped"
+            found.is_some_and(|c| !c.settings.trim().is_empty()),
+            "tuning candidate {name:?} is the options as given (the reference): it cannot be \
+             skipped"
         );
     }
     Ok(candidates
@@ -1341,7 +1342,8 @@ mod tests {
 
     #[test]
     fn candidates_are_skipped_by_name() {
-        let list = TuneCandidate::parse_list("given;pdl:FORA_PDL=1;tma:FORA_GEMM=tma;x:").unwrap();
+        let list = TuneCandidate::parse_list("given;pdl:FORA_PDL=1;tma:FORA_GEMM=tma;x:FORA_PDL=0")
+            .unwrap();
         let names = |l: &[TuneCandidate]| l.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
         let kept = skip_candidates(list.clone(), " pdl, x ").unwrap();
         assert_eq!(names(&kept), ["given", "tma"]);
@@ -1355,8 +1357,13 @@ mod tests {
             err.contains("\"nope\"") && err.contains("given, pdl, tma, x"),
             "{err}"
         );
-        let err = format!("{:#}", skip_candidates(list, "given").unwrap_err());
-        assert!(err.contains("first"), "{err}");
+        let err = format!("{:#}", skip_candidates(list.clone(), "given").unwrap_err());
+        assert!(err.contains("options as given"), "{err}");
+        // The first may be skipped where it has settings (tune puts the given options first).
+        assert_eq!(
+            names(&skip_candidates(list[1..].to_vec(), "pdl").unwrap()),
+            ["tma", "x"]
+        );
     }
 
     #[test]
