@@ -239,6 +239,14 @@ pub fn write_tensors(
 /// whole by [`write_atomic`], or something else that is written into as it stands (a device
 /// such as `/dev/null`, a FIFO), which a rename would replace.
 pub fn write_target(path: &Path) -> Result<(PathBuf, bool)> {
+    // Something that is not a file, reached through links or not, is written through `path`
+    // as given: `/dev/stdout` onto a pipe is a link to `/proc/self/fd/1`, a link in turn to
+    // `pipe:[N]`, which no path names.
+    if let Ok(m) = fs::metadata(path) {
+        if !m.is_file() && !m.is_dir() {
+            return Ok((path.to_path_buf(), false));
+        }
+    }
     let target = match fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => fs::canonicalize(path).with_context(|| {
             format!(
@@ -375,6 +383,17 @@ mod tests {
         let (target, replace) = write_target(Path::new("/dev/null")).unwrap();
         assert_eq!((target.as_path(), replace), (Path::new("/dev/null"), false));
         assert_eq!(write_target(&real).unwrap(), (real.clone(), true));
+        // A pipe reached through links that no path resolves (`/dev/stdout` onto a pipe):
+        // written into through the links.
+        let (mut reader, writer) = std::io::pipe().unwrap();
+        use std::os::fd::AsRawFd;
+        let through = PathBuf::from(format!("/proc/self/fd/{}", writer.as_raw_fd()));
+        assert_eq!(write_target(&through).unwrap(), (through.clone(), false));
+        write_atomic(&through, b"piped").unwrap();
+        drop(writer);
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut got).unwrap();
+        assert_eq!(got, b"piped");
         assert_eq!(
             write_target(&dir.join("new.bin")).unwrap(),
             (dir.join("new.bin"), true)

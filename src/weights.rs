@@ -420,21 +420,53 @@ impl DitWeights {
 
 /// `dims`' product zeros, or an error naming `what` where the size overflows or the memory
 /// cannot be had (a batch or a model too large for this machine), instead of an abort.
+///
+/// A buffer larger than the machine's memory and swap together ([`machine_memory_bytes`]) is
+/// refused before it is allocated: where the kernel overcommits memory (Linux's
+/// `vm.overcommit_memory = 1`) such an allocation succeeds and the process is killed later,
+/// without a message, when the pages are touched.
 pub fn zeros(what: &str, dims: &[usize]) -> Result<Vec<f32>> {
     let len = dims
         .iter()
         .try_fold(1usize, |a, &b| a.checked_mul(b))
         .filter(|&n| n.checked_mul(4).is_some())
         .with_context(|| format!("{what}: {dims:?} elements overflow the address space"))?;
+    let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
+    if let Some(total) = machine_memory_bytes() {
+        ensure!(
+            len as u64 * 4 <= total,
+            "{what}: {len} f32 values ({:.1} GiB) {dims:?} are more than this machine's memory \
+             and swap together ({:.1} GiB)",
+            gib(len as f64 * 4.0),
+            gib(total as f64)
+        );
+    }
     let mut v = Vec::new();
     v.try_reserve_exact(len).map_err(|_| {
         anyhow::anyhow!(
             "{what}: cannot allocate {len} f32 values ({:.1} GiB) {dims:?}",
-            len as f64 * 4.0 / (1u64 << 30) as f64
+            gib(len as f64 * 4.0)
         )
     })?;
     v.resize(len, 0.0);
     Ok(v)
+}
+
+/// Bytes of physical memory plus swap (`MemTotal` + `SwapTotal` of `/proc/meminfo`), where the
+/// system says; `None` elsewhere.
+pub fn machine_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..]
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let total = kib("MemTotal:")?.checked_add(kib("SwapTotal:").unwrap_or(0))?;
+    total.checked_mul(1024)
 }
 
 /// At most 20 names, then a count.
@@ -719,6 +751,23 @@ impl safetensors::View for F32Tensor<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeros_past_the_machines_memory_are_refused_before_allocating() {
+        let Some(total) = machine_memory_bytes() else {
+            eprintln!("SKIP: no /proc/meminfo here");
+            return;
+        };
+        assert!(total > 1 << 20, "memory and swap read as {total} bytes");
+        // Twice memory + swap: refused by the bound even where the kernel would overcommit.
+        let len = (total / 2 + 1) as usize;
+        let err = zeros("a test buffer", &[len, 1]).unwrap_err().to_string();
+        assert!(
+            err.contains("a test buffer") && err.contains("more than this machine's memory"),
+            "{err}"
+        );
+        assert_eq!(zeros("small", &[3, 2]).unwrap(), vec![0.0; 6]);
+    }
 
     #[test]
     fn layout_counts() {

@@ -477,18 +477,14 @@ pub fn supports(cfg: &DitConfig) -> Result<()> {
 
 /// The `FORA_TMA_TILES` entries of `options` that a GEMM of `cfg` looks up on a device of
 /// compute capability major `cc_major`: those of the model's GEMM shapes
-/// ([`super::model::gemm_shapes`]), where the GEMM implementation takes them (the TMA ones, or
-/// cuBLASLt on a Hopper, which routes the named shapes to TMA tiles); none elsewhere.
+/// ([`super::model::gemm_shapes`]), where the GEMM implementation takes them
+/// ([`GemmImpl::takes_tma_overrides`]); none elsewhere.
 pub fn tma_tiles_in_effect(
     options: &CudaOptions,
     cc_major: i32,
     cfg: &DitConfig,
 ) -> super::gemm::TmaOverrides {
-    let applies = match options.gemm {
-        GemmImpl::Tma | GemmImpl::TmaMulticast => true,
-        GemmImpl::CublasLt => cc_major == 9,
-        GemmImpl::Custom | GemmImpl::Wgmma => false,
-    };
+    let applies = options.gemm.takes_tma_overrides(cc_major);
     let shapes = super::model::gemm_shapes(cfg);
     options
         .tma_tiles

@@ -92,6 +92,21 @@ impl GemmImpl {
         matches!(self, GemmImpl::Tma | GemmImpl::TmaMulticast)
     }
 
+    /// Whether this implementation on a device of compute capability major `cc_major` runs
+    /// the shapes `FORA_TMA_TILES` names on TMA tiles instead of its own GEMM: cuBLASLt on a
+    /// Hopper ([`Gemm::with_tma_overrides`]).
+    pub fn routes_tma_overrides(self, cc_major: i32) -> bool {
+        self == GemmImpl::CublasLt && cc_major == 9
+    }
+
+    /// Whether a GEMM of this implementation on a device of compute capability major
+    /// `cc_major` looks up `FORA_TMA_TILES` at all: the TMA implementations' plans, or the
+    /// shapes cuBLASLt routes ([`GemmImpl::routes_tma_overrides`]); the mma.sync and wgmma
+    /// kernels never do.
+    pub fn takes_tma_overrides(self, cc_major: i32) -> bool {
+        self.is_tma() || self.routes_tma_overrides(cc_major)
+    }
+
     /// `FORA_GEMM=custom|cublaslt|wgmma|tma|tma_mc`; unset or empty means [`GemmImpl::CublasLt`]: on an H200
     /// (2026-11-26, docs/bench_h200_2026-11-26.md) cuBLASLt plus the epilogue kernel beat the
     /// custom mma.sync kernels at every DiT-XL/2 shape (custom 0.32x-0.81x; a full step 1.8x
@@ -608,7 +623,7 @@ impl Gemm {
     /// TMA implementations only. Errors when a routed tile's kernel cannot get its shared
     /// memory.
     pub fn with_tma_overrides(mut self, gpu: &Gpu, overrides: TmaOverrides) -> Result<Gemm> {
-        if self.imp == GemmImpl::CublasLt && self.cc_major == 9 {
+        if self.imp.routes_tma_overrides(self.cc_major) {
             // The routed tiles' set-up, as Gemm::new's for the TMA implementations.
             prepare_tma_tiles(gpu, overrides.iter().map(|o| o.tile), false)?;
         }
@@ -619,7 +634,7 @@ impl Gemm {
     /// The forced TMA plan (tile, split-K slices) that this cuBLASLt engine runs an M x N x K
     /// GEMM on instead of cuBLASLt ([`Gemm::with_tma_overrides`]), if any.
     pub fn lt_routed_tma_plan(&self, m: usize, n: usize, k: usize) -> Option<(TmaTile, u32)> {
-        if self.imp != GemmImpl::CublasLt || self.cc_major != 9 || m <= 64 {
+        if !self.imp.routes_tma_overrides(self.cc_major) || m <= 64 {
             return None;
         }
         let o = self.tma_overrides.get(n, k)?;
