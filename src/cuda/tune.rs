@@ -559,8 +559,8 @@ pub fn window_len(modes: &[StepMode], target: usize) -> usize {
     w
 }
 
-/// The candidates that beat the first (the given options) by at least `min_gain` of its
-/// time, from their median window times (`None` for those that did not pass), fastest first
+/// The candidates that beat the first (the given options), strictly and by at least
+/// `min_gain` of its time, from their median window times (`None` for those that did not pass), fastest first
 /// (the earlier of equal times first). Empty if the first has no time.
 pub fn winners(times_ms: &[Option<f64>], min_gain: f64) -> Vec<usize> {
     let Some(Some(given)) = times_ms.first() else {
@@ -571,7 +571,8 @@ pub fn winners(times_ms: &[Option<f64>], min_gain: f64) -> Vec<usize> {
         .enumerate()
         .skip(1)
         .filter_map(|(i, t)| t.map(|t| (i, t)))
-        .filter(|&(_, t)| t <= given * (1.0 - min_gain))
+        // Strictly faster as well: at a margin of 0, a tie is no reason to change path.
+        .filter(|&(_, t)| t < *given && t <= given * (1.0 - min_gain))
         .collect();
     won.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
     won.into_iter().map(|(i, _)| i).collect()
@@ -1323,6 +1324,9 @@ mod tests {
         assert_eq!(t(&[None, Some(1.0)]), None);
         assert_eq!(t(&[]), None);
         assert_eq!(choose(&[Some(10.0), Some(9.99)], 0.0), Some(1));
+        // A tie is not a gain, even without a margin.
+        assert_eq!(choose(&[Some(10.0), Some(10.0)], 0.0), Some(0));
+        assert!(winners(&[Some(10.0), Some(10.0)], 0.0).is_empty());
         // The winners, fastest first, the earlier of equal times first; none past the margin.
         let w = |v: &[Option<f64>]| winners(v, 0.01);
         assert_eq!(
