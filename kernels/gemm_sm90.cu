@@ -429,9 +429,12 @@ FORA_DEVICE void staged_epilogue(const Epilogue& e, float* stage, const float (&
 // counts the warp's units. The `staged` arrivals release and its waits acquire at cluster
 // scope (the hand-over of plain shared-memory data between CTAs; one GPU-scope memory barrier
 // a warp and unit, before which the consumer has issued no global access in this unit). The
-// `drained` arrivals need no release: they only say the reads are done, and every value read
-// was consumed by the epilogue's stores before the arrival is issued (as the ring's `empty`
-// arrivals after wgmma.wait_group).
+// `drained` arrivals release at cluster scope too: every value read is consumed by the
+// epilogue's stores before the arrival, but only a release orders the peers' reads before the
+// owner's next writes of its area under the PTX memory model (a plain remote arrive is a
+// CTA-scope release, which a waiter in another CTA does not pair with). Its memory barrier
+// waits for this unit's stores; with one unit a CTA (M = 512) the kernel's closing cluster
+// barrier would wait for them anyway.
 template <int KS>
 FORA_DEVICE void cluster_reduced_epilogue(const Epilogue& e, const float (&acc)[64], float* area, uint32_t area_addr,
                                           uint32_t staged_bar, uint32_t drained_bar, uint32_t phase, int k_rank,
@@ -490,7 +493,7 @@ FORA_DEVICE void cluster_reduced_epilogue(const Epilogue& e, const float (&acc)[
         res = next_res;
     }
     __syncwarp();
-    if (lane < KS) mbarrier_arrive_cluster(mapa_shared(drained_bar, static_cast<uint32_t>(lane)));
+    if (lane < KS) mbarrier_arrive_release_cluster(mapa_shared(drained_bar, static_cast<uint32_t>(lane)));
 }
 
 // PINGPONG = false ("cooperative"): both consumer warpgroups work on every unit, 64 rows each.

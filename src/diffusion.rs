@@ -249,7 +249,7 @@ impl Diffusion {
             SamplerKind::Ddim { eta } => {
                 ensure!(
                     eta.is_finite() && eta >= 0.0,
-                    "DDIM eta must be a finite non-negative number, got {eta}"
+                    "DDIM eta must be a finite non-negative number, got {eta:e}"
                 );
                 let (abar, abar_prev) = (self.alphas_cumprod[i], self.alphas_cumprod_prev[i]);
                 let sigma = eta

@@ -29,7 +29,7 @@ impl TensorFile {
     /// Reads `path` and checks that it parses as safetensors.
     pub fn open(path: impl AsRef<Path>) -> Result<TensorFile> {
         let path = path.as_ref().to_path_buf();
-        let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let bytes = read_file(&path, "")?;
         SafeTensors::deserialize(&bytes).map_err(|e| {
             anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display())
         })?;
@@ -234,6 +234,55 @@ pub fn write_tensors(
     write_atomic(path, &bytes)
 }
 
+/// The bytes of the regular file at `path` (links followed), or an error naming it: a device,
+/// FIFO or directory is refused before any read (`/dev/zero` would be read until memory runs
+/// out, a FIFO without a writer would block forever).
+/// `what` ("checkpoint", or empty) names the file in the error.
+pub fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+    let named = format!(
+        "cannot read {what}{}{}",
+        if what.is_empty() { "" } else { " " },
+        path.display()
+    );
+    let meta = fs::metadata(path).with_context(|| named.clone())?;
+    ensure!(meta.is_file(), "{named}: not a regular file");
+    fs::read(path).with_context(|| named)
+}
+
+/// Fails before any long computation when the output `out` (given as `flag`) could not be
+/// written, or its extension (case-insensitive) is none of `extensions` (what the command
+/// writes; a device such as `/dev/null` takes any).
+pub fn check_output_path(flag: &str, out: &Path, extensions: &[&str]) -> Result<()> {
+    ensure!(
+        out.file_name().is_some() && !out.is_dir(),
+        "{flag} {}: not a file path",
+        out.display()
+    );
+    let (_, a_file) = write_target(out).with_context(|| format!("{flag} {}", out.display()))?;
+    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    ensure!(
+        !a_file || extensions.iter().any(|e| e.eq_ignore_ascii_case(ext)),
+        "{flag} {}: the file name must end in .{} (what this command writes)",
+        out.display(),
+        extensions.join(" or .")
+    );
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        ensure!(
+            dir.exists(),
+            "{flag} {}: directory {} does not exist",
+            out.display(),
+            dir.display()
+        );
+        ensure!(
+            dir.is_dir(),
+            "{flag} {}: {} is not a directory",
+            out.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Where a write to `path` goes: `path` itself, or for a symbolic link the file it leads to
 /// (the link stays a link); and whether that is a regular file (or nothing yet), replaced
 /// whole by [`write_atomic`], or something else that is written into as it stands (a device
@@ -398,6 +447,16 @@ mod tests {
             write_target(&dir.join("new.bin")).unwrap(),
             (dir.join("new.bin"), true)
         );
+        // Special files are refused by name before any read.
+        for special in ["/dev/zero", "/dev/null"] {
+            let e = format!("{:#}", TensorFile::open(special).err().unwrap());
+            assert!(
+                e.contains(special) && e.contains("not a regular file"),
+                "{e}"
+            );
+        }
+        let e = format!("{:#}", read_file(&dir, "a test file").unwrap_err());
+        assert!(e.contains("not a regular file"), "{e}");
         fs::write(dir.join("junk"), b"not safetensors").unwrap();
         assert!(TensorFile::open(dir.join("junk")).is_err());
         fs::remove_dir_all(&dir).unwrap();

@@ -131,7 +131,7 @@ struct ForwardArgs {
     #[arg(long, value_name = "OUT")]
     out: PathBuf,
     /// Also run forward_with_cfg at this scale (N even; the first half are the conditional rows).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     cfg_scale: Option<f32>,
     /// Which channels guidance combines.
     #[arg(long, value_enum, default_value_t = CfgMode::Official, requires = "cfg_scale")]
@@ -156,11 +156,11 @@ struct SampleArgs {
     sampler: SamplerChoice,
     /// DDIM eta >= 0 (0 = deterministic, 1 = DDPM's variance; past 1 only as far as the
     /// schedule allows, the error says); DDIM only.
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     eta: Option<f64>,
     /// Classifier-free guidance scale; absent or 1.0 means no guidance (batch B), otherwise the
     /// model runs on 2B rows.
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     cfg_scale: Option<f32>,
     /// Which channels guidance combines.
     #[arg(long, value_enum, default_value_t = CfgMode::Official, requires = "cfg_scale")]
@@ -298,35 +298,6 @@ fn is_png(out: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("png"))
 }
 
-/// Fails before any long computation when the output could not be written, or its
-/// extension (case-insensitive) is none of `extensions` (what the command writes; a device
-/// such as `/dev/null` takes any).
-fn check_output_path(out: &Path, extensions: &[&str]) -> Result<()> {
-    ensure!(
-        out.file_name().is_some() && !out.is_dir(),
-        "--out {}: not a file path",
-        out.display()
-    );
-    let (_, a_file) =
-        fora::io::write_target(out).with_context(|| format!("--out {}", out.display()))?;
-    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
-    ensure!(
-        !a_file || extensions.iter().any(|e| e.eq_ignore_ascii_case(ext)),
-        "--out {}: the file name must end in .{} (what this command writes)",
-        out.display(),
-        extensions.join(" or .")
-    );
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        ensure!(
-            dir.is_dir(),
-            "--out {}: directory {} does not exist",
-            out.display(),
-            dir.display()
-        );
-    }
-    Ok(())
-}
-
 fn guidance(scale: Option<f32>, mode: CfgMode) -> Result<Option<Guidance>> {
     let Some(scale) = scale else { return Ok(None) };
     ensure!(
@@ -350,7 +321,7 @@ struct ForwardJob {
 }
 
 fn forward(args: ForwardArgs) -> Result<()> {
-    check_output_path(&args.out, &["safetensors"])?;
+    fora::io::check_output_path("--out", &args.out, &["safetensors"])?;
     let job = ForwardJob {
         input: args.input,
         out: args.out,
@@ -454,7 +425,7 @@ struct SampleJob {
 }
 
 fn sample(args: SampleArgs) -> Result<()> {
-    check_output_path(&args.out, &["safetensors", "png"])?;
+    fora::io::check_output_path("--out", &args.out, &["safetensors", "png"])?;
     let tune = args.tune || args.tune_cache.is_some();
     ensure!(
         !(tune && args.model.device == Device::Cpu),
@@ -467,7 +438,7 @@ fn sample(args: SampleArgs) -> Result<()> {
             let eta = eta.unwrap_or(0.0);
             ensure!(
                 eta.is_finite() && eta >= 0.0,
-                "--eta must be a finite number >= 0, got {eta}"
+                "--eta must be a finite number >= 0, got {eta:e}"
             );
             SamplerKind::Ddim { eta }
         }

@@ -344,6 +344,13 @@ impl DitWeights {
             .into_iter()
             .map(|(k, shape, data)| (k, F32Tensor { shape, data }))
             .collect();
+        // A link is followed and a device written into, as every output ([`crate::io::write_target`]).
+        let (path, replace) = crate::io::write_target(path)?;
+        let path = path.as_path();
+        if !replace {
+            return safetensors::serialize_to_file(views, Some(cfg.to_metadata()), path)
+                .with_context(|| format!("writing checkpoint {}", path.display()));
+        }
         let tmp = tmp_path(path);
         let result = safetensors::serialize_to_file(views, Some(cfg.to_metadata()), &tmp)
             .with_context(|| format!("writing checkpoint {}", tmp.display()))
@@ -362,8 +369,7 @@ impl DitWeights {
     /// Everything is validated before use; every failure names the key and the expectation.
     pub fn load(path: impl AsRef<Path>, arch: Option<&Arch>) -> Result<(DitConfig, DitWeights)> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+        let bytes = crate::io::read_file(path, "checkpoint")?;
         Self::from_bytes(&bytes, arch).with_context(|| format!("checkpoint {}", path.display()))
     }
 

@@ -639,6 +639,18 @@ fn bad_sample_inputs() {
         &["--eta"],
         &out,
     );
+    // A negative exponent is a number too (clap took -1e-3 for a flag), and a tiny value is
+    // shown short.
+    assert_fails(
+        &run(&["--class", "1", "--sampler", "ddim", "--eta", "-1e-3"]),
+        &["--eta must be a finite number >= 0, got -1e-3"],
+        &out,
+    );
+    assert_fails(
+        &run(&["--class", "1", "--sampler", "ddim", "--eta=-1e-300"]),
+        &["got -1e-300"],
+        &out,
+    );
     assert_fails(
         &run(&["--class", "1", "--respacing", "abc"]),
         &["respacing", "abc"],
@@ -1089,4 +1101,109 @@ fn bad_settings_and_outputs_found_in_review() {
         &weights,
     );
     assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+}
+
+/// What the second review (session 30) found: `bench --save-weights` replaced a link (or a
+/// device) by a file and took any extension; `/dev/zero` as an input was read until memory
+/// ran out; an `--out` under a regular file was said to be a missing directory.
+#[test]
+fn special_files_and_save_weights_found_in_second_review() {
+    let s = Scratch::new("review2");
+    let model = s.model();
+    let out = s.path("out.safetensors");
+    let out_s = out.to_str().unwrap().to_string();
+    let save = |path: &Path| {
+        fora(&[
+            "bench",
+            "--arch",
+            "depth=1,hidden=8,heads=1,patch=2",
+            "--save-weights",
+            path.to_str().unwrap(),
+        ])
+    };
+    // Through a link: the file it leads to is written, the link stays.
+    let real = s.path("real.safetensors");
+    let link = s.path("link.safetensors");
+    std::fs::write(&real, b"old").unwrap();
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    assert_ok(&save(&link));
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(TensorFile::open(&real).is_ok());
+    // Written into a device, which stays one.
+    assert_ok(&save(Path::new("/dev/null")));
+    assert!(!std::fs::metadata("/dev/null").unwrap().is_file());
+    // An extension it does not write, and a missing directory.
+    let png = s.path("w.png");
+    assert_fails(
+        &save(&png),
+        &["--save-weights", "end in .safetensors"],
+        &png,
+    );
+    let missing = s.path("nowhere/w.safetensors");
+    assert_fails(&save(&missing), &["does not exist"], &missing);
+
+    // Special files as inputs: refused by name before any read.
+    for (flag, args) in [
+        (
+            "--model",
+            vec!["sample", "--model", "/dev/zero", "--class", "1"],
+        ),
+        (
+            "--noise-file",
+            vec![
+                "sample",
+                "--model",
+                &model,
+                "--class",
+                "1",
+                "--noise-file",
+                "/dev/zero",
+            ],
+        ),
+        (
+            "--tune-cache",
+            vec![
+                "sample",
+                "--model",
+                &model,
+                "--class",
+                "1",
+                "--steps",
+                "2",
+                "--tune-cache",
+                "/dev/zero",
+            ],
+        ),
+        (
+            "--input",
+            vec!["forward", "--model", &model, "--input", "/dev/zero"],
+        ),
+    ] {
+        let mut args = args;
+        args.extend(["--out", &out_s]);
+        let o = fora(&args);
+        assert_fails(&o, &["/dev/zero", "not a regular file"], &out);
+        assert!(!stderr(&o).is_empty(), "{flag}");
+    }
+
+    // --out under a regular file: said to be no directory.
+    let file = s.path("plain");
+    std::fs::write(&file, b"x").unwrap();
+    let under = file.join("x.safetensors");
+    assert_fails(
+        &fora(&[
+            "sample",
+            "--model",
+            &model,
+            "--class",
+            "1",
+            "--out",
+            under.to_str().unwrap(),
+        ]),
+        &["is not a directory"],
+        &under,
+    );
 }

@@ -196,3 +196,50 @@ fn no_zeroed_driver_structs() {
         hits.join("\n")
     );
 }
+
+/// The weights-before-wait contract of the deferring kernels (their producers read W before
+/// `griddepcontrol.wait`) holds only if no kernel lets its dependents start before its own wait:
+/// a kernel that called `grid_launch_dependents()` first would let the next one start while
+/// the one before it still ran, two kernels back. So every call comes right after a
+/// `grid_dependency_wait();` (kernels/common.cuh's definition line aside).
+#[test]
+fn every_launch_of_dependents_follows_a_wait() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let mut calls = 0;
+    let mut bad = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !path
+            .extension()
+            .is_some_and(|e| e == "cu" || e == "cuh" || e == "h")
+        {
+            continue;
+        }
+        let src = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = src.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.trim() != "grid_launch_dependents();" {
+                continue;
+            }
+            calls += 1;
+            // The statement before: the previous line that is not blank or a comment.
+            let before = lines[..i]
+                .iter()
+                .rev()
+                .map(|l| l.trim())
+                .find(|l| !l.is_empty() && !l.starts_with("//"));
+            if before != Some("grid_dependency_wait();") {
+                bad.push(format!(
+                    "{}:{}",
+                    path.file_name().unwrap().to_string_lossy(),
+                    i + 1
+                ));
+            }
+        }
+    }
+    assert!(calls >= 7, "found only {calls} calls in {}", dir.display());
+    assert!(
+        bad.is_empty(),
+        "grid_launch_dependents() not right after grid_dependency_wait(): {bad:?}"
+    );
+}

@@ -734,6 +734,17 @@ fn the_tuning_cache_keeps_choices_by_key() {
     // Absent: an empty cache, nothing written until a choice is stored.
     let mut cache = TuneCache::open(&path).unwrap();
     assert!(cache.lookup(&key(2)).is_none() && !path.exists());
+    // A device or FIFO is refused by name, never read (/dev/zero would fill memory).
+    let e = format!(
+        "{:#}",
+        TuneCache::open(std::path::Path::new("/dev/zero"))
+            .err()
+            .unwrap()
+    );
+    assert!(
+        e.contains("/dev/zero") && e.contains("not a regular file"),
+        "{e}"
+    );
     let choice = |name: &str, settings: &str| CachedChoice {
         name: name.into(),
         settings: settings.into(),

@@ -173,7 +173,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub copy_mib: Option<usize>,
     /// Classifier-free guidance scale of the CFG batches.
-    #[arg(long, default_value_t = 4.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 4.0, allow_hyphen_values = true)]
     pub cfg_scale: f32,
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
@@ -244,31 +244,63 @@ impl BenchArgs {
     /// Resolves defaults (full or `--quick` set) and validates every value.
     pub fn plan(&self) -> Result<BenchPlan> {
         let q = self.quick;
-        let list = |given: &Option<Vec<usize>>, full: &[usize], quick: &[usize], what: &str| {
+        let list = |given: &Option<Vec<usize>>,
+                    full: &[usize],
+                    quick: &[usize],
+                    what: &str,
+                    max: usize| {
             let v = given
                 .clone()
                 .unwrap_or_else(|| if q { quick } else { full }.to_vec());
             ensure!(!v.is_empty(), "--{what}: give at least one value");
-            if let Some(bad) = v.iter().find(|&&x| x == 0) {
-                bail!("--{what}: {bad} is not a positive number");
+            if let Some(bad) = v.iter().find(|&&x| x == 0 || x > max) {
+                bail!("--{what}: {bad} is not a number from 1 to {max}");
             }
             Ok(v)
         };
-        let batches = list(&self.batches, &[2, 16, 64, 256], &[2, 64], "batches")?;
-        let kernel_batches = list(&self.kernel_batches, &[2, 256], &[2], "kernel-batches")?;
-        let intervals = list(&self.intervals, &[1, 2, 3, 4, 5], &[1, 3], "intervals")?;
+        // Bounds far past any use, so that products of them cannot overflow.
+        let batches = list(&self.batches, &[2, 16, 64, 256], &[2, 64], "batches", 65536)?;
+        let kernel_batches = list(
+            &self.kernel_batches,
+            &[2, 256],
+            &[2],
+            "kernel-batches",
+            65536,
+        )?;
+        // An interval past the 1000 steps of the diffusion process reuses nothing.
+        let intervals = list(
+            &self.intervals,
+            &[1, 2, 3, 4, 5],
+            &[1, 3],
+            "intervals",
+            1000,
+        )?;
         ensure!(
             (1..=1000).contains(&self.steps),
             "--steps {}: the diffusion process has 1 to 1000 steps",
             self.steps
         );
-        ensure!(self.runs > 0, "--runs must be at least 1");
-        let e2e_reps = self.e2e_reps.unwrap_or(if q { 1 } else { 3 });
-        ensure!(e2e_reps > 0, "--e2e-reps must be at least 1");
-        let ceiling_size = self.ceiling_size.unwrap_or(if q { 4096 } else { 8192 });
         ensure!(
-            ceiling_size >= 256 && ceiling_size.is_multiple_of(8),
-            "--ceiling-size {ceiling_size}: use a multiple of 8, at least 256"
+            (1..=100_000).contains(&self.runs),
+            "--runs {}: use 1 to 100000",
+            self.runs
+        );
+        ensure!(
+            self.warmup <= 100_000,
+            "--warmup {}: use 0 to 100000",
+            self.warmup
+        );
+        let e2e_reps = self.e2e_reps.unwrap_or(if q { 1 } else { 3 });
+        ensure!(
+            (1..=1000).contains(&e2e_reps),
+            "--e2e-reps {e2e_reps}: use 1 to 1000"
+        );
+        let ceiling_size = self.ceiling_size.unwrap_or(if q { 4096 } else { 8192 });
+        // 32768^2 bf16 is 2 GiB a matrix, three of them: past that the square GEMM is no
+        // better a ceiling, and size^2 would overflow a 32-bit count.
+        ensure!(
+            (256..=32768).contains(&ceiling_size) && ceiling_size.is_multiple_of(8),
+            "--ceiling-size {ceiling_size}: use a multiple of 8 from 256 to 32768"
         );
         let copy_mib = self.copy_mib.unwrap_or(1024);
         ensure!(
@@ -536,6 +568,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .transpose()
         .context("--attention")?;
     if let Some(path) = &args.save_weights {
+        crate::io::check_output_path("--save-weights", path, &["safetensors"])?;
         let (cfg, weights, source) = bench_model(args)?;
         weights
             .save(path, &cfg)

@@ -24,8 +24,10 @@ pub struct Gpu {
     /// (module name, loaded module, the kernels it defines).
     modules: Vec<(&'static str, Arc<CudaModule>, &'static [&'static str])>,
     functions: Mutex<HashMap<String, CudaFunction>>,
-    /// [`KernelLauncher::max_active_clusters`] by kernel, asked of the driver once each.
-    active_clusters: Mutex<HashMap<String, usize>>,
+    /// [`KernelLauncher::max_active_clusters`] by kernel, cluster size, block size and shared
+    /// memory, asked of the driver once each: one kernel is asked with several shared-memory
+    /// sizes (a gemm_ln tile two CTAs an SM or one), whose answers differ.
+    active_clusters: Mutex<HashMap<(String, u32, u32, u32), usize>>,
     cc: (i32, i32),
     sm_count: usize,
     name: String,
@@ -335,7 +337,8 @@ impl KernelLauncher for Gpu {
             .active_clusters
             .lock()
             .map_err(|_| anyhow::anyhow!("cluster cache poisoned by a panic on another thread"))?;
-        if let Some(&n) = cache.get(name) {
+        let key = (name.to_string(), cluster, block, smem);
+        if let Some(&n) = cache.get(&key) {
             return Ok(n);
         }
         let f = self.function(name)?;
@@ -374,7 +377,7 @@ impl KernelLauncher for Gpu {
             self.ordinal(),
             self.name
         );
-        cache.insert(name.to_string(), clusters as usize);
+        cache.insert(key, clusters as usize);
         Ok(clusters as usize)
     }
 

@@ -1149,11 +1149,16 @@ impl TuneCache {
             path: path.to_path_buf(),
             entries: Vec::new(),
         };
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
+        let bytes = match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(cache),
-            Err(e) => bail!("cannot read the tuning cache {}: {e}", path.display()),
+            _ => crate::io::read_file(path, "the tuning cache")?,
         };
+        let text = String::from_utf8(bytes).map_err(|_| {
+            anyhow::anyhow!(
+                "{} is not a fora tuning cache (not UTF-8); remove it or name another file",
+                path.display()
+            )
+        })?;
         let bad = |why: &str| {
             anyhow::anyhow!(
                 "{} is not a fora tuning cache ({why}); remove it or name another file",
