@@ -427,10 +427,12 @@ impl DitWeights {
 /// `dims`' product zeros, or an error naming `what` where the size overflows or the memory
 /// cannot be had (a batch or a model too large for this machine), instead of an abort.
 ///
-/// A buffer larger than the machine's memory and swap together ([`machine_memory_bytes`]) is
+/// A buffer larger than the memory and swap the machine has free ([`free_memory_bytes`]) is
 /// refused before it is allocated: where the kernel overcommits memory (Linux's
 /// `vm.overcommit_memory = 1`) such an allocation succeeds and the process is killed later,
-/// without a message, when the pages are touched.
+/// without a message, when the pages are touched. The buffers are zeroed as they are made, so
+/// each one lessens what the next may take: a workspace of many buffers, each small enough
+/// alone, is refused at the one that does not fit.
 pub fn zeros(what: &str, dims: &[usize]) -> Result<Vec<f32>> {
     let len = dims
         .iter()
@@ -438,13 +440,13 @@ pub fn zeros(what: &str, dims: &[usize]) -> Result<Vec<f32>> {
         .filter(|&n| n.checked_mul(4).is_some())
         .with_context(|| format!("{what}: {dims:?} elements overflow the address space"))?;
     let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
-    if let Some(total) = machine_memory_bytes() {
+    if let Some(free) = free_memory_bytes() {
         ensure!(
-            len as u64 * 4 <= total,
-            "{what}: {len} f32 values ({:.1} GiB) {dims:?} are more than this machine's memory \
-             and swap together ({:.1} GiB)",
+            len as u64 * 4 <= free,
+            "{what}: {len} f32 values ({:.1} GiB) {dims:?} are more than this machine has free \
+             ({:.1} GiB of memory and swap)",
             gib(len as f64 * 4.0),
-            gib(total as f64)
+            gib(free as f64)
         );
     }
     let mut v = Vec::new();
@@ -458,9 +460,10 @@ pub fn zeros(what: &str, dims: &[usize]) -> Result<Vec<f32>> {
     Ok(v)
 }
 
-/// Bytes of physical memory plus swap (`MemTotal` + `SwapTotal` of `/proc/meminfo`), where the
-/// system says; `None` elsewhere.
-pub fn machine_memory_bytes() -> Option<u64> {
+/// Bytes of memory a new allocation can have without the system running out: `MemAvailable`
+/// (free memory and what it can reclaim, e.g. the page cache) plus `SwapFree` of
+/// `/proc/meminfo`, where the system says; `None` elsewhere.
+pub fn free_memory_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib = |key: &str| -> Option<u64> {
         let line = info.lines().find(|l| l.starts_with(key))?;
@@ -471,8 +474,8 @@ pub fn machine_memory_bytes() -> Option<u64> {
             .parse()
             .ok()
     };
-    let total = kib("MemTotal:")?.checked_add(kib("SwapTotal:").unwrap_or(0))?;
-    total.checked_mul(1024)
+    let free = kib("MemAvailable:")?.checked_add(kib("SwapFree:").unwrap_or(0))?;
+    free.checked_mul(1024)
 }
 
 /// At most 20 names, then a count.
@@ -760,16 +763,16 @@ mod tests {
 
     #[test]
     fn zeros_past_the_machines_memory_are_refused_before_allocating() {
-        let Some(total) = machine_memory_bytes() else {
+        let Some(free) = free_memory_bytes() else {
             eprintln!("SKIP: no /proc/meminfo here");
             return;
         };
-        assert!(total > 1 << 20, "memory and swap read as {total} bytes");
-        // Twice memory + swap: refused by the bound even where the kernel would overcommit.
-        let len = (total / 2 + 1) as usize;
+        assert!(free > 1 << 20, "free memory and swap read as {free} bytes");
+        // Twice what is free: refused by the bound even where the kernel would overcommit.
+        let len = (free / 2 + 1) as usize;
         let err = zeros("a test buffer", &[len, 1]).unwrap_err().to_string();
         assert!(
-            err.contains("a test buffer") && err.contains("more than this machine's memory"),
+            err.contains("a test buffer") && err.contains("more than this machine has free"),
             "{err}"
         );
         assert_eq!(zeros("small", &[3, 2]).unwrap(), vec![0.0; 6]);

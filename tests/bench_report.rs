@@ -1750,3 +1750,56 @@ fn block_budget_from_the_kernel_rows() {
     r.kernels.retain(|k| k.name != "residual_ln");
     assert!(!r.markdown().contains("A block from the kernel rows"));
 }
+
+/// The report tools on malformed files (session 30's review found tracebacks): a one-line
+/// error naming the file and a non-zero exit, never a Python traceback.
+#[test]
+fn report_tools_refuse_malformed_files_without_a_traceback() {
+    let dir = tmp_dir("malformed_reports");
+    let files = [
+        ("fields.json", r#"{"schema":"fora-bench/1"}"#),
+        ("types.json", r#"{"schema":"fora-bench/1","steps":"x"}"#),
+        ("list.json", "[]"),
+        ("garbage.json", "garbage"),
+    ];
+    for (name, text) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        let mut runs = vec![Command::new("python3")
+            .arg(root().join("tools/bench_report.py"))
+            .arg("--ours")
+            .arg(&path)
+            .arg("--torch")
+            .arg(dir.join("absent.json"))
+            .output()
+            .expect("run python3")];
+        if name == "list.json" || name == "garbage.json" {
+            // A report without kernel rows is a valid (empty) one to tma_tiles.py.
+            runs.push(
+                Command::new("python3")
+                    .arg(root().join("tools/tma_tiles.py"))
+                    .arg(&path)
+                    .output()
+                    .expect("run python3"),
+            );
+        }
+        for out in runs {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{name}: accepted; {stderr}");
+            assert!(
+                !stderr.contains("Traceback") && stderr.contains(name),
+                "{name}: {stderr}"
+            );
+        }
+    }
+    // variants_report.py: nothing readable is a failure that says why.
+    std::fs::write(dir.join("variant_default.json"), "bad").unwrap();
+    let out = Command::new("python3")
+        .arg(root().join("tools/variants_report.py"))
+        .arg(&dir)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("variant_default.json"), "{stdout}");
+}

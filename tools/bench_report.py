@@ -40,8 +40,13 @@ def load(path, schema):
     if not os.path.exists(path):
         print(f"bench_report: {path} does not exist; its columns are {DASH}", file=sys.stderr)
         return None
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"bench_report: cannot read {path}: {e}")
+    if not isinstance(data, dict):
+        raise SystemExit(f"bench_report: {path} holds a JSON {type(data).__name__}, not a report object")
     if data.get("schema") != schema:
         raise SystemExit(f"bench_report: {path} has schema {data.get('schema')!r}, expected {schema!r}")
     return data
@@ -479,8 +484,13 @@ def main(argv=None):
     if ours is None and torch is None:
         print("bench_report: neither JSON exists: nothing to report", file=sys.stderr)
         return 2
-    r = Report(ours, torch, a.gemm)
-    text = r.markdown()
+    try:
+        r = Report(ours, torch, a.gemm)
+        text = r.markdown()
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+        # A file with the right schema but fields missing or of the wrong type.
+        raise SystemExit(f"bench_report: {a.ours} / {a.torch}: a malformed report "
+                         f"({type(e).__name__}: {e})")
     print(text)
     if a.md:
         os.makedirs(os.path.dirname(a.md) or ".", exist_ok=True)

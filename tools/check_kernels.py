@@ -35,8 +35,9 @@ order the design needs. Each was found by reading the SASS without a GPU and fix
                        (HGMMA) instructions: it was not compiled to its trap stub.
   no_gpu_membar        no kernel has a GPU-scope memory barrier but a cluster barrier's release
                        (the multicast GEMM's slot releases once carried one each), and the
-                       cluster split-K GEMMs (gemm_tma_k<n>_*) one more: the release of their
-                       once-a-unit `staged` arrival (a remote mbarrier arrive right after).
+                       cluster split-K GEMMs (gemm_tma_k<n>_*) two more: the releases of their
+                       once-a-unit `staged` and `drained` arrivals (a remote mbarrier arrive
+                       right after each).
   pdl_wait_first       sm_90a: every kernel waits for the grid before it (griddepcontrol.wait,
                        SASS ACQBULK) before its first global memory access, so that with
                        programmatic dependent launch (FORA_PDL) it never reads what that grid has
@@ -219,8 +220,8 @@ def no_gpu_membar(ops, remote_releases=0, cluster_proxy_fences=0):
     return None
 
 
-# The cluster split-K GEMMs: one released hand-over a unit (gemm_sm90.cu's
-# cluster_reduced_epilogue).
+# The cluster split-K GEMMs: two released hand-overs a unit, `staged` and `drained`
+# (gemm_sm90.cu's cluster_reduced_epilogue).
 CLUSTER_K_GEMM = re.compile(r"gemm_tma_k\d_")
 
 
@@ -245,7 +246,7 @@ def check(functions, arch):
     """Failures [(rule, function, why)] of every rule that applies to these functions."""
     failures = []
     for name, ops in sorted(functions.items()):
-        releases = 1 if CLUSTER_K_GEMM.match(name) else 0
+        releases = 2 if CLUSTER_K_GEMM.match(name) else 0
         # qkv_attention_*: the K / V pushed into the cluster's shared memory are fenced into
         # the async proxy once, before the exchange's barrier (qkv_attention_sm90.cu).
         proxy_fences = 1 if name.startswith("qkv_attention_") else 0
@@ -335,9 +336,9 @@ def selftest():
          ["HGMMA.64x192x16.F32.BF16 R24", "MEMBAR.ALL.GPU", "SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ"],
          "no_gpu_membar", "sm_90a"),
         ("gemm_tma_k3_128x128", ["HGMMA.64x128x16.F32.BF16 R24", "MEMBAR.ALL.GPU", "SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ",
-                                 "LD.E.128 R8, [R8]"],
+                                 "LD.E.128 R8, [R8]", "MEMBAR.ALL.GPU", "SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ"],
          ["HGMMA.64x128x16.F32.BF16 R24", "MEMBAR.ALL.GPU", "SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ",
-          "MEMBAR.ALL.GPU", "SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ"],
+          "MEMBAR.ALL.GPU", "SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ", "MEMBAR.ALL.GPU", "SYNCS.ARRIVE.TRANS64.RED.A1T0 RZ"],
          "no_gpu_membar", "sm_90a"),
     ]
     ok = ptxas_selftest()

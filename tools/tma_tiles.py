@@ -50,7 +50,10 @@ def main():
             report = json.load(f)
     except (OSError, ValueError) as e:
         sys.exit(f"tma_tiles.py: cannot read {args.report}: {e}")
-    best = fastest_tiles(report, args.rows)
+    try:
+        best = fastest_tiles(report, args.rows)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        sys.exit(f"tma_tiles.py: {args.report} is not a fora bench report ({type(e).__name__}: {e})")
     print(",".join(f"{n}x{k}={tile}" for (n, k), (tile, _) in best.items()))
 
 

@@ -135,7 +135,8 @@ def report(out_dir):
         else:
             runs[name] = d
     if not runs:
-        return f"no variant_*.json under {out_dir}\n"
+        unread = "".join(f"- {e}\n" for e in problems)
+        return f"no readable variant_*.json under {out_dir}\n" + unread
     # The defaults first (round by round), the rest by name and round.
     names = sorted(runs, key=lambda n: (split_round(n)[0] != "default", split_round(n)[0],
                                         split_round(n)[1]))
@@ -209,7 +210,9 @@ def main():
     if a.md:
         with open(a.md, "w") as f:
             f.write(text)
+    # Nothing readable is a failure the caller should see (the reasons are in the text).
+    return 1 if text.startswith("no readable variant_") else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -115,7 +115,8 @@ impl Backend for CpuBackend {
         let b = plan.images();
         plan.validate(cfg)?;
         let img = cfg.image_len();
-        let mut latents = vec![0f32; b * img];
+        let sample_buffer = |what: &str, len: usize| crate::weights::zeros(what, &[len]);
+        let mut latents = sample_buffer("latents", b * img)?;
         let noise_source = match &plan.noise {
             NoiseSource::Seed(s) => {
                 crate::rng::fill_normal(*s, 0, &mut latents);
@@ -161,9 +162,9 @@ impl Backend for CpuBackend {
             labels,
             t_rows: vec![0; rows],
             latents,
-            model_in: vec![0.0; rows * img],
-            guided: vec![0.0; b * cfg.out_len()],
-            noise: vec![0.0; b * img],
+            model_in: sample_buffer("model input", rows * img)?,
+            guided: sample_buffer("guided output", b * cfg.out_len())?,
+            noise: sample_buffer("step noise", b * img)?,
             noise_source,
             acts: Activations::new(cfg, rows)?,
             cache: FeatureCache::new(cfg, rows)?,
