@@ -197,14 +197,32 @@ struct SampleArgs {
     tune_cache: Option<PathBuf>,
 }
 
+/// Refuses a `RAYON_NUM_THREADS` far past the machine's cores before rayon spawns them: tens of
+/// thousands of threads make a one-step run take minutes or never end.
+fn check_rayon_threads() -> Result<()> {
+    let Ok(v) = std::env::var("RAYON_NUM_THREADS") else {
+        return Ok(());
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let most = (8 * cores).max(64);
+    if let Ok(n) = v.trim().parse::<usize>() {
+        ensure!(
+            n <= most,
+            "RAYON_NUM_THREADS={n}: more CPU threads than this machine can use ({cores} cores); \
+             use at most {most}, or 0 for one a core"
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = check_rayon_threads().and_then(|()| match cli.command {
         Command::Forward(args) => forward(args),
         Command::Sample(args) => sample(args),
         Command::Info => info(),
         Command::Bench(args) => fora::bench::run(&args),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

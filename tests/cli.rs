@@ -1189,6 +1189,16 @@ fn special_files_and_save_weights_found_in_second_review() {
         assert!(!stderr(&o).is_empty(), "{flag}");
     }
 
+    // RAYON_NUM_THREADS far past the cores: refused before the threads are spawned.
+    let o = Command::new(fora_bin())
+        .args([
+            "sample", "--model", &model, "--class", "1", "--steps", "1", "--out", &out_s,
+        ])
+        .env("RAYON_NUM_THREADS", "100000")
+        .output()
+        .unwrap();
+    assert_fails(&o, &["RAYON_NUM_THREADS=100000", "use at most"], &out);
+
     // --out under a regular file: said to be no directory.
     let file = s.path("plain");
     std::fs::write(&file, b"x").unwrap();
