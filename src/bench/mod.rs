@@ -612,8 +612,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let want_steps = plan.sections.contains(&Section::Steps);
     let want_ops = plan.sections.contains(&Section::Ops);
     let want_e2e = plan.sections.contains(&Section::E2e);
+    // Set where a failure left the GPU unusable: the rest of the run is skipped.
+    let mut lost = false;
     if want_steps || want_ops || want_e2e {
-        for (i, &imp) in plan.gemms.iter().enumerate() {
+        'gemms: for (i, &imp) in plan.gemms.iter().enumerate() {
             let name = imp.name();
             let options = CudaOptions {
                 gemm: imp,
@@ -631,6 +633,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             if want_steps {
                 for &rows in &plan.batches {
                     eprintln!("bench: steps, {name} GEMM, {rows} rows");
+                    let errors = report.errors.len();
                     bench_steps(
                         &mut backend,
                         &plan,
@@ -641,25 +644,42 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                         &mut report,
                     );
                     save(&report);
+                    let after = format!("the {name} steps at {rows} rows");
+                    if gpu_lost(backend.gpu(), errors, &mut report, &after) {
+                        lost = true;
+                        break 'gemms;
+                    }
                 }
             }
             if want_ops {
                 for &rows in &plan.batches {
                     eprintln!("bench: op times, {name} GEMM, {rows} rows");
+                    let errors = report.errors.len();
                     bench_ops(&mut backend, &plan, rows, args.seed, name, &mut report);
                     save(&report);
+                    let after = format!("the {name} op times at {rows} rows");
+                    if gpu_lost(backend.gpu(), errors, &mut report, &after) {
+                        lost = true;
+                        break 'gemms;
+                    }
                 }
             }
             // End to end on the first implementation (the default, cuBLASLt) only: it is the slow
             // section.
             if want_e2e && i == 0 {
                 eprintln!("bench: end to end, {name} GEMM");
+                let errors = report.errors.len();
                 bench_e2e(&backend, &plan, args.seed, name, &mut report);
                 save(&report);
+                let after = format!("the {name} end-to-end runs");
+                if gpu_lost(backend.gpu(), errors, &mut report, &after) {
+                    lost = true;
+                    break 'gemms;
+                }
             }
         }
     }
-    if plan.tune && (want_steps || want_ops || want_e2e) {
+    if !lost && plan.tune && (want_steps || want_ops || want_e2e) {
         bench_tuned(
             args,
             &plan,
@@ -672,16 +692,27 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
         save(&report);
     }
-    if plan.sections.contains(&Section::Ceilings) {
+    if lost {
+        eprintln!("bench: the GPU no longer answers: the rest of the run is skipped");
+    } else if plan.sections.contains(&Section::Ceilings) {
         eprintln!("bench: ceilings");
         bench_ceilings(&gpu, &plan, &timer, &mut report);
         save(&report);
     }
-    if plan.sections.contains(&Section::Kernels) {
+    if !lost && plan.sections.contains(&Section::Kernels) {
         for &rows in &plan.kernel_batches {
             eprintln!("bench: kernels at {rows} rows");
+            let errors = report.errors.len();
             bench_kernels(&gpu, &cfg, rows, &timer, &mut report);
             save(&report);
+            if gpu_lost(
+                &gpu,
+                errors,
+                &mut report,
+                &format!("the kernels at {rows} rows"),
+            ) {
+                break;
+            }
         }
     }
     drop(gpu);
@@ -773,11 +804,16 @@ fn bench_tuned(
         if !plan.batches.contains(&rows) {
             continue;
         }
+        let errors = report.errors.len();
         if want(Section::Steps) {
             bench_steps(&mut backend, plan, timer, rows, args.seed, "tuned", report);
         }
         if want(Section::Ops) {
             bench_ops(&mut backend, plan, rows, args.seed, "tuned", report);
+        }
+        let after = format!("the tuned steps at {rows} rows");
+        if gpu_lost(backend.gpu(), errors, report, &after) {
+            return;
         }
     }
     if want(Section::E2e) {
@@ -792,6 +828,24 @@ fn bench_tuned(
                 "tuned",
                 &anyhow::anyhow!("not run: the 2-row tuning failed (above)"),
             ),
+        }
+    }
+}
+
+/// After a section that recorded errors past the first `errors_before`: whether the GPU no
+/// longer answers. A kernel fault leaves the process's context unusable for good (every backend
+/// here shares the device's primary context), so each later row would fail and be reported as
+/// a fault of its own; where that is so, one error says what is skipped after `after`.
+fn gpu_lost(gpu: &Gpu, errors_before: usize, report: &mut Report, after: &str) -> bool {
+    if report.errors.len() == errors_before {
+        return false;
+    }
+    match gpu.synchronize() {
+        Ok(()) => false,
+        Err(sticky) => {
+            let e = anyhow::anyhow!("not run: the GPU no longer answers ({sticky:#})");
+            report.error("bench", &format!("everything after {after}"), &e);
+            true
         }
     }
 }

@@ -183,13 +183,20 @@ pub(super) fn bench_ops(
         (StepMode::Reuse, StepKind::Reuse),
     ] {
         let timed = (|| -> Result<OpStep> {
-            // Warm-up steps (the last one's host enqueue time sizes the hold).
+            // Warm-up steps, timed op by op as the runs are: the last one's host enqueue time,
+            // with the events' records and the pool they come from already made, sizes the hold
+            // (a step enqueued without them took ~1-2 ms less at 2 rows, and a hold that ran
+            // out before the step was issued would count host time as the GPU's).
             let mut host_ms = 0.0;
             for i in 0..plan.warmup.max(1) {
                 let start = Instant::now();
-                backend.step(&mut ws, &spec(i, mode))?;
+                backend.gpu().start_op_times()?;
+                let stepped = backend.step(&mut ws, &spec(i, mode));
+                // Enqueued: the host's part ends here (finishing waits for the GPU).
                 host_ms = start.elapsed().as_secs_f64() * 1e3;
-                backend.gpu().synchronize().context("warm-up step failed")?;
+                let times = backend.gpu().finish_op_times();
+                stepped?;
+                times.context("warm-up step failed")?;
             }
             let hold_ms = hold_ms_for(host_ms);
             let mut runs = Vec::with_capacity(plan.runs);
@@ -263,6 +270,13 @@ impl Report {
             "\n## In-model op times (a step launched op by op behind a stream hold, so it runs \
              back to back; CUDA events around each op; per step, the op's ranges summed)\n",
         );
+        if self.options.pdl {
+            // An event between two kernels is the second one's predecessor: it cannot start
+            // early, so these times are those of serialized launches.
+            s += "\nProgrammatic launches (FORA_PDL=1) are on, but an event between two kernels \
+                  keeps the second from starting early: these are serialized launches' times, and \
+                  what PDL saves shows only in the steps section's graph time.\n";
+        }
         for st in &self.ops {
             let graph = self
                 .steps

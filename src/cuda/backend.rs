@@ -766,12 +766,32 @@ impl CudaBackend {
     /// no GEMM looks up ([`tma_tiles_in_effect`]): two options equal after this run the same
     /// kernels at those rows, whatever they were before.
     pub fn options_in_effect(&self, options: CudaOptions, rows: usize) -> CudaOptions {
-        // As if proj / fc2 + LayerNorm were fused: a switch of no effect then has none either
-        // where they are not (no tile is used at all there).
+        let cfg = self.config();
+        // The computing step's decision (GpuModel::forward): reuse steps run none of these.
+        let fuse_ln = super::model::fuses_ln(
+            options.gemm,
+            options.fused_ln,
+            options.bf16_residual,
+            cfg.hidden,
+        );
         let switches = options.fusion_switches();
-        let on =
-            super::model::FusionsInEffect::resolve(&self.gpu, self.config(), rows, true, switches);
-        let tiles = tma_tiles_in_effect(&options, self.gpu.compute_capability().0, self.config());
+        let on = super::model::FusionsInEffect::resolve(&self.gpu, cfg, rows, fuse_ln, switches);
+        let mut tiles = tma_tiles_in_effect(&options, self.gpu.compute_capability().0, cfg);
+        // fc2's shape (d x mlp) is fc2's alone and qkv's (3d x d) qkv's: where those GEMMs do
+        // not go through the engine's routed paths, no GEMM looks their entries up. fc2 skips
+        // them inside the fused GEMM + LayerNorm, and under cuBLASLt's f32 products
+        // (`cublaslt_product_split`, fused LayerNorm without bf16_residual); qkv inside the
+        // fused qkv + attention. (d x d is proj's but also other GEMMs': kept.)
+        let (d, mlp) = (cfg.hidden, cfg.mlp_hidden());
+        let fc2_unrouted = on.gemm_ln_tile.is_some()
+            || (options.gemm == GemmImpl::CublasLt && fuse_ln && !options.bf16_residual);
+        let shape = |o: &super::gemm::TmaOverride| (o.n as usize, o.k as usize);
+        if fc2_unrouted {
+            tiles = tiles.retain(|o| shape(o) != (d, mlp));
+        }
+        if on.qkv_attention {
+            tiles = tiles.retain(|o| shape(o) != (3 * d, d));
+        }
         CudaOptions {
             tma_tiles: tiles,
             ..options.with_fusion_switches(on.switches())
@@ -1386,6 +1406,21 @@ impl Backend for CudaBackend {
             // overwrites the activations, caches and tables these write.
             for mode in [StepMode::Compute, StepMode::Reuse] {
                 enqueue(mode, 0).context("while tuning the cuBLASLt GEMMs")?;
+            }
+            if sum0.is_some() {
+                // A reuse step alone in its run reads the cache, not a sum: its gate columns'
+                // GEMMs are other shapes than the summed step's.
+                self.enqueue_forward(
+                    &gemm,
+                    &acts,
+                    StepMode::Reuse,
+                    &latents,
+                    b,
+                    with_modulation,
+                    side.as_ref().map(|s| (s, 0)),
+                    None,
+                )
+                .context("while tuning the cuBLASLt GEMMs")?;
             }
         }
         let graphs = if self.options.graphs && !step_graph {

@@ -357,6 +357,19 @@ pub fn gemm_shapes(cfg: &DitConfig) -> [(usize, usize); 8] {
     ]
 }
 
+/// Whether a computing step fuses proj's / fc2's residual with the LayerNorm after each, for
+/// model width `d`: asked for (`fused_ln`), on a GEMM path that serves it (cuBLASLt's products,
+/// or our TMA GEMMs' bf16 v or split-K slices with `bf16_residual`), where the pass supports `d`.
+pub fn fuses_ln(gemm: GemmImpl, fused_ln: bool, bf16_residual: bool, d: usize) -> bool {
+    fused_ln
+        && match gemm {
+            GemmImpl::CublasLt => true,
+            GemmImpl::Tma | GemmImpl::TmaMulticast => bf16_residual,
+            GemmImpl::Custom | GemmImpl::Wgmma => false,
+        }
+        && super::norm::residual_layernorm_supports(d)
+}
+
 /// Columns of the modulation table: 6D per block, then the final layer's shift and scale.
 pub fn ada_cols(cfg: &DitConfig) -> usize {
     cfg.depth * 6 * cfg.hidden + 2 * cfg.hidden
@@ -967,13 +980,7 @@ impl GpuModel {
         // proj / fc2 epilogue + the next LayerNorm fused: cuBLASLt products, or our TMA GEMMs'
         // bf16 v or split-K slices (block_output).
         let fuse_ln = mode == StepMode::Compute
-            && fused_ln
-            && match gemm.implementation() {
-                GemmImpl::CublasLt => true,
-                GemmImpl::Tma | GemmImpl::TmaMulticast => bf16_residual,
-                GemmImpl::Custom | GemmImpl::Wgmma => false,
-            }
-            && super::norm::residual_layernorm_supports(d);
+            && fuses_ln(gemm.implementation(), fused_ln, bf16_residual, d);
         let FusionsInEffect {
             gemm_ln_tile,
             gemm_ln_one_per_sm: gemm_ln_one_per_sm_on,
@@ -1336,5 +1343,30 @@ impl GpuModel {
             ),
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fuses_ln, GemmImpl};
+
+    #[test]
+    fn fused_layernorm_where_the_gemm_path_serves_it() {
+        let d = 1152;
+        // cuBLASLt: with or without the bf16 residual; the TMA GEMMs only with it.
+        for (gemm, bf16, fused) in [
+            (GemmImpl::CublasLt, false, true),
+            (GemmImpl::CublasLt, true, true),
+            (GemmImpl::Tma, false, false),
+            (GemmImpl::Tma, true, true),
+            (GemmImpl::TmaMulticast, true, true),
+            (GemmImpl::Custom, true, false),
+            (GemmImpl::Wgmma, true, false),
+        ] {
+            assert_eq!(fuses_ln(gemm, true, bf16, d), fused, "{gemm:?} bf16 {bf16}");
+            assert!(!fuses_ln(gemm, false, bf16, d), "{gemm:?}: not asked for");
+        }
+        // A width the pass does not take.
+        assert!(!fuses_ln(GemmImpl::CublasLt, true, true, 1150));
     }
 }

@@ -217,6 +217,13 @@ impl Tunable for CudaBackend {
             profiler_api: false,
         };
         let stats = timer.time(self.gpu(), |_| pass(&mut ws))?;
+        // cudarc keeps an error of a free in a destructor for the next call on the context,
+        // whatever it is: freed here and asked at once, it is this candidate's.
+        drop(ws);
+        self.gpu()
+            .context()
+            .check_err()
+            .context("freeing the workspace")?;
         Ok(WindowRun {
             first_change: after.iter().zip(&before).map(|(a, b)| a - b).collect(),
             stats,
