@@ -1043,28 +1043,21 @@ fn bad_settings_and_outputs_found_in_review() {
         .unwrap()
         .file_type()
         .is_symlink());
-    assert_eq!(
-        TensorFile::open(&real)
+    let samples_shape = |path: &Path| {
+        TensorFile::open(path)
             .unwrap()
             .f32("samples", 4)
             .unwrap()
-            .shape,
-        [1, 4, 8, 8]
-    );
+            .shape
+    };
+    assert_eq!(samples_shape(&real), [1, 4, 8, 8]);
 
     // --out /dev/stdout onto a pipe (the test's): the samples come out on it.
     let piped = sample(&["--steps", "2", "--out", "/dev/stdout"]);
     assert_ok(&piped);
     let piped_file = s.path("piped.safetensors");
     std::fs::write(&piped_file, &piped.stdout).unwrap();
-    assert_eq!(
-        TensorFile::open(&piped_file)
-            .unwrap()
-            .f32("samples", 4)
-            .unwrap()
-            .shape,
-        [1, 4, 8, 8]
-    );
+    assert_eq!(samples_shape(&piped_file), [1, 4, 8, 8]);
 
     // --arch keys: unknown or repeated.
     for (arch, says) in [
