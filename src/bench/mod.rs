@@ -141,7 +141,8 @@ pub struct BenchArgs {
     /// Model rows of the per-kernel shapes (M = rows x tokens). Default 2,256.
     #[arg(long, value_delimiter = ',')]
     pub kernel_batches: Option<Vec<usize>>,
-    /// FORA intervals N of the end-to-end runs (1 = no caching). Default 1,2,3,4,5.
+    /// FORA intervals N of the end-to-end runs (1 = no caching; at most 1000). Default
+    /// 1,2,3,4,5.
     #[arg(long, value_delimiter = ',')]
     pub intervals: Option<Vec<usize>>,
     /// DDPM steps of the end-to-end runs.
@@ -165,8 +166,8 @@ pub struct BenchArgs {
     /// section times every one this card runs.
     #[arg(long, value_name = "IMPL")]
     pub attention: Option<String>,
-    /// Side of the square bf16 GEMM that measures the card's ceiling. Default 8192 (4096 with
-    /// --quick).
+    /// Side of the square bf16 GEMM that measures the card's ceiling: a multiple of 8 from 256
+    /// to 32768. Default 8192 (4096 with --quick).
     #[arg(long)]
     pub ceiling_size: Option<usize>,
     /// MiB the memory ceilings (copy and read) move. Default 1024.
