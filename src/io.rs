@@ -318,16 +318,26 @@ pub fn write_target(path: &Path) -> Result<(PathBuf, bool)> {
 /// link is followed (the file it leads to is replaced, the link stays); a device or FIFO is
 /// written into ([`write_target`]).
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
-    let (target, replace) = write_target(path.as_ref())?;
-    let path = target.as_path();
-    if !replace {
+    write_atomic_with(path.as_ref(), |p| {
         let mut f = fs::OpenOptions::new()
             .write(true)
-            .open(path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        return f
-            .write_all(bytes)
-            .with_context(|| format!("cannot write {}", path.display()));
+            .create(true)
+            .truncate(true)
+            .open(p)
+            .with_context(|| format!("cannot open {}", p.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("cannot write {}", p.display()))
+    })
+}
+
+/// [`write_atomic`] with the file written by `write`, given the path to write whole (the
+/// temporary file, or the device itself): for writers that take a path, such as
+/// `safetensors::serialize_to_file`, which streams a checkpoint without a copy in memory.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let (target, replace) = write_target(path)?;
+    let path = target.as_path();
+    if !replace {
+        return write(path);
     }
     let file_name = path
         .file_name()
@@ -353,11 +363,9 @@ pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
         std::process::id()
     ));
     let result = (|| -> Result<()> {
-        let mut f =
-            fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.sync_all()
+        write(&tmp)?;
+        fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
             .with_context(|| format!("cannot flush {}", tmp.display()))?;
         fs::rename(&tmp, path)
             .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))

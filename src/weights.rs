@@ -335,8 +335,9 @@ impl DitWeights {
     }
 
     /// Writes the weights in the official key layout, f32, with `cfg` in the safetensors
-    /// metadata (see [`DitConfig::to_metadata`]). The file appears whole or not at all: it is
-    /// written to a temporary file beside `path`, then renamed.
+    /// metadata (see [`DitConfig::to_metadata`]). The file appears whole or not at all
+    /// ([`crate::io::write_atomic_with`]: a temporary file beside `path`, flushed, then
+    /// renamed; a link followed, a device written into).
     pub fn save(&self, path: impl AsRef<Path>, cfg: &DitConfig) -> Result<()> {
         let path = path.as_ref();
         let named = self.named(cfg)?;
@@ -344,24 +345,11 @@ impl DitWeights {
             .into_iter()
             .map(|(k, shape, data)| (k, F32Tensor { shape, data }))
             .collect();
-        // A link is followed and a device written into, as every output ([`crate::io::write_target`]).
-        let (path, replace) = crate::io::write_target(path)?;
-        let path = path.as_path();
-        if !replace {
-            return safetensors::serialize_to_file(views, Some(cfg.to_metadata()), path)
-                .with_context(|| format!("writing checkpoint {}", path.display()));
-        }
-        let tmp = tmp_path(path);
-        let result = safetensors::serialize_to_file(views, Some(cfg.to_metadata()), &tmp)
-            .with_context(|| format!("writing checkpoint {}", tmp.display()))
-            .and_then(|()| {
-                std::fs::rename(&tmp, path)
-                    .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-            });
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        // Whole or not at all, a link followed and a device written into, as every output.
+        crate::io::write_atomic_with(path, |p| {
+            safetensors::serialize_to_file(views, Some(cfg.to_metadata()), p)
+                .with_context(|| format!("writing checkpoint {}", p.display()))
+        })
     }
 
     /// Loads a checkpoint in the official key layout (f32, f16 or bf16 tensors) and infers its
@@ -490,14 +478,6 @@ fn list(keys: &[&String]) -> String {
         s.push_str(&format!(", ... and {} more", keys.len() - 20));
     }
     s
-}
-
-fn tmp_path(path: &Path) -> std::path::PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "checkpoint".into());
-    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
 }
 
 /// Converts one tensor to f32; f32, f16 and bf16 only.

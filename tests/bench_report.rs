@@ -1755,6 +1755,10 @@ fn block_budget_from_the_kernel_rows() {
 /// error naming the file and a non-zero exit, never a Python traceback.
 #[test]
 fn report_tools_refuse_malformed_files_without_a_traceback() {
+    if !python_has("json") {
+        println!("SKIP report_tools_refuse_malformed_files_without_a_traceback: no python3");
+        return;
+    }
     let dir = tmp_dir("malformed_reports");
     let files = [
         ("fields.json", r#"{"schema":"fora-bench/1"}"#),

@@ -125,6 +125,7 @@ def verdicts(runs, names, rows):
 
 
 def report(out_dir):
+    """The Markdown report of the variant runs under `out_dir`, and whether any was readable."""
     paths = sorted(glob.glob(os.path.join(out_dir, "variant_*.json")))
     runs, problems = {}, []
     for p in paths:
@@ -136,7 +137,7 @@ def report(out_dir):
             runs[name] = d
     if not runs:
         unread = "".join(f"- {e}\n" for e in problems)
-        return f"no readable variant_*.json under {out_dir}\n" + unread
+        return f"no readable variant_*.json under {out_dir}\n" + unread, False
     # The defaults first (round by round), the rest by name and round.
     names = sorted(runs, key=lambda n: (split_round(n)[0] != "default", split_round(n)[0],
                                         split_round(n)[1]))
@@ -197,7 +198,7 @@ def report(out_dir):
         out.append("\nErrors:\n" + "\n".join(errors))
     if problems:
         out.append("\nUnreadable: " + "; ".join(problems))
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n", True
 
 
 def main():
@@ -205,13 +206,13 @@ def main():
     ap.add_argument("out_dir")
     ap.add_argument("--md", help="also write the table here")
     a = ap.parse_args()
-    text = report(a.out_dir)
+    text, found = report(a.out_dir)
     sys.stdout.write(text)
     if a.md:
         with open(a.md, "w") as f:
             f.write(text)
     # Nothing readable is a failure the caller should see (the reasons are in the text).
-    return 1 if text.startswith("no readable variant_") else 0
+    return 0 if found else 1
 
 
 if __name__ == "__main__":

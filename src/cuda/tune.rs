@@ -567,8 +567,8 @@ pub fn window_len(modes: &[StepMode], target: usize) -> usize {
 }
 
 /// The candidates that beat the first (the given options), strictly and by at least
-/// `min_gain` of its time, from their median window times (`None` for those that did not pass), fastest first
-/// (the earlier of equal times first). Empty if the first has no time.
+/// `min_gain` of its time, from their median window times (`None` for those that did not
+/// pass), fastest first (the earlier of equal times first). Empty if the first has no time.
 pub fn winners(times_ms: &[Option<f64>], min_gain: f64) -> Vec<usize> {
     let Some(Some(given)) = times_ms.first() else {
         return Vec::new();
