@@ -149,6 +149,10 @@ pub struct SamplePlan {
     pub timesteps: Vec<i64>,
     /// Where x_T and every step's noise come from.
     pub noise: NoiseSource,
+    /// Whether any step of the run reuses the FORA cache. False: every step computes, and a
+    /// backend may leave the cache out of the workspace (the CPU backend does; its reuse
+    /// steps are then an error). True where the schedule is not known yet.
+    pub reuses: bool,
 }
 
 impl SamplePlan {

@@ -224,6 +224,7 @@ impl<'a, B: Backend> Sampler<'a, B> {
                 .map(|k| self.diffusion.timestep_map[self.steps() - 1 - k] as i64)
                 .collect(),
             noise,
+            reuses: true,
         })
     }
 
@@ -284,7 +285,9 @@ impl<'a, B: Backend> Sampler<'a, B> {
     ) -> Result<Samples> {
         let _sample = crate::nvtx_range!("sample");
         let start = Instant::now();
-        let plan = self.plan(classes, noise)?;
+        let mut plan = self.plan(classes, noise)?;
+        let schedule = self.schedule(policy);
+        plan.reuses = schedule.iter().any(|s| s.mode == StepMode::Reuse);
         let workspace_range = crate::nvtx_range!("workspace");
         let mut ws = self.backend.workspace(&plan).with_context(|| {
             format!(
@@ -297,7 +300,7 @@ impl<'a, B: Backend> Sampler<'a, B> {
         let loop_start = Instant::now();
         let steps = self.steps();
         let (mut computed, mut reused) = (0usize, 0usize);
-        for spec in self.schedule(policy) {
+        for spec in schedule {
             let StepSpec { k, i, t, mode, .. } = spec;
             let _step = crate::nvtx_range!(
                 "step {k} {}",

@@ -422,30 +422,63 @@ impl DitWeights {
 /// each one lessens what the next may take: a workspace of many buffers, each small enough
 /// alone, is refused at the one that does not fit.
 pub fn zeros(what: &str, dims: &[usize]) -> Result<Vec<f32>> {
-    let len = dims
-        .iter()
-        .try_fold(1usize, |a, &b| a.checked_mul(b))
-        .filter(|&n| n.checked_mul(4).is_some())
+    let len = f32_len(dims)
         .with_context(|| format!("{what}: {dims:?} elements overflow the address space"))?;
-    let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
-    if let Some(free) = free_memory_bytes() {
-        ensure!(
-            len as u64 * 4 <= free,
-            "{what}: {len} f32 values ({:.1} GiB) {dims:?} are more than this machine has free \
-             ({:.1} GiB of memory and swap)",
-            gib(len as f64 * 4.0),
-            gib(free as f64)
-        );
-    }
+    ensure_free_memory(
+        &format!("{what}: {len} f32 values {dims:?}"),
+        len as u64 * 4,
+    )?;
     let mut v = Vec::new();
     v.try_reserve_exact(len).map_err(|_| {
         anyhow::anyhow!(
-            "{what}: cannot allocate {len} f32 values ({:.1} GiB) {dims:?}",
-            gib(len as f64 * 4.0)
+            "{what}: cannot allocate {len} f32 values ({}) {dims:?}",
+            show_bytes(len as u64 * 4)
         )
     })?;
     v.resize(len, 0.0);
     Ok(v)
+}
+
+/// Elements of an f32 buffer of `dims`, or None where their product, or its bytes, overflow.
+pub fn f32_len(dims: &[usize]) -> Option<usize> {
+    dims.iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b))
+        .filter(|&n| n.checked_mul(4).is_some())
+}
+
+/// Bytes of the f32 buffers of each of `layout`'s dims together, or None where they overflow.
+pub fn f32_bytes<'a>(layout: impl IntoIterator<Item = &'a [usize]>) -> Option<u64> {
+    layout.into_iter().try_fold(0u64, |sum, dims| {
+        sum.checked_add((f32_len(dims)? as u64).checked_mul(4)?)
+    })
+}
+
+/// An error naming `what` where `bytes` are more than the memory and swap this machine has
+/// free ([`free_memory_bytes`]; nothing is refused where the system does not say).
+pub fn ensure_free_memory(what: &str, bytes: u64) -> Result<()> {
+    ensure_within_free(what, bytes, free_memory_bytes())
+}
+
+/// [`ensure_free_memory`] against a given count of free bytes (None: nothing is refused).
+pub(crate) fn ensure_within_free(what: &str, bytes: u64, free: Option<u64>) -> Result<()> {
+    if let Some(free) = free {
+        ensure!(
+            bytes <= free,
+            "{what}: {}, more than this machine has free ({} of memory and swap)",
+            show_bytes(bytes),
+            show_bytes(free)
+        );
+    }
+    Ok(())
+}
+
+/// `bytes` for a message: in GiB, MiB or KiB to a tenth, or in bytes below one KiB.
+pub(crate) fn show_bytes(bytes: u64) -> String {
+    let units = [(30, "GiB"), (20, "MiB"), (10, "KiB")];
+    match units.iter().find(|(shift, _)| bytes >= 1u64 << shift) {
+        Some(&(shift, unit)) => format!("{:.1} {unit}", bytes as f64 / (1u64 << shift) as f64),
+        None => format!("{bytes} bytes"),
+    }
 }
 
 /// Bytes of memory a new allocation can have without the system running out: `MemAvailable`

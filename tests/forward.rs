@@ -448,6 +448,7 @@ fn plan(
         steps,
         timesteps: (0..steps as i64).map(|k| 999 - 100 * k).collect(),
         noise,
+        reuses: true,
     }
 }
 
@@ -669,4 +670,47 @@ fn buffers_too_large_are_an_error() {
         err.contains("FORA cache") && err.contains("overflow"),
         "{err}"
     );
+}
+
+/// A plan without reuse steps gets a workspace without the FORA cache (the largest part of a
+/// CPU workspace), samples the same bits, and refuses a reuse step by name.
+#[test]
+fn a_plan_without_reuse_steps_holds_no_cache() {
+    use fora::backend::{NoiseSource, StepSpec};
+    let cfg = odd_config();
+    let be = backend(&cfg, 14);
+    let with_cache = plan(&cfg, NoiseSource::Seed(3), 3);
+    let without = fora::backend::SamplePlan {
+        reuses: false,
+        ..with_cache.clone()
+    };
+    let run = |p: &fora::backend::SamplePlan| {
+        let mut ws = be.workspace(p).unwrap();
+        assert_eq!(ws.cache().is_some(), p.reuses);
+        for k in 0..p.steps {
+            let spec = StepSpec {
+                k,
+                i: p.steps - 1 - k,
+                t: p.timesteps[k],
+                mode: StepMode::Compute,
+                update: ddpm_update(k + 1 < p.steps),
+                reuse_ahead: 0,
+            };
+            be.step(&mut ws, &spec).unwrap();
+        }
+        (be.latents(&mut ws).unwrap(), ws)
+    };
+    let (a, mut ws) = run(&without);
+    let (b, _) = run(&with_cache);
+    assert_eq!(a, b, "the cache changed a run that never reuses it");
+    let reuse = StepSpec {
+        k: 1,
+        i: 1,
+        t: with_cache.timesteps[1],
+        mode: StepMode::Reuse,
+        update: ddpm_update(true),
+        reuse_ahead: 0,
+    };
+    let err = be.step(&mut ws, &reuse).unwrap_err().to_string();
+    assert!(err.contains("planned without one"), "{err}");
 }

@@ -20,6 +20,8 @@ struct MockBackend {
     log: RefCell<Vec<(usize, usize, i64, StepMode)>>,
     /// reuse_ahead of every step, in order.
     ahead: RefCell<Vec<usize>>,
+    /// `reuses` of every plan a workspace was made for.
+    reuses: RefCell<Vec<bool>>,
 }
 
 struct MockWorkspace {
@@ -39,6 +41,7 @@ impl MockBackend {
             config: DitConfig::from_arch(&arch, 3, 4, 10, learn_sigma).unwrap(),
             log: RefCell::new(Vec::new()),
             ahead: RefCell::new(Vec::new()),
+            reuses: RefCell::new(Vec::new()),
         }
     }
 }
@@ -53,6 +56,7 @@ impl Backend for MockBackend {
         &self.config
     }
     fn workspace(&self, plan: &SamplePlan) -> Result<MockWorkspace> {
+        self.reuses.borrow_mut().push(plan.reuses);
         let n = plan.images() * self.config.image_len();
         let mut x = vec![0.0; n];
         fill_initial_noise(&plan.noise, &mut x)?;
@@ -142,7 +146,7 @@ fn steps_run_in_order_with_original_timesteps() {
 
 #[test]
 fn fora_static_schedule_counts() {
-    for (n, want) in [(2, 126), (3, 84), (4, 64), (5, 51), (6, 43)] {
+    for (n, want) in [(1, 250), (2, 126), (3, 84), (4, 64), (5, 51), (6, 43)] {
         let backend = MockBackend::new(true);
         let sampler = Sampler::new(&backend, SamplerOptions::ddpm(250)).unwrap();
         let mut policy = StaticInterval::new(n).unwrap();
@@ -159,6 +163,9 @@ fn fora_static_schedule_counts() {
             .filter(|e| e.3 == StepMode::Compute)
             .count();
         assert_eq!(computed_by_backend, want);
+        // The workspace is told whether the cache is ever read (the CPU backend leaves it
+        // out at N = 1).
+        assert_eq!(*backend.reuses.borrow(), [n > 1], "N={n}");
     }
 }
 

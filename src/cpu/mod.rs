@@ -14,7 +14,7 @@ use crate::backend::{
 };
 use crate::config::DitConfig;
 use crate::weights::DitWeights;
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use model::{Activations, FeatureCache};
 
 /// The reference backend: a validated config and its weights.
@@ -49,13 +49,15 @@ pub struct CpuWorkspace {
     noise: Vec<f32>,
     noise_source: WorkspaceNoise,
     acts: Activations,
-    cache: FeatureCache,
+    /// None where the plan has no reuse step ([`SamplePlan::reuses`]).
+    cache: Option<FeatureCache>,
 }
 
 impl CpuWorkspace {
-    /// The FORA cache of the model rows (for tests and inspection).
-    pub fn cache(&self) -> &FeatureCache {
-        &self.cache
+    /// The FORA cache of the model rows (for tests and inspection); None where the plan has
+    /// no reuse step, so the workspace holds none.
+    pub fn cache(&self) -> Option<&FeatureCache> {
+        self.cache.as_ref()
     }
     /// The activations of the last step (its model output is `activations().out`).
     pub fn activations(&self) -> &Activations {
@@ -99,6 +101,56 @@ impl CpuBackend {
     }
 }
 
+/// Refuses a workspace for `plan` larger than the memory and swap this machine has free, with
+/// its size by part, before any of it is allocated (buffer by buffer, the one that does not
+/// fit would be refused only once the others were made and zeroed).
+fn check_workspace_fits(cfg: &DitConfig, plan: &SamplePlan, free: Option<u64>) -> Result<()> {
+    let (b, rows, img) = (plan.images(), plan.model_rows(), cfg.image_len());
+    let noise_file = match &plan.noise {
+        NoiseSource::File { noise, .. } => noise.len(),
+        NoiseSource::Seed(_) => 0,
+    };
+    let parts = [
+        ("activations", Activations::bytes(cfg, rows)),
+        (
+            "FORA cache",
+            match plan.reuses {
+                true => FeatureCache::bytes(cfg, rows),
+                false => Some(0),
+            },
+        ),
+        (
+            "latents, noise and outputs",
+            crate::weights::f32_bytes([
+                [b, img].as_slice(),
+                &[rows, img],
+                &[b, cfg.out_len()],
+                &[b, img],
+                &[noise_file],
+            ]),
+        ),
+    ];
+    let context = || {
+        format!(
+            "a CPU workspace for {rows} model rows of {}",
+            cfg.arch_name()
+        )
+    };
+    let mut total = 0u64;
+    let mut by_part = Vec::new();
+    for (part, bytes) in parts {
+        let bytes = bytes
+            .and_then(|b| {
+                total = total.checked_add(b)?;
+                Some(b)
+            })
+            .with_context(|| format!("{part}: sizes overflow the address space"))
+            .with_context(context)?;
+        by_part.push(format!("{part} {}", crate::weights::show_bytes(bytes)));
+    }
+    crate::weights::ensure_within_free(&by_part.join(", "), total, free).with_context(context)
+}
+
 impl Backend for CpuBackend {
     type Workspace = CpuWorkspace;
 
@@ -115,6 +167,8 @@ impl Backend for CpuBackend {
         let b = plan.images();
         plan.validate(cfg)?;
         let img = cfg.image_len();
+        let rows = plan.model_rows();
+        check_workspace_fits(cfg, plan, crate::weights::free_memory_bytes())?;
         let sample_buffer = |what: &str, len: usize| crate::weights::zeros(what, &[len]);
         let mut latents = sample_buffer("latents", b * img)?;
         let noise_source = match &plan.noise {
@@ -150,7 +204,6 @@ impl Backend for CpuBackend {
                 WorkspaceNoise::File(noise.clone())
             }
         };
-        let rows = plan.model_rows();
         let mut labels = plan.classes.clone();
         if plan.guidance.is_some() {
             labels.extend(std::iter::repeat_n(cfg.null_class(), b));
@@ -167,7 +220,10 @@ impl Backend for CpuBackend {
             noise: sample_buffer("step noise", b * img)?,
             noise_source,
             acts: Activations::new(cfg, rows)?,
-            cache: FeatureCache::new(cfg, rows)?,
+            cache: match plan.reuses {
+                true => Some(FeatureCache::new(cfg, rows)?),
+                false => None,
+            },
         })
     }
 
@@ -180,8 +236,15 @@ impl Backend for CpuBackend {
             ws.steps
         );
         if step.mode == StepMode::Reuse {
+            let Some(cache) = &ws.cache else {
+                bail!(
+                    "step {}: a reuse step in a workspace planned without one (its plan's \
+                     `reuses` is false, so it holds no FORA cache)",
+                    step.k
+                );
+            };
             ensure!(
-                ws.cache.valid,
+                cache.valid,
                 "step {}: a reuse step needs a computing step before it (the first step must compute)",
                 step.k
             );
@@ -195,7 +258,7 @@ impl Backend for CpuBackend {
             cfg,
             &self.weights,
             &mut ws.acts,
-            Some(&mut ws.cache),
+            ws.cache.as_mut(),
             step.mode,
             &ws.model_in,
             &ws.t_rows,
@@ -310,5 +373,49 @@ impl Backend for CpuBackend {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Arch;
+
+    #[test]
+    fn a_workspace_past_free_memory_is_refused_by_its_total() {
+        let arch = Arch::parse("depth=3,hidden=64,heads=2,patch=2").unwrap();
+        let cfg = DitConfig::from_arch(&arch, 4, 32, 10, true).unwrap();
+        let mut plan = SamplePlan {
+            classes: vec![1; 8],
+            guidance: Some(Guidance {
+                scale: 4.0,
+                mode: GuidanceMode::Official3,
+            }),
+            steps: 3,
+            timesteps: vec![999, 500, 0],
+            noise: NoiseSource::Seed(1),
+            reuses: true,
+        };
+        let acts = Activations::bytes(&cfg, 16).unwrap();
+        let cache = FeatureCache::bytes(&cfg, 16).unwrap();
+        let samples = 4 * ((2 * 8 + 16) * cfg.image_len() + 8 * cfg.out_len()) as u64;
+        assert!(samples < cache && cache < acts, "{samples} {cache} {acts}");
+        // Each part fits alone; the whole does not, and is refused before anything is made.
+        let free = acts + cache - 1;
+        let err = format!(
+            "{:#}",
+            check_workspace_fits(&cfg, &plan, Some(free)).unwrap_err()
+        );
+        assert!(
+            err.contains("a CPU workspace for 16 model rows")
+                && err.contains("FORA cache")
+                && err.contains("more than this machine has free"),
+            "{err}"
+        );
+        check_workspace_fits(&cfg, &plan, Some(acts + cache + samples)).unwrap();
+        check_workspace_fits(&cfg, &plan, None).unwrap();
+        // Without reuse steps the cache is left out, and the rest fits.
+        plan.reuses = false;
+        check_workspace_fits(&cfg, &plan, Some(free)).unwrap();
     }
 }

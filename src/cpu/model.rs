@@ -9,7 +9,7 @@
 use super::ops;
 use crate::backend::StepMode;
 use crate::config::DitConfig;
-use crate::weights::{zeros, DitWeights, FREQ_DIM};
+use crate::weights::{ensure_free_memory, f32_bytes, f32_len, zeros, DitWeights, FREQ_DIM};
 use anyhow::{ensure, Context, Result};
 
 /// Every activation buffer of a forward over `rows` model rows.
@@ -53,34 +53,86 @@ pub struct Activations {
 }
 
 impl Activations {
-    /// Buffers for a forward of `rows` model rows (at least one).
-    pub fn new(cfg: &DitConfig, rows: usize) -> Result<Activations> {
-        ensure!(rows > 0, "a forward needs at least one row");
+    /// Each buffer of a forward over `rows` model rows: its name and dims, in field order.
+    fn layout(cfg: &DitConfig, rows: usize) -> [(&'static str, Vec<usize>); 17] {
         let (t, d) = (cfg.tokens(), cfg.hidden);
         let tasks = rayon::current_num_threads().clamp(1, rows.saturating_mul(cfg.heads));
-        let z = |what: &str, dims: &[usize]| {
-            zeros(what, dims)
-                .with_context(|| format!("the CPU forward of {rows} rows of {}", cfg.arch_name()))
+        [
+            (
+                "patches",
+                vec![rows, t, cfg.in_channels, cfg.patch, cfg.patch],
+            ),
+            ("residual stream", vec![rows, t, d]),
+            ("normalized activations", vec![rows, t, d]),
+            ("qkv", vec![rows, t, 3, d]),
+            ("attention", vec![rows, t, d]),
+            ("MLP hidden", vec![rows, t, cfg.mlp_hidden()]),
+            ("attention output", vec![rows, t, d]),
+            ("MLP output", vec![rows, t, d]),
+            ("timestep features", vec![rows, FREQ_DIM]),
+            ("timestep hidden", vec![rows, d]),
+            ("conditioning", vec![rows, d]),
+            ("conditioning", vec![rows, d]),
+            ("modulations", vec![cfg.depth, rows, 6, d]),
+            ("final modulations", vec![rows, 2, d]),
+            ("final layer", vec![rows, t, cfg.patch_out()]),
+            ("output", vec![rows, cfg.out_len()]),
+            ("attention scores", vec![tasks, t, t]),
+        ]
+    }
+
+    /// Bytes of the buffers of a forward over `rows` model rows, None where they overflow.
+    pub fn bytes(cfg: &DitConfig, rows: usize) -> Option<u64> {
+        f32_bytes(Self::layout(cfg, rows).iter().map(|(_, d)| d.as_slice()))
+    }
+
+    /// Buffers for a forward of `rows` model rows (at least one); an error naming the largest
+    /// buffer where they overflow or are more than this machine has free, before any is made.
+    pub fn new(cfg: &DitConfig, rows: usize) -> Result<Activations> {
+        ensure!(rows > 0, "a forward needs at least one row");
+        let layout = Self::layout(cfg, rows);
+        let context = || format!("the CPU forward of {rows} rows of {}", cfg.arch_name());
+        let (largest, dims) = layout
+            .iter()
+            .max_by_key(|(_, dims)| f32_len(dims).unwrap_or(usize::MAX))
+            .expect("the layout is not empty");
+        let bytes = f32_bytes(layout.iter().map(|(_, d)| d.as_slice()))
+            .with_context(|| format!("{largest}: {dims:?} elements overflow the address space"))
+            .with_context(context)?;
+        ensure_free_memory(
+            &format!("{} buffers, the largest {largest} {dims:?}", layout.len()),
+            bytes,
+        )
+        .with_context(context)?;
+        let buffers = layout
+            .iter()
+            .map(|(what, dims)| zeros(what, dims).with_context(context))
+            .collect::<Result<Vec<_>>>()?;
+        let Ok(
+            [patches, x, h, qkv, attn, mlp, attn_out, mlp_out, t_feat, t_hidden, c, silu_c, mods, final_mods, final_out, out, scores],
+        ) = <[Vec<f32>; 17]>::try_from(buffers)
+        else {
+            unreachable!("one buffer for each of the layout's 17 entries")
         };
         Ok(Activations {
             rows,
-            patches: z("patches", &[rows, t, cfg.in_channels, cfg.patch, cfg.patch])?,
-            x: z("residual stream", &[rows, t, d])?,
-            h: z("normalized activations", &[rows, t, d])?,
-            qkv: z("qkv", &[rows, t, 3, d])?,
-            attn: z("attention", &[rows, t, d])?,
-            mlp: z("MLP hidden", &[rows, t, cfg.mlp_hidden()])?,
-            attn_out: z("attention output", &[rows, t, d])?,
-            mlp_out: z("MLP output", &[rows, t, d])?,
-            t_feat: z("timestep features", &[rows, FREQ_DIM])?,
-            t_hidden: z("timestep hidden", &[rows, d])?,
-            c: z("conditioning", &[rows, d])?,
-            silu_c: z("conditioning", &[rows, d])?,
-            mods: z("modulations", &[cfg.depth, rows, 6, d])?,
-            final_mods: z("final modulations", &[rows, 2, d])?,
-            final_out: z("final layer", &[rows, t, cfg.patch_out()])?,
-            out: z("output", &[rows, cfg.out_len()])?,
-            scores: z("attention scores", &[tasks, t, t])?,
+            patches,
+            x,
+            h,
+            qkv,
+            attn,
+            mlp,
+            attn_out,
+            mlp_out,
+            t_feat,
+            t_hidden,
+            c,
+            silu_c,
+            mods,
+            final_mods,
+            final_out,
+            out,
+            scores,
         })
     }
     /// Model rows these buffers hold.
@@ -105,10 +157,13 @@ impl FeatureCache {
     /// An empty (not yet valid) cache for `rows` model rows; an error where it cannot be
     /// allocated.
     pub fn new(cfg: &DitConfig, rows: usize) -> Result<FeatureCache> {
-        let dims = [cfg.depth, rows, cfg.tokens(), cfg.hidden];
-        let z = |what: &str| {
-            zeros(what, &dims).with_context(|| format!("the FORA cache of {rows} rows"))
-        };
+        let dims = Self::dims(cfg, rows);
+        let context = || format!("the FORA cache of {rows} rows");
+        let bytes = f32_bytes([dims.as_slice(); 2])
+            .with_context(|| format!("{dims:?} elements overflow the address space"))
+            .with_context(context)?;
+        ensure_free_memory("attention and MLP outputs", bytes).with_context(context)?;
+        let z = |what: &str| zeros(what, &dims).with_context(context);
         Ok(FeatureCache {
             rows,
             attn: z("attention outputs")?,
@@ -119,6 +174,16 @@ impl FeatureCache {
     /// Model rows this cache holds.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Dims of each of the two buffers: `[L, N*T, D]`.
+    fn dims(cfg: &DitConfig, rows: usize) -> [usize; 4] {
+        [cfg.depth, rows, cfg.tokens(), cfg.hidden]
+    }
+
+    /// Bytes of the cache of `rows` model rows, None where they overflow.
+    pub fn bytes(cfg: &DitConfig, rows: usize) -> Option<u64> {
+        f32_bytes([Self::dims(cfg, rows).as_slice(); 2])
     }
 }
 
