@@ -714,3 +714,30 @@ fn a_plan_without_reuse_steps_holds_no_cache() {
     let err = be.step(&mut ws, &reuse).unwrap_err().to_string();
     assert!(err.contains("planned without one"), "{err}");
 }
+
+/// A workspace built for one model is refused by a backend of another, not indexed past its
+/// buffers.
+#[test]
+fn a_workspace_of_another_model_is_refused() {
+    use fora::backend::{NoiseSource, StepSpec};
+    let (cfg, other) = (odd_config(), other_config());
+    let (be, other_be) = (backend(&cfg, 15), backend(&other, 16));
+    let p = plan(&cfg, NoiseSource::Seed(4), 2);
+    let mut ws = be.workspace(&p).unwrap();
+    let spec = StepSpec {
+        k: 0,
+        i: 1,
+        t: p.timesteps[0],
+        mode: StepMode::Compute,
+        update: ddpm_update(true),
+        reuse_ahead: 0,
+    };
+    let err = other_be.step(&mut ws, &spec).unwrap_err().to_string();
+    assert!(
+        err.contains("built for") && err.contains("build one"),
+        "{err}"
+    );
+    let err = other_be.latents(&mut ws).unwrap_err().to_string();
+    assert!(err.contains("built for"), "{err}");
+    be.step(&mut ws, &spec).unwrap();
+}

@@ -1939,3 +1939,59 @@ fn gpu_tune_picks_the_fastest_checked_path() {
     );
     assert!(f32_bias.rel_l2.unwrap() > 0.0 && f32_bias.window.is_none());
 }
+
+/// A workspace runs only on the backend that built it (its buffers are sized, and its graphs
+/// captured, for that backend's model), and with the options it was built with, whatever
+/// `set_options` says later (a one-image workspace's captured update is `final_sampler_step`;
+/// stepping it as `sampler_step` would fault).
+#[test]
+fn gpu_a_workspace_keeps_its_backend_and_options() {
+    use fora::cuda::CudaOptions;
+    let name = "gpu_a_workspace_keeps_its_backend_and_options";
+    let arch = Arch::parse("depth=2,hidden=288,heads=4,patch=2").unwrap();
+    let cfg = DitConfig::from_arch(&arch, 4, 16, 10, true).unwrap();
+    let (Some(gpu), Some(other_gpu)) = (test_gpu(name), test_gpu(name)) else {
+        return;
+    };
+    let w = DitWeights::random(&cfg, 41).unwrap();
+    let mut cuda = CudaBackend::new(gpu, &cfg, &w).unwrap();
+    let other = CudaBackend::new(other_gpu, &cfg, &w).unwrap();
+    let (plan, schedule) = {
+        let sampler = Sampler::new(&cuda, SamplerOptions::ddpm(10)).unwrap();
+        let plan = sampler.plan(&[1], NoiseSource::Seed(1)).unwrap();
+        (plan, sampler.schedule(&mut StaticInterval::new(2).unwrap()))
+    };
+    let base = cuda.options();
+    let run = |be: &CudaBackend, ws: &mut fora::cuda::CudaWorkspace| {
+        for spec in &schedule {
+            be.step(ws, spec).unwrap();
+        }
+        be.latents(ws).unwrap()
+    };
+    let mut ws = cuda.workspace(&plan).unwrap();
+    let err = other.step(&mut ws, &schedule[0]).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("another CUDA backend"),
+        "{err:#}"
+    );
+    cuda.set_options(CudaOptions {
+        final_sampler: !base.final_sampler,
+        graphs: !base.graphs,
+        ..base
+    });
+    let later = run(&cuda, &mut ws);
+    cuda.set_options(base);
+    let mut fresh = cuda.workspace(&plan).unwrap();
+    let want = run(&cuda, &mut fresh);
+    assert_eq!(
+        later.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        "a workspace stepped after set_options differs from one of its own options"
+    );
+    drop(cuda);
+    let err = other.latents(&mut ws).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("another CUDA backend"),
+        "{err:#}"
+    );
+}

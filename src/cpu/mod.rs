@@ -32,6 +32,8 @@ enum WorkspaceNoise {
 
 /// Everything one sampling run needs, allocated by [`CpuBackend::workspace`].
 pub struct CpuWorkspace {
+    /// The model it was built for: its buffers are sized for it.
+    cfg: DitConfig,
     images: usize,
     guidance: Option<Guidance>,
     steps: usize,
@@ -151,6 +153,20 @@ fn check_workspace_fits(cfg: &DitConfig, plan: &SamplePlan, free: Option<u64>) -
     crate::weights::ensure_within_free(&by_part.join(", "), total, free).with_context(context)
 }
 
+impl CpuBackend {
+    /// Refuses a workspace built for another model (a backend of other sizes built it).
+    fn check_built_for(&self, ws: &CpuWorkspace) -> Result<()> {
+        ensure!(
+            ws.cfg == self.cfg,
+            "this workspace was built for {}, the backend runs {}: build one with this \
+             backend's `workspace`",
+            ws.cfg.arch_name(),
+            self.cfg.arch_name()
+        );
+        Ok(())
+    }
+}
+
 impl Backend for CpuBackend {
     type Workspace = CpuWorkspace;
 
@@ -209,6 +225,7 @@ impl Backend for CpuBackend {
             labels.extend(std::iter::repeat_n(cfg.null_class(), b));
         }
         Ok(CpuWorkspace {
+            cfg: cfg.clone(),
             images: b,
             guidance: plan.guidance,
             steps: plan.steps,
@@ -229,6 +246,7 @@ impl Backend for CpuBackend {
 
     fn step(&self, ws: &mut CpuWorkspace, step: &StepSpec) -> Result<()> {
         let cfg = &self.cfg;
+        self.check_built_for(ws)?;
         ensure!(
             step.k < ws.steps,
             "step {} is past the {} steps this workspace was planned for",
@@ -307,6 +325,7 @@ impl Backend for CpuBackend {
     }
 
     fn latents(&self, ws: &mut CpuWorkspace) -> Result<Vec<f32>> {
+        self.check_built_for(ws)?;
         Ok(ws.latents.clone())
     }
 

@@ -36,6 +36,10 @@ pub struct CudaBackend {
     gpu: Gpu,
     model: GpuModel,
     options: CudaOptions,
+    /// Who this backend is to its workspaces: each holds a `Weak` of it, so that a step is
+    /// refused on a workspace another backend built (its buffers are sized, and its graphs
+    /// captured, for that backend's model), or one whose backend is gone.
+    identity: std::sync::Arc<()>,
     /// Makes the backend `!Sync` (see above); `Cell<()>` is `Send`, so the backend still is.
     one_thread_at_a_time: std::marker::PhantomData<std::cell::Cell<()>>,
 }
@@ -501,6 +505,11 @@ fn modulation_chunk_steps(rows: usize, steps: usize) -> usize {
 
 /// Device state of one sampling run.
 pub struct CudaWorkspace {
+    /// The backend that built it ([`CudaBackend::identity`]).
+    built_by: std::sync::Weak<()>,
+    /// The backend's options when it was built: its steps follow them, whatever
+    /// [`CudaBackend::set_options`] says later (its buffers and graphs were made for them).
+    options: CudaOptions,
     acts: Activations,
     gemm: Gemm,
     /// The B conditional rows' latents, f32 [B, C, H, W].
@@ -729,6 +738,7 @@ impl CudaBackend {
             gpu,
             model,
             options,
+            identity: std::sync::Arc::new(()),
             one_thread_at_a_time: std::marker::PhantomData,
         })
     }
@@ -752,8 +762,9 @@ impl CudaBackend {
         self.options
     }
 
-    /// Changes the options of later workspaces (the weights stay). A kernel choice this device
-    /// cannot run (a wgmma family off a Hopper) fails at the first forward, with the reason.
+    /// Changes the options of later workspaces (the weights stay); a workspace built before
+    /// keeps running with the options it was built with. A kernel choice this device cannot
+    /// run (a wgmma family off a Hopper) fails at the first forward, with the reason.
     pub fn set_options(&mut self, options: CudaOptions) {
         self.gpu.set_programmatic_launch(options.pdl);
         self.options = options;
@@ -919,9 +930,9 @@ impl CudaBackend {
             .function(super::sampler::update_kernel(&update))?
             .cu_function();
         // The reuse step reads its precomputed table in place: only fora_reuse_final reads it.
-        let reuse_in_place = self.options.reuse_table_in_place
+        let reuse_in_place = ws.options.reuse_table_in_place
             && ws.mod_table.is_some()
-            && self.model.reuse_is_fused(self.options.fused_reuse);
+            && self.model.reuse_is_fused(ws.options.fused_reuse);
         // The fused reuse kernels: one of them is re-pointed per step (table in place, sum).
         let reuse_fns = super::fora::fused_reuse_kernels()
             .map(|name| Ok(self.gpu.function(name)?.cu_function()))
@@ -941,6 +952,7 @@ impl CudaBackend {
             let graph = self.capture(&format!("{mode:?} step"), || {
                 if in_place {
                     let kind = self.forward_kind(
+                        &ws.options,
                         ws.images,
                         mode,
                         false,
@@ -958,6 +970,7 @@ impl CudaBackend {
                 } else {
                     self.step_copy(ws, 0)?;
                     self.enqueue_forward(
+                        &ws.options,
                         &ws.gemm,
                         &ws.acts,
                         mode,
@@ -1040,6 +1053,7 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     fn enqueue_forward(
         &self,
+        options: &CudaOptions,
         gemm: &Gemm,
         acts: &Activations,
         mode: StepMode,
@@ -1050,7 +1064,7 @@ impl CudaBackend {
         reuse_sum: Option<u64>,
     ) -> Result<()> {
         let Some((side, parity)) = side else {
-            let kind = self.forward_kind(images, mode, with_modulation, None, reuse_sum);
+            let kind = self.forward_kind(options, images, mode, with_modulation, None, reuse_sum);
             return self
                 .model
                 .forward(&self.gpu, gemm, acts, kind, latents, images);
@@ -1077,6 +1091,7 @@ impl CudaBackend {
             )
         };
         let kind = self.forward_kind(
+            options,
             images,
             mode,
             false,
@@ -1098,6 +1113,7 @@ impl CudaBackend {
 
     fn forward_kind(
         &self,
+        options: &CudaOptions,
         images: usize,
         mode: StepMode,
         with_modulation: bool,
@@ -1108,16 +1124,16 @@ impl CudaBackend {
             mode,
             with_modulation,
             table,
-            attention: self.options.attention,
-            fused_reuse: self.options.fused_reuse,
-            fused_final: self.options.fused_final,
-            final_linear: !self.final_in_sampler(images),
-            fused_ln: self.options.fused_ln,
-            bias_bf16: self.options.lt_bias_bf16,
-            bf16_residual: self.options.bf16_residual,
-            reuse_gates_only: self.options.reuse_gates_only,
-            lt_splitk: self.options.lt_splitk,
-            fusions: self.options.fusion_switches(),
+            attention: options.attention,
+            fused_reuse: options.fused_reuse,
+            fused_final: options.fused_final,
+            final_linear: !self.final_in_sampler(options, images),
+            fused_ln: options.fused_ln,
+            bias_bf16: options.lt_bias_bf16,
+            bf16_residual: options.bf16_residual,
+            reuse_gates_only: options.reuse_gates_only,
+            lt_splitk: options.lt_splitk,
+            fusions: options.fusion_switches(),
             reuse_sum: reuse_sum.filter(|_| mode == StepMode::Reuse),
         }
     }
@@ -1253,7 +1269,7 @@ impl CudaBackend {
             final_b: 0,
             dim: 0,
         };
-        if self.final_in_sampler(ws.images) {
+        if self.final_in_sampler(&ws.options, ws.images) {
             // final_sampler_step: the model output from the final LayerNorm's output.
             let (w, b) = self.model.final_linear();
             p.xn = dptr(&ws.acts.xn);
@@ -1265,13 +1281,25 @@ impl CudaBackend {
         Ok(p)
     }
 
+    /// Refuses a workspace that another backend built, or whose backend is gone: its buffers
+    /// are sized for that backend's model and its graphs read that backend's weights.
+    fn check_built_here(&self, ws: &CudaWorkspace) -> Result<()> {
+        ensure!(
+            ws.built_by
+                .ptr_eq(&std::sync::Arc::downgrade(&self.identity)),
+            "this workspace was built by another CUDA backend (its buffers and captured graphs \
+             belong to that backend's model): build one with this backend's `workspace`"
+        );
+        Ok(())
+    }
+
     /// Whether the steps of `images` images apply the final Linear in their update
     /// (`final_sampler_step`, option [`CudaOptions::final_sampler`], where the model's sizes
     /// allow it and the batch is small: [`super::sampler::final_sampler_pays`]) and their
     /// forwards stop before it.
-    fn final_in_sampler(&self, images: usize) -> bool {
+    fn final_in_sampler(&self, options: &CudaOptions, images: usize) -> bool {
         let cfg = self.model.config();
-        self.options.final_sampler
+        options.final_sampler
             && super::sampler::final_sampler_supported(cfg.hidden, cfg.patch_out())
             && super::sampler::final_sampler_pays(images)
     }
@@ -1390,6 +1418,7 @@ impl Backend for CudaBackend {
         let sum0 = sums.as_ref().map(|s| s.sum(0));
         let enqueue = |mode, parity| {
             self.enqueue_forward(
+                &self.options,
                 &gemm,
                 &acts,
                 mode,
@@ -1411,6 +1440,7 @@ impl Backend for CudaBackend {
                 // A reuse step alone in its run reads the cache, not a sum: its gate columns'
                 // GEMMs are other shapes than the summed step's.
                 self.enqueue_forward(
+                    &self.options,
                     &gemm,
                     &acts,
                     StepMode::Reuse,
@@ -1437,6 +1467,8 @@ impl Backend for CudaBackend {
         };
         gpu.synchronize()?;
         let mut ws = CudaWorkspace {
+            built_by: std::sync::Arc::downgrade(&self.identity),
+            options: self.options,
             acts,
             gemm,
             latents,
@@ -1462,6 +1494,7 @@ impl Backend for CudaBackend {
     }
 
     fn step(&self, ws: &mut CudaWorkspace, step: &StepSpec) -> Result<()> {
+        self.check_built_here(ws)?;
         if step.mode == StepMode::Reuse && !ws.cache_valid {
             bail!(
                 "step {}: the first step of a run must compute (the FORA cache is empty)",
@@ -1548,6 +1581,7 @@ impl Backend for CudaBackend {
                     .context("cannot launch the captured forward")?;
             }
             None => self.enqueue_forward(
+                &ws.options,
                 &ws.gemm,
                 &ws.acts,
                 step.mode,
@@ -1567,6 +1601,7 @@ impl Backend for CudaBackend {
     }
 
     fn latents(&self, ws: &mut CudaWorkspace) -> Result<Vec<f32>> {
+        self.check_built_here(ws)?;
         self.gpu.download(&ws.latents)
     }
 
@@ -1607,7 +1642,7 @@ impl Backend for CudaBackend {
         // The model output itself is wanted here: the final Linear always runs.
         let kind = ForwardKind {
             final_linear: true,
-            ..self.forward_kind(images, StepMode::Compute, true, None, None)
+            ..self.forward_kind(&self.options, images, StepMode::Compute, true, None, None)
         };
         self.model
             .forward(gpu, &gemm, &acts, kind, &latents, images)?;
