@@ -14,8 +14,12 @@ use anyhow::{bail, ensure, Context, Result};
 pub const DIFFUSION_STEPS: usize = 1000;
 
 /// The official linear schedule: `np.linspace(1e-4 * s, 0.02 * s, n)` with `s = 1000 / n`,
-/// reproduced operation for operation (`i * step + start`, the last element set to `stop`).
+/// reproduced operation for operation (`i * step + start`, the last element set to `stop`);
+/// empty for `n = 0`.
 pub fn linear_betas(n: usize) -> Vec<f64> {
+    if n == 0 {
+        return Vec::new();
+    }
     let scale = 1000.0 / n as f64;
     let (start, stop) = (scale * 0.0001, scale * 0.02);
     if n == 1 {

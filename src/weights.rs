@@ -702,6 +702,8 @@ fn infer_config(
         learn_sigma,
     )?;
     cfg.mlp_ratio = mlp_ratio;
+    // The ratio comes from the file: hold it to the limits every other size is held to.
+    cfg.validate()?;
     Ok(cfg)
 }
 

@@ -316,6 +316,29 @@ fn wrong_shapes_are_named() {
     );
 }
 
+/// The MLP width is read from block 0's fc1: a ratio past the size limits is refused when the
+/// file is loaded, as every other size is.
+#[test]
+fn an_mlp_ratio_past_the_limits_is_refused_on_load() {
+    let dir = TempDir::new("mlp_ratio");
+    let p = dir.path("m.safetensors");
+    let limit = fora::config::SIZE_LIMITS.mlp_ratio;
+    let mut r = raw(&small(), 1);
+    for l in 0..2 {
+        let fc1 = r.get_mut(&format!("blocks.{l}.mlp.fc1.weight")).unwrap();
+        fc1.1 = vec![48 * (limit + 1), 48];
+        fc1.2 = vec![0; 48 * (limit + 1) * 48 * 4];
+        let bias = r.get_mut(&format!("blocks.{l}.mlp.fc1.bias")).unwrap();
+        bias.1 = vec![48 * (limit + 1)];
+        bias.2 = vec![0; 48 * (limit + 1) * 4];
+        let fc2 = r.get_mut(&format!("blocks.{l}.mlp.fc2.weight")).unwrap();
+        fc2.1 = vec![48, 48 * (limit + 1)];
+        fc2.2 = vec![0; 48 * (limit + 1) * 48 * 4];
+    }
+    write(&p, &r, None);
+    expect_err(&p, Some(ARCH), &["mlp_ratio"]);
+}
+
 #[test]
 fn unsupported_dtype_and_nonfinite_values_are_named() {
     let dir = TempDir::new("dtype");

@@ -729,3 +729,9 @@ fn apply_update_without_noise_ignores_the_noise_slice() {
     apply_update(&update, true, 2, 3, &mut b, &MODEL_OUT, &[]);
     assert_eq!(a, b);
 }
+
+#[test]
+fn an_empty_schedule_has_no_betas() {
+    assert!(linear_betas(0).is_empty());
+    assert_eq!(linear_betas(1).len(), 1);
+}

@@ -741,3 +741,33 @@ fn a_workspace_of_another_model_is_refused() {
     assert!(err.contains("built for"), "{err}");
     be.step(&mut ws, &spec).unwrap();
 }
+
+/// Slice lengths are checked without overflow before the unsafe strided products: sizes whose
+/// product wraps to an empty slice's length panic at the check instead of writing through a
+/// dangling pointer.
+#[test]
+fn wrapping_sizes_are_refused_by_the_cpu_ops() {
+    use fora::cpu::ops;
+    let caught = |f: &dyn Fn()| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+            .expect_err("sizes that wrap must be refused")
+    };
+    let message =
+        |e: Box<dyn std::any::Any + Send>| e.downcast_ref::<String>().cloned().unwrap_or_default();
+    let e = caught(&|| ops::linear(&mut [], &[], &[], &[0.0; 2], 1 << 63, 2, 0));
+    assert!(message(e).contains("linear: slices"));
+    let e = caught(&|| ops::linear_rows(&mut [], &[], &[], &[0.0; 2], 1 << 63, 2, 0, false));
+    assert!(message(e).contains("linear: slices"));
+    let e = caught(&|| ops::attention(&mut [], &[], &mut [0.0; 4], 1 << 62, 2, 1, 4));
+    assert!(message(e).contains("attention: qkv"));
+}
+
+/// A config built by hand with zero heads is refused by the CUDA backend's shape check, not
+/// divided by.
+#[test]
+fn a_config_of_zero_heads_is_refused_by_the_cuda_check() {
+    let mut cfg = odd_config();
+    cfg.heads = 0;
+    let err = format!("{:#}", fora::cuda::backend::supports(&cfg).unwrap_err());
+    assert!(err.contains("heads"), "{err}");
+}

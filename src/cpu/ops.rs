@@ -31,7 +31,7 @@ pub fn linear(
     n: usize,
     k: usize,
 ) {
-    assert!(out.len() == rows * n && x.len() == rows * k && w.len() == n * k && bias.len() == n);
+    assert_linear_lens(out, x, w, bias, rows, n, k);
     for row in out.chunks_exact_mut(n) {
         row.copy_from_slice(bias);
     }
@@ -120,7 +120,7 @@ pub fn linear_rows(
     k: usize,
     parallel: bool,
 ) {
-    assert!(out.len() == rows * n && x.len() == rows * k && w.len() == n * k && bias.len() == n);
+    assert_linear_lens(out, x, w, bias, rows, n, k);
     let ptr = SharedMut(out.as_mut_ptr());
     if parallel && n >= 64 {
         let chunk = 16;
@@ -133,6 +133,36 @@ pub fn linear_rows(
         // SAFETY: single writer over the whole buffer.
         unsafe { linear_cols(ptr, x, w, bias, rows, n, k, 0..n) }
     }
+}
+
+/// The product of `dims`, None where it overflows.
+fn product(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |a, &b| a.checked_mul(b))
+}
+
+/// The slice lengths a product of `[rows, k] x [n, k]^T` into `[rows, n]` needs, checked
+/// without overflow: the unsafe strides of [`linear`] and [`linear_rows`] rest on them (a
+/// wrapped `rows * n` would pass an unchecked comparison with an empty slice).
+fn assert_linear_lens(
+    out: &[f32],
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    rows: usize,
+    n: usize,
+    k: usize,
+) {
+    assert!(
+        product(&[rows, n]) == Some(out.len())
+            && product(&[rows, k]) == Some(x.len())
+            && product(&[n, k]) == Some(w.len())
+            && bias.len() == n,
+        "linear: slices of {}, {}, {}, {} values for rows {rows}, n {n}, k {k}",
+        out.len(),
+        x.len(),
+        w.len(),
+        bias.len()
+    );
 }
 
 /// SiLU, v * sigmoid(v).
@@ -316,9 +346,22 @@ pub fn attention(
     heads: usize,
     hd: usize,
 ) {
+    // Checked without overflow: the unsafe strided views below rest on these lengths.
+    assert!(
+        n > 0
+            && tokens > 0
+            && heads > 0
+            && hd > 0
+            && product(&[n, tokens, 3, heads, hd]) == Some(qkv.len())
+            && product(&[n, tokens, heads, hd]) == Some(out.len())
+            && product(&[tokens, tokens]).is_some(),
+        "attention: qkv of {} and out of {} values for n {n}, tokens {tokens}, heads {heads}, \
+         head dim {hd}",
+        qkv.len(),
+        out.len()
+    );
     let d = heads * hd;
     let tt = tokens * tokens;
-    assert!(qkv.len() == n * tokens * 3 * d && out.len() == n * tokens * d);
     assert!(
         scores.len() >= tt,
         "attention scratch smaller than one [T, T] matrix"

@@ -466,6 +466,8 @@ const SWITCHES: [(&str, SwitchField); 22] = [
 /// Whether the CUDA backend can run `cfg`: its attention kernels exist for head_dim 64, 72
 /// and 128 (every official DiT); other models run on the CPU backend.
 pub fn supports(cfg: &DitConfig) -> Result<()> {
+    // A config built by hand (its fields are public) may hold zero heads: head_dim divides.
+    cfg.validate()?;
     let hd = cfg.head_dim() as i32;
     ensure!(
         super::attention::ATTENTION_HEAD_DIMS.contains(&hd),
@@ -593,7 +595,11 @@ pub fn sum_action(
 ) -> SumAction {
     match ready {
         Some((first, count)) if (first..first + count).contains(&k) => SumAction::Ready(k - first),
-        _ => match (reuse_ahead + 1).min(slots).min(steps.saturating_sub(k)) {
+        _ => match reuse_ahead
+            .saturating_add(1)
+            .min(slots)
+            .min(steps.saturating_sub(k))
+        {
             0 | 1 => SumAction::Cache,
             count => SumAction::Compute { count },
         },
@@ -1782,6 +1788,11 @@ mod tests {
         assert_eq!(
             sum_action(None, 8, 5, 4, 10),
             SumAction::Compute { count: 2 }
+        );
+        // A caller's lookahead as large as it gets.
+        assert_eq!(
+            sum_action(None, 1, usize::MAX, 4, 10),
+            SumAction::Compute { count: 4 }
         );
     }
 }

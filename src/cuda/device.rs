@@ -936,6 +936,7 @@ pub fn check_latent_grid(kernel: &str, g: [i32; 6]) -> Result<(i64, i64)> {
 
 /// The latent's sides are whole numbers of patches.
 pub fn check_patch_grid(kernel: &str, height: i32, width: i32, patch: i32) -> Result<()> {
+    ensure!(patch > 0, "{kernel}: patch size {patch} is not positive");
     ensure!(
         height % patch == 0 && width % patch == 0,
         "{kernel}: latent {height}x{width} is not divisible by the patch size {patch}"
@@ -985,7 +986,12 @@ pub fn check_positive(kernel: &str, field: &str, v: i64) -> Result<()> {
 
 /// Blocks of `per_block` items covering `items`, as a grid x dimension (at most 2^31 - 1).
 pub fn grid_x(kernel: &str, items: i64, per_block: i64) -> Result<u32> {
-    let blocks = (items.max(0) + per_block - 1) / per_block;
+    ensure!(
+        per_block > 0,
+        "{kernel}: {per_block} items a block is not positive"
+    );
+    let items = items.max(0);
+    let blocks = items / per_block + i64::from(items % per_block != 0);
     ensure!(
         blocks <= i32::MAX as i64,
         "{kernel}: {items} items need {blocks} blocks, more than a grid holds (split the launch)"
@@ -1049,6 +1055,16 @@ impl KernelLauncher for FakeLauncher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn launch_sizes_of_zero_are_errors() {
+        assert!(check_patch_grid("k", 4, 4, 0).is_err());
+        assert!(check_patch_grid("k", 4, 4, 2).is_ok());
+        assert!(grid_x("k", 10, 0).is_err());
+        assert_eq!(grid_x("k", 10, 4).unwrap(), 3);
+        assert_eq!(grid_x("k", 0, 4).unwrap(), 1);
+        assert_eq!(grid_x("k", i64::MAX, 1 << 40).unwrap(), 1 << 23);
+    }
 
     #[test]
     fn l2_persisting_plan_covers_what_fits() {
