@@ -91,7 +91,7 @@ struct ModelArgs {
     #[arg(long, value_name = "IMPL")]
     gemm: Option<String>,
     /// Attention kernels on a GPU: auto, v1, v2, wgmma, wgmma_mn, wgmma_mn_deep,
-    /// wgmma_mn_split or tma. Default: $FORA_ATTENTION, else auto (wgmma_mn on a Hopper, v1
+    /// wgmma_mn_split, tma or tma_pp. Default: $FORA_ATTENTION, else auto (wgmma_mn on a Hopper, v1
     /// elsewhere).
     #[arg(long, value_name = "IMPL")]
     attention: Option<String>,
@@ -162,9 +162,10 @@ struct SampleArgs {
     /// model runs on 2B rows.
     #[arg(long, allow_hyphen_values = true)]
     cfg_scale: Option<f32>,
-    /// Which channels guidance combines.
-    #[arg(long, value_enum, default_value_t = CfgMode::Official, requires = "cfg_scale")]
-    cfg_mode: CfgMode,
+    /// Which channels guidance combines [default: official]. Needs guidance: a --cfg-scale,
+    /// or the embedded model (guided at 4 unless told otherwise).
+    #[arg(long, value_enum)]
+    cfg_mode: Option<CfgMode>,
     /// FORA static cache interval N: compute when i == S-1 or i % N == 0 (1 = no caching).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     cache_interval: u64,
@@ -466,6 +467,10 @@ fn sample(args: SampleArgs) -> Result<()> {
         (None, None) => Some(fora::embedded::DEFAULT_CFG_SCALE),
         (_, s) => s,
     };
+    ensure!(
+        cfg_scale.is_some() || args.cfg_mode.is_none(),
+        "--cfg-mode needs guidance: give --cfg-scale (only the embedded model guides by default)"
+    );
     // Scale 1.0 is the unguided model exactly; run it on B rows, not 2B.
     let scale = cfg_scale.filter(|&s| s != 1.0);
     let options = SamplerOptions {
@@ -474,7 +479,7 @@ fn sample(args: SampleArgs) -> Result<()> {
             .clone()
             .unwrap_or_else(|| args.steps.to_string()),
         kind,
-        guidance: guidance(scale, args.cfg_mode)?,
+        guidance: guidance(scale, args.cfg_mode.unwrap_or(CfgMode::Official))?,
     };
     let model = args.model.clone();
     let tune_candidates = if tune {

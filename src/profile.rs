@@ -7,9 +7,13 @@
 //!
 //! Ranges are push/pop ranges on the calling thread: ncu's `--nvtx-include` filter matches
 //! them (it does not match start/end ranges). Names used: `sample`, `workspace`,
-//! `step <k> <compute|reuse>`, `conditioning`, `patch_embed`, `block <l>` and per op `ln_msa`,
-//! `qkv`, `attention`, `proj`, `ln_mlp`, `fc1`, `fc2`, then `fora_reuse`, `final_layer`,
-//! `sampler_step` (or `final_sampler_step`). CUDA-graph replays carry only the step ranges
+//! `step <k> <compute|reuse>` (in `fora bench`: `rows <R> step <i> full|reuse`, and `rows <R>
+//! run <i> reuse_summed` over a run of reuse steps that read cache sums), `conditioning`,
+//! `next_modulation` (the side stream's), `patch_embed`, `block <l>` and per op `ln_msa`,
+//! `qkv`, `attention`, `proj`, `ln_mlp`, `fc1`, `fc2`, `residual_ln`, the fusions
+//! `qkv+attention`, `proj+ln` and `fc2+ln`, then `fora_reuse` or `fora_reuse_final`, with cache
+//! sums `sum_gates` and `fora_cache_sum`, `final_layer`, `sampler_step` (or
+//! `final_sampler_step`). CUDA-graph replays carry only the step ranges
 //! (the per-op ranges are recorded when the graph is captured); `FORA_CUDA_GRAPHS=0` launches
 //! op by op under them. The model opens its op ranges with [`crate::op_range!`]
 //! ([`crate::cuda::op_timer`]), which also times them with CUDA events for `fora bench --sections

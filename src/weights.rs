@@ -263,7 +263,8 @@ impl DitWeights {
     }
 
     /// Deterministic random weights with realistic scales: every matrix ~ U(-a, a) with
-    /// std 1/sqrt(fan_in), small nonzero biases, the official 2-D sin-cos `pos_embed`, and —
+    /// std 1/sqrt(fan_in), small nonzero biases, the official 2-D sin-cos `pos_embed` (U(-1, 1)
+    /// where hidden is not a multiple of 4, which the sin-cos table needs), and —
     /// unlike the official initialisation, which zeroes them — NONZERO adaLN and final-layer
     /// weights, so that gates, shifts and scales all influence the output (a test on zeroed
     /// modulations would be blind to them). An error for an invalid config, or where the

@@ -1467,6 +1467,19 @@ fn ncu_summary_sums_kernel_time_per_step_kind_and_op() {
         ),
         row(4, "rows 2 step 0 reuse:fora_reuse", "fora_reuse", "700"),
         row(5, "rows 2 step 0 reuse:sampler_step", "sampler_step", "100"),
+        // A fused op's name holds a '+'; a run of summed reuse steps has its own range.
+        row(
+            6,
+            "rows 4 step 0 full:block 0:proj+ln",
+            "gemm_tma_ln",
+            "800",
+        ),
+        row(
+            7,
+            "rows 4 run 1 reuse_summed:fora_cache_sum",
+            "fora_cache_sum_2",
+            "400",
+        ),
     ]
     .join("\n");
     let path = dir.join("profile.csv");
@@ -1491,6 +1504,15 @@ fn ncu_summary_sums_kernel_time_per_step_kind_and_op() {
     assert!(stdout.contains("### rows 2, reuse (1 step(s) profiled"));
     assert!(
         stdout.contains("| fora_reuse | 0.7 | 87.5% | 1.0 |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("### rows 4, full") && stdout.contains("| proj+ln | 0.8 | 100.0% |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("### rows 4, reuse_summed")
+            && stdout.contains("| fora_cache_sum | 0.4 | 100.0% |"),
         "{stdout}"
     );
 

@@ -952,6 +952,22 @@ fn embedded_model_writes_a_png() {
         "{:?}",
         s.leftovers()
     );
+    // The embedded model guides by default, so --cfg-mode needs no --cfg-scale there.
+    let o = fora(&[
+        "sample",
+        "--class",
+        "3",
+        "--steps",
+        "2",
+        "--cfg-mode",
+        "all",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        s.path("all.safetensors").to_str().unwrap(),
+    ]);
+    assert_ok(&o);
 }
 
 /// What the review of session 29 found accepted: DDIM eta past 1 (NaN samples), outputs that

@@ -23,9 +23,11 @@
 #   racecheck  racecheck over the kernel tests, our kernels only (RACECHECK_RUNS overrides);
 #   sanitize   memcheck, then racecheck;
 #   variants   `fora bench --sections steps` of each execution path in VARIANTS (default
-#              "default s17_steps no_reuse_sum no_final_sampler attention_deep attention_split
-#              f32_product attention_tma copy_table side_stream pdl tma tma_mc tma_staged
-#              tma_unstaged prefetch_weights"; s17_steps: the reuse-step defaults before session
+#              "default qkv_attention gemm_ln qkv_gemm_ln qkv_gemm_ln_pdl gemm_ln_one_per_sm
+#              ours_pdl lt_narrow gemm_ln_many gemm_ln_wide attention_tma_pp tma tma_staged
+#              lt_cluster_k prefetch_weights"; VARIANTS=all: every one, among them s17_steps,
+#              no_reuse_sum, no_final_sampler, attention_deep, attention_split, f32_product,
+#              attention_tma, copy_table, side_stream, pdl, tma_mc, tma_unstaged; s17_steps: the reuse-step defaults before session
 #              18; tma_staged / tma_unstaged: STAGED_TILES with and without the staged
 #              epilogue; tma_no_cluster_k / tma_staged_cluster_k: the TMA path without session
 #              22's cluster split-K pick, and with it beside the staged tiles; lt_cluster_k:

@@ -25,9 +25,12 @@ UNIT_TO_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond":
               "second": 1e6, "s": 1e6}
 # fora's NVTX op ranges (src/cuda/model.rs, src/cuda/backend.rs); anything else is "other".
 OPS = ["conditioning", "next_modulation", "patch_embed", "ln_msa", "qkv", "attention", "proj",
-       "ln_mlp", "fc1", "fc2", "residual_ln", "fora_reuse", "fora_reuse_final", "final_layer",
-       "sampler_step", "final_sampler_step"]
-STEP_RE = re.compile(r"step (\d+) (compute|full|reuse)")
+       "ln_mlp", "fc1", "fc2", "residual_ln", "qkv+attention", "proj+ln", "fc2+ln", "fora_reuse",
+       "fora_reuse_final", "sum_gates", "fora_cache_sum", "final_layer", "sampler_step",
+       "final_sampler_step"]
+# `step <k> compute|reuse` (fora sample), `rows <R> step <i> full|reuse` and, for a run of
+# reuse steps that read cache sums, `rows <R> run <i> reuse_summed` (fora bench).
+STEP_RE = re.compile(r"(?:step|run) (\d+) (compute|full|reuse_summed|reuse)")
 ROWS_RE = re.compile(r"rows (\d+)")
 
 
@@ -64,7 +67,7 @@ def classify(nvtx):
     """(rows, step kind, op) of a launch from its NVTX ranges text."""
     step = STEP_RE.search(nvtx)
     rows = ROWS_RE.search(nvtx)
-    op = next((o for o in OPS if re.search(rf"(^|[:/ ]){o}($|[:/ ])", nvtx)), "other")
+    op = next((o for o in OPS if re.search(rf"(^|[:/ ]){re.escape(o)}($|[:/ ])", nvtx)), "other")
     return (int(rows.group(1)) if rows else None,
             step.group(2) if step else "no step range",
             op)

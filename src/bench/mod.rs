@@ -162,7 +162,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     pub gemm: Option<GemmChoice>,
     /// Attention kernels of the step and end-to-end sections (auto, v1, v2, wgmma, wgmma_mn,
-    /// wgmma_mn_deep, wgmma_mn_split, tma). Default: $FORA_ATTENTION, else auto. The kernel
+    /// wgmma_mn_deep, wgmma_mn_split, tma, tma_pp). Default: $FORA_ATTENTION, else auto. The kernel
     /// section times every one this card runs.
     #[arg(long, value_name = "IMPL")]
     pub attention: Option<String>,

@@ -1,8 +1,10 @@
 //! [`CudaBackend`]: the [`Backend`] the sampler drives on an NVIDIA GPU. A workspace holds every
 //! device buffer of one sampling run (activations, the modulation table, the FORA cache, the
-//! latents, the noise file, every step's timesteps), allocated once, and two CUDA graphs: the
-//! computing forward and the reuse forward, captured once. A step is then one device-to-device
-//! copy of its timesteps, one graph launch and the sampler-update kernel: no allocation, no
+//! latents, the noise file, every step's timesteps), allocated once, and CUDA graphs captured
+//! once: by default whole steps (computing, reuse, and with cache sums reuse from a sum: the copy
+//! of the step's table or timesteps, the forward and the sampler update), so a step is one graph
+//! launch; with `FORA_STEP_GRAPH=0` the computing and the reuse forward, a step then being a
+//! device-to-device copy, one graph launch and the sampler-update kernel. No allocation, no
 //! host synchronization. `FORA_CUDA_GRAPHS=0` launches kernel by kernel instead (for profilers
 //! that filter by NVTX range, and for debugging).
 
