@@ -57,7 +57,7 @@ fn bench_shape(
         scale: 1.0 / (head_dim as f32).sqrt(),
     };
     for i in 0..WARMUP {
-        attention_with(gpu, &params(i), imp)?;
+        unsafe { attention_with(gpu, &params(i), imp) }?;
     }
     gpu.synchronize()?;
     let ctx = gpu.context();
@@ -70,7 +70,7 @@ fn bench_shape(
             .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .context("cannot create a CUDA event")?;
         start.record(gpu.stream())?;
-        attention_with(gpu, &params(WARMUP + i), imp)?;
+        unsafe { attention_with(gpu, &params(WARMUP + i), imp) }?;
         end.record(gpu.stream())?;
         times_ms.push(start.elapsed_ms(&end)? as f64);
     }

@@ -213,16 +213,20 @@ fn run() -> Result<()> {
         let mut timings = Vec::new();
         for &v in &variants {
             let launch = || match v {
-                Variant::CustomAuto => custom.run(&gpu, &p),
-                Variant::CustomNoSplit => custom.run_custom_split(&gpu, &p, None, Some(1)),
-                Variant::Custom(t) => custom.run_custom(&gpu, &p, Some(t)),
-                Variant::CublasLt => lt.run(&gpu, &p),
-                Variant::CublasLtUnfused => lt.run_cublaslt_unfused(&gpu, &p),
-                Variant::WgmmaAuto => wgmma_gemm()?.run(&gpu, &p),
-                Variant::WgmmaNoSplit => wgmma_gemm()?.run_wgmma(&gpu, &p, None, Some(1)),
-                Variant::Wgmma(t) => wgmma_gemm()?.run_wgmma(&gpu, &p, Some(t), None),
-                Variant::TmaAuto => tma_gemm()?.run(&gpu, &p),
-                Variant::Tma(t) => tma_gemm()?.run_tma(&gpu, &p, Some(t), None),
+                Variant::CustomAuto => unsafe { custom.run(&gpu, &p) },
+                Variant::CustomNoSplit => unsafe {
+                    custom.run_custom_split(&gpu, &p, None, Some(1))
+                },
+                Variant::Custom(t) => unsafe { custom.run_custom(&gpu, &p, Some(t)) },
+                Variant::CublasLt => unsafe { lt.run(&gpu, &p) },
+                Variant::CublasLtUnfused => unsafe { lt.run_cublaslt_unfused(&gpu, &p) },
+                Variant::WgmmaAuto => unsafe { wgmma_gemm()?.run(&gpu, &p) },
+                Variant::WgmmaNoSplit => unsafe {
+                    wgmma_gemm()?.run_wgmma(&gpu, &p, None, Some(1))
+                },
+                Variant::Wgmma(t) => unsafe { wgmma_gemm()?.run_wgmma(&gpu, &p, Some(t), None) },
+                Variant::TmaAuto => unsafe { tma_gemm()?.run(&gpu, &p) },
+                Variant::Tma(t) => unsafe { tma_gemm()?.run_tma(&gpu, &p, Some(t), None) },
             };
             let us =
                 median_us(&gpu, launch).with_context(|| format!("{} M={} {v:?}", s.name, s.m))?;

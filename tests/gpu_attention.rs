@@ -416,7 +416,7 @@ fn gpu_attention_wgmma_refused_off_hopper() {
     ] {
         let msg = format!(
             "{:#}",
-            attention_with(&gpu, &p, imp).expect_err("wgmma off Hopper")
+            unsafe { attention_with(&gpu, &p, imp) }.expect_err("wgmma off Hopper")
         );
         assert!(
             msg.contains("compute capability 9.x") && msg.contains(&format!("{major}.{minor}")),
@@ -441,10 +441,10 @@ fn gpu_attention_dispatch_follows_selection() {
         let mut out_dev = gpu.alloc_zeros::<bf16>(out_len, "attention dispatch out")?;
         let p = params(s, dptr(&qkv_dev), dptr(&out_dev));
         poison_bf16(&gpu, &mut out_dev)?;
-        attention(&gpu, &p)?;
+        unsafe { attention(&gpu, &p) }?;
         let via_default = gpu.download(&out_dev)?;
         poison_bf16(&gpu, &mut out_dev)?;
-        attention_with(&gpu, &p, imp)?;
+        unsafe { attention_with(&gpu, &p, imp) }?;
         let explicit = gpu.download(&out_dev)?;
         ensure!(
             via_default.iter().all(|v| !v.is_nan()),
@@ -479,7 +479,7 @@ fn gpu_attention_rejects_head_dim_80() {
     let out = gpu
         .alloc_zeros::<bf16>(s.batch * s.tokens * s.heads * s.head_dim, "out")
         .expect("alloc out");
-    let err = attention(&gpu, &params(s, dptr(&qkv), dptr(&out)))
+    let err = unsafe { attention(&gpu, &params(s, dptr(&qkv), dptr(&out))) }
         .expect_err("head_dim 80 must be rejected");
     let msg = format!("{err:#}");
     assert!(msg.contains("head_dim 80"), "unclear error: {msg}");

@@ -479,7 +479,13 @@ fn gpu_caller_stream() {
     let w = DitWeights::random(&cfg, 21).unwrap();
     let ctx = cudarc::driver::CudaContext::new(0).unwrap();
     let stream = ctx.new_stream().unwrap();
-    let theirs = CudaBackend::new(fora::cuda::Gpu::with_stream(stream).unwrap(), &cfg, &w).unwrap();
+    // SAFETY: the test's slices of this context live on one stream each.
+    let theirs = CudaBackend::new(
+        unsafe { fora::cuda::Gpu::with_stream(stream) }.unwrap(),
+        &cfg,
+        &w,
+    )
+    .unwrap();
     let ours = CudaBackend::new(gpu, &cfg, &w).unwrap();
     let (x, t, y) = inputs(&cfg, 3, 2);
     let a = ours.forward(&x, &t, &y, None).unwrap();

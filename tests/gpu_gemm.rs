@@ -483,24 +483,29 @@ impl Engines {
     /// Runs `p` through variant `v`; `bias16` is the bf16 copy of the bias (0: none).
     fn run(&self, gpu: &Gpu, v: Variant, p: &GemmParams, bias16: u64) -> Result<()> {
         match v {
-            Variant::Custom(t) => self.custom.run_custom(gpu, p, Some(t)),
-            Variant::CustomSplit(t, s) => self.custom.run_custom_split(gpu, p, Some(t), Some(s)),
-            Variant::CustomAuto => self.custom.run(gpu, p),
-            Variant::CublasLt => self.lt.run(gpu, p),
-            Variant::CublasLtUnfused => self.lt.run_cublaslt_unfused(gpu, p),
-            Variant::CublasLtBiasBf16 => self.lt.run_with_bias_bf16(gpu, p, bias16),
-            Variant::CublasLtTuned => self.lt_tuned.run(gpu, p),
-            Variant::Wgmma(t) => self.wgmma()?.run_wgmma(gpu, p, Some(t), None),
-            Variant::WgmmaSplit(t, s) => self.wgmma()?.run_wgmma(gpu, p, Some(t), Some(s)),
-            Variant::WgmmaAuto => self.wgmma()?.run(gpu, p),
-            Variant::Tma(t) => self.tma()?.run_tma(gpu, p, Some(t), None),
-            Variant::TmaSplit(t, s) => self.tma()?.run_tma(gpu, p, Some(t), Some(s)),
-            Variant::TmaAuto => self.tma()?.run(gpu, p),
-            Variant::TmaMcAuto => self
-                .tma_mc
-                .as_ref()
-                .context("test bug: a TMA variant on engines built without the TMA GEMM")?
-                .run(gpu, p),
+            Variant::Custom(t) => unsafe { self.custom.run_custom(gpu, p, Some(t)) },
+            Variant::CustomSplit(t, s) => unsafe {
+                self.custom.run_custom_split(gpu, p, Some(t), Some(s))
+            },
+            Variant::CustomAuto => unsafe { self.custom.run(gpu, p) },
+            Variant::CublasLt => unsafe { self.lt.run(gpu, p) },
+            Variant::CublasLtUnfused => unsafe { self.lt.run_cublaslt_unfused(gpu, p) },
+            Variant::CublasLtBiasBf16 => unsafe { self.lt.run_with_bias_bf16(gpu, p, bias16) },
+            Variant::CublasLtTuned => unsafe { self.lt_tuned.run(gpu, p) },
+            Variant::Wgmma(t) => unsafe { self.wgmma()?.run_wgmma(gpu, p, Some(t), None) },
+            Variant::WgmmaSplit(t, s) => unsafe {
+                self.wgmma()?.run_wgmma(gpu, p, Some(t), Some(s))
+            },
+            Variant::WgmmaAuto => unsafe { self.wgmma()?.run(gpu, p) },
+            Variant::Tma(t) => unsafe { self.tma()?.run_tma(gpu, p, Some(t), None) },
+            Variant::TmaSplit(t, s) => unsafe { self.tma()?.run_tma(gpu, p, Some(t), Some(s)) },
+            Variant::TmaAuto => unsafe { self.tma()?.run(gpu, p) },
+            Variant::TmaMcAuto => unsafe {
+                self.tma_mc
+                    .as_ref()
+                    .context("test bug: a TMA variant on engines built without the TMA GEMM")?
+                    .run(gpu, p)
+            },
         }
     }
 }
@@ -910,28 +915,25 @@ fn gemm_wgmma_refusals() {
     let h = host_case(&c, 11);
     let dev = Dev::new(&gpu, &c, &h).expect("buffers");
     let p = dev.params(&c);
-    let err = eng
-        .custom
-        .run_wgmma(&gpu, &p, None, None)
+    let err = unsafe { eng.custom.run_wgmma(&gpu, &p, None, None) }
         .expect_err("a custom Gemm has no wgmma kernels");
     assert!(format!("{err:#}").contains("wgmma"), "{err:#}");
-    let err = eng
-        .wgmma()
-        .expect("built")
-        .run_wgmma(&gpu, &p, Some(WgmmaTile::M64N128), Some(65))
-        .expect_err("65 slices");
+    let err = unsafe {
+        eng.wgmma()
+            .expect("built")
+            .run_wgmma(&gpu, &p, Some(WgmmaTile::M64N128), Some(65))
+    }
+    .expect_err("65 slices");
     assert!(format!("{err:#}").contains("split-K"), "{err:#}");
-    let err = eng
-        .wgmma()
-        .expect("built")
-        .run_tma(&gpu, &p, None, None)
+    let err = unsafe { eng.wgmma().expect("built").run_tma(&gpu, &p, None, None) }
         .expect_err("a wgmma Gemm has no TMA kernels");
     assert!(format!("{err:#}").contains("TMA"), "{err:#}");
-    let err = eng
-        .tma()
-        .expect("built")
-        .run_tma(&gpu, &p, Some(TmaTile::N192), Some(65))
-        .expect_err("65 slices");
+    let err = unsafe {
+        eng.tma()
+            .expect("built")
+            .run_tma(&gpu, &p, Some(TmaTile::N192), Some(65))
+    }
+    .expect_err("65 slices");
     assert!(format!("{err:#}").contains("split-K"), "{err:#}");
     gpu.synchronize().expect("nothing was launched");
 }
@@ -973,14 +975,10 @@ fn gemm_rejects_bad_params() {
     let c = case("scratch", 65, 64, 64, Epilogue::BiasGateResidual);
     let h = host_case(&c, 7);
     let dev = Dev::new(&gpu, &c, &h).expect("buffers");
-    let err = eng
-        .lt
-        .run_cublaslt_unfused(&gpu, &dev.params(&c))
+    let err = unsafe { eng.lt.run_cublaslt_unfused(&gpu, &dev.params(&c)) }
         .expect_err("M*N beyond the scratch must be refused");
     assert!(format!("{err:#}").contains("scratch"), "{err:#}");
-    let err = eng
-        .custom
-        .run_cublaslt(&gpu, &dev.params(&c))
+    let err = unsafe { eng.custom.run_cublaslt(&gpu, &dev.params(&c)) }
         .expect_err("a custom Gemm has no cuBLASLt");
     assert!(format!("{err:#}").contains("custom"), "{err:#}");
     gpu.synchronize().expect("nothing was launched");
@@ -1139,8 +1137,8 @@ fn gemm_tma_programmatic_launch_waits_for_a() {
                 gpu.set_programmatic_launch(true),
                 "programmatic launches refused on a Hopper GPU"
             );
-            let launched =
-                bandwidth_copy(gpu, &copy).and_then(|()| eng.run_tma(gpu, &p, Some(tile), None));
+            let launched = unsafe { bandwidth_copy(gpu, &copy) }
+                .and_then(|()| unsafe { eng.run_tma(gpu, &p, Some(tile), None) });
             gpu.set_programmatic_launch(false);
             launched?;
             let (out, _) = dev.download(gpu)?;
@@ -1189,9 +1187,9 @@ fn gemm_tma_routed_under_cublaslt() {
                     if epi == Epilogue::BiasBf16 {
                         // The routed kernel takes the f32 bias; the bf16 copy is cuBLASLt's.
                         let bias16 = gpu.upload(&to_bf16(&h.bias), "bf16 bias")?;
-                        eng.run_with_bias_bf16(gpu, &p, dptr(&bias16))?;
+                        unsafe { eng.run_with_bias_bf16(gpu, &p, dptr(&bias16)) }?;
                     } else {
-                        eng.run(gpu, &p)?;
+                        unsafe { eng.run(gpu, &p) }?;
                     }
                     gpu.synchronize()?;
                     let (out, cache) = dev.download(gpu)?;

@@ -1250,13 +1250,15 @@ fn emulated_tma_split_partials() -> Result<()> {
         let out = emu.poisoned_bf16(m * n)?;
         let p = case.params(&out);
         let workspace = emu.poisoned_f32(splits as usize * m * n)?;
-        let ws = launch_tma_kernel(
-            &emu.with_sms(tma_sms(tile)),
-            &p,
-            tile,
-            splits,
-            Some((workspace.addr(), splits as usize * m * n)),
-        )?;
+        let ws = unsafe {
+            launch_tma_kernel(
+                &emu.with_sms(tma_sms(tile)),
+                &p,
+                tile,
+                splits,
+                Some((workspace.addr(), splits as usize * m * n)),
+            )
+        }?;
         anyhow::ensure!(ws == workspace.addr(), "{tile:?}: the workspace's address");
         let sum = sum_slices(&emu.download_f32(&workspace)?, splits as usize);
         check_close(
@@ -1305,14 +1307,14 @@ fn emulated_tma_mc_dit_xl2_two_rows() -> Result<()> {
         let p = case.params(&out);
         let workspace = emu.poisoned_f32(splits as usize * m * n)?;
         let splitk = Some((workspace.addr(), splits as usize * m * n));
-        launch_tma(&gpu, &p, tile, splits, splitk)?;
+        unsafe { launch_tma(&gpu, &p, tile, splits, splitk) }?;
         check_close(&what, &emu.download_bf16(&out)?, &case.product(true), 1e-2)?;
         // The fused LayerNorm path's raw slices (no epilogue kernel), where it splits.
         let summed = tile.pick_splits_summed(m, n, k, sms, SPLITK_WORKSPACE);
         if summed > 1 {
             let len = summed as usize * m * n;
             let ws = emu.poisoned_f32(len)?;
-            launch_tma_kernel(&gpu, &p, tile, summed, Some((ws.addr(), len)))?;
+            unsafe { launch_tma_kernel(&gpu, &p, tile, summed, Some((ws.addr(), len))) }?;
             let sum = sum_slices(&emu.download_f32(&ws)?, summed as usize);
             let what = format!("{what}: {summed} slices for the fused LayerNorm");
             check_close(&what, &sum, &case.product(false), 1e-4)?;
@@ -1366,7 +1368,7 @@ fn emulated_tma_cluster_k_dit_xl2_two_rows() -> Result<()> {
                 Epilogue::BiasGateResidual,
             )
         };
-        launch_tma(&gpu, &p, tile, splits, None)?;
+        unsafe { launch_tma(&gpu, &p, tile, splits, None) }?;
         let product = case.product(true);
         let want: Vec<f32> = (0..m * n)
             .map(|i| residual[i] + gate[(i / n / tokens) * n + i % n] * product[i])
@@ -1492,7 +1494,7 @@ fn emulated_tma_narrow_tiles_dit_xl2_two_rows() -> Result<()> {
             epilogue: epilogue.raw(),
             ..case.params(&out)
         };
-        launch_tma(&gpu, &p, tile, splits, None)?;
+        unsafe { launch_tma(&gpu, &p, tile, splits, None) }?;
         let want: Vec<f32> = case
             .product(true)
             .into_iter()
@@ -1676,9 +1678,11 @@ fn launch_gemm(
 ) -> Result<()> {
     use fora::cuda::gemm::{launch_custom, launch_tma, launch_wgmma};
     match kernel {
-        GemmKernel::Custom(t) => launch_custom(emu, p, *t, splits, splitk),
-        GemmKernel::Wgmma(t) => launch_wgmma(emu, p, *t, splits, splitk),
-        GemmKernel::Tma(t) => launch_tma(&emu.with_sms(tma_sms(*t)), p, *t, splits, splitk),
+        GemmKernel::Custom(t) => unsafe { launch_custom(emu, p, *t, splits, splitk) },
+        GemmKernel::Wgmma(t) => unsafe { launch_wgmma(emu, p, *t, splits, splitk) },
+        GemmKernel::Tma(t) => unsafe {
+            launch_tma(&emu.with_sms(tma_sms(*t)), p, *t, splits, splitk)
+        },
     }
 }
 

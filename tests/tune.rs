@@ -230,6 +230,7 @@ const SETTINGS: TuneSettings = TuneSettings {
     // Confirming is tested on its own (`a_lucky_window_is_not_confirmed`).
     confirm: 0,
     contenders: 1,
+    progress: false,
 };
 
 #[test]

@@ -150,7 +150,7 @@ fn ceiling_gemm(gpu: &Gpu, size: usize, timer: &Timer) -> Result<Ceiling> {
         epilogue: LtEpilogue::None,
         batch: None,
     };
-    let (stats, _) = timer.time_alone(gpu, 1, |_| match lt.matmul(&mm)? {
+    let (stats, _) = timer.time_alone(gpu, 1, |_| match unsafe { lt.matmul(&mm) }? {
         LtRun::Done => Ok(()),
         LtRun::Unsupported => bail!("cuBLASLt has no algorithm for a bf16 {size}^3 GEMM"),
     })?;
@@ -222,8 +222,8 @@ fn ceiling_memory(gpu: &Gpu, bytes: usize, probe: MemoryProbe, timer: &Timer) ->
         MemoryProbe::Memcpy => stream
             .memcpy_dtod(&src, &mut dst)
             .context("device-to-device copy failed"),
-        MemoryProbe::CopyKernel => bandwidth_copy(gpu, &params),
-        MemoryProbe::ReadKernel | MemoryProbe::L2Read => bandwidth_read(gpu, &params),
+        MemoryProbe::CopyKernel => unsafe { bandwidth_copy(gpu, &params) },
+        MemoryProbe::ReadKernel | MemoryProbe::L2Read => unsafe { bandwidth_read(gpu, &params) },
     })?;
     Ok(Ceiling {
         what,
@@ -561,13 +561,15 @@ fn bench_qkv_attention(
     };
     let launch = |i: usize| {
         let (a, w, out) = &sets[i % copies];
-        QkvAttention {
-            a: dptr(a),
-            w: dptr(w),
-            out: dptr(out),
-            ..shape
+        unsafe {
+            QkvAttention {
+                a: dptr(a),
+                w: dptr(w),
+                out: dptr(out),
+                ..shape
+            }
+            .launch(gpu)
         }
-        .launch(gpu)
     };
     let (stats, per_replay) = timer.time_alone(gpu, copies, launch)?;
     let attention_flops = 4.0 * (rows * cfg.heads * t * t * cfg.head_dim()) as f64;
@@ -655,16 +657,18 @@ fn bench_gemm_layernorm(
     };
     let launch = |i: usize| {
         let (a, w, x, table, out, cache) = &sets[i % copies];
-        GemmLayerNorm {
-            a: dptr(a),
-            w: dptr(w),
-            cache: dptr(cache),
-            x: dptr(x),
-            modulation: dptr(table),
-            out: dptr(out),
-            ..shape
+        unsafe {
+            GemmLayerNorm {
+                a: dptr(a),
+                w: dptr(w),
+                cache: dptr(cache),
+                x: dptr(x),
+                modulation: dptr(table),
+                out: dptr(out),
+                ..shape
+            }
+            .launch(gpu)
         }
-        .launch(gpu)
     };
     let (stats, per_replay) = timer.time_alone(gpu, copies, launch)?;
     Ok(KernelRow {
@@ -759,39 +763,58 @@ fn bench_gemm_rows(
         type Runner<'g> = Box<dyn Fn(usize) -> Result<()> + 'g>;
         let mut variants: Vec<(&str, Runner)> = Vec::new();
         if let Ok(g) = &custom {
-            variants.push(("custom", Box::new(move |i| g.run(gpu, &params[i % n]))));
+            variants.push((
+                "custom",
+                Box::new(move |i| unsafe { g.run(gpu, &params[i % n]) }),
+            ));
         }
         if let Some(Ok(g)) = &wgmma {
-            variants.push(("wgmma", Box::new(move |i| g.run(gpu, &params[i % n]))));
+            variants.push((
+                "wgmma",
+                Box::new(move |i| unsafe { g.run(gpu, &params[i % n]) }),
+            ));
         }
         if let Some(Ok(g)) = &tma {
-            variants.push(("tma", Box::new(move |i| g.run(gpu, &params[i % n]))));
+            variants.push((
+                "tma",
+                Box::new(move |i| unsafe { g.run(gpu, &params[i % n]) }),
+            ));
             // Every tile forced (split-K by shape), to tune TmaTile::pick from.
             for t in TmaTile::ALL {
                 variants.push((
                     t.bench_name(),
-                    Box::new(move |i| g.run_tma(gpu, &params[i % n], Some(t), None)),
+                    Box::new(move |i| unsafe { g.run_tma(gpu, &params[i % n], Some(t), None) }),
                 ));
             }
         }
         if let Some(Ok(g)) = &tma_mc {
             // The automatic pick of FORA_GEMM=tma_mc (multicast where M has two row tiles).
-            variants.push(("tma_mc", Box::new(move |i| g.run(gpu, &params[i % n]))));
+            variants.push((
+                "tma_mc",
+                Box::new(move |i| unsafe { g.run(gpu, &params[i % n]) }),
+            ));
         }
         if let Ok(g) = &lt {
-            variants.push(("cublaslt", Box::new(move |i| g.run(gpu, &params[i % n]))));
+            variants.push((
+                "cublaslt",
+                Box::new(move |i| unsafe { g.run(gpu, &params[i % n]) }),
+            ));
             variants.push((
                 "cublaslt+epilogue",
-                Box::new(move |i| g.run_cublaslt_unfused(gpu, &params[i % n])),
+                Box::new(move |i| unsafe { g.run_cublaslt_unfused(gpu, &params[i % n]) }),
             ));
             if !s.epi.out_is_f32() {
                 variants.push((
                     "cublaslt+bf16 bias",
-                    Box::new(move |i| g.run_with_bias_bf16(gpu, &params[i % n], bias16[i % n])),
+                    Box::new(move |i| unsafe {
+                        g.run_with_bias_bf16(gpu, &params[i % n], bias16[i % n])
+                    }),
                 ));
                 variants.push((
                     "cublaslt+bf16 bias, W in L2",
-                    Box::new(move |i| g.run_with_bias_bf16(gpu, &params_w_in_l2[i % n], bias16[0])),
+                    Box::new(move |i| unsafe {
+                        g.run_with_bias_bf16(gpu, &params_w_in_l2[i % n], bias16[0])
+                    }),
                 ));
             }
             if s.epi == Epilogue::BiasGateResidual {
@@ -820,7 +843,7 @@ fn bench_gemm_rows(
         if let Ok(g) = &lt_tuned {
             variants.push((
                 "cublaslt-tuned",
-                Box::new(move |i| g.run(gpu, &params[i % n])),
+                Box::new(move |i| unsafe { g.run(gpu, &params[i % n]) }),
             ));
         }
         // The newest kernels last (stable: the others keep their order), so that a fault,
@@ -917,8 +940,9 @@ fn bench_attention(
         .collect::<Result<Vec<_>>>()?;
     let out = gpu.alloc_zeros::<bf16>(rows * t * cfg.hidden, "attention out")?;
     let params = |i: usize| attention_params(cfg, rows, dptr(&inputs[i % copies]), dptr(&out));
-    let (stats, per_replay) =
-        timer.time_alone(gpu, copies, |i| attention_with(gpu, &params(i), imp))?;
+    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| unsafe {
+        attention_with(gpu, &params(i), imp)
+    })?;
     Ok(KernelRow {
         name: "attention".into(),
         // The row of what the model runs (FORA_ATTENTION) is "custom"; the others are named.
@@ -976,7 +1000,8 @@ fn bench_fora_reuse(
             gate_mlp_col: (5 * d) as i32,
         }
     };
-    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| fora_reuse(gpu, &params(i)))?;
+    let (stats, per_replay) =
+        timer.time_alone(gpu, copies, |i| unsafe { fora_reuse(gpu, &params(i)) })?;
     Ok(KernelRow {
         name: "fora_reuse".into(),
         imp: "custom".into(),
@@ -1034,7 +1059,8 @@ fn bench_patch_embed(
             dim: d as i32,
         }
     };
-    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| patch_embed(gpu, &params(i)))?;
+    let (stats, per_replay) =
+        timer.time_alone(gpu, copies, |i| unsafe { patch_embed(gpu, &params(i)) })?;
     Ok(KernelRow {
         name: "patch_embed".into(),
         imp: "custom".into(),
@@ -1085,7 +1111,8 @@ fn bench_sampler_step(
     };
     // The update rewrites x in place: every replay steps the same latents once more, which
     // changes their values, not the work.
-    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| sampler_step(gpu, &params(i)))?;
+    let (stats, per_replay) =
+        timer.time_alone(gpu, copies, |i| unsafe { sampler_step(gpu, &params(i)) })?;
     Ok(KernelRow {
         name: "sampler_step".into(),
         imp: "custom".into(),
@@ -1176,8 +1203,9 @@ fn bench_final_sampler_step(
             ..base
         }
     };
-    let (stats, per_replay) =
-        timer.time_alone(gpu, copies, |i| final_sampler_step(gpu, &params(i)))?;
+    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| unsafe {
+        final_sampler_step(gpu, &params(i))
+    })?;
     Ok(KernelRow {
         name: "final_sampler_step".into(),
         imp: "custom".into(),
@@ -1277,8 +1305,8 @@ fn bench_fora_reuse_final(
         }
     };
     let (stats, per_replay) = timer.time_alone(gpu, copies, |i| match source {
-        FusedSource::Cache(tpt) => fora_reuse_final_with(gpu, &params(i), tpt),
-        FusedSource::Sum(tokens) => fora_sum_final_with(gpu, &params(i), tokens),
+        FusedSource::Cache(tpt) => unsafe { fora_reuse_final_with(gpu, &params(i), tpt) },
+        FusedSource::Sum(tokens) => unsafe { fora_sum_final_with(gpu, &params(i), tokens) },
     })?;
     let (name, imp, what) = match source {
         FusedSource::Sum(tokens) => {
@@ -1364,7 +1392,8 @@ fn bench_fora_cache_sum(
             ..cache_sum_params(cfg, rows)
         }
     };
-    let (stats, per_replay) = timer.time_alone(gpu, copies, |i| fora_cache_sum(gpu, &params(i)))?;
+    let (stats, per_replay) =
+        timer.time_alone(gpu, copies, |i| unsafe { fora_cache_sum(gpu, &params(i)) })?;
     Ok(KernelRow {
         name: "fora_cache_sum".into(),
         imp: format!("custom ({count} sums)"),
@@ -1426,51 +1455,55 @@ fn bench_layernorm(
     let launch = |i: usize| {
         let (x, m, out, acc, cache) = &sets[i % copies];
         match (acc, cache) {
-            (Some(acc), Some(cache)) => residual_layernorm_with(
-                gpu,
-                &ResidualLayerNormParams {
-                    // No weight prefetch: the pass alone.
-                    prefetch_a: 0,
-                    prefetch_b: 0,
-                    prefetch_a_bytes: 0,
-                    prefetch_b_bytes: 0,
-                    acc: dptr(acc),
-                    bias: dptr(&bias),
-                    cache: dptr(cache),
-                    x: dptr(x),
-                    modulation: dptr(m),
-                    out: dptr(out),
-                    rows: rows as i32,
-                    tokens: t as i32,
-                    dim: d as i32,
-                    ld_acc: d as i32,
-                    ld_mod: cols as i32,
-                    gate_col: (2 * d) as i32,
-                    shift_col: (3 * d) as i32,
-                    scale_col: (4 * d) as i32,
-                    acc_bf16: 0,
-                    eps: 1e-6,
-                    acc_splits: 1,
-                    acc_split_stride: 0,
-                },
-                warps,
-            ),
-            _ => layernorm_modulate_with(
-                gpu,
-                &LayerNormModulateParams {
-                    x: dptr(x),
-                    modulation: dptr(m),
-                    out: dptr(out),
-                    rows: rows as i32,
-                    tokens: t as i32,
-                    dim: d as i32,
-                    ld_mod: cols as i32,
-                    shift_col: 0,
-                    scale_col: d as i32,
-                    eps: 1e-6,
-                },
-                warps,
-            ),
+            (Some(acc), Some(cache)) => unsafe {
+                residual_layernorm_with(
+                    gpu,
+                    &ResidualLayerNormParams {
+                        // No weight prefetch: the pass alone.
+                        prefetch_a: 0,
+                        prefetch_b: 0,
+                        prefetch_a_bytes: 0,
+                        prefetch_b_bytes: 0,
+                        acc: dptr(acc),
+                        bias: dptr(&bias),
+                        cache: dptr(cache),
+                        x: dptr(x),
+                        modulation: dptr(m),
+                        out: dptr(out),
+                        rows: rows as i32,
+                        tokens: t as i32,
+                        dim: d as i32,
+                        ld_acc: d as i32,
+                        ld_mod: cols as i32,
+                        gate_col: (2 * d) as i32,
+                        shift_col: (3 * d) as i32,
+                        scale_col: (4 * d) as i32,
+                        acc_bf16: 0,
+                        eps: 1e-6,
+                        acc_splits: 1,
+                        acc_split_stride: 0,
+                    },
+                    warps,
+                )
+            },
+            _ => unsafe {
+                layernorm_modulate_with(
+                    gpu,
+                    &LayerNormModulateParams {
+                        x: dptr(x),
+                        modulation: dptr(m),
+                        out: dptr(out),
+                        rows: rows as i32,
+                        tokens: t as i32,
+                        dim: d as i32,
+                        ld_mod: cols as i32,
+                        shift_col: 0,
+                        scale_col: d as i32,
+                        eps: 1e-6,
+                    },
+                    warps,
+                )
+            },
         }
     };
     let (stats, per_replay) = timer.time_alone(gpu, copies, launch)?;

@@ -436,13 +436,23 @@ pub fn attention_flops(batch: usize, heads: usize, tokens: usize, head_dim: usiz
 /// ([`AttentionImpl::Auto`]: wgmma_mn on a Hopper, else v1) on `gpu`'s stream: reads `p.qkv`,
 /// writes every element of `p.out`. `out` must not overlap `qkv` (blocks read the K/V rows of
 /// other blocks' queries). Allocates nothing, so it can be captured in a CUDA graph.
-pub fn attention(gpu: &impl KernelLauncher, p: &AttentionParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn attention(gpu: &impl KernelLauncher, p: &AttentionParams) -> Result<()> {
     attention_with(gpu, p, AttentionImpl::Auto)
 }
 
 /// [`attention`] with an explicit implementation (the backend runs
 /// [`super::CudaOptions::attention`]; tests and benchmarks run each).
-pub fn attention_with(
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn attention_with(
     gpu: &impl KernelLauncher,
     p: &AttentionParams,
     imp: AttentionImpl,
@@ -452,7 +462,12 @@ pub fn attention_with(
 
 /// [`attention_with`], choosing block sizes as for a device of `sm_count` SMs (tests run every
 /// block size of a family on small shapes this way).
-pub fn attention_sized_for(
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn attention_sized_for(
     gpu: &impl KernelLauncher,
     p: &AttentionParams,
     imp: AttentionImpl,

@@ -8,6 +8,10 @@
 //! host synchronization. `FORA_CUDA_GRAPHS=0` launches kernel by kernel instead (for profilers
 //! that filter by NVTX range, and for debugging).
 
+// The launches here (`unsafe`: raw device addresses) pass a workspace's own buffers, which
+// `workspace` made for this backend's model at the plan's rows, and a step first checks that
+// the workspace is this backend's (`check_built_here`).
+
 use super::attention::AttentionImpl;
 use super::device::{dptr_at, ensure_hopper};
 use super::fora::CACHE_SUM_MAX;
@@ -508,6 +512,11 @@ fn modulation_chunk_steps(rows: usize, steps: usize) -> usize {
 }
 
 /// Device state of one sampling run.
+///
+/// Not `Send`: its CUDA graphs are cudarc's raw handles. Build, step and drop it on one
+/// thread, as [`crate::sampler::Sampler::sample`] does. (A `Sampler` over a `CudaBackend`
+/// borrows a backend that is not `Sync`, so it stays on its thread too: move the backend to
+/// the thread that samples and make the sampler there.)
 pub struct CudaWorkspace {
     /// The backend that built it ([`CudaBackend::identity`]).
     built_by: std::sync::Weak<()>,
@@ -893,16 +902,18 @@ impl CudaBackend {
         let chunk_labels = gpu.upload(&chunk_labels, "the labels of a step chunk")?;
         for k0 in (0..plan.steps).step_by(chunk_steps) {
             let n = (plan.steps - k0).min(chunk_steps) * rows;
-            self.model.modulation(
-                gpu,
-                gemm,
-                &cond,
-                n,
-                dptr_at(t_table, k0 * rows),
-                dptr(&chunk_labels),
-                dptr_at(&table, k0 * rows * cols),
-                TableColumns::All,
-            )?;
+            unsafe {
+                self.model.modulation(
+                    gpu,
+                    gemm,
+                    &cond,
+                    n,
+                    dptr_at(t_table, k0 * rows),
+                    dptr(&chunk_labels),
+                    dptr_at(&table, k0 * rows * cols),
+                    TableColumns::All,
+                )
+            }?;
         }
         // The chunk buffers are freed when this returns; wait so that they are not in use.
         gpu.synchronize()?;
@@ -967,14 +978,16 @@ impl CudaBackend {
                         Some(self.step_copy_source(ws, 0)),
                         reuse_sum,
                     );
-                    self.model.forward(
-                        &self.gpu,
-                        &ws.gemm,
-                        &ws.acts,
-                        kind,
-                        &ws.latents,
-                        ws.images,
-                    )?;
+                    unsafe {
+                        self.model.forward(
+                            &self.gpu,
+                            &ws.gemm,
+                            &ws.acts,
+                            kind,
+                            &ws.latents,
+                            ws.images,
+                        )
+                    }?;
                 } else {
                     self.step_copy(ws, 0)?;
                     self.enqueue_forward(
@@ -989,7 +1002,9 @@ impl CudaBackend {
                         reuse_sum,
                     )?;
                 }
-                super::sampler::sampler_update(&self.gpu, &self.sampler_params(ws, &step)?)
+                unsafe {
+                    super::sampler::sampler_update(&self.gpu, &self.sampler_params(ws, &step)?)
+                }
             })?;
             let table_source = if in_place {
                 StepTableSource::InPlace
@@ -1073,9 +1088,10 @@ impl CudaBackend {
     ) -> Result<()> {
         let Some((side, parity)) = side else {
             let kind = self.forward_kind(options, images, mode, with_modulation, None, reuse_sum);
-            return self
-                .model
-                .forward(&self.gpu, gemm, acts, kind, latents, images);
+            return unsafe {
+                self.model
+                    .forward(&self.gpu, gemm, acts, kind, latents, images)
+            };
         };
         let main = self.gpu.stream();
         side.fork
@@ -1087,16 +1103,18 @@ impl CudaBackend {
             .context("cannot fork the side stream")?;
         let branch = {
             let _next = crate::nvtx_range!("next_modulation");
-            self.model.modulation(
-                &side.gpu,
-                &side.gemm,
-                &side.cond,
-                acts.rows,
-                dptr(&side.t_next),
-                dptr(&acts.labels),
-                side.table(acts, 1 - parity),
-                TableColumns::All,
-            )
+            unsafe {
+                self.model.modulation(
+                    &side.gpu,
+                    &side.gemm,
+                    &side.cond,
+                    acts.rows,
+                    dptr(&side.t_next),
+                    dptr(&acts.labels),
+                    side.table(acts, 1 - parity),
+                    TableColumns::All,
+                )
+            }
         };
         let kind = self.forward_kind(
             options,
@@ -1106,9 +1124,10 @@ impl CudaBackend {
             Some(side.table(acts, parity)),
             reuse_sum,
         );
-        let forward = self
-            .model
-            .forward(&self.gpu, gemm, acts, kind, latents, images);
+        let forward = unsafe {
+            self.model
+                .forward(&self.gpu, gemm, acts, kind, latents, images)
+        };
         // Join whatever happened, so that a capture can end and the stream stays ordered.
         side.join
             .record(side.gpu.stream())
@@ -1182,15 +1201,17 @@ impl CudaBackend {
             },
             (None, None) => bail!("cache sums without tables to read the gates from"),
         };
-        self.model.cache_sums(
-            &self.gpu,
-            gemm,
-            acts,
-            tables,
-            count,
-            dptr(&sums.sums),
-            sums.slab,
-        )?;
+        unsafe {
+            self.model.cache_sums(
+                &self.gpu,
+                gemm,
+                acts,
+                tables,
+                count,
+                dptr(&sums.sums),
+                sums.slab,
+            )
+        }?;
         sums.ready = Some((step.k, count));
         Ok(Some(sums.sum(0)))
     }
@@ -1359,15 +1380,17 @@ impl Backend for CudaBackend {
         let mut latents = gpu.alloc_zeros::<f32>(img, "the latents")?;
         let (noise, seed) = match &plan.noise {
             NoiseSource::Seed(seed) => {
-                super::sampler::normal_fill(
-                    gpu,
-                    &NormalFillParams {
-                        out: dptr(&latents),
-                        seed: *seed,
-                        stream: 0,
-                        n: img as i64,
-                    },
-                )?;
+                unsafe {
+                    super::sampler::normal_fill(
+                        gpu,
+                        &NormalFillParams {
+                            out: dptr(&latents),
+                            seed: *seed,
+                            stream: 0,
+                            n: img as i64,
+                        },
+                    )
+                }?;
                 (None, *seed)
             }
             NoiseSource::File { x_t, noise } => {
@@ -1537,7 +1560,7 @@ impl Backend for CudaBackend {
                 .context()
                 .bind_to_thread()
                 .context("cannot make the CUDA context current")?;
-            g.set_step(Some(self.step_copy_source(ws, step.k)), reuse_sum, &p)?;
+            unsafe { g.set_step(Some(self.step_copy_source(ws, step.k)), reuse_sum, &p) }?;
             g.graph
                 .launch()
                 .context("cannot launch the captured step")?;
@@ -1559,16 +1582,18 @@ impl Backend for CudaBackend {
                 if side.ready != Some(step.k) {
                     // Not computed by the previous step's side branch: compute it now, first.
                     let _cond = crate::op_range!(&self.gpu, "conditioning");
-                    self.model.modulation(
-                        &self.gpu,
-                        &ws.gemm,
-                        &side.cond,
-                        rows,
-                        dptr_at(&ws.t_table, step.k * rows),
-                        dptr(&ws.acts.labels),
-                        side.table(&ws.acts, parity),
-                        TableColumns::All,
-                    )?;
+                    unsafe {
+                        self.model.modulation(
+                            &self.gpu,
+                            &ws.gemm,
+                            &side.cond,
+                            rows,
+                            dptr_at(&ws.t_table, step.k * rows),
+                            dptr(&ws.acts.labels),
+                            side.table(&ws.acts, parity),
+                            TableColumns::All,
+                        )
+                    }?;
                 }
                 // The side branch computes the next step's table (the last step's branch
                 // recomputes its own: harmless, and it keeps one graph per parity).
@@ -1605,7 +1630,7 @@ impl Backend for CudaBackend {
         }
         let p = self.sampler_params(ws, step)?;
         let _update = crate::op_range!(&self.gpu, "{}", super::sampler::update_kernel(&p));
-        super::sampler::sampler_update(&self.gpu, &p)
+        unsafe { super::sampler::sampler_update(&self.gpu, &p) }
     }
 
     fn latents(&self, ws: &mut CudaWorkspace) -> Result<Vec<f32>> {
@@ -1652,25 +1677,29 @@ impl Backend for CudaBackend {
             final_linear: true,
             ..self.forward_kind(&self.options, images, StepMode::Compute, true, None, None)
         };
-        self.model
-            .forward(gpu, &gemm, &acts, kind, &latents, images)?;
+        unsafe {
+            self.model
+                .forward(gpu, &gemm, &acts, kind, &latents, images)
+        }?;
         let out = gpu.alloc_zeros::<f32>(n * cfg.out_len(), "the forward output")?;
         let guided = guided_channels(guidance, cfg.in_channels, cfg.out_channels());
         let scale = guidance.map_or(1.0, |g| g.scale);
-        super::sampler::unpatchify(
-            gpu,
-            &UnpatchifyParams {
-                model_out: dptr(&acts.final_out),
-                out: dptr(&out),
-                rows: n as i32,
-                out_channels: cfg.out_channels() as i32,
-                height: cfg.input_size as i32,
-                width: cfg.input_size as i32,
-                patch: cfg.patch as i32,
-                guided_channels: guided,
-                cfg_scale: scale,
-            },
-        )?;
+        unsafe {
+            super::sampler::unpatchify(
+                gpu,
+                &UnpatchifyParams {
+                    model_out: dptr(&acts.final_out),
+                    out: dptr(&out),
+                    rows: n as i32,
+                    out_channels: cfg.out_channels() as i32,
+                    height: cfg.input_size as i32,
+                    width: cfg.input_size as i32,
+                    patch: cfg.patch as i32,
+                    guided_channels: guided,
+                    cfg_scale: scale,
+                },
+            )
+        }?;
         gpu.download(&out)
     }
 }

@@ -55,7 +55,12 @@ pub fn bandwidth_read_plan(gpu: &impl KernelLauncher, p: &BandwidthParams) -> Re
 
 /// Reads `16 * chunks` bytes of `src` (with `mask`, `src`'s first `mask + 1` chunks over and
 /// over); `dst[i]` = the XOR of the 32-bit words thread `i` read.
-pub fn bandwidth_read(gpu: &impl KernelLauncher, p: &BandwidthParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn bandwidth_read(gpu: &impl KernelLauncher, p: &BandwidthParams) -> Result<()> {
     let grid = bandwidth_read_plan(gpu, p)?;
     // SAFETY: validated above; the caller owns `16 * chunks` bytes at src and `out_words`
     // words at dst.
@@ -80,7 +85,12 @@ pub fn bandwidth_copy_plan(gpu: &impl KernelLauncher, p: &BandwidthParams) -> Re
 }
 
 /// Copies `16 * chunks` bytes from `src` to `dst` (not overlapping).
-pub fn bandwidth_copy(gpu: &impl KernelLauncher, p: &BandwidthParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn bandwidth_copy(gpu: &impl KernelLauncher, p: &BandwidthParams) -> Result<()> {
     let grid = bandwidth_copy_plan(gpu, p)?;
     // SAFETY: validated above; the caller owns `16 * chunks` bytes at src and at dst.
     unsafe { gpu.launch_kernel("bandwidth_copy", (grid, 1, 1), (THREADS, 1, 1), 0, p) }

@@ -26,7 +26,12 @@ pub fn timestep_embedding_plan(p: &TimestepEmbedParams) -> Result<((u32, u32, u3
 }
 
 /// `out[r] = cat[cos(t_r f), sin(t_r f)]` in bf16, `f_j = exp(-ln(10000) j / half)`.
-pub fn timestep_embedding(gpu: &impl KernelLauncher, p: &TimestepEmbedParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn timestep_embedding(gpu: &impl KernelLauncher, p: &TimestepEmbedParams) -> Result<()> {
     let (grid, threads) = timestep_embedding_plan(p)?;
     // SAFETY: validated above; the caller owns buffers of the described sizes.
     unsafe { gpu.launch_kernel("timestep_embedding", grid, (threads, 1, 1), 0, p) }
@@ -52,7 +57,12 @@ pub fn silu_plan(p: &SiluParams) -> Result<(u32, u32, u32)> {
 }
 
 /// `out = bf16(silu(input))` over a `[rows, cols]` matrix.
-pub fn silu_f32_bf16(gpu: &impl KernelLauncher, p: &SiluParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn silu_f32_bf16(gpu: &impl KernelLauncher, p: &SiluParams) -> Result<()> {
     let grid = silu_plan(p)?;
     // SAFETY: validated above.
     unsafe { gpu.launch_kernel("silu_f32_bf16", grid, (THREADS, 1, 1), 0, p) }
@@ -76,7 +86,12 @@ pub fn label_silu_plan(p: &LabelSiluParams) -> Result<(u32, u32, u32)> {
 
 /// `out[r] = bf16(silu(t_emb[r] + table[labels[r]]))`. Labels must be validated by the caller
 /// (`< num_labels`); the kernel clamps out-of-range ones instead of reading out of bounds.
-pub fn label_silu(gpu: &impl KernelLauncher, p: &LabelSiluParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn label_silu(gpu: &impl KernelLauncher, p: &LabelSiluParams) -> Result<()> {
     let grid = label_silu_plan(p)?;
     // SAFETY: validated above.
     unsafe { gpu.launch_kernel("label_silu", grid, (THREADS, 1, 1), 0, p) }

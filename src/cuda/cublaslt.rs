@@ -228,7 +228,12 @@ impl CublasLt {
 
     /// Runs `mm` on the stream, or reports [`LtRun::Unsupported`] when cuBLASLt has no algorithm
     /// for it. The caller has validated shapes and pointers (see `gemm::validate`).
-    pub fn matmul(&self, mm: &LtMatmul) -> Result<LtRun> {
+    ///
+    /// # Safety
+    /// Every device address in the parameters must point to a live allocation of the launching
+    /// context holding at least what the kernel reads or writes at the given sizes (the
+    /// parameters' docs say how much); only null and misaligned addresses are refused here.
+    pub unsafe fn matmul(&self, mm: &LtMatmul) -> Result<LtRun> {
         ensure!(
             mm.m > 0 && mm.n > 0 && mm.k > 0,
             "cuBLASLt matmul: empty shape m={} n={} k={}",

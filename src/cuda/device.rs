@@ -437,14 +437,17 @@ impl Gpu {
     /// Uses a caller's context and stream (an engine embedding this crate). All work of this
     /// `Gpu` goes on `stream`; the caller orders it with its own streams.
     ///
+    /// # Safety
     /// This disables cudarc's event tracking on the caller's context for slices created from
-    /// now on (the same as [`Gpu::new`]): such slices used on several streams need the caller's
-    /// own synchronization.
-    pub fn with_stream(stream: Arc<CudaStream>) -> Result<Gpu> {
+    /// now on (the same as [`Gpu::new`] does on its own context): the caller's own safe cudarc
+    /// code that uses such a slice on more than one stream no longer gets cudarc's
+    /// synchronization between those streams, and must order them itself (events, stream
+    /// waits), or it races.
+    pub unsafe fn with_stream(stream: Arc<CudaStream>) -> Result<Gpu> {
         ensure_kernels()?;
         let ctx = stream.context().clone();
         check_capability(&ctx)?;
-        // SAFETY: see Gpu::new; documented above for the caller.
+        // SAFETY: the caller takes on the cross-stream ordering (the contract above).
         unsafe { ctx.disable_event_tracking() };
         Gpu::build(ctx, stream)
     }

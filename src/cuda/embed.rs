@@ -59,7 +59,12 @@ pub fn patch_embed_plan(p: &PatchEmbedParams) -> Result<((u32, u32, u32), u32)> 
 }
 
 /// `out[r*T + t] = conv(latents[r % images])[t] + bias + pos[t]`.
-pub fn patch_embed(gpu: &impl KernelLauncher, p: &PatchEmbedParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn patch_embed(gpu: &impl KernelLauncher, p: &PatchEmbedParams) -> Result<()> {
     let (grid, smem) = patch_embed_plan(p)?;
     // SAFETY: validated above.
     unsafe { gpu.launch_kernel("patch_embed", grid, (THREADS, 1, 1), smem, p) }

@@ -124,7 +124,12 @@ pub fn fora_reuse_plan(p: &ForaReuseParams) -> Result<(u32, u32, u32)> {
 }
 
 /// Applies the cached block outputs of all `layers` to `x` with the current gates.
-pub fn fora_reuse(gpu: &impl KernelLauncher, p: &ForaReuseParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn fora_reuse(gpu: &impl KernelLauncher, p: &ForaReuseParams) -> Result<()> {
     let grid = fora_reuse_plan(p)?;
     // SAFETY: validated above.
     unsafe { gpu.launch_kernel("fora_reuse", grid, (THREADS, 1, 1), 0, p) }
@@ -393,7 +398,12 @@ impl ReuseTokens {
 /// The reuse forward up to the final Linear: patch embedding, every block's cached outputs
 /// with this step's gates, the final LayerNorm + modulate into `p.out` (bf16). The variant is
 /// [`ReuseTokens::pick`]'s.
-pub fn fora_reuse_final(gpu: &impl KernelLauncher, p: &ForaReuseFinalParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn fora_reuse_final(gpu: &impl KernelLauncher, p: &ForaReuseFinalParams) -> Result<()> {
     let tpt = ReuseTokens::pick(p, gpu.multiprocessors());
     fora_reuse_final_with(gpu, p, tpt)
 }
@@ -402,7 +412,12 @@ pub fn fora_reuse_final(gpu: &impl KernelLauncher, p: &ForaReuseFinalParams) -> 
 /// (`FORA_L2_PERSIST=1`): the part of the cache the window's hit ratio selects stays in the
 /// persisting set-aside of L2 from one reuse step to the next (the full steps in between update
 /// those lines in place), instead of coming from DRAM each time. Same numbers.
-pub fn fora_reuse_final_in_l2_window(
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn fora_reuse_final_in_l2_window(
     gpu: &Gpu,
     p: &ForaReuseFinalParams,
     window: &L2Window,
@@ -416,7 +431,12 @@ pub fn fora_reuse_final_in_l2_window(
 }
 
 /// [`fora_reuse_final`] with the tokens per thread chosen by the caller (tests, benchmarks).
-pub fn fora_reuse_final_with(
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn fora_reuse_final_with(
     gpu: &impl KernelLauncher,
     p: &ForaReuseFinalParams,
     tpt: ReuseTokens,
@@ -432,7 +452,12 @@ pub fn fora_reuse_final_with(
 /// the patch embedding + the sum, the final LayerNorm + modulate into `p.out` (or, with
 /// `p.final_w`, the final Linear into `p.final_out`). Four tokens a thread where
 /// [`ReuseTokens::pick`] takes four for the cache kernel (many rows), else one.
-pub fn fora_sum_final(gpu: &impl KernelLauncher, p: &ForaReuseFinalParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn fora_sum_final(gpu: &impl KernelLauncher, p: &ForaReuseFinalParams) -> Result<()> {
     fora_sum_final_with(gpu, p, sum_final_tokens(p, gpu.multiprocessors()))
 }
 
@@ -456,7 +481,12 @@ pub fn fused_reuse_kernels() -> impl Iterator<Item = &'static str> {
 
 /// [`fora_sum_final`] with `tokens` (1 or 4) tokens a thread chosen by the caller (tests,
 /// benchmarks); both give the same bits.
-pub fn fora_sum_final_with(
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn fora_sum_final_with(
     gpu: &impl KernelLauncher,
     p: &ForaReuseFinalParams,
     tokens: i32,
@@ -544,7 +574,12 @@ pub fn cache_sum_kernel(count: usize) -> &'static str {
 /// r (its table at `p.tables + r * p.table_stride`), `sums[r] = sum over layers of gate_msa *
 /// A_l + gate_mlp * M_l` in layer order, f32. Each of those steps then runs
 /// [`fora_sum_final`] on its sum instead of reading the whole cache.
-pub fn fora_cache_sum(gpu: &impl KernelLauncher, p: &ForaCacheSumParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn fora_cache_sum(gpu: &impl KernelLauncher, p: &ForaCacheSumParams) -> Result<()> {
     let (kernel, grid) = fora_cache_sum_plan(p)?;
     // SAFETY: validated above.
     unsafe { gpu.launch_kernel(kernel, grid, (SUM_THREADS as u32, 1, 1), 0, p) }

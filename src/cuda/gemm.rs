@@ -656,7 +656,12 @@ impl Gemm {
     }
 
     /// Runs one GEMM on the device's stream (asynchronously).
-    pub fn run(&self, gpu: &Gpu, p: &GemmParams) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every device address in the parameters must point to a live allocation of the launching
+    /// context holding at least what the kernel reads or writes at the given sizes (the
+    /// parameters' docs say how much); only null and misaligned addresses are refused here.
+    pub unsafe fn run(&self, gpu: &Gpu, p: &GemmParams) -> Result<()> {
         let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
         if let Some((tile, splits)) = self.lt_routed_tma_plan(m, n, k) {
             return launch_tma(gpu, p, tile, splits, self.splitk_workspace()).with_context(|| {
@@ -679,7 +684,12 @@ impl Gemm {
 
     /// The custom kernel, with the tile variant forced (`Some`) or picked by shape (`None`),
     /// split-K picked by shape.
-    pub fn run_custom(&self, gpu: &Gpu, p: &GemmParams, tile: Option<Tile>) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every device address in the parameters must point to a live allocation of the launching
+    /// context holding at least what the kernel reads or writes at the given sizes (the
+    /// parameters' docs say how much); only null and misaligned addresses are refused here.
+    pub unsafe fn run_custom(&self, gpu: &Gpu, p: &GemmParams, tile: Option<Tile>) -> Result<()> {
         self.run_custom_split(gpu, p, tile, None)
     }
 
@@ -705,7 +715,12 @@ impl Gemm {
     /// The custom kernel with the tile variant and the number of split-K slices forced
     /// (`Some`) or picked by shape (`None`). More than one slice writes f32 partial sums to the
     /// workspace, and the epilogue kernel adds them in order and applies the epilogue.
-    pub fn run_custom_split(
+    ///
+    /// # Safety
+    /// Every device address in the parameters must point to a live allocation of the launching
+    /// context holding at least what the kernel reads or writes at the given sizes (the
+    /// parameters' docs say how much); only null and misaligned addresses are refused here.
+    pub unsafe fn run_custom_split(
         &self,
         gpu: &Gpu,
         p: &GemmParams,
@@ -746,7 +761,12 @@ impl Gemm {
     /// The Hopper wgmma kernel with the tile variant and the number of split-K slices forced
     /// (`Some`) or picked by shape (`None`). Errors unless this `Gemm` was built for
     /// [`GemmImpl::Wgmma`] (which checked the device is a 9.x).
-    pub fn run_wgmma(
+    ///
+    /// # Safety
+    /// Every device address in the parameters must point to a live allocation of the launching
+    /// context holding at least what the kernel reads or writes at the given sizes (the
+    /// parameters' docs say how much); only null and misaligned addresses are refused here.
+    pub unsafe fn run_wgmma(
         &self,
         gpu: &Gpu,
         p: &GemmParams,
@@ -801,7 +821,12 @@ impl Gemm {
     /// [`GemmImpl::Tma`] (which checked the device is a 9.x). With programmatic launches on
     /// ([`Gpu::set_programmatic_launch`]) the kernel reads its first k-tiles of W before it
     /// waits for the kernel before it on the stream: that kernel must not write W.
-    pub fn run_tma(
+    ///
+    /// # Safety
+    /// Every device address in the parameters must point to a live allocation of the launching
+    /// context holding at least what the kernel reads or writes at the given sizes (the
+    /// parameters' docs say how much); only null and misaligned addresses are refused here.
+    pub unsafe fn run_tma(
         &self,
         gpu: &Gpu,
         p: &GemmParams,
@@ -844,13 +869,18 @@ impl Gemm {
         if splits <= 1 {
             return Ok(None);
         }
-        let ws = launch_tma_kernel(gpu, p, tile, splits, self.splitk_workspace())?;
+        let ws = unsafe { launch_tma_kernel(gpu, p, tile, splits, self.splitk_workspace()) }?;
         Ok(Some((ws, splits as usize)))
     }
 
     /// cuBLASLt with its fused bias / GELU-bias epilogue where it has one (else the unfused
     /// path). Errors when this `Gemm` was built for the custom implementation.
-    pub fn run_cublaslt(&self, gpu: &Gpu, p: &GemmParams) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every device address in the parameters must point to a live allocation of the launching
+    /// context holding at least what the kernel reads or writes at the given sizes (the
+    /// parameters' docs say how much); only null and misaligned addresses are refused here.
+    pub unsafe fn run_cublaslt(&self, gpu: &Gpu, p: &GemmParams) -> Result<()> {
         self.run_cublaslt_with_bias_bf16(gpu, p, 0)
     }
 
@@ -859,7 +889,17 @@ impl Gemm {
     /// bf16 output (the H200 did): one GEMM writing bf16 instead of an f32 product and a pass
     /// of the epilogue kernel over it. The bias is then rounded to bf16 before the add, as
     /// PyTorch's autocast rounds it. The other implementations use the f32 bias.
-    pub fn run_with_bias_bf16(&self, gpu: &Gpu, p: &GemmParams, bias_bf16: u64) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every device address in the parameters must point to a live allocation of the launching
+    /// context holding at least what the kernel reads or writes at the given sizes (the
+    /// parameters' docs say how much); only null and misaligned addresses are refused here.
+    pub unsafe fn run_with_bias_bf16(
+        &self,
+        gpu: &Gpu,
+        p: &GemmParams,
+        bias_bf16: u64,
+    ) -> Result<()> {
         let routed = self
             .lt_routed_tma_plan(p.m as usize, p.n as usize, p.k as usize)
             .is_some();
@@ -874,7 +914,7 @@ impl Gemm {
         let epi = validate(p)?;
         let lt = self.lt()?;
         let output = match epi {
-            Epilogue::BiasGateResidual => return self.run_cublaslt_unfused(gpu, p),
+            Epilogue::BiasGateResidual => return unsafe { self.run_cublaslt_unfused(gpu, p) },
             Epilogue::BiasF32 => LtOutput::F32,
             Epilogue::BiasBf16 | Epilogue::BiasGeluBf16 => LtOutput::Bf16,
         };
@@ -910,11 +950,11 @@ impl Gemm {
         }
         for epilogue in tries {
             mm.epilogue = epilogue;
-            if lt.matmul(&mm).with_context(|| gemm_what(p, "cuBLASLt"))? == LtRun::Done {
+            if unsafe { lt.matmul(&mm) }.with_context(|| gemm_what(p, "cuBLASLt"))? == LtRun::Done {
                 return Ok(());
             }
         }
-        self.run_cublaslt_unfused(gpu, p)
+        unsafe { self.run_cublaslt_unfused(gpu, p) }
     }
 
     /// cuBLASLt only: `batch.count` GEMMs of `p`'s shape with `p`'s f32 + bias epilogue
@@ -922,7 +962,12 @@ impl Gemm {
     /// caller makes sure every matmul's operands lie inside its buffers). Ok(false), running
     /// nothing, when this engine is not cuBLASLt or cuBLASLt has no algorithm for it: the caller
     /// then takes another path.
-    pub fn run_cublaslt_strided(&self, p: &GemmParams, batch: LtBatch) -> Result<bool> {
+    ///
+    /// # Safety
+    /// Every device address in the parameters must point to a live allocation of the launching
+    /// context holding at least what the kernel reads or writes at the given sizes (the
+    /// parameters' docs say how much); only null and misaligned addresses are refused here.
+    pub unsafe fn run_cublaslt_strided(&self, p: &GemmParams, batch: LtBatch) -> Result<bool> {
         if self.imp != GemmImpl::CublasLt {
             return Ok(false);
         }
@@ -942,7 +987,12 @@ impl Gemm {
 
     /// cuBLASLt product into the f32 scratch, then the stand-alone epilogue kernel (any
     /// epilogue). Errors when M * N exceeds the scratch sized at construction.
-    pub fn run_cublaslt_unfused(&self, gpu: &Gpu, p: &GemmParams) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every device address in the parameters must point to a live allocation of the launching
+    /// context holding at least what the kernel reads or writes at the given sizes (the
+    /// parameters' docs say how much); only null and misaligned addresses are refused here.
+    pub unsafe fn run_cublaslt_unfused(&self, gpu: &Gpu, p: &GemmParams) -> Result<()> {
         let acc = self.cublaslt_product(p)?;
         launch_epilogue(gpu, &epilogue_params(p, acc, 1), self.sm_count)
     }
@@ -1019,7 +1069,7 @@ impl Gemm {
             }),
             ..lt_matmul(p, LtOutput::F32, LtEpilogue::None)
         };
-        match lt.matmul(&mm).with_context(|| gemm_what(p, "cuBLASLt"))? {
+        match unsafe { lt.matmul(&mm) }.with_context(|| gemm_what(p, "cuBLASLt"))? {
             LtRun::Done => Ok((acc, splits)),
             LtRun::Unsupported if splits > 1 => self.product_slices(p, 1),
             LtRun::Unsupported => bail!(
@@ -1122,7 +1172,12 @@ fn epilogue_params(p: &GemmParams, acc: u64, splits: u32) -> GemmEpilogueParams 
 /// device or the CPU emulator): validates `p` and launches what [`Gemm::run_custom_split`]
 /// launches. More than one slice needs `splitk`, an f32 workspace of at least
 /// `splits * M * N` elements (device address, elements).
-pub fn launch_custom(
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn launch_custom(
     gpu: &impl KernelLauncher,
     p: &GemmParams,
     tile: Tile,
@@ -1138,7 +1193,12 @@ pub fn launch_custom(
 /// [`Gemm::run_wgmma`] launches, without its engine (for the CPU emulator; on a GPU only a
 /// compute capability 9.x device runs it, which [`Gemm::new`] checks). `splitk` as for
 /// [`launch_custom`].
-pub fn launch_wgmma(
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn launch_wgmma(
     gpu: &impl KernelLauncher,
     p: &GemmParams,
     tile: WgmmaTile,
@@ -1190,7 +1250,7 @@ fn launch_tiled(
             t.name, p.m, p.n, p.k
         )
     })?;
-    launch_epilogue(gpu, &epilogue_params(p, ws, splits), gpu.multiprocessors())
+    unsafe { launch_epilogue(gpu, &epilogue_params(p, ws, splits), gpu.multiprocessors()) }
 }
 
 /// A plain GEMM's params: dense row-major operands, no cache or gate.
@@ -1259,7 +1319,12 @@ fn split_k_partial(
 /// Hopper or the CPU emulator): encodes the operands' tensor maps, launches a persistent grid of
 /// at most one CTA per SM and work unit, and with more than one slice the epilogue kernel over
 /// the workspace `splitk` (as for [`launch_custom`]).
-pub fn launch_tma(
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn launch_tma(
     gpu: &impl KernelLauncher,
     p: &GemmParams,
     tile: TmaTile,
@@ -1277,7 +1342,12 @@ pub fn launch_tma(
 /// write their raw f32 partial sums (no bias) into the workspace `splitk`, slice z at element
 /// z * M * N (rows of N), for a consumer that sums them as it loads them (`residual_layernorm`).
 /// Returns the workspace's address (0 for one slice).
-pub fn launch_tma_kernel(
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn launch_tma_kernel(
     gpu: &impl KernelLauncher,
     p: &GemmParams,
     tile: TmaTile,
@@ -1353,7 +1423,12 @@ pub fn launch_tma_kernel(
 }
 
 /// Launches `gemm_epilogue_f32` over acc[M, ld_acc] (grid-stride, a few waves of CTAs).
-pub fn launch_epilogue(
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn launch_epilogue(
     gpu: &impl KernelLauncher,
     p: &GemmEpilogueParams,
     sm_count: usize,

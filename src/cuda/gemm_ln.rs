@@ -412,7 +412,12 @@ impl GemmLayerNorm {
 
     /// Launches the kernel: a cluster ([`GemmLnTile::cluster`] CTAs) for each 64 (128) token
     /// rows.
-    pub fn launch(&self, gpu: &impl KernelLauncher) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every device address in the parameters must point to a live allocation of the launching
+    /// context holding at least what the kernel reads or writes at the given sizes (the
+    /// parameters' docs say how much); only null and misaligned addresses are refused here.
+    pub unsafe fn launch(&self, gpu: &impl KernelLauncher) -> Result<()> {
         let params = self.params(gpu)?;
         let name = self.kernel();
         let smem = launch_smem_bytes(self.tile, self.one_per_sm);

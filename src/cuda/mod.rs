@@ -20,6 +20,9 @@ pub mod probe;
 pub mod qkv_attention;
 pub mod sampler;
 pub mod step_graph;
+// The crate's own GPU tests share it (it prints SKIP lines and reads FORA_REQUIRE_GPU): not
+// part of the API a dependent builds on.
+#[doc(hidden)]
 pub mod testing;
 mod tma_tiles;
 pub mod tune;

@@ -636,8 +636,13 @@ impl GpuModel {
     /// The modulation table of `rows` rows: every block's six adaLN chunks and the final
     /// layer's shift and scale, f32 [rows, ada_cols] at `out`, from the rows' original
     /// timesteps (f32 `[rows]` at `t`) and labels (i32 `[rows]` at `labels`).
+    ///
+    /// # Safety
+    /// `t`, `labels` and `out` must address live device memory of at least `rows` f32, `rows`
+    /// i32 and `rows * ada_cols` f32, and `cond` and `gemm` must have been made for at least
+    /// `rows` rows of this model.
     #[allow(clippy::too_many_arguments)] // device addresses of the inputs and the output
-    pub fn modulation(
+    pub unsafe fn modulation(
         &self,
         gpu: &Gpu,
         gemm: &Gemm,
@@ -779,12 +784,12 @@ impl GpuModel {
             stride_d: (3 * d) as i64,
             stride_bias: (3 * d) as i64,
         };
-        if gates && !gemm.run_cublaslt_strided(&chunk(2 * d, d), batch)? {
+        if gates && !unsafe { gemm.run_cublaslt_strided(&chunk(2 * d, d), batch) }? {
             return Ok(false);
         }
         if columns != TableColumns::GatesOnly {
             let fin = layers * 6 * d;
-            gemm.run(gpu, &chunk(fin, 2 * d))?;
+            unsafe { gemm.run(gpu, &chunk(fin, 2 * d)) }?;
         }
         Ok(true)
     }
@@ -793,8 +798,13 @@ impl GpuModel {
     /// FORA cache: `sums + j * sum_stride` elements gets step j's sum over the layers of
     /// `gate_msa x A_l + gate_mlp x M_l` (f32 [rows*T, D]), with the gates of `tables`. The
     /// cache must hold a computing step's outputs.
+    ///
+    /// # Safety
+    /// `acts` must have been made for this model (its config, with the cache), `tables` must
+    /// address live tables of `acts.rows` rows, and `sums` room for `count` sums `sum_stride`
+    /// f32 apart; `gemm` must serve GEMMs of `acts.rows` rows.
     #[allow(clippy::too_many_arguments)] // device addresses and sizes of one pass
-    pub fn cache_sums(
+    pub unsafe fn cache_sums(
         &self,
         gpu: &Gpu,
         gemm: &Gemm,
@@ -851,7 +861,13 @@ impl GpuModel {
     /// output in `acts.final_out`). `latents` holds `images` images [images, C, H, W]; model row
     /// r reads image r % images. `kind` says whether it computes or reuses, and where the
     /// modulation table comes from.
-    pub fn forward(
+    ///
+    /// # Safety
+    /// `acts` must have been made for this model (its config; with the cache for a reuse
+    /// step), `latents` must hold `images` images that divide `acts.rows`, the raw addresses in
+    /// `kind` (a table, a cache sum) must address live device memory of `acts.rows` rows, and
+    /// `gemm` must serve GEMMs of `acts.rows` rows.
+    pub unsafe fn forward(
         &self,
         gpu: &Gpu,
         gemm: &Gemm,

@@ -100,7 +100,15 @@ fn layernorm_in_registers(p: &LayerNormModulateParams) -> bool {
 
 /// LayerNorm (no affine) of each token row of `p.x`, modulated by its image's shift and scale
 /// columns of the table, `x * (1 + scale) + shift`, to bf16, with the default [`RowWarps`].
-pub fn layernorm_modulate(gpu: &impl KernelLauncher, p: &LayerNormModulateParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn layernorm_modulate(
+    gpu: &impl KernelLauncher,
+    p: &LayerNormModulateParams,
+) -> Result<()> {
     let warps = match RowWarps::default() {
         RowWarps::Four if layernorm_in_registers(p) => RowWarps::Four,
         _ => RowWarps::One,
@@ -110,7 +118,12 @@ pub fn layernorm_modulate(gpu: &impl KernelLauncher, p: &LayerNormModulateParams
 
 /// [`layernorm_modulate`] with the warps per row chosen by the caller (tests, benchmarks); four
 /// need the register path's rows (see `layernorm_in_registers`).
-pub fn layernorm_modulate_with(
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn layernorm_modulate_with(
     gpu: &impl KernelLauncher,
     p: &LayerNormModulateParams,
     warps: RowWarps,
@@ -256,12 +269,25 @@ pub fn residual_layernorm_plan(p: &ResidualLayerNormParams) -> Result<(u32, u32,
 
 /// Per token row: `v = acc + bias; cache = bf16(v); x += gate * v;`
 /// `out = bf16(LN(x) * (1 + scale) + shift)`; with `acc_bf16`, v is read as bf16 from `acc`.
-pub fn residual_layernorm(gpu: &impl KernelLauncher, p: &ResidualLayerNormParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn residual_layernorm(
+    gpu: &impl KernelLauncher,
+    p: &ResidualLayerNormParams,
+) -> Result<()> {
     residual_layernorm_with(gpu, p, RowWarps::default())
 }
 
 /// [`residual_layernorm`] with the warps per row chosen by the caller (tests, benchmarks).
-pub fn residual_layernorm_with(
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn residual_layernorm_with(
     gpu: &impl KernelLauncher,
     p: &ResidualLayerNormParams,
     warps: RowWarps,

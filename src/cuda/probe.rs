@@ -48,7 +48,12 @@ const PROBE_SMEM: u32 = 25 * 1024;
 
 /// `d[64, n] = a[64, 32] @ bt[n, 32]^T` (f32 out) by two wgmmas (k-steps) of `mode`, on a
 /// Hopper GPU: `a` bf16 `[64, 32]`, `bt` bf16 `[n, 32]`, `d` f32 `[64, n]` (device addresses).
-pub fn wgmma_probe(
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn wgmma_probe(
     gpu: &impl KernelLauncher,
     mode: WgmmaProbeMode,
     n: i32,
@@ -118,7 +123,12 @@ fn launch_tma_probe(
 /// same 1024-byte-aligned shared memory through one mbarrier's phases 0 and 1, and writes the
 /// shared bytes after each to `out` (bf16 `[2][box_rows * 64]`, device address), on a Hopper
 /// GPU or the emulator.
-pub fn tma_probe(
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn tma_probe(
     gpu: &impl KernelLauncher,
     tensor: &TmaTensor2d,
     boxes: [(i32, i32); 2],
@@ -134,7 +144,12 @@ pub fn tma_probe(
 /// and each writes its two slots to `out` (bf16 `[2 CTAs][2 slots][box_rows * 64]`, device
 /// address); then the CTAs relay an arrival through each other's barriers (`mapa`). The
 /// primitives of the multicast TMA GEMM, on a Hopper GPU or the emulator.
-pub fn tma_cluster_probe(
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn tma_cluster_probe(
     gpu: &impl KernelLauncher,
     tensor: &TmaTensor2d,
     boxes: [(i32, i32); 2],

@@ -227,7 +227,12 @@ impl QkvAttention {
     }
 
     /// Launches the kernel: a cluster of four CTAs for each (batch, head).
-    pub fn launch(&self, gpu: &impl KernelLauncher) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every device address in the parameters must point to a live allocation of the launching
+    /// context holding at least what the kernel reads or writes at the given sizes (the
+    /// parameters' docs say how much); only null and misaligned addresses are refused here.
+    pub unsafe fn launch(&self, gpu: &impl KernelLauncher) -> Result<()> {
         let params = self.params(gpu)?;
         let name = self.kernel();
         let smem = qkv_attention_smem_bytes(self.head_dim as u32);

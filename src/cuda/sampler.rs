@@ -157,7 +157,12 @@ fn check_update(kernel: &str, p: &SamplerStepParams) -> Result<()> {
 }
 
 /// One sampler update of the latents `x` in place (see the module docs).
-pub fn sampler_step(gpu: &impl KernelLauncher, p: &SamplerStepParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn sampler_step(gpu: &impl KernelLauncher, p: &SamplerStepParams) -> Result<()> {
     let grid = sampler_step_plan(p)?;
     // SAFETY: validated above.
     unsafe { gpu.launch_kernel("sampler_step", grid, (STEP_THREADS, 1, 1), 0, p) }
@@ -222,7 +227,12 @@ pub fn final_sampler_step_plan(p: &SamplerStepParams) -> Result<(u32, u32, u32)>
 /// One sampler update of the latents `x` in place with the model's final Linear applied in the
 /// same kernel: the model output is `final_b + xn @ final_w^T`, computed from `p.xn` (see
 /// kernels/params.h); `p.model_out` is not read.
-pub fn final_sampler_step(gpu: &impl KernelLauncher, p: &SamplerStepParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn final_sampler_step(gpu: &impl KernelLauncher, p: &SamplerStepParams) -> Result<()> {
     let grid = final_sampler_step_plan(p)?;
     // SAFETY: validated above.
     unsafe { gpu.launch_kernel("final_sampler_step", grid, (FINAL_THREADS, 1, 1), 0, p) }
@@ -248,7 +258,12 @@ pub fn update_plan(p: &SamplerStepParams) -> Result<(u32, u32, u32)> {
 }
 
 /// One sampler update by the kernel `p` is for ([`update_kernel`]).
-pub fn sampler_update(gpu: &impl KernelLauncher, p: &SamplerStepParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn sampler_update(gpu: &impl KernelLauncher, p: &SamplerStepParams) -> Result<()> {
     if p.xn != 0 {
         final_sampler_step(gpu, p)
     } else {
@@ -290,7 +305,12 @@ pub fn unpatchify_plan(p: &UnpatchifyParams) -> Result<(u32, u32, u32)> {
 
 /// The final Linear's token-layout output -> images `[rows, out_channels, H, W]`, guided as
 /// `forward_with_cfg` when `guided_channels > 0`.
-pub fn unpatchify(gpu: &impl KernelLauncher, p: &UnpatchifyParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn unpatchify(gpu: &impl KernelLauncher, p: &UnpatchifyParams) -> Result<()> {
     let grid = unpatchify_plan(p)?;
     // SAFETY: validated above.
     unsafe { gpu.launch_kernel("unpatchify", grid, (THREADS, 1, 1), 0, p) }
@@ -305,7 +325,12 @@ pub fn normal_fill_plan(p: &NormalFillParams) -> Result<(u32, u32, u32)> {
 }
 
 /// `out[i] = crate::rng::normal(seed, stream, i)` for `i < n` (x_T: stream 0).
-pub fn normal_fill(gpu: &impl KernelLauncher, p: &NormalFillParams) -> Result<()> {
+///
+/// # Safety
+/// Every device address in the parameters must point to a live allocation of the launching
+/// context holding at least what the kernel reads or writes at the given sizes (the
+/// parameters' docs say how much); only null and misaligned addresses are refused here.
+pub unsafe fn normal_fill(gpu: &impl KernelLauncher, p: &NormalFillParams) -> Result<()> {
     let grid = normal_fill_plan(p)?;
     // SAFETY: validated above.
     unsafe { gpu.launch_kernel("normal_fill", grid, (THREADS, 1, 1), 0, p) }

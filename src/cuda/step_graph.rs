@@ -177,7 +177,12 @@ impl StepGraph {
     /// table in place, at the step's table or timesteps `src`; the fused reuse kernel at the
     /// step's cache sum `sum` (a reuse step from a cache sum); and the sampler update at `p`,
     /// for the next launch; launches already enqueued are unaffected.
-    pub fn set_step(
+    ///
+    /// # Safety
+    /// Every device address in the parameters must point to a live allocation of the launching
+    /// context holding at least what the kernel reads or writes at the given sizes (the
+    /// parameters' docs say how much); only null and misaligned addresses are refused here.
+    pub unsafe fn set_step(
         &self,
         src: Option<u64>,
         sum: Option<u64>,

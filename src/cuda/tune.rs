@@ -379,6 +379,18 @@ pub struct TuneSettings {
     /// are timed in turn with them until one is confirmed (at least one; with `confirm` 0 the
     /// fastest is taken).
     pub contenders: usize,
+    /// A line to stderr per candidate as it starts and as it ends, and per head-to-head round
+    /// and choice (default on: the device suite reads them to name a candidate that hung or
+    /// killed the process); off, tuning prints nothing and the result is only the returned
+    /// [`Tuning`].
+    pub progress: bool,
+}
+
+/// Prints `line` to stderr when `on` ([`TuneSettings::progress`]).
+fn progress(on: bool, line: impl FnOnce() -> String) {
+    if on {
+        eprintln!("{}", line());
+    }
 }
 
 impl Default for TuneSettings {
@@ -392,6 +404,7 @@ impl Default for TuneSettings {
             combine: true,
             confirm: 2,
             contenders: 3,
+            progress: true,
         }
     }
 }
@@ -675,7 +688,9 @@ impl CandidateBench<'_> {
     ) -> Result<TuneRow<B::Options>> {
         // Before it runs, so that a log cut short by a hang or a crash names the candidate in
         // flight (the device suite tunes again without it).
-        eprintln!("tune: {} rows, {name}: measuring", self.plan.model_rows());
+        progress(self.settings.progress, || {
+            format!("tune: {} rows, {name}: measuring", self.plan.model_rows())
+        });
         let mut row = TuneRow {
             name: name.to_string(),
             settings: settings.to_string(),
@@ -754,22 +769,24 @@ impl CandidateBench<'_> {
         }
         // A line per candidate as it ends, so that a log keeps what was measured even if a
         // later candidate hangs or kills the process.
-        eprintln!(
-            "tune: {} rows, {}: window {}, rel-L2 forward {} steps {}{}",
-            self.plan.model_rows(),
-            row.name,
-            row.window
-                .as_ref()
-                .map_or("—".to_string(), |w| format!("{:.3} ms", w.median_ms)),
-            row.rel_l2.map_or("—".to_string(), |e| format!("{e:.2e}")),
-            row.steps_rel_l2
-                .map_or("—".to_string(), |e| format!("{e:.2e}")),
-            match &row.outcome {
-                TuneOutcome::Rejected(why) => format!(", rejected: {why}"),
-                TuneOutcome::Failed(e) => format!(", failed: {e}"),
-                _ => String::new(),
-            }
-        );
+        progress(self.settings.progress, || {
+            format!(
+                "tune: {} rows, {}: window {}, rel-L2 forward {} steps {}{}",
+                self.plan.model_rows(),
+                row.name,
+                row.window
+                    .as_ref()
+                    .map_or("—".to_string(), |w| format!("{:.3} ms", w.median_ms)),
+                row.rel_l2.map_or("—".to_string(), |e| format!("{e:.2e}")),
+                row.steps_rel_l2
+                    .map_or("—".to_string(), |e| format!("{e:.2e}")),
+                match &row.outcome {
+                    TuneOutcome::Rejected(why) => format!(", rejected: {why}"),
+                    TuneOutcome::Failed(e) => format!(", failed: {e}"),
+                    _ => String::new(),
+                }
+            )
+        });
         Ok(row)
     }
 }
@@ -935,12 +952,14 @@ pub fn tune<B: Tunable>(
     if rows.len() > 1 {
         let again =
             time(backend, given, "the given options again").map_err(|e| fail(backend, e))?;
-        eprintln!(
-            "tune: {} rows, {} again: window {:.3} ms",
-            plan.model_rows(),
-            rows[0].name,
-            again.median_ms
-        );
+        progress(settings.progress, || {
+            format!(
+                "tune: {} rows, {} again: window {:.3} ms",
+                plan.model_rows(),
+                rows[0].name,
+                again.median_ms
+            )
+        });
         if let Some(first) = &rows[0].window {
             if again.median_ms < first.median_ms {
                 rows[0].window = Some(again);
@@ -965,13 +984,15 @@ pub fn tune<B: Tunable>(
         for &contender in contenders.iter().take(settings.contenders.max(1)) {
             let (g, c) =
                 head_to_head_ms(backend, rows[contender].options).map_err(|e| fail(backend, e))?;
-            eprintln!(
-                "tune: {} rows, {} against {}, {} rounds in turn: {c:.3} against {g:.3} ms",
-                plan.model_rows(),
-                rows[contender].name,
-                rows[0].name,
-                settings.confirm
-            );
+            progress(settings.progress, || {
+                format!(
+                    "tune: {} rows, {} against {}, {} rounds in turn: {c:.3} against {g:.3} ms",
+                    plan.model_rows(),
+                    rows[contender].name,
+                    rows[0].name,
+                    settings.confirm
+                )
+            });
             head_to_head = Some((g, c));
             if c <= g * (1.0 - settings.min_gain) {
                 chosen = contender;
@@ -983,16 +1004,18 @@ pub fn tune<B: Tunable>(
         }
     }
     rows[chosen].outcome = TuneOutcome::Chosen;
-    eprintln!(
-        "tune: {} rows, chosen: {} ({})",
-        plan.model_rows(),
-        rows[chosen].name,
-        if rows[chosen].settings.is_empty() {
-            "the options as given"
-        } else {
-            &rows[chosen].settings
-        }
-    );
+    progress(settings.progress, || {
+        format!(
+            "tune: {} rows, chosen: {} ({})",
+            plan.model_rows(),
+            rows[chosen].name,
+            if rows[chosen].settings.is_empty() {
+                "the options as given"
+            } else {
+                &rows[chosen].settings
+            }
+        )
+    });
     backend.set_tuned_options(rows[chosen].options);
     Ok(Tuning {
         rows: plan.model_rows(),

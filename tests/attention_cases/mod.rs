@@ -159,7 +159,7 @@ pub fn run_case_sized<D: TestDevice>(
     let qkv_dev = gpu.upload_bf16(&qkv)?;
     let mut out_dev = gpu.poisoned_bf16(out_len + GUARD_ROWS * h_n * d)?;
     let p = params(s, qkv_dev.addr(), out_dev.addr());
-    check_output_twice(gpu, name, &mut out_dev, &reference, || {
+    check_output_twice(gpu, name, &mut out_dev, &reference, || unsafe {
         attention_sized_for(gpu, &p, imp, sm_count)
     })
 }
@@ -181,7 +181,7 @@ pub fn check_same_bits<D: TestDevice>(
     let out_len = s.batch * s.tokens * s.heads * s.head_dim;
     let run = |imp: AttentionImpl| -> Result<Vec<f32>> {
         let out = gpu.poisoned_bf16(out_len)?;
-        attention_sized_for(gpu, &params(s, qkv.addr(), out.addr()), imp, sm_count)?;
+        unsafe { attention_sized_for(gpu, &params(s, qkv.addr(), out.addr()), imp, sm_count) }?;
         gpu.download_bf16(&out)
     };
     let (x, y) = (run(a)?, run(b)?);
@@ -339,7 +339,7 @@ fn run_box_probe<D: TestDevice>(
 /// The TMA probe (`fora::cuda::probe::tma_probe`) on [`probe_tensor`]'s boxes, one after the
 /// other through one mbarrier's two phases: image i is box i.
 pub fn run_tma_probe<D: TestDevice>(gpu: &D, seed: u64) -> Result<()> {
-    run_box_probe(gpu, seed, "tma probe", 2, |map, boxes, out| {
+    run_box_probe(gpu, seed, "tma probe", 2, |map, boxes, out| unsafe {
         fora::cuda::probe::tma_probe(gpu, map, boxes, out)
     })
 }
@@ -349,9 +349,13 @@ pub fn run_tma_probe<D: TestDevice>(gpu: &D, seed: u64) -> Result<()> {
 /// boxes, each in its slot (image 2 CTA + slot is box slot), and the kernel must finish (the
 /// remote arrivals: a lost one traps in the barrier watchdog or deadlocks the emulator).
 pub fn run_tma_cluster_probe<D: TestDevice>(gpu: &D, seed: u64) -> Result<()> {
-    run_box_probe(gpu, seed, "tma cluster probe", 4, |map, boxes, out| {
-        fora::cuda::probe::tma_cluster_probe(gpu, map, boxes, out)
-    })
+    run_box_probe(
+        gpu,
+        seed,
+        "tma cluster probe",
+        4,
+        |map, boxes, out| unsafe { fora::cuda::probe::tma_cluster_probe(gpu, map, boxes, out) },
+    )
 }
 
 /// One wgmma probe (`fora::cuda::probe`): random bf16 a [64, 32] and bt [n, 32], the device's
@@ -377,7 +381,9 @@ pub fn run_wgmma_probe<D: TestDevice>(
     let (a_d, bt_d) = (gpu.upload_bf16(&a)?, gpu.upload_bf16(&bt)?);
     let guard = 64;
     let d = gpu.poisoned_f32(64 * n + guard)?;
-    fora::cuda::probe::wgmma_probe(gpu, mode, n as i32, a_d.addr(), bt_d.addr(), d.addr())?;
+    unsafe {
+        fora::cuda::probe::wgmma_probe(gpu, mode, n as i32, a_d.addr(), bt_d.addr(), d.addr())
+    }?;
     let got = gpu.download_f32(&d)?;
     let what = format!("wgmma probe {mode:?} n={n}");
     ensure!(
@@ -455,7 +461,9 @@ pub fn run_qkv_attention<D: TestDevice>(
     };
     // The kernel's q, k, v are its f32 sums rounded to bf16, which may round to the other bf16
     // neighbour of the f64 product's: the attention tolerance covers that.
-    check_output_twice(gpu, &name, &mut out_d, &reference, || launch.launch(gpu))
+    check_output_twice(gpu, &name, &mut out_d, &reference, || unsafe {
+        launch.launch(gpu)
+    })
 }
 
 /// Every case of the fused qkv + attention: one image + CFG of DiT-XL/2 at 256 px (d 72, 16

@@ -106,7 +106,7 @@ pub fn run_patch_embed<D: TestDevice>(gpu: &D, c: &EmbedCase, seed: u64) -> Resu
         patch: c.patch as i32,
         dim: c.dim as i32,
     };
-    patch_embed(gpu, &p)?;
+    unsafe { patch_embed(gpu, &p) }?;
     let got = gpu.download_f32(&out)?;
     // Plain loop in f64: conv (weight [D, C, p, p]) + bias, then + pos_embed. Alongside, the
     // rigorous bound on the f32 kernel's rounding error (Higham: an n-term f32 sum is within
@@ -244,7 +244,7 @@ pub fn run_layernorm<D: TestDevice>(
         scale_col: c.scale_col as i32,
         eps: 1e-6,
     };
-    layernorm_modulate_with(gpu, &p, warps)?;
+    unsafe { layernorm_modulate_with(gpu, &p, warps) }?;
     let got = gpu.download_bf16(&out)?;
     let mut want = vec![0f32; n];
     ops::layernorm_modulate(
@@ -456,7 +456,7 @@ pub fn run_residual_layernorm<D: TestDevice>(
             0
         },
     };
-    residual_layernorm_with(gpu, &p, warps)?;
+    unsafe { residual_layernorm_with(gpu, &p, warps) }?;
     let got_x = gpu.download_f32(&x_d)?;
     let got = gpu.download_bf16(&out)?;
     let got_cache = gpu.download_bf16(&cache)?;
@@ -685,7 +685,7 @@ pub fn run_gemm_layernorm<D: TestDevice>(
             [(0, 0); 2]
         },
     };
-    launch.launch(gpu)?;
+    unsafe { launch.launch(gpu) }?;
     let (got_x, got, got_cache) = (
         gpu.download_f32(&x_d)?,
         gpu.download_bf16(&out)?,
@@ -839,7 +839,7 @@ pub fn run_fora_reuse<D: TestDevice>(gpu: &D, c: &ForaCase, seed: u64) -> Result
         gate_msa_col: (2 * c.dim) as i32,
         gate_mlp_col: (5 * c.dim) as i32,
     };
-    fora_reuse(gpu, &p)?;
+    unsafe { fora_reuse(gpu, &p) }?;
     let got = gpu.download_f32(&x_d)?;
     let mut want = x.clone();
     apply_cached_updates(
@@ -957,7 +957,7 @@ pub fn run_fora_cache_sum<D: TestDevice>(gpu: &D, c: &CacheSumCase, seed: u64) -
         gate_mlp_col: (5 * c.dim) as i32,
         count: c.count as i32,
     };
-    fora_cache_sum(gpu, &p)?;
+    unsafe { fora_cache_sum(gpu, &p) }?;
     let got = gpu.download_f32(&sums_d)?;
     let what = format!(
         "fora_cache_sum rows={} T={} D={} L={} count={} pad={}",
@@ -1043,8 +1043,8 @@ pub enum ReuseSource {
 impl ReuseSource {
     fn launch<D: TestDevice>(self, gpu: &D, p: &ForaReuseFinalParams) -> Result<()> {
         match self {
-            ReuseSource::Cache(tpt) => fora_reuse_final_with(gpu, p, tpt),
-            ReuseSource::Sum(tokens) => fora_sum_final_with(gpu, p, tokens),
+            ReuseSource::Cache(tpt) => unsafe { fora_reuse_final_with(gpu, p, tpt) },
+            ReuseSource::Sum(tokens) => unsafe { fora_sum_final_with(gpu, p, tokens) },
         }
     }
 }
@@ -1385,7 +1385,7 @@ pub fn run_timestep_embedding<D: TestDevice>(
         half: half as i32,
         ldo: ldo as i32,
     };
-    timestep_embedding(gpu, &p)?;
+    unsafe { timestep_embedding(gpu, &p) }?;
     let got = gpu.download_bf16(&out)?;
     let mut want = vec![0f32; rows * 2 * half];
     ops::timestep_features(&t, &mut want);
@@ -1426,7 +1426,7 @@ pub fn run_silu<D: TestDevice>(
         ld_in: ld_in as i32,
         ldo: ldo as i32,
     };
-    silu_f32_bf16(gpu, &p)?;
+    unsafe { silu_f32_bf16(gpu, &p) }?;
     let got = gpu.download_bf16(&out)?;
     let what = format!("silu_f32_bf16 {rows}x{cols} ld_in={ld_in} ldo={ldo}");
     check_padding_untouched(&what, &got, rows, cols, ldo)?;
@@ -1476,7 +1476,7 @@ pub fn run_label_silu<D: TestDevice>(
         ldo: ldo as i32,
         num_labels: num_labels as i32,
     };
-    label_silu(gpu, &p)?;
+    unsafe { label_silu(gpu, &p) }?;
     let got = gpu.download_bf16(&out)?;
     let what = format!("label_silu rows={rows} dim={dim} ldo={ldo}");
     check_padding_untouched(&what, &got, rows, dim, ldo)?;
@@ -1526,7 +1526,7 @@ pub fn check_gelu_epilogue<D: TestDevice>(gpu: &D) -> Result<()> {
         epilogue: Epilogue::BiasGeluBf16.raw(),
         splits: 1,
     };
-    launch_epilogue(gpu, &p, gpu.multiprocessors())?;
+    unsafe { launch_epilogue(gpu, &p, gpu.multiprocessors()) }?;
     let got = gpu.download_bf16(&out)?;
     let want: Vec<f32> = (0..m * n)
         .map(|i| {
@@ -1736,13 +1736,13 @@ pub fn run_update<D: TestDevice>(
     };
     set_update(&mut p, &update);
     match &linear_d {
-        None => sampler_step(gpu, &p)?,
+        None => unsafe { sampler_step(gpu, &p) }?,
         Some((dim, xn, w, b)) => {
             p.xn = xn.addr();
             p.final_w = w.addr();
             p.final_b = b.addr();
             p.dim = *dim as i32;
-            final_sampler_step(gpu, &p)?
+            unsafe { final_sampler_step(gpu, &p) }?
         }
     }
     let got = gpu.download_f32(&x_d)?;
@@ -2019,7 +2019,7 @@ pub fn run_unpatchify<D: TestDevice>(gpu: &D, c: &UnpatchCase, seed: u64) -> Res
         guided_channels: guided_channels(guidance, channels, out_ch),
         cfg_scale: guidance.map_or(1.0, |g| g.scale),
     };
-    unpatchify(gpu, &p)?;
+    unsafe { unpatchify(gpu, &p) }?;
     let got = gpu.download_f32(&out)?;
     // CPU twin: ops::unpatchify, then (forward_with_cfg) the guided channels of both halves
     // become the guided conditional values, as CpuBackend::forward does.
@@ -2083,17 +2083,19 @@ pub fn run_normal_fill<D: TestDevice>(gpu: &D, n: usize, seed: u64, stream: u64)
         stream,
         n: n as i64,
     };
-    normal_fill(gpu, &p)?;
+    unsafe { normal_fill(gpu, &p) }?;
     let got = gpu.download_f32(&out)?;
     // Same seed again: identical bits.
     let again = gpu.poisoned_f32(n)?;
-    normal_fill(
-        gpu,
-        &NormalFillParams {
-            out: again.addr(),
-            ..p
-        },
-    )?;
+    unsafe {
+        normal_fill(
+            gpu,
+            &NormalFillParams {
+                out: again.addr(),
+                ..p
+            },
+        )
+    }?;
     let again = gpu.download_f32(&again)?;
     ensure!(
         got.iter()
@@ -2142,16 +2144,18 @@ pub fn check_bandwidth<D: TestDevice>(gpu: &D) -> Result<()> {
         let out_words = bandwidth_read_words(gpu, chunks);
         let out = gpu.poisoned_f32(out_words)?;
         let poison = f32::NAN.to_bits();
-        bandwidth_read(
-            gpu,
-            &BandwidthParams {
-                src: src.addr(),
-                dst: out.addr(),
-                chunks,
-                out_words: out_words as i64,
-                mask: -1,
-            },
-        )?;
+        unsafe {
+            bandwidth_read(
+                gpu,
+                &BandwidthParams {
+                    src: src.addr(),
+                    dst: out.addr(),
+                    chunks,
+                    out_words: out_words as i64,
+                    mask: -1,
+                },
+            )
+        }?;
         let got: Vec<u32> = gpu
             .download_f32(&out)?
             .iter()
@@ -2170,16 +2174,18 @@ pub fn check_bandwidth<D: TestDevice>(gpu: &D) -> Result<()> {
         );
 
         let dst = gpu.poisoned_f32(as_f32.len())?;
-        bandwidth_copy(
-            gpu,
-            &BandwidthParams {
-                src: src.addr(),
-                dst: dst.addr(),
-                chunks,
-                out_words: 0,
-                mask: -1,
-            },
-        )?;
+        unsafe {
+            bandwidth_copy(
+                gpu,
+                &BandwidthParams {
+                    src: src.addr(),
+                    dst: dst.addr(),
+                    chunks,
+                    out_words: 0,
+                    mask: -1,
+                },
+            )
+        }?;
         let copied = gpu.download_f32(&dst)?;
         if let Some(i) = (0..words.len()).find(|&i| copied[i].to_bits() != words[i]) {
             anyhow::bail!(
@@ -2200,16 +2206,18 @@ pub fn check_bandwidth<D: TestDevice>(gpu: &D) -> Result<()> {
         let chunks = buffer * reads;
         let out_words = bandwidth_read_words(gpu, chunks);
         let out = gpu.poisoned_f32(out_words)?;
-        bandwidth_read(
-            gpu,
-            &BandwidthParams {
-                src: src.addr(),
-                dst: out.addr(),
-                chunks,
-                out_words: out_words as i64,
-                mask: buffer - 1,
-            },
-        )?;
+        unsafe {
+            bandwidth_read(
+                gpu,
+                &BandwidthParams {
+                    src: src.addr(),
+                    dst: out.addr(),
+                    chunks,
+                    out_words: out_words as i64,
+                    mask: buffer - 1,
+                },
+            )
+        }?;
         let have = gpu
             .download_f32(&out)?
             .iter()
