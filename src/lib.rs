@@ -50,6 +50,8 @@
 
 // Every public item is documented (CI: clippy -D warnings).
 #![warn(missing_docs)]
+// An unsafe fn's body is not one unsafe block: each unsafe operation in it is marked.
+#![warn(unsafe_op_in_unsafe_fn)]
 
 pub mod backend;
 pub mod bench;

@@ -1983,6 +1983,7 @@ fn gpu_a_workspace_keeps_its_backend_and_options() {
     cuda.set_options(CudaOptions {
         final_sampler: !base.final_sampler,
         graphs: !base.graphs,
+        pdl: !base.pdl,
         ..base
     });
     let later = run(&cuda, &mut ws);

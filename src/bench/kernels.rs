@@ -823,18 +823,20 @@ fn bench_gemm_rows(
                 // FORA_LT_SPLITK its split-K slices where the grid is small.
                 variants.push((
                     "cublaslt product",
-                    Box::new(move |i| g.cublaslt_product(&params[i % n]).map(|_| ())),
+                    Box::new(move |i| unsafe { g.cublaslt_product(&params[i % n]) }.map(|_| ())),
                 ));
                 variants.push((
                     "cublaslt product, W in L2",
-                    Box::new(move |i| g.cublaslt_product(&params_w_in_l2[i % n]).map(|_| ())),
+                    Box::new(move |i| {
+                        unsafe { g.cublaslt_product(&params_w_in_l2[i % n]) }.map(|_| ())
+                    }),
                 ));
                 let splits = g.lt_product_splits(&params[0]);
                 if splits > 1 {
                     variants.push((
                         "cublaslt product split-K",
                         Box::new(move |i| {
-                            g.cublaslt_product_split(&params[i % n], splits).map(|_| ())
+                            unsafe { g.cublaslt_product_split(&params[i % n], splits) }.map(|_| ())
                         }),
                     ));
                 }

@@ -101,7 +101,8 @@ unsafe fn linear_cols(
         let wj = &w[j * k..(j + 1) * k];
         for r in 0..rows {
             let v = bias[j] + dot(&x[r * k..(r + 1) * k], wj);
-            *out.0.add(r * n + j) = v;
+            // SAFETY: (r, j) lies inside the [rows, n] buffer, column j is this caller's.
+            unsafe { *out.0.add(r * n + j) = v };
         }
     }
 }

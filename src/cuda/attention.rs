@@ -442,7 +442,7 @@ pub fn attention_flops(batch: usize, heads: usize, tokens: usize, head_dim: usiz
 /// context holding at least what the kernel reads or writes at the given sizes (the
 /// parameters' docs say how much); only null and misaligned addresses are refused here.
 pub unsafe fn attention(gpu: &impl KernelLauncher, p: &AttentionParams) -> Result<()> {
-    attention_with(gpu, p, AttentionImpl::Auto)
+    unsafe { attention_with(gpu, p, AttentionImpl::Auto) }
 }
 
 /// [`attention`] with an explicit implementation (the backend runs
@@ -457,7 +457,7 @@ pub unsafe fn attention_with(
     p: &AttentionParams,
     imp: AttentionImpl,
 ) -> Result<()> {
-    attention_sized_for(gpu, p, imp, gpu.multiprocessors())
+    unsafe { attention_sized_for(gpu, p, imp, gpu.multiprocessors()) }
 }
 
 /// [`attention_with`], choosing block sizes as for a device of `sm_count` SMs (tests run every

@@ -1310,6 +1310,115 @@ impl CudaBackend {
         Ok(p)
     }
 
+    /// One step of [`Backend::step`], with the GPU's PDL setting already the workspace's.
+    fn run_step(&self, ws: &mut CudaWorkspace, step: &StepSpec) -> Result<()> {
+        if step.mode == StepMode::Reuse && !ws.cache_valid {
+            bail!(
+                "step {}: the first step of a run must compute (the FORA cache is empty)",
+                step.k
+            );
+        }
+        ensure!(
+            ws.timesteps.get(step.k) == Some(&step.t),
+            "step {} has timestep {}, the plan said {:?}",
+            step.k,
+            step.t,
+            ws.timesteps.get(step.k)
+        );
+        // A reuse step's cache sum (computed now if this is the first step of its run); a
+        // computing step changes the cache under any sums.
+        let reuse_sum = match (step.mode, ws.sums.as_mut()) {
+            (_, None) => None,
+            (StepMode::Reuse, Some(_)) => self.prepare_sum(ws, step)?,
+            (StepMode::Compute, Some(sums)) => {
+                sums.ready = None;
+                None
+            }
+        };
+        if let Some(graphs) = &ws.step_graphs {
+            // The whole step in one launch: re-point the copy and the update, then launch.
+            let g = &graphs[step_graph_index(step.mode, reuse_sum.is_some())];
+            let p = self.sampler_params(ws, step)?;
+            super::sampler::update_plan(&p)?;
+            // The graph updates are raw driver calls: make the context current on this thread
+            // (a step may run on another thread than the one that built the workspace).
+            self.gpu
+                .context()
+                .bind_to_thread()
+                .context("cannot make the CUDA context current")?;
+            unsafe { g.set_step(Some(self.step_copy_source(ws, step.k)), reuse_sum, &p) }?;
+            g.graph
+                .launch()
+                .context("cannot launch the captured step")?;
+            if step.mode == StepMode::Compute {
+                ws.cache_valid = true;
+            }
+            return Ok(());
+        }
+        let rows = ws.acts.rows;
+        let stream = self.gpu.stream();
+        // The step's precomputed table, or the timesteps the forward's own conditioning reads
+        // (with the side stream, the side branch reads them).
+        if ws.mod_table.is_some() || ws.side.is_none() {
+            self.step_copy(ws, step.k)?;
+        }
+        let parity = match &mut ws.side {
+            Some(side) => {
+                let parity = step.k % 2;
+                if side.ready != Some(step.k) {
+                    // Not computed by the previous step's side branch: compute it now, first.
+                    let _cond = crate::op_range!(&self.gpu, "conditioning");
+                    unsafe {
+                        self.model.modulation(
+                            &self.gpu,
+                            &ws.gemm,
+                            &side.cond,
+                            rows,
+                            dptr_at(&ws.t_table, step.k * rows),
+                            dptr(&ws.acts.labels),
+                            side.table(&ws.acts, parity),
+                            TableColumns::All,
+                        )
+                    }?;
+                }
+                // The side branch computes the next step's table (the last step's branch
+                // recomputes its own: harmless, and it keeps one graph per parity).
+                let next = (step.k + 1).min(ws.steps - 1);
+                let src = ws.t_table.slice(next * rows..(next + 1) * rows);
+                stream
+                    .memcpy_dtod(&src, &mut side.t_next)
+                    .context("cannot select the next step's timesteps")?;
+                side.ready = (step.k + 1 < ws.steps).then_some(step.k + 1);
+                parity
+            }
+            None => 0,
+        };
+        match &ws.graphs {
+            Some(graphs) => {
+                graphs[graph_index(step.mode, parity)]
+                    .launch()
+                    .context("cannot launch the captured forward")?;
+            }
+            None => self.enqueue_forward(
+                &ws.options,
+                &ws.gemm,
+                &ws.acts,
+                step.mode,
+                &ws.latents,
+                ws.images,
+                ws.mod_table.is_none(),
+                ws.side.as_ref().map(|s| (s, parity)),
+                reuse_sum,
+            )?,
+        }
+        if step.mode == StepMode::Compute {
+            ws.cache_valid = true;
+        }
+        let p = self.sampler_params(ws, step)?;
+        let _update = crate::op_range!(&self.gpu, "{}", super::sampler::update_kernel(&p));
+        unsafe { super::sampler::sampler_update(&self.gpu, &p) }
+    }
+
     /// Refuses a workspace that another backend built, or whose backend is gone: its buffers
     /// are sized for that backend's model and its graphs read that backend's weights.
     fn check_built_here(&self, ws: &CudaWorkspace) -> Result<()> {
@@ -1526,111 +1635,13 @@ impl Backend for CudaBackend {
 
     fn step(&self, ws: &mut CudaWorkspace, step: &StepSpec) -> Result<()> {
         self.check_built_here(ws)?;
-        if step.mode == StepMode::Reuse && !ws.cache_valid {
-            bail!(
-                "step {}: the first step of a run must compute (the FORA cache is empty)",
-                step.k
-            );
-        }
-        ensure!(
-            ws.timesteps.get(step.k) == Some(&step.t),
-            "step {} has timestep {}, the plan said {:?}",
-            step.k,
-            step.t,
-            ws.timesteps.get(step.k)
-        );
-        // A reuse step's cache sum (computed now if this is the first step of its run); a
-        // computing step changes the cache under any sums.
-        let reuse_sum = match (step.mode, ws.sums.as_mut()) {
-            (_, None) => None,
-            (StepMode::Reuse, Some(_)) => self.prepare_sum(ws, step)?,
-            (StepMode::Compute, Some(sums)) => {
-                sums.ready = None;
-                None
-            }
-        };
-        if let Some(graphs) = &ws.step_graphs {
-            // The whole step in one launch: re-point the copy and the update, then launch.
-            let g = &graphs[step_graph_index(step.mode, reuse_sum.is_some())];
-            let p = self.sampler_params(ws, step)?;
-            super::sampler::update_plan(&p)?;
-            // The graph updates are raw driver calls: make the context current on this thread
-            // (a step may run on another thread than the one that built the workspace).
-            self.gpu
-                .context()
-                .bind_to_thread()
-                .context("cannot make the CUDA context current")?;
-            unsafe { g.set_step(Some(self.step_copy_source(ws, step.k)), reuse_sum, &p) }?;
-            g.graph
-                .launch()
-                .context("cannot launch the captured step")?;
-            if step.mode == StepMode::Compute {
-                ws.cache_valid = true;
-            }
-            return Ok(());
-        }
-        let rows = ws.acts.rows;
-        let stream = self.gpu.stream();
-        // The step's precomputed table, or the timesteps the forward's own conditioning reads
-        // (with the side stream, the side branch reads them).
-        if ws.mod_table.is_some() || ws.side.is_none() {
-            self.step_copy(ws, step.k)?;
-        }
-        let parity = match &mut ws.side {
-            Some(side) => {
-                let parity = step.k % 2;
-                if side.ready != Some(step.k) {
-                    // Not computed by the previous step's side branch: compute it now, first.
-                    let _cond = crate::op_range!(&self.gpu, "conditioning");
-                    unsafe {
-                        self.model.modulation(
-                            &self.gpu,
-                            &ws.gemm,
-                            &side.cond,
-                            rows,
-                            dptr_at(&ws.t_table, step.k * rows),
-                            dptr(&ws.acts.labels),
-                            side.table(&ws.acts, parity),
-                            TableColumns::All,
-                        )
-                    }?;
-                }
-                // The side branch computes the next step's table (the last step's branch
-                // recomputes its own: harmless, and it keeps one graph per parity).
-                let next = (step.k + 1).min(ws.steps - 1);
-                let src = ws.t_table.slice(next * rows..(next + 1) * rows);
-                stream
-                    .memcpy_dtod(&src, &mut side.t_next)
-                    .context("cannot select the next step's timesteps")?;
-                side.ready = (step.k + 1 < ws.steps).then_some(step.k + 1);
-                parity
-            }
-            None => 0,
-        };
-        match &ws.graphs {
-            Some(graphs) => {
-                graphs[graph_index(step.mode, parity)]
-                    .launch()
-                    .context("cannot launch the captured forward")?;
-            }
-            None => self.enqueue_forward(
-                &ws.options,
-                &ws.gemm,
-                &ws.acts,
-                step.mode,
-                &ws.latents,
-                ws.images,
-                ws.mod_table.is_none(),
-                ws.side.as_ref().map(|s| (s, parity)),
-                reuse_sum,
-            )?,
-        }
-        if step.mode == StepMode::Compute {
-            ws.cache_valid = true;
-        }
-        let p = self.sampler_params(ws, step)?;
-        let _update = crate::op_range!(&self.gpu, "{}", super::sampler::update_kernel(&p));
-        unsafe { super::sampler::sampler_update(&self.gpu, &p) }
+        // Launches made now (not replayed from a graph) follow the workspace's PDL setting,
+        // as its captured graphs do; the backend's own is set back after.
+        let pdl = self.gpu.programmatic_launch();
+        self.gpu.set_programmatic_launch(ws.options.pdl);
+        let stepped = self.run_step(ws, step);
+        self.gpu.set_programmatic_launch(pdl);
+        stepped
     }
 
     fn latents(&self, ws: &mut CudaWorkspace) -> Result<Vec<f32>> {

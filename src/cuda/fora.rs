@@ -405,7 +405,7 @@ impl ReuseTokens {
 /// parameters' docs say how much); only null and misaligned addresses are refused here.
 pub unsafe fn fora_reuse_final(gpu: &impl KernelLauncher, p: &ForaReuseFinalParams) -> Result<()> {
     let tpt = ReuseTokens::pick(p, gpu.multiprocessors());
-    fora_reuse_final_with(gpu, p, tpt)
+    unsafe { fora_reuse_final_with(gpu, p, tpt) }
 }
 
 /// [`fora_reuse_final`] launched with an L2 access-policy window over the FORA cache
@@ -458,7 +458,7 @@ pub unsafe fn fora_reuse_final_with(
 /// context holding at least what the kernel reads or writes at the given sizes (the
 /// parameters' docs say how much); only null and misaligned addresses are refused here.
 pub unsafe fn fora_sum_final(gpu: &impl KernelLauncher, p: &ForaReuseFinalParams) -> Result<()> {
-    fora_sum_final_with(gpu, p, sum_final_tokens(p, gpu.multiprocessors()))
+    unsafe { fora_sum_final_with(gpu, p, sum_final_tokens(p, gpu.multiprocessors())) }
 }
 
 /// Tokens a thread [`fora_sum_final`] takes for `p` on `multiprocessors` SMs: four where

@@ -664,21 +664,22 @@ impl Gemm {
     pub unsafe fn run(&self, gpu: &Gpu, p: &GemmParams) -> Result<()> {
         let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
         if let Some((tile, splits)) = self.lt_routed_tma_plan(m, n, k) {
-            return launch_tma(gpu, p, tile, splits, self.splitk_workspace()).with_context(|| {
-                let tile = tile.bench_name();
-                format!("GEMM: FORA_TMA_TILES routes {n}x{k} to {tile} under cuBLASLt")
-            });
+            return unsafe { launch_tma(gpu, p, tile, splits, self.splitk_workspace()) }
+                .with_context(|| {
+                    let tile = tile.bench_name();
+                    format!("GEMM: FORA_TMA_TILES routes {n}x{k} to {tile} under cuBLASLt")
+                });
         }
         match self.imp {
-            GemmImpl::Custom => self.run_custom(gpu, p, None),
-            GemmImpl::CublasLt => self.run_cublaslt(gpu, p),
-            GemmImpl::Wgmma => self.run_wgmma(gpu, p, None, None),
+            GemmImpl::Custom => unsafe { self.run_custom(gpu, p, None) },
+            GemmImpl::CublasLt => unsafe { self.run_cublaslt(gpu, p) },
+            GemmImpl::Wgmma => unsafe { self.run_wgmma(gpu, p, None, None) },
             // A 128-row TMA tile would multiply mostly zero rows at M <= 64 (the conditioning
             // MLP, a few adaLN rows): the 64-row wgmma kernel instead.
-            GemmImpl::Tma | GemmImpl::TmaMulticast if p.m <= 64 => {
+            GemmImpl::Tma | GemmImpl::TmaMulticast if p.m <= 64 => unsafe {
                 self.run_wgmma(gpu, p, None, None)
-            }
-            GemmImpl::Tma | GemmImpl::TmaMulticast => self.run_tma(gpu, p, None, None),
+            },
+            GemmImpl::Tma | GemmImpl::TmaMulticast => unsafe { self.run_tma(gpu, p, None, None) },
         }
     }
 
@@ -690,7 +691,7 @@ impl Gemm {
     /// context holding at least what the kernel reads or writes at the given sizes (the
     /// parameters' docs say how much); only null and misaligned addresses are refused here.
     pub unsafe fn run_custom(&self, gpu: &Gpu, p: &GemmParams, tile: Option<Tile>) -> Result<()> {
-        self.run_custom_split(gpu, p, tile, None)
+        unsafe { self.run_custom_split(gpu, p, tile, None) }
     }
 
     /// The split-K workspace as (device address, f32 elements), when this engine has one.
@@ -739,14 +740,16 @@ impl Gemm {
             "GEMM kernel {} not loaded",
             tile.spec().name
         );
-        launch_tiled(
-            gpu,
-            p,
-            &tile.spec(),
-            tile.smem_bytes(),
-            splits,
-            self.splitk_workspace(),
-        )
+        unsafe {
+            launch_tiled(
+                gpu,
+                p,
+                &tile.spec(),
+                tile.smem_bytes(),
+                splits,
+                self.splitk_workspace(),
+            )
+        }
     }
 
     /// The tile variant and split-K slice count the wgmma path uses for a shape.
@@ -791,14 +794,16 @@ impl Gemm {
             "GEMM kernel {} not loaded",
             tile.kernel_name()
         );
-        launch_tiled(
-            gpu,
-            p,
-            &tile.spec(),
-            tile.smem_bytes(),
-            splits,
-            self.splitk_workspace(),
-        )
+        unsafe {
+            launch_tiled(
+                gpu,
+                p,
+                &tile.spec(),
+                tile.smem_bytes(),
+                splits,
+                self.splitk_workspace(),
+            )
+        }
     }
 
     /// The tile variant and split-K slice count the TMA path uses for a shape (a forced plan's
@@ -850,7 +855,7 @@ impl Gemm {
                 s.unwrap_or_else(|| t.pick_splits(m, n, k, self.sm_count, self.splitk_len())),
             ),
         };
-        launch_tma(gpu, p, tile, splits, self.splitk_workspace())
+        unsafe { launch_tma(gpu, p, tile, splits, self.splitk_workspace()) }
     }
 
     /// Where the TMA path ([`GemmImpl::Tma`], [`GemmImpl::TmaMulticast`]) splits this shape's
@@ -859,7 +864,16 @@ impl Gemm {
     /// at element z * M * N, and returns (address, slices) for a pass that sums them as it
     /// loads them (`residual_layernorm`) instead of the epilogue kernel. `None` (nothing run) for one slice, M <= 64 (the wgmma
     /// kernel runs there) or another implementation.
-    pub fn tma_product_split(&self, gpu: &Gpu, p: &GemmParams) -> Result<Option<(u64, usize)>> {
+    ///
+    /// # Safety
+    /// Every device address in the parameters must point to a live allocation of the launching
+    /// context holding at least what the kernel reads or writes at the given sizes (the
+    /// parameters' docs say how much); only null and misaligned addresses are refused here.
+    pub unsafe fn tma_product_split(
+        &self,
+        gpu: &Gpu,
+        p: &GemmParams,
+    ) -> Result<Option<(u64, usize)>> {
         validate(p)?;
         if !self.imp.is_tma() || p.m <= 64 {
             return Ok(None);
@@ -906,7 +920,7 @@ impl Gemm {
         match self.imp {
             // A shape routed to the TMA kernels runs as `run` runs it.
             GemmImpl::CublasLt if !routed => self.run_cublaslt_with_bias_bf16(gpu, p, bias_bf16),
-            _ => self.run(gpu, p),
+            _ => unsafe { self.run(gpu, p) },
         }
     }
 
@@ -981,7 +995,7 @@ impl Gemm {
             batch: Some(batch),
             ..lt_matmul(p, LtOutput::F32, LtEpilogue::Bias(p.bias))
         };
-        let run = self.lt()?.matmul(&mm);
+        let run = unsafe { self.lt()?.matmul(&mm) };
         Ok(run.with_context(|| gemm_what(p, "cuBLASLt strided batch"))? == LtRun::Done)
     }
 
@@ -993,16 +1007,21 @@ impl Gemm {
     /// context holding at least what the kernel reads or writes at the given sizes (the
     /// parameters' docs say how much); only null and misaligned addresses are refused here.
     pub unsafe fn run_cublaslt_unfused(&self, gpu: &Gpu, p: &GemmParams) -> Result<()> {
-        let acc = self.cublaslt_product(p)?;
-        launch_epilogue(gpu, &epilogue_params(p, acc, 1), self.sm_count)
+        let acc = unsafe { self.cublaslt_product(p) }?;
+        unsafe { launch_epilogue(gpu, &epilogue_params(p, acc, 1), self.sm_count) }
     }
 
     /// Only the product `A @ W^T` of `p` (no bias, no epilogue), by cuBLASLt into the f32
     /// scratch: returns its device address, `[M, N]` with leading dimension N, valid until the
     /// next GEMM on this engine. For a caller that applies the epilogue itself, fused with more
     /// work (`residual_layernorm`). cuBLASLt engines only.
-    pub fn cublaslt_product(&self, p: &GemmParams) -> Result<u64> {
-        let (acc, _) = self.product_slices(p, 1)?;
+    ///
+    /// # Safety
+    /// Every device address in the parameters must point to a live allocation of the launching
+    /// context holding at least what the kernel reads or writes at the given sizes (the
+    /// parameters' docs say how much); only null and misaligned addresses are refused here.
+    pub unsafe fn cublaslt_product(&self, p: &GemmParams) -> Result<u64> {
+        let (acc, _) = unsafe { self.product_slices(p, 1) }?;
         Ok(acc)
     }
 
@@ -1027,14 +1046,26 @@ impl Gemm {
     /// `[M, N]` with leading dimension N. Returns (address, slices written): the product is the
     /// slices' sum in order. One slice, or cuBLASLt without an algorithm for the batch, is
     /// [`Gemm::cublaslt_product`]. Valid until the next GEMM on this engine.
-    pub fn cublaslt_product_split(&self, p: &GemmParams, splits: usize) -> Result<(u64, usize)> {
-        self.product_slices(p, splits.max(1))
+    ///
+    /// # Safety
+    /// Every device address in the parameters must point to a live allocation of the launching
+    /// context holding at least what the kernel reads or writes at the given sizes (the
+    /// parameters' docs say how much); only null and misaligned addresses are refused here.
+    pub unsafe fn cublaslt_product_split(
+        &self,
+        p: &GemmParams,
+        splits: usize,
+    ) -> Result<(u64, usize)> {
+        unsafe { self.product_slices(p, splits.max(1)) }
     }
 
     /// The product of `p` as `splits` split-K slices into the f32 scratch (one: a plain
     /// product), for [`Gemm::cublaslt_product`] and [`Gemm::cublaslt_product_split`]: (address,
     /// slices written). A batch cuBLASLt has no algorithm for falls back to one slice.
-    fn product_slices(&self, p: &GemmParams, splits: usize) -> Result<(u64, usize)> {
+    /// # Safety
+    /// As [`Gemm::cublaslt_product_split`]: `p`'s addresses must point to live device memory of
+    /// its sizes.
+    unsafe fn product_slices(&self, p: &GemmParams, splits: usize) -> Result<(u64, usize)> {
         validate(p)?;
         let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
         ensure!(
@@ -1071,7 +1102,7 @@ impl Gemm {
         };
         match unsafe { lt.matmul(&mm) }.with_context(|| gemm_what(p, "cuBLASLt"))? {
             LtRun::Done => Ok((acc, splits)),
-            LtRun::Unsupported if splits > 1 => self.product_slices(p, 1),
+            LtRun::Unsupported if splits > 1 => unsafe { self.product_slices(p, 1) },
             LtRun::Unsupported => bail!(
                 "{}: cuBLASLt has no algorithm for a plain bf16 x bf16 -> f32 product",
                 gemm_what(p, "cuBLASLt")
@@ -1186,7 +1217,7 @@ pub unsafe fn launch_custom(
 ) -> Result<()> {
     validate(p)?;
     gpu.allow_dynamic_shared_memory(tile.spec().name, tile.smem_bytes())?;
-    launch_tiled(gpu, p, &tile.spec(), tile.smem_bytes(), splits, splitk)
+    unsafe { launch_tiled(gpu, p, &tile.spec(), tile.smem_bytes(), splits, splitk) }
 }
 
 /// Runs the Hopper wgmma GEMM kernel of `tile` with `splits` split-K slices on `gpu`: what
@@ -1207,13 +1238,17 @@ pub unsafe fn launch_wgmma(
 ) -> Result<()> {
     validate(p)?;
     gpu.allow_dynamic_shared_memory(tile.kernel_name(), tile.smem_bytes())?;
-    launch_tiled(gpu, p, &tile.spec(), tile.smem_bytes(), splits, splitk)
+    unsafe { launch_tiled(gpu, p, &tile.spec(), tile.smem_bytes(), splits, splitk) }
 }
 
 /// Launches a tiled GEMM kernel (grid: N tiles x M tiles x slices) on validated params; more
 /// than one slice writes f32 partial sums to the split-K workspace `splitk` (device address,
 /// elements), and the epilogue kernel adds them in order and applies the epilogue.
-fn launch_tiled(
+///
+/// # Safety
+/// The addresses given must point to live device memory of the sizes the launch reads and
+/// writes (the callers pass a workspace's own buffers).
+unsafe fn launch_tiled(
     gpu: &impl KernelLauncher,
     p: &GemmParams,
     t: &TileSpec,
@@ -1331,9 +1366,9 @@ pub unsafe fn launch_tma(
     splits: u32,
     splitk: Option<(u64, usize)>,
 ) -> Result<()> {
-    let ws = launch_tma_kernel(gpu, p, tile, splits, splitk)?;
+    let ws = unsafe { launch_tma_kernel(gpu, p, tile, splits, splitk) }?;
     if splits > 1 {
-        launch_epilogue(gpu, &epilogue_params(p, ws, splits), gpu.multiprocessors())?;
+        unsafe { launch_epilogue(gpu, &epilogue_params(p, ws, splits), gpu.multiprocessors()) }?;
     }
     Ok(())
 }

@@ -661,86 +661,98 @@ impl GpuModel {
             cond.rows
         );
         // Conditioning: c = t_mlp(timestep features) + label embedding; SiLU(c) feeds every adaLN.
-        super::conditioning::timestep_embedding(
-            gpu,
-            &TimestepEmbedParams {
-                t,
-                out: dptr(&cond.t_freq),
-                rows: rows as i32,
-                half: (FREQ_DIM / 2) as i32,
-                ldo: FREQ_DIM as i32,
-            },
-        )?;
-        gemm.run(
-            gpu,
-            &gemm_params(
-                dptr(&cond.t_freq),
-                dptr(&self.t_mlp0_w),
-                dptr(&self.t_mlp0_b),
-                dptr(&cond.t_hidden_f32),
-                rows,
-                d,
-                FREQ_DIM,
-                Epilogue::BiasF32,
-            ),
-        )?;
-        super::conditioning::silu_f32_bf16(
-            gpu,
-            &SiluParams {
-                input: dptr(&cond.t_hidden_f32),
-                out: dptr(&cond.t_hidden),
-                rows: rows as i32,
-                cols: d as i32,
-                ld_in: d as i32,
-                ldo: d as i32,
-            },
-        )?;
-        gemm.run(
-            gpu,
-            &gemm_params(
-                dptr(&cond.t_hidden),
-                dptr(&self.t_mlp2_w),
-                dptr(&self.t_mlp2_b),
-                dptr(&cond.t_emb),
-                rows,
-                d,
-                d,
-                Epilogue::BiasF32,
-            ),
-        )?;
-        super::conditioning::label_silu(
-            gpu,
-            &LabelSiluParams {
-                t_emb: dptr(&cond.t_emb),
-                labels,
-                table: dptr(&self.y_table),
-                out: dptr(&cond.silu_c),
-                rows: rows as i32,
-                dim: d as i32,
-                ld_t: d as i32,
-                ldo: d as i32,
-                num_labels: (cfg.num_classes + 1) as i32,
-            },
-        )?;
+        unsafe {
+            super::conditioning::timestep_embedding(
+                gpu,
+                &TimestepEmbedParams {
+                    t,
+                    out: dptr(&cond.t_freq),
+                    rows: rows as i32,
+                    half: (FREQ_DIM / 2) as i32,
+                    ldo: FREQ_DIM as i32,
+                },
+            )
+        }?;
+        unsafe {
+            gemm.run(
+                gpu,
+                &gemm_params(
+                    dptr(&cond.t_freq),
+                    dptr(&self.t_mlp0_w),
+                    dptr(&self.t_mlp0_b),
+                    dptr(&cond.t_hidden_f32),
+                    rows,
+                    d,
+                    FREQ_DIM,
+                    Epilogue::BiasF32,
+                ),
+            )
+        }?;
+        unsafe {
+            super::conditioning::silu_f32_bf16(
+                gpu,
+                &SiluParams {
+                    input: dptr(&cond.t_hidden_f32),
+                    out: dptr(&cond.t_hidden),
+                    rows: rows as i32,
+                    cols: d as i32,
+                    ld_in: d as i32,
+                    ldo: d as i32,
+                },
+            )
+        }?;
+        unsafe {
+            gemm.run(
+                gpu,
+                &gemm_params(
+                    dptr(&cond.t_hidden),
+                    dptr(&self.t_mlp2_w),
+                    dptr(&self.t_mlp2_b),
+                    dptr(&cond.t_emb),
+                    rows,
+                    d,
+                    d,
+                    Epilogue::BiasF32,
+                ),
+            )
+        }?;
+        unsafe {
+            super::conditioning::label_silu(
+                gpu,
+                &LabelSiluParams {
+                    t_emb: dptr(&cond.t_emb),
+                    labels,
+                    table: dptr(&self.y_table),
+                    out: dptr(&cond.silu_c),
+                    rows: rows as i32,
+                    dim: d as i32,
+                    ld_t: d as i32,
+                    ldo: d as i32,
+                    num_labels: (cfg.num_classes + 1) as i32,
+                },
+            )
+        }?;
         if columns != TableColumns::All
-            && self.reuse_columns(gpu, gemm, cond, rows, out, columns)?
+            && unsafe { self.reuse_columns(gpu, gemm, cond, rows, out, columns) }?
         {
             return Ok(());
         }
         // Every block's modulations and the final layer's in one GEMM.
-        gemm.run(
-            gpu,
-            &gemm_params(
-                dptr(&cond.silu_c),
-                dptr(&self.ada_w),
-                dptr(&self.ada_b),
-                out,
-                rows,
-                cols,
-                d,
-                Epilogue::BiasF32,
-            ),
-        )?;
+        unsafe {
+            gemm.run(
+                gpu,
+                &gemm_params(
+                    dptr(&cond.silu_c),
+                    dptr(&self.ada_w),
+                    dptr(&self.ada_b),
+                    out,
+                    rows,
+                    cols,
+                    d,
+                    Epilogue::BiasF32,
+                ),
+            )
+        }?;
 
         Ok(())
     }
@@ -751,7 +763,11 @@ impl GpuModel {
     /// traffic), and the final layer's shift and scale (one GEMM). Ok(false), writing nothing,
     /// where the gates need a cuBLASLt strided batch it does not have (or the GEMMs are not
     /// cuBLASLt).
-    fn reuse_columns(
+    ///
+    /// # Safety
+    /// The addresses given must point to live device memory of the sizes the launch reads and
+    /// writes (the callers pass a workspace's own buffers).
+    unsafe fn reuse_columns(
         &self,
         gpu: &Gpu,
         gemm: &Gemm,
@@ -828,33 +844,37 @@ impl GpuModel {
             } => {
                 let _cond = crate::op_range!(gpu, "sum_gates");
                 for j in 0..count {
-                    self.modulation(
-                        gpu,
-                        gemm,
-                        &acts.cond,
-                        rows,
-                        steps_t + (j * rows * 4) as u64,
-                        dptr(&acts.labels),
-                        scratch + (j * rows * cols * 4) as u64,
-                        TableColumns::GatesOnly,
-                    )?;
+                    unsafe {
+                        self.modulation(
+                            gpu,
+                            gemm,
+                            &acts.cond,
+                            rows,
+                            steps_t + (j * rows * 4) as u64,
+                            dptr(&acts.labels),
+                            scratch + (j * rows * cols * 4) as u64,
+                            TableColumns::GatesOnly,
+                        )
+                    }?;
                 }
                 (scratch, rows * cols)
             }
         };
         let _sum = crate::op_range!(gpu, "fora_cache_sum");
-        super::fora::fora_cache_sum(
-            gpu,
-            &ForaCacheSumParams {
-                cache: dptr(cache),
-                tables: first,
-                sums,
-                table_stride: stride as i64,
-                sum_stride: sum_stride as i64,
-                count: count as i32,
-                ..cache_sum_params(cfg, rows)
-            },
-        )
+        unsafe {
+            super::fora::fora_cache_sum(
+                gpu,
+                &ForaCacheSumParams {
+                    cache: dptr(cache),
+                    tables: first,
+                    sums,
+                    table_stride: stride as i64,
+                    sum_stride: sum_stride as i64,
+                    count: count as i32,
+                    ..cache_sum_params(cfg, rows)
+                },
+            )
+        }
     }
 
     /// One forward of `acts.rows` rows on the device's stream, up to the final Linear (its
@@ -895,9 +915,9 @@ impl GpuModel {
         // qkv and fc1: with bias_bf16, cuBLASLt may fuse a bf16 copy of the bias.
         let biased_gemm = |p: &GemmParams, bias16: &CudaSlice<bf16>| {
             if bias_bf16 {
-                gemm.run_with_bias_bf16(gpu, p, dptr(bias16))
+                unsafe { gemm.run_with_bias_bf16(gpu, p, dptr(bias16)) }
             } else {
-                gemm.run(gpu, p)
+                unsafe { gemm.run(gpu, p) }
             }
         };
         let table = table.unwrap_or_else(|| dptr(&acts.modulation));
@@ -926,16 +946,18 @@ impl GpuModel {
                 (StepMode::Reuse, None) if reuse_gates_only => TableColumns::Gates,
                 _ => TableColumns::All,
             };
-            self.modulation(
-                gpu,
-                gemm,
-                &acts.cond,
-                rows,
-                dptr(&acts.t),
-                dptr(&acts.labels),
-                table,
-                columns,
-            )?;
+            unsafe {
+                self.modulation(
+                    gpu,
+                    gemm,
+                    &acts.cond,
+                    rows,
+                    dptr(&acts.t),
+                    dptr(&acts.labels),
+                    table,
+                    columns,
+                )
+            }?;
         }
 
         let fused = mode == StepMode::Reuse && self.reuse_is_fused(fused_reuse);
@@ -960,23 +982,25 @@ impl GpuModel {
                 == 1;
         if !fused {
             let _embed = crate::op_range!(gpu, "patch_embed");
-            super::embed::patch_embed(
-                gpu,
-                &PatchEmbedParams {
-                    latents: dptr(latents),
-                    weight_t: dptr(&self.x_embed_w_t),
-                    bias: dptr(&self.x_embed_b),
-                    pos: dptr(&self.pos_embed),
-                    out: dptr(&acts.x),
-                    images: images as i32,
-                    rows: rows as i32,
-                    channels: cfg.in_channels as i32,
-                    height: cfg.input_size as i32,
-                    width: cfg.input_size as i32,
-                    patch: cfg.patch as i32,
-                    dim: d as i32,
-                },
-            )?;
+            unsafe {
+                super::embed::patch_embed(
+                    gpu,
+                    &PatchEmbedParams {
+                        latents: dptr(latents),
+                        weight_t: dptr(&self.x_embed_w_t),
+                        bias: dptr(&self.x_embed_b),
+                        pos: dptr(&self.pos_embed),
+                        out: dptr(&acts.x),
+                        images: images as i32,
+                        rows: rows as i32,
+                        channels: cfg.in_channels as i32,
+                        height: cfg.input_size as i32,
+                        width: cfg.input_size as i32,
+                        patch: cfg.patch as i32,
+                        dim: d as i32,
+                    },
+                )
+            }?;
         }
 
         let slab = rt * d;
@@ -1028,39 +1052,41 @@ impl GpuModel {
                 BlockOutput::F32Product { acc, splits } => (acc, splits, dptr(bias), cache, 0),
                 BlockOutput::Bf16(v) => (v, 1, 0, 0, 1),
             };
-            super::norm::residual_layernorm(
-                gpu,
-                &ResidualLayerNormParams {
-                    acc,
-                    bias,
-                    cache,
-                    x: dptr(&acts.x),
-                    modulation: table,
-                    out: dptr(&acts.xn),
-                    rows: rows as i32,
-                    tokens: t as i32,
-                    dim: d as i32,
-                    ld_acc: d as i32,
-                    ld_mod: cols as i32,
-                    gate_col: gate_col as i32,
-                    shift_col: shift_col as i32,
-                    scale_col: (shift_col + d) as i32,
-                    acc_bf16,
-                    eps: 1e-6,
-                    acc_splits: splits as i32,
-                    acc_split_stride: (rows * t * d) as i64,
-                    prefetch_a,
-                    prefetch_b,
-                    prefetch_a_bytes,
-                    prefetch_b_bytes,
-                },
-            )
+            unsafe {
+                super::norm::residual_layernorm(
+                    gpu,
+                    &ResidualLayerNormParams {
+                        acc,
+                        bias,
+                        cache,
+                        x: dptr(&acts.x),
+                        modulation: table,
+                        out: dptr(&acts.xn),
+                        rows: rows as i32,
+                        tokens: t as i32,
+                        dim: d as i32,
+                        ld_acc: d as i32,
+                        ld_mod: cols as i32,
+                        gate_col: gate_col as i32,
+                        shift_col: shift_col as i32,
+                        scale_col: (shift_col + d) as i32,
+                        acc_bf16,
+                        eps: 1e-6,
+                        acc_splits: splits as i32,
+                        acc_split_stride: (rows * t * d) as i64,
+                        prefetch_a,
+                        prefetch_b,
+                        prefetch_a_bytes,
+                        prefetch_b_bytes,
+                    },
+                )
+            }
         };
         // proj / fc2 on the fused path: the f32 product, or bf16 v written by cuBLASLt (or our
         // TMA GEMM) into the cache slab (a computing step that caches) or into the free qkv
         // buffer; where our TMA GEMM splits K, its raw f32 slices (summed by residual_ln).
         let block_output = |p: &GemmParams, bias16: &CudaSlice<bf16>, cache: u64| {
-            if let Some((acc, splits)) = gemm.tma_product_split(gpu, p)? {
+            if let Some((acc, splits)) = unsafe { gemm.tma_product_split(gpu, p) }? {
                 return Ok(BlockOutput::F32Product { acc, splits });
             }
             if bf16_residual {
@@ -1075,7 +1101,7 @@ impl GpuModel {
                     p.k as usize,
                     Epilogue::BiasBf16,
                 );
-                gemm.run_with_bias_bf16(gpu, &p16, dptr(bias16))?;
+                unsafe { gemm.run_with_bias_bf16(gpu, &p16, dptr(bias16)) }?;
                 Ok::<_, anyhow::Error>(BlockOutput::Bf16(out))
             } else {
                 let splits = if lt_splitk {
@@ -1083,7 +1109,7 @@ impl GpuModel {
                 } else {
                     1
                 };
-                let (acc, splits) = gemm.cublaslt_product_split(p, splits)?;
+                let (acc, splits) = unsafe { gemm.cublaslt_product_split(p, splits) }?;
                 Ok(BlockOutput::F32Product { acc, splits })
             }
         };
@@ -1110,35 +1136,37 @@ impl GpuModel {
                 if let Some(tile) = gemm_ln_tile {
                     // Its own op name: the GEMM and the residual_ln pass in one launch.
                     let _op = crate::op_range!(gpu, "{op}+ln");
-                    return super::gemm_ln::GemmLayerNorm {
-                        a: dptr(a),
-                        w: dptr(w),
-                        lda: k,
-                        ldw: k,
-                        bias: dptr(bias),
-                        cache,
-                        x: dptr(&acts.x),
-                        modulation: table,
-                        out: dptr(&acts.xn),
-                        m: rt,
-                        k,
-                        dim: d,
-                        tokens: t,
-                        ld_mod: cols,
-                        gate_col,
-                        shift_col,
-                        scale_col: shift_col + d,
-                        round_v: bf16_residual,
-                        eps: 1e-6,
-                        // Two CTAs an SM allowed (a cluster fits any GPC) unless
-                        // FORA_GEMM_LN_ONE_PER_SM; the A tile multicast (the bench times all
-                        // four).
-                        one_per_sm: gemm_ln_one_per_sm_on,
-                        multicast: true,
-                        tile,
-                        prefetch: prefetch_ranges(prefetch),
-                    }
-                    .launch(gpu);
+                    return unsafe {
+                        super::gemm_ln::GemmLayerNorm {
+                            a: dptr(a),
+                            w: dptr(w),
+                            lda: k,
+                            ldw: k,
+                            bias: dptr(bias),
+                            cache,
+                            x: dptr(&acts.x),
+                            modulation: table,
+                            out: dptr(&acts.xn),
+                            m: rt,
+                            k,
+                            dim: d,
+                            tokens: t,
+                            ld_mod: cols,
+                            gate_col,
+                            shift_col,
+                            scale_col: shift_col + d,
+                            round_v: bf16_residual,
+                            eps: 1e-6,
+                            // Two CTAs an SM allowed (a cluster fits any GPC) unless
+                            // FORA_GEMM_LN_ONE_PER_SM; the A tile multicast (the bench times all
+                            // four).
+                            one_per_sm: gemm_ln_one_per_sm_on,
+                            multicast: true,
+                            tile,
+                            prefetch: prefetch_ranges(prefetch),
+                        }
+                        .launch(gpu)
+                    };
                 }
                 let mut p = gemm_params(
                     dptr(a),
@@ -1163,14 +1191,16 @@ impl GpuModel {
                 } else {
                     {
                         let _op = crate::op_range!(gpu, "{op}");
-                        gemm.run(gpu, &p)?;
+                        unsafe { gemm.run(gpu, &p) }?;
                     }
                     if unfused_ln {
                         let _op = crate::op_range!(gpu, "ln_mlp");
-                        super::norm::layernorm_modulate(
-                            gpu,
-                            &ln_params(acts, shift_col, shift_col + d),
-                        )?;
+                        unsafe {
+                            super::norm::layernorm_modulate(
+                                gpu,
+                                &ln_params(acts, shift_col, shift_col + d),
+                            )
+                        }?;
                     }
                     Ok(())
                 }
@@ -1187,24 +1217,28 @@ impl GpuModel {
                     // (Fused: the previous block's fc2 wrote this LayerNorm's output.)
                     if !fuse_ln || l == 0 {
                         let _op = crate::op_range!(gpu, "ln_msa");
-                        super::norm::layernorm_modulate(gpu, &ln_params(acts, base, base + d))?;
+                        unsafe {
+                            super::norm::layernorm_modulate(gpu, &ln_params(acts, base, base + d))
+                        }?;
                     }
                     if qkv_attention_on {
                         let _op = crate::op_range!(gpu, "qkv+attention");
-                        super::qkv_attention::QkvAttention {
-                            a: dptr(&acts.xn),
-                            lda: d,
-                            w: dptr(&b.qkv_w),
-                            bias: dptr(&b.qkv_b),
-                            out: dptr(&acts.attn),
-                            batch: rows,
-                            tokens: t,
-                            heads: cfg.heads,
-                            head_dim: cfg.head_dim(),
-                            scale: 1.0 / (cfg.head_dim() as f32).sqrt(),
-                            multicast: true,
-                        }
-                        .launch(gpu)?;
+                        unsafe {
+                            super::qkv_attention::QkvAttention {
+                                a: dptr(&acts.xn),
+                                lda: d,
+                                w: dptr(&b.qkv_w),
+                                bias: dptr(&b.qkv_b),
+                                out: dptr(&acts.attn),
+                                batch: rows,
+                                tokens: t,
+                                heads: cfg.heads,
+                                head_dim: cfg.head_dim(),
+                                scale: 1.0 / (cfg.head_dim() as f32).sqrt(),
+                                multicast: true,
+                            }
+                            .launch(gpu)
+                        }?;
                     } else {
                         {
                             let _op = crate::op_range!(gpu, "qkv");
@@ -1224,19 +1258,21 @@ impl GpuModel {
                         }
                         {
                             let _op = crate::op_range!(gpu, "attention");
-                            super::attention::attention_with(
-                                gpu,
-                                &AttentionParams {
-                                    qkv: dptr(&acts.qkv),
-                                    out: dptr(&acts.attn),
-                                    batch: rows as i32,
-                                    tokens: t as i32,
-                                    heads: cfg.heads as i32,
-                                    head_dim: cfg.head_dim() as i32,
-                                    scale: 1.0 / (cfg.head_dim() as f32).sqrt(),
-                                },
-                                attention,
-                            )?;
+                            unsafe {
+                                super::attention::attention_with(
+                                    gpu,
+                                    &AttentionParams {
+                                        qkv: dptr(&acts.qkv),
+                                        out: dptr(&acts.attn),
+                                        batch: rows as i32,
+                                        tokens: t as i32,
+                                        heads: cfg.heads as i32,
+                                        head_dim: cfg.head_dim() as i32,
+                                        scale: 1.0 / (cfg.head_dim() as f32).sqrt(),
+                                    },
+                                    attention,
+                                )
+                            }?;
                         }
                     }
                     gated_residual(
@@ -1300,9 +1336,11 @@ impl GpuModel {
                     p.final_out = dptr(&acts.final_out);
                 }
                 match (reuse_sum, acts.cache_l2_window()) {
-                    (Some(_), _) => super::fora::fora_sum_final(gpu, &p)?,
-                    (None, Some(w)) => super::fora::fora_reuse_final_in_l2_window(gpu, &p, &w)?,
-                    (None, None) => super::fora::fora_reuse_final(gpu, &p)?,
+                    (Some(_), _) => unsafe { super::fora::fora_sum_final(gpu, &p) }?,
+                    (None, Some(w)) => {
+                        unsafe { super::fora::fora_reuse_final_in_l2_window(gpu, &p, &w) }?
+                    }
+                    (None, None) => unsafe { super::fora::fora_reuse_final(gpu, &p) }?,
                 }
                 if final_fused {
                     // The final layer is done: the sampler reads final_out.
@@ -1313,23 +1351,25 @@ impl GpuModel {
                 let cache = acts.cache.as_ref().map(dptr).unwrap_or(0);
                 {
                     let _reuse = crate::op_range!(gpu, "fora_reuse");
-                    super::fora::fora_reuse(
-                        gpu,
-                        &ForaReuseParams {
-                            x: dptr(&acts.x),
-                            cache,
-                            modulation: table,
-                            slab: slab as i64,
-                            rows: rows as i32,
-                            tokens: t as i32,
-                            dim: d as i32,
-                            layers: cfg.depth as i32,
-                            ld_mod: cols as i32,
-                            layer_cols: (6 * d) as i32,
-                            gate_msa_col: (2 * d) as i32,
-                            gate_mlp_col: (5 * d) as i32,
-                        },
-                    )?;
+                    unsafe {
+                        super::fora::fora_reuse(
+                            gpu,
+                            &ForaReuseParams {
+                                x: dptr(&acts.x),
+                                cache,
+                                modulation: table,
+                                slab: slab as i64,
+                                rows: rows as i32,
+                                tokens: t as i32,
+                                dim: d as i32,
+                                layers: cfg.depth as i32,
+                                ld_mod: cols as i32,
+                                layer_cols: (6 * d) as i32,
+                                gate_msa_col: (2 * d) as i32,
+                                gate_mlp_col: (5 * d) as i32,
+                            },
+                        )
+                    }?;
                 }
             }
         }
@@ -1339,25 +1379,27 @@ impl GpuModel {
         let _final = crate::op_range!(gpu, "final_layer");
         if !fused && !fuse_ln {
             // (fora_reuse_final or the last block's residual_layernorm wrote it already.)
-            super::norm::layernorm_modulate(gpu, &ln_params(acts, fin, fin + d))?;
+            unsafe { super::norm::layernorm_modulate(gpu, &ln_params(acts, fin, fin + d)) }?;
         }
         if !final_linear {
             // The sampler update applies it (final_sampler_step reads acts.xn).
             return Ok(());
         }
-        gemm.run(
-            gpu,
-            &gemm_params(
-                dptr(&acts.xn),
-                dptr(&self.final_w),
-                dptr(&self.final_b),
-                dptr(&acts.final_out),
-                rt,
-                cfg.patch_out(),
-                d,
-                Epilogue::BiasF32,
-            ),
-        )?;
+        unsafe {
+            gemm.run(
+                gpu,
+                &gemm_params(
+                    dptr(&acts.xn),
+                    dptr(&self.final_w),
+                    dptr(&self.final_b),
+                    dptr(&acts.final_out),
+                    rt,
+                    cfg.patch_out(),
+                    d,
+                    Epilogue::BiasF32,
+                ),
+            )
+        }?;
         Ok(())
     }
 }

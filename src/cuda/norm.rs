@@ -113,7 +113,7 @@ pub unsafe fn layernorm_modulate(
         RowWarps::Four if layernorm_in_registers(p) => RowWarps::Four,
         _ => RowWarps::One,
     };
-    layernorm_modulate_with(gpu, p, warps)
+    unsafe { layernorm_modulate_with(gpu, p, warps) }
 }
 
 /// [`layernorm_modulate`] with the warps per row chosen by the caller (tests, benchmarks); four
@@ -278,7 +278,7 @@ pub unsafe fn residual_layernorm(
     gpu: &impl KernelLauncher,
     p: &ResidualLayerNormParams,
 ) -> Result<()> {
-    residual_layernorm_with(gpu, p, RowWarps::default())
+    unsafe { residual_layernorm_with(gpu, p, RowWarps::default()) }
 }
 
 /// [`residual_layernorm`] with the warps per row chosen by the caller (tests, benchmarks).

@@ -265,9 +265,9 @@ pub fn update_plan(p: &SamplerStepParams) -> Result<(u32, u32, u32)> {
 /// parameters' docs say how much); only null and misaligned addresses are refused here.
 pub unsafe fn sampler_update(gpu: &impl KernelLauncher, p: &SamplerStepParams) -> Result<()> {
     if p.xn != 0 {
-        final_sampler_step(gpu, p)
+        unsafe { final_sampler_step(gpu, p) }
     } else {
-        sampler_step(gpu, p)
+        unsafe { sampler_step(gpu, p) }
     }
 }
 
