@@ -1179,9 +1179,16 @@ impl TuneCache {
             path: path.to_path_buf(),
             entries: Vec::new(),
         };
-        let bytes = match std::fs::metadata(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(cache),
-            _ => crate::io::read_file(path, "the tuning cache")?,
+        let bytes = match crate::io::read_file(path, "the tuning cache") {
+            Ok(bytes) => bytes,
+            Err(e)
+                if e.root_cause()
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) =>
+            {
+                return Ok(cache)
+            }
+            Err(e) => return Err(e),
         };
         let text = String::from_utf8(bytes).map_err(|_| {
             anyhow::anyhow!(
