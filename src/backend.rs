@@ -134,7 +134,12 @@ pub struct StepSpec {
 }
 
 /// What a sampling run needs to allocate: fixed for the life of a workspace.
+///
+/// Non-exhaustive, so that a field can be added without breaking a dependent: outside this
+/// crate, build one with [`SamplePlan::new`] (or [`crate::sampler::Sampler::plan`]) and set the
+/// public fields after.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SamplePlan {
     /// Class ids of the B images (each < num_classes).
     pub classes: Vec<usize>,
@@ -156,6 +161,25 @@ pub struct SamplePlan {
 }
 
 impl SamplePlan {
+    /// A plan of these fields, with [`SamplePlan::reuses`] true (the FORA cache kept; set it
+    /// false when no step reuses it).
+    pub fn new(
+        classes: Vec<usize>,
+        guidance: Option<Guidance>,
+        steps: usize,
+        timesteps: Vec<i64>,
+        noise: NoiseSource,
+    ) -> SamplePlan {
+        SamplePlan {
+            classes,
+            guidance,
+            steps,
+            timesteps,
+            noise,
+            reuses: true,
+        }
+    }
+
     /// Images B.
     pub fn images(&self) -> usize {
         self.classes.len()

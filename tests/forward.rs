@@ -439,17 +439,16 @@ fn plan(
     noise: fora::backend::NoiseSource,
     steps: usize,
 ) -> fora::backend::SamplePlan {
-    fora::backend::SamplePlan {
-        classes: vec![1, cfg.num_classes - 1],
-        guidance: Some(Guidance {
+    fora::backend::SamplePlan::new(
+        vec![1, cfg.num_classes - 1],
+        Some(Guidance {
             scale: 3.0,
             mode: GuidanceMode::Official3,
         }),
         steps,
-        timesteps: (0..steps as i64).map(|k| 999 - 100 * k).collect(),
+        (0..steps as i64).map(|k| 999 - 100 * k).collect(),
         noise,
-        reuses: true,
-    }
+    )
 }
 
 /// Runs `steps` steps computing at k % 3 == 0 and returns the latents.
@@ -680,10 +679,8 @@ fn a_plan_without_reuse_steps_holds_no_cache() {
     let cfg = odd_config();
     let be = backend(&cfg, 14);
     let with_cache = plan(&cfg, NoiseSource::Seed(3), 3);
-    let without = fora::backend::SamplePlan {
-        reuses: false,
-        ..with_cache.clone()
-    };
+    let mut without = with_cache.clone();
+    without.reuses = false;
     let run = |p: &fora::backend::SamplePlan| {
         let mut ws = be.workspace(p).unwrap();
         assert_eq!(ws.cache().is_some(), p.reuses);
