@@ -309,6 +309,26 @@ def launches_per_graph(single_ms, copies):
     return max(1, min(64, max(min(by_time, 64), copies)))
 
 
+def sdpa_backends(cuda):
+    """The SDPA backends timed: torch's default choice, then each fused backend on its own
+    (on a Hopper cuDNN's attention can beat flash, which the default prefers), so that the
+    report compares with the fastest PyTorch has. On the CPU only the default."""
+    if not cuda:
+        return ["default"]
+    return ["default", "flash", "efficient", "cudnn"]
+
+
+def sdpa_backend(name):
+    """A context that restricts SDPA to backend `name` ("default": no restriction)."""
+    import contextlib
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    which = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+             "cudnn": "CUDNN_ATTENTION"}[name]
+    return sdpa_kernel([getattr(SDPBackend, which)])
+
+
 def time_alone(fn, copies, warmup, runs, cuda):
     """Per-launch time of fn(i) measured alone, as the Rust harness does it: n launches
     captured in one CUDA graph (host launch costs excluded), replays timed back to back, each
@@ -486,6 +506,7 @@ class Bench:
             st.body("reuse")
         st.set_step(0)
         g_full.replay()  # fill the cache the reuse graph reads
+        g_reuse.replay()  # its first replay uploads it: not in anything timed after
         torch.cuda.synchronize()
         return g_full, g_reuse
 
@@ -512,7 +533,8 @@ class Bench:
         if kind == "reuse":
             st.set_step(0)
             st.body("compute")  # eager: fills the cache the compiled reuse step reads
-        cache = None if kind == "full" else "reuse"
+        # The full step writes the cache, as eager, graph and fora's computing steps do.
+        cache = "compute" if kind == "full" else "reuse"
 
         def body():
             st.body(cache)
@@ -547,8 +569,8 @@ class Bench:
         if self.cuda:
             l2 = getattr(torch.cuda.get_device_properties(torch.device(a.device)), "L2_cache_size", 0)
         rotate = max(4 * l2, 256 << 20)
-        for (b, h, t, d) in shapes:
-            what = f"sdpa {b}x{h}x{t}x{d}"
+        for (b, h, t, d), backend in ((s, k) for s in shapes for k in sdpa_backends(self.cuda)):
+            what = f"sdpa {b}x{h}x{t}x{d} {backend}"
             if not self.fits(what, 5):
                 continue
             try:
@@ -559,11 +581,13 @@ class Bench:
 
                 def run(i):
                     q, k, v = qkv[i % copies]
-                    F.scaled_dot_product_attention(q, k, v)
+                    with sdpa_backend(backend):
+                        F.scaled_dot_product_attention(q, k, v)
 
                 stats, n = time_alone(run, copies, a.warmup, a.runs, self.cuda)
                 flops = 4.0 * b * h * t * t * d
-                row = {"batch": b, "heads": h, "tokens": t, "head_dim": d, "flops": flops,
+                row = {"batch": b, "heads": h, "tokens": t, "head_dim": d, "backend": backend,
+                       "flops": flops,
                        "tflops": flops / (stats["median_ms"] * 1e-3) / 1e12,
                        "launches_per_replay": n}
                 row.update(stats)
@@ -694,10 +718,12 @@ def markdown(out):
         lines.append(f"| {r['mode']} | {r['kind']} | {r['rows']} | {fmt(r['median_ms'])} | "
                      f"{fmt(tf, 1)} | {fmt(r['compile_s'], 1)} |")
     if out["sdpa"]:
-        lines += ["", "| SDPA B | H | T | d | median (ms) | TFLOP/s |", "|---|---|---|---|---|---|"]
+        lines += ["", "| SDPA B | H | T | d | backend | median (ms) | TFLOP/s |",
+                  "|---|---|---|---|---|---|---|"]
         for r in out["sdpa"]:
             lines.append(f"| {r['batch']} | {r['heads']} | {r['tokens']} | {r['head_dim']} | "
-                         f"{fmt(r['median_ms'])} | {fmt(r['tflops'], 1)} |")
+                         f"{r.get('backend', 'default')} | {fmt(r['median_ms'])} | "
+                         f"{fmt(r['tflops'], 1)} |")
     if out["e2e"]:
         lines += ["", "| end to end | N | steps | computing | wall (ms) |", "|---|---|---|---|---|"]
         for r in out["e2e"]:
