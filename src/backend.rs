@@ -191,7 +191,7 @@ impl SamplePlan {
 
     /// The checks every backend makes before allocating a workspace for `cfg`: at least one
     /// class, each in range, at least one step, a finite guidance scale, one original timestep
-    /// in 0..999 per step.
+    /// in 0..999 per step, and a noise file of the plan's shapes holding finite values.
     pub fn validate(&self, cfg: &DitConfig) -> Result<()> {
         ensure!(self.images() > 0, "a sampling run needs at least one class");
         if let Some(&bad) = self.classes.iter().find(|&&c| c >= cfg.num_classes) {
@@ -212,6 +212,32 @@ impl SamplePlan {
         );
         if let Some(bad) = self.timesteps.iter().find(|t| !(0..1000).contains(*t)) {
             bail!("timestep {bad} outside 0..999");
+        }
+        if let NoiseSource::File { x_t, noise } = &self.noise {
+            let (b, img) = (self.images(), cfg.image_len());
+            ensure!(
+                x_t.len() == b * img,
+                "noise file x_T has {} values, expected [{b}, {}, {}, {}] = {}",
+                x_t.len(),
+                cfg.in_channels,
+                cfg.input_size,
+                cfg.input_size,
+                b * img
+            );
+            ensure!(
+                noise.len() == self.steps * b * img,
+                "noise file noise has {} values, expected [{}, {b}, {}, {}, {}] = {}",
+                noise.len(),
+                self.steps,
+                cfg.in_channels,
+                cfg.input_size,
+                cfg.input_size,
+                self.steps * b * img
+            );
+            ensure!(
+                x_t.iter().chain(noise).all(|v| v.is_finite()),
+                "noise file holds non-finite values"
+            );
         }
         Ok(())
     }

@@ -184,32 +184,6 @@ impl Backend for CpuBackend {
         plan.validate(cfg)?;
         let img = cfg.image_len();
         let rows = plan.model_rows();
-        // A noise file of the wrong shape is named before its size is weighed.
-        if let NoiseSource::File { x_t, noise } = &plan.noise {
-            ensure!(
-                x_t.len() == b * img,
-                "noise file x_T has {} values, expected [{b}, {}, {}, {}] = {}",
-                x_t.len(),
-                cfg.in_channels,
-                cfg.input_size,
-                cfg.input_size,
-                b * img
-            );
-            ensure!(
-                noise.len() == plan.steps * b * img,
-                "noise file noise has {} values, expected [{}, {b}, {}, {}, {}] = {}",
-                noise.len(),
-                plan.steps,
-                cfg.in_channels,
-                cfg.input_size,
-                cfg.input_size,
-                plan.steps * b * img
-            );
-            ensure!(
-                x_t.iter().chain(noise).all(|v| v.is_finite()),
-                "noise file holds non-finite values"
-            );
-        }
         check_workspace_fits(cfg, plan, crate::weights::free_memory_bytes())?;
         let sample_buffer = |what: &str, len: usize| crate::weights::zeros(what, &[len]);
         let mut latents = sample_buffer("latents", b * img)?;
