@@ -442,9 +442,12 @@ pub fn zeros(what: &str, dims: &[usize]) -> Result<Vec<f32>> {
 
 /// Elements of an f32 buffer of `dims`, or None where their product, or its bytes, overflow.
 pub fn f32_len(dims: &[usize]) -> Option<usize> {
-    dims.iter()
-        .try_fold(1usize, |a, &b| a.checked_mul(b))
-        .filter(|&n| n.checked_mul(4).is_some())
+    checked_product(dims).filter(|&n| n.checked_mul(4).is_some())
+}
+
+/// The product of `dims`, None where it overflows.
+pub(crate) fn checked_product(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |a, &b| a.checked_mul(b))
 }
 
 /// Bytes of the f32 buffers of each of `layout`'s dims together, or None where they overflow.

@@ -10,6 +10,7 @@
 //!   no thread pool, which is what a FORA reuse step needs; the parallel version computes every
 //!   element with the same code, so both give identical bits.
 
+use crate::weights::checked_product;
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
@@ -136,11 +137,6 @@ pub fn linear_rows(
     }
 }
 
-/// The product of `dims`, None where it overflows.
-fn product(dims: &[usize]) -> Option<usize> {
-    dims.iter().try_fold(1usize, |a, &b| a.checked_mul(b))
-}
-
 /// The slice lengths a product of `[rows, k] x [n, k]^T` into `[rows, n]` needs, checked
 /// without overflow: the unsafe strides of [`linear`] and [`linear_rows`] rest on them (a
 /// wrapped `rows * n` would pass an unchecked comparison with an empty slice).
@@ -154,9 +150,9 @@ fn assert_linear_lens(
     k: usize,
 ) {
     assert!(
-        product(&[rows, n]) == Some(out.len())
-            && product(&[rows, k]) == Some(x.len())
-            && product(&[n, k]) == Some(w.len())
+        checked_product(&[rows, n]) == Some(out.len())
+            && checked_product(&[rows, k]) == Some(x.len())
+            && checked_product(&[n, k]) == Some(w.len())
             && bias.len() == n,
         "linear: slices of {}, {}, {}, {} values for rows {rows}, n {n}, k {k}",
         out.len(),
@@ -353,9 +349,9 @@ pub fn attention(
             && tokens > 0
             && heads > 0
             && hd > 0
-            && product(&[n, tokens, 3, heads, hd]) == Some(qkv.len())
-            && product(&[n, tokens, heads, hd]) == Some(out.len())
-            && product(&[tokens, tokens]).is_some(),
+            && checked_product(&[n, tokens, 3, heads, hd]) == Some(qkv.len())
+            && checked_product(&[n, tokens, heads, hd]) == Some(out.len())
+            && checked_product(&[tokens, tokens]).is_some(),
         "attention: qkv of {} and out of {} values for n {n}, tokens {tokens}, heads {heads}, \
          head dim {hd}",
         qkv.len(),
