@@ -141,12 +141,11 @@ fn check_workspace_fits(cfg: &DitConfig, plan: &SamplePlan, free: Option<u64>) -
     let mut total = 0u64;
     let mut by_part = Vec::new();
     for (part, bytes) in parts {
-        let bytes = bytes
-            .and_then(|b| {
-                total = total.checked_add(b)?;
-                Some(b)
-            })
-            .with_context(|| format!("{part}: sizes overflow the address space"))
+        let overflow = || format!("{part}: sizes overflow the address space");
+        let bytes = bytes.with_context(overflow).with_context(context)?;
+        total = total
+            .checked_add(bytes)
+            .with_context(overflow)
             .with_context(context)?;
         by_part.push(format!("{part} {}", crate::weights::show_bytes(bytes)));
     }
