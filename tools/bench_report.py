@@ -17,6 +17,8 @@ import os
 import sys
 
 DASH = "—"
+# bench_torch.py's step modes.
+MODES = ("eager", "graph", "compile", "compile_graph")
 
 # Issue 5's targets (DiT-XL/2, 256x256, bf16).
 TARGETS = {
@@ -92,13 +94,19 @@ class Report:
                 return r.get("median_ms")
         return None
 
+    def torch_best(self, modes, rows, kind):
+        """PyTorch's fastest step row of `modes` at `rows` and `kind`, over the model
+        structures timed (bench_torch.py's variants: plain, fast); None if none."""
+        best = None
+        for r in (self.torch or {}).get("steps", []):
+            if r["mode"] in modes and r["rows"] == rows and r["kind"] == kind \
+                    and r.get("median_ms") and (best is None or r["median_ms"] < best["median_ms"]):
+                best = r
+        return best
+
     def torch_step(self, mode, rows, kind):
-        if not self.torch:
-            return None
-        for r in self.torch.get("steps", []):
-            if r["mode"] == mode and r["rows"] == rows and r["kind"] == kind:
-                return r.get("median_ms")
-        return None
+        r = self.torch_best((mode,), rows, kind)
+        return r["median_ms"] if r else None
 
     def tflops(self, rows, ms):
         if ms is None or not self.macs:
@@ -125,13 +133,16 @@ class Report:
                 return r
         return None
 
-    def torch_e2e(self, mode, n):
-        if not self.torch:
-            return None
-        for r in self.torch.get("e2e", []):
-            if r["mode"] == mode and r["interval"] == n:
-                return r
-        return None
+    def torch_e2e(self, mode, n, variant=None):
+        """PyTorch's end-to-end row of `mode` at FORA N = n: of `variant`, or the fastest of
+        the model structures timed."""
+        best = None
+        for r in (self.torch or {}).get("e2e", []):
+            if r["mode"] == mode and r["interval"] == n \
+                    and variant in (None, r.get("variant", "plain")) \
+                    and (best is None or r["wall_ms"] < best["wall_ms"]):
+                best = r
+        return best
 
     def our_attention(self):
         """Our fastest attention row (any implementation) keyed by (batch, heads, tokens,
@@ -207,18 +218,32 @@ class Report:
         t = self.tflops(256, full256)
         add("full step, rows 256: effective TFLOP/s", ">= 600", t, fmt(t, 0),
             None if t is None else t >= TARGETS["full_tflops_256"])
-        r = ratio(self.torch_step("eager", 256, "full"), full256)
-        add("full step, rows 256: vs PyTorch eager", ">= 2.0x", r, fmt(r, 2, "x"),
+        def versus(modes, rows_, kind, ours):
+            """Ratio to PyTorch's fastest of `modes` (any structure), and its text."""
+            t = self.torch_best(modes, rows_, kind)
+            r = ratio(t["median_ms"] if t else None, ours)
+            return r, (f"{fmt(r, 2, 'x')} ({t['mode']}, {t.get('variant', 'plain')})"
+                       if r is not None else DASH)
+
+        # Each PyTorch comparison is with its fastest row of the modes named (either model
+        # structure): torch.compile includes the compiled step captured as a CUDA graph, a
+        # CUDA graph includes the compiled one.
+        r, text = versus(("eager",), 256, "full", full256)
+        add("full step, rows 256: vs PyTorch eager", ">= 2.0x", r, text,
             None if r is None else r >= TARGETS["full_vs_eager_256"])
-        r = ratio(self.torch_step("compile", 256, "full"), full256)
-        add("full step, rows 256: vs torch.compile", ">= 1.3x", r, fmt(r, 2, "x"),
+        r, text = versus(("compile", "compile_graph"), 256, "full", full256)
+        add("full step, rows 256: vs torch.compile", ">= 1.3x", r, text,
             None if r is None else r >= TARGETS["full_vs_compile_256"])
         full2 = self.our_step(2, "full")
         add("full step, rows 2 (one image + CFG)", "<= 1.0 ms", full2, fmt(full2, 3, " ms"),
             None if full2 is None else full2 <= TARGETS["full_ms_2"])
-        r = ratio(self.torch_step("graph", 2, "full"), full2)
-        add("full step, rows 2: vs PyTorch CUDA graph", ">= 3.5x", r, fmt(r, 2, "x"),
+        r, text = versus(("graph", "compile_graph"), 2, "full", full2)
+        add("full step, rows 2: vs PyTorch CUDA graph", ">= 3.5x", r, text,
             None if r is None else r >= TARGETS["full_vs_graph_2"])
+        # No goal of the issue's: fora against the fastest PyTorch has, in any mode.
+        for kind, rows_ in (("full", 2), ("full", 256), ("reuse", 2), ("reuse", 256)):
+            r, text = versus(MODES, rows_, kind, self.our_step(rows_, kind))
+            add(f"{kind} step, rows {rows_}: vs the fastest PyTorch", DASH, r, text, None)
         for rows_, goal in ((2, "reuse_ms_2"), (256, "reuse_ms_256")):
             v = self.our_step(rows_, "reuse")
             add(f"reuse step, rows {rows_}", f"<= {TARGETS[goal]} ms", v, fmt(v, 4, " ms"),
@@ -286,34 +311,39 @@ class Report:
         return ("| target | goal | measured | status |\n|---|---|---|---|\n" + "\n".join(rows))
 
     def steps_table(self):
-        modes = ("eager", "graph", "compile")
         out = []
         for kind in ("full", "reuse"):
-            head = (f"| rows | ours {kind} (ms) | TFLOP/s | eager | graph | compile | "
-                    "ours vs eager | vs graph | vs compile |")
-            if kind == "reuse":
-                head = (f"| rows | ours {kind} (ms) | reuse / full | eager | graph | compile | "
-                        "ours vs eager | vs graph | vs compile |")
-            out += [head, "|---|---|---|---|---|---|---|---|---|"]
+            third = "TFLOP/s" if kind == "full" else "reuse / full"
+            out += [f"| rows | ours {kind} (ms) | {third} | eager | graph | compile | "
+                    "compile + graph | ours vs eager | vs graph | vs compile | "
+                    "vs compile + graph |",
+                    "|---|---|---|---|---|---|---|---|---|---|---|"]
             for rows in self.rows():
                 ours = self.our_step(rows, kind)
-                theirs = [self.torch_step(m, rows, kind) for m in modes]
+                theirs = [self.torch_best((m,), rows, kind) for m in MODES]
+                times = [t["median_ms"] if t else None for t in theirs]
                 if kind == "full":
                     third = fmt(self.tflops(rows, ours), 1)
                 else:
                     third = fmt(ratio(ours, self.our_step(rows, "full")), 3)
 
-                def cell(ms):
-                    if ms is None:
+                def cell(t):
+                    if t is None:
                         return DASH
+                    ms = t["median_ms"]
+                    mark = "*" if t.get("variant") == "fast" else ""
                     if kind == "full":
-                        return f"{ms:.3f} ({fmt(self.tflops(rows, ms), 0)} TF/s)"
-                    return f"{ms:.3f}"
+                        return f"{ms:.3f}{mark} ({fmt(self.tflops(rows, ms), 0)} TF/s)"
+                    return f"{ms:.3f}{mark}"
 
                 out.append(f"| {rows} | {fmt(ours, 3 if kind == 'full' else 4)} | {third} | "
                            + " | ".join(cell(t) for t in theirs) + " | "
-                           + " | ".join(fmt(ratio(t, ours), 2, "x") for t in theirs) + " |")
+                           + " | ".join(fmt(ratio(t, ours), 2, "x") for t in times) + " |")
             out.append("")
+        out.append("Each PyTorch cell is the faster of its model structures: * the fast one "
+                   "(tools/dit_torch_fast.py: conditioning precomputed per run, outputs written "
+                   "into the cache, in-place reuse adds, SDPA on its fastest backend), "
+                   "unmarked the plain official one (tools/dit_torch.py).")
         return "\n".join(out).rstrip()
 
     def e2e_table(self):
@@ -325,28 +355,64 @@ class Report:
         if not ns:
             return None
         base_ours = self.our_e2e(1)
-        base = {m: self.torch_e2e(m, 1) for m in ("eager", "graph")}
         out = ["| N | computing steps | ours (ms) | ours speedup | limit | eager (ms) | eager speedup "
                "| graph (ms) | graph speedup | ours vs eager | ours vs graph |",
                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        marked = False
         for n in sorted(ns):
             o = self.our_e2e(n)
-            te, tg = self.torch_e2e("eager", n), self.torch_e2e("graph", n)
-            any_row = o or te or tg
+            # Each mode's fastest structure at this N, its speedup against the same
+            # structure's N = 1.
+            cells, times = [], []
+            for mode in ("eager", "graph"):
+                t = self.torch_e2e(mode, n)
+                ms = t["wall_ms"] if t else None
+                variant = t.get("variant", "plain") if t else None
+                base = self.torch_e2e(mode, 1, variant) if t else None
+                mark = "*" if variant == "fast" else ""
+                marked |= bool(mark)
+                cells += [f"{fmt(ms, 1)}{mark if ms is not None else ''}",
+                          fmt(ratio(base["wall_ms"] if base else None, ms), 2, "x")]
+                times.append(ms)
+            any_row = o or self.torch_e2e("eager", n) or self.torch_e2e("graph", n)
             computed = any_row["computed"]
             steps = any_row["steps"]
             om = o["loop_ms"] if o else None
-            em = te["wall_ms"] if te else None
-            gm = tg["wall_ms"] if tg else None
             out.append(
                 f"| {n} | {computed} of {steps} | {fmt(om, 1)} | "
                 f"{fmt(ratio(base_ours['loop_ms'] if base_ours else None, om), 2, 'x')} | "
-                f"{steps / computed:.2f}x | {fmt(em, 1)} | "
-                f"{fmt(ratio(base['eager']['wall_ms'] if base['eager'] else None, em), 2, 'x')} | "
-                f"{fmt(gm, 1)} | "
-                f"{fmt(ratio(base['graph']['wall_ms'] if base['graph'] else None, gm), 2, 'x')} | "
-                f"{fmt(ratio(em, om), 2, 'x')} | {fmt(ratio(gm, om), 2, 'x')} |")
+                f"{steps / computed:.2f}x | " + " | ".join(cells) + " | "
+                + " | ".join(fmt(ratio(t, om), 2, "x") for t in times) + " |")
+        if marked:
+            out.append("")
+            out.append("\\* the fast model structure (its conditioning precomputed in a set-up "
+                       "that is not in its time, as our workspace build is not in ours).")
+        estimate = self.e2e_estimate(sorted(ns))
+        if estimate:
+            out += [""] + estimate
         return "\n".join(out)
+
+    def e2e_estimate(self, ns):
+        """PyTorch's loop at its fastest step times (any mode, either structure): computing
+        steps times its fastest full step at 2 rows plus reuse steps times its fastest reuse
+        step. An estimate (the loop in those modes was not timed), against our measured loop."""
+        full = self.torch_best(MODES, 2, "full")
+        reuse = self.torch_best(MODES, 2, "reuse")
+        if not full or not reuse:
+            return []
+        lines = []
+        for n in ns:
+            o = self.our_e2e(n)
+            if not o:
+                continue
+            est = o["computed"] * full["median_ms"] + o["reused"] * reuse["median_ms"]
+            lines.append(
+                f"- N={n}: PyTorch at its fastest steps, {o['computed']} x {full['median_ms']:.3f} "
+                f"ms ({full['mode']}, {full.get('variant', 'plain')}) + {o['reused']} x "
+                f"{reuse['median_ms']:.3f} ms ({reuse['mode']}, {reuse.get('variant', 'plain')}) "
+                f"= {est:.1f} ms (estimated from step times, not a timed loop); ours "
+                f"{o['loop_ms']:.1f} ms, {fmt(ratio(est, o['loop_ms']), 2, 'x')}")
+        return lines
 
     def attention_table(self):
         ours, sd = self.our_attention(), self.sdpa()
@@ -428,7 +494,7 @@ class Report:
         for kind in ("full", "reuse"):
             pts = [(r, self.our_step(r, kind)) for r in self.rows()]
             out[f"fora {kind}"] = [(r, v) for r, v in pts if v is not None]
-            for mode in ("eager", "graph", "compile"):
+            for mode in MODES:
                 pts = [(r, self.torch_step(mode, r, kind)) for r in self.rows()]
                 out[f"PyTorch {mode} {kind}"] = [(r, v) for r, v in pts if v is not None]
         return {k: v for k, v in out.items() if v}
@@ -448,7 +514,8 @@ class Report:
             return False
         fig, ax = plt.subplots(figsize=(7.5, 5))
         styles = {"fora": dict(color="tab:red", linewidth=2.5), "eager": dict(color="tab:blue"),
-                  "graph": dict(color="tab:green"), "compile": dict(color="tab:purple")}
+                  "graph": dict(color="tab:green"), "compile": dict(color="tab:purple"),
+                  "compile_graph": dict(color="tab:orange")}
         for label, pts in series.items():
             key = "fora" if label.startswith("fora") else label.split()[1]
             ls = "-" if label.endswith("full") else "--"

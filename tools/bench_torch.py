@@ -7,10 +7,20 @@ harness (CUDA events between back-to-back runs, warm-up runs first, median of --
 
 - a sampler step at each batch of model rows (rows include the CFG half: even rows = rows/2
   images with CFG), full (FORA computing step: every block runs and fills the cache) and
-  reuse (FORA reuse step), in three modes:
-    eager    plain PyTorch;
-    graph    the step captured once as a CUDA graph and replayed;
-    compile  torch.compile (default mode, static shapes; slow to compile, so only --compile-batches);
+  reuse (FORA reuse step), in four modes:
+    eager          plain PyTorch;
+    graph          the step captured once as a CUDA graph and replayed;
+    compile        torch.compile (default mode, static shapes; slow to compile, so only
+                   --compile-batches);
+    compile_graph  the compiled step captured as a CUDA graph (same compilation; CUDA only);
+  and two model structures (--variants):
+    plain    the official structure (tools/dit_torch.py): the reuse step recomputes the
+             embeddings and every adaLN Linear, the computing step copies block outputs into
+             the cache;
+    fast     the same maths as a capable PyTorch user runs it (tools/dit_torch_fast.py):
+             every step's conditioning computed once per run (its time is the set-up, as
+             fora's workspace build is), block outputs written into the cache, in-place reuse
+             adds, SDPA on the fastest backend timed below (--fast-sdpa);
   A step is what the sampler does per step on both sides: forward_with_cfg on [x; x] (the
   official CFG, eps channels 0..2 guided), then the DDPM update (learned-range variance) of the
   conditional rows with fresh Gaussian noise. The step's timestep and coefficients are copied
@@ -19,7 +29,8 @@ harness (CUDA events between back-to-back runs, warm-up runs first, median of --
   through copies larger than L2, per-launch time from CUDA-graph replays (as the Rust harness
   times its kernels).
 - end to end: a 250-step DDPM loop for one image with CFG (2 rows), FORA N = 1 and 3, eager and
-  CUDA-graph modes, wall time including the copy of the final latents to the host.
+  CUDA-graph modes, each variant, wall time including the copy of the final latents to the
+  host (the fast variant's set-up is reported beside it, not in it).
 
 Weights: by default random weights generated here (nn default initialisation) with the same
 shapes and dtype as the Rust benchmark's random DiT-XL/2 (timings depend on shapes and dtype
@@ -50,8 +61,15 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dit_torch  # noqa: E402
 from dit_torch import DiT, parse_arch  # noqa: E402
+from dit_torch_fast import FastFora, sdpa_backend  # noqa: E402
 
 SCHEMA = "fora-bench-torch/1"
+# Step modes: plain PyTorch, the step captured as a CUDA graph, torch.compile, and torch.compile
+# with the compiled step captured as a CUDA graph (the strongest at few rows).
+MODES = ("eager", "graph", "compile", "compile_graph")
+E2E_MODES = ("eager", "graph")
+# Model structures: the official one, and the same maths run as a capable user would.
+VARIANTS = ("plain", "fast")
 FREQ_DIM = 256
 
 
@@ -86,15 +104,23 @@ def parse_args(argv=None):
                    help="rows 2 and 64, compile at rows 2 only, end to end N=3 eager only")
     p.add_argument("--batches", type=ints, default=None, help="model rows (default 2,16,64,256)")
     p.add_argument("--compile-batches", type=ints, default=None, help="rows for torch.compile (default 2,64)")
-    p.add_argument("--modes", type=words(["eager", "graph", "compile"]), default=None,
-                   help="step modes (default eager,graph,compile)")
+    p.add_argument("--modes", type=words(MODES), default=None,
+                   help="step modes (default eager,graph,compile,compile_graph)")
+    p.add_argument("--variants", type=words(VARIANTS), default=None,
+                   help="model structures (default plain,fast): plain is the official structure "
+                        "(tools/dit_torch.py), fast the same maths as a capable PyTorch user "
+                        "runs it (tools/dit_torch_fast.py)")
+    p.add_argument("--fast-sdpa", choices=["auto", "default", "flash", "efficient", "cudnn"],
+                   default="auto",
+                   help="SDPA backend of the fast variant (auto: the fastest timed at the "
+                        "nearest batch, else torch's default)")
     p.add_argument("--compile-reuse", choices=["yes", "no"], default="yes",
                    help="also compile and time the reuse step")
     p.add_argument("--sdpa", type=str, default=None,
                    help="SDPA shapes B:H:T:d separated by commas (default 2:H:T:d,256:H:T:d,32:H:4T:d)")
     p.add_argument("--steps", type=int, default=250, help="end-to-end DDPM steps")
     p.add_argument("--intervals", type=ints, default=None, help="end-to-end FORA N (default 1,3)")
-    p.add_argument("--e2e-modes", type=words(["eager", "graph"]), default=None,
+    p.add_argument("--e2e-modes", type=words(E2E_MODES), default=None,
                    help="end-to-end modes (default eager,graph)")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -108,7 +134,8 @@ def parse_args(argv=None):
     q = a.quick
     a.batches = a.batches or ([2, 64] if q else [2, 16, 64, 256])
     a.compile_batches = a.compile_batches or ([2] if q else [2, 64])
-    a.modes = a.modes or ["eager", "graph", "compile"]
+    a.modes = a.modes or list(MODES)
+    a.variants = a.variants or list(VARIANTS)
     a.intervals = a.intervals or ([3] if q else [1, 3])
     a.e2e_modes = a.e2e_modes or (["eager"] if q else ["eager", "graph"])
     if a.runs < 1 or a.warmup < 0:
@@ -211,8 +238,13 @@ def macs_per_row(cfg):
 class Stepper:
     """One sampler step on static buffers, so that it can be captured as a CUDA graph."""
 
-    def __init__(self, model, rows, cfg_scale, table, device, seed):
+    def __init__(self, model, rows, cfg_scale, table, device, seed, variant="plain",
+                 table_steps=None, sdpa=None):
+        """variant: "plain" (DiT.forward_with_cfg) or "fast" (FastFora); table_steps: how
+        many of the table's steps a run selects (step k reads step k % table_steps; fewer
+        bound the fast variant's precomputed conditioning)."""
         cfg = model.config
+        table = table[: table_steps or len(table)]
         self.model = model
         self.guided = rows % 2 == 0
         self.images = rows // 2 if self.guided else rows
@@ -234,12 +266,26 @@ class Stepper:
         self.table_t = torch.tensor([r[0] for r in table], dtype=torch.long, device=device)
         self.table_coef = torch.tensor([r[1] for r in table], dtype=torch.float32, device=device)
         self.dtype = next(model.parameters()).dtype
+        # The fast variant's conditioning is computed here, once: its cost, as fora's
+        # workspace build, is set-up and not part of a step.
+        self.fast, self.setup_ms = None, None
+        self.sdpa = sdpa if variant == "fast" else None  # the fast variant's SDPA backend
+        if variant == "fast":
+            t0 = time.perf_counter()
+            self.fast = FastFora(model, labels, [r[0] for r in table], sdpa=sdpa)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            self.setup_ms = (time.perf_counter() - t0) * 1e3
+        elif variant != "plain":
+            raise ValueError(f"unknown variant {variant!r}")
 
     def set_step(self, k):
         """Selects loop step k with device-side copies only (no host synchronization)."""
         k %= self.steps
         self.t.copy_(self.table_t[k].expand(self.rows))
         self.coef.copy_(self.table_coef[k])
+        if self.fast is not None:
+            self.fast.set_step(k)
 
     def reset(self):
         self.x.copy_(self.x_init)
@@ -247,7 +293,13 @@ class Stepper:
     def body(self, cache):
         """forward_with_cfg (or forward) and the DDPM update of the conditional rows."""
         xin = self.x.to(self.dtype)
-        if self.guided:
+        if self.fast is not None:
+            compute = cache == "compute"
+            if self.guided:
+                out = self.fast.forward_with_cfg(torch.cat([xin, xin]), self.cfg_scale, compute)
+            else:
+                out = self.fast.forward(xin, compute)
+        elif self.guided:
             out = self.model.forward_with_cfg(torch.cat([xin, xin]), self.t, self.y,
                                               self.cfg_scale, cache=cache)
         else:
@@ -318,17 +370,6 @@ def sdpa_backends(cuda):
     return ["default", "flash", "efficient", "cudnn"]
 
 
-def sdpa_backend(name):
-    """A context that restricts SDPA to backend `name` ("default": no restriction)."""
-    import contextlib
-    if name == "default":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    which = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-             "cudnn": "CUDNN_ATTENTION"}[name]
-    return sdpa_kernel([getattr(SDPBackend, which)])
-
-
 def time_alone(fn, copies, warmup, runs, cuda):
     """Per-launch time of fn(i) measured alone, as the Rust harness does it: n launches
     captured in one CUDA graph (host launch costs excluded), replays timed back to back, each
@@ -376,6 +417,12 @@ class Bench:
                 "cfg_scale": args.cfg_scale,
                 "budget_s": args.budget_s,
                 "quick": args.quick,
+                "variants": {
+                    "plain": "the official structure (tools/dit_torch.py)",
+                    "fast": "the same maths with conditioning precomputed per run, block "
+                            "outputs written into the cache, in-place reuse adds, SDPA on "
+                            "the fastest backend (tools/dit_torch_fast.py)",
+                },
                 "step": "forward_with_cfg on [x; x] + DDPM update (learned-range variance)",
                 "timing": "CUDA events, back-to-back runs, median" if self.cuda
                 else "host wall clock per run, median (CPU smoke test)",
@@ -460,21 +507,44 @@ class Bench:
             self.out["device"] = {"name": "cpu"}
         self.table = ddpm_table(a.steps, cfg["learn_sigma"])
 
-    def stepper(self, rows, seed_offset=0):
+    def fast_sdpa(self, rows):
+        """The fast variant's SDPA backend at `rows`: --fast-sdpa, or with auto the fastest
+        timed at the model's heads, tokens and head size and the batch nearest `rows` (None:
+        torch's default choice)."""
+        if self.args.fast_sdpa != "auto":
+            return self.args.fast_sdpa
+        m = self.out["model"]
+        shape = (m["heads"], m["tokens"], m["hidden"] // m["heads"])
+        timed = [r for r in self.out["sdpa"]
+                 if (r["heads"], r["tokens"], r["head_dim"]) == shape and r.get("median_ms")]
+        if not timed:
+            return None
+        nearest = min(timed, key=lambda r: abs(math.log(r["batch"] / rows)))["batch"]
+        return min((r for r in timed if r["batch"] == nearest),
+                   key=lambda r: r["median_ms"])["backend"]
+
+    def stepper(self, rows, seed_offset=0, variant="plain", table_steps=None):
         clear_cache(self.model)
         return Stepper(self.model, rows, self.args.cfg_scale, self.table, self.args.device,
-                       self.args.seed + seed_offset)
+                       self.args.seed + seed_offset, variant=variant, table_steps=table_steps,
+                       sdpa=self.fast_sdpa(rows) if variant == "fast" else None)
 
-    def record_step(self, mode, kind, rows, stats, compile_s=None):
-        row = {"mode": mode, "kind": kind, "rows": rows, "compile_s": compile_s}
+    def step_stepper(self, rows, variant):
+        """A stepper for timing single steps: its table covers the steps the timing selects."""
+        return self.stepper(rows, variant=variant,
+                            table_steps=self.args.warmup + self.args.runs + 2)
+
+    def record_step(self, mode, kind, rows, variant, stats, compile_s=None, sdpa=None):
+        row = {"mode": mode, "variant": variant, "kind": kind, "rows": rows,
+               "compile_s": compile_s, "sdpa": sdpa}
         row.update(stats)
         self.out["steps"].append(row)
-        print(f"bench_torch: {mode:7s} {kind:5s} rows {rows:4d}: {stats['median_ms']:.3f} ms",
-              file=sys.stderr)
+        print(f"bench_torch: {mode:13s} {variant:5s} {kind:5s} rows {rows:4d}: "
+              f"{stats['median_ms']:.3f} ms", file=sys.stderr)
 
-    def run_eager(self, rows):
+    def run_eager(self, rows, variant):
         a = self.args
-        st = self.stepper(rows)
+        st = self.step_stepper(rows, variant)
 
         def full(i):
             st.set_step(i)
@@ -484,8 +554,12 @@ class Bench:
             st.set_step(i)
             st.body("reuse")
 
-        self.record_step("eager", "full", rows, time_runs(full, a.warmup, a.runs, self.cuda))
-        self.record_step("eager", "reuse", rows, time_runs(reuse, a.warmup, a.runs, self.cuda))
+        st.set_step(0)
+        st.body("compute")  # the first reuse step must find a cache
+        self.record_step("eager", "full", rows, variant,
+                         time_runs(full, a.warmup, a.runs, self.cuda), sdpa=st.sdpa)
+        self.record_step("eager", "reuse", rows, variant,
+                         time_runs(reuse, a.warmup, a.runs, self.cuda), sdpa=st.sdpa)
 
     def capture(self, st):
         """CUDA graphs of the computing and the reuse step of `st` (after side-stream warm-up,
@@ -510,9 +584,9 @@ class Bench:
         torch.cuda.synchronize()
         return g_full, g_reuse
 
-    def run_graph(self, rows):
+    def run_graph(self, rows, variant):
         a = self.args
-        st = self.stepper(rows)
+        st = self.step_stepper(rows, variant)
         g_full, g_reuse = self.capture(st)
 
         def full(i):
@@ -523,16 +597,22 @@ class Bench:
             st.set_step(i)
             g_reuse.replay()
 
-        self.record_step("graph", "full", rows, time_runs(full, a.warmup, a.runs, self.cuda))
-        self.record_step("graph", "reuse", rows, time_runs(reuse, a.warmup, a.runs, self.cuda))
+        self.record_step("graph", "full", rows, variant,
+                         time_runs(full, a.warmup, a.runs, self.cuda), sdpa=st.sdpa)
+        self.record_step("graph", "reuse", rows, variant,
+                         time_runs(reuse, a.warmup, a.runs, self.cuda), sdpa=st.sdpa)
         del g_full, g_reuse
 
-    def run_compile(self, rows, kind):
+    def run_compile(self, rows, kind, variant):
+        """torch.compile of one step kind, timed as it is (mode compile) and captured as a
+        CUDA graph (mode compile_graph, CUDA only): one compilation serves both."""
         a = self.args
-        st = self.stepper(rows)
-        if kind == "reuse":
-            st.set_step(0)
-            st.body("compute")  # eager: fills the cache the compiled reuse step reads
+        st = self.step_stepper(rows, variant)
+        # Eager first: the cache exists before anything is traced (the compiled reuse step
+        # reads it; a cache made during the first compiled call would change what the trace
+        # guards on and recompile).
+        st.set_step(0)
+        st.body("compute")
         # The full step writes the cache, as eager, graph and fora's computing steps do.
         cache = "compute" if kind == "full" else "reuse"
 
@@ -551,8 +631,29 @@ class Bench:
             st.set_step(i)
             compiled()
 
-        self.record_step("compile", kind, rows, time_runs(run, a.warmup, a.runs, self.cuda),
-                         compile_s)
+        if "compile" in a.modes:
+            self.record_step("compile", kind, rows, variant,
+                             time_runs(run, a.warmup, a.runs, self.cuda), compile_s, st.sdpa)
+        if "compile_graph" in a.modes and self.cuda:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    compiled()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                compiled()
+            graph.replay()  # its first replay uploads it: not in anything timed after
+            torch.cuda.synchronize()
+
+            def replay(i):
+                st.set_step(i)
+                graph.replay()
+
+            self.record_step("compile_graph", kind, rows, variant,
+                             time_runs(replay, a.warmup, a.runs, self.cuda), compile_s, st.sdpa)
+            del graph
 
     def run_sdpa(self):
         a = self.args
@@ -598,9 +699,9 @@ class Bench:
             except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                 self.error(what, e)
 
-    def run_e2e(self, mode):
+    def run_e2e(self, mode, variant):
         a = self.args
-        st = self.stepper(2, seed_offset=1)
+        st = self.stepper(2, seed_offset=1, variant=variant)
         if mode == "graph":
             g_full, g_reuse = self.capture(st)
             run_full, run_reuse = g_full.replay, g_reuse.replay
@@ -612,7 +713,7 @@ class Bench:
                 st.body("reuse")
 
         for n in a.intervals:
-            what = f"e2e {mode} N={n}"
+            what = f"e2e {mode} {variant} N={n}"
             if not self.fits(what, 10 if mode == "eager" else 4):
                 continue
             try:
@@ -632,8 +733,9 @@ class Bench:
                 latents = st.x.cpu()
                 wall_ms = (time.perf_counter() - t0) * 1e3
                 self.out["e2e"].append({
-                    "mode": mode, "interval": n, "steps": a.steps, "rows": 2,
-                    "computed": computed, "reused": a.steps - computed, "wall_ms": wall_ms,
+                    "mode": mode, "variant": variant, "interval": n, "steps": a.steps,
+                    "rows": 2, "computed": computed, "reused": a.steps - computed,
+                    "wall_ms": wall_ms, "setup_ms": st.setup_ms, "sdpa": st.sdpa,
                     "finite": bool(torch.isfinite(latents).all()),
                 })
                 print(f"bench_torch: {what}: {wall_ms:.1f} ms ({computed} computing steps)",
@@ -656,40 +758,41 @@ class Bench:
                 if mode == "graph" and not self.cuda:
                     self.out["skipped"].append({"what": "graph mode", "why": "needs CUDA"})
                     continue
-                for rows in a.batches:
-                    what = f"{mode} rows {rows}"
+                for rows, variant in ((r, v) for r in a.batches for v in a.variants):
+                    what = f"{mode} {variant} rows {rows}"
                     if not self.fits(what, 3 + 0.06 * rows):
                         continue
                     try:
-                        getattr(self, f"run_{mode}")(rows)
+                        getattr(self, f"run_{mode}")(rows, variant)
                     except Exception as e:  # noqa: BLE001
                         self.error(what, e)
                     clear_cache(self.model)
                     self.save()
-            for mode in a.e2e_modes:
+            for mode, variant in ((m, v) for m in a.e2e_modes for v in a.variants):
                 if mode == "graph" and not self.cuda:
-                    self.out["skipped"].append({"what": "e2e graph", "why": "needs CUDA"})
+                    if variant == a.variants[0]:
+                        self.out["skipped"].append({"what": "e2e graph", "why": "needs CUDA"})
                     continue
                 try:
-                    self.run_e2e(mode)
+                    self.run_e2e(mode, variant)
                 except Exception as e:  # noqa: BLE001
-                    self.error(f"e2e {mode}", e)
+                    self.error(f"e2e {mode} {variant}", e)
                 clear_cache(self.model)
                 self.save()
-            if "compile" in a.modes:
+            if "compile" in a.modes or "compile_graph" in a.modes:
                 kinds = ["full", "reuse"] if a.compile_reuse == "yes" else ["full"]
-                for kind in kinds:
-                    for rows in a.compile_batches:
-                        what = f"compile {kind} rows {rows}"
-                        estimate = a.compile_estimate_s * (1.0 if kind == "full" else 0.4)
-                        if not self.fits(what, estimate):
-                            continue
-                        try:
-                            self.run_compile(rows, kind)
-                        except Exception as e:  # noqa: BLE001
-                            self.error(what, e)
-                        clear_cache(self.model)
-                        self.save()
+                for kind, rows, variant in ((k, r, v) for k in kinds for r in a.compile_batches
+                                            for v in a.variants):
+                    what = f"compile {variant} {kind} rows {rows}"
+                    estimate = a.compile_estimate_s * (1.0 if kind == "full" else 0.4)
+                    if not self.fits(what, estimate):
+                        continue
+                    try:
+                        self.run_compile(rows, kind, variant)
+                    except Exception as e:  # noqa: BLE001
+                        self.error(what, e)
+                    clear_cache(self.model)
+                    self.save()
         self.save()
         text = markdown(self.out)
         print(text)
@@ -710,13 +813,14 @@ def markdown(out):
     lines = [f"# PyTorch reference: {m.get('arch', '—')} ({m.get('weights', '—')}, bf16) on {dev}, "
              f"torch {out['torch']}, {out['date']}", ""]
     macs = m.get("macs_per_row")
-    lines += ["| mode | kind | rows | median (ms) | TFLOP/s | compile (s) |", "|---|---|---|---|---|---|"]
+    lines += ["| mode | variant | kind | rows | median (ms) | TFLOP/s | compile (s) |",
+              "|---|---|---|---|---|---|---|"]
     for r in out["steps"]:
         tf = None
         if macs and r["kind"] == "full" and r["median_ms"]:
             tf = 2 * macs * r["rows"] / (r["median_ms"] * 1e-3) / 1e12
-        lines.append(f"| {r['mode']} | {r['kind']} | {r['rows']} | {fmt(r['median_ms'])} | "
-                     f"{fmt(tf, 1)} | {fmt(r['compile_s'], 1)} |")
+        lines.append(f"| {r['mode']} | {r.get('variant', 'plain')} | {r['kind']} | {r['rows']} | "
+                     f"{fmt(r['median_ms'])} | {fmt(tf, 1)} | {fmt(r['compile_s'], 1)} |")
     if out["sdpa"]:
         lines += ["", "| SDPA B | H | T | d | backend | median (ms) | TFLOP/s |",
                   "|---|---|---|---|---|---|---|"]
@@ -725,10 +829,12 @@ def markdown(out):
                          f"{r.get('backend', 'default')} | {fmt(r['median_ms'])} | "
                          f"{fmt(r['tflops'], 1)} |")
     if out["e2e"]:
-        lines += ["", "| end to end | N | steps | computing | wall (ms) |", "|---|---|---|---|---|"]
+        lines += ["", "| end to end | variant | N | steps | computing | wall (ms) | set-up (ms) |",
+                  "|---|---|---|---|---|---|---|"]
         for r in out["e2e"]:
-            lines.append(f"| {r['mode']} | {r['interval']} | {r['steps']} | {r['computed']} | "
-                         f"{r['wall_ms']:.1f} |")
+            lines.append(f"| {r['mode']} | {r.get('variant', 'plain')} | {r['interval']} | "
+                         f"{r['steps']} | {r['computed']} | {r['wall_ms']:.1f} | "
+                         f"{fmt(r.get('setup_ms'), 1)} |")
     for s in out["skipped"]:
         lines.append(f"\nskipped: {s['what']} ({s['why']})")
     for e in out["errors"]:
