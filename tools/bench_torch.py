@@ -779,10 +779,14 @@ class Bench:
                     self.error(f"e2e {mode} {variant}", e)
                 clear_cache(self.model)
                 self.save()
+            if "compile_graph" in a.modes and not self.cuda:
+                self.out["skipped"].append({"what": "compile_graph mode", "why": "needs CUDA"})
             if "compile" in a.modes or "compile_graph" in a.modes:
                 kinds = ["full", "reuse"] if a.compile_reuse == "yes" else ["full"]
-                for kind, rows, variant in ((k, r, v) for k in kinds for r in a.compile_batches
-                                            for v in a.variants):
+                # Variants outermost after the kind: the first variant named (e.g. fast) gets
+                # every batch compiled before the budget reaches the next.
+                for kind, variant, rows in ((k, v, r) for k in kinds for v in a.variants
+                                            for r in a.compile_batches):
                     what = f"compile {variant} {kind} rows {rows}"
                     estimate = a.compile_estimate_s * (1.0 if kind == "full" else 0.4)
                     if not self.fits(what, estimate):

@@ -55,7 +55,8 @@
 #              op's time a step from CUDA events around it, beside the graph-replayed step;
 #   torch      tools/bench_torch.py, the PyTorch reference (TORCH_BENCH_ARGS);
 #   issue5     what issue 5 still asks measured in one call: our steps at 2, 16, 64, 256 rows and
-#              N = 1..5, PyTorch eager / graph / torch.compile (ISSUE5_TORCH_MODES: e.g.
+#              N = 1..5, PyTorch eager / graph / torch.compile / torch.compile in a CUDA graph,
+#              its fast model structure first, then the plain one (ISSUE5_TORCH_MODES: e.g.
 #              "eager,graph" where an earlier call timed torch.compile), and the merged report +
 #              plot;
 #   issue5_more  FORA_REUSE_SUM=0 steps and end to end (the cache sums' default since session
@@ -372,7 +373,8 @@ phase_issue5() {
   local budget=$(( $(left) - 40 ))
   if [ "$budget" -gt 60 ]; then
     bounded $(( budget + 20 )) python3 tools/bench_torch.py --json "$OUT/issue5_torch.json" --budget-s "$budget" \
-      --batches 2,16,64,256 --modes "${ISSUE5_TORCH_MODES:-eager,graph,compile}" --compile-batches 2,256 --compile-reuse no \
+      --batches 2,16,64,256 --modes "${ISSUE5_TORCH_MODES:-eager,graph,compile,compile_graph}" --variants fast,plain \
+      --compile-batches 2,256 --compile-reuse no \
       --intervals 3 --e2e-modes graph > "$OUT/issue5_torch.log" 2>&1
     tail -n 3 "$OUT/issue5_torch.log"
     python3 tools/bench_report.py --ours "$OUT/issue5_fora.json" --torch "$OUT/issue5_torch.json" \
