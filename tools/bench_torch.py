@@ -781,7 +781,7 @@ class Bench:
                 self.save()
             if "compile_graph" in a.modes and not self.cuda:
                 self.out["skipped"].append({"what": "compile_graph mode", "why": "needs CUDA"})
-            if "compile" in a.modes or "compile_graph" in a.modes:
+            if "compile" in a.modes or ("compile_graph" in a.modes and self.cuda):
                 kinds = ["full", "reuse"] if a.compile_reuse == "yes" else ["full"]
                 # Variants outermost after the kind: the first variant named (e.g. fast) gets
                 # every batch compiled before the budget reaches the next.
