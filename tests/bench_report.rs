@@ -1069,6 +1069,12 @@ fn fake_torch_json(macs: u64) -> Value {
             {"mode": "eager", "variant": "fast", "interval": 3, "steps": 250, "rows": 2,
              "computed": 84, "reused": 166, "wall_ms": 1300.0, "setup_ms": 40.0,
              "finite": true},
+            {"mode": "compile_graph", "variant": "fast", "interval": 1, "steps": 250,
+             "rows": 2, "computed": 250, "reused": 0, "wall_ms": 900.0, "setup_ms": 40.0,
+             "finite": true},
+            {"mode": "compile_graph", "variant": "fast", "interval": 3, "steps": 250,
+             "rows": 2, "computed": 84, "reused": 166, "wall_ms": 400.0, "setup_ms": 40.0,
+             "finite": true},
         ],
         "skipped": [{"what": "compile full rows 64", "why": "time budget"}],
         "errors": [],
@@ -1294,12 +1300,23 @@ fn python_report_reads_the_rust_json() {
     assert!(md.contains("| 11.000* ("), "{md}");
     assert!(md.contains("| 10.700 ("), "{md}");
     // End to end: PyTorch's realized speedup and ours vs eager at N=3, eager's faster
-    // structure (fast: 1300 ms, its speedup against its own N=1 of 3000 ms).
+    // structure (fast: 1300 ms, its speedup against its own N=1 of 3000 ms); the compiled
+    // step in a CUDA graph gets columns because it ran (compile alone did not).
+    assert!(
+        md.contains(
+            "| compile_graph (ms) | compile_graph speedup | ours vs eager | ours vs graph | ours \
+             vs compile_graph |"
+        ),
+        "{md}"
+    );
     assert!(
         md.contains(&format!(
-            "| 3 | 84 of 250 | 110.0 | 2.73x | 2.98x | 1300.0* | {:.2}x | — | — | {:.2}x | — |",
+            "| 3 | 84 of 250 | 110.0 | 2.73x | 2.98x | 1300.0* | {:.2}x | — | — | 400.0* | {:.2}x \
+             | {:.2}x | — | {:.2}x |",
             3000.0 / 1300.0,
-            1300.0 / 110.0
+            900.0 / 400.0,
+            1300.0 / 110.0,
+            400.0 / 110.0
         )),
         "{md}"
     );

@@ -355,16 +355,20 @@ class Report:
         if not ns:
             return None
         base_ours = self.our_e2e(1)
-        out = ["| N | computing steps | ours (ms) | ours speedup | limit | eager (ms) | eager speedup "
-               "| graph (ms) | graph speedup | ours vs eager | ours vs graph |",
-               "|---|---|---|---|---|---|---|---|---|---|---|"]
+        # eager and graph always; the compiled modes where they ran.
+        timed = {r["mode"] for r in (self.torch or {}).get("e2e", [])}
+        modes = ["eager", "graph"] + [m for m in ("compile", "compile_graph") if m in timed]
+        out = ["| N | computing steps | ours (ms) | ours speedup | limit | "
+               + " | ".join(f"{m} (ms) | {m} speedup" for m in modes) + " | "
+               + " | ".join(f"ours vs {m}" for m in modes) + " |",
+               "|---|---|---|---|---|" + "---|---|---|" * len(modes)]
         marked = False
         for n in sorted(ns):
             o = self.our_e2e(n)
             # Each mode's fastest structure at this N, its speedup against the same
             # structure's N = 1.
             cells, times = [], []
-            for mode in ("eager", "graph"):
+            for mode in modes:
                 t = self.torch_e2e(mode, n)
                 ms = t["wall_ms"] if t else None
                 variant = t.get("variant", "plain") if t else None
@@ -374,7 +378,7 @@ class Report:
                 cells += [f"{fmt(ms, 1)}{mark if ms is not None else ''}",
                           fmt(ratio(base["wall_ms"] if base else None, ms), 2, "x")]
                 times.append(ms)
-            any_row = o or self.torch_e2e("eager", n) or self.torch_e2e("graph", n)
+            any_row = o or next(r for r in (self.torch_e2e(m, n) for m in modes) if r)
             computed = any_row["computed"]
             steps = any_row["steps"]
             om = o["loop_ms"] if o else None

@@ -28,9 +28,10 @@ harness (CUDA events between back-to-back runs, warm-up runs first, median of --
 - PyTorch SDPA (F.scaled_dot_product_attention) at (B, heads, tokens, head_dim), inputs rotated
   through copies larger than L2, per-launch time from CUDA-graph replays (as the Rust harness
   times its kernels).
-- end to end: a 250-step DDPM loop for one image with CFG (2 rows), FORA N = 1 and 3, eager and
-  CUDA-graph modes, each variant, wall time including the copy of the final latents to the
-  host (the fast variant's set-up is reported beside it, not in it).
+- end to end: a 250-step DDPM loop for one image with CFG (2 rows), FORA N = 1 and 3, in the
+  eager and CUDA-graph modes, and with the compiled steps (compile, compile_graph) where 2 rows
+  are compiled with the reuse step, each variant; wall time including the copy of the final
+  latents to the host (the fast variant's set-up is reported beside it, not in it).
 
 Weights: by default random weights generated here (nn default initialisation) with the same
 shapes and dtype as the Rust benchmark's random DiT-XL/2 (timings depend on shapes and dtype
@@ -67,7 +68,9 @@ SCHEMA = "fora-bench-torch/1"
 # Step modes: plain PyTorch, the step captured as a CUDA graph, torch.compile, and torch.compile
 # with the compiled step captured as a CUDA graph (the strongest at few rows).
 MODES = ("eager", "graph", "compile", "compile_graph")
-E2E_MODES = ("eager", "graph")
+# End to end: the compiled modes run with the compiled steps (2 rows in --compile-batches and
+# --compile-reuse yes).
+E2E_MODES = ("eager", "graph", "compile", "compile_graph")
 # Model structures: the official one, and the same maths run as a capable user would.
 VARIANTS = ("plain", "fast")
 FREQ_DIM = 256
@@ -121,7 +124,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=250, help="end-to-end DDPM steps")
     p.add_argument("--intervals", type=ints, default=None, help="end-to-end FORA N (default 1,3)")
     p.add_argument("--e2e-modes", type=words(E2E_MODES), default=None,
-                   help="end-to-end modes (default eager,graph)")
+                   help="end-to-end modes (default eager,graph,compile_graph; the compiled "
+                        "ones need rows 2 in --compile-batches and --compile-reuse yes)")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--cfg-scale", type=float, default=4.0)
@@ -137,7 +141,7 @@ def parse_args(argv=None):
     a.modes = a.modes or list(MODES)
     a.variants = a.variants or list(VARIANTS)
     a.intervals = a.intervals or ([3] if q else [1, 3])
-    a.e2e_modes = a.e2e_modes or (["eager"] if q else ["eager", "graph"])
+    a.e2e_modes = a.e2e_modes or (["eager"] if q else ["eager", "graph", "compile_graph"])
     if a.runs < 1 or a.warmup < 0:
         p.error("--runs must be >= 1 and --warmup >= 0")
     if not 1 <= a.steps <= 1000:
@@ -603,57 +607,70 @@ class Bench:
                          time_runs(reuse, a.warmup, a.runs, self.cuda), sdpa=st.sdpa)
         del g_full, g_reuse
 
-    def run_compile(self, rows, kind, variant):
-        """torch.compile of one step kind, timed as it is (mode compile) and captured as a
-        CUDA graph (mode compile_graph, CUDA only): one compilation serves both."""
+    def run_compile(self, rows, variant, kinds):
+        """torch.compile of each step kind in `kinds` on one stepper, timed as it is (mode
+        compile) and captured as a CUDA graph (mode compile_graph, CUDA only): one compilation
+        serves both. At 2 rows with both kinds, the end-to-end loop in the compiled modes asked
+        for (--e2e-modes) replays them too."""
         a = self.args
-        st = self.step_stepper(rows, variant)
+        torch._dynamo.reset()  # earlier compilations are done with: no cache limit to hit
+        loop = rows == 2 and kinds == ["full", "reuse"]
+        st = self.stepper(rows, variant=variant,
+                          table_steps=None if loop else a.warmup + a.runs + 2)
         # Eager first: the cache exists before anything is traced (the compiled reuse step
         # reads it; a cache made during the first compiled call would change what the trace
         # guards on and recompile).
         st.set_step(0)
         st.body("compute")
-        # The full step writes the cache, as eager, graph and fora's computing steps do.
-        cache = "compute" if kind == "full" else "reuse"
+        compiled, graphs = {}, {}
+        for kind in kinds:
+            # The full step writes the cache, as eager, graph and fora's computing steps do.
+            cache = "compute" if kind == "full" else "reuse"
 
-        def body():
-            st.body(cache)
+            def body(cache=cache):
+                st.body(cache)
 
-        compiled = torch.compile(body, dynamic=False)
-        t0 = time.perf_counter()
-        st.set_step(0)
-        compiled()
-        if self.cuda:
-            torch.cuda.synchronize()
-        compile_s = time.perf_counter() - t0
+            fn = compiled[kind] = torch.compile(body, dynamic=False)
+            t0 = time.perf_counter()
+            st.set_step(0)
+            fn()
+            if self.cuda:
+                torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
 
-        def run(i):
-            st.set_step(i)
-            compiled()
-
-        if "compile" in a.modes:
-            self.record_step("compile", kind, rows, variant,
-                             time_runs(run, a.warmup, a.runs, self.cuda), compile_s, st.sdpa)
-        if "compile_graph" in a.modes and self.cuda:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    compiled()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                compiled()
-            graph.replay()  # its first replay uploads it: not in anything timed after
-            torch.cuda.synchronize()
-
-            def replay(i):
+            def run(i, fn=fn):
                 st.set_step(i)
-                graph.replay()
+                fn()
 
-            self.record_step("compile_graph", kind, rows, variant,
-                             time_runs(replay, a.warmup, a.runs, self.cuda), compile_s, st.sdpa)
-            del graph
+            if "compile" in a.modes:
+                self.record_step("compile", kind, rows, variant,
+                                 time_runs(run, a.warmup, a.runs, self.cuda), compile_s, st.sdpa)
+            if "compile_graph" in a.modes and self.cuda:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        fn()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = graphs[kind] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fn()
+                graph.replay()  # its first replay uploads it: not in anything timed after
+                torch.cuda.synchronize()
+
+                def replay(i, graph=graph):
+                    st.set_step(i)
+                    graph.replay()
+
+                self.record_step("compile_graph", kind, rows, variant,
+                                 time_runs(replay, a.warmup, a.runs, self.cuda), compile_s,
+                                 st.sdpa)
+        if loop and "compile" in a.e2e_modes:
+            self.e2e_loops(st, "compile", variant, compiled["full"], compiled["reuse"])
+        if loop and "compile_graph" in a.e2e_modes and graphs:
+            self.e2e_loops(st, "compile_graph", variant, graphs["full"].replay,
+                           graphs["reuse"].replay)
+        del graphs
 
     def run_sdpa(self):
         a = self.args
@@ -712,9 +729,15 @@ class Bench:
             def run_reuse():
                 st.body("reuse")
 
+        self.e2e_loops(st, mode, variant, run_full, run_reuse)
+
+    def e2e_loops(self, st, mode, variant, run_full, run_reuse):
+        """The end-to-end DDPM loop at each FORA N asked for, on a 2-row stepper whose table
+        covers every step: run_full() / run_reuse() run the selected step."""
+        a = self.args
         for n in a.intervals:
             what = f"e2e {mode} {variant} N={n}"
-            if not self.fits(what, 10 if mode == "eager" else 4):
+            if not self.fits(what, 10 if mode in ("eager", "compile") else 4):
                 continue
             try:
                 st.reset()
@@ -769,6 +792,8 @@ class Bench:
                     clear_cache(self.model)
                     self.save()
             for mode, variant in ((m, v) for m in a.e2e_modes for v in a.variants):
+                if mode in ("compile", "compile_graph"):
+                    continue  # with the compiled steps at 2 rows, below
                 if mode == "graph" and not self.cuda:
                     if variant == a.variants[0]:
                         self.out["skipped"].append({"what": "e2e graph", "why": "needs CUDA"})
@@ -783,16 +808,15 @@ class Bench:
                 self.out["skipped"].append({"what": "compile_graph mode", "why": "needs CUDA"})
             if "compile" in a.modes or ("compile_graph" in a.modes and self.cuda):
                 kinds = ["full", "reuse"] if a.compile_reuse == "yes" else ["full"]
-                # Variants outermost after the kind: the first variant named (e.g. fast) gets
-                # every batch compiled before the budget reaches the next.
-                for kind, variant, rows in ((k, v, r) for k in kinds for v in a.variants
-                                            for r in a.compile_batches):
-                    what = f"compile {variant} {kind} rows {rows}"
-                    estimate = a.compile_estimate_s * (1.0 if kind == "full" else 0.4)
+                # Variants outermost: the first variant named (e.g. fast) gets every batch
+                # compiled before the budget reaches the next.
+                for variant, rows in ((v, r) for v in a.variants for r in a.compile_batches):
+                    what = f"compile {variant} {'+'.join(kinds)} rows {rows}"
+                    estimate = a.compile_estimate_s * (1.4 if len(kinds) == 2 else 1.0)
                     if not self.fits(what, estimate):
                         continue
                     try:
-                        self.run_compile(rows, kind, variant)
+                        self.run_compile(rows, variant, kinds)
                     except Exception as e:  # noqa: BLE001
                         self.error(what, e)
                     clear_cache(self.model)

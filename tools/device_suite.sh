@@ -374,8 +374,8 @@ phase_issue5() {
   if [ "$budget" -gt 60 ]; then
     bounded $(( budget + 20 )) python3 tools/bench_torch.py --json "$OUT/issue5_torch.json" --budget-s "$budget" \
       --batches 2,16,64,256 --modes "${ISSUE5_TORCH_MODES:-eager,graph,compile,compile_graph}" --variants fast,plain \
-      --compile-batches 2,256 --compile-reuse no \
-      --intervals 3 --e2e-modes graph > "$OUT/issue5_torch.log" 2>&1
+      --compile-batches 2,256 --compile-reuse yes \
+      --intervals 1,3 --e2e-modes graph,compile_graph > "$OUT/issue5_torch.log" 2>&1
     tail -n 3 "$OUT/issue5_torch.log"
     python3 tools/bench_report.py --ours "$OUT/issue5_fora.json" --torch "$OUT/issue5_torch.json" \
       --gemm cublaslt --md "$OUT/issue5_report.md" --plot "$OUT/issue5_latency.png" > /dev/null 2>&1
