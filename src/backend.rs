@@ -155,8 +155,11 @@ pub struct SamplePlan {
     /// Where x_T and every step's noise come from.
     pub noise: NoiseSource,
     /// Whether any step of the run reuses the FORA cache. False: every step computes, and a
-    /// backend may leave the cache out of the workspace (the CPU backend does; its reuse
-    /// steps are then an error). True where the schedule is not known yet.
+    /// backend may leave the cache out of the workspace (the CPU and the CUDA backend do; the
+    /// CUDA one also leaves out what only serves reuse steps: cache sums, the L2 window over
+    /// the cache, reuse graphs). A reuse step on such a workspace is then an error. True where
+    /// the schedule is not known yet ([`SamplePlan::new`], [`crate::sampler::Sampler::plan`];
+    /// [`crate::sampler::Sampler::sample`] sets it from its schedule).
     pub reuses: bool,
 }
 
@@ -245,8 +248,9 @@ impl SamplePlan {
 
 /// A device the sampler can run on.
 pub trait Backend {
-    /// Everything one sampling run needs (activations, modulations, FORA caches, the latents),
-    /// allocated once by [`Backend::workspace`]; steps allocate nothing.
+    /// Everything one sampling run needs (activations, modulations, the FORA cache where the
+    /// plan reuses it, the latents), allocated once by [`Backend::workspace`]; steps allocate
+    /// nothing.
     type Workspace;
 
     /// A short name for logs ("cpu", "cuda:0 NVIDIA H200").

@@ -548,9 +548,15 @@ impl Job for SampleJob {
             // The tuning's own run: the seed's noise (a noise file is read once, by the run
             // itself; what is timed and compared does not depend on the noise values).
             let noise = NoiseSource::Seed(self.args.seed.unwrap_or(0));
-            let plan = sampler.plan(&self.args.classes, noise)?;
+            let mut plan = sampler.plan(&self.args.classes, noise)?;
             let mut policy = policy_for_interval(self.args.cache_interval as usize)?;
-            (plan, sampler.schedule(policy.as_mut()))
+            let schedule = sampler.schedule(policy.as_mut());
+            // As the run itself (Sampler::sample): without reuse steps the tuning's workspaces
+            // leave the FORA cache out too, so that they time what the run will run.
+            plan.reuses = schedule
+                .iter()
+                .any(|s| s.mode == fora::backend::StepMode::Reuse);
+            (plan, schedule)
         };
         // The cache and this run's key in it (a hash of the kernels: only where a cache is
         // read and written), and the cached choice if there is one.

@@ -1465,7 +1465,11 @@ fn torch_fast_variant_matches_the_plain_dit() {
     // maths, checked here in float32 on the CPU over a FORA sequence of both step kinds.
     let code = "import json, sys; sys.path.insert(0, 'tools'); import dit_torch_fast; \
                 print(json.dumps(dit_torch_fast.compare_with_plain()))";
-    let stdout = run_ok(Command::new("python3").current_dir(root()).args(["-c", code]));
+    let stdout = run_ok(
+        Command::new("python3")
+            .current_dir(root())
+            .args(["-c", code]),
+    );
     let steps: Vec<(String, f64, f64)> = serde_json::from_str(stdout.trim()).unwrap();
     assert!(steps.iter().any(|s| s.0 == "compute") && steps.iter().any(|s| s.0 == "reuse"));
     for (k, (mode, fast_err, computing_err)) in steps.iter().enumerate() {

@@ -446,6 +446,315 @@ fn gpu_reuse_first_step_is_an_error() {
     assert!(format!("{err:#}").contains("first step"), "{err:#}");
 }
 
+/// `cuda`'s run of `classes` (seed `seed`, 6 guided DDPM steps, every step computing) with each
+/// of `paths` as its options, on a workspace with the FORA cache (`SamplePlan::reuses` true)
+/// and one without (false): the latents must be equal to the bit (to 1e-2 with cuBLASLt
+/// autotuning, whose picks depend on timing), `has_fora_cache` must say which is which, the
+/// one without must keep nothing that only serves reuse steps, and a reuse step on it must be
+/// an error naming the reason that changes nothing. The backend keeps its options afterwards.
+fn assert_no_cache_changes_no_bits(
+    test: &str,
+    cuda: &mut CudaBackend,
+    classes: &[usize],
+    seed: u64,
+    paths: &[fora::cuda::CudaOptions],
+) {
+    let given = cuda.options();
+    let options = SamplerOptions::ddpm(6).with_guidance(Some(Guidance {
+        scale: 2.5,
+        mode: GuidanceMode::Official3,
+    }));
+    for &o in paths {
+        let what = format!("{test}: {:?}", o.env_overrides());
+        cuda.set_options(o);
+        let sampler = Sampler::new(&*cuda, options.clone()).unwrap();
+        let mut plan = sampler.plan(classes, NoiseSource::Seed(seed)).unwrap();
+        let schedule = sampler.schedule(&mut NoCache);
+        assert!(plan.reuses, "{what}: Sampler::plan keeps the cache");
+        let mut with_cache = cuda.workspace(&plan).unwrap();
+        plan.reuses = false;
+        let mut without = cuda.workspace(&plan).unwrap();
+        assert!(with_cache.has_fora_cache(), "{what}");
+        assert!(!without.has_fora_cache(), "{what}");
+        assert!(
+            !without.uses_reuse_sums(),
+            "{what}: cache sums without a cache"
+        );
+        assert!(
+            !without.cache_in_l2(),
+            "{what}: an L2 window without a cache"
+        );
+        assert!(
+            !without.reuse_reads_table_in_place(),
+            "{what}: a reuse step graph without a cache"
+        );
+        assert_eq!(without.uses_graphs(), with_cache.uses_graphs(), "{what}");
+        assert_eq!(
+            without.uses_step_graphs(),
+            with_cache.uses_step_graphs(),
+            "{what}"
+        );
+        assert_eq!(
+            without.modulation_precomputed(),
+            with_cache.modulation_precomputed(),
+            "{what}"
+        );
+        assert_eq!(
+            without.uses_side_stream(),
+            with_cache.uses_side_stream(),
+            "{what}"
+        );
+        // A reuse step before any step, and one after a computing step: refused before
+        // anything runs (the latents stay as they were), with the reason.
+        let reuse = |k: usize| StepSpec {
+            mode: StepMode::Reuse,
+            reuse_ahead: 0,
+            ..schedule[k]
+        };
+        let x_t = cuda.latents(&mut without).unwrap();
+        for (k, spec) in schedule.iter().enumerate() {
+            cuda.step(&mut with_cache, spec).unwrap();
+            if k == 1 {
+                let before = cuda.latents(&mut without).unwrap();
+                let err = format!("{:#}", cuda.step(&mut without, &reuse(k)).unwrap_err());
+                assert!(
+                    err.contains("SamplePlan::reuses is false") && err.contains("no FORA cache"),
+                    "{what}: {err}"
+                );
+                assert_eq!(
+                    cuda.latents(&mut without).unwrap(),
+                    before,
+                    "{what}: the refused reuse step changed the latents"
+                );
+            }
+            cuda.step(&mut without, spec).unwrap();
+        }
+        let a = cuda.latents(&mut with_cache).unwrap();
+        let b = cuda.latents(&mut without).unwrap();
+        assert!(
+            b.iter().all(|v| v.is_finite()),
+            "{what}: non-finite latents"
+        );
+        assert!(a != x_t, "{what}: the steps changed nothing");
+        if o.lt_autotune {
+            check_close(&what, &b, &a, 1e-2).unwrap();
+        } else if a != b {
+            let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+            panic!(
+                "{what}: the latents without the cache differ: {differ} of {} values, rel-L2 \
+                 {:.3e}",
+                a.len(),
+                fora::cuda::testing::rel_l2(&b, &a)
+            );
+        }
+        // A fresh workspace without the cache refuses a reuse step too (the reason, not "the
+        // first step must compute").
+        let mut fresh = cuda.workspace(&plan).unwrap();
+        let err = format!("{:#}", cuda.step(&mut fresh, &reuse(1)).unwrap_err());
+        assert!(err.contains("SamplePlan::reuses is false"), "{what}: {err}");
+    }
+    cuda.set_options(given);
+}
+
+/// A plan without reuse steps (`SamplePlan::reuses` false, as `Sampler::sample` sets it at
+/// FORA N = 1) gets a workspace without the FORA cache (`CudaWorkspace::has_fora_cache`) whose
+/// computing steps give the same bits as a workspace with it, on every path that stores the
+/// cache (cuBLASLt's fused and unfused epilogues, `residual_layernorm` with and without the bf16
+/// residual, split-K, our GEMMs, on a Hopper the wgmma and TMA GEMMs, the fused GEMM +
+/// LayerNorm and the fused qkv + attention) and every way of launching it (whole-step graphs,
+/// per-forward graphs on one or two streams, kernel by kernel, programmatic launches,
+/// autotuned cuBLASLt); a reuse step on it is an error naming the reason. Through the sampler:
+/// N = 1 equals the same schedule on a workspace with the cache.
+#[test]
+fn gpu_no_reuse_plan_leaves_the_cache_out() {
+    use fora::cuda::gemm::GemmImpl;
+    use fora::cuda::CudaOptions;
+    let test = "gpu_no_reuse_plan_leaves_the_cache_out";
+    let cfg = small_cfg();
+    let Some((_cpu, mut cuda)) = backends(test, &cfg, 41) else {
+        return;
+    };
+    let d = CudaOptions {
+        gemm: GemmImpl::CublasLt,
+        lt_autotune: false,
+        side_stream: false,
+        ..cuda.options()
+    };
+    let paths = [
+        // The defaults: whole-step graphs, precomputed tables, fused LayerNorm, bf16 residual
+        // (proj / fc2 write v into a scratch instead of the cache), final_sampler, cache sums.
+        d,
+        CudaOptions { graphs: false, ..d },
+        CudaOptions {
+            step_graph: false,
+            ..d
+        },
+        CudaOptions {
+            precompute_modulation: false,
+            ..d
+        },
+        // The next step's table on a second stream: per-forward graphs of two parities.
+        CudaOptions {
+            precompute_modulation: false,
+            side_stream: true,
+            ..d
+        },
+        CudaOptions {
+            graphs: false,
+            precompute_modulation: false,
+            side_stream: true,
+            ..d
+        },
+        // residual_layernorm storing (or not) the cache from the f32 product, split or not.
+        CudaOptions {
+            bf16_residual: false,
+            ..d
+        },
+        CudaOptions {
+            bf16_residual: false,
+            lt_splitk: true,
+            ..d
+        },
+        // The epilogue kernel after cuBLASLt's product.
+        CudaOptions {
+            fused_ln: false,
+            bf16_residual: false,
+            ..d
+        },
+        CudaOptions {
+            lt_bias_bf16: false,
+            ..d
+        },
+        // Our mma.sync GEMMs' gate / residual epilogue.
+        CudaOptions {
+            gemm: GemmImpl::Custom,
+            fused_ln: false,
+            bf16_residual: false,
+            ..d
+        },
+        CudaOptions {
+            final_sampler: false,
+            ..d
+        },
+        // The L2 window (only for steps reading the cache) and the fused reuse options.
+        CudaOptions {
+            l2_persist: true,
+            reuse_sum: 0,
+            ..d
+        },
+        CudaOptions {
+            fused_reuse: false,
+            reuse_sum: 0,
+            ..d
+        },
+        CudaOptions { pdl: true, ..d },
+        // Autotuned cuBLASLt: its warm-up forwards before the captures (no reuse one).
+        CudaOptions {
+            lt_autotune: true,
+            ..d
+        },
+        CudaOptions {
+            lt_autotune: true,
+            precompute_modulation: false,
+            side_stream: true,
+            ..d
+        },
+    ];
+    assert_no_cache_changes_no_bits(test, &mut cuda, &[4, 8], 5, &paths);
+
+    // Through the sampler: FORA N = 1 builds the workspace without the cache; the same schedule
+    // on one with the cache gives the same bits.
+    cuda.set_options(d);
+    let options = SamplerOptions::ddpm(8);
+    let sampled = sample_latents(&cuda, &options, &[2, 6], 3, 1);
+    let sampler = Sampler::new(&cuda, options.clone()).unwrap();
+    let plan = sampler.plan(&[2, 6], NoiseSource::Seed(3)).unwrap();
+    let schedule = sampler.schedule(&mut StaticInterval::new(1).unwrap());
+    assert!(schedule.iter().all(|s| s.mode == StepMode::Compute));
+    let mut ws = cuda.workspace(&plan).unwrap();
+    assert!(ws.has_fora_cache());
+    for spec in &schedule {
+        cuda.step(&mut ws, spec).unwrap();
+    }
+    assert_eq!(
+        cuda.latents(&mut ws).unwrap(),
+        sampled,
+        "{test}: Sampler::sample at N = 1 (no cache) against the same steps with the cache"
+    );
+    // N = 3 keeps the cache (the sampler says the plan reuses it).
+    let mut plan3 = sampler.plan(&[2, 6], NoiseSource::Seed(3)).unwrap();
+    let schedule3 = sampler.schedule(&mut StaticInterval::new(3).unwrap());
+    plan3.reuses = schedule3.iter().any(|s| s.mode == StepMode::Reuse);
+    assert!(plan3.reuses && cuda.workspace(&plan3).unwrap().has_fora_cache());
+    drop(ws);
+
+    // On a Hopper, the wgmma and TMA GEMMs, and the fused kernels where they serve: one image
+    // + CFG of a two-block model of DiT-XL/2's block (1152 wide, 16 heads of 72, 256 tokens).
+    let Some((_cfg, _cpu, mut wide)) = hopper_backends(
+        &format!("{test} (Hopper paths)"),
+        "depth=2,hidden=1152,heads=16,patch=2",
+        32,
+        43,
+    ) else {
+        return;
+    };
+    let w = CudaOptions {
+        lt_autotune: false,
+        side_stream: false,
+        pdl: false,
+        ..wide.options()
+    };
+    let hopper_paths = [
+        CudaOptions {
+            gemm: GemmImpl::Wgmma,
+            fused_ln: false,
+            bf16_residual: false,
+            ..w
+        },
+        // The TMA GEMMs: bf16 v into a scratch (or split-K slices), and their own gate /
+        // residual epilogue without the fused LayerNorm.
+        CudaOptions {
+            gemm: GemmImpl::Tma,
+            ..w
+        },
+        CudaOptions {
+            gemm: GemmImpl::TmaMulticast,
+            bf16_residual: false,
+            ..w
+        },
+        CudaOptions {
+            gemm: GemmImpl::Tma,
+            graphs: false,
+            fused_ln: false,
+            bf16_residual: false,
+            ..w
+        },
+        // The fused proj / fc2 + LayerNorm (cache 0) and the fused qkv + attention, with and
+        // without programmatic launches and graphs.
+        CudaOptions {
+            gemm: GemmImpl::Tma,
+            gemm_ln: true,
+            qkv_attention: true,
+            ..w
+        },
+        CudaOptions {
+            gemm: GemmImpl::Tma,
+            gemm_ln: true,
+            qkv_attention: true,
+            bf16_residual: false,
+            pdl: true,
+            ..w
+        },
+        CudaOptions {
+            gemm_ln: true,
+            qkv_attention: true,
+            graphs: false,
+            ..w
+        },
+    ];
+    assert_no_cache_changes_no_bits(test, &mut wide, &[3], 7, &hopper_paths);
+}
+
 /// A batch that cannot fit is a clear error before anything is allocated, not a crash.
 #[test]
 fn gpu_too_large_batch_is_a_clear_error() {
@@ -455,7 +764,8 @@ fn gpu_too_large_batch_is_a_clear_error() {
     };
     let cuda = CudaBackend::new(gpu, &cfg, &DitWeights::random(&cfg, 8).unwrap()).unwrap();
     let sampler = Sampler::new(&cuda, SamplerOptions::ddpm(10)).unwrap();
-    // 2^21 images x 64 tokens x 28 cached slabs... far beyond any card's memory.
+    // 2^21 images x 64 tokens of activations (no FORA cache: nothing reuses it)... far beyond
+    // any card's memory.
     let classes = vec![1usize; 1 << 21];
     let err = match sampler.sample(&classes, NoiseSource::Seed(1), &mut NoCache) {
         Ok(_) => panic!("a 2M-image batch cannot fit"),

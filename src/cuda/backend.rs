@@ -7,6 +7,12 @@
 //! device-to-device copy, one graph launch and the sampler-update kernel. No allocation, no
 //! host synchronization. `FORA_CUDA_GRAPHS=0` launches kernel by kernel instead (for profilers
 //! that filter by NVTX range, and for debugging).
+//!
+//! A plan without reuse steps ([`SamplePlan::reuses`] false: FORA N = 1) gets a workspace
+//! without the FORA cache (bf16 `[depth][2][rows*T*D]`: 8.4 GB at 256 rows of DiT-XL/2) and
+//! without what only reuse steps use (cache sums, the L2 window over the cache, reuse graphs);
+//! its computing forwards write their block outputs into a scratch, and a reuse step on it is
+//! an error ([`CudaWorkspace::has_fora_cache`]).
 
 // The launches here (`unsafe`: raw device addresses) pass a workspace's own buffers, which
 // `workspace` made for this backend's model at the plan's rows, and a step first checks that
@@ -523,6 +529,8 @@ pub struct CudaWorkspace {
     /// The backend's options when it was built: its steps follow them, whatever
     /// [`CudaBackend::set_options`] says later (its buffers and graphs were made for them).
     options: CudaOptions,
+    /// The activations, with the FORA cache only where the plan reuses it
+    /// ([`SamplePlan::reuses`], [`CudaWorkspace::has_fora_cache`]).
     acts: Activations,
     gemm: Gemm,
     /// The B conditional rows' latents, f32 [B, C, H, W].
@@ -542,12 +550,17 @@ pub struct CudaWorkspace {
     mod_table: Option<CudaSlice<f32>>,
     /// The next step's table on a second stream (tables not precomputed, `side_stream` on).
     side: Option<SideModulation>,
-    /// Captured forwards, indexed by [`graph_index`] (None: graphs disabled or step graphs).
-    graphs: Option<Vec<CudaGraph>>,
-    /// Captured whole steps, indexed by [`step_graph_index`]: computing, reuse from the cache,
-    /// and with cache sums reuse from a sum (`step_graph`; None otherwise).
-    step_graphs: Option<Vec<StepGraph>>,
-    /// True once a computing step has filled the FORA cache.
+    /// Captured forwards, one slot per [`graph_index`] (None: graphs disabled or step graphs).
+    /// A slot is None where that mode was not captured ([`forward_modes`]: no reuse forward
+    /// without the FORA cache).
+    graphs: Option<Vec<Option<CudaGraph>>>,
+    /// Captured whole steps, one slot per [`step_graph_index`] ([`STEP_GRAPH_SLOTS`]):
+    /// computing, reuse from the cache, and with cache sums reuse from a sum (`step_graph`;
+    /// None otherwise). A slot is None where that kind was not captured
+    /// ([`step_graph_kinds`]: no reuse kind without the FORA cache, no summed one without
+    /// cache sums).
+    step_graphs: Option<Vec<Option<StepGraph>>>,
+    /// True once a computing step has filled the FORA cache (without a cache: has run).
     cache_valid: bool,
     /// The cache sums of a run of reuse steps (`reuse_sum`; None: off or not usable here).
     sums: Option<ReuseSums>,
@@ -662,9 +675,12 @@ impl SideModulation {
     }
 }
 
+/// Slots of [`CudaWorkspace`]'s whole-step graphs, one per [`step_graph_index`].
+const STEP_GRAPH_SLOTS: usize = 3;
+
 /// Index in [`CudaWorkspace`]'s whole-step graphs of a step of `mode`, reading a cache sum
 /// (`summed`) or not: computing, reuse from the cache, reuse from a sum (captured only with
-/// cache sums).
+/// cache sums). Every index is below [`STEP_GRAPH_SLOTS`]; a slot not captured holds None.
 fn step_graph_index(mode: StepMode, summed: bool) -> usize {
     match (mode, summed) {
         (StepMode::Compute, _) => 0,
@@ -673,10 +689,46 @@ fn step_graph_index(mode: StepMode, summed: bool) -> usize {
     }
 }
 
+/// The whole-step graphs a workspace captures, as (mode, reads a cache sum), in
+/// [`step_graph_index`] order: the computing step always; with the FORA cache (`with_cache`:
+/// the plan has reuse steps) the reuse step from the cache, and with cache sums (`sums`, which
+/// exist only with the cache) the reuse step from a sum.
+fn step_graph_kinds(with_cache: bool, sums: bool) -> Vec<(StepMode, bool)> {
+    let mut kinds = vec![(StepMode::Compute, false)];
+    if with_cache {
+        kinds.push((StepMode::Reuse, false));
+        if sums {
+            kinds.push((StepMode::Reuse, true));
+        }
+    }
+    kinds
+}
+
 /// Which captured graph runs a step: `[compute, reuse]`, times two table parities when the
-/// next step's table is computed on a second stream.
+/// next step's table is computed on a second stream (`2 * parities` slots; a mode not captured,
+/// see [`forward_modes`], leaves its slots None).
 fn graph_index(mode: StepMode, parity: usize) -> usize {
     2 * parity + (mode == StepMode::Reuse) as usize
+}
+
+/// The forwards a workspace captures as per-forward graphs (one per table parity) and, with
+/// cuBLASLt autotuning, runs once before capture: the computing one always, the reuse one only
+/// with the FORA cache (`with_cache`).
+fn forward_modes(with_cache: bool) -> &'static [StepMode] {
+    if with_cache {
+        &[StepMode::Compute, StepMode::Reuse]
+    } else {
+        &[StepMode::Compute]
+    }
+}
+
+/// The error of a reuse step (step `k`) on a workspace built without the FORA cache.
+fn no_cache_error(k: usize) -> anyhow::Error {
+    anyhow::anyhow!(
+        "step {k}: a reuse step, but this workspace was built for a plan without reuse steps \
+         (SamplePlan::reuses is false), so it holds no FORA cache: build the workspace from a \
+         plan with `reuses` true to reuse the cache"
+    )
 }
 
 impl CudaWorkspace {
@@ -710,7 +762,14 @@ impl CudaWorkspace {
     pub fn reuse_reads_table_in_place(&self) -> bool {
         self.step_graphs
             .as_ref()
-            .is_some_and(|g| g.iter().any(StepGraph::reads_table_in_place))
+            .is_some_and(|g| g.iter().flatten().any(StepGraph::reads_table_in_place))
+    }
+
+    /// Whether this workspace holds the FORA cache (bf16 `[depth][2][rows*T*D]`): false when
+    /// built for a plan without reuse steps ([`SamplePlan::reuses`] false), whose steps must
+    /// all compute (a reuse step is then an error); true otherwise.
+    pub fn has_fora_cache(&self) -> bool {
+        self.acts.has_cache()
     }
 
     /// Whether reuse steps read cache sums computed once per run of reuse steps
@@ -922,8 +981,10 @@ impl CudaBackend {
 
     /// The computing and the reuse step of `ws` captured whole (`step_graph`): the copy of
     /// step 0's table (or timesteps), the forward, and the sampler update with step 0's
-    /// parameters; [`StepGraph::set_step`] re-points both per step.
-    fn capture_steps(&self, ws: &CudaWorkspace) -> Result<Vec<StepGraph>> {
+    /// parameters; [`StepGraph::set_step`] re-points both per step. One slot per
+    /// [`step_graph_index`], None where [`step_graph_kinds`] captures nothing (every reuse kind
+    /// without the FORA cache).
+    fn capture_steps(&self, ws: &CudaWorkspace) -> Result<Vec<Option<StepGraph>>> {
         let ctx = self.gpu.context().cu_ctx();
         let placeholder = |mode| StepSpec {
             k: 0,
@@ -952,20 +1013,31 @@ impl CudaBackend {
         let reuse_in_place = ws.options.reuse_table_in_place
             && ws.mod_table.is_some()
             && self.model.reuse_is_fused(ws.options.fused_reuse);
-        // The fused reuse kernels: one of them is re-pointed per step (table in place, sum).
-        let reuse_fns = super::fora::fused_reuse_kernels()
-            .map(|name| Ok(self.gpu.function(name)?.cu_function()))
-            .collect::<Result<Vec<_>>>()?;
         // Computing, reuse from the cache, and with cache sums reuse from a sum (in the order
-        // of step_graph_index).
-        let mut kinds = vec![(StepMode::Compute, None), (StepMode::Reuse, None)];
-        if let Some(sums) = &ws.sums {
+        // of step_graph_index); no reuse kind without the cache.
+        let kinds = step_graph_kinds(ws.acts.has_cache(), ws.sums.is_some());
+        // The fused reuse kernels: one of them is re-pointed per step (table in place, sum).
+        // Loaded only where a reuse step is captured.
+        let reuse_fns = if kinds.iter().any(|&(mode, _)| mode == StepMode::Reuse) {
+            super::fora::fused_reuse_kernels()
+                .map(|name| Ok(self.gpu.function(name)?.cu_function()))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        let mut graphs: Vec<Option<StepGraph>> = (0..STEP_GRAPH_SLOTS).map(|_| None).collect();
+        for (mode, summed) in kinds {
             // Captured with sum 0; each reuse step from a sum re-points it.
-            kinds.push((StepMode::Reuse, Some(sums.sum(0))));
-        }
-        let mut graphs = Vec::with_capacity(kinds.len());
-        for (mode, reuse_sum) in kinds {
-            debug_assert_eq!(step_graph_index(mode, reuse_sum.is_some()), graphs.len());
+            let reuse_sum = match (summed, &ws.sums) {
+                (false, _) => None,
+                (true, Some(sums)) => Some(sums.sum(0)),
+                (true, None) => bail!("a summed reuse step graph without cache sums"),
+            };
+            let slot = step_graph_index(mode, summed);
+            debug_assert!(
+                graphs[slot].is_none(),
+                "step graph slot {slot} captured twice"
+            );
             let step = placeholder(mode);
             let in_place = mode == StepMode::Reuse && reuse_in_place;
             let graph = self.capture(&format!("{mode:?} step"), || {
@@ -1012,7 +1084,7 @@ impl CudaBackend {
                 StepTableSource::Copy
             };
             let reader = (in_place || reuse_sum.is_some()).then_some(reuse_fns.as_slice());
-            graphs.push(StepGraph::new(
+            graphs[slot] = Some(StepGraph::new(
                 graph,
                 sampler_fn,
                 table_source,
@@ -1312,6 +1384,11 @@ impl CudaBackend {
 
     /// One step of [`Backend::step`], with the GPU's PDL setting already the workspace's.
     fn run_step(&self, ws: &mut CudaWorkspace, step: &StepSpec) -> Result<()> {
+        // Before anything launches: a workspace without the cache has nothing to reuse (and no
+        // reuse graph, sums or cache for a launch to read).
+        if step.mode == StepMode::Reuse && !ws.acts.has_cache() {
+            return Err(no_cache_error(step.k));
+        }
         if step.mode == StepMode::Reuse && !ws.cache_valid {
             bail!(
                 "step {}: the first step of a run must compute (the FORA cache is empty)",
@@ -1337,7 +1414,19 @@ impl CudaBackend {
         };
         if let Some(graphs) = &ws.step_graphs {
             // The whole step in one launch: re-point the copy and the update, then launch.
-            let g = &graphs[step_graph_index(step.mode, reuse_sum.is_some())];
+            let slot = step_graph_index(step.mode, reuse_sum.is_some());
+            let Some(g) = graphs.get(slot).and_then(Option::as_ref) else {
+                bail!(
+                    "step {}: this workspace captured no whole-step graph for a {:?} step{}",
+                    step.k,
+                    step.mode,
+                    if reuse_sum.is_some() {
+                        " from a cache sum"
+                    } else {
+                        ""
+                    }
+                );
+            };
             let p = self.sampler_params(ws, step)?;
             super::sampler::update_plan(&p)?;
             // The graph updates are raw driver calls: make the context current on this thread
@@ -1357,45 +1446,57 @@ impl CudaBackend {
         }
         let rows = ws.acts.rows;
         let stream = self.gpu.stream();
+        // The table parity (with the side stream, step k reads table k % 2) and the captured
+        // forward this step launches, looked up before anything launches.
+        let parity = if ws.side.is_some() { step.k % 2 } else { 0 };
+        let graph = match &ws.graphs {
+            Some(graphs) => Some(
+                graphs
+                    .get(graph_index(step.mode, parity))
+                    .and_then(Option::as_ref)
+                    .with_context(|| {
+                        format!(
+                            "step {}: this workspace captured no {:?} forward",
+                            step.k, step.mode
+                        )
+                    })?,
+            ),
+            None => None,
+        };
         // The step's precomputed table, or the timesteps the forward's own conditioning reads
         // (with the side stream, the side branch reads them).
         if ws.mod_table.is_some() || ws.side.is_none() {
             self.step_copy(ws, step.k)?;
         }
-        let parity = match &mut ws.side {
-            Some(side) => {
-                let parity = step.k % 2;
-                if side.ready != Some(step.k) {
-                    // Not computed by the previous step's side branch: compute it now, first.
-                    let _cond = crate::op_range!(&self.gpu, "conditioning");
-                    unsafe {
-                        self.model.modulation(
-                            &self.gpu,
-                            &ws.gemm,
-                            &side.cond,
-                            rows,
-                            dptr_at(&ws.t_table, step.k * rows),
-                            dptr(&ws.acts.labels),
-                            side.table(&ws.acts, parity),
-                            TableColumns::All,
-                        )
-                    }?;
-                }
-                // The side branch computes the next step's table (the last step's branch
-                // recomputes its own: harmless, and it keeps one graph per parity).
-                let next = (step.k + 1).min(ws.steps - 1);
-                let src = ws.t_table.slice(next * rows..(next + 1) * rows);
-                stream
-                    .memcpy_dtod(&src, &mut side.t_next)
-                    .context("cannot select the next step's timesteps")?;
-                side.ready = (step.k + 1 < ws.steps).then_some(step.k + 1);
-                parity
+        if let Some(side) = &mut ws.side {
+            if side.ready != Some(step.k) {
+                // Not computed by the previous step's side branch: compute it now, first.
+                let _cond = crate::op_range!(&self.gpu, "conditioning");
+                unsafe {
+                    self.model.modulation(
+                        &self.gpu,
+                        &ws.gemm,
+                        &side.cond,
+                        rows,
+                        dptr_at(&ws.t_table, step.k * rows),
+                        dptr(&ws.acts.labels),
+                        side.table(&ws.acts, parity),
+                        TableColumns::All,
+                    )
+                }?;
             }
-            None => 0,
-        };
-        match &ws.graphs {
-            Some(graphs) => {
-                graphs[graph_index(step.mode, parity)]
+            // The side branch computes the next step's table (the last step's branch
+            // recomputes its own: harmless, and it keeps one graph per parity).
+            let next = (step.k + 1).min(ws.steps - 1);
+            let src = ws.t_table.slice(next * rows..(next + 1) * rows);
+            stream
+                .memcpy_dtod(&src, &mut side.t_next)
+                .context("cannot select the next step's timesteps")?;
+            side.ready = (step.k + 1 < ws.steps).then_some(step.k + 1);
+        }
+        match graph {
+            Some(graph) => {
+                graph
                     .launch()
                     .context("cannot launch the captured forward")?;
             }
@@ -1470,8 +1571,14 @@ impl Backend for CudaBackend {
         plan.validate(cfg)?;
         let rows = plan.model_rows();
         let img = b * cfg.image_len();
-        let mut acts = Activations::new(gpu, cfg, rows, true)?;
-        if self.options.l2_persist && self.options.reuse_sum <= 1 {
+        // The FORA cache only where a step reuses it: a plan without reuse steps (FORA N = 1)
+        // leaves it out (its free-memory check, `activation_bytes`, then counts none), and with
+        // it everything that only serves reuse steps (the L2 window, the cache sums, the reuse
+        // graphs, the reuse forwards' autotuning). Its computing forwards write their block
+        // outputs into a scratch (GpuModel::forward), as `Backend::forward` does.
+        let with_cache = plan.reuses;
+        let mut acts = Activations::new(gpu, cfg, rows, with_cache)?;
+        if with_cache && self.options.l2_persist && self.options.reuse_sum <= 1 {
             // Before any capture: the reuse launch records the window into its graph node.
             // (With cache sums only the sums pass reads the cache, once per run of steps.)
             acts.persist_cache_in_l2(gpu)?;
@@ -1536,7 +1643,8 @@ impl Backend for CudaBackend {
         // Cache sums: a reuse step's sum moves from step to step, which the whole-step graph
         // re-points and the per-forward graphs cannot. One slot would serve no step
         // (SumAction::Cache): none then.
-        let sums = if self.options.reuse_sum > 1
+        let sums = if with_cache
+            && self.options.reuse_sum > 1
             && self.model.reuse_is_fused(self.options.fused_reuse)
             && (!self.options.graphs || step_graph)
         {
@@ -1561,8 +1669,9 @@ impl Backend for CudaBackend {
         if self.options.graphs && gemm.lt_autotune() {
             // A capture cannot time anything: run the forwards once uncaptured so that every
             // GEMM shape is tuned before it is recorded. Harmless: the first step computes and
-            // overwrites the activations, caches and tables these write.
-            for mode in [StepMode::Compute, StepMode::Reuse] {
+            // overwrites the activations, caches and tables these write. (Without the cache no
+            // reuse forward is captured, so none is tuned.)
+            for &mode in forward_modes(with_cache) {
                 enqueue(mode, 0).context("while tuning the cuBLASLt GEMMs")?;
             }
             if sum0.is_some() {
@@ -1583,11 +1692,15 @@ impl Backend for CudaBackend {
             }
         }
         let graphs = if self.options.graphs && !step_graph {
-            let mut graphs = Vec::with_capacity(2 * parities);
+            // One slot per graph_index; the modes not captured (reuse, without the cache) stay
+            // None, so that no index can reach another mode's graph.
+            let mut graphs: Vec<Option<CudaGraph>> = (0..2 * parities).map(|_| None).collect();
             for parity in 0..parities {
-                for mode in [StepMode::Compute, StepMode::Reuse] {
-                    debug_assert_eq!(graph_index(mode, parity), graphs.len());
-                    graphs.push(self.capture(&format!("{mode:?}"), || enqueue(mode, parity))?);
+                for &mode in forward_modes(with_cache) {
+                    let slot = graph_index(mode, parity);
+                    debug_assert!(graphs[slot].is_none(), "forward graph slot {slot} twice");
+                    graphs[slot] =
+                        Some(self.capture(&format!("{mode:?}"), || enqueue(mode, parity))?);
                 }
             }
             Some(graphs)
@@ -1798,6 +1911,74 @@ mod tests {
                 "{modes:?} slots={slots}: passes over the cache, steps reading it"
             );
         }
+    }
+
+    /// Which graphs a workspace captures: without the FORA cache (a plan without reuse steps)
+    /// no reuse kind at all; every captured kind in a slot of its own, which the lookups of a
+    /// step (`step_graph_index`, `graph_index`) find again, and a slot not captured stays
+    /// empty (never another kind's graph).
+    #[test]
+    fn captured_graphs_follow_the_cache() {
+        use super::{
+            forward_modes, graph_index, step_graph_index, step_graph_kinds, STEP_GRAPH_SLOTS,
+        };
+        use crate::backend::StepMode::{Compute as C, Reuse as R};
+        for (with_cache, sums) in [(false, false), (false, true), (true, false), (true, true)] {
+            let what = format!("with_cache={with_cache} sums={sums}");
+            let kinds = step_graph_kinds(with_cache, sums);
+            assert_eq!(kinds.first(), Some(&(C, false)), "{what}");
+            assert_eq!(kinds.iter().any(|&(m, _)| m == R), with_cache, "{what}");
+            assert_eq!(kinds.contains(&(R, true)), with_cache && sums, "{what}");
+            let mut slots = [None; STEP_GRAPH_SLOTS];
+            for &(mode, summed) in &kinds {
+                let slot = step_graph_index(mode, summed);
+                assert!(slot < STEP_GRAPH_SLOTS, "{what}");
+                assert_eq!(
+                    slots[slot].replace((mode, summed)),
+                    None,
+                    "{what}: slot {slot}"
+                );
+            }
+            // A computing step never reads a sum (run_step asks with summed = false).
+            assert_eq!(
+                slots[step_graph_index(C, false)],
+                Some((C, false)),
+                "{what}"
+            );
+            for summed in [false, true] {
+                let want = (with_cache && (sums || !summed)).then_some((R, summed));
+                assert_eq!(slots[step_graph_index(R, summed)], want, "{what}");
+            }
+        }
+        for with_cache in [false, true] {
+            let modes = forward_modes(with_cache);
+            assert!(modes.contains(&C));
+            assert_eq!(modes.contains(&R), with_cache);
+            for parities in [1, 2] {
+                let mut slots = vec![None; 2 * parities];
+                for parity in 0..parities {
+                    for &mode in modes {
+                        let slot = graph_index(mode, parity);
+                        assert_eq!(slots[slot].replace((mode, parity)), None);
+                    }
+                }
+                for parity in 0..parities {
+                    for mode in [C, R] {
+                        let want = (mode == C || with_cache).then_some((mode, parity));
+                        assert_eq!(slots[graph_index(mode, parity)], want);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A reuse step on a workspace without the cache names the reason.
+    #[test]
+    fn no_cache_error_names_the_plan() {
+        let e = super::no_cache_error(4).to_string();
+        assert!(e.starts_with("step 4:"), "{e}");
+        assert!(e.contains("SamplePlan::reuses is false"), "{e}");
+        assert!(e.contains("no FORA cache"), "{e}");
     }
 
     /// Without lookahead every reuse step reads the cache; a stale range never serves.

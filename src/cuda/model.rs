@@ -426,7 +426,8 @@ impl CondBuffers {
     }
 }
 
-/// Activations of one forward of `rows` model rows, and the FORA cache of those rows.
+/// Activations of one forward of `rows` model rows, and the FORA cache of those rows where
+/// they were made `with_cache` (a sampling workspace whose plan reuses it).
 pub struct Activations {
     /// Model rows the buffers hold.
     pub rows: usize,
@@ -514,6 +515,13 @@ impl Activations {
         let bytes = cache.len() * std::mem::size_of::<bf16>();
         self.cache_l2 = gpu.persist_in_l2(dptr(cache), bytes)?;
         Ok(self.cache_l2.is_some())
+    }
+
+    /// Whether these activations hold the FORA cache (made `with_cache`): without it a
+    /// computing forward writes its block outputs into a scratch and a reuse forward is an
+    /// error.
+    pub fn has_cache(&self) -> bool {
+        self.cache.is_some()
     }
 
     /// The L2 window over the cache, when [`Activations::persist_cache_in_l2`] set one.
