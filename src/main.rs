@@ -589,7 +589,15 @@ impl Job for SampleJob {
                     fora::cuda::tune::tune(backend, &plan, &schedule, candidates, &settings)?;
                 eprintln!("{}", tuning.markdown());
                 if let Some((cache, key)) = cache {
-                    cache.borrow_mut().store(key, tuning.cached_choice())?;
+                    // A tuning cut short by a time budget never saw every candidate: its
+                    // choice is not stored as if it had (`Tuning::cached_choice`).
+                    match tuning.cached_choice() {
+                        Some(choice) => cache.borrow_mut().store(key, choice)?,
+                        None => eprintln!(
+                            "fora: the tuning was cut short by its time budget: not stored in {}",
+                            cache.borrow().path().display()
+                        ),
+                    }
                 }
                 tuning.chosen().name.clone()
             }

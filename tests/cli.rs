@@ -1226,3 +1226,37 @@ fn special_files_and_save_weights_found_in_second_review() {
         &under,
     );
 }
+
+/// `fora bench --tune-budget-s`: a budget that is not a finite number of seconds > 0, or one
+/// without --tune, is refused by name before any GPU work, without a panic or a report.
+#[test]
+fn bench_tune_budget_is_checked() {
+    let s = Scratch::new("tune-budget");
+    let json = s.path("bench.json");
+    let json_s = json.to_str().unwrap().to_string();
+    for (args, says) in [
+        (
+            &["--tune", "--tune-budget-s", "0"][..],
+            "finite number of seconds > 0",
+        ),
+        (
+            &["--tune", "--tune-budget-s", "-1"][..],
+            "finite number of seconds > 0",
+        ),
+        (
+            &["--tune", "--tune-budget-s", "nan"][..],
+            "finite number of seconds > 0",
+        ),
+        (
+            &["--tune", "--tune-budget-s", "inf"][..],
+            "finite number of seconds > 0",
+        ),
+        (&["--tune", "--tune-budget-s", "1e300"][..], "too long"),
+        (&["--tune", "--tune-budget-s", "soon"][..], "invalid value"),
+        (&["--tune-budget-s", "60"][..], "give --tune too"),
+    ] {
+        let mut argv = vec!["bench", "--json", &json_s];
+        argv.extend_from_slice(args);
+        assert_fails(&fora(&argv), &["--tune-budget-s", says], &json);
+    }
+}

@@ -60,6 +60,8 @@ struct Mock {
     forwards: RefCell<Vec<(Vec<i64>, Vec<usize>)>>,
     /// (modes of the window, warm-up, runs) of every timing.
     timings: RefCell<Vec<(Vec<StepMode>, usize, usize)>>,
+    /// Real time every window run takes (sleeping), for the tuning's time budget.
+    window_sleep: std::time::Duration,
 }
 
 impl Mock {
@@ -84,6 +86,7 @@ impl Mock {
             lucky_runs: Vec::new(),
             forwards: RefCell::new(Vec::new()),
             timings: RefCell::new(Vec::new()),
+            window_sleep: std::time::Duration::ZERO,
         }
     }
 }
@@ -168,6 +171,7 @@ impl Tunable for Mock {
         runs: usize,
     ) -> Result<WindowRun> {
         ensure!(!self.dead.get(), "mock: the device is gone");
+        std::thread::sleep(self.window_sleep);
         let lucky = if self.lucky_runs.contains(&self.timings.borrow().len()) {
             3.0
         } else {
@@ -231,6 +235,7 @@ const SETTINGS: TuneSettings = TuneSettings {
     confirm: 0,
     contenders: 1,
     progress: false,
+    budget: None,
 };
 
 #[test]
@@ -820,4 +825,190 @@ fn the_tuning_cache_keeps_choices_by_key() {
         assert_eq!(std::fs::read_to_string(&bad).unwrap(), text);
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A budget already spent when the given options have run: they are measured (the reference
+/// and the baseline), timed again, and chosen; every other candidate is listed as not tried
+/// (one whose options are the given ones' still as the same path), nothing is combined, and
+/// the choice is not one to cache.
+#[test]
+fn a_spent_budget_leaves_the_rest_untried() {
+    use std::time::Duration;
+    let mut mock = Mock::new();
+    let (plan, schedule) = run_of(&mock);
+    let list = candidates(&[
+        ("given", ""),
+        ("a", "SAVE0=2"),
+        ("again", "MS=10"),
+        ("b", "SAVE1=1"),
+    ]);
+    let settings = TuneSettings {
+        budget: Some(Duration::ZERO),
+        confirm: 2,
+        ..SETTINGS
+    };
+    let t = tune(&mut mock, &plan, &schedule, &list, &settings).unwrap();
+    println!("{}", t.markdown());
+    let names: Vec<&str> = t.rows_tried.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["given", "a", "again", "b"], "no combinations");
+    assert_eq!(t.candidates, 4);
+    let why = "the tuning's time budget (0 s) was spent";
+    assert_eq!(t.rows_tried[1].outcome, TuneOutcome::Untried(why.into()));
+    assert_eq!(t.rows_tried[2].outcome, TuneOutcome::SameAs("given".into()));
+    assert_eq!(t.rows_tried[3].outcome, TuneOutcome::Untried(why.into()));
+    for r in &t.rows_tried[1..] {
+        assert!(r.window.is_none() && r.rel_l2.is_none() && r.steps_rel_l2.is_none());
+    }
+    assert_eq!((t.chosen, t.head_to_head), (0, None));
+    assert_eq!(t.rows_tried[0].outcome, TuneOutcome::Chosen);
+    assert_eq!(mock.options, Mock::new().options);
+    // The given options, and again last; one forward (theirs).
+    assert_eq!(mock.timings.borrow().len(), 2);
+    assert_eq!(mock.forwards.borrow().len(), 1);
+    assert_eq!(t.speedup(), Some(1.0));
+    assert!(!t.complete());
+    assert_eq!(t.untried(), 2);
+    assert_eq!(t.cached_choice(), None, "a tuning cut short is not cached");
+    let md = t.markdown();
+    assert!(
+        md.contains("Cut short by the time budget: 2 row(s) not tried"),
+        "{md}"
+    );
+    assert!(
+        md.contains(&format!(
+            "| a | `SAVE0=2` | — | — | — | — | not tried: {why} |"
+        )),
+        "{md}"
+    );
+}
+
+/// A budget that runs out after a few candidates (real time: each window sleeps): those
+/// measured by then compete as usual (the given options timed again, the winner in turn with
+/// them), the rest are not tried, even one that would have won, and nothing is combined.
+#[test]
+fn a_budget_stops_the_search_between_candidates() {
+    use std::time::Duration;
+    let mut mock = Mock::new();
+    let (plan, schedule) = run_of(&mock);
+    mock.window_sleep = Duration::from_millis(250);
+    let list = candidates(&[
+        ("given", ""),
+        ("a", "SAVE0=2"),
+        ("b", "SAVE1=1"),
+        ("c", "SAVE2=0.5"),
+        ("fastest", "MS=5"),
+    ]);
+    // Checked before a at ~250 ms, before b at ~500, before c at ~750: past 625.
+    let settings = TuneSettings {
+        budget: Some(Duration::from_millis(625)),
+        confirm: 1,
+        ..SETTINGS
+    };
+    let t = tune(&mut mock, &plan, &schedule, &list, &settings).unwrap();
+    println!("{}", t.markdown());
+    let names: Vec<&str> = t.rows_tried.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["given", "a", "b", "c", "fastest"], "no a+b");
+    let why = "the tuning's time budget (0.625 s) was spent";
+    assert_eq!(t.rows_tried[2].outcome, TuneOutcome::Slower);
+    assert_eq!(t.rows_tried[3].outcome, TuneOutcome::Untried(why.into()));
+    assert_eq!(t.rows_tried[4].outcome, TuneOutcome::Untried(why.into()));
+    assert_eq!(t.chosen().name, "a");
+    assert_eq!(t.head_to_head, Some((10.0, 8.0)));
+    assert_eq!(
+        mock.options.saves,
+        [2.0, 0.0, 0.0, 0.0],
+        "the choice is left set"
+    );
+    assert_eq!(mock.options.window_ms, 10.0);
+    // given, a, b, the given options again, then given and a in turn.
+    assert_eq!(mock.timings.borrow().len(), 6);
+    assert!(!t.complete() && t.cached_choice().is_none());
+}
+
+/// A budget that runs out in the combination stage: the sums it would try next are listed as
+/// not tried; the choice is among the candidates and sums measured.
+#[test]
+fn a_budget_stops_the_combinations() {
+    use std::time::Duration;
+    let mut mock = Mock::new();
+    let (plan, schedule) = run_of(&mock);
+    mock.window_sleep = Duration::from_millis(250);
+    let list = candidates(&[
+        ("given", ""),
+        ("a", "SAVE0=2"),
+        ("b", "SAVE1=1"),
+        ("c", "SAVE2=0.5"),
+    ]);
+    // Checked before c at ~750 ms, before a+b at ~1000: past 875.
+    let settings = TuneSettings {
+        budget: Some(Duration::from_millis(875)),
+        progress: true,
+        ..SETTINGS
+    };
+    let t = tune(&mut mock, &plan, &schedule, &list, &settings).unwrap();
+    println!("{}", t.markdown());
+    let names: Vec<&str> = t.rows_tried.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["given", "a", "b", "c", "a+b", "a+c"]);
+    assert_eq!(t.candidates, 4);
+    for r in &t.rows_tried[4..] {
+        assert!(
+            matches!(r.outcome, TuneOutcome::Untried(ref w) if w.contains("0.875 s")),
+            "{}: {:?}",
+            r.name,
+            r.outcome
+        );
+        assert!(r.window.is_none());
+    }
+    assert_eq!(t.rows_tried[4].settings, "SAVE0=2 SAVE1=1");
+    assert_eq!(t.chosen().name, "a");
+    assert_eq!(mock.options.saves, [2.0, 0.0, 0.0, 0.0]);
+    // The four candidates and the given options again: no sum ran.
+    assert_eq!(mock.timings.borrow().len(), 5);
+    assert_eq!(t.untried(), 2);
+    assert!(!t.complete() && t.cached_choice().is_none());
+}
+
+/// A budget never reached changes nothing: the same rows, times and choice as none, and the
+/// choice is one to cache.
+#[test]
+fn a_budget_not_reached_changes_nothing() {
+    let (plan, schedule) = run_of(&Mock::new());
+    let list = candidates(&[
+        ("given", ""),
+        ("a", "SAVE0=2"),
+        ("b", "SAVE1=1"),
+        ("alt", "SAVE0=1.5"),
+        ("c", "SAVE3=0.6"),
+        ("wrong", "SAVE3=3 OFFSET=1"),
+    ]);
+    let run = |budget| {
+        let mut mock = Mock::new();
+        let settings = TuneSettings {
+            budget,
+            confirm: 2,
+            contenders: 2,
+            ..SETTINGS
+        };
+        let t = tune(&mut mock, &plan, &schedule, &list, &settings).unwrap();
+        let timings = mock.timings.borrow().len();
+        (t, mock.options, timings)
+    };
+    let unlimited = run(None);
+    let budgeted = run(Some(std::time::Duration::from_secs(3600)));
+    assert_eq!(unlimited, budgeted);
+    let t = &unlimited.0;
+    assert!(t.complete() && t.untried() == 0);
+    assert_eq!(t.chosen().name, "a+b+c");
+    let cached = t.cached_choice().expect("a complete tuning is cached");
+    assert_eq!(
+        (cached.name.as_str(), cached.settings.as_str()),
+        ("a+b+c", t.chosen().settings.as_str())
+    );
+    // The budget is not part of the cache key: a complete tuning is the same with or without.
+    let budgeted_key = TuneSettings {
+        budget: Some(std::time::Duration::from_secs(60)),
+        ..TuneSettings::default()
+    }
+    .key();
+    assert_eq!(budgeted_key, TuneSettings::default().key());
 }

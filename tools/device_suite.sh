@@ -272,10 +272,12 @@ phase_ops() {
 # candidate it added last) and so are the later batches, up to TUNE_TRIES (3) processes a batch;
 # one still in flight when its process was cut (a hang cut by the bound, a crash) is left out of
 # that batch's next process only; the given options are never left out. TUNE_S (240) bounds the
-# phase, a batch of at most 16 rows TUNE_FEW_S (90) of it, all its processes together.
+# phase, a batch of at most 16 rows TUNE_FEW_S (90) of it, all its processes together. Each
+# tuning gets --tune-budget-s (the process's bound less 60 s, at least half of it): a budget
+# spent lists the rest as not tried and the process goes on (rc=0), so it is not taken for a hang.
 phase_tuned() {
   local phase_end=$(( $(date +%s) + ${TUNE_S:-240} ))
-  local rows try budget sections log killer rc batch_end tune_rows=${TUNE_ROWS:-2,256}
+  local rows try budget tune_budget sections log killer rc batch_end tune_rows=${TUNE_ROWS:-2,256}
   # A candidate that left the GPU unusable is left out of the later batches too (a broken
   # kernel); one only in flight when its process was cut is left out of its batch only.
   local skip=${FORA_TUNE_SKIP:-} batch_skip
@@ -295,7 +297,13 @@ phase_tuned() {
       if [ "$rows" = 2 ]; then sections=steps,e2e; fi
       log="$OUT/tuned_${rows}_$try.log"
       echo "=== tuned steps, $rows rows (process $try${batch_skip:+, FORA_TUNE_SKIP=$batch_skip})"
-      FORA_TUNE_SKIP="$batch_skip" bounded "$budget" .devpack/bin/fora bench --tune --gemm cublaslt \
+      # The tuning's own budget inside the process's bound (the rest of the process: start-up,
+      # the weights, the untuned steps, the tuned steps and end to end; 60 s is a guess), so
+      # that a slow but healthy tuning ends with what it measured (the rest "not tried")
+      # instead of being killed and taken for a hang.
+      tune_budget=$(( budget - 60 > budget / 2 ? budget - 60 : budget / 2 ))
+      FORA_TUNE_SKIP="$batch_skip" bounded "$budget" .devpack/bin/fora bench --tune \
+        --tune-budget-s "$tune_budget" --gemm cublaslt \
         --sections "$sections" --batches "$rows" --runs 10 --warmup 2 --intervals 1,3 \
         --e2e-reps 1 --json "$OUT/tuned_${rows}_$try.json" > "$log" 2>&1
       # 17 candidates, their sums, the given options again and in turn: up to ~35 lines each.

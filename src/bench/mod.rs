@@ -196,6 +196,14 @@ pub struct BenchArgs {
     /// lists every candidate.
     #[arg(long)]
     pub tune: bool,
+    /// With --tune: the longest each batch's tuning may search, in seconds (finite, above 0;
+    /// default: no limit). Once it is spent, the candidates not yet measured are listed as not
+    /// tried and the combinations are skipped; the choice is made among those measured (the
+    /// given options always are, and are timed again and in turn with a winner after it, a few
+    /// windows more), so a tuning ends near its budget instead of being killed by an outer
+    /// timeout. A measurement in flight is not cut.
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
+    pub tune_budget_s: Option<f64>,
     /// Write the benchmark's random weights (official key layout, f32, config in the metadata)
     /// to this safetensors file and exit: the PyTorch reference can load them. Needs no GPU.
     #[arg(long, value_name = "PATH")]
@@ -239,6 +247,9 @@ pub struct BenchPlan {
     /// `FORA_TUNE_SKIP`'s), read when
     /// the plan is made so that a bad list fails before anything runs; empty otherwise.
     pub tune_candidates: Vec<crate::cuda::tune::TuneCandidate>,
+    /// With `tune`: the time budget of each batch's tuning (`--tune-budget-s`;
+    /// [`crate::cuda::tune::TuneSettings::budget`]); `None`: no limit.
+    pub tune_budget: Option<std::time::Duration>,
 }
 
 impl BenchArgs {
@@ -316,6 +327,11 @@ impl BenchArgs {
         if let Some(s) = self.input_size {
             ensure!(s > 0, "--input-size must be positive");
         }
+        let tune_budget = self.tune_budget_s.map(tune_budget).transpose()?;
+        ensure!(
+            self.tune || tune_budget.is_none(),
+            "--tune-budget-s bounds the tuning of --tune: give --tune too"
+        );
         let gemm = self.gemm.unwrap_or(if q {
             GemmChoice::Cublaslt
         } else {
@@ -364,6 +380,7 @@ impl BenchArgs {
             } else {
                 Vec::new()
             },
+            tune_budget,
             json: self.json.clone().unwrap_or_else(|| {
                 std::env::var_os("FORA_BENCH_JSON")
                     .filter(|v| !v.is_empty())
@@ -371,6 +388,17 @@ impl BenchArgs {
             }),
         })
     }
+}
+
+/// `--tune-budget-s SECONDS` as a duration: a finite number of seconds > 0 that a
+/// [`std::time::Duration`] holds, else an error naming the flag.
+fn tune_budget(seconds: f64) -> Result<std::time::Duration> {
+    ensure!(
+        seconds.is_finite() && seconds > 0.0,
+        "--tune-budget-s {seconds}: give a finite number of seconds > 0"
+    );
+    std::time::Duration::try_from_secs_f64(seconds)
+        .map_err(|_| anyhow::anyhow!("--tune-budget-s {seconds}: too long a time budget"))
 }
 
 /// Parses the command line of the `dit` bench binary: `cargo bench` runs it as
@@ -781,7 +809,13 @@ fn bench_tuned(
     let mut e2e_options = None;
     for rows in rows_list {
         backend.set_options(options);
-        eprintln!("bench: tuning at {rows} rows (FORA N = {interval})");
+        eprintln!(
+            "bench: tuning at {rows} rows (FORA N = {interval}{})",
+            plan.tune_budget.map_or(String::new(), |b| format!(
+                ", a time budget of {} s",
+                b.as_secs_f64()
+            ))
+        );
         match steps::tune_rows(&mut backend, plan, rows, args.seed, interval, candidates) {
             Ok(t) => {
                 eprintln!("{}", t.markdown());
@@ -872,4 +906,59 @@ fn rotate_bytes(gpu: &Gpu) -> usize {
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
         .map_or(0, |v| v.max(0) as usize);
     (4 * l2).max(MIN_ROTATE_BYTES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// The plan of `fora bench ARGS`.
+    fn plan_of(args: &[&str]) -> Result<BenchPlan> {
+        let argv = std::iter::once("dit").chain(args.iter().copied());
+        let (args, _) = args_from_bench_argv(argv).expect("the parser takes these");
+        args.plan()
+    }
+
+    /// `--tune-budget-s`: seconds > 0, finite, that a duration holds, with `--tune`; anything
+    /// else an error naming the flag (never a panic).
+    #[test]
+    fn the_tune_budget_is_checked() {
+        assert_eq!(plan_of(&["--tune"]).unwrap().tune_budget, None);
+        assert_eq!(plan_of(&[]).unwrap().tune_budget, None);
+        assert_eq!(
+            plan_of(&["--tune", "--tune-budget-s", "90"])
+                .unwrap()
+                .tune_budget,
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            plan_of(&["--tune-budget-s", "0.25", "--tune"])
+                .unwrap()
+                .tune_budget,
+            Some(Duration::from_millis(250))
+        );
+        for bad in ["0", "-0", "-5", "NaN", "inf", "-inf", "1e300"] {
+            let e = format!(
+                "{:#}",
+                plan_of(&["--tune", "--tune-budget-s", bad]).unwrap_err()
+            );
+            assert!(e.contains("--tune-budget-s"), "{bad}: {e}");
+        }
+        let e = format!("{:#}", plan_of(&["--tune-budget-s", "60"]).unwrap_err());
+        assert!(
+            e.contains("--tune-budget-s") && e.contains("--tune too"),
+            "{e}"
+        );
+        // Not a number, or no value: the parser's error.
+        for args in [
+            &["dit", "--tune", "--tune-budget-s", "soon"][..],
+            &["dit", "--tune", "--tune-budget-s"][..],
+        ] {
+            assert!(
+                args_from_bench_argv(args.iter().copied()).is_err(),
+                "{args:?}"
+            );
+        }
+    }
 }

@@ -1252,7 +1252,8 @@ pub(super) fn merge_stats(v: &mut Value, stats: Option<&Stats>) {
 }
 
 /// A tuning in the JSON report: the chosen candidate, its options as environment settings,
-/// and every candidate's window time, forward distance and outcome.
+/// whether the search ran to its end, and every candidate's window time, forward distance and
+/// outcome (`untried`: the time budget was spent before its turn).
 fn tuning_json(interval: usize, t: &crate::cuda::tune::Tuning) -> Value {
     use crate::cuda::tune::TuneOutcome;
     let chosen = t.chosen();
@@ -1266,6 +1267,8 @@ fn tuning_json(interval: usize, t: &crate::cuda::tune::Tuning) -> Value {
         "chosen_env": chosen.options.env_overrides().join(" "),
         "speedup": t.speedup(),
         "head_to_head_ms": t.head_to_head.map(|(given, chosen)| json!({"given": given, "chosen": chosen})),
+        // False where --tune-budget-s cut the search short (rows with outcome "untried").
+        "complete": t.complete(),
         "candidates": t.rows_tried.iter().enumerate().map(|(i, r)| {
             let (outcome, detail) = match &r.outcome {
                 TuneOutcome::Chosen => ("chosen", String::new()),
@@ -1274,6 +1277,7 @@ fn tuning_json(interval: usize, t: &crate::cuda::tune::Tuning) -> Value {
                 TuneOutcome::Rejected(w) => ("rejected", w.clone()),
                 TuneOutcome::Unconfirmed(w) => ("unconfirmed", w.clone()),
                 TuneOutcome::Failed(e) => ("failed", e.clone()),
+                TuneOutcome::Untried(w) => ("untried", w.clone()),
             };
             json!({
                 "name": r.name,

@@ -12,7 +12,8 @@ use super::timer::Timer;
 use super::{rows_request, BenchPlan, E2eRow, LaunchCount, Report, Stats, StepKind, StepRow};
 
 /// Tunes `backend`'s options ([`crate::cuda::tune::tune`]) on the run of a `rows`-row batch
-/// (`plan`'s steps and guidance) at FORA interval `interval`, and leaves it set to the choice.
+/// (`plan`'s steps and guidance) at FORA interval `interval`, within `plan.tune_budget`
+/// (`--tune-budget-s`), and leaves it set to the choice.
 pub(super) fn tune_rows(
     backend: &mut CudaBackend,
     plan: &BenchPlan,
@@ -29,6 +30,7 @@ pub(super) fn tune_rows(
     let settings = crate::cuda::tune::TuneSettings {
         warmup: if many { 1 } else { plan.warmup.clamp(1, 3) },
         runs: if many { 3 } else { plan.runs.clamp(3, 10) },
+        budget: plan.tune_budget,
         ..Default::default()
     };
     crate::cuda::tune::tune(backend, &splan, &schedule, candidates, &settings)

@@ -32,6 +32,13 @@
 //!   [`TuneSettings::contenders`] of them (a sum measured fast in a lucky window must not cost
 //!   the part of it that is faster); the backend is left set to the choice.
 //!
+//! With a time budget ([`TuneSettings::budget`], from the start of [`tune`]), the search stops
+//! where it is spent: the candidates and combinations not yet measured are listed as
+//! [`TuneOutcome::Untried`], never chosen, and the choice is made as above among those measured
+//! (the given options' second timing and the head-to-head rounds still run: a few windows past
+//! the budget). Such a tuning is not [`Tuning::complete`], and is never cached
+//! ([`Tuning::cached_choice`]).
+//!
 //! A candidate whose options come to an earlier one's at the run's rows
 //! ([`Tunable::options_in_effect`]: a fusion that does not serve them) is not run again. A
 //! candidate that fails (a kernel this card lacks, too little memory) is recorded with its
@@ -384,6 +391,18 @@ pub struct TuneSettings {
     /// killed the process); off, tuning prints nothing and the result is only the returned
     /// [`Tuning`].
     pub progress: bool,
+    /// The longest the search may take, counted from the start of [`tune`] (`None`, the
+    /// default: no limit). Checked before each candidate after the given options (which always
+    /// run) and before each combination: once it is spent, those not yet measured are listed as
+    /// [`TuneOutcome::Untried`] (a candidate whose options come to an earlier one's is still
+    /// listed as [`TuneOutcome::SameAs`]: that costs nothing) and the combination stage is
+    /// skipped. The given options' second timing and the head-to-head rounds still run (a few
+    /// windows: they keep a drifting card from choosing wrongly), so a tuning ends a little
+    /// past its budget, instead of being killed by an outer timeout with nothing to show. A
+    /// measurement in flight is never cut. A tuning cut short is not [`Tuning::complete`] and
+    /// has no [`Tuning::cached_choice`]. Not part of [`TuneSettings::key`]: a complete tuning
+    /// is the same with or without a budget, and one cut short is never cached.
+    pub budget: Option<std::time::Duration>,
 }
 
 /// Prints `line` to stderr when `on` ([`TuneSettings::progress`]).
@@ -405,13 +424,15 @@ impl Default for TuneSettings {
             confirm: 2,
             contenders: 3,
             progress: true,
+            budget: None,
         }
     }
 }
 
 impl TuneSettings {
     /// What of these settings a choice depends on, for [`TuneKey::search`] (the window's
-    /// length, the tolerance, the margin, combining; not how many windows are timed).
+    /// length, the tolerance, the margin, combining; not how many windows are timed, nor the
+    /// [`budget`](TuneSettings::budget): only complete tunings are cached).
     pub fn key(&self) -> String {
         format!(
             "window {} steps, tolerance {:e}, margin {}, {}, confirmed in {} rounds (of {} at most)",
@@ -446,6 +467,9 @@ pub enum TuneOutcome {
     Unconfirmed(String),
     /// It failed to run (the error).
     Failed(String),
+    /// Never measured: the tuning's time budget ([`TuneSettings::budget`]) was spent before
+    /// its turn (the reason). Never chosen; the tuning is not [`Tuning::complete`].
+    Untried(String),
 }
 
 /// One candidate's results.
@@ -481,7 +505,8 @@ pub struct Tuning<O = CudaOptions> {
     /// Steps of the whole run (the window's time x steps / window steps estimates it).
     pub run_steps: usize,
     /// Every candidate, in the order tried, then the combinations tried (see
-    /// [`TuneSettings::combine`]), each named by its parts joined with `+`.
+    /// [`TuneSettings::combine`]), each named by its parts joined with `+` (where the budget
+    /// ran out during that stage, those it would have tried next on its base, untried).
     pub rows_tried: Vec<TuneRow<O>>,
     /// How many of `rows_tried` are candidates (the rest are combinations).
     pub candidates: usize,
@@ -497,6 +522,21 @@ impl<O> Tuning<O> {
     /// The chosen candidate.
     pub fn chosen(&self) -> &TuneRow<O> {
         &self.rows_tried[self.chosen]
+    }
+
+    /// How many rows were never measured ([`TuneOutcome::Untried`]: the time budget ran out).
+    pub fn untried(&self) -> usize {
+        self.rows_tried
+            .iter()
+            .filter(|r| matches!(r.outcome, TuneOutcome::Untried(_)))
+            .count()
+    }
+
+    /// Whether the search ran to its end: every candidate, and every combination the
+    /// combination stage chose to try, measured (false where [`TuneSettings::budget`] cut it
+    /// short). Only a complete tuning's choice is worth caching.
+    pub fn complete(&self) -> bool {
+        self.untried() == 0
     }
 
     /// The given options' median window over the chosen one's (1 where the given options won):
@@ -516,7 +556,7 @@ impl<O> Tuning<O> {
             "Tuned at {} rows: a window of {} steps ({} computing) of the {}-step run, median of \
              the timed windows (the given options timed first and again last, the better kept); \
              the run estimated as window x {}/{}. rel-L2 against the given options': of the \
-             forward, and of the latents' change over the first window.{}\n\n\
+             forward, and of the latents' change over the first window.{}{}\n\n\
              | candidate | settings | window ms | run ms (est.) | rel-L2 forward | rel-L2 steps | outcome |\n\
              |---|---|---|---|---|---|---|\n",
             self.rows,
@@ -529,6 +569,13 @@ impl<O> Tuning<O> {
                 " Rows named a+b: candidates that beat the given options alone, tried together."
             } else {
                 ""
+            },
+            match self.untried() {
+                0 => String::new(),
+                n => format!(
+                    " Cut short by the time budget: {n} row(s) not tried, never measured; the \
+                     choice is among those measured."
+                ),
             }
         );
         for r in &self.rows_tried {
@@ -549,6 +596,7 @@ impl<O> Tuning<O> {
                 TuneOutcome::Rejected(why) => format!("rejected: {why}"),
                 TuneOutcome::Unconfirmed(why) => format!("not confirmed: {why}"),
                 TuneOutcome::Failed(e) => format!("failed: {}", e.replace('|', "/")),
+                TuneOutcome::Untried(why) => format!("not tried: {why}"),
             };
             let rel = |e: Option<f64>| e.map_or("—".to_string(), |e| format!("{e:.2e}"));
             s += &format!(
@@ -653,7 +701,21 @@ impl<O> TuneRow<O> {
         }
     }
 
-    /// The median window of a candidate that passed its checks (and is not a repeat).
+    /// A row of a candidate (or combination) never measured: the time budget was spent.
+    fn untried(name: &str, settings: &str, options: O, why: &str) -> TuneRow<O> {
+        TuneRow {
+            name: name.to_string(),
+            settings: settings.to_string(),
+            options,
+            rel_l2: None,
+            steps_rel_l2: None,
+            window: None,
+            outcome: TuneOutcome::Untried(why.to_string()),
+        }
+    }
+
+    /// The median window of a candidate that passed its checks (and is not a repeat; never
+    /// one rejected, failed, or not tried).
     fn passed_ms(&self) -> Option<f64> {
         match self.outcome {
             TuneOutcome::Slower | TuneOutcome::Chosen => self.window.as_ref().map(|w| w.median_ms),
@@ -662,18 +724,44 @@ impl<O> TuneRow<O> {
     }
 }
 
-/// What measuring a candidate needs: the run, its window, the check forward's inputs, and
-/// the given options' forward and first change of the latents (the reference; set by the
-/// first candidate measured, the given options).
+/// What measuring a candidate needs: the run, its window, the check forward's inputs, the
+/// given options' forward and first change of the latents (the reference; set by the first
+/// candidate measured, the given options), and when the tuning started (its budget's clock).
 struct CandidateBench<'a> {
     plan: &'a SamplePlan,
     window: &'a [StepSpec],
     inputs: (&'a [f32], &'a [i64], &'a [usize]),
     settings: &'a TuneSettings,
     reference: Option<(Vec<f32>, Vec<f32>)>,
+    started: std::time::Instant,
+}
+
+/// A duration in seconds as a person writes it: `90 s`, `0.5 s`.
+fn seconds(d: std::time::Duration) -> String {
+    format!("{} s", d.as_secs_f64())
 }
 
 impl CandidateBench<'_> {
+    /// Why the next candidate or combination is not tried, where [`TuneSettings::budget`] is
+    /// spent; `None` while there is time left (or no budget).
+    fn budget_spent(&self) -> Option<String> {
+        let budget = self.settings.budget?;
+        (self.started.elapsed() >= budget)
+            .then(|| format!("the tuning's time budget ({}) was spent", seconds(budget)))
+    }
+
+    /// The progress line of the budget stopping the search: `left` of `what` not tried.
+    fn log_budget_stop(&self, left: usize, what: &str) {
+        progress(self.settings.progress, || {
+            format!(
+                "tune: {} rows, time budget ({}) spent after {:.1} s: {left} {what} left untried",
+                self.plan.model_rows(),
+                self.settings.budget.map_or_else(String::new, seconds),
+                self.started.elapsed().as_secs_f64()
+            )
+        });
+    }
+
     /// Checks and times one candidate on `backend` (left set to `options`), as the module
     /// comment says, and logs its line. `first`: the given options, which become the
     /// reference. A candidate that fails is a row saying so; an error only where the tuning
@@ -808,7 +896,8 @@ fn same_path<'r, B: Tunable>(
 /// options (`rows[0]`) by the margin, fastest first; from the fastest, each next one's settings
 /// added to the base's ([`Tunable::merge_settings`]; alternatives and sums whose options were
 /// already measured are skipped), the sum measured as a row of its own and made the base where
-/// it beats the base by the margin.
+/// it beats the base by the margin. Where [`TuneSettings::budget`] is spent before a sum is
+/// measured, that sum and the others the stage would try on the same base are rows not tried.
 fn combine<B: Tunable>(
     backend: &mut B,
     bench: &mut CandidateBench,
@@ -822,6 +911,9 @@ fn combine<B: Tunable>(
         return Ok(());
     };
     let (mut base, mut base_ms) = (first, times[first].unwrap_or(f64::INFINITY));
+    // Set once the budget is spent: why the rest are not tried.
+    let mut spent: Option<String> = None;
+    let mut untried = 0;
     for &next in rest {
         let Some(settings) = B::merge_settings(&rows[base].settings, &rows[next].settings)? else {
             continue;
@@ -832,12 +924,23 @@ fn combine<B: Tunable>(
         if same_path(backend, bench.plan, rows, options).is_some() {
             continue;
         }
+        if spent.is_none() {
+            spent = bench.budget_spent();
+        }
+        if let Some(why) = &spent {
+            rows.push(TuneRow::untried(&name, &settings, options, why));
+            untried += 1;
+            continue;
+        }
         let row = bench.measure(backend, &name, &settings, options, false)?;
         let ms = row.passed_ms();
         rows.push(row);
         if let Some(ms) = ms.filter(|&ms| ms <= base_ms * keep) {
             (base, base_ms) = (rows.len() - 1, ms);
         }
+    }
+    if untried > 0 {
+        bench.log_budget_stop(untried, "combinations");
     }
     Ok(())
 }
@@ -847,7 +950,8 @@ fn combine<B: Tunable>(
 /// set to the chosen options. The options as given are the reference and the baseline: a
 /// candidate `given` with no settings is put first unless the first candidate's options are
 /// already those. Errors (the given options set back) on bad settings, when the given options
-/// fail or give non-finite numbers, and when a failure leaves the device unusable.
+/// fail or give non-finite numbers, and when a failure leaves the device unusable. With
+/// [`TuneSettings::budget`], the search stops where it is spent (see there).
 pub fn tune<B: Tunable>(
     backend: &mut B,
     plan: &SamplePlan,
@@ -855,6 +959,7 @@ pub fn tune<B: Tunable>(
     candidates: &[TuneCandidate],
     settings: &TuneSettings,
 ) -> Result<Tuning<B::Options>> {
+    let started = std::time::Instant::now();
     ensure!(
         !candidates.is_empty(),
         "tuning needs at least one candidate"
@@ -910,22 +1015,44 @@ pub fn tune<B: Tunable>(
         inputs: (&x, &t, &y),
         settings,
         reference: None,
+        started,
     };
     let fail = |backend: &mut B, e: anyhow::Error| -> anyhow::Error {
         backend.set_tuned_options(given);
         e
     };
     let mut rows: Vec<TuneRow<B::Options>> = Vec::new();
+    // Set once the budget is spent (checked before each candidate after the first, the given
+    // options, which always run): why the rest are not tried.
+    let mut spent: Option<String> = None;
+    let mut untried = 0;
     for (c, options) in &list {
         if let Some(same) = same_path(backend, plan, &rows, *options) {
             rows.push(TuneRow::same_as(c, *options, &same.name));
+            continue;
+        }
+        if spent.is_none() && !rows.is_empty() {
+            spent = bench.budget_spent();
+        }
+        if let Some(why) = &spent {
+            rows.push(TuneRow::untried(&c.name, &c.settings, *options, why));
+            untried += 1;
             continue;
         }
         let row = bench.measure(backend, &c.name, &c.settings, *options, rows.is_empty());
         rows.push(row.map_err(|e| fail(backend, e))?);
     }
     let candidates_tried = rows.len();
-    if settings.combine {
+    if untried > 0 {
+        let what = if settings.combine {
+            "candidates (and the combination stage)"
+        } else {
+            "candidates"
+        };
+        bench.log_budget_stop(untried, what);
+    }
+    // A search cut short does not combine: the winners so far are not all the winners.
+    if settings.combine && spent.is_none() {
         combine(backend, &mut bench, given, &mut rows).map_err(|e| fail(backend, e))?;
     }
     // The given options again, last: a card that was still raising its clocks while they ran
@@ -1162,7 +1289,8 @@ pub struct CachedChoice {
 
 /// The tuning choices of earlier runs, in a JSON file (`fora sample --tune-cache FILE`): a run
 /// whose [`TuneKey`] is there takes its choice without measuring; another tunes and adds its
-/// choice. A file that is not such a cache is an error naming it, never overwritten.
+/// choice (only a complete tuning's: [`Tuning::cached_choice`]). A file that is not such a
+/// cache is an error naming it, never overwritten.
 #[derive(Clone, Debug)]
 pub struct TuneCache {
     path: std::path::PathBuf,
@@ -1264,15 +1392,22 @@ impl TuneCache {
 }
 
 impl<O> Tuning<O> {
-    /// The choice as a cache entry, dated today.
-    pub fn cached_choice(&self) -> CachedChoice {
+    /// The choice as a cache entry, dated today; `None` for a tuning that is not
+    /// [`complete`](Tuning::complete) (its time budget cut the search short): a choice that
+    /// never saw every candidate must not serve later runs as if it had, so such a tuning is
+    /// not stored (the cache format has no room for a partial entry; the next run with a
+    /// cache tunes again).
+    pub fn cached_choice(&self) -> Option<CachedChoice> {
+        if !self.complete() {
+            return None;
+        }
         let c = self.chosen();
-        CachedChoice {
+        Some(CachedChoice {
             name: c.name.clone(),
             settings: c.settings.clone(),
             speedup: self.speedup(),
             date: crate::bench::today(),
-        }
+        })
     }
 }
 
