@@ -512,7 +512,7 @@ fn fake_report() -> Report {
 
 /// A 2-row tuning: the given options, a faster fusion (chosen), a path with the same options
 /// as the given ones, a rejected one and a failed one (its error holding a table separator),
-/// then a combination of two winners, slower.
+/// then a combination of two winners, slower, and one the time budget left untried.
 fn fake_tuning() -> Tuning {
     let row = |name: &str, settings: &str, ms: Option<f64>, rel: Option<f64>, outcome| TuneRow {
         name: name.into(),
@@ -559,6 +559,13 @@ fn fake_tuning() -> Tuning {
                 Some(4.9),
                 Some(3.2e-3),
                 TuneOutcome::Slower,
+            ),
+            row(
+                "gemm_ln+lt",
+                "FORA_GEMM_LN=1 FORA_LT_AUTOTUNE=1",
+                None,
+                None,
+                TuneOutcome::Untried("the tuning's time budget (90 s) was spent".into()),
             ),
         ],
         candidates: 5,
@@ -635,6 +642,17 @@ fn report_markdown_and_json() {
         md.contains("| gemm_ln+pdl | `FORA_GEMM_LN=1 FORA_PDL=1` | 4.900 |"),
         "{md}"
     );
+    // --tune-budget-s: the row the budget left untried, and the tuning marked incomplete.
+    assert!(
+        md.contains("| — | — | — | — | not tried: the tuning's time budget (90 s) was spent |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("Cut short by the time budget: 1 row(s) not tried"),
+        "{md}"
+    );
+    assert_eq!(t["complete"], false);
+    assert_eq!(t["candidates"][6]["outcome"], "untried");
     assert_eq!(j["model"]["arch"], "DiT-XL/2");
     assert_eq!(j["device"]["compute_capability"], "9.0");
     assert_eq!(j["ceilings"]["gemm"]["tflops"], 700.0);
@@ -1193,6 +1211,11 @@ fn python_report_reads_the_rust_json() {
             "- `tuned` at 2 rows (FORA N = 3): `gemm_ln` (FORA_GEMM_LN=1), 1.250x the given \
              options' window"
         ),
+        "{md}"
+    );
+    // A tuning cut short by its budget says so.
+    assert!(
+        md.contains("the given options' window (cut short by its time budget: 1 not tried)"),
         "{md}"
     );
     // Targets: measured ones with their status, unmeasured ones "—".

@@ -203,8 +203,13 @@ class Report:
         for t in (self.ours or {}).get("tunings", []):
             env = t.get("chosen_env") or "the default options"
             sp = t.get("speedup")
+            cut = ""
+            if t.get("complete") is False:
+                n = sum(c.get("outcome") == "untried" for c in t.get("candidates", []))
+                cut = f" (cut short by its time budget: {n} not tried)"
             lines.append(f"- `tuned` at {t['rows']} rows (FORA N = {t['interval']}): "
-                         f"`{t['chosen']}` ({env}), {fmt(sp, 3, 'x')} the given options' window")
+                         f"`{t['chosen']}` ({env}), {fmt(sp, 3, 'x')} the given options' window"
+                         f"{cut}")
         return "\n".join(lines)
 
     def targets(self):
