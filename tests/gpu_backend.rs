@@ -730,7 +730,9 @@ fn gpu_no_reuse_plan_leaves_the_cache_out() {
             ..w
         },
         // The fused proj / fc2 + LayerNorm (cache 0) and the fused qkv + attention, with and
-        // without programmatic launches and graphs.
+        // without programmatic launches and graphs. (The second one, TMA without the bf16
+        // residual, does not fuse the LayerNorm (`model::fuses_ln`): there only qkv + attention
+        // is fused; the first and the third fuse both.)
         CudaOptions {
             gemm: GemmImpl::Tma,
             gemm_ln: true,

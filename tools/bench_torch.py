@@ -406,6 +406,9 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.start = time.perf_counter()
+        # Rows where the fast variant's SDPA backend failed under torch.compile: torch's
+        # default there instead.
+        self.sdpa_refused = set()
         self.cuda = args.device.startswith("cuda")
         self.out = {
             "schema": SCHEMA,
@@ -515,6 +518,8 @@ class Bench:
         """The fast variant's SDPA backend at `rows`: --fast-sdpa, or with auto the fastest
         timed at the model's heads, tokens and head size and the batch nearest `rows` (None:
         torch's default choice)."""
+        if rows in self.sdpa_refused:
+            return None
         if self.args.fast_sdpa != "auto":
             return self.args.fast_sdpa
         m = self.out["model"]
@@ -823,6 +828,21 @@ class Bench:
                 self.save()
             if "compile_graph" in a.modes and not self.cuda:
                 self.out["skipped"].append({"what": "compile_graph mode", "why": "needs CUDA"})
+            # The compiled end-to-end loops replay the compiled 2-row steps: say why not.
+            for mode in (m for m in ("compile", "compile_graph") if m in a.e2e_modes):
+                why = None
+                if mode == "compile_graph" and "compile_graph" not in a.modes:
+                    why = "--modes has no compile_graph"
+                elif mode == "compile_graph" and not self.cuda:
+                    why = "needs CUDA"
+                elif "compile" not in a.modes and "compile_graph" not in a.modes:
+                    why = "--modes compiles nothing"
+                elif 2 not in a.compile_batches:
+                    why = "2 rows are not in --compile-batches"
+                elif a.compile_reuse != "yes":
+                    why = "the reuse step is not compiled (--compile-reuse no)"
+                if why:
+                    self.out["skipped"].append({"what": f"e2e {mode}", "why": why})
             if "compile" in a.modes or ("compile_graph" in a.modes and self.cuda):
                 kinds = ["full", "reuse"] if a.compile_reuse == "yes" else ["full"]
                 # Variants outermost: the first variant named (e.g. fast) gets every batch
@@ -835,7 +855,26 @@ class Bench:
                     try:
                         self.run_compile(rows, variant, kinds)
                     except Exception as e:  # noqa: BLE001
-                        self.error(what, e)
+                        # The backend chosen for the fast variant (timed on contiguous q, k,
+                        # v, checked eagerly) may refuse what the compiled graph hands it:
+                        # compile again on torch's own choice.
+                        sdpa = self.fast_sdpa(rows) if variant == "fast" else None
+                        if sdpa not in (None, "default") \
+                                and "attention" in str(e).lower() \
+                                and self.fits(f"{what} on torch's SDPA choice", estimate):
+                            self.out["skipped"].append({
+                                "what": f"SDPA backend {sdpa} for the compiled fast variant "
+                                        f"at {rows} rows",
+                                "why": f"compiling with it failed ({type(e).__name__}: {e}); "
+                                       "compiled again on torch's default"})
+                            self.sdpa_refused.add(rows)
+                            clear_cache(self.model)
+                            try:
+                                self.run_compile(rows, variant, kinds)
+                            except Exception as e2:  # noqa: BLE001
+                                self.error(what, e2)
+                        else:
+                            self.error(what, e)
                     clear_cache(self.model)
                     self.save()
         self.save()

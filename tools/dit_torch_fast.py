@@ -76,9 +76,12 @@ class FastFora:
                 c = model.t_embedder(t.expand(self.rows)) + y_emb
                 torch.addmm(bias, F.silu(c), w.t(), out=self.table[k])
         self.mod = torch.empty_like(self.table[0])
-        # FORA cache: [L][attention, MLP][rows * T, D], written in place by computing steps.
-        self.cache = torch.zeros(self.depth, 2, self.rows * self.tokens, d, dtype=dtype,
-                                 device=device)
+        # FORA cache: per block its attention and its MLP output, [rows * T, D] each, written
+        # in place by computing steps. Separate tensors, not slices of one: torch.compile
+        # turns out= writes into slices of one tensor into copies of the whole tensor, a
+        # block at a time.
+        self.cache = [[torch.zeros(self.rows * self.tokens, d, dtype=dtype, device=device)
+                       for _ in range(2)] for _ in range(self.depth)]
         self.computed = False
 
     def set_step(self, k):
@@ -121,13 +124,13 @@ class FastFora:
         for l, block in enumerate(model.blocks):
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
                 self.block_modulation(l)
-            a, m = self.cache[l, 0].view(n, t, d), self.cache[l, 1].view(n, t, d)
+            a, m = self.cache[l][0].view(n, t, d), self.cache[l][1].view(n, t, d)
             if compute:
                 self.attention(block, modulate(layer_norm(h), shift_msa, scale_msa),
-                               self.cache[l, 0])
+                               self.cache[l][0])
                 h = h + gate_msa.unsqueeze(1) * a
                 self.mlp(block, modulate(layer_norm(h), shift_mlp, scale_mlp),
-                         self.cache[l, 1])
+                         self.cache[l][1])
                 h = h + gate_mlp.unsqueeze(1) * m
             else:  # h is this forward's own sum: adding in place is safe
                 h.addcmul_(gate_msa.unsqueeze(1), a)
