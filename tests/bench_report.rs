@@ -1343,6 +1343,14 @@ fn python_report_reads_the_rust_json() {
         )),
         "{md}"
     );
+    // The set-up the loops leave out: ours 20 ms (fake_report), the fast structure's 40.
+    assert!(
+        md.contains(
+            "Set-up, not in the times above (the largest of the runs): ours 20.0 ms (workspace: \
+             allocation, x_T, tables, graph capture); PyTorch's fast structure 40.0 ms"
+        ),
+        "{md}"
+    );
     // And the loop PyTorch's fastest steps would make, both of one mode and structure:
     // 84 x 2.9 + 166 x 0.2 ms (the plain graph pair, 84 x 3.52 + 166 x 0.88, is slower).
     assert!(
