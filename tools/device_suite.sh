@@ -306,8 +306,8 @@ phase_tuned() {
         --tune-budget-s "$tune_budget" --gemm cublaslt \
         --sections "$sections" --batches "$rows" --runs 10 --warmup 2 --intervals 1,3 \
         --e2e-reps 1 --json "$OUT/tuned_${rows}_$try.json" > "$log" 2>&1
-      # 17 candidates, their sums, the given options again and in turn: up to ~35 lines each.
-      grep -E "^tune: " "$log" | grep -v ": measuring$" | head -n 45
+      # 18 candidates, their sums, the given options again and in turn: up to ~37 lines each.
+      grep -E "^tune: " "$log" | grep -v ": measuring$" | head -n 47
       sed -n '/^## Tuned options/,/^## Failed/p' "$log" | grep -E "^(FORA|\| )" | head -n 45
       grep -E "^\| (cublaslt|tuned) \| $rows \|" "$log" | head -n 4
       grep -E "^\| (cublaslt|tuned) \| [13] \| 250 \|" "$log" | head -n 4

@@ -317,6 +317,9 @@ pub fn default_candidates() -> Vec<TuneCandidate> {
         // Paths that ran on a GPU before (session 7's PDL, session 19's TMA attention)...
         ("pdl", "FORA_PDL=1"),
         ("attention_tma", "FORA_ATTENTION=tma"),
+        // cuBLASLt's first heuristic algorithms timed per shape: +2% at 256 rows in session
+        // 18's runs, nothing at 2 (its bits vary by process, within the tolerance).
+        ("lt_autotune", "FORA_LT_AUTOTUNE=1"),
         // ... then those that had not when this list was written (sessions 23-26), so that a
         // log holds the others' times should one of these hang.
         ("attention_tma_pp", "FORA_ATTENTION=tma_pp"),
