@@ -690,22 +690,8 @@ fn checked_distance(
 }
 
 impl<O> TuneRow<O> {
-    /// A row of a candidate whose options come to those of the earlier row `earlier` (not
-    /// run again).
-    fn same_as(c: &TuneCandidate, options: O, earlier: &str) -> TuneRow<O> {
-        TuneRow {
-            name: c.name.clone(),
-            settings: c.settings.clone(),
-            options,
-            rel_l2: None,
-            steps_rel_l2: None,
-            window: None,
-            outcome: TuneOutcome::SameAs(earlier.to_string()),
-        }
-    }
-
-    /// A row of a candidate (or combination) never measured: the time budget was spent.
-    fn untried(name: &str, settings: &str, options: O, why: &str) -> TuneRow<O> {
+    /// A row with nothing measured yet: `outcome` says why (or what measuring will set).
+    fn unmeasured(name: &str, settings: &str, options: O, outcome: TuneOutcome) -> TuneRow<O> {
         TuneRow {
             name: name.to_string(),
             settings: settings.to_string(),
@@ -713,8 +699,25 @@ impl<O> TuneRow<O> {
             rel_l2: None,
             steps_rel_l2: None,
             window: None,
-            outcome: TuneOutcome::Untried(why.to_string()),
+            outcome,
         }
+    }
+
+    /// A row of a candidate whose options come to those of the earlier row `earlier` (not
+    /// run again).
+    fn same_as(c: &TuneCandidate, options: O, earlier: &str) -> TuneRow<O> {
+        let outcome = TuneOutcome::SameAs(earlier.to_string());
+        TuneRow::unmeasured(&c.name, &c.settings, options, outcome)
+    }
+
+    /// A row of a candidate (or combination) never measured: the time budget was spent.
+    fn untried(name: &str, settings: &str, options: O, why: &str) -> TuneRow<O> {
+        TuneRow::unmeasured(
+            name,
+            settings,
+            options,
+            TuneOutcome::Untried(why.to_string()),
+        )
     }
 
     /// The median window of a candidate that passed its checks (and is not a repeat; never
@@ -782,15 +785,7 @@ impl CandidateBench<'_> {
         progress(self.settings.progress, || {
             format!("tune: {} rows, {name}: measuring", self.plan.model_rows())
         });
-        let mut row = TuneRow {
-            name: name.to_string(),
-            settings: settings.to_string(),
-            options,
-            rel_l2: None,
-            steps_rel_l2: None,
-            window: None,
-            outcome: TuneOutcome::Slower,
-        };
+        let mut row = TuneRow::unmeasured(name, settings, options, TuneOutcome::Slower);
         backend.set_tuned_options(options);
         let tolerance = self.settings.tolerance;
         let measured = (|| -> Result<()> {
