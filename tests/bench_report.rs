@@ -1520,6 +1520,94 @@ fn torch_fast_variant_matches_the_plain_dit() {
 }
 
 #[test]
+fn torch_bench_runs_every_variant_and_compiled_loop_on_the_cpu() {
+    if !python_has("torch") {
+        println!(
+            "SKIP torch_bench_runs_every_variant_and_compiled_loop_on_the_cpu: no python3 with torch"
+        );
+        return;
+    }
+    // bench_torch.py's smoke test on a tiny random DiT: both model structures, eager and
+    // compiled steps, and the end-to-end loops in eager and with the compiled steps.
+    let dir = tmp_dir("torch_smoke");
+    let json_path = dir.join("torch.json");
+    run_ok(
+        Command::new("python3")
+            .current_dir(root())
+            .args([
+                "tools/bench_torch.py",
+                "--device",
+                "cpu",
+                "--arch",
+                "depth=2,hidden=64,heads=4,patch=2",
+                "--input-size",
+                "8",
+                "--batches",
+                "2",
+                "--modes",
+                "eager,compile,compile_graph",
+                "--compile-batches",
+                "2",
+                "--steps",
+                "5",
+                "--intervals",
+                "1,3",
+                "--e2e-modes",
+                "eager,compile,compile_graph",
+                "--runs",
+                "2",
+                "--warmup",
+                "1",
+                "--sdpa",
+                "2:4:16:16",
+                "--budget-s",
+                "600",
+                "--json",
+            ])
+            .arg(&json_path),
+    );
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(j["errors"], json!([]), "{j:#}");
+    let steps = j["steps"].as_array().unwrap();
+    for mode in ["eager", "compile"] {
+        for variant in ["plain", "fast"] {
+            for kind in ["full", "reuse"] {
+                let found = steps.iter().any(|r| {
+                    r["mode"] == mode
+                        && r["variant"] == variant
+                        && r["kind"] == kind
+                        && r["rows"] == 2
+                        && r["median_ms"].as_f64().is_some_and(|v| v > 0.0)
+                });
+                assert!(found, "no {mode} {variant} {kind} step: {j:#}");
+            }
+        }
+    }
+    // 5 steps: FORA N=3 computes at i = 4, 3 and 0.
+    let e2e = j["e2e"].as_array().unwrap();
+    for mode in ["eager", "compile"] {
+        for variant in ["plain", "fast"] {
+            for (n, computed) in [(1, 5), (3, 3)] {
+                let row = e2e
+                    .iter()
+                    .find(|r| r["mode"] == mode && r["variant"] == variant && r["interval"] == n)
+                    .unwrap_or_else(|| panic!("no e2e {mode} {variant} N={n}: {j:#}"));
+                assert_eq!(row["computed"], computed, "{row}");
+                assert_eq!(row["finite"], true, "{row}");
+                // The fast structure's conditioning table is its set-up; the plain one has none.
+                assert_eq!(row["setup_ms"].is_f64(), variant == "fast", "{row}");
+            }
+        }
+    }
+    // On the CPU the CUDA-graph modes are skipped, each said once.
+    let skipped = j["skipped"].to_string();
+    for what in ["compile_graph mode", "e2e compile_graph"] {
+        assert!(skipped.contains(what), "{skipped}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn save_weights_needs_no_gpu() {
     let dir = tmp_dir("weights");
     let path = dir.join("tiny.safetensors");
