@@ -301,7 +301,10 @@ phase_tuned() {
       # the weights, the untuned steps, the tuned steps and end to end; 60 s is a guess), so
       # that a slow but healthy tuning ends with what it measured (the rest "not tried")
       # instead of being killed and taken for a hang.
-      tune_budget=$(( budget - 60 > budget / 2 ? budget - 60 : budget / 2 ))
+      # (Of the bound the process really gets: `bounded` also cuts it to the deadline's.)
+      tune_budget=$(( $(left) - 5 ))
+      [ "$budget" -lt "$tune_budget" ] && tune_budget=$budget
+      tune_budget=$(( tune_budget - 60 > tune_budget / 2 ? tune_budget - 60 : tune_budget / 2 ))
       FORA_TUNE_SKIP="$batch_skip" bounded "$budget" .devpack/bin/fora bench --tune \
         --tune-budget-s "$tune_budget" --gemm cublaslt \
         --sections "$sections" --batches "$rows" --runs 10 --warmup 2 --intervals 1,3 \

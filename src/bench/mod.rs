@@ -199,9 +199,10 @@ pub struct BenchArgs {
     /// With --tune: the longest each batch's tuning may search, in seconds (finite, above 0;
     /// default: no limit). Once it is spent, the candidates not yet measured are listed as not
     /// tried and the combinations are skipped; the choice is made among those measured (the
-    /// given options always are, and are timed again and in turn with a winner after it, a few
-    /// windows more), so a tuning ends near its budget instead of being killed by an outer
-    /// timeout. A measurement in flight is not cut.
+    /// given options always are, and are timed again and in turn with the first winner after
+    /// it, a few windows more; later winners only while the budget lasts), so a tuning ends
+    /// near its budget instead of being killed by an outer timeout. A measurement in flight is
+    /// not cut.
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
     pub tune_budget_s: Option<f64>,
     /// Write the benchmark's random weights (official key layout, f32, config in the metadata)

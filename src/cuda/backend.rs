@@ -850,7 +850,8 @@ impl CudaBackend {
     /// card turned off ([`super::model::FusionsInEffect`]: the few-rows LayerNorm fusion at
     /// many rows, the many-rows one and its wide tile at few, the fused qkv + attention and the
     /// weight prefetch where they do not serve) and without the `FORA_TMA_TILES` entries that
-    /// no GEMM looks up ([`tma_tiles_in_effect`]): two options equal after this run the same
+    /// no GEMM looks up ([`tma_tiles_in_effect`]), and `lt_autotune` off unless the GEMMs are
+    /// cuBLASLt's (ours have no algorithms to time): two options equal after this run the same
     /// kernels at those rows, whatever they were before.
     pub fn options_in_effect(&self, options: CudaOptions, rows: usize) -> CudaOptions {
         let cfg = self.config();
@@ -881,6 +882,8 @@ impl CudaBackend {
         }
         CudaOptions {
             tma_tiles: tiles,
+            // Only cuBLASLt has algorithms to time: our GEMMs ignore it.
+            lt_autotune: options.lt_autotune && options.gemm == GemmImpl::CublasLt,
             ..options.with_fusion_switches(on.switches())
         }
     }

@@ -35,9 +35,10 @@
 //! With a time budget ([`TuneSettings::budget`], from the start of [`tune`]), the search stops
 //! where it is spent: the candidates and combinations not yet measured are listed as
 //! [`TuneOutcome::Untried`], never chosen, and the choice is made as above among those measured
-//! (the given options' second timing and the head-to-head rounds still run: a few windows past
-//! the budget). Such a tuning is not [`Tuning::complete`], and is never cached
-//! ([`Tuning::cached_choice`]).
+//! (the given options' second timing, where another row was measured, and the first
+//! contender's head-to-head rounds still run: a few windows past the budget; the next
+//! contenders only while it lasts, the rest listed as not timed in turn). Such a tuning is not
+//! [`Tuning::complete`], and is never cached ([`Tuning::cached_choice`]).
 //!
 //! A candidate whose options come to an earlier one's at the run's rows
 //! ([`Tunable::options_in_effect`]: a fusion that does not serve them) is not run again. A
@@ -318,7 +319,8 @@ pub fn default_candidates() -> Vec<TuneCandidate> {
         ("pdl", "FORA_PDL=1"),
         ("attention_tma", "FORA_ATTENTION=tma"),
         // cuBLASLt's first heuristic algorithms timed per shape: +2% at 256 rows in session
-        // 18's runs, nothing at 2 (its bits vary by process, within the tolerance).
+        // 18's runs, nothing at 2 (its choice, and so its bits, can differ from one workspace
+        // to the next, within the tolerance).
         ("lt_autotune", "FORA_LT_AUTOTUNE=1"),
         // ... then those that had not when this list was written (sessions 23-26), so that a
         // log holds the others' times should one of these hang.
@@ -399,9 +401,12 @@ pub struct TuneSettings {
     /// run) and before each combination: once it is spent, those not yet measured are listed as
     /// [`TuneOutcome::Untried`] (a candidate whose options come to an earlier one's is still
     /// listed as [`TuneOutcome::SameAs`]: that costs nothing) and the combination stage is
-    /// skipped. The given options' second timing and the head-to-head rounds still run (a few
-    /// windows: they keep a drifting card from choosing wrongly), so a tuning ends a little
-    /// past its budget, instead of being killed by an outer timeout with nothing to show. A
+    /// skipped. The given options' second timing (where another row was measured) and the
+    /// first contender's head-to-head rounds still run (a few windows: they keep a drifting
+    /// card from choosing wrongly); the budget is checked again before each next contender,
+    /// which is otherwise listed as not timed in turn ([`TuneOutcome::Untried`]). So a tuning
+    /// ends a little past its budget, instead of being killed by an outer timeout with nothing
+    /// to show. A
     /// measurement in flight is never cut. A tuning cut short is not [`Tuning::complete`] and
     /// has no [`Tuning::cached_choice`]. Not part of [`TuneSettings::key`]: a complete tuning
     /// is the same with or without a budget, and one cut short is never cached.
@@ -470,7 +475,8 @@ pub enum TuneOutcome {
     Unconfirmed(String),
     /// It failed to run (the error).
     Failed(String),
-    /// Never measured: the tuning's time budget ([`TuneSettings::budget`]) was spent before
+    /// Never measured, or measured but never timed in turn with the given options (a contender
+    /// after the first): the tuning's time budget ([`TuneSettings::budget`]) was spent before
     /// its turn (the reason). Never chosen; the tuning is not [`Tuning::complete`].
     Untried(String),
 }
@@ -1074,7 +1080,8 @@ pub fn tune<B: Tunable>(
         let median = |v: &[f64]| Stats::from_samples(v).map(|s| s.median_ms);
         Ok((median(&given_ms)?, median(&chosen_ms)?))
     };
-    if rows.len() > 1 {
+    // (Not where nothing else was measured: nothing to compare with.)
+    if rows[1..].iter().any(|r| r.passed_ms().is_some()) {
         let again =
             time(backend, given, "the given options again").map_err(|e| fail(backend, e))?;
         progress(settings.progress, || {
@@ -1106,7 +1113,21 @@ pub fn tune<B: Tunable>(
     if fastest != 0 && settings.confirm > 0 {
         chosen = 0;
         let contenders = winners(&times, settings.min_gain);
-        for &contender in contenders.iter().take(settings.contenders.max(1)) {
+        let contenders = &contenders[..contenders.len().min(settings.contenders.max(1))];
+        for (i, &contender) in contenders.iter().enumerate() {
+            // The first contender is always timed in turn; the next ones only while the budget
+            // lasts (their rounds are the longest part of a tuning at many rows).
+            if i > 0 {
+                if let Some(why) = bench.budget_spent() {
+                    for &c in &contenders[i..] {
+                        rows[c].outcome = TuneOutcome::Untried(format!(
+                            "not timed in turn with the given options: {why}"
+                        ));
+                    }
+                    bench.log_budget_stop(contenders.len() - i, "contenders");
+                    break;
+                }
+            }
             let (g, c) =
                 head_to_head_ms(backend, rows[contender].options).map_err(|e| fail(backend, e))?;
             progress(settings.progress, || {
