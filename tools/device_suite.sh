@@ -53,7 +53,8 @@
 #   ops        where a step's time goes inside the step: `fora bench --sections steps,ops` at
 #              OPS_ROWS (default 2,256) with OPS_GEMM (default cublaslt; also e.g. tma), each
 #              op's time a step from CUDA events around it, beside the graph-replayed step;
-#   torch      tools/bench_torch.py, the PyTorch reference (TORCH_BENCH_ARGS);
+#   torch      tools/bench_torch.py, the PyTorch reference (TORCH_BENCH_ARGS; TORCH_S, default 60,
+#              bounds it);
 #   issue5     what issue 5 still asks measured in one call: our steps at 2, 16, 64, 256 rows and
 #              N = 1..5, PyTorch eager / graph / torch.compile / torch.compile in a CUDA graph,
 #              its fast model structure first, then the plain one (ISSUE5_TORCH_MODES: e.g.
@@ -349,8 +350,9 @@ phase_hopper_rows() {
 
 phase_torch() {
   echo "=== PyTorch reference"
+  # TORCH_S (default 60) caps the phase's budget.
   local budget=$(( $(left) - 60 ))
-  [ "$budget" -gt 60 ] && budget=60
+  [ "$budget" -gt "${TORCH_S:-60}" ] && budget=${TORCH_S:-60}
   if [ "$budget" -gt 20 ]; then
     bounded $(( budget + 10 )) python3 tools/bench_torch.py --json "$OUT/bench_torch.json" --budget-s "$budget" \
       ${TORCH_BENCH_ARGS:---batches 2,256 --modes eager,graph --intervals 3 --e2e-modes graph} \
