@@ -406,9 +406,8 @@ pub struct TuneSettings {
     /// card from choosing wrongly); the budget is checked again before each next contender,
     /// which is otherwise listed as not timed in turn ([`TuneOutcome::Untried`]). So a tuning
     /// ends a little past its budget, instead of being killed by an outer timeout with nothing
-    /// to show. A
-    /// measurement in flight is never cut. A tuning cut short is not [`Tuning::complete`] and
-    /// has no [`Tuning::cached_choice`]. Not part of [`TuneSettings::key`]: a complete tuning
+    /// to show. A measurement in flight is never cut. A tuning cut short is not
+    /// [`Tuning::complete`] and has no [`Tuning::cached_choice`]. Not part of [`TuneSettings::key`]: a complete tuning
     /// is the same with or without a budget, and one cut short is never cached.
     pub budget: Option<std::time::Duration>,
 }
@@ -915,8 +914,6 @@ fn combine<B: Tunable>(
         return Ok(());
     };
     let (mut base, mut base_ms) = (first, times[first].unwrap_or(f64::INFINITY));
-    // Set once the budget is spent: why the rest are not tried.
-    let mut spent: Option<String> = None;
     let mut untried = 0;
     for &next in rest {
         let Some(settings) = B::merge_settings(&rows[base].settings, &rows[next].settings)? else {
@@ -928,11 +925,8 @@ fn combine<B: Tunable>(
         if same_path(backend, bench.plan, rows, options).is_some() {
             continue;
         }
-        if spent.is_none() {
-            spent = bench.budget_spent();
-        }
-        if let Some(why) = &spent {
-            rows.push(TuneRow::untried(&name, &settings, options, why));
+        if let Some(why) = bench.budget_spent() {
+            rows.push(TuneRow::untried(&name, &settings, options, &why));
             untried += 1;
             continue;
         }
@@ -1026,20 +1020,16 @@ pub fn tune<B: Tunable>(
         e
     };
     let mut rows: Vec<TuneRow<B::Options>> = Vec::new();
-    // Set once the budget is spent (checked before each candidate after the first, the given
-    // options, which always run): why the rest are not tried.
-    let mut spent: Option<String> = None;
+    // The budget is checked before each candidate after the first (the given options, which
+    // always run); once spent it stays spent (a monotonic clock).
     let mut untried = 0;
     for (c, options) in &list {
         if let Some(same) = same_path(backend, plan, &rows, *options) {
             rows.push(TuneRow::same_as(c, *options, &same.name));
             continue;
         }
-        if spent.is_none() && !rows.is_empty() {
-            spent = bench.budget_spent();
-        }
-        if let Some(why) = &spent {
-            rows.push(TuneRow::untried(&c.name, &c.settings, *options, why));
+        if let Some(why) = bench.budget_spent().filter(|_| !rows.is_empty()) {
+            rows.push(TuneRow::untried(&c.name, &c.settings, *options, &why));
             untried += 1;
             continue;
         }
@@ -1056,7 +1046,7 @@ pub fn tune<B: Tunable>(
         bench.log_budget_stop(untried, what);
     }
     // A search cut short does not combine: the winners so far are not all the winners.
-    if settings.combine && spent.is_none() {
+    if settings.combine && untried == 0 {
         combine(backend, &mut bench, given, &mut rows).map_err(|e| fail(backend, e))?;
     }
     // The given options again, last: a card that was still raising its clocks while they ran
