@@ -183,6 +183,12 @@ impl SamplePlan {
         }
     }
 
+    /// Sets [`SamplePlan::reuses`] from the steps the run will take: whether any reuses the
+    /// FORA cache.
+    pub fn set_reuses_from(&mut self, schedule: &[StepSpec]) {
+        self.reuses = schedule.iter().any(|s| s.mode == StepMode::Reuse);
+    }
+
     /// Images B.
     pub fn images(&self) -> usize {
         self.classes.len()

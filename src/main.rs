@@ -553,9 +553,7 @@ impl Job for SampleJob {
             let schedule = sampler.schedule(policy.as_mut());
             // As the run itself (Sampler::sample): without reuse steps the tuning's workspaces
             // leave the FORA cache out too, so that they time what the run will run.
-            plan.reuses = schedule
-                .iter()
-                .any(|s| s.mode == fora::backend::StepMode::Reuse);
+            plan.set_reuses_from(&schedule);
             (plan, schedule)
         };
         // The cache and this run's key in it (a hash of the kernels: only where a cache is

@@ -287,7 +287,7 @@ impl<'a, B: Backend> Sampler<'a, B> {
         let start = Instant::now();
         let mut plan = self.plan(classes, noise)?;
         let schedule = self.schedule(policy);
-        plan.reuses = schedule.iter().any(|s| s.mode == StepMode::Reuse);
+        plan.set_reuses_from(&schedule);
         let workspace_range = crate::nvtx_range!("workspace");
         let mut ws = self.backend.workspace(&plan).with_context(|| {
             format!(
