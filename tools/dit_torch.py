@@ -84,6 +84,17 @@ def timestep_features(t, dim=FREQ_DIM, max_period=10000):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def guide(out, in_channels, cfg_scale, all_eps=False):
+    """The official classifier-free guidance of a forward `out` over [half; half] (conditional
+    rows first): eps channels 0..2 (all `in_channels` with all_eps) of both halves become
+    uncond + s * (cond - uncond); the other channels stay."""
+    k = in_channels if all_eps else 3
+    eps, rest = out[:, :k], out[:, k:]
+    cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
+    guided = uncond + cfg_scale * (cond - uncond)
+    return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, patch, in_channels, hidden):
         super().__init__()
@@ -261,8 +272,4 @@ class DiT(nn.Module):
         all_eps) of both halves become uncond + s * (cond - uncond); other channels stay."""
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half], dim=0), t, y, cache)
-        k = self.in_channels if all_eps else 3
-        eps, rest = out[:, :k], out[:, k:]
-        cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
-        guided = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+        return guide(out, self.in_channels, cfg_scale, all_eps)

@@ -24,7 +24,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from dit_torch import modulate
+from dit_torch import guide, modulate
 
 
 def sdpa_backend(name):
@@ -146,11 +146,7 @@ class FastFora:
         images; the labels are the table's)."""
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half], dim=0), compute)
-        k = self.model.in_channels if all_eps else 3
-        eps, rest = out[:, :k], out[:, k:]
-        cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
-        guided = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+        return guide(out, self.model.in_channels, cfg_scale, all_eps)
 
 
 def compare_with_plain(seed=0, arch="depth=3,hidden=64,heads=4,patch=2", input_size=8,
