@@ -1493,7 +1493,8 @@ fn torch_fast_variant_matches_the_plain_dit() {
     }
     // bench_torch.py's "fast" variant (tools/dit_torch_fast.py) restructures the official DiT
     // (conditioning precomputed, outputs written into the cache, in-place reuse adds): the same
-    // maths, checked here in float32 on the CPU over a FORA sequence of both step kinds.
+    // maths, checked here in float32 on the CPU over a FORA sequence of both step kinds, and a
+    // computing step that keeps nothing (FORA N = 1), which the reuse after it must not see.
     let code = "import json, sys; sys.path.insert(0, 'tools'); import dit_torch_fast; \
                 print(json.dumps(dit_torch_fast.compare_with_plain()))";
     let stdout = run_ok(
@@ -1502,7 +1503,12 @@ fn torch_fast_variant_matches_the_plain_dit() {
             .args(["-c", code]),
     );
     let steps: Vec<(String, f64, f64)> = serde_json::from_str(stdout.trim()).unwrap();
-    assert!(steps.iter().any(|s| s.0 == "compute") && steps.iter().any(|s| s.0 == "reuse"));
+    for kind in ["compute", "reuse", "alone"] {
+        assert!(
+            steps.iter().any(|s| s.0 == kind),
+            "no {kind} step in {steps:?}"
+        );
+    }
     for (k, (mode, fast_err, computing_err)) in steps.iter().enumerate() {
         assert!(
             *fast_err <= 1e-5,

@@ -295,14 +295,16 @@ class Stepper:
         self.x.copy_(self.x_init)
 
     def body(self, cache):
-        """forward_with_cfg (or forward) and the DDPM update of the conditional rows."""
+        """forward_with_cfg (or forward) and the DDPM update of the conditional rows; cache:
+        "compute" (fill the FORA cache), "reuse", or None (compute, no cache: FORA N = 1)."""
         xin = self.x.to(self.dtype)
         if self.fast is not None:
-            compute = cache == "compute"
+            compute, keep = cache != "reuse", cache is not None
             if self.guided:
-                out = self.fast.forward_with_cfg(torch.cat([xin, xin]), self.cfg_scale, compute)
+                out = self.fast.forward_with_cfg(torch.cat([xin, xin]), self.cfg_scale, compute,
+                                                 keep=keep)
             else:
-                out = self.fast.forward(xin, compute)
+                out = self.fast.forward(xin, compute, keep)
         elif self.guided:
             out = self.model.forward_with_cfg(torch.cat([xin, xin]), self.t, self.y,
                                               self.cfg_scale, cache=cache)
@@ -319,6 +321,23 @@ class Stepper:
         x0 = c[0] * self.x - c[1] * eps
         mean = c[2] * x0 + c[3] * self.x
         self.x.copy_(mean + c[6] * torch.exp(0.5 * log_var) * torch.randn_like(self.x))
+
+
+def cuda_graph(fn):
+    """fn() captured as a CUDA graph after the side-stream warm-up torch requires, and
+    replayed once (the first replay uploads the graph: not in anything timed after)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
 
 
 def clear_cache(model):
@@ -588,27 +607,11 @@ class Bench:
                          time_runs(reuse, a.warmup, a.runs, self.cuda), sdpa=st.sdpa)
 
     def capture(self, st):
-        """CUDA graphs of the computing and the reuse step of `st` (after side-stream warm-up,
-        as torch requires); the reuse graph reads the cache tensors the compute graph writes."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                st.set_step(0)
-                st.body("compute")
-                st.body("reuse")
-        torch.cuda.current_stream().wait_stream(side)
-        g_full = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g_full):
-            st.body("compute")
-        g_reuse = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g_reuse):
-            st.body("reuse")
+        """CUDA graphs of the computing and the reuse step of `st`; the reuse graph reads the
+        cache tensors the compute graph writes (its replay in cuda_graph fills them)."""
         st.set_step(0)
-        g_full.replay()  # fill the cache the reuse graph reads
-        g_reuse.replay()  # its first replay uploads it: not in anything timed after
-        torch.cuda.synchronize()
-        return g_full, g_reuse
+        g_full = cuda_graph(lambda: st.body("compute"))
+        return g_full, cuda_graph(lambda: st.body("reuse"))
 
     def run_graph(self, rows, variant):
         a = self.args
@@ -668,17 +671,7 @@ class Bench:
                 self.record_step("compile", kind, rows, variant,
                                  time_runs(run, a.warmup, a.runs, self.cuda), compile_s, st.sdpa)
             if "compile_graph" in a.modes and self.cuda:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        fn()
-                torch.cuda.current_stream().wait_stream(side)
-                graph = graphs[kind] = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    fn()
-                graph.replay()  # its first replay uploads it: not in anything timed after
-                torch.cuda.synchronize()
+                graph = graphs[kind] = cuda_graph(fn)
 
                 def replay(i, graph=graph):
                     st.set_step(i)
@@ -687,12 +680,28 @@ class Bench:
                 self.record_step("compile_graph", kind, rows, variant,
                                  time_runs(replay, a.warmup, a.runs, self.cuda), compile_s,
                                  st.sdpa)
+        # At N = 1 the loop runs a third compilation: the computing step without the cache.
+        alone = {}
+        if self.compiles_alone(rows, kinds):
+            fn = alone["compile"] = torch.compile(lambda: st.body(None), dynamic=False)
+            st.set_step(0)
+            fn()
+            if graphs and "compile_graph" in a.e2e_modes:
+                alone["compile_graph"] = cuda_graph(fn).replay
         if loop and "compile" in a.e2e_modes:
-            self.e2e_loops(st, "compile", variant, compiled["full"], compiled["reuse"])
+            self.e2e_loops(st, "compile", variant, compiled["full"], compiled["reuse"],
+                           alone.get("compile"))
         if loop and "compile_graph" in a.e2e_modes and graphs:
             self.e2e_loops(st, "compile_graph", variant, graphs["full"].replay,
-                           graphs["reuse"].replay)
-        del graphs
+                           graphs["reuse"].replay, alone.get("compile_graph"))
+        del graphs, alone
+
+    def compiles_alone(self, rows, kinds):
+        """Whether run_compile(rows, kinds) also compiles the computing step without the
+        cache, for the compiled end-to-end loops at N = 1."""
+        a = self.args
+        return rows == 2 and kinds == ["full", "reuse"] and 1 in a.intervals \
+            and any(m in a.e2e_modes for m in ("compile", "compile_graph"))
 
     def run_sdpa(self):
         a = self.args
@@ -744,6 +753,9 @@ class Bench:
         if mode == "graph":
             g_full, g_reuse = self.capture(st)
             run_full, run_reuse = g_full.replay, g_reuse.replay
+            run_alone = None
+            if 1 in self.args.intervals:
+                run_alone = cuda_graph(lambda: st.body(None)).replay
         else:
             def run_full():
                 st.body("compute")
@@ -751,11 +763,16 @@ class Bench:
             def run_reuse():
                 st.body("reuse")
 
-        self.e2e_loops(st, mode, variant, run_full, run_reuse)
+            def run_alone():
+                st.body(None)
 
-    def e2e_loops(self, st, mode, variant, run_full, run_reuse):
+        self.e2e_loops(st, mode, variant, run_full, run_reuse, run_alone)
+
+    def e2e_loops(self, st, mode, variant, run_full, run_reuse, run_alone):
         """The end-to-end DDPM loop at each FORA N asked for, on a 2-row stepper whose table
-        covers every step: run_full() / run_reuse() run the selected step."""
+        covers every step: run_full() / run_reuse() run the selected step; at N = 1, where
+        nothing reuses, every step is run_alone(), which writes no cache (as fora's loop at
+        N = 1 has none)."""
         a = self.args
         for n in a.intervals:
             what = f"e2e {mode} {variant} N={n}"
@@ -771,7 +788,9 @@ class Bench:
                     i = a.steps - 1 - k
                     st.set_step(k)
                     if k == 0 or fora_computes(i, a.steps, n):
-                        run_full()
+                        # At N = 1 (run_alone given wherever 1 is among the intervals)
+                        # nothing reuses: no cache is written.
+                        (run_alone if n == 1 else run_full)()
                         computed += 1
                     else:
                         run_reuse()
@@ -849,7 +868,8 @@ class Bench:
                 # compiled before the budget reaches the next.
                 for variant, rows in ((v, r) for v in a.variants for r in a.compile_batches):
                     what = f"compile {variant} {'+'.join(kinds)} rows {rows}"
-                    estimate = a.compile_estimate_s * (1.4 if len(kinds) == 2 else 1.0)
+                    estimate = a.compile_estimate_s * ((1.4 if len(kinds) == 2 else 1.0)
+                                                       + 0.4 * self.compiles_alone(rows, kinds))
                     if not self.fits(what, estimate):
                         continue
                     try:

@@ -17,6 +17,7 @@ What differs from `DiT.forward_with_cfg(..., cache=...)`:
     fast = FastFora(model, labels, timesteps)   # timesteps: [S] original timesteps
     fast.set_step(k)                            # device-side copy of step k's table
     out = fast.forward_with_cfg(x, cfg_scale, compute=True)   # or compute=False: reuse
+    out = fast.forward_with_cfg(x, cfg_scale, compute=True, keep=False)  # no FORA (N = 1)
 """
 
 import contextlib
@@ -82,6 +83,9 @@ class FastFora:
         # block at a time.
         self.cache = [[torch.zeros(self.rows * self.tokens, d, dtype=dtype, device=device)
                        for _ in range(2)] for _ in range(self.depth)]
+        # Where a computing step that keeps nothing (a loop that never reuses: FORA N = 1)
+        # writes its blocks' outputs: one pair serves every block, as in a model without FORA.
+        self.scratch = [torch.empty_like(self.cache[0][0]) for _ in range(2)]
         self.computed = False
 
     def set_step(self, k):
@@ -111,9 +115,9 @@ class FastFora:
         torch.addmm(fc2.bias, hidden.reshape(n * t, -1), fc2.weight.t(), out=out)
 
     @torch.no_grad()  # inference only: the outputs are written in place (out=)
-    def forward(self, x, compute):
+    def forward(self, x, compute, keep=True):
         """DiT.forward at the selected step: x [rows, C, H, W]; compute: run the blocks and
-        fill the cache, else reuse it."""
+        fill the cache (keep=False: leave it alone, DiT.forward without FORA), else reuse it."""
         model = self.model
         n, t, d = self.rows, self.tokens, self.hidden
         if x.shape[0] != n:
@@ -124,28 +128,27 @@ class FastFora:
         for l, block in enumerate(model.blocks):
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
                 self.block_modulation(l)
-            a, m = self.cache[l][0].view(n, t, d), self.cache[l][1].view(n, t, d)
+            outs = self.cache[l] if keep or not compute else self.scratch
+            a, m = outs[0].view(n, t, d), outs[1].view(n, t, d)
             if compute:
-                self.attention(block, modulate(layer_norm(h), shift_msa, scale_msa),
-                               self.cache[l][0])
+                self.attention(block, modulate(layer_norm(h), shift_msa, scale_msa), outs[0])
                 h = h + gate_msa.unsqueeze(1) * a
-                self.mlp(block, modulate(layer_norm(h), shift_mlp, scale_mlp),
-                         self.cache[l][1])
+                self.mlp(block, modulate(layer_norm(h), shift_mlp, scale_mlp), outs[1])
                 h = h + gate_mlp.unsqueeze(1) * m
             else:  # h is this forward's own sum: adding in place is safe
                 h.addcmul_(gate_msa.unsqueeze(1), a)
                 h.addcmul_(gate_mlp.unsqueeze(1), m)
-        if compute:
+        if compute and keep:
             self.computed = True
         shift, scale = self.mod[:, 6 * d * self.depth:].chunk(2, dim=1)
         out = model.final_layer.linear(modulate(layer_norm(h), shift, scale))
         return model.unpatchify(out)
 
-    def forward_with_cfg(self, x, cfg_scale, compute, all_eps=False):
+    def forward_with_cfg(self, x, cfg_scale, compute, all_eps=False, keep=True):
         """DiT.forward_with_cfg at the selected step (x: [rows, C, H, W], the first half the
         images; the labels are the table's)."""
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), compute)
+        out = self.forward(torch.cat([half, half], dim=0), compute, keep)
         return guide(out, self.model.in_channels, cfg_scale, all_eps)
 
 
@@ -154,7 +157,9 @@ def compare_with_plain(seed=0, arch="depth=3,hidden=64,heads=4,patch=2", input_s
     """Runs FastFora and the plain DiT (float32, CPU) through the same FORA sequence of
     computing and reuse steps and returns, per step, (mode, largest |fast - plain| over the
     largest |plain|, the same for the plain computing step at that timestep). The first says
-    the two agree; the second that a reuse step really reused (it differs from computing)."""
+    the two agree; the second that a reuse step really reused (it differs from computing).
+    Mode "alone" is a computing step that keeps nothing (keep=False; the plain model's
+    cache=None): the reuse step after it must still read the cache of the step before."""
     from dit_torch import DiT, parse_arch
 
     a = parse_arch(arch)
@@ -162,8 +167,8 @@ def compare_with_plain(seed=0, arch="depth=3,hidden=64,heads=4,patch=2", input_s
     model = DiT(a["depth"], a["hidden"], a["heads"], a["patch"], in_channels=4,
                 input_size=input_size, num_classes=10, learn_sigma=True).eval()
     labels = [3, 7, 10, 10]  # two images with CFG: their labels, then the null class twice
-    timesteps = [999, 870, 600, 420, 150, 3]
-    modes = ["compute", "reuse", "reuse", "compute", "reuse", "compute"]
+    timesteps = [999, 870, 600, 500, 420, 150, 3]
+    modes = ["compute", "reuse", "alone", "reuse", "compute", "reuse", "compute"]
     fast = FastFora(model, labels, timesteps)
     y = torch.tensor(labels)
     out = []
@@ -171,10 +176,12 @@ def compare_with_plain(seed=0, arch="depth=3,hidden=64,heads=4,patch=2", input_s
         for k, (t, mode) in enumerate(zip(timesteps, modes)):
             x = torch.randn(len(labels), 4, input_size, input_size)
             tt = torch.full((len(labels),), t, dtype=torch.long)
-            want = model.forward_with_cfg(x, tt, y, cfg_scale, cache=mode)
+            want = model.forward_with_cfg(x, tt, y, cfg_scale,
+                                          cache=None if mode == "alone" else mode)
             full = model.forward_with_cfg(x, tt, y, cfg_scale)  # no cache: computing
             fast.set_step(k)
-            got = fast.forward_with_cfg(x, cfg_scale, compute=mode == "compute")
+            got = fast.forward_with_cfg(x, cfg_scale, compute=mode != "reuse",
+                                        keep=mode != "alone")
             scale = want.abs().max().item()
             out.append((mode, (got - want).abs().max().item() / scale,
                         (full - want).abs().max().item() / scale))
