@@ -5,9 +5,9 @@
 # DEADLINE_S seconds (default 450: leave the rest of a 15-minute loan for the machine's start
 # and one short rerun). Everything lands under $OUT.
 #
-#   here:   tools/pack_device.sh                      (packs .devpack/ and .devpack.tgz)
-#   device: run, carry [".devpack.tgz"] (unpacked here when .devpack/ is absent; the unpacked
-#           pack is over the 64 MiB carry limit since session 5), command
+#   here:   tools/pack_device.sh                      (packs .devpack/ and .devpack.txz)
+#   device: run, carry [".devpack.txz"] (unpacked here; the unpacked pack is over the 64 MiB
+#           carry limit since session 5; an older pack's .devpack.tgz is unpacked too), command
 #           "bash tools/device_suite.sh", timeout_s 500
 #
 # The defaults are one call of about 7 min on an H200 (sized on session 7's runs: tests ~110 s,
@@ -84,10 +84,22 @@
 # device tool returns at most 8 files, and a call killed at its limit keeps the last one).
 set -u
 # A carried archive is always unpacked afresh: a warm machine keeps an earlier call's .devpack/.
-if [ -f .devpack.tgz ]; then rm -rf .devpack && tar xzf .devpack.tgz; fi
+# xz where the machine has it, else Python's lzma (the archive is a plain tar in xz).
+if [ -f .devpack.txz ]; then
+  rm -rf .devpack
+  if command -v xz > /dev/null; then
+    xz -dc .devpack.txz | tar xf -
+  else
+    python3 -c 'import sys, tarfile
+kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+tarfile.open(sys.argv[1]).extractall(**kw)' .devpack.txz
+  fi
+elif [ -f .devpack.tgz ]; then
+  rm -rf .devpack && tar xzf .devpack.tgz
+fi
 export FORA_REQUIRE_GPU=1 RUST_BACKTRACE=1 FORA_BIN=.devpack/bin/fora PYTHONUNBUFFERED=1
 if [ ! -x "$FORA_BIN" ]; then
-  echo "device_suite: no $FORA_BIN: carry .devpack.tgz (tools/pack_device.sh)" >&2
+  echo "device_suite: no $FORA_BIN: carry .devpack.txz (tools/pack_device.sh)" >&2
   exit 2
 fi
 FINAL_OUT=${OUT:-/tmp/out}; mkdir -p "$FINAL_OUT"
