@@ -105,7 +105,6 @@ fn gpu_forward_odd_shapes() {
     forward_case("gpu_forward_odd_shapes", &cfg, 6);
 }
 
-/// A small model with XL's head size, cheap enough for 50 CPU steps.
 /// The final latents of sampling `classes` from noise seed `seed` with FORA interval
 /// `interval` on `backend`.
 fn sample_latents<B: Backend>(
@@ -1849,12 +1848,6 @@ fn gpu_prefetch_weights_is_exact() {
     }
 }
 
-/// A fused path that an option turns on, on a Hopper: `arch`'s two-block model with `size` x
-/// `size` latents (16 tokens a row at 8), whose forward of four rows with `on` must match the CPU reference
-/// (rel-L2 2e-2), and ten guided steps (N = 1 and 3, two labels: four rows), with graphs and
-/// without, must be close to the same run with `off` (rel-L2 1e-2) and not equal to the bit (the
-/// fused path ran). `serves` says the fused path takes the shape (asserted). Returns the backend
-/// and `on` for further checks; None where the test skipped.
 /// The model of `arch` on `size` x `size` latents and its CPU and CUDA backends, on a Hopper
 /// only (the fused kernels are sm_90a only: elsewhere `test` says SKIP).
 fn hopper_backends(
@@ -1873,6 +1866,12 @@ fn hopper_backends(
     Some((cfg, cpu, cuda))
 }
 
+/// A fused path that an option turns on, on a Hopper: `arch`'s two-block model with `size` x
+/// `size` latents (16 tokens a row at 8), whose forward of four rows with `on` must match the CPU reference
+/// (rel-L2 2e-2), and ten guided steps (N = 1 and 3, two labels: four rows), with graphs and
+/// without, must be close to the same run with `off` (rel-L2 1e-2) and not equal to the bit (the
+/// fused path ran). `serves` says the fused path takes the shape (asserted). Returns the backend
+/// and `on` for further checks; None where the test skipped.
 fn fused_option_matches(
     test: &str,
     arch: &str,
@@ -1953,10 +1952,19 @@ fn gpu_gemm_ln_matches() {
         |_, _| {},
     );
     // FORA_GEMM_LN_ONE_PER_SM: the same launches with more shared memory a CTA, the same bits.
+    // Where the driver cannot hold the few-rows tile's clusters one CTA an SM the switch has no
+    // effect (`one_per_sm_serves`), and this comparison runs the default twice: said, not failed.
     let one_per_sm = CudaOptions {
         gemm_ln_one_per_sm: true,
         ..on
     };
+    if !cuda.options_in_effect(one_per_sm, 4).gemm_ln_one_per_sm {
+        println!(
+            "NOTE gpu_gemm_ln_matches: FORA_GEMM_LN_ONE_PER_SM has no effect at 4 rows on this \
+             card (too few clusters of 16 resident one CTA an SM): its comparison is of the \
+             default with itself"
+        );
+    }
     assert_same_bits(
         &mut cuda,
         &[1, 7],
@@ -2010,7 +2018,8 @@ fn gpu_gemm_ln_wide_matches() {
 /// Every launch of a block ours, under PDL (the device suite's variant `ours_pdl`):
 /// `FORA_GEMM=tma` with the fused qkv + attention and the fused proj / fc2 + LayerNorm, on a
 /// two-block model of DiT-XL/2's block (1152 wide, 16 heads of 72, 256 tokens) at one image +
-/// CFG, where both fusions serve. The forward against the CPU reference; sampling with
+/// CFG, where both fusions serve (the qkv + attention only where the card holds its 32
+/// clusters at once: else without it, said). The forward against the CPU reference; sampling with
 /// programmatic launches (each fused kernel and TMA GEMM loading its weights before it waits on
 /// the kernel before) the same bits as without, with graphs and without. SKIP off a Hopper.
 #[test]
@@ -2026,10 +2035,22 @@ fn gpu_fused_block_pdl_matches() {
         return;
     };
     let rows = 2;
-    assert!(
-        GpuModel::qkv_attention_serves(cuda.gpu(), &cfg, rows),
-        "{test}: the fused qkv + attention must serve {rows} rows"
-    );
+    // The fused qkv + attention needs all rows x heads = 32 clusters of 4 resident at once,
+    // which depends on the card's GPC layout (31 on some): where it cannot, the block runs
+    // without it, said, and PDL is still checked on the rest of the block.
+    let qkv_attention = GpuModel::qkv_attention_serves(cuda.gpu(), &cfg, rows);
+    if !qkv_attention {
+        println!(
+            "NOTE {test}: the fused qkv + attention does not serve {rows} rows here ({} clusters \
+             resident, {} needed): checked without it",
+            fora::cuda::qkv_attention::QkvAttention::resident_clusters(
+                cuda.gpu(),
+                cfg.head_dim(),
+                true
+            ),
+            rows * cfg.heads
+        );
+    }
     assert_eq!(
         fora::cuda::gemm_ln::GemmLnTile::for_rows(
             cuda.gpu(),
@@ -2042,7 +2063,7 @@ fn gpu_fused_block_pdl_matches() {
     );
     let off = CudaOptions {
         gemm: GemmImpl::Tma,
-        qkv_attention: true,
+        qkv_attention,
         gemm_ln: true,
         pdl: false,
         ..cuda.options()
@@ -2114,14 +2135,15 @@ fn gpu_options_in_effect_sample_the_same_bits() {
 }
 
 /// `FORA_QKV_ATTENTION=1` on a Hopper: each block's qkv Linear and attention as one
-/// `qkv_attention_mc_d72` launch, on a two-block model of head_dim 72 (8 heads: four rows are
-/// 128 CTAs, one wave of an H100 or H200) ([`fused_option_matches`]: the fused path adds the
-/// qkv bias in f32 where cuBLASLt adds its bf16 copy).
+/// `qkv_attention_mc_d72` launch, on a two-block model of head_dim 72 (4 heads: four rows are
+/// 16 clusters of 4 CTAs, resident at once on any GPC layout of an H100 or H200; 8 heads would
+/// need 32, which a card whose GPCs hold 31 refuses) ([`fused_option_matches`]: the fused path
+/// adds the qkv bias in f32 where cuBLASLt adds its bf16 copy).
 #[test]
 fn gpu_qkv_attention_matches() {
     let _ = fused_option_matches(
         "gpu_qkv_attention_matches",
-        "depth=2,hidden=576,heads=8,patch=2",
+        "depth=2,hidden=288,heads=4,patch=2",
         8,
         48,
         |o, v| o.qkv_attention = v,

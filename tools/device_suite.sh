@@ -195,7 +195,7 @@ phase_tests() {
         # shellcheck disable=SC2086 # $part is a flag and its value, or a filter
         # TEST_PART_S bounds each part (a never-run kernel that hangs costs no more than that).
         bounded "${TEST_PART_S:-150}" .devpack/test/$t --test-threads=1 --nocapture $part > "$raw" 2>&1
-        grep -E "^test |rel_l2|rel-L2|SKIP|^FAIL|FAILED|failures|failure\(s\)|^Error|test result|^rc=|^gpu_wgmma_probe:|^gpu_tma_probe:|^gpu_tma_cluster_probe:" "$raw" \
+        grep -E "^test |rel_l2|rel-L2|SKIP|NOTE|^FAIL|FAILED|failures|failure\(s\)|^Error|test result|^rc=|^gpu_wgmma_probe:|^gpu_tma_probe:|^gpu_tma_cluster_probe:" "$raw" \
           | grep -v "^test .* \.\.\. ok$" | tail -n 60
         grep -A 3 "panicked at" "$raw" | head -n 24
       done
