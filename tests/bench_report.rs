@@ -1100,6 +1100,119 @@ fn fake_torch_json(macs: u64) -> Value {
     })
 }
 
+/// bench_report.py's target rows pair like with like and never claim what was not measured:
+/// the N = 3 speedup divides runs of one GEMM implementation (not another's N = 1 where the
+/// first one's failed), a loop other than the issue's 250 steps has no status, the attention
+/// target is the model's kernel (a faster alternative listed without a goal), a GEMM row that
+/// failed leaves its worst case incomplete, and a value is shown with the digits that keep it
+/// on its side of the goal.
+#[test]
+fn python_report_pairs_like_with_like() {
+    if !python_has("json") {
+        println!("SKIP python_report_pairs_like_with_like: no python3");
+        return;
+    }
+    let dir = tmp_dir("report_pairs");
+    let report = fake_report();
+    let torch = dir.join("bench_torch.json");
+    let torch_json = fake_torch_json(report.model.macs_per_row);
+    std::fs::write(&torch, serde_json::to_string_pretty(&torch_json).unwrap()).unwrap();
+    let ours_path = dir.join("bench.json");
+    report.write_json(&ours_path).unwrap();
+    let base: Value = serde_json::from_str(&std::fs::read_to_string(&ours_path).unwrap()).unwrap();
+    let markdown_of = |ours: &Value| {
+        std::fs::write(&ours_path, serde_json::to_string_pretty(ours).unwrap()).unwrap();
+        run_ok(
+            Command::new("python3")
+                .arg(root().join("tools/bench_report.py"))
+                .arg("--ours")
+                .arg(&ours_path)
+                .arg("--torch")
+                .arg(&torch),
+        )
+    };
+
+    // Our N = 1 loop failed (no row); another GEMM's loops ran: no speedup from a mix.
+    let mut j = base.clone();
+    let e2e = j["e2e"].as_array_mut().unwrap();
+    let mut tuned: Vec<Value> = e2e.clone();
+    for r in &mut tuned {
+        r["gemm"] = json!("tuned");
+        r["loop_ms"] = json!(500.0);
+    }
+    e2e.retain(|r| r["interval"] != 1);
+    e2e.extend(tuned);
+    let md = markdown_of(&j);
+    assert!(
+        md.contains("| FORA N=3 realized speedup over N=1 | >= 2.85x | — | — |"),
+        "{md}"
+    );
+
+    // A 50-step loop: its time and speedup, no status against the 250-step goals.
+    let mut j = base.clone();
+    for r in j["e2e"].as_array_mut().unwrap() {
+        r["steps"] = json!(50);
+        r["computed"] = json!(if r["interval"] == 1 { 50 } else { 17 });
+    }
+    let md = markdown_of(&j);
+    assert!(
+        md.contains("| 50-step DDPM, FORA N=3, one image: end to end | <= 100 ms | 110.0 ms | — |"),
+        "{md}"
+    );
+    assert!(md.contains("(limit 2.94x) | — |"), "{md}");
+
+    // A faster attention kernel than the model's: the target stays the model's.
+    let mut j = base.clone();
+    let kernels = j["kernels"].as_array_mut().unwrap();
+    let model_att = kernels
+        .iter()
+        .find(|k| k["name"] == "attention" && k["impl"] == "custom" && k["rows"] == 256)
+        .expect("fake_report has the model's attention at 256 rows")
+        .clone();
+    let mut faster = model_att.clone();
+    faster["impl"] = json!("custom (tma)");
+    faster["median_ms"] = json!(model_att["median_ms"].as_f64().unwrap() / 2.0);
+    kernels.push(faster);
+    let md = markdown_of(&j);
+    assert!(
+        md.contains("the model's kernel (custom): vs PyTorch SDPA | >= 1.5x | 2.00x | met |"),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "a faster kernel, not the model's (custom (tma)): vs PyTorch SDPA | — | 4.00x | — |"
+        ),
+        "{md}"
+    );
+
+    // A GEMM of ours that failed (fake_report's custom fc1): its worst case is incomplete,
+    // never met.
+    let md = markdown_of(&base);
+    assert!(
+        md.contains(
+            "| each GEMM with its fused epilogue vs best cuBLASLt (worst case) | >= 1.0x | 1.25x \
+             (qkv, rows 2); incomplete, failed: fc1 rows 2 | — |"
+        ),
+        "{md}"
+    );
+
+    // 599.6 TFLOP/s against >= 600 shows as 599.6, not 600, beside MISSED.
+    let mut j = base.clone();
+    let flops = 2.0 * report.model.macs_per_row as f64 * 256.0;
+    let ms = flops / 599.6e12 * 1e3;
+    for r in j["steps"].as_array_mut().unwrap() {
+        if r["rows"] == 256 && r["kind"] == "full" {
+            r["median_ms"] = json!(ms);
+        }
+    }
+    let md = markdown_of(&j);
+    assert!(
+        md.contains("| full step, rows 256: effective TFLOP/s | >= 600 | 599.6 | MISSED |"),
+        "{md}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `tools/tma_tiles.py` turns a report's forced TMA tile rows into the FORA_TMA_TILES setting:
 /// per block GEMM at the asked row count, its fastest measured forced tile, keyed by N x K.
 #[test]
@@ -1281,8 +1394,12 @@ fn python_report_reads_the_rust_json() {
         "{md}"
     );
     assert!(md.contains("| cudnn | 2.00x |"), "{md}");
+    // fc1's custom row failed: the worst case of the others, incomplete.
     assert!(
-        md.contains("best cuBLASLt (worst case) | >= 1.0x | 1.25x (qkv, rows 2) | met |"),
+        md.contains(
+            "each GEMM with its fused epilogue vs best cuBLASLt (worst case) | >= 1.0x | 1.25x \
+             (qkv, rows 2); incomplete, failed: fc1 rows 2 | — |"
+        ),
         "{md}"
     );
     assert!(
@@ -1574,6 +1691,9 @@ fn torch_bench_runs_every_variant_and_compiled_loop_on_the_cpu() {
     );
     let j: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
     assert_eq!(j["errors"], json!([]), "{j:#}");
+    // Its FLOP count is fora's (both sides' TFLOP/s divide the same work).
+    let cfg = DitConfig::official("depth=2,hidden=64,heads=4,patch=2", 8).unwrap();
+    assert_eq!(j["model"]["macs_per_row"], json!(cfg.macs_per_row()));
     let steps = j["steps"].as_array().unwrap();
     for mode in ["eager", "compile"] {
         for variant in ["plain", "fast"] {

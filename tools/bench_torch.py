@@ -231,10 +231,11 @@ def macs_per_row(cfg):
     t = (cfg["input_size"] // cfg["patch"]) ** 2
     d, m = cfg["hidden"], cfg["mlp_ratio"] * cfg["hidden"]
     out_ch = 2 * cfg["in_channels"] if cfg["learn_sigma"] else cfg["in_channels"]
-    per_block = t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * m
+    per_block = t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * m + d * 6 * d
     embed = t * cfg["in_channels"] * cfg["patch"] ** 2 * d
-    fin = t * d * cfg["patch"] ** 2 * out_ch
-    return cfg["depth"] * per_block + embed + fin
+    timestep = 256 * d + d * d  # the timestep MLP on its 256 frequencies
+    fin = d * 2 * d + t * d * cfg["patch"] ** 2 * out_ch
+    return cfg["depth"] * per_block + embed + timestep + fin
 
 
 # ---------------------------------------------------------------------------------------------
