@@ -17,6 +17,8 @@ import os
 import sys
 
 DASH = "—"
+# The model's GEMMs as `fora bench` names its kernel rows.
+GEMMS = ("qkv", "proj", "fc1", "fc2", "adaLN", "final")
 # bench_torch.py's step modes.
 MODES = ("eager", "graph", "compile", "compile_graph")
 
@@ -333,29 +335,38 @@ class Report:
         # Our own GEMM kernels with their fused epilogues against the best cuBLASLt of the same
         # GEMM: the mma.sync kernels always, the Hopper wgmma and TMA (plain, multicast) kernels
         # where they ran.
+        # Two bars for each: the issue's (cuBLASLt's GEMM + our separate epilogue kernel, the
+        # "cublaslt+epilogue" rows) and a stricter one (the best cuBLASLt row of the GEMM,
+        # epilogue fused by cuBLASLt where it can: vs_cublaslt).
+        ks = (self.ours or {}).get("kernels", [])
+        separate = {(k["name"], k["rows"]): k.get("median_ms") for k in ks
+                    if k["impl"] == "cublaslt+epilogue"}
+        bars = (("cuBLASLt + separate epilogue pass",
+                 lambda k: ratio(separate.get((k["name"], k["rows"])), k.get("median_ms"))),
+                ("best cuBLASLt", lambda k: k.get("vs_cublaslt")))
+        goal = TARGETS["gemm_vs_cublaslt"]
         for imp, label in (("custom", "each GEMM with its fused epilogue"),
                            ("wgmma", "each GEMM on the wgmma kernels (fused epilogue)"),
                            ("tma", "each GEMM on the warp-specialized TMA kernels (fused epilogue)"),
                            ("tma_mc", "each GEMM on the cluster-multicast TMA kernels (fused epilogue)")):
-            worst, failed = None, []
-            for k in (self.ours or {}).get("kernels", []):
-                if k["impl"] != imp:
+            # GEMM rows only (vs_cublaslt is null for ours' attention and memory-bound rows).
+            gemms = [k for k in ks if k["impl"] == imp and k["name"] in GEMMS]
+            # A row that failed: no worst case is known.
+            failed = [f"{k['name']} rows {k['rows']}" for k in gemms if k.get("median_ms") is None]
+            for bar, of in bars:
+                worst, v = None, None
+                for k in gemms:
+                    r = of(k)
+                    if r is not None and (v is None or r < v):
+                        worst, v = k, r
+                if imp != "custom" and worst is None and not failed:
                     continue
-                if k.get("vs_cublaslt") is not None:
-                    if worst is None or k["vs_cublaslt"] < worst["vs_cublaslt"]:
-                        worst = k
-                elif k.get("median_ms") is None:  # a row that failed: no worst case known
-                    failed.append(f"{k['name']} rows {k['rows']}")
-            if imp != "custom" and worst is None and not failed:
-                continue
-            goal = TARGETS["gemm_vs_cublaslt"]
-            text = (f"{fmt_against(worst['vs_cublaslt'], 2, 'x', goal, True)} "
-                    f"({worst['name']}, rows {worst['rows']})" if worst else DASH)
-            if failed:
-                text += f"; incomplete, failed: {', '.join(failed)}"
-            add(f"{label} vs best cuBLASLt (worst case)", ">= 1.0x",
-                worst["vs_cublaslt"] if worst else None, text,
-                None if worst is None or failed else worst["vs_cublaslt"] >= goal)
+                text = (f"{fmt_against(v, 2, 'x', goal, True)} "
+                        f"({worst['name']}, rows {worst['rows']})" if worst else DASH)
+                if failed:
+                    text += f"; incomplete, failed: {', '.join(failed)}"
+                add(f"{label} vs {bar} (worst case)", ">= 1.0x", v, text,
+                    None if worst is None or failed else v >= goal)
         # The same target for the GEMMs as the model runs them: qkv and fc1 with bias (+ GELU)
         # fused by cuBLASLt (bf16 bias) against cuBLASLt's product + our epilogue kernel.
         fused = {}
