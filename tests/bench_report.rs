@@ -17,7 +17,7 @@ use fora::cuda::CudaOptions;
 use fora::diffusion::{Diffusion, SamplerKind};
 use fora::weights::DitWeights;
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn parse(args: &[&str]) -> (fora::bench::BenchArgs, bool) {
@@ -1100,6 +1100,16 @@ fn fake_torch_json(macs: u64) -> Value {
     })
 }
 
+/// Writes fake_report() as fora bench's JSON to `ours` and fake_torch_json() of its model to
+/// `torch`: bench_report.py's inputs.
+fn write_fake_inputs(ours: &Path, torch: &Path) -> Report {
+    let report = fake_report();
+    report.write_json(ours).unwrap();
+    let torch_json = fake_torch_json(report.model.macs_per_row);
+    std::fs::write(torch, serde_json::to_string_pretty(&torch_json).unwrap()).unwrap();
+    report
+}
+
 /// bench_report.py's target rows pair like with like and never claim what was not measured:
 /// the N = 3 speedup divides runs of one GEMM implementation (not another's N = 1 where the
 /// first one's failed), a loop other than the 250 steps has no status, the attention
@@ -1113,12 +1123,8 @@ fn python_report_pairs_like_with_like() {
         return;
     }
     let dir = tmp_dir("report_pairs");
-    let report = fake_report();
-    let torch = dir.join("bench_torch.json");
-    let torch_json = fake_torch_json(report.model.macs_per_row);
-    std::fs::write(&torch, serde_json::to_string_pretty(&torch_json).unwrap()).unwrap();
-    let ours_path = dir.join("bench.json");
-    report.write_json(&ours_path).unwrap();
+    let (ours_path, torch) = (dir.join("bench.json"), dir.join("bench_torch.json"));
+    let report = write_fake_inputs(&ours_path, &torch);
     let base: Value = serde_json::from_str(&std::fs::read_to_string(&ours_path).unwrap()).unwrap();
     let markdown_of = |ours: &Value| {
         std::fs::write(&ours_path, serde_json::to_string_pretty(ours).unwrap()).unwrap();
@@ -1285,15 +1291,11 @@ fn python_report_reads_the_rust_json() {
         return;
     }
     let dir = tmp_dir("report");
-    let report = fake_report();
-    let ours = dir.join("sub").join("bench.json");
-    report.write_json(&ours).unwrap();
-    let torch = dir.join("bench_torch.json");
-    std::fs::write(
-        &torch,
-        serde_json::to_string_pretty(&fake_torch_json(report.model.macs_per_row)).unwrap(),
-    )
-    .unwrap();
+    let (ours, torch) = (
+        dir.join("sub").join("bench.json"),
+        dir.join("bench_torch.json"),
+    );
+    write_fake_inputs(&ours, &torch);
     let md_path = dir.join("report.md");
     let png = dir.join("latency.png");
     let out = Command::new("python3")
