@@ -1202,6 +1202,21 @@ fn python_report_pairs_like_with_like() {
         "{md}"
     );
 
+    // Without --gemm, the implementation fora bench timed first (its default), not custom.
+    let mut j = base.clone();
+    let steps = j["steps"].as_array_mut().unwrap();
+    let mut lt: Vec<Value> = steps.clone();
+    for r in &mut lt {
+        r["gemm"] = json!("cublaslt");
+    }
+    lt.append(steps);
+    *steps = lt;
+    let md = markdown_of(&j);
+    assert!(
+        md.contains("- our steps: GEMM implementation `cublaslt`"),
+        "{md}"
+    );
+
     // 599.6 TFLOP/s against >= 600 shows as 599.6, not 600, beside MISSED.
     let mut j = base.clone();
     let flops = 2.0 * report.model.macs_per_row as f64 * 256.0;

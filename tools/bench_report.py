@@ -90,14 +90,14 @@ class Report:
         for d in (ours, torch):
             if d and d.get("model") and d["model"].get("macs_per_row"):
                 self.macs = self.macs or d["model"]["macs_per_row"]
-        # Our step rows of one GEMM implementation: the one asked for, else custom when
-        # measured, else the first.
+        # Our step rows of one GEMM implementation: the one asked for, else the first (fora
+        # bench times the model's default implementation first, cuBLASLt unless told).
         self.gemm = None
         if ours and ours.get("steps"):
             gemms = [r["gemm"] for r in ours["steps"]]
             if gemm is not None and gemm not in gemms:
                 raise SystemExit(f"bench_report: no step rows with GEMM {gemm!r} (have {sorted(set(gemms))})")
-            self.gemm = gemm or ("custom" if "custom" in gemms else gemms[0])
+            self.gemm = gemm or gemms[0]
 
     # -- lookups ------------------------------------------------------------------------------
 
@@ -655,7 +655,7 @@ def main(argv=None):
     p.add_argument("--md", default=None, help="also write the Markdown here")
     p.add_argument("--plot", default=None, help="PNG of step latency vs rows (needs matplotlib)")
     p.add_argument("--gemm", default=None, choices=["custom", "cublaslt", "wgmma", "tma", "tma_mc", "tuned"],
-                   help="our GEMM implementation to report (default custom when measured; "
+                   help="our GEMM implementation to report (default: the first timed, fora bench's default; "
                         "the names of `fora bench --gemm`, or `tuned` for `fora bench --tune`)")
     a = p.parse_args(argv)
     ours = load(a.ours, "fora-bench/1")
