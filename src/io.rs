@@ -283,6 +283,50 @@ pub fn check_output_path(flag: &str, out: &Path, extensions: &[&str]) -> Result<
     Ok(())
 }
 
+/// Checks, before any long work, that a file can later be written at `path` by
+/// [`write_atomic`] (which makes missing folders first where the caller does, then renames a
+/// temporary file into place): the nearest folder of `path` that exists must take a new file.
+/// Tried with a file made and removed at once; `flag` names the option in the error.
+pub fn check_writable(flag: &str, path: &Path) -> Result<()> {
+    let (target, replace) =
+        write_target(path).with_context(|| format!("{flag} {}", path.display()))?;
+    if !replace {
+        return Ok(()); // a device or FIFO, written into as it stands
+    }
+    let mut dir = target.parent().map(Path::to_path_buf);
+    while let Some(d) = dir
+        .clone()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    let dir = dir
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."));
+    ensure!(
+        dir.is_dir(),
+        "{flag} {}: {} is not a directory",
+        path.display(),
+        dir.display()
+    );
+    let probe = dir.join(format!(".fora-write-probe.{}", std::process::id()));
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(anyhow::anyhow!(
+            "{flag} {}: cannot write in {}: {e}",
+            path.display(),
+            dir.display()
+        )),
+    }
+}
+
 /// Where a write to `path` goes: `path` itself, or for a symbolic link the file it leads to
 /// (the link stays a link); and whether that is a regular file (or nothing yet), replaced
 /// whole by [`write_atomic`], or something else that is written into as it stands (a device

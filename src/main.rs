@@ -481,6 +481,8 @@ fn sample(args: SampleArgs) -> Result<()> {
         kind,
         guidance: guidance(scale, args.cfg_mode.unwrap_or(CfgMode::Official))?,
     };
+    // Bad respacing, eta or scale refused before a checkpoint loads.
+    options.validate()?;
     let model = args.model.clone();
     let tune_candidates = if tune {
         Some(fora::cuda::tune::candidates_from_env()?)
@@ -488,9 +490,12 @@ fn sample(args: SampleArgs) -> Result<()> {
         None
     };
     let tune_cache = match &args.tune_cache {
-        Some(path) => Some(std::cell::RefCell::new(
-            TuneCache::open(path).context("--tune-cache")?,
-        )),
+        Some(path) => {
+            let cache = TuneCache::open(path).context("--tune-cache")?;
+            // A tuning of minutes whose choice could not be stored would be lost: said now.
+            fora::io::check_writable("--tune-cache", path)?;
+            Some(std::cell::RefCell::new(cache))
+        }
         None => None,
     };
     let job = SampleJob {

@@ -68,6 +68,31 @@ impl SamplerOptions {
         self.guidance = guidance;
         self
     }
+
+    /// Checks these options without a model: the respacing string, each step's update (DDIM's
+    /// eta against the schedule) and the guidance scale, as [`Sampler::new`] does. A caller
+    /// can refuse bad options before a checkpoint of gigabytes loads (none of the checks
+    /// depends on the model: learn_sigma changes DDPM's variance only, which has none).
+    pub fn validate(&self) -> Result<()> {
+        self.process(true).map(|_| ())
+    }
+
+    /// The respaced process for these options and a model's `learn_sigma`, and every step's
+    /// update coefficients; an error naming what is wrong.
+    fn process(&self, learn_sigma: bool) -> Result<(Diffusion, Vec<StepUpdate>)> {
+        if let Some(g) = self.guidance {
+            ensure!(
+                g.scale.is_finite(),
+                "guidance scale must be a finite number, got {}",
+                g.scale
+            );
+        }
+        let diffusion = Diffusion::new(&self.respacing, learn_sigma)?;
+        let updates = (0..diffusion.steps())
+            .map(|i| diffusion.step_update(i, self.kind))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((diffusion, updates))
+    }
 }
 
 impl Default for SamplerOptions {
@@ -140,18 +165,7 @@ impl<'a, B: Backend> Sampler<'a, B> {
     /// Builds the respaced process for `options` and the model's `learn_sigma`, and evaluates
     /// every step's update coefficients.
     pub fn new(backend: &'a B, options: SamplerOptions) -> Result<Sampler<'a, B>> {
-        if let Some(g) = options.guidance {
-            ensure!(
-                g.scale.is_finite(),
-                "guidance scale must be a finite number, got {}",
-                g.scale
-            );
-        }
-        let config = backend.config();
-        let diffusion = Diffusion::new(&options.respacing, config.learn_sigma)?;
-        let updates = (0..diffusion.steps())
-            .map(|i| diffusion.step_update(i, options.kind))
-            .collect::<Result<Vec<_>>>()?;
+        let (diffusion, updates) = options.process(backend.config().learn_sigma)?;
         Ok(Sampler {
             backend,
             options,

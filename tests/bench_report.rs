@@ -165,6 +165,22 @@ fn bad_arguments_are_clear_errors() {
         (&["--copy-mib", "0"][..], "--copy-mib"),
         (&["--cfg-scale", "NaN"][..], "--cfg-scale"),
         (&["--input-size", "0"][..], "--input-size"),
+        // The Markdown goes beside the JSON with .md: one file would hold both (session 33).
+        (&["--json", "out.md"][..], "must end in .json"),
+        (
+            &["--json", "/etc/passwd/report.json"][..],
+            "/etc/passwd is not a directory",
+        ),
+        (
+            &["--json", "/etc/passwd/sub/report.json"][..],
+            "/etc/passwd is not a directory",
+        ),
+        // A tuning no section would time.
+        (&["--tune", "--sections", "kernels"][..], "--tune"),
+        (
+            &["--tune", "--tune-budget-s", "1e-15"][..],
+            "--tune-budget-s",
+        ),
     ] {
         let e = plan_err(args);
         assert!(
@@ -2191,6 +2207,58 @@ fn report_tools_refuse_malformed_files_without_a_traceback() {
             );
         }
     }
+    // Valid JSON with odd values (session 33's probe): nested past Python's recursion limit,
+    // a loop of no computing steps (a division by zero), and a Markdown path that is a folder.
+    let deep = dir.join("deep.json");
+    let nested = "[".repeat(100_000) + &"]".repeat(100_000);
+    std::fs::write(
+        &deep,
+        format!(r#"{{"schema":"fora-bench/1","steps":{nested}}}"#),
+    )
+    .unwrap();
+    let (ours, torch) = (dir.join("ours.json"), dir.join("torch.json"));
+    write_fake_inputs(&ours, &torch);
+    let mut j: Value = serde_json::from_str(&std::fs::read_to_string(&ours).unwrap()).unwrap();
+    for r in j["e2e"].as_array_mut().unwrap() {
+        r["computed"] = json!(0);
+    }
+    let no_computing = dir.join("no_computing.json");
+    std::fs::write(&no_computing, j.to_string()).unwrap();
+    for (what, args) in [
+        ("deep.json", vec![deep.clone(), dir.join("absent.json")]),
+        ("no_computing.json", vec![no_computing, torch.clone()]),
+    ] {
+        let out = Command::new("python3")
+            .arg(root().join("tools/bench_report.py"))
+            .arg("--ours")
+            .arg(&args[0])
+            .arg("--torch")
+            .arg(&args[1])
+            .output()
+            .expect("run python3");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: accepted; {stderr}");
+        assert!(
+            !stderr.contains("Traceback") && stderr.contains(what),
+            "{what}: {stderr}"
+        );
+    }
+    let out = Command::new("python3")
+        .arg(root().join("tools/bench_report.py"))
+        .arg("--ours")
+        .arg(&ours)
+        .arg("--torch")
+        .arg(&torch)
+        .arg("--md")
+        .arg(&dir)
+        .output()
+        .expect("run python3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "--md a folder: accepted; {stderr}");
+    assert!(
+        !stderr.contains("Traceback") && stderr.contains("cannot write"),
+        "{stderr}"
+    );
     // variants_report.py: nothing readable is a failure that says why.
     std::fs::write(dir.join("variant_default.json"), "bad").unwrap();
     let out = Command::new("python3")

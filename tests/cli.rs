@@ -342,6 +342,11 @@ fn info_runs() {
             "pdl,nope",
             "FORA_TUNE_SKIP: no tuning candidate \"nope\"",
         ),
+        (
+            "a:FORA_PDL=1",
+            "a",
+            "FORA_TUNE_SKIP: skipping a leaves no tuning candidate",
+        ),
     ] {
         let o = Command::new(fora_bin())
             .arg("info")
@@ -1197,6 +1202,23 @@ fn special_files_and_save_weights_found_in_second_review() {
         assert_fails(&o, &["/dev/zero", "not a regular file"], &out);
         assert!(!stderr(&o).is_empty(), "{flag}");
     }
+
+    // A tuning cache where no file can be written: refused before the tuning of minutes whose
+    // choice it could not store (session 33).
+    let o = fora(&[
+        "sample",
+        "--model",
+        &model,
+        "--class",
+        "1",
+        "--steps",
+        "2",
+        "--tune-cache",
+        "/proc/fora-tune-cache.json",
+        "--out",
+        &out_s,
+    ]);
+    assert_fails(&o, &["--tune-cache", "cannot write in /proc"], &out);
 
     // RAYON_NUM_THREADS far past the cores: refused before the threads are spawned.
     let o = Command::new(fora_bin())

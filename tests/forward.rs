@@ -768,3 +768,41 @@ fn a_config_of_zero_heads_is_refused_by_the_cuda_check() {
     let err = format!("{:#}", fora::cuda::backend::supports(&cfg).unwrap_err());
     assert!(err.contains("heads"), "{err}");
 }
+
+/// `forward_into` takes caller-owned buffers whose fields are public: buffers of another
+/// model, or resized ones, are refused by name (they were indexed past their end: a panic).
+#[test]
+fn forward_into_refuses_buffers_of_another_model() {
+    let cfg = odd_config();
+    let be = backend(&cfg, 4);
+    let (x, t, y) = inputs(&cfg, 2, 7);
+    let other = other_config();
+    let mut acts = Activations::new(&cfg, 2).unwrap();
+    let mut cache = FeatureCache::new(&cfg, 2).unwrap();
+    let err = |r: anyhow::Result<()>| format!("{:#}", r.unwrap_err());
+    // Activations of another model, the same rows.
+    let mut foreign = Activations::new(&other, 2).unwrap();
+    let e = err(be.forward_into(&mut foreign, None, StepMode::Compute, &x, &t, &y));
+    assert!(e.contains("another model"), "{e}");
+    // A cache of another model, computing and reusing.
+    let mut foreign_cache = FeatureCache::new(&other, 2).unwrap();
+    for mode in [StepMode::Compute, StepMode::Reuse] {
+        foreign_cache.valid = true;
+        let e = err(be.forward_into(&mut acts, Some(&mut foreign_cache), mode, &x, &t, &y));
+        assert!(e.contains("another model"), "{mode:?}: {e}");
+    }
+    // A resized buffer of the right model.
+    cache.attn.truncate(3);
+    let e = err(be.forward_into(&mut acts, Some(&mut cache), StepMode::Compute, &x, &t, &y));
+    assert!(e.contains("attention outputs hold 3 values"), "{e}");
+    acts.mlp.push(0.0);
+    let e = err(be.forward_into(&mut acts, None, StepMode::Compute, &x, &t, &y));
+    assert!(e.contains("MLP hidden buffer"), "{e}");
+    // Right-sized buffers still run.
+    let mut acts = Activations::new(&cfg, 2).unwrap();
+    let mut cache = FeatureCache::new(&cfg, 2).unwrap();
+    be.forward_into(&mut acts, Some(&mut cache), StepMode::Compute, &x, &t, &y)
+        .unwrap();
+    be.forward_into(&mut acts, Some(&mut cache), StepMode::Reuse, &x, &t, &y)
+        .unwrap();
+}

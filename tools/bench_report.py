@@ -47,8 +47,8 @@ def load(path, schema):
     try:
         with open(path) as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"bench_report: cannot read {path}: {e}")
+    except (OSError, ValueError, RecursionError) as e:
+        raise SystemExit(f"bench_report: cannot read {path}: {type(e).__name__}: {e}")
     if not isinstance(data, dict):
         raise SystemExit(f"bench_report: {path} holds a JSON {type(data).__name__}, not a report object")
     if data.get("schema") != schema:
@@ -124,7 +124,7 @@ class Report:
         return r["median_ms"] if r else None
 
     def tflops(self, rows, ms):
-        if ms is None or not self.macs:
+        if ms is None or ms <= 0 or not self.macs:
             return None
         return 2.0 * self.macs * rows / (ms * 1e-3) / 1e12
 
@@ -663,20 +663,32 @@ def main(argv=None):
     if ours is None and torch is None:
         print("bench_report: neither JSON exists: nothing to report", file=sys.stderr)
         return 2
+    # A file with the right schema but fields missing, of the wrong type, or zero where a
+    # count divides (e.g. no computing steps).
+    malformed = (KeyError, TypeError, AttributeError, ValueError, IndexError, ArithmeticError,
+                 RecursionError)
     try:
         r = Report(ours, torch, a.gemm)
         text = r.markdown()
-    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
-        # A file with the right schema but fields missing or of the wrong type.
+    except malformed as e:
         raise SystemExit(f"bench_report: {a.ours} / {a.torch}: a malformed report "
                          f"({type(e).__name__}: {e})")
     print(text)
     if a.md:
-        os.makedirs(os.path.dirname(a.md) or ".", exist_ok=True)
-        with open(a.md, "w") as f:
-            f.write(text)
-    if a.plot and r.plot(a.plot):
-        print(f"bench_report: plot in {a.plot}", file=sys.stderr)
+        try:
+            os.makedirs(os.path.dirname(a.md) or ".", exist_ok=True)
+            with open(a.md, "w") as f:
+                f.write(text)
+        except OSError as e:
+            raise SystemExit(f"bench_report: cannot write {a.md}: {e}")
+    try:
+        if a.plot and r.plot(a.plot):
+            print(f"bench_report: plot in {a.plot}", file=sys.stderr)
+    except OSError as e:
+        raise SystemExit(f"bench_report: cannot write {a.plot}: {e}")
+    except malformed as e:
+        raise SystemExit(f"bench_report: {a.ours} / {a.torch}: a malformed report for the plot "
+                         f"({type(e).__name__}: {e})")
     return 0
 
 

@@ -48,7 +48,7 @@ use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys;
 use serde_json::{json, Value};
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 mod kernels;
@@ -361,6 +361,20 @@ impl BenchArgs {
             "--sections: give at least one section"
         );
         sections.dedup();
+        // The tuning serves the steps, ops and end-to-end sections (their `tuned` rows).
+        ensure!(
+            !self.tune
+                || sections
+                    .iter()
+                    .any(|s| matches!(s, Section::Steps | Section::Ops | Section::E2e)),
+            "--tune times its choice in the steps, ops or e2e section: --sections has none of them"
+        );
+        let json = self.json.clone().unwrap_or_else(|| {
+            std::env::var_os("FORA_BENCH_JSON")
+                .filter(|v| !v.is_empty())
+                .map_or_else(|| PathBuf::from(DEFAULT_JSON), PathBuf::from)
+        });
+        check_json_path(&json)?;
         Ok(BenchPlan {
             quick: q,
             sections,
@@ -382,12 +396,41 @@ impl BenchArgs {
                 Vec::new()
             },
             tune_budget,
-            json: self.json.clone().unwrap_or_else(|| {
-                std::env::var_os("FORA_BENCH_JSON")
-                    .filter(|v| !v.is_empty())
-                    .map_or_else(|| PathBuf::from(DEFAULT_JSON), PathBuf::from)
-            }),
+            json,
         })
+    }
+}
+
+/// The JSON report's path, checked before anything runs (a run of minutes that could not
+/// write its report would be lost): a `.json` file name, since the Markdown goes beside it
+/// with `.md` (`--json out.md` would write both to one file), and no regular file where a
+/// folder must be. Folders not there yet are made when the report is written.
+fn check_json_path(json: &Path) -> Result<()> {
+    let flag = "--json (or FORA_BENCH_JSON)";
+    let ext = json.extension().and_then(|e| e.to_str()).unwrap_or("");
+    ensure!(
+        json.file_name().is_some() && ext.eq_ignore_ascii_case("json"),
+        "{flag} {}: the file name must end in .json (the Markdown is written beside it, .md)",
+        json.display()
+    );
+    match json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(parent) if !parent.exists() => {
+            // Folders to be made: the nearest one that exists must be a folder.
+            let mut above = parent.parent();
+            while let Some(d) = above.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+                above = d.parent();
+            }
+            if let Some(d) = above.filter(|d| !d.as_os_str().is_empty()) {
+                ensure!(
+                    d.is_dir(),
+                    "{flag} {}: {} is not a directory",
+                    json.display(),
+                    d.display()
+                );
+            }
+            Ok(())
+        }
+        _ => crate::io::check_output_path(flag, json, &["json"]),
     }
 }
 
@@ -398,8 +441,14 @@ fn tune_budget(seconds: f64) -> Result<std::time::Duration> {
         seconds.is_finite() && seconds > 0.0,
         "--tune-budget-s {seconds}: give a finite number of seconds > 0"
     );
-    std::time::Duration::try_from_secs_f64(seconds)
-        .map_err(|_| anyhow::anyhow!("--tune-budget-s {seconds}: too long a time budget"))
+    let budget = std::time::Duration::try_from_secs_f64(seconds)
+        .map_err(|_| anyhow::anyhow!("--tune-budget-s {seconds:e}: too long a time budget"))?;
+    // A budget that rounds to nothing would stop the tuning after the given options.
+    ensure!(
+        !budget.is_zero(),
+        "--tune-budget-s {seconds:e}: under a nanosecond, give a finite number of seconds > 0"
+    );
+    Ok(budget)
 }
 
 /// Parses the command line of the `dit` bench binary: `cargo bench` runs it as

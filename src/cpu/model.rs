@@ -139,6 +139,49 @@ impl Activations {
     pub fn rows(&self) -> usize {
         self.rows
     }
+
+    /// Checks that every buffer has its length for a forward of `cfg` over [`Self::rows`]
+    /// (the fields are public: buffers of another model, or a resized one, are refused by
+    /// name instead of indexed past their end).
+    pub fn check(&self, cfg: &DitConfig) -> Result<()> {
+        let lens = [
+            self.patches.len(),
+            self.x.len(),
+            self.h.len(),
+            self.qkv.len(),
+            self.attn.len(),
+            self.mlp.len(),
+            self.attn_out.len(),
+            self.mlp_out.len(),
+            self.t_feat.len(),
+            self.t_hidden.len(),
+            self.c.len(),
+            self.silu_c.len(),
+            self.mods.len(),
+            self.final_mods.len(),
+            self.final_out.len(),
+            self.out.len(),
+        ];
+        for ((what, dims), len) in Self::layout(cfg, self.rows).iter().zip(lens) {
+            ensure!(
+                f32_len(dims) == Some(len),
+                "the CPU forward's {what} buffer holds {len} values where {} of {} rows \
+                 take {dims:?}: buffers made for another model, or resized",
+                cfg.arch_name(),
+                self.rows
+            );
+        }
+        // The scores scratch (private) was sized for its thread count when made.
+        let square = cfg.tokens() * cfg.tokens();
+        ensure!(
+            self.scores.len() >= square && self.scores.len().is_multiple_of(square),
+            "the CPU forward's attention scores hold {} values, not [tasks, {t}, {t}]: buffers \
+             made for another model",
+            self.scores.len(),
+            t = cfg.tokens()
+        );
+        Ok(())
+    }
 }
 
 /// The FORA cache of one batch of model rows: per layer the attention output (after proj) and
@@ -174,6 +217,22 @@ impl FeatureCache {
     /// Model rows this cache holds.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Checks that both buffers have their length for `cfg` over [`Self::rows`] (the fields are
+    /// public: a cache of another model, or a resized one, is refused by name).
+    pub fn check(&self, cfg: &DitConfig) -> Result<()> {
+        let dims = Self::dims(cfg, self.rows);
+        for (what, len) in [("attention", self.attn.len()), ("MLP", self.mlp.len())] {
+            ensure!(
+                f32_len(&dims) == Some(len),
+                "the FORA cache's {what} outputs hold {len} values where {} of {} rows take \
+                 {dims:?}: a cache made for another model, or resized",
+                cfg.arch_name(),
+                self.rows
+            );
+        }
+        Ok(())
     }
 
     /// Dims of each of the two buffers: `[L, N*T, D]`.
@@ -457,6 +516,10 @@ pub fn forward(
 ) -> Result<()> {
     let n = acts.rows;
     check_inputs(cfg, n, x, t, y)?;
+    acts.check(cfg)?;
+    if let Some(cache) = &cache {
+        cache.check(cfg)?;
+    }
     let parallel = mode == StepMode::Compute;
     match mode {
         StepMode::Compute => {

@@ -1469,10 +1469,17 @@ pub fn skip_candidates(candidates: Vec<TuneCandidate>, skip: &str) -> Result<Vec
              skipped"
         );
     }
-    Ok(candidates
+    let left: Vec<TuneCandidate> = candidates
         .into_iter()
         .filter(|c| !names.contains(&c.name.as_str()))
-        .collect())
+        .collect();
+    // Said here, before a model loads, rather than by the tuning after it.
+    ensure!(
+        !left.is_empty(),
+        "skipping {} leaves no tuning candidate",
+        names.join(", ")
+    );
+    Ok(left)
 }
 
 #[cfg(test)]
@@ -1554,6 +1561,12 @@ mod tests {
             names(&skip_candidates(list[1..].to_vec(), "pdl").unwrap()),
             ["tma", "x"]
         );
+        // Skipping every candidate is said before anything loads.
+        let err = format!(
+            "{:#}",
+            skip_candidates(list[1..2].to_vec(), "pdl").unwrap_err()
+        );
+        assert!(err.contains("leaves no tuning candidate"), "{err}");
     }
 
     #[test]
