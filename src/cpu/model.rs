@@ -52,38 +52,71 @@ pub struct Activations {
     scores: Vec<f32>,
 }
 
+/// A buffer's dims, up to five, held on the stack.
+#[derive(Clone, Copy)]
+struct Dims {
+    d: [usize; 5],
+    rank: usize,
+}
+
+impl Dims {
+    fn of(dims: &[usize]) -> Dims {
+        let mut d = [1; 5];
+        d[..dims.len()].copy_from_slice(dims);
+        Dims {
+            d,
+            rank: dims.len(),
+        }
+    }
+}
+
+impl std::ops::Deref for Dims {
+    type Target = [usize];
+    fn deref(&self) -> &[usize] {
+        &self.d[..self.rank]
+    }
+}
+
+impl std::fmt::Debug for Dims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
 impl Activations {
     /// Each buffer of a forward over `rows` model rows: its name and dims, in field order.
-    fn layout(cfg: &DitConfig, rows: usize) -> [(&'static str, Vec<usize>); 17] {
+    /// (On the stack: [`Activations::check`] runs it every forward, and a reuse step allocates
+    /// nothing.)
+    fn layout(cfg: &DitConfig, rows: usize) -> [(&'static str, Dims); 17] {
         let (t, d) = (cfg.tokens(), cfg.hidden);
         let tasks = rayon::current_num_threads().clamp(1, rows.saturating_mul(cfg.heads));
         [
             (
                 "patches",
-                vec![rows, t, cfg.in_channels, cfg.patch, cfg.patch],
+                Dims::of(&[rows, t, cfg.in_channels, cfg.patch, cfg.patch]),
             ),
-            ("residual stream", vec![rows, t, d]),
-            ("normalized activations", vec![rows, t, d]),
-            ("qkv", vec![rows, t, 3, d]),
-            ("attention", vec![rows, t, d]),
-            ("MLP hidden", vec![rows, t, cfg.mlp_hidden()]),
-            ("attention output", vec![rows, t, d]),
-            ("MLP output", vec![rows, t, d]),
-            ("timestep features", vec![rows, FREQ_DIM]),
-            ("timestep hidden", vec![rows, d]),
-            ("conditioning", vec![rows, d]),
-            ("conditioning", vec![rows, d]),
-            ("modulations", vec![cfg.depth, rows, 6, d]),
-            ("final modulations", vec![rows, 2, d]),
-            ("final layer", vec![rows, t, cfg.patch_out()]),
-            ("output", vec![rows, cfg.out_len()]),
-            ("attention scores", vec![tasks, t, t]),
+            ("residual stream", Dims::of(&[rows, t, d])),
+            ("normalized activations", Dims::of(&[rows, t, d])),
+            ("qkv", Dims::of(&[rows, t, 3, d])),
+            ("attention", Dims::of(&[rows, t, d])),
+            ("MLP hidden", Dims::of(&[rows, t, cfg.mlp_hidden()])),
+            ("attention output", Dims::of(&[rows, t, d])),
+            ("MLP output", Dims::of(&[rows, t, d])),
+            ("timestep features", Dims::of(&[rows, FREQ_DIM])),
+            ("timestep hidden", Dims::of(&[rows, d])),
+            ("conditioning", Dims::of(&[rows, d])),
+            ("conditioning", Dims::of(&[rows, d])),
+            ("modulations", Dims::of(&[cfg.depth, rows, 6, d])),
+            ("final modulations", Dims::of(&[rows, 2, d])),
+            ("final layer", Dims::of(&[rows, t, cfg.patch_out()])),
+            ("output", Dims::of(&[rows, cfg.out_len()])),
+            ("attention scores", Dims::of(&[tasks, t, t])),
         ]
     }
 
     /// Bytes of the buffers of a forward over `rows` model rows, None where they overflow.
     pub fn bytes(cfg: &DitConfig, rows: usize) -> Option<u64> {
-        f32_bytes(Self::layout(cfg, rows).iter().map(|(_, d)| d.as_slice()))
+        f32_bytes(Self::layout(cfg, rows).iter().map(|(_, d)| &**d))
     }
 
     /// Buffers for a forward of `rows` model rows (at least one); an error naming the largest
@@ -96,7 +129,7 @@ impl Activations {
             .iter()
             .max_by_key(|(_, dims)| f32_len(dims).unwrap_or(usize::MAX))
             .expect("the layout is not empty");
-        let bytes = f32_bytes(layout.iter().map(|(_, d)| d.as_slice()))
+        let bytes = f32_bytes(layout.iter().map(|(_, d)| &**d))
             .with_context(|| format!("{largest}: {dims:?} elements overflow the address space"))
             .with_context(context)?;
         ensure_free_memory(
