@@ -309,7 +309,11 @@ pub fn check_writable(flag: &str, path: &Path) -> Result<()> {
         path.display(),
         dir.display()
     );
-    let probe = dir.join(format!(".fora-write-probe.{}", std::process::id()));
+    // The pid and the time: no file an earlier run (or another process) left can be hit.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let probe = dir.join(format!(".fora-write-probe.{}.{nanos}", std::process::id()));
     match fs::OpenOptions::new()
         .write(true)
         .create_new(true)

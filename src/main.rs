@@ -492,8 +492,12 @@ fn sample(args: SampleArgs) -> Result<()> {
     let tune_cache = match &args.tune_cache {
         Some(path) => {
             let cache = TuneCache::open(path).context("--tune-cache")?;
-            // A tuning of minutes whose choice could not be stored would be lost: said now.
-            fora::io::check_writable("--tune-cache", path)?;
+            // A tuning of minutes whose choice could not be stored would be lost: where no
+            // choice can be found (a new cache) that is said now, else before a tuning (a
+            // read-only cache that holds the run's choice is only read).
+            if cache.is_empty() {
+                fora::io::check_writable("--tune-cache", path)?;
+            }
             Some(std::cell::RefCell::new(cache))
         }
         None => None,
@@ -588,6 +592,9 @@ impl Job for SampleJob {
                 choice.name
             }
             None => {
+                if let Some((cache, _)) = &cache {
+                    fora::io::check_writable("--tune-cache", cache.borrow().path())?;
+                }
                 let tuning =
                     fora::cuda::tune::tune(backend, &plan, &schedule, candidates, &settings)?;
                 eprintln!("{}", tuning.markdown());

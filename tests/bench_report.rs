@@ -176,7 +176,10 @@ fn bad_arguments_are_clear_errors() {
             "/etc/passwd is not a directory",
         ),
         // A tuning no section would time.
-        (&["--tune", "--sections", "kernels"][..], "--tune"),
+        (
+            &["--tune", "--sections", "kernels"][..],
+            "steps, ops or e2e",
+        ),
         (
             &["--tune", "--tune-budget-s", "1e-15"][..],
             "--tune-budget-s",
@@ -1218,6 +1221,45 @@ fn python_report_pairs_like_with_like() {
         "{md}"
     );
 
+    // A PyTorch file of the FLOP count before session 33 (0.19% less): a note, not a warning.
+    let old_count = (report.model.macs_per_row as f64 * 0.998) as u64;
+    let old_torch = dir.join("bench_torch_old_count.json");
+    std::fs::write(&old_torch, fake_torch_json(old_count).to_string()).unwrap();
+    std::fs::write(&ours_path, base.to_string()).unwrap();
+    let md = run_ok(
+        Command::new("python3")
+            .arg(root().join("tools/bench_report.py"))
+            .arg("--ours")
+            .arg(&ours_path)
+            .arg("--torch")
+            .arg(&old_torch),
+    );
+    assert!(
+        md.contains("(one is from before session 33's count)") && !md.contains("WARNING"),
+        "{md}"
+    );
+
+    // A loop whose samples were not finite fails its targets whatever its time.
+    let mut j = base.clone();
+    for r in j["e2e"].as_array_mut().unwrap() {
+        if r["interval"] == 3 {
+            r["finite"] = json!(false);
+            r["loop_ms"] = json!(90.0);
+        }
+    }
+    let md = markdown_of(&j);
+    assert!(
+        md.contains(
+            "| 250-step DDPM, FORA N=3, one image: end to end | <= 100 ms | 90.0 ms (NON-FINITE \
+             samples) | MISSED |"
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains("(limit 2.98x) (NON-FINITE samples) | MISSED |"),
+        "{md}"
+    );
+
     // Without --gemm, the implementation fora bench timed first (its default), not custom.
     let mut j = base.clone();
     let steps = j["steps"].as_array_mut().unwrap();
@@ -1428,12 +1470,13 @@ fn python_report_reads_the_rust_json() {
     );
     assert!(md.contains("| cudnn | 2.00x |"), "{md}");
     // fc1's custom row failed: the worst case of the others, incomplete. Against the issue's
-    // bar (cuBLASLt + our separate epilogue: qkv 0.030 ms against ours 0.020) and the best
-    // cuBLASLt row (0.025).
+    // bar (cuBLASLt + our separate epilogue: qkv 0.030 ms against ours 0.020; final has no
+    // such row, also incomplete) and the best cuBLASLt row (0.025).
     assert!(
         md.contains(
             "each GEMM with its fused epilogue vs cuBLASLt + separate epilogue pass (worst case) \
-             | >= 1.0x | 1.50x (qkv, rows 2); incomplete, failed: fc1 rows 2 | — |"
+             | >= 1.0x | 1.50x (qkv, rows 2); incomplete, failed: fc1 rows 2; incomplete, no \
+             cuBLASLt + separate epilogue pass row for: final rows 2 | — |"
         ),
         "{md}"
     );

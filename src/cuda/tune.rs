@@ -1371,6 +1371,11 @@ impl TuneCache {
         &self.path
     }
 
+    /// Whether the cache holds no choice (a new file): every lookup misses.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// The choice cached for `key`.
     pub fn lookup(&self, key: &TuneKey) -> Option<&CachedChoice> {
         self.entries.iter().find(|(k, _)| k == key).map(|(_, c)| c)
