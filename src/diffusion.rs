@@ -256,18 +256,26 @@ impl Diffusion {
                     "DDIM eta must be a finite non-negative number, got {eta:e}"
                 );
                 let (abar, abar_prev) = (self.alphas_cumprod[i], self.alphas_cumprod_prev[i]);
-                let sigma = eta
-                    * ((1.0 - abar_prev) / (1.0 - abar)).sqrt()
-                    * (1.0 - abar / abar_prev).sqrt();
+                // sigma at eta = 1; eta scales it.
+                let unit =
+                    ((1.0 - abar_prev) / (1.0 - abar)).sqrt() * (1.0 - abar / abar_prev).sqrt();
+                let sigma = eta * unit;
                 // Past 1, sigma^2 can exceed 1 - abar_prev, whose root DDIM takes: NaN latents
                 // (as in the official code). How far past 1 depends on the schedule.
                 let room = 1.0 - abar_prev;
                 ensure!(
                     sigma * sigma <= room,
-                    "DDIM eta {eta} is too large for step {i} of this schedule (sigma^2 {:.3e} > \
+                    "DDIM eta {} is too large for step {i} of this schedule (sigma^2 {:.3e} > \
                      1 - abar_prev {room:.3e}; eta <= {:.4} here, and any eta <= 1 always works)",
+                    // A huge eta in scientific notation, not hundreds of digits.
+                    if eta >= 1e6 {
+                        format!("{eta:e}")
+                    } else {
+                        eta.to_string()
+                    },
                     sigma * sigma,
-                    eta * (room / (sigma * sigma)).sqrt()
+                    // From sigma at eta = 1: finite where sigma^2 itself overflowed.
+                    room.sqrt() / unit
                 );
                 StepUpdate::Ddim {
                     sqrt_recip_abar: self.sqrt_recip_alphas_cumprod[i],

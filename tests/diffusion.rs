@@ -667,13 +667,31 @@ fn step_updates_carry_the_right_coefficients() {
     assert!(d.step_update(250, SamplerKind::Ddpm).is_err());
     assert!(d.step_update(3, SamplerKind::Ddim { eta: -1.0 }).is_err());
     // Far past 1, sigma^2 passes 1 - abar_prev (NaN latents): refused, naming the bound.
-    for eta in [3.0, 100.0] {
+    // The bound the message names is the same for any eta past it, also where sigma^2
+    // overflows (1e308: it read "eta <= 0.0000"); a huge eta is shown in scientific notation.
+    let mut bounds = Vec::new();
+    for eta in [3.0, 100.0, 1e308] {
         let err = format!(
             "{:#}",
             d.step_update(3, SamplerKind::Ddim { eta }).unwrap_err()
         );
         assert!(err.contains("too large for step 3"), "{err}");
+        let bound = err
+            .split("eta <= ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        bounds.push(bound.to_string());
+        assert!(err.len() < 300, "{err}");
     }
+    assert!(bounds.iter().all(|b| *b == bounds[0]), "{bounds:?}");
+    let bound: f64 = bounds[0].parse().unwrap();
+    assert!(bound > 1.0 && bound < 3.0, "{bound}");
+    assert!(d
+        .step_update(3, SamplerKind::Ddim { eta: bound * 0.999 })
+        .is_ok());
     assert!(d.step_update(3, SamplerKind::Ddim { eta: 1.0 }).is_ok());
     assert!(d
         .step_update(3, SamplerKind::Ddim { eta: f64::NAN })
