@@ -283,6 +283,26 @@ pub fn check_output_path(flag: &str, out: &Path, extensions: &[&str]) -> Result<
     Ok(())
 }
 
+/// The nearest folder of `path` that exists (its parent, else the parent's, and so on; `.` for
+/// a bare file name): where a writer that makes the missing folders first puts `path`. An
+/// error naming `flag` where that is not a directory (a regular file on the way).
+pub fn nearest_folder(flag: &str, path: &Path) -> Result<PathBuf> {
+    let mut dir = path.parent();
+    while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        dir = d.parent();
+    }
+    let dir = dir
+        .filter(|d| !d.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    ensure!(
+        dir.is_dir(),
+        "{flag} {}: {} is not a directory",
+        path.display(),
+        dir.display()
+    );
+    Ok(dir)
+}
+
 /// Checks, before any long work, that a file can later be written at `path` by
 /// [`write_atomic`] (which makes missing folders first where the caller does, then renames a
 /// temporary file into place): the nearest folder of `path` that exists must take a new file.
@@ -293,22 +313,7 @@ pub fn check_writable(flag: &str, path: &Path) -> Result<()> {
     if !replace {
         return Ok(()); // a device or FIFO, written into as it stands
     }
-    let mut dir = target.parent().map(Path::to_path_buf);
-    while let Some(d) = dir
-        .clone()
-        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-    {
-        dir = d.parent().map(Path::to_path_buf);
-    }
-    let dir = dir
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or_else(|| PathBuf::from("."));
-    ensure!(
-        dir.is_dir(),
-        "{flag} {}: {} is not a directory",
-        path.display(),
-        dir.display()
-    );
+    let dir = nearest_folder(flag, &target)?;
     // The pid and the time: no file an earlier run (or another process) left can be hit.
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

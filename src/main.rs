@@ -592,7 +592,8 @@ impl Job for SampleJob {
                 choice.name
             }
             None => {
-                if let Some((cache, _)) = &cache {
+                // (A new cache was checked when it was opened.)
+                if let Some((cache, _)) = cache.as_ref().filter(|(c, _)| !c.borrow().is_empty()) {
                     fora::io::check_writable("--tune-cache", cache.borrow().path())?;
                 }
                 let tuning =

@@ -414,22 +414,8 @@ fn check_json_path(json: &Path) -> Result<()> {
         json.display()
     );
     match json.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(parent) if !parent.exists() => {
-            // Folders to be made: the nearest one that exists must be a folder.
-            let mut above = parent.parent();
-            while let Some(d) = above.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-                above = d.parent();
-            }
-            if let Some(d) = above.filter(|d| !d.as_os_str().is_empty()) {
-                ensure!(
-                    d.is_dir(),
-                    "{flag} {}: {} is not a directory",
-                    json.display(),
-                    d.display()
-                );
-            }
-            Ok(())
-        }
+        // Folders to be made: the nearest one that exists must be a folder.
+        Some(parent) if !parent.exists() => crate::io::nearest_folder(flag, json).map(|_| ()),
         _ => crate::io::check_output_path(flag, json, &["json"]),
     }
 }
