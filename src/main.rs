@@ -551,7 +551,11 @@ impl Job for SampleJob {
         let Some(candidates) = &self.tune_candidates else {
             return Ok(());
         };
-        let settings = TuneSettings::default();
+        // A candidate whose launch never ends ends the process, named, instead of hanging it.
+        let settings = TuneSettings {
+            watchdog: Some(fora::bench::DEFAULT_TUNE_WATCHDOG),
+            ..TuneSettings::default()
+        };
         let (plan, schedule) = {
             let sampler = Sampler::new(&*backend, self.options.clone())?;
             // The tuning's own run: the seed's noise (a noise file is read once, by the run

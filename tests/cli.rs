@@ -1276,9 +1276,20 @@ fn bench_tune_budget_is_checked() {
         (&["--tune", "--tune-budget-s", "1e300"][..], "too long"),
         (&["--tune", "--tune-budget-s", "soon"][..], "invalid value"),
         (&["--tune-budget-s", "60"][..], "give --tune too"),
+        (
+            &["--tune", "--tune-watchdog-s", "0"][..],
+            "finite number of seconds > 0",
+        ),
+        (&["--tune", "--tune-watchdog-s", "1e300"][..], "too long"),
+        (&["--tune-watchdog-s", "60"][..], "give --tune too"),
     ] {
         let mut argv = vec!["bench", "--json", &json_s];
         argv.extend_from_slice(args);
-        assert_fails(&fora(&argv), &["--tune-budget-s", says], &json);
+        let flag = if args.contains(&"--tune-watchdog-s") {
+            "--tune-watchdog-s"
+        } else {
+            "--tune-budget-s"
+        };
+        assert_fails(&fora(&argv), &[flag, says], &json);
     }
 }

@@ -37,6 +37,8 @@ struct MockOptions {
     crowd: f64,
     /// A switch of no effect at the run's rows (a fusion that does not serve them).
     idle: bool,
+    /// Its window never ends (30 s here: a deadlocked kernel, for the watchdog).
+    hang: bool,
 }
 
 impl MockOptions {
@@ -80,6 +82,7 @@ impl Mock {
                 saves: [0.0; 4],
                 crowd: 0.0,
                 idle: false,
+                hang: false,
             },
             dead: Cell::new(false),
             cold_ms: Cell::new(0.0),
@@ -140,7 +143,7 @@ impl Tunable for Mock {
         self.options = options;
     }
     /// Words `MS=<window ms>`, `OFFSET=<f32>`, `STEPS=<f32>`, `STEPSB=<f32>`, `SAVE<0-3>=<ms>`,
-    /// `CROWD=<ms>`, `IDLE=1`, `NAN=1`, `FAIL=1`, `KILL=1`.
+    /// `CROWD=<ms>`, `IDLE=1`, `NAN=1`, `FAIL=1`, `KILL=1`, `HANG=1`.
     fn apply_settings(mut o: MockOptions, settings: &str) -> Result<MockOptions> {
         for word in settings.split_whitespace() {
             match word.split_once('=') {
@@ -158,6 +161,7 @@ impl Tunable for Mock {
                 Some(("FAIL", "1")) => o.fail = true,
                 Some(("KILL", "1")) => o.kill = true,
                 Some(("IDLE", "1")) => o.idle = true,
+                Some(("HANG", "1")) => o.hang = true,
                 _ => bail!("mock: bad setting {word:?}"),
             }
         }
@@ -172,6 +176,9 @@ impl Tunable for Mock {
     ) -> Result<WindowRun> {
         ensure!(!self.dead.get(), "mock: the device is gone");
         std::thread::sleep(self.window_sleep);
+        if self.options.hang {
+            std::thread::sleep(std::time::Duration::from_secs(30));
+        }
         let lucky = if self.lucky_runs.contains(&self.timings.borrow().len()) {
             3.0
         } else {
@@ -236,6 +243,7 @@ const SETTINGS: TuneSettings = TuneSettings {
     contenders: 1,
     progress: false,
     budget: None,
+    watchdog: None,
 };
 
 #[test]
@@ -1063,4 +1071,87 @@ fn a_budget_not_reached_changes_nothing() {
     }
     .key();
     assert_eq!(budgeted_key, TuneSettings::default().key());
+}
+
+/// The tuning [`a_hung_candidate_ends_the_process`] runs in a child process: the given
+/// options, a faster path, then one whose window never ends, under a 300 ms watchdog.
+#[test]
+fn hung_candidate_child() {
+    if std::env::var_os("FORA_TUNE_HANG_CHILD").is_none() {
+        return; // run by a_hung_candidate_ends_the_process only
+    }
+    let (plan, schedule) = run_of(&Mock::new());
+    let mut mock = Mock::new();
+    let list = candidates(&[("given", ""), ("faster", "MS=5"), ("hangs", "HANG=1")]);
+    let settings = TuneSettings {
+        progress: true,
+        watchdog: Some(std::time::Duration::from_millis(300)),
+        ..SETTINGS
+    };
+    let tuning = tune(&mut mock, &plan, &schedule, &list, &settings);
+    println!(
+        "the tuning returned: {:?}",
+        tuning.map(|t| t.chosen().name.clone())
+    );
+}
+
+/// A candidate whose measurement never ends: the watchdog names it and ends the process with
+/// `WATCHDOG_EXIT` within its limit, in the line the device suite reads to tune again without
+/// it; the candidates before it were measured.
+#[test]
+fn a_hung_candidate_ends_the_process() {
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "hung_candidate_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("FORA_TUNE_HANG_CHILD", "1")
+        .output()
+        .unwrap();
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(fora::cuda::tune::WATCHDOG_EXIT),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    // Ended by the watchdog, not by the 30 s window.
+    assert!(elapsed < std::time::Duration::from_secs(20), "{elapsed:?}");
+    assert!(!stdout.contains("the tuning returned"), "{stdout}");
+    for line in [
+        "tune: 2 rows, given: window",
+        "tune: 2 rows, faster: window",
+        "tune: 2 rows, hangs: measuring",
+        "tune: 2 rows, hangs: no answer after 0.3 s: tuning stopped: candidate \"hangs\" left the GPU unusable",
+    ] {
+        assert!(stderr.contains(line), "{line:?} missing from:\n{stderr}");
+    }
+}
+
+/// A watchdog that does not fire changes nothing: the same rows, times and choice as without
+/// one, the head-to-head rounds (armed too) included.
+#[test]
+fn a_watchdog_that_does_not_fire_changes_nothing() {
+    let (plan, schedule) = run_of(&Mock::new());
+    let list = candidates(&[("given", ""), ("faster", "MS=5"), ("slower", "MS=12")]);
+    let run = |watchdog| {
+        let mut mock = Mock::new();
+        let settings = TuneSettings {
+            confirm: 2,
+            watchdog,
+            ..SETTINGS
+        };
+        let t = tune(&mut mock, &plan, &schedule, &list, &settings).unwrap();
+        (t, mock.options, mock.timings.into_inner())
+    };
+    let (with, with_options, with_timings) = run(Some(std::time::Duration::from_secs(60)));
+    let (without, without_options, without_timings) = run(None);
+    assert_eq!(with.chosen().name, "faster");
+    assert_eq!(with, without);
+    assert_eq!(with_options, without_options);
+    assert_eq!(with_timings, without_timings);
 }

@@ -288,9 +288,14 @@ phase_ops() {
 # phase, a batch of at most 16 rows TUNE_FEW_S (90) of it, all its processes together. Each
 # tuning gets --tune-budget-s (the process's bound less 60 s, at least half of it): a budget
 # spent lists the rest as not tried and the process goes on (rc=0), so it is not taken for a hang.
+# And --tune-watchdog-s (TUNE_WATCHDOG_S; default 20 s a measurement at up to 16 rows, 60 s
+# above: a few times what one takes on an H200): a candidate whose launch never ends (a
+# kernel's deadlock; the kernels' own mbarrier watchdogs trap only after 2^26 waits, of a
+# length the hardware sets) ends the process at once, named as one that left the GPU unusable,
+# so the batch is tuned again without it instead of losing the rest of its time to the hang.
 phase_tuned() {
   local phase_end=$(( $(date +%s) + ${TUNE_S:-240} ))
-  local rows try budget tune_budget sections log killer rc batch_end tune_rows=${TUNE_ROWS:-2,256}
+  local rows try budget tune_budget watchdog sections log killer rc batch_end tune_rows=${TUNE_ROWS:-2,256}
   # A candidate that left the GPU unusable is left out of the later batches too (a broken
   # kernel); one only in flight when its process was cut is left out of its batch only.
   local skip=${FORA_TUNE_SKIP:-} batch_skip
@@ -318,8 +323,9 @@ phase_tuned() {
       tune_budget=$(( $(left) - 5 ))
       [ "$budget" -lt "$tune_budget" ] && tune_budget=$budget
       tune_budget=$(( tune_budget - 60 > tune_budget / 2 ? tune_budget - 60 : tune_budget / 2 ))
+      watchdog=${TUNE_WATCHDOG_S:-$([ "$rows" -le 16 ] && echo 20 || echo 60)}
       FORA_TUNE_SKIP="$batch_skip" bounded "$budget" .devpack/bin/fora bench --tune \
-        --tune-budget-s "$tune_budget" --gemm cublaslt \
+        --tune-budget-s "$tune_budget" --tune-watchdog-s "$watchdog" --gemm cublaslt \
         --sections "$sections" --batches "$rows" --runs 10 --warmup 2 --intervals 1,3 \
         --e2e-reps 1 --json "$OUT/tuned_${rows}_$try.json" > "$log" 2>&1
       # 18 candidates, their sums, the given options again and in turn: up to ~37 lines each.

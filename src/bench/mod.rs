@@ -205,6 +205,12 @@ pub struct BenchArgs {
     /// not cut.
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
     pub tune_budget_s: Option<f64>,
+    /// With --tune: the longest one measurement of a candidate may take, in seconds (finite,
+    /// above 0; default 300). Past it the process ends (exit status 3) with a line naming the
+    /// candidate: a launch that never ends cannot be stopped otherwise. Give a tuning of many
+    /// rows more than its windows take (256 rows of DiT-XL/2 on an H200: a few seconds).
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
+    pub tune_watchdog_s: Option<f64>,
     /// Write the benchmark's random weights (official key layout, f32, config in the metadata)
     /// to this safetensors file and exit: the PyTorch reference can load them. Needs no GPU.
     #[arg(long, value_name = "PATH")]
@@ -251,7 +257,15 @@ pub struct BenchPlan {
     /// With `tune`: the time budget of each batch's tuning (`--tune-budget-s`;
     /// [`crate::cuda::tune::TuneSettings::budget`]); `None`: no limit.
     pub tune_budget: Option<std::time::Duration>,
+    /// With `tune`: the longest one measurement of a candidate may take before the process
+    /// ends (`--tune-watchdog-s`, default [`DEFAULT_TUNE_WATCHDOG`];
+    /// [`crate::cuda::tune::TuneSettings::watchdog`]); `None` without `tune`.
+    pub tune_watchdog: Option<std::time::Duration>,
 }
+
+/// `--tune-watchdog-s`'s default, and `fora sample --tune`'s watchdog: far past any
+/// candidate's measurement at the batches a card holds, short of a lost evening.
+pub const DEFAULT_TUNE_WATCHDOG: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl BenchArgs {
     /// Resolves defaults (full or `--quick` set) and validates every value.
@@ -328,10 +342,21 @@ impl BenchArgs {
         if let Some(s) = self.input_size {
             ensure!(s > 0, "--input-size must be positive");
         }
-        let tune_budget = self.tune_budget_s.map(tune_budget).transpose()?;
+        let tune_budget = self
+            .tune_budget_s
+            .map(|s| seconds_flag("--tune-budget-s", "time budget", s))
+            .transpose()?;
         ensure!(
             self.tune || tune_budget.is_none(),
             "--tune-budget-s bounds the tuning of --tune: give --tune too"
+        );
+        let tune_watchdog = self
+            .tune_watchdog_s
+            .map(|s| seconds_flag("--tune-watchdog-s", "watchdog", s))
+            .transpose()?;
+        ensure!(
+            self.tune || tune_watchdog.is_none(),
+            "--tune-watchdog-s watches the tuning of --tune: give --tune too"
         );
         let gemm = self.gemm.unwrap_or(if q {
             GemmChoice::Cublaslt
@@ -396,6 +421,9 @@ impl BenchArgs {
                 Vec::new()
             },
             tune_budget,
+            tune_watchdog: self
+                .tune
+                .then(|| tune_watchdog.unwrap_or(DEFAULT_TUNE_WATCHDOG)),
             json,
         })
     }
@@ -420,21 +448,22 @@ fn check_json_path(json: &Path) -> Result<()> {
     }
 }
 
-/// `--tune-budget-s SECONDS` as a duration: a finite number of seconds > 0 that a
-/// [`std::time::Duration`] holds, else an error naming the flag.
-fn tune_budget(seconds: f64) -> Result<std::time::Duration> {
+/// `flag SECONDS` (a `what`: "time budget", "watchdog") as a duration: a finite number of
+/// seconds > 0 that a [`std::time::Duration`] holds, else an error naming the flag.
+fn seconds_flag(flag: &str, what: &str, seconds: f64) -> Result<std::time::Duration> {
     ensure!(
         seconds.is_finite() && seconds > 0.0,
-        "--tune-budget-s {seconds}: give a finite number of seconds > 0"
+        "{flag} {seconds}: give a finite number of seconds > 0"
     );
-    let budget = std::time::Duration::try_from_secs_f64(seconds)
-        .map_err(|_| anyhow::anyhow!("--tune-budget-s {seconds:e}: too long a time budget"))?;
-    // A budget that rounds to nothing would stop the tuning after the given options.
+    let d = std::time::Duration::try_from_secs_f64(seconds)
+        .map_err(|_| anyhow::anyhow!("{flag} {seconds:e}: too long a {what}"))?;
+    // A budget that rounds to nothing would stop the tuning after the given options; a
+    // watchdog, end it at once.
     ensure!(
-        !budget.is_zero(),
-        "--tune-budget-s {seconds:e}: under a nanosecond, give a finite number of seconds > 0"
+        !d.is_zero(),
+        "{flag} {seconds:e}: under a nanosecond, give a finite number of seconds > 0"
     );
-    Ok(budget)
+    Ok(d)
 }
 
 /// Parses the command line of the `dit` bench binary: `cargo bench` runs it as
@@ -846,10 +875,14 @@ fn bench_tuned(
     for rows in rows_list {
         backend.set_options(options);
         eprintln!(
-            "bench: tuning at {rows} rows (FORA N = {interval}{})",
+            "bench: tuning at {rows} rows (FORA N = {interval}{}{})",
             plan.tune_budget.map_or(String::new(), |b| format!(
                 ", a time budget of {} s",
                 b.as_secs_f64()
+            )),
+            plan.tune_watchdog.map_or(String::new(), |w| format!(
+                ", a watchdog of {} s a measurement",
+                w.as_secs_f64()
             ))
         );
         match steps::tune_rows(&mut backend, plan, rows, args.seed, interval, candidates) {
@@ -986,6 +1019,27 @@ mod tests {
             e.contains("--tune-budget-s") && e.contains("--tune too"),
             "{e}"
         );
+        // The watchdog: the default with --tune, none without, the same checks.
+        assert_eq!(
+            plan_of(&["--tune"]).unwrap().tune_watchdog,
+            Some(super::DEFAULT_TUNE_WATCHDOG)
+        );
+        assert_eq!(plan_of(&[]).unwrap().tune_watchdog, None);
+        assert_eq!(
+            plan_of(&["--tune", "--tune-watchdog-s", "20"])
+                .unwrap()
+                .tune_watchdog,
+            Some(Duration::from_secs(20))
+        );
+        for bad in ["0", "-5", "NaN", "inf", "1e300", "1e-12"] {
+            let e = format!(
+                "{:#}",
+                plan_of(&["--tune", "--tune-watchdog-s", bad]).unwrap_err()
+            );
+            assert!(e.contains("--tune-watchdog-s"), "{bad}: {e}");
+        }
+        let e = format!("{:#}", plan_of(&["--tune-watchdog-s", "60"]).unwrap_err());
+        assert!(e.contains("--tune too"), "{e}");
         // Not a number, or no value: the parser's error.
         for args in [
             &["dit", "--tune", "--tune-budget-s", "soon"][..],

@@ -410,6 +410,130 @@ pub struct TuneSettings {
     /// [`Tuning::complete`] and has no [`Tuning::cached_choice`]. Not part of [`TuneSettings::key`]: a complete tuning
     /// is the same with or without a budget, and one cut short is never cached.
     pub budget: Option<std::time::Duration>,
+    /// The longest one measurement of a candidate may take (its check and timed windows, or
+    /// one later timing of it) before the process is ended (`None`, the default: no limit).
+    /// A launch that never ends (a deadlock in a kernel new to the card) cannot be stopped
+    /// from the host, and the context is lost with it: past the limit a thread prints
+    /// `tune: R rows, NAME: no answer after S s: tuning stopped: candidate "NAME" left the GPU
+    /// unusable ...` to stderr and ends the process at once with exit status
+    /// [`WATCHDOG_EXIT`], running no destructors (they would wait on the device). So only for a
+    /// process whose job the tuning is (`fora bench --tune`, `fora sample --tune`): the device
+    /// suite then tunes again in a new process without that candidate, instead of losing the
+    /// rest of its time to the hang. Not part of [`TuneSettings::key`].
+    pub watchdog: Option<std::time::Duration>,
+}
+
+/// The exit status of a process that [`TuneSettings::watchdog`] ended.
+pub const WATCHDOG_EXIT: i32 = 3;
+
+/// The watchdog of [`TuneSettings::watchdog`]: a thread that ends the process where a
+/// measurement armed with [`Watchdog::arm`] runs past the limit.
+struct Watchdog {
+    shared: std::sync::Arc<(std::sync::Mutex<WatchState>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the watchdog's thread watches: the measurement in flight and since when, and whether
+/// the tuning is over.
+struct WatchState {
+    armed: Option<(String, std::time::Instant)>,
+    over: bool,
+}
+
+/// Disarms its [`Watchdog`] when dropped (the measurement ended, well or not).
+struct WatchGuard<'a>(Option<&'a Watchdog>);
+
+impl Watchdog {
+    /// Starts the thread, for a tuning at `rows` rows (named in its line).
+    fn start(limit: std::time::Duration, rows: usize) -> Result<Watchdog> {
+        let shared = std::sync::Arc::new((
+            std::sync::Mutex::new(WatchState {
+                armed: None,
+                over: false,
+            }),
+            std::sync::Condvar::new(),
+        ));
+        let watched = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("fora-tune-watchdog".into())
+            .spawn(move || {
+                let (lock, wake) = &*watched;
+                let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if state.over {
+                        return;
+                    }
+                    let Some((name, since)) = &state.armed else {
+                        state = wake.wait(state).unwrap_or_else(|e| e.into_inner());
+                        continue;
+                    };
+                    let elapsed = since.elapsed();
+                    if elapsed >= limit {
+                        eprintln!(
+                            "tune: {rows} rows, {name}: no answer after {}: tuning stopped: \
+                             candidate {name:?} left the GPU unusable (a launch that does not \
+                             end; the watchdog ends the process, exit status {WATCHDOG_EXIT})",
+                            seconds(limit)
+                        );
+                        end_process(WATCHDOG_EXIT);
+                    }
+                    state = wake
+                        .wait_timeout(state, limit - elapsed)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            })
+            .context("tuning: starting the watchdog thread")?;
+        Ok(Watchdog {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Sets `f`'s state and wakes the thread.
+    fn update(&self, f: impl FnOnce(&mut WatchState)) {
+        let (lock, wake) = &*self.shared;
+        f(&mut lock.lock().unwrap_or_else(|e| e.into_inner()));
+        wake.notify_one();
+    }
+
+    /// Watches the measurement of candidate `name` from now until the guard is dropped.
+    fn arm<'a>(watchdog: Option<&'a Watchdog>, name: &str) -> WatchGuard<'a> {
+        if let Some(w) = watchdog {
+            let armed = Some((name.to_string(), std::time::Instant::now()));
+            w.update(|s| s.armed = armed);
+        }
+        WatchGuard(watchdog)
+    }
+}
+
+impl Drop for WatchGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.0 {
+            w.update(|s| s.armed = None);
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.update(|s| s.over = true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Ends the process with `status` at once: no destructors, no exit handlers (the CUDA
+/// context's teardown would wait for the launch that does not end).
+fn end_process(status: i32) -> ! {
+    #[cfg(unix)]
+    // SAFETY: `_exit` ends the process; nothing after it runs.
+    unsafe {
+        libc::_exit(status)
+    }
+    #[cfg(not(unix))]
+    std::process::abort()
 }
 
 /// Prints `line` to stderr when `on` ([`TuneSettings::progress`]).
@@ -432,6 +556,7 @@ impl Default for TuneSettings {
             contenders: 3,
             progress: true,
             budget: None,
+            watchdog: None,
         }
     }
 }
@@ -745,6 +870,8 @@ struct CandidateBench<'a> {
     settings: &'a TuneSettings,
     reference: Option<(Vec<f32>, Vec<f32>)>,
     started: std::time::Instant,
+    /// [`TuneSettings::watchdog`]'s thread, where one is set.
+    watchdog: Option<Watchdog>,
 }
 
 /// A duration in seconds as a person writes it: `90 s`, `0.5 s`.
@@ -791,6 +918,7 @@ impl CandidateBench<'_> {
             format!("tune: {} rows, {name}: measuring", self.plan.model_rows())
         });
         let mut row = TuneRow::unmeasured(name, settings, options, TuneOutcome::Slower);
+        let _watch = Watchdog::arm(self.watchdog.as_ref(), name);
         backend.set_tuned_options(options);
         let tolerance = self.settings.tolerance;
         let measured = (|| -> Result<()> {
@@ -1014,6 +1142,10 @@ pub fn tune<B: Tunable>(
         settings,
         reference: None,
         started,
+        watchdog: match settings.watchdog {
+            Some(limit) => Some(Watchdog::start(limit, plan.model_rows())?),
+            None => None,
+        },
     };
     let fail = |backend: &mut B, e: anyhow::Error| -> anyhow::Error {
         backend.set_tuned_options(given);
@@ -1052,28 +1184,33 @@ pub fn tune<B: Tunable>(
     // The given options again, last: a card that was still raising its clocks while they ran
     // first would otherwise hand the next candidate the margin. The better median counts.
     // The given options (or the winner) timed on a fresh workspace, the backend set to them.
-    let time = |backend: &mut B, options: B::Options, what: &str| -> Result<Stats> {
+    let watchdog = bench.watchdog.as_ref();
+    let given_name = rows[0].name.clone();
+    let time = |backend: &mut B, options: B::Options, name: &str, what: &str| -> Result<Stats> {
+        let _watch = Watchdog::arm(watchdog, name);
         backend.set_tuned_options(options);
         let run = backend.run_window(plan, window, settings.warmup, settings.runs);
         Ok(run.with_context(|| format!("tuning: timing {what}"))?.stats)
     };
     // `confirm` rounds of the given options and `options` in turn: their median windows.
-    let head_to_head_ms = |backend: &mut B, options: B::Options| -> Result<(f64, f64)> {
+    let head_to_head_ms = |backend: &mut B, options: B::Options, name: &str| {
         let (mut given_ms, mut chosen_ms) = (Vec::new(), Vec::new());
         for _ in 0..settings.confirm {
-            for (options, times) in [(given, &mut given_ms), (options, &mut chosen_ms)] {
-                times.push(
-                    time(backend, options, "a contender against the given options")?.median_ms,
-                );
+            for (options, name, times) in [
+                (given, given_name.as_str(), &mut given_ms),
+                (options, name, &mut chosen_ms),
+            ] {
+                let what = "a contender against the given options";
+                times.push(time(backend, options, name, what)?.median_ms);
             }
         }
         let median = |v: &[f64]| Stats::from_samples(v).map(|s| s.median_ms);
-        Ok((median(&given_ms)?, median(&chosen_ms)?))
+        anyhow::Ok((median(&given_ms)?, median(&chosen_ms)?))
     };
     // (Not where nothing else was measured: nothing to compare with.)
     if rows[1..].iter().any(|r| r.passed_ms().is_some()) {
-        let again =
-            time(backend, given, "the given options again").map_err(|e| fail(backend, e))?;
+        let again = time(backend, given, &given_name, "the given options again")
+            .map_err(|e| fail(backend, e))?;
         progress(settings.progress, || {
             format!(
                 "tune: {} rows, {} again: window {:.3} ms",
@@ -1118,8 +1255,8 @@ pub fn tune<B: Tunable>(
                     break;
                 }
             }
-            let (g, c) =
-                head_to_head_ms(backend, rows[contender].options).map_err(|e| fail(backend, e))?;
+            let (g, c) = head_to_head_ms(backend, rows[contender].options, &rows[contender].name)
+                .map_err(|e| fail(backend, e))?;
             progress(settings.progress, || {
                 format!(
                     "tune: {} rows, {} against {}, {} rounds in turn: {c:.3} against {g:.3} ms",
