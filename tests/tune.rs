@@ -1130,6 +1130,33 @@ fn a_hung_candidate_ends_the_process() {
     ] {
         assert!(stderr.contains(line), "{line:?} missing from:\n{stderr}");
     }
+    // The device suite finds the candidate in it with its own pattern (tools/device_suite.sh).
+    let suite = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/device_suite.sh"),
+    )
+    .unwrap();
+    let pattern = suite
+        .lines()
+        .find_map(|l| {
+            let at = l.find("grep -oE '")? + "grep -oE '".len();
+            let p = &l[at..at + l[at..].find('\'')?];
+            p.contains("left the GPU unusable").then_some(p)
+        })
+        .expect("device_suite.sh's pattern of a candidate that left the GPU unusable");
+    let mut grep = std::process::Command::new("grep")
+        .args(["-oE", pattern])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    grep.stdin.take().unwrap().write_all(&out.stderr).unwrap();
+    let found = grep.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&found.stdout).trim(),
+        "candidate \"hangs\" left the GPU unusable",
+        "{pattern}"
+    );
 }
 
 /// A watchdog that does not fire changes nothing: the same rows, times and choice as without

@@ -103,7 +103,7 @@ if [ ! -x "$FORA_BIN" ]; then
   exit 2
 fi
 FINAL_OUT=${OUT:-/tmp/out}; mkdir -p "$FINAL_OUT"
-OUT=$(mktemp -d /tmp/fora_suite.XXXXXX)
+OUT=$(mktemp -d "${TMPDIR:-/tmp}/fora_suite.XXXXXX")
 # snapshot: $FINAL_OUT/all.tgz (every file so far) and the phase summaries beside it.
 snapshot() {
   tar czf "$FINAL_OUT/all.tgz.part" -C "$OUT" . && mv "$FINAL_OUT/all.tgz.part" "$FINAL_OUT/all.tgz"
