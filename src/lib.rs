@@ -46,7 +46,8 @@
 //! Modules: [`config`] (architectures), [`weights`] (checkpoints), [`diffusion`] (the official
 //! schedule and respacing), [`cache`] (FORA policies), [`sampler`], [`cpu`] and [`cuda`] (the
 //! backends), [`io`] and [`png_out`] (files), [`rng`] (noise), [`profile`] (NVTX ranges),
-//! [`bench`](mod@bench) (`fora bench`), [`embedded`] (the default model).
+//! [`bench`](mod@bench) (`fora bench`), [`embedded`] (the default model), [`watchdog`] (a
+//! launch that never ends).
 
 // Every public item is documented (CI: clippy -D warnings).
 #![warn(missing_docs)]
@@ -66,4 +67,5 @@ pub mod png_out;
 pub mod profile;
 pub mod rng;
 pub mod sampler;
+pub mod watchdog;
 pub mod weights;

@@ -553,7 +553,7 @@ impl Job for SampleJob {
         };
         // A candidate whose launch never ends ends the process, named, instead of hanging it.
         let settings = TuneSettings {
-            watchdog: Some(fora::bench::DEFAULT_TUNE_WATCHDOG),
+            watchdog: Some(fora::bench::DEFAULT_WATCHDOG),
             ..TuneSettings::default()
         };
         let (plan, schedule) = {

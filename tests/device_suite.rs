@@ -32,13 +32,13 @@ while [ $# -gt 0 ]; do
     --batches) rows=$2; shift ;;
     --json) json=$2; shift ;;
     --tune) tune=1 ;;
-    --tune-watchdog-s) watchdog=$2; shift ;;
+    --watchdog-s) watchdog=$2; shift ;;
   esac
   shift
 done
 if [ -n "$json" ]; then echo '{"fake": true}' > "$json"; fi
 if [ "$tune" = 1 ]; then
-  if [ -z "$watchdog" ]; then echo "fake fora: a tuning without --tune-watchdog-s" >&2; exit 2; fi
+  if [ -z "$watchdog" ]; then echo "fake fora: a tuning without --watchdog-s" >&2; exit 2; fi
   for c in given pdl gemm_ln qkv_attention; do
     case ",${FORA_TUNE_SKIP:-}," in *",$c,"*) continue ;; esac
     echo "tune: $rows rows, $c: measuring" >&2
@@ -281,20 +281,20 @@ fn the_prepared_device_call_runs_every_phase() {
     // the start, then also without the one that hung.
     let tunes: Vec<&str> = calls.lines().filter(|l| l.contains("--tune ")).collect();
     let expect = [
-        ("--batches 2 ", "--tune-watchdog-s 20 ", "FORA_TUNE_SKIP= "),
+        ("--batches 2 ", "--watchdog-s 20 ", "FORA_TUNE_SKIP= "),
         (
             "--batches 2 ",
-            "--tune-watchdog-s 20 ",
+            "--watchdog-s 20 ",
             "FORA_TUNE_SKIP=qkv_attention ",
         ),
         (
             "--batches 256 ",
-            "--tune-watchdog-s 60 ",
+            "--watchdog-s 60 ",
             "FORA_TUNE_SKIP=qkv_attention ",
         ),
         (
             "--batches 256 ",
-            "--tune-watchdog-s 60 ",
+            "--watchdog-s 60 ",
             "FORA_TUNE_SKIP=qkv_attention,pdl ",
         ),
     ];
@@ -315,7 +315,7 @@ fn the_prepared_device_call_runs_every_phase() {
     }
     // The Hopper rows with every kernel, then PyTorch with the call's arguments.
     assert!(
-        calls.contains("--sections ceilings,kernels --batches 2,256")
+        calls.contains("--sections ceilings,kernels --batches 2,256 --watchdog-s 30 ")
             && calls.contains("FORA_BENCH_KERNELS=all"),
         "{shown}"
     );

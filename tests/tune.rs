@@ -1116,7 +1116,7 @@ fn a_hung_candidate_ends_the_process() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
-        Some(fora::cuda::tune::WATCHDOG_EXIT),
+        Some(fora::watchdog::WATCHDOG_EXIT),
         "stdout:\n{stdout}\nstderr:\n{stderr}"
     );
     // Ended by the watchdog, not by the 30 s window.

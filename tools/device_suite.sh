@@ -229,8 +229,10 @@ hopper_rows() {
   # logged as it is measured ("bench: qkv 256 rows tma-mc-128x192: ..."), so a run cut short
   # keeps what it measured; the never-run multicast tiles come last in each shape.
   # HOPPER_KERNELS (FORA_BENCH_KERNELS: gemm, the default here, or all) picks the rows.
+  # --watchdog-s (ROWS_WATCHDOG_S, default 30 s a row; each takes a second or two): a row whose
+  # launch never ends ends the run there, its last `bench:` line naming the row before it.
   FORA_BENCH_KERNELS=${HOPPER_KERNELS:-gemm} bounded 100 .devpack/bin/fora bench --sections ceilings,kernels \
-    --batches 2,256 --json "$OUT/$1.json" > "$OUT/$1.log" 2>&1
+    --batches 2,256 --watchdog-s "${ROWS_WATCHDOG_S:-30}" --json "$OUT/$1.json" > "$OUT/$1.log" 2>&1
   # The block GEMMs at 256 rows, every implementation (~60 rows); at 2 rows the picks.
   grep -E "^\| (qkv|proj|fc1|fc2) \| 256 \| [^|]* \| (custom|tma|wgmma|cublaslt)[a-zA-Z0-9_+, -]* \|" "$OUT/$1.log" | head -n 80
   # At 2 rows the picks, and the forced cluster tiles (session 17's 4 x 1 and 4 x 2 clusters are
@@ -288,7 +290,7 @@ phase_ops() {
 # phase, a batch of at most 16 rows TUNE_FEW_S (90) of it, all its processes together. Each
 # tuning gets --tune-budget-s (the process's bound less 60 s, at least half of it): a budget
 # spent lists the rest as not tried and the process goes on (rc=0), so it is not taken for a hang.
-# And --tune-watchdog-s (TUNE_WATCHDOG_S; default 20 s a measurement at up to 16 rows, 60 s
+# And --watchdog-s (TUNE_WATCHDOG_S; default 20 s a measurement at up to 16 rows, 60 s
 # above: a few times what one takes on an H200): a candidate whose launch never ends (a
 # kernel's deadlock; the kernels' own mbarrier watchdogs trap only after 2^26 waits, of a
 # length the hardware sets) ends the process at once, named as one that left the GPU unusable,
@@ -325,7 +327,7 @@ phase_tuned() {
       tune_budget=$(( tune_budget - 60 > tune_budget / 2 ? tune_budget - 60 : tune_budget / 2 ))
       watchdog=${TUNE_WATCHDOG_S:-$([ "$rows" -le 16 ] && echo 20 || echo 60)}
       FORA_TUNE_SKIP="$batch_skip" bounded "$budget" .devpack/bin/fora bench --tune \
-        --tune-budget-s "$tune_budget" --tune-watchdog-s "$watchdog" --gemm cublaslt \
+        --tune-budget-s "$tune_budget" --watchdog-s "$watchdog" --gemm cublaslt \
         --sections "$sections" --batches "$rows" --runs 10 --warmup 2 --intervals 1,3 \
         --e2e-reps 1 --json "$OUT/tuned_${rows}_$try.json" > "$log" 2>&1
       # 18 candidates, their sums, the given options again and in turn: up to ~37 lines each.

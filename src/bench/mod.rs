@@ -205,12 +205,13 @@ pub struct BenchArgs {
     /// not cut.
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
     pub tune_budget_s: Option<f64>,
-    /// With --tune: the longest one measurement of a candidate may take, in seconds (finite,
-    /// above 0; default 300). Past it the process ends (exit status 3) with a line naming the
-    /// candidate: a launch that never ends cannot be stopped otherwise. Give a tuning of many
-    /// rows more than its windows take (256 rows of DiT-XL/2 on an H200: a few seconds).
+    /// The longest one measurement may take, in seconds (finite, above 0; default 300): each
+    /// timed kernel or step row (its warm-up and timed runs), and with --tune each candidate's
+    /// check and windows. Past it the process ends (exit status 3) with a line naming what
+    /// hung: a launch that never ends cannot be stopped otherwise. (The end-to-end runs are
+    /// not watched: a 250-step run of many rows takes minutes.)
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
-    pub tune_watchdog_s: Option<f64>,
+    pub watchdog_s: Option<f64>,
     /// Write the benchmark's random weights (official key layout, f32, config in the metadata)
     /// to this safetensors file and exit: the PyTorch reference can load them. Needs no GPU.
     #[arg(long, value_name = "PATH")]
@@ -257,15 +258,15 @@ pub struct BenchPlan {
     /// With `tune`: the time budget of each batch's tuning (`--tune-budget-s`;
     /// [`crate::cuda::tune::TuneSettings::budget`]); `None`: no limit.
     pub tune_budget: Option<std::time::Duration>,
-    /// With `tune`: the longest one measurement of a candidate may take before the process
-    /// ends (`--tune-watchdog-s`, default [`DEFAULT_TUNE_WATCHDOG`];
-    /// [`crate::cuda::tune::TuneSettings::watchdog`]); `None` without `tune`.
-    pub tune_watchdog: Option<std::time::Duration>,
+    /// The longest one timed measurement, or one tuning candidate's
+    /// ([`crate::cuda::tune::TuneSettings::watchdog`]), may take before the process ends
+    /// (`--watchdog-s`, default [`DEFAULT_WATCHDOG`]; [`crate::watchdog`]).
+    pub watchdog: std::time::Duration,
 }
 
-/// `--tune-watchdog-s`'s default, and `fora sample --tune`'s watchdog: far past any
-/// candidate's measurement at the batches a card holds, short of a lost evening.
-pub const DEFAULT_TUNE_WATCHDOG: std::time::Duration = std::time::Duration::from_secs(300);
+/// `--watchdog-s`'s default, and `fora sample --tune`'s watchdog: far past any measurement at
+/// the batches a card holds, short of a lost evening.
+pub const DEFAULT_WATCHDOG: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl BenchArgs {
     /// Resolves defaults (full or `--quick` set) and validates every value.
@@ -350,14 +351,11 @@ impl BenchArgs {
             self.tune || tune_budget.is_none(),
             "--tune-budget-s bounds the tuning of --tune: give --tune too"
         );
-        let tune_watchdog = self
-            .tune_watchdog_s
-            .map(|s| seconds_flag("--tune-watchdog-s", "watchdog", s))
-            .transpose()?;
-        ensure!(
-            self.tune || tune_watchdog.is_none(),
-            "--tune-watchdog-s watches the tuning of --tune: give --tune too"
-        );
+        let watchdog = self
+            .watchdog_s
+            .map(|s| seconds_flag("--watchdog-s", "watchdog", s))
+            .transpose()?
+            .unwrap_or(DEFAULT_WATCHDOG);
         let gemm = self.gemm.unwrap_or(if q {
             GemmChoice::Cublaslt
         } else {
@@ -421,9 +419,7 @@ impl BenchArgs {
                 Vec::new()
             },
             tune_budget,
-            tune_watchdog: self
-                .tune
-                .then(|| tune_watchdog.unwrap_or(DEFAULT_TUNE_WATCHDOG)),
+            watchdog,
             json,
         })
     }
@@ -699,6 +695,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         warmup: plan.warmup,
         runs: plan.runs,
         profiler_api: args.profiler_api,
+        watchdog: Some(crate::watchdog::Watchdog::start(
+            plan.watchdog,
+            |what, after| {
+                format!(
+                    "bench: {what} gave no answer after {after}: the run ends (a launch that \
+                     does not end; exit status {})",
+                    crate::watchdog::WATCHDOG_EXIT
+                )
+            },
+        )?),
     };
     // Steps and end to end first: the headline numbers, measured before the kernel rows'
     // minutes of 256-row launches (session 18: processes that ran the kernel section first
@@ -875,15 +881,12 @@ fn bench_tuned(
     for rows in rows_list {
         backend.set_options(options);
         eprintln!(
-            "bench: tuning at {rows} rows (FORA N = {interval}{}{})",
+            "bench: tuning at {rows} rows (FORA N = {interval}{}, a watchdog of {} s a candidate)",
             plan.tune_budget.map_or(String::new(), |b| format!(
                 ", a time budget of {} s",
                 b.as_secs_f64()
             )),
-            plan.tune_watchdog.map_or(String::new(), |w| format!(
-                ", a watchdog of {} s a measurement",
-                w.as_secs_f64()
-            ))
+            plan.watchdog.as_secs_f64()
         );
         match steps::tune_rows(&mut backend, plan, rows, args.seed, interval, candidates) {
             Ok(t) => {
@@ -1019,27 +1022,23 @@ mod tests {
             e.contains("--tune-budget-s") && e.contains("--tune too"),
             "{e}"
         );
-        // The watchdog: the default with --tune, none without, the same checks.
+        // The watchdog: the default unless given, with or without --tune; the same checks.
         assert_eq!(
-            plan_of(&["--tune"]).unwrap().tune_watchdog,
-            Some(super::DEFAULT_TUNE_WATCHDOG)
+            plan_of(&["--tune"]).unwrap().watchdog,
+            super::DEFAULT_WATCHDOG
         );
-        assert_eq!(plan_of(&[]).unwrap().tune_watchdog, None);
+        assert_eq!(plan_of(&[]).unwrap().watchdog, super::DEFAULT_WATCHDOG);
         assert_eq!(
-            plan_of(&["--tune", "--tune-watchdog-s", "20"])
-                .unwrap()
-                .tune_watchdog,
-            Some(Duration::from_secs(20))
+            plan_of(&["--watchdog-s", "20"]).unwrap().watchdog,
+            Duration::from_secs(20)
         );
         for bad in ["0", "-5", "NaN", "inf", "1e300", "1e-12"] {
             let e = format!(
                 "{:#}",
-                plan_of(&["--tune", "--tune-watchdog-s", bad]).unwrap_err()
+                plan_of(&["--tune", "--watchdog-s", bad]).unwrap_err()
             );
-            assert!(e.contains("--tune-watchdog-s"), "{bad}: {e}");
+            assert!(e.contains("--watchdog-s"), "{bad}: {e}");
         }
-        let e = format!("{:#}", plan_of(&["--tune-watchdog-s", "60"]).unwrap_err());
-        assert!(e.contains("--tune too"), "{e}");
         // Not a number, or no value: the parser's error.
         for args in [
             &["dit", "--tune", "--tune-budget-s", "soon"][..],

@@ -13,7 +13,7 @@ use super::{rows_request, BenchPlan, E2eRow, LaunchCount, Report, Stats, StepKin
 
 /// Tunes `backend`'s options ([`crate::cuda::tune::tune`]) on the run of a `rows`-row batch
 /// (`plan`'s steps and guidance) at FORA interval `interval`, within `plan.tune_budget`
-/// (`--tune-budget-s`) and under `plan.tune_watchdog` (`--tune-watchdog-s`), and leaves it
+/// (`--tune-budget-s`) and under `plan.watchdog` (`--watchdog-s`), and leaves it
 /// set to the choice.
 pub(super) fn tune_rows(
     backend: &mut CudaBackend,
@@ -32,7 +32,7 @@ pub(super) fn tune_rows(
         warmup: if many { 1 } else { plan.warmup.clamp(1, 3) },
         runs: if many { 3 } else { plan.runs.clamp(3, 10) },
         budget: plan.tune_budget,
-        watchdog: plan.tune_watchdog,
+        watchdog: Some(plan.watchdog),
         ..Default::default()
     };
     crate::cuda::tune::tune(backend, &splan, &schedule, candidates, &settings)

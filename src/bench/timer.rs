@@ -11,7 +11,14 @@ pub(crate) struct Timer {
     pub(crate) warmup: usize,
     pub(crate) runs: usize,
     pub(crate) profiler_api: bool,
+    /// Ends the process where one measurement (warm-up and timed runs) does not end in time
+    /// (`--watchdog-s`).
+    pub(crate) watchdog: Option<crate::watchdog::Watchdog>,
 }
+
+/// What the watchdog names: the rows are logged as they are measured, so the one that hung is
+/// the next after the last `bench:` line.
+const MEASUREMENT: &str = "a timed measurement (the next after the last `bench:` line)";
 
 impl Timer {
     /// Runs `launch(i)` for i in 0..warmup untimed, then i in warmup..warmup+runs with an event
@@ -23,6 +30,16 @@ impl Timer {
     /// [`Timer::time`], and the host's wall-clock time per run to issue the timed runs (from
     /// the first event's record to the last one's, before waiting for the GPU), in ms.
     pub(super) fn time_with_host(
+        &self,
+        gpu: &Gpu,
+        launch: impl FnMut(usize) -> Result<()>,
+    ) -> Result<(Stats, f64)> {
+        let _watch = crate::watchdog::Watchdog::arm(self.watchdog.as_ref(), MEASUREMENT);
+        self.time_runs(gpu, launch)
+    }
+
+    /// [`Timer::time_with_host`] without arming the watchdog (the caller has).
+    fn time_runs(
         &self,
         gpu: &Gpu,
         mut launch: impl FnMut(usize) -> Result<()>,
@@ -77,6 +94,7 @@ impl Timer {
         copies: usize,
         mut launch: impl FnMut(usize) -> Result<()>,
     ) -> Result<(Stats, usize)> {
+        let _watch = crate::watchdog::Watchdog::arm(self.watchdog.as_ref(), MEASUREMENT);
         for i in 0..self.warmup.max(1) {
             launch(i)?;
         }
@@ -112,7 +130,7 @@ impl Timer {
             .context("cannot instantiate the captured launches")?
             .context("the captured graph is empty")?;
         graph.upload().context("cannot upload a CUDA graph")?;
-        let stats = self.time(gpu, |_| {
+        let (stats, _) = self.time_runs(gpu, |_| {
             graph.launch().context("cannot launch a CUDA graph")
         })?;
         Ok((stats.scaled(1.0 / n as f64), n))

@@ -81,6 +81,7 @@
 use super::backend::{CudaBackend, CudaOptions};
 use crate::backend::{Backend, SamplePlan, StepMode, StepSpec};
 use crate::bench::Stats;
+use crate::watchdog::Watchdog;
 use anyhow::{bail, ensure, Context, Result};
 
 /// What [`tune`] needs of a backend beside [`Backend`]: its options, set from settings words,
@@ -223,6 +224,8 @@ impl Tunable for CudaBackend {
             warmup,
             runs,
             profiler_api: false,
+            // The tuning's own watchdog watches the whole candidate.
+            watchdog: None,
         };
         let stats = timer.time(self.gpu(), |_| pass(&mut ws))?;
         // cudarc keeps an error of a free in a destructor for the next call on the context,
@@ -416,124 +419,11 @@ pub struct TuneSettings {
     /// from the host, and the context is lost with it: past the limit a thread prints
     /// `tune: R rows, NAME: no answer after S s: tuning stopped: candidate "NAME" left the GPU
     /// unusable ...` to stderr and ends the process at once with exit status
-    /// [`WATCHDOG_EXIT`], running no destructors (they would wait on the device). So only for a
+    /// [`crate::watchdog::WATCHDOG_EXIT`], running no destructors (they would wait on the device). So only for a
     /// process whose job the tuning is (`fora bench --tune`, `fora sample --tune`): the device
     /// suite then tunes again in a new process without that candidate, instead of losing the
     /// rest of its time to the hang. Not part of [`TuneSettings::key`].
     pub watchdog: Option<std::time::Duration>,
-}
-
-/// The exit status of a process that [`TuneSettings::watchdog`] ended.
-pub const WATCHDOG_EXIT: i32 = 3;
-
-/// The watchdog of [`TuneSettings::watchdog`]: a thread that ends the process where a
-/// measurement armed with [`Watchdog::arm`] runs past the limit.
-struct Watchdog {
-    shared: std::sync::Arc<(std::sync::Mutex<WatchState>, std::sync::Condvar)>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-/// What the watchdog's thread watches: the measurement in flight and since when, and whether
-/// the tuning is over.
-struct WatchState {
-    armed: Option<(String, std::time::Instant)>,
-    over: bool,
-}
-
-/// Disarms its [`Watchdog`] when dropped (the measurement ended, well or not).
-struct WatchGuard<'a>(Option<&'a Watchdog>);
-
-impl Watchdog {
-    /// Starts the thread, for a tuning at `rows` rows (named in its line).
-    fn start(limit: std::time::Duration, rows: usize) -> Result<Watchdog> {
-        let shared = std::sync::Arc::new((
-            std::sync::Mutex::new(WatchState {
-                armed: None,
-                over: false,
-            }),
-            std::sync::Condvar::new(),
-        ));
-        let watched = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("fora-tune-watchdog".into())
-            .spawn(move || {
-                let (lock, wake) = &*watched;
-                let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
-                loop {
-                    if state.over {
-                        return;
-                    }
-                    let Some((name, since)) = &state.armed else {
-                        state = wake.wait(state).unwrap_or_else(|e| e.into_inner());
-                        continue;
-                    };
-                    let elapsed = since.elapsed();
-                    if elapsed >= limit {
-                        eprintln!(
-                            "tune: {rows} rows, {name}: no answer after {}: tuning stopped: \
-                             candidate {name:?} left the GPU unusable (a launch that does not \
-                             end; the watchdog ends the process, exit status {WATCHDOG_EXIT})",
-                            seconds(limit)
-                        );
-                        end_process(WATCHDOG_EXIT);
-                    }
-                    state = wake
-                        .wait_timeout(state, limit - elapsed)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                }
-            })
-            .context("tuning: starting the watchdog thread")?;
-        Ok(Watchdog {
-            shared,
-            thread: Some(thread),
-        })
-    }
-
-    /// Sets `f`'s state and wakes the thread.
-    fn update(&self, f: impl FnOnce(&mut WatchState)) {
-        let (lock, wake) = &*self.shared;
-        f(&mut lock.lock().unwrap_or_else(|e| e.into_inner()));
-        wake.notify_one();
-    }
-
-    /// Watches the measurement of candidate `name` from now until the guard is dropped.
-    fn arm<'a>(watchdog: Option<&'a Watchdog>, name: &str) -> WatchGuard<'a> {
-        if let Some(w) = watchdog {
-            let armed = Some((name.to_string(), std::time::Instant::now()));
-            w.update(|s| s.armed = armed);
-        }
-        WatchGuard(watchdog)
-    }
-}
-
-impl Drop for WatchGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(w) = self.0 {
-            w.update(|s| s.armed = None);
-        }
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.update(|s| s.over = true);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Ends the process with `status` at once: no destructors, no exit handlers (the CUDA
-/// context's teardown would wait for the launch that does not end).
-fn end_process(status: i32) -> ! {
-    #[cfg(unix)]
-    // SAFETY: `_exit` ends the process; nothing after it runs.
-    unsafe {
-        libc::_exit(status)
-    }
-    #[cfg(not(unix))]
-    std::process::abort()
 }
 
 /// Prints `line` to stderr when `on` ([`TuneSettings::progress`]).
@@ -1143,7 +1033,17 @@ pub fn tune<B: Tunable>(
         reference: None,
         started,
         watchdog: match settings.watchdog {
-            Some(limit) => Some(Watchdog::start(limit, plan.model_rows())?),
+            Some(limit) => {
+                let rows = plan.model_rows();
+                Some(Watchdog::start(limit, move |name, after| {
+                    format!(
+                        "tune: {rows} rows, {name}: no answer after {after}: tuning stopped: \
+                         candidate {name:?} left the GPU unusable (a launch that does not end; \
+                         the watchdog ends the process, exit status {})",
+                        crate::watchdog::WATCHDOG_EXIT
+                    )
+                })?)
+            }
             None => None,
         },
     };

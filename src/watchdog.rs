@@ -1,0 +1,122 @@
+//! A watchdog for processes that run launches new to a card: a launch that never ends (a
+//! deadlock in a kernel) cannot be stopped from the host, and the CUDA context is lost with
+//! it, so past a limit the process is better ended at once with a line that names what hung
+//! than left to an outer timeout. Used by the tuning ([`crate::cuda::tune::TuneSettings::watchdog`])
+//! and by `fora bench`'s timed measurements (`--watchdog-s`).
+
+use anyhow::{Context, Result};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The exit status of a process that a [`Watchdog`] ended.
+pub const WATCHDOG_EXIT: i32 = 3;
+
+/// A thread that ends the process where a measurement armed with [`Watchdog::arm`] runs past
+/// the limit, after printing its message to stderr. Dropping it ends the thread.
+pub struct Watchdog {
+    shared: Arc<(Mutex<WatchState>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the thread watches: the measurement in flight and since when, and whether the
+/// watchdog is being dropped.
+struct WatchState {
+    armed: Option<(String, Instant)>,
+    over: bool,
+}
+
+/// Disarms its [`Watchdog`] when dropped (the measurement ended, well or not).
+pub struct WatchGuard<'a>(Option<&'a Watchdog>);
+
+impl Watchdog {
+    /// Starts the thread. `message(name, limit)`: the line printed before the process ends,
+    /// for the measurement armed as `name` (the limit as `"20 s"`).
+    pub fn start(
+        limit: Duration,
+        message: impl Fn(&str, &str) -> String + Send + 'static,
+    ) -> Result<Watchdog> {
+        let shared = Arc::new((
+            Mutex::new(WatchState {
+                armed: None,
+                over: false,
+            }),
+            Condvar::new(),
+        ));
+        let watched = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("fora-watchdog".into())
+            .spawn(move || {
+                let (lock, wake) = &*watched;
+                let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if state.over {
+                        return;
+                    }
+                    let Some((name, since)) = &state.armed else {
+                        state = wake.wait(state).unwrap_or_else(|e| e.into_inner());
+                        continue;
+                    };
+                    let elapsed = since.elapsed();
+                    if elapsed >= limit {
+                        eprintln!("{}", message(name, &format!("{} s", limit.as_secs_f64())));
+                        end_process(WATCHDOG_EXIT);
+                    }
+                    state = wake
+                        .wait_timeout(state, limit - elapsed)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            })
+            .context("starting the watchdog thread")?;
+        Ok(Watchdog {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Sets the state with `f` and wakes the thread.
+    fn update(&self, f: impl FnOnce(&mut WatchState)) {
+        let (lock, wake) = &*self.shared;
+        f(&mut lock.lock().unwrap_or_else(|e| e.into_inner()));
+        wake.notify_one();
+    }
+
+    /// Watches the measurement `name` from now until the guard is dropped (nothing where
+    /// `watchdog` is `None`).
+    pub fn arm<'a>(watchdog: Option<&'a Watchdog>, name: &str) -> WatchGuard<'a> {
+        if let Some(w) = watchdog {
+            let armed = Some((name.to_string(), Instant::now()));
+            w.update(|s| s.armed = armed);
+        }
+        WatchGuard(watchdog)
+    }
+}
+
+impl Drop for WatchGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.0 {
+            w.update(|s| s.armed = None);
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.update(|s| s.over = true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Ends the process with `status` at once: no destructors, no exit handlers (the CUDA
+/// context's teardown would wait for the launch that does not end).
+fn end_process(status: i32) -> ! {
+    #[cfg(unix)]
+    // SAFETY: `_exit` ends the process; nothing after it runs.
+    unsafe {
+        libc::_exit(status)
+    }
+    #[cfg(not(unix))]
+    std::process::abort()
+}
