@@ -321,6 +321,36 @@ fn the_prepared_device_call_runs_every_phase() {
     );
     assert!(calls.contains("bench_torch --json"), "{shown}");
     assert!(calls.contains("--budget-s 90 --batches 2,256"), "{shown}");
+    // Every `fora` call is one the real command line takes: `bench` through its own parser
+    // and checks (a flag renamed in Rust and not in the suite fails here, not on the device),
+    // `sample` and `info` through the binary (which then fails for want of a GPU, not of
+    // arguments).
+    for call in calls.lines().filter_map(|l| l.strip_prefix("fora ")) {
+        let args: Vec<&str> = call
+            .split(" | ")
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        if args[0] == "bench" {
+            let argv = std::iter::once("dit").chain(args[1..].iter().copied());
+            let (parsed, _) = fora::bench::args_from_bench_argv(argv)
+                .unwrap_or_else(|e| panic!("fora {call}: {e}\n{shown}"));
+            if let Err(e) = parsed.plan() {
+                panic!("fora {call}: {e:#}\n{shown}");
+            }
+        } else {
+            let real = Command::new(env!("CARGO_BIN_EXE_fora"))
+                .args(&args)
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&real.stderr);
+            assert!(
+                !said.contains("Usage:") && real.status.code() != Some(2),
+                "fora {call}: {said}"
+            );
+        }
+    }
     // What comes back.
     let files = archived(&root);
     for f in [
