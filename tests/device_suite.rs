@@ -18,7 +18,7 @@ use std::process::{Command, Output};
 /// unusable (the tuner's error); `FAKE_HANG=rows:name`: its launch never ends and the watchdog
 /// ends the process (its line, exit status 3).
 const FAKE_FORA: &str = r###"#!/usr/bin/env bash
-echo "fora $* | FORA_TUNE_SKIP=${FORA_TUNE_SKIP-unset} FORA_BENCH_KERNELS=${FORA_BENCH_KERNELS-unset}" >> "$FAKE_LOG"
+echo "fora $* | $(env | grep '^FORA_' | sort | tr '\n' ' ')" >> "$FAKE_LOG"
 cmd=$1; shift
 case $cmd in
   info) echo "cuda kernels: compiled (13 modules, fake)"; echo "hopper: fake"; exit 0 ;;
@@ -191,8 +191,13 @@ fn run_suite(root: &Path, command: &str, env: &[(&str, &str)]) -> (Output, Strin
         // The suite's own settings come from `command` and `env` only.
         .env_remove("PHASES")
         .env_remove("TESTS")
-        .env_remove("FORA_TUNE_SKIP")
         .env_remove("TUNE_WATCHDOG_S");
+    // And no FORA_* of this process (CI's, a developer's) reaches it.
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FORA_") {
+            cmd.env_remove(name);
+        }
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -222,6 +227,78 @@ fn documented_call() -> String {
         "the documented call: {call}"
     );
     call
+}
+
+/// The suite's own `FORA_*` variables (its settings for the test binaries and `fora bench`'s
+/// rows and tuning), not the backend's options.
+const SUITE_VARIABLES: [&str; 7] = [
+    "FORA_REQUIRE_GPU",
+    "FORA_BIN",
+    "FORA_BENCH_KERNELS",
+    "FORA_BENCH_HOPPER_GEMMS",
+    "FORA_BENCH_UNTRIED",
+    "FORA_TUNE_SKIP",
+    "FORA_TEST_SKIP_CUBLASLT",
+];
+
+/// Every `fora` call in the fakes' log is one the real program takes: `bench` through its own
+/// parser and checks (a flag renamed in Rust and not in the suite fails here, not on the
+/// device), `sample` and `info` through the binary (which then fails for want of a GPU, not
+/// of arguments); every backend option the call's environment sets is one
+/// `CudaOptions::from_env` reads, with a value it takes, and a call that sets some runs other
+/// options than the defaults (a variant that times the default under another name is a
+/// slip); a `FORA_TUNE_SKIP` names built-in candidates.
+fn check_fora_calls(calls: &str, shown: &str) {
+    let mut checked = 0;
+    for call in calls.lines().filter_map(|l| l.strip_prefix("fora ")) {
+        let (args, env) = call.split_once(" | ").unwrap_or((call, ""));
+        let args: Vec<&str> = args.split_whitespace().collect();
+        if args[0] == "bench" {
+            let argv = std::iter::once("dit").chain(args[1..].iter().copied());
+            let (parsed, _) = fora::bench::args_from_bench_argv(argv)
+                .unwrap_or_else(|e| panic!("fora {call}: {e}\n{shown}"));
+            if let Err(e) = parsed.plan() {
+                panic!("fora {call}: {e:#}\n{shown}");
+            }
+        } else {
+            let real = Command::new(env!("CARGO_BIN_EXE_fora"))
+                .args(&args)
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&real.stderr);
+            assert!(
+                !said.contains("Usage:") && real.status.code() != Some(2),
+                "fora {call}: {said}"
+            );
+        }
+        let mut options = fora::cuda::CudaOptions::default();
+        let mut sets = false;
+        for word in env.split_whitespace() {
+            let (name, value) = word.split_once('=').unwrap();
+            if value.trim().is_empty() {
+                continue;
+            }
+            if name == "FORA_TUNE_SKIP" {
+                let candidates = fora::cuda::tune::default_candidates();
+                if let Err(e) = fora::cuda::tune::skip_candidates(candidates, value) {
+                    panic!("fora {call}: {e:#}");
+                }
+            }
+            if SUITE_VARIABLES.contains(&name) {
+                continue;
+            }
+            if let Err(e) = options.set(name, value) {
+                panic!("fora {call}: {word}: {e:#}");
+            }
+            sets = true;
+        }
+        assert!(
+            !sets || options != fora::cuda::CudaOptions::default(),
+            "fora {call}: its environment sets the default options"
+        );
+        checked += 1;
+    }
+    assert!(checked > 0, "no fora call: {shown}");
 }
 
 /// The files in the archive the call brings back.
@@ -321,36 +398,7 @@ fn the_prepared_device_call_runs_every_phase() {
     );
     assert!(calls.contains("bench_torch --json"), "{shown}");
     assert!(calls.contains("--budget-s 90 --batches 2,256"), "{shown}");
-    // Every `fora` call is one the real command line takes: `bench` through its own parser
-    // and checks (a flag renamed in Rust and not in the suite fails here, not on the device),
-    // `sample` and `info` through the binary (which then fails for want of a GPU, not of
-    // arguments).
-    for call in calls.lines().filter_map(|l| l.strip_prefix("fora ")) {
-        let args: Vec<&str> = call
-            .split(" | ")
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .collect();
-        if args[0] == "bench" {
-            let argv = std::iter::once("dit").chain(args[1..].iter().copied());
-            let (parsed, _) = fora::bench::args_from_bench_argv(argv)
-                .unwrap_or_else(|e| panic!("fora {call}: {e}\n{shown}"));
-            if let Err(e) = parsed.plan() {
-                panic!("fora {call}: {e:#}\n{shown}");
-            }
-        } else {
-            let real = Command::new(env!("CARGO_BIN_EXE_fora"))
-                .args(&args)
-                .output()
-                .unwrap();
-            let said = String::from_utf8_lossy(&real.stderr);
-            assert!(
-                !said.contains("Usage:") && real.status.code() != Some(2),
-                "fora {call}: {said}"
-            );
-        }
-    }
+    check_fora_calls(&calls, &shown);
     // What comes back.
     let files = archived(&root);
     for f in [
@@ -434,5 +482,46 @@ fn a_call_without_the_pack_says_what_to_carry() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("carry .devpack.txz"), "{stderr}");
     assert!(calls.is_empty(), "{calls}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// The other phases (the bench, in-model op times, every variant, issue 5's and the TMA tile
+/// steps) call `fora` with arguments and options it takes, and end.
+#[test]
+fn the_other_phases_call_fora_as_it_takes_them() {
+    let root = machine("phases");
+    let (out, calls) = run_suite(
+        &root,
+        "PHASES='bench ops variants issue5 issue5_more tma_tuned' VARIANTS=all DEADLINE_S=500 \
+         bash tools/device_suite.sh",
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let shown = format!("stdout:\n{stdout}\nstderr:\n{stderr}\ncalls:\n{calls}");
+    assert!(out.status.success(), "{shown}");
+    assert!(stdout.contains("=== done after"), "{shown}");
+    assert!(!stderr.contains("unbound variable"), "{shown}");
+    // Every variant of the suite's list ran (VARIANTS=all).
+    let suite = std::fs::read_to_string(repo().join("tools/device_suite.sh")).unwrap();
+    let list = suite
+        .split("local all=(")
+        .nth(1)
+        .and_then(|rest| rest.split(")\n").next())
+        .expect("device_suite.sh's variant list");
+    let names: Vec<&str> = list
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .map(|entry| entry.split(':').next().unwrap())
+        .collect();
+    assert!(names.len() > 40, "{names:?}");
+    for name in &names {
+        assert!(
+            stdout.contains(&format!("--- {name} (")),
+            "variant {name}: {shown}"
+        );
+    }
+    check_fora_calls(&calls, &shown);
     let _ = std::fs::remove_dir_all(&root);
 }
