@@ -301,6 +301,27 @@ fn check_fora_calls(calls: &str, shown: &str) {
     assert!(checked > 0, "no fora call: {shown}");
 }
 
+/// The names of the `#[test]` functions of `tests/<binary>.rs`.
+fn test_names(binary: &str) -> Vec<String> {
+    let path = repo().join("tests").join(format!("{binary}.rs"));
+    let src = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let mut names = Vec::new();
+    let mut after_test = false;
+    for line in src.lines().map(str::trim) {
+        if line == "#[test]" {
+            after_test = true;
+        } else if after_test && line.starts_with("fn ") {
+            let name = line["fn ".len()..].split('(').next().unwrap();
+            names.push(name.to_string());
+            after_test = false;
+        } else if after_test && !line.starts_with("#[") && !line.starts_with("//") {
+            after_test = false;
+        }
+    }
+    assert!(!names.is_empty(), "no tests in {path:?}");
+    names
+}
+
 /// The files in the archive the call brings back.
 fn archived(root: &Path) -> Vec<String> {
     let out = Command::new("tar")
@@ -335,6 +356,23 @@ fn the_prepared_device_call_runs_every_phase() {
     assert!(stdout.contains("=== done after"), "{shown}");
     assert!(!stderr.contains("unbound variable"), "{shown}");
 
+    // Each "binary:part" of the call's TESTS names tests of that binary (a filter that matches
+    // none would run nothing and still say "test result: ok").
+    let tests_list = call
+        .split("TESTS=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the call sets TESTS");
+    for entry in tests_list.split_whitespace() {
+        let Some((binary, filter)) = entry.split_once(':') else {
+            continue;
+        };
+        let names = test_names(binary);
+        assert!(
+            names.iter().any(|n| n.contains(filter)),
+            "TESTS entry {entry}: no test of tests/{binary}.rs matches {filter:?}"
+        );
+    }
     // Tests: each "binary:part" of TESTS as one filtered run, in order; a whole binary in its
     // parts (the isolated filters apart).
     let tests: Vec<&str> = calls.lines().filter(|l| l.starts_with("test ")).collect();
