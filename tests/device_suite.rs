@@ -563,3 +563,45 @@ fn the_other_phases_call_fora_as_it_takes_them() {
     check_fora_calls(&calls, &shown);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Every heading the suite cuts its summaries at (`grep -A N "^Heading"`, `sed -n
+/// '/^Heading/,...'`) is one that `fora bench` (src/bench) or the report tool
+/// (tools/bench_report.py) writes: a heading renamed there would leave the device call's
+/// summary empty without an error.
+#[test]
+fn the_summaries_cut_at_headings_the_reports_write() {
+    let suite = std::fs::read_to_string(repo().join("tools/device_suite.sh")).unwrap();
+    let mut writers = String::new();
+    for entry in std::fs::read_dir(repo().join("src/bench")).unwrap() {
+        writers += &std::fs::read_to_string(entry.unwrap().path()).unwrap();
+    }
+    writers += &std::fs::read_to_string(repo().join("tools/bench_report.py")).unwrap();
+    let mut headings = Vec::new();
+    for line in suite.lines() {
+        for (open, close) in [("grep -A ", '"'), ("sed -n '/^", '/')] {
+            let mut rest = line;
+            while let Some(at) = rest.find(open) {
+                rest = &rest[at + open.len()..];
+                let text = if close == '"' {
+                    // grep -A N "^Heading"
+                    match rest.split_once(" \"^") {
+                        Some((n, after)) if n.chars().all(|c| c.is_ascii_digit()) => after,
+                        _ => continue,
+                    }
+                } else {
+                    rest
+                };
+                if let Some(end) = text.find(close) {
+                    headings.push(text[..end].to_string());
+                }
+            }
+        }
+    }
+    assert!(headings.len() >= 6, "{headings:?}");
+    for heading in &headings {
+        assert!(
+            writers.contains(heading.as_str()),
+            "the suite cuts at {heading:?}, which no report writes"
+        );
+    }
+}
