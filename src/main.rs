@@ -187,7 +187,9 @@ struct SampleArgs {
     /// fastest; prints the table to stderr. Candidates: $FORA_TUNE_CANDIDATES
     /// (`name:FORA_X=1 FORA_Y=1;...`), else the built-in list, less the names in
     /// $FORA_TUNE_SKIP (`name,name`). The bits may differ from an untuned run's, within the
-    /// forward's tolerance.
+    /// forward's tolerance. A candidate whose measurement takes over 300 s, and over ten times
+    /// the options as given, is taken for a launch that never ends: the run stops (exit status
+    /// 3) with a line naming it, to leave out with $FORA_TUNE_SKIP.
     #[arg(long)]
     tune: bool,
     /// With --tune (implied): a JSON file of earlier tunings' choices. A run whose card,

@@ -11,17 +11,19 @@ use std::time::{Duration, Instant};
 /// The exit status of a process that a [`Watchdog`] ended.
 pub const WATCHDOG_EXIT: i32 = 3;
 
-/// A thread that ends the process where a measurement armed with [`Watchdog::arm`] runs past
-/// the limit, after printing its message to stderr. Dropping it ends the thread.
+/// A thread that ends the process where a measurement armed with [`Watchdog::arm`] (or
+/// [`Watchdog::arm_for`]) runs past its limit, after printing its message to stderr. Dropping it
+/// ends the thread. One measurement at a time: arming again replaces the one armed.
 pub struct Watchdog {
+    limit: Duration,
     shared: Arc<(Mutex<WatchState>, Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// What the thread watches: the measurement in flight and since when, and whether the
-/// watchdog is being dropped.
+/// What the thread watches: the measurement in flight, since when and for how long, and
+/// whether the watchdog is being dropped.
 struct WatchState {
-    armed: Option<(String, Instant)>,
+    armed: Option<(String, Instant, Duration)>,
     over: bool,
 }
 
@@ -29,8 +31,9 @@ struct WatchState {
 pub struct WatchGuard<'a>(Option<&'a Watchdog>);
 
 impl Watchdog {
-    /// Starts the thread. `message(name, limit)`: the line printed before the process ends,
-    /// for the measurement armed as `name` (the limit as `"20 s"`).
+    /// Starts the thread; `limit` is [`Watchdog::arm`]'s. `message(name, limit)`: the line
+    /// printed before the process ends, for the measurement armed as `name` (its limit as
+    /// `"20 s"`).
     pub fn start(
         limit: Duration,
         message: impl Fn(&str, &str) -> String + Send + 'static,
@@ -52,13 +55,18 @@ impl Watchdog {
                     if state.over {
                         return;
                     }
-                    let Some((name, since)) = &state.armed else {
+                    let Some((name, since, limit)) = &state.armed else {
                         state = wake.wait(state).unwrap_or_else(|e| e.into_inner());
                         continue;
                     };
-                    let elapsed = since.elapsed();
+                    let (elapsed, limit) = (since.elapsed(), *limit);
                     if elapsed >= limit {
-                        eprintln!("{}", message(name, &format!("{} s", limit.as_secs_f64())));
+                        // Not eprintln!, which panics where stderr is gone (the thread would
+                        // die and leave the hang unbounded): the line if it can be written,
+                        // then the end either way.
+                        use std::io::Write;
+                        let line = message(name, &format!("{} s", limit.as_secs_f64()));
+                        let _ = writeln!(std::io::stderr(), "{line}");
                         end_process(WATCHDOG_EXIT);
                     }
                     state = wake
@@ -69,6 +77,7 @@ impl Watchdog {
             })
             .context("starting the watchdog thread")?;
         Ok(Watchdog {
+            limit,
             shared,
             thread: Some(thread),
         })
@@ -81,14 +90,33 @@ impl Watchdog {
         wake.notify_one();
     }
 
-    /// Watches the measurement `name` from now until the guard is dropped (nothing where
-    /// `watchdog` is `None`).
+    /// Watches the measurement `name` from now until the guard is dropped, for the limit the
+    /// watchdog was started with (nothing where `watchdog` is `None`).
     pub fn arm<'a>(watchdog: Option<&'a Watchdog>, name: &str) -> WatchGuard<'a> {
+        let limit = watchdog.map_or(Duration::ZERO, |w| w.limit);
+        Watchdog::arm_for(watchdog, name, limit)
+    }
+
+    /// [`Watchdog::arm`] for `limit` (a measurement known to take longer than most).
+    pub fn arm_for<'a>(
+        watchdog: Option<&'a Watchdog>,
+        name: &str,
+        limit: Duration,
+    ) -> WatchGuard<'a> {
         if let Some(w) = watchdog {
-            let armed = Some((name.to_string(), Instant::now()));
-            w.update(|s| s.armed = armed);
+            let armed = Some((name.to_string(), Instant::now(), limit));
+            w.update(|s| {
+                // One at a time: an inner guard's drop would disarm the outer measurement.
+                debug_assert!(s.armed.is_none(), "a watchdog armed twice at once");
+                s.armed = armed;
+            });
         }
         WatchGuard(watchdog)
+    }
+
+    /// The limit [`Watchdog::arm`] gives.
+    pub fn limit(&self) -> Duration {
+        self.limit
     }
 }
 

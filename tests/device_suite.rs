@@ -158,8 +158,24 @@ fn machine(name: &str) -> PathBuf {
         );
     }
     write_exec(&root.join("fakebin/nvidia-smi"), FAKE_SMI);
-    let packed = Command::new("python3")
+    // The sources the pack was built from, as tools/pack_device.sh lists them (here the
+    // suite stands for them).
+    let sums = Command::new("sha256sum")
         .current_dir(&root)
+        .arg("tools/device_suite.sh")
+        .output()
+        .unwrap();
+    assert!(sums.status.success());
+    std::fs::write(root.join(".devpack/source.sums"), &sums.stdout).unwrap();
+    pack(&root);
+    root
+}
+
+/// Archives the work folder's `.devpack/` as `.devpack.txz` (Python's lzma, as xz would), and
+/// removes the folder (the device call carries only the archive).
+fn pack(root: &Path) {
+    let packed = Command::new("python3")
+        .current_dir(root)
         .args([
             "-c",
             "import tarfile; t = tarfile.open('.devpack.txz', 'w:xz'); t.add('.devpack'); t.close()",
@@ -168,7 +184,6 @@ fn machine(name: &str) -> PathBuf {
         .unwrap();
     assert!(packed.success());
     std::fs::remove_dir_all(root.join(".devpack")).unwrap();
-    root
 }
 
 /// Runs `command` (a bash command line) in `root` with the fakes first on PATH and `env` set;
@@ -604,4 +619,48 @@ fn the_summaries_cut_at_headings_the_reports_write() {
             "the suite cuts at {heading:?}, which no report writes"
         );
     }
+}
+
+/// A pack built from other sources than the tree it runs in (the tree changed after packing),
+/// or one that lists none (packed before session 34), is refused before anything runs: its
+/// binaries may lack what the suite passes them. SUITE_ALLOW_STALE=1 runs it anyway.
+#[test]
+fn a_stale_pack_is_refused() {
+    let root = machine("stale");
+    let suite = root.join("tools/device_suite.sh");
+    let mut text = std::fs::read_to_string(&suite).unwrap();
+    text.push_str("# changed after packing\n");
+    std::fs::write(&suite, text).unwrap();
+    let (out, calls) = run_suite(&root, "PHASES=tests bash tools/device_suite.sh", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("other sources than this tree") && stderr.contains("tools/device_suite.sh"),
+        "{stderr}"
+    );
+    assert!(calls.is_empty(), "{calls}");
+    let (out, calls) = run_suite(
+        &root,
+        "PHASES=tests TESTS=cli bash tools/device_suite.sh",
+        &[("SUITE_ALLOW_STALE", "1")],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(calls.contains("test cli "), "{calls}");
+    // A pack without the list.
+    let unpacked = Command::new("python3")
+        .current_dir(&root)
+        .args([
+            "-c",
+            "import tarfile; tarfile.open('.devpack.txz').extractall()",
+        ])
+        .status()
+        .unwrap();
+    assert!(unpacked.success());
+    std::fs::remove_file(root.join(".devpack/source.sums")).unwrap();
+    pack(&root);
+    let (out, _) = run_suite(&root, "PHASES=tests bash tools/device_suite.sh", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("lists no sources"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&root);
 }

@@ -1073,19 +1073,28 @@ fn a_budget_not_reached_changes_nothing() {
     assert_eq!(budgeted_key, TuneSettings::default().key());
 }
 
-/// The tuning [`a_hung_candidate_ends_the_process`] runs in a child process: the given
-/// options, a faster path, then one whose window never ends, under a 300 ms watchdog.
+/// The tunings the watchdog tests run in a child process (a watchdog that fires ends the
+/// whole process): `FORA_TUNE_HANG_CHILD=hang` ([`a_hung_candidate_ends_the_process`]): the
+/// given options, a faster path, then one whose window never ends, under a 2 s watchdog;
+/// `=slow` ([`a_slow_batch_is_not_a_hang`]): every window takes 0.3 s, under a 0.1 s one.
 #[test]
 fn hung_candidate_child() {
-    if std::env::var_os("FORA_TUNE_HANG_CHILD").is_none() {
-        return; // run by a_hung_candidate_ends_the_process only
-    }
+    let Some(mode) = std::env::var_os("FORA_TUNE_HANG_CHILD") else {
+        return; // run by the tests below only
+    };
     let (plan, schedule) = run_of(&Mock::new());
     let mut mock = Mock::new();
-    let list = candidates(&[("given", ""), ("faster", "MS=5"), ("hangs", "HANG=1")]);
+    let (list, limit) = if mode == "slow" {
+        mock.window_sleep = std::time::Duration::from_millis(300);
+        let list = candidates(&[("given", ""), ("faster", "MS=5"), ("slower", "MS=12")]);
+        (list, std::time::Duration::from_millis(100))
+    } else {
+        let list = candidates(&[("given", ""), ("faster", "MS=5"), ("hangs", "HANG=1")]);
+        (list, std::time::Duration::from_secs(2))
+    };
     let settings = TuneSettings {
         progress: true,
-        watchdog: Some(std::time::Duration::from_millis(300)),
+        watchdog: Some(limit),
         ..SETTINGS
     };
     let tuning = tune(&mut mock, &plan, &schedule, &list, &settings);
@@ -1108,7 +1117,7 @@ fn a_hung_candidate_ends_the_process() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env("FORA_TUNE_HANG_CHILD", "1")
+        .env("FORA_TUNE_HANG_CHILD", "hang")
         .output()
         .unwrap();
     let elapsed = started.elapsed();
@@ -1126,7 +1135,7 @@ fn a_hung_candidate_ends_the_process() {
         "tune: 2 rows, given: window",
         "tune: 2 rows, faster: window",
         "tune: 2 rows, hangs: measuring",
-        "tune: 2 rows, hangs: no answer after 0.3 s: tuning stopped: candidate \"hangs\" left the GPU unusable",
+        "tune: 2 rows, hangs: no answer after 2 s: tuning stopped: candidate \"hangs\" left the GPU unusable",
     ] {
         assert!(stderr.contains(line), "{line:?} missing from:\n{stderr}");
     }
@@ -1181,4 +1190,29 @@ fn a_watchdog_that_does_not_fire_changes_nothing() {
     assert_eq!(with, without);
     assert_eq!(with_options, without_options);
     assert_eq!(with_timings, without_timings);
+}
+
+/// A batch whose windows are all slow is not a hang: the limit scales with the given options'
+/// own measurement (not watched itself), so candidates as slow as it pass a watchdog shorter
+/// than each of them, and the tuning ends with its choice.
+#[test]
+fn a_slow_batch_is_not_a_hang() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "hung_candidate_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("FORA_TUNE_HANG_CHILD", "slow")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("the tuning returned: Ok(\"faster\")"),
+        "{:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(!stderr.contains("no answer"), "{stderr}");
 }

@@ -102,6 +102,20 @@ if [ ! -x "$FORA_BIN" ]; then
   echo "device_suite: no $FORA_BIN: carry .devpack.txz (tools/pack_device.sh)" >&2
   exit 2
 fi
+# The pack must be of this tree's sources (tools/pack_device.sh lists them with their sums):
+# binaries older than the suite may lack a flag it passes, and every run of them would fail.
+# SUITE_ALLOW_STALE=1 runs them anyway.
+if [ "${SUITE_ALLOW_STALE:-0}" != 1 ]; then
+  if [ ! -f .devpack/source.sums ]; then
+    echo "device_suite: the pack lists no sources (packed before session 34): run tools/pack_device.sh again" >&2
+    exit 2
+  fi
+  if ! stale=$(sha256sum -c --quiet .devpack/source.sums 2>&1); then
+    echo "device_suite: the pack was built from other sources than this tree: run tools/pack_device.sh again" >&2
+    head -n 10 <<< "$stale" >&2
+    exit 2
+  fi
+fi
 FINAL_OUT=${OUT:-/tmp/out}; mkdir -p "$FINAL_OUT"
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/fora_suite.XXXXXX")
 # snapshot: $FINAL_OUT/all.tgz (every file so far) and the phase summaries beside it.

@@ -206,10 +206,13 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
     pub tune_budget_s: Option<f64>,
     /// The longest one measurement may take, in seconds (finite, above 0; default 300): each
-    /// timed kernel or step row (its warm-up and timed runs), and with --tune each candidate's
-    /// check and windows. Past it the process ends (exit status 3) with a line naming what
-    /// hung: a launch that never ends cannot be stopped otherwise. (The end-to-end runs are
-    /// not watched: a 250-step run of many rows takes minutes.)
+    /// timed kernel or step row (its first warm-up run, then the rest: ten times what they
+    /// take at the first one's pace where that is longer), and with --tune each candidate's
+    /// check and windows (ten times the given options' where that is longer; the given
+    /// options' own are not watched). Past it the process ends (exit status 3) with a line
+    /// naming what hung: a launch that never ends cannot be stopped otherwise. Not watched:
+    /// the end-to-end runs (a 250-step run of many rows takes minutes), workspace set-up, the
+    /// in-model op times.
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
     pub watchdog_s: Option<f64>,
     /// Write the benchmark's random weights (official key layout, f32, config in the metadata)
@@ -264,8 +267,9 @@ pub struct BenchPlan {
     pub watchdog: std::time::Duration,
 }
 
-/// `--watchdog-s`'s default, and `fora sample --tune`'s watchdog: far past any measurement at
-/// the batches a card holds, short of a lost evening.
+/// `--watchdog-s`'s default, and `fora sample --tune`'s watchdog: far past one warm-up run or
+/// tuning window at the batches a card holds (the limits also scale with what a measurement
+/// is seen to take), short of a lost evening.
 pub const DEFAULT_WATCHDOG: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl BenchArgs {

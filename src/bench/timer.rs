@@ -16,9 +16,9 @@ pub(crate) struct Timer {
     pub(crate) watchdog: Option<crate::watchdog::Watchdog>,
 }
 
-/// What the watchdog names: the rows are logged as they are measured, so the one that hung is
-/// the next after the last `bench:` line.
-const MEASUREMENT: &str = "a timed measurement (the next after the last `bench:` line)";
+/// What the watchdog names: the last `bench:` line names the section, or the kernel row
+/// before the one that hung (the kernel rows are logged as they are measured).
+const MEASUREMENT: &str = "a timed measurement (after the last `bench:` line)";
 
 impl Timer {
     /// Runs `launch(i)` for i in 0..warmup untimed, then i in warmup..warmup+runs with an event
@@ -29,22 +29,32 @@ impl Timer {
 
     /// [`Timer::time`], and the host's wall-clock time per run to issue the timed runs (from
     /// the first event's record to the last one's, before waiting for the GPU), in ms.
+    ///
+    /// The watchdog (`--watchdog-s`) watches the first warm-up run for its limit, and the
+    /// other runs for the larger of it and ten times what they take at the first one's pace (a
+    /// long `--runs` of many rows is not a hang).
     pub(super) fn time_with_host(
-        &self,
-        gpu: &Gpu,
-        launch: impl FnMut(usize) -> Result<()>,
-    ) -> Result<(Stats, f64)> {
-        let _watch = crate::watchdog::Watchdog::arm(self.watchdog.as_ref(), MEASUREMENT);
-        self.time_runs(gpu, launch)
-    }
-
-    /// [`Timer::time_with_host`] without arming the watchdog (the caller has).
-    fn time_runs(
         &self,
         gpu: &Gpu,
         mut launch: impl FnMut(usize) -> Result<()>,
     ) -> Result<(Stats, f64)> {
-        for i in 0..self.warmup {
+        use crate::watchdog::Watchdog;
+        let watchdog = self.watchdog.as_ref();
+        let first = Watchdog::arm(watchdog, MEASUREMENT);
+        let started = std::time::Instant::now();
+        if self.warmup > 0 {
+            launch(0)?;
+            gpu.synchronize().context("the first warm-up run failed")?;
+        }
+        let per_run = started.elapsed().as_secs_f64();
+        drop(first);
+        let limit = watchdog.map_or(std::time::Duration::ZERO, |w| {
+            let rest = (self.warmup.saturating_sub(1) + self.runs) as f64;
+            let expected = (10.0 * per_run * rest).min(1e6);
+            w.limit().max(std::time::Duration::from_secs_f64(expected))
+        });
+        let _rest = Watchdog::arm_for(watchdog, MEASUREMENT, limit);
+        for i in 1..self.warmup {
             launch(i)?;
         }
         gpu.synchronize().context("warm-up runs failed")?;
@@ -94,7 +104,8 @@ impl Timer {
         copies: usize,
         mut launch: impl FnMut(usize) -> Result<()>,
     ) -> Result<(Stats, usize)> {
-        let _watch = crate::watchdog::Watchdog::arm(self.watchdog.as_ref(), MEASUREMENT);
+        // The launches and their capture; the graph's timing is watched by time_with_host.
+        let setup = crate::watchdog::Watchdog::arm(self.watchdog.as_ref(), MEASUREMENT);
         for i in 0..self.warmup.max(1) {
             launch(i)?;
         }
@@ -130,7 +141,8 @@ impl Timer {
             .context("cannot instantiate the captured launches")?
             .context("the captured graph is empty")?;
         graph.upload().context("cannot upload a CUDA graph")?;
-        let (stats, _) = self.time_runs(gpu, |_| {
+        drop(setup);
+        let stats = self.time(gpu, |_| {
             graph.launch().context("cannot launch a CUDA graph")
         })?;
         Ok((stats.scaled(1.0 / n as f64), n))

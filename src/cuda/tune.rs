@@ -414,8 +414,11 @@ pub struct TuneSettings {
     /// is the same with or without a budget, and one cut short is never cached.
     pub budget: Option<std::time::Duration>,
     /// The longest one measurement of a candidate may take (its check and timed windows, or
-    /// one later timing of it) before the process is ended (`None`, the default: no limit).
-    /// A launch that never ends (a deadlock in a kernel new to the card) cannot be stopped
+    /// one later timing of it) before the process is ended (`None`, the default: no limit),
+    /// or ten times what the given options' first measurement took where that is longer (a
+    /// batch of many rows is not a hang). The given options' first measurement, the
+    /// reference, is not watched: they are the options the caller runs anyway (the defaults in
+    /// the device suite), and it is what the other limits scale from. A launch that never ends (a deadlock in a kernel new to the card) cannot be stopped
     /// from the host, and the context is lost with it: past the limit a thread prints
     /// `tune: R rows, NAME: no answer after S s: tuning stopped: candidate "NAME" left the GPU
     /// unusable ...` to stderr and ends the process at once with exit status
@@ -762,6 +765,9 @@ struct CandidateBench<'a> {
     started: std::time::Instant,
     /// [`TuneSettings::watchdog`]'s thread, where one is set.
     watchdog: Option<Watchdog>,
+    /// How long the given options' first measurement took (the watchdog's limits scale
+    /// from it).
+    given_took: std::time::Duration,
 }
 
 /// A duration in seconds as a person writes it: `90 s`, `0.5 s`.
@@ -776,6 +782,13 @@ impl CandidateBench<'_> {
         let budget = self.settings.budget?;
         (self.started.elapsed() >= budget)
             .then(|| format!("the tuning's time budget ({}) was spent", seconds(budget)))
+    }
+
+    /// The watchdog's limit for a candidate's measurement: [`TuneSettings::watchdog`], or ten
+    /// times the given options' first measurement where that is longer.
+    fn watch_limit(&self) -> std::time::Duration {
+        let limit = self.settings.watchdog.unwrap_or_default();
+        limit.max(self.given_took.saturating_mul(10))
     }
 
     /// The progress line of the budget stopping the search: `left` of `what` not tried.
@@ -808,7 +821,9 @@ impl CandidateBench<'_> {
             format!("tune: {} rows, {name}: measuring", self.plan.model_rows())
         });
         let mut row = TuneRow::unmeasured(name, settings, options, TuneOutcome::Slower);
-        let _watch = Watchdog::arm(self.watchdog.as_ref(), name);
+        let started = std::time::Instant::now();
+        let watchdog = self.watchdog.as_ref().filter(|_| !first);
+        let _watch = Watchdog::arm_for(watchdog, name, self.watch_limit());
         backend.set_tuned_options(options);
         let tolerance = self.settings.tolerance;
         let measured = (|| -> Result<()> {
@@ -859,6 +874,9 @@ impl CandidateBench<'_> {
             row.window = Some(run.stats);
             Ok(())
         })();
+        if first {
+            self.given_took = started.elapsed();
+        }
         match measured {
             Ok(()) => {}
             Err(e) if first => {
@@ -1046,6 +1064,7 @@ pub fn tune<B: Tunable>(
             }
             None => None,
         },
+        given_took: std::time::Duration::ZERO,
     };
     let fail = |backend: &mut B, e: anyhow::Error| -> anyhow::Error {
         backend.set_tuned_options(given);
@@ -1085,9 +1104,10 @@ pub fn tune<B: Tunable>(
     // first would otherwise hand the next candidate the margin. The better median counts.
     // The given options (or the winner) timed on a fresh workspace, the backend set to them.
     let watchdog = bench.watchdog.as_ref();
+    let watch_limit = bench.watch_limit();
     let given_name = rows[0].name.clone();
     let time = |backend: &mut B, options: B::Options, name: &str, what: &str| -> Result<Stats> {
-        let _watch = Watchdog::arm(watchdog, name);
+        let _watch = Watchdog::arm_for(watchdog, name, watch_limit);
         backend.set_tuned_options(options);
         let run = backend.run_window(plan, window, settings.warmup, settings.runs);
         Ok(run.with_context(|| format!("tuning: timing {what}"))?.stats)
