@@ -485,8 +485,8 @@ fn the_prepared_device_call_runs_every_phase() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-/// A test part that hangs is cut at TEST_PART_S and the parts after it still run; TESTS_S
-/// skips the parts that would start after it; a phase the deadline leaves no time for is
+/// A test part that hangs is cut at TEST_PART_S; TESTS_S skips the parts that would start
+/// after it; a phase the deadline leaves no time for is
 /// skipped by name, and the call still ends with its archive.
 #[test]
 fn bounds_cut_a_hang_and_the_deadline_skips_the_rest() {

@@ -1104,22 +1104,22 @@ fn hung_candidate_child() {
     );
 }
 
+/// Runs [`hung_candidate_child`] in a child process in `mode` (`FORA_TUNE_HANG_CHILD`).
+fn run_child(mode: &str) -> std::process::Output {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "hung_candidate_child", "--nocapture"])
+        .env("FORA_TUNE_HANG_CHILD", mode)
+        .output()
+        .unwrap()
+}
+
 /// A candidate whose measurement never ends: the watchdog names it and ends the process with
 /// `WATCHDOG_EXIT` within its limit, in the line the device suite reads to tune again without
 /// it; the candidates before it were measured.
 #[test]
 fn a_hung_candidate_ends_the_process() {
     let started = std::time::Instant::now();
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "hung_candidate_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("FORA_TUNE_HANG_CHILD", "hang")
-        .output()
-        .unwrap();
+    let out = run_child("hang");
     let elapsed = started.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -1197,16 +1197,7 @@ fn a_watchdog_that_does_not_fire_changes_nothing() {
 /// than each of them, and the tuning ends with its choice.
 #[test]
 fn a_slow_batch_is_not_a_hang() {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "hung_candidate_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("FORA_TUNE_HANG_CHILD", "slow")
-        .output()
-        .unwrap();
+    let out = run_child("slow");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
