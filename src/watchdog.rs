@@ -13,7 +13,8 @@ pub const WATCHDOG_EXIT: i32 = 3;
 
 /// A thread that ends the process where a measurement armed with [`Watchdog::arm`] (or
 /// [`Watchdog::arm_for`]) runs past its limit, after printing its message to stderr. Dropping it
-/// ends the thread. One measurement at a time: arming again replaces the one armed.
+/// ends the thread. One measurement at a time: each guard is dropped before the next arming
+/// (a debug build asserts it).
 pub struct Watchdog {
     limit: Duration,
     shared: Arc<(Mutex<WatchState>, Condvar)>,

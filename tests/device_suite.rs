@@ -206,7 +206,8 @@ fn run_suite(root: &Path, command: &str, env: &[(&str, &str)]) -> (Output, Strin
         // The suite's own settings come from `command` and `env` only.
         .env_remove("PHASES")
         .env_remove("TESTS")
-        .env_remove("TUNE_WATCHDOG_S");
+        .env_remove("TUNE_WATCHDOG_S")
+        .env_remove("SUITE_ALLOW_STALE");
     // And no FORA_* of this process (CI's, a developer's) reaches it.
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("FORA_") {

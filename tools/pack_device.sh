@@ -28,7 +28,13 @@ if ! grep -q "^cuda kernels: compiled" <<< "$info"; then
 fi
 # The sources the binaries were built from, checked by device_suite.sh on the device: a pack
 # older than the tree (a flag the suite passes that its fora lacks) would waste the call.
-git ls-files -z -- src kernels tests build.rs Cargo.toml Cargo.lock models | xargs -0 sha256sum > .devpack/source.sums
+# (Untracked sources too: they were built and travel with the tree.)
+git ls-files -z --cached --others --exclude-standard -- src kernels tests build.rs Cargo.toml Cargo.lock models \
+  | xargs -0 -r sha256sum > .devpack/source.sums
+if [ ! -s .devpack/source.sums ]; then
+  echo "pack_device: no sources to list in .devpack/source.sums" >&2
+  exit 1
+fi
 keep_tests="gpu_small_kernels gpu_attention gpu_gemm gpu_backend cli"
 for t in .devpack/test/*; do
   case " $keep_tests " in *" $(basename "$t") "*) ;; *) rm -f "$t" ;; esac
