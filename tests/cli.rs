@@ -1281,6 +1281,7 @@ fn bench_tune_budget_is_checked() {
             "finite number of seconds > 0",
         ),
         (&["--watchdog-s", "1e300"][..], "too long"),
+        (&["--watchdog-s", "0.5"][..], "give at least 1"),
     ] {
         let mut argv = vec!["bench", "--json", &json_s];
         argv.extend_from_slice(args);

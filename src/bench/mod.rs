@@ -205,7 +205,7 @@ pub struct BenchArgs {
     /// not cut.
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
     pub tune_budget_s: Option<f64>,
-    /// The longest one measurement may take, in seconds (finite, above 0; default 300): each
+    /// The longest one measurement may take, in seconds (at least 1; default 300): each
     /// timed kernel or step row (its first warm-up run, then the rest: ten times what they
     /// take at the first one's pace where that is longer), and with --tune each candidate's
     /// check and windows (ten times the given options' where that is longer; the given
@@ -360,6 +360,14 @@ impl BenchArgs {
             .map(|s| seconds_flag("--watchdog-s", "watchdog", s))
             .transpose()?
             .unwrap_or(DEFAULT_WATCHDOG);
+        // Under a second a healthy first launch (module loading, a graph's instantiation)
+        // would be taken for a hang.
+        ensure!(
+            watchdog >= std::time::Duration::from_secs(1),
+            "--watchdog-s {}: under a second every measurement would be taken for a launch \
+             that never ends; give at least 1",
+            watchdog.as_secs_f64()
+        );
         let gemm = self.gemm.unwrap_or(if q {
             GemmChoice::Cublaslt
         } else {
@@ -1036,13 +1044,17 @@ mod tests {
             plan_of(&["--watchdog-s", "20"]).unwrap().watchdog,
             Duration::from_secs(20)
         );
-        for bad in ["0", "-5", "NaN", "inf", "1e300", "1e-12"] {
+        for bad in ["0", "-5", "NaN", "inf", "1e300", "1e-12", "0.5"] {
             let e = format!(
                 "{:#}",
                 plan_of(&["--tune", "--watchdog-s", bad]).unwrap_err()
             );
             assert!(e.contains("--watchdog-s"), "{bad}: {e}");
         }
+        assert_eq!(
+            plan_of(&["--watchdog-s", "1"]).unwrap().watchdog,
+            Duration::from_secs(1)
+        );
         // Not a number, or no value: the parser's error.
         for args in [
             &["dit", "--tune", "--tune-budget-s", "soon"][..],
