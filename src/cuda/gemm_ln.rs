@@ -156,10 +156,15 @@ impl GemmLnTile {
     /// Whether launches of this tile over `token_rows` rows may run one CTA an SM
     /// ([`GemmLayerNorm::one_per_sm`], `FORA_GEMM_LN_ONE_PER_SM`): the few-rows tile only where
     /// the driver still holds every cluster at once (a cluster of 16 then needs 16 SMs of one
-    /// GPC, which some GPCs may not have); the many-rows tiles always.
+    /// GPC, which some GPCs may not have); the many-rows tiles (which run in waves) where it
+    /// holds at least one cluster so (a partition without a GPC of 16 free SMs has none).
     pub fn one_per_sm_serves(self, gpu: &impl KernelLauncher, token_rows: usize) -> bool {
-        self != GemmLnTile::Rows64
-            || self.resident_clusters(gpu, true, true) >= self.clusters_for(token_rows)
+        let resident = self.resident_clusters(gpu, true, true);
+        if self == GemmLnTile::Rows64 {
+            resident >= self.clusters_for(token_rows)
+        } else {
+            resident > 0
+        }
     }
 
     /// Whether the cluster is past the portable 8 CTAs (the kernel must be opted in).
@@ -534,6 +539,9 @@ mod tests {
         assert!(GemmLnTile::Rows64.one_per_sm_serves(&gpu(8), 512));
         assert!(!GemmLnTile::Rows64.one_per_sm_serves(&gpu(7), 512));
         assert!(GemmLnTile::Rows128.one_per_sm_serves(&gpu(1), 65_536));
+        // The many-rows tiles run in waves: one resident cluster is enough, none is not.
+        assert!(!GemmLnTile::Rows128.one_per_sm_serves(&gpu(0), 65_536));
+        assert!(!GemmLnTile::Wide128.one_per_sm_serves(&gpu(0), 65_536));
         // The launch's shared memory: at least ONE_PER_SM_SMEM one an SM.
         assert_eq!(launch_smem_bytes(GemmLnTile::Rows64, true), ONE_PER_SM_SMEM);
         assert_eq!(launch_smem_bytes(GemmLnTile::Rows64, false), 96_336);

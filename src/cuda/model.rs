@@ -160,8 +160,8 @@ impl FusionsInEffect {
                 && gemm_ln_tile.is_some_and(|t| t.one_per_sm_serves(gpu, rt)),
             qkv_attention: switches.qkv_attention && GpuModel::qkv_attention_serves(gpu, cfg, rows),
             // Weights the fused LayerNorm passes ask L2 to fetch (FORA_PREFETCH_WEIGHTS, few
-            // rows).
-            prefetch_weights: switches.prefetch_weights && rt <= PREFETCH_MAX_TOKENS,
+            // rows): only where those passes run.
+            prefetch_weights: switches.prefetch_weights && prefetch_serves(fuse_ln, rt),
         }
     }
 
@@ -180,6 +180,12 @@ impl FusionsInEffect {
             prefetch_weights: self.prefetch_weights,
         }
     }
+}
+
+/// Whether `FORA_PREFETCH_WEIGHTS` changes a computing forward of `token_rows` rows: the fused
+/// LayerNorm passes (`fuse_ln`) carry the prefetch, at most [`PREFETCH_MAX_TOKENS`] rows.
+pub fn prefetch_serves(fuse_ln: bool, token_rows: usize) -> bool {
+    fuse_ln && token_rows <= PREFETCH_MAX_TOKENS
 }
 
 /// Most token rows (model rows x tokens) a forward prefetches weights at
@@ -1434,5 +1440,16 @@ mod tests {
         }
         // A width the pass does not take.
         assert!(!fuses_ln(GemmImpl::CublasLt, true, true, 1150));
+    }
+
+    /// The weight prefetch rides on the fused LayerNorm passes: without them (or past the few
+    /// rows) it changes no launch, so the tuner does not time it as a path of its own.
+    #[test]
+    fn the_weight_prefetch_serves_only_the_fused_passes() {
+        use super::{prefetch_serves, PREFETCH_MAX_TOKENS};
+        assert!(prefetch_serves(true, 512));
+        assert!(prefetch_serves(true, PREFETCH_MAX_TOKENS));
+        assert!(!prefetch_serves(false, 512));
+        assert!(!prefetch_serves(true, PREFETCH_MAX_TOKENS + 1));
     }
 }
