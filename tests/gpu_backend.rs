@@ -1614,6 +1614,34 @@ fn gpu_tma_sampling_paths() {
         )
         .unwrap();
     }
+    // The default cuBLASLt path with proj and fc2 routed to the cluster split-K tiles
+    // (FORA_TMA_TILES, the device suite's variant lt_cluster_k and the tuner's
+    // lt_proj_cluster_k / lt_fc2_cluster_k): whole sampling runs, computing and reuse steps,
+    // against the CPU and the unrouted path.
+    let (d, mlp) = (cfg.hidden, cfg.mlp_hidden());
+    let routed = CudaOptions {
+        gemm: GemmImpl::CublasLt,
+        tma_tiles: format!("{d}x{d}=k3-128x128,{d}x{mlp}=k3-128x128")
+            .parse()
+            .unwrap(),
+        ..base
+    };
+    assert_eq!(
+        cuda.options_in_effect(routed, 2 * classes.len()).tma_tiles,
+        routed.tma_tiles,
+        "both routes in effect"
+    );
+    for graphs in [true, false] {
+        cuda.set_options(CudaOptions { graphs, ..routed });
+        let got = sample_latents(&cuda, &options, &classes, 3, 3);
+        let what = format!("cluster split-K routes, graphs={graphs}");
+        assert!(
+            got != lt,
+            "{what}: the same bits as cuBLASLt: the routes did not run"
+        );
+        check_close(&format!("{what} vs CPU"), &got, &want, 5e-2).unwrap();
+        check_close(&format!("{what} vs cuBLASLt"), &got, &lt, 1e-2).unwrap();
+    }
     cuda.set_options(base);
 }
 
@@ -1979,9 +2007,12 @@ fn gpu_gemm_ln_matches() {
 /// `gemm_tma_ln_mc_128x72` launch, on a two-block model of DiT-XL/2's width with 40 x 40 latents
 /// (400 tokens a row: four rows are 1,600 token rows, past the few-rows kernel's 1,024 on 132
 /// SMs; 13 clusters of 128, the last partial) ([`fused_option_matches`]).
+/// With `FORA_GEMM_LN_ONE_PER_SM` too: the same launches with more shared memory a CTA, the
+/// same bits.
 #[test]
 fn gpu_gemm_ln_many_rows_matches() {
-    let _ = fused_option_matches(
+    use fora::cuda::CudaOptions;
+    let Some((mut cuda, on)) = fused_option_matches(
         "gpu_gemm_ln_many_rows_matches",
         "depth=2,hidden=1152,heads=16,patch=2",
         40,
@@ -1991,6 +2022,27 @@ fn gpu_gemm_ln_many_rows_matches() {
             fora::cuda::gemm_ln::GemmLnTile::for_rows(cuda.gpu(), 1152, rows * 400, false)
                 == Some(fora::cuda::gemm_ln::GemmLnTile::Rows128)
         },
+    ) else {
+        return;
+    };
+    let one_per_sm = CudaOptions {
+        gemm_ln_one_per_sm: true,
+        ..on
+    };
+    if !cuda.options_in_effect(one_per_sm, 4).gemm_ln_one_per_sm {
+        println!(
+            "NOTE gpu_gemm_ln_many_rows_matches: FORA_GEMM_LN_ONE_PER_SM has no effect on this \
+             card (no cluster of 16 resident one CTA an SM): its comparison is of the default \
+             with itself"
+        );
+    }
+    assert_same_bits(
+        &mut cuda,
+        &[1, 7],
+        8,
+        (on, one_per_sm),
+        "gemm_ln many rows: one CTA an SM",
+        |_, _| {},
     );
 }
 

@@ -1384,6 +1384,62 @@ fn emulated_tma_cluster_k_dit_xl2_two_rows() -> Result<()> {
     Ok(())
 }
 
+/// The cluster split-K tile forced on shapes that do not fill it (`FORA_TMA_TILES` routes a
+/// shape to it whatever its size, as gpu_backend's `gpu_tma_sampling_paths` does on its small
+/// model): a partial N tile (144 columns in tiles of 128), K of 2.25 and 9 k-tiles over three
+/// CTAs, and the timestep MLP's few rows.
+#[test]
+fn emulated_tma_cluster_k_partial_tiles() -> Result<()> {
+    use fora::cuda::gemm::{gemm_params, launch_tma, Epilogue, TmaTile};
+    use fora::cuda::testing::{check_close, round_bf16, TestRng};
+    let Some(emu) = emulator("emulated_tma_cluster_k_partial_tiles") else {
+        return Ok(());
+    };
+    let gpu = emu.with_sms(132);
+    let tokens = 64;
+    for (m, n, k) in [(256, 144, 144), (256, 144, 576), (4, 144, 144)] {
+        let tile = TmaTile::K3N128;
+        let what = format!("M={m} N={n} K={k} on {tile:?}, gated residual");
+        eprintln!("{what}");
+        let case = SmallGemm::new(emu, (m, n, k), 37)?;
+        let mut rng = TestRng::new(41);
+        let rows = m.div_ceil(tokens);
+        let gate = rng.uniform_vec(rows * n, -1.0, 1.0);
+        let residual = rng.normal_vec(m * n, 1.0);
+        let (gate_d, out) = (emu.upload_f32(&gate)?, emu.upload_f32(&residual)?);
+        let cache = emu.poisoned_bf16(m * n)?;
+        let p = fora::cuda::params::GemmParams {
+            cache: cache.addr(),
+            gate: gate_d.addr(),
+            ldg: n as i32,
+            rows_per_gate: tokens as i32,
+            ..gemm_params(
+                case.a_d.addr(),
+                case.w_d.addr(),
+                case.bias_d.addr(),
+                out.addr(),
+                m,
+                n,
+                k,
+                Epilogue::BiasGateResidual,
+            )
+        };
+        unsafe { launch_tma(&gpu, &p, tile, 1, None) }?;
+        let product = case.product(true);
+        let want: Vec<f32> = (0..m * n)
+            .map(|i| residual[i] + gate[(i / n / tokens) * n + i % n] * product[i])
+            .collect();
+        check_close(&what, &emu.download_f32(&out)?, &want, 1e-4)?;
+        check_close(
+            &format!("{what}: cache"),
+            &emu.download_bf16(&cache)?,
+            &round_bf16(&product),
+            1e-2,
+        )?;
+    }
+    Ok(())
+}
+
 /// The kernels' `extern "C" __global__` declarations in `src` (a kernels/*.cu file's text): each
 /// literal name with the cluster size of its `FORA_CLUSTER(n)` (1 without one). Names built by
 /// a macro (token pasting) are left out.
