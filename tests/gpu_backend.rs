@@ -2073,7 +2073,8 @@ fn gpu_gemm_ln_wide_matches() {
 /// CFG, where both fusions serve (the qkv + attention only where the card holds its 32
 /// clusters at once: else without it, said). The forward against the CPU reference; sampling with
 /// programmatic launches (each fused kernel and TMA GEMM loading its weights before it waits on
-/// the kernel before) the same bits as without, with graphs and without. SKIP off a Hopper.
+/// the kernel before) the same bits as without, with graphs and without; FORA runs of it against
+/// the default path's. SKIP off a Hopper.
 #[test]
 fn gpu_fused_block_pdl_matches() {
     use fora::cuda::gemm::GemmImpl;
@@ -2113,12 +2114,13 @@ fn gpu_fused_block_pdl_matches() {
         Some(GemmLnTile::Rows64),
         "{test}: the fused proj / fc2 + LayerNorm must serve {rows} rows"
     );
+    let defaults = cuda.options();
     let off = CudaOptions {
         gemm: GemmImpl::Tma,
         qkv_attention,
         gemm_ln: true,
         pdl: false,
-        ..cuda.options()
+        ..defaults
     };
     let on = CudaOptions { pdl: true, ..off };
     cuda.set_options(on);
@@ -2136,6 +2138,22 @@ fn gpu_fused_block_pdl_matches() {
             |_, _| {},
         );
     }
+    // The whole combination through FORA runs, computing and reuse steps, against the default
+    // path: a wiring error that both PDL settings share passes the comparison above.
+    let options = SamplerOptions::ddpm(10).with_guidance(Some(Guidance {
+        scale: 2.5,
+        mode: GuidanceMode::Official3,
+    }));
+    for interval in [1, 3] {
+        cuda.set_options(defaults);
+        let reference = sample_latents(&cuda, &options, &[1], 6, interval);
+        cuda.set_options(on);
+        let ours = sample_latents(&cuda, &options, &[1], 6, interval);
+        let what = format!("{test} N={interval}: every launch ours under PDL vs the defaults");
+        assert!(ours != reference, "{what}: the same bits");
+        check_close(&what, &ours, &reference, 1e-2).unwrap();
+    }
+    cuda.set_options(defaults);
 }
 
 /// `CudaBackend::options_in_effect` (what the tuner dedupes candidates by): every row-dependent
