@@ -67,16 +67,27 @@ done
 echo "bench: done in 1.0 s; JSON in $json, Markdown in fake.md" >&2
 "###;
 
-/// A fake GPU test binary (`NAME` replaced): logs its call, hangs where `FAKE_TEST_HANG` names
+/// A fake GPU test binary (`NAME` replaced by the binary's name, `@TESTS@` by its real test
+/// names): logs its call, hangs where `FAKE_TEST_HANG` names it, else runs (says it runs) the
+/// tests its filter selects, as libtest does (`--skip` is left to the real one).
 /// it (for the part bound), else prints libtest's lines.
 const FAKE_TEST: &str = r###"#!/usr/bin/env bash
 echo "test NAME $*" >> "$FAKE_LOG"
 if [ "${FAKE_TEST_HANG:-}" = NAME ]; then exec sleep 600; fi
-echo "running 2 tests"
-echo "test NAME_first ... ok"
+filter=""; skip_next=0
+for a in "$@"; do
+  if [ "$skip_next" = 1 ]; then skip_next=0; continue; fi
+  case $a in --skip) skip_next=1 ;; --*) ;; *) filter=$a ;; esac
+done
+selected=""
+for n in @TESTS@; do
+  case $n in *"$filter"*) selected="$selected $n" ;; esac
+done
+set -- $selected
+echo "running $# tests"
+for n in "$@"; do echo "test $n ... ok"; done
 echo "NOTE NAME: a fused path did not serve (fake)"
-echo "test NAME_second ... ok"
-echo "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out"
+echo "test result: ok. $# passed; 0 failed; 0 ignored; 0 measured; 0 filtered out"
 "###;
 
 /// The fake `nvidia-smi`: the query the tests phase prints, and the clock log (`-lms`; a
@@ -154,7 +165,9 @@ fn machine(name: &str) -> PathBuf {
     for t in TEST_BINARIES {
         write_exec(
             &root.join(".devpack/test").join(t),
-            &FAKE_TEST.replace("NAME", t),
+            &FAKE_TEST
+                .replace("@TESTS@", &test_names(t).join(" "))
+                .replace("NAME", t),
         );
     }
     write_exec(&root.join("fakebin/nvidia-smi"), FAKE_SMI);
@@ -474,6 +487,7 @@ fn the_prepared_device_call_runs_every_phase() {
     }
     let tests_log = std::fs::read_to_string(root.join("out/tests.log")).unwrap();
     assert!(tests_log.contains("NOTE gpu_backend"), "{tests_log}");
+    assert!(!tests_log.contains("NO TESTS"), "{tests_log}");
     assert!(tests_log.contains("NVIDIA H200"), "{tests_log}");
     // The clocks per phase, every phase in it.
     let clocks = stdout
@@ -642,13 +656,19 @@ fn a_stale_pack_is_refused() {
         "{stderr}"
     );
     assert!(calls.is_empty(), "{calls}");
+    // (And a TESTS filter that matches nothing is said, not passed over as "ok".)
     let (out, calls) = run_suite(
         &root,
-        "PHASES=tests TESTS=cli bash tools/device_suite.sh",
+        "PHASES=tests TESTS=cli:no_such_test bash tools/device_suite.sh",
         &[("SUITE_ALLOW_STALE", "1")],
     );
     assert!(out.status.success(), "{out:?}");
     assert!(calls.contains("test cli "), "{calls}");
+    let tests_log = std::fs::read_to_string(root.join("out/tests.log")).unwrap();
+    assert!(
+        tests_log.contains("NO TESTS: the filter no_such_test matches no test of cli"),
+        "{tests_log}"
+    );
     // A pack without the list.
     let unpacked = Command::new("python3")
         .current_dir(&root)
