@@ -669,6 +669,9 @@ fn a_stale_pack_is_refused() {
         tests_log.contains("NO TESTS: the filter no_such_test matches no test of cli"),
         "{tests_log}"
     );
+    // In the call's own output too.
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("NO TESTS: the filter no_such_test"), "{said}");
     // A pack without the list.
     let unpacked = Command::new("python3")
         .current_dir(&root)

@@ -224,7 +224,7 @@ phase_tests() {
     bounded 60 .devpack/bin/fora sample --class 3 --device cuda --out "$OUT/three.png" 2>&1 | tail -n 3
     echo "wall $(( ($(date +%s%N) - s) / 1000000 )) ms"
   } > "$OUT/tests.log" 2>&1
-  grep -E "test result|^rc=|FAILED|panicked|^wall" "$OUT/tests.log"
+  grep -E "test result|^rc=|FAILED|panicked|^wall|^NO TESTS" "$OUT/tests.log"
 }
 
 phase_bench() {
