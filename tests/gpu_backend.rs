@@ -1619,11 +1619,18 @@ fn gpu_tma_sampling_paths() {
     // lt_proj_cluster_k / lt_fc2_cluster_k): whole sampling runs, computing and reuse steps,
     // against the CPU and the unrouted path.
     let (d, mlp) = (cfg.hidden, cfg.mlp_hidden());
+    // (The fused LayerNorm with the bf16 residual, and no fusion of its own around proj / fc2:
+    // the path that routes both, whatever FORA_* the process has.)
     let routed = CudaOptions {
         gemm: GemmImpl::CublasLt,
         tma_tiles: format!("{d}x{d}=k3-128x128,{d}x{mlp}=k3-128x128")
             .parse()
             .unwrap(),
+        fused_ln: true,
+        bf16_residual: true,
+        gemm_ln: false,
+        gemm_ln_many_rows: false,
+        qkv_attention: false,
         ..base
     };
     assert_eq!(
@@ -2151,7 +2158,9 @@ fn gpu_fused_block_pdl_matches() {
         let ours = sample_latents(&cuda, &options, &[1], 6, interval);
         let what = format!("{test} N={interval}: every launch ours under PDL vs the defaults");
         assert!(ours != reference, "{what}: the same bits");
-        check_close(&what, &ours, &reference, 1e-2).unwrap();
+        // 2e-2, the forward's tolerance: three paths' roundings stacked (each alone is within
+        // 1e-2 of the default in its own test); a wiring error is of order one.
+        check_close(&what, &ours, &reference, 2e-2).unwrap();
     }
     cuda.set_options(defaults);
 }
