@@ -52,6 +52,7 @@ if [ "$tune" = 1 ]; then
     fi
     echo "tune: $rows rows, $c: window 1.000 ms, rel-L2 forward 1.00e-3 steps 1.00e-3" >&2
   done
+  echo "tune: $rows rows, chosen: given (the options as given)" >&2
   echo "## Tuned options (\`--tune\`): the rows labelled \`tuned\` ran the chosen one"
   echo "| given | — | 1.000 | chosen |"
   echo "## Failed measurements"
@@ -489,6 +490,22 @@ fn the_prepared_device_call_runs_every_phase() {
     assert!(tests_log.contains("NOTE gpu_backend"), "{tests_log}");
     assert!(!tests_log.contains("NO TESTS"), "{tests_log}");
     assert!(tests_log.contains("NVIDIA H200"), "{tests_log}");
+    // The digest at the end (what the device tool's output tail keeps): the tests' totals, each
+    // tuning's choice, the candidates that broke a process.
+    let digest = stdout.split("=== digest").nth(1).unwrap_or_default();
+    for said in [
+        "tests: ",
+        "tuned_2_1.log: Error: tuning stopped: candidate \"qkv_attention\" left the GPU unusable",
+        "tuned_2_2.log: tune: 2 rows, chosen: given",
+        "tuned_256_1.log: tune: 256 rows, pdl: no answer after 60 s",
+        "tuned_256_2.log: tune: 256 rows, chosen: given",
+    ] {
+        assert!(
+            digest.contains(said),
+            "{said:?} not in the digest:\n{digest}"
+        );
+    }
+    assert!(digest.contains(" 0 failed"), "{digest}");
     // The clocks per phase, every phase in it.
     let clocks = stdout
         .split("=== clocks per phase")
@@ -538,6 +555,11 @@ fn bounds_cut_a_hang_and_the_deadline_skips_the_rest() {
         "{shown}"
     );
     assert!(!calls.contains("bench_torch"), "{shown}");
+    let digest = stdout.split("=== digest").nth(1).unwrap_or_default();
+    assert!(
+        digest.contains("rc=124 after") && digest.contains("SKIPPED (TESTS_S)"),
+        "{shown}"
+    );
     assert!(archived(&root).iter().any(|f| f == "tests.log"), "{shown}");
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -713,6 +713,27 @@ if [ -n "$CLOCK_PID" ]; then
   echo "=== clocks per phase (nvidia-smi every 250 ms)"
   python3 tools/clock_summary.py "$OUT/clocks.csv" "$OUT/phases.txt" | tee "$OUT/clocks.md"
 fi
+# The outcome in brief, last: the device tool shows the end of a call's output (12,000
+# characters), and the phases above can print more than that.
+digest() {
+  echo "=== digest (every log is in all.tgz)"
+  if [ -f "$OUT/tests.log" ]; then
+    awk '/test result:/ { for (i = 1; i < NF; i++) { if ($(i + 1) ~ /^passed/) p += $i; if ($(i + 1) ~ /^failed/) f += $i } }
+      END { printf "tests: %d passed, %d failed\n", p, f }' "$OUT/tests.log"
+    grep -E "^test .* \.\.\. FAILED|^NO TESTS|^NOTE|^rc=(124|137) |^SKIPPED" "$OUT/tests.log" | head -n 24
+  fi
+  local f
+  for f in "$OUT"/*.log; do
+    # (The tests' own logs are summarised above.)
+    case $(basename "$f") in test_*|tests.log|sanitize.log|racecheck_*) continue ;; esac
+    [ -f "$f" ] || continue
+    # A tuning's choice, a launch that never ended, a candidate that broke the GPU, a process
+    # cut by its bound.
+    grep -hE "^tune: [0-9]+ rows, chosen: |no answer after|left the GPU unusable|^rc=(124|137) " "$f" \
+      | head -n 6 | sed "s|^|$(basename "$f"): |"
+  done
+}
+digest
 echo "=== done after $(( $(date +%s) - start ))s"
 # The device tool brings back at most 8 files: all.tgz and the phase summaries beside it.
 snapshot
