@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 pub const WATCHDOG_EXIT: i32 = 3;
 
 /// A thread that ends the process where a measurement armed with [`Watchdog::arm`] (or
-/// [`Watchdog::arm_for`]) runs past its limit, after printing its message to stderr. Dropping it
+/// [`Watchdog::arm_expecting`]) runs past its limit, after printing its message to stderr. Dropping it
 /// ends the thread. One measurement at a time: each guard is dropped before the next arming
 /// (a debug build asserts it).
 pub struct Watchdog {
@@ -94,17 +94,19 @@ impl Watchdog {
     /// Watches the measurement `name` from now until the guard is dropped, for the limit the
     /// watchdog was started with (nothing where `watchdog` is `None`).
     pub fn arm<'a>(watchdog: Option<&'a Watchdog>, name: &str) -> WatchGuard<'a> {
-        let limit = watchdog.map_or(Duration::ZERO, |w| w.limit);
-        Watchdog::arm_for(watchdog, name, limit)
+        Watchdog::arm_expecting(watchdog, name, Duration::ZERO)
     }
 
-    /// [`Watchdog::arm`] for `limit` (a measurement known to take longer than most).
-    pub fn arm_for<'a>(
+    /// [`Watchdog::arm`] for a measurement expected to take about `expected` (seen at its
+    /// pace so far): the larger of the limit and [`Watchdog::SLACK`] times that, so that a
+    /// long but healthy measurement (a batch of many rows, many runs) is not a hang.
+    pub fn arm_expecting<'a>(
         watchdog: Option<&'a Watchdog>,
         name: &str,
-        limit: Duration,
+        expected: Duration,
     ) -> WatchGuard<'a> {
         if let Some(w) = watchdog {
+            let limit = w.limit.max(expected.saturating_mul(Watchdog::SLACK));
             let armed = Some((name.to_string(), Instant::now(), limit));
             w.update(|s| {
                 // One at a time: an inner guard's drop would disarm the outer measurement.
@@ -115,10 +117,9 @@ impl Watchdog {
         WatchGuard(watchdog)
     }
 
-    /// The limit [`Watchdog::arm`] gives.
-    pub fn limit(&self) -> Duration {
-        self.limit
-    }
+    /// How many times its expected length a measurement armed with
+    /// [`Watchdog::arm_expecting`] may take.
+    pub const SLACK: u32 = 10;
 }
 
 impl Drop for WatchGuard<'_> {

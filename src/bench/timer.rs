@@ -46,14 +46,10 @@ impl Timer {
             launch(0)?;
             gpu.synchronize().context("the first warm-up run failed")?;
         }
-        let per_run = started.elapsed().as_secs_f64();
+        let per_run = started.elapsed();
         drop(first);
-        let limit = watchdog.map_or(std::time::Duration::ZERO, |w| {
-            let rest = (self.warmup.saturating_sub(1) + self.runs) as f64;
-            let expected = (10.0 * per_run * rest).min(1e6);
-            w.limit().max(std::time::Duration::from_secs_f64(expected))
-        });
-        let _rest = Watchdog::arm_for(watchdog, MEASUREMENT, limit);
+        let rest = u32::try_from(self.warmup.saturating_sub(1) + self.runs).unwrap_or(u32::MAX);
+        let _rest = Watchdog::arm_expecting(watchdog, MEASUREMENT, per_run.saturating_mul(rest));
         for i in 1..self.warmup {
             launch(i)?;
         }

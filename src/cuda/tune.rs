@@ -765,8 +765,8 @@ struct CandidateBench<'a> {
     started: std::time::Instant,
     /// [`TuneSettings::watchdog`]'s thread, where one is set.
     watchdog: Option<Watchdog>,
-    /// How long the given options' first measurement took (the watchdog's limits scale
-    /// from it).
+    /// How long the given options' first measurement took: what the watchdog expects of each
+    /// later one ([`Watchdog::arm_expecting`]).
     given_took: std::time::Duration,
 }
 
@@ -782,13 +782,6 @@ impl CandidateBench<'_> {
         let budget = self.settings.budget?;
         (self.started.elapsed() >= budget)
             .then(|| format!("the tuning's time budget ({}) was spent", seconds(budget)))
-    }
-
-    /// The watchdog's limit for a candidate's measurement: [`TuneSettings::watchdog`], or ten
-    /// times the given options' first measurement where that is longer.
-    fn watch_limit(&self) -> std::time::Duration {
-        let limit = self.settings.watchdog.unwrap_or_default();
-        limit.max(self.given_took.saturating_mul(10))
     }
 
     /// The progress line of the budget stopping the search: `left` of `what` not tried.
@@ -823,7 +816,7 @@ impl CandidateBench<'_> {
         let mut row = TuneRow::unmeasured(name, settings, options, TuneOutcome::Slower);
         let started = std::time::Instant::now();
         let watchdog = self.watchdog.as_ref().filter(|_| !first);
-        let _watch = Watchdog::arm_for(watchdog, name, self.watch_limit());
+        let _watch = Watchdog::arm_expecting(watchdog, name, self.given_took);
         backend.set_tuned_options(options);
         let tolerance = self.settings.tolerance;
         let measured = (|| -> Result<()> {
@@ -1104,10 +1097,10 @@ pub fn tune<B: Tunable>(
     // first would otherwise hand the next candidate the margin. The better median counts.
     // The given options (or the winner) timed on a fresh workspace, the backend set to them.
     let watchdog = bench.watchdog.as_ref();
-    let watch_limit = bench.watch_limit();
+    let given_took = bench.given_took;
     let given_name = rows[0].name.clone();
     let time = |backend: &mut B, options: B::Options, name: &str, what: &str| -> Result<Stats> {
-        let _watch = Watchdog::arm_for(watchdog, name, watch_limit);
+        let _watch = Watchdog::arm_expecting(watchdog, name, given_took);
         backend.set_tuned_options(options);
         let run = backend.run_window(plan, window, settings.warmup, settings.runs);
         Ok(run.with_context(|| format!("tuning: timing {what}"))?.stats)
