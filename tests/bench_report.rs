@@ -1031,6 +1031,20 @@ fn tmp_dir(name: &str) -> PathBuf {
     d
 }
 
+/// `python3 tools/bench_report.py --ours OURS --torch TORCH`, to add to and run.
+fn bench_report_py(
+    ours: impl AsRef<std::ffi::OsStr>,
+    torch: impl AsRef<std::ffi::OsStr>,
+) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg(root().join("tools/bench_report.py"))
+        .arg("--ours")
+        .arg(ours)
+        .arg("--torch")
+        .arg(torch);
+    cmd
+}
+
 fn root() -> PathBuf {
     PathBuf::from(std::env::var("FORA_ROOT").unwrap_or_else(|_| ".".into()))
 }
@@ -1147,14 +1161,7 @@ fn python_report_pairs_like_with_like() {
     let base: Value = serde_json::from_str(&std::fs::read_to_string(&ours_path).unwrap()).unwrap();
     let markdown_of = |ours: &Value| {
         std::fs::write(&ours_path, serde_json::to_string_pretty(ours).unwrap()).unwrap();
-        run_ok(
-            Command::new("python3")
-                .arg(root().join("tools/bench_report.py"))
-                .arg("--ours")
-                .arg(&ours_path)
-                .arg("--torch")
-                .arg(&torch),
-        )
+        run_ok(&mut bench_report_py(&ours_path, &torch))
     };
 
     // Our N = 1 loop failed (no row); another GEMM's loops ran: no speedup from a mix.
@@ -1226,14 +1233,7 @@ fn python_report_pairs_like_with_like() {
     let old_torch = dir.join("bench_torch_old_count.json");
     std::fs::write(&old_torch, fake_torch_json(old_count).to_string()).unwrap();
     std::fs::write(&ours_path, base.to_string()).unwrap();
-    let md = run_ok(
-        Command::new("python3")
-            .arg(root().join("tools/bench_report.py"))
-            .arg("--ours")
-            .arg(&ours_path)
-            .arg("--torch")
-            .arg(&old_torch),
-    );
+    let md = run_ok(&mut bench_report_py(&ours_path, &old_torch));
     assert!(
         md.contains("(one is from before session 33's count)") && !md.contains("WARNING"),
         "{md}"
@@ -1371,12 +1371,7 @@ fn python_report_reads_the_rust_json() {
     write_fake_inputs(&ours, &torch);
     let md_path = dir.join("report.md");
     let png = dir.join("latency.png");
-    let out = Command::new("python3")
-        .arg(root().join("tools/bench_report.py"))
-        .arg("--ours")
-        .arg(&ours)
-        .arg("--torch")
-        .arg(&torch)
+    let out = bench_report_py(&ours, &torch)
         .arg("--md")
         .arg(&md_path)
         .arg("--plot")
@@ -1580,14 +1575,7 @@ fn python_report_reads_the_rust_json() {
     }
 
     // Only one side measured: still a report, the other side's cells are "—".
-    let md = run_ok(
-        Command::new("python3")
-            .arg(root().join("tools/bench_report.py"))
-            .arg("--ours")
-            .arg(&ours)
-            .arg("--torch")
-            .arg(dir.join("missing.json")),
-    );
+    let md = run_ok(&mut bench_report_py(&ours, dir.join("missing.json")));
     assert!(md.contains("- PyTorch: not measured"), "{md}");
     assert!(
         md.contains("| full step, rows 2: vs PyTorch CUDA graph | >= 3.5x | — | — |"),
@@ -2223,12 +2211,7 @@ fn report_tools_refuse_malformed_files_without_a_traceback() {
     for (name, text) in files {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
-        let mut runs = vec![Command::new("python3")
-            .arg(root().join("tools/bench_report.py"))
-            .arg("--ours")
-            .arg(&path)
-            .arg("--torch")
-            .arg(dir.join("absent.json"))
+        let mut runs = vec![bench_report_py(&path, dir.join("absent.json"))
             .output()
             .expect("run python3")];
         if name == "list.json" || name == "garbage.json" {
@@ -2271,12 +2254,7 @@ fn report_tools_refuse_malformed_files_without_a_traceback() {
         ("deep.json", vec![deep.clone(), dir.join("absent.json")]),
         ("no_computing.json", vec![no_computing, torch.clone()]),
     ] {
-        let out = Command::new("python3")
-            .arg(root().join("tools/bench_report.py"))
-            .arg("--ours")
-            .arg(&args[0])
-            .arg("--torch")
-            .arg(&args[1])
+        let out = bench_report_py(&args[0], &args[1])
             .output()
             .expect("run python3");
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -2286,12 +2264,7 @@ fn report_tools_refuse_malformed_files_without_a_traceback() {
             "{what}: {stderr}"
         );
     }
-    let out = Command::new("python3")
-        .arg(root().join("tools/bench_report.py"))
-        .arg("--ours")
-        .arg(&ours)
-        .arg("--torch")
-        .arg(&torch)
+    let out = bench_report_py(&ours, &torch)
         .arg("--md")
         .arg(&dir)
         .output()
