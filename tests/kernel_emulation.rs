@@ -1329,8 +1329,7 @@ fn emulated_tma_mc_dit_xl2_two_rows() -> Result<()> {
 /// residual and the bf16 cache, as the blocks run them.
 #[test]
 fn emulated_tma_cluster_k_dit_xl2_two_rows() -> Result<()> {
-    use fora::cuda::gemm::{gemm_params, launch_tma, Epilogue, TmaTile, SPLITK_WORKSPACE};
-    use fora::cuda::testing::{check_close, round_bf16, TestRng};
+    use fora::cuda::gemm::{TmaTile, SPLITK_WORKSPACE};
     let Some(emu) = emulator("emulated_tma_cluster_k_dit_xl2_two_rows") else {
         return Ok(());
     };
@@ -1345,42 +1344,69 @@ fn emulated_tma_cluster_k_dit_xl2_two_rows() -> Result<()> {
             "{name}: the pick is {tile:?} x{splits}, not clusters of three along K"
         );
         let what = format!("{name} (M={m} N={n} K={k}) on {tile:?}, gated residual");
-        eprintln!("{what}");
-        let case = SmallGemm::new(emu, (m, n, k), 29)?;
-        let mut rng = TestRng::new(31);
-        let gate = rng.uniform_vec((m / tokens) * n, -1.0, 1.0);
-        let residual = rng.normal_vec(m * n, 1.0);
-        let (gate_d, out) = (emu.upload_f32(&gate)?, emu.upload_f32(&residual)?);
-        let cache = emu.poisoned_bf16(m * n)?;
-        let p = fora::cuda::params::GemmParams {
-            cache: cache.addr(),
-            gate: gate_d.addr(),
-            ldg: n as i32,
-            rows_per_gate: tokens as i32,
-            ..gemm_params(
-                case.a_d.addr(),
-                case.w_d.addr(),
-                case.bias_d.addr(),
-                out.addr(),
-                m,
-                n,
-                k,
-                Epilogue::BiasGateResidual,
-            )
-        };
-        unsafe { launch_tma(&gpu, &p, tile, splits, None) }?;
-        let product = case.product(true);
-        let want: Vec<f32> = (0..m * n)
-            .map(|i| residual[i] + gate[(i / n / tokens) * n + i % n] * product[i])
-            .collect();
-        check_close(&what, &emu.download_f32(&out)?, &want, 1e-4)?;
-        check_close(
-            &format!("{what}: cache"),
-            &emu.download_bf16(&cache)?,
-            &round_bf16(&product),
-            1e-2,
+        check_gated_residual_tma(
+            emu,
+            &gpu,
+            (m, n, k),
+            tokens,
+            (tile, splits),
+            &what,
+            (29, 31),
         )?;
     }
+    Ok(())
+}
+
+/// A TMA GEMM on `tile` (in `splits` slices) with the blocks' gated-residual epilogue, on
+/// random data (`seeds`: the operands', then the gate's and residual's) of `m` token rows in
+/// rows of `tokens`: the output against residual + gate * the f64 product, the cache against
+/// the bf16 product.
+fn check_gated_residual_tma(
+    emu: &Emulator,
+    gpu: &Emulator,
+    (m, n, k): (usize, usize, usize),
+    tokens: usize,
+    (tile, splits): (fora::cuda::gemm::TmaTile, u32),
+    what: &str,
+    seeds: (u64, u64),
+) -> Result<()> {
+    use fora::cuda::gemm::{gemm_params, launch_tma, Epilogue};
+    use fora::cuda::testing::{check_close, round_bf16, TestRng};
+    eprintln!("{what}");
+    let case = SmallGemm::new(emu, (m, n, k), seeds.0)?;
+    let mut rng = TestRng::new(seeds.1);
+    let gate = rng.uniform_vec(m.div_ceil(tokens) * n, -1.0, 1.0);
+    let residual = rng.normal_vec(m * n, 1.0);
+    let (gate_d, out) = (emu.upload_f32(&gate)?, emu.upload_f32(&residual)?);
+    let cache = emu.poisoned_bf16(m * n)?;
+    let p = fora::cuda::params::GemmParams {
+        cache: cache.addr(),
+        gate: gate_d.addr(),
+        ldg: n as i32,
+        rows_per_gate: tokens as i32,
+        ..gemm_params(
+            case.a_d.addr(),
+            case.w_d.addr(),
+            case.bias_d.addr(),
+            out.addr(),
+            m,
+            n,
+            k,
+            Epilogue::BiasGateResidual,
+        )
+    };
+    unsafe { launch_tma(gpu, &p, tile, splits, None) }?;
+    let product = case.product(true);
+    let want: Vec<f32> = (0..m * n)
+        .map(|i| residual[i] + gate[(i / n / tokens) * n + i % n] * product[i])
+        .collect();
+    check_close(what, &emu.download_f32(&out)?, &want, 1e-4)?;
+    check_close(
+        &format!("{what}: cache"),
+        &emu.download_bf16(&cache)?,
+        &round_bf16(&product),
+        1e-2,
+    )?;
     Ok(())
 }
 
@@ -1390,51 +1416,21 @@ fn emulated_tma_cluster_k_dit_xl2_two_rows() -> Result<()> {
 /// CTAs, and the timestep MLP's few rows.
 #[test]
 fn emulated_tma_cluster_k_partial_tiles() -> Result<()> {
-    use fora::cuda::gemm::{gemm_params, launch_tma, Epilogue, TmaTile};
-    use fora::cuda::testing::{check_close, round_bf16, TestRng};
+    use fora::cuda::gemm::TmaTile;
     let Some(emu) = emulator("emulated_tma_cluster_k_partial_tiles") else {
         return Ok(());
     };
     let gpu = emu.with_sms(132);
-    let tokens = 64;
     for (m, n, k) in [(256, 144, 144), (256, 144, 576), (4, 144, 144)] {
-        let tile = TmaTile::K3N128;
-        let what = format!("M={m} N={n} K={k} on {tile:?}, gated residual");
-        eprintln!("{what}");
-        let case = SmallGemm::new(emu, (m, n, k), 37)?;
-        let mut rng = TestRng::new(41);
-        let rows = m.div_ceil(tokens);
-        let gate = rng.uniform_vec(rows * n, -1.0, 1.0);
-        let residual = rng.normal_vec(m * n, 1.0);
-        let (gate_d, out) = (emu.upload_f32(&gate)?, emu.upload_f32(&residual)?);
-        let cache = emu.poisoned_bf16(m * n)?;
-        let p = fora::cuda::params::GemmParams {
-            cache: cache.addr(),
-            gate: gate_d.addr(),
-            ldg: n as i32,
-            rows_per_gate: tokens as i32,
-            ..gemm_params(
-                case.a_d.addr(),
-                case.w_d.addr(),
-                case.bias_d.addr(),
-                out.addr(),
-                m,
-                n,
-                k,
-                Epilogue::BiasGateResidual,
-            )
-        };
-        unsafe { launch_tma(&gpu, &p, tile, 1, None) }?;
-        let product = case.product(true);
-        let want: Vec<f32> = (0..m * n)
-            .map(|i| residual[i] + gate[(i / n / tokens) * n + i % n] * product[i])
-            .collect();
-        check_close(&what, &emu.download_f32(&out)?, &want, 1e-4)?;
-        check_close(
-            &format!("{what}: cache"),
-            &emu.download_bf16(&cache)?,
-            &round_bf16(&product),
-            1e-2,
+        let what = format!("M={m} N={n} K={k} on {:?}, gated residual", TmaTile::K3N128);
+        check_gated_residual_tma(
+            emu,
+            &gpu,
+            (m, n, k),
+            64,
+            (TmaTile::K3N128, 1),
+            &what,
+            (37, 41),
         )?;
     }
     Ok(())
