@@ -47,7 +47,7 @@
 //! schedule and respacing), [`cache`] (FORA policies), [`sampler`], [`cpu`] and [`cuda`] (the
 //! backends), [`io`] and [`png_out`] (files), [`rng`] (noise), [`profile`] (NVTX ranges),
 //! [`bench`](mod@bench) (`fora bench`), [`embedded`] (the default model), [`watchdog`] (a
-//! launch that never ends).
+//! launch that never ends), [`vae`] (the Stable Diffusion VAE's decoder: latents to images).
 
 // Every public item is documented (CI: clippy -D warnings).
 #![warn(missing_docs)]
@@ -67,5 +67,6 @@ pub mod png_out;
 pub mod profile;
 pub mod rng;
 pub mod sampler;
+pub mod vae;
 pub mod watchdog;
 pub mod weights;

@@ -14,6 +14,7 @@ use fora::cuda::{CudaBackend, CudaOptions, Gpu};
 use fora::diffusion::SamplerKind;
 use fora::io::{write_tensors, OutTensor, TensorFile};
 use fora::sampler::{Sampler, SamplerOptions, Samples, StepEvent};
+use fora::vae::VaeDecoder;
 use fora::weights::DitWeights;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
@@ -35,8 +36,11 @@ struct Cli {
 enum Command {
     /// One model forward on given tensors (x, t, y); writes `out` (and `out_cfg` with --cfg-scale).
     Forward(ForwardArgs),
-    /// Samples latents for the given classes; writes `samples` [B, C, H, W] f32.
+    /// Samples latents for the given classes; writes `samples` [B, C, H, W] f32, or a PNG.
     Sample(SampleArgs),
+    /// Decodes latents (the `samples` of `fora sample` with a latent model) into images with
+    /// the Stable Diffusion VAE's decoder, on the CPU.
+    Decode(DecodeArgs),
     /// The build (kernels compiled or not, for which GPU architectures) and the GPUs seen.
     Info,
     /// Benchmarks on the GPU: kernels vs cuBLASLt and the card's ceilings, computing and reuse
@@ -175,10 +179,17 @@ struct SampleArgs {
     /// safetensors with `x_T` [B, C, H, W] f32 and `noise` [S, B, C, H, W] f32.
     #[arg(long, value_name = "NOISE")]
     noise_file: Option<PathBuf>,
-    /// Output: `.safetensors` with `samples` [B, C, H, W] f32, or `.png` (a grid of the B
-    /// images; pixel-space models with 1 or 3 channels).
+    /// Output: `.safetensors` with `samples` [B, C, H, W] f32 (and `images` with --vae), or
+    /// `.png` (a grid of the B images: pixel-space models with 1 or 3 channels, or a latent
+    /// model with --vae).
     #[arg(long, value_name = "OUT")]
     out: PathBuf,
+    /// For a latent model (DiT-XL/2 and the other official checkpoints): the VAE decoder's
+    /// weights (safetensors in diffusers' AutoencoderKL key layout, e.g.
+    /// stabilityai/sd-vae-ft-ema's diffusion_pytorch_model.safetensors). The samples are
+    /// decoded into images on the CPU after sampling, as the official sample.py does.
+    #[arg(long, value_name = "VAE")]
+    vae: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -223,6 +234,7 @@ fn main() -> ExitCode {
     let result = check_rayon_threads().and_then(|()| match cli.command {
         Command::Forward(args) => forward(args),
         Command::Sample(args) => sample(args),
+        Command::Decode(args) => decode(args),
         Command::Info => info(),
         Command::Bench(args) => fora::bench::run(&args),
     });
@@ -443,6 +455,8 @@ struct SampleJob {
     tune_candidates: Option<Vec<TuneCandidate>>,
     /// With --tune-cache: the cache, read before the model loads.
     tune_cache: Option<std::cell::RefCell<TuneCache>>,
+    /// With --vae: the decoder, read before the model loads.
+    vae: Option<VaeDecoder>,
 }
 
 fn sample(args: SampleArgs) -> Result<()> {
@@ -504,11 +518,18 @@ fn sample(args: SampleArgs) -> Result<()> {
         }
         None => None,
     };
+    // A bad VAE file is refused before minutes of sampling, not after.
+    let vae = args
+        .vae
+        .as_ref()
+        .map(|p| VaeDecoder::load(p).context("--vae"))
+        .transpose()?;
     let job = SampleJob {
         args,
         options,
         tune_candidates,
         tune_cache,
+        vae,
     };
     run_on(&model, job)
 }
@@ -632,12 +653,20 @@ impl Job for SampleJob {
     fn run<B: Backend>(self, backend: &B) -> Result<()> {
         let args = &self.args;
         let c = backend.config().in_channels;
-        ensure!(
-            !is_png(&args.out) || c == 1 || c == 3,
-            "--out {}: PNG output needs a pixel-space model with 1 or 3 channels; this one has {c} \
-             latent channels (write .safetensors latents instead)",
-            args.out.display()
-        );
+        match &self.vae {
+            Some(vae) => ensure!(
+                vae.config().latent_channels == c,
+                "--vae decodes latents of {} channels; this model samples {c}",
+                vae.config().latent_channels
+            ),
+            None => ensure!(
+                !is_png(&args.out) || c == 1 || c == 3,
+                "--out {}: PNG output needs a pixel-space model with 1 or 3 channels; this one \
+                 has {c} latent channels: give --vae with the VAE decoder's weights, or write \
+                 .safetensors latents",
+                args.out.display()
+            ),
+        }
         let sampler = Sampler::new(backend, self.options.clone())?;
         let steps = sampler.steps();
         let noise = match &args.noise_file {
@@ -689,19 +718,35 @@ impl Job for SampleJob {
             meta.insert("fora.cfg_scale".into(), g.scale.to_string());
             meta.insert("fora.cfg_mode".into(), format!("{:?}", g.mode));
         }
+        if let Some(vae) = &args.vae {
+            meta.insert("fora.vae".into(), vae.display().to_string());
+        }
         match &args.noise_file {
             Some(p) => meta.insert("fora.noise_file".into(), p.display().to_string()),
             None => meta.insert("fora.seed".into(), args.seed.unwrap_or(0).to_string()),
         };
-        if is_png(&args.out) {
-            let columns = fora::png_out::default_columns(samples.shape[0]);
-            fora::png_out::write_png_grid(&args.out, &samples.latents, samples.shape, columns)?;
-        } else {
-            write_tensors(
+        let images = match &self.vae {
+            Some(vae) => Some(decode_latents(
+                vae,
+                &samples.latents,
+                samples.shape,
                 &args.out,
-                &[("samples", OutTensor::F32(&samples.shape, &samples.latents))],
-                Some(meta),
-            )?;
+            )?),
+            None => None,
+        };
+        if is_png(&args.out) {
+            let (pixels, shape) = match &images {
+                Some((images, shape)) => (images, *shape),
+                None => (&samples.latents, samples.shape),
+            };
+            let columns = fora::png_out::default_columns(shape[0]);
+            fora::png_out::write_png_grid(&args.out, pixels, shape, columns)?;
+        } else {
+            let mut tensors = vec![("samples", OutTensor::F32(&samples.shape, &samples.latents))];
+            if let Some((images, shape)) = &images {
+                tensors.push(("images", OutTensor::F32(shape, images)));
+            }
+            write_tensors(&args.out, &tensors, Some(meta))?;
         }
         let st = &samples.stats;
         eprintln!(
@@ -879,4 +924,68 @@ fn gpus_seen() -> Result<Vec<String>> {
         out.push(format!("{i}: {name} (sm_{major}{minor})"));
     }
     Ok(out)
+}
+
+#[derive(Args, Debug)]
+struct DecodeArgs {
+    /// The VAE decoder's weights (safetensors in diffusers' AutoencoderKL key layout, e.g.
+    /// stabilityai/sd-vae-ft-ema's diffusion_pytorch_model.safetensors).
+    #[arg(long, value_name = "VAE")]
+    vae: PathBuf,
+    /// safetensors with the latents [B, C, H, W] f32 (what `fora sample` writes).
+    #[arg(long, value_name = "IN")]
+    input: PathBuf,
+    /// The tensor of --input that holds the latents.
+    #[arg(long, default_value = "samples")]
+    tensor: String,
+    /// Output: `.png` (a grid of the B images) or `.safetensors` with `images` [B, 3, 8H, 8W]
+    /// f32 (values about [-1, 1]).
+    #[arg(long, value_name = "OUT")]
+    out: PathBuf,
+}
+
+/// Decodes latents `[B, C, H, W]` with `vae`, timing it on stderr; non-finite images are an
+/// error naming `out` (nothing is written then).
+fn decode_latents(
+    vae: &VaeDecoder,
+    latents: &[f32],
+    shape: [usize; 4],
+    out: &Path,
+) -> Result<(Vec<f32>, [usize; 4])> {
+    let start = std::time::Instant::now();
+    let (images, image_shape) = vae.decode(latents, shape).context("--vae")?;
+    ensure_finite("images", &images, out)?;
+    eprintln!(
+        "fora: decoded {} latent(s) {:?} into images {:?} on the CPU in {:.2} s",
+        shape[0],
+        &shape[1..],
+        &image_shape[1..],
+        start.elapsed().as_secs_f64()
+    );
+    Ok((images, image_shape))
+}
+
+fn decode(args: DecodeArgs) -> Result<()> {
+    fora::io::check_output_path("--out", &args.out, &["safetensors", "png"])?;
+    let vae = VaeDecoder::load(&args.vae).context("--vae")?;
+    let file = TensorFile::open(&args.input).context("--input")?;
+    let latents = file.f32(&args.tensor, 4).context("--input")?;
+    let shape: [usize; 4] = latents
+        .shape
+        .clone()
+        .try_into()
+        .expect("rank checked above");
+    let (images, shape) = decode_latents(&vae, &latents.data, shape, &args.out)?;
+    if is_png(&args.out) {
+        let columns = fora::png_out::default_columns(shape[0]);
+        fora::png_out::write_png_grid(&args.out, &images, shape, columns)?;
+    } else {
+        write_tensors(
+            &args.out,
+            &[("images", OutTensor::F32(&shape, &images))],
+            None,
+        )?;
+    }
+    eprintln!("fora: -> {}", args.out.display());
+    Ok(())
 }

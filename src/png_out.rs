@@ -1,7 +1,7 @@
 //! PNG output of pixel-space samples: one image, or a grid of several (row-major, `columns`
 //! tiles per row, [`GRID_GAP`] pixels of [`GAP_VALUE`] between tiles). Values in [-1, 1] map to
 //! 0..255 (clamped, rounded); 1 channel is written as gray, 3 channels as RGB. Latent-space
-//! samples (4 channels) have no picture until a VAE decoder exists, and are refused.
+//! samples (4 channels) are refused: [`crate::vae`] decodes them into pictures first.
 
 use crate::io::write_atomic;
 use anyhow::{ensure, Context, Result};
@@ -42,7 +42,7 @@ pub fn grid_picture(samples: &[f32], shape: [usize; 4], columns: usize) -> Resul
     ensure!(
         c == 1 || c == 3,
         "PNG output: {c} channels in shape {shape:?}; PNG needs 1 (gray) or 3 (RGB) pixel-space \
-         channels (latent samples have no picture without a VAE decoder; write .safetensors)"
+         channels (latent samples need a VAE decoder first: fora::vae)"
     );
     let len = b
         .checked_mul(c)

@@ -518,7 +518,7 @@ fn list(keys: &[&String]) -> String {
 }
 
 /// Converts one tensor to f32; f32, f16 and bf16 only.
-fn to_f32(key: &str, view: &TensorView) -> Result<Vec<f32>> {
+pub(crate) fn to_f32(key: &str, view: &TensorView) -> Result<Vec<f32>> {
     let data = view.data();
     Ok(match view.dtype() {
         Dtype::F32 => data

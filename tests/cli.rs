@@ -975,6 +975,128 @@ fn embedded_model_writes_a_png() {
     assert_ok(&o);
 }
 
+const VAE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/vae_tiny.model.safetensors"
+);
+
+/// The PNG's width and height.
+fn png_size(path: &Path) -> (u32, u32) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    (reader.info().width, reader.info().height)
+}
+
+/// A latent model's samples decoded through a VAE (`fora sample --vae`, `fora decode`): the
+/// images are the library's decode of the samples, the PNG of either command is the same
+/// file, and what does not fit is refused with no output.
+#[test]
+fn latent_samples_decode_through_a_vae() {
+    let s = Scratch::new("vae");
+    let model = s.model();
+    let sample = |vae: Option<&str>, out: &Path| {
+        let mut args = vec![
+            "sample",
+            "--model",
+            &model,
+            "--class",
+            "1",
+            "--class",
+            "4",
+            "--steps",
+            "4",
+            "--cfg-scale",
+            "3",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--seed",
+            "9",
+        ];
+        if let Some(v) = vae {
+            args.extend(["--vae", v]);
+        }
+        let out = out.to_str().unwrap().to_string();
+        fora(&[args.as_slice(), &["--out", &out]].concat())
+    };
+    let st = s.path("both.safetensors");
+    assert_ok(&sample(Some(VAE), &st));
+    let file = TensorFile::open(&st).unwrap();
+    let latents = file.f32("samples", 4).unwrap();
+    let images = file.f32("images", 4).unwrap();
+    // 8 x 8 latents, two upsamplers: 32 x 32 images.
+    assert_eq!(images.shape, [2, 3, 32, 32]);
+    let vae = fora::vae::VaeDecoder::load(VAE).unwrap();
+    let (want, _) = vae
+        .decode(&latents.data, latents.shape.clone().try_into().unwrap())
+        .unwrap();
+    assert_eq!(bits(&images.data), bits(&want));
+
+    let png = s.path("grid.png");
+    assert_ok(&sample(Some(VAE), &png));
+    assert_eq!(png_size(&png), (2 * 32 + 2, 32));
+    let decoded = s.path("decoded.png");
+    let o = fora(&[
+        "decode",
+        "--vae",
+        VAE,
+        "--input",
+        st.to_str().unwrap(),
+        "--out",
+        decoded.to_str().unwrap(),
+    ]);
+    assert_ok(&o);
+    assert_eq!(
+        std::fs::read(&png).unwrap(),
+        std::fs::read(&decoded).unwrap()
+    );
+
+    // A PNG of latents without a VAE, a VAE for a pixel model (the embedded one), a DiT
+    // checkpoint as the VAE, latents of the wrong width, a tensor the input lacks.
+    let out = s.path("refused.png");
+    assert_fails(&sample(None, &out), &["4 latent channels", "--vae"], &out);
+    let o = fora(&[
+        "sample",
+        "--class",
+        "1",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--vae",
+        VAE,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_fails(
+        &o,
+        &["--vae decodes latents of 4 channels; this model samples 3"],
+        &out,
+    );
+    assert_fails(
+        &sample(Some(&model), &out),
+        &["--vae", "not the weights of a VAE decoder"],
+        &out,
+    );
+    let decode = |tensor: &str| {
+        fora(&[
+            "decode",
+            "--vae",
+            VAE,
+            "--input",
+            st.to_str().unwrap(),
+            "--tensor",
+            tensor,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    assert_fails(&decode("images"), &["3 channels; this VAE decodes 4"], &out);
+    assert_fails(&decode("latents"), &["no tensor \"latents\""], &out);
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+}
+
 /// What the review of session 29 found accepted: DDIM eta past 1 (NaN samples), outputs that
 /// overflowed to NaN written with exit 0, an extension the command does not write, an `--out`
 /// link replaced by a file, unknown `--arch` keys, and sizes whose products overflow (a

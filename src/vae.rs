@@ -1,0 +1,725 @@
+//! The image decoder of latent DiT models: the decoder of the Stable Diffusion VAE
+//! (`AutoencoderKL`), which DiT's official sampling code runs on its latents
+//! (`vae.decode(samples / 0.18215).sample`, weights `stabilityai/sd-vae-ft-ema` or `-mse`).
+//! f32 on the CPU, plain and in the order of the published architecture:
+//!
+//! ```text
+//! z / scaling_factor -> post_quant_conv (1x1) -> conv_in (3x3)
+//!   -> mid block: resnet, attention (one head over every pixel), resnet
+//!   -> up blocks, widest first: resnets (GroupNorm, SiLU, 3x3 conv, twice, plus the input,
+//!      through a 1x1 conv where the width changes); all but the last: nearest 2x + 3x3 conv
+//!   -> GroupNorm, SiLU, conv_out (3x3) -> image in about [-1, 1]
+//! ```
+//!
+//! Weights are read from a safetensors file in diffusers' key layout (`decoder.*`,
+//! `post_quant_conv.*`; the encoder's keys are ignored). The mid block's attention may use
+//! either of diffusers' names (`to_q`/`to_k`/`to_v`/`to_out.0`, or the older
+//! `query`/`key`/`value`/`proj_attn`), as Linear `[C, C]` or 1x1 conv `[C, C, 1, 1]` weights.
+//! The widths, depth and channel counts come from the tensor shapes; GroupNorm's group count
+//! (32 in every Stable Diffusion VAE) and the latent scaling factor (0.18215) from the metadata
+//! `fora.vae.groups` and `fora.vae.scaling_factor` where present.
+//!
+//! `tests/vae.rs` holds this to diffusers' own decoder (fixtures of `tools/make_vae_fixture.py`).
+
+use crate::cpu::ops::{attention, linear, silu};
+use crate::weights::{checked_product, zeros};
+use anyhow::{bail, ensure, Context, Result};
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+use safetensors::SafeTensors;
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+/// GroupNorm's epsilon in every norm of the decoder (diffusers' `resnet_eps` and
+/// `conv_norm_out`).
+pub const GROUP_NORM_EPS: f64 = 1e-6;
+/// GroupNorm groups where the file does not say (every Stable Diffusion VAE).
+pub const DEFAULT_GROUPS: usize = 32;
+/// The latent scaling factor where the file does not say (DiT's `samples / 0.18215`).
+pub const DEFAULT_SCALING_FACTOR: f32 = 0.18215;
+
+/// The decoder's architecture, as read from a weights file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VaeConfig {
+    /// Channels of a latent (4 for Stable Diffusion's VAE).
+    pub latent_channels: usize,
+    /// Channels of an image (3).
+    pub out_channels: usize,
+    /// Width of each up block, in the order they run (widest first: 512, 512, 256, 128).
+    pub block_channels: Vec<usize>,
+    /// Resnets per up block (3; diffusers' `layers_per_block + 1`).
+    pub resnets_per_block: usize,
+    /// GroupNorm groups.
+    pub groups: usize,
+    /// Whether the mid block has its attention.
+    pub mid_attention: bool,
+    /// Latents are divided by it before decoding.
+    pub scaling_factor: f32,
+}
+
+impl VaeConfig {
+    /// How many times larger an image side is than a latent side (2 per upsampler: 8).
+    pub fn upscale(&self) -> usize {
+        1 << (self.block_channels.len() - 1)
+    }
+}
+
+/// A convolution: weight `[cout, cin, k, k]`, bias `[cout]`, stride 1, padding `k / 2`.
+struct Conv {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    cout: usize,
+    cin: usize,
+    k: usize,
+}
+
+/// GroupNorm's affine parameters.
+struct Norm {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+/// diffusers' `ResnetBlock2D` (no time embedding, output scale 1).
+struct Resnet {
+    norm1: Norm,
+    conv1: Conv,
+    norm2: Norm,
+    conv2: Conv,
+    /// 1x1 conv of the input where the width changes.
+    shortcut: Option<Conv>,
+}
+
+/// The mid block's self-attention: one head over every pixel, with a residual.
+struct Attention {
+    norm: Norm,
+    /// q, k and v stacked: `[3C, C]`, bias `[3C]`.
+    qkv_weight: Vec<f32>,
+    qkv_bias: Vec<f32>,
+    out_weight: Vec<f32>,
+    out_bias: Vec<f32>,
+}
+
+struct UpBlock {
+    resnets: Vec<Resnet>,
+    upsampler: Option<Conv>,
+}
+
+/// The decoder and its weights (f32).
+pub struct VaeDecoder {
+    cfg: VaeConfig,
+    post_quant_conv: Conv,
+    conv_in: Conv,
+    mid_resnets: [Resnet; 2],
+    mid_attention: Option<Attention>,
+    up_blocks: Vec<UpBlock>,
+    norm_out: Norm,
+    conv_out: Conv,
+}
+
+/// Reads the tensors of one file, each at most once, checking names, shapes and values.
+struct Loader<'a> {
+    st: SafeTensors<'a>,
+    taken: BTreeSet<String>,
+}
+
+impl Loader<'_> {
+    fn has(&self, key: &str) -> bool {
+        self.st.tensor(key).is_ok()
+    }
+
+    fn shape(&self, key: &str) -> Result<Vec<usize>> {
+        let view = self
+            .st
+            .tensor(key)
+            .map_err(|_| anyhow::anyhow!("missing key {key}"))?;
+        Ok(view.shape().to_vec())
+    }
+
+    /// Tensor `key`, whose shape must be one of `shapes` (they hold the same values in the
+    /// same order), as f32.
+    fn take_any(&mut self, key: &str, shapes: &[&[usize]]) -> Result<Vec<f32>> {
+        let view = self
+            .st
+            .tensor(key)
+            .map_err(|_| anyhow::anyhow!("missing key {key}"))?;
+        ensure!(
+            shapes.contains(&view.shape()),
+            "tensor {key}: expected shape {}, got {:?}",
+            shapes
+                .iter()
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(" or "),
+            view.shape()
+        );
+        let data = crate::weights::to_f32(key, &view)?;
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "tensor {key}: non-finite value {} at flat index {i}",
+                data[i]
+            );
+        }
+        self.taken.insert(key.to_string());
+        Ok(data)
+    }
+
+    fn take(&mut self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.take_any(key, &[shape])
+    }
+
+    fn conv(&mut self, prefix: &str, cout: usize, cin: usize, k: usize) -> Result<Conv> {
+        Ok(Conv {
+            weight: self.take(&format!("{prefix}.weight"), &[cout, cin, k, k])?,
+            bias: self.take(&format!("{prefix}.bias"), &[cout])?,
+            cout,
+            cin,
+            k,
+        })
+    }
+
+    fn norm(&mut self, prefix: &str, c: usize) -> Result<Norm> {
+        Ok(Norm {
+            weight: self.take(&format!("{prefix}.weight"), &[c])?,
+            bias: self.take(&format!("{prefix}.bias"), &[c])?,
+        })
+    }
+
+    fn resnet(&mut self, prefix: &str, cin: usize, cout: usize) -> Result<Resnet> {
+        let shortcut_key = format!("{prefix}.conv_shortcut.weight");
+        let shortcut = if cin != cout {
+            Some(self.conv(&format!("{prefix}.conv_shortcut"), cout, cin, 1)?)
+        } else {
+            ensure!(
+                !self.has(&shortcut_key),
+                "unexpected key {shortcut_key}: the resnet keeps its width ({cin} channels)"
+            );
+            None
+        };
+        Ok(Resnet {
+            norm1: self.norm(&format!("{prefix}.norm1"), cin)?,
+            conv1: self.conv(&format!("{prefix}.conv1"), cout, cin, 3)?,
+            norm2: self.norm(&format!("{prefix}.norm2"), cout)?,
+            conv2: self.conv(&format!("{prefix}.conv2"), cout, cout, 3)?,
+            shortcut,
+        })
+    }
+
+    /// A Linear `[c, c]` (or a 1x1 conv of the same values) under `names`, the first present.
+    fn linear(&mut self, prefix: &str, names: [&str; 2], c: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let name = names
+            .iter()
+            .find(|n| self.has(&format!("{prefix}.{n}.weight")))
+            .with_context(|| {
+                format!(
+                    "missing key {prefix}.{}.weight (or {prefix}.{}.weight)",
+                    names[0], names[1]
+                )
+            })?;
+        let w = self.take_any(
+            &format!("{prefix}.{name}.weight"),
+            &[&[c, c], &[c, c, 1, 1]],
+        )?;
+        let b = self.take(&format!("{prefix}.{name}.bias"), &[c])?;
+        Ok((w, b))
+    }
+
+    fn attention(&mut self, prefix: &str, c: usize) -> Result<Attention> {
+        let norm = self.norm(&format!("{prefix}.group_norm"), c)?;
+        let (q, qb) = self.linear(prefix, ["to_q", "query"], c)?;
+        let (k, kb) = self.linear(prefix, ["to_k", "key"], c)?;
+        let (v, vb) = self.linear(prefix, ["to_v", "value"], c)?;
+        let (out_weight, out_bias) = self.linear(prefix, ["to_out.0", "proj_attn"], c)?;
+        Ok(Attention {
+            norm,
+            qkv_weight: [q, k, v].concat(),
+            qkv_bias: [qb, kb, vb].concat(),
+            out_weight,
+            out_bias,
+        })
+    }
+}
+
+/// The numbers `i` of the keys `{prefix}{i}.*`, sorted; an error unless they are 0..n.
+fn indices(names: &[&str], prefix: &str) -> Result<usize> {
+    let found: BTreeSet<usize> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix(prefix))
+        .filter_map(|rest| rest.split('.').next()?.parse().ok())
+        .collect();
+    let n = found.len();
+    ensure!(
+        found.iter().copied().eq(0..n),
+        "keys {prefix}N.*: the numbers {found:?} are not 0..{n}"
+    );
+    Ok(n)
+}
+
+/// A metadata value parsed, or `default` where absent.
+fn meta_value<T: std::str::FromStr>(
+    meta: &HashMap<String, String>,
+    key: &str,
+    default: T,
+) -> Result<T> {
+    match meta.get(key) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("metadata {key} = {v:?} is not a valid value")),
+    }
+}
+
+impl VaeDecoder {
+    /// Reads a VAE weights file (safetensors, diffusers' key layout; f32, f16 or bf16).
+    pub fn load(path: impl AsRef<Path>) -> Result<VaeDecoder> {
+        let path = path.as_ref();
+        let bytes = crate::io::read_file(path, "VAE weights")?;
+        Self::from_bytes(&bytes).with_context(|| format!("VAE weights {}", path.display()))
+    }
+
+    /// [`VaeDecoder::load`] from the bytes of a safetensors file.
+    pub fn from_bytes(bytes: &[u8]) -> Result<VaeDecoder> {
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| anyhow::anyhow!("not a valid safetensors file: {e}"))?;
+        let (_, header) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| anyhow::anyhow!("not a valid safetensors file: {e}"))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let names: Vec<String> = st.names().into_iter().map(String::from).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut l = Loader {
+            st,
+            taken: BTreeSet::new(),
+        };
+
+        const CONV_IN: &str = "decoder.conv_in.weight";
+        ensure!(
+            l.has(CONV_IN),
+            "no tensor {CONV_IN}: not the weights of a VAE decoder in diffusers' key layout \
+             (e.g. stabilityai/sd-vae-ft-ema's diffusion_pytorch_model.safetensors)"
+        );
+        let conv_in = l.shape(CONV_IN)?;
+        ensure!(
+            conv_in.len() == 4 && conv_in[2] == 3 && conv_in[3] == 3,
+            "tensor {CONV_IN}: expected shape [C, latent channels, 3, 3], got {conv_in:?}"
+        );
+        let latent_channels = conv_in[1];
+        let blocks = indices(&names, "decoder.up_blocks.")?;
+        ensure!(blocks > 0, "no decoder.up_blocks.N.* keys");
+        let resnets_per_block = indices(&names, "decoder.up_blocks.0.resnets.")?;
+        ensure!(
+            resnets_per_block > 0,
+            "no decoder.up_blocks.0.resnets.N.* keys"
+        );
+        let mut block_channels = Vec::with_capacity(blocks);
+        for i in 0..blocks {
+            let key = format!("decoder.up_blocks.{i}.resnets.0.conv1.weight");
+            let shape = l.shape(&key)?;
+            ensure!(
+                shape.len() == 4,
+                "tensor {key}: expected 4 dimensions, got {shape:?}"
+            );
+            block_channels.push(shape[0]);
+        }
+        let conv_out = l.shape("decoder.conv_out.weight")?;
+        ensure!(
+            conv_out.len() == 4,
+            "tensor decoder.conv_out.weight: expected 4 dimensions, got {conv_out:?}"
+        );
+        let cfg = VaeConfig {
+            latent_channels,
+            out_channels: conv_out[0],
+            block_channels,
+            resnets_per_block,
+            groups: meta_value(&meta, "fora.vae.groups", DEFAULT_GROUPS)?,
+            mid_attention: names
+                .iter()
+                .any(|n| n.starts_with("decoder.mid_block.attentions.0.")),
+            scaling_factor: meta_value(&meta, "fora.vae.scaling_factor", DEFAULT_SCALING_FACTOR)?,
+        };
+        let c0 = cfg.block_channels[0];
+        let widths = std::iter::once(c0).chain(cfg.block_channels.iter().copied());
+        ensure!(
+            cfg.groups > 0 && widths.clone().all(|c| c > 0 && c % cfg.groups == 0),
+            "GroupNorm with {} groups (metadata fora.vae.groups, default {DEFAULT_GROUPS}) does \
+             not divide the widths {:?}",
+            cfg.groups,
+            cfg.block_channels
+        );
+        ensure!(
+            cfg.scaling_factor.is_finite() && cfg.scaling_factor > 0.0,
+            "metadata fora.vae.scaling_factor = {} must be a finite number > 0",
+            cfg.scaling_factor
+        );
+        ensure!(
+            blocks <= 8 && latent_channels > 0 && cfg.out_channels > 0,
+            "a decoder of {blocks} up blocks, {latent_channels} latent and {} image channels \
+             is not a VAE this decoder runs",
+            cfg.out_channels
+        );
+
+        let z = latent_channels;
+        let post_quant_conv = l.conv("post_quant_conv", z, z, 1)?;
+        let conv_in = l.conv("decoder.conv_in", c0, z, 3)?;
+        let mid_resnets = [
+            l.resnet("decoder.mid_block.resnets.0", c0, c0)?,
+            l.resnet("decoder.mid_block.resnets.1", c0, c0)?,
+        ];
+        let mid_attention = if cfg.mid_attention {
+            Some(l.attention("decoder.mid_block.attentions.0", c0)?)
+        } else {
+            None
+        };
+        let mut up_blocks = Vec::with_capacity(blocks);
+        let mut width = c0;
+        for (i, &out) in cfg.block_channels.iter().enumerate() {
+            let mut resnets = Vec::with_capacity(resnets_per_block);
+            for j in 0..resnets_per_block {
+                let cin = if j == 0 { width } else { out };
+                resnets.push(l.resnet(&format!("decoder.up_blocks.{i}.resnets.{j}"), cin, out)?);
+            }
+            let upsampler = if i + 1 < blocks {
+                Some(l.conv(
+                    &format!("decoder.up_blocks.{i}.upsamplers.0.conv"),
+                    out,
+                    out,
+                    3,
+                )?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock { resnets, upsampler });
+            width = out;
+        }
+        let norm_out = l.norm("decoder.conv_norm_out", width)?;
+        let conv_out = l.conv("decoder.conv_out", cfg.out_channels, width, 3)?;
+
+        // Every decoder key must have been read: one left over is a layout this code does not
+        // run (another architecture), not something to skip silently.
+        let unused: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| n.starts_with("decoder.") || n.starts_with("post_quant_conv."))
+            .filter(|n| !l.taken.contains(*n))
+            .collect();
+        ensure!(
+            unused.is_empty(),
+            "unexpected decoder keys ({}): {}",
+            unused.len(),
+            unused
+                .iter()
+                .take(20)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(VaeDecoder {
+            cfg,
+            post_quant_conv,
+            conv_in,
+            mid_resnets,
+            mid_attention,
+            up_blocks,
+            norm_out,
+            conv_out,
+        })
+    }
+
+    /// The architecture read from the file.
+    pub fn config(&self) -> &VaeConfig {
+        &self.cfg
+    }
+
+    /// The shape of the images of latents of shape `[n, c, h, w]`, or an error naming what
+    /// does not fit the decoder.
+    pub fn image_shape(&self, latents: [usize; 4]) -> Result<[usize; 4]> {
+        let [n, c, h, w] = latents;
+        ensure!(
+            c == self.cfg.latent_channels,
+            "latents of shape {latents:?} have {c} channels; this VAE decodes {}",
+            self.cfg.latent_channels
+        );
+        ensure!(
+            n > 0 && h > 0 && w > 0,
+            "latents of shape {latents:?} have an empty dimension"
+        );
+        let s = self.cfg.upscale();
+        let shape = [n, self.cfg.out_channels, h * s, w * s];
+        // The widest activation (the first up block's width at the last block's size) and
+        // the attention's [h w, h w] scores must have a size.
+        let widest = self.cfg.block_channels.iter().max().copied().unwrap_or(1);
+        ensure!(
+            checked_product(&[h, s, w, s, widest, 9]).is_some()
+                && checked_product(&[h, w, h, w]).is_some()
+                && checked_product(&shape).is_some(),
+            "latents of shape {latents:?} are too large to decode"
+        );
+        Ok(shape)
+    }
+
+    /// Decodes latents `[n, c, h, w]` (as a latent DiT samples them: scaled by the scaling
+    /// factor) into images `[n, out_channels, h * upscale, w * upscale]`, values about
+    /// [-1, 1], one image at a time.
+    pub fn decode(&self, latents: &[f32], shape: [usize; 4]) -> Result<(Vec<f32>, [usize; 4])> {
+        let out_shape = self.image_shape(shape)?;
+        let [n, c, h, w] = shape;
+        ensure!(
+            latents.len() == n * c * h * w,
+            "latents of shape {shape:?} need {} values, got {}",
+            n * c * h * w,
+            latents.len()
+        );
+        let per_image = out_shape[1] * out_shape[2] * out_shape[3];
+        let mut images = zeros("decoded images", &out_shape)?;
+        for (z, out) in latents
+            .chunks_exact(c * h * w)
+            .zip(images.chunks_exact_mut(per_image))
+        {
+            let image = self.decode_one(z, h, w)?;
+            out.copy_from_slice(&image);
+        }
+        Ok((images, out_shape))
+    }
+
+    /// One latent `[c, h, w]` to one image.
+    fn decode_one(&self, z: &[f32], h: usize, w: usize) -> Result<Vec<f32>> {
+        let g = self.cfg.groups;
+        // As the official code: a division, not a product with the reciprocal.
+        let z: Vec<f32> = z.iter().map(|v| v / self.cfg.scaling_factor).collect();
+        let x = conv2d(&self.post_quant_conv, &z, h, w)?;
+        let mut x = conv2d(&self.conv_in, &x, h, w)?;
+        x = resnet(&self.mid_resnets[0], &x, h, w, g)?;
+        if let Some(attn) = &self.mid_attention {
+            self_attention(attn, &mut x, self.cfg.block_channels[0], h * w, g)?;
+        }
+        x = resnet(&self.mid_resnets[1], &x, h, w, g)?;
+        let (mut h, mut w) = (h, w);
+        let mut width = self.cfg.block_channels[0];
+        for block in &self.up_blocks {
+            for r in &block.resnets {
+                x = resnet(r, &x, h, w, g)?;
+                width = r.conv2.cout;
+            }
+            if let Some(conv) = &block.upsampler {
+                x = upsample_nearest2(&x, width, h, w)?;
+                (h, w) = (2 * h, 2 * w);
+                x = conv2d(conv, &x, h, w)?;
+            }
+        }
+        group_norm(&mut x, &self.norm_out, width, h * w, g);
+        silu_inplace(&mut x);
+        conv2d(&self.conv_out, &x, h, w)
+    }
+}
+
+fn silu_inplace(x: &mut [f32]) {
+    x.par_chunks_mut(1 << 14)
+        .for_each(|c| c.iter_mut().for_each(|v| *v = silu(*v)));
+}
+
+/// GroupNorm over `x` `[c, pixels]` in place: each group of `c / groups` channels normalised
+/// by its mean and (biased) variance, accumulated in f64, then scaled and shifted per channel.
+fn group_norm(x: &mut [f32], norm: &Norm, c: usize, pixels: usize, groups: usize) {
+    let per_group = c / groups * pixels;
+    x.par_chunks_exact_mut(per_group)
+        .enumerate()
+        .for_each(|(gi, xs)| {
+            let len = xs.len() as f64;
+            let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / len;
+            let var = xs.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len;
+            let inv = 1.0 / (var + GROUP_NORM_EPS).sqrt();
+            for (j, row) in xs.chunks_exact_mut(pixels).enumerate() {
+                let ch = gi * (c / groups) + j;
+                let (scale, shift) = (norm.weight[ch] as f64, norm.bias[ch] as f64);
+                for v in row {
+                    *v = ((*v as f64 - mean) * inv * scale + shift) as f32;
+                }
+            }
+        });
+}
+
+/// Pixels a 3x3 convolution unfolds at a time: bounds its scratch to about 16 MB.
+const UNFOLD_VALUES: usize = 1 << 22;
+
+/// Convolution of `x` `[cin, h, w]` (zero padding `k / 2`, stride 1) into `[cout, h, w]`: the
+/// input unfolded (im2col) a band of pixels at a time, times the weight as `[cout, cin k k]`,
+/// through `gemm`.
+fn conv2d(conv: &Conv, x: &[f32], h: usize, w: usize) -> Result<Vec<f32>> {
+    let (cin, cout, k) = (conv.cin, conv.cout, conv.k);
+    let pixels = h * w;
+    assert_eq!(x.len(), cin * pixels, "conv2d: input size");
+    let mut out = zeros("VAE activation", &[cout, h, w])?;
+    for (row, b) in out.chunks_exact_mut(pixels).zip(&conv.bias) {
+        row.fill(*b);
+    }
+    let depth = cin * k * k;
+    if k == 1 {
+        // SAFETY: out [cout, pixels], weight [cout, cin], x [cin, pixels], all row-major.
+        unsafe { gemm_into(out.as_mut_ptr(), pixels, &conv.weight, x, cout, pixels, cin) };
+        return Ok(out);
+    }
+    let pad = (k / 2) as isize;
+    let band = (UNFOLD_VALUES / depth).max(1).min(pixels);
+    let mut cols = zeros("VAE im2col scratch", &[depth, band])?;
+    for p0 in (0..pixels).step_by(band) {
+        let len = band.min(pixels - p0);
+        // Row (ci, ky, kx) of the unfolded input: x[ci, y + ky - pad, x + kx - pad] at each
+        // pixel (y, x) of the band, 0 outside the image.
+        cols[..depth * len]
+            .par_chunks_exact_mut(len)
+            .enumerate()
+            .for_each(|(r, col)| {
+                let (ci, ky, kx) = (r / (k * k), (r / k) % k, r % k);
+                let plane = &x[ci * pixels..(ci + 1) * pixels];
+                for (i, v) in col.iter_mut().enumerate() {
+                    let p = p0 + i;
+                    let sy = (p / w) as isize + ky as isize - pad;
+                    let sx = (p % w) as isize + kx as isize - pad;
+                    *v = if sy >= 0 && sy < h as isize && sx >= 0 && sx < w as isize {
+                        plane[sy as usize * w + sx as usize]
+                    } else {
+                        0.0
+                    };
+                }
+            });
+        // SAFETY: the destination is columns p0..p0+len of out [cout, pixels] (row stride
+        // pixels); weight [cout, depth]; cols [depth, len].
+        unsafe {
+            gemm_into(
+                out.as_mut_ptr().add(p0),
+                pixels,
+                &conv.weight,
+                &cols[..depth * len],
+                cout,
+                len,
+                depth,
+            )
+        };
+    }
+    Ok(out)
+}
+
+/// `dst[m, n] += a[m, k] b[k, n]` with `a` and `b` row-major and `dst` of row stride
+/// `dst_stride`.
+///
+/// SAFETY: `dst` points at `m` rows of `dst_stride >= n` writable values.
+unsafe fn gemm_into(
+    dst: *mut f32,
+    dst_stride: usize,
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    assert!(a.len() == m * k && b.len() == k * n && dst_stride >= n);
+    // SAFETY: the strides describe the slices checked above and the caller's destination.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_stride as isize,
+            true,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        )
+    }
+}
+
+/// diffusers' `ResnetBlock2D` on `x` `[cin, h, w]`.
+fn resnet(r: &Resnet, x: &[f32], h: usize, w: usize, groups: usize) -> Result<Vec<f32>> {
+    let pixels = h * w;
+    let mut t = x.to_vec();
+    group_norm(&mut t, &r.norm1, r.conv1.cin, pixels, groups);
+    silu_inplace(&mut t);
+    let mut t = conv2d(&r.conv1, &t, h, w)?;
+    group_norm(&mut t, &r.norm2, r.conv1.cout, pixels, groups);
+    silu_inplace(&mut t);
+    let mut t = conv2d(&r.conv2, &t, h, w)?;
+    let shortcut;
+    let input = match &r.shortcut {
+        Some(conv) => {
+            shortcut = conv2d(conv, x, h, w)?;
+            &shortcut
+        }
+        None => x,
+    };
+    t.iter_mut().zip(input).for_each(|(v, s)| *v += s);
+    Ok(t)
+}
+
+/// The mid block's attention on `x` `[c, pixels]` in place: GroupNorm, q k v over the pixels
+/// as tokens (one head of width c, scale 1 / sqrt(c)), the output projection, plus `x`.
+fn self_attention(
+    a: &Attention,
+    x: &mut [f32],
+    c: usize,
+    pixels: usize,
+    groups: usize,
+) -> Result<()> {
+    let mut normed = x.to_vec();
+    group_norm(&mut normed, &a.norm, c, pixels, groups);
+    // [c, pixels] -> tokens [pixels, c].
+    let mut tokens = zeros("VAE attention tokens", &[pixels, c])?;
+    for (ch, plane) in normed.chunks_exact(pixels).enumerate() {
+        for (p, v) in plane.iter().enumerate() {
+            tokens[p * c + ch] = *v;
+        }
+    }
+    let mut qkv = zeros("VAE attention qkv", &[pixels, 3 * c])?;
+    linear(
+        &mut qkv,
+        &tokens,
+        &a.qkv_weight,
+        &a.qkv_bias,
+        pixels,
+        3 * c,
+        c,
+    );
+    let mut scores = zeros("VAE attention scores", &[pixels, pixels])?;
+    let mut mixed = zeros("VAE attention output", &[pixels, c])?;
+    attention(&mut mixed, &qkv, &mut scores, 1, pixels, 1, c);
+    linear(
+        &mut tokens,
+        &mixed,
+        &a.out_weight,
+        &a.out_bias,
+        pixels,
+        c,
+        c,
+    );
+    for (ch, plane) in x.chunks_exact_mut(pixels).enumerate() {
+        for (p, v) in plane.iter_mut().enumerate() {
+            *v += tokens[p * c + ch];
+        }
+    }
+    Ok(())
+}
+
+/// Nearest-neighbour 2x upsampling of `x` `[c, h, w]`.
+fn upsample_nearest2(x: &[f32], c: usize, h: usize, w: usize) -> Result<Vec<f32>> {
+    let mut out = zeros("VAE activation", &[c, 2 * h, 2 * w])?;
+    out.par_chunks_exact_mut(4 * h * w)
+        .zip(x.par_chunks_exact(h * w))
+        .for_each(|(o, plane)| {
+            for (oy, orow) in o.chunks_exact_mut(2 * w).enumerate() {
+                let row = &plane[(oy / 2) * w..(oy / 2 + 1) * w];
+                for (ox, v) in orow.iter_mut().enumerate() {
+                    *v = row[ox / 2];
+                }
+            }
+        });
+    Ok(out)
+}

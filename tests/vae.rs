@@ -1,0 +1,251 @@
+//! The VAE decoder against diffusers' own (`AutoencoderKL`, the decoder DiT's sampling code
+//! runs): a small random configuration of the same architecture, decoded by diffusers into
+//! tests/fixtures/vae_tiny.io.safetensors (`tools/make_vae_fixture.py`), and the loader's
+//! refusals of files that are not such a decoder.
+
+use anyhow::Result;
+use fora::io::TensorFile;
+use fora::vae::VaeDecoder;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+
+const MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/vae_tiny.model.safetensors"
+);
+const IO: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/vae_tiny.io.safetensors"
+);
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// The fixture's tensors (name, dtype, shape, bytes) and metadata, to rewrite.
+struct Tensors {
+    entries: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+    meta: HashMap<String, String>,
+}
+
+impl Tensors {
+    fn read(bytes: &[u8]) -> Tensors {
+        let st = SafeTensors::deserialize(bytes).unwrap();
+        let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
+        let mut entries: Vec<_> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+            .collect();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        Tensors {
+            entries,
+            meta: header.metadata().clone().unwrap_or_default(),
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let views: Vec<(String, TensorView<'_>)> = self
+            .entries
+            .iter()
+            .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize(views, Some(self.meta.clone())).unwrap()
+    }
+
+    fn rename(&mut self, from: &str, to: &str) {
+        for e in &mut self.entries {
+            if let Some(rest) = e.0.strip_prefix(from) {
+                e.0 = format!("{to}{rest}");
+            }
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        let before = self.entries.len();
+        self.entries.retain(|e| e.0 != name);
+        assert_eq!(self.entries.len(), before - 1, "no tensor {name}");
+    }
+}
+
+fn fixture() -> Tensors {
+    Tensors::read(&std::fs::read(MODEL).unwrap())
+}
+
+/// Decodes the fixture's latents with `bytes` as the weights.
+fn decode_fixture(bytes: &[u8]) -> Result<(Vec<f32>, [usize; 4])> {
+    let vae = VaeDecoder::from_bytes(bytes)?;
+    let io = TensorFile::open(IO)?;
+    let z = io.f32("latents", 4)?;
+    vae.decode(&z.data, z.shape.try_into().unwrap())
+}
+
+#[test]
+fn decodes_as_diffusers() -> Result<()> {
+    let vae = VaeDecoder::load(MODEL)?;
+    let cfg = vae.config();
+    assert_eq!(
+        (cfg.latent_channels, cfg.out_channels, cfg.upscale()),
+        (4, 3, 4)
+    );
+    assert_eq!(cfg.block_channels, [32, 32, 16]);
+    assert_eq!((cfg.resnets_per_block, cfg.groups), (2, 8));
+    assert!(cfg.mid_attention);
+    let io = TensorFile::open(IO)?;
+    let z = io.f32("latents", 4)?;
+    let want = io.f32("images", 4)?;
+    let (got, shape) = vae.decode(&z.data, z.shape.clone().try_into().unwrap())?;
+    assert_eq!(shape.to_vec(), want.shape);
+    let err = rel_l2(&got, &want.data);
+    let max = got
+        .iter()
+        .zip(&want.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    // f32 against f32 in another summation order through 14 convolutions.
+    assert!(err < 1e-5 && max < 1e-4, "rel-L2 {err:e}, max abs {max:e}");
+    // The images differ from each other and are not flat: a decode that ignored its input
+    // could not pass the comparison above by luck.
+    let half = got.len() / 2;
+    assert!(rel_l2(&got[..half], &got[half..]) > 0.1);
+    Ok(())
+}
+
+#[test]
+fn older_attention_names_and_conv_shaped_weights_decode_the_same() -> Result<()> {
+    let (want, _) = decode_fixture(&fixture().bytes())?;
+    let mut old = fixture();
+    let a = "decoder.mid_block.attentions.0.";
+    for (new, older) in [
+        ("to_q.", "query."),
+        ("to_k.", "key."),
+        ("to_v.", "value."),
+        ("to_out.0.", "proj_attn."),
+    ] {
+        old.rename(&format!("{a}{new}"), &format!("{a}{older}"));
+    }
+    // The older LDM conversion kept q as a 1x1 conv.
+    for e in &mut old.entries {
+        if e.0 == format!("{a}query.weight") {
+            e.2.extend([1, 1]);
+        }
+    }
+    let (got, _) = decode_fixture(&old.bytes())?;
+    assert_eq!(got, want);
+    Ok(())
+}
+
+#[test]
+fn encoder_keys_are_ignored() -> Result<()> {
+    let (want, _) = decode_fixture(&fixture().bytes())?;
+    let mut t = fixture();
+    let bias = 1f32.to_le_bytes().to_vec();
+    t.entries.push((
+        "encoder.conv_in.bias".into(),
+        Dtype::F32,
+        vec![1],
+        bias.clone(),
+    ));
+    t.entries
+        .push(("quant_conv.bias".into(), Dtype::F32, vec![1], bias));
+    let (got, _) = decode_fixture(&t.bytes())?;
+    assert_eq!(got, want);
+    Ok(())
+}
+
+/// `bytes` is refused with a message holding every one of `needles`.
+fn assert_refused(bytes: &[u8], needles: &[&str]) {
+    let err = match VaeDecoder::from_bytes(bytes) {
+        Ok(_) => panic!("accepted; expected an error with {needles:?}"),
+        Err(e) => format!("{e:#}"),
+    };
+    for n in needles {
+        assert!(err.contains(n), "error lacks {n:?}: {err}");
+    }
+}
+
+#[test]
+fn bad_files_are_refused_by_name() {
+    let mut t = fixture();
+    t.remove("decoder.conv_out.bias");
+    assert_refused(&t.bytes(), &["missing key decoder.conv_out.bias"]);
+
+    let mut t = fixture();
+    t.remove("decoder.mid_block.attentions.0.to_k.weight");
+    assert_refused(&t.bytes(), &["to_k.weight", "key.weight"]);
+
+    let mut t = fixture();
+    let e = t
+        .entries
+        .iter_mut()
+        .find(|e| e.0 == "decoder.up_blocks.1.resnets.0.conv2.weight")
+        .unwrap();
+    e.2 = vec![32, 32, 9];
+    assert_refused(
+        &t.bytes(),
+        &[
+            "decoder.up_blocks.1.resnets.0.conv2.weight",
+            "[32, 32, 3, 3]",
+        ],
+    );
+
+    let mut t = fixture();
+    t.entries.push((
+        "decoder.up_blocks.0.extra.weight".into(),
+        Dtype::F32,
+        vec![1],
+        vec![0; 4],
+    ));
+    assert_refused(&t.bytes(), &["unexpected decoder keys", "extra.weight"]);
+
+    let mut t = fixture();
+    t.meta.insert("fora.vae.groups".into(), "5".into());
+    assert_refused(&t.bytes(), &["5 groups", "fora.vae.groups"]);
+    t.meta.insert("fora.vae.groups".into(), "eight".into());
+    assert_refused(&t.bytes(), &["fora.vae.groups", "eight"]);
+
+    let mut t = fixture();
+    t.meta.insert("fora.vae.scaling_factor".into(), "0".into());
+    assert_refused(&t.bytes(), &["scaling_factor"]);
+
+    let mut t = fixture();
+    let e = t
+        .entries
+        .iter_mut()
+        .find(|e| e.0 == "decoder.conv_in.bias")
+        .unwrap();
+    e.3[..2].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    assert_refused(&t.bytes(), &["decoder.conv_in.bias", "non-finite"]);
+
+    let bytes = fixture().bytes();
+    assert_refused(&bytes[..bytes.len() / 2], &["not a valid safetensors file"]);
+
+    // A DiT checkpoint is not a VAE.
+    let dit = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/sample_model.safetensors"
+    ))
+    .unwrap();
+    assert_refused(&dit, &["not the weights of a VAE decoder"]);
+}
+
+#[test]
+fn latents_that_do_not_fit_are_refused() -> Result<()> {
+    let vae = VaeDecoder::load(MODEL)?;
+    let err = |shape: [usize; 4], len: usize| {
+        format!("{:#}", vae.decode(&vec![0.5; len], shape).unwrap_err())
+    };
+    assert!(err([1, 3, 4, 4], 48).contains("3 channels; this VAE decodes 4"));
+    assert!(err([0, 4, 4, 4], 0).contains("empty dimension"));
+    assert!(err([1, 4, 4, 4], 63).contains("need 64 values, got 63"));
+    assert!(err([1, 4, usize::MAX / 2, 4], 0).contains("too large"));
+    Ok(())
+}
