@@ -415,6 +415,58 @@ typedef struct HoldParams {
     long long ns;
 } HoldParams;
 
+/* ---- the VAE decoder (kernels/vae.cu, src/cuda/vae.rs) --------------------------------------
+ * Activations are f32 channels-last, [images, height, width, channels]; the convolutions are
+ * cuBLASLt GEMMs over an unfolded input. */
+
+/* Unfolds x f32 [images, sh, sw, channels] for a kernel x kernel convolution (kernel 1 or 3, zero
+ * padding kernel / 2) at output size height x width, where (sh, sw) = (height, width), or half of
+ * them with upsample = 1 (nearest 2x upsampling read through): cols bf16 [pixels, ldc], row r
+ * being output pixel first + r of the images * height * width, its columns (ky, kx, c) and then
+ * zeros up to ldc (a multiple of 8, for cuBLASLt). Kernel vae_unfold. */
+typedef struct VaeUnfoldParams {
+    fora_ptr x;         /* f32 [images, sh, sw, channels] */
+    fora_ptr cols;      /* bf16 [pixels, ldc] */
+    long long first, pixels;
+    int images, height, width, channels;
+    int kernel, upsample, ldc;
+} VaeUnfoldParams;
+
+/* n elements: kernel vae_cast_bf16 writes y bf16 [n] = x f32 [n]; kernel vae_add adds x f32 [n]
+ * into y f32 [n]. */
+typedef struct VaeElementwiseParams {
+    fora_ptr x;
+    fora_ptr y;
+    long long n;
+} VaeElementwiseParams;
+
+/* GroupNorm of x f32 [images, pixels, channels] into y (may be x) with per-channel weight and
+ * bias f32 [channels], then SiLU where silu = 1, in three kernels: vae_group_stats (grid
+ * (chunks, images), 256 threads; channels % 256 == 0 or 256 % channels == 0) sums each chunk of
+ * pixels into partials f64 [images, chunks, groups, 2] (sum, sum of squares); vae_group_finalize
+ * (grid images, one thread a group) turns them into stats f32 [images, groups, 2] (mean,
+ * 1 / sqrt(biased variance + eps)); vae_group_apply normalizes every element. */
+typedef struct VaeGroupNormParams {
+    fora_ptr x, y;
+    fora_ptr partials;  /* f64 [images, chunks, groups, 2] */
+    fora_ptr stats;     /* f32 [images, groups, 2] */
+    fora_ptr weight, bias;
+    long long pixels;   /* a image */
+    int images, channels, groups, chunks, silu;
+    float eps;
+} VaeGroupNormParams;
+
+/* Row-wise softmax of scores f32 [rows, ld] times scale into probs bf16 [rows, ld]:
+ * exp(scale (s - max)) / sum over columns [0, cols), and 0 in columns [cols, ld) (padding that
+ * keeps cuBLASLt's rows 16-byte aligned). One block a row. Kernel vae_softmax. */
+typedef struct VaeSoftmaxParams {
+    fora_ptr scores;
+    fora_ptr probs;
+    long long rows;
+    int cols, ld;
+    float scale;
+} VaeSoftmaxParams;
+
 #ifdef __cplusplus
 }
 #endif

@@ -10,6 +10,7 @@ use fora::cache::policy_for_interval;
 use fora::config::{Arch, DitConfig};
 use fora::cpu::CpuBackend;
 use fora::cuda::tune::{TuneCache, TuneCandidate, TuneKey, TuneSettings};
+use fora::cuda::vae::CudaVae;
 use fora::cuda::{CudaBackend, CudaOptions, Gpu};
 use fora::diffusion::SamplerKind;
 use fora::io::{write_tensors, OutTensor, TensorFile};
@@ -20,6 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -456,7 +458,11 @@ struct SampleJob {
     /// With --tune-cache: the cache, read before the model loads.
     tune_cache: Option<std::cell::RefCell<TuneCache>>,
     /// With --vae: the decoder, read before the model loads.
-    vae: Option<VaeDecoder>,
+    vae: Option<Arc<VaeDecoder>>,
+    /// With --vae on the CUDA backend: a handle on its GPU (`prepare_cuda`), where the
+    /// decoder is set up once the samples are there (its weights and scratch stay off the GPU
+    /// during the sampling and any tuning).
+    vae_gpu: std::cell::RefCell<Option<Gpu>>,
 }
 
 fn sample(args: SampleArgs) -> Result<()> {
@@ -522,7 +528,7 @@ fn sample(args: SampleArgs) -> Result<()> {
     let vae = args
         .vae
         .as_ref()
-        .map(|p| VaeDecoder::load(p).context("--vae"))
+        .map(|p| VaeDecoder::load(p).context("--vae").map(Arc::new))
         .transpose()?;
     let job = SampleJob {
         args,
@@ -530,6 +536,7 @@ fn sample(args: SampleArgs) -> Result<()> {
         tune_candidates,
         tune_cache,
         vae,
+        vae_gpu: std::cell::RefCell::new(None),
     };
     run_on(&model, job)
 }
@@ -571,6 +578,14 @@ impl Job for SampleJob {
     }
 
     fn prepare_cuda(&self, backend: &mut CudaBackend) -> Result<()> {
+        if self.vae.is_some() {
+            match backend.gpu().fork() {
+                Ok(gpu) => *self.vae_gpu.borrow_mut() = Some(gpu),
+                Err(e) => eprintln!(
+                    "fora: no GPU handle for the VAE decoder ({e:#}); it will decode on the CPU"
+                ),
+            }
+        }
         let Some(candidates) = &self.tune_candidates else {
             return Ok(());
         };
@@ -727,6 +742,7 @@ impl Job for SampleJob {
         };
         let images = match &self.vae {
             Some(vae) => Some(decode_latents(
+                &self.vae_gpu.borrow().as_ref().and_then(|g| gpu_vae(g, vae)),
                 vae,
                 &samples.latents,
                 samples.shape,
@@ -942,21 +958,55 @@ struct DecodeArgs {
     /// f32 (values about [-1, 1]).
     #[arg(long, value_name = "OUT")]
     out: PathBuf,
+    /// Where to decode: `auto` takes the GPU (--gpu, default 0) when it is usable.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    /// CUDA device ordinal. Default 0.
+    #[arg(long, value_name = "N")]
+    gpu: Option<usize>,
 }
 
-/// Decodes latents `[B, C, H, W]` with `vae`, timing it on stderr; non-finite images are an
-/// error naming `out` (nothing is written then).
+/// `vae` on `gpu`, or None after saying why it stays on the CPU.
+fn gpu_vae(gpu: &Gpu, vae: &Arc<VaeDecoder>) -> Option<CudaVae> {
+    match CudaVae::on_gpu(gpu, vae.clone()) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            eprintln!("fora: the VAE decoder cannot run on the GPU ({e:#}); decoding on the CPU");
+            None
+        }
+    }
+}
+
+/// Decodes latents `[B, C, H, W]` with `gpu` where given, else (or where the GPU's decode
+/// fails: too little memory, say, after a run's sampling) `vae` on the CPU, timing it on
+/// stderr; non-finite images are an error naming `out` (nothing is written then).
 fn decode_latents(
+    gpu: &Option<CudaVae>,
     vae: &VaeDecoder,
     latents: &[f32],
     shape: [usize; 4],
     out: &Path,
 ) -> Result<(Vec<f32>, [usize; 4])> {
     let start = std::time::Instant::now();
-    let (images, image_shape) = vae.decode(latents, shape).context("--vae")?;
+    let on_gpu = gpu.as_ref().and_then(|g| match g.decode(latents, shape) {
+        Ok(decoded) => Some(decoded),
+        Err(e) => {
+            eprintln!("fora: the GPU's VAE decode failed ({e:#}); decoding on the CPU");
+            None
+        }
+    });
+    let where_ = if on_gpu.is_some() {
+        "GPU (bf16 operands)"
+    } else {
+        "CPU (f32)"
+    };
+    let (images, image_shape) = match on_gpu {
+        Some(decoded) => decoded,
+        None => vae.decode(latents, shape).context("--vae")?,
+    };
     ensure_finite("images", &images, out)?;
     eprintln!(
-        "fora: decoded {} latent(s) {:?} into images {:?} on the CPU in {:.2} s",
+        "fora: decoded {} latent(s) {:?} into images {:?} on the {where_} in {:.2} s",
         shape[0],
         &shape[1..],
         &image_shape[1..],
@@ -967,7 +1017,11 @@ fn decode_latents(
 
 fn decode(args: DecodeArgs) -> Result<()> {
     fora::io::check_output_path("--out", &args.out, &["safetensors", "png"])?;
-    let vae = VaeDecoder::load(&args.vae).context("--vae")?;
+    ensure!(
+        !(args.device == Device::Cpu && args.gpu.is_some()),
+        "--gpu chooses a GPU; --device cpu uses none"
+    );
+    let vae = Arc::new(VaeDecoder::load(&args.vae).context("--vae")?);
     let file = TensorFile::open(&args.input).context("--input")?;
     let latents = file.f32(&args.tensor, 4).context("--input")?;
     let shape: [usize; 4] = latents
@@ -975,7 +1029,24 @@ fn decode(args: DecodeArgs) -> Result<()> {
         .clone()
         .try_into()
         .expect("rank checked above");
-    let (images, shape) = decode_latents(&vae, &latents.data, shape, &args.out)?;
+    // Latents this decoder cannot take are refused before a GPU is set up.
+    vae.image_shape(shape).context("--input")?;
+    let ordinal = args.gpu.unwrap_or(0);
+    let gpu = match args.device {
+        Device::Cpu => None,
+        Device::Cuda => {
+            let gpu = Gpu::new(ordinal).context("--device cuda")?;
+            Some(CudaVae::on_gpu(&gpu, vae.clone()).context("--device cuda")?)
+        }
+        Device::Auto => match Gpu::new(ordinal) {
+            Ok(gpu) => gpu_vae(&gpu, &vae),
+            Err(e) => {
+                eprintln!("fora: no usable GPU ({e:#}); decoding on the CPU");
+                None
+            }
+        },
+    };
+    let (images, shape) = decode_latents(&gpu, &vae, &latents.data, shape, &args.out)?;
     if is_png(&args.out) {
         let columns = fora::png_out::default_columns(shape[0]);
         fora::png_out::write_png_grid(&args.out, &images, shape, columns)?;

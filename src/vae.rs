@@ -65,55 +65,55 @@ impl VaeConfig {
 }
 
 /// A convolution: weight `[cout, cin, k, k]`, bias `[cout]`, stride 1, padding `k / 2`.
-struct Conv {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
-    cout: usize,
-    cin: usize,
-    k: usize,
+pub(crate) struct Conv {
+    pub(crate) weight: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
+    pub(crate) cout: usize,
+    pub(crate) cin: usize,
+    pub(crate) k: usize,
 }
 
 /// GroupNorm's affine parameters.
-struct Norm {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
+pub(crate) struct Norm {
+    pub(crate) weight: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
 }
 
 /// diffusers' `ResnetBlock2D` (no time embedding, output scale 1).
-struct Resnet {
-    norm1: Norm,
-    conv1: Conv,
-    norm2: Norm,
-    conv2: Conv,
+pub(crate) struct Resnet {
+    pub(crate) norm1: Norm,
+    pub(crate) conv1: Conv,
+    pub(crate) norm2: Norm,
+    pub(crate) conv2: Conv,
     /// 1x1 conv of the input where the width changes.
-    shortcut: Option<Conv>,
+    pub(crate) shortcut: Option<Conv>,
 }
 
 /// The mid block's self-attention: one head over every pixel, with a residual.
-struct Attention {
-    norm: Norm,
+pub(crate) struct Attention {
+    pub(crate) norm: Norm,
     /// q, k and v stacked: `[3C, C]`, bias `[3C]`.
-    qkv_weight: Vec<f32>,
-    qkv_bias: Vec<f32>,
-    out_weight: Vec<f32>,
-    out_bias: Vec<f32>,
+    pub(crate) qkv_weight: Vec<f32>,
+    pub(crate) qkv_bias: Vec<f32>,
+    pub(crate) out_weight: Vec<f32>,
+    pub(crate) out_bias: Vec<f32>,
 }
 
-struct UpBlock {
-    resnets: Vec<Resnet>,
-    upsampler: Option<Conv>,
+pub(crate) struct UpBlock {
+    pub(crate) resnets: Vec<Resnet>,
+    pub(crate) upsampler: Option<Conv>,
 }
 
 /// The decoder and its weights (f32).
 pub struct VaeDecoder {
     cfg: VaeConfig,
     post_quant_conv: Conv,
-    conv_in: Conv,
-    mid_resnets: [Resnet; 2],
-    mid_attention: Option<Attention>,
-    up_blocks: Vec<UpBlock>,
-    norm_out: Norm,
-    conv_out: Conv,
+    pub(crate) conv_in: Conv,
+    pub(crate) mid_resnets: [Resnet; 2],
+    pub(crate) mid_attention: Option<Attention>,
+    pub(crate) up_blocks: Vec<UpBlock>,
+    pub(crate) norm_out: Norm,
+    pub(crate) conv_out: Conv,
 }
 
 /// Reads the tensors of one file, each at most once, checking names, shapes and values.
@@ -480,12 +480,18 @@ impl VaeDecoder {
         Ok((images, out_shape))
     }
 
+    /// The decoder's first step on one latent `[c, h, w]`: the division by the scaling factor
+    /// (a division, as the official code, not a product with the reciprocal) and
+    /// `post_quant_conv`, `[c, h, w]` (the GPU decoder runs it here too: 16 values a pixel).
+    pub(crate) fn post_quant(&self, z: &[f32], h: usize, w: usize) -> Result<Vec<f32>> {
+        let z: Vec<f32> = z.iter().map(|v| v / self.cfg.scaling_factor).collect();
+        conv2d(&self.post_quant_conv, &z, h, w)
+    }
+
     /// One latent `[c, h, w]` to one image.
     fn decode_one(&self, z: &[f32], h: usize, w: usize) -> Result<Vec<f32>> {
         let g = self.cfg.groups;
-        // As the official code: a division, not a product with the reciprocal.
-        let z: Vec<f32> = z.iter().map(|v| v / self.cfg.scaling_factor).collect();
-        let x = conv2d(&self.post_quant_conv, &z, h, w)?;
+        let x = self.post_quant(z, h, w)?;
         let mut x = conv2d(&self.conv_in, &x, h, w)?;
         x = resnet(&self.mid_resnets[0], &x, h, w, g)?;
         if let Some(attn) = &self.mid_attention {

@@ -1044,6 +1044,10 @@ fn latent_samples_decode_through_a_vae() {
         st.to_str().unwrap(),
         "--out",
         decoded.to_str().unwrap(),
+        // The sample's decode ran on the CPU: the same f32 decoder, the same bytes (a GPU
+        // decodes with bf16 operands).
+        "--device",
+        "cpu",
     ]);
     assert_ok(&o);
     assert_eq!(

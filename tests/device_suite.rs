@@ -115,11 +115,12 @@ with open(args[args.index("--json") + 1], "w") as f:
 print("bench_torch: done (fake)")
 "###;
 
-const TEST_BINARIES: [&str; 5] = [
+const TEST_BINARIES: [&str; 6] = [
     "gpu_small_kernels",
     "gpu_attention",
     "gpu_gemm",
     "gpu_backend",
+    "gpu_vae",
     "cli",
 ];
 

@@ -26,6 +26,14 @@ fn gpu_timestep_embedding() -> Result<()> {
 }
 
 #[test]
+fn gpu_vae_kernels() -> Result<()> {
+    let Some(gpu) = test_gpu("gpu_vae_kernels") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_vae_kernels(&gpu)
+}
+
+#[test]
 fn gpu_silu() -> Result<()> {
     let Some(gpu) = test_gpu("gpu_silu") else {
         return Ok(());

@@ -20,6 +20,7 @@
 
 mod attention_cases;
 mod small_kernel_cases;
+mod vae_cases;
 
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::DeviceRepr;
@@ -378,7 +379,7 @@ impl TestDevice for Emulator {
 }
 
 /// The kernel sources the emulator builds: all of them.
-const EMULATED_SOURCES: [&str; 13] = [
+const EMULATED_SOURCES: [&str; 14] = [
     "bandwidth.cu",
     "conditioning.cu",
     "embed.cu",
@@ -392,6 +393,7 @@ const EMULATED_SOURCES: [&str; 13] = [
     "gemm_ln_sm90.cu",
     "probe_sm90.cu",
     "qkv_attention_sm90.cu",
+    "vae.cu",
 ];
 
 /// The first C++ compiler of `CXX`, g++, c++, clang++ that runs.
@@ -666,6 +668,100 @@ fn emulated_patch_embed() -> Result<()> {
         return Ok(());
     };
     small_kernel_cases::check_patch_embed(emu)
+}
+
+/// The VAE decoder's device on the emulator: its kernels emulated, cuBLASLt's GEMMs an f64
+/// product of the bf16 operands (rounded to f32), read and written at the buffers' host
+/// addresses, so that a GEMM past a buffer meets its guard page.
+struct EmulatedVae(&'static Emulator);
+
+impl fora::cuda::vae::VaeDevice for EmulatedVae {
+    type Launcher = Emulator;
+    type F32 = HostBuf<f32>;
+    type Bf16 = HostBuf<bf16>;
+
+    fn launcher(&self) -> &Emulator {
+        self.0
+    }
+
+    fn upload_f32(&self, v: &[f32], _what: &str) -> Result<HostBuf<f32>> {
+        Ok(HostBuf::from_slice(v))
+    }
+
+    fn upload_bf16(&self, v: &[bf16], _what: &str) -> Result<HostBuf<bf16>> {
+        Ok(HostBuf::from_slice(v))
+    }
+
+    fn zeros_f32(&self, n: usize, _what: &str) -> Result<HostBuf<f32>> {
+        Ok(HostBuf::from_slice(&vec![0f32; n]))
+    }
+
+    fn zeros_bf16(&self, n: usize, _what: &str) -> Result<HostBuf<bf16>> {
+        Ok(HostBuf::from_slice(&vec![bf16::ZERO; n]))
+    }
+
+    fn download_f32(&self, b: &HostBuf<f32>, n: usize) -> Result<Vec<f32>> {
+        let all = b.to_vec()?;
+        ensure!(n <= all.len(), "download of {n} from {} values", all.len());
+        Ok(all[..n].to_vec())
+    }
+
+    fn matmul(&self, mm: &fora::cuda::cublaslt::LtMatmul, what: &str) -> Result<()> {
+        use fora::cuda::cublaslt::{LtEpilogue, LtOutput};
+        ensure!(
+            mm.output == LtOutput::F32 && mm.batch.is_none(),
+            "{what}: the emulated GEMM takes f32 outputs without a batch"
+        );
+        let bias = match mm.epilogue {
+            LtEpilogue::None => None,
+            LtEpilogue::Bias(b) => Some(b as *const f32),
+            e => bail!("{what}: the emulated GEMM has no epilogue {e:?}"),
+        };
+        ensure!(
+            mm.lda >= mm.k && mm.ldw >= mm.k && mm.ldd >= mm.n,
+            "{what}: leading dimensions"
+        );
+        let (a, w, d) = (mm.a as *const bf16, mm.w as *const bf16, mm.d as *mut f32);
+        for i in 0..mm.m {
+            for j in 0..mm.n {
+                let mut acc = 0f64;
+                for k in 0..mm.k {
+                    // SAFETY: the decoder's operands, host memory of the emulator's buffers;
+                    // an address past one meets its guard page.
+                    let (x, y) = unsafe { (*a.add(i * mm.lda + k), *w.add(j * mm.ldw + k)) };
+                    acc += x.to_f64() * y.to_f64();
+                }
+                // SAFETY: as above.
+                unsafe {
+                    if let Some(b) = bias {
+                        acc += *b.add(j) as f64;
+                    }
+                    *d.add(i * mm.ldd + j) = acc as f32;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The whole VAE decoder (tests/vae_cases: src/cuda/vae.rs's buffers, offsets, padding and
+/// launches) on the emulator against the f32 CPU decoder: the diffusers fixture, and a
+/// random decoder with widths past the GroupNorm statistics kernel's 256 threads.
+#[test]
+fn emulated_vae_decoder() -> Result<()> {
+    let Some(emu) = emulator("emulated_vae_decoder") else {
+        return Ok(());
+    };
+    vae_cases::check_fixture(EmulatedVae(emu))?;
+    vae_cases::check_random(EmulatedVae(emu), &[512, 256, 32], (3, 5))
+}
+
+#[test]
+fn emulated_vae_kernels() -> Result<()> {
+    let Some(emu) = emulator("emulated_vae_kernels") else {
+        return Ok(());
+    };
+    small_kernel_cases::check_vae_kernels(emu)
 }
 
 #[test]
@@ -1626,6 +1722,7 @@ fn small_cases_of_every_kernel(emu: &Emulator, label: &str) -> Result<()> {
     small_kernel_cases::check_fora_cache_sum(emu)?;
     small_kernel_cases::check_sampler_step(emu)?;
     small_kernel_cases::check_final_sampler_step(emu)?;
+    small_kernel_cases::check_vae_kernels(emu)?;
     for imp in AttentionImpl::ALL {
         for (i, (batch, heads, tokens, head_dim)) in
             [(1, 2, 65, 72), (1, 1, 200, 128)].into_iter().enumerate()

@@ -170,7 +170,7 @@ bounded() {
 # TESTS picks test binaries (default: every one), each in parts (ISOLATE, below); "binary:part"
 # runs one part only (e.g. gpu_gemm:_tma, the never-run TMA GEMM tests). HOPPER_ROWS=0 leaves out
 # the bench and issue5 phases' kernels-only runs of the Hopper GEMMs.
-TESTS=${TESTS:-gpu_small_kernels gpu_attention gpu_gemm gpu_backend cli}
+TESTS=${TESTS:-gpu_small_kernels gpu_attention gpu_gemm gpu_backend gpu_vae cli}
 # The test-name filters that phase_tests runs in processes of their own (see there).
 ISOLATE=${ISOLATE:-_tma sum reuse_final bandwidth final_sampler mn_deep mn_split}
 

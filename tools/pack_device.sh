@@ -35,7 +35,7 @@ if [ ! -s .devpack/source.sums ]; then
   echo "pack_device: no sources to list in .devpack/source.sums" >&2
   exit 1
 fi
-keep_tests="gpu_small_kernels gpu_attention gpu_gemm gpu_backend cli"
+keep_tests="gpu_small_kernels gpu_attention gpu_gemm gpu_backend gpu_vae cli"
 for t in .devpack/test/*; do
   case " $keep_tests " in *" $(basename "$t") "*) ;; *) rm -f "$t" ;; esac
 done

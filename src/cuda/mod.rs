@@ -26,6 +26,7 @@ pub mod step_graph;
 pub mod testing;
 mod tma_tiles;
 pub mod tune;
+pub mod vae;
 
 pub use backend::{CudaBackend, CudaOptions, CudaWorkspace};
 pub use device::{dptr, Gpu};

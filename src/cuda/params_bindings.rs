@@ -1325,6 +1325,184 @@ const _: () = {
     ["Alignment of HoldParams"][::std::mem::align_of::<HoldParams>() - 8usize];
     ["Offset of field: HoldParams::ns"][::std::mem::offset_of!(HoldParams, ns) - 0usize];
 };
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct VaeUnfoldParams {
+    pub x: fora_ptr,
+    pub cols: fora_ptr,
+    pub first: ::std::os::raw::c_longlong,
+    pub pixels: ::std::os::raw::c_longlong,
+    pub images: ::std::os::raw::c_int,
+    pub height: ::std::os::raw::c_int,
+    pub width: ::std::os::raw::c_int,
+    pub channels: ::std::os::raw::c_int,
+    pub kernel: ::std::os::raw::c_int,
+    pub upsample: ::std::os::raw::c_int,
+    pub ldc: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of VaeUnfoldParams"][::std::mem::size_of::<VaeUnfoldParams>() - 64usize];
+    ["Alignment of VaeUnfoldParams"][::std::mem::align_of::<VaeUnfoldParams>() - 8usize];
+    [
+        "Offset of field: VaeUnfoldParams::x",
+    ][::std::mem::offset_of!(VaeUnfoldParams, x) - 0usize];
+    [
+        "Offset of field: VaeUnfoldParams::cols",
+    ][::std::mem::offset_of!(VaeUnfoldParams, cols) - 8usize];
+    [
+        "Offset of field: VaeUnfoldParams::first",
+    ][::std::mem::offset_of!(VaeUnfoldParams, first) - 16usize];
+    [
+        "Offset of field: VaeUnfoldParams::pixels",
+    ][::std::mem::offset_of!(VaeUnfoldParams, pixels) - 24usize];
+    [
+        "Offset of field: VaeUnfoldParams::images",
+    ][::std::mem::offset_of!(VaeUnfoldParams, images) - 32usize];
+    [
+        "Offset of field: VaeUnfoldParams::height",
+    ][::std::mem::offset_of!(VaeUnfoldParams, height) - 36usize];
+    [
+        "Offset of field: VaeUnfoldParams::width",
+    ][::std::mem::offset_of!(VaeUnfoldParams, width) - 40usize];
+    [
+        "Offset of field: VaeUnfoldParams::channels",
+    ][::std::mem::offset_of!(VaeUnfoldParams, channels) - 44usize];
+    [
+        "Offset of field: VaeUnfoldParams::kernel",
+    ][::std::mem::offset_of!(VaeUnfoldParams, kernel) - 48usize];
+    [
+        "Offset of field: VaeUnfoldParams::upsample",
+    ][::std::mem::offset_of!(VaeUnfoldParams, upsample) - 52usize];
+    [
+        "Offset of field: VaeUnfoldParams::ldc",
+    ][::std::mem::offset_of!(VaeUnfoldParams, ldc) - 56usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct VaeElementwiseParams {
+    pub x: fora_ptr,
+    pub y: fora_ptr,
+    pub n: ::std::os::raw::c_longlong,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of VaeElementwiseParams",
+    ][::std::mem::size_of::<VaeElementwiseParams>() - 24usize];
+    [
+        "Alignment of VaeElementwiseParams",
+    ][::std::mem::align_of::<VaeElementwiseParams>() - 8usize];
+    [
+        "Offset of field: VaeElementwiseParams::x",
+    ][::std::mem::offset_of!(VaeElementwiseParams, x) - 0usize];
+    [
+        "Offset of field: VaeElementwiseParams::y",
+    ][::std::mem::offset_of!(VaeElementwiseParams, y) - 8usize];
+    [
+        "Offset of field: VaeElementwiseParams::n",
+    ][::std::mem::offset_of!(VaeElementwiseParams, n) - 16usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct VaeGroupNormParams {
+    pub x: fora_ptr,
+    pub y: fora_ptr,
+    pub partials: fora_ptr,
+    pub stats: fora_ptr,
+    pub weight: fora_ptr,
+    pub bias: fora_ptr,
+    pub pixels: ::std::os::raw::c_longlong,
+    pub images: ::std::os::raw::c_int,
+    pub channels: ::std::os::raw::c_int,
+    pub groups: ::std::os::raw::c_int,
+    pub chunks: ::std::os::raw::c_int,
+    pub silu: ::std::os::raw::c_int,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of VaeGroupNormParams",
+    ][::std::mem::size_of::<VaeGroupNormParams>() - 80usize];
+    [
+        "Alignment of VaeGroupNormParams",
+    ][::std::mem::align_of::<VaeGroupNormParams>() - 8usize];
+    [
+        "Offset of field: VaeGroupNormParams::x",
+    ][::std::mem::offset_of!(VaeGroupNormParams, x) - 0usize];
+    [
+        "Offset of field: VaeGroupNormParams::y",
+    ][::std::mem::offset_of!(VaeGroupNormParams, y) - 8usize];
+    [
+        "Offset of field: VaeGroupNormParams::partials",
+    ][::std::mem::offset_of!(VaeGroupNormParams, partials) - 16usize];
+    [
+        "Offset of field: VaeGroupNormParams::stats",
+    ][::std::mem::offset_of!(VaeGroupNormParams, stats) - 24usize];
+    [
+        "Offset of field: VaeGroupNormParams::weight",
+    ][::std::mem::offset_of!(VaeGroupNormParams, weight) - 32usize];
+    [
+        "Offset of field: VaeGroupNormParams::bias",
+    ][::std::mem::offset_of!(VaeGroupNormParams, bias) - 40usize];
+    [
+        "Offset of field: VaeGroupNormParams::pixels",
+    ][::std::mem::offset_of!(VaeGroupNormParams, pixels) - 48usize];
+    [
+        "Offset of field: VaeGroupNormParams::images",
+    ][::std::mem::offset_of!(VaeGroupNormParams, images) - 56usize];
+    [
+        "Offset of field: VaeGroupNormParams::channels",
+    ][::std::mem::offset_of!(VaeGroupNormParams, channels) - 60usize];
+    [
+        "Offset of field: VaeGroupNormParams::groups",
+    ][::std::mem::offset_of!(VaeGroupNormParams, groups) - 64usize];
+    [
+        "Offset of field: VaeGroupNormParams::chunks",
+    ][::std::mem::offset_of!(VaeGroupNormParams, chunks) - 68usize];
+    [
+        "Offset of field: VaeGroupNormParams::silu",
+    ][::std::mem::offset_of!(VaeGroupNormParams, silu) - 72usize];
+    [
+        "Offset of field: VaeGroupNormParams::eps",
+    ][::std::mem::offset_of!(VaeGroupNormParams, eps) - 76usize];
+};
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct VaeSoftmaxParams {
+    pub scores: fora_ptr,
+    pub probs: fora_ptr,
+    pub rows: ::std::os::raw::c_longlong,
+    pub cols: ::std::os::raw::c_int,
+    pub ld: ::std::os::raw::c_int,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of VaeSoftmaxParams"][::std::mem::size_of::<VaeSoftmaxParams>() - 40usize];
+    [
+        "Alignment of VaeSoftmaxParams",
+    ][::std::mem::align_of::<VaeSoftmaxParams>() - 8usize];
+    [
+        "Offset of field: VaeSoftmaxParams::scores",
+    ][::std::mem::offset_of!(VaeSoftmaxParams, scores) - 0usize];
+    [
+        "Offset of field: VaeSoftmaxParams::probs",
+    ][::std::mem::offset_of!(VaeSoftmaxParams, probs) - 8usize];
+    [
+        "Offset of field: VaeSoftmaxParams::rows",
+    ][::std::mem::offset_of!(VaeSoftmaxParams, rows) - 16usize];
+    [
+        "Offset of field: VaeSoftmaxParams::cols",
+    ][::std::mem::offset_of!(VaeSoftmaxParams, cols) - 24usize];
+    [
+        "Offset of field: VaeSoftmaxParams::ld",
+    ][::std::mem::offset_of!(VaeSoftmaxParams, ld) - 28usize];
+    [
+        "Offset of field: VaeSoftmaxParams::scale",
+    ][::std::mem::offset_of!(VaeSoftmaxParams, scale) - 32usize];
+};
 
 // Plain C structs of integers and device addresses: valid kernel arguments by value.
 unsafe impl cudarc::driver::DeviceRepr for GemmParams {}
@@ -1351,3 +1529,7 @@ unsafe impl cudarc::driver::DeviceRepr for WgmmaProbeParams {}
 unsafe impl cudarc::driver::DeviceRepr for TmaProbeParams {}
 unsafe impl cudarc::driver::DeviceRepr for BandwidthParams {}
 unsafe impl cudarc::driver::DeviceRepr for HoldParams {}
+unsafe impl cudarc::driver::DeviceRepr for VaeUnfoldParams {}
+unsafe impl cudarc::driver::DeviceRepr for VaeElementwiseParams {}
+unsafe impl cudarc::driver::DeviceRepr for VaeGroupNormParams {}
+unsafe impl cudarc::driver::DeviceRepr for VaeSoftmaxParams {}

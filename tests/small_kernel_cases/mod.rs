@@ -2231,3 +2231,240 @@ pub fn check_bandwidth<D: TestDevice>(gpu: &D) -> Result<()> {
     }
     Ok(())
 }
+
+// ---- the VAE decoder's kernels (kernels/vae.cu) -----------------------------------------------
+
+/// The unfold of a channels-last image, as `vae_unfold` documents it: rows `first..first+rows`
+/// of the `[images * h * w, ldc]` matrix, columns (ky, kx, c) then zeros.
+#[allow(clippy::too_many_arguments)]
+pub fn vae_unfold_reference(
+    x: &[f32],
+    (images, h, w, c): (usize, usize, usize, usize),
+    k: usize,
+    upsample: bool,
+    ldc: usize,
+    first: usize,
+    rows: usize,
+) -> Vec<f32> {
+    assert!(first + rows <= images * h * w);
+    let (sh, sw) = if upsample { (h / 2, w / 2) } else { (h, w) };
+    let pad = (k / 2) as isize;
+    let mut out = vec![0f32; rows * ldc];
+    for r in 0..rows {
+        let q = first + r;
+        let (image, y, xx) = (q / (h * w), (q % (h * w)) / w, q % w);
+        for ky in 0..k {
+            for kx in 0..k {
+                let (sy, sx) = (
+                    y as isize + ky as isize - pad,
+                    xx as isize + kx as isize - pad,
+                );
+                if sy < 0 || sy >= h as isize || sx < 0 || sx >= w as isize {
+                    continue;
+                }
+                let (sy, sx) = if upsample {
+                    (sy as usize / 2, sx as usize / 2)
+                } else {
+                    (sy as usize, sx as usize)
+                };
+                for ch in 0..c {
+                    out[r * ldc + (ky * k + kx) * c + ch] =
+                        half::bf16::from_f32(x[((image * sh + sy) * sw + sx) * c + ch]).to_f32();
+                }
+            }
+        }
+    }
+    out
+}
+
+/// GroupNorm (+ SiLU) of channels-last `x` `[images, pixels, c]`, in f64.
+pub fn vae_group_norm_reference(
+    x: &[f32],
+    (images, pixels, c, groups): (usize, usize, usize, usize),
+    weight: &[f32],
+    bias: &[f32],
+    silu: bool,
+) -> Vec<f32> {
+    let per = c / groups;
+    let mut out = vec![0f32; x.len()];
+    for i in 0..images {
+        for g in 0..groups {
+            let values = (0..pixels)
+                .flat_map(|p| (g * per..(g + 1) * per).map(move |ch| (p, ch)))
+                .map(|(p, ch)| x[(i * pixels + p) * c + ch] as f64);
+            let n = (pixels * per) as f64;
+            let mean = values.clone().sum::<f64>() / n;
+            let var = values.map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+            let inv = 1.0 / (var + fora::vae::GROUP_NORM_EPS).sqrt();
+            for p in 0..pixels {
+                for ch in g * per..(g + 1) * per {
+                    let at = (i * pixels + p) * c + ch;
+                    let v = (x[at] as f64 - mean) * inv * weight[ch] as f64 + bias[ch] as f64;
+                    out[at] = if silu {
+                        (v / (1.0 + (-v).exp())) as f32
+                    } else {
+                        v as f32
+                    };
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The VAE decoder's kernels against plain loops, outputs poisoned first: the unfold (3x3 with
+/// and without the 2x upsampling read through, 1x1, a band starting mid-image, several images,
+/// padded columns), GroupNorm + SiLU (widths below, at and above the statistics kernel's 256
+/// threads, as in the Stable Diffusion VAE: 128, 256, 512 with 32 groups; odd pixel counts;
+/// more chunks than pixels), the padded softmax, the cast and the add.
+pub fn check_vae_kernels<D: TestDevice>(dev: &D) -> Result<()> {
+    use fora::cuda::params::{
+        VaeElementwiseParams, VaeGroupNormParams, VaeSoftmaxParams, VaeUnfoldParams,
+    };
+    use fora::cuda::vae::{vae_elementwise, vae_group_norm, vae_softmax, vae_unfold};
+    let mut rng = TestRng::new(71);
+    // (images, h, w, c, kernel, upsample, first, rows)
+    let unfolds = [
+        (2, 6, 10, 16, 3, false, 0, 120),
+        (1, 8, 6, 4, 3, true, 0, 48),
+        (2, 5, 7, 24, 1, false, 9, 50),
+        (1, 4, 6, 512, 3, true, 5, 13),
+        (3, 3, 3, 8, 3, false, 10, 7),
+    ];
+    for (images, h, w, c, k, up, first, rows) in unfolds {
+        let (sh, sw) = if up { (h / 2, w / 2) } else { (h, w) };
+        let x = rng.normal_vec(images * sh * sw * c, 1.0);
+        let ldc = (k * k * c).div_ceil(8) * 8 + if c == 8 { 8 } else { 0 };
+        let xd = dev.upload_f32(&x)?;
+        let out = dev.poisoned_bf16(rows * ldc)?;
+        let p = VaeUnfoldParams {
+            x: xd.addr(),
+            cols: out.addr(),
+            first: first as i64,
+            pixels: rows as i64,
+            images: images as i32,
+            height: h as i32,
+            width: w as i32,
+            channels: c as i32,
+            kernel: k as i32,
+            upsample: up as i32,
+            ldc: ldc as i32,
+        };
+        // SAFETY: x holds the source images, out rows * ldc bf16.
+        unsafe { vae_unfold(dev, &p)? };
+        let want = vae_unfold_reference(&x, (images, h, w, c), k, up, ldc, first, rows);
+        let what = format!("vae_unfold {images}x{h}x{w}x{c} k{k} up{up} rows {first}+{rows}");
+        check_elementwise(&what, &dev.download_bf16(&out)?, &want, 0.0, 0.0)?;
+    }
+
+    // (images, pixels, channels, groups, chunks, silu)
+    let norms = [
+        (1, 30, 32, 8, 4, true),
+        (2, 37, 128, 32, 64, true),
+        (1, 65, 256, 32, 3, false),
+        (2, 23, 512, 32, 5, true),
+        (1, 3, 16, 8, 64, false),
+    ];
+    for (images, pixels, c, groups, chunks, silu) in norms {
+        // An offset far from zero: the variance of such values is where a one-pass sum of
+        // squares in f32 would lose its digits.
+        let x: Vec<f32> = rng
+            .normal_vec(images * pixels * c, 2.0)
+            .iter()
+            .map(|v| v + 30.0)
+            .collect();
+        let weight = rng.uniform_vec(c, 0.5, 1.5);
+        let bias = rng.normal_vec(c, 0.5);
+        let (xd, wd, bd) = (
+            dev.upload_f32(&x)?,
+            dev.upload_f32(&weight)?,
+            dev.upload_f32(&bias)?,
+        );
+        let y = dev.poisoned_f32(x.len())?;
+        // f64 partials in an f32 buffer of twice the length.
+        let partials = dev.poisoned_f32(images * chunks * groups * 4)?;
+        let stats = dev.poisoned_f32(images * groups * 2)?;
+        let p = VaeGroupNormParams {
+            x: xd.addr(),
+            y: y.addr(),
+            partials: partials.addr(),
+            stats: stats.addr(),
+            weight: wd.addr(),
+            bias: bd.addr(),
+            pixels: pixels as i64,
+            images: images as i32,
+            channels: c as i32,
+            groups: groups as i32,
+            chunks: chunks as i32,
+            silu: silu as i32,
+            eps: fora::vae::GROUP_NORM_EPS as f32,
+        };
+        // SAFETY: every buffer holds what the parameters say.
+        unsafe { vae_group_norm(dev, &p)? };
+        let want = vae_group_norm_reference(&x, (images, pixels, c, groups), &weight, &bias, silu);
+        let what =
+            format!("vae_group_norm {images}x{pixels}x{c} / {groups} groups, {chunks} chunks");
+        check_elementwise(&what, &dev.download_f32(&y)?, &want, 2e-5, 2e-5)?;
+    }
+
+    // (rows, cols, ld)
+    for (rows, cols, ld) in [(30, 30, 32), (7, 1024, 1024), (3, 300, 304)] {
+        let scale = 0.125f32;
+        let s = rng.normal_vec(rows * ld, 8.0);
+        let sd = dev.upload_f32(&s)?;
+        let probs = dev.poisoned_bf16(rows * ld)?;
+        let p = VaeSoftmaxParams {
+            scores: sd.addr(),
+            probs: probs.addr(),
+            rows: rows as i64,
+            cols: cols as i32,
+            ld: ld as i32,
+            scale,
+        };
+        // SAFETY: scores and probabilities hold rows * ld.
+        unsafe { vae_softmax(dev, &p)? };
+        let mut want = vec![0f32; rows * ld];
+        for r in 0..rows {
+            let row = &s[r * ld..r * ld + cols];
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+            let e: Vec<f64> = row
+                .iter()
+                .map(|&v| (scale as f64 * (v as f64 - m)).exp())
+                .collect();
+            let sum: f64 = e.iter().sum();
+            for (c, v) in e.iter().enumerate() {
+                want[r * ld + c] = (v / sum) as f32;
+            }
+        }
+        // bf16 output: half an ulp of 2^-8, relative.
+        let what = format!("vae_softmax {rows}x{cols} (ld {ld})");
+        check_elementwise(&what, &dev.download_bf16(&probs)?, &want, 1e-6, 4e-3)?;
+    }
+
+    for n in [1, 1000, 4099] {
+        let x = rng.normal_vec(n, 3.0);
+        let y0 = rng.normal_vec(n, 3.0);
+        let xd = dev.upload_f32(&x)?;
+        let cast = dev.poisoned_bf16(n)?;
+        let p = VaeElementwiseParams {
+            x: xd.addr(),
+            y: cast.addr(),
+            n: n as i64,
+        };
+        // SAFETY: n elements each.
+        unsafe { vae_elementwise(dev, "vae_cast_bf16", &p)? };
+        let want = round_bf16(&x);
+        check_elementwise("vae_cast_bf16", &dev.download_bf16(&cast)?, &want, 0.0, 0.0)?;
+        let yd = dev.upload_f32(&y0)?;
+        let p = VaeElementwiseParams {
+            x: xd.addr(),
+            y: yd.addr(),
+            n: n as i64,
+        };
+        // SAFETY: n elements each.
+        unsafe { vae_elementwise(dev, "vae_add", &p)? };
+        let want: Vec<f32> = x.iter().zip(&y0).map(|(a, b)| b + a).collect();
+        check_elementwise("vae_add", &dev.download_f32(&yd)?, &want, 0.0, 0.0)?;
+    }
+    Ok(())
+}
