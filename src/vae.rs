@@ -15,6 +15,9 @@
 //! `post_quant_conv.*`; the encoder's keys are ignored). The mid block's attention may use
 //! either of diffusers' names (`to_q`/`to_k`/`to_v`/`to_out.0`, or the older
 //! `query`/`key`/`value`/`proj_attn`), as Linear `[C, C]` or 1x1 conv `[C, C, 1, 1]` weights.
+//! A file in the original Stable Diffusion (LDM) layout is read too (`decoder.mid.block_1`,
+//! `decoder.up.3.block.0`, `decoder.mid.attn_1.q`, ..., bare or under `first_stage_model.` as
+//! in a whole Stable Diffusion checkpoint), its names translated ([`ldm_to_diffusers`]).
 //! The widths, depth and channel counts come from the tensor shapes; GroupNorm's group count
 //! (32 in every Stable Diffusion VAE) and the latent scaling factor (0.18215) from the metadata
 //! `fora.vae.groups` and `fora.vae.scaling_factor` where present.
@@ -27,7 +30,7 @@ use anyhow::{bail, ensure, Context, Result};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 use safetensors::SafeTensors;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 /// GroupNorm's epsilon in every norm of the decoder (diffusers' `resnet_eps` and
@@ -116,32 +119,48 @@ pub struct VaeDecoder {
     pub(crate) conv_out: Conv,
 }
 
-/// Reads the tensors of one file, each at most once, checking names, shapes and values.
+/// Reads the tensors of one file by their diffusers names, each at most once, checking names,
+/// shapes and values.
 struct Loader<'a> {
     st: SafeTensors<'a>,
+    /// The file's key of each diffusers name.
+    keys: BTreeMap<String, String>,
     taken: BTreeSet<String>,
 }
 
 impl Loader<'_> {
     fn has(&self, key: &str) -> bool {
-        self.st.tensor(key).is_ok()
+        self.keys.contains_key(key)
+    }
+
+    /// `key`, and the file's name for it where that differs.
+    fn label(&self, key: &str) -> String {
+        match self.keys.get(key) {
+            Some(file) if file != key => format!("{key} ({file} in the file)"),
+            _ => key.to_string(),
+        }
+    }
+
+    fn view(&self, key: &str) -> Result<safetensors::tensor::TensorView<'_>> {
+        let file = self
+            .keys
+            .get(key)
+            .with_context(|| format!("missing key {key}"))?;
+        self.st
+            .tensor(file)
+            .map_err(|e| anyhow::anyhow!("tensor {file}: {e}"))
     }
 
     fn shape(&self, key: &str) -> Result<Vec<usize>> {
-        let view = self
-            .st
-            .tensor(key)
-            .map_err(|_| anyhow::anyhow!("missing key {key}"))?;
-        Ok(view.shape().to_vec())
+        Ok(self.view(key)?.shape().to_vec())
     }
 
     /// Tensor `key`, whose shape must be one of `shapes` (they hold the same values in the
     /// same order), as f32.
     fn take_any(&mut self, key: &str, shapes: &[&[usize]]) -> Result<Vec<f32>> {
-        let view = self
-            .st
-            .tensor(key)
-            .map_err(|_| anyhow::anyhow!("missing key {key}"))?;
+        let view = self.view(key)?;
+        let taken = key.to_string();
+        let key = &self.label(key);
         ensure!(
             shapes.contains(&view.shape()),
             "tensor {key}: expected shape {}, got {:?}",
@@ -159,7 +178,7 @@ impl Loader<'_> {
                 data[i]
             );
         }
-        self.taken.insert(key.to_string());
+        self.taken.insert(taken);
         Ok(data)
     }
 
@@ -239,6 +258,81 @@ impl Loader<'_> {
     }
 }
 
+/// The diffusers name of `key`, a name of the original Stable Diffusion (LDM) layout (with
+/// any `first_stage_model.` prefix removed) in a decoder of `blocks` up blocks: LDM numbers
+/// its up blocks from the narrowest (`up.0`), diffusers from the widest (`up_blocks.0`).
+/// Names outside the decoder come back as they are.
+pub fn ldm_to_diffusers(key: &str, blocks: usize) -> String {
+    let resnet = |rest: &str| rest.replace("nin_shortcut", "conv_shortcut");
+    if let Some(rest) = key.strip_prefix("decoder.mid.block_1.") {
+        return format!("decoder.mid_block.resnets.0.{}", resnet(rest));
+    }
+    if let Some(rest) = key.strip_prefix("decoder.mid.block_2.") {
+        return format!("decoder.mid_block.resnets.1.{}", resnet(rest));
+    }
+    if let Some(rest) = key.strip_prefix("decoder.mid.attn_1.") {
+        let (layer, tail) = rest.split_once('.').unwrap_or((rest, ""));
+        let layer = match layer {
+            "norm" => "group_norm",
+            "q" => "query",
+            "k" => "key",
+            "v" => "value",
+            "proj_out" => "proj_attn",
+            other => other,
+        };
+        return format!("decoder.mid_block.attentions.0.{layer}.{tail}");
+    }
+    if let Some(rest) = key.strip_prefix("decoder.norm_out.") {
+        return format!("decoder.conv_norm_out.{rest}");
+    }
+    if let Some(rest) = key.strip_prefix("decoder.up.") {
+        let Some((i, tail)) = rest.split_once('.') else {
+            return key.to_string();
+        };
+        let Some(i) = i.parse::<usize>().ok().filter(|&i| i < blocks) else {
+            return key.to_string();
+        };
+        let block = blocks - 1 - i;
+        if let Some(r) = tail.strip_prefix("block.") {
+            return format!("decoder.up_blocks.{block}.resnets.{}", resnet(r));
+        }
+        if let Some(r) = tail.strip_prefix("upsample.") {
+            return format!("decoder.up_blocks.{block}.upsamplers.0.{r}");
+        }
+    }
+    key.to_string()
+}
+
+/// The file's key of each diffusers name: the names themselves in diffusers' layout, or the
+/// LDM layout's translated.
+fn diffusers_keys(file_keys: &[String]) -> BTreeMap<String, String> {
+    const PREFIX: &str = "first_stage_model.";
+    let bare = |k: &str| k.strip_prefix(PREFIX).unwrap_or(k).to_string();
+    let ldm = file_keys.iter().any(|k| {
+        let k = bare(k);
+        k.starts_with("decoder.mid.") || k.starts_with("decoder.up.")
+    });
+    if !ldm {
+        return file_keys.iter().map(|k| (k.clone(), k.clone())).collect();
+    }
+    let blocks = file_keys
+        .iter()
+        .filter_map(|k| {
+            bare(k)
+                .strip_prefix("decoder.up.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .collect::<BTreeSet<_>>()
+        .len();
+    file_keys
+        .iter()
+        .map(|k| (ldm_to_diffusers(&bare(k), blocks), k.clone()))
+        .collect()
+}
+
 /// The numbers `i` of the keys `{prefix}{i}.*`, sorted; an error unless they are 0..n.
 fn indices(names: &[&str], prefix: &str) -> Result<usize> {
     let found: BTreeSet<usize> = names
@@ -284,10 +378,13 @@ impl VaeDecoder {
         let (_, header) = SafeTensors::read_metadata(bytes)
             .map_err(|e| anyhow::anyhow!("not a valid safetensors file: {e}"))?;
         let meta = header.metadata().clone().unwrap_or_default();
-        let names: Vec<String> = st.names().into_iter().map(String::from).collect();
+        let file_keys: Vec<String> = st.names().into_iter().map(String::from).collect();
+        let keys = diffusers_keys(&file_keys);
+        let names: Vec<String> = keys.keys().cloned().collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let mut l = Loader {
             st,
+            keys,
             taken: BTreeSet::new(),
         };
 
@@ -295,12 +392,14 @@ impl VaeDecoder {
         ensure!(
             l.has(CONV_IN),
             "no tensor {CONV_IN}: not the weights of a VAE decoder in diffusers' key layout \
-             (e.g. stabilityai/sd-vae-ft-ema's diffusion_pytorch_model.safetensors)"
+             (e.g. stabilityai/sd-vae-ft-ema's diffusion_pytorch_model.safetensors) or the \
+             original Stable Diffusion one"
         );
         let conv_in = l.shape(CONV_IN)?;
         ensure!(
             conv_in.len() == 4 && conv_in[2] == 3 && conv_in[3] == 3,
-            "tensor {CONV_IN}: expected shape [C, latent channels, 3, 3], got {conv_in:?}"
+            "tensor {}: expected shape [C, latent channels, 3, 3], got {conv_in:?}",
+            l.label(CONV_IN)
         );
         let latent_channels = conv_in[1];
         let blocks = indices(&names, "decoder.up_blocks.")?;
@@ -316,14 +415,16 @@ impl VaeDecoder {
             let shape = l.shape(&key)?;
             ensure!(
                 shape.len() == 4,
-                "tensor {key}: expected 4 dimensions, got {shape:?}"
+                "tensor {}: expected 4 dimensions, got {shape:?}",
+                l.label(&key)
             );
             block_channels.push(shape[0]);
         }
         let conv_out = l.shape("decoder.conv_out.weight")?;
         ensure!(
             conv_out.len() == 4,
-            "tensor decoder.conv_out.weight: expected 4 dimensions, got {conv_out:?}"
+            "tensor {}: expected 4 dimensions, got {conv_out:?}",
+            l.label("decoder.conv_out.weight")
         );
         let cfg = VaeConfig {
             latent_channels,
@@ -395,22 +496,18 @@ impl VaeDecoder {
 
         // Every decoder key must have been read: one left over is a layout this code does not
         // run (another architecture), not something to skip silently.
-        let unused: Vec<&str> = names
+        let unused: Vec<String> = names
             .iter()
             .copied()
             .filter(|n| n.starts_with("decoder.") || n.starts_with("post_quant_conv."))
             .filter(|n| !l.taken.contains(*n))
+            .map(|n| l.label(n))
             .collect();
         ensure!(
             unused.is_empty(),
             "unexpected decoder keys ({}): {}",
             unused.len(),
-            unused
-                .iter()
-                .take(20)
-                .copied()
-                .collect::<Vec<_>>()
-                .join(", ")
+            unused[..unused.len().min(20)].join(", ")
         );
         Ok(VaeDecoder {
             cfg,
@@ -456,18 +553,24 @@ impl VaeDecoder {
         Ok(shape)
     }
 
+    /// [`VaeDecoder::image_shape`], and an error unless `latents` holds `shape`'s values.
+    pub fn check_latents(&self, latents: &[f32], shape: [usize; 4]) -> Result<[usize; 4]> {
+        let out_shape = self.image_shape(shape)?;
+        let values = shape.iter().product::<usize>();
+        ensure!(
+            latents.len() == values,
+            "latents of shape {shape:?} need {values} values, got {}",
+            latents.len()
+        );
+        Ok(out_shape)
+    }
+
     /// Decodes latents `[n, c, h, w]` (as a latent DiT samples them: scaled by the scaling
     /// factor) into images `[n, out_channels, h * upscale, w * upscale]`, values about
     /// [-1, 1], one image at a time.
     pub fn decode(&self, latents: &[f32], shape: [usize; 4]) -> Result<(Vec<f32>, [usize; 4])> {
-        let out_shape = self.image_shape(shape)?;
-        let [n, c, h, w] = shape;
-        ensure!(
-            latents.len() == n * c * h * w,
-            "latents of shape {shape:?} need {} values, got {}",
-            n * c * h * w,
-            latents.len()
-        );
+        let out_shape = self.check_latents(latents, shape)?;
+        let [_, c, h, w] = shape;
         let per_image = out_shape[1] * out_shape[2] * out_shape[3];
         let mut images = zeros("decoded images", &out_shape)?;
         for (z, out) in latents

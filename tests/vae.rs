@@ -143,6 +143,89 @@ fn older_attention_names_and_conv_shaped_weights_decode_the_same() -> Result<()>
     Ok(())
 }
 
+/// The fixture's diffusers name in the original Stable Diffusion (LDM) layout, written out
+/// here from that layout's published names (three up blocks, numbered from the narrowest).
+fn ldm_name(name: &str) -> String {
+    let mut n = name
+        .replace("decoder.mid_block.resnets.0.", "decoder.mid.block_1.")
+        .replace("decoder.mid_block.resnets.1.", "decoder.mid.block_2.")
+        .replace(
+            "decoder.mid_block.attentions.0.group_norm.",
+            "decoder.mid.attn_1.norm.",
+        )
+        .replace(
+            "decoder.mid_block.attentions.0.to_q.",
+            "decoder.mid.attn_1.q.",
+        )
+        .replace(
+            "decoder.mid_block.attentions.0.to_k.",
+            "decoder.mid.attn_1.k.",
+        )
+        .replace(
+            "decoder.mid_block.attentions.0.to_v.",
+            "decoder.mid.attn_1.v.",
+        )
+        .replace(
+            "decoder.mid_block.attentions.0.to_out.0.",
+            "decoder.mid.attn_1.proj_out.",
+        )
+        .replace("decoder.conv_norm_out.", "decoder.norm_out.")
+        .replace("conv_shortcut", "nin_shortcut");
+    for b in 0..3 {
+        n = n
+            .replace(
+                &format!("decoder.up_blocks.{b}.resnets."),
+                &format!("decoder.up.{}.block.", 2 - b),
+            )
+            .replace(
+                &format!("decoder.up_blocks.{b}.upsamplers.0."),
+                &format!("decoder.up.{}.upsample.", 2 - b),
+            );
+    }
+    n
+}
+
+#[test]
+fn the_original_stable_diffusion_layout_decodes_the_same() -> Result<()> {
+    let (want, _) = decode_fixture(&fixture().bytes())?;
+    for prefix in ["", "first_stage_model."] {
+        let mut t = fixture();
+        for e in &mut t.entries {
+            e.0 = format!("{prefix}{}", ldm_name(&e.0));
+            // LDM's attention layers are 1x1 convs.
+            if e.0.contains("attn_1.") && e.2.len() == 2 {
+                e.2.extend([1, 1]);
+            }
+        }
+        assert!(t
+            .entries
+            .iter()
+            .any(|e| e.0.ends_with("decoder.up.0.block.1.conv2.weight")));
+        // A whole Stable Diffusion checkpoint's other parts are not the decoder's.
+        t.entries.push((
+            "model.diffusion_model.out.0.bias".into(),
+            Dtype::F32,
+            vec![1],
+            vec![0; 4],
+        ));
+        let (got, _) = decode_fixture(&t.bytes())?;
+        assert_eq!(got, want, "prefix {prefix:?}");
+    }
+    // A misshapen tensor is named both ways.
+    let mut t = fixture();
+    for e in &mut t.entries {
+        e.0 = ldm_name(&e.0);
+        if e.0 == "decoder.up.2.block.0.conv1.weight" {
+            e.2 = vec![32, 32, 9];
+        }
+    }
+    assert_refused(
+        &t.bytes(),
+        &["decoder.up_blocks.0.resnets.0.conv1.weight (decoder.up.2.block.0.conv1.weight in the file)"],
+    );
+    Ok(())
+}
+
 #[test]
 fn encoder_keys_are_ignored() -> Result<()> {
     let (want, _) = decode_fixture(&fixture().bytes())?;

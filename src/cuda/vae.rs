@@ -483,14 +483,8 @@ impl<D: VaeDevice> GpuVae<D> {
     /// [`VaeDecoder::decode`] on the GPU: latents `[n, c, h, w]` (host, as sampled) to images
     /// `[n, out_channels, h * upscale, w * upscale]` (host).
     pub fn decode(&self, latents: &[f32], shape: [usize; 4]) -> Result<(Vec<f32>, [usize; 4])> {
-        let out_shape = self.host.image_shape(shape)?;
-        let [n, c, h, w] = shape;
-        ensure!(
-            latents.len() == n * c * h * w,
-            "latents of shape {shape:?} need {} values, got {}",
-            n * c * h * w,
-            latents.len()
-        );
+        let out_shape = self.host.check_latents(latents, shape)?;
+        let [_, c, h, w] = shape;
         let scratch = self.scratch(h, w)?;
         let per_image = out_shape[1] * out_shape[2] * out_shape[3];
         let mut images = crate::weights::zeros("decoded images", &out_shape)?;
