@@ -65,6 +65,158 @@ impl VaeConfig {
     pub fn upscale(&self) -> usize {
         1 << (self.block_channels.len() - 1)
     }
+
+    /// Multiply-adds of decoding one `h x w` latent: every convolution (pixels x cout x cin x
+    /// k x k) and the attention's products (q, k, v and the output projection; q k^T and the
+    /// probabilities times v), the elementwise work left out. For throughput figures.
+    pub fn macs(&self, h: usize, w: usize) -> f64 {
+        let conv = |pixels: usize, cout: usize, cin: usize, k: usize| {
+            pixels as f64 * cout as f64 * cin as f64 * (k * k) as f64
+        };
+        let resnet = |pixels: usize, cin: usize, cout: usize| {
+            conv(pixels, cout, cin, 3)
+                + conv(pixels, cout, cout, 3)
+                + if cin != cout {
+                    conv(pixels, cout, cin, 1)
+                } else {
+                    0.0
+                }
+        };
+        let (z, c0) = (self.latent_channels, self.block_channels[0]);
+        let mut pixels = h * w;
+        let mut total =
+            conv(pixels, z, z, 1) + conv(pixels, c0, z, 3) + 2.0 * resnet(pixels, c0, c0);
+        if self.mid_attention {
+            let t = pixels as f64;
+            let c = c0 as f64;
+            total += 4.0 * t * c * c + 2.0 * t * t * c;
+        }
+        let mut width = c0;
+        for (i, &out) in self.block_channels.iter().enumerate() {
+            for j in 0..self.resnets_per_block {
+                total += resnet(pixels, if j == 0 { width } else { out }, out);
+            }
+            width = out;
+            if i + 1 < self.block_channels.len() {
+                pixels *= 4;
+                total += conv(pixels, out, out, 3);
+            }
+        }
+        total + conv(pixels, self.out_channels, width, 3)
+    }
+}
+
+/// The tensors of a decoder in diffusers' key layout: (name, shape, fan-in).
+type Specs = Vec<(String, Vec<usize>, usize)>;
+
+fn conv_specs(specs: &mut Specs, prefix: &str, cout: usize, cin: usize, k: usize) {
+    specs.push((
+        format!("{prefix}.weight"),
+        vec![cout, cin, k, k],
+        cin * k * k,
+    ));
+    specs.push((format!("{prefix}.bias"), vec![cout], cin * k * k));
+}
+
+fn norm_specs(specs: &mut Specs, prefix: &str, c: usize) {
+    specs.push((format!("{prefix}.weight"), vec![c], c));
+    specs.push((format!("{prefix}.bias"), vec![c], c));
+}
+
+fn resnet_specs(specs: &mut Specs, prefix: &str, cin: usize, cout: usize) {
+    norm_specs(specs, &format!("{prefix}.norm1"), cin);
+    conv_specs(specs, &format!("{prefix}.conv1"), cout, cin, 3);
+    norm_specs(specs, &format!("{prefix}.norm2"), cout);
+    conv_specs(specs, &format!("{prefix}.conv2"), cout, cout, 3);
+    if cin != cout {
+        conv_specs(specs, &format!("{prefix}.conv_shortcut"), cout, cin, 1);
+    }
+}
+
+/// A random decoder's weights as a safetensors file in diffusers' key layout, for tests and
+/// benchmarks without the real weights: up blocks of `widths` (widest first; the Stable
+/// Diffusion VAE's are 512, 512, 256, 128) with `resnets` each (3), 4 latent and 3 image
+/// channels, `groups` GroupNorm groups (in the metadata). PyTorch's default initialisation
+/// (uniform within 1 / sqrt(fan-in)) for convolutions and Linears, GroupNorm's scale and shift
+/// near 1 and 0.
+pub fn random_weights(
+    widths: &[usize],
+    resnets: usize,
+    groups: usize,
+    seed: u64,
+) -> Result<Vec<u8>> {
+    ensure!(
+        !widths.is_empty() && resnets > 0 && groups > 0,
+        "a random VAE needs widths, resnets and groups"
+    );
+    let mut specs = Specs::new();
+    let c0 = widths[0];
+    conv_specs(&mut specs, "post_quant_conv", 4, 4, 1);
+    conv_specs(&mut specs, "decoder.conv_in", c0, 4, 3);
+    for j in 0..2 {
+        resnet_specs(
+            &mut specs,
+            &format!("decoder.mid_block.resnets.{j}"),
+            c0,
+            c0,
+        );
+    }
+    let a = "decoder.mid_block.attentions.0";
+    norm_specs(&mut specs, &format!("{a}.group_norm"), c0);
+    for l in ["to_q", "to_k", "to_v", "to_out.0"] {
+        specs.push((format!("{a}.{l}.weight"), vec![c0, c0], c0));
+        specs.push((format!("{a}.{l}.bias"), vec![c0], c0));
+    }
+    let mut width = c0;
+    for (i, &out) in widths.iter().enumerate() {
+        for j in 0..resnets {
+            let cin = if j == 0 { width } else { out };
+            resnet_specs(
+                &mut specs,
+                &format!("decoder.up_blocks.{i}.resnets.{j}"),
+                cin,
+                out,
+            );
+        }
+        if i + 1 < widths.len() {
+            let up = format!("decoder.up_blocks.{i}.upsamplers.0.conv");
+            conv_specs(&mut specs, &up, out, out, 3);
+        }
+        width = out;
+    }
+    norm_specs(&mut specs, "decoder.conv_norm_out", width);
+    conv_specs(&mut specs, "decoder.conv_out", 3, width, 3);
+    let mut rng = crate::weights::SplitMix64::new(seed);
+    let mut tensors = Vec::with_capacity(specs.len());
+    for (name, shape, fan_in) in specs {
+        let mut values = zeros("random VAE weights", &shape)?;
+        let norm = name.contains("norm");
+        let bound = if norm {
+            0.2
+        } else {
+            1.0 / (fan_in as f64).sqrt()
+        };
+        let base = if norm && name.ends_with("weight") {
+            1.0
+        } else {
+            0.0
+        };
+        values
+            .iter_mut()
+            .for_each(|v| *v = base + rng.uniform(bound));
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push((name, shape, bytes));
+    }
+    let views = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .map_err(|e| anyhow::anyhow!("tensor {n}: {e}"))?;
+            Ok((n.clone(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta = HashMap::from([("fora.vae.groups".to_string(), groups.to_string())]);
+    safetensors::serialize(views, Some(meta)).map_err(|e| anyhow::anyhow!("a random VAE: {e}"))
 }
 
 /// A convolution: weight `[cout, cin, k, k]`, bias `[cout]`, stride 1, padding `k / 2`.

@@ -735,10 +735,10 @@ pub fn sincos_pos_embed(hidden: usize, grid: usize) -> Vec<f32> {
 }
 
 /// A small deterministic generator for random weights (not the sampler's noise generator).
-struct SplitMix64(u64);
+pub(crate) struct SplitMix64(u64);
 
 impl SplitMix64 {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         SplitMix64(seed ^ 0x6a09_e667_f3bc_c909)
     }
     fn next_u64(&mut self) -> u64 {
@@ -749,7 +749,7 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
     /// Uniform in [-a, a).
-    fn uniform(&mut self, a: f64) -> f32 {
+    pub(crate) fn uniform(&mut self, a: f64) -> f32 {
         let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         ((2.0 * u - 1.0) * a) as f32
     }

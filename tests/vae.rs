@@ -119,6 +119,17 @@ fn decodes_as_diffusers() -> Result<()> {
     Ok(())
 }
 
+/// The fixture's multiply-adds at 5 x 6, counted by hand layer by layer: post_quant_conv 480,
+/// conv_in 34,560, mid resnets 1,105,920, attention 180,480 (4 t C^2 + 2 t^2 C), block 0's
+/// resnets 1,105,920 and upsampler 1,105,920, block 1's 4,423,680 and 4,423,680, block 2's
+/// resnets 3,563,520 (with the shortcut) + 2,211,840, conv_out 207,360.
+#[test]
+fn multiply_adds_are_counted_layer_by_layer() -> Result<()> {
+    let vae = VaeDecoder::load(MODEL)?;
+    assert_eq!(vae.config().macs(5, 6), 18_363_360.0);
+    Ok(())
+}
+
 #[test]
 fn older_attention_names_and_conv_shaped_weights_decode_the_same() -> Result<()> {
     let (want, _) = decode_fixture(&fixture().bytes())?;
