@@ -188,8 +188,10 @@ struct SampleArgs {
     out: PathBuf,
     /// For a latent model (DiT-XL/2 and the other official checkpoints): the VAE decoder's
     /// weights (safetensors in diffusers' AutoencoderKL key layout, e.g.
-    /// stabilityai/sd-vae-ft-ema's diffusion_pytorch_model.safetensors). The samples are
-    /// decoded into images on the CPU after sampling, as the official sample.py does.
+    /// stabilityai/sd-vae-ft-ema's diffusion_pytorch_model.safetensors, or the original Stable
+    /// Diffusion one, a whole SD checkpoint included). The samples are decoded into images
+    /// after sampling, as the official sample.py does: on the model's GPU (bf16 operands)
+    /// where it runs on one, else on the CPU (f32).
     #[arg(long, value_name = "VAE")]
     vae: Option<PathBuf>,
     /// No progress bar.
@@ -743,6 +745,7 @@ impl Job for SampleJob {
         let images = match &self.vae {
             Some(vae) => Some(decode_latents(
                 &self.vae_gpu.borrow().as_ref().and_then(|g| gpu_vae(g, vae)),
+                false,
                 vae,
                 &samples.latents,
                 samples.shape,
@@ -945,7 +948,8 @@ fn gpus_seen() -> Result<Vec<String>> {
 #[derive(Args, Debug)]
 struct DecodeArgs {
     /// The VAE decoder's weights (safetensors in diffusers' AutoencoderKL key layout, e.g.
-    /// stabilityai/sd-vae-ft-ema's diffusion_pytorch_model.safetensors).
+    /// stabilityai/sd-vae-ft-ema's diffusion_pytorch_model.safetensors, or the original Stable
+    /// Diffusion one, a whole SD checkpoint included).
     #[arg(long, value_name = "VAE")]
     vae: PathBuf,
     /// safetensors with the latents [B, C, H, W] f32 (what `fora sample` writes).
@@ -958,7 +962,9 @@ struct DecodeArgs {
     /// f32 (values about [-1, 1]).
     #[arg(long, value_name = "OUT")]
     out: PathBuf,
-    /// Where to decode: `auto` takes the GPU (--gpu, default 0) when it is usable.
+    /// Where to decode: `auto` takes the GPU (--gpu, default 0) when it is usable (bf16
+    /// operands), and the CPU (f32) otherwise or where the GPU's decode fails; `cuda` fails
+    /// instead.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
     /// CUDA device ordinal. Default 0.
@@ -978,23 +984,26 @@ fn gpu_vae(gpu: &Gpu, vae: &Arc<VaeDecoder>) -> Option<CudaVae> {
 }
 
 /// Decodes latents `[B, C, H, W]` with `gpu` where given, else (or where the GPU's decode
-/// fails: too little memory, say, after a run's sampling) `vae` on the CPU, timing it on
-/// stderr; non-finite images are an error naming `out` (nothing is written then).
+/// fails: too little memory, say, after a run's sampling; unless `strict`) `vae` on the CPU,
+/// timing it on stderr; non-finite images are an error naming `out` (nothing is written then).
 fn decode_latents(
     gpu: &Option<CudaVae>,
+    strict: bool,
     vae: &VaeDecoder,
     latents: &[f32],
     shape: [usize; 4],
     out: &Path,
 ) -> Result<(Vec<f32>, [usize; 4])> {
     let start = std::time::Instant::now();
-    let on_gpu = gpu.as_ref().and_then(|g| match g.decode(latents, shape) {
-        Ok(decoded) => Some(decoded),
-        Err(e) => {
+    let on_gpu = match gpu.as_ref().map(|g| g.decode(latents, shape)) {
+        Some(Ok(decoded)) => Some(decoded),
+        Some(Err(e)) if strict => return Err(e.context("--device cuda: the GPU's VAE decode")),
+        Some(Err(e)) => {
             eprintln!("fora: the GPU's VAE decode failed ({e:#}); decoding on the CPU");
             None
         }
-    });
+        None => None,
+    };
     let where_ = if on_gpu.is_some() {
         "GPU (bf16 operands)"
     } else {
@@ -1046,7 +1055,8 @@ fn decode(args: DecodeArgs) -> Result<()> {
             }
         },
     };
-    let (images, shape) = decode_latents(&gpu, &vae, &latents.data, shape, &args.out)?;
+    let strict = args.device == Device::Cuda;
+    let (images, shape) = decode_latents(&gpu, strict, &vae, &latents.data, shape, &args.out)?;
     if is_png(&args.out) {
         let columns = fora::png_out::default_columns(shape[0]);
         fora::png_out::write_png_grid(&args.out, &images, shape, columns)?;

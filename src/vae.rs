@@ -70,10 +70,13 @@ impl VaeConfig {
     /// k x k) and the attention's products (q, k, v and the output projection; q k^T and the
     /// probabilities times v), the elementwise work left out. For throughput figures.
     pub fn macs(&self, h: usize, w: usize) -> f64 {
-        let conv = |pixels: usize, cout: usize, cin: usize, k: usize| {
-            pixels as f64 * cout as f64 * cin as f64 * (k * k) as f64
+        if self.block_channels.is_empty() {
+            return 0.0;
+        }
+        let conv = |pixels: f64, cout: usize, cin: usize, k: usize| {
+            pixels * cout as f64 * cin as f64 * (k * k) as f64
         };
-        let resnet = |pixels: usize, cin: usize, cout: usize| {
+        let resnet = |pixels: f64, cin: usize, cout: usize| {
             conv(pixels, cout, cin, 3)
                 + conv(pixels, cout, cout, 3)
                 + if cin != cout {
@@ -83,11 +86,11 @@ impl VaeConfig {
                 }
         };
         let (z, c0) = (self.latent_channels, self.block_channels[0]);
-        let mut pixels = h * w;
+        let mut pixels = h as f64 * w as f64;
         let mut total =
             conv(pixels, z, z, 1) + conv(pixels, c0, z, 3) + 2.0 * resnet(pixels, c0, c0);
         if self.mid_attention {
-            let t = pixels as f64;
+            let t = pixels;
             let c = c0 as f64;
             total += 4.0 * t * c * c + 2.0 * t * t * c;
         }
@@ -98,7 +101,7 @@ impl VaeConfig {
             }
             width = out;
             if i + 1 < self.block_channels.len() {
-                pixels *= 4;
+                pixels *= 4.0;
                 total += conv(pixels, out, out, 3);
             }
         }
@@ -146,8 +149,12 @@ pub fn random_weights(
     seed: u64,
 ) -> Result<Vec<u8>> {
     ensure!(
-        !widths.is_empty() && resnets > 0 && groups > 0,
-        "a random VAE needs widths, resnets and groups"
+        !widths.is_empty()
+            && widths.iter().all(|&c| c > 0 && c <= 1 << 16)
+            && resnets > 0
+            && groups > 0,
+        "a random VAE needs widths of 1 to 65536 channels, resnets and groups; got widths \
+         {widths:?}, {resnets} resnets, {groups} groups"
     );
     let mut specs = Specs::new();
     let c0 = widths[0];
@@ -441,7 +448,7 @@ pub fn ldm_to_diffusers(key: &str, blocks: usize) -> String {
         let Some((i, tail)) = rest.split_once('.') else {
             return key.to_string();
         };
-        let Some(i) = i.parse::<usize>().ok().filter(|&i| i < blocks) else {
+        let Some(i) = canonical_index(i).filter(|&i| i < blocks) else {
             return key.to_string();
         };
         let block = blocks - 1 - i;
@@ -457,32 +464,42 @@ pub fn ldm_to_diffusers(key: &str, blocks: usize) -> String {
 
 /// The file's key of each diffusers name: the names themselves in diffusers' layout, or the
 /// LDM layout's translated.
-fn diffusers_keys(file_keys: &[String]) -> BTreeMap<String, String> {
+fn diffusers_keys(file_keys: &[String]) -> Result<BTreeMap<String, String>> {
     const PREFIX: &str = "first_stage_model.";
     let bare = |k: &str| k.strip_prefix(PREFIX).unwrap_or(k).to_string();
     let ldm = file_keys.iter().any(|k| {
         let k = bare(k);
         k.starts_with("decoder.mid.") || k.starts_with("decoder.up.")
     });
-    if !ldm {
-        return file_keys.iter().map(|k| (k.clone(), k.clone())).collect();
-    }
+    // One past the highest up level (a gap then shows as a missing level by name).
     let blocks = file_keys
         .iter()
         .filter_map(|k| {
-            bare(k)
-                .strip_prefix("decoder.up.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
+            let i = bare(k);
+            let i = i.strip_prefix("decoder.up.")?.split('.').next()?;
+            canonical_index(i)
         })
-        .collect::<BTreeSet<_>>()
-        .len();
-    file_keys
-        .iter()
-        .map(|k| (ldm_to_diffusers(&bare(k), blocks), k.clone()))
-        .collect()
+        .max()
+        .map_or(0, |i| i + 1);
+    let mut keys = BTreeMap::new();
+    for k in file_keys {
+        let name = if ldm {
+            ldm_to_diffusers(&bare(k), blocks)
+        } else {
+            k.clone()
+        };
+        // Two tensors of one name (a half-converted file, a decoder both bare and under the
+        // prefix) would leave one of them unread, and which one would change from run to run.
+        if let Some(earlier) = keys.insert(name.clone(), k.clone()) {
+            bail!("tensors {earlier} and {k} are both {name}");
+        }
+    }
+    Ok(keys)
+}
+
+/// `text` as an index where it is written as one (`3`; not `03` or `+3`).
+fn canonical_index(text: &str) -> Option<usize> {
+    text.parse::<usize>().ok().filter(|i| i.to_string() == text)
 }
 
 /// The numbers `i` of the keys `{prefix}{i}.*`, sorted; an error unless they are 0..n.
@@ -531,7 +548,7 @@ impl VaeDecoder {
             .map_err(|e| anyhow::anyhow!("not a valid safetensors file: {e}"))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let file_keys: Vec<String> = st.names().into_iter().map(String::from).collect();
-        let keys = diffusers_keys(&file_keys);
+        let keys = diffusers_keys(&file_keys)?;
         let names: Vec<String> = keys.keys().cloned().collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let mut l = Loader {

@@ -222,6 +222,31 @@ fn the_original_stable_diffusion_layout_decodes_the_same() -> Result<()> {
         let (got, _) = decode_fixture(&t.bytes())?;
         assert_eq!(got, want, "prefix {prefix:?}");
     }
+    // One tensor under two names (a decoder both bare and under the prefix): refused, not one
+    // of them left unread.
+    let mut t = fixture();
+    for e in &mut t.entries {
+        e.0 = ldm_name(&e.0);
+    }
+    let twin = t
+        .entries
+        .iter()
+        .find(|e| e.0 == "decoder.norm_out.bias")
+        .unwrap()
+        .clone();
+    t.entries.push((
+        "first_stage_model.decoder.norm_out.bias".into(),
+        twin.1,
+        twin.2,
+        twin.3,
+    ));
+    assert_refused(
+        &t.bytes(),
+        &[
+            "decoder.norm_out.bias",
+            "are both decoder.conv_norm_out.bias",
+        ],
+    );
     // A misshapen tensor is named both ways.
     let mut t = fixture();
     for e in &mut t.entries {
