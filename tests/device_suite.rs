@@ -91,6 +91,12 @@ echo "NOTE NAME: a fused path did not serve (fake)"
 echo "test result: ok. $# passed; 0 failed; 0 ignored; 0 measured; 0 filtered out"
 "###;
 
+/// The fake VAE bench (`.devpack/bench/vae`): logs how it is called and prints a table row.
+const FAKE_VAE_BENCH: &str = r###"#!/usr/bin/env bash
+echo "bench vae $*" >> "$FAKE_LOG"
+echo "| GPU bf16 operands | 1 | 3.00 | 3.00 | 207.4 | 1800x |"
+"###;
+
 /// The fake `nvidia-smi`: the query the tests phase prints, and the clock log (`-lms`; a
 /// bounded loop, so that a run that fails early leaves nothing behind for long).
 const FAKE_SMI: &str = r###"#!/usr/bin/env bash
@@ -143,6 +149,7 @@ fn machine(name: &str) -> PathBuf {
     for dir in [
         "tools",
         ".devpack/bin",
+        ".devpack/bench",
         ".devpack/test",
         "fakebin",
         "out",
@@ -172,6 +179,7 @@ fn machine(name: &str) -> PathBuf {
                 .replace("NAME", t),
         );
     }
+    write_exec(&root.join(".devpack/bench/vae"), FAKE_VAE_BENCH);
     write_exec(&root.join("fakebin/nvidia-smi"), FAKE_SMI);
     // The sources the pack was built from, as tools/pack_device.sh lists them (here the
     // suite stands for them).
@@ -404,6 +412,16 @@ fn the_prepared_device_call_runs_every_phase() {
             "TESTS entry {entry}: no test of tests/{binary}.rs matches {filter:?}"
         );
     }
+    // The VAE decoder's bench, once, as cargo bench runs it; its rows in the phase's summary.
+    assert_eq!(
+        calls
+            .lines()
+            .filter(|l| l.starts_with("bench vae"))
+            .collect::<Vec<_>>(),
+        ["bench vae --bench"],
+        "{shown}"
+    );
+    assert!(stdout.contains("| GPU bf16 operands | 1 |"), "{shown}");
     // Tests: each "binary:part" of TESTS as one filtered run, in order; a whole binary in its
     // parts (the isolated filters apart).
     let tests: Vec<&str> = calls.lines().filter(|l| l.starts_with("test ")).collect();

@@ -223,8 +223,14 @@ phase_tests() {
     local s=$(date +%s%N)
     bounded 60 .devpack/bin/fora sample --class 3 --device cuda --out "$OUT/three.png" 2>&1 | tail -n 3
     echo "wall $(( ($(date +%s%N) - s) / 1000000 )) ms"
+    # The GPU VAE decoder's speed (session 35; a random decoder of the Stable Diffusion shape,
+    # about 15 s): the one cargo bench binary the pack keeps.
+    if [ -x .devpack/bench/vae ]; then
+      echo "=== VAE decode: cargo bench --bench vae"
+      bounded 90 .devpack/bench/vae --bench 2>&1 | tail -n 8
+    fi
   } > "$OUT/tests.log" 2>&1
-  grep -E "test result|^rc=|FAILED|panicked|^wall|^NO TESTS" "$OUT/tests.log"
+  grep -E "test result|^rc=|FAILED|panicked|^wall|^NO TESTS|^\| (CPU|GPU)" "$OUT/tests.log"
 }
 
 phase_bench() {
