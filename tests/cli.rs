@@ -1098,6 +1098,27 @@ fn latent_samples_decode_through_a_vae() {
     };
     assert_fails(&decode("images"), &["3 channels; this VAE decodes 4"], &out);
     assert_fails(&decode("latents"), &["no tensor \"latents\""], &out);
+    // --device cuda decodes on the GPU or fails; it never falls back to the CPU.
+    let on_cuda = s.path("cuda.png");
+    let o = fora(&[
+        "decode",
+        "--vae",
+        VAE,
+        "--input",
+        st.to_str().unwrap(),
+        "--out",
+        on_cuda.to_str().unwrap(),
+        "--device",
+        "cuda",
+    ]);
+    if fora::cuda::device::device_count().unwrap_or(0) > 0 {
+        assert_ok(&o);
+        assert!(stderr(&o).contains("on the GPU"), "{}", stderr(&o));
+        assert_eq!(png_size(&on_cuda), (2 * 32 + 2, 32));
+    } else {
+        assert_fails(&o, &["--device cuda"], &on_cuda);
+        assert!(!stderr(&o).contains("on the CPU"), "{}", stderr(&o));
+    }
     assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
 }
 
