@@ -48,15 +48,15 @@ fn main() -> Result<()> {
     )?)?);
     let (h, w) = (32, 32);
     let macs = vae.config().macs(h, w);
-    let on_gpu = CudaVae::on_gpu(&gpu, vae.clone())?;
+    let card = gpu.name().to_string();
+    let on_gpu = CudaVae::on_gpu(gpu, vae.clone())?;
     let mut rng = TestRng::new(2);
     let one = rng.normal_vec(4 * h * w, 1.0);
     let start = Instant::now();
     vae.decode(&one, [1, 4, h, w]).context("the CPU decode")?;
     let cpu_s = start.elapsed().as_secs_f64();
     println!(
-        "## VAE decode on {} ({} GMAC an image), median of {RUNS}\n",
-        gpu.name(),
+        "## VAE decode on {card} ({} GMAC an image), median of {RUNS}\n",
         (macs / 1e9).round()
     );
     println!("| decoder | images | ms a call | ms an image | TFLOP/s | vs the CPU |");

@@ -41,7 +41,7 @@ enum Command {
     /// Samples latents for the given classes; writes `samples` [B, C, H, W] f32, or a PNG.
     Sample(SampleArgs),
     /// Decodes latents (the `samples` of `fora sample` with a latent model) into images with
-    /// the Stable Diffusion VAE's decoder, on the CPU.
+    /// the Stable Diffusion VAE's decoder, on a GPU or the CPU.
     Decode(DecodeArgs),
     /// The build (kernels compiled or not, for which GPU architectures) and the GPUs seen.
     Info,
@@ -744,7 +744,11 @@ impl Job for SampleJob {
         };
         let images = match &self.vae {
             Some(vae) => Some(decode_latents(
-                &self.vae_gpu.borrow().as_ref().and_then(|g| gpu_vae(g, vae)),
+                &self
+                    .vae_gpu
+                    .borrow_mut()
+                    .take()
+                    .and_then(|g| gpu_vae(g, vae)),
                 false,
                 vae,
                 &samples.latents,
@@ -973,7 +977,7 @@ struct DecodeArgs {
 }
 
 /// `vae` on `gpu`, or None after saying why it stays on the CPU.
-fn gpu_vae(gpu: &Gpu, vae: &Arc<VaeDecoder>) -> Option<CudaVae> {
+fn gpu_vae(gpu: Gpu, vae: &Arc<VaeDecoder>) -> Option<CudaVae> {
     match CudaVae::on_gpu(gpu, vae.clone()) {
         Ok(v) => Some(v),
         Err(e) => {
@@ -1045,10 +1049,10 @@ fn decode(args: DecodeArgs) -> Result<()> {
         Device::Cpu => None,
         Device::Cuda => {
             let gpu = Gpu::new(ordinal).context("--device cuda")?;
-            Some(CudaVae::on_gpu(&gpu, vae.clone()).context("--device cuda")?)
+            Some(CudaVae::on_gpu(gpu, vae.clone()).context("--device cuda")?)
         }
         Device::Auto => match Gpu::new(ordinal) {
-            Ok(gpu) => gpu_vae(&gpu, &vae),
+            Ok(gpu) => gpu_vae(gpu, &vae),
             Err(e) => {
                 eprintln!("fora: no usable GPU ({e:#}); decoding on the CPU");
                 None

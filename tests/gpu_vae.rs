@@ -18,7 +18,7 @@ fn gpu_vae_decodes_the_fixture_as_the_cpu() -> Result<()> {
     let Some(gpu) = test_gpu("gpu_vae_decodes_the_fixture_as_the_cpu") else {
         return Ok(());
     };
-    vae_cases::check_fixture(CudaVaeDevice::new(&gpu)?)
+    vae_cases::check_fixture(CudaVaeDevice::new(gpu)?)
 }
 
 #[test]
@@ -26,7 +26,7 @@ fn gpu_vae_decodes_the_sd_vae_shape_as_the_cpu() -> Result<()> {
     let Some(gpu) = test_gpu("gpu_vae_decodes_the_sd_vae_shape_as_the_cpu") else {
         return Ok(());
     };
-    vae_cases::check_random(CudaVaeDevice::new(&gpu)?, &[512, 512, 256, 128], (32, 32))
+    vae_cases::check_random(CudaVaeDevice::new(gpu)?, &[512, 512, 256, 128], (32, 32))
 }
 
 /// The random decoder decodes on the CPU (the GPU test's reference: it must not be something

@@ -947,6 +947,11 @@ pub fn check_patch_grid(kernel: &str, height: i32, width: i32, patch: i32) -> Re
     Ok(())
 }
 
+/// `v` rounded to bf16 (to nearest even), for uploads of weights and operands.
+pub fn to_bf16(v: &[f32]) -> Vec<half::bf16> {
+    v.iter().map(|&x| half::bf16::from_f32(x)).collect()
+}
+
 /// The raw device address of a slice, for a kernel parameter struct.
 pub fn dptr<T>(s: &CudaSlice<T>) -> u64 {
     let (p, _no_event) = s.device_ptr(s.stream());

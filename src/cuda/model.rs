@@ -10,7 +10,7 @@
 
 use super::attention::AttentionImpl;
 use super::cublaslt::LtBatch;
-use super::device::{dptr_at, KernelLauncher, L2SetAside, L2Window};
+use super::device::{dptr_at, to_bf16, KernelLauncher, L2SetAside, L2Window};
 use super::gemm::{gemm_params, Epilogue, Gemm, GemmImpl};
 use super::gemm_ln::GemmLnTile;
 use super::params::{
@@ -273,10 +273,6 @@ pub struct GpuModel {
     blocks: Vec<BlockWeights>,
     final_w: CudaSlice<bf16>,
     final_b: CudaSlice<f32>,
-}
-
-fn to_bf16(v: &[f32]) -> Vec<bf16> {
-    v.iter().map(|&x| bf16::from_f32(x)).collect()
 }
 
 impl GpuModel {

@@ -186,10 +186,7 @@ impl TestDevice for Gpu {
     }
 }
 
-/// f32 -> bf16, round to nearest even (what the kernels' inputs are).
-pub fn to_bf16(v: &[f32]) -> Vec<bf16> {
-    v.iter().map(|&x| bf16::from_f32(x)).collect()
-}
+pub use super::device::to_bf16;
 
 /// bf16 -> f32.
 pub fn from_bf16(v: &[bf16]) -> Vec<f32> {

@@ -12,7 +12,7 @@
 //! padding of this file without a GPU.
 
 use super::cublaslt::{CublasLt, LtEpilogue, LtMatmul, LtOutput, LtRun};
-use super::device::{check_positive, check_ptr, grid_x, Gpu, KernelLauncher};
+use super::device::{check_positive, check_ptr, grid_x, to_bf16, Gpu, KernelLauncher};
 use super::params::{VaeElementwiseParams, VaeGroupNormParams, VaeSoftmaxParams, VaeUnfoldParams};
 use super::testing::DeviceAddr;
 use crate::vae::{Attention, Conv, Norm, Resnet, VaeDecoder, GROUP_NORM_EPS};
@@ -242,9 +242,9 @@ pub struct CudaVaeDevice {
 }
 
 impl CudaVaeDevice {
-    /// A handle on `gpu`'s device with a stream of its own, and cuBLASLt on it.
-    pub fn new(gpu: &Gpu) -> Result<CudaVaeDevice> {
-        let gpu = gpu.fork()?;
+    /// `gpu` (the decoder's work runs on its stream: a handle of its own, e.g. a
+    /// [`Gpu::fork`] of the sampler's) with cuBLASLt on it.
+    pub fn new(gpu: Gpu) -> Result<CudaVaeDevice> {
         let lt = CublasLt::new(&gpu)?;
         Ok(CudaVaeDevice { gpu, lt })
     }
@@ -304,7 +304,7 @@ pub type CudaVae = GpuVae<CudaVaeDevice>;
 
 impl CudaVae {
     /// Uploads `vae`'s weights to `gpu`'s device (a stream and cuBLASLt handle of its own).
-    pub fn on_gpu(gpu: &Gpu, vae: Arc<VaeDecoder>) -> Result<CudaVae> {
+    pub fn on_gpu(gpu: Gpu, vae: Arc<VaeDecoder>) -> Result<CudaVae> {
         GpuVae::new(CudaVaeDevice::new(gpu)?, vae)
     }
 }
@@ -815,10 +815,6 @@ impl<D: VaeDevice> GpuVae<D> {
         drop(input);
         Ok(())
     }
-}
-
-fn to_bf16(v: &[f32]) -> Vec<bf16> {
-    v.iter().map(|&x| bf16::from_f32(x)).collect()
 }
 
 #[cfg(test)]
