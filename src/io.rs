@@ -3,17 +3,188 @@
 //! the same directory, flushed, then renamed over the target), so an output is whole or absent.
 
 use anyhow::{bail, ensure, Context, Result};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorInfo};
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fs;
-use std::io::Write;
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
-/// A safetensors file read into memory.
+/// The largest header a safetensors file may have (the bound the safetensors crate keeps).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// A safetensors file's header, with each tensor's bytes read only when it is asked for: from a
+/// byte slice, or from the file itself ([`TensorReader::open`]). So a whole Stable Diffusion
+/// checkpoint given for its 100 MB VAE decoder costs the decoder's bytes, not the file's 4 GB,
+/// and a DiT checkpoint is never in memory twice (its bytes whole beside the f32 weights made
+/// from them). The header is checked whole at the start: offsets, sizes, and that the file holds
+/// exactly the tensor data it describes (a truncated file is refused before anything is read).
+pub struct TensorReader<'a> {
+    header: Metadata,
+    data: TensorData<'a>,
+}
+
+/// Where a [`TensorReader`]'s tensor bytes come from.
+enum TensorData<'a> {
+    /// The bytes after the header.
+    Bytes(&'a [u8]),
+    /// The open file and the offset of its tensor data. Behind a mutex: a read is a seek and a
+    /// read on the file's one cursor.
+    File {
+        file: Mutex<File>,
+        start: u64,
+        path: PathBuf,
+    },
+}
+
+/// One tensor as the file stores it: dtype, shape and little-endian bytes.
+pub struct RawTensor<'a> {
+    /// Element type.
+    pub dtype: Dtype,
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// Row-major little-endian bytes: borrowed from a byte slice, or read from the file.
+    pub data: Cow<'a, [u8]>,
+}
+
+impl<'a> TensorReader<'a> {
+    /// The tensors of the safetensors file `bytes`, checked whole.
+    pub fn from_bytes(bytes: &'a [u8]) -> Result<TensorReader<'a>> {
+        let (n, header) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| anyhow::anyhow!("not a valid safetensors file: {e}"))?;
+        // read_metadata checked that the bytes hold exactly header and data.
+        let data = bytes
+            .get(8 + n..)
+            .context("not a valid safetensors file: no tensor data")?;
+        Ok(TensorReader {
+            header,
+            data: TensorData::Bytes(data),
+        })
+    }
+
+    /// Opens the regular file at `path` (links followed; a device, FIFO or directory is refused
+    /// before any read, as [`read_file`] does) and reads its header only. Every error names the
+    /// file; `what` ("checkpoint", or empty) says what it is in an I/O error.
+    pub fn open(path: &Path, what: &str) -> Result<TensorReader<'static>> {
+        let named = format!(
+            "cannot read {what}{}{}",
+            if what.is_empty() { "" } else { " " },
+            path.display()
+        );
+        let meta = fs::metadata(path).with_context(|| named.clone())?;
+        ensure!(meta.is_file(), "{named}: not a regular file");
+        let mut file = File::open(path).with_context(|| named.clone())?;
+        let len = file.metadata().with_context(|| named.clone())?.len();
+        let invalid = |why: String| {
+            anyhow::anyhow!("{}: not a valid safetensors file: {why}", path.display())
+        };
+        if len < 8 {
+            return Err(invalid(format!(
+                "{len} bytes, too short for the 8-byte header length"
+            )));
+        }
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n).with_context(|| named.clone())?;
+        let n = u64::from_le_bytes(n);
+        if n > MAX_HEADER_BYTES || n > len - 8 {
+            return Err(invalid(format!(
+                "a header of {n} bytes in a file of {len} bytes"
+            )));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header)
+            .with_context(|| named.clone())?;
+        // Metadata's deserializer checks what SafeTensors::read_metadata does: names, dtypes,
+        // offsets contiguous from 0, each tensor's bytes equal to its shape's.
+        let header: Metadata =
+            serde_json::from_slice(&header).map_err(|e| invalid(format!("its header: {e}")))?;
+        let described = header.data_len() as u64;
+        let held = len - 8 - n;
+        if described != held {
+            return Err(invalid(format!(
+                "its header describes {described} bytes of tensor data, the file holds {held} \
+                 (truncated, or not one file)"
+            )));
+        }
+        Ok(TensorReader {
+            header,
+            data: TensorData::File {
+                file: Mutex::new(file),
+                start: 8 + n,
+                path: path.to_path_buf(),
+            },
+        })
+    }
+
+    /// The tensors' names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names = self.header.offset_keys();
+        names.sort();
+        names
+    }
+
+    /// The file's string metadata (`__metadata__`); empty where it has none.
+    pub fn metadata(&self) -> HashMap<String, String> {
+        self.header.metadata().clone().unwrap_or_default()
+    }
+
+    /// Dtype, shape and offsets of tensor `name`, from the header (nothing is read).
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.header.info(name)
+    }
+
+    /// Shape of tensor `name`, from the header (nothing is read).
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.info(name).map(|i| i.shape.as_slice())
+    }
+
+    /// Tensor `name`: borrowed where the reader holds bytes, read from the file otherwise.
+    pub fn tensor(&self, name: &str) -> Result<RawTensor<'_>> {
+        let info = self
+            .info(name)
+            .with_context(|| format!("no tensor {name}"))?;
+        let (begin, end) = info.data_offsets;
+        let data = match &self.data {
+            TensorData::Bytes(bytes) => {
+                Cow::Borrowed(bytes.get(begin..end).with_context(|| {
+                    format!("tensor {name}: bytes {begin}..{end} past the data")
+                })?)
+            }
+            TensorData::File { file, start, path } => {
+                let size = end - begin;
+                let mut buf = Vec::new();
+                buf.try_reserve_exact(size).map_err(|_| {
+                    anyhow::anyhow!(
+                        "tensor {name}: cannot allocate {} to read it",
+                        crate::weights::show_bytes(size as u64)
+                    )
+                })?;
+                buf.resize(size, 0);
+                // The file may have changed since its header was read: a short read is an
+                // error here, never a short tensor.
+                let mut file = file.lock().unwrap_or_else(PoisonError::into_inner);
+                file.seek(SeekFrom::Start(start + begin as u64))
+                    .and_then(|_| file.read_exact(&mut buf))
+                    .with_context(|| {
+                        format!("cannot read tensor {name} from {}", path.display())
+                    })?;
+                Cow::Owned(buf)
+            }
+        };
+        Ok(RawTensor {
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            data,
+        })
+    }
+}
+
+/// A safetensors file of the command line's inputs (`fora forward --input`, `--noise-file`,
+/// `fora decode --input`): its header read at open, a tensor's bytes when it is asked for.
 pub struct TensorFile {
     path: PathBuf,
-    bytes: Vec<u8>,
+    reader: TensorReader<'static>,
 }
 
 /// A named tensor: shape and row-major values.
@@ -26,52 +197,51 @@ pub struct HostTensor<T> {
 }
 
 impl TensorFile {
-    /// Reads `path` and checks that it parses as safetensors.
+    /// Opens `path` and checks its header (see [`TensorReader::open`]); tensors are read when
+    /// asked for.
     pub fn open(path: impl AsRef<Path>) -> Result<TensorFile> {
         let path = path.as_ref().to_path_buf();
-        let bytes = read_file(&path, "")?;
-        SafeTensors::deserialize(&bytes).map_err(|e| {
-            anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display())
-        })?;
-        Ok(TensorFile { path, bytes })
+        let reader = TensorReader::open(&path, "")?;
+        Ok(TensorFile { path, reader })
     }
 
-    fn view(&self, name: &str) -> Result<TensorView<'_>> {
-        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| {
-            anyhow::anyhow!("{}: not a valid safetensors file: {e}", self.path.display())
-        })?;
-        let names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-        st.tensor(name).map_err(|_| {
-            let mut names = names;
-            names.sort();
-            anyhow::anyhow!(
-                "{}: no tensor {name:?} (the file holds {})",
-                self.path.display(),
+    /// Tensor `name` with the expected dtype and rank checked from the header, then read.
+    fn read(&self, name: &str, dtype: Dtype, rank: usize) -> Result<RawTensor<'_>> {
+        let path = self.path.display();
+        let info = self.reader.info(name).with_context(|| {
+            let names = self.reader.names();
+            format!(
+                "{path}: no tensor {name:?} (the file holds {})",
                 if names.is_empty() {
                     "no tensors".to_string()
                 } else {
                     names.join(", ")
                 }
             )
-        })
+        })?;
+        ensure!(
+            info.dtype == dtype,
+            "{path}: tensor {name:?} has dtype {:?}, expected {dtype:?}",
+            info.dtype
+        );
+        ensure!(
+            info.shape.len() == rank,
+            "{path}: tensor {name:?} has shape {:?}, expected {rank} dimensions",
+            info.shape
+        );
+        self.reader.tensor(name)
     }
 
     /// Names of the tensors in the file, sorted.
     pub fn names(&self) -> Result<Vec<String>> {
-        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| {
-            anyhow::anyhow!("{}: not a valid safetensors file: {e}", self.path.display())
-        })?;
-        let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-        names.sort();
-        Ok(names)
+        Ok(self.reader.names())
     }
 
     /// Tensor `name` as f32; its dtype must be F32 and its rank `rank`. Values must be finite.
     pub fn f32(&self, name: &str, rank: usize) -> Result<HostTensor<f32>> {
-        let view = self.view(name)?;
-        self.check(name, &view, Dtype::F32, rank)?;
+        let view = self.read(name, Dtype::F32, rank)?;
         let data: Vec<f32> = view
-            .data()
+            .data
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
@@ -83,40 +253,23 @@ impl TensorFile {
             );
         }
         Ok(HostTensor {
-            shape: view.shape().to_vec(),
+            shape: view.shape,
             data,
         })
     }
 
     /// Tensor `name` as i64; its dtype must be I64 and its rank `rank`.
     pub fn i64(&self, name: &str, rank: usize) -> Result<HostTensor<i64>> {
-        let view = self.view(name)?;
-        self.check(name, &view, Dtype::I64, rank)?;
+        let view = self.read(name, Dtype::I64, rank)?;
         let data = view
-            .data()
+            .data
             .chunks_exact(8)
             .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
             .collect();
         Ok(HostTensor {
-            shape: view.shape().to_vec(),
+            shape: view.shape,
             data,
         })
-    }
-
-    fn check(&self, name: &str, view: &TensorView<'_>, dtype: Dtype, rank: usize) -> Result<()> {
-        ensure!(
-            view.dtype() == dtype,
-            "{}: tensor {name:?} has dtype {:?}, expected {dtype:?}",
-            self.path.display(),
-            view.dtype()
-        );
-        ensure!(
-            view.shape().len() == rank,
-            "{}: tensor {name:?} has shape {:?}, expected {rank} dimensions",
-            self.path.display(),
-            view.shape()
-        );
-        Ok(())
     }
 }
 
@@ -520,6 +673,120 @@ mod tests {
         assert!(e.contains("not a regular file"), "{e}");
         fs::write(dir.join("junk"), b"not safetensors").unwrap();
         assert!(TensorFile::open(dir.join("junk")).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The reader of a file gives the tensors the reader of its bytes does; a file that is not
+    /// exactly what its header describes is refused at open; a file cut short after the header
+    /// was read fails the tensor read by name; and a tensor far larger than memory that nobody
+    /// asks for is never read (a sparse file of 32 GiB on a machine of 24).
+    #[test]
+    fn reader_reads_what_is_asked_and_checks_the_file() {
+        let dir = std::env::temp_dir().join(format!("fora-io-reader-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let a: Vec<f32> = (0..60).map(|i| (i as f32 * 0.7).cos()).collect();
+        let b: Vec<f32> = (0..4000).map(|i| (i as f32 * 0.3).sin()).collect();
+        let meta = HashMap::from([("k".to_string(), "v".to_string())]);
+        let bytes = safetensors_bytes(
+            &[
+                ("a", OutTensor::F32(&[3, 20], &a)),
+                ("b", OutTensor::F32(&[4000], &b)),
+            ],
+            Some(meta.clone()),
+        )
+        .unwrap();
+        let path = dir.join("ok.safetensors");
+        fs::write(&path, &bytes).unwrap();
+        let from_bytes = TensorReader::from_bytes(&bytes).unwrap();
+        let from_file = TensorReader::open(&path, "a test file").unwrap();
+        for r in [&from_bytes, &from_file] {
+            assert_eq!(r.names(), ["a", "b"]);
+            assert_eq!(r.metadata(), meta);
+            assert_eq!(r.shape("a"), Some(&[3usize, 20][..]));
+            assert!(r.shape("c").is_none());
+            let e = format!("{:#}", r.tensor("c").err().unwrap());
+            assert!(e.contains("no tensor c"), "{e}");
+        }
+        for name in ["a", "b"] {
+            let (x, y) = (
+                from_bytes.tensor(name).unwrap(),
+                from_file.tensor(name).unwrap(),
+            );
+            assert_eq!((x.dtype, &x.shape, &x.data), (y.dtype, &y.shape, &y.data));
+            assert!(matches!(x.data, Cow::Borrowed(_)));
+        }
+        let got = from_file.tensor("b").unwrap();
+        let got: Vec<f32> = got
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(got, b);
+
+        // Not exactly what the header describes: refused at open, the file named.
+        let bad = dir.join("bad.safetensors");
+        let refused = |contents: &[u8], needle: &str| {
+            fs::write(&bad, contents).unwrap();
+            let e = format!("{:#}", TensorReader::open(&bad, "").err().unwrap());
+            assert!(
+                e.contains("bad.safetensors") && e.contains("not a valid safetensors file"),
+                "{e}"
+            );
+            assert!(e.contains(needle), "{e}");
+            assert!(TensorReader::from_bytes(contents).is_err());
+        };
+        refused(&bytes[..bytes.len() - 1], "truncated");
+        refused(&[&bytes[..], &[0u8]].concat(), "truncated");
+        refused(&bytes[..5], "too short");
+        let mut long_header = bytes.clone();
+        long_header[..8].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+        refused(&long_header, "a header of");
+        let mut broken = bytes.clone();
+        broken[8] = b'[';
+        refused(&broken, "its header");
+
+        // Cut short after the header was read: the read of b fails, naming b and the file.
+        let cut = dir.join("cut.safetensors");
+        fs::write(&cut, &bytes).unwrap();
+        let reader = TensorReader::open(&cut, "").unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&cut)
+            .unwrap()
+            .set_len(bytes.len() as u64 - 100)
+            .unwrap();
+        let e = format!("{:#}", reader.tensor("b").err().unwrap());
+        assert!(
+            e.contains("tensor b") && e.contains("cut.safetensors"),
+            "{e}"
+        );
+        assert_eq!(reader.tensor("a").unwrap().data.len(), 240);
+
+        // A 32 GiB tensor behind the small one, never asked for: the file is sparse (its
+        // length set, nothing written), opening and reading `small` take no time or memory.
+        let huge_bytes = 32u64 << 30;
+        let header = serde_json::json!({
+            "small": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "huge": {"dtype": "F32", "shape": [8, 1u64 << 30], "data_offsets": [8, 8 + huge_bytes]},
+        })
+        .to_string();
+        let sparse = dir.join("sparse.safetensors");
+        let mut file = fs::File::create(&sparse).unwrap();
+        file.write_all(&(header.len() as u64).to_le_bytes())
+            .unwrap();
+        file.write_all(header.as_bytes()).unwrap();
+        file.write_all(&[1.5f32.to_le_bytes(), (-2f32).to_le_bytes()].concat())
+            .unwrap();
+        file.set_len(8 + header.len() as u64 + 8 + huge_bytes)
+            .unwrap();
+        drop(file);
+        let reader = TensorReader::open(&sparse, "").unwrap();
+        assert_eq!(reader.shape("huge"), Some(&[8usize, 1 << 30][..]));
+        let small = reader.tensor("small").unwrap();
+        assert_eq!(
+            small.data.as_ref(),
+            [1.5f32.to_le_bytes(), (-2f32).to_le_bytes()].concat()
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -25,11 +25,11 @@
 //! `tests/vae.rs` holds this to diffusers' own decoder (fixtures of `tools/make_vae_fixture.py`).
 
 use crate::cpu::ops::{attention, linear, silu};
+use crate::io::TensorReader;
 use crate::weights::{checked_product, zeros};
 use anyhow::{bail, ensure, Context, Result};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
-use safetensors::SafeTensors;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
@@ -281,7 +281,7 @@ pub struct VaeDecoder {
 /// Reads the tensors of one file by their diffusers names, each at most once, checking names,
 /// shapes and values.
 struct Loader<'a> {
-    st: SafeTensors<'a>,
+    st: TensorReader<'a>,
     /// The file's key of each diffusers name.
     keys: BTreeMap<String, String>,
     taken: BTreeSet<String>,
@@ -300,44 +300,46 @@ impl Loader<'_> {
         }
     }
 
-    fn view(&self, key: &str) -> Result<safetensors::tensor::TensorView<'_>> {
-        let file = self
-            .keys
+    /// The file's name of `key`.
+    fn file_key(&self, key: &str) -> Result<&str> {
+        self.keys
             .get(key)
-            .with_context(|| format!("missing key {key}"))?;
-        self.st
-            .tensor(file)
-            .map_err(|e| anyhow::anyhow!("tensor {file}: {e}"))
+            .map(String::as_str)
+            .with_context(|| format!("missing key {key}"))
     }
 
+    /// Shape of `key`, from the header (nothing is read).
     fn shape(&self, key: &str) -> Result<Vec<usize>> {
-        Ok(self.view(key)?.shape().to_vec())
+        let file = self.file_key(key)?;
+        self.st
+            .shape(file)
+            .map(<[usize]>::to_vec)
+            .with_context(|| format!("missing key {file}"))
     }
 
     /// Tensor `key`, whose shape must be one of `shapes` (they hold the same values in the
-    /// same order), as f32.
+    /// same order), as f32. The shape is checked before the tensor is read.
     fn take_any(&mut self, key: &str, shapes: &[&[usize]]) -> Result<Vec<f32>> {
-        let view = self.view(key)?;
-        let taken = key.to_string();
-        let key = &self.label(key);
+        let shape = self.shape(key)?;
+        let label = self.label(key);
         ensure!(
-            shapes.contains(&view.shape()),
-            "tensor {key}: expected shape {}, got {:?}",
+            shapes.contains(&shape.as_slice()),
+            "tensor {label}: expected shape {}, got {:?}",
             shapes
                 .iter()
                 .map(|s| format!("{s:?}"))
                 .collect::<Vec<_>>()
                 .join(" or "),
-            view.shape()
+            shape
         );
-        let data = crate::weights::to_f32(key, &view)?;
+        let data = crate::weights::to_f32(&label, &self.st.tensor(self.file_key(key)?)?)?;
         if let Some(i) = data.iter().position(|v| !v.is_finite()) {
             bail!(
-                "tensor {key}: non-finite value {} at flat index {i}",
+                "tensor {label}: non-finite value {} at flat index {i}",
                 data[i]
             );
         }
-        self.taken.insert(taken);
+        self.taken.insert(key.to_string());
         Ok(data)
     }
 
@@ -536,18 +538,21 @@ impl VaeDecoder {
     /// Reads a VAE weights file (safetensors, diffusers' key layout; f32, f16 or bf16).
     pub fn load(path: impl AsRef<Path>) -> Result<VaeDecoder> {
         let path = path.as_ref();
-        let bytes = crate::io::read_file(path, "VAE weights")?;
-        Self::from_bytes(&bytes).with_context(|| format!("VAE weights {}", path.display()))
+        // Tensor by tensor from the file: a whole Stable Diffusion checkpoint costs its
+        // decoder's tensors, not its gigabytes.
+        let st = TensorReader::open(path, "VAE weights")?;
+        Self::from_reader(st).with_context(|| format!("VAE weights {}", path.display()))
     }
 
     /// [`VaeDecoder::load`] from the bytes of a safetensors file.
     pub fn from_bytes(bytes: &[u8]) -> Result<VaeDecoder> {
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| anyhow::anyhow!("not a valid safetensors file: {e}"))?;
-        let (_, header) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| anyhow::anyhow!("not a valid safetensors file: {e}"))?;
-        let meta = header.metadata().clone().unwrap_or_default();
-        let file_keys: Vec<String> = st.names().into_iter().map(String::from).collect();
+        Self::from_reader(TensorReader::from_bytes(bytes)?)
+    }
+
+    /// [`VaeDecoder::load`] from a safetensors file's tensors.
+    pub fn from_reader(st: TensorReader) -> Result<VaeDecoder> {
+        let meta = st.metadata();
+        let file_keys = st.names();
         let keys = diffusers_keys(&file_keys)?;
         let names: Vec<String> = keys.keys().cloned().collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();

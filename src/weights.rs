@@ -6,8 +6,9 @@
 //! convolution weight `[D, C, p, p]`, `pos_embed` is `[1, T, D]` (stored here as `[T, D]`).
 
 use crate::config::{Arch, DitConfig};
+use crate::io::{RawTensor, TensorReader};
 use anyhow::{bail, ensure, Context, Result};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::Dtype;
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -358,21 +359,24 @@ impl DitWeights {
     /// Everything is validated before use; every failure names the key and the expectation.
     pub fn load(path: impl AsRef<Path>, arch: Option<&Arch>) -> Result<(DitConfig, DitWeights)> {
         let path = path.as_ref();
-        let bytes = crate::io::read_file(path, "checkpoint")?;
-        Self::from_bytes(&bytes, arch).with_context(|| format!("checkpoint {}", path.display()))
+        // Tensor by tensor from the file: the checkpoint's bytes are never all in memory
+        // beside the f32 weights made from them.
+        let st = TensorReader::open(path, "checkpoint")?;
+        Self::from_reader(&st, arch).with_context(|| format!("checkpoint {}", path.display()))
     }
 
     /// [`DitWeights::load`] from the bytes of a safetensors file.
     pub fn from_bytes(bytes: &[u8], arch: Option<&Arch>) -> Result<(DitConfig, DitWeights)> {
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| anyhow::anyhow!("not a valid safetensors file: {e}"))?;
-        let (_, header) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| anyhow::anyhow!("not a valid safetensors file: {e}"))?;
-        let meta = header.metadata().clone().unwrap_or_default();
-        let cfg = infer_config(&st, &meta, arch)?;
+        Self::from_reader(&TensorReader::from_bytes(bytes)?, arch)
+    }
+
+    /// [`DitWeights::load`] from a safetensors file's tensors.
+    pub fn from_reader(st: &TensorReader, arch: Option<&Arch>) -> Result<(DitConfig, DitWeights)> {
+        let meta = st.metadata();
+        let cfg = infer_config(st, &meta, arch)?;
 
         let expected = expected_tensors(&cfg);
-        let present: BTreeSet<String> = st.names().into_iter().map(String::from).collect();
+        let present: BTreeSet<String> = st.names().into_iter().collect();
         let wanted: BTreeSet<String> = expected.iter().map(|(k, _)| k.clone()).collect();
         let missing: Vec<&String> = wanted.difference(&present).collect();
         let unexpected: Vec<&String> = present.difference(&wanted).collect();
@@ -392,16 +396,16 @@ impl DitWeights {
 
         let mut w = DitWeights::empty(cfg.depth);
         for ((key, shape), slot) in expected.iter().zip(w.slots_mut()) {
-            let view = st
-                .tensor(key)
-                .map_err(|e| anyhow::anyhow!("tensor {key}: {e}"))?;
+            // The shape is checked from the header, before the tensor is read.
+            let got = st
+                .shape(key)
+                .with_context(|| format!("missing key {key}"))?;
             ensure!(
-                view.shape() == shape.as_slice(),
-                "tensor {key}: expected shape {shape:?} for {}, got {:?}",
+                got == shape.as_slice(),
+                "tensor {key}: expected shape {shape:?} for {}, got {got:?}",
                 cfg.arch_name(),
-                view.shape()
             );
-            *slot = to_f32(key, &view)?;
+            *slot = to_f32(key, &st.tensor(key)?)?;
             if let Some(i) = slot.iter().position(|x| !x.is_finite()) {
                 bail!(
                     "tensor {key}: non-finite value {} at flat index {i}",
@@ -518,9 +522,9 @@ fn list(keys: &[&String]) -> String {
 }
 
 /// Converts one tensor to f32; f32, f16 and bf16 only.
-pub(crate) fn to_f32(key: &str, view: &TensorView) -> Result<Vec<f32>> {
-    let data = view.data();
-    Ok(match view.dtype() {
+pub(crate) fn to_f32(key: &str, tensor: &RawTensor) -> Result<Vec<f32>> {
+    let data = &tensor.data;
+    Ok(match tensor.dtype {
         Dtype::F32 => data
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -538,15 +542,15 @@ pub(crate) fn to_f32(key: &str, view: &TensorView) -> Result<Vec<f32>> {
 }
 
 /// Shape of `key`, or an error naming the key when it is absent.
-fn shape_of(st: &SafeTensors, key: &str) -> Result<Vec<usize>> {
-    st.tensor(key)
-        .map(|v| v.shape().to_vec())
-        .map_err(|_| anyhow::anyhow!("missing key {key} (needed to infer the architecture)"))
+fn shape_of(st: &TensorReader, key: &str) -> Result<Vec<usize>> {
+    st.shape(key)
+        .map(<[usize]>::to_vec)
+        .with_context(|| format!("missing key {key} (needed to infer the architecture)"))
 }
 
 /// Infers the config from the shapes, the metadata and `arch`, and checks they agree.
 fn infer_config(
-    st: &SafeTensors,
+    st: &TensorReader,
     meta: &HashMap<String, String>,
     arch: Option<&Arch>,
 ) -> Result<DitConfig> {
@@ -620,8 +624,10 @@ fn infer_config(
 
     // MLP width from block 0 when it is a multiple of hidden; otherwise keep the official 4
     // and let the shape check name the tensor.
-    let mlp_ratio = match st.tensor(FC1).map(|v| v.shape().to_vec()) {
-        Ok(s) if s.len() == 2 && s[1] == hidden && s[0] > 0 && s[0] % hidden == 0 => s[0] / hidden,
+    let mlp_ratio = match st.shape(FC1) {
+        Some(s) if s.len() == 2 && s[1] == hidden && s[0] > 0 && s[0] % hidden == 0 => {
+            s[0] / hidden
+        }
         _ => 4,
     };
 

@@ -470,6 +470,19 @@ fn mutated_checkpoints_never_panic() {
             }
         }
         let result = std::panic::catch_unwind(|| DitWeights::from_bytes(&bytes, None).map(|_| ()));
+        // The same bytes as a file, read tensor by tensor, load or fail as the bytes do.
+        let file = dir.path("mutated.safetensors");
+        std::fs::write(&file, &bytes).unwrap();
+        let from_file = std::panic::catch_unwind(|| DitWeights::load(&file, None).map(|_| ()));
+        match (&result, from_file) {
+            (Ok(a), Ok(b)) => assert_eq!(
+                a.is_ok(),
+                b.is_ok(),
+                "mutation case {case}: from bytes {a:?}, from the file {b:?}"
+            ),
+            (_, Err(_)) => panic!("mutation case {case} panicked the file loader"),
+            _ => {}
+        }
         match result {
             Ok(Ok(())) => ok += 1,
             Ok(Err(e)) => {

@@ -280,6 +280,58 @@ fn encoder_keys_are_ignored() -> Result<()> {
     Ok(())
 }
 
+/// A whole Stable Diffusion checkpoint is mostly UNet: the decoder reads its own tensors from the
+/// file and nothing else. Here the fixture's decoder sits in front of a 32 GiB UNet tensor (a
+/// sparse file: its length set, nothing written), more than this machine's memory; loading it
+/// reads the decoder only and decodes as the fixture does.
+#[test]
+fn a_checkpoint_larger_than_memory_is_read_for_its_decoder_only() -> Result<()> {
+    let (want, _) = decode_fixture(&fixture().bytes())?;
+    let t = fixture();
+    let huge_bytes = 32u64 << 30;
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::to_value(&t.meta)?);
+    let mut offset = 0u64;
+    for (name, dtype, shape, bytes) in &t.entries {
+        let end = offset + bytes.len() as u64;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    header.insert(
+        "model.diffusion_model.output_blocks.0.0.weight".into(),
+        serde_json::json!({
+            "dtype": "F32",
+            "shape": [8, 1u64 << 30],
+            "data_offsets": [offset, offset + huge_bytes],
+        }),
+    );
+    let header = serde_json::to_string(&header)?;
+    let dir = std::env::temp_dir().join(format!("fora-vae-sparse-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("sd-checkpoint.safetensors");
+    let written = (|| -> Result<()> {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&path)?;
+        file.write_all(&(header.len() as u64).to_le_bytes())?;
+        file.write_all(header.as_bytes())?;
+        for (_, _, _, bytes) in &t.entries {
+            file.write_all(bytes)?;
+        }
+        file.set_len(8 + header.len() as u64 + offset + huge_bytes)?;
+        Ok(())
+    })();
+    let loaded = written.and_then(|()| VaeDecoder::load(&path));
+    std::fs::remove_dir_all(&dir)?;
+    let io = TensorFile::open(IO)?;
+    let z = io.f32("latents", 4)?;
+    let (got, _) = loaded?.decode(&z.data, z.shape.try_into().unwrap())?;
+    assert_eq!(got, want);
+    Ok(())
+}
+
 /// `bytes` is refused with a message holding every one of `needles`.
 fn assert_refused(bytes: &[u8], needles: &[&str]) {
     let err = match VaeDecoder::from_bytes(bytes) {
