@@ -67,14 +67,7 @@ impl<'a> TensorReader<'a> {
     /// before any read, as [`read_file`] does) and reads its header only. Every error names the
     /// file; `what` ("checkpoint", or empty) says what it is in an I/O error.
     pub fn open(path: &Path, what: &str) -> Result<TensorReader<'static>> {
-        let named = format!(
-            "cannot read {what}{}{}",
-            if what.is_empty() { "" } else { " " },
-            path.display()
-        );
-        let meta = fs::metadata(path).with_context(|| named.clone())?;
-        ensure!(meta.is_file(), "{named}: not a regular file");
-        let mut file = File::open(path).with_context(|| named.clone())?;
+        let (mut file, named) = open_regular(path, what)?;
         let len = file.metadata().with_context(|| named.clone())?.len();
         let invalid = |why: String| {
             anyhow::anyhow!("{}: not a valid safetensors file: {why}", path.display())
@@ -392,6 +385,15 @@ pub fn write_tensors(
 /// out, a FIFO without a writer would block forever).
 /// `what` ("checkpoint", or empty) names the file in the error.
 pub fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+    let (mut file, named) = open_regular(path, what)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).with_context(|| named)?;
+    Ok(bytes)
+}
+
+/// The regular file at `path` opened for reading (links followed; a device, FIFO or directory
+/// refused before it is opened), and "cannot read {what} {path}" for its I/O errors.
+fn open_regular(path: &Path, what: &str) -> Result<(File, String)> {
     let named = format!(
         "cannot read {what}{}{}",
         if what.is_empty() { "" } else { " " },
@@ -399,7 +401,8 @@ pub fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
     );
     let meta = fs::metadata(path).with_context(|| named.clone())?;
     ensure!(meta.is_file(), "{named}: not a regular file");
-    fs::read(path).with_context(|| named)
+    let file = File::open(path).with_context(|| named.clone())?;
+    Ok((file, named))
 }
 
 /// Fails before any long computation when the output `out` (given as `flag`) could not be

@@ -1,4 +1,5 @@
-//! The `fora` command line: `fora forward`, `fora sample`, `fora info`.
+//! The `fora` command line: `fora forward`, `fora sample`, `fora generate`, `fora decode`,
+//! `fora info`, `fora bench`.
 //!
 //! Every bad input ends in a clear message on stderr and a non-zero exit; outputs are written
 //! whole or not at all (temporary file + rename, see `fora::io`).
@@ -14,6 +15,7 @@ use fora::cuda::vae::CudaVae;
 use fora::cuda::{CudaBackend, CudaOptions, Gpu};
 use fora::diffusion::SamplerKind;
 use fora::io::{write_tensors, OutTensor, TensorFile};
+use fora::npz::{NpyDtype, NpzWriter};
 use fora::sampler::{Sampler, SamplerOptions, Samples, StepEvent};
 use fora::vae::VaeDecoder;
 use fora::weights::DitWeights;
@@ -40,6 +42,9 @@ enum Command {
     Forward(ForwardArgs),
     /// Samples latents for the given classes; writes `samples` [B, C, H, W] f32, or a PNG.
     Sample(SampleArgs),
+    /// Many images of random classes in batches, for an evaluation such as FID: writes an .npz
+    /// with `arr_0` [N, H, W, C] uint8 and `labels` [N] int64 (as the official sample_ddp.py).
+    Generate(GenerateArgs),
     /// Decodes latents (the `samples` of `fora sample` with a latent model) into images with
     /// the Stable Diffusion VAE's decoder, on a GPU or the CPU.
     Decode(DecodeArgs),
@@ -144,13 +149,9 @@ struct ForwardArgs {
     cfg_mode: CfgMode,
 }
 
+/// How images are sampled: steps, reverse process, guidance, FORA (`sample` and `generate`).
 #[derive(Args, Debug)]
-struct SampleArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Class id of an image to sample (repeat for a batch).
-    #[arg(long = "class", value_name = "ID", required = true)]
-    classes: Vec<usize>,
+struct SamplingArgs {
     /// Sampling steps (respacing of the 1000-step process at the official fractional stride).
     #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..=1000))]
     steps: u64,
@@ -175,6 +176,58 @@ struct SampleArgs {
     /// FORA static cache interval N: compute when i == S-1 or i % N == 0 (1 = no caching).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     cache_interval: u64,
+}
+
+impl SamplingArgs {
+    /// The sampler's options; `embedded`: no --model (the embedded model guides at 4 unless
+    /// told otherwise). Bad respacing, eta or scale are refused before a checkpoint loads.
+    fn sampler_options(&self, embedded: bool) -> Result<SamplerOptions> {
+        let kind = match (self.sampler, self.eta) {
+            (SamplerChoice::Ddpm, None) => SamplerKind::Ddpm,
+            (SamplerChoice::Ddpm, Some(_)) => bail!("--eta applies to --sampler ddim only"),
+            (SamplerChoice::Ddim, eta) => {
+                let eta = eta.unwrap_or(0.0);
+                ensure!(
+                    eta.is_finite() && eta >= 0.0,
+                    "--eta must be a finite number >= 0, got {eta:e}"
+                );
+                SamplerKind::Ddim { eta }
+            }
+        };
+        // The embedded model is measured with guidance 4 (tools/quality.py): its default.
+        let cfg_scale = match (embedded, self.cfg_scale) {
+            (true, None) => Some(fora::embedded::DEFAULT_CFG_SCALE),
+            (_, s) => s,
+        };
+        ensure!(
+            cfg_scale.is_some() || self.cfg_mode.is_none(),
+            "--cfg-mode needs guidance: give --cfg-scale (only the embedded model guides by \
+             default)"
+        );
+        // Scale 1.0 is the unguided model exactly; run it on B rows, not 2B.
+        let scale = cfg_scale.filter(|&s| s != 1.0);
+        let options = SamplerOptions {
+            respacing: self
+                .respacing
+                .clone()
+                .unwrap_or_else(|| self.steps.to_string()),
+            kind,
+            guidance: guidance(scale, self.cfg_mode.unwrap_or(CfgMode::Official))?,
+        };
+        options.validate()?;
+        Ok(options)
+    }
+}
+
+#[derive(Args, Debug)]
+struct SampleArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Class id of an image to sample (repeat for a batch).
+    #[arg(long = "class", value_name = "ID", required = true)]
+    classes: Vec<usize>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Seed of the project's Philox noise (x_T: stream 0, step k: stream k+1).
     #[arg(long, conflicts_with = "noise_file")]
     seed: Option<u64>,
@@ -238,6 +291,7 @@ fn main() -> ExitCode {
     let result = check_rayon_threads().and_then(|()| match cli.command {
         Command::Forward(args) => forward(args),
         Command::Sample(args) => sample(args),
+        Command::Generate(args) => generate(args),
         Command::Decode(args) => decode(args),
         Command::Info => info(),
         Command::Bench(args) => fora::bench::run(&args),
@@ -474,39 +528,7 @@ fn sample(args: SampleArgs) -> Result<()> {
         !(tune && args.model.device == Device::Cpu),
         "--tune and --tune-cache try the GPU's execution paths; --device cpu has none"
     );
-    let kind = match (args.sampler, args.eta) {
-        (SamplerChoice::Ddpm, None) => SamplerKind::Ddpm,
-        (SamplerChoice::Ddpm, Some(_)) => bail!("--eta applies to --sampler ddim only"),
-        (SamplerChoice::Ddim, eta) => {
-            let eta = eta.unwrap_or(0.0);
-            ensure!(
-                eta.is_finite() && eta >= 0.0,
-                "--eta must be a finite number >= 0, got {eta:e}"
-            );
-            SamplerKind::Ddim { eta }
-        }
-    };
-    // The embedded model is measured with guidance 4 (tools/quality.py): its default.
-    let cfg_scale = match (&args.model.model, args.cfg_scale) {
-        (None, None) => Some(fora::embedded::DEFAULT_CFG_SCALE),
-        (_, s) => s,
-    };
-    ensure!(
-        cfg_scale.is_some() || args.cfg_mode.is_none(),
-        "--cfg-mode needs guidance: give --cfg-scale (only the embedded model guides by default)"
-    );
-    // Scale 1.0 is the unguided model exactly; run it on B rows, not 2B.
-    let scale = cfg_scale.filter(|&s| s != 1.0);
-    let options = SamplerOptions {
-        respacing: args
-            .respacing
-            .clone()
-            .unwrap_or_else(|| args.steps.to_string()),
-        kind,
-        guidance: guidance(scale, args.cfg_mode.unwrap_or(CfgMode::Official))?,
-    };
-    // Bad respacing, eta or scale refused before a checkpoint loads.
-    options.validate()?;
+    let options = args.sampling.sampler_options(args.model.model.is_none())?;
     let model = args.model.clone();
     let tune_candidates = if tune {
         Some(fora::cuda::tune::candidates_from_env()?)
@@ -581,12 +603,7 @@ impl Job for SampleJob {
 
     fn prepare_cuda(&self, backend: &mut CudaBackend) -> Result<()> {
         if self.vae.is_some() {
-            match backend.gpu().fork() {
-                Ok(gpu) => *self.vae_gpu.borrow_mut() = Some(gpu),
-                Err(e) => eprintln!(
-                    "fora: no GPU handle for the VAE decoder ({e:#}); it will decode on the CPU"
-                ),
-            }
+            *self.vae_gpu.borrow_mut() = vae_gpu_handle(backend);
         }
         let Some(candidates) = &self.tune_candidates else {
             return Ok(());
@@ -602,7 +619,7 @@ impl Job for SampleJob {
             // itself; what is timed and compared does not depend on the noise values).
             let noise = NoiseSource::Seed(self.args.seed.unwrap_or(0));
             let mut plan = sampler.plan(&self.args.classes, noise)?;
-            let mut policy = policy_for_interval(self.args.cache_interval as usize)?;
+            let mut policy = policy_for_interval(self.args.sampling.cache_interval as usize)?;
             let schedule = sampler.schedule(policy.as_mut());
             // As the run itself (Sampler::sample): without reuse steps the tuning's workspaces
             // leave the FORA cache out too, so that they time what the run will run.
@@ -690,7 +707,7 @@ impl Job for SampleJob {
             Some(path) => read_noise_file(path, backend.config(), args.classes.len(), steps)?,
             None => NoiseSource::Seed(args.seed.unwrap_or(0)),
         };
-        let mut policy = policy_for_interval(args.cache_interval as usize)?;
+        let mut policy = policy_for_interval(args.sampling.cache_interval as usize)?;
         let bar = if args.quiet {
             ProgressBar::hidden()
         } else {
@@ -754,6 +771,7 @@ impl Job for SampleJob {
                 &samples.latents,
                 samples.shape,
                 &args.out,
+                true,
             )?),
             None => None,
         };
@@ -781,6 +799,188 @@ impl Job for SampleJob {
             st.policy,
             st.backend,
             st.wall.as_secs_f64(),
+            args.out.display()
+        );
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fora generate
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Images to generate (an FID evaluation takes 50,000).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    num_samples: u64,
+    /// Images a sampler run (the model runs on twice as many rows with guidance); the last
+    /// batch takes what is left.
+    #[arg(long, value_name = "B", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    batch: u64,
+    /// Seed of the class ids (uniform over the model's classes) and of each batch's noise
+    /// (`fora::generate`).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// For a latent model: the VAE decoder's weights, as `fora sample --vae` (each batch is
+    /// decoded on the model's GPU where it runs on one, else on the CPU).
+    #[arg(long, value_name = "VAE")]
+    vae: Option<PathBuf>,
+    /// Output `.npz`: `arr_0` [N, H, W, C] uint8 (127.5 x + 128, clamped and truncated, as the
+    /// official sample_ddp.py) and `labels` [N] int64.
+    #[arg(long, value_name = "OUT")]
+    out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+struct GenerateJob {
+    args: GenerateArgs,
+    options: SamplerOptions,
+    /// With --vae: the decoder, read before the model loads.
+    vae: Option<Arc<VaeDecoder>>,
+    /// With --vae on the CUDA backend: a handle on its GPU (`prepare_cuda`).
+    vae_gpu: std::cell::RefCell<Option<Gpu>>,
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    fora::io::check_output_path("--out", &args.out, &["npz"])?;
+    let options = args.sampling.sampler_options(args.model.model.is_none())?;
+    // A bad VAE file is refused before hours of sampling, not after.
+    let vae = args
+        .vae
+        .as_ref()
+        .map(|p| VaeDecoder::load(p).context("--vae").map(Arc::new))
+        .transpose()?;
+    let model = args.model.clone();
+    let job = GenerateJob {
+        args,
+        options,
+        vae,
+        vae_gpu: std::cell::RefCell::new(None),
+    };
+    run_on(&model, job)
+}
+
+impl Job for GenerateJob {
+    fn prepare_cuda(&self, backend: &mut CudaBackend) -> Result<()> {
+        if self.vae.is_some() {
+            *self.vae_gpu.borrow_mut() = vae_gpu_handle(backend);
+        }
+        Ok(())
+    }
+
+    fn run<B: Backend>(self, backend: &B) -> Result<()> {
+        let args = &self.args;
+        let cfg = backend.config();
+        let (c, s) = (cfg.in_channels, cfg.input_size);
+        let n = usize::try_from(args.num_samples).context("--num-samples")?;
+        let batch = usize::try_from(args.batch).map_or(n, |b| b.min(n));
+        // One image's [C, H, W].
+        let [_, ic, ih, iw] = match &self.vae {
+            Some(vae) => {
+                ensure!(
+                    vae.config().latent_channels == c,
+                    "--vae decodes latents of {} channels; this model samples {c}",
+                    vae.config().latent_channels
+                );
+                vae.image_shape([1, c, s, s]).context("--vae")?
+            }
+            None => {
+                ensure!(
+                    c == 1 || c == 3,
+                    "this model samples {c} latent channels: give --vae with the VAE decoder's \
+                     weights (images are written, not latents)"
+                );
+                [1, c, s, s]
+            }
+        };
+        let labels = fora::generate::class_ids(args.seed, n, cfg.num_classes);
+        let sampler = Sampler::new(backend, self.options.clone())?;
+        let steps = sampler.steps();
+        let batches = n.div_ceil(batch);
+        // The decoder runs after every batch: set up on the GPU once, for the whole run.
+        let vae_gpu = self
+            .vae
+            .as_ref()
+            .and_then(|vae| gpu_vae(self.vae_gpu.borrow_mut().take()?, vae));
+        let bar = if args.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new((batches * steps) as u64)
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} steps  {msg}  (eta {eta})",
+            )
+            .context("progress bar template")?,
+        );
+        let start = std::time::Instant::now();
+        let (mut computed, mut reused) = (0usize, 0usize);
+        fora::io::write_atomic_with(&args.out, |path| {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            let mut npz = NpzWriter::new(std::io::BufWriter::new(file));
+            npz.start_array("arr_0", NpyDtype::U8, &[n, ih, iw, ic])?;
+            for (j, classes) in labels.chunks(batch).enumerate() {
+                let noise = NoiseSource::Seed(fora::generate::batch_seed(args.seed, j as u64));
+                let mut policy = policy_for_interval(args.sampling.cache_interval as usize)?;
+                let samples = sampler
+                    .sample_with_progress(classes, noise, policy.as_mut(), &mut |e| {
+                        match e.mode {
+                            fora::backend::StepMode::Compute => computed += 1,
+                            fora::backend::StepMode::Reuse => reused += 1,
+                        }
+                        bar.set_message(format!(
+                            "batch {}/{batches}, {computed} computed, {reused} reused",
+                            j + 1
+                        ));
+                        bar.inc(1);
+                    })
+                    .with_context(|| format!("batch {} of {batches}", j + 1))?;
+                ensure_finite("samples", &samples.latents, &args.out)?;
+                let images = match &self.vae {
+                    Some(vae) => {
+                        let decoded = decode_latents(
+                            &vae_gpu,
+                            false,
+                            vae,
+                            &samples.latents,
+                            samples.shape,
+                            &args.out,
+                            false,
+                        )?;
+                        decoded.0
+                    }
+                    None => samples.latents,
+                };
+                let shape = [classes.len(), ic, ih, iw];
+                npz.write(&fora::generate::to_nhwc_u8(&images, shape))?;
+            }
+            npz.start_array("labels", NpyDtype::I64, &[n])?;
+            let bytes: Vec<u8> = labels
+                .iter()
+                .flat_map(|&l| (l as i64).to_le_bytes())
+                .collect();
+            npz.write(&bytes)?;
+            npz.finish()?
+                .into_inner()
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {}", path.display(), e.error()))?;
+            Ok(())
+        })?;
+        bar.finish_and_clear();
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "fora: {n} images [{ih}, {iw}, {ic}] in {batches} batch(es) of up to {batch}, {steps} \
+             steps ({computed} computed, {reused} reused, FORA interval {}), on {} in {secs:.1} s \
+             ({:.2} images/s) -> {}",
+            args.sampling.cache_interval,
+            backend.name(),
+            n as f64 / secs,
             args.out.display()
         );
         Ok(())
@@ -976,6 +1176,19 @@ struct DecodeArgs {
     gpu: Option<usize>,
 }
 
+/// A handle on the backend's GPU for a VAE decoder (set up once the samples are there, so that
+/// its weights and scratch stay off the GPU while the model samples), or None after saying why
+/// it will decode on the CPU.
+fn vae_gpu_handle(backend: &CudaBackend) -> Option<Gpu> {
+    backend
+        .gpu()
+        .fork()
+        .map_err(|e| {
+            eprintln!("fora: no GPU handle for the VAE decoder ({e:#}); it will decode on the CPU")
+        })
+        .ok()
+}
+
 /// `vae` on `gpu`, or None after saying why it stays on the CPU.
 fn gpu_vae(gpu: Gpu, vae: &Arc<VaeDecoder>) -> Option<CudaVae> {
     match CudaVae::on_gpu(gpu, vae.clone()) {
@@ -989,7 +1202,8 @@ fn gpu_vae(gpu: Gpu, vae: &Arc<VaeDecoder>) -> Option<CudaVae> {
 
 /// Decodes latents `[B, C, H, W]` with `gpu` where given, else (or where the GPU's decode
 /// fails: too little memory, say, after a run's sampling; unless `strict`) `vae` on the CPU,
-/// timing it on stderr; non-finite images are an error naming `out` (nothing is written then).
+/// timing it on stderr where `log`; non-finite images are an error naming `out` (nothing is
+/// written then).
 fn decode_latents(
     gpu: &Option<CudaVae>,
     strict: bool,
@@ -997,6 +1211,7 @@ fn decode_latents(
     latents: &[f32],
     shape: [usize; 4],
     out: &Path,
+    log: bool,
 ) -> Result<(Vec<f32>, [usize; 4])> {
     let start = std::time::Instant::now();
     let on_gpu = match gpu.as_ref().map(|g| g.decode(latents, shape)) {
@@ -1018,13 +1233,15 @@ fn decode_latents(
         None => vae.decode(latents, shape).context("--vae")?,
     };
     ensure_finite("images", &images, out)?;
-    eprintln!(
-        "fora: decoded {} latent(s) {:?} into images {:?} on the {where_} in {:.2} s",
-        shape[0],
-        &shape[1..],
-        &image_shape[1..],
-        start.elapsed().as_secs_f64()
-    );
+    if log {
+        eprintln!(
+            "fora: decoded {} latent(s) {:?} into images {:?} on the {where_} in {:.2} s",
+            shape[0],
+            &shape[1..],
+            &image_shape[1..],
+            start.elapsed().as_secs_f64()
+        );
+    }
     Ok((images, image_shape))
 }
 
@@ -1060,7 +1277,8 @@ fn decode(args: DecodeArgs) -> Result<()> {
         },
     };
     let strict = args.device == Device::Cuda;
-    let (images, shape) = decode_latents(&gpu, strict, &vae, &latents.data, shape, &args.out)?;
+    let (images, shape) =
+        decode_latents(&gpu, strict, &vae, &latents.data, shape, &args.out, true)?;
     if is_png(&args.out) {
         let columns = fora::png_out::default_columns(shape[0]);
         fora::png_out::write_png_grid(&args.out, &images, shape, columns)?;

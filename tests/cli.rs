@@ -1440,3 +1440,137 @@ fn bench_tune_budget_is_checked() {
         assert_fails(&fora(&argv), &[flag, says], &json);
     }
 }
+
+/// The arrays of an `.npz` `fora generate` wrote: each array's `.npy` header, and its bytes.
+fn read_npz(path: &Path) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+    use std::io::Read;
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
+    let mut arrays = Vec::new();
+    for i in 0..zip.len() {
+        let mut entry = zip.by_index(i).unwrap();
+        let name = entry.name().unwrap().to_string();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        let data = bytes.split_off(128);
+        arrays.push((name, bytes, data));
+    }
+    arrays
+}
+
+/// `fora generate` draws the class ids and each batch's noise from its seed, samples in batches
+/// (the last one short), decodes through the VAE and writes the 8-bit images: the same bytes as
+/// the library's sampler, decoder and `fora::generate` give. Bad requests write nothing.
+#[test]
+fn generate_writes_the_libraries_images_as_an_npz() {
+    use fora::generate::{batch_seed, class_ids, to_nhwc_u8};
+    use fora::npz::{npy_header, NpyDtype};
+    let s = Scratch::new("generate");
+    let model = s.model();
+    let out = s.path("fid.npz");
+    let args = |extra: &[&str], out: &Path| {
+        let base = [
+            "generate",
+            "--model",
+            &model,
+            "--num-samples",
+            "5",
+            "--batch",
+            "2",
+            "--steps",
+            "4",
+            "--cfg-scale",
+            "3",
+            "--cache-interval",
+            "2",
+            "--seed",
+            "7",
+            "--device",
+            "cpu",
+            "--quiet",
+        ];
+        fora(&[&base[..], extra, &["--out", out.to_str().unwrap()]].concat())
+    };
+    assert_ok(&args(&["--vae", VAE], &out));
+    let arrays = read_npz(&out);
+    let names: Vec<&str> = arrays.iter().map(|a| a.0.as_str()).collect();
+    assert_eq!(names, ["arr_0.npy", "labels.npy"]);
+    // 8 x 8 latents, two upsamplers: 32 x 32 RGB images.
+    assert_eq!(arrays[0].1, npy_header(NpyDtype::U8, &[5, 32, 32, 3]));
+    assert_eq!(arrays[1].1, npy_header(NpyDtype::I64, &[5]));
+    let labels = class_ids(7, 5, 10);
+    let want_labels: Vec<u8> = labels
+        .iter()
+        .flat_map(|&l| (l as i64).to_le_bytes())
+        .collect();
+    assert_eq!(arrays[1].2, want_labels);
+
+    let backend = s.backend();
+    let options = SamplerOptions::ddpm(4).with_guidance(Some(Guidance {
+        scale: 3.0,
+        mode: GuidanceMode::Official3,
+    }));
+    let sampler = Sampler::new(&backend, options).unwrap();
+    let vae = fora::vae::VaeDecoder::load(VAE).unwrap();
+    let mut want = Vec::new();
+    for (j, classes) in labels.chunks(2).enumerate() {
+        let noise = NoiseSource::Seed(batch_seed(7, j as u64));
+        let mut policy = StaticInterval::new(2).unwrap();
+        let samples = sampler.sample(classes, noise, &mut policy).unwrap();
+        let (images, shape) = vae.decode(&samples.latents, samples.shape).unwrap();
+        want.extend(to_nhwc_u8(&images, shape));
+    }
+    assert_eq!(arrays[0].2.len(), want.len());
+    assert!(arrays[0].2 == want, "the images differ from the library's");
+    // Not flat: the images span the 8-bit range.
+    let (lo, hi) = want
+        .iter()
+        .fold((255u8, 0u8), |(a, b), &v| (a.min(v), b.max(v)));
+    assert!(hi - lo > 100, "images from {lo} to {hi}");
+
+    // Another seed, other labels and images.
+    let other = s.path("other.npz");
+    let o = fora(&[
+        "generate",
+        "--num-samples",
+        "3",
+        "--steps",
+        "2",
+        "--seed",
+        "8",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        other.to_str().unwrap(),
+    ]);
+    assert_ok(&o);
+    let arrays = read_npz(&other);
+    // The embedded pixel-space model: 32 x 32 RGB, no decoder.
+    assert_eq!(arrays[0].1, npy_header(NpyDtype::U8, &[3, 32, 32, 3]));
+    assert_ne!(arrays[1].2[..], want_labels[..24]);
+
+    // Refusals: a latent model without a decoder, an output that is not .npz, no samples, a
+    // batch of none, a decoder that is not one.
+    let bad = s.path("bad.npz");
+    assert_fails(&args(&[], &bad), &["--vae", "4 latent channels"], &bad);
+    let png = s.path("bad.png");
+    assert_fails(&args(&["--vae", VAE], &png), &["--out", "npz"], &png);
+    for (flag, value) in [("--num-samples", "0"), ("--batch", "0")] {
+        let o = fora(&[
+            "generate",
+            flag,
+            value,
+            "--num-samples",
+            "1",
+            "--out",
+            bad.to_str().unwrap(),
+        ]);
+        assert!(!o.status.success() && !bad.exists(), "{}", stderr(&o));
+    }
+    assert_fails(
+        &args(&["--vae", &model], &bad),
+        &["--vae", "not the weights of a VAE decoder"],
+        &bad,
+    );
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+}
