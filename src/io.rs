@@ -31,11 +31,7 @@ enum TensorData<'a> {
     Bytes(&'a [u8]),
     /// The open file and the offset of its tensor data. Behind a mutex: a read is a seek and a
     /// read on the file's one cursor.
-    File {
-        file: Mutex<File>,
-        start: u64,
-        path: PathBuf,
-    },
+    File { file: Mutex<File>, start: u64 },
 }
 
 /// One tensor as the file stores it: dtype, shape and little-endian bytes.
@@ -64,13 +60,18 @@ impl<'a> TensorReader<'a> {
     }
 
     /// Opens the regular file at `path` (links followed; a device, FIFO or directory is refused
-    /// before any read, as [`read_file`] does) and reads its header only. Every error names the
-    /// file; `what` ("checkpoint", or empty) says what it is in an I/O error.
+    /// before any read, as [`read_file`] does) and reads its header only. Its errors name the
+    /// file, as `what` ("checkpoint", or empty) and the path; [`TensorReader::tensor`]'s do not
+    /// (its callers say which file they read).
     pub fn open(path: &Path, what: &str) -> Result<TensorReader<'static>> {
         let (mut file, named) = open_regular(path, what)?;
         let len = file.metadata().with_context(|| named.clone())?.len();
         let invalid = |why: String| {
-            anyhow::anyhow!("{}: not a valid safetensors file: {why}", path.display())
+            anyhow::anyhow!(
+                "{what}{}{}: not a valid safetensors file: {why}",
+                if what.is_empty() { "" } else { " " },
+                path.display()
+            )
         };
         if len < 8 {
             return Err(invalid(format!(
@@ -105,7 +106,6 @@ impl<'a> TensorReader<'a> {
             data: TensorData::File {
                 file: Mutex::new(file),
                 start: 8 + n,
-                path: path.to_path_buf(),
             },
         })
     }
@@ -144,7 +144,7 @@ impl<'a> TensorReader<'a> {
                     format!("tensor {name}: bytes {begin}..{end} past the data")
                 })?)
             }
-            TensorData::File { file, start, path } => {
+            TensorData::File { file, start } => {
                 let size = end - begin;
                 let mut buf = Vec::new();
                 buf.try_reserve_exact(size).map_err(|_| {
@@ -159,9 +159,7 @@ impl<'a> TensorReader<'a> {
                 let mut file = file.lock().unwrap_or_else(PoisonError::into_inner);
                 file.seek(SeekFrom::Start(start + begin as u64))
                     .and_then(|_| file.read_exact(&mut buf))
-                    .with_context(|| {
-                        format!("cannot read tensor {name} from {}", path.display())
-                    })?;
+                    .with_context(|| format!("cannot read tensor {name}"))?;
                 Cow::Owned(buf)
             }
         };
@@ -222,7 +220,7 @@ impl TensorFile {
             "{path}: tensor {name:?} has shape {:?}, expected {rank} dimensions",
             info.shape
         );
-        self.reader.tensor(name)
+        self.reader.tensor(name).with_context(|| path.to_string())
     }
 
     /// Names of the tensors in the file, sorted.
@@ -492,6 +490,44 @@ pub fn check_writable(flag: &str, path: &Path) -> Result<()> {
     }
 }
 
+/// Fails before any long work when the file system that would hold `path` (as [`write_atomic`]
+/// writes it: a temporary file in the target's folder) has fewer than `bytes` free for this
+/// user; `flag` names the option in the error. A device or FIFO target is not checked, nor a
+/// file system that does not say.
+pub fn check_free_space(flag: &str, path: &Path, bytes: u64) -> Result<()> {
+    let (target, replace) = write_target(path)?;
+    if !replace {
+        return Ok(());
+    }
+    let dir = nearest_folder(flag, &target)?;
+    let Some(free) = free_bytes(&dir) else {
+        return Ok(());
+    };
+    ensure!(
+        bytes <= free,
+        "{flag} {}: the output takes {}, and its file system has {} free",
+        path.display(),
+        crate::weights::show_bytes(bytes),
+        crate::weights::show_bytes(free)
+    );
+    Ok(())
+}
+
+/// Bytes free for an unprivileged user on the file system of `dir` (statvfs), if it says.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` a buffer statvfs fills on success.
+    let st = unsafe {
+        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
+            return None;
+        }
+        st.assume_init()
+    };
+    (st.f_bavail as u64).checked_mul(st.f_frsize as u64)
+}
+
 /// Where a write to `path` goes: `path` itself, or for a symbolic link the file it leads to
 /// (the link stays a link); and whether that is a regular file (or nothing yet), replaced
 /// whole by [`write_atomic`], or something else that is written into as it stands (a device
@@ -759,10 +795,7 @@ mod tests {
             .set_len(bytes.len() as u64 - 100)
             .unwrap();
         let e = format!("{:#}", reader.tensor("b").err().unwrap());
-        assert!(
-            e.contains("tensor b") && e.contains("cut.safetensors"),
-            "{e}"
-        );
+        assert!(e.contains("cannot read tensor b"), "{e}");
         assert_eq!(reader.tensor("a").unwrap().data.len(), 240);
 
         // A 32 GiB tensor behind the small one, never asked for: the file is sparse (its

@@ -332,7 +332,7 @@ impl Loader<'_> {
                 .join(" or "),
             shape
         );
-        let data = crate::weights::to_f32(&label, &self.st.tensor(self.file_key(key)?)?)?;
+        let data = crate::weights::read_f32(&self.st, self.file_key(key)?, &label)?;
         if let Some(i) = data.iter().position(|v| !v.is_finite()) {
             bail!(
                 "tensor {label}: non-finite value {} at flat index {i}",

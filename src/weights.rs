@@ -6,7 +6,7 @@
 //! convolution weight `[D, C, p, p]`, `pos_embed` is `[1, T, D]` (stored here as `[T, D]`).
 
 use crate::config::{Arch, DitConfig};
-use crate::io::{RawTensor, TensorReader};
+use crate::io::TensorReader;
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::tensor::Dtype;
 use std::borrow::Cow;
@@ -405,7 +405,7 @@ impl DitWeights {
                 "tensor {key}: expected shape {shape:?} for {}, got {got:?}",
                 cfg.arch_name(),
             );
-            *slot = to_f32(key, &st.tensor(key)?)?;
+            *slot = read_f32(st, key, key)?;
             if let Some(i) = slot.iter().position(|x| !x.is_finite()) {
                 bail!(
                     "tensor {key}: non-finite value {} at flat index {i}",
@@ -521,8 +521,18 @@ fn list(keys: &[&String]) -> String {
     s
 }
 
-/// Converts one tensor to f32; f32, f16 and bf16 only.
-pub(crate) fn to_f32(key: &str, tensor: &RawTensor) -> Result<Vec<f32>> {
+/// Tensor `key` of `st` as f32 (`label` names it in errors). Its dtype (f32, f16 or bf16) is
+/// checked from the header, before the tensor is read.
+pub(crate) fn read_f32(st: &TensorReader, key: &str, label: &str) -> Result<Vec<f32>> {
+    let dtype = st
+        .info(key)
+        .with_context(|| format!("missing key {label}"))?
+        .dtype;
+    ensure!(
+        matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16),
+        "tensor {label}: unsupported dtype {dtype} (expected F32, F16 or BF16)"
+    );
+    let tensor = st.tensor(key)?;
     let data = &tensor.data;
     Ok(match tensor.dtype {
         Dtype::F32 => data
@@ -537,7 +547,7 @@ pub(crate) fn to_f32(key: &str, tensor: &RawTensor) -> Result<Vec<f32>> {
             .chunks_exact(2)
             .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
-        other => bail!("tensor {key}: unsupported dtype {other} (expected F32, F16 or BF16)"),
+        _ => unreachable!("dtype checked above"),
     })
 }
 

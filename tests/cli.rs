@@ -1572,6 +1572,22 @@ fn generate_writes_the_libraries_images_as_an_npz() {
         &["--vae", "not the weights of a VAE decoder"],
         &bad,
     );
+    // More images than the disk takes, or than a byte count holds: refused before sampling.
+    for (count, says) in [
+        ("1000000000000000", "file system has"),
+        ("18446744073709551615", "overflow"),
+    ] {
+        let o = fora(&[
+            "generate",
+            "--num-samples",
+            count,
+            "--device",
+            "cpu",
+            "--out",
+            bad.to_str().unwrap(),
+        ]);
+        assert_fails(&o, &["--num-samples", says], &bad);
+    }
     assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
 }
 
