@@ -936,6 +936,7 @@ impl Job for GenerateJob {
             )
             .context("progress bar template")?,
         );
+        let stop = stop_on_signal();
         let start = std::time::Instant::now();
         let (mut computed, mut reused) = (0usize, 0usize);
         let written = fora::io::write_atomic_with(&args.out, |path| {
@@ -944,6 +945,11 @@ impl Job for GenerateJob {
             let mut npz = NpzWriter::new(std::io::BufWriter::new(file));
             npz.start_array("arr_0", NpyDtype::U8, &[n, ih, iw, ic])?;
             for (j, classes) in labels.chunks(batch).enumerate() {
+                ensure!(
+                    !stop.load(std::sync::atomic::Ordering::Relaxed),
+                    "stopped by a signal after {j} of {batches} batches: nothing written to {}",
+                    args.out.display()
+                );
                 let noise = NoiseSource::Seed(fora::generate::batch_seed(args.seed, j as u64));
                 let mut policy = policy_for_interval(args.sampling.cache_interval as usize)?;
                 let samples = sampler
@@ -1003,6 +1009,24 @@ impl Job for GenerateJob {
         );
         Ok(())
     }
+}
+
+/// A flag raised by the first Ctrl-C (SIGINT) or SIGTERM, so that a long run stops between two
+/// batches and removes its partial output; a second signal ends the process at once. Where a
+/// handler cannot be set (one is already), the signals keep their default action.
+fn stop_on_signal() -> Arc<std::sync::atomic::AtomicBool> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let raised = stop.clone();
+    let handler = move || {
+        if raised.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            std::process::exit(130);
+        }
+        eprintln!("\nfora: stopping after this batch (a second signal stops at once)");
+    };
+    if let Err(e) = ctrlc::set_handler(handler) {
+        eprintln!("fora: no signal handler ({e}); a signal leaves the partial output behind");
+    }
+    stop
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1645,3 +1645,43 @@ fn generate_on_the_gpu() {
     println!("generate: cuda vs cpu images rel-L2 {err:.3e}");
     assert!(err <= 5e-2, "cuda vs cpu images rel-L2 {err:e}");
 }
+
+/// Ctrl-C during `fora generate` stops it between two batches: a non-zero exit naming the
+/// signal, and neither the output nor its partial temporary file left behind.
+#[test]
+fn generate_stops_cleanly_on_a_signal() {
+    let s = Scratch::new("generate-signal");
+    let out = s.path("long.npz");
+    let mut child = Command::new(fora_bin())
+        .args([
+            "generate",
+            "--num-samples",
+            "100000",
+            "--batch",
+            "1",
+            "--steps",
+            "50",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot start the fora binary");
+    // The temporary file appears once sampling begins, after the handler is set.
+    let started = std::time::Instant::now();
+    while s.leftovers().is_empty() {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "no temporary output after 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: signalling a child process this test started and has not yet waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let o = child.wait_with_output().unwrap();
+    assert_fails(&o, &["stopped by a signal after", "nothing written"], &out);
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+}
