@@ -1652,7 +1652,7 @@ fn generate_on_the_gpu() {
 fn generate_stops_cleanly_on_a_signal() {
     let s = Scratch::new("generate-signal");
     let out = s.path("long.npz");
-    let mut child = Command::new(fora_bin())
+    let child = Command::new(fora_bin())
         .args([
             "generate",
             "--num-samples",
