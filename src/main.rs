@@ -219,6 +219,132 @@ impl SamplingArgs {
     }
 }
 
+/// What --tune / --tune-cache asked for, read before the model loads.
+struct Tuning {
+    candidates: Vec<TuneCandidate>,
+    cache: Option<std::cell::RefCell<TuneCache>>,
+}
+
+impl TuneArgs {
+    /// The tuning asked for, or None; refused with --device cpu.
+    fn tuning(&self, device: Device) -> Result<Option<Tuning>> {
+        let tune = self.tune || self.tune_cache.is_some();
+        if !tune {
+            return Ok(None);
+        }
+        ensure!(
+            device != Device::Cpu,
+            "--tune and --tune-cache try the GPU's execution paths; --device cpu has none"
+        );
+        let candidates = fora::cuda::tune::candidates_from_env()?;
+        let cache = match &self.tune_cache {
+            Some(path) => {
+                let cache = TuneCache::open(path).context("--tune-cache")?;
+                // A tuning of minutes whose choice could not be stored would be lost: where no
+                // choice can be found (a new cache) that is said now, else before a tuning (a
+                // read-only cache that holds the run's choice is only read).
+                if cache.is_empty() {
+                    fora::io::check_writable("--tune-cache", path)?;
+                }
+                Some(std::cell::RefCell::new(cache))
+            }
+            None => None,
+        };
+        Ok(Some(Tuning { candidates, cache }))
+    }
+}
+
+/// The CPU backend's note for a run asked to tune.
+const UNTUNED_ON_CPU: &str = "--tune tries the GPU's execution paths; the CPU backend runs untuned";
+
+impl Tuning {
+    /// Tunes `backend` on a run of `options` sampling `classes` (seed `seed`, FORA interval
+    /// `interval`), or takes the cached choice, and sets the chosen options on it.
+    fn apply(
+        &self,
+        backend: &mut CudaBackend,
+        options: &SamplerOptions,
+        classes: &[usize],
+        seed: u64,
+        interval: usize,
+    ) -> Result<()> {
+        let candidates = &self.candidates;
+        // A candidate whose launch never ends ends the process, named, instead of hanging it.
+        let settings = TuneSettings {
+            watchdog: Some(fora::bench::DEFAULT_WATCHDOG),
+            ..TuneSettings::default()
+        };
+        let (plan, schedule) = {
+            let sampler = Sampler::new(&*backend, options.clone())?;
+            // The tuning's own run: the seed's noise (a noise file is read once, by the run
+            // itself; what is timed and compared does not depend on the noise values).
+            let mut plan = sampler.plan(classes, NoiseSource::Seed(seed))?;
+            let mut policy = policy_for_interval(interval)?;
+            let schedule = sampler.schedule(policy.as_mut());
+            // As the run itself (Sampler::sample): without reuse steps the tuning's workspaces
+            // leave the FORA cache out too, so that they time what the run will run.
+            plan.set_reuses_from(&schedule);
+            (plan, schedule)
+        };
+        // The cache and this run's key in it (a hash of the kernels: only where a cache is
+        // read and written), and the cached choice if there is one.
+        let cache = self.cache.as_ref().map(|c| {
+            let key = TuneKey::for_run(backend, &plan, &schedule, candidates, &settings);
+            (c, key)
+        });
+        let hit = cache.as_ref().and_then(|(c, key)| {
+            let choice = c.borrow().lookup(key).cloned()?;
+            Some((c.borrow().path().display().to_string(), choice))
+        });
+        let name = match hit {
+            Some((path, choice)) => {
+                let options = backend
+                    .options()
+                    .with_settings(&choice.settings)
+                    .with_context(|| format!("the cached choice {:?}", choice.name))?;
+                backend.set_options(options);
+                eprintln!(
+                    "fora: tuned options from {path} (measured {}{})",
+                    choice.date,
+                    choice
+                        .speedup
+                        .map_or(String::new(), |s| format!(", {s:.3}x the given options"))
+                );
+                choice.name
+            }
+            None => {
+                // (A new cache was checked when it was opened.)
+                if let Some((cache, _)) = cache.as_ref().filter(|(c, _)| !c.borrow().is_empty()) {
+                    fora::io::check_writable("--tune-cache", cache.borrow().path())?;
+                }
+                let tuning =
+                    fora::cuda::tune::tune(backend, &plan, &schedule, candidates, &settings)?;
+                eprintln!("{}", tuning.markdown());
+                if let Some((cache, key)) = cache {
+                    // A tuning cut short by a time budget never saw every candidate: its
+                    // choice is not stored as if it had (`Tuning::cached_choice`).
+                    match tuning.cached_choice() {
+                        Some(choice) => cache.borrow_mut().store(key, choice)?,
+                        None => eprintln!(
+                            "fora: the tuning was cut short by its time budget: not stored in {}",
+                            cache.borrow().path().display()
+                        ),
+                    }
+                }
+                tuning.chosen().name.clone()
+            }
+        };
+        eprintln!(
+            "fora: sampling with {name} ({})",
+            match backend.options().env_overrides().join(" ") {
+                o if o.is_empty() => "the default options".to_string(),
+                o => o,
+            }
+        );
+        Ok(())
+    }
+}
+
 #[derive(Args, Debug)]
 struct SampleArgs {
     #[command(flatten)]
@@ -250,6 +376,13 @@ struct SampleArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    tuning: TuneArgs,
+}
+
+/// Tuning the GPU's execution paths before a run (`sample` and `generate`).
+#[derive(Args, Debug)]
+struct TuneArgs {
     /// On a GPU: before sampling, try the backend's execution paths on this run's own plan and
     /// schedule (each checked against the options as given, then timed) and sample with the
     /// fastest; prints the table to stderr. Candidates: $FORA_TUNE_CANDIDATES
@@ -509,10 +642,8 @@ impl Job for ForwardJob {
 struct SampleJob {
     args: SampleArgs,
     options: SamplerOptions,
-    /// With --tune: the candidates, read before the model loads.
-    tune_candidates: Option<Vec<TuneCandidate>>,
-    /// With --tune-cache: the cache, read before the model loads.
-    tune_cache: Option<std::cell::RefCell<TuneCache>>,
+    /// With --tune: the candidates and the cache, read before the model loads.
+    tuning: Option<Tuning>,
     /// With --vae: the decoder, read before the model loads.
     vae: Option<Arc<VaeDecoder>>,
     /// With --vae on the CUDA backend: a handle on its GPU (`prepare_cuda`), where the
@@ -523,31 +654,9 @@ struct SampleJob {
 
 fn sample(args: SampleArgs) -> Result<()> {
     fora::io::check_output_path("--out", &args.out, &["safetensors", "png"])?;
-    let tune = args.tune || args.tune_cache.is_some();
-    ensure!(
-        !(tune && args.model.device == Device::Cpu),
-        "--tune and --tune-cache try the GPU's execution paths; --device cpu has none"
-    );
+    let tuning = args.tuning.tuning(args.model.device)?;
     let options = args.sampling.sampler_options(args.model.model.is_none())?;
     let model = args.model.clone();
-    let tune_candidates = if tune {
-        Some(fora::cuda::tune::candidates_from_env()?)
-    } else {
-        None
-    };
-    let tune_cache = match &args.tune_cache {
-        Some(path) => {
-            let cache = TuneCache::open(path).context("--tune-cache")?;
-            // A tuning of minutes whose choice could not be stored would be lost: where no
-            // choice can be found (a new cache) that is said now, else before a tuning (a
-            // read-only cache that holds the run's choice is only read).
-            if cache.is_empty() {
-                fora::io::check_writable("--tune-cache", path)?;
-            }
-            Some(std::cell::RefCell::new(cache))
-        }
-        None => None,
-    };
     // A bad VAE file is refused before minutes of sampling, not after.
     let vae = args
         .vae
@@ -557,8 +666,7 @@ fn sample(args: SampleArgs) -> Result<()> {
     let job = SampleJob {
         args,
         options,
-        tune_candidates,
-        tune_cache,
+        tuning,
         vae,
         vae_gpu: std::cell::RefCell::new(None),
     };
@@ -596,9 +704,7 @@ fn read_noise_file(
 
 impl Job for SampleJob {
     fn cpu_note(&self) -> Option<&'static str> {
-        self.tune_candidates
-            .is_some()
-            .then_some("--tune tries the GPU's execution paths; the CPU backend runs untuned")
+        self.tuning.as_ref().map(|_| UNTUNED_ON_CPU)
     }
 
     fn prepare_cuda(&self, backend: &mut CudaBackend) -> Result<()> {
@@ -607,83 +713,16 @@ impl Job for SampleJob {
             // stay off the GPU while the model samples (and tunes).
             *self.vae_gpu.borrow_mut() = vae_gpu_handle(backend, false)?;
         }
-        let Some(candidates) = &self.tune_candidates else {
-            return Ok(());
-        };
-        // A candidate whose launch never ends ends the process, named, instead of hanging it.
-        let settings = TuneSettings {
-            watchdog: Some(fora::bench::DEFAULT_WATCHDOG),
-            ..TuneSettings::default()
-        };
-        let (plan, schedule) = {
-            let sampler = Sampler::new(&*backend, self.options.clone())?;
-            // The tuning's own run: the seed's noise (a noise file is read once, by the run
-            // itself; what is timed and compared does not depend on the noise values).
-            let noise = NoiseSource::Seed(self.args.seed.unwrap_or(0));
-            let mut plan = sampler.plan(&self.args.classes, noise)?;
-            let mut policy = policy_for_interval(self.args.sampling.cache_interval as usize)?;
-            let schedule = sampler.schedule(policy.as_mut());
-            // As the run itself (Sampler::sample): without reuse steps the tuning's workspaces
-            // leave the FORA cache out too, so that they time what the run will run.
-            plan.set_reuses_from(&schedule);
-            (plan, schedule)
-        };
-        // The cache and this run's key in it (a hash of the kernels: only where a cache is
-        // read and written), and the cached choice if there is one.
-        let cache = self.tune_cache.as_ref().map(|c| {
-            let key = TuneKey::for_run(backend, &plan, &schedule, candidates, &settings);
-            (c, key)
-        });
-        let hit = cache.as_ref().and_then(|(c, key)| {
-            let choice = c.borrow().lookup(key).cloned()?;
-            Some((c.borrow().path().display().to_string(), choice))
-        });
-        let name = match hit {
-            Some((path, choice)) => {
-                let options = backend
-                    .options()
-                    .with_settings(&choice.settings)
-                    .with_context(|| format!("the cached choice {:?}", choice.name))?;
-                backend.set_options(options);
-                eprintln!(
-                    "fora: tuned options from {path} (measured {}{})",
-                    choice.date,
-                    choice
-                        .speedup
-                        .map_or(String::new(), |s| format!(", {s:.3}x the given options"))
-                );
-                choice.name
-            }
-            None => {
-                // (A new cache was checked when it was opened.)
-                if let Some((cache, _)) = cache.as_ref().filter(|(c, _)| !c.borrow().is_empty()) {
-                    fora::io::check_writable("--tune-cache", cache.borrow().path())?;
-                }
-                let tuning =
-                    fora::cuda::tune::tune(backend, &plan, &schedule, candidates, &settings)?;
-                eprintln!("{}", tuning.markdown());
-                if let Some((cache, key)) = cache {
-                    // A tuning cut short by a time budget never saw every candidate: its
-                    // choice is not stored as if it had (`Tuning::cached_choice`).
-                    match tuning.cached_choice() {
-                        Some(choice) => cache.borrow_mut().store(key, choice)?,
-                        None => eprintln!(
-                            "fora: the tuning was cut short by its time budget: not stored in {}",
-                            cache.borrow().path().display()
-                        ),
-                    }
-                }
-                tuning.chosen().name.clone()
-            }
-        };
-        eprintln!(
-            "fora: sampling with {name} ({})",
-            match backend.options().env_overrides().join(" ") {
-                o if o.is_empty() => "the default options".to_string(),
-                o => o,
-            }
-        );
-        Ok(())
+        match &self.tuning {
+            Some(tuning) => tuning.apply(
+                backend,
+                &self.options,
+                &self.args.classes,
+                self.args.seed.unwrap_or(0),
+                self.args.sampling.cache_interval as usize,
+            ),
+            None => Ok(()),
+        }
     }
 
     fn run<B: Backend>(self, backend: &B) -> Result<()> {
@@ -838,11 +877,16 @@ struct GenerateArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    // Tuned on the first batch's plan: its rows and schedule.
+    #[command(flatten)]
+    tuning: TuneArgs,
 }
 
 struct GenerateJob {
     args: GenerateArgs,
     options: SamplerOptions,
+    /// With --tune: the candidates and the cache, read before the model loads.
+    tuning: Option<Tuning>,
     /// With --vae: the decoder, read before the model loads.
     vae: Option<Arc<VaeDecoder>>,
     /// With --vae on the CUDA backend: a handle on its GPU (`prepare_cuda`).
@@ -851,6 +895,7 @@ struct GenerateJob {
 
 fn generate(args: GenerateArgs) -> Result<()> {
     fora::io::check_output_path("--out", &args.out, &["npz"])?;
+    let tuning = args.tuning.tuning(args.model.device)?;
     let options = args.sampling.sampler_options(args.model.model.is_none())?;
     // A bad VAE file is refused before hours of sampling, not after.
     let vae = args
@@ -862,6 +907,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let job = GenerateJob {
         args,
         options,
+        tuning,
         vae,
         vae_gpu: std::cell::RefCell::new(None),
     };
@@ -869,12 +915,30 @@ fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 impl Job for GenerateJob {
+    fn cpu_note(&self) -> Option<&'static str> {
+        self.tuning.as_ref().map(|_| UNTUNED_ON_CPU)
+    }
+
     fn prepare_cuda(&self, backend: &mut CudaBackend) -> Result<()> {
         if self.vae.is_some() {
             let strict = self.args.model.device == Device::Cuda;
             *self.vae_gpu.borrow_mut() = vae_gpu_handle(backend, strict)?;
         }
-        Ok(())
+        let Some(tuning) = &self.tuning else {
+            return Ok(());
+        };
+        // The first batch: the rows and schedule of (nearly) every batch of the run.
+        let rows =
+            usize::try_from(self.args.batch.min(self.args.num_samples)).context("--batch")?;
+        let seed = self.args.seed;
+        let classes = fora::generate::class_ids(seed, rows, backend.config().num_classes);
+        tuning.apply(
+            backend,
+            &self.options,
+            &classes,
+            fora::generate::batch_seed(seed, 0),
+            self.args.sampling.cache_interval as usize,
+        )
     }
 
     fn run<B: Backend>(self, backend: &B) -> Result<()> {

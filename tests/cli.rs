@@ -1572,6 +1572,12 @@ fn generate_writes_the_libraries_images_as_an_npz() {
         &["--vae", "not the weights of a VAE decoder"],
         &bad,
     );
+    // Tuning tries the GPU's paths: refused on the CPU before the model loads.
+    assert_fails(
+        &args(&["--vae", VAE, "--tune"], &bad),
+        &["--tune", "--device cpu has none"],
+        &bad,
+    );
     // More images than the disk takes, or than a byte count holds: refused before sampling.
     for (count, says) in [
         ("1000000000000000", "file system has"),
