@@ -28,15 +28,15 @@ fn words(seed: u64, stream: u64, index: u64) -> [u32; 4] {
     )
 }
 
-/// The class ids of images `0..count` of a run of `seed`: independent and uniform over
-/// `0..num_classes` (the official script's `torch.randint(0, num_classes, (n,))`). Image `i`'s
-/// id is the high word of `word0 * num_classes` (Lemire's multiply-shift; its bias, under
-/// `num_classes / 2^32`, is a 4-millionth at 1000 classes). Panics if `num_classes` is 0 or past
-/// `u32::MAX`.
-pub fn class_ids(seed: u64, count: usize, num_classes: usize) -> Vec<usize> {
+/// The class ids of images `first..first + count` of a run of `seed`: independent and uniform
+/// over `0..num_classes` (the official script's `torch.randint(0, num_classes, (n,))`). Image
+/// `i`'s id is the high word of `word0 * num_classes` (Lemire's multiply-shift; its bias, under
+/// `num_classes / 2^32`, is a 4-millionth at 1000 classes), so any range of a run can be drawn
+/// alone. Panics if `num_classes` is 0 or past `u32::MAX`.
+pub fn class_ids(seed: u64, first: u64, count: usize, num_classes: usize) -> Vec<usize> {
     let n = u32::try_from(num_classes).expect("class count fits in 32 bits");
     assert!(n > 0, "class ids need at least one class");
-    (0..count as u64)
+    (first..first + count as u64)
         .map(|i| ((words(seed, CLASS_STREAM, i)[0] as u64 * n as u64) >> 32) as usize)
         .collect()
 }
@@ -75,17 +75,18 @@ mod tests {
 
     #[test]
     fn class_ids_are_uniform_and_fixed_by_the_seed() {
-        let ids = class_ids(3, 100_000, 1000);
-        assert_eq!(ids, class_ids(3, 100_000, 1000));
-        assert_ne!(ids[..100], class_ids(4, 100, 1000)[..]);
-        // A prefix of a longer run is the shorter run.
-        assert_eq!(ids[..10], class_ids(3, 10, 1000)[..]);
+        let ids = class_ids(3, 0, 100_000, 1000);
+        assert_eq!(ids, class_ids(3, 0, 100_000, 1000));
+        assert_ne!(ids[..100], class_ids(4, 0, 100, 1000)[..]);
+        // A range of a run is that range of the longer run.
+        assert_eq!(ids[..10], class_ids(3, 0, 10, 1000)[..]);
+        assert_eq!(ids[500..532], class_ids(3, 500, 32, 1000)[..]);
         let mut counts = vec![0usize; 1000];
         ids.iter().for_each(|&i| counts[i] += 1);
         // 100 expected a class; a count off by 6 standard deviations (10) fails.
         let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
         assert!(*lo > 40 && *hi < 160, "counts from {lo} to {hi}");
-        assert_eq!(class_ids(9, 50, 1), vec![0; 50]);
+        assert_eq!(class_ids(9, 7, 50, 1), vec![0; 50]);
     }
 
     #[test]

@@ -525,6 +525,10 @@ fn free_bytes(dir: &Path) -> Option<u64> {
         }
         st.assume_init()
     };
+    // A file system of no blocks (some FUSE mounts) says nothing of its space.
+    if st.f_blocks == 0 {
+        return None;
+    }
     (st.f_bavail as u64).checked_mul(st.f_frsize as u64)
 }
 

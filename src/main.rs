@@ -433,7 +433,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<Stopped>() {
+                Some(stopped) => ExitCode::from((128 + stopped.signal).clamp(0, 255) as u8),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -448,6 +451,11 @@ trait Job {
     /// What the job cannot do on the CPU backend, said when `auto` falls back to it.
     fn cpu_note(&self) -> Option<&'static str> {
         None
+    }
+    /// Checks of the job against the model's config, before any backend is set up (and so
+    /// before any tuning); none by default.
+    fn check(&self, _cfg: &DitConfig) -> Result<()> {
+        Ok(())
     }
     fn run<B: Backend>(self, backend: &B) -> Result<()>;
 }
@@ -473,6 +481,7 @@ fn ensure_finite(name: &str, data: &[f32], out: &Path) -> Result<()> {
 fn run_on<J: Job>(model: &ModelArgs, job: J) -> Result<()> {
     let options = model.cuda_options()?.unwrap_or_default();
     let (cfg, weights) = load_model(model)?;
+    job.check(&cfg)?;
     match model.device {
         Device::Cpu => job.run(&CpuBackend::new(cfg, weights)?),
         Device::Cuda => {
@@ -639,38 +648,53 @@ impl Job for ForwardJob {
 // ---------------------------------------------------------------------------------------------
 // fora sample
 
+/// What `sample` and `generate` read and check before the model loads: a bad setting, tuning
+/// cache or VAE file is refused before minutes of loading and sampling, not after.
+struct RunSetup {
+    options: SamplerOptions,
+    /// With --tune: the candidates and the cache.
+    tuning: Option<Tuning>,
+    /// With --vae: the decoder.
+    vae: Option<Arc<VaeDecoder>>,
+    /// With --vae on the CUDA backend: a handle on its GPU (`prepare_cuda`).
+    vae_gpu: std::cell::RefCell<Option<Gpu>>,
+}
+
+impl RunSetup {
+    fn read(
+        model: &ModelArgs,
+        sampling: &SamplingArgs,
+        tuning: &TuneArgs,
+        vae: Option<&Path>,
+    ) -> Result<RunSetup> {
+        Ok(RunSetup {
+            options: sampling.sampler_options(model.model.is_none())?,
+            tuning: tuning.tuning(model.device)?,
+            vae: vae
+                .map(|p| VaeDecoder::load(p).context("--vae").map(Arc::new))
+                .transpose()?,
+            vae_gpu: std::cell::RefCell::new(None),
+        })
+    }
+}
+
 struct SampleJob {
     args: SampleArgs,
-    options: SamplerOptions,
-    /// With --tune: the candidates and the cache, read before the model loads.
-    tuning: Option<Tuning>,
-    /// With --vae: the decoder, read before the model loads.
-    vae: Option<Arc<VaeDecoder>>,
-    /// With --vae on the CUDA backend: a handle on its GPU (`prepare_cuda`), where the
-    /// decoder is set up once the samples are there (its weights and scratch stay off the GPU
-    /// during the sampling and any tuning).
-    vae_gpu: std::cell::RefCell<Option<Gpu>>,
+    /// With --vae, the decoder is set up on the GPU once the samples are there: its weights and
+    /// scratch stay off the GPU during the sampling and any tuning.
+    setup: RunSetup,
 }
 
 fn sample(args: SampleArgs) -> Result<()> {
     fora::io::check_output_path("--out", &args.out, &["safetensors", "png"])?;
-    let tuning = args.tuning.tuning(args.model.device)?;
-    let options = args.sampling.sampler_options(args.model.model.is_none())?;
+    let setup = RunSetup::read(
+        &args.model,
+        &args.sampling,
+        &args.tuning,
+        args.vae.as_deref(),
+    )?;
     let model = args.model.clone();
-    // A bad VAE file is refused before minutes of sampling, not after.
-    let vae = args
-        .vae
-        .as_ref()
-        .map(|p| VaeDecoder::load(p).context("--vae").map(Arc::new))
-        .transpose()?;
-    let job = SampleJob {
-        args,
-        options,
-        tuning,
-        vae,
-        vae_gpu: std::cell::RefCell::new(None),
-    };
-    run_on(&model, job)
+    run_on(&model, SampleJob { args, setup })
 }
 
 /// Reads a noise file for `images` images of `cfg` over `steps` steps.
@@ -704,19 +728,19 @@ fn read_noise_file(
 
 impl Job for SampleJob {
     fn cpu_note(&self) -> Option<&'static str> {
-        self.tuning.as_ref().map(|_| UNTUNED_ON_CPU)
+        self.setup.tuning.as_ref().map(|_| UNTUNED_ON_CPU)
     }
 
     fn prepare_cuda(&self, backend: &mut CudaBackend) -> Result<()> {
-        if self.vae.is_some() {
+        if self.setup.vae.is_some() {
             // The decoder itself is set up once the samples are there: its weights and scratch
             // stay off the GPU while the model samples (and tunes).
-            *self.vae_gpu.borrow_mut() = vae_gpu_handle(backend, false)?;
+            *self.setup.vae_gpu.borrow_mut() = vae_gpu_handle(backend, false)?;
         }
-        match &self.tuning {
+        match &self.setup.tuning {
             Some(tuning) => tuning.apply(
                 backend,
-                &self.options,
+                &self.setup.options,
                 &self.args.classes,
                 self.args.seed.unwrap_or(0),
                 self.args.sampling.cache_interval as usize,
@@ -725,24 +749,28 @@ impl Job for SampleJob {
         }
     }
 
-    fn run<B: Backend>(self, backend: &B) -> Result<()> {
-        let args = &self.args;
-        let c = backend.config().in_channels;
-        match &self.vae {
+    fn check(&self, cfg: &DitConfig) -> Result<()> {
+        let c = cfg.in_channels;
+        match &self.setup.vae {
             Some(vae) => ensure!(
                 vae.config().latent_channels == c,
                 "--vae decodes latents of {} channels; this model samples {c}",
                 vae.config().latent_channels
             ),
             None => ensure!(
-                !is_png(&args.out) || c == 1 || c == 3,
+                !is_png(&self.args.out) || c == 1 || c == 3,
                 "--out {}: PNG output needs a pixel-space model with 1 or 3 channels; this one \
                  has {c} latent channels: give --vae with the VAE decoder's weights, or write \
                  .safetensors latents",
-                args.out.display()
+                self.args.out.display()
             ),
         }
-        let sampler = Sampler::new(backend, self.options.clone())?;
+        Ok(())
+    }
+
+    fn run<B: Backend>(self, backend: &B) -> Result<()> {
+        let args = &self.args;
+        let sampler = Sampler::new(backend, self.setup.options.clone())?;
         let steps = sampler.steps();
         let noise = match &args.noise_file {
             Some(path) => read_noise_file(path, backend.config(), args.classes.len(), steps)?,
@@ -778,8 +806,14 @@ impl Job for SampleJob {
         ensure_finite("samples", &samples.latents, &args.out)?;
         let cfg = backend.config();
         let mut meta: HashMap<String, String> = cfg.to_metadata();
-        meta.insert("fora.respacing".into(), self.options.respacing.clone());
-        meta.insert("fora.sampler".into(), format!("{:?}", self.options.kind));
+        meta.insert(
+            "fora.respacing".into(),
+            self.setup.options.respacing.clone(),
+        );
+        meta.insert(
+            "fora.sampler".into(),
+            format!("{:?}", self.setup.options.kind),
+        );
         meta.insert("fora.cache".into(), samples.stats.policy.clone());
         meta.insert(
             "fora.classes".into(),
@@ -789,7 +823,7 @@ impl Job for SampleJob {
                 .collect::<Vec<_>>()
                 .join(","),
         );
-        if let Some(g) = self.options.guidance {
+        if let Some(g) = self.setup.options.guidance {
             meta.insert("fora.cfg_scale".into(), g.scale.to_string());
             meta.insert("fora.cfg_mode".into(), format!("{:?}", g.mode));
         }
@@ -800,9 +834,10 @@ impl Job for SampleJob {
             Some(p) => meta.insert("fora.noise_file".into(), p.display().to_string()),
             None => meta.insert("fora.seed".into(), args.seed.unwrap_or(0).to_string()),
         };
-        let images = match &self.vae {
+        let images = match &self.setup.vae {
             Some(vae) => Some(decode_latents(
                 &self
+                    .setup
                     .vae_gpu
                     .borrow_mut()
                     .take()
@@ -884,57 +919,82 @@ struct GenerateArgs {
 
 struct GenerateJob {
     args: GenerateArgs,
-    options: SamplerOptions,
-    /// With --tune: the candidates and the cache, read before the model loads.
-    tuning: Option<Tuning>,
-    /// With --vae: the decoder, read before the model loads.
-    vae: Option<Arc<VaeDecoder>>,
-    /// With --vae on the CUDA backend: a handle on its GPU (`prepare_cuda`).
-    vae_gpu: std::cell::RefCell<Option<Gpu>>,
+    setup: RunSetup,
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
     fora::io::check_output_path("--out", &args.out, &["npz"])?;
-    let tuning = args.tuning.tuning(args.model.device)?;
-    let options = args.sampling.sampler_options(args.model.model.is_none())?;
-    // A bad VAE file is refused before hours of sampling, not after.
-    let vae = args
-        .vae
-        .as_ref()
-        .map(|p| VaeDecoder::load(p).context("--vae").map(Arc::new))
-        .transpose()?;
+    let setup = RunSetup::read(
+        &args.model,
+        &args.sampling,
+        &args.tuning,
+        args.vae.as_deref(),
+    )?;
     let model = args.model.clone();
-    let job = GenerateJob {
-        args,
-        options,
-        tuning,
-        vae,
-        vae_gpu: std::cell::RefCell::new(None),
-    };
-    run_on(&model, job)
+    run_on(&model, GenerateJob { args, setup })
+}
+
+impl GenerateJob {
+    /// One image's `[1, C, H, W]` for a model of `cfg`: the decoder's output for a latent model,
+    /// the model's own for a pixel-space one (1 or 3 channels).
+    fn image_shape(&self, cfg: &DitConfig) -> Result<[usize; 4]> {
+        let (c, s) = (cfg.in_channels, cfg.input_size);
+        match &self.setup.vae {
+            Some(vae) => {
+                ensure!(
+                    vae.config().latent_channels == c,
+                    "--vae decodes latents of {} channels; this model samples {c}",
+                    vae.config().latent_channels
+                );
+                vae.image_shape([1, c, s, s]).context("--vae")
+            }
+            None => {
+                ensure!(
+                    c == 1 || c == 3,
+                    "this model samples {c} latent channels: give --vae with the VAE decoder's \
+                     weights (images are written, not latents)"
+                );
+                Ok([1, c, s, s])
+            }
+        }
+    }
 }
 
 impl Job for GenerateJob {
     fn cpu_note(&self) -> Option<&'static str> {
-        self.tuning.as_ref().map(|_| UNTUNED_ON_CPU)
+        self.setup.tuning.as_ref().map(|_| UNTUNED_ON_CPU)
+    }
+
+    fn check(&self, cfg: &DitConfig) -> Result<()> {
+        let [_, ic, ih, iw] = self.image_shape(cfg)?;
+        // The file's size (its arrays and their .npy headers, and a kilobyte for the zip
+        // records), refused now where the disk cannot take it, not after hours of sampling.
+        let n = self.args.num_samples;
+        let npz_bytes = n
+            .checked_mul((ih * iw * ic) as u64 + 8)
+            .and_then(|data| data.checked_add(2 * 128 + 1024))
+            .with_context(|| format!("--num-samples {n}: the images' bytes overflow"))?;
+        fora::io::check_free_space("--out", &self.args.out, npz_bytes)
+            .with_context(|| format!("--num-samples {n}"))
     }
 
     fn prepare_cuda(&self, backend: &mut CudaBackend) -> Result<()> {
-        if self.vae.is_some() {
-            let strict = self.args.model.device == Device::Cuda;
-            *self.vae_gpu.borrow_mut() = vae_gpu_handle(backend, strict)?;
+        if self.setup.vae.is_some() {
+            // A run on the GPU decodes there: the CPU decoder (about 5 s an image at 256 x 256)
+            // is no fallback for thousands of images.
+            *self.setup.vae_gpu.borrow_mut() = vae_gpu_handle(backend, true)?;
         }
-        let Some(tuning) = &self.tuning else {
+        let Some(tuning) = &self.setup.tuning else {
             return Ok(());
         };
-        // The first batch: the rows and schedule of (nearly) every batch of the run.
+        // The first batch: the rows and schedule of every batch but a shorter last one.
         let rows =
             usize::try_from(self.args.batch.min(self.args.num_samples)).context("--batch")?;
         let seed = self.args.seed;
-        let classes = fora::generate::class_ids(seed, rows, backend.config().num_classes);
+        let classes = fora::generate::class_ids(seed, 0, rows, backend.config().num_classes);
         tuning.apply(
             backend,
-            &self.options,
+            &self.setup.options,
             &classes,
             fora::generate::batch_seed(seed, 0),
             self.args.sampling.cache_interval as usize,
@@ -944,55 +1004,25 @@ impl Job for GenerateJob {
     fn run<B: Backend>(self, backend: &B) -> Result<()> {
         let args = &self.args;
         let cfg = backend.config();
-        let (c, s) = (cfg.in_channels, cfg.input_size);
-        let n = usize::try_from(args.num_samples).context("--num-samples")?;
-        let batch = usize::try_from(args.batch).map_or(n, |b| b.min(n));
-        // One image's [C, H, W].
-        let [_, ic, ih, iw] = match &self.vae {
-            Some(vae) => {
-                ensure!(
-                    vae.config().latent_channels == c,
-                    "--vae decodes latents of {} channels; this model samples {c}",
-                    vae.config().latent_channels
-                );
-                vae.image_shape([1, c, s, s]).context("--vae")?
-            }
-            None => {
-                ensure!(
-                    c == 1 || c == 3,
-                    "this model samples {c} latent channels: give --vae with the VAE decoder's \
-                     weights (images are written, not latents)"
-                );
-                [1, c, s, s]
-            }
-        };
-        // The file's size (its arrays and their .npy headers, and a kilobyte for the zip
-        // records), refused now where the disk cannot take it, not after hours of sampling.
-        let npz_bytes = (n as u64)
-            .checked_mul((ih * iw * ic) as u64 + 8)
-            .and_then(|data| data.checked_add(2 * 128 + 1024))
-            .with_context(|| format!("--num-samples {n}: the images' bytes overflow"))?;
-        fora::io::check_free_space("--out", &args.out, npz_bytes)
-            .with_context(|| format!("--num-samples {n}"))?;
-        let labels = fora::generate::class_ids(args.seed, n, cfg.num_classes);
-        let sampler = Sampler::new(backend, self.options.clone())?;
-        let steps = sampler.steps();
+        let [_, ic, ih, iw] = self.image_shape(cfg)?;
+        let n = args.num_samples;
+        let batch = args.batch.min(n);
         let batches = n.div_ceil(batch);
-        // The decoder runs after every batch: set up on the GPU once, for the whole run. A
-        // GPU decode that fails later is an error, never a switch to the CPU decoder (about
-        // 5 s an image at 256 x 256) for the rest of the run.
-        let strict = args.model.device == Device::Cuda;
-        let vae_gpu = match (&self.vae, self.vae_gpu.borrow_mut().take()) {
-            (Some(vae), Some(gpu)) if strict => {
-                Some(CudaVae::on_gpu(gpu, vae.clone()).context("--device cuda: the VAE decoder")?)
-            }
-            (Some(vae), Some(gpu)) => gpu_vae(gpu, vae),
+        let sampler = Sampler::new(backend, self.setup.options.clone())?;
+        let steps = sampler.steps();
+        // The decoder runs after every batch: set up on the model's GPU once, for the whole
+        // run; a GPU decode that fails later is an error too.
+        let vae_gpu = match (&self.setup.vae, self.setup.vae_gpu.borrow_mut().take()) {
+            (Some(vae), Some(gpu)) => Some(CudaVae::on_gpu(gpu, vae.clone()).context(
+                "the VAE decoder on the model's GPU (a run on a GPU decodes there; --device cpu \
+                 runs both on the CPU)",
+            )?),
             _ => None,
         };
         let bar = if args.quiet {
             ProgressBar::hidden()
         } else {
-            ProgressBar::new((batches as u64).saturating_mul(steps as u64))
+            ProgressBar::new(batches.saturating_mul(steps as u64))
         };
         bar.set_style(
             ProgressStyle::with_template(
@@ -1000,27 +1030,50 @@ impl Job for GenerateJob {
             )
             .context("progress bar template")?,
         );
-        let stop = stop_on_signal();
+        let signal = stop_on_signal();
+        let stopped = |done: u64| -> Result<()> {
+            match signal.load(std::sync::atomic::Ordering::SeqCst) {
+                0 => Ok(()),
+                sig => Err(Stopped {
+                    signal: sig as i32,
+                    what: format!(
+                        "after {done} of {batches} batches: nothing written to {}",
+                        args.out.display()
+                    ),
+                }
+                .into()),
+            }
+        };
         let start = std::time::Instant::now();
-        let (mut computed, mut reused) = (0usize, 0usize);
+        let (mut computed, mut reused, mut announced) = (0usize, 0usize, false);
         let written = fora::io::write_atomic_with(&args.out, |path| {
             let file = std::fs::File::create(path)
                 .with_context(|| format!("cannot create {}", path.display()))?;
             let mut npz = NpzWriter::new(std::io::BufWriter::new(file));
-            npz.start_array("arr_0", NpyDtype::U8, &[n, ih, iw, ic])?;
-            for (j, classes) in labels.chunks(batch).enumerate() {
-                ensure!(
-                    !stop.load(std::sync::atomic::Ordering::Relaxed),
-                    "stopped by a signal after {j} of {batches} batches: nothing written to {}",
-                    args.out.display()
-                );
-                let noise = NoiseSource::Seed(fora::generate::batch_seed(args.seed, j as u64));
+            let count = usize::try_from(n).context("--num-samples")?;
+            npz.start_array("arr_0", NpyDtype::U8, &[count, ih, iw, ic])?;
+            for j in 0..batches {
+                stopped(j)?;
+                let first = j * batch;
+                let rows = usize::try_from(batch.min(n - first)).context("--batch")?;
+                let classes = fora::generate::class_ids(args.seed, first, rows, cfg.num_classes);
+                let noise = NoiseSource::Seed(fora::generate::batch_seed(args.seed, j));
                 let mut policy = policy_for_interval(args.sampling.cache_interval as usize)?;
+                let which = || format!("batch {} of {batches}", j + 1);
                 let samples = sampler
-                    .sample_with_progress(classes, noise, policy.as_mut(), &mut |e| {
+                    .sample_with_progress(&classes, noise, policy.as_mut(), &mut |e| {
                         match e.mode {
                             fora::backend::StepMode::Compute => computed += 1,
                             fora::backend::StepMode::Reuse => reused += 1,
+                        }
+                        if !announced && signal.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+                            announced = true;
+                            bar.suspend(|| {
+                                eprintln!(
+                                    "fora: stopping after this batch (a second signal stops at \
+                                     once, leaving the partial output behind)"
+                                )
+                            });
                         }
                         bar.set_message(format!(
                             "batch {}/{batches}, {computed} computed, {reused} reused",
@@ -1028,11 +1081,11 @@ impl Job for GenerateJob {
                         ));
                         bar.inc(1);
                     })
-                    .with_context(|| format!("batch {} of {batches}", j + 1))?;
-                ensure_finite("samples", &samples.latents, &args.out)?;
-                let images = match &self.vae {
+                    .with_context(which)?;
+                ensure_finite("samples", &samples.latents, &args.out).with_context(which)?;
+                let images = match &self.setup.vae {
                     Some(vae) => {
-                        let decoded = decode_latents(
+                        decode_latents(
                             &vae_gpu,
                             true,
                             vae,
@@ -1040,20 +1093,25 @@ impl Job for GenerateJob {
                             samples.shape,
                             &args.out,
                             false,
-                        )?;
-                        decoded.0
+                        )
+                        .with_context(which)?
+                        .0
                     }
                     None => samples.latents,
                 };
-                let shape = [classes.len(), ic, ih, iw];
+                let shape = [rows, ic, ih, iw];
                 npz.write(&fora::generate::to_nhwc_u8(&images, shape))?;
             }
-            npz.start_array("labels", NpyDtype::I64, &[n])?;
-            let bytes: Vec<u8> = labels
-                .iter()
-                .flat_map(|&l| (l as i64).to_le_bytes())
-                .collect();
-            npz.write(&bytes)?;
+            stopped(batches)?;
+            // The labels again from the seed, a batch at a time: none is held for the run.
+            npz.start_array("labels", NpyDtype::I64, &[count])?;
+            for j in 0..batches {
+                let first = j * batch;
+                let rows = usize::try_from(batch.min(n - first)).context("--batch")?;
+                let ids = fora::generate::class_ids(args.seed, first, rows, cfg.num_classes);
+                let bytes: Vec<u8> = ids.iter().flat_map(|&l| (l as i64).to_le_bytes()).collect();
+                npz.write(&bytes)?;
+            }
             npz.finish()?
                 .into_inner()
                 .map_err(|e| anyhow::anyhow!("cannot write {}: {}", path.display(), e.error()))?;
@@ -1075,22 +1133,62 @@ impl Job for GenerateJob {
     }
 }
 
-/// A flag raised by the first Ctrl-C (SIGINT) or SIGTERM, so that a long run stops between two
-/// batches and removes its partial output; a second signal ends the process at once. Where a
-/// handler cannot be set (one is already), the signals keep their default action.
-fn stop_on_signal() -> Arc<std::sync::atomic::AtomicBool> {
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let raised = stop.clone();
-    let handler = move || {
-        if raised.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            std::process::exit(130);
-        }
-        eprintln!("\nfora: stopping after this batch (a second signal stops at once)");
-    };
-    if let Err(e) = ctrlc::set_handler(handler) {
-        eprintln!("fora: no signal handler ({e}); a signal leaves the partial output behind");
+/// A run stopped by a signal: the process exits 128 + `signal`, as a shell reports one.
+#[derive(Debug)]
+struct Stopped {
+    signal: i32,
+    /// Where the run stood.
+    what: String,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self.signal {
+            signal_hook::consts::SIGINT => "SIGINT (Ctrl-C)",
+            signal_hook::consts::SIGTERM => "SIGTERM",
+            _ => "a signal",
+        };
+        write!(f, "stopped by {name} {}", self.what)
     }
-    stop
+}
+
+impl std::error::Error for Stopped {}
+
+/// The signal that asked a long run to stop (0: none yet): SIGINT (Ctrl-C) or SIGTERM, each
+/// where it is not ignored (under `nohup`, or in a background job whose SIGINT is ignored, they
+/// stay ignored; SIGHUP keeps its own action). The run stops between two batches and removes
+/// its partial output; a second signal ends the process at once (exit 128 + the signal).
+fn stop_on_signal() -> Arc<std::sync::atomic::AtomicUsize> {
+    use signal_hook::flag;
+    let signal = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if signal_ignored(sig) {
+            continue;
+        }
+        // The shutdown goes first: it acts only once an earlier signal has armed it.
+        let set = flag::register_conditional_shutdown(sig, 128 + sig, armed.clone())
+            .and_then(|_| flag::register(sig, armed.clone()))
+            .and_then(|_| flag::register_usize(sig, signal.clone(), sig as usize));
+        if let Err(e) = set {
+            eprintln!(
+                "fora: no handler for signal {sig} ({e}); it ends the run at once, leaving the \
+                 partial output behind"
+            );
+        }
+    }
+    signal
+}
+
+/// Whether signal `sig` is set to be ignored (queried; nothing is changed).
+fn signal_ignored(sig: i32) -> bool {
+    let mut current = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: with a null new action, sigaction only writes the current one into `current`,
+    // a zeroed sigaction (all of whose fields are plain integers or pointers).
+    unsafe {
+        libc::sigaction(sig, std::ptr::null(), current.as_mut_ptr()) == 0
+            && current.assume_init().sa_sigaction == libc::SIG_IGN
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1383,8 +1481,12 @@ fn decode(args: DecodeArgs) -> Result<()> {
         },
     };
     let strict = args.device == Device::Cuda;
-    let (images, shape) =
-        decode_latents(&gpu, strict, &vae, &latents.data, shape, &args.out, true)?;
+    let decoded = decode_latents(&gpu, strict, &vae, &latents.data, shape, &args.out, true);
+    let (images, shape) = if strict {
+        decoded.context("--device cuda")?
+    } else {
+        decoded?
+    };
     if is_png(&args.out) {
         let columns = fora::png_out::default_columns(shape[0]);
         fora::png_out::write_png_grid(&args.out, &images, shape, columns)?;

@@ -1497,7 +1497,7 @@ fn generate_writes_the_libraries_images_as_an_npz() {
     // 8 x 8 latents, two upsamplers: 32 x 32 RGB images.
     assert_eq!(arrays[0].1, npy_header(NpyDtype::U8, &[5, 32, 32, 3]));
     assert_eq!(arrays[1].1, npy_header(NpyDtype::I64, &[5]));
-    let labels = class_ids(7, 5, 10);
+    let labels = class_ids(7, 0, 5, 10);
     let want_labels: Vec<u8> = labels
         .iter()
         .flat_map(|&l| (l as i64).to_le_bytes())
@@ -1652,42 +1652,70 @@ fn generate_on_the_gpu() {
     assert!(err <= 5e-2, "cuda vs cpu images rel-L2 {err:e}");
 }
 
-/// Ctrl-C during `fora generate` stops it between two batches: a non-zero exit naming the
-/// signal, and neither the output nor its partial temporary file left behind.
+/// Ctrl-C (SIGINT) or SIGTERM during `fora generate` stops it between two batches: the exit
+/// status a shell reports for the signal (128 + it), a message naming it, and neither the output
+/// nor its partial temporary file left behind.
 #[test]
 fn generate_stops_cleanly_on_a_signal() {
-    let s = Scratch::new("generate-signal");
-    let out = s.path("long.npz");
-    let child = Command::new(fora_bin())
-        .args([
-            "generate",
-            "--num-samples",
-            "100000",
-            "--batch",
-            "1",
-            "--steps",
-            "50",
-            "--device",
-            "cpu",
-            "--quiet",
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("cannot start the fora binary");
-    // The temporary file appears once sampling begins, after the handler is set.
-    let started = std::time::Instant::now();
-    while s.leftovers().is_empty() {
-        assert!(
-            started.elapsed().as_secs() < 60,
-            "no temporary output after 60 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    /// Kills the child if the test fails before it ends (it would run for minutes).
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
-    // SAFETY: signalling a child process this test started and has not yet waited for.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let o = child.wait_with_output().unwrap();
-    assert_fails(&o, &["stopped by a signal after", "nothing written"], &out);
-    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    let s = Scratch::new("generate-signal");
+    for (signal, status, name) in [
+        (libc::SIGINT, 130, "SIGINT (Ctrl-C)"),
+        (libc::SIGTERM, 143, "SIGTERM"),
+    ] {
+        let out = s.path("long.npz");
+        let mut child = Child(
+            Command::new(fora_bin())
+                .args([
+                    "generate",
+                    "--num-samples",
+                    "1000",
+                    "--batch",
+                    "1",
+                    "--steps",
+                    "250",
+                    "--device",
+                    "cpu",
+                    "--quiet",
+                    "--out",
+                    out.to_str().unwrap(),
+                ])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("cannot start the fora binary"),
+        );
+        // The temporary file appears once sampling begins, after the handlers are set.
+        let started = std::time::Instant::now();
+        while s.leftovers().is_empty() {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                panic!("fora ended before it was signalled: {status}");
+            }
+            assert!(
+                started.elapsed().as_secs() < 60,
+                "no temporary output after 60 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // SAFETY: signalling a child process this test started and has not yet waited for.
+        assert_eq!(unsafe { libc::kill(child.0.id() as i32, signal) }, 0);
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+        let code = child.0.wait().unwrap().code();
+        assert_eq!(code, Some(status), "{err}");
+        for says in ["stopped by", name, "nothing written"] {
+            assert!(err.contains(says), "stderr lacks {says:?}: {err}");
+        }
+        assert!(
+            !out.exists() && s.leftovers().is_empty(),
+            "{:?}",
+            s.leftovers()
+        );
+    }
 }
