@@ -894,7 +894,7 @@ struct GenerateArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     num_samples: u64,
     /// Images a sampler run (the model runs on twice as many rows with guidance); the last
-    /// batch takes what is left.
+    /// batch samples as many too and keeps what the run still needs.
     #[arg(long, value_name = "B", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     batch: u64,
     /// Seed of the class ids (uniform over the model's classes) and of each batch's noise
@@ -987,7 +987,7 @@ impl Job for GenerateJob {
         let Some(tuning) = &self.setup.tuning else {
             return Ok(());
         };
-        // The first batch: the rows and schedule of every batch but a shorter last one.
+        // The first batch: the rows and schedule of every batch.
         let rows =
             usize::try_from(self.args.batch.min(self.args.num_samples)).context("--batch")?;
         let seed = self.args.seed;
@@ -1055,7 +1055,12 @@ impl Job for GenerateJob {
             for j in 0..batches {
                 stopped(j)?;
                 let first = j * batch;
-                let rows = usize::try_from(batch.min(n - first)).context("--batch")?;
+                // Every batch samples `batch` images, the last one too, of which it keeps what the
+                // run still needs (as the official script rounds its total up to whole batches
+                // and keeps the first N): one plan, one workspace size, and the options tuned
+                // for it, for the whole run.
+                let rows = usize::try_from(batch).context("--batch")?;
+                let keep = usize::try_from(batch.min(n - first)).context("--batch")?;
                 let classes = fora::generate::class_ids(args.seed, first, rows, cfg.num_classes);
                 let noise = NoiseSource::Seed(fora::generate::batch_seed(args.seed, j));
                 let mut policy = policy_for_interval(args.sampling.cache_interval as usize)?;
@@ -1082,24 +1087,26 @@ impl Job for GenerateJob {
                         bar.inc(1);
                     })
                     .with_context(which)?;
-                ensure_finite("samples", &samples.latents, &args.out).with_context(which)?;
+                let [_, c, h, w] = samples.shape;
+                let latents = &samples.latents[..keep * c * h * w];
+                ensure_finite("samples", latents, &args.out).with_context(which)?;
                 let images = match &self.setup.vae {
                     Some(vae) => {
                         decode_latents(
                             &vae_gpu,
                             true,
                             vae,
-                            &samples.latents,
-                            samples.shape,
+                            latents,
+                            [keep, c, h, w],
                             &args.out,
                             false,
                         )
                         .with_context(which)?
                         .0
                     }
-                    None => samples.latents,
+                    None => latents.to_vec(),
                 };
-                let shape = [rows, ic, ih, iw];
+                let shape = [keep, ic, ih, iw];
                 npz.write(&fora::generate::to_nhwc_u8(&images, shape))?;
             }
             stopped(batches)?;
@@ -1107,8 +1114,8 @@ impl Job for GenerateJob {
             npz.start_array("labels", NpyDtype::I64, &[count])?;
             for j in 0..batches {
                 let first = j * batch;
-                let rows = usize::try_from(batch.min(n - first)).context("--batch")?;
-                let ids = fora::generate::class_ids(args.seed, first, rows, cfg.num_classes);
+                let keep = usize::try_from(batch.min(n - first)).context("--batch")?;
+                let ids = fora::generate::class_ids(args.seed, first, keep, cfg.num_classes);
                 let bytes: Vec<u8> = ids.iter().flat_map(|&l| (l as i64).to_le_bytes()).collect();
                 npz.write(&bytes)?;
             }
@@ -1121,7 +1128,7 @@ impl Job for GenerateJob {
         written?;
         let secs = start.elapsed().as_secs_f64();
         eprintln!(
-            "fora: {n} images [{ih}, {iw}, {ic}] in {batches} batch(es) of up to {batch}, {steps} \
+            "fora: {n} images [{ih}, {iw}, {ic}] in {batches} batch(es) of {batch}, {steps} \
              steps ({computed} computed, {reused} reused, FORA interval {}), on {} in {secs:.1} s \
              ({:.2} images/s) -> {}",
             args.sampling.cache_interval,
