@@ -206,4 +206,59 @@ mod tests {
         let mut none = NpzWriter::new(Cursor::new(Vec::new()));
         assert!(none.write(&[1]).is_err());
     }
+
+    /// An array past 4 GiB (ZIP64 sizes, and the next array's offset past 4 GiB), read back by
+    /// the zip crate. By hand: `cargo test --release --lib npz -- --ignored` (writes 4.4 GB to
+    /// the temporary folder, then removes it).
+    #[test]
+    #[ignore]
+    fn arrays_past_four_gib() {
+        use std::io::{Seek, SeekFrom};
+        const LEN: u64 = 4_400_000_000;
+        const CHUNK: usize = 1 << 26;
+        let path = std::env::temp_dir().join(format!("fora-npz-4gib-{}.npz", std::process::id()));
+        let pattern: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
+        let file = std::fs::File::create(&path).unwrap();
+        let mut npz = NpzWriter::new(std::io::BufWriter::new(file));
+        npz.start_array("arr_0", NpyDtype::U8, &[LEN as usize])
+            .unwrap();
+        let mut left = LEN;
+        while left > 0 {
+            let n = left.min(CHUNK as u64) as usize;
+            npz.write(&pattern[..n]).unwrap();
+            left -= n as u64;
+        }
+        npz.start_array("labels", NpyDtype::I64, &[2]).unwrap();
+        npz.write(&[7i64.to_le_bytes(), 9i64.to_le_bytes()].concat())
+            .unwrap();
+        npz.finish().unwrap();
+        let check = || {
+            let mut zip = zip::ZipArchive::new(std::fs::File::open(&path).unwrap()).unwrap();
+            let mut labels = Vec::new();
+            zip.by_name("labels.npy")
+                .unwrap()
+                .read_to_end(&mut labels)
+                .unwrap();
+            assert_eq!(
+                &labels[128..],
+                [7i64.to_le_bytes(), 9i64.to_le_bytes()].concat()
+            );
+            let entry = zip.by_name("arr_0.npy").unwrap();
+            assert_eq!(entry.size(), 128 + LEN);
+            let start = entry.data_start().unwrap();
+            drop(entry);
+            // The last bytes, where the stored data end.
+            let mut file = std::fs::File::open(&path).unwrap();
+            let tail = 1000u64;
+            file.seek(SeekFrom::Start(start + 128 + LEN - tail))
+                .unwrap();
+            let mut got = vec![0u8; tail as usize];
+            file.read_exact(&mut got).unwrap();
+            let first = ((LEN - tail) % CHUNK as u64) as usize;
+            assert_eq!(got, pattern[first..first + tail as usize]);
+        };
+        let result = std::panic::catch_unwind(check);
+        std::fs::remove_file(&path).unwrap();
+        result.unwrap();
+    }
 }
