@@ -1,0 +1,331 @@
+//! `fora generate`: many images of random classes for an evaluation such as FID, as an .npz.
+
+use crate::cli::decode::{decode_latents, vae_gpu_handle};
+use crate::cli::sample::{RunSetup, SamplingArgs, TuneArgs, UNTUNED_ON_CPU};
+use crate::{ensure_finite, run_on, Job, ModelArgs};
+use anyhow::{ensure, Context, Result};
+use clap::Args;
+use fora::backend::{Backend, NoiseSource};
+use fora::cache::policy_for_interval;
+use fora::config::DitConfig;
+use fora::cuda::vae::CudaVae;
+use fora::cuda::CudaBackend;
+use fora::npz::{NpyDtype, NpzWriter};
+use fora::sampler::Sampler;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Args, Debug)]
+pub(crate) struct GenerateArgs {
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    #[command(flatten)]
+    pub(crate) sampling: SamplingArgs,
+    /// Images to generate (an FID evaluation takes 50,000).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) num_samples: u64,
+    /// Images a sampler run (the model runs on twice as many rows with guidance); the last
+    /// batch samples as many too and keeps what the run still needs.
+    #[arg(long, value_name = "B", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) batch: u64,
+    /// Seed of the class ids (uniform over the model's classes) and of each batch's noise
+    /// (`fora::generate`).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// For a latent model: the VAE decoder's weights, as `fora sample --vae` (each batch is
+    /// decoded on the model's GPU where it runs on one, else on the CPU).
+    #[arg(long, value_name = "VAE")]
+    pub(crate) vae: Option<PathBuf>,
+    /// Output `.npz`: `arr_0` [N, H, W, C] uint8 (127.5 x + 128, clamped and truncated, as the
+    /// official sample_ddp.py) and `labels` [N] int64.
+    #[arg(long, value_name = "OUT")]
+    pub(crate) out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    pub(crate) quiet: bool,
+    // Tuned on the first batch's plan: its rows and schedule.
+    #[command(flatten)]
+    pub(crate) tuning: TuneArgs,
+}
+
+pub(crate) struct GenerateJob {
+    pub(crate) args: GenerateArgs,
+    pub(crate) setup: RunSetup,
+}
+
+pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
+    fora::io::check_output_path("--out", &args.out, &["npz"])?;
+    let setup = RunSetup::read(
+        &args.model,
+        &args.sampling,
+        &args.tuning,
+        args.vae.as_deref(),
+    )?;
+    let model = args.model.clone();
+    run_on(&model, GenerateJob { args, setup })
+}
+
+impl GenerateJob {
+    /// One image's `[1, C, H, W]` for a model of `cfg`: the decoder's output for a latent model,
+    /// the model's own for a pixel-space one (1 or 3 channels).
+    fn image_shape(&self, cfg: &DitConfig) -> Result<[usize; 4]> {
+        let (c, s) = (cfg.in_channels, cfg.input_size);
+        match &self.setup.vae {
+            Some(vae) => {
+                ensure!(
+                    vae.config().latent_channels == c,
+                    "--vae decodes latents of {} channels; this model samples {c}",
+                    vae.config().latent_channels
+                );
+                vae.image_shape([1, c, s, s]).context("--vae")
+            }
+            None => {
+                ensure!(
+                    c == 1 || c == 3,
+                    "this model samples {c} latent channels: give --vae with the VAE decoder's \
+                     weights (images are written, not latents)"
+                );
+                Ok([1, c, s, s])
+            }
+        }
+    }
+}
+
+impl Job for GenerateJob {
+    fn cpu_note(&self) -> Option<&'static str> {
+        self.setup.tuning.as_ref().map(|_| UNTUNED_ON_CPU)
+    }
+
+    fn check(&self, cfg: &DitConfig) -> Result<()> {
+        let [_, ic, ih, iw] = self.image_shape(cfg)?;
+        // The file's size (its arrays and their .npy headers, and a kilobyte for the zip
+        // records), refused now where the disk cannot take it, not after hours of sampling.
+        let n = self.args.num_samples;
+        let npz_bytes = n
+            .checked_mul((ih * iw * ic) as u64 + 8)
+            .and_then(|data| data.checked_add(2 * 128 + 1024))
+            .with_context(|| format!("--num-samples {n}: the images' bytes overflow"))?;
+        fora::io::check_free_space("--out", &self.args.out, npz_bytes)
+            .with_context(|| format!("--num-samples {n}"))
+    }
+
+    fn prepare_cuda(&self, backend: &mut CudaBackend) -> Result<()> {
+        if self.setup.vae.is_some() {
+            // A run on the GPU decodes there: the CPU decoder (about 5 s an image at 256 x 256)
+            // is no fallback for thousands of images.
+            *self.setup.vae_gpu.borrow_mut() = vae_gpu_handle(backend, true)?;
+        }
+        let Some(tuning) = &self.setup.tuning else {
+            return Ok(());
+        };
+        // The first batch: the rows and schedule of every batch.
+        let rows =
+            usize::try_from(self.args.batch.min(self.args.num_samples)).context("--batch")?;
+        let seed = self.args.seed;
+        let classes = fora::generate::class_ids(seed, 0, rows, backend.config().num_classes);
+        tuning.apply(
+            backend,
+            &self.setup.options,
+            &classes,
+            fora::generate::batch_seed(seed, 0),
+            self.args.sampling.cache_interval as usize,
+        )
+    }
+
+    fn run<B: Backend>(self, backend: &B) -> Result<()> {
+        let args = &self.args;
+        let cfg = backend.config();
+        let [_, ic, ih, iw] = self.image_shape(cfg)?;
+        let n = args.num_samples;
+        let batch = args.batch.min(n);
+        let batches = n.div_ceil(batch);
+        let sampler = Sampler::new(backend, self.setup.options.clone())?;
+        let steps = sampler.steps();
+        // The decoder runs after every batch: set up on the model's GPU once, for the whole
+        // run; a GPU decode that fails later is an error too.
+        let vae_gpu = match (&self.setup.vae, self.setup.vae_gpu.borrow_mut().take()) {
+            (Some(vae), Some(gpu)) => Some(CudaVae::on_gpu(gpu, vae.clone()).context(
+                "the VAE decoder on the model's GPU (a run on a GPU decodes there; --device cpu \
+                 runs both on the CPU)",
+            )?),
+            _ => None,
+        };
+        let bar = if args.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(batches.saturating_mul(steps as u64))
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} steps  {msg}  (eta {eta})",
+            )
+            .context("progress bar template")?,
+        );
+        let signal = stop_on_signal();
+        let stopped = |done: u64| -> Result<()> {
+            match signal.load(std::sync::atomic::Ordering::SeqCst) {
+                0 => Ok(()),
+                sig => Err(Stopped {
+                    signal: sig as i32,
+                    what: format!(
+                        "after {done} of {batches} batches: nothing written to {}",
+                        args.out.display()
+                    ),
+                }
+                .into()),
+            }
+        };
+        let start = std::time::Instant::now();
+        let (mut computed, mut reused, mut announced) = (0usize, 0usize, false);
+        let written = fora::io::write_atomic_with(&args.out, |path| {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            let mut npz = NpzWriter::new(std::io::BufWriter::new(file));
+            let count = usize::try_from(n).context("--num-samples")?;
+            npz.start_array("arr_0", NpyDtype::U8, &[count, ih, iw, ic])?;
+            for j in 0..batches {
+                stopped(j)?;
+                let first = j * batch;
+                // Every batch samples `batch` images, the last one too, of which it keeps what the
+                // run still needs (as the official script rounds its total up to whole batches
+                // and keeps the first N): one plan, one workspace size, and the options tuned
+                // for it, for the whole run.
+                let rows = usize::try_from(batch).context("--batch")?;
+                let keep = usize::try_from(batch.min(n - first)).context("--batch")?;
+                let classes = fora::generate::class_ids(args.seed, first, rows, cfg.num_classes);
+                let noise = NoiseSource::Seed(fora::generate::batch_seed(args.seed, j));
+                let mut policy = policy_for_interval(args.sampling.cache_interval as usize)?;
+                let which = || format!("batch {} of {batches}", j + 1);
+                let samples = sampler
+                    .sample_with_progress(&classes, noise, policy.as_mut(), &mut |e| {
+                        match e.mode {
+                            fora::backend::StepMode::Compute => computed += 1,
+                            fora::backend::StepMode::Reuse => reused += 1,
+                        }
+                        if !announced && signal.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+                            announced = true;
+                            bar.suspend(|| {
+                                eprintln!(
+                                    "fora: stopping after this batch (a second signal stops at \
+                                     once, leaving the partial output behind)"
+                                )
+                            });
+                        }
+                        bar.set_message(format!(
+                            "batch {}/{batches}, {computed} computed, {reused} reused",
+                            j + 1
+                        ));
+                        bar.inc(1);
+                    })
+                    .with_context(which)?;
+                let [_, c, h, w] = samples.shape;
+                let latents = &samples.latents[..keep * c * h * w];
+                ensure_finite("samples", latents, &args.out).with_context(which)?;
+                let images = match &self.setup.vae {
+                    Some(vae) => {
+                        decode_latents(
+                            &vae_gpu,
+                            true,
+                            vae,
+                            latents,
+                            [keep, c, h, w],
+                            &args.out,
+                            false,
+                        )
+                        .with_context(which)?
+                        .0
+                    }
+                    None => latents.to_vec(),
+                };
+                let shape = [keep, ic, ih, iw];
+                npz.write(&fora::generate::to_nhwc_u8(&images, shape))?;
+            }
+            stopped(batches)?;
+            // The labels again from the seed, a batch at a time: none is held for the run.
+            npz.start_array("labels", NpyDtype::I64, &[count])?;
+            for j in 0..batches {
+                let first = j * batch;
+                let keep = usize::try_from(batch.min(n - first)).context("--batch")?;
+                let ids = fora::generate::class_ids(args.seed, first, keep, cfg.num_classes);
+                let bytes: Vec<u8> = ids.iter().flat_map(|&l| (l as i64).to_le_bytes()).collect();
+                npz.write(&bytes)?;
+            }
+            npz.finish()?
+                .into_inner()
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {}", path.display(), e.error()))?;
+            Ok(())
+        });
+        bar.finish_and_clear();
+        written?;
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "fora: {n} images [{ih}, {iw}, {ic}] in {batches} batch(es) of {batch}, {steps} \
+             steps ({computed} computed, {reused} reused, FORA interval {}), on {} in {secs:.1} s \
+             ({:.2} images/s) -> {}",
+            args.sampling.cache_interval,
+            backend.name(),
+            n as f64 / secs,
+            args.out.display()
+        );
+        Ok(())
+    }
+}
+
+/// A run stopped by a signal: the process exits 128 + `signal`, as a shell reports one.
+#[derive(Debug)]
+pub(crate) struct Stopped {
+    pub(crate) signal: i32,
+    /// Where the run stood.
+    pub(crate) what: String,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self.signal {
+            signal_hook::consts::SIGINT => "SIGINT (Ctrl-C)",
+            signal_hook::consts::SIGTERM => "SIGTERM",
+            _ => "a signal",
+        };
+        write!(f, "stopped by {name} {}", self.what)
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+/// The signal that asked a long run to stop (0: none yet): SIGINT (Ctrl-C) or SIGTERM, each
+/// where it is not ignored (under `nohup`, or in a background job whose SIGINT is ignored, they
+/// stay ignored; SIGHUP keeps its own action). The run stops between two batches and removes
+/// its partial output; a second signal ends the process at once (exit 128 + the signal).
+pub(crate) fn stop_on_signal() -> Arc<std::sync::atomic::AtomicUsize> {
+    use signal_hook::flag;
+    let signal = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if signal_ignored(sig) {
+            continue;
+        }
+        // The shutdown goes first: it acts only once an earlier signal has armed it.
+        let set = flag::register_conditional_shutdown(sig, 128 + sig, armed.clone())
+            .and_then(|_| flag::register(sig, armed.clone()))
+            .and_then(|_| flag::register_usize(sig, signal.clone(), sig as usize));
+        if let Err(e) = set {
+            eprintln!(
+                "fora: no handler for signal {sig} ({e}); it ends the run at once, leaving the \
+                 partial output behind"
+            );
+        }
+    }
+    signal
+}
+
+/// Whether signal `sig` is set to be ignored (queried; nothing is changed).
+pub(crate) fn signal_ignored(sig: i32) -> bool {
+    let mut current = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: with a null new action, sigaction only writes the current one into `current`,
+    // a zeroed sigaction (all of whose fields are plain integers or pointers).
+    unsafe {
+        libc::sigaction(sig, std::ptr::null(), current.as_mut_ptr()) == 0
+            && current.assume_init().sa_sigaction == libc::SIG_IGN
+    }
+}
