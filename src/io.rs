@@ -61,7 +61,7 @@ impl<'a> TensorReader<'a> {
 
     /// Opens the regular file at `path` (links followed; a device, FIFO or directory is refused
     /// before any read, as [`read_file`] does) and reads its header only. Its errors name the
-    /// file, as `what` ("checkpoint", or empty) and the path; [`TensorReader::tensor`]'s do not
+    /// file, as `what` ("checkpoint", "VAE weights", or empty) and the path; [`TensorReader::tensor`]'s do not
     /// (its callers say which file they read).
     pub fn open(path: &Path, what: &str) -> Result<TensorReader<'static>> {
         let (mut file, named) = open_regular(path, what)?;

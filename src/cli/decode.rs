@@ -42,7 +42,9 @@ pub(crate) struct DecodeArgs {
 pub(crate) fn vae_gpu_handle(backend: &CudaBackend, strict: bool) -> Result<Option<Gpu>> {
     match backend.gpu().fork() {
         Ok(gpu) => Ok(Some(gpu)),
-        Err(e) if strict => Err(e.context("--device cuda: a GPU handle for the VAE decoder")),
+        Err(e) if strict => {
+            Err(e.context("a GPU handle for the VAE decoder (a run on a GPU decodes there)"))
+        }
         Err(e) => {
             eprintln!("fora: no GPU handle for the VAE decoder ({e:#}); it will decode on the CPU");
             Ok(None)

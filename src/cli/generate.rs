@@ -25,8 +25,8 @@ pub(crate) struct GenerateArgs {
     /// Images to generate (an FID evaluation takes 50,000).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) num_samples: u64,
-    /// Images a sampler run (the model runs on twice as many rows with guidance); the last
-    /// batch samples as many too and keeps what the run still needs.
+    /// Images a sampler run (or --num-samples where fewer; the model runs on twice as many rows
+    /// with guidance); the last batch samples as many too and keeps what the run still needs.
     #[arg(long, value_name = "B", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) batch: u64,
     /// Seed of the class ids (uniform over the model's classes) and of each batch's noise
@@ -294,8 +294,8 @@ impl std::fmt::Display for Stopped {
 impl std::error::Error for Stopped {}
 
 /// The signal that asked a long run to stop (0: none yet): SIGINT (Ctrl-C) or SIGTERM, each
-/// where it is not ignored (under `nohup`, or in a background job whose SIGINT is ignored, they
-/// stay ignored; SIGHUP keeps its own action). The run stops between two batches and removes
+/// where the process was not started ignoring it (a script's background job `cmd &` ignores
+/// SIGINT: it stays ignored; SIGHUP, what `nohup` ignores, is never touched). The run stops between two batches and removes
 /// its partial output; a second signal ends the process at once (exit 128 + the signal).
 pub(crate) fn stop_on_signal() -> Arc<std::sync::atomic::AtomicUsize> {
     use signal_hook::flag;

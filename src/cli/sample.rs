@@ -37,8 +37,8 @@ pub(crate) struct SamplingArgs {
     /// schedule allows, the error says); DDIM only.
     #[arg(long, allow_hyphen_values = true)]
     pub(crate) eta: Option<f64>,
-    /// Classifier-free guidance scale; absent or 1.0 means no guidance (batch B), otherwise the
-    /// model runs on 2B rows.
+    /// Classifier-free guidance scale; absent (the embedded model: 4) or 1.0 means no guidance
+    /// (batch B), otherwise the model runs on 2B rows.
     #[arg(long, allow_hyphen_values = true)]
     pub(crate) cfg_scale: Option<f32>,
     /// Which channels guidance combines [default: official]. Needs guidance: a --cfg-scale,
