@@ -8,6 +8,70 @@
 //! and noise on every machine.
 
 use crate::rng::philox4x32_10;
+use anyhow::{ensure, Context, Result};
+use std::ops::Range;
+
+/// The `.npz` array in which `fora generate` records its run and shard: `[shard index, shard
+/// count, images of the whole run, batch size, seed (its 64 bits), first image of the shard]`
+/// int64. `fora merge` checks and joins the shards by it.
+pub const RUN_ARRAY: &str = "fora_run";
+
+/// Writes the [`RUN_ARRAY`] record `run` into `npz`.
+pub fn write_run<W: std::io::Write + std::io::Seek>(
+    npz: &mut crate::npz::NpzWriter<W>,
+    run: [u64; 6],
+) -> Result<()> {
+    npz.start_array(RUN_ARRAY, crate::npz::NpyDtype::I64, &[run.len()])?;
+    npz.write(
+        &run.iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// A part of a run (`--shard I/N`): shard `index` of `count` takes a contiguous run of batches,
+/// so that the shards' images, joined in order, are the whole run's, byte for byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// 0-based.
+    pub index: u64,
+    /// Shards of the run (1: the whole run).
+    pub count: u64,
+}
+
+impl Shard {
+    /// The whole run.
+    pub const WHOLE: Shard = Shard { index: 0, count: 1 };
+
+    /// The batches of this shard among a run's `batches`: contiguous, in order; the shards'
+    /// counts differ by one at most.
+    pub fn batches(&self, batches: u64) -> Range<u64> {
+        let at = |i: u64| (batches as u128 * i as u128 / self.count as u128) as u64;
+        at(self.index)..at(self.index + 1)
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = anyhow::Error;
+
+    /// `I/N`: shard I (from 0) of N.
+    fn from_str(text: &str) -> Result<Shard> {
+        let (i, n) = text
+            .split_once('/')
+            .with_context(|| format!("{text:?} is not I/N (shard I, from 0, of N)"))?;
+        let parse = |v: &str| {
+            v.trim()
+                .parse::<u64>()
+                .with_context(|| format!("{text:?}: {v:?} is not a whole number"))
+        };
+        let (index, count) = (parse(i)?, parse(n)?);
+        ensure!(
+            count > 0 && index < count,
+            "{text:?}: shard I of N needs 0 <= I < N"
+        );
+        Ok(Shard { index, count })
+    }
+}
 
 /// The Philox stream (counter words 2 and 3) of the class ids. The sampler's noise uses streams
 /// 0 to 1000 (x_T, then a stream a step) under a batch's own seed: none of them is this one.
@@ -87,6 +151,28 @@ mod tests {
         let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
         assert!(*lo > 40 && *hi < 160, "counts from {lo} to {hi}");
         assert_eq!(class_ids(9, 7, 50, 1), vec![0; 50]);
+    }
+
+    #[test]
+    fn shards_cover_the_run_in_order() {
+        for (batches, count) in [(1563, 8), (3, 2), (5, 5), (7, 3), (2, 4)] {
+            let mut next = 0;
+            for index in 0..count {
+                let r = Shard { index, count }.batches(batches);
+                assert_eq!(r.start, next);
+                let size = r.end - r.start;
+                assert!(size == batches / count || size == batches / count + 1);
+                next = r.end;
+            }
+            assert_eq!(next, batches);
+        }
+        assert_eq!(
+            "2/8".parse::<Shard>().unwrap(),
+            Shard { index: 2, count: 8 }
+        );
+        for bad in ["8/8", "1/0", "3", "a/2", "-1/2"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
     }
 
     #[test]

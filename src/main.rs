@@ -1,5 +1,5 @@
-//! The `fora` command line: `fora forward`, `fora sample`, `fora generate`, `fora decode`,
-//! `fora info`, `fora bench`.
+//! The `fora` command line: `fora forward`, `fora sample`, `fora generate`, `fora merge`,
+//! `fora decode`, `fora info`, `fora bench`.
 //!
 //! Every bad input ends in a clear message on stderr and a non-zero exit; outputs are written
 //! whole or not at all (temporary file + rename, see `fora::io`).
@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use cli::decode::DecodeArgs;
 use cli::forward::ForwardArgs;
 use cli::generate::{GenerateArgs, Stopped};
+use cli::merge::MergeArgs;
 use cli::sample::SampleArgs;
 use fora::backend::{Backend, Guidance, GuidanceMode};
 use fora::config::{Arch, DitConfig};
@@ -44,6 +45,8 @@ enum Command {
     /// Many images of random classes in batches, for an evaluation such as FID: writes an .npz
     /// with `arr_0` [N, H, W, C] uint8 and `labels` [N] int64 (as the official sample_ddp.py).
     Generate(GenerateArgs),
+    /// Joins the shards of a `fora generate --shard I/N` run into the whole run's .npz.
+    Merge(MergeArgs),
     /// Decodes latents (the `samples` of `fora sample` with a latent model) into images with
     /// the Stable Diffusion VAE's decoder, on a GPU or the CPU.
     Decode(DecodeArgs),
@@ -153,6 +156,7 @@ fn main() -> ExitCode {
         Command::Forward(args) => cli::forward::forward(args),
         Command::Sample(args) => cli::sample::sample(args),
         Command::Generate(args) => cli::generate::generate(args),
+        Command::Merge(args) => cli::merge::merge(args),
         Command::Decode(args) => cli::decode::decode(args),
         Command::Info => cli::info::info(),
         Command::Bench(args) => fora::bench::run(&args),

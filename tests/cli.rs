@@ -1494,7 +1494,13 @@ fn generate_writes_the_libraries_images_as_an_npz() {
     assert_ok(&args(&["--vae", VAE], &out));
     let arrays = read_npz(&out);
     let names: Vec<&str> = arrays.iter().map(|a| a.0.as_str()).collect();
-    assert_eq!(names, ["arr_0.npy", "labels.npy"]);
+    assert_eq!(names, ["arr_0.npy", "labels.npy", "fora_run.npy"]);
+    // The run: shard 0 of 1, 5 images, batches of 2, seed 7, from image 0.
+    let run: Vec<u8> = [0u64, 1, 5, 2, 7, 0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    assert_eq!(arrays[2].2, run);
     // 8 x 8 latents, two upsamplers: 32 x 32 RGB images.
     assert_eq!(arrays[0].1, npy_header(NpyDtype::U8, &[5, 32, 32, 3]));
     assert_eq!(arrays[1].1, npy_header(NpyDtype::I64, &[5]));
@@ -1598,6 +1604,78 @@ fn generate_writes_the_libraries_images_as_an_npz() {
         ]);
         assert_fails(&o, &["--num-samples", says], &bad);
     }
+
+    // In shards: 3 batches, shard 0 of 2 takes batch 0 (images 0, 1), shard 1 batches 1 and 2
+    // (images 2 to 4). Each holds the whole run's images at its places, and `fora merge` joins
+    // them, given in any order, into the whole run's arrays.
+    let parts = [s.path("part0.npz"), s.path("part1.npz")];
+    for (i, part) in parts.iter().enumerate() {
+        assert_ok(&args(&["--vae", VAE, "--shard", &format!("{i}/2")], part));
+    }
+    let part0 = read_npz(&parts[0]);
+    assert_eq!(part0[0].1, npy_header(NpyDtype::U8, &[2, 32, 32, 3]));
+    assert!(part0[0].2 == want[..2 * 32 * 32 * 3], "shard 0's images");
+    let merged = s.path("merged.npz");
+    let merge = |parts: &[&Path], out: &Path| {
+        let mut argv = vec!["merge", "--out", out.to_str().unwrap()];
+        argv.extend(parts.iter().map(|p| p.to_str().unwrap()));
+        fora(&argv)
+    };
+    assert_ok(&merge(&[&parts[1], &parts[0]], &merged));
+    assert!(
+        read_npz(&merged) == read_npz(&out),
+        "merged shards differ from the whole run"
+    );
+    // Refused, with no file: a shard missing or given twice, a shard of another run, a file
+    // that is not a shard, a shard with no batch.
+    assert_fails(&merge(&[&parts[0]], &bad), &["1 of 2 shards"], &bad);
+    assert_fails(
+        &merge(&[&parts[1]], &bad),
+        &["shard 0 of 2 is missing"],
+        &bad,
+    );
+    assert_fails(
+        &merge(&[&parts[0], &parts[0]], &bad),
+        &["given twice", "shard 1 of 2 is missing"],
+        &bad,
+    );
+    let other = s.path("other-seed.npz");
+    let o = fora(&[
+        "generate",
+        "--model",
+        &model,
+        "--vae",
+        VAE,
+        "--num-samples",
+        "5",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--seed",
+        "8",
+        "--shard",
+        "1/2",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        other.to_str().unwrap(),
+    ]);
+    assert_ok(&o);
+    assert_fails(
+        &merge(&[&parts[0], &other], &bad),
+        &["seed 8", "seed 7"],
+        &bad,
+    );
+    let st = s.path("not-a-shard.npz");
+    std::fs::write(&st, b"PK junk").unwrap();
+    assert_fails(&merge(&[&parts[0], &st], &bad), &["not-a-shard.npz"], &bad);
+    assert_fails(
+        &args(&["--vae", VAE, "--shard", "0/4"], &bad),
+        &["--shard 0/4", "none for this shard"],
+        &bad,
+    );
     assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
 }
 

@@ -10,6 +10,7 @@ use fora::cache::policy_for_interval;
 use fora::config::DitConfig;
 use fora::cuda::vae::CudaVae;
 use fora::cuda::CudaBackend;
+use fora::generate::Shard;
 use fora::npz::{NpyDtype, NpzWriter};
 use fora::sampler::Sampler;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -33,6 +34,11 @@ pub(crate) struct GenerateArgs {
     /// (`fora::generate`).
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
+    /// Only shard I (from 0) of N of the run: a contiguous run of its batches, whose images are
+    /// the whole run's at those places. `fora merge` joins the N files into the whole run's.
+    /// For a long run in parts (one stopped costs that part only) or over several GPUs.
+    #[arg(long, value_name = "I/N", default_value = "0/1")]
+    pub(crate) shard: Shard,
     /// For a latent model: the VAE decoder's weights, as `fora sample --vae` (each batch is
     /// decoded on the model's GPU where it runs on one, else on the CPU).
     #[arg(long, value_name = "VAE")]
@@ -66,7 +72,42 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
     run_on(&model, GenerateJob { args, setup })
 }
 
+/// Where a shard's images lie in its run.
+struct ShardPlan {
+    /// Images of the whole run, and a batch's.
+    n: u64,
+    batch: u64,
+    /// The shard's batches, and its images `first..end`.
+    batches: std::ops::Range<u64>,
+    first: u64,
+    end: u64,
+}
+
 impl GenerateJob {
+    /// The run's batches and this shard's part of them; a shard with no batch is an error.
+    fn plan(&self) -> Result<ShardPlan> {
+        let (n, shard) = (self.args.num_samples, self.args.shard);
+        let batch = self.args.batch.min(n);
+        let batches = shard.batches(n.div_ceil(batch));
+        ensure!(
+            !batches.is_empty(),
+            "--shard {}/{}: a run of {} batches has none for this shard",
+            shard.index,
+            shard.count,
+            n.div_ceil(batch)
+        );
+        // In u128: a batch index times the batch size may pass u64 at absurd counts.
+        let image = |b: u64| (b as u128 * batch as u128).min(n as u128) as u64;
+        let (first, end) = (image(batches.start), image(batches.end));
+        Ok(ShardPlan {
+            n,
+            batch,
+            batches,
+            first,
+            end,
+        })
+    }
+
     /// One image's `[1, C, H, W]` for a model of `cfg`: the decoder's output for a latent model,
     /// the model's own for a pixel-space one (1 or 3 channels).
     fn image_shape(&self, cfg: &DitConfig) -> Result<[usize; 4]> {
@@ -101,7 +142,8 @@ impl Job for GenerateJob {
         let [_, ic, ih, iw] = self.image_shape(cfg)?;
         // The file's size (its arrays and their .npy headers, and a kilobyte for the zip
         // records), refused now where the disk cannot take it, not after hours of sampling.
-        let n = self.args.num_samples;
+        let plan = self.plan()?;
+        let n = plan.end - plan.first;
         let npz_bytes = n
             .checked_mul((ih * iw * ic) as u64 + 8)
             .and_then(|data| data.checked_add(2 * 128 + 1024))
@@ -119,16 +161,17 @@ impl Job for GenerateJob {
         let Some(tuning) = &self.setup.tuning else {
             return Ok(());
         };
-        // The first batch: the rows and schedule of every batch.
-        let rows =
-            usize::try_from(self.args.batch.min(self.args.num_samples)).context("--batch")?;
+        // The shard's first batch: the rows and schedule of every batch.
+        let plan = self.plan()?;
+        let rows = usize::try_from(plan.batch).context("--batch")?;
         let seed = self.args.seed;
-        let classes = fora::generate::class_ids(seed, 0, rows, backend.config().num_classes);
+        let classes =
+            fora::generate::class_ids(seed, plan.first, rows, backend.config().num_classes);
         tuning.apply(
             backend,
             &self.setup.options,
             &classes,
-            fora::generate::batch_seed(seed, 0),
+            fora::generate::batch_seed(seed, plan.batches.start),
             self.args.sampling.cache_interval as usize,
         )
     }
@@ -137,9 +180,10 @@ impl Job for GenerateJob {
         let args = &self.args;
         let cfg = backend.config();
         let [_, ic, ih, iw] = self.image_shape(cfg)?;
-        let n = args.num_samples;
-        let batch = args.batch.min(n);
-        let batches = n.div_ceil(batch);
+        let plan = self.plan()?;
+        let (n, batch) = (plan.n, plan.batch);
+        let batches = plan.batches.end - plan.batches.start;
+        let count = plan.end - plan.first;
         let sampler = Sampler::new(backend, self.setup.options.clone())?;
         let steps = sampler.steps();
         // The decoder runs after every batch: set up on the model's GPU once, for the whole
@@ -179,13 +223,11 @@ impl Job for GenerateJob {
         let start = std::time::Instant::now();
         let (mut computed, mut reused, mut announced) = (0usize, 0usize, false);
         let written = fora::io::write_atomic_with(&args.out, |path| {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
-            let mut npz = NpzWriter::new(std::io::BufWriter::new(file));
-            let count = usize::try_from(n).context("--num-samples")?;
-            npz.start_array("arr_0", NpyDtype::U8, &[count, ih, iw, ic])?;
-            for j in 0..batches {
-                stopped(j)?;
+            let mut npz = NpzWriter::create(path)?;
+            let images = usize::try_from(count).context("--num-samples")?;
+            npz.start_array("arr_0", NpyDtype::U8, &[images, ih, iw, ic])?;
+            for j in plan.batches.clone() {
+                stopped(j - plan.batches.start)?;
                 let first = j * batch;
                 // Every batch samples `batch` images, the last one too, of which it keeps what the
                 // run still needs (as the official script rounds its total up to whole batches
@@ -196,7 +238,7 @@ impl Job for GenerateJob {
                 let classes = fora::generate::class_ids(args.seed, first, rows, cfg.num_classes);
                 let noise = NoiseSource::Seed(fora::generate::batch_seed(args.seed, j));
                 let mut policy = policy_for_interval(args.sampling.cache_interval as usize)?;
-                let which = || format!("batch {} of {batches}", j + 1);
+                let which = || format!("batch {} of {batches}", j - plan.batches.start + 1);
                 let samples = sampler
                     .sample_with_progress(&classes, noise, policy.as_mut(), &mut |e| {
                         match e.mode {
@@ -214,7 +256,7 @@ impl Job for GenerateJob {
                         }
                         bar.set_message(format!(
                             "batch {}/{batches}, {computed} computed, {reused} reused",
-                            j + 1
+                            j - plan.batches.start + 1
                         ));
                         bar.inc(1);
                     })
@@ -243,29 +285,36 @@ impl Job for GenerateJob {
             }
             stopped(batches)?;
             // The labels again from the seed, a batch at a time: none is held for the run.
-            npz.start_array("labels", NpyDtype::I64, &[count])?;
-            for j in 0..batches {
+            npz.start_array("labels", NpyDtype::I64, &[images])?;
+            for j in plan.batches.clone() {
                 let first = j * batch;
                 let keep = usize::try_from(batch.min(n - first)).context("--batch")?;
                 let ids = fora::generate::class_ids(args.seed, first, keep, cfg.num_classes);
                 let bytes: Vec<u8> = ids.iter().flat_map(|&l| (l as i64).to_le_bytes()).collect();
                 npz.write(&bytes)?;
             }
-            npz.finish()?
-                .into_inner()
-                .map_err(|e| anyhow::anyhow!("cannot write {}: {}", path.display(), e.error()))?;
-            Ok(())
+            let shard = args.shard;
+            let run = [shard.index, shard.count, n, batch, args.seed, plan.first];
+            fora::generate::write_run(&mut npz, run)?;
+            npz.close(path)
         });
         bar.finish_and_clear();
         written?;
         let secs = start.elapsed().as_secs_f64();
         eprintln!(
-            "fora: {n} images [{ih}, {iw}, {ic}] in {batches} batch(es) of {batch}, {steps} \
+            "fora: {count} images [{ih}, {iw}, {ic}]{} in {batches} batch(es) of {batch}, {steps} \
              steps ({computed} computed, {reused} reused, FORA interval {}), on {} in {secs:.1} s \
              ({:.2} images/s) -> {}",
+            match args.shard {
+                Shard::WHOLE => String::new(),
+                s => format!(
+                    " (shard {}/{}: images {}..{} of {n})",
+                    s.index, s.count, plan.first, plan.end
+                ),
+            },
             args.sampling.cache_interval,
             backend.name(),
-            n as f64 / secs,
+            count as f64 / secs,
             args.out.display()
         );
         Ok(())

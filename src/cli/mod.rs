@@ -7,4 +7,5 @@ pub(crate) mod decode;
 pub(crate) mod forward;
 pub(crate) mod generate;
 pub(crate) mod info;
+pub(crate) mod merge;
 pub(crate) mod sample;
