@@ -12,14 +12,15 @@ use anyhow::{ensure, Context, Result};
 use std::ops::Range;
 
 /// The `.npz` array in which `fora generate` records its run and shard: `[shard index, shard
-/// count, images of the whole run, batch size, seed (its 64 bits), first image of the shard]`
-/// int64. `fora merge` checks and joins the shards by it.
+/// count, images of the whole run, batch size, seed, first image of the shard, settings hash]`
+/// as int64 (the seed and the hash are 64-bit patterns). `fora merge` checks and joins the
+/// shards by it.
 pub const RUN_ARRAY: &str = "fora_run";
 
 /// Writes the [`RUN_ARRAY`] record `run` into `npz`.
 pub fn write_run<W: std::io::Write + std::io::Seek>(
     npz: &mut crate::npz::NpzWriter<W>,
-    run: [u64; 6],
+    run: [u64; 7],
 ) -> Result<()> {
     npz.start_array(RUN_ARRAY, crate::npz::NpyDtype::I64, &[run.len()])?;
     npz.write(
@@ -27,6 +28,14 @@ pub fn write_run<W: std::io::Write + std::io::Seek>(
             .flat_map(|v| v.to_le_bytes())
             .collect::<Vec<u8>>(),
     )
+}
+
+/// A 64-bit FNV-1a hash of `settings` (a run's description: model and decoder fingerprints,
+/// sampling settings, backend), recorded in [`RUN_ARRAY`].
+pub fn settings_hash(settings: &str) -> u64 {
+    settings.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// A part of a run (`--shard I/N`): shard `index` of `count` takes a contiguous run of batches,

@@ -184,9 +184,9 @@ trait Job {
     fn cpu_note(&self) -> Option<&'static str> {
         None
     }
-    /// Checks of the job against the model's config, before any backend is set up (and so
-    /// before any tuning); none by default.
-    fn check(&self, _cfg: &DitConfig) -> Result<()> {
+    /// Checks of the job against the model, before any backend is set up (and so before any
+    /// tuning); none by default.
+    fn check(&self, _cfg: &DitConfig, _weights: &DitWeights) -> Result<()> {
         Ok(())
     }
     fn run<B: Backend>(self, backend: &B) -> Result<()>;
@@ -213,7 +213,7 @@ fn ensure_finite(name: &str, data: &[f32], out: &Path) -> Result<()> {
 fn run_on<J: Job>(model: &ModelArgs, job: J) -> Result<()> {
     let options = model.cuda_options()?.unwrap_or_default();
     let (cfg, weights) = load_model(model)?;
-    job.check(&cfg)?;
+    job.check(&cfg, &weights)?;
     match model.device {
         Device::Cpu => job.run(&CpuBackend::new(cfg, weights)?),
         Device::Cuda => {

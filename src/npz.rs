@@ -99,8 +99,10 @@ impl<W: Write + Seek> NpzWriter<W> {
             .with_context(|| format!("array {name} {shape:?}: its size overflows"))?;
         // Stored, not compressed: images barely compress and the evaluator reads them back
         // at once; ZIP64 for arrays past 4 GiB.
+        // A fixed time (the zip epoch): the same arrays make the same file.
         let options = SimpleFileOptions::default()
             .compression_method(CompressionMethod::Stored)
+            .last_modified_time(zip::DateTime::default())
             .large_file(true);
         self.zip
             .start_file(format!("{name}.npy"), options)
@@ -199,6 +201,12 @@ impl NpzReader {
             .zip
             .by_name(&format!("{name}.npy"))
             .with_context(|| format!("{path}: no array {name}"))?;
+        ensure!(
+            entry.compression() == CompressionMethod::Stored,
+            "{path}: array {name} is compressed ({:?}; numpy.savez_compressed): only stored \
+             arrays (numpy.savez, fora generate) are read",
+            entry.compression()
+        );
         let mut lead = [0u8; 10];
         entry
             .read_exact(&mut lead)
@@ -207,7 +215,8 @@ impl NpzReader {
             &lead[..8] == b"\x93NUMPY\x01\x00",
             "{path}: array {name}: not an .npy array of format 1.0"
         );
-        let mut dict = vec![0u8; u16::from_le_bytes([lead[8], lead[9]]) as usize];
+        let header_len = u16::from_le_bytes([lead[8], lead[9]]) as u64;
+        let mut dict = vec![0u8; header_len as usize];
         entry
             .read_exact(&mut dict)
             .with_context(|| format!("{path}: array {name}: its .npy header is cut short"))?;
@@ -219,9 +228,9 @@ impl NpzReader {
             .try_fold(dtype.size() as u64, |a, &d| a.checked_mul(d as u64))
             .context("its size overflows")?;
         ensure!(
-            entry.size() == 10 + dict.len() as u64 + bytes,
+            Some(entry.size()) == bytes.checked_add(10 + header_len),
             "{path}: array {name}: {} bytes of data, its shape {shape:?} needs {bytes}",
-            entry.size().saturating_sub(10 + dict.len() as u64)
+            entry.size().saturating_sub(10 + header_len)
         );
         Ok(NpyArray {
             dtype,

@@ -276,6 +276,8 @@ pub struct VaeDecoder {
     pub(crate) up_blocks: Vec<UpBlock>,
     pub(crate) norm_out: Norm,
     pub(crate) conv_out: Conv,
+    /// A hash of every weight, in the order they were read ([`VaeDecoder::fingerprint`]).
+    fingerprint: u64,
 }
 
 /// Reads the tensors of one file by their diffusers names, each at most once, checking names,
@@ -285,6 +287,8 @@ struct Loader<'a> {
     /// The file's key of each diffusers name.
     keys: BTreeMap<String, String>,
     taken: BTreeSet<String>,
+    /// Every tensor taken, hashed in the order taken.
+    fingerprint: u64,
 }
 
 impl Loader<'_> {
@@ -340,6 +344,7 @@ impl Loader<'_> {
             );
         }
         self.taken.insert(key.to_string());
+        self.fingerprint = crate::weights::fingerprint_f32(self.fingerprint, &data);
         Ok(data)
     }
 
@@ -560,6 +565,7 @@ impl VaeDecoder {
             st,
             keys,
             taken: BTreeSet::new(),
+            fingerprint: crate::weights::FNV_OFFSET,
         };
 
         const CONV_IN: &str = "decoder.conv_in.weight";
@@ -692,7 +698,14 @@ impl VaeDecoder {
             up_blocks,
             norm_out,
             conv_out,
+            fingerprint: l.fingerprint,
         })
+    }
+
+    /// A 64-bit hash of every weight's bits (FNV-1a, in the order the loader reads them): equal
+    /// for the same decoder in either key layout, different for any other but by chance.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     /// The architecture read from the file.

@@ -1495,12 +1495,14 @@ fn generate_writes_the_libraries_images_as_an_npz() {
     let arrays = read_npz(&out);
     let names: Vec<&str> = arrays.iter().map(|a| a.0.as_str()).collect();
     assert_eq!(names, ["arr_0.npy", "labels.npy", "fora_run.npy"]);
-    // The run: shard 0 of 1, 5 images, batches of 2, seed 7, from image 0.
+    // The run: shard 0 of 1, 5 images, batches of 2, seed 7, from image 0, and a hash of the
+    // settings.
     let run: Vec<u8> = [0u64, 1, 5, 2, 7, 0]
         .iter()
         .flat_map(|v| v.to_le_bytes())
         .collect();
-    assert_eq!(arrays[2].2, run);
+    assert_eq!(arrays[2].1, npy_header(NpyDtype::I64, &[7]));
+    assert_eq!(arrays[2].2[..48], run);
     // 8 x 8 latents, two upsamplers: 32 x 32 RGB images.
     assert_eq!(arrays[0].1, npy_header(NpyDtype::U8, &[5, 32, 32, 3]));
     assert_eq!(arrays[1].1, npy_header(NpyDtype::I64, &[5]));
@@ -1626,6 +1628,10 @@ fn generate_writes_the_libraries_images_as_an_npz() {
         read_npz(&merged) == read_npz(&out),
         "merged shards differ from the whole run"
     );
+    assert!(
+        std::fs::read(&merged).unwrap() == std::fs::read(&out).unwrap(),
+        "the merged file is not the whole run's byte for byte"
+    );
     // Refused, with no file: a shard missing or given twice, a shard of another run, a file
     // that is not a shard, a shard with no batch.
     assert_fails(&merge(&[&parts[0]], &bad), &["1 of 2 shards"], &bad);
@@ -1668,12 +1674,23 @@ fn generate_writes_the_libraries_images_as_an_npz() {
         &["seed 8", "seed 7"],
         &bad,
     );
+    // The same run but for the guidance mode: other settings.
+    let other_mode = s.path("other-mode.npz");
+    assert_ok(&args(
+        &["--vae", VAE, "--shard", "1/2", "--cfg-mode", "all"],
+        &other_mode,
+    ));
+    assert_fails(
+        &merge(&[&parts[0], &other_mode], &bad),
+        &["other-mode.npz", "other settings"],
+        &bad,
+    );
     let st = s.path("not-a-shard.npz");
     std::fs::write(&st, b"PK junk").unwrap();
     assert_fails(&merge(&[&parts[0], &st], &bad), &["not-a-shard.npz"], &bad);
     assert_fails(
-        &args(&["--vae", VAE, "--shard", "0/4"], &bad),
-        &["--shard 0/4", "none for this shard"],
+        &args(&["--vae", VAE, "--shard", "3/4"], &bad),
+        &["--shard 3/4", "a run of 3 batches has fewer than 4 shards"],
         &bad,
     );
     assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());

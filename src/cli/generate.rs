@@ -13,6 +13,7 @@ use fora::cuda::CudaBackend;
 use fora::generate::Shard;
 use fora::npz::{NpyDtype, NpzWriter};
 use fora::sampler::Sampler;
+use fora::weights::DitWeights;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -58,6 +59,10 @@ pub(crate) struct GenerateArgs {
 pub(crate) struct GenerateJob {
     pub(crate) args: GenerateArgs,
     pub(crate) setup: RunSetup,
+    /// The model's [`DitWeights::fingerprint`] (`Job::check`).
+    model: std::cell::Cell<u64>,
+    /// On a GPU: its name and the backend's options as they run (after any tuning).
+    backend: std::cell::RefCell<Option<String>>,
 }
 
 pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
@@ -69,7 +74,13 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
         args.vae.as_deref(),
     )?;
     let model = args.model.clone();
-    run_on(&model, GenerateJob { args, setup })
+    let job = GenerateJob {
+        args,
+        setup,
+        model: std::cell::Cell::new(0),
+        backend: std::cell::RefCell::new(None),
+    };
+    run_on(&model, job)
 }
 
 /// Where a shard's images lie in its run.
@@ -88,14 +99,20 @@ impl GenerateJob {
     fn plan(&self) -> Result<ShardPlan> {
         let (n, shard) = (self.args.num_samples, self.args.shard);
         let batch = self.args.batch.min(n);
-        let batches = shard.batches(n.div_ceil(batch));
+        let total = n.div_ceil(batch);
         ensure!(
-            !batches.is_empty(),
-            "--shard {}/{}: a run of {} batches has none for this shard",
+            total.checked_mul(batch).is_some(),
+            "--num-samples {n}: whole batches of {batch} overflow a count"
+        );
+        // Every shard has a batch exactly where there are no more shards than batches.
+        ensure!(
+            shard.count <= total,
+            "--shard {}/{}: a run of {total} batches has fewer than {} shards",
             shard.index,
             shard.count,
-            n.div_ceil(batch)
+            shard.count
         );
+        let batches = shard.batches(total);
         // In u128: a batch index times the batch size may pass u64 at absurd counts.
         let image = |b: u64| (b as u128 * batch as u128).min(n as u128) as u64;
         let (first, end) = (image(batches.start), image(batches.end));
@@ -138,7 +155,8 @@ impl Job for GenerateJob {
         self.setup.tuning.as_ref().map(|_| UNTUNED_ON_CPU)
     }
 
-    fn check(&self, cfg: &DitConfig) -> Result<()> {
+    fn check(&self, cfg: &DitConfig, weights: &DitWeights) -> Result<()> {
+        self.model.set(weights.fingerprint());
         let [_, ic, ih, iw] = self.image_shape(cfg)?;
         // The file's size (its arrays and their .npy headers, and a kilobyte for the zip
         // records), refused now where the disk cannot take it, not after hours of sampling.
@@ -159,6 +177,7 @@ impl Job for GenerateJob {
             *self.setup.vae_gpu.borrow_mut() = vae_gpu_handle(backend, true)?;
         }
         let Some(tuning) = &self.setup.tuning else {
+            *self.backend.borrow_mut() = Some(backend_key(backend));
             return Ok(());
         };
         // The shard's first batch: the rows and schedule of every batch.
@@ -173,7 +192,9 @@ impl Job for GenerateJob {
             &classes,
             fora::generate::batch_seed(seed, plan.batches.start),
             self.args.sampling.cache_interval as usize,
-        )
+        )?;
+        *self.backend.borrow_mut() = Some(backend_key(backend));
+        Ok(())
     }
 
     fn run<B: Backend>(self, backend: &B) -> Result<()> {
@@ -220,6 +241,17 @@ impl Job for GenerateJob {
                 .into()),
             }
         };
+        // What the images depend on besides the seed: the model's and the decoder's weights,
+        // the sampling settings, and the backend (on a GPU, its kind and options). `fora merge`
+        // joins shards only where it is the same.
+        let settings = fora::generate::settings_hash(&format!(
+            "model {:016x}, decoder {:?}, {:?}, FORA interval {}, backend {}",
+            self.model.get(),
+            self.setup.vae.as_ref().map(|v| v.fingerprint()),
+            self.setup.options,
+            args.sampling.cache_interval,
+            self.backend.borrow().as_deref().unwrap_or("cpu f32"),
+        ));
         let start = std::time::Instant::now();
         let (mut computed, mut reused, mut announced) = (0usize, 0usize, false);
         let written = fora::io::write_atomic_with(&args.out, |path| {
@@ -294,7 +326,15 @@ impl Job for GenerateJob {
                 npz.write(&bytes)?;
             }
             let shard = args.shard;
-            let run = [shard.index, shard.count, n, batch, args.seed, plan.first];
+            let run = [
+                shard.index,
+                shard.count,
+                n,
+                batch,
+                args.seed,
+                plan.first,
+                settings,
+            ];
             fora::generate::write_run(&mut npz, run)?;
             npz.close(path)
         });
@@ -319,6 +359,15 @@ impl Job for GenerateJob {
         );
         Ok(())
     }
+}
+
+/// The GPU's name (not its ordinal: shards on several GPUs of one kind agree) and the
+/// backend's options as they run.
+fn backend_key(backend: &CudaBackend) -> String {
+    let name = backend.name();
+    let gpu = name.split_once(' ').map_or(name.as_str(), |(_, n)| n);
+    let options = backend.options().env_overrides().join(" ");
+    format!("{gpu} [{options}]")
 }
 
 /// A run stopped by a signal: the process exits 128 + `signal`, as a shell reports one.

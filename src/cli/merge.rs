@@ -22,8 +22,9 @@ pub(crate) struct MergeArgs {
 /// One shard file: its run record and its images' shape.
 struct Part {
     path: PathBuf,
-    /// `fora_run`: shard index, shard count, images of the run, batch, seed, first image.
-    run: [u64; 6],
+    /// `fora_run`: shard index, shard count, images of the run, batch, seed, first image,
+    /// settings hash.
+    run: [u64; 7],
     /// `arr_0`'s `[images, H, W, C]`.
     shape: Vec<usize>,
 }
@@ -36,22 +37,24 @@ impl Part {
             format!("{name}: not a file of fora generate (no {RUN_ARRAY} array)")
         })?;
         ensure!(
-            run.dtype == NpyDtype::I64 && run.shape == [6],
-            "{name}: {RUN_ARRAY} is not 6 int64 values"
+            run.dtype == NpyDtype::I64 && run.shape == [7],
+            "{name}: {RUN_ARRAY} is not 7 int64 values"
         );
-        let mut bytes = [0u8; 48];
+        let mut bytes = [0u8; 56];
         run.data
             .read_exact(&mut bytes)
             .with_context(|| format!("{name}: {RUN_ARRAY}"))?;
-        let mut values = [0u64; 6];
+        let mut values = [0u64; 7];
         for (v, b) in values.iter_mut().zip(bytes.chunks_exact(8)) {
             *v = u64::from_le_bytes(b.try_into().expect("8 bytes"));
         }
         drop(run);
         let images = npz.array("arr_0")?;
         ensure!(
-            images.dtype == NpyDtype::U8 && images.shape.len() == 4,
-            "{name}: arr_0 is not uint8 [N, H, W, C]"
+            images.dtype == NpyDtype::U8
+                && images.shape.len() == 4
+                && images.shape[1..].iter().all(|&d| d > 0),
+            "{name}: arr_0 is not uint8 [N, H, W, C] (H, W, C > 0)"
         );
         let shape = images.shape.clone();
         drop(images);
@@ -103,15 +106,21 @@ pub(crate) fn merge(args: MergeArgs) -> Result<()> {
     parts.sort_by_key(|p| p.run[0]);
     // One run (shard count, images, batch, seed), every shard once, each where the one before
     // it ends, the images of one shape, and all of the run's images.
-    let [_, count, n, batch, seed, _] = parts[0].run;
+    let [_, count, n, batch, seed, _, settings] = parts[0].run;
     let mut next = 0u64;
     for (i, part) in parts.iter().enumerate() {
         let name = part.path.display();
-        let [index, c, pn, pb, ps, first] = part.run;
+        let [index, c, pn, pb, ps, first, set] = part.run;
         ensure!(
             (c, pn, pb, ps) == (count, n, batch, seed),
             "{name}: shard {index}/{c} of a run of {pn} images, batch {pb}, seed {ps}; {} is of \
              a run of {n} images, batch {batch}, seed {seed} in {count} shards",
+            parts[0].path.display()
+        );
+        ensure!(
+            set == settings,
+            "{name}: made with other settings than {} (model, decoder, sampling flags, or the \
+             GPU kind and options: settings hash {set:016x}, not {settings:016x})",
             parts[0].path.display()
         );
         ensure!(
@@ -131,7 +140,9 @@ pub(crate) fn merge(args: MergeArgs) -> Result<()> {
             &part.shape[1..],
             &parts[0].shape[1..]
         );
-        next += part.shape[0] as u64;
+        next = next
+            .checked_add(part.shape[0] as u64)
+            .context("the shards' image counts overflow")?;
     }
     ensure!(
         parts.len() as u64 == count && next == n,
@@ -142,8 +153,12 @@ pub(crate) fn merge(args: MergeArgs) -> Result<()> {
         unreachable!("arr_0 is 4-d, checked above")
     };
     let images = usize::try_from(n).context("images")?;
+    let image = (h as u64)
+        .checked_mul(w as u64)
+        .and_then(|hw| hw.checked_mul(c as u64))
+        .context("an image's bytes overflow")?;
     let bytes = n
-        .checked_mul((h * w * c) as u64 + 8)
+        .checked_mul(image.saturating_add(8))
         .and_then(|b| b.checked_add(3 * 128 + 1024))
         .context("the images' bytes overflow")?;
     fora::io::check_free_space("--out", &args.out, bytes)?;
@@ -154,7 +169,7 @@ pub(crate) fn merge(args: MergeArgs) -> Result<()> {
         npz.start_array("labels", NpyDtype::I64, &[images])?;
         copy_arrays(&parts, "labels", &mut npz)?;
         // As the whole run's own file records it.
-        fora::generate::write_run(&mut npz, [0, 1, n, batch, seed, 0])?;
+        fora::generate::write_run(&mut npz, [0, 1, n, batch, seed, 0, settings])?;
         npz.close(path)
     })?;
     eprintln!(

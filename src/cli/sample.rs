@@ -16,6 +16,7 @@ use fora::diffusion::SamplerKind;
 use fora::io::{write_tensors, OutTensor, TensorFile};
 use fora::sampler::{Sampler, SamplerOptions, Samples, StepEvent};
 use fora::vae::VaeDecoder;
+use fora::weights::DitWeights;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -375,7 +376,7 @@ impl Job for SampleJob {
         }
     }
 
-    fn check(&self, cfg: &DitConfig) -> Result<()> {
+    fn check(&self, cfg: &DitConfig, _weights: &DitWeights) -> Result<()> {
         let c = cfg.in_channels;
         match &self.setup.vae {
             Some(vae) => ensure!(
