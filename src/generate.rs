@@ -33,9 +33,7 @@ pub fn write_run<W: std::io::Write + std::io::Seek>(
 /// A 64-bit FNV-1a hash of `settings` (a run's description: model and decoder fingerprints,
 /// sampling settings, backend), recorded in [`RUN_ARRAY`].
 pub fn settings_hash(settings: &str) -> u64 {
-    settings.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    crate::fnv::bytes(crate::fnv::OFFSET, settings.as_bytes())
 }
 
 /// A part of a run (`--shard I/N`): shard `index` of `count` takes a contiguous run of batches,

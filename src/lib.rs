@@ -62,6 +62,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod diffusion;
 pub mod embedded;
+pub(crate) mod fnv;
 pub mod generate;
 pub mod io;
 pub mod npz;

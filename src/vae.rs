@@ -565,7 +565,7 @@ impl VaeDecoder {
             st,
             keys,
             taken: BTreeSet::new(),
-            fingerprint: crate::weights::FNV_OFFSET,
+            fingerprint: crate::fnv::OFFSET,
         };
 
         const CONV_IN: &str = "decoder.conv_in.weight";

@@ -170,7 +170,7 @@ impl DitWeights {
     pub fn fingerprint(&self) -> u64 {
         self.slots()
             .into_iter()
-            .fold(FNV_OFFSET, |h, t| fingerprint_f32(h, t))
+            .fold(crate::fnv::OFFSET, |h, t| fingerprint_f32(h, t))
     }
 
     /// Every tensor in the order of [`expected_tensors`].
@@ -530,16 +530,12 @@ fn list(keys: &[&String]) -> String {
     s
 }
 
-/// FNV-1a's 64-bit offset basis: the fingerprint of nothing.
-pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-
 /// `h` extended by the bits of `values` (FNV-1a, a 32-bit word at a time), and by their count.
 pub(crate) fn fingerprint_f32(h: u64, values: &[f32]) -> u64 {
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
     let h = values
         .iter()
-        .fold(h, |h, v| (h ^ v.to_bits() as u64).wrapping_mul(PRIME));
-    (h ^ values.len() as u64).wrapping_mul(PRIME)
+        .fold(h, |h, v| crate::fnv::step(h, u64::from(v.to_bits())));
+    crate::fnv::step(h, values.len() as u64)
 }
 
 /// Tensor `key` of `st` as f32 (`label` names it in errors). Its dtype (f32, f16 or bf16) is

@@ -1,7 +1,7 @@
 //! `fora generate`: many images of random classes for an evaluation such as FID, as an .npz.
 
 use crate::cli::decode::{decode_latents, vae_gpu_handle};
-use crate::cli::sample::{RunSetup, SamplingArgs, TuneArgs, UNTUNED_ON_CPU};
+use crate::cli::sample::{steps_bar, RunSetup, SamplingArgs, TuneArgs, UNTUNED_ON_CPU};
 use crate::{ensure_finite, run_on, Job, ModelArgs};
 use anyhow::{ensure, Context, Result};
 use clap::Args;
@@ -14,7 +14,6 @@ use fora::generate::Shard;
 use fora::npz::{NpyDtype, NpzWriter};
 use fora::sampler::Sampler;
 use fora::weights::DitWeights;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -216,17 +215,7 @@ impl Job for GenerateJob {
             )?),
             _ => None,
         };
-        let bar = if args.quiet {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::new(batches.saturating_mul(steps as u64))
-        };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} steps  {msg}  (eta {eta})",
-            )
-            .context("progress bar template")?,
-        );
+        let bar = steps_bar(args.quiet, batches.saturating_mul(steps as u64))?;
         let signal = stop_on_signal();
         let stopped = |done: u64| -> Result<()> {
             match signal.load(std::sync::atomic::Ordering::SeqCst) {
@@ -296,8 +285,8 @@ impl Job for GenerateJob {
                 let [_, c, h, w] = samples.shape;
                 let latents = &samples.latents[..keep * c * h * w];
                 ensure_finite("samples", latents, &args.out).with_context(which)?;
-                let images = match &self.setup.vae {
-                    Some(vae) => {
+                let decoded = match &self.setup.vae {
+                    Some(vae) => Some(
                         decode_latents(
                             &vae_gpu,
                             true,
@@ -307,13 +296,16 @@ impl Job for GenerateJob {
                             &args.out,
                             false,
                         )
-                        .with_context(which)?
-                        .0
-                    }
-                    None => latents.to_vec(),
+                        .with_context(which)?,
+                    ),
+                    None => None,
                 };
-                let shape = [keep, ic, ih, iw];
-                npz.write(&fora::generate::to_nhwc_u8(&images, shape))?;
+                // A pixel-space model's samples are its images.
+                let (pixels, shape) = match &decoded {
+                    Some((images, shape)) => (images.as_slice(), *shape),
+                    None => (latents, [keep, c, h, w]),
+                };
+                npz.write(&fora::generate::to_nhwc_u8(pixels, shape))?;
             }
             stopped(batches)?;
             // The labels again from the seed, a batch at a time: none is held for the run.

@@ -324,6 +324,23 @@ pub(crate) fn sample(args: SampleArgs) -> Result<()> {
     run_on(&model, SampleJob { args, setup })
 }
 
+/// A progress bar of `steps` sampling steps on a terminal (`sample` and `generate`); hidden
+/// with --quiet.
+pub(crate) fn steps_bar(quiet: bool, steps: u64) -> Result<ProgressBar> {
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(steps)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} steps  {msg}  (eta {eta})",
+        )
+        .context("progress bar template")?,
+    );
+    Ok(bar)
+}
+
 /// Reads a noise file for `images` images of `cfg` over `steps` steps.
 pub(crate) fn read_noise_file(
     path: &Path,
@@ -404,17 +421,7 @@ impl Job for SampleJob {
             None => NoiseSource::Seed(args.seed.unwrap_or(0)),
         };
         let mut policy = policy_for_interval(args.sampling.cache_interval as usize)?;
-        let bar = if args.quiet {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::new(steps as u64)
-        };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} steps  {msg}  (eta {eta})",
-            )
-            .context("progress bar template")?,
-        );
+        let bar = steps_bar(args.quiet, steps as u64)?;
         let (mut computed, mut reused) = (0usize, 0usize);
         let samples: Samples = sampler.sample_with_progress(
             &args.classes,

@@ -1245,13 +1245,9 @@ pub struct TuneKey {
 
 /// 64-bit FNV-1a of `bytes`, in hex: a stable fingerprint (not a secure hash).
 fn fingerprint(chunks: &[&[u8]]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for chunk in chunks {
-        for &b in *chunk {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
+    let h = chunks
+        .iter()
+        .fold(crate::fnv::OFFSET, |h, c| crate::fnv::bytes(h, c));
     format!("{h:016x}")
 }
 
