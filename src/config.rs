@@ -151,6 +151,16 @@ impl Arch {
         Ok(arch)
     }
 
+    /// The official name (`DiT-XL/2`) of the official architecture of this depth, hidden size
+    /// and patch, if there is one: what the tensor shapes of a checkpoint without metadata
+    /// (the official release's `.pt`) say, less the heads.
+    pub fn official_name_for(depth: usize, hidden: usize, patch: usize) -> Option<String> {
+        SIZES.iter().find_map(|&(s, d, h, _)| {
+            (d == depth && h == hidden && [2, 4, 8].contains(&patch))
+                .then(|| format!("DiT-{s}/{patch}"))
+        })
+    }
+
     /// The official name (`DiT-XL/2`) when this is an official architecture.
     pub fn official_name(&self) -> Option<String> {
         SIZES.iter().find_map(|&(s, d, h, n)| {
@@ -369,6 +379,17 @@ mod tests {
         assert!((g - 118.6).abs() < 0.05, "DiT-XL/2 GMAC {g}");
         assert_eq!(Arch::parse("DiT-S/8").unwrap().heads, 6);
         assert_eq!(xl.arch_name(), "DiT-XL/2");
+        // Named from the shapes alone, as a checkpoint without metadata gives them.
+        assert_eq!(
+            Arch::official_name_for(28, 1152, 2).as_deref(),
+            Some("DiT-XL/2")
+        );
+        assert_eq!(
+            Arch::official_name_for(12, 384, 8).as_deref(),
+            Some("DiT-S/8")
+        );
+        assert_eq!(Arch::official_name_for(28, 1152, 3), None);
+        assert_eq!(Arch::official_name_for(27, 1152, 2), None);
     }
 
     #[test]

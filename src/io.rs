@@ -1,5 +1,6 @@
-//! Host tensor files: reading named f32 / int64 tensors from safetensors with shape and dtype
-//! checks that name the file and the tensor, and writing files atomically (a temporary file in
+//! Host tensor files: reading named f32 / int64 tensors from safetensors files or PyTorch
+//! checkpoints with shape and dtype checks that name the file and the tensor, and writing
+//! files atomically (a temporary file in
 //! the same directory, flushed, then renamed over the target), so an output is whole or absent.
 
 use anyhow::{bail, ensure, Context, Result};
@@ -14,16 +15,34 @@ use std::sync::{Mutex, PoisonError};
 /// The largest header a safetensors file may have (the bound the safetensors crate keeps).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
-/// A safetensors file's header, with each tensor's bytes read only when it is asked for: from a
+/// A tensor file's index, with each tensor's bytes read only when it is asked for: from a
 /// byte slice, or from the file itself ([`TensorReader::open`]). So a whole Stable Diffusion
 /// checkpoint given for its 100 MB VAE decoder costs the decoder's bytes, not the file's 4 GB,
 /// and a DiT checkpoint is never in memory twice (its bytes whole beside the f32 weights made
-/// from them). The header is checked whole at the start: offsets, sizes, and that the file holds
-/// exactly the tensor data it describes (a truncated file is refused before anything is read).
+/// from them).
+///
+/// The file is a safetensors file or, from a file only, a PyTorch checkpoint (`torch.save`'s
+/// `.pt`, `.pth`, `.bin`, `.ckpt`: the official DiT release is one), told apart by its first
+/// bytes. A safetensors header is checked whole at the start: offsets, sizes, and that the
+/// file holds exactly the tensor data it describes (a truncated file is refused before
+/// anything is read). A PyTorch checkpoint's pickle is read by the `pytorch-reader` crate,
+/// which never runs the pickle's code and checks that each tensor fits its storage; where the
+/// checkpoint nests its weights ([`PYTORCH_NESTS`]) the first nest present is taken.
 pub struct TensorReader<'a> {
+    /// The safetensors header; for a PyTorch checkpoint, one made from its tensors' dtypes and
+    /// shapes (its offsets number the bytes as if the tensors were laid end to end).
     header: Metadata,
     data: TensorData<'a>,
+    /// For a PyTorch checkpoint, the top-level key its tensors were taken from.
+    nest: Option<&'static str>,
 }
+
+/// The top-level keys under which a PyTorch checkpoint may hold the weights, in the order they
+/// are looked for: `ema` first, as the official DiT sampler's `find_model` takes it from a
+/// training checkpoint (`{"model", "ema", "opt", "args"}`), then `state_dict` (Stable
+/// Diffusion's and PyTorch Lightning's `.ckpt`) and `model`. A checkpoint with no tensor
+/// under any of them is read whole (a plain state dict, as the DiT release is).
+pub const PYTORCH_NESTS: [&str; 3] = ["ema", "state_dict", "model"];
 
 /// Where a [`TensorReader`]'s tensor bytes come from.
 enum TensorData<'a> {
@@ -32,6 +51,67 @@ enum TensorData<'a> {
     /// The open file and the offset of its tensor data. Behind a mutex: a read is a seek and a
     /// read on the file's one cursor.
     File { file: Mutex<File>, start: u64 },
+    /// A PyTorch checkpoint's tensors by name (after [`PYTORCH_NESTS`]), each read from the
+    /// file by `pytorch-reader` when it is taken.
+    Pytorch(HashMap<String, pytorch_reader::Tensor>),
+}
+
+/// Whether a file that starts with `head` (its first 9 bytes, or fewer in a shorter file) and
+/// holds `len` bytes is a PyTorch checkpoint rather than a safetensors file: a ZIP archive
+/// (`torch.save` since PyTorch 1.6), or a pickle (protocol 2 to 5: the legacy format and plain
+/// pickles) whose first 8 bytes read as a safetensors header length are past the file (so a
+/// safetensors file keeps its own diagnosis even where its length's low byte is a pickle's).
+fn looks_like_pytorch(head: &[u8], len: u64) -> bool {
+    if head.starts_with(b"PK\x03\x04") {
+        return true;
+    }
+    let pickle = head.len() >= 2 && head[0] == 0x80 && (2..=5).contains(&head[1]);
+    let header_len = head
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    pickle && header_len.is_none_or(|n| n > len.saturating_sub(8))
+}
+
+/// The safetensors dtype of a PyTorch tensor's element type (every one `pytorch-reader` reads
+/// has one).
+fn pytorch_dtype(d: pytorch_reader::DType) -> Dtype {
+    use pytorch_reader::DType as P;
+    match d {
+        P::F64 => Dtype::F64,
+        P::F32 => Dtype::F32,
+        P::F16 => Dtype::F16,
+        P::BF16 => Dtype::BF16,
+        P::I64 => Dtype::I64,
+        P::I32 => Dtype::I32,
+        P::I16 => Dtype::I16,
+        P::I8 => Dtype::I8,
+        P::U64 => Dtype::U64,
+        P::U32 => Dtype::U32,
+        P::U16 => Dtype::U16,
+        P::U8 => Dtype::U8,
+        P::Bool => Dtype::BOOL,
+    }
+}
+
+/// `tensors` under the first of [`PYTORCH_NESTS`] that holds any, with that key and its dot
+/// taken off their names, and the key; or all of them and `None`.
+fn pytorch_nest(
+    tensors: HashMap<String, pytorch_reader::Tensor>,
+) -> (
+    HashMap<String, pytorch_reader::Tensor>,
+    Option<&'static str>,
+) {
+    for nest in PYTORCH_NESTS {
+        let prefix = format!("{nest}.");
+        if tensors.keys().any(|k| k.starts_with(&prefix)) {
+            let inner = tensors
+                .into_iter()
+                .filter_map(|(k, t)| Some((k.strip_prefix(&prefix)?.to_string(), t)))
+                .collect();
+            return (inner, Some(nest));
+        }
+    }
+    (tensors, None)
 }
 
 /// One tensor as the file stores it: dtype, shape and little-endian bytes.
@@ -47,6 +127,12 @@ pub struct RawTensor<'a> {
 impl<'a> TensorReader<'a> {
     /// The tensors of the safetensors file `bytes`, checked whole.
     pub fn from_bytes(bytes: &'a [u8]) -> Result<TensorReader<'a>> {
+        let head = &bytes[..bytes.len().min(9)];
+        ensure!(
+            !looks_like_pytorch(head, bytes.len() as u64),
+            "a PyTorch checkpoint, which is read from its file (TensorReader::open, \
+             DitWeights::load, VaeDecoder::load), not from bytes"
+        );
         let (n, header) = SafeTensors::read_metadata(bytes)
             .map_err(|e| anyhow::anyhow!("not a valid safetensors file: {e}"))?;
         // read_metadata checked that the bytes hold exactly header and data.
@@ -56,16 +142,29 @@ impl<'a> TensorReader<'a> {
         Ok(TensorReader {
             header,
             data: TensorData::Bytes(data),
+            nest: None,
         })
     }
 
     /// Opens the regular file at `path` (links followed; a device, FIFO or directory is refused
-    /// before any read, as [`read_file`] does) and reads its header only. Its errors name the
-    /// file, as `what` ("checkpoint", "VAE weights", or empty) and the path; [`TensorReader::tensor`]'s do not
-    /// (its callers say which file they read).
+    /// before any read, as [`read_file`] does) and reads its header only (a PyTorch
+    /// checkpoint's pickle). Its errors name the file, as `what` ("checkpoint", "VAE weights",
+    /// or empty) and the path; [`TensorReader::tensor`]'s do not (its callers say which file
+    /// they read).
     pub fn open(path: &Path, what: &str) -> Result<TensorReader<'static>> {
         let (mut file, named) = open_regular(path, what)?;
         let len = file.metadata().with_context(|| named.clone())?.len();
+        let mut head = Vec::with_capacity(9);
+        (&mut file)
+            .take(9)
+            .read_to_end(&mut head)
+            .with_context(|| named.clone())?;
+        if looks_like_pytorch(&head, len) {
+            drop(file);
+            return Self::open_pytorch(path, what);
+        }
+        file.seek(SeekFrom::Start(0))
+            .with_context(|| named.clone())?;
         let invalid = |why: String| {
             anyhow::anyhow!(
                 "{what}{}{}: not a valid safetensors file: {why}",
@@ -107,7 +206,58 @@ impl<'a> TensorReader<'a> {
                 file: Mutex::new(file),
                 start: 8 + n,
             },
+            nest: None,
         })
+    }
+
+    /// [`TensorReader::open`] of a PyTorch checkpoint: its pickle read whole, no tensor yet.
+    fn open_pytorch(path: &Path, what: &str) -> Result<TensorReader<'static>> {
+        let file = format!(
+            "{what}{}{}",
+            if what.is_empty() { "" } else { " " },
+            path.display()
+        );
+        let reader = pytorch_reader::PytorchReader::new(path)
+            .map_err(|e| anyhow::anyhow!("{file}: not a valid PyTorch checkpoint: {e}"))?;
+        let (tensors, nest) = pytorch_nest(reader.into_tensors());
+        ensure!(
+            !tensors.is_empty(),
+            "{file}: a PyTorch checkpoint without tensors"
+        );
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        let mut end = 0;
+        let infos = names
+            .into_iter()
+            .map(|name| {
+                let t = &tensors[name];
+                let begin = end;
+                end += t.byte_len();
+                let info = TensorInfo {
+                    dtype: pytorch_dtype(t.dtype()),
+                    shape: t.shape().to_vec(),
+                    data_offsets: (begin, end),
+                };
+                (name.clone(), info)
+            })
+            .collect();
+        let header = Metadata::new(None, infos)
+            .map_err(|e| anyhow::anyhow!("{file}: its tensors' index: {e}"))?;
+        Ok(TensorReader {
+            header,
+            data: TensorData::Pytorch(tensors),
+            nest,
+        })
+    }
+
+    /// The file's format: "safetensors", or "PyTorch checkpoint" with the top-level key its
+    /// tensors were taken from ([`PYTORCH_NESTS`]).
+    pub fn format(&self) -> String {
+        match (&self.data, self.nest) {
+            (TensorData::Pytorch(_), Some(nest)) => format!("PyTorch checkpoint, {nest:?}"),
+            (TensorData::Pytorch(_), None) => "PyTorch checkpoint".to_string(),
+            _ => "safetensors".to_string(),
+        }
     }
 
     /// The tensors' names, sorted.
@@ -117,12 +267,14 @@ impl<'a> TensorReader<'a> {
         names
     }
 
-    /// The file's string metadata (`__metadata__`); empty where it has none.
+    /// The file's string metadata (`__metadata__`); empty where it has none (a PyTorch
+    /// checkpoint has none).
     pub fn metadata(&self) -> HashMap<String, String> {
         self.header.metadata().clone().unwrap_or_default()
     }
 
-    /// Dtype, shape and offsets of tensor `name`, from the header (nothing is read).
+    /// Dtype, shape and offsets of tensor `name`, from the header (nothing is read; a PyTorch
+    /// checkpoint's offsets are only an index).
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
         self.header.info(name)
     }
@@ -160,6 +312,29 @@ impl<'a> TensorReader<'a> {
                 file.seek(SeekFrom::Start(start + begin as u64))
                     .and_then(|_| file.read_exact(&mut buf))
                     .with_context(|| format!("cannot read tensor {name}"))?;
+                Cow::Owned(buf)
+            }
+            TensorData::Pytorch(tensors) => {
+                let t = tensors
+                    .get(name)
+                    .with_context(|| format!("no tensor {name}"))?;
+                // pytorch-reader checks the bytes against the tensor's storage and its own
+                // checksum; a file changed since the pickle was read fails here by name.
+                let mut buf = t
+                    .read()
+                    .map_err(|e| anyhow::anyhow!("cannot read tensor {name}: {e}"))?;
+                ensure!(
+                    buf.len() == info.data_offsets.1 - info.data_offsets.0,
+                    "tensor {name}: read {} bytes, its shape holds {}",
+                    buf.len(),
+                    info.data_offsets.1 - info.data_offsets.0
+                );
+                // Its bytes are the host's order; the callers read little-endian.
+                if cfg!(target_endian = "big") {
+                    for element in buf.chunks_exact_mut(t.dtype().size()) {
+                        element.reverse();
+                    }
+                }
                 Cow::Owned(buf)
             }
         };

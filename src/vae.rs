@@ -524,29 +524,170 @@ fn indices(names: &[&str], prefix: &str) -> Result<usize> {
     Ok(n)
 }
 
-/// A metadata value parsed, or `default` where absent.
-fn meta_value<T: std::str::FromStr>(
+/// A setting from the weights file's metadata `key`, else from its diffusers `config.json`
+/// (`from_config`: the file and its value), else `default`; the two disagreeing is an error.
+fn setting<T: std::str::FromStr + PartialEq + std::fmt::Display + Copy>(
     meta: &HashMap<String, String>,
     key: &str,
+    from_config: Option<(&Path, T)>,
     default: T,
 ) -> Result<T> {
-    match meta.get(key) {
-        None => Ok(default),
-        Some(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| anyhow::anyhow!("metadata {key} = {v:?} is not a valid value")),
+    let from_meta = match meta.get(key) {
+        None => None,
+        Some(v) => Some(
+            v.trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("metadata {key} = {v:?} is not a valid value"))?,
+        ),
+    };
+    match (from_meta, from_config) {
+        (Some(m), Some((path, c))) if m != c => bail!(
+            "metadata {key} = {m} disagrees with {} ({c})",
+            path.display()
+        ),
+        (Some(m), _) => Ok(m),
+        (None, Some((_, c))) => Ok(c),
+        (None, None) => Ok(default),
+    }
+}
+
+/// What diffusers' `config.json` beside a VAE's weights (`stabilityai/sd-vae-ft-ema/
+/// config.json` beside its `diffusion_pytorch_model.bin` or `.safetensors`) says of an
+/// `AutoencoderKL`: the settings its tensors do not show (GroupNorm groups, scaling factor),
+/// and the architecture they do, to check against them.
+#[derive(Debug, Default)]
+struct DiffusersConfig {
+    path: std::path::PathBuf,
+    norm_num_groups: Option<usize>,
+    scaling_factor: Option<f32>,
+    latent_channels: Option<usize>,
+    out_channels: Option<usize>,
+    /// The encoder's order (narrowest first); the decoder's up blocks run it reversed.
+    block_out_channels: Option<Vec<usize>>,
+    /// Resnets per up block, less one.
+    layers_per_block: Option<usize>,
+}
+
+impl DiffusersConfig {
+    /// The `config.json` in the folder of `weights`, if there is one and it is an
+    /// `AutoencoderKL`'s (`_class_name`); another model's, or a file that is not JSON, is not
+    /// this decoder's and is passed over. A field of the wrong type is an error naming it.
+    fn beside(weights: &Path) -> Result<Option<DiffusersConfig>> {
+        let path = weights
+            .parent()
+            .unwrap_or(Path::new(""))
+            .join("config.json");
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let Ok(json) = serde_json::from_slice::<serde_json::Value>(&text) else {
+            return Ok(None);
+        };
+        if json.get("_class_name").and_then(|v| v.as_str()) != Some("AutoencoderKL") {
+            return Ok(None);
+        }
+        let field = |key: &str| json.get(key).filter(|v| !v.is_null());
+        let bad =
+            |key: &str, what: &str| anyhow::anyhow!("{}: {key} is not {what}", path.display());
+        let count = |key: &str| -> Result<Option<usize>> {
+            field(key)
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .ok_or_else(|| bad(key, "a whole number"))
+                })
+                .transpose()
+        };
+        let scaling_factor = field("scaling_factor")
+            .map(|v| {
+                v.as_f64()
+                    .map(|x| x as f32)
+                    .ok_or_else(|| bad("scaling_factor", "a number"))
+            })
+            .transpose()?;
+        let block_out_channels = field("block_out_channels")
+            .map(|v| {
+                v.as_array()
+                    .and_then(|a| {
+                        a.iter()
+                            .map(|c| c.as_u64().and_then(|n| usize::try_from(n).ok()))
+                            .collect::<Option<Vec<usize>>>()
+                    })
+                    .ok_or_else(|| bad("block_out_channels", "a list of whole numbers"))
+            })
+            .transpose()?;
+        Ok(Some(DiffusersConfig {
+            norm_num_groups: count("norm_num_groups")?,
+            scaling_factor,
+            latent_channels: count("latent_channels")?,
+            out_channels: count("out_channels")?,
+            block_out_channels,
+            layers_per_block: count("layers_per_block")?,
+            path,
+        }))
+    }
+
+    /// An error unless the architecture it states is `cfg`'s, read from the tensors.
+    fn check(&self, cfg: &VaeConfig) -> Result<()> {
+        let path = self.path.display();
+        let differs = |key: &str, said: String, got: String| {
+            anyhow::anyhow!("{path} says {key} {said}, the weights have {got}")
+        };
+        if let Some(c) = self.latent_channels.filter(|&c| c != cfg.latent_channels) {
+            return Err(differs(
+                "latent_channels",
+                c.to_string(),
+                cfg.latent_channels.to_string(),
+            ));
+        }
+        if let Some(c) = self.out_channels.filter(|&c| c != cfg.out_channels) {
+            return Err(differs(
+                "out_channels",
+                c.to_string(),
+                cfg.out_channels.to_string(),
+            ));
+        }
+        if let Some(l) = self
+            .layers_per_block
+            .filter(|&l| l.checked_add(1) != Some(cfg.resnets_per_block))
+        {
+            return Err(differs(
+                "layers_per_block",
+                format!("{l} (resnets per up block, less one)"),
+                format!("{} resnets per up block", cfg.resnets_per_block),
+            ));
+        }
+        if let Some(c) = &self.block_out_channels {
+            let decoder_order: Vec<usize> = c.iter().rev().copied().collect();
+            if decoder_order != cfg.block_channels {
+                return Err(differs(
+                    "block_out_channels",
+                    format!("{c:?}"),
+                    format!("{:?} (up blocks, widest first)", cfg.block_channels),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
 impl VaeDecoder {
-    /// Reads a VAE weights file (safetensors, diffusers' key layout; f32, f16 or bf16).
+    /// Reads a VAE weights file: safetensors or a PyTorch checkpoint (diffusers' `.bin`, a
+    /// Stable Diffusion `.ckpt`), in diffusers' key layout or the original one; f32, f16 or
+    /// bf16. Where diffusers' `config.json` for an `AutoencoderKL` sits beside it, its
+    /// `norm_num_groups` and `scaling_factor` are taken where the file's metadata does not give
+    /// them (and must agree where it does), and the architecture it states must be the
+    /// tensors'.
     pub fn load(path: impl AsRef<Path>) -> Result<VaeDecoder> {
         let path = path.as_ref();
         // Tensor by tensor from the file: a whole Stable Diffusion checkpoint costs its
         // decoder's tensors, not its gigabytes.
         let st = TensorReader::open(path, "VAE weights")?;
-        Self::from_reader(st).with_context(|| format!("VAE weights {}", path.display()))
+        let config = DiffusersConfig::beside(path)?;
+        Self::from_parts(st, config.as_ref())
+            .with_context(|| format!("VAE weights {}", path.display()))
     }
 
     /// [`VaeDecoder::load`] from the bytes of a safetensors file.
@@ -556,6 +697,11 @@ impl VaeDecoder {
 
     /// [`VaeDecoder::load`] from a safetensors file's tensors.
     pub fn from_reader(st: TensorReader) -> Result<VaeDecoder> {
+        Self::from_parts(st, None)
+    }
+
+    /// [`VaeDecoder::from_reader`] with the settings of a diffusers `config.json`.
+    fn from_parts(st: TensorReader, config: Option<&DiffusersConfig>) -> Result<VaeDecoder> {
         let meta = st.metadata();
         let file_keys = st.names();
         let keys = diffusers_keys(&file_keys)?;
@@ -611,18 +757,31 @@ impl VaeDecoder {
             out_channels: conv_out[0],
             block_channels,
             resnets_per_block,
-            groups: meta_value(&meta, "fora.vae.groups", DEFAULT_GROUPS)?,
+            groups: setting(
+                &meta,
+                "fora.vae.groups",
+                config.and_then(|c| Some((c.path.as_path(), c.norm_num_groups?))),
+                DEFAULT_GROUPS,
+            )?,
             mid_attention: names
                 .iter()
                 .any(|n| n.starts_with("decoder.mid_block.attentions.0.")),
-            scaling_factor: meta_value(&meta, "fora.vae.scaling_factor", DEFAULT_SCALING_FACTOR)?,
+            scaling_factor: setting(
+                &meta,
+                "fora.vae.scaling_factor",
+                config.and_then(|c| Some((c.path.as_path(), c.scaling_factor?))),
+                DEFAULT_SCALING_FACTOR,
+            )?,
         };
+        if let Some(config) = config {
+            config.check(&cfg)?;
+        }
         let c0 = cfg.block_channels[0];
         let widths = std::iter::once(c0).chain(cfg.block_channels.iter().copied());
         ensure!(
             cfg.groups > 0 && widths.clone().all(|c| c > 0 && c % cfg.groups == 0),
-            "GroupNorm with {} groups (metadata fora.vae.groups, default {DEFAULT_GROUPS}) does \
-             not divide the widths {:?}",
+            "GroupNorm with {} groups (metadata fora.vae.groups or config.json's \
+             norm_num_groups, default {DEFAULT_GROUPS}) does not divide the widths {:?}",
             cfg.groups,
             cfg.block_channels
         );

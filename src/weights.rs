@@ -716,11 +716,24 @@ fn infer_config(
     let heads = match (arch, meta_heads) {
         (Some(a), _) => a.heads,
         (None, Some(h)) => h,
-        (None, None) => bail!(
-            "the number of attention heads cannot be inferred from the tensor shapes ({shapes}) \
-             and the checkpoint metadata has no fora.heads: pass --arch (e.g. DiT-XL/2, or \
-             depth={depth},hidden={hidden},heads=H,patch={patch})"
-        ),
+        (None, None) => {
+            // An official model's depth and width name it (the official release's .pt files
+            // record no architecture); the heads are still the user's to confirm.
+            let official = Arch::official_name_for(depth, hidden, patch);
+            bail!(
+                "the number of attention heads cannot be inferred from the tensor shapes \
+                 ({shapes}) and the checkpoint metadata has no fora.heads: pass --arch ({})",
+                match official {
+                    Some(name) => format!(
+                        "these shapes are {name}'s: --arch {name}; or \
+                         depth={depth},hidden={hidden},heads=H,patch={patch}"
+                    ),
+                    None => format!(
+                        "e.g. DiT-XL/2, or depth={depth},hidden={hidden},heads=H,patch={patch}"
+                    ),
+                }
+            )
+        }
     };
     ensure!(
         heads > 0 && hidden % heads == 0,

@@ -1,0 +1,98 @@
+"""Makes tests/fixtures/*.pt, *.bin: PyTorch checkpoints (torch.save) of tensors the repo
+already holds as safetensors, for tests/pytorch.rs, which reads both and holds them equal.
+
+  dit_b.pt           oracle_b.model.safetensors' DiT as a plain state dict (as the official
+                     DiT-XL-2-256x256.pt is), f32, in torch.save's ZIP format; its
+                     blocks.0.attn.qkv.weight is a transposed view (not contiguous) and its
+                     pos_embed a view at an offset into a larger storage, so the reader must
+                     gather them
+  dit_b_legacy.pt    the same state dict in the legacy (pre-1.6) format
+  dit_b_training.pt  a training checkpoint as the official train.py writes one: {"model",
+                     "ema", "opt", "args"}; "ema" holds the weights in bf16, "model" the same
+                     plus one (the sampler must take "ema"), "opt" an optimizer state with
+                     tensors, "args" an argparse.Namespace
+  vae_tiny_diffusers/
+    diffusion_pytorch_model.bin, config.json
+                     vae_tiny.model.safetensors' decoder (f16) as diffusers saves an
+                     AutoencoderKL (tools/make_vae_fixture.py's settings; the GroupNorm groups
+                     and scaling factor, which the .bin cannot hold, in config.json)
+
+    pip install torch safetensors
+    python3 tools/make_pt_fixtures.py --dir tests/fixtures
+"""
+
+import argparse
+import collections
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="tests/fixtures")
+    args = ap.parse_args()
+    d = args.dir
+
+    dit = load_file(os.path.join(d, "oracle_b.model.safetensors"))
+    state = collections.OrderedDict(sorted(dit.items()))
+    qkv = state["blocks.0.attn.qkv.weight"]
+    state["blocks.0.attn.qkv.weight"] = qkv.t().contiguous().t()
+    assert not state["blocks.0.attn.qkv.weight"].is_contiguous()
+    pos = state["pos_embed"]
+    big = torch.cat([torch.randn(7), pos.flatten(), torch.randn(5)])
+    state["pos_embed"] = big[7 : 7 + pos.numel()].view(pos.shape)
+    assert state["pos_embed"].storage_offset() == 7
+    torch.save(state, os.path.join(d, "dit_b.pt"))
+    torch.save(
+        state,
+        os.path.join(d, "dit_b_legacy.pt"),
+        _use_new_zipfile_serialization=False,
+    )
+
+    ema = collections.OrderedDict((k, v.to(torch.bfloat16)) for k, v in sorted(dit.items()))
+    model = collections.OrderedDict((k, v + 1) for k, v in sorted(dit.items()))
+    first = next(iter(model.values()))
+    opt = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(first)}},
+        "param_groups": [{"lr": 1e-4, "weight_decay": 0, "params": [0]}],
+    }
+    training = {
+        "model": model,
+        "ema": ema,
+        "opt": opt,
+        "args": argparse.Namespace(model="DiT-XL/2", image_size=256, global_seed=0),
+    }
+    torch.save(training, os.path.join(d, "dit_b_training.pt"))
+
+    vae = load_file(os.path.join(d, "vae_tiny.model.safetensors"))
+    folder = os.path.join(d, "vae_tiny_diffusers")
+    os.makedirs(folder, exist_ok=True)
+    torch.save(
+        collections.OrderedDict(sorted(vae.items())),
+        os.path.join(folder, "diffusion_pytorch_model.bin"),
+    )
+    config = {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.31.0",
+        "act_fn": "silu",
+        "block_out_channels": [16, 32, 32],
+        "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "in_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "out_channels": 3,
+        "sample_size": 32,
+        "scaling_factor": 0.18215,
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+    }
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
