@@ -230,13 +230,17 @@ impl Job for GenerateJob {
                 .into()),
             }
         };
-        // What the images depend on besides the seed: the model's and the decoder's weights,
-        // the sampling settings, and the backend (on a GPU, its kind and options). `fora merge`
+        // What the images depend on besides the seed: the model's and the decoder's weights
+        // (and the decoder's settings, which a config.json beside it may give), the sampling
+        // settings, and the backend (on a GPU, its kind and options). `fora merge`
         // joins shards only where it is the same.
         let settings = fora::generate::settings_hash(&format!(
             "model {:016x}, decoder {:?}, {:?}, FORA interval {}, backend {}",
             self.model.get(),
-            self.setup.vae.as_ref().map(|v| v.fingerprint()),
+            self.setup
+                .vae
+                .as_ref()
+                .map(|v| (v.fingerprint(), v.config())),
             self.setup.options,
             args.sampling.cache_interval,
             self.backend.borrow().as_deref().unwrap_or("cpu f32"),
