@@ -6,26 +6,8 @@ use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-/// A scratch directory unique to one test, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("fora-ckpt-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod temp_dir;
+use temp_dir::TempDir;
 
 fn small() -> DitConfig {
     let arch = Arch::parse("depth=2,hidden=48,heads=3,patch=2").unwrap();
@@ -75,7 +57,7 @@ const ARCH: &str = "depth=2,hidden=48,heads=3,patch=2";
 
 #[test]
 fn round_trip_save_load() {
-    let dir = TempDir::new("roundtrip");
+    let dir = TempDir::new("ckpt", "roundtrip");
     for cfg in [
         small(),
         DitConfig::from_arch(
@@ -99,7 +81,7 @@ fn round_trip_save_load() {
         assert_eq!(cfg3, cfg);
     }
     // No temporary file is left behind.
-    let left: Vec<_> = std::fs::read_dir(&dir.0)
+    let left: Vec<_> = std::fs::read_dir(dir.dir())
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
@@ -125,7 +107,7 @@ fn random_weights_are_deterministic_and_nonzero() {
 
 #[test]
 fn half_precision_tensors_load_as_f32() {
-    let dir = TempDir::new("half");
+    let dir = TempDir::new("ckpt", "half");
     let cfg = small();
     let w = DitWeights::random(&cfg, 5).unwrap();
     for dt in [Dtype::F16, Dtype::BF16] {
@@ -167,7 +149,7 @@ fn half_precision_tensors_load_as_f32() {
 
 #[test]
 fn unreadable_garbage_and_truncated_files() {
-    let dir = TempDir::new("garbage");
+    let dir = TempDir::new("ckpt", "garbage");
     expect_err(
         &dir.path("nope.safetensors"),
         Some(ARCH),
@@ -202,7 +184,7 @@ fn unreadable_garbage_and_truncated_files() {
 
 #[test]
 fn missing_and_unexpected_keys_are_named() {
-    let dir = TempDir::new("keys");
+    let dir = TempDir::new("ckpt", "keys");
     let p = dir.path("k.safetensors");
     let mut r = raw(&small(), 1);
     r.remove("blocks.1.mlp.fc2.bias");
@@ -279,7 +261,7 @@ fn missing_and_unexpected_keys_are_named() {
 
 #[test]
 fn wrong_shapes_are_named() {
-    let dir = TempDir::new("shapes");
+    let dir = TempDir::new("ckpt", "shapes");
     let p = dir.path("s.safetensors");
     let mut r = raw(&small(), 1);
     let e = r.get_mut("blocks.1.attn.proj.weight").unwrap();
@@ -320,7 +302,7 @@ fn wrong_shapes_are_named() {
 /// file is loaded, as every other size is.
 #[test]
 fn an_mlp_ratio_past_the_limits_is_refused_on_load() {
-    let dir = TempDir::new("mlp_ratio");
+    let dir = TempDir::new("ckpt", "mlp_ratio");
     let p = dir.path("m.safetensors");
     let limit = fora::config::SIZE_LIMITS.mlp_ratio;
     let mut r = raw(&small(), 1);
@@ -341,7 +323,7 @@ fn an_mlp_ratio_past_the_limits_is_refused_on_load() {
 
 #[test]
 fn unsupported_dtype_and_nonfinite_values_are_named() {
-    let dir = TempDir::new("dtype");
+    let dir = TempDir::new("ckpt", "dtype");
     let p = dir.path("d.safetensors");
     let mut r = raw(&small(), 1);
     let e = r.get_mut("blocks.0.mlp.fc1.bias").unwrap();
@@ -373,7 +355,7 @@ fn unsupported_dtype_and_nonfinite_values_are_named() {
 
 #[test]
 fn heads_come_from_arch_or_metadata() {
-    let dir = TempDir::new("heads");
+    let dir = TempDir::new("ckpt", "heads");
     let p = dir.path("h.safetensors");
     let cfg = small();
     write(&p, &raw(&cfg, 1), None);
@@ -430,7 +412,7 @@ fn weights_check_rejects_mismatched_sizes() {
 #[test]
 fn mutated_checkpoints_never_panic() {
     let cfg = small();
-    let dir = TempDir::new("fuzz");
+    let dir = TempDir::new("ckpt", "fuzz");
     let path = dir.path("valid.safetensors");
     let mut meta = HashMap::new();
     meta.insert("fora.heads".to_string(), "3".to_string());
@@ -504,7 +486,7 @@ fn mutated_checkpoints_never_panic() {
 #[test]
 fn mutated_tensor_files_never_panic() {
     use fora::io::{safetensors_bytes, OutTensor, TensorFile};
-    let dir = TempDir::new("tensorfuzz");
+    let dir = TempDir::new("ckpt", "tensorfuzz");
     let x: Vec<f32> = (0..2 * 4 * 6 * 6)
         .map(|i| (i as f32 * 0.37).sin())
         .collect();

@@ -10,6 +10,9 @@ use safetensors::tensor::Dtype;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod temp_dir;
+use temp_dir::TempDir;
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -17,27 +20,6 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 const DIT_ARCH: &str = "depth=1,hidden=24,heads=2,patch=4";
-
-/// A scratch directory unique to one test, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("fora-pt-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `bytes` (f32, little-endian) rounded to bf16 as PyTorch's `.to(torch.bfloat16)` rounds
 /// (to nearest, ties to even), as bf16 bytes.
@@ -174,7 +156,7 @@ fn vae_loads_from_diffusers_bin_and_config() {
 /// the file.
 #[test]
 fn vae_config_json_is_checked() {
-    let dir = TempDir::new("vae-config");
+    let dir = TempDir::new("pt", "vae-config");
     let bin = dir.path("diffusion_pytorch_model.bin");
     std::fs::copy(vae_folder().join("diffusion_pytorch_model.bin"), &bin).unwrap();
     let good: serde_json::Value =
@@ -243,7 +225,7 @@ fn vae_config_json_is_checked() {
 /// mutation of a checkpoint panics the loader.
 #[test]
 fn broken_pytorch_checkpoints_are_refused() {
-    let dir = TempDir::new("broken");
+    let dir = TempDir::new("pt", "broken");
     let arch = Arch::parse(DIT_ARCH).unwrap();
     let good = std::fs::read(fixture("dit_b.pt")).unwrap();
     let load = |bytes: &[u8]| {
@@ -318,7 +300,7 @@ fn broken_pytorch_checkpoints_are_refused() {
 /// `fora sample --model X.pt` samples what the safetensors twin samples, bit for bit.
 #[test]
 fn sample_from_a_pytorch_checkpoint() {
-    let dir = TempDir::new("sample");
+    let dir = TempDir::new("pt", "sample");
     let run = |model: &Path, out: &Path| {
         let o = Command::new(env!("CARGO_BIN_EXE_fora"))
             .args(["sample", "--model"])
