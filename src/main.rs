@@ -50,8 +50,9 @@ enum Command {
     /// Decodes latents (the `samples` of `fora sample` with a latent model) into images with
     /// the Stable Diffusion VAE's decoder, on a GPU or the CPU.
     Decode(DecodeArgs),
-    /// The build (kernels compiled or not, for which GPU architectures) and the GPUs seen.
-    Info,
+    /// The build (kernels compiled or not, for which GPU architectures) and the GPUs seen;
+    /// with --model or --vae, what those files hold (checked as the other commands read them).
+    Info(cli::info::InfoArgs),
     /// Benchmarks on the GPU: kernels vs cuBLASLt and the card's ceilings, computing and reuse
     /// steps per batch, end-to-end FORA runs (random-weight DiT-XL/2 unless --model).
     Bench(fora::bench::BenchArgs),
@@ -85,8 +86,10 @@ enum SamplerChoice {
 
 #[derive(Args, Clone, Debug)]
 struct ModelArgs {
-    /// Checkpoint (safetensors, official DiT key layout; f32, f16 or bf16). Default: the
-    /// embedded tiny digits model (models/tiny.safetensors).
+    /// Checkpoint in the official DiT key layout (f32, f16 or bf16): safetensors, or a PyTorch
+    /// checkpoint (.pt, .pth: the official release's DiT-XL-2-256x256.pt as downloaded, with
+    /// --arch; a training checkpoint's "ema"). Default: the embedded tiny digits model
+    /// (models/tiny.safetensors).
     #[arg(long, value_name = "CKPT")]
     model: Option<PathBuf>,
     /// Architecture (`DiT-XL/2`, or `depth=..,hidden=..,heads=..,patch=..`) when the checkpoint's
@@ -158,7 +161,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => cli::generate::generate(args),
         Command::Merge(args) => cli::merge::merge(args),
         Command::Decode(args) => cli::decode::decode(args),
-        Command::Info => cli::info::info(),
+        Command::Info(args) => cli::info::info(args),
         Command::Bench(args) => fora::bench::run(&args),
     });
     match result {

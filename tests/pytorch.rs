@@ -325,3 +325,40 @@ fn sample_from_a_pytorch_checkpoint() {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert!(bits(&got.data) == bits(&want.data), "the samples differ");
 }
+
+/// `fora info --model --vae` describes the files after loading them as `fora sample` does, and
+/// fails (exit 1, the file named) on one that does not load.
+#[test]
+fn info_describes_checkpoints() {
+    let info = |args: &[&std::ffi::OsStr]| {
+        Command::new(env!("CARGO_BIN_EXE_fora"))
+            .arg("info")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let model = fixture("dit_b_training.pt");
+    let vae = vae_folder().join("diffusion_pytorch_model.bin");
+    let o = info(&[
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--arch".as_ref(),
+        DIT_ARCH.as_ref(),
+        "--vae".as_ref(),
+        vae.as_os_str(),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for needle in [
+        "dit_b_training.pt: PyTorch checkpoint, \"ema\"; depth=1,hidden=24,heads=2,patch=4",
+        "input 3 x 8 x 8 (4 tokens), 5 classes, no learn_sigma",
+        "diffusion_pytorch_model.bin: PyTorch checkpoint; 4 latent channels",
+        "up blocks [32, 32, 16] of 2 resnets, 8 GroupNorm groups",
+    ] {
+        assert!(out.contains(needle), "{needle:?} not in {out}");
+    }
+    let o = info(&["--model".as_ref(), fixture("dit_b.pt").as_os_str()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("dit_b.pt") && err.contains("--arch") && !err.contains("panicked"));
+}

@@ -12,9 +12,10 @@ use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub(crate) struct DecodeArgs {
-    /// The VAE decoder's weights (safetensors in diffusers' AutoencoderKL key layout, e.g.
-    /// stabilityai/sd-vae-ft-ema's diffusion_pytorch_model.safetensors, or the original Stable
-    /// Diffusion one, a whole SD checkpoint included).
+    /// The VAE decoder's weights (safetensors or a PyTorch checkpoint, in diffusers'
+    /// AutoencoderKL key layout, e.g. stabilityai/sd-vae-ft-ema's
+    /// diffusion_pytorch_model.safetensors or .bin, with the config.json beside it read where
+    /// present; or the original Stable Diffusion one, a whole SD checkpoint included).
     #[arg(long, value_name = "VAE")]
     pub(crate) vae: PathBuf,
     /// safetensors with the latents [B, C, H, W] f32 (what `fora sample` writes).

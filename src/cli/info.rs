@@ -1,10 +1,98 @@
-//! `fora info`: the build, the CUDA options in effect, the GPUs seen.
+//! `fora info`: the build, the CUDA options in effect, the GPUs seen; and, given files, what a
+//! DiT checkpoint and a VAE decoder hold, checked as the other commands read them.
 
 use anyhow::{Context, Result};
-use fora::config::DitConfig;
+use clap::Args;
+use fora::config::{Arch, DitConfig};
 use fora::cuda::{CudaOptions, Gpu};
+use fora::io::TensorReader;
+use fora::vae::VaeDecoder;
+use fora::weights::DitWeights;
+use std::path::{Path, PathBuf};
 
-pub(crate) fn info() -> Result<()> {
+#[derive(Args, Debug)]
+pub(crate) struct InfoArgs {
+    /// A DiT checkpoint (safetensors or PyTorch) to describe: its format, architecture, data
+    /// shape and parameters, after the checks `fora sample` makes (an error if it fails them).
+    #[arg(long, value_name = "CKPT")]
+    model: Option<PathBuf>,
+    /// The checkpoint's architecture where its metadata does not record it (as `fora sample`).
+    #[arg(long, requires = "model")]
+    arch: Option<String>,
+    /// A VAE decoder's weights to describe, as `fora sample --vae` reads them.
+    #[arg(long, value_name = "VAE")]
+    vae: Option<PathBuf>,
+}
+
+pub(crate) fn info(args: InfoArgs) -> Result<()> {
+    // The files first: a bad one ends the command before the rest is printed.
+    let mut files = Vec::new();
+    if let Some(path) = &args.model {
+        let arch = args.arch.as_deref().map(Arch::parse).transpose()?;
+        files.push(describe_model(path, arch.as_ref())?);
+    }
+    if let Some(path) = &args.vae {
+        files.push(describe_vae(path)?);
+    }
+    build_info()?;
+    for line in files {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// "model: PATH: FORMAT; ARCH (...), data shape, parameters", once the checkpoint has loaded.
+fn describe_model(path: &Path, arch: Option<&Arch>) -> Result<String> {
+    let reader = TensorReader::open(path, "checkpoint")?;
+    let format = reader.format();
+    let (cfg, weights) = DitWeights::from_reader(&reader, arch)
+        .with_context(|| format!("checkpoint {}", path.display()))?;
+    let parameters: usize = weights.named(&cfg)?.iter().map(|t| t.2.len()).sum();
+    Ok(format!(
+        "model: {}: {format}; {} (depth {}, hidden {}, {} heads, patch {}), input {} x {} x {} \
+         ({} tokens), {} classes, {}; {:.2} M parameters",
+        path.display(),
+        cfg.arch_name(),
+        cfg.depth,
+        cfg.hidden,
+        cfg.heads,
+        cfg.patch,
+        cfg.in_channels,
+        cfg.input_size,
+        cfg.input_size,
+        cfg.tokens(),
+        cfg.num_classes,
+        if cfg.learn_sigma {
+            "learn_sigma"
+        } else {
+            "no learn_sigma"
+        },
+        parameters as f64 / 1e6
+    ))
+}
+
+/// "vae: PATH: FORMAT; the decoder's shape and settings", once the decoder has loaded.
+fn describe_vae(path: &Path) -> Result<String> {
+    let format = TensorReader::open(path, "VAE weights")?.format();
+    let vae = VaeDecoder::load(path)?;
+    let c = vae.config();
+    Ok(format!(
+        "vae: {}: {format}; {} latent channels to {} image channels, {}x upscale, up blocks \
+         {:?} of {} resnets, {} GroupNorm groups, mid attention {}, scaling factor {}",
+        path.display(),
+        c.latent_channels,
+        c.out_channels,
+        c.upscale(),
+        c.block_channels,
+        c.resnets_per_block,
+        c.groups,
+        if c.mid_attention { "yes" } else { "no" },
+        c.scaling_factor
+    ))
+}
+
+/// The build, the CUDA backend and options, the tuner's candidates and the GPUs.
+fn build_info() -> Result<()> {
     println!("fora {}", env!("CARGO_PKG_VERSION"));
     println!(
         "cpu backend: f32 reference, {} threads",

@@ -240,9 +240,10 @@ pub(crate) struct SampleArgs {
     #[arg(long, value_name = "OUT")]
     pub(crate) out: PathBuf,
     /// For a latent model (DiT-XL/2 and the other official checkpoints): the VAE decoder's
-    /// weights (safetensors in diffusers' AutoencoderKL key layout, e.g.
-    /// stabilityai/sd-vae-ft-ema's diffusion_pytorch_model.safetensors, or the original Stable
-    /// Diffusion one, a whole SD checkpoint included). The samples are decoded into images
+    /// weights (safetensors or a PyTorch checkpoint, in diffusers' AutoencoderKL key layout,
+    /// e.g. stabilityai/sd-vae-ft-ema's diffusion_pytorch_model.safetensors or .bin, with the
+    /// config.json beside it read where present; or the original Stable Diffusion one, a
+    /// whole SD checkpoint included). The samples are decoded into images
     /// after sampling, as the official sample.py does: on the model's GPU (bf16 operands)
     /// where it runs on one, else on the CPU (f32).
     #[arg(long, value_name = "VAE")]
