@@ -56,20 +56,19 @@ enum TensorData<'a> {
     Pytorch(HashMap<String, pytorch_reader::Tensor>),
 }
 
-/// Whether a file that starts with `head` (its first 9 bytes, or fewer in a shorter file) and
-/// holds `len` bytes is a PyTorch checkpoint rather than a safetensors file: a ZIP archive
-/// (`torch.save` since PyTorch 1.6), or a pickle (protocol 2 to 5: the legacy format and plain
-/// pickles) whose first 8 bytes read as a safetensors header length are past the file (so a
-/// safetensors file keeps its own diagnosis even where its length's low byte is a pickle's).
-fn looks_like_pytorch(head: &[u8], len: u64) -> bool {
-    if head.starts_with(b"PK\x03\x04") {
-        return true;
-    }
+/// Whether a file that starts with `head` (its first 9 bytes, or fewer in a shorter file) is a
+/// PyTorch checkpoint rather than a safetensors file. A safetensors file starts with its
+/// header's length (at most [`MAX_HEADER_BYTES`]) and the header's `{`; anything else that is
+/// a ZIP archive (`torch.save` since PyTorch 1.6) or a pickle (protocol 2 to 5: the legacy
+/// format and plain pickles) is PyTorch's. The rest goes to the safetensors reader, whose
+/// errors say what is wrong with it as one.
+fn looks_like_pytorch(head: &[u8]) -> bool {
+    let safetensors = head.len() == 9
+        && u64::from_le_bytes(head[..8].try_into().expect("8 bytes")) <= MAX_HEADER_BYTES
+        && head[8] == b'{';
+    let zip = head.starts_with(b"PK\x03\x04");
     let pickle = head.len() >= 2 && head[0] == 0x80 && (2..=5).contains(&head[1]);
-    let header_len = head
-        .get(..8)
-        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
-    pickle && header_len.is_none_or(|n| n > len.saturating_sub(8))
+    !safetensors && (zip || pickle)
 }
 
 /// The safetensors dtype of a PyTorch tensor's element type (every one `pytorch-reader` reads
@@ -93,25 +92,17 @@ fn pytorch_dtype(d: pytorch_reader::DType) -> Dtype {
     }
 }
 
-/// `tensors` under the first of [`PYTORCH_NESTS`] that holds any, with that key and its dot
-/// taken off their names, and the key; or all of them and `None`.
-fn pytorch_nest(
-    tensors: HashMap<String, pytorch_reader::Tensor>,
-) -> (
-    HashMap<String, pytorch_reader::Tensor>,
-    Option<&'static str>,
-) {
-    for nest in PYTORCH_NESTS {
-        let prefix = format!("{nest}.");
-        if tensors.keys().any(|k| k.starts_with(&prefix)) {
-            let inner = tensors
-                .into_iter()
-                .filter_map(|(k, t)| Some((k.strip_prefix(&prefix)?.to_string(), t)))
-                .collect();
-            return (inner, Some(nest));
-        }
-    }
-    (tensors, None)
+/// The first of [`PYTORCH_NESTS`] that is a dictionary at the top of the checkpoint `path`
+/// (`root`, its pickle without the tensors), if any. The keys are the pickle's own, not a
+/// prefix of the flattened tensor names: a flat Stable Diffusion state dict's
+/// `model.diffusion_model.*` is no `model` nest.
+fn pytorch_nest(root: &pytorch_reader::PickleValue) -> Option<&'static str> {
+    let pytorch_reader::PickleValue::Dict(top) = root else {
+        return None;
+    };
+    PYTORCH_NESTS
+        .into_iter()
+        .find(|nest| matches!(top.get(*nest), Some(pytorch_reader::PickleValue::Dict(_))))
 }
 
 /// One tensor as the file stores it: dtype, shape and little-endian bytes.
@@ -129,7 +120,7 @@ impl<'a> TensorReader<'a> {
     pub fn from_bytes(bytes: &'a [u8]) -> Result<TensorReader<'a>> {
         let head = &bytes[..bytes.len().min(9)];
         ensure!(
-            !looks_like_pytorch(head, bytes.len() as u64),
+            !looks_like_pytorch(head),
             "a PyTorch checkpoint, which is read from its file (TensorReader::open, \
              DitWeights::load, VaeDecoder::load), not from bytes"
         );
@@ -159,7 +150,7 @@ impl<'a> TensorReader<'a> {
             .take(9)
             .read_to_end(&mut head)
             .with_context(|| named.clone())?;
-        if looks_like_pytorch(&head, len) {
+        if looks_like_pytorch(&head) {
             drop(file);
             return Self::open_pytorch(path, what);
         }
@@ -217,30 +208,55 @@ impl<'a> TensorReader<'a> {
             if what.is_empty() { "" } else { " " },
             path.display()
         );
-        let reader = pytorch_reader::PytorchReader::new(path)
-            .map_err(|e| anyhow::anyhow!("{file}: not a valid PyTorch checkpoint: {e}"))?;
-        let (tensors, nest) = pytorch_nest(reader.into_tensors());
+        let invalid = |e: pytorch_reader::PytorchError| {
+            anyhow::anyhow!("{file}: not a valid PyTorch checkpoint: {e}")
+        };
+        // The pickle is read twice: for its top-level keys, then for the tensors of the nest.
+        let root = pytorch_reader::PytorchReader::read_pickle_data(path, None).map_err(invalid)?;
+        let nest = pytorch_nest(&root);
+        drop(root);
+        let reader = match nest {
+            Some(key) => pytorch_reader::PytorchReader::with_top_level_key(path, key),
+            None => pytorch_reader::PytorchReader::new(path),
+        }
+        .map_err(invalid)?;
+        let tensors = reader.into_tensors();
         ensure!(
             !tensors.is_empty(),
-            "{file}: a PyTorch checkpoint without tensors"
+            "{file}: a PyTorch checkpoint without tensors{}",
+            nest.map_or(String::new(), |n| format!(" under {n:?}"))
         );
+        // A strided view may describe far more elements than its storage holds (a broadcast, of
+        // stride 0); reading one would allocate them all. No checkpoint's tensor is larger than
+        // its file.
+        let len = fs::metadata(path)
+            .with_context(|| format!("cannot read {file}"))?
+            .len();
+        if let Some((name, t)) = tensors.iter().find(|(_, t)| t.byte_len() as u64 > len) {
+            bail!(
+                "{file}: not a valid PyTorch checkpoint: tensor {name} of shape {:?} holds {} \
+                 bytes, more than the file's {len} (a view repeating its storage)",
+                t.shape(),
+                t.byte_len()
+            );
+        }
         let mut names: Vec<&String> = tensors.keys().collect();
         names.sort();
-        let mut end = 0;
-        let infos = names
-            .into_iter()
-            .map(|name| {
-                let t = &tensors[name];
-                let begin = end;
-                end += t.byte_len();
-                let info = TensorInfo {
-                    dtype: pytorch_dtype(t.dtype()),
-                    shape: t.shape().to_vec(),
-                    data_offsets: (begin, end),
-                };
-                (name.clone(), info)
-            })
-            .collect();
+        let mut infos = Vec::with_capacity(names.len());
+        let mut end = 0usize;
+        for name in names {
+            let t = &tensors[name];
+            let begin = end;
+            end = end
+                .checked_add(t.byte_len())
+                .with_context(|| format!("{file}: its tensors' sizes overflow"))?;
+            let info = TensorInfo {
+                dtype: pytorch_dtype(t.dtype()),
+                shape: t.shape().to_vec(),
+                data_offsets: (begin, end),
+            };
+            infos.push((name.clone(), info));
+        }
         let header = Metadata::new(None, infos)
             .map_err(|e| anyhow::anyhow!("{file}: its tensors' index: {e}"))?;
         Ok(TensorReader {
@@ -892,6 +908,31 @@ mod tests {
         fs::write(dir.join("junk"), b"not safetensors").unwrap();
         assert!(TensorFile::open(dir.join("junk")).is_err());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A safetensors file is told from a PyTorch checkpoint by its first bytes, whatever its
+    /// header length's low bytes are; a pickle of protocol 2 to 5 or a ZIP is PyTorch's.
+    #[test]
+    fn pytorch_checkpoints_are_told_from_safetensors() {
+        let safetensors = |n: u64| [&n.to_le_bytes()[..], b"{"].concat();
+        for n in [0x80, 0x0280, 0x0580, 0x04_0380, 1000, MAX_HEADER_BYTES] {
+            assert!(!looks_like_pytorch(&safetensors(n)), "header length {n:#x}");
+        }
+        // Protocol 4 and 5 pickles start with a frame length that reads as a plausible
+        // header length: the missing `{` tells them apart.
+        assert!(looks_like_pytorch(b"\x80\x04\x95\x0d\0\0\0\0\x8c"));
+        assert!(looks_like_pytorch(b"\x80\x05\x95\x0d\0\0\0\0\x00"));
+        assert!(looks_like_pytorch(b"\x80\x02\x8a\x0al\xfc\x9cF\xf9"));
+        assert!(looks_like_pytorch(b"\x80\x02}q"));
+        assert!(looks_like_pytorch(b"PK\x03\x04\x00\x00\x08\x00\x00"));
+        assert!(!looks_like_pytorch(b"\x80\x06\x95\x0d\0\0\0\0\x00"));
+        assert!(!looks_like_pytorch(b""));
+        assert!(!looks_like_pytorch(b"PK\x05\x06"));
+        // Past the bound on a header's length a `{` does not make a safetensors file.
+        let mut pickle = safetensors(1 << 56);
+        pickle[..2].copy_from_slice(b"\x80\x02");
+        assert!(u64::from_le_bytes(pickle[..8].try_into().unwrap()) > MAX_HEADER_BYTES);
+        assert!(looks_like_pytorch(&pickle));
     }
 
     /// The reader of a file gives the tensors the reader of its bytes does; a file that is not

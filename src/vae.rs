@@ -569,10 +569,20 @@ struct DiffusersConfig {
 }
 
 impl DiffusersConfig {
-    /// The `config.json` in the folder of `weights`, if there is one and it is an
-    /// `AutoencoderKL`'s (`_class_name`); another model's, or a file that is not JSON, is not
-    /// this decoder's and is passed over. A field of the wrong type is an error naming it.
+    /// The `config.json` in the folder of `weights`, where `weights` has the name diffusers
+    /// gives a model's weights (`diffusion_pytorch_model[.fp16].{safetensors,bin}`) and the
+    /// config is an `AutoencoderKL`'s (`_class_name`); another file's folder, another model's
+    /// config or a file that is not JSON is passed over. A field of the wrong type is an error
+    /// naming it, as is a latent shift or mean (`shift_factor`, `latents_mean`,
+    /// `latents_std`: the SD3 and FLUX VAEs), which this decoder does not apply.
     fn beside(weights: &Path) -> Result<Option<DiffusersConfig>> {
+        let diffusers_weights = weights
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("diffusion_pytorch_model"));
+        if !diffusers_weights {
+            return Ok(None);
+        }
         let path = weights
             .parent()
             .unwrap_or(Path::new(""))
@@ -591,6 +601,15 @@ impl DiffusersConfig {
         let field = |key: &str| json.get(key).filter(|v| !v.is_null());
         let bad =
             |key: &str, what: &str| anyhow::anyhow!("{}: {key} is not {what}", path.display());
+        for key in ["shift_factor", "latents_mean", "latents_std"] {
+            let Some(v) = field(key) else { continue };
+            ensure!(
+                v.as_f64() == Some(0.0),
+                "{}: {key} is {v}: a VAE whose latents are shifted (SD3, FLUX), which this \
+                 decoder (Stable Diffusion's) does not apply",
+                path.display()
+            );
+        }
         let count = |key: &str| -> Result<Option<usize>> {
             field(key)
                 .map(|v| {
@@ -676,7 +695,8 @@ impl DiffusersConfig {
 impl VaeDecoder {
     /// Reads a VAE weights file: safetensors or a PyTorch checkpoint (diffusers' `.bin`, a
     /// Stable Diffusion `.ckpt`), in diffusers' key layout or the original one; f32, f16 or
-    /// bf16. Where diffusers' `config.json` for an `AutoencoderKL` sits beside it, its
+    /// bf16. Where it is diffusers' `diffusion_pytorch_model[.fp16].{safetensors,bin}` and
+    /// the `config.json` of an `AutoencoderKL` sits beside it, its
     /// `norm_num_groups` and `scaling_factor` are taken where the file's metadata does not give
     /// them (and must agree where it does), and the architecture it states must be the
     /// tensors'.

@@ -58,7 +58,8 @@ fn assert_same_tensors(pt: &TensorReader, safetensors: &TensorReader, convert: O
 /// The reader gives a PyTorch checkpoint's tensors exactly as the safetensors file they were
 /// saved from holds them: in torch.save's ZIP format and in the legacy one, with a transposed
 /// view and a view at a storage offset gathered; the `ema` of a training checkpoint (bf16)
-/// rather than its `model`, past an optimizer state and an argparse.Namespace; and diffusers'
+/// rather than its `model`, past an optimizer state and an argparse.Namespace; the
+/// `state_dict` of a Lightning checkpoint; a flat state dict's names whole; and diffusers'
 /// `.bin` of a VAE decoder (f16).
 #[test]
 fn pytorch_checkpoints_read_as_their_safetensors_twins() {
@@ -73,6 +74,24 @@ fn pytorch_checkpoints_read_as_their_safetensors_twins() {
     let training = TensorReader::open(&fixture("dit_b_training.pt"), "").unwrap();
     assert_eq!(training.format(), "PyTorch checkpoint, \"ema\"");
     assert_same_tensors(&training, &dit, Some((Dtype::BF16, f32_bytes_to_bf16)));
+
+    let lightning = TensorReader::open(&fixture("dit_b_lightning.ckpt"), "").unwrap();
+    assert_eq!(lightning.format(), "PyTorch checkpoint, \"state_dict\"");
+    assert_same_tensors(&lightning, &dit, None);
+
+    // A flat state dict whose names begin with a nest's name and a dot: nothing is stripped.
+    let flat = TensorReader::open(&fixture("flat_sd.ckpt"), "").unwrap();
+    assert_eq!(flat.format(), "PyTorch checkpoint");
+    assert_eq!(
+        flat.names(),
+        [
+            "cond_stage_model.transformer.final_layer_norm.bias",
+            "first_stage_model.decoder.conv_in.bias",
+            "model.diffusion_model.input_blocks.0.0.weight",
+            "model_ema.decay",
+        ]
+    );
+    assert_eq!(flat.shape("model_ema.decay"), Some(&[][..]));
 
     let vae = TensorReader::open(&fixture("vae_tiny.model.safetensors"), "").unwrap();
     let bin = TensorReader::open(&vae_folder().join("diffusion_pytorch_model.bin"), "").unwrap();
@@ -204,8 +223,25 @@ fn vae_config_json_is_checked() {
         &|c| c["scaling_factor"] = serde_json::json!([1]),
         &["config.json: scaling_factor is not a number"],
     );
+    refused(
+        &|c| c["shift_factor"] = 0.0609.into(),
+        &["config.json: shift_factor is 0.0609", "does not apply"],
+    );
+    // diffusers writes these as null (or a zero shift) for the VAEs this decoder runs.
+    let plain = load_with(&|c| {
+        c["shift_factor"] = serde_json::Value::Null;
+        c["latents_mean"] = serde_json::Value::Null;
+    });
+    assert_eq!(plain.unwrap().groups, 8);
+    // A file not named as diffusers names its weights does not take the config.json beside
+    // it (the defaults: 32 groups, which do not fit).
+    let other = dir.path("vae.bin");
+    std::fs::copy(&bin, &other).unwrap();
+    std::fs::write(dir.path("config.json"), good.to_string()).unwrap();
+    let err = format!("{:#}", VaeDecoder::load(&other).err().unwrap());
+    assert!(err.contains("GroupNorm with 32 groups"), "{err}");
     // The safetensors twin's metadata says 8 groups: config.json saying 16 disagrees.
-    let st = dir.path("vae.safetensors");
+    let st = dir.path("diffusion_pytorch_model.safetensors");
     std::fs::copy(fixture("vae_tiny.model.safetensors"), &st).unwrap();
     let mut config = good.clone();
     config["norm_num_groups"] = 16.into();
@@ -258,7 +294,19 @@ fn broken_pytorch_checkpoints_are_refused() {
 
     // A plain pickle of a dict without tensors: {"a": 1}, protocol 2.
     let pickle = b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01K\x01s.";
-    refused(pickle, &[]);
+    refused(pickle, &["without tensors"]);
+
+    // A view that repeats one float 2^30 times (stride 0) is refused before anything is read.
+    let err = format!(
+        "{:#}",
+        TensorReader::open(&fixture("broadcast.pt"), "")
+            .err()
+            .unwrap()
+    );
+    assert!(
+        err.contains("tensor w of shape [1073741824]") && err.contains("a view repeating"),
+        "{err}"
+    );
 
     let err = format!(
         "{:#}",

@@ -11,6 +11,13 @@ already holds as safetensors, for tests/pytorch.rs, which reads both and holds t
                      "ema", "opt", "args"}; "ema" holds the weights in bf16, "model" the same
                      plus one (the sampler must take "ema"), "opt" an optimizer state with
                      tensors, "args" an argparse.Namespace
+  dit_b_lightning.ckpt
+                     the state dict under "state_dict" beside a global_step and optimizer
+                     states, as PyTorch Lightning (and Stable Diffusion's .ckpt) nest it
+  flat_sd.ckpt       a flat state dict of a few small tensors named as a whole Stable Diffusion
+                     checkpoint names them (model.diffusion_model.*, first_stage_model.*,
+                     cond_stage_model.*, model_ema.*): no key is a nest, so nothing is stripped
+  broadcast.pt       {"w": one float expanded to 2^30 elements}: a view larger than its file
   vae_tiny_diffusers/
     diffusion_pytorch_model.bin, config.json
                      vae_tiny.model.safetensors' decoder (f16) as diffusers saves an
@@ -35,6 +42,7 @@ def main():
     ap.add_argument("--dir", default="tests/fixtures")
     args = ap.parse_args()
     d = args.dir
+    torch.manual_seed(0)
 
     dit = load_file(os.path.join(d, "oracle_b.model.safetensors"))
     state = collections.OrderedDict(sorted(dit.items()))
@@ -66,6 +74,23 @@ def main():
         "args": argparse.Namespace(model="DiT-XL/2", image_size=256, global_seed=0),
     }
     torch.save(training, os.path.join(d, "dit_b_training.pt"))
+
+    lightning = {
+        "state_dict": collections.OrderedDict(sorted(dit.items())),
+        "global_step": 3,
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(4)}}}],
+    }
+    torch.save(lightning, os.path.join(d, "dit_b_lightning.ckpt"))
+    flat = collections.OrderedDict(
+        [
+            ("model.diffusion_model.input_blocks.0.0.weight", torch.randn(2, 3)),
+            ("first_stage_model.decoder.conv_in.bias", torch.randn(4)),
+            ("cond_stage_model.transformer.final_layer_norm.bias", torch.randn(5)),
+            ("model_ema.decay", torch.tensor(0.9999)),
+        ]
+    )
+    torch.save(flat, os.path.join(d, "flat_sd.ckpt"))
+    torch.save({"w": torch.ones(1).expand(1 << 30)}, os.path.join(d, "broadcast.pt"))
 
     vae = load_file(os.path.join(d, "vae_tiny.model.safetensors"))
     folder = os.path.join(d, "vae_tiny_diffusers")
