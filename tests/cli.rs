@@ -1696,6 +1696,89 @@ fn generate_writes_the_libraries_images_as_an_npz() {
     assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
 }
 
+/// `fora generate --parts DIR` keeps each batch in DIR as `--shard J/BATCHES` writes it, joins
+/// them into the run's file (the same bytes as without DIR) and removes them; a batch already
+/// there is kept, not sampled again; one of another run is refused by name.
+#[test]
+fn generate_keeps_batches_in_parts_and_continues() {
+    let s = Scratch::new("generate-parts");
+    let run_seed = |seed: &str, extra: &[&str], out: &Path| {
+        let base = [
+            "generate",
+            "--num-samples",
+            "5",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--seed",
+            seed,
+            "--device",
+            "cpu",
+            "--quiet",
+        ];
+        fora(&[&base[..], extra, &["--out", out.to_str().unwrap()]].concat())
+    };
+    let run = |extra: &[&str], out: &Path| run_seed("7", extra, out);
+    let whole = s.path("whole.npz");
+    assert_ok(&run(&[], &whole));
+    let whole = std::fs::read(&whole).unwrap();
+    let parts = s.path("parts");
+    let parts_arg = parts.to_str().unwrap();
+    let out = s.path("out.npz");
+    assert_ok(&run(&["--parts", parts_arg], &out));
+    assert!(
+        std::fs::read(&out).unwrap() == whole,
+        "--parts changed the file"
+    );
+    assert!(!parts.exists(), "the batches were not removed");
+
+    // Batch 1 of 3 already there (as `--shard 1/3` writes it): kept, the others sampled.
+    std::fs::create_dir(&parts).unwrap();
+    let batch1 = parts.join("batch-000001.npz");
+    assert_ok(&run(&["--shard", "1/3"], &batch1));
+    std::fs::remove_file(&out).unwrap();
+    let o = run(&["--parts", parts_arg], &out);
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("1 of 3 batches already in"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == whole,
+        "a continued run differs"
+    );
+    assert!(!parts.exists());
+
+    // A batch of another seed: refused by name, nothing written, the batch left as it was.
+    std::fs::create_dir(&parts).unwrap();
+    let batch2 = parts.join("batch-000002.npz");
+    assert_ok(&run_seed("8", &["--shard", "2/3"], &batch2));
+    let bad = s.path("bad.npz");
+    assert_fails(
+        &run(&["--parts", parts_arg], &bad),
+        &[
+            "batch-000002.npz is not batch 2 of this run",
+            "seed 8, not 7",
+        ],
+        &bad,
+    );
+    assert!(batch2.exists());
+    std::fs::remove_file(&batch2).unwrap();
+
+    // A shard of the run through --parts: the shard's own file.
+    let shard = s.path("shard.npz");
+    assert_ok(&run(&["--shard", "1/2"], &shard));
+    let shard_parts = s.path("shard.npz.parts");
+    assert_ok(&run(
+        &["--shard", "1/2", "--parts", shard_parts.to_str().unwrap()],
+        &out,
+    ));
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&shard).unwrap());
+    assert!(!shard_parts.exists());
+}
+
 /// On a GPU machine: `fora generate --device cuda` (the embedded model, 3 images in 2 batches of 2)
 /// repeats its own bytes, draws the CPU's labels, and its images agree with the CPU's within
 /// the sampling tolerance of the CUDA issue (rel-L2 <= 5e-2, on the 8-bit values centred at
@@ -1817,4 +1900,37 @@ fn generate_stops_cleanly_on_a_signal() {
             s.leftovers()
         );
     }
+
+    // With --parts the batches done stay, for the same command to continue from.
+    let out = s.path("long.npz");
+    let parts = s.path("parts");
+    let mut child = Child(
+        Command::new(fora_bin())
+            .args(["generate", "--num-samples", "1000", "--batch", "1"])
+            .args(["--steps", "100", "--device", "cpu", "--quiet", "--parts"])
+            .arg(&parts)
+            .arg("--out")
+            .arg(&out)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("cannot start the fora binary"),
+    );
+    let batch0 = parts.join("batch-000000.npz");
+    let started = std::time::Instant::now();
+    while !batch0.exists() {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("fora ended before it was signalled: {status}");
+        }
+        assert!(started.elapsed().as_secs() < 120, "no batch after 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGINT) }, 0);
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(child.0.wait().unwrap().code(), Some(130), "{err}");
+    for says in ["stopped by", "the same command continues the run"] {
+        assert!(err.contains(says), "stderr lacks {says:?}: {err}");
+    }
+    assert!(!out.exists() && batch0.exists());
 }

@@ -1,6 +1,7 @@
 //! `fora generate`: many images of random classes for an evaluation such as FID, as an .npz.
 
 use crate::cli::decode::{decode_latents, vae_gpu_handle};
+use crate::cli::merge::{join, Part};
 use crate::cli::sample::{steps_bar, RunSetup, SamplingArgs, TuneArgs, UNTUNED_ON_CPU};
 use crate::{ensure_finite, run_on, Job, ModelArgs};
 use anyhow::{ensure, Context, Result};
@@ -14,7 +15,7 @@ use fora::generate::Shard;
 use fora::npz::{NpyDtype, NpzWriter};
 use fora::sampler::Sampler;
 use fora::weights::DitWeights;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(Args, Debug)]
@@ -47,6 +48,13 @@ pub(crate) struct GenerateArgs {
     /// official sample_ddp.py) and `labels` [N] int64.
     #[arg(long, value_name = "OUT")]
     pub(crate) out: PathBuf,
+    /// Keep each batch's images in this folder as it is done (`batch-J.npz`, batch J of the
+    /// run: what `--shard J/BATCHES` writes), and join them into --out at the end, then remove
+    /// them. A run stopped (a signal, a crash, a lost machine) and started again with the same
+    /// flags keeps the batches the folder holds and samples the others. Takes the disk space
+    /// of the output twice until the end.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) parts: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     pub(crate) quiet: bool,
@@ -166,7 +174,20 @@ impl Job for GenerateJob {
             .and_then(|data| data.checked_add(2 * 128 + 1024))
             .with_context(|| format!("--num-samples {n}: the images' bytes overflow"))?;
         fora::io::check_free_space("--out", &self.args.out, npz_bytes)
-            .with_context(|| format!("--num-samples {n}"))
+            .with_context(|| format!("--num-samples {n}"))?;
+        if let Some(dir) = &self.args.parts {
+            // The batches beside the output until it is whole: as much again (the batches' own
+            // records, a kilobyte each, aside), on whichever file system holds them.
+            let batch_bytes = npz_bytes.saturating_add(plan.batches.end * 2048);
+            let total = if same_file_system(dir, &self.args.out) {
+                batch_bytes.saturating_add(npz_bytes)
+            } else {
+                batch_bytes
+            };
+            fora::io::check_free_space("--parts", &dir.join("batch.npz"), total)
+                .with_context(|| format!("--num-samples {n} with --parts"))?;
+        }
+        Ok(())
     }
 
     fn prepare_cuda(&self, backend: &mut CudaBackend) -> Result<()> {
@@ -223,8 +244,16 @@ impl Job for GenerateJob {
                 sig => Err(Stopped {
                     signal: sig as i32,
                     what: format!(
-                        "after {done} of {batches} batches: nothing written to {}",
-                        args.out.display()
+                        "after {done} of {batches} batches: nothing written to {}{}",
+                        args.out.display(),
+                        match &args.parts {
+                            Some(dir) => format!(
+                                "; the batches done are in {}: the same command continues \
+                                 the run",
+                                dir.display()
+                            ),
+                            None => String::new(),
+                        }
                     ),
                 }
                 .into()),
@@ -247,100 +276,205 @@ impl Job for GenerateJob {
         ));
         let start = std::time::Instant::now();
         let (mut computed, mut reused, mut announced) = (0usize, 0usize, false);
-        let written = fora::io::write_atomic_with(&args.out, |path| {
-            let mut npz = NpzWriter::create(path)?;
-            let images = usize::try_from(count).context("--num-samples")?;
-            npz.start_array("arr_0", NpyDtype::U8, &[images, ih, iw, ic])?;
-            for j in plan.batches.clone() {
-                stopped(j - plan.batches.start)?;
-                let first = j * batch;
-                // Every batch samples `batch` images, the last one too, of which it keeps what the
-                // run still needs (as the official script rounds its total up to whole batches
-                // and keeps the first N): one plan, one workspace size, and the options tuned
-                // for it, for the whole run.
-                let rows = usize::try_from(batch).context("--batch")?;
-                let keep = usize::try_from(batch.min(n - first)).context("--batch")?;
-                let classes = fora::generate::class_ids(args.seed, first, rows, cfg.num_classes);
-                let noise = NoiseSource::Seed(fora::generate::batch_seed(args.seed, j));
-                let mut policy = policy_for_interval(args.sampling.cache_interval as usize)?;
-                let which = || format!("batch {} of {batches}", j - plan.batches.start + 1);
-                let samples = sampler
-                    .sample_with_progress(&classes, noise, policy.as_mut(), &mut |e| {
-                        match e.mode {
-                            fora::backend::StepMode::Compute => computed += 1,
-                            fora::backend::StepMode::Reuse => reused += 1,
-                        }
-                        if !announced && signal.load(std::sync::atomic::Ordering::SeqCst) != 0 {
-                            announced = true;
-                            bar.suspend(|| {
-                                eprintln!(
-                                    "fora: stopping after this batch (a second signal stops at \
-                                     once, leaving the partial output behind)"
-                                )
-                            });
-                        }
-                        bar.set_message(format!(
-                            "batch {}/{batches}, {computed} computed, {reused} reused",
-                            j - plan.batches.start + 1
-                        ));
-                        bar.inc(1);
-                    })
-                    .with_context(which)?;
-                let [_, c, h, w] = samples.shape;
-                let latents = &samples.latents[..keep * c * h * w];
-                ensure_finite("samples", latents, &args.out).with_context(which)?;
-                let decoded = match &self.setup.vae {
-                    Some(vae) => Some(
-                        decode_latents(
-                            &vae_gpu,
-                            true,
-                            vae,
-                            latents,
-                            [keep, c, h, w],
-                            &args.out,
-                            false,
+        let labels = |j: u64| -> Result<Vec<u8>> {
+            let first = j * batch;
+            let keep = usize::try_from(batch.min(n - first)).context("--batch")?;
+            let ids = fora::generate::class_ids(args.seed, first, keep, cfg.num_classes);
+            Ok(ids.iter().flat_map(|&l| (l as i64).to_le_bytes()).collect())
+        };
+        // Batch `j`'s kept images as uint8 [keep, H, W, C].
+        let mut sample_batch = |j: u64, done: u64| -> Result<Vec<u8>> {
+            let first = j * batch;
+            // Every batch samples `batch` images, the last one too, of which it keeps what the
+            // run still needs (as the official script rounds its total up to whole batches
+            // and keeps the first N): one plan, one workspace size, and the options tuned
+            // for it, for the whole run.
+            let rows = usize::try_from(batch).context("--batch")?;
+            let keep = usize::try_from(batch.min(n - first)).context("--batch")?;
+            let classes = fora::generate::class_ids(args.seed, first, rows, cfg.num_classes);
+            let noise = NoiseSource::Seed(fora::generate::batch_seed(args.seed, j));
+            let mut policy = policy_for_interval(args.sampling.cache_interval as usize)?;
+            let which = || format!("batch {} of {batches}", j - plan.batches.start + 1);
+            let samples = sampler
+                .sample_with_progress(&classes, noise, policy.as_mut(), &mut |e| {
+                    match e.mode {
+                        fora::backend::StepMode::Compute => computed += 1,
+                        fora::backend::StepMode::Reuse => reused += 1,
+                    }
+                    if !announced && signal.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+                        announced = true;
+                        bar.suspend(|| {
+                            eprintln!(
+                                "fora: stopping after this batch (a second signal stops at \
+                                 once, leaving the partial output behind)"
+                            )
+                        });
+                    }
+                    bar.set_message(format!(
+                        "batch {}/{batches}, {computed} computed, {reused} reused",
+                        done + 1
+                    ));
+                    bar.inc(1);
+                })
+                .with_context(which)?;
+            let [_, c, h, w] = samples.shape;
+            let latents = &samples.latents[..keep * c * h * w];
+            ensure_finite("samples", latents, &args.out).with_context(which)?;
+            let decoded = match &self.setup.vae {
+                Some(vae) => Some(
+                    decode_latents(
+                        &vae_gpu,
+                        true,
+                        vae,
+                        latents,
+                        [keep, c, h, w],
+                        &args.out,
+                        false,
+                    )
+                    .with_context(which)?,
+                ),
+                None => None,
+            };
+            // A pixel-space model's samples are its images.
+            let (pixels, shape) = match &decoded {
+                Some((images, shape)) => (images.as_slice(), *shape),
+                None => (latents, [keep, c, h, w]),
+            };
+            Ok(fora::generate::to_nhwc_u8(pixels, shape))
+        };
+        let shard = args.shard;
+        let record = [
+            shard.index,
+            shard.count,
+            n,
+            batch,
+            args.seed,
+            plan.first,
+            settings,
+        ];
+        let images = usize::try_from(count).context("--num-samples")?;
+        // Batches (and their images) a --parts folder already held.
+        let (mut resumed, mut resumed_images) = (0u64, 0u64);
+        let written = match &args.parts {
+            None => fora::io::write_atomic_with(&args.out, |path| {
+                let mut npz = NpzWriter::create(path)?;
+                npz.start_array("arr_0", NpyDtype::U8, &[images, ih, iw, ic])?;
+                for j in plan.batches.clone() {
+                    let done = j - plan.batches.start;
+                    stopped(done)?;
+                    npz.write(&sample_batch(j, done)?)?;
+                }
+                stopped(batches)?;
+                // The labels again from the seed, a batch at a time: none is held for the run.
+                npz.start_array("labels", NpyDtype::I64, &[images])?;
+                for j in plan.batches.clone() {
+                    npz.write(&labels(j)?)?;
+                }
+                fora::generate::write_run(&mut npz, record)?;
+                npz.close(path)
+            }),
+            Some(dir) => {
+                // Batch j is shard j of a run split a batch a shard: the file `--shard
+                // J/BATCHES` writes, with its record, checked before it is kept.
+                let total = n.div_ceil(batch);
+                let part = |j: u64| {
+                    let path = dir.join(format!("batch-{j:06}.npz"));
+                    let keep = batch.min(n - j * batch) as usize;
+                    let run = [j, total, n, batch, args.seed, j * batch, settings];
+                    (path, run, vec![keep, ih, iw, ic])
+                };
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create --parts {}", dir.display()))?;
+                let mut kept = Vec::new();
+                for j in plan.batches.clone() {
+                    let (path, run, shape) = part(j);
+                    if !path.exists() {
+                        continue;
+                    }
+                    let found = Part::read(&path)?;
+                    const FIELDS: [&str; 7] = [
+                        "batch",
+                        "batches",
+                        "images",
+                        "batch size",
+                        "seed",
+                        "first image",
+                        "settings hash (model, decoder, sampling flags, GPU and its options; \
+                         with --tune its choice, which --tune-cache keeps)",
+                    ];
+                    let mut differ: Vec<String> = FIELDS
+                        .iter()
+                        .zip(found.run.iter().zip(run))
+                        .filter(|(_, (a, b))| *a != b)
+                        .map(|(f, (a, b))| match f.starts_with("settings") {
+                            true => format!("{f} {a:016x}, not {b:016x}"),
+                            false => format!("{f} {a}, not {b}"),
+                        })
+                        .collect();
+                    if found.shape != shape {
+                        differ.push(format!("images {:?}, not {shape:?}", found.shape));
+                    }
+                    ensure!(
+                        differ.is_empty(),
+                        "--parts: {} is not batch {j} of this run ({}): remove it, or give \
+                         another folder",
+                        path.display(),
+                        differ.join("; ")
+                    );
+                    kept.push(j);
+                    resumed_images += shape[0] as u64;
+                }
+                resumed = kept.len() as u64;
+                if resumed > 0 {
+                    bar.suspend(|| {
+                        eprintln!(
+                            "fora: {resumed} of {batches} batches already in {}",
+                            dir.display()
                         )
-                        .with_context(which)?,
-                    ),
-                    None => None,
-                };
-                // A pixel-space model's samples are its images.
-                let (pixels, shape) = match &decoded {
-                    Some((images, shape)) => (images.as_slice(), *shape),
-                    None => (latents, [keep, c, h, w]),
-                };
-                npz.write(&fora::generate::to_nhwc_u8(pixels, shape))?;
+                    });
+                    bar.set_length((batches - resumed).saturating_mul(steps as u64));
+                }
+                let mut done = 0;
+                for j in plan.batches.clone() {
+                    if kept.contains(&j) {
+                        continue;
+                    }
+                    stopped(done + resumed)?;
+                    let pixels = sample_batch(j, done + resumed)?;
+                    let (path, run, shape) = part(j);
+                    fora::io::write_atomic_with(&path, |tmp| {
+                        let mut npz = NpzWriter::create(tmp)?;
+                        npz.start_array("arr_0", NpyDtype::U8, &shape)?;
+                        npz.write(&pixels)?;
+                        npz.start_array("labels", NpyDtype::I64, &shape[..1])?;
+                        npz.write(&labels(j)?)?;
+                        fora::generate::write_run(&mut npz, run)?;
+                        npz.close(tmp)
+                    })?;
+                    done += 1;
+                }
+                let parts = plan
+                    .batches
+                    .clone()
+                    .map(|j| Part::read(&part(j).0))
+                    .collect::<Result<Vec<_>>>()?;
+                join(&parts, &args.out, record)?;
+                for part in &parts {
+                    std::fs::remove_file(&part.path)
+                        .with_context(|| format!("cannot remove {}", part.path.display()))?;
+                }
+                // Other shards' batches may share the folder: it goes only when empty.
+                let _ = std::fs::remove_dir(dir);
+                Ok(())
             }
-            stopped(batches)?;
-            // The labels again from the seed, a batch at a time: none is held for the run.
-            npz.start_array("labels", NpyDtype::I64, &[images])?;
-            for j in plan.batches.clone() {
-                let first = j * batch;
-                let keep = usize::try_from(batch.min(n - first)).context("--batch")?;
-                let ids = fora::generate::class_ids(args.seed, first, keep, cfg.num_classes);
-                let bytes: Vec<u8> = ids.iter().flat_map(|&l| (l as i64).to_le_bytes()).collect();
-                npz.write(&bytes)?;
-            }
-            let shard = args.shard;
-            let run = [
-                shard.index,
-                shard.count,
-                n,
-                batch,
-                args.seed,
-                plan.first,
-                settings,
-            ];
-            fora::generate::write_run(&mut npz, run)?;
-            npz.close(path)
-        });
+        };
         bar.finish_and_clear();
         written?;
         let secs = start.elapsed().as_secs_f64();
         eprintln!(
-            "fora: {count} images [{ih}, {iw}, {ic}]{} in {batches} batch(es) of {batch}, {steps} \
-             steps ({computed} computed, {reused} reused, FORA interval {}), on {} in {secs:.1} s \
-             ({:.2} images/s) -> {}",
+            "fora: {count} images [{ih}, {iw}, {ic}]{} in {batches} batch(es) of {batch}{}, \
+             {steps} steps ({computed} computed, {reused} reused, FORA interval {}), on {} in \
+             {secs:.1} s ({:.2} images/s) -> {}",
             match args.shard {
                 Shard::WHOLE => String::new(),
                 s => format!(
@@ -348,12 +482,40 @@ impl Job for GenerateJob {
                     s.index, s.count, plan.first, plan.end
                 ),
             },
+            match (&args.parts, resumed) {
+                (Some(dir), 1..) => format!(" ({resumed} of them kept from {})", dir.display()),
+                _ => String::new(),
+            },
             args.sampling.cache_interval,
             backend.name(),
-            count as f64 / secs,
+            (count - resumed_images) as f64 / secs,
             args.out.display()
         );
         Ok(())
+    }
+}
+
+/// Whether `a` and `b` (files, or folders, that may not exist yet) would be on one file system:
+/// their nearest existing folders are (on an error, assumed so: the larger need is checked).
+fn same_file_system(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let device = |p: &Path| -> Option<u64> {
+        let mut dir = Some(p);
+        while let Some(d) = dir {
+            if let Ok(m) = std::fs::metadata(if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            }) {
+                return Some(m.dev());
+            }
+            dir = d.parent();
+        }
+        None
+    };
+    match (device(a), device(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => true,
     }
 }
 
@@ -390,7 +552,7 @@ impl std::error::Error for Stopped {}
 /// The signal that asked a long run to stop (0: none yet): SIGINT (Ctrl-C) or SIGTERM, each
 /// where the process was not started ignoring it (a script's background job `cmd &` ignores
 /// SIGINT: it stays ignored; SIGHUP, what `nohup` ignores, is never touched). The run stops between two batches and removes
-/// its partial output; a second signal ends the process at once (exit 128 + the signal).
+/// its partial output (a `--parts` folder keeps the batches done); a second signal ends the process at once (exit 128 + the signal).
 pub(crate) fn stop_on_signal() -> Arc<std::sync::atomic::AtomicUsize> {
     use signal_hook::flag;
     let signal = Arc::new(std::sync::atomic::AtomicUsize::new(0));

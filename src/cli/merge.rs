@@ -20,17 +20,17 @@ pub(crate) struct MergeArgs {
 }
 
 /// One shard file: its run record and its images' shape.
-struct Part {
-    path: PathBuf,
+pub(crate) struct Part {
+    pub(crate) path: PathBuf,
     /// `fora_run`: shard index, shard count, images of the run, batch, seed, first image,
     /// settings hash.
-    run: [u64; 7],
+    pub(crate) run: [u64; 7],
     /// `arr_0`'s `[images, H, W, C]`.
-    shape: Vec<usize>,
+    pub(crate) shape: Vec<usize>,
 }
 
 impl Part {
-    fn read(path: &Path) -> Result<Part> {
+    pub(crate) fn read(path: &Path) -> Result<Part> {
         let mut npz = NpzReader::open(path)?;
         let name = path.display();
         let mut run = npz.array(RUN_ARRAY).with_context(|| {
@@ -149,9 +149,27 @@ pub(crate) fn merge(args: MergeArgs) -> Result<()> {
         "{} of {count} shards, holding {next} of the run's {n} images",
         parts.len()
     );
+    // As the whole run's own file records it.
+    join(&parts, &args.out, [0, 1, n, batch, seed, 0, settings])?;
+    eprintln!(
+        "fora: {count} shard(s), {n} images [{}] -> {}",
+        parts[0].shape[1..]
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Writes `parts` (checked: consecutive images of one run, of one shape) into `out` as one
+/// file with the run record `run`: their images, then their labels, streamed in order.
+pub(crate) fn join(parts: &[Part], out: &Path, run: [u64; 7]) -> Result<()> {
     let [_, h, w, c] = parts[0].shape[..] else {
-        unreachable!("arr_0 is 4-d, checked above")
+        unreachable!("arr_0 is 4-d, checked by Part::read")
     };
+    let n: u64 = parts.iter().map(|p| p.shape[0] as u64).sum();
     let images = usize::try_from(n).context("images")?;
     let image = (h as u64)
         .checked_mul(w as u64)
@@ -161,20 +179,14 @@ pub(crate) fn merge(args: MergeArgs) -> Result<()> {
         .checked_mul(image.saturating_add(8))
         .and_then(|b| b.checked_add(3 * 128 + 1024))
         .context("the images' bytes overflow")?;
-    fora::io::check_free_space("--out", &args.out, bytes)?;
-    fora::io::write_atomic_with(&args.out, |path| {
+    fora::io::check_free_space("--out", out, bytes)?;
+    fora::io::write_atomic_with(out, |path| {
         let mut npz = NpzWriter::create(path)?;
         npz.start_array("arr_0", NpyDtype::U8, &[images, h, w, c])?;
-        copy_arrays(&parts, "arr_0", &mut npz)?;
+        copy_arrays(parts, "arr_0", &mut npz)?;
         npz.start_array("labels", NpyDtype::I64, &[images])?;
-        copy_arrays(&parts, "labels", &mut npz)?;
-        // As the whole run's own file records it.
-        fora::generate::write_run(&mut npz, [0, 1, n, batch, seed, 0, settings])?;
+        copy_arrays(parts, "labels", &mut npz)?;
+        fora::generate::write_run(&mut npz, run)?;
         npz.close(path)
-    })?;
-    eprintln!(
-        "fora: {count} shard(s), {n} images [{h}, {w}, {c}] -> {}",
-        args.out.display()
-    );
-    Ok(())
+    })
 }
