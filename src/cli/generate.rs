@@ -176,9 +176,19 @@ impl Job for GenerateJob {
         fora::io::check_free_space("--out", &self.args.out, npz_bytes)
             .with_context(|| format!("--num-samples {n}"))?;
         if let Some(dir) = &self.args.parts {
-            // The batches beside the output until it is whole: as much again (the batches' own
-            // records, a kilobyte each, aside), on whichever file system holds them.
-            let batch_bytes = npz_bytes.saturating_add(plan.batches.end * 2048);
+            fora::io::check_writable("--parts", &dir.join("batch.npz"))?;
+            // The batches beside the output until it is whole: as much again (and a couple of
+            // kilobytes a batch for its own records), on whichever file system holds them,
+            // less what the batches already there take.
+            let held: u64 = plan
+                .batches
+                .clone()
+                .filter_map(|j| std::fs::metadata(batch_file(dir, j)).ok())
+                .map(|m| m.len())
+                .sum();
+            let batch_bytes = npz_bytes
+                .saturating_add((plan.batches.end - plan.batches.start).saturating_mul(2048))
+                .saturating_sub(held);
             let total = if same_file_system(dir, &self.args.out) {
                 batch_bytes.saturating_add(npz_bytes)
             } else {
@@ -247,12 +257,12 @@ impl Job for GenerateJob {
                         "after {done} of {batches} batches: nothing written to {}{}",
                         args.out.display(),
                         match &args.parts {
-                            Some(dir) => format!(
+                            Some(dir) if done > 0 => format!(
                                 "; the batches done are in {}: the same command continues \
                                  the run",
                                 dir.display()
                             ),
-                            None => String::new(),
+                            _ => String::new(),
                         }
                     ),
                 }
@@ -378,20 +388,27 @@ impl Job for GenerateJob {
                 // J/BATCHES` writes, with its record, checked before it is kept.
                 let total = n.div_ceil(batch);
                 let part = |j: u64| {
-                    let path = dir.join(format!("batch-{j:06}.npz"));
+                    let path = batch_file(dir, j);
                     let keep = batch.min(n - j * batch) as usize;
                     let run = [j, total, n, batch, args.seed, j * batch, settings];
                     (path, run, vec![keep, ih, iw, ic])
                 };
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("cannot create --parts {}", dir.display()))?;
-                let mut kept = Vec::new();
+                let mut kept = std::collections::HashSet::new();
+                let unreadable = |path: &Path| {
+                    format!(
+                        "--parts: {} cannot be read as a batch: remove it, and the same command \
+                         samples it again",
+                        path.display()
+                    )
+                };
                 for j in plan.batches.clone() {
                     let (path, run, shape) = part(j);
                     if !path.exists() {
                         continue;
                     }
-                    let found = Part::read(&path)?;
+                    let found = Part::read(&path).with_context(|| unreadable(&path))?;
                     const FIELDS: [&str; 7] = [
                         "batch",
                         "batches",
@@ -421,7 +438,7 @@ impl Job for GenerateJob {
                         path.display(),
                         differ.join("; ")
                     );
-                    kept.push(j);
+                    kept.insert(j);
                     resumed_images += shape[0] as u64;
                 }
                 resumed = kept.len() as u64;
@@ -442,6 +459,10 @@ impl Job for GenerateJob {
                     stopped(done + resumed)?;
                     let pixels = sample_batch(j, done + resumed)?;
                     let (path, run, shape) = part(j);
+                    // Again for each batch: a shard sharing the folder removes it when it
+                    // finds it empty at its end.
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create --parts {}", dir.display()))?;
                     fora::io::write_atomic_with(&path, |tmp| {
                         let mut npz = NpzWriter::create(tmp)?;
                         npz.start_array("arr_0", NpyDtype::U8, &shape)?;
@@ -453,15 +474,27 @@ impl Job for GenerateJob {
                     })?;
                     done += 1;
                 }
+                stopped(batches)?;
                 let parts = plan
                     .batches
                     .clone()
-                    .map(|j| Part::read(&part(j).0))
+                    .map(|j| {
+                        let path = part(j).0;
+                        Part::read(&path).with_context(|| unreadable(&path))
+                    })
                     .collect::<Result<Vec<_>>>()?;
-                join(&parts, &args.out, record)?;
+                join(&parts, &args.out, record).with_context(|| {
+                    format!(
+                        "joining the batches in {} (kept there: the same command joins them \
+                         again)",
+                        dir.display()
+                    )
+                })?;
+                // The output is whole: a batch that cannot be removed is only left behind.
                 for part in &parts {
-                    std::fs::remove_file(&part.path)
-                        .with_context(|| format!("cannot remove {}", part.path.display()))?;
+                    if let Err(e) = std::fs::remove_file(&part.path) {
+                        eprintln!("fora: cannot remove {}: {e}", part.path.display());
+                    }
                 }
                 // Other shards' batches may share the folder: it goes only when empty.
                 let _ = std::fs::remove_dir(dir);
@@ -493,6 +526,11 @@ impl Job for GenerateJob {
         );
         Ok(())
     }
+}
+
+/// Batch `j`'s file in a `--parts` folder.
+fn batch_file(dir: &Path, j: u64) -> PathBuf {
+    dir.join(format!("batch-{j:06}.npz"))
 }
 
 /// Whether `a` and `b` (files, or folders, that may not exist yet) would be on one file system:
