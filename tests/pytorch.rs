@@ -405,6 +405,28 @@ fn info_describes_checkpoints() {
     ] {
         assert!(out.contains(needle), "{needle:?} not in {out}");
     }
+    // A safetensors copy that records the architecture, then described without --arch.
+    let dir = TempDir::new("pt", "info");
+    let copy = dir.path("copy.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_fora"))
+        .args(["bench", "--model"])
+        .arg(fixture("dit_b.pt"))
+        .args(["--arch", DIT_ARCH, "--save-weights"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = info(&["--model".as_ref(), copy.as_os_str()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("copy.safetensors: safetensors; depth=1,hidden=24,heads=2,patch=4"),
+        "{out}"
+    );
+    let (_, copied) = DitWeights::load(&copy, None).unwrap();
+    let arch = Arch::parse(DIT_ARCH).unwrap();
+    let (_, original) = DitWeights::load(fixture("dit_b.pt"), Some(&arch)).unwrap();
+    assert_eq!(copied.fingerprint(), original.fingerprint());
+
     let o = info(&["--model".as_ref(), fixture("dit_b.pt").as_os_str()]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");

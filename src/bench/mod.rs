@@ -215,8 +215,10 @@ pub struct BenchArgs {
     /// in-model op times.
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
     pub watchdog_s: Option<f64>,
-    /// Write the benchmark's random weights (official key layout, f32, config in the metadata)
-    /// to this safetensors file and exit: the PyTorch reference can load them. Needs no GPU.
+    /// Write the benchmark's weights (the random ones, or --model's: a PyTorch checkpoint so
+    /// becomes a safetensors file that records its architecture) to this safetensors file
+    /// (official key layout, f32, config in the metadata) and exit: the PyTorch reference can
+    /// load them. Needs no GPU.
     #[arg(long, value_name = "PATH")]
     pub save_weights: Option<PathBuf>,
 }
