@@ -374,6 +374,55 @@ fn sample_from_a_pytorch_checkpoint() {
     assert!(bits(&got.data) == bits(&want.data), "the samples differ");
 }
 
+/// A `--noise-file` saved by `torch.save` gives the samples of the same tensors in safetensors.
+#[test]
+fn noise_file_from_pytorch() {
+    let dir = TempDir::new("pt", "noise");
+    let pt = fixture("noise_tiny.pt");
+    let reader = TensorReader::open(&pt, "").unwrap();
+    let f32s = |name: &str| -> (Vec<usize>, Vec<f32>) {
+        let t = reader.tensor(name).unwrap();
+        let values = t
+            .data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        (t.shape, values)
+    };
+    let (xs, x) = f32s("x_T");
+    let (ns, noise) = f32s("noise");
+    let twin = dir.path("noise.safetensors");
+    fora::io::write_tensors(
+        &twin,
+        &[
+            ("x_T", fora::io::OutTensor::F32(&xs, &x)),
+            ("noise", fora::io::OutTensor::F32(&ns, &noise)),
+        ],
+        None,
+    )
+    .unwrap();
+    let sample = |noise: &Path, out: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_fora"))
+            .args(["sample", "--class", "3", "--steps", "5", "--device", "cpu"])
+            .arg("--noise-file")
+            .arg(noise)
+            .arg("--quiet")
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        fora::io::TensorFile::open(out)
+            .unwrap()
+            .f32("samples", 4)
+            .unwrap()
+    };
+    let a = sample(&pt, &dir.path("a.safetensors"));
+    let b = sample(&twin, &dir.path("b.safetensors"));
+    assert_eq!(a.shape, [1, 3, 32, 32]);
+    assert!(a == b, "the samples differ");
+}
+
 /// `fora info --model --vae` describes the files after loading them as `fora sample` does, and
 /// fails (exit 1, the file named) on one that does not load.
 #[test]

@@ -18,6 +18,8 @@ already holds as safetensors, for tests/pytorch.rs, which reads both and holds t
                      checkpoint names them (model.diffusion_model.*, first_stage_model.*,
                      cond_stage_model.*, model_ema.*): no key is a nest, so nothing is stripped
   broadcast.pt       {"w": one float expanded to 2^30 elements}: a view larger than its file
+  noise_tiny.pt      {"x_T" [1, 3, 32, 32], "noise" [5, 1, 3, 32, 32]} f32: a --noise-file for
+                     the embedded model, as one might save it from the official sampler
   vae_tiny_diffusers/
     diffusion_pytorch_model.bin, config.json
                      vae_tiny.model.safetensors' decoder (f16) as diffusers saves an
@@ -91,6 +93,8 @@ def main():
     )
     torch.save(flat, os.path.join(d, "flat_sd.ckpt"))
     torch.save({"w": torch.ones(1).expand(1 << 30)}, os.path.join(d, "broadcast.pt"))
+    noise = {"x_T": torch.randn(1, 3, 32, 32), "noise": torch.randn(5, 1, 3, 32, 32)}
+    torch.save(noise, os.path.join(d, "noise_tiny.pt"))
 
     vae = load_file(os.path.join(d, "vae_tiny.model.safetensors"))
     folder = os.path.join(d, "vae_tiny_diffusers")
