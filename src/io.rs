@@ -334,6 +334,9 @@ impl<'a> TensorReader<'a> {
                 let t = tensors
                     .get(name)
                     .with_context(|| format!("no tensor {name}"))?;
+                // pytorch-reader allocates the bytes itself: refused here, not aborted there,
+                // where memory cannot hold them.
+                crate::weights::ensure_free_memory(&format!("tensor {name}"), t.byte_len() as u64)?;
                 // pytorch-reader checks the bytes against the tensor's storage and its own
                 // checksum; a file changed since the pickle was read fails here by name.
                 let mut buf = t

@@ -12,7 +12,7 @@
 //! use fora::cpu::CpuBackend;
 //! use fora::sampler::{Sampler, SamplerOptions};
 //!
-//! let (config, weights) = fora::embedded::default_model()?; // or DitWeights::load(path, None)
+//! let (config, weights) = fora::embedded::default_model()?; // or DitWeights::load(path, arch)
 //! let backend = CpuBackend::new(config, weights)?;
 //! let options = SamplerOptions::ddpm(12).with_guidance(Some(Guidance {
 //!     scale: 4.0,
@@ -45,9 +45,12 @@
 //!
 //! Modules: [`config`] (architectures), [`weights`] (checkpoints), [`diffusion`] (the official
 //! schedule and respacing), [`cache`] (FORA policies), [`sampler`], [`cpu`] and [`cuda`] (the
-//! backends), [`io`] and [`png_out`] (files), [`rng`] (noise), [`profile`] (NVTX ranges),
+//! backends), [`io`] and [`png_out`] (files: safetensors and PyTorch checkpoints read,
+//! safetensors and PNG written), [`rng`] (noise), [`profile`] (NVTX ranges),
 //! [`bench`](mod@bench) (`fora bench`), [`embedded`] (the default model), [`watchdog`] (a
-//! launch that never ends), [`vae`] (the Stable Diffusion VAE's decoder: latents to images).
+//! launch that never ends), [`vae`] (the Stable Diffusion VAE's decoder: latents to images),
+//! [`generate`] and [`npz`] (`fora generate`'s class ids, seeds and 8-bit images, and the
+//! `.npz` it streams them into).
 
 // Every public item is documented (CI: clippy -D warnings).
 #![warn(missing_docs)]

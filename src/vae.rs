@@ -11,7 +11,8 @@
 //!   -> GroupNorm, SiLU, conv_out (3x3) -> image in about [-1, 1]
 //! ```
 //!
-//! Weights are read from a safetensors file in diffusers' key layout (`decoder.*`,
+//! Weights are read from a safetensors file or a PyTorch checkpoint (diffusers'
+//! `diffusion_pytorch_model.bin`, a Stable Diffusion `.ckpt`) in diffusers' key layout (`decoder.*`,
 //! `post_quant_conv.*`; the encoder's keys are ignored). The mid block's attention may use
 //! either of diffusers' names (`to_q`/`to_k`/`to_v`/`to_out.0`, or the older
 //! `query`/`key`/`value`/`proj_attn`), as Linear `[C, C]` or 1x1 conv `[C, C, 1, 1]` weights.
@@ -20,7 +21,8 @@
 //! in a whole Stable Diffusion checkpoint), its names translated ([`ldm_to_diffusers`]).
 //! The widths, depth and channel counts come from the tensor shapes; GroupNorm's group count
 //! (32 in every Stable Diffusion VAE) and the latent scaling factor (0.18215) from the metadata
-//! `fora.vae.groups` and `fora.vae.scaling_factor` where present.
+//! `fora.vae.groups` and `fora.vae.scaling_factor` where present, else from diffusers'
+//! `config.json` beside the weights ([`VaeDecoder::load`]).
 //!
 //! `tests/vae.rs` holds this to diffusers' own decoder (fixtures of `tools/make_vae_fixture.py`).
 

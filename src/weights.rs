@@ -1,5 +1,6 @@
-//! DiT weights in the official key layout: loading (safetensors, f32/f16/bf16 converted to
-//! f32, every tensor validated before use), deterministic random weights for tests and
+//! DiT weights in the official key layout: loading (safetensors or a PyTorch checkpoint such
+//! as the official release's `.pt`, through [`crate::io::TensorReader`]; f32/f16/bf16
+//! converted to f32, every tensor validated before use), deterministic random weights for tests and
 //! benchmarks, and saving (f32, the config in the metadata, written atomically).
 //!
 //! Layouts are PyTorch's: a Linear weight is `[out, in]` row-major, the patch embedding is a
