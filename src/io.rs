@@ -35,6 +35,9 @@ pub struct TensorReader<'a> {
     data: TensorData<'a>,
     /// For a PyTorch checkpoint, the top-level key its tensors were taken from.
     nest: Option<&'static str>,
+    /// For a PyTorch checkpoint, the wrappers' prefix taken off every name
+    /// ([`PYTORCH_WRAPPER_PREFIXES`]; empty where none).
+    unwrapped: String,
 }
 
 /// The top-level keys under which a PyTorch checkpoint may hold the weights, in the order they
@@ -43,6 +46,30 @@ pub struct TensorReader<'a> {
 /// Diffusion's and PyTorch Lightning's `.ckpt`) and `model`. A checkpoint with no tensor
 /// under any of them is read whole (a plain state dict, as the DiT release is).
 pub const PYTORCH_NESTS: [&str; 3] = ["ema", "state_dict", "model"];
+
+/// The prefixes a wrapped module adds to every name of its state dict, taken off a PyTorch
+/// checkpoint's names where every one has them, outermost first: `module.` of
+/// DistributedDataParallel and DataParallel, `_orig_mod.` of `torch.compile` (both, in that
+/// order, for a compiled model under DDP).
+pub const PYTORCH_WRAPPER_PREFIXES: [&str; 2] = ["module.", "_orig_mod."];
+
+/// `tensors` with the [`PYTORCH_WRAPPER_PREFIXES`] that every name has taken off, and what was
+/// taken.
+fn pytorch_unwrap(
+    mut tensors: HashMap<String, pytorch_reader::Tensor>,
+) -> (HashMap<String, pytorch_reader::Tensor>, String) {
+    let mut taken = String::new();
+    for prefix in PYTORCH_WRAPPER_PREFIXES {
+        if tensors.keys().all(|k| k.starts_with(prefix)) {
+            tensors = tensors
+                .into_iter()
+                .map(|(k, t)| (k[prefix.len()..].to_string(), t))
+                .collect();
+            taken.push_str(prefix);
+        }
+    }
+    (tensors, taken)
+}
 
 /// Where a [`TensorReader`]'s tensor bytes come from.
 enum TensorData<'a> {
@@ -134,6 +161,7 @@ impl<'a> TensorReader<'a> {
             header,
             data: TensorData::Bytes(data),
             nest: None,
+            unwrapped: String::new(),
         })
     }
 
@@ -198,6 +226,7 @@ impl<'a> TensorReader<'a> {
                 start: 8 + n,
             },
             nest: None,
+            unwrapped: String::new(),
         })
     }
 
@@ -226,6 +255,7 @@ impl<'a> TensorReader<'a> {
             "{file}: a PyTorch checkpoint without tensors{}",
             nest.map_or(String::new(), |n| format!(" under {n:?}"))
         );
+        let (tensors, unwrapped) = pytorch_unwrap(tensors);
         // A strided view may describe far more elements than its storage holds (a broadcast, of
         // stride 0); reading one would allocate them all. No checkpoint's tensor is larger than
         // its file.
@@ -263,17 +293,25 @@ impl<'a> TensorReader<'a> {
             header,
             data: TensorData::Pytorch(tensors),
             nest,
+            unwrapped,
         })
     }
 
     /// The file's format: "safetensors", or "PyTorch checkpoint" with the top-level key its
-    /// tensors were taken from ([`PYTORCH_NESTS`]).
+    /// tensors were taken from ([`PYTORCH_NESTS`]) and the wrappers' prefix taken off their
+    /// names ([`PYTORCH_WRAPPER_PREFIXES`]).
     pub fn format(&self) -> String {
-        match (&self.data, self.nest) {
-            (TensorData::Pytorch(_), Some(nest)) => format!("PyTorch checkpoint, {nest:?}"),
-            (TensorData::Pytorch(_), None) => "PyTorch checkpoint".to_string(),
-            _ => "safetensors".to_string(),
+        if !matches!(self.data, TensorData::Pytorch(_)) {
+            return "safetensors".to_string();
         }
+        let mut format = "PyTorch checkpoint".to_string();
+        if let Some(nest) = self.nest {
+            format += &format!(", {nest:?}");
+        }
+        if !self.unwrapped.is_empty() {
+            format += &format!(", names without {:?}", self.unwrapped);
+        }
+        format
     }
 
     /// The tensors' names, sorted.

@@ -79,6 +79,15 @@ fn pytorch_checkpoints_read_as_their_safetensors_twins() {
     assert_eq!(lightning.format(), "PyTorch checkpoint, \"state_dict\"");
     assert_same_tensors(&lightning, &dit, None);
 
+    // A compiled model's state dict under DistributedDataParallel: the wrappers' prefixes
+    // come off every name.
+    let ddp = TensorReader::open(&fixture("dit_b_ddp.pt"), "").unwrap();
+    assert_eq!(
+        ddp.format(),
+        "PyTorch checkpoint, names without \"module._orig_mod.\""
+    );
+    assert_same_tensors(&ddp, &dit, None);
+
     // A flat state dict whose names begin with a nest's name and a dot: nothing is stripped.
     let flat = TensorReader::open(&fixture("flat_sd.ckpt"), "").unwrap();
     assert_eq!(flat.format(), "PyTorch checkpoint");
@@ -105,7 +114,12 @@ fn dit_weights_load_from_pytorch_checkpoints() {
     let arch = Arch::parse(DIT_ARCH).unwrap();
     let (want_cfg, want) =
         DitWeights::load(fixture("oracle_b.model.safetensors"), Some(&arch)).unwrap();
-    for file in ["dit_b.pt", "dit_b_legacy.pt"] {
+    for file in [
+        "dit_b.pt",
+        "dit_b_legacy.pt",
+        "dit_b_ddp.pt",
+        "dit_b_lightning.ckpt",
+    ] {
         let (cfg, w) = DitWeights::load(fixture(file), Some(&arch)).unwrap();
         assert_eq!(cfg, want_cfg, "{file}");
         assert_eq!(w.fingerprint(), want.fingerprint(), "{file}");

@@ -14,6 +14,8 @@ already holds as safetensors, for tests/pytorch.rs, which reads both and holds t
   dit_b_lightning.ckpt
                      the state dict under "state_dict" beside a global_step and optimizer
                      states, as PyTorch Lightning (and Stable Diffusion's .ckpt) nest it
+  dit_b_ddp.pt       the state dict of a compiled model under DistributedDataParallel: every name
+                     under "module._orig_mod."
   flat_sd.ckpt       a flat state dict of a few small tensors named as a whole Stable Diffusion
                      checkpoint names them (model.diffusion_model.*, first_stage_model.*,
                      cond_stage_model.*, model_ema.*): no key is a nest, so nothing is stripped
@@ -83,6 +85,10 @@ def main():
         "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(4)}}}],
     }
     torch.save(lightning, os.path.join(d, "dit_b_lightning.ckpt"))
+    wrapped = collections.OrderedDict(
+        ("module._orig_mod." + k, v) for k, v in sorted(dit.items())
+    )
+    torch.save(wrapped, os.path.join(d, "dit_b_ddp.pt"))
     flat = collections.OrderedDict(
         [
             ("model.diffusion_model.input_blocks.0.0.weight", torch.randn(2, 3)),
