@@ -256,7 +256,15 @@ fn load_model(model: &ModelArgs) -> Result<(DitConfig, DitWeights)> {
         );
         return fora::embedded::default_model();
     };
-    DitWeights::load(path, arch.as_ref())
+    let reader = fora::io::TensorReader::open(path, "checkpoint")?;
+    // Which part of a PyTorch checkpoint was taken (a training checkpoint's "ema", a wrapped
+    // model's names unwrapped) is said: it is a choice the file does not state.
+    let format = reader.format();
+    if format.starts_with("PyTorch checkpoint,") {
+        eprintln!("fora: --model {}: {format}", path.display());
+    }
+    DitWeights::from_reader(&reader, arch.as_ref())
+        .with_context(|| format!("checkpoint {}", path.display()))
 }
 
 /// Whether `out` names a PNG file (any case of `.png`).

@@ -383,6 +383,23 @@ fn sample_from_a_pytorch_checkpoint() {
         &dir.path("st.safetensors"),
     );
     let got = run(&fixture("dit_b.pt"), &dir.path("pt.safetensors"));
+    // A training checkpoint: the run says it took the "ema" (as bf16, other samples).
+    let o = Command::new(env!("CARGO_BIN_EXE_fora"))
+        .args(["sample", "--model"])
+        .arg(fixture("dit_b_training.pt"))
+        .args([
+            "--arch", DIT_ARCH, "--class", "3", "--steps", "2", "--device", "cpu",
+        ])
+        .arg("--out")
+        .arg(dir.path("ema.safetensors"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("dit_b_training.pt: PyTorch checkpoint, \"ema\""),
+        "{err}"
+    );
     assert_eq!(got.shape, [1, 3, 8, 8]);
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert!(bits(&got.data) == bits(&want.data), "the samples differ");
