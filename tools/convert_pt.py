@@ -1,5 +1,9 @@
 """Converts an official DiT PyTorch checkpoint (.pt) to safetensors for `fora`.
 
+fora reads the .pt itself (`fora sample --model DiT-XL-2-256x256.pt --arch DiT-XL/2`), and
+`fora bench --model X.pt --arch A --save-weights X.safetensors` writes an f32 safetensors copy
+without PyTorch; this tool remains for a copy in f16 or bf16, checked by PyTorch.
+
 The input is a state dict (the released DiT-XL-2-256x256.pt) or a training checkpoint, a dict
 holding "ema" and/or "model" (like the official sampler, "ema" is taken when present; choose
 with --use). The architecture must be given (--arch DiT-XL/2 or
