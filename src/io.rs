@@ -48,25 +48,24 @@ pub struct TensorReader<'a> {
 pub const PYTORCH_NESTS: [&str; 3] = ["ema", "state_dict", "model"];
 
 /// The prefixes a wrapped module adds to every name of its state dict, taken off a PyTorch
-/// checkpoint's names where every one has them, outermost first: `module.` of
-/// DistributedDataParallel and DataParallel, `_orig_mod.` of `torch.compile` (both, in that
-/// order, for a compiled model under DDP).
+/// checkpoint's names for as long as every one starts with one of them: `module.` of
+/// DistributedDataParallel and DataParallel, `_orig_mod.` of `torch.compile` (both, in either
+/// order, where one wraps the other).
 pub const PYTORCH_WRAPPER_PREFIXES: [&str; 2] = ["module.", "_orig_mod."];
 
-/// `tensors` with the [`PYTORCH_WRAPPER_PREFIXES`] that every name has taken off, and what was
-/// taken.
-fn pytorch_unwrap(
-    mut tensors: HashMap<String, pytorch_reader::Tensor>,
-) -> (HashMap<String, pytorch_reader::Tensor>, String) {
+/// `tensors` with the [`PYTORCH_WRAPPER_PREFIXES`] that every name has taken off, outermost
+/// first and as often as they wrap, and what was taken.
+fn pytorch_unwrap<T>(mut tensors: HashMap<String, T>) -> (HashMap<String, T>, String) {
     let mut taken = String::new();
-    for prefix in PYTORCH_WRAPPER_PREFIXES {
-        if tensors.keys().all(|k| k.starts_with(prefix)) {
-            tensors = tensors
-                .into_iter()
-                .map(|(k, t)| (k[prefix.len()..].to_string(), t))
-                .collect();
-            taken.push_str(prefix);
-        }
+    while let Some(prefix) = PYTORCH_WRAPPER_PREFIXES
+        .into_iter()
+        .find(|p| !tensors.is_empty() && tensors.keys().all(|k| k.starts_with(p)))
+    {
+        tensors = tensors
+            .into_iter()
+            .map(|(k, t)| (k[prefix.len()..].to_string(), t))
+            .collect();
+        taken.push_str(prefix);
     }
     (tensors, taken)
 }
@@ -949,6 +948,46 @@ mod tests {
         fs::write(dir.join("junk"), b"not safetensors").unwrap();
         assert!(TensorFile::open(dir.join("junk")).is_err());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The wrappers' prefixes come off in either order, and only where every name has them.
+    #[test]
+    fn wrapped_names_are_unwrapped() {
+        let names = |list: &[&str]| -> HashMap<String, ()> {
+            list.iter().map(|n| (n.to_string(), ())).collect()
+        };
+        let sorted = |m: HashMap<String, ()>| {
+            let mut k: Vec<String> = m.into_keys().collect();
+            k.sort();
+            k
+        };
+        for (given, taken) in [
+            (
+                ["module._orig_mod.a", "module._orig_mod.b.c"],
+                "module._orig_mod.",
+            ),
+            (
+                ["_orig_mod.module.a", "_orig_mod.module.b.c"],
+                "_orig_mod.module.",
+            ),
+            (["module.a", "module.b.c"], "module."),
+            (["_orig_mod.a", "_orig_mod.b.c"], "_orig_mod."),
+        ] {
+            let (unwrapped, what) = pytorch_unwrap(names(&given));
+            assert_eq!(
+                (sorted(unwrapped), what.as_str()),
+                (vec!["a".to_string(), "b.c".to_string()], taken)
+            );
+        }
+        let (kept, what) = pytorch_unwrap(names(&["module.a", "b"]));
+        assert_eq!(
+            (sorted(kept), what.as_str()),
+            (vec!["b".to_string(), "module.a".to_string()], "")
+        );
+        // Once a name no longer has it, no more comes off.
+        let (kept, what) = pytorch_unwrap(names(&["module.", "module.module."]));
+        assert_eq!(what, "module.");
+        assert_eq!(sorted(kept), ["", "module."]);
     }
 
     /// A safetensors file is told from a PyTorch checkpoint by its first bytes, whatever its

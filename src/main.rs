@@ -256,15 +256,11 @@ fn load_model(model: &ModelArgs) -> Result<(DitConfig, DitWeights)> {
         );
         return fora::embedded::default_model();
     };
-    let reader = fora::io::TensorReader::open(path, "checkpoint")?;
-    // Which part of a PyTorch checkpoint was taken (a training checkpoint's "ema", a wrapped
-    // model's names unwrapped) is said: it is a choice the file does not state.
-    let format = reader.format();
+    let (cfg, weights, format) = DitWeights::load_with_format(path, arch.as_ref())?;
     if format.starts_with("PyTorch checkpoint,") {
         eprintln!("fora: --model {}: {format}", path.display());
     }
-    DitWeights::from_reader(&reader, arch.as_ref())
-        .with_context(|| format!("checkpoint {}", path.display()))
+    Ok((cfg, weights))
 }
 
 /// Whether `out` names a PNG file (any case of `.png`).

@@ -368,11 +368,23 @@ impl DitWeights {
     /// config from the tensor shapes; heads come from `arch` or the metadata `fora.heads`.
     /// Everything is validated before use; every failure names the key and the expectation.
     pub fn load(path: impl AsRef<Path>, arch: Option<&Arch>) -> Result<(DitConfig, DitWeights)> {
+        Self::load_with_format(path, arch).map(|(cfg, w, _)| (cfg, w))
+    }
+
+    /// [`DitWeights::load`], and the file's [`TensorReader::format`]: which part of a PyTorch
+    /// checkpoint was taken (a training checkpoint's `ema`, a wrapped model's names
+    /// unwrapped), a choice the file does not state, for the caller to say.
+    pub fn load_with_format(
+        path: impl AsRef<Path>,
+        arch: Option<&Arch>,
+    ) -> Result<(DitConfig, DitWeights, String)> {
         let path = path.as_ref();
         // Tensor by tensor from the file: the checkpoint's bytes are never all in memory
         // beside the f32 weights made from them.
         let st = TensorReader::open(path, "checkpoint")?;
-        Self::from_reader(&st, arch).with_context(|| format!("checkpoint {}", path.display()))
+        let (cfg, w) = Self::from_reader(&st, arch)
+            .with_context(|| format!("checkpoint {}", path.display()))?;
+        Ok((cfg, w, st.format()))
     }
 
     /// [`DitWeights::load`] from the bytes of a safetensors file.

@@ -645,7 +645,10 @@ pub fn bench_model(args: &BenchArgs) -> Result<(DitConfig, DitWeights, String)> 
     match &args.model {
         Some(path) => {
             let arch = args.arch.as_deref().map(Arch::parse).transpose()?;
-            let (cfg, w) = DitWeights::load(path, arch.as_ref())?;
+            let (cfg, w, format) = DitWeights::load_with_format(path, arch.as_ref())?;
+            if format.starts_with("PyTorch checkpoint,") {
+                eprintln!("bench: --model {}: {format}", path.display());
+            }
             Ok((cfg, w, path.display().to_string()))
         }
         None => {
