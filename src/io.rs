@@ -351,6 +351,9 @@ impl<'a> TensorReader<'a> {
             }
             TensorData::File { file, start } => {
                 let size = end - begin;
+                // Where memory is overcommitted an allocation past it succeeds and the process
+                // is killed as the bytes are read in: refused here instead.
+                crate::weights::ensure_free_memory(&format!("tensor {name}"), size as u64)?;
                 let mut buf = Vec::new();
                 buf.try_reserve_exact(size).map_err(|_| {
                     anyhow::anyhow!(

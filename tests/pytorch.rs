@@ -173,7 +173,16 @@ fn vae_loads_from_diffusers_bin_and_config() {
     let want = VaeDecoder::load(fixture("vae_tiny.model.safetensors")).unwrap();
     let got = VaeDecoder::load(vae_folder().join("diffusion_pytorch_model.bin")).unwrap();
     assert_eq!(got.config(), want.config());
-    assert_eq!(got.config().groups, 8);
+    assert!(
+        got.source()
+            .starts_with("PyTorch checkpoint; settings from")
+            && got.source().ends_with("config.json")
+            && got.source_is_chosen(),
+        "{}",
+        got.source()
+    );
+    assert_eq!(want.source(), "safetensors");
+    assert!(!want.source_is_chosen());
     assert_eq!(got.fingerprint(), want.fingerprint());
     let io = fora::io::TensorFile::open(fixture("vae_tiny.io.safetensors")).unwrap();
     let latents = io.f32("latents", 4).unwrap();
@@ -480,7 +489,8 @@ fn info_describes_checkpoints() {
     for needle in [
         "dit_b_training.pt: PyTorch checkpoint, \"ema\"; depth=1,hidden=24,heads=2,patch=4",
         "input 3 x 8 x 8 (4 tokens), 5 classes, no learn_sigma",
-        "diffusion_pytorch_model.bin: PyTorch checkpoint; 4 latent channels",
+        "diffusion_pytorch_model.bin: PyTorch checkpoint; settings from",
+        "vae_tiny_diffusers/config.json; 4 latent channels",
         "up blocks [32, 32, 16] of 2 resnets, 8 GroupNorm groups",
     ] {
         assert!(out.contains(needle), "{needle:?} not in {out}");

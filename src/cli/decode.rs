@@ -109,13 +109,22 @@ pub(crate) fn decode_latents(
     Ok((images, image_shape))
 }
 
+/// `--vae`'s decoder, saying where its settings came from where the file alone does not.
+pub(crate) fn load_vae(path: &Path) -> Result<Arc<VaeDecoder>> {
+    let vae = VaeDecoder::load(path).context("--vae")?;
+    if vae.source_is_chosen() {
+        eprintln!("fora: --vae {}: {}", path.display(), vae.source());
+    }
+    Ok(Arc::new(vae))
+}
+
 pub(crate) fn decode(args: DecodeArgs) -> Result<()> {
     fora::io::check_output_path("--out", &args.out, &["safetensors", "png"])?;
     ensure!(
         !(args.device == Device::Cpu && args.gpu.is_some()),
         "--gpu chooses a GPU; --device cpu uses none"
     );
-    let vae = Arc::new(VaeDecoder::load(&args.vae).context("--vae")?);
+    let vae = load_vae(&args.vae)?;
     let file = TensorFile::open(&args.input).context("--input")?;
     let latents = file.f32(&args.tensor, 4).context("--input")?;
     let shape: [usize; 4] = latents

@@ -73,13 +73,13 @@ fn describe_model(path: &Path, arch: Option<&Arch>) -> Result<String> {
 
 /// "vae: PATH: FORMAT; the decoder's shape and settings", once the decoder has loaded.
 fn describe_vae(path: &Path) -> Result<String> {
-    let format = TensorReader::open(path, "VAE weights")?.format();
     let vae = VaeDecoder::load(path)?;
     let c = vae.config();
     Ok(format!(
-        "vae: {}: {format}; {} latent channels to {} image channels, {}x upscale, up blocks \
+        "vae: {}: {}; {} latent channels to {} image channels, {}x upscale, up blocks \
          {:?} of {} resnets, {} GroupNorm groups, mid attention {}, scaling factor {}",
         path.display(),
+        vae.source(),
         c.latent_channels,
         c.out_channels,
         c.upscale(),

@@ -298,9 +298,7 @@ impl RunSetup {
         Ok(RunSetup {
             options: sampling.sampler_options(model.model.is_none())?,
             tuning: tuning.tuning(model.device)?,
-            vae: vae
-                .map(|p| VaeDecoder::load(p).context("--vae").map(Arc::new))
-                .transpose()?,
+            vae: vae.map(crate::cli::decode::load_vae).transpose()?,
             vae_gpu: std::cell::RefCell::new(None),
         })
     }
