@@ -1791,7 +1791,7 @@ fn generate_keeps_batches_in_parts_and_continues() {
 }
 
 /// On a GPU machine: `fora generate --device cuda` (the embedded model, 3 images in 2 batches of 2)
-/// repeats its own bytes, draws the CPU's labels, and its images agree with the CPU's within
+/// repeats its own bytes (the second time through `--parts`), draws the CPU's labels, and its images agree with the CPU's within
 /// the sampling tolerance of the CUDA issue (rel-L2 <= 5e-2, on the 8-bit values centred at
 /// 127.5, whose rounding adds under 1e-2). Without a device it prints SKIP (fails under
 /// FORA_REQUIRE_GPU=1).
@@ -1802,24 +1802,30 @@ fn generate_on_the_gpu() {
     };
     drop(gpu);
     let s = Scratch::new("generate-gpu");
-    let run = |name: &str, device: &str| {
+    let run = |name: &str, device: &str, extra: &[&str]| {
         let out = s.path(name);
-        let o = fora(&[
-            "generate",
-            "--num-samples",
-            "3",
-            "--batch",
-            "2",
-            "--steps",
-            "20",
-            "--seed",
-            "5",
-            "--device",
-            device,
-            "--quiet",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let o = fora(
+            &[
+                &[
+                    "generate",
+                    "--num-samples",
+                    "3",
+                    "--batch",
+                    "2",
+                    "--steps",
+                    "20",
+                    "--seed",
+                    "5",
+                    "--device",
+                    device,
+                    "--quiet",
+                    "--out",
+                    out.to_str().unwrap(),
+                ][..],
+                extra,
+            ]
+            .concat(),
+        );
         assert_ok(&o);
         assert!(
             stderr(&o).contains(if device == "cuda" {
@@ -1832,12 +1838,18 @@ fn generate_on_the_gpu() {
         );
         read_npz(&out)
     };
+    // The second run keeps its batches in a folder and joins them: the same bytes.
+    let parts = s.path("parts");
     let (a, b, cpu) = (
-        run("a.npz", "cuda"),
-        run("b.npz", "cuda"),
-        run("cpu.npz", "cpu"),
+        run("a.npz", "cuda", &[]),
+        run("b.npz", "cuda", &["--parts", parts.to_str().unwrap()]),
+        run("cpu.npz", "cpu", &[]),
     );
-    assert!(a == b, "two GPU runs of one seed differ");
+    assert!(
+        a == b,
+        "two GPU runs of one seed differ (the second with --parts)"
+    );
+    assert!(!parts.exists());
     assert_eq!(a[1], cpu[1], "labels");
     let centred = |v: &[u8]| v.iter().map(|&x| x as f32 - 127.5).collect::<Vec<f32>>();
     let err = fora::cuda::testing::rel_l2(&centred(&a[0].2), &centred(&cpu[0].2));
