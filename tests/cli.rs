@@ -1914,7 +1914,7 @@ fn generate_stops_cleanly_on_a_signal() {
         std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut err).unwrap();
         let code = child.0.wait().unwrap().code();
         assert_eq!(code, Some(status), "{err}");
-        for says in ["stopped by", name, "nothing written"] {
+        for says in ["stopped by", name, "nothing written", "with --parts DIR"] {
             assert!(err.contains(says), "stderr lacks {says:?}: {err}");
         }
         assert!(

@@ -262,7 +262,11 @@ impl Job for GenerateJob {
                                  the run",
                                 dir.display()
                             ),
-                            _ => String::new(),
+                            Some(_) => String::new(),
+                            None if done > 0 => "; with --parts DIR a run keeps its batches \
+                                                 as they are done, and continues from them"
+                                .to_string(),
+                            None => String::new(),
                         }
                     ),
                 }
