@@ -43,8 +43,9 @@ pub struct TensorReader<'a> {
 /// The top-level keys under which a PyTorch checkpoint may hold the weights, in the order they
 /// are looked for: `ema` first, as the official DiT sampler's `find_model` takes it from a
 /// training checkpoint (`{"model", "ema", "opt", "args"}`), then `state_dict` (Stable
-/// Diffusion's and PyTorch Lightning's `.ckpt`) and `model`. A checkpoint with no tensor
-/// under any of them is read whole (a plain state dict, as the DiT release is).
+/// Diffusion's and PyTorch Lightning's `.ckpt`) and `model`. A checkpoint whose top-level
+/// dictionary has none of them as a dictionary is read whole (a plain state dict, as the DiT
+/// release is).
 pub const PYTORCH_NESTS: [&str; 3] = ["ema", "state_dict", "model"];
 
 /// The prefixes a wrapped module adds to every name of its state dict, taken off a PyTorch
@@ -68,6 +69,27 @@ fn pytorch_unwrap<T>(mut tensors: HashMap<String, T>) -> (HashMap<String, T>, St
         taken.push_str(prefix);
     }
     (tensors, taken)
+}
+
+/// What a tensor file is, as [`TensorReader`] read it; shown as the kind, then the choice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileFormat {
+    /// "safetensors" or "PyTorch checkpoint".
+    pub kind: &'static str,
+    /// What reading took that the file does not state, which a command says: the top-level
+    /// key a PyTorch checkpoint's tensors were taken from ([`PYTORCH_NESTS`]) and the
+    /// wrappers' prefix taken off their names ([`PYTORCH_WRAPPER_PREFIXES`]); `None` where
+    /// nothing was chosen.
+    pub choice: Option<String>,
+}
+
+impl std::fmt::Display for FileFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.choice {
+            Some(choice) => write!(f, "{}, {choice}", self.kind),
+            None => f.write_str(self.kind),
+        }
+    }
 }
 
 /// Where a [`TensorReader`]'s tensor bytes come from.
@@ -179,15 +201,14 @@ impl<'a> TensorReader<'a> {
             .with_context(|| named.clone())?;
         if looks_like_pytorch(&head) {
             drop(file);
-            return Self::open_pytorch(path, what);
+            return Self::open_pytorch(path, what, len);
         }
         file.seek(SeekFrom::Start(0))
             .with_context(|| named.clone())?;
         let invalid = |why: String| {
             anyhow::anyhow!(
-                "{what}{}{}: not a valid safetensors file: {why}",
-                if what.is_empty() { "" } else { " " },
-                path.display()
+                "{}: not a valid safetensors file: {why}",
+                file_label(what, path)
             )
         };
         if len < 8 {
@@ -229,13 +250,10 @@ impl<'a> TensorReader<'a> {
         })
     }
 
-    /// [`TensorReader::open`] of a PyTorch checkpoint: its pickle read whole, no tensor yet.
-    fn open_pytorch(path: &Path, what: &str) -> Result<TensorReader<'static>> {
-        let file = format!(
-            "{what}{}{}",
-            if what.is_empty() { "" } else { " " },
-            path.display()
-        );
+    /// [`TensorReader::open`] of a PyTorch checkpoint of `len` bytes: its pickle read whole,
+    /// no tensor yet.
+    fn open_pytorch(path: &Path, what: &str, len: u64) -> Result<TensorReader<'static>> {
+        let file = file_label(what, path);
         let invalid = |e: pytorch_reader::PytorchError| {
             anyhow::anyhow!("{file}: not a valid PyTorch checkpoint: {e}")
         };
@@ -258,9 +276,6 @@ impl<'a> TensorReader<'a> {
         // A strided view may describe far more elements than its storage holds (a broadcast, of
         // stride 0); reading one would allocate them all. No checkpoint's tensor is larger than
         // its file.
-        let len = fs::metadata(path)
-            .with_context(|| format!("cannot read {file}"))?
-            .len();
         if let Some((name, t)) = tensors.iter().find(|(_, t)| t.byte_len() as u64 > len) {
             bail!(
                 "{file}: not a valid PyTorch checkpoint: tensor {name} of shape {:?} holds {} \
@@ -296,21 +311,25 @@ impl<'a> TensorReader<'a> {
         })
     }
 
-    /// The file's format: "safetensors", or "PyTorch checkpoint" with the top-level key its
-    /// tensors were taken from ([`PYTORCH_NESTS`]) and the wrappers' prefix taken off their
-    /// names ([`PYTORCH_WRAPPER_PREFIXES`]).
-    pub fn format(&self) -> String {
-        if !matches!(self.data, TensorData::Pytorch(_)) {
-            return "safetensors".to_string();
-        }
-        let mut format = "PyTorch checkpoint".to_string();
+    /// The file's format, and what reading it chose.
+    pub fn format(&self) -> FileFormat {
+        let TensorData::Pytorch(_) = self.data else {
+            return FileFormat {
+                kind: "safetensors",
+                choice: None,
+            };
+        };
+        let mut parts = Vec::new();
         if let Some(nest) = self.nest {
-            format += &format!(", {nest:?}");
+            parts.push(format!("{nest:?}"));
         }
         if !self.unwrapped.is_empty() {
-            format += &format!(", names without {:?}", self.unwrapped);
+            parts.push(format!("names without {:?}", self.unwrapped));
         }
-        format
+        FileFormat {
+            kind: "PyTorch checkpoint",
+            choice: (!parts.is_empty()).then(|| parts.join(", ")),
+        }
     }
 
     /// The tensors' names, sorted.
@@ -343,6 +362,12 @@ impl<'a> TensorReader<'a> {
             .info(name)
             .with_context(|| format!("no tensor {name}"))?;
         let (begin, end) = info.data_offsets;
+        if !matches!(self.data, TensorData::Bytes(_)) {
+            // Read into a new buffer. Where memory is overcommitted an allocation past it
+            // succeeds and the process is killed as the bytes come in (and pytorch-reader
+            // allocates without asking): refused here instead.
+            crate::weights::ensure_free_memory(&format!("tensor {name}"), (end - begin) as u64)?;
+        }
         let data = match &self.data {
             TensorData::Bytes(bytes) => {
                 Cow::Borrowed(bytes.get(begin..end).with_context(|| {
@@ -351,9 +376,6 @@ impl<'a> TensorReader<'a> {
             }
             TensorData::File { file, start } => {
                 let size = end - begin;
-                // Where memory is overcommitted an allocation past it succeeds and the process
-                // is killed as the bytes are read in: refused here instead.
-                crate::weights::ensure_free_memory(&format!("tensor {name}"), size as u64)?;
                 let mut buf = Vec::new();
                 buf.try_reserve_exact(size).map_err(|_| {
                     anyhow::anyhow!(
@@ -374,19 +396,16 @@ impl<'a> TensorReader<'a> {
                 let t = tensors
                     .get(name)
                     .with_context(|| format!("no tensor {name}"))?;
-                // pytorch-reader allocates the bytes itself: refused here, not aborted there,
-                // where memory cannot hold them.
-                crate::weights::ensure_free_memory(&format!("tensor {name}"), t.byte_len() as u64)?;
                 // pytorch-reader checks the bytes against the tensor's storage and its own
                 // checksum; a file changed since the pickle was read fails here by name.
                 let mut buf = t
                     .read()
                     .map_err(|e| anyhow::anyhow!("cannot read tensor {name}: {e}"))?;
                 ensure!(
-                    buf.len() == info.data_offsets.1 - info.data_offsets.0,
+                    buf.len() == end - begin,
                     "tensor {name}: read {} bytes, its shape holds {}",
                     buf.len(),
-                    info.data_offsets.1 - info.data_offsets.0
+                    end - begin
                 );
                 // Its bytes are the host's order; the callers read little-endian.
                 if cfg!(target_endian = "big") {
@@ -626,15 +645,20 @@ pub fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
 /// The regular file at `path` opened for reading (links followed; a device, FIFO or directory
 /// refused before it is opened), and "cannot read {what} {path}" for its I/O errors.
 fn open_regular(path: &Path, what: &str) -> Result<(File, String)> {
-    let named = format!(
-        "cannot read {what}{}{}",
-        if what.is_empty() { "" } else { " " },
-        path.display()
-    );
+    let named = format!("cannot read {}", file_label(what, path));
     let meta = fs::metadata(path).with_context(|| named.clone())?;
     ensure!(meta.is_file(), "{named}: not a regular file");
     let file = File::open(path).with_context(|| named.clone())?;
     Ok((file, named))
+}
+
+/// A file as errors name it: `what` ("checkpoint", "VAE weights", or empty) and the path.
+fn file_label(what: &str, path: &Path) -> String {
+    format!(
+        "{what}{}{}",
+        if what.is_empty() { "" } else { " " },
+        path.display()
+    )
 }
 
 /// Fails before any long computation when the output `out` (given as `flag`) could not be

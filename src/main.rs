@@ -257,7 +257,7 @@ fn load_model(model: &ModelArgs) -> Result<(DitConfig, DitWeights)> {
         return fora::embedded::default_model();
     };
     let (cfg, weights, format) = DitWeights::load_with_format(path, arch.as_ref())?;
-    if format.starts_with("PyTorch checkpoint,") {
+    if format.choice.is_some() {
         eprintln!("fora: --model {}: {format}", path.display());
     }
     Ok((cfg, weights))

@@ -280,8 +280,10 @@ pub struct VaeDecoder {
     pub(crate) conv_out: Conv,
     /// A hash of every weight, in the order they were read ([`VaeDecoder::fingerprint`]).
     fingerprint: u64,
-    /// Where the weights and settings came from ([`VaeDecoder::source`]).
-    source: String,
+    /// The weights file's format ([`VaeDecoder::source`]).
+    format: crate::io::FileFormat,
+    /// The diffusers `config.json` the settings came from, if one did.
+    config_json: Option<std::path::PathBuf>,
 }
 
 /// Reads the tensors of one file by their diffusers names, each at most once, checking names,
@@ -727,10 +729,7 @@ impl VaeDecoder {
     /// [`VaeDecoder::from_reader`] with the settings of a diffusers `config.json`.
     fn from_parts(st: TensorReader, config: Option<&DiffusersConfig>) -> Result<VaeDecoder> {
         let meta = st.metadata();
-        let source = match config {
-            Some(c) => format!("{}; settings from {}", st.format(), c.path.display()),
-            None => st.format(),
-        };
+        let format = st.format();
         let file_keys = st.names();
         let keys = diffusers_keys(&file_keys)?;
         let names: Vec<String> = keys.keys().cloned().collect();
@@ -886,21 +885,25 @@ impl VaeDecoder {
             norm_out,
             conv_out,
             fingerprint: l.fingerprint,
-            source,
+            format,
+            config_json: config.map(|c| c.path.clone()),
         })
     }
 
     /// Where the weights came from: the file's format ([`TensorReader::format`]: which part of
     /// a PyTorch checkpoint was taken), and the diffusers `config.json` its settings came from,
     /// if one did.
-    pub fn source(&self) -> &str {
-        &self.source
+    pub fn source(&self) -> String {
+        match &self.config_json {
+            Some(path) => format!("{}; settings from {}", self.format, path.display()),
+            None => self.format.to_string(),
+        }
     }
 
     /// Whether [`VaeDecoder::source`] holds a choice the weights file alone does not state (a
     /// part of a PyTorch checkpoint, a `config.json`), which a command says.
     pub fn source_is_chosen(&self) -> bool {
-        self.source.starts_with("PyTorch checkpoint,") || self.source.contains("settings from")
+        self.format.choice.is_some() || self.config_json.is_some()
     }
 
     /// A 64-bit hash of every weight's bits (FNV-1a, in the order the loader reads them): equal

@@ -371,13 +371,13 @@ impl DitWeights {
         Self::load_with_format(path, arch).map(|(cfg, w, _)| (cfg, w))
     }
 
-    /// [`DitWeights::load`], and the file's [`TensorReader::format`]: which part of a PyTorch
-    /// checkpoint was taken (a training checkpoint's `ema`, a wrapped model's names
+    /// [`DitWeights::load`], and the file's [`TensorReader::format`]: with which part of a
+    /// PyTorch checkpoint was taken (a training checkpoint's `ema`, a wrapped model's names
     /// unwrapped), a choice the file does not state, for the caller to say.
     pub fn load_with_format(
         path: impl AsRef<Path>,
         arch: Option<&Arch>,
-    ) -> Result<(DitConfig, DitWeights, String)> {
+    ) -> Result<(DitConfig, DitWeights, crate::io::FileFormat)> {
         let path = path.as_ref();
         // Tensor by tensor from the file: the checkpoint's bytes are never all in memory
         // beside the f32 weights made from them.

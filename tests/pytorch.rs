@@ -64,33 +64,36 @@ fn assert_same_tensors(pt: &TensorReader, safetensors: &TensorReader, convert: O
 #[test]
 fn pytorch_checkpoints_read_as_their_safetensors_twins() {
     let dit = TensorReader::open(&fixture("oracle_b.model.safetensors"), "").unwrap();
-    assert_eq!(dit.format(), "safetensors");
+    assert_eq!(dit.format().to_string(), "safetensors");
     for file in ["dit_b.pt", "dit_b_legacy.pt"] {
         let pt = TensorReader::open(&fixture(file), "").unwrap();
-        assert_eq!(pt.format(), "PyTorch checkpoint", "{file}");
+        assert_eq!(pt.format().to_string(), "PyTorch checkpoint", "{file}");
         assert!(pt.metadata().is_empty());
         assert_same_tensors(&pt, &dit, None);
     }
     let training = TensorReader::open(&fixture("dit_b_training.pt"), "").unwrap();
-    assert_eq!(training.format(), "PyTorch checkpoint, \"ema\"");
+    assert_eq!(training.format().to_string(), "PyTorch checkpoint, \"ema\"");
     assert_same_tensors(&training, &dit, Some((Dtype::BF16, f32_bytes_to_bf16)));
 
     let lightning = TensorReader::open(&fixture("dit_b_lightning.ckpt"), "").unwrap();
-    assert_eq!(lightning.format(), "PyTorch checkpoint, \"state_dict\"");
+    assert_eq!(
+        lightning.format().to_string(),
+        "PyTorch checkpoint, \"state_dict\""
+    );
     assert_same_tensors(&lightning, &dit, None);
 
     // A compiled model's state dict under DistributedDataParallel: the wrappers' prefixes
     // come off every name.
     let ddp = TensorReader::open(&fixture("dit_b_ddp.pt"), "").unwrap();
     assert_eq!(
-        ddp.format(),
+        ddp.format().to_string(),
         "PyTorch checkpoint, names without \"module._orig_mod.\""
     );
     assert_same_tensors(&ddp, &dit, None);
 
     // A flat state dict whose names begin with a nest's name and a dot: nothing is stripped.
     let flat = TensorReader::open(&fixture("flat_sd.ckpt"), "").unwrap();
-    assert_eq!(flat.format(), "PyTorch checkpoint");
+    assert_eq!(flat.format().to_string(), "PyTorch checkpoint");
     assert_eq!(
         flat.names(),
         [

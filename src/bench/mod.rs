@@ -646,7 +646,7 @@ pub fn bench_model(args: &BenchArgs) -> Result<(DitConfig, DitWeights, String)> 
         Some(path) => {
             let arch = args.arch.as_deref().map(Arch::parse).transpose()?;
             let (cfg, w, format) = DitWeights::load_with_format(path, arch.as_ref())?;
-            if format.starts_with("PyTorch checkpoint,") {
+            if format.choice.is_some() {
                 eprintln!("bench: --model {}: {format}", path.display());
             }
             Ok((cfg, w, path.display().to_string()))

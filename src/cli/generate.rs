@@ -189,7 +189,7 @@ impl Job for GenerateJob {
             let batch_bytes = npz_bytes
                 .saturating_add((plan.batches.end - plan.batches.start).saturating_mul(2048))
                 .saturating_sub(held);
-            let total = if same_file_system(dir, &self.args.out) {
+            let total = if same_file_system(&dir.join("batch.npz"), &self.args.out) {
                 batch_bytes.saturating_add(npz_bytes)
             } else {
                 batch_bytes
@@ -290,22 +290,20 @@ impl Job for GenerateJob {
         ));
         let start = std::time::Instant::now();
         let (mut computed, mut reused, mut announced) = (0usize, 0usize, false);
+        // Every batch samples `batch` images, the last one too, of which it keeps what the run
+        // still needs (as the official script rounds its total up to whole batches and keeps
+        // the first N): one plan, one workspace size, and the options tuned for it, for the
+        // whole run.
+        let keep = |j: u64| usize::try_from(batch.min(n - j * batch)).context("--batch");
         let labels = |j: u64| -> Result<Vec<u8>> {
-            let first = j * batch;
-            let keep = usize::try_from(batch.min(n - first)).context("--batch")?;
-            let ids = fora::generate::class_ids(args.seed, first, keep, cfg.num_classes);
+            let ids = fora::generate::class_ids(args.seed, j * batch, keep(j)?, cfg.num_classes);
             Ok(ids.iter().flat_map(|&l| (l as i64).to_le_bytes()).collect())
         };
         // Batch `j`'s kept images as uint8 [keep, H, W, C].
         let mut sample_batch = |j: u64, done: u64| -> Result<Vec<u8>> {
-            let first = j * batch;
-            // Every batch samples `batch` images, the last one too, of which it keeps what the
-            // run still needs (as the official script rounds its total up to whole batches
-            // and keeps the first N): one plan, one workspace size, and the options tuned
-            // for it, for the whole run.
             let rows = usize::try_from(batch).context("--batch")?;
-            let keep = usize::try_from(batch.min(n - first)).context("--batch")?;
-            let classes = fora::generate::class_ids(args.seed, first, rows, cfg.num_classes);
+            let keep = keep(j)?;
+            let classes = fora::generate::class_ids(args.seed, j * batch, rows, cfg.num_classes);
             let noise = NoiseSource::Seed(fora::generate::batch_seed(args.seed, j));
             let mut policy = policy_for_interval(args.sampling.cache_interval as usize)?;
             let which = || format!("batch {} of {batches}", j - plan.batches.start + 1);
@@ -391,15 +389,15 @@ impl Job for GenerateJob {
                 // Batch j is shard j of a run split a batch a shard: the file `--shard
                 // J/BATCHES` writes, with its record, checked before it is kept.
                 let total = n.div_ceil(batch);
-                let part = |j: u64| {
-                    let path = batch_file(dir, j);
-                    let keep = batch.min(n - j * batch) as usize;
-                    let run = [j, total, n, batch, args.seed, j * batch, settings];
-                    (path, run, vec![keep, ih, iw, ic])
+                let part = |j: u64| -> Result<Part> {
+                    Ok(Part {
+                        path: batch_file(dir, j),
+                        run: [j, total, n, batch, args.seed, j * batch, settings],
+                        shape: vec![keep(j)?, ih, iw, ic],
+                    })
                 };
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("cannot create --parts {}", dir.display()))?;
-                let mut kept = std::collections::HashSet::new();
+                // Batch j's part, once it is checked or written.
+                let mut parts = std::collections::BTreeMap::new();
                 let unreadable = |path: &Path| {
                     format!(
                         "--parts: {} cannot be read as a batch: remove it, and the same command \
@@ -408,7 +406,7 @@ impl Job for GenerateJob {
                     )
                 };
                 for j in plan.batches.clone() {
-                    let (path, run, shape) = part(j);
+                    let Part { path, run, shape } = part(j)?;
                     if !path.exists() {
                         continue;
                     }
@@ -442,10 +440,10 @@ impl Job for GenerateJob {
                         path.display(),
                         differ.join("; ")
                     );
-                    kept.insert(j);
                     resumed_images += shape[0] as u64;
+                    parts.insert(j, found);
                 }
-                resumed = kept.len() as u64;
+                resumed = parts.len() as u64;
                 if resumed > 0 {
                     bar.suspend(|| {
                         eprintln!(
@@ -457,36 +455,30 @@ impl Job for GenerateJob {
                 }
                 let mut done = 0;
                 for j in plan.batches.clone() {
-                    if kept.contains(&j) {
+                    if parts.contains_key(&j) {
                         continue;
                     }
                     stopped(done + resumed)?;
                     let pixels = sample_batch(j, done + resumed)?;
-                    let (path, run, shape) = part(j);
+                    let written = part(j)?;
                     // Again for each batch: a shard sharing the folder removes it when it
                     // finds it empty at its end.
                     std::fs::create_dir_all(dir)
                         .with_context(|| format!("cannot create --parts {}", dir.display()))?;
-                    fora::io::write_atomic_with(&path, |tmp| {
+                    fora::io::write_atomic_with(&written.path, |tmp| {
                         let mut npz = NpzWriter::create(tmp)?;
-                        npz.start_array("arr_0", NpyDtype::U8, &shape)?;
+                        npz.start_array("arr_0", NpyDtype::U8, &written.shape)?;
                         npz.write(&pixels)?;
-                        npz.start_array("labels", NpyDtype::I64, &shape[..1])?;
+                        npz.start_array("labels", NpyDtype::I64, &written.shape[..1])?;
                         npz.write(&labels(j)?)?;
-                        fora::generate::write_run(&mut npz, run)?;
+                        fora::generate::write_run(&mut npz, written.run)?;
                         npz.close(tmp)
                     })?;
+                    parts.insert(j, written);
                     done += 1;
                 }
                 stopped(batches)?;
-                let parts = plan
-                    .batches
-                    .clone()
-                    .map(|j| {
-                        let path = part(j).0;
-                        Part::read(&path).with_context(|| unreadable(&path))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                let parts: Vec<Part> = parts.into_values().collect();
                 join(&parts, &args.out, record).with_context(|| {
                     format!(
                         "joining the batches in {} (kept there: the same command joins them \
@@ -537,23 +529,13 @@ fn batch_file(dir: &Path, j: u64) -> PathBuf {
     dir.join(format!("batch-{j:06}.npz"))
 }
 
-/// Whether `a` and `b` (files, or folders, that may not exist yet) would be on one file system:
-/// their nearest existing folders are (on an error, assumed so: the larger need is checked).
+/// Whether files `a` and `b` (that may not exist yet) would be on one file system: their
+/// nearest existing folders are (on an error, assumed so: the larger need is checked).
 fn same_file_system(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let device = |p: &Path| -> Option<u64> {
-        let mut dir = Some(p);
-        while let Some(d) = dir {
-            if let Ok(m) = std::fs::metadata(if d.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                d
-            }) {
-                return Some(m.dev());
-            }
-            dir = d.parent();
-        }
-        None
+    let device = |p: &Path| {
+        let dir = fora::io::nearest_folder("", p).ok()?;
+        std::fs::metadata(dir).ok().map(|m| m.dev())
     };
     match (device(a), device(b)) {
         (Some(x), Some(y)) => x == y,

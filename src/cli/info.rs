@@ -5,7 +5,6 @@ use anyhow::{Context, Result};
 use clap::Args;
 use fora::config::{Arch, DitConfig};
 use fora::cuda::{CudaOptions, Gpu};
-use fora::io::TensorReader;
 use fora::vae::VaeDecoder;
 use fora::weights::DitWeights;
 use std::path::{Path, PathBuf};
@@ -43,10 +42,7 @@ pub(crate) fn info(args: InfoArgs) -> Result<()> {
 
 /// "model: PATH: FORMAT; ARCH (...), data shape, parameters", once the checkpoint has loaded.
 fn describe_model(path: &Path, arch: Option<&Arch>) -> Result<String> {
-    let reader = TensorReader::open(path, "checkpoint")?;
-    let format = reader.format();
-    let (cfg, weights) = DitWeights::from_reader(&reader, arch)
-        .with_context(|| format!("checkpoint {}", path.display()))?;
+    let (cfg, weights, format) = DitWeights::load_with_format(path, arch)?;
     let parameters: usize = weights.named(&cfg)?.iter().map(|t| t.2.len()).sum();
     Ok(format!(
         "model: {}: {format}; {} (depth {}, hidden {}, {} heads, patch {}), input {} x {} x {} \

@@ -231,7 +231,8 @@ pub(crate) struct SampleArgs {
     /// Seed of the project's Philox noise (x_T: stream 0, step k: stream k+1).
     #[arg(long, conflicts_with = "noise_file")]
     pub(crate) seed: Option<u64>,
-    /// safetensors with `x_T` [B, C, H, W] f32 and `noise` [S, B, C, H, W] f32.
+    /// safetensors (or a `torch.save` of a dict) with `x_T` [B, C, H, W] f32 and `noise`
+    /// [S, B, C, H, W] f32.
     #[arg(long, value_name = "NOISE")]
     pub(crate) noise_file: Option<PathBuf>,
     /// Output: `.safetensors` with `samples` [B, C, H, W] f32 (and `images` with --vae), or
