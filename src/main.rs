@@ -1,5 +1,5 @@
 //! The `fora` command line: `fora forward`, `fora sample`, `fora generate`, `fora merge`,
-//! `fora decode`, `fora info`, `fora bench`.
+//! `fora unpack`, `fora decode`, `fora info`, `fora bench`.
 //!
 //! Every bad input ends in a clear message on stderr and a non-zero exit; outputs are written
 //! whole or not at all (temporary file + rename, see `fora::io`).
@@ -47,6 +47,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Joins the shards of a `fora generate --shard I/N` run into the whole run's .npz.
     Merge(MergeArgs),
+    /// Writes the images of an .npz (`fora generate`'s) as a folder of PNGs named as the official
+    /// sample_ddp.py names them (000000.png, ...), for FID tools that read folders.
+    Unpack(cli::unpack::UnpackArgs),
     /// Decodes latents (the `samples` of `fora sample` with a latent model) into images with
     /// the Stable Diffusion VAE's decoder, on a GPU or the CPU.
     Decode(DecodeArgs),
@@ -160,6 +163,7 @@ fn main() -> ExitCode {
         Command::Sample(args) => cli::sample::sample(args),
         Command::Generate(args) => cli::generate::generate(args),
         Command::Merge(args) => cli::merge::merge(args),
+        Command::Unpack(args) => cli::unpack::unpack(args),
         Command::Decode(args) => cli::decode::decode(args),
         Command::Info(args) => cli::info::info(args),
         Command::Bench(args) => fora::bench::run(&args),

@@ -1957,3 +1957,199 @@ fn generate_stops_cleanly_on_a_signal() {
     }
     assert!(!out.exists() && batch0.exists());
 }
+
+/// Writes an `.npz` whose `arr_0` has `shape` and `dtype`, filled from a seeded xorshift.
+fn write_image_npz(path: &Path, dtype: fora::npz::NpyDtype, shape: &[usize], seed: u64) {
+    let mut npz = fora::npz::NpzWriter::create(path).unwrap();
+    npz.start_array("arr_0", dtype, shape).unwrap();
+    let mut state = seed | 1;
+    let mut left = shape.iter().product::<usize>() * dtype.size();
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let n = left.min(buf.len());
+        for b in &mut buf[..n] {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *b = (state >> 24) as u8;
+        }
+        npz.write(&buf[..n]).unwrap();
+        left -= n;
+    }
+    npz.close(path).unwrap();
+}
+
+/// The pixels and (width, height, color) of a PNG file.
+fn read_png(path: &Path) -> (Vec<u8>, (u32, u32, png::ColorType)) {
+    let decoder = png::Decoder::new(std::fs::File::open(path).unwrap());
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    pixels.truncate(info.buffer_size());
+    (pixels, (info.width, info.height, info.color_type))
+}
+
+/// `fora unpack` writes `arr_0`'s images as `000000.png`, ... with the same pixels (RGB from
+/// `fora generate`, more images than one chunk; gray from a file made here), and refuses what
+/// it cannot write with nothing left behind.
+#[test]
+fn unpack_writes_an_npz_as_pngs() {
+    let s = Scratch::new("unpack");
+    let npz = s.path("g.npz");
+    assert_ok(&fora(&[
+        "generate",
+        "--num-samples",
+        "70",
+        "--batch",
+        "35",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        npz.to_str().unwrap(),
+    ]));
+    let gray = s.path("gray.npz");
+    write_image_npz(&gray, fora::npz::NpyDtype::U8, &[3, 5, 7, 1], 11);
+    for (file, n, (h, w, c), color) in [
+        (&npz, 70, (32, 32, 3), png::ColorType::Rgb),
+        (&gray, 3, (5, 7, 1), png::ColorType::Grayscale),
+    ] {
+        let dir = s.path("pngs");
+        let o = fora(&[
+            "unpack",
+            file.to_str().unwrap(),
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        assert_ok(&o);
+        let mut reader = fora::npz::NpzReader::open(file).unwrap();
+        let mut images = Vec::new();
+        std::io::Read::read_to_end(&mut reader.array("arr_0").unwrap().data, &mut images).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let expected: Vec<String> = (0..n).map(|i| format!("{i:06}.png")).collect();
+        assert_eq!(names, expected);
+        for (i, image) in images.chunks_exact(h * w * c).enumerate() {
+            let (pixels, info) = read_png(&dir.join(&names[i]));
+            assert_eq!(info, (w as u32, h as u32, color), "{}", names[i]);
+            assert!(pixels == image, "{} holds other pixels", names[i]);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    // An empty folder is filled; a folder holding anything, a file, a missing parent folder,
+    // and arrays that are not 8-bit gray or RGB images are refused, nothing written.
+    let empty = s.path("empty");
+    std::fs::create_dir(&empty).unwrap();
+    assert_ok(&fora(&[
+        "unpack",
+        gray.to_str().unwrap(),
+        "--out",
+        empty.to_str().unwrap(),
+    ]));
+    assert!(empty.join("000002.png").exists());
+    let gray = gray.to_str().unwrap();
+    let o = fora(&["unpack", gray, "--out", empty.to_str().unwrap()]);
+    assert!(
+        stderr(&o).contains("the folder is not empty"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!o.status.success() && !empty.join("000003.png").exists());
+    let o = fora(&["unpack", gray, "--out", &s.model()]);
+    assert!(
+        stderr(&o).contains("exists and is not a folder"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!o.status.success());
+    let out = s.path("out");
+    let missing = s.path("no/out");
+    assert_fails(
+        &fora(&["unpack", gray, "--out", missing.to_str().unwrap()]),
+        &["does not exist"],
+        &missing,
+    );
+    for (name, dtype, shape, says) in [
+        (
+            "rgba.npz",
+            fora::npz::NpyDtype::U8,
+            vec![2, 4, 4, 4],
+            "4 channels",
+        ),
+        (
+            "flat.npz",
+            fora::npz::NpyDtype::U8,
+            vec![2, 16],
+            "images are [N, H, W, C]",
+        ),
+        (
+            "wide.npz",
+            fora::npz::NpyDtype::I64,
+            vec![2, 4, 4, 3],
+            "images are uint8",
+        ),
+        (
+            "none.npz",
+            fora::npz::NpyDtype::U8,
+            vec![0, 4, 4, 3],
+            "holds no images",
+        ),
+    ] {
+        let path = s.path(name);
+        write_image_npz(&path, dtype, &shape, 5);
+        assert_fails(
+            &fora(&[
+                "unpack",
+                path.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ]),
+            &[name, says],
+            &out,
+        );
+    }
+    assert_fails(
+        &fora(&["unpack", &s.model(), "--out", out.to_str().unwrap()]),
+        &["not an .npz"],
+        &out,
+    );
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+
+    // A signal stops it, the folder never appearing.
+    let big = s.path("big.npz");
+    write_image_npz(&big, fora::npz::NpyDtype::U8, &[24, 2048, 2048, 1], 3);
+    let mut child = Command::new(fora_bin())
+        .args(["unpack", big.to_str().unwrap(), "--quiet", "--out"])
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot start the fora binary");
+    let started = std::time::Instant::now();
+    while s.leftovers().is_empty() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("fora ended before it was signalled: {status}");
+        }
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "no staging folder after 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: signalling a child process this test started and has not yet waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(130), "{err}");
+    assert!(err.contains("stopped by SIGINT"), "{err}");
+    assert!(
+        !out.exists() && s.leftovers().is_empty(),
+        "{:?}",
+        s.leftovers()
+    );
+}

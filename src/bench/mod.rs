@@ -114,8 +114,8 @@ pub enum Section {
 /// Arguments of `fora bench` and of the `dit` bench binary.
 #[derive(clap::Args, Clone, Debug, PartialEq)]
 pub struct BenchArgs {
-    /// Checkpoint to benchmark (safetensors, official DiT key layout). Default: random weights
-    /// of --arch (DiT-XL/2) at --input-size, so no checkpoint is needed.
+    /// Checkpoint to benchmark (safetensors or a PyTorch checkpoint, official DiT key layout).
+    /// Default: random weights of --arch (DiT-XL/2) at --input-size, so no checkpoint is needed.
     #[arg(long, value_name = "CKPT")]
     pub model: Option<PathBuf>,
     /// Architecture: of the random model (default DiT-XL/2), or of --model when its metadata

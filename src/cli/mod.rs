@@ -9,3 +9,4 @@ pub(crate) mod generate;
 pub(crate) mod info;
 pub(crate) mod merge;
 pub(crate) mod sample;
+pub(crate) mod unpack;

@@ -327,15 +327,20 @@ pub(crate) fn sample(args: SampleArgs) -> Result<()> {
 /// A progress bar of `steps` sampling steps on a terminal (`sample` and `generate`); hidden
 /// with --quiet.
 pub(crate) fn steps_bar(quiet: bool, steps: u64) -> Result<ProgressBar> {
+    count_bar(quiet, steps, "steps")
+}
+
+/// A progress bar of `len` things called `unit` on a terminal; hidden with --quiet.
+pub(crate) fn count_bar(quiet: bool, len: u64, unit: &str) -> Result<ProgressBar> {
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
-        ProgressBar::new(steps)
+        ProgressBar::new(len)
     };
     bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} steps  {msg}  (eta {eta})",
-        )
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} [{{elapsed_precise}}] {{bar:40}} {{pos}}/{{len}} {unit}  {{msg}}  (eta {{eta}})"
+        ))
         .context("progress bar template")?,
     );
     Ok(bar)
