@@ -41,6 +41,13 @@ pub fn linear_betas(n: usize) -> Vec<f64> {
 pub fn space_timesteps(num_timesteps: usize, spec: &str) -> Result<Vec<usize>> {
     let spec = spec.trim();
     ensure!(num_timesteps > 0, "diffusion needs at least one timestep");
+    // The official create_diffusion reads "" as no respacing; refused here, where it is more
+    // likely an unset variable than a request for every step.
+    ensure!(
+        !spec.is_empty(),
+        "respacing is empty; for all {num_timesteps} steps (the official code's reading of \"\") \
+         give \"{num_timesteps}\""
+    );
     if let Some(count) = spec.strip_prefix("ddim") {
         let desired: usize = count
             .parse()
@@ -259,12 +266,20 @@ impl Diffusion {
                 // sigma at eta = 1; eta scales it.
                 let unit =
                     ((1.0 - abar_prev) / (1.0 - abar)).sqrt() * (1.0 - abar / abar_prev).sqrt();
+                // The official ddim_sample computes sigma in f32 from the f32 abar and
+                // abar_prev (`_extract_into_tensor` casts them), in this order; in f64 it
+                // differs by up to ~1e-4 relative near i = 1. An eta past f32's range (refused
+                // below where sigma is not 0) is held at its largest value, so that sigma is 0,
+                // not inf x 0, at i = 0.
+                let (a, p, e) = (abar as f32, abar_prev as f32, (eta as f32).min(f32::MAX));
+                let sigma32 = e * ((1.0 - p) / (1.0 - a)).sqrt() * (1.0 - a / p).sqrt();
                 let sigma = eta * unit;
                 // Past 1, sigma^2 can exceed 1 - abar_prev, whose root DDIM takes: NaN latents
-                // (as in the official code). How far past 1 depends on the schedule.
+                // (as in the official code). How far past 1 depends on the schedule. Checked
+                // as the update computes it (in f32), and in f64 for the message.
                 let room = 1.0 - abar_prev;
                 ensure!(
-                    sigma * sigma <= room,
+                    sigma * sigma <= room && 1.0 - p - sigma32 * sigma32 >= 0.0,
                     "DDIM eta {} is too large for step {i} of this schedule (sigma^2 {:.3e} > \
                      1 - abar_prev {room:.3e}; eta <= {:.4} here, and any eta <= 1 always works)",
                     // A huge eta in scientific notation, not hundreds of digits.
@@ -281,7 +296,7 @@ impl Diffusion {
                     sqrt_recip_abar: self.sqrt_recip_alphas_cumprod[i],
                     sqrt_recipm1_abar: self.sqrt_recipm1_alphas_cumprod[i],
                     abar_prev,
-                    sigma,
+                    sigma: f64::from(sigma32),
                     add_noise,
                 }
             }
