@@ -1107,6 +1107,12 @@ impl CudaBackend {
         };
         let src = self.step_copy_source(ws, k);
         ensure!(k < ws.steps, "step {k} of a {}-step workspace", ws.steps);
+        // A raw driver call: make this backend's context current (another backend's, on
+        // another GPU, may be current on this thread).
+        self.gpu
+            .context()
+            .bind_to_thread()
+            .context("cannot make the CUDA context current")?;
         // SAFETY: both ranges lie inside buffers of this workspace (k < steps), of f32.
         unsafe {
             cudarc::driver::result::memcpy_dtod_async(

@@ -582,8 +582,14 @@ impl Gpu {
         self.ctx.ordinal()
     }
 
-    /// Free and total device memory in bytes.
+    /// Free and total device memory in bytes. Synchronizes this stream first (so not inside a
+    /// capture): buffers are freed stream-ordered (`cuMemFreeAsync`) into the memory pool,
+    /// which gives them back only at a synchronization, and until then the driver counts them
+    /// as used (a workspace dropped just before would otherwise make the next one's check
+    /// fail). Only this stream: a context-wide synchronize would break another thread's
+    /// capture on another stream of the device.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.synchronize()?;
         self.ctx
             .mem_get_info()
             .context("cannot query free device memory")
