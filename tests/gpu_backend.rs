@@ -13,6 +13,11 @@ use fora::rng::fill_normal;
 use fora::sampler::{Sampler, SamplerOptions};
 use fora::weights::DitWeights;
 
+/// Relative L2 of a GPU sampling run's latents against the CPU's: DESIGN.md's bound for a
+/// whole forward (2e-2); the runs measured on an H200 were at 2.2e-3 to 3.0e-3 (sessions 18
+/// and 19), so a path ten times worse than those fails.
+const SAMPLING_TOLERANCE: f64 = 2e-2;
+
 /// bf16's machine epsilon (2^-8): the bound for two paths that round to bf16 at other places.
 const BF16_EPSILON: f64 = 1.0 / 256.0;
 
@@ -222,7 +227,7 @@ fn gpu_sampling_matches_cpu() {
             &format!("50 DDPM steps, N={interval}, guidance {guidance:?}"),
             &got.latents,
             &want.latents,
-            5e-2,
+            SAMPLING_TOLERANCE,
         )
         .unwrap();
     }
@@ -251,7 +256,13 @@ fn gpu_ddim_matches_cpu() {
             &mut StaticInterval::new(2).unwrap(),
         )
         .unwrap();
-    check_close("25 DDIM steps, N=2", &got.latents, &want.latents, 5e-2).unwrap();
+    check_close(
+        "25 DDIM steps, N=2",
+        &got.latents,
+        &want.latents,
+        SAMPLING_TOLERANCE,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -280,7 +291,7 @@ fn gpu_noise_file_matches_cpu() {
         "noise file, 10 DDPM steps",
         &got.latents,
         &want.latents,
-        5e-2,
+        SAMPLING_TOLERANCE,
     )
     .unwrap();
 }
@@ -990,7 +1001,7 @@ fn gpu_execution_paths_agree() {
         drop(ws);
         let got = sample_latents(&cuda, &options, &classes, 3, 3);
         let what = format!("{o:?}");
-        check_close(&format!("{what} vs CPU"), &got, &want, 5e-2).unwrap();
+        check_close(&format!("{what} vs CPU"), &got, &want, SAMPLING_TOLERANCE).unwrap();
         match &first {
             None => first = Some(got),
             Some(f) => {
@@ -1329,7 +1340,7 @@ fn gpu_reuse_sums_match_the_cache_path() {
             &format!("N={interval}: cache sums vs the CPU reference"),
             &summed,
             &reference,
-            5e-2,
+            SAMPLING_TOLERANCE,
         )
         .unwrap();
     }
@@ -1566,7 +1577,7 @@ fn gpu_tma_sampling_paths() {
         };
         cuda.set_options(o);
         let got = sample_latents(&cuda, &options, &classes, 3, 3);
-        check_close(&format!("{o:?} vs CPU"), &got, &want, 5e-2).unwrap();
+        check_close(&format!("{o:?} vs CPU"), &got, &want, SAMPLING_TOLERANCE).unwrap();
         check_close(&format!("{o:?} vs cuBLASLt"), &got, &lt, 1e-2).unwrap();
         cuda.set_options(CudaOptions { pdl: true, ..o });
         let programmatic = sample_latents(&cuda, &options, &classes, 3, 3);
@@ -1646,7 +1657,7 @@ fn gpu_tma_sampling_paths() {
             got != lt,
             "{what}: the same bits as cuBLASLt: the routes did not run"
         );
-        check_close(&format!("{what} vs CPU"), &got, &want, 5e-2).unwrap();
+        check_close(&format!("{what} vs CPU"), &got, &want, SAMPLING_TOLERANCE).unwrap();
         check_close(&format!("{what} vs cuBLASLt"), &got, &lt, 1e-2).unwrap();
     }
     cuda.set_options(base);
@@ -1722,7 +1733,7 @@ fn gpu_final_sampler_agrees() {
             });
             let got = sample_latents(&cuda, &options, &classes, 5, 3);
             let what = format!("{name} guidance={:?}", guidance.map(|g| g.mode));
-            check_close(&format!("{what}: vs CPU"), &got, &want, 5e-2).unwrap();
+            check_close(&format!("{what}: vs CPU"), &got, &want, SAMPLING_TOLERANCE).unwrap();
             check_close(
                 &format!("{what}: vs the final GEMM"),
                 &got,
@@ -2327,7 +2338,13 @@ fn gpu_tune_picks_the_fastest_checked_path() {
     // The tuned backend samples as the CPU does.
     let got = sample_latents(&cuda, &options, &classes, 8, 3);
     let want = sample_latents(&cpu, &options, &classes, 8, 3);
-    check_close(&format!("{test}: tuned sampling"), &got, &want, 5e-2).unwrap();
+    check_close(
+        &format!("{test}: tuned sampling"),
+        &got,
+        &want,
+        SAMPLING_TOLERANCE,
+    )
+    .unwrap();
 
     // Tolerance 0: only bit-exact paths pass.
     cuda.set_options(given);

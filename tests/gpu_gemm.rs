@@ -1174,6 +1174,9 @@ fn gemm_tma_routed_under_cublaslt() {
                 && eng.lt_routed_tma_plan(64, 1152, 1152).is_none(),
             "a shape not named, or M <= 64, was routed"
         );
+        // The forced tile run directly: the routed runs must give its bits (the CPU bound
+        // alone would pass cuBLASLt itself).
+        let direct = Gemm::new(gpu, GemmImpl::Tma, 512 * 4608)?;
         let mut failures = Vec::new();
         for (name, k) in [("proj", 1152), ("fc2", 4608)] {
             for epi in [Epilogue::BiasGateResidual, Epilogue::BiasBf16] {
@@ -1202,10 +1205,21 @@ fn gemm_tma_routed_under_cublaslt() {
                         }
                     }
                     check_close(&format!("{what} out"), &region, &h.expect, TOL)?;
-                    if let Some(cache) = cache {
-                        let reg = region_and_guard(&format!("{what} cache"), &cache, &c, None)?;
+                    if let Some(cache) = &cache {
+                        let reg = region_and_guard(&format!("{what} cache"), cache, &c, None)?;
                         check_close(&format!("{what} cache"), &reg, &h.v, TOL)?;
                     }
+                    dev.reset(gpu, &c, &h)?;
+                    unsafe { direct.run_tma(gpu, &p, Some(TmaTile::K3N128), Some(1)) }?;
+                    gpu.synchronize()?;
+                    let (forced_out, forced_cache) = dev.download(gpu)?;
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                    ensure!(
+                        bits(&forced_out) == bits(&out)
+                            && forced_cache.as_deref().map(bits) == cache.as_deref().map(bits),
+                        "{what}: the routed run's bits are not those of the forced tile's run \
+                         (not routed?)"
+                    );
                     Ok(())
                 })();
                 if let Err(e) = checked {

@@ -1185,13 +1185,13 @@ fn emulated_gemm() -> Result<()> {
                     } else {
                         emu.download_f32(&out_f32)?
                     };
+                    // The gated residual's check is of what the kernel added (got - residual
+                    // against gate * v): the residual in the norm would hide errors in it.
                     let want_at = |r: usize, c: usize| -> f64 {
                         let v = product[r * n + c];
                         match epi {
                             Epilogue::BiasGeluBf16 => gelu_tanh_f64(v),
-                            Epilogue::BiasGateResidual => {
-                                residual[r * ldo + c] as f64 + gate[(r / tokens) * n + c] as f64 * v
-                            }
+                            Epilogue::BiasGateResidual => gate[(r / tokens) * n + c] as f64 * v,
                             _ => v,
                         }
                     };
@@ -1201,7 +1201,11 @@ fn emulated_gemm() -> Result<()> {
                         for c in 0..ldo {
                             let g = got[r * ldo + c];
                             if r < m && c < n {
-                                region.push(g);
+                                region.push(if residual_epi {
+                                    g - residual[r * ldo + c]
+                                } else {
+                                    g
+                                });
                                 want.push(want_at(r, c) as f32);
                             } else if residual_epi {
                                 ensure!(
@@ -2115,6 +2119,12 @@ fn emulated_kernels_have_no_data_races() -> Result<()> {
             "{TEST}: {test} under ThreadSanitizer failed (status {:?}; 66: a data race):\n{}",
             out.status,
             stderr_tail(&out, 80)
+        );
+        // A name that matches no test runs none and succeeds: the test must have run.
+        ensure!(
+            String::from_utf8_lossy(&out.stdout).contains("test result: ok. 1 passed"),
+            "{TEST}: {test} is no test of this binary (or did not run):\n{}",
+            String::from_utf8_lossy(&out.stdout)
         );
     }
     Ok(())
