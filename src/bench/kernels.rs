@@ -376,12 +376,15 @@ fn gemm_params(s: &GemmShape, b: &GemmBuffers, tokens: usize) -> GemmParams {
     }
 }
 
+/// `save` writes the report as it stands: after every shape's GEMM rows and every other row,
+/// so that a run ended by a hang (the watchdog) or a time bound keeps what it measured.
 pub(super) fn bench_kernels(
     gpu: &Gpu,
     cfg: &DitConfig,
     rows: usize,
     timer: &Timer,
     report: &mut Report,
+    save: &dyn Fn(&Report),
 ) {
     let rotate = rotate_bytes(gpu);
     // FORA_BENCH_KERNELS=gemm: the GEMM rows only; =other: every row but the GEMMs (a run for
@@ -400,7 +403,7 @@ pub(super) fn bench_kernels(
         }
     };
     if gemms {
-        bench_gemm_rows(gpu, cfg, rows, timer, report, rotate);
+        bench_gemm_rows(gpu, cfg, rows, timer, report, rotate, save);
     }
     if !others {
         return;
@@ -408,7 +411,7 @@ pub(super) fn bench_kernels(
     // The selected implementation ("custom"), then the others worth comparing on this card.
     let selected = report.options.attention.resolve(gpu.compute_capability().0);
     let attention_row = bench_attention(gpu, cfg, rows, timer, rotate, selected, true);
-    push_kernel(report, "attention", rows, attention_row);
+    push_kernel(report, save, "attention", rows, attention_row);
     // FORA_BENCH_UNTRIED=0 leaves out the newest kernels (last below; first run on a GPU in
     // session 18), as FORA_BENCH_HOPPER_GEMMS=0 does the Hopper GEMMs: a fault would poison
     // every later row.
@@ -421,7 +424,7 @@ pub(super) fn bench_kernels(
         for &imp in imps {
             if other_attention(imp) {
                 let row = bench_attention(gpu, cfg, rows, timer, rotate, imp, false);
-                push_kernel(report, "attention", rows, row);
+                push_kernel(report, save, "attention", rows, row);
             }
         }
     };
@@ -434,21 +437,21 @@ pub(super) fn bench_kernels(
         ],
     );
     let embed_row = bench_patch_embed(gpu, cfg, rows, timer, rotate);
-    push_kernel(report, "patch_embed", rows, embed_row);
+    push_kernel(report, save, "patch_embed", rows, embed_row);
     let sampler_row = bench_sampler_step(gpu, cfg, rows, timer, rotate);
-    push_kernel(report, "sampler_step", rows, sampler_row);
+    push_kernel(report, save, "sampler_step", rows, sampler_row);
     let reuse_row = bench_fora_reuse(gpu, cfg, rows, timer, rotate);
-    push_kernel(report, "fora_reuse", rows, reuse_row);
+    push_kernel(report, save, "fora_reuse", rows, reuse_row);
     for tpt in ReuseTokens::ALL {
         let fused_row =
             bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, FusedSource::Cache(tpt));
-        push_kernel(report, "fora_reuse_final", rows, fused_row);
+        push_kernel(report, save, "fora_reuse_final", rows, fused_row);
     }
     for warps in [RowWarps::One, RowWarps::Four] {
         let ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, false, warps);
-        push_kernel(report, "layernorm", rows, ln_row);
+        push_kernel(report, save, "layernorm", rows, ln_row);
         let residual_ln_row = bench_layernorm(gpu, cfg, rows, timer, rotate, true, warps);
-        push_kernel(report, "residual_ln", rows, residual_ln_row);
+        push_kernel(report, save, "residual_ln", rows, residual_ln_row);
     }
     if untried {
         // The newest kernels, last (first run on a GPU in session 18): FORA_REUSE_SUM's
@@ -458,11 +461,11 @@ pub(super) fn bench_kernels(
         for tokens in [1, 4] {
             let source = FusedSource::Sum(tokens);
             let sum_final_row = bench_fora_reuse_final(gpu, cfg, rows, timer, rotate, source);
-            push_kernel(report, "fora_sum_final", rows, sum_final_row);
+            push_kernel(report, save, "fora_sum_final", rows, sum_final_row);
         }
         for count in [1, 2, 4] {
             let sum_row = bench_fora_cache_sum(gpu, cfg, rows, timer, rotate, count);
-            push_kernel(report, "fora_cache_sum", rows, sum_row);
+            push_kernel(report, save, "fora_cache_sum", rows, sum_row);
         }
         other_attention_rows(
             report,
@@ -475,7 +478,7 @@ pub(super) fn bench_kernels(
         );
         // FORA_FINAL_SAMPLER's kernel (session 12).
         let final_row = bench_final_sampler_step(gpu, cfg, rows, timer, rotate);
-        push_kernel(report, "final_sampler_step", rows, final_row);
+        push_kernel(report, save, "final_sampler_step", rows, final_row);
         // FORA_GEMM_LN's kernels (session 23; the 128-row tile of FORA_GEMM_LN_MANY_ROWS,
         // session 25), where the model would take one: against the cuBLASLt product rows of
         // proj / fc2 plus a residual_ln row. The model's tile first, A multicast and two CTAs an
@@ -504,7 +507,7 @@ pub(super) fn bench_kernels(
                 for &variant in variants {
                     let row =
                         bench_gemm_layernorm(gpu, cfg, rows, timer, rotate, op, k, tile, variant);
-                    push_kernel(report, op, rows, row);
+                    push_kernel(report, save, op, rows, row);
                 }
             }
         }
@@ -514,7 +517,7 @@ pub(super) fn bench_kernels(
         if crate::cuda::model::GpuModel::qkv_attention_shape_serves(gpu, cfg, rows) {
             for multicast in [true, false] {
                 let row = bench_qkv_attention(gpu, cfg, rows, timer, rotate, multicast);
-                push_kernel(report, "qkv+attention", rows, row);
+                push_kernel(report, save, "qkv+attention", rows, row);
             }
         }
     }
@@ -696,6 +699,7 @@ fn bench_gemm_rows(
     timer: &Timer,
     report: &mut Report,
     rotate: usize,
+    save: &dyn Fn(&Report),
 ) {
     let shapes = gemm_shapes(cfg, rows);
     let max_mn = shapes.iter().map(|s| s.m * s.n).max().unwrap_or(1);
@@ -848,9 +852,12 @@ fn bench_gemm_rows(
                 Box::new(move |i| unsafe { g.run(gpu, &params[i % n]) }),
             ));
         }
-        // The newest kernels last (stable: the others keep their order), so that a fault,
-        // which poisons the context for every later launch, costs only their rows.
-        variants.sort_by_key(|(imp, _)| newest_gemm(imp));
+        // cuBLASLt's rows first, the tiles never run on a GPU last (stable: the others keep
+        // their order), so that a fault, which poisons the context for every later launch, or
+        // a hang, which ends the run, costs no baseline and no tried kernel's row.
+        let auto_tile_untried =
+            matches!(&tma, Some(Ok(g)) if !g.plan_tma(s.m, s.n, s.k).0.ran_on_a_gpu());
+        variants.sort_by_key(|(imp, _)| gemm_row_rank(imp, auto_tile_untried));
         for (imp, runner) in variants {
             let timed = timer.time_alone(gpu, n, &runner);
             log_row(
@@ -875,13 +882,24 @@ fn bench_gemm_rows(
                 launches_per_replay: per_replay,
             });
         }
+        save(report);
     }
 }
 
-/// The GEMM rows of the newest kernels (the cluster-multicast TMA tiles, sessions 10 and 17;
-/// first run on a GPU in session 18).
-fn newest_gemm(imp: &str) -> bool {
-    imp == "tma_mc" || imp.starts_with("tma-mc") || imp.starts_with("tma-c4x")
+/// Where a GEMM row runs among a shape's rows: 0 cuBLASLt's, 1 the kernels that have run on a
+/// GPU, 2 those never run ([`TmaTile::ran_on_a_gpu`]; `auto_tile_untried`: the `tma` row's own
+/// pick at this shape is one of them).
+fn gemm_row_rank(imp: &str, auto_tile_untried: bool) -> u8 {
+    let untried_tile = TmaTile::ALL
+        .iter()
+        .any(|t| t.bench_name() == imp && !t.ran_on_a_gpu());
+    if imp.starts_with("cublaslt") {
+        0
+    } else if untried_tile || (imp == "tma" && auto_tile_untried) {
+        2
+    } else {
+        1
+    }
 }
 
 /// One measured row on stderr as soon as it is measured (`what`: kernel, rows, implementation):
@@ -894,7 +912,13 @@ fn log_row(what: &str, time: std::result::Result<Option<&Stats>, &anyhow::Error>
     }
 }
 
-fn push_kernel(report: &mut Report, name: &str, rows: usize, r: Result<KernelRow>) {
+fn push_kernel(
+    report: &mut Report,
+    save: &dyn Fn(&Report),
+    name: &str,
+    rows: usize,
+    r: Result<KernelRow>,
+) {
     match r {
         Ok(row) => {
             log_row(
@@ -908,6 +932,7 @@ fn push_kernel(report: &mut Report, name: &str, rows: usize, r: Result<KernelRow
             report.error("kernels", &format!("{name} at {rows} rows"), &e);
         }
     }
+    save(report);
 }
 
 /// Attention over `rows` images of `cfg` reading `qkv`, writing `out` (device addresses).
@@ -1528,4 +1553,22 @@ fn bench_layernorm(
         stats: Some(stats),
         launches_per_replay: per_replay,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// cuBLASLt's rows first, the tiles never run last, the `tma` row with them where its own
+    /// pick is such a tile.
+    #[test]
+    fn gemm_rows_run_baselines_first_and_untried_tiles_last() {
+        assert_eq!(gemm_row_rank("cublaslt+bf16 bias", false), 0);
+        assert_eq!(gemm_row_rank("custom", false), 1);
+        assert_eq!(gemm_row_rank(TmaTile::N128.bench_name(), false), 1);
+        assert_eq!(gemm_row_rank(TmaTile::K3N128.bench_name(), false), 2);
+        assert_eq!(gemm_row_rank("tma", false), 1);
+        assert_eq!(gemm_row_rank("tma", true), 2);
+        assert!(TmaTile::ALL.iter().any(|t| !t.ran_on_a_gpu()));
+    }
 }

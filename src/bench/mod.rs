@@ -703,9 +703,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .to_string();
     let started = Instant::now();
     let json_path = plan.json.clone();
+    // The JSON and the Markdown as they stand (a run ended early keeps both).
     let save = |report: &Report| {
         if let Err(e) = report.write_json(&json_path) {
             eprintln!("bench: cannot write {}: {e:#}", json_path.display());
+        }
+        let md_path = json_path.with_extension("md");
+        if let Err(e) = crate::io::write_atomic(&md_path, report.markdown().as_bytes()) {
+            eprintln!("bench: cannot write {}: {e:#}", md_path.display());
         }
     };
     let timer = Timer {
@@ -820,7 +825,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         for &rows in &plan.kernel_batches {
             eprintln!("bench: kernels at {rows} rows");
             let errors = report.errors.len();
-            bench_kernels(&gpu, &cfg, rows, &timer, &mut report);
+            bench_kernels(&gpu, &cfg, rows, &timer, &mut report, &save);
             save(&report);
             if gpu_lost(
                 &gpu,

@@ -269,6 +269,24 @@ impl TmaTile {
         }
     }
 
+    /// Whether this tile has run on a GPU (sessions 18 and 19, H200): `fora bench` times the
+    /// others after every other GEMM row of a shape, so that a fault or a hang in a tile never
+    /// run costs only its own rows. Update after a device call runs them.
+    pub fn ran_on_a_gpu(self) -> bool {
+        !matches!(
+            self,
+            TmaTile::N112
+                | TmaTile::N144
+                | TmaTile::StagedN128
+                | TmaTile::StagedPingPong128
+                | TmaTile::StagedM256N128
+                | TmaTile::StagedN192
+                | TmaTile::K2N128
+                | TmaTile::K3N128
+                | TmaTile::K4N128
+        )
+    }
+
     /// [`TmaTile::bench_name`] without its `tma-` prefix: the name `FORA_TMA_TILES` writes.
     pub fn setting_name(self) -> &'static str {
         &self.bench_name()["tma-".len()..]
