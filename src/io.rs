@@ -644,7 +644,7 @@ pub fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
 
 /// The regular file at `path` opened for reading (links followed; a device, FIFO or directory
 /// refused before it is opened), and "cannot read {what} {path}" for its I/O errors.
-fn open_regular(path: &Path, what: &str) -> Result<(File, String)> {
+pub fn open_regular(path: &Path, what: &str) -> Result<(File, String)> {
     let named = format!("cannot read {}", file_label(what, path));
     let meta = fs::metadata(path).with_context(|| named.clone())?;
     ensure!(meta.is_file(), "{named}: not a regular file");
@@ -690,6 +690,23 @@ pub fn check_output_path(flag: &str, out: &Path, extensions: &[&str]) -> Result<
             "{flag} {}: {} is not a directory",
             out.display(),
             dir.display()
+        );
+    }
+    // A folder that takes no new file (read-only, /proc) is found now, not after the work.
+    check_writable(flag, out)
+}
+
+/// [`check_output_path`] for a file written with seeks (a zip archive: `.npz`): a FIFO, socket
+/// or pipe (`/dev/stdout` into `| cat`) cannot take one, and is refused before the work.
+pub fn check_seekable_output(flag: &str, out: &Path, extensions: &[&str]) -> Result<()> {
+    check_output_path(flag, out, extensions)?;
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(m) = fs::metadata(out) {
+        let t = m.file_type();
+        ensure!(
+            !t.is_fifo() && !t.is_socket(),
+            "{flag} {}: a pipe or socket cannot take this file, which is written with seeks",
+            out.display()
         );
     }
     Ok(())

@@ -185,7 +185,8 @@ pub struct NpyArray<'a> {
 impl NpzReader {
     /// Opens the `.npz` at `path`.
     pub fn open(path: &Path) -> Result<NpzReader> {
-        let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+        // A FIFO would block the open for ever, a folder give an unclear error.
+        let (file, _) = crate::io::open_regular(path, "")?;
         let zip = ZipArchive::new(BufReader::new(file))
             .with_context(|| format!("{}: not an .npz (zip) file", path.display()))?;
         Ok(NpzReader {
@@ -226,7 +227,7 @@ impl NpzReader {
         let bytes = shape
             .iter()
             .try_fold(dtype.size() as u64, |a, &d| a.checked_mul(d as u64))
-            .context("its size overflows")?;
+            .with_context(|| format!("{path}: array {name}: its size {shape:?} overflows"))?;
         ensure!(
             Some(entry.size()) == bytes.checked_add(10 + header_len),
             "{path}: array {name}: {} bytes of data, its shape {shape:?} needs {bytes}",

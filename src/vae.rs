@@ -963,6 +963,22 @@ impl VaeDecoder {
         let out_shape = self.check_latents(latents, shape)?;
         let [_, c, h, w] = shape;
         let per_image = out_shape[1] * out_shape[2] * out_shape[3];
+        // At the least the images, one image's attention scores [h w, h w] and a few of its
+        // widest activations, refused before the work rather than part way through it.
+        let widest = self.cfg.block_channels.iter().max().copied().unwrap_or(1);
+        let bytes = [
+            checked_product(&out_shape),
+            checked_product(&[h, w, h, w]),
+            checked_product(&[4, widest, out_shape[2], out_shape[3]]),
+        ]
+        .iter()
+        .try_fold(0u64, |sum, n| {
+            sum.checked_add(((*n)? as u64).checked_mul(4)?)
+        });
+        crate::weights::ensure_free_memory(
+            &format!("decoding latents of shape {shape:?} on the CPU"),
+            bytes.unwrap_or(u64::MAX),
+        )?;
         let mut images = zeros("decoded images", &out_shape)?;
         for (z, out) in latents
             .chunks_exact(c * h * w)

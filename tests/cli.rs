@@ -2153,3 +2153,31 @@ fn unpack_writes_an_npz_as_pngs() {
         s.leftovers()
     );
 }
+
+/// `fora merge` refuses a shard whose labels are no class ids (negative), by name and index.
+#[test]
+fn merge_refuses_negative_labels() {
+    let s = Scratch::new("merge-labels");
+    let part = s.path("part.npz");
+    let mut npz = fora::npz::NpzWriter::create(&part).unwrap();
+    npz.start_array("arr_0", fora::npz::NpyDtype::U8, &[2, 4, 4, 3])
+        .unwrap();
+    npz.write(&[7u8; 2 * 4 * 4 * 3]).unwrap();
+    npz.start_array("labels", fora::npz::NpyDtype::I64, &[2])
+        .unwrap();
+    let labels: Vec<u8> = [3i64, -5].iter().flat_map(|l| l.to_le_bytes()).collect();
+    npz.write(&labels).unwrap();
+    fora::generate::write_run(&mut npz, [0, 1, 2, 2, 0, 0, 99]).unwrap();
+    npz.close(&part).unwrap();
+    let out = s.path("out.npz");
+    assert_fails(
+        &fora(&[
+            "merge",
+            part.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]),
+        &["part.npz", "label 1 is -5"],
+        &out,
+    );
+}

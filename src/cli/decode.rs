@@ -94,7 +94,7 @@ pub(crate) fn decode_latents(
     };
     let (images, image_shape) = match on_gpu {
         Some(decoded) => decoded,
-        None => vae.decode(latents, shape).context("--vae")?,
+        None => vae.decode(latents, shape).context("the VAE decode")?,
     };
     ensure_finite("images", &images, out)?;
     if log {
@@ -132,8 +132,15 @@ pub(crate) fn decode(args: DecodeArgs) -> Result<()> {
         .clone()
         .try_into()
         .expect("rank checked above");
-    // Latents this decoder cannot take are refused before a GPU is set up.
-    vae.image_shape(shape).context("--input")?;
+    // Latents this decoder cannot take, and images a PNG cannot hold, are refused before a
+    // GPU is set up.
+    let [_, channels, _, _] = vae.image_shape(shape).context("--input")?;
+    ensure!(
+        !is_png(&args.out) || channels == 1 || channels == 3,
+        "--out {}: this decoder makes images of {channels} channels; a PNG here is gray (1) \
+         or RGB (3): write .safetensors",
+        args.out.display()
+    );
     let ordinal = args.gpu.unwrap_or(0);
     let gpu = match args.device {
         Device::Cpu => None,

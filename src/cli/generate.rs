@@ -73,7 +73,7 @@ pub(crate) struct GenerateJob {
 }
 
 pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
-    fora::io::check_output_path("--out", &args.out, &["npz"])?;
+    fora::io::check_seekable_output("--out", &args.out, &["npz"])?;
     let setup = RunSetup::read(
         &args.model,
         &args.sampling,
@@ -175,6 +175,14 @@ impl Job for GenerateJob {
             .with_context(|| format!("--num-samples {n}: the images' bytes overflow"))?;
         fora::io::check_free_space("--out", &self.args.out, npz_bytes)
             .with_context(|| format!("--num-samples {n}"))?;
+        // A batch's host memory, at the least (its class ids, latents, noise and images),
+        // refused now rather than as an allocation that aborts the process.
+        let latent = (cfg.in_channels * cfg.input_size * cfg.input_size) as u64;
+        let batch_bytes = plan
+            .batch
+            .checked_mul(8 + 3 * 4 * latent + (ih * iw * ic) as u64)
+            .with_context(|| format!("--batch {}: its bytes overflow", plan.batch))?;
+        fora::weights::ensure_free_memory(&format!("--batch {}", plan.batch), batch_bytes)?;
         if let Some(dir) = &self.args.parts {
             fora::io::check_writable("--parts", &dir.join("batch.npz"))?;
             // The batches beside the output until it is whole: as much again (and a couple of

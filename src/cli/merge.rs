@@ -58,12 +58,29 @@ impl Part {
         );
         let shape = images.shape.clone();
         drop(images);
-        let labels = npz.array("labels")?;
+        let mut labels = npz.array("labels")?;
         ensure!(
             labels.dtype == NpyDtype::I64 && labels.shape == [shape[0]],
             "{name}: labels are not int64 [{}]",
             shape[0]
         );
+        // Class ids (the file records no class count: at least none negative).
+        let mut buf = vec![0u8; 8 << 10];
+        let mut left = shape[0];
+        let mut index = 0;
+        while left > 0 {
+            let chunk = &mut buf[..8 * left.min(1 << 10)];
+            labels
+                .data
+                .read_exact(chunk)
+                .with_context(|| format!("{name}: labels"))?;
+            for b in chunk.chunks_exact(8) {
+                let label = i64::from_le_bytes(b.try_into().expect("8 bytes"));
+                ensure!(label >= 0, "{name}: label {index} is {label}, no class id");
+                index += 1;
+            }
+            left -= chunk.len() / 8;
+        }
         Ok(Part {
             path: path.to_path_buf(),
             run: values,
@@ -97,7 +114,7 @@ fn copy_arrays<W: std::io::Write + std::io::Seek>(
 }
 
 pub(crate) fn merge(args: MergeArgs) -> Result<()> {
-    fora::io::check_output_path("--out", &args.out, &["npz"])?;
+    fora::io::check_seekable_output("--out", &args.out, &["npz"])?;
     let mut parts = args
         .parts
         .iter()
