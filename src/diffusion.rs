@@ -40,6 +40,7 @@ pub fn linear_betas(n: usize) -> Vec<f64> {
 ///   0, 4, 8, ..., 995, 999.
 pub fn space_timesteps(num_timesteps: usize, spec: &str) -> Result<Vec<usize>> {
     let spec = spec.trim();
+    let shown = quoted(spec);
     ensure!(num_timesteps > 0, "diffusion needs at least one timestep");
     // The official create_diffusion reads "" as no respacing; refused here, where it is more
     // likely an unset variable than a request for every step.
@@ -51,10 +52,10 @@ pub fn space_timesteps(num_timesteps: usize, spec: &str) -> Result<Vec<usize>> {
     if let Some(count) = spec.strip_prefix("ddim") {
         let desired: usize = count
             .parse()
-            .with_context(|| format!("respacing {spec:?}: {count:?} is not a step count"))?;
+            .with_context(|| format!("respacing {shown}: {} is not a step count", quoted(count)))?;
         ensure!(
             desired > 0,
-            "respacing {spec:?}: the step count must be at least 1"
+            "respacing {shown}: the step count must be at least 1"
         );
         for stride in 1..num_timesteps {
             if num_timesteps.div_ceil(stride) == desired {
@@ -62,14 +63,14 @@ pub fn space_timesteps(num_timesteps: usize, spec: &str) -> Result<Vec<usize>> {
             }
         }
         bail!(
-            "respacing {spec:?}: cannot take exactly {desired} of {num_timesteps} steps with an integer stride"
+            "respacing {shown}: cannot take exactly {desired} of {num_timesteps} steps with an integer stride"
         );
     }
     let counts: Vec<usize> = spec
         .split(',')
         .map(|part| {
             part.trim().parse::<usize>().with_context(|| {
-                format!("respacing {spec:?}: {part:?} is not a step count (expected e.g. \"250\", \"10,20\" or \"ddim50\")")
+                format!("respacing {shown}: {} is not a step count (expected e.g. \"250\", \"10,20\" or \"ddim50\")", quoted(part))
             })
         })
         .collect::<Result<_>>()?;
@@ -81,7 +82,7 @@ pub fn space_timesteps(num_timesteps: usize, spec: &str) -> Result<Vec<usize>> {
         let size = size_per + usize::from(j < extra);
         ensure!(
             count <= size,
-            "respacing {spec:?}: cannot divide a section of {size} steps into {count}"
+            "respacing {shown}: cannot divide a section of {size} steps into {count}"
         );
         let stride = if count <= 1 {
             1.0
@@ -100,9 +101,18 @@ pub fn space_timesteps(num_timesteps: usize, spec: &str) -> Result<Vec<usize>> {
     steps.dedup();
     ensure!(
         !steps.is_empty(),
-        "respacing {spec:?} keeps no timesteps: ask for at least 1 step"
+        "respacing {shown} keeps no timesteps: ask for at least 1 step"
     );
     Ok(steps)
+}
+
+/// `text` quoted for an error, cut to its first 60 characters (a list of thousands of sections
+/// would make a line of kilobytes).
+fn quoted(text: &str) -> String {
+    match text.char_indices().nth(60) {
+        Some((cut, _)) => format!("{:?}...", &text[..cut]),
+        None => format!("{text:?}"),
+    }
 }
 
 /// Which reverse process the sampler runs.

@@ -2181,3 +2181,33 @@ fn merge_refuses_negative_labels() {
         &out,
     );
 }
+
+/// `--parts` removes at the end the folders it made on the way to its folder, and only those.
+#[test]
+fn generate_parts_removes_the_folders_it_made() {
+    let s = Scratch::new("parts-folders");
+    let keep = s.path("keep");
+    std::fs::create_dir(&keep).unwrap();
+    for parts in [s.path("new/a/parts"), keep.join("x/parts")] {
+        let out = s.path("o.npz");
+        assert_ok(&fora(&[
+            "generate",
+            "--num-samples",
+            "2",
+            "--batch",
+            "1",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--parts",
+            parts.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        std::fs::remove_file(&out).unwrap();
+    }
+    assert!(!s.path("new").exists() && !keep.join("x").exists());
+    assert!(keep.is_dir(), "a folder that was there was removed");
+}

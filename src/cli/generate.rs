@@ -461,6 +461,9 @@ impl Job for GenerateJob {
                     });
                     bar.set_length((batches - resumed).saturating_mul(steps as u64));
                 }
+                // The folders this run makes on the way to DIR go with it at the end (where
+                // empty): the nearest one there now stays.
+                let existing = fora::io::nearest_folder("--parts", &dir.join("batch.npz"))?;
                 let mut done = 0;
                 for j in plan.batches.clone() {
                     if parts.contains_key(&j) {
@@ -502,6 +505,22 @@ impl Job for GenerateJob {
                 }
                 // Other shards' batches may share the folder: it goes only when empty.
                 let _ = std::fs::remove_dir(dir);
+                // Below the folder that existed (every one, where none of a relative path did).
+                let made_here = |d: &Path| {
+                    !d.as_os_str().is_empty()
+                        && if existing == Path::new(".") {
+                            dir.is_relative()
+                        } else {
+                            d.starts_with(&existing) && d != existing
+                        }
+                };
+                let mut made = dir.parent();
+                while let Some(d) = made.filter(|d| made_here(d)) {
+                    if std::fs::remove_dir(d).is_err() {
+                        break;
+                    }
+                    made = d.parent();
+                }
                 Ok(())
             }
         };
