@@ -86,8 +86,22 @@ for n in @TESTS@; do
 done
 set -- $selected
 echo "running $# tests"
-for n in "$@"; do echo "test $n ... ok"; done
-echo "NOTE NAME: a fused path did not serve (fake)"
+# As libtest with --nocapture: a test's first output on the line of its name, its outcome later.
+failed=""
+for n in "$@"; do
+  if [ "${FAKE_TEST_FAIL:-}" = "$n" ]; then
+    printf "test %s ... thread '%s' panicked at tests/fake.rs:1:1:\nfake failure\nFAILED\n" "$n" "$n"
+    failed=$n
+  elif [ "$n" = "$1" ]; then
+    printf "test %s ... NOTE NAME: a fused path did not serve (fake)\nok\n" "$n"
+  else
+    echo "test $n ... ok"
+  fi
+done
+if [ -n "$failed" ]; then
+  printf "\nfailures:\n    %s\n\ntest result: FAILED. %d passed; 1 failed; 0 ignored; 0 measured; 0 filtered out\n" "$failed" $(( $# - 1 ))
+  exit 101
+fi
 echo "test result: ok. $# passed; 0 failed; 0 ignored; 0 measured; 0 filtered out"
 "###;
 
@@ -580,6 +594,36 @@ fn bounds_cut_a_hang_and_the_deadline_skips_the_rest() {
         "{shown}"
     );
     assert!(archived(&root).iter().any(|f| f == "tests.log"), "{shown}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A failed test and a NOTE reach the digest by name, although with --nocapture libtest puts
+/// a test's first output on the line of its name and its FAILED on a later one.
+#[test]
+fn the_digest_names_failed_tests_and_notes() {
+    let root = machine("digest");
+    let (out, _) = run_suite(
+        &root,
+        "PHASES=tests TESTS='gpu_gemm' bash tools/device_suite.sh",
+        &[("FAKE_TEST_FAIL", "gemm_tma_routed_under_cublaslt")],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let digest = stdout.split("=== digest").nth(1).unwrap_or_default();
+    // (The failing test runs in two of gpu_gemm's parts: the whole binary and "_tma".)
+    assert!(
+        digest.contains(" failed") && !digest.contains(" 0 failed"),
+        "{stdout}"
+    );
+    for said in [
+        "FAILED gemm_tma_routed_under_cublaslt",
+        "panicked at tests/fake.rs",
+        "NOTE gpu_gemm: a fused path did not serve",
+    ] {
+        assert!(
+            digest.contains(said),
+            "{said:?} not in the digest:\n{stdout}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&root);
 }
 

@@ -120,7 +120,10 @@ FINAL_OUT=${OUT:-/tmp/out}; mkdir -p "$FINAL_OUT"
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/fora_suite.XXXXXX")
 # snapshot: $FINAL_OUT/all.tgz (every file so far) and the phase summaries beside it.
 snapshot() {
-  tar czf "$FINAL_OUT/all.tgz.part" -C "$OUT" . && mv "$FINAL_OUT/all.tgz.part" "$FINAL_OUT/all.tgz"
+  # Exit status 1 is GNU tar's "file changed as we read it" (the clock log grows as it is
+  # read): the archive is whole all the same.
+  tar czf "$FINAL_OUT/all.tgz.part" --warning=no-file-changed -C "$OUT" .
+  [ $? -le 1 ] && mv "$FINAL_OUT/all.tgz.part" "$FINAL_OUT/all.tgz"
   local f
   for f in tests.log sanitize.log bench.md bench_torch.log; do
     [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL_OUT/"
@@ -230,7 +233,7 @@ phase_tests() {
       bounded 90 .devpack/bench/vae --bench 2>&1 | tail -n 8
     fi
   } > "$OUT/tests.log" 2>&1
-  grep -E "test result|^rc=|FAILED|panicked|^wall|^NO TESTS|^\| (CPU|GPU)" "$OUT/tests.log"
+  grep -E "test result|^rc=|FAILED|panicked|NOTE|^wall|^NO TESTS|^\| (CPU|GPU)" "$OUT/tests.log"
 }
 
 phase_bench() {
@@ -394,8 +397,9 @@ phase_hopper_rows() {
 
 phase_torch() {
   echo "=== PyTorch reference"
-  # TORCH_S (default 60) caps the phase's budget.
-  local budget=$(( $(left) - 60 ))
+  # TORCH_S (default 60) caps the phase's budget; TORCH_RESERVE_S (default 60) is left to the
+  # phases after it.
+  local budget=$(( $(left) - ${TORCH_RESERVE_S:-60} ))
   [ "$budget" -gt "${TORCH_S:-60}" ] && budget=${TORCH_S:-60}
   if [ "$budget" -gt 20 ]; then
     bounded $(( budget + 10 )) python3 tools/bench_torch.py --json "$OUT/bench_torch.json" --budget-s "$budget" \
@@ -726,7 +730,14 @@ digest() {
   if [ -f "$OUT/tests.log" ]; then
     awk '/test result:/ { for (i = 1; i < NF; i++) { if ($(i + 1) ~ /^passed/) p += $i; if ($(i + 1) ~ /^failed/) f += $i } }
       END { printf "tests: %d passed, %d failed\n", p, f }' "$OUT/tests.log"
-    grep -E "^test .* \.\.\. FAILED|^NO TESTS|^NOTE|^rc=(124|137) |^SKIPPED" "$OUT/tests.log" | head -n 24
+    grep -E "^NO TESTS|^rc=(124|137) |^SKIPPED" "$OUT/tests.log" | head -n 12
+    # From the tests' own logs: with --nocapture a test's first output shares the line of its
+    # name ("test x ... NOTE ..."), and its FAILED comes on a later line, so the failed tests
+    # are taken from libtest's closing list.
+    grep -hoE "NOTE .*" "$OUT"/test_*.log 2> /dev/null | sort -u | head -n 8
+    awk '/^failures:$/ { f = 1; next } /^test result/ { f = 0 } f && /^    [^ ]/ { print "FAILED " $1 }' \
+      "$OUT"/test_*.log 2> /dev/null | sort -u | head -n 16
+    grep -h "panicked at" "$OUT"/test_*.log 2> /dev/null | head -n 6
   fi
   local f
   for f in "$OUT"/*.log; do

@@ -30,7 +30,7 @@ fi
 # The sources the binaries were built from, checked by device_suite.sh on the device: a pack
 # older than the tree (a flag the suite passes that its fora lacks) would waste the call.
 # (Untracked sources too: they were built and travel with the tree.)
-git ls-files -z --cached --others --exclude-standard -- src kernels tests build.rs Cargo.toml Cargo.lock models \
+git ls-files -z --cached --others --exclude-standard -- src kernels tests benches build.rs Cargo.toml Cargo.lock models \
   | xargs -0 -r sha256sum > .devpack/source.sums
 if [ ! -s .devpack/source.sums ]; then
   echo "pack_device: no sources to list in .devpack/source.sums" >&2
