@@ -75,18 +75,104 @@ pub fn npy_header(dtype: NpyDtype, shape: &[usize]) -> Vec<u8> {
 /// [`NpzWriter::write`], for each array; then [`NpzWriter::finish`]. An array given fewer or
 /// more bytes than its shape holds is an error, never a file NumPy cannot read.
 pub struct NpzWriter<W: Write + Seek> {
-    zip: ZipWriter<W>,
+    /// None once finished.
+    zip: Option<ZipWriter<Sink<W>>>,
     /// The array being written and the bytes it still needs.
     open: Option<(String, u64)>,
+}
+
+/// An [`NpzWriter`]'s output. The zip crate finishes an archive it drops and prints to stderr
+/// where that fails (a full disk): once a write or seek here has failed, or the writer is
+/// dropped unfinished, the sink takes everything and writes nothing (its position following
+/// what it is given), so that the failure is reported once, by the call that met it, and an
+/// archive abandoned is not completed.
+struct Sink<W> {
+    inner: W,
+    quiet: std::cell::Cell<bool>,
+    pos: u64,
+    end: u64,
+}
+
+impl<W> Sink<W> {
+    /// `r`, going quiet where it is an error.
+    fn watch<T>(&self, r: std::io::Result<T>) -> std::io::Result<T> {
+        if r.is_err() {
+            self.quiet.set(true);
+        }
+        r
+    }
+
+    fn moved_to(&mut self, pos: u64) -> u64 {
+        self.pos = pos;
+        self.end = self.end.max(pos);
+        pos
+    }
+}
+
+impl<W: Write> Write for Sink<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = if self.quiet.get() {
+            buf.len()
+        } else {
+            let r = self.inner.write(buf);
+            self.watch(r)?
+        };
+        self.moved_to(self.pos + n as u64);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.quiet.get() {
+            return Ok(());
+        }
+        let r = self.inner.flush();
+        self.watch(r)
+    }
+}
+
+impl<W: Seek> Seek for Sink<W> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        use std::io::SeekFrom;
+        if !self.quiet.get() {
+            let r = self.inner.seek(to);
+            let pos = self.watch(r)?;
+            return Ok(self.moved_to(pos));
+        }
+        let pos = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+            SeekFrom::End(d) => self.end.checked_add_signed(d),
+        }
+        .ok_or_else(|| std::io::Error::other("seek before the start"))?;
+        Ok(self.moved_to(pos))
+    }
+}
+
+impl<W: Write + Seek> Drop for NpzWriter<W> {
+    fn drop(&mut self) {
+        if let Some(sink) = self.zip.as_ref().and_then(|z| z.get_ref()) {
+            sink.quiet.set(true);
+        }
+    }
 }
 
 impl<W: Write + Seek> NpzWriter<W> {
     /// An empty archive on `out`.
     pub fn new(out: W) -> NpzWriter<W> {
         NpzWriter {
-            zip: ZipWriter::new(out),
+            zip: Some(ZipWriter::new(Sink {
+                inner: out,
+                quiet: std::cell::Cell::new(false),
+                pos: 0,
+                end: 0,
+            })),
             open: None,
         }
+    }
+
+    /// The archive, until it is finished.
+    fn zip(&mut self) -> Result<&mut ZipWriter<Sink<W>>> {
+        self.zip.as_mut().context("npz: the archive is finished")
     }
 
     /// Starts array `name` (`name.npy` in the archive; NumPy's positional arrays are `arr_0`,
@@ -104,11 +190,10 @@ impl<W: Write + Seek> NpzWriter<W> {
             .compression_method(CompressionMethod::Stored)
             .last_modified_time(zip::DateTime::default())
             .large_file(true);
-        self.zip
-            .start_file(format!("{name}.npy"), options)
+        let zip = self.zip()?;
+        zip.start_file(format!("{name}.npy"), options)
             .with_context(|| format!("starting array {name}"))?;
-        self.zip
-            .write_all(&npy_header(dtype, shape))
+        zip.write_all(&npy_header(dtype, shape))
             .with_context(|| format!("writing array {name}"))?;
         self.open = Some((name.to_string(), bytes));
         Ok(())
@@ -126,6 +211,8 @@ impl<W: Write + Seek> NpzWriter<W> {
             bytes.len() as u64 - *left
         );
         self.zip
+            .as_mut()
+            .context("npz: the archive is finished")?
             .write_all(bytes)
             .with_context(|| format!("writing array {name}"))?;
         *left -= bytes.len() as u64;
@@ -135,7 +222,9 @@ impl<W: Write + Seek> NpzWriter<W> {
     /// Ends the archive (its central directory) and gives back the writer.
     pub fn finish(mut self) -> Result<W> {
         self.ensure_complete()?;
-        self.zip.finish().context("finishing the npz archive")
+        let zip = self.zip.take().context("npz: the archive is finished")?;
+        let sink = zip.finish().context("finishing the npz archive")?;
+        Ok(sink.inner)
     }
 
     /// An error where the array being written is short of bytes.

@@ -2211,3 +2211,32 @@ fn generate_parts_removes_the_folders_it_made() {
     assert!(!s.path("new").exists() && !keep.join("x").exists());
     assert!(keep.is_dir(), "a folder that was there was removed");
 }
+
+/// An `.npz` write that fails (a full device) is reported once, by fora: the zip crate, which
+/// finishes an archive it drops and prints its own failure, finishes it quietly.
+#[test]
+fn an_npz_write_that_fails_is_reported_once() {
+    if !Path::new("/dev/full").exists() {
+        println!("SKIP an_npz_write_that_fails_is_reported_once: no /dev/full");
+        return;
+    }
+    let o = fora(&[
+        "generate",
+        "--num-samples",
+        "2",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        "/dev/full",
+    ]);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(
+        !err.contains("ZipWriter") && !err.contains("panicked"),
+        "{err}"
+    );
+}
