@@ -96,7 +96,10 @@ struct Sink<W> {
 impl<W> Sink<W> {
     /// `r`, going quiet where it is an error.
     fn watch<T>(&self, r: std::io::Result<T>) -> std::io::Result<T> {
-        if r.is_err() {
+        // (An interrupted call is retried by its caller, write_all: not a failure.)
+        if r.as_ref()
+            .is_err_and(|e| e.kind() != std::io::ErrorKind::Interrupted)
+        {
             self.quiet.set(true);
         }
         r

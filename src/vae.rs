@@ -956,6 +956,23 @@ impl VaeDecoder {
         Ok(out_shape)
     }
 
+    /// Values of the largest activation of one image decoded from `h x w` latents: up block i
+    /// runs at 2^i times the latent side with its width (its first resnet's input has the
+    /// block before's), and its upsampler's output is its width at twice that side.
+    fn largest_activation(&self, h: usize, w: usize) -> Option<usize> {
+        let widths = &self.cfg.block_channels;
+        let (mut most, mut pixels) = (0usize, h.checked_mul(w)?);
+        for (i, &c) in widths.iter().enumerate() {
+            let before = widths[i.saturating_sub(1)];
+            most = most.max(c.max(before).checked_mul(pixels)?);
+            if i + 1 < widths.len() {
+                pixels = pixels.checked_mul(4)?;
+                most = most.max(c.checked_mul(pixels)?);
+            }
+        }
+        Some(most)
+    }
+
     /// Decodes latents `[n, c, h, w]` (as a latent DiT samples them: scaled by the scaling
     /// factor) into images `[n, out_channels, h * upscale, w * upscale]`, values about
     /// [-1, 1], one image at a time.
@@ -963,13 +980,13 @@ impl VaeDecoder {
         let out_shape = self.check_latents(latents, shape)?;
         let [_, c, h, w] = shape;
         let per_image = out_shape[1] * out_shape[2] * out_shape[3];
-        // At the least the images, one image's attention scores [h w, h w] and a few of its
-        // widest activations, refused before the work rather than part way through it.
-        let widest = self.cfg.block_channels.iter().max().copied().unwrap_or(1);
+        // At the least the images, one image's attention scores [h w, h w] and a few (a
+        // resnet's input, normed input, conv output and sum) of its largest activation,
+        // refused before the work rather than part way through it.
         let bytes = [
             checked_product(&out_shape),
             checked_product(&[h, w, h, w]),
-            checked_product(&[4, widest, out_shape[2], out_shape[3]]),
+            self.largest_activation(h, w).and_then(|n| n.checked_mul(4)),
         ]
         .iter()
         .try_fold(0u64, |sum, n| {

@@ -282,7 +282,7 @@ impl DitWeights {
     /// weights cannot be allocated.
     pub fn random(cfg: &DitConfig, seed: u64) -> Result<DitWeights> {
         cfg.validate()?;
-        ensure_weights_fit(cfg, &expected_tensors(cfg))?;
+        ensure_weights_fit(cfg, &expected_tensors(cfg), false)?;
         let mut rng = SplitMix64::new(seed);
         let (d, m) = (cfg.hidden, cfg.mlp_hidden());
         let patch_in = cfg.in_channels * cfg.patch * cfg.patch;
@@ -417,7 +417,7 @@ impl DitWeights {
             list(&unexpected)
         );
 
-        ensure_weights_fit(&cfg, &expected)?;
+        ensure_weights_fit(&cfg, &expected, true)?;
         let mut w = DitWeights::empty(cfg.depth);
         for ((key, shape), slot) in expected.iter().zip(w.slots_mut()) {
             // The shape is checked from the header, before the tensor is read.
@@ -441,10 +441,14 @@ impl DitWeights {
     }
 }
 
-/// An error where the f32 weights of `cfg` (tensors `expected`), and beside them the largest
-/// one's bytes as read and its f32 copy, are more than the machine has free: refused before
+/// An error where the f32 weights of `cfg` (tensors `expected`), and beside them (`reading` a
+/// file) the largest one's bytes as read, are more than the machine has free: refused before
 /// the first tensor, not after the memory is gone (each tensor is also checked as it comes).
-fn ensure_weights_fit(cfg: &DitConfig, expected: &[(String, Vec<usize>)]) -> Result<()> {
+fn ensure_weights_fit(
+    cfg: &DitConfig,
+    expected: &[(String, Vec<usize>)],
+    reading: bool,
+) -> Result<()> {
     let what = format!("the {} weights in f32", cfg.arch_name());
     let all = f32_bytes(expected.iter().map(|(_, s)| s.as_slice()));
     let largest = expected
@@ -453,7 +457,7 @@ fn ensure_weights_fit(cfg: &DitConfig, expected: &[(String, Vec<usize>)]) -> Res
         .try_fold(0u64, |m, b| Some(m.max(b?)));
     let bytes = all
         .zip(largest)
-        .and_then(|(a, l)| a.checked_add(l.checked_mul(2)?))
+        .and_then(|(a, l)| a.checked_add(if reading { l } else { 0 }))
         .with_context(|| format!("{what}: their size overflows"))?;
     ensure_free_memory(&what, bytes)
 }

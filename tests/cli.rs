@@ -2068,6 +2068,17 @@ fn unpack_writes_an_npz_as_pngs() {
         stderr(&o)
     );
     assert!(!o.status.success());
+    // A link is refused (a folder cannot be renamed over it); `DIR/.` is DIR.
+    let empty2 = s.path("empty2");
+    std::fs::create_dir(&empty2).unwrap();
+    let link = s.path("link");
+    std::os::unix::fs::symlink(&empty2, &link).unwrap();
+    let o = fora(&["unpack", gray, "--out", link.to_str().unwrap()]);
+    assert!(stderr(&o).contains("a symbolic link"), "{}", stderr(&o));
+    assert!(!o.status.success() && !empty2.join("000000.png").exists());
+    let dotted = format!("{}/.", empty2.display());
+    assert_ok(&fora(&["unpack", gray, "--out", &dotted]));
+    assert!(empty2.join("000002.png").exists());
     let out = s.path("out");
     let missing = s.path("no/out");
     assert_fails(
@@ -2188,7 +2199,9 @@ fn generate_parts_removes_the_folders_it_made() {
     let s = Scratch::new("parts-folders");
     let keep = s.path("keep");
     std::fs::create_dir(&keep).unwrap();
-    for parts in [s.path("new/a/parts"), keep.join("x/parts")] {
+    // (`new/../keep/parts` makes `new` and `parts`, not `keep`.)
+    let through = s.path("new/../keep/parts");
+    for parts in [s.path("new/a/parts"), keep.join("x/parts"), through] {
         let out = s.path("o.npz");
         assert_ok(&fora(&[
             "generate",

@@ -881,8 +881,10 @@ fn bench_gemm_rows(
                 stats,
                 launches_per_replay: per_replay,
             });
+            // After every row: a hang ends the process (the watchdog), and this shape's rows
+            // before it are kept.
+            save(report);
         }
-        save(report);
     }
 }
 

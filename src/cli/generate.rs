@@ -462,8 +462,8 @@ impl Job for GenerateJob {
                     bar.set_length((batches - resumed).saturating_mul(steps as u64));
                 }
                 // The folders this run makes on the way to DIR go with it at the end (where
-                // empty): the nearest one there now stays.
-                let existing = fora::io::nearest_folder("--parts", &dir.join("batch.npz"))?;
+                // empty), and only those.
+                let mut made: Vec<PathBuf> = Vec::new();
                 let mut done = 0;
                 for j in plan.batches.clone() {
                     if parts.contains_key(&j) {
@@ -474,7 +474,7 @@ impl Job for GenerateJob {
                     let written = part(j)?;
                     // Again for each batch: a shard sharing the folder removes it when it
                     // finds it empty at its end.
-                    std::fs::create_dir_all(dir)
+                    make_folders(dir, &mut made)
                         .with_context(|| format!("cannot create --parts {}", dir.display()))?;
                     fora::io::write_atomic_with(&written.path, |tmp| {
                         let mut npz = NpzWriter::create(tmp)?;
@@ -505,21 +505,8 @@ impl Job for GenerateJob {
                 }
                 // Other shards' batches may share the folder: it goes only when empty.
                 let _ = std::fs::remove_dir(dir);
-                // Below the folder that existed (every one, where none of a relative path did).
-                let made_here = |d: &Path| {
-                    !d.as_os_str().is_empty()
-                        && if existing == Path::new(".") {
-                            dir.is_relative()
-                        } else {
-                            d.starts_with(&existing) && d != existing
-                        }
-                };
-                let mut made = dir.parent();
-                while let Some(d) = made.filter(|d| made_here(d)) {
-                    if std::fs::remove_dir(d).is_err() {
-                        break;
-                    }
-                    made = d.parent();
+                for d in made.iter().rev() {
+                    let _ = std::fs::remove_dir(d);
                 }
                 Ok(())
             }
@@ -577,6 +564,25 @@ fn backend_key(backend: &CudaBackend) -> String {
     let gpu = name.split_once(' ').map_or(name.as_str(), |(_, n)| n);
     let options = backend.options().env_overrides().join(" ");
     format!("{gpu} [{options}]")
+}
+
+/// Makes `dir` and the folders on the way to it that are missing, adding each one it made to
+/// `made` (outermost first; a folder is known by its path as given, so that `a/../b` counts
+/// `a` and not `b` where `b` was there).
+fn make_folders(dir: &Path, made: &mut Vec<PathBuf>) -> Result<()> {
+    let mut on_the_way: Vec<&Path> = dir
+        .ancestors()
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
+    on_the_way.reverse();
+    for p in on_the_way {
+        match std::fs::create_dir(p) {
+            Ok(()) => made.push(p.to_path_buf()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && p.is_dir() => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", p.display())),
+        }
+    }
+    Ok(())
 }
 
 /// A run stopped by a signal: the process exits 128 + `signal`, as a shell reports one.

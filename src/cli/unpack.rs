@@ -33,8 +33,7 @@ pub(crate) struct UnpackArgs {
 }
 
 pub(crate) fn unpack(args: UnpackArgs) -> Result<()> {
-    let out = &args.out;
-    check_folder(out)?;
+    let out = &check_folder(&args.out)?;
     let mut npz = NpzReader::open(&args.npz)?;
     let array = npz.array("arr_0")?;
     let name = args.npz.display();
@@ -117,29 +116,34 @@ pub(crate) fn image_name(i: usize) -> String {
     format!("{i:06}.png")
 }
 
-/// Refuses an `--out` that is a file or a folder holding anything, and one whose parent folder
-/// does not exist.
-fn check_folder(out: &Path) -> Result<()> {
-    let shown = out.display();
+/// `--out` as its parent folder and its name (`DIR/.` is `DIR`), the folder renamed into place
+/// at the end; refused where it is a link (a folder cannot be renamed over one), a file or a
+/// folder holding anything, or its parent folder does not exist.
+fn check_folder(given: &Path) -> Result<PathBuf> {
+    let shown = given.display();
+    let name = given
+        .file_name()
+        .with_context(|| format!("--out {shown}: not a folder path"))?;
+    let out = parent_of(given).join(name);
     ensure!(
-        out.file_name().is_some(),
-        "--out {shown}: not a folder path"
+        !std::fs::symlink_metadata(&out).is_ok_and(|m| m.file_type().is_symlink()),
+        "--out {shown}: a symbolic link; give the folder it leads to"
     );
     if out.exists() {
         ensure!(out.is_dir(), "--out {shown}: exists and is not a folder");
-        let mut entries = std::fs::read_dir(out).with_context(|| format!("--out {shown}"))?;
+        let mut entries = std::fs::read_dir(&out).with_context(|| format!("--out {shown}"))?;
         ensure!(
             entries.next().is_none(),
             "--out {shown}: the folder is not empty"
         );
     }
-    let parent = parent_of(out);
+    let parent = parent_of(&out);
     ensure!(
         parent.is_dir(),
         "--out {shown}: folder {} does not exist",
         parent.display()
     );
-    Ok(())
+    Ok(out)
 }
 
 fn parent_of(path: &Path) -> PathBuf {
