@@ -712,6 +712,14 @@ pub fn check_seekable_output(flag: &str, out: &Path, extensions: &[&str]) -> Res
     Ok(())
 }
 
+/// The folder `path` is in: its parent, or `.` for a bare name.
+pub fn parent_folder(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// The nearest folder of `path` that exists (its parent, else the parent's, and so on; `.` for
 /// a bare file name): where a writer that makes the missing folders first puts `path`. An
 /// error naming `flag` where that is not a directory (a regular file on the way).
@@ -866,10 +874,7 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     let file_name = path
         .file_name()
         .with_context(|| format!("output path {} names no file", path.display()))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = parent_folder(path);
     ensure!(
         dir.is_dir(),
         "cannot write {}: directory {} does not exist",

@@ -983,14 +983,8 @@ impl VaeDecoder {
         // At the least the images, one image's attention scores [h w, h w] and a few (a
         // resnet's input, normed input, conv output and sum) of its largest activation,
         // refused before the work rather than part way through it.
-        let bytes = [
-            checked_product(&out_shape),
-            checked_product(&[h, w, h, w]),
-            self.largest_activation(h, w).and_then(|n| n.checked_mul(4)),
-        ]
-        .iter()
-        .try_fold(0u64, |sum, n| {
-            sum.checked_add(((*n)? as u64).checked_mul(4)?)
+        let bytes = self.largest_activation(h, w).and_then(|largest| {
+            crate::weights::f32_bytes([&out_shape[..], &[h, w, h, w], &[4, largest]])
         });
         crate::weights::ensure_free_memory(
             &format!("decoding latents of shape {shape:?} on the CPU"),

@@ -453,7 +453,7 @@ fn ensure_weights_fit(
     let all = f32_bytes(expected.iter().map(|(_, s)| s.as_slice()));
     let largest = expected
         .iter()
-        .map(|(_, s)| f32_len(s).map(|n| n as u64 * 4))
+        .map(|(_, s)| f32_bytes([s.as_slice()]))
         .try_fold(0u64, |m, b| Some(m.max(b?)));
     let bytes = all
         .zip(largest)

@@ -376,7 +376,7 @@ fn gemm_params(s: &GemmShape, b: &GemmBuffers, tokens: usize) -> GemmParams {
     }
 }
 
-/// `save` writes the report as it stands: after every shape's GEMM rows and every other row,
+/// `save` writes the report as it stands: after every row,
 /// so that a run ended by a hang (the watchdog) or a time bound keeps what it measured.
 pub(super) fn bench_kernels(
     gpu: &Gpu,

@@ -124,7 +124,7 @@ fn check_folder(given: &Path) -> Result<PathBuf> {
     let name = given
         .file_name()
         .with_context(|| format!("--out {shown}: not a folder path"))?;
-    let out = parent_of(given).join(name);
+    let out = fora::io::parent_folder(given).join(name);
     ensure!(
         !std::fs::symlink_metadata(&out).is_ok_and(|m| m.file_type().is_symlink()),
         "--out {shown}: a symbolic link; give the folder it leads to"
@@ -137,20 +137,13 @@ fn check_folder(given: &Path) -> Result<PathBuf> {
             "--out {shown}: the folder is not empty"
         );
     }
-    let parent = parent_of(&out);
+    let parent = fora::io::parent_folder(&out);
     ensure!(
         parent.is_dir(),
         "--out {shown}: folder {} does not exist",
         parent.display()
     );
     Ok(out)
-}
-
-fn parent_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
 }
 
 /// The hidden folder beside `--out` the images are written into; removed when dropped unless
@@ -163,7 +156,7 @@ struct Staging {
 impl Staging {
     fn create(out: &Path) -> Result<Staging> {
         let name = out.file_name().unwrap_or_default().to_string_lossy();
-        let dir = parent_of(out).join(format!(".{name}.tmp.{}", std::process::id()));
+        let dir = fora::io::parent_folder(out).join(format!(".{name}.tmp.{}", std::process::id()));
         std::fs::create_dir(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
         Ok(Staging { dir, done: false })
     }

@@ -1107,12 +1107,8 @@ impl CudaBackend {
         };
         let src = self.step_copy_source(ws, k);
         ensure!(k < ws.steps, "step {k} of a {}-step workspace", ws.steps);
-        // A raw driver call: make this backend's context current (another backend's, on
-        // another GPU, may be current on this thread).
-        self.gpu
-            .context()
-            .bind_to_thread()
-            .context("cannot make the CUDA context current")?;
+        // A raw driver call.
+        self.gpu.bind_context()?;
         // SAFETY: both ranges lie inside buffers of this workspace (k < steps), of f32.
         unsafe {
             cudarc::driver::result::memcpy_dtod_async(
@@ -1440,10 +1436,7 @@ impl CudaBackend {
             super::sampler::update_plan(&p)?;
             // The graph updates are raw driver calls: make the context current on this thread
             // (a step may run on another thread than the one that built the workspace).
-            self.gpu
-                .context()
-                .bind_to_thread()
-                .context("cannot make the CUDA context current")?;
+            self.gpu.bind_context()?;
             unsafe { g.set_step(Some(self.step_copy_source(ws, step.k)), reuse_sum, &p) }?;
             g.graph
                 .launch()

@@ -342,9 +342,7 @@ impl KernelLauncher for Gpu {
             return Ok(n);
         }
         let f = self.function(name)?;
-        self.ctx
-            .bind_to_thread()
-            .context("cannot bind the CUDA context")?;
+        self.bind_context()?;
         // No cluster attribute: the kernel's compiled __cluster_dims__ is the cluster shape (a
         // config's must be absent or equal), and one cluster is the grid. No stream: this is a
         // query, not a stream operation (Gemm::new asks it before any graph capture).
@@ -766,11 +764,17 @@ impl Gpu {
         )))
     }
 
-    /// The context's persisting-L2 set-aside in bytes (`cuCtxGetLimit`).
-    pub fn persisting_l2_limit(&self) -> Result<usize> {
+    /// Makes this device's context current on the calling thread, as a raw driver call needs
+    /// (another backend's, on another GPU, may be current there).
+    pub fn bind_context(&self) -> Result<()> {
         self.ctx
             .bind_to_thread()
-            .context("cannot bind the CUDA context")?;
+            .context("cannot make the CUDA context current")
+    }
+
+    /// The context's persisting-L2 set-aside in bytes (`cuCtxGetLimit`).
+    pub fn persisting_l2_limit(&self) -> Result<usize> {
+        self.bind_context()?;
         let mut bytes = 0usize;
         // SAFETY: a context call on the bound context with a valid out pointer.
         let rc = unsafe {
@@ -817,9 +821,7 @@ impl Gpu {
         window: Option<&L2Window>,
     ) -> Result<()> {
         let f = self.function(name)?;
-        self.ctx
-            .bind_to_thread()
-            .context("cannot bind the CUDA context")?;
+        self.bind_context()?;
         let empty = || sys::CUlaunchAttribute {
             id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_IGNORE,
             pad: [0; 4],

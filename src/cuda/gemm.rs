@@ -536,9 +536,7 @@ impl Gemm {
     /// Loads what `imp` needs. `max_mn` is the largest M * N any later `run` will use: the
     /// cuBLASLt path allocates an f32 scratch of that size now (the custom path needs none).
     pub fn new(gpu: &Gpu, imp: GemmImpl, max_mn: usize) -> Result<Gemm> {
-        gpu.context()
-            .bind_to_thread()
-            .context("cannot bind the CUDA context")?;
+        gpu.bind_context()?;
         let mut tiles = Vec::with_capacity(Tile::ALL.len());
         for tile in Tile::ALL {
             let name = tile.spec().name;
