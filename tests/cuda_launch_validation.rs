@@ -1001,3 +1001,24 @@ fn gpu_new_without_a_device_is_a_clear_error() {
     );
     println!("Gpu::new without a device: {e}");
 }
+
+#[test]
+fn a_run_past_one_gemm_launchs_rows_is_refused_before_it_allocates() {
+    use fora::cuda::gemm::GEMM_MAX_M;
+    use fora::cuda::model::check_model_rows;
+    // DiT-XL/2 at 256 px: 256 tokens a row, so 8191 rows fit (2,096,896 token rows) and 8192
+    // do not; at 512 px (1024 tokens) 2047 and 2048.
+    for (latent, tokens) in [(32, 256), (64, 1024)] {
+        let cfg = fora::config::DitConfig::official("DiT-XL/2", latent).unwrap();
+        assert_eq!(cfg.tokens(), tokens);
+        let most = GEMM_MAX_M / tokens;
+        check_model_rows(&cfg, most).unwrap();
+        let e = err(check_model_rows(&cfg, most + 1));
+        assert!(
+            e.contains(&format!("at most {most} model rows")) && e.contains("DiT-XL/2"),
+            "{e}"
+        );
+        // No wrap: a product past usize saturates and is refused.
+        assert!(check_model_rows(&cfg, usize::MAX).is_err());
+    }
+}

@@ -392,15 +392,16 @@ fn plan(
     let tokens = p.tokens as u32;
     let grid = if imp.is_tma() {
         // Persistent: (batch, head, query block) units over at most one CTA an SM; the kernel
-        // counts units and rows in int.
+        // counts units and rows in int, and steps a CTA's unit by the grid (`u += gridDim.x`),
+        // so the last unit plus the grid must fit too.
         let units = tokens.div_ceil(block_m) as u64 * p.heads as u64 * p.batch as u64;
+        let ctas = sm_count.map_or(units, |s| units.min(s.max(1) as u64));
         ensure!(
-            units <= i32::MAX as u64 && p.batch as u64 * p.tokens as u64 <= i32::MAX as u64,
+            units + ctas <= i32::MAX as u64 && p.batch as u64 * p.tokens as u64 <= i32::MAX as u64,
             "attention: {} x {} tokens is too many for the TMA kernel's 32-bit unit and row counts",
             p.batch,
             p.tokens
         );
-        let ctas = sm_count.map_or(units, |s| units.min(s.max(1) as u64));
         (ctas as u32, 1, 1)
     } else {
         (tokens.div_ceil(block_m), p.heads as u32, p.batch as u32)

@@ -491,12 +491,10 @@ pub fn validate(p: &GemmParams) -> Result<Epilogue> {
             "GEMM: a cache pointer is only used by the gate/residual epilogue, got one with {epi:?}"
         );
     }
-    // Grid y = M tiles (32 rows at the smallest), limited to 65535 CTAs.
     ensure!(
-        (p.m as usize).div_ceil(32) <= 65535,
-        "GEMM: M={} is too large (at most {} rows per launch)",
+        p.m as usize <= GEMM_MAX_M,
+        "GEMM: M={} is too large (at most {GEMM_MAX_M} rows per launch)",
         p.m,
-        65535 * 32
     );
     Ok(epi)
 }
@@ -1286,6 +1284,10 @@ unsafe fn launch_tiled(
     unsafe { launch_epilogue(gpu, &epilogue_params(p, ws, splits), gpu.multiprocessors()) }
 }
 
+/// The most rows (M) one GEMM launch takes: grid y is the M tiles (32 rows at the smallest),
+/// at most 65535 CTAs.
+pub const GEMM_MAX_M: usize = 65535 * 32;
+
 /// A plain GEMM's params: dense row-major operands, no cache or gate.
 #[allow(clippy::too_many_arguments)] // the eight numbers of one GEMM, named at every call
 pub fn gemm_params(
@@ -1298,6 +1300,9 @@ pub fn gemm_params(
     k: usize,
     epi: Epilogue,
 ) -> GemmParams {
+    // A size past i32 saturates, so that the launchers' checks refuse it (M is held to 65535
+    // tiles) instead of seeing it wrapped to a small one.
+    let int = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
     GemmParams {
         a,
         w,
@@ -1305,13 +1310,13 @@ pub fn gemm_params(
         out,
         cache: 0,
         gate: 0,
-        m: m as i32,
-        n: n as i32,
-        k: k as i32,
-        lda: k as i32,
-        ldw: k as i32,
-        ldo: n as i32,
-        ldc: n as i32,
+        m: int(m),
+        n: int(n),
+        k: int(k),
+        lda: int(k),
+        ldw: int(k),
+        ldo: int(n),
+        ldc: int(n),
         ldg: 0,
         rows_per_gate: 1,
         epilogue: epi.raw(),

@@ -475,11 +475,29 @@ pub fn activation_bytes(cfg: &DitConfig, rows: usize, with_cache: bool) -> usize
     small + big + cache
 }
 
+/// Whether a forward of `rows` model rows fits one GEMM launch's rows
+/// ([`GEMM_MAX_M`](super::gemm::GEMM_MAX_M) token rows); an error naming the largest batch if
+/// not.
+pub fn check_model_rows(cfg: &DitConfig, rows: usize) -> Result<()> {
+    let token_rows = rows.saturating_mul(cfg.tokens());
+    ensure!(
+        token_rows <= super::gemm::GEMM_MAX_M,
+        "{rows} model rows of {} are {token_rows} token rows, past the {} one GEMM launch takes: \
+         at most {} model rows a run (with guidance, two an image)",
+        cfg.arch_name(),
+        super::gemm::GEMM_MAX_M,
+        super::gemm::GEMM_MAX_M / cfg.tokens()
+    );
+    Ok(())
+}
+
 impl Activations {
     /// Buffers for a forward of `rows` model rows (at least one), with the FORA cache when
     /// `with_cache`.
     pub fn new(gpu: &Gpu, cfg: &DitConfig, rows: usize, with_cache: bool) -> Result<Activations> {
         ensure!(rows > 0, "a forward needs at least one row");
+        // Refused here, before any allocation, rather than at the first GEMM's launch.
+        check_model_rows(cfg, rows)?;
         let bytes = activation_bytes(cfg, rows, with_cache);
         gpu.ensure_free(bytes, &format!("{rows} model rows of {}", cfg.arch_name()))?;
         let (d, t) = (cfg.hidden, cfg.tokens());

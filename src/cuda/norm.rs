@@ -156,8 +156,9 @@ pub unsafe fn layernorm_modulate_with(
 pub const RESIDUAL_LN_MAX_DIM: i32 = 1536;
 
 /// Largest prefetch range [`residual_layernorm`] takes (a CTA's share of one is one bulk
-/// prefetch of at most 4 GiB).
-pub const MAX_PREFETCH_BYTES: i64 = 1 << 32;
+/// prefetch, whose size the instruction takes in 32 bits: 4 GiB less 16 bytes, the largest
+/// multiple of 16 that fits).
+pub const MAX_PREFETCH_BYTES: i64 = (1 << 32) - 16;
 
 /// Most split-K slices [`residual_layernorm`] sums (`acc_splits`).
 pub const MAX_ACC_SPLITS: i32 = 16;
