@@ -2433,6 +2433,54 @@ fn gpu_a_workspace_keeps_its_backend_and_options() {
     );
 }
 
+/// A backend dropped while its steps still run, its workspace after it: the backend's drop
+/// waits for its stream before its kernel modules unload (`Gpu`'s Drop; session 39's review),
+/// so the context stays usable and a new backend on the device samples the same bits. Its name
+/// holds "keeps" for the device call's filter.
+#[test]
+fn gpu_a_backend_dropped_under_running_steps_keeps_the_device_usable() {
+    let name = "gpu_a_backend_dropped_under_running_steps_keeps_the_device_usable";
+    let arch = Arch::parse("depth=2,hidden=288,heads=4,patch=2").unwrap();
+    let cfg = DitConfig::from_arch(&arch, 4, 16, 10, true).unwrap();
+    let (Some(gpu), Some(next_gpu)) = (test_gpu(name), test_gpu(name)) else {
+        return;
+    };
+    let w = DitWeights::random(&cfg, 44).unwrap();
+    let cuda = CudaBackend::new(gpu, &cfg, &w).unwrap();
+    let sampler = Sampler::new(&cuda, SamplerOptions::ddpm(10)).unwrap();
+    let plan = sampler.plan(&[1, 2, 3, 4], NoiseSource::Seed(5)).unwrap();
+    let schedule = sampler.schedule(&mut StaticInterval::new(3).unwrap());
+    let run = |be: &CudaBackend, ws: &mut fora::cuda::CudaWorkspace| {
+        for spec in &schedule {
+            be.step(ws, spec).unwrap();
+        }
+    };
+    let mut want_ws = cuda.workspace(&plan).unwrap();
+    run(&cuda, &mut want_ws);
+    let want = cuda.latents(&mut want_ws).unwrap();
+    drop(want_ws);
+    // Steps queued, nothing waited for, then the backend goes first.
+    let mut ws = cuda.workspace(&plan).unwrap();
+    run(&cuda, &mut ws);
+    drop(sampler);
+    drop(cuda);
+    let next = CudaBackend::new(next_gpu, &cfg, &w).unwrap();
+    let err = next.step(&mut ws, &schedule[0]).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("another CUDA backend"),
+        "{err:#}"
+    );
+    drop(ws);
+    let mut fresh = next.workspace(&plan).unwrap();
+    run(&next, &mut fresh);
+    let got = next.latents(&mut fresh).unwrap();
+    assert_eq!(
+        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        "a backend built after one was dropped under running steps samples other bits"
+    );
+}
+
 /// Memory a dropped workspace held counts as free for the next one's checks at once: buffers
 /// are freed stream-ordered into the driver's pool, which gives them back only at a
 /// synchronization, and `Gpu::mem_info` (behind `ensure_free`) synchronizes the stream first.

@@ -40,6 +40,17 @@ pub struct Gpu {
     op_recorder: Mutex<OpRecorder>,
 }
 
+impl Drop for Gpu {
+    /// Waits for the work queued on this handle's stream before its kernel modules may unload:
+    /// a workspace may outlive its backend (it then refuses every step), and work it or the
+    /// backend launched last may still be running. Errors are ignored (a context a kernel
+    /// fault left unusable has nothing left to wait for).
+    fn drop(&mut self) {
+        let _ = self.bind_context();
+        let _ = self.stream.synchronize();
+    }
+}
+
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gpu")

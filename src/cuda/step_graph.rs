@@ -195,7 +195,8 @@ impl StepGraph {
                 let Some(src) = src else {
                     bail!("step graph: no table for the kernel that reads it in place");
                 };
-                arg.modulation = src;
+                // The kernel reads the table in 16-byte vectors.
+                arg.modulation = checked_address(src, 16, "the step's table")?;
             }
             match sum {
                 Some(sum) => {
@@ -203,7 +204,8 @@ impl StepGraph {
                         captured.sum != 0,
                         "step graph: a cache sum for a reuse kernel that reads the cache"
                     );
-                    arg.sum = sum;
+                    // The fused reuse kernel reads the sum in 16-byte vectors.
+                    arg.sum = checked_address(sum, 16, "the step's cache sum")?;
                 }
                 None => ensure!(
                     captured.sum == 0,
@@ -223,7 +225,7 @@ impl StepGraph {
         match (&self.copy, src) {
             (Some((node, template)), Some(src)) => {
                 let mut c = *template;
-                c.srcDevice = src;
+                c.srcDevice = checked_address(src, 1, "the step's copy source")?;
                 // SAFETY: the node is this graph's memcpy node; only the source moves, to a
                 // buffer of the captured size (the caller's table or timestep row).
                 check(
@@ -239,6 +241,15 @@ impl StepGraph {
         // SAFETY: the sampler kernel takes one SamplerStepParams by value.
         unsafe { set_kernel_arg(exec, *node, template, *p) }
     }
+}
+
+/// `addr`, unless it is null or not a multiple of `align` (an error naming `what`).
+fn checked_address(addr: u64, align: u64, what: &str) -> Result<u64> {
+    ensure!(
+        addr != 0 && addr.is_multiple_of(align),
+        "step graph: {what} at {addr:#x} is null or not {align}-byte aligned"
+    );
+    Ok(addr)
 }
 
 /// Sets the one by-value argument of kernel node `node` of `exec` to `arg`, the rest of its
