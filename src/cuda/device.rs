@@ -44,10 +44,14 @@ impl Drop for Gpu {
     /// Waits for the work queued on this handle's stream before its kernel modules may unload:
     /// a workspace may outlive its backend (it then refuses every step), and work it or the
     /// backend launched last may still be running. Errors are ignored (a context a kernel
-    /// fault left unusable has nothing left to wait for).
+    /// fault left unusable has nothing left to wait for), and a stream in the middle of a
+    /// capture (an error path that abandons it) is not waited for, which would end the capture
+    /// with an error of its own.
     fn drop(&mut self) {
-        let _ = self.bind_context();
-        let _ = self.stream.synchronize();
+        let idle = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        if self.stream.capture_status().is_ok_and(|s| s == idle) {
+            let _ = self.stream.synchronize();
+        }
     }
 }
 
