@@ -975,10 +975,15 @@ fn embedded_model_writes_a_png() {
     assert_ok(&o);
 }
 
-const VAE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/vae_tiny.model.safetensors"
-);
+/// The VAE fixture, under `FORA_ROOT` or the working directory (the package root under `cargo
+/// test`, the project root of the device's copy for a packed binary), never a compiled-in path.
+fn vae_path() -> &'static str {
+    static PATH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let root = std::env::var("FORA_ROOT").unwrap_or_else(|_| ".".into());
+        format!("{root}/tests/fixtures/vae_tiny.model.safetensors")
+    });
+    PATH.as_str()
+}
 
 /// The PNG's width and height.
 fn png_size(path: &Path) -> (u32, u32) {
@@ -1020,26 +1025,26 @@ fn latent_samples_decode_through_a_vae() {
         fora(&[args.as_slice(), &["--out", &out]].concat())
     };
     let st = s.path("both.safetensors");
-    assert_ok(&sample(Some(VAE), &st));
+    assert_ok(&sample(Some(vae_path()), &st));
     let file = TensorFile::open(&st).unwrap();
     let latents = file.f32("samples", 4).unwrap();
     let images = file.f32("images", 4).unwrap();
     // 8 x 8 latents, two upsamplers: 32 x 32 images.
     assert_eq!(images.shape, [2, 3, 32, 32]);
-    let vae = fora::vae::VaeDecoder::load(VAE).unwrap();
+    let vae = fora::vae::VaeDecoder::load(vae_path()).unwrap();
     let (want, _) = vae
         .decode(&latents.data, latents.shape.clone().try_into().unwrap())
         .unwrap();
     assert_eq!(bits(&images.data), bits(&want));
 
     let png = s.path("grid.png");
-    assert_ok(&sample(Some(VAE), &png));
+    assert_ok(&sample(Some(vae_path()), &png));
     assert_eq!(png_size(&png), (2 * 32 + 2, 32));
     let decoded = s.path("decoded.png");
     let o = fora(&[
         "decode",
         "--vae",
-        VAE,
+        vae_path(),
         "--input",
         st.to_str().unwrap(),
         "--out",
@@ -1069,7 +1074,7 @@ fn latent_samples_decode_through_a_vae() {
         "cpu",
         "--quiet",
         "--vae",
-        VAE,
+        vae_path(),
         "--out",
         out.to_str().unwrap(),
     ]);
@@ -1087,7 +1092,7 @@ fn latent_samples_decode_through_a_vae() {
         fora(&[
             "decode",
             "--vae",
-            VAE,
+            vae_path(),
             "--input",
             st.to_str().unwrap(),
             "--tensor",
@@ -1103,7 +1108,7 @@ fn latent_samples_decode_through_a_vae() {
     let o = fora(&[
         "decode",
         "--vae",
-        VAE,
+        vae_path(),
         "--input",
         st.to_str().unwrap(),
         "--out",
@@ -1491,7 +1496,7 @@ fn generate_writes_the_libraries_images_as_an_npz() {
         ];
         fora(&[&base[..], extra, &["--out", out.to_str().unwrap()]].concat())
     };
-    assert_ok(&args(&["--vae", VAE], &out));
+    assert_ok(&args(&["--vae", vae_path()], &out));
     let arrays = read_npz(&out);
     let names: Vec<&str> = arrays.iter().map(|a| a.0.as_str()).collect();
     assert_eq!(names, ["arr_0.npy", "labels.npy", "fora_run.npy"]);
@@ -1519,7 +1524,7 @@ fn generate_writes_the_libraries_images_as_an_npz() {
         mode: GuidanceMode::Official3,
     }));
     let sampler = Sampler::new(&backend, options).unwrap();
-    let vae = fora::vae::VaeDecoder::load(VAE).unwrap();
+    let vae = fora::vae::VaeDecoder::load(vae_path()).unwrap();
     let mut want = Vec::new();
     // Batches of 2, the last one too (its second image, the sixth, dropped).
     for j in 0..3u64 {
@@ -1566,7 +1571,7 @@ fn generate_writes_the_libraries_images_as_an_npz() {
     let bad = s.path("bad.npz");
     assert_fails(&args(&[], &bad), &["--vae", "4 latent channels"], &bad);
     let png = s.path("bad.png");
-    assert_fails(&args(&["--vae", VAE], &png), &["--out", "npz"], &png);
+    assert_fails(&args(&["--vae", vae_path()], &png), &["--out", "npz"], &png);
     for (flag, value) in [("--num-samples", "0"), ("--batch", "0")] {
         let o = fora(&[
             "generate",
@@ -1586,7 +1591,7 @@ fn generate_writes_the_libraries_images_as_an_npz() {
     );
     // Tuning tries the GPU's paths: refused on the CPU before the model loads.
     assert_fails(
-        &args(&["--vae", VAE, "--tune"], &bad),
+        &args(&["--vae", vae_path(), "--tune"], &bad),
         &["--tune", "--device cpu has none"],
         &bad,
     );
@@ -1612,7 +1617,10 @@ fn generate_writes_the_libraries_images_as_an_npz() {
     // them, given in any order, into the whole run's arrays.
     let parts = [s.path("part0.npz"), s.path("part1.npz")];
     for (i, part) in parts.iter().enumerate() {
-        assert_ok(&args(&["--vae", VAE, "--shard", &format!("{i}/2")], part));
+        assert_ok(&args(
+            &["--vae", vae_path(), "--shard", &format!("{i}/2")],
+            part,
+        ));
     }
     let part0 = read_npz(&parts[0]);
     assert_eq!(part0[0].1, npy_header(NpyDtype::U8, &[2, 32, 32, 3]));
@@ -1651,7 +1659,7 @@ fn generate_writes_the_libraries_images_as_an_npz() {
         "--model",
         &model,
         "--vae",
-        VAE,
+        vae_path(),
         "--num-samples",
         "5",
         "--batch",
@@ -1677,7 +1685,7 @@ fn generate_writes_the_libraries_images_as_an_npz() {
     // The same run but for the guidance mode: other settings.
     let other_mode = s.path("other-mode.npz");
     assert_ok(&args(
-        &["--vae", VAE, "--shard", "1/2", "--cfg-mode", "all"],
+        &["--vae", vae_path(), "--shard", "1/2", "--cfg-mode", "all"],
         &other_mode,
     ));
     assert_fails(
@@ -1689,7 +1697,7 @@ fn generate_writes_the_libraries_images_as_an_npz() {
     std::fs::write(&st, b"PK junk").unwrap();
     assert_fails(&merge(&[&parts[0], &st], &bad), &["not-a-shard.npz"], &bad);
     assert_fails(
-        &args(&["--vae", VAE, "--shard", "3/4"], &bad),
+        &args(&["--vae", vae_path(), "--shard", "3/4"], &bad),
         &["--shard 3/4", "a run of 3 batches has fewer than 4 shards"],
         &bad,
     );

@@ -10,14 +10,13 @@ use fora::io::TensorFile;
 use fora::vae::VaeDecoder;
 use std::sync::Arc;
 
-pub const MODEL: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/vae_tiny.model.safetensors"
-);
-pub const IO: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/vae_tiny.io.safetensors"
-);
+/// A committed fixture, under `FORA_ROOT` or the working directory (the package root under
+/// `cargo test`, the project root of the device's copy for a packed binary), never a
+/// compiled-in path.
+pub fn fixture(name: &str) -> String {
+    let root = std::env::var("FORA_ROOT").unwrap_or_else(|_| ".".into());
+    format!("{root}/tests/fixtures/{name}")
+}
 
 /// A random decoder of `widths` with `resnets` each and 32 groups (`fora::vae::random_weights`).
 pub fn random_vae_bytes(widths: &[usize], resnets: usize, seed: u64) -> Vec<u8> {
@@ -68,11 +67,11 @@ pub fn compare<D: VaeDevice>(
 /// The diffusers fixture (5 x 6 latents, two images: 30 attention tokens padded to 32; widths
 /// 32, 32, 16 with a shortcut conv; 8 groups).
 pub fn check_fixture<D: VaeDevice>(dev: D) -> Result<()> {
-    let io = TensorFile::open(IO)?;
+    let io = TensorFile::open(fixture("vae_tiny.io.safetensors"))?;
     let z = io.f32("latents", 4)?;
     compare(
         dev,
-        VaeDecoder::load(MODEL)?,
+        VaeDecoder::load(fixture("vae_tiny.model.safetensors"))?,
         &z.data,
         z.shape.try_into().unwrap(),
     )?;
