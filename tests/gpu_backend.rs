@@ -767,7 +767,9 @@ fn gpu_no_reuse_plan_leaves_the_cache_out() {
     assert_no_cache_changes_no_bits(test, &mut wide, &[3], 7, &hopper_paths);
 }
 
-/// A batch that cannot fit is a clear error before anything is allocated, not a crash.
+/// A batch that cannot fit is a clear error before anything is allocated, not a crash: past
+/// one GEMM launch's rows (session 39's check, before the memory's), and within them but past
+/// the card's memory.
 #[test]
 fn gpu_too_large_batch_is_a_clear_error() {
     let cfg = small_cfg();
@@ -776,19 +778,42 @@ fn gpu_too_large_batch_is_a_clear_error() {
     };
     let cuda = CudaBackend::new(gpu, &cfg, &DitWeights::random(&cfg, 8).unwrap()).unwrap();
     let sampler = Sampler::new(&cuda, SamplerOptions::ddpm(10)).unwrap();
-    // 2^21 images x 64 tokens of activations (no FORA cache: nothing reuses it)... far beyond
-    // any card's memory.
+    // 2^21 images x 64 tokens: 2^27 token rows, past the 65535 x 32 of one GEMM launch.
     let classes = vec![1usize; 1 << 21];
     let err = match sampler.sample(&classes, NoiseSource::Seed(1), &mut NoCache) {
-        Ok(_) => panic!("a 2M-image batch cannot fit"),
+        Ok(_) => panic!("a 2M-image batch cannot run"),
         Err(e) => format!("{e:#}"),
     };
-    assert!(err.contains("out of device memory"), "{err}");
+    assert!(
+        err.contains("one GEMM launch") && err.contains("model rows"),
+        "{err}"
+    );
     // The device is still usable afterwards.
     let ok = sampler
         .sample(&[1], NoiseSource::Seed(1), &mut NoCache)
         .unwrap();
     assert!(ok.latents.iter().all(|v| v.is_finite()));
+    drop(sampler);
+    drop(cuda);
+
+    // Within the rows but past any card's memory: one block of hidden 1152 whose MLP is 64
+    // times as wide (147 KB of activations a token row), 8191 images of 256 tokens (the most
+    // one GEMM launch takes): ~340 GB, where the weights are ~0.4 GB.
+    let Some(gpu) = test_gpu("gpu_too_large_batch_is_a_clear_error") else {
+        return;
+    };
+    let arch = Arch::parse("depth=1,hidden=1152,heads=16,patch=2").unwrap();
+    let mut wide = DitConfig::from_arch(&arch, 4, 32, 10, true).unwrap();
+    wide.mlp_ratio = 64;
+    wide.validate().unwrap();
+    let cuda = CudaBackend::new(gpu, &wide, &DitWeights::random(&wide, 9).unwrap()).unwrap();
+    let sampler = Sampler::new(&cuda, SamplerOptions::ddpm(10)).unwrap();
+    let classes = vec![1usize; fora::cuda::gemm::GEMM_MAX_M / wide.tokens()];
+    let err = match sampler.sample(&classes, NoiseSource::Seed(1), &mut NoCache) {
+        Ok(_) => panic!("a batch of ~340 GB of activations cannot fit"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("out of device memory"), "{err}");
 }
 
 /// An engine that owns its context and stream hands them in; results match Gpu::new's.

@@ -448,7 +448,9 @@ impl Gpu {
     }
 
     /// Uses a caller's context and stream (an engine embedding this crate). All work of this
-    /// `Gpu` goes on `stream`; the caller orders it with its own streams.
+    /// `Gpu` goes on `stream`; the caller orders it with its own streams. Dropping it (and
+    /// [`Gpu::mem_info`]) waits for `stream`, which a graph capture in the driver's global
+    /// mode on another thread would count as an unsafe call: do neither during such a capture.
     ///
     /// # Safety
     /// This disables cudarc's event tracking on the caller's context for slices created from
