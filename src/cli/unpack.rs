@@ -57,8 +57,9 @@ pub(crate) fn unpack(args: UnpackArgs) -> Result<()> {
         c == 1 || c == 3,
         "{name}: arr_0's images have {c} channels; a PNG here is gray (1) or RGB (3)"
     );
-    let image = h * w * c; // within the file's size: NpzReader checked it against the shape
-                           // A PNG stores at most about the raw bytes (stored deflate blocks) and its chunks.
+    // Within the file's size: NpzReader checked it against the shape.
+    let image = h * w * c;
+    // A PNG stores at most about the raw bytes (stored deflate blocks) and its chunks.
     let bytes = (n as u64).saturating_mul(image as u64 + image as u64 / 1000 + 1024);
     fora::io::check_free_space("--out", out, bytes)?;
 

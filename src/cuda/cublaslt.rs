@@ -181,9 +181,7 @@ impl CublasLt {
             "cuBLASLt is not available: libcublasLt.so could not be loaded (install the CUDA \
              toolkit's cuBLAS or the nvidia-cublas wheel, or use FORA_GEMM=custom)"
         );
-        gpu.context()
-            .bind_to_thread()
-            .context("cannot bind the CUDA context for cuBLASLt")?;
+        gpu.bind_context().context("cuBLASLt")?;
         let handle = lt::create_handle().map_err(|e| lt_error(e, "cublasLtCreate"))?;
         let workspace_bytes = if gpu.compute_capability().0 >= 9 {
             32 << 20
